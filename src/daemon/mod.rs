@@ -1,0 +1,1 @@
+//! Wires source, pipeline, store and sinks together. (Being written.)

@@ -1,0 +1,1 @@
+//! Recording HTTP receiver. (Being written.)

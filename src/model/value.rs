@@ -1,0 +1,1 @@
+//! Column value conversion to JSON. (Being written.)

@@ -1,0 +1,1 @@
+//! Per-target delivery loop. (Being written.)

@@ -1,0 +1,1 @@
+//! HTTP target. (Being written.)

@@ -1,0 +1,4 @@
+//! Targets: one module per target type, and the per-target delivery driver.
+
+pub mod driver;
+pub mod http;

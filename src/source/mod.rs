@@ -1,0 +1,6 @@
+//! The replication source: wire client, pgoutput decoder, slot and
+//! publication management.
+
+pub mod pgoutput;
+pub mod slot;
+pub mod wire;

@@ -1,0 +1,1 @@
+//! Slot and publication setup checks. (Being written.)

@@ -1,0 +1,1 @@
+//! Walsender protocol client. (Being written.)

@@ -1,0 +1,1 @@
+//! Durable state in one redb file. (Being written.)
