@@ -1,1 +1,367 @@
-//! Wires source, pipeline, store and sinks together. (Being written.)
+//! Wires the stages together and owns the durable LSN.
+//!
+//! ```text
+//!  source task ──SourceEvent──▶ daemon loop ──commit──▶ store ──wake──▶ one driver task per target
+//!       ▲                         │ (pipeline mapping, group commit)
+//!       └──── durable LSN (watch) ◀┘
+//! ```
+//!
+//! Shutdown order: stop taking source messages, commit every complete
+//! transaction already received, let the source confirm that durable LSN to
+//! the server, then stop the drivers at their cursors.
+
+mod setup;
+pub mod status;
+
+pub use status::{StatusFile, TargetStatusLine};
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::model::value::pg_micros_to_rfc3339;
+use crate::model::{Event, Lsn};
+use crate::pipeline::{Mapped, Pipeline};
+use crate::sinks::{self, driver};
+use crate::source::stream::{self, SessionParams, SourceError, SourceEvent};
+use crate::source::wire::ReplicationClient;
+use crate::store::Store;
+
+/// Messages buffered between the source task and the daemon loop: enough to
+/// keep both cores busy, small enough to bound memory (events are small).
+const SOURCE_CHANNEL_CAPACITY: usize = 8192;
+
+/// Shared, lock-free-ish view of the daemon for the status file and health.
+#[derive(Default)]
+pub struct DaemonState {
+    pub connected: std::sync::atomic::AtomicBool,
+    pub durable_lsn: std::sync::atomic::AtomicU64,
+    pub last_error: std::sync::Mutex<Option<String>>,
+}
+
+/// Runs until `shutdown` turns true or a permanent error occurs.
+pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let store = Store::open(&config.state.path)?;
+    let mut pipeline = Pipeline::new(&config);
+    let state = Arc::new(DaemonState::default());
+
+    let prepared = setup::prepare(&config, &store, &pipeline).await?;
+    let checkpoint = store.checkpoint()?.unwrap_or(Lsn::ZERO);
+    state.durable_lsn.store(checkpoint.0, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(
+        slot = %config.source.slot,
+        checkpoint = %checkpoint,
+        entities = config.entities.len(),
+        targets = config.targets.len(),
+        "steward started"
+    );
+
+    // One driver per target, each over its own outbox cursor.
+    let (driver_shutdown_tx, driver_shutdown_rx) = watch::channel(false);
+    let mut wakers: Vec<watch::Sender<u64>> = Vec::new();
+    let mut drivers: Vec<(String, JoinHandle<anyhow::Result<()>>)> = Vec::new();
+    for target in &config.targets {
+        let (wake_tx, wake_rx) = watch::channel(0u64);
+        let sink = sinks::build(target, &config.source.slot)
+            .with_context(|| format!("cannot set up target '{}'", target.name))?;
+        let handle = tokio::spawn(driver::run_target(
+            target.clone(),
+            store.clone(),
+            sink,
+            wake_rx,
+            driver_shutdown_rx.clone(),
+        ));
+        let name = target.name.clone();
+        drivers.push((
+            name.clone(),
+            tokio::spawn(async move {
+                handle
+                    .await
+                    .map_err(|e| anyhow::anyhow!("target '{name}' task failed: {e}"))?
+                    .map_err(anyhow::Error::from)
+            }),
+        ));
+        wakers.push(wake_tx);
+    }
+    let target_names: Vec<String> = config.targets.iter().map(|t| t.name.clone()).collect();
+
+    let status_task = status::spawn_writer(config.clone(), store.clone(), state.clone());
+    let (durable_tx, _) = watch::channel(checkpoint);
+    let mut committer = Committer {
+        store: store.clone(),
+        durable_tx,
+        wakers,
+        target_names,
+        state: state.clone(),
+        max_events: config.state.commit_max_events,
+        max_delay: config.state.commit_max_delay,
+        batch: Vec::new(),
+        batch_end: None,
+        batch_started: None,
+    };
+
+    let mut attempt: u32 = 0;
+    let result: anyhow::Result<()> = loop {
+        if *shutdown.borrow() {
+            break Ok(());
+        }
+        let client = tokio::select! {
+            _ = shutdown.changed() => break Ok(()),
+            client = ReplicationClient::connect(&config.source) => client,
+        };
+        let client = match client {
+            Ok(c) => c,
+            Err(e) if e.is_transient() => {
+                let delay = stream::reconnect_delay(attempt);
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot connect to the source; retrying");
+                *state.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                attempt += 1;
+                tokio::select! {
+                    _ = shutdown.changed() => break Ok(()),
+                    _ = tokio::time::sleep(delay) => continue,
+                }
+            }
+            Err(e) => break Err(anyhow::Error::from(e).context("cannot connect to the source")),
+        };
+        let durable = committer.durable();
+        let params = SessionParams {
+            slot: config.source.slot.clone(),
+            publication: config.source.publication.clone(),
+            start: durable.max(prepared.start_floor),
+            skip_before: durable,
+            status_interval: config.source.status_interval,
+        };
+        let (tx, rx) = mpsc::channel(SOURCE_CHANNEL_CAPACITY);
+        let (session_shutdown_tx, session_shutdown_rx) = watch::channel(false);
+        let session = tokio::spawn(stream::run_session(
+            client,
+            params,
+            tx,
+            committer.durable_tx.subscribe(),
+            session_shutdown_rx,
+        ));
+        state.connected.store(true, std::sync::atomic::Ordering::Relaxed);
+        let outcome = consume(&mut pipeline, &mut committer, rx, &mut shutdown).await;
+        // Whatever ended the session, complete transactions already received
+        // are committed so that the source confirms them before it stops.
+        let flushed = committer.flush();
+        let _ = session_shutdown_tx.send(true);
+        let session_result = match session.await {
+            Ok(result) => result,
+            Err(e) => {
+                tracing::error!(error = %e, "replication task failed");
+                Err(SourceError::Ended)
+            }
+        };
+        state.connected.store(false, std::sync::atomic::Ordering::Relaxed);
+        if let Err(e) = flushed {
+            break Err(e);
+        }
+        match outcome {
+            Err(e) => break Err(e),
+            Ok(Consumed::Shutdown) => {
+                if let Err(e) = session_result {
+                    tracing::warn!(error = %e, "replication ended with an error during shutdown");
+                }
+                break Ok(());
+            }
+            Ok(Consumed::SourceEnded) => match session_result {
+                Ok(()) => break Ok(()),
+                Err(e) if e.is_transient() => {
+                    let delay = stream::reconnect_delay(attempt);
+                    tracing::warn!(error = %e, retry_in = ?delay, "replication interrupted; reconnecting");
+                    *state.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                    attempt += 1;
+                    tokio::select! {
+                        _ = shutdown.changed() => break Ok(()),
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+                Err(e) => break Err(anyhow::Error::from(e)),
+            },
+        }
+        // A session that streamed for a while resets the backoff.
+        attempt = attempt.min(2);
+    };
+
+    let _ = driver_shutdown_tx.send(true);
+    for (name, handle) in drivers {
+        match handle.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(target = %name, error = %e, "target stopped with an error"),
+            Err(e) => tracing::error!(target = %name, error = %e, "target task failed"),
+        }
+    }
+    status_task.abort();
+    status::write_final(&config, &store, &state);
+    result
+}
+
+enum Consumed {
+    Shutdown,
+    SourceEnded,
+}
+
+/// The transaction being received.
+struct OpenTxn {
+    final_lsn: Lsn,
+    time: String,
+    index: u32,
+    mapped: Vec<Mapped>,
+}
+
+async fn consume(
+    pipeline: &mut Pipeline,
+    committer: &mut Committer,
+    mut rx: mpsc::Receiver<SourceEvent>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> anyhow::Result<Consumed> {
+    let mut open: Option<OpenTxn> = None;
+    loop {
+        let deadline = committer.deadline();
+        let message = tokio::select! {
+            biased;
+            _ = shutdown.changed() => return Ok(Consumed::Shutdown),
+            _ = sleep_until_opt(deadline) => {
+                committer.flush()?;
+                continue;
+            }
+            message = rx.recv() => message,
+        };
+        let Some(message) = message else { return Ok(Consumed::SourceEnded) };
+        match message {
+            SourceEvent::Relation(relation) => pipeline.on_relation(&relation)?,
+            SourceEvent::Begin { final_lsn, commit_time_micros, .. } => {
+                open = Some(OpenTxn {
+                    final_lsn,
+                    time: pg_micros_to_rfc3339(commit_time_micros),
+                    index: 0,
+                    mapped: Vec::new(),
+                });
+            }
+            SourceEvent::Change(change) => {
+                let Some(txn) = open.as_mut() else {
+                    anyhow::bail!("the server sent a row change outside a transaction");
+                };
+                let index = txn.index;
+                txn.index += 1;
+                if pipeline.is_mapped(change.relation_id) {
+                    pipeline.map_change(&change, txn.final_lsn, index, &txn.time, &mut txn.mapped)?;
+                }
+            }
+            SourceEvent::Truncate { relation_ids } => {
+                if let Some(txn) = open.as_mut() {
+                    txn.index += 1;
+                }
+                if relation_ids.iter().any(|id| pipeline.is_mapped(*id)) {
+                    tracing::warn!(
+                        ?relation_ids,
+                        "TRUNCATE of a mapped table is not propagated to targets; resynchronise them if it was intended"
+                    );
+                }
+            }
+            SourceEvent::Commit { end_lsn, .. } => {
+                let Some(txn) = open.take() else {
+                    anyhow::bail!("the server sent a commit without a transaction");
+                };
+                committer.add(pipeline, txn.mapped, end_lsn)?;
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Groups complete transactions into one durable store commit.
+struct Committer {
+    store: Store,
+    durable_tx: watch::Sender<Lsn>,
+    wakers: Vec<watch::Sender<u64>>,
+    target_names: Vec<String>,
+    state: Arc<DaemonState>,
+    max_events: usize,
+    max_delay: Duration,
+    batch: Vec<(usize, Event)>,
+    batch_end: Option<Lsn>,
+    batch_started: Option<Instant>,
+}
+
+impl Committer {
+    fn durable(&self) -> Lsn {
+        *self.durable_tx.borrow()
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.batch_started.map(|t| t + self.max_delay)
+    }
+
+    fn add(&mut self, pipeline: &Pipeline, mapped: Vec<Mapped>, end_lsn: Lsn) -> anyhow::Result<()> {
+        if mapped.is_empty() && self.batch_end.is_none() {
+            // Nothing of this transaction reaches any target and nothing is
+            // waiting: it is as good as durable. Persisting the checkpoint can
+            // wait for the next real commit; after a crash the server resumes
+            // from its confirmed position, which is never before this one.
+            self.advance(end_lsn);
+            return Ok(());
+        }
+        for m in mapped {
+            let targets = pipeline.targets_of(m.entity);
+            if let Some((&last, rest)) = targets.split_last() {
+                for &t in rest {
+                    self.batch.push((t, m.event.clone()));
+                }
+                self.batch.push((last, m.event));
+            }
+        }
+        self.batch_end = Some(end_lsn);
+        self.batch_started.get_or_insert_with(Instant::now);
+        if self.batch.len() >= self.max_events {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        let Some(end) = self.batch_end.take() else { return Ok(()) };
+        self.batch_started = None;
+        let batch = std::mem::take(&mut self.batch);
+        let appends: Vec<(&str, &Event)> =
+            batch.iter().map(|(t, e)| (self.target_names[*t].as_str(), e)).collect();
+        let started = Instant::now();
+        let last = tokio::task::block_in_place(|| self.store.commit(end, &appends))?;
+        metrics::histogram!("steward_store_commit_seconds").record(started.elapsed().as_secs_f64());
+        metrics::counter!("steward_events_stored_total").increment(appends.len() as u64);
+        let by_name: HashMap<&str, usize> =
+            self.target_names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+        for (name, seq) in last {
+            if let Some(&i) = by_name.get(name.as_str()) {
+                self.wakers[i].send_replace(seq);
+            }
+        }
+        self.advance(end);
+        Ok(())
+    }
+
+    fn advance(&self, lsn: Lsn) {
+        self.durable_tx.send_if_modified(|d| {
+            if lsn > *d {
+                *d = lsn;
+                true
+            } else {
+                false
+            }
+        });
+        self.state.durable_lsn.fetch_max(lsn.0, std::sync::atomic::Ordering::Relaxed);
+        metrics::gauge!("steward_durable_lsn").set(lsn.0 as f64);
+    }
+}

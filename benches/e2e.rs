@@ -1,0 +1,196 @@
+//! End-to-end benchmark: steward draining real WAL into a local HTTP target,
+//! next to `pg_recvlogical` draining the same WAL to /dev/null (the server's
+//! decoding limit).
+//!
+//! `cargo bench --bench e2e` (all workloads), or `cargo bench --bench e2e -- W2`.
+//! `STEWARD_BENCH_ROWS` overrides the 200,000 rows per workload.
+//!
+//! For each workload a fresh database gets two slots (steward's and
+//! pg_recvlogical's) before the WAL is produced, so both drain exactly the
+//! same backlog from a standing start.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use steward::dev::cluster::{DevCluster, DevClusterOptions};
+use steward::dev::receiver::Receiver;
+
+struct Workload {
+    name: &'static str,
+    about: &'static str,
+    /// SQL for one transaction of `n` rows starting at row `start`.
+    txn: fn(start: u64, n: u64) -> String,
+    /// Events steward delivers per row written.
+    master_share: f64,
+}
+
+const WORKLOADS: &[Workload] = &[
+    Workload {
+        name: "W1",
+        about: "product inserts",
+        txn: |start, n| {
+            format!(
+                "INSERT INTO product_template (id, categ_id, uom_id, uom_po_id, detailed_type, type, default_code, name, list_price, active, tracking, purchase_line_warn, sale_line_warn) \
+                 SELECT 100000 + g, 1, 1, 1, 'product', 'product', 'B-' || g, jsonb_build_object('en_US', 'Bench product ' || g), g * 1.25, true, 'none', 'no-message', 'no-message' \
+                 FROM generate_series({start}, {end}) g",
+                end = start + n - 1
+            )
+        },
+        master_share: 1.0,
+    },
+    Workload {
+        name: "W2",
+        about: "two-column product updates",
+        txn: |start, n| {
+            format!(
+                "UPDATE product_template SET list_price = list_price + 1, write_date = now() WHERE id BETWEEN 100000 + {start} AND 100000 + {end}",
+                end = start + n - 1
+            )
+        },
+        master_share: 1.0,
+    },
+    Workload {
+        name: "W3",
+        about: "half product updates, half stock moves",
+        txn: |start, n| {
+            let half = n / 2;
+            format!(
+                "UPDATE product_template SET list_price = list_price + 1 WHERE id BETWEEN 100000 + {start} AND 100000 + {end}; \
+                 INSERT INTO stock_move (product_id, product_qty, state, date) SELECT 1, g, 'done', now() FROM generate_series(1, {half}) g",
+                end = start + half - 1
+            )
+        },
+        master_share: 0.5,
+    },
+];
+
+const ROWS_PER_TXN: u64 = 1000;
+
+fn main() {
+    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let rows: u64 = std::env::var("STEWARD_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let cluster = DevCluster::start(DevClusterOptions::default()).expect("start PostgreSQL");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    println!(
+        "steward end-to-end benchmark: {rows} rows per workload, {ROWS_PER_TXN} rows per transaction, PostgreSQL {}, {} cores",
+        cluster.server_version_num(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    println!("| workload | events | steward events/s | pg_recvlogical rows/s | ratio | steward peak RSS |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for w in WORKLOADS {
+        if !filter.is_empty() && !filter.iter().any(|f| f == w.name) {
+            continue;
+        }
+        runtime.block_on(run_workload(&cluster, w, rows));
+    }
+}
+
+async fn run_workload(cluster: &DevCluster, w: &Workload, rows: u64) {
+    let db = format!("bench_{}", w.name.to_lowercase());
+    cluster.create_database(&db).expect("create database");
+    cluster.load_odoo_fixture(&db).expect("fixture");
+    if w.name != "W1" {
+        // Updates need rows to update: insert them before the slots exist.
+        for start in (0..rows).step_by(ROWS_PER_TXN as usize * 10) {
+            cluster.psql(&db, &(WORKLOADS[0].txn)(start, ROWS_PER_TXN * 10)).expect("preload");
+        }
+    }
+    cluster
+        .psql(
+            &db,
+            "CREATE PUBLICATION steward_bench FOR TABLE product_template, res_partner, uom_uom; \
+             SELECT pg_create_logical_replication_slot('steward_bench', 'pgoutput'); \
+             SELECT pg_create_logical_replication_slot('recvlogical_bench', 'pgoutput');",
+        )
+        .expect("slots");
+    for start in (0..rows).step_by(ROWS_PER_TXN as usize) {
+        cluster.psql(&db, &format!("BEGIN; {}; COMMIT;", (w.txn)(start, ROWS_PER_TXN))).expect("workload");
+    }
+    let end_lsn = cluster.psql(&db, "SELECT pg_current_wal_lsn()").expect("lsn");
+    let end_lsn = end_lsn.lines().map(str::trim).find(|l| l.contains('/')).expect("an LSN").to_string();
+    let expected = (rows as f64 * w.master_share) as usize;
+
+    // pg_recvlogical: the same WAL, decoded by the same plugin, written to /dev/null.
+    let started = Instant::now();
+    let status = Command::new(cluster.bin_dir().join("pg_recvlogical"))
+        .args(["-d", &cluster.url(&db), "--slot", "recvlogical_bench", "--start", "--no-loop"])
+        .args(["-o", "proto_version=1", "-o", "publication_names=steward_bench"])
+        .args(["--endpos", &end_lsn, "-f", "/dev/null"])
+        .stdout(Stdio::null())
+        .status()
+        .expect("run pg_recvlogical");
+    assert!(status.success(), "pg_recvlogical failed");
+    let recvlogical = started.elapsed();
+
+    // steward: as a separate process, so its peak RSS is its own.
+    let receiver = Receiver::start_counting().await.expect("receiver");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("steward.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[source]
+url = "{url}"
+slot = "steward_bench"
+publication = "steward_bench"
+create_publication = false
+[state]
+path = "{state}"
+[entities.product]
+table = "product_template"
+fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom_id = "uom_id", active = "active" }}
+[targets.http]
+type = "http"
+url = "{target}"
+entities = ["product"]
+batch_max_events = 1000
+"#,
+            url = cluster.url(&db),
+            state = dir.path().join("steward.redb").display(),
+            target = receiver.url()
+        ),
+    )
+    .expect("config");
+    let started = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_steward"))
+        .args(["run", "-c"])
+        .arg(&config)
+        .stderr(Stdio::from(std::fs::File::create(dir.path().join("steward.log")).expect("log")))
+        .spawn()
+        .expect("spawn steward");
+    let delivered = receiver.wait_for_events(expected, Duration::from_secs(600)).await;
+    let elapsed = started.elapsed();
+    let peak_rss = peak_rss_kib(child.id());
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let _ = child.wait();
+    assert!(delivered >= expected, "steward delivered {delivered} of {expected} events; see {}", dir.path().display());
+
+    let steward_rate = expected as f64 / elapsed.as_secs_f64();
+    let recv_rate = expected as f64 / recvlogical.as_secs_f64();
+    println!(
+        "| {} ({}) | {} | {:.0} | {:.0} | {:.2} | {:.1} MiB |",
+        w.name,
+        w.about,
+        expected,
+        steward_rate,
+        recv_rate,
+        recvlogical.as_secs_f64() / elapsed.as_secs_f64(),
+        peak_rss as f64 / 1024.0
+    );
+    let _ = cluster.psql("postgres", &format!("DROP DATABASE {db} WITH (FORCE)"));
+    drop(dir);
+}
+
+/// Peak resident set size (VmHWM) of a running process, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -1,0 +1,139 @@
+//! `steward demo`: everything a newcomer needs to see steward work, with
+//! nothing but the PostgreSQL server binaries installed. A throwaway cluster
+//! with Odoo-shaped data, a local receiver standing in for the MES and the
+//! finance system, the daemon, and a few changes made live.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::dev::cluster::{DevCluster, DevClusterOptions};
+use crate::dev::receiver::Receiver;
+
+const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
+
+struct Step {
+    title: &'static str,
+    sql: &'static str,
+}
+
+const STEPS: &[Step] = &[
+    Step {
+        title: "a new product is created in Odoo",
+        sql: "INSERT INTO product_template (categ_id, uom_id, uom_po_id, detailed_type, type, default_code, name, list_price, \
+              active, tracking, purchase_line_warn, sale_line_warn, create_date, write_date) \
+              VALUES (1, 1, 1, 'product', 'product', 'FURN_9001', '{\"en_US\": \"Standing Desk\", \"de_DE\": \"Stehpult\"}', \
+              749.9000, true, 'none', 'no-message', 'no-message', now() at time zone 'utc', now() at time zone 'utc')",
+    },
+    Step {
+        title: "its price changes (numeric keeps its exact digits)",
+        sql: "UPDATE product_template SET list_price = 799.0000, write_date = now() at time zone 'utc' WHERE default_code = 'FURN_9001'",
+    },
+    Step {
+        title: "stock moves and journal lines churn (not master data: nothing is sent)",
+        sql: "INSERT INTO stock_move (product_id, product_qty, state, date) SELECT 1, g, 'done', now() FROM generate_series(1, 50) g; \
+              INSERT INTO account_move_line (name, debit, credit) VALUES ('demo', 10, 0), ('demo', 0, 10)",
+    },
+    Step {
+        title: "a work center's hourly cost is raised",
+        sql: "UPDATE mrp_workcenter SET costs_hour = costs_hour + 5 WHERE id = (SELECT min(id) FROM mrp_workcenter)",
+    },
+    Step {
+        title: "a vendor gets a VAT number",
+        sql: "UPDATE res_partner SET vat = 'BE0477472701' WHERE id = (SELECT min(id) FROM res_partner WHERE supplier_rank > 0)",
+    },
+    Step {
+        title: "a product is archived (active = false: an update, not a delete)",
+        sql: "UPDATE product_template SET active = false WHERE default_code = 'FURN_9001'",
+    },
+];
+
+pub async fn run(once: bool) -> anyhow::Result<()> {
+    println!("steward demo: starting a throwaway PostgreSQL with wal_level=logical ...");
+    let cluster = tokio::task::spawn_blocking(|| DevCluster::start(DevClusterOptions::default()))
+        .await?
+        .context("cannot start the demo's PostgreSQL")?;
+    let cluster = Arc::new(cluster);
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || {
+        c.create_database("odoo")?;
+        c.load_odoo_fixture("odoo")
+    })
+    .await?
+    .context("cannot load the Odoo fixture")?;
+    println!("  PostgreSQL {} on port {}, database odoo with Odoo 17 master data loaded", cluster.server_version_num(), cluster.port());
+
+    // Two receivers stand in for the MES and the finance system.
+    let mes = Receiver::start().await.context("cannot start the demo receiver")?;
+    mes.on_event(|event| println!("{}", describe("mes", event)));
+    let finance = Receiver::start().await.context("cannot start the demo receiver")?;
+    finance.on_event(|event| println!("{}", describe("finance", event)));
+    println!("  receivers: mes at {}, finance at {}", mes.url(), finance.url());
+
+    let state_dir = tempfile::Builder::new().prefix("steward-demo-").tempdir()?;
+    let text = DEMO_CONFIG
+        .replace("{{SOURCE_URL}}", &cluster.url("odoo"))
+        .replace("{{STATE_PATH}}", &state_dir.path().join("steward.redb").display().to_string())
+        .replace("{{MES_URL}}", &mes.url())
+        .replace("{{FINANCE_URL}}", &finance.url());
+    let config_path = state_dir.path().join("steward.toml");
+    std::fs::write(&config_path, &text)?;
+    let config = Config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("  config: {} (entities product, partner, uom, workcenter; targets mes, finance)", config_path.display());
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let daemon = tokio::spawn(crate::daemon::run(config, shutdown_rx));
+    wait_for_slot(&cluster).await?;
+    println!("\nsteward is streaming. Making changes in Odoo's tables:\n");
+
+    for step in STEPS {
+        println!("── {}", step.title);
+        let c = cluster.clone();
+        let sql = step.sql;
+        tokio::task::spawn_blocking(move || c.psql("odoo", sql)).await??;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    let n = mes.accepted_count() + finance.accepted_count();
+    println!("\n{n} events delivered (each change once per target that subscribes to its entity).");
+
+    if !once {
+        println!(
+            "\nTry your own changes:  {}/psql '{}'\nPress Ctrl-C to stop and clean up.",
+            cluster.bin_dir().display(),
+            cluster.url("odoo")
+        );
+        let mut signals = crate::cli::shutdown_on_signals()?;
+        let _ = signals.changed().await;
+    }
+    let _ = shutdown_tx.send(true);
+    daemon.await.context("the daemon task failed")??;
+    mes.stop().await;
+    finance.stop().await;
+    cluster.stop();
+    println!("demo stopped; the throwaway cluster and state were removed.");
+    Ok(())
+}
+
+async fn wait_for_slot(cluster: &Arc<DevCluster>) -> anyhow::Result<()> {
+    for _ in 0..100 {
+        let c = cluster.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            c.psql("odoo", "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'steward_demo' AND active")
+        })
+        .await??;
+        if out.trim().lines().any(|l| l.trim() == "1") {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("steward did not start streaming within 10 seconds; rerun with STEWARD_LOG=steward=debug to see why")
+}
+
+fn describe(target: &str, event: &serde_json::Value) -> String {
+    let get = |k: &str| event.get(k).and_then(|v| v.as_str()).unwrap_or("?").to_string();
+    let data = event.get("data").map(|d| d.to_string()).unwrap_or_default();
+    format!("   → {target:<8} {:<26} key {:<5} v{:<10} {data}", get("type"), get("subject"), get("version"))
+}

@@ -1,0 +1,224 @@
+//! `steward status`: the slot and lag as the server sees them, and each
+//! target's backlog, from the store when the daemon is stopped or from the
+//! daemon's status file while it runs (it holds the store locked).
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::daemon::{self, TargetStatusLine};
+use crate::source::{slot, wire};
+use crate::store::{Store, StoreError};
+
+#[derive(Serialize)]
+struct Report {
+    daemon: DaemonReport,
+    source: SourceReport,
+    targets: Vec<TargetStatusLine>,
+}
+
+#[derive(Serialize)]
+struct DaemonReport {
+    running: bool,
+    pid: Option<u32>,
+    checkpoint: Option<String>,
+    source_connected: Option<bool>,
+    last_source_error: Option<String>,
+    store_path: String,
+    store_bytes: u64,
+}
+
+#[derive(Serialize, Default)]
+struct SourceReport {
+    url: String,
+    slot: String,
+    reachable: bool,
+    error: Option<String>,
+    slot_exists: Option<bool>,
+    slot_active: Option<bool>,
+    confirmed_flush_lsn: Option<String>,
+    server_wal_lsn: Option<String>,
+    lag_bytes: Option<u64>,
+    wal_status: Option<String>,
+}
+
+pub async fn run(config: Config, json: bool) -> anyhow::Result<()> {
+    let (daemon, targets) = daemon_view(&config)?;
+    let source = source_view(&config).await;
+    let report = Report { daemon, source, targets };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_text(&report);
+    }
+    Ok(())
+}
+
+fn daemon_view(config: &Config) -> anyhow::Result<(DaemonReport, Vec<TargetStatusLine>)> {
+    let store_path = config.state.path.display().to_string();
+    if !config.state.path.exists() {
+        let targets = config
+            .targets
+            .iter()
+            .map(|t| TargetStatusLine {
+                name: t.name.clone(),
+                backlog: 0,
+                delivered_total: 0,
+                last_delivered_at: None,
+                last_error: None,
+            })
+            .collect();
+        let report = DaemonReport {
+            running: false,
+            pid: None,
+            checkpoint: None,
+            source_connected: None,
+            last_source_error: None,
+            store_path,
+            store_bytes: 0,
+        };
+        return Ok((report, targets));
+    }
+    match Store::open(&config.state.path) {
+        Ok(store) => {
+            let targets = config
+                .targets
+                .iter()
+                .map(|t| {
+                    let stats = store.target_stats(&t.name)?;
+                    Ok(TargetStatusLine {
+                        name: t.name.clone(),
+                        backlog: stats.backlog,
+                        delivered_total: stats.delivered_total,
+                        last_delivered_at: stats.last_delivered_at,
+                        last_error: stats.last_error,
+                    })
+                })
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            let report = DaemonReport {
+                running: false,
+                pid: None,
+                checkpoint: store.checkpoint()?.map(|l| l.to_string()),
+                source_connected: None,
+                last_source_error: None,
+                store_path,
+                store_bytes: store.file_size(),
+            };
+            Ok((report, targets))
+        }
+        Err(StoreError::Locked { .. }) => {
+            let file = daemon::status::read(config);
+            let report = DaemonReport {
+                running: true,
+                pid: file.as_ref().map(|f| f.pid),
+                checkpoint: file.as_ref().map(|f| f.durable_lsn.clone()),
+                source_connected: file.as_ref().map(|f| f.source_connected),
+                last_source_error: file.as_ref().and_then(|f| f.last_source_error.clone()),
+                store_path,
+                store_bytes: file.as_ref().map(|f| f.store_bytes).unwrap_or(0),
+            };
+            Ok((report, file.map(|f| f.targets).unwrap_or_default()))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn source_view(config: &Config) -> SourceReport {
+    let mut report = SourceReport {
+        url: config.source.url_display.clone(),
+        slot: config.source.slot.clone(),
+        ..SourceReport::default()
+    };
+    let client = match wire::connect_sql(&config.source).await {
+        Ok(c) => c,
+        Err(e) => {
+            report.error = Some(e.to_string());
+            return report;
+        }
+    };
+    report.reachable = true;
+    let current = slot::current_wal_lsn(&client).await;
+    match slot::slot_info(&client, &config.source.slot).await {
+        Ok(None) => report.slot_exists = Some(false),
+        Ok(Some(info)) => {
+            report.slot_exists = Some(true);
+            report.slot_active = Some(info.active);
+            report.confirmed_flush_lsn = info.confirmed_flush_lsn.map(|l| l.to_string());
+            report.wal_status = info.wal_status.clone();
+            if let (Ok(current), Some(flushed)) = (&current, info.confirmed_flush_lsn) {
+                report.lag_bytes = Some(current.0.saturating_sub(flushed.0));
+            }
+        }
+        Err(e) => report.error = Some(e.to_string()),
+    }
+    if let Ok(current) = current {
+        report.server_wal_lsn = Some(current.to_string());
+    }
+    report
+}
+
+fn print_text(r: &Report) {
+    let d = &r.daemon;
+    if d.running {
+        println!("daemon     running (pid {})", d.pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into()));
+    } else {
+        println!("daemon     not running");
+    }
+    println!("state      {} ({})", d.store_path, human_bytes(d.store_bytes));
+    println!("checkpoint {}", d.checkpoint.as_deref().unwrap_or("none yet"));
+    if let Some(e) = &d.last_source_error {
+        println!("last source error: {e}");
+    }
+    let s = &r.source;
+    println!();
+    println!("source     {}", s.url);
+    if !s.reachable {
+        println!("           unreachable: {}", s.error.as_deref().unwrap_or("unknown error"));
+    } else {
+        match s.slot_exists {
+            Some(false) => println!("slot       {} does not exist (steward run creates it)", s.slot),
+            Some(true) => {
+                println!(
+                    "slot       {} ({}), wal_status {}",
+                    s.slot,
+                    if s.slot_active == Some(true) { "active" } else { "inactive" },
+                    s.wal_status.as_deref().unwrap_or("unknown")
+                );
+                println!(
+                    "           confirmed {}  server WAL {}  lag {}",
+                    s.confirmed_flush_lsn.as_deref().unwrap_or("-"),
+                    s.server_wal_lsn.as_deref().unwrap_or("-"),
+                    s.lag_bytes.map(human_bytes).unwrap_or_else(|| "-".into())
+                );
+            }
+            None => println!("slot       unknown: {}", s.error.as_deref().unwrap_or("")),
+        }
+    }
+    println!();
+    for t in &r.targets {
+        println!(
+            "target     {}: backlog {}, delivered {}, last delivery {}",
+            t.name,
+            t.backlog,
+            t.delivered_total,
+            t.last_delivered_at.as_deref().unwrap_or("never")
+        );
+        if let Some(e) = &t.last_error {
+            println!("           last error: {e}");
+        }
+    }
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}

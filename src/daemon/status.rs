@@ -1,0 +1,108 @@
+//! The status file: while the daemon runs it holds the redb file locked, so
+//! it publishes a small JSON snapshot of its state next to it every few
+//! seconds for `steward status`.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::DaemonState;
+use crate::config::Config;
+use crate::model::Lsn;
+use crate::store::Store;
+
+const STATUS_WRITE_INTERVAL: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusFile {
+    pub pid: u32,
+    pub written_at: String,
+    pub source_connected: bool,
+    pub durable_lsn: String,
+    pub last_source_error: Option<String>,
+    pub store_bytes: u64,
+    pub targets: Vec<TargetStatusLine>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TargetStatusLine {
+    pub name: String,
+    pub backlog: u64,
+    pub delivered_total: u64,
+    pub last_delivered_at: Option<String>,
+    pub last_error: Option<String>,
+}
+
+pub fn status_path(config: &Config) -> PathBuf {
+    let mut name = config.state.path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".status.json");
+    config.state.path.with_file_name(name)
+}
+
+pub fn collect(config: &Config, store: &Store, state: &DaemonState) -> StatusFile {
+    let targets = config
+        .targets
+        .iter()
+        .map(|t| match store.target_stats(&t.name) {
+            Ok(stats) => TargetStatusLine {
+                name: t.name.clone(),
+                backlog: stats.backlog,
+                delivered_total: stats.delivered_total,
+                last_delivered_at: stats.last_delivered_at,
+                last_error: stats.last_error,
+            },
+            Err(e) => TargetStatusLine {
+                name: t.name.clone(),
+                backlog: 0,
+                delivered_total: 0,
+                last_delivered_at: None,
+                last_error: Some(format!("cannot read the target's state: {e}")),
+            },
+        })
+        .collect();
+    StatusFile {
+        pid: std::process::id(),
+        written_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        source_connected: state.connected.load(Ordering::Relaxed),
+        durable_lsn: Lsn(state.durable_lsn.load(Ordering::Relaxed)).to_string(),
+        last_source_error: state.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        store_bytes: store.file_size(),
+        targets,
+    }
+}
+
+fn write(config: &Config, status: &StatusFile) {
+    let path = status_path(config);
+    let tmp = path.with_extension("json.tmp");
+    let result = serde_json::to_vec_pretty(status)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| std::fs::write(&tmp, bytes))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = result {
+        tracing::debug!(path = %path.display(), error = %e, "cannot write the status file");
+    }
+}
+
+pub fn spawn_writer(config: Config, store: Store, state: Arc<DaemonState>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(STATUS_WRITE_INTERVAL);
+        loop {
+            tick.tick().await;
+            let status = tokio::task::block_in_place(|| collect(&config, &store, &state));
+            write(&config, &status);
+        }
+    })
+}
+
+/// On exit the file goes away: `steward status` then reads the store itself.
+pub fn write_final(config: &Config, _store: &Store, _state: &DaemonState) {
+    let _ = std::fs::remove_file(status_path(config));
+}
+
+pub fn read(config: &Config) -> Option<StatusFile> {
+    let bytes = std::fs::read(status_path(config)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}

@@ -1,0 +1,329 @@
+//! Table selection and field mapping.
+//!
+//! A Relation message binds a relation id to an entity plan with column
+//! positions resolved once, so mapping a change is index lookups plus the
+//! value conversion of only the mapped columns.
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+
+use crate::config::{Config, EntityConfig, FieldSource};
+use crate::model::event::join_key;
+use crate::model::value::text_to_json;
+use crate::model::{Change, ChangeOp, Event, EventOp, Lsn, Relation, TupleValue};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("entity '{entity}': column '{column}' of {table} does not exist (the server's table has: {available}); fix the entity's key or fields, or restore the column")]
+    MissingColumn { entity: String, table: String, column: String, available: String },
+    #[error("entity '{entity}': a change on {table} refers to relation id {relation_id}, which the server never described")]
+    UnknownRelation { entity: String, table: String, relation_id: u32 },
+    #[error("entity '{entity}', table {table}, column '{column}' at commit {lsn}: {problem}")]
+    BadValue { entity: String, table: String, column: String, lsn: Lsn, problem: String },
+    #[error("entity '{entity}': a {op} on {table} at commit {lsn} did not carry the key columns {key:?}; set the table's REPLICA IDENTITY to its primary key (the default) or FULL")]
+    MissingKey { entity: String, table: String, op: &'static str, lsn: Lsn, key: Vec<String> },
+}
+
+/// An event and the entity it belongs to (which decides the targets).
+#[derive(Debug)]
+pub struct Mapped {
+    pub entity: usize,
+    pub event: Event,
+}
+
+struct ResolvedSource {
+    name: String,
+    column: usize,
+    type_oid: u32,
+    path: Vec<String>,
+}
+
+struct ResolvedField {
+    name: String,
+    source: ResolvedSource,
+    fallback: Option<ResolvedSource>,
+}
+
+struct EntityPlan {
+    entity: usize,
+    key_columns: Vec<usize>,
+    /// For deletes: (field name, column index) of each key column.
+    key_fields: Vec<(String, usize, u32)>,
+    fields: Vec<ResolvedField>,
+}
+
+struct RelationPlan {
+    table: String,
+    plans: Vec<EntityPlan>,
+}
+
+pub struct Pipeline {
+    entities: Vec<EntityConfig>,
+    /// `schema.table` → entity indexes.
+    by_table: HashMap<String, Vec<usize>>,
+    relations: HashMap<u32, RelationPlan>,
+    /// entity index → target indexes.
+    entity_targets: Vec<Vec<usize>>,
+}
+
+impl Pipeline {
+    pub fn new(config: &Config) -> Pipeline {
+        let mut by_table: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, e) in config.entities.iter().enumerate() {
+            by_table.entry(e.qualified_table()).or_default().push(i);
+        }
+        let entity_targets = config
+            .entities
+            .iter()
+            .map(|e| {
+                config
+                    .targets
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, t)| t.entities.iter().any(|n| n == &e.name))
+                    .map(|(i, _)| i)
+                    .collect()
+            })
+            .collect();
+        Pipeline { entities: config.entities.clone(), by_table, relations: HashMap::new(), entity_targets }
+    }
+
+    /// The `schema.table` names the configuration maps, for the publication.
+    pub fn tables(&self) -> Vec<(String, String)> {
+        let mut tables: Vec<(String, String)> =
+            self.entities.iter().map(|e| (e.schema.clone(), e.table.clone())).collect();
+        tables.sort();
+        tables.dedup();
+        tables
+    }
+
+    pub fn targets_of(&self, entity: usize) -> &[usize] {
+        &self.entity_targets[entity]
+    }
+
+    pub fn entity_name(&self, entity: usize) -> &str {
+        &self.entities[entity].name
+    }
+
+    /// Binds a relation id to the entities mapping its table. Tables no
+    /// entity maps are remembered as such so their changes are dropped cheaply.
+    pub fn on_relation(&mut self, relation: &Relation) -> Result<(), PipelineError> {
+        let table = relation.qualified_name();
+        let mut plans = Vec::new();
+        if let Some(entities) = self.by_table.get(&table) {
+            for &entity in entities {
+                plans.push(self.plan_entity(entity, relation)?);
+            }
+        }
+        self.relations.insert(relation.id, RelationPlan { table, plans });
+        Ok(())
+    }
+
+    fn plan_entity(&self, entity: usize, relation: &Relation) -> Result<EntityPlan, PipelineError> {
+        let config = &self.entities[entity];
+        let find = |column: &str| -> Result<(usize, u32), PipelineError> {
+            relation
+                .columns
+                .iter()
+                .position(|c| c.name == column)
+                .map(|i| (i, relation.columns[i].type_oid))
+                .ok_or_else(|| PipelineError::MissingColumn {
+                    entity: config.name.clone(),
+                    table: relation.qualified_name(),
+                    column: column.to_string(),
+                    available: relation.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
+                })
+        };
+        let resolve = |source: &FieldSource| -> Result<ResolvedSource, PipelineError> {
+            let (column, type_oid) = find(&source.column)?;
+            Ok(ResolvedSource { name: source.column.clone(), column, type_oid, path: source.path.clone() })
+        };
+        let mut key_columns = Vec::with_capacity(config.key.len());
+        let mut key_fields = Vec::with_capacity(config.key.len());
+        for key in &config.key {
+            let (index, type_oid) = find(key)?;
+            key_columns.push(index);
+            let name = config
+                .fields
+                .iter()
+                .find(|f| f.source.column == *key && f.source.path.is_empty())
+                .map(|f| f.name.clone())
+                .unwrap_or_else(|| key.clone());
+            key_fields.push((name, index, type_oid));
+        }
+        let mut fields = Vec::with_capacity(config.fields.len());
+        for field in &config.fields {
+            fields.push(ResolvedField {
+                name: field.name.clone(),
+                source: resolve(&field.source)?,
+                fallback: field.fallback.as_ref().map(resolve).transpose()?,
+            });
+        }
+        Ok(EntityPlan { entity, key_columns, key_fields, fields })
+    }
+
+    /// Whether changes of this relation id can produce events at all.
+    pub fn is_mapped(&self, relation_id: u32) -> bool {
+        self.relations.get(&relation_id).is_some_and(|r| !r.plans.is_empty())
+    }
+
+    /// Maps one change (the `index`-th of the transaction committed at
+    /// `commit_lsn`) into zero or more events, appended to `out`.
+    pub fn map_change(
+        &self,
+        change: &Change,
+        commit_lsn: Lsn,
+        index: u32,
+        commit_time: &str,
+        out: &mut Vec<Mapped>,
+    ) -> Result<(), PipelineError> {
+        let Some(relation) = self.relations.get(&change.relation_id) else {
+            // pgoutput always sends a Relation before the first change of a
+            // relation on a stream, so this is a protocol violation.
+            return Err(PipelineError::UnknownRelation {
+                entity: String::new(),
+                table: String::new(),
+                relation_id: change.relation_id,
+            });
+        };
+        for plan in &relation.plans {
+            let entity = &self.entities[plan.entity];
+            let event = match change.op {
+                ChangeOp::Insert | ChangeOp::Update => {
+                    let Some(new) = change.new.as_deref() else { continue };
+                    let key = key_text(new, &plan.key_columns).ok_or_else(|| PipelineError::MissingKey {
+                        entity: entity.name.clone(),
+                        table: relation.table.clone(),
+                        op: "change",
+                        lsn: commit_lsn,
+                        key: entity.key.clone(),
+                    })?;
+                    let mut data = Map::with_capacity(plan.fields.len());
+                    for field in &plan.fields {
+                        let mut value = self.field_value(new, change.old.as_deref(), &field.source, entity, relation, commit_lsn)?;
+                        if value.is_null() {
+                            if let Some(fallback) = &field.fallback {
+                                value = self.field_value(new, change.old.as_deref(), fallback, entity, relation, commit_lsn)?;
+                            }
+                        }
+                        data.insert(field.name.clone(), value);
+                    }
+                    Event {
+                        id: Event::source_id(commit_lsn, index),
+                        entity: entity.name.clone(),
+                        key,
+                        op: EventOp::Upsert,
+                        version: commit_lsn.0,
+                        time: commit_time.to_string(),
+                        data: Value::Object(data),
+                    }
+                }
+                ChangeOp::Delete => {
+                    let Some(old) = change.old.as_deref() else { continue };
+                    let key = key_text(old, &plan.key_columns).ok_or_else(|| PipelineError::MissingKey {
+                        entity: entity.name.clone(),
+                        table: relation.table.clone(),
+                        op: "delete",
+                        lsn: commit_lsn,
+                        key: entity.key.clone(),
+                    })?;
+                    let mut data = Map::with_capacity(plan.key_fields.len());
+                    for (name, column, type_oid) in &plan.key_fields {
+                        let value = match old.get(*column) {
+                            Some(TupleValue::Text(bytes)) => convert(*type_oid, bytes, entity, relation, name, commit_lsn)?,
+                            _ => Value::Null,
+                        };
+                        data.insert(name.clone(), value);
+                    }
+                    Event {
+                        id: Event::source_id(commit_lsn, index),
+                        entity: entity.name.clone(),
+                        key,
+                        op: EventOp::Delete,
+                        version: commit_lsn.0,
+                        time: commit_time.to_string(),
+                        data: Value::Object(data),
+                    }
+                }
+            };
+            out.push(Mapped { entity: plan.entity, event });
+        }
+        Ok(())
+    }
+
+    fn field_value(
+        &self,
+        new: &[TupleValue],
+        old: Option<&[TupleValue]>,
+        source: &ResolvedSource,
+        entity: &EntityConfig,
+        relation: &RelationPlan,
+        lsn: Lsn,
+    ) -> Result<Value, PipelineError> {
+        let raw = match new.get(source.column) {
+            Some(TupleValue::UnchangedToast) => old.and_then(|o| o.get(source.column)),
+            other => other,
+        };
+        let value = match raw {
+            Some(TupleValue::Text(bytes)) => {
+                convert(source.type_oid, bytes, entity, relation, &source.name, lsn)?
+            }
+            Some(TupleValue::UnchangedToast) => {
+                return Err(PipelineError::BadValue {
+                    entity: entity.name.clone(),
+                    table: relation.table.clone(),
+                    column: source.name.clone(),
+                    lsn,
+                    problem: "the value is TOASTed and unchanged by this update, and the server did not send it; \
+                              set REPLICA IDENTITY FULL on the table so the old row carries it"
+                        .to_string(),
+                });
+            }
+            _ => Value::Null,
+        };
+        Ok(follow_path(value, &source.path))
+    }
+}
+
+fn convert(
+    type_oid: u32,
+    bytes: &[u8],
+    entity: &EntityConfig,
+    relation: &RelationPlan,
+    column: &str,
+    lsn: Lsn,
+) -> Result<Value, PipelineError> {
+    text_to_json(type_oid, bytes).map_err(|e| PipelineError::BadValue {
+        entity: entity.name.clone(),
+        table: relation.table.clone(),
+        column: column.to_string(),
+        lsn,
+        problem: e.to_string(),
+    })
+}
+
+fn follow_path(mut value: Value, path: &[String]) -> Value {
+    for step in path {
+        value = match value {
+            Value::Object(mut map) => map.remove(step.as_str()).unwrap_or(Value::Null),
+            Value::Array(mut items) => match step.parse::<usize>() {
+                Ok(i) if i < items.len() => items.swap_remove(i),
+                _ => Value::Null,
+            },
+            _ => Value::Null,
+        };
+    }
+    value
+}
+
+fn key_text(tuple: &[TupleValue], key_columns: &[usize]) -> Option<String> {
+    let mut parts = Vec::with_capacity(key_columns.len());
+    for &column in key_columns {
+        match tuple.get(column) {
+            Some(TupleValue::Text(bytes)) => parts.push(std::str::from_utf8(bytes).ok()?),
+            _ => return None,
+        }
+    }
+    Some(join_key(parts))
+}

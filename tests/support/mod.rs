@@ -1,0 +1,232 @@
+//! Test support: one throwaway PostgreSQL cluster per test binary (started on
+//! first use, gone when the binary exits), a fresh database with the Odoo
+//! fixture per test, configs written to a per-test directory, and the daemon
+//! run in-process or as a child process.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use steward::config::Config;
+use steward::dev::cluster::{DevCluster, DevClusterOptions};
+use tokio::sync::watch;
+
+pub fn cluster() -> &'static DevCluster {
+    static CLUSTER: OnceLock<DevCluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| DevCluster::start(DevClusterOptions::default()).expect("start the test PostgreSQL cluster"))
+}
+
+/// A database with the Odoo fixture loaded, and a directory for its config and state.
+pub struct TestDb {
+    pub name: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestDb {
+    pub fn new(test: &str) -> TestDb {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let name = format!("{}_{}", test.to_lowercase().replace(|c: char| !c.is_ascii_alphanumeric(), "_"), N.fetch_add(1, Ordering::Relaxed));
+        let name: String = name.chars().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect();
+        let name = name.trim_start_matches(|c: char| !c.is_ascii_alphabetic()).to_string();
+        let name = if name.is_empty() { format!("db_{}", N.fetch_add(1, Ordering::Relaxed)) } else { name };
+        cluster().create_database(&name).expect("create the test database");
+        cluster().load_odoo_fixture(&name).expect("load the Odoo fixture");
+        let dir = tempfile::Builder::new().prefix(&format!("steward-{test}-")).tempdir().expect("temp dir");
+        TestDb { name, dir }
+    }
+
+    pub fn url(&self) -> String {
+        cluster().url(&self.name)
+    }
+
+    /// Runs SQL (several statements allowed) and returns psql's output.
+    pub fn sql(&self, sql: &str) -> String {
+        cluster().psql(&self.name, sql).unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"))
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls).await.expect("connect");
+        tokio::spawn(connection);
+        client
+    }
+
+    pub fn state_path(&self) -> PathBuf {
+        self.dir.path().join("steward.redb")
+    }
+
+    /// The standard test configuration: Odoo entities product, partner, uom,
+    /// workcenter and bom; one HTTP target per `(name, url, entities)`.
+    pub fn config_text(&self, targets: &[(&str, &str, &[&str])]) -> String {
+        let mut text = format!(
+            r#"
+[source]
+url = "{url}"
+slot = "steward_{db}"
+publication = "steward_{db}"
+status_interval_ms = 500
+
+[state]
+path = "{state}"
+commit_max_delay_ms = 5
+
+[entities.product]
+table = "product_template"
+fields = {{ sku = "default_code", name = "name.en_US", name_de = {{ path = "name.de_DE", fallback = "name.en_US" }}, price = "list_price", uom_id = "uom_id", active = "active" }}
+
+[entities.partner]
+table = "res_partner"
+fields = {{ name = "name", vat = "vat", ref = "ref", active = "active" }}
+
+[entities.uom]
+table = "uom_uom"
+fields = {{ name = "name.en_US", factor = "factor", active = "active" }}
+
+[entities.workcenter]
+table = "mrp_workcenter"
+fields = {{ code = "code", name = "name", costs_hour = "costs_hour", active = "active" }}
+
+[entities.bom]
+table = "mrp_bom"
+fields = {{ product_tmpl_id = "product_tmpl_id", qty = "product_qty", code = "code", active = "active" }}
+"#,
+            url = self.url(),
+            db = self.name,
+            state = self.state_path().display()
+        );
+        for (name, url, entities) in targets {
+            let list = entities.iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ");
+            text.push_str(&format!(
+                "\n[targets.{name}]\ntype = \"http\"\nurl = \"{url}\"\nentities = [{list}]\nbatch_linger_ms = 5\nretry_initial_ms = 50\nretry_max_ms = 500\ntimeout_ms = 2000\n"
+            ));
+        }
+        text
+    }
+
+    pub fn write_config(&self, text: &str) -> PathBuf {
+        let path = self.dir.path().join("steward.toml");
+        std::fs::write(&path, text).expect("write config");
+        path
+    }
+
+    pub fn config(&self, text: &str) -> Config {
+        let path = self.write_config(text);
+        Config::load(&path).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// The slot's confirmed_flush_lsn as a number, if the slot exists.
+    pub fn confirmed_flush(&self) -> Option<u64> {
+        let out = self.sql(&format!(
+            "SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots WHERE slot_name = 'steward_{}'",
+            self.name
+        ));
+        out.lines().find_map(|l| l.trim().parse::<u64>().ok())
+    }
+
+    pub fn current_wal(&self) -> u64 {
+        let out = self.sql("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn");
+        out.lines().find_map(|l| l.trim().parse::<u64>().ok()).expect("current wal")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        // Free the slot so the cluster does not keep WAL for finished tests.
+        let _ = cluster().psql(
+            "postgres",
+            &format!(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'steward_{}' AND NOT active",
+                self.name
+            ),
+        );
+    }
+}
+
+/// The daemon running inside the test process.
+pub struct InProcess {
+    shutdown: watch::Sender<bool>,
+    handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcess {
+    pub fn start(config: Config) -> InProcess {
+        let (shutdown, rx) = watch::channel(false);
+        let handle = tokio::spawn(steward::daemon::run(config, rx));
+        InProcess { shutdown, handle }
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        tokio::time::timeout(Duration::from_secs(30), self.handle).await.expect("daemon stops within 30 s")?
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.handle.is_finished()
+    }
+}
+
+/// The steward binary as a child process (for kill -9).
+pub struct Child {
+    pub child: std::process::Child,
+}
+
+impl Child {
+    pub fn run(config: &Path, log: &Path) -> Child {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
+            .args(["run", "-c"])
+            .arg(config)
+            .env("STEWARD_LOG", "steward=debug")
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn steward");
+        Child { child }
+    }
+
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        self.child.wait().expect("wait")
+    }
+}
+
+/// Polls `condition` until it holds, panicking with `what` after `timeout`.
+pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The latest state per (entity, key) from delivered CloudEvents: highest
+/// version wins, and within one version the last id. Deleted keys are absent.
+pub fn final_state(events: &[serde_json::Value]) -> BTreeMap<(String, String), serde_json::Value> {
+    let mut latest: BTreeMap<(String, String), (u64, String, serde_json::Value)> = BTreeMap::new();
+    for e in events {
+        let entity = e["entity"].as_str().expect("entity").to_string();
+        let key = e["subject"].as_str().expect("subject").to_string();
+        let version: u64 = e["version"].as_str().expect("version").parse().expect("numeric version");
+        let id = e["id"].as_str().expect("id").to_string();
+        let slot = latest.entry((entity, key)).or_insert((0, String::new(), serde_json::Value::Null));
+        if (version, &id) >= (slot.0, &slot.1) {
+            *slot = (version, id, e.clone());
+        }
+    }
+    latest
+        .into_iter()
+        .filter(|(_, (_, _, e))| e["op"] == "upsert")
+        .map(|(k, (_, _, e))| (k, e["data"].clone()))
+        .collect()
+}
