@@ -1,0 +1,313 @@
+//! Sending one batch and classifying the outcome.
+//!
+//! Every failure becomes an [`HttpDeliveryFailure`] whose `retryable` flag
+//! decides between "retry the same batch later" and "this batch will never be
+//! accepted as is" (the driver dead-letters it). The rules follow what the
+//! status codes promise: 408, 429 and 5xx say "later", other 4xx say "never";
+//! a refused connection or a timeout says nothing about the batch, so retry.
+//!
+//! Messages never carry the URL's query or userinfo (they may hold tokens),
+//! nor any request header value.
+
+use std::error::Error as _;
+use std::time::{Duration, SystemTime};
+
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use reqwest::StatusCode;
+
+use super::HttpDeliveryFailure;
+
+/// How much of an error response body goes into the message.
+const EXCERPT_CHARS: usize = 512;
+/// Bytes read from an error response body: enough for [`EXCERPT_CHARS`] of
+/// 4-byte UTF-8, and small enough that a huge error page costs nothing.
+const EXCERPT_READ_BYTES: usize = EXCERPT_CHARS * 4;
+/// Bytes of a success body read (and discarded) so the connection can go
+/// back to the pool; a larger body costs a new connection instead.
+const DRAIN_SUCCESS_BYTES: usize = 64 * 1024;
+
+/// What the sink needs to describe its target in messages.
+pub(super) struct Endpoint<'a> {
+    /// The URL without userinfo, query or fragment.
+    pub url_display: &'a str,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    pub target: &'a str,
+}
+
+/// Turns the outcome of `send()` into `Ok` (2xx) or a classified failure.
+pub(super) async fn finish(
+    endpoint: &Endpoint<'_>,
+    sent: Result<reqwest::Response, reqwest::Error>,
+) -> Result<(), HttpDeliveryFailure> {
+    let mut response = match sent {
+        Ok(r) => r,
+        Err(e) => return Err(classify_error(endpoint, &e)),
+    };
+    let status = response.status();
+    if status.is_success() {
+        // A body error after a 2xx does not undo the acceptance.
+        let _ = read_prefix(&mut response, DRAIN_SUCCESS_BYTES).await;
+        return Ok(());
+    }
+    let retry_after = retry_after(status, response.headers(), SystemTime::now());
+    let body = match read_prefix(&mut response, EXCERPT_READ_BYTES).await {
+        Ok(bytes) => excerpt(&bytes),
+        Err(e) => format!("(body unreadable: {})", root_cause(&e)),
+    };
+    Err(classify_status(endpoint, status, &body, retry_after))
+}
+
+/// Reads at most about `limit` bytes of the body.
+async fn read_prefix(
+    response: &mut reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, reqwest::Error> {
+    let mut out = Vec::new();
+    while out.len() < limit {
+        match response.chunk().await? {
+            Some(chunk) => out.extend_from_slice(&chunk),
+            None => break,
+        }
+    }
+    Ok(out)
+}
+
+/// The first [`EXCERPT_CHARS`] characters, on one line.
+fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut out: String = text
+        .trim()
+        .chars()
+        .take(EXCERPT_CHARS)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if text.trim().chars().nth(EXCERPT_CHARS).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+pub(super) fn classify_status(
+    endpoint: &Endpoint<'_>,
+    status: StatusCode,
+    body: &str,
+    retry_after: Option<Duration>,
+) -> HttpDeliveryFailure {
+    let code = status.as_u16();
+    let retryable = code == 408 || code == 429 || status.is_server_error();
+    let mut message = format!("HTTP {code} from {}", endpoint.url_display);
+    if body.is_empty() {
+        message.push_str(" (empty body)");
+    } else {
+        message.push_str(": ");
+        message.push_str(body);
+    }
+    if let Some(hint) = hint(code, endpoint.target) {
+        message.push_str(" (");
+        message.push_str(&hint);
+        message.push(')');
+    }
+    HttpDeliveryFailure {
+        retryable,
+        status: Some(code),
+        message,
+        retry_after,
+    }
+}
+
+fn hint(code: u16, target: &str) -> Option<String> {
+    match code {
+        300..=399 => Some(format!(
+            "redirects are not followed for POST; set targets.{target}.url to the final URL"
+        )),
+        401 | 403 => Some(format!("check the credentials in targets.{target}.headers")),
+        404 | 405 => Some(format!("check targets.{target}.url")),
+        413 => Some(format!(
+            "the batch is too large; lower targets.{target}.batch_max_events"
+        )),
+        _ => None,
+    }
+}
+
+pub(super) fn classify_error(endpoint: &Endpoint<'_>, e: &reqwest::Error) -> HttpDeliveryFailure {
+    let url = endpoint.url_display;
+    let (retryable, message) = if e.is_connect() {
+        let cause = if e.is_timeout() {
+            format!("timed out after {}ms", endpoint.connect_timeout.as_millis())
+        } else {
+            root_cause(e)
+        };
+        (true, format!("cannot connect to {url}: {cause}"))
+    } else if e.is_timeout() {
+        (
+            true,
+            format!(
+                "timed out after {}ms waiting for {url}",
+                endpoint.timeout.as_millis()
+            ),
+        )
+    } else if e.is_builder() {
+        // Cannot happen with a URL checked in `HttpSink::new`; retrying would not help.
+        (
+            false,
+            format!("cannot build a request for {url}: {}", root_cause(e)),
+        )
+    } else {
+        // Reset connections, broken pipes, protocol errors: nothing about the batch.
+        (true, format!("request to {url} failed: {}", root_cause(e)))
+    };
+    HttpDeliveryFailure {
+        retryable,
+        status: None,
+        message,
+        retry_after: None,
+    }
+}
+
+/// The innermost cause: the OS or TLS error that says what went wrong.
+///
+/// The outer `reqwest::Error` text is skipped on purpose: it contains the full
+/// URL, query string included.
+fn root_cause(e: &reqwest::Error) -> String {
+    let mut inner: Option<&dyn std::error::Error> = e.source();
+    let mut last = None;
+    while let Some(err) = inner {
+        last = Some(err);
+        inner = err.source();
+    }
+    match last {
+        Some(err) => err.to_string(),
+        None => {
+            let text = e.to_string();
+            match e.url() {
+                Some(url) => text.replace(url.as_str(), "<url>"),
+                None => text,
+            }
+        }
+    }
+}
+
+/// `Retry-After` of a 429 or 503, as delta-seconds or an HTTP-date.
+///
+/// Ignored on other statuses (RFC 9110 gives it meaning only there and on
+/// 3xx) and when unparsable; the driver's own backoff applies then.
+pub(super) fn retry_after(
+    status: StatusCode,
+    headers: &HeaderMap,
+    now: SystemTime,
+) -> Option<Duration> {
+    if status != StatusCode::TOO_MANY_REQUESTS && status != StatusCode::SERVICE_UNAVAILABLE {
+        return None;
+    }
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    // IMF-fixdate ("Sun, 06 Nov 1994 08:49:37 GMT") is RFC 2822 compatible.
+    let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let at = SystemTime::from(at);
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    fn endpoint() -> Endpoint<'static> {
+        Endpoint {
+            url_display: "https://wms.example/events",
+            timeout: Duration::from_millis(1500),
+            connect_timeout: Duration::from_millis(250),
+            target: "wms",
+        }
+    }
+
+    fn headers(retry_after: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            RETRY_AFTER,
+            HeaderValue::from_str(retry_after).expect("valid header"),
+        );
+        h
+    }
+
+    #[test]
+    fn statuses_are_classified() {
+        let e = endpoint();
+        for (code, retryable) in [
+            (408, true),
+            (429, true),
+            (500, true),
+            (502, true),
+            (503, true),
+            (599, true),
+            (400, false),
+            (401, false),
+            (404, false),
+            (409, false),
+            (413, false),
+            (422, false),
+            (301, false),
+        ] {
+            let status = StatusCode::from_u16(code).expect("valid status");
+            let f = classify_status(&e, status, "nope", None);
+            assert_eq!(f.retryable, retryable, "{code}");
+            assert_eq!(f.status, Some(code));
+            assert!(
+                f.message.starts_with(&format!(
+                    "HTTP {code} from https://wms.example/events: nope"
+                )),
+                "{}",
+                f.message
+            );
+        }
+        let f = classify_status(&e, StatusCode::UNAUTHORIZED, "", None);
+        assert_eq!(
+            f.message,
+            "HTTP 401 from https://wms.example/events (empty body) (check the credentials in targets.wms.headers)"
+        );
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(784_111_777); // Sun, 06 Nov 1994 08:49:37 GMT
+        let s429 = StatusCode::TOO_MANY_REQUESTS;
+        let s503 = StatusCode::SERVICE_UNAVAILABLE;
+        assert_eq!(
+            retry_after(s429, &headers("2"), now),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            retry_after(s503, &headers(" 120 "), now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            retry_after(s503, &headers("Sun, 06 Nov 1994 08:50:07 GMT"), now),
+            Some(Duration::from_secs(30))
+        );
+        // A date in the past means "now".
+        assert_eq!(
+            retry_after(s429, &headers("Sun, 06 Nov 1994 08:00:00 GMT"), now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after(s429, &headers("soon"), now), None);
+        assert_eq!(retry_after(s429, &headers("-5"), now), None);
+        assert_eq!(retry_after(s429, &HeaderMap::new(), now), None);
+        assert_eq!(
+            retry_after(StatusCode::INTERNAL_SERVER_ERROR, &headers("2"), now),
+            None
+        );
+    }
+
+    #[test]
+    fn excerpts_are_bounded_and_single_line() {
+        assert_eq!(excerpt(b"  bad\r\nthing \n"), "bad  thing");
+        let long = "é".repeat(600);
+        let e = excerpt(long.as_bytes());
+        assert_eq!(e.chars().count(), EXCERPT_CHARS + 1);
+        assert!(e.ends_with('…'));
+        assert_eq!(excerpt(&[0xff, b'x']), "\u{fffd}x");
+    }
+}
