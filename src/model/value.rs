@@ -895,6 +895,16 @@ mod tests {
             json!(["2024-05-01T12:00:00Z", "2024-05-01T12:00:00-08:00"])
         );
         assert_eq!(conv(1001, r#"{"\\x0a0b"}"#), json!(["Cgs="]));
+        // Verbatim PostgreSQL 15 output under steward's session settings.
+        assert_eq!(
+            conv(1009, r#"{"a\"b","c\\d","","NULL"," x"}"#),
+            json!(["a\"b", "c\\d", "", "NULL", " x"])
+        );
+        assert_eq!(conv(1001, r#"{"\\x0a"}"#), json!(["Cg=="]));
+        assert_eq!(
+            conv(1185, r#"{"2024-05-01 06:30:00+00"}"#),
+            json!(["2024-05-01T06:30:00Z"])
+        );
         assert_eq!(conv(1007, "{{{{{{1}}}}}}"), json!([[[[[[1]]]]]]));
     }
 

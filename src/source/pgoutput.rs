@@ -1140,6 +1140,113 @@ mod tests {
         assert!(e.contains("expected 5 bytes for the content"), "{e}");
     }
 
+    fn unhex(s: &str) -> Bytes {
+        let digit = |c: u8| (c as char).to_digit(16).unwrap() as u8;
+        Bytes::from(
+            s.as_bytes()
+                .chunks(2)
+                .map(|p| digit(p[0]) << 4 | digit(p[1]))
+                .collect::<Vec<u8>>(),
+        )
+    }
+
+    /// Messages captured from PostgreSQL 15 with
+    /// `pg_logical_slot_peek_binary_changes(..., 'proto_version', '2', 'streaming', 'on', 'messages', 'true')`
+    /// on `t(id int primary key, name varchar, amount numeric, tags text[], b bytea, big text)`.
+    #[test]
+    fn real_server_messages() {
+        let in_order: &[(&str, bool)] = &[
+            ("420000000001547938000304326ca56c93000002d7", false),
+            ("52000040097075626c69630074006400060169640000000017ffffffff006e616d650000000413ffffffff00616d6f756e7400000006a4ffffffff007461677300000003f1ffffffff00620000000011ffffffff006269670000000019ffffffff", false),
+            ("49000040094e00067400000001327400000001636e6e6e6e", false),
+            ("55000040094b00067400000001326e6e6e6e6e4e00067400000001337400000001646e6e6e6e", false),
+            ("44000040094b00067400000001336e6e6e6e6e", false),
+            ("54000000010000004009", false),
+            ("4d010000000001547478706678000000000568656c6c6f", false),
+            ("4300000000000154793800000000015479a0000304326ca56c93", false),
+            ("53000002d801", false),
+            ("52000002d8000040097075626c69630074006400060169640000000017ffffffff006e616d650000000413ffffffff00616d6f756e7400000006a4ffffffff007461677300000003f1ffffffff00620000000011ffffffff006269670000000019ffffffff", true),
+            ("49000002d8000040094e00067400000002313074000000036e31306e6e6e6e", true),
+            ("45", true),
+            ("63000002d80000000000015aad3800000000015aad68000304326ced6bdd", false),
+        ];
+        let decoded: Vec<PgOutputMessage> = in_order
+            .iter()
+            .map(|(hex, in_stream)| decode(&unhex(hex), *in_stream).unwrap())
+            .collect();
+        assert_eq!(
+            decoded[0],
+            PgOutputMessage::Begin {
+                final_lsn: Lsn(0x1547938),
+                commit_time_micros: 0x304326ca56c93,
+                xid: 727
+            }
+        );
+        let PgOutputMessage::Relation {
+            xid: None,
+            relation,
+        } = &decoded[1]
+        else {
+            panic!("{:?}", decoded[1])
+        };
+        assert_eq!(relation.qualified_name(), "public.t");
+        assert_eq!(relation.replica_identity, b'd');
+        let names: Vec<_> = relation.columns.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["id", "name", "amount", "tags", "b", "big"]);
+        let oids: Vec<_> = relation.columns.iter().map(|c| c.type_oid).collect();
+        assert_eq!(oids, [23, 1043, 1700, 1009, 17, 25]);
+        assert!(relation.columns[0].is_key && !relation.columns[1].is_key);
+        let PgOutputMessage::Change { change, .. } = &decoded[3] else {
+            panic!("{:?}", decoded[3])
+        };
+        assert_eq!(change.op, ChangeOp::Update);
+        assert_eq!(
+            change.old.as_ref().unwrap()[..2],
+            [text("2"), TupleValue::Null]
+        );
+        assert_eq!(change.new.as_ref().unwrap()[..2], [text("3"), text("d")]);
+        assert_eq!(
+            decoded[5],
+            PgOutputMessage::Truncate {
+                xid: None,
+                options: 0,
+                relation_ids: vec![16393]
+            }
+        );
+        assert!(matches!(
+            &decoded[6],
+            PgOutputMessage::Message { transactional: true, prefix, content, .. }
+                if prefix == "pfx" && &content[..] == b"hello"
+        ));
+        assert_eq!(
+            decoded[8],
+            PgOutputMessage::StreamStart {
+                xid: 728,
+                first_segment: true
+            }
+        );
+        assert!(matches!(
+            decoded[9],
+            PgOutputMessage::Relation { xid: Some(728), .. }
+        ));
+        let PgOutputMessage::Change {
+            xid: Some(728),
+            change,
+        } = &decoded[10]
+        else {
+            panic!("{:?}", decoded[10])
+        };
+        assert_eq!(change.new.as_ref().unwrap()[..2], [text("10"), text("n10")]);
+        assert!(matches!(
+            decoded[12],
+            PgOutputMessage::StreamCommit {
+                xid: 728,
+                flags: 0,
+                ..
+            }
+        ));
+    }
+
     fn arb_tuple() -> impl Strategy<Value = Tuple> {
         let value = prop_oneof![
             Just(TupleValue::Null),
