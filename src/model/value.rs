@@ -1,1 +1,1069 @@
-//! Column value conversion to JSON. (Being written.)
+//! Column value conversion to JSON, and commit timestamps to RFC 3339.
+//!
+//! Values arrive as the server's text output (pgoutput in text mode, or a
+//! text-format query during a snapshot). steward's session settings fix that
+//! output: `DateStyle=ISO`, `TimeZone=UTC`, `IntervalStyle=iso_8601`,
+//! `extra_float_digits=3`, `bytea_output=hex`. The conversion relies on them.
+//!
+//! This runs for every mapped column of every event, so it validates UTF-8
+//! once and then works on borrowed `&str`s; the only allocation on the common
+//! path is the one the resulting `serde_json::Value` itself owns.
+//!
+//! Numbers keep their exact digits: serde_json's `arbitrary_precision`
+//! feature stores a `Number` as its text, so `numeric` `1234.5600` is
+//! delivered as `1234.5600`, never rounded through `f64`.
+//!
+//! Errors never quote the value itself, since column values are business
+//! data (names, e-mail addresses) that must not end up in logs.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+use std::str::FromStr;
+
+use base64::Engine as _;
+use serde_json::{Number, Value};
+
+const BOOL: u32 = 16;
+const BYTEA: u32 = 17;
+const CHAR: u32 = 18;
+const NAME: u32 = 19;
+const INT8: u32 = 20;
+const INT2: u32 = 21;
+const INT4: u32 = 23;
+const TEXT: u32 = 25;
+const OID: u32 = 26;
+const JSON: u32 = 114;
+const FLOAT4: u32 = 700;
+const FLOAT8: u32 = 701;
+const BPCHAR: u32 = 1042;
+const VARCHAR: u32 = 1043;
+const DATE: u32 = 1082;
+const TIME: u32 = 1083;
+const TIMESTAMP: u32 = 1114;
+const TIMESTAMPTZ: u32 = 1184;
+const INTERVAL: u32 = 1186;
+const TIMETZ: u32 = 1266;
+const NUMERIC: u32 = 1700;
+const UUID: u32 = 2950;
+const JSONB: u32 = 3802;
+
+/// PostgreSQL's MAXDIM: arrays never have more dimensions, so deeper nesting
+/// is bad input (and bounding it bounds the parser's recursion).
+const MAX_ARRAY_DIMS: usize = 6;
+
+/// Why a column's text could not be converted. The value itself is never
+/// included (it may be personal data); the type, length and position are.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("{type_name} value (type OID {type_oid}) is not valid UTF-8 at byte {offset}")]
+    InvalidUtf8 {
+        type_oid: u32,
+        type_name: &'static str,
+        offset: usize,
+    },
+    #[error("invalid {type_name} value (type OID {type_oid}, {len} bytes): {reason}")]
+    Invalid {
+        type_oid: u32,
+        type_name: &'static str,
+        len: usize,
+        reason: String,
+    },
+}
+
+fn invalid(type_oid: u32, text: &str, reason: impl Into<String>) -> ValueError {
+    ValueError::Invalid {
+        type_oid,
+        type_name: type_name(type_oid),
+        len: text.len(),
+        reason: reason.into(),
+    }
+}
+
+/// The element type of the array types steward converts element-wise.
+pub fn element_type(array_oid: u32) -> Option<u32> {
+    Some(match array_oid {
+        1000 => BOOL,
+        1001 => BYTEA,
+        1002 => CHAR,
+        1003 => NAME,
+        1005 => INT2,
+        1007 => INT4,
+        1009 => TEXT,
+        1014 => BPCHAR,
+        1015 => VARCHAR,
+        1016 => INT8,
+        1021 => FLOAT4,
+        1022 => FLOAT8,
+        1028 => OID,
+        1115 => TIMESTAMP,
+        1182 => DATE,
+        1183 => TIME,
+        1185 => TIMESTAMPTZ,
+        1187 => INTERVAL,
+        1231 => NUMERIC,
+        1270 => TIMETZ,
+        199 => JSON,
+        2951 => UUID,
+        3807 => JSONB,
+        _ => return None,
+    })
+}
+
+/// A short name for error messages.
+fn type_name(type_oid: u32) -> &'static str {
+    match type_oid {
+        BOOL => "bool",
+        BYTEA => "bytea",
+        CHAR => "char",
+        NAME => "name",
+        INT8 => "int8",
+        INT2 => "int2",
+        INT4 => "int4",
+        TEXT => "text",
+        OID => "oid",
+        JSON => "json",
+        FLOAT4 => "float4",
+        FLOAT8 => "float8",
+        BPCHAR => "bpchar",
+        VARCHAR => "varchar",
+        DATE => "date",
+        TIME => "time",
+        TIMESTAMP => "timestamp",
+        TIMESTAMPTZ => "timestamptz",
+        INTERVAL => "interval",
+        TIMETZ => "timetz",
+        NUMERIC => "numeric",
+        UUID => "uuid",
+        JSONB => "jsonb",
+        oid if element_type(oid).is_some() => "array",
+        _ => "column",
+    }
+}
+
+/// Converts a column's text output (as pgoutput or a text-format query returns it) to JSON by the column's type OID.
+///
+/// Integers, numeric and finite floats become JSON numbers with the server's
+/// exact digits; non-finite numbers (`NaN`, `Infinity`, `-Infinity`) become
+/// strings. `bool` becomes a boolean, `json`/`jsonb` the parsed document,
+/// `bytea` a standard base64 string, `timestamp`/`timestamptz` RFC 3339
+/// (`timestamp` without time zone is taken as UTC, as Odoo stores it;
+/// `infinity` and BC dates stay as the server wrote them), known array types
+/// a JSON array of converted elements. Every other type (date, time, interval,
+/// text types, uuid, unknown types) becomes its text as a JSON string.
+pub fn text_to_json(type_oid: u32, text: &[u8]) -> Result<Value, ValueError> {
+    let s = std::str::from_utf8(text).map_err(|e| ValueError::InvalidUtf8 {
+        type_oid,
+        type_name: type_name(type_oid),
+        offset: e.valid_up_to(),
+    })?;
+    str_to_json(type_oid, s)
+}
+
+fn str_to_json(type_oid: u32, s: &str) -> Result<Value, ValueError> {
+    match type_oid {
+        INT2 | INT4 | INT8 => s
+            .parse::<i64>()
+            .map(Value::from)
+            .map_err(|_| invalid(type_oid, s, "not an integer")),
+        OID => s
+            .parse::<u32>()
+            .map(Value::from)
+            .map_err(|_| invalid(type_oid, s, "not an unsigned 32-bit integer")),
+        BOOL => match s {
+            "t" => Ok(Value::Bool(true)),
+            "f" => Ok(Value::Bool(false)),
+            _ => Err(invalid(type_oid, s, "expected 't' or 'f'")),
+        },
+        NUMERIC | FLOAT4 | FLOAT8 => match s {
+            "NaN" | "Infinity" | "-Infinity" => Ok(Value::String(s.to_owned())),
+            _ => Number::from_str(s)
+                .map(Value::Number)
+                .map_err(|_| invalid(type_oid, s, "not a decimal number")),
+        },
+        JSON | JSONB => serde_json::from_str(s)
+            .map_err(|e| invalid(type_oid, s, format!("not valid JSON: {e}"))),
+        TIMESTAMP => timestamp(type_oid, s, false),
+        TIMESTAMPTZ => timestamp(type_oid, s, true),
+        BYTEA => bytea(s),
+        _ => match element_type(type_oid) {
+            Some(elem) => array(type_oid, elem, s),
+            None => Ok(Value::String(s.to_owned())),
+        },
+    }
+}
+
+/// Reads exactly `n` ASCII digits at `pos`.
+fn digits(b: &[u8], pos: usize, n: usize) -> Option<i64> {
+    let d = b.get(pos..pos + n)?;
+    d.iter().try_fold(0i64, |acc, &c| {
+        c.is_ascii_digit().then(|| acc * 10 + i64::from(c - b'0'))
+    })
+}
+
+/// ISO timestamps: `YYYY-MM-DD HH:MM:SS[.f]` plus, for timestamptz, an
+/// offset `+HH[:MM[:SS]]`. The space becomes `T`; a zero offset (always the
+/// case under TimeZone=UTC) becomes `Z`, others `+HH:MM`. Offsets with
+/// seconds (historical local mean time) have no RFC 3339 form, so those
+/// values are shifted to UTC instead.
+fn timestamp(type_oid: u32, s: &str, with_tz: bool) -> Result<Value, ValueError> {
+    if s == "infinity" || s == "-infinity" || s.ends_with(" BC") {
+        return Ok(Value::String(s.to_owned()));
+    }
+    let bad = || {
+        invalid(
+            type_oid,
+            s,
+            "expected ISO format YYYY-MM-DD HH:MM:SS[.ffffff]; is DateStyle set to ISO?",
+        )
+    };
+    let b = s.as_bytes();
+    // Years past 9999 print with more digits.
+    let y_len = b.iter().take_while(|c| c.is_ascii_digit()).count();
+    if !(4..=7).contains(&y_len) {
+        return Err(bad());
+    }
+    let p = y_len;
+    let shape_ok = b.get(p) == Some(&b'-')
+        && b.get(p + 3) == Some(&b'-')
+        && b.get(p + 6) == Some(&b' ')
+        && b.get(p + 9) == Some(&b':')
+        && b.get(p + 12) == Some(&b':');
+    let fields = (
+        digits(b, 0, y_len),
+        digits(b, p + 1, 2),
+        digits(b, p + 4, 2),
+        digits(b, p + 7, 2),
+        digits(b, p + 10, 2),
+        digits(b, p + 13, 2),
+    );
+    let (Some(year), Some(month), Some(day), Some(hour), Some(minute), Some(second)) = fields
+    else {
+        return Err(bad());
+    };
+    if !shape_ok {
+        return Err(bad());
+    }
+    let mut end = p + 15;
+    if b.get(end) == Some(&b'.') {
+        let frac = b[end + 1..]
+            .iter()
+            .take_while(|c| c.is_ascii_digit())
+            .count();
+        if frac == 0 {
+            return Err(bad());
+        }
+        end += 1 + frac;
+    }
+    let date_time = &s[..end];
+    let mut out = String::with_capacity(end + 6);
+    if !with_tz {
+        if end != b.len() {
+            return Err(bad());
+        }
+        push_iso_t(&mut out, date_time, p);
+        out.push('Z');
+        return Ok(Value::String(out));
+    }
+
+    let sign = match b.get(end) {
+        Some(b'+') => 1,
+        Some(b'-') => -1,
+        _ => return Err(bad()),
+    };
+    let off_h = digits(b, end + 1, 2).ok_or_else(bad)?;
+    let mut off_m = 0;
+    let mut off_s = 0;
+    let mut q = end + 3;
+    if b.get(q) == Some(&b':') {
+        off_m = digits(b, q + 1, 2).ok_or_else(bad)?;
+        q += 3;
+        if b.get(q) == Some(&b':') {
+            off_s = digits(b, q + 1, 2).ok_or_else(bad)?;
+            q += 3;
+        }
+    }
+    if q != b.len() {
+        return Err(bad());
+    }
+    if off_s == 0 {
+        push_iso_t(&mut out, date_time, p);
+        if off_h == 0 && off_m == 0 {
+            out.push('Z');
+        } else {
+            let _ = write!(
+                out,
+                "{}{off_h:02}:{off_m:02}",
+                if sign > 0 { '+' } else { '-' }
+            );
+        }
+        return Ok(Value::String(out));
+    }
+    let offset = sign * (off_h * 3600 + off_m * 60 + off_s);
+    let local = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second;
+    let utc = local - offset;
+    let (y, mo, d) = civil_from_days(utc.div_euclid(86_400));
+    let sod = utc.rem_euclid(86_400);
+    push_year(&mut out, y);
+    let _ = write!(
+        out,
+        "-{mo:02}-{d:02}T{:02}:{:02}:{:02}{}Z",
+        sod / 3600,
+        sod / 60 % 60,
+        sod % 60,
+        &s[p + 15..end]
+    );
+    Ok(Value::String(out))
+}
+
+/// Copies `YYYY-MM-DD HH:MM:SS[.f]` with the date/time separator made `T`.
+fn push_iso_t(out: &mut String, date_time: &str, year_len: usize) {
+    out.push_str(&date_time[..year_len + 6]);
+    out.push('T');
+    out.push_str(&date_time[year_len + 7..]);
+}
+
+/// `bytea_output=hex`: `\x` and two hex digits a byte, delivered as base64.
+fn bytea(s: &str) -> Result<Value, ValueError> {
+    let Some(hex) = s.strip_prefix("\\x") else {
+        return Err(invalid(
+            BYTEA,
+            s,
+            "expected hex format starting with \\x; set bytea_output = hex for the session",
+        ));
+    };
+    let hex = hex.as_bytes();
+    if hex.len() % 2 != 0 {
+        return Err(invalid(BYTEA, s, "odd number of hex digits"));
+    }
+    let mut raw = Vec::with_capacity(hex.len() / 2);
+    for (i, pair) in hex.chunks_exact(2).enumerate() {
+        match (hex_val(pair[0]), hex_val(pair[1])) {
+            (Some(h), Some(l)) => raw.push(h << 4 | l),
+            _ => {
+                return Err(invalid(
+                    BYTEA,
+                    s,
+                    format!("non-hex digit at byte {}", 2 + 2 * i),
+                ))
+            }
+        }
+    }
+    Ok(Value::String(
+        base64::engine::general_purpose::STANDARD.encode(raw),
+    ))
+}
+
+fn hex_val(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// PostgreSQL array text: an optional `[lo:hi]...=` dimension prefix, then
+/// `{...}` with comma-separated elements that are unquoted, `"quoted"` with
+/// backslash escapes, `NULL`, or nested `{...}`.
+fn array(type_oid: u32, elem: u32, s: &str) -> Result<Value, ValueError> {
+    let mut p = ArrayParser {
+        s,
+        b: s.as_bytes(),
+        pos: 0,
+        type_oid,
+        elem,
+    };
+    p.skip_ws();
+    if p.peek() == Some(b'[') {
+        p.dimensions()?;
+    }
+    p.skip_ws();
+    let v = p.array(1)?;
+    p.skip_ws();
+    if p.pos != p.b.len() {
+        return Err(p.err("unexpected characters after the closing '}'"));
+    }
+    Ok(v)
+}
+
+struct ArrayParser<'a> {
+    s: &'a str,
+    b: &'a [u8],
+    pos: usize,
+    type_oid: u32,
+    elem: u32,
+}
+
+impl<'a> ArrayParser<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.pos).copied()
+    }
+
+    fn skip_ws(&mut self) {
+        while self.peek().is_some_and(|c| c.is_ascii_whitespace()) {
+            self.pos += 1;
+        }
+    }
+
+    fn err(&self, what: &str) -> ValueError {
+        invalid(
+            self.type_oid,
+            self.s,
+            format!("{what} at byte {}", self.pos),
+        )
+    }
+
+    /// `[1:3][0:1]=`: the bounds do not change the JSON, so they are only checked for shape.
+    fn dimensions(&mut self) -> Result<(), ValueError> {
+        while self.peek() == Some(b'[') {
+            self.pos += 1;
+            let start = self.pos;
+            while self
+                .peek()
+                .is_some_and(|c| c.is_ascii_digit() || c == b':' || c == b'-')
+            {
+                self.pos += 1;
+            }
+            if self.pos == start || self.peek() != Some(b']') {
+                return Err(self.err("malformed array dimension"));
+            }
+            self.pos += 1;
+        }
+        if self.peek() != Some(b'=') {
+            return Err(self.err("expected '=' after the array dimensions"));
+        }
+        self.pos += 1;
+        Ok(())
+    }
+
+    fn array(&mut self, depth: usize) -> Result<Value, ValueError> {
+        if depth > MAX_ARRAY_DIMS {
+            return Err(self.err("more than 6 array dimensions"));
+        }
+        if self.peek() != Some(b'{') {
+            return Err(self.err("expected '{'"));
+        }
+        self.pos += 1;
+        let mut out = Vec::new();
+        self.skip_ws();
+        if self.peek() == Some(b'}') {
+            self.pos += 1;
+            return Ok(Value::Array(out));
+        }
+        // PostgreSQL arrays are rectangular: a level holds sub-arrays or scalars, never both.
+        let mut nested = None;
+        loop {
+            self.skip_ws();
+            let is_sub = self.peek() == Some(b'{');
+            if *nested.get_or_insert(is_sub) != is_sub {
+                return Err(self.err("mixed sub-arrays and scalar elements"));
+            }
+            let value = match self.peek() {
+                Some(b'{') => self.array(depth + 1)?,
+                Some(b'"') => {
+                    let start = self.pos;
+                    let text = self.quoted()?;
+                    self.element(start, &text)?
+                }
+                Some(_) => self.unquoted()?,
+                None => return Err(self.err("unterminated array")),
+            };
+            out.push(value);
+            self.skip_ws();
+            match self.peek() {
+                Some(b',') => self.pos += 1,
+                Some(b'}') => {
+                    self.pos += 1;
+                    return Ok(Value::Array(out));
+                }
+                Some(_) => return Err(self.err("expected ',' or '}'")),
+                None => return Err(self.err("unterminated array")),
+            }
+        }
+    }
+
+    /// Converts one element; errors name the element's start, not the array's end.
+    fn element(&self, start: usize, text: &str) -> Result<Value, ValueError> {
+        str_to_json(self.elem, text).map_err(|e| {
+            invalid(
+                self.type_oid,
+                self.s,
+                format!("element at byte {start}: {e}"),
+            )
+        })
+    }
+
+    /// A `"..."` element; borrowed unless it contains escapes.
+    fn quoted(&mut self) -> Result<Cow<'a, str>, ValueError> {
+        self.pos += 1;
+        let start = self.pos;
+        let mut owned: Option<String> = None;
+        let mut run = start;
+        loop {
+            match self.peek() {
+                None => return Err(self.err("unterminated quoted element")),
+                Some(b'"') => {
+                    let tail = &self.s[run..self.pos];
+                    self.pos += 1;
+                    return Ok(match owned {
+                        Some(mut o) => {
+                            o.push_str(tail);
+                            Cow::Owned(o)
+                        }
+                        None => Cow::Borrowed(tail),
+                    });
+                }
+                Some(b'\\') => {
+                    let o = owned.get_or_insert_with(String::new);
+                    o.push_str(&self.s[run..self.pos]);
+                    self.pos += 1;
+                    if self.peek().is_none() {
+                        return Err(self.err("backslash at the end of the array"));
+                    }
+                    // The escaped character may be multi-byte; the run restarts at it.
+                    run = self.pos;
+                    self.pos += self.s[self.pos..].chars().next().map_or(1, char::len_utf8);
+                }
+                Some(_) => self.pos += 1,
+            }
+        }
+    }
+
+    /// An unquoted element up to `,` or `}`: `NULL` (any case) is SQL null;
+    /// surrounding whitespace is not part of the value.
+    fn unquoted(&mut self) -> Result<Value, ValueError> {
+        let start = self.pos;
+        let mut owned: Option<String> = None;
+        let mut run = start;
+        // End of the value without trailing whitespace; escaped characters count as content.
+        let mut content_end = start;
+        loop {
+            match self.peek() {
+                None | Some(b',') | Some(b'}') => break,
+                Some(b'{') | Some(b'"') => {
+                    return Err(self.err("unexpected '{' or '\"' inside an unquoted element"))
+                }
+                Some(b'\\') => {
+                    let o = owned.get_or_insert_with(String::new);
+                    o.push_str(&self.s[run..self.pos]);
+                    self.pos += 1;
+                    if self.peek().is_none() {
+                        return Err(self.err("backslash at the end of the array"));
+                    }
+                    run = self.pos;
+                    self.pos += self.s[self.pos..].chars().next().map_or(1, char::len_utf8);
+                    content_end = self.pos;
+                }
+                Some(c) => {
+                    self.pos += 1;
+                    if !c.is_ascii_whitespace() {
+                        content_end = self.pos;
+                    }
+                }
+            }
+        }
+        if self.pos == start || content_end == start {
+            return Err(self.err("empty unquoted element"));
+        }
+        let text: Cow<'_, str> = match owned {
+            Some(mut o) => {
+                o.push_str(&self.s[run..content_end.max(run)]);
+                Cow::Owned(o)
+            }
+            None => {
+                let t = &self.s[start..content_end];
+                if t.eq_ignore_ascii_case("NULL") {
+                    return Ok(Value::Null);
+                }
+                Cow::Borrowed(t)
+            }
+        };
+        self.element(start, &text)
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The inverse of [`days_from_civil`].
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Four-digit years as RFC 3339 wants; outside 0..=9999 (which RFC 3339
+/// cannot express) the ISO 8601 expanded form with an explicit sign.
+fn push_year(out: &mut String, y: i64) {
+    let _ = if (0..=9999).contains(&y) {
+        write!(out, "{y:04}")
+    } else if y > 9999 {
+        write!(out, "+{y}")
+    } else {
+        write!(out, "-{:04}", -y)
+    };
+}
+
+/// Days from 1970-01-01 to PostgreSQL's epoch 2000-01-01.
+const PG_EPOCH_DAYS: i64 = 10_957;
+
+/// Commit timestamps in pgoutput are microseconds since 2000-01-01 00:00:00 UTC;
+/// returns RFC 3339 UTC, e.g. "2024-05-01T12:00:00.123456Z".
+///
+/// The fraction always has 6 digits, so the strings are fixed-width and sort
+/// in time order. PostgreSQL's `infinity` / `-infinity` sentinels
+/// (`i64::MAX` / `i64::MIN`) become those words; years outside 0000..=9999
+/// use the ISO 8601 expanded form (`+12345-...`). Never panics.
+pub fn pg_micros_to_rfc3339(micros: i64) -> String {
+    match micros {
+        i64::MAX => return "infinity".to_owned(),
+        i64::MIN => return "-infinity".to_owned(),
+        _ => {}
+    }
+    let secs = micros.div_euclid(1_000_000);
+    let frac = micros.rem_euclid(1_000_000);
+    let (y, m, d) = civil_from_days(secs.div_euclid(86_400) + PG_EPOCH_DAYS);
+    let sod = secs.rem_euclid(86_400);
+    let mut out = String::with_capacity(27);
+    push_year(&mut out, y);
+    let _ = write!(
+        out,
+        "-{m:02}-{d:02}T{:02}:{:02}:{:02}.{frac:06}Z",
+        sod / 3600,
+        sod / 60 % 60,
+        sod % 60
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn conv(oid: u32, s: &str) -> Value {
+        text_to_json(oid, s.as_bytes()).unwrap_or_else(|e| panic!("{oid} {s:?}: {e}"))
+    }
+
+    fn fails(oid: u32, s: &str) -> String {
+        match text_to_json(oid, s.as_bytes()) {
+            Ok(v) => panic!("{oid} {s:?} converted to {v}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// The JSON text a target receives.
+    fn wire(oid: u32, s: &str) -> String {
+        serde_json::to_string(&conv(oid, s)).unwrap()
+    }
+
+    #[test]
+    fn integers() {
+        assert_eq!(conv(INT2, "-32768"), json!(-32768));
+        assert_eq!(conv(INT4, "42"), json!(42));
+        assert_eq!(conv(INT8, "9223372036854775807"), json!(i64::MAX));
+        assert_eq!(conv(INT8, "-9223372036854775808"), json!(i64::MIN));
+        assert_eq!(conv(OID, "4294967295"), json!(4_294_967_295u32));
+        assert!(fails(INT4, "4.5").contains("not an integer"));
+        fails(INT8, "");
+        fails(INT8, "9223372036854775808");
+        fails(OID, "-1");
+    }
+
+    #[test]
+    fn booleans() {
+        assert_eq!(conv(BOOL, "t"), json!(true));
+        assert_eq!(conv(BOOL, "f"), json!(false));
+        assert!(fails(BOOL, "true").contains("expected 't' or 'f'"));
+    }
+
+    #[test]
+    fn numeric_keeps_exact_digits() {
+        assert_eq!(wire(NUMERIC, "1234.5600"), "1234.5600");
+        assert_eq!(wire(NUMERIC, "0.000"), "0.000");
+        assert_eq!(wire(NUMERIC, "-0.001"), "-0.001");
+        assert_eq!(wire(NUMERIC, "-12"), "-12");
+        let huge =
+            "123456789012345678901234567890123456789012345678901234567890.000000000000000000001";
+        assert_eq!(wire(NUMERIC, huge), huge);
+        assert_eq!(
+            wire(NUMERIC, &format!("1{}", "0".repeat(400))),
+            format!("1{}", "0".repeat(400))
+        );
+        // Embedded in a document, the digits survive serialization too.
+        let doc = json!({ "amount": conv(NUMERIC, "1234.5600") });
+        assert_eq!(doc.to_string(), r#"{"amount":1234.5600}"#);
+        assert!(conv(NUMERIC, "1234.5600").is_number());
+        for special in ["NaN", "Infinity", "-Infinity"] {
+            assert_eq!(conv(NUMERIC, special), json!(special));
+        }
+        assert!(fails(NUMERIC, "1,5").contains("not a decimal number"));
+        fails(NUMERIC, "abc");
+        fails(NUMERIC, " 1");
+    }
+
+    #[test]
+    fn floats() {
+        assert_eq!(wire(FLOAT8, "1.5"), "1.5");
+        assert_eq!(wire(FLOAT8, "0.30000000000000004"), "0.30000000000000004");
+        assert_eq!(wire(FLOAT8, "1e+100"), "1e+100");
+        assert_eq!(wire(FLOAT4, "-1.2345e-05"), "-1.2345e-05");
+        assert_eq!(
+            conv(FLOAT8, "-0").as_number().map(|n| n.to_string()),
+            Some("-0".into())
+        );
+        for special in ["NaN", "Infinity", "-Infinity"] {
+            assert_eq!(conv(FLOAT8, special), json!(special));
+            assert_eq!(conv(FLOAT4, special), json!(special));
+        }
+        fails(FLOAT8, "inf");
+    }
+
+    #[test]
+    fn strings() {
+        for oid in [
+            TEXT, VARCHAR, BPCHAR, NAME, UUID, CHAR, DATE, TIME, TIMETZ, INTERVAL,
+        ] {
+            assert_eq!(conv(oid, "x y"), json!("x y"));
+        }
+        assert_eq!(
+            conv(UUID, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
+            json!("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11")
+        );
+        assert_eq!(conv(DATE, "2024-05-01"), json!("2024-05-01"));
+        assert_eq!(conv(DATE, "infinity"), json!("infinity"));
+        assert_eq!(conv(INTERVAL, "P1Y2M3DT4H5M6S"), json!("P1Y2M3DT4H5M6S"));
+        assert_eq!(conv(TEXT, ""), json!(""));
+        // Unknown types (xml, enums, domains...) are passed as strings.
+        assert_eq!(conv(142, "<a/>"), json!("<a/>"));
+        assert_eq!(conv(999_999, "whatever"), json!("whatever"));
+    }
+
+    #[test]
+    fn invalid_utf8_is_an_error() {
+        let e = text_to_json(TEXT, b"ab\xffcd").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "text value (type OID 25) is not valid UTF-8 at byte 2"
+        );
+        assert!(text_to_json(999_999, b"\xc3").is_err());
+    }
+
+    #[test]
+    fn json_types_are_parsed() {
+        assert_eq!(
+            wire(JSONB, r#"{"a": [1, 2.50, null]}"#),
+            r#"{"a":[1,2.50,null]}"#
+        );
+        assert_eq!(wire(JSONB, r#"{"en_US": 1.10}"#), r#"{"en_US":1.10}"#);
+        assert_eq!(conv(JSON, "\"s\""), json!("s"));
+        let e = fails(JSONB, "{\"secret\": ");
+        assert!(e.contains("not valid JSON") && !e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(
+            conv(TIMESTAMP, "2024-05-01 12:00:00.5"),
+            json!("2024-05-01T12:00:00.5Z")
+        );
+        assert_eq!(
+            conv(TIMESTAMP, "2024-05-01 12:00:00"),
+            json!("2024-05-01T12:00:00Z")
+        );
+        assert_eq!(
+            conv(TIMESTAMP, "12345-01-01 00:00:00"),
+            json!("12345-01-01T00:00:00Z")
+        );
+        assert_eq!(
+            conv(TIMESTAMPTZ, "2024-05-01 12:00:00.5+00"),
+            json!("2024-05-01T12:00:00.5Z")
+        );
+        assert_eq!(
+            conv(TIMESTAMPTZ, "2024-05-01 12:00:00.123456+00"),
+            json!("2024-05-01T12:00:00.123456Z")
+        );
+        assert_eq!(
+            conv(TIMESTAMPTZ, "2024-05-01 12:00:00+05:30"),
+            json!("2024-05-01T12:00:00+05:30")
+        );
+        assert_eq!(
+            conv(TIMESTAMPTZ, "2024-05-01 12:00:00-08"),
+            json!("2024-05-01T12:00:00-08:00")
+        );
+        // Local mean time offsets have seconds: shifted to UTC.
+        assert_eq!(
+            conv(TIMESTAMPTZ, "1900-01-01 00:00:00.25+00:19:32"),
+            json!("1899-12-31T23:40:28.25Z")
+        );
+        assert_eq!(
+            conv(TIMESTAMPTZ, "1900-12-31 23:59:59-00:00:01"),
+            json!("1901-01-01T00:00:00Z")
+        );
+        for unchanged in ["infinity", "-infinity", "0044-03-15 12:00:00 BC"] {
+            assert_eq!(conv(TIMESTAMP, unchanged), json!(unchanged));
+        }
+        assert_eq!(
+            conv(TIMESTAMPTZ, "0044-03-15 12:00:00+00 BC"),
+            json!("0044-03-15 12:00:00+00 BC")
+        );
+        let e = fails(TIMESTAMP, "05/01/2024 12:00");
+        assert!(e.contains("DateStyle"), "{e}");
+        fails(TIMESTAMP, "2024-05-01 12:00:00+00");
+        fails(TIMESTAMP, "2024-05-01 12:00:00.");
+        fails(TIMESTAMPTZ, "2024-05-01 12:00:00");
+        fails(TIMESTAMPTZ, "2024-05-01 12:00:00+0");
+        fails(TIMESTAMPTZ, "2024-05-01 12:00:00+00:");
+        fails(TIMESTAMPTZ, "2024-05-01T12:00:00+00");
+    }
+
+    #[test]
+    fn bytea_becomes_base64() {
+        assert_eq!(conv(BYTEA, "\\x0a0b"), json!("Cgs="));
+        assert_eq!(conv(BYTEA, "\\x"), json!(""));
+        assert_eq!(conv(BYTEA, "\\xDEADbeef"), json!("3q2+7w=="));
+        assert!(fails(BYTEA, "\\x0").contains("odd number"));
+        assert!(fails(BYTEA, "\\x0g").contains("non-hex digit at byte 2"));
+        assert!(fails(BYTEA, "abc").contains("bytea_output = hex"));
+    }
+
+    #[test]
+    fn arrays() {
+        assert_eq!(conv(1007, "{1,2,3}"), json!([1, 2, 3]));
+        assert_eq!(conv(1005, "{}"), json!([]));
+        assert_eq!(conv(1016, "{NULL,-5,null}"), json!([null, -5, null]));
+        assert_eq!(conv(1000, "{t,f}"), json!([true, false]));
+        assert_eq!(wire(1231, "{1.50,NaN,-0.000}"), r#"[1.50,"NaN",-0.000]"#);
+        assert_eq!(conv(1022, "{1.5,Infinity}"), json!([1.5, "Infinity"]));
+        assert_eq!(
+            conv(
+                1009,
+                r#"{plain,"with, comma","with \"quote\"","back\\slash","NULL",""}"#
+            ),
+            json!([
+                "plain",
+                "with, comma",
+                "with \"quote\"",
+                "back\\slash",
+                "NULL",
+                ""
+            ])
+        );
+        assert_eq!(conv(1015, r#"{"é ü",日本}"#), json!(["é ü", "日本"]));
+        assert_eq!(conv(1009, r#"{a\,b,"\日"}"#), json!(["a,b", "日"]));
+        assert_eq!(conv(1009, "{ a b , c }"), json!(["a b", "c"]));
+        assert_eq!(conv(1007, "{{1,2},{3,4}}"), json!([[1, 2], [3, 4]]));
+        assert_eq!(
+            conv(1007, "[0:1][1:2]={{1,2},{3,NULL}}"),
+            json!([[1, 2], [3, null]])
+        );
+        assert_eq!(conv(1007, "[1:3]={1,2,3}"), json!([1, 2, 3]));
+        assert_eq!(conv(1007, "[-2:-1]={1,2}"), json!([1, 2]));
+        assert_eq!(
+            conv(3807, r#"{"{\"a\": 1}","[1, 2]",NULL}"#),
+            json!([{"a": 1}, [1, 2], null])
+        );
+        assert_eq!(
+            conv(1182, "{2024-05-01,infinity}"),
+            json!(["2024-05-01", "infinity"])
+        );
+        assert_eq!(
+            conv(1115, r#"{"2024-05-01 12:00:00.5"}"#),
+            json!(["2024-05-01T12:00:00.5Z"])
+        );
+        assert_eq!(
+            conv(
+                1185,
+                r#"{"2024-05-01 12:00:00+00","2024-05-01 12:00:00-08"}"#
+            ),
+            json!(["2024-05-01T12:00:00Z", "2024-05-01T12:00:00-08:00"])
+        );
+        assert_eq!(conv(1001, r#"{"\\x0a0b"}"#), json!(["Cgs="]));
+        // Verbatim PostgreSQL 15 output under steward's session settings.
+        assert_eq!(
+            conv(1009, r#"{"a\"b","c\\d","","NULL"," x"}"#),
+            json!(["a\"b", "c\\d", "", "NULL", " x"])
+        );
+        assert_eq!(conv(1001, r#"{"\\x0a"}"#), json!(["Cg=="]));
+        assert_eq!(
+            conv(1185, r#"{"2024-05-01 06:30:00+00"}"#),
+            json!(["2024-05-01T06:30:00Z"])
+        );
+        assert_eq!(conv(1007, "{{{{{{1}}}}}}"), json!([[[[[[1]]]]]]));
+    }
+
+    #[test]
+    fn malformed_arrays() {
+        for bad in [
+            "",
+            "{",
+            "1,2",
+            "{1,2",
+            "{1,,2}",
+            "{1,}",
+            "{,}",
+            "{1}}",
+            "{1} x",
+            "{{1},2}",
+            "{1,{2}}",
+            "{{{{{{{1}}}}}}}",
+            "[1:2]{1,2}",
+            "[1:2={1}",
+            "[]={1}",
+            "{\"1}",
+            "{1\\",
+            "{\"a\"b}",
+            "{a\"b\"}",
+            "{x}",
+        ] {
+            let e = fails(1007, bad);
+            assert!(
+                e.starts_with("invalid array value (type OID 1007"),
+                "{bad:?}: {e}"
+            );
+        }
+        let e = fails(1007, "{1,x}");
+        assert!(e.contains("element at byte 3: invalid int4 value"), "{e}");
+    }
+
+    #[test]
+    fn commit_timestamps() {
+        assert_eq!(pg_micros_to_rfc3339(0), "2000-01-01T00:00:00.000000Z");
+        assert_eq!(
+            pg_micros_to_rfc3339(767_880_000_123_456),
+            "2024-05-01T12:00:00.123456Z"
+        );
+        assert_eq!(pg_micros_to_rfc3339(-1), "1999-12-31T23:59:59.999999Z");
+        assert_eq!(
+            pg_micros_to_rfc3339(-946_684_800_000_000),
+            "1970-01-01T00:00:00.000000Z"
+        );
+        assert_eq!(pg_micros_to_rfc3339(i64::MAX), "infinity");
+        assert_eq!(pg_micros_to_rfc3339(i64::MIN), "-infinity");
+        assert!(pg_micros_to_rfc3339(i64::MAX - 1).starts_with("+294277-01-09T"));
+        assert!(pg_micros_to_rfc3339(i64::MIN + 1).starts_with("-290278-12-22T"));
+    }
+
+    const OIDS: &[u32] = &[
+        BOOL,
+        BYTEA,
+        CHAR,
+        NAME,
+        INT8,
+        INT2,
+        INT4,
+        TEXT,
+        OID,
+        JSON,
+        FLOAT4,
+        FLOAT8,
+        BPCHAR,
+        VARCHAR,
+        DATE,
+        TIME,
+        TIMESTAMP,
+        TIMESTAMPTZ,
+        INTERVAL,
+        TIMETZ,
+        NUMERIC,
+        UUID,
+        JSONB,
+        1000,
+        1001,
+        1002,
+        1003,
+        1005,
+        1007,
+        1009,
+        1014,
+        1015,
+        1016,
+        1021,
+        1022,
+        1028,
+        1115,
+        1182,
+        1183,
+        1185,
+        1187,
+        1231,
+        1270,
+        199,
+        2951,
+        3807,
+        0,
+        142,
+    ];
+
+    proptest! {
+        #[test]
+        fn never_panics_on_bytes(
+            oid in proptest::sample::select(OIDS),
+            bytes in proptest::collection::vec(any::<u8>(), 0..48),
+        ) {
+            let _ = text_to_json(oid, &bytes);
+        }
+
+        #[test]
+        fn never_panics_on_near_valid_text(
+            oid in proptest::sample::select(OIDS),
+            s in r#"[\[\]{}",\\ =:.+\-0-9tfxNULBCaé]{0,40}"#,
+        ) {
+            let _ = text_to_json(oid, s.as_bytes());
+        }
+
+        #[test]
+        fn int8_round_trips(i in any::<i64>()) {
+            let v = text_to_json(INT8, i.to_string().as_bytes()).unwrap();
+            prop_assert_eq!(v.as_i64(), Some(i));
+        }
+
+        #[test]
+        fn numeric_round_trips_exactly(s in r"-?(0|[1-9][0-9]{0,60})(\.[0-9]{1,60})?") {
+            let v = text_to_json(NUMERIC, s.as_bytes()).unwrap();
+            prop_assert!(v.is_number());
+            prop_assert_eq!(serde_json::to_string(&v).unwrap(), s);
+        }
+
+        #[test]
+        fn text_arrays_round_trip(items in proptest::collection::vec(proptest::option::of("[^\u{0}]{0,8}"), 0..6)) {
+            // Quote every element the way array_out does when needed.
+            let body: Vec<String> = items.iter().map(|i| match i {
+                None => "NULL".to_owned(),
+                Some(s) => format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"")),
+            }).collect();
+            let text = format!("{{{}}}", body.join(","));
+            let expected = Value::Array(items.iter().map(|i| match i {
+                None => Value::Null,
+                Some(s) => Value::String(s.clone()),
+            }).collect());
+            prop_assert_eq!(text_to_json(1009, text.as_bytes()).unwrap(), expected);
+        }
+
+        #[test]
+        fn commit_time_matches_chrono(micros in -62_000_000_000_000_000i64..250_000_000_000_000_000i64) {
+            let unix = micros + 946_684_800_000_000;
+            let expected = chrono::DateTime::from_timestamp_micros(unix)
+                .unwrap()
+                .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+                .to_string();
+            prop_assert_eq!(pg_micros_to_rfc3339(micros), expected);
+        }
+    }
+}
