@@ -485,27 +485,184 @@ pub(crate) fn map_pg_error(e: tokio_postgres::Error, cfg: &SourceConfig) -> Wire
     if e.is_closed() {
         return WireError::Closed;
     }
-    let text = e.to_string();
+    // tokio-postgres' Display names only the kind ("error connecting to
+    // server"); the cause is in the source chain.
+    let mut text = e.to_string();
+    let mut io_kind = None;
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&e);
     while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
         if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return WireError::Timeout;
-            }
-            if !text.contains("TLS") && !text.contains("tls") {
-                return WireError::Io(std::io::Error::new(io.kind(), text));
-            }
+            io_kind.get_or_insert(io.kind());
         }
         source = s.source();
     }
+    let is_tls = text.contains("TLS") || text.contains("tls");
     if text.contains("password missing") {
         return WireError::NoPassword;
     }
-    if text.contains("TLS") || text.contains("tls") {
+    if io_kind == Some(std::io::ErrorKind::TimedOut) {
+        return WireError::Timeout;
+    }
+    if is_tls {
         return WireError::Tls(text);
+    }
+    if let Some(kind) = io_kind {
+        return WireError::Io(std::io::Error::new(kind, text));
     }
     if text.contains("authentication") || text.contains("SASL") || text.contains("SCRAM") {
         return WireError::Auth(text);
     }
     WireError::Protocol(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+    use std::time::Duration;
+    use tokio::io::DuplexStream;
+
+    fn cfg(password: Option<&str>) -> SourceConfig {
+        SourceConfig {
+            url_display: "postgresql://steward@localhost/odoo".into(),
+            host: "localhost".into(),
+            port: 5432,
+            user: "steward".into(),
+            dbname: "odoo".into(),
+            password: password.map(Secret::new),
+            sslmode: SslMode::Disable,
+            sslrootcert: None,
+            connect_timeout: Duration::from_secs(5),
+            slot: "steward".into(),
+            publication: "steward".into(),
+            status_interval: Duration::from_secs(10),
+            create_publication: false,
+        }
+    }
+
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    async fn read_startup(server: &mut DuplexStream) -> Vec<u8> {
+        let mut len = [0u8; 4];
+        server.read_exact(&mut len).await.unwrap();
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize - 4];
+        server.read_exact(&mut body).await.unwrap();
+        body
+    }
+
+    async fn read_message(server: &mut DuplexStream) -> (u8, Vec<u8>) {
+        let mut head = [0u8; 5];
+        server.read_exact(&mut head).await.unwrap();
+        let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+        let mut body = vec![0u8; len - 4];
+        server.read_exact(&mut body).await.unwrap();
+        (head[0], body)
+    }
+
+    fn md5_request() -> Vec<u8> {
+        let mut body = 5i32.to_be_bytes().to_vec();
+        body.extend([1, 2, 3, 4]);
+        frame(b'R', &body)
+    }
+
+    #[tokio::test]
+    async fn startup_with_md5_collects_parameters() {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let srv = tokio::spawn(async move {
+            let startup = read_startup(&mut server).await;
+            let text = String::from_utf8_lossy(&startup).into_owned();
+            assert!(text.contains("replication\0database\0"), "{text:?}");
+            assert!(text.contains("application_name\0steward\0"), "{text:?}");
+            assert!(text.contains("-c timezone=UTC"), "{text:?}");
+            server.write_all(&md5_request()).await.unwrap();
+            let (tag, body) = read_message(&mut server).await;
+            assert_eq!(tag, b'p');
+            let expected = md5_hash(b"steward", b"pw", [1, 2, 3, 4]);
+            assert_eq!(&body[..body.len() - 1], expected.as_bytes());
+            let mut out = frame(b'R', &0i32.to_be_bytes());
+            out.extend(frame(b'S', b"server_version\x0015.4 (Debian)\0"));
+            let mut key = 4242i32.to_be_bytes().to_vec();
+            key.extend(7i32.to_be_bytes());
+            out.extend(frame(b'K', &key));
+            out.extend(frame(b'Z', b"I"));
+            server.write_all(&out).await.unwrap();
+            server
+        });
+        let mut conn = Conn::new(Transport::Test(client));
+        startup(&mut conn, &cfg(Some("pw"))).await.unwrap();
+        assert_eq!(
+            conn.params.get("server_version").map(String::as_str),
+            Some("15.4 (Debian)")
+        );
+        assert_eq!(conn.backend_pid, Some(4242));
+        srv.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn password_request_without_password() {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let srv = tokio::spawn(async move {
+            read_startup(&mut server).await;
+            server.write_all(&md5_request()).await.unwrap();
+            server
+        });
+        let mut conn = Conn::new(Transport::Test(client));
+        let e = startup(&mut conn, &cfg(None)).await.unwrap_err();
+        assert!(matches!(e, WireError::NoPassword), "{e}");
+        srv.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn wrong_password_is_an_auth_error_without_the_password() {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let srv = tokio::spawn(async move {
+            read_startup(&mut server).await;
+            server
+                .write_all(&frame(b'R', &3i32.to_be_bytes()))
+                .await
+                .unwrap();
+            let (tag, _) = read_message(&mut server).await;
+            assert_eq!(tag, b'p');
+            server
+                .write_all(&frame(
+                    b'E',
+                    b"SFATAL\0VFATAL\0C28P01\0Mpassword authentication failed for user \"steward\"\0\0",
+                ))
+                .await
+                .unwrap();
+            server
+        });
+        let mut conn = Conn::new(Transport::Test(client));
+        let e = startup(&mut conn, &cfg(Some("hunter2"))).await.unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, WireError::Auth(_)), "{text}");
+        assert!(text.contains("source.password_file"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(!format!("{e:?}").contains("hunter2"));
+        srv.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn unsupported_auth_method() {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let srv = tokio::spawn(async move {
+            read_startup(&mut server).await;
+            server
+                .write_all(&frame(b'R', &7i32.to_be_bytes()))
+                .await
+                .unwrap();
+            server
+        });
+        let mut conn = Conn::new(Transport::Test(client));
+        let e = startup(&mut conn, &cfg(Some("pw"))).await.unwrap_err();
+        assert!(e.to_string().contains("pg_hba.conf"), "{e}");
+        srv.await.unwrap();
+    }
 }

@@ -5,6 +5,7 @@
 use bytes::BytesMut;
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
+use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
 use super::codec::{self, Backend, ReplicationMessage, ServerFields};
@@ -109,23 +110,45 @@ impl ReplicationStream {
 
     /// Ends the copy (CopyDone) and the session (Terminate). Send a final
     /// status update first if the server should learn the last flushed LSN.
-    pub async fn close(mut self) -> Result<(), WireError> {
+    ///
+    /// Between the two, the server's remaining messages are read and dropped
+    /// (for at most a few seconds) until it acknowledges the end of the copy,
+    /// so it does not log a broken connection.
+    pub async fn close(self) -> Result<(), WireError> {
+        self.close_within(CLOSE_DRAIN_TIMEOUT).await
+    }
+
+    async fn close_within(mut self, drain_timeout: Duration) -> Result<(), WireError> {
         let mut buf = BytesMut::new();
         frontend::copy_done(&mut buf);
-        frontend::terminate(&mut buf);
         self.conn.send(&buf).await?;
-        // The server closes on Terminate; a failed shutdown changes nothing.
+        let conn = &mut self.conn;
+        let drain = async {
+            // Errors here only mean the server is already gone.
+            while let Ok(Some(frame)) = conn.read_frame_or_eof().await {
+                if matches!(frame.tag, b'Z' | b'E') {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(drain_timeout, drain).await;
+        buf.clear();
+        frontend::terminate(&mut buf);
+        // The server may have closed already; Terminate is a courtesy.
+        let _ = self.conn.send(&buf).await;
         let _ = self.conn.io.shutdown().await;
         Ok(())
     }
 }
+
+/// How long `close` waits for the server to acknowledge the end of the copy.
+const CLOSE_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::source::wire::tls::Transport;
     use bytes::Bytes;
-    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
     fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
@@ -215,6 +238,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn close_waits_for_the_server_to_end_the_copy() {
+        let (stream, mut server) = pair();
+        let srv = tokio::spawn(async move {
+            let mut got = [0u8; 5];
+            server.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, [b'c', 0, 0, 0, 4]);
+            // In-flight data, then the end of the copy.
+            let mut out = xlog(1, b"late");
+            out.extend(frame(b'c', b""));
+            out.extend(frame(b'C', b"START_REPLICATION\0"));
+            out.extend(frame(b'Z', b"I"));
+            server.write_all(&out).await.unwrap();
+            let mut rest = Vec::new();
+            server.read_to_end(&mut rest).await.unwrap();
+            rest
+        });
+        stream.close_within(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(srv.await.unwrap(), vec![b'X', 0, 0, 0, 4]);
+    }
+
+    #[tokio::test]
     async fn error_response_is_a_server_error() {
         let (mut stream, mut server) = pair();
         server
@@ -271,7 +315,10 @@ mod tests {
         assert_eq!(&got[22..30], &1u64.to_be_bytes());
         assert_eq!(got[38], 0);
 
-        stream.close().await.unwrap();
+        stream
+            .close_within(Duration::from_millis(50))
+            .await
+            .unwrap();
         let mut rest = Vec::new();
         server.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, vec![b'c', 0, 0, 0, 4, b'X', 0, 0, 0, 4]);

@@ -20,6 +20,7 @@ use bytes::BytesMut;
 use fallible_iterator::FallibleIterator;
 use postgres_protocol::message::backend::{DataRowBody, Message};
 use postgres_protocol::message::frontend;
+use tokio::io::AsyncWriteExt;
 
 pub use codec::{quote_ident, quote_literal, ReplicationMessage};
 pub use connect::{connect_sql, APPLICATION_NAME, SESSION_OPTIONS};
@@ -150,6 +151,15 @@ impl ReplicationClient {
     /// A parameter the server reported (ParameterStatus), e.g. `TimeZone`.
     pub fn parameter(&self, name: &str) -> Option<&str> {
         self.conn.params.get(name).map(String::as_str)
+    }
+
+    /// Ends the session politely (Terminate).
+    pub async fn close(mut self) -> Result<(), WireError> {
+        let mut buf = BytesMut::new();
+        frontend::terminate(&mut buf);
+        self.conn.send(&buf).await?;
+        let _ = self.conn.io.shutdown().await;
+        Ok(())
     }
 
     /// The server process id of this session.
