@@ -1,0 +1,159 @@
+//! Errors of the replication wire client.
+//!
+//! Messages say what happened and, where the fix is on our side, which
+//! configuration key to change. No variant ever carries the password.
+
+use std::fmt;
+
+/// Everything that can go wrong talking to the source PostgreSQL server.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("I/O error talking to the source PostgreSQL server: {0}")]
+    Io(#[from] std::io::Error),
+
+    #[error("TLS to the source PostgreSQL server: {0}")]
+    Tls(String),
+
+    #[error("authentication with the source PostgreSQL server failed: {0}")]
+    Auth(String),
+
+    #[error(
+        "the source PostgreSQL server asked for a password but none is configured; \
+         set source.password_file or source.password_env"
+    )]
+    NoPassword,
+
+    #[error("{}", ServerDisplay { code, message, hint: hint.as_deref() })]
+    Server {
+        /// Non-localized severity when the server sends one (ERROR, FATAL, PANIC).
+        severity: String,
+        /// SQLSTATE, e.g. `42704`.
+        code: String,
+        message: String,
+        /// Not shown by `Display`: it can quote row values.
+        detail: Option<String>,
+        hint: Option<String>,
+    },
+
+    #[error("protocol error talking to the source PostgreSQL server: {0}")]
+    Protocol(String),
+
+    #[error("the source PostgreSQL server closed the connection unexpectedly")]
+    Closed,
+
+    #[error(
+        "timed out connecting to the source PostgreSQL server; check that it is reachable \
+         or raise source.connect_timeout"
+    )]
+    Timeout,
+}
+
+struct ServerDisplay<'a> {
+    code: &'a str,
+    message: &'a str,
+    hint: Option<&'a str>,
+}
+
+impl fmt::Display for ServerDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "source server error {}: {}", self.code, self.message)?;
+        if let Some(hint) = self.hint {
+            write!(f, " (hint: {hint})")?;
+        }
+        Ok(())
+    }
+}
+
+impl WireError {
+    /// The SQLSTATE of a server error.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            WireError::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// Whether retrying later (with a fresh connection) may succeed without
+    /// anyone changing configuration: network trouble, server restarts,
+    /// resource exhaustion. Authentication and protocol errors are not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            WireError::Io(_) | WireError::Closed | WireError::Timeout => true,
+            WireError::Server { code, .. } => {
+                // 08: connection exception; 57P01..03: admin/crash shutdown,
+                // cannot connect now (starting up); 53: insufficient resources
+                // (too many connections, disk full, out of memory).
+                code.starts_with("08")
+                    || matches!(code.as_str(), "57P01" | "57P02" | "57P03")
+                    || code.starts_with("53")
+            }
+            WireError::Tls(_)
+            | WireError::Auth(_)
+            | WireError::NoPassword
+            | WireError::Protocol(_) => false,
+        }
+    }
+
+    pub(crate) fn protocol(msg: impl Into<String>) -> WireError {
+        WireError::Protocol(msg.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(code: &str) -> WireError {
+        WireError::Server {
+            severity: "FATAL".into(),
+            code: code.into(),
+            message: "m".into(),
+            detail: Some("Key (id)=(5) already exists".into()),
+            hint: None,
+        }
+    }
+
+    #[test]
+    fn transient_classification() {
+        for code in [
+            "08006", "08001", "57P01", "57P02", "57P03", "53300", "53100",
+        ] {
+            assert!(server(code).is_transient(), "{code}");
+        }
+        for code in ["28P01", "42501", "42704", "57014", "55000"] {
+            assert!(!server(code).is_transient(), "{code}");
+        }
+        assert!(WireError::Closed.is_transient());
+        assert!(WireError::Timeout.is_transient());
+        assert!(WireError::Io(std::io::Error::other("x")).is_transient());
+        assert!(!WireError::Auth("x".into()).is_transient());
+        assert!(!WireError::NoPassword.is_transient());
+        assert!(!WireError::Protocol("x".into()).is_transient());
+        assert!(!WireError::Tls("x".into()).is_transient());
+    }
+
+    #[test]
+    fn server_display_shows_code_message_hint_not_detail() {
+        let e = WireError::Server {
+            severity: "ERROR".into(),
+            code: "42704".into(),
+            message: "replication slot \"s\" does not exist".into(),
+            detail: Some("secret row data".into()),
+            hint: Some("create it".into()),
+        };
+        let text = e.to_string();
+        assert!(text.contains("42704"));
+        assert!(text.contains("does not exist"));
+        assert!(text.contains("hint: create it"));
+        assert!(!text.contains("secret row data"));
+        assert_eq!(e.sqlstate(), Some("42704"));
+        assert_eq!(WireError::Closed.sqlstate(), None);
+    }
+
+    #[test]
+    fn no_password_names_the_keys() {
+        let text = WireError::NoPassword.to_string();
+        assert!(text.contains("source.password_file"));
+        assert!(text.contains("source.password_env"));
+    }
+}
