@@ -423,7 +423,7 @@ entities = ["product", "nope"]
     assert!(!stderr.contains("hunter2"), "the password must not be echoed:\n{stderr}");
 
     let good = dir.path().join("good.toml");
-    std::fs::write(&good, steward::config::example()).unwrap();
+    std::fs::write(&good, steward::config::Config::example()).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
         .args(["check-config", "-c"])
         .arg(&good)

@@ -4,3 +4,6 @@
 
 pub mod cluster;
 pub mod receiver;
+
+pub use cluster::{DevCluster, DevClusterOptions, DevError};
+pub use receiver::Receiver;
