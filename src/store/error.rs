@@ -1,0 +1,165 @@
+//! Store errors, worded for the operator who reads them in the log: each
+//! names the state file and, where there is one, the fix.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "the state file {} is in use by another steward process; stop that process first, \
+         or give this one its own state.path",
+        .path.display()
+    )]
+    Locked { path: PathBuf },
+
+    #[error(
+        "the disk holding the state file {} is full: steward stops confirming to PostgreSQL \
+         (the server keeps the WAL meanwhile) until space is freed on that file system, then \
+         continues by itself",
+        .path.display()
+    )]
+    DiskFull { path: PathBuf },
+
+    #[error(
+        "cannot use the state file {}: {source}; check that its directory exists and is \
+         writable by the user steward runs as",
+        .path.display()
+    )]
+    Io { path: PathBuf, source: io::Error },
+
+    #[error(
+        "the state file {} is corrupted ({detail}); restore it from a backup, or move it aside \
+         so steward starts afresh (a fresh state re-delivers from the replication slot)",
+        .path.display()
+    )]
+    Corrupted { path: PathBuf, detail: String },
+
+    #[error(
+        "the state file {} has an on-disk format this steward cannot read ({detail}); run the \
+         steward version that wrote it, or move the file aside",
+        .path.display()
+    )]
+    Incompatible { path: PathBuf, detail: String },
+
+    #[error(
+        "cannot encode event {event_id} for target {target:?}: {detail}",
+    )]
+    Encode {
+        target: String,
+        event_id: String,
+        detail: String,
+    },
+
+    #[error(
+        "entry {seq} of target {target:?} in the state file {} cannot be decoded ({detail}); \
+         the file was written by an incompatible steward version or is corrupted",
+        .path.display()
+    )]
+    Decode {
+        path: PathBuf,
+        target: String,
+        seq: u64,
+        detail: String,
+    },
+
+    /// A redb failure that means a bug rather than a problem with the environment.
+    #[error("internal error on the state file {}: {detail}", .path.display())]
+    Internal { path: PathBuf, detail: String },
+}
+
+impl StoreError {
+    /// True when the store failed because its file system is out of space (or quota).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StoreError::DiskFull { .. })
+    }
+
+    /// True when redb's in-process state must be discarded (it refuses all further
+    /// I/O after one failed write) and the file reopened before the store is usable.
+    pub(crate) fn poisons_database(&self) -> bool {
+        matches!(self, StoreError::DiskFull { .. } | StoreError::Io { .. })
+    }
+
+    pub(crate) fn from_io(path: &Path, err: io::Error) -> StoreError {
+        if is_out_of_space(&err) {
+            StoreError::DiskFull {
+                path: path.to_path_buf(),
+            }
+        } else {
+            StoreError::Io {
+                path: path.to_path_buf(),
+                source: err,
+            }
+        }
+    }
+
+    /// Maps any redb error (they all convert into `redb::Error`).
+    pub(crate) fn from_redb(path: &Path, err: impl Into<redb::Error>) -> StoreError {
+        let path_buf = path.to_path_buf();
+        match err.into() {
+            redb::Error::DatabaseAlreadyOpen => StoreError::Locked { path: path_buf },
+            redb::Error::Io(e) => StoreError::from_io(path, e),
+            // redb refuses further I/O after a failed write; the failure itself was
+            // reported earlier, most likely as a full disk.
+            redb::Error::PreviousIo => StoreError::Io {
+                path: path_buf,
+                source: io::Error::other("an earlier write to the file failed"),
+            },
+            redb::Error::Corrupted(detail) => StoreError::Corrupted {
+                path: path_buf,
+                detail,
+            },
+            redb::Error::RepairAborted => StoreError::Corrupted {
+                path: path_buf,
+                detail: "repair after an unclean shutdown was aborted".into(),
+            },
+            redb::Error::UpgradeRequired(v) => StoreError::Incompatible {
+                path: path_buf,
+                detail: format!("redb file format {v} needs an upgrade"),
+            },
+            redb::Error::TableTypeMismatch { table, .. } => StoreError::Incompatible {
+                path: path_buf,
+                detail: format!("table {table:?} has an unexpected layout"),
+            },
+            other => StoreError::Internal {
+                path: path_buf,
+                detail: other.to_string(),
+            },
+        }
+    }
+}
+
+fn is_out_of_space(err: &io::Error) -> bool {
+    // ErrorKind::StorageFull / QuotaExceeded are newer than our minimum Rust version;
+    // the errno is what the kernel reports either way.
+    matches!(
+        err.raw_os_error(),
+        Some(code) if code == nix::errno::Errno::ENOSPC as i32 || code == nix::errno::Errno::EDQUOT as i32
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enospc_inside_redb_errors_is_disk_full() {
+        let path = Path::new("/var/lib/steward/state.redb");
+        let enospc = || io::Error::from_raw_os_error(nix::errno::Errno::ENOSPC as i32);
+        let e = StoreError::from_redb(path, redb::StorageError::Io(enospc()));
+        assert!(e.is_disk_full(), "{e}");
+        assert!(e.to_string().contains("until space is freed"));
+        let e = StoreError::from_redb(path, redb::CommitError::Storage(redb::StorageError::Io(enospc())));
+        assert!(e.is_disk_full());
+        let e = StoreError::from_redb(path, redb::StorageError::Io(io::Error::other("boom")));
+        assert!(!e.is_disk_full());
+        assert!(e.poisons_database());
+    }
+
+    #[test]
+    fn already_open_is_locked() {
+        let e = StoreError::from_redb(Path::new("s.redb"), redb::DatabaseError::DatabaseAlreadyOpen);
+        assert!(matches!(e, StoreError::Locked { .. }));
+        assert!(e.to_string().contains("another steward process"));
+    }
+}

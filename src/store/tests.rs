@@ -1,0 +1,349 @@
+//! Store tests: round trips, persistence, isolation between targets, exact
+//! numbers, a simulated full disk, and commit timing.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::*;
+use crate::model::EventOp;
+
+fn event(n: u64, data: serde_json::Value) -> Event {
+    Event {
+        id: Event::source_id(Lsn(0x1000 + n), n as u32),
+        entity: "product".into(),
+        key: n.to_string(),
+        op: EventOp::Upsert,
+        version: 0x1000 + n,
+        time: "2024-05-01T12:00:00.000Z".into(),
+        data,
+    }
+}
+
+fn sample(n: u64) -> Event {
+    event(n, serde_json::json!({ "id": n, "name": format!("Product {n}"), "active": true }))
+}
+
+fn temp() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state").join("steward.redb");
+    (dir, path)
+}
+
+fn commit_n(store: &Store, lsn: u64, target: &str, range: std::ops::Range<u64>) -> Vec<(String, u64)> {
+    let events: Vec<Event> = range.map(sample).collect();
+    let appends: Vec<(&str, &Event)> = events.iter().map(|e| (target, e)).collect();
+    store.commit(Lsn(lsn), &appends).unwrap()
+}
+
+#[test]
+fn commit_read_ack_backlog_round_trip() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.checkpoint().unwrap(), None);
+    assert_eq!(store.backlog("wms").unwrap(), 0);
+    assert!(store.read_outbox("wms", None, 10).unwrap().is_empty());
+    assert_eq!(store.oldest_pending("wms").unwrap(), None);
+
+    let last = commit_n(&store, 100, "wms", 1..4);
+    assert_eq!(last, vec![("wms".to_string(), 3)]);
+    assert_eq!(store.checkpoint().unwrap(), Some(Lsn(100)));
+    assert_eq!(store.backlog("wms").unwrap(), 3);
+
+    let read = store.read_outbox("wms", None, 10).unwrap();
+    assert_eq!(read.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(read[0].1, sample(1));
+    assert_eq!(read[2].1, sample(3));
+
+    store.ack("wms", 2, 2).unwrap();
+    assert_eq!(store.backlog("wms").unwrap(), 1);
+    assert_eq!(store.oldest_pending("wms").unwrap(), Some((3, sample(3))));
+    let stats = store.target_stats("wms").unwrap();
+    assert_eq!(stats.backlog, 1);
+    assert_eq!(stats.delivered_total, 2);
+    assert_eq!(stats.last_delivered_seq, Some(2));
+    assert_eq!(stats.last_appended_seq, 3);
+    let at = stats.last_delivered_at.expect("delivery time");
+    assert!(chrono::DateTime::parse_from_rfc3339(&at).is_ok(), "{at}");
+
+    // Sequence numbers continue after an emptied outbox; they are never reused.
+    store.ack("wms", 3, 1).unwrap();
+    assert_eq!(store.backlog("wms").unwrap(), 0);
+    let last = commit_n(&store, 200, "wms", 4..5);
+    assert_eq!(last, vec![("wms".to_string(), 4)]);
+    assert_eq!(store.read_outbox("wms", None, 10).unwrap()[0].0, 4);
+    assert!(store.file_size() > 0);
+}
+
+#[test]
+fn outbox_is_in_sequence_order_and_pages_by_after_and_max() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    commit_n(&store, 1, "t", 0..300);
+    commit_n(&store, 2, "t", 300..600);
+    let mut after = None;
+    let mut seen = Vec::new();
+    loop {
+        let page = store.read_outbox("t", after, 64).unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 64);
+        after = Some(page.last().unwrap().0);
+        seen.extend(page);
+    }
+    assert_eq!(seen.len(), 600);
+    for (i, (seq, ev)) in seen.iter().enumerate() {
+        assert_eq!(*seq, i as u64 + 1);
+        assert_eq!(ev.key, i.to_string());
+    }
+    assert!(store.read_outbox("t", Some(u64::MAX), 10).unwrap().is_empty());
+    assert!(store.read_outbox("t", None, 0).unwrap().is_empty());
+}
+
+#[test]
+fn targets_are_independent() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let events: Vec<Event> = (0..6).map(sample).collect();
+    // Interleaved, as the pipeline produces them: each event goes to both targets.
+    let appends: Vec<(&str, &Event)> = events.iter().flat_map(|e| [("a", e), ("b", e)]).collect();
+    let mut last = store.commit(Lsn(10), &appends).unwrap();
+    last.sort();
+    assert_eq!(last, vec![("a".to_string(), 6), ("b".to_string(), 6)]);
+
+    store.ack("a", 6, 6).unwrap();
+    store.set_target_error("b", Some("HTTP 503 from https://b.example/: busy")).unwrap();
+    assert_eq!(store.backlog("a").unwrap(), 0);
+    assert_eq!(store.backlog("b").unwrap(), 6);
+    assert_eq!(store.read_outbox("b", None, 100).unwrap().len(), 6);
+    assert_eq!(store.target_stats("a").unwrap().last_error, None);
+    assert_eq!(
+        store.target_stats("b").unwrap().last_error.as_deref(),
+        Some("HTTP 503 from https://b.example/: busy")
+    );
+    assert_eq!(store.target_stats("b").unwrap().delivered_total, 0);
+    assert_eq!(store.targets().unwrap(), vec!["a".to_string(), "b".to_string()]);
+
+    // A successful delivery clears the error; so does set_target_error(None).
+    store.ack("b", 1, 1).unwrap();
+    assert_eq!(store.target_stats("b").unwrap().last_error, None);
+    store.set_target_error("c", Some("x")).unwrap();
+    store.set_target_error("c", None).unwrap();
+    assert_eq!(store.target_stats("c").unwrap().last_error, None);
+    assert_eq!(store.targets().unwrap().len(), 3);
+}
+
+#[test]
+fn checkpoint_outbox_and_meta_persist_across_reopen() {
+    let (_dir, path) = temp();
+    {
+        let store = Store::open(&path).unwrap();
+        commit_n(&store, 0x16B3748, "wms", 0..5);
+        store.set_meta("system_id", "7312345678901234567").unwrap();
+        store.set_meta("slot", "steward").unwrap();
+        // The checkpoint never moves backwards.
+        store.commit(Lsn(5), &[]).unwrap();
+        assert_eq!(store.checkpoint().unwrap(), Some(Lsn(0x16B3748)));
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.checkpoint().unwrap(), Some(Lsn(0x16B3748)));
+    assert_eq!(store.backlog("wms").unwrap(), 5);
+    assert_eq!(store.read_outbox("wms", None, 10).unwrap().len(), 5);
+    assert_eq!(store.get_meta("system_id").unwrap().as_deref(), Some("7312345678901234567"));
+    assert_eq!(store.get_meta("slot").unwrap().as_deref(), Some("steward"));
+    assert_eq!(store.get_meta("database").unwrap(), None);
+}
+
+/// redb takes an exclusive `flock` on its own open file description, so a
+/// second open conflicts even inside the same process; no child process needed.
+#[test]
+fn second_open_is_locked_with_a_clear_message() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let err = Store::open(&path).unwrap_err();
+    assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("another steward process"), "{msg}");
+    assert!(msg.contains("steward.redb"), "{msg}");
+    drop(store);
+    Store::open(&path).unwrap();
+}
+
+#[test]
+fn numbers_round_trip_exactly() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let text = r#"{"price":123.4500,"big":123456789012345678901234567890,"tiny":1e-400,"neg":-0.0,"s":"ü\u0000\"","n":null,"nested":{"a":[1.10,2]}}"#;
+    let data: serde_json::Value = serde_json::from_str(text).unwrap();
+    let ev = event(1, data);
+    store.commit(Lsn(1), &[("t", &ev)]).unwrap();
+    let (_, back) = store.oldest_pending("t").unwrap().unwrap();
+    assert_eq!(back, ev);
+    let out = serde_json::to_string(&back.data).unwrap();
+    assert!(out.contains("123.4500"), "{out}");
+    assert!(out.contains("123456789012345678901234567890"), "{out}");
+    assert!(out.contains("1e-400"), "{out}");
+    assert!(out.contains("1.10"), "{out}");
+}
+
+#[test]
+fn unusual_target_names_stay_apart() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let e = sample(1);
+    store.commit(Lsn(1), &[("a:b", &e), ("a", &e), ("", &e), ("ü/ü", &e)]).unwrap();
+    for t in ["a:b", "a", "", "ü/ü"] {
+        assert_eq!(store.backlog(t).unwrap(), 1, "{t:?}");
+    }
+    assert_eq!(store.backlog("b").unwrap(), 0);
+}
+
+#[test]
+fn long_errors_are_cut_at_a_character_boundary() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let long = "é".repeat(5000);
+    store.set_target_error("t", Some(&long)).unwrap();
+    let kept = store.target_stats("t").unwrap().last_error.unwrap();
+    assert!(kept.len() <= MAX_ERROR_BYTES && !kept.is_empty());
+}
+
+#[test]
+fn many_lazy_acks_keep_the_file_bounded() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    commit_n(&store, 1, "t", 0..5000);
+    let size_before = store.file_size();
+    for seq in 1..=5000 {
+        store.ack("t", seq, 1).unwrap();
+    }
+    assert_eq!(store.backlog("t").unwrap(), 0);
+    let size_after = store.file_size();
+    println!("file size: {size_before} after commit, {size_after} after 5000 acks");
+    assert!(size_after < size_before * 4 + 16 * 1024 * 1024, "{size_before} -> {size_after}");
+}
+
+#[test]
+fn commit_of_20000_events_timing() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let events: Vec<Event> = (0..20_000)
+        .map(|n| {
+            event(
+                n,
+                serde_json::json!({
+                    "id": n, "default_code": format!("SKU-{n:06}"), "name": format!("Product number {n}"),
+                    "list_price": "123.4500".parse::<serde_json::Number>().unwrap(),
+                    "active": true, "categ_id": 12, "uom": "Units", "barcode": format!("{:013}", n * 7919),
+                }),
+            )
+        })
+        .collect();
+    let appends: Vec<(&str, &Event)> = events.iter().map(|e| ("wms", e)).collect();
+    let appends2: Vec<(&str, &Event)> = events.iter().map(|e| ("erp", e)).collect();
+    // Warm-up commit so the timing below is of a steady state, not file creation.
+    store.commit(Lsn(1), &appends[..100]).unwrap();
+    let start = Instant::now();
+    store.commit(Lsn(2), &appends).unwrap();
+    let one = start.elapsed();
+    let start = Instant::now();
+    store.commit(Lsn(3), &appends2).unwrap();
+    let two = start.elapsed();
+    println!("commit of 20000 events: {one:?} (first), {two:?} (second target); file {} bytes", store.file_size());
+    let start = Instant::now();
+    let read = store.read_outbox("wms", None, 20_000).unwrap();
+    println!("read_outbox of {} events: {:?}", read.len(), start.elapsed());
+    let start = Instant::now();
+    store.ack("wms", 20_100, 20_100).unwrap();
+    println!("ack of 20100 events: {:?}", start.elapsed());
+    assert_eq!(store.backlog("wms").unwrap(), 0);
+    assert_eq!(store.backlog("erp").unwrap(), 20_000);
+}
+
+/// A file backend whose writes fail with ENOSPC while `full` is set.
+#[derive(Debug)]
+struct FillableDisk {
+    file: redb::backends::FileBackend,
+    full: Arc<AtomicBool>,
+}
+
+impl FillableDisk {
+    fn check(&self) -> io::Result<()> {
+        if self.full.load(Ordering::SeqCst) {
+            Err(io::Error::from_raw_os_error(nix::errno::Errno::ENOSPC as i32))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl redb::StorageBackend for FillableDisk {
+    fn len(&self) -> io::Result<u64> {
+        self.file.len()
+    }
+    fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        self.file.read(offset, len)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.check()?;
+        self.file.set_len(len)
+    }
+    fn sync_data(&self, eventual: bool) -> io::Result<()> {
+        self.check()?;
+        self.file.sync_data(eventual)
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.check()?;
+        self.file.write(offset, data)
+    }
+}
+
+#[test]
+fn full_disk_is_reported_and_recovered_from_once_space_is_freed() {
+    let (_dir, path) = temp();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let full = Arc::new(AtomicBool::new(false));
+    let (file_path, flag) = (path.clone(), full.clone());
+    let store = Store::open_with(
+        &path,
+        Box::new(move || {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&file_path)?;
+            let backend = FillableDisk {
+                file: redb::backends::FileBackend::new(file)?,
+                full: flag.clone(),
+            };
+            redb::Builder::new().create_with_backend(backend)
+        }),
+    )
+    .unwrap();
+    commit_n(&store, 10, "t", 0..3);
+
+    full.store(true, Ordering::SeqCst);
+    let events: Vec<Event> = (3..5).map(sample).collect();
+    let appends: Vec<(&str, &Event)> = events.iter().map(|e| ("t", e)).collect();
+    let err = store.commit(Lsn(20), &appends).unwrap_err();
+    assert!(err.is_disk_full(), "{err:?}");
+    assert!(err.to_string().contains("until space is freed"), "{err}");
+    // Still full: the retry fails the same way (the reopen itself may be what fails).
+    let err = store.commit(Lsn(20), &appends).unwrap_err();
+    assert!(err.is_disk_full() || matches!(err, StoreError::Io { .. }), "{err:?}");
+
+    full.store(false, Ordering::SeqCst);
+    let last = store.commit(Lsn(20), &appends).unwrap();
+    assert_eq!(last, vec![("t".to_string(), 5)]);
+    assert_eq!(store.checkpoint().unwrap(), Some(Lsn(20)));
+    let keys: Vec<String> = store
+        .read_outbox("t", None, 10)
+        .unwrap()
+        .into_iter()
+        .map(|(_, e)| e.key)
+        .collect();
+    assert_eq!(keys, ["0", "1", "2", "3", "4"]);
+}
