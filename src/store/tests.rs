@@ -347,3 +347,50 @@ fn full_disk_is_reported_and_recovered_from_once_space_is_freed() {
         .collect();
     assert_eq!(keys, ["0", "1", "2", "3", "4"]);
 }
+
+
+#[test]
+fn partly_acknowledged_chunks_are_skipped_by_readers() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    // 3000 small events in one commit: several chunks (CHUNK_MAX_EVENTS / CHUNK_MAX_BYTES).
+    commit_n(&store, 1, "t", 0..3000);
+    for up_to in [1u64, 7, 1023, 1024, 1025, 2047, 2999] {
+        store.ack("t", up_to, 1).unwrap();
+        assert_eq!(store.backlog("t").unwrap(), 3000 - up_to);
+        let (seq, ev) = store.oldest_pending("t").unwrap().unwrap();
+        assert_eq!(seq, up_to + 1);
+        assert_eq!(ev.key, up_to.to_string());
+        // Even a reader starting before the acknowledged point only sees pending entries.
+        let page = store.read_outbox("t", None, 5).unwrap();
+        assert_eq!(page[0].0, up_to + 1);
+        let page = store.read_outbox("t", Some(up_to.saturating_sub(3)), 2).unwrap();
+        assert_eq!(page.iter().map(|p| p.0).collect::<Vec<_>>().first(), Some(&(up_to + 1)));
+    }
+    // Acknowledging past the end does not swallow later appends.
+    store.ack("t", 10_000, 1).unwrap();
+    assert_eq!(store.backlog("t").unwrap(), 0);
+    assert_eq!(store.oldest_pending("t").unwrap(), None);
+    commit_n(&store, 2, "t", 3000..3002);
+    assert_eq!(store.backlog("t").unwrap(), 2);
+    let page = store.read_outbox("t", None, 10).unwrap();
+    assert_eq!(page.iter().map(|p| p.0).collect::<Vec<_>>(), vec![3001, 3002]);
+    assert_eq!(store.target_stats("t").unwrap().last_delivered_seq, Some(3000));
+}
+
+#[test]
+fn events_larger_than_a_chunk_are_stored_alone() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let big = event(1, serde_json::json!({ "blob": "x".repeat(CHUNK_MAX_BYTES * 2) }));
+    let small = sample(2);
+    store
+        .commit(Lsn(1), &[("t", &small), ("t", &big), ("t", &small), ("t", &big)])
+        .unwrap();
+    let page = store.read_outbox("t", None, 10).unwrap();
+    assert_eq!(page.len(), 4);
+    assert_eq!(page[1].1, big);
+    assert_eq!(page[2].1, small);
+    store.ack("t", 2, 2).unwrap();
+    assert_eq!(store.read_outbox("t", None, 10).unwrap()[0], (3, small));
+}
