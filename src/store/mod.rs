@@ -432,7 +432,9 @@ impl Store {
     ) -> Result<T, StoreError> {
         let path = self.path();
         self.with_db(|db| {
-            let txn = db.begin_read().map_err(|e| StoreError::from_redb(path, e))?;
+            let txn = db
+                .begin_read()
+                .map_err(|e| StoreError::from_redb(path, e))?;
             f(&txn).map_err(|e| e.into_store_error(path))
         })
     }
@@ -444,7 +446,9 @@ impl Store {
     ) -> Result<T, StoreError> {
         let path = self.path();
         self.with_db(|db| {
-            let mut txn = db.begin_write().map_err(|e| StoreError::from_redb(path, e))?;
+            let mut txn = db
+                .begin_write()
+                .map_err(|e| StoreError::from_redb(path, e))?;
             txn.set_durability(durability);
             // On error the transaction is dropped, which aborts it: nothing is half-written.
             let out = f(&txn).map_err(|e| e.into_store_error(path))?;
@@ -481,7 +485,11 @@ impl Store {
     /// Replaces the redb handle after a failed write. The old handle must be
     /// dropped first: it holds the file lock the new one needs.
     fn reopen(&self) -> Result<(), StoreError> {
-        let mut guard = self.inner.db.write().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self
+            .inner
+            .db
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         if !self.inner.needs_reopen.load(Ordering::Acquire) {
             return Ok(()); // another thread got there first
         }
@@ -497,7 +505,8 @@ impl Store {
 /// The error type inside transaction closures: `?` works on redb errors there
 /// and the file's path is added once, by [`Store::read`] / [`Store::write`].
 enum TxnError {
-    Redb(redb::Error),
+    /// Boxed: `redb::Error` is large and this travels through every `?`.
+    Redb(Box<redb::Error>),
     Corrupt(String),
     Store(StoreError),
 }
@@ -506,7 +515,7 @@ macro_rules! txn_error_from_redb {
     ($($t:ty),*) => {$(
         impl From<$t> for TxnError {
             fn from(e: $t) -> Self {
-                TxnError::Redb(e.into())
+                TxnError::Redb(Box::new(e.into()))
             }
         }
     )*};
@@ -527,7 +536,7 @@ impl From<StoreError> for TxnError {
 impl TxnError {
     fn into_store_error(self, path: &Path) -> StoreError {
         match self {
-            TxnError::Redb(e) => StoreError::from_redb(path, e),
+            TxnError::Redb(e) => StoreError::from_redb(path, *e),
             TxnError::Corrupt(detail) => StoreError::Corrupted {
                 path: path.to_path_buf(),
                 detail,

@@ -45,7 +45,10 @@ pub(crate) const CHUNK_MAX_EVENTS: usize = 1024;
 /// Appends a chunk of `events` (each already encoded) to `out`:
 /// `count: u32 LE`, then `count` end offsets (`u32 LE`, relative to the
 /// payload start), then the payloads back to back.
-pub(crate) fn encode_chunk<'a>(events: impl ExactSizeIterator<Item = &'a [u8]> + Clone, out: &mut Vec<u8>) {
+pub(crate) fn encode_chunk<'a>(
+    events: impl ExactSizeIterator<Item = &'a [u8]> + Clone,
+    out: &mut Vec<u8>,
+) {
     out.extend_from_slice(&(events.len() as u32).to_le_bytes());
     let mut end = 0u32;
     for e in events.clone() {
@@ -72,7 +75,12 @@ pub(crate) fn chunk_events(chunk: &[u8]) -> Result<Vec<&[u8]>, String> {
         .checked_mul(4)
         .and_then(|n| n.checked_add(4))
         .filter(|&n| n <= chunk.len())
-        .ok_or_else(|| format!("outbox chunk claims {count} events but has {} bytes", chunk.len()))?;
+        .ok_or_else(|| {
+            format!(
+                "outbox chunk claims {count} events but has {} bytes",
+                chunk.len()
+            )
+        })?;
     let payload = &chunk[payload_start..];
     let mut out = Vec::with_capacity(count);
     let mut start = 0usize;
