@@ -9,13 +9,16 @@
 //! checkpoint and none of the batch's events, or the new checkpoint and all of
 //! them. The daemon confirms to PostgreSQL only a checkpoint read back from
 //! here, so every confirmed LSN has its events on disk; anything after it is
-//! re-sent by the server and re-appended (events carry deterministic ids, so a
-//! re-append after a crash between our commit and the status update produces
-//! duplicates a target can drop, never gaps).
+//! re-sent by the server and appended again. After a crash between our commit
+//! and the next status update the server also re-sends transactions already
+//! stored: the daemon skips those whose end LSN is at or below
+//! [`Store::checkpoint`] (were one re-appended, its events would carry the
+//! same deterministic ids, so targets would see duplicates, never gaps).
 //!
-//! Per-target counters (last sequence handed out, backlog, delivered totals)
-//! live in the same transactions as the outbox changes they describe, so they
-//! can never disagree with the outbox, even after a crash.
+//! Per-target bookkeeping (last sequence handed out, last acknowledged one,
+//! hence the backlog, and delivered totals) lives in the same transactions as
+//! the outbox changes it describes, so it never disagrees with the outbox,
+//! even after a crash.
 //!
 //! Acknowledgements ([`Store::ack`]) and error notes are committed with
 //! `Durability::None`: losing them in a crash only re-delivers a batch, which
