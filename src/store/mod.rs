@@ -24,7 +24,7 @@
 //! `Durability::None`: losing them in a crash only re-delivers a batch, which
 //! targets de-duplicate by event id. Every later durable commit persists them
 //! too. Because redb frees pages only on durable commits, every
-//! [`LAZY_COMMITS_PER_DURABLE`]th lazy commit is made durable, so draining a
+//! 64th lazy commit (`LAZY_COMMITS_PER_DURABLE`) is made durable, so draining a
 //! large backlog while the source is idle cannot grow the file without bound.
 //!
 //! redb refuses all further I/O once a write failed (e.g. a full disk). The
