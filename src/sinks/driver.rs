@@ -48,7 +48,7 @@ pub struct DeliveryError {
     /// False when retrying as-is cannot help (e.g. HTTP 400): the batch is still
     /// retried, since events are never skipped, but slowly and logged as an error.
     pub retryable: bool,
-    /// Operator-readable, e.g. "HTTP 503 from https://...: <body excerpt>". Never secrets.
+    /// Operator-readable, e.g. `HTTP 503 from https://...: <body excerpt>`. Never secrets.
     pub message: String,
     /// The target's own wish, e.g. from a `Retry-After` header.
     pub retry_after: Option<Duration>,
