@@ -42,9 +42,7 @@ pub enum StoreError {
     )]
     Incompatible { path: PathBuf, detail: String },
 
-    #[error(
-        "cannot encode event {event_id} for target {target:?}: {detail}",
-    )]
+    #[error("cannot encode event {event_id} for target {target:?}: {detail}")]
     Encode {
         target: String,
         event_id: String,
@@ -72,6 +70,13 @@ impl StoreError {
     /// True when the store failed because its file system is out of space (or quota).
     pub fn is_disk_full(&self) -> bool {
         matches!(self, StoreError::DiskFull { .. })
+    }
+
+    /// True for failures of the environment that may go away by themselves
+    /// (a full disk, an I/O error): worth retrying after a pause, unlike
+    /// corruption or an incompatible file.
+    pub fn is_transient(&self) -> bool {
+        self.poisons_database()
     }
 
     /// True when redb's in-process state must be discarded (it refuses all further
@@ -149,7 +154,10 @@ mod tests {
         let e = StoreError::from_redb(path, redb::StorageError::Io(enospc()));
         assert!(e.is_disk_full(), "{e}");
         assert!(e.to_string().contains("until space is freed"));
-        let e = StoreError::from_redb(path, redb::CommitError::Storage(redb::StorageError::Io(enospc())));
+        let e = StoreError::from_redb(
+            path,
+            redb::CommitError::Storage(redb::StorageError::Io(enospc())),
+        );
         assert!(e.is_disk_full());
         let e = StoreError::from_redb(path, redb::StorageError::Io(io::Error::other("boom")));
         assert!(!e.is_disk_full());
@@ -158,7 +166,10 @@ mod tests {
 
     #[test]
     fn already_open_is_locked() {
-        let e = StoreError::from_redb(Path::new("s.redb"), redb::DatabaseError::DatabaseAlreadyOpen);
+        let e = StoreError::from_redb(
+            Path::new("s.redb"),
+            redb::DatabaseError::DatabaseAlreadyOpen,
+        );
         assert!(matches!(e, StoreError::Locked { .. }));
         assert!(e.to_string().contains("another steward process"));
     }

@@ -9,19 +9,22 @@
 //! checkpoint and none of the batch's events, or the new checkpoint and all of
 //! them. The daemon confirms to PostgreSQL only a checkpoint read back from
 //! here, so every confirmed LSN has its events on disk; anything after it is
-//! re-sent by the server and re-appended (events carry deterministic ids, so a
-//! re-append after a crash between our commit and the status update produces
-//! duplicates a target can drop, never gaps).
+//! re-sent by the server and appended again. After a crash between our commit
+//! and the next status update the server also re-sends transactions already
+//! stored: the daemon skips those whose end LSN is at or below
+//! [`Store::checkpoint`] (were one re-appended, its events would carry the
+//! same deterministic ids, so targets would see duplicates, never gaps).
 //!
-//! Per-target counters (last sequence handed out, backlog, delivered totals)
-//! live in the same transactions as the outbox changes they describe, so they
-//! can never disagree with the outbox, even after a crash.
+//! Per-target bookkeeping (last sequence handed out, last acknowledged one,
+//! hence the backlog, and delivered totals) lives in the same transactions as
+//! the outbox changes it describes, so it never disagrees with the outbox,
+//! even after a crash.
 //!
 //! Acknowledgements ([`Store::ack`]) and error notes are committed with
 //! `Durability::None`: losing them in a crash only re-delivers a batch, which
 //! targets de-duplicate by event id. Every later durable commit persists them
 //! too. Because redb frees pages only on durable commits, every
-//! [`LAZY_COMMITS_PER_DURABLE`]th lazy commit is made durable, so draining a
+//! 64th lazy commit (`LAZY_COMMITS_PER_DURABLE`) is made durable, so draining a
 //! large backlog while the source is idle cannot grow the file without bound.
 //!
 //! redb refuses all further I/O once a write failed (e.g. a full disk). The
@@ -33,7 +36,6 @@ mod tables;
 
 pub use error::StoreError;
 
-use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -43,7 +45,8 @@ use serde::Serialize;
 
 use crate::model::{Event, Lsn};
 use tables::{
-    outbox_table, outbox_table_name, TargetState, CHECKPOINT_KEY, COUNTERS, META, TARGETS,
+    chunk_events, chunk_len, encode_chunk, outbox_table, outbox_table_name, TargetState,
+    CHECKPOINT_KEY, CHUNK_MAX_BYTES, CHUNK_MAX_EVENTS, COUNTERS, META, TARGETS,
 };
 
 /// redb's page cache. Its default (1 GiB) is far more than steward's access
@@ -189,18 +192,44 @@ impl Store {
             }
         }
 
+        // Cut each target's run into chunks (see `tables`), again before the writer lock.
+        let mut chunks: Vec<Vec<u8>> = Vec::new();
+        let mut per_target: Vec<(&str, std::ops::Range<usize>)> = Vec::new();
+        for (target, entries) in &groups {
+            let first_chunk = chunks.len();
+            let mut rest = entries.as_slice();
+            while !rest.is_empty() {
+                let mut n = 0;
+                let mut bytes = 0;
+                while n < rest.len() && n < CHUNK_MAX_EVENTS {
+                    let (start, end) = rest[n];
+                    let next = end - start + 4;
+                    if n > 0 && bytes + next > CHUNK_MAX_BYTES {
+                        break;
+                    }
+                    bytes += next;
+                    n += 1;
+                }
+                let mut chunk = Vec::with_capacity(bytes + 4);
+                encode_chunk(rest[..n].iter().map(|&(s, e)| &buf[s..e]), &mut chunk);
+                chunks.push(chunk);
+                rest = &rest[n..];
+            }
+            per_target.push((target, first_chunk..chunks.len()));
+        }
+
         let result = self.write(Durability::Immediate, |txn| {
-            let mut out = Vec::with_capacity(groups.len());
+            let mut out = Vec::with_capacity(per_target.len());
             let mut targets = txn.open_table(TARGETS)?;
-            for (target, entries) in &groups {
+            for (target, chunk_range) in &per_target {
                 let mut state = load_state(&targets, target)?;
                 let name = outbox_table_name(target);
                 let mut outbox = txn.open_table(outbox_table(&name))?;
-                for &(start, end) in entries {
-                    state.last_seq += 1;
-                    outbox.insert(state.last_seq, &buf[start..end])?;
+                for chunk in &chunks[chunk_range.clone()] {
+                    let first_seq = state.last_seq + 1;
+                    outbox.insert(first_seq, chunk.as_slice())?;
+                    state.last_seq += chunk_len(chunk).map_err(TxnError::Corrupt)?;
                 }
-                state.backlog += entries.len() as u64;
                 targets.insert(*target, state.encode().as_slice())?;
                 out.push((target.to_string(), state.last_seq));
             }
@@ -227,20 +256,44 @@ impl Store {
         if max == 0 {
             return Ok(Vec::new());
         }
+        let Some(after_plus_one) = after.map_or(Some(1), |a| a.checked_add(1)) else {
+            return Ok(Vec::new());
+        };
         let path = self.path();
         self.read(|txn| {
+            let state = load_state(&txn.open_table(TARGETS)?, target)?;
+            // The first chunk may still hold entries acknowledged already.
+            let start = after_plus_one.max(state.last_delivered_seq + 1);
+            if start > state.last_seq {
+                return Ok(Vec::new());
+            }
             let name = outbox_table_name(target);
             let outbox = match txn.open_table(outbox_table(&name)) {
                 Ok(t) => t,
                 Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
                 Err(e) => return Err(e.into()),
             };
-            let lower = after.map_or(Bound::Unbounded, Bound::Excluded);
+            // The chunk holding `start` is keyed by its first seq, at or below `start`.
+            let floor = match outbox.range(..=start)?.next_back() {
+                Some(item) => item?.0.value(),
+                None => start,
+            };
             let mut out = Vec::with_capacity(max.min(4096));
-            for item in outbox.range::<u64>((lower, Bound::Unbounded))?.take(max) {
-                let (seq, bytes) = item?;
-                let seq = seq.value();
-                out.push((seq, decode_event(path, target, seq, bytes.value())?));
+            for item in outbox.range(floor..)? {
+                let (first, chunk) = item?;
+                let first = first.value();
+                let events = chunk_events(chunk.value()).map_err(|detail| {
+                    TxnError::Corrupt(format!("outbox of target {target:?} at {first}: {detail}"))
+                })?;
+                for (seq, bytes) in (first..).zip(events) {
+                    if seq < start {
+                        continue;
+                    }
+                    out.push((seq, decode_event(path, target, seq, bytes)?));
+                    if out.len() == max {
+                        return Ok(out);
+                    }
+                }
             }
             Ok(out)
         })
@@ -257,14 +310,25 @@ impl Store {
             let mut state = load_state(&targets, target)?;
             let name = outbox_table_name(target);
             let mut outbox = txn.open_table(outbox_table(&name))?;
-            let mut removed = 0u64;
-            outbox.retain_in(..=up_to, |_, _| {
-                removed += 1;
-                false
-            })?;
-            state.backlog = state.backlog.saturating_sub(removed);
+            // Never past the last appended entry: acknowledging beyond it must
+            // not make later appends look delivered.
+            let acked = up_to.min(state.last_seq).max(state.last_delivered_seq);
+            // Whole chunks go; a partly acknowledged one stays until its last entry is.
+            let mut done = Vec::new();
+            for item in outbox.range(..=acked)? {
+                let (first, chunk) = item?;
+                let first = first.value();
+                let len = chunk_len(chunk.value()).map_err(TxnError::Corrupt)?;
+                if first.saturating_add(len).saturating_sub(1) > acked {
+                    break;
+                }
+                done.push(first);
+            }
+            for first in done {
+                outbox.remove(first)?;
+            }
             state.delivered_total = state.delivered_total.saturating_add(delivered);
-            state.last_delivered_seq = state.last_delivered_seq.max(up_to);
+            state.last_delivered_seq = acked;
             state.last_delivered_at_micros = Some(now);
             state.last_error = None;
             targets.insert(target, state.encode().as_slice())?;
@@ -276,7 +340,7 @@ impl Store {
     pub fn backlog(&self, target: &str) -> Result<u64, StoreError> {
         self.read(|txn| {
             let targets = txn.open_table(TARGETS)?;
-            Ok(load_state(&targets, target)?.backlog)
+            Ok(load_state(&targets, target)?.backlog())
         })
     }
 
@@ -291,7 +355,7 @@ impl Store {
             load_state(&targets, target)
         })?;
         Ok(TargetStats {
-            backlog: state.backlog,
+            backlog: state.backlog(),
             delivered_total: state.delivered_total,
             last_appended_seq: state.last_seq,
             last_delivered_seq: (state.last_delivered_seq > 0).then_some(state.last_delivered_seq),
@@ -371,7 +435,9 @@ impl Store {
     ) -> Result<T, StoreError> {
         let path = self.path();
         self.with_db(|db| {
-            let txn = db.begin_read().map_err(|e| StoreError::from_redb(path, e))?;
+            let txn = db
+                .begin_read()
+                .map_err(|e| StoreError::from_redb(path, e))?;
             f(&txn).map_err(|e| e.into_store_error(path))
         })
     }
@@ -383,7 +449,9 @@ impl Store {
     ) -> Result<T, StoreError> {
         let path = self.path();
         self.with_db(|db| {
-            let mut txn = db.begin_write().map_err(|e| StoreError::from_redb(path, e))?;
+            let mut txn = db
+                .begin_write()
+                .map_err(|e| StoreError::from_redb(path, e))?;
             txn.set_durability(durability);
             // On error the transaction is dropped, which aborts it: nothing is half-written.
             let out = f(&txn).map_err(|e| e.into_store_error(path))?;
@@ -420,7 +488,11 @@ impl Store {
     /// Replaces the redb handle after a failed write. The old handle must be
     /// dropped first: it holds the file lock the new one needs.
     fn reopen(&self) -> Result<(), StoreError> {
-        let mut guard = self.inner.db.write().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = self
+            .inner
+            .db
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
         if !self.inner.needs_reopen.load(Ordering::Acquire) {
             return Ok(()); // another thread got there first
         }
@@ -436,7 +508,8 @@ impl Store {
 /// The error type inside transaction closures: `?` works on redb errors there
 /// and the file's path is added once, by [`Store::read`] / [`Store::write`].
 enum TxnError {
-    Redb(redb::Error),
+    /// Boxed: `redb::Error` is large and this travels through every `?`.
+    Redb(Box<redb::Error>),
     Corrupt(String),
     Store(StoreError),
 }
@@ -445,7 +518,7 @@ macro_rules! txn_error_from_redb {
     ($($t:ty),*) => {$(
         impl From<$t> for TxnError {
             fn from(e: $t) -> Self {
-                TxnError::Redb(e.into())
+                TxnError::Redb(Box::new(e.into()))
             }
         }
     )*};
@@ -466,7 +539,7 @@ impl From<StoreError> for TxnError {
 impl TxnError {
     fn into_store_error(self, path: &Path) -> StoreError {
         match self {
-            TxnError::Redb(e) => StoreError::from_redb(path, e),
+            TxnError::Redb(e) => StoreError::from_redb(path, *e),
             TxnError::Corrupt(detail) => StoreError::Corrupted {
                 path: path.to_path_buf(),
                 detail,

@@ -22,7 +22,10 @@ fn event(n: u64, data: serde_json::Value) -> Event {
 }
 
 fn sample(n: u64) -> Event {
-    event(n, serde_json::json!({ "id": n, "name": format!("Product {n}"), "active": true }))
+    event(
+        n,
+        serde_json::json!({ "id": n, "name": format!("Product {n}"), "active": true }),
+    )
 }
 
 fn temp() -> (tempfile::TempDir, PathBuf) {
@@ -31,7 +34,12 @@ fn temp() -> (tempfile::TempDir, PathBuf) {
     (dir, path)
 }
 
-fn commit_n(store: &Store, lsn: u64, target: &str, range: std::ops::Range<u64>) -> Vec<(String, u64)> {
+fn commit_n(
+    store: &Store,
+    lsn: u64,
+    target: &str,
+    range: std::ops::Range<u64>,
+) -> Vec<(String, u64)> {
     let events: Vec<Event> = range.map(sample).collect();
     let appends: Vec<(&str, &Event)> = events.iter().map(|e| (target, e)).collect();
     store.commit(Lsn(lsn), &appends).unwrap()
@@ -52,7 +60,10 @@ fn commit_read_ack_backlog_round_trip() {
     assert_eq!(store.backlog("wms").unwrap(), 3);
 
     let read = store.read_outbox("wms", None, 10).unwrap();
-    assert_eq!(read.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(
+        read.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
     assert_eq!(read[0].1, sample(1));
     assert_eq!(read[2].1, sample(3));
 
@@ -98,7 +109,10 @@ fn outbox_is_in_sequence_order_and_pages_by_after_and_max() {
         assert_eq!(*seq, i as u64 + 1);
         assert_eq!(ev.key, i.to_string());
     }
-    assert!(store.read_outbox("t", Some(u64::MAX), 10).unwrap().is_empty());
+    assert!(store
+        .read_outbox("t", Some(u64::MAX), 10)
+        .unwrap()
+        .is_empty());
     assert!(store.read_outbox("t", None, 0).unwrap().is_empty());
 }
 
@@ -114,7 +128,9 @@ fn targets_are_independent() {
     assert_eq!(last, vec![("a".to_string(), 6), ("b".to_string(), 6)]);
 
     store.ack("a", 6, 6).unwrap();
-    store.set_target_error("b", Some("HTTP 503 from https://b.example/: busy")).unwrap();
+    store
+        .set_target_error("b", Some("HTTP 503 from https://b.example/: busy"))
+        .unwrap();
     assert_eq!(store.backlog("a").unwrap(), 0);
     assert_eq!(store.backlog("b").unwrap(), 6);
     assert_eq!(store.read_outbox("b", None, 100).unwrap().len(), 6);
@@ -124,7 +140,10 @@ fn targets_are_independent() {
         Some("HTTP 503 from https://b.example/: busy")
     );
     assert_eq!(store.target_stats("b").unwrap().delivered_total, 0);
-    assert_eq!(store.targets().unwrap(), vec!["a".to_string(), "b".to_string()]);
+    assert_eq!(
+        store.targets().unwrap(),
+        vec!["a".to_string(), "b".to_string()]
+    );
 
     // A successful delivery clears the error; so does set_target_error(None).
     store.ack("b", 1, 1).unwrap();
@@ -151,7 +170,10 @@ fn checkpoint_outbox_and_meta_persist_across_reopen() {
     assert_eq!(store.checkpoint().unwrap(), Some(Lsn(0x16B3748)));
     assert_eq!(store.backlog("wms").unwrap(), 5);
     assert_eq!(store.read_outbox("wms", None, 10).unwrap().len(), 5);
-    assert_eq!(store.get_meta("system_id").unwrap().as_deref(), Some("7312345678901234567"));
+    assert_eq!(
+        store.get_meta("system_id").unwrap().as_deref(),
+        Some("7312345678901234567")
+    );
     assert_eq!(store.get_meta("slot").unwrap().as_deref(), Some("steward"));
     assert_eq!(store.get_meta("database").unwrap(), None);
 }
@@ -193,7 +215,9 @@ fn unusual_target_names_stay_apart() {
     let (_dir, path) = temp();
     let store = Store::open(&path).unwrap();
     let e = sample(1);
-    store.commit(Lsn(1), &[("a:b", &e), ("a", &e), ("", &e), ("ü/ü", &e)]).unwrap();
+    store
+        .commit(Lsn(1), &[("a:b", &e), ("a", &e), ("", &e), ("ü/ü", &e)])
+        .unwrap();
     for t in ["a:b", "a", "", "ü/ü"] {
         assert_eq!(store.backlog(t).unwrap(), 1, "{t:?}");
     }
@@ -222,7 +246,10 @@ fn many_lazy_acks_keep_the_file_bounded() {
     assert_eq!(store.backlog("t").unwrap(), 0);
     let size_after = store.file_size();
     println!("file size: {size_before} after commit, {size_after} after 5000 acks");
-    assert!(size_after < size_before * 4 + 16 * 1024 * 1024, "{size_before} -> {size_after}");
+    assert!(
+        size_after < size_before * 4 + 16 * 1024 * 1024,
+        "{size_before} -> {size_after}"
+    );
 }
 
 #[test]
@@ -251,10 +278,17 @@ fn commit_of_20000_events_timing() {
     let start = Instant::now();
     store.commit(Lsn(3), &appends2).unwrap();
     let two = start.elapsed();
-    println!("commit of 20000 events: {one:?} (first), {two:?} (second target); file {} bytes", store.file_size());
+    println!(
+        "commit of 20000 events: {one:?} (first), {two:?} (second target); file {} bytes",
+        store.file_size()
+    );
     let start = Instant::now();
     let read = store.read_outbox("wms", None, 20_000).unwrap();
-    println!("read_outbox of {} events: {:?}", read.len(), start.elapsed());
+    println!(
+        "read_outbox of {} events: {:?}",
+        read.len(),
+        start.elapsed()
+    );
     let start = Instant::now();
     store.ack("wms", 20_100, 20_100).unwrap();
     println!("ack of 20100 events: {:?}", start.elapsed());
@@ -272,7 +306,9 @@ struct FillableDisk {
 impl FillableDisk {
     fn check(&self) -> io::Result<()> {
         if self.full.load(Ordering::SeqCst) {
-            Err(io::Error::from_raw_os_error(nix::errno::Errno::ENOSPC as i32))
+            Err(io::Error::from_raw_os_error(
+                nix::errno::Errno::ENOSPC as i32,
+            ))
         } else {
             Ok(())
         }
@@ -333,7 +369,10 @@ fn full_disk_is_reported_and_recovered_from_once_space_is_freed() {
     assert!(err.to_string().contains("until space is freed"), "{err}");
     // Still full: the retry fails the same way (the reopen itself may be what fails).
     let err = store.commit(Lsn(20), &appends).unwrap_err();
-    assert!(err.is_disk_full() || matches!(err, StoreError::Io { .. }), "{err:?}");
+    assert!(
+        err.is_disk_full() || matches!(err, StoreError::Io { .. }),
+        "{err:?}"
+    );
 
     full.store(false, Ordering::SeqCst);
     let last = store.commit(Lsn(20), &appends).unwrap();
@@ -346,4 +385,67 @@ fn full_disk_is_reported_and_recovered_from_once_space_is_freed() {
         .map(|(_, e)| e.key)
         .collect();
     assert_eq!(keys, ["0", "1", "2", "3", "4"]);
+}
+
+#[test]
+fn partly_acknowledged_chunks_are_skipped_by_readers() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    // 3000 small events in one commit: several chunks (CHUNK_MAX_EVENTS / CHUNK_MAX_BYTES).
+    commit_n(&store, 1, "t", 0..3000);
+    for up_to in [1u64, 7, 1023, 1024, 1025, 2047, 2999] {
+        store.ack("t", up_to, 1).unwrap();
+        assert_eq!(store.backlog("t").unwrap(), 3000 - up_to);
+        let (seq, ev) = store.oldest_pending("t").unwrap().unwrap();
+        assert_eq!(seq, up_to + 1);
+        assert_eq!(ev.key, up_to.to_string());
+        // Even a reader starting before the acknowledged point only sees pending entries.
+        let page = store.read_outbox("t", None, 5).unwrap();
+        assert_eq!(page[0].0, up_to + 1);
+        let page = store
+            .read_outbox("t", Some(up_to.saturating_sub(3)), 2)
+            .unwrap();
+        assert_eq!(
+            page.iter().map(|p| p.0).collect::<Vec<_>>().first(),
+            Some(&(up_to + 1))
+        );
+    }
+    // Acknowledging past the end does not swallow later appends.
+    store.ack("t", 10_000, 1).unwrap();
+    assert_eq!(store.backlog("t").unwrap(), 0);
+    assert_eq!(store.oldest_pending("t").unwrap(), None);
+    commit_n(&store, 2, "t", 3000..3002);
+    assert_eq!(store.backlog("t").unwrap(), 2);
+    let page = store.read_outbox("t", None, 10).unwrap();
+    assert_eq!(
+        page.iter().map(|p| p.0).collect::<Vec<_>>(),
+        vec![3001, 3002]
+    );
+    assert_eq!(
+        store.target_stats("t").unwrap().last_delivered_seq,
+        Some(3000)
+    );
+}
+
+#[test]
+fn events_larger_than_a_chunk_are_stored_alone() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let big = event(
+        1,
+        serde_json::json!({ "blob": "x".repeat(CHUNK_MAX_BYTES * 2) }),
+    );
+    let small = sample(2);
+    store
+        .commit(
+            Lsn(1),
+            &[("t", &small), ("t", &big), ("t", &small), ("t", &big)],
+        )
+        .unwrap();
+    let page = store.read_outbox("t", None, 10).unwrap();
+    assert_eq!(page.len(), 4);
+    assert_eq!(page[1].1, big);
+    assert_eq!(page[2].1, small);
+    store.ack("t", 2, 2).unwrap();
+    assert_eq!(store.read_outbox("t", None, 10).unwrap()[0], (3, small));
 }
