@@ -64,7 +64,13 @@ pub async fn run(once: bool) -> anyhow::Result<()> {
     })
     .await?
     .context("cannot load the Odoo fixture")?;
-    println!("  PostgreSQL {} on port {}, database odoo with Odoo 17 master data loaded", cluster.server_version_num(), cluster.port());
+    let version = cluster.server_version_num();
+    println!(
+        "  PostgreSQL {}.{} on port {}, database odoo with Odoo 17 master data loaded",
+        version / 10000,
+        version % 10000,
+        cluster.port()
+    );
 
     // Two receivers stand in for the MES and the finance system.
     let mes = Receiver::start().await.context("cannot start the demo receiver")?;

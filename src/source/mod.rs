@@ -3,4 +3,5 @@
 
 pub mod pgoutput;
 pub mod slot;
+pub mod stream;
 pub mod wire;

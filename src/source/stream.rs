@@ -17,7 +17,7 @@
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
-use tokio::time::{interval, Instant, MissedTickBehavior};
+use tokio::time::{interval, MissedTickBehavior};
 
 use crate::model::{Change, Lsn, Relation};
 use crate::source::pgoutput::{self, PgOutputMessage};
