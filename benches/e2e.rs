@@ -67,10 +67,19 @@ const WORKLOADS: &[Workload] = &[
 const ROWS_PER_TXN: u64 = 1000;
 
 fn main() {
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
-    let rows: u64 = std::env::var("STEWARD_BENCH_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000);
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let rows: u64 = std::env::var("STEWARD_BENCH_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
     let cluster = DevCluster::start(DevClusterOptions::default()).expect("start PostgreSQL");
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     println!(
         "steward end-to-end benchmark: {rows} rows per workload, {ROWS_PER_TXN} rows per transaction, PostgreSQL {}, {} cores",
         cluster.server_version_num(),
@@ -93,7 +102,9 @@ async fn run_workload(cluster: &DevCluster, w: &Workload, rows: u64) {
     if w.name != "W1" {
         // Updates need rows to update: insert them before the slots exist.
         for start in (0..rows).step_by(ROWS_PER_TXN as usize * 10) {
-            cluster.psql(&db, &(WORKLOADS[0].txn)(start, ROWS_PER_TXN * 10)).expect("preload");
+            cluster
+                .psql(&db, &(WORKLOADS[0].txn)(start, ROWS_PER_TXN * 10))
+                .expect("preload");
         }
     }
     cluster
@@ -105,17 +116,41 @@ async fn run_workload(cluster: &DevCluster, w: &Workload, rows: u64) {
         )
         .expect("slots");
     for start in (0..rows).step_by(ROWS_PER_TXN as usize) {
-        cluster.psql(&db, &format!("BEGIN; {}; COMMIT;", (w.txn)(start, ROWS_PER_TXN))).expect("workload");
+        cluster
+            .psql(
+                &db,
+                &format!("BEGIN; {}; COMMIT;", (w.txn)(start, ROWS_PER_TXN)),
+            )
+            .expect("workload");
     }
-    let end_lsn = cluster.psql(&db, "SELECT pg_current_wal_lsn()").expect("lsn");
-    let end_lsn = end_lsn.lines().map(str::trim).find(|l| l.contains('/')).expect("an LSN").to_string();
+    let end_lsn = cluster
+        .psql(&db, "SELECT pg_current_wal_lsn()")
+        .expect("lsn");
+    let end_lsn = end_lsn
+        .lines()
+        .map(str::trim)
+        .find(|l| l.contains('/'))
+        .expect("an LSN")
+        .to_string();
     let expected = (rows as f64 * w.master_share) as usize;
 
     // pg_recvlogical: the same WAL, decoded by the same plugin, written to /dev/null.
     let started = Instant::now();
     let status = Command::new(cluster.bin_dir().join("pg_recvlogical"))
-        .args(["-d", &cluster.url(&db), "--slot", "recvlogical_bench", "--start", "--no-loop"])
-        .args(["-o", "proto_version=1", "-o", "publication_names=steward_bench"])
+        .args([
+            "-d",
+            &cluster.url(&db),
+            "--slot",
+            "recvlogical_bench",
+            "--start",
+            "--no-loop",
+        ])
+        .args([
+            "-o",
+            "proto_version=1",
+            "-o",
+            "publication_names=steward_bench",
+        ])
         .args(["--endpos", &end_lsn, "-f", "/dev/null"])
         .stdout(Stdio::null())
         .status()
@@ -156,15 +191,26 @@ batch_max_events = 1000
     let mut child = Command::new(env!("CARGO_BIN_EXE_steward"))
         .args(["run", "-c"])
         .arg(&config)
-        .stderr(Stdio::from(std::fs::File::create(dir.path().join("steward.log")).expect("log")))
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.path().join("steward.log")).expect("log"),
+        ))
         .spawn()
         .expect("spawn steward");
-    let delivered = receiver.wait_for_events(expected, Duration::from_secs(600)).await;
+    let delivered = receiver
+        .wait_for_events(expected, Duration::from_secs(600))
+        .await;
     let elapsed = started.elapsed();
     let peak_rss = peak_rss_kib(child.id());
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
     let _ = child.wait();
-    assert!(delivered >= expected, "steward delivered {delivered} of {expected} events; see {}", dir.path().display());
+    assert!(
+        delivered >= expected,
+        "steward delivered {delivered} of {expected} events; see {}",
+        dir.path().display()
+    );
 
     let steward_rate = expected as f64 / elapsed.as_secs_f64();
     let recv_rate = expected as f64 / recvlogical.as_secs_f64();

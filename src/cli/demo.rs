@@ -73,22 +73,36 @@ pub async fn run(once: bool) -> anyhow::Result<()> {
     );
 
     // Two receivers stand in for the MES and the finance system.
-    let mes = Receiver::start().await.context("cannot start the demo receiver")?;
+    let mes = Receiver::start()
+        .await
+        .context("cannot start the demo receiver")?;
     mes.on_event(|event| println!("{}", describe("mes", event)));
-    let finance = Receiver::start().await.context("cannot start the demo receiver")?;
+    let finance = Receiver::start()
+        .await
+        .context("cannot start the demo receiver")?;
     finance.on_event(|event| println!("{}", describe("finance", event)));
-    println!("  receivers: mes at {}, finance at {}", mes.url(), finance.url());
+    println!(
+        "  receivers: mes at {}, finance at {}",
+        mes.url(),
+        finance.url()
+    );
 
     let state_dir = tempfile::Builder::new().prefix("steward-demo-").tempdir()?;
     let text = DEMO_CONFIG
         .replace("{{SOURCE_URL}}", &cluster.url("odoo"))
-        .replace("{{STATE_PATH}}", &state_dir.path().join("steward.redb").display().to_string())
+        .replace(
+            "{{STATE_PATH}}",
+            &state_dir.path().join("steward.redb").display().to_string(),
+        )
         .replace("{{MES_URL}}", &mes.url())
         .replace("{{FINANCE_URL}}", &finance.url());
     let config_path = state_dir.path().join("steward.toml");
     std::fs::write(&config_path, &text)?;
     let config = Config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    println!("  config: {} (entities product, partner, uom, workcenter; targets mes, finance)", config_path.display());
+    println!(
+        "  config: {} (entities product, partner, uom, workcenter; targets mes, finance)",
+        config_path.display()
+    );
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let daemon = tokio::spawn(crate::daemon::run(config, shutdown_rx));
@@ -127,7 +141,11 @@ async fn wait_for_slot(cluster: &Arc<DevCluster>) -> anyhow::Result<()> {
     for _ in 0..100 {
         let c = cluster.clone();
         let out = tokio::task::spawn_blocking(move || {
-            c.psql("odoo", "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'steward_demo' AND active")
+            c.psql(
+                "odoo",
+                "SELECT count(*) FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
+                 WHERE s.slot_name = 'steward_demo' AND r.state = 'streaming'",
+            )
         })
         .await??;
         if out.trim().lines().any(|l| l.trim() == "1") {
@@ -139,7 +157,18 @@ async fn wait_for_slot(cluster: &Arc<DevCluster>) -> anyhow::Result<()> {
 }
 
 fn describe(target: &str, event: &serde_json::Value) -> String {
-    let get = |k: &str| event.get(k).and_then(|v| v.as_str()).unwrap_or("?").to_string();
+    let get = |k: &str| {
+        event
+            .get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or("?")
+            .to_string()
+    };
     let data = event.get("data").map(|d| d.to_string()).unwrap_or_default();
-    format!("   → {target:<8} {:<26} key {:<5} v{:<10} {data}", get("type"), get("subject"), get("version"))
+    format!(
+        "   → {target:<8} {:<26} key {:<5} v{:<10} {data}",
+        get("type"),
+        get("subject"),
+        get("version")
+    )
 }

@@ -14,7 +14,11 @@ use tokio::sync::watch;
 use crate::config::Config;
 
 #[derive(Parser, Debug)]
-#[command(name = "steward", version, about = "Governed master data from Odoo's PostgreSQL write-ahead log")]
+#[command(
+    name = "steward",
+    version,
+    about = "Governed master data from Odoo's PostgreSQL write-ahead log"
+)]
 struct Cli {
     /// Log format: human-readable text, or one JSON object per line.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -104,7 +108,10 @@ pub fn main() -> ExitCode {
 }
 
 fn run_blocking(future: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -129,7 +136,11 @@ pub fn shutdown_on_signals() -> anyhow::Result<watch::Receiver<bool>> {
     let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT])?;
     tokio::spawn(async move {
         if let Some(signal) = signals.next().await {
-            let name = if signal == SIGTERM { "SIGTERM" } else { "SIGINT" };
+            let name = if signal == SIGTERM {
+                "SIGTERM"
+            } else {
+                "SIGINT"
+            };
             tracing::info!("{name} received: draining and stopping");
             let _ = tx.send(true);
         }
@@ -148,7 +159,9 @@ fn init_logging(format: LogFormat, demo: bool) {
     let filter = EnvFilter::try_from_env("STEWARD_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     // Under systemd the journal stamps every line already.
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let result = match (format, journald) {
         (LogFormat::Json, _) => builder.json().flatten_event(true).try_init(),
         (LogFormat::Text, true) => builder.without_time().with_ansi(false).try_init(),

@@ -44,7 +44,11 @@ struct SourceReport {
 pub async fn run(config: Config, json: bool) -> anyhow::Result<()> {
     let (daemon, targets) = daemon_view(&config)?;
     let source = source_view(&config).await;
-    let report = Report { daemon, source, targets };
+    let report = Report {
+        daemon,
+        source,
+        targets,
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -159,12 +163,22 @@ async fn source_view(config: &Config) -> SourceReport {
 fn print_text(r: &Report) {
     let d = &r.daemon;
     if d.running {
-        println!("daemon     running (pid {})", d.pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into()));
+        println!(
+            "daemon     running (pid {})",
+            d.pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into())
+        );
     } else {
         println!("daemon     not running");
     }
-    println!("state      {} ({})", d.store_path, human_bytes(d.store_bytes));
-    println!("checkpoint {}", d.checkpoint.as_deref().unwrap_or("none yet"));
+    println!(
+        "state      {} ({})",
+        d.store_path,
+        human_bytes(d.store_bytes)
+    );
+    println!(
+        "checkpoint {}",
+        d.checkpoint.as_deref().unwrap_or("none yet")
+    );
     if let Some(e) = &d.last_source_error {
         println!("last source error: {e}");
     }
@@ -172,15 +186,25 @@ fn print_text(r: &Report) {
     println!();
     println!("source     {}", s.url);
     if !s.reachable {
-        println!("           unreachable: {}", s.error.as_deref().unwrap_or("unknown error"));
+        println!(
+            "           unreachable: {}",
+            s.error.as_deref().unwrap_or("unknown error")
+        );
     } else {
         match s.slot_exists {
-            Some(false) => println!("slot       {} does not exist (steward run creates it)", s.slot),
+            Some(false) => println!(
+                "slot       {} does not exist (steward run creates it)",
+                s.slot
+            ),
             Some(true) => {
                 println!(
                     "slot       {} ({}), wal_status {}",
                     s.slot,
-                    if s.slot_active == Some(true) { "active" } else { "inactive" },
+                    if s.slot_active == Some(true) {
+                        "active"
+                    } else {
+                        "inactive"
+                    },
                     s.wal_status.as_deref().unwrap_or("unknown")
                 );
                 println!(

@@ -52,7 +52,9 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
 
     let prepared = setup::prepare(&config, &store, &pipeline).await?;
     let checkpoint = store.checkpoint()?.unwrap_or(Lsn::ZERO);
-    state.durable_lsn.store(checkpoint.0, std::sync::atomic::Ordering::Relaxed);
+    state
+        .durable_lsn
+        .store(checkpoint.0, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(
         slot = %config.source.slot,
         checkpoint = %checkpoint,
@@ -145,7 +147,9 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
             committer.durable_tx.subscribe(),
             session_shutdown_rx,
         ));
-        state.connected.store(true, std::sync::atomic::Ordering::Relaxed);
+        state
+            .connected
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let outcome = consume(&mut pipeline, &mut committer, rx, &mut shutdown).await;
         // Whatever ended the session, complete transactions already received
         // are committed so that the source confirms them before it stops.
@@ -158,7 +162,9 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
                 Err(SourceError::Ended)
             }
         };
-        state.connected.store(false, std::sync::atomic::Ordering::Relaxed);
+        state
+            .connected
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = flushed {
             break Err(e);
         }
@@ -175,7 +181,8 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
                 Err(e) if e.is_transient() => {
                     let delay = stream::reconnect_delay(attempt);
                     tracing::warn!(error = %e, retry_in = ?delay, "replication interrupted; reconnecting");
-                    *state.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                    *state.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(e.to_string());
                     attempt += 1;
                     tokio::select! {
                         _ = shutdown.changed() => break Ok(()),
@@ -193,12 +200,18 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
     for (name, handle) in drivers {
         match handle.await {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(target = %name, error = %e, "target stopped with an error"),
+            Ok(Err(e)) => {
+                tracing::error!(target = %name, error = %e, "target stopped with an error")
+            }
             Err(e) => tracing::error!(target = %name, error = %e, "target task failed"),
         }
     }
     status_task.abort();
-    status::write_final(&config, &store, &state);
+    // The aborted task holds a handle on the store: wait for it so the file
+    // is closed (and unlocked) when this function returns.
+    let _ = status_task.await;
+    status::remove(&config);
+    drop(store);
     result
 }
 
@@ -233,10 +246,16 @@ async fn consume(
             }
             message = rx.recv() => message,
         };
-        let Some(message) = message else { return Ok(Consumed::SourceEnded) };
+        let Some(message) = message else {
+            return Ok(Consumed::SourceEnded);
+        };
         match message {
             SourceEvent::Relation(relation) => pipeline.on_relation(&relation)?,
-            SourceEvent::Begin { final_lsn, commit_time_micros, .. } => {
+            SourceEvent::Begin {
+                final_lsn,
+                commit_time_micros,
+                ..
+            } => {
                 open = Some(OpenTxn {
                     final_lsn,
                     time: pg_micros_to_rfc3339(commit_time_micros),
@@ -251,7 +270,13 @@ async fn consume(
                 let index = txn.index;
                 txn.index += 1;
                 if pipeline.is_mapped(change.relation_id) {
-                    pipeline.map_change(&change, txn.final_lsn, index, &txn.time, &mut txn.mapped)?;
+                    pipeline.map_change(
+                        &change,
+                        txn.final_lsn,
+                        index,
+                        &txn.time,
+                        &mut txn.mapped,
+                    )?;
                 }
             }
             SourceEvent::Truncate { relation_ids } => {
@@ -305,7 +330,12 @@ impl Committer {
         self.batch_started.map(|t| t + self.max_delay)
     }
 
-    fn add(&mut self, pipeline: &Pipeline, mapped: Vec<Mapped>, end_lsn: Lsn) -> anyhow::Result<()> {
+    fn add(
+        &mut self,
+        pipeline: &Pipeline,
+        mapped: Vec<Mapped>,
+        end_lsn: Lsn,
+    ) -> anyhow::Result<()> {
         if mapped.is_empty() && self.batch_end.is_none() {
             // Nothing of this transaction reaches any target and nothing is
             // waiting: it is as good as durable. Persisting the checkpoint can
@@ -332,17 +362,25 @@ impl Committer {
     }
 
     fn flush(&mut self) -> anyhow::Result<()> {
-        let Some(end) = self.batch_end.take() else { return Ok(()) };
+        let Some(end) = self.batch_end.take() else {
+            return Ok(());
+        };
         self.batch_started = None;
         let batch = std::mem::take(&mut self.batch);
-        let appends: Vec<(&str, &Event)> =
-            batch.iter().map(|(t, e)| (self.target_names[*t].as_str(), e)).collect();
+        let appends: Vec<(&str, &Event)> = batch
+            .iter()
+            .map(|(t, e)| (self.target_names[*t].as_str(), e))
+            .collect();
         let started = Instant::now();
         let last = tokio::task::block_in_place(|| self.store.commit(end, &appends))?;
         metrics::histogram!("steward_store_commit_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("steward_events_stored_total").increment(appends.len() as u64);
-        let by_name: HashMap<&str, usize> =
-            self.target_names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
+        let by_name: HashMap<&str, usize> = self
+            .target_names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i))
+            .collect();
         for (name, seq) in last {
             if let Some(&i) = by_name.get(name.as_str()) {
                 self.wakers[i].send_replace(seq);
@@ -361,7 +399,9 @@ impl Committer {
                 false
             }
         });
-        self.state.durable_lsn.fetch_max(lsn.0, std::sync::atomic::Ordering::Relaxed);
+        self.state
+            .durable_lsn
+            .fetch_max(lsn.0, std::sync::atomic::Ordering::Relaxed);
         metrics::gauge!("steward_durable_lsn").set(lsn.0 as f64);
     }
 }

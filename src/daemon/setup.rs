@@ -15,23 +15,39 @@ pub struct Prepared {
     pub start_floor: Lsn,
 }
 
-pub async fn prepare(config: &Config, store: &Store, pipeline: &Pipeline) -> anyhow::Result<Prepared> {
+pub async fn prepare(
+    config: &Config,
+    store: &Store,
+    pipeline: &Pipeline,
+) -> anyhow::Result<Prepared> {
     let source = &config.source;
     let sql = wire::connect_sql(source)
         .await
         .with_context(|| format!("cannot connect to the source {}", source.url_display))?;
     slot::check_wal_level(&sql).await?;
     let tables = pipeline.tables();
-    slot::ensure_publication(&sql, &source.publication, &tables, source.create_publication).await?;
+    slot::ensure_publication(
+        &sql,
+        &source.publication,
+        &tables,
+        source.create_publication,
+    )
+    .await?;
     for warning in slot::replica_identity_report(&sql, &tables).await? {
         tracing::warn!("{warning}");
     }
 
-    let mut replication = ReplicationClient::connect(source)
-        .await
-        .with_context(|| format!("cannot open a replication connection to {}", source.url_display))?;
+    let mut replication = ReplicationClient::connect(source).await.with_context(|| {
+        format!(
+            "cannot open a replication connection to {}",
+            source.url_display
+        )
+    })?;
     let identity = replication.identify_system().await?;
-    let database = identity.dbname.clone().unwrap_or_else(|| source.dbname.clone());
+    let database = identity
+        .dbname
+        .clone()
+        .unwrap_or_else(|| source.dbname.clone());
     let expected = [
         ("system_id", identity.systemid.clone()),
         ("database", database.clone()),
@@ -70,10 +86,14 @@ pub async fn prepare(config: &Config, store: &Store, pipeline: &Pipeline) -> any
                     store.path().display()
                 );
             }
-            let created = replication.create_logical_slot(&source.slot, SnapshotAction::NoExport).await?;
+            let created = replication
+                .create_logical_slot(&source.slot, SnapshotAction::NoExport)
+                .await?;
             tracing::info!(slot = %source.slot, consistent_point = %created.consistent_point, "created replication slot");
         }
     }
     drop(replication);
-    Ok(Prepared { start_floor: Lsn::ZERO })
+    Ok(Prepared {
+        start_floor: Lsn::ZERO,
+    })
 }

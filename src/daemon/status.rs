@@ -37,7 +37,12 @@ pub struct TargetStatusLine {
 }
 
 pub fn status_path(config: &Config) -> PathBuf {
-    let mut name = config.state.path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = config
+        .state
+        .path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".status.json");
     config.state.path.with_file_name(name)
 }
@@ -68,7 +73,11 @@ pub fn collect(config: &Config, store: &Store, state: &DaemonState) -> StatusFil
         written_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         source_connected: state.connected.load(Ordering::Relaxed),
         durable_lsn: Lsn(state.durable_lsn.load(Ordering::Relaxed)).to_string(),
-        last_source_error: state.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        last_source_error: state
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone(),
         store_bytes: store.file_size(),
         targets,
     }
@@ -86,7 +95,11 @@ fn write(config: &Config, status: &StatusFile) {
     }
 }
 
-pub fn spawn_writer(config: Config, store: Store, state: Arc<DaemonState>) -> tokio::task::JoinHandle<()> {
+pub fn spawn_writer(
+    config: Config,
+    store: Store,
+    state: Arc<DaemonState>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(STATUS_WRITE_INTERVAL);
         loop {
@@ -98,7 +111,7 @@ pub fn spawn_writer(config: Config, store: Store, state: Arc<DaemonState>) -> to
 }
 
 /// On exit the file goes away: `steward status` then reads the store itself.
-pub fn write_final(config: &Config, _store: &Store, _state: &DaemonState) {
+pub fn remove(config: &Config) {
     let _ = std::fs::remove_file(status_path(config));
 }
 

@@ -16,13 +16,34 @@ use crate::model::{Change, ChangeOp, Event, EventOp, Lsn, Relation, TupleValue};
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     #[error("entity '{entity}': column '{column}' of {table} does not exist (the server's table has: {available}); fix the entity's key or fields, or restore the column")]
-    MissingColumn { entity: String, table: String, column: String, available: String },
+    MissingColumn {
+        entity: String,
+        table: String,
+        column: String,
+        available: String,
+    },
     #[error("entity '{entity}': a change on {table} refers to relation id {relation_id}, which the server never described")]
-    UnknownRelation { entity: String, table: String, relation_id: u32 },
+    UnknownRelation {
+        entity: String,
+        table: String,
+        relation_id: u32,
+    },
     #[error("entity '{entity}', table {table}, column '{column}' at commit {lsn}: {problem}")]
-    BadValue { entity: String, table: String, column: String, lsn: Lsn, problem: String },
+    BadValue {
+        entity: String,
+        table: String,
+        column: String,
+        lsn: Lsn,
+        problem: String,
+    },
     #[error("entity '{entity}': a {op} on {table} at commit {lsn} did not carry the key columns {key:?}; set the table's REPLICA IDENTITY to its primary key (the default) or FULL")]
-    MissingKey { entity: String, table: String, op: &'static str, lsn: Lsn, key: Vec<String> },
+    MissingKey {
+        entity: String,
+        table: String,
+        op: &'static str,
+        lsn: Lsn,
+        key: Vec<String>,
+    },
 }
 
 /// An event and the entity it belongs to (which decides the targets).
@@ -86,13 +107,21 @@ impl Pipeline {
                     .collect()
             })
             .collect();
-        Pipeline { entities: config.entities.clone(), by_table, relations: HashMap::new(), entity_targets }
+        Pipeline {
+            entities: config.entities.clone(),
+            by_table,
+            relations: HashMap::new(),
+            entity_targets,
+        }
     }
 
     /// The `schema.table` names the configuration maps, for the publication.
     pub fn tables(&self) -> Vec<(String, String)> {
-        let mut tables: Vec<(String, String)> =
-            self.entities.iter().map(|e| (e.schema.clone(), e.table.clone())).collect();
+        let mut tables: Vec<(String, String)> = self
+            .entities
+            .iter()
+            .map(|e| (e.schema.clone(), e.table.clone()))
+            .collect();
         tables.sort();
         tables.dedup();
         tables
@@ -116,7 +145,8 @@ impl Pipeline {
                 plans.push(self.plan_entity(entity, relation)?);
             }
         }
-        self.relations.insert(relation.id, RelationPlan { table, plans });
+        self.relations
+            .insert(relation.id, RelationPlan { table, plans });
         Ok(())
     }
 
@@ -132,12 +162,22 @@ impl Pipeline {
                     entity: config.name.clone(),
                     table: relation.qualified_name(),
                     column: column.to_string(),
-                    available: relation.columns.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", "),
+                    available: relation
+                        .columns
+                        .iter()
+                        .map(|c| c.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 })
         };
         let resolve = |source: &FieldSource| -> Result<ResolvedSource, PipelineError> {
             let (column, type_oid) = find(&source.column)?;
-            Ok(ResolvedSource { name: source.column.clone(), column, type_oid, path: source.path.clone() })
+            Ok(ResolvedSource {
+                name: source.column.clone(),
+                column,
+                type_oid,
+                path: source.path.clone(),
+            })
         };
         let mut key_columns = Vec::with_capacity(config.key.len());
         let mut key_fields = Vec::with_capacity(config.key.len());
@@ -160,12 +200,19 @@ impl Pipeline {
                 fallback: field.fallback.as_ref().map(resolve).transpose()?,
             });
         }
-        Ok(EntityPlan { entity, key_columns, key_fields, fields })
+        Ok(EntityPlan {
+            entity,
+            key_columns,
+            key_fields,
+            fields,
+        })
     }
 
     /// Whether changes of this relation id can produce events at all.
     pub fn is_mapped(&self, relation_id: u32) -> bool {
-        self.relations.get(&relation_id).is_some_and(|r| !r.plans.is_empty())
+        self.relations
+            .get(&relation_id)
+            .is_some_and(|r| !r.plans.is_empty())
     }
 
     /// Maps one change (the `index`-th of the transaction committed at
@@ -191,20 +238,38 @@ impl Pipeline {
             let entity = &self.entities[plan.entity];
             let event = match change.op {
                 ChangeOp::Insert | ChangeOp::Update => {
-                    let Some(new) = change.new.as_deref() else { continue };
-                    let key = key_text(new, &plan.key_columns).ok_or_else(|| PipelineError::MissingKey {
-                        entity: entity.name.clone(),
-                        table: relation.table.clone(),
-                        op: "change",
-                        lsn: commit_lsn,
-                        key: entity.key.clone(),
+                    let Some(new) = change.new.as_deref() else {
+                        continue;
+                    };
+                    let key = key_text(new, &plan.key_columns).ok_or_else(|| {
+                        PipelineError::MissingKey {
+                            entity: entity.name.clone(),
+                            table: relation.table.clone(),
+                            op: "change",
+                            lsn: commit_lsn,
+                            key: entity.key.clone(),
+                        }
                     })?;
                     let mut data = Map::with_capacity(plan.fields.len());
                     for field in &plan.fields {
-                        let mut value = self.field_value(new, change.old.as_deref(), &field.source, entity, relation, commit_lsn)?;
+                        let mut value = self.field_value(
+                            new,
+                            change.old.as_deref(),
+                            &field.source,
+                            entity,
+                            relation,
+                            commit_lsn,
+                        )?;
                         if value.is_null() {
                             if let Some(fallback) = &field.fallback {
-                                value = self.field_value(new, change.old.as_deref(), fallback, entity, relation, commit_lsn)?;
+                                value = self.field_value(
+                                    new,
+                                    change.old.as_deref(),
+                                    fallback,
+                                    entity,
+                                    relation,
+                                    commit_lsn,
+                                )?;
                             }
                         }
                         data.insert(field.name.clone(), value);
@@ -220,18 +285,24 @@ impl Pipeline {
                     }
                 }
                 ChangeOp::Delete => {
-                    let Some(old) = change.old.as_deref() else { continue };
-                    let key = key_text(old, &plan.key_columns).ok_or_else(|| PipelineError::MissingKey {
-                        entity: entity.name.clone(),
-                        table: relation.table.clone(),
-                        op: "delete",
-                        lsn: commit_lsn,
-                        key: entity.key.clone(),
+                    let Some(old) = change.old.as_deref() else {
+                        continue;
+                    };
+                    let key = key_text(old, &plan.key_columns).ok_or_else(|| {
+                        PipelineError::MissingKey {
+                            entity: entity.name.clone(),
+                            table: relation.table.clone(),
+                            op: "delete",
+                            lsn: commit_lsn,
+                            key: entity.key.clone(),
+                        }
                     })?;
                     let mut data = Map::with_capacity(plan.key_fields.len());
                     for (name, column, type_oid) in &plan.key_fields {
                         let value = match old.get(*column) {
-                            Some(TupleValue::Text(bytes)) => convert(*type_oid, bytes, entity, relation, name, commit_lsn)?,
+                            Some(TupleValue::Text(bytes)) => {
+                                convert(*type_oid, bytes, entity, relation, name, commit_lsn)?
+                            }
                             _ => Value::Null,
                         };
                         data.insert(name.clone(), value);
@@ -247,7 +318,10 @@ impl Pipeline {
                     }
                 }
             };
-            out.push(Mapped { entity: plan.entity, event });
+            out.push(Mapped {
+                entity: plan.entity,
+                event,
+            });
         }
         Ok(())
     }

@@ -4,8 +4,6 @@
 pub mod driver;
 pub mod http;
 
-use std::future::Future;
-
 pub use driver::{Deliver, DeliveryError};
 
 use crate::config::{TargetConfig, TargetKind};
@@ -17,15 +15,13 @@ pub enum AnySink {
 }
 
 impl Deliver for AnySink {
-    fn deliver<'a>(&'a mut self, events: &'a [Event]) -> impl Future<Output = Result<(), DeliveryError>> + Send + 'a {
-        async move {
-            match self {
-                AnySink::Http(sink) => sink.deliver(events).await.map_err(|f| DeliveryError {
-                    retryable: f.retryable,
-                    message: f.message,
-                    retry_after: f.retry_after,
-                }),
-            }
+    async fn deliver(&mut self, events: &[Event]) -> Result<(), DeliveryError> {
+        match self {
+            AnySink::Http(sink) => sink.deliver(events).await.map_err(|f| DeliveryError {
+                retryable: f.retryable,
+                message: f.message,
+                retry_after: f.retry_after,
+            }),
         }
     }
 }
@@ -39,6 +35,10 @@ pub enum BuildError {
 /// Builds the sink for a target. `slot` names the source in CloudEvents (`steward://<slot>`).
 pub fn build(target: &TargetConfig, slot: &str) -> Result<AnySink, BuildError> {
     match &target.kind {
-        TargetKind::Http(http) => Ok(AnySink::Http(http::HttpSink::new(target, http, format!("steward://{slot}"))?)),
+        TargetKind::Http(http) => Ok(AnySink::Http(http::HttpSink::new(
+            target,
+            http,
+            format!("steward://{slot}"),
+        )?)),
     }
 }

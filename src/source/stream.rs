@@ -27,10 +27,20 @@ use crate::source::wire::{ReplicationClient, ReplicationMessage, ReplicationStre
 #[derive(Debug)]
 pub enum SourceEvent {
     Relation(Relation),
-    Begin { final_lsn: Lsn, commit_time_micros: i64, xid: u32 },
+    Begin {
+        final_lsn: Lsn,
+        commit_time_micros: i64,
+        xid: u32,
+    },
     Change(Change),
-    Truncate { relation_ids: Vec<u32> },
-    Commit { commit_lsn: Lsn, end_lsn: Lsn, commit_time_micros: i64 },
+    Truncate {
+        relation_ids: Vec<u32>,
+    },
+    Commit {
+        commit_lsn: Lsn,
+        end_lsn: Lsn,
+        commit_time_micros: i64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,8 +114,13 @@ pub async fn run_session(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SourceError> {
     let publication = params.publication.clone();
-    let options = [("proto_version", "1"), ("publication_names", publication.as_str())];
-    let mut stream = client.start_logical_replication(&params.slot, params.start, &options).await?;
+    let options = [
+        ("proto_version", "1"),
+        ("publication_names", publication.as_str()),
+    ];
+    let mut stream = client
+        .start_logical_replication(&params.slot, params.start, &options)
+        .await?;
     tracing::info!(slot = %params.slot, start = %params.start, "replication started");
 
     let mut tracker = FlushTracker {
@@ -187,7 +202,12 @@ pub async fn run_session(
     }
 }
 
-async fn send_status(stream: &mut ReplicationStream, written: Lsn, flush: Lsn, reply: bool) -> Result<(), WireError> {
+async fn send_status(
+    stream: &mut ReplicationStream,
+    written: Lsn,
+    flush: Lsn,
+    reply: bool,
+) -> Result<(), WireError> {
     let write = written.max(flush);
     tracing::trace!(%write, %flush, "standby status update");
     stream.send_status(write, flush, flush, reply).await
@@ -202,29 +222,52 @@ fn route(
     tracker: &mut FlushTracker,
 ) -> Result<Option<SourceEvent>, SourceError> {
     Ok(match message {
-        PgOutputMessage::Begin { final_lsn, commit_time_micros, xid } => {
+        PgOutputMessage::Begin {
+            final_lsn,
+            commit_time_micros,
+            xid,
+        } => {
             *in_txn = true;
             *skipping = final_lsn < params.skip_before;
             if *skipping {
                 tracing::debug!(commit = %final_lsn, "skipping a transaction the store already holds");
                 None
             } else {
-                Some(SourceEvent::Begin { final_lsn, commit_time_micros, xid })
+                Some(SourceEvent::Begin {
+                    final_lsn,
+                    commit_time_micros,
+                    xid,
+                })
             }
         }
-        PgOutputMessage::Commit { commit_lsn, end_lsn, commit_time_micros, .. } => {
+        PgOutputMessage::Commit {
+            commit_lsn,
+            end_lsn,
+            commit_time_micros,
+            ..
+        } => {
             *in_txn = false;
             if std::mem::take(skipping) {
                 None
             } else {
                 tracker.received_commit_end = tracker.received_commit_end.max(end_lsn);
-                Some(SourceEvent::Commit { commit_lsn, end_lsn, commit_time_micros })
+                Some(SourceEvent::Commit {
+                    commit_lsn,
+                    end_lsn,
+                    commit_time_micros,
+                })
             }
         }
         PgOutputMessage::Relation { relation, .. } => Some(SourceEvent::Relation(relation)),
-        PgOutputMessage::Change { change, .. } => (!*skipping).then_some(SourceEvent::Change(change)),
-        PgOutputMessage::Truncate { relation_ids, .. } => (!*skipping).then_some(SourceEvent::Truncate { relation_ids }),
-        PgOutputMessage::Type { .. } | PgOutputMessage::Origin { .. } | PgOutputMessage::Message { .. } => None,
+        PgOutputMessage::Change { change, .. } => {
+            (!*skipping).then_some(SourceEvent::Change(change))
+        }
+        PgOutputMessage::Truncate { relation_ids, .. } => {
+            (!*skipping).then_some(SourceEvent::Truncate { relation_ids })
+        }
+        PgOutputMessage::Type { .. }
+        | PgOutputMessage::Origin { .. }
+        | PgOutputMessage::Message { .. } => None,
         other @ (PgOutputMessage::StreamStart { .. }
         | PgOutputMessage::StreamStop
         | PgOutputMessage::StreamCommit { .. }

@@ -16,8 +16,21 @@ use steward::dev::cluster::{DevCluster, DevClusterOptions};
 use tokio::sync::watch;
 
 pub fn cluster() -> &'static DevCluster {
+    init_logging();
     static CLUSTER: OnceLock<DevCluster> = OnceLock::new();
-    CLUSTER.get_or_init(|| DevCluster::start(DevClusterOptions::default()).expect("start the test PostgreSQL cluster"))
+    CLUSTER.get_or_init(|| {
+        DevCluster::start(DevClusterOptions::default()).expect("start the test PostgreSQL cluster")
+    })
+}
+
+/// Daemon logs go to the test's captured output (shown when it fails).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STEWARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("steward=info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }
 
 /// A database with the Odoo fixture loaded, and a directory for its config and state.
@@ -29,13 +42,38 @@ pub struct TestDb {
 impl TestDb {
     pub fn new(test: &str) -> TestDb {
         static N: AtomicU32 = AtomicU32::new(0);
-        let name = format!("{}_{}", test.to_lowercase().replace(|c: char| !c.is_ascii_alphanumeric(), "_"), N.fetch_add(1, Ordering::Relaxed));
-        let name: String = name.chars().rev().take(60).collect::<Vec<_>>().into_iter().rev().collect();
-        let name = name.trim_start_matches(|c: char| !c.is_ascii_alphabetic()).to_string();
-        let name = if name.is_empty() { format!("db_{}", N.fetch_add(1, Ordering::Relaxed)) } else { name };
-        cluster().create_database(&name).expect("create the test database");
-        cluster().load_odoo_fixture(&name).expect("load the Odoo fixture");
-        let dir = tempfile::Builder::new().prefix(&format!("steward-{test}-")).tempdir().expect("temp dir");
+        let name = format!(
+            "{}_{}",
+            test.to_lowercase()
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let name: String = name
+            .chars()
+            .rev()
+            .take(60)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        let name = name
+            .trim_start_matches(|c: char| !c.is_ascii_alphabetic())
+            .to_string();
+        let name = if name.is_empty() {
+            format!("db_{}", N.fetch_add(1, Ordering::Relaxed))
+        } else {
+            name
+        };
+        cluster()
+            .create_database(&name)
+            .expect("create the test database");
+        cluster()
+            .load_odoo_fixture(&name)
+            .expect("load the Odoo fixture");
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("steward-{test}-"))
+            .tempdir()
+            .expect("temp dir");
         TestDb { name, dir }
     }
 
@@ -45,11 +83,15 @@ impl TestDb {
 
     /// Runs SQL (several statements allowed) and returns psql's output.
     pub fn sql(&self, sql: &str) -> String {
-        cluster().psql(&self.name, sql).unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"))
+        cluster()
+            .psql(&self.name, sql)
+            .unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"))
     }
 
     pub async fn client(&self) -> tokio_postgres::Client {
-        let (client, connection) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls).await.expect("connect");
+        let (client, connection) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+            .await
+            .expect("connect");
         tokio::spawn(connection);
         client
     }
@@ -98,7 +140,11 @@ fields = {{ product_tmpl_id = "product_tmpl_id", qty = "product_qty", code = "co
             state = self.state_path().display()
         );
         for (name, url, entities) in targets {
-            let list = entities.iter().map(|e| format!("\"{e}\"")).collect::<Vec<_>>().join(", ");
+            let list = entities
+                .iter()
+                .map(|e| format!("\"{e}\""))
+                .collect::<Vec<_>>()
+                .join(", ");
             text.push_str(&format!(
                 "\n[targets.{name}]\ntype = \"http\"\nurl = \"{url}\"\nentities = [{list}]\nbatch_linger_ms = 5\nretry_initial_ms = 50\nretry_max_ms = 500\ntimeout_ms = 2000\n"
             ));
@@ -128,7 +174,9 @@ fields = {{ product_tmpl_id = "product_tmpl_id", qty = "product_qty", code = "co
 
     pub fn current_wal(&self) -> u64 {
         let out = self.sql("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn");
-        out.lines().find_map(|l| l.trim().parse::<u64>().ok()).expect("current wal")
+        out.lines()
+            .find_map(|l| l.trim().parse::<u64>().ok())
+            .expect("current wal")
     }
 }
 
@@ -160,7 +208,9 @@ impl InProcess {
 
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
-        tokio::time::timeout(Duration::from_secs(30), self.handle).await.expect("daemon stops within 30 s")?
+        tokio::time::timeout(Duration::from_secs(30), self.handle)
+            .await
+            .expect("daemon stops within 30 s")?
     }
 
     pub fn is_finished(&self) -> bool {
@@ -175,7 +225,11 @@ pub struct Child {
 
 impl Child {
     pub fn run(config: &Path, log: &Path) -> Child {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
             .args(["run", "-c"])
             .arg(config)
@@ -217,9 +271,16 @@ pub fn final_state(events: &[serde_json::Value]) -> BTreeMap<(String, String), s
     for e in events {
         let entity = e["entity"].as_str().expect("entity").to_string();
         let key = e["subject"].as_str().expect("subject").to_string();
-        let version: u64 = e["version"].as_str().expect("version").parse().expect("numeric version");
+        let version: u64 = e["version"]
+            .as_str()
+            .expect("version")
+            .parse()
+            .expect("numeric version");
         let id = e["id"].as_str().expect("id").to_string();
-        let slot = latest.entry((entity, key)).or_insert((0, String::new(), serde_json::Value::Null));
+        let slot =
+            latest
+                .entry((entity, key))
+                .or_insert((0, String::new(), serde_json::Value::Null));
         if (version, &id) >= (slot.0, &slot.1) {
             *slot = (version, id, e.clone());
         }
