@@ -616,3 +616,134 @@ fn the_demo_runs_end_to_end() {
     assert!(stdout.contains("\"sku\":\"FURN_9001\""), "{stdout}");
     assert!(!stdout.contains("stock_move"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn md5_login_streams() {
+    let db = TestDb::new("md5");
+    let role = format!("pw_md5_{}", db.name);
+    db.sql(&format!(
+        "SET password_encryption = 'md5';
+         CREATE ROLE {role} LOGIN REPLICATION PASSWORD 'md5-Pa55';
+         GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role};
+         CREATE PUBLICATION steward_{db} FOR TABLE product_template, res_partner, uom_uom, mrp_workcenter, mrp_bom;",
+        db = db.name
+    ));
+    support::cluster()
+        .set_hba(&[
+            &format!("host all {role} 127.0.0.1/32 md5"),
+            &format!("host replication {role} 127.0.0.1/32 md5"),
+        ])
+        .unwrap();
+    std::env::set_var(
+        format!("PG_PASSWORD_{}", db.name.to_uppercase()),
+        "md5-Pa55",
+    );
+    let wms = Receiver::start().await.unwrap();
+    let text = db
+        .config_text(&[("wms", &wms.url(), &["product"])])
+        .replace("postgres://postgres@", &format!("postgres://{role}@"))
+        .replace(
+            "[state]",
+            &format!(
+                "password_env = \"PG_PASSWORD_{}\"\ncreate_publication = false\n\n[state]",
+                db.name.to_uppercase()
+            ),
+        );
+    let daemon = InProcess::start(db.config(&text));
+    wait_streaming(&db).await;
+    db.sql("UPDATE product_template SET list_price = 2.5 WHERE id = 3");
+    assert_eq!(
+        wms.wait_for_events(1, WAIT).await,
+        1,
+        "an event through the md5-authenticated connection"
+    );
+    daemon.stop().await.unwrap();
+}
+
+/// TLS with certificate and host name verification against a server with its own CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_full_tls_streams_and_an_untrusted_certificate_is_refused() {
+    support::init_logging();
+    let cluster = steward::dev::DevCluster::start(steward::dev::DevClusterOptions {
+        ssl: true,
+        ..Default::default()
+    })
+    .expect("TLS cluster");
+    cluster.create_database("odoo").unwrap();
+    cluster.load_odoo_fixture("odoo").unwrap();
+    let ca = cluster.ssl_ca_path().expect("CA").display().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let wms = Receiver::start().await.unwrap();
+    let write = |query: &str| {
+        let path = dir.path().join("steward.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[source]\nurl = \"postgres://postgres@localhost:{port}/odoo?{query}\"\n\
+                 [state]\npath = \"state.redb\"\n\
+                 [entities.product]\ntable = \"product_template\"\nfields = {{ price = \"list_price\" }}\n\
+                 [targets.wms]\ntype = \"http\"\nurl = \"{url}\"\nentities = [\"product\"]\nbatch_linger_ms = 5\n",
+                port = cluster.port(),
+                url = wms.url()
+            ),
+        )
+        .unwrap();
+        steward::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"))
+    };
+    // hostssl only: a plain connection would be refused, so streaming proves TLS.
+    cluster
+        .set_hba(&[
+            "hostssl all all 127.0.0.1/32 trust",
+            "hostssl replication all 127.0.0.1/32 trust",
+            "host all all 127.0.0.1/32 reject",
+            "host replication all 127.0.0.1/32 reject",
+        ])
+        .unwrap();
+    let daemon = InProcess::start(write(&format!("sslmode=verify-full&sslrootcert={ca}")));
+    let mut streaming = false;
+    for _ in 0..300 {
+        let out = cluster
+            .psql(
+                "odoo",
+                "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
+            )
+            .unwrap();
+        if out.trim() == "1" {
+            streaming = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(streaming, "steward streams over verify-full TLS");
+    let ssl = cluster
+        .psql(
+            "odoo",
+            "SELECT bool_and(ssl) FROM pg_stat_ssl s JOIN pg_stat_replication r ON r.pid = s.pid",
+        )
+        .unwrap();
+    assert_eq!(ssl.trim(), "t", "the replication connection uses TLS");
+    cluster
+        .psql(
+            "odoo",
+            "UPDATE product_template SET list_price = 3.25 WHERE id = 1",
+        )
+        .unwrap();
+    assert_eq!(wms.wait_for_events(1, WAIT).await, 1);
+    assert_eq!(
+        wms.accepted_events()[0]["data"]["price"].to_string(),
+        "3.25"
+    );
+    daemon.stop().await.unwrap();
+
+    // Without the CA the server's certificate is not trusted: a clear, final error.
+    let result = steward::daemon::run(
+        write("sslmode=verify-full"),
+        tokio::sync::watch::channel(false).1,
+    )
+    .await;
+    let message = format!(
+        "{:#}",
+        result.expect_err("an untrusted certificate must be refused")
+    );
+    assert!(message.to_lowercase().contains("certificate"), "{message}");
+}
