@@ -36,6 +36,9 @@ use crate::store::Store;
 /// keep both cores busy, small enough to bound memory (events are small).
 const SOURCE_CHANNEL_CAPACITY: usize = 8192;
 
+/// How often a commit the store refused (disk full) is retried.
+const STORE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Shared, lock-free-ish view of the daemon for the status file and health.
 #[derive(Default)]
 pub struct DaemonState {
@@ -105,6 +108,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         batch: Vec::new(),
         batch_end: None,
         batch_started: None,
+        stalled: false,
     };
 
     let mut attempt: u32 = 0;
@@ -154,6 +158,9 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         // Whatever ended the session, complete transactions already received
         // are committed so that the source confirms them before it stops.
         let flushed = committer.flush();
+        // A batch the store could not take (disk full) is dropped here: it is
+        // not confirmed, so the next session receives it again from the server.
+        committer.discard_pending();
         let _ = session_shutdown_tx.send(true);
         let session_result = match session.await {
             Ok(result) => result,
@@ -236,6 +243,19 @@ async fn consume(
 ) -> anyhow::Result<Consumed> {
     let mut open: Option<OpenTxn> = None;
     loop {
+        if committer.stalled {
+            // The store refused the last commit (disk full, I/O error). Stop
+            // taking messages — the source then stops reading, which holds the
+            // server back — and retry until it works or we are told to stop.
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return Ok(Consumed::Shutdown),
+                _ = tokio::time::sleep(STORE_RETRY_INTERVAL) => {
+                    committer.flush()?;
+                    continue;
+                }
+            }
+        }
         let deadline = committer.deadline();
         let message = tokio::select! {
             biased;
@@ -319,6 +339,9 @@ struct Committer {
     batch: Vec<(usize, Event)>,
     batch_end: Option<Lsn>,
     batch_started: Option<Instant>,
+    /// The last commit failed with an error that may clear (disk full):
+    /// the batch is kept and nothing more is confirmed until it succeeds.
+    stalled: bool,
 }
 
 impl Committer {
@@ -362,19 +385,49 @@ impl Committer {
     }
 
     fn flush(&mut self) -> anyhow::Result<()> {
-        let Some(end) = self.batch_end.take() else {
+        let Some(end) = self.batch_end else {
             return Ok(());
         };
-        self.batch_started = None;
-        let batch = std::mem::take(&mut self.batch);
-        let appends: Vec<(&str, &Event)> = batch
+        let appends: Vec<(&str, &Event)> = self
+            .batch
             .iter()
             .map(|(t, e)| (self.target_names[*t].as_str(), e))
             .collect();
         let started = Instant::now();
-        let last = tokio::task::block_in_place(|| self.store.commit(end, &appends))?;
+        let last = match tokio::task::block_in_place(|| self.store.commit(end, &appends)) {
+            Ok(last) => last,
+            Err(e) if e.is_transient() => {
+                if !self.stalled {
+                    tracing::error!(
+                        error = %e,
+                        "cannot write to the state file; steward stops confirming WAL to PostgreSQL and retries every second"
+                    );
+                }
+                self.stalled = true;
+                *self
+                    .state
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                metrics::gauge!("steward_store_stalled").set(1.0);
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if std::mem::take(&mut self.stalled) {
+            tracing::info!("the state file accepts writes again; resuming");
+            *self
+                .state
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = None;
+            metrics::gauge!("steward_store_stalled").set(0.0);
+        }
         metrics::histogram!("steward_store_commit_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("steward_events_stored_total").increment(appends.len() as u64);
+        self.batch.clear();
+        self.batch_end = None;
+        self.batch_started = None;
         let by_name: HashMap<&str, usize> = self
             .target_names
             .iter()
@@ -388,6 +441,13 @@ impl Committer {
         }
         self.advance(end);
         Ok(())
+    }
+
+    fn discard_pending(&mut self) {
+        self.batch.clear();
+        self.batch_end = None;
+        self.batch_started = None;
+        self.stalled = false;
     }
 
     fn advance(&self, lsn: Lsn) {
