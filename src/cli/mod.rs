@@ -80,18 +80,15 @@ pub fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config } => {
-            let config = match Config::load(&config) {
+        Command::Run { config: path } => {
+            let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
                     return ExitCode::from(2);
                 }
             };
-            run_blocking(async move {
-                let shutdown = shutdown_on_signals()?;
-                crate::daemon::run(config, shutdown).await
-            })
+            run_blocking(crate::daemon::control::run(path, config))
         }
         Command::Status { config, json } => {
             let config = match Config::load(&config) {

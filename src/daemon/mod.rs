@@ -10,8 +10,11 @@
 //! transaction already received, let the source confirm that durable LSN to
 //! the server, then stop the drivers at their cursors.
 
+pub mod control;
+pub mod monitor;
 mod setup;
 pub mod status;
+pub mod systemd;
 
 pub use status::{StatusFile, TargetStatusLine};
 
@@ -42,13 +45,28 @@ pub struct DaemonState {
     pub connected: std::sync::atomic::AtomicBool,
     pub durable_lsn: std::sync::atomic::AtomicU64,
     pub last_error: std::sync::Mutex<Option<String>>,
+    pub health: monitor::Health,
 }
 
 /// Runs until `shutdown` turns true or a permanent error occurs.
-pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    run_with(config, shutdown, Arc::new(DaemonState::default())).await
+}
+
+/// [`run`] reporting into `state`, which outlives it (metrics listener,
+/// systemd notifications and reloads share it).
+pub async fn run_with(
+    config: Config,
+    mut shutdown: watch::Receiver<bool>,
+    state: Arc<DaemonState>,
+) -> anyhow::Result<()> {
     let store = Store::open(&config.state.path)?;
     let mut pipeline = Pipeline::new(&config);
-    let state = Arc::new(DaemonState::default());
+    state
+        .health
+        .store_ok
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    state.health.note_caught_up();
 
     let prepared = setup::prepare(&config, &store, &pipeline).await?;
     let checkpoint = store.checkpoint()?.unwrap_or(Lsn::ZERO);
@@ -93,6 +111,18 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
     let target_names: Vec<String> = config.targets.iter().map(|t| t.name.clone()).collect();
 
     let status_task = status::spawn_writer(config.clone(), store.clone(), state.clone());
+    let monitor_task = monitor::spawn(config.clone(), store.clone(), state.clone());
+    let heartbeat_task = config
+        .source
+        .heartbeat_interval
+        .map(|every| monitor::spawn_heartbeat(config.clone(), every));
+    let entity_counters = |name: &'static str| -> Vec<metrics::Counter> {
+        config
+            .entities
+            .iter()
+            .map(|e| metrics::counter!(name, "entity" => e.name.clone()))
+            .collect()
+    };
     let (durable_tx, _) = watch::channel(checkpoint);
     let mut committer = Committer {
         store: store.clone(),
@@ -105,6 +135,8 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         batch: Vec::new(),
         batch_end: None,
         batch_started: None,
+        received: entity_counters(crate::metrics::EVENTS_RECEIVED),
+        filtered: entity_counters(crate::metrics::EVENTS_FILTERED),
     };
 
     let mut attempt: u32 = 0;
@@ -207,6 +239,11 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         }
     }
     status_task.abort();
+    monitor_task.abort();
+    if let Some(h) = heartbeat_task {
+        h.abort();
+    }
+    let _ = monitor_task.await;
     // The aborted task holds a handle on the store: wait for it so the file
     // is closed (and unlocked) when this function returns.
     let _ = status_task.await;
@@ -235,11 +272,17 @@ async fn consume(
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<Consumed> {
     let mut open: Option<OpenTxn> = None;
+    // Proof of life for the systemd watchdog, even when no messages arrive.
+    let mut alive = tokio::time::interval(Duration::from_secs(1));
     loop {
         let deadline = committer.deadline();
         let message = tokio::select! {
             biased;
             _ = shutdown.changed() => return Ok(Consumed::Shutdown),
+            _ = alive.tick() => {
+                committer.state.health.note_loop_alive();
+                continue;
+            }
             _ = sleep_until_opt(deadline) => {
                 committer.flush()?;
                 continue;
@@ -256,6 +299,7 @@ async fn consume(
                 commit_time_micros,
                 ..
             } => {
+                committer.state.health.note_begin(commit_time_micros);
                 open = Some(OpenTxn {
                     final_lsn,
                     time: pg_micros_to_rfc3339(commit_time_micros),
@@ -319,6 +363,9 @@ struct Committer {
     batch: Vec<(usize, Event)>,
     batch_end: Option<Lsn>,
     batch_started: Option<Instant>,
+    /// Per entity index.
+    received: Vec<metrics::Counter>,
+    filtered: Vec<metrics::Counter>,
 }
 
 impl Committer {
@@ -346,6 +393,14 @@ impl Committer {
         }
         for m in mapped {
             let targets = pipeline.targets_of(m.entity);
+            if let Some(c) = self.received.get(m.entity) {
+                c.increment(1);
+            }
+            if targets.is_empty() {
+                if let Some(c) = self.filtered.get(m.entity) {
+                    c.increment(1);
+                }
+            }
             if let Some((&last, rest)) = targets.split_last() {
                 for &t in rest {
                     self.batch.push((t, m.event.clone()));
@@ -372,9 +427,16 @@ impl Committer {
             .map(|(t, e)| (self.target_names[*t].as_str(), e))
             .collect();
         let started = Instant::now();
-        let last = tokio::task::block_in_place(|| self.store.commit(end, &appends))?;
-        metrics::histogram!("steward_store_commit_seconds").record(started.elapsed().as_secs_f64());
-        metrics::counter!("steward_events_stored_total").increment(appends.len() as u64);
+        let last =
+            tokio::task::block_in_place(|| self.store.commit(end, &appends)).inspect_err(|_| {
+                self.state
+                    .health
+                    .store_ok
+                    .store(false, std::sync::atomic::Ordering::Relaxed)
+            })?;
+        metrics::histogram!(crate::metrics::STORE_COMMIT_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!(crate::metrics::EVENTS_STORED).increment(appends.len() as u64);
         let by_name: HashMap<&str, usize> = self
             .target_names
             .iter()
@@ -402,6 +464,9 @@ impl Committer {
         self.state
             .durable_lsn
             .fetch_max(lsn.0, std::sync::atomic::Ordering::Relaxed);
-        metrics::gauge!("steward_durable_lsn").set(lsn.0 as f64);
+        metrics::gauge!(crate::metrics::DURABLE_LSN).set(lsn.0 as f64);
+        if self.batch_end.is_none() {
+            self.state.health.note_caught_up();
+        }
     }
 }
