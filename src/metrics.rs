@@ -196,3 +196,84 @@ async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: &[&str] = &[
+        SOURCE_LAG_BYTES,
+        SOURCE_LAG_SECONDS,
+        SOURCE_CONNECTED,
+        SLOT_WAL_STATUS,
+        SLOT_SAFE_WAL_SIZE_BYTES,
+        EVENTS_RECEIVED,
+        EVENTS_FILTERED,
+        EVENTS_STORED,
+        EVENTS_DELIVERED,
+        DELIVERY_FAILURES,
+        TARGET_BACKLOG,
+        TARGET_OLDEST_UNDELIVERED_SECONDS,
+        DELIVERY_LATENCY_SECONDS,
+        STORE_BYTES,
+        STORE_COMMIT_SECONDS,
+        DURABLE_LSN,
+        BUILD_INFO,
+        DEAD_LETTER_EVENTS,
+        QUARANTINED_RECORDS,
+        CONFIG_RELOADS,
+    ];
+
+    /// `steward_*` names used in a text, histogram suffixes removed.
+    fn names_in(text: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut rest = text;
+        while let Some(i) = rest.find("steward_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            let name = &tail[..end];
+            let name = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            out.push(name.to_string());
+            rest = &tail[end..];
+        }
+        out
+    }
+
+    #[test]
+    fn alerts_and_dashboard_use_only_declared_metrics() {
+        let dashboard = include_str!("../config/grafana-dashboard.json");
+        let parsed: serde_json::Value =
+            serde_json::from_str(dashboard).expect("the dashboard is valid JSON");
+        assert!(parsed["panels"].as_array().is_some_and(|p| p.len() >= 5));
+        let alerts = include_str!("../config/alerts.yml");
+        for (file, text) in [("dashboard", dashboard), ("alerts.yml", alerts)] {
+            for name in names_in(text) {
+                // `steward_heartbeat` etc. are not metrics; only `steward_` + known prefixes are.
+                assert!(
+                    ALL.contains(&name.as_str()),
+                    "{file} uses {name}, which src/metrics.rs does not declare"
+                );
+            }
+        }
+        for needed in [
+            SOURCE_LAG_BYTES,
+            TARGET_BACKLOG,
+            EVENTS_DELIVERED,
+            DEAD_LETTER_EVENTS,
+        ] {
+            assert!(dashboard.contains(needed), "the dashboard lacks {needed}");
+        }
+    }
+
+    #[test]
+    fn latency_buckets_are_increasing_and_span_5ms_to_60s() {
+        assert!(LATENCY_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(LATENCY_BUCKETS.first(), Some(&0.005));
+        assert_eq!(LATENCY_BUCKETS.last(), Some(&60.0));
+    }
+}
