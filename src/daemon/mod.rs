@@ -12,6 +12,7 @@
 
 pub mod control;
 pub mod monitor;
+mod privileges;
 mod setup;
 pub mod status;
 pub mod systemd;
