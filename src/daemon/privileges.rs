@@ -49,7 +49,9 @@ pub async fn check(
                 &[&name],
             )
             .await
-            .map_err(|e| anyhow::anyhow!("cannot check the privileges on {name}: {}", db_message(&e)))?;
+            .map_err(|e| {
+                anyhow::anyhow!("cannot check the privileges on {name}: {}", db_message(&e))
+            })?;
         // NULL: no such table (or no USAGE on its schema); the publication check names it.
         if row.get::<_, Option<bool>>(0) == Some(false) {
             missing.push(name);
