@@ -26,7 +26,7 @@ use super::{
 };
 
 const TOP_KEYS: &[&str] = &[
-    "source", "state", "metrics", "daemon", "entities", "targets",
+    "source", "state", "metrics", "entities", "targets", "daemon",
 ];
 const SOURCE_KEYS: &[&str] = &[
     "url",
