@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
 
 mod demo;
+mod setup_sql;
 mod status;
 
 use std::path::PathBuf;
@@ -53,6 +54,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the SQL an administrator runs once for a least-privilege role and publication.
+    SetupSql {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
     /// Run a self-contained demo: throwaway PostgreSQL with Odoo data, a local receiver, live changes.
     Demo {
         /// Make the demo changes, show the events and exit instead of waiting for Ctrl-C.
@@ -80,18 +86,15 @@ pub fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
-        Command::Run { config } => {
-            let config = match Config::load(&config) {
+        Command::Run { config: path } => {
+            let config = match Config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
                     return ExitCode::from(2);
                 }
             };
-            run_blocking(async move {
-                let shutdown = shutdown_on_signals()?;
-                crate::daemon::run(config, shutdown).await
-            })
+            run_blocking(crate::daemon::control::run(path, config))
         }
         Command::Status { config, json } => {
             let config = match Config::load(&config) {
@@ -103,6 +106,16 @@ pub fn main() -> ExitCode {
             };
             run_blocking(status::run(config, json))
         }
+        Command::SetupSql { config } => match Config::load(&config) {
+            Ok(c) => {
+                print!("{}", setup_sql::script(&c));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Demo { once } => run_blocking(demo::run(once)),
     }
 }

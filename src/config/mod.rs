@@ -20,6 +20,7 @@ pub struct Config {
     /// In the order they appear in the file.
     pub targets: Vec<TargetConfig>,
     pub metrics: MetricsConfig,
+    pub daemon: DaemonConfig,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +51,8 @@ pub struct SourceConfig {
     pub status_interval: Duration,
     /// Create the publication when it does not exist (otherwise: error).
     pub create_publication: bool,
+    /// How often a heartbeat message is written to the WAL; `None` = off.
+    pub heartbeat_interval: Option<Duration>,
 }
 
 #[derive(Clone, Debug)]
@@ -127,6 +130,14 @@ pub struct HttpTargetConfig {
 pub struct MetricsConfig {
     /// Address of the Prometheus / health listener; `None` disables it.
     pub listen: Option<std::net::SocketAddr>,
+    /// `/readyz` fails when a target's oldest undelivered event is older than this.
+    pub ready_max_target_stall: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// How long SIGTERM / SIGINT / a reload may take to drain before steward gives up (exit 1).
+    pub shutdown_timeout: Duration,
 }
 
 /// One problem found in a configuration file.

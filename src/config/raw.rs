@@ -21,11 +21,13 @@ use toml::{Table, Value};
 use self::pgurl::parse_pg_url;
 use self::reader::{check_sql_ident, join, type_name, Errors, Reader, MAX_IDENT};
 use super::{
-    Config, ConfigError, ConfigErrors, EntityConfig, FieldConfig, FieldSource, HttpTargetConfig,
-    MetricsConfig, Secret, SourceConfig, StateConfig, TargetConfig, TargetKind,
+    Config, ConfigError, ConfigErrors, DaemonConfig, EntityConfig, FieldConfig, FieldSource,
+    HttpTargetConfig, MetricsConfig, Secret, SourceConfig, StateConfig, TargetConfig, TargetKind,
 };
 
-const TOP_KEYS: &[&str] = &["source", "state", "metrics", "entities", "targets"];
+const TOP_KEYS: &[&str] = &[
+    "source", "state", "metrics", "entities", "targets", "daemon",
+];
 const SOURCE_KEYS: &[&str] = &[
     "url",
     "password_file",
@@ -35,9 +37,11 @@ const SOURCE_KEYS: &[&str] = &[
     "status_interval_ms",
     "create_publication",
     "connect_timeout_ms",
+    "heartbeat_interval_ms",
 ];
 const STATE_KEYS: &[&str] = &["path", "commit_max_events", "commit_max_delay_ms"];
-const METRICS_KEYS: &[&str] = &["listen"];
+const METRICS_KEYS: &[&str] = &["listen", "ready_max_target_stall_ms"];
+const DAEMON_KEYS: &[&str] = &["shutdown_timeout_ms"];
 const ENTITY_KEYS: &[&str] = &["table", "key", "fields"];
 const FIELD_KEYS: &[&str] = &["path", "fallback"];
 const TARGET_KEYS: &[&str] = &[
@@ -58,6 +62,8 @@ const TARGET_TYPES: &[&str] = &["http"];
 const RESERVED_HEADERS: &[&str] = &["host", "content-length", "transfer-encoding", "connection"];
 
 const HOUR_MS: u64 = 3_600_000;
+const DEFAULT_READY_MAX_TARGET_STALL_MS: u64 = 300_000;
+const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 30_000;
 
 impl Config {
     /// The documented example configuration (`config/steward.example.toml`).
@@ -110,7 +116,17 @@ pub(super) fn parse(text: &str, path: &Path, base_dir: &Path) -> Result<Config, 
     let metrics = match top.table("metrics", &mut errs) {
         Some(t) => check_metrics(t, &mut errs),
         None if top.has("metrics") => None,
-        None => Some(MetricsConfig { listen: None }),
+        None => Some(MetricsConfig {
+            listen: None,
+            ready_max_target_stall: ms(DEFAULT_READY_MAX_TARGET_STALL_MS),
+        }),
+    };
+    let daemon = match top.table("daemon", &mut errs) {
+        Some(t) => check_daemon(t, &mut errs),
+        None if top.has("daemon") => None,
+        None => Some(DaemonConfig {
+            shutdown_timeout: ms(DEFAULT_SHUTDOWN_TIMEOUT_MS),
+        }),
     };
     let (entity_names, entities) = check_entities(&top, &mut errs);
     let targets = check_targets(&top, &entity_names, base_dir, &mut errs);
@@ -125,6 +141,7 @@ pub(super) fn parse(text: &str, path: &Path, base_dir: &Path) -> Result<Config, 
             entities: entities?,
             targets: targets?,
             metrics: metrics?,
+            daemon: daemon?,
         })
     })();
     // Every `None` above comes with a recorded error; this is a safety net.
@@ -185,6 +202,33 @@ fn resolve(base_dir: &Path, path: &str) -> PathBuf {
     }
 }
 
+/// Replaces `${CREDENTIALS_DIRECTORY}` (or `$CREDENTIALS_DIRECTORY`) with the
+/// directory systemd passes credentials in (`LoadCredential=`), so the unit's
+/// config can name `${CREDENTIALS_DIRECTORY}/pgpass` without knowing the path.
+fn expand_credentials_dir(key: &str, file: &str, errs: &mut Errors) -> Option<String> {
+    const FORMS: [&str; 2] = ["${CREDENTIALS_DIRECTORY}", "$CREDENTIALS_DIRECTORY"];
+    if !FORMS.iter().any(|f| file.contains(f)) {
+        return Some(file.to_string());
+    }
+    match std::env::var("CREDENTIALS_DIRECTORY") {
+        Ok(dir) if !dir.is_empty() => Some(
+            FORMS
+                .iter()
+                .fold(file.to_string(), |acc, f| acc.replace(f, &dir)),
+        ),
+        _ => {
+            errs.add(
+                key,
+                format!(
+                    "`{file}` uses $CREDENTIALS_DIRECTORY, which is not set: run steward under \
+                     systemd with LoadCredential= (see systemd/steward.service), or write the path"
+                ),
+            );
+            None
+        }
+    }
+}
+
 /// Reads a secret from a file; one trailing newline (as editors add) is dropped.
 /// Messages name the key and the path, never the content.
 fn secret_from_file(key: &str, base_dir: &Path, file: &str, errs: &mut Errors) -> Option<Secret> {
@@ -195,7 +239,8 @@ fn secret_from_file(key: &str, base_dir: &Path, file: &str, errs: &mut Errors) -
         );
         return None;
     }
-    let path = resolve(base_dir, file);
+    let expanded = expand_credentials_dir(key, file, errs)?;
+    let path = resolve(base_dir, &expanded);
     let bytes = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) => {
@@ -389,6 +434,8 @@ fn check_source(table: &Table, base_dir: &Path, errs: &mut Errors) -> Option<Sou
         );
     }
 
+    let heartbeat_ms = r.int("heartbeat_interval_ms", 0, 0, HOUR_MS, "milliseconds", errs);
+
     let url = url?;
     Some(SourceConfig {
         url_display: url.display,
@@ -412,6 +459,10 @@ fn check_source(table: &Table, base_dir: &Path, errs: &mut Errors) -> Option<Sou
         },
         status_interval: ms(status_interval?),
         create_publication: create_publication?,
+        heartbeat_interval: match heartbeat_ms? {
+            0 => None,
+            n => Some(ms(n)),
+        },
     })
 }
 
@@ -459,7 +510,33 @@ fn check_metrics(table: &Table, errs: &mut Errors) -> Option<MetricsConfig> {
             },
         },
     };
-    Some(MetricsConfig { listen })
+    let stall = r.int(
+        "ready_max_target_stall_ms",
+        DEFAULT_READY_MAX_TARGET_STALL_MS,
+        1_000,
+        7 * 24 * HOUR_MS,
+        "milliseconds",
+        errs,
+    );
+    Some(MetricsConfig {
+        listen,
+        ready_max_target_stall: ms(stall?),
+    })
+}
+
+fn check_daemon(table: &Table, errs: &mut Errors) -> Option<DaemonConfig> {
+    let r = Reader::new("daemon", table, DAEMON_KEYS, errs);
+    let timeout = r.int(
+        "shutdown_timeout_ms",
+        DEFAULT_SHUTDOWN_TIMEOUT_MS,
+        100,
+        HOUR_MS,
+        "milliseconds",
+        errs,
+    );
+    Some(DaemonConfig {
+        shutdown_timeout: ms(timeout?),
+    })
 }
 
 /// `[a-z][a-z0-9_]*` (entities) or `[a-z][a-z0-9_-]*` (targets, with `dash`):

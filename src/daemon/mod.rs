@@ -10,8 +10,12 @@
 //! transaction already received, let the source confirm that durable LSN to
 //! the server, then stop the drivers at their cursors.
 
+pub mod control;
+pub mod monitor;
+mod privileges;
 mod setup;
 pub mod status;
+pub mod systemd;
 
 pub use status::{StatusFile, TargetStatusLine};
 
@@ -45,13 +49,28 @@ pub struct DaemonState {
     pub connected: std::sync::atomic::AtomicBool,
     pub durable_lsn: std::sync::atomic::AtomicU64,
     pub last_error: std::sync::Mutex<Option<String>>,
+    pub health: monitor::Health,
 }
 
 /// Runs until `shutdown` turns true or a permanent error occurs.
-pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    run_with(config, shutdown, Arc::new(DaemonState::default())).await
+}
+
+/// [`run`] reporting into `state`, which outlives it (metrics listener,
+/// systemd notifications and reloads share it).
+pub async fn run_with(
+    config: Config,
+    mut shutdown: watch::Receiver<bool>,
+    state: Arc<DaemonState>,
+) -> anyhow::Result<()> {
     let store = Store::open(&config.state.path)?;
     let mut pipeline = Pipeline::new(&config);
-    let state = Arc::new(DaemonState::default());
+    state
+        .health
+        .store_ok
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    state.health.note_caught_up();
 
     let prepared = setup::prepare(&config, &store, &pipeline).await?;
     let checkpoint = store.checkpoint()?.unwrap_or(Lsn::ZERO);
@@ -96,6 +115,18 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
     let target_names: Vec<String> = config.targets.iter().map(|t| t.name.clone()).collect();
 
     let status_task = status::spawn_writer(config.clone(), store.clone(), state.clone());
+    let monitor_task = monitor::spawn(config.clone(), store.clone(), state.clone());
+    let heartbeat_task = config
+        .source
+        .heartbeat_interval
+        .map(|every| monitor::spawn_heartbeat(config.clone(), every));
+    let entity_counters = |name: &'static str| -> Vec<metrics::Counter> {
+        config
+            .entities
+            .iter()
+            .map(|e| metrics::counter!(name, "entity" => e.name.clone()))
+            .collect()
+    };
     let (durable_tx, _) = watch::channel(checkpoint);
     let mut committer = Committer {
         store: store.clone(),
@@ -109,6 +140,8 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         batch_end: None,
         batch_started: None,
         stalled: false,
+        received: entity_counters(crate::metrics::EVENTS_RECEIVED),
+        filtered: entity_counters(crate::metrics::EVENTS_FILTERED),
     };
 
     let mut attempt: u32 = 0;
@@ -214,6 +247,11 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         }
     }
     status_task.abort();
+    monitor_task.abort();
+    if let Some(h) = heartbeat_task {
+        h.abort();
+    }
+    let _ = monitor_task.await;
     // The aborted task holds a handle on the store: wait for it so the file
     // is closed (and unlocked) when this function returns.
     let _ = status_task.await;
@@ -242,6 +280,8 @@ async fn consume(
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<Consumed> {
     let mut open: Option<OpenTxn> = None;
+    // Proof of life for the systemd watchdog, even when no messages arrive.
+    let mut alive = tokio::time::interval(Duration::from_secs(1));
     loop {
         if committer.stalled {
             // The store refused the last commit (disk full, I/O error). Stop
@@ -260,6 +300,10 @@ async fn consume(
         let message = tokio::select! {
             biased;
             _ = shutdown.changed() => return Ok(Consumed::Shutdown),
+            _ = alive.tick() => {
+                committer.state.health.note_loop_alive();
+                continue;
+            }
             _ = sleep_until_opt(deadline) => {
                 committer.flush()?;
                 continue;
@@ -276,6 +320,7 @@ async fn consume(
                 commit_time_micros,
                 ..
             } => {
+                committer.state.health.note_begin(commit_time_micros);
                 open = Some(OpenTxn {
                     final_lsn,
                     time: pg_micros_to_rfc3339(commit_time_micros),
@@ -342,6 +387,9 @@ struct Committer {
     /// The last commit failed with an error that may clear (disk full):
     /// the batch is kept and nothing more is confirmed until it succeeds.
     stalled: bool,
+    /// Per entity index.
+    received: Vec<metrics::Counter>,
+    filtered: Vec<metrics::Counter>,
 }
 
 impl Committer {
@@ -369,6 +417,14 @@ impl Committer {
         }
         for m in mapped {
             let targets = pipeline.targets_of(m.entity);
+            if let Some(c) = self.received.get(m.entity) {
+                c.increment(1);
+            }
+            if targets.is_empty() {
+                if let Some(c) = self.filtered.get(m.entity) {
+                    c.increment(1);
+                }
+            }
             if let Some((&last, rest)) = targets.split_last() {
                 for &t in rest {
                     self.batch.push((t, m.event.clone()));
@@ -404,27 +460,40 @@ impl Committer {
                     );
                 }
                 self.stalled = true;
+                self.state
+                    .health
+                    .store_ok
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
                 *self
                     .state
                     .last_error
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-                metrics::gauge!("steward_store_stalled").set(1.0);
                 return Ok(());
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => {
+                self.state
+                    .health
+                    .store_ok
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                return Err(e.into());
+            }
         };
         if std::mem::take(&mut self.stalled) {
             tracing::info!("the state file accepts writes again; resuming");
+            self.state
+                .health
+                .store_ok
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             *self
                 .state
                 .last_error
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()) = None;
-            metrics::gauge!("steward_store_stalled").set(0.0);
         }
-        metrics::histogram!("steward_store_commit_seconds").record(started.elapsed().as_secs_f64());
-        metrics::counter!("steward_events_stored_total").increment(appends.len() as u64);
+        metrics::histogram!(crate::metrics::STORE_COMMIT_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!(crate::metrics::EVENTS_STORED).increment(appends.len() as u64);
         self.batch.clear();
         self.batch_end = None;
         self.batch_started = None;
@@ -462,6 +531,9 @@ impl Committer {
         self.state
             .durable_lsn
             .fetch_max(lsn.0, std::sync::atomic::Ordering::Relaxed);
-        metrics::gauge!("steward_durable_lsn").set(lsn.0 as f64);
+        metrics::gauge!(crate::metrics::DURABLE_LSN).set(lsn.0 as f64);
+        if self.batch_end.is_none() {
+            self.state.health.note_caught_up();
+        }
     }
 }

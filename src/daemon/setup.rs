@@ -26,6 +26,7 @@ pub async fn prepare(
         .with_context(|| format!("cannot connect to the source {}", source.url_display))?;
     slot::check_wal_level(&sql).await?;
     let tables = pipeline.tables();
+    super::privileges::check(&sql, source, &tables).await?;
     slot::ensure_publication(
         &sql,
         &source.publication,

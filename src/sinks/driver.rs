@@ -345,12 +345,13 @@ struct TargetMetrics {
 
 impl TargetMetrics {
     fn new(target: &str) -> TargetMetrics {
+        use crate::metrics as m;
         let t = target.to_string();
         TargetMetrics {
-            delivered: metrics::counter!("steward_events_delivered_total", "target" => t.clone()),
-            failures: metrics::counter!("steward_delivery_failures_total", "target" => t.clone()),
-            backlog: metrics::gauge!("steward_target_backlog_events", "target" => t.clone()),
-            latency: metrics::histogram!("steward_delivery_latency_seconds", "target" => t),
+            delivered: metrics::counter!(m::EVENTS_DELIVERED, "target" => t.clone()),
+            failures: metrics::counter!(m::DELIVERY_FAILURES, "target" => t.clone()),
+            backlog: metrics::gauge!(m::TARGET_BACKLOG, "target" => t.clone()),
+            latency: metrics::histogram!(m::DELIVERY_LATENCY_SECONDS, "target" => t),
         }
     }
 }

@@ -539,6 +539,7 @@ mod tests {
             publication: "steward".into(),
             status_interval: Duration::from_secs(10),
             create_publication: false,
+            heartbeat_interval: None,
         }
     }
 

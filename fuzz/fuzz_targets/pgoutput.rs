@@ -1,0 +1,9 @@
+//! Any bytes, in or out of a streamed block: an error or a message, never a panic.
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let bytes = bytes::Bytes::copy_from_slice(data);
+    let _ = steward::source::pgoutput::decode(&bytes, false);
+    let _ = steward::source::pgoutput::decode(&bytes, true);
+});

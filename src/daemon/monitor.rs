@@ -1,0 +1,272 @@
+//! Health figures that need polling: the slot's lag and WAL status (from the
+//! server, on a normal SQL connection), each target's backlog and the age of
+//! its oldest undelivered event (from the store), the store's size; plus the
+//! optional WAL heartbeat and the readiness verdict served on `/readyz`.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::DaemonState;
+use crate::config::Config;
+use crate::metrics as m;
+use crate::source::{slot, wire};
+use crate::store::Store;
+
+/// How often the server and the store are polled.
+pub const MONITOR_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Microseconds between 1970-01-01 and PostgreSQL's epoch 2000-01-01.
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// `wal_status` values of PostgreSQL 13+, exported as one series each.
+const WAL_STATUSES: &[&str] = &["reserved", "extended", "unreserved", "lost"];
+
+/// Shared health figures (part of [`DaemonState`]).
+#[derive(Default)]
+pub struct Health {
+    /// False once a store commit failed.
+    pub store_ok: AtomicBool,
+    /// Unix micros of the oldest received commit not yet durable; 0 = none.
+    oldest_pending_commit: AtomicI64,
+    /// Unix micros when everything received was last known durable.
+    caught_up_at: AtomicI64,
+    /// Unix micros of the consume loop's last turn (for the watchdog).
+    pub loop_tick: AtomicI64,
+    /// Readiness budget for a target's oldest undelivered event, in ms.
+    pub stall_budget_ms: AtomicU64,
+    /// Targets whose oldest undelivered event is older than the budget, with its age.
+    pub stalled: Mutex<Vec<(String, u64)>>,
+}
+
+pub fn now_micros() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+impl Health {
+    /// A transaction began (commit time in PostgreSQL micros): it is pending until durable.
+    pub fn note_begin(&self, commit_time_pg_micros: i64) {
+        let unix = commit_time_pg_micros.saturating_add(PG_EPOCH_OFFSET_MICROS);
+        let _ = self.oldest_pending_commit.compare_exchange(
+            0,
+            unix.max(1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Everything received so far is durable.
+    pub fn note_caught_up(&self) {
+        self.oldest_pending_commit.store(0, Ordering::Relaxed);
+        self.caught_up_at.store(now_micros(), Ordering::Relaxed);
+    }
+
+    pub fn note_loop_alive(&self) {
+        self.loop_tick.store(now_micros(), Ordering::Relaxed);
+    }
+
+    /// Seconds the source is behind: the oldest pending commit's age; 0 when
+    /// caught up while connected; since the last caught-up moment when disconnected.
+    pub fn lag_seconds(&self, connected: bool) -> f64 {
+        let now = now_micros();
+        let pending = self.oldest_pending_commit.load(Ordering::Relaxed);
+        let since = if pending != 0 {
+            pending
+        } else if connected {
+            return 0.0;
+        } else {
+            match self.caught_up_at.load(Ordering::Relaxed) {
+                0 => return 0.0,
+                t => t,
+            }
+        };
+        (now - since).max(0) as f64 / 1e6
+    }
+}
+
+pub fn publish_lag_seconds(state: &DaemonState) {
+    let connected = state.connected.load(Ordering::Relaxed);
+    metrics::gauge!(m::SOURCE_CONNECTED).set(if connected { 1.0 } else { 0.0 });
+    metrics::gauge!(m::SOURCE_LAG_SECONDS).set(state.health.lag_seconds(connected));
+}
+
+/// Why the daemon is not ready; empty when it is.
+pub fn readiness_problems(state: &DaemonState) -> Vec<String> {
+    let mut problems = Vec::new();
+    if !state.connected.load(Ordering::Relaxed) {
+        let why = state
+            .last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| "not connected yet".into());
+        problems.push(format!("source: not connected ({why})"));
+    }
+    if !state.health.store_ok.load(Ordering::Relaxed) {
+        problems.push("store: not open or the last commit failed".into());
+    }
+    let budget = state.health.stall_budget_ms.load(Ordering::Relaxed);
+    for (target, age_ms) in state
+        .health
+        .stalled
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
+        problems.push(format!(
+            "target {target}: oldest undelivered event is {}s old (budget {}s)",
+            age_ms / 1000,
+            budget / 1000
+        ));
+    }
+    problems
+}
+
+/// Polls every [`MONITOR_INTERVAL`] until aborted.
+pub fn spawn(config: Config, store: Store, state: Arc<DaemonState>) -> tokio::task::JoinHandle<()> {
+    state.health.stall_budget_ms.store(
+        u64::try_from(config.metrics.ready_max_target_stall.as_millis()).unwrap_or(u64::MAX),
+        Ordering::Relaxed,
+    );
+    tokio::spawn(async move {
+        let mut sql: Option<tokio_postgres::Client> = None;
+        let mut tick = tokio::time::interval(MONITOR_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            publish_lag_seconds(&state);
+            poll_store(&config, &store, &state);
+            poll_slot(&config, &mut sql).await;
+        }
+    })
+}
+
+fn poll_store(config: &Config, store: &Store, state: &DaemonState) {
+    let budget = state.health.stall_budget_ms.load(Ordering::Relaxed);
+    let now = chrono::Utc::now();
+    let mut stalled = Vec::new();
+    tokio::task::block_in_place(|| {
+        metrics::gauge!(m::STORE_BYTES).set(store.file_size() as f64);
+        for target in &config.targets {
+            let name = target.name.clone();
+            if let Ok(backlog) = store.backlog(&name) {
+                metrics::gauge!(m::TARGET_BACKLOG, "target" => name.clone()).set(backlog as f64);
+            }
+            let age_ms = match store.oldest_pending(&name) {
+                Ok(Some((_, event))) => chrono::DateTime::parse_from_rfc3339(&event.time)
+                    .map(|t| {
+                        (now - t.with_timezone(&chrono::Utc))
+                            .num_milliseconds()
+                            .max(0)
+                    })
+                    .unwrap_or(0),
+                _ => 0,
+            } as u64;
+            metrics::gauge!(m::TARGET_OLDEST_UNDELIVERED_SECONDS, "target" => name.clone())
+                .set(age_ms as f64 / 1000.0);
+            if age_ms > budget {
+                stalled.push((name, age_ms));
+            }
+        }
+    });
+    *state
+        .health
+        .stalled
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = stalled;
+}
+
+async fn poll_slot(config: &Config, sql: &mut Option<tokio_postgres::Client>) {
+    if !matches!(sql, Some(c) if !c.is_closed()) {
+        match wire::connect_sql(&config.source).await {
+            Ok(c) => *sql = Some(c),
+            Err(e) => {
+                tracing::debug!(error = %e, "monitor: cannot connect to the source");
+                return;
+            }
+        }
+    }
+    let Some(client) = sql.as_ref() else { return };
+    match slot::slot_info(client, &config.source.slot).await {
+        Ok(Some(info)) => {
+            if let Some(lag) = info.lag_bytes() {
+                metrics::gauge!(m::SOURCE_LAG_BYTES).set(lag as f64);
+            }
+            if let Some(status) = info.wal_status.as_deref() {
+                for s in WAL_STATUSES {
+                    metrics::gauge!(m::SLOT_WAL_STATUS, "status" => *s).set(if *s == status {
+                        1.0
+                    } else {
+                        0.0
+                    });
+                }
+            }
+            if let Some(size) = info.safe_wal_size {
+                metrics::gauge!(m::SLOT_SAFE_WAL_SIZE_BYTES).set(size as f64);
+            }
+        }
+        Ok(None) => {
+            // No slot at all reads as "lost": the alert on it names the fix.
+            for s in WAL_STATUSES {
+                metrics::gauge!(m::SLOT_WAL_STATUS, "status" => *s).set(if *s == "lost" {
+                    1.0
+                } else {
+                    0.0
+                });
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "monitor: cannot read the slot");
+            *sql = None;
+        }
+    }
+}
+
+/// Writes a non-transactional logical message every `interval`, so the
+/// walsender has WAL to decode on a quiet database: keepalives move, the slot
+/// advances and lag in seconds stays meaningful. The source ignores these messages.
+pub fn spawn_heartbeat(config: Config, interval: Duration) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut sql: Option<tokio_postgres::Client> = None;
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut warned = false;
+        loop {
+            tick.tick().await;
+            if !matches!(&sql, Some(c) if !c.is_closed()) {
+                match wire::connect_sql(&config.source).await {
+                    Ok(c) => sql = Some(c),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "heartbeat: cannot connect to the source");
+                        continue;
+                    }
+                }
+            }
+            let Some(client) = sql.as_ref() else { continue };
+            match client
+                .simple_query(
+                    "SELECT pg_logical_emit_message(false, 'steward_heartbeat', now()::text)",
+                )
+                .await
+            {
+                Ok(_) => warned = false,
+                Err(e) => {
+                    let error = e
+                        .as_db_error()
+                        .map(|d| d.message().to_string())
+                        .unwrap_or_else(|| e.to_string());
+                    if !warned {
+                        tracing::warn!(
+                            %error,
+                            "heartbeat: cannot write to the WAL; grant EXECUTE on \
+                             pg_logical_emit_message(boolean, text, text) to steward's role \
+                             or set source.heartbeat_interval_ms = 0"
+                        );
+                        warned = true;
+                    }
+                    sql = None;
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,279 @@
+//! Every Prometheus metric steward exports, declared in one place (name,
+//! labels, help, histogram buckets), the process-wide recorder, and the
+//! HTTP listener serving `/metrics`, `/healthz` and `/readyz`.
+//!
+//! Code elsewhere records through the `metrics` macros using the constants
+//! below, so a name cannot drift between the recorder, the alert rules
+//! (`config/alerts.yml`) and the dashboard (`config/grafana-dashboard.json`).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::daemon::DaemonState;
+
+/// Server WAL position minus the slot's confirmed flush position, in bytes.
+pub const SOURCE_LAG_BYTES: &str = "steward_source_lag_bytes";
+/// Age of the oldest received but not yet confirmed commit; 0 when caught up.
+pub const SOURCE_LAG_SECONDS: &str = "steward_source_lag_seconds";
+/// 1 while the replication connection streams, else 0.
+pub const SOURCE_CONNECTED: &str = "steward_source_connected";
+/// Label `status`: one series per `pg_replication_slots.wal_status` value, 1 for the current one.
+pub const SLOT_WAL_STATUS: &str = "steward_slot_wal_status";
+/// `pg_replication_slots.safe_wal_size`: WAL that may still be written before the slot risks loss.
+pub const SLOT_SAFE_WAL_SIZE_BYTES: &str = "steward_slot_safe_wal_size_bytes";
+/// Label `entity`: events mapped from received row changes.
+pub const EVENTS_RECEIVED: &str = "steward_events_received_total";
+/// Label `entity`: events dropped before any outbox (no target takes the entity, or a gate skipped it).
+pub const EVENTS_FILTERED: &str = "steward_events_filtered_total";
+/// Events written to outboxes (one per target an event goes to).
+pub const EVENTS_STORED: &str = "steward_events_stored_total";
+/// Label `target`.
+pub const EVENTS_DELIVERED: &str = "steward_events_delivered_total";
+/// Label `target`: failed delivery attempts.
+pub const DELIVERY_FAILURES: &str = "steward_delivery_failures_total";
+/// Label `target`: events waiting in the outbox.
+pub const TARGET_BACKLOG: &str = "steward_target_backlog_events";
+/// Label `target`: age of the oldest event in the outbox (commit time → now); 0 when empty.
+pub const TARGET_OLDEST_UNDELIVERED_SECONDS: &str = "steward_target_oldest_undelivered_seconds";
+/// Label `target`: commit → acknowledged by the target.
+pub const DELIVERY_LATENCY_SECONDS: &str = "steward_delivery_latency_seconds";
+/// Size of the redb state file.
+pub const STORE_BYTES: &str = "steward_store_bytes";
+/// Duration of one group commit to the store.
+pub const STORE_COMMIT_SECONDS: &str = "steward_store_commit_seconds";
+/// The last LSN made durable in the store.
+pub const DURABLE_LSN: &str = "steward_durable_lsn";
+/// Label `version`: always 1.
+pub const BUILD_INFO: &str = "steward_build_info";
+/// Label `target`: events parked in the dead-letter queue (recorded by the DLQ when present).
+pub const DEAD_LETTER_EVENTS: &str = "steward_dead_letter_events";
+/// Label `entity`: records held in quarantine (recorded by the quarantine when present).
+pub const QUARANTINED_RECORDS: &str = "steward_quarantined_records";
+/// Completed configuration reloads (SIGHUP), label `result` = `applied` | `rejected`.
+pub const CONFIG_RELOADS: &str = "steward_config_reloads_total";
+
+/// Commit → ack latency buckets: 5 ms (same machine) up to a minute (a retry or two).
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// Group commit durations: a fsync is ~1 ms on SSDs, a huge commit ~1 s.
+pub const COMMIT_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// Registers help texts (shown as `# HELP` lines).
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(
+        SOURCE_LAG_BYTES,
+        Unit::Bytes,
+        "Server WAL position minus the slot's confirmed flush position"
+    );
+    describe_gauge!(
+        SOURCE_LAG_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest received but unconfirmed commit; 0 when caught up"
+    );
+    describe_gauge!(SOURCE_CONNECTED, "1 while the replication connection is up");
+    describe_gauge!(
+        SLOT_WAL_STATUS,
+        "Replication slot wal_status: 1 for the current status"
+    );
+    describe_gauge!(
+        SLOT_SAFE_WAL_SIZE_BYTES,
+        Unit::Bytes,
+        "WAL that can still be written before the slot risks losing WAL"
+    );
+    describe_counter!(
+        EVENTS_RECEIVED,
+        "Events mapped from received row changes, per entity"
+    );
+    describe_counter!(
+        EVENTS_FILTERED,
+        "Events dropped before any outbox (no target, or skipped by a gate), per entity"
+    );
+    describe_counter!(EVENTS_STORED, "Events written to target outboxes");
+    describe_counter!(EVENTS_DELIVERED, "Events acknowledged by the target");
+    describe_counter!(DELIVERY_FAILURES, "Failed delivery attempts");
+    describe_gauge!(TARGET_BACKLOG, "Events waiting in the target's outbox");
+    describe_gauge!(
+        TARGET_OLDEST_UNDELIVERED_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest event waiting in the target's outbox; 0 when empty"
+    );
+    describe_histogram!(
+        DELIVERY_LATENCY_SECONDS,
+        Unit::Seconds,
+        "Source commit to target acknowledgement"
+    );
+    describe_gauge!(STORE_BYTES, Unit::Bytes, "Size of the redb state file");
+    describe_histogram!(
+        STORE_COMMIT_SECONDS,
+        Unit::Seconds,
+        "Duration of one durable group commit"
+    );
+    describe_gauge!(DURABLE_LSN, "Last WAL position made durable in the store");
+    describe_gauge!(BUILD_INFO, "Build information; always 1");
+    describe_gauge!(DEAD_LETTER_EVENTS, "Events parked in the dead-letter queue");
+    describe_gauge!(QUARANTINED_RECORDS, "Records held in quarantine");
+    describe_counter!(CONFIG_RELOADS, "Configuration reloads (SIGHUP) by result");
+}
+
+/// Installs the process-wide Prometheus recorder once and returns its handle.
+/// Later calls (e.g. after a reload) return the same handle.
+pub fn install() -> anyhow::Result<&'static PrometheusHandle> {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    if let Some(h) = HANDLE.get() {
+        return Ok(h);
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(DELIVERY_LATENCY_SECONDS.into()),
+            LATENCY_BUCKETS,
+        )?
+        .set_buckets_for_metric(Matcher::Full(STORE_COMMIT_SECONDS.into()), COMMIT_BUCKETS)?
+        .install_recorder()
+        .map_err(|e| anyhow::anyhow!("cannot install the metrics recorder: {e}"))?;
+    describe();
+    metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(HANDLE.get_or_init(|| handle))
+}
+
+#[derive(Clone)]
+struct Shared {
+    handle: &'static PrometheusHandle,
+    state: Arc<DaemonState>,
+}
+
+/// Binds `addr` (failing fast when it is taken) and serves until the process ends.
+pub async fn serve(addr: SocketAddr, state: Arc<DaemonState>) -> anyhow::Result<()> {
+    let handle = install()?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen for metrics on {addr}: {e}; change metrics.listen or free the port"
+        )
+    })?;
+    tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+    let app = Router::new()
+        .route("/metrics", get(metrics_page))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(Shared { handle, state });
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics listener stopped");
+        }
+    });
+    Ok(())
+}
+
+async fn metrics_page(State(s): State<Shared>) -> impl IntoResponse {
+    // Lag in seconds is a function of "now": computed at scrape time so an
+    // idle, caught-up daemon reads 0 and a stuck one keeps growing.
+    crate::daemon::monitor::publish_lag_seconds(&s.state);
+    s.handle.run_upkeep();
+    (
+        [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+        s.handle.render(),
+    )
+}
+
+async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
+    let problems = crate::daemon::monitor::readiness_problems(&s.state);
+    if problems.is_empty() {
+        (StatusCode::OK, "ready\n".to_string())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready:\n{}\n", problems.join("\n")),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: &[&str] = &[
+        SOURCE_LAG_BYTES,
+        SOURCE_LAG_SECONDS,
+        SOURCE_CONNECTED,
+        SLOT_WAL_STATUS,
+        SLOT_SAFE_WAL_SIZE_BYTES,
+        EVENTS_RECEIVED,
+        EVENTS_FILTERED,
+        EVENTS_STORED,
+        EVENTS_DELIVERED,
+        DELIVERY_FAILURES,
+        TARGET_BACKLOG,
+        TARGET_OLDEST_UNDELIVERED_SECONDS,
+        DELIVERY_LATENCY_SECONDS,
+        STORE_BYTES,
+        STORE_COMMIT_SECONDS,
+        DURABLE_LSN,
+        BUILD_INFO,
+        DEAD_LETTER_EVENTS,
+        QUARANTINED_RECORDS,
+        CONFIG_RELOADS,
+    ];
+
+    /// `steward_*` names used in a text, histogram suffixes removed.
+    fn names_in(text: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut rest = text;
+        while let Some(i) = rest.find("steward_") {
+            let tail = &rest[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(tail.len());
+            let name = &tail[..end];
+            let name = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name);
+            out.push(name.to_string());
+            rest = &tail[end..];
+        }
+        out
+    }
+
+    #[test]
+    fn alerts_and_dashboard_use_only_declared_metrics() {
+        let dashboard = include_str!("../config/grafana-dashboard.json");
+        let parsed: serde_json::Value =
+            serde_json::from_str(dashboard).expect("the dashboard is valid JSON");
+        assert!(parsed["panels"].as_array().is_some_and(|p| p.len() >= 5));
+        let alerts = include_str!("../config/alerts.yml");
+        for (file, text) in [("dashboard", dashboard), ("alerts.yml", alerts)] {
+            for name in names_in(text) {
+                // `steward_heartbeat` etc. are not metrics; only `steward_` + known prefixes are.
+                assert!(
+                    ALL.contains(&name.as_str()),
+                    "{file} uses {name}, which src/metrics.rs does not declare"
+                );
+            }
+        }
+        for needed in [
+            SOURCE_LAG_BYTES,
+            TARGET_BACKLOG,
+            EVENTS_DELIVERED,
+            DEAD_LETTER_EVENTS,
+        ] {
+            assert!(dashboard.contains(needed), "the dashboard lacks {needed}");
+        }
+    }
+
+    #[test]
+    fn latency_buckets_are_increasing_and_span_5ms_to_60s() {
+        assert!(LATENCY_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(LATENCY_BUCKETS.first(), Some(&0.005));
+        assert_eq!(LATENCY_BUCKETS.last(), Some(&60.0));
+    }
+}

@@ -1,0 +1,720 @@
+//! Operations: metrics and health endpoints, heartbeat, SIGHUP reload,
+//! SIGTERM drain, least-privilege role, secrets kept out of logs, and the
+//! systemd notify protocol — against a real PostgreSQL, with the steward
+//! binary run as a child process where signals or the environment matter.
+
+mod support;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use steward::dev::receiver::{Behaviour, Receiver};
+use steward::store::Store;
+use support::{wait_until, TestDb};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// The steward binary with a log file and extra environment.
+struct Steward {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Steward {
+    fn start(config: &Path, log: &Path, env: &[(&str, &str)]) -> Steward {
+        let file = std::fs::File::create(log).expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_steward"));
+        cmd.args(["run", "-c"])
+            .arg(config)
+            .env("STEWARD_LOG", "steward=debug")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Steward {
+            child: cmd.spawn().expect("spawn steward"),
+            log: log.to_path_buf(),
+        }
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("send a signal");
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log has `n` lines containing `text`.
+    async fn wait_log(&self, text: &str, n: usize) {
+        let start = Instant::now();
+        loop {
+            let logs = self.logs();
+            if logs.matches(text).count() >= n {
+                return;
+            }
+            if start.elapsed() > WAIT {
+                panic!("timed out waiting for log line {text:?} (x{n}); log:\n{logs}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGTERM and the exit status, within `WAIT`.
+    async fn terminate(self) -> (std::process::ExitStatus, String) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait_exit().await
+    }
+
+    /// The exit status and the log, within `WAIT`.
+    async fn wait_exit(mut self) -> (std::process::ExitStatus, String) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return (status, self.logs());
+            }
+            if start.elapsed() > WAIT {
+                let _ = self.child.kill();
+                panic!("steward did not stop after SIGTERM; log:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Steward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+async fn get(url: &str) -> Option<(u16, String)> {
+    let response = reqwest::get(url).await.ok()?;
+    let status = response.status().as_u16();
+    Some((status, response.text().await.ok()?))
+}
+
+/// The value of the sample `name{labels}` (labels as written, e.g. `target="wms"`; "" for none).
+fn sample(page: &str, name: &str, labels: &str) -> Option<f64> {
+    page.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let (lbl, value) = match rest.strip_prefix('{') {
+            Some(r) => {
+                let (l, v) = r.split_once("} ")?;
+                (l, v)
+            }
+            None => ("", rest.strip_prefix(' ')?),
+        };
+        let matches = if labels.is_empty() {
+            lbl.is_empty()
+        } else {
+            lbl.contains(labels)
+        };
+        if matches {
+            value.trim().parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
+async fn scrape(port: u16) -> String {
+    get(&format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .map(|(_, body)| body)
+        .unwrap_or_default()
+}
+
+/// Polls the metrics page until `check` holds.
+async fn wait_metric(port: u16, what: &str, mut check: impl FnMut(&str) -> bool) -> String {
+    let start = Instant::now();
+    loop {
+        let page = scrape(port).await;
+        if check(&page) {
+            return page;
+        }
+        if start.elapsed() > WAIT {
+            panic!("timed out waiting for {what}; last page:\n{page}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn update_product_price(db: &TestDb, id: i64, price: &str) {
+    db.sql(&format!(
+        "UPDATE product_template SET list_price = {price} WHERE id = {id}"
+    ));
+}
+
+fn some_product(db: &TestDb) -> i64 {
+    db.sql("SELECT min(id) FROM product_template")
+        .trim()
+        .parse()
+        .expect("a product id")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_health_and_readiness_follow_a_target_outage() {
+    let db = TestDb::new("ops_metrics");
+    let wms = Receiver::start().await.unwrap();
+    let port = free_port();
+    let mut text = db.config_text(&[("wms", &wms.url(), &["product"])]);
+    text = text.replace(
+        "[state]",
+        &format!(
+            "heartbeat_interval_ms = 200\n\n[metrics]\nlisten = \"127.0.0.1:{port}\"\nready_max_target_stall_ms = 1000\n\n[state]"
+        ),
+    );
+    let config = db.write_config(&text);
+    let steward = Steward::start(&config, &db.dir.path().join("steward.log"), &[]);
+
+    // Alive at once; ready once the source is connected.
+    let start = Instant::now();
+    loop {
+        if let Some((200, body)) = get(&format!("http://127.0.0.1:{port}/healthz")).await {
+            assert_eq!(body.trim(), "ok");
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "/healthz never answered; log:\n{}",
+            steward.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let start = Instant::now();
+    while get(&format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .map(|r| r.0)
+        != Some(200)
+    {
+        assert!(
+            start.elapsed() < WAIT,
+            "/readyz never became 200; log:\n{}",
+            steward.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let page = scrape(port).await;
+    assert_eq!(
+        sample(
+            &page,
+            "steward_build_info",
+            &format!("version=\"{}\"", env!("CARGO_PKG_VERSION"))
+        ),
+        Some(1.0),
+        "{page}"
+    );
+    assert!(page.contains("# HELP steward_source_lag_bytes"), "{page}");
+
+    // The heartbeat moves the slot on a quiet database: no table changes at all.
+    let before = db.confirmed_flush().expect("slot");
+    wait_until("the heartbeat advances the slot", WAIT, || {
+        db.confirmed_flush().is_some_and(|c| c > before)
+    })
+    .await;
+
+    // A delivered change counts, with a latency sample.
+    let id = some_product(&db);
+    update_product_price(&db, id, "10.00");
+    assert_eq!(wms.wait_for_events(1, WAIT).await, 1);
+    wait_metric(port, "delivered counter and latency histogram", |p| {
+        sample(p, "steward_events_delivered_total", "target=\"wms\"").is_some_and(|v| v >= 1.0)
+            && sample(
+                p,
+                "steward_delivery_latency_seconds_count",
+                "target=\"wms\"",
+            )
+            .is_some_and(|v| v >= 1.0)
+            && sample(p, "steward_events_received_total", "entity=\"product\"")
+                .is_some_and(|v| v >= 1.0)
+    })
+    .await;
+    let page = scrape(port).await;
+    assert!(
+        page.contains("steward_delivery_latency_seconds_bucket{target=\"wms\",le=\"0.005\"}"),
+        "explicit buckets expected:\n{page}"
+    );
+
+    // The target goes down: backlog grows, readiness fails naming it.
+    wms.set_behaviour(Behaviour::Fail(503));
+    for price in ["11.00", "12.00", "13.00"] {
+        update_product_price(&db, id, price);
+    }
+    wait_metric(port, "backlog 3 while the target is down", |p| {
+        sample(p, "steward_target_backlog_events", "target=\"wms\"") == Some(3.0)
+            && sample(p, "steward_delivery_failures_total", "target=\"wms\"")
+                .is_some_and(|v| v >= 1.0)
+    })
+    .await;
+    let start = Instant::now();
+    loop {
+        let (status, body) = get(&format!("http://127.0.0.1:{port}/readyz"))
+            .await
+            .unwrap_or((0, String::new()));
+        if status == 503 {
+            assert!(body.contains("target wms"), "{body}");
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "/readyz stayed {status} with a stalled target"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let page = scrape(port).await;
+    assert!(
+        sample(
+            &page,
+            "steward_target_oldest_undelivered_seconds",
+            "target=\"wms\""
+        )
+        .is_some_and(|v| v > 0.0),
+        "{page}"
+    );
+
+    // Lag in bytes is a real figure and moves.
+    let lags: Vec<f64> = {
+        let first = sample(&page, "steward_source_lag_bytes", "").expect("lag bytes");
+        assert!(first >= 0.0);
+        // The heartbeat writes WAL every 200 ms; the monitor polls every 5 s.
+        let page = wait_metric(port, "lag bytes to change", |p| {
+            sample(p, "steward_source_lag_bytes", "").is_some_and(|v| v != first)
+        })
+        .await;
+        vec![
+            first,
+            sample(&page, "steward_source_lag_bytes", "").unwrap_or(first),
+        ]
+    };
+    assert!(lags.iter().all(|l| *l >= 0.0));
+
+    // The target comes back: everything is delivered, backlog 0, ready again.
+    wms.set_behaviour(Behaviour::Ok);
+    assert!(wms.wait_for_events(4, WAIT).await >= 4);
+    wait_metric(port, "backlog back to 0", |p| {
+        sample(p, "steward_target_backlog_events", "target=\"wms\"") == Some(0.0)
+            && sample(p, "steward_events_delivered_total", "target=\"wms\"")
+                .is_some_and(|v| v >= 4.0)
+    })
+    .await;
+    let start = Instant::now();
+    while get(&format!("http://127.0.0.1:{port}/readyz"))
+        .await
+        .map(|r| r.0)
+        != Some(200)
+    {
+        assert!(start.elapsed() < WAIT, "/readyz did not recover");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let page = scrape(port).await;
+    assert_eq!(
+        sample(&page, "steward_slot_wal_status", "status=\"reserved\""),
+        Some(1.0),
+        "{page}"
+    );
+    assert_eq!(
+        sample(&page, "steward_source_lag_seconds", ""),
+        Some(0.0),
+        "{page}"
+    );
+    let (status, _) = steward.terminate().await;
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_valid_config_and_rejects_an_invalid_one() {
+    let db = TestDb::new("ops_sighup");
+    let wms = Receiver::start().await.unwrap();
+    let mes = Receiver::start().await.unwrap();
+    let text = db.config_text(&[("wms", &wms.url(), &["product"])]);
+    let config = db.write_config(&text);
+    let steward = Steward::start(&config, &db.dir.path().join("steward.log"), &[]);
+    steward.wait_log("replication started", 1).await;
+
+    let id = some_product(&db);
+    update_product_price(&db, id, "20.00");
+    assert_eq!(wms.wait_for_events(1, WAIT).await, 1);
+    assert!(wms.accepted_events()[0]["data"].get("sku").is_some());
+
+    // New mapping (sku is now called code) and a new target.
+    let reloaded = db
+        .config_text(&[
+            ("wms", &wms.url(), &["product"]),
+            ("mes", &mes.url(), &["product"]),
+        ])
+        .replace("sku = \"default_code\"", "code = \"default_code\"");
+    std::fs::write(&config, &reloaded).unwrap();
+    steward.signal(nix::sys::signal::Signal::SIGHUP);
+    steward.wait_log("configuration reloaded", 1).await;
+    steward.wait_log("replication started", 2).await;
+
+    update_product_price(&db, id, "21.00");
+    assert_eq!(wms.wait_for_events(2, WAIT).await, 2);
+    assert_eq!(mes.wait_for_events(1, WAIT).await, 1);
+    let after = &wms.accepted_events()[1];
+    assert_eq!(
+        after["data"]["code"],
+        wms.accepted_events()[0]["data"]["sku"]
+    );
+    assert!(
+        after["data"].get("sku").is_none(),
+        "old mapping after reload: {after}"
+    );
+    assert_eq!(
+        mes.accepted_events()[0]["data"]["price"].to_string(),
+        "21.00"
+    );
+
+    // An invalid file is refused and the running configuration keeps working.
+    std::fs::write(
+        &config,
+        reloaded.replace("type = \"http\"", "type = \"ftp\""),
+    )
+    .unwrap();
+    steward.signal(nix::sys::signal::Signal::SIGHUP);
+    steward
+        .wait_log("the new configuration is invalid", 1)
+        .await;
+    let logs = steward.logs();
+    assert!(
+        logs.contains("targets.wms.type"),
+        "the problem is named:\n{logs}"
+    );
+    update_product_price(&db, id, "22.00");
+    assert_eq!(wms.wait_for_events(3, WAIT).await, 3);
+    assert_eq!(mes.wait_for_events(2, WAIT).await, 2);
+    assert!(wms.accepted_events()[2]["data"].get("code").is_some());
+
+    let (status, logs) = steward.terminate().await;
+    assert!(status.success(), "exit {status}; log:\n{logs}");
+    assert_eq!(logs.matches("configuration reloaded").count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_confirms_the_durable_position_and_loses_nothing() {
+    let db = TestDb::new("ops_sigterm");
+    let wms = Receiver::start().await.unwrap();
+    let text = db.config_text(&[("wms", &wms.url(), &["product"])]);
+    let config = db.write_config(&text);
+    let steward = Steward::start(&config, &db.dir.path().join("steward.log"), &[]);
+    steward.wait_log("replication started", 1).await;
+
+    // A burst still in flight when SIGTERM arrives.
+    let id = some_product(&db);
+    let n = 200;
+    for i in 0..n {
+        update_product_price(&db, id, &format!("{}.00", 100 + i));
+    }
+    let (status, logs) = steward.terminate().await;
+    assert!(status.success(), "exit {status}; log:\n{logs}");
+    assert!(logs.contains("durable position confirmed"), "{logs}");
+
+    let checkpoint = Store::open(&db.state_path())
+        .expect("the store is released")
+        .checkpoint()
+        .expect("checkpoint")
+        .expect("a checkpoint");
+    let confirmed = db.confirmed_flush().expect("slot");
+    // The slot never confirms more than is durable, except WAL steward
+    // already knows holds nothing for it (no transaction open).
+    assert!(
+        confirmed >= checkpoint.0,
+        "confirmed {confirmed} < durable {}",
+        checkpoint.0
+    );
+
+    // Nothing lost: a restart delivers the rest, the last price included.
+    let steward = Steward::start(&config, &db.dir.path().join("steward2.log"), &[]);
+    let last = format!("{}.00", 100 + n - 1);
+    let start = Instant::now();
+    while !wms.accepted_events().iter().any(|e| {
+        let price = e["data"]["price"].to_string();
+        price == last
+    }) {
+        assert!(start.elapsed() < WAIT, "the last change never arrived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let prices: std::collections::BTreeSet<String> = wms
+        .accepted_events()
+        .iter()
+        .map(|e| e["data"]["price"].to_string())
+        .collect();
+    assert_eq!(prices.len(), n, "every change delivered at least once");
+    let (status, _) = steward.terminate().await;
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_timeout_exits_1_when_draining_hangs() {
+    let db = TestDb::new("ops_timeout");
+    let wms = Receiver::start().await.unwrap();
+    let text = db
+        .config_text(&[("wms", &wms.url(), &["product"])])
+        .replace("[state]", "[daemon]\nshutdown_timeout_ms = 300\n\n[state]");
+    let config = db.write_config(&text);
+    let steward = Steward::start(&config, &db.dir.path().join("steward.log"), &[]);
+    steward.wait_log("replication started", 1).await;
+    // Stop the server's walsender from answering: the final status update
+    // and stream close cannot complete while PostgreSQL is paused.
+    let pid: i32 = db
+        .sql(&format!(
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = 'steward_{}'",
+            db.name
+        ))
+        .trim()
+        .parse()
+        .expect("walsender pid");
+    let walsender = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(walsender, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let started = Instant::now();
+    let (status, logs) = steward.terminate().await;
+    nix::sys::signal::kill(walsender, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+    assert_eq!(status.code(), Some(1), "log:\n{logs}");
+    assert!(logs.contains("shutdown_timeout_ms"), "{logs}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_least_privilege_role_from_setup_sql_works_and_missing_grants_fail_clearly() {
+    let db = TestDb::new("ops_leastpriv");
+    let role = format!("lp_{}", db.name);
+    let wms = Receiver::start().await.unwrap();
+    let text = db
+        .config_text(&[("wms", &wms.url(), &["product", "partner"])])
+        .replace("postgres://postgres@", &format!("postgres://{role}@"))
+        .replace(
+            "[source]\n",
+            "[source]\ncreate_publication = false\nheartbeat_interval_ms = 200\n",
+        );
+    let path = db.write_config(&text);
+    let output = Command::new(env!("CARGO_BIN_EXE_steward"))
+        .args(["setup-sql", "-c"])
+        .arg(&path)
+        .output()
+        .expect("run setup-sql");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let script = String::from_utf8(output.stdout).expect("utf-8");
+    assert!(
+        script.contains(&format!("CREATE ROLE \"{role}\" LOGIN REPLICATION;")),
+        "{script}"
+    );
+    assert!(!script.contains("SUPERUSER"));
+    db.sql(&script);
+    let attrs = db.sql(&format!(
+        "SELECT rolsuper, rolreplication FROM pg_roles WHERE rolname = '{role}'"
+    ));
+    assert_eq!(attrs.trim(), "f|t");
+
+    // The daemon runs as that role: publication owned by the administrator.
+    let config = steward::config::Config::load(&path).unwrap();
+    let daemon = support::InProcess::start(config.clone());
+    let id = some_product(&db);
+    let start = Instant::now();
+    loop {
+        update_product_price(&db, id, "30.00");
+        if wms.wait_for_events(1, Duration::from_millis(500)).await >= 1 {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "nothing delivered with the least-privilege role"
+        );
+        assert!(!daemon.is_finished(), "the daemon stopped");
+    }
+    // The heartbeat works for this role too: the slot advances with no table change.
+    let before = db.confirmed_flush().expect("slot");
+    wait_until("the heartbeat advances the slot", WAIT, || {
+        db.confirmed_flush().is_some_and(|c| c > before)
+    })
+    .await;
+    daemon.stop().await.expect("clean stop");
+
+    // Without SELECT on a configured table: refused, naming the GRANT.
+    db.sql(&format!(
+        "REVOKE SELECT ON product_template FROM \"{role}\""
+    ));
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let err = steward::daemon::run(config.clone(), rx)
+        .await
+        .expect_err("must refuse");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains(&format!(
+            "GRANT SELECT ON TABLE \"public\".\"product_template\" TO \"{role}\""
+        )),
+        "{msg}"
+    );
+    db.sql(&format!("GRANT SELECT ON product_template TO \"{role}\""));
+
+    // Without REPLICATION: refused, naming the ALTER ROLE.
+    db.sql(&format!("ALTER ROLE \"{role}\" NOREPLICATION"));
+    let (_tx, rx) = tokio::sync::watch::channel(false);
+    let err = steward::daemon::run(config, rx)
+        .await
+        .expect_err("must refuse");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains(&format!("ALTER ROLE \"{role}\" REPLICATION")),
+        "{msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_reach_the_logs_even_at_debug_level() {
+    let db = TestDb::new("ops_secrets");
+    let role = format!("sec_{}", db.name);
+    let password = "pw-Hunter2-9f3c1a";
+    let token = "tok-Sesame-77e0b2";
+    db.sql(&format!(
+        "CREATE ROLE \"{role}\" LOGIN REPLICATION SUPERUSER PASSWORD '{password}'"
+    ));
+    support::cluster()
+        .set_hba(&[
+            &format!("host all {role} 127.0.0.1/32 scram-sha-256"),
+            &format!("host replication {role} 127.0.0.1/32 scram-sha-256"),
+        ])
+        .expect("require a password for the test role");
+    std::fs::write(db.dir.path().join("pgpass"), format!("{password}\n")).unwrap();
+    std::fs::write(db.dir.path().join("token"), format!("Bearer {token}\n")).unwrap();
+
+    let wms = Receiver::start().await.unwrap();
+    let text = db
+        .config_text(&[("wms", &wms.url(), &["product"])])
+        .replace("postgres://postgres@", &format!("postgres://{role}@"))
+        .replace("[source]\n", "[source]\npassword_file = \"pgpass\"\n")
+        + "headers = { \"Authorization\" = { file = \"token\" } }\n";
+    let config = db.write_config(&text);
+    let log = db.dir.path().join("steward.log");
+    let steward = Steward::start(&config, &log, &[("STEWARD_LOG", "debug")]);
+    steward.wait_log("replication started", 1).await;
+    let id = some_product(&db);
+    update_product_price(&db, id, "40.00");
+    assert_eq!(wms.wait_for_events(1, WAIT).await, 1);
+    // The secrets were used: the password to log in (scram), the token on the wire.
+    let request = &wms.requests()[0];
+    assert!(request
+        .headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("authorization") && v == &format!("Bearer {token}")));
+    let (status, logs) = steward.terminate().await;
+    assert!(status.success(), "{logs}");
+    assert!(logs.lines().count() > 10, "debug logs expected:\n{logs}");
+    for secret in [password, token] {
+        assert!(!logs.contains(secret), "a secret is in the logs:\n{logs}");
+    }
+
+    // A wrong password fails with a message that does not hold it either.
+    std::fs::write(db.dir.path().join("pgpass"), "wrong-Pw-31337\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_steward"))
+        .args(["run", "-c"])
+        .arg(&config)
+        .env("STEWARD_LOG", "debug")
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(all.contains("password"), "the failure is explained:\n{all}");
+    assert!(
+        !all.contains("wrong-Pw-31337") && !all.contains(token),
+        "{all}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_watchdog_pings_and_stopping() {
+    let db = TestDb::new("ops_notify");
+    let wms = Receiver::start().await.unwrap();
+    let config = db.write_config(&db.config_text(&[("wms", &wms.url(), &["product"])]));
+    let socket_path = db.dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).expect("bind the notify socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let steward = Steward::start(
+        &config,
+        &db.dir.path().join("steward.log"),
+        &[
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "2000000"),
+        ],
+    );
+    let recv_until = |want: &str| -> Vec<String> {
+        let start = Instant::now();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 512];
+        while start.elapsed() < WAIT {
+            if let Ok(n) = socket.recv(&mut buf) {
+                let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+                let done = msg.lines().any(|l| l == want);
+                seen.push(msg);
+                if done {
+                    return seen;
+                }
+            }
+        }
+        panic!("no {want} within {WAIT:?}; got {seen:?}");
+    };
+    let before_ready = recv_until("READY=1");
+    assert!(
+        before_ready.iter().all(|m| !m.contains("STOPPING")),
+        "{before_ready:?}"
+    );
+    // Ready means set up: the slot exists and the store is open.
+    assert!(
+        db.confirmed_flush().is_some(),
+        "READY=1 before the slot exists"
+    );
+    recv_until("WATCHDOG=1");
+    recv_until("WATCHDOG=1");
+    steward.signal(nix::sys::signal::Signal::SIGTERM);
+    recv_until("STOPPING=1");
+    let (status, logs) = steward.wait_exit().await;
+    assert!(status.success(), "{logs}");
+}
+
+#[test]
+fn password_file_may_name_the_systemd_credentials_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("pgpass"), "s3cret\n").unwrap();
+    let text = "[source]\nurl = \"postgres://steward@db/odoo\"\n\
+                password_file = \"${CREDENTIALS_DIRECTORY}/pgpass\"\n\
+                [state]\npath = \"s.redb\"\n\
+                [entities.product]\ntable = \"product_template\"\nfields = { name = \"name\" }\n\
+                [targets.t]\ntype = \"http\"\nurl = \"http://localhost:1/x\"\nentities = [\"product\"]\n";
+    let path = dir.path().join("steward.toml");
+    // Only this test touches CREDENTIALS_DIRECTORY.
+    std::env::remove_var("CREDENTIALS_DIRECTORY");
+    let errs = steward::config::Config::parse(text, &path, dir.path()).expect_err("unset");
+    assert!(errs.to_string().contains("source.password_file"), "{errs}");
+    assert!(errs.to_string().contains("LoadCredential"), "{errs}");
+    std::env::set_var("CREDENTIALS_DIRECTORY", dir.path());
+    let config = steward::config::Config::parse(text, &path, dir.path()).expect("valid");
+    std::env::remove_var("CREDENTIALS_DIRECTORY");
+    let password = config.source.password.expect("a password");
+    assert_eq!(password.expose(), "s3cret");
+}
