@@ -249,10 +249,6 @@ impl<D: Deliver> Driver<D> {
 
         loop {
             self.handle_requests().await?;
-            match self.deliver_due_windows().await {
-                Err(Stop::Interrupted) => continue,
-                other => other?,
-            }
 
             // Replayed dead letters go first: they are older than the outbox.
             let replay = {
@@ -284,6 +280,16 @@ impl<D: Deliver> Driver<D> {
             self.metrics.backlog.set(backlog as f64);
 
             if batch.is_empty() {
+                // Windows open once the outbox is drained into the window
+                // buffer, so a window (or flush) includes everything committed
+                // before it.
+                match self.deliver_due_windows().await {
+                    Err(Stop::Interrupted) => continue,
+                    Ok(true) => continue,
+                    other => {
+                        other?;
+                    }
+                }
                 let next_window = self.next_window_instant();
                 tokio::select! {
                     biased;
@@ -628,9 +634,11 @@ impl<D: Deliver> Driver<D> {
     }
 
     /// Delivers the window buffer of every entity whose window is open.
-    async fn deliver_due_windows(&mut self) -> Result<(), Stop> {
+    /// True when some window was open (something may have been delivered).
+    async fn deliver_due_windows(&mut self) -> Result<bool, Stop> {
         if self.next_open.is_empty() {
-            return Ok(());
+            self.flush = false;
+            return Ok(false);
         }
         if self.flush {
             self.schedule_windows(true);
@@ -643,7 +651,7 @@ impl<D: Deliver> Driver<D> {
             .map(|(e, _)| e.clone())
             .collect();
         if due.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let (store, name, entities) = (self.store.clone(), self.target.name.clone(), due.clone());
         let events = self
@@ -667,7 +675,7 @@ impl<D: Deliver> Driver<D> {
                 self.next_open.insert(entity, next);
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     /// A blocking store call off the async threads; see [`store_call`].
@@ -911,6 +919,8 @@ mod tests {
         always_fail: bool,
         hang: bool,
         retry_after: Option<Duration>,
+        /// Answer 422 (a content rejection) to any batch holding this key.
+        reject_key: Option<String>,
     }
 
     impl Deliver for Fake {
@@ -923,6 +933,16 @@ mod tests {
                 };
                 if self.hang {
                     std::future::pending::<()>().await;
+                }
+                if let Some(k) = &self.reject_key {
+                    if events.iter().any(|e| &e.key == k) {
+                        return Err(DeliveryError {
+                            retryable: false,
+                            message: format!("HTTP 422 from http://127.0.0.1:9/events: key {k} refused"),
+                            retry_after: None,
+                            status: Some(422),
+                        });
+                    }
                 }
                 if self.always_fail || calls <= self.fail_first {
                     return Err(DeliveryError {
@@ -1197,5 +1217,75 @@ mod tests {
             (0..20).map(|_| backoff(initial, max, 10)).collect();
         assert!(spread.len() > 1, "jitter expected");
         assert_eq!(backoff(Duration::ZERO, Duration::ZERO, 3), MIN_RETRY_DELAY);
+    }
+
+    #[tokio::test]
+    async fn a_rejected_key_is_isolated_dead_lettered_and_holds_only_itself() {
+        let (_dir, store) = temp_store();
+        append(&store, &["t"], 1..51);
+        let (_handle, wake) = DriverHandle::new();
+        let (stop, shutdown) = watch::channel(false);
+        let fake = Fake {
+            reject_key: Some("3".into()),
+            ..Fake::default()
+        };
+        let task = tokio::spawn(run_target(
+            target("t", 16, 0),
+            store.clone(),
+            fake.clone(),
+            wake,
+            shutdown,
+        ));
+        let others: Vec<u64> = (1..51).filter(|n| n % 7 != 3).collect();
+        wait_until("every other key", || {
+            fake.accepted.lock().unwrap().len() >= others.len()
+        })
+        .await;
+        wait_until("settled", || store.backlog("t").unwrap() == 0).await;
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+
+        assert_eq!(*fake.accepted.lock().unwrap(), others, "other keys flow, in order");
+        let dead = store
+            .dead_letters("t", &crate::store::DlqFilter::default())
+            .unwrap();
+        let versions: Vec<u64> = dead.iter().map(|d| d.event.version).collect();
+        assert_eq!(versions, [3, 10, 17, 24, 31, 38, 45]);
+        assert!(dead[0].error.contains("HTTP 422"), "{}", dead[0].error);
+        assert_eq!(dead[0].held_behind, None);
+        assert!(dead[1..].iter().all(|d| d.held_behind == Some(dead[0].id)));
+        let stats = store.target_stats("t").unwrap();
+        assert_eq!(stats.dead_letters, 7);
+        assert_eq!(stats.delivered_total, others.len() as u64);
+        // Bisection: never more than ~2 log2(16) extra requests per rejected batch.
+        assert!(fake.attempts.lock().unwrap().len() < 60);
+    }
+
+    #[tokio::test]
+    async fn max_attempts_dead_letters_a_failing_batch() {
+        let (_dir, store) = temp_store();
+        append(&store, &["t"], 1..4);
+        let (_handle, wake) = DriverHandle::new();
+        let (stop, shutdown) = watch::channel(false);
+        let fake = Fake {
+            always_fail: true,
+            ..Fake::default()
+        };
+        let mut t = target("t", 16, 0);
+        t.delivery.max_attempts = 3;
+        let task = tokio::spawn(run_target(t, store.clone(), fake.clone(), wake, shutdown));
+        wait_until("dead-lettered", || {
+            store.target_stats("t").unwrap().dead_letters == 3
+        })
+        .await;
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+        assert_eq!(fake.attempts.lock().unwrap().len(), 3);
+        assert_eq!(store.backlog("t").unwrap(), 0);
+        let dead = store
+            .dead_letters("t", &crate::store::DlqFilter::default())
+            .unwrap();
+        assert!(dead[0].error.contains("max_attempts"), "{}", dead[0].error);
+        assert_eq!(dead[0].attempts, 3);
     }
 }
