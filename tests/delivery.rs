@@ -156,7 +156,10 @@ async fn a_rejected_key_is_dead_lettered_others_flow_and_replay_and_drop_work() 
 
     // The receiver is fixed: replay delivers the insert, then the held update.
     wms.set_behaviour(Behaviour::Ok);
-    let out = steward(&["dlq", "replay", "--target", "wms", "--key", "9002"], &path);
+    let out = steward(
+        &["dlq", "replay", "--target", "wms", "--key", "9002"],
+        &path,
+    );
     assert!(out.contains("replayed 2"), "{out}");
     wait_until("key 9002 delivered", WAIT, || {
         prices_of(&wms.accepted_events(), "9002").len() == 2
@@ -176,8 +179,7 @@ async fn a_rejected_key_is_dead_lettered_others_flow_and_replay_and_drop_work() 
     })
     .await;
     daemon.stop().await.unwrap();
-    let status: Value =
-        serde_json::from_str(&steward(&["status", "--json"], &path)).unwrap();
+    let status: Value = serde_json::from_str(&steward(&["status", "--json"], &path)).unwrap();
     assert_eq!(status["targets"][0]["dead_letters"], 1, "{status}");
     let out = steward(&["dlq", "drop", "--target", "wms", "--key", "9003"], &path);
     assert!(out.contains("dropped 1"), "{out}");
@@ -221,13 +223,19 @@ async fn a_batch_window_coalesces_1000_updates_of_10_keys_into_10_events_on_flus
     db.sql(&format!("BEGIN; {inserts} COMMIT;"));
     // 99 transactions updating all 10 keys: 990 updates + 10 inserts.
     let updates: String = (1..100)
-        .map(|p| format!("UPDATE product_template SET list_price = {p} WHERE id BETWEEN 9101 AND 9110;"))
+        .map(|p| {
+            format!("UPDATE product_template SET list_price = {p} WHERE id BETWEEN 9101 AND 9110;")
+        })
         .collect();
     db.sql(&updates);
     db.sql("DELETE FROM product_template WHERE id = 9110;");
     wait_durable(&db).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(wms.accepted_count(), 0, "nothing is sent before the window opens");
+    assert_eq!(
+        wms.accepted_count(),
+        0,
+        "nothing is sent before the window opens"
+    );
 
     let out = steward(&["flush", "--target", "wms"], &path);
     assert!(out.contains("flush"), "{out}");
@@ -243,7 +251,10 @@ async fn a_batch_window_coalesces_1000_updates_of_10_keys_into_10_events_on_flus
     }
     let last: Vec<&Value> = events.iter().filter(|e| e["subject"] == "9110").collect();
     assert_eq!(last.len(), 1);
-    assert_eq!(last[0]["op"], "delete", "a delete wins when it is the latest");
+    assert_eq!(
+        last[0]["op"], "delete",
+        "a delete wins when it is the latest"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,7 +269,9 @@ async fn a_rate_limit_of_100_events_per_second_holds_within_10_percent() {
     let inserts: String = ids.iter().map(|&id| insert_product(id, "0")).collect();
     db.sql(&format!("BEGIN; {inserts} COMMIT;"));
     let updates: String = (1..50)
-        .map(|p| format!("UPDATE product_template SET list_price = {p} WHERE id BETWEEN 9201 AND 9210;"))
+        .map(|p| {
+            format!("UPDATE product_template SET list_price = {p} WHERE id BETWEEN 9201 AND 9210;")
+        })
         .collect();
     db.sql(&updates);
     let started = Instant::now();
@@ -277,7 +290,10 @@ async fn a_rate_limit_of_100_events_per_second_holds_within_10_percent() {
         wms.requests().len(),
         started.elapsed().as_secs_f64()
     );
-    assert!((90.0..=110.0).contains(&rate), "measured {rate:.1} events/s");
+    assert!(
+        (90.0..=110.0).contains(&rate),
+        "measured {rate:.1} events/s"
+    );
     assert!(
         wms.requests().iter().all(|r| r.status == 204),
         "batches are capped at the burst, so none is refused"

@@ -173,7 +173,9 @@ pub fn main() -> ExitCode {
                 key: args.key,
                 id: args.id,
             };
-            run_blocking(async move { dlq::run(config, &args.target, action, filter, args.all).await })
+            run_blocking(
+                async move { dlq::run(config, &args.target, action, filter, args.all).await },
+            )
         }
         Command::Flush { config, target } => {
             let config = match load_or_exit(&config) {
@@ -181,7 +183,14 @@ pub fn main() -> ExitCode {
                 Err(code) => return code,
             };
             run_blocking(async move {
-                dlq::run(config, &target, dlq::Action::Flush, Default::default(), false).await
+                dlq::run(
+                    config,
+                    &target,
+                    dlq::Action::Flush,
+                    Default::default(),
+                    false,
+                )
+                .await
             })
         }
     }

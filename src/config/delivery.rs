@@ -91,9 +91,9 @@ impl Window {
 /// Parses `30s`, `15m`, `4h`, `1d` (a positive integer and one unit).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| format!("`{text}` has no unit; write e.g. \"30s\", \"15m\", \"4h\" or \"1d\""))?;
+    let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
+        format!("`{text}` has no unit; write e.g. \"30s\", \"15m\", \"4h\" or \"1d\"")
+    })?;
     let (num, unit) = t.split_at(split);
     let n: u64 = num
         .parse()
@@ -110,7 +110,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         }
     };
     if n == 0 {
-        return Err(format!("`{text}` is zero; a window period must be positive"));
+        return Err(format!(
+            "`{text}` is zero; a window period must be positive"
+        ));
     }
     n.checked_mul(secs)
         .filter(|s| *s <= 366 * 86_400)

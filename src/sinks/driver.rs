@@ -348,7 +348,12 @@ impl<D: Deliver> Driver<D> {
     /// Sorts one batch into parked (held key), buffered (windowed entity) and
     /// sent events, delivers the latter with isolation and settles it all in
     /// one store transaction.
-    async fn process(&mut self, origin: Origin, events: Vec<Event>, last: Option<u64>) -> Result<(), Stop> {
+    async fn process(
+        &mut self,
+        origin: Origin,
+        events: Vec<Event>,
+        last: Option<u64>,
+    ) -> Result<(), Stop> {
         let mut parked = Vec::new();
         let mut windowed = Vec::new();
         let mut send = Vec::new();
@@ -359,7 +364,10 @@ impl<D: Deliver> Driver<D> {
         };
         for e in events {
             if self.held.contains(&key_of(&e)) {
-                parked.push(NewDeadLetter { event: e, failure: None });
+                parked.push(NewDeadLetter {
+                    event: e,
+                    failure: None,
+                });
             } else if origin == Origin::Outbox
                 && *self.target.delivery.window_of(&e.entity) != Window::Realtime
             {
@@ -394,7 +402,9 @@ impl<D: Deliver> Driver<D> {
         };
         self.metrics.backlog.set(backlog as f64);
         self.metrics.dead_letters.increment(n_dead);
-        self.metrics.dead_letter_events.set(counts.dead_letters as f64);
+        self.metrics
+            .dead_letter_events
+            .set(counts.dead_letters as f64);
         if outcome.delivered > 0 {
             self.metrics.delivered.increment(outcome.delivered);
             let now = chrono::Utc::now();
@@ -423,9 +433,14 @@ impl<D: Deliver> Driver<D> {
         let mut first_failure: Option<String> = None;
         let policy = self.target.delivery.clone();
         while let Some(part) = queue.pop_front() {
-            let (parked, part): (Vec<Event>, Vec<Event>) =
-                part.into_iter().partition(|e| self.held.contains(&key_of(e)));
-            out.dead.extend(parked.into_iter().map(|event| NewDeadLetter { event, failure: None }));
+            let (parked, part): (Vec<Event>, Vec<Event>) = part
+                .into_iter()
+                .partition(|e| self.held.contains(&key_of(e)));
+            out.dead
+                .extend(parked.into_iter().map(|event| NewDeadLetter {
+                    event,
+                    failure: None,
+                }));
             if part.is_empty() {
                 continue;
             }
@@ -473,10 +488,18 @@ impl<D: Deliver> Driver<D> {
                         "target rejected an event: moved to the dead-letter queue; later events of its key wait behind it (steward dlq)"
                     );
                     self.held.insert(key_of(&event));
-                    out.error = Some(format!("dead-lettered {} {}: {}", event.entity, event.key, err.message));
+                    out.error = Some(format!(
+                        "dead-lettered {} {}: {}",
+                        event.entity, event.key, err.message
+                    ));
                     out.dead.push(NewDeadLetter {
                         event,
-                        failure: Some(Failure { message: err.message.clone(), attempts: attempt, first_failure: first, last_failure: now }),
+                        failure: Some(Failure {
+                            message: err.message.clone(),
+                            attempts: attempt,
+                            first_failure: first,
+                            last_failure: now,
+                        }),
                     });
                 }
                 attempt = 0;
@@ -485,8 +508,10 @@ impl<D: Deliver> Driver<D> {
             }
 
             // Retry the same events (or give up on them per the policy).
-            let too_many = err.retryable && policy.max_attempts > 0 && attempt >= policy.max_attempts;
-            let too_old = err.retryable && policy.max_age.is_some_and(|max| oldest_age(&part) > max);
+            let too_many =
+                err.retryable && policy.max_attempts > 0 && attempt >= policy.max_attempts;
+            let too_old =
+                err.retryable && policy.max_age.is_some_and(|max| oldest_age(&part) > max);
             if too_many || too_old {
                 let why = if too_many {
                     format!("gave up after {attempt} attempts (max_attempts)")
@@ -502,7 +527,12 @@ impl<D: Deliver> Driver<D> {
                     self.held.insert(key_of(&event));
                     out.dead.push(NewDeadLetter {
                         event,
-                        failure: Some(Failure { message: message.clone(), attempts: attempt, first_failure: first.clone(), last_failure: now.clone() }),
+                        failure: Some(Failure {
+                            message: message.clone(),
+                            attempts: attempt,
+                            first_failure: first.clone(),
+                            last_failure: now.clone(),
+                        }),
                     });
                 }
                 out.error = Some(message);
@@ -514,7 +544,11 @@ impl<D: Deliver> Driver<D> {
             let delay = match err.retry_after {
                 Some(d) => d.clamp(MIN_RETRY_DELAY, MAX_RETRY_AFTER),
                 None if !err.retryable => self.target.retry_max.max(MIN_RETRY_DELAY),
-                None => backoff(self.target.retry_initial, self.target.retry_max, attempt - 1),
+                None => backoff(
+                    self.target.retry_initial,
+                    self.target.retry_max,
+                    attempt - 1,
+                ),
             };
             if err.retryable {
                 tracing::warn!(
@@ -529,11 +563,21 @@ impl<D: Deliver> Driver<D> {
                     "target refuses every request (check its URL and credentials); retrying until it is fixed"
                 );
             }
-            let (s, name, message) = (self.store.clone(), self.target.name.clone(), err.message.clone());
-            match tokio::task::spawn_blocking(move || s.set_target_error(&name, Some(&message))).await {
+            let (s, name, message) = (
+                self.store.clone(),
+                self.target.name.clone(),
+                err.message.clone(),
+            );
+            match tokio::task::spawn_blocking(move || s.set_target_error(&name, Some(&message)))
+                .await
+            {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(target_name = %self.target.name, error = %e, "cannot record the delivery error"),
-                Err(e) => tracing::warn!(target_name = %self.target.name, error = %e, "cannot record the delivery error"),
+                Ok(Err(e)) => {
+                    tracing::warn!(target_name = %self.target.name, error = %e, "cannot record the delivery error")
+                }
+                Err(e) => {
+                    tracing::warn!(target_name = %self.target.name, error = %e, "cannot record the delivery error")
+                }
             }
             queue.push_front(part);
             tokio::select! {
@@ -570,7 +614,9 @@ impl<D: Deliver> Driver<D> {
             _ = shutdown_requested(&mut self.shutdown) => return Err(Stop::Shutdown),
             _ = wait => {}
         }
-        self.metrics.throttled.increment(started.elapsed().as_secs_f64());
+        self.metrics
+            .throttled
+            .increment(started.elapsed().as_secs_f64());
         Ok(())
     }
 
@@ -593,7 +639,9 @@ impl<D: Deliver> Driver<D> {
                     changed |= request.is_mutating();
                     let (store, name) = (self.store.clone(), self.target.name.clone());
                     let r = request.clone();
-                    let applied = self.store_call(move || requests::apply(&store, &name, &r)).await?;
+                    let applied = self
+                        .store_call(move || requests::apply(&store, &name, &r))
+                        .await?;
                     tracing::info!(target_name = %self.target.name, ?request, "operator request applied");
                     applied
                 }
@@ -611,8 +659,12 @@ impl<D: Deliver> Driver<D> {
 
     async fn refresh_gauges(&mut self) -> Result<(), Stop> {
         let (store, name) = (self.store.clone(), self.target.name.clone());
-        let counts = self.store_call(move || store.delivery_counts(&name)).await?;
-        self.metrics.dead_letter_events.set(counts.dead_letters as f64);
+        let counts = self
+            .store_call(move || store.delivery_counts(&name))
+            .await?;
+        self.metrics
+            .dead_letter_events
+            .set(counts.dead_letters as f64);
         Ok(())
     }
 
@@ -622,7 +674,8 @@ impl<D: Deliver> Driver<D> {
         for entity in &self.target.entities {
             let w = self.target.delivery.window_of(entity);
             if let Some(next) = w.next_open_after(t) {
-                self.next_open.insert(entity.clone(), if now { t } else { next });
+                self.next_open
+                    .insert(entity.clone(), if now { t } else { next });
             }
         }
     }
@@ -704,7 +757,9 @@ async fn interrupted(store: &Store, dir: &std::path::Path, target: &str) {
                 match &p.request {
                     Ok(r @ Request::List { .. }) => {
                         let response = requests::apply(&store, &target, r).unwrap_or_else(|e| {
-                            Response::Error { message: e.to_string() }
+                            Response::Error {
+                                message: e.to_string(),
+                            }
                         });
                         requests::respond(&p.path, &response);
                     }
@@ -738,7 +793,11 @@ fn oldest_age(events: &[Event]) -> Duration {
     events
         .iter()
         .filter_map(|e| chrono::DateTime::parse_from_rfc3339(&e.time).ok())
-        .map(|t| (now - t.with_timezone(&chrono::Utc)).to_std().unwrap_or_default())
+        .map(|t| {
+            (now - t.with_timezone(&chrono::Utc))
+                .to_std()
+                .unwrap_or_default()
+        })
         .max()
         .unwrap_or_default()
 }
@@ -759,16 +818,24 @@ impl Limits {
             .rate_limit_requests_per_sec
             .and_then(NonZeroU32::new)
             .map(|r| RateLimiter::direct(Quota::per_second(r).allow_burst(NonZeroU32::MIN)));
-        let events = d.rate_limit_events_per_sec.and_then(NonZeroU32::new).map(|r| {
-            let burst = (r.get() / 10).max(1);
-            let b = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
-            (RateLimiter::direct(Quota::per_second(r).allow_burst(b)), burst)
-        });
+        let events = d
+            .rate_limit_events_per_sec
+            .and_then(NonZeroU32::new)
+            .map(|r| {
+                let burst = (r.get() / 10).max(1);
+                let b = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+                (
+                    RateLimiter::direct(Quota::per_second(r).allow_burst(b)),
+                    burst,
+                )
+            });
         Limits { requests, events }
     }
 
     fn max_batch(&self) -> usize {
-        self.events.as_ref().map_or(usize::MAX, |(_, b)| *b as usize)
+        self.events
+            .as_ref()
+            .map_or(usize::MAX, |(_, b)| *b as usize)
     }
 }
 
@@ -938,7 +1005,9 @@ mod tests {
                     if events.iter().any(|e| &e.key == k) {
                         return Err(DeliveryError {
                             retryable: false,
-                            message: format!("HTTP 422 from http://127.0.0.1:9/events: key {k} refused"),
+                            message: format!(
+                                "HTTP 422 from http://127.0.0.1:9/events: key {k} refused"
+                            ),
                             retry_after: None,
                             status: Some(422),
                         });
@@ -1245,7 +1314,11 @@ mod tests {
         stop.send(true).unwrap();
         task.await.unwrap().unwrap();
 
-        assert_eq!(*fake.accepted.lock().unwrap(), others, "other keys flow, in order");
+        assert_eq!(
+            *fake.accepted.lock().unwrap(),
+            others,
+            "other keys flow, in order"
+        );
         let dead = store
             .dead_letters("t", &crate::store::DlqFilter::default())
             .unwrap();

@@ -27,9 +27,15 @@ pub fn flush_meta_key(target: &str) -> String {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    List { filter: DlqFilter },
-    Replay { filter: DlqFilter },
-    Drop { filter: DlqFilter },
+    List {
+        filter: DlqFilter,
+    },
+    Replay {
+        filter: DlqFilter,
+    },
+    Drop {
+        filter: DlqFilter,
+    },
     /// Open the target's batch windows now.
     Flush,
 }

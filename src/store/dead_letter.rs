@@ -272,8 +272,15 @@ impl Store {
                     };
                     // A held key parks the event even if it failed itself (a
                     // batch given up as a whole): it must wait behind the first.
-                    let (held_behind, error, attempts, first, last) = if let Some((root, _)) = hold {
-                        (Some(root), format!("held behind {root}"), 0, stamp.clone(), stamp.clone())
+                    let (held_behind, error, attempts, first, last) = if let Some((root, _)) = hold
+                    {
+                        (
+                            Some(root),
+                            format!("held behind {root}"),
+                            0,
+                            stamp.clone(),
+                            stamp.clone(),
+                        )
                     } else if let Some(f) = &d.failure {
                         (
                             None,
@@ -447,7 +454,8 @@ impl Store {
             .collect();
         let n = moving.len() as u64;
         self.write(Durability::Immediate, |txn| {
-            let (dname, kname, rname) = (dlq_name(target), dlq_keys_name(target), replay_name(target));
+            let (dname, kname, rname) =
+                (dlq_name(target), dlq_keys_name(target), replay_name(target));
             let mut dlq = txn.open_table(by_id(&dname))?;
             let mut held = txn.open_table(by_key(&kname))?;
             let mut replay = txn.open_table(by_id(&rname))?;
@@ -588,8 +596,10 @@ mod tests {
             ev(5, "c", EventOp::Upsert),
         ];
         let out = coalesce(events);
-        let v: Vec<(String, u64, EventOp)> =
-            out.iter().map(|e| (e.key.clone(), e.version, e.op)).collect();
+        let v: Vec<(String, u64, EventOp)> = out
+            .iter()
+            .map(|e| (e.key.clone(), e.version, e.op))
+            .collect();
         assert_eq!(
             v,
             [
@@ -603,7 +613,9 @@ mod tests {
     #[test]
     fn dead_letters_hold_their_key_and_replay_in_order() {
         let (_d, s) = store();
-        let events: Vec<Event> = (1..6).map(|n| ev(n, if n % 2 == 0 { "x" } else { "y" }, EventOp::Upsert)).collect();
+        let events: Vec<Event> = (1..6)
+            .map(|n| ev(n, if n % 2 == 0 { "x" } else { "y" }, EventOp::Upsert))
+            .collect();
         let appends: Vec<(&str, &Event)> = events.iter().map(|e| ("t", e)).collect();
         s.commit(Lsn(10), &appends).unwrap();
         // Event 2 (key x) is rejected; event 4 (key x) is parked behind it.
@@ -614,8 +626,14 @@ mod tests {
                     outbox_up_to: Some(5),
                     delivered: 3,
                     dead: vec![
-                        NewDeadLetter { event: events[1].clone(), failure: failure("HTTP 422: bad sku") },
-                        NewDeadLetter { event: events[3].clone(), failure: None },
+                        NewDeadLetter {
+                            event: events[1].clone(),
+                            failure: failure("HTTP 422: bad sku"),
+                        },
+                        NewDeadLetter {
+                            event: events[3].clone(),
+                            failure: None,
+                        },
                     ],
                     ..Settlement::default()
                 },
@@ -625,7 +643,10 @@ mod tests {
         assert_eq!(s.backlog("t").unwrap(), 0);
         let counts = s.delivery_counts("t").unwrap();
         assert_eq!((counts.dead_letters, counts.dead_lettered_total), (2, 2));
-        assert_eq!(s.held_keys("t").unwrap(), HashSet::from(["product\0x".to_string()]));
+        assert_eq!(
+            s.held_keys("t").unwrap(),
+            HashSet::from(["product\0x".to_string()])
+        );
         let all = s.dead_letters("t", &DlqFilter::default()).unwrap();
         assert_eq!(all[0].error, "HTTP 422: bad sku");
         assert_eq!(all[1].held_behind, Some(1));
@@ -634,17 +655,30 @@ mod tests {
 
         // Replay by id takes the whole key, in order, and releases it.
         let n = s
-            .replay_dead_letters("t", &DlqFilter { id: Some(1), ..Default::default() })
+            .replay_dead_letters(
+                "t",
+                &DlqFilter {
+                    id: Some(1),
+                    ..Default::default()
+                },
+            )
             .unwrap();
         assert_eq!(n, 2);
         assert!(s.held_keys("t").unwrap().is_empty());
         let replay = s.read_replay("t", 10).unwrap();
-        assert_eq!(replay.iter().map(|(_, e)| e.version).collect::<Vec<_>>(), [2, 4]);
+        assert_eq!(
+            replay.iter().map(|(_, e)| e.version).collect::<Vec<_>>(),
+            [2, 4]
+        );
         let counts = s.delivery_counts("t").unwrap();
         assert_eq!((counts.dead_letters, counts.replay), (0, 2));
         s.settle(
             "t",
-            &Settlement { replay_up_to: Some(replay[1].0), delivered: 2, ..Default::default() },
+            &Settlement {
+                replay_up_to: Some(replay[1].0),
+                delivered: 2,
+                ..Default::default()
+            },
         )
         .unwrap();
         assert!(s.read_replay("t", 10).unwrap().is_empty());
@@ -655,21 +689,67 @@ mod tests {
     fn dropping_the_first_dead_letter_keeps_the_key_held_by_the_rest() {
         let (_d, s) = store();
         let dead = vec![
-            NewDeadLetter { event: ev(1, "x", EventOp::Upsert), failure: failure("HTTP 400") },
-            NewDeadLetter { event: ev(2, "x", EventOp::Upsert), failure: None },
-            NewDeadLetter { event: ev(3, "z", EventOp::Delete), failure: failure("HTTP 409") },
+            NewDeadLetter {
+                event: ev(1, "x", EventOp::Upsert),
+                failure: failure("HTTP 400"),
+            },
+            NewDeadLetter {
+                event: ev(2, "x", EventOp::Upsert),
+                failure: None,
+            },
+            NewDeadLetter {
+                event: ev(3, "z", EventOp::Delete),
+                failure: failure("HTTP 409"),
+            },
         ];
-        s.settle("t", &Settlement { dead, ..Default::default() }).unwrap();
-        let filter = DlqFilter { key: Some("x".into()), ..Default::default() };
+        s.settle(
+            "t",
+            &Settlement {
+                dead,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let filter = DlqFilter {
+            key: Some("x".into()),
+            ..Default::default()
+        };
         assert_eq!(s.dead_letters("t", &filter).unwrap().len(), 2);
-        assert_eq!(s.drop_dead_letters("t", &DlqFilter { id: Some(1), ..Default::default() }).unwrap(), 1);
+        assert_eq!(
+            s.drop_dead_letters(
+                "t",
+                &DlqFilter {
+                    id: Some(1),
+                    ..Default::default()
+                }
+            )
+            .unwrap(),
+            1
+        );
         assert!(s.held_keys("t").unwrap().contains("product\0x"));
         assert_eq!(s.delivery_counts("t").unwrap().dead_letters, 2);
         // A new event of key x is held behind the remaining entry (id 2).
         let ids = s
-            .settle("t", &Settlement { dead: vec![NewDeadLetter { event: ev(4, "x", EventOp::Upsert), failure: None }], ..Default::default() })
+            .settle(
+                "t",
+                &Settlement {
+                    dead: vec![NewDeadLetter {
+                        event: ev(4, "x", EventOp::Upsert),
+                        failure: None,
+                    }],
+                    ..Default::default()
+                },
+            )
             .unwrap();
-        let d = s.dead_letters("t", &DlqFilter { id: Some(ids[0]), ..Default::default() }).unwrap();
+        let d = s
+            .dead_letters(
+                "t",
+                &DlqFilter {
+                    id: Some(ids[0]),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
         assert_eq!(d[0].held_behind, Some(2));
         assert_eq!(s.drop_dead_letters("t", &DlqFilter::default()).unwrap(), 3);
         assert!(s.held_keys("t").unwrap().is_empty());
@@ -686,15 +766,37 @@ mod tests {
             ev(3, "b", EventOp::Upsert),
             ev(4, "b", EventOp::Delete),
         ];
-        s.settle("t", &Settlement { windowed, ..Default::default() }).unwrap();
+        s.settle(
+            "t",
+            &Settlement {
+                windowed,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         assert_eq!(s.delivery_counts("t").unwrap().windowed, 2);
         let w = s.read_window("t", &["product"]).unwrap();
         assert_eq!(w.iter().map(|e| e.version).collect::<Vec<_>>(), [2, 4]);
         assert!(s.read_window("t", &["partner"]).unwrap().is_empty());
         // Key a changes again before the delivery of version 2 is settled: it stays.
         let done: Vec<(String, String)> = w.iter().map(|e| (key_of(e), e.id.clone())).collect();
-        s.settle("t", &Settlement { windowed: vec![ev(5, "a", EventOp::Upsert)], ..Default::default() }).unwrap();
-        s.settle("t", &Settlement { window_done: done, delivered: 2, ..Default::default() }).unwrap();
+        s.settle(
+            "t",
+            &Settlement {
+                windowed: vec![ev(5, "a", EventOp::Upsert)],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        s.settle(
+            "t",
+            &Settlement {
+                window_done: done,
+                delivered: 2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let w = s.read_window("t", &["product"]).unwrap();
         assert_eq!(w.iter().map(|e| e.version).collect::<Vec<_>>(), [5]);
         assert_eq!(s.delivery_counts("t").unwrap().windowed, 1);

@@ -28,8 +28,22 @@ pub(super) fn check_delivery(
     entities: Option<&[String]>,
     errs: &mut Errors,
 ) -> Option<DeliveryPolicy> {
-    let max_attempts = r.int("max_attempts", 0, 0, 1_000_000, "attempts, 0 = unlimited", errs);
-    let max_age = r.int("max_age_ms", 0, 0, 365 * DAY_MS, "milliseconds, 0 = unlimited", errs);
+    let max_attempts = r.int(
+        "max_attempts",
+        0,
+        0,
+        1_000_000,
+        "attempts, 0 = unlimited",
+        errs,
+    );
+    let max_age = r.int(
+        "max_age_ms",
+        0,
+        0,
+        365 * DAY_MS,
+        "milliseconds, 0 = unlimited",
+        errs,
+    );
     let rps = r.int(
         "rate_limit_requests_per_sec",
         0,

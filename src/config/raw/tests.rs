@@ -1055,7 +1055,10 @@ fn header_rules() {
 #[test]
 fn delivery_policy_defaults_and_example() {
     let c = ok(MINIMAL);
-    assert_eq!(c.targets[0].delivery, crate::config::DeliveryPolicy::default());
+    assert_eq!(
+        c.targets[0].delivery,
+        crate::config::DeliveryPolicy::default()
+    );
     let c = ok(Config::example());
     let d = &c.targets[0].delivery;
     assert_eq!(d.window_of("product"), &crate::config::Window::Realtime);
@@ -1083,13 +1086,17 @@ fn delivery_policy_keys_are_checked() {
         ("every = \"4x\"\n", "targets.wms.every"),
         ("at = \"25:00\"\n", "targets.wms.at"),
         ("every = \"4h\"\nat = \"02:00\"\n", "targets.wms.at"),
-        ("windows = { partner = { every = \"1h\" } }\n", "targets.wms.windows.partner"),
-        ("windows = { product = { evry = \"1h\" } }\n", "targets.wms.windows.product.evry"),
+        (
+            "windows = { partner = { every = \"1h\" } }\n",
+            "targets.wms.windows.partner",
+        ),
+        (
+            "windows = { product = { evry = \"1h\" } }\n",
+            "targets.wms.windows.product.evry",
+        ),
         ("max_attempts = -1\n", "targets.wms.max_attempts"),
     ] {
-        let errors = parse(&format!("{MINIMAL}{extra}"))
-            .expect_err(extra)
-            .errors;
+        let errors = parse(&format!("{MINIMAL}{extra}")).expect_err(extra).errors;
         assert!(
             errors.iter().any(|e| e.key == key),
             "{extra}: expected an error at {key}, got {errors:?}"
