@@ -57,6 +57,13 @@ pub async fn run(
         }
         Action::Flush => Request::Flush,
     };
+    if !config.state.path.exists() {
+        // Opening would create the file; there is nothing to act on yet.
+        anyhow::bail!(
+            "{} does not exist yet: steward has not run with this configuration, so target {target} has no dead letters or windows",
+            config.state.path.display()
+        );
+    }
     let response = match Store::open(&config.state.path) {
         Ok(store) => {
             let r = requests::apply(&store, target, &request)?;

@@ -329,6 +329,8 @@ impl<D: Deliver> Driver<D> {
                             batch.extend(more);
                         }
                         _ = tokio::time::sleep_until(deadline) => break,
+                        // A long linger must not delay an operator request.
+                        _ = interrupted(&self.store, &self.requests_dir, &self.target.name) => break,
                     }
                 }
             }
@@ -1360,5 +1362,37 @@ mod tests {
             .unwrap();
         assert!(dead[0].error.contains("max_attempts"), "{}", dead[0].error);
         assert_eq!(dead[0].attempts, 3);
+    }
+
+    #[tokio::test]
+    async fn max_age_dead_letters_a_failing_batch_of_old_events_only() {
+        let (_dir, store) = temp_store();
+        let mut old = event(1);
+        old.time = "2020-01-01T00:00:00Z".into();
+        store.commit(Lsn(1), &[("t", &old)]).unwrap();
+        let (_handle, wake) = DriverHandle::new();
+        let (stop, shutdown) = watch::channel(false);
+        let fake = Fake {
+            always_fail: true,
+            ..Fake::default()
+        };
+        let mut t = target("t", 16, 0);
+        t.delivery.max_age = Some(Duration::from_secs(3600));
+        let task = tokio::spawn(run_target(t, store.clone(), fake.clone(), wake, shutdown));
+        wait_until("dead-lettered", || {
+            store.target_stats("t").unwrap().dead_letters == 1
+        })
+        .await;
+        // A fresh event is retried, not dead-lettered.
+        append(&store, &["t"], 2..3);
+        wait_until("retried", || fake.attempts.lock().unwrap().len() >= 4).await;
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+        assert_eq!(store.target_stats("t").unwrap().dead_letters, 1);
+        assert_eq!(store.backlog("t").unwrap(), 1);
+        let dead = store
+            .dead_letters("t", &crate::store::DlqFilter::default())
+            .unwrap();
+        assert!(dead[0].error.contains("max_age_ms"), "{}", dead[0].error);
     }
 }
