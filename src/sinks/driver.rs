@@ -603,10 +603,10 @@ impl<D: Deliver> Driver<D> {
             if let Some(r) = &limits.requests {
                 r.until_ready().await;
             }
-            if let Some((e, burst)) = &limits.events {
-                let n = u32::try_from(events).unwrap_or(u32::MAX).clamp(1, *burst);
+            if let Some((e, cap)) = &limits.events {
+                let n = u32::try_from(events).unwrap_or(u32::MAX).clamp(1, *cap);
                 if let Some(n) = NonZeroU32::new(n) {
-                    // n never exceeds the burst, so capacity suffices.
+                    // n never exceeds the cap (half the burst), so capacity suffices.
                     let _ = e.until_n_ready(n).await;
                 }
             }
@@ -807,9 +807,11 @@ fn oldest_age(events: &[Event]) -> Duration {
 /// The target's rate limiters.
 struct Limits {
     requests: Option<DefaultDirectRateLimiter>,
-    /// With its burst: a tenth of a second's worth, at least 1. Batches are
-    /// capped at it, so a batch never needs more than the limiter can grant
-    /// and the measured rate stays smooth.
+    /// With the batch cap: a tenth of a second's worth, at least 1. Batches
+    /// are capped at it and the limiter's burst is twice that, so a batch
+    /// never needs more than the limiter can grant, and time lost between
+    /// batches (timer overshoot, the request itself) is made up instead of
+    /// lowering the rate. (The requests limiter has a burst of 2 for the same reason.)
     events: Option<(DefaultDirectRateLimiter, u32)>,
 }
 
@@ -819,16 +821,19 @@ impl Limits {
         let requests = d
             .rate_limit_requests_per_sec
             .and_then(NonZeroU32::new)
-            .map(|r| RateLimiter::direct(Quota::per_second(r).allow_burst(NonZeroU32::MIN)));
+            .map(|r| {
+                let two = NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN);
+                RateLimiter::direct(Quota::per_second(r).allow_burst(two))
+            });
         let events = d
             .rate_limit_events_per_sec
             .and_then(NonZeroU32::new)
             .map(|r| {
-                let burst = (r.get() / 10).max(1);
-                let b = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+                let cap = (r.get() / 10).max(1);
+                let b = NonZeroU32::new(cap.saturating_mul(2)).unwrap_or(NonZeroU32::MIN);
                 (
                     RateLimiter::direct(Quota::per_second(r).allow_burst(b)),
-                    burst,
+                    cap,
                 )
             });
         Limits { requests, events }
