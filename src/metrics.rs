@@ -56,6 +56,12 @@ pub const BUILD_INFO: &str = "steward_build_info";
 pub const DEAD_LETTER_EVENTS: &str = "steward_dead_letter_events";
 /// Label `entity`: records held in quarantine (recorded by the quarantine when present).
 pub const QUARANTINED_RECORDS: &str = "steward_quarantined_records";
+/// Label `target`: events moved to the dead-letter queue.
+pub const DEAD_LETTERS: &str = "steward_dead_letters_total";
+/// Label `target`: delivery attempts retried after a failure.
+pub const DELIVERY_RETRIES: &str = "steward_delivery_retries_total";
+/// Label `target`: seconds spent waiting for the target's rate limit.
+pub const THROTTLED_SECONDS: &str = "steward_throttled_seconds_total";
 /// Completed configuration reloads (SIGHUP), label `result` = `applied` | `rejected`.
 pub const CONFIG_RELOADS: &str = "steward_config_reloads_total";
 
@@ -100,6 +106,16 @@ fn describe() {
         "Events dropped before any outbox (no target, or skipped by a gate), per entity"
     );
     describe_counter!(EVENTS_STORED, "Events written to target outboxes");
+    describe_counter!(DEAD_LETTERS, "Events moved to a target's dead-letter queue");
+    describe_counter!(
+        DELIVERY_RETRIES,
+        "Delivery attempts retried after a failure"
+    );
+    describe_gauge!(
+        THROTTLED_SECONDS,
+        Unit::Seconds,
+        "Time spent waiting for a target's rate limit (only increases)"
+    );
     describe_counter!(EVENTS_DELIVERED, "Events acknowledged by the target");
     describe_counter!(DELIVERY_FAILURES, "Failed delivery attempts");
     describe_gauge!(TARGET_BACKLOG, "Events waiting in the target's outbox");

@@ -1,8 +1,9 @@
-//! The command line: `steward run | check-config | status | demo`.
+//! The command line: `steward run | check-config | status | dlq | flush | demo`.
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
 
 mod demo;
+mod dlq;
 mod setup_sql;
 mod status;
 
@@ -59,12 +60,64 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Inspect, replay or drop a target's dead letters (works whether or not the daemon runs).
+    Dlq {
+        #[command(subcommand)]
+        action: DlqCommand,
+    },
+    /// Open a target's batch windows now (delivers the coalesced events held for them).
+    Flush {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long, value_name = "T")]
+        target: String,
+    },
     /// Run a self-contained demo: throwaway PostgreSQL with Odoo data, a local receiver, live changes.
     Demo {
         /// Make the demo changes, show the events and exit instead of waiting for Ctrl-C.
         #[arg(long)]
         once: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum DlqCommand {
+    /// Table of dead letters: id, entity, key, version, attempts, last error.
+    List(DlqArgs),
+    /// One dead letter in full, as JSON (needs --id).
+    Show(DlqArgs),
+    /// Send dead letters back for delivery, ahead of the outbox, in their original
+    /// order; a selection takes its keys' held events along.
+    Replay(DlqArgs),
+    /// Delete dead letters for good (needs a selection or --all).
+    Drop(DlqArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct DlqArgs {
+    #[arg(short, long, value_name = "FILE")]
+    config: PathBuf,
+    #[arg(long, value_name = "T")]
+    target: String,
+    /// Only this key (as delivered in `subject`).
+    #[arg(long, value_name = "K")]
+    key: Option<String>,
+    /// Only this entity.
+    #[arg(long, value_name = "E")]
+    entity: Option<String>,
+    /// Only this dead letter.
+    #[arg(long, value_name = "ID")]
+    id: Option<u64>,
+    /// With `drop` and no selection: every dead letter of the target.
+    #[arg(long)]
+    all: bool,
+}
+
+fn load_or_exit(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("{e}");
+        ExitCode::from(2)
+    })
 }
 
 pub fn main() -> ExitCode {
@@ -117,6 +170,42 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Demo { once } => run_blocking(demo::run(once)),
+        Command::Dlq { action } => {
+            let (action, args) = match action {
+                DlqCommand::List(a) => (dlq::Action::List, a),
+                DlqCommand::Show(a) => (dlq::Action::Show, a),
+                DlqCommand::Replay(a) => (dlq::Action::Replay, a),
+                DlqCommand::Drop(a) => (dlq::Action::Drop, a),
+            };
+            let config = match load_or_exit(&args.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let filter = crate::store::DlqFilter {
+                entity: args.entity,
+                key: args.key,
+                id: args.id,
+            };
+            run_blocking(
+                async move { dlq::run(config, &args.target, action, filter, args.all).await },
+            )
+        }
+        Command::Flush { config, target } => {
+            let config = match load_or_exit(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            run_blocking(async move {
+                dlq::run(
+                    config,
+                    &target,
+                    dlq::Action::Flush,
+                    Default::default(),
+                    false,
+                )
+                .await
+            })
+        }
     }
 }
 

@@ -69,6 +69,7 @@ fn daemon_view(config: &Config) -> anyhow::Result<(DaemonReport, Vec<TargetStatu
                 delivered_total: 0,
                 last_delivered_at: None,
                 last_error: None,
+                dead_letters: 0,
             })
             .collect();
         let report = DaemonReport {
@@ -95,6 +96,7 @@ fn daemon_view(config: &Config) -> anyhow::Result<(DaemonReport, Vec<TargetStatu
                         delivered_total: stats.delivered_total,
                         last_delivered_at: stats.last_delivered_at,
                         last_error: stats.last_error,
+                        dead_letters: stats.dead_letters,
                     })
                 })
                 .collect::<Result<Vec<_>, StoreError>>()?;
@@ -226,6 +228,12 @@ fn print_text(r: &Report) {
             t.delivered_total,
             t.last_delivered_at.as_deref().unwrap_or("never")
         );
+        if t.dead_letters > 0 {
+            println!(
+                "           dead letters: {} (steward dlq list -c FILE --target {})",
+                t.dead_letters, t.name
+            );
+        }
         if let Some(e) = &t.last_error {
             println!("           last error: {e}");
         }

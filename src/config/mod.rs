@@ -2,9 +2,11 @@
 //! the typed [`Config`] below. Every problem is reported at once, each naming
 //! the dotted key, what is wrong and what would be valid.
 
+mod delivery;
 mod raw;
 mod secret;
 
+pub use delivery::{parse_duration, parse_time_of_day, DeliveryPolicy, Window};
 pub use secret::Secret;
 
 use std::path::{Path, PathBuf};
@@ -109,6 +111,8 @@ pub struct TargetConfig {
     /// First retry delay; doubles per failure up to `retry_max`, with jitter.
     pub retry_initial: Duration,
     pub retry_max: Duration,
+    /// Dead letters, rate limits and batch windows.
+    pub delivery: DeliveryPolicy,
     pub kind: TargetKind,
 }
 

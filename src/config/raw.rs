@@ -6,6 +6,7 @@
 //! and returned at once. Secrets (passwords, header values) are read here, at
 //! load time, and only ever stored in [`Secret`]; no message contains them.
 
+mod delivery;
 mod pgurl;
 mod reader;
 #[cfg(test)]
@@ -18,6 +19,7 @@ use std::time::Duration;
 use reqwest::header::{HeaderName, HeaderValue};
 use toml::{Table, Value};
 
+use self::delivery::{check_delivery, DELIVERY_KEYS};
 use self::pgurl::parse_pg_url;
 use self::reader::{check_sql_ident, join, type_name, Errors, Reader, MAX_IDENT};
 use super::{
@@ -829,7 +831,8 @@ fn check_target(
             ),
         );
     }
-    let r = Reader::new(key, table, TARGET_KEYS, errs);
+    let valid: Vec<&str> = TARGET_KEYS.iter().chain(DELIVERY_KEYS).copied().collect();
+    let r = Reader::new(key, table, &valid, errs);
 
     let kind_ok = match r.required_string("type", "the target type, e.g. type = \"http\"", errs) {
         Some(t) if TARGET_TYPES.contains(&t) => true,
@@ -937,6 +940,8 @@ fn check_target(
         None => Some(Vec::new()),
     };
 
+    let delivery = check_delivery(&r, entities.as_deref(), errs);
+
     let (retry_initial, retry_max) = (retry_initial?, retry_max?);
     if !(name_ok && kind_ok) || retry_max < retry_initial {
         return None;
@@ -948,6 +953,7 @@ fn check_target(
         batch_linger: ms(batch_linger?),
         retry_initial: ms(retry_initial),
         retry_max: ms(retry_max),
+        delivery: delivery?,
         kind: TargetKind::Http(HttpTargetConfig {
             url: url?,
             timeout: ms(timeout?),

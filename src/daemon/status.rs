@@ -34,6 +34,9 @@ pub struct TargetStatusLine {
     pub delivered_total: u64,
     pub last_delivered_at: Option<String>,
     pub last_error: Option<String>,
+    /// Events in the target's dead-letter queue (`steward dlq list`).
+    #[serde(default)]
+    pub dead_letters: u64,
 }
 
 pub fn status_path(config: &Config) -> PathBuf {
@@ -58,6 +61,7 @@ pub fn collect(config: &Config, store: &Store, state: &DaemonState) -> StatusFil
                 delivered_total: stats.delivered_total,
                 last_delivered_at: stats.last_delivered_at,
                 last_error: stats.last_error,
+                dead_letters: stats.dead_letters,
             },
             Err(e) => TargetStatusLine {
                 name: t.name.clone(),
@@ -65,6 +69,7 @@ pub fn collect(config: &Config, store: &Store, state: &DaemonState) -> StatusFil
                 delivered_total: 0,
                 last_delivered_at: None,
                 last_error: Some(format!("cannot read the target's state: {e}")),
+                dead_letters: 0,
             },
         })
         .collect();

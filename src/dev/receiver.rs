@@ -56,6 +56,9 @@ pub enum Behaviour {
     Hang,
     /// Answer like [`Behaviour::Ok`] after this delay: a slow target.
     Slow(Duration),
+    /// This status for every batch holding an event whose `subject` (key) is
+    /// `key`, [`Behaviour::Ok`] for the others: a target refusing one record.
+    FailKey { key: String, status: u16 },
 }
 
 /// One request as it arrived.
@@ -310,6 +313,7 @@ fn serve(shared: Arc<Shared>, listener: TcpListener) -> JoinHandle<()> {
 enum Answer {
     Accept(Option<Duration>),
     Fail(u16, Option<String>),
+    FailKey(String, u16),
     Hang,
 }
 
@@ -325,6 +329,7 @@ impl Shared {
                 retry_after,
             } => Answer::Fail(*status, Some(retry_after.clone())),
             Behaviour::Hang => Answer::Hang,
+            Behaviour::FailKey { key, status } => Answer::FailKey(key.clone(), *status),
             Behaviour::FailTimes { status, times } => {
                 if *times == 0 {
                     *b = Behaviour::Ok;
@@ -453,7 +458,20 @@ async fn handle(
         )
             .into_response();
     }
-    match shared.decide() {
+    let mut answer = shared.decide();
+    if let Answer::FailKey(key, status) = &answer {
+        let holds_key = serde_json::from_slice::<Vec<serde_json::Value>>(&body)
+            .map(|events| events.iter().any(|e| e["subject"] == key.as_str()))
+            .unwrap_or(false);
+        answer = if holds_key {
+            Answer::Fail(*status, None)
+        } else {
+            Answer::Accept(None)
+        };
+    }
+    match answer {
+        // Resolved above into Fail or Accept.
+        Answer::FailKey(..) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
         Answer::Hang => {
             let index = shared.record(at, &headers, &body, 0);
             let mut stop = shared.stop_gen.subscribe();

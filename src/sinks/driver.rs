@@ -2,24 +2,56 @@
 //! batch, hands it to the target's sink and acknowledges it in the store only
 //! once the sink reports the target durably accepted it.
 //!
-//! A failing batch is retried as it is, forever, with exponential backoff:
-//! skipping it would lose events or reorder them per key. Events stay in the
-//! outbox until acknowledged, so a crash or shutdown at any point re-delivers
-//! at most the batch in flight, which targets de-duplicate by event id.
+//! Failure policy (see `config::DeliveryPolicy`):
+//! - Retryable failures (5xx, 408, 429, timeouts, refused connections) retry
+//!   the same batch with exponential backoff and full jitter, capped at
+//!   `retry_max`; a target's `Retry-After` is honoured up to one hour. After
+//!   `max_attempts` or once the batch's oldest event is older than `max_age`
+//!   (both unlimited by default) the batch's events are dead-lettered.
+//! - A rejection (another 4xx, or an event the sink cannot encode) concerns
+//!   the batch's content. A batch is all-or-nothing, so the driver bisects it
+//!   to find the event(s) rejected on their own and dead-letters only those.
+//! - 401, 403, 404, 405 and 407 mean the target refuses every request (wrong
+//!   URL or credentials): dead-lettering would empty the outbox into the
+//!   dead-letter queue, so such batches are retried every `retry_max` until
+//!   the target or the configuration is fixed.
+//! - A dead-lettered event *holds* its key (entity + key): the key's later
+//!   events are parked behind it in the dead-letter queue, so a key's events
+//!   never arrive out of order, while every other key keeps flowing.
+//!   `steward dlq replay` puts a key's dead letters back ahead of the outbox.
+//!
+//! Events stay in the outbox until settled (delivered, dead-lettered or moved
+//! to the window buffer) in one store transaction, so a crash or shutdown at
+//! any point re-delivers at most the batch in flight, which targets
+//! de-duplicate by event id.
+//!
+//! Batch windows: events of an entity in window mode move from the outbox to
+//! the target's window buffer (latest event per key) and are delivered when
+//! the window opens or on `steward flush`.
+//!
+//! Operator requests (`steward dlq`, `steward flush`) arrive as files (see
+//! `sinks::requests`) and are applied between batches; a batch in flight or
+//! backing off is abandoned for a request that changes what comes next.
 //!
 //! One driver runs per target, so a slow or failing target only grows its own
 //! backlog and never holds up the others.
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rand::Rng;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::TargetConfig;
+use super::requests::{self, Request, Response};
+use crate::config::{TargetConfig, Window};
 use crate::model::Event;
-use crate::store::{Store, StoreError};
+use crate::store::{key_of, Failure, NewDeadLetter, Settlement, Store, StoreError};
 
 /// Longest pause honoured from a target's own `Retry-After`; a longer one is
 /// more likely a misconfiguration than a wish to receive nothing for hours.
@@ -31,6 +63,10 @@ const MIN_RETRY_DELAY: Duration = Duration::from_millis(1);
 /// How often an idle driver looks at its outbox when nobody can wake it any more
 /// (the daemon dropped the wake sender but did not ask for shutdown).
 const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// HTTP statuses that mean "every request is refused", not "this content is
+/// refused": retried, never dead-lettered (see the module documentation).
+const REFUSES_ALL: &[u16] = &[401, 403, 404, 405, 407];
 
 /// A target's sink, e.g. the HTTP client. Tests use a fake.
 pub trait Deliver: Send {
@@ -45,13 +81,15 @@ pub trait Deliver: Send {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct DeliveryError {
-    /// False when retrying as-is cannot help (e.g. HTTP 400): the batch is still
-    /// retried, since events are never skipped, but slowly and logged as an error.
+    /// False when retrying as-is cannot help (e.g. HTTP 400, 422): the driver
+    /// isolates the rejected event(s) and dead-letters them.
     pub retryable: bool,
     /// Operator-readable, e.g. `HTTP 503 from https://...: <body excerpt>`. Never secrets.
     pub message: String,
     /// The target's own wish, e.g. from a `Retry-After` header.
     pub retry_after: Option<Duration>,
+    /// The HTTP status (or the like), when the target answered.
+    pub status: Option<u16>,
 }
 
 impl DeliveryError {
@@ -60,6 +98,7 @@ impl DeliveryError {
             retryable: true,
             message: message.into(),
             retry_after: None,
+            status: None,
         }
     }
 
@@ -68,7 +107,14 @@ impl DeliveryError {
             retryable: false,
             message: message.into(),
             retry_after: None,
+            status: None,
         }
+    }
+
+    /// A rejection of the content (to isolate and dead-letter), as opposed to
+    /// a failure to retry.
+    fn rejects_content(&self) -> bool {
+        !self.retryable && !self.status.is_some_and(|s| REFUSES_ALL.contains(&s))
     }
 }
 
@@ -99,182 +145,704 @@ impl DriverHandle {
 pub async fn run_target<D: Deliver>(
     target: TargetConfig,
     store: Store,
-    mut sink: D,
-    mut wake: watch::Receiver<u64>,
-    mut shutdown: watch::Receiver<bool>,
+    sink: D,
+    wake: watch::Receiver<u64>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), StoreError> {
-    let name = target.name.clone();
-    let metrics = TargetMetrics::new(&name);
-    let max = target.batch_max_events.max(1);
-    let mut wake_open = true;
-    // Last sequence number acknowledged by this run; the store also skips
-    // acknowledged entries, so starting from `None` is right after a restart.
-    let mut cursor: Option<u64> = None;
-    tracing::debug!(target_name = %name, "delivery driver started");
+    let requests_dir = requests::requests_dir(store.path());
+    let limits = Limits::new(&target);
+    let metrics = TargetMetrics::new(&target.name);
+    let mut driver = Driver {
+        max: target.batch_max_events.max(1).min(limits.max_batch()),
+        target,
+        store,
+        sink,
+        wake,
+        wake_open: true,
+        shutdown,
+        metrics,
+        held: HashSet::new(),
+        limits,
+        requests_dir,
+        flush: false,
+        next_open: HashMap::new(),
+    };
+    match driver.run().await {
+        Ok(()) | Err(Stop::Shutdown) | Err(Stop::Interrupted) => Ok(()),
+        Err(Stop::Store(e)) => Err(e),
+    }
+}
 
-    loop {
-        // Marking the wake value seen BEFORE reading means an append that
-        // lands after the read still wakes the wait below.
-        wake.borrow_and_update();
-        let read = {
-            let (store, name) = (store.clone(), name.clone());
-            store_call(&store.clone(), &target, &mut shutdown, move || {
-                let batch = store.read_outbox(&name, cursor, max)?;
-                let backlog = store.backlog(&name)?;
-                Ok((batch, backlog))
+/// Why a step of the driver ended early.
+#[derive(Debug)]
+enum Stop {
+    Shutdown,
+    /// An operator request that changes what is delivered next is waiting.
+    Interrupted,
+    Store(StoreError),
+}
+
+impl From<StoreError> for Stop {
+    fn from(e: StoreError) -> Self {
+        Stop::Store(e)
+    }
+}
+
+/// Where a batch came from; all entries of one batch come from one place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    Outbox,
+    Replay,
+    Window,
+}
+
+struct Driver<D> {
+    target: TargetConfig,
+    store: Store,
+    sink: D,
+    wake: watch::Receiver<u64>,
+    wake_open: bool,
+    shutdown: watch::Receiver<bool>,
+    metrics: TargetMetrics,
+    /// Keys (`key_of`) with dead letters: their events are parked, not sent.
+    held: HashSet<String>,
+    limits: Limits,
+    requests_dir: PathBuf,
+    /// `steward flush` asked to open every window now.
+    flush: bool,
+    /// Per windowed entity, the next opening (Unix seconds).
+    next_open: HashMap<String, i64>,
+    max: usize,
+}
+
+/// The outcome of delivering a list of events with isolation.
+#[derive(Default)]
+struct Isolated {
+    delivered: u64,
+    dead: Vec<NewDeadLetter>,
+    error: Option<String>,
+}
+
+impl<D: Deliver> Driver<D> {
+    async fn run(&mut self) -> Result<(), Stop> {
+        let name = self.target.name.clone();
+        tracing::debug!(target_name = %name, "delivery driver started");
+        let flush_key = requests::flush_meta_key(&name);
+        let (held, flush) = {
+            let (store, name, key) = (self.store.clone(), name.clone(), flush_key.clone());
+            self.store_call(move || {
+                let flush = store.get_meta(&key)?.is_some_and(|v| v == "1");
+                if flush {
+                    store.set_meta(&key, "0")?;
+                }
+                Ok((store.held_keys(&name)?, flush))
             })
             .await?
         };
-        let Some((mut batch, backlog)) = read else {
-            return Ok(());
-        };
-        metrics.backlog.set(backlog as f64);
+        self.held = held;
+        self.flush = flush;
+        self.schedule_windows(false);
+        self.refresh_gauges().await?;
+        // Last sequence number settled by this run; the store also skips
+        // settled entries, so starting from `None` is right after a restart.
+        let mut cursor: Option<u64> = None;
 
-        if batch.is_empty() {
-            tokio::select! {
-                biased;
-                _ = shutdown_requested(&mut shutdown) => return Ok(()),
-                changed = wake.changed(), if wake_open => {
-                    if changed.is_err() {
-                        wake_open = false;
+        loop {
+            self.handle_requests().await?;
+
+            // Replayed dead letters go first: they are older than the outbox.
+            let replay = {
+                let (store, name, max) = (self.store.clone(), name.clone(), self.max);
+                self.store_call(move || store.read_replay(&name, max))
+                    .await?
+            };
+            if let Some(&(last_id, _)) = replay.last() {
+                let events = replay.into_iter().map(|(_, e)| e).collect();
+                match self.process(Origin::Replay, events, Some(last_id)).await {
+                    Err(Stop::Interrupted) => continue,
+                    other => other?,
+                }
+                continue;
+            }
+
+            // Marking the wake value seen BEFORE reading means an append that
+            // lands after the read still wakes the wait below.
+            self.wake.borrow_and_update();
+            let (mut batch, backlog) = {
+                let (store, name, max) = (self.store.clone(), name.clone(), self.max);
+                self.store_call(move || {
+                    let batch = store.read_outbox(&name, cursor, max)?;
+                    let backlog = store.backlog(&name)?;
+                    Ok((batch, backlog))
+                })
+                .await?
+            };
+            self.metrics.backlog.set(backlog as f64);
+
+            if batch.is_empty() {
+                // Windows open once the outbox is drained into the window
+                // buffer, so a window (or flush) includes everything committed
+                // before it.
+                match self.deliver_due_windows().await {
+                    Err(Stop::Interrupted) => continue,
+                    Ok(true) => continue,
+                    other => {
+                        other?;
                     }
                 }
-                _ = tokio::time::sleep(IDLE_POLL), if !wake_open => {}
-            }
-            continue;
-        }
-
-        // Linger: a small batch waits briefly for more so that a burst of
-        // single-row transactions goes out as one request.
-        if batch.len() < max && !target.batch_linger.is_zero() {
-            let deadline = Instant::now() + target.batch_linger;
-            while batch.len() < max {
+                let next_window = self.next_window_instant();
                 tokio::select! {
                     biased;
-                    _ = shutdown_requested(&mut shutdown) => return Ok(()),
-                    changed = wake.changed(), if wake_open => {
+                    _ = shutdown_requested(&mut self.shutdown) => return Err(Stop::Shutdown),
+                    changed = self.wake.changed(), if self.wake_open => {
                         if changed.is_err() {
-                            wake_open = false;
-                            continue;
-                        }
-                        wake.borrow_and_update();
-                        let after = batch.last().map(|(seq, _)| *seq);
-                        let want = max - batch.len();
-                        let (store, name) = (store.clone(), name.clone());
-                        let more = store_call(&store.clone(), &target, &mut shutdown, move || {
-                            store.read_outbox(&name, after, want)
-                        })
-                        .await?;
-                        match more {
-                            Some(more) => batch.extend(more),
-                            None => return Ok(()),
+                            self.wake_open = false;
                         }
                     }
-                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = tokio::time::sleep(IDLE_POLL), if !self.wake_open => {}
+                    _ = tokio::time::sleep(requests::POLL) => {}
+                    _ = sleep_until_opt(next_window) => {}
+                }
+                continue;
+            }
+
+            // Linger: a small batch waits briefly for more so that a burst of
+            // single-row transactions goes out as one request.
+            if batch.len() < self.max && !self.target.batch_linger.is_zero() {
+                let deadline = Instant::now() + self.target.batch_linger;
+                while batch.len() < self.max {
+                    tokio::select! {
+                        biased;
+                        _ = shutdown_requested(&mut self.shutdown) => return Err(Stop::Shutdown),
+                        changed = self.wake.changed(), if self.wake_open => {
+                            if changed.is_err() {
+                                self.wake_open = false;
+                                continue;
+                            }
+                            self.wake.borrow_and_update();
+                            let after = batch.last().map(|(seq, _)| *seq);
+                            let want = self.max - batch.len();
+                            let (store, name) = (self.store.clone(), name.clone());
+                            let more = self
+                                .store_call(move || store.read_outbox(&name, after, want))
+                                .await?;
+                            batch.extend(more);
+                        }
+                        _ = tokio::time::sleep_until(deadline) => break,
+                        // A long linger must not delay an operator request.
+                        _ = interrupted(&self.store, &self.requests_dir, &self.target.name) => break,
+                    }
                 }
             }
-        }
 
-        let Some(&(last_seq, _)) = batch.last() else {
-            continue;
+            let Some(&(last_seq, _)) = batch.last() else {
+                continue;
+            };
+            let events = batch.into_iter().map(|(_, e)| e).collect();
+            match self.process(Origin::Outbox, events, Some(last_seq)).await {
+                Ok(()) => cursor = Some(last_seq),
+                Err(Stop::Interrupted) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sorts one batch into parked (held key), buffered (windowed entity) and
+    /// sent events, delivers the latter with isolation and settles it all in
+    /// one store transaction.
+    async fn process(
+        &mut self,
+        origin: Origin,
+        events: Vec<Event>,
+        last: Option<u64>,
+    ) -> Result<(), Stop> {
+        let mut parked = Vec::new();
+        let mut windowed = Vec::new();
+        let mut send = Vec::new();
+        let window_done: Vec<(String, String)> = if origin == Origin::Window {
+            events.iter().map(|e| (key_of(e), e.id.clone())).collect()
+        } else {
+            Vec::new()
         };
-        let events: Vec<Event> = batch.into_iter().map(|(_, e)| e).collect();
-        if !deliver_until_accepted(&target, &mut sink, &events, &metrics, &store, &mut shutdown)
-            .await
-        {
-            return Ok(());
+        for e in events {
+            if self.held.contains(&key_of(&e)) {
+                parked.push(NewDeadLetter {
+                    event: e,
+                    failure: None,
+                });
+            } else if origin == Origin::Outbox
+                && *self.target.delivery.window_of(&e.entity) != Window::Realtime
+            {
+                windowed.push(e);
+            } else {
+                send.push(e);
+            }
         }
-
-        let count = events.len() as u64;
-        let acked = {
-            let (store, name) = (store.clone(), name.clone());
-            store_call(&store.clone(), &target, &mut shutdown, move || {
-                store.ack(&name, last_seq, count)?;
-                store.backlog(&name)
+        let sent: Vec<Event> = send.clone();
+        let outcome = self.deliver_isolating(send).await?;
+        let mut dead = parked;
+        dead.extend(outcome.dead);
+        let settlement = Settlement {
+            outbox_up_to: if origin == Origin::Outbox { last } else { None },
+            replay_up_to: if origin == Origin::Replay { last } else { None },
+            window_done,
+            delivered: outcome.delivered,
+            dead,
+            windowed,
+            error: outcome.error,
+        };
+        let n_dead = settlement.dead.len() as u64;
+        let (store, name) = (self.store.clone(), self.target.name.clone());
+        let settlement = Arc::new(settlement);
+        let (backlog, counts) = {
+            let s = settlement.clone();
+            self.store_call(move || {
+                store.settle(&name, &s)?;
+                Ok((store.backlog(&name)?, store.delivery_counts(&name)?))
             })
             .await?
         };
-        let Some(backlog) = acked else {
-            // Delivered but not acknowledged: re-delivered after restart, de-duplicated there.
-            return Ok(());
-        };
-        cursor = Some(last_seq);
-        metrics.delivered.increment(count);
-        metrics.backlog.set(backlog as f64);
-        let now = chrono::Utc::now();
-        for event in &events {
-            if let Ok(t) = chrono::DateTime::parse_from_rfc3339(&event.time) {
-                let secs = (now - t.with_timezone(&chrono::Utc))
-                    .num_microseconds()
-                    .unwrap_or(0);
-                metrics.latency.record(secs.max(0) as f64 / 1e6);
+        self.metrics.backlog.set(backlog as f64);
+        self.metrics.dead_letters.increment(n_dead);
+        self.metrics
+            .dead_letter_events
+            .set(counts.dead_letters as f64);
+        if outcome.delivered > 0 {
+            self.metrics.delivered.increment(outcome.delivered);
+            let now = chrono::Utc::now();
+            for event in &sent {
+                if let Ok(t) = chrono::DateTime::parse_from_rfc3339(&event.time) {
+                    let secs = (now - t.with_timezone(&chrono::Utc))
+                        .num_microseconds()
+                        .unwrap_or(0);
+                    self.metrics.latency.record(secs.max(0) as f64 / 1e6);
+                }
             }
+        }
+        Ok(())
+    }
+
+    /// Delivers `events` in order. A rejected batch is bisected until the
+    /// rejected events stand alone; those are dead-lettered (and hold their
+    /// key, so the key's later events in the list are parked behind them).
+    async fn deliver_isolating(&mut self, events: Vec<Event>) -> Result<Isolated, Stop> {
+        let mut out = Isolated::default();
+        let mut queue: VecDeque<Vec<Event>> = VecDeque::new();
+        if !events.is_empty() {
+            queue.push_back(events);
+        }
+        let mut attempt: u32 = 0;
+        let mut first_failure: Option<String> = None;
+        let policy = self.target.delivery.clone();
+        while let Some(part) = queue.pop_front() {
+            let (parked, part): (Vec<Event>, Vec<Event>) = part
+                .into_iter()
+                .partition(|e| self.held.contains(&key_of(e)));
+            out.dead
+                .extend(parked.into_iter().map(|event| NewDeadLetter {
+                    event,
+                    failure: None,
+                }));
+            if part.is_empty() {
+                continue;
+            }
+            self.throttle(part.len()).await?;
+            let result = tokio::select! {
+                biased;
+                _ = shutdown_requested(&mut self.shutdown) => return Err(Stop::Shutdown),
+                _ = interrupted(&self.store, &self.requests_dir, &self.target.name) => return Err(Stop::Interrupted),
+                r = self.sink.deliver(&part) => r,
+            };
+            let err = match result {
+                Ok(()) => {
+                    if attempt > 0 {
+                        tracing::info!(target_name = %self.target.name, attempts = attempt + 1, "delivery succeeded after retrying");
+                    }
+                    out.delivered += part.len() as u64;
+                    out.error = None;
+                    attempt = 0;
+                    first_failure = None;
+                    continue;
+                }
+                Err(err) => err,
+            };
+            self.metrics.failures.increment(1);
+            attempt = attempt.saturating_add(1);
+            let now = now_rfc3339();
+            let first = first_failure.get_or_insert_with(|| now.clone()).clone();
+
+            if err.rejects_content() {
+                if part.len() > 1 {
+                    // All-or-nothing batch: find the culprit(s) by halves, in order.
+                    let mut left = part;
+                    let right = left.split_off(left.len() / 2);
+                    tracing::info!(
+                        target_name = %self.target.name, events = left.len() + right.len(), error = %err.message,
+                        "target rejected a batch; splitting it to find the rejected event(s)"
+                    );
+                    queue.push_front(right);
+                    queue.push_front(left);
+                } else {
+                    let event = part.into_iter().next().expect("one event");
+                    tracing::error!(
+                        target_name = %self.target.name, entity = %event.entity, key = %event.key, id = %event.id,
+                        error = %err.message,
+                        "target rejected an event: moved to the dead-letter queue; later events of its key wait behind it (steward dlq)"
+                    );
+                    self.held.insert(key_of(&event));
+                    out.error = Some(format!(
+                        "dead-lettered {} {}: {}",
+                        event.entity, event.key, err.message
+                    ));
+                    out.dead.push(NewDeadLetter {
+                        event,
+                        failure: Some(Failure {
+                            message: err.message.clone(),
+                            attempts: attempt,
+                            first_failure: first,
+                            last_failure: now,
+                        }),
+                    });
+                }
+                attempt = 0;
+                first_failure = None;
+                continue;
+            }
+
+            // Retry the same events (or give up on them per the policy).
+            let too_many =
+                err.retryable && policy.max_attempts > 0 && attempt >= policy.max_attempts;
+            let too_old =
+                err.retryable && policy.max_age.is_some_and(|max| oldest_age(&part) > max);
+            if too_many || too_old {
+                let why = if too_many {
+                    format!("gave up after {attempt} attempts (max_attempts)")
+                } else {
+                    "gave up: oldest event older than max_age_ms".to_string()
+                };
+                tracing::error!(
+                    target_name = %self.target.name, events = part.len(), attempts = attempt, error = %err.message,
+                    "{why}; the events moved to the dead-letter queue"
+                );
+                let message = format!("{}; {why}", err.message);
+                for event in part {
+                    self.held.insert(key_of(&event));
+                    out.dead.push(NewDeadLetter {
+                        event,
+                        failure: Some(Failure {
+                            message: message.clone(),
+                            attempts: attempt,
+                            first_failure: first.clone(),
+                            last_failure: now.clone(),
+                        }),
+                    });
+                }
+                out.error = Some(message);
+                attempt = 0;
+                first_failure = None;
+                continue;
+            }
+            self.metrics.retries.increment(1);
+            let delay = match err.retry_after {
+                Some(d) => d.clamp(MIN_RETRY_DELAY, MAX_RETRY_AFTER),
+                None if !err.retryable => self.target.retry_max.max(MIN_RETRY_DELAY),
+                None => backoff(
+                    self.target.retry_initial,
+                    self.target.retry_max,
+                    attempt - 1,
+                ),
+            };
+            if err.retryable {
+                tracing::warn!(
+                    target_name = %self.target.name, attempt, events = part.len(),
+                    retry_in_ms = delay.as_millis() as u64, error = %err.message,
+                    "delivery failed; retrying the same batch"
+                );
+            } else {
+                tracing::error!(
+                    target_name = %self.target.name, attempt, events = part.len(),
+                    retry_in_ms = delay.as_millis() as u64, error = %err.message,
+                    "target refuses every request (check its URL and credentials); retrying until it is fixed"
+                );
+            }
+            let (s, name, message) = (
+                self.store.clone(),
+                self.target.name.clone(),
+                err.message.clone(),
+            );
+            match tokio::task::spawn_blocking(move || s.set_target_error(&name, Some(&message)))
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(target_name = %self.target.name, error = %e, "cannot record the delivery error")
+                }
+                Err(e) => {
+                    tracing::warn!(target_name = %self.target.name, error = %e, "cannot record the delivery error")
+                }
+            }
+            queue.push_front(part);
+            tokio::select! {
+                biased;
+                _ = shutdown_requested(&mut self.shutdown) => return Err(Stop::Shutdown),
+                _ = interrupted(&self.store, &self.requests_dir, &self.target.name) => return Err(Stop::Interrupted),
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Waits for the rate limits to allow a request of `events` events.
+    async fn throttle(&mut self, events: usize) -> Result<(), Stop> {
+        if self.limits.requests.is_none() && self.limits.events.is_none() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let limits = &self.limits;
+        let wait = async {
+            if let Some(r) = &limits.requests {
+                r.until_ready().await;
+            }
+            if let Some((e, cap)) = &limits.events {
+                let n = u32::try_from(events).unwrap_or(u32::MAX).clamp(1, *cap);
+                if let Some(n) = NonZeroU32::new(n) {
+                    // n never exceeds the cap (half the burst), so capacity suffices.
+                    let _ = e.until_n_ready(n).await;
+                }
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = shutdown_requested(&mut self.shutdown) => return Err(Stop::Shutdown),
+            _ = wait => {}
+        }
+        self.metrics
+            .throttled
+            .increment(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Applies waiting operator requests.
+    async fn handle_requests(&mut self) -> Result<(), Stop> {
+        let (dir, name) = (self.requests_dir.clone(), self.target.name.clone());
+        let pending = tokio::task::spawn_blocking(move || requests::pending(&dir, &name))
+            .await
+            .unwrap_or_default();
+        let mut changed = false;
+        for p in pending {
+            let response = match p.request {
+                Err(message) => Response::Error { message },
+                Ok(Request::Flush) => {
+                    tracing::info!(target_name = %self.target.name, "flush requested: opening the batch windows now");
+                    self.flush = true;
+                    Response::Flushed
+                }
+                Ok(request) => {
+                    changed |= request.is_mutating();
+                    let (store, name) = (self.store.clone(), self.target.name.clone());
+                    let r = request.clone();
+                    let applied = self
+                        .store_call(move || requests::apply(&store, &name, &r))
+                        .await?;
+                    tracing::info!(target_name = %self.target.name, ?request, "operator request applied");
+                    applied
+                }
+            };
+            let path = p.path;
+            let _ = tokio::task::spawn_blocking(move || requests::respond(&path, &response)).await;
+        }
+        if changed {
+            let (store, name) = (self.store.clone(), self.target.name.clone());
+            self.held = self.store_call(move || store.held_keys(&name)).await?;
+            self.refresh_gauges().await?;
+        }
+        Ok(())
+    }
+
+    async fn refresh_gauges(&mut self) -> Result<(), Stop> {
+        let (store, name) = (self.store.clone(), self.target.name.clone());
+        let counts = self
+            .store_call(move || store.delivery_counts(&name))
+            .await?;
+        self.metrics
+            .dead_letter_events
+            .set(counts.dead_letters as f64);
+        Ok(())
+    }
+
+    /// Sets the next opening of every windowed entity (all of them now when `now`).
+    fn schedule_windows(&mut self, now: bool) {
+        let t = chrono::Utc::now().timestamp();
+        for entity in &self.target.entities {
+            let w = self.target.delivery.window_of(entity);
+            if let Some(next) = w.next_open_after(t) {
+                self.next_open
+                    .insert(entity.clone(), if now { t } else { next });
+            }
+        }
+    }
+
+    fn next_window_instant(&self) -> Option<Instant> {
+        let earliest = self.next_open.values().min()?;
+        let now = chrono::Utc::now().timestamp();
+        Some(Instant::now() + Duration::from_secs(earliest.saturating_sub(now).max(0) as u64))
+    }
+
+    /// Delivers the window buffer of every entity whose window is open.
+    /// True when some window was open (something may have been delivered).
+    async fn deliver_due_windows(&mut self) -> Result<bool, Stop> {
+        if self.next_open.is_empty() {
+            self.flush = false;
+            return Ok(false);
+        }
+        if self.flush {
+            self.schedule_windows(true);
+        }
+        let now = chrono::Utc::now().timestamp();
+        let due: Vec<String> = self
+            .next_open
+            .iter()
+            .filter(|(_, &t)| t <= now)
+            .map(|(e, _)| e.clone())
+            .collect();
+        if due.is_empty() {
+            return Ok(false);
+        }
+        let (store, name, entities) = (self.store.clone(), self.target.name.clone(), due.clone());
+        let events = self
+            .store_call(move || {
+                let refs: Vec<&str> = entities.iter().map(String::as_str).collect();
+                store.read_window(&name, &refs)
+            })
+            .await?;
+        tracing::info!(target_name = %self.target.name, entities = ?due, events = events.len(), "batch window open");
+        let mut rest = events;
+        while !rest.is_empty() {
+            let tail = rest.split_off(rest.len().min(self.max));
+            let chunk = std::mem::replace(&mut rest, tail);
+            self.process(Origin::Window, chunk, None).await?;
+        }
+        self.flush = false;
+        let t = chrono::Utc::now().timestamp();
+        for entity in due {
+            let next = self.target.delivery.window_of(&entity).next_open_after(t);
+            if let Some(next) = next {
+                self.next_open.insert(entity, next);
+            }
+        }
+        Ok(true)
+    }
+
+    /// A blocking store call off the async threads; see [`store_call`].
+    async fn store_call<T, F>(&mut self, f: F) -> Result<T, Stop>
+    where
+        T: Send + 'static,
+        F: Fn() -> Result<T, StoreError> + Send + Sync + 'static,
+    {
+        match store_call(&self.store, &self.target, &mut self.shutdown, f).await {
+            Ok(Some(v)) => Ok(v),
+            Ok(None) => Err(Stop::Shutdown),
+            Err(e) => Err(Stop::Store(e)),
         }
     }
 }
 
-/// Delivers one batch, retrying until the sink accepts it. False when shutdown
-/// was requested first (the attempt in flight is abandoned).
-async fn deliver_until_accepted<D: Deliver>(
-    target: &TargetConfig,
-    sink: &mut D,
-    events: &[Event],
-    metrics: &TargetMetrics,
-    store: &Store,
-    shutdown: &mut watch::Receiver<bool>,
-) -> bool {
-    let mut attempt: u32 = 0;
+/// Completes once an operator request that changes what comes next is waiting
+/// (read-only ones are answered here directly). Polls every [`requests::POLL`].
+async fn interrupted(store: &Store, dir: &std::path::Path, target: &str) {
     loop {
-        let result = tokio::select! {
-            biased;
-            _ = shutdown_requested(shutdown) => return false,
-            r = sink.deliver(events) => r,
-        };
-        let err = match result {
-            Ok(()) => {
-                if attempt > 0 {
-                    tracing::info!(target_name = %target.name, attempts = attempt + 1, "delivery succeeded after retrying");
+        tokio::time::sleep(requests::POLL).await;
+        let (store, dir, target) = (store.clone(), dir.to_path_buf(), target.to_string());
+        let mutating = tokio::task::spawn_blocking(move || {
+            let mut mutating = false;
+            for p in requests::pending(&dir, &target) {
+                match &p.request {
+                    Ok(r @ Request::List { .. }) => {
+                        let response = requests::apply(&store, &target, r).unwrap_or_else(|e| {
+                            Response::Error {
+                                message: e.to_string(),
+                            }
+                        });
+                        requests::respond(&p.path, &response);
+                    }
+                    _ => mutating = true,
                 }
-                return true;
             }
-            Err(err) => err,
-        };
-        metrics.failures.increment(1);
-        let delay = match err.retry_after {
-            Some(d) => d.clamp(MIN_RETRY_DELAY, MAX_RETRY_AFTER),
-            None if !err.retryable => target.retry_max.max(MIN_RETRY_DELAY),
-            None => backoff(target.retry_initial, target.retry_max, attempt),
-        };
-        if err.retryable {
-            tracing::warn!(
-                target_name = %target.name, attempt = attempt + 1, events = events.len(),
-                retry_in_ms = delay.as_millis() as u64, error = %err.message,
-                "delivery failed; retrying the same batch"
-            );
-        } else {
-            tracing::error!(
-                target_name = %target.name, attempt = attempt + 1, events = events.len(),
-                retry_in_ms = delay.as_millis() as u64, error = %err.message,
-                "target rejected the batch; events are never skipped, so it is retried \
-                 until the target or its configuration is fixed"
-            );
+            mutating
+        })
+        .await
+        .unwrap_or(false);
+        if mutating {
+            return;
         }
-        let (s, name, message) = (store.clone(), target.name.clone(), err.message.clone());
-        match tokio::task::spawn_blocking(move || s.set_target_error(&name, Some(&message))).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(target_name = %target.name, error = %e, "cannot record the delivery error")
-            }
-            Err(e) => {
-                tracing::warn!(target_name = %target.name, error = %e, "cannot record the delivery error")
-            }
-        }
-        attempt = attempt.saturating_add(1);
-        tokio::select! {
-            biased;
-            _ = shutdown_requested(shutdown) => return false,
-            _ = tokio::time::sleep(delay) => {}
-        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Age of the oldest event (by commit time); zero when no time parses.
+fn oldest_age(events: &[Event]) -> Duration {
+    let now = chrono::Utc::now();
+    events
+        .iter()
+        .filter_map(|e| chrono::DateTime::parse_from_rfc3339(&e.time).ok())
+        .map(|t| {
+            (now - t.with_timezone(&chrono::Utc))
+                .to_std()
+                .unwrap_or_default()
+        })
+        .max()
+        .unwrap_or_default()
+}
+
+/// The target's rate limiters.
+struct Limits {
+    requests: Option<DefaultDirectRateLimiter>,
+    /// With the batch cap: a tenth of a second's worth, at least 1. Batches
+    /// are capped at it and the limiter's burst is twice that, so a batch
+    /// never needs more than the limiter can grant, and time lost between
+    /// batches (timer overshoot, the request itself) is made up instead of
+    /// lowering the rate. (The requests limiter has a burst of 2 for the same reason.)
+    events: Option<(DefaultDirectRateLimiter, u32)>,
+}
+
+impl Limits {
+    fn new(target: &TargetConfig) -> Limits {
+        let d = &target.delivery;
+        let requests = d
+            .rate_limit_requests_per_sec
+            .and_then(NonZeroU32::new)
+            .map(|r| {
+                let two = NonZeroU32::new(2).unwrap_or(NonZeroU32::MIN);
+                RateLimiter::direct(Quota::per_second(r).allow_burst(two))
+            });
+        let events = d
+            .rate_limit_events_per_sec
+            .and_then(NonZeroU32::new)
+            .map(|r| {
+                let cap = (r.get() / 10).max(1);
+                let b = NonZeroU32::new(cap.saturating_mul(2)).unwrap_or(NonZeroU32::MIN);
+                (
+                    RateLimiter::direct(Quota::per_second(r).allow_burst(b)),
+                    cap,
+                )
+            });
+        Limits { requests, events }
+    }
+
+    fn max_batch(&self) -> usize {
+        self.events
+            .as_ref()
+            .map_or(usize::MAX, |(_, b)| *b as usize)
     }
 }
 
@@ -339,6 +907,12 @@ fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
 struct TargetMetrics {
     delivered: metrics::Counter,
     failures: metrics::Counter,
+    retries: metrics::Counter,
+    dead_letters: metrics::Counter,
+    dead_letter_events: metrics::Gauge,
+    /// Only ever increased: seconds spent waiting for the rate limits. A gauge
+    /// because `metrics` counters are integers.
+    throttled: metrics::Gauge,
     backlog: metrics::Gauge,
     latency: metrics::Histogram,
 }
@@ -350,6 +924,10 @@ impl TargetMetrics {
         TargetMetrics {
             delivered: metrics::counter!(m::EVENTS_DELIVERED, "target" => t.clone()),
             failures: metrics::counter!(m::DELIVERY_FAILURES, "target" => t.clone()),
+            retries: metrics::counter!(m::DELIVERY_RETRIES, "target" => t.clone()),
+            dead_letters: metrics::counter!(m::DEAD_LETTERS, "target" => t.clone()),
+            dead_letter_events: metrics::gauge!(m::DEAD_LETTER_EVENTS, "target" => t.clone()),
+            throttled: metrics::gauge!(m::THROTTLED_SECONDS, "target" => t.clone()),
             backlog: metrics::gauge!(m::TARGET_BACKLOG, "target" => t.clone()),
             latency: metrics::histogram!(m::DELIVERY_LATENCY_SECONDS, "target" => t),
         }
@@ -374,6 +952,7 @@ mod tests {
             batch_linger: Duration::from_millis(linger_ms),
             retry_initial: Duration::from_millis(1),
             retry_max: Duration::from_millis(8),
+            delivery: Default::default(),
             kind: TargetKind::Http(HttpTargetConfig {
                 url: "http://127.0.0.1:9/events".parse().unwrap(),
                 timeout: Duration::from_secs(5),
@@ -415,6 +994,8 @@ mod tests {
         always_fail: bool,
         hang: bool,
         retry_after: Option<Duration>,
+        /// Answer 422 (a content rejection) to any batch holding this key.
+        reject_key: Option<String>,
     }
 
     impl Deliver for Fake {
@@ -428,11 +1009,24 @@ mod tests {
                 if self.hang {
                     std::future::pending::<()>().await;
                 }
+                if let Some(k) = &self.reject_key {
+                    if events.iter().any(|e| &e.key == k) {
+                        return Err(DeliveryError {
+                            retryable: false,
+                            message: format!(
+                                "HTTP 422 from http://127.0.0.1:9/events: key {k} refused"
+                            ),
+                            retry_after: None,
+                            status: Some(422),
+                        });
+                    }
+                }
                 if self.always_fail || calls <= self.fail_first {
                     return Err(DeliveryError {
                         retryable: true,
                         message: "HTTP 503 from http://127.0.0.1:9/events: busy".into(),
                         retry_after: self.retry_after,
+                        status: Some(503),
                     });
                 }
                 self.accepted
@@ -700,5 +1294,111 @@ mod tests {
             (0..20).map(|_| backoff(initial, max, 10)).collect();
         assert!(spread.len() > 1, "jitter expected");
         assert_eq!(backoff(Duration::ZERO, Duration::ZERO, 3), MIN_RETRY_DELAY);
+    }
+
+    #[tokio::test]
+    async fn a_rejected_key_is_isolated_dead_lettered_and_holds_only_itself() {
+        let (_dir, store) = temp_store();
+        append(&store, &["t"], 1..51);
+        let (_handle, wake) = DriverHandle::new();
+        let (stop, shutdown) = watch::channel(false);
+        let fake = Fake {
+            reject_key: Some("3".into()),
+            ..Fake::default()
+        };
+        let task = tokio::spawn(run_target(
+            target("t", 16, 0),
+            store.clone(),
+            fake.clone(),
+            wake,
+            shutdown,
+        ));
+        let others: Vec<u64> = (1..51).filter(|n| n % 7 != 3).collect();
+        wait_until("every other key", || {
+            fake.accepted.lock().unwrap().len() >= others.len()
+        })
+        .await;
+        wait_until("settled", || store.backlog("t").unwrap() == 0).await;
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+
+        assert_eq!(
+            *fake.accepted.lock().unwrap(),
+            others,
+            "other keys flow, in order"
+        );
+        let dead = store
+            .dead_letters("t", &crate::store::DlqFilter::default())
+            .unwrap();
+        let versions: Vec<u64> = dead.iter().map(|d| d.event.version).collect();
+        assert_eq!(versions, [3, 10, 17, 24, 31, 38, 45]);
+        assert!(dead[0].error.contains("HTTP 422"), "{}", dead[0].error);
+        assert_eq!(dead[0].held_behind, None);
+        assert!(dead[1..].iter().all(|d| d.held_behind == Some(dead[0].id)));
+        let stats = store.target_stats("t").unwrap();
+        assert_eq!(stats.dead_letters, 7);
+        assert_eq!(stats.delivered_total, others.len() as u64);
+        // Bisection: never more than ~2 log2(16) extra requests per rejected batch.
+        assert!(fake.attempts.lock().unwrap().len() < 60);
+    }
+
+    #[tokio::test]
+    async fn max_attempts_dead_letters_a_failing_batch() {
+        let (_dir, store) = temp_store();
+        append(&store, &["t"], 1..4);
+        let (_handle, wake) = DriverHandle::new();
+        let (stop, shutdown) = watch::channel(false);
+        let fake = Fake {
+            always_fail: true,
+            ..Fake::default()
+        };
+        let mut t = target("t", 16, 0);
+        t.delivery.max_attempts = 3;
+        let task = tokio::spawn(run_target(t, store.clone(), fake.clone(), wake, shutdown));
+        wait_until("dead-lettered", || {
+            store.target_stats("t").unwrap().dead_letters == 3
+        })
+        .await;
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+        assert_eq!(fake.attempts.lock().unwrap().len(), 3);
+        assert_eq!(store.backlog("t").unwrap(), 0);
+        let dead = store
+            .dead_letters("t", &crate::store::DlqFilter::default())
+            .unwrap();
+        assert!(dead[0].error.contains("max_attempts"), "{}", dead[0].error);
+        assert_eq!(dead[0].attempts, 3);
+    }
+
+    #[tokio::test]
+    async fn max_age_dead_letters_a_failing_batch_of_old_events_only() {
+        let (_dir, store) = temp_store();
+        let mut old = event(1);
+        old.time = "2020-01-01T00:00:00Z".into();
+        store.commit(Lsn(1), &[("t", &old)]).unwrap();
+        let (_handle, wake) = DriverHandle::new();
+        let (stop, shutdown) = watch::channel(false);
+        let fake = Fake {
+            always_fail: true,
+            ..Fake::default()
+        };
+        let mut t = target("t", 16, 0);
+        t.delivery.max_age = Some(Duration::from_secs(3600));
+        let task = tokio::spawn(run_target(t, store.clone(), fake.clone(), wake, shutdown));
+        wait_until("dead-lettered", || {
+            store.target_stats("t").unwrap().dead_letters == 1
+        })
+        .await;
+        // A fresh event is retried, not dead-lettered.
+        append(&store, &["t"], 2..3);
+        wait_until("retried", || fake.attempts.lock().unwrap().len() >= 4).await;
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+        assert_eq!(store.target_stats("t").unwrap().dead_letters, 1);
+        assert_eq!(store.backlog("t").unwrap(), 1);
+        let dead = store
+            .dead_letters("t", &crate::store::DlqFilter::default())
+            .unwrap();
+        assert!(dead[0].error.contains("max_age_ms"), "{}", dead[0].error);
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod driver;
 pub mod http;
+pub mod requests;
 
 pub use driver::{Deliver, DeliveryError};
 
@@ -21,6 +22,7 @@ impl Deliver for AnySink {
                 retryable: f.retryable,
                 message: f.message,
                 retry_after: f.retry_after,
+                status: f.status,
             }),
         }
     }

@@ -31,9 +31,13 @@
 //! store then drops its handle and reopens the file on the next call, which
 //! lets steward carry on by itself once space is freed.
 
+mod dead_letter;
 mod error;
 mod tables;
 
+pub use dead_letter::{
+    coalesce, key_of, DeadLetter, DeliveryCounts, DlqFilter, Failure, NewDeadLetter, Settlement,
+};
 pub use error::StoreError;
 
 use std::path::{Path, PathBuf};
@@ -93,6 +97,8 @@ pub struct TargetStats {
     /// RFC 3339 UTC.
     pub last_delivered_at: Option<String>,
     pub last_error: Option<String>,
+    /// Events in the dead-letter queue.
+    pub dead_letters: u64,
 }
 
 impl std::fmt::Debug for Store {
@@ -307,28 +313,8 @@ impl Store {
         let now = chrono::Utc::now().timestamp_micros();
         self.write(self.lazy_durability(), |txn| {
             let mut targets = txn.open_table(TARGETS)?;
-            let mut state = load_state(&targets, target)?;
-            let name = outbox_table_name(target);
-            let mut outbox = txn.open_table(outbox_table(&name))?;
-            // Never past the last appended entry: acknowledging beyond it must
-            // not make later appends look delivered.
-            let acked = up_to.min(state.last_seq).max(state.last_delivered_seq);
-            // Whole chunks go; a partly acknowledged one stays until its last entry is.
-            let mut done = Vec::new();
-            for item in outbox.range(..=acked)? {
-                let (first, chunk) = item?;
-                let first = first.value();
-                let len = chunk_len(chunk.value()).map_err(TxnError::Corrupt)?;
-                if first.saturating_add(len).saturating_sub(1) > acked {
-                    break;
-                }
-                done.push(first);
-            }
-            for first in done {
-                outbox.remove(first)?;
-            }
+            let mut state = advance_outbox(txn, &targets, target, up_to)?;
             state.delivered_total = state.delivered_total.saturating_add(delivered);
-            state.last_delivered_seq = acked;
             state.last_delivered_at_micros = Some(now);
             state.last_error = None;
             targets.insert(target, state.encode().as_slice())?;
@@ -354,8 +340,11 @@ impl Store {
             let targets = txn.open_table(TARGETS)?;
             load_state(&targets, target)
         })?;
+        let counts = self.delivery_counts(target)?;
         Ok(TargetStats {
-            backlog: state.backlog(),
+            // Replayed and window-held events wait too.
+            backlog: state.backlog() + counts.replay + counts.windowed,
+            dead_letters: counts.dead_letters,
             delivered_total: state.delivered_total,
             last_appended_seq: state.last_seq,
             last_delivered_seq: (state.last_delivered_seq > 0).then_some(state.last_delivered_seq),
@@ -547,6 +536,38 @@ impl TxnError {
             TxnError::Store(e) => e,
         }
     }
+}
+
+/// Removes the target's outbox entries with seq <= `up_to` and returns its
+/// state with `last_delivered_seq` moved (the caller updates the rest and saves it).
+fn advance_outbox<T: ReadableTable<&'static str, &'static [u8]>>(
+    txn: &redb::WriteTransaction,
+    targets: &T,
+    target: &str,
+    up_to: u64,
+) -> Result<TargetState, TxnError> {
+    let mut state = load_state(targets, target)?;
+    let name = outbox_table_name(target);
+    let mut outbox = txn.open_table(outbox_table(&name))?;
+    // Never past the last appended entry: acknowledging beyond it must
+    // not make later appends look delivered.
+    let acked = up_to.min(state.last_seq).max(state.last_delivered_seq);
+    // Whole chunks go; a partly acknowledged one stays until its last entry is.
+    let mut done = Vec::new();
+    for item in outbox.range(..=acked)? {
+        let (first, chunk) = item?;
+        let first = first.value();
+        let len = chunk_len(chunk.value()).map_err(TxnError::Corrupt)?;
+        if first.saturating_add(len).saturating_sub(1) > acked {
+            break;
+        }
+        done.push(first);
+    }
+    for first in done {
+        outbox.remove(first)?;
+    }
+    state.last_delivered_seq = acked;
+    Ok(state)
 }
 
 fn load_state<T: ReadableTable<&'static str, &'static [u8]>>(

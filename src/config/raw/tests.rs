@@ -127,6 +127,8 @@ fn example_documents_every_key() {
         .chain(super::FIELD_KEYS)
         .chain(super::TARGET_KEYS)
         .chain(super::HEADER_SOURCE_KEYS)
+        .chain(super::delivery::DELIVERY_KEYS)
+        .chain(super::delivery::WINDOW_KEYS)
     {
         assert!(
             example.contains(&format!("{key} =")),
@@ -1046,4 +1048,58 @@ fn header_rules() {
         h,
         "expected a table, found an array",
     );
+}
+
+// ---------------------------------------------------------------- delivery policy
+
+#[test]
+fn delivery_policy_defaults_and_example() {
+    let c = ok(MINIMAL);
+    assert_eq!(
+        c.targets[0].delivery,
+        crate::config::DeliveryPolicy::default()
+    );
+    let c = ok(Config::example());
+    let d = &c.targets[0].delivery;
+    assert_eq!(d.window_of("product"), &crate::config::Window::Realtime);
+    assert_eq!(
+        d.window_of("partner"),
+        &crate::config::Window::Every(Duration::from_secs(4 * 3600))
+    );
+}
+
+#[test]
+fn delivery_policy_keys_are_checked() {
+    let text = format!(
+        "{MINIMAL}max_attempts = 5\nmax_age_ms = 60000\nrate_limit_events_per_sec = 100\nmode = \"window\"\nat = \"02:00\"\n"
+    );
+    let d = ok(&text).targets[0].delivery.clone();
+    assert_eq!(d.max_attempts, 5);
+    assert_eq!(d.max_age, Some(Duration::from_secs(60)));
+    assert_eq!(d.rate_limit_events_per_sec, Some(100));
+    assert_eq!(d.rate_limit_requests_per_sec, None);
+    assert_eq!(d.window, crate::config::Window::DailyAt(7200));
+
+    for (extra, key) in [
+        ("mode = \"window\"\n", "targets.wms.mode"),
+        ("mode = \"batch\"\n", "targets.wms.mode"),
+        ("every = \"4x\"\n", "targets.wms.every"),
+        ("at = \"25:00\"\n", "targets.wms.at"),
+        ("every = \"4h\"\nat = \"02:00\"\n", "targets.wms.at"),
+        (
+            "windows = { partner = { every = \"1h\" } }\n",
+            "targets.wms.windows.partner",
+        ),
+        (
+            "windows = { product = { evry = \"1h\" } }\n",
+            "targets.wms.windows.product.evry",
+        ),
+        ("max_attempts = -1\n", "targets.wms.max_attempts"),
+    ] {
+        let errors = parse(&format!("{MINIMAL}{extra}")).expect_err(extra).errors;
+        assert!(
+            errors.iter().any(|e| e.key == key),
+            "{extra}: expected an error at {key}, got {errors:?}"
+        );
+    }
 }

@@ -280,6 +280,7 @@ mod tests {
             batch_linger: Duration::from_millis(10),
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(10),
+            delivery: Default::default(),
             kind: TargetKind::Http(http.clone()),
         };
         (target, http)
