@@ -456,7 +456,11 @@ async fn sigterm_drains_confirms_the_durable_position_and_loses_nothing() {
         .iter()
         .map(|e| e["data"]["price"].to_string())
         .collect();
-    assert_eq!(prices.len(), n, "every change delivered at least once");
+    let missing: Vec<String> = (0..n)
+        .map(|i| format!("{}.00", 100 + i))
+        .filter(|p| !prices.contains(p))
+        .collect();
+    assert!(missing.is_empty() && prices.len() == n, "every change delivered at least once; missing {missing:?}; got {prices:?}");
     let (status, _) = steward.terminate().await;
     assert!(status.success());
 }
