@@ -2,6 +2,7 @@
 //! the typed [`Config`] below. Every problem is reported at once, each naming
 //! the dotted key, what is wrong and what would be valid.
 
+pub mod governance;
 mod raw;
 mod secret;
 
@@ -20,6 +21,8 @@ pub struct Config {
     /// In the order they appear in the file.
     pub targets: Vec<TargetConfig>,
     pub metrics: MetricsConfig,
+    /// Lifecycle gates, rules, business keys, references, policies (see `governance`).
+    pub governance: governance::GovernanceConfig,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
