@@ -10,6 +10,7 @@
 //! transaction already received, let the source confirm that durable LSN to
 //! the server, then stop the drivers at their cursors.
 
+pub mod govern;
 mod setup;
 pub mod status;
 
@@ -26,7 +27,8 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::model::value::pg_micros_to_rfc3339;
 use crate::model::{Event, Lsn};
-use crate::pipeline::{Mapped, Pipeline};
+use crate::pipeline::{Governor, Mapped, Pipeline};
+use crate::store::governance::GovDelta;
 use crate::sinks::{self, driver};
 use crate::source::stream::{self, SessionParams, SourceError, SourceEvent};
 use crate::source::wire::ReplicationClient;
@@ -50,7 +52,9 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
     let mut pipeline = Pipeline::new(&config);
     let state = Arc::new(DaemonState::default());
 
+    let mut governor = govern::setup(&config, &store, &mut pipeline)?;
     let prepared = setup::prepare(&config, &store, &pipeline).await?;
+    govern::seed_references(&config, &store, &mut governor).await?;
     let checkpoint = store.checkpoint()?.unwrap_or(Lsn::ZERO);
     state
         .durable_lsn
@@ -105,6 +109,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         batch: Vec::new(),
         batch_end: None,
         batch_started: None,
+        delta: GovDelta::default(),
     };
 
     let mut attempt: u32 = 0;
@@ -150,7 +155,15 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         state
             .connected
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        let outcome = consume(&mut pipeline, &mut committer, rx, &mut shutdown).await;
+        let outcome = consume(
+            &config,
+            &mut pipeline,
+            &mut governor,
+            &mut committer,
+            rx,
+            &mut shutdown,
+        )
+        .await;
         // Whatever ended the session, complete transactions already received
         // are committed so that the source confirms them before it stops.
         let flushed = committer.flush();
@@ -229,12 +242,18 @@ struct OpenTxn {
 }
 
 async fn consume(
+    config: &Config,
     pipeline: &mut Pipeline,
+    governor: &mut Governor,
     committer: &mut Committer,
     mut rx: mpsc::Receiver<SourceEvent>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<Consumed> {
     let mut open: Option<OpenTxn> = None;
+    // Operator requests (quarantine release, audit) and audit pruning.
+    let mut control = tokio::time::interval(Duration::from_secs(1));
+    control.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_prune = Instant::now();
     loop {
         let deadline = committer.deadline();
         let message = tokio::select! {
@@ -242,6 +261,21 @@ async fn consume(
             _ = shutdown.changed() => return Ok(Consumed::Shutdown),
             _ = sleep_until_opt(deadline) => {
                 committer.flush()?;
+                continue;
+            }
+            _ = control.tick() => {
+                let version = committer.latest();
+                let events = tokio::task::block_in_place(|| {
+                    govern::handle_requests(config, &committer.store, governor, version)
+                });
+                let delta = governor.take_delta();
+                if !events.is_empty() || !delta.is_empty() {
+                    committer.add(events, delta, version)?;
+                }
+                if last_prune.elapsed() > Duration::from_secs(3600) {
+                    last_prune = Instant::now();
+                    tokio::task::block_in_place(|| govern::prune_audit(config, &committer.store));
+                }
                 continue;
             }
             message = rx.recv() => message,
@@ -294,7 +328,8 @@ async fn consume(
                 let Some(txn) = open.take() else {
                     anyhow::bail!("the server sent a commit without a transaction");
                 };
-                committer.add(pipeline, txn.mapped, end_lsn)?;
+                let events = governor.process(txn.mapped, txn.final_lsn, &txn.time);
+                committer.add(events, governor.take_delta(), end_lsn)?;
             }
         }
     }
@@ -319,6 +354,8 @@ struct Committer {
     batch: Vec<(usize, Event)>,
     batch_end: Option<Lsn>,
     batch_started: Option<Instant>,
+    /// Governance state changes and audit records of the batch.
+    delta: GovDelta,
 }
 
 impl Committer {
@@ -330,13 +367,18 @@ impl Committer {
         self.batch_started.map(|t| t + self.max_delay)
     }
 
+    /// The LSN the next commit will cover (what a governance release is versioned with).
+    fn latest(&self) -> Lsn {
+        self.batch_end.unwrap_or_else(|| self.durable())
+    }
+
     fn add(
         &mut self,
-        pipeline: &Pipeline,
-        mapped: Vec<Mapped>,
+        events: Vec<(usize, Event)>,
+        delta: GovDelta,
         end_lsn: Lsn,
     ) -> anyhow::Result<()> {
-        if mapped.is_empty() && self.batch_end.is_none() {
+        if events.is_empty() && delta.is_empty() && self.batch_end.is_none() {
             // Nothing of this transaction reaches any target and nothing is
             // waiting: it is as good as durable. Persisting the checkpoint can
             // wait for the next real commit; after a crash the server resumes
@@ -344,16 +386,9 @@ impl Committer {
             self.advance(end_lsn);
             return Ok(());
         }
-        for m in mapped {
-            let targets = pipeline.targets_of(m.entity);
-            if let Some((&last, rest)) = targets.split_last() {
-                for &t in rest {
-                    self.batch.push((t, m.event.clone()));
-                }
-                self.batch.push((last, m.event));
-            }
-        }
-        self.batch_end = Some(end_lsn);
+        self.batch.extend(events);
+        self.delta.append(delta);
+        self.batch_end = Some(self.batch_end.map_or(end_lsn, |b| b.max(end_lsn)));
         self.batch_started.get_or_insert_with(Instant::now);
         if self.batch.len() >= self.max_events {
             self.flush()?;
@@ -372,7 +407,9 @@ impl Committer {
             .map(|(t, e)| (self.target_names[*t].as_str(), e))
             .collect();
         let started = Instant::now();
-        let last = tokio::task::block_in_place(|| self.store.commit(end, &appends))?;
+        let delta = std::mem::take(&mut self.delta);
+        let last =
+            tokio::task::block_in_place(|| self.store.commit_governed(end, &appends, &delta))?;
         metrics::histogram!("steward_store_commit_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("steward_events_stored_total").increment(appends.len() as u64);
         let by_name: HashMap<&str, usize> = self
