@@ -3,6 +3,7 @@
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
 
 mod demo;
+mod governance;
 mod status;
 
 use std::path::PathBuf;
@@ -53,12 +54,82 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Records withheld by validation rules or duplicate business keys.
+    Quarantine {
+        #[command(subcommand)]
+        action: QuarantineAction,
+    },
+    /// The governance audit trail: every delivered, gated, unpublished, quarantined, released, suppressed or redacted record.
+    Audit {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long)]
+        entity: Option<String>,
+        #[arg(long)]
+        key: Option<String>,
+        /// RFC 3339 time, a date, or a duration back from now (30m, 12h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only the last N records.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a self-contained demo: throwaway PostgreSQL with Odoo data, a local receiver, live changes.
     Demo {
         /// Make the demo changes, show the events and exit instead of waiting for Ctrl-C.
         #[arg(long)]
         once: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum QuarantineAction {
+    /// Every quarantined record with its rule and message.
+    List {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One quarantined record, with the withheld document (use --json).
+    Show {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        entity: String,
+        key: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-evaluate a record now; delivered if every rule passes.
+    Release {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        entity: String,
+        key: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn governance_command(config: &std::path::Path, req: governance::RequestFn, json: bool) -> ExitCode {
+    let config = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = req().and_then(|r| governance::request(&config, r)).and_then(|resp| governance::print(&resp, json));
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 pub fn main() -> ExitCode {
@@ -103,6 +174,32 @@ pub fn main() -> ExitCode {
             };
             run_blocking(status::run(config, json))
         }
+        Command::Quarantine { action } => {
+            use crate::daemon::govern::Request;
+            match action {
+                QuarantineAction::List { config, json } => {
+                    governance_command(&config, Box::new(|| Ok(Request::QuarantineList)), json)
+                }
+                QuarantineAction::Show { config, entity, key, json } => governance_command(
+                    &config,
+                    Box::new(move || Ok(Request::QuarantineShow { entity, key })),
+                    json,
+                ),
+                QuarantineAction::Release { config, entity, key, json } => governance_command(
+                    &config,
+                    Box::new(move || Ok(Request::QuarantineRelease { entity, key })),
+                    json,
+                ),
+            }
+        }
+        Command::Audit { config, entity, key, since, limit, json } => governance_command(
+            &config,
+            Box::new(move || {
+                let since_micros = since.as_deref().map(governance::parse_since).transpose()?;
+                Ok(crate::daemon::govern::Request::Audit { entity, key, since_micros, limit })
+            }),
+            json,
+        ),
         Command::Demo { once } => run_blocking(demo::run(once)),
     }
 }
