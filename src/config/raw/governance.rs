@@ -480,3 +480,90 @@ fn check_target(
     }
     p
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+    use std::path::Path;
+
+    const BASE: &str = r#"
+[source]
+url = "postgres://steward@localhost/odoo"
+[state]
+path = "/tmp/x.redb"
+[entities.uom]
+table = "uom_uom"
+fields = { name = "name.en_US" }
+"#;
+
+    fn errors(extra: &str) -> Vec<String> {
+        let text = format!("{BASE}{extra}");
+        match Config::parse(&text, Path::new("t.toml"), Path::new("/tmp")) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.errors.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn cel_errors_name_the_key_and_everything_is_reported_at_once() {
+        let errs = errors(
+            r#"
+[entities.product]
+table = "product_template"
+fields = { sku = "default_code", uom = { ref = "uom_id", entity = "unit", key = "name" } }
+publish_when = "row.active &&"
+on_unpublish = "archive"
+[[entities.product.rules]]
+name = "r"
+regex = { field = "sku", pattern = "(" }
+[targets.wms]
+type = "http"
+url = "http://localhost/x"
+entities = ["product"]
+route = "row.company_id =="
+mask = { "bank.acc" = "last4" }
+"#,
+        );
+        let all = errs.join("\n");
+        for needle in [
+            "entities.product.publish_when: is not a valid CEL expression",
+            "entities.product.on_unpublish: `archive` is not valid",
+            "entities.product.rules[0].regex: pattern is not a valid regular expression",
+            "entities.product.fields.uom.entity: unknown entity `unit`",
+            "targets.wms.route: is not a valid CEL expression",
+            "targets.wms.mask.\"bank.acc\"",
+        ] {
+            assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn a_valid_governed_entity_loads() {
+        let text = format!(
+            "{BASE}{}",
+            r#"
+[entities.product]
+table = "product_template"
+fields = { sku = "default_code", uom = { ref = "uom_id", entity = "uom", key = "name" } }
+publish_when = "row.active"
+unique = ["default_code"]
+children = { lines = { table = "mrp_bom_line", parent = "bom_id", fields = { qty = "product_qty" } } }
+[targets.wms]
+type = "http"
+url = "http://localhost/x"
+entities = ["product"]
+fields = { product = ["sku"] }
+"#
+        );
+        let c = Config::parse(&text, Path::new("t.toml"), Path::new("/tmp")).unwrap();
+        // The child table is mapped by a hidden entity no target can name.
+        assert_eq!(c.entities.len(), 3);
+        assert_eq!(c.entities[2].name, "product.lines");
+        let g = &c.governance.entities[1];
+        assert_eq!(g.refs[0].column, "uom_id");
+        assert_eq!(g.children[0].entity, 2);
+        assert_eq!(c.governance.entities[2].child_of, Some((1, 0)));
+        assert_eq!(c.entities[1].fields.len(), 1, "the ref field is not a column mapping");
+        assert_eq!(c.governance.audit_retention_days, 90);
+    }
+}
