@@ -107,7 +107,9 @@ fn changes(round: u64) -> Vec<Change> {
             let values = vec![
                 text(format!("{}", i / 3)),
                 text(format!("SKU-{:06}", i / 3)),
-                text(format!("{{\"en_US\": \"Item {i}\", \"de_DE\": \"Teil {i}\"}}")),
+                text(format!(
+                    "{{\"en_US\": \"Item {i}\", \"de_DE\": \"Teil {i}\"}}"
+                )),
                 text(format!("DE{:09}", i)),
                 text(format!("{}.{:04}", round, i)),
                 text("t".into()),

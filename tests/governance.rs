@@ -130,7 +130,11 @@ fields = { name = "name.en_US", factor = "factor" }
     wms.wait_for_events(1, WAIT).await;
     let events = wms.accepted_events();
     let desk = of(&events, "product", "9101");
-    assert_eq!(desk.len(), 1, "only the approved state is delivered: {events:#?}");
+    assert_eq!(
+        desk.len(),
+        1,
+        "only the approved state is delivered: {events:#?}"
+    );
     assert_eq!(desk[0]["data"]["sku"], "FURN_9101");
     assert_eq!(desk[0]["data"]["state"], "approved");
     assert_eq!(desk[0]["data"]["uom"], "Units", "uom_id as the unit's name");
@@ -146,29 +150,43 @@ fields = { name = "name.en_US", factor = "factor" }
         let mut last = (false, Value::Null);
         wait_until("two quarantined products", WAIT, || {
             last = cli(&config_path, &["quarantine", "list"]);
-            last.1["quarantine"].as_array().is_some_and(|l| l.len() == 2)
+            last.1["quarantine"]
+                .as_array()
+                .is_some_and(|l| l.len() == 2)
         })
         .await;
         last
     };
     assert!(ok, "{list}");
     let q = list["quarantine"].as_array().unwrap();
-    let dup = q.iter().find(|e| e["key"] == "9102").expect("9102 quarantined");
+    let dup = q
+        .iter()
+        .find(|e| e["key"] == "9102")
+        .expect("9102 quarantined");
     assert_eq!(dup["rule"], "unique:default_code");
     assert!(
         dup["message"].as_str().unwrap().contains("product 9101"),
         "the message names the holder: {dup}"
     );
-    let bad = q.iter().find(|e| e["key"] == "9103").expect("9103 quarantined");
+    let bad = q
+        .iter()
+        .find(|e| e["key"] == "9103")
+        .expect("9103 quarantined");
     assert_eq!(bad["rule"], "sku_format");
-    assert!(bad["message"].as_str().unwrap().contains("FURN_0001"), "{bad}");
+    assert!(
+        bad["message"].as_str().unwrap().contains("FURN_0001"),
+        "{bad}"
+    );
     let (ok, shown) = cli(&config_path, &["quarantine", "show", "product", "9102"]);
     assert!(ok);
     assert_eq!(shown["quarantine"][0]["document"]["sku"], "furn_9101 ");
     // Releasing a record that still fails keeps it quarantined and says why.
     let (ok, still) = cli(&config_path, &["quarantine", "release", "product", "9103"]);
     assert!(!ok, "release of a failing record fails: {still}");
-    assert!(still["message"].as_str().unwrap().contains("still fails"), "{still}");
+    assert!(
+        still["message"].as_str().unwrap().contains("still fails"),
+        "{still}"
+    );
 
     // Fixing the records releases them automatically.
     db.sql("UPDATE product_template SET default_code = 'FURN_9102' WHERE id = 9102");
@@ -176,7 +194,9 @@ fields = { name = "name.en_US", factor = "factor" }
     wms.wait_for_events(3, WAIT).await;
 
     // Renaming the unit re-emits the products referencing it.
-    db.sql("UPDATE uom_uom SET name = '{\"en_US\": \"Pieces\", \"de_DE\": \"Stück\"}' WHERE id = 1");
+    db.sql(
+        "UPDATE uom_uom SET name = '{\"en_US\": \"Pieces\", \"de_DE\": \"Stück\"}' WHERE id = 1",
+    );
     wms.wait_for_events(6, WAIT).await;
 
     // Archiving unpublishes.
@@ -190,14 +210,23 @@ fields = { name = "name.en_US", factor = "factor" }
     let desk = of(&events, "product", "9101");
     let ops: Vec<(&str, &str)> = desk
         .iter()
-        .map(|e| (e["op"].as_str().unwrap(), e["data"]["uom"].as_str().unwrap_or("-")))
+        .map(|e| {
+            (
+                e["op"].as_str().unwrap(),
+                e["data"]["uom"].as_str().unwrap_or("-"),
+            )
+        })
         .collect();
     assert_eq!(
         ops,
         [("upsert", "Units"), ("upsert", "Pieces"), ("delete", "-")],
         "approved, re-emitted after the rename, unpublished when archived; nothing for the unmapped write or while archived: {events:#?}"
     );
-    assert_eq!(desk[2]["data"], serde_json::json!({ "id": 9101 }), "a delete carries the key");
+    assert_eq!(
+        desk[2]["data"],
+        serde_json::json!({ "id": 9101 }),
+        "a delete carries the key"
+    );
     for key in ["9102", "9103"] {
         let got = of(&events, "product", key);
         assert_eq!(got.len(), 2, "{key}: released, then re-emitted: {got:#?}");
@@ -209,7 +238,10 @@ fields = { name = "name.en_US", factor = "factor" }
     assert_eq!(list["quarantine"], serde_json::json!([]));
 
     // The audit trail tells the story of each record.
-    let (ok, audit) = cli(&config_path, &["audit", "--entity", "product", "--key", "9101"]);
+    let (ok, audit) = cli(
+        &config_path,
+        &["audit", "--entity", "product", "--key", "9101"],
+    );
     assert!(ok, "{audit}");
     let decisions: Vec<&str> = audit["audit"]
         .as_array()
@@ -219,21 +251,42 @@ fields = { name = "name.en_US", factor = "factor" }
         .collect();
     assert_eq!(
         decisions,
-        ["gated", "delivered", "suppressed", "delivered", "unpublished", "gated"],
+        [
+            "gated",
+            "delivered",
+            "suppressed",
+            "delivered",
+            "unpublished",
+            "gated"
+        ],
         "{audit:#}"
     );
-    let (_, audit) = cli(&config_path, &["audit", "--entity", "product", "--key", "9102", "--since", "1h"]);
+    let (_, audit) = cli(
+        &config_path,
+        &[
+            "audit", "--entity", "product", "--key", "9102", "--since", "1h",
+        ],
+    );
     let decisions: Vec<&str> = audit["audit"]
         .as_array()
         .unwrap()
         .iter()
         .map(|a| a["decision"].as_str().unwrap())
         .collect();
-    assert_eq!(decisions, ["quarantined", "released", "delivered", "delivered"], "{audit:#}");
+    assert_eq!(
+        decisions,
+        ["quarantined", "released", "delivered", "delivered"],
+        "{audit:#}"
+    );
     daemon.stop().await.unwrap();
 
     // With the daemon stopped, the CLI reads the state file itself.
-    let (ok, audit) = cli(&config_path, &["audit", "--entity", "product", "--key", "9103", "--limit", "1"]);
+    let (ok, audit) = cli(
+        &config_path,
+        &[
+            "audit", "--entity", "product", "--key", "9103", "--limit", "1",
+        ],
+    );
     assert!(ok);
     assert_eq!(audit["audit"].as_array().unwrap().len(), 1);
 }
@@ -331,7 +384,11 @@ fields = { acc_number = "acc_number", partner = "partner_id" }
         .iter()
         .map(|e| (e["subject"].as_str().unwrap(), e["op"].as_str().unwrap()))
         .collect();
-    assert_eq!(summary, [("9201", "upsert"), ("9201", "delete")], "{plant_events:#?}");
+    assert_eq!(
+        summary,
+        [("9201", "upsert"), ("9201", "delete")],
+        "{plant_events:#?}"
+    );
 
     let (_, audit) = cli(&config_path, &["audit", "--entity", "bank"]);
     let decisions: Vec<(String, String)> = audit["audit"]
@@ -345,9 +402,18 @@ fields = { acc_number = "acc_number", partner = "partner_id" }
             )
         })
         .collect();
-    assert!(decisions.contains(&("wms".into(), "redacted".into())), "{decisions:?}");
-    assert!(decisions.contains(&("finance".into(), "delivered".into())), "{decisions:?}");
-    let (_, audit) = cli(&config_path, &["audit", "--entity", "product", "--key", "9202"]);
+    assert!(
+        decisions.contains(&("wms".into(), "redacted".into())),
+        "{decisions:?}"
+    );
+    assert!(
+        decisions.contains(&("finance".into(), "delivered".into())),
+        "{decisions:?}"
+    );
+    let (_, audit) = cli(
+        &config_path,
+        &["audit", "--entity", "product", "--key", "9202"],
+    );
     assert_eq!(audit["audit"][0]["decision"], "not_routed", "{audit:#}");
     daemon.stop().await.unwrap();
 }

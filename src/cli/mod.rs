@@ -113,7 +113,11 @@ enum QuarantineAction {
     },
 }
 
-fn governance_command(config: &std::path::Path, req: governance::RequestFn, json: bool) -> ExitCode {
+fn governance_command(
+    config: &std::path::Path,
+    req: governance::RequestFn,
+    json: bool,
+) -> ExitCode {
     let config = match Config::load(config) {
         Ok(c) => c,
         Err(e) => {
@@ -121,7 +125,9 @@ fn governance_command(config: &std::path::Path, req: governance::RequestFn, json
             return ExitCode::from(2);
         }
     };
-    let result = req().and_then(|r| governance::request(&config, r)).and_then(|resp| governance::print(&resp, json));
+    let result = req()
+        .and_then(|r| governance::request(&config, r))
+        .and_then(|resp| governance::print(&resp, json));
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
@@ -180,23 +186,45 @@ pub fn main() -> ExitCode {
                 QuarantineAction::List { config, json } => {
                     governance_command(&config, Box::new(|| Ok(Request::QuarantineList)), json)
                 }
-                QuarantineAction::Show { config, entity, key, json } => governance_command(
+                QuarantineAction::Show {
+                    config,
+                    entity,
+                    key,
+                    json,
+                } => governance_command(
                     &config,
                     Box::new(move || Ok(Request::QuarantineShow { entity, key })),
                     json,
                 ),
-                QuarantineAction::Release { config, entity, key, json } => governance_command(
+                QuarantineAction::Release {
+                    config,
+                    entity,
+                    key,
+                    json,
+                } => governance_command(
                     &config,
                     Box::new(move || Ok(Request::QuarantineRelease { entity, key })),
                     json,
                 ),
             }
         }
-        Command::Audit { config, entity, key, since, limit, json } => governance_command(
+        Command::Audit {
+            config,
+            entity,
+            key,
+            since,
+            limit,
+            json,
+        } => governance_command(
             &config,
             Box::new(move || {
                 let since_micros = since.as_deref().map(governance::parse_since).transpose()?;
-                Ok(crate::daemon::govern::Request::Audit { entity, key, since_micros, limit })
+                Ok(crate::daemon::govern::Request::Audit {
+                    entity,
+                    key,
+                    since_micros,
+                    limit,
+                })
             }),
             json,
         ),

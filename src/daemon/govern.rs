@@ -25,8 +25,14 @@ use crate::store::Store;
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
     QuarantineList,
-    QuarantineShow { entity: String, key: String },
-    QuarantineRelease { entity: String, key: String },
+    QuarantineShow {
+        entity: String,
+        key: String,
+    },
+    QuarantineRelease {
+        entity: String,
+        key: String,
+    },
     Audit {
         entity: Option<String>,
         key: Option<String>,
@@ -95,10 +101,13 @@ pub async fn seed_references(
             "SELECT row_to_json(t)::text FROM \"{}\".\"{}\" t",
             entity.schema, entity.table
         );
-        let rows = sql
-            .simple_query(&query)
-            .await
-            .with_context(|| format!("cannot read {} for entity '{}' (referenced by another entity)", entity.qualified_table(), entity.name))?;
+        let rows = sql.simple_query(&query).await.with_context(|| {
+            format!(
+                "cannot read {} for entity '{}' (referenced by another entity)",
+                entity.qualified_table(),
+                entity.name
+            )
+        })?;
         let mut parsed = Vec::new();
         for msg in rows {
             if let tokio_postgres::SimpleQueryMessage::Row(r) = msg {

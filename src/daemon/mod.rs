@@ -28,10 +28,10 @@ use crate::config::Config;
 use crate::model::value::pg_micros_to_rfc3339;
 use crate::model::{Event, Lsn};
 use crate::pipeline::{Governor, Mapped, Pipeline};
-use crate::store::governance::GovDelta;
 use crate::sinks::{self, driver};
 use crate::source::stream::{self, SessionParams, SourceError, SourceEvent};
 use crate::source::wire::ReplicationClient;
+use crate::store::governance::GovDelta;
 use crate::store::Store;
 
 /// Messages buffered between the source task and the daemon loop: enough to

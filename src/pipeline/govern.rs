@@ -193,10 +193,9 @@ impl Governor {
             }
         }
         for (target, entity, key, hash) in snap.published {
-            if let (Some(&t), Some(&e)) = (
-                target_index.get(&target),
-                self.entity_index.get(&entity),
-            ) {
+            if let (Some(&t), Some(&e)) =
+                (target_index.get(&target), self.entity_index.get(&entity))
+            {
                 self.published.insert((t, e, key), hash);
             }
         }
@@ -427,7 +426,14 @@ impl Governor {
             self.set_claims(e, key, Vec::new(), deferred);
             if self.quarantine.remove(&(e, key.to_string())).is_some() {
                 self.queue_quarantine(e, key, None);
-                self.audit(e, key, version, None, "released", "the record was deleted".into());
+                self.audit(
+                    e,
+                    key,
+                    version,
+                    None,
+                    "released",
+                    "the record was deleted".into(),
+                );
             }
             for t in self.entity_targets[e].clone() {
                 let was = self.published.remove(&(t, e, key.to_string()));
@@ -481,14 +487,28 @@ impl Governor {
                 };
                 self.quarantine.insert((e, key.to_string()), entry.clone());
                 self.queue_quarantine(e, key, Some(entry));
-                self.audit(e, key, version, None, "quarantined", format!("rule {rule}: {message}"));
+                self.audit(
+                    e,
+                    key,
+                    version,
+                    None,
+                    "quarantined",
+                    format!("rule {rule}: {message}"),
+                );
                 return;
             }
             let claims = self.claim_values(e, &doc, row.as_deref());
             self.set_claims(e, key, claims, deferred);
             if self.quarantine.remove(&(e, key.to_string())).is_some() {
                 self.queue_quarantine(e, key, None);
-                self.audit(e, key, version, None, "released", "every rule passes now".into());
+                self.audit(
+                    e,
+                    key,
+                    version,
+                    None,
+                    "released",
+                    "every rule passes now".into(),
+                );
             }
         } else {
             self.set_claims(e, key, Vec::new(), deferred);
@@ -508,14 +528,23 @@ impl Governor {
         for t in self.entity_targets[e].clone() {
             let routed = match &self.policies[t].route {
                 None => Ok(true),
-                Some(r) => r.test(&input).map_err(|m| format!("route could not be evaluated: {m}")),
+                Some(r) => r
+                    .test(&input)
+                    .map_err(|m| format!("route could not be evaluated: {m}")),
             };
             let pkey = (t, e, key.to_string());
             if publishable && routed == Ok(true) {
                 let (data, notes) = redact::apply(&self.policies[t], &name, &doc);
                 let hash = doc_hash(EventOp::Upsert, &data);
                 if self.published.get(&pkey) == Some(&hash) {
-                    self.audit(e, key, version, Some(t), "suppressed", "same document as last delivered".into());
+                    self.audit(
+                        e,
+                        key,
+                        version,
+                        Some(t),
+                        "suppressed",
+                        "same document as last delivered".into(),
+                    );
                     continue;
                 }
                 self.published.insert(pkey, hash);
@@ -533,7 +562,10 @@ impl Governor {
                 match &routed {
                     Ok(_) => format!(
                         "route `{}` is false",
-                        self.policies[t].route.as_ref().map_or("", |r| r.source.as_str())
+                        self.policies[t]
+                            .route
+                            .as_ref()
+                            .map_or("", |r| r.source.as_str())
                     ),
                     Err(m) => m.clone(),
                 }
@@ -552,9 +584,10 @@ impl Governor {
                             .unwrap_or_default();
                         event(EventOp::Delete, data)
                     }
-                    OnUnpublish::Upsert => {
-                        event(EventOp::Upsert, redact::apply(&self.policies[t], &name, &doc).0)
-                    }
+                    OnUnpublish::Upsert => event(
+                        EventOp::Upsert,
+                        redact::apply(&self.policies[t], &name, &doc).0,
+                    ),
                 };
                 out.push((t, ev));
                 self.audit(e, key, version, Some(t), "unpublished", reason);
@@ -655,7 +688,9 @@ impl Governor {
             Check::Required(fields) => {
                 let missing: Vec<&str> = fields
                     .iter()
-                    .filter(|f| get(f).map_or(true, |v| v.as_str().is_some_and(|s| s.trim().is_empty())))
+                    .filter(|f| {
+                        get(f).map_or(true, |v| v.as_str().is_some_and(|s| s.trim().is_empty()))
+                    })
                     .map(String::as_str)
                     .collect();
                 if missing.is_empty() {
@@ -684,7 +719,11 @@ impl Governor {
                 Some(v) => Err(format!(
                     "{field} '{}' is not one of {}",
                     assemble::text(v),
-                    values.iter().map(assemble::text).collect::<Vec<_>>().join(", ")
+                    values
+                        .iter()
+                        .map(assemble::text)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 )),
                 None => Err(format!("{field} is missing")),
             },
@@ -765,7 +804,10 @@ impl Governor {
         if self.gov[e].unique.is_empty() {
             return;
         }
-        let old = self.claims.remove(&(e, key.to_string())).unwrap_or_default();
+        let old = self
+            .claims
+            .remove(&(e, key.to_string()))
+            .unwrap_or_default();
         let mut freed = false;
         for (fi, value) in &old {
             if new.contains(&(*fi, value.clone())) {
@@ -780,8 +822,8 @@ impl Governor {
         }
         for (fi, value) in &new {
             let k = (e, *fi, value.clone());
-            if !self.unique.contains_key(&k) {
-                self.unique.insert(k, key.to_string());
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.unique.entry(k) {
+                slot.insert(key.to_string());
                 self.queue_unique(e, *fi, value, Some(key));
             }
         }

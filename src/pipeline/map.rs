@@ -454,7 +454,11 @@ fn key_text(tuple: &[TupleValue], key_columns: &[usize]) -> Option<String> {
 /// Every column of a tuple as JSON (unchanged TOASTed values from `old` when
 /// sent). A value that does not convert is kept as its text: governance
 /// predicates must not fail on a column no field maps.
-fn row_json(columns: &[(String, u32)], tuple: &[TupleValue], old: Option<&[TupleValue]>) -> Map<String, Value> {
+fn row_json(
+    columns: &[(String, u32)],
+    tuple: &[TupleValue],
+    old: Option<&[TupleValue]>,
+) -> Map<String, Value> {
     let mut out = Map::with_capacity(columns.len());
     for (i, (name, type_oid)) in columns.iter().enumerate() {
         let raw = match tuple.get(i) {

@@ -10,7 +10,11 @@ use sha2::Sha256;
 use crate::config::governance::{Mask, TargetPolicy};
 
 /// The document a target may see, and a note of what was redacted (empty if nothing).
-pub fn apply(policy: &TargetPolicy, entity: &str, doc: &Map<String, Value>) -> (Map<String, Value>, Vec<String>) {
+pub fn apply(
+    policy: &TargetPolicy,
+    entity: &str,
+    doc: &Map<String, Value>,
+) -> (Map<String, Value>, Vec<String>) {
     let mut out = match policy.allow.iter().find(|(e, _)| e == entity) {
         Some((_, allowed)) => doc
             .iter()
@@ -27,10 +31,13 @@ pub fn apply(policy: &TargetPolicy, entity: &str, doc: &Map<String, Value>) -> (
         if let Some(v) = out.get_mut(field) {
             if !v.is_null() {
                 *v = mask(v, *method);
-                notes.push(format!("{field} masked ({})", match method {
-                    Mask::Last4 => "last4",
-                    Mask::Full => "full",
-                }));
+                notes.push(format!(
+                    "{field} masked ({})",
+                    match method {
+                        Mask::Last4 => "last4",
+                        Mask::Full => "full",
+                    }
+                ));
             }
         }
     }
@@ -106,13 +113,17 @@ mod tests {
     #[test]
     fn allow_list_mask_and_hash() {
         let policy = TargetPolicy {
-            allow: vec![("bank".into(), vec!["acc_number".into(), "holder".into(), "iban".into()])],
+            allow: vec![(
+                "bank".into(),
+                vec!["acc_number".into(), "holder".into(), "iban".into()],
+            )],
             mask: vec![("bank".into(), "acc_number".into(), Mask::Last4)],
             hash: vec![("bank".into(), "holder".into())],
             hash_key: Some(Secret::new("k")),
             route: None,
         };
-        let doc = json!({"acc_number": "DE89 3704 0044 0532 0130 00", "holder": "Acme", "partner": 7});
+        let doc =
+            json!({"acc_number": "DE89 3704 0044 0532 0130 00", "holder": "Acme", "partner": 7});
         let (out, notes) = apply(&policy, "bank", doc.as_object().unwrap());
         assert_eq!(out["acc_number"], "******************3000");
         assert!(!out.contains_key("partner"), "not in the allow-list");
@@ -125,7 +136,10 @@ mod tests {
         assert_eq!(Value::Object(same), doc);
         assert!(notes.is_empty());
         // No key: withheld, never the original.
-        let policy = TargetPolicy { hash_key: None, ..policy };
+        let policy = TargetPolicy {
+            hash_key: None,
+            ..policy
+        };
         let (out, _) = apply(&policy, "bank", doc.as_object().unwrap());
         assert_eq!(out["holder"], Value::Null);
     }

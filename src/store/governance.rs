@@ -112,6 +112,7 @@ fn split(key: &str) -> Vec<&str> {
 }
 
 /// Writes `delta` inside a write transaction (the outbox commit's).
+#[allow(clippy::result_large_err)] // redb's own error type, boxed by the caller
 pub(super) fn apply(txn: &WriteTransaction, delta: &GovDelta) -> Result<(), redb::Error> {
     if delta.is_empty() {
         return Ok(());
@@ -217,7 +218,9 @@ impl Store {
         appends: &[(&str, &Event)],
         delta: &GovDelta,
     ) -> Result<Vec<(String, u64)>, StoreError> {
-        self.commit_with(checkpoint, appends, &mut |txn| apply(txn, delta))
+        self.commit_with(checkpoint, appends, &mut |txn| {
+            apply(txn, delta).map_err(Box::new)
+        })
     }
 
     /// Reads the whole governance state (at start-up).
@@ -237,7 +240,10 @@ impl Store {
                 for item in t.iter()? {
                     let (k, v) = item?;
                     let hash: [u8; 16] = v.value().try_into().map_err(|_| {
-                        TxnError::Corrupt(format!("gov_published entry {:?} is not 16 bytes", k.value()))
+                        TxnError::Corrupt(format!(
+                            "gov_published entry {:?} is not 16 bytes",
+                            k.value()
+                        ))
                     })?;
                     if let [target, entity, key] = split(k.value())[..] {
                         snap.published.push((

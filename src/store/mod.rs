@@ -179,7 +179,7 @@ impl Store {
         &self,
         checkpoint: Lsn,
         appends: &[(&str, &Event)],
-        extra: &mut dyn FnMut(&redb::WriteTransaction) -> Result<(), redb::Error>,
+        extra: &mut dyn FnMut(&redb::WriteTransaction) -> Result<(), Box<redb::Error>>,
     ) -> Result<Vec<(String, u64)>, StoreError> {
         // Encode before taking redb's writer lock, into one buffer to spare an
         // allocation per event: acks from the drivers wait on that lock.
@@ -252,7 +252,7 @@ impl Store {
             if previous.map_or(true, |p| checkpoint.0 > p) {
                 counters.insert(CHECKPOINT_KEY, checkpoint.0)?;
             }
-            extra(txn)?;
+            extra(txn).map_err(TxnError::Redb)?;
             Ok(out)
         })?;
         // That durable commit also persisted every lazy one before it.
@@ -539,7 +539,6 @@ macro_rules! txn_error_from_redb {
     )*};
 }
 txn_error_from_redb!(
-    redb::Error,
     redb::StorageError,
     redb::TableError,
     redb::TransactionError,

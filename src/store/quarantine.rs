@@ -16,9 +16,8 @@ pub(super) fn read_all(txn: &ReadTransaction) -> Result<Vec<QuarantineEntry>, Tx
     if let Some(t) = open_or_empty!(txn, QUARANTINE) {
         for item in t.iter()? {
             let (k, v) = item?;
-            let entry: QuarantineEntry = serde_json::from_slice(v.value()).map_err(|e| {
-                TxnError::Corrupt(format!("quarantine entry {:?}: {e}", k.value()))
-            })?;
+            let entry: QuarantineEntry = serde_json::from_slice(v.value())
+                .map_err(|e| TxnError::Corrupt(format!("quarantine entry {:?}: {e}", k.value())))?;
             out.push(entry);
         }
     }

@@ -116,13 +116,9 @@ pub(super) fn check(
     };
     for target in targets {
         let policy = match target_tables.get(&target.name) {
-            Some(Value::Table(t)) => check_target(
-                &join("targets", &target.name),
-                t,
-                target,
-                base_dir,
-                errs,
-            ),
+            Some(Value::Table(t)) => {
+                check_target(&join("targets", &target.name), t, target, base_dir, errs)
+            }
             _ => TargetPolicy::default(),
         };
         gov.targets.push(policy);
@@ -195,14 +191,22 @@ fn check_entity(key: &str, t: &Table, names: &[String], errs: &mut Errors) -> En
                     }
                     other => errs.add(
                         &rkey,
-                        format!("expected a table [[{}]], found {}", r.key("rules"), type_name(other)),
+                        format!(
+                            "expected a table [[{}]], found {}",
+                            r.key("rules"),
+                            type_name(other)
+                        ),
                     ),
                 }
             }
         }
         Some(other) => errs.add(
             &r.key("rules"),
-            format!("expected an array of tables ([[{}]]), found {}", r.key("rules"), type_name(other)),
+            format!(
+                "expected an array of tables ([[{}]]), found {}",
+                r.key("rules"),
+                type_name(other)
+            ),
         ),
     }
     if let Some(Value::Table(fields)) = r.get("fields") {
@@ -213,8 +217,13 @@ fn check_entity(key: &str, t: &Table, names: &[String], errs: &mut Errors) -> En
             }
             let fkey = join(&r.key("fields"), name);
             let fr = Reader::new(&fkey, ft, REF_KEYS, errs);
-            let column = fr.required_string("ref", "the many2one column, e.g. ref = \"uom_id\"", errs);
-            let entity = fr.required_string("entity", "the referenced entity, e.g. entity = \"uom\"", errs);
+            let column =
+                fr.required_string("ref", "the many2one column, e.g. ref = \"uom_id\"", errs);
+            let entity = fr.required_string(
+                "entity",
+                "the referenced entity, e.g. entity = \"uom\"",
+                errs,
+            );
             let rkey = fr.required_string(
                 "key",
                 "the referenced entity's business-key field to deliver, e.g. key = \"name\"",
@@ -229,7 +238,10 @@ fn check_entity(key: &str, t: &Table, names: &[String], errs: &mut Errors) -> En
                 if !names.iter().any(|n| n == e) {
                     errs.add(
                         &fr.key("entity"),
-                        format!("unknown entity `{e}`; configured entities: {}", names.join(", ")),
+                        format!(
+                            "unknown entity `{e}`; configured entities: {}",
+                            names.join(", ")
+                        ),
                     );
                 }
             }
@@ -253,8 +265,16 @@ fn check_entity(key: &str, t: &Table, names: &[String], errs: &mut Errors) -> En
                     continue;
                 };
                 let cr = Reader::new(&ckey, ct, CHILD_KEYS, errs);
-                let table = cr.required_string("table", "the child table, e.g. table = \"mrp_bom_line\"", errs);
-                let parent = cr.required_string("parent", "the child's column holding the parent id, e.g. parent = \"bom_id\"", errs);
+                let table = cr.required_string(
+                    "table",
+                    "the child table, e.g. table = \"mrp_bom_line\"",
+                    errs,
+                );
+                let parent = cr.required_string(
+                    "parent",
+                    "the child's column holding the parent id, e.g. parent = \"bom_id\"",
+                    errs,
+                );
                 let fields = match cr.table("fields", errs) {
                     Some(ft) => child_fields(&cr.key("fields"), ft, errs),
                     None => {
@@ -303,7 +323,10 @@ fn child_fields(key: &str, t: &Table, errs: &mut Errors) -> Option<Vec<FieldConf
     for (name, value) in t {
         let fkey = join(key, name);
         let Value::String(s) = value else {
-            errs.add(&fkey, format!("expected a column name string, found {}", type_name(value)));
+            errs.add(
+                &fkey,
+                format!("expected a column name string, found {}", type_name(value)),
+            );
             return None;
         };
         out.push(FieldConfig {
@@ -317,11 +340,17 @@ fn child_fields(key: &str, t: &Table, errs: &mut Errors) -> Option<Vec<FieldConf
 
 fn check_rule(key: &str, t: &Table, errs: &mut Errors) -> Option<Rule> {
     let r = Reader::new(key, t, RULE_KEYS, errs);
-    let name = r.required_string("name", "a name for the rule, e.g. name = \"sku_format\"", errs);
+    let name = r.required_string(
+        "name",
+        "a name for the rule, e.g. name = \"sku_format\"",
+        errs,
+    );
     let message = r.string("message", errs).map(str::to_string);
     let mut checks = Vec::new();
     if let Some(list) = r.string_list("required", errs) {
-        checks.push(Check::Required(list.iter().map(|s| s.to_string()).collect()));
+        checks.push(Check::Required(
+            list.iter().map(|s| s.to_string()).collect(),
+        ));
     }
     let sub = |k: &str, errs: &mut Errors| -> Option<(String, &Table)> {
         let t = r.table(k, errs)?;
@@ -339,7 +368,10 @@ fn check_rule(key: &str, t: &Table, errs: &mut Errors) -> Option<Rule> {
                 Ok(regex) => checks.push(Check::Regex { field, regex }),
                 Err(e) => errs.add(
                     &r.key("regex"),
-                    format!("pattern is not a valid regular expression: {}", e.to_string().replace('\n', " ")),
+                    format!(
+                        "pattern is not a valid regular expression: {}",
+                        e.to_string().replace('\n', " ")
+                    ),
                 ),
             },
             _ => errs.add(&r.key("regex"), "needs pattern = \"^...$\""),
@@ -363,7 +395,10 @@ fn check_rule(key: &str, t: &Table, errs: &mut Errors) -> Option<Rule> {
             Some(Value::Integer(i)) => Some(*i as f64),
             Some(Value::Float(f)) => Some(*f),
             Some(other) => {
-                errs.add(&r.key("range"), format!("{k} must be a number, found {}", type_name(other)));
+                errs.add(
+                    &r.key("range"),
+                    format!("{k} must be a number, found {}", type_name(other)),
+                );
                 None
             }
         };
@@ -417,11 +452,20 @@ fn check_target(
     }
     let entity_field = |k: &str, spec: &str, errs: &mut Errors| -> Option<(String, String)> {
         let Some((e, f)) = spec.split_once('.') else {
-            errs.add(k, format!("`{spec}` must be written \"entity.field\", e.g. \"bank.acc_number\""));
+            errs.add(
+                k,
+                format!("`{spec}` must be written \"entity.field\", e.g. \"bank.acc_number\""),
+            );
             return None;
         };
         if !target.entities.iter().any(|n| n == e) {
-            errs.add(k, format!("`{spec}`: entity `{e}` is not one this target receives ({})", target.entities.join(", ")));
+            errs.add(
+                k,
+                format!(
+                    "`{spec}`: entity `{e}` is not one this target receives ({})",
+                    target.entities.join(", ")
+                ),
+            );
             return None;
         }
         Some((e.to_string(), f.to_string()))
@@ -430,19 +474,34 @@ fn check_target(
         for (entity, value) in fields {
             let fkey = join(&r.key("fields"), entity);
             if !target.entities.iter().any(|n| n == entity) {
-                errs.add(&fkey, format!("entity `{entity}` is not one this target receives ({})", target.entities.join(", ")));
+                errs.add(
+                    &fkey,
+                    format!(
+                        "entity `{entity}` is not one this target receives ({})",
+                        target.entities.join(", ")
+                    ),
+                );
                 continue;
             }
             match value {
                 Value::Array(items) => {
-                    let list: Vec<String> = items.iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
+                    let list: Vec<String> = items
+                        .iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect();
                     if list.len() != items.len() {
                         errs.add(&fkey, "every item must be a field name string");
                         continue;
                     }
                     p.allow.push((entity.clone(), list));
                 }
-                other => errs.add(&fkey, format!("expected an array of field names, found {}", type_name(other))),
+                other => errs.add(
+                    &fkey,
+                    format!(
+                        "expected an array of field names, found {}",
+                        type_name(other)
+                    ),
+                ),
             }
         }
     }
@@ -476,7 +535,10 @@ fn check_target(
             ),
         }
     } else if r.has("hash_key_file") {
-        errs.add(&r.key("hash_key_file"), "is set but hash lists no field; add hash = [\"entity.field\"] or remove it");
+        errs.add(
+            &r.key("hash_key_file"),
+            "is set but hash lists no field; add hash = [\"entity.field\"] or remove it",
+        );
     }
     p
 }
@@ -563,7 +625,11 @@ fields = { product = ["sku"] }
         assert_eq!(g.refs[0].column, "uom_id");
         assert_eq!(g.children[0].entity, 2);
         assert_eq!(c.governance.entities[2].child_of, Some((1, 0)));
-        assert_eq!(c.entities[1].fields.len(), 1, "the ref field is not a column mapping");
+        assert_eq!(
+            c.entities[1].fields.len(),
+            1,
+            "the ref field is not a column mapping"
+        );
         assert_eq!(c.governance.audit_retention_days, 90);
     }
 }
