@@ -460,7 +460,10 @@ async fn sigterm_drains_confirms_the_durable_position_and_loses_nothing() {
         .map(|i| format!("{}.00", 100 + i))
         .filter(|p| !prices.contains(p))
         .collect();
-    assert!(missing.is_empty() && prices.len() == n, "every change delivered at least once; missing {missing:?}; got {prices:?}");
+    assert!(
+        missing.is_empty() && prices.len() == n,
+        "every change delivered at least once; missing {missing:?}; got {prices:?}"
+    );
     let (status, _) = steward.terminate().await;
     assert!(status.success());
 }

@@ -4,6 +4,7 @@
 
 mod demo;
 mod dlq;
+mod governance;
 mod setup_sql;
 mod status;
 
@@ -72,6 +73,28 @@ enum Command {
         #[arg(long, value_name = "T")]
         target: String,
     },
+    /// Records withheld by validation rules or duplicate business keys.
+    Quarantine {
+        #[command(subcommand)]
+        action: QuarantineAction,
+    },
+    /// The governance audit trail: every delivered, gated, unpublished, quarantined, released, suppressed or redacted record.
+    Audit {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long)]
+        entity: Option<String>,
+        #[arg(long)]
+        key: Option<String>,
+        /// RFC 3339 time, a date, or a duration back from now (30m, 12h, 7d).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only the last N records.
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a self-contained demo: throwaway PostgreSQL with Odoo data, a local receiver, live changes.
     Demo {
         /// Make the demo changes, show the events and exit instead of waiting for Ctrl-C.
@@ -118,6 +141,60 @@ fn load_or_exit(path: &std::path::Path) -> Result<Config, ExitCode> {
         eprintln!("{e}");
         ExitCode::from(2)
     })
+}
+
+#[derive(Subcommand, Debug)]
+enum QuarantineAction {
+    /// Every quarantined record with its rule and message.
+    List {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One quarantined record, with the withheld document (use --json).
+    Show {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        entity: String,
+        key: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-evaluate a record now; delivered if every rule passes.
+    Release {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        entity: String,
+        key: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn governance_command(
+    config: &std::path::Path,
+    req: governance::RequestFn,
+    json: bool,
+) -> ExitCode {
+    let config = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = req()
+        .and_then(|r| governance::request(&config, r))
+        .and_then(|resp| governance::print(&resp, json));
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 pub fn main() -> ExitCode {
@@ -169,6 +246,54 @@ pub fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Quarantine { action } => {
+            use crate::daemon::govern::Request;
+            match action {
+                QuarantineAction::List { config, json } => {
+                    governance_command(&config, Box::new(|| Ok(Request::QuarantineList)), json)
+                }
+                QuarantineAction::Show {
+                    config,
+                    entity,
+                    key,
+                    json,
+                } => governance_command(
+                    &config,
+                    Box::new(move || Ok(Request::QuarantineShow { entity, key })),
+                    json,
+                ),
+                QuarantineAction::Release {
+                    config,
+                    entity,
+                    key,
+                    json,
+                } => governance_command(
+                    &config,
+                    Box::new(move || Ok(Request::QuarantineRelease { entity, key })),
+                    json,
+                ),
+            }
+        }
+        Command::Audit {
+            config,
+            entity,
+            key,
+            since,
+            limit,
+            json,
+        } => governance_command(
+            &config,
+            Box::new(move || {
+                let since_micros = since.as_deref().map(governance::parse_since).transpose()?;
+                Ok(crate::daemon::govern::Request::Audit {
+                    entity,
+                    key,
+                    since_micros,
+                    limit,
+                })
+            }),
+            json,
+        ),
         Command::Demo { once } => run_blocking(demo::run(once)),
         Command::Dlq { action } => {
             let (action, args) = match action {

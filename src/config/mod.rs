@@ -3,6 +3,7 @@
 //! the dotted key, what is wrong and what would be valid.
 
 mod delivery;
+pub mod governance;
 mod raw;
 mod secret;
 
@@ -23,6 +24,8 @@ pub struct Config {
     pub targets: Vec<TargetConfig>,
     pub metrics: MetricsConfig,
     pub daemon: DaemonConfig,
+    /// Lifecycle gates, rules, business keys, references, policies (see `governance`).
+    pub governance: governance::GovernanceConfig,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

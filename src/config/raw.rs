@@ -7,6 +7,7 @@
 //! load time, and only ever stored in [`Secret`]; no message contains them.
 
 mod delivery;
+mod governance;
 mod pgurl;
 mod reader;
 #[cfg(test)]
@@ -41,10 +42,26 @@ const SOURCE_KEYS: &[&str] = &[
     "connect_timeout_ms",
     "heartbeat_interval_ms",
 ];
-const STATE_KEYS: &[&str] = &["path", "commit_max_events", "commit_max_delay_ms"];
+const STATE_KEYS: &[&str] = &[
+    "path",
+    "commit_max_events",
+    "commit_max_delay_ms",
+    // governance
+    "audit_retention_days",
+];
 const METRICS_KEYS: &[&str] = &["listen", "ready_max_target_stall_ms"];
 const DAEMON_KEYS: &[&str] = &["shutdown_timeout_ms"];
-const ENTITY_KEYS: &[&str] = &["table", "key", "fields"];
+const ENTITY_KEYS: &[&str] = &[
+    "table",
+    "key",
+    "fields",
+    // governance
+    "publish_when",
+    "on_unpublish",
+    "rules",
+    "unique",
+    "children",
+];
 const FIELD_KEYS: &[&str] = &["path", "fallback"];
 const TARGET_KEYS: &[&str] = &[
     "type",
@@ -57,6 +74,12 @@ const TARGET_KEYS: &[&str] = &[
     "retry_initial_ms",
     "retry_max_ms",
     "headers",
+    // governance
+    "route",
+    "fields",
+    "mask",
+    "hash",
+    "hash_key_file",
 ];
 const HEADER_SOURCE_KEYS: &[&str] = &["file", "env"];
 const TARGET_TYPES: &[&str] = &["http"];
@@ -133,6 +156,11 @@ pub(super) fn parse(text: &str, path: &Path, base_dir: &Path) -> Result<Config, 
     let (entity_names, entities) = check_entities(&top, &mut errs);
     let targets = check_targets(&top, &entity_names, base_dir, &mut errs);
 
+    let (mut entities, targets) = (entities, targets);
+    let governance = match (entities.as_mut(), targets.as_ref()) {
+        (Some(e), Some(t)) => Some(governance::check(&doc, e, t, base_dir, &mut errs)),
+        _ => None,
+    };
     if !errs.is_empty() {
         return Err(fail(errs.into_vec()));
     }
@@ -144,6 +172,7 @@ pub(super) fn parse(text: &str, path: &Path, base_dir: &Path) -> Result<Config, 
             targets: targets?,
             metrics: metrics?,
             daemon: daemon?,
+            governance: governance?,
         })
     })();
     // Every `None` above comes with a recorded error; this is a safety net.
@@ -709,6 +738,8 @@ fn check_fields(key: &str, table: &Table, errs: &mut Errors) -> Option<Vec<Field
             );
         }
         let sources = match value {
+            // A reference field ({ ref = ..., entity = ..., key = ... }) is checked by `governance`.
+            Value::Table(t) if t.contains_key("ref") => continue,
             Value::String(s) => field_source(&fkey, s, errs).map(|s| (s, None)),
             Value::Table(t) => {
                 let r = Reader::new(&fkey, t, FIELD_KEYS, errs);

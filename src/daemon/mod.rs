@@ -11,6 +11,7 @@
 //! the server, then stop the drivers at their cursors.
 
 pub mod control;
+pub mod govern;
 pub mod monitor;
 mod privileges;
 mod setup;
@@ -30,10 +31,11 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::model::value::pg_micros_to_rfc3339;
 use crate::model::{Event, Lsn};
-use crate::pipeline::{Mapped, Pipeline};
+use crate::pipeline::{Governor, Mapped, Pipeline};
 use crate::sinks::{self, driver};
 use crate::source::stream::{self, SessionParams, SourceError, SourceEvent};
 use crate::source::wire::ReplicationClient;
+use crate::store::governance::GovDelta;
 use crate::store::Store;
 
 /// Messages buffered between the source task and the daemon loop: enough to
@@ -72,7 +74,9 @@ pub async fn run_with(
         .store(true, std::sync::atomic::Ordering::Relaxed);
     state.health.note_caught_up();
 
+    let mut governor = govern::setup(&config, &store, &mut pipeline)?;
     let prepared = setup::prepare(&config, &store, &pipeline).await?;
+    govern::seed_references(&config, &store, &mut governor).await?;
     let checkpoint = store.checkpoint()?.unwrap_or(Lsn::ZERO);
     state
         .durable_lsn
@@ -142,6 +146,7 @@ pub async fn run_with(
         stalled: false,
         received: entity_counters(crate::metrics::EVENTS_RECEIVED),
         filtered: entity_counters(crate::metrics::EVENTS_FILTERED),
+        delta: GovDelta::default(),
     };
 
     let mut attempt: u32 = 0;
@@ -187,13 +192,26 @@ pub async fn run_with(
         state
             .connected
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        let outcome = consume(&mut pipeline, &mut committer, rx, &mut shutdown).await;
+        let outcome = consume(
+            &config,
+            &mut pipeline,
+            &mut governor,
+            &mut committer,
+            rx,
+            &mut shutdown,
+        )
+        .await;
         // Whatever ended the session, complete transactions already received
         // are committed so that the source confirms them before it stops.
         let flushed = committer.flush();
         // A batch the store could not take (disk full) is dropped here: it is
         // not confirmed, so the next session receives it again from the server.
-        committer.discard_pending();
+        if committer.discard_pending() {
+            // The governor's in-memory state already counts the dropped
+            // transactions: start again from what the store holds, since the
+            // server sends them again.
+            governor = govern::setup(&config, &store, &mut pipeline)?;
+        }
         let _ = session_shutdown_tx.send(true);
         let session_result = match session.await {
             Ok(result) => result,
@@ -274,7 +292,9 @@ struct OpenTxn {
 }
 
 async fn consume(
+    config: &Config,
     pipeline: &mut Pipeline,
+    governor: &mut Governor,
     committer: &mut Committer,
     mut rx: mpsc::Receiver<SourceEvent>,
     shutdown: &mut watch::Receiver<bool>,
@@ -282,6 +302,10 @@ async fn consume(
     let mut open: Option<OpenTxn> = None;
     // Proof of life for the systemd watchdog, even when no messages arrive.
     let mut alive = tokio::time::interval(Duration::from_secs(1));
+    // Operator requests (quarantine release, audit) and audit pruning.
+    let mut control = tokio::time::interval(Duration::from_secs(1));
+    control.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_prune = Instant::now();
     loop {
         if committer.stalled {
             // The store refused the last commit (disk full, I/O error). Stop
@@ -306,6 +330,21 @@ async fn consume(
             }
             _ = sleep_until_opt(deadline) => {
                 committer.flush()?;
+                continue;
+            }
+            _ = control.tick() => {
+                let version = committer.latest();
+                let events = tokio::task::block_in_place(|| {
+                    govern::handle_requests(config, &committer.store, governor, version)
+                });
+                let delta = governor.take_delta();
+                if !events.is_empty() || !delta.is_empty() {
+                    committer.add(events, delta, version)?;
+                }
+                if last_prune.elapsed() > Duration::from_secs(3600) {
+                    last_prune = Instant::now();
+                    tokio::task::block_in_place(|| govern::prune_audit(config, &committer.store));
+                }
                 continue;
             }
             message = rx.recv() => message,
@@ -359,7 +398,9 @@ async fn consume(
                 let Some(txn) = open.take() else {
                     anyhow::bail!("the server sent a commit without a transaction");
                 };
-                committer.add(pipeline, txn.mapped, end_lsn)?;
+                committer.note_received(pipeline, &txn.mapped);
+                let events = governor.process(txn.mapped, txn.final_lsn, &txn.time);
+                committer.add(events, governor.take_delta(), end_lsn)?;
             }
         }
     }
@@ -390,6 +431,8 @@ struct Committer {
     /// Per entity index.
     received: Vec<metrics::Counter>,
     filtered: Vec<metrics::Counter>,
+    /// Governance state changes and audit records of the batch.
+    delta: GovDelta,
 }
 
 impl Committer {
@@ -401,13 +444,18 @@ impl Committer {
         self.batch_started.map(|t| t + self.max_delay)
     }
 
+    /// The LSN the next commit will cover (what a governance release is versioned with).
+    fn latest(&self) -> Lsn {
+        self.batch_end.unwrap_or_else(|| self.durable())
+    }
+
     fn add(
         &mut self,
-        pipeline: &Pipeline,
-        mapped: Vec<Mapped>,
+        events: Vec<(usize, Event)>,
+        delta: GovDelta,
         end_lsn: Lsn,
     ) -> anyhow::Result<()> {
-        if mapped.is_empty() && self.batch_end.is_none() {
+        if events.is_empty() && delta.is_empty() && self.batch_end.is_none() {
             // Nothing of this transaction reaches any target and nothing is
             // waiting: it is as good as durable. Persisting the checkpoint can
             // wait for the next real commit; after a crash the server resumes
@@ -415,24 +463,9 @@ impl Committer {
             self.advance(end_lsn);
             return Ok(());
         }
-        for m in mapped {
-            let targets = pipeline.targets_of(m.entity);
-            if let Some(c) = self.received.get(m.entity) {
-                c.increment(1);
-            }
-            if targets.is_empty() {
-                if let Some(c) = self.filtered.get(m.entity) {
-                    c.increment(1);
-                }
-            }
-            if let Some((&last, rest)) = targets.split_last() {
-                for &t in rest {
-                    self.batch.push((t, m.event.clone()));
-                }
-                self.batch.push((last, m.event));
-            }
-        }
-        self.batch_end = Some(end_lsn);
+        self.batch.extend(events);
+        self.delta.append(delta);
+        self.batch_end = Some(self.batch_end.map_or(end_lsn, |b| b.max(end_lsn)));
         self.batch_started.get_or_insert_with(Instant::now);
         if self.batch.len() >= self.max_events {
             self.flush()?;
@@ -450,7 +483,8 @@ impl Committer {
             .map(|(t, e)| (self.target_names[*t].as_str(), e))
             .collect();
         let started = Instant::now();
-        let last = match tokio::task::block_in_place(|| self.store.commit(end, &appends)) {
+        let commit = || self.store.commit_governed(end, &appends, &self.delta);
+        let last = match tokio::task::block_in_place(commit) {
             Ok(last) => last,
             Err(e) if e.is_transient() => {
                 if !self.stalled {
@@ -495,6 +529,7 @@ impl Committer {
             .record(started.elapsed().as_secs_f64());
         metrics::counter!(crate::metrics::EVENTS_STORED).increment(appends.len() as u64);
         self.batch.clear();
+        self.delta = GovDelta::default();
         self.batch_end = None;
         self.batch_started = None;
         let by_name: HashMap<&str, usize> = self
@@ -512,11 +547,29 @@ impl Committer {
         Ok(())
     }
 
-    fn discard_pending(&mut self) {
+    /// Drops what could not be committed; true when anything was dropped.
+    fn discard_pending(&mut self) -> bool {
+        let dropped = self.batch_end.is_some() || !self.delta.is_empty();
         self.batch.clear();
+        self.delta = GovDelta::default();
         self.batch_end = None;
         self.batch_started = None;
         self.stalled = false;
+        dropped
+    }
+
+    /// Counts the mapped changes of a transaction per entity.
+    fn note_received(&self, pipeline: &Pipeline, mapped: &[Mapped]) {
+        for m in mapped {
+            if let Some(c) = self.received.get(m.entity) {
+                c.increment(1);
+            }
+            if pipeline.targets_of(m.entity).is_empty() {
+                if let Some(c) = self.filtered.get(m.entity) {
+                    c.increment(1);
+                }
+            }
+        }
     }
 
     fn advance(&self, lsn: Lsn) {

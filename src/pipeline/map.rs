@@ -51,6 +51,12 @@ pub enum PipelineError {
 pub struct Mapped {
     pub entity: usize,
     pub event: Event,
+    /// Governance: the change's kind and, for entities whose rows are
+    /// captured ([`Pipeline::capture_rows`]), every column of the new row and
+    /// of the old row (when the server sent the whole old row).
+    pub op: ChangeOp,
+    pub row: Option<Map<String, Value>>,
+    pub old: Option<Map<String, Value>>,
 }
 
 struct ResolvedSource {
@@ -77,6 +83,10 @@ struct EntityPlan {
 struct RelationPlan {
     table: String,
     plans: Vec<EntityPlan>,
+    /// (name, type oid) of every column, for row capture.
+    columns: Vec<(String, u32)>,
+    /// REPLICA IDENTITY FULL: old tuples carry every column.
+    full_identity: bool,
 }
 
 pub struct Pipeline {
@@ -86,6 +96,8 @@ pub struct Pipeline {
     relations: HashMap<u32, RelationPlan>,
     /// entity index → target indexes.
     entity_targets: Vec<Vec<usize>>,
+    /// entity index → whether whole rows are converted for governance.
+    capture: Vec<bool>,
 }
 
 impl Pipeline {
@@ -112,6 +124,14 @@ impl Pipeline {
             by_table,
             relations: HashMap::new(),
             entity_targets,
+            capture: vec![false; config.entities.len()],
+        }
+    }
+
+    /// Converts every column of this entity's rows into [`Mapped::row`] / [`Mapped::old`].
+    pub fn capture_rows(&mut self, entity: usize) {
+        if let Some(c) = self.capture.get_mut(entity) {
+            *c = true;
         }
     }
 
@@ -145,8 +165,20 @@ impl Pipeline {
                 plans.push(self.plan_entity(entity, relation)?);
             }
         }
-        self.relations
-            .insert(relation.id, RelationPlan { table, plans });
+        let columns = relation
+            .columns
+            .iter()
+            .map(|c| (c.name.clone(), c.type_oid))
+            .collect();
+        self.relations.insert(
+            relation.id,
+            RelationPlan {
+                table,
+                plans,
+                columns,
+                full_identity: relation.replica_identity == b'f',
+            },
+        );
         Ok(())
     }
 
@@ -318,9 +350,26 @@ impl Pipeline {
                     }
                 }
             };
+            let capture = self.capture.get(plan.entity).copied().unwrap_or(false);
+            let old_row = match (&change.old, relation.full_identity) {
+                (Some(old), true) if capture => Some(row_json(&relation.columns, old, None)),
+                _ => None,
+            };
+            let row = match (&change.new, &change.old) {
+                (Some(new), old) if capture => Some(row_json(
+                    &relation.columns,
+                    new,
+                    old.as_deref().filter(|_| relation.full_identity),
+                )),
+                (None, Some(_)) if capture => old_row.clone(),
+                _ => None,
+            };
             out.push(Mapped {
                 entity: plan.entity,
                 event,
+                op: change.op,
+                row,
+                old: old_row,
             });
         }
         Ok(())
@@ -400,4 +449,28 @@ fn key_text(tuple: &[TupleValue], key_columns: &[usize]) -> Option<String> {
         }
     }
     Some(join_key(parts))
+}
+
+/// Every column of a tuple as JSON (unchanged TOASTed values from `old` when
+/// sent). A value that does not convert is kept as its text: governance
+/// predicates must not fail on a column no field maps.
+fn row_json(
+    columns: &[(String, u32)],
+    tuple: &[TupleValue],
+    old: Option<&[TupleValue]>,
+) -> Map<String, Value> {
+    let mut out = Map::with_capacity(columns.len());
+    for (i, (name, type_oid)) in columns.iter().enumerate() {
+        let raw = match tuple.get(i) {
+            Some(TupleValue::UnchangedToast) => old.and_then(|o| o.get(i)),
+            other => other,
+        };
+        let value = match raw {
+            Some(TupleValue::Text(bytes)) => text_to_json(*type_oid, bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned())),
+            _ => Value::Null,
+        };
+        out.insert(name.clone(), value);
+    }
+    out
 }

@@ -1,7 +1,16 @@
 //! Pure transformation of decoded changes into target events: table
-//! selection and field mapping. No I/O: the daemon feeds it relations and
-//! changes in stream order and stores what comes out.
+//! selection and field mapping, then governance (lifecycle gates, rules,
+//! business keys, references, business objects, per-target policy and
+//! routing, no-op suppression). No I/O: the daemon feeds it relations and
+//! changes in stream order and stores what comes out, together with the
+//! governance state changes it queued.
 
+pub mod assemble;
+pub mod cel;
+pub mod govern;
 mod map;
+pub mod redact;
+pub mod reference;
 
+pub use govern::Governor;
 pub use map::{Mapped, Pipeline, PipelineError};

@@ -31,8 +31,11 @@
 //! store then drops its handle and reopens the file on the next call, which
 //! lets steward carry on by itself once space is freed.
 
+pub mod audit;
 mod dead_letter;
 mod error;
+pub mod governance;
+pub mod quarantine;
 mod tables;
 
 pub use dead_letter::{
@@ -173,6 +176,17 @@ impl Store {
         checkpoint: Lsn,
         appends: &[(&str, &Event)],
     ) -> Result<Vec<(String, u64)>, StoreError> {
+        self.commit_with(checkpoint, appends, &mut |_| Ok(()))
+    }
+
+    /// [`Store::commit`], also running `extra` in the same write transaction
+    /// (governance state and audit records change atomically with the outbox).
+    pub fn commit_with(
+        &self,
+        checkpoint: Lsn,
+        appends: &[(&str, &Event)],
+        extra: &mut dyn FnMut(&redb::WriteTransaction) -> Result<(), Box<redb::Error>>,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
         // Encode before taking redb's writer lock, into one buffer to spare an
         // allocation per event: acks from the drivers wait on that lock.
         let mut buf = Vec::with_capacity(appends.len() * 256);
@@ -244,6 +258,7 @@ impl Store {
             if previous.map_or(true, |p| checkpoint.0 > p) {
                 counters.insert(CHECKPOINT_KEY, checkpoint.0)?;
             }
+            extra(txn).map_err(TxnError::Redb)?;
             Ok(out)
         })?;
         // That durable commit also persisted every lazy one before it.

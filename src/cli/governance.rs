@@ -1,0 +1,113 @@
+//! `steward quarantine list|show|release` and `steward audit`: against the
+//! state file directly when the daemon is stopped, or through a request
+//! file the running daemon answers within 2 s (redb admits one process).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::config::Config;
+use crate::daemon::govern::{answer_offline, requests_dir, Request, Response};
+use crate::store::{Store, StoreError};
+
+/// Builds the request (parsing arguments may fail).
+pub type RequestFn = Box<dyn FnOnce() -> anyhow::Result<Request>>;
+
+/// Runs `req` and returns the answer.
+pub fn request(config: &Config, req: Request) -> anyhow::Result<Response> {
+    match Store::open(&config.state.path) {
+        Ok(store) => answer_offline(config, &store, req),
+        Err(StoreError::Locked { .. }) => via_daemon(config, &req),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn via_daemon(config: &Config, req: &Request) -> anyhow::Result<Response> {
+    let dir = requests_dir(config);
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create the request directory {}", dir.display()))?;
+    let id = format!(
+        "{}-{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_micros()
+    );
+    let tmp = dir.join(format!("{id}.tmp"));
+    let path = dir.join(format!("{id}.req"));
+    std::fs::write(&tmp, serde_json::to_vec(req)?)?;
+    std::fs::rename(&tmp, &path)?;
+    let resp = dir.join(format!("{id}.resp"));
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(15) {
+        if let Ok(bytes) = std::fs::read(&resp) {
+            let _ = std::fs::remove_file(&resp);
+            return Ok(serde_json::from_slice(&bytes)?);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = std::fs::remove_file(&path);
+    bail!(
+        "the state file is in use but no daemon answered within 15 s; is `steward run` for {} healthy?",
+        config.state.path.display()
+    )
+}
+
+/// `--since`: RFC 3339, a date (YYYY-MM-DD, UTC midnight), or a duration back from now (30m, 12h, 7d).
+pub fn parse_since(text: &str) -> anyhow::Result<i64> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(t.timestamp_micros());
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        if let Some(t) = d.and_hms_opt(0, 0, 0) {
+            return Ok(t.and_utc().timestamp_micros());
+        }
+    }
+    let (num, unit) = text.split_at(text.len().saturating_sub(1));
+    let n: i64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("--since `{text}`: give RFC 3339 (2026-01-31T08:00:00Z), a date (2026-01-31) or a duration (30m, 12h, 7d)"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => bail!("--since `{text}`: the duration unit must be s, m, h or d"),
+    };
+    Ok(chrono::Utc::now().timestamp_micros() - secs * 1_000_000)
+}
+
+pub fn print(resp: &Response, json: bool) -> anyhow::Result<bool> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(resp)?);
+        return Ok(resp.error.is_none());
+    }
+    for q in &resp.quarantine {
+        println!(
+            "{} {}  rule={}  version={}  since={}\n  {}",
+            q.entity, q.key, q.rule, q.version, q.since, q.message
+        );
+    }
+    for a in &resp.audit {
+        let time = chrono::DateTime::from_timestamp_micros(a.time_micros)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+            .unwrap_or_default();
+        println!(
+            "{time}  {} {}  v{}  {}  {}  {}",
+            a.entity,
+            a.key,
+            a.version,
+            a.target.as_deref().unwrap_or("-"),
+            a.decision,
+            a.detail
+        );
+    }
+    if let Some(m) = &resp.message {
+        println!("{m}");
+    }
+    if let Some(e) = &resp.error {
+        if resp.message.as_ref() != Some(e) {
+            eprintln!("error: {e}");
+        }
+        return Ok(false);
+    }
+    Ok(true)
+}

@@ -1,0 +1,130 @@
+//! Governance settings, checked at load: lifecycle gates, validation rules,
+//! business keys, reference fields, business objects, per-target field
+//! policy and routing. Indexes line up with [`super::Config::entities`] and
+//! [`super::Config::targets`].
+
+use crate::pipeline::cel::CelExpr;
+
+use super::{FieldConfig, Secret};
+
+#[derive(Clone, Debug, Default)]
+pub struct GovernanceConfig {
+    /// One per configured entity, same order.
+    pub entities: Vec<EntityGovernance>,
+    /// One per configured target, same order.
+    pub targets: Vec<TargetPolicy>,
+    /// Audit records older than this are pruned.
+    pub audit_retention_days: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnUnpublish {
+    /// Send a delete of the key (default).
+    #[default]
+    Delete,
+    /// Send the record as it now is, with its state fields.
+    Upsert,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct EntityGovernance {
+    pub publish_when: Option<CelExpr>,
+    pub on_unpublish: OnUnpublish,
+    pub rules: Vec<Rule>,
+    /// Business-key fields (document field names, or columns), each unique per entity.
+    pub unique: Vec<String>,
+    /// Fields whose value is the referenced record's business key.
+    pub refs: Vec<RefField>,
+    /// Child rows gathered into the document (business objects).
+    pub children: Vec<ChildConfig>,
+    /// Set for the hidden entity that tracks a parent's child table: (parent entity index, child index).
+    pub child_of: Option<(usize, usize)>,
+}
+
+impl EntityGovernance {
+    /// Whether records of this entity need their rows tracked.
+    pub fn is_governed(&self) -> bool {
+        self.publish_when.is_some()
+            || !self.rules.is_empty()
+            || !self.unique.is_empty()
+            || !self.refs.is_empty()
+            || !self.children.is_empty()
+            || self.child_of.is_some()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub name: String,
+    pub checks: Vec<Check>,
+    /// Shown to the operator; a default naming the failed check otherwise.
+    pub message: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub enum Check {
+    Required(Vec<String>),
+    Regex {
+        field: String,
+        regex: regex::Regex,
+    },
+    Allowed {
+        field: String,
+        values: Vec<serde_json::Value>,
+    },
+    Range {
+        field: String,
+        min: Option<f64>,
+        max: Option<f64>,
+    },
+    Cel(CelExpr),
+    /// The column holds the id of a record of `entity`, which must exist and be publishable.
+    Reference {
+        field: String,
+        entity: String,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct RefField {
+    /// The document field.
+    pub name: String,
+    /// The many2one column (an id of the referenced entity's key).
+    pub column: String,
+    pub entity: String,
+    /// Field of the referenced entity's document to deliver (its business key).
+    pub key: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct ChildConfig {
+    /// The array field in the parent's document.
+    pub name: String,
+    pub schema: String,
+    pub table: String,
+    /// Column of the child row holding the parent's id.
+    pub parent: String,
+    pub fields: Vec<FieldConfig>,
+    /// Index of the hidden entity that maps the child table.
+    pub entity: usize,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct TargetPolicy {
+    /// entity name → allowed document fields; entities not listed keep every field.
+    pub allow: Vec<(String, Vec<String>)>,
+    /// `entity.field` → masking method.
+    pub mask: Vec<(String, String, Mask)>,
+    /// `entity.field` values replaced by HMAC-SHA256 (hex) under `hash_key`.
+    pub hash: Vec<(String, String)>,
+    pub hash_key: Option<Secret>,
+    pub route: Option<CelExpr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mask {
+    /// Keep the last 4 characters, replace the others with `*`.
+    Last4,
+    /// Replace the whole value with `***`.
+    Full,
+}

@@ -1,0 +1,967 @@
+//! The governor: decides, per mapped change and target, what is delivered.
+//!
+//! ```text
+//!  Mapped ──▶ track row ──▶ document (fields, references, children)
+//!         ──▶ publish_when? ── no ──▶ gated / unpublished (on_unpublish)
+//!         ──▶ rules, business keys ── fail ──▶ quarantined (released when fixed)
+//!         ──▶ per target: route? ──▶ field policy ──▶ same as last appended? ──▶ suppressed
+//!                                                                        └──▶ delivered
+//! ```
+//!
+//! No I/O: state (tracked rows, published hashes, business-key index,
+//! quarantine) is held in memory, loaded from redb at start-up, and every
+//! change to it is queued as a [`GovDelta`] that the daemon writes in the
+//! same redb transaction as the outbox appends it belongs with. Every
+//! decision is also queued as an audit record.
+//!
+//! Within one source transaction, changes to one business object (a parent
+//! and its child rows) and re-emissions (records whose referenced record
+//! changed) are evaluated once, after the transaction's last change.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::assemble;
+use super::cel::CelInput;
+use super::map::Mapped;
+use super::redact;
+use super::reference::{self, Rows};
+use crate::config::governance::{Check, EntityGovernance, OnUnpublish, TargetPolicy};
+use crate::config::{Config, EntityConfig};
+use crate::model::{ChangeOp, Event, EventOp, Lsn};
+use crate::store::governance::{AuditRecord, GovDelta, GovOp, GovSnapshot, QuarantineEntry};
+
+/// Index offset of events the governor makes itself (re-emissions, business
+/// objects): their ids never collide with those of source changes.
+const SYNTHETIC_INDEX: u32 = 0x8000_0000;
+
+pub struct Governor {
+    entities: Vec<EntityConfig>,
+    gov: Vec<EntityGovernance>,
+    policies: Vec<TargetPolicy>,
+    target_names: Vec<String>,
+    entity_targets: Vec<Vec<usize>>,
+    entity_index: HashMap<String, usize>,
+    tracked: Vec<bool>,
+    /// entity → (referencing entity, its many2one column).
+    referenced_by: Vec<Vec<(usize, String)>>,
+    rows: Rows,
+    /// (child entity, parent key) → child keys.
+    children: HashMap<(usize, String), BTreeSet<String>>,
+    published: HashMap<(usize, usize, String), [u8; 16]>,
+    /// (entity, unique field index, normalised value) → holder key.
+    unique: HashMap<(usize, usize, String), String>,
+    claims: HashMap<(usize, String), Vec<(usize, String)>>,
+    quarantine: HashMap<(usize, String), QuarantineEntry>,
+    delta: GovDelta,
+}
+
+/// Where an evaluation's events come from.
+struct Origin {
+    id: String,
+    version: u64,
+    time: String,
+}
+
+/// What a quarantine release did.
+#[derive(Debug)]
+pub struct Released {
+    pub events: Vec<(usize, Event)>,
+    /// `None` when released; the failure message when still failing.
+    pub still_failing: Option<String>,
+}
+
+impl Governor {
+    pub fn new(config: &Config) -> Governor {
+        let entities = config.entities.clone();
+        let mut gov = config.governance.entities.clone();
+        gov.resize(entities.len(), EntityGovernance::default());
+        let mut policies = config.governance.targets.clone();
+        policies.resize(config.targets.len(), TargetPolicy::default());
+        let entity_index: HashMap<String, usize> = entities
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.name.clone(), i))
+            .collect();
+        let entity_targets: Vec<Vec<usize>> = entities
+            .iter()
+            .map(|e| {
+                config
+                    .targets
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, t)| t.entities.iter().any(|n| n == &e.name))
+                    .map(|(i, _)| i)
+                    .collect()
+            })
+            .collect();
+        let mut referenced_by = vec![Vec::new(); entities.len()];
+        for (i, g) in gov.iter().enumerate() {
+            for r in &g.refs {
+                if let Some(&t) = entity_index.get(&r.entity) {
+                    referenced_by[t].push((i, r.column.clone()));
+                }
+            }
+            for rule in &g.rules {
+                for c in &rule.checks {
+                    if let Check::Reference { field, entity } = c {
+                        if let Some(&t) = entity_index.get(entity) {
+                            referenced_by[t].push((i, field.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        for list in &mut referenced_by {
+            list.sort();
+            list.dedup();
+        }
+        let tracked = (0..entities.len())
+            .map(|i| {
+                gov[i].is_governed()
+                    || !referenced_by[i].is_empty()
+                    || entity_targets[i]
+                        .iter()
+                        .any(|&t| policies[t].route.is_some())
+            })
+            .collect();
+        Governor {
+            entities,
+            gov,
+            policies,
+            target_names: config.targets.iter().map(|t| t.name.clone()).collect(),
+            entity_targets,
+            entity_index,
+            tracked,
+            referenced_by,
+            rows: HashMap::new(),
+            children: HashMap::new(),
+            published: HashMap::new(),
+            unique: HashMap::new(),
+            claims: HashMap::new(),
+            quarantine: HashMap::new(),
+            delta: GovDelta::default(),
+        }
+    }
+
+    /// Entities whose whole rows the mapping stage must capture.
+    pub fn tracked_entities(&self) -> impl Iterator<Item = usize> + '_ {
+        self.tracked
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| **t)
+            .map(|(i, _)| i)
+    }
+
+    /// Entities referenced by others (their tables are read at start-up when nothing is tracked yet).
+    pub fn referenced_entities(&self) -> Vec<usize> {
+        (0..self.entities.len())
+            .filter(|&i| !self.referenced_by[i].is_empty())
+            .collect()
+    }
+
+    pub fn tracked_count(&self, entity: usize) -> usize {
+        self.rows.keys().filter(|(e, _)| *e == entity).count()
+    }
+
+    pub fn entity_config(&self, entity: usize) -> &EntityConfig {
+        &self.entities[entity]
+    }
+
+    pub fn entity_by_name(&self, name: &str) -> Option<usize> {
+        self.entity_index.get(name).copied()
+    }
+
+    /// Restores the state written by earlier runs; names no longer configured are ignored.
+    pub fn load(&mut self, snap: GovSnapshot) {
+        let target_index: HashMap<String, usize> = self
+            .target_names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i))
+            .collect();
+        for (entity, key, bytes) in snap.rows {
+            let Some(&e) = self.entity_index.get(&entity) else {
+                continue;
+            };
+            if let Ok(Value::Object(row)) = serde_json::from_slice(&bytes) {
+                self.index_child(e, &key, None, Some(&row));
+                self.rows.insert((e, key), Arc::new(row));
+            }
+        }
+        for (target, entity, key, hash) in snap.published {
+            if let (Some(&t), Some(&e)) =
+                (target_index.get(&target), self.entity_index.get(&entity))
+            {
+                self.published.insert((t, e, key), hash);
+            }
+        }
+        for (entity, field, value, holder) in snap.unique {
+            let Some(&e) = self.entity_index.get(&entity) else {
+                continue;
+            };
+            let Some(fi) = self.gov[e].unique.iter().position(|f| *f == field) else {
+                continue;
+            };
+            self.claims
+                .entry((e, holder.clone()))
+                .or_default()
+                .push((fi, value.clone()));
+            self.unique.insert((e, fi, value), holder);
+        }
+        for q in snap.quarantine {
+            if let Some(&e) = self.entity_index.get(&q.entity) {
+                self.quarantine.insert((e, q.key.clone()), q);
+            }
+        }
+    }
+
+    /// Seeds tracked rows of `entity` read from its table (start-up, for references).
+    pub fn seed(&mut self, entity: usize, rows: Vec<Map<String, Value>>) {
+        for row in rows {
+            let parts: Vec<String> = self.entities[entity]
+                .key
+                .iter()
+                .map(|c| row.get(c).map(assemble::text).unwrap_or_default())
+                .collect();
+            let key = crate::model::event::join_key(parts.iter().map(String::as_str));
+            self.set_row(entity, &key, Some(Arc::new(row)));
+        }
+    }
+
+    /// The state changes and audit records queued since the last call.
+    pub fn take_delta(&mut self) -> GovDelta {
+        std::mem::take(&mut self.delta)
+    }
+
+    pub fn quarantined(&self) -> Vec<&QuarantineEntry> {
+        let mut list: Vec<&QuarantineEntry> = self.quarantine.values().collect();
+        list.sort_by(|a, b| (&a.entity, &a.key).cmp(&(&b.entity, &b.key)));
+        list
+    }
+
+    /// Governs the mapped changes of one source transaction; returns the
+    /// events to append, each with its target index.
+    pub fn process(
+        &mut self,
+        mapped: Vec<Mapped>,
+        commit_lsn: Lsn,
+        time: &str,
+    ) -> Vec<(usize, Event)> {
+        let mut out = Vec::new();
+        let mut deferred: Vec<(usize, String)> = Vec::new();
+        for m in mapped {
+            let e = m.entity;
+            let key = m.event.key.clone();
+            let delete = m.op == ChangeOp::Delete;
+            if let Some((parent, _)) = self.gov[e].child_of {
+                let prev = self.rows.get(&(e, key.clone())).cloned();
+                let new = if delete { None } else { m.row.map(Arc::new) };
+                for p in self.index_child(e, &key, prev.as_deref(), new.as_deref()) {
+                    defer(&mut deferred, parent, p);
+                }
+                self.set_row(e, &key, new);
+                continue;
+            }
+            let tracked = self.tracked[e];
+            let prev = if tracked {
+                self.rows.get(&(e, key.clone())).cloned()
+            } else {
+                None
+            };
+            let row = if delete { None } else { m.row.map(Arc::new) };
+            if tracked {
+                self.set_row(e, &key, row.clone());
+            }
+            for (r, column) in self.referenced_by[e].clone() {
+                for k in reference::referencing(&self.rows, r, &column, &key) {
+                    defer(&mut deferred, r, k);
+                }
+            }
+            if !self.gov[e].children.is_empty() && !delete {
+                defer(&mut deferred, e, key);
+                continue;
+            }
+            let old = m.old.map(Arc::new).or_else(|| prev.clone());
+            let origin = Origin {
+                id: m.event.id.clone(),
+                version: m.event.version,
+                time: m.event.time.clone(),
+            };
+            let op = match m.op {
+                ChangeOp::Insert => "insert",
+                ChangeOp::Update => "update",
+                ChangeOp::Delete => "delete",
+            };
+            let fallback = match m.event.data {
+                Value::Object(map) => map,
+                _ => Map::new(),
+            };
+            self.evaluate(
+                e,
+                &key,
+                op,
+                row,
+                old.as_deref(),
+                prev.is_some(),
+                fallback,
+                &origin,
+                &mut out,
+                &mut deferred,
+            );
+        }
+        // Business objects, re-emissions and records waiting on a released key.
+        let mut done: HashSet<(usize, String)> = HashSet::new();
+        let mut n = 0u32;
+        while let Some((e, key)) = (!deferred.is_empty()).then(|| deferred.remove(0)) {
+            if !done.insert((e, key.clone())) {
+                continue;
+            }
+            let Some(row) = self.rows.get(&(e, key.clone())).cloned() else {
+                continue;
+            };
+            let origin = Origin {
+                id: Event::source_id(commit_lsn, SYNTHETIC_INDEX + n),
+                version: commit_lsn.0,
+                time: time.to_string(),
+            };
+            n += 1;
+            self.evaluate(
+                e,
+                &key,
+                "update",
+                Some(row.clone()),
+                Some(&row),
+                true,
+                Map::new(),
+                &origin,
+                &mut out,
+                &mut deferred,
+            );
+        }
+        out
+    }
+
+    /// Re-evaluates a quarantined record now (operator request).
+    pub fn release(
+        &mut self,
+        entity: &str,
+        key: &str,
+        version: Lsn,
+        time: &str,
+    ) -> Result<Released, String> {
+        let Some(&e) = self.entity_index.get(entity) else {
+            return Err(format!("entity `{entity}` is not configured"));
+        };
+        if !self.quarantine.contains_key(&(e, key.to_string())) {
+            return Err(format!("{entity} {key} is not quarantined"));
+        }
+        let Some(row) = self.rows.get(&(e, key.to_string())).cloned() else {
+            return Err(format!(
+                "{entity} {key} is quarantined but its row is not known; it is released by its next change"
+            ));
+        };
+        let origin = Origin {
+            id: format!(
+                "{:016X}-R{:x}",
+                version.0,
+                chrono::Utc::now().timestamp_micros()
+            ),
+            version: version.0,
+            time: time.to_string(),
+        };
+        let mut out = Vec::new();
+        let mut deferred = Vec::new();
+        self.evaluate(
+            e,
+            key,
+            "update",
+            Some(row.clone()),
+            Some(&row),
+            true,
+            Map::new(),
+            &origin,
+            &mut out,
+            &mut deferred,
+        );
+        let still_failing = self
+            .quarantine
+            .get(&(e, key.to_string()))
+            .map(|q| q.message.clone());
+        Ok(Released {
+            events: out,
+            still_failing,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn evaluate(
+        &mut self,
+        e: usize,
+        key: &str,
+        op: &str,
+        row: Option<Arc<Map<String, Value>>>,
+        old: Option<&Map<String, Value>>,
+        seen: bool,
+        fallback: Map<String, Value>,
+        origin: &Origin,
+        out: &mut Vec<(usize, Event)>,
+        deferred: &mut Vec<(usize, String)>,
+    ) {
+        let name = self.entities[e].name.clone();
+        let version = origin.version;
+        let event = |op: EventOp, data: Map<String, Value>| Event {
+            id: origin.id.clone(),
+            entity: name.clone(),
+            key: key.to_string(),
+            op,
+            version,
+            time: origin.time.clone(),
+            data: Value::Object(data),
+        };
+        if op == "delete" {
+            self.set_claims(e, key, Vec::new(), deferred);
+            if self.quarantine.remove(&(e, key.to_string())).is_some() {
+                self.queue_quarantine(e, key, None);
+                self.audit(
+                    e,
+                    key,
+                    version,
+                    None,
+                    "released",
+                    "the record was deleted".into(),
+                );
+            }
+            for t in self.entity_targets[e].clone() {
+                let was = self.published.remove(&(t, e, key.to_string()));
+                if was.is_some() || !seen {
+                    self.queue_published(t, e, key, None);
+                    out.push((t, event(EventOp::Delete, fallback.clone())));
+                    self.audit(e, key, version, Some(t), "delivered", "delete".into());
+                } else {
+                    self.audit(
+                        e,
+                        key,
+                        version,
+                        Some(t),
+                        "gated",
+                        "deleted; it was never delivered to this target".into(),
+                    );
+                }
+            }
+            return;
+        }
+
+        let tracked = self.tracked[e];
+        let doc = match (&row, tracked) {
+            (Some(r), true) => self.document(e, key, r),
+            _ => fallback,
+        };
+        let input = CelInput {
+            row: row.as_deref(),
+            old,
+            op,
+        };
+        let (publishable, why) = match &self.gov[e].publish_when {
+            None => (true, String::new()),
+            Some(expr) => match expr.test(&input) {
+                Ok(true) => (true, String::new()),
+                Ok(false) => (false, format!("publish_when `{}` is false", expr.source)),
+                Err(m) => (false, format!("publish_when could not be evaluated: {m}")),
+            },
+        };
+        if publishable {
+            if let Some((rule, message)) = self.validate(e, key, &doc, row.as_deref(), &input) {
+                self.set_claims(e, key, Vec::new(), deferred);
+                let entry = QuarantineEntry {
+                    entity: name.clone(),
+                    key: key.to_string(),
+                    version,
+                    rule: rule.clone(),
+                    message: message.clone(),
+                    document: Value::Object(doc),
+                    since: now_rfc3339(),
+                };
+                self.quarantine.insert((e, key.to_string()), entry.clone());
+                self.queue_quarantine(e, key, Some(entry));
+                self.audit(
+                    e,
+                    key,
+                    version,
+                    None,
+                    "quarantined",
+                    format!("rule {rule}: {message}"),
+                );
+                return;
+            }
+            let claims = self.claim_values(e, &doc, row.as_deref());
+            self.set_claims(e, key, claims, deferred);
+            if self.quarantine.remove(&(e, key.to_string())).is_some() {
+                self.queue_quarantine(e, key, None);
+                self.audit(
+                    e,
+                    key,
+                    version,
+                    None,
+                    "released",
+                    "every rule passes now".into(),
+                );
+            }
+        } else {
+            self.set_claims(e, key, Vec::new(), deferred);
+            if self.quarantine.remove(&(e, key.to_string())).is_some() {
+                self.queue_quarantine(e, key, None);
+                self.audit(
+                    e,
+                    key,
+                    version,
+                    None,
+                    "released",
+                    "no longer publishable, so no longer validated".into(),
+                );
+            }
+        }
+
+        for t in self.entity_targets[e].clone() {
+            let routed = match &self.policies[t].route {
+                None => Ok(true),
+                Some(r) => r
+                    .test(&input)
+                    .map_err(|m| format!("route could not be evaluated: {m}")),
+            };
+            let pkey = (t, e, key.to_string());
+            if publishable && routed == Ok(true) {
+                let (data, notes) = redact::apply(&self.policies[t], &name, &doc);
+                let hash = doc_hash(EventOp::Upsert, &data);
+                if self.published.get(&pkey) == Some(&hash) {
+                    self.audit(
+                        e,
+                        key,
+                        version,
+                        Some(t),
+                        "suppressed",
+                        "same document as last delivered".into(),
+                    );
+                    continue;
+                }
+                self.published.insert(pkey, hash);
+                self.queue_published(t, e, key, Some(hash));
+                out.push((t, event(EventOp::Upsert, data)));
+                self.audit(e, key, version, Some(t), "delivered", "upsert".into());
+                if !notes.is_empty() {
+                    self.audit(e, key, version, Some(t), "redacted", notes.join(", "));
+                }
+                continue;
+            }
+            let reason = if !publishable {
+                why.clone()
+            } else {
+                match &routed {
+                    Ok(_) => format!(
+                        "route `{}` is false",
+                        self.policies[t]
+                            .route
+                            .as_ref()
+                            .map_or("", |r| r.source.as_str())
+                    ),
+                    Err(m) => m.clone(),
+                }
+            };
+            let was = self.published.contains_key(&pkey);
+            // A record first seen by an update may have been delivered before steward tracked it.
+            let unknown = !seen && op == "update";
+            if was || unknown {
+                self.published.remove(&pkey);
+                self.queue_published(t, e, key, None);
+                let ev = match self.gov[e].on_unpublish {
+                    OnUnpublish::Delete => {
+                        let data = row
+                            .as_deref()
+                            .map(|r| assemble::key_data(&self.entities[e], r))
+                            .unwrap_or_default();
+                        event(EventOp::Delete, data)
+                    }
+                    OnUnpublish::Upsert => event(
+                        EventOp::Upsert,
+                        redact::apply(&self.policies[t], &name, &doc).0,
+                    ),
+                };
+                out.push((t, ev));
+                self.audit(e, key, version, Some(t), "unpublished", reason);
+            } else {
+                let decision = if publishable { "not_routed" } else { "gated" };
+                self.audit(e, key, version, Some(t), decision, reason);
+            }
+        }
+    }
+
+    /// The document of a tracked record: mapped fields, references, children.
+    fn document(&self, e: usize, key: &str, row: &Map<String, Value>) -> Map<String, Value> {
+        let mut doc = assemble::document(&self.entities[e].fields, row);
+        for r in &self.gov[e].refs {
+            let value = match self.entity_index.get(&r.entity) {
+                Some(&t) => reference::resolve(r, t, &self.entities[t], row, &self.rows),
+                None => Value::Null,
+            };
+            doc.insert(r.name.clone(), value);
+        }
+        for c in &self.gov[e].children {
+            let mut items: Vec<(String, Value)> = Vec::new();
+            if let Some(keys) = self.children.get(&(c.entity, key.to_string())) {
+                for k in keys {
+                    if let Some(child) = self.rows.get(&(c.entity, k.clone())) {
+                        let mut d = assemble::document(&c.fields, child);
+                        d.insert("id".into(), child.get("id").cloned().unwrap_or(Value::Null));
+                        items.push((k.clone(), Value::Object(d)));
+                    }
+                }
+            }
+            // Numeric ids in numeric order, so the document does not depend on hashing.
+            items.sort_by(|a, b| match (a.0.parse::<i64>(), b.0.parse::<i64>()) {
+                (Ok(x), Ok(y)) => x.cmp(&y),
+                _ => a.0.cmp(&b.0),
+            });
+            doc.insert(
+                c.name.clone(),
+                Value::Array(items.into_iter().map(|(_, v)| v).collect()),
+            );
+        }
+        doc
+    }
+
+    /// The first failing rule (or business key), with a message for the operator.
+    fn validate(
+        &self,
+        e: usize,
+        key: &str,
+        doc: &Map<String, Value>,
+        row: Option<&Map<String, Value>>,
+        input: &CelInput<'_>,
+    ) -> Option<(String, String)> {
+        for rule in &self.gov[e].rules {
+            for check in &rule.checks {
+                if let Err(detail) = self.check(check, doc, row, input) {
+                    let message = match &rule.message {
+                        Some(m) => format!("{m} ({detail})"),
+                        None => format!("rule '{}' failed: {detail}", rule.name),
+                    };
+                    return Some((rule.name.clone(), message));
+                }
+            }
+        }
+        for (fi, field) in self.gov[e].unique.iter().enumerate() {
+            let Some(value) = assemble::lookup(field, doc, row) else {
+                continue;
+            };
+            let raw = assemble::text(value);
+            let norm = assemble::normalise(&raw);
+            if norm.is_empty() {
+                continue;
+            }
+            if let Some(holder) = self.unique.get(&(e, fi, norm)) {
+                if holder != key {
+                    return Some((
+                        format!("unique:{field}"),
+                        format!(
+                            "{field} '{raw}' is already used by {} {holder}; change one of the two records",
+                            self.entities[e].name
+                        ),
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    fn check(
+        &self,
+        check: &Check,
+        doc: &Map<String, Value>,
+        row: Option<&Map<String, Value>>,
+        input: &CelInput<'_>,
+    ) -> Result<(), String> {
+        let get = |f: &str| assemble::lookup(f, doc, row);
+        match check {
+            Check::Required(fields) => {
+                let missing: Vec<&str> = fields
+                    .iter()
+                    .filter(|f| {
+                        get(f).map_or(true, |v| v.as_str().is_some_and(|s| s.trim().is_empty()))
+                    })
+                    .map(String::as_str)
+                    .collect();
+                if missing.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("missing {}", missing.join(", ")))
+                }
+            }
+            Check::Regex { field, regex } => match get(field) {
+                Some(v) if regex.is_match(&assemble::text(v)) => Ok(()),
+                Some(v) => Err(format!(
+                    "{field} '{}' does not match /{}/",
+                    assemble::text(v),
+                    regex.as_str()
+                )),
+                None => Err(format!("{field} is missing")),
+            },
+            Check::Allowed { field, values } => match get(field) {
+                Some(v)
+                    if values
+                        .iter()
+                        .any(|a| a == v || assemble::text(a) == assemble::text(v)) =>
+                {
+                    Ok(())
+                }
+                Some(v) => Err(format!(
+                    "{field} '{}' is not one of {}",
+                    assemble::text(v),
+                    values
+                        .iter()
+                        .map(assemble::text)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+                None => Err(format!("{field} is missing")),
+            },
+            Check::Range { field, min, max } => {
+                let Some(v) = get(field) else {
+                    return Err(format!("{field} is missing"));
+                };
+                let Ok(n) = assemble::text(v).parse::<f64>() else {
+                    return Err(format!("{field} '{}' is not a number", assemble::text(v)));
+                };
+                if min.is_some_and(|m| n < m) || max.is_some_and(|m| n > m) {
+                    return Err(format!(
+                        "{field} {} is outside {}..{}",
+                        assemble::text(v),
+                        min.map_or(String::new(), |m| m.to_string()),
+                        max.map_or(String::new(), |m| m.to_string())
+                    ));
+                }
+                Ok(())
+            }
+            Check::Cel(expr) => match expr.test(input) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(format!("`{}` is false", expr.source)),
+                Err(m) => Err(m),
+            },
+            Check::Reference { field, entity } => {
+                let Some(id) = get(field) else {
+                    return Ok(());
+                };
+                let id = assemble::text(id);
+                let Some(&t) = self.entity_index.get(entity) else {
+                    return Err(format!("entity {entity} is not configured"));
+                };
+                let Some(referenced) = self.rows.get(&(t, id.clone())) else {
+                    return Err(format!("{field} = {id}: {entity} {id} is not known"));
+                };
+                if let Some(expr) = &self.gov[t].publish_when {
+                    let ok = expr.test(&CelInput {
+                        row: Some(referenced),
+                        old: None,
+                        op: "update",
+                    });
+                    if ok != Ok(true) {
+                        return Err(format!("{field} = {id}: {entity} {id} is not publishable"));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn claim_values(
+        &self,
+        e: usize,
+        doc: &Map<String, Value>,
+        row: Option<&Map<String, Value>>,
+    ) -> Vec<(usize, String)> {
+        self.gov[e]
+            .unique
+            .iter()
+            .enumerate()
+            .filter_map(|(fi, f)| {
+                let v = assemble::normalise(&assemble::text(assemble::lookup(f, doc, row)?));
+                (!v.is_empty()).then_some((fi, v))
+            })
+            .collect()
+    }
+
+    /// Replaces the business keys held by (e, key); records quarantined on a
+    /// key that was let go are re-evaluated at the end of the transaction.
+    fn set_claims(
+        &mut self,
+        e: usize,
+        key: &str,
+        new: Vec<(usize, String)>,
+        deferred: &mut Vec<(usize, String)>,
+    ) {
+        if self.gov[e].unique.is_empty() {
+            return;
+        }
+        let old = self
+            .claims
+            .remove(&(e, key.to_string()))
+            .unwrap_or_default();
+        let mut freed = false;
+        for (fi, value) in &old {
+            if new.contains(&(*fi, value.clone())) {
+                continue;
+            }
+            let k = (e, *fi, value.clone());
+            if self.unique.get(&k).is_some_and(|h| h == key) {
+                self.unique.remove(&k);
+                self.queue_unique(e, *fi, value, None);
+                freed = true;
+            }
+        }
+        for (fi, value) in &new {
+            let k = (e, *fi, value.clone());
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.unique.entry(k) {
+                slot.insert(key.to_string());
+                self.queue_unique(e, *fi, value, Some(key));
+            }
+        }
+        if !new.is_empty() {
+            self.claims.insert((e, key.to_string()), new);
+        }
+        if freed {
+            let mut waiting: Vec<String> = self
+                .quarantine
+                .iter()
+                .filter(|((qe, _), q)| *qe == e && q.rule.starts_with("unique:"))
+                .map(|((_, k), _)| k.clone())
+                .collect();
+            waiting.sort();
+            for k in waiting {
+                defer(deferred, e, k);
+            }
+        }
+    }
+
+    fn set_row(&mut self, e: usize, key: &str, row: Option<Arc<Map<String, Value>>>) {
+        let bytes = row.as_ref().and_then(|r| serde_json::to_vec(&**r).ok());
+        match row {
+            Some(r) => {
+                self.rows.insert((e, key.to_string()), r);
+            }
+            None => {
+                self.rows.remove(&(e, key.to_string()));
+            }
+        }
+        self.delta.ops.push(GovOp::Row {
+            entity: self.entities[e].name.clone(),
+            key: key.to_string(),
+            row: bytes,
+        });
+    }
+
+    /// Updates the parent → children index for a child row; returns the parents touched.
+    fn index_child(
+        &mut self,
+        e: usize,
+        key: &str,
+        prev: Option<&Map<String, Value>>,
+        new: Option<&Map<String, Value>>,
+    ) -> Vec<String> {
+        let Some((p, c)) = self.gov[e].child_of else {
+            return Vec::new();
+        };
+        let column = self.gov[p].children[c].parent.clone();
+        let parent_of = |r: Option<&Map<String, Value>>| {
+            r.and_then(|r| r.get(&column))
+                .filter(|v| !v.is_null())
+                .map(assemble::text)
+        };
+        let (before, after) = (parent_of(prev), parent_of(new));
+        let mut touched = Vec::new();
+        if let Some(b) = before {
+            if let Some(set) = self.children.get_mut(&(e, b.clone())) {
+                set.remove(key);
+            }
+            touched.push(b);
+        }
+        if let Some(a) = after {
+            self.children
+                .entry((e, a.clone()))
+                .or_default()
+                .insert(key.to_string());
+            if !touched.contains(&a) {
+                touched.push(a);
+            }
+        }
+        touched
+    }
+
+    fn queue_published(&mut self, t: usize, e: usize, key: &str, hash: Option<[u8; 16]>) {
+        self.delta.ops.push(GovOp::Published {
+            target: self.target_names[t].clone(),
+            entity: self.entities[e].name.clone(),
+            key: key.to_string(),
+            hash,
+        });
+    }
+
+    fn queue_unique(&mut self, e: usize, fi: usize, value: &str, holder: Option<&str>) {
+        self.delta.ops.push(GovOp::Unique {
+            entity: self.entities[e].name.clone(),
+            field: self.gov[e].unique[fi].clone(),
+            value: value.to_string(),
+            holder: holder.map(str::to_string),
+        });
+    }
+
+    fn queue_quarantine(&mut self, e: usize, key: &str, entry: Option<QuarantineEntry>) {
+        self.delta.ops.push(GovOp::Quarantine {
+            entity: self.entities[e].name.clone(),
+            key: key.to_string(),
+            entry: entry.map(Box::new),
+        });
+    }
+
+    fn audit(
+        &mut self,
+        e: usize,
+        key: &str,
+        version: u64,
+        target: Option<usize>,
+        decision: &str,
+        detail: String,
+    ) {
+        self.delta.ops.push(GovOp::Audit(AuditRecord {
+            time_micros: chrono::Utc::now().timestamp_micros(),
+            entity: self.entities[e].name.clone(),
+            key: key.to_string(),
+            version,
+            target: target.map(|t| self.target_names[t].clone()),
+            decision: decision.to_string(),
+            detail,
+        }));
+    }
+}
+
+fn defer(list: &mut Vec<(usize, String)>, e: usize, key: String) {
+    if !list.iter().any(|(x, k)| *x == e && *k == key) {
+        list.push((e, key));
+    }
+}
+
+fn doc_hash(op: EventOp, data: &Map<String, Value>) -> [u8; 16] {
+    let mut h = Sha256::new();
+    h.update(op.as_str().as_bytes());
+    h.update([0]);
+    h.update(serde_json::to_vec(data).unwrap_or_default());
+    let full = h.finalize();
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&full[..16]);
+    out
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}

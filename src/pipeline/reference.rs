@@ -1,0 +1,54 @@
+//! Reference resolution: a many2one column (e.g. `uom_id = 3`) delivered as
+//! the referenced record's business key (e.g. the unit's name), from the
+//! rows of the referenced entity that steward tracks (replicated changes,
+//! plus an initial read of the table when nothing is tracked yet).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use super::assemble;
+use crate::config::governance::RefField;
+use crate::config::EntityConfig;
+
+/// Rows tracked per entity: key text → columns.
+pub type Rows = HashMap<(usize, String), Arc<Map<String, Value>>>;
+
+/// The business key a reference field delivers, or null when the column is
+/// null or the referenced record is unknown.
+pub fn resolve(
+    field: &RefField,
+    target_entity: usize,
+    target: &EntityConfig,
+    row: &Map<String, Value>,
+    rows: &Rows,
+) -> Value {
+    let Some(id) = row.get(&field.column).filter(|v| !v.is_null()) else {
+        return Value::Null;
+    };
+    let Some(referenced) = rows.get(&(target_entity, assemble::text(id))) else {
+        return Value::Null;
+    };
+    let doc = assemble::document(&target.fields, referenced);
+    doc.get(&field.key)
+        .cloned()
+        .or_else(|| referenced.get(&field.key).cloned())
+        .unwrap_or(Value::Null)
+}
+
+/// Keys of tracked records of `entity` whose `column` holds `id`.
+pub fn referencing(rows: &Rows, entity: usize, column: &str, id: &str) -> Vec<String> {
+    let mut keys: Vec<String> = rows
+        .iter()
+        .filter(|((e, _), row)| {
+            *e == entity
+                && row
+                    .get(column)
+                    .is_some_and(|v| !v.is_null() && assemble::text(v) == id)
+        })
+        .map(|((_, k), _)| k.clone())
+        .collect();
+    keys.sort();
+    keys
+}

@@ -1,0 +1,286 @@
+//! Governance state in the redb file: the last row seen per governed record
+//! (for `old.*`, references, business objects and quarantine release), the
+//! hash of the last document appended per target and key (no-op suppression
+//! and "was published" for lifecycle gates and routing), and the business-key
+//! index (duplicate detection).
+//!
+//! The governor keeps this state in memory and hands every change to the
+//! daemon as a [`GovDelta`], written by [`Store::commit_governed`] in the
+//! same transaction as the outbox appends and the checkpoint: after a crash
+//! the state always matches what was appended.
+
+use redb::{ReadableTable, TableDefinition, TableError, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use super::{Store, StoreError, TxnError};
+use crate::model::{Event, Lsn};
+
+/// `entity \0 key` → the row's columns as a JSON object.
+pub(crate) const GOV_ROWS: TableDefinition<&str, &[u8]> = TableDefinition::new("gov_rows");
+/// `target \0 entity \0 key` → 16-byte hash of the last appended document.
+pub(crate) const GOV_PUBLISHED: TableDefinition<&str, &[u8]> =
+    TableDefinition::new("gov_published");
+/// `entity \0 field \0 normalised value` → key of the record holding it.
+pub(crate) const GOV_UNIQUE: TableDefinition<&str, &str> = TableDefinition::new("gov_unique");
+
+/// A quarantined record (see [`super::quarantine`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QuarantineEntry {
+    pub entity: String,
+    pub key: String,
+    pub version: u64,
+    pub rule: String,
+    pub message: String,
+    pub document: serde_json::Value,
+    /// RFC 3339 UTC, when it was (last) quarantined.
+    pub since: String,
+}
+
+/// One governance decision (see [`super::audit`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Microseconds since the Unix epoch.
+    pub time_micros: i64,
+    pub entity: String,
+    pub key: String,
+    pub version: u64,
+    /// `None` for decisions about the record as a whole (quarantined, released).
+    pub target: Option<String>,
+    /// delivered, gated, unpublished, quarantined, released, suppressed, redacted, not_routed.
+    pub decision: String,
+    pub detail: String,
+}
+
+/// State changes of one batch of source transactions, in order.
+#[derive(Debug, Default)]
+pub struct GovDelta {
+    pub ops: Vec<GovOp>,
+}
+
+#[derive(Debug)]
+pub enum GovOp {
+    Row {
+        entity: String,
+        key: String,
+        row: Option<Vec<u8>>,
+    },
+    Published {
+        target: String,
+        entity: String,
+        key: String,
+        hash: Option<[u8; 16]>,
+    },
+    Unique {
+        entity: String,
+        field: String,
+        value: String,
+        holder: Option<String>,
+    },
+    Quarantine {
+        entity: String,
+        key: String,
+        entry: Option<Box<QuarantineEntry>>,
+    },
+    Audit(AuditRecord),
+}
+
+impl GovDelta {
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    pub fn append(&mut self, other: GovDelta) {
+        self.ops.extend(other.ops);
+    }
+}
+
+/// Everything [`Store::load_governance`] read back.
+#[derive(Debug, Default)]
+pub struct GovSnapshot {
+    pub rows: Vec<(String, String, Vec<u8>)>,
+    pub published: Vec<(String, String, String, [u8; 16])>,
+    pub unique: Vec<(String, String, String, String)>,
+    pub quarantine: Vec<QuarantineEntry>,
+}
+
+pub(crate) fn join(parts: &[&str]) -> String {
+    parts.join("\0")
+}
+
+fn split(key: &str) -> Vec<&str> {
+    key.split('\0').collect()
+}
+
+/// Writes `delta` inside a write transaction (the outbox commit's).
+#[allow(clippy::result_large_err)] // redb's own error type, boxed by the caller
+pub(super) fn apply(txn: &WriteTransaction, delta: &GovDelta) -> Result<(), redb::Error> {
+    if delta.is_empty() {
+        return Ok(());
+    }
+    let mut rows = txn.open_table(GOV_ROWS)?;
+    let mut published = txn.open_table(GOV_PUBLISHED)?;
+    let mut unique = txn.open_table(GOV_UNIQUE)?;
+    let mut quarantine = txn.open_table(super::quarantine::QUARANTINE)?;
+    let mut audit = txn.open_table(super::audit::AUDIT)?;
+    let mut next_audit = audit.last()?.map_or(1, |(k, _)| k.value() + 1);
+    for op in &delta.ops {
+        match op {
+            GovOp::Row { entity, key, row } => {
+                let k = join(&[entity, key]);
+                match row {
+                    Some(bytes) => {
+                        rows.insert(k.as_str(), bytes.as_slice())?;
+                    }
+                    None => {
+                        rows.remove(k.as_str())?;
+                    }
+                }
+            }
+            GovOp::Published {
+                target,
+                entity,
+                key,
+                hash,
+            } => {
+                let k = join(&[target, entity, key]);
+                match hash {
+                    Some(h) => {
+                        published.insert(k.as_str(), h.as_slice())?;
+                    }
+                    None => {
+                        published.remove(k.as_str())?;
+                    }
+                }
+            }
+            GovOp::Unique {
+                entity,
+                field,
+                value,
+                holder,
+            } => {
+                let k = join(&[entity, field, value]);
+                match holder {
+                    Some(h) => {
+                        unique.insert(k.as_str(), h.as_str())?;
+                    }
+                    None => {
+                        unique.remove(k.as_str())?;
+                    }
+                }
+            }
+            GovOp::Quarantine { entity, key, entry } => {
+                let k = join(&[entity, key]);
+                match entry {
+                    Some(e) => {
+                        let bytes = serde_json::to_vec(e).map_err(|e| {
+                            redb::Error::Io(std::io::Error::other(format!(
+                                "cannot encode a quarantine entry: {e}"
+                            )))
+                        })?;
+                        quarantine.insert(k.as_str(), bytes.as_slice())?;
+                    }
+                    None => {
+                        quarantine.remove(k.as_str())?;
+                    }
+                }
+            }
+            GovOp::Audit(record) => {
+                let bytes = serde_json::to_vec(record).map_err(|e| {
+                    redb::Error::Io(std::io::Error::other(format!(
+                        "cannot encode an audit record: {e}"
+                    )))
+                })?;
+                audit.insert(next_audit, bytes.as_slice())?;
+                next_audit += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Opens a table for reading; a table never written yet reads as empty.
+macro_rules! open_or_empty {
+    ($txn:expr, $def:expr) => {
+        match $txn.open_table($def) {
+            Ok(t) => Some(t),
+            Err(TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(e.into()),
+        }
+    };
+}
+pub(crate) use open_or_empty;
+
+impl Store {
+    /// [`Store::commit`] plus the governance delta, in one durable transaction.
+    pub fn commit_governed(
+        &self,
+        checkpoint: Lsn,
+        appends: &[(&str, &Event)],
+        delta: &GovDelta,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        self.commit_with(checkpoint, appends, &mut |txn| {
+            apply(txn, delta).map_err(Box::new)
+        })
+    }
+
+    /// Reads the whole governance state (at start-up).
+    pub fn load_governance(&self) -> Result<GovSnapshot, StoreError> {
+        self.read(|txn| {
+            let mut snap = GovSnapshot::default();
+            if let Some(t) = open_or_empty!(txn, GOV_ROWS) {
+                for item in t.iter()? {
+                    let (k, v) = item?;
+                    if let [entity, key] = split(k.value())[..] {
+                        snap.rows
+                            .push((entity.to_string(), key.to_string(), v.value().to_vec()));
+                    }
+                }
+            }
+            if let Some(t) = open_or_empty!(txn, GOV_PUBLISHED) {
+                for item in t.iter()? {
+                    let (k, v) = item?;
+                    let hash: [u8; 16] = v.value().try_into().map_err(|_| {
+                        TxnError::Corrupt(format!(
+                            "gov_published entry {:?} is not 16 bytes",
+                            k.value()
+                        ))
+                    })?;
+                    if let [target, entity, key] = split(k.value())[..] {
+                        snap.published.push((
+                            target.to_string(),
+                            entity.to_string(),
+                            key.to_string(),
+                            hash,
+                        ));
+                    }
+                }
+            }
+            if let Some(t) = open_or_empty!(txn, GOV_UNIQUE) {
+                for item in t.iter()? {
+                    let (k, v) = item?;
+                    if let [entity, field, value] = split(k.value())[..] {
+                        snap.unique.push((
+                            entity.to_string(),
+                            field.to_string(),
+                            value.to_string(),
+                            v.value().to_string(),
+                        ));
+                    }
+                }
+            }
+            snap.quarantine = super::quarantine::read_all(txn)?;
+            Ok(snap)
+        })
+    }
+
+    /// Applies a governance delta outside a source commit (a quarantine
+    /// release on a stopped daemon), together with the events it produced.
+    pub fn apply_governance(
+        &self,
+        appends: &[(&str, &Event)],
+        delta: &GovDelta,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
+        let checkpoint = self.checkpoint()?.unwrap_or(Lsn::ZERO);
+        self.commit_governed(checkpoint, appends, delta)
+    }
+}
