@@ -196,7 +196,7 @@ pub fn subject(template: &str, event: &Event, target: &str) -> String {
             (event.op.as_str(), 4)
         } else if tail.starts_with("{target}") {
             (target, 8)
-        } else if tail.starts_with("{key}") {
+        } else if let Some(after) = tail.strip_prefix("{key}") {
             for c in event.key.chars() {
                 if matches!(c, '.' | '*' | '>' | '%') || c.is_whitespace() || c.is_control() {
                     let mut buf = [0u8; 4];
@@ -207,7 +207,7 @@ pub fn subject(template: &str, event: &Event, target: &str) -> String {
                     out.push(c);
                 }
             }
-            rest = &tail[5..];
+            rest = after;
             continue;
         } else {
             ("{", 1)
