@@ -137,10 +137,18 @@ impl PostgresSink {
 
     async fn connect(&mut self) -> Result<(), DeliveryError> {
         let client = connect_sql(&self.conn).await.map_err(|e| {
-            DeliveryError::retryable(format!(
-                "target {}: cannot connect to {}: {e}",
-                self.target, self.conn.url_display
-            ))
+            // The connection code speaks of the source's keys; name this target's.
+            let text = e
+                .to_string()
+                .replace("source.", &format!("targets.{}.", self.target));
+            DeliveryError {
+                retryable: e.is_transient(),
+                message: format!(
+                    "target {}: cannot connect to {}: {text}",
+                    self.target, self.conn.url_display
+                ),
+                retry_after: None,
+            }
         })?;
         if self.cfg.create_tables {
             for plan in self.plans.values() {
