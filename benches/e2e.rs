@@ -4,6 +4,10 @@
 //!
 //! `cargo bench --bench e2e` (all workloads), or `cargo bench --bench e2e -- W2`.
 //! `STEWARD_BENCH_ROWS` overrides the 200,000 rows per workload.
+//! `--target http|postgres|nats|file` picks the target type (default http):
+//! postgres writes into a fresh database of the same cluster (create_tables),
+//! nats into a JetStream stream of a nats-server started here, file into a
+//! temporary NDJSON file.
 //!
 //! For each workload a fresh database gets two slots (steward's and
 //! pg_recvlogical's) before the WAL is produced, so both drain exactly the
@@ -66,11 +70,36 @@ const WORKLOADS: &[Workload] = &[
 
 const ROWS_PER_TXN: u64 = 1000;
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum TargetType {
+    Http,
+    Postgres,
+    Nats,
+    File,
+}
+
 fn main() {
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut target = TargetType::Http;
+    let mut filter: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < args.len() {
+        if args[i] == "--target" {
+            target = match args.get(i + 1).map(String::as_str) {
+                Some("http") => TargetType::Http,
+                Some("postgres") => TargetType::Postgres,
+                Some("nats") => TargetType::Nats,
+                Some("file") => TargetType::File,
+                other => panic!("--target {other:?}: use http, postgres, nats or file"),
+            };
+            i += 2;
+            continue;
+        }
+        if !args[i].starts_with("--") {
+            filter.push(args[i].clone());
+        }
+        i += 1;
+    }
     let rows: u64 = std::env::var("STEWARD_BENCH_ROWS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -81,7 +110,13 @@ fn main() {
         .build()
         .unwrap();
     println!(
-        "steward end-to-end benchmark: {rows} rows per workload, {ROWS_PER_TXN} rows per transaction, PostgreSQL {}, {} cores",
+        "steward end-to-end benchmark: {rows} rows per workload, {ROWS_PER_TXN} rows per transaction, target {}, PostgreSQL {}, {} cores",
+        match target {
+            TargetType::Http => "http",
+            TargetType::Postgres => "postgres",
+            TargetType::Nats => "nats",
+            TargetType::File => "file",
+        },
         cluster.server_version_num(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
     );
@@ -91,11 +126,11 @@ fn main() {
         if !filter.is_empty() && !filter.iter().any(|f| f == w.name) {
             continue;
         }
-        runtime.block_on(run_workload(&cluster, w, rows));
+        runtime.block_on(run_workload(&cluster, w, rows, target));
     }
 }
 
-async fn run_workload(cluster: &DevCluster, w: &Workload, rows: u64) {
+async fn run_workload(cluster: &DevCluster, w: &Workload, rows: u64, target: TargetType) {
     let db = format!("bench_{}", w.name.to_lowercase());
     cluster.create_database(&db).expect("create database");
     cluster.load_odoo_fixture(&db).expect("fixture");
@@ -161,6 +196,45 @@ async fn run_workload(cluster: &DevCluster, w: &Workload, rows: u64) {
     // steward: as a separate process, so its peak RSS is its own.
     let receiver = Receiver::start_counting().await.expect("receiver");
     let dir = tempfile::tempdir().expect("tempdir");
+    let target_db = format!("{db}_target");
+    let mut nats: Option<std::process::Child> = None;
+    let target_section = match target {
+        TargetType::Http => format!("type = \"http\"\nurl = \"{}\"", receiver.url()),
+        TargetType::Postgres => {
+            let _ = cluster.psql("postgres", &format!("DROP DATABASE IF EXISTS {target_db}"));
+            cluster
+                .create_database(&target_db)
+                .expect("target database");
+            format!(
+                "type = \"postgres\"\nurl = \"{}\"\ncreate_tables = true",
+                cluster.url(&target_db)
+            )
+        }
+        TargetType::Nats => {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port();
+            let child = Command::new("/usr/sbin/nats-server")
+                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
+                .arg(dir.path().join("nats"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start /usr/sbin/nats-server");
+            nats = Some(child);
+            while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            format!(
+                "type = \"nats\"\nurl = \"nats://127.0.0.1:{port}\"\nstream = \"STEWARD\"\ncreate_stream = true"
+            )
+        }
+        TargetType::File => format!(
+            "type = \"file\"\npath = \"{}\"\nmax_bytes = 1073741824",
+            dir.path().join("events.ndjson").display()
+        ),
+    };
     let config = dir.path().join("steward.toml");
     std::fs::write(
         &config,
@@ -175,15 +249,13 @@ path = "{state}"
 [entities.product]
 table = "product_template"
 fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom_id = "uom_id", active = "active" }}
-[targets.http]
-type = "http"
-url = "{target}"
+[targets.bench]
+{target_section}
 entities = ["product"]
 batch_max_events = 1000
 "#,
             url = cluster.url(&db),
             state = dir.path().join("steward.redb").display(),
-            target = receiver.url()
         ),
     )
     .expect("config");
@@ -196,9 +268,57 @@ batch_max_events = 1000
         ))
         .spawn()
         .expect("spawn steward");
-    let delivered = receiver
-        .wait_for_events(expected, Duration::from_secs(600))
-        .await;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let delivered = match target {
+        TargetType::Http => {
+            receiver
+                .wait_for_events(expected, Duration::from_secs(600))
+                .await
+        }
+        TargetType::Postgres => {
+            // Each row is written once per workload, so the row count is the progress.
+            let mut n = 0;
+            while n < expected && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                n = cluster
+                    .psql(&target_db, "SELECT count(*) FROM public.product")
+                    .ok()
+                    .and_then(|o| o.lines().find_map(|l| l.trim().parse().ok()))
+                    .unwrap_or(0);
+            }
+            n
+        }
+        TargetType::Nats => {
+            let url = target_section
+                .lines()
+                .find_map(|l| l.strip_prefix("url = "))
+                .map(|u| u.trim_matches('"').to_string())
+                .expect("url");
+            let client = async_nats::connect(url).await.expect("nats");
+            let js = async_nats::jetstream::new(client);
+            let mut n = 0;
+            while n < expected && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if let Ok(mut stream) = js.get_stream("STEWARD").await {
+                    if let Ok(info) = stream.info().await {
+                        n = info.state.messages as usize;
+                    }
+                }
+            }
+            n
+        }
+        TargetType::File => {
+            let path = dir.path().join("events.ndjson");
+            let mut n = 0;
+            while n < expected && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                n = std::fs::read(&path)
+                    .map(|b| b.iter().filter(|&&c| c == b'\n').count())
+                    .unwrap_or(0);
+            }
+            n
+        }
+    };
     let elapsed = started.elapsed();
     let peak_rss = peak_rss_kib(child.id());
     let _ = nix::sys::signal::kill(
@@ -224,7 +344,15 @@ batch_max_events = 1000
         recvlogical.as_secs_f64() / elapsed.as_secs_f64(),
         peak_rss as f64 / 1024.0
     );
+    if let Some(mut nats) = nats {
+        let _ = nats.kill();
+        let _ = nats.wait();
+    }
     let _ = cluster.psql("postgres", &format!("DROP DATABASE {db} WITH (FORCE)"));
+    let _ = cluster.psql(
+        "postgres",
+        &format!("DROP DATABASE IF EXISTS {target_db} WITH (FORCE)"),
+    );
     drop(dir);
 }
 

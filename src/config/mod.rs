@@ -122,6 +122,110 @@ pub struct TargetConfig {
 #[derive(Clone, Debug)]
 pub enum TargetKind {
     Http(HttpTargetConfig),
+    Postgres(PostgresTargetConfig),
+    Nats(NatsTargetConfig),
+    File(FileTargetConfig),
+}
+
+/// How each event is wrapped on the wire (HTTP, NATS and file targets).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Envelope {
+    /// CloudEvents 1.0 JSON (structured mode); a JSON array per HTTP batch.
+    #[default]
+    CloudEvents,
+    /// Debezium's change-event JSON (`before`/`after`/`source`/`op`/`ts_ms`).
+    Debezium,
+}
+
+/// The HTTP target's optional features; `Default` is plain, unsigned CloudEvents.
+#[derive(Clone, Debug, Default)]
+pub struct HttpExtras {
+    pub envelope: Envelope,
+    /// Standard Webhooks signing key (raw bytes, `whsec_` already decoded).
+    pub signing_key: Option<SecretBytes>,
+    /// Sent as `Authorization: Bearer <token>`.
+    pub bearer_token: Option<Secret>,
+    /// PEM certificate chain and private key for mutual TLS.
+    pub client_identity: Option<(PathBuf, PathBuf)>,
+    /// PEM CA certificates trusted in addition to the system's.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Key bytes that never print.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretBytes(pub Vec<u8>);
+
+impl std::fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretBytes(***)")
+    }
+}
+
+/// Connection settings for a PostgreSQL target, parsed like `source.url`.
+#[derive(Clone, Debug)]
+pub struct PgConnConfig {
+    pub url_display: String,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub dbname: String,
+    pub password: Option<Secret>,
+    pub sslmode: SslMode,
+    pub sslrootcert: Option<PathBuf>,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeleteMode {
+    /// Keep the row with `_deleted = true` (a tombstone in place).
+    Soft,
+    /// Remove the row; a tombstone is kept in `<table>__deleted`.
+    Delete,
+}
+
+#[derive(Clone, Debug)]
+pub struct PostgresTargetConfig {
+    pub conn: PgConnConfig,
+    pub schema: String,
+    /// Entity name → table name (prefix and per-entity overrides applied).
+    pub tables: Vec<(String, String)>,
+    pub delete_mode: DeleteMode,
+    pub create_tables: bool,
+    /// Longest one batch's transaction may take.
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub enum NatsAuth {
+    None,
+    Token(Secret),
+    UserPassword(String, Secret),
+    CredsFile(PathBuf),
+}
+
+#[derive(Clone, Debug)]
+pub struct NatsTargetConfig {
+    /// One or more `nats://host:port` server addresses.
+    pub servers: Vec<String>,
+    pub auth: NatsAuth,
+    /// E.g. `steward.{entity}.{op}`; placeholders `{entity}`, `{op}`, `{key}`, `{target}`.
+    pub subject: String,
+    pub envelope: Envelope,
+    pub stream: Option<String>,
+    pub create_stream: bool,
+    pub stream_subjects: Vec<String>,
+    pub duplicate_window: Duration,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct FileTargetConfig {
+    pub path: PathBuf,
+    pub envelope: Envelope,
+    pub max_bytes: u64,
+    /// Rotated files kept besides the active one.
+    pub max_files: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -131,6 +235,8 @@ pub struct HttpTargetConfig {
     pub connect_timeout: Duration,
     /// Extra request headers; values may be secrets (read from files or the environment).
     pub headers: Vec<(String, Secret)>,
+    /// Envelope, signing, bearer token and TLS options.
+    pub extra: HttpExtras,
 }
 
 #[derive(Clone, Debug)]

@@ -10,6 +10,7 @@ mod delivery;
 mod governance;
 mod pgurl;
 mod reader;
+mod targets;
 #[cfg(test)]
 mod tests;
 
@@ -63,17 +64,14 @@ const ENTITY_KEYS: &[&str] = &[
     "children",
 ];
 const FIELD_KEYS: &[&str] = &["path", "fallback"];
+/// Keys every target type accepts; each type adds its own (see `targets`).
 const TARGET_KEYS: &[&str] = &[
     "type",
-    "url",
     "entities",
     "batch_max_events",
     "batch_linger_ms",
-    "timeout_ms",
-    "connect_timeout_ms",
     "retry_initial_ms",
     "retry_max_ms",
-    "headers",
     // governance
     "route",
     "fields",
@@ -82,7 +80,7 @@ const TARGET_KEYS: &[&str] = &[
     "hash_key_file",
 ];
 const HEADER_SOURCE_KEYS: &[&str] = &["file", "env"];
-const TARGET_TYPES: &[&str] = &["http"];
+const TARGET_TYPES: &[&str] = &["http", "postgres", "nats", "file"];
 /// Headers that describe the request framing, which the HTTP client owns.
 const RESERVED_HEADERS: &[&str] = &["host", "content-length", "transfer-encoding", "connection"];
 
@@ -862,7 +860,9 @@ fn check_target(
             ),
         );
     }
-    let valid: Vec<&str> = TARGET_KEYS.iter().chain(DELIVERY_KEYS).copied().collect();
+    let declared = table.get("type").and_then(Value::as_str);
+    let mut valid = targets::valid_keys(declared);
+    valid.extend(DELIVERY_KEYS);
     let r = Reader::new(key, table, &valid, errs);
 
     let kind_ok = match r.required_string("type", "the target type, e.g. type = \"http\"", errs) {
@@ -879,14 +879,6 @@ fn check_target(
         }
         None => false,
     };
-
-    let url = r
-        .required_string(
-            "url",
-            "the endpoint, e.g. url = \"https://wms.example/steward\"",
-            errs,
-        )
-        .and_then(|u| check_http_url(&r.key("url"), u, errs));
 
     let entities = match r.string_list("entities", errs) {
         None if !r.has("entities") => {
@@ -938,15 +930,6 @@ fn check_target(
 
     let batch_max_events = r.int("batch_max_events", 500, 1, 10_000, "events", errs);
     let batch_linger = r.int("batch_linger_ms", 50, 0, 60_000, "milliseconds", errs);
-    let timeout = r.int("timeout_ms", 10_000, 1, HOUR_MS, "milliseconds", errs);
-    let connect_timeout = r.int(
-        "connect_timeout_ms",
-        5_000,
-        1,
-        HOUR_MS,
-        "milliseconds",
-        errs,
-    );
     let retry_initial = r.int("retry_initial_ms", 200, 1, HOUR_MS, "milliseconds", errs);
     let retry_max = r.int(
         "retry_max_ms",
@@ -965,10 +948,12 @@ fn check_target(
         }
     }
 
-    let headers = match r.table("headers", errs) {
-        Some(t) => check_headers(&r.key("headers"), t, base_dir, errs),
-        None if r.has("headers") => None,
-        None => Some(Vec::new()),
+    let kind = match declared {
+        Some("http") if kind_ok => check_http_kind(&r, base_dir, errs),
+        Some("postgres") => targets::check_postgres(&r, entities.as_deref(), base_dir, errs),
+        Some("nats") => targets::check_nats(&r, base_dir, errs),
+        Some("file") => targets::check_file(&r, base_dir, errs),
+        _ => None,
     };
 
     let delivery = check_delivery(&r, entities.as_deref(), errs);
@@ -985,13 +970,43 @@ fn check_target(
         retry_initial: ms(retry_initial),
         retry_max: ms(retry_max),
         delivery: delivery?,
-        kind: TargetKind::Http(HttpTargetConfig {
-            url: url?,
-            timeout: ms(timeout?),
-            connect_timeout: ms(connect_timeout?),
-            headers: headers?,
-        }),
+        kind: kind?,
     })
+}
+
+/// The `type = "http"` keys: url, timeouts, headers and the optional extras.
+fn check_http_kind(r: &Reader, base_dir: &Path, errs: &mut Errors) -> Option<TargetKind> {
+    let url = r
+        .required_string(
+            "url",
+            "the endpoint, e.g. url = \"https://wms.example/steward\"",
+            errs,
+        )
+        .and_then(|u| check_http_url(&r.key("url"), u, errs));
+
+    let timeout = r.int("timeout_ms", 10_000, 1, HOUR_MS, "milliseconds", errs);
+    let connect_timeout = r.int(
+        "connect_timeout_ms",
+        5_000,
+        1,
+        HOUR_MS,
+        "milliseconds",
+        errs,
+    );
+    let headers = match r.table("headers", errs) {
+        Some(t) => check_headers(&r.key("headers"), t, base_dir, errs),
+        None if r.has("headers") => None,
+        None => Some(Vec::new()),
+    };
+
+    let extra = targets::check_http_extras(r, base_dir, errs);
+    Some(TargetKind::Http(HttpTargetConfig {
+        url: url?,
+        timeout: ms(timeout?),
+        connect_timeout: ms(connect_timeout?),
+        headers: headers?,
+        extra: extra?,
+    }))
 }
 
 /// An absolute http(s) URL without a password. The URL itself is not quoted

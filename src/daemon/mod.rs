@@ -95,7 +95,7 @@ pub async fn run_with(
     let mut drivers: Vec<(String, JoinHandle<anyhow::Result<()>>)> = Vec::new();
     for target in &config.targets {
         let (wake_tx, wake_rx) = watch::channel(0u64);
-        let sink = sinks::build(target, &config.source.slot)
+        let sink = sinks::build(target, &config)
             .with_context(|| format!("cannot set up target '{}'", target.name))?;
         let handle = tokio::spawn(driver::run_target(
             target.clone(),

@@ -958,6 +958,7 @@ mod tests {
                 timeout: Duration::from_secs(5),
                 connect_timeout: Duration::from_secs(1),
                 headers: Vec::new(),
+                extra: Default::default(),
             }),
         }
     }

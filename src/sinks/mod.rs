@@ -2,17 +2,26 @@
 //! that reads the target's outbox cursor and hands batches to its sink.
 
 pub mod driver;
+pub mod envelope;
+pub mod file;
 pub mod http;
+pub mod nats;
+pub mod postgres;
 pub mod requests;
 
 pub use driver::{Deliver, DeliveryError};
 
-use crate::config::{TargetConfig, TargetKind};
+use crate::config::{Config, TargetConfig, TargetKind};
 use crate::model::Event;
+
+use envelope::EnvelopeContext;
 
 /// Every sink type behind one `Deliver` implementation.
 pub enum AnySink {
     Http(http::HttpSink),
+    Postgres(postgres::PostgresSink),
+    Nats(nats::NatsSink),
+    File(file::FileSink),
 }
 
 impl Deliver for AnySink {
@@ -24,6 +33,9 @@ impl Deliver for AnySink {
                 retry_after: f.retry_after,
                 status: f.status,
             }),
+            AnySink::Postgres(sink) => sink.deliver(events).await,
+            AnySink::Nats(sink) => sink.deliver(events).await,
+            AnySink::File(sink) => sink.deliver(events).await,
         }
     }
 }
@@ -32,15 +44,27 @@ impl Deliver for AnySink {
 pub enum BuildError {
     #[error(transparent)]
     Http(#[from] http::HttpSinkError),
+    #[error("{0}")]
+    Other(String),
 }
 
-/// Builds the sink for a target. `slot` names the source in CloudEvents (`steward://<slot>`).
-pub fn build(target: &TargetConfig, slot: &str) -> Result<AnySink, BuildError> {
+/// Builds the sink for a target. Sinks that talk to a server (postgres,
+/// nats) connect on their first delivery, so a target that is down at start
+/// only delays its own events (retried by the driver) and not the daemon.
+pub fn build(target: &TargetConfig, config: &Config) -> Result<AnySink, BuildError> {
+    let ctx = EnvelopeContext::from_config(config);
     match &target.kind {
-        TargetKind::Http(http) => Ok(AnySink::Http(http::HttpSink::new(
-            target,
-            http,
-            format!("steward://{slot}"),
-        )?)),
+        TargetKind::Http(http) => {
+            let mut sink = http::HttpSink::new(target, http, ctx.source.clone())?;
+            sink.set_envelope_context(ctx);
+            Ok(AnySink::Http(sink))
+        }
+        TargetKind::Postgres(pg) => Ok(AnySink::Postgres(postgres::PostgresSink::new(
+            target, pg, config,
+        ))),
+        TargetKind::Nats(nats) => Ok(AnySink::Nats(nats::NatsSink::new(target, nats, ctx))),
+        TargetKind::File(file) => Ok(AnySink::File(
+            file::FileSink::open(target, file, ctx).map_err(BuildError::Other)?,
+        )),
     }
 }

@@ -179,7 +179,9 @@ fn minimal_config_has_all_defaults() {
     assert_eq!(t.batch_linger, Duration::from_millis(50));
     assert_eq!(t.retry_initial, Duration::from_millis(200));
     assert_eq!(t.retry_max, Duration::from_millis(60_000));
-    let TargetKind::Http(h) = &t.kind;
+    let TargetKind::Http(h) = &t.kind else {
+        panic!("an http target")
+    };
     assert_eq!(h.url.as_str(), "https://wms.example/steward");
     assert_eq!(h.timeout, Duration::from_millis(10_000));
     assert_eq!(h.connect_timeout, Duration::from_millis(5_000));
@@ -886,7 +888,10 @@ fn target_url_rules() {
     assert_error(&errs, "targets.wms.url", "contains a password");
     assert!(!format!("{errs:?}").contains("hunter2"));
     let TargetKind::Http(h) =
-        &ok_with("targets.wms.url", "\"http://10.0.0.1:8080/in\"").targets[0].kind;
+        &ok_with("targets.wms.url", "\"http://10.0.0.1:8080/in\"").targets[0].kind
+    else {
+        panic!("an http target")
+    };
     assert_eq!(h.url.port(), Some(8080));
 }
 
@@ -974,7 +979,9 @@ fn headers_plain_file_and_env() {
          Authorization = {{ env = \"STEWARD_TEST_TOKEN\" }} }}\n"
     );
     let c = parse_in(&text, dir.path()).unwrap();
-    let TargetKind::Http(h) = &c.targets[0].kind;
+    let TargetKind::Http(h) = &c.targets[0].kind else {
+        panic!("an http target")
+    };
     let got: Vec<(&str, &str)> = h
         .headers
         .iter()

@@ -9,16 +9,19 @@
 
 mod request;
 mod service;
+mod signing;
 
 use std::fmt;
 use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, USER_AGENT};
 
-use crate::config::{HttpTargetConfig, Secret, TargetConfig};
+use crate::config::{Envelope, HttpTargetConfig, Secret, SecretBytes, TargetConfig};
 use crate::model::Event;
+use crate::sinks::envelope::{self, EnvelopeContext};
 
-pub use request::{write_batch, BATCH_CONTENT_TYPE};
+pub use request::{write_batch, write_event, BATCH_CONTENT_TYPE};
+pub use signing::{sign, webhook_id};
 
 const USER_AGENT_VALUE: &str = concat!("steward/", env!("CARGO_PKG_VERSION"));
 
@@ -54,6 +57,13 @@ pub enum HttpSinkError {
     ReservedHeader { target: String, name: String },
     #[error("target {target}: cannot build the HTTP client: {cause}")]
     Client { target: String, cause: String },
+    #[error("targets.{target}.{key}: cannot use `{path}`: {cause}")]
+    TlsFile {
+        target: String,
+        key: &'static str,
+        path: String,
+        cause: String,
+    },
 }
 
 /// Headers steward must control for the body to be read correctly.
@@ -76,6 +86,9 @@ pub struct HttpSink {
     connect_timeout: Duration,
     /// Size of the previous body, to allocate the next one in one go.
     body_size_hint: usize,
+    envelope: Envelope,
+    ctx: EnvelopeContext,
+    signing_key: Option<SecretBytes>,
 }
 
 impl fmt::Debug for HttpSink {
@@ -118,8 +131,21 @@ impl HttpSink {
                 what: "connect_timeout",
             });
         }
-        let headers = header_map(name, &http.headers)?;
-        let client = reqwest::Client::builder()
+        let mut headers = header_map(name, &http.headers)?;
+        if let Some(token) = &http.extra.bearer_token {
+            let mut value =
+                HeaderValue::from_str(&format!("Bearer {}", token.expose())).map_err(|_| {
+                    HttpSinkError::InvalidHeaderValue {
+                        target: name.clone(),
+                        name: "Authorization (bearer_token)".to_string(),
+                    }
+                })?;
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
+        let builder = reqwest::Client::builder();
+        let builder = tls_files(name, &http.extra, builder)?;
+        let client = builder
             .default_headers(headers)
             .connect_timeout(http.connect_timeout)
             .timeout(http.timeout)
@@ -137,13 +163,24 @@ impl HttpSink {
             client,
             url: http.url.clone(),
             url_display: display_url(&http.url),
-            source,
+            source: source.clone(),
             target: name.clone(),
             header_names: http.headers.iter().map(|(n, _)| n.clone()).collect(),
             timeout: http.timeout,
             connect_timeout: http.connect_timeout,
             body_size_hint: 0,
+            envelope: http.extra.envelope,
+            ctx: EnvelopeContext {
+                source: source.to_string(),
+                ..EnvelopeContext::default()
+            },
+            signing_key: http.extra.signing_key.clone(),
         })
+    }
+
+    /// Names of the source used by the Debezium envelope (slot, database, tables).
+    pub fn set_envelope_context(&mut self, ctx: EnvelopeContext) {
+        self.ctx = ctx;
     }
 
     /// The target URL as shown in messages (no userinfo, query or fragment).
@@ -159,27 +196,38 @@ impl HttpSink {
             return Ok(());
         }
         let mut body = Vec::with_capacity(self.body_size_hint.max(256 * events.len()));
-        write_batch(events, &self.source, &mut body).map_err(|e| HttpDeliveryFailure {
-            retryable: false,
-            status: None,
-            message: format!(
-                "cannot encode the batch of {} events starting at {} as JSON: {e}",
-                events.len(),
-                events[0].id
-            ),
-            retry_after: None,
+        envelope::write_array(self.envelope, events, &self.ctx, &mut body).map_err(|e| {
+            HttpDeliveryFailure {
+                retryable: false,
+                status: None,
+                message: format!(
+                    "cannot encode the batch of {} events starting at {} as JSON: {e}",
+                    events.len(),
+                    events[0].id
+                ),
+                retry_after: None,
+            }
         })?;
         let bytes = body.len();
         self.body_size_hint = bytes + bytes / 8;
 
         let started = Instant::now();
-        let sent = self
-            .client
-            .post(self.url.clone())
-            .header(CONTENT_TYPE, HeaderValue::from_static(BATCH_CONTENT_TYPE))
-            .body(body)
-            .send()
-            .await;
+        let mut request = self.client.post(self.url.clone()).header(
+            CONTENT_TYPE,
+            HeaderValue::from_static(envelope::array_content_type(self.envelope)),
+        );
+        if let Some(key) = &self.signing_key {
+            // Signed per attempt: the timestamp must be fresh for the receiver's
+            // replay window, while webhook-id stays the same across retries.
+            let id = webhook_id(events);
+            let timestamp = chrono::Utc::now().timestamp();
+            let signature = sign(&key.0, &id, timestamp, &body);
+            request = request
+                .header("webhook-id", id)
+                .header("webhook-timestamp", timestamp.to_string())
+                .header("webhook-signature", signature);
+        }
+        let sent = request.body(body).send().await;
         let endpoint = service::Endpoint {
             url_display: &self.url_display,
             timeout: self.timeout,
@@ -234,6 +282,62 @@ fn header_map(target: &str, headers: &[(String, Secret)]) -> Result<HeaderMap, H
     Ok(map)
 }
 
+/// Adds the custom CA and the client certificate (mutual TLS) to the client.
+fn tls_files(
+    target: &str,
+    extra: &crate::config::HttpExtras,
+    mut builder: reqwest::ClientBuilder,
+) -> Result<reqwest::ClientBuilder, HttpSinkError> {
+    let fail = |key: &'static str, path: &std::path::Path, cause: String| HttpSinkError::TlsFile {
+        target: target.to_string(),
+        key,
+        path: path.display().to_string(),
+        cause,
+    };
+    if let Some(ca) = &extra.ca_file {
+        let pem = std::fs::read(ca).map_err(|e| fail("ca_file", ca, e.to_string()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            fail(
+                "ca_file",
+                ca,
+                format!(
+                    "not PEM certificates ({}); give the CA's PEM file",
+                    error_chain(&e)
+                ),
+            )
+        })?;
+        if certs.is_empty() {
+            return Err(fail(
+                "ca_file",
+                ca,
+                "holds no certificate (expected -----BEGIN CERTIFICATE-----)".into(),
+            ));
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    if let Some((cert, key)) = &extra.client_identity {
+        let mut pem =
+            std::fs::read(cert).map_err(|e| fail("client_cert_file", cert, e.to_string()))?;
+        pem.push(b'\n');
+        pem.extend(std::fs::read(key).map_err(|e| fail("client_key_file", key, e.to_string()))?);
+        let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+            fail(
+                "client_cert_file",
+                cert,
+                format!(
+                    "with client_key_file: {}; give a PEM certificate chain and its PEM \
+                     (PKCS#8, RSA or EC) private key",
+                    error_chain(&e)
+                ),
+            )
+        })?;
+        builder = builder.identity(identity);
+    }
+    Ok(builder)
+}
+
 fn display_url(url: &url::Url) -> String {
     let mut shown = url.clone();
     // Both setters only fail for URLs that cannot have userinfo (no host),
@@ -272,6 +376,7 @@ mod tests {
             timeout,
             connect_timeout: Duration::from_secs(2),
             headers: vec![("Authorization".to_string(), Secret::new(TOKEN))],
+            extra: Default::default(),
         };
         let target = TargetConfig {
             name: "wms".to_string(),

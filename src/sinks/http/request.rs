@@ -106,6 +106,16 @@ pub fn write_batch(
     serde_json::to_writer(out, &Batch { events, source })
 }
 
+/// Serializes one event in CloudEvents JSON form into `out` (appending):
+/// the per-message form used by the NATS and file targets.
+pub fn write_event(
+    event: &Event,
+    source: &str,
+    out: &mut Vec<u8>,
+) -> Result<(), serde_json::Error> {
+    serde_json::to_writer(out, &CloudEvent::new(event, source))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
