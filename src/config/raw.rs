@@ -22,7 +22,7 @@ use self::pgurl::parse_pg_url;
 use self::reader::{check_sql_ident, join, type_name, Errors, Reader, MAX_IDENT};
 use super::{
     Config, ConfigError, ConfigErrors, EntityConfig, FieldConfig, FieldSource, HttpTargetConfig,
-    MetricsConfig, Secret, SourceConfig, StateConfig, TargetConfig, TargetKind,
+    InitialSync, MetricsConfig, Secret, SourceConfig, StateConfig, TargetConfig, TargetKind,
 };
 
 const TOP_KEYS: &[&str] = &["source", "state", "metrics", "entities", "targets"];
@@ -51,6 +51,7 @@ const TARGET_KEYS: &[&str] = &[
     "retry_initial_ms",
     "retry_max_ms",
     "headers",
+    "initial",
 ];
 const HEADER_SOURCE_KEYS: &[&str] = &["file", "env"];
 const TARGET_TYPES: &[&str] = &["http"];
@@ -854,6 +855,19 @@ fn check_target(
         }
     }
 
+    let initial = match r.string("initial", errs) {
+        None => Some(InitialSync::Snapshot),
+        Some("snapshot") => Some(InitialSync::Snapshot),
+        Some("none") => Some(InitialSync::None),
+        Some(other) => {
+            errs.add(
+                &r.key("initial"),
+                format!("unknown value `{other}`; use \"snapshot\" (send every existing row first) or \"none\" (only changes from now on)"),
+            );
+            None
+        }
+    };
+
     let headers = match r.table("headers", errs) {
         Some(t) => check_headers(&r.key("headers"), t, base_dir, errs),
         None if r.has("headers") => None,
@@ -877,6 +891,7 @@ fn check_target(
             connect_timeout: ms(connect_timeout?),
             headers: headers?,
         }),
+        initial: initial?,
     })
 }
 

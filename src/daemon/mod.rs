@@ -11,8 +11,10 @@
 //! the server, then stop the drivers at their cursors.
 
 mod setup;
+pub mod snapshot;
 pub mod status;
 
+pub use setup::RESET_ALL_META;
 pub use status::{StatusFile, TargetStatusLine};
 
 use std::collections::HashMap;
@@ -50,7 +52,8 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
     let mut pipeline = Pipeline::new(&config);
     let state = Arc::new(DaemonState::default());
 
-    let prepared = setup::prepare(&config, &store, &pipeline).await?;
+    let mut prepared = setup::prepare(&config, &store, &pipeline).await?;
+    let gate = snapshot::SnapshotGate::from_store(&store)?;
     let checkpoint = store.checkpoint()?.unwrap_or(Lsn::ZERO);
     state
         .durable_lsn
@@ -65,7 +68,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
 
     // One driver per target, each over its own outbox cursor.
     let (driver_shutdown_tx, driver_shutdown_rx) = watch::channel(false);
-    let mut wakers: Vec<watch::Sender<u64>> = Vec::new();
+    let mut wakers: Vec<Arc<watch::Sender<u64>>> = Vec::new();
     let mut drivers: Vec<(String, JoinHandle<anyhow::Result<()>>)> = Vec::new();
     for target in &config.targets {
         let (wake_tx, wake_rx) = watch::channel(0u64);
@@ -88,13 +91,30 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
                     .map_err(anyhow::Error::from)
             }),
         ));
-        wakers.push(wake_tx);
+        wakers.push(Arc::new(wake_tx));
     }
     let target_names: Vec<String> = config.targets.iter().map(|t| t.name.clone()).collect();
 
     let status_task = status::spawn_writer(config.clone(), store.clone(), state.clone());
     let (durable_tx, _) = watch::channel(checkpoint);
+    let snapshot_task = tokio::spawn(
+        snapshot::Worker {
+            config: config.clone(),
+            store: store.clone(),
+            gate: gate.clone(),
+            wakers: target_names
+                .iter()
+                .cloned()
+                .zip(wakers.iter().cloned())
+                .collect(),
+            durable: durable_tx.subscribe(),
+            initial: prepared.initial_snapshot.take(),
+            shutdown: shutdown.clone(),
+        }
+        .run(),
+    );
     let mut committer = Committer {
+        gate,
         store: store.clone(),
         durable_tx,
         wakers,
@@ -206,6 +226,10 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
             Err(e) => tracing::error!(target = %name, error = %e, "target task failed"),
         }
     }
+    // The snapshot task stops between chunks once shutdown is set; on an
+    // error exit it is stopped here (its progress is in the store).
+    snapshot_task.abort();
+    let _ = snapshot_task.await;
     status_task.abort();
     // The aborted task holds a handle on the store: wait for it so the file
     // is closed (and unlocked) when this function returns.
@@ -309,9 +333,11 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 
 /// Groups complete transactions into one durable store commit.
 struct Committer {
+    /// Orders appends against running snapshots (see `snapshot`).
+    gate: snapshot::SnapshotGate,
     store: Store,
     durable_tx: watch::Sender<Lsn>,
-    wakers: Vec<watch::Sender<u64>>,
+    wakers: Vec<Arc<watch::Sender<u64>>>,
     target_names: Vec<String>,
     state: Arc<DaemonState>,
     max_events: usize,
@@ -367,12 +393,17 @@ impl Committer {
         };
         self.batch_started = None;
         let batch = std::mem::take(&mut self.batch);
+        let windows = self.gate.lock();
+        let batch = tokio::task::block_in_place(|| {
+            snapshot::filter_batch(&windows, &self.store, &self.target_names, batch)
+        })?;
         let appends: Vec<(&str, &Event)> = batch
             .iter()
             .map(|(t, e)| (self.target_names[*t].as_str(), e))
             .collect();
         let started = Instant::now();
         let last = tokio::task::block_in_place(|| self.store.commit(end, &appends))?;
+        drop(windows);
         metrics::histogram!("steward_store_commit_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("steward_events_stored_total").increment(appends.len() as u64);
         let by_name: HashMap<&str, usize> = self

@@ -3,5 +3,7 @@
 //! changes in stream order and stores what comes out.
 
 mod map;
+mod snapshot_row;
 
 pub use map::{Mapped, Pipeline, PipelineError};
+pub use snapshot_row::{snapshot_event, snapshot_id, snapshot_version};

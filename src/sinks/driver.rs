@@ -379,6 +379,7 @@ mod tests {
                 connect_timeout: Duration::from_secs(1),
                 headers: Vec::new(),
             }),
+            initial: crate::config::InitialSync::Snapshot,
         }
     }
 

@@ -32,9 +32,11 @@
 //! lets steward carry on by itself once space is freed.
 
 mod error;
+mod snapshot_progress;
 mod tables;
 
 pub use error::StoreError;
+pub use snapshot_progress::{SnapshotJob, SnapshotPhase, VersionCheck};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};

@@ -281,6 +281,7 @@ mod tests {
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(10),
             kind: TargetKind::Http(http.clone()),
+            initial: crate::config::InitialSync::Snapshot,
         };
         (target, http)
     }
