@@ -352,3 +352,126 @@ async fn kill_9_mid_snapshot_resumes_from_the_last_chunk() {
         .collect();
     assert_eq!(seen.len() as u64, total, "every product reached the target");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_dropped_while_running_stops_with_the_fix_and_reset_all_recovers() {
+    let db = TestDb::new("snap_dropped");
+    let wms = Receiver::start().await.unwrap();
+    let cfg = db.write_config(&snapshot_config(
+        &db,
+        &[("wms", &wms.url(), &["product"], "snapshot")],
+    ));
+    let rows: usize = db
+        .sql("SELECT count(*) FROM product_template")
+        .trim()
+        .parse()
+        .unwrap();
+    let daemon = InProcess::start(steward::config::Config::load(&cfg).unwrap());
+    wait_until("the initial snapshot arrives", WAIT, || {
+        wms.accepted_count() >= rows
+    })
+    .await;
+    db.sql("UPDATE product_template SET list_price = 1 WHERE id = (SELECT min(id) FROM product_template)");
+    wait_until("a streamed change arrives", WAIT, || {
+        wms.accepted_count() > rows
+    })
+    .await;
+
+    // Someone drops the slot under the running daemon.
+    let slot = format!("steward_{}", db.name);
+    let mut dropped = false;
+    for _ in 0..50 {
+        let out = support::cluster().psql(
+            "postgres",
+            &format!(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active; \
+                 SELECT pg_sleep(0.05); SELECT pg_drop_replication_slot('{slot}');"
+            ),
+        );
+        if out.is_ok() {
+            dropped = true;
+            break;
+        }
+    }
+    assert!(dropped, "could not drop the slot");
+    wait_until("the daemon stops", WAIT, || daemon.is_finished()).await;
+    let err = daemon.stop().await.expect_err("a dropped slot is an error");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("no longer exists") && text.contains("reset --all"),
+        "the error names the problem and the fix: {text}"
+    );
+
+    // Meanwhile a change nobody streamed; then the documented fix.
+    db.sql("UPDATE product_template SET list_price = 4242 WHERE id = (SELECT max(id) FROM product_template)");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
+        .args(["reset", "--all", "-c"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = wms.accepted_count();
+    let daemon = InProcess::start(steward::config::Config::load(&cfg).unwrap());
+    wait_until("the fresh snapshot arrives", WAIT, || {
+        wms.accepted_count() >= before + rows
+    })
+    .await;
+    let expected = db_prices(&db);
+    wait_until("the target matches the database again", WAIT, || {
+        target_prices(&wms.accepted_events()) == expected
+    })
+    .await;
+    daemon.stop().await.unwrap();
+}
+
+/// Snapshot speed into the outbox. Run with
+/// `STEWARD_SNAPSHOT_ROWS=1000000 cargo test --release --test snapshot snapshot_throughput -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn snapshot_throughput() {
+    let n: u32 = std::env::var("STEWARD_SNAPSHOT_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let db = TestDb::new("snap_speed");
+    add_products(&db, n);
+    let wms = Receiver::start_counting().await.unwrap();
+    let cfg = db.write_config(&snapshot_config(
+        &db,
+        &[("wms", &wms.url(), &["product"], "snapshot")],
+    ));
+    let child = Child::run(&cfg, &db.dir.path().join("steward.log"));
+    let status_file = db.dir.path().join("steward.redb.status.json");
+    let mut line = Value::Null;
+    wait_until("the snapshot finishes", Duration::from_secs(1800), || {
+        let Ok(bytes) = std::fs::read(&status_file) else {
+            return false;
+        };
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        line = v["snapshots"]
+            .as_array()
+            .and_then(|a| a.first().cloned())
+            .unwrap_or(Value::Null);
+        line["phase"] == "done"
+    })
+    .await;
+    let t = |k: &str| chrono::DateTime::parse_from_rfc3339(line[k].as_str().unwrap()).unwrap();
+    let secs = (t("finished_at") - t("started_at")).num_milliseconds() as f64 / 1000.0;
+    let rows = line["rows_done"].as_u64().unwrap();
+    println!(
+        "snapshot: {rows} rows into the outbox in {secs:.1} s = {:.0} rows/s",
+        rows as f64 / secs
+    );
+    let pid = child.child.id();
+    let hwm = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .map(str::to_string);
+    println!("steward peak RSS: {hwm:?}");
+    child.terminate();
+}

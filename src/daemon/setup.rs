@@ -107,7 +107,21 @@ pub async fn prepare(
     let mut initial_snapshot = None;
     match slot::slot_info(&sql, &source.slot).await? {
         Some(info) => {
+            if info.wal_status.as_deref() == Some("lost") {
+                bail!(
+                    "{}",
+                    crate::daemon::snapshot::slot_advice(Some(true), Some("lost"), &source.slot)
+                        .unwrap_or_default()
+                );
+            }
             slot::check_slot_compatible(&info, &database)?;
+            if let Some(advice) = crate::daemon::snapshot::slot_advice(
+                Some(true),
+                info.wal_status.as_deref(),
+                &source.slot,
+            ) {
+                tracing::warn!("{advice}");
+            }
             tracing::info!(
                 slot = %source.slot,
                 confirmed_flush = ?info.confirmed_flush_lsn.map(|l| l.to_string()),
@@ -119,8 +133,9 @@ pub async fn prepare(
                 bail!(
                     "the replication slot '{}' no longer exists, but steward had streamed up to {checkpoint}: \
                      changes made since then may never reach the targets. Someone dropped the slot, or the \
-                     server was rebuilt. To start over, move the state file {} aside and restart steward \
-                     (targets then receive every change from the new slot onward)",
+                     server was rebuilt. To recover, run `steward reset --all -c FILE` (recreates the slot and \
+                     sends every target a fresh snapshot), or move the state file {} aside and restart steward \
+                     (targets then receive only changes from the new slot onward)",
                     source.slot,
                     store.path().display()
                 );
