@@ -123,7 +123,7 @@ async fn postgres_restarted_mid_stream_reconnects_and_loses_nothing() {
         format!(
             "[source]\nurl = \"{url}\"\n[state]\npath = \"state.redb\"\ncommit_max_delay_ms = 5\n\
              [entities.product]\ntable = \"product_template\"\nfields = {{ price = \"list_price\" }}\n\
-             [targets.wms]\ntype = \"http\"\nurl = \"{target}\"\nentities = [\"product\"]\nbatch_linger_ms = 5\n",
+             [targets.wms]\ntype = \"http\"\nurl = \"{target}\"\nentities = [\"product\"]\nbatch_linger_ms = 5\ninitial = \"none\"\n",
             url = cluster.url("odoo"),
             target = wms.url()
         ),

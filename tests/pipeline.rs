@@ -682,7 +682,7 @@ async fn verify_full_tls_streams_and_an_untrusted_certificate_is_refused() {
                 "[source]\nurl = \"postgres://postgres@localhost:{port}/odoo?{query}\"\n\
                  [state]\npath = \"state.redb\"\n\
                  [entities.product]\ntable = \"product_template\"\nfields = {{ price = \"list_price\" }}\n\
-                 [targets.wms]\ntype = \"http\"\nurl = \"{url}\"\nentities = [\"product\"]\nbatch_linger_ms = 5\n",
+                 [targets.wms]\ntype = \"http\"\nurl = \"{url}\"\nentities = [\"product\"]\nbatch_linger_ms = 5\ninitial = \"none\"\n",
                 port = cluster.port(),
                 url = wms.url()
             ),

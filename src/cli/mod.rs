@@ -1,10 +1,11 @@
-//! The command line: `steward run | check-config | status | dlq | flush | demo`.
+//! The command line: `steward run | check-config | status | reset | dlq | flush | quarantine | audit | setup-sql | demo`.
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
 
 mod demo;
 mod dlq;
 mod governance;
+mod reset;
 mod setup_sql;
 mod status;
 
@@ -94,6 +95,23 @@ enum Command {
         limit: Option<usize>,
         #[arg(long)]
         json: bool,
+    },
+    /// Resynchronise a target from a fresh consistent snapshot (or, with --all, every target and the slot).
+    Reset {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// The target to resynchronise.
+        #[arg(long, value_name = "NAME", required_unless_present = "all")]
+        target: Option<String>,
+        /// Only these entities of the target (repeatable); default: all it receives.
+        #[arg(long = "entity", value_name = "E")]
+        entities: Vec<String>,
+        /// Drop and recreate the replication slot and resnapshot every target (daemon stopped).
+        #[arg(long, conflicts_with_all = ["target", "entities"])]
+        all: bool,
+        /// Return once the daemon took the request instead of following its progress.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Run a self-contained demo: throwaway PostgreSQL with Odoo data, a local receiver, live changes.
     Demo {
@@ -294,6 +312,28 @@ pub fn main() -> ExitCode {
             }),
             json,
         ),
+        Command::Reset {
+            config,
+            target,
+            entities,
+            all,
+            no_wait,
+        } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let args = reset::ResetArgs {
+                target,
+                entities,
+                all,
+                wait: !no_wait,
+            };
+            run_blocking(reset::run(config, args))
+        }
         Command::Demo { once } => run_blocking(demo::run(once)),
         Command::Dlq { action } => {
             let (action, args) = match action {

@@ -14,6 +14,7 @@ struct Report {
     daemon: DaemonReport,
     source: SourceReport,
     targets: Vec<TargetStatusLine>,
+    snapshots: Vec<daemon::snapshot::SnapshotStatusLine>,
 }
 
 #[derive(Serialize)]
@@ -43,16 +44,19 @@ struct SourceReport {
 
 pub async fn run(config: Config, json: bool) -> anyhow::Result<()> {
     let (daemon, targets) = daemon_view(&config)?;
+    let snapshots = snapshot_view(&config);
     let source = source_view(&config).await;
     let report = Report {
         daemon,
         source,
         targets,
+        snapshots,
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_text(&report);
+        print_snapshots(&report);
     }
     Ok(())
 }
@@ -125,6 +129,19 @@ fn daemon_view(config: &Config) -> anyhow::Result<(DaemonReport, Vec<TargetStatu
             Ok((report, file.map(|f| f.targets).unwrap_or_default()))
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Snapshot progress: from the store when it can be opened, else the status file.
+fn snapshot_view(config: &Config) -> Vec<daemon::snapshot::SnapshotStatusLine> {
+    if !config.state.path.exists() {
+        return Vec::new();
+    }
+    match Store::open(&config.state.path) {
+        Ok(store) => daemon::snapshot::status_lines(&store),
+        Err(_) => daemon::status::read(config)
+            .map(|f| f.snapshots)
+            .unwrap_or_default(),
     }
 }
 
@@ -218,6 +235,11 @@ fn print_text(r: &Report) {
             }
             None => println!("slot       unknown: {}", s.error.as_deref().unwrap_or("")),
         }
+        if let Some(advice) =
+            crate::daemon::snapshot::slot_advice(s.slot_exists, s.wal_status.as_deref(), &s.slot)
+        {
+            println!("           {advice}");
+        }
     }
     println!();
     for t in &r.targets {
@@ -236,6 +258,36 @@ fn print_text(r: &Report) {
         }
         if let Some(e) = &t.last_error {
             println!("           last error: {e}");
+        }
+    }
+}
+
+fn print_snapshots(r: &Report) {
+    if r.snapshots.is_empty() {
+        return;
+    }
+    println!();
+    for s in &r.snapshots {
+        let phase = match s.phase {
+            crate::store::SnapshotPhase::Pending => "pending",
+            crate::store::SnapshotPhase::Running => "running",
+            crate::store::SnapshotPhase::Done => "done",
+        };
+        println!(
+            "snapshot   {} / {}: {phase}, {} of ~{} rows (read {}, snapshots {}){}",
+            s.target,
+            s.entity,
+            s.rows_done,
+            s.rows_total_estimate.max(s.rows_done),
+            s.rows_read,
+            s.segments,
+            s.consistent_lsn
+                .as_deref()
+                .map(|l| format!(", at {l}"))
+                .unwrap_or_default()
+        );
+        if let Some(e) = &s.last_error {
+            println!("           error: {e}");
         }
     }
 }

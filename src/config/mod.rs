@@ -117,6 +117,17 @@ pub struct TargetConfig {
     /// Dead letters, rate limits and batch windows.
     pub delivery: DeliveryPolicy,
     pub kind: TargetKind,
+    /// What a target gets when steward first sees it (see `source::snapshot`).
+    pub initial: InitialSync,
+}
+
+/// `targets.NAME.initial`: whether a new target first receives every
+/// configured row (a consistent snapshot) or only changes from now on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum InitialSync {
+    #[default]
+    Snapshot,
+    None,
 }
 
 #[derive(Clone, Debug)]

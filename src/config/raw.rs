@@ -26,7 +26,8 @@ use self::pgurl::parse_pg_url;
 use self::reader::{check_sql_ident, join, type_name, Errors, Reader, MAX_IDENT};
 use super::{
     Config, ConfigError, ConfigErrors, DaemonConfig, EntityConfig, FieldConfig, FieldSource,
-    HttpTargetConfig, MetricsConfig, Secret, SourceConfig, StateConfig, TargetConfig, TargetKind,
+    HttpTargetConfig, InitialSync, MetricsConfig, Secret, SourceConfig, StateConfig, TargetConfig,
+    TargetKind,
 };
 
 const TOP_KEYS: &[&str] = &[
@@ -78,6 +79,7 @@ const TARGET_KEYS: &[&str] = &[
     "mask",
     "hash",
     "hash_key_file",
+    "initial",
 ];
 const HEADER_SOURCE_KEYS: &[&str] = &["file", "env"];
 const TARGET_TYPES: &[&str] = &["http", "postgres", "nats", "file"];
@@ -956,6 +958,19 @@ fn check_target(
         _ => None,
     };
 
+    let initial = match r.string("initial", errs) {
+        None => Some(InitialSync::Snapshot),
+        Some("snapshot") => Some(InitialSync::Snapshot),
+        Some("none") => Some(InitialSync::None),
+        Some(other) => {
+            errs.add(
+                &r.key("initial"),
+                format!("unknown value `{other}`; use \"snapshot\" (send every existing row first) or \"none\" (only changes from now on)"),
+            );
+            None
+        }
+    };
+
     let delivery = check_delivery(&r, entities.as_deref(), errs);
 
     let (retry_initial, retry_max) = (retry_initial?, retry_max?);
@@ -971,6 +986,7 @@ fn check_target(
         retry_max: ms(retry_max),
         delivery: delivery?,
         kind: kind?,
+        initial: initial?,
     })
 }
 

@@ -15,9 +15,11 @@ pub mod govern;
 pub mod monitor;
 mod privileges;
 mod setup;
+pub mod snapshot;
 pub mod status;
 pub mod systemd;
 
+pub use setup::RESET_ALL_META;
 pub use status::{StatusFile, TargetStatusLine};
 
 use std::collections::HashMap;
@@ -75,8 +77,9 @@ pub async fn run_with(
     state.health.note_caught_up();
 
     let mut governor = govern::setup(&config, &store, &mut pipeline)?;
-    let prepared = setup::prepare(&config, &store, &pipeline).await?;
+    let mut prepared = setup::prepare(&config, &store, &pipeline).await?;
     govern::seed_references(&config, &store, &mut governor).await?;
+    let gate = snapshot::SnapshotGate::from_store(&store)?;
     let checkpoint = store.checkpoint()?.unwrap_or(Lsn::ZERO);
     state
         .durable_lsn
@@ -91,7 +94,7 @@ pub async fn run_with(
 
     // One driver per target, each over its own outbox cursor.
     let (driver_shutdown_tx, driver_shutdown_rx) = watch::channel(false);
-    let mut wakers: Vec<watch::Sender<u64>> = Vec::new();
+    let mut wakers: Vec<Arc<watch::Sender<u64>>> = Vec::new();
     let mut drivers: Vec<(String, JoinHandle<anyhow::Result<()>>)> = Vec::new();
     for target in &config.targets {
         let (wake_tx, wake_rx) = watch::channel(0u64);
@@ -114,7 +117,7 @@ pub async fn run_with(
                     .map_err(anyhow::Error::from)
             }),
         ));
-        wakers.push(wake_tx);
+        wakers.push(Arc::new(wake_tx));
     }
     let target_names: Vec<String> = config.targets.iter().map(|t| t.name.clone()).collect();
 
@@ -132,7 +135,24 @@ pub async fn run_with(
             .collect()
     };
     let (durable_tx, _) = watch::channel(checkpoint);
+    let snapshot_task = tokio::spawn(
+        snapshot::Worker {
+            config: config.clone(),
+            store: store.clone(),
+            gate: gate.clone(),
+            wakers: target_names
+                .iter()
+                .cloned()
+                .zip(wakers.iter().cloned())
+                .collect(),
+            durable: durable_tx.subscribe(),
+            initial: prepared.initial_snapshot.take(),
+            shutdown: shutdown.clone(),
+        }
+        .run(),
+    );
     let mut committer = Committer {
+        gate,
         store: store.clone(),
         durable_tx,
         wakers,
@@ -264,6 +284,10 @@ pub async fn run_with(
             Err(e) => tracing::error!(target = %name, error = %e, "target task failed"),
         }
     }
+    // The snapshot task stops between chunks once shutdown is set; on an
+    // error exit it is stopped here (its progress is in the store).
+    snapshot_task.abort();
+    let _ = snapshot_task.await;
     status_task.abort();
     monitor_task.abort();
     if let Some(h) = heartbeat_task {
@@ -415,9 +439,11 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 
 /// Groups complete transactions into one durable store commit.
 struct Committer {
+    /// Orders appends against running snapshots (see `snapshot`).
+    gate: snapshot::SnapshotGate,
     store: Store,
     durable_tx: watch::Sender<Lsn>,
-    wakers: Vec<watch::Sender<u64>>,
+    wakers: Vec<Arc<watch::Sender<u64>>>,
     target_names: Vec<String>,
     state: Arc<DaemonState>,
     max_events: usize,
@@ -477,8 +503,14 @@ impl Committer {
         let Some(end) = self.batch_end else {
             return Ok(());
         };
-        let appends: Vec<(&str, &Event)> = self
-            .batch
+        let batch = std::mem::take(&mut self.batch);
+        // Held until the batch is committed: a snapshot chunk must not slip
+        // between the version check and the append.
+        let windows = self.gate.lock();
+        let batch = tokio::task::block_in_place(|| {
+            snapshot::filter_batch(&windows, &self.store, &self.target_names, batch)
+        })?;
+        let appends: Vec<(&str, &Event)> = batch
             .iter()
             .map(|(t, e)| (self.target_names[*t].as_str(), e))
             .collect();
@@ -503,6 +535,10 @@ impl Committer {
                     .last_error
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                drop(appends);
+                drop(windows);
+                // Filtering again on the retry admits the same versions.
+                self.batch = batch;
                 return Ok(());
             }
             Err(e) => {
@@ -528,7 +564,7 @@ impl Committer {
         metrics::histogram!(crate::metrics::STORE_COMMIT_SECONDS)
             .record(started.elapsed().as_secs_f64());
         metrics::counter!(crate::metrics::EVENTS_STORED).increment(appends.len() as u64);
-        self.batch.clear();
+        drop(windows);
         self.delta = GovDelta::default();
         self.batch_end = None;
         self.batch_started = None;

@@ -1,19 +1,31 @@
 //! Start-up checks against the source: wal_level, publication, slot, and
-//! that the state file belongs to this database.
+//! that the state file belongs to this database; which targets need an
+//! initial snapshot (see `daemon::snapshot`), and `steward reset --all`
+//! (drop and recreate the slot) when one was recorded.
 
 use anyhow::{bail, Context};
 
-use crate::config::Config;
+use crate::config::{Config, InitialSync};
 use crate::model::Lsn;
 use crate::pipeline::Pipeline;
 use crate::source::slot;
+use crate::source::snapshot::{self as source_snapshot, SnapshotReader};
 use crate::source::wire::{self, ReplicationClient, SnapshotAction};
 use crate::store::Store;
 
 pub struct Prepared {
     /// The lowest LSN a session may start from.
     pub start_floor: Lsn,
+    /// The snapshot exported by the slot created just now, imported.
+    pub initial_snapshot: Option<SnapshotReader>,
 }
+
+/// Meta key: `steward reset --all` was recorded while the daemon was stopped.
+pub const RESET_ALL_META: &str = "reset_all";
+/// Meta key prefix: the entities a target was last configured with.
+const SEEN_META: &str = "snapshot.seen:";
+/// Meta key: this state file tracks which targets were initialised.
+const TRACKING_META: &str = "snapshot.tracking";
 
 pub async fn prepare(
     config: &Config,
@@ -66,10 +78,51 @@ pub async fn prepare(
         }
     }
 
-    let checkpoint = store.checkpoint()?;
+    let reset_all = store.get_meta(RESET_ALL_META)?.as_deref() == Some("1");
+    if reset_all {
+        if let Some(info) = slot::slot_info(&sql, &source.slot).await? {
+            if info.active {
+                bail!(
+                    "steward reset --all must recreate the replication slot '{}', but it is in use (pid {:?}); \
+                     stop the other steward (or client) using it and start again",
+                    source.slot,
+                    info.active_pid
+                );
+            }
+            sql.execute("SELECT pg_drop_replication_slot($1)", &[&source.slot])
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot drop the replication slot '{}' for reset --all",
+                        source.slot
+                    )
+                })?;
+            tracing::warn!(slot = %source.slot, "reset --all: dropped the replication slot");
+        }
+        store.force_checkpoint(Lsn::ZERO)?;
+    }
+    let new_jobs = plan_initial_snapshots(config, store)?;
+
+    // A checkpoint of 0/0 means only snapshot rows were ever stored.
+    let checkpoint = store.checkpoint()?.filter(|c| *c > Lsn::ZERO);
+    let mut initial_snapshot = None;
     match slot::slot_info(&sql, &source.slot).await? {
         Some(info) => {
+            if info.wal_status.as_deref() == Some("lost") {
+                bail!(
+                    "{}",
+                    crate::daemon::snapshot::slot_advice(Some(true), Some("lost"), &source.slot)
+                        .unwrap_or_default()
+                );
+            }
             slot::check_slot_compatible(&info, &database)?;
+            if let Some(advice) = crate::daemon::snapshot::slot_advice(
+                Some(true),
+                info.wal_status.as_deref(),
+                &source.slot,
+            ) {
+                tracing::warn!("{advice}");
+            }
             tracing::info!(
                 slot = %source.slot,
                 confirmed_flush = ?info.confirmed_flush_lsn.map(|l| l.to_string()),
@@ -81,20 +134,83 @@ pub async fn prepare(
                 bail!(
                     "the replication slot '{}' no longer exists, but steward had streamed up to {checkpoint}: \
                      changes made since then may never reach the targets. Someone dropped the slot, or the \
-                     server was rebuilt. To start over, move the state file {} aside and restart steward \
-                     (targets then receive every change from the new slot onward)",
+                     server was rebuilt. To recover, run `steward reset --all -c FILE` (recreates the slot and \
+                     sends every target a fresh snapshot), or move the state file {} aside and restart steward \
+                     (targets then receive only changes from the new slot onward)",
                     source.slot,
                     store.path().display()
                 );
             }
+            let pending = store
+                .snapshot_jobs()?
+                .iter()
+                .any(|j| j.phase != crate::store::SnapshotPhase::Done);
+            let action = if pending {
+                SnapshotAction::Export
+            } else {
+                SnapshotAction::NoExport
+            };
             let created = replication
-                .create_logical_slot(&source.slot, SnapshotAction::NoExport)
+                .create_logical_slot(&source.slot, action)
                 .await?;
             tracing::info!(slot = %source.slot, consistent_point = %created.consistent_point, "created replication slot");
+            if let Some(name) = &created.snapshot_name {
+                // The replication connection must stay open until this import.
+                initial_snapshot = Some(
+                    source_snapshot::import(source, name, created.consistent_point)
+                        .await
+                        .context("cannot import the snapshot exported by the new slot")?,
+                );
+            }
         }
     }
     drop(replication);
+    if reset_all {
+        store.set_meta(RESET_ALL_META, "0")?;
+    }
+    if new_jobs > 0 {
+        tracing::info!(
+            jobs = new_jobs,
+            "initial snapshots planned for new targets and entities"
+        );
+    }
     Ok(Prepared {
         start_floor: Lsn::ZERO,
+        initial_snapshot,
     })
+}
+
+/// Records a pending snapshot job for every (target, entity) steward has not
+/// seen before, for targets with `initial = "snapshot"`. A state file written
+/// before this tracking existed counts its targets as initialised.
+fn plan_initial_snapshots(config: &Config, store: &Store) -> anyhow::Result<usize> {
+    let upgrading = store.get_meta(TRACKING_META)?.is_none()
+        && store.checkpoint()?.is_some_and(|c| c > Lsn::ZERO);
+    let mut planned = 0;
+    for target in &config.targets {
+        let key = format!("{SEEN_META}{}", target.name);
+        let seen: Vec<String> = match store.get_meta(&key)? {
+            Some(s) => s
+                .split(',')
+                .filter(|e| !e.is_empty())
+                .map(str::to_string)
+                .collect(),
+            None if upgrading => target.entities.clone(),
+            None => Vec::new(),
+        };
+        let new: Vec<String> = target
+            .entities
+            .iter()
+            .filter(|e| !seen.contains(e))
+            .cloned()
+            .collect();
+        if target.initial == InitialSync::Snapshot && !new.is_empty() {
+            store.begin_resync(&target.name, &new, false)?;
+            tracing::info!(target_name = %target.name, entities = ?new, "new target or entities: an initial snapshot will be sent");
+            planned += new.len();
+        }
+        store.set_meta(&key, &target.entities.join(","))?;
+    }
+    store.set_meta(TRACKING_META, "1")?;
+    Ok(planned)
 }

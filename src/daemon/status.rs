@@ -25,6 +25,9 @@ pub struct StatusFile {
     pub last_source_error: Option<String>,
     pub store_bytes: u64,
     pub targets: Vec<TargetStatusLine>,
+    /// Snapshot and resync progress per target and entity.
+    #[serde(default)]
+    pub snapshots: Vec<super::snapshot::SnapshotStatusLine>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,6 +88,7 @@ pub fn collect(config: &Config, store: &Store, state: &DaemonState) -> StatusFil
             .clone(),
         store_bytes: store.file_size(),
         targets,
+        snapshots: super::snapshot::status_lines(store),
     }
 }
 

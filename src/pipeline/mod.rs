@@ -11,6 +11,8 @@ pub mod govern;
 mod map;
 pub mod redact;
 pub mod reference;
+mod snapshot_row;
 
 pub use govern::Governor;
 pub use map::{Mapped, Pipeline, PipelineError};
+pub use snapshot_row::{snapshot_event, snapshot_id, snapshot_version};

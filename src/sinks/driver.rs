@@ -960,6 +960,7 @@ mod tests {
                 headers: Vec::new(),
                 extra: Default::default(),
             }),
+            initial: crate::config::InitialSync::Snapshot,
         }
     }
 

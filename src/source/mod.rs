@@ -3,5 +3,6 @@
 
 pub mod pgoutput;
 pub mod slot;
+pub mod snapshot;
 pub mod stream;
 pub mod wire;

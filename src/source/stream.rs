@@ -53,6 +53,10 @@ pub enum SourceError {
     Ended,
     #[error("unexpected pgoutput message at {lsn}: {what}")]
     Unexpected { lsn: Lsn, what: String },
+    #[error("the replication slot '{slot}' no longer exists (someone dropped it while steward ran): changes since steward's checkpoint may be lost. Stop steward, run `steward reset --all -c FILE` (recreates the slot and resends every target a snapshot), then start it")]
+    SlotDropped { slot: String },
+    #[error("the replication slot '{slot}' was invalidated: the server removed WAL it still needed (max_slot_wal_keep_size). Stop steward, run `steward reset --all -c FILE` (recreates the slot and resends every target a snapshot), then start it; consider a larger max_slot_wal_keep_size")]
+    SlotInvalidated { slot: String },
 }
 
 impl SourceError {
@@ -63,7 +67,10 @@ impl SourceError {
             // connection (after a crash it exits within moments).
             SourceError::Wire(e) => e.is_transient() || e.sqlstate() == Some("55006"),
             SourceError::Ended => true,
-            SourceError::Decode { .. } | SourceError::Unexpected { .. } => false,
+            SourceError::Decode { .. }
+            | SourceError::Unexpected { .. }
+            | SourceError::SlotDropped { .. }
+            | SourceError::SlotInvalidated { .. } => false,
         }
     }
 }
@@ -120,7 +127,8 @@ pub async fn run_session(
     ];
     let mut stream = client
         .start_logical_replication(&params.slot, params.start, &options)
-        .await?;
+        .await
+        .map_err(|e| slot_error(e, &params.slot))?;
     tracing::info!(slot = %params.slot, start = %params.start, "replication started");
 
     let mut tracker = FlushTracker {
@@ -199,6 +207,24 @@ pub async fn run_session(
                 send_status(&mut stream, tracker.written, flush, false).await?;
             }
         }
+    }
+}
+
+/// Names a missing (42704) or invalidated (55000 "can no longer get changes")
+/// slot instead of passing the server's terse message on.
+fn slot_error(e: WireError, slot: &str) -> SourceError {
+    match e.sqlstate() {
+        Some("42704") => SourceError::SlotDropped {
+            slot: slot.to_string(),
+        },
+        Some("55000")
+            if e.to_string().contains("invalidated") || e.to_string().contains("no longer") =>
+        {
+            SourceError::SlotInvalidated {
+                slot: slot.to_string(),
+            }
+        }
+        _ => SourceError::Wire(e),
     }
 }
 

@@ -36,12 +36,14 @@ mod dead_letter;
 mod error;
 pub mod governance;
 pub mod quarantine;
+mod snapshot_progress;
 mod tables;
 
 pub use dead_letter::{
     coalesce, key_of, DeadLetter, DeliveryCounts, DlqFilter, Failure, NewDeadLetter, Settlement,
 };
 pub use error::StoreError;
+pub use snapshot_progress::{SnapshotJob, SnapshotPhase, VersionCheck};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};

@@ -146,7 +146,7 @@ fields = {{ product_tmpl_id = "product_tmpl_id", qty = "product_qty", code = "co
                 .collect::<Vec<_>>()
                 .join(", ");
             text.push_str(&format!(
-                "\n[targets.{name}]\ntype = \"http\"\nurl = \"{url}\"\nentities = [{list}]\nbatch_linger_ms = 5\nretry_initial_ms = 50\nretry_max_ms = 500\ntimeout_ms = 2000\n"
+                "\n[targets.{name}]\ntype = \"http\"\nurl = \"{url}\"\nentities = [{list}]\ninitial = \"none\"\nbatch_linger_ms = 5\nretry_initial_ms = 50\nretry_max_ms = 500\ntimeout_ms = 2000\n"
             ));
         }
         text

@@ -387,6 +387,7 @@ mod tests {
             retry_max: Duration::from_secs(10),
             delivery: Default::default(),
             kind: TargetKind::Http(http.clone()),
+            initial: crate::config::InitialSync::Snapshot,
         };
         (target, http)
     }

@@ -1,0 +1,600 @@
+//! Initial snapshots and resynchronisation (`steward reset`), running in
+//! their own task while streaming to every target goes on.
+//!
+//! ## Ordering snapshot rows against streamed events
+//!
+//! Snapshot rows and streamed events go into the same per-target outbox, and
+//! per key a target must never get an older version after a newer one. A
+//! snapshot read at consistent point C contains exactly the transactions
+//! whose commit LSN is below C; its rows get version C − 1 (see
+//! `pipeline::snapshot_version`), so they are newer than everything they
+//! contain and older than every streamed transaction they do not contain.
+//!
+//! While a (target, entity) is being snapshotted its *window* is open: every
+//! append for it — streamed or snapshot — passes a per-key version map in the
+//! store (`store::snapshot_progress`) under one lock (the [`SnapshotGate`]),
+//! and an event older than the newest version already appended for its key
+//! is dropped:
+//!
+//! ```text
+//!  stream (commit order)  ── v=90 k=1 ── v=130 k=2 ──────────── v=95 k=3 ──▶
+//!                                 │            │                     │
+//!  snapshot at C=120 (v=119)  ────┼──── k=1 ───┼─ k=2 ── k=3 ────────┼──▶
+//!                                 ▼      ▼     ▼    ▼     ▼          ▼
+//!  version map / outbox:     k1:90 ✓  k1:119 ✓ k2:130 ✓ k2:119 ✗  k3:119 ✓  k3:95 ✗
+//! ```
+//!
+//! - A streamed change older than C (already in the snapshot) is dropped if
+//!   the snapshot row went first, and superseded by it otherwise.
+//! - A streamed change newer than C is kept; a snapshot row arriving after it
+//!   for the same key is dropped.
+//!
+//! The window opens before the snapshot's consistent point is known (at
+//! reset time, or at start-up before streaming begins) and closes once the
+//! job is done AND the stream's durable checkpoint has passed C: after that
+//! no change older than C can arrive any more, so the map is dropped and
+//! streaming pays nothing for it.
+//!
+//! The map update is written (not durably) before the append it admits and
+//! made durable by it. After a crash in between, the map may name a version
+//! whose event is missing: a streamed one is replayed by the server (its
+//! transaction was not confirmed) and passes again (equal versions pass); a
+//! snapshot chunk is read again from a newer snapshot, whose version is
+//! higher. So the map can only err towards admitting, never towards losing.
+//!
+//! ## Crashes mid-snapshot
+//!
+//! A job records, with each chunk appended, the key of its last row. An
+//! exported snapshot does not survive the exporting session, so a restarted
+//! job continues after that key in a NEW snapshot (a temporary slot at a
+//! later consistent point C2): rows already sent (version C − 1) are then
+//! brought up to date by the stream, which the window no longer drops for
+//! them (their map entry is C − 1 and the stream's changes since are newer),
+//! and rows read from C2 carry version C2 − 1.
+//!
+//! ## Requests from `steward reset`
+//!
+//! Against a running daemon, `steward reset` drops a JSON file into
+//! `<state path>.requests/`; this task picks it up within a second. Against
+//! a stopped one, the CLI records the jobs in the store itself.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::model::{Event, Lsn};
+use crate::pipeline::{snapshot_event, Pipeline};
+use crate::source::snapshot::{self as source_snapshot, SnapshotReader, TableRead};
+use crate::store::{SnapshotJob, SnapshotPhase, Store, VersionCheck};
+
+/// Rows per chunk (one store commit each); `STEWARD_SNAPSHOT_CHUNK_ROWS`
+/// overrides it (smaller chunks: less work repeated after a crash, more commits).
+pub const CHUNK_ROWS: usize = 10_000;
+
+fn chunk_rows() -> usize {
+    std::env::var("STEWARD_SNAPSHOT_CHUNK_ROWS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(CHUNK_ROWS)
+}
+/// Progress is logged at most this often per job.
+const LOG_EVERY: Duration = Duration::from_secs(5);
+/// How often the task looks for requests and closable windows.
+const POLL: Duration = Duration::from_millis(500);
+
+/// The (target, entity) pairs with an open window, behind the lock that
+/// serialises every filtered append. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct SnapshotGate {
+    windows: Arc<Mutex<HashSet<(String, String)>>>,
+}
+
+impl SnapshotGate {
+    /// The gate with the windows of the store's open jobs.
+    pub fn from_store(store: &Store) -> anyhow::Result<SnapshotGate> {
+        let gate = SnapshotGate::default();
+        {
+            let mut w = gate.lock();
+            for job in store.snapshot_jobs()? {
+                if job.window_open {
+                    w.insert((job.target, job.entity));
+                }
+            }
+        }
+        Ok(gate)
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, HashSet<(String, String)>> {
+        self.windows.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Drops the events of `batch` (target index, event) that an open window
+/// refuses. Call with the gate's guard held until the batch is committed.
+pub fn filter_batch(
+    windows: &HashSet<(String, String)>,
+    store: &Store,
+    target_names: &[String],
+    batch: Vec<(usize, Event)>,
+) -> anyhow::Result<Vec<(usize, Event)>> {
+    if windows.is_empty() {
+        return Ok(batch);
+    }
+    let windowed =
+        |t: usize, e: &Event| windows.contains(&(target_names[t].clone(), e.entity.clone()));
+    let checks: Vec<VersionCheck<'_>> = batch
+        .iter()
+        .filter(|(t, e)| windowed(*t, e))
+        .map(|(t, e)| VersionCheck {
+            target: &target_names[*t],
+            entity: &e.entity,
+            key: &e.key,
+            version: e.version,
+        })
+        .collect();
+    if checks.is_empty() {
+        return Ok(batch);
+    }
+    let admitted = store.admit_versions(&checks)?;
+    drop(checks);
+    let mut verdicts = admitted.into_iter();
+    let mut dropped = 0usize;
+    let kept: Vec<(usize, Event)> = batch
+        .into_iter()
+        .filter(|(t, e)| {
+            if !windowed(*t, e) {
+                return true;
+            }
+            let keep = verdicts.next().unwrap_or(true);
+            dropped += usize::from(!keep);
+            keep
+        })
+        .collect();
+    if dropped > 0 {
+        tracing::debug!(
+            dropped,
+            "streamed events older than a snapshot row already queued were dropped"
+        );
+    }
+    Ok(kept)
+}
+
+/// A `steward reset` request file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResetRequest {
+    pub target: String,
+    /// Empty: every entity of the target.
+    #[serde(default)]
+    pub entities: Vec<String>,
+}
+
+/// Where `steward reset` drops requests for a running daemon.
+pub fn requests_dir(config: &Config) -> PathBuf {
+    let mut name = config
+        .state
+        .path
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
+    name.push(".requests");
+    config.state.path.with_file_name(name)
+}
+
+/// Checks a request against the configuration; returns the entities to resync.
+pub fn resolve_request(config: &Config, request: &ResetRequest) -> anyhow::Result<Vec<String>> {
+    let Some(target) = config.target(&request.target) else {
+        anyhow::bail!(
+            "unknown target '{}'; configured targets: {}",
+            request.target,
+            config
+                .targets
+                .iter()
+                .map(|t| t.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    };
+    if request.entities.is_empty() {
+        return Ok(target.entities.clone());
+    }
+    for e in &request.entities {
+        if !target.entities.contains(e) {
+            anyhow::bail!(
+                "target '{}' does not receive entity '{e}'; it receives: {}",
+                target.name,
+                target.entities.join(", ")
+            );
+        }
+    }
+    Ok(request.entities.clone())
+}
+
+/// Starts a resync under the gate: outbox rows of those entities dropped,
+/// jobs pending, windows open.
+pub fn begin_resync(
+    gate: &SnapshotGate,
+    store: &Store,
+    target: &str,
+    entities: &[String],
+) -> anyhow::Result<()> {
+    let mut windows = gate.lock();
+    let jobs = store.begin_resync(target, entities, true)?;
+    for job in jobs {
+        windows.insert((job.target, job.entity));
+    }
+    Ok(())
+}
+
+pub struct Worker {
+    pub config: Config,
+    pub store: Store,
+    pub gate: SnapshotGate,
+    pub wakers: HashMap<String, Arc<watch::Sender<u64>>>,
+    pub durable: watch::Receiver<Lsn>,
+    /// The snapshot exported when the slot was created, if it was just now.
+    pub initial: Option<SnapshotReader>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Worker {
+    pub async fn run(mut self) {
+        let mut attempt = 0u32;
+        loop {
+            if *self.shutdown.borrow() {
+                return;
+            }
+            if let Err(e) = self.take_requests() {
+                tracing::error!(error = %format!("{e:#}"), "cannot apply a reset request");
+            }
+            match self.round().await {
+                Ok(true) => attempt = 0,
+                Ok(false) => {
+                    let mut shutdown = self.shutdown.clone();
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        _ = tokio::time::sleep(POLL) => {}
+                    }
+                }
+                Err(e) => {
+                    let delay = crate::source::stream::reconnect_delay(attempt);
+                    attempt += 1;
+                    tracing::warn!(error = %format!("{e:#}"), retry_in = ?delay, "snapshot interrupted; it resumes from its last chunk");
+                    let mut shutdown = self.shutdown.clone();
+                    tokio::select! {
+                        _ = shutdown.changed() => return,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Jobs of configured targets and entities only (a removed target's job waits).
+    fn jobs(&self) -> anyhow::Result<Vec<SnapshotJob>> {
+        let jobs = block(|| self.store.snapshot_jobs())?;
+        Ok(jobs
+            .into_iter()
+            .filter(|j| {
+                self.config
+                    .target(&j.target)
+                    .is_some_and(|t| t.entities.contains(&j.entity))
+            })
+            .collect())
+    }
+
+    /// One pass: close finished windows, run pending jobs. Ok(true) when work was done.
+    async fn round(&mut self) -> anyhow::Result<bool> {
+        let jobs = self.jobs()?;
+        let durable = *self.durable.borrow();
+        for job in &jobs {
+            if job.window_open && job.phase == SnapshotPhase::Done && durable.0 >= job.window_until
+            {
+                let mut windows = self.gate.lock();
+                block(|| self.store.close_snapshot_window(job))?;
+                windows.remove(&(job.target.clone(), job.entity.clone()));
+                tracing::info!(target_name = %job.target, entity = %job.entity, "snapshot complete; the stream has passed its consistent point");
+            }
+        }
+        let active: Vec<SnapshotJob> = jobs
+            .into_iter()
+            .filter(|j| j.phase != SnapshotPhase::Done)
+            .collect();
+        if active.is_empty() {
+            // An unused initial snapshot (every target has initial = "none").
+            self.initial = None;
+            return Ok(false);
+        }
+        let reader = match self.initial.take() {
+            Some(r) => r,
+            None => source_snapshot::open_temporary(&self.config.source)
+                .await
+                .context(
+                    "cannot take a consistent snapshot through a temporary replication slot",
+                )?,
+        };
+        tracing::info!(consistent_point = %reader.consistent, jobs = active.len(), "snapshot started");
+        for job in active {
+            if *self.shutdown.borrow() {
+                return Ok(true);
+            }
+            let (target, entity) = (job.target.clone(), job.entity.clone());
+            if let Err(e) = self.run_job(&reader, job).await {
+                // Shown by `steward status` until the job makes progress again.
+                let message = format!("{e:#}");
+                let mut jobs = block(|| self.store.snapshot_jobs())?;
+                jobs.retain(|j| j.target == target && j.entity == entity);
+                for j in &mut jobs {
+                    j.last_error = Some(message.clone());
+                }
+                block(|| self.store.put_snapshot_jobs(&jobs))?;
+                return Err(e);
+            }
+        }
+        Ok(true)
+    }
+
+    async fn run_job(&self, reader: &SnapshotReader, mut job: SnapshotJob) -> anyhow::Result<()> {
+        let config = &self.config;
+        let Some(entity_index) = config.entities.iter().position(|e| e.name == job.entity) else {
+            return Ok(());
+        };
+        let entity = &config.entities[entity_index];
+        let read = table_read(config, entity_index);
+        let relation = reader.relation(&read, 1).await?;
+        let mut pipeline = Pipeline::new(config);
+        if let Err(e) = pipeline.on_relation(&relation) {
+            job.last_error = Some(e.to_string());
+            block(|| self.store.put_snapshot_jobs(std::slice::from_ref(&job)))?;
+            return Err(e.into());
+        }
+        let key_positions: Vec<usize> = entity
+            .key
+            .iter()
+            .filter_map(|k| relation.columns.iter().position(|c| &c.name == k))
+            .collect();
+
+        let consistent = reader.consistent;
+        if job.segments == 0 || job.rows_total == 0 {
+            job.rows_total = reader.estimate_rows(&read).await?;
+        }
+        job.phase = SnapshotPhase::Running;
+        job.consistent_lsn = Some(consistent.0);
+        job.window_until = job.window_until.max(consistent.0);
+        job.segments += 1;
+        job.last_error = None;
+        let now = || chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        job.started_at.get_or_insert_with(now);
+        block(|| self.store.put_snapshot_jobs(std::slice::from_ref(&job)))?;
+        tracing::info!(
+            target_name = %job.target, entity = %job.entity, consistent_point = %consistent,
+            resume_after = ?job.last_key, estimate = job.rows_total, "snapshot of entity started"
+        );
+
+        let started = Instant::now();
+        let rows_at_start = job.rows_done;
+        let mut last_log = Instant::now();
+        let time = now();
+        let chunk = chunk_rows();
+        loop {
+            if *self.shutdown.borrow() {
+                return Ok(());
+            }
+            let rows = reader
+                .read_chunk(&read, &relation, job.last_key.as_deref(), chunk)
+                .await?;
+            job.rows_read += rows.len() as u64;
+            let Some(last) = rows.last() else {
+                break;
+            };
+            let last_key: Vec<String> = key_positions
+                .iter()
+                .map(|&i| last.get(i).cloned().flatten().unwrap_or_default())
+                .collect();
+            let mut events = Vec::with_capacity(rows.len());
+            for row in &rows {
+                if let Some(e) =
+                    snapshot_event(&pipeline, relation.id, entity_index, row, consistent, &time)?
+                {
+                    events.push(e);
+                }
+            }
+            let appended = block(|| {
+                let _windows = self.gate.lock();
+                let checks: Vec<VersionCheck<'_>> = events
+                    .iter()
+                    .map(|e| VersionCheck {
+                        target: &job.target,
+                        entity: &e.entity,
+                        key: &e.key,
+                        version: e.version,
+                    })
+                    .collect();
+                let admitted = self.store.admit_versions(&checks)?;
+                let appends: Vec<(&str, &Event)> = events
+                    .iter()
+                    .zip(admitted)
+                    .filter(|(_, ok)| *ok)
+                    .map(|(e, _)| (job.target.as_str(), e))
+                    .collect();
+                // Lsn::ZERO: a snapshot chunk never moves the stream's checkpoint.
+                self.store.commit(Lsn::ZERO, &appends)
+            })?;
+            for (target, seq) in appended {
+                if let Some(w) = self.wakers.get(&target) {
+                    w.send_replace(seq);
+                }
+            }
+            let n = rows.len();
+            job.rows_done += n as u64;
+            job.last_key = Some(last_key);
+            block(|| self.store.put_snapshot_jobs(std::slice::from_ref(&job)))?;
+            metrics::counter!("steward_snapshot_rows_total", "target" => job.target.clone())
+                .increment(n as u64);
+            if last_log.elapsed() >= LOG_EVERY {
+                last_log = Instant::now();
+                let rate = (job.rows_done - rows_at_start) as f64
+                    / started.elapsed().as_secs_f64().max(1e-3);
+                tracing::info!(
+                    target_name = %job.target, entity = %job.entity, rows = job.rows_done,
+                    estimate = job.rows_total, rows_per_s = rate as u64, "snapshot progress"
+                );
+            }
+            if n < chunk {
+                break;
+            }
+        }
+        job.phase = SnapshotPhase::Done;
+        job.finished_at = Some(now());
+        block(|| self.store.put_snapshot_jobs(std::slice::from_ref(&job)))?;
+        let secs = started.elapsed().as_secs_f64();
+        tracing::info!(
+            target_name = %job.target, entity = %job.entity, rows = job.rows_done,
+            seconds = format!("{secs:.1}"),
+            rows_per_s = ((job.rows_done - rows_at_start) as f64 / secs.max(1e-3)) as u64,
+            "snapshot of entity finished"
+        );
+        Ok(())
+    }
+
+    /// Applies every request file in the requests directory.
+    fn take_requests(&self) -> anyhow::Result<()> {
+        let dir = requests_dir(&self.config);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(());
+        };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("reset-") && n.ends_with(".json"))
+            })
+            .collect();
+        files.sort();
+        for file in files {
+            let outcome = std::fs::read(&file)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| serde_json::from_slice::<ResetRequest>(&b).map_err(Into::into))
+                .and_then(|r| resolve_request(&self.config, &r).map(|e| (r, e)))
+                .and_then(|(r, entities)| {
+                    block(|| begin_resync(&self.gate, &self.store, &r.target, &entities))?;
+                    tracing::info!(target_name = %r.target, ?entities, "reset requested: resynchronising");
+                    Ok(())
+                });
+            if let Err(e) = &outcome {
+                let _ = std::fs::write(file.with_extension("error"), format!("{e:#}"));
+                tracing::error!(file = %file.display(), error = %format!("{e:#}"), "rejected a reset request");
+            }
+            let _ = std::fs::remove_file(&file);
+        }
+        Ok(())
+    }
+}
+
+/// What to read for entity `index`: its key, then every column any entity
+/// of the same table maps (the pipeline plans them all from one relation).
+pub fn table_read(config: &Config, index: usize) -> TableRead {
+    let entity = &config.entities[index];
+    let mut columns: Vec<String> = entity.key.clone();
+    for other in config
+        .entities
+        .iter()
+        .filter(|e| e.schema == entity.schema && e.table == entity.table)
+    {
+        let names = other
+            .key
+            .iter()
+            .cloned()
+            .chain(other.fields.iter().flat_map(|f| {
+                std::iter::once(f.source.column.clone())
+                    .chain(f.fallback.as_ref().map(|s| s.column.clone()))
+            }));
+        for name in names {
+            if !columns.contains(&name) {
+                columns.push(name);
+            }
+        }
+    }
+    TableRead {
+        schema: entity.schema.clone(),
+        table: entity.table.clone(),
+        key: entity.key.clone(),
+        columns,
+    }
+}
+
+fn block<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+/// Status lines for the status file and `steward status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SnapshotStatusLine {
+    pub target: String,
+    pub entity: String,
+    pub phase: SnapshotPhase,
+    pub rows_done: u64,
+    pub rows_total_estimate: u64,
+    pub rows_read: u64,
+    pub segments: u32,
+    pub consistent_lsn: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub last_error: Option<String>,
+}
+
+impl From<&SnapshotJob> for SnapshotStatusLine {
+    fn from(j: &SnapshotJob) -> Self {
+        SnapshotStatusLine {
+            target: j.target.clone(),
+            entity: j.entity.clone(),
+            phase: j.phase,
+            rows_done: j.rows_done,
+            rows_total_estimate: j.rows_total,
+            rows_read: j.rows_read,
+            segments: j.segments,
+            consistent_lsn: j.consistent_lsn.map(|l| Lsn(l).to_string()),
+            started_at: j.started_at.clone(),
+            finished_at: j.finished_at.clone(),
+            last_error: j.last_error.clone(),
+        }
+    }
+}
+
+pub fn status_lines(store: &Store) -> Vec<SnapshotStatusLine> {
+    store
+        .snapshot_jobs()
+        .map(|jobs| jobs.iter().map(SnapshotStatusLine::from).collect())
+        .unwrap_or_default()
+}
+
+/// What to tell the operator about the slot's state, if anything is wrong.
+pub fn slot_advice(exists: Option<bool>, wal_status: Option<&str>, slot: &str) -> Option<String> {
+    match (exists, wal_status) {
+        (Some(false), _) => Some(format!(
+            "slot '{slot}' is missing: if steward had streamed before, changes may be lost; \
+             stop steward and run `steward reset --all -c FILE`, then start it"
+        )),
+        (_, Some("lost")) => Some(format!(
+            "slot '{slot}' is invalidated (wal_status lost): the server removed WAL it still needed; \
+             stop steward and run `steward reset --all -c FILE`, then start it"
+        )),
+        (_, Some("unreserved")) => Some(format!(
+            "slot '{slot}' is at risk (wal_status unreserved): it is behind max_slot_wal_keep_size \
+             and will be invalidated at the next checkpoint unless steward catches up; make sure \
+             steward runs and the targets accept events, or raise max_slot_wal_keep_size"
+        )),
+        (_, Some("extended")) => Some(format!(
+            "slot '{slot}' retains more WAL than max_wal_size (wal_status extended); steward is \
+             lagging: check the daemon and its targets"
+        )),
+        _ => None,
+    }
+}
