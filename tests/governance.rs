@@ -51,7 +51,7 @@ audit_retention_days = 30
 
 fn target(name: &str, url: &str, entities: &str, extra: &str) -> String {
     format!(
-        "\n[targets.{name}]\ntype = \"http\"\nurl = \"{url}\"\nentities = [{entities}]\nbatch_linger_ms = 5\nretry_initial_ms = 50\nretry_max_ms = 500\n{extra}\n"
+        "\n[targets.{name}]\ntype = \"http\"\nurl = \"{url}\"\nentities = [{entities}]\nbatch_linger_ms = 5\nretry_initial_ms = 50\nretry_max_ms = 500\ninitial = \"none\"\n{extra}\n"
     )
 }
 
