@@ -280,25 +280,52 @@ fn workload_sql(i: u32) -> String {
     sql
 }
 
+/// The crash suite, short: CI runs it on every change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_nothing() {
+    let steps = env_or("STEWARD_KILL9_STEPS", 300);
+    let kills = env_or("STEWARD_KILL9_KILLS", 6);
+    kill9_suite(steps, kills).await;
+}
+
+/// The crash suite, long: `cargo test --release --test pipeline -- --ignored kill_9 --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: 5,000 transactions and 200 kills"]
+async fn kill_9_two_hundred_times_loses_nothing() {
+    kill9_suite(
+        env_or("STEWARD_KILL9_STEPS", 5000),
+        env_or("STEWARD_KILL9_KILLS", 200),
+    )
+    .await;
+}
+
+fn env_or(name: &str, default: u32) -> u32 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Mixed Odoo workload over four master tables plus noise, SIGKILL at random
+/// instants, two targets (HTTP and PostgreSQL). Afterwards every change was
+/// delivered at least once, no id ever carried different content, and both
+/// targets' final state equals the database.
+async fn kill9_suite(steps: u32, kills: u32) {
     let db = TestDb::new("kill9");
     let wms = Receiver::start().await.unwrap();
-    let config = db.write_config(&db.config_text(&[(
+    let mut text = db.config_text(&[(
         "wms",
         &wms.url(),
         &["product", "partner", "uom", "workcenter"],
-    )]));
+    )]);
+    text.push_str(&format!(
+        "\n[targets.mirror]\ntype = \"postgres\"\nurl = \"{}\"\nentities = [\"product\", \"partner\"]\n\
+         table_prefix = \"mirror_\"\ncreate_tables = true\ninitial = \"none\"\nbatch_linger_ms = 5\nretry_initial_ms = 50\nretry_max_ms = 500\n",
+        db.url()
+    ));
+    let config = db.write_config(&text);
     let log = db.dir.path().join("steward.log");
 
-    let steps: u32 = std::env::var("STEWARD_KILL9_STEPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300);
-    let kills: u32 = std::env::var("STEWARD_KILL9_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(6);
     let mut child = Some(support::Child::run(&config, &log));
     wait_streaming(&db).await;
 
@@ -333,13 +360,26 @@ async fn kill_9_at_random_moments_loses_nothing() {
     )
     .await;
     let mut last = usize::MAX;
-    wait_until("deliveries settle", Duration::from_secs(60), || {
-        let n = wms.accepted_count();
-        let settled = n == last;
-        last = n;
-        std::thread::sleep(Duration::from_millis(500));
-        settled
-    })
+    wait_until(
+        "every target's backlog drains and deliveries settle",
+        Duration::from_secs(120),
+        || {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
+                .args(["status", "--json", "-c"])
+                .arg(&config)
+                .output()
+                .expect("steward status");
+            let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+            let drained = report["targets"].as_array().is_some_and(|targets| {
+                targets.len() == 2 && targets.iter().all(|t| t["backlog"] == 0)
+            });
+            let n = wms.accepted_count();
+            let settled = drained && n == last;
+            last = n;
+            std::thread::sleep(Duration::from_millis(500));
+            settled
+        },
+    )
     .await;
     let status = child.take().unwrap().terminate();
     assert!(status.success(), "steward exits 0 on SIGTERM");
@@ -419,8 +459,48 @@ async fn kill_9_at_random_moments_loses_nothing() {
         delivered_partners, partners,
         "partners at the target equal the database"
     );
+    // The PostgreSQL target holds the same final state.
+    let mirrored: std::collections::BTreeMap<String, String> = client
+        .query(
+            "SELECT _key, price::text FROM mirror_product WHERE NOT _deleted",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for row in client
+        .query(
+            "SELECT id::text, list_price::text FROM product_template WHERE id BETWEEN 1 AND 7",
+            &[],
+        )
+        .await
+        .unwrap()
+    {
+        let id: String = row.get(0);
+        assert_eq!(
+            mirrored.get(&id),
+            Some(&row.get::<_, String>(1)),
+            "mirror_product {id} price"
+        );
+    }
+    let mirrored_partners: BTreeSet<String> = client
+        .query(
+            "SELECT _key FROM mirror_partner WHERE NOT _deleted AND _key::int >= 50000",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        mirrored_partners, partners,
+        "partners in the PostgreSQL target equal the database"
+    );
     println!(
-        "kill -9 suite: {steps} transactions, {kills} kills, {} events delivered, {} unique ids, {duplicates} redeliveries",
+        "kill -9 suite: {steps} transactions, {kills} kills, {} events delivered over HTTP, {} unique ids, {duplicates} redeliveries; PostgreSQL target equal",
         events.len(),
         by_id.len()
     );
@@ -746,4 +826,74 @@ async fn verify_full_tls_streams_and_an_untrusted_certificate_is_refused() {
         result.expect_err("an untrusted certificate must be refused")
     );
     assert!(message.to_lowercase().contains("certificate"), "{message}");
+}
+
+/// Peak resident set size of a running process, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// One transaction updating many rows must not be held in memory whole.
+/// `STEWARD_BIG_TXN_ROWS=1000000 cargo test --release --test pipeline big -- --nocapture` for the 1M-row figure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_big_transaction_passes_with_bounded_memory() {
+    let rows: u64 = std::env::var("STEWARD_BIG_TXN_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200_000);
+    let db = TestDb::new("big_txn");
+    db.sql(&format!(
+        "INSERT INTO product_template (id, categ_id, uom_id, uom_po_id, detailed_type, type, default_code, name, list_price, active, tracking, purchase_line_warn, sale_line_warn) \
+         SELECT 100000 + g, 1, 1, 1, 'product', 'product', 'B-' || g, jsonb_build_object('en_US', 'Bulk product ' || g), g, true, 'none', 'no-message', 'no-message' \
+         FROM generate_series(1, 1000) g"
+    ));
+    let wms = Receiver::start_counting().await.unwrap();
+    let text = db
+        .config_text(&[("wms", &wms.url(), &["product"])])
+        .replace(
+            "commit_max_delay_ms = 5",
+            "commit_max_delay_ms = 5\ncommit_max_events = 5000",
+        )
+        .replace(
+            "batch_linger_ms = 5",
+            "batch_linger_ms = 5\nbatch_max_events = 2000",
+        );
+    let config = db.write_config(&text);
+    let log = db.dir.path().join("steward.log");
+    let child = support::Child::run(&config, &log);
+    wait_streaming(&db).await;
+    let started = std::time::Instant::now();
+    // Each key is changed many times within the one transaction, so what
+    // grows with the transaction (not with the number of records) shows.
+    let keys = rows.min(1000);
+    let rounds = rows / keys;
+    db.sql(&format!(
+        "DO $$ BEGIN FOR i IN 1..{rounds} LOOP \
+         UPDATE product_template SET list_price = list_price + 1 WHERE id BETWEEN 100001 AND {last}; \
+         END LOOP; END $$",
+        last = 100_000 + keys
+    ));
+    let delivered = wms
+        .wait_for_events(rows as usize, Duration::from_secs(900))
+        .await;
+    let elapsed = started.elapsed();
+    let peak_mib = peak_rss_kib(child.child.id()) as f64 / 1024.0;
+    assert!(child.terminate().success());
+    assert_eq!(
+        delivered, rows as usize,
+        "every row of the transaction delivered"
+    );
+    println!("one transaction of {rows} updates: delivered in {elapsed:.1?}, steward peak RSS {peak_mib:.1} MiB");
+    assert!(
+        peak_mib < 160.0,
+        "peak RSS {peak_mib:.1} MiB: the transaction was held in memory"
+    );
 }

@@ -405,6 +405,18 @@ async fn consume(
                         &txn.time,
                         &mut txn.mapped,
                     )?;
+                    if txn.mapped.len() >= committer.max_events {
+                        // A huge transaction (a mass price update, an import):
+                        // store what it produced so far instead of holding it
+                        // in memory. The checkpoint does not move until its
+                        // commit, so after a crash the server sends the whole
+                        // transaction again and the stored part is re-sent
+                        // with the same event ids, which targets de-duplicate.
+                        committer.note_received(pipeline, &txn.mapped);
+                        let mapped = std::mem::take(&mut txn.mapped);
+                        let events = governor.process(mapped, txn.final_lsn, &txn.time);
+                        committer.add_partial(events, governor.take_delta())?;
+                    }
                 }
             }
             SourceEvent::Truncate { relation_ids } => {
@@ -492,6 +504,20 @@ impl Committer {
         self.batch.extend(events);
         self.delta.append(delta);
         self.batch_end = Some(self.batch_end.map_or(end_lsn, |b| b.max(end_lsn)));
+        self.batch_started.get_or_insert_with(Instant::now);
+        if self.batch.len() >= self.max_events {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Events of a transaction still open: stored with the batch, but the
+    /// checkpoint stays where the complete transactions put it.
+    fn add_partial(&mut self, events: Vec<(usize, Event)>, delta: GovDelta) -> anyhow::Result<()> {
+        self.batch.extend(events);
+        self.delta.append(delta);
+        let durable = self.durable();
+        self.batch_end.get_or_insert(durable);
         self.batch_started.get_or_insert_with(Instant::now);
         if self.batch.len() >= self.max_events {
             self.flush()?;
