@@ -850,11 +850,11 @@ async fn a_big_transaction_passes_with_bounded_memory() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200_000);
     let db = TestDb::new("big_txn");
-    db.sql(&format!(
+    db.sql(
         "INSERT INTO product_template (id, categ_id, uom_id, uom_po_id, detailed_type, type, default_code, name, list_price, active, tracking, purchase_line_warn, sale_line_warn) \
          SELECT 100000 + g, 1, 1, 1, 'product', 'product', 'B-' || g, jsonb_build_object('en_US', 'Bulk product ' || g), g, true, 'none', 'no-message', 'no-message' \
-         FROM generate_series(1, 1000) g"
-    ));
+         FROM generate_series(1, 1000) g",
+    );
     let wms = Receiver::start_counting().await.unwrap();
     let text = db
         .config_text(&[("wms", &wms.url(), &["product"])])
