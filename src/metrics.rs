@@ -103,7 +103,7 @@ fn describe() {
     );
     describe_counter!(
         EVENTS_FILTERED,
-        "Events dropped before any outbox (no target, or skipped by a gate), per entity"
+        "Changes kept from targets, per entity: no target takes the entity, or governance gated, did not route, suppressed (no-op) or quarantined them"
     );
     describe_counter!(EVENTS_STORED, "Events written to target outboxes");
     describe_counter!(DEAD_LETTERS, "Events moved to a target's dead-letter queue");

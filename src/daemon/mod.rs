@@ -37,7 +37,7 @@ use crate::pipeline::{Governor, Mapped, Pipeline};
 use crate::sinks::{self, driver};
 use crate::source::stream::{self, SessionParams, SourceError, SourceEvent};
 use crate::source::wire::ReplicationClient;
-use crate::store::governance::GovDelta;
+use crate::store::governance::{GovDelta, GovOp};
 use crate::store::Store;
 
 /// Messages buffered between the source task and the daemon loop: enough to
@@ -501,6 +501,7 @@ impl Committer {
             self.advance(end_lsn);
             return Ok(());
         }
+        Self::count_filtered(&delta);
         self.batch.extend(events);
         self.delta.append(delta);
         self.batch_end = Some(self.batch_end.map_or(end_lsn, |b| b.max(end_lsn)));
@@ -511,9 +512,24 @@ impl Committer {
         Ok(())
     }
 
+    /// Governance decisions that keep a record from a target count as filtered.
+    fn count_filtered(delta: &GovDelta) {
+        for op in &delta.ops {
+            if let GovOp::Audit(record) = op {
+                if matches!(
+                    record.decision.as_str(),
+                    "gated" | "not_routed" | "suppressed" | "quarantined"
+                ) {
+                    metrics::counter!(crate::metrics::EVENTS_FILTERED, "entity" => record.entity.clone()).increment(1);
+                }
+            }
+        }
+    }
+
     /// Events of a transaction still open: stored with the batch, but the
     /// checkpoint stays where the complete transactions put it.
     fn add_partial(&mut self, events: Vec<(usize, Event)>, delta: GovDelta) -> anyhow::Result<()> {
+        Self::count_filtered(&delta);
         self.batch.extend(events);
         self.delta.append(delta);
         let durable = self.durable();
