@@ -42,7 +42,7 @@ use crate::store::Store;
 
 /// Messages buffered between the source task and the daemon loop: enough to
 /// keep both cores busy, small enough to bound memory (events are small).
-const SOURCE_CHANNEL_CAPACITY: usize = 8192;
+const SOURCE_CHANNEL_CAPACITY: usize = 2048;
 
 /// How often a commit the store refused (disk full) is retried.
 const STORE_RETRY_INTERVAL: Duration = Duration::from_secs(1);

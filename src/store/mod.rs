@@ -61,7 +61,7 @@ use tables::{
 /// redb's page cache. Its default (1 GiB) is far more than steward's access
 /// pattern needs: appends touch the tail of each outbox and drivers read near
 /// its head, so a modest cache keeps memory bounded without slowing commits.
-const CACHE_BYTES: usize = 64 * 1024 * 1024;
+const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 /// See the module documentation: how many non-durable commits may pile up
 /// before one is made durable so redb can reuse freed pages.
