@@ -128,6 +128,141 @@ fn main() {
         }
         runtime.block_on(run_workload(&cluster, w, rows, target));
     }
+    if filter.is_empty() || filter.iter().any(|f| f == "LATENCY") {
+        runtime.block_on(run_latency(&cluster));
+    }
+}
+
+/// Commit → ack latency at a fixed 2,000 events/s: 20 transactions of 100
+/// product updates per second for `STEWARD_BENCH_LATENCY_SECS` (default 20)
+/// into a local HTTP receiver. Latency is the receiver's arrival time minus
+/// the event's commit time (the same machine's clock).
+async fn run_latency(cluster: &DevCluster) {
+    const TXNS_PER_SEC: u64 = 20;
+    const ROWS_PER_TXN_LATENCY: u64 = 100;
+    let secs: u64 = std::env::var("STEWARD_BENCH_LATENCY_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let db = "bench_latency";
+    cluster.create_database(db).expect("create database");
+    cluster.load_odoo_fixture(db).expect("fixture");
+    cluster
+        .psql(db, &(WORKLOADS[0].txn)(0, ROWS_PER_TXN_LATENCY))
+        .expect("rows to update");
+    let receiver = Receiver::start().await.expect("receiver");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("steward.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[source]
+url = "{url}"
+slot = "steward_latency"
+publication = "steward_latency"
+[state]
+path = "{state}"
+[entities.product]
+table = "product_template"
+fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom_id = "uom_id", active = "active" }}
+[targets.bench]
+type = "http"
+url = "{target}"
+entities = ["product"]
+initial = "none"
+batch_linger_ms = 5
+"#,
+            url = cluster.url(db),
+            state = dir.path().join("steward.redb").display(),
+            target = receiver.url()
+        ),
+    )
+    .expect("config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_steward"))
+        .args(["run", "-c"])
+        .arg(&config)
+        .stderr(Stdio::from(
+            std::fs::File::create(dir.path().join("steward.log")).expect("log"),
+        ))
+        .spawn()
+        .expect("spawn steward");
+    loop {
+        let out = cluster
+            .psql(db, "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' AND application_name = 'steward'")
+            .unwrap_or_default();
+        if out.trim() == "1" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (client, connection) = tokio_postgres::connect(&cluster.url(db), tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    // Arrival instants are monotonic; anchor them to the wall clock once.
+    let anchor = (Instant::now(), std::time::SystemTime::now());
+    let mut tick = tokio::time::interval(Duration::from_millis(1000 / TXNS_PER_SEC));
+    let total = secs * TXNS_PER_SEC * ROWS_PER_TXN_LATENCY;
+    for _ in 0..secs * TXNS_PER_SEC {
+        tick.tick().await;
+        client
+            .batch_execute(&format!(
+                "UPDATE product_template SET list_price = list_price + 1 WHERE id BETWEEN 100000 AND {}",
+                100_000 + ROWS_PER_TXN_LATENCY - 1
+            ))
+            .await
+            .expect("update");
+    }
+    let delivered = receiver
+        .wait_for_events(total as usize, Duration::from_secs(120))
+        .await;
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = child.wait();
+    let mut latencies: Vec<f64> = Vec::with_capacity(delivered);
+    for request in receiver
+        .requests()
+        .iter()
+        .filter(|r| (200..300).contains(&r.status))
+    {
+        let arrival = anchor.1 + request.at.saturating_duration_since(anchor.0);
+        let arrival = chrono::DateTime::<chrono::Utc>::from(arrival);
+        let Ok(events) = serde_json::from_slice::<Vec<serde_json::Value>>(&request.body) else {
+            continue;
+        };
+        for event in events {
+            if let Some(time) = event["time"]
+                .as_str()
+                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            {
+                latencies.push(
+                    (arrival - time.with_timezone(&chrono::Utc))
+                        .num_microseconds()
+                        .unwrap_or(0) as f64
+                        / 1000.0,
+                );
+            }
+        }
+    }
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    println!();
+    println!(
+        "commit → ack latency at {} events/s for {secs} s: {} events, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        TXNS_PER_SEC * ROWS_PER_TXN_LATENCY,
+        latencies.len(),
+        pct(0.50),
+        pct(0.99),
+        latencies.last().copied().unwrap_or(f64::NAN)
+    );
+    let _ = cluster.psql("postgres", &format!("DROP DATABASE {db} WITH (FORCE)"));
 }
 
 async fn run_workload(cluster: &DevCluster, w: &Workload, rows: u64, target: TargetType) {
