@@ -339,6 +339,8 @@ async fn consume(
                 biased;
                 _ = shutdown.changed() => return Ok(Consumed::Shutdown),
                 _ = tokio::time::sleep(STORE_RETRY_INTERVAL) => {
+                    // Waiting for disk space is not a hang: keep the watchdog fed.
+                    committer.state.health.note_loop_alive();
                     committer.flush()?;
                     continue;
                 }
