@@ -900,3 +900,37 @@ async fn a_big_transaction_passes_with_bounded_memory() {
         "peak RSS {peak_mib:.1} MiB: the transaction was held in memory"
     );
 }
+
+/// An update that leaves a TOASTed mapped column unchanged: pgoutput sends it
+/// as "unchanged", and the target must still get the real value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_toasted_column_left_unchanged_is_delivered_with_its_real_value() {
+    let db = TestDb::new("toast");
+    // 32 kB of incompressible-ish text: stored out of line (TOASTed).
+    db.sql(
+        "UPDATE product_template SET description = jsonb_build_object('en_US', \
+         (SELECT string_agg(md5(g::text), '') FROM generate_series(1, 1000) g)) WHERE id = 8",
+    );
+    let wms = Receiver::start().await.unwrap();
+    let text = db
+        .config_text(&[("wms", &wms.url(), &["product"])])
+        .replace(
+            "price = \"list_price\",",
+            "price = \"list_price\", description = \"description.en_US\",",
+        );
+    let daemon = InProcess::start(db.config(&text));
+    wait_streaming(&db).await;
+    db.sql("UPDATE product_template SET list_price = 1234.5 WHERE id = 8");
+    assert_eq!(wms.wait_for_events(1, WAIT).await, 1);
+    let event = &wms.accepted_events()[0];
+    assert_eq!(event["data"]["price"].to_string(), "1234.5");
+    let description = event["data"]["description"]
+        .as_str()
+        .expect("the real description, not null");
+    assert_eq!(description.len(), 32_000, "the whole TOASTed value");
+    assert!(
+        description.starts_with("c4ca4238a0b923820dcc509a6f75849b"),
+        "md5('1') first"
+    );
+    daemon.stop().await.unwrap();
+}

@@ -18,6 +18,7 @@ mod setup;
 pub mod snapshot;
 pub mod status;
 pub mod systemd;
+mod toast;
 
 pub use setup::RESET_ALL_META;
 pub use status::{StatusFile, TargetStatusLine};
@@ -324,6 +325,7 @@ async fn consume(
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<Consumed> {
     let mut open: Option<OpenTxn> = None;
+    let mut toast = toast::ToastFiller::default();
     // Proof of life for the systemd watchdog, even when no messages arrive.
     let mut alive = tokio::time::interval(Duration::from_secs(1));
     // Operator requests (quarantine release, audit) and audit pruning.
@@ -400,6 +402,12 @@ async fn consume(
                 let index = txn.index;
                 txn.index += 1;
                 if pipeline.is_mapped(change.relation_id) {
+                    let mut change = change;
+                    if let Some(fill) = pipeline.toast_fill_query(&change) {
+                        if !toast.fill(&config.source, &mut change, fill).await? {
+                            continue;
+                        }
+                    }
                     pipeline.map_change(
                         &change,
                         txn.final_lsn,

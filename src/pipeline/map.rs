@@ -46,6 +46,17 @@ pub enum PipelineError {
     },
 }
 
+/// A query reading the current values of `columns` (tuple positions) of one row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToastFill {
+    pub sql: String,
+    pub columns: Vec<usize>,
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
 /// An event and the entity it belongs to (which decides the targets).
 #[derive(Debug)]
 pub struct Mapped {
@@ -237,6 +248,60 @@ impl Pipeline {
             key_columns,
             key_fields,
             fields,
+        })
+    }
+
+    /// The row read that fills the mapped columns an update left as
+    /// unchanged TOAST (pgoutput does not resend them and, without REPLICA
+    /// IDENTITY FULL, no old value carries them): `None` when nothing is
+    /// missing. The query reads the row's current values by key.
+    pub fn toast_fill_query(&self, change: &Change) -> Option<ToastFill> {
+        let relation = self.relations.get(&change.relation_id)?;
+        let new = change.new.as_deref()?;
+        let old = change.old.as_deref();
+        let mut columns: Vec<usize> = Vec::new();
+        for plan in &relation.plans {
+            for field in &plan.fields {
+                for source in std::iter::once(&field.source).chain(field.fallback.as_ref()) {
+                    let c = source.column;
+                    let missing = matches!(new.get(c), Some(TupleValue::UnchangedToast))
+                        && !matches!(old.and_then(|o| o.get(c)), Some(TupleValue::Text(_)));
+                    if missing && !columns.contains(&c) {
+                        columns.push(c);
+                    }
+                }
+            }
+        }
+        if columns.is_empty() {
+            return None;
+        }
+        let plan = relation.plans.first()?;
+        let mut conditions = Vec::with_capacity(plan.key_columns.len());
+        for &k in &plan.key_columns {
+            let Some(TupleValue::Text(bytes)) = new.get(k) else {
+                return None;
+            };
+            let value = std::str::from_utf8(bytes).ok()?;
+            conditions.push(format!(
+                "{} = {}",
+                quote_ident(&relation.columns[k].0),
+                crate::source::wire::quote_literal(value)
+            ));
+        }
+        let (schema, table) = relation.table.split_once('.')?;
+        let select: Vec<String> = columns
+            .iter()
+            .map(|&c| format!("{}::text", quote_ident(&relation.columns[c].0)))
+            .collect();
+        Some(ToastFill {
+            sql: format!(
+                "SELECT {} FROM {}.{} WHERE {}",
+                select.join(", "),
+                quote_ident(schema),
+                quote_ident(table),
+                conditions.join(" AND ")
+            ),
+            columns,
         })
     }
 

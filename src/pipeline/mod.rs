@@ -14,5 +14,5 @@ pub mod reference;
 mod snapshot_row;
 
 pub use govern::Governor;
-pub use map::{Mapped, Pipeline, PipelineError};
+pub use map::{Mapped, Pipeline, PipelineError, ToastFill};
 pub use snapshot_row::{snapshot_event, snapshot_id, snapshot_version};
