@@ -350,18 +350,15 @@ fn ms(value: u64) -> Duration {
     Duration::from_millis(value)
 }
 
-fn check_source(table: &Table, base_dir: &Path, errs: &mut Errors) -> Option<SourceConfig> {
-    let r = Reader::new("source", table, SOURCE_KEYS, errs);
-
-    let url = r
-        .required_string(
-            "url",
-            "the database to read, e.g. url = \"postgres://steward@localhost:5432/odoo\"",
-            errs,
-        )
-        .and_then(|u| parse_pg_url(u, &r.key("url"), errs));
-
-    let sslrootcert = match url.as_ref().and_then(|u| u.sslrootcert.as_deref()) {
+/// The `sslrootcert` parameter of a PostgreSQL URL (source or target): it
+/// must name a file, resolved against the config file's directory.
+pub(super) fn check_sslrootcert(
+    r: &Reader,
+    url: Option<&pgurl::PgUrl>,
+    base_dir: &Path,
+    errs: &mut Errors,
+) -> Option<Option<PathBuf>> {
+    match url.and_then(|u| u.sslrootcert.as_deref()) {
         None => Some(None),
         Some(cert) => {
             let path = resolve(base_dir, cert);
@@ -390,7 +387,21 @@ fn check_source(table: &Table, base_dir: &Path, errs: &mut Errors) -> Option<Sou
                 }
             }
         }
-    };
+    }
+}
+
+fn check_source(table: &Table, base_dir: &Path, errs: &mut Errors) -> Option<SourceConfig> {
+    let r = Reader::new("source", table, SOURCE_KEYS, errs);
+
+    let url = r
+        .required_string(
+            "url",
+            "the database to read, e.g. url = \"postgres://steward@localhost:5432/odoo\"",
+            errs,
+        )
+        .and_then(|u| parse_pg_url(u, &r.key("url"), errs));
+
+    let sslrootcert = check_sslrootcert(&r, url.as_ref(), base_dir, errs);
 
     let file = r.string("password_file", errs);
     let env = r.string("password_env", errs);

@@ -255,25 +255,7 @@ pub(super) fn check_postgres(
             errs,
         )
         .and_then(|u| parse_pg_url(u, &r.key("url"), errs));
-    let sslrootcert = match url.as_ref().and_then(|u| u.sslrootcert.as_deref()) {
-        None => Some(None),
-        Some(cert) => {
-            let path = resolve(base_dir, cert);
-            if path.is_file() {
-                Some(Some(path))
-            } else {
-                errs.add(
-                    &r.key("url"),
-                    format!(
-                        "parameter sslrootcert: `{}` is not a readable file; give a PEM file of \
-                         CA certificates",
-                        path.display()
-                    ),
-                );
-                None
-            }
-        }
-    };
+    let sslrootcert = super::check_sslrootcert(r, url.as_ref(), base_dir, errs);
     let password = optional_secret(r, "password", base_dir, errs);
 
     let ident = |key: &str, value: &str, errs: &mut Errors| match check_sql_ident(value) {
