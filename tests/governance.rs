@@ -417,3 +417,108 @@ fields = { acc_number = "acc_number", partner = "partner_id" }
     assert_eq!(audit["audit"][0]["decision"], "not_routed", "{audit:#}");
     daemon.stop().await.unwrap();
 }
+
+/// `ir_model_data` as Odoo 17 creates it (the fixture holds no external ids).
+const IR_MODEL_DATA: &str = "CREATE TABLE ir_model_data (
+    id serial PRIMARY KEY, create_uid integer, create_date timestamp, write_date timestamp,
+    write_uid integer, res_id integer, noupdate boolean DEFAULT false,
+    name varchar NOT NULL, module varchar NOT NULL, model varchar NOT NULL);
+INSERT INTO ir_model_data (name, module, model, res_id) VALUES
+    ('product_uom_unit', 'uom', 'uom.uom', 1),
+    ('product_uom_dozen', 'uom', 'uom.uom', 2),
+    ('view_partner_form', 'base', 'ir.ui.view', 1);";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn references_deliver_odoo_external_ids_and_follow_their_changes() {
+    let db = TestDb::new("gov_xid");
+    db.sql("ALTER TABLE product_template ADD COLUMN x_lifecycle_state varchar");
+    db.sql(IR_MODEL_DATA);
+    let wms = Receiver::start().await.unwrap();
+    let mut text = header(&db);
+    text.push_str(
+        r#"
+[entities.product]
+table = "product_template"
+fields = { sku = "default_code", uom = { ref = "uom_id", entity = "uom", external_id = true }, uom_name = { ref = "uom_id", entity = "uom", key = "name" } }
+
+[entities.uom]
+table = "uom_uom"
+fields = { name = "name.en_US" }
+"#,
+    );
+    text.push_str(&target("wms", &wms.url(), "\"product\"", ""));
+    let config_path = db.write_config(&text);
+    let load = || steward::config::Config::load(&config_path).unwrap_or_else(|e| panic!("{e}"));
+    let daemon = InProcess::start(load());
+    wait_streaming(&db).await;
+
+    // External ids that existed before steward started resolve (start-up read).
+    db.sql(&insert_product(9201, "FURN_9201", "approved", "NULL"));
+    assert_eq!(wms.wait_for_events(1, WAIT).await, 1);
+    let events = wms.accepted_events();
+    assert_eq!(
+        events[0]["data"]["uom"], "uom.product_uom_unit",
+        "{events:#?}"
+    );
+    assert_eq!(events[0]["data"]["uom_name"], "Units");
+
+    // A unit and its external id created with the product referencing it (an import).
+    db.sql(
+        "BEGIN; \
+         INSERT INTO uom_uom (id, category_id, uom_type, name, factor, rounding, active) \
+         VALUES (9201, 1, 'bigger', '{\"en_US\": \"Pallet\"}', 0.01, 1, true); \
+         INSERT INTO ir_model_data (name, module, model, res_id) VALUES ('uom_pallet', '__import__', 'uom.uom', 9201); \
+         UPDATE product_template SET uom_id = 9201, uom_po_id = 9201 WHERE id = 9201; \
+         COMMIT;",
+    );
+    wait_until("the product with the imported unit", WAIT, || {
+        wms.accepted_events()
+            .last()
+            .is_some_and(|e| e["data"]["uom"] == "__import__.uom_pallet")
+    })
+    .await;
+
+    // Renaming the external id re-emits the products referencing that unit.
+    db.sql("UPDATE ir_model_data SET module = 'plant', name = 'pallet_eu' WHERE res_id = 9201 AND model = 'uom.uom'");
+    wait_until("the re-emitted product", WAIT, || {
+        wms.accepted_events()
+            .last()
+            .is_some_and(|e| e["data"]["uom"] == "plant.pallet_eu")
+    })
+    .await;
+    // External ids of other models (views, menus: most of ir_model_data) change nothing.
+    let before = wms.accepted_events().len();
+    db.sql("INSERT INTO ir_model_data (name, module, model, res_id) VALUES ('menu_x', 'base', 'ir.ui.menu', 9201)");
+    db.sql("UPDATE ir_model_data SET name = 'view_partner_form2' WHERE model = 'ir.ui.view'");
+    daemon.stop().await.unwrap();
+    assert_eq!(
+        wms.accepted_events().len(),
+        before,
+        "{:#?}",
+        wms.accepted_events()
+    );
+
+    // After a restart the external ids come from the state file; deleting one
+    // delivers null rather than a stale id.
+    let daemon = InProcess::start(load());
+    wait_streaming(&db).await;
+    db.sql("DELETE FROM ir_model_data WHERE res_id = 9201 AND model = 'uom.uom'");
+    wait_until(
+        "the product without an external id for its unit",
+        WAIT,
+        || {
+            wms.accepted_events()
+                .last()
+                .is_some_and(|e| e["data"]["uom"].is_null() && e["data"]["uom_name"] == "Pallet")
+        },
+    )
+    .await;
+    db.sql("UPDATE product_template SET uom_id = 2, uom_po_id = 2 WHERE id = 9201");
+    wait_until("the product back on a seeded unit", WAIT, || {
+        wms.accepted_events()
+            .last()
+            .is_some_and(|e| e["data"]["uom"] == "uom.product_uom_dozen")
+    })
+    .await;
+    daemon.stop().await.unwrap();
+}

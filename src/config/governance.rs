@@ -39,6 +39,9 @@ pub struct EntityGovernance {
     pub children: Vec<ChildConfig>,
     /// Set for the hidden entity that tracks a parent's child table: (parent entity index, child index).
     pub child_of: Option<(usize, usize)>,
+    /// Set for the hidden entity that tracks `ir_model_data`: the Odoo models
+    /// whose external ids references deliver. Rows of other models are ignored.
+    pub external_ids_of: Vec<String>,
 }
 
 impl EntityGovernance {
@@ -50,6 +53,7 @@ impl EntityGovernance {
             || !self.refs.is_empty()
             || !self.children.is_empty()
             || self.child_of.is_some()
+            || !self.external_ids_of.is_empty()
     }
 }
 
@@ -93,7 +97,14 @@ pub struct RefField {
     pub column: String,
     pub entity: String,
     /// Field of the referenced entity's document to deliver (its business key).
+    /// Empty when `external_id` is set.
     pub key: String,
+    /// Deliver the referenced record's Odoo external id (`module.name` from
+    /// `ir_model_data`) instead of one of its fields.
+    pub external_id: bool,
+    /// The Odoo model `ir_model_data.model` names for the referenced table
+    /// (e.g. `uom.uom`); used with `external_id`.
+    pub model: String,
 }
 
 #[derive(Clone, Debug)]

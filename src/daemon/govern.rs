@@ -97,8 +97,12 @@ pub async fn seed_references(
         .with_context(|| format!("cannot connect to the source {}", config.source.url_display))?;
     for e in todo {
         let entity = governor.entity_config(e).clone();
+        let filter = governor
+            .seed_filter(e)
+            .map(|f| format!(" WHERE {f}"))
+            .unwrap_or_default();
         let query = format!(
-            "SELECT row_to_json(t)::text FROM \"{}\".\"{}\" t",
+            "SELECT row_to_json(t)::text FROM \"{}\".\"{}\" t{filter}",
             entity.schema, entity.table
         );
         let rows = sql.simple_query(&query).await.with_context(|| {

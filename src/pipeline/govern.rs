@@ -18,7 +18,7 @@
 //! and its child rows) and re-emissions (records whose referenced record
 //! changed) are evaluated once, after the transaction's last change.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -56,6 +56,9 @@ pub struct Governor {
     unique: HashMap<(usize, usize, String), String>,
     claims: HashMap<(usize, String), Vec<(usize, String)>>,
     quarantine: HashMap<(usize, String), QuarantineEntry>,
+    /// (Odoo model, record id) → `ir_model_data` id → external id `module.name`.
+    /// A record may have several; the oldest (lowest id) is delivered.
+    external_ids: HashMap<(String, String), BTreeMap<i64, String>>,
     delta: GovDelta,
 }
 
@@ -143,6 +146,7 @@ impl Governor {
             unique: HashMap::new(),
             claims: HashMap::new(),
             quarantine: HashMap::new(),
+            external_ids: HashMap::new(),
             delta: GovDelta::default(),
         }
     }
@@ -159,8 +163,21 @@ impl Governor {
     /// Entities referenced by others (their tables are read at start-up when nothing is tracked yet).
     pub fn referenced_entities(&self) -> Vec<usize> {
         (0..self.entities.len())
-            .filter(|&i| !self.referenced_by[i].is_empty())
+            .filter(|&i| {
+                !self.referenced_by[i].is_empty() || !self.gov[i].external_ids_of.is_empty()
+            })
             .collect()
+    }
+
+    /// The SQL condition restricting the start-up read of `entity`'s table,
+    /// if only part of it is needed (the external ids of referenced models).
+    pub fn seed_filter(&self, entity: usize) -> Option<String> {
+        let models = &self.gov[entity].external_ids_of;
+        // Model names were checked to be [A-Za-z0-9._] when the config loaded.
+        (!models.is_empty()).then(|| {
+            let list: Vec<String> = models.iter().map(|m| format!("'{m}'")).collect();
+            format!("model IN ({})", list.join(", "))
+        })
     }
 
     pub fn tracked_count(&self, entity: usize) -> usize {
@@ -189,6 +206,7 @@ impl Governor {
             };
             if let Ok(Value::Object(row)) = serde_json::from_slice(&bytes) {
                 self.index_child(e, &key, None, Some(&row));
+                self.index_external_id(e, &key, None, Some(&row));
                 self.rows.insert((e, key), Arc::new(row));
             }
         }
@@ -257,6 +275,32 @@ impl Governor {
             let e = m.entity;
             let key = m.event.key.clone();
             let delete = m.op == ChangeOp::Delete;
+            if !self.gov[e].external_ids_of.is_empty() {
+                let prev = self.rows.get(&(e, key.clone())).cloned();
+                let models = &self.gov[e].external_ids_of;
+                let new = if delete { None } else { m.row.map(Arc::new) }.filter(|r| {
+                    r.get("model")
+                        .and_then(Value::as_str)
+                        .is_some_and(|m| models.iter().any(|x| x == m))
+                });
+                if prev.is_none() && new.is_none() {
+                    // Most of ir_model_data (views, menus, ...) is not referenced.
+                    continue;
+                }
+                for (model, res_id) in [prev.as_deref(), new.as_deref()]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(external_id_target)
+                {
+                    for (r, column) in self.external_id_refs(&model) {
+                        for k in reference::referencing(&self.rows, r, &column, &res_id) {
+                            defer(&mut deferred, r, k);
+                        }
+                    }
+                }
+                self.set_row(e, &key, new);
+                continue;
+            }
             if let Some((parent, _)) = self.gov[e].child_of {
                 let prev = self.rows.get(&(e, key.clone())).cloned();
                 let new = if delete { None } else { m.row.map(Arc::new) };
@@ -603,6 +647,7 @@ impl Governor {
         let mut doc = assemble::document(&self.entities[e].fields, row);
         for r in &self.gov[e].refs {
             let value = match self.entity_index.get(&r.entity) {
+                Some(_) if r.external_id => self.external_id(&r.model, row.get(&r.column)),
                 Some(&t) => reference::resolve(r, t, &self.entities[t], row, &self.rows),
                 None => Value::Null,
             };
@@ -844,7 +889,69 @@ impl Governor {
         }
     }
 
+    /// The external id of record `id` of `model`, or null when it has none.
+    fn external_id(&self, model: &str, id: Option<&Value>) -> Value {
+        let Some(id) = id.filter(|v| !v.is_null()) else {
+            return Value::Null;
+        };
+        self.external_ids
+            .get(&(model.to_string(), assemble::text(id)))
+            .and_then(|ids| ids.values().next())
+            .map_or(Value::Null, |x| Value::String(x.clone()))
+    }
+
+    /// (referencing entity, many2one column) of every external-id reference to `model`.
+    fn external_id_refs(&self, model: &str) -> Vec<(usize, String)> {
+        let mut out = Vec::new();
+        for (i, g) in self.gov.iter().enumerate() {
+            for r in &g.refs {
+                if r.external_id && r.model == model {
+                    out.push((i, r.column.clone()));
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Keeps the external-id index in step with a tracked `ir_model_data` row.
+    fn index_external_id(
+        &mut self,
+        e: usize,
+        key: &str,
+        prev: Option<&Map<String, Value>>,
+        new: Option<&Map<String, Value>>,
+    ) {
+        if self.gov[e].external_ids_of.is_empty() {
+            return;
+        }
+        let id: i64 = key.parse().unwrap_or(i64::MAX);
+        if let Some(target) = prev.and_then(external_id_target) {
+            if let Some(ids) = self.external_ids.get_mut(&target) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.external_ids.remove(&target);
+                }
+            }
+        }
+        if let Some(row) = new {
+            if let (Some(target), Some(module), Some(name)) = (
+                external_id_target(row),
+                row.get("module").and_then(Value::as_str),
+                row.get("name").and_then(Value::as_str),
+            ) {
+                self.external_ids
+                    .entry(target)
+                    .or_default()
+                    .insert(id, format!("{module}.{name}"));
+            }
+        }
+    }
+
     fn set_row(&mut self, e: usize, key: &str, row: Option<Arc<Map<String, Value>>>) {
+        let prev = self.rows.get(&(e, key.to_string())).cloned();
+        self.index_external_id(e, key, prev.as_deref(), row.as_deref());
         let bytes = row.as_ref().and_then(|r| serde_json::to_vec(&**r).ok());
         match row {
             Some(r) => {
@@ -943,6 +1050,13 @@ impl Governor {
             detail,
         }));
     }
+}
+
+/// (model, record id) an `ir_model_data` row names.
+fn external_id_target(row: &Map<String, Value>) -> Option<(String, String)> {
+    let model = row.get("model")?.as_str()?;
+    let res_id = row.get("res_id").filter(|v| !v.is_null())?;
+    Some((model.to_string(), assemble::text(res_id)))
 }
 
 fn defer(list: &mut Vec<(usize, String)>, e: usize, key: String) {

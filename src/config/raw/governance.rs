@@ -26,7 +26,9 @@ const RULE_KEYS: &[&str] = &[
     "reference",
     "message",
 ];
-const REF_KEYS: &[&str] = &["ref", "entity", "key"];
+const REF_KEYS: &[&str] = &["ref", "entity", "key", "external_id", "model"];
+/// The Odoo table of external ids (`module.name` per model and record id).
+const EXTERNAL_ID_TABLE: &str = "ir_model_data";
 const CHILD_KEYS: &[&str] = &["table", "parent", "fields"];
 
 /// Checks the governance keys; appends one hidden entity per child table to `entities`.
@@ -105,9 +107,51 @@ pub(super) fn check(
             }
         }
     }
+    // External ids come from one more hidden entity over ir_model_data.
+    let mut models = Vec::new();
+    let mut xid_schema = None;
+    for g in &mut gov.entities {
+        for r in g.refs.iter_mut().filter(|r| r.external_id) {
+            let Some(referenced) = entities.iter().find(|e| e.name == r.entity) else {
+                continue;
+            };
+            if r.model.is_empty() {
+                // Odoo names a model's table after the model, dots as underscores.
+                r.model = referenced.table.replace('_', ".");
+            }
+            models.push(r.model.clone());
+            xid_schema.get_or_insert_with(|| referenced.schema.clone());
+        }
+    }
     for (e, g) in hidden {
         entities.push(e);
         gov.entities.push(g);
+    }
+    if let Some(schema) = xid_schema {
+        models.sort();
+        models.dedup();
+        let column = |c: &str| FieldConfig {
+            name: c.to_string(),
+            source: crate::config::FieldSource {
+                column: c.to_string(),
+                path: Vec::new(),
+            },
+            fallback: None,
+        };
+        entities.push(EntityConfig {
+            name: "(external ids)".to_string(),
+            schema,
+            table: EXTERNAL_ID_TABLE.to_string(),
+            key: vec!["id".to_string()],
+            fields: ["module", "name", "model", "res_id"]
+                .into_iter()
+                .map(column)
+                .collect(),
+        });
+        gov.entities.push(EntityGovernance {
+            external_ids_of: models,
+            ..EntityGovernance::default()
+        });
     }
 
     let target_tables = match doc.get("targets") {
@@ -224,11 +268,44 @@ fn check_entity(key: &str, t: &Table, names: &[String], errs: &mut Errors) -> En
                 "the referenced entity, e.g. entity = \"uom\"",
                 errs,
             );
-            let rkey = fr.required_string(
-                "key",
-                "the referenced entity's business-key field to deliver, e.g. key = \"name\"",
-                errs,
-            );
+            let external_id = fr.bool("external_id", false, errs).unwrap_or(false);
+            let model = fr.string("model", errs);
+            let rkey = if external_id {
+                if fr.get("key").is_some() {
+                    errs.add(
+                        &fr.key("key"),
+                        "cannot be combined with external_id = true; keep one of them",
+                    );
+                }
+                Some("")
+            } else {
+                if model.is_some() {
+                    errs.add(
+                        &fr.key("model"),
+                        "only applies with external_id = true; remove it or set external_id = true",
+                    );
+                }
+                fr.required_string(
+                    "key",
+                    "the referenced entity's business-key field to deliver, e.g. key = \"name\", \
+                     or external_id = true for its Odoo external id",
+                    errs,
+                )
+            };
+            if let Some(m) = model {
+                if m.is_empty()
+                    || !m
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '_')
+                {
+                    errs.add(
+                        &fr.key("model"),
+                        format!(
+                            "`{m}` is not an Odoo model name; expected e.g. model = \"uom.uom\""
+                        ),
+                    );
+                }
+            }
             if let Some(c) = column {
                 if let Err(m) = check_sql_ident(c) {
                     errs.add(&fr.key("ref"), format!("column name {m}"));
@@ -251,6 +328,8 @@ fn check_entity(key: &str, t: &Table, names: &[String], errs: &mut Errors) -> En
                     column: column.to_string(),
                     entity: entity.to_string(),
                     key: k.to_string(),
+                    external_id,
+                    model: model.unwrap_or_default().to_string(),
                 });
             }
         }
@@ -594,6 +673,55 @@ mask = { "bank.acc" = "last4" }
             "entities.product.fields.uom.entity: unknown entity `unit`",
             "targets.wms.route: is not a valid CEL expression",
             "targets.wms.mask.\"bank.acc\"",
+        ] {
+            assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
+        }
+    }
+
+    #[test]
+    fn external_id_references_add_one_hidden_ir_model_data_entity() {
+        let text = format!(
+            "{BASE}{}",
+            r#"
+[entities.product]
+table = "product_template"
+fields = { uom = { ref = "uom_id", entity = "uom", external_id = true }, categ = { ref = "categ_id", entity = "categ", external_id = true, model = "product.category" } }
+[entities.categ]
+table = "product_category"
+fields = { name = "name" }
+[targets.wms]
+type = "http"
+url = "http://localhost/x"
+entities = ["product"]
+"#
+        );
+        let c = Config::parse(&text, Path::new("t.toml"), Path::new("/tmp")).unwrap();
+        let xid = c.entities.last().unwrap();
+        assert_eq!(xid.table, "ir_model_data");
+        assert_eq!(xid.key, ["id"]);
+        let g = c.governance.entities.last().unwrap();
+        assert_eq!(g.external_ids_of, ["product.category", "uom.uom"]);
+        let refs = &c.governance.entities[1].refs;
+        assert!(refs.iter().all(|r| r.external_id));
+        assert_eq!(refs[0].model, "uom.uom", "derived from the table name");
+
+        let all = errors(
+            r#"
+[entities.product]
+table = "product_template"
+fields = { a = { ref = "uom_id", entity = "uom", external_id = true, key = "name" }, b = { ref = "uom_id", entity = "uom", key = "name", model = "uom.uom" }, c = { ref = "uom_id", entity = "uom", external_id = true, model = "uom uom'" }, d = { ref = "uom_id", entity = "uom" } }
+[targets.wms]
+type = "http"
+url = "http://localhost/x"
+entities = ["product"]
+"#,
+        )
+        .join("\n");
+        for needle in [
+            "entities.product.fields.a.key: cannot be combined with external_id = true",
+            "entities.product.fields.b.model: only applies with external_id = true",
+            "entities.product.fields.c.model: `uom uom'` is not an Odoo model name",
+            "entities.product.fields.d.key: missing",
         ] {
             assert!(all.contains(needle), "missing `{needle}` in:\n{all}");
         }
