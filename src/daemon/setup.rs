@@ -49,6 +49,7 @@ pub async fn prepare(
     for warning in slot::replica_identity_report(&sql, &tables).await? {
         tracing::warn!("{warning}");
     }
+    super::schema::recover_at_startup(&sql, config, store).await?;
 
     let mut replication = ReplicationClient::connect(source).await.with_context(|| {
         format!(

@@ -15,7 +15,7 @@ use crate::model::{Change, ChangeOp, Event, EventOp, Lsn, Relation, TupleValue};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
-    #[error("entity '{entity}': column '{column}' of {table} does not exist (the server's table has: {available}); fix the entity's key or fields, or restore the column")]
+    #[error("entity '{entity}': column '{column}' of {table} does not exist (the server's table has: {available}); restore the column, or change the entity's key or fields in the configuration and reload (SIGHUP) or restart steward")]
     MissingColumn {
         entity: String,
         table: String,
@@ -166,14 +166,35 @@ impl Pipeline {
         &self.entities[entity].name
     }
 
+    /// The entity indexes mapping `schema.table`.
+    pub fn entities_of(&self, table: &str) -> &[usize] {
+        self.by_table.get(table).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// [`Pipeline::bind_relation`], failing on the first entity that cannot
+    /// be planned (snapshots and tests, where a missing column is an error).
+    pub fn on_relation(&mut self, relation: &Relation) -> Result<(), PipelineError> {
+        match self.bind_relation(relation).into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// Binds a relation id to the entities mapping its table. Tables no
     /// entity maps are remembered as such so their changes are dropped cheaply.
-    pub fn on_relation(&mut self, relation: &Relation) -> Result<(), PipelineError> {
+    /// An entity whose key or fields name a column the relation lacks (a
+    /// schema change) is left unbound — its changes on this relation produce
+    /// no events — and returned with the reason; the others are bound.
+    pub fn bind_relation(&mut self, relation: &Relation) -> Vec<(usize, PipelineError)> {
         let table = relation.qualified_name();
         let mut plans = Vec::new();
+        let mut problems = Vec::new();
         if let Some(entities) = self.by_table.get(&table) {
             for &entity in entities {
-                plans.push(self.plan_entity(entity, relation)?);
+                match self.plan_entity(entity, relation) {
+                    Ok(plan) => plans.push(plan),
+                    Err(e) => problems.push((entity, e)),
+                }
             }
         }
         let columns = relation
@@ -190,7 +211,7 @@ impl Pipeline {
                 full_identity: relation.replica_identity == b'f',
             },
         );
-        Ok(())
+        problems
     }
 
     fn plan_entity(&self, entity: usize, relation: &Relation) -> Result<EntityPlan, PipelineError> {
