@@ -168,6 +168,32 @@ async fn an_added_column_keeps_the_pipeline_running_and_a_reload_can_map_it() {
     steward.wait_log("replication started", 1).await;
     let id = some_product(&db);
 
+    // The start-up report names the mapped TOASTable columns and the cost.
+    let logs = steward.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("public.product_template: mapped columns"))
+        .unwrap_or_else(|| panic!("no TOAST report for product_template:\n{logs}"));
+    for needed in [
+        "INFO",
+        "default_code",
+        "name",
+        "list_price",
+        "can be TOASTed",
+        "re-reads them from the table by key",
+        "REPLICA IDENTITY FULL",
+    ] {
+        assert!(line.contains(needed), "{needed} in: {line}");
+    }
+    assert!(
+        !line.contains("uom_id"),
+        "an integer is never TOASTed: {line}"
+    );
+    assert!(
+        logs.contains("public.uom_uom: mapped columns"),
+        "uom maps jsonb and numeric columns:\n{logs}"
+    );
+
     db.sql(&format!(
         "UPDATE product_template SET list_price = 11 WHERE id = {id}"
     ));
