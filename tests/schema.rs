@@ -358,3 +358,81 @@ async fn a_dropped_mapped_column_stops_only_its_entity_and_its_return_resnapshot
     let (status, logs) = steward.terminate().await;
     assert!(status.success(), "exit {status}; log:\n{logs}");
 }
+
+/// `id → price` of every product in the database.
+fn db_prices(db: &TestDb) -> BTreeMap<String, String> {
+    db.sql("SELECT id, list_price FROM product_template")
+        .lines()
+        .filter_map(|l| {
+            let (id, price) = l.split_once('|')?;
+            Some((id.to_string(), price.to_string()))
+        })
+        .collect()
+}
+
+fn target_prices(events: &[Value]) -> BTreeMap<String, String> {
+    target_products(events)
+        .into_iter()
+        .map(|(k, (_, price))| (k, price))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_survives_a_restart_and_a_reload_without_the_column_recovers_it() {
+    let db = TestDb::new("schema_reload");
+    let wms = Receiver::start().await.unwrap();
+    let text = db.config_text(&[("wms", &wms.url(), &["product", "uom"])]);
+    let config = db.write_config(&text);
+    let log = db.dir.path().join("steward.log");
+    let steward = Steward::start(&config, &log);
+    steward.wait_log("replication started", 1).await;
+
+    db.sql("ALTER TABLE product_template DROP COLUMN default_code");
+    db.sql("UPDATE product_template SET list_price = list_price + 1");
+    steward
+        .wait_log("entity stopped by a schema change", 1)
+        .await;
+    let (exit, logs) = steward.terminate().await;
+    assert!(exit.success(), "exit {exit}; log:\n{logs}");
+
+    // Recorded in the state file: status shows it with the daemon stopped,
+    // and a restart keeps the entity stopped.
+    let out = status(&config, false);
+    assert!(
+        out.contains("daemon     not running") && out.contains("product STOPPED"),
+        "{out}"
+    );
+    db.sql("UPDATE product_template SET list_price = list_price + 1");
+    let steward = Steward::start(&config, &log);
+    steward.wait_log("replication started", 1).await;
+    steward.wait_log("entity still stopped", 1).await;
+    db.sql("UPDATE uom_uom SET factor = factor WHERE id = (SELECT min(id) FROM uom_uom)");
+    wait_until("the uom change arrives", WAIT, || {
+        count(&wms.accepted_events(), "uom") >= 1
+    })
+    .await;
+    assert_eq!(count(&wms.accepted_events(), "product"), 0);
+
+    // The operator drops the field from the mapping and reloads: the entity
+    // recovers at once and is re-sent by a snapshot.
+    let unmapped = text.replace("sku = \"default_code\", ", "");
+    assert_ne!(unmapped, text);
+    std::fs::write(&config, &unmapped).unwrap();
+    steward.signal(nix::sys::signal::Signal::SIGHUP);
+    steward.wait_log("configuration reloaded", 1).await;
+    steward.wait_log("entity maps again", 1).await;
+    let expected = db_prices(&db);
+    wait_until("the target equals the database again", WAIT, || {
+        target_prices(&wms.accepted_events()) == expected
+    })
+    .await;
+    wait_until("status no longer shows the stop", WAIT, || {
+        let v: Value = serde_json::from_str(&status(&config, true)).unwrap();
+        v["stopped_entities"]
+            .as_array()
+            .is_some_and(|a| a.is_empty())
+    })
+    .await;
+    let (status, logs) = steward.terminate().await;
+    assert!(status.success(), "exit {status}; log:\n{logs}");
+}

@@ -560,3 +560,93 @@ fn row_json(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Column, Relation};
+
+    fn relation(columns: &[&str]) -> Relation {
+        Relation {
+            id: 7,
+            namespace: "public".into(),
+            name: "product_template".into(),
+            replica_identity: b'd',
+            columns: columns
+                .iter()
+                .map(|name| Column {
+                    is_key: *name == "id",
+                    name: (*name).into(),
+                    type_oid: if *name == "id" { 23 } else { 1043 },
+                    type_modifier: -1,
+                })
+                .collect(),
+        }
+    }
+
+    fn insert(values: &[&str]) -> Change {
+        Change {
+            relation_id: 7,
+            op: ChangeOp::Insert,
+            new: Some(
+                values
+                    .iter()
+                    .map(|v| TupleValue::Text(bytes::Bytes::copy_from_slice(v.as_bytes())))
+                    .collect(),
+            ),
+            old: None,
+        }
+    }
+
+    #[test]
+    fn a_relation_without_a_mapped_column_unbinds_only_that_entity() {
+        let text = r#"
+[source]
+url = "postgres://steward@localhost/odoo"
+[state]
+path = "/tmp/x.redb"
+[entities.product]
+table = "product_template"
+fields = { sku = "default_code" }
+[entities.product_code]
+table = "product_template"
+fields = { code = "barcode" }
+[targets.wms]
+type = "http"
+url = "http://localhost:1/"
+entities = ["product", "product_code"]
+"#;
+        let config = Config::parse(text, "t.toml".as_ref(), "/tmp".as_ref()).unwrap();
+        let mut pipeline = Pipeline::new(&config);
+        let sku = pipeline.entities_of("public.product_template")[0];
+        assert_eq!(pipeline.entity_name(sku), "product");
+
+        // A column was added: nothing stops.
+        let problems = pipeline.bind_relation(&relation(&["id", "default_code", "barcode", "x"]));
+        assert!(problems.is_empty());
+
+        // default_code is gone: only `product` is unbound, with the fix.
+        let problems = pipeline.bind_relation(&relation(&["id", "barcode", "x"]));
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].0, sku);
+        let message = problems[0].1.to_string();
+        for needed in [
+            "'product'",
+            "'default_code'",
+            "public.product_template",
+            "restore the column",
+            "SIGHUP",
+        ] {
+            assert!(message.contains(needed), "{needed} in {message}");
+        }
+        assert!(pipeline.is_mapped(7));
+        let mut out = Vec::new();
+        pipeline
+            .map_change(&insert(&["1", "B1", "y"]), Lsn(0x10), 0, "t", &mut out)
+            .unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].event.entity, "product_code");
+        assert_eq!(out[0].event.data["code"], "B1");
+        assert!(pipeline.on_relation(&relation(&["id", "barcode"])).is_err());
+    }
+}
