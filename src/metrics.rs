@@ -62,6 +62,8 @@ pub const DEAD_LETTERS: &str = "steward_dead_letters_total";
 pub const DELIVERY_RETRIES: &str = "steward_delivery_retries_total";
 /// Label `target`: seconds spent waiting for the target's rate limit.
 pub const THROTTLED_SECONDS: &str = "steward_throttled_seconds_total";
+/// Label `entity`: 1 while a schema change stops the entity (its table lacks a mapped column), else 0.
+pub const ENTITY_STOPPED: &str = "steward_entity_stopped";
 /// Completed configuration reloads (SIGHUP), label `result` = `applied` | `rejected`.
 pub const CONFIG_RELOADS: &str = "steward_config_reloads_total";
 
@@ -140,6 +142,10 @@ fn describe() {
     describe_gauge!(DEAD_LETTER_EVENTS, "Events parked in the dead-letter queue");
     describe_gauge!(QUARANTINED_RECORDS, "Records held in quarantine");
     describe_counter!(CONFIG_RELOADS, "Configuration reloads (SIGHUP) by result");
+    describe_gauge!(
+        ENTITY_STOPPED,
+        "1 while a schema change stops the entity (its table lacks a mapped column)"
+    );
 }
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
@@ -238,6 +244,7 @@ mod tests {
         DEAD_LETTER_EVENTS,
         QUARANTINED_RECORDS,
         CONFIG_RELOADS,
+        ENTITY_STOPPED,
     ];
 
     /// `steward_*` names used in a text, histogram suffixes removed.

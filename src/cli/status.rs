@@ -15,6 +15,8 @@ struct Report {
     source: SourceReport,
     targets: Vec<TargetStatusLine>,
     snapshots: Vec<daemon::snapshot::SnapshotStatusLine>,
+    /// Entities stopped by a schema change: their changes are not sent.
+    stopped_entities: Vec<daemon::schema::StoppedEntity>,
 }
 
 #[derive(Serialize)]
@@ -45,17 +47,20 @@ struct SourceReport {
 pub async fn run(config: Config, json: bool) -> anyhow::Result<()> {
     let (daemon, targets) = daemon_view(&config)?;
     let snapshots = snapshot_view(&config);
+    let stopped_entities = stopped_view(&config);
     let source = source_view(&config).await;
     let report = Report {
         daemon,
         source,
         targets,
         snapshots,
+        stopped_entities,
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print_text(&report);
+        print_stopped(&report);
         print_snapshots(&report);
     }
     Ok(())
@@ -141,6 +146,19 @@ fn snapshot_view(config: &Config) -> Vec<daemon::snapshot::SnapshotStatusLine> {
         Ok(store) => daemon::snapshot::status_lines(&store),
         Err(_) => daemon::status::read(config)
             .map(|f| f.snapshots)
+            .unwrap_or_default(),
+    }
+}
+
+/// Stopped entities: from the store when it can be opened, else the status file.
+fn stopped_view(config: &Config) -> Vec<daemon::schema::StoppedEntity> {
+    if !config.state.path.exists() {
+        return Vec::new();
+    }
+    match Store::open(&config.state.path) {
+        Ok(store) => daemon::schema::stopped(&store),
+        Err(_) => daemon::status::read(config)
+            .map(|f| f.stopped_entities)
             .unwrap_or_default(),
     }
 }
@@ -259,6 +277,21 @@ fn print_text(r: &Report) {
         if let Some(e) = &t.last_error {
             println!("           last error: {e}");
         }
+    }
+}
+
+fn print_stopped(r: &Report) {
+    if r.stopped_entities.is_empty() {
+        return;
+    }
+    println!();
+    for s in &r.stopped_entities {
+        println!(
+            "entity     {} STOPPED since {}: {} has no column '{}'; its changes are not sent",
+            s.entity, s.since, s.table, s.column
+        );
+        println!("           {}", s.reason);
+        println!("           fix: {}", daemon::schema::FIX);
     }
 }
 

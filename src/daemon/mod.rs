@@ -14,6 +14,7 @@ pub mod control;
 pub mod govern;
 pub mod monitor;
 mod privileges;
+pub mod schema;
 mod setup;
 pub mod snapshot;
 pub mod status;
@@ -168,6 +169,7 @@ pub async fn run_with(
         received: entity_counters(crate::metrics::EVENTS_RECEIVED),
         filtered: entity_counters(crate::metrics::EVENTS_FILTERED),
         delta: GovDelta::default(),
+        schema: schema::SchemaGuard::load(&config, &store),
     };
 
     let mut attempt: u32 = 0;
@@ -381,7 +383,13 @@ async fn consume(
             return Ok(Consumed::SourceEnded);
         };
         match message {
-            SourceEvent::Relation(relation) => pipeline.on_relation(&relation)?,
+            SourceEvent::Relation(relation) => committer.schema.on_relation(
+                config,
+                pipeline,
+                &relation,
+                &committer.store,
+                &committer.gate,
+            )?,
             SourceEvent::Begin {
                 final_lsn,
                 commit_time_micros,
@@ -481,6 +489,8 @@ struct Committer {
     filtered: Vec<metrics::Counter>,
     /// Governance state changes and audit records of the batch.
     delta: GovDelta,
+    /// Entities stopped by a schema change (see `schema`).
+    schema: schema::SchemaGuard,
 }
 
 impl Committer {

@@ -49,6 +49,10 @@ pub async fn prepare(
     for warning in slot::replica_identity_report(&sql, &tables).await? {
         tracing::warn!("{warning}");
     }
+    super::toast::startup_report(&sql, config, &tables)
+        .await
+        .context("cannot read which mapped columns can be TOASTed")?;
+    super::schema::recover_at_startup(&sql, config, store).await?;
 
     let mut replication = ReplicationClient::connect(source).await.with_context(|| {
         format!(

@@ -349,7 +349,11 @@ impl Worker {
         let read = table_read(config, entity_index);
         let relation = reader.relation(&read, 1).await?;
         let mut pipeline = Pipeline::new(config);
-        if let Err(e) = pipeline.on_relation(&relation) {
+        let problem = pipeline
+            .bind_relation(&relation)
+            .into_iter()
+            .find(|(e, _)| *e == entity_index);
+        if let Some((_, e)) = problem {
             job.last_error = Some(e.to_string());
             block(|| self.store.put_snapshot_jobs(std::slice::from_ref(&job)))?;
             return Err(e.into());

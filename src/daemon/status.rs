@@ -28,6 +28,9 @@ pub struct StatusFile {
     /// Snapshot and resync progress per target and entity.
     #[serde(default)]
     pub snapshots: Vec<super::snapshot::SnapshotStatusLine>,
+    /// Entities a schema change stopped (see `daemon::schema`).
+    #[serde(default)]
+    pub stopped_entities: Vec<super::schema::StoppedEntity>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -89,6 +92,7 @@ pub fn collect(config: &Config, store: &Store, state: &DaemonState) -> StatusFil
         store_bytes: store.file_size(),
         targets,
         snapshots: super::snapshot::status_lines(store),
+        stopped_entities: super::schema::stopped(store),
     }
 }
 

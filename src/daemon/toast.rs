@@ -57,3 +57,176 @@ impl ToastFiller {
         Ok(true)
     }
 }
+
+/// A mapped table's columns whose values PostgreSQL may store out of line
+/// (TOAST): `attstorage` other than `p` (plain).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToastableColumn {
+    pub schema: String,
+    pub table: String,
+    pub column: String,
+    /// `pg_class.relreplident` of the table.
+    pub replica_identity: String,
+}
+
+/// One line per mapped table with TOASTable mapped columns: which, and what
+/// steward does when an update leaves one of them unchanged.
+pub fn report_lines(config: &crate::config::Config, columns: &[ToastableColumn]) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut tables: Vec<(&str, &str)> = config
+        .entities
+        .iter()
+        .map(|e| (e.schema.as_str(), e.table.as_str()))
+        .collect();
+    tables.sort();
+    tables.dedup();
+    for (schema, table) in tables {
+        // Field sources and fallbacks: what `Pipeline::toast_fill_query` fills.
+        let mut mapped: Vec<&str> = Vec::new();
+        for e in config
+            .entities
+            .iter()
+            .filter(|e| e.schema == schema && e.table == table)
+        {
+            for f in &e.fields {
+                for c in std::iter::once(&f.source).chain(f.fallback.as_ref()) {
+                    if !mapped.contains(&c.column.as_str()) {
+                        mapped.push(c.column.as_str());
+                    }
+                }
+            }
+        }
+        let of_table: Vec<&ToastableColumn> = columns
+            .iter()
+            .filter(|c| c.schema == schema && c.table == table)
+            .collect();
+        let toastable: Vec<&str> = mapped
+            .iter()
+            .copied()
+            .filter(|m| of_table.iter().any(|c| c.column == *m))
+            .collect();
+        if toastable.is_empty() {
+            continue;
+        }
+        let full = of_table.first().is_some_and(|c| c.replica_identity == "f");
+        let action = if full {
+            "the table has REPLICA IDENTITY FULL, so the old row carries such values and steward \
+             takes them from it without reading the table"
+        } else {
+            "steward re-reads them from the table by key (one SELECT per such update; REPLICA \
+             IDENTITY FULL on the table avoids that read, at the cost of writing the whole old row \
+             to the WAL on every UPDATE and DELETE)"
+        };
+        lines.push(format!(
+            "{schema}.{table}: mapped columns {} can be TOASTed (stored out of line when large); \
+             PostgreSQL does not resend such a value when an update leaves it unchanged, and {action}",
+            toastable.join(", ")
+        ));
+    }
+    lines
+}
+
+/// Reads the TOASTable columns of the mapped tables and logs [`report_lines`].
+pub async fn startup_report(
+    sql: &tokio_postgres::Client,
+    config: &crate::config::Config,
+    tables: &[(String, String)],
+) -> anyhow::Result<()> {
+    let schemas: Vec<&str> = tables.iter().map(|(s, _)| s.as_str()).collect();
+    let names: Vec<&str> = tables.iter().map(|(_, t)| t.as_str()).collect();
+    let rows = sql
+        .query(
+            "SELECT x.s, x.t, a.attname::text, c.relreplident::text \
+             FROM unnest($1::text[], $2::text[]) AS x(s, t) \
+             JOIN pg_namespace n ON n.nspname = x.s \
+             JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = x.t \
+             JOIN pg_attribute a ON a.attrelid = c.oid \
+             WHERE a.attnum > 0 AND NOT a.attisdropped AND a.attstorage <> 'p' \
+             ORDER BY x.s, x.t, a.attnum",
+            &[&schemas, &names],
+        )
+        .await?;
+    let columns: Vec<ToastableColumn> = rows
+        .iter()
+        .map(|r| ToastableColumn {
+            schema: r.get(0),
+            table: r.get(1),
+            column: r.get(2),
+            replica_identity: r.get(3),
+        })
+        .collect();
+    for line in report_lines(config, &columns) {
+        tracing::info!("{line}");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn config() -> Config {
+        let text = r#"
+[source]
+url = "postgres://steward@localhost/odoo"
+[state]
+path = "/tmp/x.redb"
+[entities.product]
+table = "product_template"
+fields = { sku = "default_code", name = { path = "name.de_DE", fallback = "description" }, qty = "sequence" }
+[entities.uom]
+table = "uom_uom"
+fields = { factor = "factor" }
+[entities.partner]
+table = "res_partner"
+fields = { name = "name" }
+[targets.wms]
+type = "http"
+url = "http://localhost:1/"
+entities = ["product", "uom", "partner"]
+"#;
+        Config::parse(text, "t.toml".as_ref(), "/tmp".as_ref()).unwrap()
+    }
+
+    fn col(table: &str, column: &str, ident: &str) -> ToastableColumn {
+        ToastableColumn {
+            schema: "public".into(),
+            table: table.into(),
+            column: column.into(),
+            replica_identity: ident.into(),
+        }
+    }
+
+    #[test]
+    fn the_report_names_mapped_toastable_columns_and_what_steward_does() {
+        let columns = vec![
+            col("product_template", "default_code", "d"),
+            col("product_template", "name", "d"),
+            col("product_template", "description", "d"),
+            // Not mapped: not reported.
+            col("product_template", "description_sale", "d"),
+            col("res_partner", "name", "f"),
+        ];
+        let lines = report_lines(&config(), &columns);
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        let product = &lines[0];
+        assert!(
+            product.starts_with(
+                "public.product_template: mapped columns default_code, name, description can be TOASTed"
+            ),
+            "{product}"
+        );
+        assert!(product.contains("re-reads them from the table by key"));
+        assert!(product.contains("one SELECT per such update"));
+        assert!(!product.contains("description_sale"));
+        let partner = &lines[1];
+        assert!(partner.starts_with("public.res_partner: mapped columns name"));
+        assert!(
+            partner.contains("REPLICA IDENTITY FULL") && partner.contains("without reading"),
+            "{partner}"
+        );
+        // uom maps only plain (non-TOASTable) columns: no line.
+        assert!(!lines.iter().any(|l| l.contains("uom_uom")));
+    }
+}

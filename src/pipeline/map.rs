@@ -15,7 +15,7 @@ use crate::model::{Change, ChangeOp, Event, EventOp, Lsn, Relation, TupleValue};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
-    #[error("entity '{entity}': column '{column}' of {table} does not exist (the server's table has: {available}); fix the entity's key or fields, or restore the column")]
+    #[error("entity '{entity}': column '{column}' of {table} does not exist (the server's table has: {available}); restore the column, or change the entity's key or fields in the configuration and reload (SIGHUP) or restart steward")]
     MissingColumn {
         entity: String,
         table: String,
@@ -166,14 +166,35 @@ impl Pipeline {
         &self.entities[entity].name
     }
 
+    /// The entity indexes mapping `schema.table`.
+    pub fn entities_of(&self, table: &str) -> &[usize] {
+        self.by_table.get(table).map(Vec::as_slice).unwrap_or(&[])
+    }
+
+    /// [`Pipeline::bind_relation`], failing on the first entity that cannot
+    /// be planned (snapshots and tests, where a missing column is an error).
+    pub fn on_relation(&mut self, relation: &Relation) -> Result<(), PipelineError> {
+        match self.bind_relation(relation).into_iter().next() {
+            Some((_, e)) => Err(e),
+            None => Ok(()),
+        }
+    }
+
     /// Binds a relation id to the entities mapping its table. Tables no
     /// entity maps are remembered as such so their changes are dropped cheaply.
-    pub fn on_relation(&mut self, relation: &Relation) -> Result<(), PipelineError> {
+    /// An entity whose key or fields name a column the relation lacks (a
+    /// schema change) is left unbound — its changes on this relation produce
+    /// no events — and returned with the reason; the others are bound.
+    pub fn bind_relation(&mut self, relation: &Relation) -> Vec<(usize, PipelineError)> {
         let table = relation.qualified_name();
         let mut plans = Vec::new();
+        let mut problems = Vec::new();
         if let Some(entities) = self.by_table.get(&table) {
             for &entity in entities {
-                plans.push(self.plan_entity(entity, relation)?);
+                match self.plan_entity(entity, relation) {
+                    Ok(plan) => plans.push(plan),
+                    Err(e) => problems.push((entity, e)),
+                }
             }
         }
         let columns = relation
@@ -190,7 +211,7 @@ impl Pipeline {
                 full_identity: relation.replica_identity == b'f',
             },
         );
-        Ok(())
+        problems
     }
 
     fn plan_entity(&self, entity: usize, relation: &Relation) -> Result<EntityPlan, PipelineError> {
@@ -538,4 +559,94 @@ fn row_json(
         out.insert(name.clone(), value);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Column, Relation};
+
+    fn relation(columns: &[&str]) -> Relation {
+        Relation {
+            id: 7,
+            namespace: "public".into(),
+            name: "product_template".into(),
+            replica_identity: b'd',
+            columns: columns
+                .iter()
+                .map(|name| Column {
+                    is_key: *name == "id",
+                    name: (*name).into(),
+                    type_oid: if *name == "id" { 23 } else { 1043 },
+                    type_modifier: -1,
+                })
+                .collect(),
+        }
+    }
+
+    fn insert(values: &[&str]) -> Change {
+        Change {
+            relation_id: 7,
+            op: ChangeOp::Insert,
+            new: Some(
+                values
+                    .iter()
+                    .map(|v| TupleValue::Text(bytes::Bytes::copy_from_slice(v.as_bytes())))
+                    .collect(),
+            ),
+            old: None,
+        }
+    }
+
+    #[test]
+    fn a_relation_without_a_mapped_column_unbinds_only_that_entity() {
+        let text = r#"
+[source]
+url = "postgres://steward@localhost/odoo"
+[state]
+path = "/tmp/x.redb"
+[entities.product]
+table = "product_template"
+fields = { sku = "default_code" }
+[entities.product_code]
+table = "product_template"
+fields = { code = "barcode" }
+[targets.wms]
+type = "http"
+url = "http://localhost:1/"
+entities = ["product", "product_code"]
+"#;
+        let config = Config::parse(text, "t.toml".as_ref(), "/tmp".as_ref()).unwrap();
+        let mut pipeline = Pipeline::new(&config);
+        let sku = pipeline.entities_of("public.product_template")[0];
+        assert_eq!(pipeline.entity_name(sku), "product");
+
+        // A column was added: nothing stops.
+        let problems = pipeline.bind_relation(&relation(&["id", "default_code", "barcode", "x"]));
+        assert!(problems.is_empty());
+
+        // default_code is gone: only `product` is unbound, with the fix.
+        let problems = pipeline.bind_relation(&relation(&["id", "barcode", "x"]));
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].0, sku);
+        let message = problems[0].1.to_string();
+        for needed in [
+            "'product'",
+            "'default_code'",
+            "public.product_template",
+            "restore the column",
+            "SIGHUP",
+        ] {
+            assert!(message.contains(needed), "{needed} in {message}");
+        }
+        assert!(pipeline.is_mapped(7));
+        let mut out = Vec::new();
+        pipeline
+            .map_change(&insert(&["1", "B1", "y"]), Lsn(0x10), 0, "t", &mut out)
+            .unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].event.entity, "product_code");
+        assert_eq!(out[0].event.data["code"], "B1");
+        assert!(pipeline.on_relation(&relation(&["id", "barcode"])).is_err());
+    }
 }

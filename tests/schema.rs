@@ -1,0 +1,438 @@
+//! Schema changes on mapped tables (Odoo module upgrades) against a real
+//! PostgreSQL, with the steward binary as a child process: ADD COLUMN keeps
+//! the pipeline running, DROP COLUMN of a mapped column stops only that
+//! entity (shown by status and a metric) and its return re-snapshots it.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use steward::dev::receiver::Receiver;
+use support::{final_state, wait_until, TestDb};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Steward {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Steward {
+    fn start(config: &Path, log: &Path) -> Steward {
+        let file = std::fs::File::create(log).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_steward"))
+            .args(["run", "-c"])
+            .arg(config)
+            .env("STEWARD_LOG", "steward=debug")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file)
+            .spawn()
+            .expect("spawn steward");
+        Steward {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("send a signal");
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    async fn wait_log(&self, text: &str, n: usize) {
+        let start = Instant::now();
+        loop {
+            let logs = self.logs();
+            if logs.matches(text).count() >= n {
+                return;
+            }
+            if start.elapsed() > WAIT {
+                panic!("timed out waiting for log line {text:?} (x{n}); log:\n{logs}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        self.child.try_wait().expect("wait").is_none()
+    }
+
+    async fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return (status, self.logs());
+            }
+            if start.elapsed() > WAIT {
+                panic!("steward did not stop after SIGTERM; log:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Steward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn status(config: &Path, json: bool) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_steward"));
+    cmd.arg("status");
+    if json {
+        cmd.arg("--json");
+    }
+    let out = cmd.arg("-c").arg(config).output().expect("steward status");
+    assert!(
+        out.status.success(),
+        "steward status failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+async fn scrape(port: u16) -> String {
+    match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// `id → (sku, price)` of every product in the database.
+fn db_products(db: &TestDb) -> BTreeMap<String, (String, String)> {
+    db.sql("SELECT id, coalesce(default_code, ''), list_price FROM product_template")
+        .lines()
+        .filter_map(|l| {
+            let mut parts = l.split('|');
+            let id = parts.next()?.to_string();
+            let sku = parts.next()?.to_string();
+            let price = parts.next()?.to_string();
+            Some((id, (sku, price)))
+        })
+        .collect()
+}
+
+/// `id → (sku, price)` of the latest version of each product a target holds.
+fn target_products(events: &[Value]) -> BTreeMap<String, (String, String)> {
+    let text = |v: &Value| match v {
+        Value::Null => String::new(),
+        Value::String(s) => s.clone(),
+        v => v.to_string(),
+    };
+    final_state(events)
+        .into_iter()
+        .filter(|((entity, _), _)| entity == "product")
+        .map(|((_, key), data)| (key, (text(&data["sku"]), text(&data["price"]))))
+        .collect()
+}
+
+fn count(events: &[Value], entity: &str) -> usize {
+    events.iter().filter(|e| e["entity"] == entity).count()
+}
+
+fn some_product(db: &TestDb) -> i64 {
+    db.sql("SELECT min(id) FROM product_template")
+        .trim()
+        .parse()
+        .expect("a product id")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_added_column_keeps_the_pipeline_running_and_a_reload_can_map_it() {
+    let db = TestDb::new("schema_add");
+    let wms = Receiver::start().await.unwrap();
+    let text = db.config_text(&[("wms", &wms.url(), &["product", "uom"])]);
+    let config = db.write_config(&text);
+    let steward = Steward::start(&config, &db.dir.path().join("steward.log"));
+    steward.wait_log("replication started", 1).await;
+    let id = some_product(&db);
+
+    // The start-up report names the mapped TOASTable columns and the cost.
+    let logs = steward.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("public.product_template: mapped columns"))
+        .unwrap_or_else(|| panic!("no TOAST report for product_template:\n{logs}"));
+    for needed in [
+        "INFO",
+        "default_code",
+        "name",
+        "list_price",
+        "can be TOASTed",
+        "re-reads them from the table by key",
+        "REPLICA IDENTITY FULL",
+    ] {
+        assert!(line.contains(needed), "{needed} in: {line}");
+    }
+    assert!(
+        !line.contains("uom_id"),
+        "an integer is never TOASTed: {line}"
+    );
+    assert!(
+        logs.contains("public.uom_uom: mapped columns"),
+        "uom maps jsonb and numeric columns:\n{logs}"
+    );
+
+    db.sql(&format!(
+        "UPDATE product_template SET list_price = 11 WHERE id = {id}"
+    ));
+    assert_eq!(wms.wait_for_events(1, WAIT).await, 1);
+
+    // An Odoo module upgrade adds a column; the next update still flows.
+    db.sql("ALTER TABLE product_template ADD COLUMN x_colour varchar");
+    db.sql(&format!(
+        "UPDATE product_template SET list_price = 12, x_colour = 'red' WHERE id = {id}"
+    ));
+    assert_eq!(wms.wait_for_events(2, WAIT).await, 2);
+    let event = &wms.accepted_events()[1];
+    assert_eq!(event["data"]["price"].to_string(), "12");
+    assert!(event["data"].get("colour").is_none());
+
+    // The operator maps the new column and reloads.
+    let mapped = text.replace(
+        "price = \"list_price\",",
+        "price = \"list_price\", colour = \"x_colour\",",
+    );
+    assert_ne!(mapped, text);
+    std::fs::write(&config, &mapped).unwrap();
+    steward.signal(nix::sys::signal::Signal::SIGHUP);
+    steward.wait_log("configuration reloaded", 1).await;
+    steward.wait_log("replication started", 2).await;
+    db.sql(&format!(
+        "UPDATE product_template SET list_price = 13, x_colour = 'blue' WHERE id = {id}"
+    ));
+    assert_eq!(wms.wait_for_events(3, WAIT).await, 3);
+    let event = &wms.accepted_events()[2];
+    assert_eq!(event["data"]["colour"], "blue", "{event}");
+
+    let (status, logs) = steward.terminate().await;
+    assert!(status.success(), "exit {status}; log:\n{logs}");
+    assert!(!logs.contains("entity stopped"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_mapped_column_stops_only_its_entity_and_its_return_resnapshots_it() {
+    let db = TestDb::new("schema_drop");
+    let wms = Receiver::start().await.unwrap();
+    let port = free_port();
+    let text = db
+        .config_text(&[("wms", &wms.url(), &["product", "uom"])])
+        .replace(
+            "[state]",
+            &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[state]"),
+        );
+    let config = db.write_config(&text);
+    let mut steward = Steward::start(&config, &db.dir.path().join("steward.log"));
+    steward.wait_log("replication started", 1).await;
+    let id = some_product(&db);
+    db.sql(&format!(
+        "UPDATE product_template SET list_price = 11 WHERE id = {id}"
+    ));
+    assert_eq!(wms.wait_for_events(1, WAIT).await, 1);
+
+    // A module upgrade drops a column the product entity maps (sku).
+    db.sql("ALTER TABLE product_template DROP COLUMN default_code");
+    db.sql("UPDATE product_template SET list_price = list_price + 1");
+    steward
+        .wait_log("entity stopped by a schema change", 1)
+        .await;
+    let logs = steward.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("entity stopped by a schema change"))
+        .unwrap();
+    for needed in [
+        "product",
+        "public.product_template",
+        "default_code",
+        "restore the column",
+        "SIGHUP",
+    ] {
+        assert!(line.contains(needed), "the log names {needed}: {line}");
+    }
+
+    // Other entities keep flowing and the LSN keeps being confirmed.
+    db.sql("UPDATE uom_uom SET factor = factor WHERE id = (SELECT min(id) FROM uom_uom)");
+    let after = db.current_wal();
+    wait_until("the uom change arrives", WAIT, || {
+        count(&wms.accepted_events(), "uom") >= 1
+    })
+    .await;
+    wait_until(
+        "the slot is confirmed past the skipped changes",
+        WAIT,
+        || db.confirmed_flush().is_some_and(|c| c >= after),
+    )
+    .await;
+    assert!(steward.running(), "the daemon stays up");
+    assert_eq!(
+        count(&wms.accepted_events(), "product"),
+        1,
+        "no product event while it is stopped"
+    );
+
+    // Status (JSON and text) and the metric show it.
+    wait_until("the status file shows the stop", WAIT, || {
+        let v: Value = serde_json::from_str(&status(&config, true)).unwrap();
+        v["stopped_entities"]
+            .as_array()
+            .is_some_and(|a| a.len() == 1)
+    })
+    .await;
+    let v: Value = serde_json::from_str(&status(&config, true)).unwrap();
+    let stopped = &v["stopped_entities"][0];
+    assert_eq!(stopped["entity"], "product");
+    assert_eq!(stopped["table"], "public.product_template");
+    assert_eq!(stopped["column"], "default_code");
+    let text_status = status(&config, false);
+    assert!(
+        text_status.contains("product STOPPED") && text_status.contains("default_code"),
+        "{text_status}"
+    );
+    let page = scrape(port).await;
+    assert!(
+        page.contains("steward_entity_stopped{entity=\"product\"} 1"),
+        "{page}"
+    );
+
+    // The column comes back (empty, as after a fresh ADD COLUMN) and rows change.
+    db.sql("ALTER TABLE product_template ADD COLUMN default_code varchar");
+    db.sql(&format!(
+        "UPDATE product_template SET default_code = 'SKU-' || id, list_price = 99 WHERE id = {id}"
+    ));
+    steward.wait_log("entity maps again", 1).await;
+    let expected = db_products(&db);
+    assert!(expected.len() > 1);
+    wait_until("the target equals the database again", WAIT, || {
+        target_products(&wms.accepted_events()) == expected
+    })
+    .await;
+    assert!(
+        count(&wms.accepted_events(), "product") > expected.len(),
+        "the products were re-sent by a snapshot"
+    );
+    wait_until("status no longer shows the stop", WAIT, || {
+        let v: Value = serde_json::from_str(&status(&config, true)).unwrap();
+        v["stopped_entities"]
+            .as_array()
+            .is_some_and(|a| a.is_empty())
+    })
+    .await;
+    let page = scrape(port).await;
+    assert!(
+        page.contains("steward_entity_stopped{entity=\"product\"} 0"),
+        "{page}"
+    );
+
+    // Later changes stream normally.
+    db.sql(&format!(
+        "UPDATE product_template SET list_price = 100 WHERE id = {id}"
+    ));
+    let expected = db_products(&db);
+    wait_until("a later change arrives", WAIT, || {
+        target_products(&wms.accepted_events()) == expected
+    })
+    .await;
+
+    let (status, logs) = steward.terminate().await;
+    assert!(status.success(), "exit {status}; log:\n{logs}");
+}
+
+/// `id → price` of every product in the database.
+fn db_prices(db: &TestDb) -> BTreeMap<String, String> {
+    db.sql("SELECT id, list_price FROM product_template")
+        .lines()
+        .filter_map(|l| {
+            let (id, price) = l.split_once('|')?;
+            Some((id.to_string(), price.to_string()))
+        })
+        .collect()
+}
+
+fn target_prices(events: &[Value]) -> BTreeMap<String, String> {
+    target_products(events)
+        .into_iter()
+        .map(|(k, (_, price))| (k, price))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_survives_a_restart_and_a_reload_without_the_column_recovers_it() {
+    let db = TestDb::new("schema_reload");
+    let wms = Receiver::start().await.unwrap();
+    let text = db.config_text(&[("wms", &wms.url(), &["product", "uom"])]);
+    let config = db.write_config(&text);
+    let log = db.dir.path().join("steward.log");
+    let steward = Steward::start(&config, &log);
+    steward.wait_log("replication started", 1).await;
+
+    db.sql("ALTER TABLE product_template DROP COLUMN default_code");
+    db.sql("UPDATE product_template SET list_price = list_price + 1");
+    steward
+        .wait_log("entity stopped by a schema change", 1)
+        .await;
+    let (exit, logs) = steward.terminate().await;
+    assert!(exit.success(), "exit {exit}; log:\n{logs}");
+
+    // Recorded in the state file: status shows it with the daemon stopped,
+    // and a restart keeps the entity stopped.
+    let out = status(&config, false);
+    assert!(
+        out.contains("daemon     not running") && out.contains("product STOPPED"),
+        "{out}"
+    );
+    db.sql("UPDATE product_template SET list_price = list_price + 1");
+    let steward = Steward::start(&config, &log);
+    steward.wait_log("replication started", 1).await;
+    steward.wait_log("entity still stopped", 1).await;
+    db.sql("UPDATE uom_uom SET factor = factor WHERE id = (SELECT min(id) FROM uom_uom)");
+    wait_until("the uom change arrives", WAIT, || {
+        count(&wms.accepted_events(), "uom") >= 1
+    })
+    .await;
+    assert_eq!(count(&wms.accepted_events(), "product"), 0);
+
+    // The operator drops the field from the mapping and reloads: the entity
+    // recovers at once and is re-sent by a snapshot.
+    let unmapped = text.replace("sku = \"default_code\", ", "");
+    assert_ne!(unmapped, text);
+    std::fs::write(&config, &unmapped).unwrap();
+    steward.signal(nix::sys::signal::Signal::SIGHUP);
+    steward.wait_log("configuration reloaded", 1).await;
+    steward.wait_log("entity maps again", 1).await;
+    let expected = db_prices(&db);
+    wait_until("the target equals the database again", WAIT, || {
+        target_prices(&wms.accepted_events()) == expected
+    })
+    .await;
+    wait_until("status no longer shows the stop", WAIT, || {
+        let v: Value = serde_json::from_str(&status(&config, true)).unwrap();
+        v["stopped_entities"]
+            .as_array()
+            .is_some_and(|a| a.is_empty())
+    })
+    .await;
+    let (status, logs) = steward.terminate().await;
+    assert!(status.success(), "exit {status}; log:\n{logs}");
+}
