@@ -99,12 +99,15 @@ pub async fn run_with(
     let mut drivers: Vec<(String, JoinHandle<anyhow::Result<()>>)> = Vec::new();
     for target in &config.targets {
         let (wake_tx, wake_rx) = watch::channel(0u64);
-        let sink = sinks::build(target, &config)
+        // One sink (connection) per batch that may be in flight at once.
+        let sinks = (0..target.delivery.max_in_flight.max(1))
+            .map(|_| sinks::build(target, &config))
+            .collect::<Result<Vec<_>, _>>()
             .with_context(|| format!("cannot set up target '{}'", target.name))?;
         let handle = tokio::spawn(driver::run_target(
             target.clone(),
             store.clone(),
-            sink,
+            sinks,
             wake_rx,
             driver_shutdown_rx.clone(),
         ));
