@@ -141,6 +141,7 @@ impl PostgresSink {
             // The connection code speaks of the source's keys; name this target's.
             let text = e
                 .to_string()
+                .replace("the source PostgreSQL server", "the PostgreSQL server")
                 .replace("source.", &format!("targets.{}.", self.target));
             DeliveryError {
                 retryable: e.is_transient(),
