@@ -38,6 +38,8 @@ fn sink(config: &Config) -> AnySink {
 
 fn event(key: &str, version: u64, op: EventOp, price: &str) -> Event {
     Event {
+        change: None,
+        tx_id: None,
         id: Event::source_id(Lsn(version), 0),
         entity: "product".into(),
         key: key.into(),
@@ -916,4 +918,90 @@ async fn nats_target_authenticates_with_a_token_or_user_and_password_and_fails_c
     let js = async_nats::jetstream::new(client);
     let mut stream = js.get_stream("STEWARD").await.expect("stream");
     assert_eq!(stream.info().await.expect("info").state.messages, 1);
+}
+
+// ------------------------------------------------------------ debezium, http
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debezium_over_http_snapshot_insert_update_delete_end_to_end() {
+    let db = TestDb::new("dbz_http");
+    let wms = Receiver::start().await.expect("receiver");
+    wms.accept_any_json(true);
+    // initial = snapshot (the default): existing products first, as "r".
+    let config = config_with(
+        &db,
+        &format!(
+            "type = \"http\"\nurl = \"{}\"\nentities = [\"product\"]\nenvelope = \"debezium\"",
+            wms.url()
+        ),
+    );
+    let products: usize = db
+        .sql("SELECT count(*) FROM product_template")
+        .trim()
+        .parse()
+        .expect("count");
+    let daemon = InProcess::start(config);
+    assert_eq!(wms.wait_for_events(products, WAIT).await, products);
+    wait_streaming(&db).await;
+
+    let xid = |sql: &str| -> u64 {
+        db.sql(&format!("{sql} RETURNING txid_current() % 4294967296"))
+            .trim()
+            .parse()
+            .expect("xid")
+    };
+    let x_insert = xid(
+        "INSERT INTO product_template (id, categ_id, uom_id, uom_po_id, detailed_type, type, default_code, name, list_price, active, tracking, purchase_line_warn, sale_line_warn) \
+         VALUES (9001, 1, 1, 1, 'product', 'product', 'DBZ-1', '{\"en_US\": \"Debezium Desk\"}', 10.50, true, 'none', 'no-message', 'no-message')",
+    );
+    let x_update = xid("UPDATE product_template SET list_price = 11.25 WHERE id = 9001");
+    let x_delete = xid("DELETE FROM product_template WHERE id = 9001");
+    assert_eq!(wms.wait_for_events(products + 3, WAIT).await, products + 3);
+    daemon.stop().await.expect("clean stop");
+
+    let requests = wms.requests();
+    let content_type = requests[0]
+        .headers
+        .iter()
+        .find(|(k, _)| k == "content-type")
+        .map(|(_, v)| v.clone());
+    assert_eq!(content_type.as_deref(), Some("application/json"));
+    let events = wms.accepted_events();
+    // What a Debezium consumer reads: op, before/after, source.{lsn, txId, table, snapshot}, ts_ms.
+    for e in &events[..products] {
+        assert_eq!(e["op"], "r", "{e}");
+        assert!(e["before"].is_null() && e["after"].is_object(), "{e}");
+        assert_eq!(e["source"]["snapshot"], "true");
+        assert!(e["source"]["txId"].is_null());
+    }
+    let live = &events[products..];
+    let ops: Vec<&str> = live.iter().map(|e| e["op"].as_str().expect("op")).collect();
+    assert_eq!(ops, ["c", "u", "d"]);
+    let (c, u, d) = (&live[0], &live[1], &live[2]);
+    assert!(c["before"].is_null());
+    assert_eq!(c["after"]["sku"], "DBZ-1");
+    assert_eq!(c["after"]["price"].to_string(), "10.50", "exact numbers");
+    assert_eq!(u["after"]["price"].to_string(), "11.25");
+    assert!(d["after"].is_null());
+    assert_eq!(
+        d["before"]["id"], 9001,
+        "a delete carries the key in before"
+    );
+    let mut lsns = Vec::new();
+    for (e, x) in live.iter().zip([x_insert, x_update, x_delete]) {
+        let s = &e["source"];
+        assert_eq!(s["connector"], "steward");
+        assert_eq!(s["db"], db.name.as_str());
+        assert_eq!(s["schema"], "public");
+        assert_eq!(s["table"], "product_template");
+        assert_eq!(s["snapshot"], "false");
+        assert_eq!(s["txId"], x, "the source transaction id: {e}");
+        assert!(s["ts_ms"].as_i64().expect("commit time") > 1_600_000_000_000);
+        assert!(e["ts_ms"].as_i64().expect("ts_ms") >= s["ts_ms"].as_i64().unwrap());
+        lsns.push(s["lsn"].as_u64().expect("lsn"));
+    }
+    assert!(
+        lsns.windows(2).all(|w| w[0] < w[1]),
+        "commit LSNs ascend: {lsns:?}"
+    );
 }

@@ -315,6 +315,8 @@ enum Consumed {
 struct OpenTxn {
     final_lsn: Lsn,
     time: String,
+    /// The source transaction id, carried by its events.
+    xid: u32,
     index: u32,
     mapped: Vec<Mapped>,
 }
@@ -388,12 +390,13 @@ async fn consume(
             SourceEvent::Begin {
                 final_lsn,
                 commit_time_micros,
-                ..
+                xid,
             } => {
                 committer.state.health.note_begin(commit_time_micros);
                 open = Some(OpenTxn {
                     final_lsn,
                     time: pg_micros_to_rfc3339(commit_time_micros),
+                    xid,
                     index: 0,
                     mapped: Vec::new(),
                 });
@@ -411,6 +414,7 @@ async fn consume(
                             continue;
                         }
                     }
+                    let before = txn.mapped.len();
                     pipeline.map_change(
                         &change,
                         txn.final_lsn,
@@ -418,6 +422,9 @@ async fn consume(
                         &txn.time,
                         &mut txn.mapped,
                     )?;
+                    for m in &mut txn.mapped[before..] {
+                        m.event.tx_id = Some(txn.xid);
+                    }
                     if txn.mapped.len() >= committer.max_events {
                         // A huge transaction (a mass price update, an import):
                         // store what it produced so far instead of holding it

@@ -1197,6 +1197,8 @@ mod tests {
 
     fn event(n: u64) -> Event {
         Event {
+            change: None,
+            tx_id: None,
             id: Event::source_id(Lsn(n), 0),
             entity: "product".into(),
             key: (n % 7).to_string(),
@@ -1674,6 +1676,8 @@ mod tests {
         let events: Vec<Event> = range
             .clone()
             .map(|n| Event {
+                change: None,
+                tx_id: None,
                 key: (n % keys).to_string(),
                 ..event(n)
             })

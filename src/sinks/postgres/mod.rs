@@ -491,6 +491,8 @@ mod tests {
 
     fn ev(key: &str, lsn: u64, idx: u32) -> Event {
         Event {
+            change: None,
+            tx_id: None,
             id: Event::source_id(Lsn(lsn), idx),
             entity: "product".into(),
             key: key.into(),
