@@ -8,6 +8,8 @@ use steward::store::Store;
 fn events(n: u64) -> Vec<Event> {
     (0..n)
         .map(|i| Event {
+            change: None,
+            tx_id: None,
             id: Event::source_id(Lsn(0x1000 + i), i as u32),
             entity: "product".into(),
             key: i.to_string(),

@@ -299,3 +299,143 @@ async fn a_rate_limit_of_100_events_per_second_holds_within_10_percent() {
         "batches are capped at the burst, so none is refused"
     );
 }
+
+/// Config text with two HTTP targets receiving products: `one` and `four`
+/// (max_in_flight 1 and 4), each with `extra` lines.
+fn two_targets(db: &TestDb, one: &str, four: &str, extra: &str) -> steward::config::Config {
+    let mut text = db.config_text(&[("one", one, &["product"])]);
+    text.push_str(&format!("max_in_flight = 1\n{extra}\n"));
+    text.push_str(&format!(
+        "\n[targets.four]\ntype = \"http\"\nurl = \"{four}\"\nentities = [\"product\"]\ninitial = \"none\"\n\
+         batch_linger_ms = 5\nretry_initial_ms = 50\nretry_max_ms = 500\ntimeout_ms = 5000\nmax_in_flight = 4\n{extra}\n"
+    ));
+    db.config(&text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_batches_in_flight_against_a_slow_receiver_are_faster_and_keep_key_order() {
+    let db = TestDb::new("in_flight");
+    let one = Receiver::start().await.unwrap();
+    let four = Receiver::start().await.unwrap();
+    for r in [&one, &four] {
+        r.set_latency(Duration::from_millis(20));
+    }
+    let config = two_targets(&db, &one.url(), &four.url(), "batch_max_events = 10");
+    let daemon = InProcess::start(config);
+    wait_streaming(&db).await;
+
+    // 500 new products in one transaction: 50 full batches of distinct keys.
+    let ids: Vec<u64> = (10_001..10_501).collect();
+    let inserts: String = ids.iter().map(|&id| insert_product(id, "0")).collect();
+    let started = Instant::now();
+    db.sql(&format!("BEGIN; {inserts} COMMIT;"));
+    assert_eq!(four.wait_for_events(500, WAIT).await, 500);
+    assert_eq!(one.wait_for_events(500, WAIT).await, 500);
+    // From the commit to the last event, and from the first request's arrival
+    // to the last (delivery alone).
+    let took = |r: &Receiver| {
+        let log = r.accepted_log();
+        let last = log.last().unwrap().at;
+        (last - started, last - log.first().unwrap().at)
+    };
+    let ((t1, d1), (t4, d4)) = (took(&one), took(&four));
+    // The first batch's events arrived with the first request: not in the span.
+    let rate = |t: Duration| 490.0 / t.as_secs_f64();
+    eprintln!(
+        "500 events in batches of 10, receiver latency 20 ms: max_in_flight 1: {} ms from commit, \
+         {:.0} events/s delivering; max_in_flight 4: {} ms from commit, {:.0} events/s delivering; \
+         most concurrent requests {} / {}",
+        t1.as_millis(),
+        rate(d1),
+        t4.as_millis(),
+        rate(d4),
+        one.max_concurrent_requests(),
+        four.max_concurrent_requests()
+    );
+    assert_eq!(one.max_concurrent_requests(), 1);
+    assert!(
+        four.max_concurrent_requests() >= 2,
+        "requests overlapped: {}",
+        four.max_concurrent_requests()
+    );
+    assert!(
+        t4.as_secs_f64() * 1.5 < t1.as_secs_f64(),
+        "4 in flight ({t4:?}) clearly faster than 1 ({t1:?})"
+    );
+
+    // Many updates of few keys: every key's prices arrive in commit order.
+    let keys = &ids[..5];
+    let updates: String = (1..=40)
+        .map(|p| {
+            format!(
+                "UPDATE product_template SET list_price = {p} WHERE id BETWEEN {} AND {};",
+                keys[0], keys[4]
+            )
+        })
+        .collect();
+    db.sql(&updates);
+    assert_eq!(four.wait_for_events(700, WAIT).await, 700);
+    assert_eq!(one.wait_for_events(700, WAIT).await, 700);
+    daemon.stop().await.unwrap();
+    let expected: Vec<String> = std::iter::once("0".to_string())
+        .chain((1..=40).map(|p| p.to_string()))
+        .collect();
+    for r in [&four, &one] {
+        let events = r.accepted_events();
+        for id in keys {
+            assert_eq!(prices_of(&events, &id.to_string()), expected, "key {id}");
+        }
+    }
+    assert!(four.requests().iter().all(|r| r.status == 204));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_four_in_flight_a_rejected_key_holds_back_only_itself() {
+    let db = TestDb::new("in_flight_dlq");
+    let wms = Receiver::start().await.unwrap();
+    wms.set_latency(Duration::from_millis(20));
+    wms.set_behaviour(Behaviour::FailKey {
+        key: "9002".into(),
+        status: 422,
+    });
+    let (path, config) = config(&db, &wms.url(), "max_in_flight = 4\nbatch_max_events = 3");
+    let daemon = InProcess::start(config);
+    wait_streaming(&db).await;
+
+    let ids: Vec<u64> = (9001..9013).collect();
+    let inserts: String = ids.iter().map(|&id| insert_product(id, "0")).collect();
+    db.sql(&format!("BEGIN; {inserts} COMMIT;"));
+    let updates: String = (1..=10)
+        .map(|p| {
+            format!("UPDATE product_template SET list_price = {p} WHERE id BETWEEN 9001 AND 9012;")
+        })
+        .collect();
+    db.sql(&updates);
+    let expected: Vec<String> = (0..=10).map(|p| p.to_string()).collect();
+    wait_until("every other key delivered in full", WAIT, || {
+        let events = wms.accepted_events();
+        ids.iter()
+            .filter(|&&id| id != 9002)
+            .all(|id| prices_of(&events, &id.to_string()).len() == expected.len())
+    })
+    .await;
+    let mut list = String::new();
+    wait_until("key 9002 dead-lettered", WAIT, || {
+        list = steward(&["dlq", "list", "--target", "wms"], &path);
+        list.contains("11 dead letter(s)")
+    })
+    .await;
+    daemon.stop().await.unwrap();
+
+    let events = wms.accepted_events();
+    for id in ids.iter().filter(|&&id| id != 9002) {
+        assert_eq!(prices_of(&events, &id.to_string()), expected, "key {id}");
+    }
+    assert!(prices_of(&events, "9002").is_empty());
+    assert!(list.contains("HTTP 422"), "{list}");
+    assert!(
+        wms.max_concurrent_requests() >= 2,
+        "requests overlapped: {}",
+        wms.max_concurrent_requests()
+    );
+}

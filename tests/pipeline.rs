@@ -285,7 +285,16 @@ fn workload_sql(i: u32) -> String {
 async fn kill_9_at_random_moments_loses_nothing() {
     let steps = env_or("STEWARD_KILL9_STEPS", 300);
     let kills = env_or("STEWARD_KILL9_KILLS", 6);
-    kill9_suite(steps, kills).await;
+    kill9_suite(steps, kills, 1).await;
+}
+
+/// The crash suite with four batches in flight per target: batches finish
+/// out of order, and a kill between them must still lose nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_four_batches_in_flight_loses_nothing() {
+    let steps = env_or("STEWARD_KILL9_STEPS", 200);
+    let kills = env_or("STEWARD_KILL9_KILLS", 5);
+    kill9_suite(steps, kills, 4).await;
 }
 
 /// The crash suite, long: `cargo test --release --test pipeline -- --ignored kill_9 --nocapture`.
@@ -295,6 +304,7 @@ async fn kill_9_two_hundred_times_loses_nothing() {
     kill9_suite(
         env_or("STEWARD_KILL9_STEPS", 5000),
         env_or("STEWARD_KILL9_KILLS", 200),
+        env_or("STEWARD_KILL9_IN_FLIGHT", 1),
     )
     .await;
 }
@@ -310,7 +320,7 @@ fn env_or(name: &str, default: u32) -> u32 {
 /// instants, two targets (HTTP and PostgreSQL). Afterwards every change was
 /// delivered at least once, no id ever carried different content, and both
 /// targets' final state equals the database.
-async fn kill9_suite(steps: u32, kills: u32) {
+async fn kill9_suite(steps: u32, kills: u32, max_in_flight: u32) {
     let db = TestDb::new("kill9");
     let wms = Receiver::start().await.unwrap();
     let mut text = db.config_text(&[(
@@ -318,9 +328,11 @@ async fn kill9_suite(steps: u32, kills: u32) {
         &wms.url(),
         &["product", "partner", "uom", "workcenter"],
     )]);
+    text.push_str(&format!("max_in_flight = {max_in_flight}\n"));
     text.push_str(&format!(
         "\n[targets.mirror]\ntype = \"postgres\"\nurl = \"{}\"\nentities = [\"product\", \"partner\"]\n\
-         table_prefix = \"mirror_\"\ncreate_tables = true\ninitial = \"none\"\nbatch_linger_ms = 5\nretry_initial_ms = 50\nretry_max_ms = 500\n",
+         table_prefix = \"mirror_\"\ncreate_tables = true\ninitial = \"none\"\nbatch_linger_ms = 5\nretry_initial_ms = 50\nretry_max_ms = 500\n\
+         max_in_flight = {max_in_flight}\n",
         db.url()
     ));
     let config = db.write_config(&text);

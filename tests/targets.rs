@@ -14,7 +14,9 @@ use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
 use steward::config::Config;
-use steward::dev::receiver::Receiver;
+use steward::dev::receiver::{Receiver, ReceiverTls};
+use steward::dev::tls::TestPki;
+use steward::dev::{DevCluster, DevClusterOptions};
 use steward::model::{Event, EventOp, Lsn};
 use steward::sinks::{self, AnySink, Deliver};
 use support::{wait_until, InProcess, TestDb};
@@ -36,6 +38,8 @@ fn sink(config: &Config) -> AnySink {
 
 fn event(key: &str, version: u64, op: EventOp, price: &str) -> Event {
     Event {
+        change: None,
+        tx_id: None,
         id: Event::source_id(Lsn(version), 0),
         entity: "product".into(),
         key: key.into(),
@@ -287,6 +291,11 @@ impl Drop for NatsServer {
 }
 
 async fn start_nats() -> Option<NatsServer> {
+    start_nats_with(&[]).await
+}
+
+/// nats-server with JetStream and `extra` arguments (e.g. `--auth TOKEN`).
+async fn start_nats_with(extra: &[&str]) -> Option<NatsServer> {
     let bin = Path::new("/usr/sbin/nats-server");
     if !bin.exists() {
         println!("SKIPPED: /usr/sbin/nats-server is not installed (apt-get install nats-server)");
@@ -297,6 +306,7 @@ async fn start_nats() -> Option<NatsServer> {
     let child = std::process::Command::new(bin)
         .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd"])
         .arg(dir.path())
+        .args(extra)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -593,4 +603,405 @@ async fn http_batches_carry_a_verifiable_standard_webhooks_signature() {
         assert_eq!(header("authorization"), "Bearer tok-123");
     }
     assert_eq!(receiver.accepted_count(), 3);
+}
+
+// ----------------------------------------------------------------- TLS, auth
+
+fn pki(db: &TestDb) -> TestPki {
+    let dir = db.dir.path().join("pki");
+    std::fs::create_dir(&dir).expect("pki dir");
+    TestPki::generate(&dir).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_target_needs_its_ca_file_and_loses_nothing_until_it_is_given() {
+    let db = TestDb::new("https_ca");
+    let pki = pki(&db);
+    let wms = Receiver::start_tls(ReceiverTls {
+        cert: pki.server_cert.clone(),
+        key: pki.server_key.clone(),
+        client_ca: None,
+    })
+    .await
+    .expect("https receiver");
+    assert!(wms.url().starts_with("https://127.0.0.1:"));
+    let target = |extra: &str| {
+        format!(
+            "type = \"http\"\nurl = \"{}\"\nentities = [\"product\"]\ninitial = \"none\"\n{extra}",
+            wms.url()
+        )
+    };
+
+    // Without ca_file the receiver's certificate is not trusted: a clear,
+    // retryable error (the events wait in the outbox).
+    let config = config_with(&db, &target(""));
+    let e = sink(&config)
+        .deliver(&[event("1", 3, EventOp::Upsert, "1")])
+        .await
+        .expect_err("an untrusted certificate is refused");
+    assert!(e.retryable, "{e}");
+    assert!(e.message.contains("certificate"), "{e}");
+    assert!(
+        e.message.contains("set targets.t.ca_file"),
+        "names the fix: {e}"
+    );
+    assert!(e.message.contains(&wms.url()), "names the target: {e}");
+    let daemon = InProcess::start(config);
+    wait_streaming(&db).await;
+    db.sql("UPDATE product_template SET list_price = 4.50 WHERE id = 1");
+    wait_until("several refused handshakes", WAIT, || {
+        wms.tls_failures().len() >= 3
+    })
+    .await;
+    daemon.stop().await.expect("clean stop");
+    assert_eq!(wms.accepted_count(), 0);
+    {
+        let store = steward::store::Store::open(&db.state_path()).expect("store");
+        let stats = store.target_stats("t").expect("stats");
+        assert_eq!(stats.backlog, 1, "the event waits in the outbox");
+        let err = stats
+            .last_error
+            .expect("the error is recorded for steward status");
+        assert!(err.contains("certificate"), "{err}");
+    }
+
+    // Fixed: with the CA the waiting event arrives.
+    let config = config_with(
+        &db,
+        &target(&format!("ca_file = \"{}\"", pki.ca_cert.display())),
+    );
+    let daemon = InProcess::start(config);
+    assert_eq!(wms.wait_for_events(1, WAIT).await, 1);
+    daemon.stop().await.expect("clean stop");
+    assert_eq!(
+        wms.accepted_events()[0]["data"]["price"].to_string(),
+        "4.50"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_target_presents_its_client_certificate_to_a_server_requiring_one() {
+    let db = TestDb::new("https_mtls");
+    let pki = pki(&db);
+    let wms = Receiver::start_tls(ReceiverTls {
+        cert: pki.server_cert.clone(),
+        key: pki.server_key.clone(),
+        client_ca: Some(pki.ca_cert.clone()),
+    })
+    .await
+    .expect("https receiver");
+    let target = |extra: &str| {
+        format!(
+            "type = \"http\"\nurl = \"{}\"\nentities = [\"product\"]\nca_file = \"{}\"\n{extra}",
+            wms.url(),
+            pki.ca_cert.display()
+        )
+    };
+    let batch = [event("1", 3, EventOp::Upsert, "1")];
+
+    let without = config_with(&db, &target(""));
+    let e = sink(&without)
+        .deliver(&batch)
+        .await
+        .expect_err("no client certificate");
+    println!("without a client certificate: {e}");
+    assert!(e.retryable, "{e}");
+    assert!(
+        e.message.contains("set targets.t.client_cert_file"),
+        "says what is missing: {e}"
+    );
+    assert!(
+        wms.tls_failures()
+            .iter()
+            .any(|f| f.to_lowercase().contains("certificate")),
+        "{:?}",
+        wms.tls_failures()
+    );
+    assert_eq!(wms.accepted_count(), 0);
+
+    let with = config_with(
+        &db,
+        &target(&format!(
+            "client_cert_file = \"{}\"\nclient_key_file = \"{}\"",
+            pki.client_cert.display(),
+            pki.client_key.display()
+        )),
+    );
+    deliver(&mut sink(&with), &batch).await;
+    assert_eq!(wms.accepted_count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_target_over_verify_full_tls_with_a_password_file() {
+    let db = TestDb::new("pg_tls");
+    let tls = DevCluster::start(DevClusterOptions {
+        ssl: true,
+        ..Default::default()
+    })
+    .expect("TLS cluster");
+    tls.create_database("mdm").expect("database");
+    let password = "Wr1ter-pw-7f3c";
+    tls.psql(
+        "postgres",
+        &format!(
+            "CREATE ROLE writer LOGIN PASSWORD '{password}'; GRANT ALL ON DATABASE mdm TO writer;"
+        ),
+    )
+    .expect("role");
+    // The writer may only come in over TLS, with its password.
+    tls.set_hba(&[
+        "hostssl all writer 127.0.0.1/32 scram-sha-256",
+        "host all writer 127.0.0.1/32 reject",
+    ])
+    .expect("hba");
+    let ca = tls.ssl_ca_path().expect("CA").display().to_string();
+    let secret = db.dir.path().join("writer.password");
+    std::fs::write(&secret, format!("{password}\n")).expect("password file");
+    let target = |query: &str, password_file: &Path| {
+        format!(
+            "type = \"postgres\"\nurl = \"postgres://writer@localhost:{}/mdm?{query}\"\n\
+             password_file = \"{}\"\nentities = [\"product\"]\nschema = \"mdm\"\ncreate_tables = true",
+            tls.port(),
+            password_file.display()
+        )
+    };
+    let verify = format!("sslmode=verify-full&sslrootcert={ca}");
+
+    let mut pg = sink(&config_with(&db, &target(&verify, &secret)));
+    deliver(
+        &mut pg,
+        &[
+            event("1", 3, EventOp::Upsert, "3.30"),
+            event("2", 4, EventOp::Upsert, "4.40"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        tls.psql("mdm", "SELECT _key, price FROM mdm.product ORDER BY _key")
+            .expect("rows")
+            .trim(),
+        "1|3.30\n2|4.40"
+    );
+    assert_eq!(
+        tls.psql(
+            "mdm",
+            "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.usename = 'writer'"
+        )
+        .expect("ssl")
+        .trim(),
+        "t",
+        "the target's connection uses TLS"
+    );
+    drop(pg);
+
+    // A wrong password: a clear error that does not show either password.
+    let wrong = db.dir.path().join("wrong.password");
+    std::fs::write(&wrong, "not-the-password\n").expect("file");
+    let e = sink(&config_with(&db, &target(&verify, &wrong)))
+        .deliver(&[event("1", 5, EventOp::Upsert, "5")])
+        .await
+        .expect_err("wrong password");
+    println!("wrong password: {e}");
+    assert!(e.message.contains("password authentication failed"), "{e}");
+    assert!(
+        e.message.contains("targets.t.password_file"),
+        "names the key: {e}"
+    );
+    assert!(
+        !e.message.contains("source"),
+        "a target, not the source: {e}"
+    );
+    assert!(
+        !e.message.contains("not-the-password") && !e.message.contains(password),
+        "{e}"
+    );
+
+    // verify-full without the CA: the server's certificate is not trusted.
+    let e = sink(&config_with(&db, &target("sslmode=verify-full", &secret)))
+        .deliver(&[event("1", 5, EventOp::Upsert, "5")])
+        .await
+        .expect_err("untrusted certificate");
+    println!("without sslrootcert: {e}");
+    assert!(e.message.to_lowercase().contains("certificate"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_target_authenticates_with_a_token_or_user_and_password_and_fails_clearly() {
+    let db = TestDb::new("nats_auth");
+    let nats_target = |url: &str, auth: &str| {
+        format!(
+            "type = \"nats\"\nurl = \"{url}\"\nentities = [\"product\"]\nstream = \"STEWARD\"\ncreate_stream = true\n\
+             subject = \"steward.{{entity}}.{{key}}\"\nconnect_timeout_ms = 2000\n{auth}"
+        )
+    };
+    let write = |name: &str, text: &str| {
+        let path = db.dir.path().join(name);
+        std::fs::write(&path, format!("{text}\n")).expect("secret file");
+        path.display().to_string()
+    };
+    let batch = [event("1", 3, EventOp::Upsert, "1")];
+
+    // Token.
+    let token = "tok-5b7e1c";
+    let Some(nats) = start_nats_with(&["--auth", token]).await else {
+        return;
+    };
+    let right = write("nats.token", token);
+    let wrong = write("wrong.token", "tok-wrong-0000");
+    deliver(
+        &mut sink(&config_with(
+            &db,
+            &nats_target(&nats.url, &format!("token_file = \"{right}\"")),
+        )),
+        &batch,
+    )
+    .await;
+    for auth in [format!("token_file = \"{wrong}\""), String::new()] {
+        let e = sink(&config_with(&db, &nats_target(&nats.url, &auth)))
+            .deliver(&batch)
+            .await
+            .expect_err("refused");
+        println!("nats token {auth:?}: {e}");
+        assert!(
+            e.message.contains("check the URL and the credentials"),
+            "{e}"
+        );
+        assert!(!e.retryable, "{e}");
+        assert!(!e.message.contains("tok-"), "no token in the message: {e}");
+    }
+    drop(nats);
+
+    // User and password.
+    let Some(nats) = start_nats_with(&["--user", "steward", "--pass", "pw-91d2aa"]).await else {
+        return;
+    };
+    let right = write("nats.password", "pw-91d2aa");
+    let wrong = write("wrong.password", "pw-wrong-00");
+    deliver(
+        &mut sink(&config_with(
+            &db,
+            &nats_target(
+                &nats.url,
+                &format!("user = \"steward\"\npassword_file = \"{right}\""),
+            ),
+        )),
+        &batch,
+    )
+    .await;
+    let e = sink(&config_with(
+        &db,
+        &nats_target(
+            &nats.url,
+            &format!("user = \"steward\"\npassword_file = \"{wrong}\""),
+        ),
+    ))
+    .deliver(&batch)
+    .await
+    .expect_err("refused");
+    println!("nats wrong password: {e}");
+    assert!(
+        e.message.contains("check the URL and the credentials"),
+        "{e}"
+    );
+    assert!(
+        !e.message.contains("pw-"),
+        "no password in the message: {e}"
+    );
+
+    // What arrived: the two accepted batches, one per server (the second
+    // server has its own stream).
+    let client = async_nats::ConnectOptions::new()
+        .user_and_password("steward".into(), "pw-91d2aa".into())
+        .connect(&nats.url)
+        .await
+        .expect("connect");
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("STEWARD").await.expect("stream");
+    assert_eq!(stream.info().await.expect("info").state.messages, 1);
+}
+
+// ------------------------------------------------------------ debezium, http
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn debezium_over_http_snapshot_insert_update_delete_end_to_end() {
+    let db = TestDb::new("dbz_http");
+    let wms = Receiver::start().await.expect("receiver");
+    wms.accept_any_json(true);
+    // initial = snapshot (the default): existing products first, as "r".
+    let config = config_with(
+        &db,
+        &format!(
+            "type = \"http\"\nurl = \"{}\"\nentities = [\"product\"]\nenvelope = \"debezium\"",
+            wms.url()
+        ),
+    );
+    let products: usize = db
+        .sql("SELECT count(*) FROM product_template")
+        .trim()
+        .parse()
+        .expect("count");
+    let daemon = InProcess::start(config);
+    assert_eq!(wms.wait_for_events(products, WAIT).await, products);
+    wait_streaming(&db).await;
+
+    let xid = |sql: &str| -> u64 {
+        db.sql(&format!("{sql} RETURNING txid_current() % 4294967296"))
+            .trim()
+            .parse()
+            .expect("xid")
+    };
+    let x_insert = xid(
+        "INSERT INTO product_template (id, categ_id, uom_id, uom_po_id, detailed_type, type, default_code, name, list_price, active, tracking, purchase_line_warn, sale_line_warn) \
+         VALUES (9001, 1, 1, 1, 'product', 'product', 'DBZ-1', '{\"en_US\": \"Debezium Desk\"}', 10.50, true, 'none', 'no-message', 'no-message')",
+    );
+    let x_update = xid("UPDATE product_template SET list_price = 11.25 WHERE id = 9001");
+    let x_delete = xid("DELETE FROM product_template WHERE id = 9001");
+    assert_eq!(wms.wait_for_events(products + 3, WAIT).await, products + 3);
+    daemon.stop().await.expect("clean stop");
+
+    let requests = wms.requests();
+    let content_type = requests[0]
+        .headers
+        .iter()
+        .find(|(k, _)| k == "content-type")
+        .map(|(_, v)| v.clone());
+    assert_eq!(content_type.as_deref(), Some("application/json"));
+    let events = wms.accepted_events();
+    // What a Debezium consumer reads: op, before/after, source.{lsn, txId, table, snapshot}, ts_ms.
+    for e in &events[..products] {
+        assert_eq!(e["op"], "r", "{e}");
+        assert!(e["before"].is_null() && e["after"].is_object(), "{e}");
+        assert_eq!(e["source"]["snapshot"], "true");
+        assert!(e["source"]["txId"].is_null());
+    }
+    let live = &events[products..];
+    let ops: Vec<&str> = live.iter().map(|e| e["op"].as_str().expect("op")).collect();
+    assert_eq!(ops, ["c", "u", "d"]);
+    let (c, u, d) = (&live[0], &live[1], &live[2]);
+    assert!(c["before"].is_null());
+    assert_eq!(c["after"]["sku"], "DBZ-1");
+    assert_eq!(c["after"]["price"].to_string(), "10.50", "exact numbers");
+    assert_eq!(u["after"]["price"].to_string(), "11.25");
+    assert!(d["after"].is_null());
+    assert_eq!(
+        d["before"]["id"], 9001,
+        "a delete carries the key in before"
+    );
+    let mut lsns = Vec::new();
+    for (e, x) in live.iter().zip([x_insert, x_update, x_delete]) {
+        let s = &e["source"];
+        assert_eq!(s["connector"], "steward");
+        assert_eq!(s["db"], db.name.as_str());
+        assert_eq!(s["schema"], "public");
+        assert_eq!(s["table"], "product_template");
+        assert_eq!(s["snapshot"], "false");
+        assert_eq!(s["txId"], x, "the source transaction id: {e}");
+        assert!(s["ts_ms"].as_i64().expect("commit time") > 1_600_000_000_000);
+        assert!(e["ts_ms"].as_i64().expect("ts_ms") >= s["ts_ms"].as_i64().unwrap());
+        lsns.push(s["lsn"].as_u64().expect("lsn"));
+    }
+    assert!(
+        lsns.windows(2).all(|w| w[0] < w[1]),
+        "commit LSNs ascend: {lsns:?}"
+    );
 }

@@ -19,6 +19,9 @@ pub struct DeliveryPolicy {
     pub window: Window,
     /// Per-entity overrides of `window`, from `[targets.NAME.windows]`.
     pub entity_windows: Vec<(String, Window)>,
+    /// Most batches in flight to the target at once (1..=64); batches in
+    /// flight never share a key.
+    pub max_in_flight: usize,
 }
 
 impl Default for DeliveryPolicy {
@@ -30,6 +33,7 @@ impl Default for DeliveryPolicy {
             rate_limit_events_per_sec: None,
             window: Window::Realtime,
             entity_windows: Vec::new(),
+            max_in_flight: 1,
         }
     }
 }

@@ -983,6 +983,13 @@ fn check_target(
     };
 
     let delivery = check_delivery(&r, entities.as_deref(), errs);
+    if declared == Some("file") && delivery.as_ref().is_some_and(|d| d.max_in_flight > 1) {
+        errs.add(
+            &r.key("max_in_flight"),
+            "a file target appends to one file, one batch at a time; remove max_in_flight (or set 1)",
+        );
+        return None;
+    }
 
     let (retry_initial, retry_max) = (retry_initial?, retry_max?);
     if !(name_ok && kind_ok) || retry_max < retry_initial {

@@ -100,12 +100,15 @@ pub async fn run_with(
     let mut drivers: Vec<(String, JoinHandle<anyhow::Result<()>>)> = Vec::new();
     for target in &config.targets {
         let (wake_tx, wake_rx) = watch::channel(0u64);
-        let sink = sinks::build(target, &config)
+        // One sink (connection) per batch that may be in flight at once.
+        let sinks = (0..target.delivery.max_in_flight.max(1))
+            .map(|_| sinks::build(target, &config))
+            .collect::<Result<Vec<_>, _>>()
             .with_context(|| format!("cannot set up target '{}'", target.name))?;
         let handle = tokio::spawn(driver::run_target(
             target.clone(),
             store.clone(),
-            sink,
+            sinks,
             wake_rx,
             driver_shutdown_rx.clone(),
         ));
@@ -314,6 +317,8 @@ enum Consumed {
 struct OpenTxn {
     final_lsn: Lsn,
     time: String,
+    /// The source transaction id, carried by its events.
+    xid: u32,
     index: u32,
     mapped: Vec<Mapped>,
 }
@@ -393,12 +398,13 @@ async fn consume(
             SourceEvent::Begin {
                 final_lsn,
                 commit_time_micros,
-                ..
+                xid,
             } => {
                 committer.state.health.note_begin(commit_time_micros);
                 open = Some(OpenTxn {
                     final_lsn,
                     time: pg_micros_to_rfc3339(commit_time_micros),
+                    xid,
                     index: 0,
                     mapped: Vec::new(),
                 });
@@ -416,6 +422,7 @@ async fn consume(
                             continue;
                         }
                     }
+                    let before = txn.mapped.len();
                     pipeline.map_change(
                         &change,
                         txn.final_lsn,
@@ -423,6 +430,9 @@ async fn consume(
                         &txn.time,
                         &mut txn.mapped,
                     )?;
+                    for m in &mut txn.mapped[before..] {
+                        m.event.tx_id = Some(txn.xid);
+                    }
                     if txn.mapped.len() >= committer.max_events {
                         // A huge transaction (a mass price update, an import):
                         // store what it produced so far instead of holding it

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod receiver;
+pub mod tls;
 
 pub use cluster::{DevCluster, DevClusterOptions, DevError};
 pub use receiver::Receiver;

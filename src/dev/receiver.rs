@@ -11,6 +11,13 @@
 //! decimal string; anything else is answered 400, so a malformed body from the
 //! sink shows up as a failed delivery rather than passing silently.
 //!
+//! [`Receiver::start_tls`] serves HTTPS instead (see `dev::tls`), optionally
+//! requiring a client certificate; [`Receiver::set_latency`] makes every
+//! answer wait (a distant target) and [`Receiver::max_concurrent_requests`]
+//! tells how many requests were in progress at once;
+//! [`Receiver::accept_any_json`] accepts any JSON array of objects (e.g.
+//! Debezium envelopes) instead of checking CloudEvents.
+//!
 //! Memory: [`Receiver::start`] keeps every body and parsed event (for tests);
 //! [`Receiver::start_counting`] keeps only the count and one small
 //! [`AcceptedEvent`] per event (for benchmarks).
@@ -20,8 +27,9 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -98,6 +106,26 @@ struct Shared {
     hook: RwLock<Option<Hook>>,
     /// Connections currently open, so `stop` can wait until all are closed.
     open_connections: Arc<AtomicUsize>,
+    /// HTTPS: the handshake for every connection.
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    /// TLS handshakes that failed (client refused our certificate, or sent none).
+    tls_failures: Arc<Mutex<Vec<String>>>,
+    /// Added before every answer.
+    latency: Mutex<Duration>,
+    /// Accept any JSON array of objects instead of checking CloudEvents.
+    any_json: AtomicBool,
+    /// Requests in progress now, and the most at once.
+    active: AtomicUsize,
+    max_active: AtomicUsize,
+}
+
+/// Certificate and key (PEM) for [`Receiver::start_tls`]; with `client_ca`,
+/// a client must present a certificate signed by it.
+#[derive(Clone, Debug)]
+pub struct ReceiverTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 /// Owned by the `Receiver` clones only (not by the server), so dropping the
@@ -160,7 +188,21 @@ impl Receiver {
         Self::launch(port, true).await
     }
 
+    /// Binds 127.0.0.1 on a free port and serves HTTPS, recording full bodies and events.
+    pub async fn start_tls(tls: ReceiverTls) -> io::Result<Receiver> {
+        let config = super::tls::server_config(&tls.cert, &tls.key, tls.client_ca.as_deref())?;
+        Self::launch_with(0, false, Some(Arc::new(config).into())).await
+    }
+
     async fn launch(port: u16, counting: bool) -> io::Result<Receiver> {
+        Self::launch_with(port, counting, None).await
+    }
+
+    async fn launch_with(
+        port: u16,
+        counting: bool,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+    ) -> io::Result<Receiver> {
         let listener = bind(port).await?;
         let port = listener.local_addr()?.port();
         let shared = Arc::new(Shared {
@@ -174,6 +216,12 @@ impl Receiver {
             stop_gen: watch::Sender::new(0),
             hook: RwLock::new(None),
             open_connections: Arc::new(AtomicUsize::new(0)),
+            tls,
+            tls_failures: Arc::new(Mutex::new(Vec::new())),
+            latency: Mutex::new(Duration::ZERO),
+            any_json: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
+            max_active: AtomicUsize::new(0),
         });
         let task = serve(Arc::clone(&shared), listener);
         Ok(Receiver {
@@ -185,9 +233,35 @@ impl Receiver {
         })
     }
 
-    /// `http://127.0.0.1:PORT/events`
+    /// `http://127.0.0.1:PORT/events` (`https://` when started with TLS)
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/events", self.handle.port)
+        let scheme = if self.handle.shared.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}/events", self.handle.port)
+    }
+
+    /// Every answer waits this long first (not a [`Behaviour::Hang`]).
+    pub fn set_latency(&self, latency: Duration) {
+        *lock(&self.handle.shared.latency) = latency;
+    }
+
+    /// With `true`, any JSON array of objects is accepted and recorded (ids
+    /// and versions in [`Receiver::accepted_log`] are then empty and 0).
+    pub fn accept_any_json(&self, any: bool) {
+        self.handle.shared.any_json.store(any, Ordering::Release);
+    }
+
+    /// The most requests that were in progress at the same time.
+    pub fn max_concurrent_requests(&self) -> usize {
+        self.handle.shared.max_active.load(Ordering::Acquire)
+    }
+
+    /// Why TLS handshakes failed, in order (empty for plain HTTP).
+    pub fn tls_failures(&self) -> Vec<String> {
+        lock(&self.handle.shared.tls_failures).clone()
     }
 
     pub fn port(&self) -> u16 {
@@ -298,6 +372,8 @@ fn serve(shared: Arc<Shared>, listener: TcpListener) -> JoinHandle<()> {
         inner: listener,
         stop: shared.stop_gen.subscribe(),
         open: Arc::clone(&shared.open_connections),
+        tls: shared.tls.clone(),
+        tls_failures: Arc::clone(&shared.tls_failures),
     };
     let app = Router::new()
         .fallback(handle)
@@ -443,6 +519,36 @@ fn parse_batch(
     }
 }
 
+/// Counts a request as in progress until dropped.
+struct Active<'a>(&'a AtomicUsize);
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Any JSON array of objects (see [`Receiver::accept_any_json`]).
+fn parse_any(
+    body: &[u8],
+    at: Instant,
+) -> Result<(Vec<AcceptedEvent>, Vec<serde_json::Value>), String> {
+    let events: Vec<serde_json::Map<String, serde_json::Value>> =
+        serde_json::from_slice(body).map_err(|e| format!("not a JSON array of objects: {e}"))?;
+    let log = events
+        .iter()
+        .map(|_| AcceptedEvent {
+            id: String::new(),
+            version: 0,
+            at,
+        })
+        .collect();
+    Ok((
+        log,
+        events.into_iter().map(serde_json::Value::Object).collect(),
+    ))
+}
+
 async fn handle(
     State(shared): State<Arc<Shared>>,
     method: Method,
@@ -450,6 +556,10 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     let at = Instant::now();
+    let now = shared.active.fetch_add(1, Ordering::AcqRel) + 1;
+    shared.max_active.fetch_max(now, Ordering::AcqRel);
+    let _active = Active(&shared.active);
+    let latency = *lock(&shared.latency);
     if method != Method::POST {
         shared.record(at, &headers, &body, 405);
         return (
@@ -468,6 +578,9 @@ async fn handle(
         } else {
             Answer::Accept(None)
         };
+    }
+    if !latency.is_zero() && !matches!(answer, Answer::Hang) {
+        tokio::time::sleep(latency).await;
     }
     match answer {
         // Resolved above into Fail or Accept.
@@ -508,7 +621,12 @@ async fn handle(
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
             let full = !shared.counting || hook.is_some();
-            let (log, events) = match parse_batch(&body, at, full) {
+            let parsed = if shared.any_json.load(Ordering::Acquire) {
+                parse_any(&body, at)
+            } else {
+                parse_batch(&body, at, full)
+            };
+            let (log, events) = match parsed {
                 Ok(parsed) => parsed,
                 Err(problem) => {
                     shared.record(at, &headers, &body, 400);
@@ -545,10 +663,15 @@ struct KillableListener {
     inner: TcpListener,
     stop: watch::Receiver<u64>,
     open: Arc<AtomicUsize>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    tls_failures: Arc<Mutex<Vec<String>>>,
 }
 
+/// Longest TLS handshake the receiver waits for (handshakes run one at a time).
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl axum::serve::Listener for KillableListener {
-    type Io = KillableStream;
+    type Io = Conn;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
@@ -558,7 +681,21 @@ impl axum::serve::Listener for KillableListener {
                     let _ = stream.set_nodelay(true);
                     self.open.fetch_add(1, Ordering::AcqRel);
                     let guard = OpenGuard(Arc::clone(&self.open));
-                    return (KillableStream::new(stream, self.stop.clone(), guard), addr);
+                    let plain = KillableStream::new(stream, self.stop.clone(), guard);
+                    let Some(tls) = &self.tls else {
+                        return (Conn::Plain(plain), addr);
+                    };
+                    let failure = match tokio::time::timeout(
+                        TLS_HANDSHAKE_TIMEOUT,
+                        tls.accept(plain),
+                    )
+                    .await
+                    {
+                        Ok(Ok(stream)) => return (Conn::Tls(Box::new(stream)), addr),
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => "handshake timed out".to_string(),
+                    };
+                    lock(&self.tls_failures).push(failure);
                 }
                 // Out of file descriptors and the like: wait instead of spinning.
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -568,6 +705,70 @@ impl axum::serve::Listener for KillableListener {
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
         self.inner.local_addr()
+    }
+}
+
+/// A connection, plain or TLS.
+enum Conn {
+    Plain(KillableStream),
+    Tls(Box<tokio_rustls::server::TlsStream<KillableStream>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Plain(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
     }
 }
 

@@ -20,6 +20,18 @@ impl EventOp {
     }
 }
 
+/// What happened to the source row, for envelopes that tell creates from
+/// updates (Debezium's `op`). Absent for events made by steward itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceChange {
+    Insert,
+    Update,
+    Delete,
+    /// A row read by an initial snapshot.
+    Snapshot,
+}
+
 /// One change of one entity record, as stored in a target's outbox and delivered.
 ///
 /// `id` is derived from the source position only (commit LSN and the change's
@@ -37,6 +49,12 @@ pub struct Event {
     /// Commit time, RFC 3339 UTC.
     pub time: String,
     pub data: serde_json::Value,
+    /// The source row change (insert, update, delete, snapshot read), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change: Option<SourceChange>,
+    /// The source transaction id (PostgreSQL xid), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_id: Option<u32>,
 }
 
 impl Event {

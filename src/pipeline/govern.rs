@@ -31,7 +31,7 @@ use super::redact;
 use super::reference::{self, Rows};
 use crate::config::governance::{Check, EntityGovernance, OnUnpublish, TargetPolicy};
 use crate::config::{Config, EntityConfig};
-use crate::model::{ChangeOp, Event, EventOp, Lsn};
+use crate::model::{ChangeOp, Event, EventOp, Lsn, SourceChange};
 use crate::store::governance::{AuditRecord, GovDelta, GovOp, GovSnapshot, QuarantineEntry};
 
 /// Index offset of events the governor makes itself (re-emissions, business
@@ -67,6 +67,8 @@ struct Origin {
     id: String,
     version: u64,
     time: String,
+    change: Option<SourceChange>,
+    tx_id: Option<u32>,
 }
 
 /// What a quarantine release did.
@@ -334,6 +336,8 @@ impl Governor {
                 id: m.event.id.clone(),
                 version: m.event.version,
                 time: m.event.time.clone(),
+                change: m.event.change,
+                tx_id: m.event.tx_id,
             };
             let op = match m.op {
                 ChangeOp::Insert => "insert",
@@ -371,6 +375,8 @@ impl Governor {
                 id: Event::source_id(commit_lsn, SYNTHETIC_INDEX + n),
                 version: commit_lsn.0,
                 time: time.to_string(),
+                change: None,
+                tx_id: None,
             };
             n += 1;
             self.evaluate(
@@ -416,6 +422,8 @@ impl Governor {
             ),
             version: version.0,
             time: time.to_string(),
+            change: None,
+            tx_id: None,
         };
         let mut out = Vec::new();
         let mut deferred = Vec::new();
@@ -458,6 +466,8 @@ impl Governor {
         let name = self.entities[e].name.clone();
         let version = origin.version;
         let event = |op: EventOp, data: Map<String, Value>| Event {
+            change: origin.change,
+            tx_id: origin.tx_id,
             id: origin.id.clone(),
             entity: name.clone(),
             key: key.to_string(),

@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 use crate::config::{Config, EntityConfig, FieldSource};
 use crate::model::event::join_key;
 use crate::model::value::text_to_json;
-use crate::model::{Change, ChangeOp, Event, EventOp, Lsn, Relation, TupleValue};
+use crate::model::{Change, ChangeOp, Event, EventOp, Lsn, Relation, SourceChange, TupleValue};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -393,6 +393,12 @@ impl Pipeline {
                         data.insert(field.name.clone(), value);
                     }
                     Event {
+                        change: Some(if change.op == ChangeOp::Insert {
+                            SourceChange::Insert
+                        } else {
+                            SourceChange::Update
+                        }),
+                        tx_id: None,
                         id: Event::source_id(commit_lsn, index),
                         entity: entity.name.clone(),
                         key,
@@ -426,6 +432,8 @@ impl Pipeline {
                         data.insert(name.clone(), value);
                     }
                     Event {
+                        change: Some(SourceChange::Delete),
+                        tx_id: None,
                         id: Event::source_id(commit_lsn, index),
                         entity: entity.name.clone(),
                         key,

@@ -6,7 +6,7 @@
 use bytes::Bytes;
 
 use super::{Mapped, Pipeline, PipelineError};
-use crate::model::{Change, ChangeOp, Event, Lsn, TupleValue};
+use crate::model::{Change, ChangeOp, Event, Lsn, SourceChange, TupleValue};
 
 /// The version of a row read in the snapshot whose consistent point is
 /// `consistent`: one below it. Every transaction the snapshot contains has
@@ -55,6 +55,7 @@ pub fn snapshot_event(
         let mut event = m.event;
         event.id = snapshot_id(consistent, &event.entity, &event.key);
         event.version = snapshot_version(consistent);
+        event.change = Some(SourceChange::Snapshot);
         event
     }))
 }

@@ -40,9 +40,11 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use rand::Rng;
 use tokio::sync::watch;
@@ -142,27 +144,48 @@ impl DriverHandle {
 /// is dropped). Returns `Ok` on shutdown, leaving unacknowledged entries in
 /// the outbox for the next start; `Err` only when the store is unusable
 /// (corrupted, undecodable entry), since retrying cannot help then.
-pub async fn run_target<D: Deliver>(
+///
+/// One sink per batch that may be in flight at once: `sinks.len()` is the
+/// target's `max_in_flight` (see [`Driver::run`] for how order is kept).
+pub async fn run_target<D: Deliver + 'static>(
     target: TargetConfig,
     store: Store,
-    sink: D,
+    sinks: Vec<D>,
     wake: watch::Receiver<u64>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), StoreError> {
     let requests_dir = requests::requests_dir(store.path());
-    let limits = Limits::new(&target);
-    let metrics = TargetMetrics::new(&target.name);
+    let limits = Arc::new(Limits::new(&target));
+    let metrics = Arc::new(TargetMetrics::new(&target.name));
+    let max = target.batch_max_events.max(1).min(limits.max_batch());
+    let target = Arc::new(target);
+    let lanes: Vec<Lane<D>> = sinks
+        .into_iter()
+        .map(|sink| Lane {
+            sink,
+            target: Arc::clone(&target),
+            store: store.clone(),
+            shutdown: shutdown.clone(),
+            requests_dir: requests_dir.clone(),
+            limits: Arc::clone(&limits),
+            metrics: Arc::clone(&metrics),
+        })
+        .collect();
+    if lanes.is_empty() {
+        tracing::error!(target_name = %target.name, "no sink for the target: nothing is delivered");
+        return Ok(());
+    }
     let mut driver = Driver {
-        max: target.batch_max_events.max(1).min(limits.max_batch()),
+        max,
+        max_in_flight: lanes.len(),
+        lanes,
         target,
         store,
-        sink,
         wake,
         wake_open: true,
         shutdown,
         metrics,
         held: HashSet::new(),
-        limits,
         requests_dir,
         flush: false,
         next_open: HashMap::new(),
@@ -197,16 +220,18 @@ enum Origin {
 }
 
 struct Driver<D> {
-    target: TargetConfig,
+    target: Arc<TargetConfig>,
     store: Store,
-    sink: D,
+    /// Idle lanes. A lane owns a sink; a batch in flight owns its lane.
+    lanes: Vec<Lane<D>>,
+    /// Number of lanes: most outbox batches in flight at once.
+    max_in_flight: usize,
     wake: watch::Receiver<u64>,
     wake_open: bool,
     shutdown: watch::Receiver<bool>,
-    metrics: TargetMetrics,
+    metrics: Arc<TargetMetrics>,
     /// Keys (`key_of`) with dead letters: their events are parked, not sent.
     held: HashSet<String>,
-    limits: Limits,
     requests_dir: PathBuf,
     /// `steward flush` asked to open every window now.
     flush: bool,
@@ -221,12 +246,63 @@ struct Isolated {
     delivered: u64,
     dead: Vec<NewDeadLetter>,
     error: Option<String>,
+    /// Keys that became held (a dead letter of their own) in this batch.
+    held: HashSet<String>,
 }
 
-impl<D: Deliver> Driver<D> {
+/// One batch sorted by [`Driver::prepare`].
+struct Prepared {
+    origin: Origin,
+    /// The last outbox seq or replay id of the batch.
+    last: Option<u64>,
+    /// Events of held keys, parked in the dead-letter queue.
+    parked: Vec<NewDeadLetter>,
+    /// Events of windowed entities, for the window buffer.
+    windowed: Vec<Event>,
+    /// Events to deliver.
+    send: Vec<Event>,
+    window_done: Vec<(String, String)>,
+}
+
+/// An outbox batch handed to a lane; batches settle in outbox order.
+struct InFlight {
+    prepared: Prepared,
+    /// `key_of` of each of its events; no other batch in flight has any of them.
+    keys: Vec<String>,
+    /// Set when its lane is done with it.
+    outcome: Option<Isolated>,
+}
+
+/// A lane back from a batch: the batch's last seq, the lane, the outcome.
+type LaneDone<D> = (u64, Lane<D>, Result<Isolated, Stop>);
+type LaneFuture<D> = Pin<Box<dyn Future<Output = LaneDone<D>> + Send>>;
+
+/// The outbox batches in flight, in outbox order, and their keys.
+struct Flights<D> {
+    pending: VecDeque<InFlight>,
+    busy: HashSet<String>,
+    running: FuturesUnordered<LaneFuture<D>>,
+    /// An operator request is waiting: no new batch starts, and what is not
+    /// settled when the last lane is back is read again after the request.
+    abandoning: bool,
+}
+
+impl<D: Deliver + 'static> Driver<D> {
+    /// The delivery loop. Outbox batches go to idle lanes, so up to
+    /// `max_in_flight` are in flight at once, under two rules:
+    /// - per-key order: a batch never holds a key of a batch still in flight
+    ///   (it ends before the first such event), so a key's events reach the
+    ///   target one batch after the other;
+    /// - batches settle in outbox order: a finished batch waits for the ones
+    ///   before it, so the target's position in the outbox only ever moves
+    ///   past a gap-free prefix, and a crash redelivers every batch not
+    ///   settled (targets de-duplicate by event id).
+    ///
+    /// Replayed dead letters, batch windows and operator requests are handled
+    /// when nothing is in flight.
     async fn run(&mut self) -> Result<(), Stop> {
         let name = self.target.name.clone();
-        tracing::debug!(target_name = %name, "delivery driver started");
+        tracing::debug!(target_name = %name, max_in_flight = self.max_in_flight, "delivery driver started");
         let flush_key = requests::flush_meta_key(&name);
         let (held, flush) = {
             let (store, name, key) = (self.store.clone(), name.clone(), flush_key.clone());
@@ -243,41 +319,85 @@ impl<D: Deliver> Driver<D> {
         self.flush = flush;
         self.schedule_windows(false);
         self.refresh_gauges().await?;
-        // Last sequence number settled by this run; the store also skips
-        // settled entries, so starting from `None` is right after a restart.
+        // Last sequence number handed to a lane by this run; the store also
+        // skips settled entries, so starting from `None` is right after a
+        // restart or an abandoned flight.
         let mut cursor: Option<u64> = None;
+        let mut flights = Flights {
+            pending: VecDeque::new(),
+            busy: HashSet::new(),
+            running: FuturesUnordered::new(),
+            abandoning: false,
+        };
 
         loop {
-            self.handle_requests().await?;
-
-            // Replayed dead letters go first: they are older than the outbox.
-            let replay = {
-                let (store, name, max) = (self.store.clone(), name.clone(), self.max);
-                self.store_call(move || store.read_replay(&name, max))
-                    .await?
-            };
-            if let Some(&(last_id, _)) = replay.last() {
-                let events = replay.into_iter().map(|(_, e)| e).collect();
-                match self.process(Origin::Replay, events, Some(last_id)).await {
-                    Err(Stop::Interrupted) => continue,
-                    other => other?,
+            if flights.pending.is_empty() {
+                if flights.abandoning {
+                    flights.abandoning = false;
+                    cursor = None;
                 }
-                continue;
+                self.handle_requests().await?;
+
+                // Replayed dead letters go first: they are older than the outbox.
+                let replay = {
+                    let (store, name, max) = (self.store.clone(), name.clone(), self.max);
+                    self.store_call(move || store.read_replay(&name, max))
+                        .await?
+                };
+                if let Some(&(last_id, _)) = replay.last() {
+                    let events = replay.into_iter().map(|(_, e)| e).collect();
+                    match self.process(Origin::Replay, events, Some(last_id)).await {
+                        Err(Stop::Interrupted) => continue,
+                        other => other?,
+                    }
+                    continue;
+                }
             }
 
             // Marking the wake value seen BEFORE reading means an append that
             // lands after the read still wakes the wait below.
             self.wake.borrow_and_update();
-            let (mut batch, backlog) = {
+            let room = !flights.abandoning && flights.pending.len() < self.max_in_flight;
+            let mut batch = Vec::new();
+            if room {
                 let (store, name, max) = (self.store.clone(), name.clone(), self.max);
-                self.store_call(move || {
-                    let batch = store.read_outbox(&name, cursor, max)?;
-                    let backlog = store.backlog(&name)?;
-                    Ok((batch, backlog))
-                })
-                .await?
-            };
-            self.metrics.backlog.set(backlog as f64);
+                let (read, backlog) = self
+                    .store_call(move || {
+                        let batch = store.read_outbox(&name, cursor, max)?;
+                        let backlog = store.backlog(&name)?;
+                        Ok((batch, backlog))
+                    })
+                    .await?;
+                self.metrics.backlog.set(backlog as f64);
+                batch = read;
+                // Per-key order: end the batch before a key still in flight.
+                if let Some(cut) = batch
+                    .iter()
+                    .position(|(_, e)| flights.busy.contains(&key_of(e)))
+                {
+                    batch.truncate(cut);
+                }
+            }
+
+            if batch.is_empty() && !flights.pending.is_empty() {
+                // Wait for a lane to come back (or, with a lane free, for more events).
+                let done = tokio::select! {
+                    biased;
+                    _ = shutdown_requested(&mut self.shutdown) => return Err(Stop::Shutdown),
+                    Some(done) = flights.running.next() => Some(done),
+                    changed = self.wake.changed(), if room && self.wake_open => {
+                        if changed.is_err() {
+                            self.wake_open = false;
+                        }
+                        None
+                    }
+                    _ = tokio::time::sleep(IDLE_POLL), if room && !self.wake_open => None,
+                };
+                if let Some(done) = done {
+                    self.lane_done(done, &mut flights).await?;
+                }
+                continue;
+            }
 
             if batch.is_empty() {
                 // Windows open once the outbox is drained into the window
@@ -307,8 +427,13 @@ impl<D: Deliver> Driver<D> {
             }
 
             // Linger: a small batch waits briefly for more so that a burst of
-            // single-row transactions goes out as one request.
-            if batch.len() < self.max && !self.target.batch_linger.is_zero() {
+            // single-row transactions goes out as one request. Only when no
+            // batch is in flight: lanes in flight are not driven meanwhile,
+            // and a free lane is better used at once.
+            if flights.pending.is_empty()
+                && batch.len() < self.max
+                && !self.target.batch_linger.is_zero()
+            {
                 let deadline = Instant::now() + self.target.batch_linger;
                 while batch.len() < self.max {
                     tokio::select! {
@@ -338,24 +463,92 @@ impl<D: Deliver> Driver<D> {
             let Some(&(last_seq, _)) = batch.last() else {
                 continue;
             };
+            let Some(mut lane) = self.lanes.pop() else {
+                // Cannot happen: a lane is idle whenever a batch is pending less.
+                continue;
+            };
+            let keys: Vec<String> = batch.iter().map(|(_, e)| key_of(e)).collect();
             let events = batch.into_iter().map(|(_, e)| e).collect();
-            match self.process(Origin::Outbox, events, Some(last_seq)).await {
-                Ok(()) => cursor = Some(last_seq),
-                Err(Stop::Interrupted) => {}
-                Err(e) => return Err(e),
-            }
+            let prepared = self.prepare(Origin::Outbox, events, Some(last_seq));
+            let send = prepared.send.clone();
+            flights.busy.extend(keys.iter().cloned());
+            flights.pending.push_back(InFlight {
+                prepared,
+                keys,
+                outcome: None,
+            });
+            flights.running.push(Box::pin(async move {
+                let outcome = lane.deliver_isolating(send).await;
+                (last_seq, lane, outcome)
+            }));
+            cursor = Some(last_seq);
         }
     }
 
-    /// Sorts one batch into parked (held key), buffered (windowed entity) and
-    /// sent events, delivers the latter with isolation and settles it all in
-    /// one store transaction.
+    /// Takes a lane back, records its batch's outcome and settles every
+    /// finished batch at the front, in outbox order.
+    async fn lane_done(
+        &mut self,
+        (last_seq, lane, outcome): LaneDone<D>,
+        flights: &mut Flights<D>,
+    ) -> Result<(), Stop> {
+        self.lanes.push(lane);
+        match outcome {
+            Ok(isolated) => {
+                if let Some(f) = flights
+                    .pending
+                    .iter_mut()
+                    .find(|f| f.prepared.last == Some(last_seq))
+                {
+                    f.outcome = Some(isolated);
+                }
+            }
+            Err(Stop::Interrupted) => flights.abandoning = true,
+            Err(e) => return Err(e),
+        }
+        while flights.pending.front().is_some_and(|f| f.outcome.is_some()) {
+            let Some(InFlight {
+                prepared,
+                keys,
+                outcome: Some(outcome),
+            }) = flights.pending.pop_front()
+            else {
+                break;
+            };
+            self.settle(prepared, outcome).await?;
+            for k in &keys {
+                flights.busy.remove(k);
+            }
+        }
+        if flights.abandoning && flights.running.is_empty() {
+            // What is left was not (all) delivered: read again once the
+            // operator request is applied.
+            flights.pending.clear();
+            flights.busy.clear();
+        }
+        Ok(())
+    }
+
+    /// Sorts, delivers and settles one batch while nothing else is in flight
+    /// (replayed dead letters and batch windows).
     async fn process(
         &mut self,
         origin: Origin,
         events: Vec<Event>,
         last: Option<u64>,
     ) -> Result<(), Stop> {
+        let prepared = self.prepare(origin, events, last);
+        let Some(mut lane) = self.lanes.pop() else {
+            return Ok(());
+        };
+        let outcome = lane.deliver_isolating(prepared.send.clone()).await;
+        self.lanes.push(lane);
+        self.settle(prepared, outcome?).await
+    }
+
+    /// Sorts one batch into parked (held key), buffered (windowed entity) and
+    /// sent events.
+    fn prepare(&self, origin: Origin, events: Vec<Event>, last: Option<u64>) -> Prepared {
         let mut parked = Vec::new();
         let mut windowed = Vec::new();
         let mut send = Vec::new();
@@ -378,8 +571,27 @@ impl<D: Deliver> Driver<D> {
                 send.push(e);
             }
         }
-        let sent: Vec<Event> = send.clone();
-        let outcome = self.deliver_isolating(send).await?;
+        Prepared {
+            origin,
+            last,
+            parked,
+            windowed,
+            send,
+            window_done,
+        }
+    }
+
+    /// Records what became of one batch in one store transaction.
+    async fn settle(&mut self, prepared: Prepared, outcome: Isolated) -> Result<(), Stop> {
+        let Prepared {
+            origin,
+            last,
+            parked,
+            windowed,
+            send: sent,
+            window_done,
+        } = prepared;
+        self.held.extend(outcome.held);
         let mut dead = parked;
         dead.extend(outcome.dead);
         let settlement = Settlement {
@@ -421,12 +633,28 @@ impl<D: Deliver> Driver<D> {
         }
         Ok(())
     }
+}
 
+/// What delivering one batch needs, owned, so that several batches can be in
+/// flight at once, one per lane.
+struct Lane<D> {
+    sink: D,
+    target: Arc<TargetConfig>,
+    store: Store,
+    shutdown: watch::Receiver<bool>,
+    requests_dir: PathBuf,
+    /// Shared by the target's lanes.
+    limits: Arc<Limits>,
+    metrics: Arc<TargetMetrics>,
+}
+
+impl<D: Deliver> Lane<D> {
     /// Delivers `events` in order. A rejected batch is bisected until the
     /// rejected events stand alone; those are dead-lettered (and hold their
     /// key, so the key's later events in the list are parked behind them).
     async fn deliver_isolating(&mut self, events: Vec<Event>) -> Result<Isolated, Stop> {
         let mut out = Isolated::default();
+        let mut held: HashSet<String> = HashSet::new();
         let mut queue: VecDeque<Vec<Event>> = VecDeque::new();
         if !events.is_empty() {
             queue.push_back(events);
@@ -435,9 +663,8 @@ impl<D: Deliver> Driver<D> {
         let mut first_failure: Option<String> = None;
         let policy = self.target.delivery.clone();
         while let Some(part) = queue.pop_front() {
-            let (parked, part): (Vec<Event>, Vec<Event>) = part
-                .into_iter()
-                .partition(|e| self.held.contains(&key_of(e)));
+            let (parked, part): (Vec<Event>, Vec<Event>) =
+                part.into_iter().partition(|e| held.contains(&key_of(e)));
             out.dead
                 .extend(parked.into_iter().map(|event| NewDeadLetter {
                     event,
@@ -489,7 +716,7 @@ impl<D: Deliver> Driver<D> {
                         error = %err.message,
                         "target rejected an event: moved to the dead-letter queue; later events of its key wait behind it (steward dlq)"
                     );
-                    self.held.insert(key_of(&event));
+                    held.insert(key_of(&event));
                     out.error = Some(format!(
                         "dead-lettered {} {}: {}",
                         event.entity, event.key, err.message
@@ -526,7 +753,7 @@ impl<D: Deliver> Driver<D> {
                 );
                 let message = format!("{}; {why}", err.message);
                 for event in part {
-                    self.held.insert(key_of(&event));
+                    held.insert(key_of(&event));
                     out.dead.push(NewDeadLetter {
                         event,
                         failure: Some(Failure {
@@ -589,6 +816,7 @@ impl<D: Deliver> Driver<D> {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
+        out.held = held;
         Ok(out)
     }
 
@@ -621,7 +849,9 @@ impl<D: Deliver> Driver<D> {
             .increment(started.elapsed().as_secs_f64());
         Ok(())
     }
+}
 
+impl<D: Deliver + 'static> Driver<D> {
     /// Applies waiting operator requests.
     async fn handle_requests(&mut self) -> Result<(), Stop> {
         let (dir, name) = (self.requests_dir.clone(), self.target.name.clone());
@@ -936,6 +1166,7 @@ impl TargetMetrics {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
     use std::sync::{Arc, Mutex};
 
     use super::*;
@@ -966,6 +1197,8 @@ mod tests {
 
     fn event(n: u64) -> Event {
         Event {
+            change: None,
+            tx_id: None,
             id: Event::source_id(Lsn(n), 0),
             entity: "product".into(),
             key: (n % 7).to_string(),
@@ -998,6 +1231,21 @@ mod tests {
         retry_after: Option<Duration>,
         /// Answer 422 (a content rejection) to any batch holding this key.
         reject_key: Option<String>,
+        /// Never answer a batch holding this key.
+        hang_key: Option<String>,
+        /// Take this long per attempt: a slow target.
+        latency: Duration,
+        /// Attempts in progress now, and the most ever at once.
+        in_flight: Arc<AtomicUsize>,
+        max_in_flight: Arc<AtomicUsize>,
+    }
+
+    /// Decrements the in-flight count when an attempt ends, however it ends.
+    struct Leave(Arc<AtomicUsize>);
+    impl Drop for Leave {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, AtomicOrdering::SeqCst);
+        }
     }
 
     impl Deliver for Fake {
@@ -1008,7 +1256,14 @@ mod tests {
                     attempts.push(events.iter().map(|e| e.version).collect());
                     attempts.len()
                 };
-                if self.hang {
+                let now = self.in_flight.fetch_add(1, AtomicOrdering::SeqCst) + 1;
+                let _leave = Leave(Arc::clone(&self.in_flight));
+                self.max_in_flight.fetch_max(now, AtomicOrdering::SeqCst);
+                if !self.latency.is_zero() {
+                    tokio::time::sleep(self.latency).await;
+                }
+                let hangs = |k: &String| events.iter().any(|e| &e.key == k);
+                if self.hang || self.hang_key.as_ref().is_some_and(hangs) {
                     std::future::pending::<()>().await;
                 }
                 if let Some(k) = &self.reject_key {
@@ -1064,7 +1319,7 @@ mod tests {
         let task = tokio::spawn(run_target(
             target("wms", 64, 2),
             store.clone(),
-            fake.clone(),
+            vec![fake.clone()],
             wake,
             shutdown,
         ));
@@ -1111,7 +1366,7 @@ mod tests {
         let task = tokio::spawn(run_target(
             target("wms", 8, 0),
             store.clone(),
-            fake.clone(),
+            vec![fake.clone()],
             wake,
             shutdown,
         ));
@@ -1153,14 +1408,14 @@ mod tests {
         let t_good = tokio::spawn(run_target(
             target("good", 16, 0),
             store.clone(),
-            good.clone(),
+            vec![good.clone()],
             wake_good,
             shutdown.clone(),
         ));
         let t_bad = tokio::spawn(run_target(
             target("bad", 16, 0),
             store.clone(),
-            bad.clone(),
+            vec![bad.clone()],
             wake_bad,
             shutdown,
         ));
@@ -1208,7 +1463,7 @@ mod tests {
             let task = tokio::spawn(run_target(
                 target("t", 10, 0),
                 store.clone(),
-                fake.clone(),
+                vec![fake.clone()],
                 wake,
                 shutdown,
             ));
@@ -1240,7 +1495,7 @@ mod tests {
         let task = tokio::spawn(run_target(
             target("t", 100, 400),
             store.clone(),
-            fake.clone(),
+            vec![fake.clone()],
             wake,
             shutdown,
         ));
@@ -1268,7 +1523,7 @@ mod tests {
         let task = tokio::spawn(run_target(
             target("t", 10, 0),
             store.clone(),
-            fake.clone(),
+            vec![fake.clone()],
             wake,
             shutdown,
         ));
@@ -1311,7 +1566,7 @@ mod tests {
         let task = tokio::spawn(run_target(
             target("t", 16, 0),
             store.clone(),
-            fake.clone(),
+            vec![fake.clone()],
             wake,
             shutdown,
         ));
@@ -1356,7 +1611,13 @@ mod tests {
         };
         let mut t = target("t", 16, 0);
         t.delivery.max_attempts = 3;
-        let task = tokio::spawn(run_target(t, store.clone(), fake.clone(), wake, shutdown));
+        let task = tokio::spawn(run_target(
+            t,
+            store.clone(),
+            vec![fake.clone()],
+            wake,
+            shutdown,
+        ));
         wait_until("dead-lettered", || {
             store.target_stats("t").unwrap().dead_letters == 3
         })
@@ -1386,7 +1647,13 @@ mod tests {
         };
         let mut t = target("t", 16, 0);
         t.delivery.max_age = Some(Duration::from_secs(3600));
-        let task = tokio::spawn(run_target(t, store.clone(), fake.clone(), wake, shutdown));
+        let task = tokio::spawn(run_target(
+            t,
+            store.clone(),
+            vec![fake.clone()],
+            wake,
+            shutdown,
+        ));
         wait_until("dead-lettered", || {
             store.target_stats("t").unwrap().dead_letters == 1
         })
@@ -1402,5 +1669,172 @@ mod tests {
             .dead_letters("t", &crate::store::DlqFilter::default())
             .unwrap();
         assert!(dead[0].error.contains("max_age_ms"), "{}", dead[0].error);
+    }
+
+    /// Appends events `range` to `target`, event n with key `n % keys`.
+    fn append_keyed(store: &Store, target: &str, range: std::ops::Range<u64>, keys: u64) {
+        let events: Vec<Event> = range
+            .clone()
+            .map(|n| Event {
+                change: None,
+                tx_id: None,
+                key: (n % keys).to_string(),
+                ..event(n)
+            })
+            .collect();
+        let appends: Vec<(&str, &Event)> = events.iter().map(|e| (target, e)).collect();
+        store.commit(Lsn(range.end), &appends).unwrap();
+    }
+
+    fn lanes(fake: &Fake, n: usize) -> Vec<Fake> {
+        (0..n).map(|_| fake.clone()).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn four_lanes_overlap_batches_and_keep_every_key_in_order() {
+        for (keys, expect_overlap) in [(10_000u64, 4usize), (5, 2)] {
+            let (_dir, store) = temp_store();
+            append_keyed(&store, "t", 1..401, keys);
+            let (_handle, wake) = DriverHandle::new();
+            let (stop, shutdown) = watch::channel(false);
+            let fake = Fake {
+                latency: Duration::from_millis(20),
+                ..Fake::default()
+            };
+            let task = tokio::spawn(run_target(
+                target("t", 4, 0),
+                store.clone(),
+                lanes(&fake, 4),
+                wake,
+                shutdown,
+            ));
+            wait_until("settled", || store.backlog("t").unwrap() == 0).await;
+            stop.send(true).unwrap();
+            task.await.unwrap().unwrap();
+
+            let accepted = fake.accepted.lock().unwrap().clone();
+            let mut sorted = accepted.clone();
+            sorted.sort_unstable();
+            assert_eq!(
+                sorted,
+                (1..401).collect::<Vec<_>>(),
+                "{keys} keys: each once"
+            );
+            for k in 0..keys.min(5) {
+                let of_key: Vec<u64> = accepted.iter().copied().filter(|n| n % keys == k).collect();
+                assert!(
+                    of_key.windows(2).all(|w| w[0] < w[1]),
+                    "key {k} out of order: {of_key:?}"
+                );
+            }
+            let max = fake.max_in_flight.load(AtomicOrdering::SeqCst);
+            assert!(
+                (expect_overlap..=4).contains(&max),
+                "{keys} keys: {max} batches in flight at once"
+            );
+            let stats = store.target_stats("t").unwrap();
+            assert_eq!(stats.delivered_total, 400);
+            assert_eq!(stats.last_delivered_seq, Some(400));
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn later_batches_acknowledged_before_an_earlier_one_do_not_move_the_outbox() {
+        let (_dir, store) = temp_store();
+        // Batches of 8 with distinct keys; the first one hangs (key "1").
+        append_keyed(&store, "t", 1..41, 10_000);
+        let (_handle, wake) = DriverHandle::new();
+        let (stop, shutdown) = watch::channel(false);
+        let stuck = Fake {
+            hang_key: Some("1".into()),
+            ..Fake::default()
+        };
+        let task = tokio::spawn(run_target(
+            target("t", 8, 0),
+            store.clone(),
+            lanes(&stuck, 4),
+            wake,
+            shutdown,
+        ));
+        wait_until("batches 2 to 4 accepted", || {
+            stuck.accepted.lock().unwrap().len() >= 24
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(*stuck.accepted.lock().unwrap(), (9..33).collect::<Vec<_>>());
+        assert_eq!(
+            store.backlog("t").unwrap(),
+            40,
+            "nothing settled past batch 1"
+        );
+        assert_eq!(store.target_stats("t").unwrap().last_delivered_seq, None);
+        // Like a crash: stop with batch 1 never answered, then start again.
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+
+        let (_handle, wake) = DriverHandle::new();
+        let (stop, shutdown) = watch::channel(false);
+        let fine = Fake::default();
+        let task = tokio::spawn(run_target(
+            target("t", 8, 0),
+            store.clone(),
+            lanes(&fine, 4),
+            wake,
+            shutdown,
+        ));
+        wait_until("settled", || store.backlog("t").unwrap() == 0).await;
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+        let mut again = fine.accepted.lock().unwrap().clone();
+        again.sort_unstable();
+        assert_eq!(
+            again,
+            (1..41).collect::<Vec<_>>(),
+            "batch 1 redelivered, and the rest"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_four_lanes_a_rejected_key_holds_only_itself() {
+        let (_dir, store) = temp_store();
+        append_keyed(&store, "t", 1..201, 20);
+        let (_handle, wake) = DriverHandle::new();
+        let (stop, shutdown) = watch::channel(false);
+        let fake = Fake {
+            reject_key: Some("3".into()),
+            latency: Duration::from_millis(5),
+            ..Fake::default()
+        };
+        let task = tokio::spawn(run_target(
+            target("t", 8, 0),
+            store.clone(),
+            lanes(&fake, 4),
+            wake,
+            shutdown,
+        ));
+        wait_until("settled", || store.backlog("t").unwrap() == 0).await;
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+
+        let accepted = fake.accepted.lock().unwrap().clone();
+        let mut sorted = accepted.clone();
+        sorted.sort_unstable();
+        let others: Vec<u64> = (1..201).filter(|n| n % 20 != 3).collect();
+        assert_eq!(sorted, others, "every other key delivered once");
+        for k in 0..20 {
+            let of_key: Vec<u64> = accepted.iter().copied().filter(|n| n % 20 == k).collect();
+            assert!(
+                of_key.windows(2).all(|w| w[0] < w[1]),
+                "key {k}: {of_key:?}"
+            );
+        }
+        let dead = store
+            .dead_letters("t", &crate::store::DlqFilter::default())
+            .unwrap();
+        let versions: Vec<u64> = dead.iter().map(|d| d.event.version).collect();
+        assert_eq!(versions, (0..10).map(|i| 3 + 20 * i).collect::<Vec<_>>());
+        assert_eq!(dead[0].held_behind, None);
+        assert!(dead[1..].iter().all(|d| d.held_behind == Some(dead[0].id)));
+        assert!(fake.max_in_flight.load(AtomicOrdering::SeqCst) >= 2);
     }
 }

@@ -5,18 +5,20 @@
 //!   `{"before", "after", "source", "op", "ts_ms"}`.
 //!
 //! Debezium mapping, and why:
-//! - `op`: steward events are upserts or deletes; it does not know whether an
-//!   upsert created the row (a replayed insert and an update look the same
-//!   to a target), so upsert → `"u"`, delete → `"d"`. `"c"` and `"r"` are never sent.
+//! - `op`: from the source row change: insert → `"c"`, update → `"u"`,
+//!   delete → `"d"`, a row of an initial snapshot → `"r"`. An event without
+//!   one (made by governance, or coalesced in a batch window from an older
+//!   state file) is an upsert → `"u"`. Targets should still apply events
+//!   idempotently: a redelivered `"c"` may find the row already there.
 //! - `before`: steward keeps no old rows. For deletes it holds what is known,
 //!   the key fields (as Debezium does for tables with the default replica
 //!   identity); for upserts it is null.
 //! - `after`: the event's data; null for deletes.
 //! - `source`: `connector` = "steward", `name` = the slot, `version` = steward's
 //!   version, `ts_ms` = commit time, `db`/`schema`/`table` = the source table,
-//!   `lsn` = commit LSN (the event's version), `txId` = null (pgoutput v1 does
-//!   not give steward the transaction id), plus steward's own `entity`, `key`
-//!   and `event_id` (de-duplicate on `event_id`).
+//!   `lsn` = commit LSN (the event's version), `txId` = the source
+//!   transaction id (null for snapshot rows and governance events), plus
+//!   steward's own `entity`, `key` and `event_id` (de-duplicate on `event_id`).
 //! - `ts_ms` (top level): when steward encoded the event.
 
 use std::collections::HashMap;
@@ -25,7 +27,7 @@ use serde::Serialize;
 
 use super::http::{write_batch, write_event};
 use crate::config::{Config, Envelope};
-use crate::model::{Event, EventOp};
+use crate::model::{Event, EventOp, SourceChange};
 
 /// What the envelopes need besides the event: the source's names.
 #[derive(Clone, Debug, Default)]
@@ -64,7 +66,7 @@ struct DebeziumSource<'a> {
     schema: &'a str,
     table: &'a str,
     #[serde(rename = "txId")]
-    tx_id: Option<u64>,
+    tx_id: Option<u32>,
     lsn: u64,
     entity: &'a str,
     key: &'a str,
@@ -92,9 +94,11 @@ fn debezium<'a>(event: &'a Event, ctx: &'a EnvelopeContext, now_ms: i64) -> Debe
         .get(&event.entity)
         .map(|(s, t)| (s.as_str(), t.as_str()))
         .unwrap_or(("", event.entity.as_str()));
-    let (before, after, op) = match event.op {
-        EventOp::Upsert => (None, Some(&event.data), "u"),
-        EventOp::Delete => (Some(&event.data), None, "d"),
+    let (before, after, op) = match (event.op, event.change) {
+        (EventOp::Delete, _) => (Some(&event.data), None, "d"),
+        (EventOp::Upsert, Some(SourceChange::Insert)) => (None, Some(&event.data), "c"),
+        (EventOp::Upsert, Some(SourceChange::Snapshot)) => (None, Some(&event.data), "r"),
+        (EventOp::Upsert, _) => (None, Some(&event.data), "u"),
     };
     Debezium {
         before,
@@ -104,11 +108,15 @@ fn debezium<'a>(event: &'a Event, ctx: &'a EnvelopeContext, now_ms: i64) -> Debe
             connector: "steward",
             name: &ctx.slot,
             ts_ms: commit_ms(&event.time),
-            snapshot: "false",
+            snapshot: if event.change == Some(SourceChange::Snapshot) {
+                "true"
+            } else {
+                "false"
+            },
             db: &ctx.db,
             schema,
             table,
-            tx_id: None,
+            tx_id: event.tx_id,
             lsn: event.version,
             entity: &event.entity,
             key: &event.key,
@@ -180,6 +188,8 @@ mod tests {
 
     fn event(op: EventOp, data: &str) -> Event {
         Event {
+            change: None,
+            tx_id: None,
             id: Event::source_id(Lsn(0x16B3748), 3),
             entity: "product".into(),
             key: "7".into(),

@@ -561,6 +561,8 @@ mod tests {
 
     fn ev(n: u64, key: &str, op: EventOp) -> Event {
         Event {
+            change: None,
+            tx_id: None,
             id: Event::source_id(Lsn(n), 0),
             entity: "product".into(),
             key: key.into(),

@@ -312,6 +312,8 @@ mod tests {
 
     fn event(entity: &str, key: &str, version: u64) -> Event {
         Event {
+            change: None,
+            tx_id: None,
             id: format!("{entity}-{key}-{version}"),
             entity: entity.into(),
             key: key.into(),

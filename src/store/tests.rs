@@ -11,6 +11,8 @@ use crate::model::EventOp;
 
 fn event(n: u64, data: serde_json::Value) -> Event {
     Event {
+        change: None,
+        tx_id: None,
         id: Event::source_id(Lsn(0x1000 + n), n as u32),
         entity: "product".into(),
         key: n.to_string(),

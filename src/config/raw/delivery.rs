@@ -16,11 +16,15 @@ pub(super) const DELIVERY_KEYS: &[&str] = &[
     "every",
     "at",
     "windows",
+    "max_in_flight",
 ];
 /// Keys of one `[targets.NAME.windows]` entry.
 pub(super) const WINDOW_KEYS: &[&str] = &["mode", "every", "at"];
 
 const DAY_MS: u64 = 86_400_000;
+/// Upper bound of `max_in_flight`: each batch in flight has its own
+/// connection to the target and its events in memory.
+const MAX_IN_FLIGHT: u64 = 64;
 
 /// Reads the policy; `entities` are the target's entities when they are valid.
 pub(super) fn check_delivery(
@@ -58,6 +62,14 @@ pub(super) fn check_delivery(
         0,
         10_000_000,
         "events per second, 0 = unlimited",
+        errs,
+    );
+    let max_in_flight = r.int(
+        "max_in_flight",
+        1,
+        1,
+        MAX_IN_FLIGHT,
+        "batches in flight at once",
         errs,
     );
     let window = check_window(r, errs);
@@ -110,6 +122,7 @@ pub(super) fn check_delivery(
         rate_limit_events_per_sec: nonzero(eps?),
         window: window?,
         entity_windows: entity_windows?,
+        max_in_flight: usize::try_from(max_in_flight?).ok()?,
     })
 }
 

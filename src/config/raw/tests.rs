@@ -1110,3 +1110,33 @@ fn delivery_policy_keys_are_checked() {
         );
     }
 }
+
+#[test]
+fn max_in_flight_is_1_by_default_at_most_64_and_1_for_file_targets() {
+    assert_eq!(ok(MINIMAL).targets[0].delivery.max_in_flight, 1);
+    assert_eq!(
+        ok_with("targets.wms.max_in_flight", "8").targets[0]
+            .delivery
+            .max_in_flight,
+        8
+    );
+    assert_error(
+        &errors_with("targets.wms.max_in_flight", "0"),
+        "targets.wms.max_in_flight",
+        "",
+    );
+    assert_error(
+        &errors_with("targets.wms.max_in_flight", "65"),
+        "targets.wms.max_in_flight",
+        "64",
+    );
+    let file = MINIMAL.replace(
+        "type = \"http\"\nurl = \"https://wms.example/steward\"",
+        "type = \"file\"\npath = \"/tmp/steward-events.ndjson\"\nmax_in_flight = 2",
+    );
+    assert_error(
+        &errors(&file),
+        "targets.wms.max_in_flight",
+        "one batch at a time",
+    );
+}

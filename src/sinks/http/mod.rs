@@ -400,6 +400,8 @@ mod tests {
     fn events() -> Vec<Event> {
         (0..3u32)
             .map(|i| Event {
+                change: None,
+                tx_id: None,
                 id: Event::source_id(crate::model::Lsn(0x16B3748), i),
                 entity: "product".to_string(),
                 key: format!("{}", 10 + i),

@@ -123,6 +123,8 @@ mod tests {
 
     fn event(id: &str, op: EventOp, data: &str) -> Event {
         Event {
+            change: None,
+            tx_id: None,
             id: id.to_string(),
             entity: "product".to_string(),
             key: "a\\|b|7".to_string(),

@@ -138,7 +138,8 @@ pub(super) fn classify_error(endpoint: &Endpoint<'_>, e: &reqwest::Error) -> Htt
         } else {
             root_cause(e)
         };
-        (true, format!("cannot connect to {url}: {cause}"))
+        let hint = tls_hint(endpoint.target, &cause);
+        (true, format!("cannot connect to {url}: {cause}{hint}"))
     } else if e.is_timeout() {
         (
             true,
@@ -155,13 +156,37 @@ pub(super) fn classify_error(endpoint: &Endpoint<'_>, e: &reqwest::Error) -> Htt
         )
     } else {
         // Reset connections, broken pipes, protocol errors: nothing about the batch.
-        (true, format!("request to {url} failed: {}", root_cause(e)))
+        let cause = root_cause(e);
+        let hint = tls_hint(endpoint.target, &cause);
+        (true, format!("request to {url} failed: {cause}{hint}"))
     };
     HttpDeliveryFailure {
         retryable,
         status: None,
         message,
         retry_after: None,
+    }
+}
+
+/// The fix for the TLS failures an operator can fix in the configuration.
+fn tls_hint(target: &str, cause: &str) -> String {
+    if cause.contains("UnknownIssuer") {
+        format!(
+            "; the target's certificate is not signed by a CA steward trusts: set \
+             targets.{target}.ca_file to the CA certificate (PEM)"
+        )
+    } else if cause.contains("CertificateRequired") {
+        format!(
+            "; the target requires a client certificate: set targets.{target}.client_cert_file \
+             and targets.{target}.client_key_file"
+        )
+    } else if cause.contains("BadCertificate") || cause.contains("UnknownCA") {
+        format!(
+            "; the target refused the client certificate: check targets.{target}.client_cert_file \
+             (is it signed by a CA the target trusts?)"
+        )
+    } else {
+        String::new()
     }
 }
 

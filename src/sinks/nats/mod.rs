@@ -228,6 +228,8 @@ mod tests {
     #[test]
     fn subjects_fill_placeholders_and_escape_keys() {
         let e = Event {
+            change: None,
+            tx_id: None,
             id: Event::source_id(Lsn(1), 0),
             entity: "product".into(),
             key: "a.b *c>%".into(),

@@ -141,6 +141,7 @@ impl PostgresSink {
             // The connection code speaks of the source's keys; name this target's.
             let text = e
                 .to_string()
+                .replace("the source PostgreSQL server", "the PostgreSQL server")
                 .replace("source.", &format!("targets.{}.", self.target));
             DeliveryError {
                 retryable: e.is_transient(),
@@ -155,10 +156,13 @@ impl PostgresSink {
         if self.cfg.create_tables {
             for plan in self.plans.values() {
                 let ddl = create_ddl(&self.cfg.schema, plan, self.cfg.delete_mode);
-                client
-                    .batch_execute(&ddl)
-                    .await
-                    .map_err(|e| self.classify(e, &plan.name, "creating"))?;
+                client.batch_execute(&ddl).await.map_err(|e| {
+                    // Creating a table is never about the events: retry, never dead-letter.
+                    DeliveryError {
+                        retryable: true,
+                        ..self.classify(e, &plan.name, "creating")
+                    }
+                })?;
             }
         }
         self.client = Some(client);
@@ -459,8 +463,13 @@ fn delete_sql(plan: &TablePlan) -> String {
 }
 
 fn create_ddl(schema: &str, plan: &TablePlan, mode: DeleteMode) -> String {
+    // One simple query runs as one transaction; the advisory lock makes
+    // concurrent connections (max_in_flight, several steward processes) take
+    // turns, since concurrent CREATE ... IF NOT EXISTS of one name can fail
+    // with a unique violation in the catalog.
     let mut ddl = format!(
-        "CREATE SCHEMA IF NOT EXISTS {schema}; \
+        "SELECT pg_advisory_xact_lock(hashtext('steward create_tables')); \
+         CREATE SCHEMA IF NOT EXISTS {schema}; \
          CREATE TABLE IF NOT EXISTS {table} (_key text PRIMARY KEY, _version bigint NOT NULL, \
          _deleted boolean NOT NULL DEFAULT false, _event_id text, _updated_at timestamptz, data jsonb);",
         schema = quote_ident(schema),
@@ -490,6 +499,8 @@ mod tests {
 
     fn ev(key: &str, lsn: u64, idx: u32) -> Event {
         Event {
+            change: None,
+            tx_id: None,
             id: Event::source_id(Lsn(lsn), idx),
             entity: "product".into(),
             key: key.into(),
