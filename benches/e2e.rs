@@ -388,6 +388,8 @@ fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom
 {target_section}
 entities = ["product"]
 batch_max_events = 1000
+# The WAL is what is measured: no initial snapshot.
+initial = "none"
 "#,
             url = cluster.url(&db),
             state = dir.path().join("steward.redb").display(),
@@ -488,7 +490,10 @@ batch_max_events = 1000
         "postgres",
         &format!("DROP DATABASE IF EXISTS {target_db} WITH (FORCE)"),
     );
-    drop(dir);
+    if std::env::var_os("STEWARD_BENCH_KEEP").is_some() {
+        // The state file and steward.log, for looking into a slow run.
+        eprintln!("kept {}", dir.keep().display());
+    }
 }
 
 /// Peak resident set size (VmHWM) of a running process, in KiB.
