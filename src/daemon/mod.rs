@@ -24,7 +24,6 @@ mod toast;
 pub use setup::RESET_ALL_META;
 pub use status::{StatusFile, TargetStatusLine};
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -139,7 +138,7 @@ pub async fn run_with(
             .map(|e| metrics::counter!(name, "entity" => e.name.clone()))
             .collect()
     };
-    let (durable_tx, _) = watch::channel(checkpoint);
+    let durable_tx = Arc::new(watch::channel(checkpoint).0);
     let snapshot_task = tokio::spawn(
         snapshot::Worker {
             config: config.clone(),
@@ -168,6 +167,7 @@ pub async fn run_with(
         batch: Vec::new(),
         batch_end: None,
         batch_started: None,
+        in_flight: None,
         stalled: false,
         received: entity_counters(crate::metrics::EVENTS_RECEIVED),
         filtered: entity_counters(crate::metrics::EVENTS_FILTERED),
@@ -229,7 +229,7 @@ pub async fn run_with(
         .await;
         // Whatever ended the session, complete transactions already received
         // are committed so that the source confirms them before it stops.
-        let flushed = committer.flush();
+        let flushed = committer.flush_and_wait();
         // A batch the store could not take (disk full) is dropped here: it is
         // not confirmed, so the next session receives it again from the server.
         if committer.discard_pending() {
@@ -478,11 +478,18 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 }
 
 /// Groups complete transactions into one durable store commit.
+///
+/// The commit itself (filtering against snapshot windows, redb writes,
+/// fsync) runs on a thread of its own while the consume loop goes on
+/// decoding and mapping the next batch: with the two stages overlapped the
+/// walsender is not left waiting for our fsync. At most one commit is in
+/// flight, so batches reach the store in order, and the durable LSN (what the
+/// source confirms) only moves once a commit has succeeded.
 struct Committer {
     /// Orders appends against running snapshots (see `snapshot`).
     gate: snapshot::SnapshotGate,
     store: Store,
-    durable_tx: watch::Sender<Lsn>,
+    durable_tx: Arc<watch::Sender<Lsn>>,
     wakers: Vec<Arc<watch::Sender<u64>>>,
     target_names: Vec<String>,
     state: Arc<DaemonState>,
@@ -491,6 +498,8 @@ struct Committer {
     batch: Vec<(usize, Event)>,
     batch_end: Option<Lsn>,
     batch_started: Option<Instant>,
+    /// The commit running on its thread, with the end LSN it covers.
+    in_flight: Option<(Lsn, std::thread::JoinHandle<CommitOutcome>)>,
     /// The last commit failed with an error that may clear (disk full):
     /// the batch is kept and nothing more is confirmed until it succeeds.
     stalled: bool,
@@ -503,6 +512,93 @@ struct Committer {
     schema: schema::SchemaGuard,
 }
 
+/// One batch handed to the commit thread.
+struct CommitJob {
+    end: Lsn,
+    batch: Vec<(usize, Event)>,
+    delta: GovDelta,
+}
+
+enum CommitOutcome {
+    Committed,
+    /// The store refused the write with an error that may clear: the job
+    /// comes back to be retried.
+    Refused(CommitJob, crate::store::StoreError),
+    Failed(anyhow::Error),
+}
+
+/// What the commit thread needs besides the job.
+#[derive(Clone)]
+struct CommitContext {
+    gate: snapshot::SnapshotGate,
+    store: Store,
+    durable_tx: Arc<watch::Sender<Lsn>>,
+    wakers: Vec<Arc<watch::Sender<u64>>>,
+    target_names: Vec<String>,
+    state: Arc<DaemonState>,
+}
+
+impl CommitContext {
+    fn run(&self, job: CommitJob) -> CommitOutcome {
+        // Held until the batch is committed: a snapshot chunk must not slip
+        // between the version check and the append.
+        let windows = self.gate.lock();
+        let batch =
+            match snapshot::filter_batch(&windows, &self.store, &self.target_names, job.batch) {
+                Ok(b) => b,
+                Err(e) => return CommitOutcome::Failed(e),
+            };
+        let appends: Vec<(&str, &Event)> = batch
+            .iter()
+            .map(|(t, e)| (self.target_names[*t].as_str(), e))
+            .collect();
+        let started = Instant::now();
+        let last = match self.store.commit_governed(job.end, &appends, &job.delta) {
+            Ok(last) => last,
+            Err(e) if e.is_transient() => {
+                drop(appends);
+                // Filtering again on the retry admits the same versions.
+                return CommitOutcome::Refused(
+                    CommitJob {
+                        end: job.end,
+                        batch,
+                        delta: job.delta,
+                    },
+                    e,
+                );
+            }
+            Err(e) => return CommitOutcome::Failed(e.into()),
+        };
+        metrics::histogram!(crate::metrics::STORE_COMMIT_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        metrics::counter!(crate::metrics::EVENTS_STORED).increment(appends.len() as u64);
+        drop(windows);
+        for (name, seq) in last {
+            if let Some(i) = self.target_names.iter().position(|n| *n == name) {
+                self.wakers[i].send_replace(seq);
+            }
+        }
+        advance_durable(&self.durable_tx, &self.state, job.end);
+        CommitOutcome::Committed
+    }
+}
+
+/// Moves the durable LSN forward (never back).
+fn advance_durable(durable_tx: &watch::Sender<Lsn>, state: &DaemonState, lsn: Lsn) {
+    durable_tx.send_if_modified(|d| {
+        if lsn > *d {
+            *d = lsn;
+            true
+        } else {
+            false
+        }
+    });
+    state
+        .durable_lsn
+        .fetch_max(lsn.0, std::sync::atomic::Ordering::Relaxed);
+    metrics::gauge!(crate::metrics::DURABLE_LSN).set(lsn.0 as f64);
+}
+
 impl Committer {
     fn durable(&self) -> Lsn {
         *self.durable_tx.borrow()
@@ -512,9 +608,16 @@ impl Committer {
         self.batch_started.map(|t| t + self.max_delay)
     }
 
+    /// The end of what has been handed to the store so far.
+    fn handed(&self) -> Lsn {
+        self.in_flight
+            .as_ref()
+            .map_or_else(|| self.durable(), |(end, _)| *end)
+    }
+
     /// The LSN the next commit will cover (what a governance release is versioned with).
     fn latest(&self) -> Lsn {
-        self.batch_end.unwrap_or_else(|| self.durable())
+        self.batch_end.unwrap_or_else(|| self.handed())
     }
 
     fn add(
@@ -523,7 +626,18 @@ impl Committer {
         delta: GovDelta,
         end_lsn: Lsn,
     ) -> anyhow::Result<()> {
-        if events.is_empty() && delta.is_empty() && self.batch_end.is_none() {
+        if self
+            .in_flight
+            .as_ref()
+            .is_some_and(|(_, handle)| handle.is_finished())
+        {
+            self.reap()?;
+        }
+        if events.is_empty()
+            && delta.is_empty()
+            && self.batch_end.is_none()
+            && self.in_flight.is_none()
+        {
             // Nothing of this transaction reaches any target and nothing is
             // waiting: it is as good as durable. Persisting the checkpoint can
             // wait for the next real commit; after a crash the server resumes
@@ -562,8 +676,8 @@ impl Committer {
         Self::count_filtered(&delta);
         self.batch.extend(events);
         self.delta.append(delta);
-        let durable = self.durable();
-        self.batch_end.get_or_insert(durable);
+        let handed = self.handed();
+        self.batch_end.get_or_insert(handed);
         self.batch_started.get_or_insert_with(Instant::now);
         if self.batch.len() >= self.max_events {
             self.flush()?;
@@ -571,26 +685,73 @@ impl Committer {
         Ok(())
     }
 
+    fn context(&self) -> CommitContext {
+        CommitContext {
+            gate: self.gate.clone(),
+            store: self.store.clone(),
+            durable_tx: self.durable_tx.clone(),
+            wakers: self.wakers.clone(),
+            target_names: self.target_names.clone(),
+            state: self.state.clone(),
+        }
+    }
+
+    /// Hands the batch to the commit thread, once the previous commit is done.
     fn flush(&mut self) -> anyhow::Result<()> {
-        let Some(end) = self.batch_end else {
+        self.reap()?;
+        let Some(end) = self.batch_end.take() else {
             return Ok(());
         };
-        let batch = std::mem::take(&mut self.batch);
-        // Held until the batch is committed: a snapshot chunk must not slip
-        // between the version check and the append.
-        let windows = self.gate.lock();
-        let batch = tokio::task::block_in_place(|| {
-            snapshot::filter_batch(&windows, &self.store, &self.target_names, batch)
-        })?;
-        let appends: Vec<(&str, &Event)> = batch
-            .iter()
-            .map(|(t, e)| (self.target_names[*t].as_str(), e))
-            .collect();
-        let started = Instant::now();
-        let commit = || self.store.commit_governed(end, &appends, &self.delta);
-        let last = match tokio::task::block_in_place(commit) {
-            Ok(last) => last,
-            Err(e) if e.is_transient() => {
+        let job = CommitJob {
+            end,
+            batch: std::mem::take(&mut self.batch),
+            delta: std::mem::take(&mut self.delta),
+        };
+        self.batch_started = None;
+        let context = self.context();
+        let handle = std::thread::Builder::new()
+            .name("steward-commit".into())
+            .spawn(move || context.run(job))
+            .map_err(|e| anyhow::anyhow!("cannot start the commit thread: {e}"))?;
+        self.in_flight = Some((end, handle));
+        Ok(())
+    }
+
+    /// Hands over the batch and waits until everything handed over is committed.
+    fn flush_and_wait(&mut self) -> anyhow::Result<()> {
+        self.flush()?;
+        self.reap()
+    }
+
+    /// Waits for the commit in flight, if any, and takes its outcome: a
+    /// refused batch is put back in front of the one being gathered.
+    fn reap(&mut self) -> anyhow::Result<()> {
+        let Some((_, handle)) = self.in_flight.take() else {
+            return Ok(());
+        };
+        let outcome = tokio::task::block_in_place(|| handle.join()).unwrap_or_else(|_| {
+            CommitOutcome::Failed(anyhow::anyhow!("the commit thread panicked"))
+        });
+        match outcome {
+            CommitOutcome::Committed => {
+                if std::mem::take(&mut self.stalled) {
+                    tracing::info!("the state file accepts writes again; resuming");
+                    self.state
+                        .health
+                        .store_ok
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    *self
+                        .state
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = None;
+                }
+                if self.batch_end.is_none() {
+                    self.state.health.note_caught_up();
+                }
+                Ok(())
+            }
+            CommitOutcome::Refused(job, e) => {
                 if !self.stalled {
                     tracing::error!(
                         error = %e,
@@ -607,57 +768,32 @@ impl Committer {
                     .last_error
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
-                drop(appends);
-                drop(windows);
-                // Filtering again on the retry admits the same versions.
+                let mut batch = job.batch;
+                batch.append(&mut self.batch);
                 self.batch = batch;
-                return Ok(());
+                let mut delta = job.delta;
+                delta.append(std::mem::take(&mut self.delta));
+                self.delta = delta;
+                self.batch_end = Some(self.batch_end.map_or(job.end, |b| b.max(job.end)));
+                self.batch_started.get_or_insert_with(Instant::now);
+                Ok(())
             }
-            Err(e) => {
+            CommitOutcome::Failed(e) => {
                 self.state
                     .health
                     .store_ok
                     .store(false, std::sync::atomic::Ordering::Relaxed);
-                return Err(e.into());
-            }
-        };
-        if std::mem::take(&mut self.stalled) {
-            tracing::info!("the state file accepts writes again; resuming");
-            self.state
-                .health
-                .store_ok
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-            *self
-                .state
-                .last_error
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = None;
-        }
-        metrics::histogram!(crate::metrics::STORE_COMMIT_SECONDS)
-            .record(started.elapsed().as_secs_f64());
-        metrics::counter!(crate::metrics::EVENTS_STORED).increment(appends.len() as u64);
-        drop(windows);
-        self.delta = GovDelta::default();
-        self.batch_end = None;
-        self.batch_started = None;
-        let by_name: HashMap<&str, usize> = self
-            .target_names
-            .iter()
-            .enumerate()
-            .map(|(i, n)| (n.as_str(), i))
-            .collect();
-        for (name, seq) in last {
-            if let Some(&i) = by_name.get(name.as_str()) {
-                self.wakers[i].send_replace(seq);
+                Err(e)
             }
         }
-        self.advance(end);
-        Ok(())
     }
 
     /// Drops what could not be committed; true when anything was dropped.
     fn discard_pending(&mut self) -> bool {
-        let dropped = self.batch_end.is_some() || !self.delta.is_empty();
+        // A commit still running either lands (and is confirmed) or comes back
+        // refused and is dropped with the rest.
+        let failed = self.reap().is_err();
+        let dropped = failed || self.batch_end.is_some() || !self.delta.is_empty();
         self.batch.clear();
         self.delta = GovDelta::default();
         self.batch_end = None;
@@ -681,18 +817,7 @@ impl Committer {
     }
 
     fn advance(&self, lsn: Lsn) {
-        self.durable_tx.send_if_modified(|d| {
-            if lsn > *d {
-                *d = lsn;
-                true
-            } else {
-                false
-            }
-        });
-        self.state
-            .durable_lsn
-            .fetch_max(lsn.0, std::sync::atomic::Ordering::Relaxed);
-        metrics::gauge!(crate::metrics::DURABLE_LSN).set(lsn.0 as f64);
+        advance_durable(&self.durable_tx, &self.state, lsn);
         if self.batch_end.is_none() {
             self.state.health.note_caught_up();
         }
