@@ -381,6 +381,7 @@ publication = "steward_bench"
 create_publication = false
 [state]
 path = "{state}"
+{state_extra}
 [entities.product]
 table = "product_template"
 fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom_id = "uom_id", active = "active" }}
@@ -393,6 +394,8 @@ initial = "none"
 "#,
             url = cluster.url(&db),
             state = dir.path().join("steward.redb").display(),
+            // e.g. STEWARD_BENCH_STATE="commit_max_events = 5000" to try a setting.
+            state_extra = std::env::var("STEWARD_BENCH_STATE").unwrap_or_default(),
         ),
     )
     .expect("config");
