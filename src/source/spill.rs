@@ -90,12 +90,16 @@ impl StreamSpill {
             ));
         }
         match (first_segment, self.txns.contains_key(&xid)) {
-            (true, true) => return Err(format!(
+            (true, true) => {
+                return Err(format!(
                 "Stream Start marked as the first segment of xid {xid}, which was already streamed"
-            )),
-            (false, false) => return Err(format!(
+            ))
+            }
+            (false, false) => {
+                return Err(format!(
                 "Stream Start continues xid {xid}, whose first segment this session never received"
-            )),
+            ))
+            }
             (true, false) => {
                 self.txns.insert(xid, SpilledTxn::default());
             }
