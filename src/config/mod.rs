@@ -58,6 +58,9 @@ pub struct SourceConfig {
     pub create_publication: bool,
     /// How often a heartbeat message is written to the WAL; `None` = off.
     pub heartbeat_interval: Option<Duration>,
+    /// Let PostgreSQL 14+ stream large transactions before they commit
+    /// (pgoutput protocol 2); they are spilled to the state file meanwhile.
+    pub streaming: bool,
 }
 
 #[derive(Clone, Debug)]

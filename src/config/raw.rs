@@ -43,6 +43,7 @@ const SOURCE_KEYS: &[&str] = &[
     "create_publication",
     "connect_timeout_ms",
     "heartbeat_interval_ms",
+    "streaming",
 ];
 const STATE_KEYS: &[&str] = &[
     "path",
@@ -477,6 +478,7 @@ fn check_source(table: &Table, base_dir: &Path, errs: &mut Errors) -> Option<Sou
     }
 
     let heartbeat_ms = r.int("heartbeat_interval_ms", 0, 0, HOUR_MS, "milliseconds", errs);
+    let streaming = r.bool("streaming", true, errs);
 
     let url = url?;
     Some(SourceConfig {
@@ -505,6 +507,7 @@ fn check_source(table: &Table, base_dir: &Path, errs: &mut Errors) -> Option<Sou
             0 => None,
             n => Some(ms(n)),
         },
+        streaming: streaming?,
     })
 }
 

@@ -205,6 +205,8 @@ pub async fn run_with(
             start: durable.max(prepared.start_floor),
             skip_before: durable,
             status_interval: config.source.status_interval,
+            streaming: config.source.streaming,
+            store: store.clone(),
         };
         let (tx, rx) = mpsc::channel(SOURCE_CHANNEL_CAPACITY);
         let (session_shutdown_tx, session_shutdown_rx) = watch::channel(false);

@@ -4,5 +4,6 @@
 pub mod pgoutput;
 pub mod slot;
 pub mod snapshot;
+pub mod spill;
 pub mod stream;
 pub mod wire;

@@ -13,15 +13,44 @@
 //! (the server's decoding position) is confirmed too. Nothing before it can
 //! still arrive, and confirming it lets the slot release WAL while Odoo churns
 //! through tables steward does not publish.
+//!
+//! Large transactions (PostgreSQL 14+, `source.streaming`): the session asks
+//! for pgoutput protocol 2 with `streaming = on`, so the server sends the
+//! changes of a transaction that outgrows `logical_decoding_work_mem` before
+//! it commits, in Stream Start … Stream Stop blocks, and ends it with Stream
+//! Commit or Stream Abort. Those changes are spilled to the store
+//! ([`StreamSpill`]); at Stream Commit they are read back chunk by chunk and
+//! forwarded as an ordinary Begin, changes, Commit with the commit LSN, so
+//! the daemon maps them exactly like an unstreamed transaction (same event
+//! ids). Aborted transactions and rolled-back subtransactions are dropped
+//! from the spill and never reach the daemon.
+//!
+//! Why confirming positions while a streamed transaction is still open
+//! loses nothing: the flush position means "every transaction that
+//! committed before it is durable here". A streamed transaction that has not
+//! committed yet commits after any position confirmed now. On reconnect the
+//! server decodes from the slot's restart_lsn, which it never moves past the
+//! first change of a transaction still in progress (restart points come
+//! from running-xacts records, bounded by the oldest running transaction),
+//! so it sends that transaction again in full, from its first change. That
+//! is also why the spill is cleared at the start of every session. Stream
+//! blocks count as "a transaction is open" for the keepalive rule above, and
+//! a Stream Commit counts as a received commit from the moment it arrives,
+//! so the keepalive position is confirmed only after its replay is durable.
 
 use std::time::Duration;
 
+use std::collections::VecDeque;
+
+use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{interval, MissedTickBehavior};
 
 use crate::model::{Change, Lsn, Relation};
 use crate::source::pgoutput::{self, PgOutputMessage};
+use crate::source::spill::{Committed, StreamSpill};
 use crate::source::wire::{ReplicationClient, ReplicationMessage, ReplicationStream, WireError};
+use crate::store::{Store, StoreError};
 
 /// What the source hands downstream, in stream order.
 #[derive(Debug)]
@@ -55,6 +84,8 @@ pub enum SourceError {
     Unexpected { lsn: Lsn, what: String },
     #[error("the replication slot '{slot}' no longer exists (someone dropped it while steward ran): changes since steward's checkpoint may be lost. Stop steward, run `steward reset --all -c FILE` (recreates the slot and resends every target a snapshot), then start it")]
     SlotDropped { slot: String },
+    #[error("cannot keep a streamed transaction's changes in the state file: {0}")]
+    Spill(#[from] StoreError),
     #[error("the replication slot '{slot}' was invalidated: the server removed WAL it still needed (max_slot_wal_keep_size). Stop steward, run `steward reset --all -c FILE` (recreates the slot and resends every target a snapshot), then start it; consider a larger max_slot_wal_keep_size")]
     SlotInvalidated { slot: String },
 }
@@ -67,6 +98,8 @@ impl SourceError {
             // connection (after a crash it exits within moments).
             SourceError::Wire(e) => e.is_transient() || e.sqlstate() == Some("55006"),
             SourceError::Ended => true,
+            // Disk full: a new session starts the spill afresh.
+            SourceError::Spill(e) => e.is_transient(),
             SourceError::Decode { .. }
             | SourceError::Unexpected { .. }
             | SourceError::SlotDropped { .. }
@@ -83,7 +116,14 @@ pub struct SessionParams {
     /// Transactions whose commit LSN is below this are already durable: dropped.
     pub skip_before: Lsn,
     pub status_interval: Duration,
+    /// Ask for streaming of in-progress transactions (used on PostgreSQL 14+).
+    pub streaming: bool,
+    /// Where streamed transactions are spilled until they commit.
+    pub store: Store,
 }
+
+/// First server version whose pgoutput can stream in-progress transactions.
+const STREAMING_MIN_VERSION: u32 = 140000;
 
 /// How often a durable-LSN advance is reported at most, so a busy stream
 /// does not send a status update per commit.
@@ -121,24 +161,36 @@ pub async fn run_session(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SourceError> {
     let publication = params.publication.clone();
-    let options = [
-        ("proto_version", "1"),
+    let streaming = params.streaming && client.server_version_num() >= STREAMING_MIN_VERSION;
+    let mut options = vec![
+        ("proto_version", if streaming { "2" } else { "1" }),
         ("publication_names", publication.as_str()),
     ];
+    if streaming {
+        options.push(("streaming", "on"));
+    }
+    // Cleared before the server can send anything (see the module documentation).
+    let spill = StreamSpill::new(params.store.clone())?;
     let mut stream = client
         .start_logical_replication(&params.slot, params.start, &options)
         .await
         .map_err(|e| slot_error(e, &params.slot))?;
-    tracing::info!(slot = %params.slot, start = %params.start, "replication started");
+    tracing::info!(slot = %params.slot, start = %params.start, streaming, "replication started");
 
-    let mut tracker = FlushTracker {
-        received_commit_end: Lsn::ZERO,
-        idle_wal_end: Lsn::ZERO,
-        written: params.start,
-        last_flush_sent: Lsn::ZERO,
+    let mut router = Router {
+        skip_before: params.skip_before,
+        streaming,
+        in_txn: false,
+        skipping: false,
+        tracker: FlushTracker {
+            received_commit_end: Lsn::ZERO,
+            idle_wal_end: Lsn::ZERO,
+            written: params.start,
+            last_flush_sent: Lsn::ZERO,
+        },
+        spill,
+        replay: None,
     };
-    let mut in_txn = false;
-    let mut skipping = false;
     let mut pending: Option<SourceEvent> = None;
     let mut report_due = false;
 
@@ -148,12 +200,23 @@ pub async fn run_session(
     report_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
     loop {
+        if pending.is_none() {
+            // A streamed transaction that committed is passed on before the
+            // next message is read (the select below still answers the server).
+            if let Some(replay) = router.replay.as_mut() {
+                let (event, done) = replay.next(&router.spill)?;
+                pending = Some(event);
+                if done {
+                    router.replay = None;
+                }
+            }
+        }
         tokio::select! {
             biased;
             _ = shutdown.changed() => {
                 let durable_now = *durable.borrow();
-                let flush = tracker.flush(durable_now);
-                send_status(&mut stream, tracker.written, flush, false).await?;
+                let flush = router.tracker.flush(durable_now);
+                send_status(&mut stream, router.tracker.written, flush, false).await?;
                 tracing::info!(flush = %flush, "replication stopped; durable position confirmed");
                 let _ = stream.close().await;
                 return Ok(());
@@ -173,19 +236,19 @@ pub async fn run_session(
                 match message? {
                     None => return Err(SourceError::Ended),
                     Some(ReplicationMessage::XLogData { wal_start, wal_end, data, .. }) => {
-                        tracker.written = tracker.written.max(wal_end).max(wal_start);
-                        let decoded = pgoutput::decode(&data, false)
+                        router.tracker.written = router.tracker.written.max(wal_end).max(wal_start);
+                        let decoded = pgoutput::decode(&data, router.spill.in_stream())
                             .map_err(|e| SourceError::Decode { lsn: wal_start, problem: e.to_string() })?;
-                        pending = route(decoded, wal_start, &params, &mut in_txn, &mut skipping, &mut tracker)?;
+                        pending = router.route(decoded, &data, wal_start)?;
                     }
                     Some(ReplicationMessage::Keepalive { wal_end, reply_requested, .. }) => {
-                        tracker.written = tracker.written.max(wal_end);
-                        if !in_txn {
-                            tracker.idle_wal_end = tracker.idle_wal_end.max(wal_end);
+                        router.tracker.written = router.tracker.written.max(wal_end);
+                        if !router.in_txn {
+                            router.tracker.idle_wal_end = router.tracker.idle_wal_end.max(wal_end);
                         }
                         if reply_requested {
-                            let flush = tracker.flush(*durable.borrow());
-                            send_status(&mut stream, tracker.written, flush, false).await?;
+                            let flush = router.tracker.flush(*durable.borrow());
+                            send_status(&mut stream, router.tracker.written, flush, false).await?;
                         }
                     }
                 }
@@ -199,12 +262,12 @@ pub async fn run_session(
             }
             _ = report_tick.tick(), if report_due => {
                 report_due = false;
-                let flush = tracker.flush(*durable.borrow());
-                send_status(&mut stream, tracker.written, flush, false).await?;
+                let flush = router.tracker.flush(*durable.borrow());
+                send_status(&mut stream, router.tracker.written, flush, false).await?;
             }
             _ = status_tick.tick() => {
-                let flush = tracker.flush(*durable.borrow());
-                send_status(&mut stream, tracker.written, flush, false).await?;
+                let flush = router.tracker.flush(*durable.borrow());
+                send_status(&mut stream, router.tracker.written, flush, false).await?;
             }
         }
     }
@@ -239,71 +302,253 @@ async fn send_status(
     stream.send_status(write, flush, flush, reply).await
 }
 
-fn route(
-    message: PgOutputMessage,
-    lsn: Lsn,
-    params: &SessionParams,
-    in_txn: &mut bool,
-    skipping: &mut bool,
-    tracker: &mut FlushTracker,
-) -> Result<Option<SourceEvent>, SourceError> {
-    Ok(match message {
-        PgOutputMessage::Begin {
-            final_lsn,
-            commit_time_micros,
-            xid,
-        } => {
-            *in_txn = true;
-            *skipping = final_lsn < params.skip_before;
-            if *skipping {
-                tracing::debug!(commit = %final_lsn, "skipping a transaction the store already holds");
-                None
-            } else {
-                Some(SourceEvent::Begin {
-                    final_lsn,
-                    commit_time_micros,
-                    xid,
-                })
+/// Per-session protocol state: which transaction is open, what is spilled.
+struct Router {
+    skip_before: Lsn,
+    streaming: bool,
+    /// A transaction (or a stream block) is being received.
+    in_txn: bool,
+    skipping: bool,
+    tracker: FlushTracker,
+    spill: StreamSpill,
+    /// A committed streamed transaction being passed on.
+    replay: Option<Replay>,
+}
+
+impl Router {
+    /// Handles one decoded message; returns what to pass downstream, if anything.
+    fn route(
+        &mut self,
+        message: PgOutputMessage,
+        raw: &Bytes,
+        lsn: Lsn,
+    ) -> Result<Option<SourceEvent>, SourceError> {
+        let unexpected = |what: String| SourceError::Unexpected { lsn, what };
+        if self.spill.in_stream() {
+            match message {
+                PgOutputMessage::StreamStop => {
+                    self.spill.stop()?;
+                    self.in_txn = false;
+                }
+                // Applied when the transaction commits, in stream order.
+                PgOutputMessage::Relation { .. } => self.spill.push(None, raw)?,
+                PgOutputMessage::Change { xid, .. } | PgOutputMessage::Truncate { xid, .. } => {
+                    self.spill.push(xid, raw)?
+                }
+                PgOutputMessage::Type { .. }
+                | PgOutputMessage::Origin { .. }
+                | PgOutputMessage::Message { .. } => {}
+                other @ (PgOutputMessage::Begin { .. }
+                | PgOutputMessage::Commit { .. }
+                | PgOutputMessage::StreamStart { .. }
+                | PgOutputMessage::StreamCommit { .. }
+                | PgOutputMessage::StreamAbort { .. }) => {
+                    return Err(unexpected(format!("{other:?} inside a stream block")))
+                }
             }
+            return Ok(None);
         }
-        PgOutputMessage::Commit {
-            commit_lsn,
-            end_lsn,
-            commit_time_micros,
-            ..
-        } => {
-            *in_txn = false;
-            if std::mem::take(skipping) {
+        Ok(match message {
+            PgOutputMessage::Begin {
+                final_lsn,
+                commit_time_micros,
+                xid,
+            } => {
+                self.in_txn = true;
+                self.skipping = final_lsn < self.skip_before;
+                if self.skipping {
+                    tracing::debug!(commit = %final_lsn, "skipping a transaction the store already holds");
+                    None
+                } else {
+                    Some(SourceEvent::Begin {
+                        final_lsn,
+                        commit_time_micros,
+                        xid,
+                    })
+                }
+            }
+            PgOutputMessage::Commit {
+                commit_lsn,
+                end_lsn,
+                commit_time_micros,
+                ..
+            } => {
+                self.in_txn = false;
+                if std::mem::take(&mut self.skipping) {
+                    None
+                } else {
+                    self.tracker.received_commit_end =
+                        self.tracker.received_commit_end.max(end_lsn);
+                    Some(SourceEvent::Commit {
+                        commit_lsn,
+                        end_lsn,
+                        commit_time_micros,
+                    })
+                }
+            }
+            PgOutputMessage::Relation { relation, .. } => Some(SourceEvent::Relation(relation)),
+            PgOutputMessage::Change { change, .. } => {
+                (!self.skipping).then_some(SourceEvent::Change(change))
+            }
+            PgOutputMessage::Truncate { relation_ids, .. } => {
+                (!self.skipping).then_some(SourceEvent::Truncate { relation_ids })
+            }
+            PgOutputMessage::Type { .. }
+            | PgOutputMessage::Origin { .. }
+            | PgOutputMessage::Message { .. } => None,
+            other @ (PgOutputMessage::StreamStart { .. }
+            | PgOutputMessage::StreamStop
+            | PgOutputMessage::StreamCommit { .. }
+            | PgOutputMessage::StreamAbort { .. })
+                if !self.streaming =>
+            {
+                return Err(unexpected(format!(
+                    "{other:?} although streaming was not requested"
+                )))
+            }
+            PgOutputMessage::StreamStart { xid, first_segment } => {
+                if self.in_txn {
+                    return Err(unexpected(format!(
+                        "Stream Start for xid {xid} inside an unstreamed transaction"
+                    )));
+                }
+                self.spill.start(xid, first_segment).map_err(unexpected)?;
+                self.in_txn = true;
                 None
-            } else {
-                tracker.received_commit_end = tracker.received_commit_end.max(end_lsn);
-                Some(SourceEvent::Commit {
+            }
+            PgOutputMessage::StreamStop => {
+                return Err(unexpected("Stream Stop without a Stream Start".into()))
+            }
+            PgOutputMessage::StreamAbort { xid, subxid } => {
+                tracing::debug!(
+                    xid,
+                    subxid,
+                    "a streamed (sub)transaction aborted; its changes are dropped"
+                );
+                self.spill.abort(xid, subxid)?;
+                None
+            }
+            PgOutputMessage::StreamCommit {
+                xid,
+                commit_lsn,
+                end_lsn,
+                commit_time_micros,
+                ..
+            } => {
+                let Some(committed) = self.spill.commit(xid)? else {
+                    return Err(unexpected(format!(
+                        "Stream Commit for xid {xid}, which this session never received"
+                    )));
+                };
+                if commit_lsn < self.skip_before {
+                    tracing::debug!(commit = %commit_lsn, "skipping a streamed transaction the store already holds");
+                    self.spill.finish(xid)?;
+                    return Ok(None);
+                }
+                tracing::info!(
+                    xid,
+                    commit = %commit_lsn,
+                    changes = committed.records,
+                    "a streamed transaction committed; passing its spilled changes on"
+                );
+                self.tracker.received_commit_end = self.tracker.received_commit_end.max(end_lsn);
+                self.replay = Some(Replay::new(
+                    committed,
                     commit_lsn,
                     end_lsn,
                     commit_time_micros,
-                })
+                ));
+                None
+            }
+        })
+    }
+}
+
+/// Reads a committed streamed transaction back from the spill, one chunk at
+/// a time, as Begin, its messages in stream order, Commit.
+struct Replay {
+    xid: u32,
+    commit_lsn: Lsn,
+    chunks: std::vec::IntoIter<u64>,
+    queue: VecDeque<SourceEvent>,
+    commit: Option<SourceEvent>,
+}
+
+impl Replay {
+    fn new(committed: Committed, commit_lsn: Lsn, end_lsn: Lsn, commit_time_micros: i64) -> Replay {
+        Replay {
+            xid: committed.xid,
+            commit_lsn,
+            chunks: committed.chunks.into_iter(),
+            queue: VecDeque::from([SourceEvent::Begin {
+                final_lsn: commit_lsn,
+                commit_time_micros,
+                xid: committed.xid,
+            }]),
+            commit: Some(SourceEvent::Commit {
+                commit_lsn,
+                end_lsn,
+                commit_time_micros,
+            }),
+        }
+    }
+
+    /// The next event; `true` with the last one (the Commit).
+    fn next(&mut self, spill: &StreamSpill) -> Result<(SourceEvent, bool), SourceError> {
+        loop {
+            if let Some(event) = self.queue.pop_front() {
+                return Ok((event, false));
+            }
+            if let Some(seq) = self.chunks.next() {
+                let Some(chunk) = spill.read(self.xid, seq)? else {
+                    return Err(SourceError::Unexpected {
+                        lsn: self.commit_lsn,
+                        what: format!(
+                            "chunk {seq} of the spilled changes of xid {} is missing from the state file",
+                            self.xid
+                        ),
+                    });
+                };
+                self.load(chunk)?;
+                continue;
+            }
+            spill.finish(self.xid)?;
+            return match self.commit.take() {
+                Some(commit) => Ok((commit, true)),
+                None => Err(SourceError::Unexpected {
+                    lsn: self.commit_lsn,
+                    what: "a streamed transaction was passed on twice".into(),
+                }),
+            };
+        }
+    }
+
+    fn load(&mut self, chunk: Vec<u8>) -> Result<(), SourceError> {
+        let (lsn, xid) = (self.commit_lsn, self.xid);
+        let decode_error = |problem: String| SourceError::Decode {
+            lsn,
+            problem: format!("spilled change of xid {xid}: {problem}"),
+        };
+        let records = crate::store::spill::records(&chunk).map_err(decode_error)?;
+        let bytes = Bytes::from(chunk);
+        for (_, range) in records {
+            let message = pgoutput::decode(&bytes.slice(range), true)
+                .map_err(|e| decode_error(e.to_string()))?;
+            match message {
+                PgOutputMessage::Relation { relation, .. } => {
+                    self.queue.push_back(SourceEvent::Relation(relation))
+                }
+                PgOutputMessage::Change { change, .. } => {
+                    self.queue.push_back(SourceEvent::Change(change))
+                }
+                PgOutputMessage::Truncate { relation_ids, .. } => {
+                    self.queue.push_back(SourceEvent::Truncate { relation_ids })
+                }
+                _ => {}
             }
         }
-        PgOutputMessage::Relation { relation, .. } => Some(SourceEvent::Relation(relation)),
-        PgOutputMessage::Change { change, .. } => {
-            (!*skipping).then_some(SourceEvent::Change(change))
-        }
-        PgOutputMessage::Truncate { relation_ids, .. } => {
-            (!*skipping).then_some(SourceEvent::Truncate { relation_ids })
-        }
-        PgOutputMessage::Type { .. }
-        | PgOutputMessage::Origin { .. }
-        | PgOutputMessage::Message { .. } => None,
-        other @ (PgOutputMessage::StreamStart { .. }
-        | PgOutputMessage::StreamStop
-        | PgOutputMessage::StreamCommit { .. }
-        | PgOutputMessage::StreamAbort { .. }) => {
-            return Err(SourceError::Unexpected {
-                lsn,
-                what: format!("{other:?} although streaming was not requested"),
-            })
-        }
-    })
+        Ok(())
+    }
 }
 
 /// When a session ends with a transient error, how long to wait before the next attempt.
@@ -331,6 +576,203 @@ mod tests {
         // Never backwards.
         t.received_commit_end = Lsn(900);
         assert_eq!(t.flush(Lsn(120)), Lsn(500));
+    }
+
+    /// pgoutput bytes of an Insert into relation 16400 with one text column,
+    /// streamed (`xid` prefix) or not.
+    fn insert(xid: Option<u32>, value: &str) -> Bytes {
+        let mut b = vec![b'I'];
+        if let Some(x) = xid {
+            b.extend_from_slice(&x.to_be_bytes());
+        }
+        b.extend_from_slice(&16400u32.to_be_bytes());
+        b.push(b'N');
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.push(b't');
+        b.extend_from_slice(&(value.len() as i32).to_be_bytes());
+        b.extend_from_slice(value.as_bytes());
+        Bytes::from(b)
+    }
+
+    fn stream_start(xid: u32, first: bool) -> Bytes {
+        let mut b = vec![b'S'];
+        b.extend_from_slice(&xid.to_be_bytes());
+        b.push(first as u8);
+        Bytes::from(b)
+    }
+
+    fn stream_abort(xid: u32, subxid: u32) -> Bytes {
+        let mut b = vec![b'A'];
+        b.extend_from_slice(&xid.to_be_bytes());
+        b.extend_from_slice(&subxid.to_be_bytes());
+        Bytes::from(b)
+    }
+
+    fn stream_commit(xid: u32, commit: u64, end: u64) -> Bytes {
+        let mut b = vec![b'c'];
+        b.extend_from_slice(&xid.to_be_bytes());
+        b.push(0);
+        b.extend_from_slice(&commit.to_be_bytes());
+        b.extend_from_slice(&end.to_be_bytes());
+        b.extend_from_slice(&7i64.to_be_bytes());
+        Bytes::from(b)
+    }
+
+    fn begin(final_lsn: u64, xid: u32) -> Bytes {
+        let mut b = vec![b'B'];
+        b.extend_from_slice(&final_lsn.to_be_bytes());
+        b.extend_from_slice(&7i64.to_be_bytes());
+        b.extend_from_slice(&xid.to_be_bytes());
+        Bytes::from(b)
+    }
+
+    fn commit(commit: u64, end: u64) -> Bytes {
+        let mut b = vec![b'C', 0];
+        b.extend_from_slice(&commit.to_be_bytes());
+        b.extend_from_slice(&end.to_be_bytes());
+        b.extend_from_slice(&7i64.to_be_bytes());
+        Bytes::from(b)
+    }
+
+    fn router(store: &Store, skip_before: Lsn) -> Router {
+        Router {
+            skip_before,
+            streaming: true,
+            in_txn: false,
+            skipping: false,
+            tracker: FlushTracker {
+                received_commit_end: Lsn::ZERO,
+                idle_wal_end: Lsn::ZERO,
+                written: Lsn::ZERO,
+                last_flush_sent: Lsn::ZERO,
+            },
+            spill: StreamSpill::new(store.clone()).unwrap(),
+            replay: None,
+        }
+    }
+
+    /// Feeds messages in; returns what goes downstream, replays included, as text.
+    fn feed(r: &mut Router, messages: &[Bytes]) -> Vec<String> {
+        let mut out = Vec::new();
+        for raw in messages {
+            let m = pgoutput::decode(raw, r.spill.in_stream()).unwrap();
+            if let Some(e) = r.route(m, raw, Lsn(1)).unwrap() {
+                out.push(show(&e));
+            }
+            while let Some(replay) = r.replay.as_mut() {
+                let (e, done) = replay.next(&r.spill).unwrap();
+                out.push(show(&e));
+                if done {
+                    r.replay = None;
+                }
+            }
+        }
+        out
+    }
+
+    fn show(e: &SourceEvent) -> String {
+        match e {
+            SourceEvent::Begin { final_lsn, xid, .. } => format!("begin {xid} @{}", final_lsn.0),
+            SourceEvent::Commit { end_lsn, .. } => format!("commit {}", end_lsn.0),
+            SourceEvent::Change(c) => match &c.new.as_ref().unwrap()[0] {
+                crate::model::TupleValue::Text(t) => String::from_utf8(t.to_vec()).unwrap(),
+                other => format!("{other:?}"),
+            },
+            SourceEvent::Relation(r) => format!("relation {}", r.id),
+            SourceEvent::Truncate { .. } => "truncate".into(),
+        }
+    }
+
+    #[test]
+    fn streamed_transactions_are_passed_on_at_commit_without_aborted_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let mut r = router(&store, Lsn(50));
+        // Enough rows that xid 100's spill has many chunks.
+        let many: Vec<Bytes> = (0..3000)
+            .map(|i| insert(Some(100), &format!("a{i}")))
+            .collect();
+        let mut msgs = vec![stream_start(100, true)];
+        msgs.extend(many);
+        msgs.extend([
+            insert(Some(101), "sub-rolled-back"),
+            insert(Some(102), "sub-kept"),
+            Bytes::from_static(b"E"),
+            // An ordinary transaction between stream blocks flows at once.
+            begin(300, 200),
+            insert(None, "plain"),
+            commit(300, 310),
+            stream_start(100, false),
+            insert(Some(101), "sub-rolled-back-2"),
+            insert(Some(100), "b"),
+            Bytes::from_static(b"E"),
+            stream_abort(100, 101),
+            // A transaction streamed, then rolled back whole.
+            stream_start(400, true),
+            insert(Some(400), "never"),
+            Bytes::from_static(b"E"),
+            stream_abort(400, 400),
+            stream_commit(100, 500, 510),
+        ]);
+        let out = feed(&mut r, &msgs);
+        let mut expected = vec!["begin 200 @300", "plain", "commit 310", "begin 100 @500"]
+            .into_iter()
+            .map(String::from)
+            .collect::<Vec<_>>();
+        expected.extend((0..3000).map(|i| format!("a{i}")));
+        expected.extend(["sub-kept", "b", "commit 510"].map(String::from));
+        assert_eq!(out, expected);
+        assert_eq!(r.tracker.received_commit_end, Lsn(510));
+        assert_eq!(
+            store.spill_chunks().unwrap(),
+            0,
+            "nothing left in the spill"
+        );
+        assert_eq!(r.spill.open_transactions(), 0);
+    }
+
+    #[test]
+    fn a_streamed_transaction_already_stored_is_skipped_and_inconsistent_streams_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let mut r = router(&store, Lsn(1000));
+        let out = feed(
+            &mut r,
+            &[
+                stream_start(7, true),
+                insert(Some(7), "old"),
+                Bytes::from_static(b"E"),
+                stream_commit(7, 900, 910),
+            ],
+        );
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(store.spill_chunks().unwrap(), 0);
+        // A continuation of a transaction this session never saw started.
+        let m = pgoutput::decode(&stream_start(8, false), false).unwrap();
+        let e = r.route(m, &stream_start(8, false), Lsn(1)).unwrap_err();
+        assert!(e.to_string().contains("never received"), "{e}");
+        // Streaming not requested: stream messages are refused.
+        r.streaming = false;
+        let m = pgoutput::decode(&stream_start(9, true), false).unwrap();
+        assert!(r.route(m, &stream_start(9, true), Lsn(1)).is_err());
+    }
+
+    #[test]
+    fn a_new_session_starts_with_an_empty_spill() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let mut r = router(&store, Lsn(0));
+        feed(
+            &mut r,
+            &[
+                stream_start(7, true),
+                insert(Some(7), "x"),
+                Bytes::from_static(b"E"),
+            ],
+        );
+        assert_eq!(store.spill_chunks().unwrap(), 1);
+        let _next = router(&store, Lsn(0));
+        assert_eq!(store.spill_chunks().unwrap(), 0);
     }
 
     #[test]

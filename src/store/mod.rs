@@ -37,6 +37,7 @@ mod error;
 pub mod governance;
 pub mod quarantine;
 mod snapshot_progress;
+pub mod spill;
 mod tables;
 
 pub use dead_letter::{

@@ -125,6 +125,7 @@ impl PostgresSink {
             status_interval: Duration::from_secs(10),
             create_publication: false,
             heartbeat_interval: None,
+            streaming: true,
         };
         PostgresSink {
             target: target.name.clone(),

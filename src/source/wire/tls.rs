@@ -339,6 +339,7 @@ mod tests {
             status_interval: Duration::from_secs(10),
             create_publication: false,
             heartbeat_interval: None,
+            streaming: true,
         }
     }
 
