@@ -338,8 +338,8 @@ async fn metrics_health_and_readiness_follow_a_target_outage() {
         Some(0.0),
         "{page}"
     );
-    let (status, _) = steward.terminate().await;
-    assert!(status.success());
+    let (status, logs) = steward.terminate().await;
+    assert!(status.success(), "exit {status}; log:\n{logs}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -446,6 +446,9 @@ async fn sigterm_drains_confirms_the_durable_position_and_loses_nothing() {
 
     // Nothing lost: a restart delivers the rest, the last price included.
     let steward = Steward::start(&config, &db.dir.path().join("steward2.log"), &[]);
+    // The first run may have delivered everything already: still let this one
+    // get going (signal handlers installed) before it is told to stop.
+    steward.wait_log("replication started", 1).await;
     let last = format!("{}.00", 100 + n - 1);
     let start = Instant::now();
     while !wms.accepted_events().iter().any(|e| {
