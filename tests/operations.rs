@@ -343,6 +343,37 @@ async fn metrics_health_and_readiness_follow_a_target_outage() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_returns_to_zero_when_the_stream_goes_quiet() {
+    // No heartbeat: after the last change nothing else arrives, so only the
+    // commit's own completion can mark the source caught up.
+    let db = TestDb::new("ops_quiet_lag");
+    let wms = Receiver::start().await.unwrap();
+    let port = free_port();
+    let mut text = db.config_text(&[("wms", &wms.url(), &["product"])]);
+    text = text.replace(
+        "[state]",
+        &format!(
+            "heartbeat_interval_ms = 0\n\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[state]"
+        ),
+    );
+    let config = db.write_config(&text);
+    let steward = Steward::start(&config, &db.dir.path().join("steward.log"), &[]);
+    steward.wait_log("replication started", 1).await;
+    let id = some_product(&db);
+    update_product_price(&db, id, "21.00");
+    assert_eq!(wms.wait_for_events(1, WAIT).await, 1);
+    // The monitor publishes the gauge every 5 s; a stuck pending commit
+    // would make it grow instead.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    wait_metric(port, "lag seconds back to 0", |p| {
+        sample(p, "steward_source_lag_seconds", "") == Some(0.0)
+    })
+    .await;
+    let (status, logs) = steward.terminate().await;
+    assert!(status.success(), "exit {status}; log:\n{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_a_valid_config_and_rejects_an_invalid_one() {
     let db = TestDb::new("ops_sighup");
     let wms = Receiver::start().await.unwrap();

@@ -365,6 +365,13 @@ async fn consume(
                 committer.state.health.note_loop_alive();
                 continue;
             }
+            // Take a finished commit's outcome at once: when the stream goes
+            // quiet this is what marks the source caught up (lag 0).
+            outcome = commit_finished(&mut committer.in_flight), if committer.in_flight.is_some() => {
+                committer.in_flight = None;
+                committer.take_outcome(outcome)?;
+                continue;
+            }
             _ = sleep_until_opt(deadline) => {
                 committer.flush()?;
                 continue;
@@ -500,8 +507,9 @@ struct Committer {
     batch: Vec<(usize, Event)>,
     batch_end: Option<Lsn>,
     batch_started: Option<Instant>,
-    /// The commit running on its thread, with the end LSN it covers.
-    in_flight: Option<(Lsn, std::thread::JoinHandle<CommitOutcome>)>,
+    /// The commit running on its thread: the end LSN it covers, and where
+    /// its outcome arrives.
+    in_flight: Option<(Lsn, tokio::sync::oneshot::Receiver<CommitOutcome>)>,
     /// The last commit failed with an error that may clear (disk full):
     /// the batch is kept and nothing more is confirmed until it succeeds.
     stalled: bool,
@@ -541,7 +549,7 @@ struct CommitContext {
 }
 
 impl CommitContext {
-    fn run(&self, job: CommitJob) -> CommitOutcome {
+    fn commit(&self, job: CommitJob) -> CommitOutcome {
         // Held until the batch is committed: a snapshot chunk must not slip
         // between the version check and the append.
         let windows = self.gate.lock();
@@ -582,6 +590,20 @@ impl CommitContext {
         }
         advance_durable(&self.durable_tx, &self.state, job.end);
         CommitOutcome::Committed
+    }
+}
+
+/// The outcome of the commit in flight (pending forever when there is none).
+async fn commit_finished(
+    in_flight: &mut Option<(Lsn, tokio::sync::oneshot::Receiver<CommitOutcome>)>,
+) -> CommitOutcome {
+    match in_flight.as_mut() {
+        Some((_, rx)) => rx.await.unwrap_or_else(|_| {
+            CommitOutcome::Failed(anyhow::anyhow!(
+                "the commit thread stopped without an outcome"
+            ))
+        }),
+        None => std::future::pending().await,
     }
 }
 
@@ -628,13 +650,7 @@ impl Committer {
         delta: GovDelta,
         end_lsn: Lsn,
     ) -> anyhow::Result<()> {
-        if self
-            .in_flight
-            .as_ref()
-            .is_some_and(|(_, handle)| handle.is_finished())
-        {
-            self.reap()?;
-        }
+        self.reap_if_finished()?;
         if events.is_empty()
             && delta.is_empty()
             && self.batch_end.is_none()
@@ -711,11 +727,15 @@ impl Committer {
         };
         self.batch_started = None;
         let context = self.context();
-        let handle = std::thread::Builder::new()
+        let (outcome_tx, outcome_rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
             .name("steward-commit".into())
-            .spawn(move || context.run(job))
+            .spawn(move || {
+                // A dropped receiver means the daemon is gone; nothing to tell.
+                let _ = outcome_tx.send(context.commit(job));
+            })
             .map_err(|e| anyhow::anyhow!("cannot start the commit thread: {e}"))?;
-        self.in_flight = Some((end, handle));
+        self.in_flight = Some((end, outcome_rx));
         Ok(())
     }
 
@@ -725,15 +745,42 @@ impl Committer {
         self.reap()
     }
 
-    /// Waits for the commit in flight, if any, and takes its outcome: a
-    /// refused batch is put back in front of the one being gathered.
-    fn reap(&mut self) -> anyhow::Result<()> {
-        let Some((_, handle)) = self.in_flight.take() else {
+    /// Takes the outcome of a commit that has finished; never waits.
+    fn reap_if_finished(&mut self) -> anyhow::Result<()> {
+        let Some((_, rx)) = self.in_flight.as_mut() else {
             return Ok(());
         };
-        let outcome = tokio::task::block_in_place(|| handle.join()).unwrap_or_else(|_| {
-            CommitOutcome::Failed(anyhow::anyhow!("the commit thread panicked"))
+        match rx.try_recv() {
+            Ok(outcome) => {
+                self.in_flight = None;
+                self.take_outcome(outcome)
+            }
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => Ok(()),
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                self.in_flight = None;
+                self.take_outcome(CommitOutcome::Failed(anyhow::anyhow!(
+                    "the commit thread stopped without an outcome"
+                )))
+            }
+        }
+    }
+
+    /// Waits for the commit in flight, if any, and takes its outcome.
+    fn reap(&mut self) -> anyhow::Result<()> {
+        let Some((_, rx)) = self.in_flight.take() else {
+            return Ok(());
+        };
+        let outcome = tokio::task::block_in_place(|| rx.blocking_recv()).unwrap_or_else(|_| {
+            CommitOutcome::Failed(anyhow::anyhow!(
+                "the commit thread stopped without an outcome"
+            ))
         });
+        self.take_outcome(outcome)
+    }
+
+    /// A finished commit: a refused batch is put back in front of the one
+    /// being gathered.
+    fn take_outcome(&mut self, outcome: CommitOutcome) -> anyhow::Result<()> {
         match outcome {
             CommitOutcome::Committed => {
                 if std::mem::take(&mut self.stalled) {
