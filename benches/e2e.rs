@@ -460,7 +460,7 @@ initial = "none"
         }
     };
     let elapsed = started.elapsed();
-    let peak_rss = peak_rss_kib(child.id());
+    let peak_rss = steward::dev::peak_rss_kib(child.id());
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -497,17 +497,4 @@ initial = "none"
         // The state file and steward.log, for looking into a slow run.
         eprintln!("kept {}", dir.keep().display());
     }
-}
-
-/// Peak resident set size (VmHWM) of a running process, in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }

@@ -6,95 +6,14 @@
 mod support;
 
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use steward::dev::receiver::{Behaviour, Receiver};
 use steward::store::Store;
-use support::{wait_until, TestDb};
+use support::{wait_until, Steward, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// The steward binary with a log file and extra environment.
-struct Steward {
-    child: std::process::Child,
-    log: PathBuf,
-}
-
-impl Steward {
-    fn start(config: &Path, log: &Path, env: &[(&str, &str)]) -> Steward {
-        let file = std::fs::File::create(log).expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_steward"));
-        cmd.args(["run", "-c"])
-            .arg(config)
-            .env("STEWARD_LOG", "steward=debug")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log"))
-            .stderr(file);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        Steward {
-            child: cmd.spawn().expect("spawn steward"),
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn signal(&self, signal: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, signal).expect("send a signal");
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until the log has `n` lines containing `text`.
-    async fn wait_log(&self, text: &str, n: usize) {
-        let start = Instant::now();
-        loop {
-            let logs = self.logs();
-            if logs.matches(text).count() >= n {
-                return;
-            }
-            if start.elapsed() > WAIT {
-                panic!("timed out waiting for log line {text:?} (x{n}); log:\n{logs}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGTERM and the exit status, within `WAIT`.
-    async fn terminate(self) -> (std::process::ExitStatus, String) {
-        self.signal(nix::sys::signal::Signal::SIGTERM);
-        self.wait_exit().await
-    }
-
-    /// The exit status and the log, within `WAIT`.
-    async fn wait_exit(mut self) -> (std::process::ExitStatus, String) {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return (status, self.logs());
-            }
-            if start.elapsed() > WAIT {
-                let _ = self.child.kill();
-                panic!("steward did not stop after SIGTERM; log:\n{}", self.logs());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Steward {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -840,19 +840,6 @@ async fn verify_full_tls_streams_and_an_untrusted_certificate_is_refused() {
     assert!(message.to_lowercase().contains("certificate"), "{message}");
 }
 
-/// Peak resident set size of a running process, in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// One transaction updating many rows must not be held in memory whole.
 /// `STEWARD_BIG_TXN_ROWS=1000000 cargo test --release --test pipeline big -- --nocapture` for the 1M-row figure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -897,7 +884,7 @@ async fn a_big_transaction_passes_with_bounded_memory() {
         .wait_for_events(rows as usize, Duration::from_secs(900))
         .await;
     let elapsed = started.elapsed();
-    let peak_mib = peak_rss_kib(child.child.id()) as f64 / 1024.0;
+    let peak_mib = steward::dev::peak_rss_kib(child.child.id()) as f64 / 1024.0;
     assert!(child.terminate().success());
     assert_eq!(
         delivered, rows as usize,

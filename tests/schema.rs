@@ -6,89 +6,15 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 
 use serde_json::Value;
 use steward::dev::receiver::Receiver;
-use support::{final_state, wait_until, TestDb};
+use support::{final_state, wait_until, Steward, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-struct Steward {
-    child: std::process::Child,
-    log: PathBuf,
-}
-
-impl Steward {
-    fn start(config: &Path, log: &Path) -> Steward {
-        let file = std::fs::File::create(log).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_steward"))
-            .args(["run", "-c"])
-            .arg(config)
-            .env("STEWARD_LOG", "steward=debug")
-            .env_remove("NOTIFY_SOCKET")
-            .env_remove("WATCHDOG_USEC")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log"))
-            .stderr(file)
-            .spawn()
-            .expect("spawn steward");
-        Steward {
-            child,
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn signal(&self, signal: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, signal).expect("send a signal");
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn wait_log(&self, text: &str, n: usize) {
-        let start = Instant::now();
-        loop {
-            let logs = self.logs();
-            if logs.matches(text).count() >= n {
-                return;
-            }
-            if start.elapsed() > WAIT {
-                panic!("timed out waiting for log line {text:?} (x{n}); log:\n{logs}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.try_wait().expect("wait").is_none()
-    }
-
-    async fn terminate(mut self) -> (std::process::ExitStatus, String) {
-        self.signal(nix::sys::signal::Signal::SIGTERM);
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return (status, self.logs());
-            }
-            if start.elapsed() > WAIT {
-                panic!("steward did not stop after SIGTERM; log:\n{}", self.logs());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-impl Drop for Steward {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn status(config: &Path, json: bool) -> String {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_steward"));
@@ -164,7 +90,7 @@ async fn an_added_column_keeps_the_pipeline_running_and_a_reload_can_map_it() {
     let wms = Receiver::start().await.unwrap();
     let text = db.config_text(&[("wms", &wms.url(), &["product", "uom"])]);
     let config = db.write_config(&text);
-    let steward = Steward::start(&config, &db.dir.path().join("steward.log"));
+    let steward = Steward::start(&config, &db.dir.path().join("steward.log"), &[]);
     steward.wait_log("replication started", 1).await;
     let id = some_product(&db);
 
@@ -243,7 +169,7 @@ async fn a_dropped_mapped_column_stops_only_its_entity_and_its_return_resnapshot
             &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[state]"),
         );
     let config = db.write_config(&text);
-    let mut steward = Steward::start(&config, &db.dir.path().join("steward.log"));
+    let mut steward = Steward::start(&config, &db.dir.path().join("steward.log"), &[]);
     steward.wait_log("replication started", 1).await;
     let id = some_product(&db);
     db.sql(&format!(
@@ -384,7 +310,7 @@ async fn a_stop_survives_a_restart_and_a_reload_without_the_column_recovers_it()
     let text = db.config_text(&[("wms", &wms.url(), &["product", "uom"])]);
     let config = db.write_config(&text);
     let log = db.dir.path().join("steward.log");
-    let steward = Steward::start(&config, &log);
+    let steward = Steward::start(&config, &log, &[]);
     steward.wait_log("replication started", 1).await;
 
     db.sql("ALTER TABLE product_template DROP COLUMN default_code");
@@ -403,7 +329,7 @@ async fn a_stop_survives_a_restart_and_a_reload_without_the_column_recovers_it()
         "{out}"
     );
     db.sql("UPDATE product_template SET list_price = list_price + 1");
-    let steward = Steward::start(&config, &log);
+    let steward = Steward::start(&config, &log, &[]);
     steward.wait_log("replication started", 1).await;
     steward.wait_log("entity still stopped", 1).await;
     db.sql("UPDATE uom_uom SET factor = factor WHERE id = (SELECT min(id) FROM uom_uom)");

@@ -362,19 +362,6 @@ fn streamed_bytes(db: &TestDb, slot: &str) -> i64 {
     .unwrap_or(0)
 }
 
-/// Peak resident set size of a running process, in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 /// One streamed transaction of many updates passes with bounded memory.
 /// The 1,000,000-row figure:
 /// `STEWARD_STREAM_TXN_ROWS=1000000 cargo test --release --test streaming big -- --nocapture`
@@ -415,7 +402,7 @@ async fn a_big_streamed_transaction_passes_with_bounded_memory() {
         .wait_for_events(rows as usize, Duration::from_secs(1800))
         .await;
     let elapsed = started.elapsed();
-    let peak_mib = peak_rss_kib(child.child.id()) as f64 / 1024.0;
+    let peak_mib = steward::dev::peak_rss_kib(child.child.id()) as f64 / 1024.0;
     let streamed = streamed_txns(&db, &slot_of(&db));
     let state_mib = std::fs::metadata(db.state_path())
         .map(|m| m.len())

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -290,4 +291,92 @@ pub fn final_state(events: &[serde_json::Value]) -> BTreeMap<(String, String), s
         .filter(|(_, (_, _, e))| e["op"] == "upsert")
         .map(|(k, (_, _, e))| (k, e["data"].clone()))
         .collect()
+}
+
+/// How long a `Steward` child gets for a log line or to stop.
+const STEWARD_WAIT: Duration = Duration::from_secs(30);
+
+/// The steward binary with a log file and extra environment.
+pub struct Steward {
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Steward {
+    pub fn start(config: &Path, log: &Path, env: &[(&str, &str)]) -> Steward {
+        let file = std::fs::File::create(log).expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_steward"));
+        cmd.args(["run", "-c"])
+            .arg(config)
+            .env("STEWARD_LOG", "steward=debug")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Steward {
+            child: cmd.spawn().expect("spawn steward"),
+            log: log.to_path_buf(),
+        }
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("send a signal");
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log has `n` lines containing `text`.
+    pub async fn wait_log(&self, text: &str, n: usize) {
+        let start = Instant::now();
+        loop {
+            let logs = self.logs();
+            if logs.matches(text).count() >= n {
+                return;
+            }
+            if start.elapsed() > STEWARD_WAIT {
+                panic!("timed out waiting for log line {text:?} (x{n}); log:\n{logs}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("wait").is_none()
+    }
+
+    /// SIGTERM and the exit status, within `STEWARD_WAIT`.
+    pub async fn terminate(self) -> (std::process::ExitStatus, String) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait_exit().await
+    }
+
+    /// The exit status and the log, within `STEWARD_WAIT`.
+    pub async fn wait_exit(mut self) -> (std::process::ExitStatus, String) {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return (status, self.logs());
+            }
+            if start.elapsed() > STEWARD_WAIT {
+                let _ = self.child.kill();
+                panic!("steward did not stop after SIGTERM; log:\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Steward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
