@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use steward::dev::receiver::Receiver;
-use support::{final_state, wait_until, Steward, TestDb};
+use support::{db_prices, final_state, wait_until, Steward, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -283,17 +283,6 @@ async fn a_dropped_mapped_column_stops_only_its_entity_and_its_return_resnapshot
 
     let (status, logs) = steward.terminate().await;
     assert!(status.success(), "exit {status}; log:\n{logs}");
-}
-
-/// `id → price` of every product in the database.
-fn db_prices(db: &TestDb) -> BTreeMap<String, String> {
-    db.sql("SELECT id, list_price FROM product_template")
-        .lines()
-        .filter_map(|l| {
-            let (id, price) = l.split_once('|')?;
-            Some((id.to_string(), price.to_string()))
-        })
-        .collect()
 }
 
 fn target_prices(events: &[Value]) -> BTreeMap<String, String> {

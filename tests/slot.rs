@@ -4,40 +4,15 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
 use steward::dev::receiver::Receiver;
-use support::{final_state, wait_until, InProcess, TestDb};
+use support::{db_prices, target_prices, wait_until, InProcess, TestDb};
 
 const WAIT: Duration = Duration::from_secs(120);
-
-fn db_prices(db: &TestDb) -> BTreeMap<String, String> {
-    db.sql("SELECT id, list_price FROM product_template")
-        .lines()
-        .filter_map(|l| {
-            let (id, price) = l.split_once('|')?;
-            Some((id.to_string(), price.to_string()))
-        })
-        .collect()
-}
-
-fn target_prices(events: &[Value]) -> BTreeMap<String, String> {
-    final_state(events)
-        .into_iter()
-        .filter(|((entity, _), _)| entity == "product")
-        .map(|((_, key), data)| {
-            let price = match &data["price"] {
-                Value::Null => String::new(),
-                v => v.to_string(),
-            };
-            (key, price)
-        })
-        .collect()
-}
 
 fn steward(args: &[&str], config: &Path) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_steward"))

@@ -3,13 +3,13 @@
 
 mod support;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use steward::dev::receiver::Receiver;
-use support::{final_state, wait_until, Child, InProcess, TestDb};
+use support::{db_prices, target_prices, wait_until, Child, InProcess, TestDb};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -20,32 +20,6 @@ fn add_products(db: &TestDb, n: u32) {
          SELECT 100000 + g, 1, 1, 1, 'product', 'product', 'BULK_' || g, jsonb_build_object('en_US', 'Bulk ' || g), g, true, 'none', 'no-message', 'no-message' \
          FROM generate_series(1, {n}) g; ANALYZE product_template;"
     ));
-}
-
-/// `id → list_price` as the database has it now.
-fn db_prices(db: &TestDb) -> BTreeMap<String, String> {
-    db.sql("SELECT id, list_price FROM product_template")
-        .lines()
-        .filter_map(|l| {
-            let (id, price) = l.split_once('|')?;
-            Some((id.to_string(), price.to_string()))
-        })
-        .collect()
-}
-
-/// `key → price` of the latest version of each product the receiver holds.
-fn target_prices(events: &[Value]) -> BTreeMap<String, String> {
-    final_state(events)
-        .into_iter()
-        .filter(|((entity, _), _)| entity == "product")
-        .map(|((_, key), data)| {
-            let price = match &data["price"] {
-                Value::Null => String::new(),
-                v => v.to_string(),
-            };
-            (key, price)
-        })
-        .collect()
 }
 
 /// Per key, versions never go backwards in arrival order.

@@ -478,17 +478,7 @@ impl Governor {
         };
         if op == "delete" {
             self.set_claims(e, key, Vec::new(), deferred);
-            if self.quarantine.remove(&(e, key.to_string())).is_some() {
-                self.queue_quarantine(e, key, None);
-                self.audit(
-                    e,
-                    key,
-                    version,
-                    None,
-                    "released",
-                    "the record was deleted".into(),
-                );
-            }
+            self.release_from_quarantine(e, key, version, "the record was deleted");
             for t in self.entity_targets[e].clone() {
                 let was = self.published.remove(&(t, e, key.to_string()));
                 if was.is_some() || !seen {
@@ -553,30 +543,15 @@ impl Governor {
             }
             let claims = self.claim_values(e, &doc, row.as_deref());
             self.set_claims(e, key, claims, deferred);
-            if self.quarantine.remove(&(e, key.to_string())).is_some() {
-                self.queue_quarantine(e, key, None);
-                self.audit(
-                    e,
-                    key,
-                    version,
-                    None,
-                    "released",
-                    "every rule passes now".into(),
-                );
-            }
+            self.release_from_quarantine(e, key, version, "every rule passes now");
         } else {
             self.set_claims(e, key, Vec::new(), deferred);
-            if self.quarantine.remove(&(e, key.to_string())).is_some() {
-                self.queue_quarantine(e, key, None);
-                self.audit(
-                    e,
-                    key,
-                    version,
-                    None,
-                    "released",
-                    "no longer publishable, so no longer validated".into(),
-                );
-            }
+            self.release_from_quarantine(
+                e,
+                key,
+                version,
+                "no longer publishable, so no longer validated",
+            );
         }
 
         for t in self.entity_targets[e].clone() {
@@ -956,6 +931,14 @@ impl Governor {
                     .or_default()
                     .insert(id, format!("{module}.{name}"));
             }
+        }
+    }
+
+    /// Takes a record out of quarantine, if it is there, with the reason in the audit trail.
+    fn release_from_quarantine(&mut self, e: usize, key: &str, version: u64, reason: &str) {
+        if self.quarantine.remove(&(e, key.to_string())).is_some() {
+            self.queue_quarantine(e, key, None);
+            self.audit(e, key, version, None, "released", reason.to_string());
         }
     }
 

@@ -380,3 +380,29 @@ impl Drop for Steward {
         let _ = self.child.wait();
     }
 }
+
+/// `id → list_price` of every product as the database has it now.
+pub fn db_prices(db: &TestDb) -> BTreeMap<String, String> {
+    db.sql("SELECT id, list_price FROM product_template")
+        .lines()
+        .filter_map(|l| {
+            let (id, price) = l.split_once('|')?;
+            Some((id.to_string(), price.to_string()))
+        })
+        .collect()
+}
+
+/// `key → price` of the latest version of each product the receiver holds.
+pub fn target_prices(events: &[serde_json::Value]) -> BTreeMap<String, String> {
+    final_state(events)
+        .into_iter()
+        .filter(|((entity, _), _)| entity == "product")
+        .map(|((_, key), data)| {
+            let price = match &data["price"] {
+                serde_json::Value::Null => String::new(),
+                v => v.to_string(),
+            };
+            (key, price)
+        })
+        .collect()
+}
