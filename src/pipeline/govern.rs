@@ -943,8 +943,11 @@ impl Governor {
     }
 
     fn set_row(&mut self, e: usize, key: &str, row: Option<Arc<Map<String, Value>>>) {
-        let prev = self.rows.get(&(e, key.to_string())).cloned();
-        self.index_external_id(e, key, prev.as_deref(), row.as_deref());
+        if !self.gov[e].external_ids_of.is_empty() {
+            // Only the ir_model_data rows feed an index; other rows skip the lookup.
+            let prev = self.rows.get(&(e, key.to_string())).cloned();
+            self.index_external_id(e, key, prev.as_deref(), row.as_deref());
+        }
         let bytes = row.as_ref().and_then(|r| serde_json::to_vec(&**r).ok());
         match row {
             Some(r) => {
