@@ -572,6 +572,16 @@ async fn scram_login_with_a_password_file_streams_and_a_wrong_password_fails_cle
     );
 }
 
+/// `steward status` reports an LSN field as PostgreSQL writes it (`X/X`).
+fn lsn_field(report: &Value, section: &str, field: &str) -> u64 {
+    let text = report[section][field]
+        .as_str()
+        .unwrap_or_else(|| panic!("{section}.{field} missing: {report:#}"));
+    text.parse::<steward::model::Lsn>()
+        .unwrap_or_else(|e| panic!("{section}.{field}: {e}"))
+        .0
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_reports_slot_lag_and_targets_whether_or_not_the_daemon_runs() {
     let db = TestDb::new("status");
@@ -586,6 +596,7 @@ async fn status_reports_slot_lag_and_targets_whether_or_not_the_daemon_runs() {
             "UPDATE product_template SET list_price = {i} WHERE id = 4"
         ));
     }
+    let after_updates = db.current_wal();
     let status = |json: bool| {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_steward"));
         cmd.args(["status", "-c"]).arg(&path);
@@ -600,20 +611,49 @@ async fn status_reports_slot_lag_and_targets_whether_or_not_the_daemon_runs() {
         );
         String::from_utf8(out.stdout).unwrap()
     };
+    // The slot and WAL positions must be real positions, consistent with
+    // each other and with the server, not just present.
+    let check_source = |report: &Value| {
+        let confirmed = lsn_field(report, "source", "confirmed_flush_lsn");
+        let server = lsn_field(report, "source", "server_wal_lsn");
+        assert!(
+            confirmed <= server,
+            "confirmed past the server's WAL: {report:#}"
+        );
+        assert!(
+            server <= db.current_wal(),
+            "server WAL from the future: {report:#}"
+        );
+        assert_eq!(
+            report["source"]["lag_bytes"].as_u64(),
+            Some(server - confirmed),
+            "{report:#}"
+        );
+        confirmed
+    };
     let mut report = Value::Null;
     wait_until(
-        "status shows the 5 undelivered events while the target is down",
+        "status shows the 5 undelivered events while the target is down, and the slot confirmed them",
         WAIT,
         || {
             report = serde_json::from_str(&status(true)).unwrap();
             report["targets"][0]["backlog"] == 5
+                && report["source"]["confirmed_flush_lsn"]
+                    .as_str()
+                    .and_then(|l| l.parse::<steward::model::Lsn>().ok())
+                    .is_some_and(|l| l.0 >= after_updates)
         },
     )
     .await;
     assert_eq!(report["daemon"]["running"], true);
     assert_eq!(report["source"]["slot_exists"], true);
+    check_source(&report);
+    let wms_status = &report["targets"][0];
+    assert_eq!(wms_status["name"], "wms");
+    assert_eq!(wms_status["last_appended_seq"], 5, "{report:#}");
+    assert_eq!(wms_status["last_delivered_seq"], Value::Null, "{report:#}");
     assert!(
-        report["targets"][0]["last_error"]
+        wms_status["last_error"]
             .as_str()
             .unwrap_or("")
             .contains("connect"),
@@ -621,15 +661,44 @@ async fn status_reports_slot_lag_and_targets_whether_or_not_the_daemon_runs() {
     );
     let text = status(false);
     assert!(text.contains("target     wms: backlog 5"), "{text}");
+    assert!(
+        text.contains("cursor: appended seq 5, delivered seq none"),
+        "{text}"
+    );
+    assert!(text.contains("confirmed "), "{text}");
 
     assert!(child.terminate().success());
-    let report: Value = serde_json::from_str(&status(true)).unwrap();
+    report = serde_json::from_str(&status(true)).unwrap();
     assert_eq!(report["daemon"]["running"], false);
     assert_eq!(
         report["targets"][0]["backlog"], 5,
         "the backlog survives in the store"
     );
-    assert!(report["source"]["lag_bytes"].as_u64().is_some());
+    assert_eq!(report["targets"][0]["last_appended_seq"], 5, "{report:#}");
+    assert_eq!(report["targets"][0]["last_delivered_seq"], Value::Null);
+    check_source(&report);
+
+    // The target returns: the cursor catches up with the outbox.
+    wms.restart().await.unwrap();
+    let child = support::Child::run(&path, &log);
+    assert_eq!(wms.wait_for_events(5, WAIT).await, 5);
+    wait_until(
+        "status shows the cursor at the end of the outbox",
+        WAIT,
+        || {
+            report = serde_json::from_str(&status(true)).unwrap();
+            report["targets"][0]["last_delivered_seq"] == 5
+        },
+    )
+    .await;
+    assert_eq!(report["targets"][0]["backlog"], 0, "{report:#}");
+    assert_eq!(report["targets"][0]["last_appended_seq"], 5, "{report:#}");
+    let text = status(false);
+    assert!(
+        text.contains("cursor: appended seq 5, delivered seq 5"),
+        "{text}"
+    );
+    assert!(child.terminate().success());
 }
 
 #[test]

@@ -7,7 +7,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::daemon::{self, TargetStatusLine};
 use crate::source::{slot, wire};
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, TargetStats};
 
 #[derive(Serialize)]
 struct Report {
@@ -72,14 +72,7 @@ fn daemon_view(config: &Config) -> anyhow::Result<(DaemonReport, Vec<TargetStatu
         let targets = config
             .targets
             .iter()
-            .map(|t| TargetStatusLine {
-                name: t.name.clone(),
-                backlog: 0,
-                delivered_total: 0,
-                last_delivered_at: None,
-                last_error: None,
-                dead_letters: 0,
-            })
+            .map(|t| TargetStatusLine::new(&t.name, TargetStats::default()))
             .collect();
         let report = DaemonReport {
             running: false,
@@ -97,17 +90,7 @@ fn daemon_view(config: &Config) -> anyhow::Result<(DaemonReport, Vec<TargetStatu
             let targets = config
                 .targets
                 .iter()
-                .map(|t| {
-                    let stats = store.target_stats(&t.name)?;
-                    Ok(TargetStatusLine {
-                        name: t.name.clone(),
-                        backlog: stats.backlog,
-                        delivered_total: stats.delivered_total,
-                        last_delivered_at: stats.last_delivered_at,
-                        last_error: stats.last_error,
-                        dead_letters: stats.dead_letters,
-                    })
-                })
+                .map(|t| Ok(TargetStatusLine::new(&t.name, store.target_stats(&t.name)?)))
                 .collect::<Result<Vec<_>, StoreError>>()?;
             let report = DaemonReport {
                 running: false,
@@ -267,6 +250,13 @@ fn print_text(r: &Report) {
             t.backlog,
             t.delivered_total,
             t.last_delivered_at.as_deref().unwrap_or("never")
+        );
+        println!(
+            "           cursor: appended seq {}, delivered seq {}",
+            t.last_appended_seq,
+            t.last_delivered_seq
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| "none".into())
         );
         if t.dead_letters > 0 {
             println!(

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::DaemonState;
 use crate::config::Config;
 use crate::model::Lsn;
-use crate::store::Store;
+use crate::store::{Store, TargetStats};
 
 const STATUS_WRITE_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -37,6 +37,13 @@ pub struct StatusFile {
 pub struct TargetStatusLine {
     pub name: String,
     pub backlog: u64,
+    /// The target's cursor: the last outbox sequence number appended (0 if
+    /// none yet) and the last one delivered. Together with the checkpoint
+    /// they tell an operator where each target stands after a crash.
+    #[serde(default)]
+    pub last_appended_seq: u64,
+    #[serde(default)]
+    pub last_delivered_seq: Option<u64>,
     pub delivered_total: u64,
     pub last_delivered_at: Option<String>,
     pub last_error: Option<String>,
@@ -56,26 +63,30 @@ pub fn status_path(config: &Config) -> PathBuf {
     config.state.path.with_file_name(name)
 }
 
+impl TargetStatusLine {
+    pub fn new(name: &str, stats: TargetStats) -> TargetStatusLine {
+        TargetStatusLine {
+            name: name.to_string(),
+            backlog: stats.backlog,
+            last_appended_seq: stats.last_appended_seq,
+            last_delivered_seq: stats.last_delivered_seq,
+            delivered_total: stats.delivered_total,
+            last_delivered_at: stats.last_delivered_at,
+            last_error: stats.last_error,
+            dead_letters: stats.dead_letters,
+        }
+    }
+}
+
 pub fn collect(config: &Config, store: &Store, state: &DaemonState) -> StatusFile {
     let targets = config
         .targets
         .iter()
         .map(|t| match store.target_stats(&t.name) {
-            Ok(stats) => TargetStatusLine {
-                name: t.name.clone(),
-                backlog: stats.backlog,
-                delivered_total: stats.delivered_total,
-                last_delivered_at: stats.last_delivered_at,
-                last_error: stats.last_error,
-                dead_letters: stats.dead_letters,
-            },
+            Ok(stats) => TargetStatusLine::new(&t.name, stats),
             Err(e) => TargetStatusLine {
-                name: t.name.clone(),
-                backlog: 0,
-                delivered_total: 0,
-                last_delivered_at: None,
                 last_error: Some(format!("cannot read the target's state: {e}")),
-                dead_letters: 0,
+                ..TargetStatusLine::new(&t.name, TargetStats::default())
             },
         })
         .collect();
