@@ -607,6 +607,44 @@ mod tests {
     }
 
     #[test]
+    fn a_value_that_does_not_convert_names_the_commit_lsn() {
+        let text = r#"
+[source]
+url = "postgres://steward@localhost/odoo"
+[state]
+path = "/tmp/x.redb"
+[entities.product]
+table = "product_template"
+fields = { number = "id", sku = "default_code" }
+[targets.wms]
+type = "http"
+url = "http://localhost:1/"
+entities = ["product"]
+"#;
+        let config = Config::parse(text, "t.toml".as_ref(), "/tmp".as_ref()).unwrap();
+        let mut pipeline = Pipeline::new(&config);
+        assert!(pipeline
+            .bind_relation(&relation(&["id", "default_code"]))
+            .is_empty());
+        let mut out = Vec::new();
+        // `id` is an int4 column; these bytes are not an integer.
+        let e = pipeline
+            .map_change(
+                &insert(&["12x", "B1"]),
+                Lsn(0x1_6B37_4800),
+                0,
+                "t",
+                &mut out,
+            )
+            .unwrap_err();
+        let message = e.to_string();
+        for needed in ["'product'", "'id'", "at commit 1/6B374800"] {
+            assert!(message.contains(needed), "{needed} in {message}");
+        }
+        assert!(out.is_empty());
+    }
+
+    #[test]
     fn a_relation_without_a_mapped_column_unbinds_only_that_entity() {
         let text = r#"
 [source]

@@ -775,6 +775,295 @@ mod tests {
         assert_eq!(store.spill_chunks().unwrap(), 0);
     }
 
+    /// pgoutput Relation message: relation 16400, `public.t`, one text column.
+    fn relation_message() -> Bytes {
+        let mut b = vec![b'R'];
+        b.extend_from_slice(&16400u32.to_be_bytes());
+        b.extend_from_slice(b"public\0t\0");
+        b.push(b'd');
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.push(0);
+        b.extend_from_slice(b"v\0");
+        b.extend_from_slice(&25u32.to_be_bytes());
+        b.extend_from_slice(&(-1i32).to_be_bytes());
+        Bytes::from(b)
+    }
+
+    /// A standby status update as the server receives it.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Status {
+        write: Lsn,
+        flush: Lsn,
+        apply: Lsn,
+    }
+
+    /// The server end of a replication session, played by the test.
+    struct FakeWalsender {
+        io: tokio::io::DuplexStream,
+    }
+
+    impl FakeWalsender {
+        /// The next frontend message, or `None` once the client hung up.
+        async fn read_frame(&mut self) -> Option<(u8, Vec<u8>)> {
+            use tokio::io::AsyncReadExt;
+            let mut head = [0u8; 5];
+            self.io.read_exact(&mut head).await.ok()?;
+            let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]) as usize;
+            let mut body = vec![0u8; len - 4];
+            self.io.read_exact(&mut body).await.ok()?;
+            Some((head[0], body))
+        }
+
+        async fn send(&mut self, tag: u8, body: &[u8]) {
+            use tokio::io::AsyncWriteExt;
+            let mut frame = vec![tag];
+            frame.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+            frame.extend_from_slice(body);
+            self.io.write_all(&frame).await.unwrap();
+        }
+
+        /// Takes START_REPLICATION and enters CopyBoth mode; returns the command.
+        async fn accept_start(&mut self) -> String {
+            let (tag, body) = self.read_frame().await.expect("START_REPLICATION");
+            assert_eq!(tag, b'Q', "the session starts with a query");
+            // CopyBothResponse: text format, no columns.
+            self.send(b'W', &[0, 0, 0]).await;
+            String::from_utf8_lossy(&body[..body.len() - 1]).into_owned()
+        }
+
+        async fn xlog(&mut self, start: u64, end: u64, data: &[u8]) {
+            let mut p = vec![b'w'];
+            p.extend(start.to_be_bytes());
+            p.extend(end.to_be_bytes());
+            p.extend(0i64.to_be_bytes());
+            p.extend_from_slice(data);
+            self.send(b'd', &p).await;
+        }
+
+        async fn keepalive(&mut self, wal_end: u64, reply_requested: bool) {
+            let mut p = vec![b'k'];
+            p.extend(wal_end.to_be_bytes());
+            p.extend(0i64.to_be_bytes());
+            p.push(u8::from(reply_requested));
+            self.send(b'd', &p).await;
+        }
+
+        /// The next message, which must be a standby status update.
+        async fn status(&mut self) -> Status {
+            let (tag, body) = self.read_frame().await.expect("a status update");
+            assert!(
+                tag == b'd' && body.first() == Some(&b'r') && body.len() == 34,
+                "expected a standby status update, got {:?} {body:?}",
+                tag as char
+            );
+            let at = |i: usize| Lsn(u64::from_be_bytes(body[i..i + 8].try_into().unwrap()));
+            assert_eq!(body[33], 0, "steward never asks the server for a reply");
+            Status {
+                write: at(1),
+                flush: at(9),
+                apply: at(17),
+            }
+        }
+    }
+
+    fn status(write: u64, flush: u64) -> Status {
+        Status {
+            write: Lsn(write),
+            flush: Lsn(flush),
+            apply: Lsn(flush),
+        }
+    }
+
+    /// `fut`, or a failure naming `what` after `secs` seconds.
+    async fn within<T>(secs: u64, what: &str, fut: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(secs), fut)
+            .await
+            .unwrap_or_else(|_| panic!("no {what} within {secs} s"))
+    }
+
+    /// A running `run_session` against a fake walsender. The status interval
+    /// is an hour, so every status update the server sees after the first
+    /// one was caused by something the test did.
+    struct Session {
+        server: FakeWalsender,
+        events: mpsc::Receiver<SourceEvent>,
+        durable: watch::Sender<Lsn>,
+        shutdown: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<Result<(), SourceError>>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Session {
+        /// Starts a session; the server has answered START_REPLICATION and
+        /// taken the status update sent on entering streaming mode.
+        async fn start(start: Lsn, skip_before: Lsn, durable: Lsn) -> (Session, String) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(&dir.path().join("s.redb")).unwrap();
+            let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+            let client = ReplicationClient::over_test_pipe(client_io, 150000);
+            let params = SessionParams {
+                slot: "steward".into(),
+                publication: "steward".into(),
+                start,
+                skip_before,
+                status_interval: Duration::from_secs(3600),
+                streaming: false,
+                store,
+            };
+            let (tx, events) = mpsc::channel(64);
+            let durable_at_start = durable;
+            let (durable, durable_rx) = watch::channel(durable);
+            let (shutdown, shutdown_rx) = watch::channel(false);
+            let task = tokio::spawn(run_session(client, params, tx, durable_rx, shutdown_rx));
+            let mut server = FakeWalsender { io: server_io };
+            let command = within(5, "START_REPLICATION", server.accept_start()).await;
+            let first = within(5, "first status update", server.status()).await;
+            assert_eq!(
+                first,
+                status(start.0.max(durable_at_start.0), durable_at_start.0)
+            );
+            let session = Session {
+                server,
+                events,
+                durable,
+                shutdown,
+                task,
+                _dir: dir,
+            };
+            (session, command)
+        }
+
+        async fn next_event(&mut self) -> String {
+            let event = within(5, "event from the session", self.events.recv())
+                .await
+                .expect("the session is running");
+            show(&event)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_keepalive_asking_for_a_reply_is_answered_at_once_with_the_durable_position() {
+        let (mut s, command) = Session::start(Lsn(0x100), Lsn(0x100), Lsn(0x100)).await;
+        assert!(
+            command.starts_with("START_REPLICATION SLOT \"steward\" LOGICAL 0/100"),
+            "{command}"
+        );
+        // A keepalive that does not ask for a reply gets none (the interval is an hour).
+        s.server.keepalive(0x900, false).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), s.server.status())
+                .await
+                .is_err(),
+            "no status update without a request"
+        );
+
+        // A transaction is received but not yet durable.
+        s.server.xlog(0x950, 0x960, &begin(0x950, 42)).await;
+        s.server.xlog(0x958, 0x960, &commit(0x950, 0x960)).await;
+        assert_eq!(s.next_event().await, "begin 42 @2384");
+        assert_eq!(s.next_event().await, "commit 2400");
+
+        // The server asks: the answer comes at once, reports everything
+        // received as written, and flushes only what is durable (not the
+        // keepalive position, which lies past a commit not yet durable).
+        s.server.keepalive(0x1000, true).await;
+        assert_eq!(
+            within(1, "reply to the keepalive", s.server.status()).await,
+            status(0x1000, 0x100)
+        );
+
+        // Once the commit is durable, the idle keepalive position is confirmed.
+        s.durable.send(Lsn(0x960)).unwrap();
+        assert_eq!(
+            within(1, "durable progress report", s.server.status()).await,
+            status(0x1000, 0x1000)
+        );
+        s.server.keepalive(0x1100, true).await;
+        assert_eq!(
+            within(1, "reply to the second keepalive", s.server.status()).await,
+            status(0x1100, 0x1100)
+        );
+
+        // Shutdown: a last status update, then the end of the copy.
+        s.shutdown.send(true).unwrap();
+        assert_eq!(
+            within(1, "final status update", s.server.status()).await,
+            status(0x1100, 0x1100)
+        );
+        let (tag, _) = within(1, "CopyDone", s.server.read_frame()).await.unwrap();
+        assert_eq!(tag, b'c');
+        drop(s.server);
+        within(10, "session end", s.task).await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn malformed_pgoutput_stops_the_session_with_an_error_naming_the_lsn() {
+        let cases: [(&str, &[u8]); 3] = [
+            (
+                "an Insert cut off after its relation id",
+                b"I\x00\x00\x40\x10",
+            ),
+            ("a Begin three bytes long", b"B\x00\x01"),
+            ("an unknown message type", b"\xff\x00"),
+        ];
+        for (what, bytes) in cases {
+            let (mut s, _) = Session::start(Lsn(0x100), Lsn(0x100), Lsn(0x100)).await;
+            s.server.xlog(0x1_6B37_4800, 0x1_6B37_4900, bytes).await;
+            let e = within(5, "session end", s.task)
+                .await
+                .unwrap()
+                .expect_err(what);
+            let text = e.to_string();
+            assert!(
+                text.contains("WAL record at 1/6B374800"),
+                "{what}: the error names the LSN as PostgreSQL writes it: {text}"
+            );
+            assert!(
+                !e.is_transient(),
+                "{what}: reconnecting cannot help: {text}"
+            );
+            assert!(s.events.try_recv().is_err(), "{what}: nothing passed on");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_plain_transaction_the_store_already_holds_is_not_passed_on_again() {
+        // The store's checkpoint is 0x510, the end of a transaction it holds;
+        // the session starts earlier, so the server sends that transaction again.
+        let (mut s, _) = Session::start(Lsn(0x100), Lsn(0x510), Lsn(0x510)).await;
+        for (lsn, message) in [
+            (0x4f0, begin(0x500, 7)),
+            (0x4f8, relation_message()),
+            (0x4f8, insert(None, "held")),
+            (0x500, commit(0x500, 0x510)),
+            (0x5f0, begin(0x600, 8)),
+            (0x5f8, insert(None, "new")),
+            (0x600, commit(0x600, 0x610)),
+        ] {
+            s.server.xlog(lsn, lsn + 8, &message).await;
+        }
+        // The relation passes (later transactions need it); the held
+        // transaction does not.
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            got.push(s.next_event().await);
+        }
+        assert_eq!(
+            got,
+            ["relation 16400", "begin 8 @1536", "new", "commit 1552"]
+        );
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), s.events.recv())
+                .await
+                .is_err(),
+            "nothing more"
+        );
+        s.shutdown.send(true).unwrap();
+        within(1, "final status update", s.server.status()).await;
+        drop(s.server);
+        within(10, "session end", s.task).await.unwrap().unwrap();
+    }
+
     #[test]
     fn reconnect_delay_grows_and_is_capped() {
         assert!(reconnect_delay(0) < reconnect_delay(3));

@@ -101,6 +101,21 @@ impl std::fmt::Debug for ReplicationClient {
     }
 }
 
+#[cfg(test)]
+impl ReplicationClient {
+    /// A session over an in-memory pipe whose other end a test plays as the
+    /// server, already past startup.
+    pub(crate) fn over_test_pipe(
+        io: tokio::io::DuplexStream,
+        server_version_num: u32,
+    ) -> ReplicationClient {
+        ReplicationClient {
+            conn: Conn::new(tls::Transport::Test(io)),
+            server_version_num,
+        }
+    }
+}
+
 impl ReplicationClient {
     /// Connects with `replication=database`, `application_name=steward` and
     /// [`SESSION_OPTIONS`], honoring `source.sslmode` and
