@@ -906,9 +906,67 @@ async fn md5_login_streams() {
     daemon.stop().await.unwrap();
 }
 
-/// TLS with certificate and host name verification against a server with its own CA.
+/// Whether the walsender serving `slot` uses TLS, per pg_stat_ssl.
+fn replication_uses_tls(psql: impl Fn(&str) -> String, slot: &str) -> bool {
+    let out = psql(&format!(
+        "SELECT s.ssl FROM pg_stat_ssl s JOIN pg_replication_slots r ON r.active_pid = s.pid \
+         WHERE r.slot_name = '{slot}'"
+    ));
+    match out.trim() {
+        "t" => true,
+        "f" => false,
+        other => panic!("no walsender for slot {slot}: {other:?}"),
+    }
+}
+
+/// The test cluster serves no TLS: `prefer` falls back to a plain connection,
+/// `require` is refused with an error that says what to change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn verify_full_tls_streams_and_an_untrusted_certificate_is_refused() {
+async fn without_tls_on_the_server_prefer_connects_plain_and_require_is_refused() {
+    let db = TestDb::new("sslmode_plain");
+    let wms = Receiver::start().await.unwrap();
+    let base = db.config_text(&[("wms", &wms.url(), &["product"])]);
+    let with_mode = |mode: &str| base.replace(&db.url(), &format!("{}?sslmode={mode}", db.url()));
+
+    let daemon = InProcess::start(db.config(&with_mode("prefer")));
+    wait_streaming(&db).await;
+    assert!(
+        !replication_uses_tls(|q| db.sql(q), &format!("steward_{}", db.name)),
+        "prefer against a server without TLS connects in plain text"
+    );
+    db.sql("UPDATE product_template SET list_price = 4.75 WHERE id = 6");
+    assert_eq!(wms.wait_for_events(1, WAIT).await, 1);
+    daemon.stop().await.unwrap();
+
+    let result = tokio::time::timeout(
+        WAIT,
+        steward::daemon::run(
+            db.config(&with_mode("require")),
+            tokio::sync::watch::channel(false).1,
+        ),
+    )
+    .await
+    .expect("a refusal is final, not retried");
+    let message = format!("{:#}", result.expect_err("require without TLS must fail"));
+    for needed in ["does not accept TLS", "source.sslmode = require"] {
+        assert!(message.contains(needed), "{needed} in: {message}");
+    }
+    // The replication connection, which setup opens after the SQL one, says the same.
+    let config = db.config(&with_mode("require"));
+    let e = steward::source::wire::ReplicationClient::connect(&config.source)
+        .await
+        .expect_err("require without TLS must fail");
+    assert!(e.to_string().contains("does not accept TLS"), "{e}");
+    assert!(!e.is_transient(), "not worth retrying: {e}");
+}
+
+/// Every sslmode against a server that offers TLS (with its own CA):
+/// `require`, `prefer` and `verify-full` encrypt the replication connection,
+/// `disable` stays plain, and without the CA `verify-full` refuses the server.
+/// One cluster for all of them: starting a TLS cluster costs seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_tls_server_sslmodes_encrypt_or_not_as_configured_and_an_untrusted_certificate_is_refused(
+) {
     support::init_logging();
     let cluster = steward::dev::DevCluster::start(steward::dev::DevClusterOptions {
         ssl: true,
@@ -917,6 +975,7 @@ async fn verify_full_tls_streams_and_an_untrusted_certificate_is_refused() {
     .expect("TLS cluster");
     cluster.create_database("odoo").unwrap();
     cluster.load_odoo_fixture("odoo").unwrap();
+    let psql = |q: &str| cluster.psql("odoo", q).unwrap();
     let ca = cluster.ssl_ca_path().expect("CA").display().to_string();
     let dir = tempfile::tempdir().unwrap();
     let wms = Receiver::start().await.unwrap();
@@ -936,7 +995,69 @@ async fn verify_full_tls_streams_and_an_untrusted_certificate_is_refused() {
         .unwrap();
         steward::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"))
     };
-    // hostssl only: a plain connection would be refused, so streaming proves TLS.
+    let wait_streaming = || async {
+        for _ in 0..300 {
+            let out = psql(
+                "SELECT count(*) FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid \
+                 WHERE s.slot_name = 'steward' AND r.state = 'streaming'",
+            );
+            if out.trim() == "1" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("steward did not start streaming");
+    };
+    let wait_released = || async {
+        for _ in 0..300 {
+            if psql("SELECT active FROM pg_replication_slots WHERE slot_name = 'steward'").trim()
+                == "f"
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the slot stayed in use after steward stopped");
+    };
+    // One change per mode, delivered through that mode's connection.
+    let mut delivered = 0;
+    let mut stream_with = |query: String, tls: bool| {
+        let config = write(&query);
+        let wait_streaming = &wait_streaming;
+        let wait_released = &wait_released;
+        let wms = &wms;
+        delivered += 1;
+        let n = delivered;
+        async move {
+            let daemon = InProcess::start(config);
+            wait_streaming().await;
+            assert_eq!(
+                replication_uses_tls(psql, "steward"),
+                tls,
+                "{query}: the replication connection's encryption"
+            );
+            let price = format!("{n}.25");
+            psql(&format!(
+                "UPDATE product_template SET list_price = {price} WHERE id = 1"
+            ));
+            // By content, not by count: a batch in flight when the previous
+            // run stopped is delivered again (at least once, same id).
+            wait_until(&format!("{query}: the change arrives"), WAIT, || {
+                wms.accepted_events()
+                    .iter()
+                    .any(|e| e["data"]["price"].to_string().as_str() == price)
+            })
+            .await;
+            daemon.stop().await.unwrap();
+            wait_released().await;
+        }
+    };
+    // The default pg_hba.conf accepts plain and TLS connections alike.
+    stream_with("sslmode=require".into(), true).await;
+    stream_with("sslmode=prefer".into(), true).await;
+    stream_with("sslmode=disable".into(), false).await;
+
+    // hostssl only: a plain connection would be refused.
     cluster
         .set_hba(&[
             "hostssl all all 127.0.0.1/32 trust",
@@ -945,41 +1066,7 @@ async fn verify_full_tls_streams_and_an_untrusted_certificate_is_refused() {
             "host replication all 127.0.0.1/32 reject",
         ])
         .unwrap();
-    let daemon = InProcess::start(write(&format!("sslmode=verify-full&sslrootcert={ca}")));
-    let mut streaming = false;
-    for _ in 0..300 {
-        let out = cluster
-            .psql(
-                "odoo",
-                "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
-            )
-            .unwrap();
-        if out.trim() == "1" {
-            streaming = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(streaming, "steward streams over verify-full TLS");
-    let ssl = cluster
-        .psql(
-            "odoo",
-            "SELECT bool_and(ssl) FROM pg_stat_ssl s JOIN pg_stat_replication r ON r.pid = s.pid",
-        )
-        .unwrap();
-    assert_eq!(ssl.trim(), "t", "the replication connection uses TLS");
-    cluster
-        .psql(
-            "odoo",
-            "UPDATE product_template SET list_price = 3.25 WHERE id = 1",
-        )
-        .unwrap();
-    assert_eq!(wms.wait_for_events(1, WAIT).await, 1);
-    assert_eq!(
-        wms.accepted_events()[0]["data"]["price"].to_string(),
-        "3.25"
-    );
-    daemon.stop().await.unwrap();
+    stream_with(format!("sslmode=verify-full&sslrootcert={ca}"), true).await;
 
     // Without the CA the server's certificate is not trusted: a clear, final error.
     let result = steward::daemon::run(

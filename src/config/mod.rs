@@ -36,6 +36,18 @@ pub enum SslMode {
     VerifyFull,
 }
 
+impl SslMode {
+    /// As written in `source.url` (`sslmode=...`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct SourceConfig {
     /// The URL as written, minus any password, for messages.

@@ -203,16 +203,23 @@ async fn negotiate_tls(
             Ok(Transport::Tls(Box::new(stream)))
         }
         b'N' if cfg.sslmode == SslMode::Prefer => Ok(Transport::Tcp(tcp)),
-        b'N' => Err(WireError::Tls(format!(
-            "the server at {}:{} does not accept TLS connections but source.sslmode requires TLS; \
-             enable ssl on the server or set source.sslmode = prefer or disable",
-            cfg.host, cfg.port
-        ))),
+        b'N' => Err(tls_refused(cfg)),
         other => Err(WireError::protocol(format!(
             "unexpected answer {:?} to SSLRequest (expected 'S' or 'N')",
             other as char
         ))),
     }
+}
+
+/// The server answered the SSLRequest with 'N' although `sslmode` demands TLS.
+fn tls_refused(cfg: &SourceConfig) -> WireError {
+    WireError::Tls(format!(
+        "the server at {}:{} does not accept TLS connections but source.sslmode = {} requires TLS; \
+         enable ssl on the server or set source.sslmode = prefer or disable",
+        cfg.host,
+        cfg.port,
+        cfg.sslmode.as_str()
+    ))
 }
 
 async fn startup(conn: &mut Conn, cfg: &SourceConfig) -> Result<(), WireError> {
@@ -497,6 +504,11 @@ pub(crate) fn map_pg_error(e: tokio_postgres::Error, cfg: &SourceConfig) -> Wire
             io_kind.get_or_insert(io.kind());
         }
         source = s.source();
+    }
+    // tokio-postgres' wording for an 'N' answer to the SSLRequest: the same
+    // advice as on the replication connection, which setup opens later.
+    if text.contains("server does not support TLS") {
+        return tls_refused(cfg);
     }
     let is_tls = text.contains("TLS") || text.contains("tls");
     if text.contains("password missing") {
