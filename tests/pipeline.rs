@@ -846,21 +846,192 @@ entities = ["product", "nope"]
     );
 }
 
+/// The demo a newcomer runs first, as they run it: every change shows up
+/// once per subscribing target with its values, the non-master churn shows
+/// up nowhere, and Ctrl-C ends it with exit 0 and nothing left behind.
 #[test]
-fn the_demo_runs_end_to_end() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
-        .args(["demo", "--once"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "demo failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+fn the_demo_runs_end_to_end_and_ctrl_c_cleans_up() {
+    use std::io::BufRead;
+    /// A failed assertion must not leave the demo waiting for a Ctrl-C that
+    /// never comes.
+    struct Demo(std::process::Child);
+    impl Drop for Demo {
+        fn drop(&mut self) {
+            if let Ok(None) = self.0.try_wait() {
+                let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+                for _ in 0..100 {
+                    if !matches!(self.0.try_wait(), Ok(None)) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+    }
+    let stderr = tempfile::NamedTempFile::new().unwrap();
+    let mut demo = Demo(
+        std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
+            .arg("demo")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(stderr.reopen().unwrap())
+            .spawn()
+            .unwrap(),
     );
-    assert!(stdout.contains("steward.product.upsert"), "{stdout}");
-    assert!(stdout.contains("\"sku\":\"FURN_9001\""), "{stdout}");
-    assert!(!stdout.contains("stock_move"), "{stdout}");
+    let child = &mut demo.0;
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let output = |lines: &[String]| {
+        format!(
+            "{}\nstderr:\n{}",
+            lines.join("\n"),
+            std::fs::read_to_string(stderr.path()).unwrap_or_default()
+        )
+    };
+    let mut lines: Vec<String> = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let waiting = line.contains("Press Ctrl-C");
+                lines.push(line);
+                if waiting {
+                    break;
+                }
+            }
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the demo never waited for Ctrl-C:\n{}", output(&lines));
+            }
+        }
+    }
+    let after = |prefix: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line:\n{}", output(&lines)))
+            .to_string()
+    };
+    let data_dir = std::path::PathBuf::from(after("  cluster data: "));
+    let cluster_root = data_dir.parent().unwrap().to_path_buf();
+    let config = after("  config: ");
+    let state_dir = std::path::Path::new(config.split_once(" (").unwrap().0)
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let postmaster: i32 = std::fs::read_to_string(data_dir.join("postmaster.pid"))
+        .expect("the cluster runs while the demo waits")
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        state_dir.join("steward.redb").exists(),
+        "{}",
+        output(&lines)
+    );
+
+    // Each event line: "→ TARGET TYPE key KEY vVERSION {data}".
+    let mut per_target: HashMap<String, Vec<String>> = HashMap::new();
+    for line in &lines {
+        let Some(event) = line.trim_start().strip_prefix("→ ") else {
+            continue;
+        };
+        let words: Vec<&str> = event.split_whitespace().collect();
+        let data: Value = serde_json::from_str(&event[event.find('{').unwrap()..]).unwrap();
+        let summary = match words[1] {
+            "steward.product.upsert" => format!(
+                "product {} {} active={}",
+                data["sku"].as_str().unwrap(),
+                data["price"],
+                data["active"]
+            ),
+            "steward.workcenter.upsert" => format!(
+                "workcenter {} costs_hour={}",
+                data["code"].as_str().unwrap(),
+                data["costs_hour"]
+            ),
+            "steward.partner.upsert" => {
+                format!("partner vat={}", data["vat"].as_str().unwrap_or("-"))
+            }
+            other => format!("unexpected {other}: {data}"),
+        };
+        per_target
+            .entry(words[0].to_string())
+            .or_default()
+            .push(summary);
+    }
+    let product = [
+        "product FURN_9001 749.9000 active=true",
+        "product FURN_9001 799.0000 active=true",
+    ];
+    let archived = "product FURN_9001 799.0000 active=false";
+    let mut mes: Vec<&str> = product.to_vec();
+    mes.extend(["workcenter CUT costs_hour=73.5", archived]);
+    let mut finance: Vec<&str> = product.to_vec();
+    finance.extend(["partner vat=BE0477472701", archived]);
+    assert_eq!(per_target["mes"], mes, "{}", output(&lines));
+    assert_eq!(per_target["finance"], finance, "{}", output(&lines));
+    assert_eq!(per_target.len(), 2);
+    assert!(
+        lines.iter().any(|l| l.starts_with("8 events delivered")),
+        "{}",
+        output(&lines)
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("NOISE-JOURNAL-LINE")),
+        "non-master writes never reach a target"
+    );
+
+    // Ctrl-C.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the demo did not stop on Ctrl-C:\n{}", output(&lines));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    reader.join().unwrap();
+    lines.extend(rx.try_iter());
+    assert_eq!(status.code(), Some(0), "{}", output(&lines));
+    assert!(
+        lines.iter().any(|l| l.starts_with("demo stopped")),
+        "{}",
+        output(&lines)
+    );
+    assert!(!state_dir.exists(), "{} left behind", state_dir.display());
+    assert!(
+        !cluster_root.exists(),
+        "{} left behind",
+        cluster_root.display()
+    );
+    assert!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(postmaster), None).is_err(),
+        "the demo's postmaster {postmaster} still runs"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

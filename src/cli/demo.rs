@@ -18,6 +18,10 @@ const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
 struct Step {
     title: &'static str,
     sql: &'static str,
+    /// Events this step produces, over both receivers; the demo waits for
+    /// them (and for steward to confirm the step's WAL) before going on, so
+    /// each step's events are printed under it.
+    events: usize,
 }
 
 const STEPS: &[Step] = &[
@@ -27,36 +31,80 @@ const STEPS: &[Step] = &[
               active, tracking, purchase_line_warn, sale_line_warn, create_date, write_date) \
               VALUES (1, 1, 1, 'product', 'product', 'FURN_9001', '{\"en_US\": \"Standing Desk\", \"de_DE\": \"Stehpult\"}', \
               749.9000, true, 'none', 'no-message', 'no-message', now() at time zone 'utc', now() at time zone 'utc')",
+        events: 2,
     },
     Step {
         title: "its price changes (numeric keeps its exact digits)",
         sql: "UPDATE product_template SET list_price = 799.0000, write_date = now() at time zone 'utc' WHERE default_code = 'FURN_9001'",
+        events: 2,
     },
     Step {
         title: "stock moves and journal lines churn (not master data: nothing is sent)",
         sql: "INSERT INTO stock_move (product_id, product_qty, state, date) SELECT 1, g, 'done', now() FROM generate_series(1, 50) g; \
-              INSERT INTO account_move_line (name, debit, credit) VALUES ('demo', 10, 0), ('demo', 0, 10)",
+              INSERT INTO account_move_line (name, debit, credit) VALUES ('NOISE-JOURNAL-LINE', 10, 0), ('NOISE-JOURNAL-LINE', 0, 10)",
+        events: 0,
     },
     Step {
         title: "a work center's hourly cost is raised",
         sql: "UPDATE mrp_workcenter SET costs_hour = costs_hour + 5 WHERE id = (SELECT min(id) FROM mrp_workcenter)",
+        events: 1,
     },
     Step {
         title: "a vendor gets a VAT number",
         sql: "UPDATE res_partner SET vat = 'BE0477472701' WHERE id = (SELECT min(id) FROM res_partner WHERE supplier_rank > 0)",
+        events: 1,
     },
     Step {
         title: "a product is archived (active = false: an update, not a delete)",
         sql: "UPDATE product_template SET active = false WHERE default_code = 'FURN_9001'",
+        events: 2,
     },
 ];
 
+/// How long the demo waits for one step's events before going on anyway.
+const STEP_TIMEOUT: Duration = Duration::from_secs(15);
+
 pub async fn run(once: bool) -> anyhow::Result<()> {
+    // Installed first, so Ctrl-C at any moment ends the demo through the
+    // cleanup below (without it, the default action would leave the state
+    // directory behind).
+    // With --once nothing stops the demo early; the sender is kept so that
+    // the receiver never reads as closed.
+    let (_never, mut stop) = watch::channel(false);
+    if !once {
+        stop = crate::cli::shutdown_on_signals()?;
+    }
     println!("steward demo: starting a throwaway PostgreSQL with wal_level=logical ...");
     let cluster = tokio::task::spawn_blocking(|| DevCluster::start(DevClusterOptions::default()))
         .await?
         .context("cannot start the demo's PostgreSQL")?;
     let cluster = Arc::new(cluster);
+    let state_dir = tempfile::Builder::new().prefix("steward-demo-").tempdir()?;
+    let result = show(&cluster, &state_dir, &mut stop, once).await;
+    // Everything is removed here, also after an error: the cluster's
+    // directory when its last handle goes, the state directory explicitly.
+    cluster.stop();
+    let data_dir = cluster.data_dir().to_path_buf();
+    drop(cluster);
+    let removed = state_dir.close();
+    result?;
+    removed.context("cannot remove the demo's state directory")?;
+    if data_dir.exists() {
+        anyhow::bail!(
+            "the demo's PostgreSQL directory {} was not removed",
+            data_dir.display()
+        );
+    }
+    println!("demo stopped; the throwaway cluster and state were removed.");
+    Ok(())
+}
+
+async fn show(
+    cluster: &Arc<DevCluster>,
+    state_dir: &tempfile::TempDir,
+    stop: &mut watch::Receiver<bool>,
+    once: bool,
+) -> anyhow::Result<()> {
     let c = cluster.clone();
     tokio::task::spawn_blocking(move || {
         c.create_database("odoo")?;
@@ -71,6 +119,7 @@ pub async fn run(once: bool) -> anyhow::Result<()> {
         version % 10000,
         cluster.port()
     );
+    println!("  cluster data: {}", cluster.data_dir().display());
 
     // Two receivers stand in for the MES and the finance system.
     let mes = Receiver::start()
@@ -87,7 +136,6 @@ pub async fn run(once: bool) -> anyhow::Result<()> {
         finance.url()
     );
 
-    let state_dir = tempfile::Builder::new().prefix("steward-demo-").tempdir()?;
     let text = DEMO_CONFIG
         .replace("{{SOURCE_URL}}", &cluster.url("odoo"))
         .replace(
@@ -105,36 +153,64 @@ pub async fn run(once: bool) -> anyhow::Result<()> {
     );
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let daemon = tokio::spawn(crate::daemon::run(config, shutdown_rx));
-    wait_for_slot(&cluster).await?;
-    println!("\nsteward is streaming. Making changes in Odoo's tables:\n");
-
-    for step in STEPS {
-        println!("── {}", step.title);
-        let c = cluster.clone();
-        let sql = step.sql;
-        tokio::task::spawn_blocking(move || c.psql("odoo", sql)).await??;
-        tokio::time::sleep(Duration::from_millis(700)).await;
-    }
-    let n = mes.accepted_count() + finance.accepted_count();
-    println!("\n{n} events delivered (each change once per target that subscribes to its entity).");
-
-    if !once {
+    let mut daemon = tokio::spawn(crate::daemon::run(config, shutdown_rx));
+    let delivered = || mes.accepted_count() + finance.accepted_count();
+    let outcome = async {
+        tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            ready = wait_for_slot(cluster) => ready?,
+        }
+        println!("\nsteward is streaming. Making changes in Odoo's tables:\n");
+        let mut expected = 0;
+        for step in STEPS {
+            println!("── {}", step.title);
+            let c = cluster.clone();
+            let sql = step.sql;
+            let lsn = tokio::task::spawn_blocking(move || {
+                c.psql("odoo", sql)?;
+                c.psql("odoo", "SELECT pg_current_wal_lsn()")
+            })
+            .await??;
+            expected += step.events;
+            tokio::select! {
+                _ = stop.changed() => return Ok(()),
+                done = wait_for_step(cluster, lsn.trim(), || delivered() >= expected) => {
+                    if !done? {
+                        println!("   (still waiting for steward after {STEP_TIMEOUT:?}; going on)");
+                    }
+                }
+            }
+        }
         println!(
-            "\nTry your own changes:  {}/psql '{}'\nPress Ctrl-C to stop and clean up.",
-            cluster.bin_dir().display(),
-            cluster.url("odoo")
+            "\n{} events delivered (each change once per target that subscribes to its entity).",
+            delivered()
         );
-        let mut signals = crate::cli::shutdown_on_signals()?;
-        let _ = signals.changed().await;
-    }
+        if !once {
+            println!(
+                "\nTry your own changes:  {}/psql '{}'\nPress Ctrl-C to stop and clean up.",
+                cluster.bin_dir().display(),
+                cluster.url("odoo")
+            );
+            let _ = stop.changed().await;
+        }
+        anyhow::Ok(())
+    };
+    // The daemon ending on its own is an error worth showing at once.
+    let outcome = tokio::select! {
+        outcome = outcome => outcome,
+        ended = &mut daemon => {
+            return match ended {
+                Ok(Ok(())) => Err(anyhow::anyhow!("steward stopped unexpectedly")),
+                Ok(Err(e)) => Err(e.context("steward stopped")),
+                Err(e) => Err(anyhow::anyhow!("the daemon task failed: {e}")),
+            };
+        }
+    };
     let _ = shutdown_tx.send(true);
     daemon.await.context("the daemon task failed")??;
     mes.stop().await;
     finance.stop().await;
-    cluster.stop();
-    println!("demo stopped; the throwaway cluster and state were removed.");
-    Ok(())
+    outcome
 }
 
 async fn wait_for_slot(cluster: &Arc<DevCluster>) -> anyhow::Result<()> {
@@ -154,6 +230,32 @@ async fn wait_for_slot(cluster: &Arc<DevCluster>) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     anyhow::bail!("steward did not start streaming within 10 seconds; rerun with STEWARD_LOG=steward=debug to see why")
+}
+
+/// Waits until `arrived` holds and steward has confirmed WAL up to `lsn`
+/// (so a step whose changes must not be sent has really been read);
+/// `false` after [`STEP_TIMEOUT`].
+async fn wait_for_step(
+    cluster: &Arc<DevCluster>,
+    lsn: &str,
+    arrived: impl Fn() -> bool,
+) -> anyhow::Result<bool> {
+    let sql = format!(
+        "SELECT confirmed_flush_lsn >= '{lsn}'::pg_lsn FROM pg_replication_slots WHERE slot_name = 'steward_demo'"
+    );
+    let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    while tokio::time::Instant::now() < deadline {
+        if arrived() {
+            let c = cluster.clone();
+            let sql = sql.clone();
+            let out = tokio::task::spawn_blocking(move || c.psql("odoo", &sql)).await??;
+            if out.trim() == "t" {
+                return Ok(true);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(false)
 }
 
 fn describe(target: &str, event: &serde_json::Value) -> String {
