@@ -345,24 +345,272 @@ async fn transactions_held_in_the_store_but_never_confirmed_are_not_delivered_tw
     assert_eq!(ids.len(), events.len(), "no event id delivered twice");
 }
 
-/// Random-ish but reproducible workload step `i` over four master tables plus noise.
-fn workload_sql(i: u32) -> String {
+/// A change the crash workload makes, as a target must see it at least once:
+/// an event of `entity` for `key` with `op` whose data has these fields.
+#[derive(Debug)]
+struct Expected {
+    entity: &'static str,
+    key: u32,
+    op: &'static str,
+    /// (field, value as PostgreSQL prints it, whether it is a float8).
+    fields: Vec<(&'static str, String, bool)>,
+}
+
+fn upsert(entity: &'static str, key: u32, fields: &[(&'static str, String)]) -> Expected {
+    Expected {
+        entity,
+        key,
+        op: "upsert",
+        fields: fields
+            .iter()
+            .map(|(f, v)| (*f, v.clone(), *f == "costs_hour"))
+            .collect(),
+    }
+}
+
+fn delete(entity: &'static str, key: u32) -> Expected {
+    Expected {
+        entity,
+        key,
+        op: "delete",
+        fields: Vec::new(),
+    }
+}
+
+/// Whether a delivered JSON value is what PostgreSQL prints (`None` = NULL):
+/// numerics with the same digits, floats as the same number.
+fn same_value(value: &Value, db: Option<&str>, float: bool) -> bool {
+    match (value, db) {
+        (Value::Null, None) => true,
+        (Value::String(s), Some(db)) => s == db,
+        (Value::Bool(b), Some(db)) => b.to_string() == db,
+        (Value::Number(n), Some(db)) if float => n
+            .as_f64()
+            .zip(db.parse::<f64>().ok())
+            .is_some_and(|(a, b)| a == b),
+        (Value::Number(n), Some(db)) => n.to_string() == db,
+        _ => false,
+    }
+}
+
+/// Reproducible step `i` of the crash workload over five master tables
+/// (inserts, updates and deletes) plus noise: its SQL (one transaction) and
+/// the changes it makes.
+fn workload_step(i: u32) -> (String, Vec<Expected>) {
     let product = 1 + i % 7;
     let price = format!("{}.{:02}", 100 + i, i % 100);
     let mut sql =
         format!("BEGIN; UPDATE product_template SET list_price = {price} WHERE id = {product};");
+    let mut changes = vec![upsert("product", product, &[("price", price.clone())])];
     match i % 5 {
-        0 => sql.push_str(&format!(
-            "INSERT INTO res_partner (id, name, active, type) VALUES ({id}, 'Partner {i}', true, 'contact');",
-            id = 50_000 + i
-        )),
-        1 => sql.push_str(&format!("UPDATE uom_uom SET rounding = 0.{:03} + 0.001 WHERE id = {};", i % 900, 1 + i % 5)),
-        2 => sql.push_str(&format!("UPDATE mrp_workcenter SET costs_hour = {i} WHERE id = (SELECT min(id) FROM mrp_workcenter);")),
-        3 => sql.push_str(&format!("DELETE FROM res_partner WHERE id = {};", 50_000 + i - 3)),
-        _ => sql.push_str(&format!("UPDATE product_template SET active = {} WHERE id = {product};", i % 2 == 0)),
+        0 => {
+            let id = 50_000 + i;
+            sql.push_str(&format!(
+                "INSERT INTO res_partner (id, name, ref, active, type) VALUES ({id}, 'Partner {i}', 'R-{i}', true, 'contact');"
+            ));
+            changes.push(upsert(
+                "partner",
+                id,
+                &[
+                    ("name", format!("Partner {i}")),
+                    ("ref", format!("R-{i}")),
+                    ("active", "true".into()),
+                ],
+            ));
+        }
+        1 => {
+            let uom = 1 + (i / 5) % 5;
+            let rounding = format!("0.{:03}", i % 900 + 1);
+            sql.push_str(&format!(
+                "UPDATE uom_uom SET rounding = {rounding} WHERE id = {uom};"
+            ));
+            changes.push(upsert("uom", uom, &[("rounding", rounding)]));
+        }
+        2 => {
+            let workcenter = 1 + (i / 5) % 3;
+            let partner = 50_000 + i - 2;
+            sql.push_str(&format!(
+                "UPDATE mrp_workcenter SET costs_hour = {i}.5 WHERE id = {workcenter};
+                 UPDATE res_partner SET vat = 'VAT-{i}' WHERE id = {partner};"
+            ));
+            changes.push(upsert(
+                "workcenter",
+                workcenter,
+                &[("costs_hour", format!("{i}.5"))],
+            ));
+            changes.push(upsert("partner", partner, &[("vat", format!("VAT-{i}"))]));
+        }
+        3 => {
+            // Half the partners are deleted, half renamed and kept.
+            let partner = 50_000 + i - 3;
+            if (i / 5) % 2 == 0 {
+                sql.push_str(&format!("DELETE FROM res_partner WHERE id = {partner};"));
+                changes.push(delete("partner", partner));
+            } else {
+                sql.push_str(&format!(
+                    "UPDATE res_partner SET name = 'Partner {i} renamed' WHERE id = {partner};"
+                ));
+                changes.push(upsert(
+                    "partner",
+                    partner,
+                    &[("name", format!("Partner {i} renamed"))],
+                ));
+            }
+        }
+        _ => {
+            let active = i % 2 == 0;
+            sql.push_str(&format!(
+                "UPDATE product_template SET active = {active} WHERE id = {product};"
+            ));
+            changes.push(upsert(
+                "product",
+                product,
+                &[("price", price), ("active", active.to_string())],
+            ));
+        }
+    }
+    match i % 3 {
+        0 => {
+            let bom = 1000 + i;
+            sql.push_str(&format!(
+                "INSERT INTO mrp_bom (id, product_tmpl_id, product_uom_id, type, ready_to_produce, consumption, product_qty, code, active) \
+                 VALUES ({bom}, {product}, 1, 'normal', 'asap', 'flexible', {qty}.000, 'BOM-{i}', true);",
+                qty = i + 1
+            ));
+            changes.push(upsert(
+                "bom",
+                bom,
+                &[
+                    ("product_tmpl_id", product.to_string()),
+                    ("qty", format!("{}.000", i + 1)),
+                    ("code", format!("BOM-{i}")),
+                ],
+            ));
+        }
+        1 => {
+            let bom = 1000 + i - 1;
+            sql.push_str(&format!(
+                "UPDATE mrp_bom SET product_qty = {i}.250 WHERE id = {bom};"
+            ));
+            changes.push(upsert("bom", bom, &[("qty", format!("{i}.250"))]));
+        }
+        _ => {
+            let bom = 1000 + i - 2;
+            if (i / 3) % 2 == 0 {
+                sql.push_str(&format!("DELETE FROM mrp_bom WHERE id = {bom};"));
+                changes.push(delete("bom", bom));
+            } else {
+                sql.push_str(&format!(
+                    "UPDATE mrp_bom SET active = false WHERE id = {bom};"
+                ));
+                changes.push(upsert("bom", bom, &[("active", "false".into())]));
+            }
+        }
     }
     sql.push_str(&format!("INSERT INTO stock_move (product_id, product_qty, state, date) VALUES ({product}, {i}, 'done', now()); COMMIT;"));
-    sql
+    (sql, changes)
+}
+
+/// What the crash suite compares per entity: the rows as PostgreSQL has
+/// them (key first, then the mapped fields in `fields` order, all as text),
+/// and, for tables the workload inserts into and deletes from, the key range
+/// whose key set must be equal too.
+struct Compared {
+    entity: &'static str,
+    sql: &'static str,
+    fields: &'static [&'static str],
+    key_range_from: Option<u32>,
+}
+
+const COMPARED: &[Compared] = &[
+    Compared {
+        entity: "product",
+        sql: "SELECT id::text, default_code, name->>'en_US', coalesce(name->>'de_DE', name->>'en_US'), \
+              list_price::text, uom_id::text, active::text FROM product_template WHERE id BETWEEN 1 AND 7",
+        fields: &["sku", "name", "name_de", "price", "uom_id", "active"],
+        key_range_from: None,
+    },
+    Compared {
+        entity: "partner",
+        sql: "SELECT id::text, name, vat, ref, active::text FROM res_partner WHERE id >= 50000",
+        fields: &["name", "vat", "ref", "active"],
+        key_range_from: Some(50_000),
+    },
+    Compared {
+        entity: "uom",
+        sql: "SELECT id::text, name->>'en_US', factor::text, rounding::text, active::text FROM uom_uom WHERE id BETWEEN 1 AND 5",
+        fields: &["name", "factor", "rounding", "active"],
+        key_range_from: None,
+    },
+    Compared {
+        entity: "workcenter",
+        sql: "SELECT id::text, code, name, costs_hour::text, active::text FROM mrp_workcenter WHERE id BETWEEN 1 AND 3",
+        fields: &["code", "name", "costs_hour", "active"],
+        key_range_from: None,
+    },
+    Compared {
+        entity: "bom",
+        sql: "SELECT id::text, product_tmpl_id::text, product_qty::text, code, active::text FROM mrp_bom WHERE id >= 1000",
+        fields: &["product_tmpl_id", "qty", "code", "active"],
+        key_range_from: Some(1000),
+    },
+];
+
+/// Compares a target's final state (`key → data` per entity, deleted keys
+/// absent) with the database, field by field, for every key the workload
+/// touched; where it inserts and deletes, the key sets too.
+async fn assert_equals_database(
+    client: &tokio_postgres::Client,
+    target: &str,
+    state: &HashMap<String, std::collections::BTreeMap<String, Value>>,
+    touched: &BTreeSet<(&str, String)>,
+) {
+    let empty = std::collections::BTreeMap::new();
+    for table in COMPARED {
+        let held = state.get(table.entity).unwrap_or(&empty);
+        let rows = client.query(table.sql, &[]).await.unwrap();
+        let db: std::collections::BTreeMap<String, Vec<Option<String>>> = rows
+            .iter()
+            .map(|r| {
+                let key: String = r.get(0);
+                let values = (1..=table.fields.len()).map(|c| r.get(c)).collect();
+                (key, values)
+            })
+            .collect();
+        if let Some(from) = table.key_range_from {
+            let in_range = |k: &String| k.parse::<u32>().is_ok_and(|k| k >= from);
+            let held_keys: BTreeSet<&String> = held.keys().filter(|k| in_range(k)).collect();
+            let db_keys: BTreeSet<&String> = db.keys().collect();
+            assert_eq!(
+                held_keys, db_keys,
+                "{target}: the {} keys from {from} on equal the database",
+                table.entity
+            );
+        }
+        let mut compared = 0;
+        for (key, values) in &db {
+            if !touched.contains(&(table.entity, key.clone())) {
+                continue;
+            }
+            let data = held
+                .get(key)
+                .unwrap_or_else(|| panic!("{target}: {} {key} missing", table.entity));
+            for (field, value) in table.fields.iter().zip(values) {
+                assert!(
+                    same_value(&data[*field], value.as_deref(), *field == "costs_hour"),
+                    "{target}: {} {key} field {field} is {} but the database has {value:?}",
+                    table.entity,
+                    data[*field]
+                );
+            }
+            compared += 1;
+        }
+        assert!(
+            compared > 0,
+            "{target}: no {} row was compared",
+            table.entity
+        );
+    }
 }
 
 /// The crash suite, short: CI runs it on every change.
@@ -401,24 +649,26 @@ fn env_or(name: &str, default: u32) -> u32 {
         .unwrap_or(default)
 }
 
-/// Mixed Odoo workload over four master tables plus noise, SIGKILL at random
+/// Mixed Odoo workload over five master tables plus noise, SIGKILL at random
 /// instants, two targets (HTTP and PostgreSQL). Afterwards every change was
 /// delivered at least once, no id ever carried different content, and both
-/// targets' final state equals the database.
+/// targets' final state equals the database field by field.
 async fn kill9_suite(steps: u32, kills: u32, max_in_flight: u32) {
     let db = TestDb::new("kill9");
     let wms = Receiver::start().await.unwrap();
-    let mut text = db.config_text(&[(
-        "wms",
-        &wms.url(),
-        &["product", "partner", "uom", "workcenter"],
-    )]);
+    let all = ["product", "partner", "uom", "workcenter", "bom"];
+    // The workload changes uom rounding: map it too.
+    let mut text = db.config_text(&[("wms", &wms.url(), &all)]).replace(
+        "factor = \"factor\", active",
+        "factor = \"factor\", rounding = \"rounding\", active",
+    );
     text.push_str(&format!("max_in_flight = {max_in_flight}\n"));
     text.push_str(&format!(
-        "\n[targets.mirror]\ntype = \"postgres\"\nurl = \"{}\"\nentities = [\"product\", \"partner\"]\n\
+        "\n[targets.mirror]\ntype = \"postgres\"\nurl = \"{}\"\nentities = [{}]\n\
          table_prefix = \"mirror_\"\ncreate_tables = true\ninitial = \"none\"\nbatch_linger_ms = 5\nretry_initial_ms = 50\nretry_max_ms = 500\n\
          max_in_flight = {max_in_flight}\n",
-        db.url()
+        db.url(),
+        all.map(|e| format!("\"{e}\"")).join(", ")
     ));
     let config = db.write_config(&text);
     let log = db.dir.path().join("steward.log");
@@ -431,7 +681,7 @@ async fn kill9_suite(steps: u32, kills: u32, max_in_flight: u32) {
         tokio::task::spawn_blocking(move || {
             for i in 0..steps {
                 support::cluster()
-                    .psql(&name, &workload_sql(i))
+                    .psql(&name, &workload_step(i).0)
                     .expect("workload step");
             }
         })
@@ -496,108 +746,69 @@ async fn kill9_suite(steps: u32, kills: u32, max_in_flight: u32) {
             assert_eq!(previous["version"], e["version"]);
         }
     }
-    // Every price ever written was delivered.
-    let seen_prices: BTreeSet<(String, String)> = events
-        .iter()
-        .filter(|e| e["entity"] == "product" && e["op"] == "upsert")
-        .map(|e| {
-            (
+    // Every change of every step arrived at least once.
+    let mut by_key: HashMap<(String, String), Vec<&Value>> = HashMap::new();
+    for e in &events {
+        by_key
+            .entry((
+                e["entity"].as_str().unwrap().to_string(),
                 e["subject"].as_str().unwrap().to_string(),
-                e["data"]["price"].to_string(),
-            )
-        })
-        .collect();
+            ))
+            .or_default()
+            .push(e);
+    }
+    let mut touched: BTreeSet<(&str, String)> = BTreeSet::new();
+    let mut expected_changes = 0;
     for i in 0..steps {
-        let key = (
-            format!("{}", 1 + i % 7),
-            format!("{}.{:02}", 100 + i, i % 100),
-        );
-        assert!(
-            seen_prices.contains(&key),
-            "the price change of step {i} ({key:?}) was never delivered"
-        );
+        for change in workload_step(i).1 {
+            let key = change.key.to_string();
+            let arrived = by_key
+                .get(&(change.entity.to_string(), key.clone()))
+                .is_some_and(|candidates| {
+                    candidates.iter().any(|e| {
+                        e["op"] == change.op
+                            && change.fields.iter().all(|(field, value, float)| {
+                                same_value(&e["data"][*field], Some(value), *float)
+                            })
+                    })
+                });
+            assert!(arrived, "step {i}: {change:?} was never delivered");
+            touched.insert((change.entity, key));
+            expected_changes += 1;
+        }
     }
-    // The receiver's final state equals the database for every product and partner touched.
-    let state = final_state(&events);
+    // The receiver's final state equals the database.
+    let mut state: HashMap<String, std::collections::BTreeMap<String, Value>> = HashMap::new();
+    for ((entity, key), data) in final_state(&events) {
+        state.entry(entity).or_default().insert(key, data);
+    }
     let client = db.client().await;
-    let rows = client
-        .query("SELECT id::text, list_price::text, active FROM product_template WHERE id BETWEEN 1 AND 7", &[])
-        .await
-        .unwrap();
-    for row in rows {
-        let id: String = row.get(0);
-        let data = &state[&("product".to_string(), id.clone())];
-        assert_eq!(
-            data["price"].to_string(),
-            row.get::<_, String>(1),
-            "product {id} price"
-        );
-        assert_eq!(
-            data["active"],
-            Value::from(row.get::<_, Option<bool>>(2)),
-            "product {id} active"
-        );
-    }
-    let partners: BTreeSet<String> = client
-        .query("SELECT id::text FROM res_partner WHERE id >= 50000", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let delivered_partners: BTreeSet<String> = state
-        .keys()
-        .filter(|(entity, key)| {
-            entity == "partner" && key.parse::<u32>().is_ok_and(|k| k >= 50_000)
-        })
-        .map(|(_, key)| key.clone())
-        .collect();
-    assert_eq!(
-        delivered_partners, partners,
-        "partners at the target equal the database"
-    );
-    // The PostgreSQL target holds the same final state.
-    let mirrored: std::collections::BTreeMap<String, String> = client
-        .query(
-            "SELECT _key, price::text FROM mirror_product WHERE NOT _deleted",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    for row in client
-        .query(
-            "SELECT id::text, list_price::text FROM product_template WHERE id BETWEEN 1 AND 7",
-            &[],
-        )
-        .await
-        .unwrap()
-    {
-        let id: String = row.get(0);
-        assert_eq!(
-            mirrored.get(&id),
-            Some(&row.get::<_, String>(1)),
-            "mirror_product {id} price"
+    assert_equals_database(&client, "HTTP target", &state, &touched).await;
+    // So does the PostgreSQL target's.
+    let mut mirrored: HashMap<String, std::collections::BTreeMap<String, Value>> = HashMap::new();
+    for entity in all {
+        let rows = client
+            .query(
+                &format!("SELECT _key, data::text FROM mirror_{entity} WHERE NOT _deleted"),
+                &[],
+            )
+            .await
+            .unwrap();
+        mirrored.insert(
+            entity.to_string(),
+            rows.iter()
+                .map(|r| {
+                    let data: Option<String> = r.get(1);
+                    let data = data.map_or(Value::Null, |d| serde_json::from_str(&d).unwrap());
+                    (r.get(0), data)
+                })
+                .collect(),
         );
     }
-    let mirrored_partners: BTreeSet<String> = client
-        .query(
-            "SELECT _key FROM mirror_partner WHERE NOT _deleted AND _key::int >= 50000",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(
-        mirrored_partners, partners,
-        "partners in the PostgreSQL target equal the database"
-    );
+    assert_equals_database(&client, "PostgreSQL target", &mirrored, &touched).await;
     println!(
-        "kill -9 suite: {steps} transactions, {kills} kills, {} events delivered over HTTP, {} unique ids, {duplicates} redeliveries; PostgreSQL target equal",
+        "kill -9 suite: {steps} transactions ({expected_changes} changes), {kills} kills, {} events delivered over HTTP, \
+         {} unique ids, {duplicates} redeliveries; both targets equal the database",
         events.len(),
         by_id.len()
     );
