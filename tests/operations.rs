@@ -11,16 +11,9 @@ use std::time::{Duration, Instant};
 
 use steward::dev::receiver::{Behaviour, Receiver};
 use steward::store::Store;
-use support::{wait_until, Steward, TestDb};
+use support::{free_port, wait_until, Steward, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 async fn get(url: &str) -> Option<(u16, String)> {
     let response = reqwest::get(url).await.ok()?;
@@ -92,13 +85,10 @@ async fn metrics_health_and_readiness_follow_a_target_outage() {
     let db = TestDb::new("ops_metrics");
     let wms = Receiver::start().await.unwrap();
     let port = free_port();
-    let mut text = db.config_text(&[("wms", &wms.url(), &["product"])]);
-    text = text.replace(
-        "[state]",
-        &format!(
-            "heartbeat_interval_ms = 200\n\n[metrics]\nlisten = \"127.0.0.1:{port}\"\nready_max_target_stall_ms = 1000\n\n[state]"
-        ),
-    );
+    let text = db
+        .config_text(&[("wms", &wms.url(), &["product"])])
+        .replace("[state]", "heartbeat_interval_ms = 200\n\n[state]");
+    let text = TestDb::with_metrics(&text, port, "ready_max_target_stall_ms = 1000\n");
     let config = db.write_config(&text);
     let steward = Steward::start(&config, &db.dir.path().join("steward.log"), &[]);
 
@@ -268,14 +258,8 @@ async fn lag_returns_to_zero_when_the_stream_goes_quiet() {
     let db = TestDb::new("ops_quiet_lag");
     let wms = Receiver::start().await.unwrap();
     let port = free_port();
-    let mut text = db.config_text(&[("wms", &wms.url(), &["product"])]);
-    text = text.replace(
-        "[state]",
-        &format!(
-            "heartbeat_interval_ms = 0\n\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[state]"
-        ),
-    );
-    let config = db.write_config(&text);
+    let text = db.config_text(&[("wms", &wms.url(), &["product"])]);
+    let config = db.write_config(&TestDb::with_metrics(&text, port, ""));
     let steward = Steward::start(&config, &db.dir.path().join("steward.log"), &[]);
     steward.wait_log("replication started", 1).await;
     let id = some_product(&db);

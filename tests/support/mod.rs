@@ -116,6 +116,11 @@ status_interval_ms = 500
 path = "{state}"
 commit_max_delay_ms = 5
 
+[metrics]
+# Off: tests run many daemons at once and would all want 127.0.0.1:9187
+# (the default). A test that scrapes sets its own port with `with_metrics`.
+listen = ""
+
 [entities.product]
 table = "product_template"
 fields = {{ sku = "default_code", name = "name.en_US", name_de = {{ path = "name.de_DE", fallback = "name.en_US" }}, price = "list_price", uom_id = "uom_id", active = "active" }}
@@ -151,6 +156,14 @@ fields = {{ product_tmpl_id = "product_tmpl_id", qty = "product_qty", code = "co
             ));
         }
         text
+    }
+
+    /// `text` (from [`TestDb::config_text`]) with the metrics listener on
+    /// `127.0.0.1:port`, plus `extra` lines for the `[metrics]` table.
+    pub fn with_metrics(text: &str, port: u16, extra: &str) -> String {
+        let off = "listen = \"\"\n";
+        assert!(text.contains(off), "not a config_text config:\n{text}");
+        text.replacen(off, &format!("listen = \"127.0.0.1:{port}\"\n{extra}"), 1)
     }
 
     pub fn write_config(&self, text: &str) -> PathBuf {
@@ -252,6 +265,14 @@ impl Child {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         self.child.wait().expect("wait")
     }
+}
+
+/// A TCP port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 /// Polls `condition` until it holds, panicking with `what` after `timeout`.
