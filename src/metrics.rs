@@ -54,7 +54,7 @@ pub const DURABLE_LSN: &str = "steward_durable_lsn";
 pub const BUILD_INFO: &str = "steward_build_info";
 /// Label `target`: events parked in the dead-letter queue (recorded by the DLQ when present).
 pub const DEAD_LETTER_EVENTS: &str = "steward_dead_letter_events";
-/// Label `entity`: records held in quarantine (recorded by the quarantine when present).
+/// Label `entity`: records held in quarantine, one series per configured entity.
 pub const QUARANTINED_RECORDS: &str = "steward_quarantined_records";
 /// Label `target`: events moved to the dead-letter queue.
 pub const DEAD_LETTERS: &str = "steward_dead_letters_total";
@@ -146,7 +146,10 @@ fn describe() {
     describe_gauge!(DURABLE_LSN, "Last WAL position made durable in the store");
     describe_gauge!(BUILD_INFO, "Build information; always 1");
     describe_gauge!(DEAD_LETTER_EVENTS, "Events parked in the dead-letter queue");
-    describe_gauge!(QUARANTINED_RECORDS, "Records held in quarantine");
+    describe_gauge!(
+        QUARANTINED_RECORDS,
+        "Records held in quarantine (failing a rule or a business key), per entity"
+    );
     describe_counter!(CONFIG_RELOADS, "Configuration reloads (SIGHUP) by result");
     describe_gauge!(
         ENTITY_STOPPED,

@@ -80,6 +80,32 @@ fn some_product(db: &TestDb) -> i64 {
         .expect("a product id")
 }
 
+/// `n` distinct product ids.
+fn products(db: &TestDb, n: usize) -> Vec<i64> {
+    let ids: Vec<i64> = db
+        .sql(&format!(
+            "SELECT id FROM product_template ORDER BY id LIMIT {n}"
+        ))
+        .lines()
+        .map(|l| l.trim().parse().expect("a product id"))
+        .collect();
+    assert_eq!(ids.len(), n, "the fixture has too few products");
+    ids
+}
+
+/// Product events the receiver accepted for `id`, as their `price` text.
+fn prices_of(wms: &Receiver, id: i64) -> Vec<String> {
+    wms.accepted_events()
+        .iter()
+        .filter(|e| e["entity"] == "product" && e["subject"] == id.to_string().as_str())
+        .map(|e| e["data"]["price"].to_string())
+        .collect()
+}
+
+/// A rule no fixture product breaks: a price above 100,000 is quarantined.
+const PRICE_CAP_RULE: &str = "[[entities.product.rules]]\nname = \"price_cap\"\n\
+    range = { field = \"price\", max = 100000 }\nmessage = \"no product costs that much\"\n\n";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_health_and_readiness_follow_a_target_outage() {
     let db = TestDb::new("ops_metrics");
@@ -272,6 +298,96 @@ async fn lag_returns_to_zero_when_the_stream_goes_quiet() {
         sample(p, "steward_source_lag_seconds", "") == Some(0.0)
     })
     .await;
+    let (status, logs) = steward.terminate().await;
+    assert!(status.success(), "exit {status}; log:\n{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filtered_quarantined_and_dead_lettered_events_show_in_metrics() {
+    let db = TestDb::new("ops_gov_metrics");
+    let wms = Receiver::start().await.unwrap();
+    let port = free_port();
+    let text = db
+        .config_text(&[("wms", &wms.url(), &["product"])])
+        .replace(
+            "[entities.partner]",
+            &format!("{PRICE_CAP_RULE}[entities.partner]"),
+        );
+    let config = db.write_config(&TestDb::with_metrics(&text, port, ""));
+    let log = db.dir.path().join("steward.log");
+    let steward = Steward::start(&config, &log, &[]);
+    steward.wait_log("replication started", 1).await;
+    // Published at start-up, zeros included.
+    wait_metric(port, "the quarantine gauge at start-up", |p| {
+        sample(p, "steward_quarantined_records", "entity=\"product\"") == Some(0.0)
+    })
+    .await;
+    let ids = products(&db, 3);
+    let (bad, rejected, other) = (ids[0], ids[1], ids[2]);
+
+    // No target takes partners: received, and filtered.
+    db.sql("UPDATE res_partner SET name = name || ' (moved)' WHERE id = (SELECT min(id) FROM res_partner)");
+    wait_metric(port, "a filtered partner", |p| {
+        sample(p, "steward_events_filtered_total", "entity=\"partner\"").is_some_and(|v| v >= 1.0)
+    })
+    .await;
+
+    // A record failing a rule: quarantined, counted, not delivered.
+    update_product_price(&db, bad, "500000.00");
+    update_product_price(&db, other, "1.00");
+    assert_eq!(wms.wait_for_events(1, WAIT).await, 1);
+    wait_metric(port, "one quarantined product", |p| {
+        sample(p, "steward_quarantined_records", "entity=\"product\"") == Some(1.0)
+            && sample(p, "steward_events_filtered_total", "entity=\"product\"")
+                .is_some_and(|v| v >= 1.0)
+    })
+    .await;
+    assert!(
+        prices_of(&wms, bad).is_empty(),
+        "{:?}",
+        wms.accepted_events()
+    );
+
+    // A restart reads the quarantine back: the gauge shows it before any change.
+    let (status, logs) = steward.terminate().await;
+    assert!(status.success(), "exit {status}; log:\n{logs}");
+    let steward = Steward::start(&config, &log, &[]);
+    steward.wait_log("replication started", 1).await;
+    wait_metric(port, "the quarantine read back at start-up", |p| {
+        sample(p, "steward_quarantined_records", "entity=\"product\"") == Some(1.0)
+    })
+    .await;
+
+    // The fix releases it: delivered, and the gauge is back to 0.
+    update_product_price(&db, bad, "50.00");
+    wait_until("the fixed product is delivered", WAIT, || {
+        !prices_of(&wms, bad).is_empty()
+    })
+    .await;
+    assert_eq!(prices_of(&wms, bad), ["50.00"]);
+    wait_metric(port, "the quarantine empty again", |p| {
+        sample(p, "steward_quarantined_records", "entity=\"product\"") == Some(0.0)
+    })
+    .await;
+
+    // A target refusing one record's content (422): dead-lettered, counted;
+    // every other record keeps flowing.
+    wms.set_behaviour(Behaviour::FailKey {
+        key: rejected.to_string(),
+        status: 422,
+    });
+    update_product_price(&db, rejected, "7.00");
+    update_product_price(&db, other, "2.00");
+    wait_metric(port, "one dead letter", |p| {
+        sample(p, "steward_dead_letters_total", "target=\"wms\"") == Some(1.0)
+            && sample(p, "steward_dead_letter_events", "target=\"wms\"") == Some(1.0)
+    })
+    .await;
+    wait_until("the other product keeps flowing", WAIT, || {
+        prices_of(&wms, other).contains(&"2.00".to_string())
+    })
+    .await;
+    assert!(prices_of(&wms, rejected).is_empty());
     let (status, logs) = steward.terminate().await;
     assert!(status.success(), "exit {status}; log:\n{logs}");
 }

@@ -80,6 +80,7 @@ pub async fn run_with(
     let mut governor = govern::setup(&config, &store, &mut pipeline)?;
     let mut prepared = setup::prepare(&config, &store, &pipeline).await?;
     govern::seed_references(&config, &store, &mut governor).await?;
+    govern::publish_quarantine(&governor);
     let gate = snapshot::SnapshotGate::from_store(&store)?;
     let checkpoint = store.checkpoint()?.unwrap_or(Lsn::ZERO);
     state
@@ -239,6 +240,7 @@ pub async fn run_with(
             // transactions: start again from what the store holds, since the
             // server sends them again.
             governor = govern::setup(&config, &store, &mut pipeline)?;
+            govern::publish_quarantine(&governor);
         }
         let _ = session_shutdown_tx.send(true);
         let session_result = match session.await {
@@ -381,7 +383,7 @@ async fn consume(
                 let events = tokio::task::block_in_place(|| {
                     govern::handle_requests(config, &committer.store, governor, version)
                 });
-                let delta = governor.take_delta();
+                let delta = take_delta(governor);
                 if !events.is_empty() || !delta.is_empty() {
                     committer.add(events, delta, version)?;
                 }
@@ -452,7 +454,7 @@ async fn consume(
                         committer.note_received(pipeline, &txn.mapped);
                         let mapped = std::mem::take(&mut txn.mapped);
                         let events = governor.process(mapped, txn.final_lsn, &txn.time);
-                        committer.add_partial(events, governor.take_delta())?;
+                        committer.add_partial(events, take_delta(governor))?;
                     }
                 }
             }
@@ -473,10 +475,24 @@ async fn consume(
                 };
                 committer.note_received(pipeline, &txn.mapped);
                 let events = governor.process(txn.mapped, txn.final_lsn, &txn.time);
-                committer.add(events, governor.take_delta(), end_lsn)?;
+                committer.add(events, take_delta(governor), end_lsn)?;
             }
         }
     }
+}
+
+/// The governor's queued state changes; the quarantine gauge is refreshed
+/// when they touch the quarantine, so it moves with the batch that stores them.
+fn take_delta(governor: &mut Governor) -> GovDelta {
+    let delta = governor.take_delta();
+    if delta
+        .ops
+        .iter()
+        .any(|op| matches!(op, GovOp::Quarantine { .. }))
+    {
+        govern::publish_quarantine(governor);
+    }
+    delta
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
