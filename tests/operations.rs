@@ -67,6 +67,24 @@ async fn wait_metric(port: u16, what: &str, mut check: impl FnMut(&str) -> bool)
     }
 }
 
+/// Polls `/readyz` until it answers `status`; returns the body.
+async fn wait_readyz(port: u16, status: u16, steward: &Steward) -> String {
+    let start = Instant::now();
+    loop {
+        if let Some((s, body)) = get(&format!("http://127.0.0.1:{port}/readyz")).await {
+            if s == status {
+                return body;
+            }
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "/readyz never answered {status}; log:\n{}",
+            steward.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn update_product_price(db: &TestDb, id: i64, price: &str) {
     db.sql(&format!(
         "UPDATE product_template SET list_price = {price} WHERE id = {id}"
@@ -388,6 +406,98 @@ async fn filtered_quarantined_and_dead_lettered_events_show_in_metrics() {
     })
     .await;
     assert!(prices_of(&wms, rejected).is_empty());
+    let (status, logs) = steward.terminate().await;
+    assert!(status.success(), "exit {status}; log:\n{logs}");
+}
+
+/// A TCP proxy in front of PostgreSQL that the test cuts and restores: the
+/// database host going away, for as long as the test wants.
+struct Proxy {
+    port: u16,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    async fn start() -> Proxy {
+        let mut proxy = Proxy {
+            port: free_port(),
+            task: None,
+        };
+        proxy.restore().await;
+        proxy
+    }
+
+    /// Closes the listener and every connection through it.
+    async fn cut(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    async fn restore(&mut self) {
+        let upstream = support::cluster().port();
+        let start = Instant::now();
+        let listener = loop {
+            match tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(l) => break l,
+                Err(e) if start.elapsed() < WAIT => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("cannot listen on {} again: {e}", self.port),
+            }
+        };
+        self.task = Some(tokio::spawn(async move {
+            // Dropped with the task on `cut`: every connection closes with it.
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                connections.spawn(async move {
+                    if let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        }));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_the_source_while_postgres_is_unreachable() {
+    let db = TestDb::new("ops_ready_source");
+    let wms = Receiver::start().await.unwrap();
+    let mut proxy = Proxy::start().await;
+    let port = free_port();
+    let text = db
+        .config_text(&[("wms", &wms.url(), &["product"])])
+        .replace(
+            &format!("@127.0.0.1:{}/", support::cluster().port()),
+            &format!("@127.0.0.1:{}/", proxy.port),
+        );
+    let config = db.write_config(&TestDb::with_metrics(&text, port, ""));
+    let steward = Steward::start(&config, &db.dir.path().join("steward.log"), &[]);
+    wait_readyz(port, 200, &steward).await;
+
+    proxy.cut().await;
+    let body = wait_readyz(port, 503, &steward).await;
+    assert!(body.contains("source: not connected ("), "{body}");
+    assert!(!body.contains("store:"), "{body}");
+    let page = scrape(port).await;
+    assert_eq!(
+        sample(&page, "steward_source_connected", ""),
+        Some(0.0),
+        "{page}"
+    );
+    // Odoo goes on meanwhile; the change waits in the slot.
+    let id = some_product(&db);
+    update_product_price(&db, id, "31.00");
+
+    proxy.restore().await;
+    wait_readyz(port, 200, &steward).await;
+    assert_eq!(wms.wait_for_events(1, WAIT).await, 1);
+    assert_eq!(prices_of(&wms, id), ["31.00"]);
     let (status, logs) = steward.terminate().await;
     assert!(status.success(), "exit {status}; log:\n{logs}");
 }

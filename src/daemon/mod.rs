@@ -71,6 +71,11 @@ pub async fn run_with(
 ) -> anyhow::Result<()> {
     let store = Store::open(&config.state.path)?;
     let mut pipeline = Pipeline::new(&config);
+    *state
+        .health
+        .store_error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = None;
     state
         .health
         .store_ok
@@ -801,10 +806,7 @@ impl Committer {
             CommitOutcome::Committed => {
                 if std::mem::take(&mut self.stalled) {
                     tracing::info!("the state file accepts writes again; resuming");
-                    self.state
-                        .health
-                        .store_ok
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    self.set_store_error(None);
                     *self
                         .state
                         .last_error
@@ -824,10 +826,7 @@ impl Committer {
                     );
                 }
                 self.stalled = true;
-                self.state
-                    .health
-                    .store_ok
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                self.set_store_error(Some(e.to_string()));
                 *self
                     .state
                     .last_error
@@ -844,13 +843,24 @@ impl Committer {
                 Ok(())
             }
             CommitOutcome::Failed(e) => {
-                self.state
-                    .health
-                    .store_ok
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                self.set_store_error(Some(format!("{e:#}")));
                 Err(e)
             }
         }
+    }
+
+    /// What `/readyz` says about the store: `None` = writable.
+    fn set_store_error(&self, error: Option<String>) {
+        self.state
+            .health
+            .store_ok
+            .store(error.is_none(), std::sync::atomic::Ordering::Relaxed);
+        *self
+            .state
+            .health
+            .store_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = error;
     }
 
     /// Drops what could not be committed; true when anything was dropped.
