@@ -621,6 +621,88 @@ async fn sighup_applies_a_valid_config_and_rejects_an_invalid_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let db = TestDb::new("ops_json_logs");
+    let wms = Receiver::start().await.unwrap();
+    let config = db.write_config(&db.config_text(&[("wms", &wms.url(), &["product"])]));
+    let steward = Steward::start_with(
+        &["--log-format", "json"],
+        &config,
+        &db.dir.path().join("steward.log"),
+        &[],
+    );
+    steward.wait_log("replication started", 1).await;
+    update_product_price(&db, some_product(&db), "41.00");
+    assert_eq!(wms.wait_for_events(1, WAIT).await, 1);
+    let (status, logs) = steward.terminate().await;
+    assert!(status.success(), "exit {status}; log:\n{logs}");
+    let mut messages = Vec::new();
+    for line in logs.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}"));
+        for field in ["timestamp", "level", "target", "message"] {
+            assert!(v[field].is_string(), "no {field} in {line}");
+        }
+        chrono::DateTime::parse_from_rfc3339(v["timestamp"].as_str().unwrap())
+            .unwrap_or_else(|e| panic!("timestamp ({e}): {line}"));
+        messages.push(v["message"].as_str().unwrap().to_string());
+    }
+    // Structured fields stay fields: the slot of "replication started".
+    let started = logs
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["message"] == "replication started")
+        .expect("a replication started line");
+    assert_eq!(
+        started["slot"],
+        format!("steward_{}", db.name).as_str(),
+        "{started}"
+    );
+    assert!(
+        messages.iter().any(|m| m.contains("SIGTERM received")),
+        "{messages:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_journald_log_lines_carry_no_timestamp() {
+    let db = TestDb::new("ops_journald_logs");
+    let wms = Receiver::start().await.unwrap();
+    let config = db.write_config(&db.config_text(&[("wms", &wms.url(), &["product"])]));
+    let log = db.dir.path().join("steward.log");
+    // systemd sets JOURNAL_STREAM (device:inode of the journal socket) for a
+    // service whose stderr goes to the journal, which stamps every line itself.
+    let steward = Steward::start(&config, &log, &[("JOURNAL_STREAM", "8:123456")]);
+    steward.wait_log("replication started", 1).await;
+    let (status, logs) = steward.terminate().await;
+    assert!(status.success(), "exit {status}; log:\n{logs}");
+    assert!(logs.lines().count() >= 3, "{logs}");
+    for line in logs.lines() {
+        assert!(
+            ["TRACE", "DEBUG", " INFO", " WARN", "ERROR"]
+                .iter()
+                .any(|level| line.starts_with(level)),
+            "a line not starting with its level (a timestamp?): {line:?}"
+        );
+        assert!(
+            !line.contains('\u{1b}'),
+            "colour codes in the journal: {line:?}"
+        );
+    }
+
+    // Outside systemd the same run stamps its lines.
+    let steward = Steward::start(&config, &log, &[]);
+    steward.wait_log("replication started", 1).await;
+    let (status, logs) = steward.terminate().await;
+    assert!(status.success(), "exit {status}; log:\n{logs}");
+    let year = chrono::Utc::now().format("%Y-").to_string();
+    assert!(
+        logs.lines().all(|l| l.starts_with(&year)),
+        "timestamps (and no colour codes in a file) expected outside journald:\n{logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_confirms_the_durable_position_and_loses_nothing() {
     let db = TestDb::new("ops_sigterm");
     let wms = Receiver::start().await.unwrap();

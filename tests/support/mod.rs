@@ -325,13 +325,25 @@ pub struct Steward {
 
 impl Steward {
     pub fn start(config: &Path, log: &Path, env: &[(&str, &str)]) -> Steward {
+        Steward::start_with(&[], config, log, env)
+    }
+
+    /// `steward GLOBAL_ARGS run -c CONFIG`, e.g. with `--log-format json`.
+    pub fn start_with(
+        global_args: &[&str],
+        config: &Path,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> Steward {
         let file = std::fs::File::create(log).expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_steward"));
-        cmd.args(["run", "-c"])
+        cmd.args(global_args)
+            .args(["run", "-c"])
             .arg(config)
             .env("STEWARD_LOG", "steward=debug")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
+            .env_remove("JOURNAL_STREAM")
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log"))
             .stderr(file);
