@@ -621,6 +621,157 @@ async fn sighup_applies_a_valid_config_and_rejects_an_invalid_one() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adds_an_entity_and_a_rule_while_changes_keep_coming_then_sigint_drains() {
+    let db = TestDb::new("ops_sighup_gov");
+    let wms = Receiver::start().await.unwrap();
+    let workcenter = "[entities.workcenter]\ntable = \"mrp_workcenter\"\n\
+        fields = { code = \"code\", name = \"name\", costs_hour = \"costs_hour\", active = \"active\" }\n";
+    let full = db.config_text(&[("wms", &wms.url(), &["product"])]);
+    assert!(full.contains(workcenter), "{full}");
+    // Before: no workcenter entity (not even in the publication), no rules.
+    let config = db.write_config(&full.replace(workcenter, ""));
+    // After: the entity, sent to wms with a snapshot of what exists, and a
+    // validation rule on products.
+    let reloaded = db
+        .config_text(&[("wms", &wms.url(), &["product", "workcenter"])])
+        .replace("initial = \"none\"", "initial = \"snapshot\"")
+        .replace(
+            "[entities.partner]",
+            &format!("{PRICE_CAP_RULE}[entities.partner]"),
+        );
+    let steward = Steward::start(&config, &db.dir.path().join("steward.log"), &[]);
+    steward.wait_log("replication started", 1).await;
+    let ids = products(&db, 3);
+    let (busy, capped, marker) = (ids[0], ids[1], ids[2]);
+    // Without the rule, an expensive product is delivered.
+    update_product_price(&db, capped, "400000.00");
+    wait_until("the expensive product before the rule", WAIT, || {
+        prices_of(&wms, capped) == ["400000.00"]
+    })
+    .await;
+
+    // Odoo keeps writing products and work centers while the reload happens.
+    let n = 120;
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writer = {
+        let (name, written) = (db.name.clone(), written.clone());
+        std::thread::spawn(move || {
+            for i in 0..n {
+                support::cluster()
+                    .psql(
+                        &name,
+                        &format!(
+                            "UPDATE product_template SET list_price = {}.00 WHERE id = {busy}; \
+                             UPDATE mrp_workcenter SET costs_hour = {i}.5 \
+                             WHERE id = (SELECT id FROM mrp_workcenter ORDER BY id \
+                             OFFSET {i} % (SELECT count(*) FROM mrp_workcenter) LIMIT 1)",
+                            100 + i
+                        ),
+                    )
+                    .expect("update");
+                written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
+    wait_until("the writer is under way", WAIT, || {
+        written.load(std::sync::atomic::Ordering::Relaxed) >= 20
+    })
+    .await;
+    std::fs::write(&config, &reloaded).unwrap();
+    steward.signal(nix::sys::signal::Signal::SIGHUP);
+    steward.wait_log("configuration reloaded", 1).await;
+    steward.wait_log("replication started", 2).await;
+    assert!(
+        written.load(std::sync::atomic::Ordering::Relaxed) < n,
+        "the writer finished before the reload; nothing was in flight"
+    );
+    wait_until("the writer finishes", Duration::from_secs(60), || {
+        writer.is_finished()
+    })
+    .await;
+    writer.join().expect("writer");
+
+    // Nothing missing: every product price written across the reload...
+    let last = format!("{}.00", 100 + n - 1);
+    wait_until("the last product price", WAIT, || {
+        prices_of(&wms, busy).contains(&last)
+    })
+    .await;
+    let delivered: std::collections::BTreeSet<String> = prices_of(&wms, busy).into_iter().collect();
+    let missing: Vec<String> = (0..n)
+        .map(|i| format!("{}.00", 100 + i))
+        .filter(|p| !delivered.contains(p))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "prices lost across the reload: {missing:?}"
+    );
+    // ...and every work center as the database has it now (snapshot + stream).
+    let want: std::collections::BTreeMap<String, f64> = db
+        .sql("SELECT id, costs_hour FROM mrp_workcenter")
+        .lines()
+        .filter_map(|l| {
+            let (id, cost) = l.split_once('|')?;
+            Some((id.to_string(), cost.parse().ok()?))
+        })
+        .collect();
+    assert!(!want.is_empty());
+    let got = || -> std::collections::BTreeMap<String, f64> {
+        support::final_state(&wms.accepted_events())
+            .into_iter()
+            .filter(|((entity, _), _)| entity == "workcenter")
+            .map(|((_, key), data)| (key, data["costs_hour"].as_f64().unwrap_or(f64::NAN)))
+            .collect()
+    };
+    wait_until("every work center delivered as it is now", WAIT, || {
+        got() == want
+    })
+    .await;
+
+    // The new rule applies: the same kind of price is now quarantined.
+    update_product_price(&db, capped, "500000.00");
+    update_product_price(&db, marker, "3.00");
+    wait_until("the marker after the capped product", WAIT, || {
+        prices_of(&wms, marker) == ["3.00"]
+    })
+    .await;
+    assert_eq!(
+        prices_of(&wms, capped),
+        ["400000.00"],
+        "the rule did not apply"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_steward"))
+        .args(["quarantine", "list", "--json", "-c"])
+        .arg(&config)
+        .output()
+        .expect("steward quarantine list");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let entries = list["quarantine"].as_array().expect("a list");
+    assert_eq!(entries.len(), 1, "{list}");
+    assert_eq!(entries[0]["key"], capped.to_string().as_str(), "{list}");
+    assert_eq!(entries[0]["rule"], "price_cap", "{list}");
+
+    // SIGINT (Ctrl-C in a terminal) drains like SIGTERM: exit 0, position confirmed.
+    steward.signal(nix::sys::signal::Signal::SIGINT);
+    let (status, logs) = steward.wait_exit().await;
+    assert!(status.success(), "exit {status}; log:\n{logs}");
+    assert!(logs.contains("SIGINT received"), "{logs}");
+    assert!(logs.contains("durable position confirmed"), "{logs}");
+    let checkpoint = Store::open(&db.state_path())
+        .expect("the store is released")
+        .checkpoint()
+        .expect("checkpoint")
+        .expect("a checkpoint");
+    let confirmed = db.confirmed_flush().expect("slot");
+    assert!(
+        confirmed >= checkpoint.0,
+        "confirmed {confirmed} < durable {}",
+        checkpoint.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_are_one_object_per_line() {
     let db = TestDb::new("ops_json_logs");
     let wms = Receiver::start().await.unwrap();
