@@ -54,14 +54,16 @@ pub const DURABLE_LSN: &str = "steward_durable_lsn";
 pub const BUILD_INFO: &str = "steward_build_info";
 /// Label `target`: events parked in the dead-letter queue (recorded by the DLQ when present).
 pub const DEAD_LETTER_EVENTS: &str = "steward_dead_letter_events";
-/// Label `entity`: records held in quarantine (recorded by the quarantine when present).
+/// Label `entity`: records held in quarantine, one series per configured entity.
 pub const QUARANTINED_RECORDS: &str = "steward_quarantined_records";
 /// Label `target`: events moved to the dead-letter queue.
 pub const DEAD_LETTERS: &str = "steward_dead_letters_total";
 /// Label `target`: delivery attempts retried after a failure.
 pub const DELIVERY_RETRIES: &str = "steward_delivery_retries_total";
-/// Label `target`: seconds spent waiting for the target's rate limit.
+/// Label `target`: seconds spent waiting for the target's rate limit (whole seconds).
 pub const THROTTLED_SECONDS: &str = "steward_throttled_seconds_total";
+/// Label `target`: rows of initial snapshots / resyncs appended to the target's outbox.
+pub const SNAPSHOT_ROWS: &str = "steward_snapshot_rows_total";
 /// Label `entity`: 1 while a schema change stops the entity (its table lacks a mapped column), else 0.
 pub const ENTITY_STOPPED: &str = "steward_entity_stopped";
 /// Completed configuration reloads (SIGHUP), label `result` = `applied` | `rejected`.
@@ -113,10 +115,14 @@ fn describe() {
         DELIVERY_RETRIES,
         "Delivery attempts retried after a failure"
     );
-    describe_gauge!(
+    describe_counter!(
         THROTTLED_SECONDS,
         Unit::Seconds,
-        "Time spent waiting for a target's rate limit (only increases)"
+        "Time spent waiting for a target's rate limit, in whole seconds"
+    );
+    describe_counter!(
+        SNAPSHOT_ROWS,
+        "Snapshot rows appended to the target's outbox (initial snapshots and resets)"
     );
     describe_counter!(EVENTS_DELIVERED, "Events acknowledged by the target");
     describe_counter!(DELIVERY_FAILURES, "Failed delivery attempts");
@@ -140,7 +146,10 @@ fn describe() {
     describe_gauge!(DURABLE_LSN, "Last WAL position made durable in the store");
     describe_gauge!(BUILD_INFO, "Build information; always 1");
     describe_gauge!(DEAD_LETTER_EVENTS, "Events parked in the dead-letter queue");
-    describe_gauge!(QUARANTINED_RECORDS, "Records held in quarantine");
+    describe_gauge!(
+        QUARANTINED_RECORDS,
+        "Records held in quarantine (failing a rule or a business key), per entity"
+    );
     describe_counter!(CONFIG_RELOADS, "Configuration reloads (SIGHUP) by result");
     describe_gauge!(
         ENTITY_STOPPED,
@@ -243,6 +252,10 @@ mod tests {
         BUILD_INFO,
         DEAD_LETTER_EVENTS,
         QUARANTINED_RECORDS,
+        DEAD_LETTERS,
+        DELIVERY_RETRIES,
+        THROTTLED_SECONDS,
+        SNAPSHOT_ROWS,
         CONFIG_RELOADS,
         ENTITY_STOPPED,
     ];
@@ -290,6 +303,41 @@ mod tests {
             DEAD_LETTER_EVENTS,
         ] {
             assert!(dashboard.contains(needed), "the dashboard lacks {needed}");
+        }
+    }
+
+    /// Prometheus conventions, checked on this file's declarations: every
+    /// metric is in `ALL` and described, and `_total` is exactly the
+    /// counters' suffix.
+    #[test]
+    fn every_metric_is_described_and_only_counters_end_in_total() {
+        let source = include_str!("metrics.rs");
+        let consts: Vec<(&str, &str)> = source
+            .lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix("pub const ")?;
+                let (ident, value) = rest.split_once(": &str = \"")?;
+                Some((ident, value.strip_suffix("\";")?))
+            })
+            .collect();
+        assert!(consts.len() >= ALL.len(), "{consts:?}");
+        for (ident, name) in &consts {
+            assert!(ALL.contains(name), "{name} is missing from ALL");
+            let kind = ["counter", "gauge", "histogram"]
+                .into_iter()
+                .find(|k| {
+                    let call = format!("describe_{k}!(");
+                    source
+                        .split(&call)
+                        .skip(1)
+                        .any(|after| after.trim_start().split([',', ' ']).next() == Some(*ident))
+                })
+                .unwrap_or_else(|| panic!("{name} ({ident}) has no describe_*! call"));
+            assert_eq!(
+                kind == "counter",
+                name.ends_with("_total"),
+                "{name} is described as a {kind}: only counters end in _total"
+            );
         }
     }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use steward::dev::receiver::{Behaviour, Receiver};
 use steward::dev::{DevCluster, DevClusterOptions};
-use support::{wait_until, InProcess, TestDb};
+use support::{free_port, wait_until, InProcess, TestDb};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -24,6 +24,29 @@ async fn wait_streaming(psql: impl Fn(&str) -> String, slot: &str) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("steward did not start streaming from {slot}");
+}
+
+/// `/readyz` on `port`: status and body (0 when nothing answers).
+async fn readyz(port: u16) -> (u16, String) {
+    match reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await {
+        Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+        Err(_) => (0, String::new()),
+    }
+}
+
+async fn wait_readyz(port: u16, status: u16) -> String {
+    let start = std::time::Instant::now();
+    loop {
+        let (s, body) = readyz(port).await;
+        if s == status {
+            return body;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "/readyz stayed {s} ({body}), expected {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn prices(receiver: &Receiver) -> Vec<String> {
@@ -186,13 +209,14 @@ async fn a_full_disk_stops_confirming_and_resumes_when_space_returns() {
     let _unmount = Unmount(mount.clone());
 
     let wms = Receiver::start().await.unwrap();
+    let port = free_port();
     let text = db
         .config_text(&[("wms", &wms.url(), &["product"])])
         .replace(
             &db.state_path().display().to_string(),
             &mount.join("steward.redb").display().to_string(),
         );
-    let config = db.write_config(&text);
+    let config = db.write_config(&TestDb::with_metrics(&text, port, ""));
     let log = db.dir.path().join("steward.log");
     let child = support::Child::run(&config, &log);
     wait_streaming(|sql| db.sql(sql), &format!("steward_{}", db.name)).await;
@@ -222,6 +246,12 @@ async fn a_full_disk_stops_confirming_and_resumes_when_space_returns() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let confirmed = db.confirmed_flush().unwrap();
     assert!(confirmed < stuck_at, "nothing written while the disk is full may be confirmed ({confirmed} vs {stuck_at}, before {confirmed_before})");
+    // A load balancer or operator asking /readyz learns why.
+    let body = wait_readyz(port, 503).await;
+    assert!(
+        body.contains("store: cannot write the state file (") && body.contains("is full"),
+        "{body}"
+    );
 
     std::fs::remove_file(&filler).unwrap();
     wait_until("all 199 updates after space returns", WAIT, || {
@@ -233,5 +263,6 @@ async fn a_full_disk_stops_confirming_and_resumes_when_space_returns() {
     })
     .await;
     assert_all_in_order(&prices(&wms), 200);
+    wait_readyz(port, 200).await;
     assert!(child.terminate().success());
 }

@@ -11,16 +11,9 @@ use std::time::{Duration, Instant};
 
 use steward::dev::receiver::{Behaviour, Receiver};
 use steward::store::Store;
-use support::{wait_until, Steward, TestDb};
+use support::{free_port, wait_until, Steward, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
 
 async fn get(url: &str) -> Option<(u16, String)> {
     let response = reqwest::get(url).await.ok()?;
@@ -74,6 +67,42 @@ async fn wait_metric(port: u16, what: &str, mut check: impl FnMut(&str) -> bool)
     }
 }
 
+/// Polls `/readyz` until it answers `status`; returns the body.
+async fn wait_readyz(port: u16, status: u16, steward: &Steward) -> String {
+    let start = Instant::now();
+    loop {
+        if let Some((s, body)) = get(&format!("http://127.0.0.1:{port}/readyz")).await {
+            if s == status {
+                return body;
+            }
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "/readyz never answered {status}; log:\n{}",
+            steward.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Prometheus naming as scraped: `_total` is exactly the counters' suffix.
+fn assert_counter_names(page: &str) {
+    let mut seen = 0;
+    for line in page.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE steward_") else {
+            continue;
+        };
+        let (name, kind) = rest.split_once(' ').expect("# TYPE name kind");
+        assert_eq!(
+            kind == "counter",
+            name.ends_with("_total"),
+            "steward_{name} is a {kind}"
+        );
+        seen += 1;
+    }
+    assert!(seen >= 10, "too few metrics on the page:\n{page}");
+}
+
 fn update_product_price(db: &TestDb, id: i64, price: &str) {
     db.sql(&format!(
         "UPDATE product_template SET list_price = {price} WHERE id = {id}"
@@ -87,18 +116,41 @@ fn some_product(db: &TestDb) -> i64 {
         .expect("a product id")
 }
 
+/// `n` distinct product ids.
+fn products(db: &TestDb, n: usize) -> Vec<i64> {
+    let ids: Vec<i64> = db
+        .sql(&format!(
+            "SELECT id FROM product_template ORDER BY id LIMIT {n}"
+        ))
+        .lines()
+        .map(|l| l.trim().parse().expect("a product id"))
+        .collect();
+    assert_eq!(ids.len(), n, "the fixture has too few products");
+    ids
+}
+
+/// Product events the receiver accepted for `id`, as their `price` text.
+fn prices_of(wms: &Receiver, id: i64) -> Vec<String> {
+    wms.accepted_events()
+        .iter()
+        .filter(|e| e["entity"] == "product" && e["subject"] == id.to_string().as_str())
+        .map(|e| e["data"]["price"].to_string())
+        .collect()
+}
+
+/// A rule no fixture product breaks: a price above 100,000 is quarantined.
+const PRICE_CAP_RULE: &str = "[[entities.product.rules]]\nname = \"price_cap\"\n\
+    range = { field = \"price\", max = 100000 }\nmessage = \"no product costs that much\"\n\n";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_health_and_readiness_follow_a_target_outage() {
     let db = TestDb::new("ops_metrics");
     let wms = Receiver::start().await.unwrap();
     let port = free_port();
-    let mut text = db.config_text(&[("wms", &wms.url(), &["product"])]);
-    text = text.replace(
-        "[state]",
-        &format!(
-            "heartbeat_interval_ms = 200\n\n[metrics]\nlisten = \"127.0.0.1:{port}\"\nready_max_target_stall_ms = 1000\n\n[state]"
-        ),
-    );
+    let text = db
+        .config_text(&[("wms", &wms.url(), &["product"])])
+        .replace("[state]", "heartbeat_interval_ms = 200\n\n[state]");
+    let text = TestDb::with_metrics(&text, port, "ready_max_target_stall_ms = 1000\n");
     let config = db.write_config(&text);
     let steward = Steward::start(&config, &db.dir.path().join("steward.log"), &[]);
 
@@ -180,11 +232,17 @@ async fn metrics_health_and_readiness_follow_a_target_outage() {
     for price in ["11.00", "12.00", "13.00"] {
         update_product_price(&db, id, price);
     }
-    wait_metric(port, "backlog 3 while the target is down", |p| {
-        sample(p, "steward_target_backlog_events", "target=\"wms\"") == Some(3.0)
-            && sample(p, "steward_delivery_failures_total", "target=\"wms\"")
-                .is_some_and(|v| v >= 1.0)
-    })
+    wait_metric(
+        port,
+        "backlog 3 and retries while the target is down",
+        |p| {
+            sample(p, "steward_target_backlog_events", "target=\"wms\"") == Some(3.0)
+                && sample(p, "steward_delivery_failures_total", "target=\"wms\"")
+                    .is_some_and(|v| v >= 1.0)
+                && sample(p, "steward_delivery_retries_total", "target=\"wms\"")
+                    .is_some_and(|v| v >= 1.0)
+        },
+    )
     .await;
     let start = Instant::now();
     loop {
@@ -211,28 +269,22 @@ async fn metrics_health_and_readiness_follow_a_target_outage() {
         .is_some_and(|v| v > 0.0),
         "{page}"
     );
-
-    // Lag in bytes is a real figure and moves.
-    let lags: Vec<f64> = {
-        let first = sample(&page, "steward_source_lag_bytes", "").expect("lag bytes");
-        assert!(first >= 0.0);
-        // The heartbeat writes WAL every 200 ms; the monitor polls every 5 s.
-        let page = wait_metric(port, "lag bytes to change", |p| {
-            sample(p, "steward_source_lag_bytes", "").is_some_and(|v| v != first)
-        })
-        .await;
-        vec![
-            first,
-            sample(&page, "steward_source_lag_bytes", "").unwrap_or(first),
-        ]
-    };
-    assert!(lags.iter().all(|l| *l >= 0.0));
+    // The outbox lives in the state file.
+    assert!(
+        sample(&page, "steward_store_bytes", "").is_some_and(|v| v > 0.0),
+        "{page}"
+    );
 
     // The target comes back: everything is delivered, backlog 0, ready again.
     wms.set_behaviour(Behaviour::Ok);
     assert!(wms.wait_for_events(4, WAIT).await >= 4);
-    wait_metric(port, "backlog back to 0", |p| {
+    wait_metric(port, "backlog and oldest undelivered back to 0", |p| {
         sample(p, "steward_target_backlog_events", "target=\"wms\"") == Some(0.0)
+            && sample(
+                p,
+                "steward_target_oldest_undelivered_seconds",
+                "target=\"wms\"",
+            ) == Some(0.0)
             && sample(p, "steward_events_delivered_total", "target=\"wms\"")
                 .is_some_and(|v| v >= 4.0)
     })
@@ -257,37 +309,244 @@ async fn metrics_health_and_readiness_follow_a_target_outage() {
         Some(0.0),
         "{page}"
     );
+    assert_counter_names(&page);
+    assert!(
+        page.contains("# TYPE steward_throttled_seconds_total counter"),
+        "{page}"
+    );
     let (status, logs) = steward.terminate().await;
     assert!(status.success(), "exit {status}; log:\n{logs}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lag_returns_to_zero_when_the_stream_goes_quiet() {
-    // No heartbeat: after the last change nothing else arrives, so only the
-    // commit's own completion can mark the source caught up.
-    let db = TestDb::new("ops_quiet_lag");
+async fn lag_rises_while_steward_is_behind_and_returns_to_zero_once_caught_up() {
+    // A 10 s group commit keeps a received change out of the store, and so
+    // the slot's confirmed position behind it, for longer than the monitor's
+    // 5 s poll. No heartbeat: after the change nothing else arrives, so only
+    // the commit's own completion can mark the source caught up.
+    const BEHIND_BYTES: f64 = 4.0 * 1024.0 * 1024.0;
+    const SMALL_BYTES: f64 = 1024.0 * 1024.0;
+    let db = TestDb::new("ops_lag");
     let wms = Receiver::start().await.unwrap();
     let port = free_port();
-    let mut text = db.config_text(&[("wms", &wms.url(), &["product"])]);
-    text = text.replace(
-        "[state]",
-        &format!(
-            "heartbeat_interval_ms = 0\n\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[state]"
-        ),
-    );
-    let config = db.write_config(&text);
+    let text = db
+        .config_text(&[("wms", &wms.url(), &["product"])])
+        .replace("commit_max_delay_ms = 5", "commit_max_delay_ms = 10000");
+    let config = db.write_config(&TestDb::with_metrics(&text, port, ""));
     let steward = Steward::start(&config, &db.dir.path().join("steward.log"), &[]);
     steward.wait_log("replication started", 1).await;
-    let id = some_product(&db);
-    update_product_price(&db, id, "21.00");
-    assert_eq!(wms.wait_for_events(1, WAIT).await, 1);
-    // The monitor publishes the gauge every 5 s; a stuck pending commit
-    // would make it grow instead.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    wait_metric(port, "lag seconds back to 0", |p| {
+    wait_metric(port, "both lag gauges at rest", |p| {
         sample(p, "steward_source_lag_seconds", "") == Some(0.0)
+            && sample(p, "steward_source_lag_bytes", "").is_some_and(|v| v < SMALL_BYTES)
     })
     .await;
+
+    // A product change, then ~8 MiB of WAL steward has no use for.
+    let id = some_product(&db);
+    update_product_price(&db, id, "21.00");
+    db.sql(
+        "CREATE TABLE ops_lag_filler AS \
+         SELECT g, repeat('x', 200) AS pad FROM generate_series(1, 40000) g",
+    );
+    let page = wait_metric(port, "lag in seconds and bytes while behind", |p| {
+        sample(p, "steward_source_lag_seconds", "").is_some_and(|v| v >= 1.0)
+            && sample(p, "steward_source_lag_bytes", "").is_some_and(|v| v >= BEHIND_BYTES)
+    })
+    .await;
+    assert!(
+        wms.accepted_events().is_empty(),
+        "the change was delivered, so steward was not behind:\n{page}"
+    );
+
+    // The commit lands: delivered, and both gauges fall back.
+    assert_eq!(wms.wait_for_events(1, WAIT).await, 1);
+    wait_metric(port, "both lag gauges back at rest", |p| {
+        sample(p, "steward_source_lag_seconds", "") == Some(0.0)
+            && sample(p, "steward_source_lag_bytes", "").is_some_and(|v| v < SMALL_BYTES)
+    })
+    .await;
+    let (status, logs) = steward.terminate().await;
+    assert!(status.success(), "exit {status}; log:\n{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filtered_quarantined_and_dead_lettered_events_show_in_metrics() {
+    let db = TestDb::new("ops_gov_metrics");
+    let wms = Receiver::start().await.unwrap();
+    let port = free_port();
+    let text = db
+        .config_text(&[("wms", &wms.url(), &["product"])])
+        .replace(
+            "[entities.partner]",
+            &format!("{PRICE_CAP_RULE}[entities.partner]"),
+        );
+    let config = db.write_config(&TestDb::with_metrics(&text, port, ""));
+    let log = db.dir.path().join("steward.log");
+    let steward = Steward::start(&config, &log, &[]);
+    steward.wait_log("replication started", 1).await;
+    // Published at start-up, zeros included.
+    wait_metric(port, "the quarantine gauge at start-up", |p| {
+        sample(p, "steward_quarantined_records", "entity=\"product\"") == Some(0.0)
+    })
+    .await;
+    let ids = products(&db, 3);
+    let (bad, rejected, other) = (ids[0], ids[1], ids[2]);
+
+    // No target takes partners: received, and filtered.
+    db.sql("UPDATE res_partner SET name = name || ' (moved)' WHERE id = (SELECT min(id) FROM res_partner)");
+    wait_metric(port, "a filtered partner", |p| {
+        sample(p, "steward_events_filtered_total", "entity=\"partner\"").is_some_and(|v| v >= 1.0)
+    })
+    .await;
+
+    // A record failing a rule: quarantined, counted, not delivered.
+    update_product_price(&db, bad, "500000.00");
+    update_product_price(&db, other, "1.00");
+    assert_eq!(wms.wait_for_events(1, WAIT).await, 1);
+    wait_metric(port, "one quarantined product", |p| {
+        sample(p, "steward_quarantined_records", "entity=\"product\"") == Some(1.0)
+            && sample(p, "steward_events_filtered_total", "entity=\"product\"")
+                .is_some_and(|v| v >= 1.0)
+    })
+    .await;
+    assert!(
+        prices_of(&wms, bad).is_empty(),
+        "{:?}",
+        wms.accepted_events()
+    );
+
+    // A restart reads the quarantine back: the gauge shows it before any change.
+    let (status, logs) = steward.terminate().await;
+    assert!(status.success(), "exit {status}; log:\n{logs}");
+    let steward = Steward::start(&config, &log, &[]);
+    steward.wait_log("replication started", 1).await;
+    wait_metric(port, "the quarantine read back at start-up", |p| {
+        sample(p, "steward_quarantined_records", "entity=\"product\"") == Some(1.0)
+    })
+    .await;
+
+    // The fix releases it: delivered, and the gauge is back to 0.
+    update_product_price(&db, bad, "50.00");
+    wait_until("the fixed product is delivered", WAIT, || {
+        !prices_of(&wms, bad).is_empty()
+    })
+    .await;
+    assert_eq!(prices_of(&wms, bad), ["50.00"]);
+    wait_metric(port, "the quarantine empty again", |p| {
+        sample(p, "steward_quarantined_records", "entity=\"product\"") == Some(0.0)
+    })
+    .await;
+
+    // A target refusing one record's content (422): dead-lettered, counted;
+    // every other record keeps flowing.
+    wms.set_behaviour(Behaviour::FailKey {
+        key: rejected.to_string(),
+        status: 422,
+    });
+    update_product_price(&db, rejected, "7.00");
+    update_product_price(&db, other, "2.00");
+    wait_metric(port, "one dead letter", |p| {
+        sample(p, "steward_dead_letters_total", "target=\"wms\"") == Some(1.0)
+            && sample(p, "steward_dead_letter_events", "target=\"wms\"") == Some(1.0)
+    })
+    .await;
+    wait_until("the other product keeps flowing", WAIT, || {
+        prices_of(&wms, other).contains(&"2.00".to_string())
+    })
+    .await;
+    assert!(prices_of(&wms, rejected).is_empty());
+    let (status, logs) = steward.terminate().await;
+    assert!(status.success(), "exit {status}; log:\n{logs}");
+}
+
+/// A TCP proxy in front of PostgreSQL that the test cuts and restores: the
+/// database host going away, for as long as the test wants.
+struct Proxy {
+    port: u16,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    async fn start() -> Proxy {
+        let mut proxy = Proxy {
+            port: free_port(),
+            task: None,
+        };
+        proxy.restore().await;
+        proxy
+    }
+
+    /// Closes the listener and every connection through it.
+    async fn cut(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    async fn restore(&mut self) {
+        let upstream = support::cluster().port();
+        let start = Instant::now();
+        let listener = loop {
+            match tokio::net::TcpListener::bind(("127.0.0.1", self.port)).await {
+                Ok(l) => break l,
+                Err(e) if start.elapsed() < WAIT => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("cannot listen on {} again: {e}", self.port),
+            }
+        };
+        self.task = Some(tokio::spawn(async move {
+            // Dropped with the task on `cut`: every connection closes with it.
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut client, _)) = listener.accept().await {
+                connections.spawn(async move {
+                    if let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+            }
+        }));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_the_source_while_postgres_is_unreachable() {
+    let db = TestDb::new("ops_ready_source");
+    let wms = Receiver::start().await.unwrap();
+    let mut proxy = Proxy::start().await;
+    let port = free_port();
+    let text = db
+        .config_text(&[("wms", &wms.url(), &["product"])])
+        .replace(
+            &format!("@127.0.0.1:{}/", support::cluster().port()),
+            &format!("@127.0.0.1:{}/", proxy.port),
+        );
+    let config = db.write_config(&TestDb::with_metrics(&text, port, ""));
+    let steward = Steward::start(&config, &db.dir.path().join("steward.log"), &[]);
+    wait_readyz(port, 200, &steward).await;
+
+    proxy.cut().await;
+    let body = wait_readyz(port, 503, &steward).await;
+    assert!(body.contains("source: not connected ("), "{body}");
+    assert!(!body.contains("store:"), "{body}");
+    let page = scrape(port).await;
+    assert_eq!(
+        sample(&page, "steward_source_connected", ""),
+        Some(0.0),
+        "{page}"
+    );
+    // Odoo goes on meanwhile; the change waits in the slot.
+    let id = some_product(&db);
+    update_product_price(&db, id, "31.00");
+
+    proxy.restore().await;
+    wait_readyz(port, 200, &steward).await;
+    assert_eq!(wms.wait_for_events(1, WAIT).await, 1);
+    assert_eq!(prices_of(&wms, id), ["31.00"]);
     let (status, logs) = steward.terminate().await;
     assert!(status.success(), "exit {status}; log:\n{logs}");
 }
@@ -359,6 +618,239 @@ async fn sighup_applies_a_valid_config_and_rejects_an_invalid_one() {
     let (status, logs) = steward.terminate().await;
     assert!(status.success(), "exit {status}; log:\n{logs}");
     assert_eq!(logs.matches("configuration reloaded").count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adds_an_entity_and_a_rule_while_changes_keep_coming_then_sigint_drains() {
+    let db = TestDb::new("ops_sighup_gov");
+    let wms = Receiver::start().await.unwrap();
+    let workcenter = "[entities.workcenter]\ntable = \"mrp_workcenter\"\n\
+        fields = { code = \"code\", name = \"name\", costs_hour = \"costs_hour\", active = \"active\" }\n";
+    let full = db.config_text(&[("wms", &wms.url(), &["product"])]);
+    assert!(full.contains(workcenter), "{full}");
+    // Before: no workcenter entity (not even in the publication), no rules.
+    let config = db.write_config(&full.replace(workcenter, ""));
+    // After: the entity, sent to wms with a snapshot of what exists, and a
+    // validation rule on products.
+    let reloaded = db
+        .config_text(&[("wms", &wms.url(), &["product", "workcenter"])])
+        .replace("initial = \"none\"", "initial = \"snapshot\"")
+        .replace(
+            "[entities.partner]",
+            &format!("{PRICE_CAP_RULE}[entities.partner]"),
+        );
+    let steward = Steward::start(&config, &db.dir.path().join("steward.log"), &[]);
+    steward.wait_log("replication started", 1).await;
+    let ids = products(&db, 3);
+    let (busy, capped, marker) = (ids[0], ids[1], ids[2]);
+    // Without the rule, an expensive product is delivered.
+    update_product_price(&db, capped, "400000.00");
+    wait_until("the expensive product before the rule", WAIT, || {
+        prices_of(&wms, capped) == ["400000.00"]
+    })
+    .await;
+
+    // Odoo keeps writing products and work centers while the reload happens.
+    let n = 120;
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writer = {
+        let (name, written) = (db.name.clone(), written.clone());
+        std::thread::spawn(move || {
+            for i in 0..n {
+                support::cluster()
+                    .psql(
+                        &name,
+                        &format!(
+                            "UPDATE product_template SET list_price = {}.00 WHERE id = {busy}; \
+                             UPDATE mrp_workcenter SET costs_hour = {i}.5 \
+                             WHERE id = (SELECT id FROM mrp_workcenter ORDER BY id \
+                             OFFSET {i} % (SELECT count(*) FROM mrp_workcenter) LIMIT 1)",
+                            100 + i
+                        ),
+                    )
+                    .expect("update");
+                written.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
+    wait_until("the writer is under way", WAIT, || {
+        written.load(std::sync::atomic::Ordering::Relaxed) >= 20
+    })
+    .await;
+    std::fs::write(&config, &reloaded).unwrap();
+    steward.signal(nix::sys::signal::Signal::SIGHUP);
+    steward.wait_log("configuration reloaded", 1).await;
+    steward.wait_log("replication started", 2).await;
+    assert!(
+        written.load(std::sync::atomic::Ordering::Relaxed) < n,
+        "the writer finished before the reload; nothing was in flight"
+    );
+    wait_until("the writer finishes", Duration::from_secs(60), || {
+        writer.is_finished()
+    })
+    .await;
+    writer.join().expect("writer");
+
+    // Nothing missing: every product price written across the reload...
+    let last = format!("{}.00", 100 + n - 1);
+    wait_until("the last product price", WAIT, || {
+        prices_of(&wms, busy).contains(&last)
+    })
+    .await;
+    let delivered: std::collections::BTreeSet<String> = prices_of(&wms, busy).into_iter().collect();
+    let missing: Vec<String> = (0..n)
+        .map(|i| format!("{}.00", 100 + i))
+        .filter(|p| !delivered.contains(p))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "prices lost across the reload: {missing:?}"
+    );
+    // ...and every work center as the database has it now (snapshot + stream).
+    let want: std::collections::BTreeMap<String, f64> = db
+        .sql("SELECT id, costs_hour FROM mrp_workcenter")
+        .lines()
+        .filter_map(|l| {
+            let (id, cost) = l.split_once('|')?;
+            Some((id.to_string(), cost.parse().ok()?))
+        })
+        .collect();
+    assert!(!want.is_empty());
+    let got = || -> std::collections::BTreeMap<String, f64> {
+        support::final_state(&wms.accepted_events())
+            .into_iter()
+            .filter(|((entity, _), _)| entity == "workcenter")
+            .map(|((_, key), data)| (key, data["costs_hour"].as_f64().unwrap_or(f64::NAN)))
+            .collect()
+    };
+    wait_until("every work center delivered as it is now", WAIT, || {
+        got() == want
+    })
+    .await;
+
+    // The new rule applies: the same kind of price is now quarantined.
+    update_product_price(&db, capped, "500000.00");
+    update_product_price(&db, marker, "3.00");
+    wait_until("the marker after the capped product", WAIT, || {
+        prices_of(&wms, marker) == ["3.00"]
+    })
+    .await;
+    assert_eq!(
+        prices_of(&wms, capped),
+        ["400000.00"],
+        "the rule did not apply"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_steward"))
+        .args(["quarantine", "list", "--json", "-c"])
+        .arg(&config)
+        .output()
+        .expect("steward quarantine list");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    let entries = list["quarantine"].as_array().expect("a list");
+    assert_eq!(entries.len(), 1, "{list}");
+    assert_eq!(entries[0]["key"], capped.to_string().as_str(), "{list}");
+    assert_eq!(entries[0]["rule"], "price_cap", "{list}");
+
+    // SIGINT (Ctrl-C in a terminal) drains like SIGTERM: exit 0, position confirmed.
+    steward.signal(nix::sys::signal::Signal::SIGINT);
+    let (status, logs) = steward.wait_exit().await;
+    assert!(status.success(), "exit {status}; log:\n{logs}");
+    assert!(logs.contains("SIGINT received"), "{logs}");
+    assert!(logs.contains("durable position confirmed"), "{logs}");
+    let checkpoint = Store::open(&db.state_path())
+        .expect("the store is released")
+        .checkpoint()
+        .expect("checkpoint")
+        .expect("a checkpoint");
+    let confirmed = db.confirmed_flush().expect("slot");
+    assert!(
+        confirmed >= checkpoint.0,
+        "confirmed {confirmed} < durable {}",
+        checkpoint.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let db = TestDb::new("ops_json_logs");
+    let wms = Receiver::start().await.unwrap();
+    let config = db.write_config(&db.config_text(&[("wms", &wms.url(), &["product"])]));
+    let steward = Steward::start_with(
+        &["--log-format", "json"],
+        &config,
+        &db.dir.path().join("steward.log"),
+        &[],
+    );
+    steward.wait_log("replication started", 1).await;
+    update_product_price(&db, some_product(&db), "41.00");
+    assert_eq!(wms.wait_for_events(1, WAIT).await, 1);
+    let (status, logs) = steward.terminate().await;
+    assert!(status.success(), "exit {status}; log:\n{logs}");
+    let mut messages = Vec::new();
+    for line in logs.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}"));
+        for field in ["timestamp", "level", "target", "message"] {
+            assert!(v[field].is_string(), "no {field} in {line}");
+        }
+        chrono::DateTime::parse_from_rfc3339(v["timestamp"].as_str().unwrap())
+            .unwrap_or_else(|e| panic!("timestamp ({e}): {line}"));
+        messages.push(v["message"].as_str().unwrap().to_string());
+    }
+    // Structured fields stay fields: the slot of "replication started".
+    let started = logs
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|v| v["message"] == "replication started")
+        .expect("a replication started line");
+    assert_eq!(
+        started["slot"],
+        format!("steward_{}", db.name).as_str(),
+        "{started}"
+    );
+    assert!(
+        messages.iter().any(|m| m.contains("SIGTERM received")),
+        "{messages:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_journald_log_lines_carry_no_timestamp() {
+    let db = TestDb::new("ops_journald_logs");
+    let wms = Receiver::start().await.unwrap();
+    let config = db.write_config(&db.config_text(&[("wms", &wms.url(), &["product"])]));
+    let log = db.dir.path().join("steward.log");
+    // systemd sets JOURNAL_STREAM (device:inode of the journal socket) for a
+    // service whose stderr goes to the journal, which stamps every line itself.
+    let steward = Steward::start(&config, &log, &[("JOURNAL_STREAM", "8:123456")]);
+    steward.wait_log("replication started", 1).await;
+    let (status, logs) = steward.terminate().await;
+    assert!(status.success(), "exit {status}; log:\n{logs}");
+    assert!(logs.lines().count() >= 3, "{logs}");
+    for line in logs.lines() {
+        assert!(
+            ["TRACE", "DEBUG", " INFO", " WARN", "ERROR"]
+                .iter()
+                .any(|level| line.starts_with(level)),
+            "a line not starting with its level (a timestamp?): {line:?}"
+        );
+        assert!(
+            !line.contains('\u{1b}'),
+            "colour codes in the journal: {line:?}"
+        );
+    }
+
+    // Outside systemd the same run stamps its lines.
+    let steward = Steward::start(&config, &log, &[]);
+    steward.wait_log("replication started", 1).await;
+    let (status, logs) = steward.terminate().await;
+    assert!(status.success(), "exit {status}; log:\n{logs}");
+    let year = chrono::Utc::now().format("%Y-").to_string();
+    assert!(
+        logs.lines().all(|l| l.starts_with(&year)),
+        "timestamps (and no colour codes in a file) expected outside journald:\n{logs}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

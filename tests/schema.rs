@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use steward::dev::receiver::Receiver;
-use support::{db_prices, final_state, wait_until, Steward, TestDb};
+use support::{db_prices, final_state, free_port, wait_until, Steward, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -29,13 +29,6 @@ fn status(config: &Path, json: bool) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 async fn scrape(port: u16) -> String {
@@ -162,12 +155,11 @@ async fn a_dropped_mapped_column_stops_only_its_entity_and_its_return_resnapshot
     let db = TestDb::new("schema_drop");
     let wms = Receiver::start().await.unwrap();
     let port = free_port();
-    let text = db
-        .config_text(&[("wms", &wms.url(), &["product", "uom"])])
-        .replace(
-            "[state]",
-            &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[state]"),
-        );
+    let text = TestDb::with_metrics(
+        &db.config_text(&[("wms", &wms.url(), &["product", "uom"])]),
+        port,
+        "",
+    );
     let config = db.write_config(&text);
     let mut steward = Steward::start(&config, &db.dir.path().join("steward.log"), &[]);
     steward.wait_log("replication started", 1).await;

@@ -426,12 +426,15 @@ fn init_logging(format: LogFormat, demo: bool) {
     let filter = EnvFilter::try_from_env("STEWARD_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     // Under systemd the journal stamps every line already.
     let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    // Colours only for a person at a terminal, never in a file or a pipe.
+    let ansi = !journald && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let result = match (format, journald) {
         (LogFormat::Json, _) => builder.json().flatten_event(true).try_init(),
-        (LogFormat::Text, true) => builder.without_time().with_ansi(false).try_init(),
+        (LogFormat::Text, true) => builder.without_time().try_init(),
         (LogFormat::Text, false) => builder.try_init(),
     };
     let _ = result;

@@ -267,7 +267,8 @@ pub struct HttpTargetConfig {
 
 #[derive(Clone, Debug)]
 pub struct MetricsConfig {
-    /// Address of the Prometheus / health listener; `None` disables it.
+    /// Address of the Prometheus / health listener (default 127.0.0.1:9187);
+    /// `None` (written `listen = ""`) disables it.
     pub listen: Option<std::net::SocketAddr>,
     /// `/readyz` fails when a target's oldest undelivered event is older than this.
     pub ready_max_target_stall: Duration,

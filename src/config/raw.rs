@@ -90,6 +90,12 @@ const RESERVED_HEADERS: &[&str] = &["host", "content-length", "transfer-encoding
 const HOUR_MS: u64 = 3_600_000;
 const DEFAULT_READY_MAX_TARGET_STALL_MS: u64 = 300_000;
 const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 30_000;
+/// Loopback only: the endpoints need no authentication, so exposing them
+/// to the network is a decision the operator writes down.
+const DEFAULT_METRICS_LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    std::net::Ipv4Addr::LOCALHOST,
+    9187,
+));
 
 impl Config {
     /// The documented example configuration (`config/steward.example.toml`).
@@ -143,7 +149,7 @@ pub(super) fn parse(text: &str, path: &Path, base_dir: &Path) -> Result<Config, 
         Some(t) => check_metrics(t, &mut errs),
         None if top.has("metrics") => None,
         None => Some(MetricsConfig {
-            listen: None,
+            listen: Some(DEFAULT_METRICS_LISTEN),
             ready_max_target_stall: ms(DEFAULT_READY_MAX_TARGET_STALL_MS),
         }),
     };
@@ -537,7 +543,7 @@ fn check_state(table: &Table, base_dir: &Path, errs: &mut Errors) -> Option<Stat
 fn check_metrics(table: &Table, errs: &mut Errors) -> Option<MetricsConfig> {
     let r = Reader::new("metrics", table, METRICS_KEYS, errs);
     let listen = match r.get("listen") {
-        None => None,
+        None => Some(DEFAULT_METRICS_LISTEN),
         Some(_) => match r.string("listen", errs)? {
             "" => None,
             text => match text.parse::<SocketAddr>() {

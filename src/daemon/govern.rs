@@ -67,6 +67,15 @@ pub fn setup(config: &Config, store: &Store, pipeline: &mut Pipeline) -> anyhow:
     Ok(governor)
 }
 
+/// Sets `steward_quarantined_records{entity}` from the governor's state, one
+/// series per entity so that a release shows as a return to 0.
+pub fn publish_quarantine(governor: &Governor) {
+    for (entity, n) in governor.quarantine_counts() {
+        metrics::gauge!(crate::metrics::QUARANTINED_RECORDS, "entity" => entity.to_string())
+            .set(n as f64);
+    }
+}
+
 pub fn prune_audit(config: &Config, store: &Store) {
     let days = i64::from(config.governance.audit_retention_days);
     let before = chrono::Utc::now().timestamp_micros() - days * 86_400_000_000;

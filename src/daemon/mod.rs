@@ -71,6 +71,11 @@ pub async fn run_with(
 ) -> anyhow::Result<()> {
     let store = Store::open(&config.state.path)?;
     let mut pipeline = Pipeline::new(&config);
+    *state
+        .health
+        .store_error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = None;
     state
         .health
         .store_ok
@@ -80,6 +85,7 @@ pub async fn run_with(
     let mut governor = govern::setup(&config, &store, &mut pipeline)?;
     let mut prepared = setup::prepare(&config, &store, &pipeline).await?;
     govern::seed_references(&config, &store, &mut governor).await?;
+    govern::publish_quarantine(&governor);
     let gate = snapshot::SnapshotGate::from_store(&store)?;
     let checkpoint = store.checkpoint()?.unwrap_or(Lsn::ZERO);
     state
@@ -239,6 +245,7 @@ pub async fn run_with(
             // transactions: start again from what the store holds, since the
             // server sends them again.
             governor = govern::setup(&config, &store, &mut pipeline)?;
+            govern::publish_quarantine(&governor);
         }
         let _ = session_shutdown_tx.send(true);
         let session_result = match session.await {
@@ -381,7 +388,7 @@ async fn consume(
                 let events = tokio::task::block_in_place(|| {
                     govern::handle_requests(config, &committer.store, governor, version)
                 });
-                let delta = governor.take_delta();
+                let delta = take_delta(governor);
                 if !events.is_empty() || !delta.is_empty() {
                     committer.add(events, delta, version)?;
                 }
@@ -452,7 +459,7 @@ async fn consume(
                         committer.note_received(pipeline, &txn.mapped);
                         let mapped = std::mem::take(&mut txn.mapped);
                         let events = governor.process(mapped, txn.final_lsn, &txn.time);
-                        committer.add_partial(events, governor.take_delta())?;
+                        committer.add_partial(events, take_delta(governor))?;
                     }
                 }
             }
@@ -473,10 +480,24 @@ async fn consume(
                 };
                 committer.note_received(pipeline, &txn.mapped);
                 let events = governor.process(txn.mapped, txn.final_lsn, &txn.time);
-                committer.add(events, governor.take_delta(), end_lsn)?;
+                committer.add(events, take_delta(governor), end_lsn)?;
             }
         }
     }
+}
+
+/// The governor's queued state changes; the quarantine gauge is refreshed
+/// when they touch the quarantine, so it moves with the batch that stores them.
+fn take_delta(governor: &mut Governor) -> GovDelta {
+    let delta = governor.take_delta();
+    if delta
+        .ops
+        .iter()
+        .any(|op| matches!(op, GovOp::Quarantine { .. }))
+    {
+        govern::publish_quarantine(governor);
+    }
+    delta
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
@@ -785,10 +806,7 @@ impl Committer {
             CommitOutcome::Committed => {
                 if std::mem::take(&mut self.stalled) {
                     tracing::info!("the state file accepts writes again; resuming");
-                    self.state
-                        .health
-                        .store_ok
-                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    self.set_store_error(None);
                     *self
                         .state
                         .last_error
@@ -808,10 +826,7 @@ impl Committer {
                     );
                 }
                 self.stalled = true;
-                self.state
-                    .health
-                    .store_ok
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                self.set_store_error(Some(e.to_string()));
                 *self
                     .state
                     .last_error
@@ -828,13 +843,24 @@ impl Committer {
                 Ok(())
             }
             CommitOutcome::Failed(e) => {
-                self.state
-                    .health
-                    .store_ok
-                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                self.set_store_error(Some(format!("{e:#}")));
                 Err(e)
             }
         }
+    }
+
+    /// What `/readyz` says about the store: `None` = writable.
+    fn set_store_error(&self, error: Option<String>) {
+        self.state
+            .health
+            .store_ok
+            .store(error.is_none(), std::sync::atomic::Ordering::Relaxed);
+        *self
+            .state
+            .health
+            .store_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = error;
     }
 
     /// Drops what could not be committed; true when anything was dropped.

@@ -25,8 +25,10 @@ const WAL_STATUSES: &[&str] = &["reserved", "extended", "unreserved", "lost"];
 /// Shared health figures (part of [`DaemonState`]).
 #[derive(Default)]
 pub struct Health {
-    /// False once a store commit failed.
+    /// False until the store is open, and while its commits fail.
     pub store_ok: AtomicBool,
+    /// Why the last store commit failed, while `store_ok` is false.
+    pub store_error: Mutex<Option<String>>,
     /// Unix micros of the oldest received commit not yet durable; 0 = none.
     oldest_pending_commit: AtomicI64,
     /// Unix micros when everything received was last known durable.
@@ -103,7 +105,16 @@ pub fn readiness_problems(state: &DaemonState) -> Vec<String> {
         problems.push(format!("source: not connected ({why})"));
     }
     if !state.health.store_ok.load(Ordering::Relaxed) {
-        problems.push("store: not open or the last commit failed".into());
+        let error = state
+            .health
+            .store_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        problems.push(match error {
+            Some(e) => format!("store: cannot write the state file ({e})"),
+            None => "store: not open yet".into(),
+        });
     }
     let budget = state.health.stall_budget_ms.load(Ordering::Relaxed);
     for (target, age_ms) in state
@@ -269,4 +280,82 @@ pub fn spawn_heartbeat(config: Config, interval: Duration) -> tokio::task::JoinH
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready_state() -> DaemonState {
+        let state = DaemonState::default();
+        state.connected.store(true, Ordering::Relaxed);
+        state.health.store_ok.store(true, Ordering::Relaxed);
+        state
+            .health
+            .stall_budget_ms
+            .store(300_000, Ordering::Relaxed);
+        state
+    }
+
+    #[test]
+    fn a_fresh_daemon_is_not_ready_and_says_why() {
+        let problems = readiness_problems(&DaemonState::default());
+        assert_eq!(
+            problems,
+            [
+                "source: not connected (not connected yet)",
+                "store: not open yet"
+            ]
+        );
+    }
+
+    #[test]
+    fn readiness_names_the_source_error_the_store_error_and_each_stalled_target() {
+        let state = ready_state();
+        assert!(readiness_problems(&state).is_empty());
+
+        state.connected.store(false, Ordering::Relaxed);
+        *state.last_error.lock().unwrap() = Some("connection refused".into());
+        assert_eq!(
+            readiness_problems(&state),
+            ["source: not connected (connection refused)"]
+        );
+        state.connected.store(true, Ordering::Relaxed);
+
+        state.health.store_ok.store(false, Ordering::Relaxed);
+        *state.health.store_error.lock().unwrap() = Some("No space left on device".into());
+        assert_eq!(
+            readiness_problems(&state),
+            ["store: cannot write the state file (No space left on device)"]
+        );
+        state.health.store_ok.store(true, Ordering::Relaxed);
+
+        *state.health.stalled.lock().unwrap() =
+            vec![("wms".into(), 301_500), ("mes".into(), 900_000)];
+        assert_eq!(
+            readiness_problems(&state),
+            [
+                "target wms: oldest undelivered event is 301s old (budget 300s)",
+                "target mes: oldest undelivered event is 900s old (budget 300s)"
+            ]
+        );
+    }
+
+    #[test]
+    fn lag_seconds_counts_from_the_oldest_pending_commit_until_it_is_durable() {
+        let health = Health::default();
+        assert_eq!(health.lag_seconds(true), 0.0);
+        // A commit made 30 s ago, received and not yet durable.
+        let thirty_s_ago = now_micros() - 30_000_000 - PG_EPOCH_OFFSET_MICROS;
+        health.note_begin(thirty_s_ago);
+        // A later transaction does not make the lag look smaller.
+        health.note_begin(thirty_s_ago + 29_000_000);
+        let lag = health.lag_seconds(true);
+        assert!((30.0..31.0).contains(&lag), "{lag}");
+        health.note_caught_up();
+        assert_eq!(health.lag_seconds(true), 0.0);
+        // Disconnected after catching up: behind since then, as far as anyone knows.
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(health.lag_seconds(false) >= 0.02);
+    }
 }

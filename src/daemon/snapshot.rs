@@ -439,7 +439,7 @@ impl Worker {
             job.rows_done += n as u64;
             job.last_key = Some(last_key);
             block(|| self.store.put_snapshot_jobs(std::slice::from_ref(&job)))?;
-            metrics::counter!("steward_snapshot_rows_total", "target" => job.target.clone())
+            metrics::counter!(crate::metrics::SNAPSHOT_ROWS, "target" => job.target.clone())
                 .increment(n as u64);
             if last_log.elapsed() >= LOG_EVERY {
                 last_log = Instant::now();

@@ -257,6 +257,20 @@ impl Governor {
         std::mem::take(&mut self.delta)
     }
 
+    /// Records held in quarantine, for every entity (zeros included, so a
+    /// gauge built from it returns to 0 when the last record is released).
+    pub fn quarantine_counts(&self) -> Vec<(&str, usize)> {
+        let mut counts = vec![0usize; self.entities.len()];
+        for (e, _) in self.quarantine.keys() {
+            counts[*e] += 1;
+        }
+        self.entities
+            .iter()
+            .zip(counts)
+            .map(|(e, n)| (e.name.as_str(), n))
+            .collect()
+    }
+
     pub fn quarantined(&self) -> Vec<&QuarantineEntry> {
         let mut list: Vec<&QuarantineEntry> = self.quarantine.values().collect();
         list.sort_by(|a, b| (&a.entity, &a.key).cmp(&(&b.entity, &b.key)));

@@ -844,9 +844,7 @@ impl<D: Deliver> Lane<D> {
             _ = shutdown_requested(&mut self.shutdown) => return Err(Stop::Shutdown),
             _ = wait => {}
         }
-        self.metrics
-            .throttled
-            .increment(started.elapsed().as_secs_f64());
+        self.metrics.add_throttled(started.elapsed());
         Ok(())
     }
 }
@@ -1140,9 +1138,11 @@ struct TargetMetrics {
     retries: metrics::Counter,
     dead_letters: metrics::Counter,
     dead_letter_events: metrics::Gauge,
-    /// Only ever increased: seconds spent waiting for the rate limits. A gauge
-    /// because `metrics` counters are integers.
-    throttled: metrics::Gauge,
+    /// Whole seconds spent waiting for the rate limits: `metrics` counters
+    /// are integers, so the fraction is carried in `throttled_carry_us` until
+    /// it adds up to a second (a restarted driver loses less than one).
+    throttled: metrics::Counter,
+    throttled_carry_us: std::sync::Mutex<u64>,
     backlog: metrics::Gauge,
     latency: metrics::Histogram,
 }
@@ -1157,9 +1157,25 @@ impl TargetMetrics {
             retries: metrics::counter!(m::DELIVERY_RETRIES, "target" => t.clone()),
             dead_letters: metrics::counter!(m::DEAD_LETTERS, "target" => t.clone()),
             dead_letter_events: metrics::gauge!(m::DEAD_LETTER_EVENTS, "target" => t.clone()),
-            throttled: metrics::gauge!(m::THROTTLED_SECONDS, "target" => t.clone()),
+            throttled: metrics::counter!(m::THROTTLED_SECONDS, "target" => t.clone()),
+            throttled_carry_us: std::sync::Mutex::new(0),
             backlog: metrics::gauge!(m::TARGET_BACKLOG, "target" => t.clone()),
             latency: metrics::histogram!(m::DELIVERY_LATENCY_SECONDS, "target" => t),
+        }
+    }
+}
+
+impl TargetMetrics {
+    fn add_throttled(&self, waited: Duration) {
+        let mut carry = self
+            .throttled_carry_us
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        *carry = carry.saturating_add(u64::try_from(waited.as_micros()).unwrap_or(u64::MAX));
+        let whole = *carry / 1_000_000;
+        if whole > 0 {
+            self.throttled.increment(whole);
+            *carry -= whole * 1_000_000;
         }
     }
 }
@@ -1174,6 +1190,28 @@ mod tests {
     use crate::model::{EventOp, Lsn};
 
     const WAIT: Duration = Duration::from_secs(20);
+
+    #[test]
+    fn throttled_time_is_a_counter_of_whole_seconds_that_keeps_fractions() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let m = TargetMetrics::new("wms");
+            // 3 × 0.7 s = 2.1 s: two whole seconds, none lost to rounding.
+            for _ in 0..3 {
+                m.add_throttled(Duration::from_millis(700));
+            }
+        });
+        let page = handle.render();
+        assert!(
+            page.contains("# TYPE steward_throttled_seconds_total counter"),
+            "{page}"
+        );
+        assert!(
+            page.contains("steward_throttled_seconds_total{target=\"wms\"} 2\n"),
+            "{page}"
+        );
+    }
 
     fn target(name: &str, max: usize, linger_ms: u64) -> TargetConfig {
         TargetConfig {

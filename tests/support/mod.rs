@@ -116,6 +116,11 @@ status_interval_ms = 500
 path = "{state}"
 commit_max_delay_ms = 5
 
+[metrics]
+# Off: tests run many daemons at once and would all want 127.0.0.1:9187
+# (the default). A test that scrapes sets its own port with `with_metrics`.
+listen = ""
+
 [entities.product]
 table = "product_template"
 fields = {{ sku = "default_code", name = "name.en_US", name_de = {{ path = "name.de_DE", fallback = "name.en_US" }}, price = "list_price", uom_id = "uom_id", active = "active" }}
@@ -151,6 +156,14 @@ fields = {{ product_tmpl_id = "product_tmpl_id", qty = "product_qty", code = "co
             ));
         }
         text
+    }
+
+    /// `text` (from [`TestDb::config_text`]) with the metrics listener on
+    /// `127.0.0.1:port`, plus `extra` lines for the `[metrics]` table.
+    pub fn with_metrics(text: &str, port: u16, extra: &str) -> String {
+        let off = "listen = \"\"\n";
+        assert!(text.contains(off), "not a config_text config:\n{text}");
+        text.replacen(off, &format!("listen = \"127.0.0.1:{port}\"\n{extra}"), 1)
     }
 
     pub fn write_config(&self, text: &str) -> PathBuf {
@@ -254,6 +267,14 @@ impl Child {
     }
 }
 
+/// A TCP port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 /// Polls `condition` until it holds, panicking with `what` after `timeout`.
 pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -304,13 +325,25 @@ pub struct Steward {
 
 impl Steward {
     pub fn start(config: &Path, log: &Path, env: &[(&str, &str)]) -> Steward {
+        Steward::start_with(&[], config, log, env)
+    }
+
+    /// `steward GLOBAL_ARGS run -c CONFIG`, e.g. with `--log-format json`.
+    pub fn start_with(
+        global_args: &[&str],
+        config: &Path,
+        log: &Path,
+        env: &[(&str, &str)],
+    ) -> Steward {
         let file = std::fs::File::create(log).expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_steward"));
-        cmd.args(["run", "-c"])
+        cmd.args(global_args)
+            .args(["run", "-c"])
             .arg(config)
             .env("STEWARD_LOG", "steward=debug")
             .env_remove("NOTIFY_SOCKET")
             .env_remove("WATCHDOG_USEC")
+            .env_remove("JOURNAL_STREAM")
             .stdin(Stdio::null())
             .stdout(file.try_clone().expect("log"))
             .stderr(file);

@@ -158,7 +158,7 @@ fn minimal_config_has_all_defaults() {
     assert_eq!(c.state.path, PathBuf::from("/etc/steward/state.redb"));
     assert_eq!(c.state.commit_max_events, 20_000);
     assert_eq!(c.state.commit_max_delay, Duration::from_millis(20));
-    assert_eq!(c.metrics.listen, None);
+    assert_eq!(c.metrics.listen, Some("127.0.0.1:9187".parse().unwrap()));
 
     let e = &c.entities[0];
     assert_eq!(
@@ -643,7 +643,10 @@ fn metrics_rules() {
         Some(addr)
     );
     assert_eq!(ok_with("metrics.listen", "\"\"").metrics.listen, None);
-    assert_eq!(ok_with("metrics", "{}").metrics.listen, None);
+    assert_eq!(
+        ok_with("metrics", "{}").metrics.listen,
+        Some("127.0.0.1:9187".parse().unwrap())
+    );
     assert_error(
         &errors_with("metrics.listen", "\"localhost:9187\""),
         "metrics.listen",
