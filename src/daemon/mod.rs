@@ -174,6 +174,7 @@ pub async fn run_with(
         batch_end: None,
         batch_started: None,
         in_flight: None,
+        commit_thread: CommitThread::default(),
         stalled: false,
         received: entity_counters(crate::metrics::EVENTS_RECEIVED),
         filtered: entity_counters(crate::metrics::EVENTS_FILTERED),
@@ -531,6 +532,7 @@ struct Committer {
     /// The commit running on its thread: the end LSN it covers, and where
     /// its outcome arrives.
     in_flight: Option<(Lsn, tokio::sync::oneshot::Receiver<CommitOutcome>)>,
+    commit_thread: CommitThread,
     /// The last commit failed with an error that may clear (disk full):
     /// the batch is kept and nothing more is confirmed until it succeeds.
     stalled: bool,
@@ -611,6 +613,42 @@ impl CommitContext {
         }
         advance_durable(&self.durable_tx, &self.state, job.end);
         CommitOutcome::Committed
+    }
+}
+
+/// One long-lived thread for the commits. A thread per commit would cost a
+/// spawn per batch and, worse, leave each finished thread's allocator heap
+/// behind holding the pages of whatever it allocated that outlives it (redb's
+/// cache entries), which inflated peak RSS.
+#[derive(Default)]
+struct CommitThread {
+    jobs: Option<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>>,
+}
+
+impl CommitThread {
+    fn run(&mut self, work: Box<dyn FnOnce() + Send>) -> anyhow::Result<()> {
+        let work = match &self.jobs {
+            None => work,
+            Some(jobs) => match jobs.send(work) {
+                Ok(()) => return Ok(()),
+                // The thread is gone (it only ends when a commit panicked): start another.
+                Err(std::sync::mpsc::SendError(work)) => work,
+            },
+        };
+        let (jobs, queue) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        std::thread::Builder::new()
+            .name("steward-commit".into())
+            .spawn(move || {
+                // Ends when the committer (the only sender) is dropped.
+                for work in queue {
+                    work();
+                }
+            })
+            .map_err(|e| anyhow::anyhow!("cannot start the commit thread: {e}"))?;
+        jobs.send(work)
+            .map_err(|_| anyhow::anyhow!("the commit thread stopped at once"))?;
+        self.jobs = Some(jobs);
+        Ok(())
     }
 }
 
@@ -749,13 +787,10 @@ impl Committer {
         self.batch_started = None;
         let context = self.context();
         let (outcome_tx, outcome_rx) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("steward-commit".into())
-            .spawn(move || {
-                // A dropped receiver means the daemon is gone; nothing to tell.
-                let _ = outcome_tx.send(context.commit(job));
-            })
-            .map_err(|e| anyhow::anyhow!("cannot start the commit thread: {e}"))?;
+        self.commit_thread.run(Box::new(move || {
+            // A dropped receiver means the daemon is gone; nothing to tell.
+            let _ = outcome_tx.send(context.commit(job));
+        }))?;
         self.in_flight = Some((end, outcome_rx));
         Ok(())
     }
