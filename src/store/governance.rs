@@ -121,8 +121,7 @@ pub(super) fn apply(txn: &WriteTransaction, delta: &GovDelta) -> Result<(), redb
     let mut published = txn.open_table(GOV_PUBLISHED)?;
     let mut unique = txn.open_table(GOV_UNIQUE)?;
     let mut quarantine = txn.open_table(super::quarantine::QUARANTINE)?;
-    let mut audit = txn.open_table(super::audit::AUDIT)?;
-    let mut next_audit = audit.last()?.map_or(1, |(k, _)| k.value() + 1);
+    let mut audit = Vec::new();
     for op in &delta.ops {
         match op {
             GovOp::Row { entity, key, row } => {
@@ -190,12 +189,11 @@ pub(super) fn apply(txn: &WriteTransaction, delta: &GovDelta) -> Result<(), redb
                         "cannot encode an audit record: {e}"
                     )))
                 })?;
-                audit.insert(next_audit, bytes.as_slice())?;
-                next_audit += 1;
+                audit.push(bytes);
             }
         }
     }
-    Ok(())
+    super::audit::append(txn, &audit)
 }
 
 /// Opens a table for reading; a table never written yet reads as empty.

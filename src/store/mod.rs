@@ -151,6 +151,13 @@ impl Store {
             txn.open_table(COUNTERS)?;
             Ok(())
         })?;
+        if store.read(audit::has_legacy)? {
+            let moved = store.write(Durability::Immediate, audit::migrate_legacy)?;
+            tracing::info!(
+                records = moved,
+                "moved the audit trail into the chunked layout"
+            );
+        }
         Ok(store)
     }
 

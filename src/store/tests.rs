@@ -451,3 +451,117 @@ fn events_larger_than_a_chunk_are_stored_alone() {
     store.ack("t", 2, 2).unwrap();
     assert_eq!(store.read_outbox("t", None, 10).unwrap()[0], (3, small));
 }
+
+fn audit_record(n: u64, time_micros: i64) -> governance::AuditRecord {
+    governance::AuditRecord {
+        time_micros,
+        entity: "product".into(),
+        key: (n % 7).to_string(),
+        version: n,
+        target: Some("wms".into()),
+        decision: "delivered".into(),
+        detail: "upsert".into(),
+    }
+}
+
+fn audit_delta(records: impl IntoIterator<Item = governance::AuditRecord>) -> governance::GovDelta {
+    governance::GovDelta {
+        ops: records.into_iter().map(governance::GovOp::Audit).collect(),
+    }
+}
+
+#[test]
+fn audit_records_keep_their_order_across_chunks_and_commits() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    // 2,500 records in one commit span three chunks; two more commits follow.
+    let mut n = 0;
+    for (i, count) in [2_500u64, 1, 40].into_iter().enumerate() {
+        let delta = audit_delta((0..count).map(|_| {
+            n += 1;
+            audit_record(n, n as i64)
+        }));
+        store
+            .commit_governed(Lsn(0x100 + i as u64), &[], &delta)
+            .unwrap();
+    }
+    let all = store.audit_query(&audit::AuditFilter::default()).unwrap();
+    assert_eq!(
+        all.iter().map(|r| r.version).collect::<Vec<_>>(),
+        (1..=2_541).collect::<Vec<_>>()
+    );
+    let key3 = store
+        .audit_query(&audit::AuditFilter {
+            key: Some("3".into()),
+            limit: Some(2),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        key3.iter().map(|r| r.version).collect::<Vec<_>>(),
+        [2_530, 2_537]
+    );
+    drop(store);
+    // Reopened, the sequence carries on after the last chunk.
+    let store = Store::open(&path).unwrap();
+    store
+        .commit_governed(Lsn(0x200), &[], &audit_delta([audit_record(9_999, 9_999)]))
+        .unwrap();
+    let all = store.audit_query(&audit::AuditFilter::default()).unwrap();
+    assert_eq!(all.len(), 2_542);
+    assert_eq!(all.last().unwrap().version, 9_999);
+}
+
+#[test]
+fn audit_prune_drops_whole_old_chunks_only() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    // Three commits: times 1..=10, 11..=20, 21..=30.
+    for c in 0..3u64 {
+        let delta = audit_delta((1..=10).map(|i| audit_record(c * 10 + i, (c * 10 + i) as i64)));
+        store.commit_governed(Lsn(0x100 + c), &[], &delta).unwrap();
+    }
+    // Everything before 15: the first commit's chunk goes; the second holds
+    // records at 15 and later, so it stays whole.
+    assert_eq!(store.audit_prune(15).unwrap(), 10);
+    let left = store.audit_query(&audit::AuditFilter::default()).unwrap();
+    assert_eq!(left.first().unwrap().time_micros, 11);
+    assert_eq!(left.len(), 20);
+    assert_eq!(store.audit_prune(i64::MAX).unwrap(), 20);
+    assert!(store
+        .audit_query(&audit::AuditFilter::default())
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn a_legacy_audit_table_is_moved_into_chunks_on_open() {
+    let (_dir, path) = temp();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let legacy: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("audit");
+            let mut t = txn.open_table(legacy).unwrap();
+            for n in 1..=3u64 {
+                let bytes = serde_json::to_vec(&audit_record(n, n as i64)).unwrap();
+                t.insert(n, bytes.as_slice()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    store
+        .commit_governed(Lsn(0x100), &[], &audit_delta([audit_record(4, 4)]))
+        .unwrap();
+    let all = store.audit_query(&audit::AuditFilter::default()).unwrap();
+    assert_eq!(
+        all.iter().map(|r| r.version).collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    drop(store);
+    let db = redb::Database::open(&path).unwrap();
+    let txn = db.begin_read().unwrap();
+    assert!(audit::has_legacy(&txn).ok() == Some(false));
+}
