@@ -24,7 +24,8 @@ fn events(n: u64) -> Vec<Event> {
                 "active": true,
                 "categ_id": 12,
                 "barcode": format!("{:013}", i * 7919),
-            }),
+            })
+            .into(),
         })
         .collect()
 }

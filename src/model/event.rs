@@ -48,13 +48,75 @@ pub struct Event {
     pub version: u64,
     /// Commit time, RFC 3339 UTC.
     pub time: String,
-    pub data: serde_json::Value,
+    pub data: EventData,
     /// The source row change (insert, update, delete, snapshot read), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub change: Option<SourceChange>,
     /// The source transaction id (PostgreSQL xid), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_id: Option<u32>,
+}
+
+/// An event's `data` (the mapped fields), held as the JSON text it is
+/// stored and delivered as. Governance serialises a document once (its hash
+/// needs the bytes anyway); the store, the delivery driver and every sink
+/// then copy the text instead of parsing it into a tree and writing it back
+/// out, which cost an allocation per field and per event at each step.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct EventData(Box<serde_json::value::RawValue>);
+
+impl EventData {
+    pub fn from_map(map: &serde_json::Map<String, serde_json::Value>) -> EventData {
+        let text = serde_json::to_string(map).unwrap_or_else(|_| "{}".to_string());
+        EventData::from_text(text)
+    }
+
+    pub fn from_value(value: &serde_json::Value) -> EventData {
+        let text = serde_json::to_string(value).unwrap_or_else(|_| "null".to_string());
+        EventData::from_text(text)
+    }
+
+    /// `text` must be JSON (as written by serde_json); anything else becomes `null`.
+    fn from_text(text: String) -> EventData {
+        serde_json::value::RawValue::from_string(text)
+            .map(EventData)
+            .unwrap_or_else(|_| EventData::null())
+    }
+
+    pub fn null() -> EventData {
+        EventData(
+            serde_json::value::RawValue::from_string("null".to_string()).expect("null is JSON"),
+        )
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Parsed, for the few places that look inside (tests, reports).
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::from_str(self.as_str()).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl PartialEq for EventData {
+    fn eq(&self, other: &EventData) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl std::fmt::Debug for EventData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<serde_json::Value> for EventData {
+    fn from(value: serde_json::Value) -> EventData {
+        EventData::from_value(&value)
+    }
 }
 
 impl Event {

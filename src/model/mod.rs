@@ -7,5 +7,5 @@ pub mod lsn;
 pub mod value;
 
 pub use change::{Change, ChangeOp, Column, Relation, Tuple, TupleValue};
-pub use event::{Event, EventOp, SourceChange};
+pub use event::{Event, EventData, EventOp, SourceChange};
 pub use lsn::Lsn;

@@ -32,7 +32,7 @@ use super::redact;
 use super::reference::{self, Rows};
 use crate::config::governance::{Check, EntityGovernance, OnUnpublish, TargetPolicy};
 use crate::config::{Config, EntityConfig};
-use crate::model::{ChangeOp, Event, EventOp, Lsn, SourceChange};
+use crate::model::{ChangeOp, Event, EventData, EventOp, Lsn, SourceChange};
 use crate::store::governance::{AuditRecord, GovDelta, GovOp, GovSnapshot, QuarantineEntry};
 
 /// Index offset of events the governor makes itself (re-emissions, business
@@ -360,10 +360,7 @@ impl Governor {
                 ChangeOp::Update => "update",
                 ChangeOp::Delete => "delete",
             };
-            let fallback = match m.event.data {
-                Value::Object(map) => map,
-                _ => Map::new(),
-            };
+            let fallback = m.data;
             self.evaluate(
                 e,
                 &key,
@@ -481,7 +478,7 @@ impl Governor {
     ) {
         let name = self.entities[e].name.clone();
         let version = origin.version;
-        let event = |op: EventOp, data: Map<String, Value>| Event {
+        let event = |op: EventOp, data: EventData| Event {
             change: origin.change,
             tx_id: origin.tx_id,
             id: origin.id.clone(),
@@ -490,7 +487,7 @@ impl Governor {
             op,
             version,
             time: origin.time.clone(),
-            data: Value::Object(data),
+            data,
         };
         if op == "delete" {
             self.set_claims(e, key, Vec::new(), deferred);
@@ -499,7 +496,7 @@ impl Governor {
                 let was = self.published.remove(&published_key(t, e, key));
                 if was.is_some() || !seen {
                     self.queue_published(t, e, key, None);
-                    out.push((t, event(EventOp::Delete, fallback.clone())));
+                    out.push((t, event(EventOp::Delete, EventData::from_map(&fallback))));
                     self.audit(e, key, version, Some(t), "delivered", "delete".into());
                 } else {
                     self.audit(
@@ -580,6 +577,7 @@ impl Governor {
             let pkey = published_key(t, e, key);
             if publishable && routed == Ok(true) {
                 let (data, notes) = redact::apply(&self.policies[t], &name, &doc);
+                let data = EventData::from_map(&data);
                 let hash = doc_hash(EventOp::Upsert, &data);
                 if self.published.get(&pkey) == Some(&hash) {
                     self.audit(
@@ -627,11 +625,11 @@ impl Governor {
                             .as_deref()
                             .map(|r| assemble::key_data(&self.entities[e], r))
                             .unwrap_or_default();
-                        event(EventOp::Delete, data)
+                        event(EventOp::Delete, EventData::from_map(&data))
                     }
                     OnUnpublish::Upsert => event(
                         EventOp::Upsert,
-                        redact::apply(&self.policies[t], &name, &doc).0,
+                        EventData::from_map(&redact::apply(&self.policies[t], &name, &doc).0),
                     ),
                 };
                 out.push((t, ev));
@@ -1123,11 +1121,13 @@ impl Hasher for DigestHasher {
     }
 }
 
-fn doc_hash(op: EventOp, data: &Map<String, Value>) -> [u8; 16] {
+/// Over the delivered JSON text: the same bytes as before `EventData`, so
+/// hashes stored by earlier versions still match.
+fn doc_hash(op: EventOp, data: &EventData) -> [u8; 16] {
     let mut h = Sha256::new();
     h.update(op.as_str().as_bytes());
     h.update([0]);
-    h.update(serde_json::to_vec(data).unwrap_or_default());
+    h.update(data.as_str().as_bytes());
     let full = h.finalize();
     let mut out = [0u8; 16];
     out.copy_from_slice(&full[..16]);

@@ -11,7 +11,9 @@ use serde_json::{Map, Value};
 use crate::config::{Config, EntityConfig, FieldSource};
 use crate::model::event::join_key;
 use crate::model::value::text_to_json;
-use crate::model::{Change, ChangeOp, Event, EventOp, Lsn, Relation, SourceChange, TupleValue};
+use crate::model::{
+    Change, ChangeOp, Event, EventData, EventOp, Lsn, Relation, SourceChange, TupleValue,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -66,6 +68,9 @@ pub struct Mapped {
     /// captured ([`Pipeline::capture_rows`]), every column of the new row and
     /// of the old row (when the server sent the whole old row).
     pub op: ChangeOp,
+    /// The mapped fields (for a delete: the key fields). `event.data` is
+    /// left null: governance decides the document each target receives.
+    pub data: Map<String, Value>,
     pub row: Option<Map<String, Value>>,
     pub old: Option<Map<String, Value>>,
 }
@@ -354,7 +359,7 @@ impl Pipeline {
         };
         for plan in &relation.plans {
             let entity = &self.entities[plan.entity];
-            let event = match change.op {
+            let (event, data) = match change.op {
                 ChangeOp::Insert | ChangeOp::Update => {
                     let Some(new) = change.new.as_deref() else {
                         continue;
@@ -392,7 +397,7 @@ impl Pipeline {
                         }
                         data.insert(field.name.clone(), value);
                     }
-                    Event {
+                    let event = Event {
                         change: Some(if change.op == ChangeOp::Insert {
                             SourceChange::Insert
                         } else {
@@ -405,8 +410,9 @@ impl Pipeline {
                         op: EventOp::Upsert,
                         version: commit_lsn.0,
                         time: commit_time.to_string(),
-                        data: Value::Object(data),
-                    }
+                        data: EventData::null(),
+                    };
+                    (event, data)
                 }
                 ChangeOp::Delete => {
                     let Some(old) = change.old.as_deref() else {
@@ -431,7 +437,7 @@ impl Pipeline {
                         };
                         data.insert(name.clone(), value);
                     }
-                    Event {
+                    let event = Event {
                         change: Some(SourceChange::Delete),
                         tx_id: None,
                         id: Event::source_id(commit_lsn, index),
@@ -440,8 +446,9 @@ impl Pipeline {
                         op: EventOp::Delete,
                         version: commit_lsn.0,
                         time: commit_time.to_string(),
-                        data: Value::Object(data),
-                    }
+                        data: EventData::null(),
+                    };
+                    (event, data)
                 }
             };
             let capture = self.capture.get(plan.entity).copied().unwrap_or(false);
@@ -462,6 +469,7 @@ impl Pipeline {
                 entity: plan.entity,
                 event,
                 op: change.op,
+                data,
                 row,
                 old: old_row,
             });
@@ -692,7 +700,7 @@ entities = ["product", "product_code"]
             .unwrap();
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].event.entity, "product_code");
-        assert_eq!(out[0].event.data["code"], "B1");
+        assert_eq!(out[0].data["code"], "B1");
         assert!(pipeline.on_relation(&relation(&["id", "barcode"])).is_err());
     }
 }

@@ -6,7 +6,7 @@
 use bytes::Bytes;
 
 use super::{Mapped, Pipeline, PipelineError};
-use crate::model::{Change, ChangeOp, Event, Lsn, SourceChange, TupleValue};
+use crate::model::{Change, ChangeOp, Event, EventData, Lsn, SourceChange, TupleValue};
 
 /// The version of a row read in the snapshot whose consistent point is
 /// `consistent`: one below it. Every transaction the snapshot contains has
@@ -53,6 +53,7 @@ pub fn snapshot_event(
     pipeline.map_change(&change, consistent, 0, time, &mut out)?;
     Ok(out.into_iter().find(|m| m.entity == entity).map(|m| {
         let mut event = m.event;
+        event.data = EventData::from_map(&m.data);
         event.id = snapshot_id(consistent, &event.entity, &event.key);
         event.version = snapshot_version(consistent);
         event.change = Some(SourceChange::Snapshot);
@@ -115,8 +116,9 @@ entities = ["product"]
         assert_eq!(e.key, "42");
         assert_eq!(e.version, 0xFF);
         assert_eq!(e.id, "snap-0000000000000100-product-42");
-        assert_eq!(e.data["name"], "Desk");
-        assert_eq!(e.data["price"].to_string(), "10.50");
-        assert!(e.data["sku"].is_null());
+        let data = e.data.to_value();
+        assert_eq!(data["name"], "Desk");
+        assert_eq!(data["price"].to_string(), "10.50");
+        assert!(data["sku"].is_null());
     }
 }

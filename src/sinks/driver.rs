@@ -1243,7 +1243,7 @@ mod tests {
             op: EventOp::Upsert,
             version: n,
             time: chrono::Utc::now().to_rfc3339(),
-            data: serde_json::json!({ "n": n }),
+            data: serde_json::json!({ "n": n }).into(),
         }
     }
 

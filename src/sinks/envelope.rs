@@ -27,7 +27,7 @@ use serde::Serialize;
 
 use super::http::{write_batch, write_event};
 use crate::config::{Config, Envelope};
-use crate::model::{Event, EventOp, SourceChange};
+use crate::model::{Event, EventData, EventOp, SourceChange};
 
 /// What the envelopes need besides the event: the source's names.
 #[derive(Clone, Debug, Default)]
@@ -75,8 +75,8 @@ struct DebeziumSource<'a> {
 
 #[derive(Serialize)]
 struct Debezium<'a> {
-    before: Option<&'a serde_json::Value>,
-    after: Option<&'a serde_json::Value>,
+    before: Option<&'a EventData>,
+    after: Option<&'a EventData>,
     source: DebeziumSource<'a>,
     op: &'static str,
     ts_ms: i64,

@@ -48,8 +48,11 @@ impl Request {
     }
 }
 
+/// Adjacently tagged, not internally: serde buffers an internally tagged
+/// enum's fields into a generic tree first, and an event's `data` (raw JSON
+/// text) can only be read straight from the JSON.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "result", rename_all = "snake_case")]
+#[serde(tag = "result", content = "body", rename_all = "snake_case")]
 pub enum Response {
     DeadLetters { entries: Vec<DeadLetter> },
     Replayed { count: u64 },
@@ -180,5 +183,40 @@ pub async fn submit(
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Event, EventOp, Lsn};
+
+    #[test]
+    fn a_dead_letter_list_survives_the_trip_from_daemon_to_cli() {
+        let entry = DeadLetter {
+            id: 7,
+            event: Event {
+                change: None,
+                tx_id: Some(42),
+                id: Event::source_id(Lsn(0x100), 3),
+                entity: "product".into(),
+                key: "9002".into(),
+                op: EventOp::Upsert,
+                version: 0x100,
+                time: "2024-05-01T12:00:00.000Z".into(),
+                data: serde_json::json!({ "sku": "A-1", "price": 12.5 }).into(),
+            },
+            error: "HTTP 422".into(),
+            held_behind: None,
+            attempts: 1,
+            first_failure: "2024-05-01T12:00:01Z".into(),
+            last_failure: "2024-05-01T12:00:02Z".into(),
+        };
+        let response = Response::DeadLetters {
+            entries: vec![entry],
+        };
+        let text = serde_json::to_vec(&response).unwrap();
+        let back: Response = serde_json::from_slice(&text).unwrap();
+        assert_eq!(back, response);
     }
 }

@@ -569,7 +569,7 @@ mod tests {
             op,
             version: n,
             time: "2024-05-01T12:00:00.000Z".into(),
-            data: serde_json::json!({ "n": n }),
+            data: serde_json::json!({ "n": n }).into(),
         }
     }
 

@@ -320,7 +320,7 @@ mod tests {
             op: EventOp::Upsert,
             version,
             time: "2024-01-01T00:00:00Z".into(),
-            data: serde_json::json!({}),
+            data: serde_json::json!({}).into(),
         }
     }
 

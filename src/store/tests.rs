@@ -19,7 +19,7 @@ fn event(n: u64, data: serde_json::Value) -> Event {
         op: EventOp::Upsert,
         version: 0x1000 + n,
         time: "2024-05-01T12:00:00.000Z".into(),
-        data,
+        data: data.into(),
     }
 }
 

@@ -3,14 +3,15 @@
 //! Events are serialized straight from borrowed views of [`Event`] into one
 //! buffer: a batch may hold thousands of events, and building a
 //! `serde_json::Value` per event first would double the work and the memory.
-//! `data` is written through `serde_json` with `arbitrary_precision`, so
-//! numbers keep the exact text they had in the source (numeric columns).
+//! `data` is copied as the JSON text the governor wrote (with
+//! `arbitrary_precision`), so numbers keep the exact text they had in the
+//! source (numeric columns).
 
 use std::fmt;
 
 use serde::{Serialize, Serializer};
 
-use crate::model::Event;
+use crate::model::{Event, EventData};
 
 /// The media type of a CloudEvents JSON batch.
 pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
@@ -34,7 +35,7 @@ struct CloudEvent<'a> {
     op: &'static str,
     #[serde(serialize_with = "as_decimal_string")]
     version: u64,
-    data: &'a serde_json::Value,
+    data: &'a EventData,
 }
 
 /// `steward.<entity>.<op>`, written without allocating.

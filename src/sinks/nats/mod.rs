@@ -236,7 +236,7 @@ mod tests {
             op: EventOp::Delete,
             version: 1,
             time: String::new(),
-            data: serde_json::Value::Null,
+            data: serde_json::Value::Null.into(),
         };
         assert_eq!(
             subject("steward.{entity}.{op}", &e, "t"),

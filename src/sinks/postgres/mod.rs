@@ -237,10 +237,10 @@ impl PostgresSink {
                 let deleted: Vec<bool> = upserts.iter().map(|e| e.op == EventOp::Delete).collect();
                 let ids: Vec<&str> = upserts.iter().map(|e| e.id.as_str()).collect();
                 let times: Vec<&str> = upserts.iter().map(|e| e.time.as_str()).collect();
-                let data: Vec<Option<String>> = upserts
+                let data: Vec<Option<&str>> = upserts
                     .iter()
                     .map(|e| match e.op {
-                        EventOp::Upsert => serde_json::to_string(&e.data).ok(),
+                        EventOp::Upsert => Some(e.data.as_str()),
                         EventOp::Delete => None,
                     })
                     .collect();
@@ -508,7 +508,7 @@ mod tests {
             op: EventOp::Upsert,
             version: lsn,
             time: String::new(),
-            data: serde_json::Value::Null,
+            data: serde_json::Value::Null.into(),
         }
     }
 
