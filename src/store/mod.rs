@@ -67,6 +67,21 @@ use tables::{
 /// are still in the OS page cache).
 const CACHE_BYTES: usize = 4 * 1024 * 1024;
 
+/// The commit thread's encoding buffers, kept between commits: a batch
+/// encodes to megabytes, and fresh buffers for each commit cost a page
+/// fault per 4 KiB (the allocator returns freed memory to the OS at once;
+/// see `main.rs`).
+#[derive(Default)]
+struct EncodeBuffers {
+    events: Vec<u8>,
+    chunks: Vec<u8>,
+}
+
+thread_local! {
+    static ENCODE_BUFFERS: std::cell::RefCell<EncodeBuffers> =
+        std::cell::RefCell::new(EncodeBuffers::default());
+}
+
 /// See the module documentation: how many non-durable commits may pile up
 /// before one is made durable so redb can reuse freed pages.
 const LAZY_COMMITS_PER_DURABLE: u32 = 64;
@@ -200,14 +215,30 @@ impl Store {
         appends: &[(&str, &Event)],
         extra: &mut dyn FnMut(&redb::WriteTransaction) -> Result<(), Box<redb::Error>>,
     ) -> Result<Vec<(String, u64)>, StoreError> {
+        ENCODE_BUFFERS.with(|buffers| {
+            let mut buffers = buffers.borrow_mut();
+            let EncodeBuffers { events, chunks } = &mut *buffers;
+            events.clear();
+            chunks.clear();
+            self.commit_encoded(checkpoint, appends, extra, events, chunks)
+        })
+    }
+
+    fn commit_encoded(
+        &self,
+        checkpoint: Lsn,
+        appends: &[(&str, &Event)],
+        extra: &mut dyn FnMut(&redb::WriteTransaction) -> Result<(), Box<redb::Error>>,
+        buf: &mut Vec<u8>,
+        chunk_bytes: &mut Vec<u8>,
+    ) -> Result<Vec<(String, u64)>, StoreError> {
         // Encode before taking redb's writer lock, into one buffer to spare an
         // allocation per event: acks from the drivers wait on that lock.
-        let mut buf = Vec::with_capacity(appends.len() * 256);
         let mut groups: Vec<(&str, Vec<(usize, usize)>)> = Vec::new();
         let mut last_group = 0;
         for (target, event) in appends {
             let start = buf.len();
-            serde_json::to_writer(&mut buf, event).map_err(|e| StoreError::Encode {
+            serde_json::to_writer(&mut *buf, event).map_err(|e| StoreError::Encode {
                 target: target.to_string(),
                 event_id: event.id.clone(),
                 detail: e.to_string(),
@@ -226,10 +257,10 @@ impl Store {
         }
 
         // Cut each target's run into chunks (see `tables`), again before the writer lock.
-        let mut chunks: Vec<Vec<u8>> = Vec::new();
+        let mut chunk_spans: Vec<std::ops::Range<usize>> = Vec::new();
         let mut per_target: Vec<(&str, std::ops::Range<usize>)> = Vec::new();
         for (target, entries) in &groups {
-            let first_chunk = chunks.len();
+            let first_chunk = chunk_spans.len();
             let mut rest = entries.as_slice();
             while !rest.is_empty() {
                 let mut n = 0;
@@ -243,13 +274,17 @@ impl Store {
                     bytes += next;
                     n += 1;
                 }
-                let mut chunk = Vec::with_capacity(bytes + 4);
-                encode_chunk(rest[..n].iter().map(|&(s, e)| &buf[s..e]), &mut chunk);
-                chunks.push(chunk);
+                let start = chunk_bytes.len();
+                encode_chunk(rest[..n].iter().map(|&(s, e)| &buf[s..e]), chunk_bytes);
+                chunk_spans.push(start..chunk_bytes.len());
                 rest = &rest[n..];
             }
-            per_target.push((target, first_chunk..chunks.len()));
+            per_target.push((target, first_chunk..chunk_spans.len()));
         }
+        let chunks: Vec<&[u8]> = chunk_spans
+            .iter()
+            .map(|span| &chunk_bytes[span.clone()])
+            .collect();
 
         let result = self.write(Durability::Immediate, |txn| {
             let mut out = Vec::with_capacity(per_target.len());
@@ -260,7 +295,7 @@ impl Store {
                 let mut outbox = txn.open_table(outbox_table(&name))?;
                 for chunk in &chunks[chunk_range.clone()] {
                     let first_seq = state.last_seq + 1;
-                    outbox.insert(first_seq, chunk.as_slice())?;
+                    outbox.insert(first_seq, *chunk)?;
                     state.last_seq += chunk_len(chunk).map_err(TxnError::Corrupt)?;
                 }
                 targets.insert(*target, state.encode().as_slice())?;
