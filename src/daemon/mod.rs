@@ -175,6 +175,7 @@ pub async fn run_with(
         batch_started: None,
         in_flight: None,
         commit_thread: CommitThread::default(),
+        spare: None,
         stalled: false,
         received: entity_counters(crate::metrics::EVENTS_RECEIVED),
         filtered: entity_counters(crate::metrics::EVENTS_FILTERED),
@@ -533,6 +534,8 @@ struct Committer {
     /// its outcome arrives.
     in_flight: Option<(Lsn, tokio::sync::oneshot::Receiver<CommitOutcome>)>,
     commit_thread: CommitThread,
+    /// The buffers of the last commit, returned empty for reuse.
+    spare: Option<CommitJob>,
     /// The last commit failed with an error that may clear (disk full):
     /// the batch is kept and nothing more is confirmed until it succeeds.
     stalled: bool,
@@ -553,7 +556,8 @@ struct CommitJob {
 }
 
 enum CommitOutcome {
-    Committed,
+    /// With the job's buffers, emptied, for the next batch to reuse.
+    Committed(CommitJob),
     /// The store refused the write with an error that may clear: the job
     /// comes back to be retried.
     Refused(CommitJob, crate::store::StoreError),
@@ -612,7 +616,16 @@ impl CommitContext {
             }
         }
         advance_durable(&self.durable_tx, &self.state, job.end);
-        CommitOutcome::Committed
+        drop(appends);
+        let mut spare = batch;
+        spare.clear();
+        let mut delta = job.delta;
+        delta.ops.clear();
+        CommitOutcome::Committed(CommitJob {
+            end: job.end,
+            batch: spare,
+            delta,
+        })
     }
 }
 
@@ -779,10 +792,16 @@ impl Committer {
         let Some(end) = self.batch_end.take() else {
             return Ok(());
         };
+        // The previous job's emptied buffers, already grown to batch size:
+        // growing fresh ones cost a page fault per 4 KiB (see `main.rs`).
+        let (batch, delta) = match self.spare.take() {
+            Some(spare) => (spare.batch, spare.delta),
+            None => Default::default(),
+        };
         let job = CommitJob {
             end,
-            batch: std::mem::take(&mut self.batch),
-            delta: std::mem::take(&mut self.delta),
+            batch: std::mem::replace(&mut self.batch, batch),
+            delta: std::mem::replace(&mut self.delta, delta),
         };
         self.batch_started = None;
         let context = self.context();
@@ -838,7 +857,8 @@ impl Committer {
     /// being gathered.
     fn take_outcome(&mut self, outcome: CommitOutcome) -> anyhow::Result<()> {
         match outcome {
-            CommitOutcome::Committed => {
+            CommitOutcome::Committed(spare) => {
+                self.spare = Some(spare);
                 if std::mem::take(&mut self.stalled) {
                     tracing::info!("the state file accepts writes again; resuming");
                     self.set_store_error(None);
