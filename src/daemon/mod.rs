@@ -343,6 +343,8 @@ async fn consume(
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<Consumed> {
     let mut open: Option<OpenTxn> = None;
+    // The last transaction's emptied change list, reused by the next.
+    let mut spare_mapped: Vec<Mapped> = Vec::new();
     let mut toast = toast::ToastFiller::default();
     // Proof of life for the systemd watchdog, even when no messages arrive.
     let mut alive = tokio::time::interval(Duration::from_secs(1));
@@ -424,7 +426,7 @@ async fn consume(
                     time: pg_micros_to_rfc3339(commit_time_micros),
                     xid,
                     index: 0,
-                    mapped: Vec::new(),
+                    mapped: std::mem::take(&mut spare_mapped),
                 });
             }
             SourceEvent::Change(change) => {
@@ -459,8 +461,8 @@ async fn consume(
                         // transaction again and the stored part is re-sent
                         // with the same event ids, which targets de-duplicate.
                         committer.note_received(pipeline, &txn.mapped);
-                        let mapped = std::mem::take(&mut txn.mapped);
-                        let events = governor.process(mapped, txn.final_lsn, &txn.time);
+                        let events =
+                            governor.process_drain(&mut txn.mapped, txn.final_lsn, &txn.time);
                         committer.add_partial(events, take_delta(governor))?;
                     }
                 }
@@ -481,7 +483,9 @@ async fn consume(
                     anyhow::bail!("the server sent a commit without a transaction");
                 };
                 committer.note_received(pipeline, &txn.mapped);
-                let events = governor.process(txn.mapped, txn.final_lsn, &txn.time);
+                let mut txn = txn;
+                let events = governor.process_drain(&mut txn.mapped, txn.final_lsn, &txn.time);
+                spare_mapped = txn.mapped;
                 committer.add(events, take_delta(governor), end_lsn)?;
             }
         }

@@ -256,7 +256,12 @@ impl Governor {
 
     /// The state changes and audit records queued since the last call.
     pub fn take_delta(&mut self) -> GovDelta {
-        std::mem::take(&mut self.delta)
+        // Sized like the last one: transactions tend to look alike, and
+        // growing by doubling copies and touches fresh pages each time.
+        let capacity = self.delta.ops.len();
+        GovDelta {
+            ops: std::mem::replace(&mut self.delta.ops, Vec::with_capacity(capacity)),
+        }
     }
 
     /// Records held in quarantine, for every entity (zeros included, so a
@@ -283,13 +288,25 @@ impl Governor {
     /// events to append, each with its target index.
     pub fn process(
         &mut self,
-        mapped: Vec<Mapped>,
+        mut mapped: Vec<Mapped>,
         commit_lsn: Lsn,
         time: &str,
     ) -> Vec<(usize, Event)> {
-        let mut out = Vec::new();
+        self.process_drain(&mut mapped, commit_lsn, time)
+    }
+
+    /// [`Governor::process`], leaving `mapped` empty with its capacity, for
+    /// the caller to fill with the next transaction without growing a vector
+    /// from nothing again.
+    pub fn process_drain(
+        &mut self,
+        mapped: &mut Vec<Mapped>,
+        commit_lsn: Lsn,
+        time: &str,
+    ) -> Vec<(usize, Event)> {
+        let mut out = Vec::with_capacity(mapped.len());
         let mut deferred: Vec<(usize, String)> = Vec::new();
-        for m in mapped {
+        for m in mapped.drain(..) {
             let e = m.entity;
             let key = m.event.key.clone();
             let delete = m.op == ChangeOp::Delete;
