@@ -103,6 +103,22 @@ fn assert_counter_names(page: &str) {
     assert!(seen >= 10, "too few metrics on the page:\n{page}");
 }
 
+/// After a clean stop: the slot confirmed at least what the store holds
+/// (it may confirm more: WAL steward knows holds nothing for it).
+fn assert_slot_confirmed_the_durable_position(db: &TestDb) {
+    let checkpoint = Store::open(&db.state_path())
+        .expect("the store is released")
+        .checkpoint()
+        .expect("checkpoint")
+        .expect("a checkpoint");
+    let confirmed = db.confirmed_flush().expect("slot");
+    assert!(
+        confirmed >= checkpoint.0,
+        "confirmed {confirmed} < durable {}",
+        checkpoint.0
+    );
+}
+
 fn update_product_price(db: &TestDb, id: i64, price: &str) {
     db.sql(&format!(
         "UPDATE product_template SET list_price = {price} WHERE id = {id}"
@@ -758,17 +774,7 @@ async fn sighup_adds_an_entity_and_a_rule_while_changes_keep_coming_then_sigint_
     assert!(status.success(), "exit {status}; log:\n{logs}");
     assert!(logs.contains("SIGINT received"), "{logs}");
     assert!(logs.contains("durable position confirmed"), "{logs}");
-    let checkpoint = Store::open(&db.state_path())
-        .expect("the store is released")
-        .checkpoint()
-        .expect("checkpoint")
-        .expect("a checkpoint");
-    let confirmed = db.confirmed_flush().expect("slot");
-    assert!(
-        confirmed >= checkpoint.0,
-        "confirmed {confirmed} < durable {}",
-        checkpoint.0
-    );
+    assert_slot_confirmed_the_durable_position(&db);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -872,19 +878,7 @@ async fn sigterm_drains_confirms_the_durable_position_and_loses_nothing() {
     assert!(status.success(), "exit {status}; log:\n{logs}");
     assert!(logs.contains("durable position confirmed"), "{logs}");
 
-    let checkpoint = Store::open(&db.state_path())
-        .expect("the store is released")
-        .checkpoint()
-        .expect("checkpoint")
-        .expect("a checkpoint");
-    let confirmed = db.confirmed_flush().expect("slot");
-    // The slot never confirms more than is durable, except WAL steward
-    // already knows holds nothing for it (no transaction open).
-    assert!(
-        confirmed >= checkpoint.0,
-        "confirmed {confirmed} < durable {}",
-        checkpoint.0
-    );
+    assert_slot_confirmed_the_durable_position(&db);
 
     // Nothing lost: a restart delivers the rest, the last price included.
     let steward = Steward::start(&config, &db.dir.path().join("steward2.log"), &[]);
