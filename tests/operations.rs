@@ -220,6 +220,20 @@ async fn metrics_health_and_readiness_follow_a_target_outage() {
         db.confirmed_flush().is_some_and(|c| c > before)
     })
     .await;
+    // Other tests' databases share this cluster's WAL, so the slot moving is
+    // not proof on its own: a probe slot decoding only this database must
+    // see steward's heartbeat messages.
+    db.sql("SELECT pg_create_logical_replication_slot('ops_metrics_probe', 'test_decoding')");
+    wait_until("a heartbeat message in this database's WAL", WAIT, || {
+        db.sql(
+            "SELECT count(*) FROM pg_logical_slot_peek_changes('ops_metrics_probe', NULL, NULL) \
+             WHERE data LIKE 'message:%prefix: steward_heartbeat%'",
+        )
+        .trim()
+            != "0"
+    })
+    .await;
+    db.sql("SELECT pg_drop_replication_slot('ops_metrics_probe')");
 
     // A delivered change counts, with a latency sample.
     let id = some_product(&db);
