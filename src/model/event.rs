@@ -68,20 +68,24 @@ pub struct EventData(Box<serde_json::value::RawValue>);
 
 impl EventData {
     pub fn from_map(map: &serde_json::Map<String, serde_json::Value>) -> EventData {
-        let text = serde_json::to_string(map).unwrap_or_else(|_| "{}".to_string());
-        EventData::from_text(text)
+        EventData::from_json(serde_json::to_string(map))
     }
 
     pub fn from_value(value: &serde_json::Value) -> EventData {
-        let text = serde_json::to_string(value).unwrap_or_else(|_| "null".to_string());
-        EventData::from_text(text)
+        EventData::from_json(serde_json::to_string(value))
     }
 
-    /// `text` must be JSON (as written by serde_json); anything else becomes `null`.
-    fn from_text(text: String) -> EventData {
-        serde_json::value::RawValue::from_string(text)
-            .map(EventData)
-            .unwrap_or_else(|_| EventData::null())
+    /// Writing a `Value` fails only for a number that is not JSON, which the
+    /// value conversion never produces (non-finite numbers become strings):
+    /// a bug, reported loudly rather than stopping delivery.
+    fn from_json(text: Result<String, serde_json::Error>) -> EventData {
+        match text.and_then(serde_json::value::RawValue::from_string) {
+            Ok(raw) => EventData(raw),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write an event's data as JSON; it is delivered as null");
+                EventData::null()
+            }
+        }
     }
 
     pub fn null() -> EventData {
@@ -154,6 +158,32 @@ mod tests {
         assert_eq!(join_key(["1", "2"]), "1|2");
         assert_ne!(join_key(["a|b", "c"]), join_key(["a", "b|c"]));
         assert_eq!(join_key(["a|b", "c\\"]), "a\\|b|c\\\\");
+    }
+
+    #[test]
+    fn event_data_keeps_the_exact_json_through_the_outbox_encoding() {
+        let data: serde_json::Value =
+            serde_json::from_str(r#"{"price":1234.5000,"name":{"en_US":"Desk"},"qty":-0.000}"#)
+                .unwrap();
+        let event = Event {
+            id: Event::source_id(Lsn(0x100), 1),
+            entity: "product".into(),
+            key: "7".into(),
+            op: EventOp::Upsert,
+            version: 0x100,
+            time: "2024-05-01T12:00:00.000Z".into(),
+            data: data.clone().into(),
+            change: None,
+            tx_id: None,
+        };
+        assert_eq!(
+            event.data.as_str(),
+            r#"{"price":1234.5000,"name":{"en_US":"Desk"},"qty":-0.000}"#
+        );
+        let stored = serde_json::to_vec(&event).unwrap();
+        let back: Event = serde_json::from_slice(&stored).unwrap();
+        assert_eq!(back, event);
+        assert_eq!(back.data.to_value(), data);
     }
 
     #[test]
