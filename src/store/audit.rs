@@ -14,7 +14,7 @@
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, TableError, WriteTransaction};
 
 use super::governance::{open_or_empty, AuditRecord};
-use super::tables::{chunk_events, chunk_len, encode_chunk, CHUNK_MAX_BYTES, CHUNK_MAX_EVENTS};
+use super::tables::{chunk_events, chunk_len, encode_chunk, next_chunk};
 use super::{Store, StoreError, TxnError};
 
 /// first seq → chunk of JSON [`AuditRecord`]s.
@@ -45,17 +45,8 @@ pub(super) fn append(txn: &WriteTransaction, records: &[Vec<u8>]) -> Result<(), 
     };
     let mut rest = records;
     while !rest.is_empty() {
-        let mut n = 0;
-        let mut bytes = 0;
-        while n < rest.len() && n < CHUNK_MAX_EVENTS {
-            let size = rest[n].len() + 4;
-            if n > 0 && bytes + size > CHUNK_MAX_BYTES {
-                break;
-            }
-            bytes += size;
-            n += 1;
-        }
-        let mut chunk = Vec::with_capacity(bytes + 4);
+        let (n, bytes) = next_chunk(rest.iter().map(Vec::len));
+        let mut chunk = Vec::with_capacity(bytes);
         encode_chunk(rest[..n].iter().map(Vec::as_slice), &mut chunk);
         log.insert(next, chunk.as_slice())?;
         next += n as u64;

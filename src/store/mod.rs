@@ -55,8 +55,8 @@ use serde::Serialize;
 
 use crate::model::{Event, Lsn};
 use tables::{
-    chunk_events, chunk_len, encode_chunk, outbox_table, outbox_table_name, TargetState,
-    CHECKPOINT_KEY, CHUNK_MAX_BYTES, CHUNK_MAX_EVENTS, COUNTERS, META, TARGETS,
+    chunk_events, chunk_len, encode_chunk, next_chunk, outbox_table, outbox_table_name,
+    TargetState, CHECKPOINT_KEY, COUNTERS, META, TARGETS,
 };
 
 /// redb's page cache. Its default (1 GiB) is far more than steward's access
@@ -263,17 +263,7 @@ impl Store {
             let first_chunk = chunk_spans.len();
             let mut rest = entries.as_slice();
             while !rest.is_empty() {
-                let mut n = 0;
-                let mut bytes = 0;
-                while n < rest.len() && n < CHUNK_MAX_EVENTS {
-                    let (start, end) = rest[n];
-                    let next = end - start + 4;
-                    if n > 0 && bytes + next > CHUNK_MAX_BYTES {
-                        break;
-                    }
-                    bytes += next;
-                    n += 1;
-                }
+                let (n, _) = next_chunk(rest.iter().map(|&(s, e)| e - s));
                 let start = chunk_bytes.len();
                 encode_chunk(rest[..n].iter().map(|&(s, e)| &buf[s..e]), chunk_bytes);
                 chunk_spans.push(start..chunk_bytes.len());

@@ -17,8 +17,8 @@ use redb::{Durability, ReadableTable, TableDefinition, TableError};
 use serde::{Deserialize, Serialize};
 
 use super::tables::{
-    chunk_events, chunk_len, encode_chunk, outbox_table, outbox_table_name, CHECKPOINT_KEY,
-    CHUNK_MAX_BYTES, CHUNK_MAX_EVENTS, COUNTERS, TARGETS,
+    chunk_events, chunk_len, encode_chunk, next_chunk, outbox_table, outbox_table_name,
+    CHECKPOINT_KEY, COUNTERS, TARGETS,
 };
 use super::{load_state, Store, StoreError, TxnError};
 use crate::model::Lsn;
@@ -285,17 +285,8 @@ fn drop_outbox_entities(
     state.last_delivered_seq = state.last_seq;
     let mut rest = kept.as_slice();
     while !rest.is_empty() {
-        let mut n = 0;
-        let mut bytes = 0;
-        while n < rest.len() && n < CHUNK_MAX_EVENTS {
-            let next = rest[n].len() + 4;
-            if n > 0 && bytes + next > CHUNK_MAX_BYTES {
-                break;
-            }
-            bytes += next;
-            n += 1;
-        }
-        let mut chunk = Vec::with_capacity(bytes + 4);
+        let (n, bytes) = next_chunk(rest.iter().map(Vec::len));
+        let mut chunk = Vec::with_capacity(bytes);
         encode_chunk(rest[..n].iter().map(Vec::as_slice), &mut chunk);
         outbox.insert(state.last_seq + 1, chunk.as_slice())?;
         state.last_seq += chunk_len(&chunk).map_err(TxnError::Corrupt)?;

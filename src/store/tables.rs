@@ -60,6 +60,23 @@ pub(crate) fn encode_chunk<'a>(
     }
 }
 
+/// How many of the next entries (given their encoded lengths) make one
+/// chunk, and the chunk's encoded size: at least one entry, at most
+/// [`CHUNK_MAX_EVENTS`], within [`CHUNK_MAX_BYTES`] unless one entry alone is larger.
+pub(crate) fn next_chunk(lens: impl Iterator<Item = usize>) -> (usize, usize) {
+    let mut n = 0;
+    let mut bytes = 4;
+    for len in lens.take(CHUNK_MAX_EVENTS) {
+        let next = len + 4;
+        if n > 0 && bytes + next > CHUNK_MAX_BYTES + 4 {
+            break;
+        }
+        bytes += next;
+        n += 1;
+    }
+    (n, bytes)
+}
+
 /// Number of events in an encoded chunk, from its header alone.
 pub(crate) fn chunk_len(chunk: &[u8]) -> Result<u64, String> {
     chunk

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::tables::CHUNK_MAX_BYTES;
 use super::*;
 use crate::model::EventOp;
 
