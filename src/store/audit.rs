@@ -11,7 +11,7 @@
 //! Files written before chunking hold one record per row in the table
 //! `audit`; [`migrate_legacy`] moves them into chunks when the file is opened.
 
-use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, TableError, WriteTransaction};
+use redb::{ReadableTable, TableDefinition, TableError, WriteTransaction};
 
 use super::governance::{open_or_empty, AuditRecord};
 use super::tables::{chunk_events, chunk_len, encode_chunk, next_chunk};
@@ -57,18 +57,29 @@ pub(super) fn append(txn: &WriteTransaction, records: &[Vec<u8>]) -> Result<(), 
 
 /// Moves records of the one-row-per-record layout into chunks (call only
 /// when [`has_legacy`]: opening the table in a write transaction creates it).
+/// Moves a chunk's worth at a time, so a long trail never sits in memory whole.
 pub(super) fn migrate_legacy(txn: &WriteTransaction) -> Result<usize, TxnError> {
-    let records = {
-        let legacy = txn.open_table(LEGACY_AUDIT)?;
-        let mut records = Vec::with_capacity(legacy.len()? as usize);
-        for item in legacy.iter()? {
-            records.push(item?.1.value().to_vec());
+    let mut moved = 0;
+    {
+        let mut legacy = txn.open_table(LEGACY_AUDIT)?;
+        let mut records = Vec::new();
+        loop {
+            records.clear();
+            while records.len() < super::tables::CHUNK_MAX_EVENTS {
+                match legacy.pop_first()? {
+                    Some((_, record)) => records.push(record.value().to_vec()),
+                    None => break,
+                }
+            }
+            if records.is_empty() {
+                break;
+            }
+            append(txn, &records).map_err(|e| TxnError::Redb(Box::new(e)))?;
+            moved += records.len();
         }
-        records
-    };
-    append(txn, &records).map_err(|e| TxnError::Redb(Box::new(e)))?;
+    }
     txn.delete_table(LEGACY_AUDIT)?;
-    Ok(records.len())
+    Ok(moved)
 }
 
 /// Whether the file still has the one-row-per-record table.
