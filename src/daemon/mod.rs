@@ -479,11 +479,10 @@ async fn consume(
                 }
             }
             SourceEvent::Commit { end_lsn, .. } => {
-                let Some(txn) = open.take() else {
+                let Some(mut txn) = open.take() else {
                     anyhow::bail!("the server sent a commit without a transaction");
                 };
                 committer.note_received(pipeline, &txn.mapped);
-                let mut txn = txn;
                 let events = governor.process_drain(&mut txn.mapped, txn.final_lsn, &txn.time);
                 spare_mapped = txn.mapped;
                 committer.add(events, take_delta(governor), end_lsn)?;
