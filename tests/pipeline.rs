@@ -1493,16 +1493,7 @@ async fn a_big_transaction_passes_with_bounded_memory() {
     let child = support::Child::run(&config, &log);
     wait_streaming(&db).await;
     let started = std::time::Instant::now();
-    // Each key is changed many times within the one transaction, so what
-    // grows with the transaction (not with the number of records) shows.
-    let keys = rows.min(1000);
-    let rounds = rows / keys;
-    db.sql(&format!(
-        "DO $$ BEGIN FOR i IN 1..{rounds} LOOP \
-         UPDATE product_template SET list_price = list_price + 1 WHERE id BETWEEN 100001 AND {last}; \
-         END LOOP; END $$",
-        last = 100_000 + keys
-    ));
+    db.update_prices_in_one_transaction(rows);
     let delivered = wms
         .wait_for_events(rows as usize, Duration::from_secs(900))
         .await;

@@ -89,6 +89,20 @@ impl TestDb {
             .unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"))
     }
 
+    /// One transaction of `rows` product price updates over products
+    /// 100001.. (at most 1,000 of them, each updated `rows / 1000` times), so
+    /// what grows with the transaction, not with the number of records, shows.
+    pub fn update_prices_in_one_transaction(&self, rows: u64) {
+        let keys = rows.min(1000);
+        let rounds = rows / keys;
+        self.sql(&format!(
+            "DO $$ BEGIN FOR i IN 1..{rounds} LOOP \
+             UPDATE product_template SET list_price = list_price + 1 WHERE id BETWEEN 100001 AND {last}; \
+             END LOOP; END $$",
+            last = 100_000 + keys
+        ));
+    }
+
     pub async fn client(&self) -> tokio_postgres::Client {
         let (client, connection) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
             .await
