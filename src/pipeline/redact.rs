@@ -3,19 +3,30 @@
 //! before it is appended for one target. A value that cannot be masked or
 //! hashed is replaced by null: a policy error never leaks the original.
 
+use std::borrow::Cow;
+
 use hmac::{Hmac, Mac};
 use serde_json::{Map, Value};
 use sha2::Sha256;
 
 use crate::config::governance::{Mask, TargetPolicy};
 
-/// The document a target may see, and a note of what was redacted (empty if nothing).
-pub fn apply(
+/// The document a target may see, and a note of what was redacted (empty if
+/// nothing). Borrowed when the policy has no rule for the entity: most
+/// targets see whole documents, and copying each one cost a tenth of
+/// governance's time.
+pub fn apply<'a>(
     policy: &TargetPolicy,
     entity: &str,
-    doc: &Map<String, Value>,
-) -> (Map<String, Value>, Vec<String>) {
-    let mut out = match policy.allow.iter().find(|(e, _)| e == entity) {
+    doc: &'a Map<String, Value>,
+) -> (Cow<'a, Map<String, Value>>, Vec<String>) {
+    let touches = policy.allow.iter().any(|(e, _)| e == entity)
+        || policy.mask.iter().any(|(e, _, _)| e == entity)
+        || policy.hash.iter().any(|(e, _)| e == entity);
+    if !touches {
+        return (Cow::Borrowed(doc), Vec::new());
+    }
+    let mut out: Map<String, Value> = match policy.allow.iter().find(|(e, _)| e == entity) {
         Some((_, allowed)) => doc
             .iter()
             .filter(|(k, _)| allowed.iter().any(|a| a == *k))
@@ -68,7 +79,7 @@ pub fn apply(
             }
         }
     }
-    (out, notes)
+    (Cow::Owned(out), notes)
 }
 
 fn scalar_text(v: &Value) -> String {
@@ -133,7 +144,11 @@ mod tests {
         assert_eq!(notes.len(), 2);
         // Another entity is untouched.
         let (same, notes) = apply(&policy, "product", doc.as_object().unwrap());
-        assert_eq!(Value::Object(same), doc);
+        assert!(
+            matches!(same, Cow::Borrowed(_)),
+            "no copy for an entity without rules"
+        );
+        assert_eq!(Value::Object(same.into_owned()), doc);
         assert!(notes.is_empty());
         // No key: withheld, never the original.
         let policy = TargetPolicy {
