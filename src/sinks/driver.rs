@@ -259,16 +259,19 @@ struct Prepared {
     parked: Vec<NewDeadLetter>,
     /// Events of windowed entities, for the window buffer.
     windowed: Vec<Event>,
-    /// Events to deliver.
+    /// Events to deliver; taken by the lane that delivers them.
     send: Vec<Event>,
+    /// Commit times (Unix microseconds) of the events to deliver, one entry
+    /// per run of equal times with its length, for the latency histogram.
+    send_times: Vec<(i64, u64)>,
     window_done: Vec<(String, String)>,
 }
 
 /// An outbox batch handed to a lane; batches settle in outbox order.
 struct InFlight {
     prepared: Prepared,
-    /// `key_of` of each of its events; no other batch in flight has any of them.
-    keys: Vec<String>,
+    /// `key_hash` of each of its events; no other batch in flight has any of them.
+    keys: Vec<u64>,
     /// Set when its lane is done with it.
     outcome: Option<Isolated>,
 }
@@ -280,7 +283,7 @@ type LaneFuture<D> = Pin<Box<dyn Future<Output = LaneDone<D>> + Send>>;
 /// The outbox batches in flight, in outbox order, and their keys.
 struct Flights<D> {
     pending: VecDeque<InFlight>,
-    busy: HashSet<String>,
+    busy: HashSet<u64>,
     running: FuturesUnordered<LaneFuture<D>>,
     /// An operator request is waiting: no new batch starts, and what is not
     /// settled when the last lane is back is read again after the request.
@@ -373,7 +376,7 @@ impl<D: Deliver + 'static> Driver<D> {
                 // Per-key order: end the batch before a key still in flight.
                 if let Some(cut) = batch
                     .iter()
-                    .position(|(_, e)| flights.busy.contains(&key_of(e)))
+                    .position(|(_, e)| flights.busy.contains(&key_hash(e)))
                 {
                     batch.truncate(cut);
                 }
@@ -467,11 +470,11 @@ impl<D: Deliver + 'static> Driver<D> {
                 // Cannot happen: a lane is idle whenever a batch is pending less.
                 continue;
             };
-            let keys: Vec<String> = batch.iter().map(|(_, e)| key_of(e)).collect();
+            let keys: Vec<u64> = batch.iter().map(|(_, e)| key_hash(e)).collect();
             let events = batch.into_iter().map(|(_, e)| e).collect();
-            let prepared = self.prepare(Origin::Outbox, events, Some(last_seq));
-            let send = prepared.send.clone();
-            flights.busy.extend(keys.iter().cloned());
+            let mut prepared = self.prepare(Origin::Outbox, events, Some(last_seq));
+            let send = std::mem::take(&mut prepared.send);
+            flights.busy.extend(keys.iter().copied());
             flights.pending.push_back(InFlight {
                 prepared,
                 keys,
@@ -537,11 +540,12 @@ impl<D: Deliver + 'static> Driver<D> {
         events: Vec<Event>,
         last: Option<u64>,
     ) -> Result<(), Stop> {
-        let prepared = self.prepare(origin, events, last);
+        let mut prepared = self.prepare(origin, events, last);
         let Some(mut lane) = self.lanes.pop() else {
             return Ok(());
         };
-        let outcome = lane.deliver_isolating(prepared.send.clone()).await;
+        let send = std::mem::take(&mut prepared.send);
+        let outcome = lane.deliver_isolating(send).await;
         self.lanes.push(lane);
         self.settle(prepared, outcome?).await
     }
@@ -558,7 +562,7 @@ impl<D: Deliver + 'static> Driver<D> {
             Vec::new()
         };
         for e in events {
-            if self.held.contains(&key_of(&e)) {
+            if !self.held.is_empty() && self.held.contains(&key_of(&e)) {
                 parked.push(NewDeadLetter {
                     event: e,
                     failure: None,
@@ -571,12 +575,14 @@ impl<D: Deliver + 'static> Driver<D> {
                 send.push(e);
             }
         }
+        let send_times = commit_times(&send);
         Prepared {
             origin,
             last,
             parked,
             windowed,
             send,
+            send_times,
             window_done,
         }
     }
@@ -588,7 +594,8 @@ impl<D: Deliver + 'static> Driver<D> {
             last,
             parked,
             windowed,
-            send: sent,
+            send: _,
+            send_times,
             window_done,
         } = prepared;
         self.held.extend(outcome.held);
@@ -621,14 +628,12 @@ impl<D: Deliver + 'static> Driver<D> {
             .set(counts.dead_letters as f64);
         if outcome.delivered > 0 {
             self.metrics.delivered.increment(outcome.delivered);
-            let now = chrono::Utc::now();
-            for event in &sent {
-                if let Ok(t) = chrono::DateTime::parse_from_rfc3339(&event.time) {
-                    let secs = (now - t.with_timezone(&chrono::Utc))
-                        .num_microseconds()
-                        .unwrap_or(0);
-                    self.metrics.latency.record(secs.max(0) as f64 / 1e6);
-                }
+            let now = chrono::Utc::now().timestamp_micros();
+            for (time, count) in send_times {
+                let micros = now.saturating_sub(time).max(0);
+                self.metrics
+                    .latency
+                    .record_many(micros as f64 / 1e6, count as usize);
             }
         }
         Ok(())
@@ -663,8 +668,11 @@ impl<D: Deliver> Lane<D> {
         let mut first_failure: Option<String> = None;
         let policy = self.target.delivery.clone();
         while let Some(part) = queue.pop_front() {
-            let (parked, part): (Vec<Event>, Vec<Event>) =
-                part.into_iter().partition(|e| held.contains(&key_of(e)));
+            let (parked, part): (Vec<Event>, Vec<Event>) = if held.is_empty() {
+                (Vec::new(), part)
+            } else {
+                part.into_iter().partition(|e| held.contains(&key_of(e)))
+            };
             out.dead
                 .extend(parked.into_iter().map(|event| NewDeadLetter {
                     event,
@@ -1178,6 +1186,39 @@ impl TargetMetrics {
             *carry -= whole * 1_000_000;
         }
     }
+}
+
+/// A key's identity for the in-flight rule: a hash, so that the check costs
+/// no allocation per event. Two keys that collide only make a batch end
+/// earlier than it had to.
+fn key_hash(event: &Event) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    event.entity.hash(&mut h);
+    event.key.hash(&mut h);
+    h.finish()
+}
+
+/// The events' commit times as Unix microseconds, one entry per run of equal
+/// times (a transaction's events share one), so each time is parsed once.
+fn commit_times(events: &[Event]) -> Vec<(i64, u64)> {
+    let mut out: Vec<(i64, u64)> = Vec::new();
+    let mut last: Option<&str> = None;
+    for event in events {
+        if last == Some(event.time.as_str()) {
+            if let Some((_, count)) = out.last_mut() {
+                *count += 1;
+            }
+            continue;
+        }
+        last = Some(event.time.as_str());
+        if let Ok(t) = chrono::DateTime::parse_from_rfc3339(&event.time) {
+            out.push((t.timestamp_micros(), 1));
+        } else {
+            last = None;
+        }
+    }
+    out
 }
 
 #[cfg(test)]
