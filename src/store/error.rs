@@ -42,13 +42,6 @@ pub enum StoreError {
     )]
     Incompatible { path: PathBuf, detail: String },
 
-    #[error("cannot encode event {event_id} for target {target:?}: {detail}")]
-    Encode {
-        target: String,
-        event_id: String,
-        detail: String,
-    },
-
     #[error(
         "entry {seq} of target {target:?} in the state file {} cannot be decoded ({detail}); \
          the file was written by an incompatible steward version or is corrupted",

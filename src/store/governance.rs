@@ -12,14 +12,11 @@
 use redb::{ReadableTable, TableDefinition, TableError, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use super::{Store, StoreError, TxnError};
+use super::{Store, StoreError};
 use crate::model::{Event, Lsn};
 
 /// `entity \0 key` → the row's columns as a JSON object.
 pub(crate) const GOV_ROWS: TableDefinition<&str, &[u8]> = TableDefinition::new("gov_rows");
-/// `target \0 entity \0 key` → 16-byte hash of the last appended document.
-pub(crate) const GOV_PUBLISHED: TableDefinition<&str, &[u8]> =
-    TableDefinition::new("gov_published");
 /// `entity \0 field \0 normalised value` → key of the record holding it.
 pub(crate) const GOV_UNIQUE: TableDefinition<&str, &str> = TableDefinition::new("gov_unique");
 
@@ -64,10 +61,10 @@ pub enum GovOp {
         key: String,
         row: Option<Vec<u8>>,
     },
+    /// See [`super::published`]: the record's digest and the hash of the
+    /// document appended (`None`: no longer published).
     Published {
-        target: String,
-        entity: String,
-        key: String,
+        digest: [u8; 16],
         hash: Option<[u8; 16]>,
     },
     Unique {
@@ -98,7 +95,8 @@ impl GovDelta {
 #[derive(Debug, Default)]
 pub struct GovSnapshot {
     pub rows: Vec<(String, String, Vec<u8>)>,
-    pub published: Vec<(String, String, String, [u8; 16])>,
+    /// [`super::published::published_digest`] → document hash.
+    pub published: Vec<super::published::PublishedEntry>,
     pub unique: Vec<(String, String, String, String)>,
     pub quarantine: Vec<QuarantineEntry>,
 }
@@ -118,7 +116,7 @@ pub(super) fn apply(txn: &WriteTransaction, delta: &GovDelta) -> Result<(), redb
         return Ok(());
     }
     let mut rows = txn.open_table(GOV_ROWS)?;
-    let mut published = txn.open_table(GOV_PUBLISHED)?;
+    let mut published = Vec::new();
     let mut unique = txn.open_table(GOV_UNIQUE)?;
     let mut quarantine = txn.open_table(super::quarantine::QUARANTINE)?;
     let mut audit = Vec::new();
@@ -135,22 +133,7 @@ pub(super) fn apply(txn: &WriteTransaction, delta: &GovDelta) -> Result<(), redb
                     }
                 }
             }
-            GovOp::Published {
-                target,
-                entity,
-                key,
-                hash,
-            } => {
-                let k = join(&[target, entity, key]);
-                match hash {
-                    Some(h) => {
-                        published.insert(k.as_str(), h.as_slice())?;
-                    }
-                    None => {
-                        published.remove(k.as_str())?;
-                    }
-                }
-            }
+            GovOp::Published { digest, hash } => published.push((*digest, *hash)),
             GovOp::Unique {
                 entity,
                 field,
@@ -193,6 +176,8 @@ pub(super) fn apply(txn: &WriteTransaction, delta: &GovDelta) -> Result<(), redb
             }
         }
     }
+    drop((rows, unique, quarantine));
+    super::published::append(txn, &published)?;
     super::audit::append(txn, &audit)
 }
 
@@ -234,25 +219,7 @@ impl Store {
                     }
                 }
             }
-            if let Some(t) = open_or_empty!(txn, GOV_PUBLISHED) {
-                for item in t.iter()? {
-                    let (k, v) = item?;
-                    let hash: [u8; 16] = v.value().try_into().map_err(|_| {
-                        TxnError::Corrupt(format!(
-                            "gov_published entry {:?} is not 16 bytes",
-                            k.value()
-                        ))
-                    })?;
-                    if let [target, entity, key] = split(k.value())[..] {
-                        snap.published.push((
-                            target.to_string(),
-                            entity.to_string(),
-                            key.to_string(),
-                            hash,
-                        ));
-                    }
-                }
-            }
+            snap.published = super::published::load(txn)?;
             if let Some(t) = open_or_empty!(txn, GOV_UNIQUE) {
                 for item in t.iter()? {
                     let (k, v) = item?;

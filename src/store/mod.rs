@@ -34,7 +34,9 @@
 pub mod audit;
 mod dead_letter;
 mod error;
+mod event_codec;
 pub mod governance;
+pub mod published;
 pub mod quarantine;
 mod snapshot_progress;
 pub mod spill;
@@ -176,6 +178,13 @@ impl Store {
                 "moved the audit trail into the chunked layout"
             );
         }
+        if store.read(published::has_legacy)? {
+            let moved = store.write(Durability::Immediate, published::migrate_legacy)?;
+            tracing::info!(
+                records = moved,
+                "moved the published-document hashes into the log layout"
+            );
+        }
         Ok(store)
     }
 
@@ -238,11 +247,7 @@ impl Store {
         let mut last_group = 0;
         for (target, event) in appends {
             let start = buf.len();
-            serde_json::to_writer(&mut *buf, event).map_err(|e| StoreError::Encode {
-                target: target.to_string(),
-                event_id: event.id.clone(),
-                detail: e.to_string(),
-            })?;
+            event_codec::encode(event, buf);
             let range = (start, buf.len());
             // Appends usually come in runs of one target; check the last one first.
             if groups.get(last_group).is_some_and(|(t, _)| t == target) {
@@ -635,11 +640,11 @@ fn load_state<T: ReadableTable<&'static str, &'static [u8]>>(
 }
 
 fn decode_event(path: &Path, target: &str, seq: u64, bytes: &[u8]) -> Result<Event, StoreError> {
-    serde_json::from_slice(bytes).map_err(|e| StoreError::Decode {
+    event_codec::decode(bytes).map_err(|detail| StoreError::Decode {
         path: path.to_path_buf(),
         target: target.to_string(),
         seq,
-        detail: e.to_string(),
+        detail,
     })
 }
 

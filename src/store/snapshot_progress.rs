@@ -20,7 +20,7 @@ use super::tables::{
     chunk_events, chunk_len, encode_chunk, next_chunk, outbox_table, outbox_table_name,
     CHECKPOINT_KEY, COUNTERS, TARGETS,
 };
-use super::{load_state, Store, StoreError, TxnError};
+use super::{event_codec, load_state, Store, StoreError, TxnError};
 use crate::model::Lsn;
 
 /// `<target>\x1f<entity>` → JSON of [`SnapshotJob`].
@@ -240,12 +240,6 @@ impl Store {
     }
 }
 
-#[derive(Deserialize)]
-struct EntityOnly<'a> {
-    #[serde(borrow)]
-    entity: std::borrow::Cow<'a, str>,
-}
-
 /// Rewrites the target's undelivered outbox without the events of
 /// `entities`: everything pending counts as consumed (the cursor moves to the
 /// end, delivered totals unchanged) and the kept events are appended again
@@ -271,10 +265,10 @@ fn drop_outbox_entities(
             if seq < start {
                 continue;
             }
-            let e: EntityOnly = serde_json::from_slice(bytes).map_err(|e| {
+            let entity = event_codec::entity(bytes).map_err(|e| {
                 TxnError::Corrupt(format!("outbox of target {target:?} at {seq}: {e}"))
             })?;
-            if !entities.iter().any(|n| n == e.entity.as_ref()) {
+            if !entities.iter().any(|n| n == entity.as_ref()) {
                 kept.push(bytes.to_vec());
             }
         }

@@ -566,3 +566,138 @@ fn a_legacy_audit_table_is_moved_into_chunks_on_open() {
     let txn = db.begin_read().unwrap();
     assert!(audit::has_legacy(&txn).ok() == Some(false));
 }
+
+fn published_delta(changes: &[(u64, Option<u8>)]) -> governance::GovDelta {
+    governance::GovDelta {
+        ops: changes
+            .iter()
+            .map(|&(n, hash)| governance::GovOp::Published {
+                digest: published::published_digest("wms", "product", &n.to_string()),
+                hash: hash.map(|h| [h; 16]),
+            })
+            .collect(),
+    }
+}
+
+fn published_state(store: &Store) -> std::collections::BTreeMap<[u8; 16], [u8; 16]> {
+    store
+        .load_governance()
+        .unwrap()
+        .published
+        .into_iter()
+        .collect()
+}
+
+#[test]
+fn published_hashes_replay_in_order_and_survive_reopen() {
+    let (_dir, path) = temp();
+    {
+        let store = Store::open(&path).unwrap();
+        // Set, overwrite, remove and set again, across commits and within one.
+        store
+            .commit_governed(
+                Lsn(0x100),
+                &[],
+                &published_delta(&[(1, Some(1)), (2, Some(2))]),
+            )
+            .unwrap();
+        store
+            .commit_governed(
+                Lsn(0x200),
+                &[],
+                &published_delta(&[
+                    (1, Some(3)),
+                    (2, None),
+                    (3, Some(4)),
+                    (3, None),
+                    (3, Some(5)),
+                ]),
+            )
+            .unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let digest = |n: u64| published::published_digest("wms", "product", &n.to_string());
+    let expected: std::collections::BTreeMap<_, _> = [(digest(1), [3; 16]), (digest(3), [5; 16])]
+        .into_iter()
+        .collect();
+    assert_eq!(published_state(&store), expected);
+}
+
+#[test]
+fn the_published_log_is_compacted_and_keeps_the_live_state() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    // 50 records rewritten over and over: far more changes than live entries.
+    let rounds = (published::COMPACT_SLACK as usize / 50) * 3;
+    // 40 rounds a commit: compaction happens inside commits of many changes.
+    for (c, first) in (0..rounds).step_by(40).enumerate() {
+        let changes: Vec<(u64, Option<u8>)> = (first..(first + 40).min(rounds))
+            .flat_map(|round| {
+                (0..50u64).map(move |n| (n, (n % 7 != 0 || round % 2 == 0).then_some(round as u8)))
+            })
+            .collect();
+        store
+            .commit_governed(Lsn(0x100 + c as u64), &[], &published_delta(&changes))
+            .unwrap();
+    }
+    let entries = store.read(published::log_entries).unwrap();
+    let written = rounds * 50;
+    assert!(
+        entries <= published::COMPACT_SLACK as usize + 100,
+        "{entries} log entries after {written} changes: the log was not compacted"
+    );
+    let last = (rounds - 1) as u8;
+    let expected: std::collections::BTreeMap<_, _> = (0..50u64)
+        .filter(|n| n % 7 != 0 || (rounds - 1) % 2 == 0)
+        .map(|n| {
+            (
+                published::published_digest("wms", "product", &n.to_string()),
+                [last; 16],
+            )
+        })
+        .collect();
+    assert_eq!(published_state(&store), expected);
+    drop(store);
+    assert_eq!(published_state(&Store::open(&path).unwrap()), expected);
+}
+
+#[test]
+fn a_legacy_published_table_is_moved_into_the_log_on_open() {
+    let (_dir, path) = temp();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    {
+        let db = redb::Database::create(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let legacy: redb::TableDefinition<&str, &[u8]> =
+                redb::TableDefinition::new("gov_published");
+            let mut t = txn.open_table(legacy).unwrap();
+            for n in 1..=3u8 {
+                t.insert(format!("wms\0product\0{n}").as_str(), [n; 16].as_slice())
+                    .unwrap();
+            }
+        }
+        txn.commit().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    store
+        .commit_governed(
+            Lsn(0x100),
+            &[],
+            &published_delta(&[(2, None), (4, Some(4))]),
+        )
+        .unwrap();
+    let digest = |n: u64| published::published_digest("wms", "product", &n.to_string());
+    let expected: std::collections::BTreeMap<_, _> = [
+        (digest(1), [1; 16]),
+        (digest(3), [3; 16]),
+        (digest(4), [4; 16]),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(published_state(&store), expected);
+    drop(store);
+    let db = redb::Database::open(&path).unwrap();
+    let txn = db.begin_read().unwrap();
+    assert!(published::has_legacy(&txn).ok() == Some(false));
+}

@@ -1,0 +1,214 @@
+//! The hash of the last document appended per target and record (no-op
+//! suppression and "was published" for lifecycle gates and routing), keyed
+//! by [`published_digest`].
+//!
+//! Stored as a log of changes, one redb row per commit (up to
+//! [`ENTRIES_PER_ROW`] changes of [`ENTRY_LEN`] bytes each), replayed at
+//! start-up. A row per record cost a B-tree insert per delivered event: on
+//! the e2e bench, half of the commit thread's time. The log is compacted in
+//! the commit that takes it past twice the live set (plus
+//! [`COMPACT_SLACK`]), so it stays within a small multiple of the live set
+//! and each change is rewritten a bounded number of times.
+//!
+//! Files written before the log hold one row per record in the table
+//! `gov_published`, keyed by names; [`migrate_legacy`] moves them into the
+//! log when the file is opened.
+
+use std::collections::HashMap;
+
+use redb::{ReadableTable, TableDefinition, TableError, WriteTransaction};
+
+use super::governance::open_or_empty;
+use super::TxnError;
+
+/// Row number → changes, each `digest (16) | present (1) | hash (16)`.
+pub(crate) const PUBLISHED_LOG: TableDefinition<u64, &[u8]> =
+    TableDefinition::new("gov_published_log");
+/// Before the log: `target \0 entity \0 key` → 16-byte hash.
+const LEGACY_PUBLISHED: TableDefinition<&str, &[u8]> = TableDefinition::new("gov_published");
+
+/// The log's own counters (the commit holds the store's `counters` table
+/// open while governance state is written).
+const LOG_COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("gov_published_counters");
+/// Changes in the log (live or superseded).
+const LOG_ENTRIES: &str = "log_entries";
+/// Live entries right after the last compaction.
+const LIVE_AT_COMPACTION: &str = "live_at_compaction";
+
+pub(crate) const ENTRY_LEN: usize = 33;
+/// About 60 KiB a row, like outbox chunks.
+pub(crate) const ENTRIES_PER_ROW: usize = 1860;
+/// Superseded entries tolerated beyond the live set before compacting.
+pub(crate) const COMPACT_SLACK: u64 = 100_000;
+
+/// One change: the record's digest and its new hash (`None`: no longer published).
+pub type PublishedChange = ([u8; 16], Option<[u8; 16]>);
+/// One live entry: the record's digest and the hash of its last document.
+pub type PublishedEntry = ([u8; 16], [u8; 16]);
+
+/// The key of one (target, entity, key) in the published state. BLAKE3 over
+/// length-prefixed names: unambiguous, and stable across configuration
+/// changes (names, not positions in the configuration).
+pub fn published_digest(target: &str, entity: &str, key: &str) -> [u8; 16] {
+    let mut h = blake3::Hasher::new();
+    for part in [target, entity, key] {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    out
+}
+
+/// Appends `changes` (in order) inside `txn`, compacting the log when due.
+#[allow(clippy::result_large_err)] // redb's own error type, boxed by the caller
+pub(super) fn append(
+    txn: &WriteTransaction,
+    changes: &[PublishedChange],
+) -> Result<(), redb::Error> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    write_rows(txn, changes.iter().copied())?;
+    let mut counters = txn.open_table(LOG_COUNTERS)?;
+    let entries = counters.get(LOG_ENTRIES)?.map_or(0, |v| v.value()) + changes.len() as u64;
+    counters.insert(LOG_ENTRIES, entries)?;
+    let live = counters.get(LIVE_AT_COMPACTION)?.map_or(0, |v| v.value());
+    drop(counters);
+    if entries > live.saturating_mul(2).saturating_add(COMPACT_SLACK) {
+        compact(txn)?;
+    }
+    Ok(())
+}
+
+#[allow(clippy::result_large_err)]
+fn write_rows(
+    txn: &WriteTransaction,
+    changes: impl ExactSizeIterator<Item = PublishedChange>,
+) -> Result<(), redb::Error> {
+    let mut log = txn.open_table(PUBLISHED_LOG)?;
+    let mut next = log.last()?.map_or(1, |(row, _)| row.value() + 1);
+    let mut row = Vec::with_capacity(changes.len().min(ENTRIES_PER_ROW) * ENTRY_LEN);
+    for (digest, hash) in changes {
+        row.extend_from_slice(&digest);
+        row.push(u8::from(hash.is_some()));
+        row.extend_from_slice(&hash.unwrap_or_default());
+        if row.len() == ENTRIES_PER_ROW * ENTRY_LEN {
+            log.insert(next, row.as_slice())?;
+            next += 1;
+            row.clear();
+        }
+    }
+    if !row.is_empty() {
+        log.insert(next, row.as_slice())?;
+    }
+    Ok(())
+}
+
+/// Replaces the log by its live entries.
+#[allow(clippy::result_large_err)]
+fn compact(txn: &WriteTransaction) -> Result<(), redb::Error> {
+    let live = {
+        let mut log = txn.open_table(PUBLISHED_LOG)?;
+        let mut live: HashMap<[u8; 16], [u8; 16]> = HashMap::new();
+        while let Some((_, row)) = log.pop_first()? {
+            fold(row.value(), &mut live);
+        }
+        live
+    };
+    let n = live.len() as u64;
+    write_rows(txn, live.into_iter().map(|(d, h)| (d, Some(h))))?;
+    let mut counters = txn.open_table(LOG_COUNTERS)?;
+    counters.insert(LOG_ENTRIES, n)?;
+    counters.insert(LIVE_AT_COMPACTION, n)?;
+    Ok(())
+}
+
+/// Applies one row's changes to `live`. A torn last entry cannot happen
+/// (rows are written whole in a transaction); a short one is ignored.
+fn fold(row: &[u8], live: &mut HashMap<[u8; 16], [u8; 16]>) {
+    for entry in row.chunks_exact(ENTRY_LEN) {
+        let mut digest = [0u8; 16];
+        digest.copy_from_slice(&entry[..16]);
+        if entry[16] == 1 {
+            let mut hash = [0u8; 16];
+            hash.copy_from_slice(&entry[17..]);
+            live.insert(digest, hash);
+        } else {
+            live.remove(&digest);
+        }
+    }
+}
+
+/// The live state: the log replayed.
+pub(super) fn load(txn: &redb::ReadTransaction) -> Result<Vec<PublishedEntry>, TxnError> {
+    let mut live = HashMap::new();
+    if let Some(t) = open_or_empty!(txn, PUBLISHED_LOG) {
+        for item in t.iter()? {
+            let (row, bytes) = item?;
+            if bytes.value().len() % ENTRY_LEN != 0 {
+                return Err(TxnError::Corrupt(format!(
+                    "gov_published_log row {} is {} bytes, not a multiple of {ENTRY_LEN}",
+                    row.value(),
+                    bytes.value().len()
+                )));
+            }
+            fold(bytes.value(), &mut live);
+        }
+    }
+    Ok(live.into_iter().collect())
+}
+
+/// Whether the file still has the name-keyed table of earlier versions.
+pub(super) fn has_legacy(txn: &redb::ReadTransaction) -> Result<bool, TxnError> {
+    match txn.open_table(LEGACY_PUBLISHED) {
+        Ok(_) => Ok(true),
+        Err(TableError::TableDoesNotExist(_)) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Moves the name-keyed rows into the log, a row's worth at a time.
+pub(super) fn migrate_legacy(txn: &WriteTransaction) -> Result<usize, TxnError> {
+    let mut moved = 0;
+    {
+        let mut legacy = txn.open_table(LEGACY_PUBLISHED)?;
+        let mut changes = Vec::new();
+        loop {
+            changes.clear();
+            while changes.len() < ENTRIES_PER_ROW {
+                let Some((k, v)) = legacy.pop_first()? else {
+                    break;
+                };
+                let hash: [u8; 16] = v.value().try_into().map_err(|_| {
+                    TxnError::Corrupt(format!(
+                        "gov_published entry {:?} is not 16 bytes",
+                        k.value()
+                    ))
+                })?;
+                if let [target, entity, key] = k.value().split('\0').collect::<Vec<_>>()[..] {
+                    changes.push((published_digest(target, entity, key), Some(hash)));
+                }
+            }
+            if changes.is_empty() {
+                break;
+            }
+            append(txn, &changes).map_err(|e| TxnError::Redb(Box::new(e)))?;
+            moved += changes.len();
+        }
+    }
+    txn.delete_table(LEGACY_PUBLISHED)?;
+    Ok(moved)
+}
+
+/// Rows in the log (for tests of compaction).
+#[cfg(test)]
+pub(super) fn log_entries(txn: &redb::ReadTransaction) -> Result<usize, TxnError> {
+    let mut n = 0;
+    if let Some(t) = open_or_empty!(txn, PUBLISHED_LOG) {
+        for item in t.iter()? {
+            n += item?.1.value().len() / ENTRY_LEN;
+        }
+    }
+    Ok(n)
+}
