@@ -3,7 +3,8 @@
 //! decoding limit).
 //!
 //! `cargo bench --bench e2e` (all workloads), or `cargo bench --bench e2e -- W2`.
-//! `STEWARD_BENCH_ROWS` overrides the 200,000 rows per workload.
+//! `STEWARD_BENCH_ROWS` overrides the 200,000 rows per workload;
+//! `STEWARD_BENCH_WRAPPER` runs steward under a wrapper command (valgrind).
 //! `--target http|postgres|nats|file` picks the target type (default http):
 //! postgres writes into a fresh database of the same cluster (create_tables),
 //! nats into a JetStream stream of a nats-server started here, file into a
@@ -400,7 +401,18 @@ initial = "none"
     )
     .expect("config");
     let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_steward"))
+    // e.g. STEWARD_BENCH_WRAPPER="valgrind --tool=callgrind" for instruction
+    // counts, which do not vary with the machine's load as times do.
+    let wrapper = std::env::var("STEWARD_BENCH_WRAPPER").unwrap_or_default();
+    let mut command = match wrapper.split_whitespace().collect::<Vec<_>>()[..] {
+        [] => Command::new(env!("CARGO_BIN_EXE_steward")),
+        [program, ref args @ ..] => {
+            let mut c = Command::new(program);
+            c.args(args).arg(env!("CARGO_BIN_EXE_steward"));
+            c
+        }
+    };
+    let mut child = command
         .args(["run", "-c"])
         .arg(&config)
         .stderr(Stdio::from(

@@ -68,18 +68,22 @@ pub struct EventData(Box<serde_json::value::RawValue>);
 
 impl EventData {
     pub fn from_map(map: &serde_json::Map<String, serde_json::Value>) -> EventData {
-        EventData::from_json(serde_json::to_string(map))
+        EventData::from_raw_result(serde_json::value::to_raw_value(map))
     }
 
     pub fn from_value(value: &serde_json::Value) -> EventData {
-        EventData::from_json(serde_json::to_string(value))
+        EventData::from_raw_result(serde_json::value::to_raw_value(value))
     }
 
+    /// `to_raw_value` wraps the text it just wrote without parsing it again,
+    /// as `RawValue::from_string` would.
     /// Writing a `Value` fails only for a number that is not JSON, which the
     /// value conversion never produces (non-finite numbers become strings):
     /// a bug, reported loudly rather than stopping delivery.
-    fn from_json(text: Result<String, serde_json::Error>) -> EventData {
-        match text.and_then(serde_json::value::RawValue::from_string) {
+    fn from_raw_result(
+        raw: Result<Box<serde_json::value::RawValue>, serde_json::Error>,
+    ) -> EventData {
+        match raw {
             Ok(raw) => EventData(raw),
             Err(e) => {
                 tracing::error!(error = %e, "cannot write an event's data as JSON; it is delivered as null");

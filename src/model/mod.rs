@@ -3,6 +3,7 @@
 
 pub mod change;
 pub mod event;
+pub mod json;
 pub mod lsn;
 pub mod value;
 

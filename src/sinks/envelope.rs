@@ -135,7 +135,10 @@ pub fn write_one(
     out: &mut Vec<u8>,
 ) -> Result<(), serde_json::Error> {
     match envelope {
-        Envelope::CloudEvents => write_event(event, &ctx.source, out),
+        Envelope::CloudEvents => {
+            write_event(event, &ctx.source, out);
+            Ok(())
+        }
         Envelope::Debezium => serde_json::to_writer(
             out,
             &debezium(event, ctx, chrono::Utc::now().timestamp_millis()),
@@ -151,7 +154,10 @@ pub fn write_array(
     out: &mut Vec<u8>,
 ) -> Result<(), serde_json::Error> {
     match envelope {
-        Envelope::CloudEvents => write_batch(events, &ctx.source, out),
+        Envelope::CloudEvents => {
+            write_batch(events, &ctx.source, out);
+            Ok(())
+        }
         Envelope::Debezium => {
             let now = chrono::Utc::now().timestamp_millis();
             let views: Vec<Debezium> = events.iter().map(|e| debezium(e, ctx, now)).collect();

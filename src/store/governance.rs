@@ -13,7 +13,7 @@ use redb::{ReadableTable, TableDefinition, TableError, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::{Store, StoreError};
-use crate::model::{Event, Lsn};
+use crate::model::{json, Event, Lsn};
 
 /// `entity \0 key` → the row's columns as a JSON object.
 pub(crate) const GOV_ROWS: TableDefinition<&str, &[u8]> = TableDefinition::new("gov_rows");
@@ -167,11 +167,8 @@ pub(super) fn apply(txn: &WriteTransaction, delta: &GovDelta) -> Result<(), redb
                 }
             }
             GovOp::Audit(record) => {
-                let bytes = serde_json::to_vec(record).map_err(|e| {
-                    redb::Error::Io(std::io::Error::other(format!(
-                        "cannot encode an audit record: {e}"
-                    )))
-                })?;
+                let mut bytes = Vec::with_capacity(160);
+                write_audit_record(record, &mut bytes);
                 audit.push(bytes);
             }
         }
@@ -179,6 +176,31 @@ pub(super) fn apply(txn: &WriteTransaction, delta: &GovDelta) -> Result<(), redb
     drop((rows, unique, quarantine));
     super::published::append(txn, &published)?;
     super::audit::append(txn, &audit)
+}
+
+/// An audit record as JSON, written by hand: one per delivered event, and
+/// serde's derived serializer (escaping every key byte by byte) was a
+/// twentieth of steward's instructions. Same bytes as `serde_json::to_vec`.
+fn write_audit_record(r: &AuditRecord, out: &mut Vec<u8>) {
+    out.push(b'{');
+    json::write_key(out, "time_micros", true);
+    json::write_int(out, r.time_micros);
+    json::write_key(out, "entity", false);
+    json::write_str(out, &r.entity);
+    json::write_key(out, "key", false);
+    json::write_str(out, &r.key);
+    json::write_key(out, "version", false);
+    json::write_int(out, r.version);
+    json::write_key(out, "target", false);
+    match &r.target {
+        Some(t) => json::write_str(out, t),
+        None => out.extend_from_slice(b"null"),
+    }
+    json::write_key(out, "decision", false);
+    json::write_str(out, &r.decision);
+    json::write_key(out, "detail", false);
+    json::write_str(out, &r.detail);
+    out.push(b'}');
 }
 
 /// Opens a table for reading; a table never written yet reads as empty.
@@ -247,5 +269,28 @@ impl Store {
     ) -> Result<Vec<(String, u64)>, StoreError> {
         let checkpoint = self.checkpoint()?.unwrap_or(Lsn::ZERO);
         self.commit_governed(checkpoint, appends, delta)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_records_are_written_as_serde_would() {
+        for (target, text) in [(None, "plain"), (Some("wms \"eu\""), "tab\t\u{1} ü")] {
+            let record = AuditRecord {
+                time_micros: -5,
+                entity: format!("product{text}"),
+                key: format!("7|{text}"),
+                version: u64::MAX,
+                target: target.map(str::to_string),
+                decision: "delivered".into(),
+                detail: format!("upsert {text}"),
+            };
+            let mut out = Vec::new();
+            write_audit_record(&record, &mut out);
+            assert_eq!(out, serde_json::to_vec(&record).unwrap());
+        }
     }
 }
