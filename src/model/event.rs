@@ -98,9 +98,7 @@ impl EventData {
     }
 
     pub fn null() -> EventData {
-        EventData(
-            serde_json::value::RawValue::from_string("null".to_string()).expect("null is JSON"),
-        )
+        EventData(serde_json::value::RawValue::NULL.to_owned())
     }
 
     /// The JSON text.
@@ -146,7 +144,7 @@ impl Event {
         for (i, slot) in out[17..].iter_mut().enumerate() {
             *slot = HEX[((index >> (28 - 4 * i)) & 0xF) as usize];
         }
-        out.iter().map(|&b| b as char).collect()
+        String::from_utf8_lossy(&out).into_owned()
     }
 }
 

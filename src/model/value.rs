@@ -159,6 +159,147 @@ pub fn text_to_json(type_oid: u32, text: &[u8]) -> Result<Value, ValueError> {
     str_to_json(type_oid, s)
 }
 
+/// The value at `path` inside a column's text: for JSON columns the
+/// document is walked without building the parts off the path (a
+/// translated `name` column holds every language, one is mapped); other
+/// types convert whole and step in. Either way the result is what
+/// [`text_to_json`] followed by [`follow_path`] gives, errors included.
+pub fn text_to_json_at(type_oid: u32, text: &[u8], path: &[String]) -> Result<Value, ValueError> {
+    if path.is_empty() || !matches!(type_oid, JSON | JSONB) {
+        return text_to_json(type_oid, text).map(|v| follow_path(v, path));
+    }
+    let s = std::str::from_utf8(text).map_err(|e| ValueError::InvalidUtf8 {
+        type_oid,
+        type_name: type_name(type_oid),
+        offset: e.valid_up_to(),
+    })?;
+    let mut de = serde_json::Deserializer::from_str(s);
+    serde::de::DeserializeSeed::deserialize(json_walk::AtPath(path), &mut de)
+        .and_then(|v| de.end().map(|()| v))
+        .map_err(|e| invalid(type_oid, s, format!("not valid JSON: {e}")))
+}
+
+/// Steps into `value`: object members by key, array elements by index;
+/// anything else (or a missing member) is null.
+pub fn follow_path(mut value: Value, path: &[String]) -> Value {
+    for step in path {
+        value = match value {
+            Value::Object(mut map) => map.remove(step.as_str()).unwrap_or(Value::Null),
+            Value::Array(mut items) => match step.parse::<usize>() {
+                Ok(i) if i < items.len() => items.swap_remove(i),
+                _ => Value::Null,
+            },
+            _ => Value::Null,
+        };
+    }
+    value
+}
+
+mod json_walk {
+    //! A serde seed that keeps only the value at a path. Everything else is
+    //! still parsed (so invalid JSON is an error) but skipped, not built.
+    //! With `arbitrary_precision`, a number reaches `visit_map` as a map
+    //! with serde_json's private key: no step matches it, so it is null
+    //! like any other scalar.
+    use std::fmt;
+
+    use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+    use serde::Deserialize;
+    use serde_json::Value;
+
+    pub struct AtPath<'p>(pub &'p [String]);
+
+    impl<'de> DeserializeSeed<'de> for AtPath<'_> {
+        type Value = Value;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+            match self.0.split_first() {
+                None => Value::deserialize(d),
+                Some((step, rest)) => d.deserialize_any(Step { step, rest }),
+            }
+        }
+    }
+
+    struct Step<'p> {
+        step: &'p str,
+        rest: &'p [String],
+    }
+
+    macro_rules! scalar_is_null {
+        ($($name:ident: $ty:ty),*) => {$(
+            fn $name<E: serde::de::Error>(self, _: $ty) -> Result<Value, E> {
+                Ok(Value::Null)
+            }
+        )*};
+    }
+
+    impl<'de> Visitor<'de> for Step<'_> {
+        type Value = Value;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("any JSON value")
+        }
+
+        scalar_is_null!(visit_bool: bool, visit_i64: i64, visit_u64: u64, visit_f64: f64, visit_str: &str);
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Value, E> {
+            Ok(Value::Null)
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+            // The last of duplicate keys wins, as when the object is built.
+            let mut found = Value::Null;
+            while let Some(hit) = map.next_key_seed(KeyIs(self.step))? {
+                if hit {
+                    found = map.next_value_seed(AtPath(self.rest))?;
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(found)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+            let wanted = self.step.parse::<usize>().ok();
+            let mut found = Value::Null;
+            let mut i = 0usize;
+            loop {
+                if Some(i) == wanted {
+                    match seq.next_element_seed(AtPath(self.rest))? {
+                        Some(v) => found = v,
+                        None => break,
+                    }
+                } else if seq.next_element::<IgnoredAny>()?.is_none() {
+                    break;
+                }
+                i += 1;
+            }
+            Ok(found)
+        }
+    }
+
+    /// Whether an object key equals the step, without allocating it.
+    struct KeyIs<'p>(&'p str);
+
+    impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
+        type Value = bool;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+            d.deserialize_str(self)
+        }
+    }
+
+    impl<'de> Visitor<'de> for KeyIs<'_> {
+        type Value = bool;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an object key")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, key: &str) -> Result<bool, E> {
+            Ok(key == self.0)
+        }
+    }
+}
+
 fn str_to_json(type_oid: u32, s: &str) -> Result<Value, ValueError> {
     match type_oid {
         INT2 | INT4 | INT8 => s
@@ -656,6 +797,101 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::json;
+
+    fn whole_then_path(oid: u32, text: &str, path: &[String]) -> Result<Value, ValueError> {
+        text_to_json(oid, text.as_bytes()).map(|v| follow_path(v, path))
+    }
+
+    fn path(steps: &[&str]) -> Vec<String> {
+        steps.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn json_at_a_path_is_what_the_whole_document_gives() {
+        let docs = [
+            r#"{"en_US": "Bolt", "de_DE": "Schraube \"M8\""}"#,
+            r#"{"a": {"b": [1, {"c": 2.50}]}, "a": {"b": [3, 4]}}"#,
+            "[1, [2, 3.000], null]",
+            "12.5000",
+            "\"text\"",
+            "null",
+            r#"{"n": 123456789012345678901234567890.5, "e": {}}"#,
+            r#" {"x": {"y": true}} "#,
+        ];
+        let paths = [
+            path(&[]),
+            path(&["en_US"]),
+            path(&["de_DE"]),
+            path(&["fr_FR"]),
+            path(&["a", "b", "1"]),
+            path(&["a", "b", "1", "c"]),
+            path(&["a", "b", "0"]),
+            path(&["1", "1"]),
+            path(&["2"]),
+            path(&["9"]),
+            path(&["n"]),
+            path(&["e", "f"]),
+            path(&["x", "y", "z"]),
+            path(&["x", "y"]),
+        ];
+        for oid in [JSON, JSONB] {
+            for doc in docs {
+                for p in &paths {
+                    let fast = text_to_json_at(oid, doc.as_bytes(), p).unwrap();
+                    assert_eq!(
+                        fast,
+                        whole_then_path(oid, doc, p).unwrap(),
+                        "{doc} at {p:?}"
+                    );
+                }
+            }
+            for bad in [
+                r#"{"en_US": "x""#,
+                r#"{"en_US": "x"} more"#,
+                r#"{"a": tru}"#,
+                "",
+            ] {
+                let err = text_to_json_at(oid, bad.as_bytes(), &path(&["en_US"])).unwrap_err();
+                assert!(err.to_string().contains("not valid JSON"), "{bad}: {err}");
+            }
+        }
+        // Not JSON: converted whole, then stepped into (always null here).
+        assert_eq!(
+            text_to_json_at(TEXT, b"abc", &path(&["x"])).unwrap(),
+            Value::Null
+        );
+    }
+
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            "[a-z\"]{0,4}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::vec(("[a-c]", inner), 0..4)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn any_document_and_path_agree(
+            doc in arb_json(),
+            steps in proptest::collection::vec(proptest::sample::select(vec!["a", "b", "c", "0", "1", "2"]), 0..4),
+        ) {
+            let text = doc.to_string();
+            let p = path(&steps);
+            prop_assert_eq!(
+                text_to_json_at(JSONB, text.as_bytes(), &p).unwrap(),
+                whole_then_path(JSONB, &text, &p).unwrap()
+            );
+        }
+    }
 
     fn conv(oid: u32, s: &str) -> Value {
         text_to_json(oid, s.as_bytes()).unwrap_or_else(|e| panic!("{oid} {s:?}: {e}"))

@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 
 use crate::config::{Config, EntityConfig, FieldSource};
 use crate::model::event::join_key;
-use crate::model::value::text_to_json;
+use crate::model::value::{text_to_json, text_to_json_at};
 use crate::model::{
     Change, ChangeOp, Event, EventData, EventOp, Lsn, Relation, SourceChange, TupleValue,
 };
@@ -431,7 +431,7 @@ impl Pipeline {
                     for (name, column, type_oid) in &plan.key_fields {
                         let value = match old.get(*column) {
                             Some(TupleValue::Text(bytes)) => {
-                                convert(*type_oid, bytes, entity, relation, name, commit_lsn)?
+                                convert(*type_oid, bytes, &[], entity, relation, name, commit_lsn)?
                             }
                             _ => Value::Null,
                         };
@@ -491,9 +491,15 @@ impl Pipeline {
             other => other,
         };
         let value = match raw {
-            Some(TupleValue::Text(bytes)) => {
-                convert(source.type_oid, bytes, entity, relation, &source.name, lsn)?
-            }
+            Some(TupleValue::Text(bytes)) => convert(
+                source.type_oid,
+                bytes,
+                &source.path,
+                entity,
+                relation,
+                &source.name,
+                lsn,
+            )?,
             Some(TupleValue::UnchangedToast) => {
                 return Err(PipelineError::BadValue {
                     entity: entity.name.clone(),
@@ -507,39 +513,27 @@ impl Pipeline {
             }
             _ => Value::Null,
         };
-        Ok(follow_path(value, &source.path))
+        Ok(value)
     }
 }
 
+#[allow(clippy::too_many_arguments)] // the error names all of them
 fn convert(
     type_oid: u32,
     bytes: &[u8],
+    path: &[String],
     entity: &EntityConfig,
     relation: &RelationPlan,
     column: &str,
     lsn: Lsn,
 ) -> Result<Value, PipelineError> {
-    text_to_json(type_oid, bytes).map_err(|e| PipelineError::BadValue {
+    text_to_json_at(type_oid, bytes, path).map_err(|e| PipelineError::BadValue {
         entity: entity.name.clone(),
         table: relation.table.clone(),
         column: column.to_string(),
         lsn,
         problem: e.to_string(),
     })
-}
-
-fn follow_path(mut value: Value, path: &[String]) -> Value {
-    for step in path {
-        value = match value {
-            Value::Object(mut map) => map.remove(step.as_str()).unwrap_or(Value::Null),
-            Value::Array(mut items) => match step.parse::<usize>() {
-                Ok(i) if i < items.len() => items.swap_remove(i),
-                _ => Value::Null,
-            },
-            _ => Value::Null,
-        };
-    }
-    value
 }
 
 fn key_text(tuple: &[TupleValue], key_columns: &[usize]) -> Option<String> {

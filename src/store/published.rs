@@ -50,13 +50,25 @@ pub type PublishedEntry = ([u8; 16], [u8; 16]);
 /// length-prefixed names: unambiguous, and stable across configuration
 /// changes (names, not positions in the configuration).
 pub fn published_digest(target: &str, entity: &str, key: &str) -> [u8; 16] {
-    let mut h = blake3::Hasher::new();
+    // Assembled on the stack and hashed in one call: the incremental
+    // hasher's set-up and finalisation cost more than the hashing here.
+    let mut stack = [0u8; 256];
+    let mut heap = Vec::new();
+    let len = 24 + target.len() + entity.len() + key.len();
+    let buf: &mut [u8] = if len <= stack.len() {
+        &mut stack[..len]
+    } else {
+        heap.resize(len, 0);
+        &mut heap
+    };
+    let mut at = 0;
     for part in [target, entity, key] {
-        h.update(&(part.len() as u64).to_le_bytes());
-        h.update(part.as_bytes());
+        buf[at..at + 8].copy_from_slice(&(part.len() as u64).to_le_bytes());
+        buf[at + 8..at + 8 + part.len()].copy_from_slice(part.as_bytes());
+        at += 8 + part.len();
     }
     let mut out = [0u8; 16];
-    out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    out.copy_from_slice(&blake3::hash(buf).as_bytes()[..16]);
     out
 }
 
@@ -211,4 +223,30 @@ pub(super) fn log_entries(txn: &redb::ReadTransaction) -> Result<usize, TxnError
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::published_digest;
+
+    #[test]
+    fn digests_are_unambiguous_and_long_keys_work() {
+        assert_ne!(
+            published_digest("ab", "c", "d"),
+            published_digest("a", "bc", "d")
+        );
+        assert_ne!(
+            published_digest("a", "b", "cd"),
+            published_digest("a", "bc", "d")
+        );
+        let long = "k".repeat(1000);
+        assert_eq!(
+            published_digest("t", "e", &long),
+            published_digest("t", "e", &long)
+        );
+        assert_ne!(
+            published_digest("t", "e", &long),
+            published_digest("t", "e", &long[1..])
+        );
+    }
 }
