@@ -394,7 +394,9 @@ async fn consume(
                 });
                 let delta = take_delta(governor);
                 if !events.is_empty() || !delta.is_empty() {
-                    committer.add(events, delta, version)?;
+                    let appended = !events.is_empty();
+                    committer.batch.extend(events);
+                    committer.add(appended, delta, version)?;
                 }
                 if last_prune.elapsed() > Duration::from_secs(3600) {
                     last_prune = Instant::now();
@@ -483,9 +485,16 @@ async fn consume(
                     anyhow::bail!("the server sent a commit without a transaction");
                 };
                 committer.note_received(pipeline, &txn.mapped);
-                let events = governor.process_drain(&mut txn.mapped, txn.final_lsn, &txn.time);
+                let before = committer.batch.len();
+                governor.process_drain_into(
+                    &mut txn.mapped,
+                    txn.final_lsn,
+                    &txn.time,
+                    &mut committer.batch,
+                );
                 spare_mapped = txn.mapped;
-                committer.add(events, take_delta(governor), end_lsn)?;
+                let appended = committer.batch.len() > before;
+                committer.add(appended, take_delta(governor), end_lsn)?;
             }
         }
     }
@@ -719,18 +728,11 @@ impl Committer {
         self.batch_end.unwrap_or_else(|| self.handed())
     }
 
-    fn add(
-        &mut self,
-        events: Vec<(usize, Event)>,
-        delta: GovDelta,
-        end_lsn: Lsn,
-    ) -> anyhow::Result<()> {
+    /// Takes a transaction whose events the governor appended to
+    /// `self.batch` (`appended`: whether there were any).
+    fn add(&mut self, appended: bool, delta: GovDelta, end_lsn: Lsn) -> anyhow::Result<()> {
         self.reap_if_finished()?;
-        if events.is_empty()
-            && delta.is_empty()
-            && self.batch_end.is_none()
-            && self.in_flight.is_none()
-        {
+        if !appended && delta.is_empty() && self.batch_end.is_none() && self.in_flight.is_none() {
             // Nothing of this transaction reaches any target and nothing is
             // waiting: it is as good as durable. Persisting the checkpoint can
             // wait for the next real commit; after a crash the server resumes
@@ -739,7 +741,6 @@ impl Committer {
             return Ok(());
         }
         Self::count_filtered(&delta);
-        self.batch.extend(events);
         self.delta.append(delta);
         self.batch_end = Some(self.batch_end.map_or(end_lsn, |b| b.max(end_lsn)));
         self.batch_started.get_or_insert_with(Instant::now);

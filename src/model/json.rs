@@ -19,7 +19,26 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
 
 /// Whether `s` is written as a JSON string without any escape.
 pub fn is_plain(s: &str) -> bool {
-    s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\')
+    // Eight bytes at a time (SWAR): a byte below 0x20, or equal to `"` or
+    // `\`, sets its high bit in `flags`; bytes >= 0x80 (UTF-8) never do.
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
+    let mut chunks = s.as_bytes().chunks_exact(8);
+    for c in &mut chunks {
+        let x = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        let below_space = x.wrapping_sub(ONES * 0x20) & !x & HIGHS;
+        let flags = below_space
+            | has_zero(x ^ (ONES * u64::from(b'"')))
+            | has_zero(x ^ (ONES * u64::from(b'\\')));
+        if flags != 0 {
+            return false;
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .all(|&b| b >= 0x20 && b != b'"' && b != b'\\')
 }
 
 /// Appends `"key":` for a key known to need no escaping, after a comma
@@ -62,6 +81,22 @@ mod tests {
                 String::from_utf8(out).unwrap(),
                 serde_json::to_string(s).unwrap()
             );
+        }
+    }
+
+    #[test]
+    fn a_character_to_escape_is_found_at_any_position() {
+        for len in 1..20 {
+            for at in 0..len {
+                for special in ['"', '\\', '\n', '\u{0}', '\u{1f}'] {
+                    let s: String = (0..len)
+                        .map(|i| if i == at { special } else { 'é' })
+                        .collect();
+                    assert!(!is_plain(&s), "{s:?}");
+                }
+                let s: String = (0..len).map(|i| if i == at { ' ' } else { 'x' }).collect();
+                assert!(is_plain(&s), "{s:?}");
+            }
         }
     }
 

@@ -299,6 +299,20 @@ impl Governor {
         time: &str,
     ) -> Vec<(usize, Event)> {
         let mut out = Vec::with_capacity(mapped.len());
+        self.process_drain_into(mapped, commit_lsn, time, &mut out);
+        out
+    }
+
+    /// [`Governor::process_drain`], appending to `out`: the daemon's commit
+    /// batch, so that a transaction's events are not copied into it.
+    pub fn process_drain_into(
+        &mut self,
+        mapped: &mut Vec<Mapped>,
+        commit_lsn: Lsn,
+        time: &str,
+        out: &mut Vec<(usize, Event)>,
+    ) {
+        out.reserve(mapped.len());
         let mut deferred: Vec<(usize, String)> = Vec::new();
         for m in mapped.drain(..) {
             let e = m.entity;
@@ -360,9 +374,9 @@ impl Governor {
             }
             let old = m.old.map(Arc::new).or_else(|| prev.clone());
             let origin = Origin {
-                id: m.event.id.clone(),
+                id: m.event.id,
                 version: m.event.version,
-                time: m.event.time.clone(),
+                time: m.event.time,
                 change: m.event.change,
                 tx_id: m.event.tx_id,
             };
@@ -381,7 +395,7 @@ impl Governor {
                 prev.is_some(),
                 fallback,
                 &origin,
-                &mut out,
+                out,
                 &mut deferred,
             );
         }
@@ -412,11 +426,10 @@ impl Governor {
                 true,
                 Map::new(),
                 &origin,
-                &mut out,
+                out,
                 &mut deferred,
             );
         }
-        out
     }
 
     /// Re-evaluates a quarantined record now (operator request).

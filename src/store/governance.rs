@@ -87,7 +87,12 @@ impl GovDelta {
     }
 
     pub fn append(&mut self, other: GovDelta) {
-        self.ops.extend(other.ops);
+        if self.ops.is_empty() {
+            // Take the other's vector rather than copying every op.
+            self.ops = other.ops;
+        } else {
+            self.ops.extend(other.ops);
+        }
     }
 }
 
