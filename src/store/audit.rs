@@ -84,11 +84,7 @@ pub(super) fn migrate_legacy(txn: &WriteTransaction) -> Result<usize, TxnError> 
 
 /// Whether the file still has the one-row-per-record table.
 pub(super) fn has_legacy(txn: &redb::ReadTransaction) -> Result<bool, TxnError> {
-    match txn.open_table(LEGACY_AUDIT) {
-        Ok(_) => Ok(true),
-        Err(TableError::TableDoesNotExist(_)) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
+    Ok(open_or_empty!(txn, LEGACY_AUDIT).is_some())
 }
 
 fn decode(first: u64, chunk: &[u8]) -> Result<Vec<AuditRecord>, TxnError> {

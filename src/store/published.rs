@@ -173,11 +173,7 @@ pub(super) fn load(txn: &redb::ReadTransaction) -> Result<Vec<PublishedEntry>, T
 
 /// Whether the file still has the name-keyed table of earlier versions.
 pub(super) fn has_legacy(txn: &redb::ReadTransaction) -> Result<bool, TxnError> {
-    match txn.open_table(LEGACY_PUBLISHED) {
-        Ok(_) => Ok(true),
-        Err(TableError::TableDoesNotExist(_)) => Ok(false),
-        Err(e) => Err(e.into()),
-    }
+    Ok(open_or_empty!(txn, LEGACY_PUBLISHED).is_some())
 }
 
 /// Moves the name-keyed rows into the log, a row's worth at a time.
