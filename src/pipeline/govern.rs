@@ -52,8 +52,9 @@ pub struct Governor {
     rows: Rows,
     /// (child entity, parent key) → child keys.
     children: HashMap<(usize, String), BTreeSet<String>>,
-    /// Hash of the document last appended per (target, entity, key).
-    published: HashMap<PublishedKey, [u8; 16], BuildHasherDefault<DigestHasher>>,
+    /// Hash of the document last appended per (target, entity, key), both
+    /// shortened (see [`PublishedSlot`]).
+    published: HashMap<PublishedSlot, [u8; 8], BuildHasherDefault<DigestHasher>>,
     /// (entity, unique field index, normalised value) → holder key.
     unique: HashMap<(usize, usize, String), String>,
     claims: HashMap<(usize, String), Vec<(usize, String)>>,
@@ -213,7 +214,7 @@ impl Governor {
         self.published.extend(
             snap.published
                 .into_iter()
-                .map(|(digest, hash)| (PublishedKey(digest), hash)),
+                .map(|(digest, hash)| (PublishedKey(digest).slot(), short_hash(&hash))),
         );
         for (entity, field, value, holder) in snap.unique {
             let Some(&e) = self.entity_index.get(&entity) else {
@@ -518,7 +519,7 @@ impl Governor {
             self.release_from_quarantine(e, key, version, "the record was deleted");
             for t in self.entity_targets[e].clone() {
                 let pkey = self.published_key(t, e, key);
-                let was = self.published.remove(&pkey);
+                let was = self.published.remove(&pkey.slot());
                 if was.is_some() || !seen {
                     self.queue_published(pkey, None);
                     out.push((t, event(EventOp::Delete, EventData::from_map(&fallback))));
@@ -604,7 +605,7 @@ impl Governor {
                 let (data, notes) = redact::apply(&self.policies[t], &name, &doc);
                 let data = EventData::from_map(&data);
                 let hash = doc_hash(EventOp::Upsert, &data);
-                if self.published.get(&pkey) == Some(&hash) {
+                if self.published.get(&pkey.slot()) == Some(&short_hash(&hash)) {
                     self.audit(
                         e,
                         key,
@@ -615,7 +616,7 @@ impl Governor {
                     );
                     continue;
                 }
-                self.published.insert(pkey, hash);
+                self.published.insert(pkey.slot(), short_hash(&hash));
                 self.queue_published(pkey, Some(hash));
                 out.push((t, event(EventOp::Upsert, data)));
                 self.audit(e, key, version, Some(t), "delivered", "upsert".into());
@@ -638,11 +639,11 @@ impl Governor {
                     Err(m) => m.clone(),
                 }
             };
-            let was = self.published.contains_key(&pkey);
+            let was = self.published.contains_key(&pkey.slot());
             // A record first seen by an update may have been delivered before steward tracked it.
             let unknown = !seen && op == "update";
             if was || unknown {
-                self.published.remove(&pkey);
+                self.published.remove(&pkey.slot());
                 self.queue_published(pkey, None);
                 let ev = match self.gov[e].on_unpublish {
                     OnUnpublish::Delete => {
@@ -1110,14 +1111,35 @@ fn defer(list: &mut Vec<(usize, String)>, e: usize, key: String) {
     }
 }
 
-/// A (target, entity, key) of [`Governor::published`] as a 128-bit digest.
-/// The map holds an entry per record and target for the life of the
-/// daemon, so it is most of the governor's memory: 16 bytes in place of a
-/// heap-allocated key string (plus two indexes) keep it about half as large.
+/// A (target, entity, key) as the 128-bit digest the store keeps.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct PublishedKey([u8; 16]);
 
-impl Hash for PublishedKey {
+impl PublishedKey {
+    fn slot(&self) -> PublishedSlot {
+        let mut slot = [0u8; 12];
+        slot.copy_from_slice(&self.0[..12]);
+        PublishedSlot(slot)
+    }
+}
+
+/// The key of [`Governor::published`]: the first 96 bits of the digest.
+/// The map holds an entry per record and target for the life of the daemon
+/// and is most of the governor's memory; 12-byte keys and 8-byte document
+/// hashes (20 bytes an entry instead of 32) keep it 40% smaller. Two records
+/// share a slot with odds of about 1 in 10^17 for a million records; a changed
+/// document is taken for the one before with odds of 1 in 2^64 per change.
+/// The store keeps the full 16-byte digests and hashes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct PublishedSlot([u8; 12]);
+
+fn short_hash(hash: &[u8; 16]) -> [u8; 8] {
+    let mut short = [0u8; 8];
+    short.copy_from_slice(&hash[..8]);
+    short
+}
+
+impl Hash for PublishedSlot {
     fn hash<H: Hasher>(&self, state: &mut H) {
         let mut first = [0u8; 8];
         first.copy_from_slice(&self.0[..8]);
@@ -1125,7 +1147,7 @@ impl Hash for PublishedKey {
     }
 }
 
-/// A [`PublishedKey`] is already a uniform digest: hashing it again would
+/// A [`PublishedSlot`] is already a uniform digest: hashing it again would
 /// only cost time.
 #[derive(Default)]
 struct DigestHasher(u64);
