@@ -546,8 +546,9 @@ struct Committer {
     /// its outcome arrives.
     in_flight: Option<(Lsn, tokio::sync::oneshot::Receiver<CommitOutcome>)>,
     commit_thread: CommitThread,
-    /// The buffers of the last commit, returned empty for reuse.
-    spare: Option<CommitJob>,
+    /// The last commit's batch vector, returned empty for reuse. (Its delta
+    /// is not kept: `GovDelta::append` takes the governor's vector instead.)
+    spare: Option<Vec<(usize, Event)>>,
     /// The last commit failed with an error that may clear (disk full):
     /// the batch is kept and nothing more is confirmed until it succeeds.
     stalled: bool,
@@ -568,8 +569,8 @@ struct CommitJob {
 }
 
 enum CommitOutcome {
-    /// With the job's buffers, emptied, for the next batch to reuse.
-    Committed(CommitJob),
+    /// With the job's batch vector, emptied, for the next batch to reuse.
+    Committed(Vec<(usize, Event)>),
     /// The store refused the write with an error that may clear: the job
     /// comes back to be retried.
     Refused(CommitJob, crate::store::StoreError),
@@ -631,13 +632,7 @@ impl CommitContext {
         drop(appends);
         let mut spare = batch;
         spare.clear();
-        let mut delta = job.delta;
-        delta.ops.clear();
-        CommitOutcome::Committed(CommitJob {
-            end: job.end,
-            batch: spare,
-            delta,
-        })
+        CommitOutcome::Committed(spare)
     }
 }
 
@@ -798,14 +793,10 @@ impl Committer {
         };
         // The previous job's emptied buffers, already grown to batch size:
         // growing fresh ones cost a page fault per 4 KiB (see `main.rs`).
-        let (batch, delta) = match self.spare.take() {
-            Some(spare) => (spare.batch, spare.delta),
-            None => Default::default(),
-        };
         let job = CommitJob {
             end,
-            batch: std::mem::replace(&mut self.batch, batch),
-            delta: std::mem::replace(&mut self.delta, delta),
+            batch: std::mem::replace(&mut self.batch, self.spare.take().unwrap_or_default()),
+            delta: std::mem::take(&mut self.delta),
         };
         self.batch_started = None;
         let context = self.context();

@@ -151,12 +151,15 @@ fn type_name(type_oid: u32) -> &'static str {
 /// a JSON array of converted elements. Every other type (date, time, interval,
 /// text types, uuid, unknown types) becomes its text as a JSON string.
 pub fn text_to_json(type_oid: u32, text: &[u8]) -> Result<Value, ValueError> {
-    let s = std::str::from_utf8(text).map_err(|e| ValueError::InvalidUtf8 {
+    str_to_json(type_oid, utf8(type_oid, text)?)
+}
+
+fn utf8(type_oid: u32, text: &[u8]) -> Result<&str, ValueError> {
+    std::str::from_utf8(text).map_err(|e| ValueError::InvalidUtf8 {
         type_oid,
         type_name: type_name(type_oid),
         offset: e.valid_up_to(),
-    })?;
-    str_to_json(type_oid, s)
+    })
 }
 
 /// The value at `path` inside a column's text: for JSON columns the
@@ -168,11 +171,7 @@ pub fn text_to_json_at(type_oid: u32, text: &[u8], path: &[String]) -> Result<Va
     if path.is_empty() || !matches!(type_oid, JSON | JSONB) {
         return text_to_json(type_oid, text).map(|v| follow_path(v, path));
     }
-    let s = std::str::from_utf8(text).map_err(|e| ValueError::InvalidUtf8 {
-        type_oid,
-        type_name: type_name(type_oid),
-        offset: e.valid_up_to(),
-    })?;
+    let s = utf8(type_oid, text)?;
     let mut de = serde_json::Deserializer::from_str(s);
     serde::de::DeserializeSeed::deserialize(json_walk::AtPath(path), &mut de)
         .and_then(|v| de.end().map(|()| v))

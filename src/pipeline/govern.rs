@@ -517,12 +517,13 @@ impl Governor {
         if op == "delete" {
             self.set_claims(e, key, Vec::new(), deferred);
             self.release_from_quarantine(e, key, version, "the record was deleted");
+            let data = EventData::from_map(&fallback);
             for t in self.entity_targets[e].clone() {
                 let pkey = self.published_key(t, e, key);
                 let was = self.published.remove(&pkey.slot());
                 if was.is_some() || !seen {
                     self.queue_published(pkey, None);
-                    out.push((t, event(EventOp::Delete, EventData::from_map(&fallback))));
+                    out.push((t, event(EventOp::Delete, data.clone())));
                     self.audit(e, key, version, Some(t), "delivered", "delete".into());
                 } else {
                     self.audit(
@@ -604,7 +605,7 @@ impl Governor {
             if publishable && routed == Ok(true) {
                 let (data, notes) = redact::apply(&self.policies[t], &name, &doc);
                 let data = EventData::from_map(&data);
-                let hash = doc_hash(EventOp::Upsert, &data);
+                let hash = doc_hash(&data);
                 if self.published.get(&pkey.slot()) == Some(&short_hash(&hash)) {
                     self.audit(
                         e,
@@ -1174,17 +1175,13 @@ impl Hasher for DigestHasher {
 /// instructions. A hash stored by a version that used SHA-256 never matches,
 /// so after an upgrade each record's next change is delivered once more
 /// rather than suppressed: a redundant upsert, never a lost one.
-fn doc_hash(op: EventOp, data: &EventData) -> [u8; 16] {
-    // One-shot keyed hashes (a key per op) cost a fraction of the
-    // incremental hasher's set-up and finalisation on documents this small.
-    const UPSERT: &[u8; 32] = b"steward document hash: upsert\0\0\0";
-    const DELETE: &[u8; 32] = b"steward document hash: delete\0\0\0";
-    let key = match op {
-        EventOp::Upsert => UPSERT,
-        EventOp::Delete => DELETE,
-    };
+fn doc_hash(data: &EventData) -> [u8; 16] {
+    // A one-shot keyed hash costs a fraction of the incremental hasher's
+    // set-up and finalisation on documents this small. Only upserts are
+    // hashed; the key keeps the hash apart from any other BLAKE3 use.
+    const KEY: &[u8; 32] = b"steward document hash: upsert\0\0\0";
     let mut out = [0u8; 16];
-    out.copy_from_slice(&blake3::keyed_hash(key, data.as_str().as_bytes()).as_bytes()[..16]);
+    out.copy_from_slice(&blake3::keyed_hash(KEY, data.as_str().as_bytes()).as_bytes()[..16]);
     out
 }
 

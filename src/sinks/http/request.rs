@@ -22,6 +22,7 @@ pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
 /// precision in consumers that read numbers as doubles.
 fn write_cloud_event(event: &Event, source: &str, out: &mut Vec<u8>) {
     let op = event.op.as_str();
+    out.push(b'{');
     json::write_key(out, "specversion", true);
     out.extend_from_slice(b"\"1.0\"");
     json::write_key(out, "id", false);
@@ -54,6 +55,7 @@ fn write_cloud_event(event: &Event, source: &str, out: &mut Vec<u8>) {
     out.push(b'"');
     json::write_key(out, "data", false);
     out.extend_from_slice(event.data.as_str().as_bytes());
+    out.push(b'}');
 }
 
 /// Serializes `events` as one CloudEvents JSON batch into `out` (appending).
@@ -63,9 +65,7 @@ pub fn write_batch(events: &[Event], source: &str, out: &mut Vec<u8>) {
         if i > 0 {
             out.push(b',');
         }
-        out.push(b'{');
         write_cloud_event(event, source, out);
-        out.push(b'}');
     }
     out.push(b']');
 }
@@ -73,9 +73,7 @@ pub fn write_batch(events: &[Event], source: &str, out: &mut Vec<u8>) {
 /// Serializes one event in CloudEvents JSON form into `out` (appending):
 /// the per-message form used by the NATS and file targets.
 pub fn write_event(event: &Event, source: &str, out: &mut Vec<u8>) {
-    out.push(b'{');
     write_cloud_event(event, source, out);
-    out.push(b'}');
 }
 
 #[cfg(test)]
