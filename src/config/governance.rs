@@ -42,6 +42,10 @@ pub struct EntityGovernance {
     /// Set for the hidden entity that tracks `ir_model_data`: the Odoo models
     /// whose external ids references deliver. Rows of other models are ignored.
     pub external_ids_of: Vec<String>,
+    /// The document's field names in the order the TOML `fields` table lists
+    /// them (reference fields where they are written), then the children
+    /// arrays in the order of `children`.
+    pub field_order: Vec<String>,
 }
 
 impl EntityGovernance {
@@ -54,6 +58,12 @@ impl EntityGovernance {
             || !self.children.is_empty()
             || self.child_of.is_some()
             || !self.external_ids_of.is_empty()
+    }
+
+    /// Whether steward added this entity itself (a child table, or
+    /// `ir_model_data` for external ids): no target can name it.
+    pub fn is_hidden(&self) -> bool {
+        self.child_of.is_some() || !self.external_ids_of.is_empty()
     }
 }
 
@@ -83,6 +93,8 @@ pub enum Check {
     },
     Cel(CelExpr),
     /// The column holds the id of a record of `entity`, which must exist and be publishable.
+    /// `field` may be a child path (`lines.product_id`): the field or column of
+    /// every item of that children array.
     Reference {
         field: String,
         entity: String,
@@ -115,18 +127,31 @@ pub struct ChildConfig {
     pub table: String,
     /// Column of the child row holding the parent's id.
     pub parent: String,
+    /// The plain (column-mapped) fields of each item.
     pub fields: Vec<FieldConfig>,
+    /// Fields of each item whose value is the referenced record's business
+    /// key or external id (`{ ref = ... }` in the child's `fields`). Their
+    /// columns are not in `fields`: like an entity's reference columns they
+    /// reach the governor in the captured row of the hidden entity.
+    pub refs: Vec<RefField>,
+    /// Each item's field names in the order the TOML `fields` table lists
+    /// them, reference fields included (not the `id` every item carries).
+    pub field_order: Vec<String>,
     /// Index of the hidden entity that maps the child table.
     pub entity: usize,
 }
 
 #[derive(Clone, Debug, Default)]
 pub struct TargetPolicy {
-    /// entity name → allowed document fields; entities not listed keep every field.
+    /// entity name → allowed document fields; entities not listed keep every
+    /// field. A child path `child.field` keeps only the listed fields of each
+    /// item of that children array (the bare `child` keeps whole items).
     pub allow: Vec<(String, Vec<String>)>,
-    /// `entity.field` → masking method.
+    /// `entity.field` → masking method. The field may be a child path
+    /// (`banks.acc_number`): that field of every item.
     pub mask: Vec<(String, String, Mask)>,
-    /// `entity.field` values replaced by HMAC-SHA256 (hex) under `hash_key`.
+    /// `entity.field` values replaced by HMAC-SHA256 (hex) under `hash_key`;
+    /// the field may be a child path like in `mask`.
     pub hash: Vec<(String, String)>,
     pub hash_key: Option<Secret>,
     pub route: Option<CelExpr>,
@@ -134,7 +159,8 @@ pub struct TargetPolicy {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mask {
-    /// Keep the last 4 characters, replace the others with `*`.
+    /// Drop whitespace, keep the last 4 remaining characters and replace the
+    /// others with `*`; a value of 4 characters or fewer becomes all `*`.
     Last4,
     /// Replace the whole value with `***`.
     Full,

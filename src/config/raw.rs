@@ -8,6 +8,7 @@
 
 mod delivery;
 mod governance;
+mod paths;
 mod pgurl;
 mod reader;
 mod targets;
