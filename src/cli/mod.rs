@@ -221,12 +221,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
-                println!(
-                    "{}: ok ({} entities, {} targets)",
-                    config.display(),
-                    c.entities.len(),
-                    c.targets.len()
-                );
+                println!("{}", check_summary(&config, &c));
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -374,6 +369,25 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// `check-config`'s line for a valid file. Counts the entities of the file,
+/// not the hidden ones steward adds (child tables, `ir_model_data`).
+fn check_summary(path: &std::path::Path, config: &Config) -> String {
+    let entities = (0..config.entities.len())
+        .filter(|&i| {
+            !config
+                .governance
+                .entities
+                .get(i)
+                .is_some_and(|g| g.is_hidden())
+        })
+        .count();
+    format!(
+        "{}: ok ({entities} entities, {} targets)",
+        path.display(),
+        config.targets.len()
+    )
+}
+
 fn run_blocking(future: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -438,4 +452,41 @@ fn init_logging(format: LogFormat, demo: bool) {
         (LogFormat::Text, false) => builder.try_init(),
     };
     let _ = result;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_config_counts_the_files_entities_not_the_hidden_ones() {
+        let text = r#"
+[source]
+url = "postgres://steward@localhost/odoo"
+[state]
+path = "/tmp/x.redb"
+[entities.uom]
+table = "uom_uom"
+fields = { name = "name" }
+[entities.bom]
+table = "mrp_bom"
+fields = { code = "code", uom = { ref = "product_uom_id", entity = "uom", external_id = true } }
+children = { lines = { table = "mrp_bom_line", parent = "bom_id", fields = { qty = "product_qty" } }, byproducts = { table = "mrp_bom_byproduct", parent = "bom_id", fields = { qty = "product_qty" } } }
+[targets.wms]
+type = "http"
+url = "http://localhost/x"
+entities = ["bom"]
+"#;
+        let path = std::path::Path::new("/etc/steward/steward.toml");
+        let config = Config::parse(text, path, std::path::Path::new("/tmp")).unwrap();
+        assert_eq!(
+            config.entities.len(),
+            5,
+            "two child tables and ir_model_data"
+        );
+        assert_eq!(
+            check_summary(path, &config),
+            "/etc/steward/steward.toml: ok (2 entities, 1 targets)"
+        );
+    }
 }
