@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use super::out::outln;
 use crate::config::Config;
 use crate::sinks::requests::{self, Request, Response};
 use crate::store::{DeadLetter, DlqFilter, Store, StoreError};
@@ -84,16 +85,16 @@ pub async fn run(
                     filter_id(&request)
                 );
             };
-            println!("{}", serde_json::to_string_pretty(entry)?);
+            outln!("{}", serde_json::to_string_pretty(entry)?);
         }
         (_, Response::DeadLetters { entries }) => print_table(&entries),
-        (_, Response::Replayed { count }) => println!(
+        (_, Response::Replayed { count }) => outln!(
             "replayed {count} dead letter(s) of target {target}: they are delivered next, in their original order"
         ),
         (_, Response::Dropped { count }) => {
-            println!("dropped {count} dead letter(s) of target {target}")
+            outln!("dropped {count} dead letter(s) of target {target}")
         }
-        (_, Response::Flushed) => println!("flush of target {target} requested: its batch windows open now (or at the next start if the daemon is stopped)"),
+        (_, Response::Flushed) => outln!("flush of target {target} requested: its batch windows open now (or at the next start if the daemon is stopped)"),
     }
     Ok(())
 }
@@ -107,22 +108,31 @@ fn filter_id(r: &Request) -> String {
 
 fn print_table(entries: &[DeadLetter]) {
     if entries.is_empty() {
-        println!("no dead letters");
+        outln!("no dead letters");
         return;
     }
-    println!(
+    outln!(
         "{:>6}  {:<12}  {:<16}  {:>20}  {:>8}  last error",
-        "id", "entity", "key", "version", "attempts"
+        "id",
+        "entity",
+        "key",
+        "version",
+        "attempts"
     );
     for d in entries {
         let mut err: String = d.error.chars().take(80).collect();
         if d.error.chars().count() > 80 {
             err.push('…');
         }
-        println!(
+        outln!(
             "{:>6}  {:<12}  {:<16}  {:>20}  {:>8}  {}",
-            d.id, d.event.entity, d.event.key, d.event.version, d.attempts, err
+            d.id,
+            d.event.entity,
+            d.event.key,
+            d.event.version,
+            d.attempts,
+            err
         );
     }
-    println!("{} dead letter(s)", entries.len());
+    outln!("{} dead letter(s)", entries.len());
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use super::out::outln;
 use crate::config::Config;
 use crate::daemon::govern::{answer_offline, requests_dir, Request, Response};
 use crate::store::{Store, StoreError};
@@ -75,22 +76,29 @@ pub fn parse_since(text: &str) -> anyhow::Result<i64> {
     Ok(chrono::Utc::now().timestamp_micros() - secs * 1_000_000)
 }
 
+/// Prints the answer; a reader closing the pipe early ends the command
+/// quietly (see `out`).
 pub fn print(resp: &Response, json: bool) -> anyhow::Result<bool> {
     if json {
-        println!("{}", serde_json::to_string_pretty(resp)?);
+        outln!("{}", serde_json::to_string_pretty(resp)?);
         return Ok(resp.error.is_none());
     }
     for q in &resp.quarantine {
-        println!(
+        outln!(
             "{} {}  rule={}  version={}  since={}\n  {}",
-            q.entity, q.key, q.rule, q.version, q.since, q.message
+            q.entity,
+            q.key,
+            q.rule,
+            q.version,
+            q.since,
+            q.message
         );
     }
     for a in &resp.audit {
         let time = chrono::DateTime::from_timestamp_micros(a.time_micros)
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
             .unwrap_or_default();
-        println!(
+        outln!(
             "{time}  {} {}  v{}  {}  {}  {}",
             a.entity,
             a.key,
@@ -101,7 +109,7 @@ pub fn print(resp: &Response, json: bool) -> anyhow::Result<bool> {
         );
     }
     if let Some(m) = &resp.message {
-        println!("{m}");
+        outln!("{m}");
     }
     if let Some(e) = &resp.error {
         if resp.message.as_ref() != Some(e) {

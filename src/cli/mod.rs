@@ -5,6 +5,7 @@
 mod demo;
 mod dlq;
 mod governance;
+pub(crate) mod out;
 mod reset;
 mod setup_sql;
 mod status;
@@ -15,6 +16,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
 
+use self::out::outln;
 use crate::config::Config;
 
 #[derive(Parser, Debug)]
@@ -221,7 +223,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
-                println!("{}", check_summary(&config, &c));
+                outln!("{}", check_summary(&config, &c));
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -251,7 +253,7 @@ pub fn main() -> ExitCode {
         }
         Command::SetupSql { config } => match Config::load(&config) {
             Ok(c) => {
-                print!("{}", setup_sql::script(&c));
+                out::text(&setup_sql::script(&c));
                 ExitCode::SUCCESS
             }
             Err(e) => {
