@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use super::out::outln;
 use crate::config::Config;
 use crate::daemon::govern::{answer_offline, requests_dir, Request, Response};
+use crate::store::governance::QuarantineEntry;
 use crate::store::{Store, StoreError};
 
 /// Builds the request (parsing arguments may fail).
@@ -78,9 +79,11 @@ pub fn parse_since(text: &str) -> anyhow::Result<i64> {
 
 /// Prints the answer; a reader closing the pipe early ends the command
 /// quietly (see `out`).
-pub fn print(resp: &Response, json: bool) -> anyhow::Result<bool> {
+pub fn print(mut resp: Response, json: bool) -> anyhow::Result<bool> {
+    resp.quarantine
+        .sort_by(|a, b| quarantine_order(a).cmp(&quarantine_order(b)));
     if json {
-        outln!("{}", serde_json::to_string_pretty(resp)?);
+        outln!("{}", serde_json::to_string_pretty(&resp)?);
         return Ok(resp.error.is_none());
     }
     for q in &resp.quarantine {
@@ -118,4 +121,52 @@ pub fn print(resp: &Response, json: bool) -> anyhow::Result<bool> {
         return Ok(false);
     }
     Ok(true)
+}
+
+/// Entity, then key: numeric keys in numeric order (`2` before `10`), then
+/// the others in text order. (A comparison that is numeric only when both
+/// keys are numbers would not be a total order: `2` < `10` < `1a` < `2`.)
+fn quarantine_order(q: &QuarantineEntry) -> (&str, bool, i128, &str) {
+    let number = q.key.parse::<i128>().ok();
+    (&q.entity, number.is_none(), number.unwrap_or(0), &q.key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quarantine_keys_sort_numerically_then_as_text() {
+        let entry = |entity: &str, key: &str| -> QuarantineEntry {
+            serde_json::from_value(serde_json::json!({
+                "entity": entity, "key": key, "version": 1, "rule": "r",
+                "message": "m", "document": null, "since": ""
+            }))
+            .unwrap()
+        };
+        let mut list = [
+            entry("product", "10"),
+            entry("product", "1a"),
+            entry("bom", "7"),
+            entry("product", "2"),
+            entry("product", "-3"),
+            entry("product", "abc"),
+        ];
+        list.sort_by(|a, b| quarantine_order(a).cmp(&quarantine_order(b)));
+        let keys: Vec<String> = list
+            .iter()
+            .map(|q| format!("{} {}", q.entity, q.key))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "bom 7",
+                "product -3",
+                "product 2",
+                "product 10",
+                "product 1a",
+                "product abc"
+            ]
+        );
+    }
 }

@@ -206,7 +206,7 @@ fn governance_command(
     };
     let result = req()
         .and_then(|r| governance::request(&config, r))
-        .and_then(|resp| governance::print(&resp, json));
+        .and_then(|resp| governance::print(resp, json));
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
