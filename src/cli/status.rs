@@ -296,8 +296,13 @@ fn print_snapshots(r: &Report) {
             crate::store::SnapshotPhase::Running => "running",
             crate::store::SnapshotPhase::Done => "done",
         };
+        let kind = if s.reevaluate {
+            "reevaluate"
+        } else {
+            "snapshot  "
+        };
         println!(
-            "snapshot   {} / {}: {phase}, {} of ~{} rows (read {}, snapshots {}){}",
+            "{kind} {} / {}: {phase}, {} of ~{} rows (read {}, snapshots {}){}",
             s.target,
             s.entity,
             s.rows_done,

@@ -15,7 +15,8 @@ use serde_json::Value;
 
 use crate::config::Config;
 use crate::model::{Event, Lsn};
-use crate::pipeline::{Governor, Pipeline};
+use crate::pipeline::{snapshot_mapped, Governor, Pipeline};
+use crate::source::snapshot as source_snapshot;
 use crate::source::wire;
 use crate::store::audit::AuditFilter;
 use crate::store::governance::{AuditRecord, GovDelta, QuarantineEntry};
@@ -86,55 +87,152 @@ pub fn prune_audit(config: &Config, store: &Store) {
     }
 }
 
-/// Reads the tables of referenced entities that have no tracked rows yet, so
-/// that references to records unchanged since steward started resolve.
-pub async fn seed_references(
+/// Meta key prefix: the entity's state was read from its table once.
+const SEEDED_META: &str = "gov.seeded:";
+
+/// Reads, once, the tables of the entities whose rows the governor tracks
+/// (governed entities, child tables of business objects, referenced
+/// entities, external ids), so that steward's state covers records that
+/// existed before it started: a business object is complete from its first
+/// event, a reference to a record unchanged since resolves, and a business
+/// key already held by an old record is known. Nothing is sent: each target
+/// learns records from its own initial snapshot or from the stream. Values
+/// are read as text and converted like streamed ones.
+pub async fn seed_state(
     config: &Config,
     store: &Store,
     governor: &mut Governor,
 ) -> anyhow::Result<()> {
-    let todo: Vec<usize> = governor
-        .referenced_entities()
-        .into_iter()
-        .filter(|&e| governor.tracked_count(e) == 0)
-        .collect();
+    let mut todo = Vec::new();
+    for e in governor.seed_order() {
+        let name = &governor.entity_config(e).name;
+        if store.get_meta(&format!("{SEEDED_META}{name}"))?.as_deref() != Some("1") {
+            todo.push(e);
+        }
+    }
     if todo.is_empty() {
         return Ok(());
     }
-    let sql = wire::connect_sql(&config.source)
+    let reader = source_snapshot::open_plain(&config.source)
         .await
         .with_context(|| format!("cannot connect to the source {}", config.source.url_display))?;
+    let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     for e in todo {
         let entity = governor.entity_config(e).clone();
-        let filter = governor
-            .seed_filter(e)
-            .map(|f| format!(" WHERE {f}"))
-            .unwrap_or_default();
-        let query = format!(
-            "SELECT row_to_json(t)::text FROM \"{}\".\"{}\" t{filter}",
-            entity.schema, entity.table
-        );
-        let rows = sql.simple_query(&query).await.with_context(|| {
+        let context = || {
             format!(
-                "cannot read {} for entity '{}' (referenced by another entity)",
+                "cannot read {} for entity '{}' (steward's governance state)",
                 entity.qualified_table(),
                 entity.name
             )
-        })?;
-        let mut parsed = Vec::new();
-        for msg in rows {
-            if let tokio_postgres::SimpleQueryMessage::Row(r) = msg {
-                if let Some(Ok(Value::Object(m))) = r.get(0).map(serde_json::from_str::<Value>) {
-                    parsed.push(m);
-                }
+        };
+        let read = match governor.seed_filter(e) {
+            Some(filter) => seed_filtered(config, governor, e, &filter).await,
+            None => seed_entity(config, &reader, governor, e, &time).await,
+        };
+        let rows = match read.with_context(context) {
+            Ok(rows) => rows,
+            Err(error) => {
+                // The entity's own mapping problem (a column gone) stops only
+                // it; the read is tried again at the next start.
+                tracing::error!(error = %format!("{error:#}"), "cannot read a table into steward's governance state; records of it that steward has not seen change are unknown to governance until the next start");
+                let _ = governor.take_delta();
+                continue;
+            }
+        };
+        let delta = governor.take_delta();
+        tokio::task::block_in_place(|| store.apply_governance(&[], &delta))?;
+        store.set_meta(&format!("{SEEDED_META}{}", entity.name), "1")?;
+        tracing::info!(entity = %entity.name, rows, "read the table into steward's governance state");
+    }
+    Ok(())
+}
+
+/// Reads a table in key order, a chunk at a time, into the governor.
+async fn seed_entity(
+    config: &Config,
+    reader: &source_snapshot::SnapshotReader,
+    governor: &mut Governor,
+    e: usize,
+    time: &str,
+) -> anyhow::Result<usize> {
+    let mut read = super::snapshot::table_read(config, e);
+    let entity = governor.entity_config(e).clone();
+    for column in reader.all_columns(&entity.schema, &entity.table).await? {
+        if !read.columns.contains(&column) {
+            read.columns.push(column);
+        }
+    }
+    let relation = reader.relation(&read, 1).await?;
+    let mut pipeline = Pipeline::new(config);
+    pipeline.capture_rows(e);
+    if let Some((_, problem)) = pipeline
+        .bind_relation(&relation)
+        .into_iter()
+        .find(|(x, _)| *x == e)
+    {
+        return Err(problem.into());
+    }
+    let key_positions: Vec<usize> = entity
+        .key
+        .iter()
+        .filter_map(|k| relation.columns.iter().position(|c| &c.name == k))
+        .collect();
+    let chunk = super::snapshot::CHUNK_ROWS;
+    let mut last_key: Option<Vec<String>> = None;
+    let mut total = 0;
+    loop {
+        let rows = reader
+            .read_chunk(&read, &relation, last_key.as_deref(), chunk)
+            .await?;
+        let Some(last) = rows.last() else {
+            break;
+        };
+        last_key = Some(
+            key_positions
+                .iter()
+                .map(|&i| last.get(i).cloned().flatten().unwrap_or_default())
+                .collect(),
+        );
+        let mut mapped = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if let Some(m) = snapshot_mapped(&pipeline, relation.id, e, row, Lsn::ZERO, time)? {
+                mapped.push(m);
             }
         }
-        tracing::info!(entity = %entity.name, rows = parsed.len(), "read referenced table");
-        governor.seed(e, parsed);
+        governor.seed_mapped(&mut mapped, time);
+        total += rows.len();
+        if rows.len() < chunk {
+            break;
+        }
     }
-    let delta = governor.take_delta();
-    tokio::task::block_in_place(|| store.apply_governance(&[], &delta))?;
-    Ok(())
+    Ok(total)
+}
+
+/// `ir_model_data`: only the rows of the models references name.
+async fn seed_filtered(
+    config: &Config,
+    governor: &mut Governor,
+    e: usize,
+    filter: &str,
+) -> anyhow::Result<usize> {
+    let entity = governor.entity_config(e).clone();
+    let sql = wire::connect_sql(&config.source).await?;
+    let query = format!(
+        "SELECT row_to_json(t)::text FROM \"{}\".\"{}\" t WHERE {filter}",
+        entity.schema, entity.table
+    );
+    let mut parsed = Vec::new();
+    for msg in sql.simple_query(&query).await? {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = msg {
+            if let Some(Ok(Value::Object(m))) = r.get(0).map(serde_json::from_str::<Value>) {
+                parsed.push(m);
+            }
+        }
+    }
+    let n = parsed.len();
+    governor.seed(e, parsed);
+    Ok(n)
 }
 
 /// Answers pending request files. Releases produce events and state

@@ -84,7 +84,7 @@ pub async fn run_with(
 
     let mut governor = govern::setup(&config, &store, &mut pipeline)?;
     let mut prepared = setup::prepare(&config, &store, &pipeline).await?;
-    govern::seed_references(&config, &store, &mut governor).await?;
+    govern::seed_state(&config, &store, &mut governor).await?;
     govern::publish_quarantine(&governor);
     let gate = snapshot::SnapshotGate::from_store(&store)?;
     let checkpoint = store.checkpoint()?.unwrap_or(Lsn::ZERO);
@@ -145,16 +145,14 @@ pub async fn run_with(
             .collect()
     };
     let durable_tx = Arc::new(watch::channel(checkpoint).0);
+    // One chunk at a time: the worker waits for each to be governed and committed.
+    let (chunk_tx, mut chunk_rx) = mpsc::channel(1);
     let snapshot_task = tokio::spawn(
         snapshot::Worker {
             config: config.clone(),
             store: store.clone(),
             gate: gate.clone(),
-            wakers: target_names
-                .iter()
-                .cloned()
-                .zip(wakers.iter().cloned())
-                .collect(),
+            chunks: chunk_tx,
             durable: durable_tx.subscribe(),
             initial: prepared.initial_snapshot.take(),
             shutdown: shutdown.clone(),
@@ -207,7 +205,9 @@ pub async fn run_with(
             Err(e) => break Err(anyhow::Error::from(e).context("cannot connect to the source")),
         };
         let durable = committer.durable();
+        let position_wanted = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let params = SessionParams {
+            position_wanted: position_wanted.clone(),
             slot: config.source.slot.clone(),
             publication: config.source.publication.clone(),
             start: durable.max(prepared.start_floor),
@@ -228,12 +228,19 @@ pub async fn run_with(
         state
             .connected
             .store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut snapshots = SnapshotIntake {
+            rx: &mut chunk_rx,
+            parked: None,
+            position: durable.max(prepared.start_floor),
+            position_wanted,
+        };
         let outcome = consume(
             &config,
             &mut pipeline,
             &mut governor,
             &mut committer,
             rx,
+            &mut snapshots,
             &mut shutdown,
         )
         .await;
@@ -324,6 +331,85 @@ enum Consumed {
     SourceEnded,
 }
 
+/// Snapshot chunks waiting to be governed in stream order.
+struct SnapshotIntake<'a> {
+    rx: &'a mut mpsc::Receiver<snapshot::SnapshotChunk>,
+    /// A chunk whose consistent point the stream has not reached yet.
+    parked: Option<snapshot::SnapshotChunk>,
+    /// Everything the server committed before this position has been processed.
+    position: Lsn,
+    /// Asks the source session for a keepalive, which carries the server's
+    /// position when the database is quiet.
+    position_wanted: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Governs a parked snapshot chunk once the stream has passed its
+/// consistent point: the governor's state is then at least as new as the
+/// snapshot for every record, and records changed since are skipped.
+fn govern_parked_chunk(
+    config: &Config,
+    governor: &mut Governor,
+    committer: &mut Committer,
+    snapshots: &mut SnapshotIntake<'_>,
+) -> anyhow::Result<()> {
+    let ready = snapshots
+        .parked
+        .as_ref()
+        .is_some_and(|c| snapshots.position >= c.consistent);
+    if !ready {
+        if snapshots.parked.is_some() {
+            snapshots
+                .position_wanted
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        return Ok(());
+    }
+    let Some(mut chunk) = snapshots.parked.take() else {
+        return Ok(());
+    };
+    watch_windows(config, governor, committer);
+    let position = committer.latest();
+    let before = committer.batch.len();
+    governor.process_snapshot(
+        &mut chunk.mapped,
+        chunk.consistent,
+        &[chunk.target],
+        chunk.force,
+        position,
+        &mut committer.batch,
+    );
+    let appended = committer.batch.len() > before;
+    committer.add(appended, take_delta(governor), position)?;
+    committer.flush_and_wait()?;
+    let answer = if committer.stalled {
+        Err("the state file does not accept writes; the snapshot chunk is read again".to_string())
+    } else {
+        Ok(())
+    };
+    let _ = chunk.done.send(answer);
+    Ok(())
+}
+
+/// Tells the governor which entities have a snapshot window open, so that
+/// it remembers which of their records the stream changes meanwhile.
+fn watch_windows(config: &Config, governor: &mut Governor, committer: &Committer) {
+    let windows = committer.gate.lock();
+    if windows.is_empty() {
+        drop(windows);
+        governor.watch(&[]);
+        return;
+    }
+    let entities: Vec<usize> = config
+        .entities
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| windows.iter().any(|(_, w)| w == &e.name))
+        .map(|(i, _)| i)
+        .collect();
+    drop(windows);
+    governor.watch(&entities);
+}
+
 /// The transaction being received.
 struct OpenTxn {
     final_lsn: Lsn,
@@ -340,6 +426,7 @@ async fn consume(
     governor: &mut Governor,
     committer: &mut Committer,
     mut rx: mpsc::Receiver<SourceEvent>,
+    snapshots: &mut SnapshotIntake<'_>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<Consumed> {
     let mut open: Option<OpenTxn> = None;
@@ -404,12 +491,21 @@ async fn consume(
                 }
                 continue;
             }
+            chunk = snapshots.rx.recv(), if snapshots.parked.is_none() => {
+                snapshots.parked = chunk;
+                govern_parked_chunk(config, governor, committer, snapshots)?;
+                continue;
+            }
             message = rx.recv() => message,
         };
         let Some(message) = message else {
             return Ok(Consumed::SourceEnded);
         };
         match message {
+            SourceEvent::Position(lsn) => {
+                snapshots.position = snapshots.position.max(lsn);
+                govern_parked_chunk(config, governor, committer, snapshots)?;
+            }
             SourceEvent::Relation(relation) => committer.schema.on_relation(
                 config,
                 pipeline,
@@ -485,6 +581,7 @@ async fn consume(
                     anyhow::bail!("the server sent a commit without a transaction");
                 };
                 committer.note_received(pipeline, &txn.mapped);
+                watch_windows(config, governor, committer);
                 let before = committer.batch.len();
                 governor.process_drain_into(
                     &mut txn.mapped,
@@ -495,6 +592,10 @@ async fn consume(
                 spare_mapped = txn.mapped;
                 let appended = committer.batch.len() > before;
                 committer.add(appended, take_delta(governor), end_lsn)?;
+                snapshots.position = snapshots.position.max(end_lsn);
+                if snapshots.parked.is_some() {
+                    govern_parked_chunk(config, governor, committer, snapshots)?;
+                }
             }
         }
     }

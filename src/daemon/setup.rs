@@ -106,6 +106,7 @@ pub async fn prepare(
         store.force_checkpoint(Lsn::ZERO)?;
     }
     let new_jobs = plan_initial_snapshots(config, store)?;
+    plan_reevaluations(config, store)?;
 
     // A checkpoint of 0/0 means only snapshot rows were ever stored.
     let checkpoint = store.checkpoint()?.filter(|c| *c > Lsn::ZERO);
@@ -179,9 +180,52 @@ pub async fn prepare(
         );
     }
     Ok(Prepared {
-        start_floor: Lsn::ZERO,
+        // A slot created just now starts at its consistent point: nothing
+        // before it is ever streamed, so the stream is "at" it from the start.
+        start_floor: initial_snapshot
+            .as_ref()
+            .map_or(Lsn::ZERO, |r: &SnapshotReader| r.consistent),
         initial_snapshot,
     })
+}
+
+/// Meta key prefix: the configuration fingerprint of a (target, entity).
+const CONFIG_META: &str = "gov.config:";
+
+/// Records a governed re-read for every (target, entity) whose mapping,
+/// governance, routing or redaction changed since the last run (a reload or
+/// a restart with an edited file): each record is then evaluated again
+/// against its current row, so a stricter gate unpublishes, a looser one
+/// publishes and a changed mapping re-sends, without waiting for each
+/// record's next change.
+fn plan_reevaluations(config: &Config, store: &Store) -> anyhow::Result<()> {
+    let jobs = store.snapshot_jobs()?;
+    for (t, target) in config.targets.iter().enumerate() {
+        let mut changed = Vec::new();
+        for name in &target.entities {
+            let Some(e) = config.entities.iter().position(|x| &x.name == name) else {
+                continue;
+            };
+            let fingerprint = crate::pipeline::govern::config_fingerprint(config, t, e);
+            let key = format!("{CONFIG_META}{}:{name}", target.name);
+            let before = store.get_meta(&key)?;
+            let busy = jobs.iter().any(|j| {
+                j.target == target.name
+                    && &j.entity == name
+                    && j.phase != crate::store::SnapshotPhase::Done
+                    && !j.reevaluate
+            });
+            if before.as_deref().is_some_and(|b| b != fingerprint) && !busy {
+                changed.push(name.clone());
+            }
+            store.set_meta(&key, &fingerprint)?;
+        }
+        if !changed.is_empty() {
+            store.begin_reevaluation(&target.name, &changed)?;
+            tracing::info!(target_name = %target.name, entities = ?changed, "the configuration of these entities changed: every record is evaluated again for the target");
+        }
+    }
+    Ok(())
 }
 
 /// Records a pending snapshot job for every (target, entity) steward has not

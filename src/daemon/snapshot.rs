@@ -58,7 +58,7 @@
 //! `<state path>.requests/`; this task picks it up within a second. Against
 //! a stopped one, the CLI records the jobs in the store itself.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -69,7 +69,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::model::{Event, Lsn};
-use crate::pipeline::{snapshot_event, Pipeline};
+use crate::pipeline::{snapshot_mapped, Governor, Mapped, Pipeline};
 use crate::source::snapshot::{self as source_snapshot, SnapshotReader, TableRead};
 use crate::store::{SnapshotJob, SnapshotPhase, Store, VersionCheck};
 
@@ -232,11 +232,27 @@ pub fn begin_resync(
     Ok(())
 }
 
+/// Rows of one snapshot chunk on their way to the governor, which runs in
+/// the daemon loop: snapshot rows take the same governed path as streamed
+/// changes (see [`crate::pipeline::Governor::process_snapshot`]). The loop
+/// governs them once it has processed the stream up to `consistent`,
+/// commits the events durably and answers on `done`.
+pub struct SnapshotChunk {
+    pub mapped: Vec<Mapped>,
+    pub consistent: Lsn,
+    /// The target index the snapshot is for.
+    pub target: usize,
+    /// A snapshot (true) sends every publishable record; a re-read after a
+    /// configuration change (false) suppresses unchanged documents.
+    pub force: bool,
+    pub done: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
 pub struct Worker {
     pub config: Config,
     pub store: Store,
     pub gate: SnapshotGate,
-    pub wakers: HashMap<String, Arc<watch::Sender<u64>>>,
+    pub chunks: tokio::sync::mpsc::Sender<SnapshotChunk>,
     pub durable: watch::Receiver<Lsn>,
     /// The snapshot exported when the slot was created, if it was just now.
     pub initial: Option<SnapshotReader>,
@@ -345,10 +361,27 @@ impl Worker {
         let Some(entity_index) = config.entities.iter().position(|e| e.name == job.entity) else {
             return Ok(());
         };
+        let Some(target_index) = config.targets.iter().position(|t| t.name == job.target) else {
+            return Ok(());
+        };
         let entity = &config.entities[entity_index];
-        let read = table_read(config, entity_index);
+        let tracked = Governor::new(config)
+            .tracked_entities()
+            .any(|e| e == entity_index);
+        let mut read = table_read(config, entity_index);
+        if tracked {
+            // Governance reads whole rows (gates and routes use unmapped columns).
+            for column in reader.all_columns(&entity.schema, &entity.table).await? {
+                if !read.columns.contains(&column) {
+                    read.columns.push(column);
+                }
+            }
+        }
         let relation = reader.relation(&read, 1).await?;
         let mut pipeline = Pipeline::new(config);
+        if tracked {
+            pipeline.capture_rows(entity_index);
+        }
         let problem = pipeline
             .bind_relation(&relation)
             .into_iter()
@@ -401,39 +434,29 @@ impl Worker {
                 .iter()
                 .map(|&i| last.get(i).cloned().flatten().unwrap_or_default())
                 .collect();
-            let mut events = Vec::with_capacity(rows.len());
+            let mut mapped = Vec::with_capacity(rows.len());
             for row in &rows {
-                if let Some(e) =
-                    snapshot_event(&pipeline, relation.id, entity_index, row, consistent, &time)?
+                if let Some(m) =
+                    snapshot_mapped(&pipeline, relation.id, entity_index, row, consistent, &time)?
                 {
-                    events.push(e);
+                    mapped.push(m);
                 }
             }
-            let appended = block(|| {
-                let _windows = self.gate.lock();
-                let checks: Vec<VersionCheck<'_>> = events
-                    .iter()
-                    .map(|e| VersionCheck {
-                        target: &job.target,
-                        entity: &e.entity,
-                        key: &e.key,
-                        version: e.version,
-                    })
-                    .collect();
-                let admitted = self.store.admit_versions(&checks)?;
-                let appends: Vec<(&str, &Event)> = events
-                    .iter()
-                    .zip(admitted)
-                    .filter(|(_, ok)| *ok)
-                    .map(|(e, _)| (job.target.as_str(), e))
-                    .collect();
-                // Lsn::ZERO: a snapshot chunk never moves the stream's checkpoint.
-                self.store.commit(Lsn::ZERO, &appends)
-            })?;
-            for (target, seq) in appended {
-                if let Some(w) = self.wakers.get(&target) {
-                    w.send_replace(seq);
-                }
+            let (done, answer) = tokio::sync::oneshot::channel();
+            let message = SnapshotChunk {
+                mapped,
+                consistent,
+                target: target_index,
+                force: !job.reevaluate,
+                done,
+            };
+            if self.chunks.send(message).await.is_err() {
+                return Ok(()); // the daemon loop is gone: shutting down
+            }
+            match answer.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => anyhow::bail!("{e}"),
+                Err(_) => anyhow::bail!("the daemon loop dropped a snapshot chunk (the source session ended); the snapshot resumes"),
             }
             let n = rows.len();
             job.rows_done += n as u64;
@@ -552,6 +575,9 @@ pub struct SnapshotStatusLine {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub last_error: Option<String>,
+    /// A governed re-read after a configuration change, not a snapshot.
+    #[serde(default)]
+    pub reevaluate: bool,
 }
 
 impl From<&SnapshotJob> for SnapshotStatusLine {
@@ -568,6 +594,7 @@ impl From<&SnapshotJob> for SnapshotStatusLine {
             started_at: j.started_at.clone(),
             finished_at: j.finished_at.clone(),
             last_error: j.last_error.clone(),
+            reevaluate: j.reevaluate,
         }
     }
 }

@@ -18,7 +18,7 @@
 //! and its child rows) and re-emissions (records whose referenced record
 //! changed) are evaluated once, after the transaction's last change.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
 
@@ -29,7 +29,7 @@ use super::cel::CelInput;
 use super::map::Mapped;
 use super::redact;
 use super::reference::{self, Rows};
-use crate::config::governance::{Check, EntityGovernance, OnUnpublish, TargetPolicy};
+use crate::config::governance::{Check, ChildConfig, EntityGovernance, OnUnpublish, TargetPolicy};
 use crate::config::{Config, EntityConfig};
 use crate::model::{ChangeOp, Event, EventData, EventOp, Lsn, SourceChange};
 use crate::store::governance::{AuditRecord, GovDelta, GovOp, GovSnapshot, QuarantineEntry};
@@ -63,15 +63,180 @@ pub struct Governor {
     /// A record may have several; the oldest (lowest id) is delivered.
     external_ids: HashMap<(String, String), BTreeMap<i64, String>>,
     delta: GovDelta,
+    /// Evaluation order within a transaction: an entity ranks above every
+    /// entity it references, so a referenced record is decided first.
+    rank: Vec<u32>,
+    /// entity → (child entity, child column) of reference rules on child
+    /// fields (`lines.product_id`) pointing at it.
+    child_referenced_by: Vec<Vec<(usize, String)>>,
+    /// Entities with a snapshot or re-read in progress (see [`Governor::watch`]).
+    watched: Vec<bool>,
+    /// (entity, key) → commit LSN of the last streamed change, for watched entities.
+    touched: HashMap<(usize, String), u64>,
+    /// entity → its columns that hold ids of other records (references,
+    /// reference rules, child references), indexed in `ref_index`.
+    ref_columns: Vec<Vec<String>>,
+    /// (entity, column, id) → keys of the tracked records whose column holds id.
+    ref_index: HashMap<(usize, String, String), BTreeSet<String>>,
 }
 
-/// Where an evaluation's events come from.
+/// Where an evaluation's events come from, and which targets it decides for.
 struct Origin {
     id: String,
     version: u64,
     time: String,
     change: Option<SourceChange>,
     tx_id: Option<u32>,
+    scope: Scope,
+}
+
+enum Scope {
+    /// Every target of the entity (streamed changes, re-emissions).
+    All,
+    /// Only these targets (a snapshot or re-read for them); `force`: send
+    /// publishable documents even when equal to the last one appended.
+    Targets { targets: Vec<usize>, force: bool },
+}
+
+/// A record's changes within one source transaction, folded together.
+struct Staged {
+    first_op: ChangeOp,
+    last_op: ChangeOp,
+    /// The row before the transaction (the first change's old row).
+    old: Option<Arc<Map<String, Value>>>,
+    /// Whether the governor knew the record before the transaction.
+    seen: bool,
+    row: Option<Arc<Map<String, Value>>>,
+    /// The last change's mapped fields (a delete: the key fields).
+    data: Map<String, Value>,
+    id: String,
+    version: u64,
+    time: String,
+    change: Option<SourceChange>,
+    tx_id: Option<u32>,
+}
+
+/// The records a transaction marked for evaluation: each once, in the order
+/// of (entity rank, first mark). Records marked while evaluating join the
+/// queue unless already evaluated. Sized for the hot path: one entry per
+/// record, found by a 64-bit hash of (entity, key), keys moved in, not copied.
+#[derive(Default)]
+struct Pending {
+    entries: Vec<PendingEntry>,
+    /// hash of (entity, key) → index of the newest entry with that hash;
+    /// entries with the same hash are chained through `PendingEntry::next`.
+    index: HashMap<u64, u32, BuildHasherDefault<DigestHasher>>,
+    heap: std::collections::BinaryHeap<std::cmp::Reverse<(u32, u32)>>,
+    evaluating: bool,
+}
+
+struct PendingEntry {
+    rank: u32,
+    e: usize,
+    key: String,
+    staged: Option<Staged>,
+    next: Option<u32>,
+    /// Evaluated already (and not queued again).
+    done: bool,
+}
+
+impl Pending {
+    fn hash(e: usize, key: &str) -> u64 {
+        // FxHash-style: good enough to spread keys, a fraction of SipHash's cost.
+        let mut h = (e as u64).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        for chunk in key.as_bytes().chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            h = (h.rotate_left(5) ^ u64::from_le_bytes(word))
+                .wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+        h ^ key.len() as u64
+    }
+
+    fn find(&self, h: u64, e: usize, key: &str) -> Option<u32> {
+        let mut at = self.index.get(&h).copied();
+        while let Some(i) = at {
+            let entry = &self.entries[i as usize];
+            if entry.e == e && entry.key == key {
+                return Some(i);
+            }
+            at = entry.next;
+        }
+        None
+    }
+
+    fn push(&mut self, h: u64, rank: u32, e: usize, key: String, staged: Option<Staged>) {
+        let i = self.entries.len() as u32;
+        let next = self.index.insert(h, i);
+        self.entries.push(PendingEntry {
+            rank,
+            e,
+            key,
+            staged,
+            next,
+            done: false,
+        });
+        if self.evaluating {
+            self.heap.push(std::cmp::Reverse((rank, i)));
+        }
+    }
+
+    fn defer(&mut self, rank: u32, e: usize, key: String) {
+        let h = Self::hash(e, &key);
+        if self.find(h, e, &key).is_none() {
+            self.push(h, rank, e, key, None);
+        }
+    }
+
+    /// [`Pending::defer`], queueing the record again if it was evaluated already.
+    fn redo(&mut self, rank: u32, e: usize, key: String) {
+        let h = Self::hash(e, &key);
+        match self.find(h, e, &key) {
+            None => self.push(h, rank, e, key, None),
+            Some(i) => {
+                let entry = &mut self.entries[i as usize];
+                if entry.done && self.evaluating {
+                    entry.done = false;
+                    self.heap.push(std::cmp::Reverse((rank, i)));
+                }
+            }
+        }
+    }
+
+    fn stage(&mut self, rank: u32, e: usize, key: String, change: Staged) {
+        let h = Self::hash(e, &key);
+        let Some(i) = self.find(h, e, &key) else {
+            self.push(h, rank, e, key, Some(change));
+            return;
+        };
+        let entry = &mut self.entries[i as usize];
+        match &mut entry.staged {
+            Some(s) => {
+                s.last_op = change.last_op;
+                s.row = change.row;
+                s.data = change.data;
+                s.id = change.id;
+                s.version = change.version;
+                s.time = change.time;
+                s.change = change.change;
+                s.tx_id = change.tx_id;
+            }
+            None => entry.staged = Some(change),
+        }
+    }
+
+    fn next(&mut self) -> Option<(usize, String, Option<Staged>)> {
+        if !self.evaluating {
+            self.evaluating = true;
+            self.heap = (0..self.entries.len() as u32)
+                .map(|i| std::cmp::Reverse((self.entries[i as usize].rank, i)))
+                .collect();
+        }
+        let std::cmp::Reverse((_, i)) = self.heap.pop()?;
+        let entry = &mut self.entries[i as usize];
+        entry.done = true;
+        Some((entry.e, entry.key.clone(), entry.staged.take()))
+    }
 }
 
 /// What a quarantine release did.
@@ -85,6 +250,7 @@ pub struct Released {
 impl Governor {
     pub fn new(config: &Config) -> Governor {
         let entities = config.entities.clone();
+        let entity_count = entities.len();
         let mut gov = config.governance.entities.clone();
         gov.resize(entities.len(), EntityGovernance::default());
         let mut policies = config.governance.targets.clone();
@@ -107,30 +273,99 @@ impl Governor {
             })
             .collect();
         let mut referenced_by = vec![Vec::new(); entities.len()];
+        let mut child_referenced_by = vec![Vec::new(); entities.len()];
         for (i, g) in gov.iter().enumerate() {
             for r in &g.refs {
                 if let Some(&t) = entity_index.get(&r.entity) {
                     referenced_by[t].push((i, r.column.clone()));
                 }
             }
+            for c in &g.children {
+                for r in &c.refs {
+                    if let Some(&t) = entity_index.get(&r.entity) {
+                        child_referenced_by[t].push((c.entity, r.column.clone()));
+                    }
+                }
+            }
             for rule in &g.rules {
                 for c in &rule.checks {
-                    if let Check::Reference { field, entity } = c {
-                        if let Some(&t) = entity_index.get(entity) {
-                            referenced_by[t].push((i, field.clone()));
+                    let Check::Reference { field, entity } = c else {
+                        continue;
+                    };
+                    let Some(&t) = entity_index.get(entity) else {
+                        continue;
+                    };
+                    match field.split_once('.') {
+                        Some((child, field)) => {
+                            if let Some(c) = g.children.iter().find(|c| c.name == child) {
+                                child_referenced_by[t].push((c.entity, child_column(c, field)));
+                            }
                         }
+                        None => referenced_by[t].push((i, ref_column(g, field))),
                     }
                 }
             }
         }
-        for list in &mut referenced_by {
+        for list in referenced_by
+            .iter_mut()
+            .chain(child_referenced_by.iter_mut())
+        {
             list.sort();
             list.dedup();
+        }
+        let mut ref_columns: Vec<Vec<String>> = vec![Vec::new(); entity_count];
+        for (r, column) in referenced_by
+            .iter()
+            .chain(child_referenced_by.iter())
+            .flatten()
+        {
+            ref_columns[*r].push(column.clone());
+        }
+        for (i, g) in gov.iter().enumerate() {
+            for r in g.refs.iter().filter(|r| r.external_id) {
+                ref_columns[i].push(r.column.clone());
+            }
+            for c in &g.children {
+                for r in c.refs.iter().filter(|r| r.external_id) {
+                    ref_columns[c.entity].push(r.column.clone());
+                }
+            }
+        }
+        for list in &mut ref_columns {
+            list.sort();
+            list.dedup();
+        }
+        // rank(e) = 1 + the highest rank of what e references (bounded, so a
+        // reference cycle cannot loop).
+        let mut rank = vec![0u32; entities.len()];
+        for _ in 0..entities.len() {
+            let mut changed = false;
+            for (t, users) in referenced_by.iter().enumerate() {
+                for (u, _) in users {
+                    if rank[*u] <= rank[t] {
+                        rank[*u] = rank[t] + 1;
+                        changed = true;
+                    }
+                }
+            }
+            for (t, users) in child_referenced_by.iter().enumerate() {
+                for (c, _) in users {
+                    let p = gov[*c].child_of.map_or(*c, |(p, _)| p);
+                    if rank[p] <= rank[t] {
+                        rank[p] = rank[t] + 1;
+                        changed = true;
+                    }
+                }
+            }
+            if !changed {
+                break;
+            }
         }
         let tracked = (0..entities.len())
             .map(|i| {
                 gov[i].is_governed()
                     || !referenced_by[i].is_empty()
+                    || !child_referenced_by[i].is_empty()
                     || entity_targets[i]
                         .iter()
                         .any(|&t| policies[t].route.is_some())
@@ -153,6 +388,12 @@ impl Governor {
             quarantine: HashMap::new(),
             external_ids: HashMap::new(),
             delta: GovDelta::default(),
+            rank,
+            child_referenced_by,
+            watched: vec![false; entity_count],
+            touched: HashMap::new(),
+            ref_columns,
+            ref_index: HashMap::new(),
         }
     }
 
@@ -165,13 +406,26 @@ impl Governor {
             .map(|(i, _)| i)
     }
 
-    /// Entities referenced by others (their tables are read at start-up when nothing is tracked yet).
-    pub fn referenced_entities(&self) -> Vec<usize> {
-        (0..self.entities.len())
-            .filter(|&i| {
-                !self.referenced_by[i].is_empty() || !self.gov[i].external_ids_of.is_empty()
-            })
-            .collect()
+    /// Entities whose state is read from their tables at start-up when
+    /// steward has none yet, in the order to read them: external ids and
+    /// child tables first, then by rank (referenced before referencing).
+    pub fn seed_order(&self) -> Vec<usize> {
+        let mut list: Vec<usize> = self.tracked_entities().collect();
+        list.sort_by_key(|&e| {
+            let hidden = self.gov[e].child_of.is_some() || !self.gov[e].external_ids_of.is_empty();
+            (!hidden, self.rank[e], e)
+        });
+        list
+    }
+
+    /// Whether `entity` is one steward adds itself (a child table, `ir_model_data`).
+    pub fn is_hidden(&self, entity: usize) -> bool {
+        self.gov[entity].child_of.is_some() || !self.gov[entity].external_ids_of.is_empty()
+    }
+
+    /// Evaluation rank of `entity` (see [`Governor::rank`]).
+    pub fn rank_of(&self, entity: usize) -> u32 {
+        self.rank[entity]
     }
 
     /// The SQL condition restricting the start-up read of `entity`'s table,
@@ -206,6 +460,7 @@ impl Governor {
             if let Ok(Value::Object(row)) = serde_json::from_slice(&bytes) {
                 self.index_child(e, &key, None, Some(&row));
                 self.index_external_id(e, &key, None, Some(&row));
+                self.index_refs(e, &key, None, Some(&row));
                 self.rows.insert((e, key), Arc::new(row));
             }
         }
@@ -275,7 +530,11 @@ impl Governor {
 
     pub fn quarantined(&self) -> Vec<&QuarantineEntry> {
         let mut list: Vec<&QuarantineEntry> = self.quarantine.values().collect();
-        list.sort_by(|a, b| (&a.entity, &a.key).cmp(&(&b.entity, &b.key)));
+        list.sort_by(|a, b| {
+            a.entity
+                .cmp(&b.entity)
+                .then_with(|| key_order(&a.key, &b.key))
+        });
         list
     }
 
@@ -306,6 +565,15 @@ impl Governor {
 
     /// [`Governor::process_drain`], appending to `out`: the daemon's commit
     /// batch, so that a transaction's events are not copied into it.
+    ///
+    /// A transaction is governed in two phases. First every change updates
+    /// the tracked state in order (rows, child index, external ids) and
+    /// marks its record, and the records depending on it, for evaluation.
+    /// Then each marked record is evaluated ONCE against its final state,
+    /// referenced entities before the entities referencing them: Odoo's
+    /// `create()` inserts a row and then updates computed columns in the same
+    /// transaction, and a target must get one document per key per
+    /// transaction, never the half-written first one with the same version.
     pub fn process_drain_into(
         &mut self,
         mapped: &mut Vec<Mapped>,
@@ -314,122 +582,353 @@ impl Governor {
         out: &mut Vec<(usize, Event)>,
     ) {
         out.reserve(mapped.len());
-        let mut deferred: Vec<(usize, String)> = Vec::new();
+        let mut pending = Pending::default();
+        for m in mapped.drain(..) {
+            self.stage(m, &mut pending);
+        }
+        self.evaluate_pending(pending, commit_lsn, time, out);
+    }
+
+    /// Phase one of [`Governor::process_drain_into`] for one change.
+    fn stage(&mut self, m: Mapped, pending: &mut Pending) {
+        let e = m.entity;
+        let key = m.event.key.clone();
+        let delete = m.op == ChangeOp::Delete;
+        if !self.gov[e].external_ids_of.is_empty() {
+            let prev = self.rows.get(&(e, key.clone())).cloned();
+            let models = &self.gov[e].external_ids_of;
+            let new = if delete { None } else { m.row.map(Arc::new) }.filter(|r| {
+                r.get("model")
+                    .and_then(Value::as_str)
+                    .is_some_and(|m| models.iter().any(|x| x == m))
+            });
+            if prev.is_none() && new.is_none() {
+                // Most of ir_model_data (views, menus, ...) is not referenced.
+                return;
+            }
+            for (model, res_id) in [prev.as_deref(), new.as_deref()]
+                .into_iter()
+                .flatten()
+                .filter_map(external_id_target)
+            {
+                for (r, column) in self.external_id_refs(&model) {
+                    for k in self.referencing(r, &column, &res_id) {
+                        pending.defer(self.rank[r], r, k);
+                    }
+                }
+            }
+            self.set_row(e, &key, new);
+            return;
+        }
+        if let Some((parent, _)) = self.gov[e].child_of {
+            let prev = self.rows.get(&(e, key.clone())).cloned();
+            let new = if delete { None } else { m.row.map(Arc::new) };
+            for p in self.index_child(e, &key, prev.as_deref(), new.as_deref()) {
+                pending.defer(self.rank[parent], parent, p);
+            }
+            self.set_row(e, &key, new);
+            return;
+        }
+        let tracked = self.tracked[e];
+        let prev = if tracked {
+            self.rows.get(&(e, key.clone())).cloned()
+        } else {
+            None
+        };
+        let row = if delete { None } else { m.row.map(Arc::new) };
+        if tracked {
+            self.set_row(e, &key, row.clone());
+        }
+        self.defer_dependents(e, &key, pending);
+        let change = Staged {
+            first_op: m.op,
+            last_op: m.op,
+            old: m.old.map(Arc::new).or(prev.clone()),
+            seen: prev.is_some(),
+            row,
+            data: m.data,
+            id: m.event.id,
+            version: m.event.version,
+            time: m.event.time,
+            change: m.event.change,
+            tx_id: m.event.tx_id,
+        };
+        pending.stage(self.rank[e], e, key, change);
+    }
+
+    /// Phase two: evaluates every marked record once, lowest rank first.
+    fn evaluate_pending(
+        &mut self,
+        mut pending: Pending,
+        commit_lsn: Lsn,
+        time: &str,
+        out: &mut Vec<(usize, Event)>,
+    ) {
+        let mut synthetic = 0u32;
+        while let Some((e, key, staged)) = pending.next() {
+            if self.watched[e] {
+                self.touched.insert((e, key.clone()), commit_lsn.0);
+            }
+            let held_before = self.is_quarantined(e, &key);
+            match staged {
+                Some(s) => {
+                    if s.last_op == ChangeOp::Delete && s.first_op == ChangeOp::Insert {
+                        // Inserted and deleted in one transaction: no target ever knew it.
+                        continue;
+                    }
+                    let op = match (s.first_op, s.last_op) {
+                        (_, ChangeOp::Delete) => "delete",
+                        (ChangeOp::Insert, _) => "insert",
+                        _ => "update",
+                    };
+                    let change = match (s.first_op, s.last_op, s.change) {
+                        // The Debezium envelope keeps "c" for a key created in this transaction.
+                        (ChangeOp::Insert, ChangeOp::Insert | ChangeOp::Update, _) => {
+                            Some(SourceChange::Insert)
+                        }
+                        (ChangeOp::Delete, ChangeOp::Insert, _) => Some(SourceChange::Update),
+                        (_, _, c) => c,
+                    };
+                    let row = if op == "delete" {
+                        None
+                    } else if self.tracked[e] {
+                        // The final row: later changes of the transaction already replaced it.
+                        self.rows.get(&(e, key.clone())).cloned().or(s.row)
+                    } else {
+                        s.row
+                    };
+                    let origin = Origin {
+                        id: s.id,
+                        version: s.version,
+                        time: s.time,
+                        change,
+                        tx_id: s.tx_id,
+                        scope: Scope::All,
+                    };
+                    self.evaluate(
+                        e,
+                        &key,
+                        op,
+                        row,
+                        s.old.as_deref(),
+                        s.seen,
+                        s.data,
+                        &origin,
+                        out,
+                        &mut pending,
+                    );
+                }
+                None => {
+                    let Some(row) = self.rows.get(&(e, key.clone())).cloned() else {
+                        continue;
+                    };
+                    let origin = Origin {
+                        id: Event::source_id(commit_lsn, SYNTHETIC_INDEX + synthetic),
+                        version: commit_lsn.0,
+                        time: time.to_string(),
+                        change: None,
+                        tx_id: None,
+                        scope: Scope::All,
+                    };
+                    synthetic += 1;
+                    self.evaluate(
+                        e,
+                        &key,
+                        "update",
+                        Some(row.clone()),
+                        Some(&row),
+                        true,
+                        Map::new(),
+                        &origin,
+                        out,
+                        &mut pending,
+                    );
+                }
+            }
+            if held_before != self.is_quarantined(e, &key) {
+                // Whether this record holds back the records referencing it changed.
+                self.defer_dependents(e, &key, &mut pending);
+            }
+        }
+    }
+
+    /// Marks the tracked records whose references or reference rules point at (e, key).
+    fn defer_dependents(&self, e: usize, key: &str, pending: &mut Pending) {
+        for (r, column) in &self.referenced_by[e] {
+            for k in self.referencing(*r, column, key) {
+                pending.defer(self.rank[*r], *r, k);
+            }
+        }
+        for (r, column) in &self.child_referenced_by[e] {
+            for parent in self.parents_with_child_value(*r, column, key) {
+                let p = self.gov[*r].child_of.map_or(*r, |(p, _)| p);
+                pending.defer(self.rank[p], p, parent);
+            }
+        }
+    }
+
+    fn is_quarantined(&self, e: usize, key: &str) -> bool {
+        !self.quarantine.is_empty() && self.quarantine.contains_key(&(e, key.to_string()))
+    }
+
+    /// Governs rows read by a snapshot (an initial snapshot, `steward reset`,
+    /// an entity added to a target, a re-snapshot after a schema stop) or a
+    /// governed re-read after a configuration change, through the same
+    /// evaluation as streamed changes. `consistent` is the snapshot's
+    /// consistent point; the caller has processed the stream up to it, so a
+    /// record the stream changed since (recorded while its entity is
+    /// watched, see [`Governor::watch`]) is newer in the governor than in
+    /// the snapshot and is skipped. Events go to `targets` only; `force`
+    /// sends publishable documents even when equal to the last one appended
+    /// (the target is being rebuilt). Records whose state these rows change
+    /// for other reasons (a business key let go) are evaluated with version
+    /// `position`, the stream's current position.
+    pub fn process_snapshot(
+        &mut self,
+        mapped: &mut Vec<Mapped>,
+        consistent: Lsn,
+        targets: &[usize],
+        force: bool,
+        position: Lsn,
+        out: &mut Vec<(usize, Event)>,
+    ) {
+        let mut pending = Pending::default();
         for m in mapped.drain(..) {
             let e = m.entity;
             let key = m.event.key.clone();
-            let delete = m.op == ChangeOp::Delete;
-            if !self.gov[e].external_ids_of.is_empty() {
-                let prev = self.rows.get(&(e, key.clone())).cloned();
-                let models = &self.gov[e].external_ids_of;
-                let new = if delete { None } else { m.row.map(Arc::new) }.filter(|r| {
-                    r.get("model")
-                        .and_then(Value::as_str)
-                        .is_some_and(|m| models.iter().any(|x| x == m))
-                });
-                if prev.is_none() && new.is_none() {
-                    // Most of ir_model_data (views, menus, ...) is not referenced.
-                    continue;
-                }
-                for (model, res_id) in [prev.as_deref(), new.as_deref()]
-                    .into_iter()
-                    .flatten()
-                    .filter_map(external_id_target)
-                {
-                    for (r, column) in self.external_id_refs(&model) {
-                        for k in reference::referencing(&self.rows, r, &column, &res_id) {
-                            defer(&mut deferred, r, k);
-                        }
-                    }
-                }
-                self.set_row(e, &key, new);
+            if self
+                .touched
+                .get(&(e, key.clone()))
+                .is_some_and(|v| *v >= consistent.0)
+            {
                 continue;
             }
-            if let Some((parent, _)) = self.gov[e].child_of {
-                let prev = self.rows.get(&(e, key.clone())).cloned();
-                let new = if delete { None } else { m.row.map(Arc::new) };
-                for p in self.index_child(e, &key, prev.as_deref(), new.as_deref()) {
-                    defer(&mut deferred, parent, p);
-                }
-                self.set_row(e, &key, new);
+            if self.gov[e].child_of.is_some() || !self.gov[e].external_ids_of.is_empty() {
+                self.observe(e, &key, m.row);
                 continue;
             }
-            let tracked = self.tracked[e];
-            let prev = if tracked {
-                self.rows.get(&(e, key.clone())).cloned()
-            } else {
-                None
-            };
-            let row = if delete { None } else { m.row.map(Arc::new) };
-            if tracked {
+            let prev = self.rows.get(&(e, key.clone())).cloned();
+            let row = m.row.map(Arc::new);
+            if self.tracked[e] {
                 self.set_row(e, &key, row.clone());
             }
-            for (r, column) in self.referenced_by[e].clone() {
-                for k in reference::referencing(&self.rows, r, &column, &key) {
-                    defer(&mut deferred, r, k);
-                }
-            }
-            if !self.gov[e].children.is_empty() && !delete {
-                defer(&mut deferred, e, key);
-                continue;
-            }
-            let old = m.old.map(Arc::new).or_else(|| prev.clone());
             let origin = Origin {
                 id: m.event.id,
                 version: m.event.version,
                 time: m.event.time,
-                change: m.event.change,
-                tx_id: m.event.tx_id,
+                change: Some(SourceChange::Snapshot),
+                tx_id: None,
+                scope: Scope::Targets {
+                    targets: targets.to_vec(),
+                    force,
+                },
             };
-            let op = match m.op {
-                ChangeOp::Insert => "insert",
-                ChangeOp::Update => "update",
-                ChangeOp::Delete => "delete",
-            };
-            let fallback = m.data;
             self.evaluate(
                 e,
                 &key,
-                op,
+                "snapshot",
                 row,
-                old.as_deref(),
-                prev.is_some(),
-                fallback,
+                prev.as_deref(),
+                true,
+                m.data,
                 &origin,
                 out,
-                &mut deferred,
+                &mut pending,
             );
         }
-        // Business objects, re-emissions and records waiting on a released key.
-        let mut done: HashSet<(usize, String)> = HashSet::new();
-        let mut n = 0u32;
-        while let Some((e, key)) = (!deferred.is_empty()).then(|| deferred.remove(0)) {
-            if !done.insert((e, key.clone())) {
+        // Records released or held by these decisions (business keys let go,
+        // references) are governed like any other: once, for every target.
+        self.evaluate_pending(pending, position, &now_rfc3339(), out);
+    }
+
+    /// Learns the current rows of `entity` read from its table (start-up,
+    /// for entities steward has no state of yet): the child rows of business
+    /// objects, referenced records, external ids, and every governed record,
+    /// whose business keys and quarantine are decided here without sending
+    /// anything (each target learns a record from its own snapshot or the
+    /// stream).
+    pub fn seed_mapped(&mut self, mapped: &mut Vec<Mapped>, time: &str) {
+        let mut pending = Pending::default();
+        let mut out = Vec::new();
+        for m in mapped.drain(..) {
+            let e = m.entity;
+            let key = m.event.key.clone();
+            if self.gov[e].child_of.is_some()
+                || !self.gov[e].external_ids_of.is_empty()
+                || !self.gov[e].is_governed()
+            {
+                self.observe(e, &key, m.row);
                 continue;
             }
-            let Some(row) = self.rows.get(&(e, key.clone())).cloned() else {
-                continue;
-            };
+            let prev = self.rows.get(&(e, key.clone())).cloned();
+            let row = m.row.map(Arc::new);
+            self.set_row(e, &key, row.clone());
             let origin = Origin {
-                id: Event::source_id(commit_lsn, SYNTHETIC_INDEX + n),
-                version: commit_lsn.0,
+                id: String::new(),
+                version: 0,
                 time: time.to_string(),
                 change: None,
                 tx_id: None,
+                scope: Scope::Targets {
+                    targets: Vec::new(),
+                    force: false,
+                },
             };
-            n += 1;
             self.evaluate(
                 e,
                 &key,
-                "update",
-                Some(row.clone()),
-                Some(&row),
+                "snapshot",
+                row,
+                prev.as_deref(),
                 true,
-                Map::new(),
+                m.data,
                 &origin,
-                out,
-                &mut deferred,
+                &mut out,
+                &mut pending,
             );
+        }
+        debug_assert!(out.is_empty());
+    }
+
+    /// Records a row in the tracked state only (child rows, external ids,
+    /// referenced records).
+    fn observe(&mut self, e: usize, key: &str, row: Option<Map<String, Value>>) {
+        if !self.tracked[e] {
+            return;
+        }
+        let row = row.map(Arc::new);
+        if !self.gov[e].external_ids_of.is_empty() {
+            let models = &self.gov[e].external_ids_of;
+            let keep = row.as_ref().is_some_and(|r| {
+                r.get("model")
+                    .and_then(Value::as_str)
+                    .is_some_and(|m| models.iter().any(|x| x == m))
+            });
+            if !keep {
+                return;
+            }
+        }
+        if self.gov[e].child_of.is_some() {
+            let prev = self.rows.get(&(e, key.to_string())).cloned();
+            self.index_child(e, key, prev.as_deref(), row.as_deref());
+        }
+        self.set_row(e, key, row);
+    }
+
+    /// Entities whose streamed changes are remembered per key (with their
+    /// commit LSN) so that [`Governor::process_snapshot`] can skip records
+    /// the stream changed after a snapshot's consistent point. The memory
+    /// is released when an entity stops being watched.
+    pub fn watch(&mut self, entities: &[usize]) {
+        let mut watched = vec![false; self.entities.len()];
+        for &e in entities {
+            if let Some(w) = watched.get_mut(e) {
+                *w = true;
+            }
+        }
+        if watched != self.watched {
+            self.touched.retain(|(e, _), _| watched[*e]);
+            self.watched = watched;
         }
     }
 
@@ -462,9 +961,10 @@ impl Governor {
             time: time.to_string(),
             change: None,
             tx_id: None,
+            scope: Scope::All,
         };
         let mut out = Vec::new();
-        let mut deferred = Vec::new();
+        let mut pending = Pending::default();
         self.evaluate(
             e,
             key,
@@ -475,8 +975,9 @@ impl Governor {
             Map::new(),
             &origin,
             &mut out,
-            &mut deferred,
+            &mut pending,
         );
+        self.evaluate_pending(pending, version, time, &mut out);
         let still_failing = self
             .quarantine
             .get(&(e, key.to_string()))
@@ -499,9 +1000,18 @@ impl Governor {
         fallback: Map<String, Value>,
         origin: &Origin,
         out: &mut Vec<(usize, Event)>,
-        deferred: &mut Vec<(usize, String)>,
+        deferred: &mut Pending,
     ) {
         let name = self.entities[e].name.clone();
+        let targets: Vec<usize> = match &origin.scope {
+            Scope::All => self.entity_targets[e].clone(),
+            Scope::Targets { targets, .. } => self.entity_targets[e]
+                .iter()
+                .copied()
+                .filter(|t| targets.contains(t))
+                .collect(),
+        };
+        let force = matches!(origin.scope, Scope::Targets { force: true, .. });
         let version = origin.version;
         let event = |op: EventOp, data: EventData| Event {
             change: origin.change,
@@ -518,7 +1028,7 @@ impl Governor {
             self.set_claims(e, key, Vec::new(), deferred);
             self.release_from_quarantine(e, key, version, "the record was deleted");
             let data = EventData::from_map(&fallback);
-            for t in self.entity_targets[e].clone() {
+            for t in targets {
                 let pkey = self.published_key(t, e, key);
                 let was = self.published.remove(&pkey.slot());
                 if was.is_some() || !seen {
@@ -558,7 +1068,9 @@ impl Governor {
             },
         };
         if publishable {
-            if let Some((rule, message)) = self.validate(e, key, &doc, row.as_deref(), &input) {
+            if let Some((rule, message, blocked_by)) =
+                self.validate(e, key, &doc, row.as_deref(), &input)
+            {
                 self.set_claims(e, key, Vec::new(), deferred);
                 let entry = QuarantineEntry {
                     entity: name.clone(),
@@ -568,6 +1080,7 @@ impl Governor {
                     message: message.clone(),
                     document: Value::Object(doc),
                     since: now_rfc3339(),
+                    blocked_by,
                 };
                 self.quarantine.insert((e, key.to_string()), entry.clone());
                 self.queue_quarantine(e, key, Some(entry));
@@ -594,7 +1107,7 @@ impl Governor {
             );
         }
 
-        for t in self.entity_targets[e].clone() {
+        for t in targets {
             let routed = match &self.policies[t].route {
                 None => Ok(true),
                 Some(r) => r
@@ -606,7 +1119,7 @@ impl Governor {
                 let (data, notes) = redact::apply(&self.policies[t], &name, &doc);
                 let data = EventData::from_map(&data);
                 let hash = doc_hash(&data);
-                if self.published.get(&pkey.slot()) == Some(&short_hash(&hash)) {
+                if !force && self.published.get(&pkey.slot()) == Some(&short_hash(&hash)) {
                     self.audit(
                         e,
                         key,
@@ -668,16 +1181,13 @@ impl Governor {
         }
     }
 
-    /// The document of a tracked record: mapped fields, references, children.
+    /// The document of a tracked record: mapped fields, references,
+    /// children (each with its own references), in the order the
+    /// configuration writes them.
     fn document(&self, e: usize, key: &str, row: &Map<String, Value>) -> Map<String, Value> {
         let mut doc = assemble::document(&self.entities[e].fields, row);
         for r in &self.gov[e].refs {
-            let value = match self.entity_index.get(&r.entity) {
-                Some(_) if r.external_id => self.external_id(&r.model, row.get(&r.column)),
-                Some(&t) => reference::resolve(r, t, &self.entities[t], row, &self.rows),
-                None => Value::Null,
-            };
-            doc.insert(r.name.clone(), value);
+            doc.insert(r.name.clone(), self.resolve_ref(r, row));
         }
         for c in &self.gov[e].children {
             let mut items: Vec<(String, Value)> = Vec::new();
@@ -685,22 +1195,122 @@ impl Governor {
                 for k in keys {
                     if let Some(child) = self.rows.get(&(c.entity, k.clone())) {
                         let mut d = assemble::document(&c.fields, child);
-                        d.insert("id".into(), child.get("id").cloned().unwrap_or(Value::Null));
+                        for r in &c.refs {
+                            d.insert(r.name.clone(), self.resolve_ref(r, child));
+                        }
+                        let mut d = ordered(d, &c.field_order);
+                        if !d.contains_key("id") {
+                            d.insert("id".into(), child.get("id").cloned().unwrap_or(Value::Null));
+                        }
                         items.push((k.clone(), Value::Object(d)));
                     }
                 }
             }
             // Numeric ids in numeric order, so the document does not depend on hashing.
-            items.sort_by(|a, b| match (a.0.parse::<i64>(), b.0.parse::<i64>()) {
-                (Ok(x), Ok(y)) => x.cmp(&y),
-                _ => a.0.cmp(&b.0),
-            });
+            items.sort_by(|a, b| key_order(&a.0, &b.0));
             doc.insert(
                 c.name.clone(),
                 Value::Array(items.into_iter().map(|(_, v)| v).collect()),
             );
         }
-        doc
+        ordered(doc, &self.gov[e].field_order)
+    }
+
+    fn resolve_ref(
+        &self,
+        r: &crate::config::governance::RefField,
+        row: &Map<String, Value>,
+    ) -> Value {
+        match self.entity_index.get(&r.entity) {
+            Some(_) if r.external_id => self.external_id(&r.model, row.get(&r.column)),
+            Some(&t) => reference::resolve(r, t, &self.entities[t], row, &self.rows),
+            None => Value::Null,
+        }
+    }
+
+    /// Why record `id` of entity `t` is not published (the blocker of the
+    /// records referencing it), or `None` when it is: it exists, passes its
+    /// gate and is not quarantined.
+    fn blocker(&self, t: usize, id: &str) -> Option<String> {
+        let Some(referenced) = self.rows.get(&(t, id.to_string())) else {
+            return Some("it does not exist or steward has not read it".into());
+        };
+        if let Some(expr) = &self.gov[t].publish_when {
+            let ok = expr.test(&CelInput {
+                row: Some(referenced),
+                old: None,
+                op: "update",
+            });
+            if ok != Ok(true) {
+                return Some(format!("not publishable: publish_when `{}`", expr.source));
+            }
+        }
+        if let Some(q) = self.quarantine.get(&(t, id.to_string())) {
+            return Some(format!("quarantined: {}", q.message));
+        }
+        None
+    }
+
+    /// Keys of parents whose child rows of child entity `c` hold `value` in `column`.
+    fn parents_with_child_value(&self, c: usize, column: &str, value: &str) -> Vec<String> {
+        let Some((p, ci)) = self.gov[c].child_of else {
+            return Vec::new();
+        };
+        let parent_column = &self.gov[p].children[ci].parent;
+        let mut out: Vec<String> = self
+            .referencing(c, column, value)
+            .into_iter()
+            .filter_map(|k| self.rows.get(&(c, k)))
+            .filter_map(|row| row.get(parent_column).filter(|v| !v.is_null()))
+            .map(assemble::text)
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The ids a reference rule checks: the row's column (a reference
+    /// field's many2one column when the rule names a reference field), or
+    /// for `child.field` that column of every child row.
+    fn reference_ids(
+        &self,
+        e: usize,
+        key: &str,
+        field: &str,
+        row: Option<&Map<String, Value>>,
+    ) -> Vec<String> {
+        let g = &self.gov[e];
+        match field.split_once('.') {
+            Some((child, field)) => {
+                let Some(c) = g.children.iter().find(|c| c.name == child) else {
+                    return Vec::new();
+                };
+                let column = child_column(c, field);
+                let mut ids = Vec::new();
+                if let Some(keys) = self.children.get(&(c.entity, key.to_string())) {
+                    for k in keys {
+                        if let Some(v) = self
+                            .rows
+                            .get(&(c.entity, k.clone()))
+                            .and_then(|r| r.get(&column))
+                            .filter(|v| !v.is_null())
+                        {
+                            ids.push(assemble::text(v));
+                        }
+                    }
+                }
+                ids.sort();
+                ids.dedup();
+                ids
+            }
+            None => {
+                let column = ref_column(g, field);
+                row.and_then(|r| r.get(&column))
+                    .filter(|v| !v.is_null())
+                    .map(|v| vec![assemble::text(v)])
+                    .unwrap_or_default()
+            }
+        }
     }
 
     /// The first failing rule (or business key), with a message for the operator.
@@ -711,15 +1321,21 @@ impl Governor {
         doc: &Map<String, Value>,
         row: Option<&Map<String, Value>>,
         input: &CelInput<'_>,
-    ) -> Option<(String, String)> {
+    ) -> Option<(String, String, Option<String>)> {
         for rule in &self.gov[e].rules {
             for check in &rule.checks {
-                if let Err(detail) = self.check(check, doc, row, input) {
+                if let Err(detail) = self.check(e, key, check, doc, row, input) {
                     let message = match &rule.message {
                         Some(m) => format!("{m} ({detail})"),
                         None => format!("rule '{}' failed: {detail}", rule.name),
                     };
-                    return Some((rule.name.clone(), message));
+                    let blocked_by = match check {
+                        Check::Reference { field, entity } => self
+                            .reference_blocker(e, key, field, entity, row)
+                            .map(|(id, _)| format!("{entity} {id}")),
+                        _ => None,
+                    };
+                    return Some((rule.name.clone(), message, blocked_by));
                 }
             }
         }
@@ -740,6 +1356,7 @@ impl Governor {
                             "{field} '{raw}' is already used by {} {holder}; change one of the two records",
                             self.entities[e].name
                         ),
+                        None,
                     ));
                 }
             }
@@ -749,18 +1366,37 @@ impl Governor {
 
     fn check(
         &self,
+        e: usize,
+        key: &str,
         check: &Check,
         doc: &Map<String, Value>,
         row: Option<&Map<String, Value>>,
         input: &CelInput<'_>,
     ) -> Result<(), String> {
-        let get = |f: &str| assemble::lookup(f, doc, row);
+        // A field, or for `child.field` that field of every child item.
+        let values = |f: &str| -> Vec<Option<&Value>> {
+            match f.split_once('.') {
+                Some((child, field)) if !doc.contains_key(f) => match doc.get(child) {
+                    Some(Value::Array(items)) => items
+                        .iter()
+                        .map(|item| item.get(field).filter(|v| !v.is_null()))
+                        .collect(),
+                    _ => Vec::new(),
+                },
+                _ => vec![assemble::lookup(f, doc, row)],
+            }
+        };
+        let each = |f: &str, test: &dyn Fn(&Value) -> Result<(), String>| {
+            values(f).into_iter().flatten().try_for_each(test)
+        };
         match check {
             Check::Required(fields) => {
                 let missing: Vec<&str> = fields
                     .iter()
                     .filter(|f| {
-                        get(f).map_or(true, |v| v.as_str().is_some_and(|s| s.trim().is_empty()))
+                        values(f).iter().any(|v| {
+                            v.map_or(true, |v| v.as_str().is_some_and(|s| s.trim().is_empty()))
+                        })
                     })
                     .map(String::as_str)
                     .collect();
@@ -770,38 +1406,37 @@ impl Governor {
                     Err(format!("missing {}", missing.join(", ")))
                 }
             }
-            Check::Regex { field, regex } => match get(field) {
-                Some(v) if regex.is_match(&assemble::text(v)) => Ok(()),
-                Some(v) => Err(format!(
-                    "{field} '{}' does not match /{}/",
-                    assemble::text(v),
-                    regex.as_str()
-                )),
-                None => Err(format!("{field} is missing")),
-            },
-            Check::Allowed { field, values } => match get(field) {
-                Some(v)
-                    if values
-                        .iter()
-                        .any(|a| a == v || assemble::text(a) == assemble::text(v)) =>
+            // Only `required` fails on a missing (null) value.
+            Check::Regex { field, regex } => each(field, &|v| {
+                if regex.is_match(&assemble::text(v)) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{field} '{}' does not match /{}/",
+                        assemble::text(v),
+                        regex.as_str()
+                    ))
+                }
+            }),
+            Check::Allowed { field, values } => each(field, &|v| {
+                if values
+                    .iter()
+                    .any(|a| a == v || assemble::text(a) == assemble::text(v))
                 {
                     Ok(())
+                } else {
+                    Err(format!(
+                        "{field} '{}' is not one of {}",
+                        assemble::text(v),
+                        values
+                            .iter()
+                            .map(assemble::text)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
                 }
-                Some(v) => Err(format!(
-                    "{field} '{}' is not one of {}",
-                    assemble::text(v),
-                    values
-                        .iter()
-                        .map(assemble::text)
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )),
-                None => Err(format!("{field} is missing")),
-            },
-            Check::Range { field, min, max } => {
-                let Some(v) = get(field) else {
-                    return Err(format!("{field} is missing"));
-                };
+            }),
+            Check::Range { field, min, max } => each(field, &|v| {
                 let Ok(n) = assemble::text(v).parse::<f64>() else {
                     return Err(format!("{field} '{}' is not a number", assemble::text(v)));
                 };
@@ -814,36 +1449,40 @@ impl Governor {
                     ));
                 }
                 Ok(())
-            }
+            }),
             Check::Cel(expr) => match expr.test(input) {
                 Ok(true) => Ok(()),
                 Ok(false) => Err(format!("`{}` is false", expr.source)),
                 Err(m) => Err(m),
             },
             Check::Reference { field, entity } => {
-                let Some(id) = get(field) else {
-                    return Ok(());
-                };
-                let id = assemble::text(id);
-                let Some(&t) = self.entity_index.get(entity) else {
+                if !self.entity_index.contains_key(entity) {
                     return Err(format!("entity {entity} is not configured"));
-                };
-                let Some(referenced) = self.rows.get(&(t, id.clone())) else {
-                    return Err(format!("{field} = {id}: {entity} {id} is not known"));
-                };
-                if let Some(expr) = &self.gov[t].publish_when {
-                    let ok = expr.test(&CelInput {
-                        row: Some(referenced),
-                        old: None,
-                        op: "update",
-                    });
-                    if ok != Ok(true) {
-                        return Err(format!("{field} = {id}: {entity} {id} is not publishable"));
-                    }
                 }
-                Ok(())
+                match self.reference_blocker(e, key, field, entity, row) {
+                    Some((id, why)) => {
+                        Err(format!("{field} = {id}: blocked by {entity} {id} ({why})"))
+                    }
+                    None => Ok(()),
+                }
             }
         }
+    }
+
+    /// The first record a reference rule points at that is not published,
+    /// with the reason.
+    fn reference_blocker(
+        &self,
+        e: usize,
+        key: &str,
+        field: &str,
+        entity: &str,
+        row: Option<&Map<String, Value>>,
+    ) -> Option<(String, String)> {
+        let &t = self.entity_index.get(entity)?;
+        self.reference_ids(e, key, field, row)
+            .into_iter()
+            .find_map(|id| self.blocker(t, &id).map(|why| (id, why)))
     }
 
     fn claim_values(
@@ -870,7 +1509,7 @@ impl Governor {
         e: usize,
         key: &str,
         new: Vec<(usize, String)>,
-        deferred: &mut Vec<(usize, String)>,
+        deferred: &mut Pending,
     ) {
         if self.gov[e].unique.is_empty() {
             return;
@@ -910,7 +1549,9 @@ impl Governor {
                 .collect();
             waiting.sort();
             for k in waiting {
-                defer(deferred, e, k);
+                // Even one already decided in this transaction (quarantined,
+                // so nothing was sent): the key it waited for is free now.
+                deferred.redo(self.rank[e], e, k);
             }
         }
     }
@@ -988,10 +1629,11 @@ impl Governor {
     }
 
     fn set_row(&mut self, e: usize, key: &str, row: Option<Arc<Map<String, Value>>>) {
-        if !self.gov[e].external_ids_of.is_empty() {
-            // Only the ir_model_data rows feed an index; other rows skip the lookup.
+        if !self.gov[e].external_ids_of.is_empty() || !self.ref_columns[e].is_empty() {
+            // Only rows that feed an index pay for the lookup of the previous one.
             let prev = self.rows.get(&(e, key.to_string())).cloned();
             self.index_external_id(e, key, prev.as_deref(), row.as_deref());
+            self.index_refs(e, key, prev.as_deref(), row.as_deref());
         }
         let bytes = row.as_ref().and_then(|r| serde_json::to_vec(&**r).ok());
         match row {
@@ -1007,6 +1649,53 @@ impl Governor {
             key: key.to_string(),
             row: bytes,
         });
+    }
+
+    /// Keeps the (entity, column, id) → keys index in step with a tracked row.
+    fn index_refs(
+        &mut self,
+        e: usize,
+        key: &str,
+        prev: Option<&Map<String, Value>>,
+        new: Option<&Map<String, Value>>,
+    ) {
+        for column in &self.ref_columns[e] {
+            let value = |r: Option<&Map<String, Value>>| {
+                r.and_then(|r| r.get(column))
+                    .filter(|v| !v.is_null())
+                    .map(assemble::text)
+            };
+            let (before, after) = (value(prev), value(new));
+            if before == after {
+                continue;
+            }
+            if let Some(b) = before {
+                let slot = (e, column.clone(), b);
+                if let Some(keys) = self.ref_index.get_mut(&slot) {
+                    keys.remove(key);
+                    if keys.is_empty() {
+                        self.ref_index.remove(&slot);
+                    }
+                }
+            }
+            if let Some(a) = after {
+                self.ref_index
+                    .entry((e, column.clone(), a))
+                    .or_default()
+                    .insert(key.to_string());
+            }
+        }
+    }
+
+    /// Keys of tracked records of `entity` whose `column` holds `id`, in key order.
+    fn referencing(&self, entity: usize, column: &str, id: &str) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .ref_index
+            .get(&(entity, column.to_string(), id.to_string()))
+            .map(|keys| keys.iter().cloned().collect())
+            .unwrap_or_default();
+        keys.sort_by(|a, b| key_order(a, b));
+        keys
     }
 
     /// Updates the parent → children index for a child row; returns the parents touched.
@@ -1099,17 +1788,110 @@ impl Governor {
     }
 }
 
+/// The column a rule field names on the entity's row: a reference field's
+/// many2one column, a plain mapped field's column, else the name itself.
+fn ref_column(g: &EntityGovernance, field: &str) -> String {
+    g.refs
+        .iter()
+        .find(|r| r.name == field)
+        .map_or_else(|| field.to_string(), |r| r.column.clone())
+}
+
+/// [`ref_column`] for a child's field.
+fn child_column(c: &ChildConfig, field: &str) -> String {
+    if let Some(r) = c.refs.iter().find(|r| r.name == field) {
+        return r.column.clone();
+    }
+    c.fields
+        .iter()
+        .find(|f| f.name == field && f.source.path.is_empty())
+        .map_or_else(|| field.to_string(), |f| f.source.column.clone())
+}
+
+/// A digest of everything that decides what target `t` receives of entity
+/// `e`: the mapping, gate, rules, business keys, references, children, and
+/// the target's routing and redaction for it. A change between two runs
+/// means every record of the entity must be evaluated again for the target.
+pub fn config_fingerprint(config: &Config, t: usize, e: usize) -> String {
+    let entity = &config.entities[e];
+    let gov = config
+        .governance
+        .entities
+        .get(e)
+        .cloned()
+        .unwrap_or_default();
+    let policy = config
+        .governance
+        .targets
+        .get(t)
+        .cloned()
+        .unwrap_or_default();
+    let name = &entity.name;
+    let hidden: Vec<&EntityConfig> = gov
+        .children
+        .iter()
+        .filter_map(|c| config.entities.get(c.entity))
+        .collect();
+    let text = format!(
+        "{entity:?}|{hidden:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}",
+        gov.publish_when,
+        gov.on_unpublish,
+        gov.rules,
+        gov.unique,
+        gov.refs,
+        gov.children,
+        gov.field_order,
+        policy
+            .allow
+            .iter()
+            .filter(|(x, _)| x == name)
+            .collect::<Vec<_>>(),
+        policy
+            .mask
+            .iter()
+            .filter(|(x, _, _)| x == name)
+            .collect::<Vec<_>>(),
+        policy
+            .hash
+            .iter()
+            .filter(|(x, _)| x == name)
+            .collect::<Vec<_>>(),
+        policy.route,
+        policy.hash_key.is_some(),
+    );
+    blake3::hash(text.as_bytes()).to_hex()[..32].to_string()
+}
+
+/// Keys in a total order: numbers by value before other keys, those as text.
+fn key_order(a: &str, b: &str) -> std::cmp::Ordering {
+    match (a.parse::<i64>(), b.parse::<i64>()) {
+        (Ok(x), Ok(y)) => x.cmp(&y),
+        (Ok(_), Err(_)) => std::cmp::Ordering::Less,
+        (Err(_), Ok(_)) => std::cmp::Ordering::Greater,
+        _ => a.cmp(b),
+    }
+}
+
+/// `doc` with the fields named in `order` first, in that order, then the rest.
+fn ordered(mut doc: Map<String, Value>, order: &[String]) -> Map<String, Value> {
+    if order.is_empty() {
+        return doc;
+    }
+    let mut out = Map::with_capacity(doc.len());
+    for name in order {
+        if let Some(v) = doc.shift_remove(name) {
+            out.insert(name.clone(), v);
+        }
+    }
+    out.extend(doc);
+    out
+}
+
 /// (model, record id) an `ir_model_data` row names.
 fn external_id_target(row: &Map<String, Value>) -> Option<(String, String)> {
     let model = row.get("model")?.as_str()?;
     let res_id = row.get("res_id").filter(|v| !v.is_null())?;
     Some((model.to_string(), assemble::text(res_id)))
-}
-
-fn defer(list: &mut Vec<(usize, String)>, e: usize, key: String) {
-    if !list.iter().any(|(x, k)| *x == e && *k == key) {
-        list.push((e, key));
-    }
 }
 
 /// A (target, entity, key) as the 128-bit digest the store keeps.
@@ -1188,3 +1970,7 @@ fn doc_hash(data: &EventData) -> [u8; 16] {
 fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
+
+#[cfg(test)]
+#[path = "govern_tests.rs"]
+mod tests;

@@ -61,6 +61,40 @@ pub fn snapshot_event(
     }))
 }
 
+/// [`snapshot_event`] as the governor takes it: the mapped change (with
+/// the whole row for entities whose rows are captured), carrying the
+/// snapshot's id, version and `Snapshot` change kind.
+pub fn snapshot_mapped(
+    pipeline: &Pipeline,
+    relation_id: u32,
+    entity: usize,
+    row: &[Option<String>],
+    consistent: Lsn,
+    time: &str,
+) -> Result<Option<Mapped>, PipelineError> {
+    let tuple = row
+        .iter()
+        .map(|v| match v {
+            Some(text) => TupleValue::Text(Bytes::copy_from_slice(text.as_bytes())),
+            None => TupleValue::Null,
+        })
+        .collect();
+    let change = Change {
+        relation_id,
+        op: ChangeOp::Insert,
+        new: Some(tuple),
+        old: None,
+    };
+    let mut out: Vec<Mapped> = Vec::with_capacity(1);
+    pipeline.map_change(&change, consistent, 0, time, &mut out)?;
+    Ok(out.into_iter().find(|m| m.entity == entity).map(|mut m| {
+        m.event.id = snapshot_id(consistent, &m.event.entity, &m.event.key);
+        m.event.version = snapshot_version(consistent);
+        m.event.change = Some(SourceChange::Snapshot);
+        m
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

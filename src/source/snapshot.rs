@@ -127,6 +127,20 @@ pub async fn import(
     Ok(SnapshotReader { client, consistent })
 }
 
+/// A read-only REPEATABLE READ transaction at the server's current state,
+/// for steward's own state (no consistent point: `consistent` is 0/0).
+pub async fn open_plain(source: &SourceConfig) -> Result<SnapshotReader, SnapshotError> {
+    let client = wire::connect_sql(source).await?;
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        .await
+        .map_err(query_err("starting a read-only transaction"))?;
+    Ok(SnapshotReader {
+        client,
+        consistent: Lsn::ZERO,
+    })
+}
+
 /// What to read from one table: all columns any entity of it maps, keys first.
 #[derive(Clone, Debug)]
 pub struct TableRead {
@@ -172,6 +186,27 @@ impl SnapshotReader {
             replica_identity: b'd',
             columns,
         })
+    }
+
+    /// Every column of the table, in the table's order (governed entities
+    /// need whole rows: gates and routes read unmapped columns).
+    pub async fn all_columns(
+        &self,
+        schema: &str,
+        table: &str,
+    ) -> Result<Vec<String>, SnapshotError> {
+        let qualified = format!("{}.{}", quote_ident(schema), quote_ident(table));
+        let rows = self
+            .client
+            .query(
+                "SELECT attname::text FROM pg_attribute \
+                 WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped \
+                 ORDER BY attnum",
+                &[&qualified],
+            )
+            .await
+            .map_err(query_err(format!("reading the columns of {qualified}")))?;
+        Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect())
     }
 
     /// The planner's row estimate (0 when unknown).

@@ -70,6 +70,9 @@ pub enum SourceEvent {
         end_lsn: Lsn,
         commit_time_micros: i64,
     },
+    /// A keepalive outside any transaction: every transaction the server
+    /// committed before this position has been sent.
+    Position(Lsn),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +123,10 @@ pub struct SessionParams {
     pub streaming: bool,
     /// Where streamed transactions are spilled until they commit.
     pub store: Store,
+    /// Set by the daemon when it waits for the server's position (a
+    /// snapshot chunk waiting for its consistent point): the session asks
+    /// the server for a keepalive.
+    pub position_wanted: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// First server version whose pgoutput can stream in-progress transactions.
@@ -128,6 +135,9 @@ const STREAMING_MIN_VERSION: u32 = 140000;
 /// How often a durable-LSN advance is reported at most, so a busy stream
 /// does not send a status update per commit.
 const DURABLE_REPORT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How often the session checks whether the daemon waits for the server's position.
+const POSITION_POLL_INTERVAL: Duration = Duration::from_millis(200);
 
 struct FlushTracker {
     /// End LSN of the last commit decoded and forwarded.
@@ -198,6 +208,8 @@ pub async fn run_session(
     status_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut report_tick = interval(DURABLE_REPORT_INTERVAL);
     report_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut position_tick = interval(POSITION_POLL_INTERVAL);
+    position_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
     loop {
         if pending.is_none() {
@@ -245,6 +257,9 @@ pub async fn run_session(
                         router.tracker.written = router.tracker.written.max(wal_end);
                         if !router.in_txn {
                             router.tracker.idle_wal_end = router.tracker.idle_wal_end.max(wal_end);
+                            if router.replay.is_none() {
+                                pending = Some(SourceEvent::Position(wal_end));
+                            }
                         }
                         if reply_requested {
                             let flush = router.tracker.flush(*durable.borrow());
@@ -264,6 +279,12 @@ pub async fn run_session(
                 report_due = false;
                 let flush = router.tracker.flush(*durable.borrow());
                 send_status(&mut stream, router.tracker.written, flush, false).await?;
+            }
+            _ = position_tick.tick() => {
+                if params.position_wanted.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    let flush = router.tracker.flush(*durable.borrow());
+                    send_status(&mut stream, router.tracker.written, flush, true).await?;
+                }
             }
             _ = status_tick.tick() => {
                 let flush = router.tracker.flush(*durable.borrow());
@@ -680,6 +701,7 @@ mod tests {
             },
             SourceEvent::Relation(r) => format!("relation {}", r.id),
             SourceEvent::Truncate { .. } => "truncate".into(),
+            SourceEvent::Position(l) => format!("position {}", l.0),
         }
     }
 
@@ -909,6 +931,7 @@ mod tests {
                 status_interval: Duration::from_secs(3600),
                 streaming: false,
                 store,
+                position_wanted: Default::default(),
             };
             let (tx, events) = mpsc::channel(64);
             let durable_at_start = durable;
@@ -956,6 +979,8 @@ mod tests {
                 .is_err(),
             "no status update without a request"
         );
+        // Outside a transaction a keepalive tells the daemon the server's position.
+        assert_eq!(s.next_event().await, "position 2304");
 
         // A transaction is received but not yet durable.
         s.server.xlog(0x950, 0x960, &begin(0x950, 42)).await;

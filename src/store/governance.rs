@@ -31,6 +31,10 @@ pub struct QuarantineEntry {
     pub document: serde_json::Value,
     /// RFC 3339 UTC, when it was (last) quarantined.
     pub since: String,
+    /// `entity key` of the record a reference rule waits for, when that is
+    /// why it is held: it is released when that record is published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked_by: Option<String>,
 }
 
 /// One governance decision (see [`super::audit`]).

@@ -76,6 +76,11 @@ pub struct SnapshotJob {
     pub started_at: Option<String>,
     pub finished_at: Option<String>,
     pub last_error: Option<String>,
+    /// A governed re-read after a configuration change: every record is
+    /// evaluated again for the target; documents equal to the last one
+    /// appended are suppressed (a snapshot sends every publishable one).
+    #[serde(default)]
+    pub reevaluate: bool,
 }
 
 impl SnapshotJob {
@@ -95,6 +100,7 @@ impl SnapshotJob {
             started_at: None,
             finished_at: None,
             last_error: None,
+            reevaluate: false,
         }
     }
 }
@@ -151,9 +157,32 @@ impl Store {
         entities: &[String],
         drop_outbox: bool,
     ) -> Result<Vec<SnapshotJob>, StoreError> {
+        self.begin_jobs(target, entities, drop_outbox, false)
+    }
+
+    /// Records governed re-read jobs (see [`SnapshotJob::reevaluate`]) for
+    /// `entities` of `target`; the outbox is kept.
+    pub fn begin_reevaluation(
+        &self,
+        target: &str,
+        entities: &[String],
+    ) -> Result<Vec<SnapshotJob>, StoreError> {
+        self.begin_jobs(target, entities, false, true)
+    }
+
+    fn begin_jobs(
+        &self,
+        target: &str,
+        entities: &[String],
+        drop_outbox: bool,
+        reevaluate: bool,
+    ) -> Result<Vec<SnapshotJob>, StoreError> {
         let jobs: Vec<SnapshotJob> = entities
             .iter()
-            .map(|e| SnapshotJob::new(target, e))
+            .map(|e| SnapshotJob {
+                reevaluate,
+                ..SnapshotJob::new(target, e)
+            })
             .collect();
         self.write(Durability::Immediate, |txn| {
             if drop_outbox {
