@@ -1773,3 +1773,64 @@ async fn a_config_change_re_evaluates_existing_records() {
     );
     daemon.stop().await.unwrap();
 }
+
+/// A.6: the re-snapshot after a schema stop is governed like any other: when
+/// the dropped column returns, each target gets its published products
+/// again (mes every approved one, finance only those of company 1) and no
+/// draft, archived, quarantined or unrouted product.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resnapshot_after_a_schema_stop_is_governed() {
+    let db = TestDb::new("gate_schema");
+    governed_fixture(&db);
+    let mes = Receiver::start().await.unwrap();
+    let finance = Receiver::start().await.unwrap();
+    let config = governed_config(&db, &full_targets(&db, &mes, &finance, "none"));
+    let daemon = InProcess::start(load(&config));
+    wait_streaming(&db).await;
+    barrier(&db, &[&mes, &finance]).await;
+    let (mes_from, fin_from) = (mes.accepted_events().len(), finance.accepted_events().len());
+
+    // A module upgrade drops a column products map, then brings it back.
+    db.sql("ALTER TABLE product_template DROP COLUMN list_price");
+    db.sql(&format!(
+        "UPDATE product_template SET write_date = now() WHERE id = {SENTINEL}"
+    ));
+    wait_until("the product entity stops", WAIT, || {
+        let path = db.dir.path().join("steward.redb.status.json");
+        std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|v| {
+                v["stopped_entities"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|s| s["entity"] == "product"))
+            })
+    })
+    .await;
+    db.sql("ALTER TABLE product_template ADD COLUMN list_price numeric");
+    db.sql(&format!(
+        "UPDATE product_template SET list_price = 5 WHERE id = {SENTINEL}"
+    ));
+    wait_snapshots_done(&db, "mes", &["product"]).await;
+    wait_snapshots_done(&db, "finance", &["product"]).await;
+    barrier(&db, &[&mes, &finance]).await;
+
+    let mes_events = mes.accepted_events()[mes_from..].to_vec();
+    let fin_events = finance.accepted_events()[fin_from..].to_vec();
+    assert_eq!(
+        keys(&mes_events, "product"),
+        vec!["1", "9001", "9006", "9010"],
+        "mes gets its published products again, nothing else: {:?}",
+        summary(&mes_events)
+    );
+    assert_eq!(
+        keys(&fin_events, "product"),
+        vec!["1", "9001", "9010"],
+        "finance gets the published products of company 1: {:?}",
+        summary(&fin_events)
+    );
+    for e in mes_events.iter().chain(&fin_events) {
+        assert_eq!(op_of(e), "upsert", "{e}");
+    }
+    daemon.stop().await.unwrap();
+}

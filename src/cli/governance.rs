@@ -87,8 +87,13 @@ pub fn print(mut resp: Response, json: bool) -> anyhow::Result<bool> {
         return Ok(resp.error.is_none());
     }
     for q in &resp.quarantine {
+        let blocked = q
+            .blocked_by
+            .as_deref()
+            .map(|b| format!("  blocked by={b}"))
+            .unwrap_or_default();
         outln!(
-            "{} {}  rule={}  version={}  since={}\n  {}",
+            "{} {}  rule={}  version={}  since={}{blocked}\n  {}",
             q.entity,
             q.key,
             q.rule,

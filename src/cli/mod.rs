@@ -169,6 +169,10 @@ enum QuarantineAction {
     List {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
+        /// Only the records a reference rule holds back because of this
+        /// record: `--blocked-by product 42` (the impact of product 42).
+        #[arg(long, num_args = 2, value_names = ["ENTITY", "KEY"])]
+        blocked_by: Option<Vec<String>>,
         #[arg(long)]
         json: bool,
     },
@@ -264,8 +268,17 @@ pub fn main() -> ExitCode {
         Command::Quarantine { action } => {
             use crate::daemon::govern::Request;
             match action {
-                QuarantineAction::List { config, json } => {
-                    governance_command(&config, Box::new(|| Ok(Request::QuarantineList)), json)
+                QuarantineAction::List {
+                    config,
+                    blocked_by,
+                    json,
+                } => {
+                    let blocked_by = blocked_by.map(|b| b.join(" "));
+                    governance_command(
+                        &config,
+                        Box::new(move || Ok(Request::QuarantineList { blocked_by })),
+                        json,
+                    )
                 }
                 QuarantineAction::Show {
                     config,

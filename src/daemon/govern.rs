@@ -25,7 +25,11 @@ use crate::store::Store;
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum Request {
-    QuarantineList,
+    QuarantineList {
+        /// `entity key`: only the records held back by that record.
+        #[serde(default)]
+        blocked_by: Option<String>,
+    },
     QuarantineShow {
         entity: String,
         key: String,
@@ -290,8 +294,13 @@ pub fn answer(
 ) -> Response {
     let mut r = Response::default();
     match req {
-        Request::QuarantineList => {
-            r.quarantine = governor.quarantined().into_iter().cloned().collect();
+        Request::QuarantineList { blocked_by } => {
+            r.quarantine = governor
+                .quarantined()
+                .into_iter()
+                .filter(|q| blocked_by.is_none() || q.blocked_by == blocked_by)
+                .cloned()
+                .collect();
         }
         Request::QuarantineShow { entity, key } => {
             match governor

@@ -375,6 +375,7 @@ fn govern_parked_chunk(
         chunk.consistent,
         &[chunk.target],
         chunk.force,
+        chunk.known_only,
         position,
         &mut committer.batch,
     );

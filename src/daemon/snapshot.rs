@@ -245,6 +245,10 @@ pub struct SnapshotChunk {
     /// A snapshot (true) sends every publishable record; a re-read after a
     /// configuration change (false) suppresses unchanged documents.
     pub force: bool,
+    /// A re-read after a configuration change: records the target never
+    /// had a decision about (it had no snapshot of them, and they have not
+    /// changed since) are left alone: a new rule is not a change of them.
+    pub known_only: bool,
     pub done: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
@@ -448,6 +452,7 @@ impl Worker {
                 consistent,
                 target: target_index,
                 force: !job.reevaluate,
+                known_only: job.reevaluate,
                 done,
             };
             if self.chunks.send(message).await.is_err() {

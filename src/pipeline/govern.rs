@@ -55,6 +55,13 @@ pub struct Governor {
     /// Hash of the document last appended per (target, entity, key), both
     /// shortened (see [`PublishedSlot`]).
     published: HashMap<PublishedSlot, [u8; 8], BuildHasherDefault<DigestHasher>>,
+    /// (target, entity, key) steward decided NOT to deliver (gated, not
+    /// routed, quarantined, unpublished): a re-evaluation after a
+    /// configuration change sends newly publishable records among these,
+    /// but not records the target never had any decision about (no snapshot
+    /// of them, no change since). Stored in the published log with the
+    /// [`WITHHELD`] hash.
+    withheld: std::collections::HashSet<PublishedSlot, BuildHasherDefault<DigestHasher>>,
     /// (entity, unique field index, normalised value) → holder key.
     unique: HashMap<(usize, usize, String), String>,
     claims: HashMap<(usize, String), Vec<(usize, String)>>,
@@ -383,6 +390,7 @@ impl Governor {
             rows: HashMap::new(),
             children: HashMap::new(),
             published: HashMap::default(),
+            withheld: Default::default(),
             unique: HashMap::new(),
             claims: HashMap::new(),
             quarantine: HashMap::new(),
@@ -466,11 +474,14 @@ impl Governor {
         }
         // Entries of targets or entities no longer configured stay: their
         // digests never match a configured (target, entity, key).
-        self.published.extend(
-            snap.published
-                .into_iter()
-                .map(|(digest, hash)| (PublishedKey(digest).slot(), short_hash(&hash))),
-        );
+        for (digest, hash) in snap.published {
+            let slot = PublishedKey(digest).slot();
+            if hash == WITHHELD {
+                self.withheld.insert(slot);
+            } else {
+                self.published.insert(slot, short_hash(&hash));
+            }
+        }
         for (entity, field, value, holder) in snap.unique {
             let Some(&e) = self.entity_index.get(&entity) else {
                 continue;
@@ -780,7 +791,9 @@ impl Governor {
     /// watched, see [`Governor::watch`]) is newer in the governor than in
     /// the snapshot and is skipped. Events go to `targets` only; `force`
     /// sends publishable documents even when equal to the last one appended
-    /// (the target is being rebuilt). Records whose state these rows change
+    /// (the target is being rebuilt). `known_only` (a re-read after a
+    /// configuration change) skips records the target never had a decision
+    /// about. Records whose state these rows change
     /// for other reasons (a business key let go) are evaluated with version
     /// `position`, the stream's current position.
     pub fn process_snapshot(
@@ -789,6 +802,7 @@ impl Governor {
         consistent: Lsn,
         targets: &[usize],
         force: bool,
+        known_only: bool,
         position: Lsn,
         out: &mut Vec<(usize, Event)>,
     ) {
@@ -796,6 +810,16 @@ impl Governor {
         for m in mapped.drain(..) {
             let e = m.entity;
             let key = m.event.key.clone();
+            if known_only
+                && targets.iter().all(|&t| {
+                    let slot = self.published_key(t, e, &key).slot();
+                    !self.published.contains_key(&slot) && !self.withheld.contains(&slot)
+                })
+            {
+                // The target never had this record nor any decision about
+                // it: a configuration change is not a change of the record.
+                continue;
+            }
             if self
                 .touched
                 .get(&(e, key.clone()))
@@ -1031,6 +1055,9 @@ impl Governor {
             for t in targets {
                 let pkey = self.published_key(t, e, key);
                 let was = self.published.remove(&pkey.slot());
+                if self.withheld.remove(&pkey.slot()) && was.is_none() {
+                    self.queue_published(pkey, None);
+                }
                 if was.is_some() || !seen {
                     self.queue_published(pkey, None);
                     out.push((t, event(EventOp::Delete, data.clone())));
@@ -1082,6 +1109,14 @@ impl Governor {
                     since: now_rfc3339(),
                     blocked_by,
                 };
+                for &t in &targets {
+                    let pkey = self.published_key(t, e, key);
+                    if !self.published.contains_key(&pkey.slot())
+                        && self.withheld.insert(pkey.slot())
+                    {
+                        self.queue_published(pkey, Some(WITHHELD));
+                    }
+                }
                 self.quarantine.insert((e, key.to_string()), entry.clone());
                 self.queue_quarantine(e, key, Some(entry));
                 self.audit(
@@ -1131,6 +1166,7 @@ impl Governor {
                     continue;
                 }
                 self.published.insert(pkey.slot(), short_hash(&hash));
+                self.withheld.remove(&pkey.slot());
                 self.queue_published(pkey, Some(hash));
                 out.push((t, event(EventOp::Upsert, data)));
                 self.audit(e, key, version, Some(t), "delivered", "upsert".into());
@@ -1158,7 +1194,8 @@ impl Governor {
             let unknown = !seen && op == "update";
             if was || unknown {
                 self.published.remove(&pkey.slot());
-                self.queue_published(pkey, None);
+                self.withheld.insert(pkey.slot());
+                self.queue_published(pkey, Some(WITHHELD));
                 let ev = match self.gov[e].on_unpublish {
                     OnUnpublish::Delete => {
                         let data = row
@@ -1175,6 +1212,9 @@ impl Governor {
                 out.push((t, ev));
                 self.audit(e, key, version, Some(t), "unpublished", reason);
             } else {
+                if self.withheld.insert(pkey.slot()) {
+                    self.queue_published(pkey, Some(WITHHELD));
+                }
                 let decision = if publishable { "not_routed" } else { "gated" };
                 self.audit(e, key, version, Some(t), decision, reason);
             }
@@ -1915,6 +1955,9 @@ impl PublishedKey {
 /// The store keeps the full 16-byte digests and hashes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct PublishedSlot([u8; 12]);
+
+/// The published log's value for a record withheld from a target.
+const WITHHELD: [u8; 16] = [0u8; 16];
 
 fn short_hash(hash: &[u8; 16]) -> [u8; 8] {
     let mut short = [0u8; 8];

@@ -321,8 +321,15 @@ impl Harness {
         let targets: Vec<usize> = targets.iter().map(|t| self.target(t)).collect();
         let position = Lsn(self.lsn);
         let mut out = Vec::new();
-        self.gov
-            .process_snapshot(&mut mapped, consistent, &targets, force, position, &mut out);
+        self.gov.process_snapshot(
+            &mut mapped,
+            consistent,
+            &targets,
+            force,
+            false,
+            position,
+            &mut out,
+        );
         self.finish(out)
     }
 
