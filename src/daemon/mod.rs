@@ -34,6 +34,7 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::model::value::pg_micros_to_rfc3339;
 use crate::model::{Event, Lsn};
+use crate::pipeline::govern::SnapshotRead;
 use crate::pipeline::{Governor, Mapped, Pipeline};
 use crate::sinks::{self, driver};
 use crate::source::stream::{self, SessionParams, SourceError, SourceEvent};
@@ -373,9 +374,11 @@ fn govern_parked_chunk(
     governor.process_snapshot(
         &mut chunk.mapped,
         chunk.consistent,
-        &[chunk.target],
-        chunk.force,
-        chunk.known_only,
+        &SnapshotRead {
+            targets: vec![chunk.target],
+            force: chunk.force,
+            known_only: chunk.known_only,
+        },
         position,
         &mut committer.batch,
     );

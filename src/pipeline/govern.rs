@@ -87,6 +87,17 @@ pub struct Governor {
     ref_index: HashMap<(usize, String, String), BTreeSet<String>>,
 }
 
+/// What a snapshot or governed re-read decides for (see [`Governor::process_snapshot`]).
+#[derive(Clone, Debug)]
+pub struct SnapshotRead {
+    /// The targets it sends to.
+    pub targets: Vec<usize>,
+    /// Send publishable documents even when equal to the last one appended.
+    pub force: bool,
+    /// Skip records the targets never had a decision about.
+    pub known_only: bool,
+}
+
 /// Where an evaluation's events come from, and which targets it decides for.
 struct Origin {
     id: String,
@@ -800,12 +811,16 @@ impl Governor {
         &mut self,
         mapped: &mut Vec<Mapped>,
         consistent: Lsn,
-        targets: &[usize],
-        force: bool,
-        known_only: bool,
+        read: &SnapshotRead,
         position: Lsn,
         out: &mut Vec<(usize, Event)>,
     ) {
+        let SnapshotRead {
+            targets,
+            force,
+            known_only,
+        } = read;
+        let (force, known_only) = (*force, *known_only);
         let mut pending = Pending::default();
         for m in mapped.drain(..) {
             let e = m.entity;

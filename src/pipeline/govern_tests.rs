@@ -321,15 +321,13 @@ impl Harness {
         let targets: Vec<usize> = targets.iter().map(|t| self.target(t)).collect();
         let position = Lsn(self.lsn);
         let mut out = Vec::new();
-        self.gov.process_snapshot(
-            &mut mapped,
-            consistent,
-            &targets,
+        let read = SnapshotRead {
+            targets,
             force,
-            false,
-            position,
-            &mut out,
-        );
+            known_only: false,
+        };
+        self.gov
+            .process_snapshot(&mut mapped, consistent, &read, position, &mut out);
         self.finish(out)
     }
 
