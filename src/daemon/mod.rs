@@ -421,7 +421,12 @@ struct OpenTxn {
     /// The source transaction id, carried by its events.
     xid: u32,
     index: u32,
+    /// One entry per record: later changes of a record are folded into its
+    /// entry, so a transaction is held (and split into stored pieces) by
+    /// records, not by changes.
     mapped: Vec<Mapped>,
+    /// 64-bit hash of (entity, key) → position in `mapped`.
+    positions: std::collections::HashMap<u64, usize>,
 }
 
 async fn consume(
@@ -529,6 +534,7 @@ async fn consume(
                     xid,
                     index: 0,
                     mapped: std::mem::take(&mut spare_mapped),
+                    positions: std::collections::HashMap::new(),
                 });
             }
             SourceEvent::Change(change) => {
@@ -555,6 +561,7 @@ async fn consume(
                     for m in &mut txn.mapped[before..] {
                         m.event.tx_id = Some(txn.xid);
                     }
+                    fold_repeats(txn, before);
                     if txn.mapped.len() >= committer.max_events {
                         // A huge transaction (a mass price update, an import):
                         // store what it produced so far instead of holding it
@@ -563,6 +570,7 @@ async fn consume(
                         // transaction again and the stored part is re-sent
                         // with the same event ids, which targets de-duplicate.
                         committer.note_received(pipeline, &txn.mapped);
+                        txn.positions.clear();
                         let events =
                             governor.process_drain(&mut txn.mapped, txn.final_lsn, &txn.time);
                         committer.add_partial(events, take_delta(governor))?;
@@ -600,6 +608,34 @@ async fn consume(
                 if snapshots.parked.is_some() {
                     govern_parked_chunk(config, governor, committer, snapshots)?;
                 }
+            }
+        }
+    }
+}
+
+/// Folds the changes mapped from `txn.mapped[from..]` into the entries of
+/// records changed earlier in the transaction.
+fn fold_repeats(txn: &mut OpenTxn, from: usize) {
+    use std::hash::BuildHasher;
+    // Fixed keys: the map lives for one transaction.
+    let hash =
+        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
+    let mut i = from;
+    while i < txn.mapped.len() {
+        let m = &txn.mapped[i];
+        let slot = hash.hash_one((m.entity, m.event.key.as_str()));
+        match txn.positions.get(&slot).copied() {
+            Some(at)
+                if txn.mapped[at].entity == m.entity && txn.mapped[at].event.key == m.event.key =>
+            {
+                let later = txn.mapped.remove(i);
+                txn.mapped[at].fold(later);
+            }
+            // Two records with one hash (odds 2^-64): the second keeps its own entry.
+            Some(_) => i += 1,
+            None => {
+                txn.positions.insert(slot, i);
+                i += 1;
             }
         }
     }

@@ -118,6 +118,8 @@ enum Scope {
 
 /// A record's changes within one source transaction, folded together.
 struct Staged {
+    /// The last change's index in the transaction (evaluation order).
+    index: u32,
     first_op: ChangeOp,
     last_op: ChangeOp,
     /// The row before the transaction (the first change's old row).
@@ -144,12 +146,18 @@ struct Pending {
     /// hash of (entity, key) → index of the newest entry with that hash;
     /// entries with the same hash are chained through `PendingEntry::next`.
     index: HashMap<u64, u32, BuildHasherDefault<DigestHasher>>,
-    heap: std::collections::BinaryHeap<std::cmp::Reverse<(u32, u32)>>,
+    heap: std::collections::BinaryHeap<std::cmp::Reverse<(u32, u64, u32)>>,
     evaluating: bool,
+    /// Marks of records without a change of their own, in order (they come
+    /// after the records changed by the transaction).
+    deferrals: u64,
 }
 
 struct PendingEntry {
     rank: u32,
+    /// Within a rank: the index of the record's last change, so that a
+    /// transaction's events keep its order (ids ascending).
+    order: u64,
     e: usize,
     key: String,
     staged: Option<Staged>,
@@ -186,8 +194,16 @@ impl Pending {
     fn push(&mut self, h: u64, rank: u32, e: usize, key: String, staged: Option<Staged>) {
         let i = self.entries.len() as u32;
         let next = self.index.insert(h, i);
+        let order = match &staged {
+            Some(s) => u64::from(s.index),
+            None => {
+                self.deferrals += 1;
+                (1 << 32) + self.deferrals
+            }
+        };
         self.entries.push(PendingEntry {
             rank,
+            order,
             e,
             key,
             staged,
@@ -195,7 +211,7 @@ impl Pending {
             done: false,
         });
         if self.evaluating {
-            self.heap.push(std::cmp::Reverse((rank, i)));
+            self.heap.push(std::cmp::Reverse((rank, order, i)));
         }
     }
 
@@ -215,7 +231,9 @@ impl Pending {
                 let entry = &mut self.entries[i as usize];
                 if entry.done && self.evaluating {
                     entry.done = false;
-                    self.heap.push(std::cmp::Reverse((rank, i)));
+                    self.deferrals += 1;
+                    self.heap
+                        .push(std::cmp::Reverse((rank, (1 << 32) + self.deferrals, i)));
                 }
             }
         }
@@ -228,8 +246,10 @@ impl Pending {
             return;
         };
         let entry = &mut self.entries[i as usize];
+        entry.order = u64::from(change.index);
         match &mut entry.staged {
             Some(s) => {
+                s.index = change.index;
                 s.last_op = change.last_op;
                 s.row = change.row;
                 s.data = change.data;
@@ -247,10 +267,13 @@ impl Pending {
         if !self.evaluating {
             self.evaluating = true;
             self.heap = (0..self.entries.len() as u32)
-                .map(|i| std::cmp::Reverse((self.entries[i as usize].rank, i)))
+                .map(|i| {
+                    let entry = &self.entries[i as usize];
+                    std::cmp::Reverse((entry.rank, entry.order, i))
+                })
                 .collect();
         }
-        let std::cmp::Reverse((_, i)) = self.heap.pop()?;
+        let std::cmp::Reverse((_, _, i)) = self.heap.pop()?;
         let entry = &mut self.entries[i as usize];
         entry.done = true;
         Some((entry.e, entry.key.clone(), entry.staged.take()))
@@ -663,7 +686,8 @@ impl Governor {
         }
         self.defer_dependents(e, &key, pending);
         let change = Staged {
-            first_op: m.op,
+            index: m.index,
+            first_op: m.first_op,
             last_op: m.op,
             old: m.old.map(Arc::new).or(prev.clone()),
             seen: prev.is_some(),

@@ -68,11 +68,33 @@ pub struct Mapped {
     /// captured ([`Pipeline::capture_rows`]), every column of the new row and
     /// of the old row (when the server sent the whole old row).
     pub op: ChangeOp,
+    /// The record's first change in its transaction, when several were
+    /// folded into this one ([`Mapped::fold`]); else `op`.
+    pub first_op: ChangeOp,
+    /// The (last folded) change's index in its transaction: events of a
+    /// transaction are delivered in this order.
+    pub index: u32,
     /// The mapped fields (for a delete: the key fields). `event.data` is
     /// left null: governance decides the document each target receives.
     pub data: Map<String, Value>,
     pub row: Option<Map<String, Value>>,
     pub old: Option<Map<String, Value>>,
+}
+
+impl Mapped {
+    /// Folds a later change of the same record in the same transaction into
+    /// this one: the final state and the last change's id, the first
+    /// change's kind and old row.
+    pub fn fold(&mut self, later: Mapped) {
+        self.op = later.op;
+        self.index = later.index;
+        self.event = later.event;
+        self.data = later.data;
+        self.row = later.row;
+        if self.old.is_none() && self.first_op != ChangeOp::Insert {
+            self.old = later.old;
+        }
+    }
 }
 
 struct ResolvedSource {
@@ -469,6 +491,8 @@ impl Pipeline {
                 entity: plan.entity,
                 event,
                 op: change.op,
+                first_op: change.op,
+                index,
                 data,
                 row,
                 old: old_row,
