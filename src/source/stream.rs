@@ -240,8 +240,17 @@ pub async fn run_session(
                             permit.send(event);
                         }
                     }
-                    // The daemon dropped its receiver: it is shutting down.
-                    Err(_) => return Ok(()),
+                    // The daemon dropped its receiver: it is shutting down
+                    // and says so once its last commit is durable; then the
+                    // final status update confirms that position.
+                    Err(_) => {
+                        let _ = shutdown.wait_for(|stop| *stop).await;
+                        let flush = router.tracker.flush(*durable.borrow());
+                        send_status(&mut stream, router.tracker.written, flush, false).await?;
+                        tracing::info!(flush = %flush, "replication stopped; durable position confirmed");
+                        let _ = stream.close().await;
+                        return Ok(());
+                    }
                 }
             }
             message = stream.recv(), if pending.is_none() => {
