@@ -34,7 +34,7 @@ use tokio::task::JoinHandle;
 use crate::config::Config;
 use crate::model::value::pg_micros_to_rfc3339;
 use crate::model::{Event, Lsn};
-use crate::pipeline::govern::SnapshotRead;
+use crate::pipeline::govern::{record_hash, HashKeyed, SnapshotRead};
 use crate::pipeline::{Governor, Mapped, Pipeline};
 use crate::sinks::{self, driver};
 use crate::source::stream::{self, SessionParams, SourceError, SourceEvent};
@@ -426,7 +426,7 @@ struct OpenTxn {
     /// records, not by changes.
     mapped: Vec<Mapped>,
     /// 64-bit hash of (entity, key) → position in `mapped`.
-    positions: std::collections::HashMap<u64, usize>,
+    positions: HashKeyed<usize>,
 }
 
 async fn consume(
@@ -534,7 +534,7 @@ async fn consume(
                     xid,
                     index: 0,
                     mapped: std::mem::take(&mut spare_mapped),
-                    positions: std::collections::HashMap::new(),
+                    positions: HashKeyed::default(),
                 });
             }
             SourceEvent::Change(change) => {
@@ -616,14 +616,10 @@ async fn consume(
 /// Folds the changes mapped from `txn.mapped[from..]` into the entries of
 /// records changed earlier in the transaction.
 fn fold_repeats(txn: &mut OpenTxn, from: usize) {
-    use std::hash::BuildHasher;
-    // Fixed keys: the map lives for one transaction.
-    let hash =
-        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default();
     let mut i = from;
     while i < txn.mapped.len() {
         let m = &txn.mapped[i];
-        let slot = hash.hash_one((m.entity, m.event.key.as_str()));
+        let slot = record_hash(m.entity, &m.event.key);
         match txn.positions.get(&slot).copied() {
             Some(at)
                 if txn.mapped[at].entity == m.entity && txn.mapped[at].event.key == m.event.key =>

@@ -166,7 +166,23 @@ struct PendingEntry {
     done: bool,
 }
 
+/// A map keyed by a 64-bit hash that is used as is (see [`record_hash`]).
+pub type HashKeyed<V> = HashMap<u64, V, BuildHasherDefault<DigestHasher>>;
+
+/// The 64-bit hash of a record (entity, key) used to find it within a transaction.
+pub fn record_hash(e: usize, key: &str) -> u64 {
+    Pending::hash(e, key)
+}
+
 impl Pending {
+    fn with_capacity(n: usize) -> Pending {
+        Pending {
+            entries: Vec::with_capacity(n),
+            index: HashMap::with_capacity_and_hasher(n, Default::default()),
+            ..Pending::default()
+        }
+    }
+
     fn hash(e: usize, key: &str) -> u64 {
         // FxHash-style: good enough to spread keys, a fraction of SipHash's cost.
         let mut h = (e as u64).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
@@ -627,7 +643,7 @@ impl Governor {
         out: &mut Vec<(usize, Event)>,
     ) {
         out.reserve(mapped.len());
-        let mut pending = Pending::default();
+        let mut pending = Pending::with_capacity(mapped.len());
         for m in mapped.drain(..) {
             self.stage(m, &mut pending);
         }
@@ -2015,7 +2031,7 @@ impl Hash for PublishedSlot {
 /// A [`PublishedSlot`] is already a uniform digest: hashing it again would
 /// only cost time.
 #[derive(Default)]
-struct DigestHasher(u64);
+pub struct DigestHasher(u64);
 
 impl Hasher for DigestHasher {
     fn write(&mut self, bytes: &[u8]) {
