@@ -15,4 +15,4 @@ mod snapshot_row;
 
 pub use govern::Governor;
 pub use map::{Mapped, Pipeline, PipelineError, ToastFill};
-pub use snapshot_row::{snapshot_event, snapshot_id, snapshot_mapped, snapshot_version};
+pub use snapshot_row::{snapshot_id, snapshot_mapped, snapshot_version};
