@@ -1261,6 +1261,82 @@ async fn odoo_create_pattern_in_one_transaction_is_one_event_per_key() {
     daemon.stop().await.unwrap();
 }
 
+/// B, larger than memory: a transaction touching more records than
+/// `state.commit_max_events` is staged on disk, and a record changed again
+/// after it was staged still gets one event. The batch form of Odoo's
+/// `create([...])`: one INSERT of every row, then one UPDATE per computed
+/// column over all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_larger_than_commit_max_events_is_one_event_per_key() {
+    let db = TestDb::new("gate_orm_large");
+    db.sql(&plain_product(9010, "FURN_9010"));
+    db.sql(&plain_product(9503, "FURN_9503"));
+    let mes = Receiver::start().await.unwrap();
+    let dbz = Receiver::start().await.unwrap();
+    dbz.accept_any_json(true);
+    let config = odoo_write_config(&db, &mes, &dbz);
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("[state]\n", "[state]\ncommit_max_events = 300\n");
+    std::fs::write(&config, text).unwrap();
+    let daemon = InProcess::start(load(&config));
+    wait_streaming(&db).await;
+
+    db.sql("UPDATE product_template SET list_price = 30 WHERE id = 9503");
+    wait_until("9503 delivered", WAIT, || {
+        !of(&mes.accepted_events(), "product", "9503").is_empty()
+            && !of(&dbz.accepted_events(), "product", "9503").is_empty()
+    })
+    .await;
+    db.sql(&format!(
+        "BEGIN; \
+         INSERT INTO product_template (id, categ_id, uom_id, uom_po_id, detailed_type, type, default_code, name, list_price, active, tracking, purchase_line_warn, sale_line_warn) \
+         SELECT i, 1, 1, 1, 'product', 'product', NULL, jsonb_build_object('en_US', 'New'), 0, true, 'none', 'no-message', 'no-message' FROM generate_series(20001, 22000) i; \
+         UPDATE product_template SET default_code = 'ODOO_' || id WHERE id BETWEEN 20001 AND 22000; \
+         UPDATE product_template SET name = jsonb_build_object('en_US', 'Final ' || id), list_price = 12.50 WHERE id BETWEEN 20001 AND 22000; \
+         {} DELETE FROM product_template WHERE id = 9502; \
+         UPDATE product_template SET list_price = 99 WHERE id = 9503; \
+         DELETE FROM product_template WHERE id = 9503; COMMIT;",
+        orm_create(9502, 9502)
+    ));
+    barrier(&db, &[&mes, &dbz]).await;
+
+    for (who, r) in [("mes", &mes), ("dbz", &dbz)] {
+        let events = since(r, 0);
+        check_created(who, &events, 20001, 22000);
+        assert!(
+            of(&events, "product", "9502").is_empty(),
+            "{who}: inserted and deleted in one transaction: nothing"
+        );
+        let ops: Vec<&str> = of(&events, "product", "9503")
+            .iter()
+            .map(|e| op_of(e))
+            .collect();
+        let want: &[&str] = if who == "mes" {
+            &["upsert", "delete"]
+        } else {
+            &["u", "d"]
+        };
+        assert_eq!(ops, want, "{who}: 9503: its update, then ONE delete");
+        assert_eq!(
+            events.len(),
+            2002,
+            "{who}: 2,000 created, 9503's update and delete, nothing else"
+        );
+    }
+    // A transaction's events keep its order: ids ascend.
+    let events = since(&mes, 0);
+    let ids: Vec<&str> = events[1..]
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids ascend within the transaction"
+    );
+    daemon.stop().await.unwrap();
+}
+
 /// B, streamed: the same pattern in a transaction the server streams before
 /// its commit (`logical_decoding_work_mem = 64kB`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

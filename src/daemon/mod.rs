@@ -12,6 +12,7 @@
 
 pub mod control;
 pub mod govern;
+pub(crate) mod large_txn;
 pub mod monitor;
 mod privileges;
 pub mod schema;
@@ -439,6 +440,12 @@ async fn consume(
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<Consumed> {
     let mut open: Option<OpenTxn> = None;
+    // A transaction in progress when the last session ended is sent again from its start.
+    let mut large = large_txn::LargeTxn::default();
+    {
+        let store = committer.store.clone();
+        tokio::task::block_in_place(|| large.reset(&store))?;
+    }
     // The last transaction's emptied change list, reused by the next.
     let mut spare_mapped: Vec<Mapped> = Vec::new();
     let mut toast = toast::ToastFiller::default();
@@ -564,16 +571,14 @@ async fn consume(
                     fold_repeats(txn, before);
                     if txn.mapped.len() >= committer.max_events {
                         // A huge transaction (a mass price update, an import):
-                        // store what it produced so far instead of holding it
-                        // in memory. The checkpoint does not move until its
-                        // commit, so after a crash the server sends the whole
-                        // transaction again and the stored part is re-sent
-                        // with the same event ids, which targets de-duplicate.
+                        // stage its records on disk instead of holding them
+                        // in memory, each folded into its staged entry.
                         committer.note_received(pipeline, &txn.mapped);
                         txn.positions.clear();
-                        let events =
-                            governor.process_drain(&mut txn.mapped, txn.final_lsn, &txn.time);
-                        committer.add_partial(events, take_delta(governor))?;
+                        let store = committer.store.clone();
+                        tokio::task::block_in_place(|| {
+                            large.absorb(&store, governor, &mut txn.mapped)
+                        })?;
                     }
                 }
             }
@@ -595,14 +600,39 @@ async fn consume(
                 committer.note_received(pipeline, &txn.mapped);
                 watch_windows(config, governor, committer);
                 let before = committer.batch.len();
-                governor.process_drain_into(
-                    &mut txn.mapped,
-                    txn.final_lsn,
-                    &txn.time,
-                    &mut committer.batch,
-                );
+                let mut appended = false;
+                if large.is_active() {
+                    // The pieces are stored as they are governed; the
+                    // checkpoint moves only with the commit below, so after
+                    // a crash the server sends the whole transaction again
+                    // and the stored pieces are re-sent with the same event
+                    // ids, which targets de-duplicate.
+                    let store = committer.store.clone();
+                    let max = committer.max_events;
+                    tokio::task::block_in_place(|| {
+                        large.absorb(&store, governor, &mut txn.mapped)?;
+                        large.govern(
+                            &store,
+                            governor,
+                            max,
+                            txn.final_lsn,
+                            &txn.time,
+                            &mut |events, governor| {
+                                appended |= !events.is_empty();
+                                committer.add_partial(events, take_delta(governor))
+                            },
+                        )
+                    })?;
+                } else {
+                    governor.process_drain_into(
+                        &mut txn.mapped,
+                        txn.final_lsn,
+                        &txn.time,
+                        &mut committer.batch,
+                    );
+                }
                 spare_mapped = txn.mapped;
-                let appended = committer.batch.len() > before;
+                let appended = appended || committer.batch.len() > before;
                 committer.add(appended, take_delta(governor), end_lsn)?;
                 snapshots.position = snapshots.position.max(end_lsn);
                 if snapshots.parked.is_some() {

@@ -46,7 +46,7 @@ pub enum TupleValue {
 
 pub type Tuple = Vec<TupleValue>;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ChangeOp {
     Insert,
     Update,

@@ -85,6 +85,9 @@ pub struct Governor {
     ref_columns: Vec<Vec<String>>,
     /// (entity, column, id) → keys of the tracked records whose column holds id.
     ref_index: HashMap<(usize, String, String), BTreeSet<String>>,
+    /// (commit LSN, next index) of the ids of events the governor makes
+    /// itself, carried across the pieces of a large transaction.
+    synthetic: (u64, u32),
 }
 
 /// What a snapshot or governed re-read decides for (see [`Governor::process_snapshot`]).
@@ -117,6 +120,7 @@ enum Scope {
 }
 
 /// A record's changes within one source transaction, folded together.
+#[derive(serde::Serialize, serde::Deserialize)]
 struct Staged {
     /// The last change's index in the transaction (evaluation order).
     index: u32,
@@ -141,7 +145,7 @@ struct Staged {
 /// queue unless already evaluated. Sized for the hot path: one entry per
 /// record, found by a 64-bit hash of (entity, key), keys moved in, not copied.
 #[derive(Default)]
-struct Pending {
+struct Pending<'a> {
     entries: Vec<PendingEntry>,
     /// hash of (entity, key) → index of the newest entry with that hash;
     /// entries with the same hash are chained through `PendingEntry::next`.
@@ -151,6 +155,107 @@ struct Pending {
     /// Marks of records without a change of their own, in order (they come
     /// after the records changed by the transaction).
     deferrals: u64,
+    /// The rest of a large transaction, governed in pieces (see
+    /// [`Governor::evaluate_piece`]): records marked that are not in this
+    /// piece are looked up there.
+    elsewhere: Option<&'a mut dyn Elsewhere>,
+}
+
+/// Where phase one of a transaction's governance puts its marks: the
+/// in-memory queue of an ordinary transaction, or a piece of a large one.
+trait Marks {
+    /// Marks a record for evaluation without a change of its own.
+    fn defer(&mut self, rank: u32, e: usize, key: String);
+    /// Queues a changed record.
+    fn stage(&mut self, rank: u32, e: usize, key: String, change: Staged);
+}
+
+impl Marks for Pending<'_> {
+    fn defer(&mut self, rank: u32, e: usize, key: String) {
+        Pending::defer(self, rank, e, key)
+    }
+
+    fn stage(&mut self, rank: u32, e: usize, key: String, change: Staged) {
+        Pending::stage(self, rank, e, key, change)
+    }
+}
+
+/// Where a record that is not in the piece being evaluated stands in its
+/// large transaction (see [`Governor::evaluate_piece`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// In a later piece: it is evaluated there, with the transaction's final state.
+    Later,
+    /// In an earlier piece: evaluated already.
+    Earlier,
+    /// Not part of the transaction: evaluated in this piece, and reported
+    /// [`Place::Earlier`] from then on.
+    Absent,
+}
+
+/// The rest of a large transaction, as seen from the piece being evaluated.
+pub trait Elsewhere {
+    fn place(&mut self, e: usize, key: &str) -> Place;
+}
+
+/// A record of a large transaction after phase one of its governance
+/// ([`Governor::stage_piece`]), waiting on disk for phase two
+/// ([`Governor::evaluate_piece`]). Records are evaluated in the order of
+/// (`rank`, `order`), as [`Pending`] orders an ordinary transaction.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct StagedRecord {
+    pub rank: u32,
+    /// The record's last change index; marks without a change (`staged`
+    /// `None`) come after every change of their rank.
+    pub order: u64,
+    pub entity: usize,
+    pub key: String,
+    staged: Option<Staged>,
+}
+
+impl StagedRecord {
+    /// The order of the `n`th mark without a change of its own (after every change).
+    pub fn deferral_order(n: u64) -> u64 {
+        (1 << 32) + n
+    }
+
+    pub fn deferral(rank: u32, order: u64, entity: usize, key: String) -> StagedRecord {
+        StagedRecord {
+            rank,
+            order,
+            entity,
+            key,
+            staged: None,
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<StagedRecord, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("a staged record cannot be read: {e}"))
+    }
+}
+
+/// Phase one of a piece of a large transaction: its changed records and the
+/// records it marked for evaluation.
+#[derive(Default)]
+pub struct PhaseOne {
+    pub records: Vec<StagedRecord>,
+    pub deferred: Vec<(u32, usize, String)>,
+}
+
+impl Marks for PhaseOne {
+    fn defer(&mut self, rank: u32, e: usize, key: String) {
+        self.deferred.push((rank, e, key));
+    }
+
+    fn stage(&mut self, rank: u32, e: usize, key: String, change: Staged) {
+        self.records.push(StagedRecord {
+            rank,
+            order: u64::from(change.index),
+            entity: e,
+            key,
+            staged: Some(change),
+        });
+    }
 }
 
 struct PendingEntry {
@@ -174,8 +279,8 @@ pub fn record_hash(e: usize, key: &str) -> u64 {
     Pending::hash(e, key)
 }
 
-impl Pending {
-    fn with_capacity(n: usize) -> Pending {
+impl<'a> Pending<'a> {
+    fn with_capacity(n: usize) -> Pending<'a> {
         Pending {
             entries: Vec::with_capacity(n),
             index: HashMap::with_capacity_and_hasher(n, Default::default()),
@@ -208,15 +313,27 @@ impl Pending {
     }
 
     fn push(&mut self, h: u64, rank: u32, e: usize, key: String, staged: Option<Staged>) {
-        let i = self.entries.len() as u32;
-        let next = self.index.insert(h, i);
         let order = match &staged {
             Some(s) => u64::from(s.index),
             None => {
                 self.deferrals += 1;
-                (1 << 32) + self.deferrals
+                StagedRecord::deferral_order(self.deferrals)
             }
         };
+        self.push_at(h, rank, order, e, key, staged);
+    }
+
+    fn push_at(
+        &mut self,
+        h: u64,
+        rank: u32,
+        order: u64,
+        e: usize,
+        key: String,
+        staged: Option<Staged>,
+    ) {
+        let i = self.entries.len() as u32;
+        let next = self.index.insert(h, i);
         self.entries.push(PendingEntry {
             rank,
             order,
@@ -233,16 +350,34 @@ impl Pending {
 
     fn defer(&mut self, rank: u32, e: usize, key: String) {
         let h = Self::hash(e, &key);
-        if self.find(h, e, &key).is_none() {
-            self.push(h, rank, e, key, None);
+        if self.find(h, e, &key).is_some() {
+            return;
         }
+        if let Some(elsewhere) = self.elsewhere.as_mut() {
+            if elsewhere.place(e, &key) != Place::Absent {
+                // Evaluated in its own piece, as a record evaluated
+                // already is not queued again here.
+                return;
+            }
+        }
+        self.push(h, rank, e, key, None);
     }
 
     /// [`Pending::defer`], queueing the record again if it was evaluated already.
     fn redo(&mut self, rank: u32, e: usize, key: String) {
         let h = Self::hash(e, &key);
         match self.find(h, e, &key) {
-            None => self.push(h, rank, e, key, None),
+            None => {
+                let place = match self.elsewhere.as_mut() {
+                    Some(elsewhere) => elsewhere.place(e, &key),
+                    None => Place::Absent,
+                };
+                // A record of an earlier piece is evaluated again, as one
+                // evaluated already in this piece is.
+                if place != Place::Later {
+                    self.push(h, rank, e, key, None);
+                }
+            }
             Some(i) => {
                 let entry = &mut self.entries[i as usize];
                 if entry.done && self.evaluating {
@@ -452,6 +587,7 @@ impl Governor {
             touched: HashMap::new(),
             ref_columns,
             ref_index: HashMap::new(),
+            synthetic: (0, 0),
         }
     }
 
@@ -650,8 +786,47 @@ impl Governor {
         self.evaluate_pending(pending, commit_lsn, time, out);
     }
 
+    /// Phase one for a piece of a transaction too large to hold in memory:
+    /// the daemon stores its records (each folded to its final state, see
+    /// `daemon::large_txn`), runs every piece through this, stores the
+    /// result, and only then evaluates the pieces in order with
+    /// [`Governor::evaluate_piece`]. So every record is evaluated once,
+    /// against the whole transaction's final state, exactly as
+    /// [`Governor::process_drain_into`] would.
+    pub fn stage_piece(&mut self, mapped: &mut Vec<Mapped>) -> PhaseOne {
+        let mut phase = PhaseOne::default();
+        for m in mapped.drain(..) {
+            self.stage(m, &mut phase);
+        }
+        phase
+    }
+
+    /// Phase two for a piece of a large transaction: `records` are the
+    /// piece's records in (rank, order); `elsewhere` places records marked
+    /// during evaluation that are not in the piece.
+    pub fn evaluate_piece(
+        &mut self,
+        records: Vec<StagedRecord>,
+        elsewhere: &mut dyn Elsewhere,
+        commit_lsn: Lsn,
+        time: &str,
+        out: &mut Vec<(usize, Event)>,
+    ) {
+        let mut pending = Pending::with_capacity(records.len());
+        pending.elsewhere = Some(elsewhere);
+        for r in records {
+            let h = Pending::hash(r.entity, &r.key);
+            if pending.find(h, r.entity, &r.key).is_none() {
+                // Marks made while evaluating this piece come after the stored ones.
+                pending.deferrals = pending.deferrals.max(r.order.saturating_sub(1 << 32));
+                pending.push_at(h, r.rank, r.order, r.entity, r.key, r.staged);
+            }
+        }
+        self.evaluate_pending(pending, commit_lsn, time, out);
+    }
+
     /// Phase one of [`Governor::process_drain_into`] for one change.
-    fn stage(&mut self, m: Mapped, pending: &mut Pending) {
+    fn stage(&mut self, m: Mapped, pending: &mut impl Marks) {
         let e = m.entity;
         let key = m.event.key.clone();
         let delete = m.op == ChangeOp::Delete;
@@ -726,7 +901,11 @@ impl Governor {
         time: &str,
         out: &mut Vec<(usize, Event)>,
     ) {
-        let mut synthetic = 0u32;
+        // The pieces of a large transaction share one sequence of ids.
+        let mut synthetic = match self.synthetic {
+            (lsn, next) if lsn == commit_lsn.0 => next,
+            _ => 0,
+        };
         while let Some((e, key, staged)) = pending.next() {
             if self.watched[e] {
                 self.touched.insert((e, key.clone()), commit_lsn.0);
@@ -812,10 +991,11 @@ impl Governor {
                 self.defer_dependents(e, &key, &mut pending);
             }
         }
+        self.synthetic = (commit_lsn.0, synthetic);
     }
 
     /// Marks the tracked records whose references or reference rules point at (e, key).
-    fn defer_dependents(&self, e: usize, key: &str, pending: &mut Pending) {
+    fn defer_dependents(&self, e: usize, key: &str, pending: &mut impl Marks) {
         for (r, column) in &self.referenced_by[e] {
             for k in self.referencing(*r, column, key) {
                 pending.defer(self.rank[*r], *r, k);

@@ -145,6 +145,9 @@ struct Harness {
     lsn: u64,
     /// Audit records of the last call.
     audit: Vec<AuditRecord>,
+    /// Govern every transaction as a large one, staged in this store in
+    /// pieces of this many records (see `daemon::large_txn`).
+    large: Option<(usize, tempfile::TempDir, crate::store::Store)>,
 }
 
 impl Harness {
@@ -168,7 +171,17 @@ impl Harness {
             db: HashMap::new(),
             lsn: 0x1000,
             audit: Vec::new(),
+            large: None,
         }
+    }
+
+    /// A harness whose transactions are all governed as large ones.
+    fn large(body: &str, piece: usize) -> Harness {
+        let mut h = Harness::new(body);
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&dir.path().join("s.redb")).unwrap();
+        h.large = Some((piece, dir, store));
+        h
     }
 
     fn entity(&self, name: &str) -> usize {
@@ -265,8 +278,29 @@ impl Harness {
             self.pipeline
                 .map_change(&change, lsn, i as u32, time, &mut mapped)
                 .unwrap();
+            if let Some((piece, _, store)) = &self.large {
+                // As the daemon does when a transaction outgrows memory.
+                if mapped.len() >= *piece {
+                    let mut staging = crate::daemon::large_txn::LargeTxn::default();
+                    staging.absorb(store, &self.gov, &mut mapped).unwrap();
+                }
+            }
         }
-        let out = self.gov.process(mapped, lsn, time);
+        let out = match &self.large {
+            None => self.gov.process(mapped, lsn, time),
+            Some((piece, _, store)) => {
+                let mut staging = crate::daemon::large_txn::LargeTxn::default();
+                staging.absorb(store, &self.gov, &mut mapped).unwrap();
+                let mut out = Vec::new();
+                staging
+                    .govern(store, &mut self.gov, *piece, lsn, time, &mut |events, _| {
+                        out.extend(events);
+                        Ok(())
+                    })
+                    .unwrap();
+                out
+            }
+        };
         self.finish(out)
     }
 
@@ -1967,4 +2001,168 @@ fn seeded_lines_complete_a_business_object_on_its_first_change() {
             ]})
         )]
     );
+}
+
+// ---------------------------------------------------------------------------
+// Large transactions, staged on disk and governed in pieces.
+
+/// Transactions exercising folding, deletes, dependencies, quarantine and
+/// business objects, each over more records than a piece holds.
+/// A row built at run time, kept for the test's whole run.
+fn leak(row: OwnedRow<'static>) -> Row<'static> {
+    Box::leak(row.into_boxed_slice())
+}
+
+fn large_scripts() -> Vec<(&'static str, Vec<Vec<Step<'static>>>)> {
+    let chain = vec![
+        vec![
+            // The BOM is staged before the draft product it references.
+            ("mrp_bom", I, BOM_10),
+            ("product_template", I, leak(product("1", "P_1", "draft"))),
+            ("product_template", I, leak(product("2", "P_2", "approved"))),
+            (
+                "product_template",
+                U,
+                &[("id", Some("2")), ("name", Some("Chair"))][..],
+            ),
+            ("product_template", I, leak(product("3", "bad", "approved"))),
+            (
+                "product_template",
+                U,
+                &[("id", Some("2")), ("name", Some("Stool"))][..],
+            ),
+            ("product_template", I, leak(product("4", "P_4", "approved"))),
+            ("product_template", D, &[("id", Some("4"))][..]),
+        ],
+        vec![
+            // Approving the product releases the BOM staged in an earlier piece.
+            (
+                "mrp_bom",
+                U,
+                &[("id", Some("10")), ("code", Some("B11"))][..],
+            ),
+            (
+                "product_template",
+                U,
+                &[("id", Some("3")), ("default_code", Some("P_3"))][..],
+            ),
+            (
+                "product_template",
+                U,
+                &[("id", Some("2")), ("name", Some("Bench"))][..],
+            ),
+            (
+                "product_template",
+                U,
+                &[("id", Some("1")), ("state", Some("approved"))][..],
+            ),
+            (
+                "product_template",
+                U,
+                &[("id", Some("3")), ("name", Some("Lamp"))][..],
+            ),
+        ],
+        vec![
+            // A product blocked: its BOM, not changed here, is held.
+            (
+                "product_template",
+                U,
+                &[("id", Some("2")), ("name", Some("Seat"))][..],
+            ),
+            (
+                "product_template",
+                U,
+                &[("id", Some("1")), ("state", Some("draft"))][..],
+            ),
+            (
+                "product_template",
+                U,
+                &[("id", Some("3")), ("name", Some("Light"))][..],
+            ),
+            ("product_template", D, &[("id", Some("2"))][..]),
+        ],
+    ];
+    let object = vec![
+        vec![
+            ("product_template", I, leak(product("1", "P_1", "draft"))),
+            ("product_template", I, leak(product("2", "P_2", "draft"))),
+            ("mrp_bom", I, &[("id", Some("10")), ("code", Some("B"))][..]),
+            ("mrp_bom_line", I, leak(line("102", "10", "2", "3"))),
+            ("mrp_bom", I, &[("id", Some("11")), ("code", Some("C"))][..]),
+            ("mrp_bom_line", I, leak(line("101", "10", "1", "2"))),
+            ("mrp_bom_line", I, leak(line("111", "11", "1", "1"))),
+            (
+                "mrp_bom",
+                U,
+                &[("id", Some("10")), ("code", Some("B2"))][..],
+            ),
+        ],
+        vec![
+            (
+                "mrp_bom_line",
+                U,
+                &[("id", Some("101")), ("product_qty", Some("5"))][..],
+            ),
+            (
+                "product_template",
+                U,
+                &[("id", Some("2")), ("default_code", Some("P_9"))][..],
+            ),
+            ("mrp_bom_line", D, &[("id", Some("102"))][..]),
+            ("mrp_bom", I, &[("id", Some("12")), ("code", Some("D"))][..]),
+            ("mrp_bom", D, &[("id", Some("12"))][..]),
+        ],
+    ];
+    vec![(CHAIN, chain), (BOM_OBJECT, object)]
+}
+
+/// Everything a target can tell apart: event by event, in order.
+fn full(evs: &[Ev]) -> Vec<(String, String, String, &'static str, String, u64, String)> {
+    evs.iter()
+        .map(|e| {
+            (
+                e.target.clone(),
+                e.entity.clone(),
+                e.key.clone(),
+                e.op,
+                e.raw.clone(),
+                e.version,
+                e.id.clone(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_large_transaction_governed_in_pieces_sends_what_an_ordinary_one_sends() {
+    for (config, script) in large_scripts() {
+        for piece in [1, 2, 3, 5] {
+            let mut ordinary = Harness::new(config);
+            let mut large = Harness::large(config, piece);
+            for (n, steps) in script.iter().enumerate() {
+                let expected = ordinary.txn(steps);
+                let got = large.txn(steps);
+                assert_eq!(
+                    full(&got),
+                    full(&expected),
+                    "transaction {n} in pieces of {piece}"
+                );
+                assert_eq!(
+                    large.held(),
+                    ordinary.held(),
+                    "transaction {n}, piece {piece}"
+                );
+                assert_eq!(large.decisions(), ordinary.decisions());
+                let mut seen = HashSet::new();
+                for e in &got {
+                    assert!(
+                        seen.insert((e.target.clone(), e.entity.clone(), e.key.clone())),
+                        "two events of {} {} in one transaction",
+                        e.entity,
+                        e.key
+                    );
+                }
+            }
+        }
+    }
 }

@@ -60,7 +60,7 @@ fn quote_ident(name: &str) -> String {
 }
 
 /// An event and the entity it belongs to (which decides the targets).
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Mapped {
     pub entity: usize,
     pub event: Event,

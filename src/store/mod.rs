@@ -41,6 +41,7 @@ pub mod quarantine;
 mod snapshot_progress;
 pub mod spill;
 mod tables;
+pub mod txn_stage;
 
 pub use dead_letter::{
     coalesce, key_of, DeadLetter, DeliveryCounts, DlqFilter, Failure, NewDeadLetter, Settlement,
