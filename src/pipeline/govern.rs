@@ -26,7 +26,7 @@ use serde_json::{Map, Value};
 
 use super::assemble;
 use super::cel::CelInput;
-use super::map::Mapped;
+use super::map::{Mapped, Unencodable, ENCODING_RULE};
 use super::redact;
 use super::reference::{self, Rows};
 use crate::config::governance::{Check, ChildConfig, EntityGovernance, OnUnpublish, TargetPolicy};
@@ -106,6 +106,18 @@ struct Origin {
     change: Option<SourceChange>,
     tx_id: Option<u32>,
     scope: Scope,
+    values: Values,
+}
+
+/// What an evaluation knows about whether the record's values can be encoded.
+enum Values {
+    /// A change or a row read from the table, mapped just now: `Some` names
+    /// the value steward cannot encode, and the record is quarantined.
+    Read(Option<Unencodable>),
+    /// Only the tracked row (re-emissions, operator releases): it holds an
+    /// unencodable value as plain text, so it cannot tell whether the value
+    /// is fixed. A record held for one stays held until a change tells.
+    Tracked,
 }
 
 enum Scope {
@@ -134,6 +146,8 @@ struct Staged {
     time: String,
     change: Option<SourceChange>,
     tx_id: Option<u32>,
+    /// The last change's value steward cannot encode.
+    unencodable: Option<Unencodable>,
 }
 
 /// The records a transaction marked for evaluation: each once, in the order
@@ -274,6 +288,7 @@ impl Pending {
                 s.time = change.time;
                 s.change = change.change;
                 s.tx_id = change.tx_id;
+                s.unencodable = change.unencodable;
             }
             None => entry.staged = Some(change),
         }
@@ -714,6 +729,7 @@ impl Governor {
             time: m.event.time,
             change: m.event.change,
             tx_id: m.event.tx_id,
+            unencodable: m.unencodable,
         };
         pending.stage(self.rank[e], e, key, change);
     }
@@ -766,6 +782,7 @@ impl Governor {
                         change,
                         tx_id: s.tx_id,
                         scope: Scope::All,
+                        values: Values::Read(s.unencodable),
                     };
                     self.evaluate(
                         e,
@@ -791,6 +808,7 @@ impl Governor {
                         change: None,
                         tx_id: None,
                         scope: Scope::All,
+                        values: Values::Tracked,
                     };
                     synthetic += 1;
                     self.evaluate(
@@ -901,6 +919,7 @@ impl Governor {
                     targets: targets.to_vec(),
                     force,
                 },
+                values: Values::Read(m.unencodable),
             };
             self.evaluate(
                 e,
@@ -952,6 +971,7 @@ impl Governor {
                     targets: Vec::new(),
                     force: false,
                 },
+                values: Values::Read(m.unencodable),
             };
             self.evaluate(
                 e,
@@ -1041,6 +1061,7 @@ impl Governor {
             change: None,
             tx_id: None,
             scope: Scope::All,
+            values: Values::Tracked,
         };
         let mut out = Vec::new();
         let mut pending = Pending::default();
@@ -1149,41 +1170,51 @@ impl Governor {
                 Err(m) => (false, format!("publish_when could not be evaluated: {m}")),
             },
         };
-        if publishable {
-            if let Some((rule, message, blocked_by)) =
-                self.validate(e, key, &doc, row.as_deref(), &input)
+        let failure = match &origin.values {
+            Values::Read(Some(bad)) => Some((ENCODING_RULE.to_string(), bad.to_string(), None)),
+            Values::Tracked
+                if self
+                    .quarantine
+                    .get(&(e, key.to_string()))
+                    .is_some_and(|q| q.rule == ENCODING_RULE) =>
             {
-                self.set_claims(e, key, Vec::new(), deferred);
-                let entry = QuarantineEntry {
-                    entity: name.clone(),
-                    key: key.to_string(),
-                    version,
-                    rule: rule.clone(),
-                    message: message.clone(),
-                    document: Value::Object(doc),
-                    since: now_rfc3339(),
-                    blocked_by,
-                };
-                for &t in &targets {
-                    let pkey = self.published_key(t, e, key);
-                    if !self.published.contains_key(&pkey.slot())
-                        && self.withheld.insert(pkey.slot())
-                    {
-                        self.queue_published(pkey, Some(WITHHELD));
-                    }
-                }
-                self.quarantine.insert((e, key.to_string()), entry.clone());
-                self.queue_quarantine(e, key, Some(entry));
-                self.audit(
-                    e,
-                    key,
-                    version,
-                    None,
-                    "quarantined",
-                    format!("rule {rule}: {message}"),
-                );
+                // Held until a change of the record can be encoded.
                 return;
             }
+            _ if publishable => self.validate(e, key, &doc, row.as_deref(), &input),
+            _ => None,
+        };
+        if let Some((rule, message, blocked_by)) = failure {
+            self.set_claims(e, key, Vec::new(), deferred);
+            let entry = QuarantineEntry {
+                entity: name.clone(),
+                key: key.to_string(),
+                version,
+                rule: rule.clone(),
+                message: message.clone(),
+                document: Value::Object(doc),
+                since: now_rfc3339(),
+                blocked_by,
+            };
+            for &t in &targets {
+                let pkey = self.published_key(t, e, key);
+                if !self.published.contains_key(&pkey.slot()) && self.withheld.insert(pkey.slot()) {
+                    self.queue_published(pkey, Some(WITHHELD));
+                }
+            }
+            self.quarantine.insert((e, key.to_string()), entry.clone());
+            self.queue_quarantine(e, key, Some(entry));
+            self.audit(
+                e,
+                key,
+                version,
+                None,
+                "quarantined",
+                format!("rule {rule}: {message}"),
+            );
+            return;
+        }
+        if publishable {
             let claims = self.claim_values(e, &doc, row.as_deref());
             self.set_claims(e, key, claims, deferred);
             self.release_from_quarantine(e, key, version, "every rule passes now");
@@ -1532,7 +1563,12 @@ impl Governor {
                 }
             }),
             Check::Range { field, min, max } => each(field, &|v| {
-                let Ok(n) = assemble::text(v).parse::<f64>() else {
+                // NaN compares false with every bound: it would pass any range.
+                let Some(n) = assemble::text(v)
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|n| !n.is_nan())
+                else {
                     return Err(format!("{field} '{}' is not a number", assemble::text(v)));
                 };
                 if min.is_some_and(|m| n < m) || max.is_some_and(|m| n > m) {
