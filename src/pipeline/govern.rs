@@ -699,6 +699,8 @@ impl Governor {
         if let Some((parent, _)) = self.gov[e].child_of {
             let prev = self.rows.get(&(e, key.clone())).cloned();
             let new = if delete { None } else { m.row.map(Arc::new) };
+            let bad = if delete { None } else { m.unencodable.as_ref() };
+            self.note_child_encoding(e, &key, bad, &m.data, m.event.version);
             for p in self.index_child(e, &key, prev.as_deref(), new.as_deref()) {
                 pending.defer(self.rank[parent], parent, p);
             }
@@ -901,6 +903,10 @@ impl Governor {
                 continue;
             }
             if self.gov[e].child_of.is_some() || !self.gov[e].external_ids_of.is_empty() {
+                if self.gov[e].child_of.is_some() {
+                    let bad = m.unencodable.as_ref();
+                    self.note_child_encoding(e, &key, bad, &m.data, m.event.version);
+                }
                 self.observe(e, &key, m.row);
                 continue;
             }
@@ -955,6 +961,10 @@ impl Governor {
                 || !self.gov[e].external_ids_of.is_empty()
                 || !self.gov[e].is_governed()
             {
+                if self.gov[e].child_of.is_some() {
+                    let bad = m.unencodable.as_ref();
+                    self.note_child_encoding(e, &key, bad, &m.data, m.event.version);
+                }
                 self.observe(e, &key, m.row);
                 continue;
             }
@@ -1176,12 +1186,14 @@ impl Governor {
                 if self
                     .quarantine
                     .get(&(e, key.to_string()))
-                    .is_some_and(|q| q.rule == ENCODING_RULE) =>
+                    .is_some_and(|q| q.rule == ENCODING_RULE && q.blocked_by.is_none()) =>
             {
                 // Held until a change of the record can be encoded.
                 return;
             }
-            _ if publishable => self.validate(e, key, &doc, row.as_deref(), &input),
+            _ if publishable => self
+                .unencodable_child(e, key)
+                .or_else(|| self.validate(e, key, &doc, row.as_deref(), &input)),
             _ => None,
         };
         if let Some((rule, message, blocked_by)) = failure {
@@ -1745,6 +1757,72 @@ impl Governor {
                     .insert(id, format!("{module}.{name}"));
             }
         }
+    }
+
+    /// A child row (a line of a business object) with a value steward cannot
+    /// encode is held in quarantine under its own entity and key, which
+    /// holds its parent back (see [`Governor::unencodable_child`]); a row
+    /// that encodes (or its delete) releases it.
+    fn note_child_encoding(
+        &mut self,
+        e: usize,
+        key: &str,
+        bad: Option<&Unencodable>,
+        data: &Map<String, Value>,
+        version: u64,
+    ) {
+        let Some(bad) = bad else {
+            self.release_from_quarantine(e, key, version, "its values can be encoded now");
+            return;
+        };
+        let entry = QuarantineEntry {
+            entity: self.entities[e].name.clone(),
+            key: key.to_string(),
+            version,
+            rule: ENCODING_RULE.to_string(),
+            message: bad.to_string(),
+            document: Value::Object(data.clone()),
+            since: now_rfc3339(),
+            blocked_by: None,
+        };
+        self.quarantine.insert((e, key.to_string()), entry.clone());
+        self.queue_quarantine(e, key, Some(entry));
+        self.audit(
+            e,
+            key,
+            version,
+            None,
+            "quarantined",
+            format!("rule {ENCODING_RULE}: {bad}"),
+        );
+    }
+
+    /// The first child row of (e, key) held for a value steward cannot
+    /// encode: the business object's document would carry it, so the
+    /// object is held too, until that row changes.
+    fn unencodable_child(&self, e: usize, key: &str) -> Option<(String, String, Option<String>)> {
+        if self.quarantine.is_empty() {
+            return None;
+        }
+        for c in &self.gov[e].children {
+            let Some(keys) = self.children.get(&(c.entity, key.to_string())) else {
+                continue;
+            };
+            for k in keys {
+                if let Some(q) = self
+                    .quarantine
+                    .get(&(c.entity, k.clone()))
+                    .filter(|q| q.rule == ENCODING_RULE)
+                {
+                    return Some((
+                        ENCODING_RULE.to_string(),
+                        format!("{} {k}: {}", q.entity, q.message),
+                        Some(format!("{} {k}", q.entity)),
+                    ));
+                }
+            }
+        }
+        None
     }
 
     /// Takes a record out of quarantine, if it is there, with the reason in the audit trail.

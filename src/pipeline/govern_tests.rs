@@ -2266,3 +2266,84 @@ mask = { "attr.name" = "full" }
     // As the outbox reads an event's data back (a checked raw value).
     assert!(serde_json::value::RawValue::from_string(envelope).is_ok());
 }
+
+#[test]
+fn a_business_object_with_a_line_steward_cannot_encode_waits_for_that_line() {
+    let mut h = Harness::new(BOM_OBJECT);
+    h.txn(&[(
+        "product_template",
+        I,
+        &[("id", Some("1")), ("default_code", Some("P_1"))],
+    )]);
+    // `product_qty` is an int4 column; this text is not an integer.
+    let evs = h.txn(&[
+        ("mrp_bom", I, &[("id", Some("10")), ("code", Some("B"))]),
+        ("mrp_bom_line", I, &line("101", "10", "1", "2")),
+        ("mrp_bom_line", I, &line("102", "10", "1", "2x")),
+        ("mrp_bom", I, &[("id", Some("11")), ("code", Some("C"))]),
+    ]);
+    assert_eq!(
+        brief(&evs),
+        vec![up("wms", "bom", "11", json!({"code": "C", "lines": []}))],
+        "the other business object is delivered"
+    );
+    let held = h.held();
+    assert_eq!(held.len(), 2, "{held:?}");
+    let line = held
+        .iter()
+        .find(|q| q.0 == "bom.lines")
+        .expect("the line is held");
+    assert_eq!((line.1.as_str(), line.2.as_str()), ("102", "encoding"));
+    assert!(
+        line.3.contains("column 'product_qty'") && line.3.contains("not an integer"),
+        "{}",
+        line.3
+    );
+    let bom = held
+        .iter()
+        .find(|q| q.0 == "bom")
+        .expect("the object is held");
+    assert_eq!((bom.1.as_str(), bom.2.as_str()), ("10", "encoding"));
+    assert!(
+        bom.3.starts_with("bom.lines 102: column 'product_qty'"),
+        "{}",
+        bom.3
+    );
+    let q = h
+        .gov
+        .quarantined()
+        .into_iter()
+        .find(|q| q.entity == "bom")
+        .unwrap()
+        .clone();
+    assert_eq!(q.blocked_by.as_deref(), Some("bom.lines 102"));
+
+    // A change of another line re-evaluates the object: still held.
+    let evs = h.txn(&[(
+        "mrp_bom_line",
+        U,
+        &[("id", Some("101")), ("product_qty", Some("3"))],
+    )]);
+    assert!(evs.is_empty(), "{evs:?}");
+    assert_eq!(h.held().len(), 2);
+
+    // The line is fixed: both released, the object delivered in full.
+    let evs = h.txn(&[(
+        "mrp_bom_line",
+        U,
+        &[("id", Some("102")), ("product_qty", Some("4"))],
+    )]);
+    assert_eq!(
+        brief(&evs),
+        vec![up(
+            "wms",
+            "bom",
+            "10",
+            json!({"code": "B", "lines": [
+                {"qty": 3, "product": "P_1", "id": 101},
+                {"qty": 4, "product": "P_1", "id": 102},
+            ]})
+        )]
+    );
+    assert!(h.held().is_empty(), "{:?}", h.held());
+}
