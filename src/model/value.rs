@@ -51,6 +51,15 @@ const JSONB: u32 = 3802;
 /// is bad input (and bounding it bounds the parser's recursion).
 const MAX_ARRAY_DIMS: usize = 6;
 
+/// The deepest nesting of arrays and objects a `json`/`jsonb` value may
+/// have (an array of them counts its dimensions too). A deeper value is
+/// refused with a clear reason before it is parsed, instead of relying on
+/// serde_json's own limit (128): everything that later walks a document
+/// recursively (serialization, hashing, redaction, CEL, reading state and
+/// outbox entries back, which add a few levels of their own) then stays
+/// well inside that limit and the stack.
+pub const MAX_JSON_DEPTH: usize = 100;
+
 /// Why a column's text could not be converted. The value itself is never
 /// included (it may be personal data); the type, length and position are.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -143,13 +152,18 @@ fn type_name(type_oid: u32) -> &'static str {
 /// Converts a column's text output (as pgoutput or a text-format query returns it) to JSON by the column's type OID.
 ///
 /// Integers, numeric and finite floats become JSON numbers with the server's
-/// exact digits; non-finite numbers (`NaN`, `Infinity`, `-Infinity`) become
-/// strings. `bool` becomes a boolean, `json`/`jsonb` the parsed document,
-/// `bytea` a standard base64 string, `timestamp`/`timestamptz` RFC 3339
-/// (`timestamp` without time zone is taken as UTC, as Odoo stores it;
-/// `infinity` and BC dates stay as the server wrote them), known array types
-/// a JSON array of converted elements. Every other type (date, time, interval,
-/// text types, uuid, unknown types) becomes its text as a JSON string.
+/// exact digits; non-finite numbers become the strings `"NaN"`,
+/// `"Infinity"` and `"-Infinity"` (JSON has no number for them). `bool`
+/// becomes a boolean, `json`/`jsonb` the parsed document (at most
+/// [`MAX_JSON_DEPTH`] levels deep), `bytea` a standard base64 string,
+/// `timestamp`/`timestamptz` RFC 3339 (`timestamp` without time zone is
+/// taken as UTC, as Odoo stores it), `date` ISO 8601 `YYYY-MM-DD`. Years
+/// RFC 3339 cannot write use ISO 8601's expanded form with a sign: BC
+/// years are astronomical (1 BC is `0000`, 44 BC is `-0043`), years past
+/// 9999 are `+10000`. `infinity` / `-infinity` timestamps and dates stay
+/// those words. Known array types become a JSON array of converted
+/// elements. Every other type (time, interval, text types, uuid, unknown
+/// types) becomes its text as a JSON string.
 pub fn text_to_json(type_oid: u32, text: &[u8]) -> Result<Value, ValueError> {
     str_to_json(type_oid, utf8(type_oid, text)?)
 }
@@ -172,6 +186,7 @@ pub fn text_to_json_at(type_oid: u32, text: &[u8], path: &[String]) -> Result<Va
         return text_to_json(type_oid, text).map(|v| follow_path(v, path));
     }
     let s = utf8(type_oid, text)?;
+    check_json_depth(type_oid, s, MAX_JSON_DEPTH)?;
     let mut de = serde_json::Deserializer::from_str(s);
     serde::de::DeserializeSeed::deserialize(json_walk::AtPath(path), &mut de)
         .and_then(|v| de.end().map(|()| v))
@@ -320,8 +335,8 @@ fn str_to_json(type_oid: u32, s: &str) -> Result<Value, ValueError> {
                 .map(Value::Number)
                 .map_err(|_| invalid(type_oid, s, "not a decimal number")),
         },
-        JSON | JSONB => serde_json::from_str(s)
-            .map_err(|e| invalid(type_oid, s, format!("not valid JSON: {e}"))),
+        JSON | JSONB => json(type_oid, s, MAX_JSON_DEPTH),
+        DATE => date(s),
         TIMESTAMP => timestamp(type_oid, s, false),
         TIMESTAMPTZ => timestamp(type_oid, s, true),
         BYTEA => bytea(s),
@@ -330,6 +345,101 @@ fn str_to_json(type_oid: u32, s: &str) -> Result<Value, ValueError> {
             None => Ok(Value::String(s.to_owned())),
         },
     }
+}
+
+/// A JSON document of at most `max_depth` levels of arrays and objects.
+fn json(type_oid: u32, s: &str, max_depth: usize) -> Result<Value, ValueError> {
+    check_json_depth(type_oid, s, max_depth)?;
+    serde_json::from_str(s).map_err(|e| invalid(type_oid, s, format!("not valid JSON: {e}")))
+}
+
+/// Refuses JSON text nested deeper than `max_depth`, in one pass without
+/// recursion. Brackets inside strings do not count; for text that is not
+/// JSON at all the parser that follows gives the error.
+fn check_json_depth(type_oid: u32, s: &str, max_depth: usize) -> Result<(), ValueError> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &c in s.as_bytes() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == b'\\' {
+                escaped = true;
+            } else if c == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match c {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max_depth {
+                    return Err(invalid(
+                        type_oid,
+                        s,
+                        format!(
+                            "nested deeper than {max_depth} levels of arrays and objects, the most steward delivers"
+                        ),
+                    ));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Splits a trailing ` BC` off a date or timestamp.
+fn strip_bc(s: &str) -> (&str, bool) {
+    match s.strip_suffix(" BC") {
+        Some(body) => (body, true),
+        None => (s, false),
+    }
+}
+
+/// The ISO 8601 year of a year PostgreSQL prints: BC years count back
+/// from year 0 (1 BC).
+fn astronomical_year(year: i64, bc: bool) -> i64 {
+    if bc {
+        1 - year
+    } else {
+        year
+    }
+}
+
+/// ISO dates `YYYY-MM-DD` (more digits past 9999, ` BC` after BC dates)
+/// become ISO 8601 dates, with the expanded year form where needed (see
+/// [`push_year`]); `infinity` / `-infinity` stay those words.
+fn date(s: &str) -> Result<Value, ValueError> {
+    if s == "infinity" || s == "-infinity" {
+        return Ok(Value::String(s.to_owned()));
+    }
+    let (body, bc) = strip_bc(s);
+    let b = body.as_bytes();
+    let y_len = b.iter().take_while(|c| c.is_ascii_digit()).count();
+    let shape_ok = (4..=7).contains(&y_len)
+        && b.len() == y_len + 6
+        && b[y_len] == b'-'
+        && b[y_len + 3] == b'-'
+        && digits(b, y_len + 1, 2).is_some()
+        && digits(b, y_len + 4, 2).is_some();
+    let year = digits(b, 0, y_len).filter(|_| shape_ok).ok_or_else(|| {
+        invalid(
+            DATE,
+            s,
+            "expected ISO format YYYY-MM-DD; is DateStyle set to ISO?",
+        )
+    })?;
+    if y_len == 4 && !bc {
+        return Ok(Value::String(s.to_owned()));
+    }
+    let mut out = String::with_capacity(b.len() + 2);
+    push_year(&mut out, astronomical_year(year, bc));
+    out.push_str(&body[y_len..]);
+    Ok(Value::String(out))
 }
 
 /// Reads exactly `n` ASCII digits at `pos`.
@@ -341,18 +451,21 @@ fn digits(b: &[u8], pos: usize, n: usize) -> Option<i64> {
 }
 
 /// ISO timestamps: `YYYY-MM-DD HH:MM:SS[.f]` plus, for timestamptz, an
-/// offset `+HH[:MM[:SS]]`. The space becomes `T`; a zero offset (always the
-/// case under TimeZone=UTC) becomes `Z`, others `+HH:MM`. Offsets with
-/// seconds (historical local mean time) have no RFC 3339 form, so those
-/// values are shifted to UTC instead.
-fn timestamp(type_oid: u32, s: &str, with_tz: bool) -> Result<Value, ValueError> {
-    if s == "infinity" || s == "-infinity" || s.ends_with(" BC") {
-        return Ok(Value::String(s.to_owned()));
+/// offset `+HH[:MM[:SS]]`, and ` BC` after BC dates. The space becomes `T`;
+/// a zero offset (always the case under TimeZone=UTC) becomes `Z`, others
+/// `+HH:MM`. Offsets with seconds (historical local mean time) have no RFC
+/// 3339 form, so those values are shifted to UTC instead. Years outside
+/// 0000..=9999 use the expanded form (see [`push_year`]); `infinity` /
+/// `-infinity` stay those words.
+fn timestamp(type_oid: u32, full: &str, with_tz: bool) -> Result<Value, ValueError> {
+    if full == "infinity" || full == "-infinity" {
+        return Ok(Value::String(full.to_owned()));
     }
+    let (s, bc) = strip_bc(full);
     let bad = || {
         invalid(
             type_oid,
-            s,
+            full,
             "expected ISO format YYYY-MM-DD HH:MM:SS[.ffffff]; is DateStyle set to ISO?",
         )
     };
@@ -383,6 +496,9 @@ fn timestamp(type_oid: u32, s: &str, with_tz: bool) -> Result<Value, ValueError>
     if !shape_ok {
         return Err(bad());
     }
+    let year = astronomical_year(year, bc);
+    // The server's year digits are copied unless the year needs a sign.
+    let verbatim_year = y_len == 4 && !bc;
     let mut end = p + 15;
     if b.get(end) == Some(&b'.') {
         let frac = b[end + 1..]
@@ -400,7 +516,7 @@ fn timestamp(type_oid: u32, s: &str, with_tz: bool) -> Result<Value, ValueError>
         if end != b.len() {
             return Err(bad());
         }
-        push_iso_t(&mut out, date_time, p);
+        push_iso_t(&mut out, date_time, p, year, verbatim_year);
         out.push('Z');
         return Ok(Value::String(out));
     }
@@ -426,7 +542,7 @@ fn timestamp(type_oid: u32, s: &str, with_tz: bool) -> Result<Value, ValueError>
         return Err(bad());
     }
     if off_s == 0 {
-        push_iso_t(&mut out, date_time, p);
+        push_iso_t(&mut out, date_time, p, year, verbatim_year);
         if off_h == 0 && off_m == 0 {
             out.push('Z');
         } else {
@@ -456,8 +572,15 @@ fn timestamp(type_oid: u32, s: &str, with_tz: bool) -> Result<Value, ValueError>
 }
 
 /// Copies `YYYY-MM-DD HH:MM:SS[.f]` with the date/time separator made `T`.
-fn push_iso_t(out: &mut String, date_time: &str, year_len: usize) {
-    out.push_str(&date_time[..year_len + 6]);
+/// The year is copied as the server wrote it when `verbatim`, else written
+/// from `year` by [`push_year`].
+fn push_iso_t(out: &mut String, date_time: &str, year_len: usize, year: i64, verbatim: bool) {
+    if verbatim {
+        out.push_str(&date_time[..year_len]);
+    } else {
+        push_year(out, year);
+    }
+    out.push_str(&date_time[year_len..year_len + 6]);
     out.push('T');
     out.push_str(&date_time[year_len + 7..]);
 }
@@ -512,6 +635,7 @@ fn array(type_oid: u32, elem: u32, s: &str) -> Result<Value, ValueError> {
         pos: 0,
         type_oid,
         elem,
+        depth: 0,
     };
     p.skip_ws();
     if p.peek() == Some(b'[') {
@@ -532,6 +656,8 @@ struct ArrayParser<'a> {
     pos: usize,
     type_oid: u32,
     elem: u32,
+    /// Dimensions entered so far: a JSON element's own nesting counts on top.
+    depth: usize,
 }
 
 impl<'a> ArrayParser<'a> {
@@ -580,6 +706,7 @@ impl<'a> ArrayParser<'a> {
         if depth > MAX_ARRAY_DIMS {
             return Err(self.err("more than 6 array dimensions"));
         }
+        self.depth = depth;
         if self.peek() != Some(b'{') {
             return Err(self.err("expected '{'"));
         }
@@ -599,7 +726,11 @@ impl<'a> ArrayParser<'a> {
                 return Err(self.err("mixed sub-arrays and scalar elements"));
             }
             let value = match self.peek() {
-                Some(b'{') => self.array(depth + 1)?,
+                Some(b'{') => {
+                    let sub = self.array(depth + 1)?;
+                    self.depth = depth;
+                    sub
+                }
                 Some(b'"') => {
                     let start = self.pos;
                     let text = self.quoted()?;
@@ -624,7 +755,11 @@ impl<'a> ArrayParser<'a> {
 
     /// Converts one element; errors name the element's start, not the array's end.
     fn element(&self, start: usize, text: &str) -> Result<Value, ValueError> {
-        str_to_json(self.elem, text).map_err(|e| {
+        let converted = match self.elem {
+            JSON | JSONB => json(self.elem, text, MAX_JSON_DEPTH.saturating_sub(self.depth)),
+            elem => str_to_json(elem, text),
+        };
+        converted.map_err(|e| {
             invalid(
                 self.type_oid,
                 self.s,
@@ -973,7 +1108,7 @@ mod tests {
     #[test]
     fn strings() {
         for oid in [
-            TEXT, VARCHAR, BPCHAR, NAME, UUID, CHAR, DATE, TIME, TIMETZ, INTERVAL,
+            TEXT, VARCHAR, BPCHAR, NAME, UUID, CHAR, TIME, TIMETZ, INTERVAL,
         ] {
             assert_eq!(conv(oid, "x y"), json!("x y"));
         }
@@ -1024,7 +1159,7 @@ mod tests {
         );
         assert_eq!(
             conv(TIMESTAMP, "12345-01-01 00:00:00"),
-            json!("12345-01-01T00:00:00Z")
+            json!("+12345-01-01T00:00:00Z")
         );
         assert_eq!(
             conv(TIMESTAMPTZ, "2024-05-01 12:00:00.5+00"),
@@ -1051,13 +1186,10 @@ mod tests {
             conv(TIMESTAMPTZ, "1900-12-31 23:59:59-00:00:01"),
             json!("1901-01-01T00:00:00Z")
         );
-        for unchanged in ["infinity", "-infinity", "0044-03-15 12:00:00 BC"] {
+        for unchanged in ["infinity", "-infinity"] {
             assert_eq!(conv(TIMESTAMP, unchanged), json!(unchanged));
+            assert_eq!(conv(TIMESTAMPTZ, unchanged), json!(unchanged));
         }
-        assert_eq!(
-            conv(TIMESTAMPTZ, "0044-03-15 12:00:00+00 BC"),
-            json!("0044-03-15 12:00:00+00 BC")
-        );
         let e = fails(TIMESTAMP, "05/01/2024 12:00");
         assert!(e.contains("DateStyle"), "{e}");
         fails(TIMESTAMP, "2024-05-01 12:00:00+00");
@@ -1066,6 +1198,150 @@ mod tests {
         fails(TIMESTAMPTZ, "2024-05-01 12:00:00+0");
         fails(TIMESTAMPTZ, "2024-05-01 12:00:00+00:");
         fails(TIMESTAMPTZ, "2024-05-01T12:00:00+00");
+    }
+
+    /// Every representation the README documents for values JSON and RFC
+    /// 3339 have no plain form for, as the server prints them under
+    /// steward's session settings.
+    #[test]
+    fn documented_representations_of_special_values() {
+        let cases: &[(u32, &str, &str)] = &[
+            // Non-finite numbers: JSON strings.
+            (NUMERIC, "NaN", r#""NaN""#),
+            (NUMERIC, "Infinity", r#""Infinity""#),
+            (NUMERIC, "-Infinity", r#""-Infinity""#),
+            (FLOAT8, "NaN", r#""NaN""#),
+            (FLOAT8, "Infinity", r#""Infinity""#),
+            (FLOAT8, "-Infinity", r#""-Infinity""#),
+            (FLOAT4, "NaN", r#""NaN""#),
+            (FLOAT4, "-Infinity", r#""-Infinity""#),
+            // Infinite timestamps and dates: the words.
+            (TIMESTAMP, "infinity", r#""infinity""#),
+            (TIMESTAMP, "-infinity", r#""-infinity""#),
+            (TIMESTAMPTZ, "infinity", r#""infinity""#),
+            (TIMESTAMPTZ, "-infinity", r#""-infinity""#),
+            (DATE, "infinity", r#""infinity""#),
+            (DATE, "-infinity", r#""-infinity""#),
+            // Ordinary dates stay as they are.
+            (DATE, "2024-05-01", r#""2024-05-01""#),
+            (DATE, "0001-01-01", r#""0001-01-01""#),
+            (DATE, "9999-12-31", r#""9999-12-31""#),
+            // Years past 9999: ISO 8601 expanded, with a sign.
+            (DATE, "10000-01-01", r#""+10000-01-01""#),
+            (DATE, "5874897-12-31", r#""+5874897-12-31""#),
+            (
+                TIMESTAMP,
+                "10000-01-01 00:00:00",
+                r#""+10000-01-01T00:00:00Z""#,
+            ),
+            (
+                TIMESTAMPTZ,
+                "294276-12-31 23:59:59.999999+00",
+                r#""+294276-12-31T23:59:59.999999Z""#,
+            ),
+            // BC: astronomical years (1 BC is year 0), ISO 8601 expanded.
+            (DATE, "0044-03-15 BC", r#""-0043-03-15""#),
+            (DATE, "0001-12-31 BC", r#""0000-12-31""#),
+            (DATE, "0002-01-01 BC", r#""-0001-01-01""#),
+            (DATE, "4714-11-24 BC", r#""-4713-11-24""#),
+            (
+                TIMESTAMP,
+                "0044-03-15 12:00:00 BC",
+                r#""-0043-03-15T12:00:00Z""#,
+            ),
+            (
+                TIMESTAMP,
+                "0001-12-31 23:59:59.5 BC",
+                r#""0000-12-31T23:59:59.5Z""#,
+            ),
+            (
+                TIMESTAMPTZ,
+                "0044-03-15 12:00:00+00 BC",
+                r#""-0043-03-15T12:00:00Z""#,
+            ),
+            (
+                TIMESTAMPTZ,
+                "4714-11-24 00:00:00+00 BC",
+                r#""-4713-11-24T00:00:00Z""#,
+            ),
+            // A BC local mean time offset is shifted to UTC like any other.
+            (
+                TIMESTAMPTZ,
+                "0044-03-15 00:00:00+00:19:32 BC",
+                r#""-0043-03-14T23:40:28Z""#,
+            ),
+        ];
+        for (oid, text, expected) in cases {
+            assert_eq!(wire(*oid, text), *expected, "{} {text:?}", type_name(*oid));
+        }
+        // In arrays, element by element.
+        assert_eq!(
+            wire(1182, "{infinity,\"0044-03-15 BC\",10000-01-01}"),
+            r#"["infinity","-0043-03-15","+10000-01-01"]"#
+        );
+        assert_eq!(
+            wire(1115, r#"{"0001-01-01 00:00:00 BC",-infinity}"#),
+            r#"["0000-01-01T00:00:00Z","-infinity"]"#
+        );
+        assert_eq!(
+            wire(1231, "{NaN,Infinity,-Infinity}"),
+            r#"["NaN","Infinity","-Infinity"]"#
+        );
+        for bad in [
+            "05/01/2024",
+            "2024-5-1",
+            "2024-05-01 x",
+            "2024-05-01 bc",
+            "",
+            "BC",
+        ] {
+            let e = fails(DATE, bad);
+            assert!(e.contains("DateStyle"), "{bad:?}: {e}");
+        }
+    }
+
+    /// A number inside `depth` nested arrays.
+    fn nested(depth: usize) -> String {
+        format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+    }
+
+    #[test]
+    fn json_deeper_than_the_limit_is_refused_with_the_reason() {
+        for oid in [JSON, JSONB] {
+            assert!(conv(oid, &nested(MAX_JSON_DEPTH)).is_array());
+            let objects = format!(
+                "{}1{}",
+                r#"{"a":"#.repeat(MAX_JSON_DEPTH),
+                "}".repeat(MAX_JSON_DEPTH)
+            );
+            assert!(conv(oid, &objects).is_object());
+            for depth in [MAX_JSON_DEPTH + 1, 128, 200, 100_000] {
+                let e = fails(oid, &nested(depth));
+                assert!(
+                    e.contains("nested deeper than 100 levels of arrays and objects"),
+                    "{depth}: {e}"
+                );
+                // Also when only a path into it is mapped.
+                let e = text_to_json_at(oid, nested(depth).as_bytes(), &path(&["0"]))
+                    .unwrap_err()
+                    .to_string();
+                assert!(e.contains("nested deeper than 100 levels"), "{depth}: {e}");
+            }
+            // Brackets inside strings are text, not nesting.
+            let in_string = format!(r#"["{}\"{}"]"#, "[".repeat(300), "{".repeat(300));
+            assert!(conv(oid, &in_string).is_array());
+        }
+        // A jsonb array's dimensions count on top of its elements' nesting.
+        let inner = nested(MAX_JSON_DEPTH - 1).replace('"', "\\\"");
+        assert!(conv(3807, &format!("{{\"{inner}\"}}")).is_array());
+        let inner = nested(MAX_JSON_DEPTH).replace('"', "\\\"");
+        let e = fails(3807, &format!("{{\"{inner}\"}}"));
+        assert!(e.contains("nested deeper than 99 levels"), "{e}");
+        // What passes stays inside serde_json's own limit when written and
+        // read back inside a few levels of envelope.
+        let doc = conv(JSONB, &nested(MAX_JSON_DEPTH));
+        let envelope = serde_json::json!({"events": [{"data": {"field": doc}}]}).to_string();
+        assert!(serde_json::from_str::<Value>(&envelope).is_ok());
     }
 
     #[test]

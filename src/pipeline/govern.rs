@@ -26,7 +26,7 @@ use serde_json::{Map, Value};
 
 use super::assemble;
 use super::cel::CelInput;
-use super::map::Mapped;
+use super::map::{Mapped, Unencodable, ENCODING_RULE};
 use super::redact;
 use super::reference::{self, Rows};
 use crate::config::governance::{Check, ChildConfig, EntityGovernance, OnUnpublish, TargetPolicy};
@@ -109,6 +109,18 @@ struct Origin {
     change: Option<SourceChange>,
     tx_id: Option<u32>,
     scope: Scope,
+    values: Values,
+}
+
+/// What an evaluation knows about whether the record's values can be encoded.
+enum Values {
+    /// A change or a row read from the table, mapped just now: `Some` names
+    /// the value steward cannot encode, and the record is quarantined.
+    Read(Option<Unencodable>),
+    /// Only the tracked row (re-emissions, operator releases): it holds an
+    /// unencodable value as plain text, so it cannot tell whether the value
+    /// is fixed. A record held for one stays held until a change tells.
+    Tracked,
 }
 
 enum Scope {
@@ -138,6 +150,8 @@ struct Staged {
     time: String,
     change: Option<SourceChange>,
     tx_id: Option<u32>,
+    /// The last change's value steward cannot encode.
+    unencodable: Option<Unencodable>,
 }
 
 /// The records a transaction marked for evaluation: each once, in the order
@@ -409,6 +423,7 @@ impl<'a> Pending<'a> {
                 s.time = change.time;
                 s.change = change.change;
                 s.tx_id = change.tx_id;
+                s.unencodable = change.unencodable;
             }
             None => entry.staged = Some(change),
         }
@@ -859,6 +874,8 @@ impl Governor {
         if let Some((parent, _)) = self.gov[e].child_of {
             let prev = self.rows.get(&(e, key.clone())).cloned();
             let new = if delete { None } else { m.row.map(Arc::new) };
+            let bad = if delete { None } else { m.unencodable.as_ref() };
+            self.note_child_encoding(e, &key, bad, &m.data, m.event.version);
             for p in self.index_child(e, &key, prev.as_deref(), new.as_deref()) {
                 pending.defer(self.rank[parent], parent, p);
             }
@@ -889,6 +906,7 @@ impl Governor {
             time: m.event.time,
             change: m.event.change,
             tx_id: m.event.tx_id,
+            unencodable: m.unencodable,
         };
         pending.stage(self.rank[e], e, key, change);
     }
@@ -945,6 +963,7 @@ impl Governor {
                         change,
                         tx_id: s.tx_id,
                         scope: Scope::All,
+                        values: Values::Read(s.unencodable),
                     };
                     self.evaluate(
                         e,
@@ -970,6 +989,7 @@ impl Governor {
                         change: None,
                         tx_id: None,
                         scope: Scope::All,
+                        values: Values::Tracked,
                     };
                     synthetic += 1;
                     self.evaluate(
@@ -1063,6 +1083,10 @@ impl Governor {
                 continue;
             }
             if self.gov[e].child_of.is_some() || !self.gov[e].external_ids_of.is_empty() {
+                if self.gov[e].child_of.is_some() {
+                    let bad = m.unencodable.as_ref();
+                    self.note_child_encoding(e, &key, bad, &m.data, m.event.version);
+                }
                 self.observe(e, &key, m.row);
                 continue;
             }
@@ -1081,6 +1105,7 @@ impl Governor {
                     targets: targets.to_vec(),
                     force,
                 },
+                values: Values::Read(m.unencodable),
             };
             self.evaluate(
                 e,
@@ -1116,6 +1141,10 @@ impl Governor {
                 || !self.gov[e].external_ids_of.is_empty()
                 || !self.gov[e].is_governed()
             {
+                if self.gov[e].child_of.is_some() {
+                    let bad = m.unencodable.as_ref();
+                    self.note_child_encoding(e, &key, bad, &m.data, m.event.version);
+                }
                 self.observe(e, &key, m.row);
                 continue;
             }
@@ -1132,6 +1161,7 @@ impl Governor {
                     targets: Vec::new(),
                     force: false,
                 },
+                values: Values::Read(m.unencodable),
             };
             self.evaluate(
                 e,
@@ -1221,6 +1251,7 @@ impl Governor {
             change: None,
             tx_id: None,
             scope: Scope::All,
+            values: Values::Tracked,
         };
         let mut out = Vec::new();
         let mut pending = Pending::default();
@@ -1329,41 +1360,53 @@ impl Governor {
                 Err(m) => (false, format!("publish_when could not be evaluated: {m}")),
             },
         };
-        if publishable {
-            if let Some((rule, message, blocked_by)) =
-                self.validate(e, key, &doc, row.as_deref(), &input)
+        let failure = match &origin.values {
+            Values::Read(Some(bad)) => Some((ENCODING_RULE.to_string(), bad.to_string(), None)),
+            Values::Tracked
+                if self
+                    .quarantine
+                    .get(&(e, key.to_string()))
+                    .is_some_and(|q| q.rule == ENCODING_RULE && q.blocked_by.is_none()) =>
             {
-                self.set_claims(e, key, Vec::new(), deferred);
-                let entry = QuarantineEntry {
-                    entity: name.clone(),
-                    key: key.to_string(),
-                    version,
-                    rule: rule.clone(),
-                    message: message.clone(),
-                    document: Value::Object(doc),
-                    since: now_rfc3339(),
-                    blocked_by,
-                };
-                for &t in &targets {
-                    let pkey = self.published_key(t, e, key);
-                    if !self.published.contains_key(&pkey.slot())
-                        && self.withheld.insert(pkey.slot())
-                    {
-                        self.queue_published(pkey, Some(WITHHELD));
-                    }
-                }
-                self.quarantine.insert((e, key.to_string()), entry.clone());
-                self.queue_quarantine(e, key, Some(entry));
-                self.audit(
-                    e,
-                    key,
-                    version,
-                    None,
-                    "quarantined",
-                    format!("rule {rule}: {message}"),
-                );
+                // Held until a change of the record can be encoded.
                 return;
             }
+            _ if publishable => self
+                .unencodable_child(e, key)
+                .or_else(|| self.validate(e, key, &doc, row.as_deref(), &input)),
+            _ => None,
+        };
+        if let Some((rule, message, blocked_by)) = failure {
+            self.set_claims(e, key, Vec::new(), deferred);
+            let entry = QuarantineEntry {
+                entity: name.clone(),
+                key: key.to_string(),
+                version,
+                rule: rule.clone(),
+                message: message.clone(),
+                document: Value::Object(doc),
+                since: now_rfc3339(),
+                blocked_by,
+            };
+            for &t in &targets {
+                let pkey = self.published_key(t, e, key);
+                if !self.published.contains_key(&pkey.slot()) && self.withheld.insert(pkey.slot()) {
+                    self.queue_published(pkey, Some(WITHHELD));
+                }
+            }
+            self.quarantine.insert((e, key.to_string()), entry.clone());
+            self.queue_quarantine(e, key, Some(entry));
+            self.audit(
+                e,
+                key,
+                version,
+                None,
+                "quarantined",
+                format!("rule {rule}: {message}"),
+            );
+            return;
+        }
+        if publishable {
             let claims = self.claim_values(e, &doc, row.as_deref());
             self.set_claims(e, key, claims, deferred);
             self.release_from_quarantine(e, key, version, "every rule passes now");
@@ -1712,7 +1755,12 @@ impl Governor {
                 }
             }),
             Check::Range { field, min, max } => each(field, &|v| {
-                let Ok(n) = assemble::text(v).parse::<f64>() else {
+                // NaN compares false with every bound: it would pass any range.
+                let Some(n) = assemble::text(v)
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|n| !n.is_nan())
+                else {
                     return Err(format!("{field} '{}' is not a number", assemble::text(v)));
                 };
                 if min.is_some_and(|m| n < m) || max.is_some_and(|m| n > m) {
@@ -1889,6 +1937,72 @@ impl Governor {
                     .insert(id, format!("{module}.{name}"));
             }
         }
+    }
+
+    /// A child row (a line of a business object) with a value steward cannot
+    /// encode is held in quarantine under its own entity and key, which
+    /// holds its parent back (see [`Governor::unencodable_child`]); a row
+    /// that encodes (or its delete) releases it.
+    fn note_child_encoding(
+        &mut self,
+        e: usize,
+        key: &str,
+        bad: Option<&Unencodable>,
+        data: &Map<String, Value>,
+        version: u64,
+    ) {
+        let Some(bad) = bad else {
+            self.release_from_quarantine(e, key, version, "its values can be encoded now");
+            return;
+        };
+        let entry = QuarantineEntry {
+            entity: self.entities[e].name.clone(),
+            key: key.to_string(),
+            version,
+            rule: ENCODING_RULE.to_string(),
+            message: bad.to_string(),
+            document: Value::Object(data.clone()),
+            since: now_rfc3339(),
+            blocked_by: None,
+        };
+        self.quarantine.insert((e, key.to_string()), entry.clone());
+        self.queue_quarantine(e, key, Some(entry));
+        self.audit(
+            e,
+            key,
+            version,
+            None,
+            "quarantined",
+            format!("rule {ENCODING_RULE}: {bad}"),
+        );
+    }
+
+    /// The first child row of (e, key) held for a value steward cannot
+    /// encode: the business object's document would carry it, so the
+    /// object is held too, until that row changes.
+    fn unencodable_child(&self, e: usize, key: &str) -> Option<(String, String, Option<String>)> {
+        if self.quarantine.is_empty() {
+            return None;
+        }
+        for c in &self.gov[e].children {
+            let Some(keys) = self.children.get(&(c.entity, key.to_string())) else {
+                continue;
+            };
+            for k in keys {
+                if let Some(q) = self
+                    .quarantine
+                    .get(&(c.entity, k.clone()))
+                    .filter(|q| q.rule == ENCODING_RULE)
+                {
+                    return Some((
+                        ENCODING_RULE.to_string(),
+                        format!("{} {k}: {}", q.entity, q.message),
+                        Some(format!("{} {k}", q.entity)),
+                    ));
+                }
+            }
+        }
+        None
     }
 
     /// Takes a record out of quarantine, if it is there, with the reason in the audit trail.

@@ -17,6 +17,10 @@ use crate::store::governance::{AuditRecord, GovOp};
 const INT4: u32 = 23;
 const VARCHAR: u32 = 1043;
 const NUMERIC: u32 = 1700;
+const FLOAT8: u32 = 701;
+const DATE: u32 = 1082;
+const TIMESTAMP: u32 = 1114;
+const JSONB: u32 = 3802;
 
 /// The Odoo-like tables every test config maps: (table, relation id, columns).
 /// (table, relation id, (column, type oid)...).
@@ -68,6 +72,20 @@ const SCHEMA: &[Table] = &[
             ("iban", VARCHAR),
             ("company_id", INT4),
             ("note", VARCHAR),
+        ],
+    ),
+    (
+        "product_attribute",
+        14,
+        &[
+            ("id", INT4),
+            ("product_id", INT4),
+            ("name", VARCHAR),
+            ("attrs", JSONB),
+            ("weight", FLOAT8),
+            ("price", NUMERIC),
+            ("sold_on", DATE),
+            ("seen_at", TIMESTAMP),
         ],
     ),
 ];
@@ -875,6 +893,18 @@ fn a_failing_rule_quarantines_and_a_fixing_change_releases() {
             "list_price",
             Some("-1"),
             "rule 'r' failed: price -1 is outside 0..",
+        ),
+        (
+            r#"range = { field = "price", min = 0, max = 100 }"#,
+            "list_price",
+            Some("NaN"),
+            "rule 'r' failed: price 'NaN' is not a number",
+        ),
+        (
+            r#"range = { field = "price", min = 0 }"#,
+            "list_price",
+            Some("-Infinity"),
+            "rule 'r' failed: price -Infinity is outside 0..",
         ),
         (
             r#"cel = "row.name != 'bad'""#,
@@ -2165,4 +2195,353 @@ fn a_large_transaction_governed_in_pieces_sends_what_an_ordinary_one_sends() {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// 10. Values steward cannot encode.
+
+/// `attrs` nested `depth` levels deep.
+fn nested(depth: usize) -> String {
+    format!("{}1{}", "[".repeat(depth), "]".repeat(depth))
+}
+
+const ATTRIBUTES: &str = r#"
+[entities.attr]
+table = "product_attribute"
+fields = { name = "name", attrs = "attrs", weight = "weight", price = "price", sold_on = "sold_on", seen_at = "seen_at" }
+[targets.wms]
+type = "http"
+url = "http://localhost:1/"
+entities = ["attr"]
+"#;
+
+/// The same entity, tracked (its product reference is resolved), next to products.
+const TRACKED_ATTRIBUTES: &str = r#"
+[entities.product]
+table = "product_template"
+fields = { sku = "default_code" }
+[entities.attr]
+table = "product_attribute"
+fields = { name = "name", attrs = "attrs", product = { ref = "product_id", entity = "product", key = "sku" } }
+[targets.wms]
+type = "http"
+url = "http://localhost:1/"
+entities = ["product", "attr"]
+"#;
+
+fn attr<'a>(id: &'a str, attrs: &'a str) -> OwnedRow<'a> {
+    vec![
+        ("id", Some(id)),
+        ("product_id", Some("1")),
+        ("name", Some("colour")),
+        ("attrs", Some(attrs)),
+    ]
+}
+
+fn assert_held_for_encoding(h: &Harness, key: &str) {
+    let held = h.held();
+    let q = held
+        .iter()
+        .find(|q| q.0 == "attr" && q.1 == key)
+        .unwrap_or_else(|| panic!("attr {key} held: {held:?}"));
+    assert_eq!(q.2, "encoding");
+    for needed in [
+        "column 'attrs'",
+        "public.product_attribute",
+        "field 'attrs'",
+        "nested deeper than 100 levels",
+        "released by its next change",
+    ] {
+        assert!(q.3.contains(needed), "{needed} in {}", q.3);
+    }
+}
+
+#[test]
+fn a_value_steward_cannot_encode_quarantines_only_its_record() {
+    let deep = nested(200);
+    let mut h = Harness::new(ATTRIBUTES);
+    let evs = h.txn(&[
+        ("product_attribute", I, &attr("1", r#"{"a": 1}"#)),
+        ("product_attribute", I, &attr("2", &deep)),
+        (
+            "product_attribute",
+            I,
+            &[
+                ("id", Some("3")),
+                ("weight", Some("NaN")),
+                ("price", Some("-Infinity")),
+                ("sold_on", Some("0044-03-15 BC")),
+                ("seen_at", Some("10000-01-01 00:00:00")),
+            ],
+        ),
+    ]);
+    let keys: Vec<&str> = evs.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        vec!["1", "3"],
+        "the commit's other records are delivered"
+    );
+    assert_eq!(
+        evs[1].raw,
+        r#"{"name":null,"attrs":null,"weight":"NaN","price":"-Infinity","sold_on":"-0043-03-15","seen_at":"+10000-01-01T00:00:00Z"}"#
+    );
+    assert_held_for_encoding(&h, "2");
+    assert_eq!(h.held().len(), 1);
+    assert!(h.decisions().contains(&"attr 2 - quarantined".to_string()));
+    let q = h.gov.quarantined()[0].clone();
+    assert_eq!(
+        q.document,
+        json!({"name": "colour", "weight": null, "price": null, "sold_on": null, "seen_at": null}),
+        "the withheld document holds the values that could be encoded"
+    );
+
+    // Another change that cannot be encoded keeps it held; a good one releases it.
+    let evs = h.txn(&[(
+        "product_attribute",
+        U,
+        &[("id", Some("2")), ("name", Some("size"))],
+    )]);
+    assert!(evs.is_empty());
+    assert_held_for_encoding(&h, "2");
+    let evs = h.txn(&[(
+        "product_attribute",
+        U,
+        &[("id", Some("2")), ("attrs", Some("[[1]]"))],
+    )]);
+    assert_eq!(
+        brief(&evs),
+        vec![up(
+            "wms",
+            "attr",
+            "2",
+            json!({"name": "size", "attrs": [[1]], "weight": null, "price": null, "sold_on": null, "seen_at": null})
+        )]
+    );
+    assert!(h.held().is_empty());
+    assert_eq!(
+        h.decisions(),
+        vec!["attr 2 - released", "attr 2 wms delivered"]
+    );
+
+    // A delete of a held record is delivered like any other and releases it.
+    h.txn(&[(
+        "product_attribute",
+        U,
+        &[("id", Some("2")), ("attrs", Some(&deep))],
+    )]);
+    assert_held_for_encoding(&h, "2");
+    let evs = h.txn(&[("product_attribute", D, &[("id", Some("2"))])]);
+    assert_eq!(brief(&evs), vec![del("wms", "attr", "2", json!({"id": 2}))]);
+    assert!(h.held().is_empty());
+}
+
+#[test]
+fn within_one_transaction_the_records_last_change_decides_whether_it_encodes() {
+    let deep = nested(101);
+    let mut h = Harness::new(ATTRIBUTES);
+    let evs = h.txn(&[
+        ("product_attribute", I, &attr("1", &deep)),
+        (
+            "product_attribute",
+            U,
+            &[("id", Some("1")), ("attrs", Some("[1]"))],
+        ),
+        ("product_attribute", I, &attr("2", "[2]")),
+        (
+            "product_attribute",
+            U,
+            &[("id", Some("2")), ("attrs", Some(&deep))],
+        ),
+    ]);
+    assert_eq!(brief(&evs).len(), 1);
+    assert_eq!(evs[0].key, "1");
+    assert_eq!(evs[0].data["attrs"], json!([1]));
+    assert_held_for_encoding(&h, "2");
+    assert_eq!(h.held().len(), 1);
+}
+
+#[test]
+fn a_tracked_record_held_for_encoding_waits_for_a_change_of_its_own() {
+    let deep = nested(150);
+    let mut h = Harness::new(TRACKED_ATTRIBUTES);
+    h.txn(&[
+        (
+            "product_template",
+            I,
+            &[("id", Some("1")), ("default_code", Some("P_1"))],
+        ),
+        ("product_attribute", I, &attr("7", &deep)),
+    ]);
+    assert_held_for_encoding(&h, "7");
+
+    // Its product changes: the re-evaluation from the tracked row cannot
+    // tell whether the value is fixed, so it stays held (nothing sent).
+    let evs = h.txn(&[(
+        "product_template",
+        U,
+        &[("id", Some("1")), ("default_code", Some("P_2"))],
+    )]);
+    assert_eq!(
+        brief(&evs),
+        vec![up("wms", "product", "1", json!({"sku": "P_2"}))]
+    );
+    assert_held_for_encoding(&h, "7");
+
+    // An operator release re-evaluates it: still failing.
+    let released = h.gov.release("attr", "7", Lsn(0x9000), "t").unwrap();
+    assert!(released.events.is_empty());
+    assert!(released
+        .still_failing
+        .as_deref()
+        .is_some_and(|m| m.contains("nested deeper than 100 levels")));
+    assert_held_for_encoding(&h, "7");
+
+    // A change that can be encoded releases and delivers it.
+    let evs = h.txn(&[(
+        "product_attribute",
+        U,
+        &[("id", Some("7")), ("attrs", Some(r#"{"k": "v"}"#))],
+    )]);
+    assert_eq!(
+        brief(&evs),
+        vec![up(
+            "wms",
+            "attr",
+            "7",
+            json!({"name": "colour", "attrs": {"k": "v"}, "product": "P_2"})
+        )]
+    );
+    assert!(h.held().is_empty());
+}
+
+#[test]
+fn a_snapshot_row_steward_cannot_encode_is_quarantined_and_the_others_delivered() {
+    let deep = nested(200);
+    let mut h = Harness::new(ATTRIBUTES);
+    let evs = h.snapshot(
+        "attr",
+        &[&attr("1", "[1]"), &attr("2", &deep), &attr("3", "{}")],
+        Lsn(0x100),
+        &["wms"],
+        false,
+    );
+    let keys: Vec<&str> = evs.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(keys, vec!["1", "3"]);
+    assert!(evs.iter().all(|e| e.change == Some(SourceChange::Snapshot)));
+    assert_held_for_encoding(&h, "2");
+
+    // The start-up read of a tracked table decides the same, sending nothing.
+    let mut h = Harness::new(TRACKED_ATTRIBUTES);
+    h.seed("attr", &[&attr("4", &deep), &attr("5", "[5]")]);
+    assert_held_for_encoding(&h, "4");
+    assert_eq!(h.held().len(), 1);
+}
+
+#[test]
+fn a_document_at_the_depth_limit_is_delivered_and_read_back() {
+    let limit = nested(crate::model::value::MAX_JSON_DEPTH);
+    let config = r#"
+[entities.attr]
+table = "product_attribute"
+fields = { name = "name", attrs = "attrs" }
+[[entities.attr.rules]]
+name = "has_attrs"
+cel = "row.attrs != null"
+[targets.wms]
+type = "http"
+url = "http://localhost:1/"
+entities = ["attr"]
+mask = { "attr.name" = "full" }
+"#;
+    let mut h = Harness::new(config);
+    let evs = h.txn(&[("product_attribute", I, &attr("1", &limit))]);
+    assert!(h.held().is_empty(), "{:?}", h.held());
+    assert_eq!(evs.len(), 1);
+    // Inside a delivery envelope, the document still parses back.
+    let envelope = format!(r#"{{"events":[{{"data":{}}}]}}"#, evs[0].raw);
+    let back: Value = serde_json::from_str(&envelope).expect("parses within serde_json's limit");
+    assert_eq!(back["events"][0]["data"]["name"], "***");
+    // As the outbox reads an event's data back (a checked raw value).
+    assert!(serde_json::value::RawValue::from_string(envelope).is_ok());
+}
+
+#[test]
+fn a_business_object_with_a_line_steward_cannot_encode_waits_for_that_line() {
+    let mut h = Harness::new(BOM_OBJECT);
+    h.txn(&[(
+        "product_template",
+        I,
+        &[("id", Some("1")), ("default_code", Some("P_1"))],
+    )]);
+    // `product_qty` is an int4 column; this text is not an integer.
+    let evs = h.txn(&[
+        ("mrp_bom", I, &[("id", Some("10")), ("code", Some("B"))]),
+        ("mrp_bom_line", I, &line("101", "10", "1", "2")),
+        ("mrp_bom_line", I, &line("102", "10", "1", "2x")),
+        ("mrp_bom", I, &[("id", Some("11")), ("code", Some("C"))]),
+    ]);
+    assert_eq!(
+        brief(&evs),
+        vec![up("wms", "bom", "11", json!({"code": "C", "lines": []}))],
+        "the other business object is delivered"
+    );
+    let held = h.held();
+    assert_eq!(held.len(), 2, "{held:?}");
+    let line = held
+        .iter()
+        .find(|q| q.0 == "bom.lines")
+        .expect("the line is held");
+    assert_eq!((line.1.as_str(), line.2.as_str()), ("102", "encoding"));
+    assert!(
+        line.3.contains("column 'product_qty'") && line.3.contains("not an integer"),
+        "{}",
+        line.3
+    );
+    let bom = held
+        .iter()
+        .find(|q| q.0 == "bom")
+        .expect("the object is held");
+    assert_eq!((bom.1.as_str(), bom.2.as_str()), ("10", "encoding"));
+    assert!(
+        bom.3.starts_with("bom.lines 102: column 'product_qty'"),
+        "{}",
+        bom.3
+    );
+    let q = h
+        .gov
+        .quarantined()
+        .into_iter()
+        .find(|q| q.entity == "bom")
+        .unwrap()
+        .clone();
+    assert_eq!(q.blocked_by.as_deref(), Some("bom.lines 102"));
+
+    // A change of another line re-evaluates the object: still held.
+    let evs = h.txn(&[(
+        "mrp_bom_line",
+        U,
+        &[("id", Some("101")), ("product_qty", Some("3"))],
+    )]);
+    assert!(evs.is_empty(), "{evs:?}");
+    assert_eq!(h.held().len(), 2);
+
+    // The line is fixed: both released, the object delivered in full.
+    let evs = h.txn(&[(
+        "mrp_bom_line",
+        U,
+        &[("id", Some("102")), ("product_qty", Some("4"))],
+    )]);
+    assert_eq!(
+        brief(&evs),
+        vec![up(
+            "wms",
+            "bom",
+            "10",
+            json!({"code": "B", "lines": [
+                {"qty": 3, "product": "P_1", "id": 101},
+                {"qty": 4, "product": "P_1", "id": 102},
+            ]})
+        )]
+    );
+    assert!(h.held().is_empty(), "{:?}", h.held());
 }

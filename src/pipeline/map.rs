@@ -30,14 +30,6 @@ pub enum PipelineError {
         table: String,
         relation_id: u32,
     },
-    #[error("entity '{entity}', table {table}, column '{column}' at commit {lsn}: {problem}")]
-    BadValue {
-        entity: String,
-        table: String,
-        column: String,
-        lsn: Lsn,
-        problem: String,
-    },
     #[error("entity '{entity}': a {op} on {table} at commit {lsn} did not carry the key columns {key:?}; set the table's REPLICA IDENTITY to its primary key (the default) or FULL")]
     MissingKey {
         entity: String,
@@ -57,6 +49,34 @@ pub struct ToastFill {
 
 fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A mapped column whose value steward cannot encode (a `jsonb` document
+/// nested too deep, text that is not what the column's type prints). The
+/// change still maps, without that field: the governor holds the record in
+/// quarantine (rule [`ENCODING_RULE`]) instead of delivering it, so one bad
+/// value never stops the other records. The value itself is never part of
+/// it (it may be personal data).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Unencodable {
+    pub table: String,
+    pub column: String,
+    /// The field the column maps to.
+    pub field: String,
+    pub problem: String,
+}
+
+/// The quarantine rule of records with a value steward cannot encode.
+pub const ENCODING_RULE: &str = "encoding";
+
+impl std::fmt::Display for Unencodable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "column '{}' of {} (field '{}') cannot be delivered: {}; the record is released by its next change with a value steward can encode",
+            self.column, self.table, self.field, self.problem
+        )
+    }
 }
 
 /// An event and the entity it belongs to (which decides the targets).
@@ -79,18 +99,24 @@ pub struct Mapped {
     pub data: Map<String, Value>,
     pub row: Option<Map<String, Value>>,
     pub old: Option<Map<String, Value>>,
+    /// The first mapped column of this change steward could not encode
+    /// (left out of `data`): the governor quarantines the record.
+    pub unencodable: Option<Unencodable>,
 }
 
 impl Mapped {
     /// Folds a later change of the same record in the same transaction into
     /// this one: the final state and the last change's id, the first
-    /// change's kind and old row.
+    /// change's kind and old row. Whether a value cannot be encoded is a
+    /// property of the final state too: a later good change supersedes a
+    /// bad one, a later bad one makes the record bad.
     pub fn fold(&mut self, later: Mapped) {
         self.op = later.op;
         self.index = later.index;
         self.event = later.event;
         self.data = later.data;
         self.row = later.row;
+        self.unencodable = later.unencodable;
         if self.old.is_none() && self.first_op != ChangeOp::Insert {
             self.old = later.old;
         }
@@ -381,6 +407,7 @@ impl Pipeline {
         };
         for plan in &relation.plans {
             let entity = &self.entities[plan.entity];
+            let mut unencodable = None;
             let (event, data) = match change.op {
                 ChangeOp::Insert | ChangeOp::Update => {
                     let Some(new) = change.new.as_deref() else {
@@ -397,27 +424,29 @@ impl Pipeline {
                     })?;
                     let mut data = Map::with_capacity(plan.fields.len());
                     for field in &plan.fields {
-                        let mut value = self.field_value(
-                            new,
-                            change.old.as_deref(),
-                            &field.source,
-                            entity,
-                            relation,
-                            commit_lsn,
-                        )?;
-                        if value.is_null() {
-                            if let Some(fallback) = &field.fallback {
-                                value = self.field_value(
-                                    new,
-                                    change.old.as_deref(),
-                                    fallback,
-                                    entity,
-                                    relation,
-                                    commit_lsn,
-                                )?;
+                        let old = change.old.as_deref();
+                        let converted = match field_value(new, old, &field.source) {
+                            Ok(v) if v.is_null() => match &field.fallback {
+                                Some(fallback) => field_value(new, old, fallback)
+                                    .map_err(|problem| (fallback, problem)),
+                                None => Ok(v),
+                            },
+                            Ok(v) => Ok(v),
+                            Err(problem) => Err((&field.source, problem)),
+                        };
+                        match converted {
+                            Ok(value) => {
+                                data.insert(field.name.clone(), value);
+                            }
+                            Err((source, problem)) => {
+                                unencodable.get_or_insert_with(|| Unencodable {
+                                    table: relation.table.clone(),
+                                    column: source.name.clone(),
+                                    field: field.name.clone(),
+                                    problem,
+                                });
                             }
                         }
-                        data.insert(field.name.clone(), value);
                     }
                     let event = Event {
                         change: Some(if change.op == ChangeOp::Insert {
@@ -451,10 +480,13 @@ impl Pipeline {
                     })?;
                     let mut data = Map::with_capacity(plan.key_fields.len());
                     for (name, column, type_oid) in &plan.key_fields {
+                        // A delete must reach the targets: a key value that
+                        // does not convert goes as its text (the event's key).
                         let value = match old.get(*column) {
-                            Some(TupleValue::Text(bytes)) => {
-                                convert(*type_oid, bytes, &[], entity, relation, name, commit_lsn)?
-                            }
+                            Some(TupleValue::Text(bytes)) => text_to_json(*type_oid, bytes)
+                                .unwrap_or_else(|_| {
+                                    Value::String(String::from_utf8_lossy(bytes).into_owned())
+                                }),
                             _ => Value::Null,
                         };
                         data.insert(name.clone(), value);
@@ -496,68 +528,34 @@ impl Pipeline {
                 data,
                 row,
                 old: old_row,
+                unencodable,
             });
         }
         Ok(())
     }
-
-    fn field_value(
-        &self,
-        new: &[TupleValue],
-        old: Option<&[TupleValue]>,
-        source: &ResolvedSource,
-        entity: &EntityConfig,
-        relation: &RelationPlan,
-        lsn: Lsn,
-    ) -> Result<Value, PipelineError> {
-        let raw = match new.get(source.column) {
-            Some(TupleValue::UnchangedToast) => old.and_then(|o| o.get(source.column)),
-            other => other,
-        };
-        let value = match raw {
-            Some(TupleValue::Text(bytes)) => convert(
-                source.type_oid,
-                bytes,
-                &source.path,
-                entity,
-                relation,
-                &source.name,
-                lsn,
-            )?,
-            Some(TupleValue::UnchangedToast) => {
-                return Err(PipelineError::BadValue {
-                    entity: entity.name.clone(),
-                    table: relation.table.clone(),
-                    column: source.name.clone(),
-                    lsn,
-                    problem: "the value is TOASTed and unchanged by this update, and the server did not send it; \
-                              set REPLICA IDENTITY FULL on the table so the old row carries it"
-                        .to_string(),
-                });
-            }
-            _ => Value::Null,
-        };
-        Ok(value)
-    }
 }
 
-#[allow(clippy::too_many_arguments)] // the error names all of them
-fn convert(
-    type_oid: u32,
-    bytes: &[u8],
-    path: &[String],
-    entity: &EntityConfig,
-    relation: &RelationPlan,
-    column: &str,
-    lsn: Lsn,
-) -> Result<Value, PipelineError> {
-    text_to_json_at(type_oid, bytes, path).map_err(|e| PipelineError::BadValue {
-        entity: entity.name.clone(),
-        table: relation.table.clone(),
-        column: column.to_string(),
-        lsn,
-        problem: e.to_string(),
-    })
+/// The value of one source column of a change, or why it cannot be encoded.
+fn field_value(
+    new: &[TupleValue],
+    old: Option<&[TupleValue]>,
+    source: &ResolvedSource,
+) -> Result<Value, String> {
+    let raw = match new.get(source.column) {
+        Some(TupleValue::UnchangedToast) => old.and_then(|o| o.get(source.column)),
+        other => other,
+    };
+    match raw {
+        Some(TupleValue::Text(bytes)) => {
+            text_to_json_at(source.type_oid, bytes, &source.path).map_err(|e| e.to_string())
+        }
+        Some(TupleValue::UnchangedToast) => Err(
+            "the value is TOASTed and unchanged by this update, and the server did not send it; \
+             set REPLICA IDENTITY FULL on the table so the old row carries it"
+                .to_string(),
+        ),
+        _ => Ok(Value::Null),
+    }
 }
 
 fn key_text(tuple: &[TupleValue], key_columns: &[usize]) -> Option<String> {
@@ -633,7 +631,7 @@ mod tests {
     }
 
     #[test]
-    fn a_value_that_does_not_convert_names_the_commit_lsn() {
+    fn a_value_that_does_not_convert_marks_the_record_and_maps_the_rest() {
         let text = r#"
 [source]
 url = "postgres://steward@localhost/odoo"
@@ -654,7 +652,7 @@ entities = ["product"]
             .is_empty());
         let mut out = Vec::new();
         // `id` is an int4 column; these bytes are not an integer.
-        let e = pipeline
+        pipeline
             .map_change(
                 &insert(&["12x", "B1"]),
                 Lsn(0x1_6B37_4800),
@@ -662,12 +660,42 @@ entities = ["product"]
                 "t",
                 &mut out,
             )
-            .unwrap_err();
-        let message = e.to_string();
-        for needed in ["'product'", "'id'", "at commit 1/6B374800"] {
+            .unwrap();
+        pipeline
+            .map_change(&insert(&["13", "B2"]), Lsn(0x1_6B37_4800), 1, "t", &mut out)
+            .unwrap();
+        assert_eq!(out.len(), 2);
+        let bad = out[0].unencodable.as_ref().expect("marked");
+        assert_eq!(
+            (bad.column.as_str(), bad.field.as_str(), bad.table.as_str()),
+            ("id", "number", "public.product_template")
+        );
+        let message = bad.to_string();
+        for needed in ["'id'", "public.product_template", "not an integer"] {
             assert!(message.contains(needed), "{needed} in {message}");
         }
-        assert!(out.is_empty());
+        assert!(
+            !message.contains("12x"),
+            "the value is not quoted: {message}"
+        );
+        assert_eq!(out[0].event.key, "12x");
+        assert_eq!(out[0].data.get("sku"), Some(&Value::from("B1")));
+        assert!(!out[0].data.contains_key("number"));
+        assert!(out[1].unencodable.is_none());
+
+        // Folding: the last change of the record decides.
+        let mut first = out.remove(0);
+        let good = out.remove(0);
+        first.fold(good);
+        assert!(first.unencodable.is_none());
+        pipeline
+            .map_change(&insert(&["1y", "B3"]), Lsn(0x1_6B37_4800), 2, "t", &mut out)
+            .unwrap();
+        first.fold(out.remove(0));
+        assert_eq!(
+            first.unencodable.as_ref().map(|u| u.column.as_str()),
+            Some("id")
+        );
     }
 
     #[test]

@@ -14,5 +14,5 @@ pub mod reference;
 mod snapshot_row;
 
 pub use govern::Governor;
-pub use map::{Mapped, Pipeline, PipelineError, ToastFill};
+pub use map::{Mapped, Pipeline, PipelineError, ToastFill, Unencodable, ENCODING_RULE};
 pub use snapshot_row::{snapshot_id, snapshot_mapped, snapshot_version};
