@@ -19,6 +19,7 @@ use crate::pipeline::{snapshot_mapped, Governor, Pipeline};
 use crate::source::snapshot as source_snapshot;
 use crate::source::wire;
 use crate::store::audit::AuditFilter;
+use crate::store::backup::BackupReport;
 use crate::store::governance::{AuditRecord, GovDelta, QuarantineEntry};
 use crate::store::Store;
 
@@ -44,6 +45,12 @@ pub enum Request {
         since_micros: Option<i64>,
         limit: Option<usize>,
     },
+    /// `steward backup`: a consistent copy of the state file at `dest` (absolute).
+    Backup {
+        dest: PathBuf,
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -53,6 +60,8 @@ pub struct Response {
     pub audit: Vec<AuditRecord>,
     /// For a release: what happened.
     pub message: Option<String>,
+    #[serde(default)]
+    pub backup: Option<BackupReport>,
 }
 
 pub fn requests_dir(config: &Config) -> PathBuf {
@@ -261,6 +270,27 @@ pub fn handle_requests(
             .map_err(|e| e.to_string())
             .and_then(|b| serde_json::from_slice::<Request>(&b).map_err(|e| e.to_string()))
         {
+            Ok(Request::Backup { dest, force }) => {
+                // Taken at once (the command line then waits as long as the
+                // copy takes); copied on a thread of its own so that the loop
+                // waits only where it needs the state file during the copy.
+                let _ = std::fs::remove_file(&path);
+                let store = store.clone();
+                let resp = path.with_extension("resp");
+                let spawned = std::thread::Builder::new()
+                    .name("steward-backup".into())
+                    .spawn(move || write_response(&resp, &backup(&store, &dest, force)));
+                if let Err(e) = spawned {
+                    write_response(
+                        &path.with_extension("resp"),
+                        &Response {
+                            error: Some(format!("cannot start the backup: {e}")),
+                            ..Response::default()
+                        },
+                    );
+                }
+                continue;
+            }
             Ok(req) => answer(store, governor, version, req, &mut events),
             Err(e) => Response {
                 error: Some(format!("unreadable request: {e}")),
@@ -271,6 +301,34 @@ pub fn handle_requests(
         write_response(&path.with_extension("resp"), &response);
     }
     events
+}
+
+/// Runs a backup and logs its outcome.
+pub fn backup(store: &Store, dest: &Path, force: bool) -> Response {
+    let started = std::time::Instant::now();
+    match store.backup_to(dest, force) {
+        Ok(report) => {
+            tracing::info!(
+                path = %report.path.display(),
+                bytes = report.bytes,
+                checkpoint = report.checkpoint.as_deref().unwrap_or("none"),
+                seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+                "backup of the state file written"
+            );
+            Response {
+                backup: Some(report),
+                ..Response::default()
+            }
+        }
+        Err(e) => {
+            let error = format!("{e:#}");
+            tracing::warn!(path = %dest.display(), error = %error, "backup of the state file failed");
+            Response {
+                error: Some(error),
+                ..Response::default()
+            }
+        }
+    }
 }
 
 fn write_response(path: &Path, response: &Response) {
@@ -345,6 +403,7 @@ pub fn answer(
             Ok(list) => r.audit = list,
             Err(e) => r.error = Some(e.to_string()),
         },
+        Request::Backup { dest, force } => r = backup(store, &dest, force),
     }
     r
 }
