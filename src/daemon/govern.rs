@@ -116,10 +116,18 @@ pub async fn seed_state(
     store: &Store,
     governor: &mut Governor,
 ) -> anyhow::Result<()> {
+    // After a restored backup every tracked table is read again and records
+    // gone from it are governed as deleted (see `daemon::setup`).
+    let repair = store
+        .get_meta(crate::daemon::setup::RESTORE_REPAIR_META)?
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Lsn);
     let mut todo = Vec::new();
     for e in governor.seed_order() {
         let name = &governor.entity_config(e).name;
-        if store.get_meta(&format!("{SEEDED_META}{name}"))?.as_deref() != Some("1") {
+        if repair.is_some()
+            || store.get_meta(&format!("{SEEDED_META}{name}"))?.as_deref() != Some("1")
+        {
             todo.push(e);
         }
     }
@@ -130,6 +138,7 @@ pub async fn seed_state(
         .await
         .with_context(|| format!("cannot connect to the source {}", config.source.url_display))?;
     let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let mut complete = true;
     for e in todo {
         let entity = governor.entity_config(e).clone();
         let context = || {
@@ -139,9 +148,14 @@ pub async fn seed_state(
                 entity.name
             )
         };
+        let mut present = std::collections::HashSet::new();
+        let prune = repair.is_some() && governor.seed_filter(e).is_none();
         let read = match governor.seed_filter(e) {
             Some(filter) => seed_filtered(config, governor, e, &filter).await,
-            None => seed_entity(config, &reader, governor, e, &time).await,
+            None => {
+                let keys = prune.then_some(&mut present);
+                seed_entity(config, &reader, governor, e, &time, keys).await
+            }
         };
         let rows = match read.with_context(context) {
             Ok(rows) => rows,
@@ -150,13 +164,37 @@ pub async fn seed_state(
                 // it; the read is tried again at the next start.
                 tracing::error!(error = %format!("{error:#}"), "cannot read a table into steward's governance state; records of it that steward has not seen change are unknown to governance until the next start");
                 let _ = governor.take_delta();
+                complete = false;
                 continue;
             }
         };
+        let mut events = Vec::new();
+        if let (true, Some(version)) = (prune, repair) {
+            let (deletes, gone) = governor.prune_absent(e, &present, version, &time);
+            if gone > 0 {
+                tracing::warn!(
+                    entity = %entity.name,
+                    records = gone,
+                    deletes = deletes.len(),
+                    "records in the restored state file no longer exist in the database: governed as deleted"
+                );
+            }
+            events = deletes;
+        }
         let delta = governor.take_delta();
-        tokio::task::block_in_place(|| store.apply_governance(&[], &delta))?;
+        let appends: Vec<(&str, &Event)> = events
+            .iter()
+            .map(|(t, ev)| (config.targets[*t].name.as_str(), ev))
+            .collect();
+        tokio::task::block_in_place(|| store.apply_governance(&appends, &delta))?;
         store.set_meta(&format!("{SEEDED_META}{}", entity.name), "1")?;
         tracing::info!(entity = %entity.name, rows, "read the table into steward's governance state");
+    }
+    if repair.is_some() && complete {
+        store.set_meta(crate::daemon::setup::RESTORE_REPAIR_META, "")?;
+        tracing::info!(
+            "the governance state of the restored state file matches the database again"
+        );
     }
     Ok(())
 }
@@ -168,6 +206,7 @@ async fn seed_entity(
     governor: &mut Governor,
     e: usize,
     time: &str,
+    mut present: Option<&mut std::collections::HashSet<String>>,
 ) -> anyhow::Result<usize> {
     let mut read = super::snapshot::table_read(config, e);
     let entity = governor.entity_config(e).clone();
@@ -210,6 +249,9 @@ async fn seed_entity(
         let mut mapped = Vec::with_capacity(rows.len());
         for row in &rows {
             if let Some(m) = snapshot_mapped(&pipeline, relation.id, e, row, Lsn::ZERO, time)? {
+                if let Some(keys) = present.as_deref_mut() {
+                    keys.insert(m.event.key.clone());
+                }
                 mapped.push(m);
             }
         }
