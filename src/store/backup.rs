@@ -53,6 +53,12 @@ impl Store {
     /// fsynced, renamed into place), verifies that it opens as a state file
     /// and reports its checkpoint. An existing `dest` is refused unless `force`.
     pub fn backup_to(&self, dest: &Path, force: bool) -> anyhow::Result<BackupReport> {
+        if same_file(self.path(), dest) {
+            bail!(
+                "{} is the state file itself; give the backup another path",
+                dest.display()
+            );
+        }
         refuse_existing(dest, force)?;
         let tmp = tmp_path(dest);
         // A leftover of an interrupted backup: never a file anyone relies on.
@@ -186,6 +192,21 @@ fn refuse_existing(dest: &Path, force: bool) -> anyhow::Result<()> {
     }
 }
 
+/// Whether `dest` names the file at `state` (through any spelling of its directory).
+fn same_file(state: &Path, dest: &Path) -> bool {
+    let resolve = |p: &Path| -> Option<PathBuf> {
+        let dir = match p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(d) => d.to_path_buf(),
+            None => PathBuf::from("."),
+        };
+        Some(std::fs::canonicalize(dir).ok()?.join(p.file_name()?))
+    };
+    match (resolve(state), resolve(dest)) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
+}
+
 fn tmp_path(dest: &Path) -> PathBuf {
     let mut name = dest
         .file_name()
@@ -263,5 +284,10 @@ mod tests {
         assert_eq!(std::fs::read(&dest).unwrap(), b"precious");
         store.backup_to(&dest, true).unwrap();
         assert_ne!(std::fs::read(&dest).unwrap(), b"precious");
+        // Never over the live file, however it is spelled.
+        let live = dir.path().join(".").join("s.redb");
+        let e = store.backup_to(&live, true).unwrap_err();
+        assert!(e.to_string().contains("state file itself"), "{e}");
+        assert!(store.checkpoint().is_ok());
     }
 }
