@@ -24,7 +24,20 @@ pub fn request(config: &Config, req: Request) -> anyhow::Result<Response> {
     }
 }
 
+/// How long a running daemon may take to pick up a request (it looks every second).
+const PICK_UP: Duration = Duration::from_secs(15);
+
 fn via_daemon(config: &Config, req: &Request) -> anyhow::Result<Response> {
+    via_daemon_within(config, req, PICK_UP)
+}
+
+/// Hands `req` to the running daemon; once it has taken the request, waits
+/// up to `work` (from the start) for the answer.
+pub fn via_daemon_within(
+    config: &Config,
+    req: &Request,
+    work: Duration,
+) -> anyhow::Result<Response> {
     let dir = requests_dir(config);
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create the request directory {}", dir.display()))?;
@@ -39,18 +52,28 @@ fn via_daemon(config: &Config, req: &Request) -> anyhow::Result<Response> {
     std::fs::rename(&tmp, &path)?;
     let resp = dir.join(format!("{id}.resp"));
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(15) {
+    loop {
         if let Ok(bytes) = std::fs::read(&resp) {
             let _ = std::fs::remove_file(&resp);
             return Ok(serde_json::from_slice(&bytes)?);
         }
+        let waiting = path.exists();
+        if waiting && start.elapsed() > PICK_UP {
+            let _ = std::fs::remove_file(&path);
+            bail!(
+                "the state file is in use but no daemon answered within {} s; is `steward run` for {} healthy?",
+                PICK_UP.as_secs(),
+                config.state.path.display()
+            )
+        }
+        if !waiting && start.elapsed() > work.max(PICK_UP) {
+            bail!(
+                "the daemon took the request but did not answer within {} s; see its log",
+                work.as_secs()
+            )
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = std::fs::remove_file(&path);
-    bail!(
-        "the state file is in use but no daemon answered within 15 s; is `steward run` for {} healthy?",
-        config.state.path.display()
-    )
 }
 
 /// `--since`: RFC 3339, a date (YYYY-MM-DD, UTC midnight), or a duration back from now (30m, 12h, 7d).

@@ -1,7 +1,8 @@
-//! The command line: `steward run | check-config | status | reset | dlq | flush | quarantine | audit | setup-sql | demo`.
+//! The command line: `steward run | check-config | status | backup | reset | dlq | flush | quarantine | audit | setup-sql | demo`.
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
 
+mod backup;
 mod demo;
 mod dlq;
 mod governance;
@@ -56,6 +57,20 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
         /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write a consistent copy of the state file to DEST (through the running daemon, or directly when it is stopped).
+    Backup {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// Where to write the copy (mode 0600); refused if it exists, unless --force.
+        #[arg(value_name = "DEST")]
+        dest: PathBuf,
+        /// Replace an existing DEST.
+        #[arg(long)]
+        force: bool,
+        /// Print the report as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -255,6 +270,12 @@ pub fn main() -> ExitCode {
             };
             run_blocking(status::run(config, json))
         }
+        Command::Backup {
+            config,
+            dest,
+            force,
+            json,
+        } => backup::command(&config, &dest, force, json),
         Command::SetupSql { config } => match Config::load(&config) {
             Ok(c) => {
                 out::text(&setup_sql::script(&c));

@@ -296,7 +296,9 @@ fn print_snapshots(r: &Report) {
             crate::store::SnapshotPhase::Running => "running",
             crate::store::SnapshotPhase::Done => "done",
         };
-        let kind = if s.reevaluate {
+        let kind = if s.restore {
+            "repair    "
+        } else if s.reevaluate {
             "reevaluate"
         } else {
             "snapshot  "

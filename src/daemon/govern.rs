@@ -19,6 +19,7 @@ use crate::pipeline::{snapshot_mapped, Governor, Pipeline};
 use crate::source::snapshot as source_snapshot;
 use crate::source::wire;
 use crate::store::audit::AuditFilter;
+use crate::store::backup::BackupReport;
 use crate::store::governance::{AuditRecord, GovDelta, QuarantineEntry};
 use crate::store::Store;
 
@@ -44,6 +45,12 @@ pub enum Request {
         since_micros: Option<i64>,
         limit: Option<usize>,
     },
+    /// `steward backup`: a consistent copy of the state file at `dest` (absolute).
+    Backup {
+        dest: PathBuf,
+        #[serde(default)]
+        force: bool,
+    },
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -53,6 +60,8 @@ pub struct Response {
     pub audit: Vec<AuditRecord>,
     /// For a release: what happened.
     pub message: Option<String>,
+    #[serde(default)]
+    pub backup: Option<BackupReport>,
 }
 
 pub fn requests_dir(config: &Config) -> PathBuf {
@@ -107,10 +116,18 @@ pub async fn seed_state(
     store: &Store,
     governor: &mut Governor,
 ) -> anyhow::Result<()> {
+    // After a restored backup every tracked table is read again and records
+    // gone from it are governed as deleted (see `daemon::setup`).
+    let repair = store
+        .get_meta(crate::daemon::setup::RESTORE_REPAIR_META)?
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(Lsn);
     let mut todo = Vec::new();
     for e in governor.seed_order() {
         let name = &governor.entity_config(e).name;
-        if store.get_meta(&format!("{SEEDED_META}{name}"))?.as_deref() != Some("1") {
+        if repair.is_some()
+            || store.get_meta(&format!("{SEEDED_META}{name}"))?.as_deref() != Some("1")
+        {
             todo.push(e);
         }
     }
@@ -121,6 +138,7 @@ pub async fn seed_state(
         .await
         .with_context(|| format!("cannot connect to the source {}", config.source.url_display))?;
     let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let mut complete = true;
     for e in todo {
         let entity = governor.entity_config(e).clone();
         let context = || {
@@ -130,9 +148,14 @@ pub async fn seed_state(
                 entity.name
             )
         };
+        let mut present = std::collections::HashSet::new();
+        let prune = repair.is_some() && governor.seed_filter(e).is_none();
         let read = match governor.seed_filter(e) {
             Some(filter) => seed_filtered(config, governor, e, &filter).await,
-            None => seed_entity(config, &reader, governor, e, &time).await,
+            None => {
+                let keys = prune.then_some(&mut present);
+                seed_entity(config, &reader, governor, e, &time, keys).await
+            }
         };
         let rows = match read.with_context(context) {
             Ok(rows) => rows,
@@ -141,13 +164,37 @@ pub async fn seed_state(
                 // it; the read is tried again at the next start.
                 tracing::error!(error = %format!("{error:#}"), "cannot read a table into steward's governance state; records of it that steward has not seen change are unknown to governance until the next start");
                 let _ = governor.take_delta();
+                complete = false;
                 continue;
             }
         };
+        let mut events = Vec::new();
+        if let (true, Some(version)) = (prune, repair) {
+            let (deletes, gone) = governor.prune_absent(e, &present, version, &time);
+            if gone > 0 {
+                tracing::warn!(
+                    entity = %entity.name,
+                    records = gone,
+                    deletes = deletes.len(),
+                    "records in the restored state file no longer exist in the database: governed as deleted"
+                );
+            }
+            events = deletes;
+        }
         let delta = governor.take_delta();
-        tokio::task::block_in_place(|| store.apply_governance(&[], &delta))?;
+        let appends: Vec<(&str, &Event)> = events
+            .iter()
+            .map(|(t, ev)| (config.targets[*t].name.as_str(), ev))
+            .collect();
+        tokio::task::block_in_place(|| store.apply_governance(&appends, &delta))?;
         store.set_meta(&format!("{SEEDED_META}{}", entity.name), "1")?;
         tracing::info!(entity = %entity.name, rows, "read the table into steward's governance state");
+    }
+    if repair.is_some() && complete {
+        store.set_meta(crate::daemon::setup::RESTORE_REPAIR_META, "")?;
+        tracing::info!(
+            "the governance state of the restored state file matches the database again"
+        );
     }
     Ok(())
 }
@@ -159,6 +206,7 @@ async fn seed_entity(
     governor: &mut Governor,
     e: usize,
     time: &str,
+    mut present: Option<&mut std::collections::HashSet<String>>,
 ) -> anyhow::Result<usize> {
     let mut read = super::snapshot::table_read(config, e);
     let entity = governor.entity_config(e).clone();
@@ -201,6 +249,9 @@ async fn seed_entity(
         let mut mapped = Vec::with_capacity(rows.len());
         for row in &rows {
             if let Some(m) = snapshot_mapped(&pipeline, relation.id, e, row, Lsn::ZERO, time)? {
+                if let Some(keys) = present.as_deref_mut() {
+                    keys.insert(m.event.key.clone());
+                }
                 mapped.push(m);
             }
         }
@@ -261,6 +312,27 @@ pub fn handle_requests(
             .map_err(|e| e.to_string())
             .and_then(|b| serde_json::from_slice::<Request>(&b).map_err(|e| e.to_string()))
         {
+            Ok(Request::Backup { dest, force }) => {
+                // Taken at once (the command line then waits as long as the
+                // copy takes); copied on a thread of its own so that the loop
+                // waits only where it needs the state file during the copy.
+                let _ = std::fs::remove_file(&path);
+                let store = store.clone();
+                let resp = path.with_extension("resp");
+                let spawned = std::thread::Builder::new()
+                    .name("steward-backup".into())
+                    .spawn(move || write_response(&resp, &backup(&store, &dest, force)));
+                if let Err(e) = spawned {
+                    write_response(
+                        &path.with_extension("resp"),
+                        &Response {
+                            error: Some(format!("cannot start the backup: {e}")),
+                            ..Response::default()
+                        },
+                    );
+                }
+                continue;
+            }
             Ok(req) => answer(store, governor, version, req, &mut events),
             Err(e) => Response {
                 error: Some(format!("unreadable request: {e}")),
@@ -271,6 +343,34 @@ pub fn handle_requests(
         write_response(&path.with_extension("resp"), &response);
     }
     events
+}
+
+/// Runs a backup and logs its outcome.
+pub fn backup(store: &Store, dest: &Path, force: bool) -> Response {
+    let started = std::time::Instant::now();
+    match store.backup_to(dest, force) {
+        Ok(report) => {
+            tracing::info!(
+                path = %report.path.display(),
+                bytes = report.bytes,
+                checkpoint = report.checkpoint.as_deref().unwrap_or("none"),
+                seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+                "backup of the state file written"
+            );
+            Response {
+                backup: Some(report),
+                ..Response::default()
+            }
+        }
+        Err(e) => {
+            let error = format!("{e:#}");
+            tracing::warn!(path = %dest.display(), error = %error, "backup of the state file failed");
+            Response {
+                error: Some(error),
+                ..Response::default()
+            }
+        }
+    }
 }
 
 fn write_response(path: &Path, response: &Response) {
@@ -345,6 +445,7 @@ pub fn answer(
             Ok(list) => r.audit = list,
             Err(e) => r.error = Some(e.to_string()),
         },
+        Request::Backup { dest, force } => r = backup(store, &dest, force),
     }
     r
 }

@@ -11,6 +11,8 @@ use crate::pipeline::Pipeline;
 use crate::source::slot;
 use crate::source::snapshot::{self as source_snapshot, SnapshotReader};
 use crate::source::wire::{self, ReplicationClient, SnapshotAction};
+use crate::store::backup::{BackupMark, BACKUP_META};
+use crate::store::governance::{AuditRecord, GovDelta, GovOp};
 use crate::store::Store;
 
 pub struct Prepared {
@@ -26,6 +28,11 @@ pub const RESET_ALL_META: &str = "reset_all";
 const SEEN_META: &str = "snapshot.seen:";
 /// Meta key: this state file tracks which targets were initialised.
 const TRACKING_META: &str = "snapshot.tracking";
+/// Meta key: the governance state of a restored backup is still to be read
+/// again from the tables (see `govern::seed_state`); holds the slot's
+/// confirmed position at the restore, the version of the deletes it sends.
+/// Empty once done.
+pub const RESTORE_REPAIR_META: &str = "restore.repair";
 
 pub async fn prepare(
     config: &Config,
@@ -133,6 +140,9 @@ pub async fn prepare(
                 confirmed_flush = ?info.confirmed_flush_lsn.map(|l| l.to_string()),
                 "using existing replication slot"
             );
+            if !reset_all {
+                plan_restore_repair(config, store, info.confirmed_flush_lsn)?;
+            }
         }
         None => {
             if let Some(checkpoint) = checkpoint {
@@ -170,6 +180,10 @@ pub async fn prepare(
         }
     }
     drop(replication);
+    // Planned (or not needed): the mark has done its work.
+    if store.get_meta(BACKUP_META)?.is_some_and(|m| !m.is_empty()) {
+        store.set_meta(BACKUP_META, "")?;
+    }
     if reset_all {
         store.set_meta(RESET_ALL_META, "0")?;
     }
@@ -187,6 +201,68 @@ pub async fn prepare(
             .map_or(Lsn::ZERO, |r: &SnapshotReader| r.consistent),
         initial_snapshot,
     })
+}
+
+/// A state file restored from a backup (`steward backup` marks its copies)
+/// whose checkpoint is behind the slot's confirmed position: the server
+/// never sends again what it confirmed, so the changes in between, and the
+/// deliveries of them, are unknown to this state. The targets are repaired
+/// from the tables: every tracked table is read again into the governance
+/// state, records gone from it are governed as deleted
+/// (`govern::seed_state`), and every target gets a governed snapshot of
+/// every entity it receives.
+fn plan_restore_repair(
+    config: &Config,
+    store: &Store,
+    confirmed: Option<Lsn>,
+) -> anyhow::Result<()> {
+    let Some(mark) = store.get_meta(BACKUP_META)?.filter(|m| !m.is_empty()) else {
+        return Ok(());
+    };
+    let mark: Option<BackupMark> = serde_json::from_str(&mark).ok();
+    let taken_at = mark
+        .as_ref()
+        .map_or("an unknown time", |m| m.taken_at.as_str());
+    let checkpoint = store.checkpoint()?.unwrap_or(Lsn::ZERO);
+    let Some(confirmed) = confirmed.filter(|c| *c > checkpoint) else {
+        tracing::info!(
+            taken_at,
+            checkpoint = %checkpoint,
+            "the state file is a restored backup and the slot has not moved past it: nothing to repair"
+        );
+        return Ok(());
+    };
+    tracing::warn!(
+        taken_at,
+        checkpoint = %checkpoint,
+        slot = %config.source.slot,
+        confirmed_flush = %confirmed,
+        "the state file is older than the replication slot (a restored backup): the changes in \
+         between cannot be streamed again; every record is read again from the database and sent \
+         to every target (governed), and records deleted meanwhile are deleted on the targets"
+    );
+    let now = chrono::Utc::now().timestamp_micros();
+    let mut delta = GovDelta::default();
+    for target in &config.targets {
+        store.begin_restore_repair(&target.name, &target.entities)?;
+        for entity in &target.entities {
+            delta.ops.push(GovOp::Audit(AuditRecord {
+                time_micros: now,
+                entity: entity.clone(),
+                key: "*".into(),
+                version: confirmed.0,
+                target: Some(target.name.clone()),
+                decision: "restore_repair".into(),
+                detail: format!(
+                    "state file restored from a backup taken {taken_at} (checkpoint {checkpoint}); \
+                     the slot had confirmed {confirmed}: every record is read again and sent"
+                ),
+            }));
+        }
+    }
+    store.apply_governance(&[], &delta)?;
+    store.set_meta(RESTORE_REPAIR_META, &confirmed.0.to_string())?;
+    Ok(())
 }
 
 /// Meta key prefix: the configuration fingerprint of a (target, entity).

@@ -583,6 +583,9 @@ pub struct SnapshotStatusLine {
     /// A governed re-read after a configuration change, not a snapshot.
     #[serde(default)]
     pub reevaluate: bool,
+    /// Sending every record again after a restored backup.
+    #[serde(default)]
+    pub restore: bool,
 }
 
 impl From<&SnapshotJob> for SnapshotStatusLine {
@@ -600,6 +603,7 @@ impl From<&SnapshotJob> for SnapshotStatusLine {
             finished_at: j.finished_at.clone(),
             last_error: j.last_error.clone(),
             reevaluate: j.reevaluate,
+            restore: j.restore,
         }
     }
 }

@@ -1179,6 +1179,72 @@ impl Governor {
         debug_assert!(out.is_empty());
     }
 
+    /// Forgets the tracked records of `entity` that are not in `present`
+    /// (every key read from its table just now, after a restored backup):
+    /// each is governed as deleted, so a target that had it receives a
+    /// delete with version `version`; child rows and external ids are
+    /// dropped from the state. Returns the events and the number forgotten.
+    pub fn prune_absent(
+        &mut self,
+        e: usize,
+        present: &std::collections::HashSet<String>,
+        version: Lsn,
+        time: &str,
+    ) -> (Vec<(usize, Event)>, usize) {
+        let gone: Vec<String> = self
+            .rows
+            .keys()
+            .filter(|(x, k)| *x == e && !present.contains(k))
+            .map(|(_, k)| k.clone())
+            .collect();
+        let mut out = Vec::new();
+        let mut pending = Pending::default();
+        let hidden = self.is_hidden(e);
+        for (i, key) in gone.iter().enumerate() {
+            if hidden {
+                if let Some((parent, _)) = self.gov[e].child_of {
+                    let prev = self.rows.get(&(e, key.clone())).cloned();
+                    for p in self.index_child(e, key, prev.as_deref(), None) {
+                        pending.defer(self.rank[parent], parent, p);
+                    }
+                }
+                self.set_row(e, key, None);
+                continue;
+            }
+            let prev = self.rows.get(&(e, key.clone())).cloned();
+            let data = prev
+                .as_deref()
+                .map(|r| assemble::key_data(&self.entities[e], r))
+                .unwrap_or_default();
+            self.set_row(e, key, None);
+            self.defer_dependents(e, key, &mut pending);
+            let origin = Origin {
+                // Its own id space: never equal to a streamed or re-emitted event's id.
+                id: format!("{:016X}-P{i:08X}", version.0),
+                version: version.0,
+                time: time.to_string(),
+                change: Some(SourceChange::Delete),
+                tx_id: None,
+                scope: Scope::All,
+                values: Values::Read(None),
+            };
+            self.evaluate(
+                e,
+                key,
+                "delete",
+                None,
+                prev.as_deref(),
+                true,
+                data,
+                &origin,
+                &mut out,
+                &mut pending,
+            );
+        }
+        self.evaluate_pending(pending, version, time, &mut out);
+        (out, gone.len())
+    }
+
     /// Records a row in the tracked state only (child rows, external ids,
     /// referenced records).
     fn observe(&mut self, e: usize, key: &str, row: Option<Map<String, Value>>) {

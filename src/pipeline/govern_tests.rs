@@ -2545,3 +2545,71 @@ fn a_business_object_with_a_line_steward_cannot_encode_waits_for_that_line() {
     );
     assert!(h.held().is_empty(), "{:?}", h.held());
 }
+
+#[test]
+fn records_gone_from_the_table_after_a_restore_are_deleted_where_they_were_delivered() {
+    let mut h = Harness::new(&gate_config("delete"));
+    let evs = h.txn(&[
+        (
+            "product_template",
+            I,
+            &[
+                ("id", Some("1")),
+                ("default_code", Some("A_1")),
+                ("state", Some("approved")),
+            ],
+        ),
+        (
+            "product_template",
+            I,
+            &[
+                ("id", Some("2")),
+                ("default_code", Some("A_2")),
+                ("state", Some("draft")),
+            ],
+        ),
+        (
+            "product_template",
+            I,
+            &[
+                ("id", Some("3")),
+                ("default_code", Some("A_3")),
+                ("state", Some("approved")),
+            ],
+        ),
+    ]);
+    assert_eq!(evs.len(), 2, "{evs:?}");
+    let e = h.entity("product");
+    let present: HashSet<String> = ["3".to_string()].into();
+    let (out, gone) = h.gov.prune_absent(e, &present, Lsn(0x9000), "t");
+    assert_eq!(gone, 2);
+    let evs = h.finish(out);
+    assert_eq!(
+        brief(&evs),
+        [del("wms", "product", "1", json!({ "id": 1 }))],
+        "only the delivered record is deleted; the draft never reached the target"
+    );
+    assert_eq!(evs[0].version, 0x9000);
+    assert!(
+        evs[0].id.contains("-P"),
+        "ids of repair deletes are their own: {}",
+        evs[0].id
+    );
+    assert!(
+        h.decisions().contains(&"product 2 wms gated".to_string()),
+        "{:?}",
+        h.decisions()
+    );
+    assert_eq!(h.gov.tracked_count(e), 1);
+    // Pruned records are forgotten: a record of the same key is new again.
+    let evs = h.txn(&[(
+        "product_template",
+        I,
+        &[
+            ("id", Some("1")),
+            ("default_code", Some("A_1")),
+            ("state", Some("approved")),
+        ],
+    )]);
+    assert_eq!(brief(&evs).len(), 1);
+}

@@ -32,6 +32,7 @@
 //! lets steward carry on by itself once space is freed.
 
 pub mod audit;
+pub mod backup;
 mod dead_letter;
 mod error;
 mod event_codec;

@@ -81,6 +81,10 @@ pub struct SnapshotJob {
     /// appended are suppressed (a snapshot sends every publishable one).
     #[serde(default)]
     pub reevaluate: bool,
+    /// A snapshot that repairs the targets after the state file was
+    /// restored from a backup older than the replication slot.
+    #[serde(default)]
+    pub restore: bool,
 }
 
 impl SnapshotJob {
@@ -101,6 +105,7 @@ impl SnapshotJob {
             finished_at: None,
             last_error: None,
             reevaluate: false,
+            restore: false,
         }
     }
 }
@@ -157,7 +162,18 @@ impl Store {
         entities: &[String],
         drop_outbox: bool,
     ) -> Result<Vec<SnapshotJob>, StoreError> {
-        self.begin_jobs(target, entities, drop_outbox, false)
+        self.begin_jobs(target, entities, drop_outbox, false, false)
+    }
+
+    /// Records snapshot jobs (every publishable record sent again, governed)
+    /// for `entities` of `target` after a restored backup; the outbox is kept,
+    /// so deletes still waiting in it are delivered.
+    pub fn begin_restore_repair(
+        &self,
+        target: &str,
+        entities: &[String],
+    ) -> Result<Vec<SnapshotJob>, StoreError> {
+        self.begin_jobs(target, entities, false, false, true)
     }
 
     /// Records governed re-read jobs (see [`SnapshotJob::reevaluate`]) for
@@ -167,7 +183,7 @@ impl Store {
         target: &str,
         entities: &[String],
     ) -> Result<Vec<SnapshotJob>, StoreError> {
-        self.begin_jobs(target, entities, false, true)
+        self.begin_jobs(target, entities, false, true, false)
     }
 
     fn begin_jobs(
@@ -176,11 +192,13 @@ impl Store {
         entities: &[String],
         drop_outbox: bool,
         reevaluate: bool,
+        restore: bool,
     ) -> Result<Vec<SnapshotJob>, StoreError> {
         let jobs: Vec<SnapshotJob> = entities
             .iter()
             .map(|e| SnapshotJob {
                 reevaluate,
+                restore,
                 ..SnapshotJob::new(target, e)
             })
             .collect();
