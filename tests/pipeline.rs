@@ -757,6 +757,19 @@ async fn kill9_suite(steps: u32, kills: u32, max_in_flight: u32) {
             .or_default()
             .push(e);
     }
+    // Per key, commit order even across crashes: a re-sent event is one of
+    // the batches in flight at the crash, never an older one after a newer.
+    for ((entity, key), list) in &by_key {
+        let mut newest = 0u64;
+        for e in list {
+            let version: u64 = e["version"].as_str().unwrap().parse().unwrap();
+            assert!(
+                version >= newest,
+                "{entity} {key}: version {version} arrived after {newest}"
+            );
+            newest = version;
+        }
+    }
     let mut touched: BTreeSet<(&str, String)> = BTreeSet::new();
     let mut expected_changes = 0;
     for i in 0..steps {

@@ -186,6 +186,8 @@ pub async fn run_target<D: Deliver + 'static>(
         shutdown,
         metrics,
         held: HashSet::new(),
+        acked_lazily: HashSet::new(),
+        acked_lazily_at: 0,
         requests_dir,
         flush: false,
         next_open: HashMap::new(),
@@ -238,6 +240,11 @@ struct Driver<D> {
     /// Per windowed entity, the next opening (Unix seconds).
     next_open: HashMap<String, i64>,
     max: usize,
+    /// Keys (`key_hash`) of batches acknowledged without fsync, and the
+    /// store's durable commit count after the last of those
+    /// acknowledgements (see [`Driver::settle_durably_before`]).
+    acked_lazily: HashSet<u64>,
+    acked_lazily_at: u64,
 }
 
 /// The outcome of delivering a list of events with isolation.
@@ -473,6 +480,7 @@ impl<D: Deliver + 'static> Driver<D> {
                 continue;
             };
             let keys: Vec<u64> = batch.iter().map(|(_, e)| key_hash(e)).collect();
+            self.settle_durably_before(&keys).await?;
             let events = batch.into_iter().map(|(_, e)| e).collect();
             let mut prepared = self.prepare(Origin::Outbox, events, Some(last_seq));
             let send = std::mem::take(&mut prepared.send);
@@ -488,6 +496,32 @@ impl<D: Deliver + 'static> Driver<D> {
             }));
             cursor = Some(last_seq);
         }
+    }
+
+    /// Makes the acknowledgement of every earlier batch holding one of
+    /// `keys` durable before a batch with them is sent. Acknowledgements are
+    /// written without fsync (any later durable commit persists them), so
+    /// after a crash the batches whose acknowledgement was lost are sent
+    /// again. Were an older event of a key among them while a newer one had
+    /// been delivered after it, the target would get them out of order;
+    /// with this the re-sent batches are at most those in flight at the
+    /// crash, and each key's events are re-sent in order. One fsync is
+    /// paid only when a key comes back before the stream's own durable
+    /// commits covered its acknowledgement.
+    async fn settle_durably_before(&mut self, keys: &[u64]) -> Result<(), Stop> {
+        if self.acked_lazily.is_empty() {
+            return Ok(());
+        }
+        if self.store.durable_commits() > self.acked_lazily_at {
+            self.acked_lazily.clear();
+            return Ok(());
+        }
+        if keys.iter().any(|k| self.acked_lazily.contains(k)) {
+            let store = self.store.clone();
+            self.store_call(move || store.make_durable()).await?;
+            self.acked_lazily.clear();
+        }
+        Ok(())
     }
 
     /// Takes a lane back, records its batch's outcome and settles every
@@ -521,8 +555,10 @@ impl<D: Deliver + 'static> Driver<D> {
                 break;
             };
             self.settle(prepared, outcome).await?;
+            self.acked_lazily_at = self.store.durable_commits();
             for k in &keys {
                 flights.busy.remove(k);
+                self.acked_lazily.insert(*k);
             }
         }
         if flights.abandoning && flights.running.is_empty() {

@@ -51,7 +51,7 @@ pub use error::StoreError;
 pub use snapshot_progress::{SnapshotJob, SnapshotPhase, VersionCheck};
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use redb::{Database, Durability, ReadableTable, TableError};
@@ -111,6 +111,9 @@ struct Inner {
     needs_reopen: AtomicBool,
     opener: Opener,
     lazy_commits: AtomicU32,
+    /// Durable commits made by this handle: a lazy commit is durable once
+    /// this has moved past its value at the lazy commit.
+    durable_commits: AtomicU64,
 }
 
 /// Delivery figures of one target, for status output and metrics.
@@ -164,6 +167,7 @@ impl Store {
                 needs_reopen: AtomicBool::new(false),
                 opener,
                 lazy_commits: AtomicU32::new(0),
+                durable_commits: AtomicU64::new(0),
             }),
         };
         // Creating the fixed tables up front lets readers treat a missing one as corruption.
@@ -382,6 +386,19 @@ impl Store {
         })
     }
 
+    /// The number of durable commits so far (see [`Store::make_durable`]).
+    pub fn durable_commits(&self) -> u64 {
+        self.inner.durable_commits.load(Ordering::Acquire)
+    }
+
+    /// Makes every commit so far durable, acknowledgements included: one
+    /// durable commit, which persists the lazy ones before it.
+    pub fn make_durable(&self) -> Result<(), StoreError> {
+        self.write(Durability::Immediate, |_| Ok(()))?;
+        self.inner.lazy_commits.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Number of entries waiting in the target's outbox (a point lookup).
     pub fn backlog(&self, target: &str) -> Result<u64, StoreError> {
         self.read(|txn| {
@@ -505,6 +522,9 @@ impl Store {
             // On error the transaction is dropped, which aborts it: nothing is half-written.
             let out = f(&txn).map_err(|e| e.into_store_error(path))?;
             txn.commit().map_err(|e| StoreError::from_redb(path, e))?;
+            if matches!(durability, Durability::Immediate) {
+                self.inner.durable_commits.fetch_add(1, Ordering::AcqRel);
+            }
             Ok(out)
         })
     }
