@@ -32,6 +32,8 @@ pub const SLOT_SAFE_WAL_SIZE_BYTES: &str = "steward_slot_safe_wal_size_bytes";
 pub const EVENTS_RECEIVED: &str = "steward_events_received_total";
 /// Label `entity`: events dropped before any outbox (no target takes the entity, or a gate skipped it).
 pub const EVENTS_FILTERED: &str = "steward_events_filtered_total";
+/// Label `entity`: row changes skipped because a key column is NULL or not UTF-8.
+pub const RECORDS_UNKEYED: &str = "steward_records_unkeyed_total";
 /// Events written to outboxes (one per target an event goes to).
 pub const EVENTS_STORED: &str = "steward_events_stored_total";
 /// Label `target`.
@@ -108,6 +110,10 @@ fn describe() {
     describe_counter!(
         EVENTS_FILTERED,
         "Changes kept from targets, per entity: no target takes the entity, or governance gated, did not route, suppressed (no-op) or quarantined them"
+    );
+    describe_counter!(
+        RECORDS_UNKEYED,
+        "Row changes skipped because a key column is NULL or not UTF-8, per entity"
     );
     describe_counter!(EVENTS_STORED, "Events written to target outboxes");
     describe_counter!(DEAD_LETTERS, "Events moved to a target's dead-letter queue");
@@ -240,6 +246,7 @@ mod tests {
         SLOT_SAFE_WAL_SIZE_BYTES,
         EVENTS_RECEIVED,
         EVENTS_FILTERED,
+        RECORDS_UNKEYED,
         EVENTS_STORED,
         EVENTS_DELIVERED,
         DELIVERY_FAILURES,

@@ -30,14 +30,6 @@ pub enum PipelineError {
         table: String,
         relation_id: u32,
     },
-    #[error("entity '{entity}': a {op} on {table} at commit {lsn} did not carry the key columns {key:?}; set the table's REPLICA IDENTITY to its primary key (the default) or FULL")]
-    MissingKey {
-        entity: String,
-        table: String,
-        op: &'static str,
-        lsn: Lsn,
-        key: Vec<String>,
-    },
 }
 
 /// A query reading the current values of `columns` (tuple positions) of one row.
@@ -413,15 +405,16 @@ impl Pipeline {
                     let Some(new) = change.new.as_deref() else {
                         continue;
                     };
-                    let key = key_text(new, &plan.key_columns).ok_or_else(|| {
-                        PipelineError::MissingKey {
-                            entity: entity.name.clone(),
-                            table: relation.table.clone(),
-                            op: "change",
-                            lsn: commit_lsn,
-                            key: entity.key.clone(),
-                        }
-                    })?;
+                    let Some(key) = key_text(new, &plan.key_columns) else {
+                        unkeyed(
+                            &entity.name,
+                            &relation.table,
+                            &entity.key,
+                            "change",
+                            commit_lsn,
+                        );
+                        continue;
+                    };
                     let mut data = Map::with_capacity(plan.fields.len());
                     for field in &plan.fields {
                         let old = change.old.as_deref();
@@ -469,15 +462,16 @@ impl Pipeline {
                     let Some(old) = change.old.as_deref() else {
                         continue;
                     };
-                    let key = key_text(old, &plan.key_columns).ok_or_else(|| {
-                        PipelineError::MissingKey {
-                            entity: entity.name.clone(),
-                            table: relation.table.clone(),
-                            op: "delete",
-                            lsn: commit_lsn,
-                            key: entity.key.clone(),
-                        }
-                    })?;
+                    let Some(key) = key_text(old, &plan.key_columns) else {
+                        unkeyed(
+                            &entity.name,
+                            &relation.table,
+                            &entity.key,
+                            "delete",
+                            commit_lsn,
+                        );
+                        continue;
+                    };
                     let mut data = Map::with_capacity(plan.key_fields.len());
                     for (name, column, type_oid) in &plan.key_fields {
                         // A delete must reach the targets: a key value that
@@ -556,6 +550,35 @@ fn field_value(
         ),
         _ => Ok(Value::Null),
     }
+}
+
+/// A row change without a usable key (a key column NULL, not UTF-8, or not
+/// sent) names no record: it cannot be delivered, held or quarantined, and
+/// must not stop the other records. It is counted per entity and logged,
+/// at most every 10 seconds, so a mass import of such rows does not flood
+/// the log; the record is delivered by its first change that has a key.
+fn unkeyed(entity: &str, table: &str, key: &[String], op: &str, lsn: Lsn) {
+    static LAST_WARNED: std::sync::Mutex<Option<std::time::Instant>> = std::sync::Mutex::new(None);
+    static SKIPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    metrics::counter!(crate::metrics::RECORDS_UNKEYED, "entity" => entity.to_string()).increment(1);
+    let skipped = SKIPPED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    let mut last = LAST_WARNED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(10)) {
+        return;
+    }
+    *last = Some(std::time::Instant::now());
+    SKIPPED.store(0, std::sync::atomic::Ordering::Relaxed);
+    tracing::warn!(
+        entity,
+        table,
+        key = ?key,
+        op,
+        commit = %lsn,
+        skipped,
+        "a row change whose key columns are NULL, not UTF-8 or not sent names no record: skipped (steward_records_unkeyed_total); give the rows a key, or key the entity on a column that always has one (the primary key); for deletes check the table's REPLICA IDENTITY"
+    );
 }
 
 fn key_text(tuple: &[TupleValue], key_columns: &[usize]) -> Option<String> {
@@ -696,6 +719,40 @@ entities = ["product"]
             first.unencodable.as_ref().map(|u| u.column.as_str()),
             Some("id")
         );
+    }
+
+    #[test]
+    fn a_change_whose_key_is_null_is_skipped_and_the_others_map() {
+        let text = r#"
+[source]
+url = "postgres://steward@localhost/odoo"
+[state]
+path = "/tmp/x.redb"
+[entities.product]
+table = "product_template"
+key = ["default_code"]
+fields = { sku = "default_code", number = "id" }
+[targets.wms]
+type = "http"
+url = "http://localhost:1/"
+entities = ["product"]
+"#;
+        let config = Config::parse(text, "t.toml".as_ref(), "/tmp".as_ref()).unwrap();
+        let mut pipeline = Pipeline::new(&config);
+        assert!(pipeline
+            .bind_relation(&relation(&["id", "default_code"]))
+            .is_empty());
+        let mut out = Vec::new();
+        let mut unkeyed = insert(&["12", ""]);
+        unkeyed.new.as_mut().unwrap()[1] = TupleValue::Null;
+        pipeline
+            .map_change(&unkeyed, Lsn(0x1_6B37_4800), 0, "t", &mut out)
+            .expect("a NULL key skips the record, it does not stop the stream");
+        pipeline
+            .map_change(&insert(&["13", "B2"]), Lsn(0x1_6B37_4800), 1, "t", &mut out)
+            .unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].event.key, "B2");
     }
 
     #[test]
