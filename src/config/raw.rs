@@ -1085,7 +1085,7 @@ fn check_http_url(key: &str, text: &str, errs: &mut Errors) -> Option<url::Url> 
         );
         return None;
     }
-    if !url.host_str().is_some_and(|h| !h.is_empty()) {
+    if url.host_str().is_none_or(|h| h.is_empty()) {
         errs.add(
             key,
             "has no host; expected e.g. https://wms.example/steward",
