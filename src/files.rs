@@ -49,6 +49,26 @@ pub fn write_atomically(tmp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()>
     std::fs::rename(tmp, path)
 }
 
+/// Refuses a state file that users other than its owner may read or
+/// write: it holds withheld records in full. The check is on the file
+/// steward is about to use, so a copy restored with a loose mode is caught
+/// too. A missing file passes (steward creates it 0600).
+pub fn refuse_shared_state_file(path: &Path) -> anyhow::Result<()> {
+    let mode = match std::fs::metadata(path) {
+        Ok(meta) => meta.permissions().mode() & 0o777,
+        Err(_) => return Ok(()),
+    };
+    if mode & 0o077 != 0 {
+        anyhow::bail!(
+            "the state file {path} has mode {mode:04o}: other users can read it, and it holds \
+             withheld records in full; make it readable by the steward user alone, then start \
+             again: chmod 600 {path}",
+            path = path.display()
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -81,5 +101,26 @@ mod tests {
             create_new(&file).is_err(),
             "an existing file is not replaced"
         );
+    }
+
+    #[test]
+    fn a_state_file_others_may_read_is_refused_with_the_chmod_to_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.redb");
+        refuse_shared_state_file(&path).unwrap();
+        std::fs::write(&path, b"x").unwrap();
+        for (mode, refused) in [(0o600, false), (0o400, false), (0o640, true), (0o604, true)] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let result = refuse_shared_state_file(&path);
+            assert_eq!(result.is_err(), refused, "{mode:o}");
+            if let Err(e) = result {
+                let text = e.to_string();
+                assert!(
+                    text.ends_with(&format!("chmod 600 {}", path.display())),
+                    "{text}"
+                );
+                assert!(text.contains(&format!("mode 0{mode:o}")), "{text}");
+            }
+        }
     }
 }

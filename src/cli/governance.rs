@@ -26,7 +26,7 @@ pub fn request(config: &Config, req: Request) -> anyhow::Result<Response> {
 
 fn via_daemon(config: &Config, req: &Request) -> anyhow::Result<Response> {
     let dir = requests_dir(config);
-    std::fs::create_dir_all(&dir)
+    crate::files::create_dir_all(&dir)
         .with_context(|| format!("cannot create the request directory {}", dir.display()))?;
     let id = format!(
         "{}-{}",
@@ -35,8 +35,8 @@ fn via_daemon(config: &Config, req: &Request) -> anyhow::Result<Response> {
     );
     let tmp = dir.join(format!("{id}.tmp"));
     let path = dir.join(format!("{id}.req"));
-    std::fs::write(&tmp, serde_json::to_vec(req)?)?;
-    std::fs::rename(&tmp, &path)?;
+    crate::files::write_atomically(&tmp, &path, &serde_json::to_vec(req)?)
+        .with_context(|| format!("cannot write the request {}", path.display()))?;
     let resp = dir.join(format!("{id}.resp"));
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(15) {
