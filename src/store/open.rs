@@ -7,11 +7,11 @@
 //!    would silently initialise it), not a regular file, not a redb file
 //!    (another program's file), or shorter than redb's header.
 //! 2. [`verify`] opens it through [`Overlay`], a backend that reads the file
-//!    and keeps every write in memory, with redb's integrity check on
-//!    (`set_check_integrity_on_open`): the checksum of every page of the
-//!    committed trees is verified, and the recovery after a crash (kill -9,
-//!    power loss) runs as it would for real. A file redb cannot open this way
-//!    is damaged; nothing was written to it. Files over
+//!    and keeps every write in memory: the recovery after a crash (kill -9,
+//!    power loss) runs as it would for real, then redb's integrity check
+//!    (`Database::check_integrity`) verifies the checksum of every page of
+//!    the committed trees. A file redb cannot open or check this way, or one
+//!    the check had to repair, is damaged; nothing was written to it. Files over
 //!    [`VERIFY_MAX_BYTES`] skip this (it reads the whole file), with a
 //!    warning.
 //! 3. The real open; redb repeats the crash recovery, if any, on the file.
@@ -201,13 +201,34 @@ fn verify(path: &Path) -> Result<(), StoreError> {
         .map_err(|e| StoreError::from_io(path, e))?;
     let overlay = Overlay::new(FileBackend::new(file).map_err(|e| StoreError::from_redb(path, e))?)
         .map_err(|e| StoreError::from_io(path, e))?;
-    let db = redb_open(path, move || {
+    // A plain open first: after a crash it recovers the last complete
+    // commit, as the real open will. The check then verifies every page of
+    // what the real open will use. Had redb to fall back from the last
+    // commit of a file that was closed cleanly or already recovered, that
+    // commit is damaged: PostgreSQL may have been told it is stored, so
+    // opening at the commit before would lose it.
+    let mut db = redb_open(path, move || {
         let mut builder = redb::Builder::new();
         builder.set_cache_size(VERIFY_CACHE_BYTES);
-        builder.set_check_integrity_on_open(true);
         builder.create_with_backend(overlay)
     })?;
-    close(path, db)
+    let checked = guarded(|| db.check_integrity());
+    let damage = match checked {
+        Ok(Ok(true)) => None,
+        Ok(Ok(false)) => Some(StoreError::Corrupted {
+            path: path.to_path_buf(),
+            detail: "its pages fail redb's checksums (the last commit or the allocator state)"
+                .into(),
+        }),
+        Ok(Err(e)) => Some(open_error(path, e)),
+        Err(panic) => Some(damaged_by_panic(path, &panic)),
+    };
+    // Dropped in any case: the overlay's writes go nowhere.
+    let closed = close(path, db);
+    match damage {
+        Some(e) => Err(e),
+        None => closed,
+    }
 }
 
 /// Closes `db`, reporting a panic while it writes its last state as damage.

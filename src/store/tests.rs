@@ -740,3 +740,15 @@ fn a_new_state_file_is_owner_only() {
     assert_eq!(mode(&path), 0o600);
     assert_eq!(mode(&dir.path().join("state")), 0o700);
 }
+
+#[test]
+fn a_damaged_last_commit_is_refused_not_rolled_back() {
+    let (_dir, path) = written_state();
+    let mut bytes = std::fs::read(&path).unwrap();
+    // redb's header: the god byte after the 9-byte signature says which of
+    // the two 128-byte commit slots (at 64 and 192) is the latest.
+    let primary = usize::from(bytes[9] & 1 != 0);
+    bytes[64 + 128 * primary + 20] ^= 0xFF;
+    std::fs::write(&path, &bytes).unwrap();
+    assert_refused(&path, "latest commit slot damaged");
+}
