@@ -509,10 +509,15 @@ impl Store {
         };
         // redb may panic on damage it meets while reading; report it as
         // damage and open the file afresh (which verifies it) next time.
-        let result = open::guarded(|| f(db))
-            .unwrap_or_else(|panic| Err(open::damaged_by_panic(&self.inner.path, &panic)));
+        let result = match open::guarded(|| f(db)) {
+            Ok(result) => result,
+            Err(panic) => {
+                self.inner.needs_reopen.store(true, Ordering::Release);
+                Err(open::damaged_by_panic(&self.inner.path, &panic))
+            }
+        };
         if let Err(e) = &result {
-            if e.poisons_database() || matches!(e, StoreError::Corrupted { .. }) {
+            if e.poisons_database() {
                 self.inner.needs_reopen.store(true, Ordering::Release);
             }
         }
