@@ -18,6 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dev;
+pub mod files;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

@@ -443,7 +443,7 @@ fn workload_step(i: u32) -> (String, Vec<Expected>) {
         3 => {
             // Half the partners are deleted, half renamed and kept.
             let partner = 50_000 + i - 3;
-            if (i / 5) % 2 == 0 {
+            if (i / 5).is_multiple_of(2) {
                 sql.push_str(&format!("DELETE FROM res_partner WHERE id = {partner};"));
                 changes.push(delete("partner", partner));
             } else {
@@ -458,7 +458,7 @@ fn workload_step(i: u32) -> (String, Vec<Expected>) {
             }
         }
         _ => {
-            let active = i % 2 == 0;
+            let active = i.is_multiple_of(2);
             sql.push_str(&format!(
                 "UPDATE product_template SET active = {active} WHERE id = {product};"
             ));
@@ -496,7 +496,7 @@ fn workload_step(i: u32) -> (String, Vec<Expected>) {
         }
         _ => {
             let bom = 1000 + i - 2;
-            if (i / 3) % 2 == 0 {
+            if (i / 3).is_multiple_of(2) {
                 sql.push_str(&format!("DELETE FROM mrp_bom WHERE id = {bom};"));
                 changes.push(delete("bom", bom));
             } else {

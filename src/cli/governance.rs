@@ -39,7 +39,7 @@ pub fn via_daemon_within(
     work: Duration,
 ) -> anyhow::Result<Response> {
     let dir = requests_dir(config);
-    std::fs::create_dir_all(&dir)
+    crate::files::create_dir_all(&dir)
         .with_context(|| format!("cannot create the request directory {}", dir.display()))?;
     let id = format!(
         "{}-{}",
@@ -48,8 +48,8 @@ pub fn via_daemon_within(
     );
     let tmp = dir.join(format!("{id}.tmp"));
     let path = dir.join(format!("{id}.req"));
-    std::fs::write(&tmp, serde_json::to_vec(req)?)?;
-    std::fs::rename(&tmp, &path)?;
+    crate::files::write_atomically(&tmp, &path, &serde_json::to_vec(req)?)
+        .with_context(|| format!("cannot write the request {}", path.display()))?;
     let resp = dir.join(format!("{id}.resp"));
     let start = Instant::now();
     loop {

@@ -1,6 +1,7 @@
 //! The command line: `steward run | check-config | status | backup | reset | dlq | flush | quarantine | audit | setup-sql | demo`.
 //!
-//! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
+//! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage,
+//! 3 damaged state file (see [`EXIT_DAMAGED_STATE`]).
 
 mod backup;
 mod demo;
@@ -171,6 +172,27 @@ struct DlqArgs {
     all: bool,
 }
 
+/// Exit code when the state file is damaged (or written by an incompatible
+/// version): neither the configuration nor a passing fault, and retrying
+/// cannot help; the operator restores or replaces the file.
+pub const EXIT_DAMAGED_STATE: u8 = 3;
+
+/// Prints a failed command's error once and picks its exit code.
+fn report_failure(e: &anyhow::Error) -> ExitCode {
+    let damaged = e
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<crate::store::StoreError>())
+        .any(crate::store::StoreError::is_damage);
+    if damaged {
+        // The message says all; a log line would repeat it.
+        eprintln!("error: {e:#}");
+        return ExitCode::from(EXIT_DAMAGED_STATE);
+    }
+    tracing::error!("{e:#}");
+    eprintln!("error: {e:#}");
+    ExitCode::FAILURE
+}
+
 fn load_or_exit(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| {
         eprintln!("{e}");
@@ -229,10 +251,7 @@ fn governance_command(
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => report_failure(&e),
     }
 }
 
@@ -437,11 +456,7 @@ fn run_blocking(future: impl std::future::Future<Output = anyhow::Result<()>>) -
     };
     match runtime.block_on(future) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => report_failure(&e),
     }
 }
 

@@ -83,13 +83,12 @@ async fn online(config: &Config, args: &ResetArgs) -> anyhow::Result<()> {
     let request = request(args)?;
     let entities = snapshot::resolve_request(config, &request)?;
     let dir = snapshot::requests_dir(config);
-    std::fs::create_dir_all(&dir)
+    crate::files::create_dir_all(&dir)
         .with_context(|| format!("cannot create the request directory {}", dir.display()))?;
     let stamp = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
     let file = dir.join(format!("reset-{stamp}.json"));
     let tmp = file.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::to_vec(&request)?)
-        .and_then(|()| std::fs::rename(&tmp, &file))
+    crate::files::write_atomically(&tmp, &file, &serde_json::to_vec(&request)?)
         .with_context(|| format!("cannot write the request {}", file.display()))?;
 
     // Picked up within a second by the daemon's snapshot task.

@@ -534,11 +534,39 @@ fn check_state(table: &Table, base_dir: &Path, errs: &mut Errors) -> Option<Stat
     }
     let commit_max_events = r.int("commit_max_events", 20_000, 1, 1_000_000, "events", errs);
     let commit_max_delay = r.int("commit_max_delay_ms", 20, 0, 10_000, "milliseconds", errs);
+    let path = resolve(base_dir, path.filter(|p| !p.is_empty())?);
+    if let Some(problem) = state_path_problem(&path) {
+        errs.add(&r.key("path"), problem);
+    }
     Some(StateConfig {
-        path: resolve(base_dir, path.filter(|p| !p.is_empty())?),
+        path,
         commit_max_events: usize::try_from(commit_max_events?).ok()?,
         commit_max_delay: ms(commit_max_delay?),
     })
+}
+
+/// What is wrong with the state file's place on disk, if anything. A
+/// missing directory is fine: steward creates it (0700) at the first start,
+/// as systemd's `StateDirectory=` does for the shipped unit.
+fn state_path_problem(path: &Path) -> Option<String> {
+    if path.is_dir() {
+        return Some(format!(
+            "{} is a directory; name the state file inside it, e.g. {}",
+            path.display(),
+            path.join("steward.redb").display()
+        ));
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty())?;
+    // The nearest part of the path that exists must be a directory.
+    let existing = parent.ancestors().find(|a| a.exists())?;
+    if !existing.is_dir() {
+        return Some(format!(
+            "{} is not a directory, so the state file {} cannot be created in it",
+            existing.display(),
+            path.display()
+        ));
+    }
+    None
 }
 
 fn check_metrics(table: &Table, errs: &mut Errors) -> Option<MetricsConfig> {
@@ -1085,7 +1113,7 @@ fn check_http_url(key: &str, text: &str, errs: &mut Errors) -> Option<url::Url> 
         );
         return None;
     }
-    if !url.host_str().is_some_and(|h| !h.is_empty()) {
+    if url.host_str().is_none_or(|h| h.is_empty()) {
         errs.add(
             key,
             "has no host; expected e.g. https://wms.example/steward",

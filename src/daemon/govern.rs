@@ -377,8 +377,7 @@ fn write_response(path: &Path, response: &Response) {
     let tmp = path.with_extension("resp.tmp");
     let ok = serde_json::to_vec(response)
         .ok()
-        .and_then(|b| std::fs::write(&tmp, b).ok())
-        .and_then(|_| std::fs::rename(&tmp, path).ok());
+        .and_then(|b| crate::files::write_atomically(&tmp, path, &b).ok());
     if ok.is_none() {
         tracing::warn!(path = %path.display(), "cannot write a response to an operator request");
     }

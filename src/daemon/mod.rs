@@ -71,6 +71,7 @@ pub async fn run_with(
     mut shutdown: watch::Receiver<bool>,
     state: Arc<DaemonState>,
 ) -> anyhow::Result<()> {
+    crate::files::refuse_shared_state_file(&config.state.path)?;
     let store = Store::open(&config.state.path)?;
     let mut pipeline = Pipeline::new(&config);
     *state

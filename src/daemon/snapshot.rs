@@ -521,7 +521,12 @@ impl Worker {
                     Ok(())
                 });
             if let Err(e) = &outcome {
-                let _ = std::fs::write(file.with_extension("error"), format!("{e:#}"));
+                let error = file.with_extension("error");
+                let _ = crate::files::write_atomically(
+                    &error.with_extension("error.tmp"),
+                    &error,
+                    format!("{e:#}").as_bytes(),
+                );
                 tracing::error!(file = %file.display(), error = %format!("{e:#}"), "rejected a reset request");
             }
             let _ = std::fs::remove_file(&file);

@@ -112,8 +112,7 @@ fn write(config: &Config, status: &StatusFile) {
     let tmp = path.with_extension("json.tmp");
     let result = serde_json::to_vec_pretty(status)
         .map_err(std::io::Error::other)
-        .and_then(|bytes| std::fs::write(&tmp, bytes))
-        .and_then(|()| std::fs::rename(&tmp, &path));
+        .and_then(|bytes| crate::files::write_atomically(&tmp, &path, &bytes));
     if let Err(e) = result {
         tracing::debug!(path = %path.display(), error = %e, "cannot write the status file");
     }

@@ -1779,7 +1779,7 @@ impl Governor {
                     .iter()
                     .filter(|f| {
                         values(f).iter().any(|v| {
-                            v.map_or(true, |v| v.as_str().is_some_and(|s| s.trim().is_empty()))
+                            v.is_none_or(|v| v.as_str().is_some_and(|s| s.trim().is_empty()))
                         })
                     })
                     .map(String::as_str)

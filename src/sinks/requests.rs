@@ -138,8 +138,7 @@ pub fn respond(request: &Path, response: &Response) {
     let tmp = out.with_extension("tmp");
     let written = serde_json::to_vec_pretty(response)
         .map_err(std::io::Error::other)
-        .and_then(|b| std::fs::write(&tmp, b))
-        .and_then(|()| std::fs::rename(&tmp, &out));
+        .and_then(|b| crate::files::write_atomically(&tmp, &out, &b));
     if let Err(e) = written {
         tracing::warn!(path = %out.display(), error = %e, "cannot write the answer to an operator request");
     }
@@ -154,7 +153,7 @@ pub async fn submit(
     timeout: Duration,
 ) -> anyhow::Result<Response> {
     let dir = requests_dir(state_path);
-    std::fs::create_dir_all(&dir)
+    crate::files::create_dir_all(&dir)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
     let id = format!(
         "{:020}-{}-{:08x}",
@@ -164,8 +163,7 @@ pub async fn submit(
     );
     let path = dir.join(format!("{target}.{id}.json"));
     let tmp = dir.join(format!(".{target}.{id}.tmp"));
-    std::fs::write(&tmp, serde_json::to_vec(request)?)
-        .and_then(|()| std::fs::rename(&tmp, &path))
+    crate::files::write_atomically(&tmp, &path, &serde_json::to_vec(request)?)
         .map_err(|e| anyhow::anyhow!("cannot write the request {}: {e}", path.display()))?;
     let result = result_path(&path);
     let start = tokio::time::Instant::now();

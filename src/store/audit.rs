@@ -7,9 +7,6 @@
 //! number of its first record. One row per record cost a B-tree insert per
 //! delivered event, about a tenth of steward's CPU on the e2e bench. Records
 //! are appended in time order, so pruning drops whole chunks from the front.
-//!
-//! Files written before chunking hold one record per row in the table
-//! `audit`; [`migrate_legacy`] moves them into chunks when the file is opened.
 
 use redb::{ReadableTable, TableDefinition, TableError, WriteTransaction};
 
@@ -19,8 +16,6 @@ use super::{Store, StoreError, TxnError};
 
 /// first seq → chunk of JSON [`AuditRecord`]s.
 pub(crate) const AUDIT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_log");
-/// Before chunking: seq → one JSON [`AuditRecord`].
-const LEGACY_AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 
 /// Filters for [`Store::audit_query`].
 #[derive(Clone, Debug, Default)]
@@ -53,38 +48,6 @@ pub(super) fn append(txn: &WriteTransaction, records: &[Vec<u8>]) -> Result<(), 
         rest = &rest[n..];
     }
     Ok(())
-}
-
-/// Moves records of the one-row-per-record layout into chunks (call only
-/// when [`has_legacy`]: opening the table in a write transaction creates it).
-/// Moves a chunk's worth at a time, so a long trail never sits in memory whole.
-pub(super) fn migrate_legacy(txn: &WriteTransaction) -> Result<usize, TxnError> {
-    let mut moved = 0;
-    {
-        let mut legacy = txn.open_table(LEGACY_AUDIT)?;
-        let mut records = Vec::new();
-        loop {
-            records.clear();
-            while records.len() < super::tables::CHUNK_MAX_EVENTS {
-                match legacy.pop_first()? {
-                    Some((_, record)) => records.push(record.value().to_vec()),
-                    None => break,
-                }
-            }
-            if records.is_empty() {
-                break;
-            }
-            append(txn, &records).map_err(|e| TxnError::Redb(Box::new(e)))?;
-            moved += records.len();
-        }
-    }
-    txn.delete_table(LEGACY_AUDIT)?;
-    Ok(moved)
-}
-
-/// Whether the file still has the one-row-per-record table.
-pub(super) fn has_legacy(txn: &redb::ReadTransaction) -> Result<bool, TxnError> {
-    Ok(open_or_empty!(txn, LEGACY_AUDIT).is_some())
 }
 
 fn decode(first: u64, chunk: &[u8]) -> Result<Vec<AuditRecord>, TxnError> {

@@ -142,9 +142,9 @@ pub struct DlqFilter {
 
 impl DlqFilter {
     pub fn matches(&self, d: &DeadLetter) -> bool {
-        self.id.map_or(true, |id| d.id == id)
-            && self.entity.as_deref().map_or(true, |e| d.event.entity == e)
-            && self.key.as_deref().map_or(true, |k| d.event.key == k)
+        self.id.is_none_or(|id| d.id == id)
+            && self.entity.as_deref().is_none_or(|e| d.event.entity == e)
+            && self.key.as_deref().is_none_or(|k| d.event.key == k)
     }
 }
 

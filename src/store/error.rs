@@ -28,12 +28,25 @@ pub enum StoreError {
     )]
     Io { path: PathBuf, source: io::Error },
 
+    /// The file is damaged: steward refuses it and changes nothing in it.
     #[error(
-        "the state file {} is corrupted ({detail}); restore it from a backup, or move it aside \
-         so steward starts afresh (a fresh state re-delivers from the replication slot)",
-        .path.display()
+        "the state file {path} is damaged: {detail}. steward leaves it as it is and does not \
+         start afresh over it. Either stop steward and restore your last backup of it (made with \
+         `steward backup`) to {path}, or, to start over, move it aside (mv {path} {path}.damaged) \
+         and run `steward reset --all -c <config>`: every target then gets a full snapshot \
+         again, and what the damaged file held (undelivered events, dead letters, quarantine, \
+         audit trail) stays only in the file set aside",
+        path = .path.display()
     )]
     Corrupted { path: PathBuf, detail: String },
+
+    #[error(
+        "state.path {} is not a file (a directory?); point state.path at a file, for example \
+         {}/state.redb",
+        .path.display(),
+        .path.display()
+    )]
+    NotAFile { path: PathBuf },
 
     #[error(
         "the state file {} has an on-disk format this steward cannot read ({detail}); run the \
@@ -70,6 +83,17 @@ impl StoreError {
     /// corruption or an incompatible file.
     pub fn is_transient(&self) -> bool {
         self.poisons_database()
+    }
+
+    /// True when the state file itself is damaged or unreadable by this
+    /// version (exit code 3): the operator must restore or replace it.
+    pub fn is_damage(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Corrupted { .. }
+                | StoreError::Incompatible { .. }
+                | StoreError::Decode { .. }
+        )
     }
 
     /// True when redb's in-process state must be discarded (it refuses all further

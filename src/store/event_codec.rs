@@ -1,9 +1,8 @@
 //! How an event is written in a target's outbox.
 //!
 //! A fixed binary layout: decoding JSON (field names, escape scanning of
-//! every string) was the largest cost of reading the outbox back. Entries
-//! written by earlier versions are JSON objects and are still read: their
-//! first byte is `{`, never [`FORMAT_V1`].
+//! every string) was the largest cost of reading the outbox back. The first
+//! byte is [`FORMAT_V1`], so a later layout can be told apart.
 //!
 //! Layout (integers little-endian):
 //! `0xB1, op: u8, change: u8, tx_id flag: u8 [, tx_id: u32], version: u64`,
@@ -50,11 +49,9 @@ pub(crate) fn encode(event: &Event, out: &mut Vec<u8>) {
     }
 }
 
-/// Reads back what [`encode`] wrote, or a JSON entry of an earlier version.
+/// Reads back what [`encode`] wrote.
 pub(crate) fn decode(bytes: &[u8]) -> Result<Event, String> {
-    if bytes.first() != Some(&FORMAT_V1) {
-        return serde_json::from_slice(bytes).map_err(|e| e.to_string());
-    }
+    check_format(bytes)?;
     let mut r = Reader { bytes, at: 1 };
     let op = match r.u8("op")? {
         0 => EventOp::Upsert,
@@ -104,16 +101,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Event, String> {
 
 /// Just the entity of an encoded event (to filter an outbox without decoding it).
 pub(crate) fn entity(bytes: &[u8]) -> Result<Cow<'_, str>, String> {
-    if bytes.first() != Some(&FORMAT_V1) {
-        #[derive(serde::Deserialize)]
-        struct EntityOnly<'a> {
-            #[serde(borrow)]
-            entity: Cow<'a, str>,
-        }
-        return serde_json::from_slice::<EntityOnly>(bytes)
-            .map(|e| e.entity)
-            .map_err(|e| e.to_string());
-    }
+    check_format(bytes)?;
     let mut r = Reader { bytes, at: 3 };
     if r.u8("tx_id flag")? == 1 {
         r.array::<4>("tx_id")?;
@@ -121,6 +109,14 @@ pub(crate) fn entity(bytes: &[u8]) -> Result<Cow<'_, str>, String> {
     r.array::<8>("version")?;
     r.text("id")?;
     r.text("entity").map(Cow::Borrowed)
+}
+
+fn check_format(bytes: &[u8]) -> Result<(), String> {
+    match bytes.first() {
+        Some(&FORMAT_V1) => Ok(()),
+        Some(other) => Err(format!("unknown entry format {other:#04x} at byte 0")),
+        None => Err("the entry is empty".into()),
+    }
 }
 
 struct Reader<'a> {
@@ -207,12 +203,13 @@ mod tests {
     }
 
     #[test]
-    fn entries_of_earlier_versions_are_json_and_still_read() {
-        let e = event(Some(SourceChange::Update), Some(7));
-        let json = serde_json::to_vec(&e).unwrap();
-        assert_eq!(json[0], b'{');
-        assert_eq!(decode(&json).unwrap(), e);
-        assert_eq!(entity(&json).unwrap(), "product");
+    fn entries_of_an_unknown_format_are_errors() {
+        let json = serde_json::to_vec(&event(None, None)).unwrap();
+        assert!(decode(&json)
+            .unwrap_err()
+            .contains("unknown entry format 0x7b"));
+        assert!(entity(&json).unwrap_err().contains("unknown entry format"));
+        assert!(decode(&[]).unwrap_err().contains("empty"));
     }
 
     #[test]

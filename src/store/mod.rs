@@ -37,6 +37,7 @@ mod dead_letter;
 mod error;
 mod event_codec;
 pub mod governance;
+mod open;
 pub mod published;
 pub mod quarantine;
 mod snapshot_progress;
@@ -54,7 +55,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
-use redb::{Database, Durability, ReadableTable, TableError};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableError};
 use serde::Serialize;
 
 use crate::model::{Event, Lsn};
@@ -93,7 +94,7 @@ const LAZY_COMMITS_PER_DURABLE: u32 = 64;
 /// Longest last-error text kept per target; longer ones are cut (at a character boundary).
 const MAX_ERROR_BYTES: usize = 4096;
 
-type Opener = Box<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Sync>;
+type Opener = Box<dyn Fn() -> Result<Database, StoreError> + Send + Sync>;
 
 /// Handle to the state file; cheap to clone and shared by every task.
 ///
@@ -141,25 +142,21 @@ impl std::fmt::Debug for Store {
 }
 
 impl Store {
-    /// Opens or creates the file (and its directory). If another process (or
-    /// another `Store` in this process) holds it, returns [`StoreError::Locked`].
+    /// Opens the state file, or creates it (and its directory) where no file
+    /// exists. A damaged file (empty, cut short, failing redb's checksums,
+    /// another program's) is [`StoreError::Corrupted`] and left untouched;
+    /// see the `open` module. If another process (or another `Store` in
+    /// this process) holds it, returns [`StoreError::Locked`].
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| StoreError::from_io(path, e))?;
-        }
         let file = path.to_path_buf();
         Store::open_with(
             path,
-            Box::new(move || {
-                let mut builder = redb::Builder::new();
-                builder.set_cache_size(CACHE_BYTES);
-                builder.create(&file)
-            }),
+            Box::new(move || open::open_database(&file, CACHE_BYTES)),
         )
     }
 
     fn open_with(path: &Path, opener: Opener) -> Result<Store, StoreError> {
-        let db = opener().map_err(|e| StoreError::from_redb(path, e))?;
+        let db = opener()?;
         let store = Store {
             inner: Arc::new(Inner {
                 path: path.to_path_buf(),
@@ -177,20 +174,6 @@ impl Store {
             txn.open_table(COUNTERS)?;
             Ok(())
         })?;
-        if store.read(audit::has_legacy)? {
-            let moved = store.write(Durability::Immediate, audit::migrate_legacy)?;
-            tracing::info!(
-                records = moved,
-                "moved the audit trail into the chunked layout"
-            );
-        }
-        if store.read(published::has_legacy)? {
-            let moved = store.write(Durability::Immediate, published::migrate_legacy)?;
-            tracing::info!(
-                records = moved,
-                "moved the published-document hashes into the log layout"
-            );
-        }
         Ok(store)
     }
 
@@ -304,7 +287,7 @@ impl Store {
             }
             let mut counters = txn.open_table(COUNTERS)?;
             let previous = counters.get(CHECKPOINT_KEY)?.map(|g| g.value());
-            if previous.map_or(true, |p| checkpoint.0 > p) {
+            if previous.is_none_or(|p| checkpoint.0 > p) {
                 counters.insert(CHECKPOINT_KEY, checkpoint.0)?;
             }
             extra(txn).map_err(TxnError::Redb)?;
@@ -518,7 +501,8 @@ impl Store {
             let mut txn = db
                 .begin_write()
                 .map_err(|e| StoreError::from_redb(path, e))?;
-            txn.set_durability(durability);
+            txn.set_durability(durability)
+                .map_err(|e| StoreError::from_redb(path, e))?;
             // On error the transaction is dropped, which aborts it: nothing is half-written.
             let out = f(&txn).map_err(|e| e.into_store_error(path))?;
             txn.commit().map_err(|e| StoreError::from_redb(path, e))?;
@@ -545,7 +529,15 @@ impl Store {
                 ),
             });
         };
-        let result = f(db);
+        // redb may panic on damage it meets while reading; report it as
+        // damage and open the file afresh (which verifies it) next time.
+        let result = match open::guarded(|| f(db)) {
+            Ok(result) => result,
+            Err(panic) => {
+                self.inner.needs_reopen.store(true, Ordering::Release);
+                Err(open::damaged_by_panic(&self.inner.path, &panic))
+            }
+        };
         if let Err(e) = &result {
             if e.poisons_database() {
                 self.inner.needs_reopen.store(true, Ordering::Release);
@@ -565,12 +557,31 @@ impl Store {
         if !self.inner.needs_reopen.load(Ordering::Acquire) {
             return Ok(()); // another thread got there first
         }
-        *guard = None;
-        let db = (self.inner.opener)().map_err(|e| StoreError::from_redb(&self.inner.path, e))?;
+        if let Some(old) = guard.take() {
+            // Closing a handle after a failure may fail or panic in turn:
+            // the open below is what matters.
+            let _ = open::guarded(move || drop(old));
+        }
+        let db = (self.inner.opener)()?;
         *guard = Some(db);
         self.inner.needs_reopen.store(false, Ordering::Release);
         tracing::info!(path = %self.inner.path.display(), "reopened the state file after an earlier write failure");
         Ok(())
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(db) = self
+            .db
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            // redb writes its last state on close, which can panic on a
+            // damaged file; an error was reported already.
+            let _ = open::guarded(move || drop(db));
+        }
     }
 }
 

@@ -9,10 +9,6 @@
 //! the commit that takes it past twice the live set (plus
 //! [`COMPACT_SLACK`]), so it stays within a small multiple of the live set
 //! and each change is rewritten a bounded number of times.
-//!
-//! Files written before the log hold one row per record in the table
-//! `gov_published`, keyed by names; [`migrate_legacy`] moves them into the
-//! log when the file is opened.
 
 use std::collections::HashMap;
 
@@ -24,8 +20,6 @@ use super::TxnError;
 /// Row number → changes, each `digest (16) | present (1) | hash (16)`.
 pub(crate) const PUBLISHED_LOG: TableDefinition<u64, &[u8]> =
     TableDefinition::new("gov_published_log");
-/// Before the log: `target \0 entity \0 key` → 16-byte hash.
-const LEGACY_PUBLISHED: TableDefinition<&str, &[u8]> = TableDefinition::new("gov_published");
 
 /// The log's own counters (the commit holds the store's `counters` table
 /// open while governance state is written).
@@ -169,44 +163,6 @@ pub(super) fn load(txn: &redb::ReadTransaction) -> Result<Vec<PublishedEntry>, T
         }
     }
     Ok(live.into_iter().collect())
-}
-
-/// Whether the file still has the name-keyed table of earlier versions.
-pub(super) fn has_legacy(txn: &redb::ReadTransaction) -> Result<bool, TxnError> {
-    Ok(open_or_empty!(txn, LEGACY_PUBLISHED).is_some())
-}
-
-/// Moves the name-keyed rows into the log, a row's worth at a time.
-pub(super) fn migrate_legacy(txn: &WriteTransaction) -> Result<usize, TxnError> {
-    let mut moved = 0;
-    {
-        let mut legacy = txn.open_table(LEGACY_PUBLISHED)?;
-        let mut changes = Vec::new();
-        loop {
-            changes.clear();
-            while changes.len() < ENTRIES_PER_ROW {
-                let Some((k, v)) = legacy.pop_first()? else {
-                    break;
-                };
-                let hash: [u8; 16] = v.value().try_into().map_err(|_| {
-                    TxnError::Corrupt(format!(
-                        "gov_published entry {:?} is not 16 bytes",
-                        k.value()
-                    ))
-                })?;
-                if let [target, entity, key] = k.value().split('\0').collect::<Vec<_>>()[..] {
-                    changes.push((published_digest(target, entity, key), Some(hash)));
-                }
-            }
-            if changes.is_empty() {
-                break;
-            }
-            append(txn, &changes).map_err(|e| TxnError::Redb(Box::new(e)))?;
-            moved += changes.len();
-        }
-    }
-    txn.delete_table(LEGACY_PUBLISHED)?;
-    Ok(moved)
 }
 
 /// Rows in the log (for tests of compaction).

@@ -322,16 +322,16 @@ impl redb::StorageBackend for FillableDisk {
     fn len(&self) -> io::Result<u64> {
         self.file.len()
     }
-    fn read(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        self.file.read(offset, len)
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        self.file.read(offset, out)
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.check()?;
         self.file.set_len(len)
     }
-    fn sync_data(&self, eventual: bool) -> io::Result<()> {
+    fn sync_data(&self) -> io::Result<()> {
         self.check()?;
-        self.file.sync_data(eventual)
+        self.file.sync_data()
     }
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.check()?;
@@ -353,12 +353,16 @@ fn full_disk_is_reported_and_recovered_from_once_space_is_freed() {
                 .write(true)
                 .create(true)
                 .truncate(false)
-                .open(&file_path)?;
+                .open(&file_path)
+                .map_err(|e| StoreError::from_io(&file_path, e))?;
             let backend = FillableDisk {
-                file: redb::backends::FileBackend::new(file)?,
+                file: redb::backends::FileBackend::new(file)
+                    .map_err(|e| StoreError::from_redb(&file_path, e))?,
                 full: flag.clone(),
             };
-            redb::Builder::new().create_with_backend(backend)
+            redb::Builder::new()
+                .create_with_backend(backend)
+                .map_err(|e| StoreError::from_redb(&file_path, e))
         }),
     )
     .unwrap();
@@ -535,38 +539,6 @@ fn audit_prune_drops_whole_old_chunks_only() {
         .is_empty());
 }
 
-#[test]
-fn a_legacy_audit_table_is_moved_into_chunks_on_open() {
-    let (_dir, path) = temp();
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    {
-        let db = redb::Database::create(&path).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let legacy: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("audit");
-            let mut t = txn.open_table(legacy).unwrap();
-            for n in 1..=3u64 {
-                let bytes = serde_json::to_vec(&audit_record(n, n as i64)).unwrap();
-                t.insert(n, bytes.as_slice()).unwrap();
-            }
-        }
-        txn.commit().unwrap();
-    }
-    let store = Store::open(&path).unwrap();
-    store
-        .commit_governed(Lsn(0x100), &[], &audit_delta([audit_record(4, 4)]))
-        .unwrap();
-    let all = store.audit_query(&audit::AuditFilter::default()).unwrap();
-    assert_eq!(
-        all.iter().map(|r| r.version).collect::<Vec<_>>(),
-        [1, 2, 3, 4]
-    );
-    drop(store);
-    let db = redb::Database::open(&path).unwrap();
-    let txn = db.begin_read().unwrap();
-    assert!(audit::has_legacy(&txn).ok() == Some(false));
-}
-
 fn published_delta(changes: &[(u64, Option<u8>)]) -> governance::GovDelta {
     governance::GovDelta {
         ops: changes
@@ -648,7 +620,7 @@ fn the_published_log_is_compacted_and_keeps_the_live_state() {
     );
     let last = (rounds - 1) as u8;
     let expected: std::collections::BTreeMap<_, _> = (0..50u64)
-        .filter(|n| n % 7 != 0 || (rounds - 1) % 2 == 0)
+        .filter(|n| n % 7 != 0 || (rounds - 1).is_multiple_of(2))
         .map(|n| {
             (
                 published::published_digest("wms", "product", &n.to_string()),
@@ -661,43 +633,122 @@ fn the_published_log_is_compacted_and_keeps_the_live_state() {
     assert_eq!(published_state(&Store::open(&path).unwrap()), expected);
 }
 
+/// A state file with a few thousand events across several commits.
+fn written_state() -> (tempfile::TempDir, PathBuf) {
+    let (dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    for round in 0..20u64 {
+        commit_n(&store, 10 + round, "wms", round * 100..(round + 1) * 100);
+    }
+    store.ack("wms", 500, 500).unwrap();
+    drop(store);
+    (dir, path)
+}
+
+/// Opening the damaged file fails as `Corrupted` naming the file, and
+/// leaves every byte as it was.
+fn assert_refused(path: &Path, damage: &str) {
+    let before = std::fs::read(path).unwrap();
+    let err = Store::open(path).expect_err(damage);
+    assert!(
+        matches!(err, StoreError::Corrupted { .. }),
+        "{damage}: {err:?}"
+    );
+    assert!(err.is_damage());
+    let text = err.to_string();
+    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert!(text.contains("steward reset --all"), "{text}");
+    assert!(!text.contains("writable"), "{text}");
+    assert!(
+        std::fs::read(path).unwrap() == before,
+        "{damage}: the file changed"
+    );
+}
+
 #[test]
-fn a_legacy_published_table_is_moved_into_the_log_on_open() {
+fn an_empty_file_is_damage_not_a_new_state() {
     let (_dir, path) = temp();
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    {
-        let db = redb::Database::create(&path).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let legacy: redb::TableDefinition<&str, &[u8]> =
-                redb::TableDefinition::new("gov_published");
-            let mut t = txn.open_table(legacy).unwrap();
-            for n in 1..=3u8 {
-                t.insert(format!("wms\0product\0{n}").as_str(), [n; 16].as_slice())
-                    .unwrap();
+    std::fs::write(&path, b"").unwrap();
+    assert_refused(&path, "empty");
+    assert!(Store::open(&path)
+        .unwrap_err()
+        .to_string()
+        .contains("empty (0 bytes)"));
+}
+
+#[test]
+fn cut_short_zeroed_and_flipped_files_are_refused_untouched() {
+    let (_dir, path) = written_state();
+    let original = std::fs::read(&path).unwrap();
+    let len = original.len();
+    assert!(len > 64 * 1024, "{len}");
+    let damages: Vec<(&str, Vec<u8>)> = vec![
+        ("cut to 4 KiB", original[..4096].to_vec()),
+        ("cut to 100 bytes", original[..100].to_vec()),
+        ("cut in half", original[..len / 2].to_vec()),
+        ("header zeroed", {
+            let mut b = original.clone();
+            b[..512].fill(0);
+            b
+        }),
+        ("data zeroed", {
+            let mut b = original.clone();
+            b[8192..len - 4096].fill(0);
+            b
+        }),
+        ("a byte flipped in every page", {
+            let mut b = original.clone();
+            for page in (4096..len).step_by(4096) {
+                b[page + 100] ^= 0xFF;
             }
-        }
-        txn.commit().unwrap();
+            b
+        }),
+        ("sqlite", {
+            let mut b = b"SQLite format 3\0".to_vec();
+            b.resize(8192, 0);
+            b
+        }),
+    ];
+    for (damage, bytes) in damages {
+        std::fs::write(&path, &bytes).unwrap();
+        assert_refused(&path, damage);
     }
+    std::fs::write(&path, &original).unwrap();
     let store = Store::open(&path).unwrap();
-    store
-        .commit_governed(
-            Lsn(0x100),
-            &[],
-            &published_delta(&[(2, None), (4, Some(4))]),
-        )
-        .unwrap();
-    let digest = |n: u64| published::published_digest("wms", "product", &n.to_string());
-    let expected: std::collections::BTreeMap<_, _> = [
-        (digest(1), [1; 16]),
-        (digest(3), [3; 16]),
-        (digest(4), [4; 16]),
-    ]
-    .into_iter()
-    .collect();
-    assert_eq!(published_state(&store), expected);
-    drop(store);
-    let db = redb::Database::open(&path).unwrap();
-    let txn = db.begin_read().unwrap();
-    assert!(published::has_legacy(&txn).ok() == Some(false));
+    assert_eq!(
+        store.backlog("wms").unwrap(),
+        1500,
+        "the intact file still opens"
+    );
+}
+
+#[test]
+fn a_directory_as_state_path_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Store::open(dir.path()).unwrap_err();
+    assert!(matches!(err, StoreError::NotAFile { .. }), "{err:?}");
+    assert!(err.to_string().contains("is not a file"), "{err}");
+}
+
+#[test]
+fn a_new_state_file_is_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, path) = temp();
+    drop(Store::open(&path).unwrap());
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(mode(&dir.path().join("state")), 0o700);
+}
+
+#[test]
+fn a_damaged_last_commit_is_refused_not_rolled_back() {
+    let (_dir, path) = written_state();
+    let mut bytes = std::fs::read(&path).unwrap();
+    // redb's header: the god byte after the 9-byte signature says which of
+    // the two 128-byte commit slots (at 64 and 192) is the latest.
+    let primary = usize::from(bytes[9] & 1 != 0);
+    bytes[64 + 128 * primary + 20] ^= 0xFF;
+    std::fs::write(&path, &bytes).unwrap();
+    assert_refused(&path, "latest commit slot damaged");
 }

@@ -612,6 +612,23 @@ fn state_rules() {
         ok_with("state.path", "\"/var/lib/s.redb\"").state.path,
         PathBuf::from("/var/lib/s.redb")
     );
+    let dir = tempfile::tempdir().unwrap();
+    let quoted = |p: &Path| format!("{:?}", p.display().to_string());
+    assert_error(
+        &errors_with("state.path", &quoted(dir.path())),
+        "state.path",
+        "is a directory; name the state file inside it, e.g.",
+    );
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "").unwrap();
+    assert_error(
+        &errors_with("state.path", &quoted(&file.join("deeper/s.redb"))),
+        "state.path",
+        "is not a directory, so the state file",
+    );
+    // steward creates a missing directory itself.
+    let missing = dir.path().join("new/sub/s.redb");
+    assert_eq!(ok_with("state.path", &quoted(&missing)).state.path, missing);
     assert_error(
         &errors_with("state.commit_max_events", "0"),
         "state.commit_max_events",

@@ -176,7 +176,7 @@ impl PostgresSink {
             return Ok(());
         }
         let groups = newest_per_key(events)?;
-        if !self.client.as_ref().is_some_and(|c| !c.is_closed()) {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             self.client = None;
             self.connect().await?;
         }
