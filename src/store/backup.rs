@@ -134,9 +134,11 @@ impl Store {
         let mut txn = db
             .begin_write()
             .map_err(|e| StoreError::from_redb(&path, e))?;
-        txn.set_durability(Durability::Immediate);
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| StoreError::from_redb(&path, e))?;
         txn.commit().map_err(|e| StoreError::from_redb(&path, e))?;
         self.inner.lazy_commits.store(0, Ordering::Relaxed);
+        self.inner.durable_commits.fetch_add(1, Ordering::AcqRel);
         let mut src =
             File::open(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let mut buf = vec![0u8; 1 << 20];
