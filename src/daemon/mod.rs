@@ -254,7 +254,10 @@ async fn run_open(
         };
         let client = match client {
             Ok(c) => c,
-            Err(e) if e.is_transient() => {
+            // Refused credentials are retried too: the password is read
+            // again on every attempt, so writing the new one to
+            // password_file is all a rotation takes.
+            Err(e) if e.is_transient() || e.is_auth_failure() => {
                 let delay = stream::reconnect_delay(attempt);
                 tracing::warn!(error = %e, retry_in = ?delay, "cannot connect to the source; retrying");
                 *state.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
