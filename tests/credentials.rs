@@ -143,3 +143,44 @@ async fn a_rotated_source_password_is_picked_up_from_password_file_without_a_res
         "no password in the log"
     );
 }
+
+/// What tokio-postgres prints as "db error" reaches logs and status with
+/// its SQLSTATE, message, detail and hint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_errors_carry_sqlstate_message_detail_and_hint() {
+    let db = TestDb::new("cred_pg_errors");
+    let client = db.client().await;
+    client
+        .batch_execute("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let e = client
+        .execute("INSERT INTO t VALUES (1)", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "db error",
+        "tokio-postgres alone says nothing"
+    );
+    let text = steward::source::wire::describe_pg_error(&e);
+    assert!(
+        text.starts_with("ERROR 23505: duplicate key value"),
+        "{text}"
+    );
+    assert!(
+        text.contains("(detail: Key (id)=(1) already exists.)"),
+        "{text}"
+    );
+
+    let e = client
+        .query("SELECT no_such_function(1)", &[])
+        .await
+        .unwrap_err();
+    let text = steward::source::wire::describe_pg_error(&e);
+    assert!(
+        text.starts_with("ERROR 42883: function no_such_function"),
+        "{text}"
+    );
+    assert!(text.contains("(hint: No function matches"), "{text}");
+}
