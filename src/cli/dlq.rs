@@ -65,7 +65,16 @@ pub async fn run(
             config.state.path.display()
         );
     }
-    let response = match Store::open(&config.state.path) {
+    // A running daemon answers: opening the state file could make it wait.
+    let running = crate::daemon::status::running_daemon(&config).is_some();
+    let opened = if running {
+        Err(StoreError::Locked {
+            path: config.state.path.clone(),
+        })
+    } else {
+        Store::open(&config.state.path)
+    };
+    let response = match opened {
         Ok(store) => {
             let r = requests::apply(&store, target, &request)?;
             drop(store);

@@ -17,6 +17,10 @@ pub type RequestFn = Box<dyn FnOnce() -> anyhow::Result<Request>>;
 
 /// Runs `req` and returns the answer.
 pub fn request(config: &Config, req: Request) -> anyhow::Result<Response> {
+    // A running daemon answers: opening the state file could make it wait.
+    if crate::daemon::status::running_daemon(config).is_some() {
+        return via_daemon(config, &req);
+    }
     match Store::open(&config.state.path) {
         Ok(store) => answer_offline(config, &store, req),
         Err(StoreError::Locked { .. }) => via_daemon(config, &req),

@@ -29,6 +29,9 @@ pub struct ResetArgs {
 }
 
 pub async fn run(config: Config, args: ResetArgs) -> anyhow::Result<()> {
+    if status::running_daemon(&config).is_some() {
+        return online(&config, &args).await;
+    }
     match Store::open(&config.state.path) {
         Ok(store) => offline(&config, &store, &args),
         Err(StoreError::Locked { .. }) => online(&config, &args).await,

@@ -22,6 +22,8 @@ struct Report {
 #[derive(Serialize)]
 struct DaemonReport {
     running: bool,
+    /// Running, but it has not opened the state file yet.
+    starting: bool,
     pid: Option<u32>,
     checkpoint: Option<String>,
     source_connected: Option<bool>,
@@ -45,16 +47,16 @@ struct SourceReport {
 }
 
 pub async fn run(config: Config, json: bool) -> anyhow::Result<()> {
-    let (daemon, targets) = daemon_view(&config)?;
-    let snapshots = snapshot_view(&config);
-    let stopped_entities = stopped_view(&config);
+    // The state file is read (and released) before the network is asked
+    // anything, so it is held for milliseconds, not for a connection timeout.
+    let local = local_view(&config)?;
     let source = source_view(&config).await;
     let report = Report {
-        daemon,
+        daemon: local.daemon,
         source,
-        targets,
-        snapshots,
-        stopped_entities,
+        targets: local.targets,
+        snapshots: local.snapshots,
+        stopped_entities: local.stopped_entities,
     };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -66,16 +68,31 @@ pub async fn run(config: Config, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn daemon_view(config: &Config) -> anyhow::Result<(DaemonReport, Vec<TargetStatusLine>)> {
+/// What the state file (or the running daemon's status file) says.
+struct LocalView {
+    daemon: DaemonReport,
+    targets: Vec<TargetStatusLine>,
+    snapshots: Vec<daemon::snapshot::SnapshotStatusLine>,
+    stopped_entities: Vec<daemon::schema::StoppedEntity>,
+}
+
+/// A running daemon is asked through its status file and the state file is
+/// not touched: opening it, even briefly, could make a starting daemon wait.
+/// Otherwise the state file is opened once and closed before returning.
+fn local_view(config: &Config) -> anyhow::Result<LocalView> {
     let store_path = config.state.path.display().to_string();
+    if let Some(file) = daemon::status::running_daemon(config) {
+        return Ok(from_status_file(store_path, Some(file), None));
+    }
     if !config.state.path.exists() {
         let targets = config
             .targets
             .iter()
             .map(|t| TargetStatusLine::new(&t.name, TargetStats::default()))
             .collect();
-        let report = DaemonReport {
+        let daemon = DaemonReport {
             running: false,
+            starting: false,
             pid: None,
             checkpoint: None,
             source_connected: None,
@@ -83,7 +100,12 @@ fn daemon_view(config: &Config) -> anyhow::Result<(DaemonReport, Vec<TargetStatu
             store_path,
             store_bytes: 0,
         };
-        return Ok((report, targets));
+        return Ok(LocalView {
+            daemon,
+            targets,
+            snapshots: Vec::new(),
+            stopped_entities: Vec::new(),
+        });
     }
     match Store::open(&config.state.path) {
         Ok(store) => {
@@ -92,8 +114,9 @@ fn daemon_view(config: &Config) -> anyhow::Result<(DaemonReport, Vec<TargetStatu
                 .iter()
                 .map(|t| Ok(TargetStatusLine::new(&t.name, store.target_stats(&t.name)?)))
                 .collect::<Result<Vec<_>, StoreError>>()?;
-            let report = DaemonReport {
+            let daemon = DaemonReport {
                 running: false,
+                starting: false,
                 pid: None,
                 checkpoint: store.checkpoint()?.map(|l| l.to_string()),
                 source_connected: None,
@@ -101,48 +124,57 @@ fn daemon_view(config: &Config) -> anyhow::Result<(DaemonReport, Vec<TargetStatu
                 store_path,
                 store_bytes: store.file_size(),
             };
-            Ok((report, targets))
+            let snapshots = daemon::snapshot::status_lines(&store);
+            let stopped_entities = daemon::schema::stopped(&store);
+            drop(store);
+            Ok(LocalView {
+                daemon,
+                targets,
+                snapshots,
+                stopped_entities,
+            })
         }
+        // Held by a process that wrote no status file (yet): a daemon
+        // starting, or another command.
         Err(StoreError::Locked { .. }) => {
-            let file = daemon::status::read(config);
-            let report = DaemonReport {
-                running: true,
-                pid: file.as_ref().map(|f| f.pid),
-                checkpoint: file.as_ref().map(|f| f.durable_lsn.clone()),
-                source_connected: file.as_ref().map(|f| f.source_connected),
-                last_source_error: file.as_ref().and_then(|f| f.last_source_error.clone()),
+            let holder = daemon::lock::holder(&config.state.path).map(|h| h.pid);
+            Ok(from_status_file(
                 store_path,
-                store_bytes: file.as_ref().map(|f| f.store_bytes).unwrap_or(0),
-            };
-            Ok((report, file.map(|f| f.targets).unwrap_or_default()))
+                daemon::status::read(config),
+                holder,
+            ))
         }
         Err(e) => Err(e.into()),
     }
 }
 
-/// Snapshot progress: from the store when it can be opened, else the status file.
-fn snapshot_view(config: &Config) -> Vec<daemon::snapshot::SnapshotStatusLine> {
-    if !config.state.path.exists() {
-        return Vec::new();
-    }
-    match Store::open(&config.state.path) {
-        Ok(store) => daemon::snapshot::status_lines(&store),
-        Err(_) => daemon::status::read(config)
-            .map(|f| f.snapshots)
-            .unwrap_or_default(),
-    }
-}
-
-/// Stopped entities: from the store when it can be opened, else the status file.
-fn stopped_view(config: &Config) -> Vec<daemon::schema::StoppedEntity> {
-    if !config.state.path.exists() {
-        return Vec::new();
-    }
-    match Store::open(&config.state.path) {
-        Ok(store) => daemon::schema::stopped(&store),
-        Err(_) => daemon::status::read(config)
-            .map(|f| f.stopped_entities)
-            .unwrap_or_default(),
+fn from_status_file(
+    store_path: String,
+    file: Option<daemon::StatusFile>,
+    holder: Option<u32>,
+) -> LocalView {
+    let daemon = DaemonReport {
+        running: true,
+        starting: file.as_ref().is_some_and(|f| f.starting),
+        pid: file.as_ref().map(|f| f.pid).or(holder),
+        checkpoint: file
+            .as_ref()
+            .filter(|f| !f.starting)
+            .map(|f| f.durable_lsn.clone()),
+        source_connected: file.as_ref().map(|f| f.source_connected),
+        last_source_error: file.as_ref().and_then(|f| f.last_source_error.clone()),
+        store_path,
+        store_bytes: file.as_ref().map(|f| f.store_bytes).unwrap_or(0),
+    };
+    let (targets, snapshots, stopped_entities) = match file {
+        Some(f) => (f.targets, f.snapshots, f.stopped_entities),
+        None => Default::default(),
+    };
+    LocalView {
+        daemon,
+        targets,
+        snapshots,
+        stopped_entities,
     }
 }
 
@@ -182,7 +214,12 @@ async fn source_view(config: &Config) -> SourceReport {
 
 fn print_text(r: &Report) {
     let d = &r.daemon;
-    if d.running {
+    if d.starting {
+        println!(
+            "daemon     starting (pid {})",
+            d.pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into())
+        );
+    } else if d.running {
         println!(
             "daemon     running (pid {})",
             d.pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into())

@@ -8,7 +8,7 @@ mod raw;
 mod secret;
 
 pub use delivery::{parse_duration, parse_time_of_day, DeliveryPolicy, Window};
-pub use secret::Secret;
+pub use secret::{Secret, SecretOrigin};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -27,8 +27,8 @@ use self::pgurl::parse_pg_url;
 use self::reader::{check_sql_ident, join, type_name, Errors, Reader, MAX_IDENT};
 use super::{
     Config, ConfigError, ConfigErrors, DaemonConfig, EntityConfig, FieldConfig, FieldSource,
-    HttpTargetConfig, InitialSync, MetricsConfig, Secret, SourceConfig, StateConfig, TargetConfig,
-    TargetKind,
+    HttpTargetConfig, InitialSync, MetricsConfig, Secret, SecretOrigin, SourceConfig, StateConfig,
+    TargetConfig, TargetKind,
 };
 
 const TOP_KEYS: &[&str] = &[
@@ -308,7 +308,13 @@ fn secret_from_file(key: &str, base_dir: &Path, file: &str, errs: &mut Errors) -
         );
         return None;
     }
-    Some(Secret::new(value))
+    Some(Secret::with_origin(
+        value,
+        SecretOrigin::File {
+            key: key.to_string(),
+            path,
+        },
+    ))
 }
 
 /// Reads a secret from an environment variable, which must be set and non-empty.
@@ -329,7 +335,13 @@ fn secret_from_env(key: &str, name: &str, errs: &mut Errors) -> Option<Secret> {
         return None;
     }
     match std::env::var(name) {
-        Ok(v) if !v.is_empty() => Some(Secret::new(v)),
+        Ok(v) if !v.is_empty() => Some(Secret::with_origin(
+            v,
+            SecretOrigin::Env {
+                key: key.to_string(),
+                name: name.to_string(),
+            },
+        )),
         Ok(_) => {
             errs.add(
                 key,

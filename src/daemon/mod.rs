@@ -13,6 +13,7 @@
 pub mod control;
 pub mod govern;
 pub(crate) mod large_txn;
+pub mod lock;
 pub mod monitor;
 mod privileges;
 pub mod schema;
@@ -66,13 +67,67 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
 
 /// [`run`] reporting into `state`, which outlives it (metrics listener,
 /// systemd notifications and reloads share it).
+///
+/// When it returns, every task it started is joined and the state file is
+/// closed: a reload, or a test, may open it again at once.
 pub async fn run_with(
     config: Config,
     mut shutdown: watch::Receiver<bool>,
     state: Arc<DaemonState>,
 ) -> anyhow::Result<()> {
     crate::files::refuse_shared_state_file(&config.state.path)?;
-    let store = Store::open(&config.state.path)?;
+    status::write_starting(&config);
+    let store = match lock::open_store(&config.state.path, &mut shutdown).await {
+        Ok(Some(store)) => store,
+        Ok(None) => {
+            status::remove(&config);
+            return Ok(());
+        }
+        Err(e) => {
+            status::remove(&config);
+            return Err(e);
+        }
+    };
+    let result = run_open(&config, &store, shutdown, &state).await;
+    status::remove(&config);
+    close_store(store).await;
+    result
+}
+
+/// How long a stopping run waits for the last handles on the state file
+/// (store calls of tasks already told to stop) to be dropped.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
+/// Drops this handle once it is the last one, so that the file is closed
+/// (and unlocked) on return. Aborted tasks may leave a store call running
+/// on a blocking thread for a moment; that call holds a handle until done.
+async fn close_store(store: Store) {
+    let started = Instant::now();
+    while store.handles() > 1 {
+        if started.elapsed() > CLOSE_WAIT {
+            tracing::warn!(
+                handles = store.handles() - 1,
+                "state file handles still open after the daemon stopped; they close when their \
+                 calls finish"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(store);
+}
+
+/// [`run_with`] once the state file is open. Returns only after every task
+/// it spawned has finished.
+async fn run_open(
+    config: &Config,
+    store: &Store,
+    mut shutdown: watch::Receiver<bool>,
+    state: &Arc<DaemonState>,
+) -> anyhow::Result<()> {
+    let config = config.clone();
+    let store = store.clone();
+    let state = state.clone();
     let mut pipeline = Pipeline::new(&config);
     *state
         .health
@@ -106,13 +161,19 @@ pub async fn run_with(
     let (driver_shutdown_tx, driver_shutdown_rx) = watch::channel(false);
     let mut wakers: Vec<Arc<watch::Sender<u64>>> = Vec::new();
     let mut drivers: Vec<(String, JoinHandle<anyhow::Result<()>>)> = Vec::new();
+    // Every target's sinks are built before any driver starts, so a target
+    // that cannot be set up leaves no driver running behind the error.
+    let mut all_sinks = Vec::new();
     for target in &config.targets {
-        let (wake_tx, wake_rx) = watch::channel(0u64);
         // One sink (connection) per batch that may be in flight at once.
         let sinks = (0..target.delivery.max_in_flight.max(1))
             .map(|_| sinks::build(target, &config))
             .collect::<Result<Vec<_>, _>>()
             .with_context(|| format!("cannot set up target '{}'", target.name))?;
+        all_sinks.push(sinks);
+    }
+    for (target, sinks) in config.targets.iter().zip(all_sinks) {
+        let (wake_tx, wake_rx) = watch::channel(0u64);
         let handle = tokio::spawn(driver::run_target(
             target.clone(),
             store.clone(),
@@ -195,7 +256,10 @@ pub async fn run_with(
         };
         let client = match client {
             Ok(c) => c,
-            Err(e) if e.is_transient() => {
+            // Refused credentials are retried too: the password is read
+            // again on every attempt, so writing the new one to
+            // password_file is all a rotation takes.
+            Err(e) if e.is_transient() || e.is_auth_failure() => {
                 let delay = stream::reconnect_delay(attempt);
                 tracing::warn!(error = %e, retry_in = ?delay, "cannot connect to the source; retrying");
                 *state.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
@@ -256,7 +320,10 @@ pub async fn run_with(
             // The governor's in-memory state already counts the dropped
             // transactions: start again from what the store holds, since the
             // server sends them again.
-            governor = govern::setup(&config, &store, &mut pipeline)?;
+            governor = match govern::setup(&config, &store, &mut pipeline) {
+                Ok(g) => g,
+                Err(e) => break Err(e),
+            };
             govern::publish_quarantine(&governor);
         }
         let _ = session_shutdown_tx.send(true);
@@ -317,15 +384,14 @@ pub async fn run_with(
     let _ = snapshot_task.await;
     status_task.abort();
     monitor_task.abort();
-    if let Some(h) = heartbeat_task {
+    if let Some(h) = &heartbeat_task {
         h.abort();
     }
     let _ = monitor_task.await;
-    // The aborted task holds a handle on the store: wait for it so the file
-    // is closed (and unlocked) when this function returns.
+    if let Some(h) = heartbeat_task {
+        let _ = h.await;
+    }
     let _ = status_task.await;
-    status::remove(&config);
-    drop(store);
     result
 }
 

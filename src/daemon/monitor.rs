@@ -39,6 +39,17 @@ pub struct Health {
     pub stall_budget_ms: AtomicU64,
     /// Targets whose oldest undelivered event is older than the budget, with its age.
     pub stalled: Mutex<Vec<(String, u64)>>,
+    /// Targets refusing steward's credentials, with the last error.
+    pub credentials_refused: Mutex<Vec<(String, String)>>,
+}
+
+/// Whether a target's last delivery error says its credentials were
+/// refused (a PostgreSQL target's SQLSTATE 28xxx, an HTTP 401): retried
+/// until fixed, and reported on `/readyz` at once rather than after the
+/// stall budget.
+pub fn is_credentials_error(error: &str) -> bool {
+    error.contains("authentication with the PostgreSQL server failed")
+        || error.starts_with("HTTP 401 ")
 }
 
 pub fn now_micros() -> i64 {
@@ -116,6 +127,15 @@ pub fn readiness_problems(state: &DaemonState) -> Vec<String> {
             None => "store: not open yet".into(),
         });
     }
+    for (target, error) in state
+        .health
+        .credentials_refused
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
+        problems.push(format!("target {target}: credentials refused ({error})"));
+    }
     let budget = state.health.stall_budget_ms.load(Ordering::Relaxed);
     for (target, age_ms) in state
         .health
@@ -156,6 +176,7 @@ fn poll_store(config: &Config, store: &Store, state: &DaemonState) {
     let budget = state.health.stall_budget_ms.load(Ordering::Relaxed);
     let now = chrono::Utc::now();
     let mut stalled = Vec::new();
+    let mut refused = Vec::new();
     tokio::task::block_in_place(|| {
         metrics::gauge!(m::STORE_BYTES).set(store.file_size() as f64);
         for target in &config.targets {
@@ -175,6 +196,11 @@ fn poll_store(config: &Config, store: &Store, state: &DaemonState) {
             } as u64;
             metrics::gauge!(m::TARGET_OLDEST_UNDELIVERED_SECONDS, "target" => name.clone())
                 .set(age_ms as f64 / 1000.0);
+            if let Ok(Some(error)) = store.target_stats(&name).map(|s| s.last_error) {
+                if is_credentials_error(&error) {
+                    refused.push((name.clone(), error));
+                }
+            }
             if age_ms > budget {
                 stalled.push((name, age_ms));
             }
@@ -185,6 +211,11 @@ fn poll_store(config: &Config, store: &Store, state: &DaemonState) {
         .stalled
         .lock()
         .unwrap_or_else(|p| p.into_inner()) = stalled;
+    *state
+        .health
+        .credentials_refused
+        .lock()
+        .unwrap_or_else(|p| p.into_inner()) = refused;
 }
 
 async fn poll_slot(config: &Config, sql: &mut Option<tokio_postgres::Client>) {
@@ -338,6 +369,26 @@ mod tests {
                 "target wms: oldest undelivered event is 301s old (budget 300s)",
                 "target mes: oldest undelivered event is 900s old (budget 300s)"
             ]
+        );
+    }
+
+    #[test]
+    fn a_target_refusing_credentials_is_not_ready() {
+        let state = ready_state();
+        let error = "target pg: cannot connect to postgres://w@db/mdm: authentication with the \
+                     PostgreSQL server failed: password authentication failed for user \"w\"; \
+                     check targets.pg.password_file/password_env";
+        assert!(is_credentials_error(error));
+        assert!(is_credentials_error(
+            "HTTP 401 from https://wms/x (empty body)"
+        ));
+        assert!(!is_credentials_error(
+            "HTTP 503 from https://wms/x (empty body)"
+        ));
+        *state.health.credentials_refused.lock().unwrap() = vec![("pg".into(), error.into())];
+        assert_eq!(
+            readiness_problems(&state),
+            [format!("target pg: credentials refused ({error})")]
         );
     }
 

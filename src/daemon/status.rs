@@ -1,6 +1,10 @@
 //! The status file: while the daemon runs it holds the redb file locked, so
 //! it publishes a small JSON snapshot of its state next to it every few
 //! seconds for `steward status`.
+//!
+//! The daemon writes it (marked `starting`) before it opens the state file,
+//! so CLI commands that find it, naming a live process, leave the state
+//! file to the daemon from its first moment on (see [`running_daemon`]).
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -19,6 +23,9 @@ const STATUS_WRITE_INTERVAL: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusFile {
     pub pid: u32,
+    /// The daemon has not opened the state file yet (the other figures are empty).
+    #[serde(default)]
+    pub starting: bool,
     pub written_at: String,
     pub source_connected: bool,
     pub durable_lsn: String,
@@ -92,6 +99,7 @@ pub fn collect(config: &Config, store: &Store, state: &DaemonState) -> StatusFil
         .collect();
     StatusFile {
         pid: std::process::id(),
+        starting: false,
         written_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         source_connected: state.connected.load(Ordering::Relaxed),
         durable_lsn: Lsn(state.durable_lsn.load(Ordering::Relaxed)).to_string(),
@@ -133,9 +141,45 @@ pub fn spawn_writer(
     })
 }
 
+/// Announces this process as the daemon before it opens the state file.
+/// Leaves the file alone when it names another live daemon (which keeps the
+/// state file; this one will wait for it and give up).
+pub fn write_starting(config: &Config) {
+    if running_daemon(config).is_some() {
+        return;
+    }
+    let status = StatusFile {
+        pid: std::process::id(),
+        starting: true,
+        written_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        source_connected: false,
+        durable_lsn: Lsn::ZERO.to_string(),
+        last_source_error: None,
+        store_bytes: 0,
+        targets: Vec::new(),
+        snapshots: Vec::new(),
+        stopped_entities: Vec::new(),
+    };
+    write(config, &status);
+}
+
 /// On exit the file goes away: `steward status` then reads the store itself.
+/// A file another live daemon wrote is left in place.
 pub fn remove(config: &Config) {
+    if read(config)
+        .is_some_and(|f| f.pid != std::process::id() && super::lock::process_alive(f.pid))
+    {
+        return;
+    }
     let _ = std::fs::remove_file(status_path(config));
+}
+
+/// The status file of a daemon running for this configuration in another
+/// process, if there is one: CLI commands then ask it instead of opening
+/// the state file. A file left by a daemon that died (kill -9) names a pid
+/// that is gone and does not count.
+pub fn running_daemon(config: &Config) -> Option<StatusFile> {
+    read(config).filter(|f| f.pid != std::process::id() && super::lock::process_alive(f.pid))
 }
 
 pub fn read(config: &Config) -> Option<StatusFile> {

@@ -362,9 +362,15 @@ impl DevCluster {
         }
     }
 
-    /// Writes `pg_hba.conf` as `lines` followed by the default trust lines and
-    /// reloads the server. A file the server cannot parse is not installed.
+    /// Writes `pg_hba.conf` as `lines`, then the lines earlier calls added
+    /// (tests sharing the cluster each add their roles' rules; the first
+    /// matching line wins, so the newest rule for a role counts), then the
+    /// default trust lines, and reloads the server. A file the server cannot
+    /// parse is not installed.
     pub fn set_hba(&self, lines: &[&str]) -> Result<(), DevError> {
+        // Read-modify-write of one file by tests running in parallel.
+        static HBA: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _serial = HBA.lock().unwrap_or_else(|p| p.into_inner());
         for line in lines {
             if line.contains(['\n', '\r', '\0']) {
                 return Err(DevError::Invalid {
@@ -376,8 +382,15 @@ impl DevCluster {
         }
         let path = self.data_dir.join("pg_hba.conf");
         let previous = fs::read(&path).map_err(io_err("cannot read pg_hba.conf"))?;
-        let mut text = String::from("# set by DevCluster::set_hba\n");
-        for line in lines {
+        const HEADER: &str = "# set by DevCluster::set_hba\n";
+        let previous_text = String::from_utf8_lossy(&previous);
+        let earlier: Vec<&str> = previous_text
+            .strip_prefix(HEADER)
+            .and_then(|t| t.strip_suffix(DEFAULT_HBA))
+            .map(|t| t.lines().filter(|l| !lines.contains(l)).collect())
+            .unwrap_or_default();
+        let mut text = String::from(HEADER);
+        for line in lines.iter().chain(earlier.iter()) {
             text.push_str(line);
             text.push('\n');
         }

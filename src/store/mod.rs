@@ -181,6 +181,12 @@ impl Store {
         &self.inner.path
     }
 
+    /// Handles on the file in this process (this one and its clones): the
+    /// file is closed, and its lock released, when the last one is dropped.
+    pub fn handles(&self) -> usize {
+        Arc::strong_count(&self.inner)
+    }
+
     /// The end LSN of the last source transaction made durable, if any.
     pub fn checkpoint(&self) -> Result<Option<Lsn>, StoreError> {
         self.read(|txn| {

@@ -82,6 +82,8 @@ pub struct HttpSink {
     source: String,
     target: String,
     header_names: Vec<String>,
+    /// The 401 / 403 hint naming where the credentials come from.
+    credentials: String,
     timeout: Duration,
     connect_timeout: Duration,
     /// Size of the previous body, to allocate the next one in one go.
@@ -131,6 +133,7 @@ impl HttpSink {
                 what: "connect_timeout",
             });
         }
+        let credentials = credentials_hint(name, http);
         let mut headers = header_map(name, &http.headers)?;
         if let Some(token) = &http.extra.bearer_token {
             let mut value =
@@ -166,6 +169,7 @@ impl HttpSink {
             source: source.clone(),
             target: name.clone(),
             header_names: http.headers.iter().map(|(n, _)| n.clone()).collect(),
+            credentials,
             timeout: http.timeout,
             connect_timeout: http.connect_timeout,
             body_size_hint: 0,
@@ -233,6 +237,7 @@ impl HttpSink {
             timeout: self.timeout,
             connect_timeout: self.connect_timeout,
             target: &self.target,
+            credentials: &self.credentials,
         };
         let outcome = service::finish(&endpoint, sent).await;
         let elapsed_ms = started.elapsed().as_millis() as u64;
@@ -247,6 +252,32 @@ impl HttpSink {
             ),
         }
         outcome
+    }
+}
+
+/// The 401 / 403 hint: the key the credentials really come from (the
+/// bearer token replaces an Authorization header).
+fn credentials_hint(target: &str, http: &HttpTargetConfig) -> String {
+    if let Some(token) = &http.extra.bearer_token {
+        let key = token
+            .key()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("targets.{target}.bearer_token_file"));
+        return format!("check the token in {key}");
+    }
+    match http
+        .headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("authorization"))
+    {
+        Some((n, secret)) => match secret.key() {
+            Some(key) => format!("check the credentials in {key}"),
+            None => format!("check the credentials in targets.{target}.headers.{n}"),
+        },
+        None => format!(
+            "targets.{target} sends no credentials: set bearer_token_file or bearer_token_env, \
+             or an Authorization header in targets.{target}.headers"
+        ),
     }
 }
 
@@ -616,6 +647,44 @@ mod tests {
             .headers
             .iter()
             .any(|(k, v)| k == "authorization" && v.starts_with("Basic ")));
+    }
+
+    #[test]
+    fn a_refused_token_is_traced_to_the_key_it_came_from() {
+        use crate::config::SecretOrigin;
+        let (_, mut http) = config("http://127.0.0.1:1/x", Duration::from_secs(1));
+        assert_eq!(
+            credentials_hint("wms", &http),
+            "check the credentials in targets.wms.headers.Authorization"
+        );
+        http.extra.bearer_token = Some(Secret::with_origin(
+            "t0ken",
+            SecretOrigin::Env {
+                key: "targets.wms.bearer_token_env".into(),
+                name: "WMS_TOKEN".into(),
+            },
+        ));
+        assert_eq!(
+            credentials_hint("wms", &http),
+            "check the token in targets.wms.bearer_token_env"
+        );
+        http.extra.bearer_token = None;
+        http.headers = vec![(
+            "authorization".into(),
+            Secret::with_origin(
+                "Bearer x",
+                SecretOrigin::File {
+                    key: "targets.wms.headers.authorization.file".into(),
+                    path: "/run/token".into(),
+                },
+            ),
+        )];
+        assert_eq!(
+            credentials_hint("wms", &http),
+            "check the credentials in targets.wms.headers.authorization.file"
+        );
+        http.headers.clear();
+        assert!(credentials_hint("wms", &http).contains("targets.wms sends no credentials"));
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub(super) struct Endpoint<'a> {
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub target: &'a str,
+    /// What a 401 / 403 asks the operator to check: the configuration key
+    /// the credentials came from (see `HttpSink::new`).
+    pub credentials: &'a str,
 }
 
 /// Turns the outcome of `send()` into `Ok` (2xx) or a classified failure.
@@ -103,7 +106,7 @@ pub(super) fn classify_status(
         message.push_str(": ");
         message.push_str(body);
     }
-    if let Some(hint) = hint(code, endpoint.target) {
+    if let Some(hint) = hint(code, endpoint) {
         message.push_str(" (");
         message.push_str(&hint);
         message.push(')');
@@ -116,12 +119,13 @@ pub(super) fn classify_status(
     }
 }
 
-fn hint(code: u16, target: &str) -> Option<String> {
+fn hint(code: u16, endpoint: &Endpoint<'_>) -> Option<String> {
+    let target = endpoint.target;
     match code {
         300..=399 => Some(format!(
             "redirects are not followed for POST; set targets.{target}.url to the final URL"
         )),
-        401 | 403 => Some(format!("check the credentials in targets.{target}.headers")),
+        401 | 403 => Some(endpoint.credentials.to_string()),
         404 | 405 => Some(format!("check targets.{target}.url")),
         413 => Some(format!(
             "the batch is too large; lower targets.{target}.batch_max_events"
@@ -246,6 +250,7 @@ mod tests {
             timeout: Duration::from_millis(1500),
             connect_timeout: Duration::from_millis(250),
             target: "wms",
+            credentials: "check the credentials in targets.wms.headers.Authorization",
         }
     }
 
@@ -291,7 +296,7 @@ mod tests {
         let f = classify_status(&e, StatusCode::UNAUTHORIZED, "", None);
         assert_eq!(
             f.message,
-            "HTTP 401 from https://wms.example/events (empty body) (check the credentials in targets.wms.headers)"
+            "HTTP 401 from https://wms.example/events (empty body) (check the credentials in targets.wms.headers.Authorization)"
         );
     }
 

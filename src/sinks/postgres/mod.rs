@@ -41,7 +41,7 @@ use tokio_postgres::{Client, Statement};
 use crate::config::{Config, DeleteMode, PostgresTargetConfig, SourceConfig, TargetConfig};
 use crate::model::{Event, EventOp};
 use crate::sinks::DeliveryError;
-use crate::source::wire::{connect_sql, quote_ident};
+use crate::source::wire::{connect_sql, describe_pg_error, quote_ident};
 
 /// Columns steward owns; a field with one of these names gets no column.
 const RESERVED: &[&str] = &[
@@ -145,7 +145,9 @@ impl PostgresSink {
                 .replace("the source PostgreSQL server", "the PostgreSQL server")
                 .replace("source.", &format!("targets.{}.", self.target));
             DeliveryError {
-                retryable: e.is_transient(),
+                // A refused password is retried: the password file is read
+                // again on every connection, so a rotation heals by itself.
+                retryable: e.is_transient() || e.is_auth_failure(),
                 message: format!(
                     "target {}: cannot connect to {}: {text}",
                     self.target, self.conn.url_display
@@ -219,7 +221,11 @@ impl PostgresSink {
         groups: &[(&str, Vec<&Event>)],
     ) -> Result<(), DeliveryError> {
         let tx = client.transaction().await.map_err(|e| {
-            DeliveryError::retryable(format!("target {}: cannot begin: {e}", self.target))
+            DeliveryError::retryable(format!(
+                "target {}: cannot begin: {}",
+                self.target,
+                describe_pg_error(&e)
+            ))
         })?;
         for (entity, events) in groups {
             let (Some(plan), Some(prepared)) =
@@ -260,8 +266,9 @@ impl PostgresSink {
         }
         tx.commit().await.map_err(|e| {
             DeliveryError::retryable(format!(
-                "target {}: cannot commit the batch: {e}",
-                self.target
+                "target {}: cannot commit the batch: {}",
+                self.target,
+                describe_pg_error(&e)
             ))
         })
     }
@@ -308,13 +315,21 @@ impl PostgresSink {
     fn classify(&self, e: tokio_postgres::Error, table: &str, doing: &str) -> DeliveryError {
         let Some(db) = e.as_db_error() else {
             return DeliveryError::retryable(format!(
-                "target {}: lost the connection to {} while {doing} {table}: {e}",
-                self.target, self.conn.url_display
+                "target {}: lost the connection to {} while {doing} {table}: {}",
+                self.target,
+                self.conn.url_display,
+                describe_pg_error(&e)
             ));
         };
         let code = db.code();
         let class = &code.code()[..2.min(code.code().len())];
-        let detail = format!("{} (SQLSTATE {})", db.message(), code.code());
+        let mut detail = format!("{} (SQLSTATE {})", db.message(), code.code());
+        if let Some(d) = db.detail() {
+            detail.push_str(&format!(" (detail: {d})"));
+        }
+        if let Some(h) = db.hint() {
+            detail.push_str(&format!(" (hint: {h})"));
+        }
         let fix = if *code == SqlState::UNDEFINED_TABLE || *code == SqlState::INVALID_SCHEMA_NAME {
             format!(
                 "; create the table (the README's PostgreSQL target section has the DDL) or set \

@@ -20,7 +20,7 @@ use tokio::net::{TcpStream, UnixStream};
 use super::codec::{self, Backend, Frame, ServerFields};
 use super::error::WireError;
 use super::tls::{self, Transport};
-use crate::config::{SourceConfig, SslMode};
+use crate::config::{Secret, SourceConfig, SslMode};
 
 /// Session settings that give pgoutput's and queries' text values one
 /// predictable format whatever the server's or role's defaults are.
@@ -122,10 +122,11 @@ fn is_unix_socket(cfg: &SourceConfig) -> bool {
 /// Opens a replication connection: transport, TLS, startup, authentication,
 /// up to the first ReadyForQuery.
 pub(crate) async fn open_replication(cfg: &SourceConfig) -> Result<Conn, WireError> {
+    let password = current_password(cfg)?;
     with_timeout(cfg, async {
         let io = open_transport(cfg).await?;
         let mut conn = Conn::new(io);
-        startup(&mut conn, cfg).await?;
+        startup(&mut conn, cfg, password.as_ref()).await?;
         Ok(conn)
     })
     .await
@@ -222,7 +223,11 @@ fn tls_refused(cfg: &SourceConfig) -> WireError {
     ))
 }
 
-async fn startup(conn: &mut Conn, cfg: &SourceConfig) -> Result<(), WireError> {
+async fn startup(
+    conn: &mut Conn,
+    cfg: &SourceConfig,
+    password: Option<&Secret>,
+) -> Result<(), WireError> {
     codec::check_no_nul("source user", &cfg.user)?;
     codec::check_no_nul("source database name", &cfg.dbname)?;
     let mut buf = BytesMut::new();
@@ -236,7 +241,7 @@ async fn startup(conn: &mut Conn, cfg: &SourceConfig) -> Result<(), WireError> {
     frontend::startup_message(params, &mut buf)
         .map_err(|e| WireError::protocol(format!("cannot encode the startup message: {e}")))?;
     conn.send(&buf).await?;
-    authenticate(conn, cfg).await?;
+    authenticate(conn, cfg, password).await?;
     loop {
         match conn.read_message().await? {
             Backend::Message(Message::ParameterStatus(p)) => note_parameter(conn, &p)?,
@@ -291,14 +296,27 @@ fn startup_error(f: ServerFields, cfg: &SourceConfig) -> WireError {
     }
 }
 
-fn password(cfg: &SourceConfig) -> Result<&str, WireError> {
+/// The password as its file or variable holds it now: every connection
+/// reads it again, so a rotated password needs no restart.
+fn current_password(cfg: &SourceConfig) -> Result<Option<Secret>, WireError> {
     cfg.password
         .as_ref()
-        .map(|p| p.expose())
-        .ok_or(WireError::NoPassword)
+        .map(|p| {
+            p.current()
+                .map_err(|e| WireError::Auth(format!("cannot read the password: {e}")))
+        })
+        .transpose()
 }
 
-async fn authenticate(conn: &mut Conn, cfg: &SourceConfig) -> Result<(), WireError> {
+fn password(password: Option<&Secret>) -> Result<&str, WireError> {
+    password.map(|p| p.expose()).ok_or(WireError::NoPassword)
+}
+
+async fn authenticate(
+    conn: &mut Conn,
+    cfg: &SourceConfig,
+    current: Option<&Secret>,
+) -> Result<(), WireError> {
     let mut buf = BytesMut::new();
     let mut scram: Option<ScramSha256> = None;
     loop {
@@ -318,12 +336,16 @@ async fn authenticate(conn: &mut Conn, cfg: &SourceConfig) -> Result<(), WireErr
                 if !conn.io.is_tls() {
                     tracing::warn!("the source server asked for a cleartext password over an unencrypted connection; use scram-sha-256 in pg_hba.conf or enable TLS");
                 }
-                frontend::password_message(password(cfg)?.as_bytes(), &mut buf)
+                frontend::password_message(password(current)?.as_bytes(), &mut buf)
                     .map_err(|_| WireError::Auth("the password contains a NUL byte".into()))?;
                 conn.send(&buf).await?;
             }
             Message::AuthenticationMd5Password(body) => {
-                let hash = md5_hash(cfg.user.as_bytes(), password(cfg)?.as_bytes(), body.salt());
+                let hash = md5_hash(
+                    cfg.user.as_bytes(),
+                    password(current)?.as_bytes(),
+                    body.salt(),
+                );
                 frontend::password_message(hash.as_bytes(), &mut buf)
                     .map_err(|_| WireError::Auth("cannot encode the md5 response".into()))?;
                 conn.send(&buf).await?;
@@ -360,7 +382,7 @@ async fn authenticate(conn: &mut Conn, cfg: &SourceConfig) -> Result<(), WireErr
                         )),
                     };
                 tracing::debug!(mechanism, "authenticating to the source with SCRAM");
-                let s = ScramSha256::new(password(cfg)?.as_bytes(), binding);
+                let s = ScramSha256::new(password(current)?.as_bytes(), binding);
                 frontend::sasl_initial_response(mechanism, s.message(), &mut buf).map_err(|e| {
                     WireError::protocol(format!("cannot encode SASL response: {e}"))
                 })?;
@@ -428,7 +450,7 @@ pub async fn connect_sql(cfg: &SourceConfig) -> Result<tokio_postgres::Client, W
     if !cfg.connect_timeout.is_zero() {
         pg.connect_timeout(cfg.connect_timeout);
     }
-    if let Some(p) = &cfg.password {
+    if let Some(p) = current_password(cfg)? {
         pg.password(p.expose());
     }
     with_timeout(cfg, async {
@@ -471,7 +493,8 @@ where
 {
     tokio::spawn(async move {
         if let Err(e) = connection.await {
-            tracing::warn!(error = %e, "SQL connection to the source ended with an error");
+            let error = super::error::describe_pg_error(&e);
+            tracing::warn!(%error, "SQL connection to the source ended with an error");
         }
     });
 }
@@ -610,7 +633,8 @@ mod tests {
             server
         });
         let mut conn = Conn::new(Transport::Test(client));
-        startup(&mut conn, &cfg(Some("pw"))).await.unwrap();
+        let c = cfg(Some("pw"));
+        startup(&mut conn, &c, c.password.as_ref()).await.unwrap();
         assert_eq!(
             conn.params.get("server_version").map(String::as_str),
             Some("15.4 (Debian)")
@@ -628,7 +652,10 @@ mod tests {
             server
         });
         let mut conn = Conn::new(Transport::Test(client));
-        let e = startup(&mut conn, &cfg(None)).await.unwrap_err();
+        let c = cfg(None);
+        let e = startup(&mut conn, &c, c.password.as_ref())
+            .await
+            .unwrap_err();
         assert!(matches!(e, WireError::NoPassword), "{e}");
         srv.await.unwrap();
     }
@@ -654,7 +681,10 @@ mod tests {
             server
         });
         let mut conn = Conn::new(Transport::Test(client));
-        let e = startup(&mut conn, &cfg(Some("hunter2"))).await.unwrap_err();
+        let c = cfg(Some("hunter2"));
+        let e = startup(&mut conn, &c, c.password.as_ref())
+            .await
+            .unwrap_err();
         let text = e.to_string();
         assert!(matches!(e, WireError::Auth(_)), "{text}");
         assert!(text.contains("source.password_file"), "{text}");
@@ -675,7 +705,10 @@ mod tests {
             server
         });
         let mut conn = Conn::new(Transport::Test(client));
-        let e = startup(&mut conn, &cfg(Some("pw"))).await.unwrap_err();
+        let c = cfg(Some("pw"));
+        let e = startup(&mut conn, &c, c.password.as_ref())
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("pg_hba.conf"), "{e}");
         srv.await.unwrap();
     }

@@ -94,9 +94,48 @@ impl WireError {
         }
     }
 
+    /// The server refused the credentials (wrong or rotated password, a
+    /// pg_hba.conf rule) or the password could not be read. Worth retrying
+    /// on a connection that worked before: the password file may be
+    /// updated, or the rule fixed, while steward waits.
+    pub fn is_auth_failure(&self) -> bool {
+        match self {
+            WireError::Auth(_) => true,
+            WireError::Server { code, .. } => code.starts_with("28"),
+            _ => false,
+        }
+    }
+
     pub(crate) fn protocol(msg: impl Into<String>) -> WireError {
         WireError::Protocol(msg.into())
     }
+}
+
+/// A tokio-postgres error for logs and status: for a server error its
+/// SQLSTATE, message, detail and hint (tokio-postgres' own `Display` says
+/// only "db error"); otherwise the error and its causes.
+pub fn describe_pg_error(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut text = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+        if let Some(detail) = db.detail() {
+            text.push_str(&format!(" (detail: {detail})"));
+        }
+        if let Some(hint) = db.hint() {
+            text.push_str(&format!(" (hint: {hint})"));
+        }
+        return text;
+    }
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let cause = s.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+        source = s.source();
+    }
+    text
 }
 
 #[cfg(test)]

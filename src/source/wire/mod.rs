@@ -25,7 +25,7 @@ use tokio::io::AsyncWriteExt;
 pub use codec::{quote_ident, quote_literal, ReplicationMessage};
 pub use connect::{connect_sql, APPLICATION_NAME, SESSION_OPTIONS};
 pub use copy_both::ReplicationStream;
-pub use error::WireError;
+pub use error::{describe_pg_error, WireError};
 pub use tls::client_config as tls_client_config;
 
 use codec::{Backend, ServerFields};
