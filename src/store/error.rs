@@ -139,9 +139,9 @@ impl StoreError {
                 path: path_buf,
                 detail: format!("redb file format {v} needs an upgrade"),
             },
-            redb::Error::TableTypeMismatch { table, .. } => StoreError::Incompatible {
+            redb::Error::TableTypeMismatch(mismatch) => StoreError::Incompatible {
                 path: path_buf,
-                detail: format!("table {table:?} has an unexpected layout"),
+                detail: format!("table {:?} has an unexpected layout", mismatch.table()),
             },
             other => StoreError::Internal {
                 path: path_buf,

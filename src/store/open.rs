@@ -158,7 +158,7 @@ pub(super) fn open_database(path: &Path, cache_bytes: usize) -> Result<Database,
             redb_open(path, || {
                 let mut builder = redb::Builder::new();
                 builder.set_cache_size(cache_bytes);
-                builder.create_with_backend(FileBackend::new(file)?)
+                builder.create_with_backend(FileBackend::new(file))
             })
         }
     }
@@ -179,7 +179,7 @@ fn create(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
     let result = redb_open(path, || {
         let mut builder = redb::Builder::new();
         builder.set_cache_size(cache_bytes);
-        builder.create_with_backend(FileBackend::new(file)?)
+        builder.create_with_backend(FileBackend::new(file))
     });
     if result.is_err() {
         // A half-initialised file would read as damage at the next start;
@@ -199,8 +199,7 @@ fn verify(path: &Path) -> Result<(), StoreError> {
         .write(true)
         .open(path)
         .map_err(|e| StoreError::from_io(path, e))?;
-    let overlay = Overlay::new(FileBackend::new(file).map_err(|e| StoreError::from_redb(path, e))?)
-        .map_err(|e| StoreError::from_io(path, e))?;
+    let overlay = Overlay::new(FileBackend::new(file)).map_err(|e| StoreError::from_io(path, e))?;
     // A plain open first: after a crash it recovers the last complete
     // commit, as the real open will. The check then verifies every page of
     // what the real open will use. Had redb to fall back from the last
@@ -352,7 +351,7 @@ impl Overlay {
     }
 
     /// The block as redb last left it.
-    fn block(&self, state: &OverlayState, index: u64, out: &mut [u8]) -> io::Result<()> {
+    fn block(&self, state: &OverlayState, index: u64, out: &mut [u8]) -> Result<(), BackendError> {
         if let Some(block) = state.blocks.get(&index) {
             out.copy_from_slice(block);
             return Ok(());
@@ -368,7 +367,7 @@ impl Overlay {
 }
 
 impl StorageBackend for Overlay {
-    fn len(&self) -> io::Result<u64> {
+    fn len(&self) -> Result<u64, BackendError> {
         Ok(self
             .state
             .lock()
@@ -376,7 +375,7 @@ impl StorageBackend for Overlay {
             .len)
     }
 
-    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+    fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), BackendError> {
         let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let end = offset
             .checked_add(out.len() as u64)
@@ -396,7 +395,7 @@ impl StorageBackend for Overlay {
         Ok(())
     }
 
-    fn set_len(&self, len: u64) -> io::Result<()> {
+    fn set_len(&self, len: u64) -> Result<(), BackendError> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if len < state.len {
             state.file_len = state.file_len.min(len);
@@ -415,11 +414,11 @@ impl StorageBackend for Overlay {
         Ok(())
     }
 
-    fn sync_data(&self) -> io::Result<()> {
+    fn sync_data(&self) -> Result<(), BackendError> {
         Ok(())
     }
 
-    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+    fn write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let end = offset + data.len() as u64;
         if end > state.len {
@@ -440,7 +439,7 @@ impl StorageBackend for Overlay {
         Ok(())
     }
 
-    fn close(&self) -> io::Result<()> {
+    fn close(&self) -> Result<(), BackendError> {
         self.file.close()
     }
 
@@ -539,7 +538,7 @@ mod tests {
             .write(true)
             .open(&path)
             .unwrap();
-        let o = Overlay::new(FileBackend::new(file).unwrap()).unwrap();
+        let o = Overlay::new(FileBackend::new(file)).unwrap();
         let mut buf = vec![0u8; 200];
         o.read(BLOCK - 100, &mut buf).unwrap();
         assert_eq!(

@@ -40,12 +40,13 @@ impl Store {
                 return Ok(None);
             };
             let k = join(&[entity, key]);
-            match t.get(k.as_str())? {
+            let found = match t.get(k.as_str())? {
                 Some(v) => serde_json::from_slice(v.value())
                     .map(Some)
                     .map_err(|e| TxnError::Corrupt(format!("quarantine entry {k:?}: {e}"))),
                 None => Ok(None),
-            }
+            };
+            found
         })
     }
 }

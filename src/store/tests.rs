@@ -319,21 +319,21 @@ impl FillableDisk {
 }
 
 impl redb::StorageBackend for FillableDisk {
-    fn len(&self) -> io::Result<u64> {
+    fn len(&self) -> std::result::Result<u64, redb::BackendError> {
         self.file.len()
     }
-    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::result::Result<(), redb::BackendError> {
         self.file.read(offset, out)
     }
-    fn set_len(&self, len: u64) -> io::Result<()> {
+    fn set_len(&self, len: u64) -> std::result::Result<(), redb::BackendError> {
         self.check()?;
         self.file.set_len(len)
     }
-    fn sync_data(&self) -> io::Result<()> {
+    fn sync_data(&self) -> std::result::Result<(), redb::BackendError> {
         self.check()?;
         self.file.sync_data()
     }
-    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+    fn write(&self, offset: u64, data: &[u8]) -> std::result::Result<(), redb::BackendError> {
         self.check()?;
         self.file.write(offset, data)
     }
@@ -356,8 +356,7 @@ fn full_disk_is_reported_and_recovered_from_once_space_is_freed() {
                 .open(&file_path)
                 .map_err(|e| StoreError::from_io(&file_path, e))?;
             let backend = FillableDisk {
-                file: redb::backends::FileBackend::new(file)
-                    .map_err(|e| StoreError::from_redb(&file_path, e))?,
+                file: redb::backends::FileBackend::new(file),
                 full: flag.clone(),
             };
             redb::Builder::new()

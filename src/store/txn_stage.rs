@@ -134,7 +134,7 @@ impl Store {
             };
             let range = match after {
                 Some(after) => table.range(after..)?,
-                None => table.range::<(u32, u64)>(..)?,
+                None => table.range(..)?,
             };
             let mut out = Vec::with_capacity(limit.min(4096));
             for item in range {
