@@ -1,6 +1,7 @@
 //! Opening the state file when something else holds it for a moment.
 //!
-//! redb admits one open handle per file (an exclusive `flock`). A CLI
+//! redb admits one open handle per file (an exclusive byte-range lock, an
+//! open file description lock on Linux). A CLI
 //! command run while the daemon starts (`steward status`, `steward dlq
 //! list`) may hold it for a few milliseconds, and a reload opens it again
 //! right after the previous run closed it. The daemon therefore waits for
@@ -49,18 +50,45 @@ impl std::fmt::Display for Holder {
 pub fn holder(path: &Path) -> Option<Holder> {
     let meta = std::fs::metadata(path).ok()?;
     let locks = std::fs::read_to_string("/proc/locks").ok()?;
-    let pid = lock_holder_pid(&locks, meta.dev(), meta.ino())?;
+    let pid = match lock_holder_pid(&locks, meta.dev(), meta.ino())? {
+        pid if pid > 0 => u32::try_from(pid).ok()?,
+        // An open file description lock belongs to no process (`/proc/locks`
+        // shows -1): find who has the file open.
+        _ => process_with_file_open(meta.dev(), meta.ino())?,
+    };
     Some(Holder {
         pid,
         command: command_line(pid),
     })
 }
 
+/// A process (this one first) with the file `(dev, ino)` open, among those
+/// whose descriptors this user may see.
+fn process_with_file_open(dev: u64, ino: u64) -> Option<u32> {
+    let has_open = |pid: u32| -> bool {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            return false;
+        };
+        fds.flatten()
+            .any(|fd| std::fs::metadata(fd.path()).is_ok_and(|m| m.dev() == dev && m.ino() == ino))
+    };
+    let own = std::process::id();
+    if has_open(own) {
+        return Some(own);
+    }
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != own)
+        .find(|pid| has_open(*pid))
+}
+
 /// The pid of the first granted lock on the file `(dev, ino)` in a
-/// `/proc/locks` text. Lines look like
-/// `1: FLOCK  ADVISORY  WRITE 2317 fd:01:1835059 0 EOF`; waiters are
+/// `/proc/locks` text (-1 for an open file description lock). Lines look
+/// like `1: FLOCK  ADVISORY  WRITE 2317 fd:01:1835059 0 EOF`; waiters are
 /// marked `->` and skipped.
-fn lock_holder_pid(locks: &str, dev: u64, ino: u64) -> Option<u32> {
+fn lock_holder_pid(locks: &str, dev: u64, ino: u64) -> Option<i64> {
     let (major, minor) = (dev_major(dev), dev_minor(dev));
     locks.lines().find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -188,6 +216,8 @@ mod tests {
         assert_eq!(lock_holder_pid(locks, dev, 1_835_059), Some(4242));
         assert_eq!(lock_holder_pid(locks, dev, 1_835_060), None);
         assert_eq!(lock_holder_pid(locks, (8 << 8) | 1, 99), Some(77));
+        let ofd = "1: OFDLCK ADVISORY  WRITE -1 fd:01:42 0 0\n";
+        assert_eq!(lock_holder_pid(ofd, dev, 42), Some(-1));
     }
 
     #[test]
