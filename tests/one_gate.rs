@@ -1261,6 +1261,35 @@ async fn odoo_create_pattern_in_one_transaction_is_one_event_per_key() {
     daemon.stop().await.unwrap();
 }
 
+/// After one transaction creating 20001..=22000, creating and deleting
+/// 9502 and updating then deleting 9503 (whose own update came before):
+/// exactly one event per key, final values.
+fn check_one_transaction(mes: &Receiver, dbz: &Receiver) {
+    for (who, r) in [("mes", &mes), ("dbz", &dbz)] {
+        let events = since(r, 0);
+        check_created(who, &events, 20001, 22000);
+        assert!(
+            of(&events, "product", "9502").is_empty(),
+            "{who}: inserted and deleted in one transaction: nothing"
+        );
+        let ops: Vec<&str> = of(&events, "product", "9503")
+            .iter()
+            .map(|e| op_of(e))
+            .collect();
+        let want: &[&str] = if who == "mes" {
+            &["upsert", "delete"]
+        } else {
+            &["u", "d"]
+        };
+        assert_eq!(ops, want, "{who}: 9503: its update, then ONE delete");
+        assert_eq!(
+            events.len(),
+            2002,
+            "{who}: 2,000 created, 9503's update and delete, nothing else"
+        );
+    }
+}
+
 /// B, larger than memory: a transaction touching more records than
 /// `state.commit_max_events` is staged on disk, and a record changed again
 /// after it was staged still gets one event. The batch form of Odoo's
@@ -1301,29 +1330,7 @@ async fn a_transaction_larger_than_commit_max_events_is_one_event_per_key() {
     ));
     barrier(&db, &[&mes, &dbz]).await;
 
-    for (who, r) in [("mes", &mes), ("dbz", &dbz)] {
-        let events = since(r, 0);
-        check_created(who, &events, 20001, 22000);
-        assert!(
-            of(&events, "product", "9502").is_empty(),
-            "{who}: inserted and deleted in one transaction: nothing"
-        );
-        let ops: Vec<&str> = of(&events, "product", "9503")
-            .iter()
-            .map(|e| op_of(e))
-            .collect();
-        let want: &[&str] = if who == "mes" {
-            &["upsert", "delete"]
-        } else {
-            &["u", "d"]
-        };
-        assert_eq!(ops, want, "{who}: 9503: its update, then ONE delete");
-        assert_eq!(
-            events.len(),
-            2002,
-            "{who}: 2,000 created, 9503's update and delete, nothing else"
-        );
-    }
+    check_one_transaction(&mes, &dbz);
     // A transaction's events keep its order: ids ascend.
     let events = since(&mes, 0);
     let ids: Vec<&str> = events[1..]
@@ -1382,29 +1389,7 @@ async fn a_streamed_odoo_create_transaction_is_one_event_per_key() {
     })
     .await;
 
-    for (who, r) in [("mes", &mes), ("dbz", &dbz)] {
-        let events = since(r, 0);
-        check_created(who, &events, 20001, 22000);
-        assert!(
-            of(&events, "product", "9502").is_empty(),
-            "{who}: inserted and deleted in one transaction: nothing"
-        );
-        let ops: Vec<&str> = of(&events, "product", "9503")
-            .iter()
-            .map(|e| op_of(e))
-            .collect();
-        let want: &[&str] = if who == "mes" {
-            &["upsert", "delete"]
-        } else {
-            &["u", "d"]
-        };
-        assert_eq!(ops, want, "{who}: 9503: its update, then ONE delete");
-        assert_eq!(
-            events.len(),
-            2002,
-            "{who}: 2,000 created, 9503's update and delete, nothing else"
-        );
-    }
+    check_one_transaction(&mes, &dbz);
     daemon.stop().await.unwrap();
 }
 
