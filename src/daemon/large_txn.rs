@@ -57,21 +57,22 @@ impl LargeTxn {
         governor: &Governor,
         mapped: &mut Vec<Mapped>,
     ) -> anyhow::Result<()> {
-        let records: Vec<StageRecord> = mapped
+        let records = mapped
             .drain(..)
             .map(|m| {
-                (
+                Ok((
                     identity(m.entity, &m.event.key),
                     (governor.rank_of(m.entity), u64::from(m.index)),
-                    encode(TAG_MAPPED, &m),
-                )
+                    encode(TAG_MAPPED, &m)?,
+                ))
             })
-            .collect();
+            .collect::<Result<Vec<StageRecord>, String>>()
+            .map_err(anyhow::Error::msg)?;
         store
             .stage_fold(records, &mut |old, new| {
                 let mut old = decode_mapped(old)?;
                 old.fold(decode_mapped(&new)?);
-                Ok(encode(TAG_MAPPED, &old))
+                encode(TAG_MAPPED, &old)
             })
             .context("cannot stage a large transaction's records")?;
         self.staged = true;
@@ -159,13 +160,14 @@ impl LargeTxn {
                 .records
                 .iter()
                 .map(|r| {
-                    (
+                    Ok((
                         identity(r.entity, &r.key),
                         (r.rank, r.order),
-                        encode(TAG_STAGED, r),
-                    )
+                        encode(TAG_STAGED, r)?,
+                    ))
                 })
-                .collect();
+                .collect::<Result<Vec<StageRecord>, String>>()
+                .map_err(anyhow::Error::msg)?;
             let marks = phase
                 .deferred
                 .into_iter()
@@ -174,9 +176,10 @@ impl LargeTxn {
                     let order = StagedRecord::deferral_order(self.marks);
                     let id = identity(entity, &key);
                     let mark = StagedRecord::deferral(rank, order, entity, key);
-                    (id, (rank, order), encode(TAG_STAGED, &mark))
+                    Ok((id, (rank, order), encode(TAG_STAGED, &mark)?))
                 })
-                .collect();
+                .collect::<Result<Vec<StageRecord>, String>>()
+                .map_err(anyhow::Error::msg)?;
             store
                 .stage_rewrite(&remove, put, marks)
                 .context("cannot stage a large transaction's records")?;
@@ -220,11 +223,11 @@ fn identity(entity: usize, key: &str) -> Vec<u8> {
     id
 }
 
-fn encode<T: serde::Serialize>(tag: u8, value: &T) -> Vec<u8> {
+fn encode<T: serde::Serialize>(tag: u8, value: &T) -> Result<Vec<u8>, String> {
     let mut bytes = vec![tag];
-    // Writing plain data (maps, strings, numbers already checked) to a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut bytes, value);
-    bytes
+    serde_json::to_writer(&mut bytes, value)
+        .map_err(|e| format!("a large transaction's record cannot be staged: {e}"))?;
+    Ok(bytes)
 }
 
 fn decode_mapped(bytes: &[u8]) -> Result<Mapped, String> {
