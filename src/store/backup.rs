@@ -13,7 +13,6 @@
 //! repairs the targets (see `daemon::setup`).
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -141,19 +140,10 @@ impl Store {
         self.inner.durable_commits.fetch_add(1, Ordering::AcqRel);
         let mut src =
             File::open(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut total = 0u64;
-        loop {
-            let n = match src.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-            };
-            out.write_all(&buf[..n])
-                .context("cannot write the backup copy")?;
-            total += n as u64;
-        }
+        // std::io::copy retries interrupted reads and, file to file, lets
+        // the kernel copy (copy_file_range).
+        let total = std::io::copy(&mut src, out)
+            .with_context(|| format!("cannot copy {} to the backup", path.display()))?;
         drop(guard);
         Ok(total)
     }
