@@ -4,7 +4,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use steward::source::pgoutput::decode;
+use steward_postgres::pgoutput::decode;
 
 const MESSAGES: usize = 3000;
 

@@ -17,8 +17,8 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use steward::dev::cluster::{DevCluster, DevClusterOptions};
-use steward::dev::receiver::Receiver;
+use steward_devkit::cluster::{DevCluster, DevClusterOptions};
+use steward_devkit::receiver::Receiver;
 
 struct Workload {
     name: &'static str,
@@ -472,7 +472,7 @@ initial = "none"
         }
     };
     let elapsed = started.elapsed();
-    let peak_rss = steward::dev::peak_rss_kib(child.id());
+    let peak_rss = steward_devkit::peak_rss_kib(child.id());
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

@@ -7,9 +7,9 @@ use std::path::Path;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use steward::config::Config;
-use steward::model::{Change, ChangeOp, Column, Lsn, Relation, TupleValue};
-use steward::pipeline::{Governor, Pipeline};
+use steward_core::config::Config;
+use steward_core::model::{Change, ChangeOp, Column, Lsn, Relation, TupleValue};
+use steward_core::pipeline::{Governor, Pipeline};
 
 const CHANGES: usize = 3000;
 

@@ -2,8 +2,8 @@
 //! (one fsync per commit). Run with `cargo bench --bench store_append`.
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use steward::model::{Event, EventOp, Lsn};
-use steward::store::Store;
+use steward_core::model::{Event, EventOp, Lsn};
+use steward_store::Store;
 
 fn events(n: u64) -> Vec<Event> {
     (0..n)

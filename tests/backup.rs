@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
-use steward::dev::receiver::{Behaviour, Receiver};
+use steward_devkit::receiver::{Behaviour, Receiver};
 use support::{final_state, wait_until, InProcess, TestDb};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -119,7 +119,7 @@ async fn a_restored_backup_older_than_the_slot_is_repaired_to_the_current_rows()
     );
     let rx = Receiver::start().await.unwrap();
     let config_path = db.write_config(&config_text(&db, &rx.url()));
-    let config = steward::config::Config::load(&config_path).unwrap();
+    let config = steward_core::config::Config::load(&config_path).unwrap();
     let cfg = config_path.to_str().unwrap().to_string();
 
     let daemon = InProcess::start(config.clone());
@@ -228,10 +228,10 @@ async fn a_restored_backup_older_than_the_slot_is_repaired_to_the_current_rows()
     daemon.stop().await.expect("daemon stops");
 
     // The mark is gone: the next start does not repair again.
-    let store = steward::store::Store::open(&db.state_path()).unwrap();
+    let store = steward_store::Store::open(&db.state_path()).unwrap();
     assert_eq!(
         store
-            .get_meta(steward::store::backup::BACKUP_META)
+            .get_meta(steward_store::backup::BACKUP_META)
             .unwrap()
             .as_deref(),
         Some("")
@@ -272,21 +272,21 @@ entities = ["product"]
     assert!(!ok && err.contains("no state file"), "{err}");
     assert!(!state.exists() && !dest.exists());
 
-    let event = steward::model::Event {
+    let event = steward_core::model::Event {
         change: None,
         tx_id: None,
         id: "e-1".into(),
         entity: "product".into(),
         key: "1".into(),
-        op: steward::model::EventOp::Upsert,
+        op: steward_core::model::EventOp::Upsert,
         version: 0x50,
         time: "2024-01-01T00:00:00Z".into(),
         data: serde_json::json!({ "sku": "A_1" }).into(),
     };
     {
-        let store = steward::store::Store::open(&state).unwrap();
+        let store = steward_store::Store::open(&state).unwrap();
         store
-            .commit(steward::model::Lsn(0x50), &[("wms", &event)])
+            .commit(steward_core::model::Lsn(0x50), &[("wms", &event)])
             .unwrap();
     }
     // Relative DEST: resolved against the command's working directory.
@@ -304,7 +304,7 @@ entities = ["product"]
     assert!(text.contains("checkpoint 0/50"), "{text}");
     assert!(text.contains("daemon stopped"), "{text}");
     assert_eq!(mode(&dest), 0o600);
-    let copy = steward::store::Store::open(&dest).unwrap();
+    let copy = steward_store::Store::open(&dest).unwrap();
     assert_eq!(copy.backlog("wms").unwrap(), 1);
     assert_eq!(
         copy.read_outbox("wms", None, 10).unwrap()[0].1.key,
@@ -320,7 +320,7 @@ entities = ["product"]
     let (ok, out, err) = steward(&["backup", "-c", &cfg, &dest_s, "--force"]).await;
     assert!(ok, "{out}{err}");
     assert_eq!(mode(&dest), 0o600);
-    assert!(steward::store::Store::open(&dest).is_ok());
+    assert!(steward_store::Store::open(&dest).is_ok());
     // The state file itself is untouched and usable.
-    assert!(steward::store::Store::open(&state).is_ok());
+    assert!(steward_store::Store::open(&state).is_ok());
 }

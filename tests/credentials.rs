@@ -7,7 +7,7 @@ mod support;
 use std::process::Command;
 use std::time::Duration;
 
-use steward::dev::receiver::Receiver;
+use steward_devkit::receiver::Receiver;
 use support::{free_port, wait_until, Steward, TestDb};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -163,7 +163,7 @@ async fn postgresql_errors_carry_sqlstate_message_detail_and_hint() {
         "db error",
         "tokio-postgres alone says nothing"
     );
-    let text = steward::source::wire::describe_pg_error(&e);
+    let text = steward_postgres::describe_pg_error(&e);
     assert!(
         text.starts_with("ERROR 23505: duplicate key value"),
         "{text}"
@@ -177,7 +177,7 @@ async fn postgresql_errors_carry_sqlstate_message_detail_and_hint() {
         .query("SELECT no_such_function(1)", &[])
         .await
         .unwrap_err();
-    let text = steward::source::wire::describe_pg_error(&e);
+    let text = steward_postgres::describe_pg_error(&e);
     assert!(
         text.starts_with("ERROR 42883: function no_such_function"),
         "{text}"

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use steward::dev::receiver::{Behaviour, Receiver};
+use steward_devkit::receiver::{Behaviour, Receiver};
 use support::{wait_until, InProcess, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -39,10 +39,14 @@ fn set_price(id: u64, price: u64) -> String {
 }
 
 /// One target `wms` receiving products, with `extra` lines in its section.
-fn config(db: &TestDb, url: &str, extra: &str) -> (std::path::PathBuf, steward::config::Config) {
+fn config(
+    db: &TestDb,
+    url: &str,
+    extra: &str,
+) -> (std::path::PathBuf, steward_core::config::Config) {
     let text = format!("{}{extra}\n", db.config_text(&[("wms", url, &["product"])]));
     let path = db.write_config(&text);
-    let config = steward::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let config = steward_core::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     (path, config)
 }
 
@@ -302,7 +306,7 @@ async fn a_rate_limit_of_100_events_per_second_holds_within_10_percent() {
 
 /// Config text with two HTTP targets receiving products: `one` and `four`
 /// (max_in_flight 1 and 4), each with `extra` lines.
-fn two_targets(db: &TestDb, one: &str, four: &str, extra: &str) -> steward::config::Config {
+fn two_targets(db: &TestDb, one: &str, four: &str, extra: &str) -> steward_core::config::Config {
     let mut text = db.config_text(&[("one", one, &["product"])]);
     text.push_str(&format!("max_in_flight = 1\n{extra}\n"));
     text.push_str(&format!(

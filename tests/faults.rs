@@ -6,8 +6,8 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use steward::dev::receiver::{Behaviour, Receiver};
-use steward::dev::{DevCluster, DevClusterOptions};
+use steward_devkit::receiver::{Behaviour, Receiver};
+use steward_devkit::{DevCluster, DevClusterOptions};
 use support::{free_port, wait_until, InProcess, TestDb};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -152,7 +152,7 @@ async fn postgres_restarted_mid_stream_reconnects_and_loses_nothing() {
         ),
     )
     .unwrap();
-    let daemon = InProcess::start(steward::config::Config::load(&path).unwrap());
+    let daemon = InProcess::start(steward_core::config::Config::load(&path).unwrap());
     wait_streaming(|sql| cluster.psql("odoo", sql).unwrap(), "steward").await;
     for i in 0..20 {
         cluster

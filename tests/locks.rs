@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use steward::dev::receiver::{Behaviour, Receiver};
-use steward::store::Store;
+use steward_devkit::receiver::{Behaviour, Receiver};
+use steward_store::Store;
 use support::{wait_until, InProcess, Steward, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);

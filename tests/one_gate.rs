@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use steward::dev::receiver::Receiver;
+use steward_devkit::receiver::Receiver;
 use support::{wait_until, InProcess, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -90,8 +90,8 @@ fn target(name: &str, url: &str, entities: &[&str], initial: &str, extra: &str) 
     )
 }
 
-fn load(path: &Path) -> steward::config::Config {
-    steward::config::Config::load(path).unwrap_or_else(|e| panic!("{e}"))
+fn load(path: &Path) -> steward_core::config::Config {
+    steward_core::config::Config::load(path).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// `steward ARGS -c CONFIG --json` as a second process (it reaches a running

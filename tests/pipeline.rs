@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use serde_json::Value;
-use steward::dev::receiver::Receiver;
+use steward_devkit::receiver::Receiver;
 use support::{final_state, wait_until, InProcess, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -897,7 +897,7 @@ fn lsn_field(report: &Value, section: &str, field: &str) -> u64 {
     let text = report[section][field]
         .as_str()
         .unwrap_or_else(|| panic!("{section}.{field} missing: {report:#}"));
-    text.parse::<steward::model::Lsn>()
+    text.parse::<steward_core::model::Lsn>()
         .unwrap_or_else(|e| panic!("{section}.{field}: {e}"))
         .0
 }
@@ -960,7 +960,7 @@ async fn status_reports_slot_lag_and_targets_whether_or_not_the_daemon_runs() {
             report["targets"][0]["backlog"] == 5
                 && report["source"]["confirmed_flush_lsn"]
                     .as_str()
-                    .and_then(|l| l.parse::<steward::model::Lsn>().ok())
+                    .and_then(|l| l.parse::<steward_core::model::Lsn>().ok())
                     .is_some_and(|l| l.0 >= after_updates)
         },
     )
@@ -1068,7 +1068,7 @@ entities = ["product", "nope"]
     );
 
     let good = dir.path().join("good.toml");
-    std::fs::write(&good, steward::config::Config::example()).unwrap();
+    std::fs::write(&good, steward_core::config::Config::example()).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
         .args(["check-config", "-c"])
         .arg(&good)
@@ -1359,7 +1359,7 @@ async fn without_tls_on_the_server_prefer_connects_plain_and_require_is_refused(
     }
     // The replication connection, which setup opens after the SQL one, says the same.
     let config = db.config(&with_mode("require"));
-    let e = steward::source::wire::ReplicationClient::connect(&config.source)
+    let e = steward_postgres::ReplicationClient::connect(&config.source)
         .await
         .expect_err("require without TLS must fail");
     assert!(e.to_string().contains("does not accept TLS"), "{e}");
@@ -1374,7 +1374,7 @@ async fn without_tls_on_the_server_prefer_connects_plain_and_require_is_refused(
 async fn on_a_tls_server_sslmodes_encrypt_or_not_as_configured_and_an_untrusted_certificate_is_refused(
 ) {
     support::init_logging();
-    let cluster = steward::dev::DevCluster::start(steward::dev::DevClusterOptions {
+    let cluster = steward_devkit::DevCluster::start(steward_devkit::DevClusterOptions {
         ssl: true,
         ..Default::default()
     })
@@ -1399,7 +1399,7 @@ async fn on_a_tls_server_sslmodes_encrypt_or_not_as_configured_and_an_untrusted_
             ),
         )
         .unwrap();
-        steward::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"))
+        steward_core::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"))
     };
     let wait_streaming = || async {
         for _ in 0..300 {
@@ -1523,7 +1523,7 @@ async fn a_big_transaction_passes_with_bounded_memory() {
     let records = rows.min(1000) as usize;
     let delivered = wms.wait_for_events(records, Duration::from_secs(900)).await;
     let elapsed = started.elapsed();
-    let peak_mib = steward::dev::peak_rss_kib(child.child.id()) as f64 / 1024.0;
+    let peak_mib = steward_devkit::peak_rss_kib(child.child.id()) as f64 / 1024.0;
     assert!(child.terminate().success());
     assert_eq!(
         (delivered, wms.accepted_count()),

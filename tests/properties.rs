@@ -8,9 +8,9 @@
 use std::path::Path;
 
 use proptest::prelude::*;
-use steward::config::Config;
+use steward_core::config::Config;
 
-fn parse(text: &str) -> Result<Config, steward::config::ConfigErrors> {
+fn parse(text: &str) -> Result<Config, steward_core::config::ConfigErrors> {
     Config::parse(text, Path::new("prop.toml"), Path::new("/tmp"))
 }
 

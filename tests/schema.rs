@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use steward::dev::receiver::Receiver;
+use steward_devkit::receiver::Receiver;
 use support::{db_prices, final_state, free_port, wait_until, Steward, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);

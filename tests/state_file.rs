@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use steward::dev::receiver::Receiver;
+use steward_devkit::receiver::Receiver;
 use support::{wait_until, Steward, TestDb};
 
 /// The documented exit code for a damaged state file.

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use serde_json::Value;
-use steward::dev::receiver::Receiver;
+use steward_devkit::receiver::Receiver;
 use support::{final_state, wait_until, InProcess, TestDb};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -125,7 +125,7 @@ async fn run_both(db: &TestDb, sql: &str, expected: usize) -> (Vec<Value>, Vec<V
         slot_of(db)
     ));
     assert_eq!(
-        steward::store::Store::open(&db.state_path())
+        steward_store::Store::open(&db.state_path())
             .unwrap()
             .spill_chunks()
             .unwrap(),
@@ -274,7 +274,7 @@ async fn a_streamed_transaction_that_rolls_back_is_never_delivered() {
         "only the committed transactions"
     );
     assert_eq!(
-        steward::store::Store::open(&db.state_path())
+        steward_store::Store::open(&db.state_path())
             .unwrap()
             .spill_chunks()
             .unwrap(),
@@ -399,7 +399,7 @@ async fn a_big_streamed_transaction_passes_with_bounded_memory() {
         .wait_for_events(records, Duration::from_secs(1800))
         .await;
     let elapsed = started.elapsed();
-    let peak_mib = steward::dev::peak_rss_kib(child.child.id()) as f64 / 1024.0;
+    let peak_mib = steward_devkit::peak_rss_kib(child.child.id()) as f64 / 1024.0;
     let streamed = streamed_txns(&db, &slot_of(&db));
     let state_mib = std::fs::metadata(db.state_path())
         .map(|m| m.len())

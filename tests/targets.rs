@@ -13,12 +13,12 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
-use steward::config::Config;
-use steward::dev::receiver::{Receiver, ReceiverTls};
-use steward::dev::tls::TestPki;
-use steward::dev::{DevCluster, DevClusterOptions};
-use steward::model::{Event, EventOp, Lsn};
-use steward::sinks::{self, AnySink, Deliver};
+use steward_core::config::Config;
+use steward_core::model::{Event, EventOp, Lsn};
+use steward_devkit::receiver::{Receiver, ReceiverTls};
+use steward_devkit::tls::TestPki;
+use steward_devkit::{DevCluster, DevClusterOptions};
+use steward_sinks::{AnySink, Deliver};
 use support::{wait_until, InProcess, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -33,7 +33,7 @@ fn config_with(db: &TestDb, target: &str) -> Config {
 }
 
 fn sink(config: &Config) -> AnySink {
-    sinks::build(&config.targets[0], config).unwrap_or_else(|e| panic!("sink builds: {e}"))
+    steward_sinks::build(&config.targets[0], config).unwrap_or_else(|e| panic!("sink builds: {e}"))
 }
 
 fn event(key: &str, version: u64, op: EventOp, price: &str) -> Event {
@@ -656,7 +656,7 @@ async fn https_target_needs_its_ca_file_and_loses_nothing_until_it_is_given() {
     daemon.stop().await.expect("clean stop");
     assert_eq!(wms.accepted_count(), 0);
     {
-        let store = steward::store::Store::open(&db.state_path()).expect("store");
+        let store = steward_store::Store::open(&db.state_path()).expect("store");
         let stats = store.target_stats("t").expect("stats");
         assert_eq!(stats.backlog, 1, "the event waits in the outbox");
         let err = stats

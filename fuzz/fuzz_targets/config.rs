@@ -4,6 +4,6 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        let _ = steward::config::Config::parse(text, std::path::Path::new("fuzz.toml"), std::path::Path::new("/tmp"));
+        let _ = steward_core::config::Config::parse(text, std::path::Path::new("fuzz.toml"), std::path::Path::new("/tmp"));
     }
 });

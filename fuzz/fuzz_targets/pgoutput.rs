@@ -4,6 +4,6 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let bytes = bytes::Bytes::copy_from_slice(data);
-    let _ = steward::source::pgoutput::decode(&bytes, false);
-    let _ = steward::source::pgoutput::decode(&bytes, true);
+    let _ = steward_postgres::pgoutput::decode(&bytes, false);
+    let _ = steward_postgres::pgoutput::decode(&bytes, true);
 });

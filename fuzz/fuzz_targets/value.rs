@@ -10,6 +10,6 @@ const OIDS: &[u32] = &[
 fuzz_target!(|data: &[u8]| {
     if let Some((&selector, text)) = data.split_first() {
         let oid = OIDS[selector as usize % OIDS.len()];
-        let _ = steward::model::value::text_to_json(oid, text);
+        let _ = steward_core::model::value::text_to_json(oid, text);
     }
 });

@@ -8,10 +8,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use super::out::outln;
-use crate::config::Config;
 use crate::daemon::govern::Request;
-use crate::store::backup::BackupReport;
-use crate::store::{Store, StoreError};
+use steward_core::config::Config;
+use steward_store::backup::BackupReport;
+use steward_store::{Store, StoreError};
 
 /// How long the running daemon may take for the copy once it took the
 /// request: generous, the copy runs at disk speed.

@@ -9,9 +9,9 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::watch;
 
-use crate::config::Config;
-use crate::dev::cluster::{DevCluster, DevClusterOptions};
-use crate::dev::receiver::Receiver;
+use steward_core::config::Config;
+use steward_devkit::cluster::{DevCluster, DevClusterOptions};
+use steward_devkit::receiver::Receiver;
 
 const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
 

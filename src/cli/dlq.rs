@@ -7,9 +7,9 @@
 use std::time::Duration;
 
 use super::out::outln;
-use crate::config::Config;
-use crate::sinks::requests::{self, Request, Response};
-use crate::store::{DeadLetter, DlqFilter, Store, StoreError};
+use steward_core::config::Config;
+use steward_sinks::requests::{self, Request, Response};
+use steward_store::{DeadLetter, DlqFilter, Store, StoreError};
 
 /// How long to wait for a running daemon's answer; drivers poll every 0.5 s,
 /// but one may be busy settling a large batch.

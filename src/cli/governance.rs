@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use super::out::outln;
-use crate::config::Config;
 use crate::daemon::govern::{answer_offline, requests_dir, Request, Response};
-use crate::store::governance::QuarantineEntry;
-use crate::store::{Store, StoreError};
+use steward_core::config::Config;
+use steward_store::governance::QuarantineEntry;
+use steward_store::{Store, StoreError};
 
 /// Builds the request (parsing arguments may fail).
 pub type RequestFn = Box<dyn FnOnce() -> anyhow::Result<Request>>;
@@ -43,7 +43,7 @@ pub fn via_daemon_within(
     work: Duration,
 ) -> anyhow::Result<Response> {
     let dir = requests_dir(config);
-    crate::files::create_dir_all(&dir)
+    steward_store::files::create_dir_all(&dir)
         .with_context(|| format!("cannot create the request directory {}", dir.display()))?;
     let id = format!(
         "{}-{}",
@@ -52,7 +52,7 @@ pub fn via_daemon_within(
     );
     let tmp = dir.join(format!("{id}.tmp"));
     let path = dir.join(format!("{id}.req"));
-    crate::files::write_atomically(&tmp, &path, &serde_json::to_vec(req)?)
+    steward_store::files::write_atomically(&tmp, &path, &serde_json::to_vec(req)?)
         .with_context(|| format!("cannot write the request {}", path.display()))?;
     let resp = dir.join(format!("{id}.resp"));
     let start = Instant::now();

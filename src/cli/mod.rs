@@ -4,6 +4,7 @@
 //! 3 damaged state file (see [`EXIT_DAMAGED_STATE`]).
 
 mod backup;
+#[cfg(feature = "demo")]
 mod demo;
 mod dlq;
 mod governance;
@@ -19,7 +20,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
 
 use self::out::outln;
-use crate::config::Config;
+use steward_core::config::Config;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -132,6 +133,7 @@ enum Command {
         no_wait: bool,
     },
     /// Run a self-contained demo: throwaway PostgreSQL with Odoo data, a local receiver, live changes.
+    #[cfg(feature = "demo")]
     Demo {
         /// Make the demo changes, show the events and exit instead of waiting for Ctrl-C.
         #[arg(long)]
@@ -181,8 +183,8 @@ pub const EXIT_DAMAGED_STATE: u8 = 3;
 fn report_failure(e: &anyhow::Error) -> ExitCode {
     let damaged = e
         .chain()
-        .filter_map(|cause| cause.downcast_ref::<crate::store::StoreError>())
-        .any(crate::store::StoreError::is_damage);
+        .filter_map(|cause| cause.downcast_ref::<steward_store::StoreError>())
+        .any(steward_store::StoreError::is_damage);
     if damaged {
         // The message says all; a log line would repeat it.
         eprintln!("error: {e:#}");
@@ -257,7 +259,11 @@ fn governance_command(
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, matches!(cli.command, Command::Demo { .. }));
+    #[cfg(feature = "demo")]
+    let demo = matches!(cli.command, Command::Demo { .. });
+    #[cfg(not(feature = "demo"))]
+    let demo = false;
+    init_logging(cli.log_format, demo);
     match cli.command {
         Command::CheckConfig { config } => match Config::load(&config) {
             Ok(c) => {
@@ -384,6 +390,7 @@ pub fn main() -> ExitCode {
             };
             run_blocking(reset::run(config, args))
         }
+        #[cfg(feature = "demo")]
         Command::Demo { once } => run_blocking(demo::run(once)),
         Command::Dlq { action } => {
             let (action, args) = match action {
@@ -396,7 +403,7 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let filter = crate::store::DlqFilter {
+            let filter = steward_store::DlqFilter {
                 entity: args.entity,
                 key: args.key,
                 id: args.id,

@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::config::Config;
 use crate::daemon::snapshot::{self, ResetRequest, SnapshotStatusLine};
 use crate::daemon::status;
-use crate::store::{SnapshotPhase, Store, StoreError};
+use steward_core::config::Config;
+use steward_store::{SnapshotPhase, Store, StoreError};
 
 pub struct ResetArgs {
     pub target: Option<String>,
@@ -86,12 +86,12 @@ async fn online(config: &Config, args: &ResetArgs) -> anyhow::Result<()> {
     let request = request(args)?;
     let entities = snapshot::resolve_request(config, &request)?;
     let dir = snapshot::requests_dir(config);
-    crate::files::create_dir_all(&dir)
+    steward_store::files::create_dir_all(&dir)
         .with_context(|| format!("cannot create the request directory {}", dir.display()))?;
     let stamp = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
     let file = dir.join(format!("reset-{stamp}.json"));
     let tmp = file.with_extension("tmp");
-    crate::files::write_atomically(&tmp, &file, &serde_json::to_vec(&request)?)
+    steward_store::files::write_atomically(&tmp, &file, &serde_json::to_vec(&request)?)
         .with_context(|| format!("cannot write the request {}", file.display()))?;
 
     // Picked up within a second by the daemon's snapshot task.

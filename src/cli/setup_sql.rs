@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use crate::config::Config;
+use steward_core::config::Config;
 
 /// `"name"` with embedded quotes doubled, as PostgreSQL expects.
 fn ident(name: &str) -> String {

@@ -4,10 +4,10 @@
 
 use serde::Serialize;
 
-use crate::config::Config;
 use crate::daemon::{self, TargetStatusLine};
-use crate::source::{slot, wire};
-use crate::store::{Store, StoreError, TargetStats};
+use steward_core::config::Config;
+use steward_source::slot;
+use steward_store::{Store, StoreError, TargetStats};
 
 #[derive(Serialize)]
 struct Report {
@@ -184,7 +184,7 @@ async fn source_view(config: &Config) -> SourceReport {
         slot: config.source.slot.clone(),
         ..SourceReport::default()
     };
-    let client = match wire::connect_sql(&config.source).await {
+    let client = match steward_postgres::connect_sql(&config.source).await {
         Ok(c) => c,
         Err(e) => {
             report.error = Some(e.to_string());
@@ -329,9 +329,9 @@ fn print_snapshots(r: &Report) {
     println!();
     for s in &r.snapshots {
         let phase = match s.phase {
-            crate::store::SnapshotPhase::Pending => "pending",
-            crate::store::SnapshotPhase::Running => "running",
-            crate::store::SnapshotPhase::Done => "done",
+            steward_store::SnapshotPhase::Pending => "pending",
+            steward_store::SnapshotPhase::Running => "running",
+            steward_store::SnapshotPhase::Done => "done",
         };
         let kind = if s.restore {
             "repair    "

@@ -20,7 +20,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tokio::sync::watch;
 
 use super::{systemd, DaemonState};
-use crate::config::Config;
+use steward_core::config::Config;
 
 /// What ended one daemon run.
 enum Next {
@@ -103,7 +103,7 @@ pub async fn run(path: PathBuf, mut config: Config) -> anyhow::Result<()> {
                     );
                 }
                 config = *new;
-                metrics::counter!(crate::metrics::CONFIG_RELOADS, "result" => "applied")
+                metrics::counter!(steward_core::metric::CONFIG_RELOADS, "result" => "applied")
                     .increment(1);
                 tracing::info!(
                     entities = config.entities.len(),
@@ -133,7 +133,8 @@ fn reload(path: &Path, current: &Config) -> Option<Config> {
     let new = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
-            metrics::counter!(crate::metrics::CONFIG_RELOADS, "result" => "rejected").increment(1);
+            metrics::counter!(steward_core::metric::CONFIG_RELOADS, "result" => "rejected")
+                .increment(1);
             tracing::error!(
                 "the new configuration is invalid; still running with the previous one. {e}"
             );
@@ -141,7 +142,8 @@ fn reload(path: &Path, current: &Config) -> Option<Config> {
         }
     };
     if new.state.path != current.state.path {
-        metrics::counter!(crate::metrics::CONFIG_RELOADS, "result" => "rejected").increment(1);
+        metrics::counter!(steward_core::metric::CONFIG_RELOADS, "result" => "rejected")
+            .increment(1);
         tracing::error!(
             "state.path changed from {} to {}: a different state file needs a restart, not a \
              reload; still running with the previous configuration",

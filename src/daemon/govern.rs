@@ -13,15 +13,14 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::config::Config;
-use crate::model::{Event, Lsn};
-use crate::pipeline::{snapshot_mapped, Governor, Pipeline};
-use crate::source::snapshot as source_snapshot;
-use crate::source::wire;
-use crate::store::audit::AuditFilter;
-use crate::store::backup::BackupReport;
-use crate::store::governance::{AuditRecord, GovDelta, QuarantineEntry};
-use crate::store::Store;
+use steward_core::config::Config;
+use steward_core::model::{Event, Lsn};
+use steward_core::pipeline::{snapshot_mapped, Governor, Pipeline};
+use steward_source::snapshot as source_snapshot;
+use steward_store::audit::AuditFilter;
+use steward_store::backup::BackupReport;
+use steward_store::governance::{AuditRecord, GovDelta, QuarantineEntry};
+use steward_store::Store;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -85,7 +84,7 @@ pub fn setup(config: &Config, store: &Store, pipeline: &mut Pipeline) -> anyhow:
 /// series per entity so that a release shows as a return to 0.
 pub fn publish_quarantine(governor: &Governor) {
     for (entity, n) in governor.quarantine_counts() {
-        metrics::gauge!(crate::metrics::QUARANTINED_RECORDS, "entity" => entity.to_string())
+        metrics::gauge!(steward_core::metric::QUARANTINED_RECORDS, "entity" => entity.to_string())
             .set(n as f64);
     }
 }
@@ -272,7 +271,7 @@ async fn seed_filtered(
     filter: &str,
 ) -> anyhow::Result<usize> {
     let entity = governor.entity_config(e).clone();
-    let sql = wire::connect_sql(&config.source).await?;
+    let sql = steward_postgres::connect_sql(&config.source).await?;
     let query = format!(
         "SELECT row_to_json(t)::text FROM \"{}\".\"{}\" t WHERE {filter}",
         entity.schema, entity.table
@@ -377,7 +376,7 @@ fn write_response(path: &Path, response: &Response) {
     let tmp = path.with_extension("resp.tmp");
     let ok = serde_json::to_vec(response)
         .ok()
-        .and_then(|b| crate::files::write_atomically(&tmp, path, &b).ok());
+        .and_then(|b| steward_store::files::write_atomically(&tmp, path, &b).ok());
     if ok.is_none() {
         tracing::warn!(path = %path.display(), "cannot write a response to an operator request");
     }

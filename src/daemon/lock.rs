@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::store::{Store, StoreError};
+use steward_store::{Store, StoreError};
 
 /// How long the daemon waits for a state file held by another process.
 pub const LOCK_WAIT: Duration = Duration::from_secs(30);

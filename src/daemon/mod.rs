@@ -12,7 +12,6 @@
 
 pub mod control;
 pub mod govern;
-pub(crate) mod large_txn;
 pub mod lock;
 pub mod monitor;
 mod privileges;
@@ -33,16 +32,16 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::config::Config;
-use crate::model::value::pg_micros_to_rfc3339;
-use crate::model::{Event, Lsn};
-use crate::pipeline::govern::{record_hash, HashKeyed, SnapshotRead};
-use crate::pipeline::{Governor, Mapped, Pipeline};
-use crate::sinks::{self, driver};
-use crate::source::stream::{self, SessionParams, SourceError, SourceEvent};
-use crate::source::wire::ReplicationClient;
-use crate::store::governance::{GovDelta, GovOp};
-use crate::store::Store;
+use steward_core::config::Config;
+use steward_core::model::value::pg_micros_to_rfc3339;
+use steward_core::model::{Event, Lsn};
+use steward_core::pipeline::govern::{record_hash, HashKeyed, SnapshotRead};
+use steward_core::pipeline::{Governor, Mapped, Pipeline};
+use steward_postgres::ReplicationClient;
+use steward_sinks::driver;
+use steward_source::stream::{self, SessionParams, SourceError, SourceEvent};
+use steward_store::governance::{GovDelta, GovOp};
+use steward_store::Store;
 
 /// Messages buffered between the source task and the daemon loop: enough to
 /// keep both cores busy, small enough to bound memory (events are small).
@@ -75,7 +74,7 @@ pub async fn run_with(
     mut shutdown: watch::Receiver<bool>,
     state: Arc<DaemonState>,
 ) -> anyhow::Result<()> {
-    crate::files::refuse_shared_state_file(&config.state.path)?;
+    steward_store::files::refuse_shared_state_file(&config.state.path)?;
     status::write_starting(&config);
     let store = match lock::open_store(&config.state.path, &mut shutdown).await {
         Ok(Some(store)) => store,
@@ -167,7 +166,7 @@ async fn run_open(
     for target in &config.targets {
         // One sink (connection) per batch that may be in flight at once.
         let sinks = (0..target.delivery.max_in_flight.max(1))
-            .map(|_| sinks::build(target, &config))
+            .map(|_| steward_sinks::build(target, &config))
             .collect::<Result<Vec<_>, _>>()
             .with_context(|| format!("cannot set up target '{}'", target.name))?;
         all_sinks.push(sinks);
@@ -239,8 +238,8 @@ async fn run_open(
         commit_thread: CommitThread::default(),
         spare: None,
         stalled: false,
-        received: entity_counters(crate::metrics::EVENTS_RECEIVED),
-        filtered: entity_counters(crate::metrics::EVENTS_FILTERED),
+        received: entity_counters(steward_core::metric::EVENTS_RECEIVED),
+        filtered: entity_counters(steward_core::metric::EVENTS_FILTERED),
         delta: GovDelta::default(),
         schema: schema::SchemaGuard::load(&config, &store),
     };
@@ -508,7 +507,7 @@ async fn consume(
 ) -> anyhow::Result<Consumed> {
     let mut open: Option<OpenTxn> = None;
     // A transaction in progress when the last session ended is sent again from its start.
-    let mut large = large_txn::LargeTxn::default();
+    let mut large = steward_core::pipeline::large_txn::LargeTxn::default();
     {
         let store = committer.store.clone();
         tokio::task::block_in_place(|| large.reset(&store))?;
@@ -807,7 +806,7 @@ enum CommitOutcome {
     Committed(Vec<(usize, Event)>),
     /// The store refused the write with an error that may clear: the job
     /// comes back to be retried.
-    Refused(CommitJob, crate::store::StoreError),
+    Refused(CommitJob, steward_store::StoreError),
     Failed(anyhow::Error),
 }
 
@@ -853,9 +852,9 @@ impl CommitContext {
             }
             Err(e) => return CommitOutcome::Failed(e.into()),
         };
-        metrics::histogram!(crate::metrics::STORE_COMMIT_SECONDS)
+        metrics::histogram!(steward_core::metric::STORE_COMMIT_SECONDS)
             .record(started.elapsed().as_secs_f64());
-        metrics::counter!(crate::metrics::EVENTS_STORED).increment(appends.len() as u64);
+        metrics::counter!(steward_core::metric::EVENTS_STORED).increment(appends.len() as u64);
         drop(windows);
         for (name, seq) in last {
             if let Some(i) = self.target_names.iter().position(|n| *n == name) {
@@ -933,7 +932,7 @@ fn advance_durable(durable_tx: &watch::Sender<Lsn>, state: &DaemonState, lsn: Ls
     state
         .durable_lsn
         .fetch_max(lsn.0, std::sync::atomic::Ordering::Relaxed);
-    metrics::gauge!(crate::metrics::DURABLE_LSN).set(lsn.0 as f64);
+    metrics::gauge!(steward_core::metric::DURABLE_LSN).set(lsn.0 as f64);
 }
 
 impl Committer {
@@ -987,7 +986,7 @@ impl Committer {
                     record.decision.as_str(),
                     "gated" | "not_routed" | "suppressed" | "quarantined"
                 ) {
-                    metrics::counter!(crate::metrics::EVENTS_FILTERED, "entity" => record.entity.clone()).increment(1);
+                    metrics::counter!(steward_core::metric::EVENTS_FILTERED, "entity" => record.entity.clone()).increment(1);
                 }
             }
         }

@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::DaemonState;
-use crate::config::Config;
-use crate::metrics as m;
-use crate::source::{slot, wire};
-use crate::store::Store;
+use steward_core::config::Config;
+use steward_core::metric as m;
+use steward_source::slot;
+use steward_store::Store;
 
 /// How often the server and the store are polled.
 pub const MONITOR_INTERVAL: Duration = Duration::from_secs(5);
@@ -220,7 +220,7 @@ fn poll_store(config: &Config, store: &Store, state: &DaemonState) {
 
 async fn poll_slot(config: &Config, sql: &mut Option<tokio_postgres::Client>) {
     if !matches!(sql, Some(c) if !c.is_closed()) {
-        match wire::connect_sql(&config.source).await {
+        match steward_postgres::connect_sql(&config.source).await {
             Ok(c) => *sql = Some(c),
             Err(e) => {
                 tracing::debug!(error = %e, "monitor: cannot connect to the source");
@@ -276,7 +276,7 @@ pub fn spawn_heartbeat(config: Config, interval: Duration) -> tokio::task::JoinH
         loop {
             tick.tick().await;
             if !matches!(&sql, Some(c) if !c.is_closed()) {
-                match wire::connect_sql(&config.source).await {
+                match steward_postgres::connect_sql(&config.source).await {
                     Ok(c) => sql = Some(c),
                     Err(e) => {
                         tracing::debug!(error = %e, "heartbeat: cannot connect to the source");

@@ -6,7 +6,7 @@
 
 use anyhow::bail;
 
-use crate::config::SourceConfig;
+use steward_core::config::SourceConfig;
 
 fn quote(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))

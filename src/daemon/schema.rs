@@ -13,10 +13,10 @@
 use serde::{Deserialize, Serialize};
 
 use super::snapshot::{self, SnapshotGate};
-use crate::config::Config;
-use crate::model::Relation;
-use crate::pipeline::{Pipeline, PipelineError};
-use crate::store::Store;
+use steward_core::config::Config;
+use steward_core::model::Relation;
+use steward_core::pipeline::{Pipeline, PipelineError};
+use steward_store::Store;
 
 /// Meta key: JSON list of [`StoppedEntity`].
 const STOPPED_META: &str = "schema.stopped";
@@ -48,7 +48,7 @@ fn save(store: &Store, list: &[StoppedEntity]) -> anyhow::Result<()> {
 }
 
 fn set_gauge(entity: &str, stopped: bool) {
-    metrics::gauge!(crate::metrics::ENTITY_STOPPED, "entity" => entity.to_string())
+    metrics::gauge!(steward_core::metric::ENTITY_STOPPED, "entity" => entity.to_string())
         .set(if stopped { 1.0 } else { 0.0 });
 }
 
@@ -229,7 +229,7 @@ pub async fn recover_at_startup(
 }
 
 /// Every column an entity reads: key, fields and fallbacks.
-pub fn entity_columns(entity: &crate::config::EntityConfig) -> Vec<String> {
+pub fn entity_columns(entity: &steward_core::config::EntityConfig) -> Vec<String> {
     let mut out: Vec<String> = entity.key.clone();
     for f in &entity.fields {
         for c in std::iter::once(&f.source.column).chain(f.fallback.as_ref().map(|s| &s.column)) {

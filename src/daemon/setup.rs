@@ -5,15 +5,15 @@
 
 use anyhow::{bail, Context};
 
-use crate::config::{Config, InitialSync};
-use crate::model::Lsn;
-use crate::pipeline::Pipeline;
-use crate::source::slot;
-use crate::source::snapshot::{self as source_snapshot, SnapshotReader};
-use crate::source::wire::{self, ReplicationClient, SnapshotAction};
-use crate::store::backup::{BackupMark, BACKUP_META};
-use crate::store::governance::{AuditRecord, GovDelta, GovOp};
-use crate::store::Store;
+use steward_core::config::{Config, InitialSync};
+use steward_core::model::Lsn;
+use steward_core::pipeline::Pipeline;
+use steward_postgres::{self, ReplicationClient, SnapshotAction};
+use steward_source::slot;
+use steward_source::snapshot::{self as source_snapshot, SnapshotReader};
+use steward_store::backup::{BackupMark, BACKUP_META};
+use steward_store::governance::{AuditRecord, GovDelta, GovOp};
+use steward_store::Store;
 
 pub struct Prepared {
     /// The lowest LSN a session may start from.
@@ -40,7 +40,7 @@ pub async fn prepare(
     pipeline: &Pipeline,
 ) -> anyhow::Result<Prepared> {
     let source = &config.source;
-    let sql = wire::connect_sql(source)
+    let sql = steward_postgres::connect_sql(source)
         .await
         .with_context(|| format!("cannot connect to the source {}", source.url_display))?;
     slot::check_wal_level(&sql).await?;
@@ -159,7 +159,7 @@ pub async fn prepare(
             let pending = store
                 .snapshot_jobs()?
                 .iter()
-                .any(|j| j.phase != crate::store::SnapshotPhase::Done);
+                .any(|j| j.phase != steward_store::SnapshotPhase::Done);
             let action = if pending {
                 SnapshotAction::Export
             } else {
@@ -282,13 +282,13 @@ fn plan_reevaluations(config: &Config, store: &Store) -> anyhow::Result<()> {
             let Some(e) = config.entities.iter().position(|x| &x.name == name) else {
                 continue;
             };
-            let fingerprint = crate::pipeline::govern::config_fingerprint(config, t, e);
+            let fingerprint = steward_core::pipeline::govern::config_fingerprint(config, t, e);
             let key = format!("{CONFIG_META}{}:{name}", target.name);
             let before = store.get_meta(&key)?;
             let busy = jobs.iter().any(|j| {
                 j.target == target.name
                     && &j.entity == name
-                    && j.phase != crate::store::SnapshotPhase::Done
+                    && j.phase != steward_store::SnapshotPhase::Done
                     && !j.reevaluate
             });
             if before.as_deref().is_some_and(|b| b != fingerprint) && !busy {

@@ -67,11 +67,11 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::config::Config;
-use crate::model::{Event, Lsn};
-use crate::pipeline::{snapshot_mapped, Governor, Mapped, Pipeline};
-use crate::source::snapshot::{self as source_snapshot, SnapshotReader, TableRead};
-use crate::store::{SnapshotJob, SnapshotPhase, Store, VersionCheck};
+use steward_core::config::Config;
+use steward_core::model::{Event, Lsn};
+use steward_core::pipeline::{snapshot_mapped, Governor, Mapped, Pipeline};
+use steward_source::snapshot::{self as source_snapshot, SnapshotReader, TableRead};
+use steward_store::{SnapshotJob, SnapshotPhase, Store, VersionCheck};
 
 /// Rows per chunk (one store commit each); `STEWARD_SNAPSHOT_CHUNK_ROWS`
 /// overrides it (smaller chunks: less work repeated after a crash, more commits).
@@ -234,7 +234,7 @@ pub fn begin_resync(
 
 /// Rows of one snapshot chunk on their way to the governor, which runs in
 /// the daemon loop: snapshot rows take the same governed path as streamed
-/// changes (see [`crate::pipeline::Governor::process_snapshot`]). The loop
+/// changes (see [`steward_core::pipeline::Governor::process_snapshot`]). The loop
 /// governs them once it has processed the stream up to `consistent`,
 /// commits the events durably and answers on `done`.
 pub struct SnapshotChunk {
@@ -283,7 +283,7 @@ impl Worker {
                     }
                 }
                 Err(e) => {
-                    let delay = crate::source::stream::reconnect_delay(attempt);
+                    let delay = steward_source::stream::reconnect_delay(attempt);
                     attempt += 1;
                     tracing::warn!(error = %format!("{e:#}"), retry_in = ?delay, "snapshot interrupted; it resumes from its last chunk");
                     let mut shutdown = self.shutdown.clone();
@@ -467,7 +467,7 @@ impl Worker {
             job.rows_done += n as u64;
             job.last_key = Some(last_key);
             block(|| self.store.put_snapshot_jobs(std::slice::from_ref(&job)))?;
-            metrics::counter!(crate::metrics::SNAPSHOT_ROWS, "target" => job.target.clone())
+            metrics::counter!(steward_core::metric::SNAPSHOT_ROWS, "target" => job.target.clone())
                 .increment(n as u64);
             if last_log.elapsed() >= LOG_EVERY {
                 last_log = Instant::now();
@@ -522,7 +522,7 @@ impl Worker {
                 });
             if let Err(e) = &outcome {
                 let error = file.with_extension("error");
-                let _ = crate::files::write_atomically(
+                let _ = steward_store::files::write_atomically(
                     &error.with_extension("error.tmp"),
                     &error,
                     format!("{e:#}").as_bytes(),

@@ -14,9 +14,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::DaemonState;
-use crate::config::Config;
-use crate::model::Lsn;
-use crate::store::{Store, TargetStats};
+use steward_core::config::Config;
+use steward_core::model::Lsn;
+use steward_store::{Store, TargetStats};
 
 const STATUS_WRITE_INTERVAL: Duration = Duration::from_secs(2);
 
@@ -120,7 +120,7 @@ fn write(config: &Config, status: &StatusFile) {
     let tmp = path.with_extension("json.tmp");
     let result = serde_json::to_vec_pretty(status)
         .map_err(std::io::Error::other)
-        .and_then(|bytes| crate::files::write_atomically(&tmp, &path, &bytes));
+        .and_then(|bytes| steward_store::files::write_atomically(&tmp, &path, &bytes));
     if let Err(e) = result {
         tracing::debug!(path = %path.display(), error = %e, "cannot write the status file");
     }

@@ -10,10 +10,9 @@
 
 use bytes::Bytes;
 
-use crate::config::SourceConfig;
-use crate::model::{Change, TupleValue};
-use crate::pipeline::ToastFill;
-use crate::source::wire;
+use steward_core::config::SourceConfig;
+use steward_core::model::{Change, TupleValue};
+use steward_core::pipeline::ToastFill;
 
 #[derive(Default)]
 pub struct ToastFiller {
@@ -30,7 +29,7 @@ impl ToastFiller {
         fill: ToastFill,
     ) -> anyhow::Result<bool> {
         if !matches!(&self.client, Some(c) if !c.is_closed()) {
-            self.client = Some(wire::connect_sql(source).await?);
+            self.client = Some(steward_postgres::connect_sql(source).await?);
         }
         let Some(client) = self.client.as_ref() else {
             return Ok(false);
@@ -71,7 +70,10 @@ pub struct ToastableColumn {
 
 /// One line per mapped table with TOASTable mapped columns: which, and what
 /// steward does when an update leaves one of them unchanged.
-pub fn report_lines(config: &crate::config::Config, columns: &[ToastableColumn]) -> Vec<String> {
+pub fn report_lines(
+    config: &steward_core::config::Config,
+    columns: &[ToastableColumn],
+) -> Vec<String> {
     let mut lines = Vec::new();
     let mut tables: Vec<(&str, &str)> = config
         .entities
@@ -129,7 +131,7 @@ pub fn report_lines(config: &crate::config::Config, columns: &[ToastableColumn])
 /// Reads the TOASTable columns of the mapped tables and logs [`report_lines`].
 pub async fn startup_report(
     sql: &tokio_postgres::Client,
-    config: &crate::config::Config,
+    config: &steward_core::config::Config,
     tables: &[(String, String)],
 ) -> anyhow::Result<()> {
     let schemas: Vec<&str> = tables.iter().map(|(s, _)| s.as_str()).collect();
@@ -164,7 +166,7 @@ pub async fn startup_report(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use steward_core::config::Config;
 
     fn config() -> Config {
         let text = r#"

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use steward::config::Config;
-use steward::dev::cluster::{DevCluster, DevClusterOptions};
+use steward_core::config::Config;
+use steward_devkit::cluster::{DevCluster, DevClusterOptions};
 use tokio::sync::watch;
 
 pub fn cluster() -> &'static DevCluster {

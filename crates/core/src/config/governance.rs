@@ -1,0 +1,167 @@
+//! Governance settings, checked at load: lifecycle gates, validation rules,
+//! business keys, reference fields, business objects, per-target field
+//! policy and routing. Indexes line up with [`super::Config::entities`] and
+//! [`super::Config::targets`].
+
+use crate::cel::CelExpr;
+
+use super::{FieldConfig, Secret};
+
+#[derive(Clone, Debug, Default)]
+pub struct GovernanceConfig {
+    /// One per configured entity, same order.
+    pub entities: Vec<EntityGovernance>,
+    /// One per configured target, same order.
+    pub targets: Vec<TargetPolicy>,
+    /// Audit records older than this are pruned.
+    pub audit_retention_days: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnUnpublish {
+    /// Send a delete of the key (default).
+    #[default]
+    Delete,
+    /// Send the record as it now is, with its state fields.
+    Upsert,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct EntityGovernance {
+    pub publish_when: Option<CelExpr>,
+    pub on_unpublish: OnUnpublish,
+    pub rules: Vec<Rule>,
+    /// Business-key fields (document field names, or columns), each unique per entity.
+    pub unique: Vec<String>,
+    /// Fields whose value is the referenced record's business key.
+    pub refs: Vec<RefField>,
+    /// Child rows gathered into the document (business objects).
+    pub children: Vec<ChildConfig>,
+    /// Set for the hidden entity that tracks a parent's child table: (parent entity index, child index).
+    pub child_of: Option<(usize, usize)>,
+    /// Set for the hidden entity that tracks `ir_model_data`: the Odoo models
+    /// whose external ids references deliver. Rows of other models are ignored.
+    pub external_ids_of: Vec<String>,
+    /// The document's field names in the order the TOML `fields` table lists
+    /// them (reference fields where they are written), then the children
+    /// arrays in the order of `children`.
+    pub field_order: Vec<String>,
+}
+
+impl EntityGovernance {
+    /// Whether records of this entity need their rows tracked.
+    pub fn is_governed(&self) -> bool {
+        self.publish_when.is_some()
+            || !self.rules.is_empty()
+            || !self.unique.is_empty()
+            || !self.refs.is_empty()
+            || !self.children.is_empty()
+            || self.child_of.is_some()
+            || !self.external_ids_of.is_empty()
+    }
+
+    /// Whether steward added this entity itself (a child table, or
+    /// `ir_model_data` for external ids): no target can name it.
+    pub fn is_hidden(&self) -> bool {
+        self.child_of.is_some() || !self.external_ids_of.is_empty()
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub name: String,
+    pub checks: Vec<Check>,
+    /// Shown to the operator; a default naming the failed check otherwise.
+    pub message: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub enum Check {
+    Required(Vec<String>),
+    Regex {
+        field: String,
+        regex: regex::Regex,
+    },
+    Allowed {
+        field: String,
+        values: Vec<serde_json::Value>,
+    },
+    Range {
+        field: String,
+        min: Option<f64>,
+        max: Option<f64>,
+    },
+    Cel(CelExpr),
+    /// The column holds the id of a record of `entity`, which must exist and be publishable.
+    /// `field` may be a child path (`lines.product_id`): the field or column of
+    /// every item of that children array.
+    Reference {
+        field: String,
+        entity: String,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct RefField {
+    /// The document field.
+    pub name: String,
+    /// The many2one column (an id of the referenced entity's key).
+    pub column: String,
+    pub entity: String,
+    /// Field of the referenced entity's document to deliver (its business key).
+    /// Empty when `external_id` is set.
+    pub key: String,
+    /// Deliver the referenced record's Odoo external id (`module.name` from
+    /// `ir_model_data`) instead of one of its fields.
+    pub external_id: bool,
+    /// The Odoo model `ir_model_data.model` names for the referenced table
+    /// (e.g. `uom.uom`); used with `external_id`.
+    pub model: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct ChildConfig {
+    /// The array field in the parent's document.
+    pub name: String,
+    pub schema: String,
+    pub table: String,
+    /// Column of the child row holding the parent's id.
+    pub parent: String,
+    /// The plain (column-mapped) fields of each item.
+    pub fields: Vec<FieldConfig>,
+    /// Fields of each item whose value is the referenced record's business
+    /// key or external id (`{ ref = ... }` in the child's `fields`). Their
+    /// columns are not in `fields`: like an entity's reference columns they
+    /// reach the governor in the captured row of the hidden entity.
+    pub refs: Vec<RefField>,
+    /// Each item's field names in the order the TOML `fields` table lists
+    /// them, reference fields included (not the `id` every item carries).
+    pub field_order: Vec<String>,
+    /// Index of the hidden entity that maps the child table.
+    pub entity: usize,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct TargetPolicy {
+    /// entity name → allowed document fields; entities not listed keep every
+    /// field. A child path `child.field` keeps only the listed fields of each
+    /// item of that children array (the bare `child` keeps whole items).
+    pub allow: Vec<(String, Vec<String>)>,
+    /// `entity.field` → masking method. The field may be a child path
+    /// (`banks.acc_number`): that field of every item.
+    pub mask: Vec<(String, String, Mask)>,
+    /// `entity.field` values replaced by HMAC-SHA256 (hex) under `hash_key`;
+    /// the field may be a child path like in `mask`.
+    pub hash: Vec<(String, String)>,
+    pub hash_key: Option<Secret>,
+    pub route: Option<CelExpr>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mask {
+    /// Drop whitespace, keep the last 4 remaining characters and replace the
+    /// others with `*`; a value of 4 characters or fewer becomes all `*`.
+    Last4,
+    /// Replace the whole value with `***`.
+    Full,
+}

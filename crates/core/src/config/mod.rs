@@ -1,0 +1,281 @@
+//! Configuration: one TOML file, parsed loosely in `raw`, then checked into
+//! the typed [`Config`] below. Every problem is reported at once, each naming
+//! the dotted key, what is wrong and what would be valid.
+
+mod delivery;
+pub mod governance;
+mod raw;
+
+pub use delivery::{parse_duration, parse_time_of_day, DeliveryPolicy, Window};
+pub use steward_postgres::{Secret, SecretOrigin, SourceConfig, SslMode};
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// A checked configuration. Built only by [`Config::load`] / [`Config::parse`].
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub source: SourceConfig,
+    pub state: StateConfig,
+    /// In the order they appear in the file.
+    pub entities: Vec<EntityConfig>,
+    /// In the order they appear in the file.
+    pub targets: Vec<TargetConfig>,
+    pub metrics: MetricsConfig,
+    pub daemon: DaemonConfig,
+    /// Lifecycle gates, rules, business keys, references, policies (see `governance`).
+    pub governance: governance::GovernanceConfig,
+}
+
+#[derive(Clone, Debug)]
+pub struct StateConfig {
+    /// The redb file holding checkpoints, outboxes, dead letters and audit.
+    pub path: PathBuf,
+    /// Most events gathered into one durable redb commit.
+    pub commit_max_events: usize,
+    /// Longest a received transaction waits to be grouped with later ones.
+    pub commit_max_delay: Duration,
+}
+
+/// Where an entity field's value comes from: a column, or a path into a json/jsonb column.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldSource {
+    pub column: String,
+    /// Keys to follow inside the column's JSON value; empty for a plain column.
+    pub path: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldConfig {
+    /// The field's name in the delivered document.
+    pub name: String,
+    pub source: FieldSource,
+    /// Used when `source` is null or missing (e.g. a translation's fallback language).
+    pub fallback: Option<FieldSource>,
+}
+
+#[derive(Clone, Debug)]
+pub struct EntityConfig {
+    pub name: String,
+    pub schema: String,
+    pub table: String,
+    /// Key columns, in order. Default: `["id"]`.
+    pub key: Vec<String>,
+    /// In the order they appear in the file.
+    pub fields: Vec<FieldConfig>,
+}
+
+impl EntityConfig {
+    pub fn qualified_table(&self) -> String {
+        format!("{}.{}", self.schema, self.table)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TargetConfig {
+    pub name: String,
+    /// Names of the entities this target receives.
+    pub entities: Vec<String>,
+    pub batch_max_events: usize,
+    pub batch_linger: Duration,
+    /// First retry delay; doubles per failure up to `retry_max`, with jitter.
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    /// Dead letters, rate limits and batch windows.
+    pub delivery: DeliveryPolicy,
+    pub kind: TargetKind,
+    /// What a target gets when steward first sees it (see `source::snapshot`).
+    pub initial: InitialSync,
+}
+
+/// `targets.NAME.initial`: whether a new target first receives every
+/// configured row (a consistent snapshot) or only changes from now on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum InitialSync {
+    #[default]
+    Snapshot,
+    None,
+}
+
+#[derive(Clone, Debug)]
+pub enum TargetKind {
+    Http(HttpTargetConfig),
+    Postgres(PostgresTargetConfig),
+    Nats(NatsTargetConfig),
+    File(FileTargetConfig),
+}
+
+/// How each event is wrapped on the wire (HTTP, NATS and file targets).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Envelope {
+    /// CloudEvents 1.0 JSON (structured mode); a JSON array per HTTP batch.
+    #[default]
+    CloudEvents,
+    /// Debezium's change-event JSON (`before`/`after`/`source`/`op`/`ts_ms`).
+    Debezium,
+}
+
+/// The HTTP target's optional features; `Default` is plain, unsigned CloudEvents.
+#[derive(Clone, Debug, Default)]
+pub struct HttpExtras {
+    pub envelope: Envelope,
+    /// Standard Webhooks signing key (raw bytes, `whsec_` already decoded).
+    pub signing_key: Option<SecretBytes>,
+    /// Sent as `Authorization: Bearer <token>`.
+    pub bearer_token: Option<Secret>,
+    /// PEM certificate chain and private key for mutual TLS.
+    pub client_identity: Option<(PathBuf, PathBuf)>,
+    /// PEM CA certificates trusted in addition to the system's.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Key bytes that never print.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretBytes(pub Vec<u8>);
+
+impl std::fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretBytes(***)")
+    }
+}
+
+/// Connection settings for a PostgreSQL target, parsed like `source.url`.
+#[derive(Clone, Debug)]
+pub struct PgConnConfig {
+    pub url_display: String,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub dbname: String,
+    pub password: Option<Secret>,
+    pub sslmode: SslMode,
+    pub sslrootcert: Option<PathBuf>,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeleteMode {
+    /// Keep the row with `_deleted = true` (a tombstone in place).
+    Soft,
+    /// Remove the row; a tombstone is kept in `<table>__deleted`.
+    Delete,
+}
+
+#[derive(Clone, Debug)]
+pub struct PostgresTargetConfig {
+    pub conn: PgConnConfig,
+    pub schema: String,
+    /// Entity name → table name (prefix and per-entity overrides applied).
+    pub tables: Vec<(String, String)>,
+    pub delete_mode: DeleteMode,
+    pub create_tables: bool,
+    /// Longest one batch's transaction may take.
+    pub timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub enum NatsAuth {
+    None,
+    Token(Secret),
+    UserPassword(String, Secret),
+    CredsFile(PathBuf),
+}
+
+#[derive(Clone, Debug)]
+pub struct NatsTargetConfig {
+    /// One or more `nats://host:port` server addresses.
+    pub servers: Vec<String>,
+    pub auth: NatsAuth,
+    /// E.g. `steward.{entity}.{op}`; placeholders `{entity}`, `{op}`, `{key}`, `{target}`.
+    pub subject: String,
+    pub envelope: Envelope,
+    pub stream: Option<String>,
+    pub create_stream: bool,
+    pub stream_subjects: Vec<String>,
+    pub duplicate_window: Duration,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct FileTargetConfig {
+    pub path: PathBuf,
+    pub envelope: Envelope,
+    pub max_bytes: u64,
+    /// Rotated files kept besides the active one.
+    pub max_files: u32,
+}
+
+#[derive(Clone, Debug)]
+pub struct HttpTargetConfig {
+    pub url: url::Url,
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Extra request headers; values may be secrets (read from files or the environment).
+    pub headers: Vec<(String, Secret)>,
+    /// Envelope, signing, bearer token and TLS options.
+    pub extra: HttpExtras,
+}
+
+#[derive(Clone, Debug)]
+pub struct MetricsConfig {
+    /// Address of the Prometheus / health listener (default 127.0.0.1:9187);
+    /// `None` (written `listen = ""`) disables it.
+    pub listen: Option<std::net::SocketAddr>,
+    /// `/readyz` fails when a target's oldest undelivered event is older than this.
+    pub ready_max_target_stall: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
+    /// How long SIGTERM / SIGINT / a reload may take to drain before steward gives up (exit 1).
+    pub shutdown_timeout: Duration,
+}
+
+/// One problem found in a configuration file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted key, e.g. `targets.wms.url`; empty for file-level problems.
+    pub key: String,
+    /// What is wrong and what would be valid.
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+/// Every problem found in one configuration file.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{} in {}:\n{}", if .errors.len() == 1 { "1 configuration error".to_string() } else { format!("{} configuration errors", .errors.len()) }, .path.display(), .errors.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigErrors {
+    pub path: PathBuf,
+    pub errors: Vec<ConfigError>,
+}
+
+impl Config {
+    /// Reads and checks the file. Relative paths inside it (state.path,
+    /// password_file, ...) are resolved against the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        raw::load(path)
+    }
+
+    /// Checks configuration text; `base_dir` resolves relative paths.
+    pub fn parse(text: &str, path: &Path, base_dir: &Path) -> Result<Config, ConfigErrors> {
+        raw::parse(text, path, base_dir)
+    }
+
+    pub fn entity(&self, name: &str) -> Option<&EntityConfig> {
+        self.entities.iter().find(|e| e.name == name)
+    }
+
+    pub fn target(&self, name: &str) -> Option<&TargetConfig> {
+        self.targets.iter().find(|t| t.name == name)
+    }
+}

@@ -1,0 +1,2434 @@
+//! The governor: decides, per mapped change and target, what is delivered.
+//!
+//! ```text
+//!  Mapped ──▶ track row ──▶ document (fields, references, children)
+//!         ──▶ publish_when? ── no ──▶ gated / unpublished (on_unpublish)
+//!         ──▶ rules, business keys ── fail ──▶ quarantined (released when fixed)
+//!         ──▶ per target: route? ──▶ field policy ──▶ same as last appended? ──▶ suppressed
+//!                                                                        └──▶ delivered
+//! ```
+//!
+//! No I/O: state (tracked rows, published hashes, business-key index,
+//! quarantine) is held in memory, loaded from redb at start-up, and every
+//! change to it is queued as a [`GovDelta`] that the daemon writes in the
+//! same redb transaction as the outbox appends it belongs with. Every
+//! decision is also queued as an audit record.
+//!
+//! Within one source transaction, changes to one business object (a parent
+//! and its child rows) and re-emissions (records whose referenced record
+//! changed) are evaluated once, after the transaction's last change.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::sync::Arc;
+
+use serde_json::{Map, Value};
+
+use super::assemble;
+use super::map::{Mapped, Unencodable, ENCODING_RULE};
+use super::redact;
+use super::reference::{self, Rows};
+use crate::cel::CelInput;
+use crate::config::governance::{Check, ChildConfig, EntityGovernance, OnUnpublish, TargetPolicy};
+use crate::config::{Config, EntityConfig};
+use crate::model::{ChangeOp, Event, EventData, EventOp, Lsn, SourceChange};
+use crate::state::published_digest;
+use crate::state::{AuditRecord, GovDelta, GovOp, GovSnapshot, QuarantineEntry};
+
+/// Index offset of events the governor makes itself (re-emissions, business
+/// objects): their ids never collide with those of source changes.
+const SYNTHETIC_INDEX: u32 = 0x8000_0000;
+
+pub struct Governor {
+    entities: Vec<EntityConfig>,
+    gov: Vec<EntityGovernance>,
+    policies: Vec<TargetPolicy>,
+    target_names: Vec<String>,
+    entity_targets: Vec<Vec<usize>>,
+    entity_index: HashMap<String, usize>,
+    tracked: Vec<bool>,
+    /// entity → (referencing entity, its many2one column).
+    referenced_by: Vec<Vec<(usize, String)>>,
+    rows: Rows,
+    /// (child entity, parent key) → child keys.
+    children: HashMap<(usize, String), BTreeSet<String>>,
+    /// Hash of the document last appended per (target, entity, key), both
+    /// shortened (see [`PublishedSlot`]).
+    published: HashMap<PublishedSlot, [u8; 8], BuildHasherDefault<DigestHasher>>,
+    /// (target, entity, key) steward decided NOT to deliver (gated, not
+    /// routed, quarantined, unpublished): a re-evaluation after a
+    /// configuration change sends newly publishable records among these,
+    /// but not records the target never had any decision about (no snapshot
+    /// of them, no change since). Stored in the published log with the
+    /// [`WITHHELD`] hash.
+    withheld: std::collections::HashSet<PublishedSlot, BuildHasherDefault<DigestHasher>>,
+    /// (entity, unique field index, normalised value) → holder key.
+    unique: HashMap<(usize, usize, String), String>,
+    claims: HashMap<(usize, String), Vec<(usize, String)>>,
+    quarantine: HashMap<(usize, String), QuarantineEntry>,
+    /// (Odoo model, record id) → `ir_model_data` id → external id `module.name`.
+    /// A record may have several; the oldest (lowest id) is delivered.
+    external_ids: HashMap<(String, String), BTreeMap<i64, String>>,
+    delta: GovDelta,
+    /// Evaluation order within a transaction: an entity ranks above every
+    /// entity it references, so a referenced record is decided first.
+    rank: Vec<u32>,
+    /// entity → (child entity, child column) of reference rules on child
+    /// fields (`lines.product_id`) pointing at it.
+    child_referenced_by: Vec<Vec<(usize, String)>>,
+    /// Entities with a snapshot or re-read in progress (see [`Governor::watch`]).
+    watched: Vec<bool>,
+    /// (entity, key) → commit LSN of the last streamed change, for watched entities.
+    touched: HashMap<(usize, String), u64>,
+    /// entity → its columns that hold ids of other records (references,
+    /// reference rules, child references), indexed in `ref_index`.
+    ref_columns: Vec<Vec<String>>,
+    /// (entity, column, id) → keys of the tracked records whose column holds id.
+    ref_index: HashMap<(usize, String, String), BTreeSet<String>>,
+    /// (commit LSN, next index) of the ids of events the governor makes
+    /// itself, carried across the pieces of a large transaction.
+    synthetic: (u64, u32),
+}
+
+/// What a snapshot or governed re-read decides for (see [`Governor::process_snapshot`]).
+#[derive(Clone, Debug)]
+pub struct SnapshotRead {
+    /// The targets it sends to.
+    pub targets: Vec<usize>,
+    /// Send publishable documents even when equal to the last one appended.
+    pub force: bool,
+    /// Skip records the targets never had a decision about.
+    pub known_only: bool,
+}
+
+/// Where an evaluation's events come from, and which targets it decides for.
+struct Origin {
+    id: String,
+    version: u64,
+    time: String,
+    change: Option<SourceChange>,
+    tx_id: Option<u32>,
+    scope: Scope,
+    values: Values,
+}
+
+/// What an evaluation knows about whether the record's values can be encoded.
+enum Values {
+    /// A change or a row read from the table, mapped just now: `Some` names
+    /// the value steward cannot encode, and the record is quarantined.
+    Read(Option<Unencodable>),
+    /// Only the tracked row (re-emissions, operator releases): it holds an
+    /// unencodable value as plain text, so it cannot tell whether the value
+    /// is fixed. A record held for one stays held until a change tells.
+    Tracked,
+}
+
+enum Scope {
+    /// Every target of the entity (streamed changes, re-emissions).
+    All,
+    /// Only these targets (a snapshot or re-read for them); `force`: send
+    /// publishable documents even when equal to the last one appended.
+    Targets { targets: Vec<usize>, force: bool },
+}
+
+/// A record's changes within one source transaction, folded together.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Staged {
+    /// The last change's index in the transaction (evaluation order).
+    index: u32,
+    first_op: ChangeOp,
+    last_op: ChangeOp,
+    /// The row before the transaction (the first change's old row).
+    old: Option<Arc<Map<String, Value>>>,
+    /// Whether the governor knew the record before the transaction.
+    seen: bool,
+    row: Option<Arc<Map<String, Value>>>,
+    /// The last change's mapped fields (a delete: the key fields).
+    data: Map<String, Value>,
+    id: String,
+    version: u64,
+    time: String,
+    change: Option<SourceChange>,
+    tx_id: Option<u32>,
+    /// The last change's value steward cannot encode.
+    unencodable: Option<Unencodable>,
+}
+
+/// The records a transaction marked for evaluation: each once, in the order
+/// of (entity rank, first mark). Records marked while evaluating join the
+/// queue unless already evaluated. Sized for the hot path: one entry per
+/// record, found by a 64-bit hash of (entity, key), keys moved in, not copied.
+#[derive(Default)]
+struct Pending<'a> {
+    entries: Vec<PendingEntry>,
+    /// hash of (entity, key) → index of the newest entry with that hash;
+    /// entries with the same hash are chained through `PendingEntry::next`.
+    index: HashMap<u64, u32, BuildHasherDefault<DigestHasher>>,
+    heap: std::collections::BinaryHeap<std::cmp::Reverse<(u32, u64, u32)>>,
+    evaluating: bool,
+    /// Marks of records without a change of their own, in order (they come
+    /// after the records changed by the transaction).
+    deferrals: u64,
+    /// The rest of a large transaction, governed in pieces (see
+    /// [`Governor::evaluate_piece`]): records marked that are not in this
+    /// piece are looked up there.
+    elsewhere: Option<&'a mut dyn Elsewhere>,
+}
+
+/// Where phase one of a transaction's governance puts its marks: the
+/// in-memory queue of an ordinary transaction, or a piece of a large one.
+trait Marks {
+    /// Marks a record for evaluation without a change of its own.
+    fn defer(&mut self, rank: u32, e: usize, key: String);
+    /// Queues a changed record.
+    fn stage(&mut self, rank: u32, e: usize, key: String, change: Staged);
+}
+
+impl Marks for Pending<'_> {
+    fn defer(&mut self, rank: u32, e: usize, key: String) {
+        Pending::defer(self, rank, e, key)
+    }
+
+    fn stage(&mut self, rank: u32, e: usize, key: String, change: Staged) {
+        Pending::stage(self, rank, e, key, change)
+    }
+}
+
+/// Where a record that is not in the piece being evaluated stands in its
+/// large transaction (see [`Governor::evaluate_piece`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    /// In a later piece: it is evaluated there, with the transaction's final state.
+    Later,
+    /// In an earlier piece: evaluated already.
+    Earlier,
+    /// Not part of the transaction: evaluated in this piece, and reported
+    /// [`Place::Earlier`] from then on.
+    Absent,
+}
+
+/// The rest of a large transaction, as seen from the piece being evaluated.
+pub trait Elsewhere {
+    fn place(&mut self, e: usize, key: &str) -> Place;
+}
+
+/// A record of a large transaction after phase one of its governance
+/// ([`Governor::stage_piece`]), waiting on disk for phase two
+/// ([`Governor::evaluate_piece`]). Records are evaluated in the order of
+/// (`rank`, `order`), as [`Pending`] orders an ordinary transaction.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct StagedRecord {
+    pub rank: u32,
+    /// The record's last change index; marks without a change (`staged`
+    /// `None`) come after every change of their rank.
+    pub order: u64,
+    pub entity: usize,
+    pub key: String,
+    staged: Option<Staged>,
+}
+
+impl StagedRecord {
+    /// The order of the `n`th mark without a change of its own (after every change).
+    pub fn deferral_order(n: u64) -> u64 {
+        (1 << 32) + n
+    }
+
+    pub fn deferral(rank: u32, order: u64, entity: usize, key: String) -> StagedRecord {
+        StagedRecord {
+            rank,
+            order,
+            entity,
+            key,
+            staged: None,
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<StagedRecord, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("a staged record cannot be read: {e}"))
+    }
+}
+
+/// Phase one of a piece of a large transaction: its changed records and the
+/// records it marked for evaluation.
+#[derive(Default)]
+pub struct PhaseOne {
+    pub records: Vec<StagedRecord>,
+    pub deferred: Vec<(u32, usize, String)>,
+}
+
+impl Marks for PhaseOne {
+    fn defer(&mut self, rank: u32, e: usize, key: String) {
+        self.deferred.push((rank, e, key));
+    }
+
+    fn stage(&mut self, rank: u32, e: usize, key: String, change: Staged) {
+        self.records.push(StagedRecord {
+            rank,
+            order: u64::from(change.index),
+            entity: e,
+            key,
+            staged: Some(change),
+        });
+    }
+}
+
+struct PendingEntry {
+    rank: u32,
+    /// Within a rank: the index of the record's last change, so that a
+    /// transaction's events keep its order (ids ascending).
+    order: u64,
+    e: usize,
+    key: String,
+    staged: Option<Staged>,
+    next: Option<u32>,
+    /// Evaluated already (and not queued again).
+    done: bool,
+}
+
+/// A map keyed by a 64-bit hash that is used as is (see [`record_hash`]).
+pub type HashKeyed<V> = HashMap<u64, V, BuildHasherDefault<DigestHasher>>;
+
+/// The 64-bit hash of a record (entity, key) used to find it within a transaction.
+pub fn record_hash(e: usize, key: &str) -> u64 {
+    Pending::hash(e, key)
+}
+
+impl<'a> Pending<'a> {
+    fn with_capacity(n: usize) -> Pending<'a> {
+        Pending {
+            entries: Vec::with_capacity(n),
+            index: HashMap::with_capacity_and_hasher(n, Default::default()),
+            ..Pending::default()
+        }
+    }
+
+    fn hash(e: usize, key: &str) -> u64 {
+        // FxHash-style: good enough to spread keys, a fraction of SipHash's cost.
+        let mut h = (e as u64).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        for chunk in key.as_bytes().chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            h = (h.rotate_left(5) ^ u64::from_le_bytes(word))
+                .wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+        h ^ key.len() as u64
+    }
+
+    fn find(&self, h: u64, e: usize, key: &str) -> Option<u32> {
+        let mut at = self.index.get(&h).copied();
+        while let Some(i) = at {
+            let entry = &self.entries[i as usize];
+            if entry.e == e && entry.key == key {
+                return Some(i);
+            }
+            at = entry.next;
+        }
+        None
+    }
+
+    fn push(&mut self, h: u64, rank: u32, e: usize, key: String, staged: Option<Staged>) {
+        let order = match &staged {
+            Some(s) => u64::from(s.index),
+            None => {
+                self.deferrals += 1;
+                StagedRecord::deferral_order(self.deferrals)
+            }
+        };
+        self.push_at(h, rank, order, e, key, staged);
+    }
+
+    fn push_at(
+        &mut self,
+        h: u64,
+        rank: u32,
+        order: u64,
+        e: usize,
+        key: String,
+        staged: Option<Staged>,
+    ) {
+        let i = self.entries.len() as u32;
+        let next = self.index.insert(h, i);
+        self.entries.push(PendingEntry {
+            rank,
+            order,
+            e,
+            key,
+            staged,
+            next,
+            done: false,
+        });
+        if self.evaluating {
+            self.heap.push(std::cmp::Reverse((rank, order, i)));
+        }
+    }
+
+    fn defer(&mut self, rank: u32, e: usize, key: String) {
+        let h = Self::hash(e, &key);
+        if self.find(h, e, &key).is_some() {
+            return;
+        }
+        if let Some(elsewhere) = self.elsewhere.as_mut() {
+            if elsewhere.place(e, &key) != Place::Absent {
+                // Evaluated in its own piece, as a record evaluated
+                // already is not queued again here.
+                return;
+            }
+        }
+        self.push(h, rank, e, key, None);
+    }
+
+    /// [`Pending::defer`], queueing the record again if it was evaluated already.
+    fn redo(&mut self, rank: u32, e: usize, key: String) {
+        let h = Self::hash(e, &key);
+        match self.find(h, e, &key) {
+            None => {
+                let place = match self.elsewhere.as_mut() {
+                    Some(elsewhere) => elsewhere.place(e, &key),
+                    None => Place::Absent,
+                };
+                // A record of an earlier piece is evaluated again, as one
+                // evaluated already in this piece is.
+                if place != Place::Later {
+                    self.push(h, rank, e, key, None);
+                }
+            }
+            Some(i) => {
+                let entry = &mut self.entries[i as usize];
+                if entry.done && self.evaluating {
+                    entry.done = false;
+                    self.deferrals += 1;
+                    self.heap
+                        .push(std::cmp::Reverse((rank, (1 << 32) + self.deferrals, i)));
+                }
+            }
+        }
+    }
+
+    fn stage(&mut self, rank: u32, e: usize, key: String, change: Staged) {
+        let h = Self::hash(e, &key);
+        let Some(i) = self.find(h, e, &key) else {
+            self.push(h, rank, e, key, Some(change));
+            return;
+        };
+        let entry = &mut self.entries[i as usize];
+        entry.order = u64::from(change.index);
+        match &mut entry.staged {
+            Some(s) => {
+                s.index = change.index;
+                s.last_op = change.last_op;
+                s.row = change.row;
+                s.data = change.data;
+                s.id = change.id;
+                s.version = change.version;
+                s.time = change.time;
+                s.change = change.change;
+                s.tx_id = change.tx_id;
+                s.unencodable = change.unencodable;
+            }
+            None => entry.staged = Some(change),
+        }
+    }
+
+    fn next(&mut self) -> Option<(usize, String, Option<Staged>)> {
+        if !self.evaluating {
+            self.evaluating = true;
+            self.heap = (0..self.entries.len() as u32)
+                .map(|i| {
+                    let entry = &self.entries[i as usize];
+                    std::cmp::Reverse((entry.rank, entry.order, i))
+                })
+                .collect();
+        }
+        let std::cmp::Reverse((_, _, i)) = self.heap.pop()?;
+        let entry = &mut self.entries[i as usize];
+        entry.done = true;
+        Some((entry.e, entry.key.clone(), entry.staged.take()))
+    }
+}
+
+/// What a quarantine release did.
+#[derive(Debug)]
+pub struct Released {
+    pub events: Vec<(usize, Event)>,
+    /// `None` when released; the failure message when still failing.
+    pub still_failing: Option<String>,
+}
+
+impl Governor {
+    pub fn new(config: &Config) -> Governor {
+        let entities = config.entities.clone();
+        let entity_count = entities.len();
+        let mut gov = config.governance.entities.clone();
+        gov.resize(entities.len(), EntityGovernance::default());
+        let mut policies = config.governance.targets.clone();
+        policies.resize(config.targets.len(), TargetPolicy::default());
+        let entity_index: HashMap<String, usize> = entities
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.name.clone(), i))
+            .collect();
+        let entity_targets: Vec<Vec<usize>> = entities
+            .iter()
+            .map(|e| {
+                config
+                    .targets
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, t)| t.entities.iter().any(|n| n == &e.name))
+                    .map(|(i, _)| i)
+                    .collect()
+            })
+            .collect();
+        let mut referenced_by = vec![Vec::new(); entities.len()];
+        let mut child_referenced_by = vec![Vec::new(); entities.len()];
+        for (i, g) in gov.iter().enumerate() {
+            for r in &g.refs {
+                if let Some(&t) = entity_index.get(&r.entity) {
+                    referenced_by[t].push((i, r.column.clone()));
+                }
+            }
+            for c in &g.children {
+                for r in &c.refs {
+                    if let Some(&t) = entity_index.get(&r.entity) {
+                        child_referenced_by[t].push((c.entity, r.column.clone()));
+                    }
+                }
+            }
+            for rule in &g.rules {
+                for c in &rule.checks {
+                    let Check::Reference { field, entity } = c else {
+                        continue;
+                    };
+                    let Some(&t) = entity_index.get(entity) else {
+                        continue;
+                    };
+                    match field.split_once('.') {
+                        Some((child, field)) => {
+                            if let Some(c) = g.children.iter().find(|c| c.name == child) {
+                                child_referenced_by[t].push((c.entity, child_column(c, field)));
+                            }
+                        }
+                        None => referenced_by[t].push((i, ref_column(g, field))),
+                    }
+                }
+            }
+        }
+        for list in referenced_by
+            .iter_mut()
+            .chain(child_referenced_by.iter_mut())
+        {
+            list.sort();
+            list.dedup();
+        }
+        let mut ref_columns: Vec<Vec<String>> = vec![Vec::new(); entity_count];
+        for (r, column) in referenced_by
+            .iter()
+            .chain(child_referenced_by.iter())
+            .flatten()
+        {
+            ref_columns[*r].push(column.clone());
+        }
+        for (i, g) in gov.iter().enumerate() {
+            for r in g.refs.iter().filter(|r| r.external_id) {
+                ref_columns[i].push(r.column.clone());
+            }
+            for c in &g.children {
+                for r in c.refs.iter().filter(|r| r.external_id) {
+                    ref_columns[c.entity].push(r.column.clone());
+                }
+            }
+        }
+        for list in &mut ref_columns {
+            list.sort();
+            list.dedup();
+        }
+        // rank(e) = 1 + the highest rank of what e references (bounded, so a
+        // reference cycle cannot loop).
+        let mut rank = vec![0u32; entities.len()];
+        for _ in 0..entities.len() {
+            let mut changed = false;
+            for (t, users) in referenced_by.iter().enumerate() {
+                for (u, _) in users {
+                    if rank[*u] <= rank[t] {
+                        rank[*u] = rank[t] + 1;
+                        changed = true;
+                    }
+                }
+            }
+            for (t, users) in child_referenced_by.iter().enumerate() {
+                for (c, _) in users {
+                    let p = gov[*c].child_of.map_or(*c, |(p, _)| p);
+                    if rank[p] <= rank[t] {
+                        rank[p] = rank[t] + 1;
+                        changed = true;
+                    }
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        let tracked = (0..entities.len())
+            .map(|i| {
+                gov[i].is_governed()
+                    || !referenced_by[i].is_empty()
+                    || !child_referenced_by[i].is_empty()
+                    || entity_targets[i]
+                        .iter()
+                        .any(|&t| policies[t].route.is_some())
+            })
+            .collect();
+        Governor {
+            entities,
+            gov,
+            policies,
+            target_names: config.targets.iter().map(|t| t.name.clone()).collect(),
+            entity_targets,
+            entity_index,
+            tracked,
+            referenced_by,
+            rows: HashMap::new(),
+            children: HashMap::new(),
+            published: HashMap::default(),
+            withheld: Default::default(),
+            unique: HashMap::new(),
+            claims: HashMap::new(),
+            quarantine: HashMap::new(),
+            external_ids: HashMap::new(),
+            delta: GovDelta::default(),
+            rank,
+            child_referenced_by,
+            watched: vec![false; entity_count],
+            touched: HashMap::new(),
+            ref_columns,
+            ref_index: HashMap::new(),
+            synthetic: (0, 0),
+        }
+    }
+
+    /// Entities whose whole rows the mapping stage must capture.
+    pub fn tracked_entities(&self) -> impl Iterator<Item = usize> + '_ {
+        self.tracked
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| **t)
+            .map(|(i, _)| i)
+    }
+
+    /// Entities whose state is read from their tables at start-up when
+    /// steward has none yet, in the order to read them: external ids and
+    /// child tables first, then by rank (referenced before referencing).
+    pub fn seed_order(&self) -> Vec<usize> {
+        let mut list: Vec<usize> = self.tracked_entities().collect();
+        list.sort_by_key(|&e| {
+            let hidden = self.gov[e].child_of.is_some() || !self.gov[e].external_ids_of.is_empty();
+            (!hidden, self.rank[e], e)
+        });
+        list
+    }
+
+    /// Whether `entity` is one steward adds itself (a child table, `ir_model_data`).
+    pub fn is_hidden(&self, entity: usize) -> bool {
+        self.gov[entity].child_of.is_some() || !self.gov[entity].external_ids_of.is_empty()
+    }
+
+    /// Evaluation rank of `entity` (see [`Governor::rank`]).
+    pub fn rank_of(&self, entity: usize) -> u32 {
+        self.rank[entity]
+    }
+
+    /// The SQL condition restricting the start-up read of `entity`'s table,
+    /// if only part of it is needed (the external ids of referenced models).
+    pub fn seed_filter(&self, entity: usize) -> Option<String> {
+        let models = &self.gov[entity].external_ids_of;
+        // Model names were checked to be [A-Za-z0-9._] when the config loaded.
+        (!models.is_empty()).then(|| {
+            let list: Vec<String> = models.iter().map(|m| format!("'{m}'")).collect();
+            format!("model IN ({})", list.join(", "))
+        })
+    }
+
+    pub fn tracked_count(&self, entity: usize) -> usize {
+        self.rows.keys().filter(|(e, _)| *e == entity).count()
+    }
+
+    pub fn entity_config(&self, entity: usize) -> &EntityConfig {
+        &self.entities[entity]
+    }
+
+    pub fn entity_by_name(&self, name: &str) -> Option<usize> {
+        self.entity_index.get(name).copied()
+    }
+
+    /// Restores the state written by earlier runs; names no longer configured are ignored.
+    pub fn load(&mut self, snap: GovSnapshot) {
+        for (entity, key, bytes) in snap.rows {
+            let Some(&e) = self.entity_index.get(&entity) else {
+                continue;
+            };
+            if let Ok(Value::Object(row)) = serde_json::from_slice(&bytes) {
+                self.index_child(e, &key, None, Some(&row));
+                self.index_external_id(e, &key, None, Some(&row));
+                self.index_refs(e, &key, None, Some(&row));
+                self.rows.insert((e, key), Arc::new(row));
+            }
+        }
+        // Entries of targets or entities no longer configured stay: their
+        // digests never match a configured (target, entity, key).
+        for (digest, hash) in snap.published {
+            let slot = PublishedKey(digest).slot();
+            if hash == WITHHELD {
+                self.withheld.insert(slot);
+            } else {
+                self.published.insert(slot, short_hash(&hash));
+            }
+        }
+        for (entity, field, value, holder) in snap.unique {
+            let Some(&e) = self.entity_index.get(&entity) else {
+                continue;
+            };
+            let Some(fi) = self.gov[e].unique.iter().position(|f| *f == field) else {
+                continue;
+            };
+            self.claims
+                .entry((e, holder.clone()))
+                .or_default()
+                .push((fi, value.clone()));
+            self.unique.insert((e, fi, value), holder);
+        }
+        for q in snap.quarantine {
+            if let Some(&e) = self.entity_index.get(&q.entity) {
+                self.quarantine.insert((e, q.key.clone()), q);
+            }
+        }
+    }
+
+    /// Seeds tracked rows of `entity` read from its table (start-up, for references).
+    pub fn seed(&mut self, entity: usize, rows: Vec<Map<String, Value>>) {
+        for row in rows {
+            let parts: Vec<String> = self.entities[entity]
+                .key
+                .iter()
+                .map(|c| row.get(c).map(assemble::text).unwrap_or_default())
+                .collect();
+            let key = crate::model::event::join_key(parts.iter().map(String::as_str));
+            self.set_row(entity, &key, Some(Arc::new(row)));
+        }
+    }
+
+    /// The state changes and audit records queued since the last call.
+    pub fn take_delta(&mut self) -> GovDelta {
+        // Sized like the last one: transactions tend to look alike, and
+        // growing by doubling copies and touches fresh pages each time.
+        let capacity = self.delta.ops.len();
+        GovDelta {
+            ops: std::mem::replace(&mut self.delta.ops, Vec::with_capacity(capacity)),
+        }
+    }
+
+    /// Records held in quarantine, for every entity (zeros included, so a
+    /// gauge built from it returns to 0 when the last record is released).
+    pub fn quarantine_counts(&self) -> Vec<(&str, usize)> {
+        let mut counts = vec![0usize; self.entities.len()];
+        for (e, _) in self.quarantine.keys() {
+            counts[*e] += 1;
+        }
+        self.entities
+            .iter()
+            .zip(counts)
+            .map(|(e, n)| (e.name.as_str(), n))
+            .collect()
+    }
+
+    pub fn quarantined(&self) -> Vec<&QuarantineEntry> {
+        let mut list: Vec<&QuarantineEntry> = self.quarantine.values().collect();
+        list.sort_by(|a, b| {
+            a.entity
+                .cmp(&b.entity)
+                .then_with(|| key_order(&a.key, &b.key))
+        });
+        list
+    }
+
+    /// Governs the mapped changes of one source transaction; returns the
+    /// events to append, each with its target index.
+    pub fn process(
+        &mut self,
+        mut mapped: Vec<Mapped>,
+        commit_lsn: Lsn,
+        time: &str,
+    ) -> Vec<(usize, Event)> {
+        self.process_drain(&mut mapped, commit_lsn, time)
+    }
+
+    /// [`Governor::process`], leaving `mapped` empty with its capacity, for
+    /// the caller to fill with the next transaction without growing a vector
+    /// from nothing again.
+    pub fn process_drain(
+        &mut self,
+        mapped: &mut Vec<Mapped>,
+        commit_lsn: Lsn,
+        time: &str,
+    ) -> Vec<(usize, Event)> {
+        let mut out = Vec::with_capacity(mapped.len());
+        self.process_drain_into(mapped, commit_lsn, time, &mut out);
+        out
+    }
+
+    /// [`Governor::process_drain`], appending to `out`: the daemon's commit
+    /// batch, so that a transaction's events are not copied into it.
+    ///
+    /// A transaction is governed in two phases. First every change updates
+    /// the tracked state in order (rows, child index, external ids) and
+    /// marks its record, and the records depending on it, for evaluation.
+    /// Then each marked record is evaluated ONCE against its final state,
+    /// referenced entities before the entities referencing them: Odoo's
+    /// `create()` inserts a row and then updates computed columns in the same
+    /// transaction, and a target must get one document per key per
+    /// transaction, never the half-written first one with the same version.
+    pub fn process_drain_into(
+        &mut self,
+        mapped: &mut Vec<Mapped>,
+        commit_lsn: Lsn,
+        time: &str,
+        out: &mut Vec<(usize, Event)>,
+    ) {
+        out.reserve(mapped.len());
+        let mut pending = Pending::with_capacity(mapped.len());
+        for m in mapped.drain(..) {
+            self.stage(m, &mut pending);
+        }
+        self.evaluate_pending(pending, commit_lsn, time, out);
+    }
+
+    /// Phase one for a piece of a transaction too large to hold in memory:
+    /// the daemon stores its records (each folded to its final state, see
+    /// `daemon::large_txn`), runs every piece through this, stores the
+    /// result, and only then evaluates the pieces in order with
+    /// [`Governor::evaluate_piece`]. So every record is evaluated once,
+    /// against the whole transaction's final state, exactly as
+    /// [`Governor::process_drain_into`] would.
+    pub fn stage_piece(&mut self, mapped: &mut Vec<Mapped>) -> PhaseOne {
+        let mut phase = PhaseOne::default();
+        for m in mapped.drain(..) {
+            self.stage(m, &mut phase);
+        }
+        phase
+    }
+
+    /// Phase two for a piece of a large transaction: `records` are the
+    /// piece's records in (rank, order); `elsewhere` places records marked
+    /// during evaluation that are not in the piece.
+    pub fn evaluate_piece(
+        &mut self,
+        records: Vec<StagedRecord>,
+        elsewhere: &mut dyn Elsewhere,
+        commit_lsn: Lsn,
+        time: &str,
+        out: &mut Vec<(usize, Event)>,
+    ) {
+        let mut pending = Pending::with_capacity(records.len());
+        pending.elsewhere = Some(elsewhere);
+        for r in records {
+            let h = Pending::hash(r.entity, &r.key);
+            if pending.find(h, r.entity, &r.key).is_none() {
+                // Marks made while evaluating this piece come after the stored ones.
+                pending.deferrals = pending.deferrals.max(r.order.saturating_sub(1 << 32));
+                pending.push_at(h, r.rank, r.order, r.entity, r.key, r.staged);
+            }
+        }
+        self.evaluate_pending(pending, commit_lsn, time, out);
+    }
+
+    /// Phase one of [`Governor::process_drain_into`] for one change.
+    fn stage(&mut self, m: Mapped, pending: &mut impl Marks) {
+        let e = m.entity;
+        let key = m.event.key.clone();
+        let delete = m.op == ChangeOp::Delete;
+        if !self.gov[e].external_ids_of.is_empty() {
+            let prev = self.rows.get(&(e, key.clone())).cloned();
+            let models = &self.gov[e].external_ids_of;
+            let new = if delete { None } else { m.row.map(Arc::new) }.filter(|r| {
+                r.get("model")
+                    .and_then(Value::as_str)
+                    .is_some_and(|m| models.iter().any(|x| x == m))
+            });
+            if prev.is_none() && new.is_none() {
+                // Most of ir_model_data (views, menus, ...) is not referenced.
+                return;
+            }
+            for (model, res_id) in [prev.as_deref(), new.as_deref()]
+                .into_iter()
+                .flatten()
+                .filter_map(external_id_target)
+            {
+                for (r, column) in self.external_id_refs(&model) {
+                    for k in self.referencing(r, &column, &res_id) {
+                        pending.defer(self.rank[r], r, k);
+                    }
+                }
+            }
+            self.set_row(e, &key, new);
+            return;
+        }
+        if let Some((parent, _)) = self.gov[e].child_of {
+            let prev = self.rows.get(&(e, key.clone())).cloned();
+            let new = if delete { None } else { m.row.map(Arc::new) };
+            let bad = if delete { None } else { m.unencodable.as_ref() };
+            self.note_child_encoding(e, &key, bad, &m.data, m.event.version);
+            for p in self.index_child(e, &key, prev.as_deref(), new.as_deref()) {
+                pending.defer(self.rank[parent], parent, p);
+            }
+            self.set_row(e, &key, new);
+            return;
+        }
+        let tracked = self.tracked[e];
+        let prev = if tracked {
+            self.rows.get(&(e, key.clone())).cloned()
+        } else {
+            None
+        };
+        let row = if delete { None } else { m.row.map(Arc::new) };
+        if tracked {
+            self.set_row(e, &key, row.clone());
+        }
+        self.defer_dependents(e, &key, pending);
+        let change = Staged {
+            index: m.index,
+            first_op: m.first_op,
+            last_op: m.op,
+            old: m.old.map(Arc::new).or(prev.clone()),
+            seen: prev.is_some(),
+            row,
+            data: m.data,
+            id: m.event.id,
+            version: m.event.version,
+            time: m.event.time,
+            change: m.event.change,
+            tx_id: m.event.tx_id,
+            unencodable: m.unencodable,
+        };
+        pending.stage(self.rank[e], e, key, change);
+    }
+
+    /// Phase two: evaluates every marked record once, lowest rank first.
+    fn evaluate_pending(
+        &mut self,
+        mut pending: Pending,
+        commit_lsn: Lsn,
+        time: &str,
+        out: &mut Vec<(usize, Event)>,
+    ) {
+        // The pieces of a large transaction share one sequence of ids.
+        let mut synthetic = match self.synthetic {
+            (lsn, next) if lsn == commit_lsn.0 => next,
+            _ => 0,
+        };
+        while let Some((e, key, staged)) = pending.next() {
+            if self.watched[e] {
+                self.touched.insert((e, key.clone()), commit_lsn.0);
+            }
+            let held_before = self.is_quarantined(e, &key);
+            match staged {
+                Some(s) => {
+                    if s.last_op == ChangeOp::Delete && s.first_op == ChangeOp::Insert {
+                        // Inserted and deleted in one transaction: no target ever knew it.
+                        continue;
+                    }
+                    let op = match (s.first_op, s.last_op) {
+                        (_, ChangeOp::Delete) => "delete",
+                        (ChangeOp::Insert, _) => "insert",
+                        _ => "update",
+                    };
+                    let change = match (s.first_op, s.last_op, s.change) {
+                        // The Debezium envelope keeps "c" for a key created in this transaction.
+                        (ChangeOp::Insert, ChangeOp::Insert | ChangeOp::Update, _) => {
+                            Some(SourceChange::Insert)
+                        }
+                        (ChangeOp::Delete, ChangeOp::Insert, _) => Some(SourceChange::Update),
+                        (_, _, c) => c,
+                    };
+                    let row = if op == "delete" {
+                        None
+                    } else if self.tracked[e] {
+                        // The final row: later changes of the transaction already replaced it.
+                        self.rows.get(&(e, key.clone())).cloned().or(s.row)
+                    } else {
+                        s.row
+                    };
+                    let origin = Origin {
+                        id: s.id,
+                        version: s.version,
+                        time: s.time,
+                        change,
+                        tx_id: s.tx_id,
+                        scope: Scope::All,
+                        values: Values::Read(s.unencodable),
+                    };
+                    self.evaluate(
+                        e,
+                        &key,
+                        op,
+                        row,
+                        s.old.as_deref(),
+                        s.seen,
+                        s.data,
+                        &origin,
+                        out,
+                        &mut pending,
+                    );
+                }
+                None => {
+                    let Some(row) = self.rows.get(&(e, key.clone())).cloned() else {
+                        continue;
+                    };
+                    let origin = Origin {
+                        id: Event::source_id(commit_lsn, SYNTHETIC_INDEX + synthetic),
+                        version: commit_lsn.0,
+                        time: time.to_string(),
+                        change: None,
+                        tx_id: None,
+                        scope: Scope::All,
+                        values: Values::Tracked,
+                    };
+                    synthetic += 1;
+                    self.evaluate(
+                        e,
+                        &key,
+                        "update",
+                        Some(row.clone()),
+                        Some(&row),
+                        true,
+                        Map::new(),
+                        &origin,
+                        out,
+                        &mut pending,
+                    );
+                }
+            }
+            if held_before != self.is_quarantined(e, &key) {
+                // Whether this record holds back the records referencing it changed.
+                self.defer_dependents(e, &key, &mut pending);
+            }
+        }
+        self.synthetic = (commit_lsn.0, synthetic);
+    }
+
+    /// Marks the tracked records whose references or reference rules point at (e, key).
+    fn defer_dependents(&self, e: usize, key: &str, pending: &mut impl Marks) {
+        for (r, column) in &self.referenced_by[e] {
+            for k in self.referencing(*r, column, key) {
+                pending.defer(self.rank[*r], *r, k);
+            }
+        }
+        for (r, column) in &self.child_referenced_by[e] {
+            for parent in self.parents_with_child_value(*r, column, key) {
+                let p = self.gov[*r].child_of.map_or(*r, |(p, _)| p);
+                pending.defer(self.rank[p], p, parent);
+            }
+        }
+    }
+
+    fn is_quarantined(&self, e: usize, key: &str) -> bool {
+        !self.quarantine.is_empty() && self.quarantine.contains_key(&(e, key.to_string()))
+    }
+
+    /// Governs rows read by a snapshot (an initial snapshot, `steward reset`,
+    /// an entity added to a target, a re-snapshot after a schema stop) or a
+    /// governed re-read after a configuration change, through the same
+    /// evaluation as streamed changes. `consistent` is the snapshot's
+    /// consistent point; the caller has processed the stream up to it, so a
+    /// record the stream changed since (recorded while its entity is
+    /// watched, see [`Governor::watch`]) is newer in the governor than in
+    /// the snapshot and is skipped. Events go to `targets` only; `force`
+    /// sends publishable documents even when equal to the last one appended
+    /// (the target is being rebuilt). `known_only` (a re-read after a
+    /// configuration change) skips records the target never had a decision
+    /// about. Records whose state these rows change
+    /// for other reasons (a business key let go) are evaluated with version
+    /// `position`, the stream's current position.
+    pub fn process_snapshot(
+        &mut self,
+        mapped: &mut Vec<Mapped>,
+        consistent: Lsn,
+        read: &SnapshotRead,
+        position: Lsn,
+        out: &mut Vec<(usize, Event)>,
+    ) {
+        let SnapshotRead {
+            targets,
+            force,
+            known_only,
+        } = read;
+        let (force, known_only) = (*force, *known_only);
+        let mut pending = Pending::default();
+        for m in mapped.drain(..) {
+            let e = m.entity;
+            let key = m.event.key.clone();
+            if known_only
+                && targets.iter().all(|&t| {
+                    let slot = self.published_key(t, e, &key).slot();
+                    !self.published.contains_key(&slot) && !self.withheld.contains(&slot)
+                })
+            {
+                // The target never had this record nor any decision about
+                // it: a configuration change is not a change of the record.
+                continue;
+            }
+            if self
+                .touched
+                .get(&(e, key.clone()))
+                .is_some_and(|v| *v >= consistent.0)
+            {
+                continue;
+            }
+            if self.gov[e].child_of.is_some() || !self.gov[e].external_ids_of.is_empty() {
+                if self.gov[e].child_of.is_some() {
+                    let bad = m.unencodable.as_ref();
+                    self.note_child_encoding(e, &key, bad, &m.data, m.event.version);
+                }
+                self.observe(e, &key, m.row);
+                continue;
+            }
+            let prev = self.rows.get(&(e, key.clone())).cloned();
+            let row = m.row.map(Arc::new);
+            if self.tracked[e] {
+                self.set_row(e, &key, row.clone());
+            }
+            let origin = Origin {
+                id: m.event.id,
+                version: m.event.version,
+                time: m.event.time,
+                change: Some(SourceChange::Snapshot),
+                tx_id: None,
+                scope: Scope::Targets {
+                    targets: targets.to_vec(),
+                    force,
+                },
+                values: Values::Read(m.unencodable),
+            };
+            self.evaluate(
+                e,
+                &key,
+                "snapshot",
+                row,
+                prev.as_deref(),
+                true,
+                m.data,
+                &origin,
+                out,
+                &mut pending,
+            );
+        }
+        // Records released or held by these decisions (business keys let go,
+        // references) are governed like any other: once, for every target.
+        self.evaluate_pending(pending, position, &now_rfc3339(), out);
+    }
+
+    /// Learns the current rows of `entity` read from its table (start-up,
+    /// for entities steward has no state of yet): the child rows of business
+    /// objects, referenced records, external ids, and every governed record,
+    /// whose business keys and quarantine are decided here without sending
+    /// anything (each target learns a record from its own snapshot or the
+    /// stream).
+    pub fn seed_mapped(&mut self, mapped: &mut Vec<Mapped>, time: &str) {
+        let mut pending = Pending::default();
+        let mut out = Vec::new();
+        for m in mapped.drain(..) {
+            let e = m.entity;
+            let key = m.event.key.clone();
+            if self.gov[e].child_of.is_some()
+                || !self.gov[e].external_ids_of.is_empty()
+                || !self.gov[e].is_governed()
+            {
+                if self.gov[e].child_of.is_some() {
+                    let bad = m.unencodable.as_ref();
+                    self.note_child_encoding(e, &key, bad, &m.data, m.event.version);
+                }
+                self.observe(e, &key, m.row);
+                continue;
+            }
+            let prev = self.rows.get(&(e, key.clone())).cloned();
+            let row = m.row.map(Arc::new);
+            self.set_row(e, &key, row.clone());
+            let origin = Origin {
+                id: String::new(),
+                version: 0,
+                time: time.to_string(),
+                change: None,
+                tx_id: None,
+                scope: Scope::Targets {
+                    targets: Vec::new(),
+                    force: false,
+                },
+                values: Values::Read(m.unencodable),
+            };
+            self.evaluate(
+                e,
+                &key,
+                "snapshot",
+                row,
+                prev.as_deref(),
+                true,
+                m.data,
+                &origin,
+                &mut out,
+                &mut pending,
+            );
+        }
+        debug_assert!(out.is_empty());
+    }
+
+    /// Forgets the tracked records of `entity` that are not in `present`
+    /// (every key read from its table just now, after a restored backup):
+    /// each is governed as deleted, so a target that had it receives a
+    /// delete with version `version`; child rows and external ids are
+    /// dropped from the state. Returns the events and the number forgotten.
+    pub fn prune_absent(
+        &mut self,
+        e: usize,
+        present: &std::collections::HashSet<String>,
+        version: Lsn,
+        time: &str,
+    ) -> (Vec<(usize, Event)>, usize) {
+        let gone: Vec<String> = self
+            .rows
+            .keys()
+            .filter(|(x, k)| *x == e && !present.contains(k))
+            .map(|(_, k)| k.clone())
+            .collect();
+        let mut out = Vec::new();
+        let mut pending = Pending::default();
+        let hidden = self.is_hidden(e);
+        for (i, key) in gone.iter().enumerate() {
+            if hidden {
+                if let Some((parent, _)) = self.gov[e].child_of {
+                    let prev = self.rows.get(&(e, key.clone())).cloned();
+                    for p in self.index_child(e, key, prev.as_deref(), None) {
+                        pending.defer(self.rank[parent], parent, p);
+                    }
+                }
+                self.set_row(e, key, None);
+                continue;
+            }
+            let prev = self.rows.get(&(e, key.clone())).cloned();
+            let data = prev
+                .as_deref()
+                .map(|r| assemble::key_data(&self.entities[e], r))
+                .unwrap_or_default();
+            self.set_row(e, key, None);
+            self.defer_dependents(e, key, &mut pending);
+            let origin = Origin {
+                // Its own id space: never equal to a streamed or re-emitted event's id.
+                id: format!("{:016X}-P{i:08X}", version.0),
+                version: version.0,
+                time: time.to_string(),
+                change: Some(SourceChange::Delete),
+                tx_id: None,
+                scope: Scope::All,
+                values: Values::Read(None),
+            };
+            self.evaluate(
+                e,
+                key,
+                "delete",
+                None,
+                prev.as_deref(),
+                true,
+                data,
+                &origin,
+                &mut out,
+                &mut pending,
+            );
+        }
+        self.evaluate_pending(pending, version, time, &mut out);
+        (out, gone.len())
+    }
+
+    /// Records a row in the tracked state only (child rows, external ids,
+    /// referenced records).
+    fn observe(&mut self, e: usize, key: &str, row: Option<Map<String, Value>>) {
+        if !self.tracked[e] {
+            return;
+        }
+        let row = row.map(Arc::new);
+        if !self.gov[e].external_ids_of.is_empty() {
+            let models = &self.gov[e].external_ids_of;
+            let keep = row.as_ref().is_some_and(|r| {
+                r.get("model")
+                    .and_then(Value::as_str)
+                    .is_some_and(|m| models.iter().any(|x| x == m))
+            });
+            if !keep {
+                return;
+            }
+        }
+        if self.gov[e].child_of.is_some() {
+            let prev = self.rows.get(&(e, key.to_string())).cloned();
+            self.index_child(e, key, prev.as_deref(), row.as_deref());
+        }
+        self.set_row(e, key, row);
+    }
+
+    /// Entities whose streamed changes are remembered per key (with their
+    /// commit LSN) so that [`Governor::process_snapshot`] can skip records
+    /// the stream changed after a snapshot's consistent point. The memory
+    /// is released when an entity stops being watched.
+    pub fn watch(&mut self, entities: &[usize]) {
+        let mut watched = vec![false; self.entities.len()];
+        for &e in entities {
+            if let Some(w) = watched.get_mut(e) {
+                *w = true;
+            }
+        }
+        if watched != self.watched {
+            self.touched.retain(|(e, _), _| watched[*e]);
+            self.watched = watched;
+        }
+    }
+
+    /// Re-evaluates a quarantined record now (operator request).
+    pub fn release(
+        &mut self,
+        entity: &str,
+        key: &str,
+        version: Lsn,
+        time: &str,
+    ) -> Result<Released, String> {
+        let Some(&e) = self.entity_index.get(entity) else {
+            return Err(format!("entity `{entity}` is not configured"));
+        };
+        if !self.quarantine.contains_key(&(e, key.to_string())) {
+            return Err(format!("{entity} {key} is not quarantined"));
+        }
+        let Some(row) = self.rows.get(&(e, key.to_string())).cloned() else {
+            return Err(format!(
+                "{entity} {key} is quarantined but its row is not known; it is released by its next change"
+            ));
+        };
+        let origin = Origin {
+            id: format!(
+                "{:016X}-R{:x}",
+                version.0,
+                chrono::Utc::now().timestamp_micros()
+            ),
+            version: version.0,
+            time: time.to_string(),
+            change: None,
+            tx_id: None,
+            scope: Scope::All,
+            values: Values::Tracked,
+        };
+        let mut out = Vec::new();
+        let mut pending = Pending::default();
+        self.evaluate(
+            e,
+            key,
+            "update",
+            Some(row.clone()),
+            Some(&row),
+            true,
+            Map::new(),
+            &origin,
+            &mut out,
+            &mut pending,
+        );
+        self.evaluate_pending(pending, version, time, &mut out);
+        let still_failing = self
+            .quarantine
+            .get(&(e, key.to_string()))
+            .map(|q| q.message.clone());
+        Ok(Released {
+            events: out,
+            still_failing,
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn evaluate(
+        &mut self,
+        e: usize,
+        key: &str,
+        op: &str,
+        row: Option<Arc<Map<String, Value>>>,
+        old: Option<&Map<String, Value>>,
+        seen: bool,
+        fallback: Map<String, Value>,
+        origin: &Origin,
+        out: &mut Vec<(usize, Event)>,
+        deferred: &mut Pending,
+    ) {
+        let name = self.entities[e].name.clone();
+        let targets: Vec<usize> = match &origin.scope {
+            Scope::All => self.entity_targets[e].clone(),
+            Scope::Targets { targets, .. } => self.entity_targets[e]
+                .iter()
+                .copied()
+                .filter(|t| targets.contains(t))
+                .collect(),
+        };
+        let force = matches!(origin.scope, Scope::Targets { force: true, .. });
+        let version = origin.version;
+        let event = |op: EventOp, data: EventData| Event {
+            change: origin.change,
+            tx_id: origin.tx_id,
+            id: origin.id.clone(),
+            entity: name.clone(),
+            key: key.to_string(),
+            op,
+            version,
+            time: origin.time.clone(),
+            data,
+        };
+        if op == "delete" {
+            self.set_claims(e, key, Vec::new(), deferred);
+            self.release_from_quarantine(e, key, version, "the record was deleted");
+            let data = EventData::from_map(&fallback);
+            for t in targets {
+                let pkey = self.published_key(t, e, key);
+                let was = self.published.remove(&pkey.slot());
+                if self.withheld.remove(&pkey.slot()) && was.is_none() {
+                    self.queue_published(pkey, None);
+                }
+                if was.is_some() || !seen {
+                    self.queue_published(pkey, None);
+                    out.push((t, event(EventOp::Delete, data.clone())));
+                    self.audit(e, key, version, Some(t), "delivered", "delete".into());
+                } else {
+                    self.audit(
+                        e,
+                        key,
+                        version,
+                        Some(t),
+                        "gated",
+                        "deleted; it was never delivered to this target".into(),
+                    );
+                }
+            }
+            return;
+        }
+
+        let tracked = self.tracked[e];
+        let doc = match (&row, tracked) {
+            (Some(r), true) => self.document(e, key, r),
+            _ => fallback,
+        };
+        let input = CelInput {
+            row: row.as_deref(),
+            old,
+            op,
+        };
+        let (publishable, why) = match &self.gov[e].publish_when {
+            None => (true, String::new()),
+            Some(expr) => match expr.test(&input) {
+                Ok(true) => (true, String::new()),
+                Ok(false) => (false, format!("publish_when `{}` is false", expr.source)),
+                Err(m) => (false, format!("publish_when could not be evaluated: {m}")),
+            },
+        };
+        let failure = match &origin.values {
+            Values::Read(Some(bad)) => Some((ENCODING_RULE.to_string(), bad.to_string(), None)),
+            Values::Tracked
+                if self
+                    .quarantine
+                    .get(&(e, key.to_string()))
+                    .is_some_and(|q| q.rule == ENCODING_RULE && q.blocked_by.is_none()) =>
+            {
+                // Held until a change of the record can be encoded.
+                return;
+            }
+            _ if publishable => self
+                .unencodable_child(e, key)
+                .or_else(|| self.validate(e, key, &doc, row.as_deref(), &input)),
+            _ => None,
+        };
+        if let Some((rule, message, blocked_by)) = failure {
+            self.set_claims(e, key, Vec::new(), deferred);
+            let entry = QuarantineEntry {
+                entity: name.clone(),
+                key: key.to_string(),
+                version,
+                rule: rule.clone(),
+                message: message.clone(),
+                document: Value::Object(doc),
+                since: now_rfc3339(),
+                blocked_by,
+            };
+            for &t in &targets {
+                let pkey = self.published_key(t, e, key);
+                if !self.published.contains_key(&pkey.slot()) && self.withheld.insert(pkey.slot()) {
+                    self.queue_published(pkey, Some(WITHHELD));
+                }
+            }
+            self.quarantine.insert((e, key.to_string()), entry.clone());
+            self.queue_quarantine(e, key, Some(entry));
+            self.audit(
+                e,
+                key,
+                version,
+                None,
+                "quarantined",
+                format!("rule {rule}: {message}"),
+            );
+            return;
+        }
+        if publishable {
+            let claims = self.claim_values(e, &doc, row.as_deref());
+            self.set_claims(e, key, claims, deferred);
+            self.release_from_quarantine(e, key, version, "every rule passes now");
+        } else {
+            self.set_claims(e, key, Vec::new(), deferred);
+            self.release_from_quarantine(
+                e,
+                key,
+                version,
+                "no longer publishable, so no longer validated",
+            );
+        }
+
+        for t in targets {
+            let routed = match &self.policies[t].route {
+                None => Ok(true),
+                Some(r) => r
+                    .test(&input)
+                    .map_err(|m| format!("route could not be evaluated: {m}")),
+            };
+            let pkey = self.published_key(t, e, key);
+            if publishable && routed == Ok(true) {
+                let (data, notes) = redact::apply(&self.policies[t], &name, &doc);
+                let data = EventData::from_map(&data);
+                let hash = doc_hash(&data);
+                if !force && self.published.get(&pkey.slot()) == Some(&short_hash(&hash)) {
+                    self.audit(
+                        e,
+                        key,
+                        version,
+                        Some(t),
+                        "suppressed",
+                        "same document as last delivered".into(),
+                    );
+                    continue;
+                }
+                self.published.insert(pkey.slot(), short_hash(&hash));
+                self.withheld.remove(&pkey.slot());
+                self.queue_published(pkey, Some(hash));
+                out.push((t, event(EventOp::Upsert, data)));
+                self.audit(e, key, version, Some(t), "delivered", "upsert".into());
+                if !notes.is_empty() {
+                    self.audit(e, key, version, Some(t), "redacted", notes.join(", "));
+                }
+                continue;
+            }
+            let reason = if !publishable {
+                why.clone()
+            } else {
+                match &routed {
+                    Ok(_) => format!(
+                        "route `{}` is false",
+                        self.policies[t]
+                            .route
+                            .as_ref()
+                            .map_or("", |r| r.source.as_str())
+                    ),
+                    Err(m) => m.clone(),
+                }
+            };
+            let was = self.published.contains_key(&pkey.slot());
+            // A record first seen by an update may have been delivered before steward tracked it.
+            let unknown = !seen && op == "update";
+            if was || unknown {
+                self.published.remove(&pkey.slot());
+                self.withheld.insert(pkey.slot());
+                self.queue_published(pkey, Some(WITHHELD));
+                let ev = match self.gov[e].on_unpublish {
+                    OnUnpublish::Delete => {
+                        let data = row
+                            .as_deref()
+                            .map(|r| assemble::key_data(&self.entities[e], r))
+                            .unwrap_or_default();
+                        event(EventOp::Delete, EventData::from_map(&data))
+                    }
+                    OnUnpublish::Upsert => event(
+                        EventOp::Upsert,
+                        EventData::from_map(&redact::apply(&self.policies[t], &name, &doc).0),
+                    ),
+                };
+                out.push((t, ev));
+                self.audit(e, key, version, Some(t), "unpublished", reason);
+            } else {
+                if self.withheld.insert(pkey.slot()) {
+                    self.queue_published(pkey, Some(WITHHELD));
+                }
+                let decision = if publishable { "not_routed" } else { "gated" };
+                self.audit(e, key, version, Some(t), decision, reason);
+            }
+        }
+    }
+
+    /// The document of a tracked record: mapped fields, references,
+    /// children (each with its own references), in the order the
+    /// configuration writes them.
+    fn document(&self, e: usize, key: &str, row: &Map<String, Value>) -> Map<String, Value> {
+        let mut doc = assemble::document(&self.entities[e].fields, row);
+        for r in &self.gov[e].refs {
+            doc.insert(r.name.clone(), self.resolve_ref(r, row));
+        }
+        for c in &self.gov[e].children {
+            let mut items: Vec<(String, Value)> = Vec::new();
+            if let Some(keys) = self.children.get(&(c.entity, key.to_string())) {
+                for k in keys {
+                    if let Some(child) = self.rows.get(&(c.entity, k.clone())) {
+                        let mut d = assemble::document(&c.fields, child);
+                        for r in &c.refs {
+                            d.insert(r.name.clone(), self.resolve_ref(r, child));
+                        }
+                        let mut d = ordered(d, &c.field_order);
+                        if !d.contains_key("id") {
+                            d.insert("id".into(), child.get("id").cloned().unwrap_or(Value::Null));
+                        }
+                        items.push((k.clone(), Value::Object(d)));
+                    }
+                }
+            }
+            // Numeric ids in numeric order, so the document does not depend on hashing.
+            items.sort_by(|a, b| key_order(&a.0, &b.0));
+            doc.insert(
+                c.name.clone(),
+                Value::Array(items.into_iter().map(|(_, v)| v).collect()),
+            );
+        }
+        ordered(doc, &self.gov[e].field_order)
+    }
+
+    fn resolve_ref(
+        &self,
+        r: &crate::config::governance::RefField,
+        row: &Map<String, Value>,
+    ) -> Value {
+        match self.entity_index.get(&r.entity) {
+            Some(_) if r.external_id => self.external_id(&r.model, row.get(&r.column)),
+            Some(&t) => reference::resolve(r, t, &self.entities[t], row, &self.rows),
+            None => Value::Null,
+        }
+    }
+
+    /// Why record `id` of entity `t` is not published (the blocker of the
+    /// records referencing it), or `None` when it is: it exists, passes its
+    /// gate and is not quarantined.
+    fn blocker(&self, t: usize, id: &str) -> Option<String> {
+        let Some(referenced) = self.rows.get(&(t, id.to_string())) else {
+            return Some("it does not exist or steward has not read it".into());
+        };
+        if let Some(expr) = &self.gov[t].publish_when {
+            let ok = expr.test(&CelInput {
+                row: Some(referenced),
+                old: None,
+                op: "update",
+            });
+            if ok != Ok(true) {
+                return Some(format!("not publishable: publish_when `{}`", expr.source));
+            }
+        }
+        if let Some(q) = self.quarantine.get(&(t, id.to_string())) {
+            return Some(format!("quarantined: {}", q.message));
+        }
+        None
+    }
+
+    /// Keys of parents whose child rows of child entity `c` hold `value` in `column`.
+    fn parents_with_child_value(&self, c: usize, column: &str, value: &str) -> Vec<String> {
+        let Some((p, ci)) = self.gov[c].child_of else {
+            return Vec::new();
+        };
+        let parent_column = &self.gov[p].children[ci].parent;
+        let mut out: Vec<String> = self
+            .referencing(c, column, value)
+            .into_iter()
+            .filter_map(|k| self.rows.get(&(c, k)))
+            .filter_map(|row| row.get(parent_column).filter(|v| !v.is_null()))
+            .map(assemble::text)
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The ids a reference rule checks: the row's column (a reference
+    /// field's many2one column when the rule names a reference field), or
+    /// for `child.field` that column of every child row.
+    fn reference_ids(
+        &self,
+        e: usize,
+        key: &str,
+        field: &str,
+        row: Option<&Map<String, Value>>,
+    ) -> Vec<String> {
+        let g = &self.gov[e];
+        match field.split_once('.') {
+            Some((child, field)) => {
+                let Some(c) = g.children.iter().find(|c| c.name == child) else {
+                    return Vec::new();
+                };
+                let column = child_column(c, field);
+                let mut ids = Vec::new();
+                if let Some(keys) = self.children.get(&(c.entity, key.to_string())) {
+                    for k in keys {
+                        if let Some(v) = self
+                            .rows
+                            .get(&(c.entity, k.clone()))
+                            .and_then(|r| r.get(&column))
+                            .filter(|v| !v.is_null())
+                        {
+                            ids.push(assemble::text(v));
+                        }
+                    }
+                }
+                ids.sort();
+                ids.dedup();
+                ids
+            }
+            None => {
+                let column = ref_column(g, field);
+                row.and_then(|r| r.get(&column))
+                    .filter(|v| !v.is_null())
+                    .map(|v| vec![assemble::text(v)])
+                    .unwrap_or_default()
+            }
+        }
+    }
+
+    /// The first failing rule (or business key), with a message for the operator.
+    fn validate(
+        &self,
+        e: usize,
+        key: &str,
+        doc: &Map<String, Value>,
+        row: Option<&Map<String, Value>>,
+        input: &CelInput<'_>,
+    ) -> Option<(String, String, Option<String>)> {
+        for rule in &self.gov[e].rules {
+            for check in &rule.checks {
+                if let Err(detail) = self.check(e, key, check, doc, row, input) {
+                    let message = match &rule.message {
+                        Some(m) => format!("{m} ({detail})"),
+                        None => format!("rule '{}' failed: {detail}", rule.name),
+                    };
+                    let blocked_by = match check {
+                        Check::Reference { field, entity } => self
+                            .reference_blocker(e, key, field, entity, row)
+                            .map(|(id, _)| format!("{entity} {id}")),
+                        _ => None,
+                    };
+                    return Some((rule.name.clone(), message, blocked_by));
+                }
+            }
+        }
+        for (fi, field) in self.gov[e].unique.iter().enumerate() {
+            let Some(value) = assemble::lookup(field, doc, row) else {
+                continue;
+            };
+            let raw = assemble::text(value);
+            let norm = assemble::normalise(&raw);
+            if norm.is_empty() {
+                continue;
+            }
+            if let Some(holder) = self.unique.get(&(e, fi, norm)) {
+                if holder != key {
+                    return Some((
+                        format!("unique:{field}"),
+                        format!(
+                            "{field} '{raw}' is already used by {} {holder}; change one of the two records",
+                            self.entities[e].name
+                        ),
+                        None,
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    fn check(
+        &self,
+        e: usize,
+        key: &str,
+        check: &Check,
+        doc: &Map<String, Value>,
+        row: Option<&Map<String, Value>>,
+        input: &CelInput<'_>,
+    ) -> Result<(), String> {
+        // A field, or for `child.field` that field of every child item.
+        let values = |f: &str| -> Vec<Option<&Value>> {
+            match f.split_once('.') {
+                Some((child, field)) if !doc.contains_key(f) => match doc.get(child) {
+                    Some(Value::Array(items)) => items
+                        .iter()
+                        .map(|item| item.get(field).filter(|v| !v.is_null()))
+                        .collect(),
+                    _ => Vec::new(),
+                },
+                _ => vec![assemble::lookup(f, doc, row)],
+            }
+        };
+        let each = |f: &str, test: &dyn Fn(&Value) -> Result<(), String>| {
+            values(f).into_iter().flatten().try_for_each(test)
+        };
+        match check {
+            Check::Required(fields) => {
+                let missing: Vec<&str> = fields
+                    .iter()
+                    .filter(|f| {
+                        values(f).iter().any(|v| {
+                            v.is_none_or(|v| v.as_str().is_some_and(|s| s.trim().is_empty()))
+                        })
+                    })
+                    .map(String::as_str)
+                    .collect();
+                if missing.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("missing {}", missing.join(", ")))
+                }
+            }
+            // Only `required` fails on a missing (null) value.
+            Check::Regex { field, regex } => each(field, &|v| {
+                if regex.is_match(&assemble::text(v)) {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{field} '{}' does not match /{}/",
+                        assemble::text(v),
+                        regex.as_str()
+                    ))
+                }
+            }),
+            Check::Allowed { field, values } => each(field, &|v| {
+                if values
+                    .iter()
+                    .any(|a| a == v || assemble::text(a) == assemble::text(v))
+                {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{field} '{}' is not one of {}",
+                        assemble::text(v),
+                        values
+                            .iter()
+                            .map(assemble::text)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ))
+                }
+            }),
+            Check::Range { field, min, max } => each(field, &|v| {
+                // NaN compares false with every bound: it would pass any range.
+                let Some(n) = assemble::text(v)
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|n| !n.is_nan())
+                else {
+                    return Err(format!("{field} '{}' is not a number", assemble::text(v)));
+                };
+                if min.is_some_and(|m| n < m) || max.is_some_and(|m| n > m) {
+                    return Err(format!(
+                        "{field} {} is outside {}..{}",
+                        assemble::text(v),
+                        min.map_or(String::new(), |m| m.to_string()),
+                        max.map_or(String::new(), |m| m.to_string())
+                    ));
+                }
+                Ok(())
+            }),
+            Check::Cel(expr) => match expr.test(input) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(format!("`{}` is false", expr.source)),
+                Err(m) => Err(m),
+            },
+            Check::Reference { field, entity } => {
+                if !self.entity_index.contains_key(entity) {
+                    return Err(format!("entity {entity} is not configured"));
+                }
+                match self.reference_blocker(e, key, field, entity, row) {
+                    Some((id, why)) => {
+                        Err(format!("{field} = {id}: blocked by {entity} {id} ({why})"))
+                    }
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// The first record a reference rule points at that is not published,
+    /// with the reason.
+    fn reference_blocker(
+        &self,
+        e: usize,
+        key: &str,
+        field: &str,
+        entity: &str,
+        row: Option<&Map<String, Value>>,
+    ) -> Option<(String, String)> {
+        let &t = self.entity_index.get(entity)?;
+        self.reference_ids(e, key, field, row)
+            .into_iter()
+            .find_map(|id| self.blocker(t, &id).map(|why| (id, why)))
+    }
+
+    fn claim_values(
+        &self,
+        e: usize,
+        doc: &Map<String, Value>,
+        row: Option<&Map<String, Value>>,
+    ) -> Vec<(usize, String)> {
+        self.gov[e]
+            .unique
+            .iter()
+            .enumerate()
+            .filter_map(|(fi, f)| {
+                let v = assemble::normalise(&assemble::text(assemble::lookup(f, doc, row)?));
+                (!v.is_empty()).then_some((fi, v))
+            })
+            .collect()
+    }
+
+    /// Replaces the business keys held by (e, key); records quarantined on a
+    /// key that was let go are re-evaluated at the end of the transaction.
+    fn set_claims(
+        &mut self,
+        e: usize,
+        key: &str,
+        new: Vec<(usize, String)>,
+        deferred: &mut Pending,
+    ) {
+        if self.gov[e].unique.is_empty() {
+            return;
+        }
+        let old = self
+            .claims
+            .remove(&(e, key.to_string()))
+            .unwrap_or_default();
+        let mut freed = false;
+        for (fi, value) in &old {
+            if new.contains(&(*fi, value.clone())) {
+                continue;
+            }
+            let k = (e, *fi, value.clone());
+            if self.unique.get(&k).is_some_and(|h| h == key) {
+                self.unique.remove(&k);
+                self.queue_unique(e, *fi, value, None);
+                freed = true;
+            }
+        }
+        for (fi, value) in &new {
+            let k = (e, *fi, value.clone());
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.unique.entry(k) {
+                slot.insert(key.to_string());
+                self.queue_unique(e, *fi, value, Some(key));
+            }
+        }
+        if !new.is_empty() {
+            self.claims.insert((e, key.to_string()), new);
+        }
+        if freed {
+            let mut waiting: Vec<String> = self
+                .quarantine
+                .iter()
+                .filter(|((qe, _), q)| *qe == e && q.rule.starts_with("unique:"))
+                .map(|((_, k), _)| k.clone())
+                .collect();
+            waiting.sort();
+            for k in waiting {
+                // Even one already decided in this transaction (quarantined,
+                // so nothing was sent): the key it waited for is free now.
+                deferred.redo(self.rank[e], e, k);
+            }
+        }
+    }
+
+    /// The external id of record `id` of `model`, or null when it has none.
+    fn external_id(&self, model: &str, id: Option<&Value>) -> Value {
+        let Some(id) = id.filter(|v| !v.is_null()) else {
+            return Value::Null;
+        };
+        self.external_ids
+            .get(&(model.to_string(), assemble::text(id)))
+            .and_then(|ids| ids.values().next())
+            .map_or(Value::Null, |x| Value::String(x.clone()))
+    }
+
+    /// (referencing entity, many2one column) of every external-id reference to `model`.
+    fn external_id_refs(&self, model: &str) -> Vec<(usize, String)> {
+        let mut out = Vec::new();
+        for (i, g) in self.gov.iter().enumerate() {
+            for r in &g.refs {
+                if r.external_id && r.model == model {
+                    out.push((i, r.column.clone()));
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Keeps the external-id index in step with a tracked `ir_model_data` row.
+    fn index_external_id(
+        &mut self,
+        e: usize,
+        key: &str,
+        prev: Option<&Map<String, Value>>,
+        new: Option<&Map<String, Value>>,
+    ) {
+        if self.gov[e].external_ids_of.is_empty() {
+            return;
+        }
+        let id: i64 = key.parse().unwrap_or(i64::MAX);
+        if let Some(target) = prev.and_then(external_id_target) {
+            if let Some(ids) = self.external_ids.get_mut(&target) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.external_ids.remove(&target);
+                }
+            }
+        }
+        if let Some(row) = new {
+            if let (Some(target), Some(module), Some(name)) = (
+                external_id_target(row),
+                row.get("module").and_then(Value::as_str),
+                row.get("name").and_then(Value::as_str),
+            ) {
+                self.external_ids
+                    .entry(target)
+                    .or_default()
+                    .insert(id, format!("{module}.{name}"));
+            }
+        }
+    }
+
+    /// A child row (a line of a business object) with a value steward cannot
+    /// encode is held in quarantine under its own entity and key, which
+    /// holds its parent back (see [`Governor::unencodable_child`]); a row
+    /// that encodes (or its delete) releases it.
+    fn note_child_encoding(
+        &mut self,
+        e: usize,
+        key: &str,
+        bad: Option<&Unencodable>,
+        data: &Map<String, Value>,
+        version: u64,
+    ) {
+        let Some(bad) = bad else {
+            self.release_from_quarantine(e, key, version, "its values can be encoded now");
+            return;
+        };
+        let entry = QuarantineEntry {
+            entity: self.entities[e].name.clone(),
+            key: key.to_string(),
+            version,
+            rule: ENCODING_RULE.to_string(),
+            message: bad.to_string(),
+            document: Value::Object(data.clone()),
+            since: now_rfc3339(),
+            blocked_by: None,
+        };
+        self.quarantine.insert((e, key.to_string()), entry.clone());
+        self.queue_quarantine(e, key, Some(entry));
+        self.audit(
+            e,
+            key,
+            version,
+            None,
+            "quarantined",
+            format!("rule {ENCODING_RULE}: {bad}"),
+        );
+    }
+
+    /// The first child row of (e, key) held for a value steward cannot
+    /// encode: the business object's document would carry it, so the
+    /// object is held too, until that row changes.
+    fn unencodable_child(&self, e: usize, key: &str) -> Option<(String, String, Option<String>)> {
+        if self.quarantine.is_empty() {
+            return None;
+        }
+        for c in &self.gov[e].children {
+            let Some(keys) = self.children.get(&(c.entity, key.to_string())) else {
+                continue;
+            };
+            for k in keys {
+                if let Some(q) = self
+                    .quarantine
+                    .get(&(c.entity, k.clone()))
+                    .filter(|q| q.rule == ENCODING_RULE)
+                {
+                    return Some((
+                        ENCODING_RULE.to_string(),
+                        format!("{} {k}: {}", q.entity, q.message),
+                        Some(format!("{} {k}", q.entity)),
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    /// Takes a record out of quarantine, if it is there, with the reason in the audit trail.
+    fn release_from_quarantine(&mut self, e: usize, key: &str, version: u64, reason: &str) {
+        // Nothing is quarantined almost always: skip building the lookup key.
+        if self.quarantine.is_empty() {
+            return;
+        }
+        if self.quarantine.remove(&(e, key.to_string())).is_some() {
+            self.queue_quarantine(e, key, None);
+            self.audit(e, key, version, None, "released", reason.to_string());
+        }
+    }
+
+    fn set_row(&mut self, e: usize, key: &str, row: Option<Arc<Map<String, Value>>>) {
+        if !self.gov[e].external_ids_of.is_empty() || !self.ref_columns[e].is_empty() {
+            // Only rows that feed an index pay for the lookup of the previous one.
+            let prev = self.rows.get(&(e, key.to_string())).cloned();
+            self.index_external_id(e, key, prev.as_deref(), row.as_deref());
+            self.index_refs(e, key, prev.as_deref(), row.as_deref());
+        }
+        let bytes = row.as_ref().and_then(|r| serde_json::to_vec(&**r).ok());
+        match row {
+            Some(r) => {
+                self.rows.insert((e, key.to_string()), r);
+            }
+            None => {
+                self.rows.remove(&(e, key.to_string()));
+            }
+        }
+        self.delta.ops.push(GovOp::Row {
+            entity: self.entities[e].name.clone(),
+            key: key.to_string(),
+            row: bytes,
+        });
+    }
+
+    /// Keeps the (entity, column, id) → keys index in step with a tracked row.
+    fn index_refs(
+        &mut self,
+        e: usize,
+        key: &str,
+        prev: Option<&Map<String, Value>>,
+        new: Option<&Map<String, Value>>,
+    ) {
+        for column in &self.ref_columns[e] {
+            let value = |r: Option<&Map<String, Value>>| {
+                r.and_then(|r| r.get(column))
+                    .filter(|v| !v.is_null())
+                    .map(assemble::text)
+            };
+            let (before, after) = (value(prev), value(new));
+            if before == after {
+                continue;
+            }
+            if let Some(b) = before {
+                let slot = (e, column.clone(), b);
+                if let Some(keys) = self.ref_index.get_mut(&slot) {
+                    keys.remove(key);
+                    if keys.is_empty() {
+                        self.ref_index.remove(&slot);
+                    }
+                }
+            }
+            if let Some(a) = after {
+                self.ref_index
+                    .entry((e, column.clone(), a))
+                    .or_default()
+                    .insert(key.to_string());
+            }
+        }
+    }
+
+    /// Keys of tracked records of `entity` whose `column` holds `id`, in key order.
+    fn referencing(&self, entity: usize, column: &str, id: &str) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .ref_index
+            .get(&(entity, column.to_string(), id.to_string()))
+            .map(|keys| keys.iter().cloned().collect())
+            .unwrap_or_default();
+        keys.sort_by(|a, b| key_order(a, b));
+        keys
+    }
+
+    /// Updates the parent → children index for a child row; returns the parents touched.
+    fn index_child(
+        &mut self,
+        e: usize,
+        key: &str,
+        prev: Option<&Map<String, Value>>,
+        new: Option<&Map<String, Value>>,
+    ) -> Vec<String> {
+        let Some((p, c)) = self.gov[e].child_of else {
+            return Vec::new();
+        };
+        let column = self.gov[p].children[c].parent.clone();
+        let parent_of = |r: Option<&Map<String, Value>>| {
+            r.and_then(|r| r.get(&column))
+                .filter(|v| !v.is_null())
+                .map(assemble::text)
+        };
+        let (before, after) = (parent_of(prev), parent_of(new));
+        let mut touched = Vec::new();
+        if let Some(b) = before {
+            if let Some(set) = self.children.get_mut(&(e, b.clone())) {
+                set.remove(key);
+            }
+            touched.push(b);
+        }
+        if let Some(a) = after {
+            self.children
+                .entry((e, a.clone()))
+                .or_default()
+                .insert(key.to_string());
+            if !touched.contains(&a) {
+                touched.push(a);
+            }
+        }
+        touched
+    }
+
+    fn queue_published(&mut self, key: PublishedKey, hash: Option<[u8; 16]>) {
+        self.delta.ops.push(GovOp::Published {
+            digest: key.0,
+            hash,
+        });
+    }
+
+    fn published_key(&self, t: usize, e: usize, key: &str) -> PublishedKey {
+        PublishedKey(published_digest(
+            &self.target_names[t],
+            &self.entities[e].name,
+            key,
+        ))
+    }
+
+    fn queue_unique(&mut self, e: usize, fi: usize, value: &str, holder: Option<&str>) {
+        self.delta.ops.push(GovOp::Unique {
+            entity: self.entities[e].name.clone(),
+            field: self.gov[e].unique[fi].clone(),
+            value: value.to_string(),
+            holder: holder.map(str::to_string),
+        });
+    }
+
+    fn queue_quarantine(&mut self, e: usize, key: &str, entry: Option<QuarantineEntry>) {
+        self.delta.ops.push(GovOp::Quarantine {
+            entity: self.entities[e].name.clone(),
+            key: key.to_string(),
+            entry: entry.map(Box::new),
+        });
+    }
+
+    fn audit(
+        &mut self,
+        e: usize,
+        key: &str,
+        version: u64,
+        target: Option<usize>,
+        decision: &str,
+        detail: String,
+    ) {
+        self.delta.ops.push(GovOp::Audit(AuditRecord {
+            time_micros: chrono::Utc::now().timestamp_micros(),
+            entity: self.entities[e].name.clone(),
+            key: key.to_string(),
+            version,
+            target: target.map(|t| self.target_names[t].clone()),
+            decision: decision.to_string(),
+            detail,
+        }));
+    }
+}
+
+/// The column a rule field names on the entity's row: a reference field's
+/// many2one column, a plain mapped field's column, else the name itself.
+fn ref_column(g: &EntityGovernance, field: &str) -> String {
+    g.refs
+        .iter()
+        .find(|r| r.name == field)
+        .map_or_else(|| field.to_string(), |r| r.column.clone())
+}
+
+/// [`ref_column`] for a child's field.
+fn child_column(c: &ChildConfig, field: &str) -> String {
+    if let Some(r) = c.refs.iter().find(|r| r.name == field) {
+        return r.column.clone();
+    }
+    c.fields
+        .iter()
+        .find(|f| f.name == field && f.source.path.is_empty())
+        .map_or_else(|| field.to_string(), |f| f.source.column.clone())
+}
+
+/// A digest of everything that decides what target `t` receives of entity
+/// `e`: the mapping, gate, rules, business keys, references, children, and
+/// the target's routing and redaction for it. A change between two runs
+/// means every record of the entity must be evaluated again for the target.
+pub fn config_fingerprint(config: &Config, t: usize, e: usize) -> String {
+    let entity = &config.entities[e];
+    let gov = config
+        .governance
+        .entities
+        .get(e)
+        .cloned()
+        .unwrap_or_default();
+    let policy = config
+        .governance
+        .targets
+        .get(t)
+        .cloned()
+        .unwrap_or_default();
+    let name = &entity.name;
+    let hidden: Vec<&EntityConfig> = gov
+        .children
+        .iter()
+        .filter_map(|c| config.entities.get(c.entity))
+        .collect();
+    let text = format!(
+        "{entity:?}|{hidden:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}",
+        gov.publish_when,
+        gov.on_unpublish,
+        gov.rules,
+        gov.unique,
+        gov.refs,
+        gov.children,
+        gov.field_order,
+        policy
+            .allow
+            .iter()
+            .filter(|(x, _)| x == name)
+            .collect::<Vec<_>>(),
+        policy
+            .mask
+            .iter()
+            .filter(|(x, _, _)| x == name)
+            .collect::<Vec<_>>(),
+        policy
+            .hash
+            .iter()
+            .filter(|(x, _)| x == name)
+            .collect::<Vec<_>>(),
+        policy.route,
+        policy.hash_key.is_some(),
+    );
+    blake3::hash(text.as_bytes()).to_hex()[..32].to_string()
+}
+
+/// Keys in a total order: numbers by value before other keys, those as text.
+fn key_order(a: &str, b: &str) -> std::cmp::Ordering {
+    match (a.parse::<i64>(), b.parse::<i64>()) {
+        (Ok(x), Ok(y)) => x.cmp(&y),
+        (Ok(_), Err(_)) => std::cmp::Ordering::Less,
+        (Err(_), Ok(_)) => std::cmp::Ordering::Greater,
+        _ => a.cmp(b),
+    }
+}
+
+/// `doc` with the fields named in `order` first, in that order, then the rest.
+fn ordered(mut doc: Map<String, Value>, order: &[String]) -> Map<String, Value> {
+    if order.is_empty() {
+        return doc;
+    }
+    let mut out = Map::with_capacity(doc.len());
+    for name in order {
+        if let Some(v) = doc.shift_remove(name) {
+            out.insert(name.clone(), v);
+        }
+    }
+    out.extend(doc);
+    out
+}
+
+/// (model, record id) an `ir_model_data` row names.
+fn external_id_target(row: &Map<String, Value>) -> Option<(String, String)> {
+    let model = row.get("model")?.as_str()?;
+    let res_id = row.get("res_id").filter(|v| !v.is_null())?;
+    Some((model.to_string(), assemble::text(res_id)))
+}
+
+/// A (target, entity, key) as the 128-bit digest the store keeps.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct PublishedKey([u8; 16]);
+
+impl PublishedKey {
+    fn slot(&self) -> PublishedSlot {
+        let mut slot = [0u8; 12];
+        slot.copy_from_slice(&self.0[..12]);
+        PublishedSlot(slot)
+    }
+}
+
+/// The key of [`Governor::published`]: the first 96 bits of the digest.
+/// The map holds an entry per record and target for the life of the daemon
+/// and is most of the governor's memory; 12-byte keys and 8-byte document
+/// hashes (20 bytes an entry instead of 32) keep it 40% smaller. Two records
+/// share a slot with odds of about 1 in 10^17 for a million records; a changed
+/// document is taken for the one before with odds of 1 in 2^64 per change.
+/// The store keeps the full 16-byte digests and hashes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct PublishedSlot([u8; 12]);
+
+/// The published log's value for a record withheld from a target.
+const WITHHELD: [u8; 16] = [0u8; 16];
+
+fn short_hash(hash: &[u8; 16]) -> [u8; 8] {
+    let mut short = [0u8; 8];
+    short.copy_from_slice(&hash[..8]);
+    short
+}
+
+impl Hash for PublishedSlot {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(first));
+    }
+}
+
+/// A [`PublishedSlot`] is already a uniform digest: hashing it again would
+/// only cost time.
+#[derive(Default)]
+pub struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Over the delivered JSON text. BLAKE3 rather than SHA-256: as collision
+/// resistant (a crafted document cannot pass for the one delivered before
+/// and have its change suppressed) at a fraction of the cost without SHA
+/// instructions. A hash stored by a version that used SHA-256 never matches,
+/// so after an upgrade each record's next change is delivered once more
+/// rather than suppressed: a redundant upsert, never a lost one.
+fn doc_hash(data: &EventData) -> [u8; 16] {
+    // A one-shot keyed hash costs a fraction of the incremental hasher's
+    // set-up and finalisation on documents this small. Only upserts are
+    // hashed; the key keeps the hash apart from any other BLAKE3 use.
+    const KEY: &[u8; 32] = b"steward document hash: upsert\0\0\0";
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&blake3::keyed_hash(KEY, data.as_str().as_bytes()).as_bytes()[..16]);
+    out
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+#[path = "govern_tests.rs"]
+mod tests;

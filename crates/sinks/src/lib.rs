@@ -1,0 +1,70 @@
+//! Targets: one module per target type, and the per-target delivery driver
+//! that reads the target's outbox cursor and hands batches to its sink.
+
+pub mod driver;
+pub mod envelope;
+pub mod file;
+pub mod http;
+pub mod nats;
+pub mod postgres;
+pub mod requests;
+
+pub use driver::{Deliver, DeliveryError};
+
+use steward_core::config::{Config, TargetConfig, TargetKind};
+use steward_core::model::Event;
+
+use envelope::EnvelopeContext;
+
+/// Every sink type behind one `Deliver` implementation.
+pub enum AnySink {
+    Http(http::HttpSink),
+    Postgres(postgres::PostgresSink),
+    Nats(nats::NatsSink),
+    File(file::FileSink),
+}
+
+impl Deliver for AnySink {
+    async fn deliver(&mut self, events: &[Event]) -> Result<(), DeliveryError> {
+        match self {
+            AnySink::Http(sink) => sink.deliver(events).await.map_err(|f| DeliveryError {
+                retryable: f.retryable,
+                message: f.message,
+                retry_after: f.retry_after,
+                status: f.status,
+            }),
+            AnySink::Postgres(sink) => sink.deliver(events).await,
+            AnySink::Nats(sink) => sink.deliver(events).await,
+            AnySink::File(sink) => sink.deliver(events).await,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Http(#[from] http::HttpSinkError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Builds the sink for a target. Sinks that talk to a server (postgres,
+/// nats) connect on their first delivery, so a target that is down at start
+/// only delays its own events (retried by the driver) and not the daemon.
+pub fn build(target: &TargetConfig, config: &Config) -> Result<AnySink, BuildError> {
+    let ctx = EnvelopeContext::from_config(config);
+    match &target.kind {
+        TargetKind::Http(http) => {
+            let mut sink = http::HttpSink::new(target, http, ctx.source.clone())?;
+            sink.set_envelope_context(ctx);
+            Ok(AnySink::Http(sink))
+        }
+        TargetKind::Postgres(pg) => Ok(AnySink::Postgres(postgres::PostgresSink::new(
+            target, pg, config,
+        ))),
+        TargetKind::Nats(nats) => Ok(AnySink::Nats(nats::NatsSink::new(target, nats, ctx))),
+        TargetKind::File(file) => Ok(AnySink::File(
+            file::FileSink::open(target, file, ctx).map_err(BuildError::Other)?,
+        )),
+    }
+}

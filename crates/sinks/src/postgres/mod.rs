@@ -1,0 +1,554 @@
+//! PostgreSQL target: keeps one table per entity equal to the entity's
+//! current state, written with version-guarded upserts.
+//!
+//! Table layout (created by `create_tables = true`, or by the operator):
+//!
+//! ```sql
+//! CREATE TABLE <schema>.<table> (
+//!     _key        text PRIMARY KEY,       -- the entity key (composite keys joined by |)
+//!     _version    bigint NOT NULL,        -- commit LSN of the change that wrote the row
+//!     _deleted    boolean NOT NULL DEFAULT false,
+//!     _event_id   text,                   -- id of that change (orders changes within a commit)
+//!     _updated_at timestamptz,            -- commit time
+//!     data        jsonb,                  -- the whole document
+//!     <field>     jsonb, ...              -- one column per entity field (JSON null → NULL)
+//! );
+//! ```
+//!
+//! Fields are jsonb rather than inferred SQL types: the source column types
+//! are not known when the table is created, and jsonb keeps numerics exact.
+//! A field named like a bookkeeping column (`data`, `_key`, ...) gets no
+//! column of its own; it is still in `data`.
+//!
+//! Every write is guarded by `(_version, _event_id)`: a row is only
+//! overwritten by a strictly newer change, so out-of-order, stale or replayed
+//! batches never regress it. Deletes are soft by default (`_deleted = true`,
+//! the row is the tombstone). With `delete_mode = "delete"` the row is
+//! removed and a tombstone `(_key, _version)` is kept in `<table>__deleted`,
+//! which upserts also check, so a stale upsert replayed later cannot bring a
+//! deleted row back. Tombstones are never purged by steward.
+//!
+//! A batch is written in one transaction with at most two statements per
+//! entity (upserts and, in delete mode, deletes), each taking the whole batch
+//! as arrays (`unnest`), after keeping only the newest change per key.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Statement};
+
+use crate::DeliveryError;
+use steward_core::config::{Config, DeleteMode, PostgresTargetConfig, SourceConfig, TargetConfig};
+use steward_core::model::{Event, EventOp};
+use steward_postgres::{connect_sql, describe_pg_error, quote_ident};
+
+/// Columns steward owns; a field with one of these names gets no column.
+const RESERVED: &[&str] = &[
+    "_key",
+    "_version",
+    "_deleted",
+    "_event_id",
+    "_updated_at",
+    "data",
+];
+
+struct TablePlan {
+    /// `schema.table` as shown in messages.
+    name: String,
+    /// Quoted `"schema"."table"`.
+    table: String,
+    /// Quoted tombstone table (used in delete mode).
+    tomb: String,
+    /// Field names that get a column.
+    fields: Vec<String>,
+}
+
+#[derive(Default)]
+struct Prepared {
+    upsert: Option<Statement>,
+    delete: Option<Statement>,
+}
+
+pub struct PostgresSink {
+    target: String,
+    cfg: PostgresTargetConfig,
+    conn: SourceConfig,
+    plans: HashMap<String, TablePlan>,
+    client: Option<Client>,
+    prepared: HashMap<String, Prepared>,
+}
+
+impl PostgresSink {
+    pub fn new(target: &TargetConfig, cfg: &PostgresTargetConfig, config: &Config) -> PostgresSink {
+        let mut plans = HashMap::new();
+        for (entity, table) in &cfg.tables {
+            let fields = config
+                .entity(entity)
+                .map(|e| {
+                    e.fields
+                        .iter()
+                        .map(|f| f.name.clone())
+                        .filter(|n| !RESERVED.contains(&n.as_str()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            plans.insert(
+                entity.clone(),
+                TablePlan {
+                    name: format!("{}.{table}", cfg.schema),
+                    table: format!("{}.{}", quote_ident(&cfg.schema), quote_ident(table)),
+                    tomb: format!(
+                        "{}.{}",
+                        quote_ident(&cfg.schema),
+                        quote_ident(&format!("{table}__deleted"))
+                    ),
+                    fields,
+                },
+            );
+        }
+        let c = &cfg.conn;
+        // The source's connection code (TLS modes, sslrootcert, Unix sockets,
+        // session settings) is reused by describing the target as a source.
+        let conn = SourceConfig {
+            url_display: c.url_display.clone(),
+            host: c.host.clone(),
+            port: c.port,
+            user: c.user.clone(),
+            dbname: c.dbname.clone(),
+            password: c.password.clone(),
+            sslmode: c.sslmode,
+            sslrootcert: c.sslrootcert.clone(),
+            connect_timeout: c.connect_timeout,
+            slot: String::new(),
+            publication: String::new(),
+            status_interval: Duration::from_secs(10),
+            create_publication: false,
+            heartbeat_interval: None,
+            streaming: true,
+        };
+        PostgresSink {
+            target: target.name.clone(),
+            cfg: cfg.clone(),
+            conn,
+            plans,
+            client: None,
+            prepared: HashMap::new(),
+        }
+    }
+
+    async fn connect(&mut self) -> Result<(), DeliveryError> {
+        let client = connect_sql(&self.conn).await.map_err(|e| {
+            // The connection code speaks of the source's keys; name this target's.
+            let text = e
+                .to_string()
+                .replace("the source PostgreSQL server", "the PostgreSQL server")
+                .replace("source.", &format!("targets.{}.", self.target));
+            DeliveryError {
+                // A refused password is retried: the password file is read
+                // again on every connection, so a rotation heals by itself.
+                retryable: e.is_transient() || e.is_auth_failure(),
+                message: format!(
+                    "target {}: cannot connect to {}: {text}",
+                    self.target, self.conn.url_display
+                ),
+                retry_after: None,
+                status: None,
+            }
+        })?;
+        if self.cfg.create_tables {
+            for plan in self.plans.values() {
+                let ddl = create_ddl(&self.cfg.schema, plan, self.cfg.delete_mode);
+                client.batch_execute(&ddl).await.map_err(|e| {
+                    // Creating a table is never about the events: retry, never dead-letter.
+                    DeliveryError {
+                        retryable: true,
+                        ..self.classify(e, &plan.name, "creating")
+                    }
+                })?;
+            }
+        }
+        self.client = Some(client);
+        self.prepared.clear();
+        Ok(())
+    }
+
+    pub async fn deliver(&mut self, events: &[Event]) -> Result<(), DeliveryError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let groups = newest_per_key(events)?;
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = None;
+            self.connect().await?;
+        }
+        let timeout = self.cfg.timeout;
+        let result = match tokio::time::timeout(timeout, self.write(&groups)).await {
+            Ok(r) => r,
+            Err(_) => Err(DeliveryError::retryable(format!(
+                "target {}: writing {} events took longer than timeout_ms ({} ms); the \
+                 transaction was abandoned",
+                self.target,
+                events.len(),
+                timeout.as_millis()
+            ))),
+        };
+        if result.is_err() {
+            // Whatever state the connection is in (aborted transaction,
+            // half-read reply after a timeout), start clean next time.
+            self.client = None;
+            self.prepared.clear();
+        }
+        result
+    }
+
+    async fn write(&mut self, groups: &[(&str, Vec<&Event>)]) -> Result<(), DeliveryError> {
+        // Prepare first (outside the borrow of the transaction).
+        for (entity, _) in groups {
+            self.prepare(entity).await?;
+        }
+        let Some(mut client) = self.client.take() else {
+            return Err(DeliveryError::retryable("not connected"));
+        };
+        let result = self.write_with(&mut client, groups).await;
+        self.client = Some(client);
+        result
+    }
+
+    async fn write_with(
+        &self,
+        client: &mut Client,
+        groups: &[(&str, Vec<&Event>)],
+    ) -> Result<(), DeliveryError> {
+        let tx = client.transaction().await.map_err(|e| {
+            DeliveryError::retryable(format!(
+                "target {}: cannot begin: {}",
+                self.target,
+                describe_pg_error(&e)
+            ))
+        })?;
+        for (entity, events) in groups {
+            let (Some(plan), Some(prepared)) =
+                (self.plans.get(*entity), self.prepared.get(*entity))
+            else {
+                continue;
+            };
+            let (upserts, deletes): (Vec<&Event>, Vec<&Event>) = match self.cfg.delete_mode {
+                DeleteMode::Soft => (events.clone(), Vec::new()),
+                DeleteMode::Delete => events.iter().partition(|e| e.op == EventOp::Upsert),
+            };
+            if let (false, Some(stmt)) = (upserts.is_empty(), &prepared.upsert) {
+                let keys: Vec<&str> = upserts.iter().map(|e| e.key.as_str()).collect();
+                let versions = versions(&upserts, &self.target)?;
+                let deleted: Vec<bool> = upserts.iter().map(|e| e.op == EventOp::Delete).collect();
+                let ids: Vec<&str> = upserts.iter().map(|e| e.id.as_str()).collect();
+                let times: Vec<&str> = upserts.iter().map(|e| e.time.as_str()).collect();
+                let data: Vec<Option<&str>> = upserts
+                    .iter()
+                    .map(|e| match e.op {
+                        EventOp::Upsert => Some(e.data.as_str()),
+                        EventOp::Delete => None,
+                    })
+                    .collect();
+                tx.execute(stmt, &[&keys, &versions, &deleted, &ids, &times, &data])
+                    .await
+                    .map_err(|e| self.classify(e, &plan.name, "writing to"))?;
+            }
+            if let (false, Some(stmt)) = (deletes.is_empty(), &prepared.delete) {
+                let keys: Vec<&str> = deletes.iter().map(|e| e.key.as_str()).collect();
+                let versions = versions(&deletes, &self.target)?;
+                let ids: Vec<&str> = deletes.iter().map(|e| e.id.as_str()).collect();
+                let times: Vec<&str> = deletes.iter().map(|e| e.time.as_str()).collect();
+                tx.execute(stmt, &[&keys, &versions, &ids, &times])
+                    .await
+                    .map_err(|e| self.classify(e, &plan.name, "deleting from"))?;
+            }
+        }
+        tx.commit().await.map_err(|e| {
+            DeliveryError::retryable(format!(
+                "target {}: cannot commit the batch: {}",
+                self.target,
+                describe_pg_error(&e)
+            ))
+        })
+    }
+
+    async fn prepare(&mut self, entity: &str) -> Result<(), DeliveryError> {
+        if self.prepared.contains_key(entity) {
+            return Ok(());
+        }
+        let Some(plan) = self.plans.get(entity) else {
+            return Err(DeliveryError::permanent(format!(
+                "target {}: received an event for entity `{entity}` that it has no table for; \
+                 add the entity to its entities",
+                self.target
+            )));
+        };
+        let Some(client) = self.client.as_ref() else {
+            return Err(DeliveryError::retryable("not connected"));
+        };
+        let upsert = client
+            .prepare(&upsert_sql(plan, self.cfg.delete_mode))
+            .await
+            .map_err(|e| self.classify(e, &plan.name, "preparing writes to"))?;
+        let delete = match self.cfg.delete_mode {
+            DeleteMode::Soft => None,
+            DeleteMode::Delete => Some(
+                client
+                    .prepare(&delete_sql(plan))
+                    .await
+                    .map_err(|e| self.classify(e, &plan.name, "preparing deletes from"))?,
+            ),
+        };
+        self.prepared.insert(
+            entity.to_string(),
+            Prepared {
+                upsert: Some(upsert),
+                delete,
+            },
+        );
+        Ok(())
+    }
+
+    /// Connection problems and transient server states are retryable;
+    /// schema and permission problems are not, and say what to do.
+    fn classify(&self, e: tokio_postgres::Error, table: &str, doing: &str) -> DeliveryError {
+        let Some(db) = e.as_db_error() else {
+            return DeliveryError::retryable(format!(
+                "target {}: lost the connection to {} while {doing} {table}: {}",
+                self.target,
+                self.conn.url_display,
+                describe_pg_error(&e)
+            ));
+        };
+        let code = db.code();
+        let class = &code.code()[..2.min(code.code().len())];
+        let mut detail = format!("{} (SQLSTATE {})", db.message(), code.code());
+        if let Some(d) = db.detail() {
+            detail.push_str(&format!(" (detail: {d})"));
+        }
+        if let Some(h) = db.hint() {
+            detail.push_str(&format!(" (hint: {h})"));
+        }
+        let fix = if *code == SqlState::UNDEFINED_TABLE || *code == SqlState::INVALID_SCHEMA_NAME {
+            format!(
+                "; create the table (the README's PostgreSQL target section has the DDL) or set \
+                 targets.{}.create_tables = true",
+                self.target
+            )
+        } else if *code == SqlState::UNDEFINED_COLUMN {
+            format!(
+                "; the table lacks a column steward writes: add it (jsonb) or set \
+                 targets.{}.create_tables = true to add missing columns",
+                self.target
+            )
+        } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+            format!(
+                "; grant the target user SELECT, INSERT, UPDATE, DELETE on {table} (and CREATE \
+                 on the schema when create_tables = true)"
+            )
+        } else if *code == SqlState::INVALID_COLUMN_REFERENCE || code.code() == "42P10" {
+            format!("; {table} needs a PRIMARY KEY or UNIQUE constraint on _key")
+        } else if class == "23" {
+            format!(
+                "; a constraint on {table} rejects steward's rows: drop or relax it (steward \
+                 writes only _key, the bookkeeping columns, data and the field columns)"
+            )
+        } else {
+            String::new()
+        };
+        // Only data exceptions and integrity violations are about the events
+        // themselves (the driver dead-letters those). Everything else — a
+        // connection, a deadlock, but also a missing table or privilege, which
+        // need a person — is retried, so fixing it delivers everything.
+        let retryable = !matches!(class, "22" | "23");
+        DeliveryError {
+            retryable,
+            message: format!(
+                "target {}: {doing} {table} failed: {detail}{fix}",
+                self.target
+            ),
+            retry_after: None,
+            status: None,
+        }
+    }
+}
+
+fn versions(events: &[&Event], target: &str) -> Result<Vec<i64>, DeliveryError> {
+    events
+        .iter()
+        .map(|e| {
+            i64::try_from(e.version).map_err(|_| {
+                DeliveryError::permanent(format!(
+                    "target {target}: event {} has version {} beyond bigint",
+                    e.id, e.version
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Groups the batch by entity (in first-seen order) keeping, per key, only
+/// the newest change by (version, event id): the guard would discard the
+/// older ones anyway, and one row may appear only once per statement.
+fn newest_per_key(events: &[Event]) -> Result<Vec<(&str, Vec<&Event>)>, DeliveryError> {
+    let mut groups: Vec<(&str, Vec<&Event>)> = Vec::new();
+    let mut index: HashMap<(&str, &str), (usize, usize)> = HashMap::new();
+    for event in events {
+        let g = match groups.iter().position(|(e, _)| *e == event.entity) {
+            Some(g) => g,
+            None => {
+                groups.push((&event.entity, Vec::new()));
+                groups.len() - 1
+            }
+        };
+        match index.get(&(event.entity.as_str(), event.key.as_str())) {
+            Some(&(g, i)) => {
+                let kept = groups[g].1[i];
+                if (event.version, &event.id) > (kept.version, &kept.id) {
+                    groups[g].1[i] = event;
+                }
+            }
+            None => {
+                groups[g].1.push(event);
+                index.insert((&event.entity, &event.key), (g, groups[g].1.len() - 1));
+            }
+        }
+    }
+    Ok(groups)
+}
+
+/// `(_version, _event_id)` of the row (alias `t`) is older than the change (alias `x`/EXCLUDED).
+/// Event ids are fixed-width hex, so "C" collation orders them as numbers.
+fn older(row: &str, new: &str, new_version: &str, new_id: &str) -> String {
+    format!(
+        "({row}._version, {row}._event_id COLLATE \"C\") < ({new}.{new_version}, {new}.{new_id} COLLATE \"C\")"
+    )
+}
+
+fn upsert_sql(plan: &TablePlan, mode: DeleteMode) -> String {
+    let mut cols = String::from("_key, _version, _deleted, _event_id, _updated_at, data");
+    let mut vals = String::from("x.k, x.v, x.d, x.e, x.u::timestamptz, x.j::jsonb");
+    let mut sets = String::from(
+        "_version = EXCLUDED._version, _deleted = EXCLUDED._deleted, \
+         _event_id = EXCLUDED._event_id, _updated_at = EXCLUDED._updated_at, \
+         data = CASE WHEN EXCLUDED._deleted THEN t.data ELSE EXCLUDED.data END",
+    );
+    for f in &plan.fields {
+        let q = quote_ident(f);
+        cols.push_str(&format!(", {q}"));
+        vals.push_str(&format!(
+            ", NULLIF(x.j::jsonb -> {}, 'null'::jsonb)",
+            steward_postgres::quote_literal(f)
+        ));
+        sets.push_str(&format!(
+            ", {q} = CASE WHEN EXCLUDED._deleted THEN t.{q} ELSE EXCLUDED.{q} END"
+        ));
+    }
+    let tomb_guard = match mode {
+        DeleteMode::Soft => String::new(),
+        DeleteMode::Delete => format!(
+            " WHERE NOT EXISTS (SELECT 1 FROM {} z WHERE z._key = x.k AND NOT ({}))",
+            plan.tomb,
+            older("z", "x", "v", "e")
+        ),
+    };
+    format!(
+        "INSERT INTO {table} AS t ({cols}) \
+         SELECT {vals} FROM unnest($1::text[], $2::int8[], $3::bool[], $4::text[], $5::text[], $6::text[]) \
+         AS x(k, v, d, e, u, j){tomb_guard} \
+         ON CONFLICT (_key) DO UPDATE SET {sets} WHERE {guard}",
+        table = plan.table,
+        guard = older("t", "EXCLUDED", "_version", "_event_id"),
+    )
+}
+
+fn delete_sql(plan: &TablePlan) -> String {
+    format!(
+        "WITH x AS (SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[]) AS x(k, v, e, u)), \
+         tomb AS (INSERT INTO {tomb} AS z (_key, _version, _event_id, _deleted_at) \
+           SELECT k, v, e, u::timestamptz FROM x \
+           ON CONFLICT (_key) DO UPDATE SET _version = EXCLUDED._version, \
+           _event_id = EXCLUDED._event_id, _deleted_at = EXCLUDED._deleted_at WHERE {tguard}) \
+         DELETE FROM {table} AS t USING x WHERE t._key = x.k AND {guard}",
+        tomb = plan.tomb,
+        table = plan.table,
+        tguard = older("z", "EXCLUDED", "_version", "_event_id"),
+        guard = older("t", "x", "v", "e"),
+    )
+}
+
+fn create_ddl(schema: &str, plan: &TablePlan, mode: DeleteMode) -> String {
+    // One simple query runs as one transaction; the advisory lock makes
+    // concurrent connections (max_in_flight, several steward processes) take
+    // turns, since concurrent CREATE ... IF NOT EXISTS of one name can fail
+    // with a unique violation in the catalog.
+    let mut ddl = format!(
+        "SELECT pg_advisory_xact_lock(hashtext('steward create_tables')); \
+         CREATE SCHEMA IF NOT EXISTS {schema}; \
+         CREATE TABLE IF NOT EXISTS {table} (_key text PRIMARY KEY, _version bigint NOT NULL, \
+         _deleted boolean NOT NULL DEFAULT false, _event_id text, _updated_at timestamptz, data jsonb);",
+        schema = quote_ident(schema),
+        table = plan.table
+    );
+    for f in &plan.fields {
+        ddl.push_str(&format!(
+            " ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} jsonb;",
+            plan.table,
+            quote_ident(f)
+        ));
+    }
+    if mode == DeleteMode::Delete {
+        ddl.push_str(&format!(
+            " CREATE TABLE IF NOT EXISTS {} (_key text PRIMARY KEY, _version bigint NOT NULL, \
+             _event_id text, _deleted_at timestamptz);",
+            plan.tomb
+        ));
+    }
+    ddl
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use steward_core::model::Lsn;
+
+    fn ev(key: &str, lsn: u64, idx: u32) -> Event {
+        Event {
+            change: None,
+            tx_id: None,
+            id: Event::source_id(Lsn(lsn), idx),
+            entity: "product".into(),
+            key: key.into(),
+            op: EventOp::Upsert,
+            version: lsn,
+            time: String::new(),
+            data: serde_json::Value::Null.into(),
+        }
+    }
+
+    #[test]
+    fn keeps_the_newest_change_per_key() {
+        let events = vec![
+            ev("1", 5, 0),
+            ev("2", 5, 1),
+            ev("1", 9, 0),
+            ev("1", 9, 3),
+            ev("1", 7, 0),
+        ];
+        let groups = newest_per_key(&events).expect("groups");
+        assert_eq!(groups.len(), 1);
+        let kept: Vec<(&str, &str)> = groups[0]
+            .1
+            .iter()
+            .map(|e| (e.key.as_str(), e.id.as_str()))
+            .collect();
+        assert_eq!(
+            kept,
+            vec![
+                ("1", Event::source_id(Lsn(9), 3).as_str()),
+                ("2", Event::source_id(Lsn(5), 1).as_str())
+            ]
+        );
+    }
+}

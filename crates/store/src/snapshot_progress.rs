@@ -1,0 +1,423 @@
+//! Durable snapshot bookkeeping: one job per (target, entity) being
+//! (re)synchronised, the per-key version map that orders snapshot rows
+//! against streamed events while a snapshot "window" is open, and the
+//! outbox surgery of `steward reset`.
+//!
+//! A job survives crashes: it records the key of the last chunk whose rows
+//! are in the outbox, so a restarted snapshot continues after it (with a new
+//! consistent snapshot; see `daemon::snapshot` for why that stays correct).
+//!
+//! Version tables (`snapver:<target>:<entity>`, key → highest version
+//! appended) exist only while the job's window is open; they are dropped when
+//! it closes, so steady-state streaming pays nothing for them.
+
+use std::collections::HashMap;
+
+use redb::{Durability, ReadableTable, TableDefinition, TableError};
+use serde::{Deserialize, Serialize};
+
+use super::tables::{
+    chunk_events, chunk_len, encode_chunk, next_chunk, outbox_table, outbox_table_name,
+    CHECKPOINT_KEY, COUNTERS, TARGETS,
+};
+use super::{event_codec, load_state, Store, StoreError, TxnError};
+use steward_core::model::Lsn;
+
+/// `<target>\x1f<entity>` → JSON of [`SnapshotJob`].
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+
+fn job_key(target: &str, entity: &str) -> String {
+    format!("{target}\u{1f}{entity}")
+}
+
+fn versions_name(target: &str, entity: &str) -> String {
+    format!("snapver:{target}:{entity}")
+}
+
+fn versions_table(name: &str) -> TableDefinition<'_, &'static str, u64> {
+    TableDefinition::new(name)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotPhase {
+    /// Waiting for a consistent snapshot to read from.
+    Pending,
+    /// Reading chunks; `last_key` is the resume point.
+    Running,
+    /// Every row is in the outbox.
+    Done,
+}
+
+/// Progress of one (target, entity) snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotJob {
+    pub target: String,
+    pub entity: String,
+    pub phase: SnapshotPhase,
+    /// Consistent point of the snapshot currently (or last) read.
+    pub consistent_lsn: Option<u64>,
+    /// Highest consistent point used by this job: the window stays open
+    /// until the stream's checkpoint has passed it (and the job is done).
+    pub window_until: u64,
+    /// Whether streamed events for this (target, entity) go through the version map.
+    pub window_open: bool,
+    /// Key column texts of the last row whose chunk is in the outbox.
+    pub last_key: Option<Vec<String>>,
+    /// Rows appended so far (each row counted once).
+    pub rows_done: u64,
+    /// The planner's estimate of the table's rows at the start.
+    pub rows_total: u64,
+    /// Every row read from the database by this job, including chunks read
+    /// again after a crash: how much work a resume repeated.
+    pub rows_read: u64,
+    /// How many consistent snapshots this job used (1 without crashes).
+    pub segments: u32,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub last_error: Option<String>,
+    /// A governed re-read after a configuration change: every record is
+    /// evaluated again for the target; documents equal to the last one
+    /// appended are suppressed (a snapshot sends every publishable one).
+    #[serde(default)]
+    pub reevaluate: bool,
+    /// A snapshot that repairs the targets after the state file was
+    /// restored from a backup older than the replication slot.
+    #[serde(default)]
+    pub restore: bool,
+}
+
+impl SnapshotJob {
+    pub fn new(target: &str, entity: &str) -> SnapshotJob {
+        SnapshotJob {
+            target: target.to_string(),
+            entity: entity.to_string(),
+            phase: SnapshotPhase::Pending,
+            consistent_lsn: None,
+            window_until: 0,
+            window_open: true,
+            last_key: None,
+            rows_done: 0,
+            rows_total: 0,
+            rows_read: 0,
+            segments: 0,
+            started_at: None,
+            finished_at: None,
+            last_error: None,
+            reevaluate: false,
+            restore: false,
+        }
+    }
+}
+
+/// One item the version filter looks at.
+pub struct VersionCheck<'a> {
+    pub target: &'a str,
+    pub entity: &'a str,
+    pub key: &'a str,
+    pub version: u64,
+}
+
+impl Store {
+    /// Every snapshot job, in (target, entity) order.
+    pub fn snapshot_jobs(&self) -> Result<Vec<SnapshotJob>, StoreError> {
+        self.read(|txn| {
+            let table = match txn.open_table(SNAPSHOTS) {
+                Ok(t) => t,
+                Err(TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                Err(e) => return Err(e.into()),
+            };
+            let mut out = Vec::new();
+            for item in table.iter()? {
+                let (key, value) = item?;
+                let job: SnapshotJob = serde_json::from_slice(value.value()).map_err(|e| {
+                    TxnError::Corrupt(format!("snapshot job {:?}: {e}", key.value()))
+                })?;
+                out.push(job);
+            }
+            Ok(out)
+        })
+    }
+
+    /// Stores the jobs (durably).
+    pub fn put_snapshot_jobs(&self, jobs: &[SnapshotJob]) -> Result<(), StoreError> {
+        self.write(Durability::Immediate, |txn| {
+            let mut table = txn.open_table(SNAPSHOTS)?;
+            for job in jobs {
+                let bytes = serde_json::to_vec(job)
+                    .map_err(|e| TxnError::Corrupt(format!("cannot encode snapshot job: {e}")))?;
+                table.insert(job_key(&job.target, &job.entity).as_str(), bytes.as_slice())?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Starts a resynchronisation of `entities` for `target` in one durable
+    /// transaction: removes the target's undelivered events of those entities
+    /// from its outbox (the rest keep their order), clears their version maps
+    /// and records fresh pending jobs with open windows. Returns the jobs.
+    pub fn begin_resync(
+        &self,
+        target: &str,
+        entities: &[String],
+        drop_outbox: bool,
+    ) -> Result<Vec<SnapshotJob>, StoreError> {
+        self.begin_jobs(target, entities, drop_outbox, false, false)
+    }
+
+    /// Records snapshot jobs (every publishable record sent again, governed)
+    /// for `entities` of `target` after a restored backup; the outbox is kept,
+    /// so deletes still waiting in it are delivered.
+    pub fn begin_restore_repair(
+        &self,
+        target: &str,
+        entities: &[String],
+    ) -> Result<Vec<SnapshotJob>, StoreError> {
+        self.begin_jobs(target, entities, false, false, true)
+    }
+
+    /// Records governed re-read jobs (see [`SnapshotJob::reevaluate`]) for
+    /// `entities` of `target`; the outbox is kept.
+    pub fn begin_reevaluation(
+        &self,
+        target: &str,
+        entities: &[String],
+    ) -> Result<Vec<SnapshotJob>, StoreError> {
+        self.begin_jobs(target, entities, false, true, false)
+    }
+
+    fn begin_jobs(
+        &self,
+        target: &str,
+        entities: &[String],
+        drop_outbox: bool,
+        reevaluate: bool,
+        restore: bool,
+    ) -> Result<Vec<SnapshotJob>, StoreError> {
+        let jobs: Vec<SnapshotJob> = entities
+            .iter()
+            .map(|e| SnapshotJob {
+                reevaluate,
+                restore,
+                ..SnapshotJob::new(target, e)
+            })
+            .collect();
+        self.write(Durability::Immediate, |txn| {
+            if drop_outbox {
+                drop_outbox_entities(txn, target, entities)?;
+            }
+            let mut table = txn.open_table(SNAPSHOTS)?;
+            for job in &jobs {
+                let name = versions_name(&job.target, &job.entity);
+                txn.delete_table(versions_table(&name))?;
+                let bytes = serde_json::to_vec(job)
+                    .map_err(|e| TxnError::Corrupt(format!("cannot encode snapshot job: {e}")))?;
+                table.insert(job_key(&job.target, &job.entity).as_str(), bytes.as_slice())?;
+            }
+            Ok(())
+        })?;
+        Ok(jobs)
+    }
+
+    /// The version filter of open windows: returns, for each item, whether
+    /// it may be appended (its version is not below the highest version
+    /// already appended for its key), and records the versions of those that
+    /// may. Not durable on its own: the caller's next durable commit (the
+    /// append itself) persists it; see `daemon::snapshot` for why writing the
+    /// map before the append is safe.
+    pub fn admit_versions(&self, items: &[VersionCheck<'_>]) -> Result<Vec<bool>, StoreError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.write(Durability::None, |txn| {
+            let mut names: HashMap<(&str, &str), String> = HashMap::new();
+            for item in items {
+                names
+                    .entry((item.target, item.entity))
+                    .or_insert_with(|| versions_name(item.target, item.entity));
+            }
+            let mut out = vec![false; items.len()];
+            for ((target, entity), name) in &names {
+                let mut table = txn.open_table(versions_table(name))?;
+                for (i, item) in items.iter().enumerate() {
+                    if item.target != *target || item.entity != *entity {
+                        continue;
+                    }
+                    let highest = table.get(item.key)?.map(|g| g.value());
+                    if highest.is_some_and(|h| item.version < h) {
+                        continue;
+                    }
+                    if highest != Some(item.version) {
+                        table.insert(item.key, item.version)?;
+                    }
+                    out[i] = true;
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    /// Closes a job's window: drops its version map (durably).
+    pub fn close_snapshot_window(&self, job: &SnapshotJob) -> Result<(), StoreError> {
+        let mut closed = job.clone();
+        closed.window_open = false;
+        self.write(Durability::Immediate, |txn| {
+            let name = versions_name(&job.target, &job.entity);
+            txn.delete_table(versions_table(&name))?;
+            let bytes = serde_json::to_vec(&closed)
+                .map_err(|e| TxnError::Corrupt(format!("cannot encode snapshot job: {e}")))?;
+            txn.open_table(SNAPSHOTS)?
+                .insert(job_key(&job.target, &job.entity).as_str(), bytes.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// Sets the checkpoint to exactly `lsn`, even backwards: only for
+    /// `steward reset --all`, which replaces the replication slot.
+    pub fn force_checkpoint(&self, lsn: Lsn) -> Result<(), StoreError> {
+        self.write(Durability::Immediate, |txn| {
+            let mut counters = txn.open_table(COUNTERS)?;
+            if lsn == Lsn::ZERO {
+                counters.remove(CHECKPOINT_KEY)?;
+            } else {
+                counters.insert(CHECKPOINT_KEY, lsn.0)?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Rewrites the target's undelivered outbox without the events of
+/// `entities`: everything pending counts as consumed (the cursor moves to the
+/// end, delivered totals unchanged) and the kept events are appended again
+/// after it, in their order, with new sequence numbers.
+fn drop_outbox_entities(
+    txn: &redb::WriteTransaction,
+    target: &str,
+    entities: &[String],
+) -> Result<(), TxnError> {
+    let mut targets = txn.open_table(TARGETS)?;
+    let mut state = load_state(&targets, target)?;
+    let name = outbox_table_name(target);
+    let mut outbox = txn.open_table(outbox_table(&name))?;
+    let start = state.last_delivered_seq + 1;
+    let mut kept: Vec<Vec<u8>> = Vec::new();
+    let mut firsts = Vec::new();
+    for item in outbox.iter()? {
+        let (first, chunk) = item?;
+        let first = first.value();
+        firsts.push(first);
+        let events = chunk_events(chunk.value()).map_err(TxnError::Corrupt)?;
+        for (seq, bytes) in (first..).zip(events) {
+            if seq < start {
+                continue;
+            }
+            let entity = event_codec::entity(bytes).map_err(|e| {
+                TxnError::Corrupt(format!("outbox of target {target:?} at {seq}: {e}"))
+            })?;
+            if !entities.iter().any(|n| n == entity.as_ref()) {
+                kept.push(bytes.to_vec());
+            }
+        }
+    }
+    for first in firsts {
+        outbox.remove(first)?;
+    }
+    state.last_delivered_seq = state.last_seq;
+    let mut rest = kept.as_slice();
+    while !rest.is_empty() {
+        let (n, bytes) = next_chunk(rest.iter().map(Vec::len));
+        let mut chunk = Vec::with_capacity(bytes);
+        encode_chunk(rest[..n].iter().map(Vec::as_slice), &mut chunk);
+        outbox.insert(state.last_seq + 1, chunk.as_slice())?;
+        state.last_seq += chunk_len(&chunk).map_err(TxnError::Corrupt)?;
+        rest = &rest[n..];
+    }
+    targets.insert(target, state.encode().as_slice())?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use steward_core::model::{Event, EventOp};
+
+    fn event(entity: &str, key: &str, version: u64) -> Event {
+        Event {
+            change: None,
+            tx_id: None,
+            id: format!("{entity}-{key}-{version}"),
+            entity: entity.into(),
+            key: key.into(),
+            op: EventOp::Upsert,
+            version,
+            time: "2024-01-01T00:00:00Z".into(),
+            data: serde_json::json!({}).into(),
+        }
+    }
+
+    #[test]
+    fn resync_drops_only_the_entities_pending_events_and_keeps_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let events = [
+            event("product", "1", 10),
+            event("partner", "1", 10),
+            event("product", "2", 11),
+            event("partner", "2", 12),
+        ];
+        let appends: Vec<(&str, &Event)> = events.iter().map(|e| ("wms", e)).collect();
+        store.commit(Lsn(20), &appends).unwrap();
+        store.ack("wms", 1, 1).unwrap();
+        let jobs = store
+            .begin_resync("wms", &["product".to_string()], true)
+            .unwrap();
+        assert_eq!(jobs.len(), 1);
+        let pending: Vec<(String, String)> = store
+            .read_outbox("wms", None, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| (e.entity, e.key))
+            .collect();
+        assert_eq!(
+            pending,
+            [
+                ("partner".into(), "1".into()),
+                ("partner".into(), "2".into())
+            ]
+        );
+        assert_eq!(store.backlog("wms").unwrap(), 2);
+        assert_eq!(
+            store.snapshot_jobs().unwrap()[0].phase,
+            SnapshotPhase::Pending
+        );
+    }
+
+    #[test]
+    fn version_filter_refuses_older_versions_per_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let check = |key: &'static str, version: u64| VersionCheck {
+            target: "wms",
+            entity: "product",
+            key,
+            version,
+        };
+        assert_eq!(
+            store
+                .admit_versions(&[check("1", 50), check("2", 49)])
+                .unwrap(),
+            [true, true]
+        );
+        // A snapshot row older than a streamed event is refused; newer passes.
+        assert_eq!(
+            store
+                .admit_versions(&[check("1", 49), check("2", 60), check("1", 50)])
+                .unwrap(),
+            [false, true, true]
+        );
+        let job = SnapshotJob::new("wms", "product");
+        store.close_snapshot_window(&job).unwrap();
+        assert_eq!(store.admit_versions(&[check("1", 1)]).unwrap(), [true]);
+    }
+}

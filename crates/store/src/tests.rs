@@ -1,0 +1,753 @@
+//! Store tests: round trips, persistence, isolation between targets, exact
+//! numbers, a simulated full disk, and commit timing.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::tables::CHUNK_MAX_BYTES;
+use super::*;
+use steward_core::model::EventOp;
+
+fn event(n: u64, data: serde_json::Value) -> Event {
+    Event {
+        change: None,
+        tx_id: None,
+        id: Event::source_id(Lsn(0x1000 + n), n as u32),
+        entity: "product".into(),
+        key: n.to_string(),
+        op: EventOp::Upsert,
+        version: 0x1000 + n,
+        time: "2024-05-01T12:00:00.000Z".into(),
+        data: data.into(),
+    }
+}
+
+fn sample(n: u64) -> Event {
+    event(
+        n,
+        serde_json::json!({ "id": n, "name": format!("Product {n}"), "active": true }),
+    )
+}
+
+fn temp() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state").join("steward.redb");
+    (dir, path)
+}
+
+fn commit_n(
+    store: &Store,
+    lsn: u64,
+    target: &str,
+    range: std::ops::Range<u64>,
+) -> Vec<(String, u64)> {
+    let events: Vec<Event> = range.map(sample).collect();
+    let appends: Vec<(&str, &Event)> = events.iter().map(|e| (target, e)).collect();
+    store.commit(Lsn(lsn), &appends).unwrap()
+}
+
+#[test]
+fn commit_read_ack_backlog_round_trip() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.checkpoint().unwrap(), None);
+    assert_eq!(store.backlog("wms").unwrap(), 0);
+    assert!(store.read_outbox("wms", None, 10).unwrap().is_empty());
+    assert_eq!(store.oldest_pending("wms").unwrap(), None);
+
+    let last = commit_n(&store, 100, "wms", 1..4);
+    assert_eq!(last, vec![("wms".to_string(), 3)]);
+    assert_eq!(store.checkpoint().unwrap(), Some(Lsn(100)));
+    assert_eq!(store.backlog("wms").unwrap(), 3);
+
+    let read = store.read_outbox("wms", None, 10).unwrap();
+    assert_eq!(
+        read.iter().map(|(s, _)| *s).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(read[0].1, sample(1));
+    assert_eq!(read[2].1, sample(3));
+
+    store.ack("wms", 2, 2).unwrap();
+    assert_eq!(store.backlog("wms").unwrap(), 1);
+    assert_eq!(store.oldest_pending("wms").unwrap(), Some((3, sample(3))));
+    let stats = store.target_stats("wms").unwrap();
+    assert_eq!(stats.backlog, 1);
+    assert_eq!(stats.delivered_total, 2);
+    assert_eq!(stats.last_delivered_seq, Some(2));
+    assert_eq!(stats.last_appended_seq, 3);
+    let at = stats.last_delivered_at.expect("delivery time");
+    assert!(chrono::DateTime::parse_from_rfc3339(&at).is_ok(), "{at}");
+
+    // Sequence numbers continue after an emptied outbox; they are never reused.
+    store.ack("wms", 3, 1).unwrap();
+    assert_eq!(store.backlog("wms").unwrap(), 0);
+    let last = commit_n(&store, 200, "wms", 4..5);
+    assert_eq!(last, vec![("wms".to_string(), 4)]);
+    assert_eq!(store.read_outbox("wms", None, 10).unwrap()[0].0, 4);
+    assert!(store.file_size() > 0);
+}
+
+#[test]
+fn outbox_is_in_sequence_order_and_pages_by_after_and_max() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    commit_n(&store, 1, "t", 0..300);
+    commit_n(&store, 2, "t", 300..600);
+    let mut after = None;
+    let mut seen = Vec::new();
+    loop {
+        let page = store.read_outbox("t", after, 64).unwrap();
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 64);
+        after = Some(page.last().unwrap().0);
+        seen.extend(page);
+    }
+    assert_eq!(seen.len(), 600);
+    for (i, (seq, ev)) in seen.iter().enumerate() {
+        assert_eq!(*seq, i as u64 + 1);
+        assert_eq!(ev.key, i.to_string());
+    }
+    assert!(store
+        .read_outbox("t", Some(u64::MAX), 10)
+        .unwrap()
+        .is_empty());
+    assert!(store.read_outbox("t", None, 0).unwrap().is_empty());
+}
+
+#[test]
+fn targets_are_independent() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let events: Vec<Event> = (0..6).map(sample).collect();
+    // Interleaved, as the pipeline produces them: each event goes to both targets.
+    let appends: Vec<(&str, &Event)> = events.iter().flat_map(|e| [("a", e), ("b", e)]).collect();
+    let mut last = store.commit(Lsn(10), &appends).unwrap();
+    last.sort();
+    assert_eq!(last, vec![("a".to_string(), 6), ("b".to_string(), 6)]);
+
+    store.ack("a", 6, 6).unwrap();
+    store
+        .set_target_error("b", Some("HTTP 503 from https://b.example/: busy"))
+        .unwrap();
+    assert_eq!(store.backlog("a").unwrap(), 0);
+    assert_eq!(store.backlog("b").unwrap(), 6);
+    assert_eq!(store.read_outbox("b", None, 100).unwrap().len(), 6);
+    assert_eq!(store.target_stats("a").unwrap().last_error, None);
+    assert_eq!(
+        store.target_stats("b").unwrap().last_error.as_deref(),
+        Some("HTTP 503 from https://b.example/: busy")
+    );
+    assert_eq!(store.target_stats("b").unwrap().delivered_total, 0);
+    assert_eq!(
+        store.targets().unwrap(),
+        vec!["a".to_string(), "b".to_string()]
+    );
+
+    // A successful delivery clears the error; so does set_target_error(None).
+    store.ack("b", 1, 1).unwrap();
+    assert_eq!(store.target_stats("b").unwrap().last_error, None);
+    store.set_target_error("c", Some("x")).unwrap();
+    store.set_target_error("c", None).unwrap();
+    assert_eq!(store.target_stats("c").unwrap().last_error, None);
+    assert_eq!(store.targets().unwrap().len(), 3);
+}
+
+#[test]
+fn checkpoint_outbox_and_meta_persist_across_reopen() {
+    let (_dir, path) = temp();
+    {
+        let store = Store::open(&path).unwrap();
+        commit_n(&store, 0x16B3748, "wms", 0..5);
+        store.set_meta("system_id", "7312345678901234567").unwrap();
+        store.set_meta("slot", "steward").unwrap();
+        // The checkpoint never moves backwards.
+        store.commit(Lsn(5), &[]).unwrap();
+        assert_eq!(store.checkpoint().unwrap(), Some(Lsn(0x16B3748)));
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.checkpoint().unwrap(), Some(Lsn(0x16B3748)));
+    assert_eq!(store.backlog("wms").unwrap(), 5);
+    assert_eq!(store.read_outbox("wms", None, 10).unwrap().len(), 5);
+    assert_eq!(
+        store.get_meta("system_id").unwrap().as_deref(),
+        Some("7312345678901234567")
+    );
+    assert_eq!(store.get_meta("slot").unwrap().as_deref(), Some("steward"));
+    assert_eq!(store.get_meta("database").unwrap(), None);
+}
+
+/// redb takes an exclusive `flock` on its own open file description, so a
+/// second open conflicts even inside the same process; no child process needed.
+#[test]
+fn second_open_is_locked_with_a_clear_message() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let err = Store::open(&path).unwrap_err();
+    assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains("another steward process"), "{msg}");
+    assert!(msg.contains("steward.redb"), "{msg}");
+    drop(store);
+    Store::open(&path).unwrap();
+}
+
+#[test]
+fn numbers_round_trip_exactly() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let text = r#"{"price":123.4500,"big":123456789012345678901234567890,"tiny":1e-400,"neg":-0.0,"s":"ü\u0000\"","n":null,"nested":{"a":[1.10,2]}}"#;
+    let data: serde_json::Value = serde_json::from_str(text).unwrap();
+    let ev = event(1, data);
+    store.commit(Lsn(1), &[("t", &ev)]).unwrap();
+    let (_, back) = store.oldest_pending("t").unwrap().unwrap();
+    assert_eq!(back, ev);
+    let out = serde_json::to_string(&back.data).unwrap();
+    assert!(out.contains("123.4500"), "{out}");
+    assert!(out.contains("123456789012345678901234567890"), "{out}");
+    assert!(out.contains("1e-400"), "{out}");
+    assert!(out.contains("1.10"), "{out}");
+}
+
+#[test]
+fn unusual_target_names_stay_apart() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let e = sample(1);
+    store
+        .commit(Lsn(1), &[("a:b", &e), ("a", &e), ("", &e), ("ü/ü", &e)])
+        .unwrap();
+    for t in ["a:b", "a", "", "ü/ü"] {
+        assert_eq!(store.backlog(t).unwrap(), 1, "{t:?}");
+    }
+    assert_eq!(store.backlog("b").unwrap(), 0);
+}
+
+#[test]
+fn long_errors_are_cut_at_a_character_boundary() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let long = "é".repeat(5000);
+    store.set_target_error("t", Some(&long)).unwrap();
+    let kept = store.target_stats("t").unwrap().last_error.unwrap();
+    assert!(kept.len() <= MAX_ERROR_BYTES && !kept.is_empty());
+}
+
+#[test]
+fn many_lazy_acks_keep_the_file_bounded() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    commit_n(&store, 1, "t", 0..5000);
+    let size_before = store.file_size();
+    for seq in 1..=5000 {
+        store.ack("t", seq, 1).unwrap();
+    }
+    assert_eq!(store.backlog("t").unwrap(), 0);
+    let size_after = store.file_size();
+    println!("file size: {size_before} after commit, {size_after} after 5000 acks");
+    assert!(
+        size_after < size_before * 4 + 16 * 1024 * 1024,
+        "{size_before} -> {size_after}"
+    );
+}
+
+#[test]
+fn commit_of_20000_events_timing() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let events: Vec<Event> = (0..20_000)
+        .map(|n| {
+            event(
+                n,
+                serde_json::json!({
+                    "id": n, "default_code": format!("SKU-{n:06}"), "name": format!("Product number {n}"),
+                    "list_price": "123.4500".parse::<serde_json::Number>().unwrap(),
+                    "active": true, "categ_id": 12, "uom": "Units", "barcode": format!("{:013}", n * 7919),
+                }),
+            )
+        })
+        .collect();
+    let appends: Vec<(&str, &Event)> = events.iter().map(|e| ("wms", e)).collect();
+    let appends2: Vec<(&str, &Event)> = events.iter().map(|e| ("erp", e)).collect();
+    // Warm-up commit so the timing below is of a steady state, not file creation.
+    store.commit(Lsn(1), &appends[..100]).unwrap();
+    let start = Instant::now();
+    store.commit(Lsn(2), &appends).unwrap();
+    let one = start.elapsed();
+    let start = Instant::now();
+    store.commit(Lsn(3), &appends2).unwrap();
+    let two = start.elapsed();
+    println!(
+        "commit of 20000 events: {one:?} (first), {two:?} (second target); file {} bytes",
+        store.file_size()
+    );
+    let start = Instant::now();
+    let read = store.read_outbox("wms", None, 20_000).unwrap();
+    println!(
+        "read_outbox of {} events: {:?}",
+        read.len(),
+        start.elapsed()
+    );
+    let start = Instant::now();
+    store.ack("wms", 20_100, 20_100).unwrap();
+    println!("ack of 20100 events: {:?}", start.elapsed());
+    assert_eq!(store.backlog("wms").unwrap(), 0);
+    assert_eq!(store.backlog("erp").unwrap(), 20_000);
+}
+
+/// A file backend whose writes fail with ENOSPC while `full` is set.
+#[derive(Debug)]
+struct FillableDisk {
+    file: redb::backends::FileBackend,
+    full: Arc<AtomicBool>,
+}
+
+impl FillableDisk {
+    fn check(&self) -> io::Result<()> {
+        if self.full.load(Ordering::SeqCst) {
+            Err(io::Error::from_raw_os_error(
+                nix::errno::Errno::ENOSPC as i32,
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl redb::StorageBackend for FillableDisk {
+    fn len(&self) -> std::result::Result<u64, redb::BackendError> {
+        self.file.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::result::Result<(), redb::BackendError> {
+        self.file.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::result::Result<(), redb::BackendError> {
+        self.check()?;
+        self.file.set_len(len)
+    }
+    fn sync_data(&self) -> std::result::Result<(), redb::BackendError> {
+        self.check()?;
+        self.file.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::result::Result<(), redb::BackendError> {
+        self.check()?;
+        self.file.write(offset, data)
+    }
+}
+
+#[test]
+fn full_disk_is_reported_and_recovered_from_once_space_is_freed() {
+    let (_dir, path) = temp();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let full = Arc::new(AtomicBool::new(false));
+    let (file_path, flag) = (path.clone(), full.clone());
+    let store = Store::open_with(
+        &path,
+        Box::new(move || {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&file_path)
+                .map_err(|e| StoreError::from_io(&file_path, e))?;
+            let backend = FillableDisk {
+                file: redb::backends::FileBackend::new(file),
+                full: flag.clone(),
+            };
+            redb::Builder::new()
+                .create_with_backend(backend)
+                .map_err(|e| StoreError::from_redb(&file_path, e))
+        }),
+    )
+    .unwrap();
+    commit_n(&store, 10, "t", 0..3);
+
+    full.store(true, Ordering::SeqCst);
+    let events: Vec<Event> = (3..5).map(sample).collect();
+    let appends: Vec<(&str, &Event)> = events.iter().map(|e| ("t", e)).collect();
+    let err = store.commit(Lsn(20), &appends).unwrap_err();
+    assert!(err.is_disk_full(), "{err:?}");
+    assert!(err.to_string().contains("until space is freed"), "{err}");
+    // Still full: the retry fails the same way (the reopen itself may be what fails).
+    let err = store.commit(Lsn(20), &appends).unwrap_err();
+    assert!(
+        err.is_disk_full() || matches!(err, StoreError::Io { .. }),
+        "{err:?}"
+    );
+
+    full.store(false, Ordering::SeqCst);
+    let last = store.commit(Lsn(20), &appends).unwrap();
+    assert_eq!(last, vec![("t".to_string(), 5)]);
+    assert_eq!(store.checkpoint().unwrap(), Some(Lsn(20)));
+    let keys: Vec<String> = store
+        .read_outbox("t", None, 10)
+        .unwrap()
+        .into_iter()
+        .map(|(_, e)| e.key)
+        .collect();
+    assert_eq!(keys, ["0", "1", "2", "3", "4"]);
+}
+
+#[test]
+fn partly_acknowledged_chunks_are_skipped_by_readers() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    // 3000 small events in one commit: several chunks (CHUNK_MAX_EVENTS / CHUNK_MAX_BYTES).
+    commit_n(&store, 1, "t", 0..3000);
+    for up_to in [1u64, 7, 1023, 1024, 1025, 2047, 2999] {
+        store.ack("t", up_to, 1).unwrap();
+        assert_eq!(store.backlog("t").unwrap(), 3000 - up_to);
+        let (seq, ev) = store.oldest_pending("t").unwrap().unwrap();
+        assert_eq!(seq, up_to + 1);
+        assert_eq!(ev.key, up_to.to_string());
+        // Even a reader starting before the acknowledged point only sees pending entries.
+        let page = store.read_outbox("t", None, 5).unwrap();
+        assert_eq!(page[0].0, up_to + 1);
+        let page = store
+            .read_outbox("t", Some(up_to.saturating_sub(3)), 2)
+            .unwrap();
+        assert_eq!(
+            page.iter().map(|p| p.0).collect::<Vec<_>>().first(),
+            Some(&(up_to + 1))
+        );
+    }
+    // Acknowledging past the end does not swallow later appends.
+    store.ack("t", 10_000, 1).unwrap();
+    assert_eq!(store.backlog("t").unwrap(), 0);
+    assert_eq!(store.oldest_pending("t").unwrap(), None);
+    commit_n(&store, 2, "t", 3000..3002);
+    assert_eq!(store.backlog("t").unwrap(), 2);
+    let page = store.read_outbox("t", None, 10).unwrap();
+    assert_eq!(
+        page.iter().map(|p| p.0).collect::<Vec<_>>(),
+        vec![3001, 3002]
+    );
+    assert_eq!(
+        store.target_stats("t").unwrap().last_delivered_seq,
+        Some(3000)
+    );
+}
+
+#[test]
+fn events_larger_than_a_chunk_are_stored_alone() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let big = event(
+        1,
+        serde_json::json!({ "blob": "x".repeat(CHUNK_MAX_BYTES * 2) }),
+    );
+    let small = sample(2);
+    store
+        .commit(
+            Lsn(1),
+            &[("t", &small), ("t", &big), ("t", &small), ("t", &big)],
+        )
+        .unwrap();
+    let page = store.read_outbox("t", None, 10).unwrap();
+    assert_eq!(page.len(), 4);
+    assert_eq!(page[1].1, big);
+    assert_eq!(page[2].1, small);
+    store.ack("t", 2, 2).unwrap();
+    assert_eq!(store.read_outbox("t", None, 10).unwrap()[0], (3, small));
+}
+
+fn audit_record(n: u64, time_micros: i64) -> governance::AuditRecord {
+    governance::AuditRecord {
+        time_micros,
+        entity: "product".into(),
+        key: (n % 7).to_string(),
+        version: n,
+        target: Some("wms".into()),
+        decision: "delivered".into(),
+        detail: "upsert".into(),
+    }
+}
+
+fn audit_delta(records: impl IntoIterator<Item = governance::AuditRecord>) -> governance::GovDelta {
+    governance::GovDelta {
+        ops: records.into_iter().map(governance::GovOp::Audit).collect(),
+    }
+}
+
+#[test]
+fn audit_records_keep_their_order_across_chunks_and_commits() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    // 2,500 records in one commit span three chunks; two more commits follow.
+    let mut n = 0;
+    for (i, count) in [2_500u64, 1, 40].into_iter().enumerate() {
+        let delta = audit_delta((0..count).map(|_| {
+            n += 1;
+            audit_record(n, n as i64)
+        }));
+        store
+            .commit_governed(Lsn(0x100 + i as u64), &[], &delta)
+            .unwrap();
+    }
+    let all = store.audit_query(&audit::AuditFilter::default()).unwrap();
+    assert_eq!(
+        all.iter().map(|r| r.version).collect::<Vec<_>>(),
+        (1..=2_541).collect::<Vec<_>>()
+    );
+    let key3 = store
+        .audit_query(&audit::AuditFilter {
+            key: Some("3".into()),
+            limit: Some(2),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        key3.iter().map(|r| r.version).collect::<Vec<_>>(),
+        [2_530, 2_537]
+    );
+    drop(store);
+    // Reopened, the sequence carries on after the last chunk.
+    let store = Store::open(&path).unwrap();
+    store
+        .commit_governed(Lsn(0x200), &[], &audit_delta([audit_record(9_999, 9_999)]))
+        .unwrap();
+    let all = store.audit_query(&audit::AuditFilter::default()).unwrap();
+    assert_eq!(all.len(), 2_542);
+    assert_eq!(all.last().unwrap().version, 9_999);
+}
+
+#[test]
+fn audit_prune_drops_whole_old_chunks_only() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    // Three commits: times 1..=10, 11..=20, 21..=30.
+    for c in 0..3u64 {
+        let delta = audit_delta((1..=10).map(|i| audit_record(c * 10 + i, (c * 10 + i) as i64)));
+        store.commit_governed(Lsn(0x100 + c), &[], &delta).unwrap();
+    }
+    // Everything before 15: the first commit's chunk goes; the second holds
+    // records at 15 and later, so it stays whole.
+    assert_eq!(store.audit_prune(15).unwrap(), 10);
+    let left = store.audit_query(&audit::AuditFilter::default()).unwrap();
+    assert_eq!(left.first().unwrap().time_micros, 11);
+    assert_eq!(left.len(), 20);
+    assert_eq!(store.audit_prune(i64::MAX).unwrap(), 20);
+    assert!(store
+        .audit_query(&audit::AuditFilter::default())
+        .unwrap()
+        .is_empty());
+}
+
+fn published_delta(changes: &[(u64, Option<u8>)]) -> governance::GovDelta {
+    governance::GovDelta {
+        ops: changes
+            .iter()
+            .map(|&(n, hash)| governance::GovOp::Published {
+                digest: published::published_digest("wms", "product", &n.to_string()),
+                hash: hash.map(|h| [h; 16]),
+            })
+            .collect(),
+    }
+}
+
+fn published_state(store: &Store) -> std::collections::BTreeMap<[u8; 16], [u8; 16]> {
+    store
+        .load_governance()
+        .unwrap()
+        .published
+        .into_iter()
+        .collect()
+}
+
+#[test]
+fn published_hashes_replay_in_order_and_survive_reopen() {
+    let (_dir, path) = temp();
+    {
+        let store = Store::open(&path).unwrap();
+        // Set, overwrite, remove and set again, across commits and within one.
+        store
+            .commit_governed(
+                Lsn(0x100),
+                &[],
+                &published_delta(&[(1, Some(1)), (2, Some(2))]),
+            )
+            .unwrap();
+        store
+            .commit_governed(
+                Lsn(0x200),
+                &[],
+                &published_delta(&[
+                    (1, Some(3)),
+                    (2, None),
+                    (3, Some(4)),
+                    (3, None),
+                    (3, Some(5)),
+                ]),
+            )
+            .unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let digest = |n: u64| published::published_digest("wms", "product", &n.to_string());
+    let expected: std::collections::BTreeMap<_, _> = [(digest(1), [3; 16]), (digest(3), [5; 16])]
+        .into_iter()
+        .collect();
+    assert_eq!(published_state(&store), expected);
+}
+
+#[test]
+fn the_published_log_is_compacted_and_keeps_the_live_state() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    // 50 records rewritten over and over: far more changes than live entries.
+    let rounds = (published::COMPACT_SLACK as usize / 50) * 3;
+    // 40 rounds a commit: compaction happens inside commits of many changes.
+    for (c, first) in (0..rounds).step_by(40).enumerate() {
+        let changes: Vec<(u64, Option<u8>)> = (first..(first + 40).min(rounds))
+            .flat_map(|round| {
+                (0..50u64).map(move |n| (n, (n % 7 != 0 || round % 2 == 0).then_some(round as u8)))
+            })
+            .collect();
+        store
+            .commit_governed(Lsn(0x100 + c as u64), &[], &published_delta(&changes))
+            .unwrap();
+    }
+    let entries = store.read(published::log_entries).unwrap();
+    let written = rounds * 50;
+    assert!(
+        entries <= published::COMPACT_SLACK as usize + 100,
+        "{entries} log entries after {written} changes: the log was not compacted"
+    );
+    let last = (rounds - 1) as u8;
+    let expected: std::collections::BTreeMap<_, _> = (0..50u64)
+        .filter(|n| n % 7 != 0 || (rounds - 1).is_multiple_of(2))
+        .map(|n| {
+            (
+                published::published_digest("wms", "product", &n.to_string()),
+                [last; 16],
+            )
+        })
+        .collect();
+    assert_eq!(published_state(&store), expected);
+    drop(store);
+    assert_eq!(published_state(&Store::open(&path).unwrap()), expected);
+}
+
+/// A state file with a few thousand events across several commits.
+fn written_state() -> (tempfile::TempDir, PathBuf) {
+    let (dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    for round in 0..20u64 {
+        commit_n(&store, 10 + round, "wms", round * 100..(round + 1) * 100);
+    }
+    store.ack("wms", 500, 500).unwrap();
+    drop(store);
+    (dir, path)
+}
+
+/// Opening the damaged file fails as `Corrupted` naming the file, and
+/// leaves every byte as it was.
+fn assert_refused(path: &Path, damage: &str) {
+    let before = std::fs::read(path).unwrap();
+    let err = Store::open(path).expect_err(damage);
+    assert!(
+        matches!(err, StoreError::Corrupted { .. }),
+        "{damage}: {err:?}"
+    );
+    assert!(err.is_damage());
+    let text = err.to_string();
+    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert!(text.contains("steward reset --all"), "{text}");
+    assert!(!text.contains("writable"), "{text}");
+    assert!(
+        std::fs::read(path).unwrap() == before,
+        "{damage}: the file changed"
+    );
+}
+
+#[test]
+fn an_empty_file_is_damage_not_a_new_state() {
+    let (_dir, path) = temp();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, b"").unwrap();
+    assert_refused(&path, "empty");
+    assert!(Store::open(&path)
+        .unwrap_err()
+        .to_string()
+        .contains("empty (0 bytes)"));
+}
+
+#[test]
+fn cut_short_zeroed_and_flipped_files_are_refused_untouched() {
+    let (_dir, path) = written_state();
+    let original = std::fs::read(&path).unwrap();
+    let len = original.len();
+    assert!(len > 64 * 1024, "{len}");
+    let damages: Vec<(&str, Vec<u8>)> = vec![
+        ("cut to 4 KiB", original[..4096].to_vec()),
+        ("cut to 100 bytes", original[..100].to_vec()),
+        ("cut in half", original[..len / 2].to_vec()),
+        ("header zeroed", {
+            let mut b = original.clone();
+            b[..512].fill(0);
+            b
+        }),
+        ("data zeroed", {
+            let mut b = original.clone();
+            b[8192..len - 4096].fill(0);
+            b
+        }),
+        ("a byte flipped in every page", {
+            let mut b = original.clone();
+            for page in (4096..len).step_by(4096) {
+                b[page + 100] ^= 0xFF;
+            }
+            b
+        }),
+        ("sqlite", {
+            let mut b = b"SQLite format 3\0".to_vec();
+            b.resize(8192, 0);
+            b
+        }),
+    ];
+    for (damage, bytes) in damages {
+        std::fs::write(&path, &bytes).unwrap();
+        assert_refused(&path, damage);
+    }
+    std::fs::write(&path, &original).unwrap();
+    let store = Store::open(&path).unwrap();
+    assert_eq!(
+        store.backlog("wms").unwrap(),
+        1500,
+        "the intact file still opens"
+    );
+}
+
+#[test]
+fn a_directory_as_state_path_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Store::open(dir.path()).unwrap_err();
+    assert!(matches!(err, StoreError::NotAFile { .. }), "{err:?}");
+    assert!(err.to_string().contains("is not a file"), "{err}");
+}
+
+#[test]
+fn a_new_state_file_is_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, path) = temp();
+    drop(Store::open(&path).unwrap());
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(mode(&dir.path().join("state")), 0o700);
+}
+
+#[test]
+fn a_damaged_last_commit_is_refused_not_rolled_back() {
+    let (_dir, path) = written_state();
+    let mut bytes = std::fs::read(&path).unwrap();
+    // redb's header: the god byte after the 9-byte signature says which of
+    // the two 128-byte commit slots (at 64 and 192) is the latest.
+    let primary = usize::from(bytes[9] & 1 != 0);
+    bytes[64 + 128 * primary + 20] ^= 0xFF;
+    std::fs::write(&path, &bytes).unwrap();
+    assert_refused(&path, "latest commit slot damaged");
+}
