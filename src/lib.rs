@@ -11,10 +11,9 @@
 //! ```
 //!
 //! This crate is the daemon, which wires the stages together and owns the
-//! durable LSN, the command line and the metrics endpoint. `steward-devkit`
+//! durable LSN (with its metrics and health endpoint), and the command line. `steward-devkit`
 //! holds the throwaway PostgreSQL cluster and recording HTTP receiver used
 //! by `steward demo`, the tests and the benchmarks.
 
 pub mod cli;
 pub mod daemon;
-pub mod metrics;

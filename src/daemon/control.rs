@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use tokio::sync::watch;
 
-use super::{systemd, DaemonState};
+use super::{endpoint, systemd, DaemonState};
 use steward_core::config::Config;
 
 /// What ended one daemon run.
@@ -36,7 +36,7 @@ pub async fn run(path: PathBuf, mut config: Config) -> anyhow::Result<()> {
     let state = Arc::new(DaemonState::default());
     let listen = config.metrics.listen;
     if let Some(addr) = listen {
-        crate::metrics::serve(addr, state.clone()).await?;
+        endpoint::serve(addr, state.clone()).await?;
     }
     let notifier = systemd::spawn(state.clone());
 

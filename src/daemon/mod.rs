@@ -11,6 +11,7 @@
 //! the server, then stop the drivers at their cursors.
 
 pub mod control;
+mod endpoint;
 pub mod govern;
 pub mod lock;
 pub mod monitor;

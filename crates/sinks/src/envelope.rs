@@ -1,6 +1,6 @@
 //! Event envelopes: how one [`Event`] is wrapped on the wire.
 //!
-//! - CloudEvents 1.0 JSON (the default; see `http::request`).
+//! - CloudEvents 1.0 JSON (the default; see `cloudevents`).
 //! - Debezium's change-event JSON, for consumers built on Debezium tooling:
 //!   `{"before", "after", "source", "op", "ts_ms"}`.
 //!
@@ -25,7 +25,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use super::http::{write_batch, write_event};
+use crate::cloudevents::{write_batch, write_event, BATCH_CONTENT_TYPE};
 use steward_core::config::{Config, Envelope};
 use steward_core::model::{Event, EventData, EventOp, SourceChange};
 
@@ -169,7 +169,7 @@ pub fn write_array(
 /// The HTTP content type of a [`write_array`] body.
 pub fn array_content_type(envelope: Envelope) -> &'static str {
     match envelope {
-        Envelope::CloudEvents => super::http::BATCH_CONTENT_TYPE,
+        Envelope::CloudEvents => BATCH_CONTENT_TYPE,
         Envelope::Debezium => "application/json",
     }
 }

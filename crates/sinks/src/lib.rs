@@ -1,6 +1,7 @@
 //! Targets: one module per target type, and the per-target delivery driver
 //! that reads the target's outbox cursor and hands batches to its sink.
 
+mod cloudevents;
 pub mod driver;
 pub mod envelope;
 pub mod file;

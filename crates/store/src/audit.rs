@@ -8,11 +8,12 @@
 //! delivered event, about a tenth of steward's CPU on the e2e bench. Records
 //! are appended in time order, so pruning drops whole chunks from the front.
 
-use redb::{ReadableTable, TableDefinition, TableError, WriteTransaction};
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
 
-use super::governance::{open_or_empty, AuditRecord};
+use super::tables::open_or_empty;
 use super::tables::{chunk_events, chunk_len, encode_chunk, next_chunk};
 use super::{Store, StoreError, TxnError};
+use steward_core::state::AuditRecord;
 
 /// first seq → chunk of JSON [`AuditRecord`]s.
 pub(crate) const AUDIT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("audit_log");

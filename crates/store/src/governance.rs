@@ -9,8 +9,9 @@
 //! same transaction as the outbox appends and the checkpoint: after a crash
 //! the state always matches what was appended.
 
-use redb::{ReadableTable, TableDefinition, TableError, WriteTransaction};
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
 
+use super::tables::{join, open_or_empty};
 use super::{Store, StoreError};
 use steward_core::model::{json, Event, Lsn};
 pub use steward_core::state::{AuditRecord, GovDelta, GovOp, GovSnapshot, QuarantineEntry};
@@ -19,10 +20,6 @@ pub use steward_core::state::{AuditRecord, GovDelta, GovOp, GovSnapshot, Quarant
 pub(crate) const GOV_ROWS: TableDefinition<&str, &[u8]> = TableDefinition::new("gov_rows");
 /// `entity \0 field \0 normalised value` → key of the record holding it.
 pub(crate) const GOV_UNIQUE: TableDefinition<&str, &str> = TableDefinition::new("gov_unique");
-
-pub(crate) fn join(parts: &[&str]) -> String {
-    parts.join("\0")
-}
 
 fn split(key: &str) -> Vec<&str> {
     key.split('\0').collect()
@@ -121,18 +118,6 @@ fn write_audit_record(r: &AuditRecord, out: &mut Vec<u8>) {
     json::write_str(out, &r.detail);
     out.push(b'}');
 }
-
-/// Opens a table for reading; a table never written yet reads as empty.
-macro_rules! open_or_empty {
-    ($txn:expr, $def:expr) => {
-        match $txn.open_table($def) {
-            Ok(t) => Some(t),
-            Err(TableError::TableDoesNotExist(_)) => None,
-            Err(e) => return Err(e.into()),
-        }
-    };
-}
-pub(crate) use open_or_empty;
 
 impl Store {
     /// [`Store::commit`] plus the governance delta, in one durable transaction.

@@ -12,9 +12,9 @@
 
 use std::collections::HashMap;
 
-use redb::{ReadableTable, TableDefinition, TableError, WriteTransaction};
+use redb::{ReadableTable, TableDefinition, WriteTransaction};
 
-use super::governance::open_or_empty;
+use super::tables::open_or_empty;
 use super::TxnError;
 
 /// Row number → changes, each `digest (16) | present (1) | hash (16)`.

@@ -3,10 +3,11 @@
 //! the operator and the document that was withheld. Written through
 //! [`super::governance::GovDelta`]; read here for the CLI and at start-up.
 
-use redb::{ReadTransaction, ReadableTable, TableDefinition, TableError};
+use redb::{ReadTransaction, ReadableTable, TableDefinition};
 
-use super::governance::{join, open_or_empty, QuarantineEntry};
+use super::tables::{join, open_or_empty};
 use super::{Store, StoreError, TxnError};
+use steward_core::state::QuarantineEntry;
 
 /// `entity \0 key` → JSON [`QuarantineEntry`].
 pub(crate) const QUARANTINE: TableDefinition<&str, &[u8]> = TableDefinition::new("quarantine");

@@ -196,6 +196,23 @@ impl TargetState {
     }
 }
 
+/// `entity \0 key`-style keys of the governance tables.
+pub(crate) fn join(parts: &[&str]) -> String {
+    parts.join("\0")
+}
+
+/// Opens a table for reading; a table never written yet reads as empty.
+macro_rules! open_or_empty {
+    ($txn:expr, $def:expr) => {
+        match $txn.open_table($def) {
+            Ok(t) => Some(t),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(e.into()),
+        }
+    };
+}
+pub(crate) use open_or_empty;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,12 +2,11 @@
 //!
 //! One [`HttpSink`] per target holds a pooled keep-alive client, so a steady
 //! stream of batches reuses one connection. The body is built in
-//! [`request`], the call and the classification of its outcome live in
+//! `crate::cloudevents`, the call and the classification of its outcome live in
 //! [`service`]. Header values come from [`Secret`]s: they are marked
 //! sensitive in the request and never appear in `Debug` output, logs or
 //! messages, and neither does the URL's query or userinfo.
 
-mod request;
 mod service;
 mod signing;
 
@@ -20,7 +19,6 @@ use crate::envelope::{self, EnvelopeContext};
 use steward_core::config::{Envelope, HttpTargetConfig, Secret, SecretBytes, TargetConfig};
 use steward_core::model::Event;
 
-pub use request::{write_batch, write_event, BATCH_CONTENT_TYPE};
 pub use signing::{sign, webhook_id};
 
 const USER_AGENT_VALUE: &str = concat!("steward/", env!("CARGO_PKG_VERSION"));
@@ -395,6 +393,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cloudevents::BATCH_CONTENT_TYPE;
     use steward_core::config::TargetKind;
     use steward_core::model::EventOp;
     use steward_devkit::receiver::{Behaviour, Receiver};

@@ -1,4 +1,5 @@
-//! The request body: a CloudEvents 1.0 JSON batch (`application/cloudevents-batch+json`).
+//! CloudEvents 1.0 JSON: one event, or a batch (`application/cloudevents-batch+json`,
+//! the body of an HTTP target's request).
 //!
 //! Events are serialized straight from borrowed views of [`Event`] into one
 //! buffer: a batch may hold thousands of events, and building a

@@ -1,10 +1,11 @@
-//! Every Prometheus metric steward exports, declared in one place (name,
-//! labels, help, histogram buckets), the process-wide recorder, and the
-//! HTTP listener serving `/metrics`, `/healthz` and `/readyz`.
+//! The help text of every Prometheus metric steward exports, the
+//! process-wide recorder, and the HTTP listener serving `/metrics`,
+//! `/healthz` and `/readyz`.
 //!
-//! Code elsewhere records through the `metrics` macros using the constants
-//! below, so a name cannot drift between the recorder, the alert rules
-//! (`config/alerts.yml`) and the dashboard (`config/grafana-dashboard.json`).
+//! Metric names and buckets are constants in `steward_core::metric`, which
+//! every crate records through, so a name cannot drift between the
+//! recorder, the alert rules (`config/alerts.yml`) and the dashboard
+//! (`config/grafana-dashboard.json`).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -16,7 +17,7 @@ use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::daemon::DaemonState;
+use super::DaemonState;
 
 use steward_core::metric::*;
 
@@ -154,7 +155,7 @@ pub async fn serve(addr: SocketAddr, state: Arc<DaemonState>) -> anyhow::Result<
 async fn metrics_page(State(s): State<Shared>) -> impl IntoResponse {
     // Lag in seconds is a function of "now": computed at scrape time so an
     // idle, caught-up daemon reads 0 and a stuck one keeps growing.
-    crate::daemon::monitor::publish_lag_seconds(&s.state);
+    super::monitor::publish_lag_seconds(&s.state);
     s.handle.run_upkeep();
     (
         [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
@@ -163,7 +164,7 @@ async fn metrics_page(State(s): State<Shared>) -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
-    let problems = crate::daemon::monitor::readiness_problems(&s.state);
+    let problems = super::monitor::readiness_problems(&s.state);
     if problems.is_empty() {
         (StatusCode::OK, "ready\n".to_string())
     } else {
@@ -229,17 +230,17 @@ mod tests {
 
     #[test]
     fn alerts_and_dashboard_use_only_declared_metrics() {
-        let dashboard = include_str!("../config/grafana-dashboard.json");
+        let dashboard = include_str!("../../config/grafana-dashboard.json");
         let parsed: serde_json::Value =
             serde_json::from_str(dashboard).expect("the dashboard is valid JSON");
         assert!(parsed["panels"].as_array().is_some_and(|p| p.len() >= 5));
-        let alerts = include_str!("../config/alerts.yml");
+        let alerts = include_str!("../../config/alerts.yml");
         for (file, text) in [("dashboard", dashboard), ("alerts.yml", alerts)] {
             for name in names_in(text) {
                 // `steward_heartbeat` etc. are not metrics; only `steward_` + known prefixes are.
                 assert!(
                     ALL.contains(&name.as_str()),
-                    "{file} uses {name}, which src/metrics.rs does not declare"
+                    "{file} uses {name}, which steward_core::metric does not declare"
                 );
             }
         }
@@ -253,13 +254,14 @@ mod tests {
         }
     }
 
-    /// Prometheus conventions, checked on this file's declarations: every
-    /// metric is in `ALL` and described, and `_total` is exactly the
-    /// counters' suffix.
+    /// Prometheus conventions, checked on the declarations: every metric is
+    /// in `ALL` and described here, and `_total` is exactly the counters'
+    /// suffix.
     #[test]
     fn every_metric_is_described_and_only_counters_end_in_total() {
-        let source = include_str!("metrics.rs");
-        let consts: Vec<(&str, &str)> = source
+        let names = include_str!("../../crates/core/src/metric.rs");
+        let source = include_str!("endpoint.rs");
+        let consts: Vec<(&str, &str)> = names
             .lines()
             .filter_map(|l| {
                 let rest = l.strip_prefix("pub const ")?;
