@@ -7,6 +7,10 @@
 //! `data` is copied as the JSON text the governor wrote (with
 //! `arbitrary_precision`), so numbers keep the exact text they had in the
 //! source (numeric columns).
+//!
+//! Written here rather than with the `cloudevents-sdk` crate: its event type
+//! owns its data as a `serde_json::Value` and would mean one more copy and
+//! parse of every document, and steward needs only the structured JSON form.
 
 use steward_core::model::{json, Event};
 
