@@ -724,13 +724,18 @@ async fn https_target_presents_its_client_certificate_to_a_server_requiring_one(
             .is_some_and(|m| m.contains("set targets.t.client_cert_file")),
         "says what is missing: {errors:?}"
     );
-    assert!(
-        wms.tls_failures()
+    // The receiver notes the failed handshake on its own task, which may
+    // run after the client has already read the alert.
+    let noted = |r: &Receiver| {
+        r.tls_failures()
             .iter()
-            .any(|f| f.to_lowercase().contains("certificate")),
-        "{:?}",
-        wms.tls_failures()
-    );
+            .any(|f| f.to_lowercase().contains("certificate"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !noted(&wms) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(noted(&wms), "{:?}", wms.tls_failures());
     assert_eq!(wms.accepted_count(), 0);
 
     let with = config_with(

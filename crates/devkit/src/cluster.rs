@@ -1167,7 +1167,7 @@ mod tests {
         let mut child = Command::new(exe)
             .args([
                 "--exact",
-                "dev::cluster::tests::exit_helper",
+                "cluster::tests::exit_helper",
                 "--ignored",
                 "--nocapture",
                 "--test-threads=1",
