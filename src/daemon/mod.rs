@@ -37,7 +37,7 @@ use steward_core::config::Config;
 use steward_core::model::value::pg_micros_to_rfc3339;
 use steward_core::model::{Event, Lsn};
 use steward_core::pipeline::govern::{record_hash, HashKeyed, SnapshotRead};
-use steward_core::pipeline::{Governor, Mapped, Pipeline};
+use steward_core::pipeline::{Governance, Mapped, Pipeline};
 use steward_postgres::ReplicationClient;
 use steward_sinks::driver;
 use steward_source::stream::{self, SessionParams, SourceError, SourceEvent};
@@ -140,10 +140,10 @@ async fn run_open(
         .store(true, std::sync::atomic::Ordering::Relaxed);
     state.health.note_caught_up();
 
-    let mut governor = govern::setup(&config, &store, &mut pipeline)?;
+    let mut governance = govern::setup(&config, &store, &mut pipeline)?;
     let mut prepared = setup::prepare(&config, &store, &pipeline).await?;
-    govern::seed_state(&config, &store, &mut governor).await?;
-    govern::publish_quarantine(&governor);
+    govern::seed_state(&config, &store, &mut governance).await?;
+    govern::publish_quarantine(&governance);
     let gate = snapshot::SnapshotGate::from_store(&store)?;
     let checkpoint = store.checkpoint()?.unwrap_or(Lsn::ZERO);
     state
@@ -304,7 +304,7 @@ async fn run_open(
         let outcome = consume(
             &config,
             &mut pipeline,
-            &mut governor,
+            &mut governance,
             &mut committer,
             rx,
             &mut snapshots,
@@ -317,14 +317,14 @@ async fn run_open(
         // A batch the store could not take (disk full) is dropped here: it is
         // not confirmed, so the next session receives it again from the server.
         if committer.discard_pending() {
-            // The governor's in-memory state already counts the dropped
+            // The in-memory governance state already counts the dropped
             // transactions: start again from what the store holds, since the
             // server sends them again.
-            governor = match govern::setup(&config, &store, &mut pipeline) {
+            governance = match govern::setup(&config, &store, &mut pipeline) {
                 Ok(g) => g,
                 Err(e) => break Err(e),
             };
-            govern::publish_quarantine(&governor);
+            govern::publish_quarantine(&governance);
         }
         let _ = session_shutdown_tx.send(true);
         let session_result = match session.await {
@@ -413,11 +413,11 @@ struct SnapshotIntake<'a> {
 }
 
 /// Governs a parked snapshot chunk once the stream has passed its
-/// consistent point: the governor's state is then at least as new as the
+/// consistent point: the governance state is then at least as new as the
 /// snapshot for every record, and records changed since are skipped.
 fn govern_parked_chunk(
     config: &Config,
-    governor: &mut Governor,
+    governance: &mut Governance,
     committer: &mut Committer,
     snapshots: &mut SnapshotIntake<'_>,
 ) -> anyhow::Result<()> {
@@ -436,10 +436,10 @@ fn govern_parked_chunk(
     let Some(mut chunk) = snapshots.parked.take() else {
         return Ok(());
     };
-    watch_windows(config, governor, committer);
+    watch_windows(config, governance, committer);
     let position = committer.latest();
     let before = committer.batch.len();
-    governor.process_snapshot(
+    governance.process_snapshot(
         &mut chunk.mapped,
         chunk.consistent,
         &SnapshotRead {
@@ -451,7 +451,7 @@ fn govern_parked_chunk(
         &mut committer.batch,
     );
     let appended = committer.batch.len() > before;
-    committer.add(appended, take_delta(governor), position)?;
+    committer.add(appended, take_delta(governance), position)?;
     committer.flush_and_wait()?;
     let answer = if committer.stalled {
         Err("the state file does not accept writes; the snapshot chunk is read again".to_string())
@@ -462,13 +462,13 @@ fn govern_parked_chunk(
     Ok(())
 }
 
-/// Tells the governor which entities have a snapshot window open, so that
+/// Tells the governance which entities have a snapshot window open, so that
 /// it remembers which of their records the stream changes meanwhile.
-fn watch_windows(config: &Config, governor: &mut Governor, committer: &Committer) {
+fn watch_windows(config: &Config, governance: &mut Governance, committer: &Committer) {
     let windows = committer.gate.lock();
     if windows.is_empty() {
         drop(windows);
-        governor.watch(&[]);
+        governance.watch(&[]);
         return;
     }
     let entities: Vec<usize> = config
@@ -479,7 +479,7 @@ fn watch_windows(config: &Config, governor: &mut Governor, committer: &Committer
         .map(|(i, _)| i)
         .collect();
     drop(windows);
-    governor.watch(&entities);
+    governance.watch(&entities);
 }
 
 /// The transaction being received.
@@ -500,7 +500,7 @@ struct OpenTxn {
 async fn consume(
     config: &Config,
     pipeline: &mut Pipeline,
-    governor: &mut Governor,
+    governance: &mut Governance,
     committer: &mut Committer,
     mut rx: mpsc::Receiver<SourceEvent>,
     snapshots: &mut SnapshotIntake<'_>,
@@ -560,9 +560,9 @@ async fn consume(
             _ = control.tick() => {
                 let version = committer.latest();
                 let events = tokio::task::block_in_place(|| {
-                    govern::handle_requests(config, &committer.store, governor, version)
+                    govern::handle_requests(config, &committer.store, governance, version)
                 });
-                let delta = take_delta(governor);
+                let delta = take_delta(governance);
                 if !events.is_empty() || !delta.is_empty() {
                     let appended = !events.is_empty();
                     committer.batch.extend(events);
@@ -576,7 +576,7 @@ async fn consume(
             }
             chunk = snapshots.rx.recv(), if snapshots.parked.is_none() => {
                 snapshots.parked = chunk;
-                govern_parked_chunk(config, governor, committer, snapshots)?;
+                govern_parked_chunk(config, governance, committer, snapshots)?;
                 continue;
             }
             message = rx.recv() => message,
@@ -587,7 +587,7 @@ async fn consume(
         match message {
             SourceEvent::Position(lsn) => {
                 snapshots.position = snapshots.position.max(lsn);
-                govern_parked_chunk(config, governor, committer, snapshots)?;
+                govern_parked_chunk(config, governance, committer, snapshots)?;
             }
             SourceEvent::Relation(relation) => committer.schema.on_relation(
                 config,
@@ -644,7 +644,7 @@ async fn consume(
                         txn.positions.clear();
                         let store = committer.store.clone();
                         tokio::task::block_in_place(|| {
-                            large.absorb(&store, governor, &mut txn.mapped)
+                            large.absorb(&store, governance, &mut txn.mapped)
                         })?;
                     }
                 }
@@ -665,7 +665,7 @@ async fn consume(
                     anyhow::bail!("the server sent a commit without a transaction");
                 };
                 committer.note_received(pipeline, &txn.mapped);
-                watch_windows(config, governor, committer);
+                watch_windows(config, governance, committer);
                 let before = committer.batch.len();
                 let mut appended = false;
                 if large.is_active() {
@@ -677,21 +677,21 @@ async fn consume(
                     let store = committer.store.clone();
                     let max = committer.max_events;
                     tokio::task::block_in_place(|| {
-                        large.absorb(&store, governor, &mut txn.mapped)?;
+                        large.absorb(&store, governance, &mut txn.mapped)?;
                         large.govern(
                             &store,
-                            governor,
+                            governance,
                             max,
                             txn.final_lsn,
                             &txn.time,
-                            &mut |events, governor| {
+                            &mut |events, governance| {
                                 appended |= !events.is_empty();
-                                committer.add_partial(events, take_delta(governor))
+                                committer.add_partial(events, take_delta(governance))
                             },
                         )
                     })?;
                 } else {
-                    governor.process_drain_into(
+                    governance.process_drain_into(
                         &mut txn.mapped,
                         txn.final_lsn,
                         &txn.time,
@@ -700,10 +700,10 @@ async fn consume(
                 }
                 spare_mapped = txn.mapped;
                 let appended = appended || committer.batch.len() > before;
-                committer.add(appended, take_delta(governor), end_lsn)?;
+                committer.add(appended, take_delta(governance), end_lsn)?;
                 snapshots.position = snapshots.position.max(end_lsn);
                 if snapshots.parked.is_some() {
-                    govern_parked_chunk(config, governor, committer, snapshots)?;
+                    govern_parked_chunk(config, governance, committer, snapshots)?;
                 }
             }
         }
@@ -734,16 +734,16 @@ fn fold_repeats(txn: &mut OpenTxn, from: usize) {
     }
 }
 
-/// The governor's queued state changes; the quarantine gauge is refreshed
+/// The queued governance state changes; the quarantine gauge is refreshed
 /// when they touch the quarantine, so it moves with the batch that stores them.
-fn take_delta(governor: &mut Governor) -> GovDelta {
-    let delta = governor.take_delta();
+fn take_delta(governance: &mut Governance) -> GovDelta {
+    let delta = governance.take_delta();
     if delta
         .ops
         .iter()
         .any(|op| matches!(op, GovOp::Quarantine { .. }))
     {
-        govern::publish_quarantine(governor);
+        govern::publish_quarantine(governance);
     }
     delta
 }

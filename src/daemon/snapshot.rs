@@ -69,7 +69,7 @@ use tokio::sync::watch;
 
 use steward_core::config::Config;
 use steward_core::model::{Event, Lsn};
-use steward_core::pipeline::{snapshot_mapped, Governor, Mapped, Pipeline};
+use steward_core::pipeline::{snapshot_mapped, Governance, Mapped, Pipeline};
 use steward_source::snapshot::{self as source_snapshot, SnapshotReader, TableRead};
 use steward_store::{SnapshotJob, SnapshotPhase, Store, VersionCheck};
 
@@ -232,9 +232,9 @@ pub fn begin_resync(
     Ok(())
 }
 
-/// Rows of one snapshot chunk on their way to the governor, which runs in
+/// Rows of one snapshot chunk on their way to the governance, which runs in
 /// the daemon loop: snapshot rows take the same governed path as streamed
-/// changes (see [`steward_core::pipeline::Governor::process_snapshot`]). The loop
+/// changes (see [`steward_core::pipeline::Governance::process_snapshot`]). The loop
 /// governs them once it has processed the stream up to `consistent`,
 /// commits the events durably and answers on `done`.
 pub struct SnapshotChunk {
@@ -369,7 +369,7 @@ impl Worker {
             return Ok(());
         };
         let entity = &config.entities[entity_index];
-        let tracked = Governor::new(config)
+        let tracked = Governance::new(config)
             .tracked_entities()
             .any(|e| e == entity_index);
         let mut read = table_read(config, entity_index);

@@ -4,7 +4,7 @@
 //! Events are serialized straight from borrowed views of [`Event`] into one
 //! buffer: a batch may hold thousands of events, and building a
 //! `serde_json::Value` per event first would double the work and the memory.
-//! `data` is copied as the JSON text the governor wrote (with
+//! `data` is copied as the JSON text the governance wrote (with
 //! `arbitrary_precision`), so numbers keep the exact text they had in the
 //! source (numeric columns).
 

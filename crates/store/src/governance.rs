@@ -4,7 +4,7 @@
 //! and "was published" for lifecycle gates and routing), and the business-key
 //! index (duplicate detection).
 //!
-//! The governor keeps this state in memory and hands every change to the
+//! The governance keeps this state in memory and hands every change to the
 //! daemon as a [`GovDelta`], written by [`Store::commit_governed`] in the
 //! same transaction as the outbox appends and the checkpoint: after a crash
 //! the state always matches what was appended.

@@ -132,7 +132,7 @@ pub struct ChildConfig {
     /// Fields of each item whose value is the referenced record's business
     /// key or external id (`{ ref = ... }` in the child's `fields`). Their
     /// columns are not in `fields`: like an entity's reference columns they
-    /// reach the governor in the captured row of the hidden entity.
+    /// reach the governance in the captured row of the hidden entity.
     pub refs: Vec<RefField>,
     /// Each item's field names in the order the TOML `fields` table lists
     /// them, reference fields included (not the `id` every item carries).

@@ -1,4 +1,4 @@
-//! The governor: decides, per mapped change and target, what is delivered.
+//! Governance: decides, per mapped change and target, what is delivered.
 //!
 //! ```text
 //!  Mapped ──▶ track row ──▶ document (fields, references, children)
@@ -35,11 +35,11 @@ use crate::model::{ChangeOp, Event, EventData, EventOp, Lsn, SourceChange};
 use crate::state::published_digest;
 use crate::state::{AuditRecord, GovDelta, GovOp, GovSnapshot, QuarantineEntry};
 
-/// Index offset of events the governor makes itself (re-emissions, business
+/// Index offset of events the governance makes itself (re-emissions, business
 /// objects): their ids never collide with those of source changes.
 const SYNTHETIC_INDEX: u32 = 0x8000_0000;
 
-pub struct Governor {
+pub struct Governance {
     entities: Vec<EntityConfig>,
     gov: Vec<EntityGovernance>,
     policies: Vec<TargetPolicy>,
@@ -76,7 +76,7 @@ pub struct Governor {
     /// entity → (child entity, child column) of reference rules on child
     /// fields (`lines.product_id`) pointing at it.
     child_referenced_by: Vec<Vec<(usize, String)>>,
-    /// Entities with a snapshot or re-read in progress (see [`Governor::watch`]).
+    /// Entities with a snapshot or re-read in progress (see [`Governance::watch`]).
     watched: Vec<bool>,
     /// (entity, key) → commit LSN of the last streamed change, for watched entities.
     touched: HashMap<(usize, String), u64>,
@@ -85,12 +85,12 @@ pub struct Governor {
     ref_columns: Vec<Vec<String>>,
     /// (entity, column, id) → keys of the tracked records whose column holds id.
     ref_index: HashMap<(usize, String, String), BTreeSet<String>>,
-    /// (commit LSN, next index) of the ids of events the governor makes
+    /// (commit LSN, next index) of the ids of events the governance makes
     /// itself, carried across the pieces of a large transaction.
     synthetic: (u64, u32),
 }
 
-/// What a snapshot or governed re-read decides for (see [`Governor::process_snapshot`]).
+/// What a snapshot or governed re-read decides for (see [`Governance::process_snapshot`]).
 #[derive(Clone, Debug)]
 pub struct SnapshotRead {
     /// The targets it sends to.
@@ -140,7 +140,7 @@ struct Staged {
     last_op: ChangeOp,
     /// The row before the transaction (the first change's old row).
     old: Option<Arc<Map<String, Value>>>,
-    /// Whether the governor knew the record before the transaction.
+    /// Whether the governance knew the record before the transaction.
     seen: bool,
     row: Option<Arc<Map<String, Value>>>,
     /// The last change's mapped fields (a delete: the key fields).
@@ -170,7 +170,7 @@ struct Pending<'a> {
     /// after the records changed by the transaction).
     deferrals: u64,
     /// The rest of a large transaction, governed in pieces (see
-    /// [`Governor::evaluate_piece`]): records marked that are not in this
+    /// [`Governance::evaluate_piece`]): records marked that are not in this
     /// piece are looked up there.
     elsewhere: Option<&'a mut dyn Elsewhere>,
 }
@@ -195,7 +195,7 @@ impl Marks for Pending<'_> {
 }
 
 /// Where a record that is not in the piece being evaluated stands in its
-/// large transaction (see [`Governor::evaluate_piece`]).
+/// large transaction (see [`Governance::evaluate_piece`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Place {
     /// In a later piece: it is evaluated there, with the transaction's final state.
@@ -213,8 +213,8 @@ pub trait Elsewhere {
 }
 
 /// A record of a large transaction after phase one of its governance
-/// ([`Governor::stage_piece`]), waiting on disk for phase two
-/// ([`Governor::evaluate_piece`]). Records are evaluated in the order of
+/// ([`Governance::stage_piece`]), waiting on disk for phase two
+/// ([`Governance::evaluate_piece`]). Records are evaluated in the order of
 /// (`rank`, `order`), as [`Pending`] orders an ordinary transaction.
 #[derive(serde::Serialize, serde::Deserialize)]
 pub struct StagedRecord {
@@ -454,8 +454,8 @@ pub struct Released {
     pub still_failing: Option<String>,
 }
 
-impl Governor {
-    pub fn new(config: &Config) -> Governor {
+impl Governance {
+    pub fn new(config: &Config) -> Governance {
         let entities = config.entities.clone();
         let entity_count = entities.len();
         let mut gov = config.governance.entities.clone();
@@ -578,7 +578,7 @@ impl Governor {
                         .any(|&t| policies[t].route.is_some())
             })
             .collect();
-        Governor {
+        Governance {
             entities,
             gov,
             policies,
@@ -632,7 +632,7 @@ impl Governor {
         self.gov[entity].child_of.is_some() || !self.gov[entity].external_ids_of.is_empty()
     }
 
-    /// Evaluation rank of `entity` (see [`Governor::rank`]).
+    /// Evaluation rank of `entity` (see [`Governance::rank`]).
     pub fn rank_of(&self, entity: usize) -> u32 {
         self.rank[entity]
     }
@@ -761,7 +761,7 @@ impl Governor {
         self.process_drain(&mut mapped, commit_lsn, time)
     }
 
-    /// [`Governor::process`], leaving `mapped` empty with its capacity, for
+    /// [`Governance::process`], leaving `mapped` empty with its capacity, for
     /// the caller to fill with the next transaction without growing a vector
     /// from nothing again.
     pub fn process_drain(
@@ -775,7 +775,7 @@ impl Governor {
         out
     }
 
-    /// [`Governor::process_drain`], appending to `out`: the daemon's commit
+    /// [`Governance::process_drain`], appending to `out`: the daemon's commit
     /// batch, so that a transaction's events are not copied into it.
     ///
     /// A transaction is governed in two phases. First every change updates
@@ -805,9 +805,9 @@ impl Governor {
     /// the daemon stores its records (each folded to its final state, see
     /// `daemon::large_txn`), runs every piece through this, stores the
     /// result, and only then evaluates the pieces in order with
-    /// [`Governor::evaluate_piece`]. So every record is evaluated once,
+    /// [`Governance::evaluate_piece`]. So every record is evaluated once,
     /// against the whole transaction's final state, exactly as
-    /// [`Governor::process_drain_into`] would.
+    /// [`Governance::process_drain_into`] would.
     pub fn stage_piece(&mut self, mapped: &mut Vec<Mapped>) -> PhaseOne {
         let mut phase = PhaseOne::default();
         for m in mapped.drain(..) {
@@ -840,7 +840,7 @@ impl Governor {
         self.evaluate_pending(pending, commit_lsn, time, out);
     }
 
-    /// Phase one of [`Governor::process_drain_into`] for one change.
+    /// Phase one of [`Governance::process_drain_into`] for one change.
     fn stage(&mut self, m: Mapped, pending: &mut impl Marks) {
         let e = m.entity;
         let key = m.event.key.clone();
@@ -1039,7 +1039,7 @@ impl Governor {
     /// evaluation as streamed changes. `consistent` is the snapshot's
     /// consistent point; the caller has processed the stream up to it, so a
     /// record the stream changed since (recorded while its entity is
-    /// watched, see [`Governor::watch`]) is newer in the governor than in
+    /// watched, see [`Governance::watch`]) is newer in the governance than in
     /// the snapshot and is skipped. Events go to `targets` only; `force`
     /// sends publishable documents even when equal to the last one appended
     /// (the target is being rebuilt). `known_only` (a re-read after a
@@ -1271,7 +1271,7 @@ impl Governor {
     }
 
     /// Entities whose streamed changes are remembered per key (with their
-    /// commit LSN) so that [`Governor::process_snapshot`] can skip records
+    /// commit LSN) so that [`Governance::process_snapshot`] can skip records
     /// the stream changed after a snapshot's consistent point. The memory
     /// is released when an entity stops being watched.
     pub fn watch(&mut self, entities: &[usize]) {
@@ -2007,7 +2007,7 @@ impl Governor {
 
     /// A child row (a line of a business object) with a value steward cannot
     /// encode is held in quarantine under its own entity and key, which
-    /// holds its parent back (see [`Governor::unencodable_child`]); a row
+    /// holds its parent back (see [`Governance::unencodable_child`]); a row
     /// that encodes (or its delete) releases it.
     fn note_child_encoding(
         &mut self,
@@ -2361,9 +2361,9 @@ impl PublishedKey {
     }
 }
 
-/// The key of [`Governor::published`]: the first 96 bits of the digest.
+/// The key of [`Governance::published`]: the first 96 bits of the digest.
 /// The map holds an entry per record and target for the life of the daemon
-/// and is most of the governor's memory; 12-byte keys and 8-byte document
+/// and is most of the memory of [`Governance`]; 12-byte keys and 8-byte document
 /// hashes (20 bytes an entry instead of 32) keep it 40% smaller. Two records
 /// share a slot with odds of about 1 in 10^17 for a million records; a changed
 /// document is taken for the one before with odds of 1 in 2^64 per change.

@@ -1,4 +1,4 @@
-//! Table-driven unit tests of the governor, without PostgreSQL: a config
+//! Table-driven unit tests of the governance, without PostgreSQL: a config
 //! from TOML text, a pipeline capturing the tracked entities' rows, source
 //! changes mapped by [`Pipeline::map_change`] and governed one transaction
 //! at a time, like the daemon does.
@@ -157,7 +157,7 @@ fn sorted(mut v: Vec<Brief>) -> Vec<Brief> {
 
 struct Harness {
     config: Config,
-    gov: Governor,
+    gov: Governance,
     pipeline: Pipeline,
     /// The source database: (table, id) → column values.
     db: HashMap<(String, String), Vec<Option<String>>>,
@@ -175,7 +175,7 @@ impl Harness {
     }
 
     fn from_config(config: Config) -> Harness {
-        let gov = Governor::new(&config);
+        let gov = Governance::new(&config);
         let mut pipeline = Pipeline::new(&config);
         for e in gov.tracked_entities().collect::<Vec<_>>() {
             pipeline.capture_rows(e);
@@ -285,7 +285,7 @@ impl Harness {
     }
 
     /// One source transaction; returns the events of every target, in the
-    /// order the governor produced them.
+    /// order the governance produced them.
     fn txn(&mut self, steps: &[Step]) -> Vec<Ev> {
         let lsn = self.next_lsn();
         let time = "2024-01-01T00:00:00Z";
@@ -1972,7 +1972,7 @@ fn a_snapshot_skips_records_the_stream_changed_after_its_consistent_point() {
     assert_eq!(
         evs.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(),
         vec!["2"],
-        "record 1 is newer in the governor than in the snapshot"
+        "record 1 is newer in the governance than in the snapshot"
     );
     // Not watched: nothing is remembered, nothing skipped.
     h.gov.watch(&[]);

@@ -45,7 +45,7 @@ fn quote_ident(name: &str) -> String {
 
 /// A mapped column whose value steward cannot encode (a `jsonb` document
 /// nested too deep, text that is not what the column's type prints). The
-/// change still maps, without that field: the governor holds the record in
+/// change still maps, without that field: the governance holds the record in
 /// quarantine (rule [`ENCODING_RULE`]) instead of delivering it, so one bad
 /// value never stops the other records. The value itself is never part of
 /// it (it may be personal data).
@@ -92,7 +92,7 @@ pub struct Mapped {
     pub row: Option<Map<String, Value>>,
     pub old: Option<Map<String, Value>>,
     /// The first mapped column of this change steward could not encode
-    /// (left out of `data`): the governor quarantines the record.
+    /// (left out of `data`): the governance quarantines the record.
     pub unencodable: Option<Unencodable>,
 }
 

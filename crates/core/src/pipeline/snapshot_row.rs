@@ -27,7 +27,7 @@ pub fn snapshot_id(consistent: Lsn, entity: &str, key: &str) -> String {
 }
 
 /// The event a snapshot row maps to before governance (its mapped fields as
-/// `data`): what [`snapshot_mapped`] hands the governor, seen as an event.
+/// `data`): what [`snapshot_mapped`] hands the governance, seen as an event.
 /// Only for tests of the mapping; targets receive governed documents.
 #[cfg(test)]
 fn snapshot_event(
@@ -49,7 +49,7 @@ fn snapshot_event(
 
 /// Maps one snapshot row of the relation `relation_id` (which the pipeline
 /// must know, see [`Pipeline::on_relation`]) for entity index `entity`, as
-/// the governor takes it: the mapped change (with
+/// the governance takes it: the mapped change (with
 /// the whole row for entities whose rows are captured), carrying the
 /// snapshot's id, version and `Snapshot` change kind.
 pub fn snapshot_mapped(

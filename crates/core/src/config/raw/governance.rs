@@ -1242,7 +1242,7 @@ children = { rules = { table = "stock_rule", parent = "route_id", fields = { cat
         );
         assert!(!r.external_id);
         // The hidden entity over mrp_bom_line maps the plain fields; the
-        // reference column reaches the governor in the captured row, as an
+        // reference column reaches the governance in the captured row, as an
         // entity's reference columns do (hidden entities are governed).
         let hidden = &c.entities[lines.entity];
         assert_eq!(hidden.name, "bom.lines");
