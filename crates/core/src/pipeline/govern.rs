@@ -101,8 +101,11 @@ pub struct SnapshotRead {
     pub known_only: bool,
 }
 
-/// Where an evaluation's events come from, and which targets it decides for.
-struct Origin {
+/// What an evaluation of a record runs for (a streamed change, a
+/// re-emission, an operator release, a snapshot, seed or pruned row): the
+/// id, version, time and change kind of the events it makes, the targets
+/// it decides for, and what is known of the record's values.
+struct Trigger {
     id: String,
     version: u64,
     time: String,
@@ -956,7 +959,7 @@ impl Governance {
                     } else {
                         s.row
                     };
-                    let origin = Origin {
+                    let trigger = Trigger {
                         id: s.id,
                         version: s.version,
                         time: s.time,
@@ -973,7 +976,7 @@ impl Governance {
                         s.old.as_deref(),
                         s.seen,
                         s.data,
-                        &origin,
+                        &trigger,
                         out,
                         &mut pending,
                     );
@@ -982,7 +985,7 @@ impl Governance {
                     let Some(row) = self.rows.get(&(e, key.clone())).cloned() else {
                         continue;
                     };
-                    let origin = Origin {
+                    let trigger = Trigger {
                         id: Event::source_id(commit_lsn, SYNTHETIC_INDEX + synthetic),
                         version: commit_lsn.0,
                         time: time.to_string(),
@@ -1000,7 +1003,7 @@ impl Governance {
                         Some(&row),
                         true,
                         Map::new(),
-                        &origin,
+                        &trigger,
                         out,
                         &mut pending,
                     );
@@ -1095,7 +1098,7 @@ impl Governance {
             if self.tracked[e] {
                 self.set_row(e, &key, row.clone());
             }
-            let origin = Origin {
+            let trigger = Trigger {
                 id: m.event.id,
                 version: m.event.version,
                 time: m.event.time,
@@ -1115,7 +1118,7 @@ impl Governance {
                 prev.as_deref(),
                 true,
                 m.data,
-                &origin,
+                &trigger,
                 out,
                 &mut pending,
             );
@@ -1151,7 +1154,7 @@ impl Governance {
             let prev = self.rows.get(&(e, key.clone())).cloned();
             let row = m.row.map(Arc::new);
             self.set_row(e, &key, row.clone());
-            let origin = Origin {
+            let trigger = Trigger {
                 id: String::new(),
                 version: 0,
                 time: time.to_string(),
@@ -1171,7 +1174,7 @@ impl Governance {
                 prev.as_deref(),
                 true,
                 m.data,
-                &origin,
+                &trigger,
                 &mut out,
                 &mut pending,
             );
@@ -1218,7 +1221,7 @@ impl Governance {
                 .unwrap_or_default();
             self.set_row(e, key, None);
             self.defer_dependents(e, key, &mut pending);
-            let origin = Origin {
+            let trigger = Trigger {
                 // Its own id space: never equal to a streamed or re-emitted event's id.
                 id: format!("{:016X}-P{i:08X}", version.0),
                 version: version.0,
@@ -1236,7 +1239,7 @@ impl Governance {
                 prev.as_deref(),
                 true,
                 data,
-                &origin,
+                &trigger,
                 &mut out,
                 &mut pending,
             );
@@ -1306,7 +1309,7 @@ impl Governance {
                 "{entity} {key} is quarantined but its row is not known; it is released by its next change"
             ));
         };
-        let origin = Origin {
+        let trigger = Trigger {
             id: format!(
                 "{:016X}-R{:x}",
                 version.0,
@@ -1329,7 +1332,7 @@ impl Governance {
             Some(&row),
             true,
             Map::new(),
-            &origin,
+            &trigger,
             &mut out,
             &mut pending,
         );
@@ -1354,12 +1357,12 @@ impl Governance {
         old: Option<&Map<String, Value>>,
         seen: bool,
         fallback: Map<String, Value>,
-        origin: &Origin,
+        trigger: &Trigger,
         out: &mut Vec<(usize, Event)>,
         deferred: &mut Pending,
     ) {
         let name = self.entities[e].name.clone();
-        let targets: Vec<usize> = match &origin.scope {
+        let targets: Vec<usize> = match &trigger.scope {
             Scope::All => self.entity_targets[e].clone(),
             Scope::Targets { targets, .. } => self.entity_targets[e]
                 .iter()
@@ -1367,17 +1370,17 @@ impl Governance {
                 .filter(|t| targets.contains(t))
                 .collect(),
         };
-        let force = matches!(origin.scope, Scope::Targets { force: true, .. });
-        let version = origin.version;
+        let force = matches!(trigger.scope, Scope::Targets { force: true, .. });
+        let version = trigger.version;
         let event = |op: EventOp, data: EventData| Event {
-            change: origin.change,
-            tx_id: origin.tx_id,
-            id: origin.id.clone(),
+            change: trigger.change,
+            tx_id: trigger.tx_id,
+            id: trigger.id.clone(),
             entity: name.clone(),
             key: key.to_string(),
             op,
             version,
-            time: origin.time.clone(),
+            time: trigger.time.clone(),
             data,
         };
         if op == "delete" {
@@ -1426,7 +1429,7 @@ impl Governance {
                 Err(m) => (false, format!("publish_when could not be evaluated: {m}")),
             },
         };
-        let failure = match &origin.values {
+        let failure = match &trigger.values {
             Values::Read(Some(bad)) => Some((ENCODING_RULE.to_string(), bad.to_string(), None)),
             Values::Tracked
                 if self
