@@ -13,7 +13,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use steward_core::config::Config;
+use steward_core::config::{Config, EntityIndex, TargetIndex};
 use steward_core::model::{Event, Lsn};
 use steward_core::pipeline::{snapshot_mapped, Governance, Pipeline};
 use steward_source::snapshot as source_snapshot;
@@ -207,7 +207,7 @@ async fn seed_entity(
     config: &Config,
     reader: &source_snapshot::SnapshotReader,
     governance: &mut Governance,
-    e: usize,
+    e: EntityIndex,
     time: &str,
     mut present: Option<&mut std::collections::HashSet<String>>,
 ) -> anyhow::Result<usize> {
@@ -271,7 +271,7 @@ async fn seed_entity(
 async fn seed_filtered(
     config: &Config,
     governance: &mut Governance,
-    e: usize,
+    e: EntityIndex,
     filter: &str,
 ) -> anyhow::Result<usize> {
     let entity = governance.entity_config(e).clone();
@@ -300,7 +300,7 @@ pub fn handle_requests(
     store: &Store,
     governance: &mut Governance,
     version: Lsn,
-) -> Vec<(usize, Event)> {
+) -> Vec<(TargetIndex, Event)> {
     let dir = requests_dir(config);
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return Vec::new();
@@ -392,7 +392,7 @@ pub fn answer(
     governance: &mut Governance,
     version: Lsn,
     req: Request,
-    events: &mut Vec<(usize, Event)>,
+    events: &mut Vec<(TargetIndex, Event)>,
 ) -> Response {
     let mut r = Response::default();
     match req {

@@ -33,7 +33,7 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use steward_core::config::Config;
+use steward_core::config::{Config, EntityIndex, TargetIndex};
 use steward_core::model::value::pg_micros_to_rfc3339;
 use steward_core::model::{Event, Lsn};
 use steward_core::pipeline::govern::{record_hash, HashKeyed, SnapshotRead};
@@ -471,10 +471,8 @@ fn watch_windows(config: &Config, governance: &mut Governance, committer: &Commi
         governance.watch(&[]);
         return;
     }
-    let entities: Vec<usize> = config
-        .entities
-        .iter()
-        .enumerate()
+    let entities: Vec<EntityIndex> = config
+        .iter_entities()
         .filter(|(_, e)| windows.iter().any(|(_, w)| w == &e.name))
         .map(|(i, _)| i)
         .collect();
@@ -773,7 +771,7 @@ struct Committer {
     state: Arc<DaemonState>,
     max_events: usize,
     max_delay: Duration,
-    batch: Vec<(usize, Event)>,
+    batch: Vec<(TargetIndex, Event)>,
     batch_end: Option<Lsn>,
     batch_started: Option<Instant>,
     /// The commit running on its thread: the end LSN it covers, and where
@@ -782,7 +780,7 @@ struct Committer {
     commit_thread: CommitThread,
     /// The last commit's batch vector, returned empty for reuse. (Its delta
     /// is not kept: `GovDelta::append` takes the governor's vector instead.)
-    spare: Option<Vec<(usize, Event)>>,
+    spare: Option<Vec<(TargetIndex, Event)>>,
     /// The last commit failed with an error that may clear (disk full):
     /// the batch is kept and nothing more is confirmed until it succeeds.
     stalled: bool,
@@ -798,13 +796,13 @@ struct Committer {
 /// One batch handed to the commit thread.
 struct CommitJob {
     end: Lsn,
-    batch: Vec<(usize, Event)>,
+    batch: Vec<(TargetIndex, Event)>,
     delta: GovDelta,
 }
 
 enum CommitOutcome {
     /// With the job's batch vector, emptied, for the next batch to reuse.
-    Committed(Vec<(usize, Event)>),
+    Committed(Vec<(TargetIndex, Event)>),
     /// The store refused the write with an error that may clear: the job
     /// comes back to be retried.
     Refused(CommitJob, steward_store::StoreError),
@@ -995,7 +993,11 @@ impl Committer {
 
     /// Events of a transaction still open: stored with the batch, but the
     /// checkpoint stays where the complete transactions put it.
-    fn add_partial(&mut self, events: Vec<(usize, Event)>, delta: GovDelta) -> anyhow::Result<()> {
+    fn add_partial(
+        &mut self,
+        events: Vec<(TargetIndex, Event)>,
+        delta: GovDelta,
+    ) -> anyhow::Result<()> {
         Self::count_filtered(&delta);
         self.batch.extend(events);
         self.delta.append(delta);
@@ -1164,11 +1166,11 @@ impl Committer {
     /// Counts the mapped changes of a transaction per entity.
     fn note_received(&self, pipeline: &Pipeline, mapped: &[Mapped]) {
         for m in mapped {
-            if let Some(c) = self.received.get(m.entity) {
+            if let Some(c) = self.received.get(m.entity.0) {
                 c.increment(1);
             }
             if pipeline.targets_of(m.entity).is_empty() {
-                if let Some(c) = self.filtered.get(m.entity) {
+                if let Some(c) = self.filtered.get(m.entity.0) {
                     c.increment(1);
                 }
             }

@@ -30,7 +30,7 @@ use super::redact;
 use super::reference::{self, Rows};
 use crate::cel::CelInput;
 use crate::config::governance::{Check, ChildConfig, EntityGovernance, OnUnpublish, TargetPolicy};
-use crate::config::{Config, EntityConfig};
+use crate::config::{Config, EntityConfig, EntityIndex, TargetIndex};
 use crate::model::{ChangeOp, Event, EventData, EventOp, Lsn, SourceChange};
 use crate::state::published_digest;
 use crate::state::{AuditRecord, GovDelta, GovOp, GovSnapshot, QuarantineEntry};
@@ -44,14 +44,14 @@ pub struct Governance {
     gov: Vec<EntityGovernance>,
     policies: Vec<TargetPolicy>,
     target_names: Vec<String>,
-    entity_targets: Vec<Vec<usize>>,
-    entity_index: HashMap<String, usize>,
+    entity_targets: Vec<Vec<TargetIndex>>,
+    entity_index: HashMap<String, EntityIndex>,
     tracked: Vec<bool>,
     /// entity → (referencing entity, its many2one column).
-    referenced_by: Vec<Vec<(usize, String)>>,
+    referenced_by: Vec<Vec<(EntityIndex, String)>>,
     rows: Rows,
     /// (child entity, parent key) → child keys.
-    children: HashMap<(usize, String), BTreeSet<String>>,
+    children: HashMap<(EntityIndex, String), BTreeSet<String>>,
     /// Hash of the document last appended per (target, entity, key), both
     /// shortened (see [`PublishedSlot`]).
     published: HashMap<PublishedSlot, [u8; 8], BuildHasherDefault<DigestHasher>>,
@@ -63,9 +63,9 @@ pub struct Governance {
     /// [`WITHHELD`] hash.
     withheld: std::collections::HashSet<PublishedSlot, BuildHasherDefault<DigestHasher>>,
     /// (entity, unique field index, normalised value) → holder key.
-    unique: HashMap<(usize, usize, String), String>,
-    claims: HashMap<(usize, String), Vec<(usize, String)>>,
-    quarantine: HashMap<(usize, String), QuarantineEntry>,
+    unique: HashMap<(EntityIndex, usize, String), String>,
+    claims: HashMap<(EntityIndex, String), Vec<(usize, String)>>,
+    quarantine: HashMap<(EntityIndex, String), QuarantineEntry>,
     /// (Odoo model, record id) → `ir_model_data` id → external id `module.name`.
     /// A record may have several; the oldest (lowest id) is delivered.
     external_ids: HashMap<(String, String), BTreeMap<i64, String>>,
@@ -75,16 +75,16 @@ pub struct Governance {
     rank: Vec<u32>,
     /// entity → (child entity, child column) of reference rules on child
     /// fields (`lines.product_id`) pointing at it.
-    child_referenced_by: Vec<Vec<(usize, String)>>,
+    child_referenced_by: Vec<Vec<(EntityIndex, String)>>,
     /// Entities with a snapshot or re-read in progress (see [`Governance::watch`]).
     watched: Vec<bool>,
     /// (entity, key) → commit LSN of the last streamed change, for watched entities.
-    touched: HashMap<(usize, String), u64>,
+    touched: HashMap<(EntityIndex, String), u64>,
     /// entity → its columns that hold ids of other records (references,
     /// reference rules, child references), indexed in `ref_index`.
     ref_columns: Vec<Vec<String>>,
     /// (entity, column, id) → keys of the tracked records whose column holds id.
-    ref_index: HashMap<(usize, String, String), BTreeSet<String>>,
+    ref_index: HashMap<(EntityIndex, String, String), BTreeSet<String>>,
     /// (commit LSN, next index) of the ids of events the governance makes
     /// itself, carried across the pieces of a large transaction.
     synthetic: (u64, u32),
@@ -94,7 +94,7 @@ pub struct Governance {
 #[derive(Clone, Debug)]
 pub struct SnapshotRead {
     /// The targets it sends to.
-    pub targets: Vec<usize>,
+    pub targets: Vec<TargetIndex>,
     /// Send publishable documents even when equal to the last one appended.
     pub force: bool,
     /// Skip records the targets never had a decision about.
@@ -131,7 +131,10 @@ enum Scope {
     All,
     /// Only these targets (a snapshot or re-read for them); `force`: send
     /// publishable documents even when equal to the last one appended.
-    Targets { targets: Vec<usize>, force: bool },
+    Targets {
+        targets: Vec<TargetIndex>,
+        force: bool,
+    },
 }
 
 /// A record's changes within one source transaction, folded together.
@@ -182,17 +185,17 @@ struct Pending<'a> {
 /// in-memory queue of an ordinary transaction, or a piece of a large one.
 trait Marks {
     /// Marks a record for evaluation without a change of its own.
-    fn defer(&mut self, rank: u32, e: usize, key: String);
+    fn defer(&mut self, rank: u32, e: EntityIndex, key: String);
     /// Queues a changed record.
-    fn stage(&mut self, rank: u32, e: usize, key: String, change: Staged);
+    fn stage(&mut self, rank: u32, e: EntityIndex, key: String, change: Staged);
 }
 
 impl Marks for Pending<'_> {
-    fn defer(&mut self, rank: u32, e: usize, key: String) {
+    fn defer(&mut self, rank: u32, e: EntityIndex, key: String) {
         Pending::defer(self, rank, e, key)
     }
 
-    fn stage(&mut self, rank: u32, e: usize, key: String, change: Staged) {
+    fn stage(&mut self, rank: u32, e: EntityIndex, key: String, change: Staged) {
         Pending::stage(self, rank, e, key, change)
     }
 }
@@ -212,7 +215,7 @@ pub enum Place {
 
 /// The rest of a large transaction, as seen from the piece being evaluated.
 pub trait Elsewhere {
-    fn place(&mut self, e: usize, key: &str) -> Place;
+    fn place(&mut self, e: EntityIndex, key: &str) -> Place;
 }
 
 /// A record of a large transaction after phase one of its governance
@@ -225,7 +228,7 @@ pub struct StagedRecord {
     /// The record's last change index; marks without a change (`staged`
     /// `None`) come after every change of their rank.
     pub order: u64,
-    pub entity: usize,
+    pub entity: EntityIndex,
     pub key: String,
     staged: Option<Staged>,
 }
@@ -236,7 +239,7 @@ impl StagedRecord {
         (1 << 32) + n
     }
 
-    pub fn deferral(rank: u32, order: u64, entity: usize, key: String) -> StagedRecord {
+    pub fn deferral(rank: u32, order: u64, entity: EntityIndex, key: String) -> StagedRecord {
         StagedRecord {
             rank,
             order,
@@ -256,15 +259,15 @@ impl StagedRecord {
 #[derive(Default)]
 pub struct PhaseOne {
     pub records: Vec<StagedRecord>,
-    pub deferred: Vec<(u32, usize, String)>,
+    pub deferred: Vec<(u32, EntityIndex, String)>,
 }
 
 impl Marks for PhaseOne {
-    fn defer(&mut self, rank: u32, e: usize, key: String) {
+    fn defer(&mut self, rank: u32, e: EntityIndex, key: String) {
         self.deferred.push((rank, e, key));
     }
 
-    fn stage(&mut self, rank: u32, e: usize, key: String, change: Staged) {
+    fn stage(&mut self, rank: u32, e: EntityIndex, key: String, change: Staged) {
         self.records.push(StagedRecord {
             rank,
             order: u64::from(change.index),
@@ -280,7 +283,7 @@ struct PendingEntry {
     /// Within a rank: the index of the record's last change, so that a
     /// transaction's events keep its order (ids ascending).
     order: u64,
-    e: usize,
+    e: EntityIndex,
     key: String,
     staged: Option<Staged>,
     next: Option<u32>,
@@ -292,7 +295,7 @@ struct PendingEntry {
 pub type HashKeyed<V> = HashMap<u64, V, BuildHasherDefault<DigestHasher>>;
 
 /// The 64-bit hash of a record (entity, key) used to find it within a transaction.
-pub fn record_hash(e: usize, key: &str) -> u64 {
+pub fn record_hash(e: EntityIndex, key: &str) -> u64 {
     Pending::hash(e, key)
 }
 
@@ -305,9 +308,9 @@ impl<'a> Pending<'a> {
         }
     }
 
-    fn hash(e: usize, key: &str) -> u64 {
+    fn hash(e: EntityIndex, key: &str) -> u64 {
         // FxHash-style: good enough to spread keys, a fraction of SipHash's cost.
-        let mut h = (e as u64).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        let mut h = (e.0 as u64).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
         for chunk in key.as_bytes().chunks(8) {
             let mut word = [0u8; 8];
             word[..chunk.len()].copy_from_slice(chunk);
@@ -317,7 +320,7 @@ impl<'a> Pending<'a> {
         h ^ key.len() as u64
     }
 
-    fn find(&self, h: u64, e: usize, key: &str) -> Option<u32> {
+    fn find(&self, h: u64, e: EntityIndex, key: &str) -> Option<u32> {
         let mut at = self.index.get(&h).copied();
         while let Some(i) = at {
             let entry = &self.entries[i as usize];
@@ -329,7 +332,7 @@ impl<'a> Pending<'a> {
         None
     }
 
-    fn push(&mut self, h: u64, rank: u32, e: usize, key: String, staged: Option<Staged>) {
+    fn push(&mut self, h: u64, rank: u32, e: EntityIndex, key: String, staged: Option<Staged>) {
         let order = match &staged {
             Some(s) => u64::from(s.index),
             None => {
@@ -345,7 +348,7 @@ impl<'a> Pending<'a> {
         h: u64,
         rank: u32,
         order: u64,
-        e: usize,
+        e: EntityIndex,
         key: String,
         staged: Option<Staged>,
     ) {
@@ -365,7 +368,7 @@ impl<'a> Pending<'a> {
         }
     }
 
-    fn defer(&mut self, rank: u32, e: usize, key: String) {
+    fn defer(&mut self, rank: u32, e: EntityIndex, key: String) {
         let h = Self::hash(e, &key);
         if self.find(h, e, &key).is_some() {
             return;
@@ -381,7 +384,7 @@ impl<'a> Pending<'a> {
     }
 
     /// [`Pending::defer`], queueing the record again if it was evaluated already.
-    fn redo(&mut self, rank: u32, e: usize, key: String) {
+    fn redo(&mut self, rank: u32, e: EntityIndex, key: String) {
         let h = Self::hash(e, &key);
         match self.find(h, e, &key) {
             None => {
@@ -407,7 +410,7 @@ impl<'a> Pending<'a> {
         }
     }
 
-    fn stage(&mut self, rank: u32, e: usize, key: String, change: Staged) {
+    fn stage(&mut self, rank: u32, e: EntityIndex, key: String, change: Staged) {
         let h = Self::hash(e, &key);
         let Some(i) = self.find(h, e, &key) else {
             self.push(h, rank, e, key, Some(change));
@@ -432,7 +435,7 @@ impl<'a> Pending<'a> {
         }
     }
 
-    fn next(&mut self) -> Option<(usize, String, Option<Staged>)> {
+    fn next(&mut self) -> Option<(EntityIndex, String, Option<Staged>)> {
         if !self.evaluating {
             self.evaluating = true;
             self.heap = (0..self.entries.len() as u32)
@@ -452,7 +455,7 @@ impl<'a> Pending<'a> {
 /// What a quarantine release did.
 #[derive(Debug)]
 pub struct Released {
-    pub events: Vec<(usize, Event)>,
+    pub events: Vec<(TargetIndex, Event)>,
     /// `None` when released; the failure message when still failing.
     pub still_failing: Option<String>,
 }
@@ -465,18 +468,15 @@ impl Governance {
         gov.resize(entities.len(), EntityGovernance::default());
         let mut policies = config.governance.targets.clone();
         policies.resize(config.targets.len(), TargetPolicy::default());
-        let entity_index: HashMap<String, usize> = entities
-            .iter()
-            .enumerate()
+        let entity_index: HashMap<String, EntityIndex> = config
+            .iter_entities()
             .map(|(i, e)| (e.name.clone(), i))
             .collect();
-        let entity_targets: Vec<Vec<usize>> = entities
+        let entity_targets: Vec<Vec<TargetIndex>> = entities
             .iter()
             .map(|e| {
                 config
-                    .targets
-                    .iter()
-                    .enumerate()
+                    .iter_targets()
                     .filter(|(_, t)| t.entities.iter().any(|n| n == &e.name))
                     .map(|(i, _)| i)
                     .collect()
@@ -484,7 +484,7 @@ impl Governance {
             .collect();
         let mut referenced_by = vec![Vec::new(); entities.len()];
         let mut child_referenced_by = vec![Vec::new(); entities.len()];
-        for (i, g) in gov.iter().enumerate() {
+        for (i, g) in EntityIndex::enumerate(&gov) {
             for r in &g.refs {
                 if let Some(&t) = entity_index.get(&r.entity) {
                     referenced_by[t].push((i, r.column.clone()));
@@ -531,7 +531,7 @@ impl Governance {
         {
             ref_columns[*r].push(column.clone());
         }
-        for (i, g) in gov.iter().enumerate() {
+        for (i, g) in EntityIndex::enumerate(&gov) {
             for r in g.refs.iter().filter(|r| r.external_id) {
                 ref_columns[i].push(r.column.clone());
             }
@@ -550,7 +550,7 @@ impl Governance {
         let mut rank = vec![0u32; entities.len()];
         for _ in 0..entities.len() {
             let mut changed = false;
-            for (t, users) in referenced_by.iter().enumerate() {
+            for (t, users) in EntityIndex::enumerate(&referenced_by) {
                 for (u, _) in users {
                     if rank[*u] <= rank[t] {
                         rank[*u] = rank[t] + 1;
@@ -558,7 +558,7 @@ impl Governance {
                     }
                 }
             }
-            for (t, users) in child_referenced_by.iter().enumerate() {
+            for (t, users) in EntityIndex::enumerate(&child_referenced_by) {
                 for (c, _) in users {
                     let p = gov[*c].child_of.map_or(*c, |(p, _)| p);
                     if rank[p] <= rank[t] {
@@ -572,6 +572,7 @@ impl Governance {
             }
         }
         let tracked = (0..entities.len())
+            .map(EntityIndex)
             .map(|i| {
                 gov[i].is_governed()
                     || !referenced_by[i].is_empty()
@@ -610,10 +611,8 @@ impl Governance {
     }
 
     /// Entities whose whole rows the mapping stage must capture.
-    pub fn tracked_entities(&self) -> impl Iterator<Item = usize> + '_ {
-        self.tracked
-            .iter()
-            .enumerate()
+    pub fn tracked_entities(&self) -> impl Iterator<Item = EntityIndex> + '_ {
+        EntityIndex::enumerate(&self.tracked)
             .filter(|(_, t)| **t)
             .map(|(i, _)| i)
     }
@@ -621,8 +620,8 @@ impl Governance {
     /// Entities whose state is read from their tables at start-up when
     /// steward has none yet, in the order to read them: external ids and
     /// child tables first, then by rank (referenced before referencing).
-    pub fn seed_order(&self) -> Vec<usize> {
-        let mut list: Vec<usize> = self.tracked_entities().collect();
+    pub fn seed_order(&self) -> Vec<EntityIndex> {
+        let mut list: Vec<EntityIndex> = self.tracked_entities().collect();
         list.sort_by_key(|&e| {
             let hidden = self.gov[e].child_of.is_some() || !self.gov[e].external_ids_of.is_empty();
             (!hidden, self.rank[e], e)
@@ -631,18 +630,18 @@ impl Governance {
     }
 
     /// Whether `entity` is one steward adds itself (a child table, `ir_model_data`).
-    pub fn is_hidden(&self, entity: usize) -> bool {
+    pub fn is_hidden(&self, entity: EntityIndex) -> bool {
         self.gov[entity].child_of.is_some() || !self.gov[entity].external_ids_of.is_empty()
     }
 
     /// Evaluation rank of `entity` (see [`Governance::rank`]).
-    pub fn rank_of(&self, entity: usize) -> u32 {
+    pub fn rank_of(&self, entity: EntityIndex) -> u32 {
         self.rank[entity]
     }
 
     /// The SQL condition restricting the start-up read of `entity`'s table,
     /// if only part of it is needed (the external ids of referenced models).
-    pub fn seed_filter(&self, entity: usize) -> Option<String> {
+    pub fn seed_filter(&self, entity: EntityIndex) -> Option<String> {
         let models = &self.gov[entity].external_ids_of;
         // Model names were checked to be [A-Za-z0-9._] when the config loaded.
         (!models.is_empty()).then(|| {
@@ -651,15 +650,15 @@ impl Governance {
         })
     }
 
-    pub fn tracked_count(&self, entity: usize) -> usize {
+    pub fn tracked_count(&self, entity: EntityIndex) -> usize {
         self.rows.keys().filter(|(e, _)| *e == entity).count()
     }
 
-    pub fn entity_config(&self, entity: usize) -> &EntityConfig {
+    pub fn entity_config(&self, entity: EntityIndex) -> &EntityConfig {
         &self.entities[entity]
     }
 
-    pub fn entity_by_name(&self, name: &str) -> Option<usize> {
+    pub fn entity_by_name(&self, name: &str) -> Option<EntityIndex> {
         self.entity_index.get(name).copied()
     }
 
@@ -707,7 +706,7 @@ impl Governance {
     }
 
     /// Seeds tracked rows of `entity` read from its table (start-up, for references).
-    pub fn seed(&mut self, entity: usize, rows: Vec<Map<String, Value>>) {
+    pub fn seed(&mut self, entity: EntityIndex, rows: Vec<Map<String, Value>>) {
         for row in rows {
             let parts: Vec<String> = self.entities[entity]
                 .key
@@ -760,7 +759,7 @@ impl Governance {
         mut mapped: Vec<Mapped>,
         commit_lsn: Lsn,
         time: &str,
-    ) -> Vec<(usize, Event)> {
+    ) -> Vec<(TargetIndex, Event)> {
         self.process_drain(&mut mapped, commit_lsn, time)
     }
 
@@ -772,7 +771,7 @@ impl Governance {
         mapped: &mut Vec<Mapped>,
         commit_lsn: Lsn,
         time: &str,
-    ) -> Vec<(usize, Event)> {
+    ) -> Vec<(TargetIndex, Event)> {
         let mut out = Vec::with_capacity(mapped.len());
         self.process_drain_into(mapped, commit_lsn, time, &mut out);
         out
@@ -794,7 +793,7 @@ impl Governance {
         mapped: &mut Vec<Mapped>,
         commit_lsn: Lsn,
         time: &str,
-        out: &mut Vec<(usize, Event)>,
+        out: &mut Vec<(TargetIndex, Event)>,
     ) {
         out.reserve(mapped.len());
         let mut pending = Pending::with_capacity(mapped.len());
@@ -828,7 +827,7 @@ impl Governance {
         elsewhere: &mut dyn Elsewhere,
         commit_lsn: Lsn,
         time: &str,
-        out: &mut Vec<(usize, Event)>,
+        out: &mut Vec<(TargetIndex, Event)>,
     ) {
         let mut pending = Pending::with_capacity(records.len());
         pending.elsewhere = Some(elsewhere);
@@ -920,7 +919,7 @@ impl Governance {
         mut pending: Pending,
         commit_lsn: Lsn,
         time: &str,
-        out: &mut Vec<(usize, Event)>,
+        out: &mut Vec<(TargetIndex, Event)>,
     ) {
         // The pieces of a large transaction share one sequence of ids.
         let mut synthetic = match self.synthetic {
@@ -1018,7 +1017,7 @@ impl Governance {
     }
 
     /// Marks the tracked records whose references or reference rules point at (e, key).
-    fn defer_dependents(&self, e: usize, key: &str, pending: &mut impl Marks) {
+    fn defer_dependents(&self, e: EntityIndex, key: &str, pending: &mut impl Marks) {
         for (r, column) in &self.referenced_by[e] {
             for k in self.referencing(*r, column, key) {
                 pending.defer(self.rank[*r], *r, k);
@@ -1032,7 +1031,7 @@ impl Governance {
         }
     }
 
-    fn is_quarantined(&self, e: usize, key: &str) -> bool {
+    fn is_quarantined(&self, e: EntityIndex, key: &str) -> bool {
         !self.quarantine.is_empty() && self.quarantine.contains_key(&(e, key.to_string()))
     }
 
@@ -1056,7 +1055,7 @@ impl Governance {
         consistent: Lsn,
         read: &SnapshotRead,
         position: Lsn,
-        out: &mut Vec<(usize, Event)>,
+        out: &mut Vec<(TargetIndex, Event)>,
     ) {
         let SnapshotRead {
             targets,
@@ -1189,11 +1188,11 @@ impl Governance {
     /// dropped from the state. Returns the events and the number forgotten.
     pub fn prune_absent(
         &mut self,
-        e: usize,
+        e: EntityIndex,
         present: &std::collections::HashSet<String>,
         version: Lsn,
         time: &str,
-    ) -> (Vec<(usize, Event)>, usize) {
+    ) -> (Vec<(TargetIndex, Event)>, usize) {
         let gone: Vec<String> = self
             .rows
             .keys()
@@ -1250,7 +1249,7 @@ impl Governance {
 
     /// Records a row in the tracked state only (child rows, external ids,
     /// referenced records).
-    fn observe(&mut self, e: usize, key: &str, row: Option<Map<String, Value>>) {
+    fn observe(&mut self, e: EntityIndex, key: &str, row: Option<Map<String, Value>>) {
         if !self.tracked[e] {
             return;
         }
@@ -1277,10 +1276,10 @@ impl Governance {
     /// commit LSN) so that [`Governance::process_snapshot`] can skip records
     /// the stream changed after a snapshot's consistent point. The memory
     /// is released when an entity stops being watched.
-    pub fn watch(&mut self, entities: &[usize]) {
+    pub fn watch(&mut self, entities: &[EntityIndex]) {
         let mut watched = vec![false; self.entities.len()];
         for &e in entities {
-            if let Some(w) = watched.get_mut(e) {
+            if let Some(w) = watched.get_mut(e.0) {
                 *w = true;
             }
         }
@@ -1350,7 +1349,7 @@ impl Governance {
     #[allow(clippy::too_many_arguments)]
     fn evaluate(
         &mut self,
-        e: usize,
+        e: EntityIndex,
         key: &str,
         op: &str,
         row: Option<Arc<Map<String, Value>>>,
@@ -1358,11 +1357,11 @@ impl Governance {
         seen: bool,
         fallback: Map<String, Value>,
         trigger: &Trigger,
-        out: &mut Vec<(usize, Event)>,
+        out: &mut Vec<(TargetIndex, Event)>,
         deferred: &mut Pending,
     ) {
         let name = self.entities[e].name.clone();
-        let targets: Vec<usize> = match &trigger.scope {
+        let targets: Vec<TargetIndex> = match &trigger.scope {
             Scope::All => self.entity_targets[e].clone(),
             Scope::Targets { targets, .. } => self.entity_targets[e]
                 .iter()
@@ -1571,7 +1570,7 @@ impl Governance {
     /// The document of a tracked record: mapped fields, references,
     /// children (each with its own references), in the order the
     /// configuration writes them.
-    fn document(&self, e: usize, key: &str, row: &Map<String, Value>) -> Map<String, Value> {
+    fn document(&self, e: EntityIndex, key: &str, row: &Map<String, Value>) -> Map<String, Value> {
         let mut doc = assemble::document(&self.entities[e].fields, row);
         for r in &self.gov[e].refs {
             doc.insert(r.name.clone(), self.resolve_ref(r, row));
@@ -1618,7 +1617,7 @@ impl Governance {
     /// Why record `id` of entity `t` is not published (the blocker of the
     /// records referencing it), or `None` when it is: it exists, passes its
     /// gate and is not quarantined.
-    fn blocker(&self, t: usize, id: &str) -> Option<String> {
+    fn blocker(&self, t: EntityIndex, id: &str) -> Option<String> {
         let Some(referenced) = self.rows.get(&(t, id.to_string())) else {
             return Some("it does not exist or steward has not read it".into());
         };
@@ -1639,7 +1638,7 @@ impl Governance {
     }
 
     /// Keys of parents whose child rows of child entity `c` hold `value` in `column`.
-    fn parents_with_child_value(&self, c: usize, column: &str, value: &str) -> Vec<String> {
+    fn parents_with_child_value(&self, c: EntityIndex, column: &str, value: &str) -> Vec<String> {
         let Some((p, ci)) = self.gov[c].child_of else {
             return Vec::new();
         };
@@ -1661,7 +1660,7 @@ impl Governance {
     /// for `child.field` that column of every child row.
     fn reference_ids(
         &self,
-        e: usize,
+        e: EntityIndex,
         key: &str,
         field: &str,
         row: Option<&Map<String, Value>>,
@@ -1703,7 +1702,7 @@ impl Governance {
     /// The first failing rule (or business key), with a message for the operator.
     fn validate(
         &self,
-        e: usize,
+        e: EntityIndex,
         key: &str,
         doc: &Map<String, Value>,
         row: Option<&Map<String, Value>>,
@@ -1753,7 +1752,7 @@ impl Governance {
 
     fn check(
         &self,
-        e: usize,
+        e: EntityIndex,
         key: &str,
         check: &Check,
         doc: &Map<String, Value>,
@@ -1865,7 +1864,7 @@ impl Governance {
     /// with the reason.
     fn reference_blocker(
         &self,
-        e: usize,
+        e: EntityIndex,
         key: &str,
         field: &str,
         entity: &str,
@@ -1879,7 +1878,7 @@ impl Governance {
 
     fn claim_values(
         &self,
-        e: usize,
+        e: EntityIndex,
         doc: &Map<String, Value>,
         row: Option<&Map<String, Value>>,
     ) -> Vec<(usize, String)> {
@@ -1898,7 +1897,7 @@ impl Governance {
     /// key that was let go are re-evaluated at the end of the transaction.
     fn set_claims(
         &mut self,
-        e: usize,
+        e: EntityIndex,
         key: &str,
         new: Vec<(usize, String)>,
         deferred: &mut Pending,
@@ -1960,9 +1959,9 @@ impl Governance {
     }
 
     /// (referencing entity, many2one column) of every external-id reference to `model`.
-    fn external_id_refs(&self, model: &str) -> Vec<(usize, String)> {
+    fn external_id_refs(&self, model: &str) -> Vec<(EntityIndex, String)> {
         let mut out = Vec::new();
-        for (i, g) in self.gov.iter().enumerate() {
+        for (i, g) in EntityIndex::enumerate(&self.gov) {
             for r in &g.refs {
                 if r.external_id && r.model == model {
                     out.push((i, r.column.clone()));
@@ -1977,7 +1976,7 @@ impl Governance {
     /// Keeps the external-id index in step with a tracked `ir_model_data` row.
     fn index_external_id(
         &mut self,
-        e: usize,
+        e: EntityIndex,
         key: &str,
         prev: Option<&Map<String, Value>>,
         new: Option<&Map<String, Value>>,
@@ -2014,7 +2013,7 @@ impl Governance {
     /// that encodes (or its delete) releases it.
     fn note_child_encoding(
         &mut self,
-        e: usize,
+        e: EntityIndex,
         key: &str,
         bad: Option<&Unencodable>,
         data: &Map<String, Value>,
@@ -2049,7 +2048,11 @@ impl Governance {
     /// The first child row of (e, key) held for a value steward cannot
     /// encode: the business object's document would carry it, so the
     /// object is held too, until that row changes.
-    fn unencodable_child(&self, e: usize, key: &str) -> Option<(String, String, Option<String>)> {
+    fn unencodable_child(
+        &self,
+        e: EntityIndex,
+        key: &str,
+    ) -> Option<(String, String, Option<String>)> {
         if self.quarantine.is_empty() {
             return None;
         }
@@ -2075,7 +2078,7 @@ impl Governance {
     }
 
     /// Takes a record out of quarantine, if it is there, with the reason in the audit trail.
-    fn release_from_quarantine(&mut self, e: usize, key: &str, version: u64, reason: &str) {
+    fn release_from_quarantine(&mut self, e: EntityIndex, key: &str, version: u64, reason: &str) {
         // Nothing is quarantined almost always: skip building the lookup key.
         if self.quarantine.is_empty() {
             return;
@@ -2086,7 +2089,7 @@ impl Governance {
         }
     }
 
-    fn set_row(&mut self, e: usize, key: &str, row: Option<Arc<Map<String, Value>>>) {
+    fn set_row(&mut self, e: EntityIndex, key: &str, row: Option<Arc<Map<String, Value>>>) {
         if !self.gov[e].external_ids_of.is_empty() || !self.ref_columns[e].is_empty() {
             // Only rows that feed an index pay for the lookup of the previous one.
             let prev = self.rows.get(&(e, key.to_string())).cloned();
@@ -2112,7 +2115,7 @@ impl Governance {
     /// Keeps the (entity, column, id) → keys index in step with a tracked row.
     fn index_refs(
         &mut self,
-        e: usize,
+        e: EntityIndex,
         key: &str,
         prev: Option<&Map<String, Value>>,
         new: Option<&Map<String, Value>>,
@@ -2146,7 +2149,7 @@ impl Governance {
     }
 
     /// Keys of tracked records of `entity` whose `column` holds `id`, in key order.
-    fn referencing(&self, entity: usize, column: &str, id: &str) -> Vec<String> {
+    fn referencing(&self, entity: EntityIndex, column: &str, id: &str) -> Vec<String> {
         let mut keys: Vec<String> = self
             .ref_index
             .get(&(entity, column.to_string(), id.to_string()))
@@ -2159,7 +2162,7 @@ impl Governance {
     /// Updates the parent → children index for a child row; returns the parents touched.
     fn index_child(
         &mut self,
-        e: usize,
+        e: EntityIndex,
         key: &str,
         prev: Option<&Map<String, Value>>,
         new: Option<&Map<String, Value>>,
@@ -2200,7 +2203,7 @@ impl Governance {
         });
     }
 
-    fn published_key(&self, t: usize, e: usize, key: &str) -> PublishedKey {
+    fn published_key(&self, t: TargetIndex, e: EntityIndex, key: &str) -> PublishedKey {
         PublishedKey(published_digest(
             &self.target_names[t],
             &self.entities[e].name,
@@ -2208,7 +2211,7 @@ impl Governance {
         ))
     }
 
-    fn queue_unique(&mut self, e: usize, fi: usize, value: &str, holder: Option<&str>) {
+    fn queue_unique(&mut self, e: EntityIndex, fi: usize, value: &str, holder: Option<&str>) {
         self.delta.ops.push(GovOp::Unique {
             entity: self.entities[e].name.clone(),
             field: self.gov[e].unique[fi].clone(),
@@ -2217,7 +2220,7 @@ impl Governance {
         });
     }
 
-    fn queue_quarantine(&mut self, e: usize, key: &str, entry: Option<QuarantineEntry>) {
+    fn queue_quarantine(&mut self, e: EntityIndex, key: &str, entry: Option<QuarantineEntry>) {
         self.delta.ops.push(GovOp::Quarantine {
             entity: self.entities[e].name.clone(),
             key: key.to_string(),
@@ -2227,10 +2230,10 @@ impl Governance {
 
     fn audit(
         &mut self,
-        e: usize,
+        e: EntityIndex,
         key: &str,
         version: u64,
-        target: Option<usize>,
+        target: Option<TargetIndex>,
         decision: &str,
         detail: String,
     ) {
@@ -2270,25 +2273,25 @@ fn child_column(c: &ChildConfig, field: &str) -> String {
 /// `e`: the mapping, gate, rules, business keys, references, children, and
 /// the target's routing and redaction for it. A change between two runs
 /// means every record of the entity must be evaluated again for the target.
-pub fn config_fingerprint(config: &Config, t: usize, e: usize) -> String {
+pub fn config_fingerprint(config: &Config, t: TargetIndex, e: EntityIndex) -> String {
     let entity = &config.entities[e];
     let gov = config
         .governance
         .entities
-        .get(e)
+        .get(e.0)
         .cloned()
         .unwrap_or_default();
     let policy = config
         .governance
         .targets
-        .get(t)
+        .get(t.0)
         .cloned()
         .unwrap_or_default();
     let name = &entity.name;
     let hidden: Vec<&EntityConfig> = gov
         .children
         .iter()
-        .filter_map(|c| config.entities.get(c.entity))
+        .filter_map(|c| config.entities.get(c.entity.0))
         .collect();
     let text = format!(
         "{entity:?}|{hidden:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}",

@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::{json, Value};
 
-use crate::config::Config;
+use crate::config::{Config, EntityIndex, TargetIndex};
 use crate::model::{Change, ChangeOp, Column, Event, Lsn, Relation, SourceChange, TupleValue};
 use crate::pipeline::large_txn::{LargeTxn, MemoryStage};
 use crate::pipeline::{snapshot_mapped, Mapped, Pipeline};
@@ -201,16 +201,12 @@ impl Harness {
         h
     }
 
-    fn entity(&self, name: &str) -> usize {
+    fn entity(&self, name: &str) -> EntityIndex {
         self.gov.entity_by_name(name).unwrap()
     }
 
-    fn target(&self, name: &str) -> usize {
-        self.config
-            .targets
-            .iter()
-            .position(|t| t.name == name)
-            .unwrap()
+    fn target(&self, name: &str) -> TargetIndex {
+        self.config.target_index(name).unwrap()
     }
 
     /// The full row after applying `cols` to the table's current row (or an
@@ -321,7 +317,7 @@ impl Harness {
         self.finish(out)
     }
 
-    fn finish(&mut self, out: Vec<(usize, Event)>) -> Vec<Ev> {
+    fn finish(&mut self, out: Vec<(TargetIndex, Event)>) -> Vec<Ev> {
         self.audit = self
             .gov
             .take_delta()
@@ -369,7 +365,7 @@ impl Harness {
         force: bool,
     ) -> Vec<Ev> {
         let mut mapped = self.snapshot_rows(entity, rows, consistent);
-        let targets: Vec<usize> = targets.iter().map(|t| self.target(t)).collect();
+        let targets: Vec<TargetIndex> = targets.iter().map(|t| self.target(t)).collect();
         let position = Lsn(self.lsn);
         let mut out = Vec::new();
         let read = SnapshotRead {
@@ -1635,7 +1631,7 @@ fn policy_harness(with_key: bool) -> Harness {
     std::fs::write(key_file.path(), "k3y").unwrap();
     let mut config = config(&policy_config(&key_file.path().display().to_string()));
     if !with_key {
-        let erp = config.targets.iter().position(|t| t.name == "erp").unwrap();
+        let erp = config.target_index("erp").unwrap();
         config.governance.targets[erp].hash_key = None;
     }
     Harness::from_config(config)

@@ -15,6 +15,7 @@
 
 use anyhow::Context;
 
+use crate::config::{EntityIndex, TargetIndex};
 use crate::model::{Event, Lsn};
 use crate::pipeline::govern::{Elsewhere, Place, StagedRecord};
 use crate::pipeline::{Governance, Mapped};
@@ -75,7 +76,8 @@ const TAG_MAPPED: u8 = b'M';
 const TAG_STAGED: u8 = b'S';
 
 /// Takes a governed piece's events (and the governance, whose state changes go with them).
-pub type Emit<'a> = dyn FnMut(Vec<(usize, Event)>, &mut Governance) -> anyhow::Result<()> + 'a;
+pub type Emit<'a> =
+    dyn FnMut(Vec<(TargetIndex, Event)>, &mut Governance) -> anyhow::Result<()> + 'a;
 
 #[derive(Default)]
 pub struct LargeTxn {
@@ -247,7 +249,7 @@ struct StagePlaces<'a, S: TxnStage> {
 }
 
 impl<S: TxnStage> Elsewhere for StagePlaces<'_, S> {
-    fn place(&mut self, e: usize, key: &str) -> Place {
+    fn place(&mut self, e: EntityIndex, key: &str) -> Place {
         let id = identity(e, key);
         match self.store.stage_place(&id) {
             Ok(Some(at)) if at > self.cursor => Place::Later,
@@ -265,9 +267,9 @@ impl<S: TxnStage> Elsewhere for StagePlaces<'_, S> {
 }
 
 /// A record's identity on the stage: entity index, then key.
-fn identity(entity: usize, key: &str) -> Vec<u8> {
+fn identity(entity: EntityIndex, key: &str) -> Vec<u8> {
     let mut id = Vec::with_capacity(4 + key.len());
-    id.extend_from_slice(&(entity as u32).to_be_bytes());
+    id.extend_from_slice(&(entity.0 as u32).to_be_bytes());
     id.extend_from_slice(key.as_bytes());
     id
 }
