@@ -9,7 +9,7 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use steward_core::config::Config;
 use steward_core::model::{Change, ChangeOp, Column, Lsn, Relation, TupleValue};
-use steward_core::pipeline::{Governor, Pipeline};
+use steward_core::pipeline::{Governance, Pipeline};
 
 const CHANGES: usize = 3000;
 
@@ -130,25 +130,25 @@ fn changes(round: u64) -> Vec<Change> {
         .collect()
 }
 
-fn setup(entities: &str) -> (Pipeline, Governor) {
+fn setup(entities: &str) -> (Pipeline, Governance) {
     let text = format!("{BASE}{entities}");
     let config = Config::parse(&text, Path::new("bench.toml"), Path::new("/tmp")).expect("config");
     let mut pipeline = Pipeline::new(&config);
-    let governor = Governor::new(&config);
-    for e in governor.tracked_entities().collect::<Vec<_>>() {
+    let governance = Governance::new(&config);
+    for e in governance.tracked_entities().collect::<Vec<_>>() {
         pipeline.capture_rows(e);
     }
     for r in relations() {
         pipeline.on_relation(&r).expect("relation");
     }
-    (pipeline, governor)
+    (pipeline, governance)
 }
 
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("pipeline");
     group.throughput(Throughput::Elements(CHANGES as u64));
     for (name, entities) in [("mapping_only", MAPPING), ("governed", GOVERNED)] {
-        let (pipeline, mut governor) = setup(entities);
+        let (pipeline, mut governance) = setup(entities);
         let mut round = 0u64;
         group.bench_function(name, |b| {
             b.iter_batched(
@@ -164,9 +164,9 @@ fn bench(c: &mut Criterion) {
                             .map_change(change, lsn, i as u32, "2024-05-01T12:00:00Z", &mut mapped)
                             .expect("maps");
                     }
-                    let events = governor.process(mapped, lsn, "2024-05-01T12:00:00Z");
+                    let events = governance.process(mapped, lsn, "2024-05-01T12:00:00Z");
                     assert_eq!(events.len(), CHANGES, "every change delivered");
-                    governor.take_delta()
+                    governance.take_delta()
                 },
                 criterion::BatchSize::SmallInput,
             )

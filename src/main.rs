@@ -1,6 +1,7 @@
 // mimalloc: the pipeline allocates and frees many small strings and JSON
-// values per event; glibc malloc spent a quarter of steward's CPU time on
-// them (perf, W2 bench) and fragments under two threads.
+// values per event; glibc malloc spends a quarter of steward's CPU time on
+// them (perf on `cargo bench --bench e2e -- W2`) and fragments under two
+// threads.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -9,14 +10,16 @@ fn main() -> std::process::ExitCode {
     steward::cli::main()
 }
 
-/// steward's heap is small (about 35 MiB at peak draining a backlog, by
-/// heaptrack) but churns: batches are built, committed and dropped. Two
-/// allocator defaults turned that churn into resident memory (W1 bench,
-/// 100,000 inserts, peak RSS): mimalloc asks for transparent huge pages, so
-/// every first touch of a region commits and zeroes 2 MiB (188 MiB), and it
-/// returns freed memory to the OS only after a delay, during which the next
-/// batch takes fresh pages (122 MiB without huge pages, 70 MiB with both
-/// changes). An operator's `MIMALLOC_PURGE_DELAY` still wins.
+/// steward's heap is small but churns: batches are built, committed and
+/// dropped. Draining a backlog (`STEWARD_BENCH_ROWS=100000 cargo bench
+/// --bench e2e -- W1`) peaks at about 35 MiB of heap (heaptrack as
+/// `STEWARD_BENCH_WRAPPER`), and two allocator defaults turn the churn into
+/// resident memory (peak RSS of the same run): mimalloc asks
+/// for transparent huge pages, so every first touch of a region commits and
+/// zeroes 2 MiB (188 MiB with the defaults), and it returns freed memory to
+/// the OS only after a delay, during which the next batch takes fresh pages
+/// (122 MiB without huge pages, 70 MiB with neither). An operator's
+/// `MIMALLOC_PURGE_DELAY` still wins.
 fn bound_allocator_memory() {
     /// `mi_option_purge_delay` in mimalloc's `mi_option_t` (libmimalloc-sys
     /// does not name it).

@@ -13,9 +13,9 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use steward_core::config::Config;
+use steward_core::config::{Config, EntityIndex, TargetIndex};
 use steward_core::model::{Event, Lsn};
-use steward_core::pipeline::{snapshot_mapped, Governor, Pipeline};
+use steward_core::pipeline::{snapshot_mapped, Governance, Pipeline};
 use steward_source::snapshot as source_snapshot;
 use steward_store::audit::AuditFilter;
 use steward_store::backup::BackupReport;
@@ -69,21 +69,25 @@ pub fn requests_dir(config: &Config) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// Builds the governor, restores its state and tells the pipeline which rows to capture.
-pub fn setup(config: &Config, store: &Store, pipeline: &mut Pipeline) -> anyhow::Result<Governor> {
-    let mut governor = Governor::new(config);
-    for e in governor.tracked_entities().collect::<Vec<_>>() {
+/// Builds the governance, restores its state and tells the pipeline which rows to capture.
+pub fn setup(
+    config: &Config,
+    store: &Store,
+    pipeline: &mut Pipeline,
+) -> anyhow::Result<Governance> {
+    let mut governance = Governance::new(config);
+    for e in governance.tracked_entities().collect::<Vec<_>>() {
         pipeline.capture_rows(e);
     }
-    governor.load(store.load_governance()?);
+    governance.load(store.load_governance()?);
     prune_audit(config, store);
-    Ok(governor)
+    Ok(governance)
 }
 
-/// Sets `steward_quarantined_records{entity}` from the governor's state, one
+/// Sets `steward_quarantined_records{entity}` from the governance state, one
 /// series per entity so that a release shows as a return to 0.
-pub fn publish_quarantine(governor: &Governor) {
-    for (entity, n) in governor.quarantine_counts() {
+pub fn publish_quarantine(governance: &Governance) {
+    for (entity, n) in governance.quarantine_counts() {
         metrics::gauge!(steward_core::metric::QUARANTINED_RECORDS, "entity" => entity.to_string())
             .set(n as f64);
     }
@@ -102,7 +106,7 @@ pub fn prune_audit(config: &Config, store: &Store) {
 /// Meta key prefix: the entity's state was read from its table once.
 const SEEDED_META: &str = "gov.seeded:";
 
-/// Reads, once, the tables of the entities whose rows the governor tracks
+/// Reads, once, the tables of the entities whose rows the governance tracks
 /// (governed entities, child tables of business objects, referenced
 /// entities, external ids), so that steward's state covers records that
 /// existed before it started: a business object is complete from its first
@@ -113,7 +117,7 @@ const SEEDED_META: &str = "gov.seeded:";
 pub async fn seed_state(
     config: &Config,
     store: &Store,
-    governor: &mut Governor,
+    governance: &mut Governance,
 ) -> anyhow::Result<()> {
     // After a restored backup every tracked table is read again and records
     // gone from it are governed as deleted (see `daemon::setup`).
@@ -122,8 +126,8 @@ pub async fn seed_state(
         .and_then(|v| v.parse::<u64>().ok())
         .map(Lsn);
     let mut todo = Vec::new();
-    for e in governor.seed_order() {
-        let name = &governor.entity_config(e).name;
+    for e in governance.seed_order() {
+        let name = &governance.entity_config(e).name;
         if repair.is_some()
             || store.get_meta(&format!("{SEEDED_META}{name}"))?.as_deref() != Some("1")
         {
@@ -139,7 +143,7 @@ pub async fn seed_state(
     let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
     let mut complete = true;
     for e in todo {
-        let entity = governor.entity_config(e).clone();
+        let entity = governance.entity_config(e).clone();
         let context = || {
             format!(
                 "cannot read {} for entity '{}' (steward's governance state)",
@@ -148,12 +152,12 @@ pub async fn seed_state(
             )
         };
         let mut present = std::collections::HashSet::new();
-        let prune = repair.is_some() && governor.seed_filter(e).is_none();
-        let read = match governor.seed_filter(e) {
-            Some(filter) => seed_filtered(config, governor, e, &filter).await,
+        let prune = repair.is_some() && governance.seed_filter(e).is_none();
+        let read = match governance.seed_filter(e) {
+            Some(filter) => seed_filtered(config, governance, e, &filter).await,
             None => {
                 let keys = prune.then_some(&mut present);
-                seed_entity(config, &reader, governor, e, &time, keys).await
+                seed_entity(config, &reader, governance, e, &time, keys).await
             }
         };
         let rows = match read.with_context(context) {
@@ -162,14 +166,14 @@ pub async fn seed_state(
                 // The entity's own mapping problem (a column gone) stops only
                 // it; the read is tried again at the next start.
                 tracing::error!(error = %format!("{error:#}"), "cannot read a table into steward's governance state; records of it that steward has not seen change are unknown to governance until the next start");
-                let _ = governor.take_delta();
+                let _ = governance.take_delta();
                 complete = false;
                 continue;
             }
         };
         let mut events = Vec::new();
         if let (true, Some(version)) = (prune, repair) {
-            let (deletes, gone) = governor.prune_absent(e, &present, version, &time);
+            let (deletes, gone) = governance.prune_absent(e, &present, version, &time);
             if gone > 0 {
                 tracing::warn!(
                     entity = %entity.name,
@@ -180,7 +184,7 @@ pub async fn seed_state(
             }
             events = deletes;
         }
-        let delta = governor.take_delta();
+        let delta = governance.take_delta();
         let appends: Vec<(&str, &Event)> = events
             .iter()
             .map(|(t, ev)| (config.targets[*t].name.as_str(), ev))
@@ -198,17 +202,17 @@ pub async fn seed_state(
     Ok(())
 }
 
-/// Reads a table in key order, a chunk at a time, into the governor.
+/// Reads a table in key order, a chunk at a time, into the governance.
 async fn seed_entity(
     config: &Config,
     reader: &source_snapshot::SnapshotReader,
-    governor: &mut Governor,
-    e: usize,
+    governance: &mut Governance,
+    e: EntityIndex,
     time: &str,
     mut present: Option<&mut std::collections::HashSet<String>>,
 ) -> anyhow::Result<usize> {
     let mut read = super::snapshot::table_read(config, e);
-    let entity = governor.entity_config(e).clone();
+    let entity = governance.entity_config(e).clone();
     for column in reader.all_columns(&entity.schema, &entity.table).await? {
         if !read.columns.contains(&column) {
             read.columns.push(column);
@@ -254,7 +258,7 @@ async fn seed_entity(
                 mapped.push(m);
             }
         }
-        governor.seed_mapped(&mut mapped, time);
+        governance.seed_mapped(&mut mapped, time);
         total += rows.len();
         if rows.len() < chunk {
             break;
@@ -266,11 +270,11 @@ async fn seed_entity(
 /// `ir_model_data`: only the rows of the models references name.
 async fn seed_filtered(
     config: &Config,
-    governor: &mut Governor,
-    e: usize,
+    governance: &mut Governance,
+    e: EntityIndex,
     filter: &str,
 ) -> anyhow::Result<usize> {
-    let entity = governor.entity_config(e).clone();
+    let entity = governance.entity_config(e).clone();
     let sql = steward_postgres::connect_sql(&config.source).await?;
     let query = format!(
         "SELECT row_to_json(t)::text FROM \"{}\".\"{}\" t WHERE {filter}",
@@ -285,7 +289,7 @@ async fn seed_filtered(
         }
     }
     let n = parsed.len();
-    governor.seed(e, parsed);
+    governance.seed(e, parsed);
     Ok(n)
 }
 
@@ -294,9 +298,9 @@ async fn seed_filtered(
 pub fn handle_requests(
     config: &Config,
     store: &Store,
-    governor: &mut Governor,
+    governance: &mut Governance,
     version: Lsn,
-) -> Vec<(usize, Event)> {
+) -> Vec<(TargetIndex, Event)> {
     let dir = requests_dir(config);
     let Ok(entries) = std::fs::read_dir(&dir) else {
         return Vec::new();
@@ -332,7 +336,7 @@ pub fn handle_requests(
                 }
                 continue;
             }
-            Ok(req) => answer(store, governor, version, req, &mut events),
+            Ok(req) => answer(store, governance, version, req, &mut events),
             Err(e) => Response {
                 error: Some(format!("unreadable request: {e}")),
                 ..Response::default()
@@ -382,18 +386,18 @@ fn write_response(path: &Path, response: &Response) {
     }
 }
 
-/// Answers one request against the governor's state (running or stopped daemon).
+/// Answers one request against the governance state (running or stopped daemon).
 pub fn answer(
     store: &Store,
-    governor: &mut Governor,
+    governance: &mut Governance,
     version: Lsn,
     req: Request,
-    events: &mut Vec<(usize, Event)>,
+    events: &mut Vec<(TargetIndex, Event)>,
 ) -> Response {
     let mut r = Response::default();
     match req {
         Request::QuarantineList { blocked_by } => {
-            r.quarantine = governor
+            r.quarantine = governance
                 .quarantined()
                 .into_iter()
                 .filter(|q| blocked_by.is_none() || q.blocked_by == blocked_by)
@@ -401,7 +405,7 @@ pub fn answer(
                 .collect();
         }
         Request::QuarantineShow { entity, key } => {
-            match governor
+            match governance
                 .quarantined()
                 .into_iter()
                 .find(|q| q.entity == entity && q.key == key)
@@ -412,7 +416,7 @@ pub fn answer(
         }
         Request::QuarantineRelease { entity, key } => {
             let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-            match governor.release(&entity, &key, version, &time) {
+            match governance.release(&entity, &key, version, &time) {
                 Ok(done) => {
                     r.message = Some(match &done.still_failing {
                         None => format!(
@@ -452,12 +456,12 @@ pub fn answer(
 /// commits what a release produced.
 pub fn answer_offline(config: &Config, store: &Store, req: Request) -> anyhow::Result<Response> {
     let mut pipeline = Pipeline::new(config);
-    let mut governor = setup(config, store, &mut pipeline)?;
-    let _ = governor.take_delta();
+    let mut governance = setup(config, store, &mut pipeline)?;
+    let _ = governance.take_delta();
     let version = store.checkpoint()?.unwrap_or(Lsn::ZERO);
     let mut events = Vec::new();
-    let response = answer(store, &mut governor, version, req, &mut events);
-    let delta: GovDelta = governor.take_delta();
+    let response = answer(store, &mut governance, version, req, &mut events);
+    let delta: GovDelta = governance.take_delta();
     if !events.is_empty() || !delta.is_empty() {
         let appends: Vec<(&str, &Event)> = events
             .iter()

@@ -33,11 +33,11 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use steward_core::config::Config;
+use steward_core::config::{Config, EntityIndex, TargetIndex};
 use steward_core::model::value::pg_micros_to_rfc3339;
 use steward_core::model::{Event, Lsn};
 use steward_core::pipeline::govern::{record_hash, HashKeyed, SnapshotRead};
-use steward_core::pipeline::{Governor, Mapped, Pipeline};
+use steward_core::pipeline::{Governance, Mapped, Pipeline};
 use steward_postgres::ReplicationClient;
 use steward_sinks::driver;
 use steward_source::stream::{self, SessionParams, SourceError, SourceEvent};
@@ -140,10 +140,10 @@ async fn run_open(
         .store(true, std::sync::atomic::Ordering::Relaxed);
     state.health.note_caught_up();
 
-    let mut governor = govern::setup(&config, &store, &mut pipeline)?;
+    let mut governance = govern::setup(&config, &store, &mut pipeline)?;
     let mut prepared = setup::prepare(&config, &store, &pipeline).await?;
-    govern::seed_state(&config, &store, &mut governor).await?;
-    govern::publish_quarantine(&governor);
+    govern::seed_state(&config, &store, &mut governance).await?;
+    govern::publish_quarantine(&governance);
     let gate = snapshot::SnapshotGate::from_store(&store)?;
     let checkpoint = store.checkpoint()?.unwrap_or(Lsn::ZERO);
     state
@@ -304,7 +304,7 @@ async fn run_open(
         let outcome = consume(
             &config,
             &mut pipeline,
-            &mut governor,
+            &mut governance,
             &mut committer,
             rx,
             &mut snapshots,
@@ -317,14 +317,14 @@ async fn run_open(
         // A batch the store could not take (disk full) is dropped here: it is
         // not confirmed, so the next session receives it again from the server.
         if committer.discard_pending() {
-            // The governor's in-memory state already counts the dropped
+            // The in-memory governance state already counts the dropped
             // transactions: start again from what the store holds, since the
             // server sends them again.
-            governor = match govern::setup(&config, &store, &mut pipeline) {
+            governance = match govern::setup(&config, &store, &mut pipeline) {
                 Ok(g) => g,
                 Err(e) => break Err(e),
             };
-            govern::publish_quarantine(&governor);
+            govern::publish_quarantine(&governance);
         }
         let _ = session_shutdown_tx.send(true);
         let session_result = match session.await {
@@ -413,11 +413,11 @@ struct SnapshotIntake<'a> {
 }
 
 /// Governs a parked snapshot chunk once the stream has passed its
-/// consistent point: the governor's state is then at least as new as the
+/// consistent point: the governance state is then at least as new as the
 /// snapshot for every record, and records changed since are skipped.
 fn govern_parked_chunk(
     config: &Config,
-    governor: &mut Governor,
+    governance: &mut Governance,
     committer: &mut Committer,
     snapshots: &mut SnapshotIntake<'_>,
 ) -> anyhow::Result<()> {
@@ -436,10 +436,10 @@ fn govern_parked_chunk(
     let Some(mut chunk) = snapshots.parked.take() else {
         return Ok(());
     };
-    watch_windows(config, governor, committer);
+    watch_windows(config, governance, committer);
     let position = committer.latest();
     let before = committer.batch.len();
-    governor.process_snapshot(
+    governance.process_snapshot(
         &mut chunk.mapped,
         chunk.consistent,
         &SnapshotRead {
@@ -451,7 +451,7 @@ fn govern_parked_chunk(
         &mut committer.batch,
     );
     let appended = committer.batch.len() > before;
-    committer.add(appended, take_delta(governor), position)?;
+    committer.add(appended, take_delta(governance), position)?;
     committer.flush_and_wait()?;
     let answer = if committer.stalled {
         Err("the state file does not accept writes; the snapshot chunk is read again".to_string())
@@ -462,24 +462,22 @@ fn govern_parked_chunk(
     Ok(())
 }
 
-/// Tells the governor which entities have a snapshot window open, so that
+/// Tells the governance which entities have a snapshot window open, so that
 /// it remembers which of their records the stream changes meanwhile.
-fn watch_windows(config: &Config, governor: &mut Governor, committer: &Committer) {
+fn watch_windows(config: &Config, governance: &mut Governance, committer: &Committer) {
     let windows = committer.gate.lock();
     if windows.is_empty() {
         drop(windows);
-        governor.watch(&[]);
+        governance.watch(&[]);
         return;
     }
-    let entities: Vec<usize> = config
-        .entities
-        .iter()
-        .enumerate()
+    let entities: Vec<EntityIndex> = config
+        .iter_entities()
         .filter(|(_, e)| windows.iter().any(|(_, w)| w == &e.name))
         .map(|(i, _)| i)
         .collect();
     drop(windows);
-    governor.watch(&entities);
+    governance.watch(&entities);
 }
 
 /// The transaction being received.
@@ -500,7 +498,7 @@ struct OpenTxn {
 async fn consume(
     config: &Config,
     pipeline: &mut Pipeline,
-    governor: &mut Governor,
+    governance: &mut Governance,
     committer: &mut Committer,
     mut rx: mpsc::Receiver<SourceEvent>,
     snapshots: &mut SnapshotIntake<'_>,
@@ -560,9 +558,9 @@ async fn consume(
             _ = control.tick() => {
                 let version = committer.latest();
                 let events = tokio::task::block_in_place(|| {
-                    govern::handle_requests(config, &committer.store, governor, version)
+                    govern::handle_requests(config, &committer.store, governance, version)
                 });
-                let delta = take_delta(governor);
+                let delta = take_delta(governance);
                 if !events.is_empty() || !delta.is_empty() {
                     let appended = !events.is_empty();
                     committer.batch.extend(events);
@@ -576,7 +574,7 @@ async fn consume(
             }
             chunk = snapshots.rx.recv(), if snapshots.parked.is_none() => {
                 snapshots.parked = chunk;
-                govern_parked_chunk(config, governor, committer, snapshots)?;
+                govern_parked_chunk(config, governance, committer, snapshots)?;
                 continue;
             }
             message = rx.recv() => message,
@@ -587,7 +585,7 @@ async fn consume(
         match message {
             SourceEvent::Position(lsn) => {
                 snapshots.position = snapshots.position.max(lsn);
-                govern_parked_chunk(config, governor, committer, snapshots)?;
+                govern_parked_chunk(config, governance, committer, snapshots)?;
             }
             SourceEvent::Relation(relation) => committer.schema.on_relation(
                 config,
@@ -644,7 +642,7 @@ async fn consume(
                         txn.positions.clear();
                         let store = committer.store.clone();
                         tokio::task::block_in_place(|| {
-                            large.absorb(&store, governor, &mut txn.mapped)
+                            large.absorb(&store, governance, &mut txn.mapped)
                         })?;
                     }
                 }
@@ -665,7 +663,7 @@ async fn consume(
                     anyhow::bail!("the server sent a commit without a transaction");
                 };
                 committer.note_received(pipeline, &txn.mapped);
-                watch_windows(config, governor, committer);
+                watch_windows(config, governance, committer);
                 let before = committer.batch.len();
                 let mut appended = false;
                 if large.is_active() {
@@ -677,21 +675,21 @@ async fn consume(
                     let store = committer.store.clone();
                     let max = committer.max_events;
                     tokio::task::block_in_place(|| {
-                        large.absorb(&store, governor, &mut txn.mapped)?;
+                        large.absorb(&store, governance, &mut txn.mapped)?;
                         large.govern(
                             &store,
-                            governor,
+                            governance,
                             max,
                             txn.final_lsn,
                             &txn.time,
-                            &mut |events, governor| {
+                            &mut |events, governance| {
                                 appended |= !events.is_empty();
-                                committer.add_partial(events, take_delta(governor))
+                                committer.add_partial(events, take_delta(governance))
                             },
                         )
                     })?;
                 } else {
-                    governor.process_drain_into(
+                    governance.process_drain_into(
                         &mut txn.mapped,
                         txn.final_lsn,
                         &txn.time,
@@ -700,10 +698,10 @@ async fn consume(
                 }
                 spare_mapped = txn.mapped;
                 let appended = appended || committer.batch.len() > before;
-                committer.add(appended, take_delta(governor), end_lsn)?;
+                committer.add(appended, take_delta(governance), end_lsn)?;
                 snapshots.position = snapshots.position.max(end_lsn);
                 if snapshots.parked.is_some() {
-                    govern_parked_chunk(config, governor, committer, snapshots)?;
+                    govern_parked_chunk(config, governance, committer, snapshots)?;
                 }
             }
         }
@@ -734,16 +732,16 @@ fn fold_repeats(txn: &mut OpenTxn, from: usize) {
     }
 }
 
-/// The governor's queued state changes; the quarantine gauge is refreshed
+/// The queued governance state changes; the quarantine gauge is refreshed
 /// when they touch the quarantine, so it moves with the batch that stores them.
-fn take_delta(governor: &mut Governor) -> GovDelta {
-    let delta = governor.take_delta();
+fn take_delta(governance: &mut Governance) -> GovDelta {
+    let delta = governance.take_delta();
     if delta
         .ops
         .iter()
         .any(|op| matches!(op, GovOp::Quarantine { .. }))
     {
-        govern::publish_quarantine(governor);
+        govern::publish_quarantine(governance);
     }
     delta
 }
@@ -773,7 +771,7 @@ struct Committer {
     state: Arc<DaemonState>,
     max_events: usize,
     max_delay: Duration,
-    batch: Vec<(usize, Event)>,
+    batch: Vec<(TargetIndex, Event)>,
     batch_end: Option<Lsn>,
     batch_started: Option<Instant>,
     /// The commit running on its thread: the end LSN it covers, and where
@@ -782,7 +780,7 @@ struct Committer {
     commit_thread: CommitThread,
     /// The last commit's batch vector, returned empty for reuse. (Its delta
     /// is not kept: `GovDelta::append` takes the governor's vector instead.)
-    spare: Option<Vec<(usize, Event)>>,
+    spare: Option<Vec<(TargetIndex, Event)>>,
     /// The last commit failed with an error that may clear (disk full):
     /// the batch is kept and nothing more is confirmed until it succeeds.
     stalled: bool,
@@ -798,13 +796,13 @@ struct Committer {
 /// One batch handed to the commit thread.
 struct CommitJob {
     end: Lsn,
-    batch: Vec<(usize, Event)>,
+    batch: Vec<(TargetIndex, Event)>,
     delta: GovDelta,
 }
 
 enum CommitOutcome {
     /// With the job's batch vector, emptied, for the next batch to reuse.
-    Committed(Vec<(usize, Event)>),
+    Committed(Vec<(TargetIndex, Event)>),
     /// The store refused the write with an error that may clear: the job
     /// comes back to be retried.
     Refused(CommitJob, steward_store::StoreError),
@@ -995,7 +993,11 @@ impl Committer {
 
     /// Events of a transaction still open: stored with the batch, but the
     /// checkpoint stays where the complete transactions put it.
-    fn add_partial(&mut self, events: Vec<(usize, Event)>, delta: GovDelta) -> anyhow::Result<()> {
+    fn add_partial(
+        &mut self,
+        events: Vec<(TargetIndex, Event)>,
+        delta: GovDelta,
+    ) -> anyhow::Result<()> {
         Self::count_filtered(&delta);
         self.batch.extend(events);
         self.delta.append(delta);
@@ -1164,11 +1166,11 @@ impl Committer {
     /// Counts the mapped changes of a transaction per entity.
     fn note_received(&self, pipeline: &Pipeline, mapped: &[Mapped]) {
         for m in mapped {
-            if let Some(c) = self.received.get(m.entity) {
+            if let Some(c) = self.received.get(m.entity.0) {
                 c.increment(1);
             }
             if pipeline.targets_of(m.entity).is_empty() {
-                if let Some(c) = self.filtered.get(m.entity) {
+                if let Some(c) = self.filtered.get(m.entity.0) {
                     c.increment(1);
                 }
             }

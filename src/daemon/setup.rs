@@ -276,10 +276,10 @@ const CONFIG_META: &str = "gov.config:";
 /// record's next change.
 fn plan_reevaluations(config: &Config, store: &Store) -> anyhow::Result<()> {
     let jobs = store.snapshot_jobs()?;
-    for (t, target) in config.targets.iter().enumerate() {
+    for (t, target) in config.iter_targets() {
         let mut changed = Vec::new();
         for name in &target.entities {
-            let Some(e) = config.entities.iter().position(|x| &x.name == name) else {
+            let Some(e) = config.entity_index(name) else {
                 continue;
             };
             let fingerprint = steward_core::pipeline::govern::config_fingerprint(config, t, e);

@@ -67,9 +67,9 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use steward_core::config::Config;
+use steward_core::config::{Config, EntityIndex, TargetIndex};
 use steward_core::model::{Event, Lsn};
-use steward_core::pipeline::{snapshot_mapped, Governor, Mapped, Pipeline};
+use steward_core::pipeline::{snapshot_mapped, Governance, Mapped, Pipeline};
 use steward_source::snapshot::{self as source_snapshot, SnapshotReader, TableRead};
 use steward_store::{SnapshotJob, SnapshotPhase, Store, VersionCheck};
 
@@ -122,18 +122,19 @@ pub fn filter_batch(
     windows: &HashSet<(String, String)>,
     store: &Store,
     target_names: &[String],
-    batch: Vec<(usize, Event)>,
-) -> anyhow::Result<Vec<(usize, Event)>> {
+    batch: Vec<(TargetIndex, Event)>,
+) -> anyhow::Result<Vec<(TargetIndex, Event)>> {
     if windows.is_empty() {
         return Ok(batch);
     }
-    let windowed =
-        |t: usize, e: &Event| windows.contains(&(target_names[t].clone(), e.entity.clone()));
+    let windowed = |t: TargetIndex, e: &Event| {
+        windows.contains(&(target_names[t.0].clone(), e.entity.clone()))
+    };
     let checks: Vec<VersionCheck<'_>> = batch
         .iter()
         .filter(|(t, e)| windowed(*t, e))
         .map(|(t, e)| VersionCheck {
-            target: &target_names[*t],
+            target: &target_names[t.0],
             entity: &e.entity,
             key: &e.key,
             version: e.version,
@@ -146,7 +147,7 @@ pub fn filter_batch(
     drop(checks);
     let mut verdicts = admitted.into_iter();
     let mut dropped = 0usize;
-    let kept: Vec<(usize, Event)> = batch
+    let kept: Vec<(TargetIndex, Event)> = batch
         .into_iter()
         .filter(|(t, e)| {
             if !windowed(*t, e) {
@@ -232,16 +233,16 @@ pub fn begin_resync(
     Ok(())
 }
 
-/// Rows of one snapshot chunk on their way to the governor, which runs in
+/// Rows of one snapshot chunk on their way to the governance, which runs in
 /// the daemon loop: snapshot rows take the same governed path as streamed
-/// changes (see [`steward_core::pipeline::Governor::process_snapshot`]). The loop
+/// changes (see [`steward_core::pipeline::Governance::process_snapshot`]). The loop
 /// governs them once it has processed the stream up to `consistent`,
 /// commits the events durably and answers on `done`.
 pub struct SnapshotChunk {
     pub mapped: Vec<Mapped>,
     pub consistent: Lsn,
-    /// The target index the snapshot is for.
-    pub target: usize,
+    /// The target the snapshot is for.
+    pub target: TargetIndex,
     /// A snapshot (true) sends every publishable record; a re-read after a
     /// configuration change (false) suppresses unchanged documents.
     pub force: bool,
@@ -362,14 +363,14 @@ impl Worker {
 
     async fn run_job(&self, reader: &SnapshotReader, mut job: SnapshotJob) -> anyhow::Result<()> {
         let config = &self.config;
-        let Some(entity_index) = config.entities.iter().position(|e| e.name == job.entity) else {
+        let Some(entity_index) = config.entity_index(&job.entity) else {
             return Ok(());
         };
-        let Some(target_index) = config.targets.iter().position(|t| t.name == job.target) else {
+        let Some(target_index) = config.target_index(&job.target) else {
             return Ok(());
         };
         let entity = &config.entities[entity_index];
-        let tracked = Governor::new(config)
+        let tracked = Governance::new(config)
             .tracked_entities()
             .any(|e| e == entity_index);
         let mut read = table_read(config, entity_index);
@@ -537,7 +538,7 @@ impl Worker {
 
 /// What to read for entity `index`: its key, then every column any entity
 /// of the same table maps (the pipeline plans them all from one relation).
-pub fn table_read(config: &Config, index: usize) -> TableRead {
+pub fn table_read(config: &Config, index: EntityIndex) -> TableRead {
     let entity = &config.entities[index];
     let mut columns: Vec<String> = entity.key.clone();
     for other in config

@@ -1,4 +1,4 @@
-//! The governor's durable state, as it crosses into the store: the changes
+//! The durable governance state, as it crosses into the store: the changes
 //! of one batch ([`GovDelta`]), what is read back at start
 //! ([`GovSnapshot`]), quarantine entries and audit records.
 

@@ -4,8 +4,9 @@
 //!
 //! Records are stored in chunks, like the outbox (see `tables`): one redb row
 //! per commit (up to [`CHUNK_MAX_EVENTS`] records), keyed by the sequence
-//! number of its first record. One row per record cost a B-tree insert per
-//! delivered event, about a tenth of steward's CPU on the e2e bench. Records
+//! number of its first record. One row per record costs a B-tree insert per
+//! delivered event, about a tenth of steward's CPU on the product-insert
+//! workload (perf on `cargo bench --bench e2e -- W1`). Records
 //! are appended in time order, so pruning drops whole chunks from the front.
 
 use redb::{ReadableTable, TableDefinition, WriteTransaction};

@@ -68,9 +68,9 @@ use tables::{
 /// redb's page cache. Its default (1 GiB) is far more than steward's access
 /// pattern needs: appends touch the tail of each outbox and drivers read near
 /// its head, so a modest cache keeps memory bounded without slowing commits.
-/// 16 MiB filled up while draining a backlog and was a quarter of peak RSS;
-/// 4 MiB measured no slower (W1 bench, 100,000 rows; pages the cache drops
-/// are still in the OS page cache).
+/// 16 MiB fills up while draining a backlog and is a quarter of peak RSS;
+/// 4 MiB drains as fast (`STEWARD_BENCH_ROWS=100000 cargo bench --bench e2e
+/// -- W1`; pages the cache drops are still in the OS page cache).
 const CACHE_BYTES: usize = 4 * 1024 * 1024;
 
 /// The commit thread's encoding buffers, kept between commits: a batch

@@ -4,8 +4,9 @@
 //!
 //! Stored as a log of changes, one redb row per commit (up to
 //! [`ENTRIES_PER_ROW`] changes of [`ENTRY_LEN`] bytes each), replayed at
-//! start-up. A row per record cost a B-tree insert per delivered event: on
-//! the e2e bench, half of the commit thread's time. The log is compacted in
+//! start-up. A row per record costs a B-tree insert per delivered event,
+//! half of the commit thread's time on the product-insert workload (perf on
+//! `cargo bench --bench e2e -- W1`). The log is compacted in
 //! the commit that takes it past twice the live set (plus
 //! [`COMPACT_SLACK`]), so it stays within a small multiple of the live set
 //! and each change is rewritten a bounded number of times.

@@ -5,7 +5,7 @@
 
 use crate::cel::CelExpr;
 
-use super::{FieldConfig, Secret};
+use super::{EntityIndex, FieldConfig, Secret};
 
 #[derive(Clone, Debug, Default)]
 pub struct GovernanceConfig {
@@ -38,7 +38,7 @@ pub struct EntityGovernance {
     /// Child rows gathered into the document (business objects).
     pub children: Vec<ChildConfig>,
     /// Set for the hidden entity that tracks a parent's child table: (parent entity index, child index).
-    pub child_of: Option<(usize, usize)>,
+    pub child_of: Option<(EntityIndex, usize)>,
     /// Set for the hidden entity that tracks `ir_model_data`: the Odoo models
     /// whose external ids references deliver. Rows of other models are ignored.
     pub external_ids_of: Vec<String>,
@@ -132,13 +132,13 @@ pub struct ChildConfig {
     /// Fields of each item whose value is the referenced record's business
     /// key or external id (`{ ref = ... }` in the child's `fields`). Their
     /// columns are not in `fields`: like an entity's reference columns they
-    /// reach the governor in the captured row of the hidden entity.
+    /// reach the governance in the captured row of the hidden entity.
     pub refs: Vec<RefField>,
     /// Each item's field names in the order the TOML `fields` table lists
     /// them, reference fields included (not the `id` every item carries).
     pub field_order: Vec<String>,
-    /// Index of the hidden entity that maps the child table.
-    pub entity: usize,
+    /// The hidden entity that maps the child table.
+    pub entity: EntityIndex,
 }
 
 #[derive(Clone, Debug, Default)]

@@ -27,6 +27,79 @@ pub struct Config {
     pub governance: governance::GovernanceConfig,
 }
 
+/// The position of an entity in [`Config::entities`]. Vectors built
+/// parallel to it (per-entity governance, targets, ranks) are indexed by it
+/// too: `Vec<T>` implements `Index<EntityIndex>`. Serialized as the bare
+/// number (large transactions stage it on disk).
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct EntityIndex(pub usize);
+
+/// The position of a target in [`Config::targets`]; `Vec<T>` implements
+/// `Index<TargetIndex>` for the vectors built parallel to it.
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(transparent)]
+pub struct TargetIndex(pub usize);
+
+/// The bare number, as `usize` prints: `config_fingerprint` digests the
+/// `Debug` text of the governance settings (a child's entity among them),
+/// and a different text would re-evaluate every record of the entity.
+impl std::fmt::Debug for EntityIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl std::fmt::Debug for TargetIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl EntityIndex {
+    /// The elements of a vector built parallel to [`Config::entities`], with their index.
+    pub fn enumerate<T>(items: &[T]) -> impl Iterator<Item = (EntityIndex, &T)> {
+        items.iter().enumerate().map(|(i, x)| (EntityIndex(i), x))
+    }
+}
+
+impl TargetIndex {
+    /// The elements of a vector built parallel to [`Config::targets`], with their index.
+    pub fn enumerate<T>(items: &[T]) -> impl Iterator<Item = (TargetIndex, &T)> {
+        items.iter().enumerate().map(|(i, x)| (TargetIndex(i), x))
+    }
+}
+
+impl<T> std::ops::Index<EntityIndex> for Vec<T> {
+    type Output = T;
+    fn index(&self, entity: EntityIndex) -> &T {
+        &self[entity.0]
+    }
+}
+
+impl<T> std::ops::IndexMut<EntityIndex> for Vec<T> {
+    fn index_mut(&mut self, entity: EntityIndex) -> &mut T {
+        &mut self[entity.0]
+    }
+}
+
+impl<T> std::ops::Index<TargetIndex> for Vec<T> {
+    type Output = T;
+    fn index(&self, target: TargetIndex) -> &T {
+        &self[target.0]
+    }
+}
+
+impl<T> std::ops::IndexMut<TargetIndex> for Vec<T> {
+    fn index_mut(&mut self, target: TargetIndex) -> &mut T {
+        &mut self[target.0]
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct StateConfig {
     /// The redb file holding checkpoints, outboxes, dead letters and audit.
@@ -277,5 +350,29 @@ impl Config {
 
     pub fn target(&self, name: &str) -> Option<&TargetConfig> {
         self.targets.iter().find(|t| t.name == name)
+    }
+
+    /// Every entity with its index, in the order of [`Config::entities`].
+    pub fn iter_entities(&self) -> impl Iterator<Item = (EntityIndex, &EntityConfig)> {
+        EntityIndex::enumerate(&self.entities)
+    }
+
+    /// Every target with its index, in the order of [`Config::targets`].
+    pub fn iter_targets(&self) -> impl Iterator<Item = (TargetIndex, &TargetConfig)> {
+        TargetIndex::enumerate(&self.targets)
+    }
+
+    pub fn entity_index(&self, name: &str) -> Option<EntityIndex> {
+        self.entities
+            .iter()
+            .position(|e| e.name == name)
+            .map(EntityIndex)
+    }
+
+    pub fn target_index(&self, name: &str) -> Option<TargetIndex> {
+        self.targets
+            .iter()
+            .position(|t| t.name == name)
+            .map(TargetIndex)
     }
 }

@@ -1,5 +1,7 @@
-//! Writing JSON by hand where serde's generic path showed in profiles: the
-//! per-event CloudEvents envelope and audit records. The output is what
+//! Writing JSON by hand where serde's generic path costs the most: the
+//! per-event CloudEvents envelope and audit records (instruction counts of
+//! `STEWARD_BENCH_WRAPPER="valgrind --tool=callgrind" cargo bench --bench
+//! e2e -- W1`). The output is what
 //! `serde_json::to_writer` writes for the same values (compact form).
 
 /// Appends `s` as a JSON string. Most strings (ids, keys, names, times)

@@ -1,4 +1,4 @@
-//! The governor: decides, per mapped change and target, what is delivered.
+//! Governance: decides, per mapped change and target, what is delivered.
 //!
 //! ```text
 //!  Mapped ──▶ track row ──▶ document (fields, references, children)
@@ -30,28 +30,28 @@ use super::redact;
 use super::reference::{self, Rows};
 use crate::cel::CelInput;
 use crate::config::governance::{Check, ChildConfig, EntityGovernance, OnUnpublish, TargetPolicy};
-use crate::config::{Config, EntityConfig};
+use crate::config::{Config, EntityConfig, EntityIndex, TargetIndex};
 use crate::model::{ChangeOp, Event, EventData, EventOp, Lsn, SourceChange};
 use crate::state::published_digest;
 use crate::state::{AuditRecord, GovDelta, GovOp, GovSnapshot, QuarantineEntry};
 
-/// Index offset of events the governor makes itself (re-emissions, business
+/// Index offset of events the governance makes itself (re-emissions, business
 /// objects): their ids never collide with those of source changes.
 const SYNTHETIC_INDEX: u32 = 0x8000_0000;
 
-pub struct Governor {
+pub struct Governance {
     entities: Vec<EntityConfig>,
     gov: Vec<EntityGovernance>,
     policies: Vec<TargetPolicy>,
     target_names: Vec<String>,
-    entity_targets: Vec<Vec<usize>>,
-    entity_index: HashMap<String, usize>,
+    entity_targets: Vec<Vec<TargetIndex>>,
+    entity_index: HashMap<String, EntityIndex>,
     tracked: Vec<bool>,
     /// entity → (referencing entity, its many2one column).
-    referenced_by: Vec<Vec<(usize, String)>>,
+    referenced_by: Vec<Vec<(EntityIndex, String)>>,
     rows: Rows,
     /// (child entity, parent key) → child keys.
-    children: HashMap<(usize, String), BTreeSet<String>>,
+    children: HashMap<(EntityIndex, String), BTreeSet<String>>,
     /// Hash of the document last appended per (target, entity, key), both
     /// shortened (see [`PublishedSlot`]).
     published: HashMap<PublishedSlot, [u8; 8], BuildHasherDefault<DigestHasher>>,
@@ -63,9 +63,9 @@ pub struct Governor {
     /// [`WITHHELD`] hash.
     withheld: std::collections::HashSet<PublishedSlot, BuildHasherDefault<DigestHasher>>,
     /// (entity, unique field index, normalised value) → holder key.
-    unique: HashMap<(usize, usize, String), String>,
-    claims: HashMap<(usize, String), Vec<(usize, String)>>,
-    quarantine: HashMap<(usize, String), QuarantineEntry>,
+    unique: HashMap<(EntityIndex, usize, String), String>,
+    claims: HashMap<(EntityIndex, String), Vec<(usize, String)>>,
+    quarantine: HashMap<(EntityIndex, String), QuarantineEntry>,
     /// (Odoo model, record id) → `ir_model_data` id → external id `module.name`.
     /// A record may have several; the oldest (lowest id) is delivered.
     external_ids: HashMap<(String, String), BTreeMap<i64, String>>,
@@ -75,34 +75,37 @@ pub struct Governor {
     rank: Vec<u32>,
     /// entity → (child entity, child column) of reference rules on child
     /// fields (`lines.product_id`) pointing at it.
-    child_referenced_by: Vec<Vec<(usize, String)>>,
-    /// Entities with a snapshot or re-read in progress (see [`Governor::watch`]).
+    child_referenced_by: Vec<Vec<(EntityIndex, String)>>,
+    /// Entities with a snapshot or re-read in progress (see [`Governance::watch`]).
     watched: Vec<bool>,
     /// (entity, key) → commit LSN of the last streamed change, for watched entities.
-    touched: HashMap<(usize, String), u64>,
+    touched: HashMap<(EntityIndex, String), u64>,
     /// entity → its columns that hold ids of other records (references,
     /// reference rules, child references), indexed in `ref_index`.
     ref_columns: Vec<Vec<String>>,
     /// (entity, column, id) → keys of the tracked records whose column holds id.
-    ref_index: HashMap<(usize, String, String), BTreeSet<String>>,
-    /// (commit LSN, next index) of the ids of events the governor makes
+    ref_index: HashMap<(EntityIndex, String, String), BTreeSet<String>>,
+    /// (commit LSN, next index) of the ids of events the governance makes
     /// itself, carried across the pieces of a large transaction.
     synthetic: (u64, u32),
 }
 
-/// What a snapshot or governed re-read decides for (see [`Governor::process_snapshot`]).
+/// What a snapshot or governed re-read decides for (see [`Governance::process_snapshot`]).
 #[derive(Clone, Debug)]
 pub struct SnapshotRead {
     /// The targets it sends to.
-    pub targets: Vec<usize>,
+    pub targets: Vec<TargetIndex>,
     /// Send publishable documents even when equal to the last one appended.
     pub force: bool,
     /// Skip records the targets never had a decision about.
     pub known_only: bool,
 }
 
-/// Where an evaluation's events come from, and which targets it decides for.
-struct Origin {
+/// What an evaluation of a record runs for (a streamed change, a
+/// re-emission, an operator release, a snapshot, seed or pruned row): the
+/// id, version, time and change kind of the events it makes, the targets
+/// it decides for, and what is known of the record's values.
+struct Trigger {
     id: String,
     version: u64,
     time: String,
@@ -128,7 +131,10 @@ enum Scope {
     All,
     /// Only these targets (a snapshot or re-read for them); `force`: send
     /// publishable documents even when equal to the last one appended.
-    Targets { targets: Vec<usize>, force: bool },
+    Targets {
+        targets: Vec<TargetIndex>,
+        force: bool,
+    },
 }
 
 /// A record's changes within one source transaction, folded together.
@@ -140,7 +146,7 @@ struct Staged {
     last_op: ChangeOp,
     /// The row before the transaction (the first change's old row).
     old: Option<Arc<Map<String, Value>>>,
-    /// Whether the governor knew the record before the transaction.
+    /// Whether the governance knew the record before the transaction.
     seen: bool,
     row: Option<Arc<Map<String, Value>>>,
     /// The last change's mapped fields (a delete: the key fields).
@@ -170,7 +176,7 @@ struct Pending<'a> {
     /// after the records changed by the transaction).
     deferrals: u64,
     /// The rest of a large transaction, governed in pieces (see
-    /// [`Governor::evaluate_piece`]): records marked that are not in this
+    /// [`Governance::evaluate_piece`]): records marked that are not in this
     /// piece are looked up there.
     elsewhere: Option<&'a mut dyn Elsewhere>,
 }
@@ -179,23 +185,23 @@ struct Pending<'a> {
 /// in-memory queue of an ordinary transaction, or a piece of a large one.
 trait Marks {
     /// Marks a record for evaluation without a change of its own.
-    fn defer(&mut self, rank: u32, e: usize, key: String);
+    fn defer(&mut self, rank: u32, e: EntityIndex, key: String);
     /// Queues a changed record.
-    fn stage(&mut self, rank: u32, e: usize, key: String, change: Staged);
+    fn stage(&mut self, rank: u32, e: EntityIndex, key: String, change: Staged);
 }
 
 impl Marks for Pending<'_> {
-    fn defer(&mut self, rank: u32, e: usize, key: String) {
+    fn defer(&mut self, rank: u32, e: EntityIndex, key: String) {
         Pending::defer(self, rank, e, key)
     }
 
-    fn stage(&mut self, rank: u32, e: usize, key: String, change: Staged) {
+    fn stage(&mut self, rank: u32, e: EntityIndex, key: String, change: Staged) {
         Pending::stage(self, rank, e, key, change)
     }
 }
 
 /// Where a record that is not in the piece being evaluated stands in its
-/// large transaction (see [`Governor::evaluate_piece`]).
+/// large transaction (see [`Governance::evaluate_piece`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Place {
     /// In a later piece: it is evaluated there, with the transaction's final state.
@@ -209,12 +215,12 @@ pub enum Place {
 
 /// The rest of a large transaction, as seen from the piece being evaluated.
 pub trait Elsewhere {
-    fn place(&mut self, e: usize, key: &str) -> Place;
+    fn place(&mut self, e: EntityIndex, key: &str) -> Place;
 }
 
 /// A record of a large transaction after phase one of its governance
-/// ([`Governor::stage_piece`]), waiting on disk for phase two
-/// ([`Governor::evaluate_piece`]). Records are evaluated in the order of
+/// ([`Governance::stage_piece`]), waiting on disk for phase two
+/// ([`Governance::evaluate_piece`]). Records are evaluated in the order of
 /// (`rank`, `order`), as [`Pending`] orders an ordinary transaction.
 #[derive(serde::Serialize, serde::Deserialize)]
 pub struct StagedRecord {
@@ -222,7 +228,7 @@ pub struct StagedRecord {
     /// The record's last change index; marks without a change (`staged`
     /// `None`) come after every change of their rank.
     pub order: u64,
-    pub entity: usize,
+    pub entity: EntityIndex,
     pub key: String,
     staged: Option<Staged>,
 }
@@ -233,7 +239,7 @@ impl StagedRecord {
         (1 << 32) + n
     }
 
-    pub fn deferral(rank: u32, order: u64, entity: usize, key: String) -> StagedRecord {
+    pub fn deferral(rank: u32, order: u64, entity: EntityIndex, key: String) -> StagedRecord {
         StagedRecord {
             rank,
             order,
@@ -253,15 +259,15 @@ impl StagedRecord {
 #[derive(Default)]
 pub struct PhaseOne {
     pub records: Vec<StagedRecord>,
-    pub deferred: Vec<(u32, usize, String)>,
+    pub deferred: Vec<(u32, EntityIndex, String)>,
 }
 
 impl Marks for PhaseOne {
-    fn defer(&mut self, rank: u32, e: usize, key: String) {
+    fn defer(&mut self, rank: u32, e: EntityIndex, key: String) {
         self.deferred.push((rank, e, key));
     }
 
-    fn stage(&mut self, rank: u32, e: usize, key: String, change: Staged) {
+    fn stage(&mut self, rank: u32, e: EntityIndex, key: String, change: Staged) {
         self.records.push(StagedRecord {
             rank,
             order: u64::from(change.index),
@@ -277,7 +283,7 @@ struct PendingEntry {
     /// Within a rank: the index of the record's last change, so that a
     /// transaction's events keep its order (ids ascending).
     order: u64,
-    e: usize,
+    e: EntityIndex,
     key: String,
     staged: Option<Staged>,
     next: Option<u32>,
@@ -289,7 +295,7 @@ struct PendingEntry {
 pub type HashKeyed<V> = HashMap<u64, V, BuildHasherDefault<DigestHasher>>;
 
 /// The 64-bit hash of a record (entity, key) used to find it within a transaction.
-pub fn record_hash(e: usize, key: &str) -> u64 {
+pub fn record_hash(e: EntityIndex, key: &str) -> u64 {
     Pending::hash(e, key)
 }
 
@@ -302,9 +308,9 @@ impl<'a> Pending<'a> {
         }
     }
 
-    fn hash(e: usize, key: &str) -> u64 {
+    fn hash(e: EntityIndex, key: &str) -> u64 {
         // FxHash-style: good enough to spread keys, a fraction of SipHash's cost.
-        let mut h = (e as u64).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        let mut h = (e.0 as u64).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
         for chunk in key.as_bytes().chunks(8) {
             let mut word = [0u8; 8];
             word[..chunk.len()].copy_from_slice(chunk);
@@ -314,7 +320,7 @@ impl<'a> Pending<'a> {
         h ^ key.len() as u64
     }
 
-    fn find(&self, h: u64, e: usize, key: &str) -> Option<u32> {
+    fn find(&self, h: u64, e: EntityIndex, key: &str) -> Option<u32> {
         let mut at = self.index.get(&h).copied();
         while let Some(i) = at {
             let entry = &self.entries[i as usize];
@@ -326,7 +332,7 @@ impl<'a> Pending<'a> {
         None
     }
 
-    fn push(&mut self, h: u64, rank: u32, e: usize, key: String, staged: Option<Staged>) {
+    fn push(&mut self, h: u64, rank: u32, e: EntityIndex, key: String, staged: Option<Staged>) {
         let order = match &staged {
             Some(s) => u64::from(s.index),
             None => {
@@ -342,7 +348,7 @@ impl<'a> Pending<'a> {
         h: u64,
         rank: u32,
         order: u64,
-        e: usize,
+        e: EntityIndex,
         key: String,
         staged: Option<Staged>,
     ) {
@@ -362,7 +368,7 @@ impl<'a> Pending<'a> {
         }
     }
 
-    fn defer(&mut self, rank: u32, e: usize, key: String) {
+    fn defer(&mut self, rank: u32, e: EntityIndex, key: String) {
         let h = Self::hash(e, &key);
         if self.find(h, e, &key).is_some() {
             return;
@@ -378,7 +384,7 @@ impl<'a> Pending<'a> {
     }
 
     /// [`Pending::defer`], queueing the record again if it was evaluated already.
-    fn redo(&mut self, rank: u32, e: usize, key: String) {
+    fn redo(&mut self, rank: u32, e: EntityIndex, key: String) {
         let h = Self::hash(e, &key);
         match self.find(h, e, &key) {
             None => {
@@ -404,7 +410,7 @@ impl<'a> Pending<'a> {
         }
     }
 
-    fn stage(&mut self, rank: u32, e: usize, key: String, change: Staged) {
+    fn stage(&mut self, rank: u32, e: EntityIndex, key: String, change: Staged) {
         let h = Self::hash(e, &key);
         let Some(i) = self.find(h, e, &key) else {
             self.push(h, rank, e, key, Some(change));
@@ -429,7 +435,7 @@ impl<'a> Pending<'a> {
         }
     }
 
-    fn next(&mut self) -> Option<(usize, String, Option<Staged>)> {
+    fn next(&mut self) -> Option<(EntityIndex, String, Option<Staged>)> {
         if !self.evaluating {
             self.evaluating = true;
             self.heap = (0..self.entries.len() as u32)
@@ -449,31 +455,28 @@ impl<'a> Pending<'a> {
 /// What a quarantine release did.
 #[derive(Debug)]
 pub struct Released {
-    pub events: Vec<(usize, Event)>,
+    pub events: Vec<(TargetIndex, Event)>,
     /// `None` when released; the failure message when still failing.
     pub still_failing: Option<String>,
 }
 
-impl Governor {
-    pub fn new(config: &Config) -> Governor {
+impl Governance {
+    pub fn new(config: &Config) -> Governance {
         let entities = config.entities.clone();
         let entity_count = entities.len();
         let mut gov = config.governance.entities.clone();
         gov.resize(entities.len(), EntityGovernance::default());
         let mut policies = config.governance.targets.clone();
         policies.resize(config.targets.len(), TargetPolicy::default());
-        let entity_index: HashMap<String, usize> = entities
-            .iter()
-            .enumerate()
+        let entity_index: HashMap<String, EntityIndex> = config
+            .iter_entities()
             .map(|(i, e)| (e.name.clone(), i))
             .collect();
-        let entity_targets: Vec<Vec<usize>> = entities
+        let entity_targets: Vec<Vec<TargetIndex>> = entities
             .iter()
             .map(|e| {
                 config
-                    .targets
-                    .iter()
-                    .enumerate()
+                    .iter_targets()
                     .filter(|(_, t)| t.entities.iter().any(|n| n == &e.name))
                     .map(|(i, _)| i)
                     .collect()
@@ -481,7 +484,7 @@ impl Governor {
             .collect();
         let mut referenced_by = vec![Vec::new(); entities.len()];
         let mut child_referenced_by = vec![Vec::new(); entities.len()];
-        for (i, g) in gov.iter().enumerate() {
+        for (i, g) in EntityIndex::enumerate(&gov) {
             for r in &g.refs {
                 if let Some(&t) = entity_index.get(&r.entity) {
                     referenced_by[t].push((i, r.column.clone()));
@@ -528,7 +531,7 @@ impl Governor {
         {
             ref_columns[*r].push(column.clone());
         }
-        for (i, g) in gov.iter().enumerate() {
+        for (i, g) in EntityIndex::enumerate(&gov) {
             for r in g.refs.iter().filter(|r| r.external_id) {
                 ref_columns[i].push(r.column.clone());
             }
@@ -547,7 +550,7 @@ impl Governor {
         let mut rank = vec![0u32; entities.len()];
         for _ in 0..entities.len() {
             let mut changed = false;
-            for (t, users) in referenced_by.iter().enumerate() {
+            for (t, users) in EntityIndex::enumerate(&referenced_by) {
                 for (u, _) in users {
                     if rank[*u] <= rank[t] {
                         rank[*u] = rank[t] + 1;
@@ -555,7 +558,7 @@ impl Governor {
                     }
                 }
             }
-            for (t, users) in child_referenced_by.iter().enumerate() {
+            for (t, users) in EntityIndex::enumerate(&child_referenced_by) {
                 for (c, _) in users {
                     let p = gov[*c].child_of.map_or(*c, |(p, _)| p);
                     if rank[p] <= rank[t] {
@@ -569,6 +572,7 @@ impl Governor {
             }
         }
         let tracked = (0..entities.len())
+            .map(EntityIndex)
             .map(|i| {
                 gov[i].is_governed()
                     || !referenced_by[i].is_empty()
@@ -578,7 +582,7 @@ impl Governor {
                         .any(|&t| policies[t].route.is_some())
             })
             .collect();
-        Governor {
+        Governance {
             entities,
             gov,
             policies,
@@ -607,10 +611,8 @@ impl Governor {
     }
 
     /// Entities whose whole rows the mapping stage must capture.
-    pub fn tracked_entities(&self) -> impl Iterator<Item = usize> + '_ {
-        self.tracked
-            .iter()
-            .enumerate()
+    pub fn tracked_entities(&self) -> impl Iterator<Item = EntityIndex> + '_ {
+        EntityIndex::enumerate(&self.tracked)
             .filter(|(_, t)| **t)
             .map(|(i, _)| i)
     }
@@ -618,8 +620,8 @@ impl Governor {
     /// Entities whose state is read from their tables at start-up when
     /// steward has none yet, in the order to read them: external ids and
     /// child tables first, then by rank (referenced before referencing).
-    pub fn seed_order(&self) -> Vec<usize> {
-        let mut list: Vec<usize> = self.tracked_entities().collect();
+    pub fn seed_order(&self) -> Vec<EntityIndex> {
+        let mut list: Vec<EntityIndex> = self.tracked_entities().collect();
         list.sort_by_key(|&e| {
             let hidden = self.gov[e].child_of.is_some() || !self.gov[e].external_ids_of.is_empty();
             (!hidden, self.rank[e], e)
@@ -628,18 +630,18 @@ impl Governor {
     }
 
     /// Whether `entity` is one steward adds itself (a child table, `ir_model_data`).
-    pub fn is_hidden(&self, entity: usize) -> bool {
+    pub fn is_hidden(&self, entity: EntityIndex) -> bool {
         self.gov[entity].child_of.is_some() || !self.gov[entity].external_ids_of.is_empty()
     }
 
-    /// Evaluation rank of `entity` (see [`Governor::rank`]).
-    pub fn rank_of(&self, entity: usize) -> u32 {
+    /// Evaluation rank of `entity` (see [`Governance::rank`]).
+    pub fn rank_of(&self, entity: EntityIndex) -> u32 {
         self.rank[entity]
     }
 
     /// The SQL condition restricting the start-up read of `entity`'s table,
     /// if only part of it is needed (the external ids of referenced models).
-    pub fn seed_filter(&self, entity: usize) -> Option<String> {
+    pub fn seed_filter(&self, entity: EntityIndex) -> Option<String> {
         let models = &self.gov[entity].external_ids_of;
         // Model names were checked to be [A-Za-z0-9._] when the config loaded.
         (!models.is_empty()).then(|| {
@@ -648,15 +650,15 @@ impl Governor {
         })
     }
 
-    pub fn tracked_count(&self, entity: usize) -> usize {
+    pub fn tracked_count(&self, entity: EntityIndex) -> usize {
         self.rows.keys().filter(|(e, _)| *e == entity).count()
     }
 
-    pub fn entity_config(&self, entity: usize) -> &EntityConfig {
+    pub fn entity_config(&self, entity: EntityIndex) -> &EntityConfig {
         &self.entities[entity]
     }
 
-    pub fn entity_by_name(&self, name: &str) -> Option<usize> {
+    pub fn entity_by_name(&self, name: &str) -> Option<EntityIndex> {
         self.entity_index.get(name).copied()
     }
 
@@ -704,7 +706,7 @@ impl Governor {
     }
 
     /// Seeds tracked rows of `entity` read from its table (start-up, for references).
-    pub fn seed(&mut self, entity: usize, rows: Vec<Map<String, Value>>) {
+    pub fn seed(&mut self, entity: EntityIndex, rows: Vec<Map<String, Value>>) {
         for row in rows {
             let parts: Vec<String> = self.entities[entity]
                 .key
@@ -757,11 +759,11 @@ impl Governor {
         mut mapped: Vec<Mapped>,
         commit_lsn: Lsn,
         time: &str,
-    ) -> Vec<(usize, Event)> {
+    ) -> Vec<(TargetIndex, Event)> {
         self.process_drain(&mut mapped, commit_lsn, time)
     }
 
-    /// [`Governor::process`], leaving `mapped` empty with its capacity, for
+    /// [`Governance::process`], leaving `mapped` empty with its capacity, for
     /// the caller to fill with the next transaction without growing a vector
     /// from nothing again.
     pub fn process_drain(
@@ -769,13 +771,13 @@ impl Governor {
         mapped: &mut Vec<Mapped>,
         commit_lsn: Lsn,
         time: &str,
-    ) -> Vec<(usize, Event)> {
+    ) -> Vec<(TargetIndex, Event)> {
         let mut out = Vec::with_capacity(mapped.len());
         self.process_drain_into(mapped, commit_lsn, time, &mut out);
         out
     }
 
-    /// [`Governor::process_drain`], appending to `out`: the daemon's commit
+    /// [`Governance::process_drain`], appending to `out`: the daemon's commit
     /// batch, so that a transaction's events are not copied into it.
     ///
     /// A transaction is governed in two phases. First every change updates
@@ -791,7 +793,7 @@ impl Governor {
         mapped: &mut Vec<Mapped>,
         commit_lsn: Lsn,
         time: &str,
-        out: &mut Vec<(usize, Event)>,
+        out: &mut Vec<(TargetIndex, Event)>,
     ) {
         out.reserve(mapped.len());
         let mut pending = Pending::with_capacity(mapped.len());
@@ -805,9 +807,9 @@ impl Governor {
     /// the daemon stores its records (each folded to its final state, see
     /// `daemon::large_txn`), runs every piece through this, stores the
     /// result, and only then evaluates the pieces in order with
-    /// [`Governor::evaluate_piece`]. So every record is evaluated once,
+    /// [`Governance::evaluate_piece`]. So every record is evaluated once,
     /// against the whole transaction's final state, exactly as
-    /// [`Governor::process_drain_into`] would.
+    /// [`Governance::process_drain_into`] would.
     pub fn stage_piece(&mut self, mapped: &mut Vec<Mapped>) -> PhaseOne {
         let mut phase = PhaseOne::default();
         for m in mapped.drain(..) {
@@ -825,7 +827,7 @@ impl Governor {
         elsewhere: &mut dyn Elsewhere,
         commit_lsn: Lsn,
         time: &str,
-        out: &mut Vec<(usize, Event)>,
+        out: &mut Vec<(TargetIndex, Event)>,
     ) {
         let mut pending = Pending::with_capacity(records.len());
         pending.elsewhere = Some(elsewhere);
@@ -840,7 +842,7 @@ impl Governor {
         self.evaluate_pending(pending, commit_lsn, time, out);
     }
 
-    /// Phase one of [`Governor::process_drain_into`] for one change.
+    /// Phase one of [`Governance::process_drain_into`] for one change.
     fn stage(&mut self, m: Mapped, pending: &mut impl Marks) {
         let e = m.entity;
         let key = m.event.key.clone();
@@ -917,7 +919,7 @@ impl Governor {
         mut pending: Pending,
         commit_lsn: Lsn,
         time: &str,
-        out: &mut Vec<(usize, Event)>,
+        out: &mut Vec<(TargetIndex, Event)>,
     ) {
         // The pieces of a large transaction share one sequence of ids.
         let mut synthetic = match self.synthetic {
@@ -956,7 +958,7 @@ impl Governor {
                     } else {
                         s.row
                     };
-                    let origin = Origin {
+                    let trigger = Trigger {
                         id: s.id,
                         version: s.version,
                         time: s.time,
@@ -973,7 +975,7 @@ impl Governor {
                         s.old.as_deref(),
                         s.seen,
                         s.data,
-                        &origin,
+                        &trigger,
                         out,
                         &mut pending,
                     );
@@ -982,7 +984,7 @@ impl Governor {
                     let Some(row) = self.rows.get(&(e, key.clone())).cloned() else {
                         continue;
                     };
-                    let origin = Origin {
+                    let trigger = Trigger {
                         id: Event::source_id(commit_lsn, SYNTHETIC_INDEX + synthetic),
                         version: commit_lsn.0,
                         time: time.to_string(),
@@ -1000,7 +1002,7 @@ impl Governor {
                         Some(&row),
                         true,
                         Map::new(),
-                        &origin,
+                        &trigger,
                         out,
                         &mut pending,
                     );
@@ -1015,7 +1017,7 @@ impl Governor {
     }
 
     /// Marks the tracked records whose references or reference rules point at (e, key).
-    fn defer_dependents(&self, e: usize, key: &str, pending: &mut impl Marks) {
+    fn defer_dependents(&self, e: EntityIndex, key: &str, pending: &mut impl Marks) {
         for (r, column) in &self.referenced_by[e] {
             for k in self.referencing(*r, column, key) {
                 pending.defer(self.rank[*r], *r, k);
@@ -1029,7 +1031,7 @@ impl Governor {
         }
     }
 
-    fn is_quarantined(&self, e: usize, key: &str) -> bool {
+    fn is_quarantined(&self, e: EntityIndex, key: &str) -> bool {
         !self.quarantine.is_empty() && self.quarantine.contains_key(&(e, key.to_string()))
     }
 
@@ -1039,7 +1041,7 @@ impl Governor {
     /// evaluation as streamed changes. `consistent` is the snapshot's
     /// consistent point; the caller has processed the stream up to it, so a
     /// record the stream changed since (recorded while its entity is
-    /// watched, see [`Governor::watch`]) is newer in the governor than in
+    /// watched, see [`Governance::watch`]) is newer in the governance than in
     /// the snapshot and is skipped. Events go to `targets` only; `force`
     /// sends publishable documents even when equal to the last one appended
     /// (the target is being rebuilt). `known_only` (a re-read after a
@@ -1053,7 +1055,7 @@ impl Governor {
         consistent: Lsn,
         read: &SnapshotRead,
         position: Lsn,
-        out: &mut Vec<(usize, Event)>,
+        out: &mut Vec<(TargetIndex, Event)>,
     ) {
         let SnapshotRead {
             targets,
@@ -1095,7 +1097,7 @@ impl Governor {
             if self.tracked[e] {
                 self.set_row(e, &key, row.clone());
             }
-            let origin = Origin {
+            let trigger = Trigger {
                 id: m.event.id,
                 version: m.event.version,
                 time: m.event.time,
@@ -1115,7 +1117,7 @@ impl Governor {
                 prev.as_deref(),
                 true,
                 m.data,
-                &origin,
+                &trigger,
                 out,
                 &mut pending,
             );
@@ -1151,7 +1153,7 @@ impl Governor {
             let prev = self.rows.get(&(e, key.clone())).cloned();
             let row = m.row.map(Arc::new);
             self.set_row(e, &key, row.clone());
-            let origin = Origin {
+            let trigger = Trigger {
                 id: String::new(),
                 version: 0,
                 time: time.to_string(),
@@ -1171,7 +1173,7 @@ impl Governor {
                 prev.as_deref(),
                 true,
                 m.data,
-                &origin,
+                &trigger,
                 &mut out,
                 &mut pending,
             );
@@ -1186,11 +1188,11 @@ impl Governor {
     /// dropped from the state. Returns the events and the number forgotten.
     pub fn prune_absent(
         &mut self,
-        e: usize,
+        e: EntityIndex,
         present: &std::collections::HashSet<String>,
         version: Lsn,
         time: &str,
-    ) -> (Vec<(usize, Event)>, usize) {
+    ) -> (Vec<(TargetIndex, Event)>, usize) {
         let gone: Vec<String> = self
             .rows
             .keys()
@@ -1218,7 +1220,7 @@ impl Governor {
                 .unwrap_or_default();
             self.set_row(e, key, None);
             self.defer_dependents(e, key, &mut pending);
-            let origin = Origin {
+            let trigger = Trigger {
                 // Its own id space: never equal to a streamed or re-emitted event's id.
                 id: format!("{:016X}-P{i:08X}", version.0),
                 version: version.0,
@@ -1236,7 +1238,7 @@ impl Governor {
                 prev.as_deref(),
                 true,
                 data,
-                &origin,
+                &trigger,
                 &mut out,
                 &mut pending,
             );
@@ -1247,7 +1249,7 @@ impl Governor {
 
     /// Records a row in the tracked state only (child rows, external ids,
     /// referenced records).
-    fn observe(&mut self, e: usize, key: &str, row: Option<Map<String, Value>>) {
+    fn observe(&mut self, e: EntityIndex, key: &str, row: Option<Map<String, Value>>) {
         if !self.tracked[e] {
             return;
         }
@@ -1271,13 +1273,13 @@ impl Governor {
     }
 
     /// Entities whose streamed changes are remembered per key (with their
-    /// commit LSN) so that [`Governor::process_snapshot`] can skip records
+    /// commit LSN) so that [`Governance::process_snapshot`] can skip records
     /// the stream changed after a snapshot's consistent point. The memory
     /// is released when an entity stops being watched.
-    pub fn watch(&mut self, entities: &[usize]) {
+    pub fn watch(&mut self, entities: &[EntityIndex]) {
         let mut watched = vec![false; self.entities.len()];
         for &e in entities {
-            if let Some(w) = watched.get_mut(e) {
+            if let Some(w) = watched.get_mut(e.0) {
                 *w = true;
             }
         }
@@ -1306,7 +1308,7 @@ impl Governor {
                 "{entity} {key} is quarantined but its row is not known; it is released by its next change"
             ));
         };
-        let origin = Origin {
+        let trigger = Trigger {
             id: format!(
                 "{:016X}-R{:x}",
                 version.0,
@@ -1329,7 +1331,7 @@ impl Governor {
             Some(&row),
             true,
             Map::new(),
-            &origin,
+            &trigger,
             &mut out,
             &mut pending,
         );
@@ -1347,19 +1349,19 @@ impl Governor {
     #[allow(clippy::too_many_arguments)]
     fn evaluate(
         &mut self,
-        e: usize,
+        e: EntityIndex,
         key: &str,
         op: &str,
         row: Option<Arc<Map<String, Value>>>,
         old: Option<&Map<String, Value>>,
         seen: bool,
         fallback: Map<String, Value>,
-        origin: &Origin,
-        out: &mut Vec<(usize, Event)>,
+        trigger: &Trigger,
+        out: &mut Vec<(TargetIndex, Event)>,
         deferred: &mut Pending,
     ) {
         let name = self.entities[e].name.clone();
-        let targets: Vec<usize> = match &origin.scope {
+        let targets: Vec<TargetIndex> = match &trigger.scope {
             Scope::All => self.entity_targets[e].clone(),
             Scope::Targets { targets, .. } => self.entity_targets[e]
                 .iter()
@@ -1367,17 +1369,17 @@ impl Governor {
                 .filter(|t| targets.contains(t))
                 .collect(),
         };
-        let force = matches!(origin.scope, Scope::Targets { force: true, .. });
-        let version = origin.version;
+        let force = matches!(trigger.scope, Scope::Targets { force: true, .. });
+        let version = trigger.version;
         let event = |op: EventOp, data: EventData| Event {
-            change: origin.change,
-            tx_id: origin.tx_id,
-            id: origin.id.clone(),
+            change: trigger.change,
+            tx_id: trigger.tx_id,
+            id: trigger.id.clone(),
             entity: name.clone(),
             key: key.to_string(),
             op,
             version,
-            time: origin.time.clone(),
+            time: trigger.time.clone(),
             data,
         };
         if op == "delete" {
@@ -1426,7 +1428,7 @@ impl Governor {
                 Err(m) => (false, format!("publish_when could not be evaluated: {m}")),
             },
         };
-        let failure = match &origin.values {
+        let failure = match &trigger.values {
             Values::Read(Some(bad)) => Some((ENCODING_RULE.to_string(), bad.to_string(), None)),
             Values::Tracked
                 if self
@@ -1568,7 +1570,7 @@ impl Governor {
     /// The document of a tracked record: mapped fields, references,
     /// children (each with its own references), in the order the
     /// configuration writes them.
-    fn document(&self, e: usize, key: &str, row: &Map<String, Value>) -> Map<String, Value> {
+    fn document(&self, e: EntityIndex, key: &str, row: &Map<String, Value>) -> Map<String, Value> {
         let mut doc = assemble::document(&self.entities[e].fields, row);
         for r in &self.gov[e].refs {
             doc.insert(r.name.clone(), self.resolve_ref(r, row));
@@ -1615,7 +1617,7 @@ impl Governor {
     /// Why record `id` of entity `t` is not published (the blocker of the
     /// records referencing it), or `None` when it is: it exists, passes its
     /// gate and is not quarantined.
-    fn blocker(&self, t: usize, id: &str) -> Option<String> {
+    fn blocker(&self, t: EntityIndex, id: &str) -> Option<String> {
         let Some(referenced) = self.rows.get(&(t, id.to_string())) else {
             return Some("it does not exist or steward has not read it".into());
         };
@@ -1636,7 +1638,7 @@ impl Governor {
     }
 
     /// Keys of parents whose child rows of child entity `c` hold `value` in `column`.
-    fn parents_with_child_value(&self, c: usize, column: &str, value: &str) -> Vec<String> {
+    fn parents_with_child_value(&self, c: EntityIndex, column: &str, value: &str) -> Vec<String> {
         let Some((p, ci)) = self.gov[c].child_of else {
             return Vec::new();
         };
@@ -1658,7 +1660,7 @@ impl Governor {
     /// for `child.field` that column of every child row.
     fn reference_ids(
         &self,
-        e: usize,
+        e: EntityIndex,
         key: &str,
         field: &str,
         row: Option<&Map<String, Value>>,
@@ -1700,7 +1702,7 @@ impl Governor {
     /// The first failing rule (or business key), with a message for the operator.
     fn validate(
         &self,
-        e: usize,
+        e: EntityIndex,
         key: &str,
         doc: &Map<String, Value>,
         row: Option<&Map<String, Value>>,
@@ -1750,7 +1752,7 @@ impl Governor {
 
     fn check(
         &self,
-        e: usize,
+        e: EntityIndex,
         key: &str,
         check: &Check,
         doc: &Map<String, Value>,
@@ -1862,7 +1864,7 @@ impl Governor {
     /// with the reason.
     fn reference_blocker(
         &self,
-        e: usize,
+        e: EntityIndex,
         key: &str,
         field: &str,
         entity: &str,
@@ -1876,7 +1878,7 @@ impl Governor {
 
     fn claim_values(
         &self,
-        e: usize,
+        e: EntityIndex,
         doc: &Map<String, Value>,
         row: Option<&Map<String, Value>>,
     ) -> Vec<(usize, String)> {
@@ -1895,7 +1897,7 @@ impl Governor {
     /// key that was let go are re-evaluated at the end of the transaction.
     fn set_claims(
         &mut self,
-        e: usize,
+        e: EntityIndex,
         key: &str,
         new: Vec<(usize, String)>,
         deferred: &mut Pending,
@@ -1957,9 +1959,9 @@ impl Governor {
     }
 
     /// (referencing entity, many2one column) of every external-id reference to `model`.
-    fn external_id_refs(&self, model: &str) -> Vec<(usize, String)> {
+    fn external_id_refs(&self, model: &str) -> Vec<(EntityIndex, String)> {
         let mut out = Vec::new();
-        for (i, g) in self.gov.iter().enumerate() {
+        for (i, g) in EntityIndex::enumerate(&self.gov) {
             for r in &g.refs {
                 if r.external_id && r.model == model {
                     out.push((i, r.column.clone()));
@@ -1974,7 +1976,7 @@ impl Governor {
     /// Keeps the external-id index in step with a tracked `ir_model_data` row.
     fn index_external_id(
         &mut self,
-        e: usize,
+        e: EntityIndex,
         key: &str,
         prev: Option<&Map<String, Value>>,
         new: Option<&Map<String, Value>>,
@@ -2007,11 +2009,11 @@ impl Governor {
 
     /// A child row (a line of a business object) with a value steward cannot
     /// encode is held in quarantine under its own entity and key, which
-    /// holds its parent back (see [`Governor::unencodable_child`]); a row
+    /// holds its parent back (see [`Governance::unencodable_child`]); a row
     /// that encodes (or its delete) releases it.
     fn note_child_encoding(
         &mut self,
-        e: usize,
+        e: EntityIndex,
         key: &str,
         bad: Option<&Unencodable>,
         data: &Map<String, Value>,
@@ -2046,7 +2048,11 @@ impl Governor {
     /// The first child row of (e, key) held for a value steward cannot
     /// encode: the business object's document would carry it, so the
     /// object is held too, until that row changes.
-    fn unencodable_child(&self, e: usize, key: &str) -> Option<(String, String, Option<String>)> {
+    fn unencodable_child(
+        &self,
+        e: EntityIndex,
+        key: &str,
+    ) -> Option<(String, String, Option<String>)> {
         if self.quarantine.is_empty() {
             return None;
         }
@@ -2072,7 +2078,7 @@ impl Governor {
     }
 
     /// Takes a record out of quarantine, if it is there, with the reason in the audit trail.
-    fn release_from_quarantine(&mut self, e: usize, key: &str, version: u64, reason: &str) {
+    fn release_from_quarantine(&mut self, e: EntityIndex, key: &str, version: u64, reason: &str) {
         // Nothing is quarantined almost always: skip building the lookup key.
         if self.quarantine.is_empty() {
             return;
@@ -2083,7 +2089,7 @@ impl Governor {
         }
     }
 
-    fn set_row(&mut self, e: usize, key: &str, row: Option<Arc<Map<String, Value>>>) {
+    fn set_row(&mut self, e: EntityIndex, key: &str, row: Option<Arc<Map<String, Value>>>) {
         if !self.gov[e].external_ids_of.is_empty() || !self.ref_columns[e].is_empty() {
             // Only rows that feed an index pay for the lookup of the previous one.
             let prev = self.rows.get(&(e, key.to_string())).cloned();
@@ -2109,7 +2115,7 @@ impl Governor {
     /// Keeps the (entity, column, id) → keys index in step with a tracked row.
     fn index_refs(
         &mut self,
-        e: usize,
+        e: EntityIndex,
         key: &str,
         prev: Option<&Map<String, Value>>,
         new: Option<&Map<String, Value>>,
@@ -2143,7 +2149,7 @@ impl Governor {
     }
 
     /// Keys of tracked records of `entity` whose `column` holds `id`, in key order.
-    fn referencing(&self, entity: usize, column: &str, id: &str) -> Vec<String> {
+    fn referencing(&self, entity: EntityIndex, column: &str, id: &str) -> Vec<String> {
         let mut keys: Vec<String> = self
             .ref_index
             .get(&(entity, column.to_string(), id.to_string()))
@@ -2156,7 +2162,7 @@ impl Governor {
     /// Updates the parent → children index for a child row; returns the parents touched.
     fn index_child(
         &mut self,
-        e: usize,
+        e: EntityIndex,
         key: &str,
         prev: Option<&Map<String, Value>>,
         new: Option<&Map<String, Value>>,
@@ -2197,7 +2203,7 @@ impl Governor {
         });
     }
 
-    fn published_key(&self, t: usize, e: usize, key: &str) -> PublishedKey {
+    fn published_key(&self, t: TargetIndex, e: EntityIndex, key: &str) -> PublishedKey {
         PublishedKey(published_digest(
             &self.target_names[t],
             &self.entities[e].name,
@@ -2205,7 +2211,7 @@ impl Governor {
         ))
     }
 
-    fn queue_unique(&mut self, e: usize, fi: usize, value: &str, holder: Option<&str>) {
+    fn queue_unique(&mut self, e: EntityIndex, fi: usize, value: &str, holder: Option<&str>) {
         self.delta.ops.push(GovOp::Unique {
             entity: self.entities[e].name.clone(),
             field: self.gov[e].unique[fi].clone(),
@@ -2214,7 +2220,7 @@ impl Governor {
         });
     }
 
-    fn queue_quarantine(&mut self, e: usize, key: &str, entry: Option<QuarantineEntry>) {
+    fn queue_quarantine(&mut self, e: EntityIndex, key: &str, entry: Option<QuarantineEntry>) {
         self.delta.ops.push(GovOp::Quarantine {
             entity: self.entities[e].name.clone(),
             key: key.to_string(),
@@ -2224,10 +2230,10 @@ impl Governor {
 
     fn audit(
         &mut self,
-        e: usize,
+        e: EntityIndex,
         key: &str,
         version: u64,
-        target: Option<usize>,
+        target: Option<TargetIndex>,
         decision: &str,
         detail: String,
     ) {
@@ -2267,25 +2273,25 @@ fn child_column(c: &ChildConfig, field: &str) -> String {
 /// `e`: the mapping, gate, rules, business keys, references, children, and
 /// the target's routing and redaction for it. A change between two runs
 /// means every record of the entity must be evaluated again for the target.
-pub fn config_fingerprint(config: &Config, t: usize, e: usize) -> String {
+pub fn config_fingerprint(config: &Config, t: TargetIndex, e: EntityIndex) -> String {
     let entity = &config.entities[e];
     let gov = config
         .governance
         .entities
-        .get(e)
+        .get(e.0)
         .cloned()
         .unwrap_or_default();
     let policy = config
         .governance
         .targets
-        .get(t)
+        .get(t.0)
         .cloned()
         .unwrap_or_default();
     let name = &entity.name;
     let hidden: Vec<&EntityConfig> = gov
         .children
         .iter()
-        .filter_map(|c| config.entities.get(c.entity))
+        .filter_map(|c| config.entities.get(c.entity.0))
         .collect();
     let text = format!(
         "{entity:?}|{hidden:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}",
@@ -2361,9 +2367,9 @@ impl PublishedKey {
     }
 }
 
-/// The key of [`Governor::published`]: the first 96 bits of the digest.
+/// The key of [`Governance::published`]: the first 96 bits of the digest.
 /// The map holds an entry per record and target for the life of the daemon
-/// and is most of the governor's memory; 12-byte keys and 8-byte document
+/// and is most of the memory of [`Governance`]; 12-byte keys and 8-byte document
 /// hashes (20 bytes an entry instead of 32) keep it 40% smaller. Two records
 /// share a slot with odds of about 1 in 10^17 for a million records; a changed
 /// document is taken for the one before with odds of 1 in 2^64 per change.

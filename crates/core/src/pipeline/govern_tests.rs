@@ -1,4 +1,4 @@
-//! Table-driven unit tests of the governor, without PostgreSQL: a config
+//! Table-driven unit tests of the governance, without PostgreSQL: a config
 //! from TOML text, a pipeline capturing the tracked entities' rows, source
 //! changes mapped by [`Pipeline::map_change`] and governed one transaction
 //! at a time, like the daemon does.
@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::{json, Value};
 
-use crate::config::Config;
+use crate::config::{Config, EntityIndex, TargetIndex};
 use crate::model::{Change, ChangeOp, Column, Event, Lsn, Relation, SourceChange, TupleValue};
 use crate::pipeline::large_txn::{LargeTxn, MemoryStage};
 use crate::pipeline::{snapshot_mapped, Mapped, Pipeline};
@@ -157,7 +157,7 @@ fn sorted(mut v: Vec<Brief>) -> Vec<Brief> {
 
 struct Harness {
     config: Config,
-    gov: Governor,
+    gov: Governance,
     pipeline: Pipeline,
     /// The source database: (table, id) → column values.
     db: HashMap<(String, String), Vec<Option<String>>>,
@@ -175,7 +175,7 @@ impl Harness {
     }
 
     fn from_config(config: Config) -> Harness {
-        let gov = Governor::new(&config);
+        let gov = Governance::new(&config);
         let mut pipeline = Pipeline::new(&config);
         for e in gov.tracked_entities().collect::<Vec<_>>() {
             pipeline.capture_rows(e);
@@ -201,16 +201,12 @@ impl Harness {
         h
     }
 
-    fn entity(&self, name: &str) -> usize {
+    fn entity(&self, name: &str) -> EntityIndex {
         self.gov.entity_by_name(name).unwrap()
     }
 
-    fn target(&self, name: &str) -> usize {
-        self.config
-            .targets
-            .iter()
-            .position(|t| t.name == name)
-            .unwrap()
+    fn target(&self, name: &str) -> TargetIndex {
+        self.config.target_index(name).unwrap()
     }
 
     /// The full row after applying `cols` to the table's current row (or an
@@ -285,7 +281,7 @@ impl Harness {
     }
 
     /// One source transaction; returns the events of every target, in the
-    /// order the governor produced them.
+    /// order the governance produced them.
     fn txn(&mut self, steps: &[Step]) -> Vec<Ev> {
         let lsn = self.next_lsn();
         let time = "2024-01-01T00:00:00Z";
@@ -321,7 +317,7 @@ impl Harness {
         self.finish(out)
     }
 
-    fn finish(&mut self, out: Vec<(usize, Event)>) -> Vec<Ev> {
+    fn finish(&mut self, out: Vec<(TargetIndex, Event)>) -> Vec<Ev> {
         self.audit = self
             .gov
             .take_delta()
@@ -369,7 +365,7 @@ impl Harness {
         force: bool,
     ) -> Vec<Ev> {
         let mut mapped = self.snapshot_rows(entity, rows, consistent);
-        let targets: Vec<usize> = targets.iter().map(|t| self.target(t)).collect();
+        let targets: Vec<TargetIndex> = targets.iter().map(|t| self.target(t)).collect();
         let position = Lsn(self.lsn);
         let mut out = Vec::new();
         let read = SnapshotRead {
@@ -1635,7 +1631,7 @@ fn policy_harness(with_key: bool) -> Harness {
     std::fs::write(key_file.path(), "k3y").unwrap();
     let mut config = config(&policy_config(&key_file.path().display().to_string()));
     if !with_key {
-        let erp = config.targets.iter().position(|t| t.name == "erp").unwrap();
+        let erp = config.target_index("erp").unwrap();
         config.governance.targets[erp].hash_key = None;
     }
     Harness::from_config(config)
@@ -1972,7 +1968,7 @@ fn a_snapshot_skips_records_the_stream_changed_after_its_consistent_point() {
     assert_eq!(
         evs.iter().map(|e| e.key.as_str()).collect::<Vec<_>>(),
         vec!["2"],
-        "record 1 is newer in the governor than in the snapshot"
+        "record 1 is newer in the governance than in the snapshot"
     );
     // Not watched: nothing is remembered, nothing skipped.
     h.gov.watch(&[]);

@@ -7,7 +7,7 @@
 //!
 //! At the commit the stage is governed in two passes over pieces of
 //! `commit_max_events` records, the two phases of an ordinary
-//! transaction's governance (`Governor::process_drain_into`) spread over
+//! transaction's governance (`Governance::process_drain_into`) spread over
 //! disk: phase one updates the tracked state with every record and marks
 //! the records depending on them; phase two evaluates every record once,
 //! in the same (rank, order) an ordinary transaction uses. Memory holds one
@@ -15,9 +15,10 @@
 
 use anyhow::Context;
 
+use crate::config::{EntityIndex, TargetIndex};
 use crate::model::{Event, Lsn};
 use crate::pipeline::govern::{Elsewhere, Place, StagedRecord};
-use crate::pipeline::{Governor, Mapped};
+use crate::pipeline::{Governance, Mapped};
 
 /// Where a staged record stands: (evaluation rank, order within the rank).
 pub type StagePos = (u32, u64);
@@ -74,8 +75,9 @@ pub trait TxnStage {
 const TAG_MAPPED: u8 = b'M';
 const TAG_STAGED: u8 = b'S';
 
-/// Takes a governed piece's events (and the governor, whose state changes go with them).
-pub type Emit<'a> = dyn FnMut(Vec<(usize, Event)>, &mut Governor) -> anyhow::Result<()> + 'a;
+/// Takes a governed piece's events (and the governance, whose state changes go with them).
+pub type Emit<'a> =
+    dyn FnMut(Vec<(TargetIndex, Event)>, &mut Governance) -> anyhow::Result<()> + 'a;
 
 #[derive(Default)]
 pub struct LargeTxn {
@@ -103,7 +105,7 @@ impl LargeTxn {
     pub fn absorb<S: TxnStage>(
         &mut self,
         store: &S,
-        governor: &Governor,
+        governance: &Governance,
         mapped: &mut Vec<Mapped>,
     ) -> anyhow::Result<()> {
         let records = mapped
@@ -111,7 +113,7 @@ impl LargeTxn {
             .map(|m| {
                 Ok((
                     identity(m.entity, &m.event.key),
-                    (governor.rank_of(m.entity), u64::from(m.index)),
+                    (governance.rank_of(m.entity), u64::from(m.index)),
                     encode(TAG_MAPPED, &m)?,
                 ))
             })
@@ -133,14 +135,14 @@ impl LargeTxn {
     pub fn govern<S: TxnStage>(
         &mut self,
         store: &S,
-        governor: &mut Governor,
+        governance: &mut Governance,
         piece: usize,
         commit_lsn: Lsn,
         time: &str,
         emit: &mut Emit<'_>,
     ) -> anyhow::Result<()> {
         let piece = piece.max(1);
-        self.phase_one(store, governor, piece)?;
+        self.phase_one(store, governance, piece)?;
         let mut after = None;
         loop {
             let read = store
@@ -160,7 +162,7 @@ impl LargeTxn {
                 error: None,
             };
             let mut out = Vec::with_capacity(records.len());
-            governor.evaluate_piece(records, &mut places, commit_lsn, time, &mut out);
+            governance.evaluate_piece(records, &mut places, commit_lsn, time, &mut out);
             if let Some(e) = places.error {
                 return Err(e).context("cannot read a large transaction's stage");
             }
@@ -172,7 +174,7 @@ impl LargeTxn {
             store
                 .stage_note(&evaluated)
                 .context("cannot stage a large transaction's records")?;
-            emit(out, governor)?;
+            emit(out, governance)?;
             after = Some(cursor);
         }
         self.reset(store)
@@ -182,7 +184,7 @@ impl LargeTxn {
     fn phase_one<S: TxnStage>(
         &mut self,
         store: &S,
-        governor: &mut Governor,
+        governance: &mut Governance,
         piece: usize,
     ) -> anyhow::Result<()> {
         let mut after = None;
@@ -204,7 +206,7 @@ impl LargeTxn {
                     mapped.push(m);
                 }
             }
-            let phase = governor.stage_piece(&mut mapped);
+            let phase = governance.stage_piece(&mut mapped);
             let put = phase
                 .records
                 .iter()
@@ -236,7 +238,7 @@ impl LargeTxn {
     }
 }
 
-/// Places records for the governor from the stage, while a piece ending at
+/// Places records for the governance from the stage, while a piece ending at
 /// `cursor` is evaluated.
 struct StagePlaces<'a, S: TxnStage> {
     store: &'a S,
@@ -247,7 +249,7 @@ struct StagePlaces<'a, S: TxnStage> {
 }
 
 impl<S: TxnStage> Elsewhere for StagePlaces<'_, S> {
-    fn place(&mut self, e: usize, key: &str) -> Place {
+    fn place(&mut self, e: EntityIndex, key: &str) -> Place {
         let id = identity(e, key);
         match self.store.stage_place(&id) {
             Ok(Some(at)) if at > self.cursor => Place::Later,
@@ -265,9 +267,9 @@ impl<S: TxnStage> Elsewhere for StagePlaces<'_, S> {
 }
 
 /// A record's identity on the stage: entity index, then key.
-fn identity(entity: usize, key: &str) -> Vec<u8> {
+fn identity(entity: EntityIndex, key: &str) -> Vec<u8> {
     let mut id = Vec::with_capacity(4 + key.len());
-    id.extend_from_slice(&(entity as u32).to_be_bytes());
+    id.extend_from_slice(&(entity.0 as u32).to_be_bytes());
     id.extend_from_slice(key.as_bytes());
     id
 }

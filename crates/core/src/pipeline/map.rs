@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use serde_json::{Map, Value};
 
-use crate::config::{Config, EntityConfig, FieldSource};
+use crate::config::{Config, EntityConfig, EntityIndex, FieldSource, TargetIndex};
 use crate::model::event::join_key;
 use crate::model::value::{text_to_json, text_to_json_at};
 use crate::model::{
@@ -45,7 +45,7 @@ fn quote_ident(name: &str) -> String {
 
 /// A mapped column whose value steward cannot encode (a `jsonb` document
 /// nested too deep, text that is not what the column's type prints). The
-/// change still maps, without that field: the governor holds the record in
+/// change still maps, without that field: the governance holds the record in
 /// quarantine (rule [`ENCODING_RULE`]) instead of delivering it, so one bad
 /// value never stops the other records. The value itself is never part of
 /// it (it may be personal data).
@@ -74,7 +74,7 @@ impl std::fmt::Display for Unencodable {
 /// An event and the entity it belongs to (which decides the targets).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Mapped {
-    pub entity: usize,
+    pub entity: EntityIndex,
     pub event: Event,
     /// Governance: the change's kind and, for entities whose rows are
     /// captured ([`Pipeline::capture_rows`]), every column of the new row and
@@ -92,7 +92,7 @@ pub struct Mapped {
     pub row: Option<Map<String, Value>>,
     pub old: Option<Map<String, Value>>,
     /// The first mapped column of this change steward could not encode
-    /// (left out of `data`): the governor quarantines the record.
+    /// (left out of `data`): the governance quarantines the record.
     pub unencodable: Option<Unencodable>,
 }
 
@@ -129,7 +129,7 @@ struct ResolvedField {
 }
 
 struct EntityPlan {
-    entity: usize,
+    entity: EntityIndex,
     key_columns: Vec<usize>,
     /// For deletes: (field name, column index) of each key column.
     key_fields: Vec<(String, usize, u32)>,
@@ -147,19 +147,19 @@ struct RelationPlan {
 
 pub struct Pipeline {
     entities: Vec<EntityConfig>,
-    /// `schema.table` → entity indexes.
-    by_table: HashMap<String, Vec<usize>>,
+    /// `schema.table` → entities.
+    by_table: HashMap<String, Vec<EntityIndex>>,
     relations: HashMap<u32, RelationPlan>,
-    /// entity index → target indexes.
-    entity_targets: Vec<Vec<usize>>,
+    /// entity → its targets.
+    entity_targets: Vec<Vec<TargetIndex>>,
     /// entity index → whether whole rows are converted for governance.
     capture: Vec<bool>,
 }
 
 impl Pipeline {
     pub fn new(config: &Config) -> Pipeline {
-        let mut by_table: HashMap<String, Vec<usize>> = HashMap::new();
-        for (i, e) in config.entities.iter().enumerate() {
+        let mut by_table: HashMap<String, Vec<EntityIndex>> = HashMap::new();
+        for (i, e) in config.iter_entities() {
             by_table.entry(e.qualified_table()).or_default().push(i);
         }
         let entity_targets = config
@@ -167,9 +167,7 @@ impl Pipeline {
             .iter()
             .map(|e| {
                 config
-                    .targets
-                    .iter()
-                    .enumerate()
+                    .iter_targets()
                     .filter(|(_, t)| t.entities.iter().any(|n| n == &e.name))
                     .map(|(i, _)| i)
                     .collect()
@@ -185,8 +183,8 @@ impl Pipeline {
     }
 
     /// Converts every column of this entity's rows into [`Mapped::row`] / [`Mapped::old`].
-    pub fn capture_rows(&mut self, entity: usize) {
-        if let Some(c) = self.capture.get_mut(entity) {
+    pub fn capture_rows(&mut self, entity: EntityIndex) {
+        if let Some(c) = self.capture.get_mut(entity.0) {
             *c = true;
         }
     }
@@ -203,16 +201,16 @@ impl Pipeline {
         tables
     }
 
-    pub fn targets_of(&self, entity: usize) -> &[usize] {
+    pub fn targets_of(&self, entity: EntityIndex) -> &[TargetIndex] {
         &self.entity_targets[entity]
     }
 
-    pub fn entity_name(&self, entity: usize) -> &str {
+    pub fn entity_name(&self, entity: EntityIndex) -> &str {
         &self.entities[entity].name
     }
 
-    /// The entity indexes mapping `schema.table`.
-    pub fn entities_of(&self, table: &str) -> &[usize] {
+    /// The entities mapping `schema.table`.
+    pub fn entities_of(&self, table: &str) -> &[EntityIndex] {
         self.by_table.get(table).map(Vec::as_slice).unwrap_or(&[])
     }
 
@@ -230,7 +228,7 @@ impl Pipeline {
     /// An entity whose key or fields name a column the relation lacks (a
     /// schema change) is left unbound — its changes on this relation produce
     /// no events — and returned with the reason; the others are bound.
-    pub fn bind_relation(&mut self, relation: &Relation) -> Vec<(usize, PipelineError)> {
+    pub fn bind_relation(&mut self, relation: &Relation) -> Vec<(EntityIndex, PipelineError)> {
         let table = relation.qualified_name();
         let mut plans = Vec::new();
         let mut problems = Vec::new();
@@ -259,7 +257,11 @@ impl Pipeline {
         problems
     }
 
-    fn plan_entity(&self, entity: usize, relation: &Relation) -> Result<EntityPlan, PipelineError> {
+    fn plan_entity(
+        &self,
+        entity: EntityIndex,
+        relation: &Relation,
+    ) -> Result<EntityPlan, PipelineError> {
         let config = &self.entities[entity];
         let find = |column: &str| -> Result<(usize, u32), PipelineError> {
             relation
@@ -499,7 +501,7 @@ impl Pipeline {
                     (event, data)
                 }
             };
-            let capture = self.capture.get(plan.entity).copied().unwrap_or(false);
+            let capture = self.capture.get(plan.entity.0).copied().unwrap_or(false);
             let old_row = match (&change.old, relation.full_identity) {
                 (Some(old), true) if capture => Some(row_json(&relation.columns, old, None)),
                 _ => None,

@@ -13,6 +13,6 @@ pub mod redact;
 pub mod reference;
 mod snapshot_row;
 
-pub use govern::Governor;
+pub use govern::Governance;
 pub use map::{Mapped, Pipeline, PipelineError, ToastFill, Unencodable, ENCODING_RULE};
 pub use snapshot_row::{snapshot_id, snapshot_mapped, snapshot_version};

@@ -10,16 +10,16 @@ use serde_json::{Map, Value};
 
 use super::assemble;
 use crate::config::governance::RefField;
-use crate::config::EntityConfig;
+use crate::config::{EntityConfig, EntityIndex};
 
 /// Rows tracked per entity: key text → columns.
-pub type Rows = HashMap<(usize, String), Arc<Map<String, Value>>>;
+pub type Rows = HashMap<(EntityIndex, String), Arc<Map<String, Value>>>;
 
 /// The business key a reference field delivers, or null when the column is
 /// null or the referenced record is unknown.
 pub fn resolve(
     field: &RefField,
-    target_entity: usize,
+    target_entity: EntityIndex,
     target: &EntityConfig,
     row: &Map<String, Value>,
     rows: &Rows,
@@ -38,7 +38,7 @@ pub fn resolve(
 }
 
 /// Keys of tracked records of `entity` whose `column` holds `id`.
-pub fn referencing(rows: &Rows, entity: usize, column: &str, id: &str) -> Vec<String> {
+pub fn referencing(rows: &Rows, entity: EntityIndex, column: &str, id: &str) -> Vec<String> {
     let mut keys: Vec<String> = rows
         .iter()
         .filter(|((e, _), row)| {

@@ -6,6 +6,7 @@
 use bytes::Bytes;
 
 use super::{Mapped, Pipeline, PipelineError};
+use crate::config::EntityIndex;
 use crate::model::{Change, ChangeOp, Lsn, SourceChange, TupleValue};
 #[cfg(test)]
 use crate::model::{Event, EventData};
@@ -27,13 +28,13 @@ pub fn snapshot_id(consistent: Lsn, entity: &str, key: &str) -> String {
 }
 
 /// The event a snapshot row maps to before governance (its mapped fields as
-/// `data`): what [`snapshot_mapped`] hands the governor, seen as an event.
+/// `data`): what [`snapshot_mapped`] hands the governance, seen as an event.
 /// Only for tests of the mapping; targets receive governed documents.
 #[cfg(test)]
 fn snapshot_event(
     pipeline: &Pipeline,
     relation_id: u32,
-    entity: usize,
+    entity: EntityIndex,
     row: &[Option<String>],
     consistent: Lsn,
     time: &str,
@@ -48,14 +49,14 @@ fn snapshot_event(
 }
 
 /// Maps one snapshot row of the relation `relation_id` (which the pipeline
-/// must know, see [`Pipeline::on_relation`]) for entity index `entity`, as
-/// the governor takes it: the mapped change (with
+/// must know, see [`Pipeline::on_relation`]) for entity `entity`, as
+/// the governance takes it: the mapped change (with
 /// the whole row for entities whose rows are captured), carrying the
 /// snapshot's id, version and `Snapshot` change kind.
 pub fn snapshot_mapped(
     pipeline: &Pipeline,
     relation_id: u32,
-    entity: usize,
+    entity: EntityIndex,
     row: &[Option<String>],
     consistent: Lsn,
     time: &str,
@@ -132,7 +133,7 @@ entities = ["product"]
             Some(r#"{"en_US": "Desk"}"#.to_string()),
             Some("10.50".to_string()),
         ];
-        let e = snapshot_event(&pipeline, 7, 0, &row, Lsn(0x100), "t")
+        let e = snapshot_event(&pipeline, 7, EntityIndex(0), &row, Lsn(0x100), "t")
             .unwrap()
             .unwrap();
         assert_eq!(e.key, "42");

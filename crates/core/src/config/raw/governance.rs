@@ -16,7 +16,7 @@ use crate::config::governance::{
     Check, ChildConfig, EntityGovernance, GovernanceConfig, Mask, OnUnpublish, RefField, Rule,
     TargetPolicy,
 };
-use crate::config::{EntityConfig, FieldConfig, TargetConfig};
+use crate::config::{EntityConfig, EntityIndex, FieldConfig, TargetConfig};
 
 const RULE_KEYS: &[&str] = &[
     "name",
@@ -84,7 +84,7 @@ pub(super) fn check(
         // references): hidden entities are governed, so their whole rows,
         // those columns included, are captured.
         for (c, child) in g.children.iter_mut().enumerate() {
-            child.entity = entities.len() + hidden.len();
+            child.entity = EntityIndex(entities.len() + hidden.len());
             hidden.push((
                 EntityConfig {
                     name: format!("{}.{}", entity.name, child.name),
@@ -94,7 +94,7 @@ pub(super) fn check(
                     fields: child.fields.clone(),
                 },
                 EntityGovernance {
-                    child_of: Some((i, c)),
+                    child_of: Some((EntityIndex(i), c)),
                     field_order: child.fields.iter().map(|f| f.name.clone()).collect(),
                     ..EntityGovernance::default()
                 },
@@ -499,7 +499,7 @@ fn check_child(
         fields,
         refs,
         field_order,
-        entity: 0,
+        entity: EntityIndex(0),
     })
 }
 
@@ -785,7 +785,7 @@ fn check_target(
 #[cfg(test)]
 mod tests {
     use crate::config::governance::Check;
-    use crate::config::Config;
+    use crate::config::{Config, EntityIndex};
     use std::path::Path;
 
     const BASE: &str = r#"
@@ -912,8 +912,8 @@ fields = { product = ["sku"] }
         assert_eq!(c.entities[2].name, "product.lines");
         let g = &c.governance.entities[1];
         assert_eq!(g.refs[0].column, "uom_id");
-        assert_eq!(g.children[0].entity, 2);
-        assert_eq!(c.governance.entities[2].child_of, Some((1, 0)));
+        assert_eq!(g.children[0].entity, EntityIndex(2));
+        assert_eq!(c.governance.entities[2].child_of, Some((EntityIndex(1), 0)));
         assert_eq!(
             c.entities[1].fields.len(),
             1,
@@ -1017,7 +1017,7 @@ reference = { field = "lines.product", entity = "product" }
             target("\"bom\"", "")
         );
         let c = Config::parse(&text, Path::new("t.toml"), Path::new("/tmp")).unwrap();
-        let bom = c.entities.iter().position(|e| e.name == "bom").unwrap();
+        let bom = c.entity_index("bom").unwrap();
         let rule = &c.governance.entities[bom].rules[0];
         assert!(matches!(
             &rule.checks[0],
@@ -1193,7 +1193,7 @@ fields = { zcode = "code", active = "active" }
         );
         let c = Config::parse(&text, Path::new("t.toml"), Path::new("/tmp")).unwrap();
         let gov = |name: &str| {
-            let i = c.entities.iter().position(|e| e.name == name).unwrap();
+            let i = c.entity_index(name).unwrap();
             &c.governance.entities[i]
         };
         assert_eq!(gov("uom").field_order, ["name"]);
@@ -1225,7 +1225,7 @@ children = { rules = { table = "stock_rule", parent = "route_id", fields = { cat
             target("\"bom\", \"route\"", "")
         );
         let c = Config::parse(&text, Path::new("t.toml"), Path::new("/tmp")).unwrap();
-        let bom = c.entities.iter().position(|e| e.name == "bom").unwrap();
+        let bom = c.entity_index("bom").unwrap();
         let lines = &c.governance.entities[bom].children[0];
         assert_eq!(lines.fields.len(), 1);
         assert_eq!(lines.fields[0].name, "qty");
@@ -1242,7 +1242,7 @@ children = { rules = { table = "stock_rule", parent = "route_id", fields = { cat
         );
         assert!(!r.external_id);
         // The hidden entity over mrp_bom_line maps the plain fields; the
-        // reference column reaches the governor in the captured row, as an
+        // reference column reaches the governance in the captured row, as an
         // entity's reference columns do (hidden entities are governed).
         let hidden = &c.entities[lines.entity];
         assert_eq!(hidden.name, "bom.lines");
@@ -1250,7 +1250,7 @@ children = { rules = { table = "stock_rule", parent = "route_id", fields = { cat
         assert!(c.governance.entities[lines.entity].is_governed());
         assert!(c.governance.entities[lines.entity].is_hidden());
         // An external-id reference of a child joins ir_model_data with its model.
-        let route = c.entities.iter().position(|e| e.name == "route").unwrap();
+        let route = c.entity_index("route").unwrap();
         let categ = &c.governance.entities[route].children[0].refs[0];
         assert!(categ.external_id);
         assert_eq!(categ.model, "product.category");

@@ -1160,3 +1160,17 @@ fn max_in_flight_is_1_by_default_at_most_64_and_1_for_file_targets() {
         "one batch at a time",
     );
 }
+
+#[test]
+fn entity_and_target_indices_print_and_serialize_as_bare_numbers() {
+    use crate::config::{EntityIndex, TargetIndex};
+    // The fingerprint of an entity's settings digests their Debug text, and
+    // staged large transactions hold the entity index as JSON.
+    assert_eq!(format!("{:?}", Some((EntityIndex(1), 0))), "Some((1, 0))");
+    assert_eq!(format!("{:?}", vec![TargetIndex(2)]), "[2]");
+    assert_eq!(serde_json::to_string(&EntityIndex(3)).unwrap(), "3");
+    assert_eq!(
+        serde_json::from_str::<EntityIndex>("3").unwrap(),
+        EntityIndex(3)
+    );
+}
