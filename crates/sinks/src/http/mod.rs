@@ -7,6 +7,7 @@
 //! sensitive in the request and never appear in `Debug` output, logs or
 //! messages, and neither does the URL's query or userinfo.
 
+pub mod config;
 mod service;
 mod signing;
 
@@ -15,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, USER_AGENT};
 
-use crate::envelope::{self, EnvelopeContext};
-use steward_core::config::{Envelope, HttpTargetConfig, Secret, SecretBytes, TargetConfig};
+pub use self::config::{HttpExtras, HttpTargetConfig, SecretBytes};
+use crate::envelope::{self, Envelope, EnvelopeContext};
+use steward_core::config::{Secret, TargetConfig};
 use steward_core::model::Event;
 
 pub use signing::{sign, webhook_id};
@@ -314,7 +316,7 @@ fn header_map(target: &str, headers: &[(String, Secret)]) -> Result<HeaderMap, H
 /// Adds the custom CA and the client certificate (mutual TLS) to the client.
 fn tls_files(
     target: &str,
-    extra: &steward_core::config::HttpExtras,
+    extra: &HttpExtras,
     mut builder: reqwest::ClientBuilder,
 ) -> Result<reqwest::ClientBuilder, HttpSinkError> {
     let fail = |key: &'static str, path: &std::path::Path, cause: String| HttpSinkError::TlsFile {
@@ -394,7 +396,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
     use crate::cloudevents::BATCH_CONTENT_TYPE;
-    use steward_core::config::TargetKind;
     use steward_core::model::EventOp;
     use steward_devkit::receiver::{Behaviour, Receiver};
 
@@ -416,8 +417,9 @@ mod tests {
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(10),
             delivery: Default::default(),
-            kind: TargetKind::Http(http.clone()),
             initial: steward_core::config::InitialSync::Snapshot,
+            type_name: "http".into(),
+            settings: std::sync::Arc::new(crate::config::SinkConfig::Http(http.clone())),
         };
         (target, http)
     }
