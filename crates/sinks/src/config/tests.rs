@@ -539,3 +539,57 @@ fn a_file_target_takes_one_batch_at_a_time() {
         "one batch at a time",
     );
 }
+
+#[test]
+fn headers_steward_sets_cannot_be_configured() {
+    let h = "targets.wms.headers";
+    for name in crate::http::config::RESERVED_HEADERS {
+        let written = name.to_ascii_uppercase();
+        assert_error(
+            &errors_with(h, &format!("{{ {written} = \"x\" }}")),
+            &format!("targets.wms.headers.{written}"),
+            "reserved: host, content-length, transfer-encoding, connection, keep-alive, \
+             proxy-connection, te, upgrade, content-type",
+        );
+    }
+
+    std::env::set_var("STEWARD_TEST_BEARER", "t0ken");
+    let text = edit(
+        MINIMAL,
+        &[
+            (
+                "targets.wms.bearer_token_env",
+                Some("\"STEWARD_TEST_BEARER\""),
+            ),
+            (
+                "targets.wms.headers",
+                Some("{ authorization = \"Basic x\" }"),
+            ),
+        ],
+    );
+    assert_error(
+        &errors(&text),
+        "targets.wms.headers.authorization",
+        "is set by targets.wms.bearer_token_env, which would replace this value",
+    );
+
+    std::env::set_var("STEWARD_TEST_WHSEC", "k3y");
+    let text = edit(
+        MINIMAL,
+        &[
+            (
+                "targets.wms.signing_secret_env",
+                Some("\"STEWARD_TEST_WHSEC\""),
+            ),
+            ("targets.wms.headers", Some("{ Webhook-Id = \"1\" }")),
+        ],
+    );
+    assert_error(
+        &errors(&text),
+        "targets.wms.headers.Webhook-Id",
+        "is set by targets.wms.signing_secret_env",
+    );
+    // Unsigned, the Standard Webhooks headers are the operator's own.
+    let c = ok_with("targets.wms.headers", "{ Webhook-Id = \"1\" }");
+    assert_eq!(http(&c).headers[0].0, "Webhook-Id");
+}

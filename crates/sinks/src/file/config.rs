@@ -11,7 +11,9 @@ use crate::envelope::Envelope;
 
 pub(crate) const KEYS: &[&str] = &["path", "envelope", "max_bytes", "max_files"];
 
+/// Built by `check` only, so the sink can rely on its rules.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct FileTargetConfig {
     pub path: PathBuf,
     pub envelope: Envelope,

@@ -36,10 +36,33 @@ pub(crate) const KEYS: &[&str] = &[
 ];
 /// Keys of a header whose value is read from elsewhere.
 pub(crate) const HEADER_SOURCE_KEYS: &[&str] = &["file", "env"];
-/// Headers that describe the request framing, which the HTTP client owns.
-const RESERVED_HEADERS: &[&str] = &["host", "content-length", "transfer-encoding", "connection"];
+/// Headers a target's `headers` cannot set: steward or its HTTP client sets
+/// them on every request, and a configured value would be dropped without a
+/// word or would break the request.
+/// - `host` comes from `url`; another one would not match the TLS server name.
+/// - `content-length` and `transfer-encoding` frame the body.
+/// - `connection`, `keep-alive`, `proxy-connection`, `te` and `upgrade` are
+///   hop-by-hop: the client manages the connection, and over HTTP/2 hyper
+///   drops them.
+/// - `content-type` is steward's, per envelope; the client lets a request's
+///   own header win over configured ones.
+///
+/// Checked here only: the sink sends the headers this check let through.
+pub const RESERVED_HEADERS: &[&str] = &[
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "upgrade",
+    "content-type",
+];
 
+/// Built by `check` only, so the sink can rely on its rules.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct HttpTargetConfig {
     pub url: url::Url,
     pub timeout: Duration,
@@ -104,6 +127,11 @@ pub(crate) fn check(
     };
 
     let extra = check_extras(r, base_dir, errs);
+    if let (Some(list), Some(extra)) = (&headers, &extra) {
+        if !headers_steward_sets(r, list, extra, errs) {
+            return None;
+        }
+    }
     Some(HttpTargetConfig {
         url: url?,
         timeout: Duration::from_millis(timeout?),
@@ -184,8 +212,8 @@ fn check_headers(
                 errs.add(
                     &hkey,
                     format!(
-                        "header {name} is set by the HTTP client and cannot be configured; \
-                         reserved: {}",
+                        "header {name} is set by steward or its HTTP client and cannot be \
+                         configured; reserved: {}",
                         RESERVED_HEADERS.join(", ")
                     ),
                 );
@@ -258,6 +286,39 @@ fn check_headers(
         }
     }
     out
+}
+
+/// Headers that `bearer_token_*` or `signing_secret_*` set on each request,
+/// where they would replace the configured ones; `false` after reporting one.
+fn headers_steward_sets(
+    r: &Reader,
+    headers: &[(String, Secret)],
+    extra: &HttpExtras,
+    errs: &mut Errors,
+) -> bool {
+    let mut ok = true;
+    for (name, _) in headers {
+        let lower = name.to_ascii_lowercase();
+        let set_by = if extra.bearer_token.is_some() && lower == "authorization" {
+            ["bearer_token_file", "bearer_token_env"]
+        } else if extra.signing_key.is_some() && super::signing::HEADERS.contains(&lower.as_str()) {
+            ["signing_secret_file", "signing_secret_env"]
+        } else {
+            continue;
+        };
+        let [file, env] = set_by;
+        let by = if r.has(file) { file } else { env };
+        errs.add(
+            &join(&r.key("headers"), name),
+            format!(
+                "{name} is set by {}, which would replace this value; remove the header or \
+                 {by}",
+                r.key(by)
+            ),
+        );
+        ok = false;
+    }
+    ok
 }
 
 /// Standard Webhooks keys are often written `whsec_<base64>`: that form is

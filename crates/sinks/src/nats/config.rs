@@ -28,7 +28,9 @@ pub(crate) const KEYS: &[&str] = &[
     "connect_timeout_ms",
 ];
 
+/// Built by `check` only, so the sink can rely on its rules.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct NatsTargetConfig {
     /// One or more `nats://host:port` server addresses.
     pub servers: Vec<String>,

@@ -24,7 +24,9 @@ pub(crate) const KEYS: &[&str] = &[
     "connect_timeout_ms",
 ];
 
+/// Built by `check` only, so the sink can rely on its rules.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct PostgresTargetConfig {
     pub conn: PgConnConfig,
     pub schema: String,
