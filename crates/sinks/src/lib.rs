@@ -1,5 +1,11 @@
 //! Targets: one module per target type, and the per-target delivery driver
 //! that reads the target's outbox cursor and hands batches to its sink.
+//!
+//! Each type's module owns its settings and their checks (`http::config`,
+//! ...); [`config::load`] runs them with core's checks of the rest of the
+//! file. A new type is a module with its `config`, an entry in `config`'s
+//! `TYPES` and [`config::SinkConfig`], and a variant of [`AnySink`] built in
+//! [`build`].
 
 mod cloudevents;
 pub mod config;

@@ -593,3 +593,23 @@ fn headers_steward_sets_cannot_be_configured() {
     let c = ok_with("targets.wms.headers", "{ Webhook-Id = \"1\" }");
     assert_eq!(http(&c).headers[0].0, "Webhook-Id");
 }
+
+#[test]
+fn a_sink_needs_settings_checked_by_this_loader() {
+    let c = Config::parse(
+        MINIMAL,
+        Path::new("/etc/steward/steward.toml"),
+        Path::new("/etc/steward"),
+    )
+    .expect("valid for core");
+    assert!(SinkConfig::of(&c.targets[0]).is_none());
+    match crate::build(&c.targets[0], &c) {
+        Ok(_) => panic!("a sink was built from unchecked settings"),
+        Err(e) => assert!(
+            e.to_string()
+                .starts_with("targets.wms: the http settings were not checked"),
+            "{e}"
+        ),
+    }
+    assert!(SinkConfig::of(&ok(MINIMAL).targets[0]).is_some());
+}
