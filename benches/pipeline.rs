@@ -7,7 +7,6 @@ use std::path::Path;
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use steward_core::config::Config;
 use steward_core::model::{Change, ChangeOp, Column, Lsn, Relation, TupleValue};
 use steward_core::pipeline::{Governance, Pipeline};
 
@@ -132,7 +131,8 @@ fn changes(round: u64) -> Vec<Change> {
 
 fn setup(entities: &str) -> (Pipeline, Governance) {
     let text = format!("{BASE}{entities}");
-    let config = Config::parse(&text, Path::new("bench.toml"), Path::new("/tmp")).expect("config");
+    let config = steward_sinks::config::parse(&text, Path::new("bench.toml"), Path::new("/tmp"))
+        .expect("config");
     let mut pipeline = Pipeline::new(&config);
     let governance = Governance::new(&config);
     for e in governance.tracked_entities().collect::<Vec<_>>() {

@@ -119,7 +119,7 @@ async fn a_restored_backup_older_than_the_slot_is_repaired_to_the_current_rows()
     );
     let rx = Receiver::start().await.unwrap();
     let config_path = db.write_config(&config_text(&db, &rx.url()));
-    let config = steward_core::config::Config::load(&config_path).unwrap();
+    let config = steward_sinks::config::load(&config_path).unwrap();
     let cfg = config_path.to_str().unwrap().to_string();
 
     let daemon = InProcess::start(config.clone());

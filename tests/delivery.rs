@@ -46,7 +46,7 @@ fn config(
 ) -> (std::path::PathBuf, steward_core::config::Config) {
     let text = format!("{}{extra}\n", db.config_text(&[("wms", url, &["product"])]));
     let path = db.write_config(&text);
-    let config = steward_core::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let config = steward_sinks::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     (path, config)
 }
 

@@ -152,7 +152,7 @@ async fn postgres_restarted_mid_stream_reconnects_and_loses_nothing() {
         ),
     )
     .unwrap();
-    let daemon = InProcess::start(steward_core::config::Config::load(&path).unwrap());
+    let daemon = InProcess::start(steward_sinks::config::load(&path).unwrap());
     wait_streaming(|sql| cluster.psql("odoo", sql).unwrap(), "steward").await;
     for i in 0..20 {
         cluster

@@ -119,7 +119,7 @@ fields = { name = "name.en_US", factor = "factor" }
     );
     text.push_str(&target("wms", &wms.url(), "\"product\"", ""));
     let config_path = db.write_config(&text);
-    let config = steward_core::config::Config::load(&config_path).unwrap_or_else(|e| panic!("{e}"));
+    let config = steward_sinks::config::load(&config_path).unwrap_or_else(|e| panic!("{e}"));
     let daemon = InProcess::start(config);
     wait_streaming(&db).await;
 
@@ -329,7 +329,7 @@ fields = { acc_number = "acc_number", partner = "partner_id" }
         "route = \"row.company_id == 1\"",
     ));
     let config_path = db.write_config(&text);
-    let config = steward_core::config::Config::load(&config_path).unwrap_or_else(|e| panic!("{e}"));
+    let config = steward_sinks::config::load(&config_path).unwrap_or_else(|e| panic!("{e}"));
     let daemon = InProcess::start(config);
     wait_streaming(&db).await;
 
@@ -448,8 +448,7 @@ fields = { name = "name.en_US" }
     );
     text.push_str(&target("wms", &wms.url(), "\"product\"", ""));
     let config_path = db.write_config(&text);
-    let load =
-        || steward_core::config::Config::load(&config_path).unwrap_or_else(|e| panic!("{e}"));
+    let load = || steward_sinks::config::load(&config_path).unwrap_or_else(|e| panic!("{e}"));
     let daemon = InProcess::start(load());
     wait_streaming(&db).await;
 

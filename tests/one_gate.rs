@@ -91,7 +91,7 @@ fn target(name: &str, url: &str, entities: &[&str], initial: &str, extra: &str) 
 }
 
 fn load(path: &Path) -> steward_core::config::Config {
-    steward_core::config::Config::load(path).unwrap_or_else(|e| panic!("{e}"))
+    steward_sinks::config::load(path).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// `steward ARGS -c CONFIG --json` as a second process (it reaches a running

@@ -991,7 +991,7 @@ async fn a_least_privilege_role_from_setup_sql_works_and_missing_grants_fail_cle
     assert_eq!(attrs.trim(), "f|t");
 
     // The daemon runs as that role: publication owned by the administrator.
-    let config = steward_core::config::Config::load(&path).unwrap();
+    let config = steward_sinks::config::load(&path).unwrap();
     let daemon = support::InProcess::start(config.clone());
     let id = some_product(&db);
     let start = Instant::now();
@@ -1173,11 +1173,11 @@ fn password_file_may_name_the_systemd_credentials_directory() {
     let path = dir.path().join("steward.toml");
     // Only this test touches CREDENTIALS_DIRECTORY.
     std::env::remove_var("CREDENTIALS_DIRECTORY");
-    let errs = steward_core::config::Config::parse(text, &path, dir.path()).expect_err("unset");
+    let errs = steward_sinks::config::parse(text, &path, dir.path()).expect_err("unset");
     assert!(errs.to_string().contains("source.password_file"), "{errs}");
     assert!(errs.to_string().contains("LoadCredential"), "{errs}");
     std::env::set_var("CREDENTIALS_DIRECTORY", dir.path());
-    let config = steward_core::config::Config::parse(text, &path, dir.path()).expect("valid");
+    let config = steward_sinks::config::parse(text, &path, dir.path()).expect("valid");
     std::env::remove_var("CREDENTIALS_DIRECTORY");
     let password = config.source.password.expect("a password");
     assert_eq!(password.expose(), "s3cret");

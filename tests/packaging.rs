@@ -71,7 +71,7 @@ fn every_packaged_file_exists_and_the_essentials_are_installed() {
         "{postinst}"
     );
     // The example configuration it installs is valid as shipped.
-    steward_core::config::Config::parse(
+    steward_sinks::config::parse(
         &std::fs::read_to_string(root.join("config/steward.example.toml")).unwrap(),
         Path::new("steward.toml"),
         Path::new("/tmp"),

@@ -1399,7 +1399,7 @@ async fn on_a_tls_server_sslmodes_encrypt_or_not_as_configured_and_an_untrusted_
             ),
         )
         .unwrap();
-        steward_core::config::Config::load(&path).unwrap_or_else(|e| panic!("{e}"))
+        steward_sinks::config::load(&path).unwrap_or_else(|e| panic!("{e}"))
     };
     let wait_streaming = || async {
         for _ in 0..300 {

@@ -148,7 +148,7 @@ async fn a_value_steward_cannot_encode_is_quarantined_and_the_stream_goes_on() {
     db.sql(TABLE);
     let wms = Receiver::start().await.unwrap();
     let config_path = db.write_config(&config_text(&db, &wms.url(), "none"));
-    let config = steward_core::config::Config::load(&config_path).unwrap_or_else(|e| panic!("{e}"));
+    let config = steward_sinks::config::load(&config_path).unwrap_or_else(|e| panic!("{e}"));
     let daemon = InProcess::start(config.clone());
     wait_streaming(&db).await;
 
@@ -281,7 +281,7 @@ async fn a_value_steward_cannot_encode_in_the_initial_snapshot_is_quarantined() 
     ));
     let wms = Receiver::start().await.unwrap();
     let config_path = db.write_config(&config_text(&db, &wms.url(), "snapshot"));
-    let config = steward_core::config::Config::load(&config_path).unwrap_or_else(|e| panic!("{e}"));
+    let config = steward_sinks::config::load(&config_path).unwrap_or_else(|e| panic!("{e}"));
     let daemon = InProcess::start(config);
 
     wait_until("the snapshot's good rows", WAIT, || {

@@ -11,7 +11,7 @@ use proptest::prelude::*;
 use steward_core::config::Config;
 
 fn parse(text: &str) -> Result<Config, steward_core::config::ConfigErrors> {
-    Config::parse(text, Path::new("prop.toml"), Path::new("/tmp"))
+    steward_sinks::config::parse(text, Path::new("prop.toml"), Path::new("/tmp"))
 }
 
 /// Fragments that look like parts of a real config, valid or not.

@@ -74,7 +74,7 @@ async fn an_invalidated_slot_is_reported_at_risk_then_lost_and_reset_all_recover
     let slot = format!("steward_{}", db.name);
     let rows = db_prices(&db).len();
 
-    let daemon = InProcess::start(steward_core::config::Config::load(&cfg).unwrap());
+    let daemon = InProcess::start(steward_sinks::config::load(&cfg).unwrap());
     wait_until("the initial snapshot arrives", WAIT, || {
         wms.accepted_count() >= rows
     })
@@ -124,7 +124,7 @@ async fn an_invalidated_slot_is_reported_at_risk_then_lost_and_reset_all_recover
     );
 
     // Starting fails with the problem and the fix.
-    let daemon = InProcess::start(steward_core::config::Config::load(&cfg).unwrap());
+    let daemon = InProcess::start(steward_sinks::config::load(&cfg).unwrap());
     wait_until("the daemon stops", WAIT, || daemon.is_finished()).await;
     let error = format!(
         "{:#}",
@@ -153,7 +153,7 @@ async fn an_invalidated_slot_is_reported_at_risk_then_lost_and_reset_all_recover
     let (ok, _, err) = steward(&["reset", "--all"], &cfg);
     assert!(ok, "{err}");
     let before = wms.accepted_count();
-    let daemon = InProcess::start(steward_core::config::Config::load(&cfg).unwrap());
+    let daemon = InProcess::start(steward_sinks::config::load(&cfg).unwrap());
     wait_until("the fresh snapshot arrives", WAIT, || {
         wms.accepted_count() >= before + rows
     })

@@ -102,7 +102,7 @@ async fn initial_snapshot_is_consistent_with_concurrent_writes() {
     ));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = spawn_writer(db.name.clone(), stop.clone());
-    let daemon = InProcess::start(steward_core::config::Config::load(&cfg).unwrap());
+    let daemon = InProcess::start(steward_sinks::config::load(&cfg).unwrap());
     // Writes go on during the snapshot and a little after it.
     wait_until("the snapshot rows arrive", WAIT, || {
         wms.accepted_count() >= 20000
@@ -166,7 +166,7 @@ async fn reset_of_one_target_while_another_keeps_receiving() {
             ("erp", &erp.url(), &["product"], "none"),
         ],
     ));
-    let daemon = InProcess::start(steward_core::config::Config::load(&cfg).unwrap());
+    let daemon = InProcess::start(steward_sinks::config::load(&cfg).unwrap());
     wait_until("the initial snapshot arrives", WAIT, || {
         mes.accepted_count() >= 20000
     })
@@ -340,7 +340,7 @@ async fn a_slot_dropped_while_running_stops_with_the_fix_and_reset_all_recovers(
         .trim()
         .parse()
         .unwrap();
-    let daemon = InProcess::start(steward_core::config::Config::load(&cfg).unwrap());
+    let daemon = InProcess::start(steward_sinks::config::load(&cfg).unwrap());
     wait_until("the initial snapshot arrives", WAIT, || {
         wms.accepted_count() >= rows
     })
@@ -389,7 +389,7 @@ async fn a_slot_dropped_while_running_stops_with_the_fix_and_reset_all_recovers(
         String::from_utf8_lossy(&out.stderr)
     );
     let before = wms.accepted_count();
-    let daemon = InProcess::start(steward_core::config::Config::load(&cfg).unwrap());
+    let daemon = InProcess::start(steward_sinks::config::load(&cfg).unwrap());
     wait_until("the fresh snapshot arrives", WAIT, || {
         wms.accepted_count() >= before + rows
     })

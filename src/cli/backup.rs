@@ -77,7 +77,7 @@ fn absolute(dest: &Path) -> anyhow::Result<PathBuf> {
 }
 
 pub fn command(config: &Path, dest: &Path, force: bool, json: bool) -> std::process::ExitCode {
-    let config = match Config::load(config) {
+    let config = match steward_sinks::config::load(config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");

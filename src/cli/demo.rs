@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::watch;
 
-use steward_core::config::Config;
 use steward_devkit::cluster::{DevCluster, DevClusterOptions};
 use steward_devkit::receiver::Receiver;
 
@@ -146,7 +145,7 @@ async fn show(
         .replace("{{FINANCE_URL}}", &finance.url());
     let config_path = state_dir.path().join("steward.toml");
     std::fs::write(&config_path, &text)?;
-    let config = Config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = steward_sinks::config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
     println!(
         "  config: {} (entities product, partner, uom, workcenter; targets mes, finance)",
         config_path.display()

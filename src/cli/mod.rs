@@ -196,7 +196,7 @@ fn report_failure(e: &anyhow::Error) -> ExitCode {
 }
 
 fn load_or_exit(path: &std::path::Path) -> Result<Config, ExitCode> {
-    Config::load(path).map_err(|e| {
+    steward_sinks::config::load(path).map_err(|e| {
         eprintln!("{e}");
         ExitCode::from(2)
     })
@@ -240,7 +240,7 @@ fn governance_command(
     req: governance::RequestFn,
     json: bool,
 ) -> ExitCode {
-    let config = match Config::load(config) {
+    let config = match steward_sinks::config::load(config) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
@@ -265,7 +265,7 @@ pub fn main() -> ExitCode {
     let demo = false;
     init_logging(cli.log_format, demo);
     match cli.command {
-        Command::CheckConfig { config } => match Config::load(&config) {
+        Command::CheckConfig { config } => match steward_sinks::config::load(&config) {
             Ok(c) => {
                 outln!("{}", check_summary(&config, &c));
                 ExitCode::SUCCESS
@@ -276,7 +276,7 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Run { config: path } => {
-            let config = match Config::load(&path) {
+            let config = match steward_sinks::config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
@@ -286,7 +286,7 @@ pub fn main() -> ExitCode {
             run_blocking(crate::daemon::control::run(path, config))
         }
         Command::Status { config, json } => {
-            let config = match Config::load(&config) {
+            let config = match steward_sinks::config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
@@ -301,7 +301,7 @@ pub fn main() -> ExitCode {
             force,
             json,
         } => backup::command(&config, &dest, force, json),
-        Command::SetupSql { config } => match Config::load(&config) {
+        Command::SetupSql { config } => match steward_sinks::config::load(&config) {
             Ok(c) => {
                 out::text(&setup_sql::script(&c));
                 ExitCode::SUCCESS
@@ -375,7 +375,7 @@ pub fn main() -> ExitCode {
             all,
             no_wait,
         } => {
-            let config = match Config::load(&config) {
+            let config = match steward_sinks::config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
                     eprintln!("{e}");
@@ -536,7 +536,8 @@ url = "http://localhost/x"
 entities = ["bom"]
 "#;
         let path = std::path::Path::new("/etc/steward/steward.toml");
-        let config = Config::parse(text, path, std::path::Path::new("/tmp")).unwrap();
+        let config =
+            steward_sinks::config::parse(text, path, std::path::Path::new("/tmp")).unwrap();
         assert_eq!(
             config.entities.len(),
             5,

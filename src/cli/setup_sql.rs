@@ -107,7 +107,8 @@ type = "http"
 url = "http://localhost:1/x"
 entities = ["product", "partner"]
 "#;
-        let config = Config::parse(text, &dir.path().join("c.toml"), dir.path()).expect("valid");
+        let config = steward_sinks::config::parse(text, &dir.path().join("c.toml"), dir.path())
+            .expect("valid");
         let sql = script(&config);
         assert!(
             sql.contains("CREATE ROLE \"steward_ro\" LOGIN REPLICATION;"),

@@ -130,7 +130,7 @@ async fn next_stop_signal(signals: &mut signal_hook_tokio::Signals) -> Option<i3
 /// Loads and checks the file again; `None` (logged) when it is invalid or unchanged in effect.
 fn reload(path: &Path, current: &Config) -> Option<Config> {
     tracing::info!(path = %path.display(), "SIGHUP received: reloading the configuration");
-    let new = match Config::load(path) {
+    let new = match steward_sinks::config::load(path) {
         Ok(c) => c,
         Err(e) => {
             metrics::counter!(steward_core::metric::CONFIG_RELOADS, "result" => "rejected")

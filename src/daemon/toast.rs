@@ -188,7 +188,7 @@ type = "http"
 url = "http://localhost:1/"
 entities = ["product", "uom", "partner"]
 "#;
-        Config::parse(text, "t.toml".as_ref(), "/tmp".as_ref()).unwrap()
+        steward_sinks::config::parse(text, "t.toml".as_ref(), "/tmp".as_ref()).unwrap()
     }
 
     fn col(table: &str, column: &str, ident: &str) -> ToastableColumn {

@@ -188,7 +188,7 @@ fields = {{ product_tmpl_id = "product_tmpl_id", qty = "product_qty", code = "co
 
     pub fn config(&self, text: &str) -> Config {
         let path = self.write_config(text);
-        Config::load(&path).unwrap_or_else(|e| panic!("{e}"))
+        steward_sinks::config::load(&path).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// The slot's confirmed_flush_lsn as a number, if the slot exists.

@@ -1279,7 +1279,6 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use super::*;
-    use steward_core::config::{HttpTargetConfig, TargetKind};
     use steward_core::model::{EventOp, Lsn};
 
     const WAIT: Duration = Duration::from_secs(20);
@@ -1315,14 +1314,10 @@ mod tests {
             retry_initial: Duration::from_millis(1),
             retry_max: Duration::from_millis(8),
             delivery: Default::default(),
-            kind: TargetKind::Http(HttpTargetConfig {
-                url: "http://127.0.0.1:9/events".parse().unwrap(),
-                timeout: Duration::from_secs(5),
-                connect_timeout: Duration::from_secs(1),
-                headers: Vec::new(),
-                extra: Default::default(),
-            }),
             initial: steward_core::config::InitialSync::Snapshot,
+            // The driver never builds a sink: the tests hand it fakes.
+            type_name: "http".into(),
+            settings: Arc::new(steward_core::config::Unchecked),
         }
     }
 

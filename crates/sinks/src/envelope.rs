@@ -26,8 +26,18 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::cloudevents::{write_batch, write_event, BATCH_CONTENT_TYPE};
-use steward_core::config::{Config, Envelope};
+use steward_core::config::Config;
 use steward_core::model::{Event, EventData, EventOp, SourceChange};
+
+/// How each event is wrapped on the wire (HTTP, NATS and file targets).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Envelope {
+    /// CloudEvents 1.0 JSON (structured mode); a JSON array per HTTP batch.
+    #[default]
+    CloudEvents,
+    /// Debezium's change-event JSON (`before`/`after`/`source`/`op`/`ts_ms`).
+    Debezium,
+}
 
 /// What the envelopes need besides the event: the source's names.
 #[derive(Clone, Debug, Default)]

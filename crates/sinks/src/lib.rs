@@ -1,7 +1,14 @@
 //! Targets: one module per target type, and the per-target delivery driver
 //! that reads the target's outbox cursor and hands batches to its sink.
+//!
+//! Each type's module owns its settings and their checks (`http::config`,
+//! ...); [`config::load`] runs them with core's checks of the rest of the
+//! file. A new type is a module with its `config`, an entry in `config`'s
+//! `TYPES` and [`config::SinkConfig`], and a variant of [`AnySink`] built in
+//! [`build`].
 
 mod cloudevents;
+pub mod config;
 pub mod driver;
 pub mod envelope;
 pub mod file;
@@ -12,9 +19,10 @@ pub mod requests;
 
 pub use driver::{Deliver, DeliveryError};
 
-use steward_core::config::{Config, TargetConfig, TargetKind};
+use steward_core::config::{Config, TargetConfig};
 use steward_core::model::Event;
 
+use config::SinkConfig;
 use envelope::EnvelopeContext;
 
 /// Every sink type behind one `Deliver` implementation.
@@ -49,22 +57,30 @@ pub enum BuildError {
     Other(String),
 }
 
-/// Builds the sink for a target. Sinks that talk to a server (postgres,
-/// nats) connect on their first delivery, so a target that is down at start
-/// only delays its own events (retried by the driver) and not the daemon.
+/// Builds the sink for a target of a configuration loaded with
+/// [`config::load`]. Sinks that talk to a server (postgres, nats) connect on
+/// their first delivery, so a target that is down at start only delays its
+/// own events (retried by the driver) and not the daemon.
 pub fn build(target: &TargetConfig, config: &Config) -> Result<AnySink, BuildError> {
     let ctx = EnvelopeContext::from_config(config);
-    match &target.kind {
-        TargetKind::Http(http) => {
+    let Some(settings) = SinkConfig::of(target) else {
+        return Err(BuildError::Other(format!(
+            "targets.{}: the {} settings were not checked; load the configuration with \
+             steward_sinks::config::load",
+            target.name, target.type_name
+        )));
+    };
+    match settings {
+        SinkConfig::Http(http) => {
             let mut sink = http::HttpSink::new(target, http, ctx.source.clone())?;
             sink.set_envelope_context(ctx);
             Ok(AnySink::Http(sink))
         }
-        TargetKind::Postgres(pg) => Ok(AnySink::Postgres(postgres::PostgresSink::new(
+        SinkConfig::Postgres(pg) => Ok(AnySink::Postgres(postgres::PostgresSink::new(
             target, pg, config,
         ))),
-        TargetKind::Nats(nats) => Ok(AnySink::Nats(nats::NatsSink::new(target, nats, ctx))),
-        TargetKind::File(file) => Ok(AnySink::File(
+        SinkConfig::Nats(nats) => Ok(AnySink::Nats(nats::NatsSink::new(target, nats, ctx))),
+        SinkConfig::File(file) => Ok(AnySink::File(
             file::FileSink::open(target, file, ctx).map_err(BuildError::Other)?,
         )),
     }

@@ -1,18 +1,35 @@
 //! Configuration: one TOML file, parsed loosely in `raw`, then checked into
 //! the typed [`Config`] below. Every problem is reported at once, each naming
-//! the dotted key, what is wrong and what would be valid.
+//! the dotted key, what is wrong and what would be valid. The keys a target's
+//! type adds are checked by that type (see [`TargetTypes`]), which lives with
+//! its sink in the sinks crate.
 
 mod delivery;
 pub mod governance;
 mod raw;
+mod target_types;
 
 pub use delivery::{parse_duration, parse_time_of_day, DeliveryPolicy, Window};
 pub use steward_postgres::{Secret, SecretOrigin, SourceConfig, SslMode};
+pub use target_types::{TargetContext, TargetSettings, TargetTypes, Unchecked};
+
+/// Reading TOML tables while collecting every problem: the building blocks of
+/// core's own sections, for the target types' checks (see [`TargetTypes`]).
+pub mod check {
+    pub use super::raw::pgurl::{parse_pg_url, PgUrl};
+    pub use super::raw::reader::{check_sql_ident, join, type_name, Errors, Reader, MAX_IDENT};
+    pub use super::raw::{
+        check_sslrootcert, existing_file, optional_secret, resolve, secret_from_env,
+        secret_from_file,
+    };
+}
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-/// A checked configuration. Built only by [`Config::load`] / [`Config::parse`].
+/// A checked configuration. Built only by [`Config::load`], [`Config::parse_with`] and
+/// [`Config::parse`].
 #[derive(Clone, Debug)]
 pub struct Config {
     pub source: SourceConfig,
@@ -156,9 +173,12 @@ pub struct TargetConfig {
     pub retry_max: Duration,
     /// Dead letters, rate limits and batch windows.
     pub delivery: DeliveryPolicy,
-    pub kind: TargetKind,
     /// What a target gets when steward first sees it (see `source::snapshot`).
     pub initial: InitialSync,
+    /// `type = "..."`: which sink delivers to this target.
+    pub type_name: String,
+    /// The keys the type adds, as its [`TargetTypes`] checked them.
+    pub settings: Arc<dyn TargetSettings>,
 }
 
 /// `targets.NAME.initial`: whether a new target first receives every
@@ -168,126 +188,6 @@ pub enum InitialSync {
     #[default]
     Snapshot,
     None,
-}
-
-#[derive(Clone, Debug)]
-pub enum TargetKind {
-    Http(HttpTargetConfig),
-    Postgres(PostgresTargetConfig),
-    Nats(NatsTargetConfig),
-    File(FileTargetConfig),
-}
-
-/// How each event is wrapped on the wire (HTTP, NATS and file targets).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Envelope {
-    /// CloudEvents 1.0 JSON (structured mode); a JSON array per HTTP batch.
-    #[default]
-    CloudEvents,
-    /// Debezium's change-event JSON (`before`/`after`/`source`/`op`/`ts_ms`).
-    Debezium,
-}
-
-/// The HTTP target's optional features; `Default` is plain, unsigned CloudEvents.
-#[derive(Clone, Debug, Default)]
-pub struct HttpExtras {
-    pub envelope: Envelope,
-    /// Standard Webhooks signing key (raw bytes, `whsec_` already decoded).
-    pub signing_key: Option<SecretBytes>,
-    /// Sent as `Authorization: Bearer <token>`.
-    pub bearer_token: Option<Secret>,
-    /// PEM certificate chain and private key for mutual TLS.
-    pub client_identity: Option<(PathBuf, PathBuf)>,
-    /// PEM CA certificates trusted in addition to the system's.
-    pub ca_file: Option<PathBuf>,
-}
-
-/// Key bytes that never print.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SecretBytes(pub Vec<u8>);
-
-impl std::fmt::Debug for SecretBytes {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SecretBytes(***)")
-    }
-}
-
-/// Connection settings for a PostgreSQL target, parsed like `source.url`.
-#[derive(Clone, Debug)]
-pub struct PgConnConfig {
-    pub url_display: String,
-    pub host: String,
-    pub port: u16,
-    pub user: String,
-    pub dbname: String,
-    pub password: Option<Secret>,
-    pub sslmode: SslMode,
-    pub sslrootcert: Option<PathBuf>,
-    pub connect_timeout: Duration,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DeleteMode {
-    /// Keep the row with `_deleted = true` (a tombstone in place).
-    Soft,
-    /// Remove the row; a tombstone is kept in `<table>__deleted`.
-    Delete,
-}
-
-#[derive(Clone, Debug)]
-pub struct PostgresTargetConfig {
-    pub conn: PgConnConfig,
-    pub schema: String,
-    /// Entity name → table name (prefix and per-entity overrides applied).
-    pub tables: Vec<(String, String)>,
-    pub delete_mode: DeleteMode,
-    pub create_tables: bool,
-    /// Longest one batch's transaction may take.
-    pub timeout: Duration,
-}
-
-#[derive(Clone, Debug)]
-pub enum NatsAuth {
-    None,
-    Token(Secret),
-    UserPassword(String, Secret),
-    CredsFile(PathBuf),
-}
-
-#[derive(Clone, Debug)]
-pub struct NatsTargetConfig {
-    /// One or more `nats://host:port` server addresses.
-    pub servers: Vec<String>,
-    pub auth: NatsAuth,
-    /// E.g. `steward.{entity}.{op}`; placeholders `{entity}`, `{op}`, `{key}`, `{target}`.
-    pub subject: String,
-    pub envelope: Envelope,
-    pub stream: Option<String>,
-    pub create_stream: bool,
-    pub stream_subjects: Vec<String>,
-    pub duplicate_window: Duration,
-    pub timeout: Duration,
-    pub connect_timeout: Duration,
-}
-
-#[derive(Clone, Debug)]
-pub struct FileTargetConfig {
-    pub path: PathBuf,
-    pub envelope: Envelope,
-    pub max_bytes: u64,
-    /// Rotated files kept besides the active one.
-    pub max_files: u32,
-}
-
-#[derive(Clone, Debug)]
-pub struct HttpTargetConfig {
-    pub url: url::Url,
-    pub timeout: Duration,
-    pub connect_timeout: Duration,
-    /// Extra request headers; values may be secrets (read from files or the environment).
-    pub headers: Vec<(String, Secret)>,
-    /// Envelope, signing, bearer token and TLS options.
-    pub extra: HttpExtras,
 }
 
 #[derive(Clone, Debug)]
@@ -333,15 +233,28 @@ pub struct ConfigErrors {
 }
 
 impl Config {
-    /// Reads and checks the file. Relative paths inside it (state.path,
-    /// password_file, ...) are resolved against the file's directory.
-    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        raw::load(path)
+    /// Reads and checks the file, each target's own keys with `types`.
+    /// Relative paths inside it (state.path, password_file, ...) are resolved
+    /// against the file's directory.
+    pub fn load(path: &Path, types: &dyn TargetTypes) -> Result<Config, ConfigErrors> {
+        raw::load(path, types)
     }
 
     /// Checks configuration text; `base_dir` resolves relative paths.
+    pub fn parse_with(
+        text: &str,
+        path: &Path,
+        base_dir: &Path,
+        types: &dyn TargetTypes,
+    ) -> Result<Config, ConfigErrors> {
+        raw::parse(text, path, base_dir, Some(types))
+    }
+
+    /// Checks everything but the keys each target's type adds, which are
+    /// accepted as written and not kept ([`Unchecked`]): for tests of what
+    /// core does with a configuration. No sink can be built from the result.
     pub fn parse(text: &str, path: &Path, base_dir: &Path) -> Result<Config, ConfigErrors> {
-        raw::parse(text, path, base_dir)
+        raw::parse(text, path, base_dir, None)
     }
 
     pub fn entity(&self, name: &str) -> Option<&EntityConfig> {

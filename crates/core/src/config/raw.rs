@@ -3,23 +3,25 @@
 //! The text is parsed into a plain `toml::Table` (order-preserving) and each
 //! section is then walked by hand with [`reader::Reader`], so that a mistake in
 //! `[source]` does not hide one in `[targets.x]`: every problem is collected
-//! and returned at once. Secrets (passwords, header values) are read here, at
-//! load time, and only ever stored in [`Secret`]; no message contains them.
+//! and returned at once; a target's type-specific keys are walked by its
+//! [`TargetTypes`] at the same point, with the same tools. Secrets (passwords,
+//! header values) are read at load time, with [`secret_from_file`] and
+//! [`secret_from_env`], and only ever stored in [`Secret`]; no message
+//! contains them.
 
 mod delivery;
 mod governance;
 mod paths;
-mod pgurl;
-mod reader;
-mod targets;
+pub(super) mod pgurl;
+pub(super) mod reader;
 #[cfg(test)]
 mod tests;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::{HeaderName, HeaderValue};
 use toml::{Table, Value};
 
 use self::delivery::{check_delivery, DELIVERY_KEYS};
@@ -27,8 +29,8 @@ use self::pgurl::parse_pg_url;
 use self::reader::{check_sql_ident, join, type_name, Errors, Reader, MAX_IDENT};
 use super::{
     Config, ConfigError, ConfigErrors, DaemonConfig, EntityConfig, FieldConfig, FieldSource,
-    HttpTargetConfig, InitialSync, MetricsConfig, Secret, SecretOrigin, SourceConfig, StateConfig,
-    TargetConfig, TargetKind,
+    InitialSync, MetricsConfig, Secret, SecretOrigin, SourceConfig, StateConfig, TargetConfig,
+    TargetContext, TargetTypes, Unchecked,
 };
 
 const TOP_KEYS: &[&str] = &[
@@ -67,7 +69,7 @@ const ENTITY_KEYS: &[&str] = &[
     "children",
 ];
 const FIELD_KEYS: &[&str] = &["path", "fallback"];
-/// Keys every target type accepts; each type adds its own (see `targets`).
+/// Keys every target type accepts; each type adds its own (see `TargetTypes`).
 const TARGET_KEYS: &[&str] = &[
     "type",
     "entities",
@@ -83,10 +85,6 @@ const TARGET_KEYS: &[&str] = &[
     "hash_key_file",
     "initial",
 ];
-const HEADER_SOURCE_KEYS: &[&str] = &["file", "env"];
-const TARGET_TYPES: &[&str] = &["http", "postgres", "nats", "file"];
-/// Headers that describe the request framing, which the HTTP client owns.
-const RESERVED_HEADERS: &[&str] = &["host", "content-length", "transfer-encoding", "connection"];
 
 const HOUR_MS: u64 = 3_600_000;
 const DEFAULT_READY_MAX_TARGET_STALL_MS: u64 = 300_000;
@@ -105,7 +103,7 @@ impl Config {
     }
 }
 
-pub(super) fn load(path: &Path) -> Result<Config, ConfigErrors> {
+pub(super) fn load(path: &Path, types: &dyn TargetTypes) -> Result<Config, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
         path: path.to_path_buf(),
         errors: vec![ConfigError {
@@ -117,10 +115,16 @@ pub(super) fn load(path: &Path) -> Result<Config, ConfigErrors> {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    parse(&text, path, base)
+    parse(&text, path, base, Some(types))
 }
 
-pub(super) fn parse(text: &str, path: &Path, base_dir: &Path) -> Result<Config, ConfigErrors> {
+/// With `types` `None`, the keys each target's type adds are not checked.
+pub(super) fn parse(
+    text: &str,
+    path: &Path,
+    base_dir: &Path,
+    types: Option<&dyn TargetTypes>,
+) -> Result<Config, ConfigErrors> {
     let fail = |errors| ConfigErrors {
         path: path.to_path_buf(),
         errors,
@@ -162,7 +166,7 @@ pub(super) fn parse(text: &str, path: &Path, base_dir: &Path) -> Result<Config, 
         }),
     };
     let (entity_names, entities) = check_entities(&top, &mut errs);
-    let targets = check_targets(&top, &entity_names, base_dir, &mut errs);
+    let targets = check_targets(&top, &entity_names, base_dir, types, &mut errs);
 
     let (mut entities, targets) = (entities, targets);
     let governance = match (entities.as_mut(), targets.as_ref()) {
@@ -232,7 +236,8 @@ fn required_section<'a>(
     top.table(name, errs)
 }
 
-fn resolve(base_dir: &Path, path: &str) -> PathBuf {
+/// `path` as written in the file, relative to the file's directory.
+pub fn resolve(base_dir: &Path, path: &str) -> PathBuf {
     let p = Path::new(path);
     if p.is_absolute() {
         p.to_path_buf()
@@ -270,7 +275,12 @@ fn expand_credentials_dir(key: &str, file: &str, errs: &mut Errors) -> Option<St
 
 /// Reads a secret from a file; one trailing newline (as editors add) is dropped.
 /// Messages name the key and the path, never the content.
-fn secret_from_file(key: &str, base_dir: &Path, file: &str, errs: &mut Errors) -> Option<Secret> {
+pub fn secret_from_file(
+    key: &str,
+    base_dir: &Path,
+    file: &str,
+    errs: &mut Errors,
+) -> Option<Secret> {
     if file.is_empty() {
         errs.add(
             key,
@@ -318,7 +328,7 @@ fn secret_from_file(key: &str, base_dir: &Path, file: &str, errs: &mut Errors) -
 }
 
 /// Reads a secret from an environment variable, which must be set and non-empty.
-fn secret_from_env(key: &str, name: &str, errs: &mut Errors) -> Option<Secret> {
+pub fn secret_from_env(key: &str, name: &str, errs: &mut Errors) -> Option<Secret> {
     let mut chars = name.chars();
     let valid_name = chars
         .next()
@@ -366,13 +376,70 @@ fn secret_from_env(key: &str, name: &str, errs: &mut Errors) -> Option<Secret> {
     }
 }
 
+/// A secret from `<base>_file` or `<base>_env` (at most one); `Some(None)` when neither is set.
+pub fn optional_secret(
+    r: &Reader,
+    base: &str,
+    base_dir: &Path,
+    errs: &mut Errors,
+) -> Option<Option<Secret>> {
+    let (fkey, ekey) = (format!("{base}_file"), format!("{base}_env"));
+    let file = r.string(&fkey, errs);
+    let env = r.string(&ekey, errs);
+    if (r.has(&fkey) && file.is_none()) || (r.has(&ekey) && env.is_none()) {
+        return None;
+    }
+    match (file, env) {
+        (Some(_), Some(_)) => {
+            errs.add(
+                &r.key(&ekey),
+                format!("set only one of {} and {}", r.key(&fkey), r.key(&ekey)),
+            );
+            None
+        }
+        (Some(f), None) => secret_from_file(&r.key(&fkey), base_dir, f, errs).map(Some),
+        (None, Some(e)) => secret_from_env(&r.key(&ekey), e, errs).map(Some),
+        (None, None) => Some(None),
+    }
+}
+
+/// A path that must name an existing file (resolved against the config's directory).
+pub fn existing_file(
+    r: &Reader,
+    key: &str,
+    base_dir: &Path,
+    errs: &mut Errors,
+) -> Option<Option<PathBuf>> {
+    let Some(text) = r.string(key, errs) else {
+        return if r.has(key) { None } else { Some(None) };
+    };
+    let path = resolve(base_dir, text);
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() => Some(Some(path)),
+        Ok(_) => {
+            errs.add(&r.key(key), format!("`{}` is not a file", path.display()));
+            None
+        }
+        Err(e) => {
+            errs.add(
+                &r.key(key),
+                format!(
+                    "cannot read `{}`: {e}; check the path and its permissions",
+                    path.display()
+                ),
+            );
+            None
+        }
+    }
+}
+
 fn ms(value: u64) -> Duration {
     Duration::from_millis(value)
 }
 
 /// The `sslrootcert` parameter of a PostgreSQL URL (source or target): it
 /// must name a file, resolved against the config file's directory.
-pub(super) fn check_sslrootcert(
+pub fn check_sslrootcert(
     r: &Reader,
     url: Option<&pgurl::PgUrl>,
     base_dir: &Path,
@@ -871,6 +938,7 @@ fn check_targets(
     top: &Reader,
     entity_names: &[String],
     base_dir: &Path,
+    types: Option<&dyn TargetTypes>,
     errs: &mut Errors,
 ) -> Option<Vec<TargetConfig>> {
     let need_one = "at least one target is required: add e.g. [targets.wms] with type = \"http\", \
@@ -888,7 +956,7 @@ fn check_targets(
     for (name, value) in table {
         let key = join("targets", name);
         let checked = match value {
-            Value::Table(t) => check_target(&key, name, t, entity_names, base_dir, errs),
+            Value::Table(t) => check_target(&key, name, t, entity_names, base_dir, types, errs),
             other => {
                 errs.add(
                     &key,
@@ -911,6 +979,7 @@ fn check_target(
     table: &Table,
     entity_names: &[String],
     base_dir: &Path,
+    types: Option<&dyn TargetTypes>,
     errs: &mut Errors,
 ) -> Option<TargetConfig> {
     let name_ok = check_name(name, true);
@@ -924,22 +993,23 @@ fn check_target(
         );
     }
     let declared = table.get("type").and_then(Value::as_str);
-    let mut valid = targets::valid_keys(declared);
-    valid.extend(DELIVERY_KEYS);
+    let valid = valid_target_keys(table, declared, types);
     let r = Reader::new(key, table, &valid, errs);
 
-    let kind_ok = match r.required_string("type", "the target type, e.g. type = \"http\"", errs) {
-        Some(t) if TARGET_TYPES.contains(&t) => true,
-        Some(t) => {
-            errs.add(
-                &r.key("type"),
-                format!(
-                    "unknown target type `{t}`; valid types: {}",
-                    TARGET_TYPES.join(", ")
-                ),
-            );
-            false
-        }
+    let type_ok = match r.required_string("type", "the target type, e.g. type = \"http\"", errs) {
+        Some(t) => match types {
+            Some(types) if types.keys(t).is_none() => {
+                errs.add(
+                    &r.key("type"),
+                    format!(
+                        "unknown target type `{t}`; valid types: {}",
+                        types.names().join(", ")
+                    ),
+                );
+                false
+            }
+            _ => true,
+        },
         None => false,
     };
 
@@ -1011,14 +1081,6 @@ fn check_target(
         }
     }
 
-    let kind = match declared {
-        Some("http") if kind_ok => check_http_kind(&r, base_dir, errs),
-        Some("postgres") => targets::check_postgres(&r, entities.as_deref(), base_dir, errs),
-        Some("nats") => targets::check_nats(&r, base_dir, errs),
-        Some("file") => targets::check_file(&r, base_dir, errs),
-        _ => None,
-    };
-
     let initial = match r.string("initial", errs) {
         None => Some(InitialSync::Snapshot),
         Some("snapshot") => Some(InitialSync::Snapshot),
@@ -1033,16 +1095,25 @@ fn check_target(
     };
 
     let delivery = check_delivery(&r, entities.as_deref(), errs);
-    if declared == Some("file") && delivery.as_ref().is_some_and(|d| d.max_in_flight > 1) {
-        errs.add(
-            &r.key("max_in_flight"),
-            "a file target appends to one file, one batch at a time; remove max_in_flight (or set 1)",
-        );
-        return None;
-    }
+
+    // The type's own keys, last: its checks may depend on the common ones.
+    let settings = match (declared, types) {
+        (Some(_), None) => Some(Arc::new(Unchecked) as _),
+        (Some(type_name), Some(types)) if type_ok => {
+            let target = TargetContext {
+                name,
+                type_name,
+                entities: entities.as_deref(),
+                delivery: delivery.as_ref(),
+                base_dir,
+            };
+            types.check(&target, &r, errs)
+        }
+        _ => None,
+    };
 
     let (retry_initial, retry_max) = (retry_initial?, retry_max?);
-    if !(name_ok && kind_ok) || retry_max < retry_initial {
+    if !(name_ok && type_ok) || retry_max < retry_initial {
         return None;
     }
     Some(TargetConfig {
@@ -1053,189 +1124,41 @@ fn check_target(
         retry_initial: ms(retry_initial),
         retry_max: ms(retry_max),
         delivery: delivery?,
-        kind: kind?,
         initial: initial?,
+        type_name: declared?.to_string(),
+        settings: settings?,
     })
 }
 
-/// The `type = "http"` keys: url, timeouts, headers and the optional extras.
-fn check_http_kind(r: &Reader, base_dir: &Path, errs: &mut Errors) -> Option<TargetKind> {
-    let url = r
-        .required_string(
-            "url",
-            "the endpoint, e.g. url = \"https://wms.example/steward\"",
-            errs,
-        )
-        .and_then(|u| check_http_url(&r.key("url"), u, errs));
-
-    let timeout = r.int("timeout_ms", 10_000, 1, HOUR_MS, "milliseconds", errs);
-    let connect_timeout = r.int(
-        "connect_timeout_ms",
-        5_000,
-        1,
-        HOUR_MS,
-        "milliseconds",
-        errs,
-    );
-    let headers = match r.table("headers", errs) {
-        Some(t) => check_headers(&r.key("headers"), t, base_dir, errs),
-        None if r.has("headers") => None,
-        None => Some(Vec::new()),
+/// The keys valid in `[targets.NAME]` of type `declared`: the common ones and
+/// the type's own. For a missing or unknown type every type's keys, so that
+/// only the type itself is reported; without `types`, any key.
+fn valid_target_keys<'a>(
+    table: &'a Table,
+    declared: Option<&str>,
+    types: Option<&dyn TargetTypes>,
+) -> Vec<&'a str> {
+    let Some(types) = types else {
+        return table.keys().map(String::as_str).collect();
     };
-
-    let extra = targets::check_http_extras(r, base_dir, errs);
-    Some(TargetKind::Http(HttpTargetConfig {
-        url: url?,
-        timeout: ms(timeout?),
-        connect_timeout: ms(connect_timeout?),
-        headers: headers?,
-        extra: extra?,
-    }))
-}
-
-/// An absolute http(s) URL without a password. The URL itself is not quoted
-/// in messages: it could carry a token in its query.
-fn check_http_url(key: &str, text: &str, errs: &mut Errors) -> Option<url::Url> {
-    let url = match url::Url::parse(text) {
-        Ok(u) => u,
-        Err(e) => {
-            errs.add(
-                key,
-                format!("is not a valid URL ({e}); expected e.g. https://wms.example/steward"),
-            );
-            return None;
-        }
+    let own: Vec<&'static [&'static str]> = match declared.and_then(|t| types.keys(t)) {
+        Some(keys) => vec![keys],
+        None => types.names().iter().filter_map(|t| types.keys(t)).collect(),
     };
-    if !matches!(url.scheme(), "http" | "https") {
-        errs.add(
-            key,
-            format!(
-                "scheme `{}` is not supported; use an http:// or https:// URL",
-                url.scheme()
-            ),
-        );
-        return None;
-    }
-    if url.password().is_some() {
-        errs.add(
-            key,
-            "contains a password; secrets must not live in config files: send credentials in a \
-             header read from a file or the environment, e.g. headers = { Authorization = \
-             { env = \"WMS_TOKEN\" } }",
-        );
-        return None;
-    }
-    if url.host_str().is_none_or(|h| h.is_empty()) {
-        errs.add(
-            key,
-            "has no host; expected e.g. https://wms.example/steward",
-        );
-        return None;
-    }
-    Some(url)
-}
-
-fn check_headers(
-    key: &str,
-    table: &Table,
-    base_dir: &Path,
-    errs: &mut Errors,
-) -> Option<Vec<(String, Secret)>> {
-    let mut out = Some(Vec::with_capacity(table.len()));
-    let mut seen: Vec<HeaderName> = Vec::new();
-    for (name, value) in table {
-        let hkey = join(key, name);
-        let header = match HeaderName::from_bytes(name.as_bytes()) {
-            Ok(h) => Some(h),
-            Err(_) => {
-                errs.add(
-                    &hkey,
-                    format!(
-                        "`{name}` is not a valid HTTP header name; use letters, digits and \
-                         !#$%&'*+-.^_`|~ (e.g. X-Api-Key)"
-                    ),
-                );
-                None
+    // The address key (url or path) right after type, as in the example file.
+    let mut keys: Vec<&str> = vec!["type"];
+    for list in &own {
+        if let Some(first) = list.first() {
+            if !keys.contains(first) {
+                keys.push(first);
             }
-        };
-        let mut name_ok = header.is_some();
-        if let Some(h) = header {
-            if RESERVED_HEADERS.contains(&h.as_str()) {
-                errs.add(
-                    &hkey,
-                    format!(
-                        "header {name} is set by the HTTP client and cannot be configured; \
-                         reserved: {}",
-                        RESERVED_HEADERS.join(", ")
-                    ),
-                );
-                name_ok = false;
-            } else if seen.contains(&h) {
-                errs.add(&hkey, "is given twice (header names ignore case); keep one");
-                name_ok = false;
-            }
-            seen.push(h);
-        }
-
-        let (secret, origin) = match value {
-            Value::String(s) => (Some(Secret::new(s.as_str())), "as written".to_string()),
-            Value::Table(t) => {
-                let r = Reader::new(&hkey, t, HEADER_SOURCE_KEYS, errs);
-                let file = r.string("file", errs);
-                let env = r.string("env", errs);
-                match (file, env) {
-                    (Some(f), None) => (
-                        secret_from_file(&r.key("file"), base_dir, f, errs),
-                        format!("read from `{}`", resolve(base_dir, f).display()),
-                    ),
-                    (None, Some(e)) => (
-                        secret_from_env(&r.key("env"), e, errs),
-                        format!("read from environment variable {e}"),
-                    ),
-                    (Some(_), Some(_)) => {
-                        errs.add(&hkey, "give only one of file and env");
-                        (None, String::new())
-                    }
-                    (None, None) => {
-                        if !r.has("file") && !r.has("env") {
-                            errs.add(
-                                &hkey,
-                                "give the value's source: { file = \"/path\" } or { env = \"NAME\" }",
-                            );
-                        }
-                        (None, String::new())
-                    }
-                }
-            }
-            other => {
-                errs.add(
-                    &hkey,
-                    format!(
-                        "expected a string, {{ file = \"/path\" }} or {{ env = \"NAME\" }}, found {}",
-                        type_name(other)
-                    ),
-                );
-                (None, String::new())
-            }
-        };
-        let value_ok = match &secret {
-            Some(s) if HeaderValue::from_str(s.expose()).is_err() => {
-                errs.add(
-                    &hkey,
-                    format!(
-                        "the value ({origin}) is not a valid HTTP header value: use printable \
-                         ASCII only (no newlines or other control characters)"
-                    ),
-                );
-                false
-            }
-            Some(_) => true,
-            None => false,
-        };
-        match (secret, out.as_mut()) {
-            (Some(s), Some(list)) if name_ok && value_ok => list.push((name.clone(), s)),
-            _ => out = None,
         }
     }
-    out
+    for k in TARGET_KEYS.iter().chain(own.iter().flat_map(|l| l.iter())) {
+        if !keys.contains(k) {
+            keys.push(k);
+        }
+    }
+    keys.extend(DELIVERY_KEYS);
+    keys
 }

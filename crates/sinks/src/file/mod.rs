@@ -9,13 +9,16 @@
 //! Replays after a crash can repeat the last batch: readers de-duplicate on
 //! the event id (`id` in CloudEvents, `source.event_id` in Debezium).
 
+pub mod config;
+
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::envelope::{write_one, EnvelopeContext};
+pub use self::config::FileTargetConfig;
+use crate::envelope::{write_one, Envelope, EnvelopeContext};
 use crate::DeliveryError;
-use steward_core::config::{Envelope, FileTargetConfig, TargetConfig};
+use steward_core::config::TargetConfig;
 use steward_core::model::Event;
 
 struct Active {

@@ -7,6 +7,7 @@
 //! sensitive in the request and never appear in `Debug` output, logs or
 //! messages, and neither does the URL's query or userinfo.
 
+pub mod config;
 mod service;
 mod signing;
 
@@ -15,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, USER_AGENT};
 
-use crate::envelope::{self, EnvelopeContext};
-use steward_core::config::{Envelope, HttpTargetConfig, Secret, SecretBytes, TargetConfig};
+pub use self::config::{HttpExtras, HttpTargetConfig, SecretBytes};
+use crate::envelope::{self, Envelope, EnvelopeContext};
+use steward_core::config::{Secret, TargetConfig};
 use steward_core::model::Event;
 
 pub use signing::{sign, webhook_id};
@@ -39,20 +41,17 @@ pub struct HttpDeliveryFailure {
     pub retry_after: Option<Duration>,
 }
 
-/// A target configuration the HTTP sink cannot work with.
+/// Why the HTTP sink of a target cannot be set up. The settings' rules
+/// (scheme, timeouts, reserved headers, ...) are checked once, when the
+/// configuration is loaded (`config`); what remains are the conversions into
+/// the client's types and the files read now.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpSinkError {
-    #[error("targets.{target}.url: scheme {scheme:?} is not supported; use http or https")]
-    UnsupportedScheme { target: String, scheme: String },
-    #[error("targets.{target}.{what}: must be more than zero")]
-    ZeroTimeout { target: String, what: &'static str },
     #[error("targets.{target}.headers: {name:?} is not a valid HTTP header name (letters, digits and !#$%&'*+-.^_`|~ only)")]
     InvalidHeaderName { target: String, name: String },
     // The value is a secret: the message names the header only.
     #[error("targets.{target}.headers.{name}: the value is not a valid HTTP header value (it must not contain control characters such as a newline; check the file or variable it is read from)")]
     InvalidHeaderValue { target: String, name: String },
-    #[error("targets.{target}.headers: {name:?} is set by steward itself; remove it")]
-    ReservedHeader { target: String, name: String },
     #[error("target {target}: cannot build the HTTP client: {cause}")]
     Client { target: String, cause: String },
     #[error("targets.{target}.{key}: cannot use `{path}`: {cause}")]
@@ -63,14 +62,6 @@ pub enum HttpSinkError {
         cause: String,
     },
 }
-
-/// Headers steward must control for the body to be read correctly.
-const RESERVED_HEADERS: [HeaderName; 4] = [
-    CONTENT_TYPE,
-    reqwest::header::CONTENT_LENGTH,
-    reqwest::header::TRANSFER_ENCODING,
-    reqwest::header::CONNECTION,
-];
 
 pub struct HttpSink {
     client: reqwest::Client,
@@ -112,25 +103,6 @@ impl HttpSink {
         source: String,
     ) -> Result<HttpSink, HttpSinkError> {
         let name = &target.name;
-        let scheme = http.url.scheme();
-        if scheme != "http" && scheme != "https" {
-            return Err(HttpSinkError::UnsupportedScheme {
-                target: name.clone(),
-                scheme: scheme.to_string(),
-            });
-        }
-        if http.timeout.is_zero() {
-            return Err(HttpSinkError::ZeroTimeout {
-                target: name.clone(),
-                what: "timeout",
-            });
-        }
-        if http.connect_timeout.is_zero() {
-            return Err(HttpSinkError::ZeroTimeout {
-                target: name.clone(),
-                what: "connect_timeout",
-            });
-        }
         let credentials = credentials_hint(name, http);
         let mut headers = header_map(name, &http.headers)?;
         if let Some(token) = &http.extra.bearer_token {
@@ -224,10 +196,11 @@ impl HttpSink {
             let id = webhook_id(events);
             let timestamp = chrono::Utc::now().timestamp();
             let signature = sign(&key.0, &id, timestamp, &body);
+            let [id_header, timestamp_header, signature_header] = signing::HEADERS;
             request = request
-                .header("webhook-id", id)
-                .header("webhook-timestamp", timestamp.to_string())
-                .header("webhook-signature", signature);
+                .header(id_header, id)
+                .header(timestamp_header, timestamp.to_string())
+                .header(signature_header, signature);
         }
         let sent = request.body(body).send().await;
         let endpoint = service::Endpoint {
@@ -289,12 +262,6 @@ fn header_map(target: &str, headers: &[(String, Secret)]) -> Result<HeaderMap, H
                 name: name.clone(),
             }
         })?;
-        if RESERVED_HEADERS.contains(&header) {
-            return Err(HttpSinkError::ReservedHeader {
-                target: target.to_string(),
-                name: name.clone(),
-            });
-        }
         let mut value = HeaderValue::from_str(value.expose()).map_err(|_| {
             HttpSinkError::InvalidHeaderValue {
                 target: target.to_string(),
@@ -314,7 +281,7 @@ fn header_map(target: &str, headers: &[(String, Secret)]) -> Result<HeaderMap, H
 /// Adds the custom CA and the client certificate (mutual TLS) to the client.
 fn tls_files(
     target: &str,
-    extra: &steward_core::config::HttpExtras,
+    extra: &HttpExtras,
     mut builder: reqwest::ClientBuilder,
 ) -> Result<reqwest::ClientBuilder, HttpSinkError> {
     let fail = |key: &'static str, path: &std::path::Path, cause: String| HttpSinkError::TlsFile {
@@ -394,7 +361,6 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
     use crate::cloudevents::BATCH_CONTENT_TYPE;
-    use steward_core::config::TargetKind;
     use steward_core::model::EventOp;
     use steward_devkit::receiver::{Behaviour, Receiver};
 
@@ -416,8 +382,9 @@ mod tests {
             retry_initial: Duration::from_millis(100),
             retry_max: Duration::from_secs(10),
             delivery: Default::default(),
-            kind: TargetKind::Http(http.clone()),
             initial: steward_core::config::InitialSync::Snapshot,
+            type_name: "http".into(),
+            settings: std::sync::Arc::new(crate::config::SinkConfig::Http(http.clone())),
         };
         (target, http)
     }
@@ -688,14 +655,7 @@ mod tests {
 
     #[test]
     fn bad_configs_are_named() {
-        let (target, mut http) = config("ftp://example.com/x", Duration::from_secs(1));
-        let e = HttpSink::new(&target, &http, String::new()).expect_err("ftp");
-        assert_eq!(
-            e.to_string(),
-            "targets.wms.url: scheme \"ftp\" is not supported; use http or https"
-        );
-
-        http.url = url::Url::parse("http://example.com/").expect("URL");
+        let (target, mut http) = config("http://example.com/", Duration::from_secs(1));
         http.headers = vec![("X-Token".to_string(), Secret::new("line\nbreak-secret"))];
         let e = HttpSink::new(&target, &http, String::new()).expect_err("newline");
         assert!(
@@ -708,17 +668,6 @@ mod tests {
         assert!(matches!(
             HttpSink::new(&target, &http, String::new()),
             Err(HttpSinkError::InvalidHeaderName { .. })
-        ));
-        http.headers = vec![("content-type".to_string(), Secret::new("text/plain"))];
-        assert!(matches!(
-            HttpSink::new(&target, &http, String::new()),
-            Err(HttpSinkError::ReservedHeader { .. })
-        ));
-        http.headers = vec![];
-        http.timeout = Duration::ZERO;
-        assert!(matches!(
-            HttpSink::new(&target, &http, String::new()),
-            Err(HttpSinkError::ZeroTimeout { .. })
         ));
     }
 

@@ -8,6 +8,9 @@ use sha2::Sha256;
 
 use steward_core::model::Event;
 
+/// The headers a signed request carries, set on each attempt.
+pub const HEADERS: [&str; 3] = ["webhook-id", "webhook-timestamp", "webhook-signature"];
+
 /// `webhook-id`: stable across retries of the same batch, so the receiver can
 /// de-duplicate whole deliveries. The first event's id for one event, else
 /// `<first>..<last>` (event ids are unique and ordered, so the pair names the batch).

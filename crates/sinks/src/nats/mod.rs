@@ -11,13 +11,16 @@
 //! The connection is made on the first delivery and re-made after a failure,
 //! so a NATS server that is down only delays this target.
 
+pub mod config;
+
 use std::fmt::Write as _;
 
 use async_nats::jetstream::{self, message::PublishMessage, stream};
 
-use crate::envelope::{write_one, EnvelopeContext};
+pub use self::config::{NatsAuth, NatsTargetConfig};
+use crate::envelope::{write_one, Envelope, EnvelopeContext};
 use crate::DeliveryError;
-use steward_core::config::{Envelope, NatsAuth, NatsTargetConfig, TargetConfig};
+use steward_core::config::TargetConfig;
 use steward_core::model::Event;
 
 pub struct NatsSink {

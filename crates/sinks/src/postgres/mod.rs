@@ -32,14 +32,17 @@
 //! entity (upserts and, in delete mode, deletes), each taking the whole batch
 //! as arrays (`unnest`), after keeping only the newest change per key.
 
+pub mod config;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Statement};
 
+pub use self::config::{DeleteMode, PgConnConfig, PostgresTargetConfig};
 use crate::DeliveryError;
-use steward_core::config::{Config, DeleteMode, PostgresTargetConfig, SourceConfig, TargetConfig};
+use steward_core::config::{Config, SourceConfig, TargetConfig};
 use steward_core::model::{Event, EventOp};
 use steward_postgres::{connect_sql, describe_pg_error, quote_ident};
 

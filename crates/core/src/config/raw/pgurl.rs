@@ -13,11 +13,11 @@ use crate::config::SslMode;
 
 const SUPPORTED_PARAMS: &str = "sslmode, sslrootcert, connect_timeout, host";
 const EXAMPLE: &str = "postgres://steward@localhost:5432/odoo?sslmode=prefer";
-pub(crate) const DEFAULT_PORT: u16 = 5432;
+pub const DEFAULT_PORT: u16 = 5432;
 
 /// The checked parts of a connection URL.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct PgUrl {
+pub struct PgUrl {
     /// The URL as written; it holds no password (a password is an error).
     pub display: String,
     /// A host name, an IP address, or (starting with `/`) a socket directory.
@@ -81,7 +81,7 @@ fn valid_host_name(host: &str) -> bool {
 
 /// Checks `text`; every problem is recorded under `key` and yields `None`.
 /// Never puts a password into a message.
-pub(crate) fn parse_pg_url(text: &str, key: &str, errs: &mut Errors) -> Option<PgUrl> {
+pub fn parse_pg_url(text: &str, key: &str, errs: &mut Errors) -> Option<PgUrl> {
     let mut problems: Vec<String> = Vec::new();
 
     let Some(rest) = text

@@ -11,30 +11,30 @@ use crate::config::ConfigError;
 
 /// Problems found so far, in the order they were found.
 #[derive(Debug, Default)]
-pub(crate) struct Errors {
+pub struct Errors {
     list: Vec<ConfigError>,
 }
 
 impl Errors {
-    pub(crate) fn add(&mut self, key: &str, message: impl Into<String>) {
+    pub fn add(&mut self, key: &str, message: impl Into<String>) {
         self.list.push(ConfigError {
             key: key.to_string(),
             message: message.into(),
         });
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
+    pub fn is_empty(&self) -> bool {
         self.list.is_empty()
     }
 
-    pub(crate) fn into_vec(self) -> Vec<ConfigError> {
+    pub fn into_vec(self) -> Vec<ConfigError> {
         self.list
     }
 }
 
 /// A key as it would be written in TOML: bare when possible, quoted otherwise,
 /// so that `headers."X Bad"` in a message can be found in the file.
-pub(crate) fn key_part(key: &str) -> String {
+pub fn key_part(key: &str) -> String {
     let bare = !key.is_empty()
         && key
             .chars()
@@ -47,7 +47,7 @@ pub(crate) fn key_part(key: &str) -> String {
 }
 
 /// `prefix.key`, with `key` quoted if TOML needs it.
-pub(crate) fn join(prefix: &str, key: &str) -> String {
+pub fn join(prefix: &str, key: &str) -> String {
     if prefix.is_empty() {
         key_part(key)
     } else {
@@ -57,7 +57,7 @@ pub(crate) fn join(prefix: &str, key: &str) -> String {
 
 /// "a string", "an integer", ...: for "expected X, found Y" messages. Values
 /// themselves are not echoed, as they might be secrets written in the wrong place.
-pub(crate) fn type_name(value: &Value) -> &'static str {
+pub fn type_name(value: &Value) -> &'static str {
     match value {
         Value::String(_) => "a string",
         Value::Integer(_) => "an integer",
@@ -85,7 +85,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// The closest of `candidates` to `word`, if it is close enough to be a typo.
-pub(crate) fn suggestion<'c>(word: &str, candidates: &[&'c str]) -> Option<&'c str> {
+pub fn suggestion<'c>(word: &str, candidates: &[&'c str]) -> Option<&'c str> {
     let lower = word.to_ascii_lowercase();
     candidates
         .iter()
@@ -97,13 +97,13 @@ pub(crate) fn suggestion<'c>(word: &str, candidates: &[&'c str]) -> Option<&'c s
 
 /// A TOML table being checked: known keys are read through the getters, and
 /// every key outside `valid` is reported when the reader is created.
-pub(crate) struct Reader<'a> {
+pub struct Reader<'a> {
     path: String,
     table: &'a Table,
 }
 
 impl<'a> Reader<'a> {
-    pub(crate) fn new(path: &str, table: &'a Table, valid: &[&str], errs: &mut Errors) -> Self {
+    pub fn new(path: &str, table: &'a Table, valid: &[&str], errs: &mut Errors) -> Self {
         for key in table.keys() {
             if !valid.contains(&key.as_str()) {
                 let hint = suggestion(key, valid)
@@ -122,20 +122,20 @@ impl<'a> Reader<'a> {
     }
 
     /// The dotted name of `key` in this table.
-    pub(crate) fn key(&self, key: &str) -> String {
+    pub fn key(&self, key: &str) -> String {
         join(&self.path, key)
     }
 
-    pub(crate) fn get(&self, key: &str) -> Option<&'a Value> {
+    pub fn get(&self, key: &str) -> Option<&'a Value> {
         self.table.get(key)
     }
 
-    pub(crate) fn has(&self, key: &str) -> bool {
+    pub fn has(&self, key: &str) -> bool {
         self.table.contains_key(key)
     }
 
     /// The string at `key`; `None` when absent or (after recording an error) of another type.
-    pub(crate) fn string(&self, key: &str, errs: &mut Errors) -> Option<&'a str> {
+    pub fn string(&self, key: &str, errs: &mut Errors) -> Option<&'a str> {
         match self.table.get(key)? {
             Value::String(s) => Some(s),
             other => {
@@ -149,12 +149,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Like [`Reader::string`], recording `missing` (what to write) when the key is absent.
-    pub(crate) fn required_string(
-        &self,
-        key: &str,
-        missing: &str,
-        errs: &mut Errors,
-    ) -> Option<&'a str> {
+    pub fn required_string(&self, key: &str, missing: &str, errs: &mut Errors) -> Option<&'a str> {
         if !self.has(key) {
             errs.add(&self.key(key), format!("missing; {missing}"));
             return None;
@@ -162,7 +157,7 @@ impl<'a> Reader<'a> {
         self.string(key, errs)
     }
 
-    pub(crate) fn bool(&self, key: &str, default: bool, errs: &mut Errors) -> Option<bool> {
+    pub fn bool(&self, key: &str, default: bool, errs: &mut Errors) -> Option<bool> {
         match self.table.get(key) {
             None => Some(default),
             Some(Value::Boolean(b)) => Some(*b),
@@ -177,7 +172,7 @@ impl<'a> Reader<'a> {
     }
 
     /// An integer in `lo..=hi` (in `unit`), `default` when absent.
-    pub(crate) fn int(
+    pub fn int(
         &self,
         key: &str,
         default: u64,
@@ -213,7 +208,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The table at `key`; `None` when absent or (after recording an error) not a table.
-    pub(crate) fn table(&self, key: &str, errs: &mut Errors) -> Option<&'a Table> {
+    pub fn table(&self, key: &str, errs: &mut Errors) -> Option<&'a Table> {
         match self.table.get(key)? {
             Value::Table(t) => Some(t),
             other => {
@@ -227,7 +222,7 @@ impl<'a> Reader<'a> {
     }
 
     /// An array of strings; `None` when absent or (after recording errors) malformed.
-    pub(crate) fn string_list(&self, key: &str, errs: &mut Errors) -> Option<Vec<&'a str>> {
+    pub fn string_list(&self, key: &str, errs: &mut Errors) -> Option<Vec<&'a str>> {
         let items = match self.table.get(key)? {
             Value::Array(items) => items,
             other => {
@@ -262,11 +257,11 @@ impl<'a> Reader<'a> {
 
 /// PostgreSQL truncates identifiers to 63 bytes (NAMEDATALEN - 1): a longer name
 /// would silently refer to something else.
-pub(crate) const MAX_IDENT: usize = 63;
+pub const MAX_IDENT: usize = 63;
 
 /// A name PostgreSQL keeps as written when unquoted: lowercase letters, digits,
 /// `_` and `$`, not starting with a digit or `$`, at most 63 bytes.
-pub(crate) fn check_sql_ident(name: &str) -> Result<(), String> {
+pub fn check_sql_ident(name: &str) -> Result<(), String> {
     let mut chars = name.chars();
     let Some(first) = chars.next() else {
         return Err("is empty; expected a lowercase SQL identifier".into());
