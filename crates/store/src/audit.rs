@@ -21,10 +21,13 @@ pub(crate) const AUDIT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("
 /// Filters for [`Store::audit_query`].
 #[derive(Clone, Debug, Default)]
 pub struct AuditFilter {
+    /// Only records of this entity.
     pub entity: Option<String>,
+    /// Only records of this key.
     pub key: Option<String>,
-    /// Microseconds since the Unix epoch.
+    /// Only records at or after this time, µs since the Unix epoch.
     pub since_micros: Option<i64>,
+    /// At most this many records, the newest ones.
     pub limit: Option<usize>,
 }
 
