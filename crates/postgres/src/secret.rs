@@ -6,7 +6,7 @@ use std::path::PathBuf;
 /// A secret value (password, token, header). `Debug` and `Display` print `***`.
 ///
 /// A secret read from a file or an environment variable remembers where:
-/// connections re-read it ([`Secret::current`]) each time they are opened,
+/// connections read it again each time they are opened,
 /// so a rotated password is picked up without a restart.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret {

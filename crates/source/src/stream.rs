@@ -19,7 +19,7 @@
 //! changes of a transaction that outgrows `logical_decoding_work_mem` before
 //! it commits, in Stream Start … Stream Stop blocks, and ends it with Stream
 //! Commit or Stream Abort. Those changes are spilled to the store
-//! ([`StreamSpill`]); at Stream Commit they are read back chunk by chunk and
+//! (`spill::StreamSpill`); at Stream Commit they are read back chunk by chunk and
 //! forwarded as an ordinary Begin, changes, Commit with the commit LSN, so
 //! the daemon maps them exactly like an unstreamed transaction (same event
 //! ids). Aborted transactions and rolled-back subtransactions are dropped

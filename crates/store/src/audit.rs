@@ -3,7 +3,7 @@
 //! order. Pruned by age ([`Store::audit_prune`], `state.audit_retention_days`).
 //!
 //! Records are stored in chunks, like the outbox (see `tables`): one redb row
-//! per commit (up to [`CHUNK_MAX_EVENTS`] records), keyed by the sequence
+//! per commit (up to `CHUNK_MAX_EVENTS` records), keyed by the sequence
 //! number of its first record. One row per record cost a B-tree insert per
 //! delivered event, about a tenth of steward's CPU on the e2e bench. Records
 //! are appended in time order, so pruning drops whole chunks from the front.
