@@ -78,48 +78,85 @@ host    replication  all   127.0.0.1/32  trust
 host    replication  all   ::1/128       trust
 ";
 
+/// Why a dev cluster could not be started or used; messages say how to fix
+/// the environment where that is the cause.
 #[derive(Debug, thiserror::Error)]
 pub enum DevError {
+    /// No PostgreSQL server binaries were found.
     #[error("{INSTALL_HINT} (or set STEWARD_PG_BINDIR to the directory holding initdb, postgres and psql); looked in: {searched}")]
-    BinariesNotFound { searched: String },
+    BinariesNotFound {
+        /// The directories looked in.
+        searched: String,
+    },
+    /// `STEWARD_PG_BINDIR` lacks a needed program.
     #[error("STEWARD_PG_BINDIR={dir} has no {missing}; point it at the bin directory of a PostgreSQL server installation, such as /usr/lib/postgresql/15/bin")]
-    BadBinDir { dir: String, missing: String },
+    BadBinDir {
+        /// The directory given.
+        dir: String,
+        /// The program it lacks.
+        missing: String,
+    },
+    /// Running as root without a `postgres` user to run the server as.
     #[error("running as root, but there is no OS user `postgres` to run the PostgreSQL server as (the server refuses to run as root); install it with: apt-get install postgresql")]
     NoPostgresUser,
+    /// A file or process operation failed.
     #[error("{what}: {source}")]
     Io {
+        /// What was being done.
         what: String,
+        /// The operating system's error.
         #[source]
         source: io::Error,
     },
+    /// A helper program (initdb, psql, openssl, ...) failed.
     #[error("{command} failed ({status}):\n{output}")]
     Command {
+        /// The command line.
         command: String,
+        /// Its exit status.
         status: String,
+        /// Its output (stdout and stderr).
         output: String,
     },
+    /// The server did not come up.
     #[error("PostgreSQL in {dir} did not start: {reason}\n--- tail of {log} ---\n{log_tail}")]
     Start {
+        /// The data directory.
         dir: String,
+        /// What went wrong.
         reason: String,
+        /// Path of the server log.
         log: String,
+        /// Its last lines.
         log_tail: String,
     },
+    /// Waiting for the server took too long.
     #[error("timed out after {secs} s waiting for {what}\n--- tail of {log} ---\n{log_tail}")]
     Timeout {
+        /// What was awaited.
         what: String,
+        /// How long, in seconds.
         secs: u64,
+        /// Path of the server log.
         log: String,
+        /// Its last lines.
         log_tail: String,
     },
+    /// A value the kit refuses: a name that is empty, too long or holds NUL,
+    /// a `pg_hba.conf` line with a line break, an unparsable server answer.
     #[error("invalid {what} {value:?}: {why}")]
     Invalid {
+        /// What the value is.
         what: &'static str,
+        /// The value.
         value: String,
+        /// What is wrong with it.
         why: &'static str,
     },
+    /// The server refused a new `pg_hba.conf` ([`DevCluster::set_hba`]).
     #[error("pg_hba.conf rejected (kept the previous file): {0}")]
     Hba(String),
+    /// The process that owns the server is gone.
     #[error(
         "the dev cluster's supervisor process is gone; the cluster was dropped or its server died"
     )]
@@ -274,25 +311,28 @@ impl DevCluster {
         Ok(cluster)
     }
 
+    /// TCP port on 127.0.0.1 (also the Unix socket's suffix).
     pub fn port(&self) -> u16 {
         self.port
     }
 
+    /// Directory of the PostgreSQL programs used (`initdb`, `psql`, ...).
     pub fn bin_dir(&self) -> &Path {
         &self.bin_dir
     }
 
+    /// The cluster's data directory.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
     }
 
     /// The server log (stdout and stderr of the postmaster).
-    pub fn log_path(&self) -> PathBuf {
+    pub(crate) fn log_path(&self) -> PathBuf {
         self.data_dir.join("server.log")
     }
 
     /// The last `lines` lines of the server log, for error messages.
-    pub fn log_tail(&self, lines: usize) -> String {
+    pub(crate) fn log_tail(&self, lines: usize) -> String {
         let text = fs::read(self.log_path())
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default();
@@ -305,6 +345,7 @@ impl DevCluster {
         self.ssl_ca.as_deref()
     }
 
+    /// The server's version as in `server_version_num`, e.g. 150004.
     pub fn server_version_num(&self) -> u32 {
         self.version_num
     }
@@ -322,6 +363,7 @@ impl DevCluster {
         format!("postgres://postgres@127.0.0.1:{}/{path}", self.port)
     }
 
+    /// Creates database `name` (owned by `postgres`).
     pub fn create_database(&self, name: &str) -> Result<(), DevError> {
         check_identifier("database name", name)?;
         self.psql(
@@ -842,7 +884,7 @@ fn settings_text(opts: &DevClusterOptions) -> Result<String, DevError> {
 
 /// Server binaries: STEWARD_PG_BINDIR, else the newest /usr/lib/postgresql/*/bin,
 /// else `pg_config --bindir`.
-pub fn find_bin_dir() -> Result<PathBuf, DevError> {
+pub(crate) fn find_bin_dir() -> Result<PathBuf, DevError> {
     let pg_config = || {
         Command::new("pg_config")
             .arg("--bindir")

@@ -1,3 +1,5 @@
+#![warn(missing_docs)]
+
 //! Development harness shared by `steward demo`, the tests and the benchmarks:
 //! a throwaway PostgreSQL cluster with `wal_level=logical` and a recording
 //! HTTP receiver.

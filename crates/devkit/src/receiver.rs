@@ -57,22 +57,39 @@ pub enum Behaviour {
     /// This status for every request.
     Fail(u16),
     /// This status with a `Retry-After` header holding `retry_after` verbatim.
-    FailWithRetryAfter { status: u16, retry_after: String },
+    FailWithRetryAfter {
+        /// HTTP status, e.g. 429 or 503.
+        status: u16,
+        /// The header value, e.g. `2` (seconds) or an HTTP date.
+        retry_after: String,
+    },
     /// This status for the next `times` requests, then [`Behaviour::Ok`].
-    FailTimes { status: u16, times: usize },
+    FailTimes {
+        /// HTTP status.
+        status: u16,
+        /// How many requests fail.
+        times: usize,
+    },
     /// Never answer (until [`Receiver::stop`]), to trigger client timeouts.
     Hang,
     /// Answer like [`Behaviour::Ok`] after this delay: a slow target.
     Slow(Duration),
     /// This status for every batch holding an event whose `subject` (key) is
     /// `key`, [`Behaviour::Ok`] for the others: a target refusing one record.
-    FailKey { key: String, status: u16 },
+    FailKey {
+        /// The refused key.
+        key: String,
+        /// HTTP status.
+        status: u16,
+    },
 }
 
 /// One request as it arrived.
 #[derive(Clone, Debug)]
 pub struct ReceivedRequest {
+    /// Arrival time.
     pub at: Instant,
+    /// Header names (lower case) and values, in arrival order.
     pub headers: Vec<(String, String)>,
     /// Empty for a receiver started with [`Receiver::start_counting`].
     pub body: Bytes,
@@ -83,8 +100,9 @@ pub struct ReceivedRequest {
 /// One accepted event, as kept even in counting mode.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AcceptedEvent {
+    /// The CloudEvent `id`.
     pub id: String,
-    pub version: u64,
+    pub(crate) version: u64,
     /// When the request holding it arrived.
     pub at: Instant,
 }
@@ -123,8 +141,11 @@ struct Shared {
 /// a client must present a certificate signed by it.
 #[derive(Clone, Debug)]
 pub struct ReceiverTls {
+    /// Server certificate chain, PEM.
     pub cert: PathBuf,
+    /// Its private key, PEM.
     pub key: PathBuf,
+    /// CA certificate that client certificates must be signed by, PEM.
     pub client_ca: Option<PathBuf>,
 }
 
@@ -173,19 +194,9 @@ impl Receiver {
         Self::launch(0, false).await
     }
 
-    /// Binds 127.0.0.1:`port` (0: a free one), recording full bodies and events.
-    pub async fn start_on(port: u16) -> io::Result<Receiver> {
-        Self::launch(port, false).await
-    }
-
     /// Binds 127.0.0.1 on a free port, keeping only counts and [`AcceptedEvent`]s.
     pub async fn start_counting() -> io::Result<Receiver> {
         Self::launch(0, true).await
-    }
-
-    /// Like [`Receiver::start_counting`] on a given port.
-    pub async fn start_counting_on(port: u16) -> io::Result<Receiver> {
-        Self::launch(port, true).await
     }
 
     /// Binds 127.0.0.1 on a free port and serves HTTPS, recording full bodies and events.
@@ -249,7 +260,7 @@ impl Receiver {
     }
 
     /// With `true`, any JSON array of objects is accepted and recorded (ids
-    /// and versions in [`Receiver::accepted_log`] are then empty and 0).
+    /// in [`Receiver::accepted_log`] are then empty).
     pub fn accept_any_json(&self, any: bool) {
         self.handle.shared.any_json.store(any, Ordering::Release);
     }
@@ -264,6 +275,7 @@ impl Receiver {
         lock(&self.handle.shared.tls_failures).clone()
     }
 
+    /// The port listened on (kept across [`Receiver::restart`]).
     pub fn port(&self) -> u16 {
         self.handle.port
     }
@@ -284,11 +296,12 @@ impl Receiver {
         lock(&self.handle.shared.accepted).clone()
     }
 
-    /// (id, version, arrival) of every accepted event, in arrival order.
+    /// Id and arrival time of every accepted event, in arrival order.
     pub fn accepted_log(&self) -> Vec<AcceptedEvent> {
         lock(&self.handle.shared.log).clone()
     }
 
+    /// Events accepted so far (also in counting mode).
     pub fn accepted_count(&self) -> usize {
         self.handle.shared.count.load(Ordering::Acquire)
     }
@@ -302,7 +315,8 @@ impl Receiver {
     }
 
     /// Forgets every record and resets the count to 0.
-    pub fn clear(&self) {
+    #[cfg(test)]
+    fn clear(&self) {
         let shared = &self.handle.shared;
         lock(&shared.requests).clear();
         lock(&shared.accepted).clear();

@@ -16,10 +16,15 @@ use rustls::{RootCertStore, ServerConfig};
 /// certificate, both signed by the CA; PEM files in one directory.
 #[derive(Clone, Debug)]
 pub struct TestPki {
+    /// The CA's certificate, to trust.
     pub ca_cert: PathBuf,
+    /// Server certificate for `localhost` and `127.0.0.1`.
     pub server_cert: PathBuf,
+    /// Its private key.
     pub server_key: PathBuf,
+    /// Client certificate (for client authentication).
     pub client_cert: PathBuf,
+    /// Its private key.
     pub client_key: PathBuf,
 }
 
@@ -145,7 +150,7 @@ fn certs(path: &Path) -> io::Result<Vec<CertificateDer<'static>>> {
 
 /// A server configuration from PEM files; with `client_ca`, clients must
 /// present a certificate signed by it.
-pub fn server_config(
+pub(crate) fn server_config(
     cert: &Path,
     key: &Path,
     client_ca: Option<&Path>,

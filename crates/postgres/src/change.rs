@@ -9,19 +9,26 @@ use bytes::Bytes;
 pub struct Column {
     /// Part of the replica identity (the primary key for Odoo tables).
     pub is_key: bool,
+    /// Column name as in the catalog.
     pub name: String,
+    /// OID of the column's data type (`pg_type.oid`).
     pub type_oid: u32,
+    /// Type modifier (`atttypmod`), e.g. the length of a `varchar(n)`; -1 for none.
     pub type_modifier: i32,
 }
 
 /// A table as the server last described it on this stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Relation {
+    /// Relation OID, which [`Change::relation_id`] refers to.
     pub id: u32,
+    /// Schema name.
     pub namespace: String,
+    /// Table name.
     pub name: String,
     /// `d` default, `n` nothing, `f` full, `i` index.
     pub replica_identity: u8,
+    /// In table order; a [`Tuple`] of this relation has one value per column.
     pub columns: Vec<Column>,
 }
 
@@ -35,6 +42,7 @@ impl Relation {
 /// One column value of a tuple.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TupleValue {
+    /// SQL NULL.
     Null,
     /// A TOASTed value the update did not change; pgoutput does not resend it.
     UnchangedToast,
@@ -44,19 +52,26 @@ pub enum TupleValue {
     Binary(Bytes),
 }
 
+/// One row: a value per column of its [`Relation`], in column order.
 pub type Tuple = Vec<TupleValue>;
 
+/// The kind of row change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ChangeOp {
+    /// A new row.
     Insert,
+    /// A changed row.
     Update,
+    /// A removed row.
     Delete,
 }
 
 /// A row change of one relation inside a transaction.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Change {
+    /// OID of the changed table, as announced by an earlier [`Relation`].
     pub relation_id: u32,
+    /// Insert, update or delete.
     pub op: ChangeOp,
     /// The new row (insert, update). `None` for deletes.
     pub new: Option<Tuple>,

@@ -27,14 +27,14 @@ const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 /// One complete backend message, header included.
 #[derive(Debug)]
 pub(crate) struct Frame {
-    pub tag: u8,
+    pub(crate) tag: u8,
     /// Tag, length and body, exactly as received.
-    pub raw: BytesMut,
+    pub(crate) raw: BytesMut,
 }
 
 impl Frame {
     /// The body after the 5-byte header.
-    pub fn body(self) -> Bytes {
+    pub(crate) fn body(self) -> Bytes {
         self.raw.freeze().slice(5..)
     }
 }
@@ -181,15 +181,15 @@ pub(crate) fn message_name(m: &Backend) -> &'static str {
 /// The fields of an ErrorResponse / NoticeResponse that we use.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct ServerFields {
-    pub severity: String,
-    pub code: String,
-    pub message: String,
-    pub detail: Option<String>,
-    pub hint: Option<String>,
+    pub(crate) severity: String,
+    pub(crate) code: String,
+    pub(crate) message: String,
+    pub(crate) detail: Option<String>,
+    pub(crate) hint: Option<String>,
 }
 
 impl ServerFields {
-    pub fn parse(mut fields: ErrorFields<'_>) -> Result<ServerFields, WireError> {
+    pub(crate) fn parse(mut fields: ErrorFields<'_>) -> Result<ServerFields, WireError> {
         let mut out = ServerFields::default();
         let mut localized_severity = String::new();
         loop {
@@ -219,7 +219,7 @@ impl ServerFields {
         Ok(out)
     }
 
-    pub fn into_error(self) -> WireError {
+    pub(crate) fn into_error(self) -> WireError {
         WireError::Server {
             severity: self.severity,
             code: self.code,
@@ -235,16 +235,24 @@ impl ServerFields {
 pub enum ReplicationMessage {
     /// A chunk of WAL; for logical replication one pgoutput message.
     XLogData {
+        /// WAL position of the start of `data`.
         wal_start: Lsn,
+        /// The server's current end of WAL.
         wal_end: Lsn,
         /// Server clock when sent, µs since 2000-01-01 UTC.
         server_time_micros: i64,
+        /// The payload: for logical replication, one pgoutput message
+        /// (see [`crate::pgoutput::decode`]).
         data: Bytes,
     },
     /// Primary keepalive; answer with a status update when `reply_requested`.
     Keepalive {
+        /// The server's current end of WAL.
         wal_end: Lsn,
+        /// Server clock when sent, µs since 2000-01-01 UTC.
         server_time_micros: i64,
+        /// The server wants a status update now (else it may end the
+        /// connection after `wal_sender_timeout`).
         reply_requested: bool,
     },
 }

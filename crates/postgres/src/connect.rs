@@ -24,23 +24,23 @@ use crate::{Secret, SourceConfig, SslMode};
 
 /// Session settings that give pgoutput's and queries' text values one
 /// predictable format whatever the server's or role's defaults are.
-pub const SESSION_OPTIONS: &str = "-c datestyle=ISO -c timezone=UTC -c intervalstyle=iso_8601 \
+const SESSION_OPTIONS: &str = "-c datestyle=ISO -c timezone=UTC -c intervalstyle=iso_8601 \
      -c extra_float_digits=3 -c bytea_output=hex -c client_encoding=UTF8";
 
-pub const APPLICATION_NAME: &str = "steward";
+const APPLICATION_NAME: &str = "steward";
 
 /// A protocol connection with its read buffer. All reading goes through
-/// [`Conn::read_frame`], which keeps partial messages in `rbuf`, so a read
+/// [`Conn::read_frame_or_eof`], which keeps partial messages in `rbuf`, so a read
 /// future may be dropped at any await point without losing bytes.
 pub(crate) struct Conn {
-    pub io: Transport,
-    pub rbuf: BytesMut,
-    pub params: HashMap<String, String>,
-    pub backend_pid: Option<i32>,
+    pub(crate) io: Transport,
+    pub(crate) rbuf: BytesMut,
+    pub(crate) params: HashMap<String, String>,
+    pub(crate) backend_pid: Option<i32>,
 }
 
 impl Conn {
-    pub fn new(io: Transport) -> Conn {
+    pub(crate) fn new(io: Transport) -> Conn {
         Conn {
             io,
             rbuf: BytesMut::with_capacity(8 * 1024),
@@ -52,7 +52,7 @@ impl Conn {
     /// The next complete message, or `None` at a clean end of stream.
     /// Cancel-safe: the only await is `read_buf`, which reads nothing when
     /// it does not complete.
-    pub async fn read_frame_or_eof(&mut self) -> Result<Option<Frame>, WireError> {
+    pub(crate) async fn read_frame_or_eof(&mut self) -> Result<Option<Frame>, WireError> {
         loop {
             if let Some(frame) = codec::split_frame(&mut self.rbuf)? {
                 return Ok(Some(frame));
@@ -73,20 +73,20 @@ impl Conn {
         }
     }
 
-    pub async fn read_message(&mut self) -> Result<Backend, WireError> {
+    pub(crate) async fn read_message(&mut self) -> Result<Backend, WireError> {
         match self.read_frame_or_eof().await? {
             Some(frame) => codec::decode(frame),
             None => Err(WireError::Closed),
         }
     }
 
-    pub async fn send(&mut self, buf: &[u8]) -> Result<(), WireError> {
+    pub(crate) async fn send(&mut self, buf: &[u8]) -> Result<(), WireError> {
         self.io.write_all(buf).await?;
         self.io.flush().await?;
         Ok(())
     }
 
-    pub fn note_parameter(&mut self, name: &str, value: &str) {
+    pub(crate) fn note_parameter(&mut self, name: &str, value: &str) {
         self.params.insert(name.to_string(), value.to_string());
     }
 }

@@ -8,39 +8,51 @@ use std::fmt;
 /// Everything that can go wrong talking to the source PostgreSQL server.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
+    /// Reading from or writing to the socket failed.
     #[error("I/O error talking to the source PostgreSQL server: {0}")]
     Io(#[from] std::io::Error),
 
+    /// TLS could not be set up: configuration, handshake or certificate.
     #[error("TLS to the source PostgreSQL server: {0}")]
     Tls(String),
 
+    /// Logging in failed: the server refused the credentials at startup, the
+    /// password could not be read, or the md5/SCRAM exchange broke down.
     #[error("authentication with the source PostgreSQL server failed: {0}")]
     Auth(String),
 
+    /// The server asked for a password and `source` has none.
     #[error(
         "the source PostgreSQL server asked for a password but none is configured; \
          set source.password_file or source.password_env"
     )]
     NoPassword,
 
+    /// The server sent an ErrorResponse.
     #[error("{}", ServerDisplay { code, message, hint: hint.as_deref() })]
     Server {
         /// Non-localized severity when the server sends one (ERROR, FATAL, PANIC).
         severity: String,
         /// SQLSTATE, e.g. `42704`.
         code: String,
+        /// The primary message.
         message: String,
         /// Not shown by `Display`: it can quote row values.
         detail: Option<String>,
+        /// The server's suggestion how to fix it.
         hint: Option<String>,
     },
 
+    /// The server sent something this client does not expect or cannot
+    /// parse, or a value cannot be sent (e.g. it contains a NUL).
     #[error("protocol error talking to the source PostgreSQL server: {0}")]
     Protocol(String),
 
+    /// The connection ended in the middle of the session.
     #[error("the source PostgreSQL server closed the connection unexpectedly")]
     Closed,
 
+    /// Connecting took longer than `source.connect_timeout`.
     #[error(
         "timed out connecting to the source PostgreSQL server; check that it is reachable \
          or raise source.connect_timeout"

@@ -1,3 +1,5 @@
+#![warn(missing_docs)]
+
 //! PostgreSQL's logical replication protocol, with no steward types: the
 //! walsender client, the pgoutput decoder, SQL quoting, and the connection
 //! settings of a source database.
@@ -32,17 +34,16 @@ use postgres_protocol::message::frontend;
 use tokio::io::AsyncWriteExt;
 
 pub use codec::{quote_ident, quote_literal, ReplicationMessage};
-pub use connect::{connect_sql, APPLICATION_NAME, SESSION_OPTIONS};
+pub use connect::connect_sql;
 pub use copy_both::ReplicationStream;
 pub use error::{describe_pg_error, WireError};
-pub use tls::client_config as tls_client_config;
 
 use codec::{Backend, ServerFields};
 use connect::{log_notice, note_parameter, Conn};
 
 pub use change::{Change, ChangeOp, Column, Relation, Tuple, TupleValue};
 pub use config::{SourceConfig, SslMode};
-pub use lsn::Lsn;
+pub use lsn::{Lsn, ParseLsnError};
 pub use secret::{Secret, SecretOrigin};
 
 /// The answer to IDENTIFY_SYSTEM.
@@ -50,6 +51,7 @@ pub use secret::{Secret, SecretOrigin};
 pub struct SystemIdentity {
     /// The cluster's unique system identifier (a 64-bit number as text).
     pub systemid: String,
+    /// The current timeline ID.
     pub timeline: u32,
     /// Current WAL flush position.
     pub xlogpos: Lsn,
@@ -129,7 +131,8 @@ impl ReplicationClient {
 
 impl ReplicationClient {
     /// Connects with `replication=database`, `application_name=steward` and
-    /// [`SESSION_OPTIONS`], honoring `source.sslmode` and
+    /// session settings that fix the text format of values (ISO dates, UTC,
+    /// UTF-8, hex bytea), honoring `source.sslmode` and
     /// `source.connect_timeout`, and waits until the server is ready.
     pub async fn connect(cfg: &SourceConfig) -> Result<ReplicationClient, WireError> {
         let conn = connect::open_replication(cfg).await?;
@@ -174,11 +177,6 @@ impl ReplicationClient {
         self.server_version_num
     }
 
-    /// A parameter the server reported (ParameterStatus), e.g. `TimeZone`.
-    pub fn parameter(&self, name: &str) -> Option<&str> {
-        self.conn.params.get(name).map(String::as_str)
-    }
-
     /// Ends the session politely (Terminate).
     pub async fn close(mut self) -> Result<(), WireError> {
         let mut buf = BytesMut::new();
@@ -186,11 +184,6 @@ impl ReplicationClient {
         self.conn.send(&buf).await?;
         let _ = self.conn.io.shutdown().await;
         Ok(())
-    }
-
-    /// The server process id of this session.
-    pub fn backend_pid(&self) -> Option<i32> {
-        self.conn.backend_pid
     }
 
     /// Runs `sql` with the simple query protocol and returns the rows of all

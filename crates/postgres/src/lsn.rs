@@ -5,11 +5,16 @@ use std::str::FromStr;
 
 /// A position in PostgreSQL's write-ahead log, printed as `X/Y` like the server does.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Lsn(pub u64);
+pub struct Lsn(
+    /// Byte offset into the WAL.
+    pub u64,
+);
 
 impl Lsn {
+    /// `0/0`, before any WAL: "no position yet".
     pub const ZERO: Lsn = Lsn(0);
 
+    /// The position as a byte offset into the WAL.
     pub fn as_u64(self) -> u64 {
         self.0
     }
@@ -21,6 +26,7 @@ impl fmt::Display for Lsn {
     }
 }
 
+/// Text that is not an LSN in `X/Y` form; the message quotes it.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid LSN {0:?}: expected two hexadecimal numbers separated by '/', such as 0/16B3748")]
 pub struct ParseLsnError(String);

@@ -25,141 +25,240 @@ use bytes::Bytes;
 use crate::{Change, ChangeOp, Column, Lsn, Relation, Tuple, TupleValue};
 
 /// One decoded pgoutput message.
+///
+/// `xid` fields that are `Option`s are set only inside a streamed
+/// transaction (protocol 2), where they name the (sub)transaction the
+/// message belongs to. Times are µs since 2000-01-01 UTC.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PgOutputMessage {
+    /// A transaction starts; its changes follow, then [`PgOutputMessage::Commit`].
     Begin {
+        /// LSN of the transaction's commit record.
         final_lsn: Lsn,
+        /// Commit time.
         commit_time_micros: i64,
+        /// Transaction ID.
         xid: u32,
     },
+    /// The transaction begun last is complete.
     Commit {
+        /// Unused by the server so far (always 0).
         flags: u8,
+        /// LSN of the commit record.
         commit_lsn: Lsn,
+        /// End of the commit record: where replication resumes after this
+        /// transaction, so the position to confirm once it is stored.
         end_lsn: Lsn,
+        /// Commit time.
         commit_time_micros: i64,
     },
+    /// The transaction was replicated into this server from another one.
     Origin {
+        /// LSN of the commit on the origin server.
         commit_lsn: Lsn,
+        /// Replication origin name.
         name: String,
     },
+    /// Describes a table before its first change on this stream, and again
+    /// after its definition changed.
+    ///
     /// The relation's namespace is the empty string for `pg_catalog`, as the
     /// server sends it.
     Relation {
+        /// Streamed transaction, if any.
         xid: Option<u32>,
+        /// The table and its columns.
         relation: Relation,
     },
+    /// Describes a non-built-in data type used by a column.
     Type {
+        /// Streamed transaction, if any.
         xid: Option<u32>,
+        /// Type OID.
         id: u32,
+        /// Schema of the type (empty for `pg_catalog`).
         namespace: String,
+        /// Type name.
         name: String,
     },
     /// Insert `I`, Update `U` (with an optional `K`/`O` old tuple), Delete `D`.
     Change {
+        /// Streamed transaction, if any.
         xid: Option<u32>,
+        /// The row change.
         change: Change,
     },
+    /// `TRUNCATE` of one or more tables.
     Truncate {
+        /// Streamed transaction, if any.
         xid: Option<u32>,
         /// Bit 1: CASCADE, bit 2: RESTART IDENTITY.
         options: u8,
+        /// OIDs of the truncated tables.
         relation_ids: Vec<u32>,
     },
+    /// A logical decoding message (`pg_logical_emit_message`).
     Message {
+        /// Streamed transaction, if any.
         xid: Option<u32>,
+        /// Part of its transaction; a non-transactional message is sent as
+        /// soon as it is emitted, outside any Begin/Commit.
         transactional: bool,
+        /// LSN of the message.
         lsn: Lsn,
+        /// The prefix the emitter chose.
         prefix: String,
+        /// The payload, as emitted.
         content: Bytes,
     },
+    /// The start of a block of a large transaction's changes, sent before it
+    /// commits (protocol 2); ends with [`PgOutputMessage::StreamStop`].
     StreamStart {
+        /// The top-level transaction the block belongs to.
         xid: u32,
+        /// This is the transaction's first block.
         first_segment: bool,
     },
+    /// The end of a streamed block.
     StreamStop,
+    /// A streamed transaction committed: apply its blocks now.
     StreamCommit {
+        /// The top-level transaction.
         xid: u32,
+        /// Unused by the server so far (always 0).
         flags: u8,
+        /// LSN of the commit record.
         commit_lsn: Lsn,
+        /// End of the commit record, as in [`PgOutputMessage::Commit`].
         end_lsn: Lsn,
+        /// Commit time.
         commit_time_micros: i64,
     },
+    /// A streamed transaction, or one of its subtransactions, rolled back.
     StreamAbort {
+        /// The top-level transaction.
         xid: u32,
+        /// The aborted subtransaction; equal to `xid` when the whole
+        /// transaction aborted.
         subxid: u32,
     },
 }
 
-/// Why a pgoutput message could not be decoded. Offsets count from the tag byte (offset 0).
+/// Why a pgoutput message could not be decoded. Offsets count from the tag
+/// byte (offset 0); `message` names the message type (e.g. "Insert") and
+/// `field` the part of it being read.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
+    /// No bytes at all.
     #[error("empty pgoutput message: expected at least the message tag byte")]
     Empty,
+    /// A tag outside protocol versions 1 and 2 (or two-phase commit, which
+    /// steward does not request).
     #[error(
         "unknown pgoutput message tag {tag:#04x} ({shown}) at offset 0; steward understands \
          protocol versions 1 and 2 without two-phase commit",
         shown = show_byte(*tag)
     )]
-    UnknownTag { tag: u8 },
+    UnknownTag {
+        /// The first byte.
+        tag: u8,
+    },
+    /// The message ends before a fixed-size field does.
     #[error(
         "truncated {message} message: expected {expected} bytes for the {field} at offset {offset}, {left} left"
     )]
     Truncated {
+        /// Message type.
         message: &'static str,
+        /// Field being read.
         field: &'static str,
+        /// Where the field starts.
         offset: usize,
+        /// Bytes the field needs.
         expected: usize,
+        /// Bytes the message has left.
         left: usize,
     },
+    /// A string field has no NUL terminator before the end of the message.
     #[error(
         "truncated {message} message: the {field} starting at offset {offset} has no terminating NUL byte"
     )]
     UnterminatedString {
+        /// Message type.
         message: &'static str,
+        /// Field being read.
         field: &'static str,
+        /// Where the string starts.
         offset: usize,
     },
+    /// A name (relation, column, type, origin, prefix) is not UTF-8.
     #[error("invalid UTF-8 in the {field} of a {message} message at offset {offset}")]
     InvalidUtf8 {
+        /// Message type.
         message: &'static str,
+        /// Field being read.
         field: &'static str,
+        /// Where the string starts.
         offset: usize,
     },
+    /// A count (columns, relations) that the rest of the message cannot
+    /// possibly hold; rejected before anything is allocated for it.
     #[error(
         "invalid {message} message: {count} {what} at offset {offset} need at least {needed} bytes, {left} left"
     )]
     CountTooLarge {
+        /// Message type.
         message: &'static str,
+        /// What is counted, e.g. "columns".
         what: &'static str,
+        /// Where the count starts.
         offset: usize,
+        /// The count as sent.
         count: u64,
+        /// Minimum bytes that many items take.
         needed: u64,
+        /// Bytes the message has left.
         left: usize,
     },
+    /// A length prefix below zero.
     #[error(
         "invalid {message} message: negative length {length} for the {field} at offset {offset}"
     )]
     NegativeLength {
+        /// Message type.
         message: &'static str,
+        /// Field being read.
         field: &'static str,
+        /// Where the length starts.
         offset: usize,
+        /// The length as sent.
         length: i32,
     },
+    /// A marker or kind byte with a value the protocol does not define.
     #[error(
         "invalid {message} message: byte {byte:#04x} ({shown}) at offset {offset} is not a valid {field}; expected {expected}",
         shown = show_byte(*byte)
     )]
     UnexpectedByte {
+        /// Message type.
         message: &'static str,
+        /// Field being read.
         field: &'static str,
+        /// Where the byte is.
         offset: usize,
+        /// The byte as sent.
         byte: u8,
+        /// The allowed values, for the message.
         expected: &'static str,
     },
+    /// Bytes left over after a complete message.
     #[error("invalid {message} message: {left} unexpected trailing bytes at offset {offset} after the complete message")]
     TrailingBytes {
+        /// Message type.
         message: &'static str,
+        /// Where the extra bytes start.
         offset: usize,
+        /// How many there are.
         left: usize,
     },
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 /// A secret value (password, token, header). `Debug` and `Display` print `***`.
 ///
 /// A secret read from a file or an environment variable remembers where:
-/// connections re-read it ([`Secret::current`]) each time they are opened,
+/// connections read it again each time they are opened,
 /// so a rotated password is picked up without a restart.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret {
@@ -18,11 +18,24 @@ pub struct Secret {
 /// Where a secret is read from, with the configuration key that names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SecretOrigin {
-    File { key: String, path: PathBuf },
-    Env { key: String, name: String },
+    /// The whole file, minus one trailing newline.
+    File {
+        /// Configuration key that names the file, e.g. `source.password_file`.
+        key: String,
+        /// The file.
+        path: PathBuf,
+    },
+    /// An environment variable.
+    Env {
+        /// Configuration key that names the variable, e.g. `source.password_env`.
+        key: String,
+        /// The variable's name.
+        name: String,
+    },
 }
 
 impl Secret {
+    /// A secret given inline, with no origin to re-read.
     pub fn new(value: impl Into<String>) -> Self {
         Secret {
             value: value.into(),
@@ -56,7 +69,7 @@ impl Secret {
     /// The secret as its file or variable holds it now (the loaded value for
     /// a secret without an origin). The error names the key and the file,
     /// never the value.
-    pub fn current(&self) -> Result<Secret, String> {
+    pub(crate) fn current(&self) -> Result<Secret, String> {
         let value = match self.origin.as_deref() {
             None => return Ok(self.clone()),
             Some(SecretOrigin::File { key, path }) => {

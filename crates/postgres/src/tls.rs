@@ -27,7 +27,7 @@ fn provider() -> Arc<CryptoProvider> {
 /// `prefer` and `require` encrypt but do not authenticate the server, as in
 /// libpq; `verify-full` checks the chain against `sslrootcert` (or the
 /// system's roots) and the host name.
-pub fn client_config(cfg: &SourceConfig) -> Result<Option<ClientConfig>, WireError> {
+pub(crate) fn client_config(cfg: &SourceConfig) -> Result<Option<ClientConfig>, WireError> {
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -98,7 +98,7 @@ fn root_store(cfg: &SourceConfig) -> Result<RootCertStore, WireError> {
 }
 
 /// The server name rustls checks the certificate against (and sends as SNI).
-pub fn server_name(host: &str) -> Result<ServerName<'static>, WireError> {
+pub(crate) fn server_name(host: &str) -> Result<ServerName<'static>, WireError> {
     ServerName::try_from(host.to_string()).map_err(|e| {
         WireError::Tls(format!(
             "source host {host:?} cannot be used as a TLS server name: {e}"
@@ -171,7 +171,7 @@ impl Transport {
     /// the server's certificate. `None` without TLS or when the certificate's
     /// signature algorithm does not determine a hash (e.g. RSA-PSS, Ed25519),
     /// the same cases in which the server cannot compute it either.
-    pub fn channel_binding(&self) -> Option<Vec<u8>> {
+    pub(crate) fn channel_binding(&self) -> Option<Vec<u8>> {
         let Transport::Tls(tls) = self else {
             return None;
         };
@@ -179,7 +179,7 @@ impl Transport {
         cert_end_point_hash(cert.as_ref())
     }
 
-    pub fn is_tls(&self) -> bool {
+    pub(crate) fn is_tls(&self) -> bool {
         matches!(self, Transport::Tls(_))
     }
 }

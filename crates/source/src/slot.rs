@@ -11,51 +11,109 @@ use tokio_postgres::Client;
 use steward_core::model::Lsn;
 
 /// The output plugin steward decodes.
-pub const PLUGIN: &str = "pgoutput";
+pub(crate) const PLUGIN: &str = "pgoutput";
 
+/// A setup check that failed; the message says what to change, usually with
+/// the SQL to run.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
+    /// A catalog query failed.
     #[error("{what}: {detail}")]
-    Query { what: String, detail: String },
+    Query {
+        /// What steward was checking.
+        what: String,
+        /// The server's message with detail and hint.
+        detail: String,
+    },
+    /// `wal_level` is not `logical`.
     #[error("wal_level is {actual:?}, but logical replication needs wal_level = logical; fix: ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL")]
-    WalLevel { actual: String },
+    WalLevel {
+        /// The current setting.
+        actual: String,
+    },
+    /// Configured tables that do not exist.
     #[error("{}", missing_tables_message(.tables, .database))]
     MissingTables {
+        /// `schema.table` names.
         tables: Vec<String>,
+        /// The database looked in.
         database: String,
     },
+    /// Configured relations that are not tables (views, sequences, ...).
     #[error("{}; only tables can be published", not_tables_message(.tables))]
-    NotTables { tables: Vec<(String, String)> },
+    NotTables {
+        /// `schema.table` and what it is instead.
+        tables: Vec<(String, String)>,
+    },
+    /// The publication does not exist and steward may not create it.
     #[error("publication {name:?} does not exist; create it (as the tables' owner or a superuser) with: {statement}; or let steward create it with create_publication = true in the source configuration")]
-    PublicationMissing { name: String, statement: String },
-    #[error("publication {name:?} does not publish {}; steward needs insert, update and delete; fix: {statement}", .missing.join(", "))]
-    PublicationActions {
+    PublicationMissing {
+        /// The publication.
         name: String,
-        missing: Vec<&'static str>,
+        /// SQL that creates it.
         statement: String,
     },
+    /// The publication leaves out inserts, updates or deletes.
+    #[error("publication {name:?} does not publish {}; steward needs insert, update and delete; fix: {statement}", .missing.join(", "))]
+    PublicationActions {
+        /// The publication.
+        name: String,
+        /// The actions it leaves out.
+        missing: Vec<&'static str>,
+        /// SQL that fixes it.
+        statement: String,
+    },
+    /// The publication leaves out configured tables that steward could not
+    /// add itself.
     #[error("publication {name:?} does not cover {}{reason}; fix (as its owner or a superuser): {statement}", .tables.join(", "))]
     PublicationTables {
+        /// The publication.
         name: String,
+        /// `schema.table` names it lacks.
         tables: Vec<String>,
         /// Why steward did not add them itself.
         reason: String,
+        /// SQL that adds them.
         statement: String,
     },
+    /// A slot of that name exists and is a physical one.
     #[error("replication slot {slot:?} is a physical slot, but steward needs a logical one; pick another slot name or drop it with SELECT pg_drop_replication_slot('{slot}')")]
-    SlotPhysical { slot: String },
+    SlotPhysical {
+        /// The slot's name.
+        slot: String,
+    },
+    /// A slot of that name exists with another output plugin.
     #[error("replication slot {slot:?} uses output plugin {plugin:?}, but steward needs {PLUGIN:?}; pick another slot name or drop it with SELECT pg_drop_replication_slot('{slot}')")]
-    SlotPlugin { slot: String, plugin: String },
+    SlotPlugin {
+        /// The slot's name.
+        slot: String,
+        /// Its output plugin.
+        plugin: String,
+    },
+    /// A slot of that name exists in another database.
     #[error("replication slot {slot:?} belongs to database {actual:?}, but steward reads database {expected:?}; pick another slot name or drop it (connected to {actual:?}) with SELECT pg_drop_replication_slot('{slot}')")]
     SlotDatabase {
+        /// The slot's name.
         slot: String,
+        /// The database it belongs to.
         actual: String,
+        /// The configured database.
         expected: String,
     },
+    /// The slot lost WAL it needed (`wal_status = lost`).
     #[error("replication slot {slot:?} has lost WAL it still needed (wal_status = lost), so changes were missed; drop it with SELECT pg_drop_replication_slot('{slot}') and start again from a fresh snapshot (consider raising max_slot_wal_keep_size)")]
-    SlotLost { slot: String },
+    SlotLost {
+        /// The slot's name.
+        slot: String,
+    },
+    /// The server returned something that should be an LSN and is not.
     #[error("the server returned {what} {value:?}, which is not an LSN")]
-    BadLsn { what: &'static str, value: String },
+    BadLsn {
+        /// Which value.
+        what: &'static str,
+        /// The text returned.
+        value: String,
+    },
 }
 
 fn missing_tables_message(tables: &[String], database: &str) -> String {
@@ -81,38 +139,42 @@ fn not_tables_message(tables: &[(String, String)]) -> String {
 /// What [`ensure_publication`] found or did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PublicationStatus {
-    pub name: String,
+    pub(crate) name: String,
     /// steward created the publication just now.
-    pub created: bool,
+    pub(crate) created: bool,
     /// Tables steward added to an existing publication just now.
-    pub added_tables: Vec<(String, String)>,
+    pub(crate) added_tables: Vec<(String, String)>,
     /// `FOR ALL TABLES`: steward will also receive (and ignore) other tables' changes.
-    pub all_tables: bool,
-    pub publishes_truncate: bool,
+    pub(crate) all_tables: bool,
+    pub(crate) publishes_truncate: bool,
     /// Things that work but deserve the operator's attention (row filters, column lists).
-    pub warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
 }
 
 /// One row of `pg_replication_slots`, plus the server's current WAL position.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SlotInfo {
-    pub name: String,
+    pub(crate) name: String,
     /// `logical` or `physical`.
-    pub slot_type: String,
+    pub(crate) slot_type: String,
     /// Output plugin; `None` for a physical slot.
-    pub plugin: Option<String>,
+    pub(crate) plugin: Option<String>,
     /// Database of a logical slot.
-    pub database: Option<String>,
+    pub(crate) database: Option<String>,
+    /// A session is streaming from the slot.
     pub active: bool,
+    /// Server process of that session.
     pub active_pid: Option<i32>,
-    pub temporary: bool,
+    pub(crate) temporary: bool,
+    /// Position up to which the consumer confirmed it has the changes
+    /// (logical slots).
     pub confirmed_flush_lsn: Option<Lsn>,
-    pub restart_lsn: Option<Lsn>,
+    pub(crate) restart_lsn: Option<Lsn>,
     /// `reserved`, `extended`, `unreserved` or `lost` (PostgreSQL 13+).
     pub wal_status: Option<String>,
     /// Bytes that can still be written before the slot risks losing WAL (PostgreSQL 13+).
     pub safe_wal_size: Option<i64>,
-    pub current_wal_lsn: Lsn,
+    pub(crate) current_wal_lsn: Lsn,
 }
 
 impl SlotInfo {
@@ -437,6 +499,7 @@ pub async fn ensure_publication(
 const CURRENT_LSN_SQL: &str =
     "(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text";
 
+/// The server's current WAL position (on a standby: the last replayed one).
 pub async fn current_wal_lsn(client: &Client) -> Result<Lsn, SetupError> {
     let row = client
         .query_one(&format!("SELECT {CURRENT_LSN_SQL}"), &[])

@@ -30,12 +30,22 @@ pub struct SnapshotReader {
     pub consistent: Lsn,
 }
 
+/// Why a snapshot could not be opened or read.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
+    /// Connecting or talking to the server failed.
     #[error(transparent)]
     Wire(#[from] WireError),
+    /// A query of the snapshot failed.
     #[error("snapshot query failed ({what}): {detail}")]
-    Query { what: String, detail: String },
+    Query {
+        /// What steward was doing.
+        what: String,
+        /// The server's message and SQLSTATE.
+        detail: String,
+    },
+    /// The reply to CREATE_REPLICATION_SLOT lacked the consistent point or
+    /// the snapshot name.
     #[error("the server's answer to CREATE_REPLICATION_SLOT was not understood: {0}")]
     BadReply(String),
 }
@@ -63,7 +73,7 @@ fn query_err(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> S
 }
 
 /// The command creating a temporary logical slot that exports its snapshot.
-pub fn temporary_slot_command(slot: &str, server_version_num: u32) -> String {
+pub(crate) fn temporary_slot_command(slot: &str, server_version_num: u32) -> String {
     if server_version_num >= 150000 {
         format!(
             "CREATE_REPLICATION_SLOT {} TEMPORARY LOGICAL pgoutput (SNAPSHOT 'export')",
@@ -144,8 +154,11 @@ pub async fn open_plain(source: &SourceConfig) -> Result<SnapshotReader, Snapsho
 /// What to read from one table: all columns any entity of it maps, keys first.
 #[derive(Clone, Debug)]
 pub struct TableRead {
+    /// Schema name.
     pub schema: String,
+    /// Table name.
     pub table: String,
+    /// Key columns, in key order: rows are read in this order.
     pub key: Vec<String>,
     /// Key columns first (in key order), then the others, no duplicates.
     pub columns: Vec<String>,
@@ -258,7 +271,7 @@ impl SnapshotReader {
 /// `SELECT k, ... FROM t WHERE (k...) > ('..', ...) ORDER BY k... LIMIT n`.
 /// Literals stay untyped so the server compares them as the key's own type,
 /// which the primary key index serves.
-pub fn chunk_sql(
+pub(crate) fn chunk_sql(
     read: &TableRead,
     relation: &Relation,
     after: Option<&[String]>,

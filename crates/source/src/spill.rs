@@ -42,13 +42,13 @@ struct SpilledTxn {
 
 /// A streamed transaction that committed: its chunks, in order.
 #[derive(Debug)]
-pub struct Committed {
-    pub xid: u32,
-    pub chunks: Vec<u64>,
-    pub records: u64,
+pub(crate) struct Committed {
+    pub(crate) xid: u32,
+    pub(crate) chunks: Vec<u64>,
+    pub(crate) records: u64,
 }
 
-pub struct StreamSpill {
+pub(crate) struct StreamSpill {
     store: Store,
     txns: HashMap<u32, SpilledTxn>,
     /// Top-level xid of the open stream block.
@@ -64,7 +64,7 @@ impl StreamSpill {
     /// Starts empty: whatever an earlier session spilled is dropped, since the
     /// server sends every transaction that was not committed before the
     /// confirmed position again, from its first change.
-    pub fn new(store: Store) -> Result<StreamSpill, StoreError> {
+    pub(crate) fn new(store: Store) -> Result<StreamSpill, StoreError> {
         block(|| store.spill_clear())?;
         Ok(StreamSpill {
             store,
@@ -78,12 +78,12 @@ impl StreamSpill {
         })
     }
 
-    pub fn in_stream(&self) -> bool {
+    pub(crate) fn in_stream(&self) -> bool {
         self.current.is_some()
     }
 
     /// Stream Start. `Err` names what is inconsistent in the stream.
-    pub fn start(&mut self, xid: u32, first_segment: bool) -> Result<(), String> {
+    pub(crate) fn start(&mut self, xid: u32, first_segment: bool) -> Result<(), String> {
         if let Some(open) = self.current {
             return Err(format!(
                 "Stream Start for xid {xid} while the stream block of xid {open} is still open"
@@ -111,7 +111,7 @@ impl StreamSpill {
 
     /// One message of the open stream block. `subxid`: the xid it carries;
     /// `None` files it under the top-level transaction.
-    pub fn push(&mut self, subxid: Option<u32>, message: &[u8]) -> Result<(), StoreError> {
+    pub(crate) fn push(&mut self, subxid: Option<u32>, message: &[u8]) -> Result<(), StoreError> {
         let Some(top) = self.current else {
             return Ok(());
         };
@@ -132,7 +132,7 @@ impl StreamSpill {
     }
 
     /// Stream Stop: everything of the block goes to the store.
-    pub fn stop(&mut self) -> Result<(), StoreError> {
+    pub(crate) fn stop(&mut self) -> Result<(), StoreError> {
         self.seal();
         self.write()?;
         self.current = None;
@@ -141,7 +141,7 @@ impl StreamSpill {
 
     /// Stream Abort: all of `xid` when `subxid == xid`, otherwise only the
     /// changes of that subtransaction (a ROLLBACK TO SAVEPOINT).
-    pub fn abort(&mut self, xid: u32, subxid: u32) -> Result<(), StoreError> {
+    pub(crate) fn abort(&mut self, xid: u32, subxid: u32) -> Result<(), StoreError> {
         self.seal();
         self.write()?;
         if subxid == xid {
@@ -177,7 +177,7 @@ impl StreamSpill {
 
     /// Stream Commit: the transaction's chunks, in order, for replay. They
     /// stay in the store until [`StreamSpill::finish`].
-    pub fn commit(&mut self, xid: u32) -> Result<Option<Committed>, StoreError> {
+    pub(crate) fn commit(&mut self, xid: u32) -> Result<Option<Committed>, StoreError> {
         self.seal();
         self.write()?;
         Ok(self.txns.remove(&xid).map(|txn| Committed {
@@ -187,17 +187,18 @@ impl StreamSpill {
         }))
     }
 
-    pub fn read(&self, xid: u32, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    pub(crate) fn read(&self, xid: u32, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
         block(|| self.store.spill_read(xid, seq))
     }
 
     /// Drops a committed transaction's chunks once replayed (or skipped).
-    pub fn finish(&self, xid: u32) -> Result<(), StoreError> {
+    pub(crate) fn finish(&self, xid: u32) -> Result<(), StoreError> {
         block(|| self.store.spill_drop(xid))
     }
 
     /// Streamed transactions neither committed nor aborted yet.
-    pub fn open_transactions(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn open_transactions(&self) -> usize {
         self.txns.len()
     }
 

@@ -19,7 +19,7 @@
 //! changes of a transaction that outgrows `logical_decoding_work_mem` before
 //! it commits, in Stream Start … Stream Stop blocks, and ends it with Stream
 //! Commit or Stream Abort. Those changes are spilled to the store
-//! ([`StreamSpill`]); at Stream Commit they are read back chunk by chunk and
+//! (`spill::StreamSpill`); at Stream Commit they are read back chunk by chunk and
 //! forwarded as an ordinary Begin, changes, Commit with the commit LSN, so
 //! the daemon maps them exactly like an unstreamed transaction (same event
 //! ids). Aborted transactions and rolled-back subtransactions are dropped
@@ -54,20 +54,38 @@ use steward_store::{Store, StoreError};
 
 /// What the source hands downstream, in stream order.
 #[derive(Debug)]
+///
+/// Transactions arrive whole, Begin to Commit, in commit order (a streamed
+/// transaction is replayed from the spill when it commits); transactions
+/// committed before [`SessionParams::skip_before`] are left out. Times are
+/// µs since 2000-01-01 UTC.
 pub enum SourceEvent {
+    /// A table's description, before its first change and after it changed.
     Relation(Relation),
+    /// A transaction starts.
     Begin {
+        /// LSN of its commit record.
         final_lsn: Lsn,
+        /// Commit time.
         commit_time_micros: i64,
+        /// Transaction ID.
         xid: u32,
     },
+    /// A row change of the current transaction.
     Change(Change),
+    /// `TRUNCATE` of tables, in the current transaction.
     Truncate {
+        /// OIDs of the truncated tables.
         relation_ids: Vec<u32>,
     },
+    /// The current transaction is complete.
     Commit {
+        /// LSN of its commit record.
         commit_lsn: Lsn,
+        /// End of its commit record: once the transaction is stored, the
+        /// position that may be confirmed to the server.
         end_lsn: Lsn,
+        /// Commit time.
         commit_time_micros: i64,
     },
     /// A keepalive outside any transaction: every transaction the server
@@ -75,22 +93,47 @@ pub enum SourceEvent {
     Position(Lsn),
 }
 
+/// Why a replication session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    /// Connecting or talking to the server failed.
     #[error(transparent)]
     Wire(#[from] WireError),
+    /// A pgoutput message that does not decode.
     #[error("malformed pgoutput message in WAL record at {lsn}: {problem}; this is a bug or a corrupted stream — please report it with the server version")]
-    Decode { lsn: Lsn, problem: String },
+    Decode {
+        /// WAL position of the message.
+        lsn: Lsn,
+        /// What is wrong with it.
+        problem: String,
+    },
+    /// The server ended the copy (e.g. on shutdown); reconnecting may help.
     #[error("the server ended the replication stream")]
     Ended,
+    /// A well-formed message where the protocol does not allow it (e.g. a
+    /// change outside a transaction).
     #[error("unexpected pgoutput message at {lsn}: {what}")]
-    Unexpected { lsn: Lsn, what: String },
+    Unexpected {
+        /// WAL position of the message.
+        lsn: Lsn,
+        /// The message and why it is out of place.
+        what: String,
+    },
+    /// The slot is gone.
     #[error("the replication slot '{slot}' no longer exists (someone dropped it while steward ran): changes since steward's checkpoint may be lost. Stop steward, run `steward reset --all -c FILE` (recreates the slot and resends every target a snapshot), then start it")]
-    SlotDropped { slot: String },
+    SlotDropped {
+        /// The slot's name.
+        slot: String,
+    },
+    /// Writing a streamed transaction to the state file failed.
     #[error("cannot keep a streamed transaction's changes in the state file: {0}")]
     Spill(#[from] StoreError),
+    /// The server removed WAL the slot still needed.
     #[error("the replication slot '{slot}' was invalidated: the server removed WAL it still needed (max_slot_wal_keep_size). Stop steward, run `steward reset --all -c FILE` (recreates the slot and resends every target a snapshot), then start it; consider a larger max_slot_wal_keep_size")]
-    SlotInvalidated { slot: String },
+    SlotInvalidated {
+        /// The slot's name.
+        slot: String,
+    },
 }
 
 impl SourceError {
@@ -111,13 +154,17 @@ impl SourceError {
     }
 }
 
+/// What one replication session ([`run_session`]) streams and from where.
 pub struct SessionParams {
+    /// The logical replication slot to stream from.
     pub slot: String,
+    /// The publication whose tables' changes pgoutput sends.
     pub publication: String,
     /// Where to start; `Lsn::ZERO` lets the server use the slot's confirmed position.
     pub start: Lsn,
     /// Transactions whose commit LSN is below this are already durable: dropped.
     pub skip_before: Lsn,
+    /// How often a standby status update is sent even when nothing changed.
     pub status_interval: Duration,
     /// Ask for streaming of in-progress transactions (used on PostgreSQL 14+).
     pub streaming: bool,

@@ -3,7 +3,7 @@
 //! order. Pruned by age ([`Store::audit_prune`], `state.audit_retention_days`).
 //!
 //! Records are stored in chunks, like the outbox (see `tables`): one redb row
-//! per commit (up to [`CHUNK_MAX_EVENTS`] records), keyed by the sequence
+//! per commit (up to `CHUNK_MAX_EVENTS` records), keyed by the sequence
 //! number of its first record. One row per record costs a B-tree insert per
 //! delivered event, about a tenth of steward's CPU on the product-insert
 //! workload (perf on `cargo bench --bench e2e -- W1`). Records
@@ -22,10 +22,13 @@ pub(crate) const AUDIT_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("
 /// Filters for [`Store::audit_query`].
 #[derive(Clone, Debug, Default)]
 pub struct AuditFilter {
+    /// Only records of this entity.
     pub entity: Option<String>,
+    /// Only records of this key.
     pub key: Option<String>,
-    /// Microseconds since the Unix epoch.
+    /// Only records at or after this time, µs since the Unix epoch.
     pub since_micros: Option<i64>,
+    /// At most this many records, the newest ones.
     pub limit: Option<usize>,
 }
 

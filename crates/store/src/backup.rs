@@ -31,19 +31,22 @@ pub const BACKUP_META: &str = "backup.taken";
 /// What a backup records about itself.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupMark {
-    /// RFC 3339 UTC.
+    /// When the copy was taken, RFC 3339 UTC.
     pub taken_at: String,
     /// The checkpoint of the copy.
-    pub checkpoint: Option<u64>,
+    pub(crate) checkpoint: Option<u64>,
 }
 
 /// The outcome of a backup, printed by the command line.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupReport {
+    /// The backup file.
     pub path: PathBuf,
+    /// Its size in bytes.
     pub bytes: u64,
-    /// The copy's checkpoint, read back from it.
+    /// The copy's checkpoint (an LSN as `X/Y`), read back from it.
     pub checkpoint: Option<String>,
+    /// When the copy was taken, RFC 3339 UTC.
     pub taken_at: String,
 }
 

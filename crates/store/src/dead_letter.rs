@@ -23,7 +23,7 @@
 //! transaction, so a crash never leaves an event both in the outbox and in the
 //! dead-letter queue, or in neither.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 
 use redb::{Durability, ReadableTable, TableDefinition, TableError};
 use serde::{Deserialize, Serialize};
@@ -70,7 +70,9 @@ pub fn key_of(event: &Event) -> String {
 /// One dead-lettered event.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeadLetter {
+    /// Per target, increasing in the order events were given up on.
     pub id: u64,
+    /// The event as it would have been delivered.
     pub event: Event,
     /// Why: the target's answer (status and body excerpt), or `held behind <id>`.
     pub error: String,
@@ -79,24 +81,31 @@ pub struct DeadLetter {
     pub held_behind: Option<u64>,
     /// Delivery attempts made for it (0 when held).
     pub attempts: u32,
-    /// RFC 3339 UTC.
+    /// Time of the first failed attempt, RFC 3339 UTC.
     pub first_failure: String,
+    /// Time of the last failed attempt, RFC 3339 UTC.
     pub last_failure: String,
 }
 
 /// An event to dead-letter, as the driver hands it to [`Store::settle`].
 #[derive(Clone, Debug)]
 pub struct NewDeadLetter {
+    /// The event given up on.
     pub event: Event,
     /// `None`: parked because its key is held (the store names the entry it waits behind).
     pub failure: Option<Failure>,
 }
 
+/// Why the driver gave up on an event.
 #[derive(Clone, Debug)]
 pub struct Failure {
+    /// The target's answer (status and body excerpt) or the transport error.
     pub message: String,
+    /// Delivery attempts made.
     pub attempts: u32,
+    /// Time of the first failed attempt, RFC 3339 UTC.
     pub first_failure: String,
+    /// Time of the last failed attempt, RFC 3339 UTC.
     pub last_failure: String,
 }
 
@@ -125,23 +134,26 @@ pub struct DeliveryCounts {
     /// Entries in the dead-letter queue.
     pub dead_letters: u64,
     /// Every entry ever added to it.
-    pub dead_lettered_total: u64,
+    pub(crate) dead_lettered_total: u64,
     /// Entries sent back for delivery and not yet delivered.
-    pub replay: u64,
+    pub(crate) replay: u64,
     /// Coalesced events waiting for their batch window.
-    pub windowed: u64,
+    pub(crate) windowed: u64,
 }
 
 /// Which dead letters a `dlq` command applies to; empty: all.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DlqFilter {
+    /// Only dead letters of this entity.
     pub entity: Option<String>,
+    /// Only dead letters of this key.
     pub key: Option<String>,
+    /// Only the dead letter with this id.
     pub id: Option<u64>,
 }
 
 impl DlqFilter {
-    pub fn matches(&self, d: &DeadLetter) -> bool {
+    pub(crate) fn matches(&self, d: &DeadLetter) -> bool {
         self.id.is_none_or(|id| d.id == id)
             && self.entity.as_deref().is_none_or(|e| d.event.entity == e)
             && self.key.as_deref().is_none_or(|k| d.event.key == k)
@@ -537,27 +549,27 @@ impl Store {
     }
 }
 
-/// Keeps the latest event per entity and key, in the order each key was
-/// last seen; a delete wins when it is the latest. (The window buffer does
-/// the same on the way in; this is for batches read in one go.)
-pub fn coalesce(events: Vec<Event>) -> Vec<Event> {
-    let mut index: HashMap<String, usize> = HashMap::new();
-    let mut out: Vec<Option<Event>> = Vec::new();
-    for e in events {
-        let k = key_of(&e);
-        if let Some(&i) = index.get(&k) {
-            out[i] = None;
-        }
-        index.insert(k, out.len());
-        out.push(Some(e));
-    }
-    out.into_iter().flatten().collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use steward_core::model::{EventOp, Lsn};
+
+    /// Keeps the latest event per entity and key, in the order each key was
+    /// last seen; a delete wins when it is the latest. (The window buffer does
+    /// the same on the way in; this is for batches read in one go.)
+    fn coalesce(events: Vec<Event>) -> Vec<Event> {
+        let mut index: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+        let mut out: Vec<Option<Event>> = Vec::new();
+        for e in events {
+            let k = key_of(&e);
+            if let Some(&i) = index.get(&k) {
+                out[i] = None;
+            }
+            index.insert(k, out.len());
+            out.push(Some(e));
+        }
+        out.into_iter().flatten().collect()
+    }
 
     fn ev(n: u64, key: &str, op: EventOp) -> Event {
         Event {

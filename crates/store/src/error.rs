@@ -4,29 +4,45 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
+/// Why the state file could not be used; each message names the file and,
+/// where there is one, the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// Another process (or another [`crate::Store`] in this one) has the file open.
     #[error(
         "the state file {} is in use by another steward process; stop that process first, \
          or give this one its own state.path",
         .path.display()
     )]
-    Locked { path: PathBuf },
+    Locked {
+        /// The state file.
+        path: PathBuf,
+    },
 
+    /// The file system (or quota) is full; transient.
     #[error(
         "the disk holding the state file {} is full: steward stops confirming to PostgreSQL \
          (the server keeps the WAL meanwhile) until space is freed on that file system, then \
          continues by itself",
         .path.display()
     )]
-    DiskFull { path: PathBuf },
+    DiskFull {
+        /// The state file.
+        path: PathBuf,
+    },
 
+    /// Reading, writing or creating the file or its directory failed; transient.
     #[error(
         "cannot use the state file {}: {source}; check that its directory exists and is \
          writable by the user steward runs as",
         .path.display()
     )]
-    Io { path: PathBuf, source: io::Error },
+    Io {
+        /// The state file.
+        path: PathBuf,
+        /// The operating system's error.
+        source: io::Error,
+    },
 
     /// The file is damaged: steward refuses it and changes nothing in it.
     #[error(
@@ -38,43 +54,69 @@ pub enum StoreError {
          audit trail) stays only in the file set aside",
         path = .path.display()
     )]
-    Corrupted { path: PathBuf, detail: String },
+    Corrupted {
+        /// The state file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
 
+    /// The path names a directory or another non-file.
     #[error(
         "state.path {} is not a file (a directory?); point state.path at a file, for example \
          {}/state.redb",
         .path.display(),
         .path.display()
     )]
-    NotAFile { path: PathBuf },
+    NotAFile {
+        /// The configured path.
+        path: PathBuf,
+    },
 
+    /// A redb file whose format version or table types this build cannot read.
     #[error(
         "the state file {} has an on-disk format this steward cannot read ({detail}); run the \
          steward version that wrote it, or move the file aside",
         .path.display()
     )]
-    Incompatible { path: PathBuf, detail: String },
+    Incompatible {
+        /// The state file.
+        path: PathBuf,
+        /// redb's account of the mismatch.
+        detail: String,
+    },
 
+    /// An outbox entry that does not decode as an event.
     #[error(
         "entry {seq} of target {target:?} in the state file {} cannot be decoded ({detail}); \
          the file was written by an incompatible steward version or is corrupted",
         .path.display()
     )]
     Decode {
+        /// The state file.
         path: PathBuf,
+        /// The target whose outbox holds the entry.
         target: String,
+        /// The entry's sequence number.
         seq: u64,
+        /// What failed to decode.
         detail: String,
     },
 
     /// A redb failure that means a bug rather than a problem with the environment.
     #[error("internal error on the state file {}: {detail}", .path.display())]
-    Internal { path: PathBuf, detail: String },
+    Internal {
+        /// The state file.
+        path: PathBuf,
+        /// redb's message.
+        detail: String,
+    },
 }
 
 impl StoreError {
     /// True when the store failed because its file system is out of space (or quota).
-    pub fn is_disk_full(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_disk_full(&self) -> bool {
         matches!(self, StoreError::DiskFull { .. })
     }
 

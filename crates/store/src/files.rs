@@ -9,9 +9,9 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 /// Mode of every file steward creates.
-pub const FILE_MODE: u32 = 0o600;
+pub(crate) const FILE_MODE: u32 = 0o600;
 /// Mode of every directory steward creates.
-pub const DIR_MODE: u32 = 0o700;
+pub(crate) const DIR_MODE: u32 = 0o700;
 
 /// Creates `dir` and its missing parents, each new one 0700. Directories
 /// that exist already keep their mode: they may be shared on purpose
@@ -24,7 +24,7 @@ pub fn create_dir_all(dir: &Path) -> io::Result<()> {
 }
 
 /// Creates a new file, 0600, failing if it exists.
-pub fn create_new(path: &Path) -> io::Result<File> {
+pub(crate) fn create_new(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .read(true)
         .write(true)

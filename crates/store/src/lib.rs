@@ -1,3 +1,5 @@
+#![warn(missing_docs)]
+
 //! Durable state in one redb file: the source checkpoint, one outbox per
 //! target, per-target delivery bookkeeping and a little metadata.
 //!
@@ -39,15 +41,15 @@ mod event_codec;
 pub mod files;
 pub mod governance;
 mod open;
-pub mod published;
-pub mod quarantine;
+mod published;
+mod quarantine;
 mod snapshot_progress;
 pub mod spill;
 mod tables;
 mod txn_stage;
 
 pub use dead_letter::{
-    coalesce, key_of, DeadLetter, DeliveryCounts, DlqFilter, Failure, NewDeadLetter, Settlement,
+    key_of, DeadLetter, DeliveryCounts, DlqFilter, Failure, NewDeadLetter, Settlement,
 };
 pub use error::StoreError;
 pub use snapshot_progress::{SnapshotJob, SnapshotPhase, VersionCheck};
@@ -121,14 +123,18 @@ struct Inner {
 /// Delivery figures of one target, for status output and metrics.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct TargetStats {
-    /// Events waiting in the outbox.
+    /// Events waiting for delivery: in the outbox, the replay queue and the
+    /// batch-window buffer.
     pub backlog: u64,
+    /// Events delivered since the state file was created.
     pub delivered_total: u64,
     /// The last sequence number appended to the outbox (0 if none yet).
     pub last_appended_seq: u64,
+    /// The last outbox sequence number acknowledged (`None` before the first).
     pub last_delivered_seq: Option<u64>,
-    /// RFC 3339 UTC.
+    /// Time of the last successful delivery, RFC 3339 UTC.
     pub last_delivered_at: Option<String>,
+    /// The last delivery error, cleared by the next success.
     pub last_error: Option<String>,
     /// Events in the dead-letter queue.
     pub dead_letters: u64,
@@ -178,6 +184,7 @@ impl Store {
         Ok(store)
     }
 
+    /// The state file.
     pub fn path(&self) -> &Path {
         &self.inner.path
     }
@@ -214,7 +221,7 @@ impl Store {
 
     /// [`Store::commit`], also running `extra` in the same write transaction
     /// (governance state and audit records change atomically with the outbox).
-    pub fn commit_with(
+    pub(crate) fn commit_with(
         &self,
         checkpoint: Lsn,
         appends: &[(&str, &Event)],
@@ -402,6 +409,7 @@ impl Store {
         Ok(self.read_outbox(target, None, 1)?.into_iter().next())
     }
 
+    /// The target's delivery figures; all zero for a target never appended to.
     pub fn target_stats(&self, target: &str) -> Result<TargetStats, StoreError> {
         let state = self.read(|txn| {
             let targets = txn.open_table(TARGETS)?;
@@ -439,7 +447,7 @@ impl Store {
     }
 
     /// Every target that has (or had) an outbox or stats, in name order.
-    pub fn targets(&self) -> Result<Vec<String>, StoreError> {
+    pub(crate) fn targets(&self) -> Result<Vec<String>, StoreError> {
         self.read(|txn| {
             let targets = txn.open_table(TARGETS)?;
             let mut out = Vec::new();
@@ -450,6 +458,8 @@ impl Store {
         })
     }
 
+    /// A value of the small key-value table for bookkeeping (schema
+    /// fingerprints, backup marks).
     pub fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
         self.read(|txn| {
             let meta = txn.open_table(META)?;
@@ -458,7 +468,7 @@ impl Store {
         })
     }
 
-    /// Durable.
+    /// Sets a [`Store::get_meta`] value, durably.
     pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
         self.write(Durability::Immediate, |txn| {
             txn.open_table(META)?.insert(key, value)?;

@@ -43,7 +43,7 @@ const HEADER_BYTES: u64 = 4096;
 
 /// Largest file verified page by page when opened (step 2 of the module
 /// documentation). Reading a gigabyte takes a second or two from a disk.
-pub const VERIFY_MAX_BYTES: u64 = 1 << 30;
+pub(crate) const VERIFY_MAX_BYTES: u64 = 1 << 30;
 
 /// redb's page cache for the verification open: the check reads each page once.
 const VERIFY_CACHE_BYTES: usize = 1024 * 1024;

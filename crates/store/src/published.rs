@@ -36,7 +36,9 @@ pub(crate) const ENTRIES_PER_ROW: usize = 1860;
 /// Superseded entries tolerated beyond the live set before compacting.
 pub(crate) const COMPACT_SLACK: u64 = 100_000;
 
-pub use steward_core::state::{published_digest, PublishedChange, PublishedEntry};
+#[cfg(test)]
+pub(crate) use steward_core::state::published_digest;
+pub(crate) use steward_core::state::{PublishedChange, PublishedEntry};
 
 /// Appends `changes` (in order) inside `txn`, compacting the log when due.
 #[allow(clippy::result_large_err)] // redb's own error type, boxed by the caller

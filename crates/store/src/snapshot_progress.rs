@@ -38,6 +38,7 @@ fn versions_table(name: &str) -> TableDefinition<'_, &'static str, u64> {
     TableDefinition::new(name)
 }
 
+/// Where a [`SnapshotJob`] stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SnapshotPhase {
@@ -52,8 +53,11 @@ pub enum SnapshotPhase {
 /// Progress of one (target, entity) snapshot.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotJob {
+    /// The target the rows go to.
     pub target: String,
+    /// The entity whose table is read.
     pub entity: String,
+    /// Pending, running or done.
     pub phase: SnapshotPhase,
     /// Consistent point of the snapshot currently (or last) read.
     pub consistent_lsn: Option<u64>,
@@ -73,8 +77,11 @@ pub struct SnapshotJob {
     pub rows_read: u64,
     /// How many consistent snapshots this job used (1 without crashes).
     pub segments: u32,
+    /// When reading began, RFC 3339 UTC.
     pub started_at: Option<String>,
+    /// When the last row was appended, RFC 3339 UTC.
     pub finished_at: Option<String>,
+    /// The last error that stopped the job; cleared when it runs again.
     pub last_error: Option<String>,
     /// A governed re-read after a configuration change: every record is
     /// evaluated again for the target; documents equal to the last one
@@ -88,7 +95,7 @@ pub struct SnapshotJob {
 }
 
 impl SnapshotJob {
-    pub fn new(target: &str, entity: &str) -> SnapshotJob {
+    pub(crate) fn new(target: &str, entity: &str) -> SnapshotJob {
         SnapshotJob {
             target: target.to_string(),
             entity: entity.to_string(),
@@ -110,11 +117,15 @@ impl SnapshotJob {
     }
 }
 
-/// One item the version filter looks at.
+/// One item the version filter looks at ([`Store::admit_versions`]).
 pub struct VersionCheck<'a> {
+    /// Target of the job whose window is open.
     pub target: &'a str,
+    /// Entity of that job.
     pub entity: &'a str,
+    /// The record's key.
     pub key: &'a str,
+    /// The record's version; admitted unless below the highest one appended.
     pub version: u64,
 }
 

@@ -55,10 +55,13 @@ pub fn records(chunk: &[u8]) -> Result<Vec<(u32, std::ops::Range<usize>)>, Strin
 /// What is left of a chunk after [`Store::spill_remove_subxact`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkLeft {
+    /// Records still in the chunk.
     pub records: u32,
+    /// Records removed from it.
     pub removed: u32,
-    /// Smallest and largest subxid of the remaining records (any if none).
+    /// Smallest subxid of the remaining records (`u32::MAX` if none).
     pub min_subxid: u32,
+    /// Largest subxid of the remaining records (0 if none).
     pub max_subxid: u32,
 }
 

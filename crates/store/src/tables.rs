@@ -126,26 +126,26 @@ pub(crate) struct TargetState {
     /// Last sequence number handed out; the next append gets `last_seq + 1`.
     /// Kept here (not derived from the outbox's last key) because a fully
     /// acknowledged outbox is empty but must not reuse sequence numbers.
-    pub last_seq: u64,
-    pub delivered_total: u64,
+    pub(crate) last_seq: u64,
+    pub(crate) delivered_total: u64,
     /// Every entry up to this one is acknowledged; 0 when nothing was yet
     /// (sequence numbers start at 1). Never above `last_seq`, so the backlog is
     /// exactly `last_seq - last_delivered_seq`.
-    pub last_delivered_seq: u64,
+    pub(crate) last_delivered_seq: u64,
     /// Microseconds since the Unix epoch; `None` when nothing was delivered yet.
-    pub last_delivered_at_micros: Option<i64>,
-    pub last_error: Option<String>,
+    pub(crate) last_delivered_at_micros: Option<i64>,
+    pub(crate) last_error: Option<String>,
 }
 
 const VERSION: u8 = 1;
 const FIXED_LEN: usize = 1 + 8 * 3 + 1 + 8 + 1;
 
 impl TargetState {
-    pub fn backlog(&self) -> u64 {
+    pub(crate) fn backlog(&self) -> u64 {
         self.last_seq.saturating_sub(self.last_delivered_seq)
     }
 
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let err = self.last_error.as_deref().unwrap_or("");
         let mut out = Vec::with_capacity(FIXED_LEN + err.len());
         out.push(VERSION);
@@ -159,7 +159,7 @@ impl TargetState {
         out
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<TargetState, String> {
+    pub(crate) fn decode(bytes: &[u8]) -> Result<TargetState, String> {
         if bytes.len() < FIXED_LEN {
             return Err(format!(
                 "target state row is {} bytes, expected at least {FIXED_LEN}",
