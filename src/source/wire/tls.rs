@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use sha2::Digest;
@@ -51,20 +52,19 @@ fn root_store(cfg: &SourceConfig) -> Result<RootCertStore, WireError> {
     let mut roots = RootCertStore::empty();
     match &cfg.sslrootcert {
         Some(path) => {
-            let file = std::fs::File::open(path).map_err(|e| {
-                WireError::Tls(format!(
-                    "cannot read source.sslrootcert {}: {e}",
-                    path.display()
-                ))
-            })?;
-            let mut reader = io::BufReader::new(file);
-            for cert in rustls_pemfile::certs(&mut reader) {
-                let cert = cert.map_err(|e| {
-                    WireError::Tls(format!(
+            let problem = |e: pem::Error| {
+                WireError::Tls(match e {
+                    pem::Error::Io(e) => {
+                        format!("cannot read source.sslrootcert {}: {e}", path.display())
+                    }
+                    e => format!(
                         "source.sslrootcert {} is not valid PEM: {e}",
                         path.display()
-                    ))
-                })?;
+                    ),
+                })
+            };
+            for cert in CertificateDer::pem_file_iter(path).map_err(problem)? {
+                let cert = cert.map_err(problem)?;
                 roots.add(cert).map_err(|e| {
                     WireError::Tls(format!(
                         "source.sslrootcert {} holds an unusable certificate: {e}",
