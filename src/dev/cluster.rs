@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use nix::unistd::{Gid, Uid};
 
+use crate::source::wire::quote_ident;
+
 const INSTALL_HINT: &str =
     "PostgreSQL server binaries not found; install them with: apt-get install postgresql";
 
@@ -923,10 +925,6 @@ fn check_identifier(what: &'static str, name: &str) -> Result<(), DevError> {
         });
     }
     Ok(())
-}
-
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 fn conf_quote(value: &str) -> String {

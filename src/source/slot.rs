@@ -9,6 +9,7 @@
 use tokio_postgres::Client;
 
 use crate::model::Lsn;
+use crate::source::wire::quote_ident;
 
 /// The output plugin steward decodes.
 pub const PLUGIN: &str = "pgoutput";
@@ -155,11 +156,6 @@ fn describe(e: &tokio_postgres::Error) -> String {
             s
         }
     }
-}
-
-/// Double-quotes an SQL identifier.
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 fn qualified(schema: &str, table: &str) -> String {

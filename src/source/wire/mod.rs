@@ -293,6 +293,7 @@ impl ReplicationClient {
         for (name, value) in options {
             codec::check_no_nul("replication option name", name)?;
             codec::check_no_nul("replication option value", value)?;
+            codec::check_no_backslash("replication option value", value)?;
         }
         let cmd = start_replication_command(slot, start, options);
         let mut buf = BytesMut::new();
