@@ -26,7 +26,7 @@ pub use codec::{quote_ident, quote_literal, ReplicationMessage};
 pub use connect::{connect_sql, APPLICATION_NAME, SESSION_OPTIONS};
 pub use copy_both::ReplicationStream;
 pub use error::{describe_pg_error, WireError};
-pub use tls::client_config as tls_client_config;
+pub use tls::{client_config as tls_client_config, install_default_provider};
 
 use codec::{Backend, ServerFields};
 use connect::{log_notice, note_parameter, Conn};
