@@ -2,8 +2,10 @@
 //! (12 columns, text format) and inserts, framed exactly as PostgreSQL sends
 //! them. Run with `cargo bench --bench decoder`.
 
+use std::hint::black_box;
+
 use bytes::{BufMut, Bytes, BytesMut};
-use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use steward_postgres::pgoutput::decode;
 
 const MESSAGES: usize = 3000;

@@ -28,6 +28,7 @@ async fn wait_streaming(psql: impl Fn(&str) -> String, slot: &str) {
 
 /// `/readyz` on `port`: status and body (0 when nothing answers).
 async fn readyz(port: u16) -> (u16, String) {
+    steward_postgres::install_default_provider();
     match reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await {
         Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
         Err(_) => (0, String::new()),

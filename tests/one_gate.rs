@@ -350,7 +350,7 @@ fn doc(text: &str) -> Value {
 }
 
 fn hmac_hex(key: &str, value: &str) -> String {
-    use hmac::{Hmac, Mac};
+    use hmac::{Hmac, KeyInit, Mac};
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).expect("hmac key");
     mac.update(value.as_bytes());
     mac.finalize()

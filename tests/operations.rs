@@ -16,6 +16,7 @@ use support::{free_port, wait_until, Steward, TestDb};
 const WAIT: Duration = Duration::from_secs(30);
 
 async fn get(url: &str) -> Option<(u16, String)> {
+    steward_postgres::install_default_provider();
     let response = reqwest::get(url).await.ok()?;
     let status = response.status().as_u16();
     Some((status, response.text().await.ok()?))

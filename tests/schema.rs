@@ -32,6 +32,7 @@ fn status(config: &Path, json: bool) -> String {
 }
 
 async fn scrape(port: u16) -> String {
+    steward_postgres::install_default_provider();
     match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
         Ok(r) => r.text().await.unwrap_or_default(),
         Err(_) => String::new(),

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use base64::Engine as _;
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
 use steward_core::config::Config;

@@ -469,22 +469,26 @@ fn run_blocking(future: impl std::future::Future<Output = anyhow::Result<()>>) -
 
 /// SIGTERM and SIGINT turn the returned watch to true once.
 pub fn shutdown_on_signals() -> anyhow::Result<watch::Receiver<bool>> {
-    use futures_util::StreamExt;
-    use signal_hook::consts::{SIGINT, SIGTERM};
+    use tokio::signal::unix::{signal, SignalKind};
     let (tx, rx) = watch::channel(false);
-    let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT])?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     tokio::spawn(async move {
-        if let Some(signal) = signals.next().await {
-            let name = if signal == SIGTERM {
-                "SIGTERM"
-            } else {
-                "SIGINT"
-            };
-            tracing::info!("{name} received: draining and stopping");
-            let _ = tx.send(true);
-        }
+        // `None` only when the runtime shuts down.
+        let name = tokio::select! {
+            Some(()) = terminate.recv() => "SIGTERM",
+            Some(()) = interrupt.recv() => "SIGINT",
+            else => return,
+        };
+        tracing::info!("{name} received: draining and stopping");
+        let _ = tx.send(true);
         // A second signal while draining: stop now.
-        if signals.next().await.is_some() {
+        let second = tokio::select! {
+            Some(()) = terminate.recv() => true,
+            Some(()) = interrupt.recv() => true,
+            else => false,
+        };
+        if second {
             tracing::warn!("second signal: exiting without draining");
             std::process::exit(130);
         }

@@ -7,16 +7,12 @@
 use std::fmt::Write as _;
 
 use steward_core::config::Config;
-
-/// `"name"` with embedded quotes doubled, as PostgreSQL expects.
-fn ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
+use steward_postgres::quote_ident;
 
 /// The SQL script for `config`.
 pub fn script(config: &Config) -> String {
     let source = &config.source;
-    let role = ident(&source.user);
+    let role = quote_ident(&source.user);
     let mut tables: Vec<(String, String)> = config
         .entities
         .iter()
@@ -28,7 +24,7 @@ pub fn script(config: &Config) -> String {
     schemas.dedup();
     let table_list = tables
         .iter()
-        .map(|(s, t)| format!("{}.{}", ident(s), ident(t)))
+        .map(|(s, t)| format!("{}.{}", quote_ident(s), quote_ident(t)))
         .collect::<Vec<_>>()
         .join(", ");
 
@@ -41,7 +37,7 @@ pub fn script(config: &Config) -> String {
          -- Then set steward's password (psql: \\password {user}) and put it in the file\n\
          -- source.password_file names. The configuration must keep create_publication = false.\n",
         url = source.url_display,
-        db = ident(&source.dbname),
+        db = quote_ident(&source.dbname),
         user = role,
     );
     let _ = writeln!(
@@ -49,10 +45,14 @@ pub fn script(config: &Config) -> String {
         "-- A dedicated role: may log in and stream the WAL, nothing else.\n\
          CREATE ROLE {role} LOGIN REPLICATION;\n\
          GRANT CONNECT ON DATABASE {db} TO {role};",
-        db = ident(&source.dbname)
+        db = quote_ident(&source.dbname)
     );
     for schema in &schemas {
-        let _ = writeln!(out, "GRANT USAGE ON SCHEMA {} TO {role};", ident(schema));
+        let _ = writeln!(
+            out,
+            "GRANT USAGE ON SCHEMA {} TO {role};",
+            quote_ident(schema)
+        );
     }
     let _ = writeln!(
         out,
@@ -63,7 +63,7 @@ pub fn script(config: &Config) -> String {
         out,
         "-- The publication, owned by the administrator: steward cannot widen it.\n\
          CREATE PUBLICATION {pub_} FOR TABLE {table_list};",
-        pub_ = ident(&source.publication)
+        pub_ = quote_ident(&source.publication)
     );
     if source.heartbeat_interval.is_some() {
         let _ = writeln!(
@@ -77,7 +77,7 @@ pub fn script(config: &Config) -> String {
         "\n-- Later, after adding an entity to the configuration:\n\
          --   GRANT SELECT ON TABLE <schema>.<table> TO {role};\n\
          --   ALTER PUBLICATION {pub_} ADD TABLE <schema>.<table>;",
-        pub_ = ident(&source.publication)
+        pub_ = quote_ident(&source.publication)
     );
     out
 }

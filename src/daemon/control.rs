@@ -15,8 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use futures_util::StreamExt;
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 
 use super::{endpoint, systemd, DaemonState};
@@ -31,8 +30,8 @@ enum Next {
 /// `steward run`: runs the daemon for `config` (loaded from `path`) until
 /// SIGTERM / SIGINT, reloading it on SIGHUP.
 pub async fn run(path: PathBuf, mut config: Config) -> anyhow::Result<()> {
-    let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])
-        .map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
+    let mut signals =
+        Signals::new().map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
     let state = Arc::new(DaemonState::default());
     let listen = config.metrics.listen;
     if let Some(addr) = listen {
@@ -50,13 +49,13 @@ pub async fn run(path: PathBuf, mut config: Config) -> anyhow::Result<()> {
                     break Next::Exit(finished.unwrap_or_else(|e| Err(anyhow::anyhow!("the daemon task failed: {e}"))));
                 }
                 signal = signals.next() => match signal {
-                    Some(SIGHUP) => {
+                    Some(Received::Hangup) => {
                         if let Some(new) = reload(&path, &config) {
                             break Next::Reload(Box::new(new));
                         }
                     }
-                    Some(signal) => {
-                        let name = if signal == SIGTERM { "SIGTERM" } else { "SIGINT" };
+                    Some(stop) => {
+                        let name = stop.name();
                         tracing::info!(timeout = ?timeout, "{name} received: draining and stopping");
                         break Next::Exit(Ok(()));
                     }
@@ -75,7 +74,7 @@ pub async fn run(path: PathBuf, mut config: Config) -> anyhow::Result<()> {
                 r = tokio::time::timeout(timeout, &mut daemon) => r.ok(),
                 // A second SIGTERM / SIGINT while draining: stop now.
                 Some(s) = next_stop_signal(&mut signals) => {
-                    tracing::warn!(signal = s, "second signal: exiting without draining");
+                    tracing::warn!(signal = s.name(), "second signal: exiting without draining");
                     std::process::exit(130);
                 }
             };
@@ -118,9 +117,55 @@ pub async fn run(path: PathBuf, mut config: Config) -> anyhow::Result<()> {
     result
 }
 
-async fn next_stop_signal(signals: &mut signal_hook_tokio::Signals) -> Option<i32> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Received {
+    Terminate,
+    Interrupt,
+    Hangup,
+}
+
+impl Received {
+    fn name(self) -> &'static str {
+        match self {
+            Received::Terminate => "SIGTERM",
+            Received::Interrupt => "SIGINT",
+            Received::Hangup => "SIGHUP",
+        }
+    }
+}
+
+/// SIGTERM, SIGINT and SIGHUP as one stream.
+struct Signals {
+    terminate: Signal,
+    interrupt: Signal,
+    hangup: Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+            hangup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    /// The next signal; `None` once the runtime shuts down.
+    async fn next(&mut self) -> Option<Received> {
+        tokio::select! {
+            Some(()) = self.terminate.recv() => Some(Received::Terminate),
+            Some(()) = self.interrupt.recv() => Some(Received::Interrupt),
+            Some(()) = self.hangup.recv() => Some(Received::Hangup),
+            else => None,
+        }
+    }
+}
+
+/// The next SIGTERM / SIGINT; a SIGHUP meanwhile is consumed, so that it does
+/// not reload the configuration after the drain.
+async fn next_stop_signal(signals: &mut Signals) -> Option<Received> {
     while let Some(s) = signals.next().await {
-        if s == SIGTERM || s == SIGINT {
+        if s != Received::Hangup {
             return Some(s);
         }
     }

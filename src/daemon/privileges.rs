@@ -7,10 +7,7 @@
 use anyhow::bail;
 
 use steward_core::config::SourceConfig;
-
-fn quote(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
+use steward_postgres::quote_ident;
 
 fn db_message(e: &tokio_postgres::Error) -> String {
     e.as_db_error()
@@ -36,12 +33,12 @@ pub async fn check(
             "the role {user} of {} may not stream the WAL: it lacks the REPLICATION attribute. \
              As an administrator run: ALTER ROLE {} REPLICATION; (`steward setup-sql -c FILE` prints the whole setup)",
             source.url_display,
-            quote(&user)
+            quote_ident(&user)
         );
     }
     let mut missing = Vec::new();
     for (schema, table) in tables {
-        let name = format!("{}.{}", quote(schema), quote(table));
+        let name = format!("{}.{}", quote_ident(schema), quote_ident(table));
         let row = sql
             .query_one(
                 "SELECT CASE WHEN to_regclass($1) IS NULL THEN NULL \
@@ -63,7 +60,7 @@ pub async fn check(
              As an administrator run: GRANT SELECT ON TABLE {} TO {};",
             missing.join(", "),
             missing.join(", "),
-            quote(&user)
+            quote_ident(&user)
         );
     }
     Ok(())

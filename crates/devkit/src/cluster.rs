@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use nix::unistd::{Gid, Uid};
 
+use steward_postgres::quote_ident;
+
 const INSTALL_HINT: &str =
     "PostgreSQL server binaries not found; install them with: apt-get install postgresql";
 
@@ -965,10 +967,6 @@ fn check_identifier(what: &'static str, name: &str) -> Result<(), DevError> {
         });
     }
     Ok(())
-}
-
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 fn conf_quote(value: &str) -> String {

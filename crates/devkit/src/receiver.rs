@@ -892,6 +892,7 @@ mod tests {
 
     /// A minimal HTTP/1.1 client so these tests do not depend on the sink.
     async fn post(port: u16, body: &str) -> io::Result<(u16, String)> {
+        steward_postgres::install_default_provider();
         let client = reqwest::Client::new();
         let resp = client
             .post(format!("http://127.0.0.1:{port}/anything"))

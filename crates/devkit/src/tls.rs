@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
@@ -144,8 +145,11 @@ fn openssl(args: &[&str]) -> io::Result<()> {
 }
 
 fn certs(path: &Path) -> io::Result<Vec<CertificateDer<'static>>> {
-    let pem = std::fs::read(path)?;
-    rustls_pemfile::certs(&mut pem.as_slice()).collect()
+    let named = |e: pem::Error| io::Error::other(format!("{}: {e}", path.display()));
+    CertificateDer::pem_file_iter(path)
+        .map_err(named)?
+        .collect::<Result<_, _>>()
+        .map_err(named)
 }
 
 /// A server configuration from PEM files; with `client_ca`, clients must
@@ -157,9 +161,12 @@ pub(crate) fn server_config(
 ) -> io::Result<ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = certs(cert)?;
-    let pem = std::fs::read(key)?;
-    let key: PrivateKeyDer<'static> = rustls_pemfile::private_key(&mut pem.as_slice())?
-        .ok_or_else(|| io::Error::other(format!("no private key in {}", key.display())))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| match e {
+        pem::Error::NoItemsFound => {
+            io::Error::other(format!("no private key in {}", key.display()))
+        }
+        e => io::Error::other(format!("{}: {e}", key.display())),
+    })?;
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(io::Error::other)?;

@@ -339,33 +339,27 @@ pub(crate) fn encode_status_update(
 /// Quotes an identifier for a replication command or SQL: `"..."` with
 /// embedded double quotes doubled.
 pub fn quote_ident(name: &str) -> String {
-    let mut s = String::with_capacity(name.len() + 2);
-    s.push('"');
-    for c in name.chars() {
-        if c == '"' {
-            s.push('"');
-        }
-        s.push(c);
-    }
-    s.push('"');
-    s
+    postgres_protocol::escape::escape_identifier(name)
 }
 
-/// Quotes a string literal: `'...'` with embedded single quotes doubled.
-/// Backslashes are kept as they are: the replication command grammar has no
-/// escape syntax, and SQL treats them literally under
-/// `standard_conforming_strings = on` (the default since 9.1).
+/// Quotes a string literal: `'...'` with embedded single quotes doubled; a
+/// value with a backslash becomes ` E'...'` with the backslashes doubled, so
+/// SQL reads it the same whatever `standard_conforming_strings` is. The
+/// replication command grammar has no `E'...'` form: values for it must not
+/// contain a backslash (see [`check_no_backslash`]).
 pub fn quote_literal(value: &str) -> String {
-    let mut s = String::with_capacity(value.len() + 2);
-    s.push('\'');
-    for c in value.chars() {
-        if c == '\'' {
-            s.push('\'');
-        }
-        s.push(c);
+    postgres_protocol::escape::escape_literal(value)
+}
+
+/// Rejects backslashes in a replication command's literal, which the
+/// replication grammar reads verbatim but [`quote_literal`] would escape.
+pub(crate) fn check_no_backslash(what: &str, value: &str) -> Result<(), WireError> {
+    if value.contains('\\') {
+        return Err(WireError::protocol(format!(
+            "{what} {value:?} contains a backslash, which a replication command cannot carry"
+        )));
     }
-    s.push('\'');
-    s
+    Ok(())
 }
 
 /// Rejects NUL characters, which cannot travel inside a query message.
@@ -602,8 +596,11 @@ mod tests {
         assert_eq!(quote_ident(""), "\"\"");
         assert_eq!(quote_literal("pub"), "'pub'");
         assert_eq!(quote_literal("it's"), "'it''s'");
-        assert_eq!(quote_literal("a\\b"), "'a\\b'");
+        // Read the same with standard_conforming_strings on or off.
+        assert_eq!(quote_literal("a\\b"), " E'a\\\\b'");
         assert_eq!(quote_literal("''"), "''''''");
+        assert!(check_no_backslash("replication option value", "a\\b").is_err());
+        assert!(check_no_backslash("replication option value", "it's").is_ok());
         assert!(check_no_nul("slot name", "a\0b").is_err());
         assert!(check_no_nul("slot name", "ab").is_ok());
     }

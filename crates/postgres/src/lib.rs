@@ -37,6 +37,7 @@ pub use codec::{quote_ident, quote_literal, ReplicationMessage};
 pub use connect::connect_sql;
 pub use copy_both::ReplicationStream;
 pub use error::{describe_pg_error, WireError};
+pub use tls::install_default_provider;
 
 use codec::{Backend, ServerFields};
 use connect::{log_notice, note_parameter, Conn};
@@ -297,6 +298,7 @@ impl ReplicationClient {
         for (name, value) in options {
             codec::check_no_nul("replication option name", name)?;
             codec::check_no_nul("replication option value", value)?;
+            codec::check_no_backslash("replication option value", value)?;
         }
         let cmd = start_replication_command(slot, start, options);
         let mut buf = BytesMut::new();

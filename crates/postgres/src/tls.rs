@@ -3,14 +3,17 @@
 //! the transport stream type, and the SCRAM channel-binding hash.
 
 use std::io;
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls_platform_verifier::BuilderVerifierExt;
 use sha2::Digest;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
@@ -22,11 +25,23 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Makes ring the process's default rustls provider, which the HTTP client
+/// (reqwest, built without a provider of its own: its default is aws-lc-rs,
+/// a C build) takes. Before the first HTTP client is built; idempotent.
+pub fn install_default_provider() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        // Err only when a provider is installed already, which then serves.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 /// The rustls configuration for `cfg.sslmode`, or `None` for `disable`.
 ///
 /// `prefer` and `require` encrypt but do not authenticate the server, as in
-/// libpq; `verify-full` checks the chain against `sslrootcert` (or the
-/// system's roots) and the host name.
+/// libpq; `verify-full` checks the chain and the host name against
+/// `sslrootcert` only, or without it against the system's trust store
+/// through the platform verifier, as HTTP targets do.
 pub(crate) fn client_config(cfg: &SourceConfig) -> Result<Option<ClientConfig>, WireError> {
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
@@ -38,61 +53,54 @@ pub(crate) fn client_config(cfg: &SourceConfig) -> Result<Option<ClientConfig>, 
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
             .with_no_client_auth(),
-        SslMode::VerifyFull => builder
-            .with_root_certificates(root_store(cfg)?)
-            .with_no_client_auth(),
+        SslMode::VerifyFull => match &cfg.sslrootcert {
+            Some(path) => builder
+                .with_root_certificates(root_store(path)?)
+                .with_no_client_auth(),
+            None => builder
+                .with_platform_verifier()
+                .map_err(|e| {
+                    WireError::Tls(format!(
+                        "cannot use the system's CA certificates for source.sslmode = \
+                         verify-full ({e}); set source.sslrootcert to the PEM file of the \
+                         server's CA"
+                    ))
+                })?
+                .with_no_client_auth(),
+        },
     };
     // Lets PostgreSQL 17+ servers confirm the protocol; older ones ignore it.
     config.alpn_protocols = vec![b"postgresql".to_vec()];
     Ok(Some(config))
 }
 
-fn root_store(cfg: &SourceConfig) -> Result<RootCertStore, WireError> {
+fn root_store(path: &Path) -> Result<RootCertStore, WireError> {
     let mut roots = RootCertStore::empty();
-    match &cfg.sslrootcert {
-        Some(path) => {
-            let file = std::fs::File::open(path).map_err(|e| {
-                WireError::Tls(format!(
-                    "cannot read source.sslrootcert {}: {e}",
-                    path.display()
-                ))
-            })?;
-            let mut reader = io::BufReader::new(file);
-            for cert in rustls_pemfile::certs(&mut reader) {
-                let cert = cert.map_err(|e| {
-                    WireError::Tls(format!(
-                        "source.sslrootcert {} is not valid PEM: {e}",
-                        path.display()
-                    ))
-                })?;
-                roots.add(cert).map_err(|e| {
-                    WireError::Tls(format!(
-                        "source.sslrootcert {} holds an unusable certificate: {e}",
-                        path.display()
-                    ))
-                })?;
+    let problem = |e: pem::Error| {
+        WireError::Tls(match e {
+            pem::Error::Io(e) => {
+                format!("cannot read source.sslrootcert {}: {e}", path.display())
             }
-            if roots.is_empty() {
-                return Err(WireError::Tls(format!(
-                    "source.sslrootcert {} holds no PEM certificates (expected -----BEGIN CERTIFICATE-----)",
-                    path.display()
-                )));
-            }
-        }
-        None => {
-            let native = rustls_native_certs::load_native_certs();
-            for e in &native.errors {
-                tracing::warn!(error = %e, "could not load some system CA certificates");
-            }
-            let (_added, _ignored) = roots.add_parsable_certificates(native.certs);
-            if roots.is_empty() {
-                return Err(WireError::Tls(
-                    "no system CA certificates found for source.sslmode = verify-full; \
-                     set source.sslrootcert to the PEM file of the server's CA"
-                        .into(),
-                ));
-            }
-        }
+            e => format!(
+                "source.sslrootcert {} is not valid PEM: {e}",
+                path.display()
+            ),
+        })
+    };
+    for cert in CertificateDer::pem_file_iter(path).map_err(problem)? {
+        let cert = cert.map_err(problem)?;
+        roots.add(cert).map_err(|e| {
+            WireError::Tls(format!(
+                "source.sslrootcert {} holds an unusable certificate: {e}",
+                path.display()
+            ))
+        })?;
+    }
+    if roots.is_empty() {
+        return Err(WireError::Tls(format!(
+            "source.sslrootcert {} holds no PEM certificates (expected -----BEGIN CERTIFICATE-----)",
+            path.display()
+        )));
     }
     Ok(roots)
 }

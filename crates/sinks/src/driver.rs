@@ -46,7 +46,7 @@ use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use rand::Rng;
+use rand::RngExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -1175,7 +1175,7 @@ fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
         .max(MIN_RETRY_DELAY);
     let nanos = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
     let min = MIN_RETRY_DELAY.as_nanos() as u64;
-    Duration::from_nanos(rand::thread_rng().gen_range(min..=nanos.max(min)))
+    Duration::from_nanos(rand::rng().random_range(min..=nanos.max(min)))
 }
 
 struct TargetMetrics {

@@ -9,6 +9,7 @@
 use tokio_postgres::Client;
 
 use steward_core::model::Lsn;
+use steward_postgres::quote_ident;
 
 /// The output plugin steward decodes.
 pub(crate) const PLUGIN: &str = "pgoutput";
@@ -217,11 +218,6 @@ fn describe(e: &tokio_postgres::Error) -> String {
             s
         }
     }
-}
-
-/// Double-quotes an SQL identifier.
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 fn qualified(schema: &str, table: &str) -> String {

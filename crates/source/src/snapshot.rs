@@ -115,8 +115,7 @@ pub async fn open_temporary(source: &SourceConfig) -> Result<SnapshotReader, Sna
 }
 
 fn rand_suffix() -> u32 {
-    use rand::Rng;
-    rand::thread_rng().gen::<u32>()
+    rand::random::<u32>()
 }
 
 /// Imports `snapshot` (exported by a connection that is still open) into a

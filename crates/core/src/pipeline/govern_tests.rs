@@ -1607,7 +1607,7 @@ route = "row.company_id == 1"
 }
 
 fn hmac_hex(key: &str, value: &str) -> String {
-    use hmac::{Hmac, Mac};
+    use hmac::{Hmac, KeyInit, Mac};
     let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).unwrap();
     mac.update(value.as_bytes());
     mac.finalize()

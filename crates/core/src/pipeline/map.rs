@@ -14,6 +14,7 @@ use crate::model::value::{text_to_json, text_to_json_at};
 use crate::model::{
     Change, ChangeOp, Event, EventData, EventOp, Lsn, Relation, SourceChange, TupleValue,
 };
+use steward_postgres::quote_ident;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -37,10 +38,6 @@ pub enum PipelineError {
 pub struct ToastFill {
     pub sql: String,
     pub columns: Vec<usize>,
-}
-
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// A mapped column whose value steward cannot encode (a `jsonb` document

@@ -116,6 +116,7 @@ impl HttpSink {
             value.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, value);
         }
+        steward_postgres::install_default_provider();
         let builder = reqwest::Client::builder();
         let builder = tls_files(name, &http.extra, builder)?;
         let client = builder
@@ -309,9 +310,9 @@ fn tls_files(
                 "holds no certificate (expected -----BEGIN CERTIFICATE-----)".into(),
             ));
         }
-        for cert in certs {
-            builder = builder.add_root_certificate(cert);
-        }
+        // Trusted besides the system's store (the platform verifier, as for
+        // PostgreSQL over TLS), not instead of it.
+        builder = builder.tls_certs_merge(certs);
     }
     if let Some((cert, key)) = &extra.client_identity {
         let mut pem =

@@ -3,7 +3,7 @@
 //! shared key and compares it to `webhook-signature` (`v1,<base64>`).
 
 use base64::Engine as _;
-use hmac::{Hmac, Mac};
+use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 
 use steward_core::model::Event;
@@ -25,7 +25,7 @@ pub fn webhook_id(events: &[Event]) -> String {
 /// The `webhook-signature` value for one request.
 pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
     // HMAC accepts keys of any length, so this cannot fail.
-    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
     mac.update(id.as_bytes());
     mac.update(b".");
     mac.update(timestamp.to_string().as_bytes());
