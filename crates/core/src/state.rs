@@ -12,7 +12,7 @@ pub struct QuarantineEntry {
     pub version: u64,
     pub rule: String,
     pub message: String,
-    pub document: serde_json::Value,
+    pub(crate) document: serde_json::Value,
     /// RFC 3339 UTC, when it was (last) quarantined.
     pub since: String,
     /// `entity key` of the record a reference rule waits for, when that is

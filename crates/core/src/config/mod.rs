@@ -5,11 +5,12 @@
 //! its sink in the sinks crate.
 
 mod delivery;
-pub mod governance;
+pub(crate) mod governance;
 mod raw;
 mod target_types;
 
-pub use delivery::{parse_duration, parse_time_of_day, DeliveryPolicy, Window};
+pub use delivery::{DeliveryPolicy, Window};
+pub use governance::{EntityGovernance, GovernanceConfig};
 pub use steward_postgres::{Secret, SecretOrigin, SourceConfig, SslMode};
 pub use target_types::{TargetContext, TargetSettings, TargetTypes, Unchecked};
 
@@ -17,7 +18,7 @@ pub use target_types::{TargetContext, TargetSettings, TargetTypes, Unchecked};
 /// core's own sections, for the target types' checks (see [`TargetTypes`]).
 pub mod check {
     pub use super::raw::pgurl::{parse_pg_url, PgUrl};
-    pub use super::raw::reader::{check_sql_ident, join, type_name, Errors, Reader, MAX_IDENT};
+    pub use super::raw::reader::{check_sql_ident, join, type_name, Errors, Reader};
     pub use super::raw::{
         check_sslrootcert, existing_file, optional_secret, resolve, secret_from_env,
         secret_from_file,
@@ -79,14 +80,14 @@ impl std::fmt::Debug for TargetIndex {
 
 impl EntityIndex {
     /// The elements of a vector built parallel to [`Config::entities`], with their index.
-    pub fn enumerate<T>(items: &[T]) -> impl Iterator<Item = (EntityIndex, &T)> {
+    pub(crate) fn enumerate<T>(items: &[T]) -> impl Iterator<Item = (EntityIndex, &T)> {
         items.iter().enumerate().map(|(i, x)| (EntityIndex(i), x))
     }
 }
 
 impl TargetIndex {
     /// The elements of a vector built parallel to [`Config::targets`], with their index.
-    pub fn enumerate<T>(items: &[T]) -> impl Iterator<Item = (TargetIndex, &T)> {
+    pub(crate) fn enumerate<T>(items: &[T]) -> impl Iterator<Item = (TargetIndex, &T)> {
         items.iter().enumerate().map(|(i, x)| (TargetIndex(i), x))
     }
 }
@@ -132,7 +133,7 @@ pub struct StateConfig {
 pub struct FieldSource {
     pub column: String,
     /// Keys to follow inside the column's JSON value; empty for a plain column.
-    pub path: Vec<String>,
+    pub(crate) path: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -228,7 +229,7 @@ impl std::fmt::Display for ConfigError {
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("{} in {}:\n{}", if .errors.len() == 1 { "1 configuration error".to_string() } else { format!("{} configuration errors", .errors.len()) }, .path.display(), .errors.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
 pub struct ConfigErrors {
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     pub errors: Vec<ConfigError>,
 }
 

@@ -67,11 +67,11 @@ pub struct Event {
 pub struct EventData(Box<serde_json::value::RawValue>);
 
 impl EventData {
-    pub fn from_map(map: &serde_json::Map<String, serde_json::Value>) -> EventData {
+    pub(crate) fn from_map(map: &serde_json::Map<String, serde_json::Value>) -> EventData {
         EventData::from_raw_result(serde_json::value::to_raw_value(map))
     }
 
-    pub fn from_value(value: &serde_json::Value) -> EventData {
+    pub(crate) fn from_value(value: &serde_json::Value) -> EventData {
         EventData::from_raw_result(serde_json::value::to_raw_value(value))
     }
 
@@ -97,7 +97,7 @@ impl EventData {
         EventData(raw)
     }
 
-    pub fn null() -> EventData {
+    pub(crate) fn null() -> EventData {
         EventData(serde_json::value::RawValue::NULL.to_owned())
     }
 
@@ -106,8 +106,9 @@ impl EventData {
         self.0.get()
     }
 
-    /// Parsed, for the few places that look inside (tests, reports).
-    pub fn to_value(&self) -> serde_json::Value {
+    /// Parsed, for tests that look inside.
+    #[cfg(test)]
+    pub(crate) fn to_value(&self) -> serde_json::Value {
         serde_json::from_str(self.as_str()).unwrap_or(serde_json::Value::Null)
     }
 }
@@ -151,7 +152,7 @@ impl Event {
 
 /// Joins key component texts so that different keys never collide:
 /// `\` and `|` inside a component are escaped with `\`.
-pub fn join_key<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
+pub(crate) fn join_key<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
     let mut out = String::new();
     for (i, part) in parts.into_iter().enumerate() {
         if i > 0 {

@@ -58,7 +58,7 @@ const MAX_ARRAY_DIMS: usize = 6;
 /// recursively (serialization, hashing, redaction, CEL, reading state and
 /// outbox entries back, which add a few levels of their own) then stays
 /// well inside that limit and the stack.
-pub const MAX_JSON_DEPTH: usize = 100;
+pub(crate) const MAX_JSON_DEPTH: usize = 100;
 
 /// Why a column's text could not be converted. The value itself is never
 /// included (it may be personal data); the type, length and position are.
@@ -89,7 +89,7 @@ fn invalid(type_oid: u32, text: &str, reason: impl Into<String>) -> ValueError {
 }
 
 /// The element type of the array types steward converts element-wise.
-pub fn element_type(array_oid: u32) -> Option<u32> {
+pub(crate) fn element_type(array_oid: u32) -> Option<u32> {
     Some(match array_oid {
         1000 => BOOL,
         1001 => BYTEA,
@@ -181,7 +181,11 @@ fn utf8(type_oid: u32, text: &[u8]) -> Result<&str, ValueError> {
 /// translated `name` column holds every language, one is mapped); other
 /// types convert whole and step in. Either way the result is what
 /// [`text_to_json`] followed by [`follow_path`] gives, errors included.
-pub fn text_to_json_at(type_oid: u32, text: &[u8], path: &[String]) -> Result<Value, ValueError> {
+pub(crate) fn text_to_json_at(
+    type_oid: u32,
+    text: &[u8],
+    path: &[String],
+) -> Result<Value, ValueError> {
     if path.is_empty() || !matches!(type_oid, JSON | JSONB) {
         return text_to_json(type_oid, text).map(|v| follow_path(v, path));
     }
@@ -195,7 +199,7 @@ pub fn text_to_json_at(type_oid: u32, text: &[u8], path: &[String]) -> Result<Va
 
 /// Steps into `value`: object members by key, array elements by index;
 /// anything else (or a missing member) is null.
-pub fn follow_path(mut value: Value, path: &[String]) -> Value {
+pub(crate) fn follow_path(mut value: Value, path: &[String]) -> Value {
     for step in path {
         value = match value {
             Value::Object(mut map) => map.remove(step.as_str()).unwrap_or(Value::Null),
@@ -221,7 +225,7 @@ mod json_walk {
     use serde::Deserialize;
     use serde_json::Value;
 
-    pub struct AtPath<'p>(pub &'p [String]);
+    pub(crate) struct AtPath<'p>(pub(crate) &'p [String]);
 
     impl<'de> DeserializeSeed<'de> for AtPath<'_> {
         type Value = Value;

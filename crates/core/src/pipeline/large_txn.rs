@@ -76,7 +76,7 @@ const TAG_MAPPED: u8 = b'M';
 const TAG_STAGED: u8 = b'S';
 
 /// Takes a governed piece's events (and the governance, whose state changes go with them).
-pub type Emit<'a> =
+pub(crate) type Emit<'a> =
     dyn FnMut(Vec<(TargetIndex, Event)>, &mut Governance) -> anyhow::Result<()> + 'a;
 
 #[derive(Default)]

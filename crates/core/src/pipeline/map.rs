@@ -50,16 +50,16 @@ fn quote_ident(name: &str) -> String {
 /// value never stops the other records. The value itself is never part of
 /// it (it may be personal data).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Unencodable {
-    pub table: String,
-    pub column: String,
+pub(crate) struct Unencodable {
+    pub(crate) table: String,
+    pub(crate) column: String,
     /// The field the column maps to.
-    pub field: String,
-    pub problem: String,
+    pub(crate) field: String,
+    pub(crate) problem: String,
 }
 
 /// The quarantine rule of records with a value steward cannot encode.
-pub const ENCODING_RULE: &str = "encoding";
+pub(crate) const ENCODING_RULE: &str = "encoding";
 
 impl std::fmt::Display for Unencodable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -79,21 +79,21 @@ pub struct Mapped {
     /// Governance: the change's kind and, for entities whose rows are
     /// captured ([`Pipeline::capture_rows`]), every column of the new row and
     /// of the old row (when the server sent the whole old row).
-    pub op: ChangeOp,
+    pub(crate) op: ChangeOp,
     /// The record's first change in its transaction, when several were
     /// folded into this one ([`Mapped::fold`]); else `op`.
-    pub first_op: ChangeOp,
+    pub(crate) first_op: ChangeOp,
     /// The (last folded) change's index in its transaction: events of a
     /// transaction are delivered in this order.
-    pub index: u32,
+    pub(crate) index: u32,
     /// The mapped fields (for a delete: the key fields). `event.data` is
     /// left null: governance decides the document each target receives.
-    pub data: Map<String, Value>,
-    pub row: Option<Map<String, Value>>,
-    pub old: Option<Map<String, Value>>,
+    pub(crate) data: Map<String, Value>,
+    pub(crate) row: Option<Map<String, Value>>,
+    pub(crate) old: Option<Map<String, Value>>,
     /// The first mapped column of this change steward could not encode
     /// (left out of `data`): the governance quarantines the record.
-    pub unencodable: Option<Unencodable>,
+    pub(crate) unencodable: Option<Unencodable>,
 }
 
 impl Mapped {

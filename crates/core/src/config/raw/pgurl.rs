@@ -13,7 +13,7 @@ use crate::config::SslMode;
 
 const SUPPORTED_PARAMS: &str = "sslmode, sslrootcert, connect_timeout, host";
 const EXAMPLE: &str = "postgres://steward@localhost:5432/odoo?sslmode=prefer";
-pub const DEFAULT_PORT: u16 = 5432;
+pub(crate) const DEFAULT_PORT: u16 = 5432;
 
 /// The checked parts of a connection URL.
 #[derive(Debug, PartialEq, Eq)]
@@ -27,7 +27,7 @@ pub struct PgUrl {
     pub dbname: String,
     pub sslmode: SslMode,
     /// As written; resolved against the config file's directory by the caller.
-    pub sslrootcert: Option<String>,
+    pub(crate) sslrootcert: Option<String>,
     /// From the `connect_timeout` parameter (seconds).
     pub connect_timeout: Option<Duration>,
 }

@@ -23,18 +23,18 @@ impl Errors {
         });
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.list.is_empty()
     }
 
-    pub fn into_vec(self) -> Vec<ConfigError> {
+    pub(crate) fn into_vec(self) -> Vec<ConfigError> {
         self.list
     }
 }
 
 /// A key as it would be written in TOML: bare when possible, quoted otherwise,
 /// so that `headers."X Bad"` in a message can be found in the file.
-pub fn key_part(key: &str) -> String {
+pub(crate) fn key_part(key: &str) -> String {
     let bare = !key.is_empty()
         && key
             .chars()
@@ -85,7 +85,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// The closest of `candidates` to `word`, if it is close enough to be a typo.
-pub fn suggestion<'c>(word: &str, candidates: &[&'c str]) -> Option<&'c str> {
+pub(crate) fn suggestion<'c>(word: &str, candidates: &[&'c str]) -> Option<&'c str> {
     let lower = word.to_ascii_lowercase();
     candidates
         .iter()
@@ -126,7 +126,7 @@ impl<'a> Reader<'a> {
         join(&self.path, key)
     }
 
-    pub fn get(&self, key: &str) -> Option<&'a Value> {
+    pub(crate) fn get(&self, key: &str) -> Option<&'a Value> {
         self.table.get(key)
     }
 
@@ -257,7 +257,7 @@ impl<'a> Reader<'a> {
 
 /// PostgreSQL truncates identifiers to 63 bytes (NAMEDATALEN - 1): a longer name
 /// would silently refer to something else.
-pub const MAX_IDENT: usize = 63;
+pub(crate) const MAX_IDENT: usize = 63;
 
 /// A name PostgreSQL keeps as written when unquoted: lowercase letters, digits,
 /// `_` and `$`, not starting with a digit or `$`, at most 63 bytes.
