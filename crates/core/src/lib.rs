@@ -2,6 +2,8 @@
 //! changes onto documents and their governance. No I/O: the daemon feeds it
 //! relations and changes in stream order and stores what comes out.
 
+#![warn(missing_docs)]
+
 mod cel;
 pub mod config;
 pub mod metric;

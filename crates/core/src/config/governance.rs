@@ -7,13 +7,14 @@ use crate::cel::CelExpr;
 
 use super::{EntityIndex, FieldConfig, Secret};
 
+/// The governance settings of every entity and target.
 #[derive(Clone, Debug, Default)]
 pub struct GovernanceConfig {
     /// One per configured entity, same order.
     pub entities: Vec<EntityGovernance>,
     /// One per configured target, same order.
     pub(crate) targets: Vec<TargetPolicy>,
-    /// Audit records older than this are pruned.
+    /// Audit records older than this many days are pruned (`state.audit_retention_days`, default 90).
     pub audit_retention_days: u32,
 }
 
@@ -26,6 +27,8 @@ pub(crate) enum OnUnpublish {
     Upsert,
 }
 
+/// One entity's governance: its lifecycle gate, validation rules, business
+/// keys, reference fields and children.
 #[derive(Clone, Debug, Default)]
 pub struct EntityGovernance {
     pub(crate) publish_when: Option<CelExpr>,

@@ -25,6 +25,7 @@ pub trait TargetSettings: Any + Debug + Send + Sync {}
 pub struct TargetContext<'a> {
     #[cfg(test)]
     pub(crate) name: &'a str,
+    /// The target's `type`, one of [`TargetTypes::names`].
     pub type_name: &'a str,
     /// The target's entities; `None` when they have problems of their own
     /// (already reported).

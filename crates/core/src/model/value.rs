@@ -64,17 +64,26 @@ pub(crate) const MAX_JSON_DEPTH: usize = 100;
 /// included (it may be personal data); the type, length and position are.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ValueError {
+    /// The text is not UTF-8.
     #[error("{type_name} value (type OID {type_oid}) is not valid UTF-8 at byte {offset}")]
     InvalidUtf8 {
+        /// The column's type.
         type_oid: u32,
+        /// A short name of the type (`int4`, `jsonb`, `array`), `column` for others.
         type_name: &'static str,
+        /// Position in bytes of the first byte that is not UTF-8.
         offset: usize,
     },
+    /// The text is not what the type prints (or nests too deep).
     #[error("invalid {type_name} value (type OID {type_oid}, {len} bytes): {reason}")]
     Invalid {
+        /// The column's type.
         type_oid: u32,
+        /// A short name of the type (`int4`, `jsonb`, `array`), `column` for others.
         type_name: &'static str,
+        /// The text's length in bytes.
         len: usize,
+        /// What is wrong with it, without quoting it.
         reason: String,
     },
 }
@@ -155,7 +164,7 @@ fn type_name(type_oid: u32) -> &'static str {
 /// exact digits; non-finite numbers become the strings `"NaN"`,
 /// `"Infinity"` and `"-Infinity"` (JSON has no number for them). `bool`
 /// becomes a boolean, `json`/`jsonb` the parsed document (at most
-/// [`MAX_JSON_DEPTH`] levels deep), `bytea` a standard base64 string,
+/// `MAX_JSON_DEPTH`, 100, levels deep), `bytea` a standard base64 string,
 /// `timestamp`/`timestamptz` RFC 3339 (`timestamp` without time zone is
 /// taken as UTC, as Odoo stores it), `date` ISO 8601 `YYYY-MM-DD`. Years
 /// RFC 3339 cannot write use ISO 8601's expanded form with a sign: BC

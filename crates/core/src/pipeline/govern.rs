@@ -39,6 +39,10 @@ use crate::state::{AuditRecord, GovDelta, GovOp, GovSnapshot, QuarantineEntry};
 /// objects): their ids never collide with those of source changes.
 const SYNTHETIC_INDEX: u32 = 0x8000_0000;
 
+/// The governance of one configuration: its in-memory state (see the
+/// module documentation) and the decisions taken from it. Built with
+/// [`Governance::new`], then restored with [`Governance::load`] (and
+/// [`Governance::seed`] for entities without state yet).
 pub struct Governance {
     entities: Vec<EntityConfig>,
     gov: Vec<EntityGovernance>,
@@ -460,12 +464,14 @@ impl<'a> Pending<'a> {
 /// What a quarantine release did.
 #[derive(Debug)]
 pub struct Released {
+    /// The events to append, each with its target.
     pub events: Vec<(TargetIndex, Event)>,
     /// `None` when released; the failure message when still failing.
     pub still_failing: Option<String>,
 }
 
 impl Governance {
+    /// Empty state for `config`: nothing tracked, published or quarantined.
     pub fn new(config: &Config) -> Governance {
         let entities = config.entities.clone();
         let entity_count = entities.len();
@@ -660,6 +666,7 @@ impl Governance {
         self.rows.keys().filter(|(e, _)| *e == entity).count()
     }
 
+    /// The configuration of `entity`.
     pub fn entity_config(&self, entity: EntityIndex) -> &EntityConfig {
         &self.entities[entity]
     }
@@ -749,6 +756,7 @@ impl Governance {
             .collect()
     }
 
+    /// Every record held in quarantine, by entity name, then key.
     pub fn quarantined(&self) -> Vec<&QuarantineEntry> {
         let mut list: Vec<&QuarantineEntry> = self.quarantine.values().collect();
         list.sort_by(|a, b| {
@@ -784,7 +792,8 @@ impl Governance {
         out
     }
 
-    /// [`Governance::process_drain`], appending to `out`: the daemon's commit
+    /// [`Governance::process`], leaving `mapped` empty with its capacity (for
+    /// the next transaction) and appending to `out`: the daemon's commit
     /// batch, so that a transaction's events are not copied into it.
     ///
     /// A transaction is governed in two phases. First every change updates
@@ -2401,8 +2410,9 @@ impl Hash for PublishedSlot {
     }
 }
 
-/// A [`PublishedSlot`] is already a uniform digest: hashing it again would
-/// only cost time.
+/// The hasher of maps keyed by values that are already uniform digests
+/// ([`record_hash`], the published state's slots): a `u64` written is the
+/// hash as is; hashing it again would only cost time.
 #[derive(Default)]
 pub struct DigestHasher(u64);
 

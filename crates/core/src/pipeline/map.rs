@@ -15,19 +15,31 @@ use crate::model::{
     Change, ChangeOp, Event, EventData, EventOp, Lsn, Relation, SourceChange, TupleValue,
 };
 
+/// Why an entity's changes cannot be mapped from a relation.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
+    /// The source table lacks a column the entity's key or fields name
+    /// (a schema change); the entity stops until it is fixed.
     #[error("entity '{entity}': column '{column}' of {table} does not exist (the server's table has: {available}); restore the column, or change the entity's key or fields in the configuration and reload (SIGHUP) or restart steward")]
     MissingColumn {
+        /// The entity's name.
         entity: String,
+        /// `schema.table`.
         table: String,
+        /// The missing column.
         column: String,
+        /// The columns the table has, comma-separated.
         available: String,
     },
+    /// A change names a relation id no Relation message described (a
+    /// protocol violation).
     #[error("entity '{entity}': a change on {table} refers to relation id {relation_id}, which the server never described")]
     UnknownRelation {
+        /// The entity's name.
         entity: String,
+        /// `schema.table`.
         table: String,
+        /// The id the change carried.
         relation_id: u32,
     },
 }
@@ -35,7 +47,9 @@ pub enum PipelineError {
 /// A query reading the current values of `columns` (tuple positions) of one row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ToastFill {
+    /// A `SELECT` of the columns as text, by the row's key (values quoted inline).
     pub sql: String,
+    /// The tuple positions of the selected columns, in the `SELECT`'s order.
     pub columns: Vec<usize>,
 }
 
@@ -74,7 +88,9 @@ impl std::fmt::Display for Unencodable {
 /// An event and the entity it belongs to (which decides the targets).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Mapped {
+    /// The entity the change maps to.
     pub entity: EntityIndex,
+    /// The event's id, key, operation, version and time; `data` stays null.
     pub event: Event,
     /// Governance: the change's kind and, for entities whose rows are
     /// captured ([`Pipeline::capture_rows`]), every column of the new row and
@@ -145,6 +161,9 @@ struct RelationPlan {
     full_identity: bool,
 }
 
+/// The mapping stage: which tables map to which entities, and how each
+/// relation's columns map to an entity's fields. Built from a
+/// configuration; relations are bound as the stream describes them.
 pub struct Pipeline {
     entities: Vec<EntityConfig>,
     /// `schema.table` → entities.
@@ -157,6 +176,7 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// A pipeline for `config`'s entities, with no relation bound yet.
     pub fn new(config: &Config) -> Pipeline {
         let mut by_table: HashMap<String, Vec<EntityIndex>> = HashMap::new();
         for (i, e) in config.iter_entities() {
@@ -182,7 +202,8 @@ impl Pipeline {
         }
     }
 
-    /// Converts every column of this entity's rows into [`Mapped::row`] / [`Mapped::old`].
+    /// Converts every column of this entity's rows, not only the mapped
+    /// ones, for the governance (new row, and old row when sent whole).
     pub fn capture_rows(&mut self, entity: EntityIndex) {
         if let Some(c) = self.capture.get_mut(entity.0) {
             *c = true;
@@ -201,10 +222,12 @@ impl Pipeline {
         tables
     }
 
+    /// The targets that receive `entity`, in configuration order.
     pub fn targets_of(&self, entity: EntityIndex) -> &[TargetIndex] {
         &self.entity_targets[entity]
     }
 
+    /// The name of `entity`.
     pub fn entity_name(&self, entity: EntityIndex) -> &str {
         &self.entities[entity].name
     }

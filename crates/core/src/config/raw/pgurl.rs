@@ -22,9 +22,13 @@ pub struct PgUrl {
     pub display: String,
     /// A host name, an IP address, or (starting with `/`) a socket directory.
     pub host: String,
+    /// 5432 unless written.
     pub port: u16,
+    /// The role to log in as.
     pub user: String,
+    /// The database to connect to.
     pub dbname: String,
+    /// From the `sslmode` parameter; [`SslMode::Prefer`] unless written.
     pub sslmode: SslMode,
     /// As written; resolved against the config file's directory by the caller.
     pub(crate) sslrootcert: Option<String>,

@@ -16,6 +16,7 @@ pub struct Errors {
 }
 
 impl Errors {
+    /// Records `message` (what is wrong, what would be valid) under the dotted `key`.
     pub fn add(&mut self, key: &str, message: impl Into<String>) {
         self.list.push(ConfigError {
             key: key.to_string(),
@@ -103,6 +104,8 @@ pub struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// A reader of `table`, found at the dotted `path`; records every key
+    /// not in `valid`, with a "did you mean" hint for a likely typo.
     pub fn new(path: &str, table: &'a Table, valid: &[&str], errs: &mut Errors) -> Self {
         for key in table.keys() {
             if !valid.contains(&key.as_str()) {
@@ -130,6 +133,7 @@ impl<'a> Reader<'a> {
         self.table.get(key)
     }
 
+    /// Whether `key` is present, whatever its type.
     pub fn has(&self, key: &str) -> bool {
         self.table.contains_key(key)
     }
@@ -157,6 +161,8 @@ impl<'a> Reader<'a> {
         self.string(key, errs)
     }
 
+    /// The boolean at `key`, `default` when absent; `None` (after recording
+    /// an error) when of another type.
     pub fn bool(&self, key: &str, default: bool, errs: &mut Errors) -> Option<bool> {
         match self.table.get(key) {
             None => Some(default),
@@ -171,7 +177,8 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// An integer in `lo..=hi` (in `unit`), `default` when absent.
+    /// An integer in `lo..=hi` (in `unit`), `default` when absent; `None`
+    /// (after recording an error) when out of range or of another type.
     pub fn int(
         &self,
         key: &str,
