@@ -14,8 +14,8 @@ use serde_json::{Map, Value};
 
 /// A compiled CEL expression and the text it came from (for messages).
 #[derive(Clone)]
-pub struct CelExpr {
-    pub source: String,
+pub(crate) struct CelExpr {
+    pub(crate) source: String,
     program: Arc<Program>,
     /// Columns of `row` / `old` the expression reads; `None`: the variable
     /// is used in another way (e.g. `row["x"]`), so every column is bound.
@@ -37,18 +37,18 @@ fn _assert_send_sync() {
 }
 
 /// The row change an expression is evaluated over.
-pub struct CelInput<'a> {
+pub(crate) struct CelInput<'a> {
     /// The new row (inserts, updates) or the deleted row when known.
-    pub row: Option<&'a Map<String, Value>>,
+    pub(crate) row: Option<&'a Map<String, Value>>,
     /// The previous row, when known.
-    pub old: Option<&'a Map<String, Value>>,
+    pub(crate) old: Option<&'a Map<String, Value>>,
     /// `insert`, `update` or `delete`.
-    pub op: &'a str,
+    pub(crate) op: &'a str,
 }
 
 impl CelExpr {
     /// Compiles `source`; the error is the parser's message, to be shown with the config key.
-    pub fn compile(source: &str) -> Result<CelExpr, String> {
+    pub(crate) fn compile(source: &str) -> Result<CelExpr, String> {
         if source.trim().is_empty() {
             return Err("is empty; write a CEL expression such as `row.active`".into());
         }
@@ -74,7 +74,7 @@ impl CelExpr {
     }
 
     /// Evaluates to a value (errors are CEL's messages: missing key, type mismatch, ...).
-    pub fn eval(&self, input: &CelInput<'_>) -> Result<CelValue, String> {
+    pub(crate) fn eval(&self, input: &CelInput<'_>) -> Result<CelValue, String> {
         let mut context = Context::with_env(env());
         context.add_variable_from_value("row", row_value(input.row, self.row_columns.as_deref()));
         context.add_variable_from_value("old", row_value(input.old, self.old_columns.as_deref()));
@@ -84,7 +84,7 @@ impl CelExpr {
 
     /// Evaluates a predicate: `Ok(true/false)` for a boolean, an error for
     /// any other result or a failed evaluation.
-    pub fn test(&self, input: &CelInput<'_>) -> Result<bool, String> {
+    pub(crate) fn test(&self, input: &CelInput<'_>) -> Result<bool, String> {
         match self.eval(input)? {
             CelValue::Bool(b) => Ok(b),
             other => Err(format!(
@@ -148,7 +148,7 @@ fn object(map: &Map<String, Value>) -> CelValue {
 
 /// JSON → CEL: integers stay integers, other numbers become doubles (CEL
 /// has no decimal type; exact digits matter only for delivery, not predicates).
-pub fn json_to_cel(value: &Value) -> CelValue {
+pub(crate) fn json_to_cel(value: &Value) -> CelValue {
     match value {
         Value::Null => CelValue::Null,
         Value::Bool(b) => CelValue::Bool(*b),

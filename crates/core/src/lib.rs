@@ -2,7 +2,9 @@
 //! changes onto documents and their governance. No I/O: the daemon feeds it
 //! relations and changes in stream order and stores what comes out.
 
-pub mod cel;
+#![warn(missing_docs)]
+
+mod cel;
 pub mod config;
 pub mod metric;
 pub mod model;

@@ -7,12 +7,18 @@ use serde::{Deserialize, Serialize};
 /// A quarantined record (see the store's quarantine table).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct QuarantineEntry {
+    /// The entity's name.
     pub entity: String,
+    /// The record's key, as in [`Event::key`](crate::model::Event::key).
     pub key: String,
+    /// Commit LSN of the change that was held.
     pub version: u64,
+    /// The failed rule's name (`encoding` for a value steward cannot encode).
     pub rule: String,
+    /// Why the record is held, for the operator.
     pub message: String,
-    pub document: serde_json::Value,
+    /// The document as evaluated, before any target's field policy.
+    pub(crate) document: serde_json::Value,
     /// RFC 3339 UTC, when it was (last) quarantined.
     pub since: String,
     /// `entity key` of the record a reference rule waits for, when that is
@@ -26,54 +32,78 @@ pub struct QuarantineEntry {
 pub struct AuditRecord {
     /// Microseconds since the Unix epoch.
     pub time_micros: i64,
+    /// The entity's name.
     pub entity: String,
+    /// The record's key.
     pub key: String,
+    /// Commit LSN of the change decided about.
     pub version: u64,
     /// `None` for decisions about the record as a whole (quarantined, released).
     pub target: Option<String>,
     /// delivered, gated, unpublished, quarantined, released, suppressed, redacted, not_routed.
     pub decision: String,
+    /// Why, for the operator (the failed rule, the gate's expression, ...).
     pub detail: String,
 }
 
 /// State changes of one batch of source transactions, in order.
 #[derive(Debug, Default)]
 pub struct GovDelta {
+    /// In the order they happened: the store applies them in this order.
     pub ops: Vec<GovOp>,
 }
 
+/// One change of the durable governance state.
 #[derive(Debug)]
 pub enum GovOp {
+    /// A tracked row set or removed.
     Row {
+        /// The entity's name.
         entity: String,
+        /// The record's key.
         key: String,
+        /// The row as a JSON object; `None`: no longer tracked.
         row: Option<Vec<u8>>,
     },
-    /// The record's digest and the hash of the
-    /// document appended (`None`: no longer published).
+    /// What was last appended for a record to a target changed.
     Published {
+        /// [`published_digest`] of (target, entity, key).
         digest: [u8; 16],
+        /// A hash of the document appended (all zeros: withheld from the
+        /// target); `None`: no longer published.
         hash: Option<[u8; 16]>,
     },
+    /// A business-key value claimed or given up.
     Unique {
+        /// The entity's name.
         entity: String,
+        /// The business-key field.
         field: String,
+        /// The value, normalised.
         value: String,
+        /// The key of the record holding it; `None`: free again.
         holder: Option<String>,
     },
+    /// A record quarantined, or released.
     Quarantine {
+        /// The entity's name.
         entity: String,
+        /// The record's key.
         key: String,
+        /// `None`: released.
         entry: Option<Box<QuarantineEntry>>,
     },
+    /// A decision for the audit log.
     Audit(AuditRecord),
 }
 
 impl GovDelta {
+    /// Whether nothing changed.
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
 
+    /// Adds `other`'s changes after this one's.
     pub fn append(&mut self, other: GovDelta) {
         if self.ops.is_empty() {
             // Take the other's vector rather than copying every op.
@@ -87,10 +117,13 @@ impl GovDelta {
 /// Everything the store (`load_governance`) read back.
 #[derive(Debug, Default)]
 pub struct GovSnapshot {
+    /// Tracked rows: (entity, key, row as a JSON object).
     pub rows: Vec<(String, String, Vec<u8>)>,
     /// [`published_digest`] → document hash.
     pub published: Vec<PublishedEntry>,
+    /// Claimed business-key values: (entity, field, normalised value, holder key).
     pub unique: Vec<(String, String, String, String)>,
+    /// Records held in quarantine.
     pub quarantine: Vec<QuarantineEntry>,
 }
 

@@ -16,9 +16,9 @@ pub struct DeliveryPolicy {
     /// Most events per second; `None`: unlimited.
     pub rate_limit_events_per_sec: Option<u32>,
     /// The target's window (`mode`, `every`, `at`), for entities without their own.
-    pub window: Window,
+    pub(crate) window: Window,
     /// Per-entity overrides of `window`, from `[targets.NAME.windows]`.
-    pub entity_windows: Vec<(String, Window)>,
+    pub(crate) entity_windows: Vec<(String, Window)>,
     /// Most batches in flight to the target at once (1..=64); batches in
     /// flight never share a key.
     pub max_in_flight: usize,
@@ -45,15 +45,6 @@ impl DeliveryPolicy {
             .iter()
             .find(|(e, _)| e == entity)
             .map_or(&self.window, |(_, w)| w)
-    }
-
-    /// True when some entity of the target waits for a window.
-    pub fn has_windows(&self) -> bool {
-        self.window != Window::Realtime
-            || self
-                .entity_windows
-                .iter()
-                .any(|(_, w)| *w != Window::Realtime)
     }
 }
 
@@ -93,7 +84,7 @@ impl Window {
 }
 
 /// Parses `30s`, `15m`, `4h`, `1d` (a positive integer and one unit).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| {
         format!("`{text}` has no unit; write e.g. \"30s\", \"15m\", \"4h\" or \"1d\"")
@@ -125,7 +116,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 /// Parses `HH:MM` (UTC) into seconds after midnight.
-pub fn parse_time_of_day(text: &str) -> Result<u32, String> {
+pub(crate) fn parse_time_of_day(text: &str) -> Result<u32, String> {
     let bad = || format!("`{text}` is not a time of day; write HH:MM in UTC, e.g. \"02:00\"");
     let (h, m) = text.trim().split_once(':').ok_or_else(bad)?;
     let h: u32 = h.parse().map_err(|_| bad())?;

@@ -5,11 +5,12 @@
 //! its sink in the sinks crate.
 
 mod delivery;
-pub mod governance;
+pub(crate) mod governance;
 mod raw;
 mod target_types;
 
-pub use delivery::{parse_duration, parse_time_of_day, DeliveryPolicy, Window};
+pub use delivery::{DeliveryPolicy, Window};
+pub use governance::{EntityGovernance, GovernanceConfig};
 pub use steward_postgres::{Secret, SecretOrigin, SourceConfig, SslMode};
 pub use target_types::{TargetContext, TargetSettings, TargetTypes, Unchecked};
 
@@ -17,7 +18,7 @@ pub use target_types::{TargetContext, TargetSettings, TargetTypes, Unchecked};
 /// core's own sections, for the target types' checks (see [`TargetTypes`]).
 pub mod check {
     pub use super::raw::pgurl::{parse_pg_url, PgUrl};
-    pub use super::raw::reader::{check_sql_ident, join, type_name, Errors, Reader, MAX_IDENT};
+    pub use super::raw::reader::{check_sql_ident, join, type_name, Errors, Reader};
     pub use super::raw::{
         check_sslrootcert, existing_file, optional_secret, resolve, secret_from_env,
         secret_from_file,
@@ -32,13 +33,19 @@ use std::time::Duration;
 /// [`Config::parse`].
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// `[source]`: the Odoo database, its replication slot and publication.
     pub source: SourceConfig,
+    /// `[state]`: where and how steward keeps its state.
     pub state: StateConfig,
-    /// In the order they appear in the file.
+    /// In the order they appear in the file, then the hidden entities
+    /// governance adds (child tables, `ir_model_data`; see
+    /// [`EntityGovernance::is_hidden`]).
     pub entities: Vec<EntityConfig>,
     /// In the order they appear in the file.
     pub targets: Vec<TargetConfig>,
+    /// `[metrics]`: the Prometheus and health listener.
     pub metrics: MetricsConfig,
+    /// `[daemon]`: process-wide settings.
     pub daemon: DaemonConfig,
     /// Lifecycle gates, rules, business keys, references, policies (see `governance`).
     pub governance: governance::GovernanceConfig,
@@ -79,14 +86,14 @@ impl std::fmt::Debug for TargetIndex {
 
 impl EntityIndex {
     /// The elements of a vector built parallel to [`Config::entities`], with their index.
-    pub fn enumerate<T>(items: &[T]) -> impl Iterator<Item = (EntityIndex, &T)> {
+    pub(crate) fn enumerate<T>(items: &[T]) -> impl Iterator<Item = (EntityIndex, &T)> {
         items.iter().enumerate().map(|(i, x)| (EntityIndex(i), x))
     }
 }
 
 impl TargetIndex {
     /// The elements of a vector built parallel to [`Config::targets`], with their index.
-    pub fn enumerate<T>(items: &[T]) -> impl Iterator<Item = (TargetIndex, &T)> {
+    pub(crate) fn enumerate<T>(items: &[T]) -> impl Iterator<Item = (TargetIndex, &T)> {
         items.iter().enumerate().map(|(i, x)| (TargetIndex(i), x))
     }
 }
@@ -117,6 +124,7 @@ impl<T> std::ops::IndexMut<TargetIndex> for Vec<T> {
     }
 }
 
+/// `[state]`: the state file and how received changes are grouped into its commits.
 #[derive(Clone, Debug)]
 pub struct StateConfig {
     /// The redb file holding checkpoints, outboxes, dead letters and audit.
@@ -130,24 +138,32 @@ pub struct StateConfig {
 /// Where an entity field's value comes from: a column, or a path into a json/jsonb column.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FieldSource {
+    /// The source table's column.
     pub column: String,
     /// Keys to follow inside the column's JSON value; empty for a plain column.
-    pub path: Vec<String>,
+    pub(crate) path: Vec<String>,
 }
 
+/// One field of an entity's document (`entities.NAME.fields`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FieldConfig {
     /// The field's name in the delivered document.
     pub name: String,
+    /// Where the value comes from.
     pub source: FieldSource,
     /// Used when `source` is null or missing (e.g. a translation's fallback language).
     pub fallback: Option<FieldSource>,
 }
 
+/// `[entities.NAME]`: a kind of record (product, partner, ...) read from one
+/// source table and delivered as documents.
 #[derive(Clone, Debug)]
 pub struct EntityConfig {
+    /// `NAME`: lowercase letters, digits and `_`, starting with a letter, at most 63 bytes.
     pub name: String,
+    /// The source table's schema (`public` unless `table` names one).
     pub schema: String,
+    /// The source table's name, without the schema.
     pub table: String,
     /// Key columns, in order. Default: `["id"]`.
     pub key: Vec<String>,
@@ -156,20 +172,27 @@ pub struct EntityConfig {
 }
 
 impl EntityConfig {
+    /// `schema.table`, unquoted: for messages and lookups, not for SQL.
     pub fn qualified_table(&self) -> String {
         format!("{}.{}", self.schema, self.table)
     }
 }
 
+/// `[targets.NAME]`: a system steward delivers events to, and how.
 #[derive(Clone, Debug)]
 pub struct TargetConfig {
+    /// `NAME`: lowercase letters, digits, `_` and `-`, starting with a letter, at most 63 bytes.
     pub name: String,
     /// Names of the entities this target receives.
     pub entities: Vec<String>,
+    /// Most events sent in one delivery (1 to 10 000, default 500).
     pub batch_max_events: usize,
+    /// How long a batch smaller than `batch_max_events` waits for more
+    /// events while nothing is in flight; zero sends at once.
     pub batch_linger: Duration,
     /// First retry delay; doubles per failure up to `retry_max`, with jitter.
     pub retry_initial: Duration,
+    /// Longest delay between two attempts; at least `retry_initial`.
     pub retry_max: Duration,
     /// Dead letters, rate limits and batch windows.
     pub delivery: DeliveryPolicy,
@@ -185,11 +208,14 @@ pub struct TargetConfig {
 /// configured row (a consistent snapshot) or only changes from now on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum InitialSync {
+    /// Every configured row first, then changes (the default).
     #[default]
     Snapshot,
+    /// Only changes made after the target was added.
     None,
 }
 
+/// `[metrics]`: the listener serving `/metrics`, `/healthz` and `/readyz`.
 #[derive(Clone, Debug)]
 pub struct MetricsConfig {
     /// Address of the Prometheus / health listener (default 127.0.0.1:9187);
@@ -199,6 +225,7 @@ pub struct MetricsConfig {
     pub ready_max_target_stall: Duration,
 }
 
+/// `[daemon]`: settings of the running process.
 #[derive(Clone, Debug)]
 pub struct DaemonConfig {
     /// How long SIGTERM / SIGINT / a reload may take to drain before steward gives up (exit 1).
@@ -228,7 +255,8 @@ impl std::fmt::Display for ConfigError {
 #[derive(Clone, Debug, thiserror::Error)]
 #[error("{} in {}:\n{}", if .errors.len() == 1 { "1 configuration error".to_string() } else { format!("{} configuration errors", .errors.len()) }, .path.display(), .errors.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
 pub struct ConfigErrors {
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
+    /// In the order they were found; never empty.
     pub errors: Vec<ConfigError>,
 }
 
@@ -257,10 +285,12 @@ impl Config {
         raw::parse(text, path, base_dir, None)
     }
 
+    /// The entity named `name`, if configured.
     pub fn entity(&self, name: &str) -> Option<&EntityConfig> {
         self.entities.iter().find(|e| e.name == name)
     }
 
+    /// The target named `name`, if configured.
     pub fn target(&self, name: &str) -> Option<&TargetConfig> {
         self.targets.iter().find(|t| t.name == name)
     }
@@ -275,6 +305,7 @@ impl Config {
         TargetIndex::enumerate(&self.targets)
     }
 
+    /// The position of the entity named `name` in [`Config::entities`].
     pub fn entity_index(&self, name: &str) -> Option<EntityIndex> {
         self.entities
             .iter()
@@ -282,6 +313,7 @@ impl Config {
             .map(EntityIndex)
     }
 
+    /// The position of the target named `name` in [`Config::targets`].
     pub fn target_index(&self, name: &str) -> Option<TargetIndex> {
         self.targets
             .iter()

@@ -1101,6 +1101,7 @@ fn check_target(
         (Some(_), None) => Some(Arc::new(Unchecked) as _),
         (Some(type_name), Some(types)) if type_ok => {
             let target = TargetContext {
+                #[cfg(test)]
                 name,
                 type_name,
                 entities: entities.as_deref(),

@@ -23,7 +23,9 @@ pub trait TargetSettings: Any + Debug + Send + Sync {}
 /// What a type's check may need to know of the target beyond its own keys.
 #[derive(Clone, Copy, Debug)]
 pub struct TargetContext<'a> {
-    pub name: &'a str,
+    #[cfg(test)]
+    pub(crate) name: &'a str,
+    /// The target's `type`, one of [`TargetTypes::names`].
     pub type_name: &'a str,
     /// The target's entities; `None` when they have problems of their own
     /// (already reported).

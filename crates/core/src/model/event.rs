@@ -4,14 +4,19 @@ use serde::{Deserialize, Serialize};
 
 use super::Lsn;
 
+/// What a target does with the record: store the document, or remove the key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EventOp {
+    /// The record exists (again) as `data` holds it.
     Upsert,
+    /// The record is gone for the target: deleted at the source, or no
+    /// longer published; `data` holds its key fields only.
     Delete,
 }
 
 impl EventOp {
+    /// `upsert` or `delete`, as serialized.
     pub fn as_str(self) -> &'static str {
         match self {
             EventOp::Upsert => "upsert",
@@ -25,8 +30,11 @@ impl EventOp {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SourceChange {
+    /// A row inserted.
     Insert,
+    /// A row updated.
     Update,
+    /// A row deleted.
     Delete,
     /// A row read by an initial snapshot.
     Snapshot,
@@ -39,15 +47,20 @@ pub enum SourceChange {
 /// and a target can de-duplicate on it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
+    /// Unique per change and stable across replays (see above).
     pub id: String,
+    /// The entity's name (`[entities.NAME]`).
     pub entity: String,
     /// The key columns' values; composite keys joined by `|` with `\` escaping.
     pub key: String,
+    /// Upsert or delete.
     pub op: EventOp,
     /// Commit LSN of the source transaction: monotonic per key.
     pub version: u64,
     /// Commit time, RFC 3339 UTC.
     pub time: String,
+    /// The document the target receives (for a delete, the key fields).
+    /// Null in a [`Mapped`](crate::pipeline::Mapped) event, before governance.
     pub data: EventData,
     /// The source row change (insert, update, delete, snapshot read), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -67,11 +80,11 @@ pub struct Event {
 pub struct EventData(Box<serde_json::value::RawValue>);
 
 impl EventData {
-    pub fn from_map(map: &serde_json::Map<String, serde_json::Value>) -> EventData {
+    pub(crate) fn from_map(map: &serde_json::Map<String, serde_json::Value>) -> EventData {
         EventData::from_raw_result(serde_json::value::to_raw_value(map))
     }
 
-    pub fn from_value(value: &serde_json::Value) -> EventData {
+    pub(crate) fn from_value(value: &serde_json::Value) -> EventData {
         EventData::from_raw_result(serde_json::value::to_raw_value(value))
     }
 
@@ -97,7 +110,7 @@ impl EventData {
         EventData(raw)
     }
 
-    pub fn null() -> EventData {
+    pub(crate) fn null() -> EventData {
         EventData(serde_json::value::RawValue::NULL.to_owned())
     }
 
@@ -106,8 +119,9 @@ impl EventData {
         self.0.get()
     }
 
-    /// Parsed, for the few places that look inside (tests, reports).
-    pub fn to_value(&self) -> serde_json::Value {
+    /// Parsed, for tests that look inside.
+    #[cfg(test)]
+    pub(crate) fn to_value(&self) -> serde_json::Value {
         serde_json::from_str(self.as_str()).unwrap_or(serde_json::Value::Null)
     }
 }
@@ -151,7 +165,7 @@ impl Event {
 
 /// Joins key component texts so that different keys never collide:
 /// `\` and `|` inside a component are escaped with `\`.
-pub fn join_key<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
+pub(crate) fn join_key<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
     let mut out = String::new();
     for (i, part) in parts.into_iter().enumerate() {
         if i > 0 {

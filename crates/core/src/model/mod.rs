@@ -1,9 +1,9 @@
 //! Types shared by every stage: LSNs, decoded changes, column values and
 //! the events that targets receive. No I/O lives here.
 
-pub mod event;
+pub(crate) mod event;
 pub mod json;
 pub mod value;
 
 pub use event::{Event, EventData, EventOp, SourceChange};
-pub use steward_postgres::{Change, ChangeOp, Column, Lsn, Relation, Tuple, TupleValue};
+pub use steward_postgres::{Change, ChangeOp, Column, Lsn, Relation, TupleValue};

@@ -58,23 +58,32 @@ const MAX_ARRAY_DIMS: usize = 6;
 /// recursively (serialization, hashing, redaction, CEL, reading state and
 /// outbox entries back, which add a few levels of their own) then stays
 /// well inside that limit and the stack.
-pub const MAX_JSON_DEPTH: usize = 100;
+pub(crate) const MAX_JSON_DEPTH: usize = 100;
 
 /// Why a column's text could not be converted. The value itself is never
 /// included (it may be personal data); the type, length and position are.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ValueError {
+    /// The text is not UTF-8.
     #[error("{type_name} value (type OID {type_oid}) is not valid UTF-8 at byte {offset}")]
     InvalidUtf8 {
+        /// The column's type.
         type_oid: u32,
+        /// A short name of the type (`int4`, `jsonb`, `array`), `column` for others.
         type_name: &'static str,
+        /// Position in bytes of the first byte that is not UTF-8.
         offset: usize,
     },
+    /// The text is not what the type prints (or nests too deep).
     #[error("invalid {type_name} value (type OID {type_oid}, {len} bytes): {reason}")]
     Invalid {
+        /// The column's type.
         type_oid: u32,
+        /// A short name of the type (`int4`, `jsonb`, `array`), `column` for others.
         type_name: &'static str,
+        /// The text's length in bytes.
         len: usize,
+        /// What is wrong with it, without quoting it.
         reason: String,
     },
 }
@@ -89,7 +98,7 @@ fn invalid(type_oid: u32, text: &str, reason: impl Into<String>) -> ValueError {
 }
 
 /// The element type of the array types steward converts element-wise.
-pub fn element_type(array_oid: u32) -> Option<u32> {
+pub(crate) fn element_type(array_oid: u32) -> Option<u32> {
     Some(match array_oid {
         1000 => BOOL,
         1001 => BYTEA,
@@ -155,7 +164,7 @@ fn type_name(type_oid: u32) -> &'static str {
 /// exact digits; non-finite numbers become the strings `"NaN"`,
 /// `"Infinity"` and `"-Infinity"` (JSON has no number for them). `bool`
 /// becomes a boolean, `json`/`jsonb` the parsed document (at most
-/// [`MAX_JSON_DEPTH`] levels deep), `bytea` a standard base64 string,
+/// `MAX_JSON_DEPTH`, 100, levels deep), `bytea` a standard base64 string,
 /// `timestamp`/`timestamptz` RFC 3339 (`timestamp` without time zone is
 /// taken as UTC, as Odoo stores it), `date` ISO 8601 `YYYY-MM-DD`. Years
 /// RFC 3339 cannot write use ISO 8601's expanded form with a sign: BC
@@ -181,7 +190,11 @@ fn utf8(type_oid: u32, text: &[u8]) -> Result<&str, ValueError> {
 /// translated `name` column holds every language, one is mapped); other
 /// types convert whole and step in. Either way the result is what
 /// [`text_to_json`] followed by [`follow_path`] gives, errors included.
-pub fn text_to_json_at(type_oid: u32, text: &[u8], path: &[String]) -> Result<Value, ValueError> {
+pub(crate) fn text_to_json_at(
+    type_oid: u32,
+    text: &[u8],
+    path: &[String],
+) -> Result<Value, ValueError> {
     if path.is_empty() || !matches!(type_oid, JSON | JSONB) {
         return text_to_json(type_oid, text).map(|v| follow_path(v, path));
     }
@@ -195,7 +208,7 @@ pub fn text_to_json_at(type_oid: u32, text: &[u8], path: &[String]) -> Result<Va
 
 /// Steps into `value`: object members by key, array elements by index;
 /// anything else (or a missing member) is null.
-pub fn follow_path(mut value: Value, path: &[String]) -> Value {
+pub(crate) fn follow_path(mut value: Value, path: &[String]) -> Value {
     for step in path {
         value = match value {
             Value::Object(mut map) => map.remove(step.as_str()).unwrap_or(Value::Null),
@@ -221,7 +234,7 @@ mod json_walk {
     use serde::Deserialize;
     use serde_json::Value;
 
-    pub struct AtPath<'p>(pub &'p [String]);
+    pub(crate) struct AtPath<'p>(pub(crate) &'p [String]);
 
     impl<'de> DeserializeSeed<'de> for AtPath<'_> {
         type Value = Value;

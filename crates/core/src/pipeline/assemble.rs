@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 use crate::config::{EntityConfig, FieldConfig, FieldSource};
 
 /// The mapped fields of `row`, as the mapping stage would produce them.
-pub fn document(fields: &[FieldConfig], row: &Map<String, Value>) -> Map<String, Value> {
+pub(crate) fn document(fields: &[FieldConfig], row: &Map<String, Value>) -> Map<String, Value> {
     let mut out = Map::with_capacity(fields.len());
     for f in fields {
         let mut v = source_value(&f.source, row);
@@ -39,7 +39,7 @@ fn source_value(source: &FieldSource, row: &Map<String, Value>) -> Value {
 }
 
 /// The key fields of a record (what a delete carries), named like the mapping stage names them.
-pub fn key_data(entity: &EntityConfig, row: &Map<String, Value>) -> Map<String, Value> {
+pub(crate) fn key_data(entity: &EntityConfig, row: &Map<String, Value>) -> Map<String, Value> {
     let mut out = Map::new();
     for column in &entity.key {
         let name = entity
@@ -55,7 +55,7 @@ pub fn key_data(entity: &EntityConfig, row: &Map<String, Value>) -> Map<String, 
 
 /// A field for rules and business keys: the document's field of that name,
 /// else the row's column of that name.
-pub fn lookup<'a>(
+pub(crate) fn lookup<'a>(
     name: &str,
     doc: &'a Map<String, Value>,
     row: Option<&'a Map<String, Value>>,
@@ -66,7 +66,7 @@ pub fn lookup<'a>(
 }
 
 /// Text of a scalar for keys and messages (`"abc"` → `abc`, `12` → `12`).
-pub fn text(value: &Value) -> String {
+pub(crate) fn text(value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),
         other => other.to_string(),
@@ -74,7 +74,7 @@ pub fn text(value: &Value) -> String {
 }
 
 /// Business-key normalisation: case-folded, inner whitespace collapsed, trimmed.
-pub fn normalise(value: &str) -> String {
+pub(crate) fn normalise(value: &str) -> String {
     value
         .split_whitespace()
         .collect::<Vec<_>>()

@@ -39,6 +39,10 @@ use crate::state::{AuditRecord, GovDelta, GovOp, GovSnapshot, QuarantineEntry};
 /// objects): their ids never collide with those of source changes.
 const SYNTHETIC_INDEX: u32 = 0x8000_0000;
 
+/// The governance of one configuration: its in-memory state (see the
+/// module documentation) and the decisions taken from it. Built with
+/// [`Governance::new`], then restored with [`Governance::load`] (and
+/// [`Governance::seed`] for entities without state yet).
 pub struct Governance {
     entities: Vec<EntityConfig>,
     gov: Vec<EntityGovernance>,
@@ -203,7 +207,7 @@ impl Marks for Pending<'_> {
 /// Where a record that is not in the piece being evaluated stands in its
 /// large transaction (see [`Governance::evaluate_piece`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Place {
+pub(crate) enum Place {
     /// In a later piece: it is evaluated there, with the transaction's final state.
     Later,
     /// In an earlier piece: evaluated already.
@@ -214,7 +218,7 @@ pub enum Place {
 }
 
 /// The rest of a large transaction, as seen from the piece being evaluated.
-pub trait Elsewhere {
+pub(crate) trait Elsewhere {
     fn place(&mut self, e: EntityIndex, key: &str) -> Place;
 }
 
@@ -223,23 +227,28 @@ pub trait Elsewhere {
 /// ([`Governance::evaluate_piece`]). Records are evaluated in the order of
 /// (`rank`, `order`), as [`Pending`] orders an ordinary transaction.
 #[derive(serde::Serialize, serde::Deserialize)]
-pub struct StagedRecord {
-    pub rank: u32,
+pub(crate) struct StagedRecord {
+    pub(crate) rank: u32,
     /// The record's last change index; marks without a change (`staged`
     /// `None`) come after every change of their rank.
-    pub order: u64,
-    pub entity: EntityIndex,
-    pub key: String,
+    pub(crate) order: u64,
+    pub(crate) entity: EntityIndex,
+    pub(crate) key: String,
     staged: Option<Staged>,
 }
 
 impl StagedRecord {
     /// The order of the `n`th mark without a change of its own (after every change).
-    pub fn deferral_order(n: u64) -> u64 {
+    pub(crate) fn deferral_order(n: u64) -> u64 {
         (1 << 32) + n
     }
 
-    pub fn deferral(rank: u32, order: u64, entity: EntityIndex, key: String) -> StagedRecord {
+    pub(crate) fn deferral(
+        rank: u32,
+        order: u64,
+        entity: EntityIndex,
+        key: String,
+    ) -> StagedRecord {
         StagedRecord {
             rank,
             order,
@@ -249,7 +258,7 @@ impl StagedRecord {
         }
     }
 
-    pub fn decode(bytes: &[u8]) -> Result<StagedRecord, String> {
+    pub(crate) fn decode(bytes: &[u8]) -> Result<StagedRecord, String> {
         serde_json::from_slice(bytes).map_err(|e| format!("a staged record cannot be read: {e}"))
     }
 }
@@ -257,9 +266,9 @@ impl StagedRecord {
 /// Phase one of a piece of a large transaction: its changed records and the
 /// records it marked for evaluation.
 #[derive(Default)]
-pub struct PhaseOne {
-    pub records: Vec<StagedRecord>,
-    pub deferred: Vec<(u32, EntityIndex, String)>,
+pub(crate) struct PhaseOne {
+    pub(crate) records: Vec<StagedRecord>,
+    pub(crate) deferred: Vec<(u32, EntityIndex, String)>,
 }
 
 impl Marks for PhaseOne {
@@ -455,12 +464,14 @@ impl<'a> Pending<'a> {
 /// What a quarantine release did.
 #[derive(Debug)]
 pub struct Released {
+    /// The events to append, each with its target.
     pub events: Vec<(TargetIndex, Event)>,
     /// `None` when released; the failure message when still failing.
     pub still_failing: Option<String>,
 }
 
 impl Governance {
+    /// Empty state for `config`: nothing tracked, published or quarantined.
     pub fn new(config: &Config) -> Governance {
         let entities = config.entities.clone();
         let entity_count = entities.len();
@@ -630,12 +641,12 @@ impl Governance {
     }
 
     /// Whether `entity` is one steward adds itself (a child table, `ir_model_data`).
-    pub fn is_hidden(&self, entity: EntityIndex) -> bool {
+    pub(crate) fn is_hidden(&self, entity: EntityIndex) -> bool {
         self.gov[entity].child_of.is_some() || !self.gov[entity].external_ids_of.is_empty()
     }
 
     /// Evaluation rank of `entity` (see [`Governance::rank`]).
-    pub fn rank_of(&self, entity: EntityIndex) -> u32 {
+    pub(crate) fn rank_of(&self, entity: EntityIndex) -> u32 {
         self.rank[entity]
     }
 
@@ -650,15 +661,18 @@ impl Governance {
         })
     }
 
-    pub fn tracked_count(&self, entity: EntityIndex) -> usize {
+    #[cfg(test)]
+    pub(crate) fn tracked_count(&self, entity: EntityIndex) -> usize {
         self.rows.keys().filter(|(e, _)| *e == entity).count()
     }
 
+    /// The configuration of `entity`.
     pub fn entity_config(&self, entity: EntityIndex) -> &EntityConfig {
         &self.entities[entity]
     }
 
-    pub fn entity_by_name(&self, name: &str) -> Option<EntityIndex> {
+    #[cfg(test)]
+    pub(crate) fn entity_by_name(&self, name: &str) -> Option<EntityIndex> {
         self.entity_index.get(name).copied()
     }
 
@@ -742,6 +756,7 @@ impl Governance {
             .collect()
     }
 
+    /// Every record held in quarantine, by entity name, then key.
     pub fn quarantined(&self) -> Vec<&QuarantineEntry> {
         let mut list: Vec<&QuarantineEntry> = self.quarantine.values().collect();
         list.sort_by(|a, b| {
@@ -766,7 +781,7 @@ impl Governance {
     /// [`Governance::process`], leaving `mapped` empty with its capacity, for
     /// the caller to fill with the next transaction without growing a vector
     /// from nothing again.
-    pub fn process_drain(
+    pub(crate) fn process_drain(
         &mut self,
         mapped: &mut Vec<Mapped>,
         commit_lsn: Lsn,
@@ -777,7 +792,8 @@ impl Governance {
         out
     }
 
-    /// [`Governance::process_drain`], appending to `out`: the daemon's commit
+    /// [`Governance::process`], leaving `mapped` empty with its capacity (for
+    /// the next transaction) and appending to `out`: the daemon's commit
     /// batch, so that a transaction's events are not copied into it.
     ///
     /// A transaction is governed in two phases. First every change updates
@@ -810,7 +826,7 @@ impl Governance {
     /// [`Governance::evaluate_piece`]. So every record is evaluated once,
     /// against the whole transaction's final state, exactly as
     /// [`Governance::process_drain_into`] would.
-    pub fn stage_piece(&mut self, mapped: &mut Vec<Mapped>) -> PhaseOne {
+    pub(crate) fn stage_piece(&mut self, mapped: &mut Vec<Mapped>) -> PhaseOne {
         let mut phase = PhaseOne::default();
         for m in mapped.drain(..) {
             self.stage(m, &mut phase);
@@ -821,7 +837,7 @@ impl Governance {
     /// Phase two for a piece of a large transaction: `records` are the
     /// piece's records in (rank, order); `elsewhere` places records marked
     /// during evaluation that are not in the piece.
-    pub fn evaluate_piece(
+    pub(crate) fn evaluate_piece(
         &mut self,
         records: Vec<StagedRecord>,
         elsewhere: &mut dyn Elsewhere,
@@ -2394,8 +2410,9 @@ impl Hash for PublishedSlot {
     }
 }
 
-/// A [`PublishedSlot`] is already a uniform digest: hashing it again would
-/// only cost time.
+/// The hasher of maps keyed by values that are already uniform digests
+/// ([`record_hash`], the published state's slots): a `u64` written is the
+/// hash as is; hashing it again would only cost time.
 #[derive(Default)]
 pub struct DigestHasher(u64);
 

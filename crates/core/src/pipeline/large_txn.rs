@@ -34,6 +34,7 @@ pub type Merge<'a> = dyn FnMut(&[u8], Vec<u8>) -> Result<Vec<u8>, String> + 'a;
 /// stage. Nothing staged outlives a replication session, so a stage needs
 /// no durability.
 pub trait TxnStage {
+    /// What the stage's storage fails with.
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// Drops every staged record.
@@ -76,9 +77,11 @@ const TAG_MAPPED: u8 = b'M';
 const TAG_STAGED: u8 = b'S';
 
 /// Takes a governed piece's events (and the governance, whose state changes go with them).
-pub type Emit<'a> =
+pub(crate) type Emit<'a> =
     dyn FnMut(Vec<(TargetIndex, Event)>, &mut Governance) -> anyhow::Result<()> + 'a;
 
+/// Stages and governs the source transactions too large to hold in memory
+/// (see the module documentation); one per replication session.
 #[derive(Default)]
 pub struct LargeTxn {
     staged: bool,

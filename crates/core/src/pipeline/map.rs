@@ -16,19 +16,31 @@ use crate::model::{
 };
 use steward_postgres::quote_ident;
 
+/// Why an entity's changes cannot be mapped from a relation.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
+    /// The source table lacks a column the entity's key or fields name
+    /// (a schema change); the entity stops until it is fixed.
     #[error("entity '{entity}': column '{column}' of {table} does not exist (the server's table has: {available}); restore the column, or change the entity's key or fields in the configuration and reload (SIGHUP) or restart steward")]
     MissingColumn {
+        /// The entity's name.
         entity: String,
+        /// `schema.table`.
         table: String,
+        /// The missing column.
         column: String,
+        /// The columns the table has, comma-separated.
         available: String,
     },
+    /// A change names a relation id no Relation message described (a
+    /// protocol violation).
     #[error("entity '{entity}': a change on {table} refers to relation id {relation_id}, which the server never described")]
     UnknownRelation {
+        /// The entity's name.
         entity: String,
+        /// `schema.table`.
         table: String,
+        /// The id the change carried.
         relation_id: u32,
     },
 }
@@ -36,7 +48,9 @@ pub enum PipelineError {
 /// A query reading the current values of `columns` (tuple positions) of one row.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ToastFill {
+    /// A `SELECT` of the columns as text, by the row's key (values quoted inline).
     pub sql: String,
+    /// The tuple positions of the selected columns, in the `SELECT`'s order.
     pub columns: Vec<usize>,
 }
 
@@ -47,16 +61,16 @@ pub struct ToastFill {
 /// value never stops the other records. The value itself is never part of
 /// it (it may be personal data).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Unencodable {
-    pub table: String,
-    pub column: String,
+pub(crate) struct Unencodable {
+    pub(crate) table: String,
+    pub(crate) column: String,
     /// The field the column maps to.
-    pub field: String,
-    pub problem: String,
+    pub(crate) field: String,
+    pub(crate) problem: String,
 }
 
 /// The quarantine rule of records with a value steward cannot encode.
-pub const ENCODING_RULE: &str = "encoding";
+pub(crate) const ENCODING_RULE: &str = "encoding";
 
 impl std::fmt::Display for Unencodable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -71,26 +85,28 @@ impl std::fmt::Display for Unencodable {
 /// An event and the entity it belongs to (which decides the targets).
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct Mapped {
+    /// The entity the change maps to.
     pub entity: EntityIndex,
+    /// The event's id, key, operation, version and time; `data` stays null.
     pub event: Event,
     /// Governance: the change's kind and, for entities whose rows are
     /// captured ([`Pipeline::capture_rows`]), every column of the new row and
     /// of the old row (when the server sent the whole old row).
-    pub op: ChangeOp,
+    pub(crate) op: ChangeOp,
     /// The record's first change in its transaction, when several were
     /// folded into this one ([`Mapped::fold`]); else `op`.
-    pub first_op: ChangeOp,
+    pub(crate) first_op: ChangeOp,
     /// The (last folded) change's index in its transaction: events of a
     /// transaction are delivered in this order.
-    pub index: u32,
+    pub(crate) index: u32,
     /// The mapped fields (for a delete: the key fields). `event.data` is
     /// left null: governance decides the document each target receives.
-    pub data: Map<String, Value>,
-    pub row: Option<Map<String, Value>>,
-    pub old: Option<Map<String, Value>>,
+    pub(crate) data: Map<String, Value>,
+    pub(crate) row: Option<Map<String, Value>>,
+    pub(crate) old: Option<Map<String, Value>>,
     /// The first mapped column of this change steward could not encode
     /// (left out of `data`): the governance quarantines the record.
-    pub unencodable: Option<Unencodable>,
+    pub(crate) unencodable: Option<Unencodable>,
 }
 
 impl Mapped {
@@ -142,6 +158,9 @@ struct RelationPlan {
     full_identity: bool,
 }
 
+/// The mapping stage: which tables map to which entities, and how each
+/// relation's columns map to an entity's fields. Built from a
+/// configuration; relations are bound as the stream describes them.
 pub struct Pipeline {
     entities: Vec<EntityConfig>,
     /// `schema.table` → entities.
@@ -154,6 +173,7 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// A pipeline for `config`'s entities, with no relation bound yet.
     pub fn new(config: &Config) -> Pipeline {
         let mut by_table: HashMap<String, Vec<EntityIndex>> = HashMap::new();
         for (i, e) in config.iter_entities() {
@@ -179,7 +199,8 @@ impl Pipeline {
         }
     }
 
-    /// Converts every column of this entity's rows into [`Mapped::row`] / [`Mapped::old`].
+    /// Converts every column of this entity's rows, not only the mapped
+    /// ones, for the governance (new row, and old row when sent whole).
     pub fn capture_rows(&mut self, entity: EntityIndex) {
         if let Some(c) = self.capture.get_mut(entity.0) {
             *c = true;
@@ -198,10 +219,12 @@ impl Pipeline {
         tables
     }
 
+    /// The targets that receive `entity`, in configuration order.
     pub fn targets_of(&self, entity: EntityIndex) -> &[TargetIndex] {
         &self.entity_targets[entity]
     }
 
+    /// The name of `entity`.
     pub fn entity_name(&self, entity: EntityIndex) -> &str {
         &self.entities[entity].name
     }

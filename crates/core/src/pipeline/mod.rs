@@ -5,14 +5,14 @@
 //! changes in stream order and stores what comes out, together with the
 //! governance state changes it queued.
 
-pub mod assemble;
+mod assemble;
 pub mod govern;
 pub mod large_txn;
 mod map;
-pub mod redact;
-pub mod reference;
+mod redact;
+mod reference;
 mod snapshot_row;
 
 pub use govern::Governance;
-pub use map::{Mapped, Pipeline, PipelineError, ToastFill, Unencodable, ENCODING_RULE};
-pub use snapshot_row::{snapshot_id, snapshot_mapped, snapshot_version};
+pub use map::{Mapped, Pipeline, PipelineError, ToastFill};
+pub use snapshot_row::snapshot_mapped;

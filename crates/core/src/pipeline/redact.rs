@@ -19,7 +19,7 @@ use crate::config::governance::{Mask, TargetPolicy};
 /// A field may be a child path `child.field`: the allow-list then keeps only
 /// the listed fields of each item of that children array (the bare `child`
 /// keeps whole items), and a mask or hash applies to that field of every item.
-pub fn apply<'a>(
+pub(crate) fn apply<'a>(
     policy: &TargetPolicy,
     entity: &str,
     doc: &'a Map<String, Value>,

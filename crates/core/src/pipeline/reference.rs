@@ -13,11 +13,11 @@ use crate::config::governance::RefField;
 use crate::config::{EntityConfig, EntityIndex};
 
 /// Rows tracked per entity: key text → columns.
-pub type Rows = HashMap<(EntityIndex, String), Arc<Map<String, Value>>>;
+pub(crate) type Rows = HashMap<(EntityIndex, String), Arc<Map<String, Value>>>;
 
 /// The business key a reference field delivers, or null when the column is
 /// null or the referenced record is unknown.
-pub fn resolve(
+pub(crate) fn resolve(
     field: &RefField,
     target_entity: EntityIndex,
     target: &EntityConfig,
@@ -35,20 +35,4 @@ pub fn resolve(
         .cloned()
         .or_else(|| referenced.get(&field.key).cloned())
         .unwrap_or(Value::Null)
-}
-
-/// Keys of tracked records of `entity` whose `column` holds `id`.
-pub fn referencing(rows: &Rows, entity: EntityIndex, column: &str, id: &str) -> Vec<String> {
-    let mut keys: Vec<String> = rows
-        .iter()
-        .filter(|((e, _), row)| {
-            *e == entity
-                && row
-                    .get(column)
-                    .is_some_and(|v| !v.is_null() && assemble::text(v) == id)
-        })
-        .map(|((_, k), _)| k.clone())
-        .collect();
-    keys.sort();
-    keys
 }

@@ -17,13 +17,13 @@ use crate::model::{Event, EventData};
 /// every one it does not contain is streamed with a commit LSN >= C. A
 /// target comparing versions therefore orders the snapshot row correctly
 /// against both, even against a commit that starts exactly at C.
-pub fn snapshot_version(consistent: Lsn) -> u64 {
+pub(crate) fn snapshot_version(consistent: Lsn) -> u64 {
     consistent.0.saturating_sub(1)
 }
 
 /// Deterministic id of a snapshot row: the same snapshot re-read after a
 /// crash produces the same ids, so targets can de-duplicate.
-pub fn snapshot_id(consistent: Lsn, entity: &str, key: &str) -> String {
+pub(crate) fn snapshot_id(consistent: Lsn, entity: &str, key: &str) -> String {
     format!("snap-{:016X}-{entity}-{key}", consistent.0)
 }
 

@@ -13,7 +13,7 @@ use crate::config::SslMode;
 
 const SUPPORTED_PARAMS: &str = "sslmode, sslrootcert, connect_timeout, host";
 const EXAMPLE: &str = "postgres://steward@localhost:5432/odoo?sslmode=prefer";
-pub const DEFAULT_PORT: u16 = 5432;
+pub(crate) const DEFAULT_PORT: u16 = 5432;
 
 /// The checked parts of a connection URL.
 #[derive(Debug, PartialEq, Eq)]
@@ -22,12 +22,16 @@ pub struct PgUrl {
     pub display: String,
     /// A host name, an IP address, or (starting with `/`) a socket directory.
     pub host: String,
+    /// 5432 unless written.
     pub port: u16,
+    /// The role to log in as.
     pub user: String,
+    /// The database to connect to.
     pub dbname: String,
+    /// From the `sslmode` parameter; [`SslMode::Prefer`] unless written.
     pub sslmode: SslMode,
     /// As written; resolved against the config file's directory by the caller.
-    pub sslrootcert: Option<String>,
+    pub(crate) sslrootcert: Option<String>,
     /// From the `connect_timeout` parameter (seconds).
     pub connect_timeout: Option<Duration>,
 }

@@ -16,6 +16,7 @@ pub struct Errors {
 }
 
 impl Errors {
+    /// Records `message` (what is wrong, what would be valid) under the dotted `key`.
     pub fn add(&mut self, key: &str, message: impl Into<String>) {
         self.list.push(ConfigError {
             key: key.to_string(),
@@ -23,18 +24,18 @@ impl Errors {
         });
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.list.is_empty()
     }
 
-    pub fn into_vec(self) -> Vec<ConfigError> {
+    pub(crate) fn into_vec(self) -> Vec<ConfigError> {
         self.list
     }
 }
 
 /// A key as it would be written in TOML: bare when possible, quoted otherwise,
 /// so that `headers."X Bad"` in a message can be found in the file.
-pub fn key_part(key: &str) -> String {
+pub(crate) fn key_part(key: &str) -> String {
     let bare = !key.is_empty()
         && key
             .chars()
@@ -85,7 +86,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// The closest of `candidates` to `word`, if it is close enough to be a typo.
-pub fn suggestion<'c>(word: &str, candidates: &[&'c str]) -> Option<&'c str> {
+pub(crate) fn suggestion<'c>(word: &str, candidates: &[&'c str]) -> Option<&'c str> {
     let lower = word.to_ascii_lowercase();
     candidates
         .iter()
@@ -103,6 +104,8 @@ pub struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    /// A reader of `table`, found at the dotted `path`; records every key
+    /// not in `valid`, with a "did you mean" hint for a likely typo.
     pub fn new(path: &str, table: &'a Table, valid: &[&str], errs: &mut Errors) -> Self {
         for key in table.keys() {
             if !valid.contains(&key.as_str()) {
@@ -126,10 +129,11 @@ impl<'a> Reader<'a> {
         join(&self.path, key)
     }
 
-    pub fn get(&self, key: &str) -> Option<&'a Value> {
+    pub(crate) fn get(&self, key: &str) -> Option<&'a Value> {
         self.table.get(key)
     }
 
+    /// Whether `key` is present, whatever its type.
     pub fn has(&self, key: &str) -> bool {
         self.table.contains_key(key)
     }
@@ -157,6 +161,8 @@ impl<'a> Reader<'a> {
         self.string(key, errs)
     }
 
+    /// The boolean at `key`, `default` when absent; `None` (after recording
+    /// an error) when of another type.
     pub fn bool(&self, key: &str, default: bool, errs: &mut Errors) -> Option<bool> {
         match self.table.get(key) {
             None => Some(default),
@@ -171,7 +177,8 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// An integer in `lo..=hi` (in `unit`), `default` when absent.
+    /// An integer in `lo..=hi` (in `unit`), `default` when absent; `None`
+    /// (after recording an error) when out of range or of another type.
     pub fn int(
         &self,
         key: &str,
@@ -257,7 +264,7 @@ impl<'a> Reader<'a> {
 
 /// PostgreSQL truncates identifiers to 63 bytes (NAMEDATALEN - 1): a longer name
 /// would silently refer to something else.
-pub const MAX_IDENT: usize = 63;
+pub(crate) const MAX_IDENT: usize = 63;
 
 /// A name PostgreSQL keeps as written when unquoted: lowercase letters, digits,
 /// `_` and `$`, not starting with a digit or `$`, at most 63 bytes.
