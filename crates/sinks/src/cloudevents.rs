@@ -15,7 +15,7 @@
 use steward_core::model::{json, Event};
 
 /// The media type of a CloudEvents JSON batch.
-pub const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
+pub(crate) const BATCH_CONTENT_TYPE: &str = "application/cloudevents-batch+json";
 
 /// One event in CloudEvents JSON form, written by hand: serde's derived
 /// serializer escapes every key and value byte by byte, and with it serde
@@ -66,7 +66,7 @@ fn write_cloud_event(event: &Event, source: &str, out: &mut Vec<u8>) {
 }
 
 /// Serializes `events` as one CloudEvents JSON batch into `out` (appending).
-pub fn write_batch(events: &[Event], source: &str, out: &mut Vec<u8>) {
+pub(crate) fn write_batch(events: &[Event], source: &str, out: &mut Vec<u8>) {
     out.push(b'[');
     for (i, event) in events.iter().enumerate() {
         if i > 0 {
@@ -79,7 +79,7 @@ pub fn write_batch(events: &[Event], source: &str, out: &mut Vec<u8>) {
 
 /// Serializes one event in CloudEvents JSON form into `out` (appending):
 /// the per-message form used by the NATS and file targets.
-pub fn write_event(event: &Event, source: &str, out: &mut Vec<u8>) {
+pub(crate) fn write_event(event: &Event, source: &str, out: &mut Vec<u8>) {
     write_cloud_event(event, source, out);
 }
 

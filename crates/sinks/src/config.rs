@@ -2,7 +2,7 @@
 //!
 //! Core checks what every target has; the keys a `type` adds to
 //! `[targets.NAME]` are checked by that type's `config` module next to its
-//! sink (`http::config`, ...), called through [`SinkTypes`] while core walks
+//! sink (`http::config`, ...), called through `SinkTypes` while core walks
 //! the file, so that every problem of the file is reported at once, each
 //! under its dotted key. A new target type is one more module and one more
 //! entry in `TYPES`.
@@ -37,7 +37,7 @@ pub fn parse(text: &str, path: &Path, base_dir: &Path) -> Result<Config, ConfigE
 
 /// A target's type-specific settings, as its type's `check` left them.
 #[derive(Debug)]
-pub enum SinkConfig {
+pub(crate) enum SinkConfig {
     Http(http::HttpTargetConfig),
     Postgres(postgres::PostgresTargetConfig),
     Nats(nats::NatsTargetConfig),
@@ -49,7 +49,7 @@ impl TargetSettings for SinkConfig {}
 impl SinkConfig {
     /// The settings [`load`] checked for `target`; `None` when the
     /// configuration was checked without them (`Config::parse`).
-    pub fn of(target: &TargetConfig) -> Option<&SinkConfig> {
+    pub(crate) fn of(target: &TargetConfig) -> Option<&SinkConfig> {
         let settings: &dyn Any = target.settings.as_ref();
         settings.downcast_ref()
     }
@@ -98,7 +98,7 @@ const TYPE_NAMES: &[&str] = &{
 };
 
 /// The target types of this crate, for `Config::load`.
-pub struct SinkTypes;
+pub(crate) struct SinkTypes;
 
 impl TargetTypes for SinkTypes {
     fn names(&self) -> &[&'static str] {

@@ -31,7 +31,7 @@ use steward_core::model::{Event, EventData, EventOp, SourceChange};
 
 /// How each event is wrapped on the wire (HTTP, NATS and file targets).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Envelope {
+pub(crate) enum Envelope {
     /// CloudEvents 1.0 JSON (structured mode); a JSON array per HTTP batch.
     #[default]
     CloudEvents,
@@ -41,17 +41,17 @@ pub enum Envelope {
 
 /// What the envelopes need besides the event: the source's names.
 #[derive(Clone, Debug, Default)]
-pub struct EnvelopeContext {
+pub(crate) struct EnvelopeContext {
     /// CloudEvents `source`: `steward://<slot>`.
-    pub source: String,
-    pub slot: String,
-    pub db: String,
+    pub(crate) source: String,
+    pub(crate) slot: String,
+    pub(crate) db: String,
     /// Entity name → (schema, table) of its source table.
-    pub tables: HashMap<String, (String, String)>,
+    pub(crate) tables: HashMap<String, (String, String)>,
 }
 
 impl EnvelopeContext {
-    pub fn from_config(config: &Config) -> EnvelopeContext {
+    pub(crate) fn from_config(config: &Config) -> EnvelopeContext {
         EnvelopeContext {
             source: format!("steward://{}", config.source.slot),
             slot: config.source.slot.clone(),
@@ -138,7 +138,7 @@ fn debezium<'a>(event: &'a Event, ctx: &'a EnvelopeContext, now_ms: i64) -> Debe
 }
 
 /// Appends one event in `envelope` form to `out` (no trailing newline).
-pub fn write_one(
+pub(crate) fn write_one(
     envelope: Envelope,
     event: &Event,
     ctx: &EnvelopeContext,
@@ -157,7 +157,7 @@ pub fn write_one(
 }
 
 /// Appends the batch as one JSON array of envelopes to `out`.
-pub fn write_array(
+pub(crate) fn write_array(
     envelope: Envelope,
     events: &[Event],
     ctx: &EnvelopeContext,
@@ -177,7 +177,7 @@ pub fn write_array(
 }
 
 /// The HTTP content type of a [`write_array`] body.
-pub fn array_content_type(envelope: Envelope) -> &'static str {
+pub(crate) fn array_content_type(envelope: Envelope) -> &'static str {
     match envelope {
         Envelope::CloudEvents => BATCH_CONTENT_TYPE,
         Envelope::Debezium => "application/json",

@@ -4,17 +4,17 @@
 //! Each type's module owns its settings and their checks (`http::config`,
 //! ...); [`config::load`] runs them with core's checks of the rest of the
 //! file. A new type is a module with its `config`, an entry in `config`'s
-//! `TYPES` and [`config::SinkConfig`], and a variant of [`AnySink`] built in
-//! [`build`].
+//! `TYPES` and `SinkConfig`, and a variant of `Sink` (behind [`AnySink`])
+//! built in [`build`].
 
 mod cloudevents;
 pub mod config;
 pub mod driver;
-pub mod envelope;
-pub mod file;
-pub mod http;
-pub mod nats;
-pub mod postgres;
+mod envelope;
+mod file;
+mod http;
+mod nats;
+mod postgres;
 pub mod requests;
 
 pub use driver::{Deliver, DeliveryError};
@@ -25,8 +25,11 @@ use steward_core::model::Event;
 use config::SinkConfig;
 use envelope::EnvelopeContext;
 
-/// Every sink type behind one `Deliver` implementation.
-pub enum AnySink {
+/// The sink of one target, whatever its type, behind one `Deliver`
+/// implementation; made by [`build`].
+pub struct AnySink(Sink);
+
+enum Sink {
     Http(http::HttpSink),
     Postgres(postgres::PostgresSink),
     Nats(nats::NatsSink),
@@ -35,22 +38,29 @@ pub enum AnySink {
 
 impl Deliver for AnySink {
     async fn deliver(&mut self, events: &[Event]) -> Result<(), DeliveryError> {
-        match self {
-            AnySink::Http(sink) => sink.deliver(events).await.map_err(|f| DeliveryError {
+        match &mut self.0 {
+            Sink::Http(sink) => sink.deliver(events).await.map_err(|f| DeliveryError {
                 retryable: f.retryable,
                 message: f.message,
                 retry_after: f.retry_after,
                 status: f.status,
             }),
-            AnySink::Postgres(sink) => sink.deliver(events).await,
-            AnySink::Nats(sink) => sink.deliver(events).await,
-            AnySink::File(sink) => sink.deliver(events).await,
+            Sink::Postgres(sink) => sink.deliver(events).await,
+            Sink::Nats(sink) => sink.deliver(events).await,
+            Sink::File(sink) => sink.deliver(events).await,
         }
     }
 }
 
+/// Why a target's sink could not be built: an HTTP header or TLS file it
+/// cannot use, a file target's missing directory, or settings that
+/// [`config::load`] did not check. The message names the target.
 #[derive(Debug, thiserror::Error)]
-pub enum BuildError {
+#[error(transparent)]
+pub struct BuildError(#[from] BuildFailure);
+
+#[derive(Debug, thiserror::Error)]
+enum BuildFailure {
     #[error(transparent)]
     Http(#[from] http::HttpSinkError),
     #[error("{0}")]
@@ -64,24 +74,25 @@ pub enum BuildError {
 pub fn build(target: &TargetConfig, config: &Config) -> Result<AnySink, BuildError> {
     let ctx = EnvelopeContext::from_config(config);
     let Some(settings) = SinkConfig::of(target) else {
-        return Err(BuildError::Other(format!(
+        return Err(BuildError(BuildFailure::Other(format!(
             "targets.{}: the {} settings were not checked; load the configuration with \
              steward_sinks::config::load",
             target.name, target.type_name
-        )));
+        ))));
     };
     match settings {
         SinkConfig::Http(http) => {
-            let mut sink = http::HttpSink::new(target, http, ctx.source.clone())?;
+            let mut sink = http::HttpSink::new(target, http, ctx.source.clone())
+                .map_err(BuildFailure::Http)?;
             sink.set_envelope_context(ctx);
-            Ok(AnySink::Http(sink))
+            Ok(AnySink(Sink::Http(sink)))
         }
-        SinkConfig::Postgres(pg) => Ok(AnySink::Postgres(postgres::PostgresSink::new(
+        SinkConfig::Postgres(pg) => Ok(AnySink(Sink::Postgres(postgres::PostgresSink::new(
             target, pg, config,
+        )))),
+        SinkConfig::Nats(nats) => Ok(AnySink(Sink::Nats(nats::NatsSink::new(target, nats, ctx)))),
+        SinkConfig::File(file) => Ok(AnySink(Sink::File(
+            file::FileSink::open(target, file, ctx).map_err(BuildFailure::Other)?,
         ))),
-        SinkConfig::Nats(nats) => Ok(AnySink::Nats(nats::NatsSink::new(target, nats, ctx))),
-        SinkConfig::File(file) => Ok(AnySink::File(
-            file::FileSink::open(target, file, ctx).map_err(BuildError::Other)?,
-        )),
     }
 }

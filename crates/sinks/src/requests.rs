@@ -3,7 +3,7 @@
 //!
 //! While the daemon runs it holds the state file locked, so the command line
 //! cannot change it. Instead it writes `<state>.requests/<target>.<id>.json`;
-//! the target's driver polls that directory (every [`POLL`]), applies the
+//! the target's driver polls that directory (every 500 ms), applies the
 //! request between deliveries, and answers with
 //! `<state>.requests/<target>.<id>.result.json`, which the command line prints
 //! and removes. When the daemon is stopped the command line opens the store
@@ -17,23 +17,30 @@ use serde::{Deserialize, Serialize};
 use steward_store::{DeadLetter, DlqFilter, Store, StoreError};
 
 /// How often a driver looks for requests.
-pub const POLL: Duration = Duration::from_millis(500);
+pub(crate) const POLL: Duration = Duration::from_millis(500);
 
 /// Meta key recording a `flush` made while the daemon was stopped.
-pub fn flush_meta_key(target: &str) -> String {
+pub(crate) fn flush_meta_key(target: &str) -> String {
     format!("flush_requested:{target}")
 }
 
+/// What an operator asks of a target's dead-letter queue or batch windows.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
+    /// Show the dead letters that match.
     List {
+        /// Which dead letters.
         filter: DlqFilter,
     },
+    /// Put the matching dead letters back in line for delivery.
     Replay {
+        /// Which dead letters.
         filter: DlqFilter,
     },
+    /// Discard the matching dead letters for good.
     Drop {
+        /// Which dead letters.
         filter: DlqFilter,
     },
     /// Open the target's batch windows now.
@@ -43,26 +50,45 @@ pub enum Request {
 impl Request {
     /// Whether the request changes what the driver delivers next (it then
     /// abandons a batch in flight or backing off, and re-reads after applying it).
-    pub fn is_mutating(&self) -> bool {
+    pub(crate) fn is_mutating(&self) -> bool {
         !matches!(self, Request::List { .. })
     }
 }
 
+/// The driver's (or the stopped daemon's store's) answer to a [`Request`].
+///
 /// Adjacently tagged, not internally: serde buffers an internally tagged
 /// enum's fields into a generic tree first, and an event's `data` (raw JSON
 /// text) can only be read straight from the JSON.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", content = "body", rename_all = "snake_case")]
 pub enum Response {
-    DeadLetters { entries: Vec<DeadLetter> },
-    Replayed { count: u64 },
-    Dropped { count: u64 },
+    /// The answer to [`Request::List`].
+    DeadLetters {
+        /// The matching dead letters, in id order.
+        entries: Vec<DeadLetter>,
+    },
+    /// The answer to [`Request::Replay`].
+    Replayed {
+        /// How many dead letters were put back in line.
+        count: u64,
+    },
+    /// The answer to [`Request::Drop`].
+    Dropped {
+        /// How many dead letters were discarded.
+        count: u64,
+    },
+    /// The answer to [`Request::Flush`].
     Flushed,
-    Error { message: String },
+    /// The request could not be read or applied.
+    Error {
+        /// Why, for the operator.
+        message: String,
+    },
 }
 
 /// `<state>.requests`, next to the state file.
-pub fn requests_dir(state_path: &Path) -> PathBuf {
+pub(crate) fn requests_dir(state_path: &Path) -> PathBuf {
     let mut name = state_path
         .file_name()
         .map(|n| n.to_os_string())
@@ -93,14 +119,14 @@ pub fn apply(store: &Store, target: &str, request: &Request) -> Result<Response,
 
 /// A request file waiting for `target`'s driver.
 #[derive(Debug)]
-pub struct Pending {
-    pub path: PathBuf,
-    pub request: Result<Request, String>,
+pub(crate) struct Pending {
+    pub(crate) path: PathBuf,
+    pub(crate) request: Result<Request, String>,
 }
 
 /// Requests waiting for `target`, oldest first (by file name, which starts
 /// with a timestamp).
-pub fn pending(dir: &Path, target: &str) -> Vec<Pending> {
+pub(crate) fn pending(dir: &Path, target: &str) -> Vec<Pending> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -133,7 +159,7 @@ fn result_path(request: &Path) -> PathBuf {
 }
 
 /// Answers a request: writes its result file and removes the request.
-pub fn respond(request: &Path, response: &Response) {
+pub(crate) fn respond(request: &Path, response: &Response) {
     let out = result_path(request);
     let tmp = out.with_extension("tmp");
     let written = serde_json::to_vec_pretty(response)

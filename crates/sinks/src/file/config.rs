@@ -14,12 +14,12 @@ pub(crate) const KEYS: &[&str] = &["path", "envelope", "max_bytes", "max_files"]
 /// Built by `check` only, so the sink can rely on its rules.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
-pub struct FileTargetConfig {
-    pub path: PathBuf,
-    pub envelope: Envelope,
-    pub max_bytes: u64,
+pub(crate) struct FileTargetConfig {
+    pub(crate) path: PathBuf,
+    pub(crate) envelope: Envelope,
+    pub(crate) max_bytes: u64,
     /// Rotated files kept besides the active one.
-    pub max_files: u32,
+    pub(crate) max_files: u32,
 }
 
 pub(crate) fn check(

@@ -9,13 +9,13 @@
 //! Replays after a crash can repeat the last batch: readers de-duplicate on
 //! the event id (`id` in CloudEvents, `source.event_id` in Debezium).
 
-pub mod config;
+pub(crate) mod config;
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-pub use self::config::FileTargetConfig;
+pub(crate) use self::config::FileTargetConfig;
 use crate::envelope::{write_one, Envelope, EnvelopeContext};
 use crate::DeliveryError;
 use steward_core::config::TargetConfig;
@@ -26,7 +26,7 @@ struct Active {
     size: u64,
 }
 
-pub struct FileSink {
+pub(crate) struct FileSink {
     target: String,
     path: PathBuf,
     envelope: Envelope,
@@ -40,7 +40,7 @@ pub struct FileSink {
 impl FileSink {
     /// Checks that the file's directory exists; the file is opened (and
     /// created) on the first delivery.
-    pub fn open(
+    pub(crate) fn open(
         target: &TargetConfig,
         cfg: &FileTargetConfig,
         ctx: EnvelopeContext,
@@ -64,7 +64,7 @@ impl FileSink {
         })
     }
 
-    pub async fn deliver(&mut self, events: &[Event]) -> Result<(), DeliveryError> {
+    pub(crate) async fn deliver(&mut self, events: &[Event]) -> Result<(), DeliveryError> {
         if events.is_empty() {
             return Ok(());
         }

@@ -48,7 +48,7 @@ pub(crate) const HEADER_SOURCE_KEYS: &[&str] = &["file", "env"];
 ///   own header win over configured ones.
 ///
 /// Checked here only: the sink sends the headers this check let through.
-pub const RESERVED_HEADERS: &[&str] = &[
+pub(crate) const RESERVED_HEADERS: &[&str] = &[
     "host",
     "content-length",
     "transfer-encoding",
@@ -63,33 +63,33 @@ pub const RESERVED_HEADERS: &[&str] = &[
 /// Built by `check` only, so the sink can rely on its rules.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
-pub struct HttpTargetConfig {
-    pub url: url::Url,
-    pub timeout: Duration,
-    pub connect_timeout: Duration,
+pub(crate) struct HttpTargetConfig {
+    pub(crate) url: url::Url,
+    pub(crate) timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// Extra request headers; values may be secrets (read from files or the environment).
-    pub headers: Vec<(String, Secret)>,
+    pub(crate) headers: Vec<(String, Secret)>,
     /// Envelope, signing, bearer token and TLS options.
-    pub extra: HttpExtras,
+    pub(crate) extra: HttpExtras,
 }
 
 /// The HTTP target's optional features; `Default` is plain, unsigned CloudEvents.
 #[derive(Clone, Debug, Default)]
-pub struct HttpExtras {
-    pub envelope: Envelope,
+pub(crate) struct HttpExtras {
+    pub(crate) envelope: Envelope,
     /// Standard Webhooks signing key (raw bytes, `whsec_` already decoded).
-    pub signing_key: Option<SecretBytes>,
+    pub(crate) signing_key: Option<SecretBytes>,
     /// Sent as `Authorization: Bearer <token>`.
-    pub bearer_token: Option<Secret>,
+    pub(crate) bearer_token: Option<Secret>,
     /// PEM certificate chain and private key for mutual TLS.
-    pub client_identity: Option<(PathBuf, PathBuf)>,
+    pub(crate) client_identity: Option<(PathBuf, PathBuf)>,
     /// PEM CA certificates trusted in addition to the system's.
-    pub ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
 }
 
 /// Key bytes that never print.
 #[derive(Clone, PartialEq, Eq)]
-pub struct SecretBytes(pub Vec<u8>);
+pub(crate) struct SecretBytes(pub(crate) Vec<u8>);
 
 impl std::fmt::Debug for SecretBytes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

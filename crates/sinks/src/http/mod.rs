@@ -7,7 +7,7 @@
 //! sensitive in the request and never appear in `Debug` output, logs or
 //! messages, and neither does the URL's query or userinfo.
 
-pub mod config;
+pub(crate) mod config;
 mod service;
 mod signing;
 
@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, USER_AGENT};
 
-pub use self::config::{HttpExtras, HttpTargetConfig, SecretBytes};
+pub(crate) use self::config::{HttpExtras, HttpTargetConfig, SecretBytes};
 use crate::envelope::{self, Envelope, EnvelopeContext};
 use steward_core::config::{Secret, TargetConfig};
 use steward_core::model::Event;
 
-pub use signing::{sign, webhook_id};
+pub(crate) use signing::{sign, webhook_id};
 
 const USER_AGENT_VALUE: &str = concat!("steward/", env!("CARGO_PKG_VERSION"));
 
@@ -31,14 +31,14 @@ const USER_AGENT_VALUE: &str = concat!("steward/", env!("CARGO_PKG_VERSION"));
 /// (a 4xx other than 408/429): sending it again unchanged will fail again.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
-pub struct HttpDeliveryFailure {
-    pub retryable: bool,
+pub(crate) struct HttpDeliveryFailure {
+    pub(crate) retryable: bool,
     /// The HTTP status, when the target answered at all.
-    pub status: Option<u16>,
+    pub(crate) status: Option<u16>,
     /// Names the URL (without query or userinfo) and the cause.
-    pub message: String,
+    pub(crate) message: String,
     /// From `Retry-After` on a 429 or 503; the driver should wait at least this long.
-    pub retry_after: Option<Duration>,
+    pub(crate) retry_after: Option<Duration>,
 }
 
 /// Why the HTTP sink of a target cannot be set up. The settings' rules
@@ -46,7 +46,7 @@ pub struct HttpDeliveryFailure {
 /// configuration is loaded (`config`); what remains are the conversions into
 /// the client's types and the files read now.
 #[derive(Debug, thiserror::Error)]
-pub enum HttpSinkError {
+pub(crate) enum HttpSinkError {
     #[error("targets.{target}.headers: {name:?} is not a valid HTTP header name (letters, digits and !#$%&'*+-.^_`|~ only)")]
     InvalidHeaderName { target: String, name: String },
     // The value is a secret: the message names the header only.
@@ -63,7 +63,7 @@ pub enum HttpSinkError {
     },
 }
 
-pub struct HttpSink {
+pub(crate) struct HttpSink {
     client: reqwest::Client,
     url: url::Url,
     /// `url` without userinfo, query and fragment: the only form shown anywhere.
@@ -97,7 +97,7 @@ impl fmt::Debug for HttpSink {
 
 impl HttpSink {
     /// `source` is the CloudEvents source attribute, "steward://<slot>".
-    pub fn new(
+    pub(crate) fn new(
         target: &TargetConfig,
         http: &HttpTargetConfig,
         source: String,
@@ -154,19 +154,14 @@ impl HttpSink {
     }
 
     /// Names of the source used by the Debezium envelope (slot, database, tables).
-    pub fn set_envelope_context(&mut self, ctx: EnvelopeContext) {
+    pub(crate) fn set_envelope_context(&mut self, ctx: EnvelopeContext) {
         self.ctx = ctx;
-    }
-
-    /// The target URL as shown in messages (no userinfo, query or fragment).
-    pub fn url_display(&self) -> &str {
-        &self.url_display
     }
 
     /// POSTs the whole batch as one CloudEvents 1.0 JSON batch. Ok only on 2xx.
     ///
     /// An empty batch is not sent and counts as delivered.
-    pub async fn deliver(&mut self, events: &[Event]) -> Result<(), HttpDeliveryFailure> {
+    pub(crate) async fn deliver(&mut self, events: &[Event]) -> Result<(), HttpDeliveryFailure> {
         if events.is_empty() {
             return Ok(());
         }

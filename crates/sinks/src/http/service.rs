@@ -29,13 +29,13 @@ const DRAIN_SUCCESS_BYTES: usize = 64 * 1024;
 /// What the sink needs to describe its target in messages.
 pub(super) struct Endpoint<'a> {
     /// The URL without userinfo, query or fragment.
-    pub url_display: &'a str,
-    pub timeout: Duration,
-    pub connect_timeout: Duration,
-    pub target: &'a str,
+    pub(crate) url_display: &'a str,
+    pub(crate) timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) target: &'a str,
     /// What a 401 / 403 asks the operator to check: the configuration key
     /// the credentials came from (see `HttpSink::new`).
-    pub credentials: &'a str,
+    pub(crate) credentials: &'a str,
 }
 
 /// Turns the outcome of `send()` into `Ok` (2xx) or a classified failure.

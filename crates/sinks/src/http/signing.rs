@@ -9,12 +9,12 @@ use sha2::Sha256;
 use steward_core::model::Event;
 
 /// The headers a signed request carries, set on each attempt.
-pub const HEADERS: [&str; 3] = ["webhook-id", "webhook-timestamp", "webhook-signature"];
+pub(crate) const HEADERS: [&str; 3] = ["webhook-id", "webhook-timestamp", "webhook-signature"];
 
 /// `webhook-id`: stable across retries of the same batch, so the receiver can
 /// de-duplicate whole deliveries. The first event's id for one event, else
 /// `<first>..<last>` (event ids are unique and ordered, so the pair names the batch).
-pub fn webhook_id(events: &[Event]) -> String {
+pub(crate) fn webhook_id(events: &[Event]) -> String {
     match (events.first(), events.last()) {
         (Some(first), Some(last)) if events.len() > 1 => format!("{}..{}", first.id, last.id),
         (Some(first), _) => first.id.clone(),
@@ -23,7 +23,7 @@ pub fn webhook_id(events: &[Event]) -> String {
 }
 
 /// The `webhook-signature` value for one request.
-pub fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
+pub(crate) fn sign(key: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
     // HMAC accepts keys of any length, so this cannot fail.
     let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
     mac.update(id.as_bytes());

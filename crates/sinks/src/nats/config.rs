@@ -31,23 +31,23 @@ pub(crate) const KEYS: &[&str] = &[
 /// Built by `check` only, so the sink can rely on its rules.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
-pub struct NatsTargetConfig {
+pub(crate) struct NatsTargetConfig {
     /// One or more `nats://host:port` server addresses.
-    pub servers: Vec<String>,
-    pub auth: NatsAuth,
+    pub(crate) servers: Vec<String>,
+    pub(crate) auth: NatsAuth,
     /// E.g. `steward.{entity}.{op}`; placeholders `{entity}`, `{op}`, `{key}`, `{target}`.
-    pub subject: String,
-    pub envelope: Envelope,
-    pub stream: Option<String>,
-    pub create_stream: bool,
-    pub stream_subjects: Vec<String>,
-    pub duplicate_window: Duration,
-    pub timeout: Duration,
-    pub connect_timeout: Duration,
+    pub(crate) subject: String,
+    pub(crate) envelope: Envelope,
+    pub(crate) stream: Option<String>,
+    pub(crate) create_stream: bool,
+    pub(crate) stream_subjects: Vec<String>,
+    pub(crate) duplicate_window: Duration,
+    pub(crate) timeout: Duration,
+    pub(crate) connect_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
-pub enum NatsAuth {
+pub(crate) enum NatsAuth {
     None,
     Token(Secret),
     UserPassword(String, Secret),

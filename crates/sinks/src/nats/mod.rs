@@ -11,19 +11,19 @@
 //! The connection is made on the first delivery and re-made after a failure,
 //! so a NATS server that is down only delays this target.
 
-pub mod config;
+pub(crate) mod config;
 
 use std::fmt::Write as _;
 
 use async_nats::jetstream::{self, message::PublishMessage, stream};
 
-pub use self::config::{NatsAuth, NatsTargetConfig};
+pub(crate) use self::config::{NatsAuth, NatsTargetConfig};
 use crate::envelope::{write_one, Envelope, EnvelopeContext};
 use crate::DeliveryError;
 use steward_core::config::TargetConfig;
 use steward_core::model::Event;
 
-pub struct NatsSink {
+pub(crate) struct NatsSink {
     target: String,
     cfg: NatsTargetConfig,
     envelope: Envelope,
@@ -33,7 +33,11 @@ pub struct NatsSink {
 }
 
 impl NatsSink {
-    pub fn new(target: &TargetConfig, cfg: &NatsTargetConfig, ctx: EnvelopeContext) -> NatsSink {
+    pub(crate) fn new(
+        target: &TargetConfig,
+        cfg: &NatsTargetConfig,
+        ctx: EnvelopeContext,
+    ) -> NatsSink {
         NatsSink {
             target: target.name.clone(),
             cfg: cfg.clone(),
@@ -115,7 +119,7 @@ impl NatsSink {
         Ok(js)
     }
 
-    pub async fn deliver(&mut self, events: &[Event]) -> Result<(), DeliveryError> {
+    pub(crate) async fn deliver(&mut self, events: &[Event]) -> Result<(), DeliveryError> {
         if events.is_empty() {
             return Ok(());
         }
@@ -188,7 +192,7 @@ impl NatsSink {
 
 /// Fills the template. The key is escaped so it stays one subject token:
 /// `.`, `*`, `>`, `%`, whitespace and control characters become `%XX`.
-pub fn subject(template: &str, event: &Event, target: &str) -> String {
+pub(crate) fn subject(template: &str, event: &Event, target: &str) -> String {
     let mut out = String::with_capacity(template.len() + event.key.len() + 16);
     let mut rest = template;
     while let Some(i) = rest.find('{') {

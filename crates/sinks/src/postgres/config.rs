@@ -27,33 +27,33 @@ pub(crate) const KEYS: &[&str] = &[
 /// Built by `check` only, so the sink can rely on its rules.
 #[derive(Clone, Debug)]
 #[non_exhaustive]
-pub struct PostgresTargetConfig {
-    pub conn: PgConnConfig,
-    pub schema: String,
+pub(crate) struct PostgresTargetConfig {
+    pub(crate) conn: PgConnConfig,
+    pub(crate) schema: String,
     /// Entity name → table name (prefix and per-entity overrides applied).
-    pub tables: Vec<(String, String)>,
-    pub delete_mode: DeleteMode,
-    pub create_tables: bool,
+    pub(crate) tables: Vec<(String, String)>,
+    pub(crate) delete_mode: DeleteMode,
+    pub(crate) create_tables: bool,
     /// Longest one batch's transaction may take.
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
 }
 
 /// Connection settings for a PostgreSQL target, parsed like `source.url`.
 #[derive(Clone, Debug)]
-pub struct PgConnConfig {
-    pub url_display: String,
-    pub host: String,
-    pub port: u16,
-    pub user: String,
-    pub dbname: String,
-    pub password: Option<Secret>,
-    pub sslmode: SslMode,
-    pub sslrootcert: Option<PathBuf>,
-    pub connect_timeout: Duration,
+pub(crate) struct PgConnConfig {
+    pub(crate) url_display: String,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) user: String,
+    pub(crate) dbname: String,
+    pub(crate) password: Option<Secret>,
+    pub(crate) sslmode: SslMode,
+    pub(crate) sslrootcert: Option<PathBuf>,
+    pub(crate) connect_timeout: Duration,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DeleteMode {
+pub(crate) enum DeleteMode {
     /// Keep the row with `_deleted = true` (a tombstone in place).
     Soft,
     /// Remove the row; a tombstone is kept in `<table>__deleted`.

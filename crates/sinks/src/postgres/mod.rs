@@ -32,7 +32,7 @@
 //! entity (upserts and, in delete mode, deletes), each taking the whole batch
 //! as arrays (`unnest`), after keeping only the newest change per key.
 
-pub mod config;
+pub(crate) mod config;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -40,7 +40,7 @@ use std::time::Duration;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Statement};
 
-pub use self::config::{DeleteMode, PgConnConfig, PostgresTargetConfig};
+pub(crate) use self::config::{DeleteMode, PostgresTargetConfig};
 use crate::DeliveryError;
 use steward_core::config::{Config, SourceConfig, TargetConfig};
 use steward_core::model::{Event, EventOp};
@@ -73,7 +73,7 @@ struct Prepared {
     delete: Option<Statement>,
 }
 
-pub struct PostgresSink {
+pub(crate) struct PostgresSink {
     target: String,
     cfg: PostgresTargetConfig,
     conn: SourceConfig,
@@ -83,7 +83,11 @@ pub struct PostgresSink {
 }
 
 impl PostgresSink {
-    pub fn new(target: &TargetConfig, cfg: &PostgresTargetConfig, config: &Config) -> PostgresSink {
+    pub(crate) fn new(
+        target: &TargetConfig,
+        cfg: &PostgresTargetConfig,
+        config: &Config,
+    ) -> PostgresSink {
         let mut plans = HashMap::new();
         for (entity, table) in &cfg.tables {
             let fields = config
@@ -176,7 +180,7 @@ impl PostgresSink {
         Ok(())
     }
 
-    pub async fn deliver(&mut self, events: &[Event]) -> Result<(), DeliveryError> {
+    pub(crate) async fn deliver(&mut self, events: &[Event]) -> Result<(), DeliveryError> {
         if events.is_empty() {
             return Ok(());
         }
