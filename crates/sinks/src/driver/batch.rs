@@ -11,7 +11,7 @@ use tokio::time::Instant;
 
 use super::flights::{Flights, InFlight};
 use super::operator::interrupted;
-use super::{requests, shutdown_requested, sleep_until_opt, Deliver, Driver, Origin, Stop};
+use super::{requests, shutdown_requested, sleep_until_opt, Deliver, Driver, Stop, TargetQueue};
 use steward_core::model::Event;
 
 /// How often an idle driver looks at its outbox when nobody can wake it any more
@@ -77,7 +77,10 @@ impl<D: Deliver + 'static> Driver<D> {
                 };
                 if let Some(&(last_id, _)) = replay.last() {
                     let events = replay.into_iter().map(|(_, e)| e).collect();
-                    match self.process(Origin::Replay, events, Some(last_id)).await {
+                    match self
+                        .process(TargetQueue::Replay, events, Some(last_id))
+                        .await
+                    {
                         Err(Stop::Interrupted) => continue,
                         other => other?,
                     }
@@ -203,7 +206,7 @@ impl<D: Deliver + 'static> Driver<D> {
             let keys: Vec<u64> = batch.iter().map(|(_, e)| key_hash(e)).collect();
             self.settle_durably_before(&keys).await?;
             let events = batch.into_iter().map(|(_, e)| e).collect();
-            let mut prepared = self.prepare(Origin::Outbox, events, Some(last_seq));
+            let mut prepared = self.prepare(TargetQueue::Outbox, events, Some(last_seq));
             let send = std::mem::take(&mut prepared.send);
             flights.busy.extend(keys.iter().copied());
             flights.pending.push_back(InFlight {

@@ -228,9 +228,12 @@ impl From<StoreError> for Stop {
     }
 }
 
-/// Where a batch came from; all entries of one batch come from one place.
+/// Which of the target's queues in the store a batch was read from: the
+/// outbox, the replay queue (dead letters put back by `steward dlq replay`)
+/// or the window buffer. All entries of one batch come from one queue, and
+/// settling the batch takes them off that queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Origin {
+enum TargetQueue {
     Outbox,
     Replay,
     Window,

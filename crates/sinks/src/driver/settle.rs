@@ -6,14 +6,14 @@
 use std::sync::Arc;
 
 use super::lane::Isolated;
-use super::{Deliver, Driver, Origin, Stop};
+use super::{Deliver, Driver, Stop, TargetQueue};
 use steward_core::config::Window;
 use steward_core::model::Event;
 use steward_store::{key_of, NewDeadLetter, Settlement};
 
 /// One batch sorted by [`Driver::prepare`].
 pub(super) struct Prepared {
-    pub(super) origin: Origin,
+    pub(super) queue: TargetQueue,
     /// The last outbox seq or replay id of the batch.
     pub(super) last: Option<u64>,
     /// Events of held keys, parked in the dead-letter queue.
@@ -33,11 +33,11 @@ impl<D: Deliver + 'static> Driver<D> {
     /// (replayed dead letters and batch windows).
     pub(super) async fn process(
         &mut self,
-        origin: Origin,
+        queue: TargetQueue,
         events: Vec<Event>,
         last: Option<u64>,
     ) -> Result<(), Stop> {
-        let mut prepared = self.prepare(origin, events, last);
+        let mut prepared = self.prepare(queue, events, last);
         let Some(mut lane) = self.lanes.pop() else {
             return Ok(());
         };
@@ -51,14 +51,14 @@ impl<D: Deliver + 'static> Driver<D> {
     /// sent events.
     pub(super) fn prepare(
         &self,
-        origin: Origin,
+        queue: TargetQueue,
         events: Vec<Event>,
         last: Option<u64>,
     ) -> Prepared {
         let mut parked = Vec::new();
         let mut windowed = Vec::new();
         let mut send = Vec::new();
-        let window_done: Vec<(String, String)> = if origin == Origin::Window {
+        let window_done: Vec<(String, String)> = if queue == TargetQueue::Window {
             events.iter().map(|e| (key_of(e), e.id.clone())).collect()
         } else {
             Vec::new()
@@ -69,7 +69,7 @@ impl<D: Deliver + 'static> Driver<D> {
                     event: e,
                     failure: None,
                 });
-            } else if origin == Origin::Outbox
+            } else if queue == TargetQueue::Outbox
                 && *self.target.delivery.window_of(&e.entity) != Window::Realtime
             {
                 windowed.push(e);
@@ -79,7 +79,7 @@ impl<D: Deliver + 'static> Driver<D> {
         }
         let send_times = commit_times(&send);
         Prepared {
-            origin,
+            queue,
             last,
             parked,
             windowed,
@@ -96,7 +96,7 @@ impl<D: Deliver + 'static> Driver<D> {
         outcome: Isolated,
     ) -> Result<(), Stop> {
         let Prepared {
-            origin,
+            queue,
             last,
             parked,
             windowed,
@@ -108,8 +108,16 @@ impl<D: Deliver + 'static> Driver<D> {
         let mut dead = parked;
         dead.extend(outcome.dead);
         let settlement = Settlement {
-            outbox_up_to: if origin == Origin::Outbox { last } else { None },
-            replay_up_to: if origin == Origin::Replay { last } else { None },
+            outbox_up_to: if queue == TargetQueue::Outbox {
+                last
+            } else {
+                None
+            },
+            replay_up_to: if queue == TargetQueue::Replay {
+                last
+            } else {
+                None
+            },
             window_done,
             delivered: outcome.delivered,
             dead,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{Deliver, Driver, Origin, Stop};
+use super::{Deliver, Driver, Stop, TargetQueue};
 
 impl<D: Deliver + 'static> Driver<D> {
     /// Sets the next opening of every windowed entity (all of them now when `now`).
@@ -59,7 +59,7 @@ impl<D: Deliver + 'static> Driver<D> {
         while !rest.is_empty() {
             let tail = rest.split_off(rest.len().min(self.max));
             let chunk = std::mem::replace(&mut rest, tail);
-            self.process(Origin::Window, chunk, None).await?;
+            self.process(TargetQueue::Window, chunk, None).await?;
         }
         self.flush = false;
         let t = chrono::Utc::now().timestamp();
