@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use super::operator::interrupted;
-use super::pacing::{backoff, Limits, MAX_RETRY_AFTER, MIN_RETRY_DELAY};
+use super::pacing::{retry_delay, Limits};
 use super::target_metrics::TargetMetrics;
 use super::{shutdown_requested, Deliver, Stop};
 use steward_core::config::TargetConfig;
@@ -167,15 +167,7 @@ impl<D: Deliver> Lane<D> {
                 continue;
             }
             self.metrics.retries.increment(1);
-            let delay = match err.retry_after {
-                Some(d) => d.clamp(MIN_RETRY_DELAY, MAX_RETRY_AFTER),
-                None if !err.retryable => self.target.retry_max.max(MIN_RETRY_DELAY),
-                None => backoff(
-                    self.target.retry_initial,
-                    self.target.retry_max,
-                    attempt - 1,
-                ),
-            };
+            let delay = retry_delay(&err, &self.target, attempt);
             if err.retryable {
                 tracing::warn!(
                     target_name = %self.target.name, attempt, events = part.len(),

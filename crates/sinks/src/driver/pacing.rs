@@ -10,12 +10,12 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use super::lane::Lane;
-use super::{shutdown_requested, Deliver, Stop};
+use super::{shutdown_requested, Deliver, DeliveryError, Stop};
 use steward_core::config::TargetConfig;
 
 /// Longest pause honoured from a target's own `Retry-After`; a longer one is
 /// more likely a misconfiguration than a wish to receive nothing for hours.
-pub(super) const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// Shortest pause between attempts, so a zero `retry_initial` cannot spin.
 pub(super) const MIN_RETRY_DELAY: Duration = Duration::from_millis(1);
@@ -92,6 +92,22 @@ impl Limits {
     }
 }
 
+/// How long to wait before sending a failed batch again, after `failures`
+/// failed attempts (at least one): the target's own `Retry-After` when it
+/// gave one, `retry_max` when it refuses every request (retrying sooner
+/// cannot help), exponential backoff otherwise.
+pub(super) fn retry_delay(err: &DeliveryError, target: &TargetConfig, failures: u32) -> Duration {
+    match err.retry_after {
+        Some(d) => d.clamp(MIN_RETRY_DELAY, MAX_RETRY_AFTER),
+        None if !err.retryable => target.retry_max.max(MIN_RETRY_DELAY),
+        None => backoff(
+            target.retry_initial,
+            target.retry_max,
+            failures.saturating_sub(1),
+        ),
+    }
+}
+
 /// Exponential backoff with full jitter: a uniformly random delay up to
 /// `initial * 2^attempt`, capped at `max`, so failing targets' retries spread out.
 pub(super) fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
@@ -111,9 +127,9 @@ mod tests {
     use tokio::sync::watch;
     use tokio::time::Instant;
 
-    use super::{backoff, MIN_RETRY_DELAY};
+    use super::{backoff, retry_delay, MAX_RETRY_AFTER, MIN_RETRY_DELAY};
     use crate::driver::testkit::*;
-    use crate::driver::{run_target, DriverHandle};
+    use crate::driver::{run_target, DeliveryError, DriverHandle};
 
     #[tokio::test]
     async fn retry_after_is_honoured() {
@@ -158,5 +174,41 @@ mod tests {
             (0..20).map(|_| backoff(initial, max, 10)).collect();
         assert!(spread.len() > 1, "jitter expected");
         assert_eq!(backoff(Duration::ZERO, Duration::ZERO, 3), MIN_RETRY_DELAY);
+    }
+
+    #[test]
+    fn retry_delay_follows_retry_after_then_refusal_then_backoff() {
+        let t = target("t", 10, 0);
+        let with = |retry_after: Option<Duration>, retryable: bool| DeliveryError {
+            retry_after,
+            ..if retryable {
+                DeliveryError::retryable("HTTP 503")
+            } else {
+                DeliveryError::permanent("HTTP 401")
+            }
+        };
+        let secs = |s| Some(Duration::from_secs(s));
+        assert_eq!(
+            retry_delay(&with(secs(2), true), &t, 1),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            retry_delay(&with(secs(2), false), &t, 1),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            retry_delay(&with(secs(86_400), true), &t, 1),
+            MAX_RETRY_AFTER
+        );
+        assert_eq!(retry_delay(&with(secs(0), true), &t, 1), MIN_RETRY_DELAY);
+        // A target refusing every request is retried every retry_max.
+        assert_eq!(retry_delay(&with(None, false), &t, 1), t.retry_max);
+        for failures in [0, 1, 5, 40] {
+            let d = retry_delay(&with(None, true), &t, failures);
+            assert!(
+                d >= MIN_RETRY_DELAY && d <= t.retry_max,
+                "{failures}: {d:?}"
+            );
+        }
     }
 }
