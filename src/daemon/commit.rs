@@ -491,3 +491,430 @@ impl Committer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use steward_core::model::EventOp;
+    use steward_core::state::AuditRecord;
+    use steward_store::audit::AuditFilter;
+    use steward_store::StoreError;
+
+    use super::*;
+
+    const CONFIG: &str = r#"
+[source]
+url = "postgres://steward@localhost/odoo"
+[state]
+path = "/tmp/unused.redb"
+[entities.product]
+table = "product_template"
+fields = { name = "name" }
+[targets.wms]
+type = "http"
+url = "http://localhost:1/"
+entities = ["product"]
+[targets.erp]
+type = "http"
+url = "http://localhost:2/"
+entities = ["product"]
+"#;
+
+    /// A committer over a fresh store, as `run_open` builds it.
+    struct Rig {
+        _dir: tempfile::TempDir,
+        store: Store,
+        gate: snapshot::SnapshotGate,
+        state: Arc<DaemonState>,
+        durable: watch::Receiver<Lsn>,
+        wakes: Vec<watch::Receiver<u64>>,
+        committer: Committer,
+    }
+
+    fn rig(max_events: usize, max_delay: Duration) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("state.redb")).unwrap();
+        let mut config = Config::parse(CONFIG, "t.toml".as_ref(), "/tmp".as_ref()).unwrap();
+        config.state.commit_max_events = max_events;
+        config.state.commit_max_delay = max_delay;
+        let gate = snapshot::SnapshotGate::from_store(&store).unwrap();
+        let durable_tx = Arc::new(watch::channel(Lsn::ZERO).0);
+        let durable = durable_tx.subscribe();
+        let (wakers, wakes) = config
+            .targets
+            .iter()
+            .map(|_| {
+                let (tx, rx) = watch::channel(0u64);
+                (Arc::new(tx), rx)
+            })
+            .unzip();
+        let state = Arc::new(DaemonState::default());
+        let committer = Committer::new(
+            &config,
+            &store,
+            gate.clone(),
+            durable_tx,
+            wakers,
+            state.clone(),
+        );
+        Rig {
+            _dir: dir,
+            store,
+            gate,
+            state,
+            durable,
+            wakes,
+            committer,
+        }
+    }
+
+    fn event(n: u64) -> Event {
+        Event {
+            change: None,
+            tx_id: None,
+            id: Event::source_id(Lsn(n), 0),
+            entity: "product".into(),
+            key: n.to_string(),
+            op: EventOp::Upsert,
+            version: n,
+            time: chrono::Utc::now().to_rfc3339(),
+            data: serde_json::json!({ "n": n }).into(),
+        }
+    }
+
+    /// One audit record per transaction, to follow its governance delta.
+    fn audited(end: u64) -> GovDelta {
+        GovDelta {
+            ops: vec![GovOp::Audit(AuditRecord {
+                time_micros: end as i64,
+                entity: "product".into(),
+                key: end.to_string(),
+                version: end,
+                target: None,
+                decision: "released".into(),
+                detail: String::new(),
+            })],
+        }
+    }
+
+    /// A complete transaction ending at `end` whose events for `wms` are `events`.
+    fn txn(c: &mut Committer, end: u64, events: &[u64]) {
+        c.batch.extend(events.iter().map(|&n| (0, event(n))));
+        c.add(!events.is_empty(), audited(end), Lsn(end)).unwrap();
+    }
+
+    /// A transaction ending at `end` that reaches no target and changes no state.
+    fn nothing(c: &mut Committer, end: u64) {
+        c.add(false, GovDelta::default(), Lsn(end)).unwrap();
+    }
+
+    /// The versions in `wms`'s outbox, in outbox order.
+    fn outbox(store: &Store) -> Vec<u64> {
+        store
+            .read_outbox("wms", None, 1000)
+            .unwrap()
+            .into_iter()
+            .map(|(_, e)| e.version)
+            .collect()
+    }
+
+    /// The transactions (by end LSN) whose governance delta is stored, in order.
+    fn audit(store: &Store) -> Vec<u64> {
+        store
+            .audit_query(&AuditFilter::default())
+            .unwrap()
+            .into_iter()
+            .map(|r| r.version)
+            .collect()
+    }
+
+    /// Hands the batch over as `flush` does and answers as the commit
+    /// thread does when the store refuses the write with an error that may
+    /// clear (disk full), which a unit test cannot make a real file do.
+    fn hand_over_refused(c: &mut Committer) {
+        let end = c.batch_end.take().expect("a batch to hand over");
+        let job = CommitJob {
+            end,
+            batch: std::mem::take(&mut c.batch),
+            delta: std::mem::take(&mut c.delta),
+        };
+        c.batch_started = None;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let refusal = StoreError::DiskFull {
+            path: c.store.path().to_path_buf(),
+        };
+        let _ = tx.send(CommitOutcome::Refused(job, refusal));
+        c.in_flight = Some((end, rx));
+    }
+
+    fn store_ok(state: &DaemonState) -> bool {
+        state.health.store_ok.load(Ordering::Relaxed)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn transactions_are_grouped_into_one_commit_up_to_max_events() {
+        let Rig {
+            store,
+            mut committer,
+            durable,
+            wakes,
+            ..
+        } = rig(3, Duration::from_secs(3600));
+        let c = &mut committer;
+        let commits = store.durable_commits();
+        txn(c, 10, &[1]);
+        txn(c, 20, &[2]);
+        assert!(
+            c.in_flight.is_none(),
+            "below max_events nothing is handed over"
+        );
+        assert_eq!(outbox(&store), Vec::<u64>::new());
+        assert_eq!(store.checkpoint().unwrap(), None);
+        assert_eq!(*durable.borrow(), Lsn::ZERO);
+
+        txn(c, 30, &[3]);
+        assert!(c.in_flight.is_some(), "max_events reached: handed over");
+        c.flush_and_wait().unwrap();
+        assert_eq!(outbox(&store), [1, 2, 3]);
+        assert_eq!(audit(&store), [10, 20, 30]);
+        assert_eq!(store.durable_commits(), commits + 1, "one commit");
+        assert_eq!(store.checkpoint().unwrap(), Some(Lsn(30)));
+        assert_eq!(*durable.borrow(), Lsn(30));
+        assert_eq!(c.deadline(), None);
+        // The target appended to is woken with its last sequence number.
+        assert_eq!(*wakes[0].borrow(), 3);
+        assert!(!wakes[1].has_changed().unwrap(), "erp got nothing");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_waits_at_most_max_delay_from_its_first_transaction() {
+        let Rig { mut committer, .. } = rig(1000, Duration::from_millis(500));
+        let c = &mut committer;
+        assert_eq!(c.deadline(), None, "nothing waits");
+        let before = Instant::now();
+        txn(c, 10, &[1]);
+        let deadline = c.deadline().expect("a deadline once a batch waits");
+        assert!(deadline >= before + Duration::from_millis(500));
+        assert!(deadline <= Instant::now() + Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(20));
+        txn(c, 20, &[2]);
+        assert_eq!(
+            c.deadline(),
+            Some(deadline),
+            "later transactions do not push it back"
+        );
+        c.flush_and_wait().unwrap();
+        assert_eq!(c.deadline(), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_empty_transaction_is_durable_at_once_only_when_nothing_waits() {
+        let Rig {
+            store,
+            gate,
+            mut committer,
+            durable,
+            ..
+        } = rig(1000, Duration::from_secs(3600));
+        let c = &mut committer;
+        nothing(c, 10);
+        assert_eq!(*durable.borrow(), Lsn(10), "nothing waits: durable at once");
+        assert_eq!(store.checkpoint().unwrap(), None, "without a store commit");
+
+        // Behind a batch still being gathered.
+        txn(c, 20, &[1]);
+        nothing(c, 30);
+        assert_eq!(*durable.borrow(), Lsn(10));
+        assert_eq!(c.latest(), Lsn(30));
+        c.flush_and_wait().unwrap();
+        assert_eq!(*durable.borrow(), Lsn(30));
+        assert_eq!(store.checkpoint().unwrap(), Some(Lsn(30)));
+
+        // Behind a commit in flight (held before the store by the gate).
+        let held = gate.lock();
+        txn(c, 40, &[2]);
+        c.flush().unwrap();
+        nothing(c, 50);
+        assert_eq!(*durable.borrow(), Lsn(30));
+        drop(held);
+        c.flush_and_wait().unwrap();
+        assert_eq!(*durable.borrow(), Lsn(50));
+        assert_eq!(outbox(&store), [1, 2]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_durable_lsn_moves_only_once_the_commit_is_stored_and_never_back() {
+        let Rig {
+            store,
+            gate,
+            state,
+            mut committer,
+            mut durable,
+            ..
+        } = rig(1000, Duration::from_secs(3600));
+        let c = &mut committer;
+        // The commit thread takes the gate before writing: holding it keeps
+        // the commit in flight.
+        let held = gate.lock();
+        txn(c, 10, &[1]);
+        c.flush().unwrap();
+        let observer = {
+            let (mut durable, store) = (durable.clone(), store.clone());
+            tokio::spawn(async move {
+                durable.changed().await.unwrap();
+                let seen = *durable.borrow();
+                (seen, store.checkpoint().unwrap())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(*durable.borrow(), Lsn::ZERO, "not durable while in flight");
+        assert_eq!(state.durable_lsn.load(Ordering::Relaxed), 0);
+        assert_eq!(c.latest(), Lsn(10));
+        drop(held);
+        c.flush_and_wait().unwrap();
+        let (seen, stored) = observer.await.unwrap();
+        assert_eq!(seen, Lsn(10));
+        assert_eq!(stored, Some(Lsn(10)), "stored before it was announced");
+        assert_eq!(state.durable_lsn.load(Ordering::Relaxed), 10);
+
+        // A transaction ending earlier (one sent again) moves nothing back.
+        durable.borrow_and_update();
+        nothing(c, 5);
+        txn(c, 7, &[2]);
+        c.flush_and_wait().unwrap();
+        assert!(!durable.has_changed().unwrap());
+        assert_eq!(*durable.borrow(), Lsn(10));
+        assert_eq!(state.durable_lsn.load(Ordering::Relaxed), 10);
+        assert_eq!(store.checkpoint().unwrap(), Some(Lsn(10)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_commit_is_reported_and_retried_without_loss_or_duplicates() {
+        let Rig {
+            store,
+            state,
+            mut committer,
+            durable,
+            ..
+        } = rig(1000, Duration::from_secs(3600));
+        let c = &mut committer;
+        txn(c, 10, &[1, 2]);
+        hand_over_refused(c);
+        // Gathered while the refused commit was in flight.
+        txn(c, 20, &[3]);
+        assert!(c.stalled, "the refusal is taken with the next transaction");
+        assert!(!store_ok(&state));
+        let error = state.health.store_error.lock().unwrap().clone().unwrap();
+        assert!(error.contains("is full"), "{error}");
+        assert!(state.last_error.lock().unwrap().is_some());
+        assert_eq!(*durable.borrow(), Lsn::ZERO, "nothing confirmed");
+        assert!(c.deadline().is_some(), "the retry has a deadline");
+
+        // Refused again, with what was gathered meanwhile.
+        hand_over_refused(c);
+        txn(c, 30, &[4]);
+        c.reap().unwrap();
+        assert!(c.stalled);
+        assert_eq!(*durable.borrow(), Lsn::ZERO);
+        assert_eq!(outbox(&store), Vec::<u64>::new());
+
+        // The store takes writes again.
+        c.flush_and_wait().unwrap();
+        assert_eq!(outbox(&store), [1, 2, 3, 4], "each once, in order");
+        assert_eq!(audit(&store), [10, 20, 30]);
+        assert_eq!(*durable.borrow(), Lsn(30));
+        assert_eq!(store.checkpoint().unwrap(), Some(Lsn(30)));
+        assert!(!c.stalled);
+        assert!(store_ok(&state));
+        assert_eq!(*state.health.store_error.lock().unwrap(), None);
+        assert_eq!(*state.last_error.lock().unwrap(), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn discard_pending_drops_only_what_the_store_did_not_take() {
+        let Rig {
+            store,
+            mut committer,
+            durable,
+            ..
+        } = rig(1000, Duration::from_secs(3600));
+        let c = &mut committer;
+        assert!(!c.discard_pending(), "nothing to drop");
+
+        // A commit in flight lands; the batch gathered behind it is dropped.
+        txn(c, 10, &[1]);
+        c.flush().unwrap();
+        txn(c, 20, &[2]);
+        assert!(c.discard_pending());
+        assert_eq!(outbox(&store), [1]);
+        assert_eq!(*durable.borrow(), Lsn(10));
+        assert_eq!(c.latest(), Lsn(10));
+        assert_eq!(c.deadline(), None);
+        assert!(!c.discard_pending(), "dropped once");
+
+        // A refused commit is dropped with the rest and never comes back.
+        txn(c, 30, &[3]);
+        hand_over_refused(c);
+        txn(c, 40, &[4]);
+        assert!(c.discard_pending());
+        assert!(!c.stalled);
+        assert!(c.in_flight.is_none());
+        txn(c, 50, &[5]);
+        c.flush_and_wait().unwrap();
+        assert_eq!(outbox(&store), [1, 5]);
+        assert_eq!(audit(&store), [10, 50]);
+        assert_eq!(*durable.borrow(), Lsn(50));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pieces_of_an_open_transaction_are_stored_but_not_confirmed_before_its_commit() {
+        let Rig {
+            store,
+            mut committer,
+            durable,
+            ..
+        } = rig(2, Duration::from_secs(3600));
+        let c = &mut committer;
+        txn(c, 10, &[1]);
+        c.flush_and_wait().unwrap();
+        assert_eq!(*durable.borrow(), Lsn(10));
+
+        // A large transaction ending at 100, governed in pieces.
+        for piece in [[2, 3], [4, 5], [6, 7]] {
+            let events = piece.iter().map(|&n| (0, event(n))).collect();
+            c.add_partial(events, GovDelta::default()).unwrap();
+        }
+        c.flush_and_wait().unwrap();
+        assert_eq!(outbox(&store), [1, 2, 3, 4, 5, 6, 7], "stored as they come");
+        assert_eq!(
+            *durable.borrow(),
+            Lsn(10),
+            "not confirmed before its commit"
+        );
+        assert_eq!(store.checkpoint().unwrap(), Some(Lsn(10)));
+
+        // Its commit.
+        c.add(true, audited(100), Lsn(100)).unwrap();
+        c.flush_and_wait().unwrap();
+        assert_eq!(*durable.borrow(), Lsn(100));
+        assert_eq!(store.checkpoint().unwrap(), Some(Lsn(100)));
+        assert_eq!(outbox(&store), [1, 2, 3, 4, 5, 6, 7]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_thread_gone_without_an_answer_is_an_error() {
+        let Rig {
+            state,
+            mut committer,
+            ..
+        } = rig(1000, Duration::from_secs(3600));
+        let c = &mut committer;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        drop(tx);
+        c.in_flight = Some((Lsn(10), rx));
+        let err = c.flush_and_wait().unwrap_err();
+        assert!(err.to_string().contains("commit thread"), "{err}");
+        assert!(!store_ok(&state));
+    }
+}
