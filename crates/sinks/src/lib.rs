@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! Targets: one module per target type, and the per-target delivery driver
 //! that reads the target's outbox cursor and hands batches to its sink.
 //!
