@@ -54,7 +54,7 @@ fn bench(c: &mut Criterion) {
                 for m in &messages {
                     black_box(decode(black_box(m), false).ok());
                 }
-            })
+            });
         });
     }
     group.finish();

@@ -119,7 +119,7 @@ fn main() {
             TargetType::File => "file",
         },
         cluster.server_version_num(),
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        std::thread::available_parallelism().map(std::num::NonZero::get).unwrap_or(1)
     );
     println!("| workload | events | steward events/s | pg_recvlogical rows/s | ratio | steward peak RSS |");
     println!("| --- | --- | --- | --- | --- | --- |");
@@ -247,7 +247,7 @@ batch_linger_ms = 5
             }
         }
     }
-    latencies.sort_by(|a, b| a.total_cmp(b));
+    latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| {
         latencies
             .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))

@@ -169,7 +169,7 @@ fn bench(c: &mut Criterion) {
                     governance.take_delta()
                 },
                 criterion::BatchSize::SmallInput,
-            )
+            );
         });
     }
     group.finish();

@@ -49,7 +49,7 @@ fn store_append(c: &mut Criterion) {
             },
             |lsn| store.commit(lsn, &appends).expect("the commit succeeds"),
             BatchSize::SmallInput,
-        )
+        );
     });
     group.finish();
 }

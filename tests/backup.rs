@@ -63,7 +63,7 @@ fn product(id: u32, state: &str, price: &str) -> String {
 
 /// `steward ARGS` as a second process: exit success, stdout, stderr.
 async fn steward(args: &[&str]) -> (bool, String, String) {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let args: Vec<String> = args.iter().map(std::string::ToString::to_string).collect();
     tokio::task::spawn_blocking(move || {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
             .args(&args)

@@ -69,7 +69,10 @@ fn assert_all_in_order(seen: &[String], n: usize) {
     let expected: Vec<String> = (0..n).map(|i| format!("{i}.5")).collect();
     assert_eq!(
         deduped.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-        expected.iter().map(|s| s.as_str()).collect::<Vec<_>>()
+        expected
+            .iter()
+            .map(std::string::String::as_str)
+            .collect::<Vec<_>>()
     );
 }
 

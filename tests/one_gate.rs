@@ -98,7 +98,7 @@ fn load(path: &Path) -> steward_core::config::Config {
 /// daemon through its request file): whether it succeeded, and its JSON.
 async fn cli(config: &Path, args: &[&str]) -> (bool, Value) {
     let config = config.to_path_buf();
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let args: Vec<String> = args.iter().map(std::string::ToString::to_string).collect();
     tokio::task::spawn_blocking(move || {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
             .args(&args)

@@ -266,7 +266,7 @@ async fn a_dropped_mapped_column_stops_only_its_entity_and_its_return_resnapshot
         let v: Value = serde_json::from_str(&status(&config, true)).unwrap();
         v["stopped_entities"]
             .as_array()
-            .is_some_and(|a| a.is_empty())
+            .is_some_and(std::vec::Vec::is_empty)
     })
     .await;
     let page = scrape(port).await;
@@ -349,7 +349,7 @@ async fn a_stop_survives_a_restart_and_a_reload_without_the_column_recovers_it()
         let v: Value = serde_json::from_str(&status(&config, true)).unwrap();
         v["stopped_entities"]
             .as_array()
-            .is_some_and(|a| a.is_empty())
+            .is_some_and(std::vec::Vec::is_empty)
     })
     .await;
     let (status, logs) = steward.terminate().await;

@@ -381,7 +381,7 @@ async fn nats_jetstream_deduplicates_redelivered_batches() {
             .headers
             .as_ref()
             .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
-            .map(|v| v.to_string())
+            .map(std::string::ToString::to_string)
             .unwrap_or_else(|| panic!("Nats-Msg-Id on {} {:?}", m.subject, m.headers));
         let body: Value = serde_json::from_slice(&m.payload).expect("json");
         got.push((m.subject.to_string(), id, body));

@@ -17,7 +17,7 @@ use steward_store::{Store, StoreError};
 /// request: generous, the copy runs at disk speed.
 const COPY_WITHIN: Duration = Duration::from_secs(6 * 3600);
 
-pub fn run(config: &Config, dest: &Path, force: bool, json: bool) -> anyhow::Result<()> {
+pub(super) fn run(config: &Config, dest: &Path, force: bool, json: bool) -> anyhow::Result<()> {
     let state = &config.state.path;
     if !state.exists() {
         bail!(
@@ -76,7 +76,12 @@ fn absolute(dest: &Path) -> anyhow::Result<PathBuf> {
     Ok(cwd.join(dest))
 }
 
-pub fn command(config: &Path, dest: &Path, force: bool, json: bool) -> std::process::ExitCode {
+pub(super) fn command(
+    config: &Path,
+    dest: &Path,
+    force: bool,
+    json: bool,
+) -> std::process::ExitCode {
     let config = match steward_sinks::config::load(config) {
         Ok(c) => c,
         Err(e) => {

@@ -63,7 +63,7 @@ const STEPS: &[Step] = &[
 /// How long the demo waits for one step's events before going on anyway.
 const STEP_TIMEOUT: Duration = Duration::from_secs(15);
 
-pub async fn run(once: bool) -> anyhow::Result<()> {
+pub(super) async fn run(once: bool) -> anyhow::Result<()> {
     // Installed first, so Ctrl-C at any moment ends the demo through the
     // cleanup below (without it, the default action would leave the state
     // directory behind).
@@ -265,7 +265,10 @@ fn describe(target: &str, event: &serde_json::Value) -> String {
             .unwrap_or("?")
             .to_string()
     };
-    let data = event.get("data").map(|d| d.to_string()).unwrap_or_default();
+    let data = event
+        .get("data")
+        .map(std::string::ToString::to_string)
+        .unwrap_or_default();
     format!(
         "   → {target:<8} {:<26} key {:<5} v{:<10} {data}",
         get("type"),

@@ -16,7 +16,7 @@ use steward_store::{DeadLetter, DlqFilter, Store, StoreError};
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
+pub(super) enum Action {
     List,
     Show,
     Replay,
@@ -24,7 +24,7 @@ pub enum Action {
     Flush,
 }
 
-pub async fn run(
+pub(super) async fn run(
     config: Config,
     target: &str,
     action: Action,
@@ -101,7 +101,7 @@ pub async fn run(
             "replayed {count} dead letter(s) of target {target}: they are delivered next, in their original order"
         ),
         (_, Response::Dropped { count }) => {
-            outln!("dropped {count} dead letter(s) of target {target}")
+            outln!("dropped {count} dead letter(s) of target {target}");
         }
         (_, Response::Flushed) => outln!("flush of target {target} requested: its batch windows open now (or at the next start if the daemon is stopped)"),
     }

@@ -13,10 +13,10 @@ use steward_store::governance::QuarantineEntry;
 use steward_store::{Store, StoreError};
 
 /// Builds the request (parsing arguments may fail).
-pub type RequestFn = Box<dyn FnOnce() -> anyhow::Result<Request>>;
+pub(super) type RequestFn = Box<dyn FnOnce() -> anyhow::Result<Request>>;
 
 /// Runs `req` and returns the answer.
-pub fn request(config: &Config, req: Request) -> anyhow::Result<Response> {
+pub(super) fn request(config: &Config, req: Request) -> anyhow::Result<Response> {
     // A running daemon answers: opening the state file could make it wait.
     if crate::daemon::status::running_daemon(config).is_some() {
         return via_daemon(config, &req);
@@ -37,7 +37,7 @@ fn via_daemon(config: &Config, req: &Request) -> anyhow::Result<Response> {
 
 /// Hands `req` to the running daemon; once it has taken the request, waits
 /// up to `work` (from the start) for the answer.
-pub fn via_daemon_within(
+pub(super) fn via_daemon_within(
     config: &Config,
     req: &Request,
     work: Duration,
@@ -81,7 +81,7 @@ pub fn via_daemon_within(
 }
 
 /// `--since`: RFC 3339, a date (YYYY-MM-DD, UTC midnight), or a duration back from now (30m, 12h, 7d).
-pub fn parse_since(text: &str) -> anyhow::Result<i64> {
+pub(super) fn parse_since(text: &str) -> anyhow::Result<i64> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
         return Ok(t.timestamp_micros());
     }
@@ -106,7 +106,7 @@ pub fn parse_since(text: &str) -> anyhow::Result<i64> {
 
 /// Prints the answer; a reader closing the pipe early ends the command
 /// quietly (see `out`).
-pub fn print(mut resp: Response, json: bool) -> anyhow::Result<bool> {
+pub(super) fn print(mut resp: Response, json: bool) -> anyhow::Result<bool> {
     resp.quarantine
         .sort_by(|a, b| quarantine_order(a).cmp(&quarantine_order(b)));
     if json {

@@ -440,7 +440,7 @@ fn check_summary(path: &std::path::Path, config: &Config) -> String {
                 .governance
                 .entities
                 .get(i)
-                .is_some_and(|g| g.is_hidden())
+                .is_some_and(steward_core::config::EntityGovernance::is_hidden)
         })
         .count();
     format!(

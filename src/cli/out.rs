@@ -18,14 +18,14 @@ macro_rules! outln {
 pub(crate) use outln;
 
 /// One line on stdout; exits as [`exit_code`] says if it cannot be written.
-pub fn line(args: fmt::Arguments<'_>) {
+pub(crate) fn line(args: fmt::Arguments<'_>) {
     let mut out = io::stdout().lock();
     let written = write_line(&mut out, args);
     finish(written);
 }
 
 /// Text on stdout as it is (no newline added), flushed.
-pub fn text(s: &str) {
+pub(crate) fn text(s: &str) {
     let mut out = io::stdout().lock();
     let written = out.write_all(s.as_bytes()).and_then(|()| out.flush());
     finish(written);

@@ -21,14 +21,14 @@ use crate::daemon::status;
 use steward_core::config::Config;
 use steward_store::{SnapshotPhase, Store, StoreError};
 
-pub struct ResetArgs {
+pub(super) struct ResetArgs {
     pub target: Option<String>,
     pub entities: Vec<String>,
     pub all: bool,
     pub wait: bool,
 }
 
-pub async fn run(config: Config, args: ResetArgs) -> anyhow::Result<()> {
+pub(super) async fn run(config: Config, args: ResetArgs) -> anyhow::Result<()> {
     if status::running_daemon(&config).is_some() {
         return online(&config, &args).await;
     }

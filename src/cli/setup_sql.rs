@@ -10,7 +10,7 @@ use steward_core::config::Config;
 use steward_postgres::quote_ident;
 
 /// The SQL script for `config`.
-pub fn script(config: &Config) -> String {
+pub(super) fn script(config: &Config) -> String {
     let source = &config.source;
     let role = quote_ident(&source.user);
     let mut tables: Vec<(String, String)> = config

@@ -46,7 +46,7 @@ struct SourceReport {
     wal_status: Option<String>,
 }
 
-pub async fn run(config: Config, json: bool) -> anyhow::Result<()> {
+pub(super) async fn run(config: Config, json: bool) -> anyhow::Result<()> {
     // The state file is read (and released) before the network is asked
     // anything, so it is held for milliseconds, not for a connection timeout.
     let local = local_view(&config)?;

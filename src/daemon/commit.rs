@@ -404,7 +404,7 @@ impl Committer {
                         .state
                         .last_error
                         .lock()
-                        .unwrap_or_else(|p| p.into_inner()) = None;
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
                 }
                 if self.batch_end.is_none() {
                     self.state.health.note_caught_up();
@@ -424,7 +424,7 @@ impl Committer {
                     .state
                     .last_error
                     .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e.to_string());
                 let mut batch = job.batch;
                 batch.append(&mut self.batch);
                 self.batch = batch;
@@ -453,7 +453,7 @@ impl Committer {
             .health
             .store_error
             .lock()
-            .unwrap_or_else(|p| p.into_inner()) = error;
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = error;
     }
 
     /// Drops what could not be committed; true when anything was dropped.

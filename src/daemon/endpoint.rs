@@ -106,7 +106,7 @@ fn describe() {
 
 /// Installs the process-wide Prometheus recorder once and returns its handle.
 /// Later calls (e.g. after a reload) return the same handle.
-pub fn install() -> anyhow::Result<&'static PrometheusHandle> {
+pub(super) fn install() -> anyhow::Result<&'static PrometheusHandle> {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     if let Some(h) = HANDLE.get() {
         return Ok(h);
@@ -131,7 +131,7 @@ struct Shared {
 }
 
 /// Binds `addr` (failing fast when it is taken) and serves until the process ends.
-pub async fn serve(addr: SocketAddr, state: Arc<DaemonState>) -> anyhow::Result<()> {
+pub(super) async fn serve(addr: SocketAddr, state: Arc<DaemonState>) -> anyhow::Result<()> {
     let handle = install()?;
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
         anyhow::anyhow!(

@@ -136,7 +136,7 @@ async fn run_open(
         .health
         .store_error
         .lock()
-        .unwrap_or_else(|p| p.into_inner()) = None;
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     state
         .health
         .store_ok
@@ -237,7 +237,10 @@ async fn run_open(
             Err(e) if e.is_transient() || e.is_auth_failure() => {
                 let delay = stream::reconnect_delay(attempt);
                 tracing::warn!(error = %e, retry_in = ?delay, "cannot connect to the source; retrying");
-                *state.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                *state
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e.to_string());
                 attempt += 1;
                 tokio::select! {
                     _ = shutdown.changed() => break Ok(()),
@@ -328,8 +331,10 @@ async fn run_open(
                 Err(e) if e.is_transient() => {
                     let delay = stream::reconnect_delay(attempt);
                     tracing::warn!(error = %e, retry_in = ?delay, "replication interrupted; reconnecting");
-                    *state.last_error.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some(e.to_string());
+                    *state
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e.to_string());
                     attempt += 1;
                     tokio::select! {
                         _ = shutdown.changed() => break Ok(()),
@@ -348,7 +353,7 @@ async fn run_open(
         match handle.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                tracing::error!(target = %name, error = %e, "target stopped with an error")
+                tracing::error!(target = %name, error = %e, "target stopped with an error");
             }
             Err(e) => tracing::error!(target = %name, error = %e, "target task failed"),
         }

@@ -110,7 +110,7 @@ pub fn readiness_problems(state: &DaemonState) -> Vec<String> {
         let why = state
             .last_error
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
             .unwrap_or_else(|| "not connected yet".into());
         problems.push(format!("source: not connected ({why})"));
@@ -120,7 +120,7 @@ pub fn readiness_problems(state: &DaemonState) -> Vec<String> {
             .health
             .store_error
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         problems.push(match error {
             Some(e) => format!("store: cannot write the state file ({e})"),
@@ -131,7 +131,7 @@ pub fn readiness_problems(state: &DaemonState) -> Vec<String> {
         .health
         .credentials_refused
         .lock()
-        .unwrap_or_else(|p| p.into_inner())
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
         .iter()
     {
         problems.push(format!("target {target}: credentials refused ({error})"));
@@ -141,7 +141,7 @@ pub fn readiness_problems(state: &DaemonState) -> Vec<String> {
         .health
         .stalled
         .lock()
-        .unwrap_or_else(|p| p.into_inner())
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
         .iter()
     {
         problems.push(format!(
@@ -210,12 +210,12 @@ fn poll_store(config: &Config, store: &Store, state: &DaemonState) {
         .health
         .stalled
         .lock()
-        .unwrap_or_else(|p| p.into_inner()) = stalled;
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = stalled;
     *state
         .health
         .credentials_refused
         .lock()
-        .unwrap_or_else(|p| p.into_inner()) = refused;
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = refused;
 }
 
 async fn poll_slot(config: &Config, sql: &mut Option<tokio_postgres::Client>) {

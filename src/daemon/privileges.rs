@@ -15,7 +15,7 @@ fn db_message(e: &tokio_postgres::Error) -> String {
         .unwrap_or_else(|| e.to_string())
 }
 
-pub async fn check(
+pub(super) async fn check(
     sql: &tokio_postgres::Client,
     source: &SourceConfig,
     tables: &[(String, String)],

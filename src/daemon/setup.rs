@@ -15,7 +15,7 @@ use steward_store::backup::{BackupMark, BACKUP_META};
 use steward_store::governance::{AuditRecord, GovDelta, GovOp};
 use steward_store::Store;
 
-pub struct Prepared {
+pub(super) struct Prepared {
     /// The lowest LSN a session may start from.
     pub start_floor: Lsn,
     /// The snapshot exported by the slot created just now, imported.
@@ -32,9 +32,9 @@ const TRACKING_META: &str = "snapshot.tracking";
 /// again from the tables (see `govern::seed_state`); holds the slot's
 /// confirmed position at the restore, the version of the deletes it sends.
 /// Empty once done.
-pub const RESTORE_REPAIR_META: &str = "restore.repair";
+pub(super) const RESTORE_REPAIR_META: &str = "restore.repair";
 
-pub async fn prepare(
+pub(super) async fn prepare(
     config: &Config,
     store: &Store,
     pipeline: &Pipeline,

@@ -182,7 +182,7 @@ pub fn requests_dir(config: &Config) -> PathBuf {
         .state
         .path
         .file_name()
-        .map(|n| n.to_os_string())
+        .map(std::ffi::OsStr::to_os_string)
         .unwrap_or_default();
     name.push(".requests");
     config.state.path.with_file_name(name)

@@ -64,7 +64,7 @@ pub fn status_path(config: &Config) -> PathBuf {
         .state
         .path
         .file_name()
-        .map(|n| n.to_os_string())
+        .map(std::ffi::OsStr::to_os_string)
         .unwrap_or_default();
     name.push(".status.json");
     config.state.path.with_file_name(name)
@@ -106,7 +106,7 @@ pub fn collect(config: &Config, store: &Store, state: &DaemonState) -> StatusFil
         last_source_error: state
             .last_error
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone(),
         store_bytes: store.file_size(),
         targets,

@@ -15,14 +15,14 @@ use steward_core::model::{Change, TupleValue};
 use steward_core::pipeline::ToastFill;
 
 #[derive(Default)]
-pub struct ToastFiller {
+pub(super) struct ToastFiller {
     client: Option<tokio_postgres::Client>,
 }
 
 impl ToastFiller {
     /// Replaces the unchanged-TOAST columns of `change` with the row's
     /// values. Ok(false) when the row no longer exists.
-    pub async fn fill(
+    pub(super) async fn fill(
         &mut self,
         source: &SourceConfig,
         change: &mut Change,
@@ -60,7 +60,7 @@ impl ToastFiller {
 /// A mapped table's columns whose values PostgreSQL may store out of line
 /// (TOAST): `attstorage` other than `p` (plain).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ToastableColumn {
+pub(super) struct ToastableColumn {
     pub schema: String,
     pub table: String,
     pub column: String,
@@ -70,7 +70,7 @@ pub struct ToastableColumn {
 
 /// One line per mapped table with TOASTable mapped columns: which, and what
 /// steward does when an update leaves one of them unchanged.
-pub fn report_lines(
+pub(super) fn report_lines(
     config: &steward_core::config::Config,
     columns: &[ToastableColumn],
 ) -> Vec<String> {
@@ -129,7 +129,7 @@ pub fn report_lines(
 }
 
 /// Reads the TOASTable columns of the mapped tables and logs [`report_lines`].
-pub async fn startup_report(
+pub(super) async fn startup_report(
     sql: &tokio_postgres::Client,
     config: &steward_core::config::Config,
     tables: &[(String, String)],

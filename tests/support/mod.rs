@@ -16,7 +16,7 @@ use steward_core::config::Config;
 use steward_devkit::cluster::{DevCluster, DevClusterOptions};
 use tokio::sync::watch;
 
-pub fn cluster() -> &'static DevCluster {
+pub(crate) fn cluster() -> &'static DevCluster {
     init_logging();
     static CLUSTER: OnceLock<DevCluster> = OnceLock::new();
     CLUSTER.get_or_init(|| {
@@ -25,7 +25,7 @@ pub fn cluster() -> &'static DevCluster {
 }
 
 /// Daemon logs go to the test's captured output (shown when it fails).
-pub fn init_logging() {
+pub(crate) fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STEWARD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("steward=info"));
     let _ = tracing_subscriber::fmt()
@@ -35,13 +35,13 @@ pub fn init_logging() {
 }
 
 /// A database with the Odoo fixture loaded, and a directory for its config and state.
-pub struct TestDb {
+pub(crate) struct TestDb {
     pub name: String,
     pub dir: tempfile::TempDir,
 }
 
 impl TestDb {
-    pub fn new(test: &str) -> TestDb {
+    pub(crate) fn new(test: &str) -> TestDb {
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "{}_{}",
@@ -78,12 +78,12 @@ impl TestDb {
         TestDb { name, dir }
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         cluster().url(&self.name)
     }
 
     /// Runs SQL (several statements allowed) and returns psql's output.
-    pub fn sql(&self, sql: &str) -> String {
+    pub(crate) fn sql(&self, sql: &str) -> String {
         cluster()
             .psql(&self.name, sql)
             .unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"))
@@ -92,7 +92,7 @@ impl TestDb {
     /// One transaction of `rows` product price updates over products
     /// 100001.. (at most 1,000 of them, each updated `rows / 1000` times), so
     /// what grows with the transaction, not with the number of records, shows.
-    pub fn update_prices_in_one_transaction(&self, rows: u64) {
+    pub(crate) fn update_prices_in_one_transaction(&self, rows: u64) {
         let keys = rows.min(1000);
         let rounds = rows / keys;
         self.sql(&format!(
@@ -103,7 +103,7 @@ impl TestDb {
         ));
     }
 
-    pub async fn client(&self) -> tokio_postgres::Client {
+    pub(crate) async fn client(&self) -> tokio_postgres::Client {
         let (client, connection) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
             .await
             .expect("connect");
@@ -111,13 +111,13 @@ impl TestDb {
         client
     }
 
-    pub fn state_path(&self) -> PathBuf {
+    pub(crate) fn state_path(&self) -> PathBuf {
         self.dir.path().join("steward.redb")
     }
 
     /// The standard test configuration: Odoo entities product, partner, uom,
     /// workcenter and bom; one HTTP target per `(name, url, entities)`.
-    pub fn config_text(&self, targets: &[(&str, &str, &[&str])]) -> String {
+    pub(crate) fn config_text(&self, targets: &[(&str, &str, &[&str])]) -> String {
         let mut text = format!(
             r#"
 [source]
@@ -174,25 +174,25 @@ fields = {{ product_tmpl_id = "product_tmpl_id", qty = "product_qty", code = "co
 
     /// `text` (from [`TestDb::config_text`]) with the metrics listener on
     /// `127.0.0.1:port`, plus `extra` lines for the `[metrics]` table.
-    pub fn with_metrics(text: &str, port: u16, extra: &str) -> String {
+    pub(crate) fn with_metrics(text: &str, port: u16, extra: &str) -> String {
         let off = "listen = \"\"\n";
         assert!(text.contains(off), "not a config_text config:\n{text}");
         text.replacen(off, &format!("listen = \"127.0.0.1:{port}\"\n{extra}"), 1)
     }
 
-    pub fn write_config(&self, text: &str) -> PathBuf {
+    pub(crate) fn write_config(&self, text: &str) -> PathBuf {
         let path = self.dir.path().join("steward.toml");
         std::fs::write(&path, text).expect("write config");
         path
     }
 
-    pub fn config(&self, text: &str) -> Config {
+    pub(crate) fn config(&self, text: &str) -> Config {
         let path = self.write_config(text);
         steward_sinks::config::load(&path).unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// The slot's confirmed_flush_lsn as a number, if the slot exists.
-    pub fn confirmed_flush(&self) -> Option<u64> {
+    pub(crate) fn confirmed_flush(&self) -> Option<u64> {
         let out = self.sql(&format!(
             "SELECT confirmed_flush_lsn - '0/0'::pg_lsn FROM pg_replication_slots WHERE slot_name = 'steward_{}'",
             self.name
@@ -200,7 +200,7 @@ fields = {{ product_tmpl_id = "product_tmpl_id", qty = "product_qty", code = "co
         out.lines().find_map(|l| l.trim().parse::<u64>().ok())
     }
 
-    pub fn current_wal(&self) -> u64 {
+    pub(crate) fn current_wal(&self) -> u64 {
         let out = self.sql("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn");
         out.lines()
             .find_map(|l| l.trim().parse::<u64>().ok())
@@ -222,37 +222,37 @@ impl Drop for TestDb {
 }
 
 /// The daemon running inside the test process.
-pub struct InProcess {
+pub(crate) struct InProcess {
     shutdown: watch::Sender<bool>,
     handle: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl InProcess {
-    pub fn start(config: Config) -> InProcess {
+    pub(crate) fn start(config: Config) -> InProcess {
         let (shutdown, rx) = watch::channel(false);
         let handle = tokio::spawn(steward::daemon::run(config, rx));
         InProcess { shutdown, handle }
     }
 
-    pub async fn stop(self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
         tokio::time::timeout(Duration::from_secs(30), self.handle)
             .await
             .expect("daemon stops within 30 s")?
     }
 
-    pub fn is_finished(&self) -> bool {
+    pub(crate) fn is_finished(&self) -> bool {
         self.handle.is_finished()
     }
 }
 
 /// The steward binary as a child process (for kill -9).
-pub struct Child {
+pub(crate) struct Child {
     pub child: std::process::Child,
 }
 
 impl Child {
-    pub fn run(config: &Path, log: &Path) -> Child {
+    pub(crate) fn run(config: &Path, log: &Path) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -269,12 +269,12 @@ impl Child {
         Child { child }
     }
 
-    pub fn kill9(mut self) {
+    pub(crate) fn kill9(mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
-    pub fn terminate(mut self) -> std::process::ExitStatus {
+    pub(crate) fn terminate(mut self) -> std::process::ExitStatus {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         self.child.wait().expect("wait")
@@ -282,7 +282,7 @@ impl Child {
 }
 
 /// A TCP port nothing listens on right now.
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
@@ -290,7 +290,7 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `condition` until it holds, panicking with `what` after `timeout`.
-pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+pub(crate) async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let start = Instant::now();
     while !condition() {
         if start.elapsed() > timeout {
@@ -302,7 +302,9 @@ pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut
 
 /// The latest state per (entity, key) from delivered CloudEvents: highest
 /// version wins, and within one version the last id. Deleted keys are absent.
-pub fn final_state(events: &[serde_json::Value]) -> BTreeMap<(String, String), serde_json::Value> {
+pub(crate) fn final_state(
+    events: &[serde_json::Value],
+) -> BTreeMap<(String, String), serde_json::Value> {
     let mut latest: BTreeMap<(String, String), (u64, String, serde_json::Value)> = BTreeMap::new();
     for e in events {
         let entity = e["entity"].as_str().expect("entity").to_string();
@@ -332,18 +334,18 @@ pub fn final_state(events: &[serde_json::Value]) -> BTreeMap<(String, String), s
 const STEWARD_WAIT: Duration = Duration::from_secs(30);
 
 /// The steward binary with a log file and extra environment.
-pub struct Steward {
+pub(crate) struct Steward {
     child: std::process::Child,
     log: PathBuf,
 }
 
 impl Steward {
-    pub fn start(config: &Path, log: &Path, env: &[(&str, &str)]) -> Steward {
+    pub(crate) fn start(config: &Path, log: &Path, env: &[(&str, &str)]) -> Steward {
         Steward::start_with(&[], config, log, env)
     }
 
     /// `steward GLOBAL_ARGS run -c CONFIG`, e.g. with `--log-format json`.
-    pub fn start_with(
+    pub(crate) fn start_with(
         global_args: &[&str],
         config: &Path,
         log: &Path,
@@ -370,17 +372,17 @@ impl Steward {
         }
     }
 
-    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+    pub(crate) fn signal(&self, signal: nix::sys::signal::Signal) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, signal).expect("send a signal");
     }
 
-    pub fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Waits until the log has `n` lines containing `text`.
-    pub async fn wait_log(&self, text: &str, n: usize) {
+    pub(crate) async fn wait_log(&self, text: &str, n: usize) {
         let start = Instant::now();
         loop {
             let logs = self.logs();
@@ -395,18 +397,18 @@ impl Steward {
     }
 
     /// Whether the process is still running.
-    pub fn running(&mut self) -> bool {
+    pub(crate) fn running(&mut self) -> bool {
         self.child.try_wait().expect("wait").is_none()
     }
 
     /// SIGTERM and the exit status, within `STEWARD_WAIT`.
-    pub async fn terminate(self) -> (std::process::ExitStatus, String) {
+    pub(crate) async fn terminate(self) -> (std::process::ExitStatus, String) {
         self.signal(nix::sys::signal::Signal::SIGTERM);
         self.wait_exit().await
     }
 
     /// The exit status and the log, within `STEWARD_WAIT`.
-    pub async fn wait_exit(mut self) -> (std::process::ExitStatus, String) {
+    pub(crate) async fn wait_exit(mut self) -> (std::process::ExitStatus, String) {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
@@ -429,7 +431,7 @@ impl Drop for Steward {
 }
 
 /// `id → list_price` of every product as the database has it now.
-pub fn db_prices(db: &TestDb) -> BTreeMap<String, String> {
+pub(crate) fn db_prices(db: &TestDb) -> BTreeMap<String, String> {
     db.sql("SELECT id, list_price FROM product_template")
         .lines()
         .filter_map(|l| {
@@ -440,7 +442,7 @@ pub fn db_prices(db: &TestDb) -> BTreeMap<String, String> {
 }
 
 /// `key → price` of the latest version of each product the receiver holds.
-pub fn target_prices(events: &[serde_json::Value]) -> BTreeMap<String, String> {
+pub(crate) fn target_prices(events: &[serde_json::Value]) -> BTreeMap<String, String> {
     final_state(events)
         .into_iter()
         .filter(|((entity, _), _)| entity == "product")

@@ -414,7 +414,9 @@ impl DevCluster {
     pub fn set_hba(&self, lines: &[&str]) -> Result<(), DevError> {
         // Read-modify-write of one file by tests running in parallel.
         static HBA: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _serial = HBA.lock().unwrap_or_else(|p| p.into_inner());
+        let _serial = HBA
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for line in lines {
             if line.contains(['\n', '\r', '\0']) {
                 return Err(DevError::Invalid {
@@ -478,7 +480,7 @@ impl DevCluster {
         // A panic while holding the lock leaves nothing half-done that matters here.
         self.supervisor
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn conninfo(&self, db: &str, user: &str) -> String {
@@ -608,7 +610,7 @@ impl DevCluster {
         let ec = "ec_paramgen_curve:prime256v1";
         let openssl = |args: &[&dyn AsRef<OsStr>]| -> Result<(), DevError> {
             let mut cmd = self.command("openssl");
-            cmd.args(args.iter().map(|a| a.as_ref()))
+            cmd.args(args.iter().map(std::convert::AsRef::as_ref))
                 .stdin(Stdio::null());
             run(cmd, "openssl (install it with: apt-get install openssl)")
         };

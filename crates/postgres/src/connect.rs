@@ -247,7 +247,7 @@ async fn startup(
             Backend::Message(Message::ParameterStatus(p)) => note_parameter(conn, &p)?,
             Backend::Message(Message::BackendKeyData(k)) => conn.backend_pid = Some(k.process_id()),
             Backend::Message(Message::NoticeResponse(n)) => {
-                log_notice(ServerFields::parse(n.fields())?)
+                log_notice(ServerFields::parse(n.fields())?);
             }
             Backend::Message(Message::ErrorResponse(e)) => {
                 return Err(startup_error(ServerFields::parse(e.fields())?, cfg))
@@ -309,7 +309,9 @@ fn current_password(cfg: &SourceConfig) -> Result<Option<Secret>, WireError> {
 }
 
 fn password(password: Option<&Secret>) -> Result<&str, WireError> {
-    password.map(|p| p.expose()).ok_or(WireError::NoPassword)
+    password
+        .map(super::secret::Secret::expose)
+        .ok_or(WireError::NoPassword)
 }
 
 async fn authenticate(

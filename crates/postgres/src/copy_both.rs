@@ -61,8 +61,7 @@ impl ReplicationStream {
                 _ => {}
             }
             match codec::decode(frame)? {
-                Backend::Message(Message::CommandComplete(_))
-                | Backend::Message(Message::ReadyForQuery(_)) => {
+                Backend::Message(Message::CommandComplete(_) | Message::ReadyForQuery(_)) => {
                     self.finished = true;
                     return Ok(None);
                 }
@@ -71,7 +70,7 @@ impl ReplicationStream {
                     return Err(ServerFields::parse(e.fields())?.into_error());
                 }
                 Backend::Message(Message::NoticeResponse(n)) => {
-                    log_notice(ServerFields::parse(n.fields())?)
+                    log_notice(ServerFields::parse(n.fields())?);
                 }
                 Backend::Message(Message::ParameterStatus(_)) => {}
                 other => {

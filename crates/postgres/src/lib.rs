@@ -316,10 +316,10 @@ impl ReplicationClient {
                     error.get_or_insert(e);
                 }
                 Backend::Message(Message::NoticeResponse(n)) => {
-                    log_notice(ServerFields::parse(n.fields())?)
+                    log_notice(ServerFields::parse(n.fields())?);
                 }
                 Backend::Message(Message::ParameterStatus(p)) => {
-                    note_parameter(&mut self.conn, &p)?
+                    note_parameter(&mut self.conn, &p)?;
                 }
                 Backend::Message(Message::ReadyForQuery(_)) => {
                     return Err(error.unwrap_or_else(|| {

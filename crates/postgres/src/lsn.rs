@@ -39,7 +39,7 @@ impl FromStr for Lsn {
         let (hi, lo) = s.trim().split_once('/').ok_or_else(err)?;
         let hi = u32::from_str_radix(hi, 16).map_err(|_| err())?;
         let lo = u32::from_str_radix(lo, 16).map_err(|_| err())?;
-        Ok(Lsn(((hi as u64) << 32) | lo as u64))
+        Ok(Lsn((u64::from(hi) << 32) | u64::from(lo)))
     }
 }
 

@@ -387,7 +387,7 @@ pub fn decode(data: &Bytes, in_stream: bool) -> Result<PgOutputMessage, DecodeEr
             let count_offset = r.pos;
             let count = r.u32("number of relations")?;
             let options = r.u8("option bits")?;
-            r.check_count(count_offset, count as u64, 4, "relation ids")?;
+            r.check_count(count_offset, u64::from(count), 4, "relation ids")?;
             let mut relation_ids = Vec::with_capacity(count as usize);
             for _ in 0..count {
                 relation_ids.push(r.u32("relation id")?);
@@ -743,7 +743,7 @@ mod tests {
                     .u16(relation.columns.len() as u16);
                 for c in &relation.columns {
                     e = e
-                        .u8(c.is_key as u8)
+                        .u8(u8::from(c.is_key))
                         .str(&c.name)
                         .u32(c.type_oid)
                         .i32(c.type_modifier);

@@ -234,7 +234,7 @@ fn signature_hash(der: &[u8]) -> Option<HashAlg> {
     if let Some(last) = oid.strip_prefix(RSA) {
         return match last {
             // md5WithRSA, sha1WithRSA, sha256WithRSA, sha224WithRSA
-            [0x04] | [0x05] | [0x0B] | [0x0E] => Some(HashAlg::Sha256),
+            [0x04 | 0x05 | 0x0B | 0x0E] => Some(HashAlg::Sha256),
             [0x0C] => Some(HashAlg::Sha384),
             [0x0D] => Some(HashAlg::Sha512),
             _ => None,
@@ -242,7 +242,7 @@ fn signature_hash(der: &[u8]) -> Option<HashAlg> {
     }
     if let Some(last) = oid.strip_prefix(ECDSA_SHA2) {
         return match last {
-            [0x01] | [0x02] => Some(HashAlg::Sha256),
+            [0x01 | 0x02] => Some(HashAlg::Sha256),
             [0x03] => Some(HashAlg::Sha384),
             [0x04] => Some(HashAlg::Sha512),
             _ => None,

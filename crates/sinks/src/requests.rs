@@ -91,7 +91,7 @@ pub enum Response {
 pub(crate) fn requests_dir(state_path: &Path) -> PathBuf {
     let mut name = state_path
         .file_name()
-        .map(|n| n.to_os_string())
+        .map(std::ffi::OsStr::to_os_string)
         .unwrap_or_default();
     name.push(".requests");
     state_path.with_file_name(name)

@@ -305,7 +305,7 @@ async fn check_tables_exist(
         database = row.get(3);
         match row.get::<_, Option<String>>(2).as_deref() {
             None => missing.push(display_name(&schema, &table)),
-            Some("r") | Some("p") => {}
+            Some("r" | "p") => {}
             Some(kind) => {
                 let kind = match kind {
                     "v" => "view",

@@ -106,7 +106,7 @@ pub async fn open_temporary(source: &SourceConfig) -> Result<SnapshotReader, Sna
         .ok_or_else(|| SnapshotError::BadReply(format!("consistent point in {row:?}")))?;
     let snapshot = row
         .get(2)
-        .and_then(|v| v.clone())
+        .and_then(std::clone::Clone::clone)
         .ok_or_else(|| SnapshotError::BadReply("no snapshot name".into()))?;
     let reader = import(source, &snapshot, consistent).await;
     // Closing after the import: the importing transaction now holds the snapshot.

@@ -410,7 +410,7 @@ impl Router {
                 // Applied when the transaction commits, in stream order.
                 PgOutputMessage::Relation { .. } => self.spill.push(None, raw)?,
                 PgOutputMessage::Change { xid, .. } | PgOutputMessage::Truncate { xid, .. } => {
-                    self.spill.push(xid, raw)?
+                    self.spill.push(xid, raw)?;
                 }
                 PgOutputMessage::Type { .. }
                 | PgOutputMessage::Origin { .. }
@@ -613,13 +613,13 @@ impl Replay {
                 .map_err(|e| decode_error(e.to_string()))?;
             match message {
                 PgOutputMessage::Relation { relation, .. } => {
-                    self.queue.push_back(SourceEvent::Relation(relation))
+                    self.queue.push_back(SourceEvent::Relation(relation));
                 }
                 PgOutputMessage::Change { change, .. } => {
-                    self.queue.push_back(SourceEvent::Change(change))
+                    self.queue.push_back(SourceEvent::Change(change));
                 }
                 PgOutputMessage::Truncate { relation_ids, .. } => {
-                    self.queue.push_back(SourceEvent::Truncate { relation_ids })
+                    self.queue.push_back(SourceEvent::Truncate { relation_ids });
                 }
                 _ => {}
             }
@@ -674,7 +674,7 @@ mod tests {
     fn stream_start(xid: u32, first: bool) -> Bytes {
         let mut b = vec![b'S'];
         b.extend_from_slice(&xid.to_be_bytes());
-        b.push(first as u8);
+        b.push(u8::from(first));
         Bytes::from(b)
     }
 

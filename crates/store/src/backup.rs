@@ -205,7 +205,7 @@ fn same_file(state: &Path, dest: &Path) -> bool {
 fn tmp_path(dest: &Path) -> PathBuf {
     let mut name = dest
         .file_name()
-        .map(|n| n.to_os_string())
+        .map(std::ffi::OsStr::to_os_string)
         .unwrap_or_default();
     name.push(".tmp");
     dest.with_file_name(name)

@@ -200,7 +200,7 @@ mod tests {
         let c = chunk(&[(7, "a"), (8, ""), (7, "ccc")]);
         assert_eq!(
             texts(&c),
-            vec![(7, "a".into()), (8, "".into()), (7, "ccc".into())]
+            vec![(7, "a".into()), (8, String::new()), (7, "ccc".into())]
         );
         assert!(records(&c[..c.len() - 1]).is_err());
         assert!(records(&c[..5]).is_err());

@@ -81,7 +81,7 @@ pub(crate) fn next_chunk(lens: impl Iterator<Item = usize>) -> (usize, usize) {
 pub(crate) fn chunk_len(chunk: &[u8]) -> Result<u64, String> {
     chunk
         .get(..4)
-        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64)
+        .map(|b| u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])))
         .ok_or_else(|| format!("outbox chunk of {} bytes has no header", chunk.len()))
 }
 
@@ -152,9 +152,9 @@ impl TargetState {
         out.extend_from_slice(&self.last_seq.to_le_bytes());
         out.extend_from_slice(&self.delivered_total.to_le_bytes());
         out.extend_from_slice(&self.last_delivered_seq.to_le_bytes());
-        out.push(self.last_delivered_at_micros.is_some() as u8);
+        out.push(u8::from(self.last_delivered_at_micros.is_some()));
         out.extend_from_slice(&self.last_delivered_at_micros.unwrap_or(0).to_le_bytes());
-        out.push(self.last_error.is_some() as u8);
+        out.push(u8::from(self.last_error.is_some()));
         out.extend_from_slice(err.as_bytes());
         out
     }

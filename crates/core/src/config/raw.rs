@@ -810,7 +810,7 @@ fn check_entity(key: &str, name: &str, table: &Table, errs: &mut Errors) -> Opti
                     ok = false;
                 }
             }
-            ok.then(|| cols.iter().map(|c| c.to_string()).collect())
+            ok.then(|| cols.iter().map(std::string::ToString::to_string).collect())
         }
     };
 
@@ -1057,7 +1057,11 @@ fn check_target(
                     ok = false;
                 }
             }
-            ok.then(|| list.iter().map(|e| e.to_string()).collect::<Vec<_>>())
+            ok.then(|| {
+                list.iter()
+                    .map(std::string::ToString::to_string)
+                    .collect::<Vec<_>>()
+            })
         }
     };
 

@@ -827,8 +827,8 @@ impl<'a> ArrayParser<'a> {
         let mut content_end = start;
         loop {
             match self.peek() {
-                None | Some(b',') | Some(b'}') => break,
-                Some(b'{') | Some(b'"') => {
+                None | Some(b',' | b'}') => break,
+                Some(b'{' | b'"') => {
                     return Err(self.err("unexpected '{' or '\"' inside an unquoted element"))
                 }
                 Some(b'\\') => {
@@ -950,7 +950,7 @@ mod tests {
     }
 
     fn path(steps: &[&str]) -> Vec<String> {
-        steps.iter().map(|s| s.to_string()).collect()
+        steps.iter().map(std::string::ToString::to_string).collect()
     }
 
     #[test]
@@ -1108,7 +1108,9 @@ mod tests {
         assert_eq!(wire(FLOAT8, "1e+100"), "1e+100");
         assert_eq!(wire(FLOAT4, "-1.2345e-05"), "-1.2345e-05");
         assert_eq!(
-            conv(FLOAT8, "-0").as_number().map(|n| n.to_string()),
+            conv(FLOAT8, "-0")
+                .as_number()
+                .map(std::string::ToString::to_string),
             Some("-0".into())
         );
         for special in ["NaN", "Infinity", "-Infinity"] {

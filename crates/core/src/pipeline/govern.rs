@@ -196,11 +196,11 @@ trait Marks {
 
 impl Marks for Pending<'_> {
     fn defer(&mut self, rank: u32, e: EntityIndex, key: String) {
-        Pending::defer(self, rank, e, key)
+        Pending::defer(self, rank, e, key);
     }
 
     fn stage(&mut self, rank: u32, e: EntityIndex, key: String, change: Staged) {
-        Pending::stage(self, rank, e, key, change)
+        Pending::stage(self, rank, e, key, change);
     }
 }
 
@@ -1120,7 +1120,7 @@ impl Governance {
                 change: Some(SourceChange::Snapshot),
                 tx_id: None,
                 scope: Scope::Targets {
-                    targets: targets.to_vec(),
+                    targets: targets.clone(),
                     force,
                 },
                 values: Values::Read(m.unencodable),

@@ -244,7 +244,7 @@ mod tests {
             } else {
                 vec![(
                     "partner".into(),
-                    allow.iter().map(|f| f.to_string()).collect(),
+                    allow.iter().map(std::string::ToString::to_string).collect(),
                 )]
             },
             mask: mask

@@ -191,10 +191,10 @@ impl<D: Deliver> Lane<D> {
             {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
-                    tracing::warn!(target_name = %self.target.name, error = %e, "cannot record the delivery error")
+                    tracing::warn!(target_name = %self.target.name, error = %e, "cannot record the delivery error");
                 }
                 Err(e) => {
-                    tracing::warn!(target_name = %self.target.name, error = %e, "cannot record the delivery error")
+                    tracing::warn!(target_name = %self.target.name, error = %e, "cannot record the delivery error");
                 }
             }
             queue.push_front(part);

@@ -214,7 +214,7 @@ pub async fn run_target<D: Deliver + 'static>(
         next_open: HashMap::new(),
     };
     match driver.run().await {
-        Ok(()) | Err(Stop::Shutdown) | Err(Stop::Interrupted) => Ok(()),
+        Ok(()) | Err(Stop::Shutdown | Stop::Interrupted) => Ok(()),
         Err(Stop::Store(e)) => Err(e),
     }
 }

@@ -43,7 +43,7 @@ impl TargetMetrics {
         let mut carry = self
             .throttled_carry_us
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         *carry = carry.saturating_add(u64::try_from(waited.as_micros()).unwrap_or(u64::MAX));
         let whole = *carry / 1_000_000;
         if whole > 0 {

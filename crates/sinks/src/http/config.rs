@@ -173,7 +173,7 @@ fn check_url(key: &str, text: &str, errs: &mut Errors) -> Option<url::Url> {
         );
         return None;
     }
-    if url.host_str().is_none_or(|h| h.is_empty()) {
+    if url.host_str().is_none_or(str::is_empty) {
         errs.add(
             key,
             "has no host; expected e.g. https://wms.example/steward",

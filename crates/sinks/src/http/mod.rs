@@ -146,7 +146,7 @@ impl HttpSink {
             body_size_hint: 0,
             envelope: http.extra.envelope,
             ctx: EnvelopeContext {
-                source: source.to_string(),
+                source: source.clone(),
                 ..EnvelopeContext::default()
             },
             signing_key: http.extra.signing_key.clone(),

@@ -58,7 +58,7 @@ pub(crate) enum NatsAuth {
 const SUBJECT_PLACEHOLDERS: &[&str] = &["{entity}", "{op}", "{key}", "{target}"];
 
 pub(crate) fn check_subject(template: &str) -> Result<(), String> {
-    if template.is_empty() || template.chars().any(|c| c.is_whitespace()) {
+    if template.is_empty() || template.chars().any(char::is_whitespace) {
         return Err(
             "must be a non-empty subject without spaces, e.g. steward.{entity}.{op}".into(),
         );
@@ -177,7 +177,7 @@ pub(crate) fn check(
             );
             None
         }
-        Some(l) => Some(l.iter().map(|s| s.to_string()).collect()),
+        Some(l) => Some(l.iter().map(std::string::ToString::to_string).collect()),
     };
     let duplicate_window = r.int(
         "duplicate_window_ms",

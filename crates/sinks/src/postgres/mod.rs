@@ -185,7 +185,11 @@ impl PostgresSink {
             return Ok(());
         }
         let groups = newest_per_key(events)?;
-        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+        if self
+            .client
+            .as_ref()
+            .is_none_or(tokio_postgres::Client::is_closed)
+        {
             self.client = None;
             self.connect().await?;
         }

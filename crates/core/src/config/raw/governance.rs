@@ -49,7 +49,7 @@ pub(super) fn check(
         match state.get("audit_retention_days") {
             None => {}
             Some(Value::Integer(d)) if (1..=36_500).contains(d) => {
-                gov.audit_retention_days = *d as u32
+                gov.audit_retention_days = *d as u32;
             }
             Some(other) => errs.add(
                 "state.audit_retention_days",
@@ -320,7 +320,7 @@ fn check_entity(
                 errs.add(&r.key("unique"), format!("`{f}`: {m}"));
             }
         }
-        g.unique = list.iter().map(|s| s.to_string()).collect();
+        g.unique = list.iter().map(std::string::ToString::to_string).collect();
     }
     match r.get("rules") {
         None => {}
@@ -562,7 +562,7 @@ fn check_rule(key: &str, t: &Table, known: &Known, errs: &mut Errors) -> Option<
             }
         }
         checks.push(Check::Required(
-            list.iter().map(|s| s.to_string()).collect(),
+            list.iter().map(std::string::ToString::to_string).collect(),
         ));
     }
     let sub = |k: &str, errs: &mut Errors| -> Option<(String, &Table)> {
@@ -802,7 +802,11 @@ fields = { name = "name.en_US" }
         let text = format!("{BASE}{extra}");
         match Config::parse(&text, Path::new("t.toml"), Path::new("/tmp")) {
             Ok(_) => Vec::new(),
-            Err(e) => e.errors.iter().map(|e| e.to_string()).collect(),
+            Err(e) => e
+                .errors
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect(),
         }
     }
 
@@ -1068,7 +1072,11 @@ hash_key_file = "/dev/null""#
         // /dev/null is empty, which is its own error; everything else is valid.
         let errs = match Config::parse(&text, Path::new("t.toml"), Path::new("/tmp")) {
             Ok(_) => Vec::new(),
-            Err(e) => e.errors.iter().map(|e| e.to_string()).collect(),
+            Err(e) => e
+                .errors
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect(),
         };
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(

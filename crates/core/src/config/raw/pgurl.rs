@@ -275,7 +275,7 @@ pub fn parse_pg_url(text: &str, key: &str, errs: &mut Errors) -> Option<PgUrl> {
              socket (e.g. {EXAMPLE})"
         )),
         Some(h) if h.contains(',') => {
-            problems.push("several hosts are not supported; give exactly one host".into())
+            problems.push("several hosts are not supported; give exactly one host".into());
         }
         Some(h) if h.starts_with('/') => {}
         Some(h) if !valid_host_name(h) => problems.push(format!(
