@@ -59,6 +59,10 @@ fn every_packaged_file_exists_and_the_essentials_are_installed() {
         .map(|v| v.as_str().unwrap())
         .collect();
     assert!(conffiles.contains(&"/etc/steward/steward.toml"));
+    // HTTP and PostgreSQL targets verify servers against the system's CA
+    // store (rustls-platform-verifier); without one no HTTP client is built.
+    let depends = deb["depends"].as_str().expect("depends");
+    assert!(depends.contains("ca-certificates"), "{depends}");
 
     // The unit comes from systemd/ and runs as the user postinst creates.
     let units = deb["systemd-units"]["unit-scripts"].as_str().unwrap();
