@@ -464,8 +464,12 @@ fn govern_parked_chunk(
 
 /// Tells the governor which entities have a snapshot window open, so that
 /// it remembers which of their records the stream changes meanwhile.
+///
+/// Not through the gate's lock: the commit in flight holds it until its
+/// fsync is done, and the stream would wait for every commit instead of
+/// decoding the next transactions meanwhile.
 fn watch_windows(config: &Config, governor: &mut Governor, committer: &Committer) {
-    let windows = committer.gate.lock();
+    let windows = committer.gate.window_entities();
     if windows.is_empty() {
         drop(windows);
         governor.watch(&[]);
@@ -475,7 +479,7 @@ fn watch_windows(config: &Config, governor: &mut Governor, committer: &Committer
         .entities
         .iter()
         .enumerate()
-        .filter(|(_, e)| windows.iter().any(|(_, w)| w == &e.name))
+        .filter(|(_, e)| windows.contains(&e.name))
         .map(|(i, _)| i)
         .collect();
     drop(windows);
