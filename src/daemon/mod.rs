@@ -444,8 +444,12 @@ fn govern_parked_chunk(
 
 /// Tells the governance which entities have a snapshot window open, so that
 /// it remembers which of their records the stream changes meanwhile.
+///
+/// Not through the gate's lock: the commit in flight holds it until its
+/// fsync is done, and the stream would wait for every commit instead of
+/// decoding the next transactions meanwhile.
 fn watch_windows(config: &Config, governance: &mut Governance, committer: &Committer) {
-    let windows = committer.gate.lock();
+    let windows = committer.gate.window_entities();
     if windows.is_empty() {
         drop(windows);
         governance.watch(&[]);
@@ -453,7 +457,7 @@ fn watch_windows(config: &Config, governance: &mut Governance, committer: &Commi
     }
     let entities: Vec<EntityIndex> = config
         .iter_entities()
-        .filter(|(_, e)| windows.iter().any(|(_, w)| w == &e.name))
+        .filter(|(_, e)| windows.contains(&e.name))
         .map(|(i, _)| i)
         .collect();
     drop(windows);

@@ -94,6 +94,45 @@ const POLL: Duration = Duration::from_millis(500);
 #[derive(Clone, Default)]
 pub struct SnapshotGate {
     windows: Arc<Mutex<HashSet<(String, String)>>>,
+    /// The entities of `windows`, replaced before a guard that changed them
+    /// releases the gate: the stream reads them without waiting for the
+    /// gate, which a commit holds until its fsync is done.
+    entities: Arc<Mutex<Vec<String>>>,
+}
+
+/// The gate's lock; see [`SnapshotGate::lock`].
+pub struct GateGuard<'a> {
+    windows: MutexGuard<'a, HashSet<(String, String)>>,
+    entities: &'a Mutex<Vec<String>>,
+    changed: bool,
+}
+
+impl std::ops::Deref for GateGuard<'_> {
+    type Target = HashSet<(String, String)>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.windows
+    }
+}
+
+impl std::ops::DerefMut for GateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.changed = true;
+        &mut self.windows
+    }
+}
+
+impl Drop for GateGuard<'_> {
+    // Runs before `windows` is unlocked, so a window is listed by
+    // `window_entities` before any append or snapshot can follow its opening.
+    fn drop(&mut self) {
+        if self.changed {
+            let mut names: Vec<String> = self.windows.iter().map(|(_, e)| e.clone()).collect();
+            names.sort_unstable();
+            names.dedup();
+            *self.entities.lock().unwrap_or_else(PoisonError::into_inner) = names;
+        }
+    }
 }
 
 impl SnapshotGate {
@@ -111,8 +150,18 @@ impl SnapshotGate {
         Ok(gate)
     }
 
-    pub fn lock(&self) -> MutexGuard<'_, HashSet<(String, String)>> {
-        self.windows.lock().unwrap_or_else(PoisonError::into_inner)
+    pub fn lock(&self) -> GateGuard<'_> {
+        GateGuard {
+            windows: self.windows.lock().unwrap_or_else(PoisonError::into_inner),
+            entities: &self.entities,
+            changed: false,
+        }
+    }
+
+    /// The entities with an open window for some target, sorted, without
+    /// taking the gate: never waits for a commit in flight.
+    pub fn window_entities(&self) -> MutexGuard<'_, Vec<String>> {
+        self.entities.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -642,5 +691,40 @@ pub fn slot_advice(exists: Option<bool>, wal_status: Option<&str>, slot: &str) -
              lagging: check the daemon and its targets"
         )),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_entities_are_read_while_a_commit_holds_the_gate() {
+        let gate = SnapshotGate::default();
+        gate.lock().insert(("t1".into(), "product".into()));
+        {
+            let mut windows = gate.lock();
+            windows.insert(("t2".into(), "product".into()));
+            windows.insert(("t1".into(), "partner".into()));
+        }
+        // A commit holds the gate until its fsync is done; the stream reads
+        // the window entities meanwhile, from another thread.
+        let held = gate.lock();
+        let reader = gate.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(reader.window_entities().clone());
+        });
+        let read = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("window_entities waited for the gate");
+        assert_eq!(read, ["partner", "product"]);
+        assert_eq!(held.len(), 3, "reading the gate changes nothing");
+        drop(held);
+
+        gate.lock().remove(&("t1".into(), "product".into()));
+        assert_eq!(*gate.window_entities(), ["partner", "product"]);
+        gate.lock().clear();
+        assert!(gate.window_entities().is_empty());
     }
 }
