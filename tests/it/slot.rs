@@ -2,7 +2,7 @@
 //! real PostgreSQL. A test binary of its own: it changes server-wide WAL
 //! settings (`max_wal_size`, `max_slot_wal_keep_size`) of its cluster.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::Command;

@@ -17,7 +17,7 @@
 //! lifecycle column `x_lifecycle_state` added (`'draft'` for every seeded
 //! product, so none of them is publishable unless a test says so).
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

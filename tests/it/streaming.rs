@@ -5,7 +5,7 @@
 //! setting the walsender picks up), so a few thousand row changes are enough
 //! for the server to stream; the other test binaries keep the default.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;

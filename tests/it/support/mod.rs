@@ -1,9 +1,7 @@
-//! Test support: one throwaway PostgreSQL cluster per test binary (started on
+//! Test support: one throwaway PostgreSQL cluster for the test binary (started on
 //! first use, gone when the binary exits), a fresh database with the Odoo
 //! fixture per test, configs written to a per-test directory, and the daemon
 //! run in-process or as a child process.
-
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -7,7 +7,7 @@
 //! running, other entities keep flowing, and nothing stalls after a restart.
 //! The same deep value read by the initial snapshot is quarantined too.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

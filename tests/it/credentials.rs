@@ -2,7 +2,7 @@
 //! every reconnect, reports a refused password in `steward status` and
 //! `/readyz` while it retries, and resumes with nothing lost.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The state file as an operator meets it: damaged, left behind by a
 //! crash, created under a loose umask, readable by others, misconfigured.
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;

@@ -2,7 +2,7 @@
 //! while the daemon starts or reloads never make it fail, and a stopped
 //! daemon has closed the state file when its stop returns.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,7 +1,7 @@
 //! End-to-end tests of the core pipeline against a real PostgreSQL with
 //! wal_level=logical and real local HTTP receivers.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;

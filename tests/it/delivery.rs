@@ -3,7 +3,7 @@
 //! a running and a stopped daemon, Retry-After, batch windows with
 //! `steward flush`, and rate limits.
 
-mod support;
+use crate::support;
 
 use std::process::Command;
 use std::time::{Duration, Instant};

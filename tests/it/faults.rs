@@ -1,7 +1,7 @@
 //! Fault suite: a target down for a minute, PostgreSQL restarted mid-stream,
 //! a target that stops answering, and the state file's disk filling up.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

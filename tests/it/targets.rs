@@ -3,7 +3,7 @@
 //! redelivery, subject templates), the NDJSON file target (rotation), the
 //! Debezium envelope, and Standard Webhooks signatures on HTTP targets.
 
-mod support;
+use crate::support;
 
 use std::net::TcpListener;
 use std::path::Path;

@@ -4,7 +4,7 @@
 //! suppression, business objects, per-target masking and routing, and the
 //! audit trail as the `steward` CLI shows it while the daemon runs.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! systemd notify protocol — against a real PostgreSQL, with the steward
 //! binary run as a child process where signals or the environment matter.
 
-mod support;
+use crate::support;
 
 use std::os::unix::net::UnixDatagram;
 use std::process::Command;

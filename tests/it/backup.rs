@@ -3,7 +3,7 @@
 //! backup that is older than its replication slot repairs the targets: they
 //! end with exactly the database's current records, governed.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;

@@ -3,7 +3,7 @@
 //! the pipeline running, DROP COLUMN of a mapped column stops only that
 //! entity (shown by status and a metric) and its return re-snapshots it.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::Path;

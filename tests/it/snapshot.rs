@@ -1,7 +1,7 @@
 //! Initial snapshots, `steward reset`, crash resume and lost slots against a
 //! real PostgreSQL and real HTTP receivers.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::path::Path;
