@@ -21,42 +21,97 @@ struct Step {
     /// them (and for steward to confirm the step's WAL) before going on, so
     /// each step's events are printed under it.
     events: usize,
+    /// What steward withholds in this step and why, as the demo shows it.
+    withheld: Option<&'static str>,
 }
+
+/// Run before steward starts: the lifecycle state products are gated on
+/// (as an Odoo Studio field would add it), every existing product approved.
+const PREPARE: &str =
+    "ALTER TABLE product_template ADD COLUMN x_lifecycle_state varchar DEFAULT 'draft'; \
+                       UPDATE product_template SET x_lifecycle_state = 'approved'";
 
 const STEPS: &[Step] = &[
     Step {
-        title: "a new product is created in Odoo",
-        sql: "INSERT INTO product_template (categ_id, uom_id, uom_po_id, detailed_type, type, default_code, name, list_price, \
-              active, tracking, purchase_line_warn, sale_line_warn, create_date, write_date) \
+        title: "engineering creates a product as a draft (Odoo inserts the row, then fills computed columns, in one transaction)",
+        sql: "BEGIN; \
+              INSERT INTO product_template (categ_id, uom_id, uom_po_id, detailed_type, type, default_code, name, list_price, \
+              active, tracking, purchase_line_warn, sale_line_warn, x_lifecycle_state, create_date) \
               VALUES (1, 1, 1, 'product', 'product', 'FURN_9001', '{\"en_US\": \"Standing Desk\", \"de_DE\": \"Stehpult\"}', \
-              749.9000, true, 'none', 'no-message', 'no-message', now() at time zone 'utc', now() at time zone 'utc')",
-        events: 2,
+              749.9000, true, 'none', 'no-message', 'no-message', 'draft', now() at time zone 'utc'); \
+              UPDATE product_template SET write_date = create_date WHERE default_code = 'FURN_9001'; \
+              COMMIT",
+        events: 0,
+        withheld: Some("the draft is gated (publish_when wants x_lifecycle_state == 'approved')"),
+    },
+    Step {
+        title: "a bill of materials for the new product is created",
+        sql: "BEGIN; \
+              INSERT INTO mrp_bom (product_tmpl_id, product_uom_id, code, type, ready_to_produce, consumption, product_qty, active) \
+              SELECT id, 1, 'BOM-9001', 'normal', 'all_available', 'flexible', 1, true FROM product_template WHERE default_code = 'FURN_9001'; \
+              INSERT INTO mrp_bom_line (bom_id, product_id, product_uom_id, product_qty) \
+              SELECT currval(pg_get_serial_sequence('mrp_bom', 'id')), p.id, 1, q \
+              FROM (SELECT id FROM product_product ORDER BY id LIMIT 2) p, (VALUES (4)) v(q); \
+              COMMIT",
+        events: 0,
+        withheld: Some("the BOM is quarantined by rule product_ready: it waits until product FURN_9001 may be published"),
+    },
+    Step {
+        title: "engineering approves the product: it is published, and the BOM it held follows",
+        sql: "UPDATE product_template SET x_lifecycle_state = 'approved', write_date = now() at time zone 'utc' WHERE default_code = 'FURN_9001'",
+        events: 3,
+        withheld: None,
     },
     Step {
         title: "its price changes (numeric keeps its exact digits)",
         sql: "UPDATE product_template SET list_price = 799.0000, write_date = now() at time zone 'utc' WHERE default_code = 'FURN_9001'",
         events: 2,
+        withheld: None,
+    },
+    Step {
+        title: "someone saves a second product with the same internal reference FURN_9001",
+        sql: "INSERT INTO product_template (categ_id, uom_id, uom_po_id, detailed_type, type, default_code, name, list_price, \
+              active, tracking, purchase_line_warn, sale_line_warn, x_lifecycle_state, create_date, write_date) \
+              VALUES (1, 1, 1, 'product', 'product', 'FURN_9001', '{\"en_US\": \"Standing Desk XL\"}', \
+              899.0000, true, 'none', 'no-message', 'no-message', 'approved', now() at time zone 'utc', now() at time zone 'utc')",
+        events: 0,
+        withheld: Some("the second product is quarantined: business key default_code FURN_9001 is held by the first"),
+    },
+    Step {
+        title: "the steward corrects its reference to FURN_9002: released from quarantine and published",
+        sql: "UPDATE product_template SET default_code = 'FURN_9002', write_date = now() at time zone 'utc' \
+              WHERE name->>'en_US' = 'Standing Desk XL'",
+        events: 2,
+        withheld: None,
     },
     Step {
         title: "stock moves and journal lines churn (not master data: nothing is sent)",
         sql: "INSERT INTO stock_move (product_id, product_qty, state, date) SELECT 1, g, 'done', now() FROM generate_series(1, 50) g; \
               INSERT INTO account_move_line (name, debit, credit) VALUES ('NOISE-JOURNAL-LINE', 10, 0), ('NOISE-JOURNAL-LINE', 0, 10)",
         events: 0,
+        withheld: None,
     },
     Step {
         title: "a work center's hourly cost is raised",
         sql: "UPDATE mrp_workcenter SET costs_hour = costs_hour + 5 WHERE id = (SELECT min(id) FROM mrp_workcenter)",
         events: 1,
+        withheld: None,
     },
     Step {
-        title: "a vendor gets a VAT number",
-        sql: "UPDATE res_partner SET vat = 'BE0477472701' WHERE id = (SELECT min(id) FROM res_partner WHERE supplier_rank > 0)",
+        title: "a vendor gets a VAT number and a new bank account (finance receives the account number masked)",
+        sql: "BEGIN; \
+              UPDATE res_partner SET vat = 'BE0477472701' WHERE id = (SELECT min(id) FROM res_partner WHERE supplier_rank > 0); \
+              INSERT INTO res_partner_bank (partner_id, acc_number, acc_holder_name, active) \
+              SELECT min(id), 'BE71 0961 2345 6769', 'Vendor account', true FROM res_partner WHERE supplier_rank > 0; \
+              COMMIT",
         events: 1,
+        withheld: None,
     },
     Step {
-        title: "a product is archived (active = false: an update, not a delete)",
-        sql: "UPDATE product_template SET active = false WHERE default_code = 'FURN_9001'",
+        title: "the product is archived: withdrawn from every target",
+        sql: "UPDATE product_template SET active = false, write_date = now() at time zone 'utc' WHERE default_code = 'FURN_9001'",
         events: 2,
+        withheld: Some("BOM-9001 is quarantined, blocked by product FURN_9001; the MES keeps its last good version"),
     },
 ];
 
@@ -107,7 +162,8 @@ async fn show(
     let c = cluster.clone();
     tokio::task::spawn_blocking(move || {
         c.create_database("odoo")?;
-        c.load_odoo_fixture("odoo")
+        c.load_odoo_fixture("odoo")?;
+        c.psql("odoo", PREPARE).map(drop)
     })
     .await?
     .context("cannot load the Odoo fixture")?;
@@ -147,7 +203,7 @@ async fn show(
     std::fs::write(&config_path, &text)?;
     let config = steward_sinks::config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?;
     println!(
-        "  config: {} (entities product, partner, uom, workcenter; targets mes, finance)",
+        "  config: {} (entities product, bom, partner, uom, workcenter; targets mes, finance)",
         config_path.display()
     );
 
@@ -179,6 +235,9 @@ async fn show(
                     }
                 }
             }
+            if let Some(why) = step.withheld {
+                println!("   ✗ withheld: {why}");
+            }
         }
         println!(
             "\n{} events delivered (each change once per target that subscribes to its entity).",
@@ -186,9 +245,13 @@ async fn show(
         );
         if !once {
             println!(
-                "\nTry your own changes:  {}/psql '{}'\nPress Ctrl-C to stop and clean up.",
+                "\nTry your own changes:  {}/psql '{}'\n\
+                 See what steward decided:  steward audit -c {config} --limit 20\n\
+                 \x20                          steward quarantine list -c {config}\n\
+                 Press Ctrl-C to stop and clean up.",
                 cluster.bin_dir().display(),
-                cluster.url("odoo")
+                cluster.url("odoo"),
+                config = config_path.display(),
             );
             let _ = stop.changed().await;
         }

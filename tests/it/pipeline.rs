@@ -1082,8 +1082,11 @@ entities = ["product", "nope"]
 }
 
 /// The demo a newcomer runs first, as they run it: every change shows up
-/// once per subscribing target with its values, the non-master churn shows
-/// up nowhere, and Ctrl-C ends it with exit 0 and nothing left behind.
+/// once per subscribing target with its values, what governance withholds
+/// (a draft, a BOM waiting for it, a duplicate reference) shows up nowhere
+/// until it may, the bank account reaches finance masked, the non-master
+/// churn shows up nowhere, and Ctrl-C ends it with exit 0 and nothing left
+/// behind.
 #[test]
 fn the_demo_runs_end_to_end_and_ctrl_c_cleans_up() {
     use std::io::BufRead;
@@ -1201,8 +1204,25 @@ fn the_demo_runs_end_to_end_and_ctrl_c_cleans_up() {
                 data["costs_hour"]
             ),
             "steward.partner.upsert" => {
-                format!("partner vat={}", data["vat"].as_str().unwrap_or("-"))
+                let banks = data["banks"]
+                    .as_array()
+                    .expect("the partner's bank accounts");
+                let masked = banks.iter().all(|b| {
+                    let n = b["acc_number"].as_str().unwrap();
+                    n.starts_with("****") && n.len() > 4
+                });
+                format!(
+                    "partner vat={} banks={} masked={masked}",
+                    data["vat"].as_str().unwrap_or("-"),
+                    banks.len()
+                )
             }
+            "steward.bom.upsert" => format!(
+                "bom {} lines={}",
+                data["code"].as_str().unwrap(),
+                data["lines"].as_array().map_or(0, Vec::len)
+            ),
+            "steward.product.delete" => format!("product {} deleted", words[3]),
             other => format!("unexpected {other}: {data}"),
         };
         per_target
@@ -1210,23 +1230,45 @@ fn the_demo_runs_end_to_end_and_ctrl_c_cleans_up() {
             .or_default()
             .push(summary);
     }
-    let product = [
-        "product FURN_9001 749.9000 active=true",
-        "product FURN_9001 799.0000 active=true",
+    // The draft and the BOM waiting for it are withheld until the product is
+    // approved; the duplicate reference is held until it is corrected; the
+    // archived product is withdrawn while its BOM stays as last delivered.
+    let approved = "product FURN_9001 749.9000 active=true";
+    let repriced = "product FURN_9001 799.0000 active=true";
+    let released = "product FURN_9002 899.0000 active=true";
+    let desk_key = lines
+        .iter()
+        .find(|l| l.contains("steward.product.upsert") && l.contains("FURN_9001"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .unwrap_or_else(|| panic!("no FURN_9001 event:\n{}", output(&lines)));
+    let archived = format!("product {desk_key} deleted");
+    let mes = [
+        approved,
+        "bom BOM-9001 lines=2",
+        repriced,
+        released,
+        "workcenter CUT costs_hour=73.5",
+        &archived,
     ];
-    let archived = "product FURN_9001 799.0000 active=false";
-    let mut mes: Vec<&str> = product.to_vec();
-    mes.extend(["workcenter CUT costs_hour=73.5", archived]);
-    let mut finance: Vec<&str> = product.to_vec();
-    finance.extend(["partner vat=BE0477472701", archived]);
+    let finance = [
+        approved,
+        repriced,
+        released,
+        "partner vat=BE0477472701 banks=2 masked=true",
+        &archived,
+    ];
     assert_eq!(per_target["mes"], mes, "{}", output(&lines));
     assert_eq!(per_target["finance"], finance, "{}", output(&lines));
     assert_eq!(per_target.len(), 2);
     assert!(
-        lines.iter().any(|l| l.starts_with("8 events delivered")),
+        lines.iter().any(|l| l.starts_with("11 events delivered")),
         "{}",
         output(&lines)
     );
+    let withheld: Vec<&String> = lines.iter().filter(|l| l.contains("✗ withheld:")).collect();
+    assert_eq!(withheld.len(), 4, "{}", output(&lines));
+    assert!(withheld[0].contains("gated"), "{}", output(&lines));
+    assert!(withheld[2].contains("business key"), "{}", output(&lines));
     assert!(
         !lines.iter().any(|l| l.contains("NOISE-JOURNAL-LINE")),
         "non-master writes never reach a target"
