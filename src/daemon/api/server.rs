@@ -711,7 +711,7 @@ async fn backup(
             StatusCode::CONFLICT,
             "exists",
             format!(
-                "{} exists; pass force to replace it",
+                "{} exists; give another path, or force (--force) to replace it",
                 request.dest.display()
             ),
         ));
