@@ -336,6 +336,8 @@ impl Worker {
                     tokio::select! {
                         _ = shutdown.changed() => return,
                         _ = tokio::time::sleep(delay) => {}
+                        // A reset is answered at once, and tries again now.
+                        Some(call) = self.resets.recv() => self.reset(call),
                     }
                 }
             }

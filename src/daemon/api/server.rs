@@ -166,11 +166,6 @@ impl Server {
         })
     }
 
-    /// The socket's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Lets the handlers reach `run` until the returned guard is dropped.
     pub fn attach(&self, run: RunHandles) -> Attached<'_> {
         *self
@@ -293,13 +288,17 @@ impl Connected<IncomingStream<'_, UnixListener>> for Peer {
 }
 
 impl Peer {
-    fn actor(&self, comment: Option<String>) -> Actor {
-        Actor {
-            user: self
-                .uid
-                .map_or_else(|| "unknown".to_string(), govern::user_name),
+    /// The person behind the request. The user name is looked up off the
+    /// async threads: the user database may be a directory service.
+    async fn actor(&self, comment: Option<String>) -> Result<Actor, ApiError> {
+        let uid = self.uid;
+        let user =
+            blocking(move || Ok(uid.map_or_else(|| "unknown".to_string(), govern::user_name)))
+                .await?;
+        Ok(Actor {
+            user,
             comment: comment.filter(|c| !c.trim().is_empty()),
-        }
+        })
     }
 }
 
@@ -611,7 +610,7 @@ async fn quarantine_list(
     let request = govern::Request::QuarantineList {
         blocked_by: params.get("blocked_by").cloned(),
     };
-    let response = governance(&run, request, peer.actor(None)).await?;
+    let response = governance(&run, request, peer.actor(None).await?).await?;
     if let Some(e) = response.error {
         return Err(ApiError::internal(e));
     }
@@ -627,7 +626,7 @@ async fn quarantine_show(
 ) -> ApiResult<wire::QuarantineList> {
     let run = running(&shared)?;
     let request = govern::Request::QuarantineShow { entity, key };
-    let response = governance(&run, request, peer.actor(None)).await?;
+    let response = governance(&run, request, peer.actor(None).await?).await?;
     if let Some(e) = response.error {
         return Err(ApiError::new(StatusCode::NOT_FOUND, "not_quarantined", e));
     }
@@ -645,7 +644,7 @@ async fn quarantine_release(
     let action: wire::Action = body(&bytes)?;
     let run = running(&shared)?;
     let request = govern::Request::QuarantineRelease { entity, key };
-    let response = governance(&run, request, peer.actor(action.comment)).await?;
+    let response = governance(&run, request, peer.actor(action.comment).await?).await?;
     match (response.error, response.message) {
         (None, Some(message)) => Ok(Json(wire::Released {
             message,
@@ -717,7 +716,7 @@ async fn backup(
         ));
     }
     let run = running(&shared)?;
-    let actor = peer.actor(request.comment);
+    let actor = peer.actor(request.comment).await?;
     // The copy runs at disk speed on a blocking thread; the pipeline goes on.
     let report = blocking(move || {
         let report = govern::backup(&run.store, &request.dest, request.force).map_err(|e| {
@@ -775,7 +774,7 @@ async fn reset(
             ))
         }
     };
-    let actor = peer.actor(request.comment);
+    let actor = peer.actor(request.comment).await?;
     let records: Vec<AuditRecord> = entities
         .iter()
         .map(|e| {
@@ -824,7 +823,7 @@ async fn flush(
     let run = running(&shared)?;
     target_of(&run, &target)?;
     driver(&run, &target, DriverRequest::Flush).await?;
-    let record = peer.actor(action.comment).record(
+    let record = peer.actor(action.comment).await?.record(
         "*",
         "*",
         Some(&target),
@@ -949,7 +948,7 @@ async fn dlq_change(
         DriverResponse::Replayed { count } | DriverResponse::Dropped { count } => count,
         other => return Err(ApiError::internal(format!("unexpected answer {other:?}"))),
     };
-    let actor = peer.actor(action.comment);
+    let actor = peer.actor(action.comment).await?;
     let decision = if drop { "dlq_dropped" } else { "dlq_replayed" };
     let records: Vec<AuditRecord> = concerned
         .iter()
