@@ -1,23 +1,24 @@
 //! `steward backup -c FILE DEST`: a consistent copy of the state file, by
-//! the running daemon (it holds the file locked) or, when it is stopped,
-//! by this process (see `store::backup`).
+//! the running daemon through its control API (it holds the file locked)
+//! or, when it is stopped, by this process (see `store::backup`).
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 
+use super::client::{self, Access};
 use super::out::outln;
-use crate::daemon::govern::Request;
+use crate::daemon::api::wire;
 use steward_core::config::Config;
 use steward_store::backup::BackupReport;
-use steward_store::{Store, StoreError};
 
-/// How long the running daemon may take for the copy once it took the
-/// request: generous, the copy runs at disk speed.
-const COPY_WITHIN: Duration = Duration::from_secs(6 * 3600);
-
-pub(super) fn run(config: &Config, dest: &Path, force: bool, json: bool) -> anyhow::Result<()> {
+async fn run(
+    config: &Config,
+    dest: &Path,
+    force: bool,
+    json: bool,
+    comment: Option<String>,
+) -> anyhow::Result<()> {
     let state = &config.state.path;
     if !state.exists() {
         bail!(
@@ -26,25 +27,20 @@ pub(super) fn run(config: &Config, dest: &Path, force: bool, json: bool) -> anyh
         );
     }
     let dest = absolute(dest)?;
-    let (report, by) = match Store::open(state) {
-        Ok(store) => (store.backup_to(&dest, force)?, "steward (daemon stopped)"),
-        Err(StoreError::Locked { .. }) => {
-            let request = Request::Backup {
+    let (report, by) = match client::access(config).await? {
+        Access::Store(store) => (store.backup_to(&dest, force)?, "steward (daemon stopped)"),
+        Access::Daemon(daemon) => {
+            let request = wire::BackupRequest {
                 dest: dest.clone(),
                 force,
+                comment,
             };
-            let response = super::governance::via_daemon_within(config, &request, COPY_WITHIN)?;
-            if let Some(e) = response.error {
-                bail!("{e}");
-            }
-            let Some(report) = response.backup else {
-                bail!(
-                    "the running daemon answered without a backup report; is it an older steward?"
-                );
-            };
+            let report = daemon
+                .post::<BackupReport>(&["backup"], &request)
+                .await?
+                .map_err(client::refused)?;
             (report, "the running daemon")
         }
-        Err(e) => return Err(e.into()),
     };
     print(&report, by, json)
 }
@@ -81,6 +77,7 @@ pub(super) fn command(
     dest: &Path,
     force: bool,
     json: bool,
+    comment: Option<String>,
 ) -> std::process::ExitCode {
     let config = match steward_sinks::config::load(config) {
         Ok(c) => c,
@@ -89,7 +86,17 @@ pub(super) fn command(
             return std::process::ExitCode::from(2);
         }
     };
-    match run(&config, dest, force, json) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(&config, dest, force, json, comment)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -1,19 +1,15 @@
 //! `steward dlq list|show|replay|drop` and `steward flush`: operate on a
 //! target's dead-letter queue and batch windows, whether or not the daemon
-//! runs. When it is stopped the store is opened directly; while it runs (the
-//! store is locked) the request goes to the target's driver as a file (see
+//! runs. When it is stopped the store is opened directly; while it runs the
+//! request goes through its control API (to the target's driver, see
 //! `sinks::requests`) and its answer is printed.
 
-use std::time::Duration;
-
+use super::client::{self, Access};
 use super::out::outln;
+use crate::daemon::api::wire;
 use steward_core::config::Config;
 use steward_sinks::requests::{self, Request, Response};
-use steward_store::{DeadLetter, DlqFilter, Store, StoreError};
-
-/// How long to wait for a running daemon's answer; drivers poll every 0.5 s,
-/// but one may be busy settling a large batch.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+use steward_store::{DeadLetter, DlqFilter};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Action {
@@ -30,6 +26,7 @@ pub(super) async fn run(
     action: Action,
     filter: DlqFilter,
     all: bool,
+    comment: Option<String>,
 ) -> anyhow::Result<()> {
     if config.target(target).is_none() {
         let names: Vec<&str> = config.targets.iter().map(|t| t.name.as_str()).collect();
@@ -65,25 +62,13 @@ pub(super) async fn run(
             config.state.path.display()
         );
     }
-    // A running daemon answers: opening the state file could make it wait.
-    let running = crate::daemon::status::running_daemon(&config).is_some();
-    let opened = if running {
-        Err(StoreError::Locked {
-            path: config.state.path.clone(),
-        })
-    } else {
-        Store::open(&config.state.path)
-    };
-    let response = match opened {
-        Ok(store) => {
+    let response = match client::access(&config).await? {
+        Access::Store(store) => {
             let r = requests::apply(&store, target, &request)?;
             drop(store);
             r
         }
-        Err(StoreError::Locked { .. }) => {
-            requests::submit(&config.state.path, target, &request, ANSWER_TIMEOUT).await?
-        }
-        Err(e) => return Err(e.into()),
+        Access::Daemon(daemon) => via_api(&daemon, target, &request, all, comment).await?,
     };
     match (action, response) {
         (_, Response::Error { message }) => anyhow::bail!("the daemon refused the request: {message}"),
@@ -106,6 +91,52 @@ pub(super) async fn run(
         (_, Response::Flushed) => outln!("flush of target {target} requested: its batch windows open now (or at the next start if the daemon is stopped)"),
     }
     Ok(())
+}
+
+/// The API's answer in the shape the store's answer has.
+async fn via_api(
+    daemon: &client::Client,
+    target: &str,
+    request: &Request,
+    all: bool,
+    comment: Option<String>,
+) -> anyhow::Result<Response> {
+    let dlq = [target, "dead-letters"];
+    let action = |filter: &DlqFilter| wire::DlqAction {
+        filter: filter.clone(),
+        all,
+        comment: comment.clone(),
+    };
+    let answer = match request {
+        Request::List { filter } => {
+            let query = [
+                ("entity", filter.entity.clone()),
+                ("key", filter.key.clone()),
+                ("id", filter.id.map(|i| i.to_string())),
+            ];
+            daemon
+                .get::<wire::DeadLetters>(&["targets", dlq[0], dlq[1]], &query)
+                .await?
+                .map(|l| Response::DeadLetters {
+                    entries: l.dead_letters,
+                })
+        }
+        Request::Replay { filter } => daemon
+            .post::<wire::Count>(&["targets", dlq[0], dlq[1], "replay"], &action(filter))
+            .await?
+            .map(|c| Response::Replayed { count: c.count }),
+        Request::Drop { filter } => daemon
+            .post::<wire::Count>(&["targets", dlq[0], dlq[1], "drop"], &action(filter))
+            .await?
+            .map(|c| Response::Dropped { count: c.count }),
+        Request::Flush => daemon
+            .post::<()>(&["targets", target, "flush"], &wire::Action { comment })
+            .await?
+            .map(|()| Response::Flushed),
+    };
+    Ok(answer.unwrap_or_else(|f| Response::Error {
+        message: f.error.message,
+    }))
 }
 
 fn filter_id(r: &Request) -> String {

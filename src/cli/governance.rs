@@ -1,83 +1,112 @@
-//! `steward quarantine list|show|release` and `steward audit`: against the
-//! state file directly when the daemon is stopped, or through a request
-//! file the running daemon answers within 2 s (redb admits one process).
+//! `steward quarantine list|show|release` and `steward audit`: through the
+//! running daemon's control API, or against the state file directly when
+//! the daemon is stopped.
 
-use std::time::{Duration, Instant};
+use anyhow::bail;
 
-use anyhow::{bail, Context};
-
+use super::client::{self, Access};
 use super::out::outln;
-use crate::daemon::govern::{answer_offline, requests_dir, Request, Response};
+use crate::daemon::api::wire;
+use crate::daemon::govern::{answer_offline, Request, Response};
 use steward_core::config::Config;
 use steward_store::governance::QuarantineEntry;
-use steward_store::{Store, StoreError};
 
 /// Builds the request (parsing arguments may fail).
 pub(super) type RequestFn = Box<dyn FnOnce() -> anyhow::Result<Request>>;
 
-/// Runs `req` and returns the answer.
-pub(super) fn request(config: &Config, req: Request) -> anyhow::Result<Response> {
-    // A running daemon answers: opening the state file could make it wait.
-    if crate::daemon::status::running_daemon(config).is_some() {
-        return via_daemon(config, &req);
-    }
-    match Store::open(&config.state.path) {
-        Ok(store) => answer_offline(config, &store, req),
-        Err(StoreError::Locked { .. }) => via_daemon(config, &req),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// How long a running daemon may take to pick up a request (it looks every second).
-const PICK_UP: Duration = Duration::from_secs(15);
-
-fn via_daemon(config: &Config, req: &Request) -> anyhow::Result<Response> {
-    via_daemon_within(config, req, PICK_UP)
-}
-
-/// Hands `req` to the running daemon; once it has taken the request, waits
-/// up to `work` (from the start) for the answer.
-pub(super) fn via_daemon_within(
+/// Runs `req` and returns the answer; `comment` goes with a release into
+/// the audit trail.
+pub(super) async fn request(
     config: &Config,
-    req: &Request,
-    work: Duration,
+    req: Request,
+    comment: Option<String>,
 ) -> anyhow::Result<Response> {
-    let dir = requests_dir(config);
-    steward_store::files::create_dir_all(&dir)
-        .with_context(|| format!("cannot create the request directory {}", dir.display()))?;
-    let id = format!(
-        "{}-{}",
-        std::process::id(),
-        chrono::Utc::now().timestamp_micros()
-    );
-    let tmp = dir.join(format!("{id}.tmp"));
-    let path = dir.join(format!("{id}.req"));
-    steward_store::files::write_atomically(&tmp, &path, &serde_json::to_vec(req)?)
-        .with_context(|| format!("cannot write the request {}", path.display()))?;
-    let resp = dir.join(format!("{id}.resp"));
-    let start = Instant::now();
-    loop {
-        if let Ok(bytes) = std::fs::read(&resp) {
-            let _ = std::fs::remove_file(&resp);
-            return Ok(serde_json::from_slice(&bytes)?);
+    match client::access(config).await? {
+        Access::Daemon(daemon) => via_api(&daemon, req, comment).await,
+        Access::Store(store) => {
+            let response = answer_offline(config, &store, req, comment);
+            drop(store);
+            response
         }
-        let waiting = path.exists();
-        if waiting && start.elapsed() > PICK_UP {
-            let _ = std::fs::remove_file(&path);
-            bail!(
-                "the state file is in use but no daemon answered within {} s; is `steward run` for {} healthy?",
-                PICK_UP.as_secs(),
-                config.state.path.display()
-            )
-        }
-        if !waiting && start.elapsed() > work.max(PICK_UP) {
-            bail!(
-                "the daemon took the request but did not answer within {} s; see its log",
-                work.as_secs()
-            )
-        }
-        std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The API's answer in the shape a stopped daemon's answer has.
+async fn via_api(
+    daemon: &client::Client,
+    req: Request,
+    comment: Option<String>,
+) -> anyhow::Result<Response> {
+    let failed = |f: client::ApiFailure| Response {
+        error: Some(f.error.message),
+        ..Response::default()
+    };
+    Ok(match req {
+        Request::QuarantineList { blocked_by } => {
+            match daemon
+                .get::<wire::QuarantineList>(&["quarantine"], &[("blocked_by", blocked_by)])
+                .await?
+            {
+                Ok(list) => Response {
+                    quarantine: list.quarantine,
+                    ..Response::default()
+                },
+                Err(f) => failed(f),
+            }
+        }
+        Request::QuarantineShow { entity, key } => {
+            match daemon
+                .get::<wire::QuarantineList>(&["quarantine", &entity, &key], &[])
+                .await?
+            {
+                Ok(list) => Response {
+                    quarantine: list.quarantine,
+                    ..Response::default()
+                },
+                Err(f) => failed(f),
+            }
+        }
+        Request::QuarantineRelease { entity, key } => {
+            let answer = daemon
+                .post::<wire::Released>(
+                    &["quarantine", &entity, &key, "release"],
+                    &wire::Action { comment },
+                )
+                .await?;
+            match answer {
+                Ok(released) => Response {
+                    message: Some(released.message),
+                    events: released.events,
+                    ..Response::default()
+                },
+                // Still failing: the message is the outcome, as offline.
+                Err(f) if f.error.code == "still_quarantined" => Response {
+                    message: Some(f.error.message.clone()),
+                    error: Some(f.error.message),
+                    ..Response::default()
+                },
+                Err(f) => failed(f),
+            }
+        }
+        Request::Audit(filter) => {
+            let query = [
+                ("entity", filter.entity),
+                ("key", filter.key),
+                ("target", filter.target),
+                ("decision", filter.decision),
+                ("user", filter.user),
+                ("since_micros", filter.since_micros.map(|s| s.to_string())),
+                ("limit", filter.limit.map(|l| l.to_string())),
+            ];
+            match daemon.get::<wire::AuditList>(&["audit"], &query).await? {
+                Ok(list) => Response {
+                    audit: list.audit,
+                    ..Response::default()
+                },
+                Err(f) => failed(f),
+            }
+        }
+    })
 }
 
 /// `--since`: RFC 3339, a date (YYYY-MM-DD, UTC midnight), or a duration back from now (30m, 12h, 7d).
@@ -133,8 +162,18 @@ pub(super) fn print(mut resp: Response, json: bool) -> anyhow::Result<bool> {
         let time = chrono::DateTime::from_timestamp_micros(a.time_micros)
             .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
             .unwrap_or_default();
+        let by = a
+            .user
+            .as_deref()
+            .map(|u| format!("  by {u}"))
+            .unwrap_or_default();
+        let comment = a
+            .comment
+            .as_deref()
+            .map(|c| format!("  \"{c}\""))
+            .unwrap_or_default();
         outln!(
-            "{time}  {} {}  v{}  {}  {}  {}",
+            "{time}  {} {}  v{}  {}  {}  {}{by}{comment}",
             a.entity,
             a.key,
             a.version,

@@ -4,6 +4,7 @@
 //! 3 damaged state file (see [`EXIT_DAMAGED_STATE`]).
 
 mod backup;
+mod client;
 #[cfg(feature = "demo")]
 mod demo;
 mod dlq;
@@ -75,6 +76,9 @@ enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Why, for the audit trail.
+        #[arg(long, value_name = "TEXT")]
+        comment: Option<String>,
     },
     /// Print the SQL an administrator runs once for a least-privilege role and publication.
     SetupSql {
@@ -92,6 +96,9 @@ enum Command {
         config: PathBuf,
         #[arg(long, value_name = "T")]
         target: String,
+        /// Why, for the audit trail.
+        #[arg(long, value_name = "TEXT")]
+        comment: Option<String>,
     },
     /// Records withheld by validation rules or duplicate business keys.
     Quarantine {
@@ -109,6 +116,15 @@ enum Command {
         /// RFC 3339 time, a date, or a duration back from now (30m, 12h, 7d).
         #[arg(long)]
         since: Option<String>,
+        /// Only decisions about this target.
+        #[arg(long, value_name = "T")]
+        target: Option<String>,
+        /// Only this decision (delivered, quarantined, released, dlq_replayed, reset, ...).
+        #[arg(long)]
+        decision: Option<String>,
+        /// Only actions of this user.
+        #[arg(long)]
+        user: Option<String>,
         /// Only the last N records.
         #[arg(long)]
         limit: Option<usize>,
@@ -131,6 +147,9 @@ enum Command {
         /// Return once the daemon took the request instead of following its progress.
         #[arg(long)]
         no_wait: bool,
+        /// Why, for the audit trail.
+        #[arg(long, value_name = "TEXT")]
+        comment: Option<String>,
     },
     /// Run a self-contained demo: throwaway PostgreSQL with Odoo data, a local receiver, live changes.
     #[cfg(feature = "demo")]
@@ -172,6 +191,9 @@ struct DlqArgs {
     /// With `drop` and no selection: every dead letter of the target.
     #[arg(long)]
     all: bool,
+    /// With `replay` and `drop`: why, for the audit trail.
+    #[arg(long, value_name = "TEXT")]
+    comment: Option<String>,
 }
 
 /// Exit code when the state file is damaged (or written by an incompatible
@@ -232,12 +254,16 @@ enum QuarantineAction {
         key: String,
         #[arg(long)]
         json: bool,
+        /// Why, for the audit trail.
+        #[arg(long, value_name = "TEXT")]
+        comment: Option<String>,
     },
 }
 
 fn governance_command(
     config: &std::path::Path,
     req: governance::RequestFn,
+    comment: Option<String>,
     json: bool,
 ) -> ExitCode {
     let config = match steward_sinks::config::load(config) {
@@ -247,8 +273,18 @@ fn governance_command(
             return ExitCode::from(2);
         }
     };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = req()
-        .and_then(|r| governance::request(&config, r))
+        .and_then(|r| runtime.block_on(governance::request(&config, r, comment)))
         .and_then(|resp| governance::print(resp, json));
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -300,7 +336,8 @@ pub fn main() -> ExitCode {
             dest,
             force,
             json,
-        } => backup::command(&config, &dest, force, json),
+            comment,
+        } => backup::command(&config, &dest, force, json, comment),
         Command::SetupSql { config } => match steward_sinks::config::load(&config) {
             Ok(c) => {
                 out::text(&setup_sql::script(&c));
@@ -323,6 +360,7 @@ pub fn main() -> ExitCode {
                     governance_command(
                         &config,
                         Box::new(move || Ok(Request::QuarantineList { blocked_by })),
+                        None,
                         json,
                     )
                 }
@@ -334,6 +372,7 @@ pub fn main() -> ExitCode {
                 } => governance_command(
                     &config,
                     Box::new(move || Ok(Request::QuarantineShow { entity, key })),
+                    None,
                     json,
                 ),
                 QuarantineAction::Release {
@@ -341,9 +380,11 @@ pub fn main() -> ExitCode {
                     entity,
                     key,
                     json,
+                    comment,
                 } => governance_command(
                     &config,
                     Box::new(move || Ok(Request::QuarantineRelease { entity, key })),
+                    comment,
                     json,
                 ),
             }
@@ -353,19 +394,28 @@ pub fn main() -> ExitCode {
             entity,
             key,
             since,
+            target,
+            decision,
+            user,
             limit,
             json,
         } => governance_command(
             &config,
             Box::new(move || {
                 let since_micros = since.as_deref().map(governance::parse_since).transpose()?;
-                Ok(crate::daemon::govern::Request::Audit {
-                    entity,
-                    key,
-                    since_micros,
-                    limit,
-                })
+                Ok(crate::daemon::govern::Request::Audit(
+                    steward_store::audit::AuditFilter {
+                        entity,
+                        key,
+                        since_micros,
+                        target,
+                        decision,
+                        user,
+                        limit,
+                    },
+                ))
             }),
+            None,
             json,
         ),
         Command::Reset {
@@ -374,6 +424,7 @@ pub fn main() -> ExitCode {
             entities,
             all,
             no_wait,
+            comment,
         } => {
             let config = match steward_sinks::config::load(&config) {
                 Ok(c) => c,
@@ -387,6 +438,7 @@ pub fn main() -> ExitCode {
                 entities,
                 all,
                 wait: !no_wait,
+                comment,
             };
             run_blocking(reset::run(config, args))
         }
@@ -408,11 +460,15 @@ pub fn main() -> ExitCode {
                 key: args.key,
                 id: args.id,
             };
-            run_blocking(
-                async move { dlq::run(config, &args.target, action, filter, args.all).await },
-            )
+            run_blocking(async move {
+                dlq::run(config, &args.target, action, filter, args.all, args.comment).await
+            })
         }
-        Command::Flush { config, target } => {
+        Command::Flush {
+            config,
+            target,
+            comment,
+        } => {
             let config = match load_or_exit(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -424,6 +480,7 @@ pub fn main() -> ExitCode {
                     dlq::Action::Flush,
                     Default::default(),
                     false,
+                    comment,
                 )
                 .await
             })

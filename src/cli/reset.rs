@@ -1,11 +1,10 @@
 //! `steward reset -c FILE --target NAME [--entity E ...] [--all]`:
 //! resynchronise a target from a fresh consistent snapshot.
 //!
-//! Against a running daemon the request is a file in
-//! `<state path>.requests/`, picked up within a second; the command then
-//! follows the progress through the daemon's status file (a progress bar on
-//! a terminal, a line every few seconds otherwise). Against a stopped daemon
-//! it records the jobs in the store; they run at the next start.
+//! Against a running daemon the request goes through its control API; the
+//! command then follows the progress there (a progress bar on a terminal, a
+//! line every few seconds otherwise). Against a stopped daemon it records
+//! the jobs in the store; they run at the next start.
 //!
 //! `--all` (daemon stopped only) drops and recreates the replication slot at
 //! the next start and resnapshots every target: the way out after the slot
@@ -14,28 +13,26 @@
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 
+use super::client::{self, Access};
+use crate::daemon::api::wire;
 use crate::daemon::snapshot::{self, ResetRequest, SnapshotStatusLine};
-use crate::daemon::status;
 use steward_core::config::Config;
-use steward_store::{SnapshotPhase, Store, StoreError};
+use steward_store::{SnapshotPhase, Store};
 
 pub(super) struct ResetArgs {
     pub target: Option<String>,
     pub entities: Vec<String>,
     pub all: bool,
     pub wait: bool,
+    pub comment: Option<String>,
 }
 
 pub(super) async fn run(config: Config, args: ResetArgs) -> anyhow::Result<()> {
-    if status::running_daemon(&config).is_some() {
-        return online(&config, &args).await;
-    }
-    match Store::open(&config.state.path) {
-        Ok(store) => offline(&config, &store, &args),
-        Err(StoreError::Locked { .. }) => online(&config, &args).await,
-        Err(e) => Err(e.into()),
+    match client::access(&config).await? {
+        Access::Daemon(daemon) => online(&config, &daemon, &args).await,
+        Access::Store(store) => offline(&config, &store, &args),
     }
 }
 
@@ -75,8 +72,8 @@ fn request(args: &ResetArgs) -> anyhow::Result<ResetRequest> {
     })
 }
 
-/// The daemon runs: hand it a request file and follow the progress.
-async fn online(config: &Config, args: &ResetArgs) -> anyhow::Result<()> {
+/// The daemon runs: ask it through the control API and follow the progress.
+async fn online(config: &Config, daemon: &client::Client, args: &ResetArgs) -> anyhow::Result<()> {
     if args.all {
         bail!(
             "reset --all replaces the replication slot and needs the daemon stopped: stop steward \
@@ -84,51 +81,28 @@ async fn online(config: &Config, args: &ResetArgs) -> anyhow::Result<()> {
         );
     }
     let request = request(args)?;
-    let entities = snapshot::resolve_request(config, &request)?;
-    let dir = snapshot::requests_dir(config);
-    steward_store::files::create_dir_all(&dir)
-        .with_context(|| format!("cannot create the request directory {}", dir.display()))?;
-    let stamp = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
-    let file = dir.join(format!("reset-{stamp}.json"));
-    let tmp = file.with_extension("tmp");
-    steward_store::files::write_atomically(&tmp, &file, &serde_json::to_vec(&request)?)
-        .with_context(|| format!("cannot write the request {}", file.display()))?;
-
-    // Picked up within a second by the daemon's snapshot task.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while file.exists() {
-        if Instant::now() > deadline {
-            bail!(
-                "the daemon did not pick up {} within 30 s; is it running this configuration?",
-                file.display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let requested_at = chrono::Utc::now();
-    let error = file.with_extension("error");
-    if let Ok(text) = std::fs::read_to_string(&error) {
-        let _ = std::fs::remove_file(&error);
-        bail!("the daemon rejected the reset: {text}");
-    }
+    snapshot::resolve_request(config, &request)?;
+    let body = wire::ResetRequest {
+        entities: request.entities.clone(),
+        comment: args.comment.clone(),
+    };
+    let started = daemon
+        .post::<wire::ResetStarted>(&["targets", &request.target, "reset"], &body)
+        .await?
+        .map_err(|f| anyhow::anyhow!("the daemon rejected the reset: {}", f.error.message))?;
     println!(
         "target '{}': resynchronising {}",
-        request.target,
-        entities.join(", ")
+        started.target,
+        started.entities.join(", ")
     );
     if !args.wait {
         return Ok(());
     }
-    follow(config, &request.target, &entities, requested_at).await
+    follow(daemon, &started.target, &started.entities).await
 }
 
-/// Progress bar over every job of the reset, fed by the status file.
-async fn follow(
-    config: &Config,
-    target: &str,
-    entities: &[String],
-    since: chrono::DateTime<chrono::Utc>,
-) -> anyhow::Result<()> {
+/// Progress bar over every job of the reset, fed by the control API.
+async fn follow(daemon: &client::Client, target: &str, entities: &[String]) -> anyhow::Result<()> {
     let tty = std::io::stderr().is_terminal();
     let bar = indicatif::ProgressBar::new(0);
     if tty {
@@ -145,15 +119,25 @@ async fn follow(
     bar.set_message(target.to_string());
     let mut last_line = Instant::now();
     loop {
-        let Some(file) = status::read(config) else {
-            bar.abandon();
-            bail!("the daemon stopped; the reset continues at its next start (see steward status)");
+        let snapshots = match daemon.get::<wire::Snapshots>(&["snapshots"], &[]).await {
+            Ok(Ok(s)) => s.snapshots,
+            // Between the runs of a reload the daemon answers "starting".
+            Ok(Err(f)) if f.error.code == "starting" => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Ok(Err(f)) => {
+                bar.abandon();
+                bail!("the daemon cannot report the progress: {}", f.error.message);
+            }
+            Err(_) => {
+                bar.abandon();
+                bail!(
+                    "the daemon stopped; the reset continues at its next start (see steward status)"
+                );
+            }
         };
-        let fresh = chrono::DateTime::parse_from_rfc3339(&file.written_at)
-            .map(|t| t.with_timezone(&chrono::Utc) > since)
-            .unwrap_or(false);
-        let lines: Vec<&SnapshotStatusLine> = file
-            .snapshots
+        let lines: Vec<&SnapshotStatusLine> = snapshots
             .iter()
             .filter(|s| s.target == target && entities.contains(&s.entity))
             .collect();
@@ -171,10 +155,7 @@ async fn follow(
         if let Some(err) = lines.iter().find_map(|s| s.last_error.clone()) {
             eprintln!("{target}: snapshot error (retrying): {err}");
         }
-        if fresh
-            && lines.len() == entities.len()
-            && lines.iter().all(|s| s.phase == SnapshotPhase::Done)
-        {
+        if lines.len() == entities.len() && lines.iter().all(|s| s.phase == SnapshotPhase::Done) {
             bar.finish();
             println!("target '{target}': snapshot complete, {done} rows queued");
             return Ok(());

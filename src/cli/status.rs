@@ -1,10 +1,12 @@
 //! `steward status`: the slot and lag as the server sees them, and each
 //! target's backlog, from the store when the daemon is stopped or from the
-//! daemon's status file while it runs (it holds the store locked).
+//! daemon's control API while it runs (it holds the store locked).
 
 use serde::Serialize;
 
-use crate::daemon::{self, TargetStatusLine};
+use super::client;
+use crate::daemon;
+use crate::daemon::api::wire::{self, TargetStatusLine};
 use steward_core::config::Config;
 use steward_source::slot;
 use steward_store::{Store, StoreError, TargetStats};
@@ -49,7 +51,7 @@ struct SourceReport {
 pub(super) async fn run(config: Config, json: bool) -> anyhow::Result<()> {
     // The state file is read (and released) before the network is asked
     // anything, so it is held for milliseconds, not for a connection timeout.
-    let local = local_view(&config)?;
+    let local = local_view(&config).await?;
     let source = source_view(&config).await;
     let report = Report {
         daemon: local.daemon,
@@ -68,7 +70,7 @@ pub(super) async fn run(config: Config, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What the state file (or the running daemon's status file) says.
+/// What the state file (or the running daemon) says.
 struct LocalView {
     daemon: DaemonReport,
     targets: Vec<TargetStatusLine>,
@@ -76,13 +78,16 @@ struct LocalView {
     stopped_entities: Vec<daemon::schema::StoppedEntity>,
 }
 
-/// A running daemon is asked through its status file and the state file is
+/// A running daemon is asked through its control API and the state file is
 /// not touched: opening it, even briefly, could make a starting daemon wait.
 /// Otherwise the state file is opened once and closed before returning.
-fn local_view(config: &Config) -> anyhow::Result<LocalView> {
+async fn local_view(config: &Config) -> anyhow::Result<LocalView> {
     let store_path = config.state.path.display().to_string();
-    if let Some(file) = daemon::status::running_daemon(config) {
-        return Ok(from_status_file(store_path, Some(file), None));
+    if let Some(daemon) = client::connect(config).await? {
+        match daemon.get::<wire::Status>(&["status"], &[]).await? {
+            Ok(status) => return Ok(from_daemon(store_path, Some(status), None)),
+            Err(f) => anyhow::bail!("the daemon cannot report its status: {}", f.error.message),
+        }
     }
     if !config.state.path.exists() {
         let targets = config
@@ -134,25 +139,17 @@ fn local_view(config: &Config) -> anyhow::Result<LocalView> {
                 stopped_entities,
             })
         }
-        // Held by a process that wrote no status file (yet): a daemon
-        // starting, or another command.
+        // Held by a process that serves no control socket: another command
+        // (or a daemon of a steward without one).
         Err(StoreError::Locked { .. }) => {
             let holder = daemon::lock::holder(&config.state.path).map(|h| h.pid);
-            Ok(from_status_file(
-                store_path,
-                daemon::status::read(config),
-                holder,
-            ))
+            Ok(from_daemon(store_path, None, holder))
         }
         Err(e) => Err(e.into()),
     }
 }
 
-fn from_status_file(
-    store_path: String,
-    file: Option<daemon::StatusFile>,
-    holder: Option<u32>,
-) -> LocalView {
+fn from_daemon(store_path: String, file: Option<wire::Status>, holder: Option<u32>) -> LocalView {
     let daemon = DaemonReport {
         running: true,
         starting: file.as_ref().is_some_and(|f| f.starting),
@@ -160,7 +157,7 @@ fn from_status_file(
         checkpoint: file
             .as_ref()
             .filter(|f| !f.starting)
-            .map(|f| f.durable_lsn.clone()),
+            .and_then(|f| f.durable_lsn.clone()),
         source_connected: file.as_ref().map(|f| f.source_connected),
         last_source_error: file.as_ref().and_then(|f| f.last_source_error.clone()),
         store_path,

@@ -594,6 +594,8 @@ entities = ["product"]
                 target: None,
                 decision: "released".into(),
                 detail: String::new(),
+                user: None,
+                comment: None,
             })],
         }
     }

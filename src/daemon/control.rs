@@ -18,7 +18,7 @@ use std::sync::Arc;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 
-use super::{endpoint, systemd, DaemonState};
+use super::{api, endpoint, systemd, DaemonState};
 use steward_core::config::Config;
 
 /// What ended one daemon run.
@@ -33,6 +33,11 @@ pub async fn run(path: PathBuf, mut config: Config) -> anyhow::Result<()> {
     let mut signals =
         Signals::new().map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
     let state = Arc::new(DaemonState::default());
+    steward_store::files::refuse_shared_state_file(&config.state.path)?;
+    // Bound for the whole process, reloads included: while it exists the
+    // command line leaves the state file to this daemon.
+    let control = Arc::new(api::Server::bind(&config, state.clone())?);
+    let socket = (config.control_socket(), config.control.group.clone());
     let listen = config.metrics.listen;
     if let Some(addr) = listen {
         endpoint::serve(addr, state.clone()).await?;
@@ -42,7 +47,12 @@ pub async fn run(path: PathBuf, mut config: Config) -> anyhow::Result<()> {
     let result = loop {
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let timeout = config.daemon.shutdown_timeout;
-        let mut daemon = tokio::spawn(super::run_with(config.clone(), shutdown_rx, state.clone()));
+        let mut daemon = tokio::spawn(super::run_with(
+            config.clone(),
+            shutdown_rx,
+            state.clone(),
+            control.clone(),
+        ));
         let next = loop {
             tokio::select! {
                 finished = &mut daemon => {
@@ -101,6 +111,12 @@ pub async fn run(path: PathBuf, mut config: Config) -> anyhow::Result<()> {
                         "metrics.listen changed: the listener keeps its old address until steward restarts"
                     );
                 }
+                if (new.control_socket(), new.control.group.clone()) != socket {
+                    tracing::warn!(
+                        "control.socket or control.group changed: the control socket keeps its old \
+                         path and group until steward restarts"
+                    );
+                }
                 config = *new;
                 metrics::counter!(steward_core::metric::CONFIG_RELOADS, "result" => "applied")
                     .increment(1);
@@ -114,6 +130,7 @@ pub async fn run(path: PathBuf, mut config: Config) -> anyhow::Result<()> {
         }
     };
     notifier.abort();
+    control.close().await;
     result
 }
 

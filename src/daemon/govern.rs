@@ -1,13 +1,10 @@
 //! Governance around the consume loop: start-up (state load, first read of
-//! referenced tables), audit pruning, and operator requests for a running
-//! daemon (`steward quarantine ...` / `steward audit ...` write a request
-//! file next to the state file; the loop answers within 2 s).
-//!
-//! Request protocol: the CLI writes `<state>.requests/<id>.req` (JSON
-//! [`Request`], written to a temporary name then renamed), the daemon
-//! writes `<id>.resp` (JSON [`Response`]) and removes the request.
+//! referenced tables), audit pruning, and quarantine requests: the control
+//! API hands them to the consume loop, which owns the governance state, as
+//! [`GovCall`]s; a stopped daemon's command line answers them itself
+//! ([`answer_offline`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -19,15 +16,98 @@ use steward_core::pipeline::{snapshot_mapped, Governance, Pipeline};
 use steward_source::snapshot as source_snapshot;
 use steward_store::audit::AuditFilter;
 use steward_store::backup::BackupReport;
-use steward_store::governance::{AuditRecord, GovDelta, QuarantineEntry};
+use steward_store::governance::{AuditRecord, GovDelta, GovOp, QuarantineEntry};
 use steward_store::Store;
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "snake_case")]
+/// A quarantine request for the consume loop, from the control API.
+pub struct GovCall {
+    /// Only quarantine requests come this way (the API reads the audit
+    /// trail and takes backups itself).
+    pub request: Request,
+    /// Who asks; recorded with the audit records an action produces.
+    pub actor: Actor,
+    pub reply: tokio::sync::oneshot::Sender<Response>,
+}
+
+/// The person behind an action, for the audit trail.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Actor {
+    /// The Unix user name (or `uid N` when the user has no name).
+    pub user: String,
+    pub comment: Option<String>,
+}
+
+impl Actor {
+    /// The user running this process (the command line on a stopped daemon).
+    pub fn current(comment: Option<String>) -> Actor {
+        Actor {
+            user: user_name(nix::unistd::getuid().as_raw()),
+            comment,
+        }
+    }
+
+    /// An audit record of this actor's action.
+    pub fn record(
+        &self,
+        entity: &str,
+        key: &str,
+        target: Option<&str>,
+        decision: &str,
+        detail: String,
+    ) -> AuditRecord {
+        AuditRecord {
+            time_micros: chrono::Utc::now().timestamp_micros(),
+            entity: entity.to_string(),
+            key: key.to_string(),
+            version: 0,
+            target: target.map(str::to_string),
+            decision: decision.to_string(),
+            detail,
+            user: Some(self.user.clone()),
+            comment: self.comment.clone(),
+        }
+    }
+
+    /// Names this actor on every audit record of `delta`: the decisions a
+    /// release produced are the person's doing. When the release produced
+    /// none (it still fails without a new decision), the attempt itself is
+    /// recorded.
+    pub fn stamp_release(
+        &self,
+        delta: &mut GovDelta,
+        entity: &str,
+        key: &str,
+        version: Lsn,
+        outcome: &str,
+    ) {
+        let mut any = false;
+        for op in &mut delta.ops {
+            if let GovOp::Audit(record) = op {
+                record.user = Some(self.user.clone());
+                record.comment.clone_from(&self.comment);
+                any = true;
+            }
+        }
+        if !any {
+            let mut record = self.record(entity, key, None, "release_refused", outcome.to_string());
+            record.version = version.0;
+            delta.ops.push(GovOp::Audit(record));
+        }
+    }
+}
+
+/// The name of Unix user `uid`, or `uid N` when it has none.
+pub fn user_name(uid: u32) -> String {
+    match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+        Ok(Some(user)) => user.name,
+        _ => format!("uid {uid}"),
+    }
+}
+
+#[derive(Clone, Debug)]
 pub enum Request {
     QuarantineList {
         /// `entity key`: only the records held back by that record.
-        #[serde(default)]
         blocked_by: Option<String>,
     },
     QuarantineShow {
@@ -38,18 +118,7 @@ pub enum Request {
         entity: String,
         key: String,
     },
-    Audit {
-        entity: Option<String>,
-        key: Option<String>,
-        since_micros: Option<i64>,
-        limit: Option<usize>,
-    },
-    /// `steward backup`: a consistent copy of the state file at `dest` (absolute).
-    Backup {
-        dest: PathBuf,
-        #[serde(default)]
-        force: bool,
-    },
+    Audit(AuditFilter),
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -59,14 +128,9 @@ pub struct Response {
     pub audit: Vec<AuditRecord>,
     /// For a release: what happened.
     pub message: Option<String>,
-    #[serde(default)]
-    pub backup: Option<BackupReport>,
-}
-
-pub fn requests_dir(config: &Config) -> PathBuf {
-    let mut p = config.state.path.clone().into_os_string();
-    p.push(".requests");
-    PathBuf::from(p)
+    /// For a release: how many events it queued for delivery.
+    #[serde(skip)]
+    pub events: usize,
 }
 
 /// Builds the governance, restores its state and tells the pipeline which rows to capture.
@@ -293,63 +357,8 @@ async fn seed_filtered(
     Ok(n)
 }
 
-/// Answers pending request files. Releases produce events and state
-/// changes, returned for the committer (`version` is the latest commit LSN).
-pub fn handle_requests(
-    config: &Config,
-    store: &Store,
-    governance: &mut Governance,
-    version: Lsn,
-) -> Vec<(TargetIndex, Event)> {
-    let dir = requests_dir(config);
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Vec::new();
-    };
-    let mut events = Vec::new();
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("req") {
-            continue;
-        }
-        let response = match std::fs::read(&path)
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice::<Request>(&b).map_err(|e| e.to_string()))
-        {
-            Ok(Request::Backup { dest, force }) => {
-                // Taken at once (the command line then waits as long as the
-                // copy takes); copied on a thread of its own so that the loop
-                // waits only where it needs the state file during the copy.
-                let _ = std::fs::remove_file(&path);
-                let store = store.clone();
-                let resp = path.with_extension("resp");
-                let spawned = std::thread::Builder::new()
-                    .name("steward-backup".into())
-                    .spawn(move || write_response(&resp, &backup(&store, &dest, force)));
-                if let Err(e) = spawned {
-                    write_response(
-                        &path.with_extension("resp"),
-                        &Response {
-                            error: Some(format!("cannot start the backup: {e}")),
-                            ..Response::default()
-                        },
-                    );
-                }
-                continue;
-            }
-            Ok(req) => answer(store, governance, version, req, &mut events),
-            Err(e) => Response {
-                error: Some(format!("unreadable request: {e}")),
-                ..Response::default()
-            },
-        };
-        let _ = std::fs::remove_file(&path);
-        write_response(&path.with_extension("resp"), &response);
-    }
-    events
-}
-
 /// Runs a backup and logs its outcome.
-pub fn backup(store: &Store, dest: &Path, force: bool) -> Response {
+pub fn backup(store: &Store, dest: &Path, force: bool) -> anyhow::Result<BackupReport> {
     let started = std::time::Instant::now();
     match store.backup_to(dest, force) {
         Ok(report) => {
@@ -360,29 +369,12 @@ pub fn backup(store: &Store, dest: &Path, force: bool) -> Response {
                 seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
                 "backup of the state file written"
             );
-            Response {
-                backup: Some(report),
-                ..Response::default()
-            }
+            Ok(report)
         }
         Err(e) => {
-            let error = format!("{e:#}");
-            tracing::warn!(path = %dest.display(), error = %error, "backup of the state file failed");
-            Response {
-                error: Some(error),
-                ..Response::default()
-            }
+            tracing::warn!(path = %dest.display(), error = %format!("{e:#}"), "backup of the state file failed");
+            Err(e)
         }
-    }
-}
-
-fn write_response(path: &Path, response: &Response) {
-    let tmp = path.with_extension("resp.tmp");
-    let ok = serde_json::to_vec(response)
-        .ok()
-        .and_then(|b| steward_store::files::write_atomically(&tmp, path, &b).ok());
-    if ok.is_none() {
-        tracing::warn!(path = %path.display(), "cannot write a response to an operator request");
     }
 }
 
@@ -428,40 +420,44 @@ pub fn answer(
                     if done.still_failing.is_some() {
                         r.error = r.message.clone();
                     }
+                    r.events = done.events.len();
                     events.extend(done.events);
                 }
                 Err(e) => r.error = Some(e),
             }
         }
-        Request::Audit {
-            entity,
-            key,
-            since_micros,
-            limit,
-        } => match store.audit_query(&AuditFilter {
-            entity,
-            key,
-            since_micros,
-            limit,
-        }) {
+        Request::Audit(filter) => match store.audit_query(&filter) {
             Ok(list) => r.audit = list,
             Err(e) => r.error = Some(e.to_string()),
         },
-        Request::Backup { dest, force } => r = backup(store, &dest, force),
     }
     r
 }
 
 /// Runs a request on a stopped daemon: opens the state file directly and
-/// commits what a release produced.
-pub fn answer_offline(config: &Config, store: &Store, req: Request) -> anyhow::Result<Response> {
+/// commits what a release produced, in the name of this process's user
+/// (with `comment`).
+pub fn answer_offline(
+    config: &Config,
+    store: &Store,
+    req: Request,
+    comment: Option<String>,
+) -> anyhow::Result<Response> {
     let mut pipeline = Pipeline::new(config);
     let mut governance = setup(config, store, &mut pipeline)?;
     let _ = governance.take_delta();
     let version = store.checkpoint()?.unwrap_or(Lsn::ZERO);
     let mut events = Vec::new();
+    let release = match &req {
+        Request::QuarantineRelease { entity, key } => Some((entity.clone(), key.clone())),
+        _ => None,
+    };
     let response = answer(store, &mut governance, version, req, &mut events);
-    let delta: GovDelta = governance.take_delta();
+    let mut delta: GovDelta = governance.take_delta();
+    if let (Some((entity, key)), Some(_)) = (release, &response.message) {
+        let outcome = response.error.clone().unwrap_or_default();
+        Actor::current(comment).stamp_release(&mut delta, &entity, &key, version, &outcome);
+    }
     if !events.is_empty() || !delta.is_empty() {
         let appends: Vec<(&str, &Event)> = events
             .iter()

@@ -10,6 +10,7 @@
 //! transaction already received, let the source confirm that durable LSN to
 //! the server, then stop the drivers at their cursors.
 
+pub mod api;
 mod commit;
 pub mod control;
 mod endpoint;
@@ -20,12 +21,10 @@ mod privileges;
 pub mod schema;
 mod setup;
 pub mod snapshot;
-pub mod status;
 pub mod systemd;
 mod toast;
 
 pub use setup::RESET_ALL_META;
-pub use status::{StatusFile, TargetStatusLine};
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -51,10 +50,17 @@ use commit::{commit_finished, Committer};
 /// keep both cores busy, small enough to bound memory (events are small).
 const SOURCE_CHANNEL_CAPACITY: usize = 2048;
 
+/// Control API requests that may wait for the consume loop or the snapshot
+/// task; more are refused as busy.
+const CONTROL_CHANNEL_CAPACITY: usize = 16;
+
+/// How often old audit records are pruned.
+const AUDIT_PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 /// How often a commit the store refused (disk full) is retried.
 const STORE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Shared, lock-free-ish view of the daemon for the status file and health.
+/// Shared, lock-free-ish view of the daemon for the control API and health.
 #[derive(Default)]
 pub struct DaemonState {
     pub connected: std::sync::atomic::AtomicBool,
@@ -63,13 +69,22 @@ pub struct DaemonState {
     pub health: monitor::Health,
 }
 
-/// Runs until `shutdown` turns true or a permanent error occurs.
+/// Runs until `shutdown` turns true or a permanent error occurs, serving
+/// the control API meanwhile.
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    run_with(config, shutdown, Arc::new(DaemonState::default())).await
+    steward_store::files::refuse_shared_state_file(&config.state.path)?;
+    let state = Arc::new(DaemonState::default());
+    let control = Arc::new(api::Server::bind(&config, state.clone())?);
+    let result = run_with(config, shutdown, state, control.clone()).await;
+    control.close().await;
+    result
 }
 
-/// [`run`] reporting into `state`, which outlives it (metrics listener,
-/// systemd notifications and reloads share it).
+/// [`run`] reporting into `state` and answering through `control`, both of
+/// which outlive it (the metrics listener, systemd notifications, the
+/// control socket and reloads share them). `control` must be bound before
+/// this is called: its socket is what tells the command line that a daemon
+/// owns the state file.
 ///
 /// When it returns, every task it started is joined and the state file is
 /// closed: a reload, or a test, may open it again at once.
@@ -77,22 +92,15 @@ pub async fn run_with(
     config: Config,
     mut shutdown: watch::Receiver<bool>,
     state: Arc<DaemonState>,
+    control: Arc<api::Server>,
 ) -> anyhow::Result<()> {
     steward_store::files::refuse_shared_state_file(&config.state.path)?;
-    status::write_starting(&config);
     let store = match lock::open_store(&config.state.path, &mut shutdown).await {
         Ok(Some(store)) => store,
-        Ok(None) => {
-            status::remove(&config);
-            return Ok(());
-        }
-        Err(e) => {
-            status::remove(&config);
-            return Err(e);
-        }
+        Ok(None) => return Ok(()),
+        Err(e) => return Err(e),
     };
-    let result = run_open(&config, &store, shutdown, &state).await;
-    status::remove(&config);
+    let result = run_open(&config, &store, shutdown, &state, &control).await;
     close_store(store).await;
     result
 }
@@ -127,6 +135,7 @@ async fn run_open(
     store: &Store,
     mut shutdown: watch::Receiver<bool>,
     state: &Arc<DaemonState>,
+    control: &api::Server,
 ) -> anyhow::Result<()> {
     let config = config.clone();
     let store = store.clone();
@@ -163,6 +172,7 @@ async fn run_open(
     // One driver per target, each over its own outbox cursor.
     let (driver_shutdown_tx, driver_shutdown_rx) = watch::channel(false);
     let mut wakers: Vec<Arc<watch::Sender<u64>>> = Vec::new();
+    let mut inboxes = std::collections::HashMap::new();
     let mut drivers: Vec<(String, JoinHandle<anyhow::Result<()>>)> = Vec::new();
     // Every target's sinks are built before any driver starts, so a target
     // that cannot be set up leaves no driver running behind the error.
@@ -177,11 +187,14 @@ async fn run_open(
     }
     for (target, sinks) in config.targets.iter().zip(all_sinks) {
         let (wake_tx, wake_rx) = watch::channel(0u64);
+        let inbox = steward_sinks::requests::Inbox::default();
+        inboxes.insert(target.name.clone(), inbox.clone());
         let handle = tokio::spawn(driver::run_target(
             target.clone(),
             store.clone(),
             sinks,
             wake_rx,
+            inbox,
             driver_shutdown_rx.clone(),
         ));
         let name = target.name.clone();
@@ -197,7 +210,6 @@ async fn run_open(
         wakers.push(Arc::new(wake_tx));
     }
 
-    let status_task = status::spawn_writer(config.clone(), store.clone(), state.clone());
     let monitor_task = monitor::spawn(config.clone(), store.clone(), state.clone());
     let heartbeat_task = config
         .source
@@ -206,6 +218,16 @@ async fn run_open(
     let durable_tx = Arc::new(watch::channel(checkpoint).0);
     // One chunk at a time: the worker waits for each to be governed and committed.
     let (chunk_tx, mut chunk_rx) = mpsc::channel(1);
+    let (reset_tx, reset_rx) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
+    let (gov_tx, mut gov_calls) = mpsc::channel(CONTROL_CHANNEL_CAPACITY);
+    // Detaches on drop, whichever way this run ends.
+    let _attached = control.attach(api::RunHandles {
+        config: config.clone(),
+        store: store.clone(),
+        governance: gov_tx,
+        resets: reset_tx,
+        inboxes,
+    });
     let snapshot_task = tokio::spawn(
         snapshot::Worker {
             config: config.clone(),
@@ -214,6 +236,7 @@ async fn run_open(
             chunks: chunk_tx,
             durable: durable_tx.subscribe(),
             initial: prepared.initial_snapshot.take(),
+            resets: reset_rx,
             shutdown: shutdown.clone(),
         }
         .run(),
@@ -286,6 +309,7 @@ async fn run_open(
             &mut committer,
             rx,
             &mut snapshots,
+            &mut gov_calls,
             &mut shutdown,
         )
         .await;
@@ -362,7 +386,6 @@ async fn run_open(
     // error exit it is stopped here (its progress is in the store).
     snapshot_task.abort();
     let _ = snapshot_task.await;
-    status_task.abort();
     monitor_task.abort();
     if let Some(h) = &heartbeat_task {
         h.abort();
@@ -371,7 +394,6 @@ async fn run_open(
     if let Some(h) = heartbeat_task {
         let _ = h.await;
     }
-    let _ = status_task.await;
     result
 }
 
@@ -479,6 +501,9 @@ struct OpenTxn {
     positions: HashKeyed<usize>,
 }
 
+// The loop's inputs and the state it drives, each borrowed from the session
+// around it: grouping them would only rename the borrows.
+#[allow(clippy::too_many_arguments)]
 async fn consume(
     config: &Config,
     pipeline: &mut Pipeline,
@@ -486,6 +511,7 @@ async fn consume(
     committer: &mut Committer,
     mut rx: mpsc::Receiver<SourceEvent>,
     snapshots: &mut SnapshotIntake<'_>,
+    gov_calls: &mut mpsc::Receiver<govern::GovCall>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<Consumed> {
     let mut open: Option<OpenTxn> = None;
@@ -500,10 +526,11 @@ async fn consume(
     let mut toast = toast::ToastFiller::default();
     // Proof of life for the systemd watchdog, even when no messages arrive.
     let mut alive = tokio::time::interval(Duration::from_secs(1));
-    // Operator requests (quarantine release, audit) and audit pruning.
-    let mut control = tokio::time::interval(Duration::from_secs(1));
-    control.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_prune = Instant::now();
+    let mut prune = tokio::time::interval_at(
+        tokio::time::Instant::now() + AUDIT_PRUNE_EVERY,
+        AUDIT_PRUNE_EVERY,
+    );
+    prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if committer.stalled {
             // The store refused the last commit (disk full, I/O error). Stop
@@ -539,21 +566,12 @@ async fn consume(
                 committer.flush()?;
                 continue;
             }
-            _ = control.tick() => {
-                let version = committer.latest();
-                let events = tokio::task::block_in_place(|| {
-                    govern::handle_requests(config, &committer.store, governance, version)
-                });
-                let delta = take_delta(governance);
-                if !events.is_empty() || !delta.is_empty() {
-                    let appended = !events.is_empty();
-                    committer.batch.extend(events);
-                    committer.add(appended, delta, version)?;
-                }
-                if last_prune.elapsed() > Duration::from_secs(3600) {
-                    last_prune = Instant::now();
-                    tokio::task::block_in_place(|| govern::prune_audit(config, &committer.store));
-                }
+            Some(call) = gov_calls.recv() => {
+                answer_call(governance, committer, call)?;
+                continue;
+            }
+            _ = prune.tick() => {
+                tokio::task::block_in_place(|| govern::prune_audit(config, &committer.store));
                 continue;
             }
             chunk = snapshots.rx.recv(), if snapshots.parked.is_none() => {
@@ -690,6 +708,38 @@ async fn consume(
             }
         }
     }
+}
+
+/// Answers a quarantine request from the control API; what a release
+/// produced joins the batch being committed, in the name of the person who
+/// asked.
+fn answer_call(
+    governance: &mut Governance,
+    committer: &mut Committer,
+    call: govern::GovCall,
+) -> anyhow::Result<()> {
+    let version = committer.latest();
+    let release = match &call.request {
+        govern::Request::QuarantineRelease { entity, key } => Some((entity.clone(), key.clone())),
+        _ => None,
+    };
+    let mut events = Vec::new();
+    let store = committer.store.clone();
+    let response = govern::answer(&store, governance, version, call.request, &mut events);
+    let mut delta = take_delta(governance);
+    if let (Some((entity, key)), Some(_)) = (release, &response.message) {
+        let outcome = response.error.clone().unwrap_or_default();
+        call.actor
+            .stamp_release(&mut delta, &entity, &key, version, &outcome);
+    }
+    if !events.is_empty() || !delta.is_empty() {
+        let appended = !events.is_empty();
+        committer.batch.extend(events);
+        committer.add(appended, delta, version)?;
+    }
+    // The asker may have given up waiting; the release stands anyway.
+    let _ = call.reply.send(response);
+    Ok(())
 }
 
 /// Folds the changes mapped from `txn.mapped[from..]` into the entries of

@@ -257,6 +257,8 @@ fn plan_restore_repair(
                     "state file restored from a backup taken {taken_at} (checkpoint {checkpoint}); \
                      the slot had confirmed {confirmed}: every record is read again and sent"
                 ),
+                user: None,
+                comment: None,
             }));
         }
     }

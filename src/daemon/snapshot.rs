@@ -54,12 +54,12 @@
 //!
 //! ## Requests from `steward reset`
 //!
-//! Against a running daemon, `steward reset` drops a JSON file into
-//! `<state path>.requests/`; this task picks it up within a second. Against
-//! a stopped one, the CLI records the jobs in the store itself.
+//! Against a running daemon, `steward reset` asks the control API, which
+//! hands the request to this task ([`ResetCall`]); it is applied between
+//! snapshot rounds, never while a job runs. Against a stopped daemon, the
+//! CLI records the jobs in the store itself.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -86,7 +86,7 @@ fn chunk_rows() -> usize {
 }
 /// Progress is logged at most this often per job.
 const LOG_EVERY: Duration = Duration::from_secs(5);
-/// How often the task looks for requests and closable windows.
+/// How often the task looks for closable windows.
 const POLL: Duration = Duration::from_millis(500);
 
 /// The (target, entity) pairs with an open window, behind the lock that
@@ -216,7 +216,7 @@ pub fn filter_batch(
     Ok(kept)
 }
 
-/// A `steward reset` request file.
+/// A `steward reset` request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ResetRequest {
     pub target: String,
@@ -225,16 +225,11 @@ pub struct ResetRequest {
     pub entities: Vec<String>,
 }
 
-/// Where `steward reset` drops requests for a running daemon.
-pub fn requests_dir(config: &Config) -> PathBuf {
-    let mut name = config
-        .state
-        .path
-        .file_name()
-        .map(std::ffi::OsStr::to_os_string)
-        .unwrap_or_default();
-    name.push(".requests");
-    config.state.path.with_file_name(name)
+/// A reset for the snapshot task, from the control API: answered with the
+/// entities being resynchronised, or why the request was refused.
+pub struct ResetCall {
+    pub request: ResetRequest,
+    pub reply: tokio::sync::oneshot::Sender<Result<Vec<String>, String>>,
 }
 
 /// Checks a request against the configuration; returns the entities to resync.
@@ -310,6 +305,8 @@ pub struct Worker {
     pub durable: watch::Receiver<Lsn>,
     /// The snapshot exported when the slot was created, if it was just now.
     pub initial: Option<SnapshotReader>,
+    /// Resets asked for through the control API.
+    pub resets: tokio::sync::mpsc::Receiver<ResetCall>,
     pub shutdown: watch::Receiver<bool>,
 }
 
@@ -320,9 +317,7 @@ impl Worker {
             if *self.shutdown.borrow() {
                 return;
             }
-            if let Err(e) = self.take_requests() {
-                tracing::error!(error = %format!("{e:#}"), "cannot apply a reset request");
-            }
+            self.take_resets();
             match self.round().await {
                 Ok(true) => attempt = 0,
                 Ok(false) => {
@@ -330,6 +325,7 @@ impl Worker {
                     tokio::select! {
                         _ = shutdown.changed() => return,
                         _ = tokio::time::sleep(POLL) => {}
+                        Some(call) = self.resets.recv() => self.reset(call),
                     }
                 }
                 Err(e) => {
@@ -340,6 +336,8 @@ impl Worker {
                     tokio::select! {
                         _ = shutdown.changed() => return,
                         _ = tokio::time::sleep(delay) => {}
+                        // A reset is answered at once, and tries again now.
+                        Some(call) = self.resets.recv() => self.reset(call),
                     }
                 }
             }
@@ -545,43 +543,30 @@ impl Worker {
         Ok(())
     }
 
-    /// Applies every request file in the requests directory.
-    fn take_requests(&self) -> anyhow::Result<()> {
-        let dir = requests_dir(&self.config);
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            return Ok(());
-        };
-        let mut files: Vec<PathBuf> = entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("reset-") && n.ends_with(".json"))
-            })
-            .collect();
-        files.sort();
-        for file in files {
-            let outcome = std::fs::read(&file)
-                .map_err(anyhow::Error::from)
-                .and_then(|b| serde_json::from_slice::<ResetRequest>(&b).map_err(Into::into))
-                .and_then(|r| resolve_request(&self.config, &r).map(|e| (r, e)))
-                .and_then(|(r, entities)| {
-                    block(|| begin_resync(&self.gate, &self.store, &r.target, &entities))?;
-                    tracing::info!(target_name = %r.target, ?entities, "reset requested: resynchronising");
-                    Ok(())
-                });
-            if let Err(e) = &outcome {
-                let error = file.with_extension("error");
-                let _ = steward_store::files::write_atomically(
-                    &error.with_extension("error.tmp"),
-                    &error,
-                    format!("{e:#}").as_bytes(),
-                );
-                tracing::error!(file = %file.display(), error = %format!("{e:#}"), "rejected a reset request");
-            }
-            let _ = std::fs::remove_file(&file);
+    /// Applies the resets waiting.
+    fn take_resets(&mut self) {
+        while let Ok(call) = self.resets.try_recv() {
+            self.reset(call);
         }
-        Ok(())
+    }
+
+    fn reset(&self, call: ResetCall) {
+        let request = call.request;
+        let outcome = resolve_request(&self.config, &request).and_then(|entities| {
+            block(|| begin_resync(&self.gate, &self.store, &request.target, &entities))?;
+            Ok(entities)
+        });
+        let answer = match outcome {
+            Ok(entities) => {
+                tracing::info!(target_name = %request.target, ?entities, "reset requested: resynchronising");
+                Ok(entities)
+            }
+            Err(e) => {
+                tracing::error!(target_name = %request.target, error = %format!("{e:#}"), "rejected a reset request");
+                Err(format!("{e:#}"))
+            }
+        };
+        let _ = call.reply.send(answer);
     }
 }
 
@@ -621,7 +606,7 @@ fn block<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
-/// Status lines for the status file and `steward status`.
+/// Status lines for `steward status` and the control API.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SnapshotStatusLine {
     pub target: String,

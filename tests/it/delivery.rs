@@ -141,7 +141,7 @@ async fn a_rejected_key_is_dead_lettered_others_flow_and_replay_and_drop_work() 
     })
     .await;
 
-    // `dlq list` against the running daemon (request file).
+    // `dlq list` against the running daemon (control API).
     let mut list = String::new();
     wait_until("two dead letters of key 9002", WAIT, || {
         list = steward(&["dlq", "list", "--target", "wms"], &path);

@@ -55,7 +55,7 @@ fn target(name: &str, url: &str, entities: &str, extra: &str) -> String {
     )
 }
 
-/// Runs the steward binary (a second process: it reaches the running daemon through a request file).
+/// Runs the steward binary (a second process: it reaches the running daemon through its control socket).
 fn cli(config: &std::path::Path, args: &[&str]) -> (bool, Value) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
         .args(args)

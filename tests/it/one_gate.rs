@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 use steward_devkit::receiver::Receiver;
-use support::{wait_until, InProcess, TestDb};
+use support::{daemon_status, wait_until, InProcess, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -95,7 +95,7 @@ fn load(path: &Path) -> steward_core::config::Config {
 }
 
 /// `steward ARGS -c CONFIG --json` as a second process (it reaches a running
-/// daemon through its request file): whether it succeeded, and its JSON.
+/// daemon through its control socket): whether it succeeded, and its JSON.
 async fn cli(config: &Path, args: &[&str]) -> (bool, Value) {
     let config = config.to_path_buf();
     let args: Vec<String> = args.iter().map(std::string::ToString::to_string).collect();
@@ -195,18 +195,15 @@ fn has_decision(records: &[(String, String, String)], target: &str, decision: &s
         .any(|(t, d, _)| (target == "*" || t == target) && d == decision)
 }
 
-/// Waits until the daemon's status file shows `target`'s snapshot of each of
-/// `entities` done.
+/// Waits until the daemon's status (`steward status --json`) shows
+/// `target`'s snapshot of each of `entities` done.
 async fn wait_snapshots_done(db: &TestDb, target: &str, entities: &[&str]) {
-    let path = db.dir.path().join("steward.redb.status.json");
+    let config = db.dir.path().join("steward.toml");
     wait_until(
         &format!("target {target}'s snapshot of {entities:?} is done"),
         WAIT,
         || {
-            let Ok(bytes) = std::fs::read(&path) else {
-                return false;
-            };
-            let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let v = daemon_status(&config);
             let lines = v["snapshots"].as_array().cloned().unwrap_or_default();
             entities.iter().all(|e| {
                 lines
@@ -1857,15 +1854,9 @@ async fn the_resnapshot_after_a_schema_stop_is_governed() {
         "UPDATE product_template SET write_date = now() WHERE id = {SENTINEL}"
     ));
     wait_until("the product entity stops", WAIT, || {
-        let path = db.dir.path().join("steward.redb.status.json");
-        std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .is_some_and(|v| {
-                v["stopped_entities"]
-                    .as_array()
-                    .is_some_and(|a| a.iter().any(|s| s["entity"] == "product"))
-            })
+        daemon_status(&config)["stopped_entities"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|s| s["entity"] == "product"))
     })
     .await;
     db.sql("ALTER TABLE product_template ADD COLUMN list_price numeric");

@@ -223,7 +223,7 @@ async fn a_dropped_mapped_column_stops_only_its_entity_and_its_return_resnapshot
     );
 
     // Status (JSON and text) and the metric show it.
-    wait_until("the status file shows the stop", WAIT, || {
+    wait_until("the status shows the stop", WAIT, || {
         let v: Value = serde_json::from_str(&status(&config, true)).unwrap();
         v["stopped_entities"]
             .as_array()

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use steward_devkit::receiver::Receiver;
-use support::{db_prices, target_prices, wait_until, Child, InProcess, TestDb};
+use support::{daemon_status, db_prices, target_prices, wait_until, Child, InProcess, TestDb};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -264,13 +264,12 @@ async fn kill_9_mid_snapshot_resumes_from_the_last_chunk() {
     let log = db.dir.path().join("steward.log");
     std::env::set_var("STEWARD_SNAPSHOT_CHUNK_ROWS", "2000");
     let child = Child::run(&cfg, &log);
-    let status_file = db.dir.path().join("steward.redb.status.json");
     let mut done_at_kill = 0;
     let deadline = Instant::now() + WAIT;
     while done_at_kill < 10_000 {
         assert!(Instant::now() < deadline, "no snapshot progress");
-        if let Ok(bytes) = std::fs::read(&status_file) {
-            let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let v = daemon_status(&cfg);
+        if v["daemon"]["running"] == true {
             if let Some(line) = v["snapshots"].as_array().and_then(|a| a.first()) {
                 assert_ne!(
                     line["phase"], "done",
@@ -286,10 +285,10 @@ async fn kill_9_mid_snapshot_resumes_from_the_last_chunk() {
     std::env::remove_var("STEWARD_SNAPSHOT_CHUNK_ROWS");
     let mut line = Value::Null;
     wait_until("the resumed snapshot finishes", WAIT, || {
-        let Ok(bytes) = std::fs::read(&status_file) else {
+        let v = daemon_status(&cfg);
+        if v["daemon"]["running"] != true {
             return false;
-        };
-        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        }
         line = v["snapshots"]
             .as_array()
             .and_then(|a| a.first().cloned())
@@ -419,13 +418,12 @@ async fn snapshot_throughput() {
         &[("wms", &wms.url(), &["product"], "snapshot")],
     ));
     let child = Child::run(&cfg, &db.dir.path().join("steward.log"));
-    let status_file = db.dir.path().join("steward.redb.status.json");
     let mut line = Value::Null;
     wait_until("the snapshot finishes", Duration::from_secs(1800), || {
-        let Ok(bytes) = std::fs::read(&status_file) else {
+        let v = daemon_status(&cfg);
+        if v["daemon"]["running"] != true {
             return false;
-        };
-        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        }
         line = v["snapshots"]
             .as_array()
             .and_then(|a| a.first().cloned())

@@ -232,14 +232,14 @@ async fn under_umask_022_files_are_0600_and_directories_0700() {
         });
     }
     let mut child = cmd.spawn().unwrap();
-    let status_file = state.with_file_name("steward.redb.status.json");
+    let socket = state.with_file_name("steward.redb.sock");
     wait_until(
-        "the status file is written",
+        "the control socket is created",
         Duration::from_secs(30),
-        || status_file.exists(),
+        || socket.exists(),
     )
     .await;
-    // Operator requests while it runs create the request directories.
+    // Operator requests while it runs go through the socket.
     let out = steward(&["quarantine", "list"], &config);
     assert!(
         out.status.success(),
@@ -252,7 +252,7 @@ async fn under_umask_022_files_are_0600_and_directories_0700() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(mode(&status_file), 0o600, "status file");
+    assert_eq!(mode(&socket), 0o600, "control socket");
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     assert!(child.wait().unwrap().success());
@@ -264,8 +264,12 @@ async fn under_umask_022_files_are_0600_and_directories_0700() {
         0o700,
         "its parent, created too"
     );
+    assert!(!socket.exists(), "the socket goes with the daemon");
     let requests = state.with_file_name("steward.redb.requests");
-    assert_eq!(mode(&requests), 0o700, "request directory");
+    assert!(
+        !requests.exists(),
+        "no request files: the requests took the socket"
+    );
     for entry in std::fs::read_dir(state.parent().unwrap()).unwrap() {
         let path = entry.unwrap().path();
         let expected = if path.is_dir() { 0o700 } else { 0o600 };

@@ -44,6 +44,14 @@ pub struct AuditRecord {
     pub decision: String,
     /// Why, for the operator (the failed rule, the gate's expression, ...).
     pub detail: String,
+    /// The person whose action this records (a release, a replay, a reset):
+    /// the Unix user the control API saw; `None` for steward's own decisions.
+    /// Records written before the field existed read as `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// What that person said about the action, if anything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
 }
 
 /// State changes of one batch of source transactions, in order.

@@ -1,23 +1,21 @@
 //! Operator requests to a target's delivery driver (`steward dlq ...`,
-//! `steward flush`), as files.
+//! `steward flush`).
 //!
-//! While the daemon runs it holds the state file locked, so the command line
-//! cannot change it. Instead it writes `<state>.requests/<target>.<id>.json`;
-//! the target's driver polls that directory (every 500 ms), applies the
-//! request between deliveries, and answers with
-//! `<state>.requests/<target>.<id>.result.json`, which the command line prints
-//! and removes. When the daemon is stopped the command line opens the store
-//! and applies the request itself with the same [`apply`].
+//! While the daemon runs it holds the state file, so the control API hands
+//! requests that change what a target gets next (replay, drop, flush) to the
+//! target's driver through its [`Inbox`]; the driver applies them between
+//! deliveries and answers on the request's own channel. Listing dead
+//! letters only reads the store, which the API does itself. When the daemon
+//! is stopped the command line opens the store and applies the request
+//! itself with the same [`apply`].
 
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch};
 
 use steward_store::{DeadLetter, DlqFilter, Store, StoreError};
-
-/// How often a driver looks for requests.
-pub(crate) const POLL: Duration = Duration::from_millis(500);
 
 /// Meta key recording a `flush` made while the daemon was stopped.
 pub(crate) fn flush_meta_key(target: &str) -> String {
@@ -87,16 +85,6 @@ pub enum Response {
     },
 }
 
-/// `<state>.requests`, next to the state file.
-pub(crate) fn requests_dir(state_path: &Path) -> PathBuf {
-    let mut name = state_path
-        .file_name()
-        .map(std::ffi::OsStr::to_os_string)
-        .unwrap_or_default();
-    name.push(".requests");
-    state_path.with_file_name(name)
-}
-
 /// Applies a request to an open store. `Flush` is recorded for the driver's
 /// next start (only a running driver can open its windows).
 pub fn apply(store: &Store, target: &str, request: &Request) -> Result<Response, StoreError> {
@@ -117,96 +105,73 @@ pub fn apply(store: &Store, target: &str, request: &Request) -> Result<Response,
     })
 }
 
-/// A request file waiting for `target`'s driver.
+/// A request on its way to a driver, with where its answer goes.
 #[derive(Debug)]
-pub(crate) struct Pending {
-    pub(crate) path: PathBuf,
-    pub(crate) request: Result<Request, String>,
+pub struct Command {
+    /// What is asked.
+    pub request: Request,
+    /// Where the driver sends its answer; dropped unanswered if the driver stops first.
+    pub reply: oneshot::Sender<Response>,
 }
 
-/// Requests waiting for `target`, oldest first (by file name, which starts
-/// with a timestamp).
-pub(crate) fn pending(dir: &Path, target: &str) -> Vec<Pending> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    let prefix = format!("{target}.");
-    let mut paths: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
-                n.starts_with(&prefix) && n.ends_with(".json") && !n.ends_with(".result.json")
-            })
-        })
-        .collect();
-    paths.sort();
-    paths
-        .into_iter()
-        .map(|path| {
-            let request = std::fs::read(&path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))
-                .and_then(|b| {
-                    serde_json::from_slice(&b)
-                        .map_err(|e| format!("{} is not a valid request: {e}", path.display()))
-                });
-            Pending { path, request }
-        })
-        .collect()
+/// One target's waiting operator requests: the control API puts them in,
+/// the target's driver takes them out between deliveries. Lanes watch the
+/// count so that a batch in flight or backing off is abandoned for a request.
+#[derive(Clone)]
+pub struct Inbox {
+    inner: Arc<InboxInner>,
 }
 
-fn result_path(request: &Path) -> PathBuf {
-    request.with_extension("result.json")
+struct InboxInner {
+    queue: Mutex<VecDeque<Command>>,
+    /// How many requests wait in `queue`.
+    waiting: watch::Sender<usize>,
 }
 
-/// Answers a request: writes its result file and removes the request.
-pub(crate) fn respond(request: &Path, response: &Response) {
-    let out = result_path(request);
-    let tmp = out.with_extension("tmp");
-    let written = serde_json::to_vec_pretty(response)
-        .map_err(std::io::Error::other)
-        .and_then(|b| steward_store::files::write_atomically(&tmp, &out, &b));
-    if let Err(e) = written {
-        tracing::warn!(path = %out.display(), error = %e, "cannot write the answer to an operator request");
+impl Default for Inbox {
+    fn default() -> Self {
+        Inbox {
+            inner: Arc::new(InboxInner {
+                queue: Mutex::new(VecDeque::new()),
+                waiting: watch::Sender::new(0),
+            }),
+        }
     }
-    let _ = std::fs::remove_file(request);
 }
 
-/// Hands `request` to the running daemon and waits up to `timeout` for its answer.
-pub async fn submit(
-    state_path: &Path,
-    target: &str,
-    request: &Request,
-    timeout: Duration,
-) -> anyhow::Result<Response> {
-    let dir = requests_dir(state_path);
-    steward_store::files::create_dir_all(&dir)
-        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
-    let id = format!(
-        "{:020}-{}-{:08x}",
-        chrono::Utc::now().timestamp_micros(),
-        std::process::id(),
-        rand::random::<u32>()
-    );
-    let path = dir.join(format!("{target}.{id}.json"));
-    let tmp = dir.join(format!(".{target}.{id}.tmp"));
-    steward_store::files::write_atomically(&tmp, &path, &serde_json::to_vec(request)?)
-        .map_err(|e| anyhow::anyhow!("cannot write the request {}: {e}", path.display()))?;
-    let result = result_path(&path);
-    let start = tokio::time::Instant::now();
-    loop {
-        if let Ok(bytes) = std::fs::read(&result) {
-            let _ = std::fs::remove_file(&result);
-            return Ok(serde_json::from_slice(&bytes)?);
-        }
-        if start.elapsed() > timeout {
-            let _ = std::fs::remove_file(&path);
-            anyhow::bail!(
-                "the running daemon did not answer within {}s (is target `{target}` configured in the \
-                 running daemon? see its log); the request was withdrawn",
-                timeout.as_secs()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+impl Inbox {
+    /// Queues `request` for the driver; the answer arrives on the receiver
+    /// (an error there means the driver stopped without answering).
+    pub fn submit(&self, request: Request) -> oneshot::Receiver<Response> {
+        let (reply, answer) = oneshot::channel();
+        let mut queue = self.queue();
+        queue.push_back(Command { request, reply });
+        let n = queue.len();
+        drop(queue);
+        self.inner.waiting.send_replace(n);
+        answer
+    }
+
+    /// Every waiting request, oldest first.
+    pub(crate) fn take(&self) -> Vec<Command> {
+        let mut queue = self.queue();
+        let taken: Vec<Command> = queue.drain(..).collect();
+        drop(queue);
+        self.inner.waiting.send_replace(0);
+        taken
+    }
+
+    /// Completes once a request is waiting.
+    pub(crate) async fn wait(&self) {
+        let mut waiting = self.inner.waiting.subscribe();
+        let _ = waiting.wait_for(|n| *n > 0).await;
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Command>> {
+        self.inner
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 

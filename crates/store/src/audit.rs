@@ -28,8 +28,28 @@ pub struct AuditFilter {
     pub key: Option<String>,
     /// Only records at or after this time, µs since the Unix epoch.
     pub since_micros: Option<i64>,
+    /// Only decisions about this target (records without one never match).
+    pub target: Option<String>,
+    /// Only this decision (`released`, `dlq_replayed`, ...).
+    pub decision: Option<String>,
+    /// Only actions of this user.
+    pub user: Option<String>,
     /// At most this many records, the newest ones.
     pub limit: Option<usize>,
+}
+
+impl AuditFilter {
+    fn matches(&self, r: &AuditRecord) -> bool {
+        let differs = |want: &Option<String>, have: Option<&str>| {
+            want.as_deref().is_some_and(|w| Some(w) != have)
+        };
+        !(differs(&self.entity, Some(&r.entity))
+            || differs(&self.key, Some(&r.key))
+            || differs(&self.target, r.target.as_deref())
+            || differs(&self.decision, Some(&r.decision))
+            || differs(&self.user, r.user.as_deref())
+            || self.since_micros.is_some_and(|s| r.time_micros < s))
+    }
 }
 
 /// Appends records (already JSON-encoded, in order) inside `txn`.
@@ -79,13 +99,9 @@ impl Store {
             for item in t.iter()? {
                 let (first, chunk) = item?;
                 for r in decode(first.value(), chunk.value())? {
-                    if filter.entity.as_ref().is_some_and(|e| *e != r.entity)
-                        || filter.key.as_ref().is_some_and(|k| *k != r.key)
-                        || filter.since_micros.is_some_and(|s| r.time_micros < s)
-                    {
-                        continue;
+                    if filter.matches(&r) {
+                        out.push(r);
                     }
-                    out.push(r);
                 }
             }
             if let Some(limit) = filter.limit {
@@ -93,6 +109,18 @@ impl Store {
                 out.drain(..skip);
             }
             Ok(out)
+        })
+    }
+
+    /// Appends records of actions taken outside a source commit (a dead
+    /// letter replayed, a reset, a backup), durably, in one transaction.
+    pub fn audit_append(&self, records: &[AuditRecord]) -> Result<(), StoreError> {
+        let encoded: Vec<Vec<u8>> = records
+            .iter()
+            .map(super::governance::encode_audit_record)
+            .collect();
+        self.write(redb::Durability::Immediate, |txn| {
+            append(txn, &encoded).map_err(|e| TxnError::Redb(Box::new(e)))
         })
     }
 

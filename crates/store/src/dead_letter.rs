@@ -141,8 +141,10 @@ pub struct DeliveryCounts {
     pub(crate) windowed: u64,
 }
 
-/// Which dead letters a `dlq` command applies to; empty: all.
+/// Which dead letters a `dlq` command applies to; empty: all. A field it
+/// does not know is refused: a misspelt filter must not select everything.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DlqFilter {
     /// Only dead letters of this entity.
     pub entity: Option<String>,

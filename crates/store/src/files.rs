@@ -1,10 +1,10 @@
 //! Files and directories steward writes: owner-only (0600 / 0700) whatever
 //! the umask. The state file holds withheld records in full (a quarantined
-//! partner's bank account, say); the status and request files name
-//! entities, keys and errors. None of it is for other local users.
+//! partner's bank account, say), and its backups too. None of it is for
+//! other local users.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
@@ -31,22 +31,6 @@ pub(crate) fn create_new(path: &Path) -> io::Result<File> {
         .create_new(true)
         .mode(FILE_MODE)
         .open(path)
-}
-
-/// Writes `bytes` to `path` through `tmp` and a rename, so a reader never
-/// sees half a file. The file is 0600 even when `tmp` was left behind by
-/// an earlier attempt with another mode.
-pub fn write_atomically(tmp: &Path, path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(FILE_MODE)
-        .open(tmp)?;
-    file.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))?;
-    file.write_all(bytes)?;
-    drop(file);
-    std::fs::rename(tmp, path)
 }
 
 /// Refuses a state file that users other than its owner may read or
@@ -85,18 +69,12 @@ mod tests {
         let made = create_dir_all(&nested);
         let file = dir.path().join("a/b/f");
         let created = create_new(&file).map(drop);
-        let stale = dir.path().join("a/b/g.tmp");
-        std::fs::write(&stale, "old").unwrap();
-        std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o666)).unwrap();
-        let written = write_atomically(&stale, &dir.path().join("a/b/g"), b"new");
         nix::sys::stat::umask(old);
         made.unwrap();
         created.unwrap();
-        written.unwrap();
         assert_eq!(mode(&dir.path().join("a")), 0o700);
         assert_eq!(mode(&nested), 0o700);
         assert_eq!(mode(&file), 0o600);
-        assert_eq!(mode(&dir.path().join("a/b/g")), 0o600);
         assert!(
             create_new(&file).is_err(),
             "an existing file is not replaced"

@@ -99,6 +99,12 @@ pub(super) fn apply(txn: &WriteTransaction, delta: &GovDelta) -> Result<(), redb
 /// a twentieth of steward's instructions on the product-insert workload
 /// (`STEWARD_BENCH_WRAPPER="valgrind --tool=callgrind" cargo bench --bench
 /// e2e -- W1`). Same bytes as `serde_json::to_vec`.
+pub(crate) fn encode_audit_record(r: &AuditRecord) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(160);
+    write_audit_record(r, &mut bytes);
+    bytes
+}
+
 fn write_audit_record(r: &AuditRecord, out: &mut Vec<u8>) {
     out.push(b'{');
     json::write_key(out, "time_micros", true);
@@ -118,6 +124,13 @@ fn write_audit_record(r: &AuditRecord, out: &mut Vec<u8>) {
     json::write_str(out, &r.decision);
     json::write_key(out, "detail", false);
     json::write_str(out, &r.detail);
+    // Left out when empty, as serde does (`skip_serializing_if`).
+    for (name, value) in [("user", &r.user), ("comment", &r.comment)] {
+        if let Some(v) = value {
+            json::write_key(out, name, false);
+            json::write_str(out, v);
+        }
+    }
     out.push(b'}');
 }
 
@@ -184,7 +197,18 @@ mod tests {
 
     #[test]
     fn audit_records_are_written_as_serde_would() {
-        for (target, text) in [(None, "plain"), (Some("wms \"eu\""), "tab\t\u{1} ü")] {
+        let cases = [
+            (None, "plain", None, None),
+            (Some("wms \"eu\""), "tab\t\u{1} ü", None, None),
+            (
+                None,
+                "human",
+                Some("ops \"x\""),
+                Some("checked\nwith finance"),
+            ),
+            (Some("wms"), "user only", Some("alice"), None),
+        ];
+        for (target, text, user, comment) in cases {
             let record = AuditRecord {
                 time_micros: -5,
                 entity: format!("product{text}"),
@@ -193,10 +217,22 @@ mod tests {
                 target: target.map(str::to_string),
                 decision: "delivered".into(),
                 detail: format!("upsert {text}"),
+                user: user.map(str::to_string),
+                comment: comment.map(str::to_string),
             };
             let mut out = Vec::new();
             write_audit_record(&record, &mut out);
             assert_eq!(out, serde_json::to_vec(&record).unwrap());
+            let back: AuditRecord = serde_json::from_slice(&out).unwrap();
+            assert_eq!(back, record);
         }
+    }
+
+    #[test]
+    fn audit_records_stored_before_user_and_comment_existed_still_read() {
+        let old = br#"{"time_micros":1,"entity":"product","key":"7","version":9,"target":null,"decision":"released","detail":"manual release"}"#;
+        let record: AuditRecord = serde_json::from_slice(old).unwrap();
+        assert_eq!((record.user, record.comment), (None, None));
+        assert_eq!(record.decision, "released");
     }
 }

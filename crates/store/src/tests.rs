@@ -465,6 +465,8 @@ fn audit_record(n: u64, time_micros: i64) -> governance::AuditRecord {
         target: Some("wms".into()),
         decision: "delivered".into(),
         detail: "upsert".into(),
+        user: None,
+        comment: None,
     }
 }
 

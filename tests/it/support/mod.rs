@@ -298,6 +298,30 @@ pub(crate) async fn wait_until(what: &str, timeout: Duration, mut condition: imp
     }
 }
 
+/// `steward status --json` for `config`, run as a second process (it asks a
+/// running daemon through its control socket); `Null` when it fails. Safe
+/// to call from a polling closure on the test's runtime.
+pub(crate) fn daemon_status(config: &Path) -> serde_json::Value {
+    let run = || {
+        Command::new(env!("CARGO_BIN_EXE_steward"))
+            .args(["status", "--json", "-c"])
+            .arg(config)
+            .env("STEWARD_LOG", "off")
+            .output()
+    };
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    let out = if multi_thread {
+        tokio::task::block_in_place(run)
+    } else {
+        run()
+    };
+    out.ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| serde_json::from_slice(&o.stdout).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
 /// The latest state per (entity, key) from delivered CloudEvents: highest
 /// version wins, and within one version the last id. Deleted keys are absent.
 pub(crate) fn final_state(
@@ -392,6 +416,12 @@ impl Steward {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// SIGKILL: no clean-up of any kind.
+    pub(crate) fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Whether the process is still running.

@@ -47,6 +47,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[daemon]`: process-wide settings.
     pub daemon: DaemonConfig,
+    /// `[control]`: the control API's Unix socket.
+    pub control: ControlConfig,
     /// Lifecycle gates, rules, business keys, references, policies (see `governance`).
     pub governance: governance::GovernanceConfig,
 }
@@ -230,6 +232,30 @@ pub struct MetricsConfig {
 pub struct DaemonConfig {
     /// How long SIGTERM / SIGINT / a reload may take to drain before steward gives up (exit 1).
     pub shutdown_timeout: Duration,
+}
+
+/// `[control]`: the Unix socket the daemon serves its control API on.
+#[derive(Clone, Debug, Default)]
+pub struct ControlConfig {
+    /// `socket`: where the socket is created; `None` for the default,
+    /// `<state path>.sock` (see [`Config::control_socket`]).
+    pub socket: Option<PathBuf>,
+    /// `group`: the group allowed to use the socket (mode 0660); `None`
+    /// leaves it to the daemon's user alone (mode 0600).
+    pub group: Option<String>,
+}
+
+impl Config {
+    /// The control API's socket: `control.socket`, or the state file's path
+    /// with `.sock` appended.
+    pub fn control_socket(&self) -> PathBuf {
+        if let Some(path) = &self.control.socket {
+            return path.clone();
+        }
+        let mut name = self.state.path.clone().into_os_string();
+        name.push(".sock");
+        PathBuf::from(name)
+    }
 }
 
 /// One problem found in a configuration file.

@@ -28,13 +28,13 @@ use self::delivery::{check_delivery, DELIVERY_KEYS};
 use self::pgurl::parse_pg_url;
 use self::reader::{check_sql_ident, join, type_name, Errors, Reader, MAX_IDENT};
 use super::{
-    Config, ConfigError, ConfigErrors, DaemonConfig, EntityConfig, FieldConfig, FieldSource,
-    InitialSync, MetricsConfig, Secret, SecretOrigin, SourceConfig, StateConfig, TargetConfig,
-    TargetContext, TargetTypes, Unchecked,
+    Config, ConfigError, ConfigErrors, ControlConfig, DaemonConfig, EntityConfig, FieldConfig,
+    FieldSource, InitialSync, MetricsConfig, Secret, SecretOrigin, SourceConfig, StateConfig,
+    TargetConfig, TargetContext, TargetTypes, Unchecked,
 };
 
 const TOP_KEYS: &[&str] = &[
-    "source", "state", "metrics", "entities", "targets", "daemon",
+    "source", "state", "metrics", "entities", "targets", "daemon", "control",
 ];
 const SOURCE_KEYS: &[&str] = &[
     "url",
@@ -57,6 +57,7 @@ const STATE_KEYS: &[&str] = &[
 ];
 const METRICS_KEYS: &[&str] = &["listen", "ready_max_target_stall_ms"];
 const DAEMON_KEYS: &[&str] = &["shutdown_timeout_ms"];
+const CONTROL_KEYS: &[&str] = &["socket", "group"];
 const ENTITY_KEYS: &[&str] = &[
     "table",
     "key",
@@ -165,6 +166,11 @@ pub(super) fn parse(
             shutdown_timeout: ms(DEFAULT_SHUTDOWN_TIMEOUT_MS),
         }),
     };
+    let control = match top.table("control", &mut errs) {
+        Some(t) => check_control(t, base_dir, &mut errs),
+        None if top.has("control") => None,
+        None => Some(ControlConfig::default()),
+    };
     let (entity_names, entities) = check_entities(&top, &mut errs);
     let targets = check_targets(&top, &entity_names, base_dir, types, &mut errs);
 
@@ -184,6 +190,7 @@ pub(super) fn parse(
             targets: targets?,
             metrics: metrics?,
             daemon: daemon?,
+            control: control?,
             governance: governance?,
         })
     })();
@@ -681,6 +688,57 @@ fn check_metrics(table: &Table, errs: &mut Errors) -> Option<MetricsConfig> {
         listen,
         ready_max_target_stall: ms(stall?),
     })
+}
+
+fn check_control(table: &Table, base_dir: &Path, errs: &mut Errors) -> Option<ControlConfig> {
+    let r = Reader::new("control", table, CONTROL_KEYS, errs);
+    let mut ok = true;
+    let socket = match r.string("socket", errs) {
+        Some("") => {
+            errs.add(
+                &r.key("socket"),
+                "is empty; leave it out for the default (the state file's path with .sock \
+                 appended) or give a path such as /run/steward/steward.sock",
+            );
+            ok = false;
+            None
+        }
+        Some(path) => Some(resolve(base_dir, path)),
+        None => {
+            ok &= !r.has("socket");
+            None
+        }
+    };
+    // The kernel's limit for a socket's path (`sun_path`, 108 bytes with the final NUL).
+    if let Some(path) = &socket {
+        if path.as_os_str().len() > 107 {
+            errs.add(
+                &r.key("socket"),
+                format!(
+                    "{} is longer than a Unix socket path may be (107 bytes); choose a shorter one",
+                    path.display()
+                ),
+            );
+            ok = false;
+        }
+    }
+    let group = match r.string("group", errs) {
+        Some("") => {
+            errs.add(
+                &r.key("group"),
+                "is empty; name the group whose members may use the control API, or leave it \
+                 out to keep the socket to steward's own user",
+            );
+            ok = false;
+            None
+        }
+        Some(g) => Some(g.to_string()),
+        None => {
+            ok &= !r.has("group");
+            None
+        }
+    };
+    ok.then_some(ControlConfig { socket, group })
 }
 
 fn check_daemon(table: &Table, errs: &mut Errors) -> Option<DaemonConfig> {

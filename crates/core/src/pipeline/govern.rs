@@ -2261,6 +2261,8 @@ impl Governance {
             target: target.map(|t| self.target_names[t].clone()),
             decision: decision.to_string(),
             detail,
+            user: None,
+            comment: None,
         }));
     }
 }

@@ -10,13 +10,17 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::time::Instant;
 
 use super::flights::{Flights, InFlight};
-use super::operator::interrupted;
 use super::{requests, shutdown_requested, sleep_until_opt, Deliver, Driver, Stop, TargetQueue};
 use steward_core::model::Event;
 
 /// How often an idle driver looks at its outbox when nobody can wake it any more
 /// (the daemon dropped the wake sender but did not ask for shutdown).
 const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// How often an idle driver looks at its queues even though it was not
+/// woken: entries another store handle added without a wake-up (the tests'
+/// appends) are found within this.
+const IDLE_RECHECK: Duration = Duration::from_millis(500);
 
 impl<D: Deliver + 'static> Driver<D> {
     /// The delivery loop. Outbox batches go to idle lanes, so up to
@@ -156,7 +160,8 @@ impl<D: Deliver + 'static> Driver<D> {
                         }
                     }
                     _ = tokio::time::sleep(IDLE_POLL), if !self.wake_open => {}
-                    _ = tokio::time::sleep(requests::POLL) => {}
+                    () = self.inbox.wait() => {}
+                    _ = tokio::time::sleep(IDLE_RECHECK) => {}
                     _ = sleep_until_opt(next_window) => {}
                 }
                 continue;
@@ -191,7 +196,7 @@ impl<D: Deliver + 'static> Driver<D> {
                         }
                         _ = tokio::time::sleep_until(deadline) => break,
                         // A long linger must not delay an operator request.
-                        _ = interrupted(&self.store, &self.requests_dir, &self.target.name) => break,
+                        () = self.inbox.wait() => break,
                     }
                 }
             }
@@ -269,6 +274,7 @@ mod tests {
             store.clone(),
             vec![fake.clone()],
             wake,
+            crate::requests::Inbox::default(),
             shutdown,
         ));
 
@@ -313,6 +319,7 @@ mod tests {
             store.clone(),
             vec![fake.clone()],
             wake,
+            crate::requests::Inbox::default(),
             shutdown,
         ));
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -137,6 +137,7 @@ mod tests {
                 store.clone(),
                 lanes(&fake, 4),
                 wake,
+                crate::requests::Inbox::default(),
                 shutdown,
             ));
             wait_until("settled", || store.backlog("t").unwrap() == 0).await;
@@ -185,6 +186,7 @@ mod tests {
             store.clone(),
             lanes(&stuck, 4),
             wake,
+            crate::requests::Inbox::default(),
             shutdown,
         ));
         wait_until("batches 2 to 4 accepted", || {
@@ -211,6 +213,7 @@ mod tests {
             store.clone(),
             lanes(&fine, 4),
             wake,
+            crate::requests::Inbox::default(),
             shutdown,
         ));
         wait_until("settled", || store.backlog("t").unwrap() == 0).await;
@@ -241,6 +244,7 @@ mod tests {
             store.clone(),
             lanes(&fake, 4),
             wake,
+            crate::requests::Inbox::default(),
             shutdown,
         ));
         wait_until("settled", || store.backlog("t").unwrap() == 0).await;

@@ -5,13 +5,11 @@
 //! one loop over the parts of a batch, so they share one file.
 
 use std::collections::{HashSet, VecDeque};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::operator::interrupted;
 use super::pacing::{retry_delay, Limits};
 use super::target_metrics::TargetMetrics;
 use super::{shutdown_requested, Deliver, Stop};
@@ -36,7 +34,7 @@ pub(super) struct Lane<D> {
     pub(super) target: Arc<TargetConfig>,
     pub(super) store: Store,
     pub(super) shutdown: watch::Receiver<bool>,
-    pub(super) requests_dir: PathBuf,
+    pub(super) inbox: super::requests::Inbox,
     /// Shared by the target's lanes.
     pub(super) limits: Arc<Limits>,
     pub(super) metrics: Arc<TargetMetrics>,
@@ -74,7 +72,7 @@ impl<D: Deliver> Lane<D> {
             let result = tokio::select! {
                 biased;
                 _ = shutdown_requested(&mut self.shutdown) => return Err(Stop::Shutdown),
-                _ = interrupted(&self.store, &self.requests_dir, &self.target.name) => return Err(Stop::Interrupted),
+                () = self.inbox.wait() => return Err(Stop::Interrupted),
                 r = self.sink.deliver(&part) => r,
             };
             let err = match result {
@@ -201,7 +199,7 @@ impl<D: Deliver> Lane<D> {
             tokio::select! {
                 biased;
                 _ = shutdown_requested(&mut self.shutdown) => return Err(Stop::Shutdown),
-                _ = interrupted(&self.store, &self.requests_dir, &self.target.name) => return Err(Stop::Interrupted),
+                () = self.inbox.wait() => return Err(Stop::Interrupted),
                 _ = tokio::time::sleep(delay) => {}
             }
         }
@@ -254,6 +252,7 @@ mod tests {
             store.clone(),
             vec![fake.clone()],
             wake,
+            crate::requests::Inbox::default(),
             shutdown,
         ));
         wait_until("error recorded", || {
@@ -294,6 +293,7 @@ mod tests {
             store.clone(),
             vec![fake.clone()],
             wake,
+            crate::requests::Inbox::default(),
             shutdown,
         ));
         let others: Vec<u64> = (1..51).filter(|n| n % 7 != 3).collect();
@@ -342,6 +342,7 @@ mod tests {
             store.clone(),
             vec![fake.clone()],
             wake,
+            crate::requests::Inbox::default(),
             shutdown,
         ));
         wait_until("dead-lettered", || {
@@ -378,6 +379,7 @@ mod tests {
             store.clone(),
             vec![fake.clone()],
             wake,
+            crate::requests::Inbox::default(),
             shutdown,
         ));
         wait_until("dead-lettered", || {

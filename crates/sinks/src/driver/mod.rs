@@ -29,9 +29,9 @@
 //! the target's window buffer (latest event per key) and are delivered when
 //! the window opens or on `steward flush`.
 //!
-//! Operator requests (`steward dlq`, `steward flush`) arrive as files (see
-//! `sinks::requests`) and are applied between batches; a batch in flight or
-//! backing off is abandoned for a request that changes what comes next.
+//! Operator requests (`steward dlq`, `steward flush`) arrive through the
+//! target's inbox (see `sinks::requests`) and are applied between batches; a
+//! batch in flight or backing off is abandoned for one.
 //!
 //! One driver runs per target, so a slow or failing target only grows its own
 //! backlog and never holds up the others.
@@ -65,14 +65,13 @@ mod window;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::requests;
+use super::requests::{self, Inbox};
 use steward_core::config::TargetConfig;
 use steward_core::model::Event;
 use steward_store::{Store, StoreError};
@@ -161,7 +160,7 @@ impl DriverHandle {
 }
 
 /// Delivers the target's outbox until `shutdown` becomes true (or its sender
-/// is dropped). Returns `Ok` on shutdown, leaving unacknowledged entries in
+/// is dropped), applying the operator requests `inbox` receives. Returns `Ok` on shutdown, leaving unacknowledged entries in
 /// the outbox for the next start; `Err` only when the store is unusable
 /// (corrupted, undecodable entry), since retrying cannot help then.
 ///
@@ -173,9 +172,9 @@ pub async fn run_target<D: Deliver + 'static>(
     store: Store,
     sinks: Vec<D>,
     wake: watch::Receiver<u64>,
+    inbox: Inbox,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), StoreError> {
-    let requests_dir = requests::requests_dir(store.path());
     let limits = Arc::new(Limits::new(&target));
     let metrics = Arc::new(TargetMetrics::new(&target.name));
     let max = target.batch_max_events.max(1).min(limits.max_batch());
@@ -187,7 +186,7 @@ pub async fn run_target<D: Deliver + 'static>(
             target: Arc::clone(&target),
             store: store.clone(),
             shutdown: shutdown.clone(),
-            requests_dir: requests_dir.clone(),
+            inbox: inbox.clone(),
             limits: Arc::clone(&limits),
             metrics: Arc::clone(&metrics),
         })
@@ -209,7 +208,7 @@ pub async fn run_target<D: Deliver + 'static>(
         held: HashSet::new(),
         acked_lazily: HashSet::new(),
         acked_lazily_at: 0,
-        requests_dir,
+        inbox,
         flush: false,
         next_open: HashMap::new(),
     };
@@ -258,7 +257,8 @@ struct Driver<D> {
     metrics: Arc<TargetMetrics>,
     /// Keys (`key_of`) with dead letters: their events are parked, not sent.
     held: HashSet<String>,
-    requests_dir: PathBuf,
+    /// Operator requests waiting for this driver.
+    inbox: Inbox,
     /// `steward flush` asked to open every window now.
     flush: bool,
     /// Per windowed entity, the next opening (Unix seconds).
@@ -366,6 +366,7 @@ mod tests {
             store.clone(),
             vec![good.clone()],
             wake_good,
+            crate::requests::Inbox::default(),
             shutdown.clone(),
         ));
         let t_bad = tokio::spawn(run_target(
@@ -373,6 +374,7 @@ mod tests {
             store.clone(),
             vec![bad.clone()],
             wake_bad,
+            crate::requests::Inbox::default(),
             shutdown,
         ));
         wait_until("good target done", || {
@@ -401,6 +403,50 @@ mod tests {
         assert!(err.contains("HTTP 503"), "{err}");
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn operator_requests_are_answered_while_a_batch_hangs() {
+        use crate::requests::{Inbox, Request, Response};
+        let (_dir, store) = temp_store();
+        append(&store, &["t"], 1..4);
+        let fake = Fake {
+            hang: true,
+            ..Fake::default()
+        };
+        let (_handle, wake) = DriverHandle::new();
+        let (stop, shutdown) = watch::channel(false);
+        let inbox = Inbox::default();
+        let task = tokio::spawn(run_target(
+            target("t", 10, 0),
+            store.clone(),
+            vec![fake.clone()],
+            wake,
+            inbox.clone(),
+            shutdown,
+        ));
+        wait_until("an attempt", || !fake.attempts.lock().unwrap().is_empty()).await;
+        let answer = |request| {
+            let answer = inbox.submit(request);
+            async move {
+                tokio::time::timeout(Duration::from_secs(5), answer)
+                    .await
+                    .expect("answered although the batch hangs")
+                    .expect("the driver answers")
+            }
+        };
+        assert_eq!(answer(Request::Flush).await, Response::Flushed);
+        let filter = steward_store::DlqFilter {
+            key: Some("none".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            answer(Request::Drop { filter }).await,
+            Response::Dropped { count: 0 }
+        );
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+        assert_eq!(store.backlog("t").unwrap(), 3, "nothing was acknowledged");
+    }
+
     #[tokio::test]
     async fn shutdown_is_prompt_when_idle_hanging_or_backing_off() {
         for case in ["idle", "hanging", "backing off"] {
@@ -421,6 +467,7 @@ mod tests {
                 store.clone(),
                 vec![fake.clone()],
                 wake,
+                crate::requests::Inbox::default(),
                 shutdown,
             ));
             if case != "idle" {

@@ -1,28 +1,23 @@
-//! Operator requests (`steward dlq`, `steward flush`), which arrive as files
-//! (see `sinks::requests`): applied between batches, and watched for while a
-//! batch is in flight or backing off so that it can be abandoned for one.
+//! Operator requests (`steward dlq replay|drop`, `steward flush`), which
+//! arrive through the target's [`Inbox`](crate::requests::Inbox): applied
+//! between batches, and watched for while a batch is in flight or backing
+//! off so that it can be abandoned for one.
 
 use super::requests::{self, Request, Response};
 use super::{Deliver, Driver, Stop};
-use steward_store::Store;
 
 impl<D: Deliver + 'static> Driver<D> {
     /// Applies waiting operator requests.
     pub(super) async fn handle_requests(&mut self) -> Result<(), Stop> {
-        let (dir, name) = (self.requests_dir.clone(), self.target.name.clone());
-        let pending = tokio::task::spawn_blocking(move || requests::pending(&dir, &name))
-            .await
-            .unwrap_or_default();
         let mut changed = false;
-        for p in pending {
-            let response = match p.request {
-                Err(message) => Response::Error { message },
-                Ok(Request::Flush) => {
+        for command in self.inbox.take() {
+            let response = match command.request {
+                Request::Flush => {
                     tracing::info!(target_name = %self.target.name, "flush requested: opening the batch windows now");
                     self.flush = true;
                     Response::Flushed
                 }
-                Ok(request) => {
+                request => {
                     changed |= request.is_mutating();
                     let (store, name) = (self.store.clone(), self.target.name.clone());
                     let r = request.clone();
@@ -33,8 +28,8 @@ impl<D: Deliver + 'static> Driver<D> {
                     applied
                 }
             };
-            let path = p.path;
-            let _ = tokio::task::spawn_blocking(move || requests::respond(&path, &response)).await;
+            // The asker may have given up waiting; the request stands anyway.
+            let _ = command.reply.send(response);
         }
         if changed {
             let (store, name) = (self.store.clone(), self.target.name.clone());
@@ -42,36 +37,5 @@ impl<D: Deliver + 'static> Driver<D> {
             self.refresh_gauges().await?;
         }
         Ok(())
-    }
-}
-
-/// Completes once an operator request that changes what comes next is waiting
-/// (read-only ones are answered here directly). Polls every [`requests::POLL`].
-pub(super) async fn interrupted(store: &Store, dir: &std::path::Path, target: &str) {
-    loop {
-        tokio::time::sleep(requests::POLL).await;
-        let (store, dir, target) = (store.clone(), dir.to_path_buf(), target.to_string());
-        let mutating = tokio::task::spawn_blocking(move || {
-            let mut mutating = false;
-            for p in requests::pending(&dir, &target) {
-                match &p.request {
-                    Ok(r @ Request::List { .. }) => {
-                        let response = requests::apply(&store, &target, r).unwrap_or_else(|e| {
-                            Response::Error {
-                                message: e.to_string(),
-                            }
-                        });
-                        requests::respond(&p.path, &response);
-                    }
-                    _ => mutating = true,
-                }
-            }
-            mutating
-        })
-        .await
-        .unwrap_or(false);
-        if mutating {
-            return;
-        }
     }
 }

@@ -148,6 +148,7 @@ mod tests {
             store.clone(),
             vec![fake.clone()],
             wake,
+            crate::requests::Inbox::default(),
             shutdown,
         ));
         wait_until("delivery", || !fake.accepted.lock().unwrap().is_empty()).await;

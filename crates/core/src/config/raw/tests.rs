@@ -665,6 +665,51 @@ fn metrics_rules() {
     );
 }
 
+#[test]
+fn control_rules() {
+    let default = ok_with("state.path", "\"/var/lib/steward/s.redb\"");
+    assert_eq!(
+        default.control_socket(),
+        PathBuf::from("/var/lib/steward/s.redb.sock")
+    );
+    assert_eq!(default.control.group, None);
+    let set = ok_with(
+        "control",
+        "{ socket = \"/run/steward/control.sock\", group = \"steward-ops\" }",
+    );
+    assert_eq!(
+        set.control_socket(),
+        PathBuf::from("/run/steward/control.sock")
+    );
+    assert_eq!(set.control.group.as_deref(), Some("steward-ops"));
+    assert_error(
+        &errors_with("control.group", "\"\""),
+        "control.group",
+        "is empty",
+    );
+    assert_error(
+        &errors_with("control.socket", "\"\""),
+        "control.socket",
+        "is empty",
+    );
+    assert_error(
+        &errors_with("control.group", "7"),
+        "control.group",
+        "expected a string",
+    );
+    let long = format!("\"/run/{}.sock\"", "s".repeat(120));
+    assert_error(
+        &errors_with("control.socket", &long),
+        "control.socket",
+        "longer than a Unix socket path may be",
+    );
+    assert_error(
+        &errors_with("control.mode", "\"0666\""),
+        "control.mode",
+        "valid keys here: socket, group",
+    );
+}
+
 // ---------------------------------------------------------------- [entities.*]
 
 #[test]

@@ -1,0 +1,174 @@
+//! The control API's request and response bodies, shared by the daemon
+//! (`server`) and the command line (`cli::client`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::daemon::schema::StoppedEntity;
+use crate::daemon::snapshot::SnapshotStatusLine;
+use steward_store::governance::{AuditRecord, QuarantineEntry};
+use steward_store::{DeadLetter, DlqFilter, TargetStats};
+
+/// `GET /v1`: which API and which daemon answer.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Version {
+    /// The API version, e.g. `v1`.
+    pub api: String,
+    /// The daemon's version (its Cargo package version).
+    pub daemon: String,
+    pub pid: u32,
+}
+
+/// Every error: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable, for programs: `not_found`, `bad_request`, `not_quarantined`, ...
+    pub code: String,
+    /// For people.
+    pub message: String,
+}
+
+/// `GET /v1/status`: the daemon's view of itself and its targets.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    /// The daemon has not opened the state file yet (or is reloading its
+    /// configuration): the other figures are empty.
+    pub starting: bool,
+    pub source_connected: bool,
+    /// The durable checkpoint; `None` while starting.
+    pub durable_lsn: Option<String>,
+    pub last_source_error: Option<String>,
+    pub store_bytes: u64,
+    pub targets: Vec<TargetStatusLine>,
+    /// Snapshot and resync progress per target and entity.
+    pub snapshots: Vec<SnapshotStatusLine>,
+    /// Entities a schema change stopped (see `daemon::schema`).
+    pub stopped_entities: Vec<StoppedEntity>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TargetStatusLine {
+    pub name: String,
+    pub backlog: u64,
+    /// The target's cursor: the last outbox sequence number appended (0 if
+    /// none yet) and the last one delivered. Together with the checkpoint
+    /// they tell an operator where each target stands after a crash.
+    pub last_appended_seq: u64,
+    pub last_delivered_seq: Option<u64>,
+    pub delivered_total: u64,
+    pub last_delivered_at: Option<String>,
+    pub last_error: Option<String>,
+    /// Events in the target's dead-letter queue (`steward dlq list`).
+    pub dead_letters: u64,
+}
+
+impl TargetStatusLine {
+    pub fn new(name: &str, stats: TargetStats) -> TargetStatusLine {
+        TargetStatusLine {
+            name: name.to_string(),
+            backlog: stats.backlog,
+            last_appended_seq: stats.last_appended_seq,
+            last_delivered_seq: stats.last_delivered_seq,
+            delivered_total: stats.delivered_total,
+            last_delivered_at: stats.last_delivered_at,
+            last_error: stats.last_error,
+            dead_letters: stats.dead_letters,
+        }
+    }
+}
+
+/// `GET /v1/snapshots`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Snapshots {
+    pub snapshots: Vec<SnapshotStatusLine>,
+}
+
+/// `GET /v1/quarantine`, `GET /v1/quarantine/{entity}/{key}`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct QuarantineList {
+    pub quarantine: Vec<QuarantineEntry>,
+}
+
+/// The optional body of an action: why, in the person's words (stored
+/// with the audit record).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Action {
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
+/// `POST /v1/quarantine/{entity}/{key}/release`: the record passed every rule.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Released {
+    pub message: String,
+    /// Events queued for delivery.
+    pub events: usize,
+}
+
+/// `GET /v1/audit`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AuditList {
+    pub audit: Vec<AuditRecord>,
+}
+
+/// `POST /v1/backup`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupRequest {
+    /// Absolute path, written by the daemon's user.
+    pub dest: std::path::PathBuf,
+    #[serde(default)]
+    pub force: bool,
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
+/// `POST /v1/targets/{target}/reset`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResetRequest {
+    /// Empty: every entity the target receives.
+    #[serde(default)]
+    pub entities: Vec<String>,
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
+/// The answer to a reset: what is being resynchronised.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResetStarted {
+    pub target: String,
+    pub entities: Vec<String>,
+}
+
+/// `GET /v1/targets/{target}/dead-letters`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeadLetters {
+    pub dead_letters: Vec<DeadLetter>,
+}
+
+/// `POST /v1/targets/{target}/dead-letters/replay` and `.../drop`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DlqAction {
+    /// Which dead letters; empty: all of the target's (a drop then needs `all`).
+    #[serde(default)]
+    pub filter: DlqFilter,
+    /// A drop without a filter: confirms that every dead letter goes.
+    #[serde(default)]
+    pub all: bool,
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
+/// The answer to a replay or a drop.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Count {
+    pub count: u64,
+}
