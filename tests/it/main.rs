@@ -9,6 +9,7 @@ mod support;
 
 mod backup;
 mod cli;
+mod control;
 mod credentials;
 mod delivery;
 mod faults;

@@ -3,7 +3,7 @@
 //! while the daemon runs (and no request files), raw requests, and the
 //! audit trail naming the Unix user behind each action.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
