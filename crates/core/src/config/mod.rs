@@ -47,6 +47,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[daemon]`: process-wide settings.
     pub daemon: DaemonConfig,
+    /// `[console]`: who may use the stewardship console.
+    pub console: ConsoleConfig,
     /// Lifecycle gates, rules, business keys, references, policies (see `governance`).
     pub governance: governance::GovernanceConfig,
 }
@@ -223,6 +225,15 @@ pub struct MetricsConfig {
     pub listen: Option<std::net::SocketAddr>,
     /// `/readyz` fails when a target's oldest undelivered event is older than this.
     pub ready_max_target_stall: Duration,
+}
+
+/// `[console]`: the stewardship console's settings.
+#[derive(Clone, Debug)]
+pub struct ConsoleConfig {
+    /// `users_file`: the console's users (role, argon2id password hash) and
+    /// read-only API tokens; `users.toml` next to the configuration file by
+    /// default. Managed with `steward user` and `steward token`.
+    pub users_file: PathBuf,
 }
 
 /// `[daemon]`: settings of the running process.

@@ -28,13 +28,13 @@ use self::delivery::{check_delivery, DELIVERY_KEYS};
 use self::pgurl::parse_pg_url;
 use self::reader::{check_sql_ident, join, type_name, Errors, Reader, MAX_IDENT};
 use super::{
-    Config, ConfigError, ConfigErrors, DaemonConfig, EntityConfig, FieldConfig, FieldSource,
-    InitialSync, MetricsConfig, Secret, SecretOrigin, SourceConfig, StateConfig, TargetConfig,
-    TargetContext, TargetTypes, Unchecked,
+    Config, ConfigError, ConfigErrors, ConsoleConfig, DaemonConfig, EntityConfig, FieldConfig,
+    FieldSource, InitialSync, MetricsConfig, Secret, SecretOrigin, SourceConfig, StateConfig,
+    TargetConfig, TargetContext, TargetTypes, Unchecked,
 };
 
 const TOP_KEYS: &[&str] = &[
-    "source", "state", "metrics", "entities", "targets", "daemon",
+    "source", "state", "metrics", "entities", "targets", "daemon", "console",
 ];
 const SOURCE_KEYS: &[&str] = &[
     "url",
@@ -57,6 +57,9 @@ const STATE_KEYS: &[&str] = &[
 ];
 const METRICS_KEYS: &[&str] = &["listen", "ready_max_target_stall_ms"];
 const DAEMON_KEYS: &[&str] = &["shutdown_timeout_ms"];
+const CONSOLE_KEYS: &[&str] = &["users_file"];
+/// `[console] users_file`, relative to the configuration file's directory.
+const DEFAULT_USERS_FILE: &str = "users.toml";
 const ENTITY_KEYS: &[&str] = &[
     "table",
     "key",
@@ -165,6 +168,13 @@ pub(super) fn parse(
             shutdown_timeout: ms(DEFAULT_SHUTDOWN_TIMEOUT_MS),
         }),
     };
+    let console = match top.table("console", &mut errs) {
+        Some(t) => check_console(t, base_dir, &mut errs),
+        None if top.has("console") => None,
+        None => Some(ConsoleConfig {
+            users_file: resolve(base_dir, DEFAULT_USERS_FILE),
+        }),
+    };
     let (entity_names, entities) = check_entities(&top, &mut errs);
     let targets = check_targets(&top, &entity_names, base_dir, types, &mut errs);
 
@@ -184,6 +194,7 @@ pub(super) fn parse(
             targets: targets?,
             metrics: metrics?,
             daemon: daemon?,
+            console: console?,
             governance: governance?,
         })
     })();
@@ -680,6 +691,28 @@ fn check_metrics(table: &Table, errs: &mut Errors) -> Option<MetricsConfig> {
     Some(MetricsConfig {
         listen,
         ready_max_target_stall: ms(stall?),
+    })
+}
+
+fn check_console(table: &Table, base_dir: &Path, errs: &mut Errors) -> Option<ConsoleConfig> {
+    let r = Reader::new("console", table, CONSOLE_KEYS, errs);
+    let users_file = match r.get("users_file") {
+        None => DEFAULT_USERS_FILE,
+        Some(_) => match r.string("users_file", errs)? {
+            "" => {
+                errs.add(
+                    &r.key("users_file"),
+                    "is empty; give the file that holds the console's users and API tokens, \
+                     such as /etc/steward/users.toml, or leave it out for users.toml next to \
+                     this file",
+                );
+                return None;
+            }
+            path => path,
+        },
+    };
+    Some(ConsoleConfig {
+        users_file: resolve(base_dir, users_file),
     })
 }
 
