@@ -16,4 +16,5 @@
 //! by `steward demo`, the tests and the benchmarks.
 
 pub mod cli;
+pub mod console;
 pub mod daemon;

@@ -1,4 +1,4 @@
-//! The command line: `steward run | check-config | status | backup | reset | dlq | flush | quarantine | audit | setup-sql | demo`.
+//! The command line: `steward run | check-config | status | backup | reset | dlq | flush | quarantine | audit | user | token | setup-sql | demo`.
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage,
 //! 3 damaged state file (see [`EXIT_DAMAGED_STATE`]).
@@ -13,6 +13,7 @@ pub(crate) mod out;
 mod reset;
 mod setup_sql;
 mod status;
+mod user;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -150,6 +151,16 @@ enum Command {
         /// Why, for the audit trail.
         #[arg(long, value_name = "TEXT")]
         comment: Option<String>,
+    },
+    /// The console's users and roles (in `[console] users_file`).
+    User {
+        #[command(subcommand)]
+        action: user::UserAction,
+    },
+    /// Read-only API tokens for tools (in `[console] users_file`).
+    Token {
+        #[command(subcommand)]
+        action: user::TokenAction,
     },
     /// Run a self-contained demo: throwaway PostgreSQL with Odoo data, a local receiver, live changes.
     #[cfg(feature = "demo")]
@@ -444,6 +455,14 @@ pub fn main() -> ExitCode {
         }
         #[cfg(feature = "demo")]
         Command::Demo { once } => run_blocking(demo::run(once)),
+        Command::User { action } => match user::user(action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => report_failure(&e),
+        },
+        Command::Token { action } => match user::token(action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => report_failure(&e),
+        },
         Command::Dlq { action } => {
             let (action, args) = match action {
                 DlqCommand::List(a) => (dlq::Action::List, a),

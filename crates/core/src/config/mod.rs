@@ -49,6 +49,8 @@ pub struct Config {
     pub daemon: DaemonConfig,
     /// `[control]`: the control API's Unix socket.
     pub control: ControlConfig,
+    /// `[console]`: who may use the stewardship console.
+    pub console: ConsoleConfig,
     /// Lifecycle gates, rules, business keys, references, policies (see `governance`).
     pub governance: governance::GovernanceConfig,
 }
@@ -225,6 +227,15 @@ pub struct MetricsConfig {
     pub listen: Option<std::net::SocketAddr>,
     /// `/readyz` fails when a target's oldest undelivered event is older than this.
     pub ready_max_target_stall: Duration,
+}
+
+/// `[console]`: the stewardship console's settings.
+#[derive(Clone, Debug)]
+pub struct ConsoleConfig {
+    /// `users_file`: the console's users (role, argon2id password hash) and
+    /// read-only API tokens; `users.toml` next to the configuration file by
+    /// default. Managed with `steward user` and `steward token`.
+    pub users_file: PathBuf,
 }
 
 /// `[daemon]`: settings of the running process.

@@ -28,13 +28,13 @@ use self::delivery::{check_delivery, DELIVERY_KEYS};
 use self::pgurl::parse_pg_url;
 use self::reader::{check_sql_ident, join, type_name, Errors, Reader, MAX_IDENT};
 use super::{
-    Config, ConfigError, ConfigErrors, ControlConfig, DaemonConfig, EntityConfig, FieldConfig,
-    FieldSource, InitialSync, MetricsConfig, Secret, SecretOrigin, SourceConfig, StateConfig,
-    TargetConfig, TargetContext, TargetTypes, Unchecked,
+    Config, ConfigError, ConfigErrors, ConsoleConfig, ControlConfig, DaemonConfig, EntityConfig,
+    FieldConfig, FieldSource, InitialSync, MetricsConfig, Secret, SecretOrigin, SourceConfig,
+    StateConfig, TargetConfig, TargetContext, TargetTypes, Unchecked,
 };
 
 const TOP_KEYS: &[&str] = &[
-    "source", "state", "metrics", "entities", "targets", "daemon", "control",
+    "source", "state", "metrics", "entities", "targets", "daemon", "control", "console",
 ];
 const SOURCE_KEYS: &[&str] = &[
     "url",
@@ -58,6 +58,9 @@ const STATE_KEYS: &[&str] = &[
 const METRICS_KEYS: &[&str] = &["listen", "ready_max_target_stall_ms"];
 const DAEMON_KEYS: &[&str] = &["shutdown_timeout_ms"];
 const CONTROL_KEYS: &[&str] = &["socket", "group"];
+const CONSOLE_KEYS: &[&str] = &["users_file"];
+/// `[console] users_file`, relative to the configuration file's directory.
+const DEFAULT_USERS_FILE: &str = "users.toml";
 const ENTITY_KEYS: &[&str] = &[
     "table",
     "key",
@@ -171,6 +174,13 @@ pub(super) fn parse(
         None if top.has("control") => None,
         None => Some(ControlConfig::default()),
     };
+    let console = match top.table("console", &mut errs) {
+        Some(t) => check_console(t, base_dir, &mut errs),
+        None if top.has("console") => None,
+        None => Some(ConsoleConfig {
+            users_file: resolve(base_dir, DEFAULT_USERS_FILE),
+        }),
+    };
     let (entity_names, entities) = check_entities(&top, &mut errs);
     let targets = check_targets(&top, &entity_names, base_dir, types, &mut errs);
 
@@ -191,6 +201,7 @@ pub(super) fn parse(
             metrics: metrics?,
             daemon: daemon?,
             control: control?,
+            console: console?,
             governance: governance?,
         })
     })();
@@ -739,6 +750,28 @@ fn check_control(table: &Table, base_dir: &Path, errs: &mut Errors) -> Option<Co
         }
     };
     ok.then_some(ControlConfig { socket, group })
+}
+
+fn check_console(table: &Table, base_dir: &Path, errs: &mut Errors) -> Option<ConsoleConfig> {
+    let r = Reader::new("console", table, CONSOLE_KEYS, errs);
+    let users_file = match r.get("users_file") {
+        None => DEFAULT_USERS_FILE,
+        Some(_) => match r.string("users_file", errs)? {
+            "" => {
+                errs.add(
+                    &r.key("users_file"),
+                    "is empty; give the file that holds the console's users and API tokens, \
+                     such as /etc/steward/users.toml, or leave it out for users.toml next to \
+                     this file",
+                );
+                return None;
+            }
+            path => path,
+        },
+    };
+    Some(ConsoleConfig {
+        users_file: resolve(base_dir, users_file),
+    })
 }
 
 fn check_daemon(table: &Table, errs: &mut Errors) -> Option<DaemonConfig> {
