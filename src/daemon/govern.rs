@@ -20,7 +20,7 @@ use steward_source::snapshot as source_snapshot;
 use steward_store::audit::AuditFilter;
 use steward_store::backup::BackupReport;
 use steward_store::governance::{AuditRecord, GovDelta, QuarantineEntry};
-use steward_store::Store;
+use steward_store::{GovernanceState, Store};
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]

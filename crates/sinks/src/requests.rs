@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use steward_store::{DeadLetter, DlqFilter, Store, StoreError};
+use steward_store::{DeadLetter, DlqFilter, Outbox, StoreError};
 
 /// How often a driver looks for requests.
 pub(crate) const POLL: Duration = Duration::from_millis(500);
@@ -99,7 +99,7 @@ pub(crate) fn requests_dir(state_path: &Path) -> PathBuf {
 
 /// Applies a request to an open store. `Flush` is recorded for the driver's
 /// next start (only a running driver can open its windows).
-pub fn apply(store: &Store, target: &str, request: &Request) -> Result<Response, StoreError> {
+pub fn apply(store: &impl Outbox, target: &str, request: &Request) -> Result<Response, StoreError> {
     Ok(match request {
         Request::List { filter } => Response::DeadLetters {
             entries: store.dead_letters(target, filter)?,

@@ -4,9 +4,9 @@
 
 use super::requests::{self, Request, Response};
 use super::{Deliver, Driver, Stop};
-use steward_store::Store;
+use steward_store::Outbox;
 
-impl<D: Deliver + 'static> Driver<D> {
+impl<D: Deliver + 'static, O: Outbox> Driver<D, O> {
     /// Applies waiting operator requests.
     pub(super) async fn handle_requests(&mut self) -> Result<(), Stop> {
         let (dir, name) = (self.requests_dir.clone(), self.target.name.clone());
@@ -47,7 +47,7 @@ impl<D: Deliver + 'static> Driver<D> {
 
 /// Completes once an operator request that changes what comes next is waiting
 /// (read-only ones are answered here directly). Polls every [`requests::POLL`].
-pub(super) async fn interrupted(store: &Store, dir: &std::path::Path, target: &str) {
+pub(super) async fn interrupted(store: &impl Outbox, dir: &std::path::Path, target: &str) {
     loop {
         tokio::time::sleep(requests::POLL).await;
         let (store, dir, target) = (store.clone(), dir.to_path_buf(), target.to_string());
