@@ -11,7 +11,7 @@ use steward_core::config::{Config, TargetIndex};
 use steward_core::model::{Event, Lsn};
 use steward_core::pipeline::{Mapped, Pipeline};
 use steward_store::governance::{GovDelta, GovOp};
-use steward_store::Store;
+use steward_store::{GovernanceState, Store};
 
 use super::{schema, snapshot, DaemonState};
 

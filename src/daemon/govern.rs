@@ -17,7 +17,7 @@ use steward_source::snapshot as source_snapshot;
 use steward_store::audit::AuditFilter;
 use steward_store::backup::BackupReport;
 use steward_store::governance::{AuditRecord, GovDelta, GovOp, QuarantineEntry};
-use steward_store::Store;
+use steward_store::{GovernanceState, Store};
 
 /// A quarantine request for the consume loop, from the control API.
 pub struct GovCall {

@@ -282,7 +282,7 @@ async fn run_open(
             skip_before: durable,
             status_interval: config.source.status_interval,
             streaming: config.source.streaming,
-            store: store.clone(),
+            spill: Arc::new(store.clone()),
         };
         let (tx, rx) = mpsc::channel(SOURCE_CHANNEL_CAPACITY);
         let (session_shutdown_tx, session_shutdown_rx) = watch::channel(false);

@@ -13,7 +13,7 @@ use steward_source::slot;
 use steward_source::snapshot::{self as source_snapshot, SnapshotReader};
 use steward_store::backup::{BackupMark, BACKUP_META};
 use steward_store::governance::{AuditRecord, GovDelta, GovOp};
-use steward_store::Store;
+use steward_store::{GovernanceState, Store};
 
 pub(super) struct Prepared {
     /// The lowest LSN a session may start from.

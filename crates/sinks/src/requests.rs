@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 
-use steward_store::{DeadLetter, DlqFilter, Store, StoreError};
+use steward_store::{DeadLetter, DlqFilter, Outbox, StoreError};
 
 /// Meta key recording a `flush` made while the daemon was stopped.
 pub(crate) fn flush_meta_key(target: &str) -> String {
@@ -87,7 +87,7 @@ pub enum Response {
 
 /// Applies a request to an open store. `Flush` is recorded for the driver's
 /// next start (only a running driver can open its windows).
-pub fn apply(store: &Store, target: &str, request: &Request) -> Result<Response, StoreError> {
+pub fn apply(store: &impl Outbox, target: &str, request: &Request) -> Result<Response, StoreError> {
     Ok(match request {
         Request::List { filter } => Response::DeadLetters {
             entries: store.dead_letters(target, filter)?,

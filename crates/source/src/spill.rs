@@ -19,9 +19,10 @@
 //! harmless, a missing one is not.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use steward_store::spill::{push_record, SPILL_CHUNK_BYTES};
-use steward_store::{Store, StoreError};
+use steward_store::{Spill, StoreError};
 
 /// Buffered chunks are written once they hold this many bytes.
 const WRITE_BATCH_BYTES: usize = 1024 * 1024;
@@ -49,7 +50,7 @@ pub(crate) struct Committed {
 }
 
 pub(crate) struct StreamSpill {
-    store: Store,
+    store: Arc<dyn Spill>,
     txns: HashMap<u32, SpilledTxn>,
     /// Top-level xid of the open stream block.
     current: Option<u32>,
@@ -64,7 +65,7 @@ impl StreamSpill {
     /// Starts empty: whatever an earlier session spilled is dropped, since the
     /// server sends every transaction that was not committed before the
     /// confirmed position again, from its first change.
-    pub(crate) fn new(store: Store) -> Result<StreamSpill, StoreError> {
+    pub(crate) fn new(store: Arc<dyn Spill>) -> Result<StreamSpill, StoreError> {
         block(|| store.spill_clear())?;
         Ok(StreamSpill {
             store,

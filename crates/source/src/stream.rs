@@ -38,6 +38,7 @@
 //! a Stream Commit counts as a received commit from the moment it arrives,
 //! so the keepalive position is confirmed only after its replay is durable.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use std::collections::VecDeque;
@@ -50,7 +51,7 @@ use crate::spill::{Committed, StreamSpill};
 use steward_core::model::{Change, Lsn, Relation};
 use steward_postgres::pgoutput::{self, PgOutputMessage};
 use steward_postgres::{ReplicationClient, ReplicationMessage, ReplicationStream, WireError};
-use steward_store::{Store, StoreError};
+use steward_store::{Spill, StoreError};
 
 /// What the source hands downstream, in stream order.
 #[derive(Debug)]
@@ -169,11 +170,11 @@ pub struct SessionParams {
     /// Ask for streaming of in-progress transactions (used on PostgreSQL 14+).
     pub streaming: bool,
     /// Where streamed transactions are spilled until they commit.
-    pub store: Store,
+    pub spill: Arc<dyn Spill>,
     /// Set by the daemon when it waits for the server's position (a
     /// snapshot chunk waiting for its consistent point): the session asks
     /// the server for a keepalive.
-    pub position_wanted: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub position_wanted: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// First server version whose pgoutput can stream in-progress transactions.
@@ -227,7 +228,7 @@ pub async fn run_session(
         options.push(("streaming", "on"));
     }
     // Cleared before the server can send anything (see the module documentation).
-    let spill = StreamSpill::new(params.store.clone())?;
+    let spill = StreamSpill::new(Arc::clone(&params.spill))?;
     let mut stream = client
         .start_logical_replication(&params.slot, params.start, &options)
         .await
@@ -635,8 +636,10 @@ pub fn reconnect_delay(attempt: u32) -> Duration {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_types)] // the tests spill into a real store and look into it
 mod tests {
     use super::*;
+    use steward_store::Store;
 
     #[test]
     fn keepalive_position_is_confirmed_only_when_everything_received_is_durable() {
@@ -723,7 +726,7 @@ mod tests {
                 written: Lsn::ZERO,
                 last_flush_sent: Lsn::ZERO,
             },
-            spill: StreamSpill::new(store.clone()).unwrap(),
+            spill: StreamSpill::new(Arc::new(store.clone())).unwrap(),
             replay: None,
         }
     }
@@ -986,7 +989,7 @@ mod tests {
                 skip_before,
                 status_interval: Duration::from_secs(3600),
                 streaming: false,
-                store,
+                spill: Arc::new(store),
                 position_wanted: Default::default(),
             };
             let (tx, events) = mpsc::channel(64);

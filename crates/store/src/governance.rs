@@ -5,7 +5,7 @@
 //! index (duplicate detection).
 //!
 //! The governance keeps this state in memory and hands every change to the
-//! daemon as a [`GovDelta`], written by [`Store::commit_governed`] in the
+//! daemon as a [`GovDelta`], written by [`GovernanceState::commit_governed`] in the
 //! same transaction as the outbox appends and the checkpoint: after a crash
 //! the state always matches what was appended.
 
@@ -134,9 +134,32 @@ fn write_audit_record(r: &AuditRecord, out: &mut Vec<u8>) {
     out.push(b'}');
 }
 
-impl Store {
+/// The durable governance state, as the daemon reads it at start and
+/// changes it: always together with the outbox appends the change produced,
+/// in one transaction. Delivery drivers and the source have no access to it.
+pub trait GovernanceState {
     /// [`Store::commit`] plus the governance delta, in one durable transaction.
-    pub fn commit_governed(
+    fn commit_governed(
+        &self,
+        checkpoint: Lsn,
+        appends: &[(&str, &Event)],
+        delta: &GovDelta,
+    ) -> Result<Vec<(String, u64)>, StoreError>;
+
+    /// Reads the whole governance state (at start-up).
+    fn load_governance(&self) -> Result<GovSnapshot, StoreError>;
+
+    /// Applies a governance delta outside a source commit (a quarantine
+    /// release on a stopped daemon), together with the events it produced.
+    fn apply_governance(
+        &self,
+        appends: &[(&str, &Event)],
+        delta: &GovDelta,
+    ) -> Result<Vec<(String, u64)>, StoreError>;
+}
+
+impl GovernanceState for Store {
+    fn commit_governed(
         &self,
         checkpoint: Lsn,
         appends: &[(&str, &Event)],
@@ -147,8 +170,7 @@ impl Store {
         })
     }
 
-    /// Reads the whole governance state (at start-up).
-    pub fn load_governance(&self) -> Result<GovSnapshot, StoreError> {
+    fn load_governance(&self) -> Result<GovSnapshot, StoreError> {
         self.read(|txn| {
             let mut snap = GovSnapshot::default();
             if let Some(t) = open_or_empty!(txn, GOV_ROWS) {
@@ -179,9 +201,7 @@ impl Store {
         })
     }
 
-    /// Applies a governance delta outside a source commit (a quarantine
-    /// release on a stopped daemon), together with the events it produced.
-    pub fn apply_governance(
+    fn apply_governance(
         &self,
         appends: &[(&str, &Event)],
         delta: &GovDelta,

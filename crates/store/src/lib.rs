@@ -32,6 +32,15 @@
 //! redb refuses all further I/O once a write failed (e.g. a full disk). The
 //! store then drops its handle and reopens the file on the next call, which
 //! lets steward carry on by itself once space is freed.
+//!
+//! The daemon holds the [`Store`] itself; the other crates see it through a
+//! narrow trait each, so they cannot reach state that is not theirs:
+//! [`Outbox`] for a target's delivery driver (its outbox, replay queue,
+//! window buffer and dead letters), [`Spill`] for the replication source
+//! (streamed transactions until they commit), and core's
+//! `steward_core::pipeline::large_txn::TxnStage` for large source
+//! transactions. [`GovernanceState`] gathers the daemon's access to the
+//! governance state, which changes only with the outbox appends it produced.
 
 pub mod audit;
 pub mod backup;
@@ -41,6 +50,7 @@ mod event_codec;
 pub mod files;
 pub mod governance;
 mod open;
+mod outbox;
 mod published;
 mod quarantine;
 mod snapshot_progress;
@@ -52,7 +62,10 @@ pub use dead_letter::{
     key_of, DeadLetter, DeliveryCounts, DlqFilter, Failure, NewDeadLetter, Settlement,
 };
 pub use error::StoreError;
+pub use governance::GovernanceState;
+pub use outbox::Outbox;
 pub use snapshot_progress::{SnapshotJob, SnapshotPhase, VersionCheck};
+pub use spill::Spill;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};

@@ -2,7 +2,7 @@
 //! rule or claimed a business key already held, with the rule, a message for
 //! the operator and the document that was withheld. Written through
 //! [`super::governance::GovDelta`]; read here with the rest of the governance
-//! state ([`super::Store::load_governance`]).
+//! state ([`super::GovernanceState::load_governance`]).
 
 use redb::{ReadTransaction, ReadableTable, TableDefinition};
 

@@ -52,7 +52,7 @@ pub fn records(chunk: &[u8]) -> Result<Vec<(u32, std::ops::Range<usize>)>, Strin
     Ok(out)
 }
 
-/// What is left of a chunk after [`Store::spill_remove_subxact`].
+/// What is left of a chunk after [`Spill::spill_remove_subxact`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ChunkLeft {
     /// Records still in the chunk.
@@ -65,17 +65,47 @@ pub struct ChunkLeft {
     pub max_subxid: u32,
 }
 
-impl Store {
+/// What the replication source may do with the state file: spill the
+/// changes of streamed transactions until they commit, read them back and
+/// drop them. Nothing else of the store is within its reach.
+///
+/// The source holds it as a `dyn Spill`: a call moves a whole chunk (up to
+/// [`SPILL_CHUNK_BYTES`]) or a batch of them, so the indirect call is
+/// nothing beside it, and the streaming session stays one non-generic
+/// function.
+pub trait Spill: Send + Sync {
     /// Drops every spilled change. Called when a replication session starts.
-    pub fn spill_clear(&self) -> Result<(), StoreError> {
+    fn spill_clear(&self) -> Result<(), StoreError>;
+
+    /// Writes chunks (`(xid, chunk number)`, bytes) in one non-durable commit.
+    fn spill_write(&self, chunks: &[((u32, u64), Vec<u8>)]) -> Result<(), StoreError>;
+
+    /// The chunk `(xid, seq)`, if it exists.
+    fn spill_read(&self, xid: u32, seq: u64) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Removes the records of `subxid` from chunk `(xid, seq)` (a ROLLBACK TO
+    /// SAVEPOINT), deleting the chunk when nothing is left. Returns what is
+    /// left, `None` if the chunk does not exist.
+    fn spill_remove_subxact(
+        &self,
+        xid: u32,
+        seq: u64,
+        subxid: u32,
+    ) -> Result<Option<ChunkLeft>, StoreError>;
+
+    /// Drops every chunk of `xid` (after its commit was replayed, or its abort).
+    fn spill_drop(&self, xid: u32) -> Result<(), StoreError>;
+}
+
+impl Spill for Store {
+    fn spill_clear(&self) -> Result<(), StoreError> {
         self.write(self.lazy_durability(), |txn| {
             txn.delete_table(STREAM_SPILL)?;
             Ok(())
         })
     }
 
-    /// Writes chunks (`(xid, chunk number)`, bytes) in one non-durable commit.
-    pub fn spill_write(&self, chunks: &[((u32, u64), Vec<u8>)]) -> Result<(), StoreError> {
+    fn spill_write(&self, chunks: &[((u32, u64), Vec<u8>)]) -> Result<(), StoreError> {
         if chunks.is_empty() {
             return Ok(());
         }
@@ -88,8 +118,7 @@ impl Store {
         })
     }
 
-    /// The chunk `(xid, seq)`, if it exists.
-    pub fn spill_read(&self, xid: u32, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+    fn spill_read(&self, xid: u32, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
         self.read(|txn| {
             let table = match txn.open_table(STREAM_SPILL) {
                 Ok(t) => t,
@@ -101,10 +130,7 @@ impl Store {
         })
     }
 
-    /// Removes the records of `subxid` from chunk `(xid, seq)` (a ROLLBACK TO
-    /// SAVEPOINT), deleting the chunk when nothing is left. Returns what is
-    /// left, `None` if the chunk does not exist.
-    pub fn spill_remove_subxact(
+    fn spill_remove_subxact(
         &self,
         xid: u32,
         seq: u64,
@@ -144,8 +170,7 @@ impl Store {
         })
     }
 
-    /// Drops every chunk of `xid` (after its commit was replayed, or its abort).
-    pub fn spill_drop(&self, xid: u32) -> Result<(), StoreError> {
+    fn spill_drop(&self, xid: u32) -> Result<(), StoreError> {
         self.write(self.lazy_durability(), |txn| {
             let mut table = txn.open_table(STREAM_SPILL)?;
             let mut keys = Vec::new();
@@ -158,7 +183,9 @@ impl Store {
             Ok(())
         })
     }
+}
 
+impl Store {
     /// Number of spilled chunks (all transactions), for tests and status.
     pub fn spill_chunks(&self) -> Result<u64, StoreError> {
         self.read(|txn| match txn.open_table(STREAM_SPILL) {

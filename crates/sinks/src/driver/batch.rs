@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use super::flights::{Flights, InFlight};
 use super::{requests, shutdown_requested, sleep_until_opt, Deliver, Driver, Stop, TargetQueue};
 use steward_core::model::Event;
+use steward_store::Outbox;
 
 /// How often an idle driver looks at its outbox when nobody can wake it any more
 /// (the daemon dropped the wake sender but did not ask for shutdown).
@@ -22,7 +23,7 @@ const IDLE_POLL: Duration = Duration::from_secs(1);
 /// appends) are found within this.
 const IDLE_RECHECK: Duration = Duration::from_millis(500);
 
-impl<D: Deliver + 'static> Driver<D> {
+impl<D: Deliver + 'static, O: Outbox> Driver<D, O> {
     /// The delivery loop. Outbox batches go to idle lanes, so up to
     /// `max_in_flight` are in flight at once, under two rules:
     /// - per-key order: a batch never holds a key of a batch still in flight

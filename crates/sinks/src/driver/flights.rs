@@ -13,6 +13,7 @@ use futures_util::stream::FuturesUnordered;
 use super::lane::{Isolated, Lane};
 use super::settle::Prepared;
 use super::{Deliver, Driver, Stop};
+use steward_store::Outbox;
 
 /// An outbox batch handed to a lane; batches settle in outbox order.
 pub(super) struct InFlight {
@@ -24,20 +25,20 @@ pub(super) struct InFlight {
 }
 
 /// A lane back from a batch: the batch's last seq, the lane, the outcome.
-pub(super) type LaneDone<D> = (u64, Lane<D>, Result<Isolated, Stop>);
-pub(super) type LaneFuture<D> = Pin<Box<dyn Future<Output = LaneDone<D>> + Send>>;
+pub(super) type LaneDone<D, O> = (u64, Lane<D, O>, Result<Isolated, Stop>);
+pub(super) type LaneFuture<D, O> = Pin<Box<dyn Future<Output = LaneDone<D, O>> + Send>>;
 
 /// The outbox batches in flight, in outbox order, and their keys.
-pub(super) struct Flights<D> {
+pub(super) struct Flights<D, O> {
     pub(super) pending: VecDeque<InFlight>,
     pub(super) busy: HashSet<u64>,
-    pub(super) running: FuturesUnordered<LaneFuture<D>>,
+    pub(super) running: FuturesUnordered<LaneFuture<D, O>>,
     /// An operator request is waiting: no new batch starts, and what is not
     /// settled when the last lane is back is read again after the request.
     pub(super) abandoning: bool,
 }
 
-impl<D: Deliver + 'static> Driver<D> {
+impl<D: Deliver + 'static, O: Outbox> Driver<D, O> {
     /// Makes the acknowledgement of every earlier batch holding one of
     /// `keys` durable before a batch with them is sent. Acknowledgements are
     /// written without fsync (any later durable commit persists them), so
@@ -68,8 +69,8 @@ impl<D: Deliver + 'static> Driver<D> {
     /// finished batch at the front, in outbox order.
     pub(super) async fn lane_done(
         &mut self,
-        (last_seq, lane, outcome): LaneDone<D>,
-        flights: &mut Flights<D>,
+        (last_seq, lane, outcome): LaneDone<D, O>,
+        flights: &mut Flights<D, O>,
     ) -> Result<(), Stop> {
         self.lanes.push(lane);
         match outcome {

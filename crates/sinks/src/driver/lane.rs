@@ -15,7 +15,7 @@ use super::target_metrics::TargetMetrics;
 use super::{shutdown_requested, Deliver, Stop};
 use steward_core::config::TargetConfig;
 use steward_core::model::Event;
-use steward_store::{key_of, Failure, NewDeadLetter, Store};
+use steward_store::{key_of, Failure, NewDeadLetter, Outbox};
 
 /// The outcome of delivering a list of events with isolation.
 #[derive(Default)]
@@ -29,10 +29,10 @@ pub(super) struct Isolated {
 
 /// What delivering one batch needs, owned, so that several batches can be in
 /// flight at once, one per lane.
-pub(super) struct Lane<D> {
+pub(super) struct Lane<D, O> {
     pub(super) sink: D,
     pub(super) target: Arc<TargetConfig>,
-    pub(super) store: Store,
+    pub(super) store: O,
     pub(super) shutdown: watch::Receiver<bool>,
     pub(super) inbox: super::requests::Inbox,
     /// Shared by the target's lanes.
@@ -40,7 +40,7 @@ pub(super) struct Lane<D> {
     pub(super) metrics: Arc<TargetMetrics>,
 }
 
-impl<D: Deliver> Lane<D> {
+impl<D: Deliver, O: Outbox> Lane<D, O> {
     /// Delivers `events` in order. A rejected batch is bisected until the
     /// rejected events stand alone; those are dead-lettered (and hold their
     /// key, so the key's later events in the list are parked behind them).

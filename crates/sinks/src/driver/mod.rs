@@ -36,6 +36,11 @@
 //! One driver runs per target, so a slow or failing target only grows its own
 //! backlog and never holds up the others.
 //!
+//! The driver reaches the state file only through [`Outbox`]: its target's
+//! queues, dead letters and acknowledgements, nothing of the daemon's.
+//! Generic over it like over its sink, so the calls stay direct; the unit
+//! tests wrap the store in one that fails on demand (`testkit::Faulty`).
+//!
 //! The files follow the driver's seams, each a state or a step of its own:
 //! - `batch`: the loop that gathers outbox batches (per-key cut, linger)
 //!   and hands them to lanes;
@@ -74,7 +79,7 @@ use tokio::time::Instant;
 use super::requests::{self, Inbox};
 use steward_core::config::TargetConfig;
 use steward_core::model::Event;
-use steward_store::{Store, StoreError};
+use steward_store::{Outbox, StoreError};
 
 use lane::Lane;
 use pacing::{backoff, Limits};
@@ -167,9 +172,9 @@ impl DriverHandle {
 /// One sink per batch that may be in flight at once: `sinks.len()` is the
 /// target's `max_in_flight`; settlement follows the outbox order, so per-key
 /// order holds with batches in flight.
-pub async fn run_target<D: Deliver + 'static>(
+pub async fn run_target<D: Deliver + 'static, O: Outbox>(
     target: TargetConfig,
-    store: Store,
+    store: O,
     sinks: Vec<D>,
     wake: watch::Receiver<u64>,
     inbox: Inbox,
@@ -179,7 +184,7 @@ pub async fn run_target<D: Deliver + 'static>(
     let metrics = Arc::new(TargetMetrics::new(&target.name));
     let max = target.batch_max_events.max(1).min(limits.max_batch());
     let target = Arc::new(target);
-    let lanes: Vec<Lane<D>> = sinks
+    let lanes: Vec<Lane<D, O>> = sinks
         .into_iter()
         .map(|sink| Lane {
             sink,
@@ -244,11 +249,11 @@ enum TargetQueue {
     Window,
 }
 
-struct Driver<D> {
+struct Driver<D, O> {
     target: Arc<TargetConfig>,
-    store: Store,
+    store: O,
     /// Idle lanes. A lane owns a sink; a batch in flight owns its lane.
-    lanes: Vec<Lane<D>>,
+    lanes: Vec<Lane<D, O>>,
     /// Number of lanes: most outbox batches in flight at once.
     max_in_flight: usize,
     wake: watch::Receiver<u64>,
@@ -271,7 +276,7 @@ struct Driver<D> {
     acked_lazily_at: u64,
 }
 
-impl<D: Deliver + 'static> Driver<D> {
+impl<D: Deliver + 'static, O: Outbox> Driver<D, O> {
     /// A blocking store call off the async threads; see [`store_call`].
     async fn store_call<T, F>(&mut self, f: F) -> Result<T, Stop>
     where
@@ -290,7 +295,7 @@ impl<D: Deliver + 'static> Driver<D> {
 /// disk, I/O) are retried with backoff until they clear; `Ok(None)` means
 /// shutdown was requested meanwhile.
 async fn store_call<T, F>(
-    store: &Store,
+    store: &impl Outbox,
     target: &TargetConfig,
     shutdown: &mut watch::Receiver<bool>,
     f: F,
@@ -486,5 +491,70 @@ mod tests {
             let expected = if case == "idle" { 0 } else { 3 };
             assert_eq!(store.backlog("t").unwrap(), expected, "{case}");
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_failure_that_clears_is_retried_without_losing_or_repeating_events() {
+        let (_dir, store) = temp_store();
+        append(&store, &["t"], 1..101);
+        let outbox = Faulty::new(&store);
+        outbox
+            .settle_failures
+            .store(3, std::sync::atomic::Ordering::SeqCst);
+        let (_handle, wake) = DriverHandle::new();
+        let (stop, shutdown) = watch::channel(false);
+        let fake = Fake::default();
+        let task = tokio::spawn(run_target(
+            target("t", 10, 0),
+            outbox.clone(),
+            vec![fake.clone()],
+            wake,
+            crate::requests::Inbox::default(),
+            shutdown,
+        ));
+        wait_until("settled", || store.backlog("t").unwrap() == 0).await;
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+
+        // Each batch reached the target once: only the store call was retried.
+        assert_eq!(*fake.accepted.lock().unwrap(), (1..101).collect::<Vec<_>>());
+        assert_eq!(fake.attempts.lock().unwrap().len(), 10);
+        assert_eq!(
+            outbox
+                .settle_failures
+                .load(std::sync::atomic::Ordering::SeqCst),
+            0
+        );
+        assert_eq!(store.target_stats("t").unwrap().delivered_total, 100);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_state_file_stops_the_driver_with_its_error() {
+        let (_dir, store) = temp_store();
+        append(&store, &["t"], 1..11);
+        let outbox = Faulty::new(&store);
+        outbox
+            .damaged
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let (_handle, wake) = DriverHandle::new();
+        let (_stop, shutdown) = watch::channel(false);
+        let fake = Fake::default();
+        let result = tokio::time::timeout(
+            Duration::from_secs(5),
+            run_target(
+                target("t", 10, 0),
+                outbox,
+                vec![fake.clone()],
+                wake,
+                crate::requests::Inbox::default(),
+                shutdown,
+            ),
+        )
+        .await
+        .expect("the driver stops by itself");
+        let err = result.unwrap_err();
+        assert!(err.is_damage(), "{err}");
+        assert!(fake.attempts.lock().unwrap().is_empty());
+        assert_eq!(store.backlog("t").unwrap(), 10);
     }
 }

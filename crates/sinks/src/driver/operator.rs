@@ -5,8 +5,9 @@
 
 use super::requests::{self, Request, Response};
 use super::{Deliver, Driver, Stop};
+use steward_store::Outbox;
 
-impl<D: Deliver + 'static> Driver<D> {
+impl<D: Deliver + 'static, O: Outbox> Driver<D, O> {
     /// Applies waiting operator requests.
     pub(super) async fn handle_requests(&mut self) -> Result<(), Stop> {
         let mut changed = false;

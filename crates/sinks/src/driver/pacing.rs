@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use super::lane::Lane;
 use super::{shutdown_requested, Deliver, DeliveryError, Stop};
 use steward_core::config::TargetConfig;
+use steward_store::Outbox;
 
 /// Longest pause honoured from a target's own `Retry-After`; a longer one is
 /// more likely a misconfiguration than a wish to receive nothing for hours.
@@ -20,7 +21,7 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// Shortest pause between attempts, so a zero `retry_initial` cannot spin.
 pub(super) const MIN_RETRY_DELAY: Duration = Duration::from_millis(1);
 
-impl<D: Deliver> Lane<D> {
+impl<D: Deliver, O: Outbox> Lane<D, O> {
     /// Waits for the rate limits to allow a request of `events` events.
     pub(super) async fn throttle(&mut self, events: usize) -> Result<(), Stop> {
         if self.limits.requests.is_none() && self.limits.events.is_none() {

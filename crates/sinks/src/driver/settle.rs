@@ -9,7 +9,7 @@ use super::lane::Isolated;
 use super::{Deliver, Driver, Stop, TargetQueue};
 use steward_core::config::Window;
 use steward_core::model::Event;
-use steward_store::{key_of, NewDeadLetter, Settlement};
+use steward_store::{key_of, NewDeadLetter, Outbox, Settlement};
 
 /// One batch sorted by [`Driver::prepare`].
 pub(super) struct Prepared {
@@ -28,7 +28,7 @@ pub(super) struct Prepared {
     pub(super) window_done: Vec<(String, String)>,
 }
 
-impl<D: Deliver + 'static> Driver<D> {
+impl<D: Deliver + 'static, O: Outbox> Driver<D, O> {
     /// Sorts, delivers and settles one batch while nothing else is in flight
     /// (replayed dead letters and batch windows).
     pub(super) async fn process(

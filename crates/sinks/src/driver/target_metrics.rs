@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use super::{Deliver, Driver, Stop};
+use steward_store::Outbox;
 
 pub(super) struct TargetMetrics {
     pub(super) delivered: metrics::Counter,
@@ -53,7 +54,7 @@ impl TargetMetrics {
     }
 }
 
-impl<D: Deliver + 'static> Driver<D> {
+impl<D: Deliver + 'static, O: Outbox> Driver<D, O> {
     pub(super) async fn refresh_gauges(&mut self) -> Result<(), Stop> {
         let (store, name) = (self.store.clone(), self.target.name.clone());
         let counts = self

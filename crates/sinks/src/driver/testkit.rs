@@ -1,7 +1,12 @@
 //! What the driver's unit tests share: a fake sink, a store in a temporary
-//! directory and helpers to fill the outbox.
+//! directory, an outbox that fails on demand and helpers to fill the outbox.
 
-use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
+// The tests run the driver over a real store, and fill and inspect it.
+#![allow(clippy::disallowed_types)]
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,7 +15,7 @@ use tokio::time::Instant;
 use super::{Deliver, DeliveryError};
 use steward_core::config::TargetConfig;
 use steward_core::model::{Event, EventOp, Lsn};
-use steward_store::Store;
+use steward_store::{DeadLetter, DeliveryCounts, DlqFilter, Outbox, Settlement, Store, StoreError};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -165,4 +170,101 @@ pub(super) fn append_keyed(store: &Store, target: &str, range: std::ops::Range<u
 
 pub(super) fn lanes(fake: &Fake, n: usize) -> Vec<Fake> {
     (0..n).map(|_| fake.clone()).collect()
+}
+
+/// The store as the driver sees it, with failures on demand: the next
+/// `settle_failures` settlements fail as on a full disk (nothing written),
+/// and while `damaged` is set every outbox read finds a damaged file.
+#[derive(Clone)]
+pub(super) struct Faulty {
+    pub(super) store: Store,
+    pub(super) settle_failures: Arc<AtomicUsize>,
+    pub(super) damaged: Arc<AtomicBool>,
+}
+
+impl Faulty {
+    pub(super) fn new(store: &Store) -> Faulty {
+        Faulty {
+            store: store.clone(),
+            settle_failures: Arc::new(AtomicUsize::new(0)),
+            damaged: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+impl Outbox for Faulty {
+    fn path(&self) -> &Path {
+        self.store.path()
+    }
+    fn read_outbox(
+        &self,
+        target: &str,
+        after: Option<u64>,
+        max: usize,
+    ) -> Result<Vec<(u64, Event)>, StoreError> {
+        if self.damaged.load(AtomicOrdering::SeqCst) {
+            return Err(StoreError::Corrupted {
+                path: self.store.path().to_path_buf(),
+                detail: "a test damaged it".into(),
+            });
+        }
+        self.store.read_outbox(target, after, max)
+    }
+    fn backlog(&self, target: &str) -> Result<u64, StoreError> {
+        self.store.backlog(target)
+    }
+    fn read_replay(&self, target: &str, max: usize) -> Result<Vec<(u64, Event)>, StoreError> {
+        self.store.read_replay(target, max)
+    }
+    fn read_window(&self, target: &str, entities: &[&str]) -> Result<Vec<Event>, StoreError> {
+        self.store.read_window(target, entities)
+    }
+    fn settle(&self, target: &str, settlement: &Settlement) -> Result<Vec<u64>, StoreError> {
+        let fail = self
+            .settle_failures
+            .fetch_update(AtomicOrdering::SeqCst, AtomicOrdering::SeqCst, |n| {
+                n.checked_sub(1)
+            })
+            .is_ok();
+        if fail {
+            return Err(StoreError::DiskFull {
+                path: self.store.path().to_path_buf(),
+            });
+        }
+        self.store.settle(target, settlement)
+    }
+    fn set_target_error(&self, target: &str, error: Option<&str>) -> Result<(), StoreError> {
+        self.store.set_target_error(target, error)
+    }
+    fn delivery_counts(&self, target: &str) -> Result<DeliveryCounts, StoreError> {
+        self.store.delivery_counts(target)
+    }
+    fn held_keys(&self, target: &str) -> Result<HashSet<String>, StoreError> {
+        self.store.held_keys(target)
+    }
+    fn dead_letters(
+        &self,
+        target: &str,
+        filter: &DlqFilter,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        self.store.dead_letters(target, filter)
+    }
+    fn replay_dead_letters(&self, target: &str, filter: &DlqFilter) -> Result<u64, StoreError> {
+        self.store.replay_dead_letters(target, filter)
+    }
+    fn drop_dead_letters(&self, target: &str, filter: &DlqFilter) -> Result<u64, StoreError> {
+        self.store.drop_dead_letters(target, filter)
+    }
+    fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.store.get_meta(key)
+    }
+    fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.store.set_meta(key, value)
+    }
+    fn durable_commits(&self) -> u64 {
+        self.store.durable_commits()
+    }
+    fn make_durable(&self) -> Result<(), StoreError> {
+        self.store.make_durable()
+    }
 }

@@ -7,8 +7,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::{Deliver, Driver, Stop, TargetQueue};
+use steward_store::Outbox;
 
-impl<D: Deliver + 'static> Driver<D> {
+impl<D: Deliver + 'static, O: Outbox> Driver<D, O> {
     /// Sets the next opening of every windowed entity (all of them now when `now`).
     pub(super) fn schedule_windows(&mut self, now: bool) {
         let t = chrono::Utc::now().timestamp();
