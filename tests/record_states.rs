@@ -33,6 +33,7 @@ fn records(page: &str) -> BTreeMap<(String, String), i64> {
 }
 
 async fn scrape(port: u16) -> String {
+    steward_postgres::install_default_provider();
     match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
         Ok(r) => r.text().await.unwrap_or_default(),
         Err(_) => String::new(),
@@ -177,6 +178,10 @@ reference = {{ field = "product_tmpl_id", entity = "product" }}
     .await;
     assert!(get(&base, "product", "pending_approval") > 0, "{base:#?}");
     assert_eq!(get(&base, "product", "published"), 0, "{base:#?}");
+    assert!(
+        get(&base, "bom", "blocked") > 0,
+        "the fixture BOMs wait for their drafts: {base:#?}"
+    );
     assert_eq!(get(&base, "bom", "quarantined"), 0, "{base:#?}");
 
     // A draft waits for approval, then is published.
