@@ -2275,6 +2275,16 @@ fn a_large_transaction_governed_in_pieces_sends_what_an_ordinary_one_sends() {
                     "transaction {n}, piece {piece}"
                 );
                 assert_eq!(large.decisions(), ordinary.decisions());
+                assert_eq!(
+                    large.gov.record_counts(),
+                    ordinary.gov.record_counts(),
+                    "transaction {n}, piece {piece}"
+                );
+                for c in ordinary.gov.record_counts() {
+                    // Each checks the kept counts against a restart's.
+                    ordinary.counts(&c.entity);
+                    large.counts(&c.entity);
+                }
                 let mut seen = HashSet::new();
                 for e in &got {
                     assert!(
