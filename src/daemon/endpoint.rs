@@ -97,6 +97,10 @@ fn describe() {
         QUARANTINED_RECORDS,
         "Records held in quarantine (failing a rule or a business key), per entity"
     );
+    describe_gauge!(
+        RECORDS,
+        "Records per entity and state: published, pending_approval, quarantined, blocked (each record in one), dead_lettered (a dead letter at some target)"
+    );
     describe_counter!(CONFIG_RELOADS, "Configuration reloads (SIGHUP) by result");
     describe_gauge!(
         ENTITY_STOPPED,
@@ -200,6 +204,7 @@ mod tests {
         BUILD_INFO,
         DEAD_LETTER_EVENTS,
         QUARANTINED_RECORDS,
+        RECORDS,
         DEAD_LETTERS,
         DELIVERY_RETRIES,
         THROTTLED_SECONDS,
@@ -249,6 +254,7 @@ mod tests {
             TARGET_BACKLOG,
             EVENTS_DELIVERED,
             DEAD_LETTER_EVENTS,
+            RECORDS,
         ] {
             assert!(dashboard.contains(needed), "the dashboard lacks {needed}");
         }

@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use steward_core::config::{Config, EntityIndex, TargetIndex};
 use steward_core::model::{Event, Lsn};
+use steward_core::pipeline::govern::RecordState;
 use steward_core::pipeline::{snapshot_mapped, Governance, Pipeline};
 use steward_source::snapshot as source_snapshot;
 use steward_store::audit::AuditFilter;
@@ -154,6 +155,57 @@ pub fn publish_quarantine(governance: &Governance) {
     for (entity, n) in governance.quarantine_counts() {
         metrics::gauge!(steward_core::metric::QUARANTINED_RECORDS, "entity" => entity.to_string())
             .set(n as f64);
+    }
+}
+
+/// Sets `steward_records{entity,state}` for the governance states
+/// (published, pending_approval, quarantined, blocked) of every counted
+/// entity, zeros included; `dead_lettered` comes from the store (see
+/// [`publish_dead_lettered`]).
+pub fn publish_records(governance: &Governance) {
+    for counts in governance.record_counts() {
+        for state in RecordState::ALL {
+            metrics::gauge!(
+                steward_core::metric::RECORDS,
+                "entity" => counts.entity.clone(),
+                "state" => state.as_str()
+            )
+            .set(counts.count(state) as f64);
+        }
+    }
+}
+
+/// Sets `steward_records{entity,state="dead_lettered"}`: per entity a target
+/// takes, the records with at least one dead letter at some target. Reads
+/// only the dead-lettered keys of each target.
+pub fn publish_dead_lettered(config: &Config, store: &Store) {
+    let mut keys = std::collections::HashSet::new();
+    for target in &config.targets {
+        match store.held_keys(&target.name) {
+            Ok(held) => keys.extend(held),
+            // Published again at the next poll; a stale value beats a wrong 0.
+            Err(_) => return,
+        }
+    }
+    let mut counts: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    for key in &keys {
+        if let Some((entity, _)) = key.split_once('\0') {
+            *counts.entry(entity).or_default() += 1;
+        }
+    }
+    for entity in config.entities.iter().filter(|e| {
+        config
+            .targets
+            .iter()
+            .any(|t| t.entities.iter().any(|n| n == &e.name))
+    }) {
+        let n = counts.get(entity.name.as_str()).copied().unwrap_or(0);
+        metrics::gauge!(
+            steward_core::metric::RECORDS,
+            "entity" => entity.name.clone(),
+            "state" => "dead_lettered"
+        )
+        .set(n as f64);
     }
 }
 

@@ -156,6 +156,7 @@ async fn run_open(
     let mut prepared = setup::prepare(&config, &store, &pipeline).await?;
     govern::seed_state(&config, &store, &mut governance).await?;
     govern::publish_quarantine(&governance);
+    govern::publish_records(&governance);
     let gate = snapshot::SnapshotGate::from_store(&store)?;
     let checkpoint = store.checkpoint()?.unwrap_or(Lsn::ZERO);
     state
@@ -327,6 +328,7 @@ async fn run_open(
                 Err(e) => break Err(e),
             };
             govern::publish_quarantine(&governance);
+            govern::publish_records(&governance);
         }
         let _ = session_shutdown_tx.send(true);
         let session_result = match session.await {
@@ -766,8 +768,9 @@ fn fold_repeats(txn: &mut OpenTxn, from: usize) {
     }
 }
 
-/// The queued governance state changes; the quarantine gauge is refreshed
-/// when they touch the quarantine, so it moves with the batch that stores them.
+/// The queued governance state changes; the quarantine and record-state
+/// gauges are refreshed when they changed, so they move with the batch
+/// that stores them.
 fn take_delta(governance: &mut Governance) -> GovDelta {
     let delta = governance.take_delta();
     if delta
@@ -776,6 +779,9 @@ fn take_delta(governance: &mut Governance) -> GovDelta {
         .any(|op| matches!(op, GovOp::Quarantine { .. }))
     {
         govern::publish_quarantine(governance);
+    }
+    if governance.take_counts_changed() {
+        govern::publish_records(governance);
     }
     delta
 }

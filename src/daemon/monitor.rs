@@ -179,6 +179,7 @@ fn poll_store(config: &Config, store: &Store, state: &DaemonState) {
     let mut refused = Vec::new();
     tokio::task::block_in_place(|| {
         metrics::gauge!(m::STORE_BYTES).set(store.file_size() as f64);
+        super::govern::publish_dead_lettered(config, store);
         for target in &config.targets {
             let name = target.name.clone();
             if let Ok(backlog) = store.backlog(&name) {

@@ -40,6 +40,10 @@ pub const BUILD_INFO: &str = "steward_build_info";
 pub const DEAD_LETTER_EVENTS: &str = "steward_dead_letter_events";
 /// Label `entity`: records held in quarantine, one series per configured entity.
 pub const QUARANTINED_RECORDS: &str = "steward_quarantined_records";
+/// Labels `entity`, `state`: records of each governed entity per state now
+/// (published, pending_approval, quarantined, blocked: each record in one;
+/// dead_lettered: records with a dead letter at some target).
+pub const RECORDS: &str = "steward_records";
 /// Label `target`: events moved to the dead-letter queue.
 pub const DEAD_LETTERS: &str = "steward_dead_letters_total";
 /// Label `target`: delivery attempts retried after a failure.

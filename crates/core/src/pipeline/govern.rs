@@ -92,6 +92,20 @@ pub struct Governance {
     /// (commit LSN, next index) of the ids of events the governance makes
     /// itself, carried across the pieces of a large transaction.
     synthetic: (u64, u32),
+    /// Entities whose records are counted by state (see [`RecordState`]):
+    /// those whose rows are tracked, except the ones steward adds itself.
+    counted: Vec<bool>,
+    /// Tracked rows per entity.
+    row_counts: Vec<u64>,
+    /// [`record_hash`] → state of every counted record that is not
+    /// published; a record absent here but tracked is published. Kept
+    /// small (only records held back) so that counting costs the hot path
+    /// nothing while nothing is held.
+    held: HashKeyed<RecordState>,
+    /// Per entity, records in each held state (indexed by [`RecordState::held_index`]).
+    held_counts: Vec<[u64; 3]>,
+    /// The counts changed since [`Governance::take_counts_changed`].
+    counts_changed: bool,
 }
 
 /// What a snapshot or governed re-read decides for (see [`Governance::process_snapshot`]).
@@ -618,7 +632,21 @@ impl Governance {
             ref_columns,
             ref_index: HashMap::new(),
             synthetic: (0, 0),
+            counted: Vec::new(),
+            row_counts: vec![0; entity_count],
+            held: HashKeyed::default(),
+            held_counts: vec![[0; 3]; entity_count],
+            counts_changed: true,
         }
+        .with_counted()
+    }
+
+    fn with_counted(mut self) -> Governance {
+        self.counted = (0..self.entities.len())
+            .map(EntityIndex)
+            .map(|e| self.tracked[e] && !self.is_hidden(e))
+            .collect();
+        self
     }
 
     /// Entities whose whole rows the mapping stage must capture.
@@ -717,6 +745,7 @@ impl Governance {
                 self.quarantine.insert((e, q.key.clone()), q);
             }
         }
+        self.derive_counts();
     }
 
     /// Seeds tracked rows of `entity` read from its table (start-up, for references).
@@ -754,6 +783,30 @@ impl Governance {
             .zip(counts)
             .map(|(e, n)| (e.name.as_str(), n))
             .collect()
+    }
+
+    /// Records of every counted entity in each state, in configuration
+    /// order (see [`RecordState`] for which entities are counted).
+    pub fn record_counts(&self) -> Vec<EntityRecords> {
+        EntityIndex::enumerate(&self.entities)
+            .filter(|(e, _)| self.counted[*e])
+            .map(|(e, entity)| {
+                let [pending_approval, quarantined, blocked] = self.held_counts[e];
+                EntityRecords {
+                    entity: entity.name.clone(),
+                    published: self.row_counts[e]
+                        .saturating_sub(pending_approval + quarantined + blocked),
+                    pending_approval,
+                    quarantined,
+                    blocked,
+                }
+            })
+            .collect()
+    }
+
+    /// Whether [`Governance::record_counts`] may have changed since the last call.
+    pub fn take_counts_changed(&mut self) -> bool {
+        std::mem::take(&mut self.counts_changed)
     }
 
     /// Every record held in quarantine, by entity name, then key.
@@ -1362,6 +1415,7 @@ impl Governance {
         })
     }
 
+    /// Decides for one record ([`Governance::decide`]) and counts its new state.
     #[allow(clippy::too_many_arguments)]
     fn evaluate(
         &mut self,
@@ -1376,6 +1430,26 @@ impl Governance {
         out: &mut Vec<(TargetIndex, Event)>,
         deferred: &mut Pending,
     ) {
+        let gated = self.decide(e, key, op, row, old, seen, fallback, trigger, out, deferred);
+        self.note_state(e, key, op == "delete", gated);
+    }
+
+    /// What each target gets of one record; returns whether its gate
+    /// (`publish_when`) held it back.
+    #[allow(clippy::too_many_arguments)]
+    fn decide(
+        &mut self,
+        e: EntityIndex,
+        key: &str,
+        op: &str,
+        row: Option<Arc<Map<String, Value>>>,
+        old: Option<&Map<String, Value>>,
+        seen: bool,
+        fallback: Map<String, Value>,
+        trigger: &Trigger,
+        out: &mut Vec<(TargetIndex, Event)>,
+        deferred: &mut Pending,
+    ) -> bool {
         let name = self.entities[e].name.clone();
         let targets: Vec<TargetIndex> = match &trigger.scope {
             Scope::All => self.entity_targets[e].clone(),
@@ -1423,7 +1497,7 @@ impl Governance {
                     );
                 }
             }
-            return;
+            return false;
         }
 
         let tracked = self.tracked[e];
@@ -1453,7 +1527,7 @@ impl Governance {
                     .is_some_and(|q| q.rule == ENCODING_RULE && q.blocked_by.is_none()) =>
             {
                 // Held until a change of the record can be encoded.
-                return;
+                return false;
             }
             _ if publishable => self
                 .unencodable_child(e, key)
@@ -1488,7 +1562,7 @@ impl Governance {
                 "quarantined",
                 format!("rule {rule}: {message}"),
             );
-            return;
+            return false;
         }
         if publishable {
             let claims = self.claim_values(e, &doc, row.as_deref());
@@ -1581,6 +1655,7 @@ impl Governance {
                 self.audit(e, key, version, Some(t), decision, reason);
             }
         }
+        !publishable
     }
 
     /// The document of a tracked record: mapped fields, references,
@@ -2093,6 +2168,90 @@ impl Governance {
         None
     }
 
+    /// Counts the state a record is in after its evaluation: `deleted`, or
+    /// quarantined, or held by its gate (`gated`), or else published.
+    fn note_state(&mut self, e: EntityIndex, key: &str, deleted: bool, gated: bool) {
+        if !self.counted[e] {
+            return;
+        }
+        let state = if deleted {
+            None
+        } else if let Some(q) = self.quarantined_entry(e, key) {
+            Some(RecordState::of_entry(q))
+        } else if gated {
+            Some(RecordState::PendingApproval)
+        } else {
+            None
+        };
+        self.set_held(e, key, state);
+    }
+
+    fn quarantined_entry(&self, e: EntityIndex, key: &str) -> Option<&QuarantineEntry> {
+        if self.quarantine.is_empty() {
+            return None;
+        }
+        self.quarantine.get(&(e, key.to_string()))
+    }
+
+    /// Sets the held state of a counted record (`None`: published, or gone).
+    fn set_held(&mut self, e: EntityIndex, key: &str, state: Option<RecordState>) {
+        if state.is_none() && self.held.is_empty() {
+            // The common case: nothing held, nothing to forget.
+            return;
+        }
+        let h = record_hash(e, key);
+        let was = match state {
+            Some(s) => self.held.insert(h, s),
+            None => self.held.remove(&h),
+        };
+        if was != state {
+            if let Some(i) = was.and_then(RecordState::held_index) {
+                self.held_counts[e][i] -= 1;
+            }
+            if let Some(i) = state.and_then(RecordState::held_index) {
+                self.held_counts[e][i] += 1;
+            }
+            self.counts_changed = true;
+        }
+    }
+
+    /// Rebuilds the counts from the loaded state: quarantine entries of
+    /// tracked records, then each tracked record's gate on its row.
+    fn derive_counts(&mut self) {
+        self.held.clear();
+        self.row_counts.iter_mut().for_each(|n| *n = 0);
+        self.held_counts.iter_mut().for_each(|n| *n = [0; 3]);
+        for (e, _) in self.rows.keys() {
+            self.row_counts[*e] += 1;
+        }
+        let mut states = Vec::new();
+        for ((e, key), q) in &self.quarantine {
+            if self.counted[*e] && self.rows.contains_key(&(*e, key.clone())) {
+                states.push((*e, key.clone(), RecordState::of_entry(q)));
+            }
+        }
+        for ((e, key), row) in &self.rows {
+            let Some(expr) = self.gov[*e].publish_when.as_ref() else {
+                continue;
+            };
+            if !self.counted[*e] || self.quarantine.contains_key(&(*e, key.clone())) {
+                continue;
+            }
+            let input = CelInput {
+                row: Some(row),
+                old: None,
+                op: "update",
+            };
+            if expr.test(&input) != Ok(true) {
+                states.push((*e, key.clone(), RecordState::PendingApproval));
+            }
+        }
+        for (e, key, state) in states {
+            self.set_held(e, &key, Some(state));
+        }
+        self.counts_changed = true;
+    }
+
     /// Takes a record out of quarantine, if it is there, with the reason in the audit trail.
     fn release_from_quarantine(&mut self, e: EntityIndex, key: &str, version: u64, reason: &str) {
         // Nothing is quarantined almost always: skip building the lookup key.
@@ -2115,10 +2274,17 @@ impl Governance {
         let bytes = row.as_ref().and_then(|r| serde_json::to_vec(&**r).ok());
         match row {
             Some(r) => {
-                self.rows.insert((e, key.to_string()), r);
+                if self.rows.insert((e, key.to_string()), r).is_none() {
+                    self.row_counts[e] += 1;
+                    self.counts_changed |= self.counted[e];
+                }
             }
             None => {
-                self.rows.remove(&(e, key.to_string()));
+                if self.rows.remove(&(e, key.to_string())).is_some() {
+                    self.row_counts[e] -= 1;
+                    self.counts_changed |= self.counted[e];
+                    self.set_held(e, key, None);
+                }
             }
         }
         self.delta.ops.push(GovOp::Row {
@@ -2453,6 +2619,13 @@ fn doc_hash(data: &EventData) -> [u8; 16] {
 fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
+
+#[path = "record_status.rs"]
+mod record_status;
+pub use record_status::{
+    Blocker, EntityRecords, Gate, HeldBack, RecordState, RecordStatus, RelatedRecord,
+    TargetDecision, TargetStatus,
+};
 
 #[cfg(test)]
 #[path = "govern_tests.rs"]

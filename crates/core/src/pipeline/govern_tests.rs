@@ -13,7 +13,7 @@ use crate::config::{Config, EntityIndex, TargetIndex};
 use crate::model::{Change, ChangeOp, Column, Event, Lsn, Relation, SourceChange, TupleValue};
 use crate::pipeline::large_txn::{LargeTxn, MemoryStage};
 use crate::pipeline::{snapshot_mapped, Mapped, Pipeline};
-use crate::state::{AuditRecord, GovOp};
+use crate::state::{AuditRecord, GovOp, GovSnapshot, QuarantineEntry};
 
 const INT4: u32 = 23;
 const VARCHAR: u32 = 1043;
@@ -167,6 +167,75 @@ struct Harness {
     /// Govern every transaction as a large one, staged in this store in
     /// pieces of this many records (see `daemon::large_txn`).
     large: Option<(usize, MemoryStage)>,
+    /// The governance state as the store would hold it.
+    durable: Durable,
+}
+
+/// The durable governance state, kept from the queued changes as the store
+/// applies them, so that a test can restart the governance from it.
+#[derive(Default)]
+struct Durable {
+    rows: std::collections::BTreeMap<(String, String), Vec<u8>>,
+    published: HashMap<[u8; 16], [u8; 16]>,
+    unique: HashMap<(String, String, String), String>,
+    quarantine: std::collections::BTreeMap<(String, String), QuarantineEntry>,
+}
+
+impl Durable {
+    fn apply(&mut self, op: &GovOp) {
+        match op {
+            GovOp::Row { entity, key, row } => {
+                let slot = (entity.clone(), key.clone());
+                match row {
+                    Some(r) => self.rows.insert(slot, r.clone()),
+                    None => self.rows.remove(&slot),
+                };
+            }
+            GovOp::Published { digest, hash } => {
+                match hash {
+                    Some(h) => self.published.insert(*digest, *h),
+                    None => self.published.remove(digest),
+                };
+            }
+            GovOp::Unique {
+                entity,
+                field,
+                value,
+                holder,
+            } => {
+                let slot = (entity.clone(), field.clone(), value.clone());
+                match holder {
+                    Some(h) => self.unique.insert(slot, h.clone()),
+                    None => self.unique.remove(&slot),
+                };
+            }
+            GovOp::Quarantine { entity, key, entry } => {
+                let slot = (entity.clone(), key.clone());
+                match entry {
+                    Some(q) => self.quarantine.insert(slot, (**q).clone()),
+                    None => self.quarantine.remove(&slot),
+                };
+            }
+            GovOp::Audit(_) => {}
+        }
+    }
+
+    fn snapshot(&self) -> GovSnapshot {
+        GovSnapshot {
+            rows: self
+                .rows
+                .iter()
+                .map(|((e, k), r)| (e.clone(), k.clone(), r.clone()))
+                .collect(),
+            published: self.published.iter().map(|(d, h)| (*d, *h)).collect(),
+            unique: self
+                .unique
+                .iter()
+                .map(|((e, f, v), h)| (e.clone(), f.clone(), v.clone(), h.clone()))
+                .collect(),
+            quarantine: self.quarantine.values().cloned().collect(),
+        }
+    }
 }
 
 impl Harness {
@@ -191,7 +260,34 @@ impl Harness {
             lsn: 0x1000,
             audit: Vec::new(),
             large: None,
+            durable: Durable::default(),
         }
+    }
+
+    /// A governance started from the durable state, as after a restart.
+    fn restarted(&self) -> Governance {
+        let mut gov = Governance::new(&self.config);
+        gov.load(self.durable.snapshot());
+        gov
+    }
+
+    /// (published, pending approval, quarantined, blocked) of `entity`,
+    /// checked equal to what a restarted governance derives.
+    fn counts(&self, entity: &str) -> (u64, u64, u64, u64) {
+        let find = |gov: &Governance| {
+            gov.record_counts()
+                .into_iter()
+                .find(|c| c.entity == entity)
+                .map(|c| (c.published, c.pending_approval, c.quarantined, c.blocked))
+                .unwrap_or_else(|| panic!("{entity} is not counted"))
+        };
+        let counts = find(&self.gov);
+        assert_eq!(
+            find(&self.restarted()),
+            counts,
+            "{entity}: the counts derived at start-up differ from the counts kept"
+        );
+        counts
     }
 
     /// A harness whose transactions are all governed as large ones.
@@ -318,10 +414,11 @@ impl Harness {
     }
 
     fn finish(&mut self, out: Vec<(TargetIndex, Event)>) -> Vec<Ev> {
-        self.audit = self
-            .gov
-            .take_delta()
-            .ops
+        let ops = self.gov.take_delta().ops;
+        for op in &ops {
+            self.durable.apply(op);
+        }
+        self.audit = ops
             .into_iter()
             .filter_map(|op| match op {
                 GovOp::Audit(a) => Some(a),
@@ -2178,6 +2275,16 @@ fn a_large_transaction_governed_in_pieces_sends_what_an_ordinary_one_sends() {
                     "transaction {n}, piece {piece}"
                 );
                 assert_eq!(large.decisions(), ordinary.decisions());
+                assert_eq!(
+                    large.gov.record_counts(),
+                    ordinary.gov.record_counts(),
+                    "transaction {n}, piece {piece}"
+                );
+                for c in ordinary.gov.record_counts() {
+                    // Each checks the kept counts against a restart's.
+                    ordinary.counts(&c.entity);
+                    large.counts(&c.entity);
+                }
                 let mut seen = HashSet::new();
                 for e in &got {
                     assert!(
@@ -2607,4 +2714,382 @@ fn records_gone_from_the_table_after_a_restore_are_deleted_where_they_were_deliv
         ],
     )]);
     assert_eq!(brief(&evs).len(), 1);
+}
+
+// ---------------------------------------------------------------------------
+// 12. Record states, the record view and what exceptions hold back.
+
+/// The CHAIN entities with two targets, the second routed by company.
+const VIEW: &str = r#"
+[entities.product]
+table = "product_template"
+fields = { sku = "default_code", name = "name" }
+publish_when = "row.state == 'approved'"
+[[entities.product.rules]]
+name = "sku_format"
+regex = { field = "sku", pattern = "^[A-Z]+_[0-9]+$" }
+[entities.bom]
+table = "mrp_bom"
+fields = { code = "code", product = { ref = "product_tmpl_id", entity = "product", key = "sku" } }
+[[entities.bom.rules]]
+name = "product_ok"
+reference = { field = "product_tmpl_id", entity = "product" }
+[targets.wms]
+type = "http"
+url = "http://localhost:1/"
+entities = ["product", "bom"]
+[targets.crm]
+type = "http"
+url = "http://localhost:1/"
+entities = ["product"]
+route = "row.company_id == 1"
+"#;
+
+fn bom(id: &'static str, product: &'static str) -> OwnedRow<'static> {
+    vec![
+        ("id", Some(id)),
+        ("product_tmpl_id", Some(product)),
+        ("code", Some("B")),
+    ]
+}
+
+fn decisions_of(status: &RecordStatus) -> Vec<(String, TargetDecision)> {
+    status
+        .targets
+        .iter()
+        .map(|t| (t.target.clone(), t.decision))
+        .collect()
+}
+
+fn targets(list: &[(&str, TargetDecision)]) -> Vec<(String, TargetDecision)> {
+    list.iter().map(|(t, d)| ((*t).to_string(), *d)).collect()
+}
+
+#[test]
+fn record_counts_follow_every_decision_and_survive_a_restart() {
+    let mut h = Harness::new(CHAIN);
+    assert_eq!(h.counts("product"), (0, 0, 0, 0));
+    // A draft product and a BOM waiting for it.
+    h.txn(&[
+        ("product_template", I, &product("1", "P_1", "draft")),
+        ("mrp_bom", I, BOM_10),
+    ]);
+    assert_eq!(h.counts("product"), (0, 1, 0, 0), "pending approval");
+    assert_eq!(h.counts("bom"), (0, 0, 0, 1), "blocked by the draft");
+
+    // Approved: both published.
+    h.txn(&[(
+        "product_template",
+        U,
+        &[("id", Some("1")), ("state", Some("approved"))],
+    )]);
+    assert_eq!(h.counts("product"), (1, 0, 0, 0));
+    assert_eq!(h.counts("bom"), (1, 0, 0, 0));
+
+    // A rule fails: the product is quarantined, the BOM blocked by it.
+    h.txn(&[(
+        "product_template",
+        U,
+        &[("id", Some("1")), ("default_code", Some("bad"))],
+    )]);
+    assert_eq!(h.counts("product"), (0, 0, 1, 0));
+    assert_eq!(h.counts("bom"), (0, 0, 0, 1));
+
+    // A second product with a bad SKU while in draft: gated, not validated.
+    h.txn(&[("product_template", I, &product("2", "bad", "draft"))]);
+    assert_eq!(h.counts("product"), (0, 1, 1, 0));
+
+    // Fixed: published again, and so is the BOM.
+    h.txn(&[(
+        "product_template",
+        U,
+        &[("id", Some("1")), ("default_code", Some("P_1"))],
+    )]);
+    assert_eq!(h.counts("product"), (1, 1, 0, 0));
+    assert_eq!(h.counts("bom"), (1, 0, 0, 0));
+
+    // Deletes leave every count.
+    h.txn(&[
+        ("mrp_bom", D, &[("id", Some("10"))]),
+        ("product_template", D, &[("id", Some("2"))]),
+    ]);
+    assert_eq!(h.counts("product"), (1, 0, 0, 0));
+    assert_eq!(h.counts("bom"), (0, 0, 0, 0));
+
+    // Inserted and deleted in one transaction: never counted.
+    h.txn(&[
+        ("product_template", I, &product("3", "bad", "approved")),
+        ("product_template", D, &[("id", Some("3"))]),
+    ]);
+    assert_eq!(h.counts("product"), (1, 0, 0, 0));
+}
+
+#[test]
+fn record_counts_cover_seeded_and_snapshot_records() {
+    let mut h = Harness::new(CHAIN);
+    h.seed(
+        "product",
+        &[
+            &product("1", "P_1", "approved"),
+            &product("2", "P_2", "draft"),
+            &product("3", "bad", "approved"),
+        ],
+    );
+    h.seed("bom", &[BOM_10, &bom("11", "2"), &bom("12", "3")]);
+    assert_eq!(h.counts("product"), (1, 1, 1, 0));
+    assert_eq!(h.counts("bom"), (1, 0, 0, 2));
+
+    // Nothing is counted for an entity whose rows steward does not track.
+    let h = Harness::new(PLAIN_PRODUCT);
+    assert!(h.gov.record_counts().is_empty());
+}
+
+#[test]
+fn a_record_on_one_target_and_not_routed_to_another_counts_as_published() {
+    let mut h = Harness::new(VIEW);
+    let mut row = product("1", "P_1", "approved");
+    row.push(("company_id", Some("2")));
+    let evs = h.txn(&[("product_template", I, &row)]);
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    assert_eq!(h.counts("product"), (1, 0, 0, 0));
+    let status = h.gov.record_status("product", "1").unwrap();
+    assert_eq!(status.state, Some(RecordState::Published));
+    assert_eq!(
+        decisions_of(&status),
+        targets(&[
+            ("wms", TargetDecision::Delivered),
+            ("crm", TargetDecision::NotRouted)
+        ])
+    );
+    assert_eq!(status.targets[0].up_to_date, Some(true));
+    assert_eq!(
+        status.targets[0].document,
+        Some(json!({"sku": "P_1", "name": "Desk"}))
+    );
+}
+
+#[test]
+fn the_record_view_of_a_draft_and_of_the_bom_waiting_for_it() {
+    let mut h = Harness::new(VIEW);
+    h.txn(&[
+        ("product_template", I, &product("1", "P_1", "draft")),
+        ("mrp_bom", I, &bom("10", "1")),
+        ("mrp_bom", I, &bom("11", "1")),
+    ]);
+
+    let p = h.gov.record_status("product", "1").unwrap();
+    assert_eq!(p.state, Some(RecordState::PendingApproval));
+    let gate = p.gate.as_ref().unwrap();
+    assert_eq!(
+        (gate.expression.as_str(), gate.passes),
+        ("row.state == 'approved'", false)
+    );
+    assert!(p.quarantine.is_none());
+    assert_eq!(
+        decisions_of(&p),
+        targets(&[
+            ("wms", TargetDecision::Gated),
+            ("crm", TargetDecision::Gated)
+        ])
+    );
+    assert!(p.blocked_by.is_empty(), "the gate holds it, not a record");
+    let blocks: Vec<(&str, &str, &str)> = p
+        .blocks
+        .iter()
+        .map(|r| (r.entity.as_str(), r.key.as_str(), r.via.as_str()))
+        .collect();
+    assert_eq!(
+        blocks,
+        vec![("bom", "10", "product_ok"), ("bom", "11", "product_ok")]
+    );
+    assert!(p
+        .blocks
+        .iter()
+        .all(|r| r.state == Some(RecordState::Blocked)));
+    assert_eq!(p.dependents_total, 2);
+    assert_eq!(p.dependents[0].via, "product_tmpl_id");
+    assert_eq!(p.row.as_ref().unwrap()["default_code"], json!("P_1"));
+
+    let b = h.gov.record_status("bom", "10").unwrap();
+    assert_eq!(b.state, Some(RecordState::Blocked));
+    let q = b.quarantine.as_ref().unwrap();
+    assert_eq!(
+        (q.rule.as_str(), q.blocked_by.as_deref()),
+        ("product_ok", Some("product 1"))
+    );
+    assert_eq!(b.blocked_by.len(), 1);
+    let blocker = &b.blocked_by[0];
+    assert_eq!(
+        (
+            blocker.entity.as_str(),
+            blocker.key.as_str(),
+            blocker.rule.as_str(),
+            blocker.state
+        ),
+        (
+            "product",
+            "1",
+            "product_ok",
+            Some(RecordState::PendingApproval)
+        )
+    );
+    assert!(
+        blocker.reason.contains("publish_when"),
+        "{}",
+        blocker.reason
+    );
+    assert_eq!(
+        decisions_of(&b),
+        targets(&[("wms", TargetDecision::Quarantined)])
+    );
+    assert_eq!(
+        b.targets[0].document,
+        Some(json!({"code": "B", "product": "P_1"}))
+    );
+    assert_eq!(
+        h.gov
+            .held_back()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        vec!["2 bom records blocked by 1 product pending approval"]
+    );
+
+    // Approved: everything delivered and up to date, nothing held back.
+    h.txn(&[(
+        "product_template",
+        U,
+        &[("id", Some("1")), ("state", Some("approved"))],
+    )]);
+    let b = h.gov.record_status("bom", "10").unwrap();
+    assert_eq!(b.state, Some(RecordState::Published));
+    assert!(b.quarantine.is_none() && b.blocked_by.is_empty());
+    assert_eq!(
+        decisions_of(&b),
+        targets(&[("wms", TargetDecision::Delivered)])
+    );
+    assert_eq!(b.targets[0].up_to_date, Some(true));
+    assert!(h
+        .gov
+        .record_status("product", "1")
+        .unwrap()
+        .blocks
+        .is_empty());
+    assert!(h.gov.held_back().is_empty());
+
+    // A rule fails: the target keeps the earlier document, no longer current.
+    h.txn(&[(
+        "product_template",
+        U,
+        &[("id", Some("1")), ("default_code", Some("bad"))],
+    )]);
+    let p = h.gov.record_status("product", "1").unwrap();
+    assert_eq!(p.state, Some(RecordState::Quarantined));
+    assert_eq!(p.quarantine.as_ref().unwrap().rule, "sku_format");
+    assert_eq!(p.targets[0].decision, TargetDecision::Delivered);
+    assert_eq!(p.targets[0].up_to_date, Some(false));
+    assert_eq!(
+        h.gov
+            .held_back()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        vec!["2 bom records blocked by 1 quarantined product"]
+    );
+}
+
+#[test]
+fn the_record_view_of_unknown_records_and_entities() {
+    let mut h = Harness::new(VIEW);
+    let none = h.gov.record_status("product", "404").unwrap();
+    assert_eq!(none.state, None);
+    assert!(none.row.is_none() && none.gate.is_none());
+    assert_eq!(
+        decisions_of(&none),
+        targets(&[
+            ("wms", TargetDecision::Undecided),
+            ("crm", TargetDecision::Undecided)
+        ])
+    );
+    assert!(h.gov.record_status("nope", "1").is_err());
+
+    // A BOM waiting for a product steward has never seen.
+    h.txn(&[("mrp_bom", I, &bom("10", "7"))]);
+    let b = h.gov.record_status("bom", "10").unwrap();
+    assert_eq!(b.state, Some(RecordState::Blocked));
+    assert_eq!(b.blocked_by[0].key, "7");
+    assert_eq!(b.blocked_by[0].state, None);
+    assert_eq!(
+        h.gov
+            .held_back()
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        vec!["1 bom record blocked by 1 missing product"]
+    );
+}
+
+#[test]
+fn the_record_view_serializes_states_in_snake_case() {
+    let mut h = Harness::new(VIEW);
+    h.txn(&[("product_template", I, &product("1", "P_1", "draft"))]);
+    let json = serde_json::to_value(h.gov.record_status("product", "1").unwrap()).unwrap();
+    assert_eq!(json["state"], json!("pending_approval"));
+    assert_eq!(json["targets"][0]["decision"], json!("gated"));
+    let back: RecordStatus = serde_json::from_value(json).unwrap();
+    assert_eq!(back.state, Some(RecordState::PendingApproval));
+    let counts = serde_json::to_value(h.gov.record_counts()).unwrap();
+    let product = counts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["entity"] == "product")
+        .unwrap();
+    assert_eq!(product["pending_approval"], json!(1));
+}
+
+#[test]
+fn a_business_object_held_for_its_own_line_counts_as_quarantined_not_blocked() {
+    let mut h = Harness::new(BOM_OBJECT);
+    h.txn(&[(
+        "product_template",
+        I,
+        &[("id", Some("1")), ("default_code", Some("P_1"))],
+    )]);
+    h.txn(&[
+        ("mrp_bom", I, &[("id", Some("10")), ("code", Some("B"))]),
+        ("mrp_bom_line", I, &line("101", "10", "1", "2x")),
+        ("mrp_bom", I, &[("id", Some("11")), ("code", Some("C"))]),
+    ]);
+    assert_eq!(h.counts("bom"), (1, 0, 1, 0));
+    assert!(
+        h.gov.held_back().is_empty(),
+        "its own line is not another record"
+    );
+    assert!(h.gov.record_status("bom.lines", "101").is_err());
+    let b = h.gov.record_status("bom", "10").unwrap();
+    assert_eq!(b.state, Some(RecordState::Quarantined));
+    assert_eq!(
+        b.blocked_by
+            .iter()
+            .map(|x| (x.entity.as_str(), x.key.as_str(), x.rule.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("bom.lines", "101", "encoding")]
+    );
+    let p = h.gov.record_status("product", "1").unwrap();
+    assert_eq!(
+        (
+            p.dependents_total,
+            p.dependents[0].entity.as_str(),
+            p.dependents[0].via.as_str()
+        ),
+        (1, "bom", "lines.product_id")
+    );
+
+    h.txn(&[(
+        "mrp_bom_line",
+        U,
+        &[("id", Some("101")), ("product_qty", Some("2"))],
+    )]);
+    assert_eq!(h.counts("bom"), (2, 0, 0, 0));
 }
