@@ -263,7 +263,7 @@ async fn a_batch_window_coalesces_1000_updates_of_10_keys_into_10_events_on_flus
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_limit_of_100_events_per_second_holds_within_10_percent() {
-    let db = TestDb::new("rate_limit");
+    let db = TestDb::alone("rate_limit");
     let wms = Receiver::start().await.unwrap();
     let (_, config) = config(&db, &wms.url(), "rate_limit_events_per_sec = 100");
     let daemon = InProcess::start(config);
@@ -318,7 +318,7 @@ fn two_targets(db: &TestDb, one: &str, four: &str, extra: &str) -> steward_core:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_batches_in_flight_against_a_slow_receiver_are_faster_and_keep_key_order() {
-    let db = TestDb::new("in_flight");
+    let db = TestDb::alone("in_flight");
     let one = Receiver::start().await.unwrap();
     let four = Receiver::start().await.unwrap();
     for r in [&one, &four] {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Condvar, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use steward_core::config::Config;
@@ -36,10 +36,67 @@ pub(crate) fn init_logging() {
 pub(crate) struct TestDb {
     pub name: String,
     pub dir: tempfile::TempDir,
+    _turn: Turn,
+}
+
+/// Whose turn it is on the machine. Tests whose assertions are about time
+/// (a rate limit, a speed-up) run alone: in one test binary, any test
+/// sharing the cores with them would be measured too. Every other test
+/// holds a shared turn for as long as its database lives. A shared turn
+/// waits only for a test running alone, never for one waiting to, so a
+/// test that opens two databases cannot deadlock.
+struct Turn {
+    alone: bool,
+}
+
+static TURNS: Mutex<(usize, bool)> = Mutex::new((0, false));
+static TURN_CHANGED: Condvar = Condvar::new();
+
+impl Turn {
+    fn take(alone: bool) -> Turn {
+        let mut turns = TURNS.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let (shared, someone_alone) = *turns;
+            if !someone_alone && (!alone || shared == 0) {
+                break;
+            }
+            turns = TURN_CHANGED
+                .wait(turns)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        if alone {
+            turns.1 = true;
+        } else {
+            turns.0 += 1;
+        }
+        Turn { alone }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let mut turns = TURNS.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.alone {
+            turns.1 = false;
+        } else {
+            turns.0 -= 1;
+        }
+        TURN_CHANGED.notify_all();
+    }
 }
 
 impl TestDb {
     pub(crate) fn new(test: &str) -> TestDb {
+        TestDb::with_turn(test, Turn::take(false))
+    }
+
+    /// For a test that measures time: waits until no other test holds a
+    /// database, and keeps others from starting until this one is dropped.
+    pub(crate) fn alone(test: &str) -> TestDb {
+        TestDb::with_turn(test, Turn::take(true))
+    }
+
+    fn with_turn(test: &str, turn: Turn) -> TestDb {
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "{}_{}",
@@ -73,7 +130,11 @@ impl TestDb {
             .prefix(&format!("steward-{test}-"))
             .tempdir()
             .expect("temp dir");
-        TestDb { name, dir }
+        TestDb {
+            name,
+            dir,
+            _turn: turn,
+        }
     }
 
     pub(crate) fn url(&self) -> String {

@@ -3,7 +3,7 @@
 //! records are approved, fail a rule and are fixed, wait for a product, and
 //! are refused by a target.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
