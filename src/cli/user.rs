@@ -102,21 +102,13 @@ pub(super) fn user(action: UserAction) -> anyhow::Result<()> {
         }
         UserAction::List { config, json } => {
             let users = Users::load(&users_file(&config)?)?;
-            if json {
-                let list: Vec<serde_json::Value> = users
-                    .users
-                    .iter()
-                    .map(|(name, u)| serde_json::json!({ "name": name, "role": u.role }))
-                    .collect();
-                outln!("{}", serde_json::to_string_pretty(&list)?);
-            } else if users.users.is_empty() {
-                outln!("no users; add one with `steward user add -c FILE NAME --role ROLE`");
-            } else {
-                outln!("{:<32} ROLE", "NAME");
-                for (name, u) in &users.users {
-                    outln!("{name:<32} {}", u.role);
-                }
-            }
+            let rows = users.users.iter().map(|(n, u)| (n.as_str(), u.role.name()));
+            print_list(
+                rows,
+                "role",
+                json,
+                "no users; add one with `steward user add -c FILE NAME --role ROLE`",
+            )?;
         }
     }
     Ok(())
@@ -145,21 +137,36 @@ pub(super) fn token(action: TokenAction) -> anyhow::Result<()> {
         }
         TokenAction::List { config, json } => {
             let users = Users::load(&users_file(&config)?)?;
-            if json {
-                let list: Vec<serde_json::Value> = users
-                    .tokens
-                    .iter()
-                    .map(|(name, t)| serde_json::json!({ "name": name, "created": t.created }))
-                    .collect();
-                outln!("{}", serde_json::to_string_pretty(&list)?);
-            } else if users.tokens.is_empty() {
-                outln!("no tokens");
-            } else {
-                outln!("{:<32} CREATED", "NAME");
-                for (name, t) in &users.tokens {
-                    outln!("{name:<32} {}", t.created);
-                }
-            }
+            let rows = users
+                .tokens
+                .iter()
+                .map(|(n, t)| (n.as_str(), t.created.as_str()));
+            print_list(rows, "created", json, "no tokens")?;
+        }
+    }
+    Ok(())
+}
+
+/// Names with one more column: a table, or JSON objects `{"name", column}`.
+fn print_list<'a>(
+    rows: impl Iterator<Item = (&'a str, &'a str)>,
+    column: &str,
+    json: bool,
+    empty: &str,
+) -> anyhow::Result<()> {
+    let rows: Vec<(&str, &str)> = rows.collect();
+    if json {
+        let list: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|(name, value)| serde_json::json!({ "name": name, column: value }))
+            .collect();
+        outln!("{}", serde_json::to_string_pretty(&list)?);
+    } else if rows.is_empty() {
+        outln!("{empty}");
+    } else {
+        outln!("{:<32} {}", "NAME", column.to_uppercase());
+        for (name, value) in rows {
+            outln!("{name:<32} {value}");
         }
     }
     Ok(())
