@@ -1,6 +1,8 @@
 //! A replication slot the server invalidated (`wal_status = lost`) against a
-//! real PostgreSQL. A test binary of its own: it changes server-wide WAL
-//! settings (`max_wal_size`, `max_slot_wal_keep_size`) of its cluster.
+//! real PostgreSQL. The test changes server-wide WAL settings
+//! (`max_wal_size`, `max_slot_wal_keep_size`) of the shared cluster, which
+//! would invalidate other tests' slots too: it runs alone, and the settings
+//! are reset however it ends.
 
 use crate::support;
 
@@ -51,6 +53,28 @@ fn switch_segments(n: usize) {
     }
 }
 
+const RESET_WAL_SETTINGS: &str =
+    "ALTER SYSTEM RESET max_wal_size; ALTER SYSTEM RESET max_slot_wal_keep_size; SELECT pg_reload_conf();";
+
+/// Puts the server's WAL settings back when dropped, also after a failed
+/// assertion, waiting until the server uses them.
+struct ResetWalSettings;
+
+impl Drop for ResetWalSettings {
+    fn drop(&mut self) {
+        let cluster = support::cluster();
+        let _ = cluster.psql("postgres", RESET_WAL_SETTINGS);
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::time::Instant::now() < deadline
+            && cluster
+                .psql("postgres", "SHOW max_slot_wal_keep_size")
+                .is_ok_and(|v| v.trim() != "-1")
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 /// Sets server-wide WAL settings and waits until the server uses them.
 async fn set_wal_settings(max_wal_size: &str, keep: &str) {
     server(&format!(
@@ -65,7 +89,9 @@ async fn set_wal_settings(max_wal_size: &str, keep: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invalidated_slot_is_reported_at_risk_then_lost_and_reset_all_recovers() {
-    let db = TestDb::new("slot_lost");
+    let db = TestDb::alone("slot_lost");
+    // Declared after `db`, so dropped before it gives up its turn.
+    let _reset = ResetWalSettings;
     let wms = Receiver::start().await.unwrap();
     let text = db
         .config_text(&[("wms", &wms.url(), &["product"])])
@@ -119,9 +145,7 @@ async fn an_invalidated_slot_is_reported_at_risk_then_lost_and_reset_all_recover
     })
     .await;
     // The server stops limiting slots, so the recreated one is kept.
-    server(
-        "ALTER SYSTEM RESET max_wal_size; ALTER SYSTEM RESET max_slot_wal_keep_size; SELECT pg_reload_conf();",
-    );
+    server(RESET_WAL_SETTINGS);
 
     // Starting fails with the problem and the fix.
     let daemon = InProcess::start(steward_sinks::config::load(&cfg).unwrap());

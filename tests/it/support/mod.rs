@@ -269,11 +269,12 @@ fields = {{ product_tmpl_id = "product_tmpl_id", qty = "product_qty", code = "co
 
 impl Drop for TestDb {
     fn drop(&mut self) {
-        // Free the slot so the cluster does not keep WAL for finished tests.
+        // Free the test's slots (steward's and any other it made) so the
+        // shared cluster keeps neither WAL nor slot places for finished tests.
         let _ = cluster().psql(
             "postgres",
             &format!(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'steward_{}' AND NOT active",
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '{}' AND NOT active",
                 self.name
             ),
         );
