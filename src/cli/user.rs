@@ -203,9 +203,5 @@ fn ask_password(name: &str) -> anyhow::Result<String> {
 
 /// The Unix user running the command, for the log.
 fn os_user() -> String {
-    let uid = nix::unistd::getuid();
-    nix::unistd::User::from_uid(uid)
-        .ok()
-        .flatten()
-        .map_or_else(|| uid.to_string(), |u| u.name)
+    crate::daemon::govern::user_name(nix::unistd::getuid().as_raw())
 }

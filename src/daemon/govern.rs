@@ -158,6 +158,13 @@ pub fn publish_quarantine(governance: &Governance) {
     }
 }
 
+/// Sets every gauge of the governance state (quarantined records and
+/// record states) from scratch, as after a (re)load.
+pub fn publish_gauges(governance: &Governance) {
+    publish_quarantine(governance);
+    publish_records(governance);
+}
+
 /// Sets `steward_records{entity,state}` for the governance states
 /// (published, pending_approval, quarantined, blocked) of every counted
 /// entity, zeros included; `dead_lettered` comes from the store (see

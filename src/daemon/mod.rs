@@ -155,8 +155,7 @@ async fn run_open(
     let mut governance = govern::setup(&config, &store, &mut pipeline)?;
     let mut prepared = setup::prepare(&config, &store, &pipeline).await?;
     govern::seed_state(&config, &store, &mut governance).await?;
-    govern::publish_quarantine(&governance);
-    govern::publish_records(&governance);
+    govern::publish_gauges(&governance);
     let gate = snapshot::SnapshotGate::from_store(&store)?;
     let checkpoint = store.checkpoint()?.unwrap_or(Lsn::ZERO);
     state
@@ -327,8 +326,7 @@ async fn run_open(
                 Ok(g) => g,
                 Err(e) => break Err(e),
             };
-            govern::publish_quarantine(&governance);
-            govern::publish_records(&governance);
+            govern::publish_gauges(&governance);
         }
         let _ = session_shutdown_tx.send(true);
         let session_result = match session.await {
