@@ -106,6 +106,13 @@ async fn via_api(
                 Err(f) => failed(f),
             }
         }
+        // The console's questions: the command line does not ask them.
+        Request::Overview | Request::RecordsInState { .. } | Request::RecordStatus { .. } => {
+            Response {
+                error: Some("not a question the command line asks".to_string()),
+                ..Response::default()
+            }
+        }
     })
 }
 

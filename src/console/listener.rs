@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::Listener;
+use axum::extract::connect_info::Connected;
+use axum::serve::{IncomingStream, Listener};
 use axum::Router;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -29,8 +30,12 @@ pub(super) fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::
     if chain.is_empty() {
         anyhow::bail!("console.tls_cert: no certificate in {}", cert.display());
     }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .with_context(|| format!("console.tls_key: cannot read a private key from {}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).with_context(|| {
+        format!(
+            "console.tls_key: cannot read a private key from {}",
+            key.display()
+        )
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -50,7 +55,9 @@ pub(super) struct TlsListener {
 
 impl TlsListener {
     pub(super) fn new(tcp: TcpListener, config: Arc<rustls::ServerConfig>) -> TlsListener {
-        let local = tcp.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let local = tcp
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let acceptor = TlsAcceptor::from(config);
         let (tx, ready) = mpsc::channel(64);
         let accepting = tokio::spawn(async move {
@@ -70,8 +77,12 @@ impl TlsListener {
                         Ok(Ok(tls)) => {
                             let _ = tx.send((tls, peer)).await;
                         }
-                        Ok(Err(e)) => tracing::debug!(client = %peer, error = %e, "console: TLS handshake failed"),
-                        Err(_) => tracing::debug!(client = %peer, "console: TLS handshake timed out"),
+                        Ok(Err(e)) => {
+                            tracing::debug!(client = %peer, error = %e, "console: TLS handshake failed")
+                        }
+                        Err(_) => {
+                            tracing::debug!(client = %peer, "console: TLS handshake timed out")
+                        }
                     }
                 });
             }
@@ -107,14 +118,31 @@ impl Listener for TlsListener {
     }
 }
 
+/// The client's address, as the handlers see it (`ConnectInfo<Client>`).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Client(pub(super) SocketAddr);
+
+impl Connected<IncomingStream<'_, TcpListener>> for Client {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Client {
+        Client(*stream.remote_addr())
+    }
+}
+
+impl Connected<IncomingStream<'_, TlsListener>> for Client {
+    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Client {
+        Client(*stream.remote_addr())
+    }
+}
+
 /// Serves `router` on `listener` until `stop` turns true.
 pub(super) async fn serve<L>(listener: L, router: Router, mut stop: watch::Receiver<bool>)
 where
     L: Listener<Addr = SocketAddr>,
+    Client: for<'a> Connected<IncomingStream<'a, L>>,
 {
     let served = axum::serve(
         listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
+        router.into_make_service_with_connect_info::<Client>(),
     )
     .with_graceful_shutdown(async move {
         let _ = stop.wait_for(|s| *s).await;

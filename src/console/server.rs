@@ -22,15 +22,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::backend::Backend;
 use super::session::{LoginLimits, Session, Sessions, COOKIE, IDLE};
 use super::users::{Role, Users};
 use super::{actions, api, listener, pages};
+use crate::daemon::api::Control;
 use steward_core::config::Config;
 
 /// What every handler reaches.
 pub(super) struct App {
-    pub(super) backend: Backend,
+    pub(super) control: Control,
     pub(super) users: UsersFile,
     pub(super) sessions: Sessions,
     pub(super) limits: LoginLimits,
@@ -50,7 +50,7 @@ impl Console {
     /// Serves the console on `[console] listen`, when set; `None` when
     /// the console is off. Fails when the address cannot be bound or the
     /// TLS files cannot be read.
-    pub async fn start(config: &Config, backend: Backend) -> anyhow::Result<Option<Console>> {
+    pub async fn start(config: &Config, control: Control) -> anyhow::Result<Option<Console>> {
         let Some(listen) = config.console.listen else {
             return Ok(None);
         };
@@ -63,7 +63,7 @@ impl Console {
             None => None,
         };
         let app = Arc::new(App {
-            backend,
+            control,
             users: UsersFile::new(config.console.users_file.clone()),
             sessions: Sessions::new(IDLE),
             limits: LoginLimits::default(),
@@ -338,9 +338,7 @@ struct NextQuery {
 /// Only a path on this site: never an absolute or protocol-relative URL.
 fn safe_next(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => {
-            n.to_string()
-        }
+        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n.to_string(),
         _ => "/".to_string(),
     }
 }
@@ -378,7 +376,7 @@ struct LoginForm {
 
 async fn login(
     State(app): State<Arc<App>>,
-    ConnectInfo(client): ConnectInfo<SocketAddr>,
+    ConnectInfo(listener::Client(client)): ConnectInfo<listener::Client>,
     Form(form): Form<LoginForm>,
 ) -> Response {
     let next = safe_next(form.next.as_deref());
@@ -408,7 +406,10 @@ async fn login(
         .flatten();
     if role.is_none() {
         tracing::info!(user = %user, client = %client.ip(), "console: login refused");
-        return refuse(StatusCode::UNAUTHORIZED, "Unknown user name or wrong password.");
+        return refuse(
+            StatusCode::UNAUTHORIZED,
+            "Unknown user name or wrong password.",
+        );
     }
     let id = app.sessions.open(&user, Instant::now());
     tracing::info!(user = %user, client = %client.ip(), "console: logged in");
@@ -429,11 +430,7 @@ pub(super) struct CsrfOnly {
     pub(super) csrf: Option<String>,
 }
 
-async fn logout(
-    State(app): State<Arc<App>>,
-    who: Who,
-    Form(form): Form<CsrfOnly>,
-) -> Response {
+async fn logout(State(app): State<Arc<App>>, who: Who, Form(form): Form<CsrfOnly>) -> Response {
     if !Sessions::check_csrf(&who.session, form.csrf.as_deref()) {
         return pages::csrf_refused(&who);
     }

@@ -17,45 +17,45 @@ use base64::Engine;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 /// A session ends after this long without a request.
-pub const IDLE: Duration = Duration::from_secs(30 * 60);
+pub(super) const IDLE: Duration = Duration::from_secs(30 * 60);
 
 /// At most this many sessions are kept; the least recently used goes first.
 const MAX_SESSIONS: usize = 10_000;
 
 /// The cookie's name.
-pub const COOKIE: &str = "steward_session";
+pub(super) const COOKIE: &str = "steward_session";
 
 /// A random 256-bit token, URL-safe base64.
-pub fn random_token() -> String {
+pub(super) fn random_token() -> String {
     let bytes: [u8; 32] = rand::random();
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 /// Compares two secrets in time independent of where they differ.
-pub fn same_secret(a: &str, b: &str) -> bool {
+pub(super) fn same_secret(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// One logged-in person.
 #[derive(Clone, Debug)]
-pub struct Session {
+pub(super) struct Session {
     /// The user's name in the users file.
-    pub user: String,
+    pub(super) user: String,
     /// Every state-changing form carries it; see [`Sessions::check_csrf`].
-    pub csrf: String,
+    pub(super) csrf: String,
     last_seen: Instant,
 }
 
 /// The open sessions, by id.
-pub struct Sessions {
+pub(super) struct Sessions {
     open: Mutex<HashMap<String, Session>>,
     idle: Duration,
 }
 
 impl Sessions {
     /// No sessions; each ends after `idle` without a request.
-    pub fn new(idle: Duration) -> Sessions {
+    pub(super) fn new(idle: Duration) -> Sessions {
         Sessions {
             open: Mutex::new(HashMap::new()),
             idle,
@@ -63,7 +63,7 @@ impl Sessions {
     }
 
     /// Opens a session for `user`; returns its id (for the cookie).
-    pub fn open(&self, user: &str, now: Instant) -> String {
+    pub(super) fn open(&self, user: &str, now: Instant) -> String {
         let id = random_token();
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         open.retain(|_, s| now.saturating_duration_since(s.last_seen) < self.idle);
@@ -89,7 +89,7 @@ impl Sessions {
 
     /// The session with `id`, if it is open and has not been idle too
     /// long; marks it used at `now`.
-    pub fn touch(&self, id: &str, now: Instant) -> Option<Session> {
+    pub(super) fn touch(&self, id: &str, now: Instant) -> Option<Session> {
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         let session = open.get_mut(id)?;
         if now.saturating_duration_since(session.last_seen) >= self.idle {
@@ -101,7 +101,7 @@ impl Sessions {
     }
 
     /// Ends the session (logout).
-    pub fn close(&self, id: &str) {
+    pub(super) fn close(&self, id: &str) {
         self.open
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -109,7 +109,7 @@ impl Sessions {
     }
 
     /// Ends every session of `user` (removed from the users file).
-    pub fn close_user(&self, user: &str) {
+    pub(super) fn close_user(&self, user: &str) {
         self.open
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -117,7 +117,7 @@ impl Sessions {
     }
 
     /// Whether `given` is the session's CSRF token.
-    pub fn check_csrf(session: &Session, given: Option<&str>) -> bool {
+    pub(super) fn check_csrf(session: &Session, given: Option<&str>) -> bool {
         given.is_some_and(|g| same_secret(g, &session.csrf))
     }
 }
@@ -125,7 +125,7 @@ impl Sessions {
 /// Login attempts allowed per user name and per client address, before
 /// they are refused for a while (checked before the password, whose hash
 /// is deliberately slow).
-pub struct LoginLimits {
+pub(super) struct LoginLimits {
     per_user: DefaultKeyedRateLimiter<String>,
     per_client: DefaultKeyedRateLimiter<IpAddr>,
 }
@@ -151,7 +151,12 @@ fn quota(burst: u32, refill: Duration) -> Quota {
 }
 
 impl LoginLimits {
-    fn new(user_burst: u32, user_refill: Duration, client_burst: u32, client_refill: Duration) -> Self {
+    fn new(
+        user_burst: u32,
+        user_refill: Duration,
+        client_burst: u32,
+        client_refill: Duration,
+    ) -> Self {
         LoginLimits {
             per_user: RateLimiter::keyed(quota(user_burst, user_refill)),
             per_client: RateLimiter::keyed(quota(client_burst, client_refill)),
@@ -160,7 +165,7 @@ impl LoginLimits {
 
     /// Whether another attempt for `user` from `client` may be checked now;
     /// counts it.
-    pub fn allow(&self, user: &str, client: IpAddr) -> bool {
+    pub(super) fn allow(&self, user: &str, client: IpAddr) -> bool {
         let client_ok = self.per_client.check_key(&client).is_ok();
         let user_ok = self.per_user.check_key(&user.to_lowercase()).is_ok();
         self.per_user.retain_recent();
@@ -203,12 +208,16 @@ mod tests {
         let id = sessions.open("bob", start);
         // Used every 50 s: stays open past the first minute.
         for i in 1..=3 {
-            assert!(sessions.touch(&id, start + Duration::from_secs(50 * i)).is_some());
+            assert!(sessions
+                .touch(&id, start + Duration::from_secs(50 * i))
+                .is_some());
         }
         // 60 s after the last use: gone, and stays gone.
         let later = start + Duration::from_secs(150 + 60);
         assert!(sessions.touch(&id, later).is_none());
-        assert!(sessions.touch(&id, start + Duration::from_secs(160)).is_none());
+        assert!(sessions
+            .touch(&id, start + Duration::from_secs(160))
+            .is_none());
     }
 
     #[test]

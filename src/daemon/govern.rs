@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use steward_core::config::{Config, EntityIndex, TargetIndex};
 use steward_core::model::{Event, Lsn};
-use steward_core::pipeline::govern::RecordState;
+use steward_core::pipeline::govern::{EntityRecords, HeldBack, RecordState, RecordStatus};
 use steward_core::pipeline::{snapshot_mapped, Governance, Pipeline};
 use steward_source::snapshot as source_snapshot;
 use steward_store::audit::AuditFilter;
@@ -121,6 +121,20 @@ pub enum Request {
         key: String,
     },
     Audit(AuditFilter),
+    /// Per entity the records in each state, and what the open exceptions
+    /// hold back (the console's overview).
+    Overview,
+    /// The keys of `entity`'s records in `state`, at most `limit`.
+    RecordsInState {
+        entity: String,
+        state: RecordState,
+        limit: usize,
+    },
+    /// Everything the governance knows about one record.
+    RecordStatus {
+        entity: String,
+        key: String,
+    },
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -133,6 +147,15 @@ pub struct Response {
     /// For a release: how many events it queued for delivery.
     #[serde(skip)]
     pub events: usize,
+    /// For an overview: per entity, its records in each state.
+    pub counts: Vec<EntityRecords>,
+    /// For an overview: what the open exceptions hold back.
+    pub held_back: Vec<HeldBack>,
+    /// For records in a state: their keys, and how many there are in all.
+    pub keys: Vec<String>,
+    pub total: u64,
+    /// For a record's status.
+    pub record: Option<Box<RecordStatus>>,
 }
 
 /// Builds the governance, restores its state and tells the pipeline which rows to capture.
@@ -489,6 +512,22 @@ pub fn answer(
         Request::Audit(filter) => match store.audit_query(&filter) {
             Ok(list) => r.audit = list,
             Err(e) => r.error = Some(e.to_string()),
+        },
+        Request::Overview => {
+            r.counts = governance.record_counts();
+            r.held_back = governance.held_back();
+        }
+        Request::RecordsInState {
+            entity,
+            state,
+            limit,
+        } => match governance.records_in_state(&entity, state, limit) {
+            Ok((keys, total)) => (r.keys, r.total) = (keys, total),
+            Err(e) => r.error = Some(e),
+        },
+        Request::RecordStatus { entity, key } => match governance.record_status(&entity, &key) {
+            Ok(status) => r.record = Some(Box::new(status)),
+            Err(e) => r.error = Some(e),
         },
     }
     r

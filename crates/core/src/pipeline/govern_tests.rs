@@ -3107,7 +3107,11 @@ fn records_in_state_lists_the_keys_of_one_state_in_key_order() {
         .gov
         .records_in_state("product", RecordState::PendingApproval, 10)
         .unwrap();
-    assert_eq!(pending, (vec!["9".to_string(), "10".to_string()], 2), "numbers by value");
+    assert_eq!(
+        pending,
+        (vec!["9".to_string(), "10".to_string()], 2),
+        "numbers by value"
+    );
     let first = h
         .gov
         .records_in_state("product", RecordState::PendingApproval, 1)

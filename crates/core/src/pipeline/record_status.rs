@@ -514,7 +514,9 @@ impl Governance {
         limit: usize,
     ) -> Result<(Vec<String>, u64), String> {
         let Some(&e) = self.entity_index.get(entity) else {
-            return Err(format!("there is no entity `{entity}` in the configuration"));
+            return Err(format!(
+                "there is no entity `{entity}` in the configuration"
+            ));
         };
         if !self.counted.get(e.0).copied().unwrap_or(false) {
             return Err(format!(
