@@ -202,21 +202,21 @@ struct ActionForm {
 
 /// The checks every POST passes, in order: the CSRF token, the role, a
 /// comment. Returns the actor to record.
-fn checked(who: &Who, form: &ActionForm, needs: Role) -> Result<Actor, Response> {
+fn checked(who: &Who, form: &ActionForm, needs: Role) -> Result<Actor, Box<Response>> {
     if !Sessions::check_csrf(&who.session, form.csrf.as_deref()) {
-        return Err(pages::csrf_refused(who));
+        return Err(Box::new(pages::csrf_refused(who)));
     }
     if !who.may(needs) {
-        return Err(forbidden(who, needs));
+        return Err(Box::new(forbidden(who, needs)));
     }
     let comment = form.comment.trim();
     if comment.is_empty() {
-        return Err(pages::message(
+        return Err(Box::new(pages::message(
             who,
             StatusCode::BAD_REQUEST,
             "A comment is needed",
             "Say why in the comment field: it is written to the audit trail with your name.",
-        ));
+        )));
     }
     Ok(Actor {
         user: who.user.clone(),
@@ -240,7 +240,7 @@ fn refused(
 async fn release(State(app): State<Arc<App>>, who: Who, Form(form): Form<ActionForm>) -> Response {
     let actor = match checked(&who, &form, RELEASE) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let back = (
         record_href(&form.entity, &form.key),
@@ -273,7 +273,7 @@ fn dlq_filter(form: &ActionForm) -> Result<DlqFilter, String> {
 async fn dlq_action(app: &App, who: &Who, form: ActionForm, drop: bool) -> Response {
     let actor = match checked(who, &form, DEAD_LETTERS) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let back = (
         format!("/dead-letters?target={}", encode(&form.target)),
@@ -321,7 +321,7 @@ async fn drop_dead_letters(
 async fn flush(State(app): State<Arc<App>>, who: Who, Form(form): Form<ActionForm>) -> Response {
     let actor = match checked(&who, &form, FLUSH) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let back = ("/".to_string(), "Back to the overview".to_string());
     match app.control.flush(actor, form.target.clone()).await {
@@ -338,7 +338,7 @@ async fn flush(State(app): State<Arc<App>>, who: Who, Form(form): Form<ActionFor
 async fn reset(State(app): State<Arc<App>>, who: Who, Form(form): Form<ActionForm>) -> Response {
     let actor = match checked(&who, &form, RESET) {
         Ok(a) => a,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let back = ("/".to_string(), "Back to the overview".to_string());
     match app

@@ -47,29 +47,29 @@ fn api_error(e: ApiError) -> Response {
 }
 
 /// The token's name, when the request carries a valid one.
-fn token(app: &App, headers: &HeaderMap) -> Result<String, Response> {
+fn token(app: &App, headers: &HeaderMap) -> Result<String, Box<Response>> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let Some(given) = given else {
-        return Err(error(
+        return Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "give an API token: Authorization: Bearer stw_... (steward token add NAME)",
-        ));
+        )));
     };
     app.users
         .current()
         .verify_token(given)
         .map(str::to_string)
         .ok_or_else(|| {
-            error(
+            Box::new(error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "unknown or revoked API token",
-            )
+            ))
         })
 }
 
@@ -93,7 +93,7 @@ async fn no_endpoint() -> Response {
 
 async fn status(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     if let Err(r) = token(&app, &headers) {
-        return r;
+        return *r;
     }
     match app.control.status().await {
         Ok(s) => Json(s).into_response(),
@@ -111,7 +111,7 @@ fn without_documents(mut entry: Value) -> Value {
 
 async fn quarantine(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
     if let Err(r) = token(&app, &headers) {
-        return r;
+        return *r;
     }
     match app.control.quarantine_list(None).await {
         Ok(list) => {
@@ -133,7 +133,7 @@ async fn record(
     Path((entity, key)): Path<(String, String)>,
 ) -> Response {
     if let Err(r) = token(&app, &headers) {
-        return r;
+        return *r;
     }
     match app.control.record_status(entity, key).await {
         Ok(status) => {

@@ -78,10 +78,10 @@ impl TlsListener {
                             let _ = tx.send((tls, peer)).await;
                         }
                         Ok(Err(e)) => {
-                            tracing::debug!(client = %peer, error = %e, "console: TLS handshake failed")
+                            tracing::debug!(client = %peer, error = %e, "console: TLS handshake failed");
                         }
                         Err(_) => {
-                            tracing::debug!(client = %peer, "console: TLS handshake timed out")
+                            tracing::debug!(client = %peer, "console: TLS handshake timed out");
                         }
                     }
                 });

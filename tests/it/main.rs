@@ -9,6 +9,7 @@ mod support;
 
 mod backup;
 mod cli;
+mod console;
 mod control;
 mod credentials;
 mod delivery;
