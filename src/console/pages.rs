@@ -183,6 +183,7 @@ struct TargetRow {
     health: String,
     health_class: &'static str,
     backlog: u64,
+    lag: String,
     last_delivered: String,
     dead_letters: u64,
     last_error: Option<String>,
@@ -230,12 +231,23 @@ async fn overview(State(app): State<Arc<App>>, who: Who) -> Response {
             None
         }
     };
+    let lag_of = |name: &str| {
+        overview
+            .as_ref()
+            .and_then(|o| o.lag.iter().find(|l| l.target == name))
+            .and_then(|l| l.oldest_undelivered_seconds)
+    };
+    let stall_budget = config_of(&app).map(|c| c.metrics.ready_max_target_stall.as_secs());
     let targets = status
         .targets
         .iter()
         .map(|t| {
+            let lag = lag_of(&t.name);
+            let stalled = matches!((lag, stall_budget), (Some(l), Some(b)) if l > b);
             let (health, class) = if t.last_error.is_some() {
                 ("failing", "bad")
+            } else if stalled {
+                ("stalled", "bad")
             } else if t.dead_letters > 0 {
                 ("delivering, with dead letters", "warn")
             } else if t.backlog > 0 {
@@ -248,6 +260,7 @@ async fn overview(State(app): State<Arc<App>>, who: Who) -> Response {
                 health: health.to_string(),
                 health_class: class,
                 backlog: t.backlog,
+                lag: lag.map_or_else(|| "none".to_string(), duration_words),
                 last_delivered: t
                     .last_delivered_at
                     .clone()
@@ -286,6 +299,16 @@ async fn overview(State(app): State<Arc<App>>, who: Who) -> Response {
         targets,
         entities,
     })
+}
+
+/// `42 s`, `5 min`, `3 h 20 min`, `2 d 4 h`.
+fn duration_words(seconds: u64) -> String {
+    match seconds {
+        s if s < 120 => format!("{s} s"),
+        s if s < 3600 => format!("{} min", s / 60),
+        s if s < 86_400 => format!("{} h {} min", s / 3600, s % 3600 / 60),
+        s => format!("{} d {} h", s / 86_400, s % 86_400 / 3600),
+    }
 }
 
 // ------------------------------------------------------------ quarantine
@@ -939,6 +962,14 @@ mod tests {
             Some(("product 42".into(), "/records/product/42".into()))
         );
         assert_eq!(blocker_link(None), None);
+    }
+
+    #[test]
+    fn lags_read_as_people_say_them() {
+        assert_eq!(duration_words(42), "42 s");
+        assert_eq!(duration_words(300), "5 min");
+        assert_eq!(duration_words(12_000), "3 h 20 min");
+        assert_eq!(duration_words(187_200), "2 d 4 h");
     }
 
     #[test]

@@ -614,3 +614,121 @@ async fn under_tls_the_console_speaks_https_with_secure_cookies() {
     assert!(plain.is_err(), "{plain:?}");
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_held_back_records_and_links_between_records() {
+    let db = TestDb::new("console_links");
+    db.sql("ALTER TABLE product_template ADD COLUMN x_lifecycle_state varchar DEFAULT 'approved'");
+    let wms = Receiver::start().await.unwrap();
+    let users = db.dir.path().join("users.toml");
+    write_users(&users);
+    let port = free_port();
+    let mut text = db.config_text(&[("wms", &wms.url(), &["product", "bom"])]);
+    text = text.replacen(
+        "[entities.product]\ntable = \"product_template\"\n",
+        "[entities.product]\ntable = \"product_template\"\npublish_when = \"row.x_lifecycle_state == 'approved'\"\n",
+        1,
+    );
+    text.push_str(&format!(
+        r#"
+[[entities.bom.rules]]
+name = "product_ready"
+reference = {{ field = "product_tmpl_id", entity = "product" }}
+
+[console]
+listen = "127.0.0.1:{port}"
+users_file = "{users}"
+"#,
+        users = users.display()
+    ));
+    let config = db.write_config(&text);
+    let daemon = InProcess::start(steward_sinks::config::load(&config).unwrap());
+    let base = format!("http://127.0.0.1:{port}");
+    wait_streaming(&db).await;
+    db.sql(&format!(
+        "{} UPDATE product_template SET x_lifecycle_state = 'draft' WHERE id = 9501; \
+         INSERT INTO mrp_bom (id, product_tmpl_id, product_uom_id, code, type, ready_to_produce, consumption, product_qty, active) \
+         VALUES (9601, 9501, 1, 'BOM-9601', 'normal', 'all_available', 'flexible', 1, true);",
+        insert_product(9501, "FURN_9501")
+    ));
+
+    let mut vera = Web::login(&base, "vera").await;
+    let mut approvals = vera.get("/approvals").await;
+    for _ in 0..150 {
+        if approvals.body.contains("product 9501") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        approvals = vera.get("/approvals").await;
+    }
+    assert!(
+        approvals.body.contains("href=\"/records/product/9501\""),
+        "{}",
+        approvals.body
+    );
+    assert!(
+        approvals
+            .body
+            .contains("row.x_lifecycle_state == &#39;approved&#39;")
+            || approvals
+                .body
+                .contains("row.x_lifecycle_state == &#x27;approved&#x27;"),
+        "the gate is shown: {}",
+        approvals.body
+    );
+    let overview = vera.get("/").await;
+    assert!(
+        overview
+            .body
+            .contains("1 bom record blocked by 1 product pending approval"),
+        "{}",
+        overview.body
+    );
+    let bom = vera.get("/records/bom/9601").await;
+    assert!(
+        bom.body.contains("blocked (waits for another record)"),
+        "{}",
+        bom.body
+    );
+    assert!(
+        bom.body
+            .contains("<a href=\"/records/product/9501\">product 9501</a>"),
+        "the BOM links to the product it waits for: {}",
+        bom.body
+    );
+    let product = vera.get("/records/product/9501").await;
+    assert!(
+        product.body.contains("pending approval"),
+        "{}",
+        product.body
+    );
+    assert!(
+        product
+            .body
+            .contains("<a href=\"/records/bom/9601\">bom 9601</a>"),
+        "the product links to the BOM it holds back: {}",
+        product.body
+    );
+    let (status, _) = (vera.get("/records/nope/1").await.status, ());
+    assert_eq!(status, 404);
+
+    // Approved in Odoo: both published, nothing pending.
+    db.sql("UPDATE product_template SET x_lifecycle_state = 'approved' WHERE id = 9501");
+    wms.wait_for_events(2, WAIT).await;
+    let mut approvals = vera.get("/approvals").await;
+    for _ in 0..150 {
+        if !approvals.body.contains("product 9501") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        approvals = vera.get("/approvals").await;
+    }
+    assert!(
+        !approvals.body.contains("product 9501"),
+        "{}",
+        approvals.body
+    );
+    let bom = vera.get("/records/bom/9601").await;
+    assert!(bom.body.contains(">published<"), "{}", bom.body);
+    daemon.stop().await.unwrap();
+}

@@ -462,10 +462,30 @@ impl Control {
                     *counts.entry(entity.to_string()).or_default() += 1;
                 }
             }
-            Ok(counts)
+            let now = chrono::Utc::now();
+            let lag = store_run
+                .config
+                .targets
+                .iter()
+                .map(|t| {
+                    let age = match store_run.store.oldest_pending(&t.name) {
+                        Ok(Some((_, event))) => chrono::DateTime::parse_from_rfc3339(&event.time)
+                            .ok()
+                            .map(|at| (now - at.with_timezone(&chrono::Utc)).num_seconds().max(0)),
+                        _ => None,
+                    };
+                    wire::TargetLag {
+                        target: t.name.clone(),
+                        oldest_undelivered_seconds: age.and_then(|a| u64::try_from(a).ok()),
+                    }
+                })
+                .collect();
+            Ok((counts, lag))
         })
         .await?;
+        let (dead_lettered, lag) = dead_lettered;
         Ok(wire::Overview {
+            lag,
             entities: response
                 .counts
                 .into_iter()

@@ -178,6 +178,8 @@ pub struct Count {
 /// the open exceptions hold back.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Overview {
+    /// Per target, how long its oldest undelivered event has waited.
+    pub lag: Vec<TargetLag>,
     pub entities: Vec<EntityLine>,
     pub held_back: Vec<HeldBackLine>,
 }
@@ -198,4 +200,12 @@ pub struct HeldBackLine {
     #[serde(flatten)]
     pub held: HeldBack,
     pub text: String,
+}
+
+/// How far behind a target is.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TargetLag {
+    pub target: String,
+    /// The age of its oldest undelivered event; `None` when it has none.
+    pub oldest_undelivered_seconds: Option<u64>,
 }
