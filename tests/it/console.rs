@@ -414,11 +414,45 @@ async fn roles_csrf_and_sessions_guard_every_action_and_each_is_audited() {
         .await;
     assert_eq!(page.status, 200, "{}", page.body);
 
+    let page = otto
+        .act(
+            "/actions/drop",
+            &[("target", "wms"), ("comment", "nothing left")],
+        )
+        .await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains("Dropped 0 dead letter"), "{}", page.body);
+    let page = stella
+        .act(
+            "/actions/reset",
+            &[("target", "wms"), ("comment", "resync")],
+        )
+        .await;
+    assert_eq!(page.status, 403, "a reset needs an operator: {}", page.body);
+    let page = otto
+        .act(
+            "/actions/reset",
+            &[("target", "wms"), ("comment", "resync after the outage")],
+        )
+        .await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.contains("Reset started"), "{}", page.body);
+    let page = otto
+        .act("/actions/flush", &[("target", "nope"), ("comment", "typo")])
+        .await;
+    assert_eq!(page.status, 404, "{}", page.body);
+    assert!(page.body.contains("no target `nope`"), "{}", page.body);
+
     // The audit trail names the console users, with their comments.
     let audit = otto.get("/audit?user=otto").await;
     assert!(audit.body.contains("dlq_replayed"), "{}", audit.body);
     assert!(audit.body.contains("receiver fixed"), "{}", audit.body);
     assert!(audit.body.contains("end of day"), "{}", audit.body);
+    assert!(
+        audit.body.contains("resync after the outage"),
+        "{}",
+        audit.body
+    );
     let audit = otto.get("/audit?user=stella&entity=product&key=9303").await;
     assert!(
         audit.body.contains("checked with purchasing"),
