@@ -870,6 +870,7 @@ const DECISIONS: &[&str] = &[
     "unpublished",
     "quarantined",
     "released",
+    "release_refused",
     "suppressed",
     "redacted",
     "not_routed",
