@@ -81,6 +81,13 @@ impl Console {
             None => tokio::spawn(listener::serve(tcp, router, stopped)),
         };
         let url = format!("{scheme}://{addr}/");
+        if app_users_empty(&config.console.users_file) {
+            tracing::warn!(
+                users = %config.console.users_file.display(),
+                "console: the users file names no user, so nobody can log in; add one with \
+                 `steward user add -c CONFIG NAME --role viewer|steward|operator`"
+            );
+        }
         tracing::info!(url = %url, users = %config.console.users_file.display(), "console listening");
         Ok(Some(Console {
             addr,
@@ -123,6 +130,10 @@ impl Drop for Console {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
     }
+}
+
+fn app_users_empty(path: &std::path::Path) -> bool {
+    !Users::load(path).is_ok_and(|u| !u.users.is_empty())
 }
 
 fn router(app: Arc<App>) -> Router {
