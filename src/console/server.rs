@@ -146,8 +146,46 @@ fn router(app: Arc<App>) -> Router {
         .merge(actions::routes())
         .merge(api::routes())
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(same_origin_posts))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(app)
+}
+
+/// Refuses a POST whose `Origin` (sent by browsers) is another site's,
+/// before any handler runs: a second line behind the CSRF token and the
+/// `SameSite=Strict` cookie.
+async fn same_origin_posts(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if request.method() == axum::http::Method::POST {
+        let headers = request.headers();
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+        if let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) {
+            if !same_origin(origin, host) {
+                tracing::warn!(
+                    origin,
+                    host = host.unwrap_or(""),
+                    "console: a POST from another site was refused"
+                );
+                return (
+                    StatusCode::FORBIDDEN,
+                    "refused: this form was sent from another site\n",
+                )
+                    .into_response();
+            }
+        }
+    }
+    next.run(request).await
+}
+
+/// Whether `origin` (`scheme://host[:port]`) names the host the request
+/// was sent to.
+fn same_origin(origin: &str, host: Option<&str>) -> bool {
+    let Some(host) = host else { return false };
+    origin
+        .split_once("://")
+        .is_some_and(|(_, rest)| rest.eq_ignore_ascii_case(host))
 }
 
 /// Headers on every answer: no framing, no sniffing, no caching of pages
@@ -165,7 +203,7 @@ async fn security_headers(mut response: Response) -> Response {
     );
     set(h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     set(h, header::X_FRAME_OPTIONS, "DENY");
-    set(h, header::REFERRER_POLICY, "no-referrer");
+    set(h, header::REFERRER_POLICY, "same-origin");
     set(h, header::CACHE_CONTROL, "no-store");
     response
 }
@@ -455,4 +493,56 @@ async fn logout(State(app): State<Arc<App>>, who: Who, Form(form): Form<CsrfOnly
         response.headers_mut().insert(header::SET_COOKIE, value);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_consoles_own_origin_may_post() {
+        assert!(same_origin("http://127.0.0.1:9190", Some("127.0.0.1:9190")));
+        assert!(same_origin(
+            "https://Console.example:9443",
+            Some("console.example:9443")
+        ));
+        assert!(!same_origin("https://evil.example", Some("127.0.0.1:9190")));
+        assert!(!same_origin(
+            "http://127.0.0.1:9191",
+            Some("127.0.0.1:9190")
+        ));
+        assert!(!same_origin("null", Some("127.0.0.1:9190")));
+        assert!(!same_origin("http://127.0.0.1:9190", None));
+    }
+
+    #[test]
+    fn the_users_file_is_read_again_when_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("users.toml");
+        let file = UsersFile::new(path.clone());
+        assert!(file.current().users.is_empty(), "no file: nobody");
+        let mut users = Users::default();
+        users
+            .add_user("alice", Role::Viewer, "a long enough password", false)
+            .unwrap();
+        users.save(&path).unwrap();
+        assert_eq!(file.current().users["alice"].role, Role::Viewer);
+        users
+            .add_user("alice", Role::Operator, "a long enough password", true)
+            .unwrap();
+        users
+            .add_user("bob", Role::Steward, "another long password", false)
+            .unwrap();
+        users.save(&path).unwrap();
+        let now = file.current();
+        assert_eq!(
+            now.users["alice"].role,
+            Role::Operator,
+            "a new role counts at once"
+        );
+        assert_eq!(now.users["bob"].role, Role::Steward);
+        // A damaged file leaves the last good version in force.
+        std::fs::write(&path, "not = [toml").unwrap();
+        assert_eq!(file.current().users.len(), 2);
+    }
 }

@@ -331,6 +331,24 @@ async fn roles_csrf_and_sessions_guard_every_action_and_each_is_audited() {
         assert!(page.body.contains("security token"), "{}", page.body);
     }
     assert_ne!(stella.csrf, vera.csrf, "each session its own token");
+    // Sent from another site (with a stolen token even): refused by origin.
+    let page = stella
+        .send(
+            stella
+                .http
+                .post(format!("{base}/actions/release"))
+                .header("origin", "https://evil.example")
+                .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(form(&[
+                    ("csrf", stella.csrf.as_deref().unwrap()),
+                    ("entity", "product"),
+                    ("key", "9303"),
+                    ("comment", "cross-site"),
+                ])),
+        )
+        .await;
+    assert_eq!(page.status, 403, "{}", page.body);
+    assert!(page.body.contains("another site"), "{}", page.body);
     let page = stella
         .act(
             "/actions/release",
