@@ -3,8 +3,8 @@
 //! installs them) with fantoccini. Every wait is for a condition on the
 //! page, never a fixed delay.
 //!
-//! With `STEWARD_SCREENSHOTS=DIR` the test also saves the screenshots the
-//! README shows (overview, a quarantined record, the record view).
+//! With `STEWARD_SCREENSHOTS=DIR` the tests save screenshots there;
+//! `screenshots_of_the_demo` (ignored) makes the README's from `steward demo`.
 
 use crate::console::{config, insert_product, wait_streaming, write_users, PASSWORD};
 use crate::support;
@@ -282,7 +282,7 @@ async fn stewards_operators_and_viewers_in_a_real_browser() {
     assert_eq!(path(c).await, "/records/product/9401");
     assert_eq!(text(c, "#q-rule").await, "sku_format");
     assert!(text(c, "#withheld").await.contains("bad-code"));
-    screenshot(c, "console-quarantined-record.png").await;
+    screenshot(c, "test-quarantined-record.png").await;
 
     // A POST without the CSRF token is refused, and changes nothing.
     let answer = post_from_page(
@@ -345,7 +345,7 @@ async fn stewards_operators_and_viewers_in_a_real_browser() {
         |s| s.contains("id=\"state\" class=\"good\">published<"),
     )
     .await;
-    screenshot(c, "console-record.png").await;
+    screenshot(c, "test-record.png").await;
     log_out(c, &base).await;
 
     // An operator replays the dead letter.
@@ -379,7 +379,7 @@ async fn stewards_operators_and_viewers_in_a_real_browser() {
         |s| s.contains("id=\"target-table\"") && s.contains("up to date"),
     )
     .await;
-    screenshot(c, "console-overview.png").await;
+    screenshot(c, "test-overview.png").await;
     log_out(c, &base).await;
 
     // A viewer sees no action, and a forged POST is refused.
@@ -419,4 +419,128 @@ async fn stewards_operators_and_viewers_in_a_real_browser() {
     log_out(c, &base).await;
 
     daemon.stop().await.unwrap();
+}
+
+/// The README's screenshots, from `steward demo` (so they show its
+/// governance story): `STEWARD_SCREENSHOTS=docs cargo test --test it
+/// console_browser::screenshots -- --ignored`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "makes the README's screenshots"]
+async fn screenshots_of_the_demo() {
+    use std::io::BufRead;
+    let Some(dir) = screenshots() else {
+        println!("SKIPPED: set STEWARD_SCREENSHOTS=DIR");
+        return;
+    };
+    let Some(browser) = browser().await else {
+        return;
+    };
+    let c = &browser.client;
+    let mut demo = Command::new(env!("CARGO_BIN_EXE_steward"))
+        .arg("demo")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = demo.stdout.take().unwrap();
+    let mut console = None;
+    let mut reader = std::io::BufReader::new(stdout);
+    let mut line = String::new();
+    while reader.read_line(&mut line).unwrap() > 0 {
+        if let Some(rest) = line.trim_end().strip_prefix("  console: ") {
+            console = Some(rest.to_string());
+        }
+        if line.contains("Press Ctrl-C") {
+            break;
+        }
+        line.clear();
+    }
+    // The demo goes on printing until it stops.
+    let drain = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut reader, &mut rest);
+    });
+    let console = console.expect("the demo prints its console");
+    let base = console
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .trim_end_matches('/')
+        .to_string();
+    let password = console
+        .split("password ")
+        .nth(1)
+        .and_then(|p| p.split(';').next())
+        .unwrap()
+        .to_string();
+    c.goto(&format!("{base}/")).await.unwrap();
+    c.find(Locator::Id("login-user"))
+        .await
+        .unwrap()
+        .send_keys("demo")
+        .await
+        .unwrap();
+    c.find(Locator::Id("login-password"))
+        .await
+        .unwrap()
+        .send_keys(&password)
+        .await
+        .unwrap();
+    c.find(Locator::Id("login-submit"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.wait()
+        .at_most(WAIT)
+        .for_element(Locator::Id("held-back"))
+        .await
+        .unwrap();
+    std::fs::write(
+        dir.join("console-overview.png"),
+        c.screenshot().await.unwrap(),
+    )
+    .unwrap();
+    c.goto(&format!("{base}/quarantine")).await.unwrap();
+    c.find(Locator::Css("tr[data-entity='bom'] a"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.wait()
+        .at_most(WAIT)
+        .for_element(Locator::Id("quarantine"))
+        .await
+        .unwrap();
+    std::fs::write(
+        dir.join("console-quarantined-record.png"),
+        c.screenshot().await.unwrap(),
+    )
+    .unwrap();
+    c.goto(&format!("{base}/audit?decision=released"))
+        .await
+        .unwrap();
+    c.find(Locator::Css(".audit-table td a"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.wait()
+        .at_most(WAIT)
+        .for_element(Locator::Id("history"))
+        .await
+        .unwrap();
+    std::fs::write(
+        dir.join("console-record.png"),
+        c.screenshot().await.unwrap(),
+    )
+    .unwrap();
+    let pid = nix::unistd::Pid::from_raw(demo.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    assert!(demo.wait().unwrap().success());
+    drain.join().unwrap();
 }
