@@ -58,7 +58,7 @@ async fn read_row(
     let e = config
         .entity_index(entity)
         .ok_or_else(|| format!("entity `{entity}` is not configured"))?;
-    let read = super::snapshot::table_read(config, e);
+    let read = mapped_read(config, e);
     let parts = split_key(key);
     if parts.len() != read.key.len() {
         return Ok(None);
@@ -87,6 +87,24 @@ async fn read_row(
     let mapped = snapshot_mapped(&pipeline, relation.id, e, &row, Lsn::ZERO, &time)
         .map_err(|e| e.to_string())?;
     Ok(mapped.and_then(|m| m.row().cloned()))
+}
+
+/// The columns steward maps from the entity's table: those of its fields
+/// (and its table's other entities', as the snapshot reads them) and of
+/// its reference fields.
+fn mapped_read(
+    config: &Config,
+    e: steward_core::config::EntityIndex,
+) -> source_snapshot::TableRead {
+    let mut read = super::snapshot::table_read(config, e);
+    if let Some(gov) = config.governance.entities.get(e.0) {
+        for column in gov.reference_columns() {
+            if !read.columns.iter().any(|c| c == column) {
+                read.columns.push(column.to_string());
+            }
+        }
+    }
+    read
 }
 
 /// A record key's column texts: `|` joins them, `\` escapes `|` and `\`.
@@ -273,7 +291,7 @@ fn source_row(
 ) -> wire::SourceRow {
     let mapped_columns = config
         .entity_index(&status.entity)
-        .map(|e| super::snapshot::table_read(config, e).columns)
+        .map(|e| mapped_read(config, e).columns)
         .unwrap_or_default();
     let last_read = status.row.as_ref().and_then(Value::as_object).map(|row| {
         row.iter()
