@@ -353,6 +353,7 @@ fn appended(a: &wire::Appended) -> String {
         DeliveryState::DeadLettered => "dead-lettered".to_string(),
         DeliveryState::InWindow => "waiting for the batch window".to_string(),
         DeliveryState::Unknown => "acknowledgement unknown".to_string(),
+        DeliveryState::Superseded => "superseded by a reset of the target".to_string(),
     };
     format!(
         "version {} ({} {}, {}), {state}",

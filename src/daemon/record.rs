@@ -267,6 +267,7 @@ fn appended_line(
                 line.acknowledged_before = at.and_then(rfc3339);
                 wire::DeliveryState::Acknowledged
             }
+            Acknowledged::Superseded => wire::DeliveryState::Superseded,
         }
     };
     Ok(line)

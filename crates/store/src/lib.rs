@@ -102,7 +102,14 @@ pub enum Acknowledged {
     /// Before this time (`None`: before steward noted times), but when is
     /// no longer known: the row was pruned.
     Before(Option<i64>),
+    /// Never: a reset moved the cursor past it without a delivery (the
+    /// snapshot sends the record again, or it was appended again with a
+    /// new seq).
+    Superseded,
 }
+
+/// The time noted for a cursor moved by a reset rather than a delivery.
+pub(crate) const CURSOR_RESET: i64 = i64::MIN;
 
 /// redb's page cache. Its default (1 GiB) is far more than steward's access
 /// pattern needs: appends touch the tail of each outbox and drivers read near
@@ -460,6 +467,7 @@ impl Store {
                 None => None,
             };
             Ok(match first_after {
+                Some(CURSOR_RESET) => Acknowledged::Superseded,
                 Some(at) if floor.is_none_or(|f| seq > f) => Acknowledged::At(at),
                 _ => Acknowledged::Before(first_after),
             })

@@ -875,3 +875,30 @@ fn pruned_acknowledgement_times_say_before() {
         Acknowledged::At(_)
     ));
 }
+
+#[test]
+fn a_reset_moves_the_cursor_without_acknowledging() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    commit_n(&store, 0x10, "wms", 1..5);
+    store.ack("wms", 1, 1).unwrap();
+    store
+        .begin_resync("wms", &["product".to_string()], true)
+        .unwrap();
+    assert!(matches!(
+        store.acknowledged_at("wms", 1).unwrap(),
+        Acknowledged::At(_)
+    ));
+    assert_eq!(
+        store.acknowledged_at("wms", 3).unwrap(),
+        Acknowledged::Superseded,
+        "dropped by the reset, never delivered"
+    );
+    // Later deliveries are noted as usual.
+    commit_n(&store, 0x20, "wms", 10..12);
+    store.ack("wms", 6, 2).unwrap();
+    assert!(matches!(
+        store.acknowledged_at("wms", 6).unwrap(),
+        Acknowledged::At(_)
+    ));
+}

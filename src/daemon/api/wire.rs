@@ -279,6 +279,9 @@ pub enum DeliveryState {
     InWindow,
     /// Not known (appended before steward noted outbox positions).
     Unknown,
+    /// Never delivered as such: a reset of the target dropped it from the
+    /// outbox (the snapshot sends the record again) or appended it again.
+    Superseded,
 }
 
 /// A dead letter of the record.
