@@ -88,6 +88,10 @@ async fn via_api(
                 Err(f) => failed(f),
             }
         }
+        Request::Record { .. } => Response {
+            error: Some("a record question goes through `steward record`".to_string()),
+            ..Response::default()
+        },
         Request::Audit(filter) => {
             let query = [
                 ("entity", filter.entity),
@@ -107,12 +111,10 @@ async fn via_api(
             }
         }
         // The console's questions: the command line does not ask them.
-        Request::Overview | Request::RecordsInState { .. } | Request::RecordStatus { .. } => {
-            Response {
-                error: Some("not a question the command line asks".to_string()),
-                ..Response::default()
-            }
-        }
+        Request::Overview | Request::RecordsInState { .. } => Response {
+            error: Some("not a question the command line asks".to_string()),
+            ..Response::default()
+        },
     })
 }
 

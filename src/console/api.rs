@@ -135,11 +135,12 @@ async fn record(
     if let Err(r) = token(&app, &headers) {
         return *r;
     }
-    match app.control.record_status(entity, key).await {
-        Ok(status) => {
-            let mut value = serde_json::to_value(&status).unwrap_or(Value::Null);
+    match app.control.record(entity, key).await {
+        Ok(record) => {
+            let mut value = serde_json::to_value(&record).unwrap_or(Value::Null);
             if let Some(map) = value.as_object_mut() {
                 map.remove("row");
+                map.remove("source");
                 if let Some(q) = map.remove("quarantine") {
                     map.insert("quarantine".to_string(), without_documents(q));
                 }

@@ -24,7 +24,7 @@ use super::server::{render, App, Who};
 use super::users::Role;
 use crate::daemon::api::ApiError;
 use steward_core::config::Config;
-use steward_core::pipeline::govern::{RecordState, RecordStatus, TargetDecision};
+use steward_core::pipeline::govern::{RecordState, TargetDecision};
 use steward_store::audit::AuditFilter;
 use steward_store::governance::{AuditRecord, QuarantineEntry};
 use steward_store::{DeadLetter, DlqFilter};
@@ -621,7 +621,38 @@ struct TargetView {
     target: String,
     decision: &'static str,
     up_to_date: Option<&'static str>,
+    /// The last version appended and what became of it.
+    appended: Option<String>,
+    /// The last version the target acknowledged, and when.
+    acknowledged: Option<String>,
     document: Option<String>,
+    /// For a quarantined record: field by field, withheld against delivered.
+    diff: Vec<(String, String, String)>,
+    diff_note: Option<String>,
+}
+
+fn appended_words(a: &crate::daemon::api::wire::Appended) -> String {
+    use crate::daemon::api::wire::DeliveryState as D;
+    let state = match a.state {
+        D::Acknowledged => "acknowledged",
+        D::Pending => "waiting in the outbox",
+        D::DeadLettered => "dead-lettered",
+        D::InWindow => "waiting for the batch window",
+        D::Unknown => "state not known",
+        D::Superseded => "superseded by a reset",
+    };
+    format!(
+        "version {} ({}, {}), {state}",
+        a.version, a.decision, a.appended_at
+    )
+}
+
+fn acknowledged_words(a: &crate::daemon::api::wire::Appended) -> String {
+    match (&a.acknowledged_at, &a.acknowledged_before) {
+        (Some(at), _) => format!("version {} at {at}", a.version),
+        (None, Some(before)) => format!("version {} before {before}", a.version),
+        (None, None) => format!("version {}", a.version),
+    }
 }
 
 pub(super) struct AuditRow {
@@ -710,56 +741,32 @@ fn withheld_document(entry: &QuarantineEntry) -> Option<Value> {
         .filter(|d| !d.is_null())
 }
 
-/// At most this many audit records on a record's page.
-const RECORD_AUDIT: usize = 100;
-
 async fn record(
     State(app): State<Arc<App>>,
     who: Who,
     Path((entity, key)): Path<(String, String)>,
 ) -> Response {
-    let status: RecordStatus = match app.control.record_status(entity.clone(), key.clone()).await {
-        Ok(s) => s,
+    let record = match app.control.record(entity.clone(), key.clone()).await {
+        Ok(r) => r,
         Err(e) => return failed(&who, &e),
     };
     let sees_all = who.may(Role::Steward);
-    let mut problem = None;
-    let audit = match app
-        .control
-        .audit(AuditFilter {
-            entity: Some(entity.clone()),
-            key: Some(key.clone()),
-            limit: Some(RECORD_AUDIT),
-            ..AuditFilter::default()
-        })
-        .await
-    {
-        Ok(a) => a.audit.iter().rev().map(audit_row).collect(),
-        Err(e) => {
-            problem = Some(e.message);
-            Vec::new()
-        }
-    };
+    let problem = record.note.clone();
+    let audit: Vec<AuditRow> = record.audit.iter().map(audit_row).collect();
     let mut dead = Vec::new();
-    for t in &status.targets {
-        let filter = DlqFilter {
-            entity: Some(entity.clone()),
-            key: Some(key.clone()),
-            id: None,
-        };
-        if let Ok(list) = app.control.dead_letters(t.target.clone(), filter).await {
-            dead.extend(list.iter().map(|d| {
-                (
-                    t.target.clone(),
-                    DlqRowView {
-                        id: d.id,
-                        error: d.error.clone(),
-                        last_failure: d.last_failure.clone(),
-                    },
-                )
-            }));
-        }
+    for d in &record.delivery {
+        dead.extend(d.dead_letters.iter().map(|l| {
+            (
+                d.target.clone(),
+                DlqRowView {
+                    id: l.id,
+                    error: l.error.clone(),
+                    last_failure: l.last_failure.clone(),
+                },
+            )
+        }));
     }
+    let status = &record.status;
     let (state, state_class) = state_words(status.state);
     let quarantine = status.quarantine.as_ref().map(|q| QuarantineView {
         rule: q.rule.clone(),
@@ -806,22 +813,55 @@ async fn record(
         targets: status
             .targets
             .iter()
-            .map(|t| TargetView {
-                target: t.target.clone(),
-                decision: decision_words(t.decision),
-                up_to_date: t.up_to_date.map(|u| {
-                    if u {
-                        "yes"
-                    } else {
-                        "no: the target has an earlier version"
+            .map(|t| {
+                let delivery = record.delivery.iter().find(|d| d.target == t.target);
+                let mut diff = Vec::new();
+                if let Some(d) = &t.diff {
+                    for (field, v) in &d.added {
+                        diff.push((field.clone(), "(none)".to_string(), v.to_string()));
                     }
-                }),
-                document: t.document.as_ref().map(pretty),
+                    for (field, v) in &d.removed {
+                        diff.push((field.clone(), v.to_string(), "(none)".to_string()));
+                    }
+                    for (field, c) in &d.changed {
+                        diff.push((
+                            field.clone(),
+                            c.delivered.to_string(),
+                            c.withheld.to_string(),
+                        ));
+                    }
+                    diff.sort();
+                }
+                TargetView {
+                    target: t.target.clone(),
+                    decision: decision_words(t.decision),
+                    up_to_date: t.up_to_date.map(|u| {
+                        if u {
+                            "yes"
+                        } else {
+                            "no: the target has an earlier version"
+                        }
+                    }),
+                    appended: delivery
+                        .and_then(|d| d.last_appended.as_ref())
+                        .map(appended_words),
+                    acknowledged: delivery
+                        .and_then(|d| d.last_acknowledged.as_ref())
+                        .map(acknowledged_words),
+                    document: t.document.as_ref().map(pretty),
+                    diff,
+                    diff_note: t.diff_note.clone(),
+                }
             })
             .collect(),
         dead_letters: dead,
         row: if sees_all {
-            status.row.as_ref().map(pretty)
+            record
+                .source
+                .row
+                .as_ref()
+                .or(status.row.as_ref())
+                .map(pretty)
         } else {
             None
         },

@@ -67,6 +67,7 @@ impl Actor {
             detail,
             user: Some(self.user.clone()),
             comment: self.comment.clone(),
+            seq: None,
         }
     }
 
@@ -130,8 +131,8 @@ pub enum Request {
         state: RecordState,
         limit: usize,
     },
-    /// Everything the governance knows about one record.
-    RecordStatus {
+    /// What the governance knows of one record (the record view).
+    Record {
         entity: String,
         key: String,
     },
@@ -154,7 +155,8 @@ pub struct Response {
     /// For records in a state: their keys, and how many there are in all.
     pub keys: Vec<String>,
     pub total: u64,
-    /// For a record's status.
+    /// For a record question: the governance's answer.
+    #[serde(skip)]
     pub record: Option<Box<RecordStatus>>,
 }
 
@@ -525,7 +527,7 @@ pub fn answer(
             Ok((keys, total)) => (r.keys, r.total) = (keys, total),
             Err(e) => r.error = Some(e),
         },
-        Request::RecordStatus { entity, key } => match governance.record_status(&entity, &key) {
+        Request::Record { entity, key } => match governance.record_status(&entity, &key) {
             Ok(status) => r.record = Some(Box::new(status)),
             Err(e) => r.error = Some(e),
         },

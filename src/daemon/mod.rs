@@ -18,6 +18,7 @@ pub mod govern;
 pub mod lock;
 pub mod monitor;
 mod privileges;
+pub mod record;
 pub mod schema;
 mod setup;
 pub mod snapshot;

@@ -259,6 +259,7 @@ fn plan_restore_repair(
                 ),
                 user: None,
                 comment: None,
+                seq: None,
             }));
         }
     }

@@ -24,6 +24,7 @@ mod pipeline;
 mod poison;
 mod properties;
 mod record_states;
+mod record_view;
 mod schema;
 mod slot;
 mod snapshot;
