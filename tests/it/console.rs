@@ -424,6 +424,19 @@ async fn roles_csrf_and_sessions_guard_every_action_and_each_is_audited() {
         wms.accepted_events().iter().any(|e| e["subject"] == "9302")
     })
     .await;
+    let mut record = otto.get("/records/product/9302").await;
+    for _ in 0..150 {
+        if record.body.contains("class=\"acknowledged\">version") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        record = otto.get("/records/product/9302").await;
+    }
+    assert!(
+        record.body.contains("class=\"acknowledged\">version"),
+        "the version the target acknowledged, once replayed: {}",
+        record.body
+    );
     let page = otto
         .act(
             "/actions/flush",
