@@ -115,6 +115,16 @@ const STEPS: &[Step] = &[
     },
 ];
 
+/// The console user the demo makes (an operator: every page and action).
+const DEMO_USER: &str = "demo";
+
+/// A fresh password for each demo run: 16 URL-safe characters.
+fn demo_password() -> String {
+    use base64::Engine;
+    let bytes: [u8; 12] = rand::random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
 /// How long the demo waits for one step's events before going on anyway.
 const STEP_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -191,7 +201,23 @@ async fn show(
         finance.url()
     );
 
+    // The console on a free loopback port, with one operator to log in as.
+    let console_listen = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("cannot find a free port for the console")?;
+    let users_file = state_dir.path().join("users.toml");
+    let password = demo_password();
+    let mut users = crate::console::users::Users::default();
+    users.add_user(
+        DEMO_USER,
+        crate::console::users::Role::Operator,
+        &password,
+        false,
+    )?;
+    users.save(&users_file)?;
     let text = DEMO_CONFIG
+        .replace("{{CONSOLE_LISTEN}}", &console_listen.to_string())
+        .replace("{{USERS_FILE}}", &users_file.display().to_string())
         .replace("{{SOURCE_URL}}", &cluster.url("odoo"))
         .replace(
             "{{STATE_PATH}}",
@@ -205,6 +231,11 @@ async fn show(
     println!(
         "  config: {} (entities product, bom, partner, uom, workcenter; targets mes, finance)",
         config_path.display()
+    );
+
+    println!(
+        "  console: http://{console_listen}/ (log in as {DEMO_USER}, password {password}; \
+         role operator)"
     );
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -246,7 +277,8 @@ async fn show(
         if !once {
             println!(
                 "\nTry your own changes:  {}/psql '{}'\n\
-                 See what steward decided:  steward audit -c {config} --limit 20\n\
+                 See what steward decided:  http://{console_listen}/ (user {DEMO_USER}, password {password})\n\
+                 \x20                          steward audit -c {config} --limit 20\n\
                  \x20                          steward quarantine list -c {config}\n\
                  Press Ctrl-C to stop and clean up.",
                 cluster.bin_dir().display(),

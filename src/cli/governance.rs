@@ -110,6 +110,11 @@ async fn via_api(
                 Err(f) => failed(f),
             }
         }
+        // The console's questions: the command line does not ask them.
+        Request::Overview | Request::RecordsInState { .. } => Response {
+            error: Some("not a question the command line asks".to_string()),
+            ..Response::default()
+        },
     })
 }
 

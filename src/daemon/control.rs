@@ -42,6 +42,13 @@ pub async fn run(path: PathBuf, mut config: Config) -> anyhow::Result<()> {
     if let Some(addr) = listen {
         endpoint::serve(addr, state.clone()).await?;
     }
+    // Also for the whole process; the users file is read again whenever it changes.
+    let console_settings = (
+        config.console.listen,
+        config.console.tls.clone(),
+        config.console.users_file.clone(),
+    );
+    let console = crate::console::Console::start(&config, control.control()).await?;
     let notifier = systemd::spawn(state.clone());
 
     let result = loop {
@@ -111,6 +118,17 @@ pub async fn run(path: PathBuf, mut config: Config) -> anyhow::Result<()> {
                         "metrics.listen changed: the listener keeps its old address until steward restarts"
                     );
                 }
+                if (
+                    new.console.listen,
+                    new.console.tls.clone(),
+                    new.console.users_file.clone(),
+                ) != console_settings
+                {
+                    tracing::warn!(
+                        "console.listen, tls_cert, tls_key or users_file changed: the console keeps \
+                         its old settings until steward restarts"
+                    );
+                }
                 if (new.control_socket(), new.control.group.clone()) != socket {
                     tracing::warn!(
                         "control.socket or control.group changed: the control socket keeps its old \
@@ -130,6 +148,9 @@ pub async fn run(path: PathBuf, mut config: Config) -> anyhow::Result<()> {
         }
     };
     notifier.abort();
+    if let Some(console) = &console {
+        console.close().await;
+    }
     control.close().await;
     result
 }

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use steward_core::config::{Config, EntityIndex, TargetIndex};
 use steward_core::model::{Event, Lsn};
-use steward_core::pipeline::govern::{RecordState, RecordStatus};
+use steward_core::pipeline::govern::{EntityRecords, HeldBack, RecordState, RecordStatus};
 use steward_core::pipeline::{snapshot_mapped, Governance, Pipeline};
 use steward_source::snapshot as source_snapshot;
 use steward_store::audit::AuditFilter;
@@ -122,6 +122,15 @@ pub enum Request {
         key: String,
     },
     Audit(AuditFilter),
+    /// Per entity the records in each state, and what the open exceptions
+    /// hold back (the console's overview).
+    Overview,
+    /// The keys of `entity`'s records in `state`, at most `limit`.
+    RecordsInState {
+        entity: String,
+        state: RecordState,
+        limit: usize,
+    },
     /// What the governance knows of one record (the record view).
     Record {
         entity: String,
@@ -139,6 +148,13 @@ pub struct Response {
     /// For a release: how many events it queued for delivery.
     #[serde(skip)]
     pub events: usize,
+    /// For an overview: per entity, its records in each state.
+    pub counts: Vec<EntityRecords>,
+    /// For an overview: what the open exceptions hold back.
+    pub held_back: Vec<HeldBack>,
+    /// For records in a state: their keys, and how many there are in all.
+    pub keys: Vec<String>,
+    pub total: u64,
     /// For a record question: the governance's answer.
     #[serde(skip)]
     pub record: Option<Box<RecordStatus>>,
@@ -498,6 +514,18 @@ pub fn answer(
         Request::Audit(filter) => match store.audit_query(&filter) {
             Ok(list) => r.audit = list,
             Err(e) => r.error = Some(e.to_string()),
+        },
+        Request::Overview => {
+            r.counts = governance.record_counts();
+            r.held_back = governance.held_back();
+        }
+        Request::RecordsInState {
+            entity,
+            state,
+            limit,
+        } => match governance.records_in_state(&entity, state, limit) {
+            Ok((keys, total)) => (r.keys, r.total) = (keys, total),
+            Err(e) => r.error = Some(e),
         },
         Request::Record { entity, key } => match governance.record_status(&entity, &key) {
             Ok(status) => r.record = Some(Box::new(status)),

@@ -76,7 +76,17 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> anyhow::Res
     steward_store::files::refuse_shared_state_file(&config.state.path)?;
     let state = Arc::new(DaemonState::default());
     let control = Arc::new(api::Server::bind(&config, state.clone())?);
+    let console = match crate::console::Console::start(&config, control.control()).await {
+        Ok(console) => console,
+        Err(e) => {
+            control.close().await;
+            return Err(e);
+        }
+    };
     let result = run_with(config, shutdown, state, control.clone()).await;
+    if let Some(console) = &console {
+        console.close().await;
+    }
     control.close().await;
     result
 }

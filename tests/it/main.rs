@@ -9,6 +9,8 @@ mod support;
 
 mod backup;
 mod cli;
+mod console;
+mod console_browser;
 mod control;
 mod credentials;
 mod delivery;

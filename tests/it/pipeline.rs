@@ -1274,6 +1274,46 @@ fn the_demo_runs_end_to_end_and_ctrl_c_cleans_up() {
         "non-master writes never reach a target"
     );
 
+    // The console the demo prints, with its login: the overview says what
+    // the open exception (the archived product) holds back.
+    let console = after("  console: ");
+    let url = console.split_whitespace().next().unwrap().to_string();
+    let password = console
+        .split("password ")
+        .nth(1)
+        .and_then(|p| p.split(';').next())
+        .unwrap_or_else(|| panic!("no password in {console:?}"))
+        .to_string();
+    let overview = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap();
+        let login = http
+            .post(format!("{url}login"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("user=demo&password={password}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(login.status().as_u16(), 303, "the demo login works");
+        let cookie = login.headers()["set-cookie"].to_str().unwrap();
+        let cookie = cookie.split(';').next().unwrap().to_string();
+        let page = http
+            .get(&url)
+            .header("cookie", cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(page.status().as_u16(), 200);
+        page.text().await.unwrap()
+    });
+    assert!(
+        overview.contains("1 bom record blocked by 1 product"),
+        "{overview}"
+    );
+
     // Ctrl-C.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),

@@ -17,6 +17,7 @@ use crate::daemon::snapshot::{self, ResetCall, ResetRequest};
 use crate::daemon::{record, schema, DaemonState};
 use steward_core::config::Config;
 use steward_core::model::Lsn;
+use steward_core::pipeline::govern::RecordState;
 use steward_sinks::requests::{Inbox, Request as DriverRequest, Response as DriverResponse};
 use steward_store::audit::AuditFilter;
 use steward_store::backup::BackupReport;
@@ -468,6 +469,100 @@ impl Control {
         let store = run.store.clone();
         blocking(move || audit_append(&store, &records)).await?;
         Ok(wire::Count { count })
+    }
+}
+
+/// The console's questions: the same governance state, asked through the
+/// same consume loop as the control API's.
+impl Control {
+    /// Per entity the records in each state (dead-lettered: the records
+    /// with a dead letter at some target), and what the open exceptions
+    /// hold back.
+    pub async fn overview(&self) -> Result<wire::Overview, ApiError> {
+        let run = self.running()?;
+        let response = governance(&run, govern::Request::Overview, None).await?;
+        if let Some(e) = response.error {
+            return Err(ApiError::internal(e));
+        }
+        let store_run = run.clone();
+        let dead_lettered = blocking(move || {
+            let mut keys = std::collections::HashSet::new();
+            for target in &store_run.config.targets {
+                keys.extend(
+                    store_run
+                        .store
+                        .held_keys(&target.name)
+                        .map_err(ApiError::internal)?,
+                );
+            }
+            let mut counts: HashMap<String, u64> = HashMap::new();
+            for key in &keys {
+                if let Some((entity, _)) = key.split_once('\0') {
+                    *counts.entry(entity.to_string()).or_default() += 1;
+                }
+            }
+            let now = chrono::Utc::now();
+            let lag = store_run
+                .config
+                .targets
+                .iter()
+                .map(|t| {
+                    let age = match store_run.store.oldest_pending(&t.name) {
+                        Ok(Some((_, event))) => chrono::DateTime::parse_from_rfc3339(&event.time)
+                            .ok()
+                            .map(|at| (now - at.with_timezone(&chrono::Utc)).num_seconds().max(0)),
+                        _ => None,
+                    };
+                    wire::TargetLag {
+                        target: t.name.clone(),
+                        oldest_undelivered_seconds: age.and_then(|a| u64::try_from(a).ok()),
+                    }
+                })
+                .collect();
+            Ok((counts, lag))
+        })
+        .await?;
+        let (dead_lettered, lag) = dead_lettered;
+        Ok(wire::Overview {
+            lag,
+            entities: response
+                .counts
+                .into_iter()
+                .map(|c| wire::EntityLine {
+                    dead_lettered: dead_lettered.get(&c.entity).copied().unwrap_or(0),
+                    records: c,
+                })
+                .collect(),
+            held_back: response
+                .held_back
+                .iter()
+                .map(|h| wire::HeldBackLine {
+                    text: h.to_string(),
+                    held: h.clone(),
+                })
+                .collect(),
+        })
+    }
+
+    /// The keys of `entity`'s records in `state` (at most `limit`), and
+    /// how many there are.
+    pub async fn records_in_state(
+        &self,
+        entity: String,
+        state: RecordState,
+        limit: usize,
+    ) -> Result<(Vec<String>, u64), ApiError> {
+        let run = self.running()?;
+        let request = govern::Request::RecordsInState {
+            entity,
+            state,
+            limit,
+        };
+        let response = governance(&run, request, None).await?;
+        match response.error {
+            Some(e) => Err(ApiError::new(StatusCode::NOT_FOUND, "unknown_entity", e)),
+            None => Ok((response.keys, response.total)),
+        }
     }
 }
 

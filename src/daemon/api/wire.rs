@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::daemon::schema::StoppedEntity;
 use crate::daemon::snapshot::SnapshotStatusLine;
-use steward_core::pipeline::govern::RecordStatus;
+use steward_core::pipeline::govern::{EntityRecords, HeldBack, RecordStatus};
 use steward_store::governance::{AuditRecord, QuarantineEntry};
 use steward_store::{DeadLetter, DlqFilter, TargetStats};
 
@@ -172,6 +172,42 @@ pub struct DlqAction {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Count {
     pub count: u64,
+}
+
+/// The console's overview: per entity the records in each state, and what
+/// the open exceptions hold back.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Overview {
+    /// Per target, how long its oldest undelivered event has waited.
+    pub lag: Vec<TargetLag>,
+    pub entities: Vec<EntityLine>,
+    pub held_back: Vec<HeldBackLine>,
+}
+
+/// One entity's records per state.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EntityLine {
+    #[serde(flatten)]
+    pub records: EntityRecords,
+    /// Records with a dead letter at one target or more.
+    pub dead_lettered: u64,
+}
+
+/// Records blocked by others, as figures and as a sentence ("3 bom
+/// records blocked by 1 quarantined product").
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct HeldBackLine {
+    #[serde(flatten)]
+    pub held: HeldBack,
+    pub text: String,
+}
+
+/// How far behind a target is.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TargetLag {
+    pub target: String,
+    /// The age of its oldest undelivered event; `None` when it has none.
+    pub oldest_undelivered_seconds: Option<u64>,
 }
 
 /// `GET /v1/record/{entity}/{key}`: everything steward knows about one

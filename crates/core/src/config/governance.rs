@@ -74,6 +74,11 @@ impl EntityGovernance {
     pub fn is_hidden(&self) -> bool {
         self.child_of.is_some() || !self.external_ids_of.is_empty()
     }
+
+    /// The gate (`publish_when`) as configured, when the entity has one.
+    pub fn publish_when(&self) -> Option<&str> {
+        self.publish_when.as_ref().map(|e| e.source.as_str())
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -236,6 +236,23 @@ pub struct ConsoleConfig {
     /// read-only API tokens; `users.toml` next to the configuration file by
     /// default. Managed with `steward user` and `steward token`.
     pub users_file: PathBuf,
+    /// `listen`: where the web console is served; `None` (the default)
+    /// serves none. A bare port means loopback (`127.0.0.1:PORT`); any
+    /// other address than a loopback one needs TLS.
+    pub listen: Option<std::net::SocketAddr>,
+    /// `tls_cert` and `tls_key`: PEM files; with them the console speaks
+    /// HTTPS only.
+    pub tls: Option<ConsoleTls>,
+}
+
+/// `[console] tls_cert` and `tls_key`: the console's certificate chain and
+/// private key, PEM files read when the daemon starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsoleTls {
+    /// The certificate chain (leaf first).
+    pub cert: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 /// `[daemon]`: settings of the running process.

@@ -28,9 +28,9 @@ use self::delivery::{check_delivery, DELIVERY_KEYS};
 use self::pgurl::parse_pg_url;
 use self::reader::{check_sql_ident, join, type_name, Errors, Reader, MAX_IDENT};
 use super::{
-    Config, ConfigError, ConfigErrors, ConsoleConfig, ControlConfig, DaemonConfig, EntityConfig,
-    FieldConfig, FieldSource, InitialSync, MetricsConfig, Secret, SecretOrigin, SourceConfig,
-    StateConfig, TargetConfig, TargetContext, TargetTypes, Unchecked,
+    Config, ConfigError, ConfigErrors, ConsoleConfig, ConsoleTls, ControlConfig, DaemonConfig,
+    EntityConfig, FieldConfig, FieldSource, InitialSync, MetricsConfig, Secret, SecretOrigin,
+    SourceConfig, StateConfig, TargetConfig, TargetContext, TargetTypes, Unchecked,
 };
 
 const TOP_KEYS: &[&str] = &[
@@ -58,7 +58,7 @@ const STATE_KEYS: &[&str] = &[
 const METRICS_KEYS: &[&str] = &["listen", "ready_max_target_stall_ms"];
 const DAEMON_KEYS: &[&str] = &["shutdown_timeout_ms"];
 const CONTROL_KEYS: &[&str] = &["socket", "group"];
-const CONSOLE_KEYS: &[&str] = &["users_file"];
+const CONSOLE_KEYS: &[&str] = &["users_file", "listen", "tls_cert", "tls_key"];
 /// `[console] users_file`, relative to the configuration file's directory.
 const DEFAULT_USERS_FILE: &str = "users.toml";
 const ENTITY_KEYS: &[&str] = &[
@@ -179,6 +179,8 @@ pub(super) fn parse(
         None if top.has("console") => None,
         None => Some(ConsoleConfig {
             users_file: resolve(base_dir, DEFAULT_USERS_FILE),
+            listen: None,
+            tls: None,
         }),
     };
     let (entity_names, entities) = check_entities(&top, &mut errs);
@@ -754,24 +756,113 @@ fn check_control(table: &Table, base_dir: &Path, errs: &mut Errors) -> Option<Co
 
 fn check_console(table: &Table, base_dir: &Path, errs: &mut Errors) -> Option<ConsoleConfig> {
     let r = Reader::new("console", table, CONSOLE_KEYS, errs);
+    let mut ok = true;
     let users_file = match r.get("users_file") {
         None => DEFAULT_USERS_FILE,
-        Some(_) => match r.string("users_file", errs)? {
-            "" => {
+        Some(_) => match r.string("users_file", errs) {
+            Some("") => {
                 errs.add(
                     &r.key("users_file"),
                     "is empty; give the file that holds the console's users and API tokens, \
                      such as /etc/steward/users.toml, or leave it out for users.toml next to \
                      this file",
                 );
-                return None;
+                ok = false;
+                DEFAULT_USERS_FILE
             }
-            path => path,
+            Some(path) => path,
+            None => {
+                ok = false;
+                DEFAULT_USERS_FILE
+            }
         },
     };
+    let mut file = |key: &str, errs: &mut Errors| match r.string(key, errs) {
+        Some("") => {
+            errs.add(
+                &r.key(key),
+                "is empty; give a PEM file, or leave out both tls_cert and tls_key to serve \
+                 plain HTTP on a loopback address",
+            );
+            ok = false;
+            None
+        }
+        Some(path) => Some(resolve(base_dir, path)),
+        None => {
+            ok &= !r.has(key);
+            None
+        }
+    };
+    let cert = file("tls_cert", errs);
+    let key = file("tls_key", errs);
+    let tls = match (cert, key) {
+        (Some(cert), Some(key)) => Some(ConsoleTls { cert, key }),
+        (None, None) => None,
+        (cert, _) => {
+            let (given, missing) = if cert.is_some() {
+                ("tls_cert", "tls_key")
+            } else {
+                ("tls_key", "tls_cert")
+            };
+            errs.add(
+                &r.key(missing),
+                format!(
+                    "is missing: {given} is given, and TLS needs both the certificate and its key"
+                ),
+            );
+            ok = false;
+            None
+        }
+    };
+    let listen = match r.string("listen", errs) {
+        None => {
+            ok &= !r.has("listen");
+            None
+        }
+        Some(text) => match console_address(text) {
+            Some(addr) => {
+                if !addr.ip().is_loopback() && tls.is_none() && ok {
+                    errs.add(
+                        &r.key("listen"),
+                        format!(
+                            "{addr} is not a loopback address: passwords and session cookies \
+                             would cross the network in the clear; give tls_cert and tls_key, or \
+                             listen on 127.0.0.1 (behind a TLS-terminating proxy)"
+                        ),
+                    );
+                    ok = false;
+                }
+                Some(addr)
+            }
+            None => {
+                errs.add(
+                    &r.key("listen"),
+                    format!(
+                        "`{text}` is not a port or a socket address; write a port such as 9190 \
+                         (loopback), or IP:PORT such as 127.0.0.1:9190 or [::1]:9190"
+                    ),
+                );
+                ok = false;
+                None
+            }
+        },
+    };
+    if !ok {
+        return None;
+    }
     Some(ConsoleConfig {
         users_file: resolve(base_dir, users_file),
+        listen,
+        tls,
     })
+}
+
+/// `[console] listen`: a bare port is loopback's.
+fn console_address(text: &str) -> Option<SocketAddr> {
+    if let Ok(port) = text.parse::<u16>() {
+        return Some(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    text.parse().ok()
 }
 
 fn check_daemon(table: &Table, errs: &mut Errors) -> Option<DaemonConfig> {

@@ -3094,6 +3094,60 @@ fn a_business_object_held_for_its_own_line_counts_as_quarantined_not_blocked() {
     assert_eq!(h.counts("bom"), (2, 0, 0, 0));
 }
 
+#[test]
+fn records_in_state_lists_the_keys_of_one_state_in_key_order() {
+    let mut h = Harness::new(VIEW);
+    h.txn(&[
+        ("product_template", I, &product("10", "P_10", "draft")),
+        ("product_template", I, &product("9", "P_9", "draft")),
+        ("product_template", I, &product("2", "P_2", "approved")),
+        ("mrp_bom", I, &bom("7", "9")),
+    ]);
+    let pending = h
+        .gov
+        .records_in_state("product", RecordState::PendingApproval, 10)
+        .unwrap();
+    assert_eq!(
+        pending,
+        (vec!["9".to_string(), "10".to_string()], 2),
+        "numbers by value"
+    );
+    let first = h
+        .gov
+        .records_in_state("product", RecordState::PendingApproval, 1)
+        .unwrap();
+    assert_eq!(first, (vec!["9".to_string()], 2), "limited, total kept");
+    assert_eq!(
+        h.gov
+            .records_in_state("product", RecordState::Published, 10)
+            .unwrap(),
+        (vec!["2".to_string()], 1)
+    );
+    assert_eq!(
+        h.gov
+            .records_in_state("bom", RecordState::Blocked, 10)
+            .unwrap(),
+        (vec!["7".to_string()], 1)
+    );
+    // Approved: no longer pending.
+    h.txn(&[(
+        "product_template",
+        U,
+        &[("id", Some("9")), ("state", Some("approved"))],
+    )]);
+    assert_eq!(
+        h.gov
+            .records_in_state("product", RecordState::PendingApproval, 10)
+            .unwrap(),
+        (vec!["10".to_string()], 1)
+    );
+    let e = h
+        .gov
+        .records_in_state("nope", RecordState::Published, 10)
+        .unwrap_err();
+    assert!(e.contains("no entity `nope`"), "{e}");
+}
+
 const DIFF: &str = r#"
 [entities.product]
 table = "product_template"

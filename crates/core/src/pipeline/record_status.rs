@@ -641,6 +641,44 @@ impl Governance {
         (out, total)
     }
 
+    /// The keys of `entity`'s records in `state`, in key order (numbers
+    /// by value), at most `limit` of them, and how many there are in all.
+    /// Costs one pass over the rows steward holds (the consume loop
+    /// answers it between transactions).
+    pub fn records_in_state(
+        &self,
+        entity: &str,
+        state: RecordState,
+        limit: usize,
+    ) -> Result<(Vec<String>, u64), String> {
+        let Some(&e) = self.entity_index.get(entity) else {
+            return Err(format!(
+                "there is no entity `{entity}` in the configuration"
+            ));
+        };
+        if !self.counted.get(e.0).copied().unwrap_or(false) {
+            return Err(format!(
+                "steward does not track the records of `{entity}` (no gate, rules, business keys \
+                 or references use them)"
+            ));
+        }
+        let mut keys: Vec<&str> = self
+            .rows
+            .keys()
+            .filter(|(re, key)| *re == e && self.record_state(e, key) == Some(state))
+            .map(|(_, key)| key.as_str())
+            .collect();
+        let total = keys.len() as u64;
+        keys.sort_by(|a, b| match (a.parse::<u64>(), b.parse::<u64>()) {
+            (Ok(x), Ok(y)) => x.cmp(&y),
+            (Ok(_), Err(_)) => std::cmp::Ordering::Less,
+            (Err(_), Ok(_)) => std::cmp::Ordering::Greater,
+            (Err(_), Err(_)) => a.cmp(b),
+        });
+        keys.truncate(limit);
+        Ok((keys.into_iter().map(str::to_string).collect(), total))
+    }
+
     /// What the open exceptions hold back: blocked records grouped by
     /// their entity and the entity and state of the records they wait
     /// for, e.g. "3 bom records blocked by 1 quarantined product". Costs

@@ -710,6 +710,67 @@ fn control_rules() {
     );
 }
 
+#[test]
+fn console_rules() {
+    let default = ok(MINIMAL);
+    assert_eq!(
+        default.console.listen, None,
+        "the console is off by default"
+    );
+    assert_eq!(default.console.tls, None);
+    let port = ok_with("console", "{ listen = \"9190\" }");
+    assert_eq!(
+        port.console.listen,
+        Some("127.0.0.1:9190".parse::<SocketAddr>().unwrap()),
+        "a bare port is loopback"
+    );
+    let v6 = ok_with("console", "{ listen = \"[::1]:9190\" }");
+    assert_eq!(v6.console.listen, Some("[::1]:9190".parse().unwrap()));
+    assert_error(
+        &errors_with("console", "{ listen = \"0.0.0.0:9190\" }"),
+        "console.listen",
+        "not a loopback address",
+    );
+    assert_error(
+        &errors_with("console", "{ listen = \"192.0.2.7:443\" }"),
+        "console.listen",
+        "give tls_cert and tls_key",
+    );
+    let tls = ok_with(
+        "console",
+        "{ listen = \"0.0.0.0:9443\", tls_cert = \"/etc/steward/c.pem\", tls_key = \"k.pem\" }",
+    );
+    assert_eq!(tls.console.listen, Some("0.0.0.0:9443".parse().unwrap()));
+    let files = tls.console.tls.expect("TLS files");
+    assert_eq!(files.cert, PathBuf::from("/etc/steward/c.pem"));
+    assert!(files.key.is_absolute(), "{}", files.key.display());
+    assert_error(
+        &errors_with("console", "{ listen = \"9190\", tls_cert = \"c.pem\" }"),
+        "console.tls_key",
+        "is missing: tls_cert is given",
+    );
+    assert_error(
+        &errors_with("console", "{ tls_key = \"\" }"),
+        "console.tls_key",
+        "is empty",
+    );
+    assert_error(
+        &errors_with("console", "{ listen = \"localhost:x\" }"),
+        "console.listen",
+        "not a port or a socket address",
+    );
+    assert_error(
+        &errors_with("console", "{ listen = 9190 }"),
+        "console.listen",
+        "expected a string",
+    );
+    assert_error(
+        &errors_with("console", "{ port = 1 }"),
+        "console.port",
+        "valid keys here: users_file, listen, tls_cert, tls_key",
+    );
+}
+
 // ---------------------------------------------------------------- [entities.*]
 
 #[test]
