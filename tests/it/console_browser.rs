@@ -9,6 +9,7 @@
 use crate::console::{config, insert_product, wait_streaming, write_users, PASSWORD};
 use crate::support;
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,7 +23,9 @@ const WAIT: Duration = Duration::from_secs(30);
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 
-/// chromedriver on a free port and one browser session; both end on drop.
+/// chromedriver on a free port and one browser session; both end on drop,
+/// with every Chromium process chromedriver started (its process group), so
+/// that a failing test leaves no browser behind.
 struct Browser {
     client: Client,
     driver: Child,
@@ -30,6 +33,12 @@ struct Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.driver.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
         let _ = self.driver.kill();
         let _ = self.driver.wait();
     }
@@ -45,6 +54,7 @@ async fn browser() -> Option<Browser> {
         .arg(format!("--port={port}"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        .process_group(0)
         .spawn()
         .expect("start chromedriver");
     wait_until("chromedriver listens", WAIT, || {
