@@ -597,6 +597,7 @@ entities = ["product"]
                 user: None,
                 comment: None,
             })],
+            ..GovDelta::default()
         }
     }
 

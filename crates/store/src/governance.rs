@@ -90,7 +90,7 @@ pub(super) fn apply(txn: &WriteTransaction, delta: &GovDelta) -> Result<(), redb
         }
     }
     drop((rows, unique, quarantine));
-    super::published::append(txn, &published)?;
+    super::published::append(txn, &published, &delta.published_names)?;
     super::audit::append(txn, &audit)
 }
 

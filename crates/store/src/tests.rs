@@ -473,6 +473,7 @@ fn audit_record(n: u64, time_micros: i64) -> governance::AuditRecord {
 fn audit_delta(records: impl IntoIterator<Item = governance::AuditRecord>) -> governance::GovDelta {
     governance::GovDelta {
         ops: records.into_iter().map(governance::GovOp::Audit).collect(),
+        ..Default::default()
     }
 }
 
@@ -549,6 +550,7 @@ fn published_delta(changes: &[(u64, Option<u8>)]) -> governance::GovDelta {
                 hash: hash.map(|h| [h; 16]),
             })
             .collect(),
+        ..Default::default()
     }
 }
 

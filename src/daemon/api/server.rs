@@ -754,6 +754,7 @@ async fn reset(
     let reset = ResetRequest {
         target: target.clone(),
         entities: request.entities,
+        ..ResetRequest::default()
     };
     snapshot::resolve_request(&run.config, &reset)
         .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;

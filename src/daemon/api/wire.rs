@@ -172,3 +172,17 @@ pub struct DlqAction {
 pub struct Count {
     pub count: u64,
 }
+
+/// `POST /v1/targets/{target}/reconcile`; answered with [`ResetStarted`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileRequest {
+    /// Empty: every entity the target receives.
+    #[serde(default)]
+    pub entities: Vec<String>,
+    /// Only count what differs; send and change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    #[serde(default)]
+    pub comment: Option<String>,
+}
