@@ -179,6 +179,9 @@ enum Command {
     Repair {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
+        /// Recreate the slot, but only report what differs (a later `steward reconcile` repairs it).
+        #[arg(long)]
+        dry_run: bool,
     },
     /// The console's users and roles (in `[console] users_file`).
     User {
@@ -507,7 +510,7 @@ pub fn main() -> ExitCode {
             };
             run_blocking(reconcile::run(config, args))
         }
-        Command::Repair { config } => {
+        Command::Repair { config, dry_run } => {
             let config = match steward_sinks::config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -515,7 +518,7 @@ pub fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            run_blocking(reconcile::repair(config))
+            run_blocking(reconcile::repair(config, dry_run))
         }
         #[cfg(feature = "demo")]
         Command::Demo { once } => run_blocking(demo::run(once)),

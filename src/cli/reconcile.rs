@@ -98,7 +98,7 @@ fn audit_request(
 /// `steward repair` (daemon stopped): at the next start the slot is dropped
 /// and created again, and every target is reconciled from the new slot's
 /// snapshot, so only the records that changed meanwhile are sent.
-pub(super) async fn repair(config: Config) -> anyhow::Result<()> {
+pub(super) async fn repair(config: Config, dry_run: bool) -> anyhow::Result<()> {
     let store = match client::access(&config).await? {
         Access::Daemon(_) => bail!(
             "repair replaces the replication slot and needs the daemon stopped: stop steward \
@@ -111,19 +111,28 @@ pub(super) async fn repair(config: Config) -> anyhow::Result<()> {
             target: target.name.clone(),
             entities: target.entities.clone(),
             reconcile: true,
-            dry_run: false,
+            dry_run,
         };
         let entities = reconcile::resolve(&config, &store, &request)?;
-        store.begin_reconcile(&target.name, &entities, false)?;
+        store.begin_reconcile(&target.name, &entities, dry_run)?;
         audit_request(&store, &request, &entities, None)?;
     }
     store.set_meta(crate::daemon::RESET_ALL_META, "1")?;
-    println!(
-        "recorded: at its next start steward drops and recreates the slot '{}' and reconciles \
-         every target with a fresh snapshot: only records that differ from what a target was \
-         sent are sent again (or deleted)",
-        config.source.slot
-    );
+    if dry_run {
+        println!(
+            "recorded: at its next start steward drops and recreates the slot '{}' and compares \
+             every target with a fresh snapshot, sending nothing (dry run); `steward status` \
+             shows what differs, and `steward reconcile` repairs it",
+            config.source.slot
+        );
+    } else {
+        println!(
+            "recorded: at its next start steward drops and recreates the slot '{}' and reconciles \
+             every target with a fresh snapshot: only records that differ from what a target was \
+             sent are sent again (or deleted)",
+            config.source.slot
+        );
+    }
     Ok(())
 }
 

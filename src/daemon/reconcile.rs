@@ -20,8 +20,6 @@
 //! restarted daemon resumes it. `dry_run` counts without sending or
 //! changing anything.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
 use anyhow::bail;
 use serde::{Deserialize, Serialize};
 
@@ -162,14 +160,6 @@ pub fn publish_gauges(store: &Store) {
             publish_completed(&job);
         }
     }
-}
-
-/// Seconds since the Unix epoch, now.
-pub(crate) fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_secs()
 }
 
 /// One line of `steward reconcile`'s report.

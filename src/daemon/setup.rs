@@ -292,6 +292,7 @@ fn plan_reevaluations(config: &Config, store: &Store) -> anyhow::Result<()> {
                     && &j.entity == name
                     && j.phase != steward_store::SnapshotPhase::Done
                     && !j.reevaluate
+                    && !(j.reconcile && j.dry_run)
             });
             if before.as_deref().is_some_and(|b| b != fingerprint) && !busy {
                 changed.push(name.clone());

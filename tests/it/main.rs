@@ -21,6 +21,7 @@ mod packaging;
 mod pipeline;
 mod poison;
 mod properties;
+mod reconcile;
 mod record_states;
 mod schema;
 mod slot;

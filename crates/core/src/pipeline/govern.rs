@@ -1277,7 +1277,7 @@ impl Governance {
         };
         let old = self.rows.get(&(e, key.to_string())).cloned();
         let input = CelInput {
-            row: row.map(|r| r.as_ref()),
+            row: row.map(AsRef::as_ref),
             old: old.as_deref(),
             op: "snapshot",
         };
@@ -1289,7 +1289,7 @@ impl Governance {
             || (publishable
                 && (self.unencodable_child(e, key).is_some()
                     || self
-                        .validate(e, key, &doc, row.map(|r| r.as_ref()), &input)
+                        .validate(e, key, &doc, row.map(AsRef::as_ref), &input)
                         .is_some()))
         {
             // Quarantined: the target keeps what it has.
