@@ -25,8 +25,9 @@ pub struct GovCall {
     /// Only quarantine requests come this way (the API reads the audit
     /// trail and takes backups itself).
     pub request: Request,
-    /// Who asks; recorded with the audit records an action produces.
-    pub actor: Actor,
+    /// Who acts (a release); recorded with the audit records the action
+    /// produces. `None` for a question.
+    pub actor: Option<Actor>,
     pub reply: tokio::sync::oneshot::Sender<Response>,
 }
 

@@ -747,8 +747,11 @@ fn answer_call(
     let mut delta = take_delta(governance);
     if let (Some((entity, key)), Some(_)) = (release, &response.message) {
         let outcome = response.error.clone().unwrap_or_default();
-        call.actor
-            .stamp_release(&mut delta, &entity, &key, version, &outcome);
+        let actor = call.actor.unwrap_or_else(|| govern::Actor {
+            user: "unknown".to_string(),
+            comment: None,
+        });
+        actor.stamp_release(&mut delta, &entity, &key, version, &outcome);
     }
     if !events.is_empty() || !delta.is_empty() {
         let appended = !events.is_empty();

@@ -194,19 +194,42 @@ async fn a_dry_run_sends_and_changes_nothing_and_a_later_reconcile_repairs() {
     assert_eq!(counts(&line), [n, n - 12, 12, 3], "{line}");
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(wms.accepted_count(), before, "a dry run sends nothing");
-    daemon.stop().await.unwrap();
 
-    // The dry run changed nothing: a real run finds the same differences.
-    steward(&["reconcile", "--target", "wms"], &cfg);
-    let daemon = InProcess::start(steward_sinks::config::load(&cfg).unwrap());
-    let line = reconciled(&cfg).await;
-    assert_eq!(line["dry_run"], false);
-    assert_eq!(counts(&line), [n, n - 12, 12, 3], "{line}");
+    // Through the control API while the daemon runs: the dry run changed
+    // nothing, so a second one finds the same, and a real run repairs it.
+    let report = |args: &[&str]| -> Value {
+        let out = steward(args, &cfg);
+        let lines: Value = serde_json::from_slice(&out.stdout).expect("--json output");
+        lines[0].clone()
+    };
+    let dry = report(&["reconcile", "--target", "wms", "--dry-run", "--json"]);
+    assert_eq!(
+        ["checked", "equal", "resent", "deleted"].map(|k| dry[k].as_u64().unwrap()),
+        [n, n - 12, 12, 3],
+        "{dry}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(wms.accepted_count(), before, "a dry run sends nothing");
+    let real = report(&["reconcile", "--target", "wms", "--json"]);
+    assert_eq!(
+        ["checked", "equal", "resent", "deleted"].map(|k| real[k].as_u64().unwrap()),
+        [n, n - 12, 12, 3],
+        "{real}"
+    );
     let expected = db_prices(&db);
     wait_until("the target matches the database", WAIT, || {
         target_prices(&wms.accepted_events()) == expected
     })
     .await;
+    assert_eq!(wms.accepted_count(), before + 15);
+    // Nothing differs any more.
+    let again = report(&["reconcile", "--target", "wms", "--json"]);
+    assert_eq!(
+        ["checked", "equal", "resent", "deleted"].map(|k| again[k].as_u64().unwrap()),
+        [n, n, 0, 0],
+        "{again}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(wms.accepted_count(), before + 15);
     daemon.stop().await.unwrap();
 }

@@ -1,6 +1,6 @@
 //! The control API: JSON over HTTP/1.1 on a Unix socket next to the state
 //! file (`[control] socket`), served by the daemon for the command line
-//! (and, later, the console). Documented in `docs/control-api.md`.
+//! and the console; both call [`Control`]. Documented in `docs/control-api.md`.
 //!
 //! The socket exists exactly while a daemon owns the state file: it is
 //! bound before the state file is opened and removed on exit, so a command
@@ -13,9 +13,11 @@
 //! credentials, `SO_PEERCRED`).
 
 mod server;
+mod service;
 pub mod wire;
 
-pub use server::{Attached, RunHandles, Server};
+pub use server::{Attached, Server};
+pub use service::{ApiError, Control, RunHandles};
 
 /// The API's version: the first segment of every path (`/v1/...`). Within
 /// a version fields may be added to responses and optional fields to

@@ -1,12 +1,12 @@
 //! The control API's server: the socket's life (bound before the state
 //! file is opened, owner-only or group-shared, removed on exit, a stale one
-//! replaced) and the handlers, which reach the running pipeline through
-//! channels (see [`RunHandles`]).
+//! replaced) and the handlers, which read requests, name the Unix user
+//! behind them and leave the work to [`Control`].
 
 use std::collections::HashMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -20,53 +20,27 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::service::{blocking, ApiError, Control, RunHandles};
 use super::wire;
-use crate::daemon::govern::{self, Actor, GovCall};
-use crate::daemon::snapshot::{self, ResetCall, ResetRequest};
-use crate::daemon::{schema, DaemonState};
+use crate::daemon::govern::{self, Actor};
+use crate::daemon::DaemonState;
 use steward_core::config::Config;
-use steward_core::model::Lsn;
-use steward_sinks::requests::{Inbox, Request as DriverRequest, Response as DriverResponse};
 use steward_store::audit::AuditFilter;
-use steward_store::governance::AuditRecord;
-use steward_store::{DlqFilter, Store, TargetStats};
-
-/// How long a request waits for the consume loop, a driver or the
-/// snapshot task before it is answered "busy" (503).
-const ANSWER_WITHIN: Duration = Duration::from_secs(30);
+use steward_store::DlqFilter;
 
 /// How long closing waits for requests in progress (a backup may take
 /// long; it is left to finish on its own thread).
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
-
-/// What the handlers reach of one daemon run (one per configuration load).
-pub struct RunHandles {
-    pub config: Config,
-    pub store: Store,
-    /// To the consume loop, which owns the governance state.
-    pub governance: mpsc::Sender<GovCall>,
-    /// To the snapshot task.
-    pub resets: mpsc::Sender<ResetCall>,
-    /// Per target name, its driver's inbox.
-    pub inboxes: HashMap<String, Inbox>,
-}
-
-struct Shared {
-    state: Arc<DaemonState>,
-    /// `None` while the daemon starts (before the state file is open) and
-    /// between the runs of a reload.
-    run: RwLock<Option<Arc<RunHandles>>>,
-}
 
 /// The control API's server, from [`Server::bind`] to [`Server::close`].
 pub struct Server {
     path: PathBuf,
     /// Device and inode of the socket file bound: only that file is removed on exit.
     file_id: (u64, u64),
-    shared: Arc<Shared>,
+    control: Control,
     stop: watch::Sender<bool>,
     task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -78,12 +52,7 @@ pub struct Attached<'a> {
 
 impl Drop for Attached<'_> {
     fn drop(&mut self) {
-        *self
-            .server
-            .shared
-            .run
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = None;
+        self.server.control.set_run(None);
     }
 }
 
@@ -140,12 +109,9 @@ impl Server {
         }
         listener.set_nonblocking(true)?;
         let listener = UnixListener::from_std(listener)?;
-        let shared = Arc::new(Shared {
-            state,
-            run: RwLock::new(None),
-        });
+        let control = Control::new(state);
         let (stop, mut stopped) = watch::channel(false);
-        let app = router(shared.clone());
+        let app = router(control.clone());
         let task = tokio::spawn(async move {
             let served = axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
                 .with_graceful_shutdown(async move {
@@ -160,19 +126,20 @@ impl Server {
         Ok(Server {
             path,
             file_id: (meta.dev(), meta.ino()),
-            shared,
+            control,
             stop,
             task: Mutex::new(Some(task)),
         })
     }
 
+    /// The daemon's operations, for the other front ends (the console).
+    pub fn control(&self) -> Control {
+        self.control.clone()
+    }
+
     /// Lets the handlers reach `run` until the returned guard is dropped.
     pub fn attach(&self, run: RunHandles) -> Attached<'_> {
-        *self
-            .shared
-            .run
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(run));
+        self.control.set_run(Some(run));
         Attached { server: self }
     }
 
@@ -302,7 +269,7 @@ impl Peer {
     }
 }
 
-fn router(shared: Arc<Shared>) -> Router {
+fn router(control: Control) -> Router {
     let v = |path: &str| format!("/{}{path}", super::API_VERSION);
     Router::new()
         .route(&v(""), get(version))
@@ -317,6 +284,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route(&v("/audit"), get(audit))
         .route(&v("/backup"), post(backup))
         .route(&v("/targets/{target}/reset"), post(reset))
+        .route(&v("/targets/{target}/reconcile"), post(reconcile))
         .route(&v("/targets/{target}/flush"), post(flush))
         .route(&v("/targets/{target}/dead-letters"), get(dlq_list))
         .route(
@@ -327,48 +295,7 @@ fn router(shared: Arc<Shared>) -> Router {
         .route(&v("/targets/{target}/dead-letters/{id}"), get(dlq_show))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(shared)
-}
-
-/// An error answer: `{"error": {"code", "message"}}` with its status.
-#[derive(Debug)]
-struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-
-    fn bad_request(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
-    }
-
-    fn internal(e: impl std::fmt::Display) -> ApiError {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            format!("{e:#}"),
-        )
-    }
-
-    fn busy(what: &str) -> ApiError {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "busy",
-            format!(
-                "{what} did not answer within {} s; see the daemon's log",
-                ANSWER_WITHIN.as_secs()
-            ),
-        )
-    }
+        .with_state(control)
 }
 
 impl IntoResponse for ApiError {
@@ -443,221 +370,49 @@ fn number<T: std::str::FromStr>(
         .transpose()
 }
 
-fn running(shared: &Shared) -> Result<Arc<RunHandles>, ApiError> {
-    shared
-        .run
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone()
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "starting",
-                "the daemon is starting (or reloading its configuration) and has not opened the \
-                 state file yet; try again in a moment",
-            )
-        })
-}
-
-/// A blocking store call off the async threads.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(ApiError::internal)?
-}
-
-async fn within<T>(what: &str, answer: oneshot::Receiver<T>) -> Result<T, ApiError> {
-    match tokio::time::timeout(ANSWER_WITHIN, answer).await {
-        Ok(Ok(answer)) => Ok(answer),
-        Ok(Err(_)) => Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "stopping",
-            format!("{what} stopped before answering (the daemon is stopping or reloading)"),
-        )),
-        Err(_) => Err(ApiError::busy(what)),
-    }
-}
-
-fn audit_append(store: &Store, records: &[AuditRecord]) -> Result<(), ApiError> {
-    store.audit_append(records).map_err(|e| {
-        ApiError::internal(format!(
-            "the action was done, but its audit record could not be written: {e}"
-        ))
-    })
-}
-
-fn target_of(run: &RunHandles, target: &str) -> Result<(), ApiError> {
-    if run.config.target(target).is_some() {
-        return Ok(());
-    }
-    let names: Vec<&str> = run.config.targets.iter().map(|t| t.name.as_str()).collect();
-    Err(ApiError::new(
-        StatusCode::NOT_FOUND,
-        "unknown_target",
-        format!(
-            "no target `{target}` in the running configuration; configured targets: {}",
-            names.join(", ")
-        ),
-    ))
-}
-
 // ------------------------------------------------------------------ handlers
 
 async fn version() -> Json<wire::Version> {
-    Json(wire::Version {
-        api: super::API_VERSION.to_string(),
-        daemon: env!("CARGO_PKG_VERSION").to_string(),
-        pid: std::process::id(),
-    })
+    Json(Control::version())
 }
 
-async fn status(State(shared): State<Arc<Shared>>) -> ApiResult<wire::Status> {
-    let run = shared
-        .run
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
-    let state = shared.state.clone();
-    Ok(Json(
-        blocking(move || Ok(collect_status(run.as_deref(), &state))).await?,
-    ))
+async fn status(State(control): State<Control>) -> ApiResult<wire::Status> {
+    Ok(Json(control.status().await?))
 }
 
-/// The daemon's status, from its in-memory state and the store.
-fn collect_status(run: Option<&RunHandles>, state: &DaemonState) -> wire::Status {
-    use std::sync::atomic::Ordering;
-    let Some(run) = run else {
-        return wire::Status {
-            pid: std::process::id(),
-            starting: true,
-            source_connected: false,
-            durable_lsn: None,
-            last_source_error: None,
-            store_bytes: 0,
-            targets: Vec::new(),
-            snapshots: Vec::new(),
-            stopped_entities: Vec::new(),
-        };
-    };
-    let store = &run.store;
-    let targets = run
-        .config
-        .targets
-        .iter()
-        .map(|t| match store.target_stats(&t.name) {
-            Ok(stats) => wire::TargetStatusLine::new(&t.name, stats),
-            Err(e) => wire::TargetStatusLine {
-                last_error: Some(format!("cannot read the target's state: {e}")),
-                ..wire::TargetStatusLine::new(&t.name, TargetStats::default())
-            },
-        })
-        .collect();
-    wire::Status {
-        pid: std::process::id(),
-        starting: false,
-        source_connected: state.connected.load(Ordering::Relaxed),
-        durable_lsn: Some(Lsn(state.durable_lsn.load(Ordering::Relaxed)).to_string()),
-        last_source_error: state
-            .last_error
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone(),
-        store_bytes: store.file_size(),
-        targets,
-        snapshots: snapshot::status_lines(store),
-        stopped_entities: schema::stopped(store),
-    }
-}
-
-async fn snapshots(State(shared): State<Arc<Shared>>) -> ApiResult<wire::Snapshots> {
-    let run = running(&shared)?;
-    let lines = blocking(move || Ok(snapshot::status_lines(&run.store))).await?;
-    Ok(Json(wire::Snapshots { snapshots: lines }))
-}
-
-/// Asks the consume loop.
-async fn governance(
-    run: &RunHandles,
-    request: govern::Request,
-    actor: Actor,
-) -> Result<govern::Response, ApiError> {
-    let (reply, answer) = oneshot::channel();
-    let call = GovCall {
-        request,
-        actor,
-        reply,
-    };
-    run.governance.try_send(call).map_err(|e| match e {
-        mpsc::error::TrySendError::Full(_) => ApiError::busy("the governance loop"),
-        mpsc::error::TrySendError::Closed(_) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "stopping",
-            "the daemon is stopping or reloading",
-        ),
-    })?;
-    within("the governance loop", answer).await
+async fn snapshots(State(control): State<Control>) -> ApiResult<wire::Snapshots> {
+    Ok(Json(control.snapshots().await?))
 }
 
 async fn quarantine_list(
-    State(shared): State<Arc<Shared>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
+    State(control): State<Control>,
     RawQuery(raw): RawQuery,
 ) -> ApiResult<wire::QuarantineList> {
     let params = query(raw.as_deref(), &["blocked_by"])?;
-    let run = running(&shared)?;
-    let request = govern::Request::QuarantineList {
-        blocked_by: params.get("blocked_by").cloned(),
-    };
-    let response = governance(&run, request, peer.actor(None).await?).await?;
-    if let Some(e) = response.error {
-        return Err(ApiError::internal(e));
-    }
-    Ok(Json(wire::QuarantineList {
-        quarantine: response.quarantine,
-    }))
+    let blocked_by = params.get("blocked_by").cloned();
+    Ok(Json(control.quarantine_list(blocked_by).await?))
 }
 
 async fn quarantine_show(
-    State(shared): State<Arc<Shared>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
+    State(control): State<Control>,
     UrlPath((entity, key)): UrlPath<(String, String)>,
 ) -> ApiResult<wire::QuarantineList> {
-    let run = running(&shared)?;
-    let request = govern::Request::QuarantineShow { entity, key };
-    let response = governance(&run, request, peer.actor(None).await?).await?;
-    if let Some(e) = response.error {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_quarantined", e));
-    }
-    Ok(Json(wire::QuarantineList {
-        quarantine: response.quarantine,
-    }))
+    Ok(Json(control.quarantine_show(entity, key).await?))
 }
 
 async fn quarantine_release(
-    State(shared): State<Arc<Shared>>,
+    State(control): State<Control>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath((entity, key)): UrlPath<(String, String)>,
     bytes: Bytes,
 ) -> ApiResult<wire::Released> {
     let action: wire::Action = body(&bytes)?;
-    let run = running(&shared)?;
-    let request = govern::Request::QuarantineRelease { entity, key };
-    let response = governance(&run, request, peer.actor(action.comment).await?).await?;
-    match (response.error, response.message) {
-        (None, Some(message)) => Ok(Json(wire::Released {
-            message,
-            events: response.events,
-        })),
-        (Some(e), Some(_)) => Err(ApiError::new(StatusCode::CONFLICT, "still_quarantined", e)),
-        (Some(e), None) => Err(ApiError::new(StatusCode::NOT_FOUND, "not_quarantined", e)),
-        (None, None) => Err(ApiError::internal("the governance loop gave no answer")),
-    }
+    let actor = peer.actor(action.comment).await?;
+    Ok(Json(control.release(actor, entity, key).await?))
 }
 
 async fn audit(
-    State(shared): State<Arc<Shared>>,
+    State(control): State<Control>,
     RawQuery(raw): RawQuery,
 ) -> ApiResult<wire::AuditList> {
     let params = query(
@@ -681,14 +436,11 @@ async fn audit(
         since_micros: number(&params, "since_micros")?,
         limit: number(&params, "limit")?,
     };
-    let run = running(&shared)?;
-    let audit =
-        blocking(move || run.store.audit_query(&filter).map_err(ApiError::internal)).await?;
-    Ok(Json(wire::AuditList { audit }))
+    Ok(Json(control.audit(filter).await?))
 }
 
 async fn backup(
-    State(shared): State<Arc<Shared>>,
+    State(control): State<Control>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     bytes: Bytes,
 ) -> ApiResult<steward_store::backup::BackupReport> {
@@ -699,140 +451,45 @@ async fn backup(
     }
     let request: wire::BackupRequest = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("the request body is not valid: {e}")))?;
-    if !request.dest.is_absolute() {
-        return Err(ApiError::bad_request(format!(
-            "dest `{}` must be an absolute path (the daemon's working directory is not yours)",
-            request.dest.display()
-        )));
-    }
-    if !request.force && std::fs::symlink_metadata(&request.dest).is_ok() {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "exists",
-            format!(
-                "{} exists; give another path, or force (--force) to replace it",
-                request.dest.display()
-            ),
-        ));
-    }
-    let run = running(&shared)?;
-    let actor = peer.actor(request.comment).await?;
-    // The copy runs at disk speed on a blocking thread; the pipeline goes on.
-    let report = blocking(move || {
-        let report = govern::backup(&run.store, &request.dest, request.force).map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "backup_failed",
-                format!("{e:#}"),
-            )
-        })?;
-        let detail = format!(
-            "backup written to {} ({} bytes, checkpoint {})",
-            report.path.display(),
-            report.bytes,
-            report.checkpoint.as_deref().unwrap_or("none")
-        );
-        audit_append(
-            &run.store,
-            &[actor.record("*", "*", None, "backup", detail)],
-        )?;
-        Ok(report)
-    })
-    .await?;
-    Ok(Json(report))
+    let actor = peer.actor(request.comment.clone()).await?;
+    Ok(Json(control.backup(actor, request).await?))
 }
 
 async fn reset(
-    State(shared): State<Arc<Shared>>,
+    State(control): State<Control>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(target): UrlPath<String>,
     bytes: Bytes,
 ) -> Result<(StatusCode, Json<wire::ResetStarted>), ApiError> {
     let request: wire::ResetRequest = body(&bytes)?;
-    let run = running(&shared)?;
-    target_of(&run, &target)?;
-    let reset = ResetRequest {
-        target: target.clone(),
-        entities: request.entities,
-        ..ResetRequest::default()
-    };
-    snapshot::resolve_request(&run.config, &reset)
-        .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
-    let (reply, answer) = oneshot::channel();
-    run.resets
-        .try_send(ResetCall {
-            request: reset,
-            reply,
-        })
-        .map_err(|_| ApiError::busy("the snapshot task"))?;
-    let entities = match within("the snapshot task", answer).await? {
-        Ok(entities) => entities,
-        Err(message) => {
-            return Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "reset_failed",
-                message,
-            ))
-        }
-    };
     let actor = peer.actor(request.comment).await?;
-    let records: Vec<AuditRecord> = entities
-        .iter()
-        .map(|e| {
-            actor.record(
-                e,
-                "*",
-                Some(&target),
-                "reset",
-                "resynchronisation from a fresh snapshot requested".to_string(),
-            )
-        })
-        .collect();
-    let store = run.store.clone();
-    blocking(move || audit_append(&store, &records)).await?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(wire::ResetStarted { target, entities }),
-    ))
+    let started = control.reset(actor, target, request.entities).await?;
+    Ok((StatusCode::ACCEPTED, Json(started)))
 }
 
-/// Hands a request to a target's driver.
-async fn driver(
-    run: &RunHandles,
-    target: &str,
-    request: DriverRequest,
-) -> Result<DriverResponse, ApiError> {
-    let Some(inbox) = run.inboxes.get(target) else {
-        return Err(ApiError::internal(format!(
-            "target `{target}` has no driver"
-        )));
-    };
-    let answer = inbox.submit(request);
-    match within(&format!("the driver of target `{target}`"), answer).await? {
-        DriverResponse::Error { message } => Err(ApiError::internal(message)),
-        response => Ok(response),
-    }
+async fn reconcile(
+    State(control): State<Control>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    UrlPath(target): UrlPath<String>,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<wire::ResetStarted>), ApiError> {
+    let request: wire::ReconcileRequest = body(&bytes)?;
+    let actor = peer.actor(request.comment).await?;
+    let started = control
+        .reconcile(actor, target, request.entities, request.dry_run)
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(started)))
 }
 
 async fn flush(
-    State(shared): State<Arc<Shared>>,
+    State(control): State<Control>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(target): UrlPath<String>,
     bytes: Bytes,
 ) -> Result<StatusCode, ApiError> {
     let action: wire::Action = body(&bytes)?;
-    let run = running(&shared)?;
-    target_of(&run, &target)?;
-    driver(&run, &target, DriverRequest::Flush).await?;
-    let record = peer.actor(action.comment).await?.record(
-        "*",
-        "*",
-        Some(&target),
-        "flush",
-        "batch windows opened now".to_string(),
-    );
-    let store = run.store.clone();
-    blocking(move || audit_append(&store, &[record])).await?;
+    let actor = peer.actor(action.comment).await?;
+    control.flush(actor, target).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -845,129 +502,49 @@ fn dlq_filter(params: &HashMap<String, String>) -> Result<DlqFilter, ApiError> {
 }
 
 async fn dlq_list(
-    State(shared): State<Arc<Shared>>,
+    State(control): State<Control>,
     UrlPath(target): UrlPath<String>,
     RawQuery(raw): RawQuery,
 ) -> ApiResult<wire::DeadLetters> {
     let filter = dlq_filter(&query(raw.as_deref(), &["entity", "key", "id"])?)?;
-    let run = running(&shared)?;
-    target_of(&run, &target)?;
-    let dead_letters = blocking(move || {
-        run.store
-            .dead_letters(&target, &filter)
-            .map_err(ApiError::internal)
-    })
-    .await?;
+    let dead_letters = control.dead_letters(target, filter).await?;
     Ok(Json(wire::DeadLetters { dead_letters }))
 }
 
 async fn dlq_show(
-    State(shared): State<Arc<Shared>>,
+    State(control): State<Control>,
     UrlPath((target, id)): UrlPath<(String, String)>,
 ) -> ApiResult<steward_store::DeadLetter> {
     let id: u64 = id
         .parse()
         .map_err(|_| ApiError::bad_request(format!("`{id}` is not a dead letter id")))?;
-    let run = running(&shared)?;
-    target_of(&run, &target)?;
-    let filter = DlqFilter {
-        id: Some(id),
-        ..DlqFilter::default()
-    };
-    let name = target.clone();
-    let found = blocking(move || {
-        run.store
-            .dead_letters(&name, &filter)
-            .map_err(ApiError::internal)
-    })
-    .await?;
-    found.into_iter().next().map(Json).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "no_dead_letter",
-            format!("no dead letter with id {id} in target {target}"),
-        )
-    })
+    Ok(Json(control.dead_letter(target, id).await?))
 }
 
 async fn dlq_replay(
-    State(shared): State<Arc<Shared>>,
+    State(control): State<Control>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(target): UrlPath<String>,
     bytes: Bytes,
 ) -> ApiResult<wire::Count> {
     let action: wire::DlqAction = body(&bytes)?;
-    dlq_change(&shared, &peer, target, action, false).await
+    let actor = peer.actor(action.comment).await?;
+    Ok(Json(control.replay(actor, target, action.filter).await?))
 }
 
 async fn dlq_drop(
-    State(shared): State<Arc<Shared>>,
+    State(control): State<Control>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(target): UrlPath<String>,
     bytes: Bytes,
 ) -> ApiResult<wire::Count> {
     let action: wire::DlqAction = body(&bytes)?;
-    if action.filter == DlqFilter::default() && !action.all {
-        return Err(ApiError::bad_request(
-            "a drop deletes events for good: give a filter (id, key or entity), or all: true to \
-             drop every dead letter of the target",
-        ));
-    }
-    dlq_change(&shared, &peer, target, action, true).await
-}
-
-/// A replay or a drop, by the target's driver, each dead letter it
-/// concerns written to the audit trail in the person's name.
-async fn dlq_change(
-    shared: &Shared,
-    peer: &Peer,
-    target: String,
-    action: wire::DlqAction,
-    drop: bool,
-) -> ApiResult<wire::Count> {
-    let run = running(shared)?;
-    target_of(&run, &target)?;
-    let concerned = {
-        let (run, target, filter) = (run.clone(), target.clone(), action.filter.clone());
-        blocking(move || {
-            run.store
-                .dead_letters(&target, &filter)
-                .map_err(ApiError::internal)
-        })
-        .await?
-    };
-    let request = if drop {
-        DriverRequest::Drop {
-            filter: action.filter,
-        }
-    } else {
-        DriverRequest::Replay {
-            filter: action.filter,
-        }
-    };
-    let count = match driver(&run, &target, request).await? {
-        DriverResponse::Replayed { count } | DriverResponse::Dropped { count } => count,
-        other => return Err(ApiError::internal(format!("unexpected answer {other:?}"))),
-    };
     let actor = peer.actor(action.comment).await?;
-    let decision = if drop { "dlq_dropped" } else { "dlq_replayed" };
-    let records: Vec<AuditRecord> = concerned
-        .iter()
-        .map(|d| {
-            let mut record = actor.record(
-                &d.event.entity,
-                &d.event.key,
-                Some(&target),
-                decision,
-                format!("dead letter {}: {}", d.id, d.error),
-            );
-            record.version = d.event.version;
-            record
-        })
-        .collect();
-    let store = run.store.clone();
-    blocking(move || audit_append(&store, &records)).await?;
-    Ok(Json(wire::Count { count }))
+    Ok(Json(
+        control
+            .drop_dead_letters(actor, target, action.filter, action.all)
+            .await?,
+    ))
 }
 
 #[cfg(test)]
