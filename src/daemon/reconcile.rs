@@ -23,7 +23,7 @@
 use anyhow::bail;
 use serde::{Deserialize, Serialize};
 
-use steward_core::config::Config;
+use steward_core::config::{Config, Window};
 use steward_core::state::AuditRecord;
 use steward_store::{ReconcileCounts, SnapshotJob, SnapshotPhase, Store};
 
@@ -158,6 +158,99 @@ pub fn publish_gauges(store: &Store) {
     for job in store.snapshot_jobs().unwrap_or_default() {
         if job.reconcile && !job.dry_run && job.phase == SnapshotPhase::Done {
             publish_completed(&job);
+        }
+    }
+}
+
+/// Scheduled reconciliations (`reconcile = { every | at }` per target and
+/// entity): each (target, entity) with a schedule is reconciled when the
+/// clock passes its next time after the last run started (or after the
+/// daemon started, for one never reconciled). A run due while a snapshot or
+/// reconciliation of the pair is still going starts when that is done.
+pub struct Schedule {
+    /// (target, entity, schedule, Unix time the next run is due).
+    due: Vec<(String, String, Window, i64)>,
+}
+
+impl Schedule {
+    /// The schedules of `config`, each due after its last run (recorded in
+    /// the store) or after now.
+    pub fn new(config: &Config, store: &Store) -> Schedule {
+        let now = chrono::Utc::now().timestamp();
+        let jobs = store.snapshot_jobs().unwrap_or_default();
+        let mut due = Vec::new();
+        for target in &config.targets {
+            for entity in &target.entities {
+                let Some(window) = target.delivery.reconcile_of(entity) else {
+                    continue;
+                };
+                let last = jobs
+                    .iter()
+                    .find(|j| {
+                        j.target == target.name && &j.entity == entity && j.reconcile && !j.dry_run
+                    })
+                    .and_then(|j| j.started_at.as_deref())
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .map_or(now, |t| t.timestamp().min(now));
+                let next = window.next_open_after(last).unwrap_or(i64::MAX);
+                let interval = match window {
+                    Window::Every(d) => d.as_secs() as f64,
+                    _ => 86_400.0,
+                };
+                metrics::gauge!(
+                    steward_core::metric::RECONCILE_INTERVAL,
+                    "target" => target.name.clone(),
+                    "entity" => entity.clone()
+                )
+                .set(interval);
+                due.push((target.name.clone(), entity.clone(), window, next));
+            }
+        }
+        Schedule { due }
+    }
+
+    /// Starts the runs that are due (errors are logged; retried next time).
+    pub fn start_due(&mut self, config: &Config, gate: &SnapshotGate, store: &Store) {
+        if self.due.is_empty() {
+            return;
+        }
+        let now = chrono::Utc::now().timestamp();
+        for (target, entity, window, next) in &mut self.due {
+            if now < *next {
+                continue;
+            }
+            let request = ResetRequest {
+                target: target.clone(),
+                entities: vec![entity.clone()],
+                reconcile: true,
+                dry_run: false,
+            };
+            let started = resolve(config, store, &request)
+                .and_then(|entities| begin(gate, store, target, &entities, false));
+            match started {
+                Ok(()) => {
+                    tracing::info!(target_name = %target, entity = %entity, "scheduled reconciliation started");
+                    let record = AuditRecord {
+                        time_micros: chrono::Utc::now().timestamp_micros(),
+                        entity: entity.clone(),
+                        key: "*".into(),
+                        version: 0,
+                        target: Some(target.clone()),
+                        decision: "reconcile".into(),
+                        detail: "scheduled reconciliation started".into(),
+                        user: None,
+                        comment: None,
+                    };
+                    if let Err(e) = store.audit_append(&[record]) {
+                        tracing::warn!(error = %e, "cannot write the audit record of a reconciliation");
+                    }
+                    *next = window.next_open_after(now).unwrap_or(i64::MAX);
+                }
+                // Busy (a snapshot of the pair is running): tried again next round.
+                Err(e) => {
+                    tracing::debug!(target_name = %target, entity = %entity, error = %format!("{e:#}"), "scheduled reconciliation waits");
+                }
+            }
         }
     }
 }

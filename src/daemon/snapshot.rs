@@ -349,11 +349,13 @@ pub struct Worker {
 impl Worker {
     pub async fn run(mut self) {
         let mut attempt = 0u32;
+        let mut schedule = block(|| super::reconcile::Schedule::new(&self.config, &self.store));
         loop {
             if *self.shutdown.borrow() {
                 return;
             }
             self.take_resets();
+            block(|| schedule.start_due(&self.config, &self.gate, &self.store));
             match self.round().await {
                 Ok(true) => attempt = 0,
                 Ok(false) => {

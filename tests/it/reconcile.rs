@@ -325,3 +325,150 @@ async fn kill_9_mid_reconcile_resumes_and_finishes() {
     assert_eq!(gone(), 3);
     assert!(child.terminate().success());
 }
+
+/// Gap repair at scale: 300,000 products, 1,000 of them changed while the
+/// slot was gone; `steward repair` sends each of two targets about 1,000
+/// events, not 300,000. Run with
+/// `STEWARD_RECONCILE_ROWS=300000 cargo test --release --test it reconcile::gap_repair_at_scale -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn gap_repair_at_scale() {
+    let n: u32 = std::env::var("STEWARD_RECONCILE_ROWS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300_000);
+    let db = TestDb::alone("rec_scale");
+    add_products(&db, n);
+    let wms = Receiver::start_counting().await.unwrap();
+    let mes = Receiver::start_counting().await.unwrap();
+    let text = config_text(&db, &wms, "");
+    let text = format!(
+        "{text}\n[targets.mes]\ntype = \"http\"\nurl = \"{}\"\nentities = [\"product\"]\ninitial = \"snapshot\"\nbatch_max_events = 5000\nbatch_linger_ms = 5\nretry_initial_ms = 50\nretry_max_ms = 500\ntimeout_ms = 5000\n",
+        mes.url()
+    );
+    let cfg = db.write_config(&text);
+    let total = rows(&db);
+    let started = Instant::now();
+    let daemon = InProcess::start(steward_sinks::config::load(&cfg).unwrap());
+    wait_until(
+        "the initial snapshots arrive",
+        Duration::from_secs(1800),
+        || wms.accepted_count() >= total && mes.accepted_count() >= total,
+    )
+    .await;
+    println!(
+        "initial snapshots of {total} rows to 2 targets: {:?}",
+        started.elapsed()
+    );
+    daemon.stop().await.unwrap();
+
+    drop_slot(&db);
+    let which = "id % 300 = 0 AND id > 100000 AND id <= 400000";
+    let changed: usize = db
+        .sql(&format!(
+            "SELECT count(*) FROM product_template WHERE {which}"
+        ))
+        .trim()
+        .parse()
+        .unwrap();
+    db.sql(&format!(
+        "UPDATE product_template SET list_price = list_price + 0.5 WHERE {which}"
+    ));
+    steward(&["repair"], &cfg);
+    let (wms_before, mes_before) = (wms.accepted_count(), mes.accepted_count());
+    let started = Instant::now();
+    let daemon = InProcess::start(steward_sinks::config::load(&cfg).unwrap());
+    let mut lines = Vec::new();
+    wait_until(
+        "both reconciliations finish",
+        Duration::from_secs(1800),
+        || {
+            let v = daemon_status(&cfg);
+            lines = v["snapshots"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter(|s| s["reconcile"] == true)
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            lines.len() == 2 && lines.iter().all(|l| l["phase"] == "done")
+        },
+    )
+    .await;
+    let took = started.elapsed();
+    wait_until("the differences arrive", WAIT, || {
+        wms.accepted_count() >= wms_before + changed && mes.accepted_count() >= mes_before + changed
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (wms_got, mes_got) = (
+        wms.accepted_count() - wms_before,
+        mes.accepted_count() - mes_before,
+    );
+    daemon.stop().await.unwrap();
+    println!(
+        "gap repair: {total} rows, {changed} changed while the slot was gone; reconciled in {took:?}; \
+         events received: wms {wms_got}, mes {mes_got}; lines: {lines:?}"
+    );
+    assert_eq!((wms_got, mes_got), (changed, changed));
+}
+
+async fn scrape(port: u16) -> String {
+    steward_postgres::install_default_provider();
+    match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_reconciliation_runs_and_reports_in_status_audit_and_metrics() {
+    let db = TestDb::new("rec_schedule");
+    add_products(&db, 100);
+    let wms = Receiver::start().await.unwrap();
+    let port = support::free_port();
+    let text = config_text(&db, &wms, "");
+    let text = TestDb::with_metrics(&text, port, "");
+    let text = format!("{text}reconcile = {{ every = \"2s\" }}\n");
+    let cfg = db.write_config(&text);
+    let n = rows(&db);
+    // A process of its own: the metrics recorder is one per process.
+    let daemon = support::Steward::start(&cfg, &db.dir.path().join("steward.log"), &[]);
+    wait_until("the initial snapshot arrives", WAIT, || {
+        wms.accepted_count() >= n
+    })
+    .await;
+    let line = reconciled(&cfg).await;
+    assert_eq!(counts(&line), [n as u64, n as u64, 0, 0], "{line}");
+    let mut metrics = String::new();
+    let deadline = Instant::now() + WAIT;
+    while !metrics.contains("steward_reconcile_last_completed_timestamp_seconds{") {
+        assert!(Instant::now() < deadline, "no reconcile metrics: {metrics}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        metrics = scrape(port).await;
+    }
+    for needed in [
+        "steward_reconcile_records_total{target=\"wms\",entity=\"product\",result=\"equal\"}",
+        "steward_reconcile_interval_seconds{target=\"wms\",entity=\"product\"} 2",
+        "steward_reconcile_last_drift_records{target=\"wms\",entity=\"product\"} 0",
+    ] {
+        assert!(metrics.contains(needed), "{needed} missing from\n{metrics}");
+    }
+    let (status, _) = daemon.terminate().await;
+    assert!(status.success());
+    assert_eq!(
+        wms.accepted_count(),
+        n,
+        "nothing differed, nothing was sent"
+    );
+    let audit = String::from_utf8_lossy(
+        &steward(&["audit", "--decision", "reconciled", "--json"], &cfg).stdout,
+    )
+    .to_string();
+    assert!(
+        audit.contains(&format!("checked {n}, equal {n}, re-sent 0, deleted 0")),
+        "{audit}"
+    );
+}
