@@ -121,6 +121,13 @@ pub enum Request {
         key: String,
     },
     Audit(AuditFilter),
+    /// Dead letters of these (entity, key) records were dropped from
+    /// `target`: what it was sent is unknown (see
+    /// `Governance::forget_sent`).
+    ForgetSent {
+        target: String,
+        records: Vec<(String, String)>,
+    },
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -485,6 +492,9 @@ pub fn answer(
                 }
                 Err(e) => r.error = Some(e),
             }
+        }
+        Request::ForgetSent { target, records } => {
+            r.events = governance.forget_sent(&target, &records);
         }
         Request::Audit(filter) => match store.audit_query(&filter) {
             Ok(list) => r.audit = list,

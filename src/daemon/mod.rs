@@ -741,6 +741,8 @@ fn answer_call(
         govern::Request::QuarantineRelease { entity, key } => Some((entity.clone(), key.clone())),
         _ => None,
     };
+    // Dropped dead letters are forgotten durably before the drop is answered.
+    let durable = matches!(call.request, govern::Request::ForgetSent { .. });
     let mut events = Vec::new();
     let store = committer.store.clone();
     let response = govern::answer(&store, governance, version, call.request, &mut events);
@@ -757,6 +759,9 @@ fn answer_call(
         let appended = !events.is_empty();
         committer.batch.extend(events);
         committer.add(appended, delta, version)?;
+        if durable {
+            committer.flush_and_wait()?;
+        }
     }
     // The asker may have given up waiting; the release stands anyway.
     let _ = call.reply.send(response);

@@ -472,3 +472,53 @@ async fn a_scheduled_reconciliation_runs_and_reports_in_status_audit_and_metrics
         "{audit}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_the_target_lost_with_dropped_dead_letters_are_sent_again() {
+    let db = TestDb::new("rec_lost");
+    add_products(&db, 100);
+    let wms = Receiver::start().await.unwrap();
+    let cfg = db.write_config(&config_text(&db, &wms, ""));
+    let n = rows(&db) as u64;
+    let daemon = InProcess::start(steward_sinks::config::load(&cfg).unwrap());
+    wait_until("the initial snapshot arrives", WAIT, || {
+        wms.accepted_count() as u64 >= n
+    })
+    .await;
+
+    // The target refuses a change; its dead letter is dropped: the target
+    // never got it (and keeps the old price), though steward sent it.
+    wms.set_behaviour(steward_devkit::receiver::Behaviour::FailKey {
+        key: "100005".into(),
+        status: 400,
+    });
+    db.sql("UPDATE product_template SET list_price = 555 WHERE id = 100005");
+    wait_until("the change is dead-lettered", WAIT, || {
+        String::from_utf8_lossy(&steward(&["dlq", "list", "--target", "wms"], &cfg).stdout)
+            .contains("1 dead letter(s)")
+    })
+    .await;
+    let out = steward(&["dlq", "drop", "--target", "wms", "--key", "100005"], &cfg);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("dropped 1"));
+    wms.set_behaviour(steward_devkit::receiver::Behaviour::Ok);
+    assert_ne!(
+        target_prices(&wms.accepted_events()).get("100005"),
+        db_prices(&db).get("100005")
+    );
+
+    let before = wms.accepted_count();
+    let out = steward(&["reconcile", "--target", "wms", "--json"], &cfg);
+    let lines: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        ["checked", "equal", "resent", "deleted"].map(|k| lines[0][k].as_u64().unwrap()),
+        [n, n - 1, 1, 0],
+        "{lines}"
+    );
+    let expected = db_prices(&db);
+    wait_until("the target has the lost change", WAIT, || {
+        target_prices(&wms.accepted_events()) == expected
+    })
+    .await;
+    assert_eq!(wms.accepted_count(), before + 1);
+    daemon.stop().await.unwrap();
+}

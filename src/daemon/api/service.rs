@@ -460,6 +460,18 @@ impl Control {
             DriverResponse::Replayed { count } | DriverResponse::Dropped { count } => count,
             other => return Err(ApiError::internal(format!("unexpected answer {other:?}"))),
         };
+        if drop {
+            // The target never got these: a reconciliation sends them again.
+            let records = concerned
+                .iter()
+                .map(|d| (d.event.entity.clone(), d.event.key.clone()))
+                .collect();
+            let forget = govern::Request::ForgetSent {
+                target: target.clone(),
+                records,
+            };
+            governance(&run, forget, None).await?;
+        }
         let decision = if drop { "dlq_dropped" } else { "dlq_replayed" };
         let records: Vec<AuditRecord> = concerned
             .iter()

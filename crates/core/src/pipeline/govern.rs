@@ -1222,6 +1222,37 @@ impl Governance {
         counts
     }
 
+    /// Forgets what target `target` was last sent of these (entity, key)
+    /// records: their events were dropped from its dead letters, so the
+    /// target may hold an older version, or still hold a record whose delete
+    /// was dropped. Each is marked published with a document equal to none,
+    /// so the next reconciliation sends it again (or, gone from the source,
+    /// deletes it). Returns how many records were marked.
+    pub fn forget_sent(&mut self, target: &str, records: &[(String, String)]) -> usize {
+        let Some(t) = self.target_names.iter().position(|n| n == target) else {
+            return 0;
+        };
+        let t = TargetIndex(t);
+        let mut marked = 0;
+        for (entity, key) in records {
+            let Some(&e) = self.entity_index.get(entity) else {
+                continue;
+            };
+            let pkey = self.published_key(t, e, key);
+            if self
+                .published
+                .insert(pkey.slot(), short_hash(&SENT_UNKNOWN))
+                .is_none()
+            {
+                push_published_name(&mut self.delta.published_names, target, entity, key);
+            }
+            self.withheld.remove(&pkey.slot());
+            self.queue_published(pkey, Some(SENT_UNKNOWN));
+            marked += 1;
+        }
+        marked
+    }
+
     /// What [`Governance::process_snapshot`] would send target `t` for
     /// these rows (force off), changing nothing: a dry-run reconciliation.
     /// The same steps as [`Governance::decide`] (document, `publish_when`,
@@ -2762,6 +2793,10 @@ struct PublishedSlot([u8; 12]);
 
 /// The published log's value for a record withheld from a target.
 const WITHHELD: [u8; 16] = [0u8; 16];
+/// The published log's value for a record whose last document sent never
+/// reached the target (its dead letter was dropped): published, and equal
+/// to no document, so the next reconciliation sends it again.
+const SENT_UNKNOWN: [u8; 16] = [0xFF; 16];
 
 fn short_hash(hash: &[u8; 16]) -> [u8; 8] {
     let mut short = [0u8; 8];
