@@ -465,6 +465,7 @@ fn govern_parked_chunk(
                 targets: vec![chunk.target],
                 force: chunk.force,
                 known_only: chunk.known_only,
+                quiet: chunk.quiet,
             },
             position,
             &mut committer.batch,

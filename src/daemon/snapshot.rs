@@ -314,6 +314,8 @@ pub struct SnapshotChunk {
     /// had a decision about (it had no snapshot of them, and they have not
     /// changed since) are left alone: a new rule is not a change of them.
     pub known_only: bool,
+    /// A reconciliation's: unchanged decisions are not audited.
+    pub quiet: bool,
     /// What the loop does with the rows.
     pub kind: ChunkKind,
     /// Answered once the chunk is governed and committed, with what a
@@ -543,6 +545,7 @@ impl Worker {
                 // A reconciliation sends only documents that differ.
                 force: !job.reevaluate && !job.reconcile,
                 known_only: job.reevaluate,
+                quiet: job.reconcile,
                 kind,
                 done: tokio::sync::oneshot::channel().0,
             };
@@ -681,6 +684,7 @@ impl Worker {
                     target: sweep.target,
                     force: false,
                     known_only: false,
+                    quiet: true,
                     kind: ChunkKind::Absent {
                         dry_run: job.dry_run,
                     },

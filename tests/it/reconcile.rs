@@ -471,6 +471,16 @@ async fn a_scheduled_reconciliation_runs_and_reports_in_status_audit_and_metrics
         audit.contains(&format!("checked {n}, equal {n}, re-sent 0, deleted 0")),
         "{audit}"
     );
+    // Runs that change nothing do not fill the audit trail record by record.
+    let suppressed: Value = serde_json::from_slice(
+        &steward(&["audit", "--decision", "suppressed", "--json"], &cfg).stdout,
+    )
+    .unwrap();
+    assert_eq!(
+        suppressed["audit"].as_array().map(Vec::len),
+        Some(0),
+        "{suppressed}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

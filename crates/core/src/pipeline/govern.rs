@@ -117,6 +117,10 @@ pub struct SnapshotRead {
     pub force: bool,
     /// Skip records the targets never had a decision about.
     pub known_only: bool,
+    /// A reconciliation: decisions that change nothing (a document equal
+    /// to the last one sent, a record still withheld) are not written to
+    /// the audit trail, which would otherwise get a record per row and run.
+    pub quiet: bool,
 }
 
 /// What an evaluation of a record runs for (a streamed change, a
@@ -152,6 +156,8 @@ enum Scope {
     Targets {
         targets: Vec<TargetIndex>,
         force: bool,
+        /// See [`SnapshotRead::quiet`].
+        quiet: bool,
     },
 }
 
@@ -1131,6 +1137,7 @@ impl Governance {
             targets,
             force,
             known_only,
+            quiet,
         } = read;
         let (force, known_only) = (*force, *known_only);
         let mut pending = Pending::default();
@@ -1188,6 +1195,7 @@ impl Governance {
                 scope: Scope::Targets {
                     targets: targets.clone(),
                     force,
+                    quiet: *quiet,
                 },
                 values: Values::Read(m.unencodable),
             };
@@ -1393,6 +1401,7 @@ impl Governance {
                 scope: Scope::Targets {
                     targets: vec![t],
                     force: false,
+                    quiet: false,
                 },
                 values: Values::Read(None),
             };
@@ -1450,6 +1459,7 @@ impl Governance {
                 scope: Scope::Targets {
                     targets: Vec::new(),
                     force: false,
+                    quiet: false,
                 },
                 values: Values::Read(m.unencodable),
             };
@@ -1679,6 +1689,7 @@ impl Governance {
                 .collect(),
         };
         let force = matches!(trigger.scope, Scope::Targets { force: true, .. });
+        let quiet = matches!(trigger.scope, Scope::Targets { quiet: true, .. });
         let version = trigger.version;
         let event = |op: EventOp, data: EventData| Event {
             change: trigger.change,
@@ -1810,6 +1821,9 @@ impl Governance {
                 let data = EventData::from_map(&data);
                 let hash = doc_hash(&data);
                 if !force && self.published.get(&pkey.slot()) == Some(&short_hash(&hash)) {
+                    if quiet {
+                        continue;
+                    }
                     self.audit(
                         e,
                         key,
@@ -1880,6 +1894,8 @@ impl Governance {
             } else {
                 if self.withheld.insert(pkey.slot()) {
                     self.queue_published(pkey, Some(WITHHELD));
+                } else if quiet {
+                    continue;
                 }
                 let decision = if publishable { "not_routed" } else { "gated" };
                 self.audit(e, key, version, Some(t), decision, reason);
