@@ -866,11 +866,13 @@ pub fn slot_advice(exists: Option<bool>, wal_status: Option<&str>, slot: &str) -
     match (exists, wal_status) {
         (Some(false), _) => Some(format!(
             "slot '{slot}' is missing: if steward had streamed before, changes may be lost; \
-             stop steward and run `steward reset --all -c FILE`, then start it"
+             stop steward and run `steward repair -c FILE` (sends each target only what \
+             differs) or `steward reset --all -c FILE` (sends everything), then start it"
         )),
         (_, Some("lost")) => Some(format!(
             "slot '{slot}' is invalidated (wal_status lost): the server removed WAL it still needed; \
-             stop steward and run `steward reset --all -c FILE`, then start it"
+             stop steward and run `steward repair -c FILE` (sends each target only what \
+             differs) or `steward reset --all -c FILE` (sends everything), then start it"
         )),
         (_, Some("unreserved")) => Some(format!(
             "slot '{slot}' is at risk (wal_status unreserved): it is behind max_slot_wal_keep_size \
