@@ -93,6 +93,10 @@ async fn via_api(
                 Err(f) => failed(f),
             }
         }
+        Request::Record { .. } => Response {
+            error: Some("a record question goes through `steward record`".to_string()),
+            ..Response::default()
+        },
         Request::Audit(filter) => {
             let query = [
                 ("entity", filter.entity),

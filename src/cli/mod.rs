@@ -11,6 +11,7 @@ mod dlq;
 mod governance;
 pub(crate) mod out;
 mod reconcile;
+mod record;
 mod reset;
 mod setup_sql;
 mod status;
@@ -106,6 +107,18 @@ enum Command {
     Quarantine {
         #[command(subcommand)]
         action: QuarantineAction,
+    },
+    /// Everything steward knows about one record: its state, source row, what each target got and acknowledged, dead letters, what it waits for and blocks, its audit trail.
+    Record {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// The entity's name, as configured (product, bom, ...).
+        entity: String,
+        /// The record's key (composite keys: the columns' values joined by `|`).
+        key: String,
+        /// Print the control API's answer as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// The governance audit trail: every delivered, gated, unpublished, quarantined, released, suppressed or redacted record.
     Audit {
@@ -430,6 +443,21 @@ pub fn main() -> ExitCode {
                     json,
                 ),
             }
+        }
+        Command::Record {
+            config: path,
+            entity,
+            key,
+            json,
+        } => {
+            let config = match steward_sinks::config::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            run_blocking(record::run(&path, config, entity, key, json))
         }
         Command::Audit {
             config,

@@ -596,6 +596,7 @@ entities = ["product"]
                 detail: String::new(),
                 user: None,
                 comment: None,
+                seq: None,
             })],
             ..GovDelta::default()
         }

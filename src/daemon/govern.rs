@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use steward_core::config::{Config, EntityIndex, TargetIndex};
 use steward_core::model::{Event, Lsn};
-use steward_core::pipeline::govern::RecordState;
+use steward_core::pipeline::govern::{RecordState, RecordStatus};
 use steward_core::pipeline::{snapshot_mapped, Governance, Pipeline};
 use steward_source::snapshot as source_snapshot;
 use steward_store::audit::AuditFilter;
@@ -67,6 +67,7 @@ impl Actor {
             detail,
             user: Some(self.user.clone()),
             comment: self.comment.clone(),
+            seq: None,
         }
     }
 
@@ -128,6 +129,11 @@ pub enum Request {
         target: String,
         records: Vec<(String, String)>,
     },
+    /// What the governance knows of one record (the record view).
+    Record {
+        entity: String,
+        key: String,
+    },
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -140,6 +146,9 @@ pub struct Response {
     /// For a release: how many events it queued for delivery.
     #[serde(skip)]
     pub events: usize,
+    /// For a record question: the governance's answer.
+    #[serde(skip)]
+    pub record: Option<Box<RecordStatus>>,
 }
 
 /// Builds the governance, restores its state and tells the pipeline which rows to capture.
@@ -499,6 +508,10 @@ pub fn answer(
         Request::Audit(filter) => match store.audit_query(&filter) {
             Ok(list) => r.audit = list,
             Err(e) => r.error = Some(e.to_string()),
+        },
+        Request::Record { entity, key } => match governance.record_status(&entity, &key) {
+            Ok(status) => r.record = Some(Box::new(status)),
+            Err(e) => r.error = Some(e),
         },
     }
     r

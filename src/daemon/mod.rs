@@ -19,6 +19,7 @@ pub mod lock;
 pub mod monitor;
 mod privileges;
 pub mod reconcile;
+pub mod record;
 pub mod schema;
 mod setup;
 pub mod snapshot;

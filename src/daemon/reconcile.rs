@@ -122,6 +122,7 @@ pub fn finished(store: &Store, job: &SnapshotJob) {
         detail,
         user: None,
         comment: None,
+        seq: None,
     };
     if let Err(e) = store.audit_append(&[record]) {
         tracing::warn!(error = %e, "cannot write the audit record of a reconciliation");
@@ -240,6 +241,7 @@ impl Schedule {
                         detail: "scheduled reconciliation started".into(),
                         user: None,
                         comment: None,
+                        seq: None,
                     };
                     if let Err(e) = store.audit_append(&[record]) {
                         tracing::warn!(error = %e, "cannot write the audit record of a reconciliation");

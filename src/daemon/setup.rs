@@ -260,6 +260,7 @@ fn plan_restore_repair(
                 ),
                 user: None,
                 comment: None,
+                seq: None,
             }));
         }
     }

@@ -25,6 +25,12 @@ pub struct QuarantineEntry {
     /// why it is held: it is released when that record is published.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocked_by: Option<String>,
+    /// The document the record had when it entered quarantine, when it
+    /// had been delivered to some target then (before any target's field
+    /// policy): the record view compares the withheld document with it,
+    /// for each target whose last delivered document hash it matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) delivered: Option<serde_json::Value>,
 }
 
 /// One governance decision (see the store's audit log).
@@ -52,6 +58,12 @@ pub struct AuditRecord {
     /// What that person said about the action, if anything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comment: Option<String>,
+    /// For a decision that appended an event (`delivered`, `unpublished`):
+    /// its sequence number in the target's outbox, set by the store in the
+    /// commit that appends it. Compared with the target's acknowledged
+    /// cursor it tells whether, and when, the target acknowledged it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
 }
 
 /// State changes of one batch of source transactions, in order.

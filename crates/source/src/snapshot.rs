@@ -322,6 +322,49 @@ pub(crate) fn present_sql(read: &TableRead, keys: &[Vec<String>]) -> String {
     )
 }
 
+impl SnapshotReader {
+    /// The row whose key columns hold `key` (texts, in key order), if any;
+    /// the values of `relation.columns` as text.
+    pub async fn read_row(
+        &self,
+        read: &TableRead,
+        relation: &Relation,
+        key: &[String],
+    ) -> Result<Option<Vec<Option<String>>>, SnapshotError> {
+        let select: Vec<String> = relation
+            .columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect();
+        let keys: Vec<String> = read.key.iter().map(|k| quote_ident(k)).collect();
+        let values: Vec<String> = key.iter().map(|v| quote_literal(v)).collect();
+        let sql = format!(
+            "SELECT {} FROM {}.{} WHERE ({}) = ({}) LIMIT 1",
+            select.join(", "),
+            quote_ident(&read.schema),
+            quote_ident(&read.table),
+            keys.join(", "),
+            values.join(", ")
+        );
+        let messages = self
+            .client
+            .simple_query(&sql)
+            .await
+            .map_err(query_err(format!(
+                "reading a row of {}.{}",
+                read.schema, read.table
+            )))?;
+        Ok(messages.into_iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(
+                (0..relation.columns.len())
+                    .map(|i| row.get(i).map(str::to_string))
+                    .collect(),
+            ),
+            _ => None,
+        }))
+    }
+}
+
 /// `SELECT k, ... FROM t WHERE (k...) > ('..', ...) ORDER BY k... LIMIT n`.
 /// Literals stay untyped so the server compares them as the key's own type,
 /// which the primary key index serves.

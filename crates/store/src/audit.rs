@@ -112,6 +112,49 @@ impl Store {
         })
     }
 
+    /// The records of one record (`entity`, `key`), newest first, handed
+    /// to `visit` until it returns `false`. Reads the log from its end and
+    /// decodes only records whose bytes name the record, so a recent
+    /// record's history costs little however long the log is.
+    pub fn audit_of_record(
+        &self,
+        entity: &str,
+        key: &str,
+        visit: &mut dyn FnMut(AuditRecord) -> bool,
+    ) -> Result<(), StoreError> {
+        // The encoder writes `"entity":…,"key":…` side by side, escaped as
+        // serde_json escapes (see `governance::write_audit_record`).
+        let needle = format!(
+            "\"entity\":{},\"key\":{},",
+            serde_json::Value::from(entity),
+            serde_json::Value::from(key)
+        );
+        let needle = needle.as_bytes();
+        self.read(|txn| {
+            let Some(t) = open_or_empty!(txn, AUDIT_LOG) else {
+                return Ok(());
+            };
+            for item in t.iter()?.rev() {
+                let (first, chunk) = item?;
+                let first = first.value();
+                let corrupt =
+                    |detail: String| TxnError::Corrupt(format!("audit chunk at {first}: {detail}"));
+                let records = chunk_events(chunk.value()).map_err(corrupt)?;
+                for (i, bytes) in records.iter().enumerate().rev() {
+                    if !bytes.windows(needle.len()).any(|w| w == needle) {
+                        continue;
+                    }
+                    let r: AuditRecord = serde_json::from_slice(bytes)
+                        .map_err(|e| corrupt(format!("record {}: {e}", first + i as u64)))?;
+                    if r.entity == entity && r.key == key && !visit(r) {
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// Appends records of actions taken outside a source commit (a dead
     /// letter replayed, a reset, a backup), durably, in one transaction.
     pub fn audit_append(&self, records: &[AuditRecord]) -> Result<(), StoreError> {

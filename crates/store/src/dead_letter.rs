@@ -225,7 +225,8 @@ impl Store {
         let durability = self.lazy_durability();
         self.write(durability, |txn| {
             let mut targets = txn.open_table(TARGETS)?;
-            let mut state = advance_outbox(txn, &targets, target, s.outbox_up_to.unwrap_or(0))?;
+            let mut state =
+                advance_outbox(txn, &targets, target, s.outbox_up_to.unwrap_or(0), now)?;
             let mut counters = Counters {
                 table: txn.open_table(COUNTERS)?,
                 target: target.to_string(),
@@ -428,6 +429,30 @@ impl Store {
                 out.push((k.value(), unjson("replay entry", v.value())?));
             }
             Ok(out)
+        })
+    }
+
+    /// The event of record (`entity`, `key`) waiting in the target's
+    /// window buffer, if any.
+    pub fn windowed_event(
+        &self,
+        target: &str,
+        entity: &str,
+        key: &str,
+    ) -> Result<Option<Event>, StoreError> {
+        let name = window_name(target);
+        self.read(|txn| {
+            let window = match txn.open_table(by_key(&name)) {
+                Ok(t) => t,
+                Err(TableError::TableDoesNotExist(_)) => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            let k = format!("{entity}\0{key}");
+            let event = match window.get(k.as_str())? {
+                Some(g) => Some(unjson("window row", g.value())?),
+                None => None,
+            };
+            Ok(event)
         })
     }
 

@@ -25,12 +25,19 @@ fn split(key: &str) -> Vec<&str> {
     key.split('\0').collect()
 }
 
-/// Writes `delta` inside a write transaction (the outbox commit's).
+/// Writes `delta` inside a write transaction (the outbox commit's), which
+/// appended `appends` and left each target's last sequence number in `last`.
 #[allow(clippy::result_large_err)] // redb's own error type, boxed by the caller
-pub(super) fn apply(txn: &WriteTransaction, delta: &GovDelta) -> Result<(), redb::Error> {
+pub(super) fn apply(
+    txn: &WriteTransaction,
+    delta: &GovDelta,
+    appends: &[(&str, &Event)],
+    last: &[(String, u64)],
+) -> Result<(), redb::Error> {
     if delta.is_empty() {
         return Ok(());
     }
+    let mut seqs = AppendSeqs::new(appends, last);
     let mut rows = txn.open_table(GOV_ROWS)?;
     let mut published = Vec::new();
     let mut unique = txn.open_table(GOV_UNIQUE)?;
@@ -84,7 +91,7 @@ pub(super) fn apply(txn: &WriteTransaction, delta: &GovDelta) -> Result<(), redb
             }
             GovOp::Audit(record) => {
                 let mut bytes = Vec::with_capacity(160);
-                write_audit_record(record, &mut bytes);
+                write_audit_record(record, seqs.of(record), &mut bytes);
                 audit.push(bytes);
             }
         }
@@ -94,6 +101,62 @@ pub(super) fn apply(txn: &WriteTransaction, delta: &GovDelta) -> Result<(), redb
     super::audit::append(txn, &audit)
 }
 
+/// Finds the outbox sequence number of the event an audit record of a
+/// commit stands for. The governance pushes an event and its `delivered` (or
+/// `unpublished`) record together, so per target the records and the
+/// appends come in the same order; appends may be fewer (a running snapshot
+/// drops stale versions), so each record looks a few appends ahead for its
+/// own (entity, key, version) and gets none when its event was dropped.
+struct AppendSeqs<'a> {
+    appends: &'a [(&'a str, &'a Event)],
+    /// Per target: the index in `appends` to look from, and its seq.
+    cursors: Vec<(&'a str, usize, u64)>,
+}
+
+/// How many of a target's appends a record looks past for its own event.
+const SEQ_LOOKAHEAD: usize = 64;
+
+impl<'a> AppendSeqs<'a> {
+    fn new(appends: &'a [(&'a str, &'a Event)], last: &'a [(String, u64)]) -> AppendSeqs<'a> {
+        let cursors = last
+            .iter()
+            .map(|(target, last_seq)| {
+                let count = appends.iter().filter(|(t, _)| t == target).count() as u64;
+                let first = appends.iter().position(|(t, _)| t == target).unwrap_or(0);
+                (target.as_str(), first, last_seq + 1 - count)
+            })
+            .collect();
+        AppendSeqs { appends, cursors }
+    }
+
+    fn of(&mut self, record: &AuditRecord) -> Option<u64> {
+        if record.decision != "delivered" && record.decision != "unpublished" {
+            return None;
+        }
+        let target = record.target.as_deref()?;
+        let cursor = self.cursors.iter_mut().find(|(t, _, _)| *t == target)?;
+        let (mut i, mut seq, mut seen) = (cursor.1, cursor.2, 0);
+        while i < self.appends.len() && seen < SEQ_LOOKAHEAD {
+            let (t, event) = self.appends[i];
+            i += 1;
+            if t != target {
+                continue;
+            }
+            if event.version == record.version
+                && event.key == record.key
+                && event.entity == record.entity
+            {
+                cursor.1 = i;
+                cursor.2 = seq + 1;
+                return Some(seq);
+            }
+            seq += 1;
+            seen += 1;
+        }
+        None
+    }
+}
+
 /// An audit record as JSON, written by hand: one per delivered event, and
 /// serde's derived serializer (escaping every key byte by byte) takes about
 /// a twentieth of steward's instructions on the product-insert workload
@@ -101,11 +164,12 @@ pub(super) fn apply(txn: &WriteTransaction, delta: &GovDelta) -> Result<(), redb
 /// e2e -- W1`). Same bytes as `serde_json::to_vec`.
 pub(crate) fn encode_audit_record(r: &AuditRecord) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(160);
-    write_audit_record(r, &mut bytes);
+    write_audit_record(r, None, &mut bytes);
     bytes
 }
 
-fn write_audit_record(r: &AuditRecord, out: &mut Vec<u8>) {
+/// `seq` (when given) stands for the record's own.
+fn write_audit_record(r: &AuditRecord, seq: Option<u64>, out: &mut Vec<u8>) {
     out.push(b'{');
     json::write_key(out, "time_micros", true);
     json::write_int(out, r.time_micros);
@@ -130,6 +194,10 @@ fn write_audit_record(r: &AuditRecord, out: &mut Vec<u8>) {
             json::write_key(out, name, false);
             json::write_str(out, v);
         }
+    }
+    if let Some(seq) = seq.or(r.seq) {
+        json::write_key(out, "seq", false);
+        json::write_int(out, seq);
     }
     out.push(b'}');
 }
@@ -165,8 +233,8 @@ impl GovernanceState for Store {
         appends: &[(&str, &Event)],
         delta: &GovDelta,
     ) -> Result<Vec<(String, u64)>, StoreError> {
-        self.commit_with(checkpoint, appends, &mut |txn| {
-            apply(txn, delta).map_err(Box::new)
+        self.commit_with(checkpoint, appends, &mut |txn, last| {
+            apply(txn, delta, appends, last).map_err(Box::new)
         })
     }
 
@@ -228,7 +296,7 @@ mod tests {
             ),
             (Some("wms"), "user only", Some("alice"), None),
         ];
-        for (target, text, user, comment) in cases {
+        for (i, (target, text, user, comment)) in cases.into_iter().enumerate() {
             let record = AuditRecord {
                 time_micros: -5,
                 entity: format!("product{text}"),
@@ -239,9 +307,10 @@ mod tests {
                 detail: format!("upsert {text}"),
                 user: user.map(str::to_string),
                 comment: comment.map(str::to_string),
+                seq: (i % 2 == 1).then_some(u64::MAX - i as u64),
             };
             let mut out = Vec::new();
-            write_audit_record(&record, &mut out);
+            write_audit_record(&record, None, &mut out);
             assert_eq!(out, serde_json::to_vec(&record).unwrap());
             let back: AuditRecord = serde_json::from_slice(&out).unwrap();
             assert_eq!(back, record);

@@ -71,14 +71,45 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableError};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableError,
+};
 use serde::Serialize;
 
 use steward_core::model::{Event, Lsn};
+use tables::open_or_empty;
 use tables::{
-    chunk_events, chunk_len, encode_chunk, next_chunk, outbox_table, outbox_table_name,
-    TargetState, CHECKPOINT_KEY, COUNTERS, META, TARGETS,
+    ack_times_floor_key, ack_times_table, ack_times_table_name, chunk_events, chunk_len,
+    encode_chunk, next_chunk, outbox_table, outbox_table_name, TargetState, ACK_TIMES_MAX_ROWS,
+    CHECKPOINT_KEY, COUNTERS, META, TARGETS,
 };
+
+/// Work done in a commit's write transaction after its appends, given the
+/// last sequence number of each target appended to.
+pub(crate) type CommitExtra<'a> =
+    dyn FnMut(&redb::WriteTransaction, &[(String, u64)]) -> Result<(), Box<redb::Error>> + 'a;
+
+/// The answer of [`Store::acknowledged_at`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Acknowledged {
+    /// Not yet: the target's cursor is at `cursor`.
+    No {
+        /// The target's last acknowledged seq.
+        cursor: u64,
+    },
+    /// At this time (µs since the Unix epoch), to the second.
+    At(i64),
+    /// Before this time (`None`: before steward noted times), but when is
+    /// no longer known: the row was pruned.
+    Before(Option<i64>),
+    /// Never: a reset moved the cursor past it without a delivery (the
+    /// snapshot sends the record again, or it was appended again with a
+    /// new seq).
+    Superseded,
+}
+
+/// The time noted for a cursor moved by a reset rather than a delivery.
+pub(crate) const CURSOR_RESET: i64 = i64::MIN;
 
 /// redb's page cache. Its default (1 GiB) is far more than steward's access
 /// pattern needs: appends touch the tail of each outbox and drivers read near
@@ -229,7 +260,7 @@ impl Store {
         checkpoint: Lsn,
         appends: &[(&str, &Event)],
     ) -> Result<Vec<(String, u64)>, StoreError> {
-        self.commit_with(checkpoint, appends, &mut |_| Ok(()))
+        self.commit_with(checkpoint, appends, &mut |_, _| Ok(()))
     }
 
     /// [`Store::commit`], also running `extra` in the same write transaction
@@ -238,7 +269,7 @@ impl Store {
         &self,
         checkpoint: Lsn,
         appends: &[(&str, &Event)],
-        extra: &mut dyn FnMut(&redb::WriteTransaction) -> Result<(), Box<redb::Error>>,
+        extra: &mut CommitExtra<'_>,
     ) -> Result<Vec<(String, u64)>, StoreError> {
         ENCODE_BUFFERS.with(|buffers| {
             let mut buffers = buffers.borrow_mut();
@@ -253,7 +284,7 @@ impl Store {
         &self,
         checkpoint: Lsn,
         appends: &[(&str, &Event)],
-        extra: &mut dyn FnMut(&redb::WriteTransaction) -> Result<(), Box<redb::Error>>,
+        extra: &mut CommitExtra<'_>,
         buf: &mut Vec<u8>,
         chunk_bytes: &mut Vec<u8>,
     ) -> Result<Vec<(String, u64)>, StoreError> {
@@ -317,7 +348,7 @@ impl Store {
             if previous.is_none_or(|p| checkpoint.0 > p) {
                 counters.insert(CHECKPOINT_KEY, checkpoint.0)?;
             }
-            extra(txn).map_err(TxnError::Redb)?;
+            extra(txn, &out).map_err(TxnError::Redb)?;
             Ok(out)
         })?;
         // That durable commit also persisted every lazy one before it.
@@ -387,7 +418,7 @@ impl Store {
         let now = chrono::Utc::now().timestamp_micros();
         self.write(self.lazy_durability(), |txn| {
             let mut targets = txn.open_table(TARGETS)?;
-            let mut state = advance_outbox(txn, &targets, target, up_to)?;
+            let mut state = advance_outbox(txn, &targets, target, up_to, now)?;
             state.delivered_total = state.delivered_total.saturating_add(delivered);
             state.last_delivered_at_micros = Some(now);
             state.last_error = None;
@@ -407,6 +438,40 @@ impl Store {
         self.write(Durability::Immediate, |_| Ok(()))?;
         self.inner.lazy_commits.store(0, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Whether and when `target` acknowledged the entry `seq` of its outbox:
+    /// its cursor passed it, at the time of the first cursor move at or
+    /// past it (to the second). The cursor also passes entries given up
+    /// on (dead letters) or parked in a batch window; the caller checks those.
+    pub fn acknowledged_at(&self, target: &str, seq: u64) -> Result<Acknowledged, StoreError> {
+        self.read(|txn| {
+            let state = load_state(&txn.open_table(TARGETS)?, target)?;
+            if seq > state.last_delivered_seq {
+                return Ok(Acknowledged::No {
+                    cursor: state.last_delivered_seq,
+                });
+            }
+            let floor = match open_or_empty!(txn, COUNTERS) {
+                Some(t) => t
+                    .get(ack_times_floor_key(target).as_str())?
+                    .map(|g| g.value()),
+                None => None,
+            };
+            let name = ack_times_table_name(target);
+            let first_after = match open_or_empty!(txn, ack_times_table(&name)) {
+                Some(t) => match t.range(seq..)?.next() {
+                    Some(item) => Some(item?.1.value()),
+                    None => None,
+                },
+                None => None,
+            };
+            Ok(match first_after {
+                Some(CURSOR_RESET) => Acknowledged::Superseded,
+                Some(at) if floor.is_none_or(|f| seq > f) => Acknowledged::At(at),
+                _ => Acknowledged::Before(first_after),
+            })
+        })
     }
 
     /// Number of entries waiting in the target's outbox (a point lookup).
@@ -660,12 +725,14 @@ impl TxnError {
 }
 
 /// Removes the target's outbox entries with seq <= `up_to` and returns its
-/// state with `last_delivered_seq` moved (the caller updates the rest and saves it).
+/// state with `last_delivered_seq` moved (the caller updates the rest and
+/// saves it). A move is noted in the target's ack-times table at `now`.
 fn advance_outbox<T: ReadableTable<&'static str, &'static [u8]>>(
     txn: &redb::WriteTransaction,
     targets: &T,
     target: &str,
     up_to: u64,
+    now: i64,
 ) -> Result<TargetState, TxnError> {
     let mut state = load_state(targets, target)?;
     let name = outbox_table_name(target);
@@ -687,8 +754,42 @@ fn advance_outbox<T: ReadableTable<&'static str, &'static [u8]>>(
     for first in done {
         outbox.remove(first)?;
     }
+    if acked > state.last_delivered_seq {
+        note_ack_time(txn, target, acked, now)?;
+    }
     state.last_delivered_seq = acked;
     Ok(state)
+}
+
+/// Notes that `target`'s cursor reached `acked` at `now`, in the write that
+/// moves it (so the two are durable together). Within one second a later
+/// move replaces the row, so the table grows by a row per second of
+/// deliveries at most, and a time looked up is at most a second late; past
+/// [`ACK_TIMES_MAX_ROWS`] the oldest rows go.
+fn note_ack_time(
+    txn: &redb::WriteTransaction,
+    target: &str,
+    acked: u64,
+    now: i64,
+) -> Result<(), TxnError> {
+    let name = ack_times_table_name(target);
+    let mut times = txn.open_table(ack_times_table(&name))?;
+    let last = times.last()?.map(|(k, v)| (k.value(), v.value()));
+    if let Some((seq, at)) = last {
+        if at.div_euclid(1_000_000) == now.div_euclid(1_000_000) {
+            times.remove(seq)?;
+        }
+    }
+    times.insert(acked, now)?;
+    if times.len()? > ACK_TIMES_MAX_ROWS {
+        let pruned = times.pop_first()?.map(|(seq, _)| seq.value());
+        drop(times);
+        if let Some(seq) = pruned {
+            txn.open_table(COUNTERS)?
+                .insert(ack_times_floor_key(target).as_str(), seq)?;
+        }
+    }
+    Ok(())
 }
 
 fn load_state<T: ReadableTable<&'static str, &'static [u8]>>(

@@ -401,6 +401,10 @@ fn drop_outbox_entities(
     for first in firsts {
         outbox.remove(first)?;
     }
+    if state.last_seq > state.last_delivered_seq {
+        // Not acknowledged: the record view must not read these as delivered.
+        super::note_ack_time(txn, target, state.last_seq, super::CURSOR_RESET)?;
+    }
     state.last_delivered_seq = state.last_seq;
     let mut rest = kept.as_slice();
     while !rest.is_empty() {

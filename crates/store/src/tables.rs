@@ -36,6 +36,26 @@ pub(crate) fn outbox_table(name: &str) -> TableDefinition<'_, u64, &'static [u8]
     TableDefinition::new(name)
 }
 
+/// Per target, when its acknowledged cursor moved: cursor seq → time (µs
+/// since the Unix epoch), one row per second at most (see
+/// [`Store::acknowledged_at`](crate::Store::acknowledged_at)).
+pub(crate) fn ack_times_table_name(target: &str) -> String {
+    format!("acked:{target}")
+}
+
+pub(crate) fn ack_times_table(name: &str) -> TableDefinition<'_, u64, i64> {
+    TableDefinition::new(name)
+}
+
+/// Rows kept per target in its ack-times table: a day of a cursor moving
+/// every second, about 1.5 MB.
+pub(crate) const ACK_TIMES_MAX_ROWS: u64 = 86_400;
+
+/// Counter key: the highest cursor seq whose ack-times row was pruned.
+pub(crate) fn ack_times_floor_key(target: &str) -> String {
+    format!("acked_floor:{target}")
+}
+
 /// Most bytes (payload plus offsets) in one chunk, unless a single event is larger.
 /// Just under 64 KiB so that a chunk and its leaf header fit 16 pages of 4 KiB.
 pub(crate) const CHUNK_MAX_BYTES: usize = 60 * 1024;

@@ -467,6 +467,7 @@ fn audit_record(n: u64, time_micros: i64) -> governance::AuditRecord {
         detail: "upsert".into(),
         user: None,
         comment: None,
+        seq: None,
     }
 }
 
@@ -824,4 +825,152 @@ fn a_damaged_last_commit_is_refused_not_rolled_back() {
     bytes[64 + 128 * primary + 20] ^= 0xFF;
     std::fs::write(&path, &bytes).unwrap();
     assert_refused(&path, "latest commit slot damaged");
+}
+
+/// A `delivered` audit record for `event` at `target`.
+fn delivered(event: &Event, target: &str) -> governance::AuditRecord {
+    governance::AuditRecord {
+        key: event.key.clone(),
+        version: event.version,
+        target: Some(target.into()),
+        ..audit_record(0, 1)
+    }
+}
+
+#[test]
+fn delivered_audit_records_carry_the_outbox_seq_of_their_event() {
+    use governance::GovernanceState;
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    commit_n(&store, 0x10, "wms", 1..4);
+    let events: Vec<Event> = (10..14).map(sample).collect();
+    // Event 11 was dropped from the appends (a snapshot's stale version),
+    // and a record without an event sits between the others.
+    let appends: Vec<(&str, &Event)> = vec![
+        ("wms", &events[0]),
+        ("erp", &events[0]),
+        ("wms", &events[2]),
+        ("wms", &events[3]),
+    ];
+    let mut suppressed = delivered(&events[2], "wms");
+    suppressed.decision = "suppressed".into();
+    let delta = audit_delta([
+        delivered(&events[0], "wms"),
+        delivered(&events[0], "erp"),
+        delivered(&events[1], "wms"),
+        suppressed,
+        delivered(&events[2], "wms"),
+        delivered(&events[3], "wms"),
+    ]);
+    store.commit_governed(Lsn(0x20), &appends, &delta).unwrap();
+    let seqs: Vec<(String, String, Option<u64>)> = store
+        .audit_query(&audit::AuditFilter::default())
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.target.unwrap(), r.key, r.seq))
+        .collect();
+    let row = |t: &str, k: &str, s: Option<u64>| (t.to_string(), k.to_string(), s);
+    assert_eq!(
+        seqs,
+        vec![
+            row("wms", "10", Some(4)),
+            row("erp", "10", Some(1)),
+            row("wms", "11", None),
+            row("wms", "12", None),
+            row("wms", "12", Some(5)),
+            row("wms", "13", Some(6)),
+        ]
+    );
+}
+
+#[test]
+fn acknowledgement_times_follow_the_cursor() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    commit_n(&store, 0x10, "wms", 1..6);
+    assert_eq!(
+        store.acknowledged_at("wms", 2).unwrap(),
+        Acknowledged::No { cursor: 0 }
+    );
+    let before = chrono::Utc::now().timestamp_micros();
+    store.ack("wms", 3, 3).unwrap();
+    let after = chrono::Utc::now().timestamp_micros();
+    let Acknowledged::At(at) = store.acknowledged_at("wms", 2).unwrap() else {
+        panic!("seq 2 is acknowledged");
+    };
+    assert!((before..=after).contains(&at));
+    assert_eq!(
+        store.acknowledged_at("wms", 3).unwrap(),
+        Acknowledged::At(at)
+    );
+    assert_eq!(
+        store.acknowledged_at("wms", 4).unwrap(),
+        Acknowledged::No { cursor: 3 }
+    );
+    // Another target's cursor is its own.
+    assert_eq!(
+        store.acknowledged_at("erp", 1).unwrap(),
+        Acknowledged::No { cursor: 0 }
+    );
+    store.ack("wms", 5, 2).unwrap();
+    let Acknowledged::At(later) = store.acknowledged_at("wms", 4).unwrap() else {
+        panic!("seq 4 is acknowledged");
+    };
+    assert!(later >= at);
+    // Within one second the second move replaced the first row: seq 2 now
+    // reads the later time, never an earlier one than the truth.
+    let first = store.acknowledged_at("wms", 2).unwrap();
+    assert!(first == Acknowledged::At(at) || first == Acknowledged::At(later));
+}
+
+#[test]
+fn pruned_acknowledgement_times_say_before() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    commit_n(&store, 0x10, "wms", 1..4);
+    store.ack("wms", 1, 1).unwrap();
+    // Rows of earlier seconds are kept apart; pruning is simulated by the floor.
+    store
+        .write(redb::Durability::Immediate, |txn| {
+            txn.open_table(COUNTERS)?
+                .insert(tables::ack_times_floor_key("wms").as_str(), 1)?;
+            Ok(())
+        })
+        .unwrap();
+    store.ack("wms", 3, 2).unwrap();
+    assert!(matches!(
+        store.acknowledged_at("wms", 1).unwrap(),
+        Acknowledged::Before(Some(_))
+    ));
+    assert!(matches!(
+        store.acknowledged_at("wms", 2).unwrap(),
+        Acknowledged::At(_)
+    ));
+}
+
+#[test]
+fn a_reset_moves_the_cursor_without_acknowledging() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    commit_n(&store, 0x10, "wms", 1..5);
+    store.ack("wms", 1, 1).unwrap();
+    store
+        .begin_resync("wms", &["product".to_string()], true)
+        .unwrap();
+    assert!(matches!(
+        store.acknowledged_at("wms", 1).unwrap(),
+        Acknowledged::At(_)
+    ));
+    assert_eq!(
+        store.acknowledged_at("wms", 3).unwrap(),
+        Acknowledged::Superseded,
+        "dropped by the reset, never delivered"
+    );
+    // Later deliveries are noted as usual.
+    commit_n(&store, 0x20, "wms", 10..12);
+    store.ack("wms", 6, 2).unwrap();
+    assert!(matches!(
+        store.acknowledged_at("wms", 6).unwrap(),
+        Acknowledged::At(_)
+    ));
 }

@@ -282,6 +282,7 @@ fn router(control: Control) -> Router {
             post(quarantine_release),
         )
         .route(&v("/audit"), get(audit))
+        .route(&v("/record/{entity}/{key}"), get(record))
         .route(&v("/backup"), post(backup))
         .route(&v("/targets/{target}/reset"), post(reset))
         .route(&v("/targets/{target}/reconcile"), post(reconcile))
@@ -409,6 +410,13 @@ async fn quarantine_release(
     let action: wire::Action = body(&bytes)?;
     let actor = peer.actor(action.comment).await?;
     Ok(Json(control.release(actor, entity, key).await?))
+}
+
+async fn record(
+    State(control): State<Control>,
+    UrlPath((entity, key)): UrlPath<(String, String)>,
+) -> ApiResult<wire::Record> {
+    Ok(Json(control.record(entity, key).await?))
 }
 
 async fn audit(

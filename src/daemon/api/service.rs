@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::wire;
 use crate::daemon::govern::{self, Actor, GovCall};
 use crate::daemon::snapshot::{self, ResetCall, ResetRequest};
-use crate::daemon::{schema, DaemonState};
+use crate::daemon::{record, schema, DaemonState};
 use steward_core::config::Config;
 use steward_core::model::Lsn;
 use steward_sinks::requests::{Inbox, Request as DriverRequest, Response as DriverResponse};
@@ -208,6 +208,45 @@ impl Control {
             (Some(e), None) => Err(ApiError::new(StatusCode::NOT_FOUND, "not_quarantined", e)),
             (None, None) => Err(ApiError::internal("the governance loop gave no answer")),
         }
+    }
+
+    /// Everything steward knows about one record (see `daemon::record`).
+    /// The governance answers in the consume loop; the live row is read
+    /// here, never there, so a slow source delays only this answer.
+    pub async fn record(&self, entity: String, key: String) -> Result<wire::Record, ApiError> {
+        let run = self.running()?;
+        if run.config.entity(&entity).is_none() {
+            let names: Vec<&str> = run
+                .config
+                .entities
+                .iter()
+                .map(|e| e.name.as_str())
+                .collect();
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_entity",
+                format!(
+                    "no entity `{entity}` in the running configuration; configured entities: {}",
+                    names.join(", ")
+                ),
+            ));
+        }
+        let request = govern::Request::Record {
+            entity: entity.clone(),
+            key: key.clone(),
+        };
+        let response = governance(&run, request, None).await?;
+        let status = match (response.record, response.error) {
+            (Some(status), _) => *status,
+            (None, Some(e)) => return Err(ApiError::new(StatusCode::NOT_FOUND, "not_a_record", e)),
+            (None, None) => return Err(ApiError::internal("the governance loop gave no answer")),
+        };
+        let live = record::live_row(&run.config, &entity, &key).await;
+        blocking(move || {
+            record::assemble(&run.config, &run.store, status, Some(live))
+                .map_err(ApiError::internal)
+        })
+        .await
     }
 
     /// The audit trail's records that `filter` selects.

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::daemon::schema::StoppedEntity;
 use crate::daemon::snapshot::SnapshotStatusLine;
+use steward_core::pipeline::govern::RecordStatus;
 use steward_store::governance::{AuditRecord, QuarantineEntry};
 use steward_store::{DeadLetter, DlqFilter, TargetStats};
 
@@ -185,4 +186,125 @@ pub struct ReconcileRequest {
     pub dry_run: bool,
     #[serde(default)]
     pub comment: Option<String>,
+}
+
+/// `GET /v1/record/{entity}/{key}`: everything steward knows about one
+/// record. The governance's view (state, row as last read, gate,
+/// quarantine entry, per target decision and document, blocked_by, blocks,
+/// dependents) is flattened in; the rest comes from the state file and,
+/// for `source`, from the database.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Record {
+    #[serde(flatten)]
+    pub status: RecordStatus,
+    /// Whether steward knows anything of the record: a row, a decision, a
+    /// quarantine entry, a dead letter or an audit record. An unknown key is
+    /// no error: the answer says so here and in `note`.
+    pub known: bool,
+    /// For people: what the answer rests on when it is not the whole story.
+    pub note: Option<String>,
+    /// The record's source row, only the columns steward maps.
+    pub source: SourceRow,
+    /// Per target taking the entity: what was appended and acknowledged,
+    /// and the record's dead letters.
+    pub delivery: Vec<TargetDelivery>,
+    /// The record's audit trail, newest first, at most [`Record::AUDIT_SHOWN`].
+    pub audit: Vec<AuditRecord>,
+    /// There are older audit records than those shown.
+    pub audit_more: bool,
+}
+
+impl Record {
+    pub const AUDIT_SHOWN: usize = 50;
+}
+
+/// Where the source row shown comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RowOrigin {
+    /// Read from the database for this answer.
+    Live,
+    /// steward's copy, as it last read the row (the live read failed, or
+    /// was not made).
+    LastRead,
+    /// Neither: no such row in the database and none in steward's state.
+    None,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SourceRow {
+    pub origin: RowOrigin,
+    /// The mapped columns, converted as streamed values are.
+    pub row: Option<serde_json::Value>,
+    /// Why the row could not be read live (then `origin` is `last_read`).
+    pub live_error: Option<String>,
+    /// Read live: the mapped columns whose values differ from steward's
+    /// copy (the change is on its way, or steward missed it). `None` when
+    /// there is nothing to compare.
+    pub differs_from_last_read: Option<Vec<String>>,
+}
+
+/// What became of the record's events at one target.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TargetDelivery {
+    pub target: String,
+    /// The last event appended to the target's outbox, and where it is.
+    pub last_appended: Option<Appended>,
+    /// The last event the target acknowledged (the last appended one, or
+    /// an earlier one while that one is on its way or dead-lettered).
+    pub last_acknowledged: Option<Appended>,
+    /// The record's dead letters at this target.
+    pub dead_letters: Vec<DeadLetterLine>,
+}
+
+/// One event of the record appended for a target.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Appended {
+    /// The commit LSN of the change (the event's `version`).
+    pub version: u64,
+    /// The decision that appended it: `delivered` (upsert or delete) or
+    /// `unpublished`, and its detail.
+    pub decision: String,
+    pub detail: String,
+    /// When steward decided it, RFC 3339.
+    pub appended_at: String,
+    /// Its place in the target's outbox (`None` for events appended before
+    /// steward noted it).
+    pub seq: Option<u64>,
+    pub state: DeliveryState,
+    /// When the target acknowledged it (RFC 3339, to the second), for
+    /// `acknowledged`.
+    pub acknowledged_at: Option<String>,
+    /// Acknowledged no later than this, when the exact time is no longer
+    /// kept (see docs/control-api.md).
+    pub acknowledged_before: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryState {
+    /// The target acknowledged it.
+    Acknowledged,
+    /// Waiting in the outbox (the target has not acknowledged it yet).
+    Pending,
+    /// Given up on: in the dead-letter queue.
+    DeadLettered,
+    /// Parked in the target's batch window until it opens.
+    InWindow,
+    /// Not known (appended before steward noted outbox positions).
+    Unknown,
+    /// Never delivered as such: a reset of the target dropped it from the
+    /// outbox (the snapshot sends the record again) or appended it again.
+    Superseded,
+}
+
+/// A dead letter of the record.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeadLetterLine {
+    pub id: u64,
+    pub version: u64,
+    pub error: String,
+    pub held_behind: Option<u64>,
+    pub attempts: u32,
+    pub last_failure: String,
 }

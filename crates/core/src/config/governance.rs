@@ -63,6 +63,12 @@ impl EntityGovernance {
             || !self.external_ids_of.is_empty()
     }
 
+    /// The many2one columns its reference fields map (document fields that
+    /// are not in `fields`).
+    pub fn reference_columns(&self) -> impl Iterator<Item = &str> {
+        self.refs.iter().map(|r| r.column.as_str())
+    }
+
     /// Whether steward added this entity itself (a child table, or
     /// `ir_model_data` for external ids): no target can name it.
     pub fn is_hidden(&self) -> bool {

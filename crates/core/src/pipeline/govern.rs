@@ -1766,6 +1766,7 @@ impl Governance {
         };
         if let Some((rule, message, blocked_by)) = failure {
             self.set_claims(e, key, Vec::new(), deferred);
+            let delivered = self.delivered_document(e, key, old, &targets);
             let entry = QuarantineEntry {
                 entity: name.clone(),
                 key: key.to_string(),
@@ -1775,6 +1776,7 @@ impl Governance {
                 document: Value::Object(doc),
                 since: now_rfc3339(),
                 blocked_by,
+                delivered,
             };
             for &t in &targets {
                 let pkey = self.published_key(t, e, key);
@@ -2369,6 +2371,10 @@ impl Governance {
             document: Value::Object(data.clone()),
             since: now_rfc3339(),
             blocked_by: None,
+            delivered: self
+                .quarantine
+                .get(&(e, key.to_string()))
+                .and_then(|q| q.delivered.clone()),
         };
         self.quarantine.insert((e, key.to_string()), entry.clone());
         self.queue_quarantine(e, key, Some(entry));
@@ -2656,6 +2662,31 @@ impl Governance {
         });
     }
 
+    /// The document a record entering quarantine had before, for the
+    /// record view's diff: kept from its earlier entry while it stays in
+    /// quarantine, else made from its previous row when some target has a
+    /// document of it. Made only on entering quarantine, never on the way
+    /// to delivery.
+    fn delivered_document(
+        &self,
+        e: EntityIndex,
+        key: &str,
+        old: Option<&Map<String, Value>>,
+        targets: &[TargetIndex],
+    ) -> Option<Value> {
+        if let Some(q) = self.quarantine.get(&(e, key.to_string())) {
+            return q.delivered.clone();
+        }
+        let old = old.filter(|_| self.tracked[e])?;
+        targets
+            .iter()
+            .any(|&t| {
+                self.published
+                    .contains_key(&self.published_key(t, e, key).slot())
+            })
+            .then(|| Value::Object(self.document(e, key, old)))
+    }
+
     fn audit(
         &mut self,
         e: EntityIndex,
@@ -2675,6 +2706,7 @@ impl Governance {
             detail,
             user: None,
             comment: None,
+            seq: None,
         }));
     }
 }
@@ -2873,8 +2905,8 @@ fn now_rfc3339() -> String {
 #[path = "record_status.rs"]
 mod record_status;
 pub use record_status::{
-    Blocker, EntityRecords, Gate, HeldBack, RecordState, RecordStatus, RelatedRecord,
-    TargetDecision, TargetStatus,
+    diff_documents, Blocker, DocumentDiff, EntityRecords, FieldChange, Gate, HeldBack, RecordState,
+    RecordStatus, RelatedRecord, TargetDecision, TargetStatus,
 };
 
 #[cfg(test)]

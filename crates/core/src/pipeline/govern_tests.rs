@@ -3094,3 +3094,109 @@ fn a_business_object_held_for_its_own_line_counts_as_quarantined_not_blocked() {
     )]);
     assert_eq!(h.counts("bom"), (2, 0, 0, 0));
 }
+
+const DIFF: &str = r#"
+[entities.product]
+table = "product_template"
+fields = { sku = "default_code", name = "name", secret = "note", price = "list_price" }
+[[entities.product.rules]]
+name = "sku_format"
+regex = { field = "sku", pattern = "^[A-Z]+_[0-9]+$" }
+[targets.wms]
+type = "http"
+url = "http://localhost:1/"
+entities = ["product"]
+mask = { "product.secret" = "full" }
+[targets.crm]
+type = "http"
+url = "http://localhost:1/"
+entities = ["product"]
+fields = { product = ["sku", "name"] }
+"#;
+
+fn diff_row(
+    id: &'static str,
+    sku: &'static str,
+    secret: &'static str,
+    price: &'static str,
+) -> OwnedRow<'static> {
+    vec![
+        ("id", Some(id)),
+        ("default_code", Some(sku)),
+        ("name", Some("Desk")),
+        ("note", Some(secret)),
+        ("list_price", Some(price)),
+    ]
+}
+
+#[test]
+fn a_quarantined_record_shows_each_target_what_changed_within_its_policy() {
+    let mut h = Harness::new(DIFF);
+    h.txn(&[("product_template", I, &diff_row("1", "P_1", "s1", "10"))]);
+    h.txn(&[("product_template", U, &diff_row("1", "bad", "s2", "12"))]);
+    let p = h.gov.record_status("product", "1").unwrap();
+    assert_eq!(p.state, Some(RecordState::Quarantined));
+    let wms = &p.targets[0];
+    assert_eq!(wms.target, "wms");
+    assert_eq!(wms.up_to_date, Some(false));
+    let diff = wms
+        .diff
+        .as_ref()
+        .expect("a diff against the delivered document");
+    assert!(diff.changed.contains_key("sku"));
+    assert_eq!(diff.changed["sku"].delivered, json!("P_1"));
+    assert_eq!(diff.changed["sku"].withheld, json!("bad"));
+    assert!(diff.changed.contains_key("price"));
+    assert!(
+        !diff.changed.contains_key("secret") && diff.hidden == ["secret"],
+        "a masked field is never shown: {diff:?}"
+    );
+    // The allow-list of crm drops price and secret: its diff has only sku.
+    let crm = &p.targets[1];
+    let diff = crm.diff.as_ref().unwrap();
+    assert_eq!(diff.changed.keys().collect::<Vec<_>>(), ["sku"]);
+    assert!(diff.added.is_empty() && diff.removed.is_empty());
+
+    // Still quarantined after another bad change: the diff is still
+    // against the document the targets have.
+    h.txn(&[("product_template", U, &diff_row("1", "worse", "s3", "12"))]);
+    let p = h.gov.record_status("product", "1").unwrap();
+    assert_eq!(
+        p.targets[1].diff.as_ref().unwrap().changed["sku"],
+        FieldChange {
+            delivered: json!("P_1"),
+            withheld: json!("worse")
+        }
+    );
+}
+
+#[test]
+fn a_record_quarantined_before_any_delivery_says_why_there_is_no_diff() {
+    let mut h = Harness::new(DIFF);
+    h.txn(&[("product_template", I, &diff_row("1", "bad", "s1", "10"))]);
+    let p = h.gov.record_status("product", "1").unwrap();
+    assert!(p.targets.iter().all(|t| t.diff.is_none()));
+    assert_eq!(
+        p.targets[0].diff_note.as_deref(),
+        Some("the target has no document of this record")
+    );
+    let published = h.gov.record_status("product", "2").unwrap();
+    assert!(published.targets.iter().all(|t| t.diff_note.is_none()));
+}
+
+#[test]
+fn documents_diff_by_field() {
+    let a = json!({"sku": "A", "gone": 1, "same": true, "lines": [1], "iban": "x"});
+    let b = json!({"sku": "B", "new": null, "same": true, "lines": [2], "iban": "y"});
+    let diff = diff_documents(
+        a.as_object().unwrap(),
+        b.as_object().unwrap(),
+        &["iban".into(), "lines.qty".into()],
+    );
+    assert_eq!(diff.added.keys().collect::<Vec<_>>(), ["new"]);
+    assert_eq!(diff.removed.get("gone"), Some(&json!(1)));
+    assert_eq!(diff.changed.keys().collect::<Vec<_>>(), ["sku"]);
+    assert_eq!(diff.hidden, ["iban", "lines"]);
+    assert!(!diff.is_empty());
+    assert!(diff_documents(a.as_object().unwrap(), a.as_object().unwrap(), &[]).is_empty());
+}

@@ -110,6 +110,11 @@ pub struct Mapped {
 }
 
 impl Mapped {
+    /// The whole new row, for an entity whose rows are captured.
+    pub fn row(&self) -> Option<&Map<String, Value>> {
+        self.row.as_ref()
+    }
+
     /// Folds a later change of the same record in the same transaction into
     /// this one: the final state and the last change's id, the first
     /// change's kind and old row. Whether a value cannot be encoded is a

@@ -178,6 +178,86 @@ pub struct TargetStatus {
     /// The document the target would get now, after its field policy;
     /// `None` when steward holds no row of the record.
     pub document: Option<Value>,
+    /// For a quarantined record: how the withheld document differs from
+    /// the one the target last got, both after the target's field policy.
+    pub diff: Option<DocumentDiff>,
+    /// For a quarantined record without a diff: why there is none.
+    pub diff_note: Option<String>,
+}
+
+/// How a withheld document differs from the last one a target got, field
+/// by field (top-level fields; a children array is one field). Fields the
+/// target's policy masks or hashes are left out, so a diff never shows
+/// more of them than the target's own documents do.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DocumentDiff {
+    /// Fields only the withheld document has, with their values.
+    pub added: BTreeMap<String, Value>,
+    /// Fields only the delivered document has, with their values.
+    pub removed: BTreeMap<String, Value>,
+    /// Fields both have with different values.
+    pub changed: BTreeMap<String, FieldChange>,
+    /// Fields left out because the target's policy masks or hashes them.
+    pub hidden: Vec<String>,
+}
+
+impl DocumentDiff {
+    /// Whether the documents are the same (but for hidden fields).
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+/// One field's value in the delivered and in the withheld document.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FieldChange {
+    /// As the target last got it.
+    pub delivered: Value,
+    /// As withheld.
+    pub withheld: Value,
+}
+
+/// The field diff of two documents, leaving out the top-level fields in
+/// `hidden` (a child path `child.field` hides the whole `child` array).
+pub fn diff_documents(
+    delivered: &serde_json::Map<String, Value>,
+    withheld: &serde_json::Map<String, Value>,
+    hidden: &[String],
+) -> DocumentDiff {
+    let top: BTreeSet<&str> = hidden
+        .iter()
+        .map(|f| f.split_once('.').map_or(f.as_str(), |(child, _)| child))
+        .collect();
+    let mut diff = DocumentDiff {
+        hidden: top.iter().map(|f| (*f).to_string()).collect(),
+        ..DocumentDiff::default()
+    };
+    for (field, value) in withheld {
+        if top.contains(field.as_str()) {
+            continue;
+        }
+        match delivered.get(field) {
+            None => {
+                diff.added.insert(field.clone(), value.clone());
+            }
+            Some(before) if before != value => {
+                diff.changed.insert(
+                    field.clone(),
+                    FieldChange {
+                        delivered: before.clone(),
+                        withheld: value.clone(),
+                    },
+                );
+            }
+            Some(_) => {}
+        }
+    }
+    for (field, value) in delivered {
+        if !top.contains(field.as_str()) && !withheld.contains_key(field) {
+            diff.removed.insert(field.clone(), value.clone());
+        }
+    }
+    diff
 }
 
 /// The last decision for one record and target, as the governance state
@@ -366,11 +446,20 @@ impl Governance {
             } else {
                 TargetDecision::Undecided
             };
+            let (diff, diff_note) = match &quarantine {
+                Some(q) => match self.quarantine_diff(t, entity, q, delivered.copied()) {
+                    Ok(diff) => (Some(diff), None),
+                    Err(note) => (None, Some(note)),
+                },
+                None => (None, None),
+            };
             targets.push(TargetStatus {
                 target: self.target_names[t].clone(),
                 decision,
                 up_to_date,
                 document: document.map(Value::Object),
+                diff,
+                diff_note,
             });
         }
         let blocked_by = self.blockers_of(e, key, row, state, quarantine.as_ref());
@@ -389,6 +478,55 @@ impl Governance {
             dependents,
             dependents_total,
         })
+    }
+
+    /// The diff between a quarantined record's withheld document and the
+    /// one target `t` last got (whose hash is `delivered`), or why there is
+    /// none. steward keeps only that document's hash: the document the
+    /// record had on entering quarantine stands for it when their hashes
+    /// match after the target's policy.
+    fn quarantine_diff(
+        &self,
+        t: super::TargetIndex,
+        entity: &str,
+        q: &QuarantineEntry,
+        delivered: Option<[u8; 8]>,
+    ) -> Result<DocumentDiff, String> {
+        let Some(hash) = delivered else {
+            return Err("the target has no document of this record".to_string());
+        };
+        let (Some(Value::Object(before)), Value::Object(withheld)) = (&q.delivered, &q.document)
+        else {
+            return Err(
+                "the document last delivered is not known (steward keeps only its hash)"
+                    .to_string(),
+            );
+        };
+        let policy = &self.policies[t];
+        let before = redact::apply(policy, entity, before).0;
+        if short_hash(&doc_hash(&EventData::from_map(&before))) != hash {
+            return Err(
+                "the document last delivered is not known: the target got another \
+                        version than the one the record had on entering quarantine (steward \
+                        keeps only the hash of the last delivered document)"
+                    .to_string(),
+            );
+        }
+        let withheld = redact::apply(policy, entity, withheld).0;
+        let hidden: Vec<String> = policy
+            .mask
+            .iter()
+            .filter(|(e, _, _)| e == entity)
+            .map(|(_, f, _)| f.clone())
+            .chain(
+                policy
+                    .hash
+                    .iter()
+                    .filter(|(e, _)| e == entity)
+                    .map(|(_, f)| f.clone()),
+            )
+            .collect();
+        Ok(diff_documents(&before, &withheld, &hidden))
     }
 
     /// The records a record's reference rules wait for, and the record its
