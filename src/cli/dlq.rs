@@ -64,7 +64,38 @@ pub(super) async fn run(
     }
     let response = match client::access(&config).await? {
         Access::Store(store) => {
+            let concerned = match &request {
+                Request::Drop { filter } => {
+                    match requests::apply(
+                        &store,
+                        target,
+                        &Request::List {
+                            filter: filter.clone(),
+                        },
+                    )? {
+                        Response::DeadLetters { entries } => entries,
+                        _ => Vec::new(),
+                    }
+                }
+                _ => Vec::new(),
+            };
             let r = requests::apply(&store, target, &request)?;
+            if !concerned.is_empty() {
+                // The target never got these: a reconciliation sends them again.
+                let records = concerned
+                    .iter()
+                    .map(|d| (d.event.entity.clone(), d.event.key.clone()))
+                    .collect();
+                crate::daemon::govern::answer_offline(
+                    &config,
+                    &store,
+                    crate::daemon::govern::Request::ForgetSent {
+                        target: target.to_string(),
+                        records,
+                    },
+                    None,
+                )?;
+            }
             drop(store);
             r
         }

@@ -42,6 +42,11 @@ async fn via_api(
         ..Response::default()
     };
     Ok(match req {
+        // Only the daemon asks itself this (a dead-letter drop).
+        Request::ForgetSent { .. } => Response {
+            error: Some("not a request of the command line".to_string()),
+            ..Response::default()
+        },
         Request::QuarantineList { blocked_by } => {
             match daemon
                 .get::<wire::QuarantineList>(&["quarantine"], &[("blocked_by", blocked_by)])

@@ -1,4 +1,4 @@
-//! The command line: `steward run | check-config | status | backup | reset | dlq | flush | quarantine | audit | user | token | setup-sql | demo`.
+//! The command line: `steward run | check-config | status | backup | reset | reconcile | repair | dlq | flush | quarantine | audit | user | token | setup-sql | demo`.
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage,
 //! 3 damaged state file (see [`EXIT_DAMAGED_STATE`]).
@@ -10,6 +10,7 @@ mod demo;
 mod dlq;
 mod governance;
 pub(crate) mod out;
+mod reconcile;
 mod record;
 mod reset;
 mod setup_sql;
@@ -164,6 +165,36 @@ enum Command {
         /// Why, for the audit trail.
         #[arg(long, value_name = "TEXT")]
         comment: Option<String>,
+    },
+    /// Compare what a target was sent with the source and send only what differs.
+    Reconcile {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// The target to reconcile.
+        #[arg(long, value_name = "NAME")]
+        target: String,
+        /// Only these entities of the target (repeatable); default: all it receives.
+        #[arg(long = "entity", value_name = "E")]
+        entities: Vec<String>,
+        /// Only report what differs; send and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+        /// Return once the daemon took the request instead of waiting for the results.
+        #[arg(long)]
+        no_wait: bool,
+        /// Why, for the audit trail.
+        #[arg(long, value_name = "TEXT")]
+        comment: Option<String>,
+    },
+    /// After a lost or dropped slot (daemon stopped): recreate the slot and reconcile every target.
+    Repair {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// Recreate the slot, but only report what differs (a later `steward reconcile` repairs it).
+        #[arg(long)]
+        dry_run: bool,
     },
     /// The console's users and roles (in `[console] users_file`).
     User {
@@ -480,6 +511,42 @@ pub fn main() -> ExitCode {
                 comment,
             };
             run_blocking(reset::run(config, args))
+        }
+        Command::Reconcile {
+            config,
+            target,
+            entities,
+            dry_run,
+            json,
+            no_wait,
+            comment,
+        } => {
+            let config = match steward_sinks::config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let args = reconcile::ReconcileArgs {
+                target,
+                entities,
+                dry_run,
+                json,
+                wait: !no_wait,
+                comment,
+            };
+            run_blocking(reconcile::run(config, args))
+        }
+        Command::Repair { config, dry_run } => {
+            let config = match steward_sinks::config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(2);
+                }
+            };
+            run_blocking(reconcile::repair(config, dry_run))
         }
         #[cfg(feature = "demo")]
         Command::Demo { once } => run_blocking(demo::run(once)),

@@ -69,6 +69,7 @@ fn request(args: &ResetArgs) -> anyhow::Result<ResetRequest> {
     Ok(ResetRequest {
         target,
         entities: args.entities.clone(),
+        ..ResetRequest::default()
     })
 }
 

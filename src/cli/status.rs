@@ -330,7 +330,9 @@ fn print_snapshots(r: &Report) {
             steward_store::SnapshotPhase::Running => "running",
             steward_store::SnapshotPhase::Done => "done",
         };
-        let kind = if s.restore {
+        let kind = if s.reconcile {
+            "reconcile "
+        } else if s.restore {
             "repair    "
         } else if s.reevaluate {
             "reevaluate"
@@ -350,6 +352,21 @@ fn print_snapshots(r: &Report) {
                 .map(|l| format!(", at {l}"))
                 .unwrap_or_default()
         );
+        if s.reconcile {
+            let c = &s.counts;
+            println!(
+                "           checked {}, equal {}, re-sent {}, deleted {}{}{}",
+                c.checked,
+                c.equal,
+                c.resent,
+                c.deleted,
+                if s.dry_run { " (dry run)" } else { "" },
+                s.finished_at
+                    .as_deref()
+                    .map(|t| format!(", finished {t}"))
+                    .unwrap_or_default()
+            );
+        }
         if let Some(e) = &s.last_error {
             println!("           error: {e}");
         }

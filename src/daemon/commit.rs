@@ -598,6 +598,7 @@ entities = ["product"]
                 comment: None,
                 seq: None,
             })],
+            ..GovDelta::default()
         }
     }
 

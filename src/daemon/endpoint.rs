@@ -71,6 +71,24 @@ fn describe() {
         SNAPSHOT_ROWS,
         "Snapshot rows appended to the target's outbox (initial snapshots and resets)"
     );
+    describe_counter!(
+        RECONCILE_RECORDS,
+        "Records compared by reconciliations, by result (checked, equal, resent, deleted)"
+    );
+    describe_gauge!(
+        RECONCILE_LAST_COMPLETED,
+        Unit::Seconds,
+        "Unix time the last reconciliation of the target and entity completed"
+    );
+    describe_gauge!(
+        RECONCILE_LAST_DRIFT,
+        "Records the last completed reconciliation re-sent or deleted"
+    );
+    describe_gauge!(
+        RECONCILE_INTERVAL,
+        Unit::Seconds,
+        "Interval of the scheduled reconciliation (a day for `at`)"
+    );
     describe_counter!(EVENTS_DELIVERED, "Events acknowledged by the target");
     describe_counter!(DELIVERY_FAILURES, "Failed delivery attempts");
     describe_gauge!(TARGET_BACKLOG, "Events waiting in the target's outbox");
@@ -211,6 +229,10 @@ mod tests {
         SNAPSHOT_ROWS,
         CONFIG_RELOADS,
         ENTITY_STOPPED,
+        RECONCILE_RECORDS,
+        RECONCILE_LAST_COMPLETED,
+        RECONCILE_LAST_DRIFT,
+        RECONCILE_INTERVAL,
     ];
 
     /// `steward_*` names used in a text, histogram suffixes removed.

@@ -131,6 +131,13 @@ pub enum Request {
         state: RecordState,
         limit: usize,
     },
+    /// Dead letters of these (entity, key) records were dropped from
+    /// `target`: what it was sent is unknown (see
+    /// `Governance::forget_sent`).
+    ForgetSent {
+        target: String,
+        records: Vec<(String, String)>,
+    },
     /// What the governance knows of one record (the record view).
     Record {
         entity: String,
@@ -510,6 +517,9 @@ pub fn answer(
                 }
                 Err(e) => r.error = Some(e),
             }
+        }
+        Request::ForgetSent { target, records } => {
+            r.events = governance.forget_sent(&target, &records);
         }
         Request::Audit(filter) => match store.audit_query(&filter) {
             Ok(list) => r.audit = list,

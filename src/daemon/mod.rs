@@ -18,6 +18,7 @@ pub mod govern;
 pub mod lock;
 pub mod monitor;
 mod privileges;
+pub mod reconcile;
 pub mod record;
 pub mod schema;
 mod setup;
@@ -167,6 +168,7 @@ async fn run_open(
     let mut prepared = setup::prepare(&config, &store, &pipeline).await?;
     govern::seed_state(&config, &store, &mut governance).await?;
     govern::publish_gauges(&governance);
+    reconcile::publish_gauges(&store);
     let gate = snapshot::SnapshotGate::from_store(&store)?;
     let checkpoint = store.checkpoint()?.unwrap_or(Lsn::ZERO);
     state
@@ -452,24 +454,41 @@ fn govern_parked_chunk(
     watch_windows(config, governance, committer);
     let position = committer.latest();
     let before = committer.batch.len();
-    governance.process_snapshot(
-        &mut chunk.mapped,
-        chunk.consistent,
-        &SnapshotRead {
-            targets: vec![chunk.target],
-            force: chunk.force,
-            known_only: chunk.known_only,
-        },
-        position,
-        &mut committer.batch,
-    );
+    let counts = match chunk.kind {
+        snapshot::ChunkKind::Probe => {
+            let counts =
+                governance.probe_snapshot(&mut chunk.mapped, chunk.consistent, chunk.target);
+            let _ = chunk.done.send(Ok(counts));
+            return Ok(());
+        }
+        snapshot::ChunkKind::Absent { dry_run } => governance.reconcile_absent(
+            &mut chunk.mapped,
+            chunk.consistent,
+            chunk.target,
+            dry_run,
+            position,
+            &mut committer.batch,
+        ),
+        snapshot::ChunkKind::Govern => governance.process_snapshot(
+            &mut chunk.mapped,
+            chunk.consistent,
+            &SnapshotRead {
+                targets: vec![chunk.target],
+                force: chunk.force,
+                known_only: chunk.known_only,
+                quiet: chunk.quiet,
+            },
+            position,
+            &mut committer.batch,
+        ),
+    };
     let appended = committer.batch.len() > before;
     committer.add(appended, take_delta(governance), position)?;
     committer.flush_and_wait()?;
     let answer = if committer.stalled {
         Err("the state file does not accept writes; the snapshot chunk is read again".to_string())
     } else {
-        Ok(())
+        Ok(counts)
     };
     let _ = chunk.done.send(answer);
     Ok(())
@@ -734,6 +753,8 @@ fn answer_call(
         govern::Request::QuarantineRelease { entity, key } => Some((entity.clone(), key.clone())),
         _ => None,
     };
+    // Dropped dead letters are forgotten durably before the drop is answered.
+    let durable = matches!(call.request, govern::Request::ForgetSent { .. });
     let mut events = Vec::new();
     let store = committer.store.clone();
     let response = govern::answer(&store, governance, version, call.request, &mut events);
@@ -750,6 +771,9 @@ fn answer_call(
         let appended = !events.is_empty();
         committer.batch.extend(events);
         committer.add(appended, delta, version)?;
+        if durable {
+            committer.flush_and_wait()?;
+        }
     }
     // The asker may have given up waiting; the release stands anyway.
     let _ = call.reply.send(response);

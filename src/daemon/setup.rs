@@ -149,8 +149,9 @@ pub(super) async fn prepare(
                 bail!(
                     "the replication slot '{}' no longer exists, but steward had streamed up to {checkpoint}: \
                      changes made since then may never reach the targets. Someone dropped the slot, or the \
-                     server was rebuilt. To recover, run `steward reset --all -c FILE` (recreates the slot and \
-                     sends every target a fresh snapshot), or move the state file {} aside and restart steward \
+                     server was rebuilt. To recover, run `steward repair -c FILE` (recreates the slot and \
+                     sends each target only the records that differ), `steward reset --all -c FILE` \
+                     (recreates the slot and sends every target a fresh snapshot), or move the state file {} aside and restart steward \
                      (targets then receive only changes from the new slot onward)",
                     source.slot,
                     store.path().display()
@@ -293,6 +294,7 @@ fn plan_reevaluations(config: &Config, store: &Store) -> anyhow::Result<()> {
                     && &j.entity == name
                     && j.phase != steward_store::SnapshotPhase::Done
                     && !j.reevaluate
+                    && !(j.reconcile && j.dry_run)
             });
             if before.as_deref().is_some_and(|b| b != fingerprint) && !busy {
                 changed.push(name.clone());

@@ -68,10 +68,24 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use steward_core::config::{Config, EntityIndex, TargetIndex};
+use steward_core::model::split_key;
 use steward_core::model::{Event, Lsn};
-use steward_core::pipeline::{snapshot_mapped, Governance, Mapped, Pipeline};
+use steward_core::pipeline::{absent_mapped, snapshot_mapped, Governance, Mapped, Pipeline};
 use steward_source::snapshot::{self as source_snapshot, SnapshotReader, TableRead};
-use steward_store::{SnapshotJob, SnapshotPhase, Store, VersionCheck};
+use steward_store::{ReconcileCounts, SnapshotJob, SnapshotPhase, Store, VersionCheck};
+
+/// Keys looked up in the source per query while sweeping for keys gone.
+const SWEEP_BATCH: usize = 1000;
+
+/// What a reconciliation's sweep reads and maps with.
+struct Sweep<'a> {
+    read: &'a TableRead,
+    relation: &'a steward_core::model::Relation,
+    pipeline: &'a Pipeline,
+    entity: EntityIndex,
+    target: TargetIndex,
+    time: &'a str,
+}
 
 /// Rows per chunk (one store commit each); `STEWARD_SNAPSHOT_CHUNK_ROWS`
 /// overrides it (smaller chunks: less work repeated after a crash, more commits).
@@ -217,12 +231,18 @@ pub fn filter_batch(
 }
 
 /// A `steward reset` request.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ResetRequest {
     pub target: String,
     /// Empty: every entity of the target.
     #[serde(default)]
     pub entities: Vec<String>,
+    /// A reconciliation (see `daemon::reconcile`) instead of a resend.
+    #[serde(default)]
+    pub reconcile: bool,
+    /// A reconciliation that only counts.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 /// A reset for the snapshot task, from the control API: answered with the
@@ -294,7 +314,25 @@ pub struct SnapshotChunk {
     /// had a decision about (it had no snapshot of them, and they have not
     /// changed since) are left alone: a new rule is not a change of them.
     pub known_only: bool,
-    pub done: tokio::sync::oneshot::Sender<Result<(), String>>,
+    /// A reconciliation's: unchanged decisions are not audited.
+    pub quiet: bool,
+    /// What the loop does with the rows.
+    pub kind: ChunkKind,
+    /// Answered once the chunk is governed and committed, with what a
+    /// reconciliation found in it.
+    pub done: tokio::sync::oneshot::Sender<Result<ReconcileCounts, String>>,
+}
+
+/// What the daemon loop does with a chunk's rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkKind {
+    /// Govern them ([`Governance::process_snapshot`]).
+    Govern,
+    /// Only count what governing them would send (a dry-run reconciliation).
+    Probe,
+    /// Deletes of keys the target was sent that are gone from the source
+    /// ([`Governance::reconcile_absent`]); `dry_run` only counts them.
+    Absent { dry_run: bool },
 }
 
 pub struct Worker {
@@ -313,11 +351,13 @@ pub struct Worker {
 impl Worker {
     pub async fn run(mut self) {
         let mut attempt = 0u32;
+        let mut schedule = block(|| super::reconcile::Schedule::new(&self.config, &self.store));
         loop {
             if *self.shutdown.borrow() {
                 return;
             }
             self.take_resets();
+            block(|| schedule.start_due(&self.config, &self.gate, &self.store));
             match self.round().await {
                 Ok(true) => attempt = 0,
                 Ok(false) => {
@@ -494,27 +534,32 @@ impl Worker {
                     mapped.push(m);
                 }
             }
-            let (done, answer) = tokio::sync::oneshot::channel();
+            let kind = match (job.reconcile, job.dry_run) {
+                (true, true) => ChunkKind::Probe,
+                _ => ChunkKind::Govern,
+            };
             let message = SnapshotChunk {
                 mapped,
                 consistent,
                 target: target_index,
-                force: !job.reevaluate,
+                // A reconciliation sends only documents that differ.
+                force: !job.reevaluate && !job.reconcile,
                 known_only: job.reevaluate,
-                done,
+                quiet: job.reconcile,
+                kind,
+                done: tokio::sync::oneshot::channel().0,
             };
-            if self.chunks.send(message).await.is_err() {
+            let Some(counts) = self.govern(message).await? else {
                 return Ok(()); // the daemon loop is gone: shutting down
-            }
-            match answer.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => anyhow::bail!("{e}"),
-                Err(_) => anyhow::bail!("the daemon loop dropped a snapshot chunk (the source session ended); the snapshot resumes"),
-            }
+            };
             let n = rows.len();
             job.rows_done += n as u64;
+            job.counts.add(counts);
             job.last_key = Some(last_key);
             block(|| self.store.put_snapshot_jobs(std::slice::from_ref(&job)))?;
+            if job.reconcile {
+                super::reconcile::count(&job, counts);
+            }
             metrics::counter!(steward_core::metric::SNAPSHOT_ROWS, "target" => job.target.clone())
                 .increment(n as u64);
             if last_log.elapsed() >= LOG_EVERY {
@@ -530,10 +575,26 @@ impl Worker {
                 break;
             }
         }
+        if job.reconcile {
+            let sweep = Sweep {
+                read: &read,
+                relation: &relation,
+                pipeline: &pipeline,
+                entity: entity_index,
+                target: target_index,
+                time: &time,
+            };
+            if !self.sweep(reader, &mut job, &sweep).await? {
+                return Ok(());
+            }
+        }
         job.phase = SnapshotPhase::Done;
         job.finished_at = Some(now());
         block(|| self.store.put_snapshot_jobs(std::slice::from_ref(&job)))?;
         let secs = started.elapsed().as_secs_f64();
+        if job.reconcile {
+            super::reconcile::finished(&self.store, &job);
+        }
         tracing::info!(
             target_name = %job.target, entity = %job.entity, rows = job.rows_done,
             seconds = format!("{secs:.1}"),
@@ -541,6 +602,105 @@ impl Worker {
             "snapshot of entity finished"
         );
         Ok(())
+    }
+
+    /// Hands a chunk to the daemon loop and waits until it is governed and
+    /// committed; `None` when the loop is gone (shutting down).
+    async fn govern(&self, mut chunk: SnapshotChunk) -> anyhow::Result<Option<ReconcileCounts>> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        chunk.done = done;
+        if self.chunks.send(chunk).await.is_err() {
+            return Ok(None);
+        }
+        match answer.await {
+            Ok(Ok(counts)) => Ok(Some(counts)),
+            Ok(Err(e)) => anyhow::bail!("{e}"),
+            Err(_) => anyhow::bail!("the daemon loop dropped a snapshot chunk (the source session ended); the snapshot resumes"),
+        }
+    }
+
+    /// A reconciliation's second part: the keys the target was sent
+    /// (`Store::published_keys`) that this snapshot does not have are
+    /// deleted at the target, through the governance. Resumable: the job
+    /// records the last row of names swept. Ok(false) when shutting down.
+    async fn sweep(
+        &self,
+        reader: &SnapshotReader,
+        job: &mut SnapshotJob,
+        sweep: &Sweep<'_>,
+    ) -> anyhow::Result<bool> {
+        let consistent = reader.consistent;
+        let key_positions: Vec<usize> = sweep
+            .read
+            .key
+            .iter()
+            .filter_map(|k| sweep.relation.columns.iter().position(|c| &c.name == k))
+            .collect();
+        let mut after = job.swept_to.unwrap_or(0);
+        loop {
+            if *self.shutdown.borrow() {
+                return Ok(false);
+            }
+            let (mut keys, last) = block(|| {
+                self.store
+                    .published_keys(&job.target, &job.entity, after, 4)
+            })?;
+            let Some(last) = last else {
+                return Ok(true);
+            };
+            keys.sort_unstable();
+            keys.dedup();
+            let mut counts = ReconcileCounts::default();
+            for batch in keys.chunks(SWEEP_BATCH) {
+                let parts: Vec<Vec<String>> = batch.iter().map(|k| split_key(k)).collect();
+                let present: HashSet<Vec<String>> = reader
+                    .present_keys(sweep.read, &parts)
+                    .await?
+                    .into_iter()
+                    .collect();
+                let mut mapped = Vec::new();
+                for key in parts.iter().filter(|p| !present.contains(*p)) {
+                    let mut row = vec![None; sweep.relation.columns.len()];
+                    for (part, &at) in key.iter().zip(&key_positions) {
+                        row[at] = Some(part.clone());
+                    }
+                    if let Some(m) = absent_mapped(
+                        sweep.pipeline,
+                        sweep.relation.id,
+                        sweep.entity,
+                        &row,
+                        consistent,
+                        sweep.time,
+                    )? {
+                        mapped.push(m);
+                    }
+                }
+                if mapped.is_empty() {
+                    continue;
+                }
+                let chunk = SnapshotChunk {
+                    mapped,
+                    consistent,
+                    target: sweep.target,
+                    force: false,
+                    known_only: false,
+                    quiet: true,
+                    kind: ChunkKind::Absent {
+                        dry_run: job.dry_run,
+                    },
+                    done: tokio::sync::oneshot::channel().0,
+                };
+                let Some(found) = self.govern(chunk).await? else {
+                    return Ok(false);
+                };
+                counts.add(found);
+            }
+            job.counts.add(counts);
+            job.swept_to = Some(last);
+            after = last;
+            block(|| self.store.put_snapshot_jobs(std::slice::from_ref(job)))?;
+            super::reconcile::count(job, counts);
+        }
     }
 
     /// Applies the resets waiting.
@@ -552,13 +712,31 @@ impl Worker {
 
     fn reset(&self, call: ResetCall) {
         let request = call.request;
-        let outcome = resolve_request(&self.config, &request).and_then(|entities| {
-            block(|| begin_resync(&self.gate, &self.store, &request.target, &entities))?;
-            Ok(entities)
-        });
+        let outcome = if request.reconcile {
+            block(|| {
+                let entities = super::reconcile::resolve(&self.config, &self.store, &request)?;
+                super::reconcile::begin(
+                    &self.gate,
+                    &self.store,
+                    &request.target,
+                    &entities,
+                    request.dry_run,
+                )?;
+                Ok(entities)
+            })
+        } else {
+            resolve_request(&self.config, &request).and_then(|entities| {
+                block(|| begin_resync(&self.gate, &self.store, &request.target, &entities))?;
+                Ok(entities)
+            })
+        };
         let answer = match outcome {
             Ok(entities) => {
-                tracing::info!(target_name = %request.target, ?entities, "reset requested: resynchronising");
+                if request.reconcile {
+                    tracing::info!(target_name = %request.target, ?entities, dry_run = request.dry_run, "reconciliation requested");
+                } else {
+                    tracing::info!(target_name = %request.target, ?entities, "reset requested: resynchronising");
+                }
                 Ok(entities)
             }
             Err(e) => {
@@ -626,6 +804,31 @@ pub struct SnapshotStatusLine {
     /// Sending every record again after a restored backup.
     #[serde(default)]
     pub restore: bool,
+    /// A reconciliation (sends only what differs), with what it found so far.
+    #[serde(default)]
+    pub reconcile: bool,
+    #[serde(default)]
+    pub dry_run: bool,
+    #[serde(default)]
+    pub counts: ReconcileCounts,
+}
+
+impl SnapshotStatusLine {
+    /// The line of `steward reconcile`'s report.
+    pub fn reconcile_line(&self) -> super::reconcile::ReconcileLine {
+        super::reconcile::ReconcileLine {
+            target: self.target.clone(),
+            entity: self.entity.clone(),
+            dry_run: self.dry_run,
+            done: self.phase == SnapshotPhase::Done,
+            checked: self.counts.checked,
+            equal: self.counts.equal,
+            resent: self.counts.resent,
+            deleted: self.counts.deleted,
+            finished_at: self.finished_at.clone(),
+            last_error: self.last_error.clone(),
+        }
+    }
 }
 
 impl From<&SnapshotJob> for SnapshotStatusLine {
@@ -644,6 +847,9 @@ impl From<&SnapshotJob> for SnapshotStatusLine {
             last_error: j.last_error.clone(),
             reevaluate: j.reevaluate,
             restore: j.restore,
+            reconcile: j.reconcile,
+            dry_run: j.dry_run,
+            counts: j.counts,
         }
     }
 }
@@ -660,11 +866,13 @@ pub fn slot_advice(exists: Option<bool>, wal_status: Option<&str>, slot: &str) -
     match (exists, wal_status) {
         (Some(false), _) => Some(format!(
             "slot '{slot}' is missing: if steward had streamed before, changes may be lost; \
-             stop steward and run `steward reset --all -c FILE`, then start it"
+             stop steward and run `steward repair -c FILE` (sends each target only what \
+             differs) or `steward reset --all -c FILE` (sends everything), then start it"
         )),
         (_, Some("lost")) => Some(format!(
             "slot '{slot}' is invalidated (wal_status lost): the server removed WAL it still needed; \
-             stop steward and run `steward reset --all -c FILE`, then start it"
+             stop steward and run `steward repair -c FILE` (sends each target only what \
+             differs) or `steward reset --all -c FILE` (sends everything), then start it"
         )),
         (_, Some("unreserved")) => Some(format!(
             "slot '{slot}' is at risk (wal_status unreserved): it is behind max_slot_wal_keep_size \

@@ -23,6 +23,7 @@ mod packaging;
 mod pipeline;
 mod poison;
 mod properties;
+mod reconcile;
 mod record_states;
 mod record_view;
 mod schema;

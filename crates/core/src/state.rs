@@ -71,6 +71,12 @@ pub struct AuditRecord {
 pub struct GovDelta {
     /// In the order they happened: the store applies them in this order.
     pub ops: Vec<GovOp>,
+    /// The (target, entity, key) names of records that became published to
+    /// a target, each as [`push_published_name`] writes it: the published
+    /// state is keyed by digests, and reconciliation needs the keys a target
+    /// was sent to find the ones gone from the source. Bytes, not strings,
+    /// so the hot path allocates nothing per record.
+    pub published_names: Vec<u8>,
 }
 
 /// One change of the durable governance state.
@@ -120,7 +126,7 @@ pub enum GovOp {
 impl GovDelta {
     /// Whether nothing changed.
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
+        self.ops.is_empty() && self.published_names.is_empty()
     }
 
     /// Adds `other`'s changes after this one's.
@@ -130,6 +136,11 @@ impl GovDelta {
             self.ops = other.ops;
         } else {
             self.ops.extend(other.ops);
+        }
+        if self.published_names.is_empty() {
+            self.published_names = other.published_names;
+        } else {
+            self.published_names.extend(other.published_names);
         }
     }
 }
@@ -176,4 +187,59 @@ pub fn published_digest(target: &str, entity: &str, key: &str) -> [u8; 16] {
     let mut out = [0u8; 16];
     out.copy_from_slice(&blake3::hash(buf).as_bytes()[..16]);
     out
+}
+
+/// Appends one (target, entity, key) name to `out`: each part as a
+/// little-endian `u32` length and its bytes.
+pub fn push_published_name(out: &mut Vec<u8>, target: &str, entity: &str, key: &str) {
+    for part in [target, entity, key] {
+        out.extend_from_slice(&(part.len() as u32).to_le_bytes());
+        out.extend_from_slice(part.as_bytes());
+    }
+}
+
+/// The names [`push_published_name`] wrote to `bytes`, in order; stops at
+/// a torn entry (never written: entries are stored whole).
+pub fn published_names(bytes: &[u8]) -> impl Iterator<Item = [&str; 3]> + '_ {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        let mut parts = [""; 3];
+        for part in &mut parts {
+            let len_bytes = bytes.get(at..at + 4)?;
+            let len = u32::from_le_bytes(len_bytes.try_into().ok()?) as usize;
+            let text = bytes.get(at + 4..at + 4 + len)?;
+            *part = std::str::from_utf8(text).ok()?;
+            at += 4 + len;
+        }
+        Some(parts)
+    })
+}
+
+/// What a reconciliation found for one target and entity (see the
+/// governance's `process_snapshot`, `probe_snapshot` and `reconcile_absent`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReconcileCounts {
+    /// Records read from the source and compared.
+    pub checked: u64,
+    /// Records the target holds as it should (or rightly does not hold).
+    pub equal: u64,
+    /// Records sent again: their document differs from the last one sent.
+    pub resent: u64,
+    /// Deletes sent: records gone from the source or no longer publishable.
+    pub deleted: u64,
+}
+
+impl ReconcileCounts {
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, other: ReconcileCounts) {
+        self.checked += other.checked;
+        self.equal += other.equal;
+        self.resent += other.resent;
+        self.deleted += other.deleted;
+    }
+
+    /// Whether the target differed from what it should hold.
+    pub fn drift(&self) -> u64 {
+        self.resent + self.deleted
+    }
 }

@@ -268,6 +268,61 @@ impl SnapshotReader {
 }
 
 impl SnapshotReader {
+    /// Which of `keys` (key column texts, in the order of `read.key`) the
+    /// table has in this snapshot: their key column texts, as the server
+    /// prints them (as [`SnapshotReader::read_chunk`] reads them).
+    pub async fn present_keys(
+        &self,
+        read: &TableRead,
+        keys: &[Vec<String>],
+    ) -> Result<Vec<Vec<String>>, SnapshotError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = present_sql(read, keys);
+        let messages = self
+            .client
+            .simple_query(&sql)
+            .await
+            .map_err(query_err(format!(
+                "looking up keys of {}.{} in the snapshot",
+                read.schema, read.table
+            )))?;
+        let mut out = Vec::with_capacity(keys.len());
+        for m in messages {
+            if let SimpleQueryMessage::Row(row) = m {
+                out.push(
+                    (0..read.key.len())
+                        .map(|i| row.get(i).unwrap_or_default().to_string())
+                        .collect(),
+                );
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// `SELECT k... FROM t WHERE (k...) IN (('..', ...), ...)`, untyped literals
+/// as in [`chunk_sql`] (the primary key index serves it).
+pub(crate) fn present_sql(read: &TableRead, keys: &[Vec<String>]) -> String {
+    let columns: Vec<String> = read.key.iter().map(|k| quote_ident(k)).collect();
+    let tuples: Vec<String> = keys
+        .iter()
+        .map(|k| {
+            let values: Vec<String> = k.iter().map(|v| quote_literal(v)).collect();
+            format!("({})", values.join(", "))
+        })
+        .collect();
+    format!(
+        "SELECT {cols} FROM {}.{} WHERE ({cols}) IN ({})",
+        quote_ident(&read.schema),
+        quote_ident(&read.table),
+        tuples.join(", "),
+        cols = columns.join(", ")
+    )
+}
+
+impl SnapshotReader {
     /// The row whose key columns hold `key` (texts, in key order), if any;
     /// the values of `relation.columns` as text.
     pub async fn read_row(

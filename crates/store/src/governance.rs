@@ -97,7 +97,7 @@ pub(super) fn apply(
         }
     }
     drop((rows, unique, quarantine));
-    super::published::append(txn, &published)?;
+    super::published::append(txn, &published, &delta.published_names)?;
     super::audit::append(txn, &audit)
 }
 

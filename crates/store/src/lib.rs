@@ -64,7 +64,7 @@ pub use dead_letter::{
 pub use error::StoreError;
 pub use governance::GovernanceState;
 pub use outbox::Outbox;
-pub use snapshot_progress::{SnapshotJob, SnapshotPhase, VersionCheck};
+pub use snapshot_progress::{ReconcileCounts, SnapshotJob, SnapshotPhase, VersionCheck};
 pub use spill::Spill;
 
 use std::path::{Path, PathBuf};

@@ -36,6 +36,21 @@ pub(crate) const ENTRIES_PER_ROW: usize = 1860;
 /// Superseded entries tolerated beyond the live set before compacting.
 pub(crate) const COMPACT_SLACK: u64 = 100_000;
 
+/// Row number → (target, entity, key) names of records that became
+/// published to a target, as `steward_core::state::push_published_name`
+/// writes them: the keys a target was sent, which the digests of
+/// [`PUBLISHED_LOG`] cannot give back. Appended once per record and target
+/// when it goes from not published to published (not on every change),
+/// compacted with the log (names no longer published are dropped). Row
+/// numbers only grow, also across compactions, so a reader paging by row
+/// number meets every name live when it started.
+pub(crate) const PUBLISHED_NAMES: TableDefinition<u64, &[u8]> =
+    TableDefinition::new("gov_published_names");
+/// The next row number of [`PUBLISHED_NAMES`].
+const NAMES_NEXT_ROW: &str = "names_next_row";
+/// About 60 KiB a row of names.
+const NAMES_ROW_BYTES: usize = 60 * 1024;
+
 #[cfg(test)]
 pub(crate) use steward_core::state::published_digest;
 pub(crate) use steward_core::state::{PublishedChange, PublishedEntry};
@@ -45,7 +60,11 @@ pub(crate) use steward_core::state::{PublishedChange, PublishedEntry};
 pub(super) fn append(
     txn: &WriteTransaction,
     changes: &[PublishedChange],
+    names: &[u8],
 ) -> Result<(), redb::Error> {
+    if !names.is_empty() {
+        append_names(txn, names)?;
+    }
     if changes.is_empty() {
         return Ok(());
     }
@@ -85,6 +104,98 @@ fn write_rows(
     Ok(())
 }
 
+/// Appends encoded names, split into rows at entry boundaries.
+#[allow(clippy::result_large_err)]
+fn append_names(txn: &WriteTransaction, names: &[u8]) -> Result<(), redb::Error> {
+    let mut counters = txn.open_table(LOG_COUNTERS)?;
+    let mut next = counters.get(NAMES_NEXT_ROW)?.map_or(1, |v| v.value());
+    let mut table = txn.open_table(PUBLISHED_NAMES)?;
+    let mut start = 0usize;
+    let mut at = 0usize;
+    for entry in name_entries(names) {
+        if at + entry.len() - start > NAMES_ROW_BYTES && at > start {
+            table.insert(next, &names[start..at])?;
+            next += 1;
+            start = at;
+        }
+        at += entry.len();
+    }
+    if at > start {
+        table.insert(next, &names[start..at])?;
+        next += 1;
+    }
+    counters.insert(NAMES_NEXT_ROW, next)?;
+    Ok(())
+}
+
+/// The encoded entries of `bytes`, each whole (three length-prefixed parts).
+fn name_entries(bytes: &[u8]) -> impl Iterator<Item = &[u8]> + '_ {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        let begin = at;
+        for _ in 0..3 {
+            let len = u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
+            at += 4 + len;
+        }
+        bytes.get(begin..at)
+    })
+}
+
+/// Drops the names whose record is no longer published (or is named twice),
+/// rewriting the rest after the last row number.
+#[allow(clippy::result_large_err)]
+fn compact_names(
+    txn: &WriteTransaction,
+    live: &HashMap<[u8; 16], [u8; 16]>,
+) -> Result<(), redb::Error> {
+    let mut kept_digests = std::collections::HashSet::new();
+    let mut kept = Vec::new();
+    {
+        let mut table = txn.open_table(PUBLISHED_NAMES)?;
+        while let Some((_, row)) = table.pop_first()? {
+            for entry in name_entries(row.value()) {
+                let Some([t, e, k]) = steward_core::state::published_names(entry).next() else {
+                    continue;
+                };
+                let digest = steward_core::state::published_digest(t, e, k);
+                let published = live.get(&digest).is_some_and(|h| *h != [0u8; 16]);
+                if published && kept_digests.insert(digest) {
+                    kept.extend_from_slice(entry);
+                }
+            }
+        }
+    }
+    if !kept.is_empty() {
+        append_names(txn, &kept)?;
+    }
+    Ok(())
+}
+
+/// The keys of `entity` named for `target` in up to `rows` rows of names
+/// after row `after`, and the last row read (`None`: no rows after it).
+pub(super) fn keys_after(
+    txn: &redb::ReadTransaction,
+    target: &str,
+    entity: &str,
+    after: u64,
+    rows: usize,
+) -> Result<(Vec<String>, Option<u64>), TxnError> {
+    let mut keys = Vec::new();
+    let mut last = None;
+    if let Some(t) = open_or_empty!(txn, PUBLISHED_NAMES) {
+        for item in t.range(after + 1..)?.take(rows) {
+            let (row, bytes) = item?;
+            last = Some(row.value());
+            for [t, e, k] in steward_core::state::published_names(bytes.value()) {
+                if t == target && e == entity {
+                    keys.push(k.to_string());
+                }
+            }
+        }
+    }
+    Ok((keys, last))
+}
+
 /// Replaces the log by its live entries.
 #[allow(clippy::result_large_err)]
 fn compact(txn: &WriteTransaction) -> Result<(), redb::Error> {
@@ -97,6 +208,7 @@ fn compact(txn: &WriteTransaction) -> Result<(), redb::Error> {
         live
     };
     let n = live.len() as u64;
+    compact_names(txn, &live)?;
     write_rows(txn, live.into_iter().map(|(d, h)| (d, Some(h))))?;
     let mut counters = txn.open_table(LOG_COUNTERS)?;
     counters.insert(LOG_ENTRIES, n)?;

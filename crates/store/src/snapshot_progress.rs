@@ -22,6 +22,7 @@ use super::tables::{
 };
 use super::{event_codec, load_state, Store, StoreError, TxnError};
 use steward_core::model::Lsn;
+pub use steward_core::state::ReconcileCounts;
 
 /// `<target>\x1f<entity>` → JSON of [`SnapshotJob`].
 const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
@@ -92,6 +93,23 @@ pub struct SnapshotJob {
     /// restored from a backup older than the replication slot.
     #[serde(default)]
     pub restore: bool,
+    /// A reconciliation: the records' governed documents are compared with
+    /// what the target was last sent and only the differences are sent;
+    /// after the table, the keys the target was sent that are gone from
+    /// the source are deleted (see `daemon::reconcile`).
+    #[serde(default)]
+    pub reconcile: bool,
+    /// A reconciliation that only counts and sends nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// A reconciliation past the table: the last row of the published
+    /// names (`store::published`) swept for keys gone from the source
+    /// (`Some(0)`: sweep not begun).
+    #[serde(default)]
+    pub swept_to: Option<u64>,
+    /// What a reconciliation found so far.
+    #[serde(default)]
+    pub counts: ReconcileCounts,
 }
 
 impl SnapshotJob {
@@ -113,6 +131,10 @@ impl SnapshotJob {
             last_error: None,
             reevaluate: false,
             restore: false,
+            reconcile: false,
+            dry_run: false,
+            swept_to: None,
+            counts: ReconcileCounts::default(),
         }
     }
 }
@@ -197,6 +219,41 @@ impl Store {
         self.begin_jobs(target, entities, false, true, false)
     }
 
+    /// Records reconciliation jobs (see [`SnapshotJob::reconcile`]) for
+    /// `entities` of `target`; the outbox is kept. The caller checks that
+    /// no snapshot of them is still reading (it would be replaced).
+    pub fn begin_reconcile(
+        &self,
+        target: &str,
+        entities: &[String],
+        dry_run: bool,
+    ) -> Result<Vec<SnapshotJob>, StoreError> {
+        let jobs: Vec<SnapshotJob> = entities
+            .iter()
+            .map(|e| SnapshotJob {
+                reconcile: true,
+                dry_run,
+                ..SnapshotJob::new(target, e)
+            })
+            .collect();
+        self.write_new_jobs(&jobs, target, entities, false)?;
+        Ok(jobs)
+    }
+
+    /// The keys of `entity` that `target` was sent (published since this
+    /// state file recorded names), from up to `rows` rows of names after row
+    /// `after`; a key may appear more than once. Returns the last row read,
+    /// `None` when there are no rows after `after`.
+    pub fn published_keys(
+        &self,
+        target: &str,
+        entity: &str,
+        after: u64,
+        rows: usize,
+    ) -> Result<(Vec<String>, Option<u64>), StoreError> {
+        self.read(|txn| super::published::keys_after(txn, target, entity, after, rows))
+    }
+
     fn begin_jobs(
         &self,
         target: &str,
@@ -213,12 +270,23 @@ impl Store {
                 ..SnapshotJob::new(target, e)
             })
             .collect();
+        self.write_new_jobs(&jobs, target, entities, drop_outbox)?;
+        Ok(jobs)
+    }
+
+    fn write_new_jobs(
+        &self,
+        jobs: &[SnapshotJob],
+        target: &str,
+        entities: &[String],
+        drop_outbox: bool,
+    ) -> Result<(), StoreError> {
         self.write(Durability::Immediate, |txn| {
             if drop_outbox {
                 drop_outbox_entities(txn, target, entities)?;
             }
             let mut table = txn.open_table(SNAPSHOTS)?;
-            for job in &jobs {
+            for job in jobs {
                 let name = versions_name(&job.target, &job.entity);
                 txn.delete_table(versions_table(&name))?;
                 let bytes = serde_json::to_vec(job)
@@ -226,8 +294,7 @@ impl Store {
                 table.insert(job_key(&job.target, &job.entity).as_str(), bytes.as_slice())?;
             }
             Ok(())
-        })?;
-        Ok(jobs)
+        })
     }
 
     /// The version filter of open windows: returns, for each item, whether

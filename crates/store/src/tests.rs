@@ -474,6 +474,7 @@ fn audit_record(n: u64, time_micros: i64) -> governance::AuditRecord {
 fn audit_delta(records: impl IntoIterator<Item = governance::AuditRecord>) -> governance::GovDelta {
     governance::GovDelta {
         ops: records.into_iter().map(governance::GovOp::Audit).collect(),
+        ..Default::default()
     }
 }
 
@@ -550,6 +551,7 @@ fn published_delta(changes: &[(u64, Option<u8>)]) -> governance::GovDelta {
                 hash: hash.map(|h| [h; 16]),
             })
             .collect(),
+        ..Default::default()
     }
 }
 
@@ -633,6 +635,76 @@ fn the_published_log_is_compacted_and_keeps_the_live_state() {
     assert_eq!(published_state(&store), expected);
     drop(store);
     assert_eq!(published_state(&Store::open(&path).unwrap()), expected);
+}
+
+/// Every key named for (wms, product) after row 0, read page by page.
+fn all_published_keys(store: &Store) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut after = 0;
+    while let (page, Some(last)) = store.published_keys("wms", "product", after, 1).unwrap() {
+        keys.extend(page);
+        after = last;
+    }
+    keys.sort_by_key(|k| k.parse::<u64>().unwrap());
+    keys.dedup();
+    keys
+}
+
+#[test]
+fn published_names_list_the_keys_sent_and_compaction_keeps_only_published_ones() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let named = |changes: &[(u64, Option<u8>)]| {
+        let mut delta = published_delta(changes);
+        for (n, hash) in changes {
+            if hash.is_some() {
+                steward_core::state::push_published_name(
+                    &mut delta.published_names,
+                    "wms",
+                    "product",
+                    &n.to_string(),
+                );
+            }
+        }
+        // Another target's and entity's names are not listed.
+        steward_core::state::push_published_name(&mut delta.published_names, "mes", "product", "x");
+        steward_core::state::push_published_name(&mut delta.published_names, "wms", "partner", "y");
+        delta
+    };
+    let commit = |lsn: u64, delta: governance::GovDelta| {
+        store.commit_governed(Lsn(lsn), &[], &delta).unwrap();
+    };
+    commit(0x100, named(&[(1, Some(1)), (2, Some(2)), (3, Some(3))]));
+    // 2 is no longer published; 4 is new; 1 named again (published again).
+    commit(0x200, named(&[(2, None), (4, Some(4)), (1, Some(5))]));
+    assert_eq!(all_published_keys(&store), ["1", "2", "3", "4"]);
+    let rows_before = store
+        .published_keys("wms", "product", 0, usize::MAX)
+        .unwrap()
+        .1;
+
+    // Enough changes to compact the published log (and the names with it).
+    let churn: Vec<(u64, Option<u8>)> = (0..published::COMPACT_SLACK + 10)
+        .map(|i| (1_000_000 + i % 10, None))
+        .collect();
+    commit(0x300, published_delta(&churn));
+    assert_eq!(
+        all_published_keys(&store),
+        ["1", "3", "4"],
+        "names no longer published are dropped, each name kept once"
+    );
+    let (_, rows_after) = store
+        .published_keys("wms", "product", 0, usize::MAX)
+        .unwrap();
+    assert!(
+        rows_after > rows_before,
+        "rows are renumbered after the last one, never reused: {rows_before:?} {rows_after:?}"
+    );
+    drop(store);
+    assert_eq!(
+        all_published_keys(&Store::open(&path).unwrap()),
+        ["1", "3", "4"]
+    );
 }
 
 /// A state file with a few thousand events across several commits.

@@ -285,6 +285,7 @@ fn router(control: Control) -> Router {
         .route(&v("/record/{entity}/{key}"), get(record))
         .route(&v("/backup"), post(backup))
         .route(&v("/targets/{target}/reset"), post(reset))
+        .route(&v("/targets/{target}/reconcile"), post(reconcile))
         .route(&v("/targets/{target}/flush"), post(flush))
         .route(&v("/targets/{target}/dead-letters"), get(dlq_list))
         .route(
@@ -471,6 +472,20 @@ async fn reset(
     let request: wire::ResetRequest = body(&bytes)?;
     let actor = peer.actor(request.comment).await?;
     let started = control.reset(actor, target, request.entities).await?;
+    Ok((StatusCode::ACCEPTED, Json(started)))
+}
+
+async fn reconcile(
+    State(control): State<Control>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    UrlPath(target): UrlPath<String>,
+    bytes: Bytes,
+) -> Result<(StatusCode, Json<wire::ResetStarted>), ApiError> {
+    let request: wire::ReconcileRequest = body(&bytes)?;
+    let actor = peer.actor(request.comment).await?;
+    let started = control
+        .reconcile(actor, target, request.entities, request.dry_run)
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(started)))
 }
 

@@ -318,6 +318,7 @@ impl Control {
         let reset = ResetRequest {
             target: target.clone(),
             entities,
+            ..ResetRequest::default()
         };
         snapshot::resolve_request(&run.config, &reset)
             .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
@@ -349,6 +350,54 @@ impl Control {
                     "resynchronisation from a fresh snapshot requested".to_string(),
                 )
             })
+            .collect();
+        let store = run.store.clone();
+        blocking(move || audit_append(&store, &records)).await?;
+        Ok(wire::ResetStarted { target, entities })
+    }
+
+    /// Starts a reconciliation of `entities` of `target` (see
+    /// `daemon::reconcile`); its progress and results are in the snapshot
+    /// lines (`reconcile` set).
+    pub async fn reconcile(
+        &self,
+        actor: Actor,
+        target: String,
+        entities: Vec<String>,
+        dry_run: bool,
+    ) -> Result<wire::ResetStarted, ApiError> {
+        let run = self.running()?;
+        target_of(&run, &target)?;
+        let request = ResetRequest {
+            target: target.clone(),
+            entities,
+            reconcile: true,
+            dry_run,
+        };
+        snapshot::resolve_request(&run.config, &request)
+            .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+        let (reply, answer) = oneshot::channel();
+        run.resets
+            .try_send(ResetCall { request, reply })
+            .map_err(|_| ApiError::busy("the snapshot task"))?;
+        let entities = match within("the snapshot task", answer).await? {
+            Ok(entities) => entities,
+            Err(message) => {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "reconcile_refused",
+                    message,
+                ))
+            }
+        };
+        let detail = if dry_run {
+            "reconciliation requested (dry run)"
+        } else {
+            "reconciliation requested"
+        };
+        let records: Vec<AuditRecord> = entities
+            .iter()
+            .map(|e| actor.record(e, "*", Some(&target), "reconcile", detail.to_string()))
             .collect();
         let store = run.store.clone();
         blocking(move || audit_append(&store, &records)).await?;
@@ -451,6 +500,18 @@ impl Control {
             DriverResponse::Replayed { count } | DriverResponse::Dropped { count } => count,
             other => return Err(ApiError::internal(format!("unexpected answer {other:?}"))),
         };
+        if drop {
+            // The target never got these: a reconciliation sends them again.
+            let records = concerned
+                .iter()
+                .map(|d| (d.event.entity.clone(), d.event.key.clone()))
+                .collect();
+            let forget = govern::Request::ForgetSent {
+                target: target.clone(),
+                records,
+            };
+            governance(&run, forget, None).await?;
+        }
         let decision = if drop { "dlq_dropped" } else { "dlq_replayed" };
         let records: Vec<AuditRecord> = concerned
             .iter()

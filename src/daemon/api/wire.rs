@@ -210,6 +210,20 @@ pub struct TargetLag {
     pub oldest_undelivered_seconds: Option<u64>,
 }
 
+/// `POST /v1/targets/{target}/reconcile`; answered with [`ResetStarted`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReconcileRequest {
+    /// Empty: every entity the target receives.
+    #[serde(default)]
+    pub entities: Vec<String>,
+    /// Only count what differs; send and change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
 /// `GET /v1/record/{entity}/{key}`: everything steward knows about one
 /// record. The governance's view (state, row as last read, gate,
 /// quarantine entry, per target decision and document, blocked_by, blocks,

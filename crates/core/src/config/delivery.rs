@@ -22,6 +22,12 @@ pub struct DeliveryPolicy {
     /// Most batches in flight to the target at once (1..=64); batches in
     /// flight never share a key.
     pub max_in_flight: usize,
+    /// `reconcile = { every | at }`: when the target is reconciled
+    /// (`daemon::reconcile`), for entities without their own schedule;
+    /// `None`: only on request.
+    pub reconcile: Option<Window>,
+    /// Per-entity schedules, from `reconcile.entities`.
+    pub entity_reconcile: Vec<(String, Window)>,
 }
 
 impl Default for DeliveryPolicy {
@@ -34,11 +40,22 @@ impl Default for DeliveryPolicy {
             window: Window::Realtime,
             entity_windows: Vec::new(),
             max_in_flight: 1,
+            reconcile: None,
+            entity_reconcile: Vec::new(),
         }
     }
 }
 
 impl DeliveryPolicy {
+    /// When `entity` is reconciled on schedule, if it is.
+    pub fn reconcile_of(&self, entity: &str) -> Option<Window> {
+        self.entity_reconcile
+            .iter()
+            .find(|(e, _)| e == entity)
+            .map(|(_, w)| *w)
+            .or(self.reconcile)
+    }
+
     /// The window that applies to `entity`.
     pub fn window_of(&self, entity: &str) -> &Window {
         self.entity_windows

@@ -181,9 +181,38 @@ pub(crate) fn join_key<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
     out
 }
 
+/// The component texts [`join_key`] joined into `key`.
+pub fn split_key(key: &str) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let mut chars = key.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let (Some(next), Some(part)) = (chars.next(), parts.last_mut()) {
+                    part.push(next);
+                }
+            }
+            '|' => parts.push(String::new()),
+            c => {
+                if let Some(part) = parts.last_mut() {
+                    part.push(c);
+                }
+            }
+        }
+    }
+    parts
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_key_gives_back_the_components() {
+        for parts in [vec!["7"], vec!["1", "2"], vec!["a|b", "c\\"], vec!["", "x"]] {
+            assert_eq!(split_key(&join_key(parts.iter().copied())), parts);
+        }
+    }
 
     #[test]
     fn composite_keys_are_unambiguous() {

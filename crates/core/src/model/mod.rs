@@ -5,5 +5,5 @@ pub(crate) mod event;
 pub mod json;
 pub mod value;
 
-pub use event::{Event, EventData, EventOp, SourceChange};
+pub use event::{split_key, Event, EventData, EventOp, SourceChange};
 pub use steward_postgres::{Change, ChangeOp, Column, Lsn, Relation, TupleValue};

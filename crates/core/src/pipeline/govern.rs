@@ -32,8 +32,8 @@ use crate::cel::CelInput;
 use crate::config::governance::{Check, ChildConfig, EntityGovernance, OnUnpublish, TargetPolicy};
 use crate::config::{Config, EntityConfig, EntityIndex, TargetIndex};
 use crate::model::{ChangeOp, Event, EventData, EventOp, Lsn, SourceChange};
-use crate::state::published_digest;
-use crate::state::{AuditRecord, GovDelta, GovOp, GovSnapshot, QuarantineEntry};
+use crate::state::{published_digest, push_published_name};
+use crate::state::{AuditRecord, GovDelta, GovOp, GovSnapshot, QuarantineEntry, ReconcileCounts};
 
 /// Index offset of events the governance makes itself (re-emissions, business
 /// objects): their ids never collide with those of source changes.
@@ -117,6 +117,10 @@ pub struct SnapshotRead {
     pub force: bool,
     /// Skip records the targets never had a decision about.
     pub known_only: bool,
+    /// A reconciliation: decisions that change nothing (a document equal
+    /// to the last one sent, a record still withheld) are not written to
+    /// the audit trail, which would otherwise get a record per row and run.
+    pub quiet: bool,
 }
 
 /// What an evaluation of a record runs for (a streamed change, a
@@ -152,6 +156,8 @@ enum Scope {
     Targets {
         targets: Vec<TargetIndex>,
         force: bool,
+        /// See [`SnapshotRead::quiet`].
+        quiet: bool,
     },
 }
 
@@ -768,6 +774,7 @@ impl Governance {
         let capacity = self.delta.ops.len();
         GovDelta {
             ops: std::mem::replace(&mut self.delta.ops, Vec::with_capacity(capacity)),
+            published_names: std::mem::take(&mut self.delta.published_names),
         }
     }
 
@@ -1125,17 +1132,27 @@ impl Governance {
         read: &SnapshotRead,
         position: Lsn,
         out: &mut Vec<(TargetIndex, Event)>,
-    ) {
+    ) -> ReconcileCounts {
         let SnapshotRead {
             targets,
             force,
             known_only,
+            quiet,
         } = read;
         let (force, known_only) = (*force, *known_only);
         let mut pending = Pending::default();
+        let mut counts = ReconcileCounts::default();
+        // Counted for a read for one target (a reconciliation's).
+        let counted = match targets.as_slice() {
+            [t] => Some(*t),
+            _ => None,
+        };
         for m in mapped.drain(..) {
             let e = m.entity;
             let key = m.event.key.clone();
+            if counted.is_some() && !self.is_hidden(e) {
+                counts.checked += 1;
+            }
             if known_only
                 && targets.iter().all(|&t| {
                     let slot = self.published_key(t, e, &key).slot();
@@ -1144,6 +1161,7 @@ impl Governance {
             {
                 // The target never had this record nor any decision about
                 // it: a configuration change is not a change of the record.
+                counts.equal += 1;
                 continue;
             }
             if self
@@ -1151,6 +1169,8 @@ impl Governance {
                 .get(&(e, key.clone()))
                 .is_some_and(|v| *v >= consistent.0)
             {
+                // The stream has sent (or decided) a newer version.
+                counts.equal += u64::from(!self.is_hidden(e));
                 continue;
             }
             if self.gov[e].child_of.is_some() || !self.gov[e].external_ids_of.is_empty() {
@@ -1175,9 +1195,11 @@ impl Governance {
                 scope: Scope::Targets {
                     targets: targets.clone(),
                     force,
+                    quiet: *quiet,
                 },
                 values: Values::Read(m.unencodable),
             };
+            let before = out.len();
             self.evaluate(
                 e,
                 &key,
@@ -1190,10 +1212,216 @@ impl Governance {
                 out,
                 &mut pending,
             );
+            if let Some(t) = counted {
+                match out[before..]
+                    .iter()
+                    .find(|(x, _)| *x == t)
+                    .map(|(_, ev)| ev.op)
+                {
+                    Some(EventOp::Upsert) => counts.resent += 1,
+                    Some(EventOp::Delete) => counts.deleted += 1,
+                    None => counts.equal += 1,
+                }
+            }
         }
         // Records released or held by these decisions (business keys let go,
         // references) are governed like any other: once, for every target.
         self.evaluate_pending(pending, position, &now_rfc3339(), out);
+        counts
+    }
+
+    /// Forgets what target `target` was last sent of these (entity, key)
+    /// records: their events were dropped from its dead letters, so the
+    /// target may hold an older version, or still hold a record whose delete
+    /// was dropped. Each is marked published with a document equal to none,
+    /// so the next reconciliation sends it again (or, gone from the source,
+    /// deletes it). Returns how many records were marked.
+    pub fn forget_sent(&mut self, target: &str, records: &[(String, String)]) -> usize {
+        let Some(t) = self.target_names.iter().position(|n| n == target) else {
+            return 0;
+        };
+        let t = TargetIndex(t);
+        let mut marked = 0;
+        for (entity, key) in records {
+            let Some(&e) = self.entity_index.get(entity) else {
+                continue;
+            };
+            let pkey = self.published_key(t, e, key);
+            if self
+                .published
+                .insert(pkey.slot(), short_hash(&SENT_UNKNOWN))
+                .is_none()
+            {
+                push_published_name(&mut self.delta.published_names, target, entity, key);
+            }
+            self.withheld.remove(&pkey.slot());
+            self.queue_published(pkey, Some(SENT_UNKNOWN));
+            marked += 1;
+        }
+        marked
+    }
+
+    /// What [`Governance::process_snapshot`] would send target `t` for
+    /// these rows (force off), changing nothing: a dry-run reconciliation.
+    /// The same steps as [`Governance::decide`] (document, `publish_when`,
+    /// rules, route, field policy, hash) without their effects.
+    pub fn probe_snapshot(
+        &self,
+        mapped: &mut Vec<Mapped>,
+        consistent: Lsn,
+        t: TargetIndex,
+    ) -> ReconcileCounts {
+        let mut counts = ReconcileCounts::default();
+        for m in mapped.drain(..) {
+            let e = m.entity;
+            if self.is_hidden(e) {
+                continue;
+            }
+            counts.checked += 1;
+            let key = m.event.key.as_str();
+            if self
+                .touched
+                .get(&(e, key.to_string()))
+                .is_some_and(|v| *v >= consistent.0)
+                || !self.entity_targets[e].contains(&t)
+            {
+                counts.equal += 1;
+                continue;
+            }
+            let row = m.row.map(Arc::new);
+            match self.probe(e, key, row.as_ref(), m.data, m.unencodable.is_some(), t) {
+                Some(EventOp::Upsert) => counts.resent += 1,
+                Some(EventOp::Delete) => counts.deleted += 1,
+                None => counts.equal += 1,
+            }
+        }
+        counts
+    }
+
+    /// The event [`Governance::decide`] would make for target `t` (None: none).
+    fn probe(
+        &self,
+        e: EntityIndex,
+        key: &str,
+        row: Option<&Arc<Map<String, Value>>>,
+        fallback: Map<String, Value>,
+        unencodable: bool,
+        t: TargetIndex,
+    ) -> Option<EventOp> {
+        let slot = self.published_key(t, e, key).slot();
+        let published = self.published.get(&slot);
+        let doc = match (row, self.tracked[e]) {
+            (Some(r), true) => self.document(e, key, r),
+            _ => fallback,
+        };
+        let old = self.rows.get(&(e, key.to_string())).cloned();
+        let input = CelInput {
+            row: row.map(AsRef::as_ref),
+            old: old.as_deref(),
+            op: "snapshot",
+        };
+        let publishable = match &self.gov[e].publish_when {
+            None => true,
+            Some(expr) => matches!(expr.test(&input), Ok(true)),
+        };
+        if unencodable
+            || (publishable
+                && (self.unencodable_child(e, key).is_some()
+                    || self
+                        .validate(e, key, &doc, row.map(AsRef::as_ref), &input)
+                        .is_some()))
+        {
+            // Quarantined: the target keeps what it has.
+            return None;
+        }
+        let routed = match &self.policies[t].route {
+            None => true,
+            Some(r) => matches!(r.test(&input), Ok(true)),
+        };
+        if publishable && routed {
+            let name = &self.entities[e].name;
+            let (data, _) = redact::apply(&self.policies[t], name, &doc);
+            let hash = doc_hash(&EventData::from_map(&data));
+            return (published != Some(&short_hash(&hash))).then_some(EventOp::Upsert);
+        }
+        published.map(|_| match self.gov[e].on_unpublish {
+            OnUnpublish::Delete => EventOp::Delete,
+            OnUnpublish::Upsert => EventOp::Upsert,
+        })
+    }
+
+    /// Governs, for target `t` only, records the target was sent that are
+    /// gone from the source: `mapped` are deletes (key fields only) of keys
+    /// a snapshot at `consistent` does not have. A record the stream changed
+    /// since (re-created) is left to the stream; one not published to `t`
+    /// needs nothing. Each is governed as deleted (its tracked row and
+    /// business keys let go, a delete sent to `t`); with `dry_run` only
+    /// counted. Records whose state this changes (references) are evaluated
+    /// with version `position`.
+    pub fn reconcile_absent(
+        &mut self,
+        mapped: &mut Vec<Mapped>,
+        consistent: Lsn,
+        t: TargetIndex,
+        dry_run: bool,
+        position: Lsn,
+        out: &mut Vec<(TargetIndex, Event)>,
+    ) -> ReconcileCounts {
+        let mut counts = ReconcileCounts::default();
+        let mut pending = Pending::default();
+        for m in mapped.drain(..) {
+            let e = m.entity;
+            let key = m.event.key.clone();
+            if self.is_hidden(e)
+                || !self
+                    .published
+                    .contains_key(&self.published_key(t, e, &key).slot())
+                || self
+                    .touched
+                    .get(&(e, key.clone()))
+                    .is_some_and(|v| *v >= consistent.0)
+            {
+                continue;
+            }
+            if dry_run {
+                counts.deleted += 1;
+                continue;
+            }
+            let prev = self.rows.get(&(e, key.clone())).cloned();
+            if prev.is_some() {
+                self.set_row(e, &key, None);
+                self.defer_dependents(e, &key, &mut pending);
+            }
+            let trigger = Trigger {
+                id: m.event.id,
+                version: m.event.version,
+                time: m.event.time,
+                change: Some(SourceChange::Delete),
+                tx_id: None,
+                scope: Scope::Targets {
+                    targets: vec![t],
+                    force: false,
+                    quiet: false,
+                },
+                values: Values::Read(None),
+            };
+            let before = out.len();
+            self.evaluate(
+                e,
+                &key,
+                "delete",
+                None,
+                prev.as_deref(),
+                true,
+                m.data,
+                &trigger,
+                out,
+                &mut pending,
+            );
+            counts.deleted += out[before..].iter().filter(|(x, _)| *x == t).count() as u64;
+        }
+        self.evaluate_pending(pending, position, &now_rfc3339(), out);
+        counts
     }
 
     /// Learns the current rows of `entity` read from its table (start-up,
@@ -1231,6 +1459,7 @@ impl Governance {
                 scope: Scope::Targets {
                     targets: Vec::new(),
                     force: false,
+                    quiet: false,
                 },
                 values: Values::Read(m.unencodable),
             };
@@ -1460,6 +1689,7 @@ impl Governance {
                 .collect(),
         };
         let force = matches!(trigger.scope, Scope::Targets { force: true, .. });
+        let quiet = matches!(trigger.scope, Scope::Targets { quiet: true, .. });
         let version = trigger.version;
         let event = |op: EventOp, data: EventData| Event {
             change: trigger.change,
@@ -1593,6 +1823,9 @@ impl Governance {
                 let data = EventData::from_map(&data);
                 let hash = doc_hash(&data);
                 if !force && self.published.get(&pkey.slot()) == Some(&short_hash(&hash)) {
+                    if quiet {
+                        continue;
+                    }
                     self.audit(
                         e,
                         key,
@@ -1603,7 +1836,18 @@ impl Governance {
                     );
                     continue;
                 }
-                self.published.insert(pkey.slot(), short_hash(&hash));
+                if self
+                    .published
+                    .insert(pkey.slot(), short_hash(&hash))
+                    .is_none()
+                {
+                    push_published_name(
+                        &mut self.delta.published_names,
+                        &self.target_names[t],
+                        &name,
+                        key,
+                    );
+                }
                 self.withheld.remove(&pkey.slot());
                 self.queue_published(pkey, Some(hash));
                 out.push((t, event(EventOp::Upsert, data)));
@@ -1652,6 +1896,8 @@ impl Governance {
             } else {
                 if self.withheld.insert(pkey.slot()) {
                     self.queue_published(pkey, Some(WITHHELD));
+                } else if quiet {
+                    continue;
                 }
                 let decision = if publishable { "not_routed" } else { "gated" };
                 self.audit(e, key, version, Some(t), decision, reason);
@@ -2595,6 +2841,10 @@ struct PublishedSlot([u8; 12]);
 
 /// The published log's value for a record withheld from a target.
 const WITHHELD: [u8; 16] = [0u8; 16];
+/// The published log's value for a record whose last document sent never
+/// reached the target (its dead letter was dropped): published, and equal
+/// to no document, so the next reconciliation sends it again.
+const SENT_UNKNOWN: [u8; 16] = [0xFF; 16];
 
 fn short_hash(hash: &[u8; 16]) -> [u8; 8] {
     let mut short = [0u8; 8];

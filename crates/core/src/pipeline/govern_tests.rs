@@ -469,6 +469,7 @@ impl Harness {
             targets,
             force,
             known_only: false,
+            quiet: false,
         };
         self.gov
             .process_snapshot(&mut mapped, consistent, &read, position, &mut out);

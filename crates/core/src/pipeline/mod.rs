@@ -15,4 +15,4 @@ mod snapshot_row;
 
 pub use govern::Governance;
 pub use map::{Mapped, Pipeline, PipelineError, ToastFill};
-pub use snapshot_row::snapshot_mapped;
+pub use snapshot_row::{absent_mapped, snapshot_mapped};

@@ -84,6 +84,44 @@ pub fn snapshot_mapped(
     }))
 }
 
+/// Maps a key a snapshot at `consistent` does not have (the record is gone
+/// from the table) as the delete the stream would have carried: `row` holds
+/// the key columns' texts at their positions in the relation and nothing
+/// else. Version and id as for the snapshot's rows, with an id of its own.
+pub fn absent_mapped(
+    pipeline: &Pipeline,
+    relation_id: u32,
+    entity: EntityIndex,
+    row: &[Option<String>],
+    consistent: Lsn,
+    time: &str,
+) -> Result<Option<Mapped>, PipelineError> {
+    let tuple = row
+        .iter()
+        .map(|v| match v {
+            Some(text) => TupleValue::Text(Bytes::copy_from_slice(text.as_bytes())),
+            None => TupleValue::Null,
+        })
+        .collect();
+    let change = Change {
+        relation_id,
+        op: ChangeOp::Delete,
+        new: None,
+        old: Some(tuple),
+    };
+    let mut out: Vec<Mapped> = Vec::with_capacity(1);
+    pipeline.map_change(&change, consistent, 0, time, &mut out)?;
+    Ok(out.into_iter().find(|m| m.entity == entity).map(|mut m| {
+        m.event.id = format!(
+            "gone-{:016X}-{}-{}",
+            consistent.0, m.event.entity, m.event.key
+        );
+        m.event.version = snapshot_version(consistent);
+        m.event.change = Some(SourceChange::Delete);
+        m
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

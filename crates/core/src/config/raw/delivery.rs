@@ -17,7 +17,10 @@ pub(super) const DELIVERY_KEYS: &[&str] = &[
     "at",
     "windows",
     "max_in_flight",
+    "reconcile",
 ];
+/// Keys of `reconcile = { ... }`.
+const RECONCILE_KEYS: &[&str] = &["every", "at", "entities"];
 /// Keys of one `[targets.NAME.windows]` entry.
 pub(super) const WINDOW_KEYS: &[&str] = &["mode", "every", "at"];
 
@@ -114,8 +117,12 @@ pub(super) fn check_delivery(
         entity_windows = None;
     }
 
+    let reconcile = check_reconcile(r, entities, errs);
     let nonzero = |v: u64| (v > 0).then(|| u32::try_from(v).unwrap_or(u32::MAX));
+    let (reconcile, entity_reconcile) = reconcile?;
     Some(DeliveryPolicy {
+        reconcile,
+        entity_reconcile,
         max_attempts: u32::try_from(max_attempts?).ok()?,
         max_age: max_age.map(|v| (v > 0).then(|| std::time::Duration::from_millis(v)))?,
         rate_limit_requests_per_sec: nonzero(rps?),
@@ -124,6 +131,69 @@ pub(super) fn check_delivery(
         entity_windows: entity_windows?,
         max_in_flight: usize::try_from(max_in_flight?).ok()?,
     })
+}
+
+/// `reconcile = { every = "24h" }` or `{ at = "03:00" }`, with per-entity
+/// schedules in `entities = { product = { every = "6h" } }`.
+#[allow(clippy::type_complexity)]
+fn check_reconcile(
+    r: &Reader,
+    entities: Option<&[String]>,
+    errs: &mut Errors,
+) -> Option<(Option<Window>, Vec<(String, Window)>)> {
+    if !r.has("reconcile") {
+        return Some((None, Vec::new()));
+    }
+    let table = r.table("reconcile", errs)?;
+    let key = r.key("reconcile");
+    let rr = Reader::new(&key, table, RECONCILE_KEYS, errs);
+    let schedule = |reader: &Reader, errs: &mut Errors| -> Option<Option<Window>> {
+        match check_window(reader, errs)? {
+            Window::Realtime => Some(None),
+            w => Some(Some(w)),
+        }
+    };
+    let window = schedule(&rr, errs);
+    let mut per_entity = Some(Vec::new());
+    if let Some(t) = rr.table("entities", errs) {
+        for (entity, value) in t {
+            let ekey = join(&rr.key("entities"), entity);
+            if let Some(list) = entities {
+                if !list.iter().any(|e| e == entity) {
+                    errs.add(
+                        &ekey,
+                        format!(
+                            "entity `{entity}` is not delivered to this target; its entities: {}",
+                            list.join(", ")
+                        ),
+                    );
+                    per_entity = None;
+                    continue;
+                }
+            }
+            let Value::Table(et) = value else {
+                errs.add(
+                    &ekey,
+                    format!(
+                        "expected a table such as {{ every = \"24h\" }} or {{ at = \"03:00\" }}, found {}",
+                        type_name(value)
+                    ),
+                );
+                per_entity = None;
+                continue;
+            };
+            let er = Reader::new(&ekey, et, &["every", "at"], errs);
+            match (schedule(&er, errs), per_entity.as_mut()) {
+                (Some(Some(w)), Some(list)) => list.push((entity.clone(), w)),
+                (Some(None), Some(_)) => {
+                    errs.add(&ekey, "give `every` or `at`".to_string());
+                    per_entity = None;
+                }
+                _ => per_entity = None,
+            }
+        }
+    }
+    Some((window?, per_entity?))
 }
 
 /// `mode`, `every` and `at` of one table: realtime unless a window is given.

@@ -1130,6 +1130,58 @@ fn delivery_policy_keys_are_checked() {
 }
 
 #[test]
+fn reconcile_schedules_are_checked() {
+    use crate::config::Window;
+    assert_eq!(
+        ok(MINIMAL).targets[0].delivery.reconcile_of("product"),
+        None
+    );
+    let c = ok(Config::example());
+    let d = &c.targets[0].delivery;
+    assert_eq!(d.reconcile_of("product"), Some(Window::DailyAt(3 * 3600)));
+    assert_eq!(
+        d.reconcile_of("partner"),
+        Some(Window::Every(Duration::from_secs(6 * 3600)))
+    );
+    let d = ok(&format!("{MINIMAL}reconcile = {{ every = \"24h\" }}\n")).targets[0]
+        .delivery
+        .clone();
+    assert_eq!(
+        d.reconcile_of("product"),
+        Some(Window::Every(Duration::from_secs(86_400)))
+    );
+    for (extra, key) in [
+        (
+            "reconcile = { every = \"4x\" }\n",
+            "targets.wms.reconcile.every",
+        ),
+        (
+            "reconcile = { at = \"24:00\" }\n",
+            "targets.wms.reconcile.at",
+        ),
+        (
+            "reconcile = { evry = \"1h\" }\n",
+            "targets.wms.reconcile.evry",
+        ),
+        (
+            "reconcile = { entities = { partner = { every = \"1h\" } } }\n",
+            "targets.wms.reconcile.entities.partner",
+        ),
+        (
+            "reconcile = { entities = { product = {} } }\n",
+            "targets.wms.reconcile.entities.product",
+        ),
+        ("reconcile = \"daily\"\n", "targets.wms.reconcile"),
+    ] {
+        let errors = parse(&format!("{MINIMAL}{extra}")).expect_err(extra).errors;
+        assert!(
+            errors.iter().any(|e| e.key == key),
+            "{extra}: expected an error at {key}, got {errors:?}"
+        );
+    }
+}
+
+#[test]
 fn max_in_flight_is_1_by_default_and_at_most_64() {
     assert_eq!(ok(MINIMAL).targets[0].delivery.max_in_flight, 1);
     assert_eq!(
