@@ -105,6 +105,7 @@ async fn via_api(
                 ("decision", filter.decision),
                 ("user", filter.user),
                 ("since_micros", filter.since_micros.map(|s| s.to_string())),
+                ("until_micros", filter.until_micros.map(|s| s.to_string())),
                 ("limit", filter.limit.map(|l| l.to_string())),
             ];
             match daemon.get::<wire::AuditList>(&["audit"], &query).await? {
@@ -125,6 +126,15 @@ async fn via_api(
 
 /// `--since`: RFC 3339, a date (YYYY-MM-DD, UTC midnight), or a duration back from now (30m, 12h, 7d).
 pub(super) fn parse_since(text: &str) -> anyhow::Result<i64> {
+    parse_time("--since", text)
+}
+
+/// `--until`: as `--since`.
+pub(super) fn parse_until(text: &str) -> anyhow::Result<i64> {
+    parse_time("--until", text)
+}
+
+fn parse_time(flag: &str, text: &str) -> anyhow::Result<i64> {
     if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
         return Ok(t.timestamp_micros());
     }
@@ -136,13 +146,13 @@ pub(super) fn parse_since(text: &str) -> anyhow::Result<i64> {
     let (num, unit) = text.split_at(text.len().saturating_sub(1));
     let n: i64 = num
         .parse()
-        .map_err(|_| anyhow::anyhow!("--since `{text}`: give RFC 3339 (2026-01-31T08:00:00Z), a date (2026-01-31) or a duration (30m, 12h, 7d)"))?;
+        .map_err(|_| anyhow::anyhow!("{flag} `{text}`: give RFC 3339 (2026-01-31T08:00:00Z), a date (2026-01-31) or a duration (30m, 12h, 7d)"))?;
     let secs = match unit {
         "s" => n,
         "m" => n * 60,
         "h" => n * 3600,
         "d" => n * 86_400,
-        _ => bail!("--since `{text}`: the duration unit must be s, m, h or d"),
+        _ => bail!("{flag} `{text}`: the duration unit must be s, m, h or d"),
     };
     Ok(chrono::Utc::now().timestamp_micros() - secs * 1_000_000)
 }

@@ -131,6 +131,9 @@ enum Command {
         /// RFC 3339 time, a date, or a duration back from now (30m, 12h, 7d).
         #[arg(long)]
         since: Option<String>,
+        /// Only records before this time (same forms as --since).
+        #[arg(long)]
+        until: Option<String>,
         /// Only decisions about this target.
         #[arg(long, value_name = "T")]
         target: Option<String>,
@@ -464,6 +467,7 @@ pub fn main() -> ExitCode {
             entity,
             key,
             since,
+            until,
             target,
             decision,
             user,
@@ -473,11 +477,13 @@ pub fn main() -> ExitCode {
             &config,
             Box::new(move || {
                 let since_micros = since.as_deref().map(governance::parse_since).transpose()?;
+                let until_micros = until.as_deref().map(governance::parse_until).transpose()?;
                 Ok(crate::daemon::govern::Request::Audit(
                     steward_store::audit::AuditFilter {
                         entity,
                         key,
                         since_micros,
+                        until_micros,
                         target,
                         decision,
                         user,

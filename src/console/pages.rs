@@ -888,6 +888,8 @@ struct AuditQuery {
     user: String,
     #[serde(default)]
     since: String,
+    #[serde(default)]
+    until: String,
 }
 
 #[derive(Template)]
@@ -947,7 +949,7 @@ pub(super) fn parse_time(text: &str) -> Option<i64> {
 async fn audit(State(app): State<Arc<App>>, who: Who, Query(q): Query<AuditQuery>) -> Response {
     let some = |s: &str| nonempty(Some(s.to_string()));
     let mut problem = None;
-    let since_micros = match some(&q.since) {
+    let mut time = |text: &str| match some(text) {
         None => None,
         Some(text) => match parse_time(&text) {
             Some(t) => Some(t),
@@ -959,6 +961,8 @@ async fn audit(State(app): State<Arc<App>>, who: Who, Query(q): Query<AuditQuery
             }
         },
     };
+    let since_micros = time(&q.since);
+    let until_micros = time(&q.until);
     let filter = AuditFilter {
         entity: some(&q.entity),
         key: some(&q.key),
@@ -966,6 +970,7 @@ async fn audit(State(app): State<Arc<App>>, who: Who, Query(q): Query<AuditQuery
         decision: some(&q.decision),
         user: some(&q.user),
         since_micros,
+        until_micros,
         limit: Some(AUDIT_LIMIT),
     };
     let audit = if problem.is_some() {

@@ -498,6 +498,11 @@ async fn roles_csrf_and_sessions_guard_every_action_and_each_is_audited() {
     );
     let audit = otto.get("/audit?since=yesterday").await;
     assert!(audit.body.contains("is not a time"), "{}", audit.body);
+    // A window that ends before today holds none of today's actions.
+    let audit = otto.get("/audit?user=otto&until=2000-01-01").await;
+    assert!(audit.body.contains("No audit records"), "{}", audit.body);
+    let audit = otto.get("/audit?user=otto&until=2999-01-01").await;
+    assert!(audit.body.contains("receiver fixed"), "{}", audit.body);
 
     // The overview: targets and per-entity counts.
     let overview = vera.get("/").await;

@@ -28,6 +28,8 @@ pub struct AuditFilter {
     pub key: Option<String>,
     /// Only records at or after this time, µs since the Unix epoch.
     pub since_micros: Option<i64>,
+    /// Only records before this time, µs since the Unix epoch.
+    pub until_micros: Option<i64>,
     /// Only decisions about this target (records without one never match).
     pub target: Option<String>,
     /// Only this decision (`released`, `dlq_replayed`, ...).
@@ -48,7 +50,8 @@ impl AuditFilter {
             || differs(&self.target, r.target.as_deref())
             || differs(&self.decision, Some(&r.decision))
             || differs(&self.user, r.user.as_deref())
-            || self.since_micros.is_some_and(|s| r.time_micros < s))
+            || self.since_micros.is_some_and(|s| r.time_micros < s)
+            || self.until_micros.is_some_and(|u| r.time_micros >= u))
     }
 }
 
@@ -92,23 +95,26 @@ impl Store {
     /// Matching records, oldest first (the last `limit` when limited).
     pub fn audit_query(&self, filter: &AuditFilter) -> Result<Vec<AuditRecord>, StoreError> {
         self.read(|txn| {
-            let mut out = Vec::new();
+            // With a limit only the newest matches are kept as the log is
+            // read, so a broad query over a long log stays small.
+            let mut out = std::collections::VecDeque::new();
             let Some(t) = open_or_empty!(txn, AUDIT_LOG) else {
-                return Ok(out);
+                return Ok(Vec::new());
             };
             for item in t.iter()? {
                 let (first, chunk) = item?;
                 for r in decode(first.value(), chunk.value())? {
                     if filter.matches(&r) {
-                        out.push(r);
+                        if filter.limit.is_some_and(|l| out.len() >= l) {
+                            out.pop_front();
+                        }
+                        if filter.limit != Some(0) {
+                            out.push_back(r);
+                        }
                     }
                 }
             }
-            if let Some(limit) = filter.limit {
-                let skip = out.len().saturating_sub(limit);
-                out.drain(..skip);
-            }
-            Ok(out)
+            Ok(out.into())
         })
     }
 

@@ -509,6 +509,26 @@ fn audit_records_keep_their_order_across_chunks_and_commits() {
         key3.iter().map(|r| r.version).collect::<Vec<_>>(),
         [2_530, 2_537]
     );
+    // A time window: at or after `since`, before `until`, the newest `limit`.
+    let window = store
+        .audit_query(&audit::AuditFilter {
+            since_micros: Some(100),
+            until_micros: Some(200),
+            limit: Some(3),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        window.iter().map(|r| r.version).collect::<Vec<_>>(),
+        [197, 198, 199]
+    );
+    let none = store
+        .audit_query(&audit::AuditFilter {
+            limit: Some(0),
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(none.is_empty());
     drop(store);
     // Reopened, the sequence carries on after the last chunk.
     let store = Store::open(&path).unwrap();

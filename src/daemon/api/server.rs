@@ -432,6 +432,7 @@ async fn audit(
             "decision",
             "user",
             "since_micros",
+            "until_micros",
             "limit",
         ],
     )?;
@@ -442,6 +443,7 @@ async fn audit(
         decision: params.get("decision").cloned(),
         user: params.get("user").cloned(),
         since_micros: number(&params, "since_micros")?,
+        until_micros: number(&params, "until_micros")?,
         limit: number(&params, "limit")?,
     };
     Ok(Json(control.audit(filter).await?))
