@@ -94,7 +94,7 @@ pub(super) async fn prepare(
         if let Some(info) = slot::slot_info(&sql, &source.slot).await? {
             if info.active {
                 bail!(
-                    "steward reset --all must recreate the replication slot '{}', but it is in use (pid {:?}); \
+                    "steward repair or reset --all must recreate the replication slot '{}', but it is in use (pid {:?}); \
                      stop the other steward (or client) using it and start again",
                     source.slot,
                     info.active_pid
@@ -104,11 +104,11 @@ pub(super) async fn prepare(
                 .await
                 .with_context(|| {
                     format!(
-                        "cannot drop the replication slot '{}' for reset --all",
+                        "cannot drop the replication slot '{}' to recreate it (repair or reset --all)",
                         source.slot
                     )
                 })?;
-            tracing::warn!(slot = %source.slot, "reset --all: dropped the replication slot");
+            tracing::warn!(slot = %source.slot, "repair or reset --all: dropped the replication slot to recreate it");
         }
         store.force_checkpoint(Lsn::ZERO)?;
     }

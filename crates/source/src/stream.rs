@@ -121,7 +121,7 @@ pub enum SourceError {
         what: String,
     },
     /// The slot is gone.
-    #[error("the replication slot '{slot}' no longer exists (someone dropped it while steward ran): changes since steward's checkpoint may be lost. Stop steward, run `steward reset --all -c FILE` (recreates the slot and resends every target a snapshot), then start it")]
+    #[error("the replication slot '{slot}' no longer exists (someone dropped it while steward ran): changes since steward's checkpoint may be lost. Stop steward, run `steward repair -c FILE` (recreates the slot and sends each target only the records that differ) or `steward reset --all -c FILE` (recreates the slot and resends every target a snapshot), then start it")]
     SlotDropped {
         /// The slot's name.
         slot: String,
@@ -130,7 +130,7 @@ pub enum SourceError {
     #[error("cannot keep a streamed transaction's changes in the state file: {0}")]
     Spill(#[from] StoreError),
     /// The server removed WAL the slot still needed.
-    #[error("the replication slot '{slot}' was invalidated: the server removed WAL it still needed (max_slot_wal_keep_size). Stop steward, run `steward reset --all -c FILE` (recreates the slot and resends every target a snapshot), then start it; consider a larger max_slot_wal_keep_size")]
+    #[error("the replication slot '{slot}' was invalidated: the server removed WAL it still needed (max_slot_wal_keep_size). Stop steward, run `steward repair -c FILE` (recreates the slot and sends each target only the records that differ) or `steward reset --all -c FILE` (recreates the slot and resends every target a snapshot), then start it; consider a larger max_slot_wal_keep_size")]
     SlotInvalidated {
         /// The slot's name.
         slot: String,
