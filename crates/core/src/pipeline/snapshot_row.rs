@@ -8,6 +8,7 @@ use bytes::Bytes;
 use super::{Mapped, Pipeline, PipelineError};
 use crate::config::EntityIndex;
 use crate::model::{Change, ChangeOp, Lsn, SourceChange, TupleValue};
+
 #[cfg(test)]
 use crate::model::{Event, EventData};
 
@@ -61,13 +62,7 @@ pub fn snapshot_mapped(
     consistent: Lsn,
     time: &str,
 ) -> Result<Option<Mapped>, PipelineError> {
-    let tuple = row
-        .iter()
-        .map(|v| match v {
-            Some(text) => TupleValue::Text(Bytes::copy_from_slice(text.as_bytes())),
-            None => TupleValue::Null,
-        })
-        .collect();
+    let tuple = tuple_of(row);
     let change = Change {
         relation_id,
         op: ChangeOp::Insert,
@@ -84,6 +79,16 @@ pub fn snapshot_mapped(
     }))
 }
 
+/// A row's column texts as the tuple a decoded change carries.
+fn tuple_of(row: &[Option<String>]) -> Vec<TupleValue> {
+    row.iter()
+        .map(|v| match v {
+            Some(text) => TupleValue::Text(Bytes::copy_from_slice(text.as_bytes())),
+            None => TupleValue::Null,
+        })
+        .collect()
+}
+
 /// Maps a key a snapshot at `consistent` does not have (the record is gone
 /// from the table) as the delete the stream would have carried: `row` holds
 /// the key columns' texts at their positions in the relation and nothing
@@ -96,13 +101,7 @@ pub fn absent_mapped(
     consistent: Lsn,
     time: &str,
 ) -> Result<Option<Mapped>, PipelineError> {
-    let tuple = row
-        .iter()
-        .map(|v| match v {
-            Some(text) => TupleValue::Text(Bytes::copy_from_slice(text.as_bytes())),
-            None => TupleValue::Null,
-        })
-        .collect();
+    let tuple = tuple_of(row);
     let change = Change {
         relation_id,
         op: ChangeOp::Delete,
