@@ -227,6 +227,23 @@ pub struct ReconcileCounts {
     pub resent: u64,
     /// Deletes sent: records gone from the source or no longer publishable.
     pub deleted: u64,
+    /// A deep reconciliation (the target's rows read back): rows whose
+    /// document differs from the governed one.
+    #[serde(default)]
+    pub changed: u64,
+    /// Deep: rows the target lacks (absent, or marked deleted) that it should hold.
+    #[serde(default)]
+    pub missing: u64,
+    /// Deep: rows the target holds that it should not (not publishable,
+    /// routed away, gone from the source, or never sent).
+    #[serde(default)]
+    pub extra: u64,
+    /// Deep: differing rows the target's version guard would refuse (their
+    /// `_version` was raised beyond what steward writes); nothing is sent
+    /// for them. The others among changed, missing and extra are repaired
+    /// (counted in `resent` and `deleted`).
+    #[serde(default)]
+    pub unrepairable: u64,
 }
 
 impl ReconcileCounts {
@@ -236,10 +253,35 @@ impl ReconcileCounts {
         self.equal += other.equal;
         self.resent += other.resent;
         self.deleted += other.deleted;
+        self.changed += other.changed;
+        self.missing += other.missing;
+        self.extra += other.extra;
+        self.unrepairable += other.unrepairable;
     }
 
     /// Whether the target differed from what it should hold.
     pub fn drift(&self) -> u64 {
-        self.resent + self.deleted
+        self.resent + self.deleted + self.unrepairable
+    }
+
+    /// Counts one deep comparison's finding.
+    pub fn add_drift(&mut self, drift: crate::pipeline::target_rows::Drift, refused: bool) {
+        use crate::pipeline::target_rows::Drift;
+        match drift {
+            Drift::Equal => {
+                self.equal += 1;
+                return;
+            }
+            Drift::Changed => self.changed += 1,
+            Drift::Missing => self.missing += 1,
+            Drift::Extra => self.extra += 1,
+        }
+        if refused {
+            self.unrepairable += 1;
+        } else if drift == Drift::Extra {
+            self.deleted += 1;
+        } else {
+            self.resent += 1;
+        }
     }
 }

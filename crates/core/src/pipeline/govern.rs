@@ -28,6 +28,7 @@ use super::assemble;
 use super::map::{Mapped, Unencodable, ENCODING_RULE};
 use super::redact;
 use super::reference::{self, Rows};
+use super::target_rows::{self, ActualRows, TargetRow};
 use crate::cel::CelInput;
 use crate::config::governance::{Check, ChildConfig, EntityGovernance, OnUnpublish, TargetPolicy};
 use crate::config::{Config, EntityConfig, EntityIndex, TargetIndex};
@@ -106,6 +107,9 @@ pub struct Governance {
     held_counts: Vec<[u64; 3]>,
     /// The counts changed since [`Governance::take_counts_changed`].
     counts_changed: bool,
+    /// The event a deep reconciliation's target refused for the record just
+    /// decided (see [`Governance::refused_by`]).
+    deep_refused: Option<EventOp>,
 }
 
 /// What a snapshot or governed re-read decides for (see [`Governance::process_snapshot`]).
@@ -121,6 +125,10 @@ pub struct SnapshotRead {
     /// to the last one sent, a record still withheld) are not written to
     /// the audit trail, which would otherwise get a record per row and run.
     pub quiet: bool,
+    /// A deep reconciliation: what its target actually holds for these
+    /// rows' keys. For that target, documents are compared with its rows
+    /// instead of with the hash of the last one sent.
+    pub actual: Option<Arc<ActualRows>>,
 }
 
 /// What an evaluation of a record runs for (a streamed change, a
@@ -158,6 +166,8 @@ enum Scope {
         force: bool,
         /// See [`SnapshotRead::quiet`].
         quiet: bool,
+        /// See [`SnapshotRead::actual`].
+        deep: Option<Arc<ActualRows>>,
     },
 }
 
@@ -643,6 +653,7 @@ impl Governance {
             held: HashKeyed::default(),
             held_counts: vec![[0; 3]; entity_count],
             counts_changed: true,
+            deep_refused: None,
         }
         .with_counted()
     }
@@ -1138,6 +1149,7 @@ impl Governance {
             force,
             known_only,
             quiet,
+            actual,
         } = read;
         let (force, known_only) = (*force, *known_only);
         let mut pending = Pending::default();
@@ -1196,6 +1208,7 @@ impl Governance {
                     targets: targets.clone(),
                     force,
                     quiet: *quiet,
+                    deep: actual.clone(),
                 },
                 values: Values::Read(m.unencodable),
             };
@@ -1213,14 +1226,17 @@ impl Governance {
                 &mut pending,
             );
             if let Some(t) = counted {
-                match out[before..]
-                    .iter()
-                    .find(|(x, _)| *x == t)
-                    .map(|(_, ev)| ev.op)
-                {
-                    Some(EventOp::Upsert) => counts.resent += 1,
-                    Some(EventOp::Delete) => counts.deleted += 1,
-                    None => counts.equal += 1,
+                match actual.as_deref().filter(|a| a.target == t) {
+                    Some(a) => self.count_deep(a, t, &key, before, out, &mut counts),
+                    None => match out[before..]
+                        .iter()
+                        .find(|(x, _)| *x == t)
+                        .map(|(_, ev)| ev.op)
+                    {
+                        Some(EventOp::Upsert) => counts.resent += 1,
+                        Some(EventOp::Delete) => counts.deleted += 1,
+                        None => counts.equal += 1,
+                    },
                 }
             }
         }
@@ -1246,31 +1262,107 @@ impl Governance {
             let Some(&e) = self.entity_index.get(entity) else {
                 continue;
             };
-            let pkey = self.published_key(t, e, key);
-            if self
-                .published
-                .insert(pkey.slot(), short_hash(&SENT_UNKNOWN))
-                .is_none()
-            {
-                push_published_name(&mut self.delta.published_names, target, entity, key);
-            }
-            self.withheld.remove(&pkey.slot());
-            self.queue_published(pkey, Some(SENT_UNKNOWN));
+            self.forget_one(t, e, key);
             marked += 1;
         }
         marked
+    }
+
+    /// Marks (t, e, key) as sent a document equal to none (see [`Governance::forget_sent`]).
+    fn forget_one(&mut self, t: TargetIndex, e: EntityIndex, key: &str) {
+        let pkey = self.published_key(t, e, key);
+        if self
+            .published
+            .insert(pkey.slot(), short_hash(&SENT_UNKNOWN))
+            .is_none()
+        {
+            push_published_name(
+                &mut self.delta.published_names,
+                &self.target_names[t],
+                &self.entities[e].name,
+                key,
+            );
+        }
+        self.withheld.remove(&pkey.slot());
+        self.queue_published(pkey, Some(SENT_UNKNOWN));
+    }
+
+    /// Counts what a deep reconciliation found for one record against the
+    /// target's row, from the event its evaluation made for target `t`
+    /// (in `out[before..]`) or the one the target's guard refused.
+    fn count_deep(
+        &mut self,
+        actual: &ActualRows,
+        t: TargetIndex,
+        key: &str,
+        before: usize,
+        out: &[(TargetIndex, Event)],
+        counts: &mut ReconcileCounts,
+    ) {
+        let refused = self.deep_refused.take();
+        let op = out[before..]
+            .iter()
+            .find(|(x, _)| *x == t)
+            .map(|(_, ev)| ev.op)
+            .or(refused);
+        counts.add_drift(
+            target_rows::drift_of(op, actual.row(key)),
+            refused.is_some(),
+        );
+    }
+
+    /// Before sending `op` to a deep reconciliation's target: whether the
+    /// target's version guard refuses it (its row was written outside
+    /// steward with a higher version). Then nothing is sent, the record is
+    /// marked as sent a document equal to none (the target is not taken to
+    /// hold it), and the refusal is audited and noted for [`Governance::count_deep`].
+    #[allow(clippy::too_many_arguments)]
+    fn refused_by(
+        &mut self,
+        held: Option<Option<&TargetRow>>,
+        t: TargetIndex,
+        e: EntityIndex,
+        key: &str,
+        op: EventOp,
+        version: u64,
+        id: &str,
+    ) -> bool {
+        let Some(row) = held.flatten().filter(|r| !r.accepts(version, id)) else {
+            return false;
+        };
+        let guard = row.guard.as_ref().map_or_else(String::new, |(v, id)| {
+            format!("_version {v}, _event_id {id}")
+        });
+        self.forget_one(t, e, key);
+        self.audit(
+            e,
+            key,
+            version,
+            Some(t),
+            "unrepairable",
+            format!(
+                "the target's row differs, but its version guard ({guard}) refuses steward's {} \
+                 at version {version}: the row was written outside steward; nothing was sent",
+                op.as_str()
+            ),
+        );
+        self.deep_refused = Some(op);
+        true
     }
 
     /// What [`Governance::process_snapshot`] would send target `t` for
     /// these rows (force off), changing nothing: a dry-run reconciliation.
     /// The same steps as [`Governance::decide`] (document, `publish_when`,
     /// rules, route, field policy, hash) without their effects.
+    /// With `actual` (a deep reconciliation), compares with the target's rows.
     pub fn probe_snapshot(
         &self,
         mapped: &mut Vec<Mapped>,
         consistent: Lsn,
         t: TargetIndex,
+        actual: Option<&ActualRows>,
     ) -> ReconcileCounts {
+        let actual = actual.filter(|a| a.target == t);
         let mut counts = ReconcileCounts::default();
         for m in mapped.drain(..) {
             let e = m.entity;
@@ -1289,16 +1381,35 @@ impl Governance {
                 continue;
             }
             let row = m.row.map(Arc::new);
-            match self.probe(e, key, row.as_ref(), m.data, m.unencodable.is_some(), t) {
-                Some(EventOp::Upsert) => counts.resent += 1,
-                Some(EventOp::Delete) => counts.deleted += 1,
-                None => counts.equal += 1,
+            let deep = actual.map(|a| a.row(key));
+            let op = self.probe(
+                e,
+                key,
+                row.as_ref(),
+                m.data,
+                m.unencodable.is_some(),
+                t,
+                deep,
+            );
+            match deep {
+                Some(held) => {
+                    let refused = op.is_some()
+                        && held.is_some_and(|r| !r.accepts(m.event.version, &m.event.id));
+                    counts.add_drift(target_rows::drift_of(op, held), refused);
+                }
+                None => match op {
+                    Some(EventOp::Upsert) => counts.resent += 1,
+                    Some(EventOp::Delete) => counts.deleted += 1,
+                    None => counts.equal += 1,
+                },
             }
         }
         counts
     }
 
-    /// The event [`Governance::decide`] would make for target `t` (None: none).
+    /// The event [`Governance::decide`] would make for target `t` (None:
+    /// none); `deep`: compared with the target's row (`Some(None)`: it has none).
+    #[allow(clippy::too_many_arguments)]
     fn probe(
         &self,
         e: EntityIndex,
@@ -1307,6 +1418,7 @@ impl Governance {
         fallback: Map<String, Value>,
         unencodable: bool,
         t: TargetIndex,
+        deep: Option<Option<&TargetRow>>,
     ) -> Option<EventOp> {
         let slot = self.published_key(t, e, key).slot();
         let published = self.published.get(&slot);
@@ -1338,16 +1450,33 @@ impl Governance {
             None => true,
             Some(r) => matches!(r.test(&input), Ok(true)),
         };
+        let name = &self.entities[e].name;
         if publishable && routed {
-            let name = &self.entities[e].name;
             let (data, _) = redact::apply(&self.policies[t], name, &doc);
-            let hash = doc_hash(&EventData::from_map(&data));
-            return (published != Some(&short_hash(&hash))).then_some(EventOp::Upsert);
+            let data = EventData::from_map(&data);
+            let same = match deep {
+                Some(held) => held.is_some_and(|r| r.holds(&data)),
+                None => published == Some(&short_hash(&doc_hash(&data))),
+            };
+            return (!same).then_some(EventOp::Upsert);
         }
-        published.map(|_| match self.gov[e].on_unpublish {
-            OnUnpublish::Delete => EventOp::Delete,
-            OnUnpublish::Upsert => EventOp::Upsert,
-        })
+        match deep {
+            Some(held) => {
+                let held = held.filter(|r| r.present())?;
+                match self.gov[e].on_unpublish {
+                    OnUnpublish::Delete => Some(EventOp::Delete),
+                    OnUnpublish::Upsert => {
+                        let data =
+                            EventData::from_map(&redact::apply(&self.policies[t], name, &doc).0);
+                        (!held.holds(&data)).then_some(EventOp::Upsert)
+                    }
+                }
+            }
+            None => published.map(|_| match self.gov[e].on_unpublish {
+                OnUnpublish::Delete => EventOp::Delete,
+                OnUnpublish::Upsert => EventOp::Upsert,
+            }),
+        }
     }
 
     /// Governs, for target `t` only, records the target was sent that are
@@ -1358,24 +1487,35 @@ impl Governance {
     /// business keys let go, a delete sent to `t`); with `dry_run` only
     /// counted. Records whose state this changes (references) are evaluated
     /// with version `position`.
+    ///
+    /// With `actual` (a deep reconciliation: the target's rows of these
+    /// keys), a delete is sent only for a key whose row the target holds,
+    /// whether or not it was sent; a key it was sent but does not hold is
+    /// only forgotten.
+    #[allow(clippy::too_many_arguments)]
     pub fn reconcile_absent(
         &mut self,
         mapped: &mut Vec<Mapped>,
         consistent: Lsn,
         t: TargetIndex,
         dry_run: bool,
+        actual: Option<Arc<ActualRows>>,
         position: Lsn,
         out: &mut Vec<(TargetIndex, Event)>,
     ) -> ReconcileCounts {
         let mut counts = ReconcileCounts::default();
         let mut pending = Pending::default();
+        let actual = actual.filter(|a| a.target == t);
         for m in mapped.drain(..) {
             let e = m.entity;
             let key = m.event.key.clone();
+            let published = self
+                .published
+                .contains_key(&self.published_key(t, e, &key).slot());
+            let held = actual.as_deref().map(|a| a.row(&key));
+            let present = held.flatten().is_some_and(TargetRow::present);
             if self.is_hidden(e)
-                || !self
-                    .published
-                    .contains_key(&self.published_key(t, e, &key).slot())
+                || !(published || present)
                 || self
                     .touched
                     .get(&(e, key.clone()))
@@ -1384,7 +1524,14 @@ impl Governance {
                 continue;
             }
             if dry_run {
-                counts.deleted += 1;
+                match held {
+                    Some(row) if present => {
+                        let refused = row.is_some_and(|r| !r.accepts(m.event.version, &m.event.id));
+                        counts.add_drift(target_rows::Drift::Extra, refused);
+                    }
+                    Some(_) => {}
+                    None => counts.deleted += 1,
+                }
                 continue;
             }
             let prev = self.rows.get(&(e, key.clone())).cloned();
@@ -1402,6 +1549,7 @@ impl Governance {
                     targets: vec![t],
                     force: false,
                     quiet: false,
+                    deep: actual.clone(),
                 },
                 values: Values::Read(None),
             };
@@ -1418,7 +1566,13 @@ impl Governance {
                 out,
                 &mut pending,
             );
-            counts.deleted += out[before..].iter().filter(|(x, _)| *x == t).count() as u64;
+            match actual.as_deref() {
+                Some(a) if present => self.count_deep(a, t, &key, before, out, &mut counts),
+                Some(_) => {}
+                None => {
+                    counts.deleted += out[before..].iter().filter(|(x, _)| *x == t).count() as u64;
+                }
+            }
         }
         self.evaluate_pending(pending, position, &now_rfc3339(), out);
         counts
@@ -1460,6 +1614,7 @@ impl Governance {
                     targets: Vec::new(),
                     force: false,
                     quiet: false,
+                    deep: None,
                 },
                 values: Values::Read(m.unencodable),
             };
@@ -1690,6 +1845,16 @@ impl Governance {
         };
         let force = matches!(trigger.scope, Scope::Targets { force: true, .. });
         let quiet = matches!(trigger.scope, Scope::Targets { quiet: true, .. });
+        // A deep reconciliation's target: decided against its actual row.
+        let deep = match &trigger.scope {
+            Scope::Targets { deep: Some(a), .. } => Some(a.clone()),
+            _ => None,
+        };
+        let held = |t: TargetIndex| {
+            deep.as_deref()
+                .filter(|a| a.target == t)
+                .map(|a| a.row(key))
+        };
         let version = trigger.version;
         let event = |op: EventOp, data: EventData| Event {
             change: trigger.change,
@@ -1712,8 +1877,20 @@ impl Governance {
                 if self.withheld.remove(&pkey.slot()) && was.is_none() {
                     self.queue_published(pkey, None);
                 }
-                if was.is_some() || !seen {
+                let send = match held(t) {
+                    Some(row) => row.is_some_and(TargetRow::present),
+                    None => was.is_some() || !seen,
+                };
+                if held(t).is_some() && !send {
+                    // The target does not hold it: nothing to delete there.
+                    if was.is_some() {
+                        self.queue_published(pkey, None);
+                    }
+                } else if send {
                     self.queue_published(pkey, None);
+                    if self.refused_by(held(t), t, e, key, EventOp::Delete, version, &trigger.id) {
+                        continue;
+                    }
                     out.push((t, event(EventOp::Delete, data.clone())));
                     self.audit(e, key, version, Some(t), "delivered", "delete".into());
                 } else {
@@ -1822,7 +1999,31 @@ impl Governance {
                 let (data, notes) = redact::apply(&self.policies[t], &name, &doc);
                 let data = EventData::from_map(&data);
                 let hash = doc_hash(&data);
-                if !force && self.published.get(&pkey.slot()) == Some(&short_hash(&hash)) {
+                let same = match held(t) {
+                    Some(row) => row.is_some_and(|r| r.holds(&data)),
+                    None => !force && self.published.get(&pkey.slot()) == Some(&short_hash(&hash)),
+                };
+                if same {
+                    if held(t).is_some()
+                        && self.published.get(&pkey.slot()) != Some(&short_hash(&hash))
+                    {
+                        // The target holds it: recorded as sent, so that an
+                        // ordinary reconciliation agrees with this one.
+                        if self
+                            .published
+                            .insert(pkey.slot(), short_hash(&hash))
+                            .is_none()
+                        {
+                            push_published_name(
+                                &mut self.delta.published_names,
+                                &self.target_names[t],
+                                &name,
+                                key,
+                            );
+                        }
+                        self.withheld.remove(&pkey.slot());
+                        self.queue_published(pkey, Some(hash));
+                    }
                     if quiet {
                         continue;
                     }
@@ -1850,6 +2051,9 @@ impl Governance {
                 }
                 self.withheld.remove(&pkey.slot());
                 self.queue_published(pkey, Some(hash));
+                if self.refused_by(held(t), t, e, key, EventOp::Upsert, version, &trigger.id) {
+                    continue;
+                }
                 out.push((t, event(EventOp::Upsert, data)));
                 self.audit(e, key, version, Some(t), "delivered", "upsert".into());
                 if !notes.is_empty() {
@@ -1871,7 +2075,18 @@ impl Governance {
                     Err(m) => m.clone(),
                 }
             };
-            let was = self.published.contains_key(&pkey.slot());
+            let was = match held(t) {
+                Some(row) => {
+                    row.filter(|r| r.present())
+                        .is_some_and(|r| match self.gov[e].on_unpublish {
+                            OnUnpublish::Delete => true,
+                            OnUnpublish::Upsert => !r.holds(&EventData::from_map(
+                                &redact::apply(&self.policies[t], &name, &doc).0,
+                            )),
+                        })
+                }
+                None => self.published.contains_key(&pkey.slot()),
+            };
             // A record first seen by an update may have been delivered before steward tracked it.
             let unknown = !seen && op == "update";
             if was || unknown {
@@ -1891,10 +2106,15 @@ impl Governance {
                         EventData::from_map(&redact::apply(&self.policies[t], &name, &doc).0),
                     ),
                 };
+                if self.refused_by(held(t), t, e, key, ev.op, version, &trigger.id) {
+                    continue;
+                }
                 out.push((t, ev));
                 self.audit(e, key, version, Some(t), "unpublished", reason);
             } else {
-                if self.withheld.insert(pkey.slot()) {
+                // (Deep: the target does not hold it, whatever was sent.)
+                let had = self.published.remove(&pkey.slot()).is_some();
+                if self.withheld.insert(pkey.slot()) || had {
                     self.queue_published(pkey, Some(WITHHELD));
                 } else if quiet {
                     continue;

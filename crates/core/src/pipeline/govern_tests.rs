@@ -470,6 +470,7 @@ impl Harness {
             force,
             known_only: false,
             quiet: false,
+            actual: None,
         };
         self.gov
             .process_snapshot(&mut mapped, consistent, &read, position, &mut out);
@@ -3253,4 +3254,249 @@ fn documents_diff_by_field() {
     assert_eq!(diff.hidden, ["iban", "lines"]);
     assert!(!diff.is_empty());
     assert!(diff_documents(a.as_object().unwrap(), a.as_object().unwrap(), &[]).is_empty());
+}
+
+// ---------------------------------------------------------------------------
+// Deep reconciliation: decided against the target's actual rows.
+
+fn gated(id: &'static str, sku: &'static str, state: &'static str) -> OwnedRow<'static> {
+    vec![
+        ("id", Some(id)),
+        ("default_code", Some(sku)),
+        ("state", Some(state)),
+    ]
+}
+
+/// A row the target holds, written by steward at `version`.
+fn held_row(data: Value, version: u64) -> target_rows::TargetRow {
+    target_rows::TargetRow {
+        data: Some(data),
+        deleted: false,
+        fields_match: true,
+        guard: Some((version, Event::source_id(Lsn(version), 0))),
+    }
+}
+
+/// A deep reconciliation of `rows` for wms against `actual`: probed (dry
+/// run) first, which must find the same, then governed.
+fn deep(
+    h: &mut Harness,
+    rows: &[Row],
+    consistent: Lsn,
+    actual: &HashMap<String, target_rows::TargetRow>,
+) -> (Vec<Ev>, ReconcileCounts) {
+    let wms = h.target("wms");
+    let actual = Arc::new(ActualRows {
+        target: wms,
+        rows: actual.clone(),
+    });
+    let mut probed = h.snapshot_rows("product", rows, consistent);
+    let mut mapped = h.snapshot_rows("product", rows, consistent);
+    let dry = h
+        .gov
+        .probe_snapshot(&mut probed, consistent, wms, Some(&actual));
+    let read = SnapshotRead {
+        targets: vec![wms],
+        force: false,
+        known_only: false,
+        quiet: true,
+        actual: Some(actual),
+    };
+    let mut out = Vec::new();
+    let counts = h
+        .gov
+        .process_snapshot(&mut mapped, consistent, &read, Lsn(h.lsn), &mut out);
+    assert_eq!(dry, counts, "a dry run finds what the real run repairs");
+    (h.finish(out), counts)
+}
+
+#[test]
+fn a_deep_reconciliation_repairs_what_the_target_holds_not_what_was_sent() {
+    let mut h = Harness::new(&gate_config("delete"));
+    let rows = [
+        gated("1", "A_1", "approved"),
+        gated("2", "A_2", "approved"),
+        gated("3", "A_3", "draft"),
+        gated("4", "A_4", "approved"),
+        gated("5", "A_5", "approved"),
+    ];
+    let steps: Vec<Step> = rows
+        .iter()
+        .map(|r| ("product_template", I, &r[..]))
+        .collect();
+    let sent = h.txn(&steps);
+    assert_eq!(sent.len(), 4, "{sent:?}");
+    let v = sent[0].version;
+    // What the target holds, drifted behind steward's back: 1 as sent
+    // (jsonb reordered its keys), 2 changed, 3 inserted by hand though
+    // gated, 4 deleted, 5 changed with a version beyond steward's.
+    let mut actual = HashMap::new();
+    actual.insert(
+        "1".into(),
+        held_row(json!({"state": "approved", "sku": "A_1"}), v),
+    );
+    actual.insert(
+        "2".into(),
+        held_row(json!({"sku": "HAND", "state": "approved"}), v),
+    );
+    actual.insert(
+        "3".into(),
+        held_row(json!({"sku": "A_3", "state": "draft"}), v),
+    );
+    actual.insert("5".into(), held_row(json!({"sku": "HAND"}), u64::MAX >> 1));
+    let consistent = Lsn(v + 0x100);
+    let refs: Vec<Row> = rows.iter().map(|r| &r[..]).collect();
+    let (evs, counts) = deep(&mut h, &refs, consistent, &actual);
+    assert_eq!(
+        sorted(brief(&evs)),
+        sorted(vec![
+            up(
+                "wms",
+                "product",
+                "2",
+                json!({"sku": "A_2", "state": "approved"})
+            ),
+            del("wms", "product", "3", json!({"id": 3})),
+            up(
+                "wms",
+                "product",
+                "4",
+                json!({"sku": "A_4", "state": "approved"})
+            ),
+        ]),
+        "nothing for 1 (equal) nor 5 (its guard refuses steward's version)"
+    );
+    assert!(evs.iter().all(|e| e.version == consistent.0 - 1));
+    assert_eq!(
+        counts,
+        ReconcileCounts {
+            checked: 5,
+            equal: 1,
+            resent: 2,
+            deleted: 1,
+            changed: 2,
+            missing: 1,
+            extra: 1,
+            unrepairable: 1,
+        }
+    );
+    assert!(
+        h.decisions()
+            .contains(&"product 5 wms unrepairable".to_string()),
+        "{:?}",
+        h.decisions()
+    );
+
+    // An ordinary reconciliation now agrees: the hashes are those sent,
+    // except for 5, which the target is not taken to hold.
+    let evs = h.snapshot("product", &refs, Lsn(consistent.0 + 0x100), &["wms"], false);
+    assert_eq!(
+        brief(&evs),
+        vec![up(
+            "wms",
+            "product",
+            "5",
+            json!({"sku": "A_5", "state": "approved"})
+        )]
+    );
+
+    // Once the target holds the repairs, a deep run finds everything equal.
+    let repaired: HashMap<String, target_rows::TargetRow> = [
+        ("1", json!({"sku": "A_1", "state": "approved"})),
+        ("2", json!({"sku": "A_2", "state": "approved"})),
+        ("4", json!({"sku": "A_4", "state": "approved"})),
+        ("5", json!({"sku": "A_5", "state": "approved"})),
+    ]
+    .into_iter()
+    .map(|(k, d)| (k.to_string(), held_row(d, consistent.0)))
+    .chain([(
+        "3".to_string(),
+        target_rows::TargetRow {
+            deleted: true,
+            ..held_row(json!({"sku": "A_3", "state": "draft"}), consistent.0)
+        },
+    )])
+    .collect();
+    let (evs, counts) = deep(&mut h, &refs, Lsn(consistent.0 + 0x1000), &repaired);
+    assert_eq!(brief(&evs), vec![]);
+    assert_eq!((counts.checked, counts.equal, counts.drift()), (5, 5, 0));
+}
+
+#[test]
+fn a_deep_sweep_deletes_rows_only_where_the_target_holds_them() {
+    let mut h = Harness::new(&gate_config("delete"));
+    let sent = h.txn(&[
+        ("product_template", I, &gated("1", "A_1", "approved")),
+        ("product_template", I, &gated("2", "A_2", "approved")),
+    ]);
+    assert_eq!(sent.len(), 2);
+    // Gone from the source: 1 (the target lost it already), 2 (held), and
+    // 9, which steward never knew (inserted at the target by hand).
+    let wms = h.target("wms");
+    let e = h.entity("product");
+    let rel = SCHEMA
+        .iter()
+        .find(|(t, _, _)| *t == "product_template")
+        .unwrap()
+        .1;
+    let consistent = Lsn(sent[0].version + 0x100);
+    let width = columns("product_template").len();
+    let id_at = columns("product_template")
+        .iter()
+        .position(|(c, _)| *c == "id")
+        .unwrap();
+    let absent = |h: &Harness, key: &str| {
+        let mut row = vec![None; width];
+        row[id_at] = Some(key.to_string());
+        crate::pipeline::absent_mapped(&h.pipeline, rel, e, &row, consistent, "t")
+            .unwrap()
+            .unwrap()
+    };
+    let mut mapped: Vec<Mapped> = ["1", "2", "9"].iter().map(|k| absent(&h, k)).collect();
+    let actual = Arc::new(ActualRows {
+        target: wms,
+        rows: [
+            ("2".to_string(), held_row(json!({"sku": "A_2"}), 1)),
+            ("9".to_string(), held_row(json!({"sku": "X"}), 1)),
+        ]
+        .into(),
+    });
+    let mut dry: Vec<Mapped> = ["1", "2", "9"].iter().map(|k| absent(&h, k)).collect();
+    let found = h.gov.reconcile_absent(
+        &mut dry,
+        consistent,
+        wms,
+        true,
+        Some(actual.clone()),
+        Lsn(h.lsn),
+        &mut Vec::new(),
+    );
+    assert_eq!((found.extra, found.deleted), (2, 2));
+    let mut out = Vec::new();
+    let counts = h.gov.reconcile_absent(
+        &mut mapped,
+        consistent,
+        wms,
+        false,
+        Some(actual),
+        Lsn(h.lsn),
+        &mut out,
+    );
+    let evs = h.finish(out);
+    let keys: Vec<(&str, &str)> = evs.iter().map(|e| (e.key.as_str(), e.op)).collect();
+    assert_eq!(keys, [("2", "delete"), ("9", "delete")]);
+    assert_eq!(counts, found);
+    // 1 is forgotten: an ordinary sweep finds nothing left to delete.
+    let mut again = vec![absent(&h, "1"), absent(&h, "2")];
+    let mut out = Vec::new();
+    let counts = h.gov.reconcile_absent(
+        &mut again,
+        consistent,
+        wms,
+        false,
+        None,
+        Lsn(h.lsn),
+        &mut out,
+    );
+    assert_eq!((out.len(), counts.deleted), (0, 0));
 }

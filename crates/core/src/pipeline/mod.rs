@@ -12,6 +12,7 @@ mod map;
 mod redact;
 mod reference;
 mod snapshot_row;
+pub mod target_rows;
 
 pub use govern::Governance;
 pub use map::{Mapped, Pipeline, PipelineError, ToastFill};
