@@ -182,6 +182,10 @@ enum Command {
         /// Only report what differs; send and change nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Compare with the rows the target actually holds (PostgreSQL
+        /// targets): repairs rows changed, deleted or inserted there by hand.
+        #[arg(long)]
+        deep: bool,
         #[arg(long)]
         json: bool,
         /// Return once the daemon took the request instead of waiting for the results.
@@ -523,6 +527,7 @@ pub fn main() -> ExitCode {
             target,
             entities,
             dry_run,
+            deep,
             json,
             no_wait,
             comment,
@@ -538,6 +543,7 @@ pub fn main() -> ExitCode {
                 target,
                 entities,
                 dry_run,
+                deep,
                 json,
                 wait: !no_wait,
                 comment,

@@ -24,6 +24,7 @@ pub(super) struct ReconcileArgs {
     pub target: String,
     pub entities: Vec<String>,
     pub dry_run: bool,
+    pub deep: bool,
     pub json: bool,
     pub wait: bool,
     pub comment: Option<String>,
@@ -35,6 +36,7 @@ pub(super) async fn run(config: Config, args: ReconcileArgs) -> anyhow::Result<(
         entities: args.entities.clone(),
         reconcile: true,
         dry_run: args.dry_run,
+        deep: args.deep,
     };
     match client::access(&config).await? {
         Access::Daemon(daemon) => online(&config, &daemon, &args, &request).await,
@@ -56,12 +58,14 @@ fn offline(
         &request.target,
         &entities,
         request.dry_run,
+        request.deep,
     )?;
     audit_request(store, request, &entities, args.comment.clone())?;
     println!(
-        "recorded: target '{}' is reconciled for {} at the next start of steward{}; \
+        "recorded: target '{}' is {}reconciled for {} at the next start of steward{}; \
          `steward status` shows the results",
         request.target,
+        if request.deep { "deeply " } else { "" },
         entities.join(", "),
         if request.dry_run { " (dry run)" } else { "" }
     );
@@ -83,11 +87,11 @@ fn audit_request(
                 "*",
                 Some(&request.target),
                 "reconcile",
-                if request.dry_run {
-                    "reconciliation requested (dry run)".to_string()
-                } else {
-                    "reconciliation requested".to_string()
-                },
+                format!(
+                    "{}reconciliation requested{}",
+                    if request.deep { "deep " } else { "" },
+                    if request.dry_run { " (dry run)" } else { "" }
+                ),
             )
         })
         .collect();
@@ -112,9 +116,10 @@ pub(super) async fn repair(config: Config, dry_run: bool) -> anyhow::Result<()> 
             entities: target.entities.clone(),
             reconcile: true,
             dry_run,
+            deep: false,
         };
         let entities = reconcile::resolve(&config, &store, &request)?;
-        store.begin_reconcile(&target.name, &entities, dry_run)?;
+        store.begin_reconcile(&target.name, &entities, dry_run, false)?;
         audit_request(&store, &request, &entities, None)?;
     }
     store.set_meta(crate::daemon::RESET_ALL_META, "1")?;
@@ -144,9 +149,15 @@ async fn online(
     request: &ResetRequest,
 ) -> anyhow::Result<()> {
     crate::daemon::snapshot::resolve_request(config, request)?;
+    if request.deep {
+        if let Some(target) = config.target(&request.target) {
+            steward_sinks::target_reader(target, config).map_err(|e| anyhow::anyhow!(e))?;
+        }
+    }
     let body = wire::ReconcileRequest {
         entities: request.entities.clone(),
         dry_run: request.dry_run,
+        deep: request.deep,
         comment: args.comment.clone(),
     };
     let started = daemon
@@ -160,8 +171,9 @@ async fn online(
         })?;
     if !args.json {
         eprintln!(
-            "target '{}': reconciling {}{}",
+            "target '{}': {}reconciling {}{}",
             started.target,
+            if request.deep { "deeply " } else { "" },
             started.entities.join(", "),
             if request.dry_run { " (dry run)" } else { "" }
         );
@@ -219,27 +231,41 @@ async fn follow(
     }
 }
 
-/// Per entity: checked, equal, re-sent, deleted.
+/// Per entity: checked, equal, re-sent, deleted; for a deep run also
+/// what differed at the target (changed, missing, extra) and what its
+/// version guard refuses (unrepairable).
 pub(super) fn print(lines: &[ReconcileLine], json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(lines)?);
         return Ok(());
     }
-    println!(
+    let deep = lines.iter().any(|l| l.deep);
+    let mut head = format!(
         "{:<16} {:<16} {:>10} {:>10} {:>10} {:>10}",
         "TARGET", "ENTITY", "CHECKED", "EQUAL", "RE-SENT", "DELETED"
     );
+    if deep {
+        head.push_str(&format!(
+            " {:>10} {:>10} {:>10} {:>12}",
+            "CHANGED", "MISSING", "EXTRA", "UNREPAIRABLE"
+        ));
+    }
+    println!("{head}");
     for l in lines {
-        println!(
-            "{:<16} {:<16} {:>10} {:>10} {:>10} {:>10}{}",
-            l.target,
-            l.entity,
-            l.checked,
-            l.equal,
-            l.resent,
-            l.deleted,
-            if l.dry_run { "  (dry run)" } else { "" }
+        let mut line = format!(
+            "{:<16} {:<16} {:>10} {:>10} {:>10} {:>10}",
+            l.target, l.entity, l.checked, l.equal, l.resent, l.deleted
         );
+        if deep {
+            line.push_str(&format!(
+                " {:>10} {:>10} {:>10} {:>12}",
+                l.changed, l.missing, l.extra, l.unrepairable
+            ));
+        }
+        if l.dry_run {
+            line.push_str("  (dry run)");
+        }
+        println!("{line}");
     }
     Ok(())
 }

@@ -355,12 +355,8 @@ fn print_snapshots(r: &Report) {
         if s.reconcile {
             let c = &s.counts;
             println!(
-                "           checked {}, equal {}, re-sent {}, deleted {}{}{}",
-                c.checked,
-                c.equal,
-                c.resent,
-                c.deleted,
-                if s.dry_run { " (dry run)" } else { "" },
+                "           {}{}",
+                crate::daemon::reconcile::summary(s.dry_run, s.deep, c),
                 s.finished_at
                     .as_deref()
                     .map(|t| format!(", finished {t}"))

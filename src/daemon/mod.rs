@@ -456,8 +456,12 @@ fn govern_parked_chunk(
     let before = committer.batch.len();
     let counts = match chunk.kind {
         snapshot::ChunkKind::Probe => {
-            let counts =
-                governance.probe_snapshot(&mut chunk.mapped, chunk.consistent, chunk.target);
+            let counts = governance.probe_snapshot(
+                &mut chunk.mapped,
+                chunk.consistent,
+                chunk.target,
+                chunk.actual.as_deref(),
+            );
             let _ = chunk.done.send(Ok(counts));
             return Ok(());
         }
@@ -466,6 +470,7 @@ fn govern_parked_chunk(
             chunk.consistent,
             chunk.target,
             dry_run,
+            chunk.actual.take(),
             position,
             &mut committer.batch,
         ),
@@ -477,6 +482,7 @@ fn govern_parked_chunk(
                 force: chunk.force,
                 known_only: chunk.known_only,
                 quiet: chunk.quiet,
+                actual: chunk.actual.take(),
             },
             position,
             &mut committer.batch,

@@ -19,6 +19,16 @@
 //! records its progress with each chunk (reading, then sweeping), so a
 //! restarted daemon resumes it. `dry_run` counts without sending or
 //! changing anything.
+//!
+//! A deep reconciliation (`deep`, PostgreSQL targets only) compares with
+//! what the target actually holds instead of with what it was sent: for
+//! each chunk the target's rows of its keys are read back (`snapshot::deep`)
+//! and the governance decides against them, so rows changed, deleted or
+//! inserted at the target behind steward's back are found and repaired.
+//! After the table, the target's table is swept too, for rows whose keys
+//! the source does not have. It reports per entity the rows changed,
+//! missing and extra at the target, and those its version guard would
+//! refuse (`unrepairable`).
 
 use anyhow::bail;
 use serde::{Deserialize, Serialize};
@@ -30,7 +40,16 @@ use steward_store::{ReconcileCounts, SnapshotJob, SnapshotPhase, Store};
 use super::snapshot::{resolve_request, ResetRequest, SnapshotGate};
 
 /// Label values of `steward_reconcile_records_total{result}`.
-const RESULTS: [&str; 4] = ["checked", "equal", "resent", "deleted"];
+const RESULTS: [&str; 8] = [
+    "checked",
+    "equal",
+    "resent",
+    "deleted",
+    "changed",
+    "missing",
+    "extra",
+    "unrepairable",
+];
 
 /// Checks a reconciliation request: the target and entities exist and none
 /// of them is still being snapshotted or reconciled. Returns the entities.
@@ -40,6 +59,11 @@ pub fn resolve(
     request: &ResetRequest,
 ) -> anyhow::Result<Vec<String>> {
     let entities = resolve_request(config, request)?;
+    if request.deep {
+        if let Some(target) = config.target(&request.target) {
+            steward_sinks::target_reader(target, config).map_err(|e| anyhow::anyhow!(e))?;
+        }
+    }
     let busy: Vec<String> = store
         .snapshot_jobs()?
         .into_iter()
@@ -68,9 +92,10 @@ pub fn begin(
     target: &str,
     entities: &[String],
     dry_run: bool,
+    deep: bool,
 ) -> anyhow::Result<()> {
     let mut windows = gate.lock();
-    for job in store.begin_reconcile(target, entities, dry_run)? {
+    for job in store.begin_reconcile(target, entities, dry_run, deep)? {
         windows.insert((job.target, job.entity));
     }
     Ok(())
@@ -81,7 +106,16 @@ pub fn count(job: &SnapshotJob, counts: ReconcileCounts) {
     if job.dry_run {
         return;
     }
-    let values = [counts.checked, counts.equal, counts.resent, counts.deleted];
+    let values = [
+        counts.checked,
+        counts.equal,
+        counts.resent,
+        counts.deleted,
+        counts.changed,
+        counts.missing,
+        counts.extra,
+        counts.unrepairable,
+    ];
     for (result, n) in RESULTS.into_iter().zip(values) {
         if n > 0 {
             metrics::counter!(
@@ -99,17 +133,11 @@ pub fn count(job: &SnapshotJob, counts: ReconcileCounts) {
 /// dry run) the time of the last completed run.
 pub fn finished(store: &Store, job: &SnapshotJob) {
     let c = job.counts;
-    let detail = format!(
-        "{}checked {}, equal {}, re-sent {}, deleted {}",
-        if job.dry_run { "dry run: " } else { "" },
-        c.checked,
-        c.equal,
-        c.resent,
-        c.deleted
-    );
+    let detail = summary(job.dry_run, job.deep, &c);
     tracing::info!(
-        target_name = %job.target, entity = %job.entity, dry_run = job.dry_run,
+        target_name = %job.target, entity = %job.entity, dry_run = job.dry_run, deep = job.deep,
         checked = c.checked, equal = c.equal, resent = c.resent, deleted = c.deleted,
+        changed = c.changed, missing = c.missing, extra = c.extra, unrepairable = c.unrepairable,
         "reconciliation finished"
     );
     let record = AuditRecord {
@@ -130,6 +158,27 @@ pub fn finished(store: &Store, job: &SnapshotJob) {
     if !job.dry_run {
         publish_completed(job);
     }
+}
+
+/// The result as the audit record `reconciled` and the status line tell it.
+pub fn summary(dry_run: bool, deep: bool, c: &ReconcileCounts) -> String {
+    let run = match (dry_run, deep) {
+        (true, true) => "deep dry run: ",
+        (true, false) => "dry run: ",
+        (false, true) => "deep: ",
+        (false, false) => "",
+    };
+    let mut text = format!(
+        "{run}checked {}, equal {}, re-sent {}, deleted {}",
+        c.checked, c.equal, c.resent, c.deleted
+    );
+    if deep {
+        text.push_str(&format!(
+            "; at the target: changed {}, missing {}, extra {}, unrepairable {}",
+            c.changed, c.missing, c.extra, c.unrepairable
+        ));
+    }
+    text
 }
 
 fn publish_completed(job: &SnapshotJob) {
@@ -225,9 +274,10 @@ impl Schedule {
                 entities: vec![entity.clone()],
                 reconcile: true,
                 dry_run: false,
+                deep: false,
             };
             let started = resolve(config, store, &request)
-                .and_then(|entities| begin(gate, store, target, &entities, false));
+                .and_then(|entities| begin(gate, store, target, &entities, false, false));
             match started {
                 Ok(()) => {
                     tracing::info!(target_name = %target, entity = %entity, "scheduled reconciliation started");
@@ -263,28 +313,72 @@ pub struct ReconcileLine {
     pub target: String,
     pub entity: String,
     pub dry_run: bool,
+    #[serde(default)]
+    pub deep: bool,
     pub done: bool,
     pub checked: u64,
     pub equal: u64,
     pub resent: u64,
     pub deleted: u64,
+    /// Deep: rows changed at the target.
+    #[serde(default)]
+    pub changed: u64,
+    /// Deep: rows missing (or marked deleted) at the target.
+    #[serde(default)]
+    pub missing: u64,
+    /// Deep: rows the target should not hold.
+    #[serde(default)]
+    pub extra: u64,
+    /// Deep: rows differing that the target's version guard refuses.
+    #[serde(default)]
+    pub unrepairable: u64,
     pub finished_at: Option<String>,
     pub last_error: Option<String>,
+}
+
+impl ReconcileLine {
+    /// The line of a job's findings.
+    pub fn new(
+        target: &str,
+        entity: &str,
+        dry_run: bool,
+        deep: bool,
+        done: bool,
+        c: &ReconcileCounts,
+    ) -> ReconcileLine {
+        ReconcileLine {
+            target: target.to_string(),
+            entity: entity.to_string(),
+            dry_run,
+            deep,
+            done,
+            checked: c.checked,
+            equal: c.equal,
+            resent: c.resent,
+            deleted: c.deleted,
+            changed: c.changed,
+            missing: c.missing,
+            extra: c.extra,
+            unrepairable: c.unrepairable,
+            finished_at: None,
+            last_error: None,
+        }
+    }
 }
 
 impl From<&SnapshotJob> for ReconcileLine {
     fn from(j: &SnapshotJob) -> Self {
         ReconcileLine {
-            target: j.target.clone(),
-            entity: j.entity.clone(),
-            dry_run: j.dry_run,
-            done: j.phase == SnapshotPhase::Done,
-            checked: j.counts.checked,
-            equal: j.counts.equal,
-            resent: j.counts.resent,
-            deleted: j.counts.deleted,
             finished_at: j.finished_at.clone(),
             last_error: j.last_error.clone(),
+            ..ReconcileLine::new(
+                &j.target,
+                &j.entity,
+                j.dry_run,
+                j.deep,
+                j.phase == SnapshotPhase::Done,
+                &j.counts,
+            )
         }
     }
 }

@@ -59,6 +59,8 @@
 //! snapshot rounds, never while a job runs. Against a stopped daemon, the
 //! CLI records the jobs in the store itself.
 
+mod deep;
+
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -243,6 +245,9 @@ pub struct ResetRequest {
     /// A reconciliation that only counts.
     #[serde(default)]
     pub dry_run: bool,
+    /// A reconciliation against the target's actual rows (PostgreSQL targets).
+    #[serde(default)]
+    pub deep: bool,
 }
 
 /// A reset for the snapshot task, from the control API: answered with the
@@ -318,6 +323,8 @@ pub struct SnapshotChunk {
     pub quiet: bool,
     /// What the loop does with the rows.
     pub kind: ChunkKind,
+    /// A deep reconciliation's: what the target holds for the rows' keys.
+    pub actual: Option<std::sync::Arc<steward_core::pipeline::target_rows::ActualRows>>,
     /// Answered once the chunk is governed and committed, with what a
     /// reconciliation found in it.
     pub done: tokio::sync::oneshot::Sender<Result<ReconcileCounts, String>>,
@@ -506,6 +513,14 @@ impl Worker {
             resume_after = ?job.last_key, estimate = job.rows_total, "snapshot of entity started"
         );
 
+        let mut deep = deep::DeepRead::open(config, &job, target_index)?;
+        if deep.is_some()
+            && !self
+                .await_target_backlog(&job, consistent, target_index)
+                .await?
+        {
+            return Ok(());
+        }
         let started = Instant::now();
         let rows_at_start = job.rows_done;
         let mut last_log = Instant::now();
@@ -538,6 +553,13 @@ impl Worker {
                 (true, true) => ChunkKind::Probe,
                 _ => ChunkKind::Govern,
             };
+            let actual = match &mut deep {
+                Some(d) => Some(
+                    d.actual(mapped.iter().map(|m| m.event.key.as_str()))
+                        .await?,
+                ),
+                None => None,
+            };
             let message = SnapshotChunk {
                 mapped,
                 consistent,
@@ -547,6 +569,7 @@ impl Worker {
                 known_only: job.reevaluate,
                 quiet: job.reconcile,
                 kind,
+                actual,
                 done: tokio::sync::oneshot::channel().0,
             };
             let Some(counts) = self.govern(message).await? else {
@@ -584,7 +607,12 @@ impl Worker {
                 target: target_index,
                 time: &time,
             };
-            if !self.sweep(reader, &mut job, &sweep).await? {
+            if let Some(d) = &mut deep {
+                if !self.sweep_target(reader, d, &mut job, &sweep).await? {
+                    return Ok(());
+                }
+            }
+            if !self.sweep(reader, &mut job, &sweep, deep.as_mut()).await? {
                 return Ok(());
             }
         }
@@ -621,13 +649,15 @@ impl Worker {
 
     /// A reconciliation's second part: the keys the target was sent
     /// (`Store::published_keys`) that this snapshot does not have are
-    /// deleted at the target, through the governance. Resumable: the job
+    /// deleted at the target, through the governance (a deep one: where
+    /// the target holds them; the others are forgotten). Resumable: the job
     /// records the last row of names swept. Ok(false) when shutting down.
     async fn sweep(
         &self,
         reader: &SnapshotReader,
         job: &mut SnapshotJob,
         sweep: &Sweep<'_>,
+        mut deep: Option<&mut deep::DeepRead>,
     ) -> anyhow::Result<bool> {
         let consistent = reader.consistent;
         let key_positions: Vec<usize> = sweep
@@ -678,6 +708,13 @@ impl Worker {
                 if mapped.is_empty() {
                     continue;
                 }
+                let actual = match deep.as_deref_mut() {
+                    Some(d) => Some(
+                        d.actual(mapped.iter().map(|m| m.event.key.as_str()))
+                            .await?,
+                    ),
+                    None => None,
+                };
                 let chunk = SnapshotChunk {
                     mapped,
                     consistent,
@@ -688,6 +725,7 @@ impl Worker {
                     kind: ChunkKind::Absent {
                         dry_run: job.dry_run,
                     },
+                    actual,
                     done: tokio::sync::oneshot::channel().0,
                 };
                 let Some(found) = self.govern(chunk).await? else {
@@ -721,6 +759,7 @@ impl Worker {
                     &request.target,
                     &entities,
                     request.dry_run,
+                    request.deep,
                 )?;
                 Ok(entities)
             })
@@ -733,7 +772,7 @@ impl Worker {
         let answer = match outcome {
             Ok(entities) => {
                 if request.reconcile {
-                    tracing::info!(target_name = %request.target, ?entities, dry_run = request.dry_run, "reconciliation requested");
+                    tracing::info!(target_name = %request.target, ?entities, dry_run = request.dry_run, deep = request.deep, "reconciliation requested");
                 } else {
                     tracing::info!(target_name = %request.target, ?entities, "reset requested: resynchronising");
                 }
@@ -809,6 +848,9 @@ pub struct SnapshotStatusLine {
     pub reconcile: bool,
     #[serde(default)]
     pub dry_run: bool,
+    /// A deep reconciliation (against the target's actual rows).
+    #[serde(default)]
+    pub deep: bool,
     #[serde(default)]
     pub counts: ReconcileCounts,
 }
@@ -817,16 +859,16 @@ impl SnapshotStatusLine {
     /// The line of `steward reconcile`'s report.
     pub fn reconcile_line(&self) -> super::reconcile::ReconcileLine {
         super::reconcile::ReconcileLine {
-            target: self.target.clone(),
-            entity: self.entity.clone(),
-            dry_run: self.dry_run,
-            done: self.phase == SnapshotPhase::Done,
-            checked: self.counts.checked,
-            equal: self.counts.equal,
-            resent: self.counts.resent,
-            deleted: self.counts.deleted,
             finished_at: self.finished_at.clone(),
             last_error: self.last_error.clone(),
+            ..super::reconcile::ReconcileLine::new(
+                &self.target,
+                &self.entity,
+                self.dry_run,
+                self.deep,
+                self.phase == SnapshotPhase::Done,
+                &self.counts,
+            )
         }
     }
 }
@@ -849,6 +891,7 @@ impl From<&SnapshotJob> for SnapshotStatusLine {
             restore: j.restore,
             reconcile: j.reconcile,
             dry_run: j.dry_run,
+            deep: j.deep,
             counts: j.counts,
         }
     }

@@ -19,6 +19,7 @@ mod postgres;
 pub mod requests;
 
 pub use driver::{Deliver, DeliveryError};
+pub use postgres::read::TargetReader;
 
 use steward_core::config::{Config, TargetConfig};
 use steward_core::model::Event;
@@ -95,5 +96,19 @@ pub fn build(target: &TargetConfig, config: &Config) -> Result<AnySink, BuildErr
         SinkConfig::File(file) => Ok(AnySink(Sink::File(
             file::FileSink::open(target, file, ctx).map_err(BuildFailure::Other)?,
         ))),
+    }
+}
+
+/// A reader of `target`'s tables, for a deep reconciliation; an error
+/// naming the target's type when it has no tables to read (only
+/// PostgreSQL targets do).
+pub fn target_reader(target: &TargetConfig, config: &Config) -> Result<TargetReader, String> {
+    match SinkConfig::of(target) {
+        Some(SinkConfig::Postgres(pg)) => Ok(TargetReader::new(target, pg, config)),
+        _ => Err(format!(
+            "--deep reads the target's rows back, which only a PostgreSQL target has; target \
+             '{}' is of type {}: reconcile it without --deep (compares with what steward sent it)",
+            target.name, target.type_name
+        )),
     }
 }

@@ -482,6 +482,15 @@ impl Store {
         })
     }
 
+    /// The target's outbox: (last seq appended, last seq its cursor passed).
+    pub fn outbox_cursor(&self, target: &str) -> Result<(u64, u64), StoreError> {
+        self.read(|txn| {
+            let targets = txn.open_table(TARGETS)?;
+            let state = load_state(&targets, target)?;
+            Ok((state.last_seq, state.last_delivered_seq))
+        })
+    }
+
     /// The first entry still waiting in the target's outbox.
     pub fn oldest_pending(&self, target: &str) -> Result<Option<(u64, Event)>, StoreError> {
         Ok(self.read_outbox(target, None, 1)?.into_iter().next())

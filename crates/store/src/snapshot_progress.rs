@@ -110,6 +110,19 @@ pub struct SnapshotJob {
     /// What a reconciliation found so far.
     #[serde(default)]
     pub counts: ReconcileCounts,
+    /// A deep reconciliation: compared with the rows the target actually
+    /// holds (read back from its tables) rather than with what it was
+    /// sent; after the table, the target's rows of keys gone from the
+    /// source are swept too.
+    #[serde(default)]
+    pub deep: bool,
+    /// A deep reconciliation past the table: the last key of the target's
+    /// table swept for rows the source does not have (None: not begun).
+    #[serde(default)]
+    pub target_swept_to: Option<String>,
+    /// A deep reconciliation's sweep of the target's table is done.
+    #[serde(default)]
+    pub target_swept: bool,
 }
 
 impl SnapshotJob {
@@ -134,6 +147,9 @@ impl SnapshotJob {
             reconcile: false,
             dry_run: false,
             swept_to: None,
+            deep: false,
+            target_swept_to: None,
+            target_swept: false,
             counts: ReconcileCounts::default(),
         }
     }
@@ -222,17 +238,20 @@ impl Store {
     /// Records reconciliation jobs (see [`SnapshotJob::reconcile`]) for
     /// `entities` of `target`; the outbox is kept. The caller checks that
     /// no snapshot of them is still reading (it would be replaced).
+    /// `deep`: against the target's actual rows (see [`SnapshotJob::deep`]).
     pub fn begin_reconcile(
         &self,
         target: &str,
         entities: &[String],
         dry_run: bool,
+        deep: bool,
     ) -> Result<Vec<SnapshotJob>, StoreError> {
         let jobs: Vec<SnapshotJob> = entities
             .iter()
             .map(|e| SnapshotJob {
                 reconcile: true,
                 dry_run,
+                deep,
                 ..SnapshotJob::new(target, e)
             })
             .collect();

@@ -486,7 +486,13 @@ async fn reconcile(
     let request: wire::ReconcileRequest = body(&bytes)?;
     let actor = peer.actor(request.comment).await?;
     let started = control
-        .reconcile(actor, target, request.entities, request.dry_run)
+        .reconcile(
+            actor,
+            target,
+            request.entities,
+            request.dry_run,
+            request.deep,
+        )
         .await?;
     Ok((StatusCode::ACCEPTED, Json(started)))
 }

@@ -365,6 +365,7 @@ impl Control {
         target: String,
         entities: Vec<String>,
         dry_run: bool,
+        deep: bool,
     ) -> Result<wire::ResetStarted, ApiError> {
         let run = self.running()?;
         target_of(&run, &target)?;
@@ -373,6 +374,7 @@ impl Control {
             entities,
             reconcile: true,
             dry_run,
+            deep,
         };
         snapshot::resolve_request(&run.config, &request)
             .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
@@ -390,10 +392,11 @@ impl Control {
                 ))
             }
         };
-        let detail = if dry_run {
-            "reconciliation requested (dry run)"
-        } else {
-            "reconciliation requested"
+        let detail = match (deep, dry_run) {
+            (true, true) => "deep reconciliation requested (dry run)",
+            (true, false) => "deep reconciliation requested",
+            (false, true) => "reconciliation requested (dry run)",
+            (false, false) => "reconciliation requested",
         };
         let records: Vec<AuditRecord> = entities
             .iter()

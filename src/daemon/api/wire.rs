@@ -220,6 +220,9 @@ pub struct ReconcileRequest {
     /// Only count what differs; send and change nothing.
     #[serde(default)]
     pub dry_run: bool,
+    /// Compare with the rows the target actually holds (PostgreSQL targets).
+    #[serde(default)]
+    pub deep: bool,
     #[serde(default)]
     pub comment: Option<String>,
 }

@@ -33,6 +33,7 @@
 //! as arrays (`unnest`), after keeping only the newest change per key.
 
 pub(crate) mod config;
+pub(crate) mod read;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -88,52 +89,8 @@ impl PostgresSink {
         cfg: &PostgresTargetConfig,
         config: &Config,
     ) -> PostgresSink {
-        let mut plans = HashMap::new();
-        for (entity, table) in &cfg.tables {
-            let fields = config
-                .entity(entity)
-                .map(|e| {
-                    e.fields
-                        .iter()
-                        .map(|f| f.name.clone())
-                        .filter(|n| !RESERVED.contains(&n.as_str()))
-                        .collect()
-                })
-                .unwrap_or_default();
-            plans.insert(
-                entity.clone(),
-                TablePlan {
-                    name: format!("{}.{table}", cfg.schema),
-                    table: format!("{}.{}", quote_ident(&cfg.schema), quote_ident(table)),
-                    tomb: format!(
-                        "{}.{}",
-                        quote_ident(&cfg.schema),
-                        quote_ident(&format!("{table}__deleted"))
-                    ),
-                    fields,
-                },
-            );
-        }
-        let c = &cfg.conn;
-        // The source's connection code (TLS modes, sslrootcert, Unix sockets,
-        // session settings) is reused by describing the target as a source.
-        let conn = SourceConfig {
-            url_display: c.url_display.clone(),
-            host: c.host.clone(),
-            port: c.port,
-            user: c.user.clone(),
-            dbname: c.dbname.clone(),
-            password: c.password.clone(),
-            sslmode: c.sslmode,
-            sslrootcert: c.sslrootcert.clone(),
-            connect_timeout: c.connect_timeout,
-            slot: String::new(),
-            publication: String::new(),
-            status_interval: Duration::from_secs(10),
-            create_publication: false,
-            heartbeat_interval: None,
-            streaming: true,
-        };
+        let plans = table_plans(cfg, config);
+        let conn = source_config(cfg);
         PostgresSink {
             target: target.name.clone(),
             cfg: cfg.clone(),
@@ -382,6 +339,61 @@ impl PostgresSink {
             retry_after: None,
             status: None,
         }
+    }
+}
+
+/// Each entity's table (and tombstone table) and field columns.
+fn table_plans(cfg: &PostgresTargetConfig, config: &Config) -> HashMap<String, TablePlan> {
+    let mut plans = HashMap::new();
+    for (entity, table) in &cfg.tables {
+        let fields = config
+            .entity(entity)
+            .map(|e| {
+                e.fields
+                    .iter()
+                    .map(|f| f.name.clone())
+                    .filter(|n| !RESERVED.contains(&n.as_str()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        plans.insert(
+            entity.clone(),
+            TablePlan {
+                name: format!("{}.{table}", cfg.schema),
+                table: format!("{}.{}", quote_ident(&cfg.schema), quote_ident(table)),
+                tomb: format!(
+                    "{}.{}",
+                    quote_ident(&cfg.schema),
+                    quote_ident(&format!("{table}__deleted"))
+                ),
+                fields,
+            },
+        );
+    }
+    plans
+}
+
+/// The target's connection described as a source, so that the source's
+/// connection code (TLS modes, sslrootcert, Unix sockets, session
+/// settings) is reused.
+fn source_config(cfg: &PostgresTargetConfig) -> SourceConfig {
+    let c = &cfg.conn;
+    SourceConfig {
+        url_display: c.url_display.clone(),
+        host: c.host.clone(),
+        port: c.port,
+        user: c.user.clone(),
+        dbname: c.dbname.clone(),
+        password: c.password.clone(),
+        sslmode: c.sslmode,
+        sslrootcert: c.sslrootcert.clone(),
+        connect_timeout: c.connect_timeout,
+        slot: String::new(),
+        publication: String::new(),
+        status_interval: Duration::from_secs(10),
+        create_publication: false,
+        heartbeat_interval: None,
+        streaming: true,
     }
 }
 
