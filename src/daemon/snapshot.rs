@@ -612,7 +612,7 @@ impl Worker {
                     return Ok(());
                 }
             }
-            if !self.sweep(reader, &mut job, &sweep, deep.as_mut()).await? {
+            if !self.sweep(reader, &mut job, &sweep, deep.is_some()).await? {
                 return Ok(());
             }
         }
@@ -649,15 +649,18 @@ impl Worker {
 
     /// A reconciliation's second part: the keys the target was sent
     /// (`Store::published_keys`) that this snapshot does not have are
-    /// deleted at the target, through the governance (a deep one: where
-    /// the target holds them; the others are forgotten). Resumable: the job
+    /// deleted at the target, through the governance. After a deep job's
+    /// sweep of the target's table (`deep`), which deleted the rows the
+    /// target holds of keys gone, the others are only forgotten: the
+    /// target is taken to hold none of them (reading it again would find
+    /// the rows whose deletes are still on their way). Resumable: the job
     /// records the last row of names swept. Ok(false) when shutting down.
     async fn sweep(
         &self,
         reader: &SnapshotReader,
         job: &mut SnapshotJob,
         sweep: &Sweep<'_>,
-        mut deep: Option<&mut deep::DeepRead>,
+        deep: bool,
     ) -> anyhow::Result<bool> {
         let consistent = reader.consistent;
         let key_positions: Vec<usize> = sweep
@@ -708,13 +711,12 @@ impl Worker {
                 if mapped.is_empty() {
                     continue;
                 }
-                let actual = match deep.as_deref_mut() {
-                    Some(d) => Some(
-                        d.actual(mapped.iter().map(|m| m.event.key.as_str()))
-                            .await?,
-                    ),
-                    None => None,
-                };
+                let actual = deep.then(|| {
+                    std::sync::Arc::new(steward_core::pipeline::target_rows::ActualRows {
+                        target: sweep.target,
+                        rows: Default::default(),
+                    })
+                });
                 let chunk = SnapshotChunk {
                     mapped,
                     consistent,

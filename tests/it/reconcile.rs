@@ -532,3 +532,252 @@ async fn events_the_target_lost_with_dropped_dead_letters_are_sent_again() {
     assert_eq!(wms.accepted_count(), before + 1);
     daemon.stop().await.unwrap();
 }
+
+// ------------------------------------------------------- deep (PostgreSQL)
+
+/// One PostgreSQL target `mirror` of products (schema `mdm` of the test
+/// database itself), with an initial snapshot.
+fn pg_config_text(db: &TestDb, delete_mode: &str) -> String {
+    format!(
+        "{}\n[targets.mirror]\ntype = \"postgres\"\nurl = \"{}\"\nentities = [\"product\"]\nschema = \"mdm\"\ncreate_tables = true\ndelete_mode = \"{delete_mode}\"\ninitial = \"snapshot\"\nbatch_linger_ms = 5\nretry_initial_ms = 50\nretry_max_ms = 500\n",
+        db.config_text(&[]),
+        db.url()
+    )
+}
+
+/// Rows present (not marked deleted) in the target table.
+fn held(db: &TestDb) -> u64 {
+    // The table is created by the target's first connection.
+    if db
+        .sql("SELECT to_regclass('mdm.product') IS NOT NULL")
+        .trim()
+        != "t"
+    {
+        return 0;
+    }
+    db.sql("SELECT count(*) FROM mdm.product WHERE NOT _deleted")
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
+
+/// Keys where the target table and the source differ: a product missing
+/// there, a row there of no product, or a row whose document (sku, price)
+/// or price column is not the product's.
+fn mismatches(db: &TestDb) -> Vec<String> {
+    db.sql(
+        "SELECT coalesce(t._key, p.id::text) FROM product_template p \
+         FULL JOIN (SELECT * FROM mdm.product WHERE NOT _deleted) t ON t._key = p.id::text \
+         WHERE t._key IS NULL OR p.id IS NULL \
+            OR t.data -> 'price' IS DISTINCT FROM to_jsonb(p.list_price) \
+            OR t.data ->> 'sku' IS DISTINCT FROM p.default_code \
+            OR t.price IS DISTINCT FROM t.data -> 'price' \
+         ORDER BY 1",
+    )
+    .lines()
+    .map(|l| l.trim().to_string())
+    .filter(|l| !l.is_empty())
+    .collect()
+}
+
+/// `steward reconcile --target mirror ARGS --json`: the report's line.
+fn reconcile_json(cfg: &Path, args: &[&str]) -> Value {
+    let mut all = vec!["reconcile", "--target", "mirror", "--json"];
+    all.extend_from_slice(args);
+    let out = steward(&all, cfg);
+    let lines: Value = serde_json::from_slice(&out.stdout).expect("--json output");
+    lines[0].clone()
+}
+
+/// checked, equal, re-sent, deleted, changed, missing, extra, unrepairable.
+fn deep_counts(line: &Value) -> [u64; 8] {
+    [
+        "checked",
+        "equal",
+        "resent",
+        "deleted",
+        "changed",
+        "missing",
+        "extra",
+        "unrepairable",
+    ]
+    .map(|k| line[k].as_u64().unwrap_or(u64::MAX))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deep_reconcile_repairs_rows_changed_deleted_and_inserted_at_a_postgres_target() {
+    let db = TestDb::new("rec_deep_soft");
+    add_products(&db, 300);
+    let cfg = db.write_config(&pg_config_text(&db, "soft"));
+    let n = rows(&db) as u64;
+    let daemon = InProcess::start(steward_sinks::config::load(&cfg).unwrap());
+    wait_until("the initial snapshot is in the target table", WAIT, || {
+        held(&db) == n
+    })
+    .await;
+    assert_eq!(mismatches(&db), Vec::<String>::new());
+
+    // Behind steward's back: a document changed, a price column changed, a
+    // row deleted, a row marked deleted, a row changed with a version
+    // beyond any steward writes, and a row inserted.
+    db.sql(
+        "UPDATE mdm.product SET data = jsonb_set(data, '{price}', '999') WHERE _key = '100001'; \
+         UPDATE mdm.product SET price = '999' WHERE _key = '100002'; \
+         DELETE FROM mdm.product WHERE _key = '100003'; \
+         UPDATE mdm.product SET _deleted = true WHERE _key = '100004'; \
+         UPDATE mdm.product SET data = '{}', price = NULL, _version = 9223372036854775807 WHERE _key = '100005'; \
+         INSERT INTO mdm.product (_key, _version, _deleted, _event_id, data) \
+         VALUES ('999999', 1, false, 'by-hand', '{\"sku\": \"HAND\"}');",
+    );
+    let drifted = ["100001", "100002", "100003", "100004", "100005", "999999"];
+    assert_eq!(mismatches(&db), drifted);
+
+    // What steward sent is unchanged: an ordinary reconciliation finds nothing.
+    let plain = reconcile_json(&cfg, &[]);
+    assert_eq!(counts_of(&plain), [n, n, 0, 0], "{plain}");
+
+    // A deep dry run finds every row and changes nothing.
+    let want = [n, n - 5, 4, 1, 3, 2, 1, 1];
+    let dry = reconcile_json(&cfg, &["--deep", "--dry-run"]);
+    assert_eq!(deep_counts(&dry), want, "{dry}");
+    assert_eq!(
+        (dry["deep"].clone(), dry["dry_run"].clone()),
+        (true.into(), true.into())
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(mismatches(&db), drifted, "a dry run changes nothing");
+
+    // The deep run repairs all but the row whose version steward cannot beat.
+    let deep = reconcile_json(&cfg, &["--deep"]);
+    assert_eq!(deep_counts(&deep), want, "{deep}");
+    wait_until("the target is repaired", WAIT, || {
+        mismatches(&db) == ["100005"]
+    })
+    .await;
+    assert_eq!(
+        db.sql("SELECT _deleted FROM mdm.product WHERE _key = '999999'")
+            .trim(),
+        "t",
+        "the inserted row is deleted the way this target deletes (soft)"
+    );
+    let audit = String::from_utf8_lossy(
+        &steward(&["audit", "--decision", "unrepairable", "--json"], &cfg).stdout,
+    )
+    .to_string();
+    assert!(audit.contains("100005"), "{audit}");
+    let audit = String::from_utf8_lossy(
+        &steward(&["audit", "--decision", "reconciled", "--json"], &cfg).stdout,
+    )
+    .to_string();
+    assert!(
+        audit.contains("at the target: changed 3, missing 2, extra 1, unrepairable 1"),
+        "{audit}"
+    );
+
+    // The operator lowers the row's version; an ordinary reconciliation then
+    // sends it (it is not taken for held), and a last deep run finds the
+    // target equal to the source.
+    db.sql("UPDATE mdm.product SET _version = 1 WHERE _key = '100005'");
+    let plain = reconcile_json(&cfg, &[]);
+    assert_eq!(counts_of(&plain), [n, n - 1, 1, 0], "{plain}");
+    wait_until("the last row is repaired", WAIT, || {
+        mismatches(&db).is_empty()
+    })
+    .await;
+    let last = reconcile_json(&cfg, &["--deep"]);
+    assert_eq!(deep_counts(&last), [n, n, 0, 0, 0, 0, 0, 0], "{last}");
+    let plain = reconcile_json(&cfg, &[]);
+    assert_eq!(counts_of(&plain), [n, n, 0, 0], "{plain}");
+    daemon.stop().await.unwrap();
+}
+
+fn counts_of(line: &Value) -> [u64; 4] {
+    ["checked", "equal", "resent", "deleted"].map(|k| line[k].as_u64().unwrap_or(u64::MAX))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deep_reconcile_in_delete_mode_restores_deleted_rows_and_removes_inserted_ones() {
+    let db = TestDb::new("rec_deep_hard");
+    add_products(&db, 100);
+    let port = support::free_port();
+    let text = TestDb::with_metrics(&pg_config_text(&db, "delete"), port, "");
+    let cfg = db.write_config(&text);
+    let n = rows(&db) as u64;
+    // A process of its own: the metrics recorder is one per process.
+    let daemon = support::Steward::start(&cfg, &db.dir.path().join("steward.log"), &[]);
+    wait_until("the initial snapshot is in the target table", WAIT, || {
+        held(&db) == n
+    })
+    .await;
+    // A product deleted in the source is deleted at the target as usual.
+    db.sql("DELETE FROM product_template WHERE id = 100010");
+    wait_until("the delete arrives", WAIT, || held(&db) == n - 1).await;
+    let n = n - 1;
+
+    db.sql(
+        "UPDATE mdm.product SET data = jsonb_set(data, '{sku}', '\"HAND\"') WHERE _key = '100001'; \
+         DELETE FROM mdm.product WHERE _key IN ('100002', '100003'); \
+         INSERT INTO mdm.product (_key, _version, _deleted, _event_id, data) \
+         VALUES ('100010', 1, false, 'by-hand', '{}'), ('888888', 1, false, 'by-hand', '{}');",
+    );
+    assert_eq!(
+        mismatches(&db),
+        ["100001", "100002", "100003", "100010", "888888"]
+    );
+    let deep = reconcile_json(&cfg, &["--deep"]);
+    assert_eq!(deep_counts(&deep), [n, n - 3, 3, 2, 1, 2, 2, 0], "{deep}");
+    wait_until("the target is repaired", WAIT, || {
+        mismatches(&db).is_empty()
+    })
+    .await;
+    assert_eq!(
+        db.sql("SELECT count(*) FROM mdm.product__deleted WHERE _key IN ('100010', '888888')")
+            .trim(),
+        "2",
+        "rows removed by the repair leave tombstones, as steward's deletes do"
+    );
+    let last = reconcile_json(&cfg, &["--deep"]);
+    assert_eq!(deep_counts(&last), [n, n, 0, 0, 0, 0, 0, 0], "{last}");
+
+    let mut metrics = String::new();
+    let needed = "steward_reconcile_records_total{target=\"mirror\",entity=\"product\",result=\"missing\"} 2";
+    let deadline = Instant::now() + WAIT;
+    while !metrics.contains(needed) {
+        assert!(
+            Instant::now() < deadline,
+            "{needed} missing from\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        metrics = scrape(port).await;
+    }
+    for needed in [
+        "steward_reconcile_records_total{target=\"mirror\",entity=\"product\",result=\"changed\"} 1",
+        "steward_reconcile_records_total{target=\"mirror\",entity=\"product\",result=\"extra\"} 2",
+    ] {
+        assert!(metrics.contains(needed), "{needed} missing from\n{metrics}");
+    }
+    let (status, _) = daemon.terminate().await;
+    assert!(status.success());
+}
+
+#[test]
+fn deep_is_refused_for_a_target_without_tables() {
+    let db = TestDb::new("rec_deep_http");
+    let text = format!(
+        "{}\n[targets.wms]\ntype = \"http\"\nurl = \"http://127.0.0.1:9/\"\nentities = [\"product\"]\n",
+        db.config_text(&[])
+    );
+    let cfg = db.write_config(&text);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_steward"))
+        .args(["reconcile", "--target", "wms", "--deep", "-c"])
+        .arg(&cfg)
+        .env("STEWARD_LOG", "off")
+        .output()
+        .expect("run steward");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("only a PostgreSQL target has") && stderr.contains("type http"),
+        "{stderr}"
+    );
+}

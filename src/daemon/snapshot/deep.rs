@@ -264,7 +264,7 @@ mod tests {
     fn only_keys_the_key_columns_can_hold_are_looked_up() {
         let int_key = [(0, 23)];
         let text_key = [(0, 25)];
-        let s = |v: &[&str]| v.iter().map(|p| p.to_string()).collect::<Vec<_>>();
+        let s = |v: &[&str]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
         assert!(plausible(&s(&["42"]), &int_key));
         assert!(!plausible(&s(&["x42"]), &int_key));
         assert!(!plausible(&s(&["1", "2"]), &int_key), "one part per column");
