@@ -30,7 +30,7 @@ const BACKLOG_WAIT: Duration = Duration::from_secs(60);
 /// The target reader of a deep job.
 pub(super) struct DeepRead {
     reader: TargetReader,
-    target: TargetIndex,
+    pub(super) target: TargetIndex,
     entity: String,
 }
 
@@ -85,7 +85,7 @@ impl Worker {
         let barrier = SnapshotChunk {
             mapped: Vec::new(),
             consistent,
-            target,
+            targets: vec![target],
             force: false,
             known_only: false,
             quiet: true,
@@ -209,7 +209,7 @@ impl Worker {
                 let chunk = SnapshotChunk {
                     mapped,
                     consistent,
-                    target: sweep.target,
+                    targets: vec![sweep.target],
                     force: false,
                     known_only: false,
                     quiet: true,
@@ -222,7 +222,7 @@ impl Worker {
                 let Some(found) = self.govern(chunk).await? else {
                     return Ok(false);
                 };
-                counts.add(found);
+                found.into_iter().for_each(|f| counts.add(f));
             }
             job.counts.add(counts);
             job.target_swept_to = Some(last);
