@@ -916,6 +916,7 @@ const DECISIONS: &[&str] = &[
     "suppressed",
     "redacted",
     "not_routed",
+    "unrepairable",
     "dlq_replayed",
     "dlq_dropped",
     "flush",

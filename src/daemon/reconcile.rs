@@ -218,8 +218,8 @@ pub fn publish_gauges(store: &Store) {
 /// daemon started, for one never reconciled). A run due while a snapshot or
 /// reconciliation of the pair is still going starts when that is done.
 pub struct Schedule {
-    /// (target, entity, schedule, Unix time the next run is due).
-    due: Vec<(String, String, Window, i64)>,
+    /// (target, entity, schedule, Unix time the next run is due, deep).
+    due: Vec<(String, String, Window, i64, bool)>,
 }
 
 impl Schedule {
@@ -253,7 +253,13 @@ impl Schedule {
                     "entity" => entity.clone()
                 )
                 .set(interval);
-                due.push((target.name.clone(), entity.clone(), window, next));
+                due.push((
+                    target.name.clone(),
+                    entity.clone(),
+                    window,
+                    next,
+                    target.delivery.reconcile_deep,
+                ));
             }
         }
         Schedule { due }
@@ -265,7 +271,7 @@ impl Schedule {
             return;
         }
         let now = chrono::Utc::now().timestamp();
-        for (target, entity, window, next) in &mut self.due {
+        for (target, entity, window, next, deep) in &mut self.due {
             if now < *next {
                 continue;
             }
@@ -274,10 +280,10 @@ impl Schedule {
                 entities: vec![entity.clone()],
                 reconcile: true,
                 dry_run: false,
-                deep: false,
+                deep: *deep,
             };
             let started = resolve(config, store, &request)
-                .and_then(|entities| begin(gate, store, target, &entities, false, false));
+                .and_then(|entities| begin(gate, store, target, &entities, false, *deep));
             match started {
                 Ok(()) => {
                     tracing::info!(target_name = %target, entity = %entity, "scheduled reconciliation started");
@@ -288,7 +294,11 @@ impl Schedule {
                         version: 0,
                         target: Some(target.clone()),
                         decision: "reconcile".into(),
-                        detail: "scheduled reconciliation started".into(),
+                        detail: if *deep {
+                            "scheduled deep reconciliation started".into()
+                        } else {
+                            "scheduled reconciliation started".into()
+                        },
                         user: None,
                         comment: None,
                         seq: None,

@@ -378,6 +378,11 @@ impl Control {
         };
         snapshot::resolve_request(&run.config, &request)
             .map_err(|e| ApiError::bad_request(format!("{e:#}")))?;
+        if deep {
+            if let Some(t) = run.config.target(&target) {
+                steward_sinks::target_reader(t, &run.config).map_err(ApiError::bad_request)?;
+            }
+        }
         let (reply, answer) = oneshot::channel();
         run.resets
             .try_send(ResetCall { request, reply })

@@ -28,6 +28,9 @@ pub struct DeliveryPolicy {
     pub reconcile: Option<Window>,
     /// Per-entity schedules, from `reconcile.entities`.
     pub entity_reconcile: Vec<(String, Window)>,
+    /// `reconcile.deep`: scheduled runs compare with the rows the target
+    /// actually holds (PostgreSQL targets only).
+    pub reconcile_deep: bool,
 }
 
 impl Default for DeliveryPolicy {
@@ -42,6 +45,7 @@ impl Default for DeliveryPolicy {
             max_in_flight: 1,
             reconcile: None,
             entity_reconcile: Vec::new(),
+            reconcile_deep: false,
         }
     }
 }

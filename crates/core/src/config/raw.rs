@@ -1281,6 +1281,17 @@ fn check_target(
     };
 
     let delivery = check_delivery(&r, entities.as_deref(), errs);
+    if let (Some(d), Some(t)) = (&delivery, declared) {
+        if d.reconcile_deep && t != "postgres" {
+            errs.add(
+                &join(&r.key("reconcile"), "deep"),
+                format!(
+                    "a deep reconciliation reads the target's rows back, which only a postgres \
+                     target has; this target is of type {t}"
+                ),
+            );
+        }
+    }
 
     // The type's own keys, last: its checks may depend on the common ones.
     let settings = match (declared, types) {

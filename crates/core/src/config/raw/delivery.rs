@@ -20,7 +20,7 @@ pub(super) const DELIVERY_KEYS: &[&str] = &[
     "reconcile",
 ];
 /// Keys of `reconcile = { ... }`.
-const RECONCILE_KEYS: &[&str] = &["every", "at", "entities"];
+const RECONCILE_KEYS: &[&str] = &["every", "at", "entities", "deep"];
 /// Keys of one `[targets.NAME.windows]` entry.
 pub(super) const WINDOW_KEYS: &[&str] = &["mode", "every", "at"];
 
@@ -119,10 +119,11 @@ pub(super) fn check_delivery(
 
     let reconcile = check_reconcile(r, entities, errs);
     let nonzero = |v: u64| (v > 0).then(|| u32::try_from(v).unwrap_or(u32::MAX));
-    let (reconcile, entity_reconcile) = reconcile?;
+    let (reconcile, entity_reconcile, reconcile_deep) = reconcile?;
     Some(DeliveryPolicy {
         reconcile,
         entity_reconcile,
+        reconcile_deep,
         max_attempts: u32::try_from(max_attempts?).ok()?,
         max_age: max_age.map(|v| (v > 0).then(|| std::time::Duration::from_millis(v)))?,
         rate_limit_requests_per_sec: nonzero(rps?),
@@ -134,19 +135,21 @@ pub(super) fn check_delivery(
 }
 
 /// `reconcile = { every = "24h" }` or `{ at = "03:00" }`, with per-entity
-/// schedules in `entities = { product = { every = "6h" } }`.
+/// schedules in `entities = { product = { every = "6h" } }`, and whether
+/// the scheduled runs are deep (`deep = true`).
 #[allow(clippy::type_complexity)]
 fn check_reconcile(
     r: &Reader,
     entities: Option<&[String]>,
     errs: &mut Errors,
-) -> Option<(Option<Window>, Vec<(String, Window)>)> {
+) -> Option<(Option<Window>, Vec<(String, Window)>, bool)> {
     if !r.has("reconcile") {
-        return Some((None, Vec::new()));
+        return Some((None, Vec::new(), false));
     }
     let table = r.table("reconcile", errs)?;
     let key = r.key("reconcile");
     let rr = Reader::new(&key, table, RECONCILE_KEYS, errs);
+    let deep = rr.bool("deep", false, errs);
     let schedule = |reader: &Reader, errs: &mut Errors| -> Option<Option<Window>> {
         match check_window(reader, errs)? {
             Window::Realtime => Some(None),
@@ -193,7 +196,7 @@ fn check_reconcile(
             }
         }
     }
-    Some((window?, per_entity?))
+    Some((window?, per_entity?, deep?))
 }
 
 /// `mode`, `every` and `at` of one table: realtime unless a window is given.

@@ -1150,6 +1150,16 @@ fn reconcile_schedules_are_checked() {
         d.reconcile_of("product"),
         Some(Window::Every(Duration::from_secs(86_400)))
     );
+    assert!(!d.reconcile_deep);
+    // Deep runs read the target's rows back: PostgreSQL targets only.
+    let pg = MINIMAL.replace("type = \"http\"", "type = \"postgres\"");
+    let d = ok(&format!(
+        "{pg}reconcile = {{ every = \"24h\", deep = true }}\n"
+    ))
+    .targets[0]
+        .delivery
+        .clone();
+    assert!(d.reconcile_deep);
     for (extra, key) in [
         (
             "reconcile = { every = \"4x\" }\n",
@@ -1172,6 +1182,10 @@ fn reconcile_schedules_are_checked() {
             "targets.wms.reconcile.entities.product",
         ),
         ("reconcile = \"daily\"\n", "targets.wms.reconcile"),
+        (
+            "reconcile = { every = \"1h\", deep = true }\n",
+            "targets.wms.reconcile.deep",
+        ),
     ] {
         let errors = parse(&format!("{MINIMAL}{extra}")).expect_err(extra).errors;
         assert!(
