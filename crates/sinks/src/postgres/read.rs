@@ -170,7 +170,7 @@ impl TargetReader {
     ) -> Result<Vec<String>, String> {
         let plan = self.plan(entity)?;
         let sql = format!(
-            "SELECT _key FROM {} WHERE NOT _deleted AND ($1::text IS NULL OR _key > $1) \
+            "SELECT _key::text FROM {} WHERE NOT _deleted AND ($1::text IS NULL OR _key > $1) \
              ORDER BY _key LIMIT $2",
             plan.table
         );
@@ -218,7 +218,9 @@ fn guard(version: Option<i64>, id: Option<String>) -> (u64, String) {
 }
 
 /// The rows of keys `$1`, with whether each field column agrees with `data`
-/// (as the sink writes it: the field's value, JSON null as NULL).
+/// (as the sink writes it: the field's value, JSON null as NULL). Every
+/// column is cast to the type read, so a table created by hand with other
+/// types gives an error (or works), never a type mismatch in the client.
 fn rows_sql(plan: &TablePlan) -> String {
     let fields_match = if plan.fields.is_empty() {
         "true".to_string()
@@ -236,15 +238,15 @@ fn rows_sql(plan: &TablePlan) -> String {
             .join(" AND ")
     };
     format!(
-        "SELECT t._key, t.data::text, t._deleted, t._version, t._event_id, ({fields_match}) \
-         FROM {} t WHERE t._key = ANY($1::text[])",
+        "SELECT t._key::text, t.data::text, t._deleted::bool, t._version::int8, \
+         t._event_id::text, ({fields_match})::bool FROM {} t WHERE t._key = ANY($1::text[])",
         plan.table
     )
 }
 
 fn tomb_sql(plan: &TablePlan) -> String {
     format!(
-        "SELECT _key, _version, _event_id FROM {} WHERE _key = ANY($1::text[])",
+        "SELECT _key::text, _version::int8, _event_id::text FROM {} WHERE _key = ANY($1::text[])",
         plan.tomb
     )
 }
