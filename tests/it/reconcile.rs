@@ -742,6 +742,15 @@ async fn a_deep_reconcile_repairs_rows_changed_deleted_and_inserted_at_a_postgre
     // The deep run repairs all but the row whose version steward cannot beat.
     let deep = reconcile_json(&cfg, &["--deep"]);
     assert_eq!(deep_counts(&deep), want, "{deep}");
+    let status = String::from_utf8_lossy(&steward(&["status"], &cfg).stdout).to_string();
+    assert!(
+        status.contains(&format!(
+            "deep: checked {n}, equal {}, re-sent 4, deleted 1; at the target: changed 3, \
+             missing 2, extra 1, unrepairable 1",
+            n - 5
+        )),
+        "{status}"
+    );
     wait_until("the target is repaired", WAIT, || {
         mismatches(&db) == ["100005"]
     })
