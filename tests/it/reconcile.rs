@@ -928,3 +928,71 @@ async fn deep_reconcile_at_scale() {
     );
     daemon.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_deep_reconcile_resumes_and_repairs_everything() {
+    let db = TestDb::new("rec_deep_crash");
+    add_products(&db, 30_000);
+    let cfg = db.write_config(&pg_config_text(&db, "soft"));
+    let n = rows(&db) as u64;
+    let log = db.dir.path().join("steward.log");
+    let child = Child::run(&cfg, &log);
+    wait_until("the initial snapshot is in the target table", WAIT, || {
+        held(&db) == n
+    })
+    .await;
+    assert!(child.terminate().success());
+
+    // Drift all over the table, and a row of no product.
+    db.sql(
+        "UPDATE mdm.product SET data = jsonb_set(data, '{price}', '-1') WHERE _key LIKE '1%00'; \
+         DELETE FROM mdm.product WHERE _key LIKE '1%50'; \
+         INSERT INTO mdm.product (_key, _version, _deleted, _event_id, data) \
+         VALUES ('999999', 1, false, 'by-hand', '{}');",
+    );
+    let drifted = mismatches(&db).len();
+    assert!(drifted > 500, "{drifted}");
+    // Recorded while the daemon is stopped; it runs at the next start.
+    let out = steward(&["reconcile", "--target", "mirror", "--deep"], &cfg);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("deeply reconciled"));
+
+    let child = Child::run_with_env(&cfg, &log, &[("STEWARD_SNAPSHOT_CHUNK_ROWS", "500")]);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(Instant::now() < deadline, "no reconciliation progress");
+        let v = daemon_status(&cfg);
+        let line = v["snapshots"]
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["reconcile"] == true).cloned())
+            .unwrap_or(Value::Null);
+        if v["daemon"]["running"] == true && line["rows_done"].as_u64().unwrap_or(0) >= 5_000 {
+            assert_ne!(
+                line["phase"], "done",
+                "finished before the kill; make it larger"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill9();
+    let child = Child::run(&cfg, &log);
+    let line = reconciled(&cfg).await;
+    assert_eq!(
+        line["segments"], 2,
+        "one snapshot before the kill, one after"
+    );
+    assert_eq!(line["deep"], true);
+    let c = &line["counts"];
+    assert!(c["checked"].as_u64().unwrap() >= n, "{line}");
+    assert_eq!(
+        c["extra"], 1,
+        "the inserted row, found by the sweep: {line}"
+    );
+    wait_until("the target is repaired", WAIT, || {
+        mismatches(&db).is_empty()
+    })
+    .await;
+    let last = reconcile_json(&cfg, &["--deep"]);
+    assert_eq!(deep_counts(&last), [n, n, 0, 0, 0, 0, 0, 0], "{last}");
+    assert!(child.terminate().success());
+}
