@@ -53,11 +53,14 @@ pub const THROTTLED_SECONDS: &str = "steward_throttled_seconds_total";
 /// Label `target`: rows of initial snapshots / resyncs appended to the target's outbox.
 pub const SNAPSHOT_ROWS: &str = "steward_snapshot_rows_total";
 /// Labels `target`, `entity`, `result` = `checked` | `equal` | `resent` | `deleted`:
-/// records compared, found as they should be, sent again, deleted by reconciliations.
+/// records compared, found as they should be, sent again, deleted by reconciliations;
+/// deep ones also `changed` | `missing` | `extra` | `unrepairable`: rows found
+/// differing, missing, extra at the target, and those its version guard refuses.
 pub const RECONCILE_RECORDS: &str = "steward_reconcile_records_total";
 /// Labels `target`, `entity`: Unix time the last reconciliation (not a dry run) completed.
 pub const RECONCILE_LAST_COMPLETED: &str = "steward_reconcile_last_completed_timestamp_seconds";
-/// Labels `target`, `entity`: records the last completed reconciliation re-sent or deleted.
+/// Labels `target`, `entity`: records the last completed reconciliation re-sent or
+/// deleted (or, deep, found unrepairable).
 pub const RECONCILE_LAST_DRIFT: &str = "steward_reconcile_last_drift_records";
 /// Labels `target`, `entity`: the scheduled reconciliation's interval in seconds
 /// (a day for `at`), for the alert on a run that has not completed in time.
