@@ -1,5 +1,6 @@
 //! The delivery loop: reads the outbox, gathers a batch (ended before a key
-//! still in flight, lingering briefly for more when the target is idle) and
+//! still in flight, lingering briefly for more only while another batch is
+//! in flight) and
 //! hands it to an idle lane. What happens to a batch once handed over lives
 //! in `flights` and `settle`; this file only decides what goes out next.
 
