@@ -346,7 +346,7 @@ mod tests {
             crate::requests::Inbox::default(),
             shutdown,
         ));
-        wait_until("event 1", || fake.accepted.lock().unwrap().len() >= 1).await;
+        wait_until("event 1", || !fake.accepted.lock().unwrap().is_empty()).await;
         // One commit's events go out together.
         let last = append(&store, &["t"], 2..4);
         handle.notify(last[0].1);
