@@ -171,7 +171,6 @@ type = "http"
 url = "{target}"
 entities = ["product"]
 initial = "none"
-batch_linger_ms = 5
 "#,
             url = cluster.url(db),
             state = dir.path().join("steward.redb").display(),
@@ -179,7 +178,7 @@ batch_linger_ms = 5
         ),
     )
     .expect("config");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_steward"))
+    let mut child = steward_command()
         .args(["run", "-c"])
         .arg(&config)
         .stderr(Stdio::from(
@@ -401,18 +400,7 @@ initial = "none"
     )
     .expect("config");
     let started = Instant::now();
-    // e.g. STEWARD_BENCH_WRAPPER="valgrind --tool=callgrind" for instruction
-    // counts, which do not vary with the machine's load as times do.
-    let wrapper = std::env::var("STEWARD_BENCH_WRAPPER").unwrap_or_default();
-    let mut command = match wrapper.split_whitespace().collect::<Vec<_>>()[..] {
-        [] => Command::new(env!("CARGO_BIN_EXE_steward")),
-        [program, ref args @ ..] => {
-            let mut c = Command::new(program);
-            c.args(args).arg(env!("CARGO_BIN_EXE_steward"));
-            c
-        }
-    };
-    let mut child = command
+    let mut child = steward_command()
         .args(["run", "-c"])
         .arg(&config)
         .stderr(Stdio::from(
@@ -460,13 +448,24 @@ initial = "none"
             n
         }
         TargetType::File => {
+            // Only the bytes added since the last look are read: reading the
+            // whole file each time took a core from steward by the end of
+            // the run, and the short interval keeps the end time close.
+            use std::io::Read;
             let path = dir.path().join("events.ndjson");
+            let mut file = None;
+            let mut buf = vec![0u8; 1 << 20];
             let mut n = 0;
             while n < expected && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                n = std::fs::read(&path)
-                    .map(|b| b.iter().filter(|&&c| c == b'\n').count())
-                    .unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                if file.is_none() {
+                    file = std::fs::File::open(&path).ok();
+                }
+                if let Some(f) = file.as_mut() {
+                    while let Ok(read @ 1..) = f.read(&mut buf) {
+                        n += buf[..read].iter().filter(|&&c| c == b'\n').count();
+                    }
+                }
             }
             n
         }
@@ -508,5 +507,21 @@ initial = "none"
     if std::env::var_os("STEWARD_BENCH_KEEP").is_some() {
         // The state file and steward.log, for looking into a slow run.
         eprintln!("kept {}", dir.keep().display());
+    }
+}
+
+/// The steward binary, under `STEWARD_BENCH_WRAPPER` if set: e.g.
+/// `valgrind --tool=callgrind` for instruction counts, which do not vary
+/// with the machine's load as times do, or a script that runs another build
+/// for an A/B comparison.
+fn steward_command() -> Command {
+    let wrapper = std::env::var("STEWARD_BENCH_WRAPPER").unwrap_or_default();
+    match wrapper.split_whitespace().collect::<Vec<_>>()[..] {
+        [] => Command::new(env!("CARGO_BIN_EXE_steward")),
+        [program, ref args @ ..] => {
+            let mut c = Command::new(program);
+            c.args(args).arg(env!("CARGO_BIN_EXE_steward"));
+            c
+        }
     }
 }

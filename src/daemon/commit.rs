@@ -352,6 +352,20 @@ impl Committer {
         Ok(())
     }
 
+    /// Group commit that waits only while there is something to wait for.
+    /// Called when the stream has nothing more at hand: the gathered
+    /// transactions go to the store at once if no commit is in flight. If
+    /// one is, its fsync is the window in which the group gathers, and it
+    /// goes as soon as that commit is done. While messages keep arriving (a
+    /// backlog) this is not called, and the group grows up to
+    /// `commit_max_events` or `commit_max_delay`.
+    pub(super) fn flush_if_idle(&mut self) -> anyhow::Result<()> {
+        if self.in_flight.is_none() && self.batch_end.is_some() && !self.stalled {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
     /// Hands over the batch and waits until everything handed over is committed.
     pub(super) fn flush_and_wait(&mut self) -> anyhow::Result<()> {
         self.flush()?;
@@ -690,6 +704,50 @@ entities = ["product"]
         // The target appended to is woken with its last sequence number.
         assert_eq!(*wakes[0].borrow(), 3);
         assert!(!wakes[1].has_changed().unwrap(), "erp got nothing");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_stream_commits_at_once_and_groups_behind_a_commit_in_flight() {
+        let Rig {
+            store,
+            mut committer,
+            durable,
+            ..
+        } = rig(1000, Duration::from_secs(3600));
+        let c = &mut committer;
+        let commits = store.durable_commits();
+        c.flush_if_idle().unwrap();
+        assert!(c.in_flight.is_none(), "nothing to commit");
+
+        txn(c, 10, &[1]);
+        c.flush_if_idle().unwrap();
+        assert!(
+            c.in_flight.is_some(),
+            "nothing in flight: handed over at once, not after max_delay"
+        );
+        // Arriving while that commit runs, these wait for it and go together.
+        txn(c, 20, &[2]);
+        txn(c, 30, &[3]);
+        let first = c.in_flight.as_ref().map(|(end, _)| *end);
+        c.flush_if_idle().unwrap();
+        assert_eq!(
+            c.in_flight.as_ref().map(|(end, _)| *end),
+            first,
+            "one commit in flight at a time"
+        );
+        let outcome = commit_finished(&mut c.in_flight).await;
+        c.in_flight = None;
+        c.take_outcome(outcome).unwrap();
+        assert_eq!(*durable.borrow(), Lsn(10));
+        c.flush_if_idle().unwrap();
+        c.flush_and_wait().unwrap();
+        assert_eq!(outbox(&store), [1, 2, 3]);
+        assert_eq!(*durable.borrow(), Lsn(30));
+        assert_eq!(
+            store.durable_commits(),
+            commits + 2,
+            "the two later transactions in one commit"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -598,6 +598,11 @@ async fn consume(
                 }
             }
         }
+        if rx.is_empty() {
+            // Nothing more at hand: group commit without waiting (see
+            // `Committer::flush_if_idle`).
+            committer.flush_if_idle()?;
+        }
         let deadline = committer.deadline();
         let message = tokio::select! {
             biased;

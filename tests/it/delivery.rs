@@ -115,6 +115,45 @@ async fn a_receiver_failing_500_for_a_while_then_recovering_gets_everything_in_o
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_daemon_commits_and_sends_each_change_at_once_whatever_the_delays() {
+    let db = TestDb::new("at_once");
+    let wms = Receiver::start().await.unwrap();
+    // Group commit and linger set far beyond the wait below: a change on a
+    // quiet stream must not wait for either.
+    let text = db
+        .config_text(&[("wms", &wms.url(), &["product"])])
+        .replace("commit_max_delay_ms = 5\n", "commit_max_delay_ms = 10000\n")
+        .replace("batch_linger_ms = 5\n", "batch_linger_ms = 60000\n");
+    let path = db.write_config(&text);
+    let config = steward_sinks::config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.state.commit_max_delay, Duration::from_secs(10));
+    assert_eq!(config.targets[0].batch_linger, Duration::from_secs(60));
+    let daemon = InProcess::start(config);
+    wait_streaming(&db).await;
+
+    // Real Odoo: the insert and its follow-up update in one transaction.
+    let started = Instant::now();
+    db.sql(&format!(
+        "BEGIN; {} {} COMMIT;",
+        insert_product(9101, "1"),
+        set_price(9101, 2)
+    ));
+    assert_eq!(wms.wait_for_events(1, Duration::from_secs(5)).await, 1);
+    let first = started.elapsed();
+    let started = Instant::now();
+    db.sql(&set_price(9101, 3));
+    assert_eq!(wms.wait_for_events(2, Duration::from_secs(5)).await, 2);
+    let second = started.elapsed();
+    daemon.stop().await.unwrap();
+
+    assert_eq!(prices_of(&wms.accepted_events(), "9101"), ["2", "3"]);
+    assert_eq!(wms.requests().len(), 2, "one request per transaction");
+    for took in [first, second] {
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_key_is_dead_lettered_others_flow_and_replay_and_drop_work() {
     let db = TestDb::new("dlq_422");
     let wms = Receiver::start().await.unwrap();

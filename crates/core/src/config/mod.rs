@@ -135,7 +135,8 @@ pub struct StateConfig {
     pub path: PathBuf,
     /// Most events gathered into one durable redb commit.
     pub commit_max_events: usize,
-    /// Longest a received transaction waits to be grouped with later ones.
+    /// Longest a received transaction waits to be grouped with later ones
+    /// while more keep arriving; a quiet stream commits at once.
     pub commit_max_delay: Duration,
 }
 
@@ -192,7 +193,8 @@ pub struct TargetConfig {
     /// Most events sent in one delivery (1 to 10 000, default 500).
     pub batch_max_events: usize,
     /// How long a batch smaller than `batch_max_events` waits for more
-    /// events while nothing is in flight; zero sends at once.
+    /// events on a free lane while another batch is in flight (with
+    /// nothing in flight it goes at once); zero sends at once always.
     pub batch_linger: Duration,
     /// First retry delay; doubles per failure up to `retry_max`, with jitter.
     pub retry_initial: Duration,

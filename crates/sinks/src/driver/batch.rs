@@ -1,5 +1,6 @@
 //! The delivery loop: reads the outbox, gathers a batch (ended before a key
-//! still in flight, lingering briefly for more when the target is idle) and
+//! still in flight, lingering briefly for more only while another batch is
+//! in flight) and
 //! hands it to an idle lane. What happens to a batch once handed over lives
 //! in `flights` and `settle`; this file only decides what goes out next.
 
@@ -168,11 +169,13 @@ impl<D: Deliver + 'static, O: Outbox> Driver<D, O> {
                 continue;
             }
 
-            // Linger: a small batch waits briefly for more so that a burst of
-            // single-row transactions goes out as one request. Only when no
-            // batch is in flight: lanes in flight are not driven meanwhile,
-            // and a free lane is better used at once.
-            if flights.pending.is_empty()
+            // Linger, only under load: with nothing in flight the batch goes
+            // at once (a commit appends its whole group at once, so what the
+            // outbox holds is all there is for now). With a batch in flight
+            // and a lane free, a small batch waits up to `batch_linger` for
+            // more, so that a busy target gets fuller requests; a lane
+            // coming back ends the wait.
+            if !flights.pending.is_empty()
                 && batch.len() < self.max
                 && !self.target.batch_linger.is_zero()
             {
@@ -181,6 +184,10 @@ impl<D: Deliver + 'static, O: Outbox> Driver<D, O> {
                     tokio::select! {
                         biased;
                         _ = shutdown_requested(&mut self.shutdown) => return Err(Stop::Shutdown),
+                        Some(done) = flights.running.next() => {
+                            self.lane_done(done, &mut flights).await?;
+                            break;
+                        }
                         changed = self.wake.changed(), if self.wake_open => {
                             if changed.is_err() {
                                 self.wake_open = false;
@@ -190,15 +197,30 @@ impl<D: Deliver + 'static, O: Outbox> Driver<D, O> {
                             let after = batch.last().map(|(seq, _)| *seq);
                             let want = self.max - batch.len();
                             let (store, name) = (self.store.clone(), name.clone());
-                            let more = self
+                            let mut more = self
                                 .store_call(move || store.read_outbox(&name, after, want))
                                 .await?;
+                            // Per-key order, as for the batch itself.
+                            let cut = more
+                                .iter()
+                                .position(|(_, e)| flights.busy.contains(&key_hash(e)));
+                            if let Some(cut) = cut {
+                                more.truncate(cut);
+                            }
                             batch.extend(more);
+                            if cut.is_some() {
+                                break;
+                            }
                         }
                         _ = tokio::time::sleep_until(deadline) => break,
                         // A long linger must not delay an operator request.
                         () = self.inbox.wait() => break,
                     }
+                }
+                if flights.abandoning {
+                    // A lane came back interrupted: nothing more goes out
+                    // until the batches in flight are settled.
+                    continue;
                 }
             }
 
@@ -309,26 +331,65 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn linger_gathers_later_appends_into_one_batch() {
+    async fn an_idle_target_gets_each_batch_at_once_whatever_the_linger() {
         let (_dir, store) = temp_store();
         append(&store, &["t"], 1..2);
         let (handle, wake) = DriverHandle::new();
         let (stop, shutdown) = watch::channel(false);
         let fake = Fake::default();
+        // A linger longer than the wait below: an idle target must not use it.
         let task = tokio::spawn(run_target(
-            target("t", 100, 400),
+            target("t", 100, 600_000),
             store.clone(),
             vec![fake.clone()],
             wake,
             crate::requests::Inbox::default(),
             shutdown,
         ));
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        wait_until("event 1", || !fake.accepted.lock().unwrap().is_empty()).await;
+        // One commit's events go out together.
         let last = append(&store, &["t"], 2..4);
         handle.notify(last[0].1);
         wait_until("3 events", || fake.accepted.lock().unwrap().len() >= 3).await;
         stop.send(true).unwrap();
         task.await.unwrap().unwrap();
-        assert_eq!(*fake.attempts.lock().unwrap(), vec![vec![1, 2, 3]]);
+        assert_eq!(*fake.attempts.lock().unwrap(), vec![vec![1], vec![2, 3]]);
+    }
+
+    #[tokio::test]
+    async fn a_free_lane_lingers_while_a_batch_is_in_flight() {
+        let (_dir, store) = temp_store();
+        let (handle, wake) = DriverHandle::new();
+        let (stop, shutdown) = watch::channel(false);
+        // Two lanes to a slow target.
+        let fake = Fake {
+            latency: Duration::from_millis(300),
+            ..Fake::default()
+        };
+        let task = tokio::spawn(run_target(
+            target("t", 100, 600_000),
+            store.clone(),
+            vec![fake.clone(), fake.clone()],
+            wake,
+            crate::requests::Inbox::default(),
+            shutdown,
+        ));
+        let last = append(&store, &["t"], 1..2);
+        handle.notify(last[0].1);
+        wait_until("batch 1 in flight", || {
+            !fake.attempts.lock().unwrap().is_empty()
+        })
+        .await;
+        // Two commits while batch 1 is in flight: the free lane waits for
+        // the second instead of sending each alone, until batch 1 is back.
+        let last = append(&store, &["t"], 2..3);
+        handle.notify(last[0].1);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        let last = append(&store, &["t"], 3..4);
+        handle.notify(last[0].1);
+        wait_until("3 events", || fake.accepted.lock().unwrap().len() >= 3).await;
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+        assert_eq!(*fake.attempts.lock().unwrap(), vec![vec![1], vec![2, 3]]);
     }
 }
