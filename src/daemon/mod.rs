@@ -456,24 +456,38 @@ fn govern_parked_chunk(
     let before = committer.batch.len();
     let counts = match chunk.kind {
         snapshot::ChunkKind::Probe => {
-            let counts =
-                governance.probe_snapshot(&mut chunk.mapped, chunk.consistent, chunk.target);
+            let mut counts = Vec::with_capacity(chunk.targets.len());
+            for (i, &t) in chunk.targets.iter().enumerate() {
+                let mut rows = if i + 1 < chunk.targets.len() {
+                    chunk.mapped.clone()
+                } else {
+                    std::mem::take(&mut chunk.mapped)
+                };
+                counts.push(governance.probe_snapshot(&mut rows, chunk.consistent, t));
+            }
             let _ = chunk.done.send(Ok(counts));
             return Ok(());
         }
-        snapshot::ChunkKind::Absent { dry_run } => governance.reconcile_absent(
-            &mut chunk.mapped,
-            chunk.consistent,
-            chunk.target,
-            dry_run,
-            position,
-            &mut committer.batch,
-        ),
+        snapshot::ChunkKind::Absent { dry_run } => chunk
+            .targets
+            .iter()
+            .map(|&t| {
+                let mut rows = chunk.mapped.clone();
+                governance.reconcile_absent(
+                    &mut rows,
+                    chunk.consistent,
+                    t,
+                    dry_run,
+                    position,
+                    &mut committer.batch,
+                )
+            })
+            .collect(),
         snapshot::ChunkKind::Govern => governance.process_snapshot(
             &mut chunk.mapped,
             chunk.consistent,
             &SnapshotRead {
-                targets: vec![chunk.target],
+                targets: chunk.targets.clone(),
                 force: chunk.force,
                 known_only: chunk.known_only,
                 quiet: chunk.quiet,

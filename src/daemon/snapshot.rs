@@ -305,8 +305,9 @@ pub fn begin_resync(
 pub struct SnapshotChunk {
     pub mapped: Vec<Mapped>,
     pub consistent: Lsn,
-    /// The target the snapshot is for.
-    pub target: TargetIndex,
+    /// The targets the rows are for: one read feeds every target whose job
+    /// reads the same entity from the same position in the same way.
+    pub targets: Vec<TargetIndex>,
     /// A snapshot (true) sends every publishable record; a re-read after a
     /// configuration change (false) suppresses unchanged documents.
     pub force: bool,
@@ -318,9 +319,9 @@ pub struct SnapshotChunk {
     pub quiet: bool,
     /// What the loop does with the rows.
     pub kind: ChunkKind,
-    /// Answered once the chunk is governed and committed, with what a
-    /// reconciliation found in it.
-    pub done: tokio::sync::oneshot::Sender<Result<ReconcileCounts, String>>,
+    /// Answered once the chunk is governed and committed, with what each
+    /// target's reconciliation found in it (in the order of `targets`).
+    pub done: tokio::sync::oneshot::Sender<Result<Vec<ReconcileCounts>, String>>,
 }
 
 /// What the daemon loop does with a chunk's rows.
@@ -428,16 +429,19 @@ impl Worker {
                 )?,
         };
         tracing::info!(consistent_point = %reader.consistent, jobs = active.len(), "snapshot started");
-        for job in active {
+        for group in read_groups(active) {
             if *self.shutdown.borrow() {
                 return Ok(true);
             }
-            let (target, entity) = (job.target.clone(), job.entity.clone());
-            if let Err(e) = self.run_job(&reader, job).await {
+            let names: Vec<(String, String)> = group
+                .iter()
+                .map(|j| (j.target.clone(), j.entity.clone()))
+                .collect();
+            if let Err(e) = self.run_group(&reader, group).await {
                 // Shown by `steward status` until the job makes progress again.
                 let message = format!("{e:#}");
                 let mut jobs = block(|| self.store.snapshot_jobs())?;
-                jobs.retain(|j| j.target == target && j.entity == entity);
+                jobs.retain(|j| names.contains(&(j.target.clone(), j.entity.clone())));
                 for j in &mut jobs {
                     j.last_error = Some(message.clone());
                 }
@@ -448,12 +452,27 @@ impl Worker {
         Ok(true)
     }
 
-    async fn run_job(&self, reader: &SnapshotReader, mut job: SnapshotJob) -> anyhow::Result<()> {
+    /// Reads one entity's table once for a group of jobs (see
+    /// [`read_groups`]): every chunk is governed for all their targets at
+    /// once, and each job records its own progress and findings.
+    async fn run_group(
+        &self,
+        reader: &SnapshotReader,
+        mut jobs: Vec<SnapshotJob>,
+    ) -> anyhow::Result<()> {
         let config = &self.config;
-        let Some(entity_index) = config.entity_index(&job.entity) else {
+        let Some(entity_index) = jobs.first().and_then(|j| config.entity_index(&j.entity)) else {
             return Ok(());
         };
-        let Some(target_index) = config.target_index(&job.target) else {
+        let mut target_indexes = Vec::with_capacity(jobs.len());
+        jobs.retain(|job| match config.target_index(&job.target) {
+            Some(t) => {
+                target_indexes.push(t);
+                true
+            }
+            None => false,
+        });
+        let Some(first) = jobs.first().cloned() else {
             return Ok(());
         };
         let entity = &config.entities[entity_index];
@@ -479,8 +498,10 @@ impl Worker {
             .into_iter()
             .find(|(e, _)| *e == entity_index);
         if let Some((_, e)) = problem {
-            job.last_error = Some(e.to_string());
-            block(|| self.store.put_snapshot_jobs(std::slice::from_ref(&job)))?;
+            for job in &mut jobs {
+                job.last_error = Some(e.to_string());
+            }
+            block(|| self.store.put_snapshot_jobs(&jobs))?;
             return Err(e.into());
         }
         let key_positions: Vec<usize> = entity
@@ -490,42 +511,60 @@ impl Worker {
             .collect();
 
         let consistent = reader.consistent;
-        if job.segments == 0 || job.rows_total == 0 {
-            job.rows_total = reader.estimate_rows(&read).await?;
-        }
-        job.phase = SnapshotPhase::Running;
-        job.consistent_lsn = Some(consistent.0);
-        job.window_until = job.window_until.max(consistent.0);
-        job.segments += 1;
-        job.last_error = None;
+        let estimate = if jobs.iter().any(|j| j.segments == 0 || j.rows_total == 0) {
+            Some(reader.estimate_rows(&read).await?)
+        } else {
+            None
+        };
         let now = || chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-        job.started_at.get_or_insert_with(now);
-        block(|| self.store.put_snapshot_jobs(std::slice::from_ref(&job)))?;
+        for job in &mut jobs {
+            if let Some(estimate) = estimate.filter(|_| job.segments == 0 || job.rows_total == 0) {
+                job.rows_total = estimate;
+            }
+            job.phase = SnapshotPhase::Running;
+            job.consistent_lsn = Some(consistent.0);
+            job.window_until = job.window_until.max(consistent.0);
+            job.segments += 1;
+            job.last_error = None;
+            job.started_at.get_or_insert_with(now);
+        }
+        block(|| self.store.put_snapshot_jobs(&jobs))?;
+        let target_names: Vec<String> = jobs.iter().map(|j| j.target.clone()).collect();
         tracing::info!(
-            target_name = %job.target, entity = %job.entity, consistent_point = %consistent,
-            resume_after = ?job.last_key, estimate = job.rows_total, "snapshot of entity started"
+            targets = ?target_names, entity = %first.entity, consistent_point = %consistent,
+            resume_after = ?first.last_key, estimate = first.rows_total, "snapshot of entity started"
         );
 
         let started = Instant::now();
-        let rows_at_start = job.rows_done;
+        let rows_at_start = first.rows_done;
+        let mut rows_done = first.rows_done;
         let mut last_log = Instant::now();
         let time = now();
         let chunk = chunk_rows();
+        let kind = match (first.reconcile, first.dry_run) {
+            (true, true) => ChunkKind::Probe,
+            _ => ChunkKind::Govern,
+        };
+        let mut last_key = first.last_key.clone();
         loop {
             if *self.shutdown.borrow() {
                 return Ok(());
             }
             let rows = reader
-                .read_chunk(&read, &relation, job.last_key.as_deref(), chunk)
+                .read_chunk(&read, &relation, last_key.as_deref(), chunk)
                 .await?;
-            job.rows_read += rows.len() as u64;
             let Some(last) = rows.last() else {
+                for job in &mut jobs {
+                    job.rows_read += rows.len() as u64;
+                }
                 break;
             };
-            let last_key: Vec<String> = key_positions
-                .iter()
-                .map(|&i| last.get(i).cloned().flatten().unwrap_or_default())
-                .collect();
+            last_key = Some(
+                key_positions
+                    .iter()
+                    .map(|&i| last.get(i).cloned().flatten().unwrap_or_default())
+                    .collect(),
+            );
             let mut mapped = Vec::with_capacity(rows.len());
             for row in &rows {
                 if let Some(m) =
@@ -534,18 +573,14 @@ impl Worker {
                     mapped.push(m);
                 }
             }
-            let kind = match (job.reconcile, job.dry_run) {
-                (true, true) => ChunkKind::Probe,
-                _ => ChunkKind::Govern,
-            };
             let message = SnapshotChunk {
                 mapped,
                 consistent,
-                target: target_index,
+                targets: target_indexes.clone(),
                 // A reconciliation sends only documents that differ.
-                force: !job.reevaluate && !job.reconcile,
-                known_only: job.reevaluate,
-                quiet: job.reconcile,
+                force: !first.reevaluate && !first.reconcile,
+                known_only: first.reevaluate,
+                quiet: first.reconcile,
                 kind,
                 done: tokio::sync::oneshot::channel().0,
             };
@@ -553,52 +588,58 @@ impl Worker {
                 return Ok(()); // the daemon loop is gone: shutting down
             };
             let n = rows.len();
-            job.rows_done += n as u64;
-            job.counts.add(counts);
-            job.last_key = Some(last_key);
-            block(|| self.store.put_snapshot_jobs(std::slice::from_ref(&job)))?;
-            if job.reconcile {
-                super::reconcile::count(&job, counts);
+            rows_done += n as u64;
+            for (job, found) in jobs.iter_mut().zip(counts) {
+                job.rows_read += n as u64;
+                job.rows_done += n as u64;
+                job.counts.add(found);
+                job.last_key = last_key.clone();
+                if job.reconcile {
+                    super::reconcile::count(job, found);
+                }
+                metrics::counter!(steward_core::metric::SNAPSHOT_ROWS, "target" => job.target.clone())
+                    .increment(n as u64);
             }
-            metrics::counter!(steward_core::metric::SNAPSHOT_ROWS, "target" => job.target.clone())
-                .increment(n as u64);
+            block(|| self.store.put_snapshot_jobs(&jobs))?;
             if last_log.elapsed() >= LOG_EVERY {
                 last_log = Instant::now();
-                let rate = (job.rows_done - rows_at_start) as f64
-                    / started.elapsed().as_secs_f64().max(1e-3);
+                let rate =
+                    (rows_done - rows_at_start) as f64 / started.elapsed().as_secs_f64().max(1e-3);
                 tracing::info!(
-                    target_name = %job.target, entity = %job.entity, rows = job.rows_done,
-                    estimate = job.rows_total, rows_per_s = rate as u64, "snapshot progress"
+                    targets = ?target_names, entity = %first.entity, rows = rows_done,
+                    estimate = first.rows_total, rows_per_s = rate as u64, "snapshot progress"
                 );
             }
             if n < chunk {
                 break;
             }
         }
-        if job.reconcile {
-            let sweep = Sweep {
-                read: &read,
-                relation: &relation,
-                pipeline: &pipeline,
-                entity: entity_index,
-                target: target_index,
-                time: &time,
-            };
-            if !self.sweep(reader, &mut job, &sweep).await? {
-                return Ok(());
+        for (job, &target) in jobs.iter_mut().zip(&target_indexes) {
+            if job.reconcile {
+                let sweep = Sweep {
+                    read: &read,
+                    relation: &relation,
+                    pipeline: &pipeline,
+                    entity: entity_index,
+                    target,
+                    time: &time,
+                };
+                if !self.sweep(reader, job, &sweep).await? {
+                    return Ok(());
+                }
+            }
+            job.phase = SnapshotPhase::Done;
+            job.finished_at = Some(now());
+            block(|| self.store.put_snapshot_jobs(std::slice::from_ref(job)))?;
+            if job.reconcile {
+                super::reconcile::finished(&self.store, job);
             }
         }
-        job.phase = SnapshotPhase::Done;
-        job.finished_at = Some(now());
-        block(|| self.store.put_snapshot_jobs(std::slice::from_ref(&job)))?;
         let secs = started.elapsed().as_secs_f64();
-        if job.reconcile {
-            super::reconcile::finished(&self.store, &job);
-        }
         tracing::info!(
-            target_name = %job.target, entity = %job.entity, rows = job.rows_done,
+            targets = ?target_names, entity = %first.entity, rows = rows_done,
             seconds = format!("{secs:.1}"),
-            rows_per_s = ((job.rows_done - rows_at_start) as f64 / secs.max(1e-3)) as u64,
+            rows_per_s = ((rows_done - rows_at_start) as f64 / secs.max(1e-3)) as u64,
             "snapshot of entity finished"
         );
         Ok(())
@@ -606,7 +647,10 @@ impl Worker {
 
     /// Hands a chunk to the daemon loop and waits until it is governed and
     /// committed; `None` when the loop is gone (shutting down).
-    async fn govern(&self, mut chunk: SnapshotChunk) -> anyhow::Result<Option<ReconcileCounts>> {
+    async fn govern(
+        &self,
+        mut chunk: SnapshotChunk,
+    ) -> anyhow::Result<Option<Vec<ReconcileCounts>>> {
         let (done, answer) = tokio::sync::oneshot::channel();
         chunk.done = done;
         if self.chunks.send(chunk).await.is_err() {
@@ -681,7 +725,7 @@ impl Worker {
                 let chunk = SnapshotChunk {
                     mapped,
                     consistent,
-                    target: sweep.target,
+                    targets: vec![sweep.target],
                     force: false,
                     known_only: false,
                     quiet: true,
@@ -693,7 +737,7 @@ impl Worker {
                 let Some(found) = self.govern(chunk).await? else {
                     return Ok(false);
                 };
-                counts.add(found);
+                found.into_iter().for_each(|f| counts.add(f));
             }
             job.counts.add(counts);
             job.swept_to = Some(last);
@@ -746,6 +790,28 @@ impl Worker {
         };
         let _ = call.reply.send(answer);
     }
+}
+
+/// Groups jobs that one table read can feed: the same entity read the same
+/// way (snapshot, re-read or reconciliation) from the same position. The
+/// jobs of a start-up snapshot or of `steward repair` are such a group, so
+/// N targets cost one read of each table, not N.
+fn read_groups(jobs: Vec<SnapshotJob>) -> Vec<Vec<SnapshotJob>> {
+    let shares_read = |a: &SnapshotJob, b: &SnapshotJob| {
+        a.entity == b.entity
+            && a.reconcile == b.reconcile
+            && a.dry_run == b.dry_run
+            && a.reevaluate == b.reevaluate
+            && a.last_key == b.last_key
+    };
+    let mut groups: Vec<Vec<SnapshotJob>> = Vec::new();
+    for job in jobs {
+        match groups.iter_mut().find(|g| shares_read(&g[0], &job)) {
+            Some(group) => group.push(job),
+            None => groups.push(vec![job]),
+        }
+    }
+    groups
 }
 
 /// What to read for entity `index`: its key, then every column any entity

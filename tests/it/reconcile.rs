@@ -175,6 +175,98 @@ async fn repair_after_a_dropped_slot_sends_only_what_changed_meanwhile() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_of_two_targets_reads_the_table_once_and_counts_each_target() {
+    let db = TestDb::new("rec_shared");
+    add_products(&db, 2000);
+    let wms = Receiver::start().await.unwrap();
+    let mes = Receiver::start().await.unwrap();
+    // mes takes only the cheaper products: the same drift is another
+    // difference there.
+    let text = format!(
+        "{}\n[targets.mes]\ntype = \"http\"\nurl = \"{}\"\nentities = [\"product\"]\ninitial = \"snapshot\"\nroute = \"row.list_price < 1005.0\"\nbatch_max_events = 5000\nbatch_linger_ms = 5\nretry_initial_ms = 50\nretry_max_ms = 500\ntimeout_ms = 5000\n",
+        config_text(&db, &wms, ""),
+        mes.url()
+    );
+    let cfg = db.write_config(&text);
+    let n = rows(&db);
+    let cheap: usize = db
+        .sql("SELECT count(*) FROM product_template WHERE list_price < 1005")
+        .trim()
+        .parse()
+        .unwrap();
+    let daemon = InProcess::start(steward_sinks::config::load(&cfg).unwrap());
+    wait_until("both initial snapshots arrive", WAIT, || {
+        wms.accepted_count() >= n && mes.accepted_count() >= cheap
+    })
+    .await;
+    daemon.stop().await.unwrap();
+
+    drop_slot(&db);
+    drift_in_the_source(&db);
+    steward(&["repair"], &cfg);
+    let before = (wms.accepted_count(), mes.accepted_count());
+    let child = Child::run(&cfg, &db.dir.path().join("steward.log"));
+    let mut lines = Vec::new();
+    wait_until("both reconciliations finish", WAIT, || {
+        let v = daemon_status(&cfg);
+        lines = v["snapshots"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|s| s["reconcile"] == true)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        lines.len() == 2 && lines.iter().all(|l| l["phase"] == "done")
+    })
+    .await;
+    let line = |target: &str| {
+        lines
+            .iter()
+            .find(|l| l["target"] == target)
+            .cloned()
+            .unwrap()
+    };
+    let n = rows(&db) as u64;
+    assert_eq!(
+        counts(&line("wms")),
+        [n, n - 12, 12, 3],
+        "wms: 10 changed and 2 new re-sent, 3 gone deleted"
+    );
+    // mes had products 1..1004; of the ten changed (now 1001..1010) four
+    // still pass its route and six leave it; the three gone were there.
+    assert_eq!(
+        counts(&line("mes")),
+        [n, n - 12, 6, 9],
+        "mes: 4 changed and 2 new re-sent, 6 unrouted and 3 gone deleted"
+    );
+    wait_until("each target got its differences", WAIT, || {
+        wms.accepted_count() >= before.0 + 15 && mes.accepted_count() >= before.1 + 15
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    child.terminate();
+    assert_eq!(
+        (
+            wms.accepted_count() - before.0,
+            mes.accepted_count() - before.1
+        ),
+        (15, 15),
+        "only the differences were sent"
+    );
+    let log = std::fs::read_to_string(db.dir.path().join("steward.log")).unwrap();
+    let reads: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("snapshot of entity started"))
+        .collect();
+    assert!(
+        reads.len() == 1 && reads[0].contains("wms") && reads[0].contains("mes"),
+        "one read of the table for both targets: {reads:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dry_run_sends_and_changes_nothing_and_a_later_reconcile_repairs() {
     let db = TestDb::new("rec_dry");
     add_products(&db, 500);

@@ -408,6 +408,63 @@ async fn a_slot_dropped_while_running_stops_with_the_fix_and_reset_all_recovers(
     daemon.stop().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_table_read_feeds_every_target() {
+    let db = TestDb::new("snap_shared");
+    add_products(&db, 3000);
+    let receivers = [
+        Receiver::start().await.unwrap(),
+        Receiver::start().await.unwrap(),
+        Receiver::start().await.unwrap(),
+    ];
+    let cfg = db.write_config(&snapshot_config(
+        &db,
+        &[
+            ("mes", &receivers[0].url(), &["product"], "snapshot"),
+            ("wms", &receivers[1].url(), &["product"], "snapshot"),
+            ("plm", &receivers[2].url(), &["product"], "snapshot"),
+        ],
+    ));
+    let products: usize = db
+        .sql("SELECT count(*) FROM product_template")
+        .trim()
+        .parse()
+        .unwrap();
+    let chunk = 250;
+    let chunks = products / chunk + 1;
+    let scans_before = support::table_scans(&db, "product_template");
+    let child = Child::run_with_env(
+        &cfg,
+        &db.dir.path().join("steward.log"),
+        &[("STEWARD_SNAPSHOT_CHUNK_ROWS", &chunk.to_string())],
+    );
+    wait_until("every target has every product", WAIT, || {
+        receivers.iter().all(|r| r.accepted_count() >= products)
+    })
+    .await;
+    let status = daemon_status(&cfg);
+    child.terminate();
+    let lines = status["snapshots"].as_array().cloned().unwrap_or_default();
+    assert_eq!(lines.len(), 3, "a job per target: {status}");
+    for line in &lines {
+        assert_eq!(line["phase"], "done", "{line}");
+        assert_eq!(line["rows_done"], products as u64, "{line}");
+    }
+    let expected = db_prices(&db);
+    for r in &receivers {
+        let events = r.accepted_events();
+        assert_eq!(events.len(), products, "one event per product");
+        assert_eq!(target_prices(&events), expected);
+    }
+    let scans = support::steady_table_scans(&db, "product_template").await;
+    let reads = scans - scans_before;
+    // Three reads (one per target) would take at least 3 × chunks scans.
+    assert!(
+        reads >= chunks as u64 && reads < 2 * chunks as u64,
+        "{reads} scans of the table for {chunks} chunks: the three targets share one read"
+    );
+}
+
 /// Snapshot speed into the outbox. Run with
 /// `STEWARD_SNAPSHOT_ROWS=1000000 cargo test --release --test snapshot snapshot_throughput -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -313,6 +313,12 @@ pub(crate) struct Child {
 
 impl Child {
     pub(crate) fn run(config: &Path, log: &Path) -> Child {
+        Child::run_with_env(config, log, &[])
+    }
+
+    /// As [`Child::run`], with extra environment variables (the daemon's
+    /// tuning knobs, which an in-process daemon would share with every test).
+    pub(crate) fn run_with_env(config: &Path, log: &Path, env: &[(&str, &str)]) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -322,6 +328,7 @@ impl Child {
             .args(["run", "-c"])
             .arg(config)
             .env("STEWARD_LOG", "steward=debug")
+            .envs(env.iter().copied())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
@@ -544,4 +551,31 @@ pub(crate) fn target_prices(events: &[serde_json::Value]) -> BTreeMap<String, St
             (key, price)
         })
         .collect()
+}
+
+/// Index and sequential scans of `table` so far, as the statistics of the
+/// sessions that have ended count them.
+pub(crate) fn table_scans(db: &TestDb, table: &str) -> u64 {
+    db.sql(&format!(
+        "SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) FROM pg_stat_user_tables \
+         WHERE relname = '{table}'"
+    ))
+    .trim()
+    .parse()
+    .unwrap()
+}
+
+/// [`table_scans`] once steady: a session's statistics are flushed as it
+/// ends, so this waits until two readings a second apart agree.
+pub(crate) async fn steady_table_scans(db: &TestDb, table: &str) -> u64 {
+    let mut scans = table_scans(db, table);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let again = table_scans(db, table);
+        if again == scans || Instant::now() > deadline {
+            return again;
+        }
+        scans = again;
+    }
 }

@@ -1124,7 +1124,8 @@ impl Governance {
     /// configuration change) skips records the target never had a decision
     /// about. Records whose state these rows change
     /// for other reasons (a business key let go) are evaluated with version
-    /// `position`, the stream's current position.
+    /// `position`, the stream's current position. One read may feed several
+    /// targets; returns what each found, in the order of `read.targets`.
     pub fn process_snapshot(
         &mut self,
         mapped: &mut Vec<Mapped>,
@@ -1132,7 +1133,7 @@ impl Governance {
         read: &SnapshotRead,
         position: Lsn,
         out: &mut Vec<(TargetIndex, Event)>,
-    ) -> ReconcileCounts {
+    ) -> Vec<ReconcileCounts> {
         let SnapshotRead {
             targets,
             force,
@@ -1141,36 +1142,55 @@ impl Governance {
         } = read;
         let (force, known_only) = (*force, *known_only);
         let mut pending = Pending::default();
-        let mut counts = ReconcileCounts::default();
-        // Counted for a read for one target (a reconciliation's).
-        let counted = match targets.as_slice() {
-            [t] => Some(*t),
-            _ => None,
-        };
+        // What each target of the read found, in the order of `targets`.
+        let mut counts = vec![ReconcileCounts::default(); targets.len()];
         for m in mapped.drain(..) {
             let e = m.entity;
             let key = m.event.key.clone();
-            if counted.is_some() && !self.is_hidden(e) {
-                counts.checked += 1;
+            let hidden = self.is_hidden(e);
+            if !hidden {
+                counts.iter_mut().for_each(|c| c.checked += 1);
             }
-            if known_only
-                && targets.iter().all(|&t| {
-                    let slot = self.published_key(t, e, &key).slot();
-                    !self.published.contains_key(&slot) && !self.withheld.contains(&slot)
-                })
-            {
-                // The target never had this record nor any decision about
-                // it: a configuration change is not a change of the record.
-                counts.equal += 1;
-                continue;
-            }
+            // A re-read after a configuration change decides only for the
+            // targets that had this record or a decision about it: a new
+            // rule is not a change of the record.
+            let known = if known_only {
+                let known: Vec<TargetIndex> = targets
+                    .iter()
+                    .copied()
+                    .filter(|&t| {
+                        let slot = self.published_key(t, e, &key).slot();
+                        self.published.contains_key(&slot) || self.withheld.contains(&slot)
+                    })
+                    .collect();
+                if known.len() < targets.len() {
+                    for (c, t) in counts.iter_mut().zip(targets) {
+                        if !known.contains(t) {
+                            c.equal += 1;
+                        }
+                    }
+                }
+                if known.is_empty() {
+                    continue;
+                }
+                Some(known)
+            } else {
+                None
+            };
+            let scope_targets = known.as_deref().unwrap_or(targets);
             if self
                 .touched
                 .get(&(e, key.clone()))
                 .is_some_and(|v| *v >= consistent.0)
             {
                 // The stream has sent (or decided) a newer version.
-                counts.equal += u64::from(!self.is_hidden(e));
+                if !hidden {
+                    for (c, t) in counts.iter_mut().zip(targets) {
+                        if scope_targets.contains(t) {
+                            c.equal += 1;
+                        }
+                    }
+                }
                 continue;
             }
             if self.gov[e].child_of.is_some() || !self.gov[e].external_ids_of.is_empty() {
@@ -1193,7 +1213,7 @@ impl Governance {
                 change: Some(SourceChange::Snapshot),
                 tx_id: None,
                 scope: Scope::Targets {
-                    targets: targets.clone(),
+                    targets: scope_targets.to_vec(),
                     force,
                     quiet: *quiet,
                 },
@@ -1212,15 +1232,18 @@ impl Governance {
                 out,
                 &mut pending,
             );
-            if let Some(t) = counted {
+            for (c, t) in counts.iter_mut().zip(targets) {
+                if !scope_targets.contains(t) {
+                    continue;
+                }
                 match out[before..]
                     .iter()
-                    .find(|(x, _)| *x == t)
+                    .find(|(x, _)| x == t)
                     .map(|(_, ev)| ev.op)
                 {
-                    Some(EventOp::Upsert) => counts.resent += 1,
-                    Some(EventOp::Delete) => counts.deleted += 1,
-                    None => counts.equal += 1,
+                    Some(EventOp::Upsert) => c.resent += 1,
+                    Some(EventOp::Delete) => c.deleted += 1,
+                    None => c.equal += 1,
                 }
             }
         }

@@ -461,6 +461,19 @@ impl Harness {
         targets: &[&str],
         force: bool,
     ) -> Vec<Ev> {
+        self.snapshot_counted(entity, rows, consistent, targets, force)
+            .0
+    }
+
+    /// A snapshot read, and what each of its targets found.
+    fn snapshot_counted(
+        &mut self,
+        entity: &str,
+        rows: &[Row],
+        consistent: Lsn,
+        targets: &[&str],
+        force: bool,
+    ) -> (Vec<Ev>, Vec<[u64; 4]>) {
         let mut mapped = self.snapshot_rows(entity, rows, consistent);
         let targets: Vec<TargetIndex> = targets.iter().map(|t| self.target(t)).collect();
         let position = Lsn(self.lsn);
@@ -471,9 +484,13 @@ impl Harness {
             known_only: false,
             quiet: false,
         };
-        self.gov
-            .process_snapshot(&mut mapped, consistent, &read, position, &mut out);
-        self.finish(out)
+        let counts = self
+            .gov
+            .process_snapshot(&mut mapped, consistent, &read, position, &mut out)
+            .into_iter()
+            .map(|c| [c.checked, c.equal, c.resent, c.deleted])
+            .collect();
+        (self.finish(out), counts)
     }
 
     /// The start-up read of a table: nothing is sent.
@@ -2018,6 +2035,27 @@ fn a_snapshot_sends_nothing_for_gated_quarantined_or_unrouted_records() {
     ] {
         assert!(d.contains(&needed.to_string()), "{needed} in {d:?}");
     }
+}
+
+#[test]
+fn one_read_for_two_targets_counts_what_each_found() {
+    let mut h = Harness::new(SNAP);
+    let p6 = priced("6", "P_6", "approved", "1");
+    assert_eq!(h.txn(&[("product_template", I, &p6)]).len(), 2);
+    let rows: [&[(&str, Option<&str>)]; 3] = [
+        &priced("3", "P_3", "draft", "1"),
+        &priced("5", "P_5", "approved", "2"),
+        &p6,
+    ];
+    let (evs, counts) = h.snapshot_counted("product", &rows, Lsn(0x9000), &["wms", "crm"], false);
+    let got: Vec<(&str, &str)> = evs
+        .iter()
+        .map(|e| (e.target.as_str(), e.key.as_str()))
+        .collect();
+    assert_eq!(got, vec![("wms", "5")], "only what differs, per target");
+    // [checked, equal, re-sent, deleted]: the draft is held back for both,
+    // 5 is new to wms and not routed to crm, 6 is unchanged everywhere.
+    assert_eq!(counts, vec![[3, 2, 1, 0], [3, 3, 0, 0]]);
 }
 
 #[test]

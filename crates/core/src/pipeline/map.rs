@@ -83,7 +83,7 @@ impl std::fmt::Display for Unencodable {
 }
 
 /// An event and the entity it belongs to (which decides the targets).
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Mapped {
     /// The entity the change maps to.
     pub entity: EntityIndex,
