@@ -163,6 +163,9 @@ slot = "steward_latency"
 publication = "steward_latency"
 [state]
 path = "{state}"
+# Off: another steward on the machine may hold the default port.
+[metrics]
+listen = ""
 [entities.product]
 table = "product_template"
 fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom_id = "uom_id", active = "active" }}
@@ -382,6 +385,10 @@ create_publication = false
 [state]
 path = "{state}"
 {state_extra}
+# Off: another steward on the machine (another bench, a test) may hold the
+# default port, and steward would exit at once.
+[metrics]
+listen = ""
 [entities.product]
 table = "product_template"
 fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom_id = "uom_id", active = "active" }}
@@ -409,16 +416,34 @@ initial = "none"
         .spawn()
         .expect("spawn steward");
     let deadline = Instant::now() + Duration::from_secs(600);
-    let delivered = match target {
-        TargetType::Http => {
-            receiver
-                .wait_for_events(expected, Duration::from_secs(600))
-                .await
+    // A steward that exits (e.g. a port another process holds) fails the run
+    // at once, with its log, instead of after the deadline.
+    let log = dir.path().join("steward.log");
+    let mut check_alive = || {
+        if let Ok(Some(status)) = child.try_wait() {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(20).collect();
+            panic!(
+                "steward exited ({status}) before delivering everything; its log ends:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
+    };
+    let delivered = match target {
+        TargetType::Http => loop {
+            let n = receiver
+                .wait_for_events(expected, Duration::from_millis(250))
+                .await;
+            if n >= expected || Instant::now() >= deadline {
+                break n;
+            }
+            check_alive();
+        },
         TargetType::Postgres => {
             // Each row is written once per workload, so the row count is the progress.
             let mut n = 0;
             while n < expected && Instant::now() < deadline {
+                check_alive();
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 n = cluster
                     .psql(&target_db, "SELECT count(*) FROM public.product")
@@ -438,6 +463,7 @@ initial = "none"
             let js = async_nats::jetstream::new(client);
             let mut n = 0;
             while n < expected && Instant::now() < deadline {
+                check_alive();
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 if let Ok(mut stream) = js.get_stream("STEWARD").await {
                     if let Ok(info) = stream.info().await {
@@ -457,6 +483,7 @@ initial = "none"
             let mut buf = vec![0u8; 1 << 20];
             let mut n = 0;
             while n < expected && Instant::now() < deadline {
+                check_alive();
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 if file.is_none() {
                     file = std::fs::File::open(&path).ok();

@@ -178,6 +178,56 @@ async fn postgres_rows_never_regress_under_reordering_and_replay() {
     assert_eq!(count(), "1", "a newer upsert brings it back");
 }
 
+/// The documents travel as binary jsonb: every kind of JSON value must land
+/// in `data` and the field columns exactly as the server's own parse of the
+/// same text, for several rows of one batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_columns_equal_the_server_parse_of_each_document() {
+    let db = TestDb::new("pg_jsonb");
+    let config = config_with(
+        &db,
+        &format!(
+            "type = \"postgres\"\nurl = \"{}\"\nentities = [\"product\"]\nschema = \"mdm\"\ncreate_tables = true",
+            db.url()
+        ),
+    );
+    let mut pg = sink(&config);
+    let docs = [
+        r#"{"sku":"Ünïcødé \"quoted\" \\ back\nline \u00e9 \ud83d\ude00","price":12345678901234567890.123456789,"name":{"en_US":"x","fr_FR":null},"active":true,"extra":[1,2,{"a":[]}]}"#,
+        r#"{"sku":"","price":-1.5e-7,"name":"plain","active":false,"uom_id":null}"#,
+        r#"{"price":0,"name":[],"active":null}"#,
+    ];
+    let events: Vec<Event> = docs
+        .iter()
+        .enumerate()
+        .map(|(i, doc)| {
+            let mut e = event(&format!("k{i}"), 10 + i as u64, EventOp::Upsert, "0");
+            e.data = serde_json::from_str(doc).expect("json");
+            e
+        })
+        .collect();
+    deliver(&mut pg, &events).await;
+    for (i, doc) in docs.iter().enumerate() {
+        let literal = doc.replace('\'', "''");
+        let check = db.sql(&format!(
+            "SELECT data = '{literal}'::jsonb, \
+             sku IS NOT DISTINCT FROM NULLIF('{literal}'::jsonb -> 'sku', 'null'), \
+             price IS NOT DISTINCT FROM NULLIF('{literal}'::jsonb -> 'price', 'null'), \
+             name IS NOT DISTINCT FROM NULLIF('{literal}'::jsonb -> 'name', 'null'), \
+             active IS NOT DISTINCT FROM NULLIF('{literal}'::jsonb -> 'active', 'null'), \
+             uom_id IS NULL \
+             FROM mdm.product WHERE _key = 'k{i}'"
+        ));
+        assert_eq!(check.trim(), "t|t|t|t|t|t", "document {i}: {doc}");
+    }
+    assert_eq!(
+        db.sql("SELECT price::text FROM mdm.product WHERE _key = 'k0'")
+            .trim(),
+        "12345678901234567890.123456789",
+        "numerics stay exact"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_errors_name_the_table_and_the_fix() {
     let db = TestDb::new("pg_errors");
