@@ -104,6 +104,9 @@ slot = "{slot}"
 publication = "steward_bench"
 [state]
 path = "{state}"
+# Off: another steward on the machine may hold the default port.
+[metrics]
+listen = ""
 [entities.product]
 table = "product_template"
 fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom_id = "uom_id", active = "active" }}
