@@ -189,28 +189,10 @@ async fn postgres_restarted_mid_stream_reconnects_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_stops_confirming_and_resumes_when_space_returns() {
     let db = TestDb::new("disk_full");
-    let mount = db.dir.path().join("state");
-    std::fs::create_dir_all(&mount).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
-        .arg(&mount)
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    if !mounted {
+    let Some(disk) = support::SmallDisk::mount(db.dir.path().join("state")) else {
         println!("skipped: cannot mount a tmpfs here (needs root)");
         return;
-    }
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _unmount = Unmount(mount.clone());
+    };
 
     let wms = Receiver::start().await.unwrap();
     let port = free_port();
@@ -218,7 +200,7 @@ async fn a_full_disk_stops_confirming_and_resumes_when_space_returns() {
         .config_text(&[("wms", &wms.url(), &["product"])])
         .replace(
             &db.state_path().display().to_string(),
-            &mount.join("steward.redb").display().to_string(),
+            &disk.path.join("steward.redb").display().to_string(),
         );
     let config = db.write_config(&TestDb::with_metrics(&text, port, ""));
     let log = db.dir.path().join("steward.log");
@@ -228,12 +210,7 @@ async fn a_full_disk_stops_confirming_and_resumes_when_space_returns() {
     assert_eq!(wms.wait_for_events(1, WAIT).await, 1);
 
     // Fill the disk, then write.
-    let filler = mount.join("filler");
-    let _ = std::process::Command::new("dd")
-        .args(["if=/dev/zero", "bs=64k"])
-        .arg(format!("of={}", filler.display()))
-        .stderr(std::process::Stdio::null())
-        .status();
+    disk.fill();
     let confirmed_before = db.confirmed_flush().unwrap();
     for i in 1..200 {
         db.sql(&format!(
@@ -257,7 +234,7 @@ async fn a_full_disk_stops_confirming_and_resumes_when_space_returns() {
         "{body}"
     );
 
-    std::fs::remove_file(&filler).unwrap();
+    disk.free();
     wait_until("all 199 updates after space returns", WAIT, || {
         prices(&wms).iter().collect::<BTreeSet<_>>().len() >= 200
     })

@@ -579,3 +579,48 @@ pub(crate) async fn steady_table_scans(db: &TestDb, table: &str) -> u64 {
         scans = again;
     }
 }
+
+/// A 24 MiB tmpfs that can be filled to make the state file's writes fail
+/// (ENOSPC) and emptied again. Mounting needs root: `None` otherwise, and the
+/// caller skips. Unmounted when dropped.
+pub(crate) struct SmallDisk {
+    pub(crate) path: PathBuf,
+}
+
+impl SmallDisk {
+    pub(crate) fn mount(at: PathBuf) -> Option<SmallDisk> {
+        std::fs::create_dir_all(&at).ok()?;
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+            .arg(&at)
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then_some(SmallDisk { path: at })
+    }
+
+    /// Fills every free byte.
+    pub(crate) fn fill(&self) {
+        let _ = std::process::Command::new("dd")
+            .args(["if=/dev/zero", "bs=64k"])
+            .arg(format!("of={}", self.filler().display()))
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+
+    pub(crate) fn free(&self) {
+        std::fs::remove_file(self.filler()).unwrap();
+    }
+
+    fn filler(&self) -> PathBuf {
+        self.path.join("filler")
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
