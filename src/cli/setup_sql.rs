@@ -72,6 +72,35 @@ pub(super) fn script(config: &Config) -> String {
              GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO {role};"
         );
     }
+    if source.heartbeat_via.is_some() {
+        let _ = writeln!(
+            out,
+            "\n-- source.heartbeat_url is set: on the primary it names, the heartbeats, and\n\
+             -- pg_log_standby_snapshot() while steward creates its slot on a standby (optional:\n\
+             -- without it the slot waits for the primary to log its running transactions).\n\
+             GRANT EXECUTE ON FUNCTION pg_log_standby_snapshot() TO {role};"
+        );
+    }
+    if source.failover {
+        let _ = writeln!(
+            out,
+            "\n-- source.failover = true (PostgreSQL 17+): steward's slot is a failover slot.\n\
+             -- On the primary, a physical slot per standby, and logical walsenders wait for them:\n\
+             --   SELECT pg_create_physical_replication_slot('standby1');\n\
+             --   ALTER SYSTEM SET synchronized_standby_slots = 'standby1';\n\
+             --   SELECT pg_reload_conf();\n\
+             -- On each standby (postgresql.conf), then restart it:\n\
+             --   primary_slot_name = 'standby1'\n\
+             --   primary_conninfo = '... dbname={db}'   # a dbname is required for slot sync\n\
+             --   hot_standby_feedback = on\n\
+             --   sync_replication_slots = on\n\
+             -- List every server in source.url with target_session_attrs=read-write, e.g.\n\
+             --   postgres://{user}@primary:5432,standby1:5432/{db}?target_session_attrs=read-write\n\
+             -- `steward status` shows whether each standby's copy of the slot is failover-ready.",
+            db = source.dbname,
+            user = source.user,
+        );
+    }
     let _ = writeln!(
         out,
         "\n-- Later, after adding an entity to the configuration:\n\

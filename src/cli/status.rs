@@ -46,6 +46,31 @@ struct SourceReport {
     server_wal_lsn: Option<String>,
     lag_bytes: Option<u64>,
     wal_status: Option<String>,
+    /// The server steward reads from is a standby (in recovery).
+    standby: Option<bool>,
+    /// The slot is a failover slot (PostgreSQL 17+).
+    failover: Option<bool>,
+    /// The primary's `synchronized_standby_slots` (failover slots only).
+    synchronized_standby_slots: Option<String>,
+    /// The slot's copy on each standby of `source.url` (failover slots only).
+    standbys: Vec<StandbySlotReport>,
+}
+
+/// The failover slot as one standby of the URL's host list holds it.
+#[derive(Serialize, Default)]
+struct StandbySlotReport {
+    host: String,
+    reachable: bool,
+    error: Option<String>,
+    /// The standby holds a copy of the slot.
+    slot_exists: bool,
+    /// `synced` in the standby's `pg_replication_slots`.
+    synced: bool,
+    /// A promotion of this standby keeps the slot: synchronised, persistent
+    /// and not invalidated.
+    failover_ready: bool,
+    confirmed_flush_lsn: Option<String>,
+    invalidation_reason: Option<String>,
 }
 
 pub(super) async fn run(config: Config, json: bool) -> anyhow::Result<()> {
@@ -189,11 +214,13 @@ async fn source_view(config: &Config) -> SourceReport {
         }
     };
     report.reachable = true;
+    report.standby = slot::in_recovery(&client).await.ok();
     let current = slot::current_wal_lsn(&client).await;
     match slot::slot_info(&client, &config.source.slot).await {
         Ok(None) => report.slot_exists = Some(false),
         Ok(Some(info)) => {
             report.slot_exists = Some(true);
+            report.failover = info.failover;
             report.slot_active = Some(info.active);
             report.confirmed_flush_lsn = info.confirmed_flush_lsn.map(|l| l.to_string());
             report.wal_status = info.wal_status.clone();
@@ -206,7 +233,62 @@ async fn source_view(config: &Config) -> SourceReport {
     if let Ok(current) = current {
         report.server_wal_lsn = Some(current.to_string());
     }
+    if config.source.failover || report.failover == Some(true) {
+        report.synchronized_standby_slots = slot::setting(&client, "synchronized_standby_slots")
+            .await
+            .ok()
+            .flatten();
+        report.standbys = standby_slots(config).await;
+    }
     report
+}
+
+/// The slot on every server of `source.url` that is a standby: whether a
+/// failover to it keeps the slot.
+async fn standby_slots(config: &Config) -> Vec<StandbySlotReport> {
+    let mut out = Vec::new();
+    for host in config.source.hosts() {
+        let at = config.source.at_host(&host);
+        let mut line = StandbySlotReport {
+            host: format!("{}:{}", host.host, host.port),
+            ..StandbySlotReport::default()
+        };
+        let client = match steward_postgres::connect_sql(&at).await {
+            Ok(c) => c,
+            Err(e) => {
+                line.error = Some(e.to_string());
+                out.push(line);
+                continue;
+            }
+        };
+        line.reachable = true;
+        match slot::in_recovery(&client).await {
+            Ok(true) => {}
+            // The primary (reported above) or an unknown state.
+            Ok(false) => continue,
+            Err(e) => {
+                line.error = Some(e.to_string());
+                out.push(line);
+                continue;
+            }
+        }
+        match slot::slot_info(&client, &config.source.slot).await {
+            Ok(Some(info)) => {
+                line.slot_exists = true;
+                line.synced = info.synced == Some(true);
+                line.failover_ready = line.synced
+                    && !info.temporary
+                    && info.invalidation_reason.is_none()
+                    && info.wal_status.as_deref() != Some("lost");
+                line.confirmed_flush_lsn = info.confirmed_flush_lsn.map(|l| l.to_string());
+                line.invalidation_reason = info.invalidation_reason;
+            }
+            Ok(None) => {}
+            Err(e) => line.error = Some(e.to_string()),
+        }
+        out.push(line);
+    }
+    out
 }
 
 fn print_text(r: &Report) {
@@ -275,6 +357,10 @@ fn print_text(r: &Report) {
         {
             println!("           {advice}");
         }
+        if s.standby == Some(true) {
+            println!("           (the source is a standby: steward decodes from it)");
+        }
+        print_failover(s);
     }
     println!();
     for t in &r.targets {
@@ -300,6 +386,51 @@ fn print_text(r: &Report) {
         }
         if let Some(e) = &t.last_error {
             println!("           last error: {e}");
+        }
+    }
+}
+
+fn print_failover(s: &SourceReport) {
+    match s.failover {
+        Some(true) => {}
+        Some(false) if s.slot_exists == Some(true) => {
+            println!("failover   not a failover slot: a failover to a standby loses it");
+            return;
+        }
+        _ => return,
+    }
+    println!(
+        "failover   failover slot; synchronized_standby_slots = {}",
+        match s.synchronized_standby_slots.as_deref() {
+            None | Some("") => "'' (a standby may lack changes steward has: set it)",
+            Some(v) => v,
+        }
+    );
+    if s.standbys.is_empty() {
+        println!("           no standby among the hosts of source.url to check");
+    }
+    for st in &s.standbys {
+        if let Some(e) = &st.error {
+            println!("standby    {}: unknown: {e}", st.host);
+        } else if !st.slot_exists {
+            println!(
+                "standby    {}: NOT READY, no copy of the slot (sync_replication_slots = on, \
+                 hot_standby_feedback = on, primary_slot_name and a dbname in primary_conninfo?)",
+                st.host
+            );
+        } else if st.failover_ready {
+            println!(
+                "standby    {}: failover-ready (synced, confirmed {})",
+                st.host,
+                st.confirmed_flush_lsn.as_deref().unwrap_or("-")
+            );
+        } else {
+            println!(
+                "standby    {}: NOT READY, copy not usable yet (synced {}, invalidated {})",
+                st.host,
+                st.synced,
+                st.invalidation_reason.as_deref().unwrap_or("no")
+            );
         }
     }
 }

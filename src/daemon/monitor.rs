@@ -268,16 +268,26 @@ async fn poll_slot(config: &Config, sql: &mut Option<tokio_postgres::Client>) {
 /// Writes a non-transactional logical message every `interval`, so the
 /// walsender has WAL to decode on a quiet database: keepalives move, the slot
 /// advances and lag in seconds stays meaningful. The source ignores these messages.
+///
+/// A standby cannot write WAL: the messages go to `source.heartbeat_url`
+/// (the primary) when set; otherwise, while the source is a standby, no
+/// heartbeat is written and a line says so once.
 pub fn spawn_heartbeat(config: Config, interval: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut sql: Option<tokio_postgres::Client> = None;
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut warned = false;
+        let mut told_standby = false;
+        let target = config
+            .source
+            .heartbeat_via
+            .as_deref()
+            .unwrap_or(&config.source);
         loop {
             tick.tick().await;
             if !matches!(&sql, Some(c) if !c.is_closed()) {
-                match steward_postgres::connect_sql(&config.source).await {
+                match steward_postgres::connect_sql(target).await {
                     Ok(c) => sql = Some(c),
                     Err(e) => {
                         tracing::debug!(error = %e, "heartbeat: cannot connect to the source");
@@ -286,6 +296,26 @@ pub fn spawn_heartbeat(config: Config, interval: Duration) -> tokio::task::JoinH
                 }
             }
             let Some(client) = sql.as_ref() else { continue };
+            if config.source.heartbeat_via.is_none() {
+                match client.query_one("SELECT pg_is_in_recovery()", &[]).await {
+                    Ok(row) if row.get::<_, bool>(0) => {
+                        if !told_standby {
+                            tracing::warn!(
+                                "heartbeat: the source is a standby, which cannot write WAL; no \
+                                 heartbeats are written. Set source.heartbeat_url to the primary \
+                                 (same database) to keep the slot moving on a quiet database"
+                            );
+                            told_standby = true;
+                        }
+                        continue;
+                    }
+                    Ok(_) => told_standby = false,
+                    Err(_) => {
+                        sql = None;
+                        continue;
+                    }
+                }
+            }
             match client
                 .simple_query(
                     "SELECT pg_logical_emit_message(false, 'steward_heartbeat', now()::text)",

@@ -44,15 +44,28 @@ pub(super) async fn prepare(
         .await
         .with_context(|| format!("cannot connect to the source {}", source.url_display))?;
     slot::check_wal_level(&sql).await?;
+    let standby = slot::in_recovery(&sql).await?;
     let tables = pipeline.tables();
     super::privileges::check(&sql, source, &tables).await?;
+    // A standby is read-only: the publication comes from the primary.
     slot::ensure_publication(
         &sql,
         &source.publication,
         &tables,
-        source.create_publication,
+        source.create_publication && !standby,
     )
-    .await?;
+    .await
+    .map_err(|e| {
+        let e = anyhow::Error::from(e);
+        if standby {
+            e.context(
+                "the source is a standby, which cannot create or change a publication: \
+                 run the statement on the primary (it reaches the standby by replication)",
+            )
+        } else {
+            e
+        }
+    })?;
     for warning in slot::replica_identity_report(&sql, &tables).await? {
         tracing::warn!("{warning}");
     }
@@ -68,6 +81,7 @@ pub(super) async fn prepare(
         )
     })?;
     let identity = replication.identify_system().await?;
+    check_high_availability(config, &sql, &replication, standby).await?;
     let database = identity
         .dbname
         .clone()
@@ -140,6 +154,29 @@ pub(super) async fn prepare(
                 confirmed_flush = ?info.confirmed_flush_lsn.map(|l| l.to_string()),
                 "using existing replication slot"
             );
+            if source.failover && info.failover != Some(true) {
+                // The slot is not in use (a session using it would hold it
+                // and steward's own session has not started).
+                replication
+                    .set_slot_failover(&source.slot, true)
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "source.failover = true, but the existing slot '{}' is not a failover \
+                             slot and cannot be made one; run \
+                             ALTER_REPLICATION_SLOT {} (FAILOVER true) on a replication \
+                             connection (psql \"dbname=... replication=database\") while no \
+                             one uses the slot",
+                            source.slot, source.slot
+                        )
+                    })?;
+                tracing::warn!(
+                    slot = %source.slot,
+                    "source.failover = true: the existing slot was not a failover slot; made it \
+                     one (ALTER_REPLICATION_SLOT ... (FAILOVER true)), so standbys with \
+                     sync_replication_slots = on now synchronise it"
+                );
+            }
             if !reset_all {
                 plan_restore_repair(config, store, info.confirmed_flush_lsn)?;
             }
@@ -166,9 +203,22 @@ pub(super) async fn prepare(
             } else {
                 SnapshotAction::NoExport
             };
+            if standby {
+                tracing::info!(
+                    slot = %source.slot,
+                    "creating the slot on a standby: this waits for the primary to log its \
+                     running transactions (every 15 s while it is busy; \
+                     SELECT pg_log_standby_snapshot() on the primary makes it now)"
+                );
+            }
+            let nudge = standby.then(|| spawn_standby_snapshot_nudge(source));
             let created = replication
-                .create_logical_slot(&source.slot, action)
-                .await?;
+                .create_logical_slot(&source.slot, action, source.failover)
+                .await;
+            if let Some(nudge) = nudge {
+                nudge.abort();
+            }
+            let created = created?;
             tracing::info!(slot = %source.slot, consistent_point = %created.consistent_point, "created replication slot");
             if let Some(name) = &created.snapshot_name {
                 // The replication connection must stay open until this import.
@@ -201,6 +251,105 @@ pub(super) async fn prepare(
             .as_ref()
             .map_or(Lsn::ZERO, |r: &SnapshotReader| r.consistent),
         initial_snapshot,
+    })
+}
+
+/// Refuses what a failover slot or decoding from a standby cannot do on
+/// this server, and warns where a failover could lose or skip changes.
+async fn check_high_availability(
+    config: &Config,
+    sql: &tokio_postgres::Client,
+    replication: &ReplicationClient,
+    standby: bool,
+) -> anyhow::Result<()> {
+    let source = &config.source;
+    let version = replication.server_version_num();
+    if standby {
+        if version < 160_000 {
+            bail!(
+                "the source {} is a standby (in recovery), and logical decoding on a standby \
+                 needs PostgreSQL 16 or later (it runs {}.{}); point source.url at the primary",
+                source.url_display,
+                version / 10000,
+                version % 10000
+            );
+        }
+        if source.failover {
+            bail!(
+                "source.failover = true, but the source {} is a standby: a failover slot is \
+                 created on the primary (standbys synchronise it); point source.url at the \
+                 primary (with target_session_attrs=read-write) or set source.failover = false",
+                source.url_display
+            );
+        }
+        let feedback = slot::setting(sql, "hot_standby_feedback").await?;
+        if feedback.as_deref() != Some("on") {
+            tracing::warn!(
+                "the source is a standby with hot_standby_feedback = off: the primary may remove \
+                 catalog rows the slot still needs, which invalidates it (a repair then); set \
+                 hot_standby_feedback = on on the standby (and use a physical slot, primary_slot_name)"
+            );
+        }
+        tracing::info!(
+            "the source is a standby: decoding from it; heartbeats, if configured, go to \
+             source.heartbeat_url"
+        );
+    }
+    if source.failover {
+        if version < 170_000 {
+            bail!(
+                "source.failover = true needs PostgreSQL 17 or later (failover slots), but the \
+                 source runs {}.{}; set source.failover = false, or upgrade the server",
+                version / 10000,
+                version % 10000
+            );
+        }
+        let waits_for = slot::setting(sql, "synchronized_standby_slots").await?;
+        if waits_for.as_deref().unwrap_or("").is_empty() {
+            tracing::warn!(
+                "source.failover = true but synchronized_standby_slots is empty on the primary: \
+                 steward can receive changes a standby does not have yet, and a failover to that \
+                 standby then loses them; set synchronized_standby_slots to the standbys' \
+                 physical slots (see `steward setup-sql`)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Creating a slot on a standby waits for a running-transactions record
+/// from the primary; with `source.heartbeat_url` set, steward asks the
+/// primary to log one now and again until the slot exists (needs the
+/// right to run `pg_log_standby_snapshot()`; without it the slot comes once
+/// the primary logs one by itself).
+fn spawn_standby_snapshot_nudge(
+    source: &steward_postgres::SourceConfig,
+) -> tokio::task::JoinHandle<()> {
+    let primary = source.heartbeat_via.clone();
+    tokio::spawn(async move {
+        let Some(primary) = primary else {
+            return;
+        };
+        let mut client = None;
+        loop {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            if client.is_none() {
+                match steward_postgres::connect_sql(&primary).await {
+                    Ok(c) => client = Some(c),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot reach source.heartbeat_url to log a standby snapshot");
+                        continue;
+                    }
+                }
+            }
+            if let Some(c) = &client {
+                if let Err(e) = c.execute("SELECT pg_log_standby_snapshot()", &[]).await {
+                    tracing::debug!(error = %steward_postgres::describe_pg_error(&e), "pg_log_standby_snapshot() on the primary failed");
+                    return;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        }
     })
 }
 

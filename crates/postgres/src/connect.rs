@@ -439,10 +439,106 @@ async fn authenticate(
     }
 }
 
+/// Why servers of a multi-host URL were passed over, to report when none fits.
+pub(crate) struct HostAttempts<'a> {
+    cfg: &'a SourceConfig,
+    tried: Vec<String>,
+    first_error: Option<WireError>,
+    all_refused: bool,
+}
+
+impl<'a> HostAttempts<'a> {
+    pub(crate) fn new(cfg: &'a SourceConfig) -> HostAttempts<'a> {
+        HostAttempts {
+            cfg,
+            tried: Vec::new(),
+            first_error: None,
+            all_refused: true,
+        }
+    }
+
+    /// The server could not be reached or refused the session.
+    pub(crate) fn failed(&mut self, at: &SourceConfig, e: WireError) {
+        self.tried.push(format!("{}:{}: {e}", at.host, at.port));
+        if e.is_transient() {
+            self.all_refused = false;
+        }
+        self.first_error.get_or_insert(e);
+    }
+
+    /// The server is up but in the wrong role.
+    pub(crate) fn wrong_role(&mut self, at: &SourceConfig, in_recovery: bool) {
+        self.all_refused = false;
+        let role = if in_recovery {
+            "a standby (in recovery)"
+        } else {
+            "a primary, or read-only"
+        };
+        self.tried
+            .push(format!("{}:{}: is {role}", at.host, at.port));
+    }
+
+    /// The error when no server fits: the servers' own error when each
+    /// refused alike (wrong password, bad TLS settings), so it is reported
+    /// as what it is; otherwise a transient "none fits now".
+    pub(crate) fn into_error(self) -> WireError {
+        match self.first_error {
+            Some(e) if self.all_refused => e,
+            _ => WireError::NoSuitableHost {
+                url: self.cfg.url_display.clone(),
+                wanted: match self.cfg.target_session_attrs {
+                    crate::TargetSessionAttrs::Any => String::new(),
+                    t => format!(" as target_session_attrs={}", t.as_str()),
+                },
+                tried: self.tried.join("; "),
+            },
+        }
+    }
+}
+
 /// An ordinary (non-replication) SQL connection to the source with the same
-/// address, credentials, TLS rules and session settings. The connection task
-/// runs on tokio until the returned client is dropped.
+/// address, credentials, TLS rules and session settings: with several hosts
+/// in the URL, the first that connects in the role `target_session_attrs`
+/// asks for. The connection task runs on tokio until the returned client is
+/// dropped.
 pub async fn connect_sql(cfg: &SourceConfig) -> Result<tokio_postgres::Client, WireError> {
+    if !cfg.needs_host_selection() {
+        return connect_sql_one(cfg).await;
+    }
+    let mut attempts = HostAttempts::new(cfg);
+    for host in cfg.hosts() {
+        let at = cfg.at_host(&host);
+        let client = match connect_sql_one(&at).await {
+            Ok(c) => c,
+            Err(e) => {
+                attempts.failed(&at, e);
+                continue;
+            }
+        };
+        if cfg.target_session_attrs == crate::TargetSessionAttrs::Any {
+            return Ok(client);
+        }
+        let row = client
+            .query_one(
+                "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'",
+                &[],
+            )
+            .await;
+        match row {
+            Ok(row) => {
+                let (in_recovery, read_only): (bool, bool) = (row.get(0), row.get(1));
+                if cfg.target_session_attrs.accepts(in_recovery, read_only) {
+                    return Ok(client);
+                }
+                attempts.wrong_role(&at, in_recovery);
+            }
+            Err(e) => attempts.failed(&at, map_pg_error(e, &at)),
+        }
+    }
+    Err(attempts.into_error())
+}
+
+async fn connect_sql_one(cfg: &SourceConfig) -> Result<tokio_postgres::Client, WireError> {
     let mut pg = tokio_postgres::Config::new();
     pg.user(&cfg.user)
         .dbname(&cfg.dbname)
@@ -578,6 +674,10 @@ mod tests {
             create_publication: false,
             heartbeat_interval: None,
             streaming: true,
+            other_hosts: Vec::new(),
+            target_session_attrs: crate::TargetSessionAttrs::Any,
+            failover: false,
+            heartbeat_via: None,
         }
     }
 

@@ -48,9 +48,25 @@ pub enum WireError {
     #[error("protocol error talking to the source PostgreSQL server: {0}")]
     Protocol(String),
 
+    /// The configuration asks for something this server cannot do.
+    #[error("{0}")]
+    Unsupported(String),
+
     /// The connection ended in the middle of the session.
     #[error("the source PostgreSQL server closed the connection unexpectedly")]
     Closed,
+
+    /// None of the servers of a multi-host URL was reachable in the role
+    /// `target_session_attrs` asks for (a failover in progress, say).
+    #[error("no server of {url} can be used{wanted}: {tried}")]
+    NoSuitableHost {
+        /// The URL, without a password.
+        url: String,
+        /// ` as target_session_attrs=...`, or empty for `any`.
+        wanted: String,
+        /// Each server with why it was passed over.
+        tried: String,
+    },
 
     /// Connecting took longer than `source.connect_timeout`.
     #[error(
@@ -90,7 +106,10 @@ impl WireError {
     /// resource exhaustion. Authentication and protocol errors are not.
     pub fn is_transient(&self) -> bool {
         match self {
-            WireError::Io(_) | WireError::Closed | WireError::Timeout => true,
+            WireError::Io(_)
+            | WireError::Closed
+            | WireError::Timeout
+            | WireError::NoSuitableHost { .. } => true,
             WireError::Server { code, .. } => {
                 // 08: connection exception; 57P01..03: admin/crash shutdown,
                 // cannot connect now (starting up); 53: insufficient resources
@@ -102,7 +121,8 @@ impl WireError {
             WireError::Tls(_)
             | WireError::Auth(_)
             | WireError::NoPassword
-            | WireError::Protocol(_) => false,
+            | WireError::Protocol(_)
+            | WireError::Unsupported(_) => false,
         }
     }
 

@@ -43,7 +43,7 @@ use codec::{Backend, ServerFields};
 use connect::{log_notice, note_parameter, Conn};
 
 pub use change::{Change, ChangeOp, Column, Relation, Tuple, TupleValue};
-pub use config::{SourceConfig, SslMode};
+pub use config::{SourceConfig, SourceHost, SslMode, TargetSessionAttrs};
 pub use lsn::{Lsn, ParseLsnError};
 pub use secret::{Secret, SecretOrigin};
 
@@ -135,7 +135,60 @@ impl ReplicationClient {
     /// session settings that fix the text format of values (ISO dates, UTC,
     /// UTF-8, hex bytea), honoring `source.sslmode` and
     /// `source.connect_timeout`, and waits until the server is ready.
+    ///
+    /// With several hosts in `source.url`, they are tried in order and the
+    /// first in the role `target_session_attrs` asks for is kept.
     pub async fn connect(cfg: &SourceConfig) -> Result<ReplicationClient, WireError> {
+        if !cfg.needs_host_selection() {
+            return Self::connect_one(cfg).await;
+        }
+        let mut attempts = connect::HostAttempts::new(cfg);
+        for host in cfg.hosts() {
+            let at = cfg.at_host(&host);
+            let mut client = match Self::connect_one(&at).await {
+                Ok(c) => c,
+                Err(e) => {
+                    attempts.failed(&at, e);
+                    continue;
+                }
+            };
+            if cfg.target_session_attrs == TargetSessionAttrs::Any {
+                return Ok(client);
+            }
+            match client.server_role().await {
+                Ok((in_recovery, read_only)) => {
+                    if cfg.target_session_attrs.accepts(in_recovery, read_only) {
+                        tracing::debug!(host = %at.host, port = at.port, "replication connection: server chosen");
+                        return Ok(client);
+                    }
+                    attempts.wrong_role(&at, in_recovery);
+                    let _ = client.close().await;
+                }
+                Err(e) => attempts.failed(&at, e),
+            }
+        }
+        Err(attempts.into_error())
+    }
+
+    /// Whether the server is in recovery (a standby) and whether its
+    /// sessions are read-only.
+    pub async fn server_role(&mut self) -> Result<(bool, bool), WireError> {
+        let rows = self
+            .simple_query(
+                "SELECT pg_is_in_recovery()::text, current_setting('transaction_read_only')",
+            )
+            .await?;
+        match rows.first().map(Vec::as_slice) {
+            Some([Some(recovery), Some(read_only), ..]) => {
+                Ok((recovery == "true", read_only == "on"))
+            }
+            _ => Err(WireError::protocol(
+                "cannot tell whether the server is a standby: unexpected answer to pg_is_in_recovery()",
+            )),
+        }
+    }
+
+    async fn connect_one(cfg: &SourceConfig) -> Result<ReplicationClient, WireError> {
         let conn = connect::open_replication(cfg).await?;
         let mut client = ReplicationClient {
             conn,
@@ -274,16 +327,36 @@ impl ReplicationClient {
         parse_identify_system(&rows)
     }
 
-    /// CREATE_REPLICATION_SLOT for a logical slot with the pgoutput plugin.
+    /// CREATE_REPLICATION_SLOT for a logical slot with the pgoutput plugin;
+    /// with `failover`, one that standbys synchronise (PostgreSQL 17+).
     pub async fn create_logical_slot(
         &mut self,
         slot: &str,
         snapshot: SnapshotAction,
+        failover: bool,
     ) -> Result<CreatedSlot, WireError> {
         codec::check_no_nul("slot name", slot)?;
-        let cmd = create_slot_command(slot, snapshot, self.server_version_num);
+        if failover && self.server_version_num < 170000 {
+            return Err(failover_unsupported(self.server_version_num));
+        }
+        let cmd = create_slot_command(slot, snapshot, self.server_version_num, failover);
         let rows = self.simple_query(&cmd).await?;
         parse_created_slot(&rows)
+    }
+
+    /// ALTER_REPLICATION_SLOT ... (FAILOVER true|false) (PostgreSQL 17+); the
+    /// slot must not be in use.
+    pub async fn set_slot_failover(&mut self, slot: &str, failover: bool) -> Result<(), WireError> {
+        codec::check_no_nul("slot name", slot)?;
+        if self.server_version_num < 170000 {
+            return Err(failover_unsupported(self.server_version_num));
+        }
+        self.simple_query(&format!(
+            "ALTER_REPLICATION_SLOT {} (FAILOVER {failover})",
+            quote_ident(slot)
+        ))
+        .await?;
+        Ok(())
     }
 
     /// START_REPLICATION of a logical slot from `start` with output plugin
@@ -387,12 +460,18 @@ fn parse_server_version(v: &str) -> Option<u32> {
     }
 }
 
-fn create_slot_command(slot: &str, snapshot: SnapshotAction, server_version_num: u32) -> String {
+fn create_slot_command(
+    slot: &str,
+    snapshot: SnapshotAction,
+    server_version_num: u32,
+    failover: bool,
+) -> String {
     if server_version_num >= 150000 {
         format!(
-            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT {})",
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT {}{})",
             quote_ident(slot),
-            quote_literal(snapshot.option_value())
+            quote_literal(snapshot.option_value()),
+            if failover { ", FAILOVER true" } else { "" }
         )
     } else {
         format!(
@@ -401,6 +480,15 @@ fn create_slot_command(slot: &str, snapshot: SnapshotAction, server_version_num:
             snapshot.legacy_keyword()
         )
     }
+}
+
+fn failover_unsupported(server_version_num: u32) -> WireError {
+    WireError::Unsupported(format!(
+        "source.failover = true needs PostgreSQL 17 or later (failover slots), but the source \
+         runs {}.{}; set source.failover = false, or upgrade the server",
+        server_version_num / 10000,
+        server_version_num % 10000
+    ))
 }
 
 fn start_replication_command(slot: &str, start: Lsn, options: &[(&str, &str)]) -> String {
@@ -505,25 +593,36 @@ mod tests {
     #[test]
     fn slot_commands_by_version() {
         assert_eq!(
-            create_slot_command("steward", SnapshotAction::Export, 150004),
+            create_slot_command("steward", SnapshotAction::Export, 150004, false),
             "CREATE_REPLICATION_SLOT \"steward\" LOGICAL pgoutput (SNAPSHOT 'export')"
         );
         assert_eq!(
-            create_slot_command("steward", SnapshotAction::NoExport, 160000),
+            create_slot_command("steward", SnapshotAction::NoExport, 160000, false),
             "CREATE_REPLICATION_SLOT \"steward\" LOGICAL pgoutput (SNAPSHOT 'nothing')"
         );
         assert_eq!(
-            create_slot_command("steward", SnapshotAction::Use, 150000),
+            create_slot_command("steward", SnapshotAction::Use, 150000, false),
             "CREATE_REPLICATION_SLOT \"steward\" LOGICAL pgoutput (SNAPSHOT 'use')"
         );
         assert_eq!(
-            create_slot_command("a\"b", SnapshotAction::Export, 140010),
+            create_slot_command("a\"b", SnapshotAction::Export, 140010, false),
             "CREATE_REPLICATION_SLOT \"a\"\"b\" LOGICAL pgoutput EXPORT_SNAPSHOT"
         );
         assert_eq!(
-            create_slot_command("s", SnapshotAction::NoExport, 130000),
+            create_slot_command("s", SnapshotAction::NoExport, 130000, false),
             "CREATE_REPLICATION_SLOT \"s\" LOGICAL pgoutput NOEXPORT_SNAPSHOT"
         );
+    }
+
+    #[test]
+    fn failover_slot_command() {
+        assert_eq!(
+            create_slot_command("steward", SnapshotAction::Export, 170000, true),
+            "CREATE_REPLICATION_SLOT \"steward\" LOGICAL pgoutput (SNAPSHOT 'export', FAILOVER true)"
+        );
+        assert!(failover_unsupported(160004)
+            .to_string()
+            .contains("PostgreSQL 17 or later"));
     }
 
     #[test]

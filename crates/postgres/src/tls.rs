@@ -348,6 +348,10 @@ mod tests {
             create_publication: false,
             heartbeat_interval: None,
             streaming: true,
+            other_hosts: Vec::new(),
+            target_session_attrs: crate::TargetSessionAttrs::Any,
+            failover: false,
+            heartbeat_via: None,
         }
     }
 

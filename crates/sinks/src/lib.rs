@@ -33,7 +33,8 @@ pub struct AnySink(Sink);
 
 enum Sink {
     Http(http::HttpSink),
-    Postgres(postgres::PostgresSink),
+    // Boxed: it holds its connection settings twice (target and source form).
+    Postgres(Box<postgres::PostgresSink>),
     Nats(nats::NatsSink),
     File(file::FileSink),
 }
@@ -89,8 +90,8 @@ pub fn build(target: &TargetConfig, config: &Config) -> Result<AnySink, BuildErr
             sink.set_envelope_context(ctx);
             Ok(AnySink(Sink::Http(sink)))
         }
-        SinkConfig::Postgres(pg) => Ok(AnySink(Sink::Postgres(postgres::PostgresSink::new(
-            target, pg, config,
+        SinkConfig::Postgres(pg) => Ok(AnySink(Sink::Postgres(Box::new(
+            postgres::PostgresSink::new(target, pg, config),
         )))),
         SinkConfig::Nats(nats) => Ok(AnySink(Sink::Nats(nats::NatsSink::new(target, nats, ctx)))),
         SinkConfig::File(file) => Ok(AnySink(Sink::File(

@@ -166,7 +166,8 @@ pub struct SlotInfo {
     pub active: bool,
     /// Server process of that session.
     pub active_pid: Option<i32>,
-    pub(crate) temporary: bool,
+    /// A temporary slot (on a standby: a copy still being synchronised).
+    pub temporary: bool,
     /// Position up to which the consumer confirmed it has the changes
     /// (logical slots).
     pub confirmed_flush_lsn: Option<Lsn>,
@@ -175,6 +176,13 @@ pub struct SlotInfo {
     pub wal_status: Option<String>,
     /// Bytes that can still be written before the slot risks losing WAL (PostgreSQL 13+).
     pub safe_wal_size: Option<i64>,
+    /// The slot is a failover slot (PostgreSQL 17+; `None` before).
+    pub failover: Option<bool>,
+    /// This copy is synchronised from the primary (on a standby with
+    /// `sync_replication_slots`; PostgreSQL 17+).
+    pub synced: Option<bool>,
+    /// Why the slot was invalidated, if it was (PostgreSQL 17+).
+    pub invalidation_reason: Option<String>,
     pub(crate) current_wal_lsn: Lsn,
 }
 
@@ -495,6 +503,24 @@ pub async fn ensure_publication(
 const CURRENT_LSN_SQL: &str =
     "(CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text";
 
+/// Whether the server is a standby (in recovery).
+pub async fn in_recovery(client: &Client) -> Result<bool, SetupError> {
+    let row = client
+        .query_one("SELECT pg_is_in_recovery()", &[])
+        .await
+        .map_err(query_err("cannot ask the server whether it is a standby"))?;
+    Ok(row.get(0))
+}
+
+/// A setting's value as the server reports it (`None` when it has no such setting).
+pub async fn setting(client: &Client, name: &str) -> Result<Option<String>, SetupError> {
+    let row = client
+        .query_one("SELECT current_setting($1, true)", &[&name])
+        .await
+        .map_err(query_err(format!("cannot read the setting {name}")))?;
+    Ok(row.get(0))
+}
+
 /// The server's current WAL position (on a standby: the last replayed one).
 pub async fn current_wal_lsn(client: &Client) -> Result<Lsn, SetupError> {
     let row = client
@@ -516,10 +542,15 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
     } else {
         "NULL::text, NULL::int8"
     };
+    let failover_columns = if version >= 170_000 {
+        "failover, synced, invalidation_reason::text"
+    } else {
+        "NULL::bool, NULL::bool, NULL::text"
+    };
     let sql = format!(
         "SELECT slot_name::text, slot_type::text, plugin::text, database::text, active, \
                 active_pid::int4, temporary, confirmed_flush_lsn::text, restart_lsn::text, \
-                {wal_columns}, {CURRENT_LSN_SQL} \
+                {wal_columns}, {CURRENT_LSN_SQL}, {failover_columns} \
          FROM pg_replication_slots WHERE slot_name = $1"
     );
     let Some(row) = client
@@ -544,6 +575,9 @@ pub async fn slot_info(client: &Client, slot: &str) -> Result<Option<SlotInfo>, 
         restart_lsn: parse_lsn("restart_lsn", row.get(8))?,
         wal_status: row.get(9),
         safe_wal_size: row.get(10),
+        failover: row.get(12),
+        synced: row.get(13),
+        invalidation_reason: row.get(14),
         current_wal_lsn: current,
     }))
 }

@@ -11,7 +11,9 @@ mod target_types;
 
 pub use delivery::{DeliveryPolicy, Window};
 pub use governance::{EntityGovernance, GovernanceConfig};
-pub use steward_postgres::{Secret, SecretOrigin, SourceConfig, SslMode};
+pub use steward_postgres::{
+    Secret, SecretOrigin, SourceConfig, SourceHost, SslMode, TargetSessionAttrs,
+};
 pub use target_types::{TargetContext, TargetSettings, TargetTypes, Unchecked};
 
 /// Reading TOML tables while collecting every problem: the building blocks of

@@ -46,7 +46,9 @@ const SOURCE_KEYS: &[&str] = &[
     "create_publication",
     "connect_timeout_ms",
     "heartbeat_interval_ms",
+    "heartbeat_url",
     "streaming",
+    "failover",
 ];
 const STATE_KEYS: &[&str] = &[
     "path",
@@ -584,13 +586,45 @@ fn check_source(table: &Table, base_dir: &Path, errs: &mut Errors) -> Option<Sou
     }
 
     let heartbeat_ms = r.int("heartbeat_interval_ms", 0, 0, HOUR_MS, "milliseconds", errs);
+    let heartbeat_url = r
+        .string("heartbeat_url", errs)
+        .map(|u| parse_pg_url(u, &r.key("heartbeat_url"), errs));
+    let heartbeat_rootcert = match &heartbeat_url {
+        Some(Some(u)) => match u.sslrootcert.as_deref() {
+            None => Some(None),
+            Some(cert) => {
+                let path = resolve(base_dir, cert);
+                if path.is_file() {
+                    Some(Some(path))
+                } else {
+                    errs.add(
+                        &r.key("heartbeat_url"),
+                        format!(
+                            "parameter sslrootcert: `{}` is not a readable file; give a PEM \
+                             file of CA certificates",
+                            path.display()
+                        ),
+                    );
+                    None
+                }
+            }
+        },
+        _ => Some(None),
+    };
     let streaming = r.bool("streaming", true, errs);
+    let failover = r.bool("failover", false, errs);
 
     let url = url?;
-    Some(SourceConfig {
+    let heartbeat_url = heartbeat_url.map(|u| u.ok_or(())).transpose().ok()?;
+    let heartbeat_rootcert = heartbeat_rootcert?;
+    let mut source = SourceConfig {
         url_display: url.display,
         host: url.host,
         port: url.port,
+        other_hosts: url.other_hosts,
+        target_session_attrs: url.target_session_attrs,
+        failover: failover?,
+        heartbeat_via: None,
         user: url.user,
         dbname: url.dbname,
         password: password?,
@@ -614,7 +648,24 @@ fn check_source(table: &Table, base_dir: &Path, errs: &mut Errors) -> Option<Sou
             n => Some(ms(n)),
         },
         streaming: streaming?,
-    })
+    };
+    if let Some(hb) = heartbeat_url {
+        let via = SourceConfig {
+            url_display: hb.display,
+            host: hb.host,
+            port: hb.port,
+            other_hosts: hb.other_hosts,
+            target_session_attrs: hb.target_session_attrs,
+            user: hb.user,
+            dbname: hb.dbname,
+            sslmode: hb.sslmode,
+            sslrootcert: heartbeat_rootcert.or_else(|| source.sslrootcert.clone()),
+            connect_timeout: hb.connect_timeout.unwrap_or(source.connect_timeout),
+            ..source.clone()
+        };
+        source.heartbeat_via = Some(Box::new(via));
+    }
+    Some(source)
 }
 
 fn check_state(table: &Table, base_dir: &Path, errs: &mut Errors) -> Option<StateConfig> {

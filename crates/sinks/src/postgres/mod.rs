@@ -388,6 +388,8 @@ fn source_config(cfg: &PostgresTargetConfig) -> SourceConfig {
         url_display: c.url_display.clone(),
         host: c.host.clone(),
         port: c.port,
+        other_hosts: c.other_hosts.clone(),
+        target_session_attrs: c.target_session_attrs,
         user: c.user.clone(),
         dbname: c.dbname.clone(),
         password: c.password.clone(),
@@ -400,6 +402,8 @@ fn source_config(cfg: &PostgresTargetConfig) -> SourceConfig {
         create_publication: false,
         heartbeat_interval: None,
         streaming: true,
+        failover: false,
+        heartbeat_via: None,
     }
 }
 

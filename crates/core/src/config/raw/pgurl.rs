@@ -1,5 +1,5 @@
 //! The `source.url` connection URL, in libpq's URI form:
-//! `postgres[ql]://USER@HOST[:PORT]/DBNAME[?param=value&...]`.
+//! `postgres[ql]://USER@HOST[:PORT][,HOST[:PORT]...]/DBNAME[?param=value&...]`.
 //!
 //! Parsed by hand rather than with the `url` crate because libpq's rules differ
 //! from WHATWG URLs: the host may be a percent-encoded Unix socket directory
@@ -9,9 +9,9 @@
 use std::time::Duration;
 
 use super::reader::Errors;
-use crate::config::SslMode;
+use crate::config::{SourceHost, SslMode, TargetSessionAttrs};
 
-const SUPPORTED_PARAMS: &str = "sslmode, sslrootcert, connect_timeout, host";
+const SUPPORTED_PARAMS: &str = "sslmode, sslrootcert, connect_timeout, host, target_session_attrs";
 const EXAMPLE: &str = "postgres://steward@localhost:5432/odoo?sslmode=prefer";
 pub(crate) const DEFAULT_PORT: u16 = 5432;
 
@@ -20,10 +20,15 @@ pub(crate) const DEFAULT_PORT: u16 = 5432;
 pub struct PgUrl {
     /// The URL as written; it holds no password (a password is an error).
     pub display: String,
-    /// A host name, an IP address, or (starting with `/`) a socket directory.
+    /// A host name, an IP address, or (starting with `/`) a socket directory;
+    /// the first one when the URL lists several.
     pub host: String,
     /// 5432 unless written.
     pub port: u16,
+    /// The hosts listed after the first (`h1:p1,h2:p2`), tried in order.
+    pub other_hosts: Vec<SourceHost>,
+    /// From the `target_session_attrs` parameter; [`TargetSessionAttrs::Any`] unless written.
+    pub target_session_attrs: TargetSessionAttrs,
     /// The role to log in as.
     pub user: String,
     /// The database to connect to.
@@ -81,6 +86,49 @@ fn valid_host_name(host: &str) -> bool {
         && host
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':'))
+}
+
+/// One `HOST[:PORT]` of the URL's host list; problems are pushed to `problems`.
+fn parse_host_port(hostport: &str, problems: &mut Vec<String>) -> (Option<String>, u16) {
+    let (raw_host, raw_port) = if let Some(after_bracket) = hostport.strip_prefix('[') {
+        match after_bracket.split_once(']') {
+            Some((h, tail)) => match tail.strip_prefix(':') {
+                Some(p) => (h, Some(p)),
+                None if tail.is_empty() => (h, None),
+                None => {
+                    problems.push(format!(
+                        "unexpected `{tail}` after the IPv6 address; write [ADDRESS]:PORT"
+                    ));
+                    (h, None)
+                }
+            },
+            None => {
+                problems.push("an IPv6 address opened with [ is not closed with ]".into());
+                ("", None)
+            }
+        }
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        }
+    };
+    let host = match percent_decode(raw_host, "host") {
+        Ok(h) if !h.is_empty() => Some(h),
+        Ok(_) => None,
+        Err(e) => {
+            problems.push(e);
+            None
+        }
+    };
+    let mut port = DEFAULT_PORT;
+    if let Some(p) = raw_port.filter(|p| !p.is_empty()) {
+        match p.parse::<u16>() {
+            Ok(n) if n > 0 => port = n,
+            _ => problems.push(format!("port `{p}` is not a port number (1 to 65535)")),
+        }
+    }
+    (host, port)
 }
 
 /// Checks `text`; every problem is recorded under `key` and yields `None`.
@@ -148,46 +196,11 @@ pub fn parse_pg_url(text: &str, key: &str, errs: &mut Errors) -> Option<PgUrl> {
         None => text.to_string(),
     };
 
-    // Host and port.
-    let (raw_host, raw_port) = if let Some(after_bracket) = hostport.strip_prefix('[') {
-        match after_bracket.split_once(']') {
-            Some((h, tail)) => match tail.strip_prefix(':') {
-                Some(p) => (h, Some(p)),
-                None if tail.is_empty() => (h, None),
-                None => {
-                    problems.push(format!(
-                        "unexpected `{tail}` after the IPv6 address; write [ADDRESS]:PORT"
-                    ));
-                    (h, None)
-                }
-            },
-            None => {
-                problems.push("an IPv6 address opened with [ is not closed with ]".into());
-                ("", None)
-            }
-        }
-    } else {
-        match hostport.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (hostport, None),
-        }
-    };
-    let mut host = match percent_decode(raw_host, "host") {
-        Ok(h) if !h.is_empty() => Some(h),
-        Ok(_) => None,
-        Err(e) => {
-            problems.push(e);
-            None
-        }
-    };
-    let mut port = DEFAULT_PORT;
-    if let Some(p) = raw_port.filter(|p| !p.is_empty()) {
-        match p.parse::<u16>() {
-            Ok(n) if n > 0 => port = n,
-            _ => problems.push(format!("port `{p}` is not a port number (1 to 65535)")),
-        }
+    // Hosts and ports: `h1[:p1],h2[:p2],...`, each possibly an [IPv6] address.
+    let mut hosts: Vec<(Option<String>, u16)> = Vec::new();
+    for hostport in hostport.split(',') {
+        hosts.push(parse_host_port(hostport, &mut problems));
     }
-
     let dbname = match percent_decode(path, "database name") {
         Ok(d) if !d.is_empty() => Some(d),
         Ok(_) => None,
@@ -201,6 +214,7 @@ pub fn parse_pg_url(text: &str, key: &str, errs: &mut Errors) -> Option<PgUrl> {
     let mut sslmode = SslMode::Prefer;
     let mut sslrootcert = None;
     let mut connect_timeout = None;
+    let mut target_session_attrs = TargetSessionAttrs::Any;
     let mut seen: Vec<String> = Vec::new();
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let Some((raw_name, raw_value)) = pair.split_once('=') else {
@@ -262,26 +276,39 @@ pub fn parse_pg_url(text: &str, key: &str, errs: &mut Errors) -> Option<PgUrl> {
                  /var/run/postgresql"
                     .into(),
             ),
-            "host" => host = Some(value),
+            "host" if value.contains(',') => problems.push(
+                "parameter host lists several hosts; write them in the URL instead: \
+                 postgres://USER@HOST1:PORT1,HOST2:PORT2/DB"
+                    .into(),
+            ),
+            "host" if hosts.len() > 1 => problems
+                .push("parameter host cannot be combined with several hosts in the URL".into()),
+            "host" => hosts[0].0 = Some(value),
+            "target_session_attrs" => match TargetSessionAttrs::parse(&value) {
+                Some(t) => target_session_attrs = t,
+                None => problems.push(format!(
+                    "parameter target_session_attrs: `{value}` is not supported; valid: any, \
+                     read-write, primary, standby"
+                )),
+            },
             _ => problems.push(format!(
                 "unsupported parameter `{name}`; supported parameters: {SUPPORTED_PARAMS}"
             )),
         }
     }
 
-    match &host {
-        None => problems.push(format!(
-            "add a host: postgres://USER@HOST/DB, or ?host=/var/run/postgresql for a Unix \
-             socket (e.g. {EXAMPLE})"
-        )),
-        Some(h) if h.contains(',') => {
-            problems.push("several hosts are not supported; give exactly one host".into());
+    for (host, _) in &hosts {
+        match host {
+            None => problems.push(format!(
+                "add a host: postgres://USER@HOST/DB, or ?host=/var/run/postgresql for a Unix \
+                 socket (e.g. {EXAMPLE})"
+            )),
+            Some(h) if h.starts_with('/') => {}
+            Some(h) if !valid_host_name(h) => problems.push(format!(
+                "host `{h}` is neither a host name, an IP address, nor an absolute socket directory"
+            )),
+            Some(_) => {}
         }
-        Some(h) if h.starts_with('/') => {}
-        Some(h) if !valid_host_name(h) => problems.push(format!(
-            "host `{h}` is neither a host name, an IP address, nor an absolute socket directory"
-        )),
-        Some(_) => {}
     }
     if user.is_none() {
         problems.push("add a user: postgres://USER@host/db".into());
@@ -296,10 +323,17 @@ pub fn parse_pg_url(text: &str, key: &str, errs: &mut Errors) -> Option<PgUrl> {
         }
         return None;
     }
+    let mut hosts = hosts
+        .into_iter()
+        .map(|(host, port)| host.map(|host| SourceHost { host, port }));
+    let first = hosts.next()??;
+    let other_hosts = hosts.collect::<Option<Vec<_>>>()?;
     Some(PgUrl {
         display,
-        host: host?,
-        port,
+        host: first.host,
+        port: first.port,
+        other_hosts,
+        target_session_attrs,
         user: user?,
         dbname: dbname?,
         sslmode,
@@ -423,7 +457,39 @@ mod tests {
             "more than once"
         ));
         assert!(has(&bad("postgres://s@h:99999/d"), "not a port number"));
-        assert!(has(&bad("postgres://s@a,b/d"), "several hosts"));
+        assert!(has(
+            &bad("postgres://s@h/d?target_session_attrs=prefer-standby"),
+            "any, read-write, primary, standby"
+        ));
+        assert!(has(
+            &bad("postgres://s@h/d?host=a,b"),
+            "write them in the URL"
+        ));
+        assert!(has(&bad("postgres://s@a,/d"), "add a host"));
+    }
+
+    #[test]
+    fn several_hosts() {
+        let u =
+            ok("postgres://steward@db1:5433,[::1]:5434,db3/odoo?target_session_attrs=read-write");
+        assert_eq!((u.host.as_str(), u.port), ("db1", 5433));
+        assert_eq!(
+            u.other_hosts,
+            vec![
+                SourceHost {
+                    host: "::1".into(),
+                    port: 5434
+                },
+                SourceHost {
+                    host: "db3".into(),
+                    port: 5432
+                },
+            ]
+        );
+        assert_eq!(u.target_session_attrs, TargetSessionAttrs::ReadWrite);
+        let u = ok("postgres://steward@db1/odoo");
+        assert!(u.other_hosts.is_empty());
+        assert_eq!(u.target_session_attrs, TargetSessionAttrs::Any);
     }
 
     #[test]
