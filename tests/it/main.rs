@@ -14,6 +14,7 @@ mod console_browser;
 mod control;
 mod credentials;
 mod delivery;
+mod failover;
 mod faults;
 mod governance;
 mod locks;

@@ -20,6 +20,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -213,7 +214,8 @@ pub struct DevCluster {
     bin_dir: PathBuf,
     /// `bin_dir/psql`, else the system's (the npm builds have none).
     psql: PathBuf,
-    port: u16,
+    /// Changes only in [`DevCluster::restart_on_port`].
+    port: AtomicU16,
     version_num: u32,
     run_as: Option<RunAs>,
     ssl_ca: Option<PathBuf>,
@@ -283,7 +285,7 @@ impl DevCluster {
             data_dir,
             bin_dir,
             psql,
-            port: 0,
+            port: AtomicU16::new(0),
             version_num: 0,
             run_as,
             ssl_ca: None,
@@ -303,11 +305,11 @@ impl DevCluster {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            self.port = free_port()?;
+            self.port.store(free_port()?, Ordering::Relaxed);
             let conf_path = self.data_dir.join("steward.conf");
             let text = format!(
                 "port = {}\nunix_socket_directories = '{}'\n{settings}",
-                self.port,
+                self.port(),
                 conf_quote(&self.data_dir.to_string_lossy())
             );
             fs::write(&conf_path, text).map_err(io_err("cannot write steward.conf"))?;
@@ -343,7 +345,7 @@ impl DevCluster {
 
     /// TCP port on 127.0.0.1 (also the Unix socket's suffix).
     pub fn port(&self) -> u16 {
-        self.port
+        self.port.load(Ordering::Relaxed)
     }
 
     /// Directory of the PostgreSQL programs used (`initdb`, `psql`, ...).
@@ -400,7 +402,7 @@ impl DevCluster {
                 path.push_str(&format!("%{b:02X}"));
             }
         }
-        format!("postgres://postgres@127.0.0.1:{}/{path}", self.port)
+        format!("postgres://postgres@127.0.0.1:{}/{path}", self.port())
     }
 
     /// Creates database `name` (owned by `postgres`).
@@ -431,6 +433,30 @@ impl DevCluster {
     /// Fast shutdown, then start again on the same port; blocks until ready.
     pub fn restart(&self) -> Result<(), DevError> {
         self.stop_inner()?;
+        let log_from = self.log_len();
+        send(&mut self.lock(), "start")?;
+        self.wait_ready(log_from)
+    }
+
+    /// Fast shutdown, then start again on `port` (which must be free, e.g.
+    /// another stopped cluster's): a service address moving to another
+    /// server, as after a failover. Blocks until ready.
+    pub fn restart_on_port(&self, port: u16) -> Result<(), DevError> {
+        self.stop_inner()?;
+        let conf_path = self.data_dir.join("steward.conf");
+        let text = fs::read_to_string(&conf_path).map_err(io_err("cannot read steward.conf"))?;
+        let text: String = text
+            .lines()
+            .map(|line| {
+                if line.starts_with("port = ") {
+                    format!("port = {port}\n")
+                } else {
+                    format!("{line}\n")
+                }
+            })
+            .collect();
+        fs::write(&conf_path, text).map_err(io_err("cannot write steward.conf"))?;
+        self.port.store(port, Ordering::Relaxed);
         let log_from = self.log_len();
         send(&mut self.lock(), "start")?;
         self.wait_ready(log_from)
@@ -524,7 +550,7 @@ impl DevCluster {
     fn conninfo(&self, db: &str, user: &str) -> String {
         format!(
             "host=127.0.0.1 port={} user={} dbname={}",
-            self.port,
+            self.port(),
             conninfo_quote(user),
             conninfo_quote(db)
         )
@@ -778,7 +804,7 @@ impl DevCluster {
             }
             if Instant::now() > deadline {
                 return Err(self.timeout(
-                    &format!("PostgreSQL on port {} to accept connections", self.port),
+                    &format!("PostgreSQL on port {} to accept connections", self.port()),
                     READY_TIMEOUT.as_secs(),
                 ));
             }

@@ -230,5 +230,9 @@ mod tests {
         assert!(!standby.is_in_recovery().unwrap());
         standby.psql("ha", "INSERT INTO t VALUES (4)").unwrap();
         assert_eq!(standby.psql("ha", "SELECT sum(x) FROM t").unwrap(), "7\n");
+        // The service address moves to the new primary.
+        standby.restart_on_port(primary.port()).unwrap();
+        assert_eq!(standby.port(), primary.port());
+        assert_eq!(standby.psql("ha", "SELECT sum(x) FROM t").unwrap(), "7\n");
     }
 }
