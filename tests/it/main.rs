@@ -33,3 +33,4 @@ mod snapshot;
 mod state_file;
 mod streaming;
 mod targets;
+mod versions;
