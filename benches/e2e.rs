@@ -9,6 +9,8 @@
 //! postgres writes into a fresh database of the same cluster (create_tables),
 //! nats into a JetStream stream of a nats-server started here, file into a
 //! temporary NDJSON file.
+//! `cargo bench --bench e2e -- SCALE` measures W2 into 1, 3 and 10 HTTP
+//! targets, then with 1, 100,000 and 1,000,000 changes per transaction.
 //!
 //! For each workload a fresh database gets two slots (steward's and
 //! pg_recvlogical's) before the WAL is produced, so both drain exactly the
@@ -127,7 +129,12 @@ fn main() {
         if !filter.is_empty() && !filter.iter().any(|f| f == w.name) {
             continue;
         }
-        runtime.block_on(run_workload(&cluster, w, rows, target));
+        let m = runtime.block_on(run_workload(&cluster, w, rows, target, DEFAULT_SHAPE));
+        println!("| {} ({}) | {}", w.name, w.about, m.cells());
+    }
+    // Not part of the default run: it takes several minutes.
+    if filter.iter().any(|f| f == "SCALE") {
+        runtime.block_on(run_scale(&cluster, rows));
     }
     if filter.is_empty() || filter.iter().any(|f| f == "LATENCY") {
         runtime.block_on(run_latency(&cluster));
@@ -268,7 +275,81 @@ initial = "none"
     let _ = cluster.psql("postgres", &format!("DROP DATABASE {db} WITH (FORCE)"));
 }
 
-async fn run_workload(cluster: &DevCluster, w: &Workload, rows: u64, target: TargetType) {
+/// How a workload's WAL is shaped: changes per transaction, and how many
+/// targets (each its own HTTP receiver) take every event.
+#[derive(Clone, Copy)]
+struct Shape {
+    rows_per_txn: u64,
+    targets: usize,
+}
+
+const DEFAULT_SHAPE: Shape = Shape {
+    rows_per_txn: ROWS_PER_TXN,
+    targets: 1,
+};
+
+/// The SCALE phase: W2 against the number of targets, then against the
+/// transaction size, each as one row of a table.
+async fn run_scale(cluster: &DevCluster, rows: u64) {
+    println!();
+    println!("| targets | changes per transaction | events per target | steward events/s per target | pg_recvlogical rows/s | ratio | steward peak RSS |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    let w2 = &WORKLOADS[1];
+    for targets in [1, 3, 10] {
+        let shape = Shape {
+            rows_per_txn: ROWS_PER_TXN,
+            targets,
+        };
+        let m = run_workload(cluster, w2, rows, TargetType::Http, shape).await;
+        println!("| {targets} | {ROWS_PER_TXN} | {}", m.cells());
+    }
+    // One change per transaction costs a psql round trip each to produce:
+    // a tenth of the rows.
+    for (rows_per_txn, rows) in [
+        (1, rows / 10),
+        (100_000, rows.max(100_000)),
+        (1_000_000, 1_000_000),
+    ] {
+        let shape = Shape {
+            rows_per_txn,
+            targets: 1,
+        };
+        let m = run_workload(cluster, w2, rows, TargetType::Http, shape).await;
+        println!("| 1 | {rows_per_txn} | {}", m.cells());
+    }
+}
+
+/// One run's figures: events delivered per target, their rate, the rate at
+/// which pg_recvlogical decoded the same WAL, and steward's peak RSS.
+struct Measured {
+    events: usize,
+    steward_rate: f64,
+    recv_rate: f64,
+    ratio: f64,
+    peak_rss_mib: f64,
+}
+
+impl Measured {
+    /// The figures as the last cells of a Markdown table row.
+    fn cells(&self) -> String {
+        format!(
+            "{} | {:.0} | {:.0} | {:.2} | {:.1} MiB |",
+            self.events, self.steward_rate, self.recv_rate, self.ratio, self.peak_rss_mib
+        )
+    }
+}
+
+async fn run_workload(
+    cluster: &DevCluster,
+    w: &Workload,
+    rows: u64,
+    target: TargetType,
+    shape: Shape,
+) -> Measured {
+    assert!(
+        shape.targets == 1 || target == TargetType::Http,
+        "several targets are measured with HTTP receivers only"
+    );
     let db = format!("bench_{}", w.name.to_lowercase());
     cluster.create_database(&db).expect("create database");
     cluster.load_odoo_fixture(&db).expect("fixture");
@@ -288,13 +369,18 @@ async fn run_workload(cluster: &DevCluster, w: &Workload, rows: u64, target: Tar
              SELECT pg_create_logical_replication_slot('recvlogical_bench', 'pgoutput');",
         )
         .expect("slots");
-    for start in (0..rows).step_by(ROWS_PER_TXN as usize) {
-        cluster
-            .psql(
-                &db,
-                &format!("BEGIN; {}; COMMIT;", (w.txn)(start, ROWS_PER_TXN)),
-            )
-            .expect("workload");
+    // Up to 10,000 rows' worth of transactions per psql call.
+    let txns_per_call = (10_000 / shape.rows_per_txn).max(1);
+    let starts: Vec<u64> = (0..rows).step_by(shape.rows_per_txn as usize).collect();
+    for call in starts.chunks(txns_per_call as usize) {
+        let script: String = call
+            .iter()
+            .map(|&start| {
+                let n = shape.rows_per_txn.min(rows - start);
+                format!("BEGIN; {}; COMMIT;\n", (w.txn)(start, n))
+            })
+            .collect();
+        cluster.psql(&db, &script).expect("workload");
     }
     let end_lsn = cluster
         .psql(&db, "SELECT pg_current_wal_lsn()")
@@ -332,7 +418,11 @@ async fn run_workload(cluster: &DevCluster, w: &Workload, rows: u64, target: Tar
     let recvlogical = started.elapsed();
 
     // steward: as a separate process, so its peak RSS is its own.
-    let receiver = Receiver::start_counting().await.expect("receiver");
+    let mut receivers = Vec::new();
+    for _ in 0..shape.targets {
+        receivers.push(Receiver::start_counting().await.expect("receiver"));
+    }
+    let receiver = &receivers[0];
     let dir = tempfile::tempdir().expect("tempdir");
     let target_db = format!("{db}_target");
     let mut nats: Option<std::process::Child> = None;
@@ -392,17 +482,26 @@ listen = ""
 [entities.product]
 table = "product_template"
 fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom_id = "uom_id", active = "active" }}
-[targets.bench]
-{target_section}
-entities = ["product"]
-batch_max_events = 1000
-# The WAL is what is measured: no initial snapshot.
-initial = "none"
-"#,
+{targets}"#,
             url = cluster.url(&db),
             state = dir.path().join("steward.redb").display(),
             // e.g. STEWARD_BENCH_STATE="commit_max_events = 5000" to try a setting.
             state_extra = std::env::var("STEWARD_BENCH_STATE").unwrap_or_default(),
+            targets = (0..shape.targets)
+                .map(|i| {
+                    let section = match target {
+                        TargetType::Http => {
+                            format!("type = \"http\"\nurl = \"{}\"", receivers[i].url())
+                        }
+                        _ => target_section.clone(),
+                    };
+                    // The WAL is what is measured: no initial snapshot.
+                    format!(
+                        "[targets.bench{}]\n{section}\nentities = [\"product\"]\nbatch_max_events = 1000\ninitial = \"none\"\n",
+                        if i == 0 { String::new() } else { i.to_string() }
+                    )
+                })
+                .collect::<String>(),
         ),
     )
     .expect("config");
@@ -431,9 +530,13 @@ initial = "none"
     };
     let delivered = match target {
         TargetType::Http => loop {
-            let n = receiver
-                .wait_for_events(expected, Duration::from_millis(250))
-                .await;
+            let mut n = usize::MAX;
+            for r in &receivers {
+                n = n.min(
+                    r.wait_for_events(expected, Duration::from_millis(250))
+                        .await,
+                );
+            }
             if n >= expected || Instant::now() >= deadline {
                 break n;
             }
@@ -510,18 +613,13 @@ initial = "none"
         dir.path().display()
     );
 
-    let steward_rate = expected as f64 / elapsed.as_secs_f64();
-    let recv_rate = expected as f64 / recvlogical.as_secs_f64();
-    println!(
-        "| {} ({}) | {} | {:.0} | {:.0} | {:.2} | {:.1} MiB |",
-        w.name,
-        w.about,
-        expected,
-        steward_rate,
-        recv_rate,
-        recvlogical.as_secs_f64() / elapsed.as_secs_f64(),
-        peak_rss as f64 / 1024.0
-    );
+    let measured = Measured {
+        events: expected,
+        steward_rate: expected as f64 / elapsed.as_secs_f64(),
+        recv_rate: expected as f64 / recvlogical.as_secs_f64(),
+        ratio: recvlogical.as_secs_f64() / elapsed.as_secs_f64(),
+        peak_rss_mib: peak_rss as f64 / 1024.0,
+    };
     if let Some(mut nats) = nats {
         let _ = nats.kill();
         let _ = nats.wait();
@@ -535,6 +633,7 @@ initial = "none"
         // The state file and steward.log, for looking into a slow run.
         eprintln!("kept {}", dir.keep().display());
     }
+    measured
 }
 
 /// The steward binary, under `STEWARD_BENCH_WRAPPER` if set: e.g.

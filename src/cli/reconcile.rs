@@ -254,12 +254,12 @@ pub(super) fn print(lines: &[ReconcileLine], json: bool) -> anyhow::Result<()> {
     for l in lines {
         let mut line = format!(
             "{:<16} {:<16} {:>10} {:>10} {:>10} {:>10}",
-            l.target, l.entity, l.checked, l.equal, l.resent, l.deleted
+            l.target, l.entity, l.counts.checked, l.counts.equal, l.counts.resent, l.counts.deleted
         );
         if deep {
             line.push_str(&format!(
                 " {:>10} {:>10} {:>10} {:>12}",
-                l.changed, l.missing, l.extra, l.unrepairable
+                l.counts.changed, l.counts.missing, l.counts.extra, l.counts.unrepairable
             ));
         }
         if l.dry_run {

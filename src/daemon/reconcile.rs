@@ -326,22 +326,8 @@ pub struct ReconcileLine {
     #[serde(default)]
     pub deep: bool,
     pub done: bool,
-    pub checked: u64,
-    pub equal: u64,
-    pub resent: u64,
-    pub deleted: u64,
-    /// Deep: rows changed at the target.
-    #[serde(default)]
-    pub changed: u64,
-    /// Deep: rows missing (or marked deleted) at the target.
-    #[serde(default)]
-    pub missing: u64,
-    /// Deep: rows the target should not hold.
-    #[serde(default)]
-    pub extra: u64,
-    /// Deep: rows differing that the target's version guard refuses.
-    #[serde(default)]
-    pub unrepairable: u64,
+    #[serde(flatten)]
+    pub counts: ReconcileCounts,
     pub finished_at: Option<String>,
     pub last_error: Option<String>,
 }
@@ -362,14 +348,7 @@ impl ReconcileLine {
             dry_run,
             deep,
             done,
-            checked: c.checked,
-            equal: c.equal,
-            resent: c.resent,
-            deleted: c.deleted,
-            changed: c.changed,
-            missing: c.missing,
-            extra: c.extra,
-            unrepairable: c.unrepairable,
+            counts: *c,
             finished_at: None,
             last_error: None,
         }

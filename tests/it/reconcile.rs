@@ -206,21 +206,7 @@ async fn repair_of_two_targets_reads_the_table_once_and_counts_each_target() {
     steward(&["repair"], &cfg);
     let before = (wms.accepted_count(), mes.accepted_count());
     let child = Child::run(&cfg, &db.dir.path().join("steward.log"));
-    let mut lines = Vec::new();
-    wait_until("both reconciliations finish", WAIT, || {
-        let v = daemon_status(&cfg);
-        lines = v["snapshots"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter(|s| s["reconcile"] == true)
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
-        lines.len() == 2 && lines.iter().all(|l| l["phase"] == "done")
-    })
-    .await;
+    let lines = reconciliations_done(&cfg, 2, WAIT).await;
     let line = |target: &str| {
         lines
             .iter()
@@ -374,28 +360,7 @@ async fn kill_9_mid_reconcile_resumes_and_finishes() {
     steward(&["repair"], &cfg);
 
     let log = db.dir.path().join("steward.log");
-    std::env::set_var("STEWARD_SNAPSHOT_CHUNK_ROWS", "500");
-    let child = Child::run(&cfg, &log);
-    let deadline = Instant::now() + WAIT;
-    loop {
-        assert!(Instant::now() < deadline, "no reconciliation progress");
-        let v = daemon_status(&cfg);
-        let line = v["snapshots"]
-            .as_array()
-            .and_then(|a| a.iter().find(|s| s["reconcile"] == true).cloned())
-            .unwrap_or(Value::Null);
-        if v["daemon"]["running"] == true && line["rows_done"].as_u64().unwrap_or(0) >= 5_000 {
-            assert_ne!(
-                line["phase"], "done",
-                "finished before the kill; make it larger"
-            );
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    child.kill9();
-    let child = Child::run(&cfg, &log);
-    std::env::remove_var("STEWARD_SNAPSHOT_CHUNK_ROWS");
+    let child = kill_9_mid_reconcile(&cfg, &log).await;
     let line = reconciled(&cfg).await;
     assert_eq!(
         line["segments"], 2,
@@ -470,25 +435,7 @@ async fn gap_repair_at_scale() {
     let (wms_before, mes_before) = (wms.accepted_count(), mes.accepted_count());
     let started = Instant::now();
     let daemon = InProcess::start(steward_sinks::config::load(&cfg).unwrap());
-    let mut lines = Vec::new();
-    wait_until(
-        "both reconciliations finish",
-        Duration::from_secs(1800),
-        || {
-            let v = daemon_status(&cfg);
-            lines = v["snapshots"]
-                .as_array()
-                .map(|a| {
-                    a.iter()
-                        .filter(|s| s["reconcile"] == true)
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default();
-            lines.len() == 2 && lines.iter().all(|l| l["phase"] == "done")
-        },
-    )
-    .await;
+    let lines = reconciliations_done(&cfg, 2, Duration::from_secs(1800)).await;
     let took = started.elapsed();
     wait_until("the differences arrive", WAIT, || {
         wms.accepted_count() >= wms_before + changed && mes.accepted_count() >= mes_before + changed
@@ -956,26 +903,7 @@ async fn kill_9_mid_deep_reconcile_resumes_and_repairs_everything() {
     let out = steward(&["reconcile", "--target", "mirror", "--deep"], &cfg);
     assert!(String::from_utf8_lossy(&out.stdout).contains("deeply reconciled"));
 
-    let child = Child::run_with_env(&cfg, &log, &[("STEWARD_SNAPSHOT_CHUNK_ROWS", "500")]);
-    let deadline = Instant::now() + WAIT;
-    loop {
-        assert!(Instant::now() < deadline, "no reconciliation progress");
-        let v = daemon_status(&cfg);
-        let line = v["snapshots"]
-            .as_array()
-            .and_then(|a| a.iter().find(|s| s["reconcile"] == true).cloned())
-            .unwrap_or(Value::Null);
-        if v["daemon"]["running"] == true && line["rows_done"].as_u64().unwrap_or(0) >= 5_000 {
-            assert_ne!(
-                line["phase"], "done",
-                "finished before the kill; make it larger"
-            );
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    child.kill9();
-    let child = Child::run(&cfg, &log);
+    let child = kill_9_mid_reconcile(&cfg, &log).await;
     let line = reconciled(&cfg).await;
     assert_eq!(
         line["segments"], 2,
@@ -995,4 +923,50 @@ async fn kill_9_mid_deep_reconcile_resumes_and_repairs_everything() {
     let last = reconcile_json(&cfg, &["--deep"]);
     assert_eq!(deep_counts(&last), [n, n, 0, 0, 0, 0, 0, 0], "{last}");
     assert!(child.terminate().success());
+}
+
+/// Starts the daemon with small snapshot chunks, kills it with SIGKILL once
+/// its pending reconciliation has done 5,000 rows but not all, and starts it
+/// again.
+async fn kill_9_mid_reconcile(cfg: &Path, log: &Path) -> Child {
+    let child = Child::run_with_env(cfg, log, &[("STEWARD_SNAPSHOT_CHUNK_ROWS", "500")]);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        assert!(Instant::now() < deadline, "no reconciliation progress");
+        let v = daemon_status(cfg);
+        let line = v["snapshots"]
+            .as_array()
+            .and_then(|a| a.iter().find(|s| s["reconcile"] == true).cloned())
+            .unwrap_or(Value::Null);
+        if v["daemon"]["running"] == true && line["rows_done"].as_u64().unwrap_or(0) >= 5_000 {
+            assert_ne!(
+                line["phase"], "done",
+                "finished before the kill; make it larger"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill9();
+    Child::run(cfg, log)
+}
+
+/// The status lines of the daemon's reconciliations once there are `n` and
+/// all are done.
+async fn reconciliations_done(cfg: &Path, n: usize, timeout: Duration) -> Vec<Value> {
+    let mut lines = Vec::new();
+    wait_until("the reconciliations finish", timeout, || {
+        lines = daemon_status(cfg)["snapshots"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|s| s["reconcile"] == true)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        lines.len() == n && lines.iter().all(|l| l["phase"] == "done")
+    })
+    .await;
+    lines
 }

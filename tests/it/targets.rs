@@ -32,6 +32,17 @@ fn config_with(db: &TestDb, target: &str) -> Config {
     db.config(&text)
 }
 
+/// A PostgreSQL target of products into `mdm.product` of the test database.
+fn mdm_product_sink(db: &TestDb) -> AnySink {
+    sink(&config_with(
+        db,
+        &format!(
+            "type = \"postgres\"\nurl = \"{}\"\nentities = [\"product\"]\nschema = \"mdm\"\ncreate_tables = true",
+            db.url()
+        ),
+    ))
+}
+
 fn sink(config: &Config) -> AnySink {
     steward_sinks::build(&config.targets[0], config).unwrap_or_else(|e| panic!("sink builds: {e}"))
 }
@@ -80,14 +91,7 @@ async fn wait_streaming(db: &TestDb) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_rows_never_regress_under_reordering_and_replay() {
     let db = TestDb::new("pg_guard");
-    let config = config_with(
-        &db,
-        &format!(
-            "type = \"postgres\"\nurl = \"{}\"\nentities = [\"product\"]\nschema = \"mdm\"\ncreate_tables = true",
-            db.url()
-        ),
-    );
-    let mut pg = sink(&config);
+    let mut pg = mdm_product_sink(&db);
     let row = |key: &str| {
         db.sql(&format!(
             "SELECT _version, _deleted, price, sku #>> '{{}}', coalesce(name::text, 'NULL') FROM mdm.product WHERE _key = '{key}'"
@@ -184,14 +188,7 @@ async fn postgres_rows_never_regress_under_reordering_and_replay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_columns_equal_the_server_parse_of_each_document() {
     let db = TestDb::new("pg_jsonb");
-    let config = config_with(
-        &db,
-        &format!(
-            "type = \"postgres\"\nurl = \"{}\"\nentities = [\"product\"]\nschema = \"mdm\"\ncreate_tables = true",
-            db.url()
-        ),
-    );
-    let mut pg = sink(&config);
+    let mut pg = mdm_product_sink(&db);
     let docs = [
         r#"{"sku":"Ünïcødé \"quoted\" \\ back\nline \u00e9 \ud83d\ude00","price":12345678901234567890.123456789,"name":{"en_US":"x","fr_FR":null},"active":true,"extra":[1,2,{"a":[]}]}"#,
         r#"{"sku":"","price":-1.5e-7,"name":"plain","active":false,"uom_id":null}"#,
