@@ -17,6 +17,7 @@ mod delivery;
 mod failover;
 mod faults;
 mod governance;
+mod ha;
 mod locks;
 mod one_gate;
 mod operations;
