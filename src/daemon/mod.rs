@@ -378,6 +378,15 @@ async fn run_open(
                         _ = tokio::time::sleep(delay) => {}
                     }
                 }
+                Err(e @ SourceError::SlotDropped { .. }) => {
+                    break Err(setup::explain_slot_dropped(
+                        &config.source,
+                        &store,
+                        committer.durable(),
+                        anyhow::Error::from(e),
+                    )
+                    .await)
+                }
                 Err(e) => break Err(anyhow::Error::from(e)),
             },
         }

@@ -33,6 +33,85 @@ const TRACKING_META: &str = "snapshot.tracking";
 /// confirmed position at the restore, the version of the deletes it sends.
 /// Empty once done.
 pub(super) const RESTORE_REPAIR_META: &str = "restore.repair";
+/// Meta key: the server's timeline when steward last started streaming. A
+/// newer timeline on a server without the slot means a promoted standby.
+pub(super) const TIMELINE_META: &str = "timeline";
+
+/// The refusal when steward had streamed up to `checkpoint` but its slot is
+/// not on the server it reached. `timeline` is the server's now,
+/// `streamed_on` the one steward last streamed on (unknown for state files
+/// from before it was recorded; a timeline above 1 is then taken as a sign).
+pub(super) fn missing_slot_refusal(
+    slot: &str,
+    checkpoint: Lsn,
+    timeline: u32,
+    streamed_on: Option<u32>,
+    state_path: &std::path::Path,
+) -> String {
+    let fix = format!(
+        "Stop steward, run `steward repair -c FILE` (recreates the slot on this server and sends \
+         each target only the records that differ) or `steward reset --all -c FILE` (recreates the \
+         slot and sends every target a fresh snapshot), then start it; or move the state file {} \
+         aside and start steward (targets then receive only changes from the new slot onward)",
+        state_path.display()
+    );
+    let promoted = match streamed_on {
+        Some(before) => timeline > before,
+        None => timeline > 1,
+    };
+    if promoted {
+        let since = streamed_on.map_or_else(
+            || "steward has no record of the timeline it streamed on".to_string(),
+            |t| format!("steward last streamed on timeline {t}"),
+        );
+        format!(
+            "the replication slot '{slot}' is gone: it does not exist on this server, which is on \
+             timeline {timeline} ({since}), so the server is a promoted standby (a failover \
+             happened) or was restored from a backup. Replication slots are not copied to standbys \
+             unless they are failover slots (PostgreSQL 17 and later), so the slot stayed on the \
+             old primary, and the changes since steward's checkpoint {checkpoint} cannot be \
+             streamed from here. {fix}"
+        )
+    } else {
+        format!(
+            "the replication slot '{slot}' no longer exists, but steward had streamed up to \
+             {checkpoint}: changes made since then may never reach the targets. Someone dropped \
+             the slot, or the server was rebuilt. {fix}"
+        )
+    }
+}
+
+/// What to say when a running session finds its slot gone: after a
+/// reconnect to a promoted standby (an address that moved), the failover
+/// refusal; otherwise `dropped` (someone dropped the slot).
+pub(super) async fn explain_slot_dropped(
+    source: &steward_core::config::SourceConfig,
+    store: &Store,
+    checkpoint: Lsn,
+    dropped: anyhow::Error,
+) -> anyhow::Error {
+    let Ok(mut client) = ReplicationClient::connect(source).await else {
+        return dropped;
+    };
+    let Ok(identity) = client.identify_system().await else {
+        return dropped;
+    };
+    let streamed_on = store
+        .get_meta(TIMELINE_META)
+        .ok()
+        .flatten()
+        .and_then(|t| t.parse::<u32>().ok());
+    match streamed_on {
+        Some(before) if identity.timeline > before => anyhow::anyhow!(missing_slot_refusal(
+            &source.slot,
+            checkpoint,
+            identity.timeline,
+            streamed_on,
+            store.path(),
+        )),
+        _ => dropped,
+    }
+}
 
 pub(super) async fn prepare(
     config: &Config,
@@ -146,15 +225,18 @@ pub(super) async fn prepare(
         }
         None => {
             if let Some(checkpoint) = checkpoint {
+                let streamed_on = store
+                    .get_meta(TIMELINE_META)?
+                    .and_then(|t| t.parse::<u32>().ok());
                 bail!(
-                    "the replication slot '{}' no longer exists, but steward had streamed up to {checkpoint}: \
-                     changes made since then may never reach the targets. Someone dropped the slot, or the \
-                     server was rebuilt. To recover, run `steward repair -c FILE` (recreates the slot and \
-                     sends each target only the records that differ), `steward reset --all -c FILE` \
-                     (recreates the slot and sends every target a fresh snapshot), or move the state file {} aside and restart steward \
-                     (targets then receive only changes from the new slot onward)",
-                    source.slot,
-                    store.path().display()
+                    "{}",
+                    missing_slot_refusal(
+                        &source.slot,
+                        checkpoint,
+                        identity.timeline,
+                        streamed_on,
+                        store.path()
+                    )
                 );
             }
             let pending = store
@@ -181,6 +263,7 @@ pub(super) async fn prepare(
         }
     }
     drop(replication);
+    store.set_meta(TIMELINE_META, &identity.timeline.to_string())?;
     // Planned (or not needed): the mark has done its work.
     if store.get_meta(BACKUP_META)?.is_some_and(|m| !m.is_empty()) {
         store.set_meta(BACKUP_META, "")?;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use steward_devkit::receiver::Receiver;
+use steward_devkit::DevCluster;
 use support::{final_state, wait_until, InProcess, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -37,7 +38,12 @@ fn events_of<'a>(events: &'a [Value], entity: &str) -> Vec<&'a Value> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changes_on_several_odoo_tables_arrive_as_cloudevents_in_commit_order() {
-    let db = TestDb::new("several_tables");
+    several_tables_in_commit_order(support::cluster()).await;
+}
+
+/// The scenario on any cluster; `versions` runs it per PostgreSQL major.
+pub(crate) async fn several_tables_in_commit_order(pg: &'static DevCluster) {
+    let db = TestDb::on(pg, "several_tables");
     let wms = Receiver::start().await.unwrap();
     let config = db.config(&db.config_text(&[(
         "wms",
@@ -223,7 +229,12 @@ async fn a_dead_target_does_not_stop_the_others_and_catches_up_when_it_returns()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_resumes_from_the_checkpoint_without_gaps() {
-    let db = TestDb::new("restart");
+    restart_resumes_without_gaps(support::cluster()).await;
+}
+
+/// The scenario on any cluster; `versions` runs it per PostgreSQL major.
+pub(crate) async fn restart_resumes_without_gaps(pg: &'static DevCluster) {
+    let db = TestDb::on(pg, "restart");
     let wms = Receiver::start().await.unwrap();
     let text = db.config_text(&[("wms", &wms.url(), &["product", "partner"])]);
     let daemon = InProcess::start(db.config(&text));
@@ -618,7 +629,7 @@ async fn assert_equals_database(
 async fn kill_9_at_random_moments_loses_nothing() {
     let steps = env_or("STEWARD_KILL9_STEPS", 300);
     let kills = env_or("STEWARD_KILL9_KILLS", 6);
-    kill9_suite(steps, kills, 1).await;
+    kill9_suite(support::cluster(), steps, kills, 1).await;
 }
 
 /// The crash suite with four batches in flight per target: batches finish
@@ -627,7 +638,7 @@ async fn kill_9_at_random_moments_loses_nothing() {
 async fn kill_9_with_four_batches_in_flight_loses_nothing() {
     let steps = env_or("STEWARD_KILL9_STEPS", 200);
     let kills = env_or("STEWARD_KILL9_KILLS", 5);
-    kill9_suite(steps, kills, 4).await;
+    kill9_suite(support::cluster(), steps, kills, 4).await;
 }
 
 /// The crash suite, long: `cargo test --release --test pipeline -- --ignored kill_9 --nocapture`.
@@ -635,6 +646,7 @@ async fn kill_9_with_four_batches_in_flight_loses_nothing() {
 #[ignore = "long: 5,000 transactions and 200 kills"]
 async fn kill_9_two_hundred_times_loses_nothing() {
     kill9_suite(
+        support::cluster(),
         env_or("STEWARD_KILL9_STEPS", 5000),
         env_or("STEWARD_KILL9_KILLS", 200),
         env_or("STEWARD_KILL9_IN_FLIGHT", 1),
@@ -653,8 +665,13 @@ fn env_or(name: &str, default: u32) -> u32 {
 /// instants, two targets (HTTP and PostgreSQL). Afterwards every change was
 /// delivered at least once, no id ever carried different content, and both
 /// targets' final state equals the database field by field.
-async fn kill9_suite(steps: u32, kills: u32, max_in_flight: u32) {
-    let db = TestDb::new("kill9");
+pub(crate) async fn kill9_suite(
+    pg: &'static DevCluster,
+    steps: u32,
+    kills: u32,
+    max_in_flight: u32,
+) {
+    let db = TestDb::on(pg, "kill9");
     let wms = Receiver::start().await.unwrap();
     let all = ["product", "partner", "uom", "workcenter", "bom"];
     // The workload changes uom rounding: map it too.
@@ -680,9 +697,7 @@ async fn kill9_suite(steps: u32, kills: u32, max_in_flight: u32) {
         let name = db.name.clone();
         tokio::task::spawn_blocking(move || {
             for i in 0..steps {
-                support::cluster()
-                    .psql(&name, &workload_step(i).0)
-                    .expect("workload step");
+                pg.psql(&name, &workload_step(i).0).expect("workload step");
             }
         })
     };
@@ -904,7 +919,12 @@ fn lsn_field(report: &Value, section: &str, field: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_reports_slot_lag_and_targets_whether_or_not_the_daemon_runs() {
-    let db = TestDb::new("status");
+    status_reports_slot_and_targets(support::cluster()).await;
+}
+
+/// The scenario on any cluster; `versions` runs it per PostgreSQL major.
+pub(crate) async fn status_reports_slot_and_targets(pg: &'static DevCluster) {
+    let db = TestDb::on(pg, "status");
     let wms = Receiver::start().await.unwrap();
     wms.stop().await;
     let path = db.write_config(&db.config_text(&[("wms", &wms.url(), &["product"])]));

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use steward_devkit::receiver::Receiver;
+use steward_devkit::DevCluster;
 use support::{db_prices, final_state, free_port, wait_until, Steward, TestDb};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -80,7 +81,12 @@ fn some_product(db: &TestDb) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_added_column_keeps_the_pipeline_running_and_a_reload_can_map_it() {
-    let db = TestDb::new("schema_add");
+    added_column_keeps_running(support::cluster()).await;
+}
+
+/// The scenario on any cluster; `versions` runs it per PostgreSQL major.
+pub(crate) async fn added_column_keeps_running(pg: &'static DevCluster) {
+    let db = TestDb::on(pg, "schema_add");
     let wms = Receiver::start().await.unwrap();
     let text = db.config_text(&[("wms", &wms.url(), &["product", "uom"])]);
     let config = db.write_config(&text);
@@ -164,7 +170,12 @@ async fn an_added_column_keeps_the_pipeline_running_and_a_reload_can_map_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_mapped_column_stops_only_its_entity_and_its_return_resnapshots_it() {
-    let db = TestDb::new("schema_drop");
+    dropped_column_stops_its_entity_and_returns(support::cluster()).await;
+}
+
+/// The scenario on any cluster; `versions` runs it per PostgreSQL major.
+pub(crate) async fn dropped_column_stops_its_entity_and_returns(pg: &'static DevCluster) {
+    let db = TestDb::on(pg, "schema_drop");
     let wms = Receiver::start().await.unwrap();
     let port = free_port();
     let text = TestDb::with_metrics(

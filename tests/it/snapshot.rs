@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use steward_devkit::receiver::Receiver;
+use steward_devkit::DevCluster;
 use support::{daemon_status, db_prices, target_prices, wait_until, Child, InProcess, TestDb};
 
 const WAIT: Duration = Duration::from_secs(120);
@@ -68,6 +69,7 @@ fn status_json(config: &Path) -> Value {
 
 /// Runs a stream of single-row price updates until `stop` flips.
 fn spawn_writer(
+    pg: &'static DevCluster,
     db_name: String,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> std::thread::JoinHandle<u32> {
@@ -75,16 +77,15 @@ fn spawn_writer(
         let mut n = 0u32;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             let id = 100000 + (n * 7919) % 20000 + 1;
-            support::cluster()
-                .psql(
-                    &db_name,
-                    &format!(
-                        "UPDATE product_template SET list_price = list_price + 1000 WHERE id = {id}; \
+            pg.psql(
+                &db_name,
+                &format!(
+                    "UPDATE product_template SET list_price = list_price + 1000 WHERE id = {id}; \
                          UPDATE product_template SET list_price = list_price + 1 WHERE id = {}",
-                        100000 + (n * 31) % 20000 + 1
-                    ),
-                )
-                .expect("update");
+                    100000 + (n * 31) % 20000 + 1
+                ),
+            )
+            .expect("update");
             n += 1;
         }
         n
@@ -93,7 +94,12 @@ fn spawn_writer(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initial_snapshot_is_consistent_with_concurrent_writes() {
-    let db = TestDb::new("snap_consistent");
+    snapshot_consistent_with_concurrent_writes(support::cluster()).await;
+}
+
+/// The scenario on any cluster; `versions` runs it per PostgreSQL major.
+pub(crate) async fn snapshot_consistent_with_concurrent_writes(pg: &'static DevCluster) {
+    let db = TestDb::on(pg, "snap_consistent");
     add_products(&db, 20000);
     let wms = Receiver::start().await.unwrap();
     let cfg = db.write_config(&snapshot_config(
@@ -101,7 +107,7 @@ async fn initial_snapshot_is_consistent_with_concurrent_writes() {
         &[("wms", &wms.url(), &["product", "uom"], "snapshot")],
     ));
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = spawn_writer(db.name.clone(), stop.clone());
+    let writer = spawn_writer(pg, db.name.clone(), stop.clone());
     let daemon = InProcess::start(steward_sinks::config::load(&cfg).unwrap());
     // Writes go on during the snapshot and a little after it.
     wait_until("the snapshot rows arrive", WAIT, || {
@@ -178,7 +184,7 @@ async fn reset_of_one_target_while_another_keeps_receiving() {
     );
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = spawn_writer(db.name.clone(), stop.clone());
+    let writer = spawn_writer(db.cluster(), db.name.clone(), stop.clone());
     wait_until("erp receives streamed changes", WAIT, || {
         erp.accepted_count() > 10
     })
@@ -335,7 +341,12 @@ async fn kill_9_mid_snapshot_resumes_from_the_last_chunk() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slot_dropped_while_running_stops_with_the_fix_and_reset_all_recovers() {
-    let db = TestDb::new("snap_dropped");
+    dropped_slot_stops_and_reset_all_recovers(support::cluster()).await;
+}
+
+/// The scenario on any cluster; `versions` runs it per PostgreSQL major.
+pub(crate) async fn dropped_slot_stops_and_reset_all_recovers(pg: &'static DevCluster) {
+    let db = TestDb::on(pg, "snap_dropped");
     let wms = Receiver::start().await.unwrap();
     let cfg = db.write_config(&snapshot_config(
         &db,
@@ -361,7 +372,7 @@ async fn a_slot_dropped_while_running_stops_with_the_fix_and_reset_all_recovers(
     let slot = format!("steward_{}", db.name);
     let mut dropped = false;
     for _ in 0..50 {
-        let out = support::cluster().psql(
+        let out = pg.psql(
             "postgres",
             &format!(
                 "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = '{slot}' AND active; \

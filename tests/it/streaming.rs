@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use steward_devkit::receiver::Receiver;
+use steward_devkit::DevCluster;
 use support::{final_state, wait_until, InProcess, TestDb};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -19,7 +20,12 @@ const WAIT: Duration = Duration::from_secs(60);
 /// A database whose walsenders stream any transaction over `work_mem` of
 /// changes, with `products` extra products (ids 100001, 100002, ...).
 fn streaming_db(test: &str, products: u32, work_mem: &str) -> TestDb {
-    let db = TestDb::new(test);
+    streaming_db_on(support::cluster(), test, products, work_mem)
+}
+
+/// As [`streaming_db`], on the cluster `pg`.
+fn streaming_db_on(pg: &'static DevCluster, test: &str, products: u32, work_mem: &str) -> TestDb {
+    let db = TestDb::on(pg, test);
     db.sql(&format!(
         "ALTER DATABASE \"{}\" SET logical_decoding_work_mem = '{work_mem}'",
         db.name
@@ -154,7 +160,12 @@ fn ids(events: &[Value]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streamed_transaction_arrives_complete_in_order_once_with_the_unstreamed_ids() {
-    let db = streaming_db("streamed_ids", 3000, "64kB");
+    streamed_transaction_complete_in_order(support::cluster()).await;
+}
+
+/// The scenario on any cluster; `versions` runs it per PostgreSQL major.
+pub(crate) async fn streamed_transaction_complete_in_order(pg: &'static DevCluster) {
+    let db = streaming_db_on(pg, "streamed_ids", 3000, "64kB");
     let partners: usize = db
         .sql("SELECT count(*) FROM res_partner")
         .lines()
@@ -285,7 +296,12 @@ async fn a_streamed_transaction_that_rolls_back_is_never_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_while_a_streamed_transaction_is_half_spilled_loses_nothing() {
-    let db = streaming_db("streamed_kill", 4000, "64kB");
+    kill9_while_half_spilled(support::cluster()).await;
+}
+
+/// The scenario on any cluster; `versions` runs it per PostgreSQL major.
+pub(crate) async fn kill9_while_half_spilled(pg: &'static DevCluster) {
+    let db = streaming_db_on(pg, "streamed_kill", 4000, "64kB");
     let wms = Receiver::start().await.unwrap();
     let config = write_named(&db, "steward.toml", &config_for(&db, &wms.url(), true, ""));
     let log = db.dir.path().join("steward.log");
@@ -295,16 +311,15 @@ async fn kill_9_while_a_streamed_transaction_is_half_spilled_loses_nothing() {
     // The transaction's first half is streamed (and spilled) while it sleeps.
     let name = db.name.clone();
     let txn = tokio::task::spawn_blocking(move || {
-        support::cluster()
-            .psql(
-                &name,
-                "BEGIN; \
+        pg.psql(
+            &name,
+            "BEGIN; \
                  UPDATE product_template SET list_price = 7 WHERE id BETWEEN 100001 AND 102000; \
                  SELECT pg_sleep(4); \
                  UPDATE product_template SET list_price = 8 WHERE id BETWEEN 102001 AND 104000; \
                  COMMIT;",
-            )
-            .unwrap()
+        )
+        .unwrap()
     });
     wait_until("the first half streamed", WAIT, || {
         streamed_bytes(&db, &slot_of(&db)) > 0

