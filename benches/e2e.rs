@@ -295,27 +295,30 @@ async fn run_scale(cluster: &DevCluster, rows: u64) {
     println!("| targets | changes per transaction | events per target | steward events/s per target | pg_recvlogical rows/s | ratio | steward peak RSS |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     let w2 = &WORKLOADS[1];
-    for targets in [1, 3, 10] {
+    // (targets, changes per transaction, rows). One change per transaction
+    // means a commit, with its WAL flush, per row: a tenth of the rows.
+    let shapes = [
+        (1, ROWS_PER_TXN, rows),
+        (3, ROWS_PER_TXN, rows),
+        (10, ROWS_PER_TXN, rows),
+        (1, 1, rows / 10),
+        (1, 100_000, rows.max(100_000)),
+        (1, 1_000_000, 1_000_000),
+    ];
+    // e.g. STEWARD_BENCH_SHAPES="10x1000 1x100000" (targets x changes per
+    // transaction) runs only those.
+    let only = std::env::var("STEWARD_BENCH_SHAPES").unwrap_or_default();
+    for (targets, rows_per_txn, rows) in shapes {
+        let name = format!("{targets}x{rows_per_txn}");
+        if !only.is_empty() && !only.split_whitespace().any(|s| s == name) {
+            continue;
+        }
         let shape = Shape {
-            rows_per_txn: ROWS_PER_TXN,
+            rows_per_txn,
             targets,
         };
         let m = run_workload(cluster, w2, rows, TargetType::Http, shape).await;
-        println!("| {targets} | {ROWS_PER_TXN} | {}", m.cells());
-    }
-    // One change per transaction costs a psql round trip each to produce:
-    // a tenth of the rows.
-    for (rows_per_txn, rows) in [
-        (1, rows / 10),
-        (100_000, rows.max(100_000)),
-        (1_000_000, 1_000_000),
-    ] {
-        let shape = Shape {
-            rows_per_txn,
-            targets: 1,
-        };
-        let m = run_workload(cluster, w2, rows, TargetType::Http, shape).await;
-        println!("| 1 | {rows_per_txn} | {}", m.cells());
+        println!("| {targets} | {rows_per_txn} | {}", m.cells());
     }
 }
 

