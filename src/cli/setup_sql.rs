@@ -152,4 +152,38 @@ entities = ["product", "partner"]
         assert!(!sql.contains("SUPERUSER"));
         assert!(!sql.contains("pg_logical_emit_message"));
     }
+
+    #[test]
+    fn failover_and_standby_settings_are_spelled_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let text = r#"
+[source]
+url = "postgres://steward@db1,db2/odoo?target_session_attrs=read-write"
+failover = true
+heartbeat_url = "postgres://steward@db1/odoo"
+[state]
+path = "s.redb"
+[entities.product]
+table = "product_template"
+fields = { name = "name" }
+[targets.t]
+type = "http"
+url = "http://localhost:1/x"
+entities = ["product"]
+"#;
+        let config = steward_sinks::config::parse(text, &dir.path().join("c.toml"), dir.path())
+            .expect("valid");
+        let sql = script(&config);
+        for needed in [
+            "synchronized_standby_slots",
+            "sync_replication_slots = on",
+            "hot_standby_feedback = on",
+            "primary_slot_name",
+            "dbname=odoo",
+            "target_session_attrs=read-write",
+            "GRANT EXECUTE ON FUNCTION pg_log_standby_snapshot() TO \"steward\";",
+        ] {
+            assert!(sql.contains(needed), "{needed}: {sql}");
+        }
+    }
 }

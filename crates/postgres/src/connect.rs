@@ -795,6 +795,45 @@ mod tests {
         srv.await.unwrap();
     }
 
+    fn closed_port() -> u16 {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    }
+
+    #[tokio::test]
+    async fn no_reachable_host_is_a_transient_error_naming_each() {
+        let mut c = cfg(None);
+        c.host = "127.0.0.1".into();
+        c.port = closed_port();
+        let second = closed_port();
+        c.other_hosts = vec![crate::SourceHost {
+            host: "127.0.0.1".into(),
+            port: second,
+        }];
+        c.target_session_attrs = crate::TargetSessionAttrs::ReadWrite;
+        let e = connect_sql(&c).await.unwrap_err();
+        assert!(matches!(e, WireError::NoSuitableHost { .. }), "{e}");
+        assert!(e.is_transient());
+        let text = e.to_string();
+        assert!(text.contains("target_session_attrs=read-write"), "{text}");
+        assert!(text.contains(&format!("127.0.0.1:{}", c.port)), "{text}");
+        assert!(text.contains(&format!("127.0.0.1:{second}")), "{text}");
+    }
+
+    #[test]
+    fn hosts_refusing_alike_report_their_own_error() {
+        let c = cfg(None);
+        let mut attempts = HostAttempts::new(&c);
+        attempts.failed(&c, WireError::Auth("password authentication failed".into()));
+        attempts.failed(&c, WireError::Auth("password authentication failed".into()));
+        assert!(attempts.into_error().is_auth_failure());
+        let mut attempts = HostAttempts::new(&c);
+        attempts.failed(&c, WireError::Auth("refused".into()));
+        attempts.wrong_role(&c, true);
+        let e = attempts.into_error();
+        assert!(e.to_string().contains("is a standby (in recovery)"), "{e}");
+    }
+
     #[tokio::test]
     async fn unsupported_auth_method() {
         let (client, mut server) = tokio::io::duplex(64 * 1024);
