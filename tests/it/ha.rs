@@ -223,6 +223,9 @@ async fn steward_decodes_from_a_hot_standby_with_heartbeats_on_the_primary() {
         ),
         1,
     );
+    // The initial copy is read from the standby too (the snapshot the slot
+    // exports there).
+    let text = text.replacen("initial = \"none\"", "initial = \"snapshot\"", 1);
     let cfg = db.write_config(&text);
     let daemon = InProcess::start(steward_sinks::config::load(&cfg).unwrap());
     let slot = format!("steward_{}", db.name);
@@ -251,6 +254,18 @@ async fn steward_decodes_from_a_hot_standby_with_heartbeats_on_the_primary() {
         "the slot is on the standby, not on the primary"
     );
 
+    let products: Vec<(String, String)> = db
+        .sql("SELECT id, list_price FROM product_template")
+        .lines()
+        .filter_map(|l| {
+            let (id, price) = l.split_once('|')?;
+            Some((id.to_string(), price.to_string()))
+        })
+        .collect();
+    wait_until("the initial copy arrives", WAIT, || {
+        holds_last(&wms, &products)
+    })
+    .await;
     let mut written = price_round(primary, &db.name, 1);
     written.extend(price_round(primary, &db.name, 2));
     wait_until(
