@@ -338,7 +338,8 @@ pub(super) async fn prepare(
 }
 
 /// Refuses what a failover slot or decoding from a standby cannot do on
-/// this server, and warns where a failover could lose or skip changes.
+/// this server or where a failover could lose or skip changes, and warns
+/// where a standby could lose its slot.
 async fn check_high_availability(
     config: &Config,
     sql: &tokio_postgres::Client,
@@ -387,13 +388,17 @@ async fn check_high_availability(
                 version % 10000
             );
         }
+        // Without it the primary sends steward changes no standby has yet;
+        // after a failover the new primary reuses those positions for other
+        // changes, which steward would then skip as already received.
         let waits_for = slot::setting(sql, "synchronized_standby_slots").await?;
         if waits_for.as_deref().unwrap_or("").is_empty() {
-            tracing::warn!(
+            bail!(
                 "source.failover = true but synchronized_standby_slots is empty on the primary: \
-                 steward can receive changes a standby does not have yet, and a failover to that \
-                 standby then loses them; set synchronized_standby_slots to the standbys' \
-                 physical slots (see `steward setup-sql`)"
+                 steward could receive changes a standby does not have yet, and after a failover \
+                 to that standby it would skip the new primary's changes at those positions; set \
+                 synchronized_standby_slots to the standbys' physical slots (see `steward \
+                 setup-sql`), or set source.failover = false"
             );
         }
     }
