@@ -21,9 +21,6 @@ fn main() -> std::process::ExitCode {
 /// the OS only after a delay, during which the next batch takes fresh pages
 /// (122 MiB without huge pages, 70 MiB with neither). An operator's
 /// `MIMALLOC_PURGE_DELAY` still wins.
-#[cfg(feature = "system-alloc")]
-fn bound_allocator_memory() {}
-
 #[cfg(not(feature = "system-alloc"))]
 fn bound_allocator_memory() {
     /// `mi_option_purge_delay` in mimalloc's `mi_option_t` (libmimalloc-sys
@@ -41,3 +38,7 @@ fn bound_allocator_memory() {
         eprintln!("steward: cannot opt out of transparent huge pages: {e}");
     }
 }
+
+/// The system allocator has neither setting.
+#[cfg(feature = "system-alloc")]
+fn bound_allocator_memory() {}
