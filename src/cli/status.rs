@@ -46,6 +46,9 @@ struct SourceReport {
     server_wal_lsn: Option<String>,
     lag_bytes: Option<u64>,
     wal_status: Option<String>,
+    /// Why PostgreSQL (17+) invalidated the slot, if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    invalidation_reason: Option<String>,
     /// The server steward reads from is a standby (in recovery).
     standby: Option<bool>,
     /// The slot is a failover slot (PostgreSQL 17+).
@@ -224,6 +227,7 @@ async fn source_view(config: &Config) -> SourceReport {
             report.slot_active = Some(info.active);
             report.confirmed_flush_lsn = info.confirmed_flush_lsn.map(|l| l.to_string());
             report.wal_status = info.wal_status.clone();
+            report.invalidation_reason = info.invalidation_reason.clone();
             if let (Ok(current), Some(flushed)) = (&current, info.confirmed_flush_lsn) {
                 report.lag_bytes = Some(current.0.saturating_sub(flushed.0));
             }
@@ -352,9 +356,17 @@ fn print_text(r: &Report) {
             }
             None => println!("slot       unknown: {}", s.error.as_deref().unwrap_or("")),
         }
-        if let Some(advice) =
-            crate::daemon::snapshot::slot_advice(s.slot_exists, s.wal_status.as_deref(), &s.slot)
-        {
+        let advice = match &s.invalidation_reason {
+            Some(reason) => Some(crate::daemon::snapshot::invalidated_slot_advice(
+                reason, &s.slot,
+            )),
+            None => crate::daemon::snapshot::slot_advice(
+                s.slot_exists,
+                s.wal_status.as_deref(),
+                &s.slot,
+            ),
+        };
+        if let Some(advice) = advice {
             println!("           {advice}");
         }
         if s.standby == Some(true) {

@@ -213,6 +213,12 @@ pub(super) async fn prepare(
     let mut initial_snapshot = None;
     match slot::slot_info(&sql, &source.slot).await? {
         Some(info) => {
+            if let Some(reason) = &info.invalidation_reason {
+                bail!(
+                    "{}",
+                    crate::daemon::snapshot::invalidated_slot_advice(reason, &source.slot)
+                );
+            }
             if info.wal_status.as_deref() == Some("lost") {
                 bail!(
                     "{}",

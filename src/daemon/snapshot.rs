@@ -1005,6 +1005,29 @@ pub fn slot_advice(exists: Option<bool>, wal_status: Option<&str>, slot: &str) -
     }
 }
 
+/// What to do about a slot PostgreSQL 17+ marked invalidated, by its
+/// `invalidation_reason`.
+pub fn invalidated_slot_advice(reason: &str, slot: &str) -> String {
+    let why = match reason {
+        "wal_removed" => "the server removed WAL it still needed (raise max_slot_wal_keep_size)",
+        "rows_removed" => {
+            "the primary removed catalog rows it still needed (decoding on a standby needs \
+             hot_standby_feedback = on and a physical slot)"
+        }
+        "wal_level_insufficient" => "the primary's wal_level is below logical",
+        "idle_timeout" => {
+            "it was unused for longer than idle_replication_slot_timeout (raise it, or keep \
+             steward running)"
+        }
+        _ => "see invalidation_reason in pg_replication_slots",
+    };
+    format!(
+        "slot '{slot}' is invalidated ({reason}): {why}; changes since steward last ran may be \
+         missing, so stop steward and run `steward repair -c FILE` (sends each target only what \
+         differs) or `steward reset --all -c FILE` (sends everything), then start it"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

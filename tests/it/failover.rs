@@ -58,6 +58,15 @@ async fn after_a_failover_without_failover_slots_steward_refuses_with_the_fix_an
     .await;
 }
 
+/// Products to one HTTP target, with an initial snapshot.
+fn wms_config(db: &TestDb, wms: &Receiver) -> String {
+    db.config_text(&[]) + &format!(
+        "\n[targets.wms]\ntype = \"http\"\nurl = \"{}\"\nentities = [\"product\"]\ninitial = \"snapshot\"\n\
+         batch_max_events = 5000\nbatch_linger_ms = 5\nretry_initial_ms = 50\nretry_max_ms = 500\ntimeout_ms = 5000\n",
+        wms.url()
+    )
+}
+
 /// The scenario with `primary` of any major; `versions` runs it per major.
 pub(crate) async fn refused_after_failover_and_repaired(primary: DevCluster) {
     // Leaked like the shared cluster (TestDb needs it for the whole test);
@@ -75,12 +84,7 @@ pub(crate) async fn refused_after_failover_and_repaired(primary: DevCluster) {
     let slot = format!("steward_{}", db.name);
 
     let wms = Receiver::start().await.unwrap();
-    let text = db.config_text(&[]) + &format!(
-        "\n[targets.wms]\ntype = \"http\"\nurl = \"{}\"\nentities = [\"product\"]\ninitial = \"snapshot\"\n\
-         batch_max_events = 5000\nbatch_linger_ms = 5\nretry_initial_ms = 50\nretry_max_ms = 500\ntimeout_ms = 5000\n",
-        wms.url()
-    );
-    let cfg = db.write_config(&text);
+    let cfg = db.write_config(&wms_config(&db, &wms));
     let daemon = InProcess::start(steward_sinks::config::load(&cfg).unwrap());
     let snapshot_rows = prices(primary, &db.name).len();
     wait_until("the initial snapshot arrives", WAIT, || {
@@ -142,6 +146,13 @@ pub(crate) async fn refused_after_failover_and_repaired(primary: DevCluster) {
     );
 
     // The repair the message names.
+    let out = steward(&["status"], &cfg);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("slot '{slot}' is invalidated (idle_timeout)")),
+        "{text}"
+    );
+
     let out = steward(&["repair"], &cfg);
     assert!(
         out.status.success(),
@@ -168,5 +179,79 @@ pub(crate) async fn refused_after_failover_and_repaired(primary: DevCluster) {
         target_prices(&wms.accepted_events()) == expected
     })
     .await;
+    daemon.stop().await.unwrap();
+}
+
+/// PostgreSQL 17+ says why a slot was invalidated; steward's refusal names
+/// the reason and the repair. PostgreSQL 18's idle timeout is the one a
+/// test can cause: steward stopped for longer than
+/// `idle_replication_slot_timeout`, then a checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_invalidated_while_steward_was_stopped_is_refused_with_the_reason_and_repaired() {
+    let pg = support::cluster_of(18);
+    let db = TestDb::on(pg, "idle_slot");
+    let wms = Receiver::start().await.unwrap();
+    let cfg = db.write_config(&wms_config(&db, &wms));
+    let slot = format!("steward_{}", db.name);
+    let daemon = InProcess::start(steward_sinks::config::load(&cfg).unwrap());
+    let rows = prices(pg, &db.name).len();
+    wait_until("the initial snapshot arrives", WAIT, || {
+        wms.accepted_count() >= rows
+    })
+    .await;
+    daemon.stop().await.unwrap();
+
+    let invalidated = || {
+        pg.psql(
+            &db.name,
+            &format!(
+                "SELECT coalesce(invalidation_reason, '') FROM pg_replication_slots WHERE slot_name = '{slot}'"
+            ),
+        )
+        .unwrap()
+        .trim()
+        .to_string()
+    };
+    pg.psql(
+        "postgres",
+        "ALTER SYSTEM SET idle_replication_slot_timeout = '1s'; SELECT pg_reload_conf()",
+    )
+    .unwrap();
+    db.sql("UPDATE product_template SET list_price = 33 WHERE id = (SELECT min(id) FROM product_template)");
+    wait_until("the idle slot is invalidated", WAIT, || {
+        std::thread::sleep(Duration::from_millis(1100));
+        let _ = pg.psql("postgres", "CHECKPOINT");
+        invalidated() == "idle_timeout"
+    })
+    .await;
+    pg.psql(
+        "postgres",
+        "ALTER SYSTEM RESET idle_replication_slot_timeout; SELECT pg_reload_conf()",
+    )
+    .unwrap();
+
+    let out = steward(&["run"], &cfg);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "steward ran on an invalidated slot");
+    for needed in [
+        &format!("slot '{slot}' is invalidated (idle_timeout)") as &str,
+        "idle_replication_slot_timeout",
+        "steward repair -c FILE",
+    ] {
+        assert!(text.contains(needed), "{needed:?} missing from:\n{text}");
+    }
+
+    let out = steward(&["repair"], &cfg);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let daemon = InProcess::start(steward_sinks::config::load(&cfg).unwrap());
+    wait_until("the change made meanwhile arrives", WAIT, || {
+        target_prices(&wms.accepted_events()) == prices(pg, &db.name)
+    })
+    .await;
+    assert_eq!(invalidated(), "", "a new slot");
     daemon.stop().await.unwrap();
 }
