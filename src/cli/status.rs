@@ -356,16 +356,12 @@ fn print_text(r: &Report) {
             }
             None => println!("slot       unknown: {}", s.error.as_deref().unwrap_or("")),
         }
-        let advice = match &s.invalidation_reason {
-            Some(reason) => Some(crate::daemon::snapshot::invalidated_slot_advice(
-                reason, &s.slot,
-            )),
-            None => crate::daemon::snapshot::slot_advice(
-                s.slot_exists,
-                s.wal_status.as_deref(),
-                &s.slot,
-            ),
-        };
+        let advice = crate::daemon::snapshot::slot_advice(
+            s.slot_exists,
+            s.wal_status.as_deref(),
+            s.invalidation_reason.as_deref(),
+            &s.slot,
+        );
         if let Some(advice) = advice {
             println!("           {advice}");
         }

@@ -297,8 +297,8 @@ pub fn spawn_heartbeat(config: Config, interval: Duration) -> tokio::task::JoinH
             }
             let Some(client) = sql.as_ref() else { continue };
             if config.source.heartbeat_via.is_none() {
-                match client.query_one("SELECT pg_is_in_recovery()", &[]).await {
-                    Ok(row) if row.get::<_, bool>(0) => {
+                match slot::in_recovery(client).await {
+                    Ok(true) => {
                         if !told_standby {
                             tracing::warn!(
                                 "heartbeat: the source is a standby, which cannot write WAL; no \
@@ -309,7 +309,7 @@ pub fn spawn_heartbeat(config: Config, interval: Duration) -> tokio::task::JoinH
                         }
                         continue;
                     }
-                    Ok(_) => told_standby = false,
+                    Ok(false) => told_standby = false,
                     Err(_) => {
                         sql = None;
                         continue;

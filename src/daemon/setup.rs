@@ -81,6 +81,13 @@ pub(super) fn missing_slot_refusal(
     }
 }
 
+/// The timeline steward last streamed on, if recorded.
+fn streamed_timeline(store: &Store) -> anyhow::Result<Option<u32>> {
+    Ok(store
+        .get_meta(TIMELINE_META)?
+        .and_then(|t| t.parse::<u32>().ok()))
+}
+
 /// What to say when a running session finds its slot gone: after a
 /// reconnect to a promoted standby (an address that moved), the failover
 /// refusal; otherwise `dropped` (someone dropped the slot).
@@ -96,11 +103,7 @@ pub(super) async fn explain_slot_dropped(
     let Ok(identity) = client.identify_system().await else {
         return dropped;
     };
-    let streamed_on = store
-        .get_meta(TIMELINE_META)
-        .ok()
-        .flatten()
-        .and_then(|t| t.parse::<u32>().ok());
+    let streamed_on = streamed_timeline(store).ok().flatten();
     match streamed_on {
         Some(before) if identity.timeline > before => anyhow::anyhow!(missing_slot_refusal(
             &source.slot,
@@ -213,23 +216,23 @@ pub(super) async fn prepare(
     let mut initial_snapshot = None;
     match slot::slot_info(&sql, &source.slot).await? {
         Some(info) => {
-            if let Some(reason) = &info.invalidation_reason {
+            if info.invalidation_reason.is_some() || info.wal_status.as_deref() == Some("lost") {
                 bail!(
                     "{}",
-                    crate::daemon::snapshot::invalidated_slot_advice(reason, &source.slot)
-                );
-            }
-            if info.wal_status.as_deref() == Some("lost") {
-                bail!(
-                    "{}",
-                    crate::daemon::snapshot::slot_advice(Some(true), Some("lost"), &source.slot)
-                        .unwrap_or_default()
+                    crate::daemon::snapshot::slot_advice(
+                        Some(true),
+                        info.wal_status.as_deref(),
+                        info.invalidation_reason.as_deref(),
+                        &source.slot
+                    )
+                    .unwrap_or_default()
                 );
             }
             slot::check_slot_compatible(&info, &database)?;
             if let Some(advice) = crate::daemon::snapshot::slot_advice(
                 Some(true),
                 info.wal_status.as_deref(),
+                None,
                 &source.slot,
             ) {
                 tracing::warn!("{advice}");
@@ -268,9 +271,7 @@ pub(super) async fn prepare(
         }
         None => {
             if let Some(checkpoint) = checkpoint {
-                let streamed_on = store
-                    .get_meta(TIMELINE_META)?
-                    .and_then(|t| t.parse::<u32>().ok());
+                let streamed_on = streamed_timeline(store)?;
                 bail!(
                     "{}",
                     missing_slot_refusal(

@@ -980,7 +980,15 @@ pub fn status_lines(store: &Store) -> Vec<SnapshotStatusLine> {
 }
 
 /// What to tell the operator about the slot's state, if anything is wrong.
-pub fn slot_advice(exists: Option<bool>, wal_status: Option<&str>, slot: &str) -> Option<String> {
+pub fn slot_advice(
+    exists: Option<bool>,
+    wal_status: Option<&str>,
+    invalidation_reason: Option<&str>,
+    slot: &str,
+) -> Option<String> {
+    if let Some(reason) = invalidation_reason {
+        return Some(invalidated_slot_advice(reason, slot));
+    }
     match (exists, wal_status) {
         (Some(false), _) => Some(format!(
             "slot '{slot}' is missing: if steward had streamed before, changes may be lost; \
@@ -1007,7 +1015,7 @@ pub fn slot_advice(exists: Option<bool>, wal_status: Option<&str>, slot: &str) -
 
 /// What to do about a slot PostgreSQL 17+ marked invalidated, by its
 /// `invalidation_reason`.
-pub fn invalidated_slot_advice(reason: &str, slot: &str) -> String {
+fn invalidated_slot_advice(reason: &str, slot: &str) -> String {
     let why = match reason {
         "wal_removed" => "the server removed WAL it still needed (raise max_slot_wal_keep_size)",
         "rows_removed" => {
