@@ -177,7 +177,8 @@ pub fn setup(
     for e in governance.tracked_entities().collect::<Vec<_>>() {
         pipeline.capture_rows(e);
     }
-    governance.load(store.load_governance()?);
+    store.load_governance_into(&mut governance)?;
+    governance.finish_load();
     prune_audit(config, store);
     Ok(governance)
 }

@@ -145,17 +145,57 @@ impl GovDelta {
     }
 }
 
-/// Everything the store (`load_governance`) read back.
+/// Everything the store (`load_governance`) read back, held at once: for
+/// tests and tools. The daemon restores its governance through
+/// [`GovLoader`] instead.
 #[derive(Debug, Default)]
 pub struct GovSnapshot {
     /// Tracked rows: (entity, key, row as a JSON object).
     pub rows: Vec<(String, String, Vec<u8>)>,
     /// [`published_digest`] → document hash.
-    pub published: Vec<PublishedEntry>,
+    pub published: std::collections::BTreeMap<[u8; 16], [u8; 16]>,
     /// Claimed business-key values: (entity, field, normalised value, holder key).
     pub unique: Vec<(String, String, String, String)>,
     /// Records held in quarantine.
     pub quarantine: Vec<QuarantineEntry>,
+}
+
+/// Takes the governance state the store reads back at start, one piece at
+/// a time, so that none of it is in memory twice while it loads: restoring
+/// a million records' published hashes from a copy of them all would need
+/// the copy as well (the store's `load_governance_into`).
+pub trait GovLoader {
+    /// A tracked row: its entity, key and JSON object as bytes.
+    fn row(&mut self, entity: &str, key: &str, row: &[u8]);
+    /// One change of the published state, in the order they were written:
+    /// applying all of them in turn gives the live state.
+    fn published(&mut self, change: PublishedChange);
+    /// A claimed business-key value: entity, field, normalised value, holder key.
+    fn unique(&mut self, entity: &str, field: &str, value: &str, holder: &str);
+    /// A record held in quarantine.
+    fn quarantined(&mut self, entry: QuarantineEntry);
+}
+
+impl GovLoader for GovSnapshot {
+    fn row(&mut self, entity: &str, key: &str, row: &[u8]) {
+        self.rows.push((entity.into(), key.into(), row.to_vec()));
+    }
+
+    fn published(&mut self, (digest, hash): PublishedChange) {
+        match hash {
+            Some(hash) => self.published.insert(digest, hash),
+            None => self.published.remove(&digest),
+        };
+    }
+
+    fn unique(&mut self, entity: &str, field: &str, value: &str, holder: &str) {
+        self.unique
+            .push((entity.into(), field.into(), value.into(), holder.into()));
+    }
+
+    fn quarantined(&mut self, entry: QuarantineEntry) {
+        self.quarantine.push(entry);
+    }
 }
 
 /// One change: the record's digest and its new hash (`None`: no longer published).

@@ -14,7 +14,9 @@ use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use super::tables::{join, open_or_empty};
 use super::{Store, StoreError};
 use steward_core::model::{json, Event, Lsn};
-pub use steward_core::state::{AuditRecord, GovDelta, GovOp, GovSnapshot, QuarantineEntry};
+pub use steward_core::state::{
+    AuditRecord, GovDelta, GovLoader, GovOp, GovSnapshot, QuarantineEntry,
+};
 
 /// `entity \0 key` → the row's columns as a JSON object.
 pub(crate) const GOV_ROWS: TableDefinition<&str, &[u8]> = TableDefinition::new("gov_rows");
@@ -214,8 +216,16 @@ pub trait GovernanceState {
         delta: &GovDelta,
     ) -> Result<Vec<(String, u64)>, StoreError>;
 
-    /// Reads the whole governance state (at start-up).
-    fn load_governance(&self) -> Result<GovSnapshot, StoreError>;
+    /// Reads the whole governance state into `into` (at start-up), one
+    /// row or change at a time.
+    fn load_governance_into(&self, into: &mut dyn GovLoader) -> Result<(), StoreError>;
+
+    /// Reads the whole governance state into one [`GovSnapshot`].
+    fn load_governance(&self) -> Result<GovSnapshot, StoreError> {
+        let mut snap = GovSnapshot::default();
+        self.load_governance_into(&mut snap)?;
+        Ok(snap)
+    }
 
     /// Applies a governance delta outside a source commit (a quarantine
     /// release on a stopped daemon), together with the events it produced.
@@ -238,34 +248,29 @@ impl GovernanceState for Store {
         })
     }
 
-    fn load_governance(&self) -> Result<GovSnapshot, StoreError> {
+    fn load_governance_into(&self, into: &mut dyn GovLoader) -> Result<(), StoreError> {
         self.read(|txn| {
-            let mut snap = GovSnapshot::default();
             if let Some(t) = open_or_empty!(txn, GOV_ROWS) {
                 for item in t.iter()? {
                     let (k, v) = item?;
                     if let [entity, key] = split(k.value())[..] {
-                        snap.rows
-                            .push((entity.to_string(), key.to_string(), v.value().to_vec()));
+                        into.row(entity, key, v.value());
                     }
                 }
             }
-            snap.published = super::published::load(txn)?;
+            super::published::replay(txn, &mut |change| into.published(change))?;
             if let Some(t) = open_or_empty!(txn, GOV_UNIQUE) {
                 for item in t.iter()? {
                     let (k, v) = item?;
                     if let [entity, field, value] = split(k.value())[..] {
-                        snap.unique.push((
-                            entity.to_string(),
-                            field.to_string(),
-                            value.to_string(),
-                            v.value().to_string(),
-                        ));
+                        into.unique(entity, field, value, v.value());
                     }
                 }
             }
-            snap.quarantine = super::quarantine::read_all(txn)?;
-            Ok(snap)
+            for entry in super::quarantine::read_all(txn)? {
+                into.quarantined(entry);
+            }
+            Ok(())
         })
     }
 

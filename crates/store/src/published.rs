@@ -53,7 +53,7 @@ const NAMES_ROW_BYTES: usize = 60 * 1024;
 
 #[cfg(test)]
 pub(crate) use steward_core::state::published_digest;
-pub(crate) use steward_core::state::{PublishedChange, PublishedEntry};
+pub(crate) use steward_core::state::PublishedChange;
 
 /// Appends `changes` (in order) inside `txn`, compacting the log when due.
 #[allow(clippy::result_large_err)] // redb's own error type, boxed by the caller
@@ -142,27 +142,47 @@ fn name_entries(bytes: &[u8]) -> impl Iterator<Item = &[u8]> + '_ {
 }
 
 /// Drops the names whose record is no longer published (or is named twice),
-/// rewriting the rest after the last row number.
+/// rewriting the rest after the last row number. Consumes `live`: a name is
+/// kept when its digest is still there, published, and taken out, so the
+/// second name of a record finds it gone. Kept names are written a row at a
+/// time, not gathered first.
 #[allow(clippy::result_large_err)]
 fn compact_names(
     txn: &WriteTransaction,
-    live: &HashMap<[u8; 16], [u8; 16]>,
+    live: &mut HashMap<[u8; 16], [u8; 16]>,
 ) -> Result<(), redb::Error> {
-    let mut kept_digests = std::collections::HashSet::new();
+    let last_old = {
+        let counters = txn.open_table(LOG_COUNTERS)?;
+        let next = counters.get(NAMES_NEXT_ROW)?.map_or(1, |v| v.value());
+        next - 1
+    };
     let mut kept = Vec::new();
-    {
-        let mut table = txn.open_table(PUBLISHED_NAMES)?;
-        while let Some((_, row)) = table.pop_first()? {
-            for entry in name_entries(row.value()) {
-                let Some([t, e, k]) = steward_core::state::published_names(entry).next() else {
-                    continue;
-                };
-                let digest = steward_core::state::published_digest(t, e, k);
-                let published = live.get(&digest).is_some_and(|h| *h != [0u8; 16]);
-                if published && kept_digests.insert(digest) {
-                    kept.extend_from_slice(entry);
+    loop {
+        let row = {
+            let mut table = txn.open_table(PUBLISHED_NAMES)?;
+            let first = table.first()?.map(|(row, _)| row.value());
+            match first {
+                Some(row) if row <= last_old => {
+                    table.remove(row)?.map(|bytes| bytes.value().to_vec())
                 }
+                _ => None,
             }
+        };
+        let Some(row) = row else {
+            break;
+        };
+        for entry in name_entries(&row) {
+            let Some([t, e, k]) = steward_core::state::published_names(entry).next() else {
+                continue;
+            };
+            let digest = steward_core::state::published_digest(t, e, k);
+            if live.remove(&digest).is_some_and(|h| h != [0u8; 16]) {
+                kept.extend_from_slice(entry);
+            }
+        }
+        if kept.len() >= NAMES_ROW_BYTES {
+            append_names(txn, &kept)?;
+            kept.clear();
         }
     }
     if !kept.is_empty() {
@@ -199,7 +219,7 @@ pub(super) fn keys_after(
 /// Replaces the log by its live entries.
 #[allow(clippy::result_large_err)]
 fn compact(txn: &WriteTransaction) -> Result<(), redb::Error> {
-    let live = {
+    let mut live = {
         let mut log = txn.open_table(PUBLISHED_LOG)?;
         let mut live: HashMap<[u8; 16], [u8; 16]> = HashMap::new();
         while let Some((_, row)) = log.pop_first()? {
@@ -208,8 +228,8 @@ fn compact(txn: &WriteTransaction) -> Result<(), redb::Error> {
         live
     };
     let n = live.len() as u64;
-    compact_names(txn, &live)?;
-    write_rows(txn, live.into_iter().map(|(d, h)| (d, Some(h))))?;
+    write_rows(txn, live.iter().map(|(d, h)| (*d, Some(*h))))?;
+    compact_names(txn, &mut live)?;
     let mut counters = txn.open_table(LOG_COUNTERS)?;
     counters.insert(LOG_ENTRIES, n)?;
     counters.insert(LIVE_AT_COMPACTION, n)?;
@@ -232,23 +252,36 @@ fn fold(row: &[u8], live: &mut HashMap<[u8; 16], [u8; 16]>) {
     }
 }
 
-/// The live state: the log replayed.
-pub(super) fn load(txn: &redb::ReadTransaction) -> Result<Vec<PublishedEntry>, TxnError> {
-    let mut live = HashMap::new();
+/// Replays the log into `apply`, change by change in the order written:
+/// nothing but one row at a time is held here.
+pub(super) fn replay(
+    txn: &redb::ReadTransaction,
+    apply: &mut dyn FnMut(PublishedChange),
+) -> Result<(), TxnError> {
     if let Some(t) = open_or_empty!(txn, PUBLISHED_LOG) {
         for item in t.iter()? {
             let (row, bytes) = item?;
-            if bytes.value().len() % ENTRY_LEN != 0 {
+            let bytes = bytes.value();
+            if bytes.len() % ENTRY_LEN != 0 {
                 return Err(TxnError::Corrupt(format!(
                     "gov_published_log row {} is {} bytes, not a multiple of {ENTRY_LEN}",
                     row.value(),
-                    bytes.value().len()
+                    bytes.len()
                 )));
             }
-            fold(bytes.value(), &mut live);
+            for entry in bytes.chunks_exact(ENTRY_LEN) {
+                let mut digest = [0u8; 16];
+                digest.copy_from_slice(&entry[..16]);
+                let hash = (entry[16] == 1).then(|| {
+                    let mut hash = [0u8; 16];
+                    hash.copy_from_slice(&entry[17..]);
+                    hash
+                });
+                apply((digest, hash));
+            }
         }
     }
-    Ok(live.into_iter().collect())
+    Ok(())
 }
 
 /// Rows in the log (for tests of compaction).

@@ -727,6 +727,48 @@ fn published_names_list_the_keys_sent_and_compaction_keeps_only_published_ones()
     );
 }
 
+#[test]
+fn compaction_keeps_each_published_name_once_across_many_rows_of_names() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let keys = 0..20_000u64;
+    let mut delta = published_delta(&keys.clone().map(|n| (n, Some(1))).collect::<Vec<_>>());
+    // Each key named twice: far more than one row of names.
+    for _ in 0..2 {
+        for n in keys.clone() {
+            steward_core::state::push_published_name(
+                &mut delta.published_names,
+                "wms",
+                "product",
+                &n.to_string(),
+            );
+        }
+    }
+    store.commit_governed(Lsn(0x100), &[], &delta).unwrap();
+    // Odd keys are no longer published; then enough churn to compact.
+    let odd: Vec<(u64, Option<u8>)> = keys
+        .clone()
+        .filter(|n| n % 2 == 1)
+        .map(|n| (n, None))
+        .collect();
+    store
+        .commit_governed(Lsn(0x200), &[], &published_delta(&odd))
+        .unwrap();
+    let churn: Vec<(u64, Option<u8>)> = (0..published::COMPACT_SLACK + 50_000)
+        .map(|i| (1_000_000 + i % 10, None))
+        .collect();
+    store
+        .commit_governed(Lsn(0x300), &[], &published_delta(&churn))
+        .unwrap();
+    let (mut names, _) = store
+        .published_keys("wms", "product", 0, usize::MAX)
+        .unwrap();
+    names.sort_by_key(|k| k.parse::<u64>().unwrap());
+    let even: Vec<String> = keys.filter(|n| n % 2 == 0).map(|n| n.to_string()).collect();
+    assert_eq!(names, even, "each published name once, no other");
+    assert_eq!(published_state(&store).len(), 10_000);
+}
+
 /// A state file with a few thousand events across several commits.
 fn written_state() -> (tempfile::TempDir, PathBuf) {
     let (dir, path) = temp();

@@ -34,7 +34,10 @@ use crate::config::governance::{Check, ChildConfig, EntityGovernance, OnUnpublis
 use crate::config::{Config, EntityConfig, EntityIndex, TargetIndex};
 use crate::model::{ChangeOp, Event, EventData, EventOp, Lsn, SourceChange};
 use crate::state::{published_digest, push_published_name};
-use crate::state::{AuditRecord, GovDelta, GovOp, GovSnapshot, QuarantineEntry, ReconcileCounts};
+use crate::state::{
+    AuditRecord, GovDelta, GovLoader, GovOp, GovSnapshot, PublishedChange, QuarantineEntry,
+    ReconcileCounts,
+};
 
 /// Index offset of events the governance makes itself (re-emissions, business
 /// objects): their ids never collide with those of source changes.
@@ -721,47 +724,27 @@ impl Governance {
         self.entity_index.get(name).copied()
     }
 
-    /// Restores the state written by earlier runs; names no longer configured are ignored.
+    /// Restores the state written by earlier runs, held in one
+    /// [`GovSnapshot`]; names no longer configured are ignored. The daemon
+    /// streams it instead ([`GovLoader`], then [`Governance::finish_load`]).
     pub fn load(&mut self, snap: GovSnapshot) {
         for (entity, key, bytes) in snap.rows {
-            let Some(&e) = self.entity_index.get(&entity) else {
-                continue;
-            };
-            if let Ok(Value::Object(row)) = serde_json::from_slice(&bytes) {
-                self.index_child(e, &key, None, Some(&row));
-                self.index_external_id(e, &key, None, Some(&row));
-                self.index_refs(e, &key, None, Some(&row));
-                self.rows.insert((e, key), Arc::new(row));
-            }
+            GovLoader::row(self, &entity, &key, &bytes);
         }
-        // Entries of targets or entities no longer configured stay: their
-        // digests never match a configured (target, entity, key).
         for (digest, hash) in snap.published {
-            let slot = PublishedKey(digest).slot();
-            if hash == WITHHELD {
-                self.withheld.insert(slot);
-            } else {
-                self.published.insert(slot, short_hash(&hash));
-            }
+            GovLoader::published(self, (digest, Some(hash)));
         }
         for (entity, field, value, holder) in snap.unique {
-            let Some(&e) = self.entity_index.get(&entity) else {
-                continue;
-            };
-            let Some(fi) = self.gov[e].unique.iter().position(|f| *f == field) else {
-                continue;
-            };
-            self.claims
-                .entry((e, holder.clone()))
-                .or_default()
-                .push((fi, value.clone()));
-            self.unique.insert((e, fi, value), holder);
+            GovLoader::unique(self, &entity, &field, &value, &holder);
         }
         for q in snap.quarantine {
-            if let Some(&e) = self.entity_index.get(&q.entity) {
-                self.quarantine.insert((e, q.key.clone()), q);
-            }
+            GovLoader::quarantined(self, q);
         }
+        self.finish_load();
+    }
+
+    /// Derives what is counted from the state loaded through [`GovLoader`].
+    pub fn finish_load(&mut self) {
         self.derive_counts();
     }
 
@@ -3070,6 +3053,63 @@ impl PublishedKey {
         let mut slot = [0u8; 12];
         slot.copy_from_slice(&self.0[..12]);
         PublishedSlot(slot)
+    }
+}
+
+/// Restores the state piece by piece as the store reads it; names no
+/// longer configured are ignored.
+impl GovLoader for Governance {
+    fn row(&mut self, entity: &str, key: &str, bytes: &[u8]) {
+        let Some(&e) = self.entity_index.get(entity) else {
+            return;
+        };
+        if let Ok(Value::Object(row)) = serde_json::from_slice(bytes) {
+            self.index_child(e, key, None, Some(&row));
+            self.index_external_id(e, key, None, Some(&row));
+            self.index_refs(e, key, None, Some(&row));
+            self.rows.insert((e, key.to_string()), Arc::new(row));
+        }
+    }
+
+    // Entries of targets or entities no longer configured stay: their
+    // digests never match a configured (target, entity, key).
+    fn published(&mut self, (digest, hash): PublishedChange) {
+        let slot = PublishedKey(digest).slot();
+        match hash {
+            Some(hash) if hash == WITHHELD => {
+                self.published.remove(&slot);
+                self.withheld.insert(slot);
+            }
+            Some(hash) => {
+                self.withheld.remove(&slot);
+                self.published.insert(slot, short_hash(&hash));
+            }
+            None => {
+                self.published.remove(&slot);
+                self.withheld.remove(&slot);
+            }
+        }
+    }
+
+    fn unique(&mut self, entity: &str, field: &str, value: &str, holder: &str) {
+        let Some(&e) = self.entity_index.get(entity) else {
+            return;
+        };
+        let Some(fi) = self.gov[e].unique.iter().position(|f| f == field) else {
+            return;
+        };
+        self.claims
+            .entry((e, holder.to_string()))
+            .or_default()
+            .push((fi, value.to_string()));
+        self.unique
+            .insert((e, fi, value.to_string()), holder.to_string());
+    }
+
+    fn quarantined(&mut self, q: QuarantineEntry) {
+        if let Some(&e) = self.entity_index.get(&q.entity) {
+            self.quarantine.insert((e, q.key.clone()), q);
+        }
     }
 }
 
