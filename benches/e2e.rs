@@ -639,18 +639,7 @@ fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom
     measured
 }
 
-/// The steward binary, under `STEWARD_BENCH_WRAPPER` if set: e.g.
-/// `valgrind --tool=callgrind` for instruction counts, which do not vary
-/// with the machine's load as times do, or a script that runs another build
-/// for an A/B comparison.
+/// The steward binary, under `STEWARD_BENCH_WRAPPER` if set.
 fn steward_command() -> Command {
-    let wrapper = std::env::var("STEWARD_BENCH_WRAPPER").unwrap_or_default();
-    match wrapper.split_whitespace().collect::<Vec<_>>()[..] {
-        [] => Command::new(env!("CARGO_BIN_EXE_steward")),
-        [program, ref args @ ..] => {
-            let mut c = Command::new(program);
-            c.args(args).arg(env!("CARGO_BIN_EXE_steward"));
-            c
-        }
-    }
+    steward_devkit::bench_command(env!("CARGO_BIN_EXE_steward"))
 }

@@ -7,7 +7,8 @@
 //! `cargo bench --bench snapshot -- SNAPSHOT` or `-- RECONCILE` one of them.
 //! `STEWARD_BENCH_ROWS` sets the table size (default 1,000,000),
 //! `STEWARD_BENCH_TARGETS` the target counts (default `1,3`),
-//! `STEWARD_BENCH_CHANGED` the rows changed while the slot is gone (default 1,000).
+//! `STEWARD_BENCH_CHANGED` the rows changed while the slot is gone (default 1,000),
+//! `STEWARD_BENCH_WRAPPER` a command `steward run` runs under (see the e2e bench).
 //!
 //! - SNAPSHOT: the initial snapshot of a fresh state file. Rows/s is table
 //!   rows over the time from the first job's start to the last job's end
@@ -208,8 +209,9 @@ fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom
     let _ = cluster.psql(DB, &format!("SELECT pg_drop_replication_slot('{slot}')"));
 }
 
+/// `steward run`, under `STEWARD_BENCH_WRAPPER` if set (as in the e2e bench).
 fn spawn(config: &Path, log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_steward"))
+    steward_devkit::bench_command(env!("CARGO_BIN_EXE_steward"))
         .args(["run", "-c"])
         .arg(config)
         .stderr(Stdio::from(std::fs::File::create(log).expect("log")))

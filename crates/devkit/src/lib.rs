@@ -26,3 +26,20 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// A command that runs `binary`, under `STEWARD_BENCH_WRAPPER` if set (the
+/// benches): e.g. `valgrind --tool=callgrind` for instruction counts, which
+/// do not vary with the machine's load as times do, or a script that runs
+/// another build for an A/B comparison. The wrapper gets `binary` as its
+/// first argument.
+pub fn bench_command(binary: &str) -> std::process::Command {
+    let wrapper = std::env::var("STEWARD_BENCH_WRAPPER").unwrap_or_default();
+    match wrapper.split_whitespace().collect::<Vec<_>>()[..] {
+        [] => std::process::Command::new(binary),
+        [program, ref args @ ..] => {
+            let mut c = std::process::Command::new(program);
+            c.args(args).arg(binary);
+            c
+        }
+    }
+}
