@@ -77,6 +77,12 @@ pub struct GovDelta {
     /// was sent to find the ones gone from the source. Bytes, not strings,
     /// so the hot path allocates nothing per record.
     pub published_names: Vec<u8>,
+    /// Records the published state holds (published or withheld, per
+    /// target) after these changes; 0 when not known. The store compacts
+    /// its log of that state only once it outgrows twice this: while the
+    /// state grows (an initial snapshot) the log holds no superseded
+    /// changes, and compacting it would only cost memory and time.
+    pub published_live: u64,
 }
 
 /// One change of the durable governance state.
@@ -142,6 +148,7 @@ impl GovDelta {
         } else {
             self.published_names.extend(other.published_names);
         }
+        self.published_live = other.published_live;
     }
 }
 

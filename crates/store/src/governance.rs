@@ -99,7 +99,12 @@ pub(super) fn apply(
         }
     }
     drop((rows, unique, quarantine));
-    super::published::append(txn, &published, &delta.published_names)?;
+    super::published::append(
+        txn,
+        &published,
+        &delta.published_names,
+        delta.published_live,
+    )?;
     super::audit::append(txn, &audit)
 }
 

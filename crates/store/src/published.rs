@@ -9,11 +9,12 @@
 //! `cargo bench --bench e2e -- W1`). The log is compacted in
 //! the commit that takes it past twice the live set (plus
 //! [`COMPACT_SLACK`]), so it stays within a small multiple of the live set
-//! and each change is rewritten a bounded number of times.
-
-use std::collections::HashMap;
+//! and each change is rewritten a bounded number of times. The live set is
+//! the governance's count when it gives one: a log that only grows with it
+//! (an initial snapshot) has nothing to drop and is left alone.
 
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use steward_core::pipeline::slot_map::SlotMap;
 
 use super::tables::open_or_empty;
 use super::TxnError;
@@ -55,12 +56,17 @@ const NAMES_ROW_BYTES: usize = 60 * 1024;
 pub(crate) use steward_core::state::published_digest;
 pub(crate) use steward_core::state::PublishedChange;
 
-/// Appends `changes` (in order) inside `txn`, compacting the log when due.
+/// Appends `changes` (in order) inside `txn`, compacting the log when due:
+/// when it holds more than twice the live entries (plus [`COMPACT_SLACK`]),
+/// the live entries being `live` as the governance counts them after these
+/// changes, or as many as the last compaction kept if that is more (`live`
+/// is 0 when not known).
 #[allow(clippy::result_large_err)] // redb's own error type, boxed by the caller
 pub(super) fn append(
     txn: &WriteTransaction,
     changes: &[PublishedChange],
     names: &[u8],
+    live: u64,
 ) -> Result<(), redb::Error> {
     if !names.is_empty() {
         append_names(txn, names)?;
@@ -72,7 +78,10 @@ pub(super) fn append(
     let mut counters = txn.open_table(LOG_COUNTERS)?;
     let entries = counters.get(LOG_ENTRIES)?.map_or(0, |v| v.value()) + changes.len() as u64;
     counters.insert(LOG_ENTRIES, entries)?;
-    let live = counters.get(LIVE_AT_COMPACTION)?.map_or(0, |v| v.value());
+    let live = counters
+        .get(LIVE_AT_COMPACTION)?
+        .map_or(0, |v| v.value())
+        .max(live);
     drop(counters);
     if entries > live.saturating_mul(2).saturating_add(COMPACT_SLACK) {
         compact(txn)?;
@@ -147,10 +156,7 @@ fn name_entries(bytes: &[u8]) -> impl Iterator<Item = &[u8]> + '_ {
 /// second name of a record finds it gone. Kept names are written a row at a
 /// time, not gathered first.
 #[allow(clippy::result_large_err)]
-fn compact_names(
-    txn: &WriteTransaction,
-    live: &mut HashMap<[u8; 16], [u8; 16]>,
-) -> Result<(), redb::Error> {
+fn compact_names(txn: &WriteTransaction, live: &mut Live) -> Result<(), redb::Error> {
     let last_old = {
         let counters = txn.open_table(LOG_COUNTERS)?;
         let next = counters.get(NAMES_NEXT_ROW)?.map_or(1, |v| v.value());
@@ -216,19 +222,23 @@ pub(super) fn keys_after(
     Ok((keys, last))
 }
 
+/// The live state while the log is compacted: digest → hash, at most 36
+/// bytes an entry (a hash table takes 38 to 66, and more while it grows).
+type Live = SlotMap<[u8; 16], [u8; 16]>;
+
 /// Replaces the log by its live entries.
 #[allow(clippy::result_large_err)]
 fn compact(txn: &WriteTransaction) -> Result<(), redb::Error> {
     let mut live = {
         let mut log = txn.open_table(PUBLISHED_LOG)?;
-        let mut live: HashMap<[u8; 16], [u8; 16]> = HashMap::new();
+        let mut live = Live::default();
         while let Some((_, row)) = log.pop_first()? {
             fold(row.value(), &mut live);
         }
         live
     };
     let n = live.len() as u64;
-    write_rows(txn, live.iter().map(|(d, h)| (*d, Some(*h))))?;
+    write_rows(txn, live.iter().map(|(d, h)| (d, Some(h))))?;
     compact_names(txn, &mut live)?;
     let mut counters = txn.open_table(LOG_COUNTERS)?;
     counters.insert(LOG_ENTRIES, n)?;
@@ -238,7 +248,7 @@ fn compact(txn: &WriteTransaction) -> Result<(), redb::Error> {
 
 /// Applies one row's changes to `live`. A torn last entry cannot happen
 /// (rows are written whole in a transaction); a short one is ignored.
-fn fold(row: &[u8], live: &mut HashMap<[u8; 16], [u8; 16]>) {
+fn fold(row: &[u8], live: &mut Live) {
     for entry in row.chunks_exact(ENTRY_LEN) {
         let mut digest = [0u8; 16];
         digest.copy_from_slice(&entry[..16]);

@@ -657,6 +657,65 @@ fn the_published_log_is_compacted_and_keeps_the_live_state() {
     assert_eq!(published_state(&Store::open(&path).unwrap()), expected);
 }
 
+#[test]
+fn a_published_log_that_grows_with_its_live_set_is_not_compacted_until_changes_supersede() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let n = published::COMPACT_SLACK * 3;
+    // An initial snapshot: every change a new record, the live count given.
+    for (c, first) in (0..n).step_by(10_000).enumerate() {
+        let mut delta = published_delta(
+            &(first..first + 10_000)
+                .map(|k| (k, Some(1)))
+                .collect::<Vec<_>>(),
+        );
+        for k in first..first + 10_000 {
+            steward_core::state::push_published_name(
+                &mut delta.published_names,
+                "wms",
+                "product",
+                &k.to_string(),
+            );
+        }
+        delta.published_live = first + 10_000;
+        store
+            .commit_governed(Lsn(0x100 + c as u64), &[], &delta)
+            .unwrap();
+    }
+    // A compaction rewrites the names after the last row: the first row
+    // of names is still row 1 only if none ran.
+    let first_row = |store: &Store| store.published_keys("wms", "product", 0, 1).unwrap().1;
+    assert_eq!(
+        first_row(&store),
+        Some(1),
+        "nothing superseded, nothing compacted"
+    );
+    assert_eq!(store.read(published::log_entries).unwrap() as u64, n);
+    // The same records changed again, twice over: now the log is compacted.
+    for round in 0..2u64 {
+        for (c, first) in (0..n).step_by(10_000).enumerate() {
+            let mut delta = published_delta(
+                &(first..first + 10_000)
+                    .map(|k| (k, Some(2 + round as u8)))
+                    .collect::<Vec<_>>(),
+            );
+            delta.published_live = n;
+            store
+                .commit_governed(Lsn(0x1000 + round * 0x100 + c as u64), &[], &delta)
+                .unwrap();
+        }
+    }
+    let entries = store.read(published::log_entries).unwrap() as u64;
+    assert!(
+        entries < 2 * n + published::COMPACT_SLACK + 10_000,
+        "{entries} entries for {n} records"
+    );
+    assert!(first_row(&store) > Some(1), "compacted");
+    let state = published_state(&store);
+    assert_eq!(state.len() as u64, n);
+    assert!(state.values().all(|h| *h == [3; 16]));
+}
+
 /// Every key named for (wms, product) after row 0, read page by page.
 fn all_published_keys(store: &Store) -> Vec<String> {
     let mut keys = Vec::new();

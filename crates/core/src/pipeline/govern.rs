@@ -19,7 +19,7 @@
 //! changed) are evaluated once, after the transaction's last change.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -28,6 +28,7 @@ use super::assemble;
 use super::map::{Mapped, Unencodable, ENCODING_RULE};
 use super::redact;
 use super::reference::{self, Rows};
+use super::slot_map::SlotMap;
 use super::target_rows::{self, ActualRows, TargetRow};
 use crate::cel::CelInput;
 use crate::config::governance::{Check, ChildConfig, EntityGovernance, OnUnpublish, TargetPolicy};
@@ -62,14 +63,14 @@ pub struct Governance {
     children: HashMap<(EntityIndex, String), BTreeSet<String>>,
     /// Hash of the document last appended per (target, entity, key), both
     /// shortened (see [`PublishedSlot`]).
-    published: HashMap<PublishedSlot, [u8; 8], BuildHasherDefault<DigestHasher>>,
+    published: SlotMap<[u8; 8]>,
     /// (target, entity, key) steward decided NOT to deliver (gated, not
     /// routed, quarantined, unpublished): a re-evaluation after a
     /// configuration change sends newly publishable records among these,
     /// but not records the target never had any decision about (no snapshot
     /// of them, no change since). Stored in the published log with the
     /// [`WITHHELD`] hash.
-    withheld: std::collections::HashSet<PublishedSlot, BuildHasherDefault<DigestHasher>>,
+    withheld: SlotMap<()>,
     /// (entity, unique field index, normalised value) → holder key.
     unique: HashMap<(EntityIndex, usize, String), String>,
     claims: HashMap<(EntityIndex, String), Vec<(usize, String)>>,
@@ -637,8 +638,8 @@ impl Governance {
             referenced_by,
             rows: HashMap::new(),
             children: HashMap::new(),
-            published: HashMap::default(),
-            withheld: Default::default(),
+            published: SlotMap::default(),
+            withheld: SlotMap::default(),
             unique: HashMap::new(),
             claims: HashMap::new(),
             quarantine: HashMap::new(),
@@ -769,6 +770,7 @@ impl Governance {
         GovDelta {
             ops: std::mem::replace(&mut self.delta.ops, Vec::with_capacity(capacity)),
             published_names: std::mem::take(&mut self.delta.published_names),
+            published_live: (self.published.len() + self.withheld.len()) as u64,
         }
     }
 
@@ -1155,7 +1157,7 @@ impl Governance {
                     .copied()
                     .filter(|&t| {
                         let slot = self.published_key(t, e, &key).slot();
-                        self.published.contains_key(&slot) || self.withheld.contains(&slot)
+                        self.published.contains_key(&slot) || self.withheld.contains_key(&slot)
                     })
                     .collect();
                 if known.len() < targets.len() {
@@ -1463,7 +1465,7 @@ impl Governance {
             let data = EventData::from_map(&data);
             let same = match deep {
                 Some(held) => held.is_some_and(|r| r.holds(&data)),
-                None => published == Some(&short_hash(&doc_hash(&data))),
+                None => published == Some(short_hash(&doc_hash(&data))),
             };
             return (!same).then_some(EventOp::Upsert);
         }
@@ -1881,7 +1883,7 @@ impl Governance {
             for t in targets {
                 let pkey = self.published_key(t, e, key);
                 let was = self.published.remove(&pkey.slot());
-                if self.withheld.remove(&pkey.slot()) && was.is_none() {
+                if self.withheld.remove(&pkey.slot()).is_some() && was.is_none() {
                     self.queue_published(pkey, None);
                 }
                 let send = match held(t) {
@@ -1964,7 +1966,9 @@ impl Governance {
             };
             for &t in &targets {
                 let pkey = self.published_key(t, e, key);
-                if !self.published.contains_key(&pkey.slot()) && self.withheld.insert(pkey.slot()) {
+                if !self.published.contains_key(&pkey.slot())
+                    && self.withheld.insert(pkey.slot(), ()).is_none()
+                {
                     self.queue_published(pkey, Some(WITHHELD));
                 }
             }
@@ -2008,11 +2012,11 @@ impl Governance {
                 let hash = doc_hash(&data);
                 let same = match held(t) {
                     Some(row) => row.is_some_and(|r| r.holds(&data)),
-                    None => !force && self.published.get(&pkey.slot()) == Some(&short_hash(&hash)),
+                    None => !force && self.published.get(&pkey.slot()) == Some(short_hash(&hash)),
                 };
                 if same {
                     if held(t).is_some()
-                        && self.published.get(&pkey.slot()) != Some(&short_hash(&hash))
+                        && self.published.get(&pkey.slot()) != Some(short_hash(&hash))
                     {
                         // The target holds it: recorded as sent, so that an
                         // ordinary reconciliation agrees with this one.
@@ -2098,7 +2102,7 @@ impl Governance {
             let unknown = !seen && op == "update";
             if was || unknown {
                 self.published.remove(&pkey.slot());
-                self.withheld.insert(pkey.slot());
+                self.withheld.insert(pkey.slot(), ());
                 self.queue_published(pkey, Some(WITHHELD));
                 let ev = match self.gov[e].on_unpublish {
                     OnUnpublish::Delete => {
@@ -2121,7 +2125,7 @@ impl Governance {
             } else {
                 // (Deep: the target does not hold it, whatever was sent.)
                 let had = self.published.remove(&pkey.slot()).is_some();
-                if self.withheld.insert(pkey.slot()) || had {
+                if self.withheld.insert(pkey.slot(), ()).is_none() || had {
                     self.queue_published(pkey, Some(WITHHELD));
                 } else if quiet {
                     continue;
@@ -3052,7 +3056,7 @@ impl PublishedKey {
     fn slot(&self) -> PublishedSlot {
         let mut slot = [0u8; 12];
         slot.copy_from_slice(&self.0[..12]);
-        PublishedSlot(slot)
+        slot
     }
 }
 
@@ -3078,7 +3082,7 @@ impl GovLoader for Governance {
         match hash {
             Some(hash) if hash == WITHHELD => {
                 self.published.remove(&slot);
-                self.withheld.insert(slot);
+                self.withheld.insert(slot, ());
             }
             Some(hash) => {
                 self.withheld.remove(&slot);
@@ -3115,13 +3119,14 @@ impl GovLoader for Governance {
 
 /// The key of [`Governance::published`]: the first 96 bits of the digest.
 /// The map holds an entry per record and target for the life of the daemon
-/// and is most of the memory of [`Governance`]; 12-byte keys and 8-byte document
-/// hashes (20 bytes an entry instead of 32) keep it 40% smaller. Two records
+/// and is most of the memory of [`Governance`] for entities whose rows are
+/// not tracked; 12-byte keys and 8-byte document hashes (20 bytes an entry
+/// instead of 32), in a [`SlotMap`] rather than a hash table (about 22 bytes
+/// an entry instead of 44 to 66), keep it small. Two records
 /// share a slot with odds of about 1 in 10^17 for a million records; a changed
 /// document is taken for the one before with odds of 1 in 2^64 per change.
 /// The store keeps the full 16-byte digests and hashes.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct PublishedSlot([u8; 12]);
+type PublishedSlot = super::slot_map::Slot;
 
 /// The published log's value for a record withheld from a target.
 const WITHHELD: [u8; 16] = [0u8; 16];
@@ -3134,14 +3139,6 @@ fn short_hash(hash: &[u8; 16]) -> [u8; 8] {
     let mut short = [0u8; 8];
     short.copy_from_slice(&hash[..8]);
     short
-}
-
-impl Hash for PublishedSlot {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        let mut first = [0u8; 8];
-        first.copy_from_slice(&self.0[..8]);
-        state.write_u64(u64::from_le_bytes(first));
-    }
 }
 
 /// The hasher of maps keyed by values that are already uniform digests

@@ -11,6 +11,7 @@ pub mod large_txn;
 mod map;
 mod redact;
 mod reference;
+pub mod slot_map;
 mod snapshot_row;
 pub mod target_rows;
 

@@ -424,13 +424,13 @@ impl Governance {
             let delivered = self.published.get(&slot);
             let up_to_date = match (delivered, &document) {
                 (Some(hash), Some(d)) => {
-                    Some(short_hash(&doc_hash(&EventData::from_map(d))) == *hash)
+                    Some(short_hash(&doc_hash(&EventData::from_map(d))) == hash)
                 }
                 _ => None,
             };
             let decision = if delivered.is_some() {
                 TargetDecision::Delivered
-            } else if self.withheld.contains(&slot) {
+            } else if self.withheld.contains_key(&slot) {
                 match state {
                     Some(RecordState::Quarantined | RecordState::Blocked) => {
                         TargetDecision::Quarantined
@@ -447,7 +447,7 @@ impl Governance {
                 TargetDecision::Undecided
             };
             let (diff, diff_note) = match &quarantine {
-                Some(q) => match self.quarantine_diff(t, entity, q, delivered.copied()) {
+                Some(q) => match self.quarantine_diff(t, entity, q, delivered) {
                     Ok(diff) => (Some(diff), None),
                     Err(note) => (None, Some(note)),
                 },
