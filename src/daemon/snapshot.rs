@@ -564,33 +564,53 @@ impl Worker {
             (true, true) => ChunkKind::Probe,
             _ => ChunkKind::Govern,
         };
-        let mut last_key = first.last_key.clone();
+        // A chunk read and mapped: its rows, the key to read the next one
+        // after, and the mapped records.
+        struct Fetched {
+            rows: usize,
+            last_key: Option<Vec<String>>,
+            mapped: Vec<Mapped>,
+        }
+        let fetch = |after: Option<Vec<String>>| {
+            let (read, relation, pipeline) = (&read, &relation, &pipeline);
+            let (key_positions, time) = (&key_positions, &time);
+            async move {
+                let rows = reader
+                    .read_chunk(read, relation, after.as_deref(), chunk)
+                    .await?;
+                let last_key = rows.last().map(|last| {
+                    key_positions
+                        .iter()
+                        .map(|&i| last.get(i).cloned().flatten().unwrap_or_default())
+                        .collect()
+                });
+                let mut mapped = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    if let Some(m) =
+                        snapshot_mapped(pipeline, relation.id, entity_index, row, consistent, time)?
+                    {
+                        mapped.push(m);
+                    }
+                }
+                anyhow::Ok(Fetched {
+                    rows: rows.len(),
+                    last_key,
+                    mapped,
+                })
+            }
+        };
+        let mut fetched = fetch(first.last_key.clone()).await?;
         loop {
             if *self.shutdown.borrow() {
                 return Ok(());
             }
-            let rows = reader
-                .read_chunk(&read, &relation, last_key.as_deref(), chunk)
-                .await?;
-            let Some(last) = rows.last() else {
-                for job in &mut jobs {
-                    job.rows_read += rows.len() as u64;
-                }
+            let Fetched {
+                rows: n,
+                last_key,
+                mapped,
+            } = fetched;
+            if n == 0 {
                 break;
-            };
-            last_key = Some(
-                key_positions
-                    .iter()
-                    .map(|&i| last.get(i).cloned().flatten().unwrap_or_default())
-                    .collect(),
-            );
-            let mut mapped = Vec::with_capacity(rows.len());
-            for row in &rows {
-                if let Some(m) =
-                    snapshot_mapped(&pipeline, relation.id, entity_index, row, consistent, &time)?
-                {
-                    mapped.push(m);
-                }
             }
             let actual = match &mut deep {
                 Some(d) => Some(
@@ -611,10 +631,22 @@ impl Worker {
                 actual,
                 done: tokio::sync::oneshot::channel().0,
             };
-            let Some(counts) = self.govern(message).await? else {
+            let more = n >= chunk;
+            // The next chunk is read and mapped while this one is governed
+            // and committed, so the server's work, the mapping and the
+            // governance overlap. The snapshot's transaction sees the same
+            // rows whenever they are read; progress is recorded only for
+            // chunks committed.
+            let next = async {
+                match more {
+                    true => fetch(last_key.clone()).await.map(Some),
+                    false => Ok(None),
+                }
+            };
+            let (counts, next) = tokio::join!(self.govern(message), next);
+            let Some(counts) = counts? else {
                 return Ok(()); // the daemon loop is gone: shutting down
             };
-            let n = rows.len();
             rows_done += n as u64;
             for (job, found) in jobs.iter_mut().zip(counts) {
                 job.rows_read += n as u64;
@@ -637,8 +669,9 @@ impl Worker {
                     estimate = first.rows_total, rows_per_s = rate as u64, "snapshot progress"
                 );
             }
-            if n < chunk {
-                break;
+            match next? {
+                Some(f) => fetched = f,
+                None => break,
             }
         }
         for (job, &target) in jobs.iter_mut().zip(&target_indexes) {
