@@ -123,8 +123,8 @@ fn main() {
         cluster.server_version_num(),
         std::thread::available_parallelism().map(std::num::NonZero::get).unwrap_or(1)
     );
-    println!("| workload | events | steward events/s | pg_recvlogical rows/s | ratio | steward peak RSS |");
-    println!("| --- | --- | --- | --- | --- | --- |");
+    println!("| workload | events | steward events/s | pg_recvlogical rows/s | ratio | steward peak RSS | idle RSS |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
     for w in WORKLOADS {
         if !filter.is_empty() && !filter.iter().any(|f| f == w.name) {
             continue;
@@ -292,7 +292,7 @@ const DEFAULT_SHAPE: Shape = Shape {
 /// transaction size, each as one row of a table.
 async fn run_scale(cluster: &DevCluster, rows: u64) {
     println!();
-    println!("| targets | changes per transaction | events per target | steward events/s per target | pg_recvlogical rows/s | ratio | steward peak RSS |");
+    println!("| targets | changes per transaction | events per target | steward events/s per target | pg_recvlogical rows/s | ratio | steward peak RSS | idle RSS |");
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     let w2 = &WORKLOADS[1];
     // (targets, changes per transaction, rows). One change per transaction
@@ -330,14 +330,22 @@ struct Measured {
     recv_rate: f64,
     ratio: f64,
     peak_rss_mib: f64,
+    /// Resident memory `STEWARD_BENCH_IDLE_SECS` (default 5) after the
+    /// last event arrived, with nothing more to do.
+    idle_rss_mib: f64,
 }
 
 impl Measured {
     /// The figures as the last cells of a Markdown table row.
     fn cells(&self) -> String {
         format!(
-            "{} | {:.0} | {:.0} | {:.2} | {:.1} MiB |",
-            self.events, self.steward_rate, self.recv_rate, self.ratio, self.peak_rss_mib
+            "{} | {:.0} | {:.0} | {:.2} | {:.1} MiB | {:.1} MiB |",
+            self.events,
+            self.steward_rate,
+            self.recv_rate,
+            self.ratio,
+            self.peak_rss_mib,
+            self.idle_rss_mib
         )
     }
 }
@@ -605,6 +613,12 @@ fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom
     };
     let elapsed = started.elapsed();
     let peak_rss = steward_devkit::peak_rss_kib(child.id());
+    let idle_secs: u64 = std::env::var("STEWARD_BENCH_IDLE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+    let idle_rss = steward_devkit::rss_kib(child.id());
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -622,6 +636,7 @@ fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom
         recv_rate: expected as f64 / recvlogical.as_secs_f64(),
         ratio: recvlogical.as_secs_f64() / elapsed.as_secs_f64(),
         peak_rss_mib: peak_rss as f64 / 1024.0,
+        idle_rss_mib: idle_rss as f64 / 1024.0,
     };
     if let Some(mut nats) = nats {
         let _ = nats.kill();
