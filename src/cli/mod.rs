@@ -636,6 +636,7 @@ fn check_summary(path: &std::path::Path, config: &Config) -> String {
 fn run_blocking(future: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_park(crate::daemon::idle::thread_idle)
         .build()
     {
         Ok(r) => r,

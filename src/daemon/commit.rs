@@ -154,7 +154,26 @@ impl CommitThread {
             .name("steward-commit".into())
             .spawn(move || {
                 // Ends when the committer (the only sender) is dropped.
-                for work in queue {
+                loop {
+                    let work = match queue.try_recv() {
+                        Ok(work) => work,
+                        Err(std::sync::mpsc::TryRecvError::Empty) => {
+                            super::idle::thread_idle();
+                            match queue.recv_timeout(super::idle::RELEASE_AFTER) {
+                                Ok(work) => work,
+                                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                                    steward_store::release_encode_buffers();
+                                    super::idle::collect();
+                                    match queue.recv() {
+                                        Ok(work) => work,
+                                        Err(_) => break,
+                                    }
+                                }
+                                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                            }
+                        }
+                        Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+                    };
                     work();
                 }
             })
@@ -325,6 +344,15 @@ impl Committer {
             wakers: self.wakers.clone(),
             target_names: self.target_names.clone(),
             state: self.state.clone(),
+        }
+    }
+
+    /// Frees the batch buffers kept at the size of the largest batch (the
+    /// daemon has been idle for a while).
+    pub(super) fn release_buffers(&mut self) {
+        self.spare = None;
+        if self.batch.is_empty() {
+            self.batch = Vec::new();
         }
     }
 

@@ -15,6 +15,7 @@ mod commit;
 pub mod control;
 mod endpoint;
 pub mod govern;
+pub(crate) mod idle;
 pub mod lock;
 pub mod monitor;
 mod privileges;
@@ -591,6 +592,10 @@ async fn consume(
         AUDIT_PRUNE_EVERY,
     );
     prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // When the last message or chunk arrived, and whether the buffers kept
+    // for the next batch were freed since (see `idle`).
+    let mut last_work = Instant::now();
+    let mut released = false;
     loop {
         if committer.stalled {
             // The store refused the last commit (disk full, I/O error). Stop
@@ -618,6 +623,16 @@ async fn consume(
             _ = shutdown.changed() => return Ok(Consumed::Shutdown),
             _ = alive.tick() => {
                 committer.state.health.note_loop_alive();
+                if !released
+                    && committer.in_flight.is_none()
+                    && last_work.elapsed() >= idle::RELEASE_AFTER
+                {
+                    released = true;
+                    spare_mapped = Vec::new();
+                    committer.release_buffers();
+                    governance.release_buffers();
+                    idle::collect();
+                }
                 continue;
             }
             // Take a finished commit's outcome at once: when the stream goes
@@ -640,12 +655,14 @@ async fn consume(
                 continue;
             }
             chunk = snapshots.rx.recv(), if snapshots.parked.is_none() => {
+                (last_work, released) = (Instant::now(), false);
                 snapshots.parked = chunk;
                 govern_parked_chunk(config, governance, committer, snapshots)?;
                 continue;
             }
             message = rx.recv() => message,
         };
+        (last_work, released) = (Instant::now(), false);
         let Some(message) = message else {
             return Ok(Consumed::SourceEnded);
         };

@@ -134,6 +134,16 @@ thread_local! {
         std::cell::RefCell::new(EncodeBuffers::default());
 }
 
+/// Frees the calling thread's commit encoding buffers, which otherwise keep
+/// the size of the largest commit: for a thread that has gone idle.
+pub fn release_encode_buffers() {
+    ENCODE_BUFFERS.with(|buffers| {
+        if let Ok(mut buffers) = buffers.try_borrow_mut() {
+            *buffers = EncodeBuffers::default();
+        }
+    });
+}
+
 /// See the module documentation: how many non-durable commits may pile up
 /// before one is made durable so redb can reuse freed pages.
 const LAZY_COMMITS_PER_DURABLE: u32 = 64;

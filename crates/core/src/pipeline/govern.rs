@@ -762,6 +762,14 @@ impl Governance {
         }
     }
 
+    /// Frees the queue of state changes kept at the size of the largest
+    /// batch, when it is empty (the daemon has been idle for a while).
+    pub fn release_buffers(&mut self) {
+        if self.delta.ops.is_empty() {
+            self.delta.ops = Vec::new();
+        }
+    }
+
     /// The state changes and audit records queued since the last call.
     pub fn take_delta(&mut self) -> GovDelta {
         // Sized like the last one: transactions tend to look alike, and
