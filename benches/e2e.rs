@@ -293,7 +293,7 @@ const DEFAULT_SHAPE: Shape = Shape {
 async fn run_scale(cluster: &DevCluster, rows: u64) {
     println!();
     println!("| targets | changes per transaction | events per target | steward events/s per target | pg_recvlogical rows/s | ratio | steward peak RSS | idle RSS |");
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     let w2 = &WORKLOADS[1];
     // (targets, changes per transaction, rows). One change per transaction
     // means a commit, with its WAL flush, per row: a tenth of the rows.
