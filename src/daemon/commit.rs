@@ -136,11 +136,11 @@ impl CommitContext {
 /// cache entries), which inflated peak RSS.
 #[derive(Default)]
 struct CommitThread {
-    jobs: Option<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>>,
+    jobs: Option<std::sync::mpsc::Sender<CommitWork>>,
 }
 
 impl CommitThread {
-    fn run(&mut self, work: Box<dyn FnOnce() + Send>) -> anyhow::Result<()> {
+    fn run(&mut self, work: CommitWork) -> anyhow::Result<()> {
         let work = match &self.jobs {
             None => work,
             Some(jobs) => match jobs.send(work) {
@@ -149,31 +149,12 @@ impl CommitThread {
                 Err(std::sync::mpsc::SendError(work)) => work,
             },
         };
-        let (jobs, queue) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let (jobs, queue) = std::sync::mpsc::channel::<CommitWork>();
         std::thread::Builder::new()
             .name("steward-commit".into())
             .spawn(move || {
                 // Ends when the committer (the only sender) is dropped.
-                loop {
-                    let work = match queue.try_recv() {
-                        Ok(work) => work,
-                        Err(std::sync::mpsc::TryRecvError::Empty) => {
-                            super::idle::thread_idle();
-                            match queue.recv_timeout(super::idle::RELEASE_AFTER) {
-                                Ok(work) => work,
-                                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                                    steward_store::release_encode_buffers();
-                                    super::idle::collect();
-                                    match queue.recv() {
-                                        Ok(work) => work,
-                                        Err(_) => break,
-                                    }
-                                }
-                                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-                            }
-                        }
-                        Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
-                    };
+                while let Some(work) = next_job(&queue) {
                     work();
                 }
             })
@@ -184,6 +165,30 @@ impl CommitThread {
         Ok(())
     }
 }
+
+/// The commit thread's next job; `None` once the committer is gone. A
+/// thread left without work gives memory back (see `idle`): its heap at
+/// once, its encoding buffers after [`super::idle::RELEASE_AFTER`].
+fn next_job(queue: &std::sync::mpsc::Receiver<CommitWork>) -> Option<CommitWork> {
+    use std::sync::mpsc::{RecvTimeoutError, TryRecvError};
+    match queue.try_recv() {
+        Ok(work) => return Some(work),
+        Err(TryRecvError::Disconnected) => return None,
+        Err(TryRecvError::Empty) => super::idle::thread_idle(),
+    }
+    match queue.recv_timeout(super::idle::RELEASE_AFTER) {
+        Ok(work) => Some(work),
+        Err(RecvTimeoutError::Disconnected) => None,
+        Err(RecvTimeoutError::Timeout) => {
+            steward_store::release_encode_buffers();
+            super::idle::collect();
+            queue.recv().ok()
+        }
+    }
+}
+
+/// A job for the commit thread.
+type CommitWork = Box<dyn FnOnce() + Send>;
 
 /// The outcome of the commit in flight (pending forever when there is none).
 pub(super) async fn commit_finished(

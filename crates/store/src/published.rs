@@ -249,17 +249,26 @@ fn compact(txn: &WriteTransaction) -> Result<(), redb::Error> {
 /// Applies one row's changes to `live`. A torn last entry cannot happen
 /// (rows are written whole in a transaction); a short one is ignored.
 fn fold(row: &[u8], live: &mut Live) {
-    for entry in row.chunks_exact(ENTRY_LEN) {
+    for (digest, hash) in changes(row) {
+        match hash {
+            Some(hash) => live.insert(digest, hash),
+            None => live.remove(&digest),
+        };
+    }
+}
+
+/// The changes of one row of the log, in order.
+fn changes(row: &[u8]) -> impl Iterator<Item = PublishedChange> + '_ {
+    row.chunks_exact(ENTRY_LEN).map(|entry| {
         let mut digest = [0u8; 16];
         digest.copy_from_slice(&entry[..16]);
-        if entry[16] == 1 {
+        let hash = (entry[16] == 1).then(|| {
             let mut hash = [0u8; 16];
             hash.copy_from_slice(&entry[17..]);
-            live.insert(digest, hash);
-        } else {
-            live.remove(&digest);
-        }
-    }
+            hash
+        });
+        (digest, hash)
+    })
 }
 
 /// Replays the log into `apply`, change by change in the order written:
@@ -279,16 +288,7 @@ pub(super) fn replay(
                     bytes.len()
                 )));
             }
-            for entry in bytes.chunks_exact(ENTRY_LEN) {
-                let mut digest = [0u8; 16];
-                digest.copy_from_slice(&entry[..16]);
-                let hash = (entry[16] == 1).then(|| {
-                    let mut hash = [0u8; 16];
-                    hash.copy_from_slice(&entry[17..]);
-                    hash
-                });
-                apply((digest, hash));
-            }
+            changes(bytes).for_each(&mut *apply);
         }
     }
     Ok(())
