@@ -162,7 +162,8 @@ fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom
             ),
         )
         .expect("change rows");
-    let status = Command::new(env!("CARGO_BIN_EXE_steward"))
+    // The binary under test (`STEWARD_BENCH_WRAPPER`) repairs its own state file.
+    let status = steward_devkit::bench_command(env!("CARGO_BIN_EXE_steward"))
         .args(["repair", "-c"])
         .arg(&config)
         .env("STEWARD_LOG", "off")

@@ -178,6 +178,7 @@ pub fn setup(
         pipeline.capture_rows(e);
     }
     store.load_governance_into(&mut governance)?;
+    governance.set_published_reader(store.published_reader());
     governance.finish_load();
     prune_audit(config, store);
     Ok(governance)
@@ -342,6 +343,9 @@ pub async fn seed_state(
             events = deletes;
         }
         let delta = governance.take_delta();
+        if let Some(error) = governance.published_error() {
+            anyhow::bail!("{error}");
+        }
         let appends: Vec<(&str, &Event)> = events
             .iter()
             .map(|(t, ev)| (config.targets[*t].name.as_str(), ev))
@@ -566,6 +570,9 @@ pub fn answer_offline(
     };
     let response = answer(store, &mut governance, version, req, &mut events);
     let mut delta: GovDelta = governance.take_delta();
+    if let Some(error) = governance.published_error() {
+        anyhow::bail!("{error}");
+    }
     if let (Some((entity, key)), Some(_)) = (release, &response.message) {
         let outcome = response.error.clone().unwrap_or_default();
         Actor::current(comment).stamp_release(&mut delta, &entity, &key, version, &outcome);

@@ -514,7 +514,7 @@ fn govern_parked_chunk(
         ),
     };
     let appended = committer.batch.len() > before;
-    committer.add(appended, take_delta(governance), position)?;
+    committer.add(appended, take_delta(governance)?, position)?;
     committer.flush_and_wait()?;
     let answer = if committer.stalled {
         Err("the state file does not accept writes; the snapshot chunk is read again".to_string())
@@ -768,7 +768,7 @@ async fn consume(
                             &txn.time,
                             &mut |events, governance| {
                                 appended |= !events.is_empty();
-                                committer.add_partial(events, take_delta(governance))
+                                committer.add_partial(events, take_delta(governance)?)
                             },
                         )
                     })?;
@@ -782,7 +782,7 @@ async fn consume(
                 }
                 spare_mapped = txn.mapped;
                 let appended = appended || committer.batch.len() > before;
-                committer.add(appended, take_delta(governance), end_lsn)?;
+                committer.add(appended, take_delta(governance)?, end_lsn)?;
                 snapshots.position = snapshots.position.max(end_lsn);
                 if snapshots.parked.is_some() {
                     govern_parked_chunk(config, governance, committer, snapshots)?;
@@ -810,7 +810,7 @@ fn answer_call(
     let mut events = Vec::new();
     let store = committer.store.clone();
     let response = govern::answer(&store, governance, version, call.request, &mut events);
-    let mut delta = take_delta(governance);
+    let mut delta = take_delta(governance)?;
     if let (Some((entity, key)), Some(_)) = (release, &response.message) {
         let outcome = response.error.clone().unwrap_or_default();
         let actor = call.actor.unwrap_or_else(|| govern::Actor {
@@ -858,9 +858,13 @@ fn fold_repeats(txn: &mut OpenTxn, from: usize) {
 
 /// The queued governance state changes; the quarantine and record-state
 /// gauges are refreshed when they changed, so they move with the batch
-/// that stores them.
-fn take_delta(governance: &mut Governance) -> GovDelta {
+/// that stores them. An error reading the published state from the store
+/// fails the batch: its decisions read that state as empty.
+fn take_delta(governance: &mut Governance) -> anyhow::Result<GovDelta> {
     let delta = governance.take_delta();
+    if let Some(error) = governance.published_error() {
+        anyhow::bail!("{error}");
+    }
     if delta
         .ops
         .iter()
@@ -871,7 +875,7 @@ fn take_delta(governance: &mut Governance) -> GovDelta {
     if governance.take_counts_changed() {
         govern::publish_records(governance);
     }
-    delta
+    Ok(delta)
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

@@ -9,9 +9,9 @@
 //!    last one sent (the published hash, `store::published`) is suppressed,
 //!    a different one is sent as an upsert, one no longer publishable is
 //!    unpublished (a delete, or an upsert with `on_unpublish = "upsert"`).
-//! 2. The keys the target was sent (the published names, appended in the
-//!    same commit as the hashes) are swept: those the snapshot does not have
-//!    are governed as deleted for the target.
+//! 2. The keys the target was sent (the published state's keys, listed in
+//!    the store's order) are swept: those the snapshot does not have are
+//!    governed as deleted for the target.
 //!
 //! Streaming goes on meanwhile; the job's window orders its events against
 //! streamed ones per key as for a snapshot, and records the stream changed

@@ -78,6 +78,8 @@ use steward_store::{ReconcileCounts, SnapshotJob, SnapshotPhase, Store, VersionC
 
 /// Keys looked up in the source per query while sweeping for keys gone.
 const SWEEP_BATCH: usize = 1000;
+/// Keys the target was sent read from the store at a time while sweeping.
+const SWEEP_KEYS: usize = 4 * SWEEP_BATCH;
 
 /// What a reconciliation's sweep reads and maps with.
 struct Sweep<'a> {
@@ -745,7 +747,7 @@ impl Worker {
     /// target holds of keys gone, the others are only forgotten: the
     /// target is taken to hold none of them (reading it again would find
     /// the rows whose deletes are still on their way). Resumable: the job
-    /// records the last row of names swept. Ok(false) when shutting down.
+    /// records the last key swept. Ok(false) when shutting down.
     async fn sweep(
         &self,
         reader: &SnapshotReader,
@@ -760,20 +762,21 @@ impl Worker {
             .iter()
             .filter_map(|k| sweep.relation.columns.iter().position(|c| &c.name == k))
             .collect();
-        let mut after = job.swept_to.unwrap_or(0);
         loop {
             if *self.shutdown.borrow() {
                 return Ok(false);
             }
-            let (mut keys, last) = block(|| {
-                self.store
-                    .published_keys(&job.target, &job.entity, after, 4)
+            let keys = block(|| {
+                self.store.published_keys(
+                    &job.target,
+                    &job.entity,
+                    job.swept_after.as_deref(),
+                    SWEEP_KEYS,
+                )
             })?;
-            let Some(last) = last else {
+            let Some(last) = keys.last().cloned() else {
                 return Ok(true);
             };
-            keys.sort_unstable();
-            keys.dedup();
             let mut counts = ReconcileCounts::default();
             for batch in keys.chunks(SWEEP_BATCH) {
                 let parts: Vec<Vec<String>> = batch.iter().map(|k| split_key(k)).collect();
@@ -827,8 +830,7 @@ impl Worker {
                 found.into_iter().for_each(|f| counts.add(f));
             }
             job.counts.add(counts);
-            job.swept_to = Some(last);
-            after = last;
+            job.swept_after = Some(last);
             block(|| self.store.put_snapshot_jobs(std::slice::from_ref(job)))?;
             super::reconcile::count(job, counts);
         }

@@ -71,18 +71,15 @@ pub struct AuditRecord {
 pub struct GovDelta {
     /// In the order they happened: the store applies them in this order.
     pub ops: Vec<GovOp>,
-    /// The (target, entity, key) names of records that became published to
-    /// a target, each as [`push_published_name`] writes it: the published
-    /// state is keyed by digests, and reconciliation needs the keys a target
-    /// was sent to find the ones gone from the source. Bytes, not strings,
-    /// so the hot path allocates nothing per record.
-    pub published_names: Vec<u8>,
-    /// Records the published state holds (published or withheld, per
-    /// target) after these changes; 0 when not known. The store compacts
-    /// its log of that state only once it outgrows twice this: while the
-    /// state grows (an initial snapshot) the log holds no superseded
-    /// changes, and compacting it would only cost memory and time.
-    pub published_live: u64,
+    /// Changes of what was last appended per target and record, each as
+    /// [`push_published_change`] writes it (in order; a later change of a
+    /// record replaces an earlier one). Bytes, not one op each, so the hot
+    /// path allocates nothing per record and target.
+    pub published: Vec<u8>,
+    /// The governance's generation of these published changes (see
+    /// [`PublishedReader`]); 0 when there are none. Deltas appended
+    /// together keep the latest.
+    pub generation: u64,
 }
 
 /// One change of the durable governance state.
@@ -96,14 +93,6 @@ pub enum GovOp {
         key: String,
         /// The row as a JSON object; `None`: no longer tracked.
         row: Option<Vec<u8>>,
-    },
-    /// What was last appended for a record to a target changed.
-    Published {
-        /// [`published_digest`] of (target, entity, key).
-        digest: [u8; 16],
-        /// A hash of the document appended (all zeros: withheld from the
-        /// target); `None`: no longer published.
-        hash: Option<[u8; 16]>,
     },
     /// A business-key value claimed or given up.
     Unique {
@@ -132,7 +121,7 @@ pub enum GovOp {
 impl GovDelta {
     /// Whether nothing changed.
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty() && self.published_names.is_empty()
+        self.ops.is_empty() && self.published.is_empty()
     }
 
     /// Adds `other`'s changes after this one's.
@@ -143,12 +132,12 @@ impl GovDelta {
         } else {
             self.ops.extend(other.ops);
         }
-        if self.published_names.is_empty() {
-            self.published_names = other.published_names;
+        if self.published.is_empty() {
+            self.published = other.published;
         } else {
-            self.published_names.extend(other.published_names);
+            self.published.extend(other.published);
         }
-        self.published_live = other.published_live;
+        self.generation = self.generation.max(other.generation);
     }
 }
 
@@ -159,8 +148,6 @@ impl GovDelta {
 pub struct GovSnapshot {
     /// Tracked rows: (entity, key, row as a JSON object).
     pub rows: Vec<(String, String, Vec<u8>)>,
-    /// [`published_digest`] → document hash.
-    pub published: std::collections::BTreeMap<[u8; 16], [u8; 16]>,
     /// Claimed business-key values: (entity, field, normalised value, holder key).
     pub unique: Vec<(String, String, String, String)>,
     /// Records held in quarantine.
@@ -168,15 +155,12 @@ pub struct GovSnapshot {
 }
 
 /// Takes the governance state the store reads back at start, one piece at
-/// a time, so that none of it is in memory twice while it loads: restoring
-/// a million records' published hashes from a copy of them all would need
-/// the copy as well (the store's `load_governance_into`).
+/// a time, so that none of it is in memory twice while it loads (the
+/// store's `load_governance_into`). The published state is not loaded: the
+/// governance reads it from the store as it needs it ([`PublishedReader`]).
 pub trait GovLoader {
     /// A tracked row: its entity, key and JSON object as bytes.
     fn row(&mut self, entity: &str, key: &str, row: &[u8]);
-    /// One change of the published state, in the order they were written:
-    /// applying all of them in turn gives the live state.
-    fn published(&mut self, change: PublishedChange);
     /// A claimed business-key value: entity, field, normalised value, holder key.
     fn unique(&mut self, entity: &str, field: &str, value: &str, holder: &str);
     /// A record held in quarantine.
@@ -186,13 +170,6 @@ pub trait GovLoader {
 impl GovLoader for GovSnapshot {
     fn row(&mut self, entity: &str, key: &str, row: &[u8]) {
         self.rows.push((entity.into(), key.into(), row.to_vec()));
-    }
-
-    fn published(&mut self, (digest, hash): PublishedChange) {
-        match hash {
-            Some(hash) => self.published.insert(digest, hash),
-            None => self.published.remove(&digest),
-        };
     }
 
     fn unique(&mut self, entity: &str, field: &str, value: &str, holder: &str) {
@@ -205,14 +182,9 @@ impl GovLoader for GovSnapshot {
     }
 }
 
-/// One change: the record's digest and its new hash (`None`: no longer published).
-pub type PublishedChange = ([u8; 16], Option<[u8; 16]>);
-/// One live entry: the record's digest and the hash of its last document.
-pub type PublishedEntry = ([u8; 16], [u8; 16]);
-
-/// The key of one (target, entity, key) in the published state. BLAKE3 over
-/// length-prefixed names: unambiguous, and stable across configuration
-/// changes (names, not positions in the configuration).
+/// The key of one (target, entity, key) in the governance's memory: a
+/// BLAKE3 digest over length-prefixed names, unambiguous and stable across
+/// configuration changes (names, not positions in the configuration).
 pub fn published_digest(target: &str, entity: &str, key: &str) -> [u8; 16] {
     // Assembled on the stack and hashed in one call: the incremental
     // hasher's set-up and finalisation cost more than the hashing here.
@@ -236,29 +208,175 @@ pub fn published_digest(target: &str, entity: &str, key: &str) -> [u8; 16] {
     out
 }
 
-/// Appends one (target, entity, key) name to `out`: each part as a
-/// little-endian `u32` length and its bytes.
-pub fn push_published_name(out: &mut Vec<u8>, target: &str, entity: &str, key: &str) {
-    for part in [target, entity, key] {
-        out.extend_from_slice(&(part.len() as u32).to_le_bytes());
-        out.extend_from_slice(part.as_bytes());
+/// The document hash the store keeps for a record withheld from a target
+/// (gated, not routed, quarantined): a decision exists, nothing was sent.
+pub const WITHHELD: [u8; 16] = [0u8; 16];
+
+/// The published state as the store holds it, read by the governance for
+/// the records it decides about (what was last appended per target and
+/// record: a document hash, [`WITHHELD`], or nothing), so that none of it
+/// needs to be in memory. The governance keeps its own changes in memory
+/// until the store shows them: each delta's changes carry a generation
+/// ([`GovDelta::generation`], from [`PublishedReader::next_generation`]),
+/// and once the store has committed a generation, [`PublishedReader::refresh`]
+/// reports it and reading sees it.
+pub trait PublishedReader: Send {
+    /// The stored hash for (target, entity, key), as of the last refresh.
+    /// A read error is kept (see [`PublishedReader::error`]) and reads as
+    /// nothing stored.
+    fn get(&self, target: &str, entity: &str, key: &str) -> Option<[u8; 16]>;
+    /// Reads from now on see every commit of a generation up to the one
+    /// returned (and of none the governance still needs in memory).
+    fn refresh(&mut self) -> u64;
+    /// A new generation, greater than any handed out before for this store.
+    fn next_generation(&mut self) -> u64;
+    /// The first read error since the last call, if any: the decisions made
+    /// since must not be committed.
+    fn error(&mut self) -> Option<String>;
+    /// Lets go of what a refresh holds (the store's read transaction) while idle.
+    fn release(&mut self) {}
+}
+
+/// A [`PublishedReader`] over a map of store keys ([`published_store_key`])
+/// that never sees later commits: the published state of tests and tools,
+/// and an empty one for a governance without a store.
+#[derive(Debug, Default)]
+pub struct MemoryPublished {
+    /// Store key → hash.
+    pub map: std::collections::BTreeMap<Vec<u8>, [u8; 16]>,
+    generation: u64,
+}
+
+impl MemoryPublished {
+    /// Applies the published changes of `delta`.
+    pub fn apply(&mut self, delta: &GovDelta) {
+        for (key, hash) in published_changes(&delta.published) {
+            match hash {
+                Some(hash) => self.map.insert(key.to_vec(), hash),
+                None => self.map.remove(key),
+            };
+        }
     }
 }
 
-/// The names [`push_published_name`] wrote to `bytes`, in order; stops at
-/// a torn entry (never written: entries are stored whole).
-pub fn published_names(bytes: &[u8]) -> impl Iterator<Item = [&str; 3]> + '_ {
+impl PublishedReader for MemoryPublished {
+    fn get(&self, target: &str, entity: &str, key: &str) -> Option<[u8; 16]> {
+        let mut k = Vec::new();
+        published_store_key(target, entity, key, &mut k);
+        self.map.get(&k).copied()
+    }
+
+    fn refresh(&mut self) -> u64 {
+        0
+    }
+
+    fn next_generation(&mut self) -> u64 {
+        self.generation += 1;
+        self.generation
+    }
+
+    fn error(&mut self) -> Option<String> {
+        None
+    }
+}
+
+/// The store's key of one (target, entity, key): each name with a
+/// big-endian 16-bit length, then the key, a canonical unsigned integer as
+/// `1` and its 8 big-endian bytes (so numeric keys sort as numbers, and a
+/// table read in key order meets them in order), any other key as `2` and
+/// its bytes. Every (target, entity) is one contiguous range.
+pub fn published_store_key(target: &str, entity: &str, key: &str, out: &mut Vec<u8>) {
+    published_store_prefix(target, entity, out);
+    match canonical_integer(key) {
+        Some(n) => {
+            out.push(1);
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+        None => {
+            out.push(2);
+            out.extend_from_slice(key.as_bytes());
+        }
+    }
+}
+
+/// The start of every store key of (target, entity).
+pub fn published_store_prefix(target: &str, entity: &str, out: &mut Vec<u8>) {
+    for name in [target, entity] {
+        let len = name.len().min(u16::MAX as usize);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+        out.extend_from_slice(&name.as_bytes()[..len]);
+    }
+}
+
+/// The record key of a store key that starts with `prefix`
+/// ([`published_store_prefix`]); `None` for another prefix or bytes that
+/// [`published_store_key`] does not write.
+pub fn published_key_of(store_key: &[u8], prefix: &[u8]) -> Option<String> {
+    let rest = store_key.strip_prefix(prefix)?;
+    match rest.split_first()? {
+        (1, n) => Some(u64::from_be_bytes(n.try_into().ok()?).to_string()),
+        (2, k) => String::from_utf8(k.to_vec()).ok(),
+        _ => None,
+    }
+}
+
+/// `key` as an unsigned integer when it is one written canonically (no sign,
+/// no leading zero), so that writing the number back gives `key` again.
+fn canonical_integer(key: &str) -> Option<u64> {
+    let b = key.as_bytes();
+    if b.is_empty() || b.len() > 20 || !b.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    if b.len() > 1 && b[0] == b'0' {
+        return None;
+    }
+    key.parse().ok()
+}
+
+/// Appends one published change to `out`: the store key's length (`u32`,
+/// little-endian) and bytes, then `1` and the hash, or `0` when the record
+/// is no longer published nor withheld.
+pub fn push_published_change(
+    out: &mut Vec<u8>,
+    target: &str,
+    entity: &str,
+    key: &str,
+    hash: Option<[u8; 16]>,
+) {
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    published_store_key(target, entity, key, out);
+    let len = (out.len() - at - 4) as u32;
+    out[at..at + 4].copy_from_slice(&len.to_le_bytes());
+    match hash {
+        Some(hash) => {
+            out.push(1);
+            out.extend_from_slice(&hash);
+        }
+        None => out.push(0),
+    }
+}
+
+/// The changes [`push_published_change`] wrote to `bytes`, in order; stops
+/// at a torn entry (never written: entries are stored whole).
+pub fn published_changes(bytes: &[u8]) -> impl Iterator<Item = (&[u8], Option<[u8; 16]>)> + '_ {
     let mut at = 0usize;
     std::iter::from_fn(move || {
-        let mut parts = [""; 3];
-        for part in &mut parts {
-            let len_bytes = bytes.get(at..at + 4)?;
-            let len = u32::from_le_bytes(len_bytes.try_into().ok()?) as usize;
-            let text = bytes.get(at + 4..at + 4 + len)?;
-            *part = std::str::from_utf8(text).ok()?;
-            at += 4 + len;
-        }
-        Some(parts)
+        let len = u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
+        let key = bytes.get(at + 4..at + 4 + len)?;
+        at += 4 + len;
+        let hash = match *bytes.get(at)? {
+            1 => {
+                let hash: [u8; 16] = bytes.get(at + 1..at + 17)?.try_into().ok()?;
+                at += 17;
+                Some(hash)
+            }
+            _ => {
+                at += 1;
+                None
+            }
+        };
+        Some((key, hash))
     })
 }
 
@@ -330,5 +448,63 @@ impl ReconcileCounts {
         } else {
             self.resent += 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store_key(target: &str, entity: &str, key: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        published_store_key(target, entity, key, &mut out);
+        out
+    }
+
+    #[test]
+    fn store_keys_sort_numbers_as_numbers_and_give_the_key_back() {
+        let keys = ["0", "9", "10", "99", "100", "18446744073709551615"];
+        let encoded: Vec<Vec<u8>> = keys.iter().map(|k| store_key("t", "e", k)).collect();
+        assert!(encoded.windows(2).all(|w| w[0] < w[1]), "numeric order");
+        // Not canonical integers: kept as text, after every number.
+        for other in ["007", "-1", "1.5", "18446744073709551616", "", "a|b", "1 "] {
+            let k = store_key("t", "e", other);
+            assert!(k > *encoded.last().unwrap(), "{other:?}");
+            let mut prefix = Vec::new();
+            published_store_prefix("t", "e", &mut prefix);
+            assert_eq!(published_key_of(&k, &prefix).as_deref(), Some(other));
+        }
+        let mut prefix = Vec::new();
+        published_store_prefix("t", "e", &mut prefix);
+        for (k, e) in keys.iter().zip(&encoded) {
+            assert_eq!(published_key_of(e, &prefix).as_deref(), Some(*k));
+        }
+        // Names are length-prefixed: no (target, entity) is another's prefix.
+        assert_ne!(store_key("ab", "c", "1"), store_key("a", "bc", "1"));
+        let mut other = Vec::new();
+        published_store_prefix("t", "ex", &mut other);
+        assert_eq!(published_key_of(&store_key("t", "ex", "1"), &prefix), None);
+        assert!(!store_key("t", "e", "1").starts_with(&other));
+    }
+
+    #[test]
+    fn published_changes_read_back_as_written() {
+        let mut bytes = Vec::new();
+        push_published_change(&mut bytes, "mes", "product", "42", Some([7; 16]));
+        push_published_change(&mut bytes, "mes", "product", "x", None);
+        push_published_change(&mut bytes, "wms", "partner", "1|2", Some(WITHHELD));
+        let changes: Vec<(Vec<u8>, Option<[u8; 16]>)> = published_changes(&bytes)
+            .map(|(k, h)| (k.to_vec(), h))
+            .collect();
+        assert_eq!(
+            changes,
+            [
+                (store_key("mes", "product", "42"), Some([7; 16])),
+                (store_key("mes", "product", "x"), None),
+                (store_key("wms", "partner", "1|2"), Some(WITHHELD)),
+            ]
+        );
+        // A torn last entry is not read.
+        assert_eq!(published_changes(&bytes[..bytes.len() - 3]).count(), 2);
     }
 }

@@ -41,7 +41,6 @@ pub(super) fn apply(
     }
     let mut seqs = AppendSeqs::new(appends, last);
     let mut rows = txn.open_table(GOV_ROWS)?;
-    let mut published = Vec::new();
     let mut unique = txn.open_table(GOV_UNIQUE)?;
     let mut quarantine = txn.open_table(super::quarantine::QUARANTINE)?;
     let mut audit = Vec::new();
@@ -58,7 +57,6 @@ pub(super) fn apply(
                     }
                 }
             }
-            GovOp::Published { digest, hash } => published.push((*digest, *hash)),
             GovOp::Unique {
                 entity,
                 field,
@@ -99,12 +97,7 @@ pub(super) fn apply(
         }
     }
     drop((rows, unique, quarantine));
-    super::published::append(
-        txn,
-        &published,
-        &delta.published_names,
-        delta.published_live,
-    )?;
+    super::published::apply(txn, &delta.published)?;
     super::audit::append(txn, &audit)
 }
 
@@ -232,6 +225,9 @@ pub trait GovernanceState {
         Ok(snap)
     }
 
+    /// The published state as the governance reads it, record by record.
+    fn published_reader(&self) -> Box<dyn steward_core::state::PublishedReader>;
+
     /// Applies a governance delta outside a source commit (a quarantine
     /// release on a stopped daemon), together with the events it produced.
     fn apply_governance(
@@ -248,9 +244,13 @@ impl GovernanceState for Store {
         appends: &[(&str, &Event)],
         delta: &GovDelta,
     ) -> Result<Vec<(String, u64)>, StoreError> {
-        self.commit_with(checkpoint, appends, &mut |txn, last| {
+        let out = self.commit_with(checkpoint, appends, &mut |txn, last| {
             apply(txn, delta, appends, last).map_err(Box::new)
-        })
+        })?;
+        self.inner
+            .visible_generation
+            .fetch_max(delta.generation, std::sync::atomic::Ordering::AcqRel);
+        Ok(out)
     }
 
     fn load_governance_into(&self, into: &mut dyn GovLoader) -> Result<(), StoreError> {
@@ -263,7 +263,6 @@ impl GovernanceState for Store {
                     }
                 }
             }
-            super::published::replay(txn, &mut |change| into.published(change))?;
             if let Some(t) = open_or_empty!(txn, GOV_UNIQUE) {
                 for item in t.iter()? {
                     let (k, v) = item?;
@@ -286,6 +285,10 @@ impl GovernanceState for Store {
     ) -> Result<Vec<(String, u64)>, StoreError> {
         let checkpoint = self.checkpoint()?.unwrap_or(Lsn::ZERO);
         self.commit_governed(checkpoint, appends, delta)
+    }
+
+    fn published_reader(&self) -> Box<dyn steward_core::state::PublishedReader> {
+        Box::new(super::published::Reader::new(self.clone()))
     }
 }
 

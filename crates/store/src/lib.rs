@@ -172,6 +172,10 @@ struct Inner {
     /// Durable commits made by this handle: a lazy commit is durable once
     /// this has moved past its value at the lazy commit.
     durable_commits: AtomicU64,
+    /// The latest generation of governance changes committed (see
+    /// [`steward_core::state::PublishedReader`]), and the last handed out.
+    visible_generation: AtomicU64,
+    next_generation: AtomicU64,
 }
 
 /// Delivery figures of one target, for status output and metrics.
@@ -226,15 +230,24 @@ impl Store {
                 opener,
                 lazy_commits: AtomicU32::new(0),
                 durable_commits: AtomicU64::new(0),
+                visible_generation: AtomicU64::new(0),
+                next_generation: AtomicU64::new(0),
             }),
         };
         // Creating the fixed tables up front lets readers treat a missing one as corruption.
-        store.write(Durability::Immediate, |txn| {
+        let migrated = store.write(Durability::Immediate, |txn| {
             txn.open_table(TARGETS)?;
             txn.open_table(META)?;
             txn.open_table(COUNTERS)?;
-            Ok(())
+            published::migrate_legacy(txn).map_err(|e| TxnError::Redb(Box::new(e)))
         })?;
+        if let Some(entries) = migrated {
+            tracing::info!(
+                path = %path.display(),
+                entries,
+                "moved the published state into its own table"
+            );
+        }
         Ok(store)
     }
 

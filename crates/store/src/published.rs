@@ -1,310 +1,341 @@
 //! The hash of the last document appended per target and record (no-op
-//! suppression and "was published" for lifecycle gates and routing), keyed
-//! by [`published_digest`].
+//! suppression, "was published" for lifecycle gates and routing, and the
+//! keys a target holds for reconciliation), keyed by
+//! [`published_store_key`]: one table, read by the governance record by
+//! record ([`Reader`]) instead of held in its memory.
 //!
-//! Stored as a log of changes, one redb row per commit (up to
-//! [`ENTRIES_PER_ROW`] changes of [`ENTRY_LEN`] bytes each), replayed at
-//! start-up. A row per record costs a B-tree insert per delivered event,
-//! half of the commit thread's time on the product-insert workload (perf on
-//! `cargo bench --bench e2e -- W1`). The log is compacted in
-//! the commit that takes it past twice the live set (plus
-//! [`COMPACT_SLACK`]), so it stays within a small multiple of the live set
-//! and each change is rewritten a bounded number of times. The live set is
-//! the governance's count when it gives one: a log that only grows with it
-//! (an initial snapshot) has nothing to drop and is left alone.
+//! Keys sort by target, entity, then key, with numeric keys as numbers: the
+//! records of one change or one snapshot chunk (consecutive ids, mostly)
+//! share leaf pages, so a batch's inserts and reads touch few pages and a
+//! (target, entity) is one range to list.
 
-use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, PoisonError};
+
+use redb::{
+    ReadOnlyTable, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    TableHandle, WriteTransaction,
+};
 use steward_core::pipeline::slot_map::SlotMap;
+use steward_core::state::{
+    published_changes, published_key_of, published_store_key, published_store_prefix,
+    PublishedReader, WITHHELD,
+};
 
 use super::tables::open_or_empty;
-use super::TxnError;
+use super::{Store, TxnError};
 
-/// Row number → changes, each `digest (16) | present (1) | hash (16)`.
-pub(crate) const PUBLISHED_LOG: TableDefinition<u64, &[u8]> =
-    TableDefinition::new("gov_published_log");
+/// [`published_store_key`] → the document's hash ([`WITHHELD`]: withheld).
+pub(crate) const GOV_PUBLISHED: TableDefinition<&[u8], [u8; 16]> =
+    TableDefinition::new("gov_published");
 
-/// The log's own counters (the commit holds the store's `counters` table
-/// open while governance state is written).
-const LOG_COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("gov_published_counters");
-/// Changes in the log (live or superseded).
-const LOG_ENTRIES: &str = "log_entries";
-/// Live entries right after the last compaction.
-const LIVE_AT_COMPACTION: &str = "live_at_compaction";
-
-pub(crate) const ENTRY_LEN: usize = 33;
-/// About 60 KiB a row, like outbox chunks.
-pub(crate) const ENTRIES_PER_ROW: usize = 1860;
-/// Superseded entries tolerated beyond the live set before compacting.
-pub(crate) const COMPACT_SLACK: u64 = 100_000;
-
-/// Row number → (target, entity, key) names of records that became
-/// published to a target, as `steward_core::state::push_published_name`
-/// writes them: the keys a target was sent, which the digests of
-/// [`PUBLISHED_LOG`] cannot give back. Appended once per record and target
-/// when it goes from not published to published (not on every change),
-/// compacted with the log (names no longer published are dropped). Row
-/// numbers only grow, also across compactions, so a reader paging by row
-/// number meets every name live when it started.
-pub(crate) const PUBLISHED_NAMES: TableDefinition<u64, &[u8]> =
-    TableDefinition::new("gov_published_names");
-/// The next row number of [`PUBLISHED_NAMES`].
-const NAMES_NEXT_ROW: &str = "names_next_row";
-/// About 60 KiB a row of names.
-const NAMES_ROW_BYTES: usize = 60 * 1024;
-
-#[cfg(test)]
-pub(crate) use steward_core::state::published_digest;
-pub(crate) use steward_core::state::PublishedChange;
-
-/// Appends `changes` (in order) inside `txn`, compacting the log when due:
-/// when it holds more than twice the live entries (plus [`COMPACT_SLACK`]),
-/// the live entries being `live` as the governance counts them after these
-/// changes, or as many as the last compaction kept if that is more (`live`
-/// is 0 when not known).
+/// Applies the published changes of a delta inside `txn`, in order.
 #[allow(clippy::result_large_err)] // redb's own error type, boxed by the caller
-pub(super) fn append(
-    txn: &WriteTransaction,
-    changes: &[PublishedChange],
-    names: &[u8],
-    live: u64,
-) -> Result<(), redb::Error> {
-    if !names.is_empty() {
-        append_names(txn, names)?;
-    }
+pub(super) fn apply(txn: &WriteTransaction, changes: &[u8]) -> Result<(), redb::Error> {
     if changes.is_empty() {
         return Ok(());
     }
-    write_rows(txn, changes.iter().copied())?;
-    let mut counters = txn.open_table(LOG_COUNTERS)?;
-    let entries = counters.get(LOG_ENTRIES)?.map_or(0, |v| v.value()) + changes.len() as u64;
-    counters.insert(LOG_ENTRIES, entries)?;
-    let live = counters
-        .get(LIVE_AT_COMPACTION)?
-        .map_or(0, |v| v.value())
-        .max(live);
-    drop(counters);
-    if entries > live.saturating_mul(2).saturating_add(COMPACT_SLACK) {
-        compact(txn)?;
-    }
-    Ok(())
-}
-
-#[allow(clippy::result_large_err)]
-fn write_rows(
-    txn: &WriteTransaction,
-    changes: impl ExactSizeIterator<Item = PublishedChange>,
-) -> Result<(), redb::Error> {
-    let mut log = txn.open_table(PUBLISHED_LOG)?;
-    let mut next = log.last()?.map_or(1, |(row, _)| row.value() + 1);
-    let mut row = Vec::with_capacity(changes.len().min(ENTRIES_PER_ROW) * ENTRY_LEN);
-    for (digest, hash) in changes {
-        row.extend_from_slice(&digest);
-        row.push(u8::from(hash.is_some()));
-        row.extend_from_slice(&hash.unwrap_or_default());
-        if row.len() == ENTRIES_PER_ROW * ENTRY_LEN {
-            log.insert(next, row.as_slice())?;
-            next += 1;
-            row.clear();
-        }
-    }
-    if !row.is_empty() {
-        log.insert(next, row.as_slice())?;
-    }
-    Ok(())
-}
-
-/// Appends encoded names, split into rows at entry boundaries.
-#[allow(clippy::result_large_err)]
-fn append_names(txn: &WriteTransaction, names: &[u8]) -> Result<(), redb::Error> {
-    let mut counters = txn.open_table(LOG_COUNTERS)?;
-    let mut next = counters.get(NAMES_NEXT_ROW)?.map_or(1, |v| v.value());
-    let mut table = txn.open_table(PUBLISHED_NAMES)?;
-    let mut start = 0usize;
-    let mut at = 0usize;
-    for entry in name_entries(names) {
-        if at + entry.len() - start > NAMES_ROW_BYTES && at > start {
-            table.insert(next, &names[start..at])?;
-            next += 1;
-            start = at;
-        }
-        at += entry.len();
-    }
-    if at > start {
-        table.insert(next, &names[start..at])?;
-        next += 1;
-    }
-    counters.insert(NAMES_NEXT_ROW, next)?;
-    Ok(())
-}
-
-/// The encoded entries of `bytes`, each whole (three length-prefixed parts).
-fn name_entries(bytes: &[u8]) -> impl Iterator<Item = &[u8]> + '_ {
-    let mut at = 0usize;
-    std::iter::from_fn(move || {
-        let begin = at;
-        for _ in 0..3 {
-            let len = u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
-            at += 4 + len;
-        }
-        bytes.get(begin..at)
-    })
-}
-
-/// Drops the names whose record is no longer published (or is named twice),
-/// rewriting the rest after the last row number. Consumes `live`: a name is
-/// kept when its digest is still there, published, and taken out, so the
-/// second name of a record finds it gone. Kept names are written a row at a
-/// time, not gathered first.
-#[allow(clippy::result_large_err)]
-fn compact_names(txn: &WriteTransaction, live: &mut Live) -> Result<(), redb::Error> {
-    let last_old = {
-        let counters = txn.open_table(LOG_COUNTERS)?;
-        let next = counters.get(NAMES_NEXT_ROW)?.map_or(1, |v| v.value());
-        next - 1
-    };
-    let mut kept = Vec::new();
-    loop {
-        let row = {
-            let mut table = txn.open_table(PUBLISHED_NAMES)?;
-            let first = table.first()?.map(|(row, _)| row.value());
-            match first {
-                Some(row) if row <= last_old => {
-                    table.remove(row)?.map(|bytes| bytes.value().to_vec())
-                }
-                _ => None,
+    let mut table = txn.open_table(GOV_PUBLISHED)?;
+    for (key, hash) in published_changes(changes) {
+        match hash {
+            Some(hash) => {
+                table.insert(key, hash)?;
             }
-        };
-        let Some(row) = row else {
-            break;
-        };
-        for entry in name_entries(&row) {
-            let Some([t, e, k]) = steward_core::state::published_names(entry).next() else {
-                continue;
-            };
-            let digest = steward_core::state::published_digest(t, e, k);
-            if live.remove(&digest).is_some_and(|h| h != [0u8; 16]) {
-                kept.extend_from_slice(entry);
+            None => {
+                table.remove(key)?;
             }
         }
-        if kept.len() >= NAMES_ROW_BYTES {
-            append_names(txn, &kept)?;
-            kept.clear();
-        }
-    }
-    if !kept.is_empty() {
-        append_names(txn, &kept)?;
     }
     Ok(())
 }
 
-/// The keys of `entity` named for `target` in up to `rows` rows of names
-/// after row `after`, and the last row read (`None`: no rows after it).
+/// Up to `max` keys of `entity` that `target` was sent (published, not
+/// withheld), in the table's order, after key `after` (`None`: from the first).
 pub(super) fn keys_after(
     txn: &redb::ReadTransaction,
     target: &str,
     entity: &str,
-    after: u64,
-    rows: usize,
-) -> Result<(Vec<String>, Option<u64>), TxnError> {
+    after: Option<&str>,
+    max: usize,
+) -> Result<Vec<String>, TxnError> {
+    let mut prefix = Vec::new();
+    published_store_prefix(target, entity, &mut prefix);
+    let mut start = prefix.clone();
+    match after {
+        Some(key) => {
+            start.clear();
+            published_store_key(target, entity, key, &mut start);
+            // The least key after `key`'s.
+            start.push(0);
+        }
+        None => start.push(0),
+    }
     let mut keys = Vec::new();
-    let mut last = None;
-    if let Some(t) = open_or_empty!(txn, PUBLISHED_NAMES) {
-        for item in t.range(after + 1..)?.take(rows) {
-            let (row, bytes) = item?;
-            last = Some(row.value());
-            for [t, e, k] in steward_core::state::published_names(bytes.value()) {
-                if t == target && e == entity {
-                    keys.push(k.to_string());
+    if let Some(t) = open_or_empty!(txn, GOV_PUBLISHED) {
+        for item in t.range(start.as_slice()..)? {
+            let (k, hash) = item?;
+            let k = k.value();
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            if hash.value() == WITHHELD {
+                continue;
+            }
+            match published_key_of(k, &prefix) {
+                Some(key) => keys.push(key),
+                None => {
+                    return Err(TxnError::Corrupt(format!(
+                        "gov_published holds a key steward does not write: {k:?}"
+                    )))
+                }
+            }
+            if keys.len() >= max {
+                break;
+            }
+        }
+    }
+    Ok(keys)
+}
+
+/// Entries of the table (for tests and figures).
+pub(super) fn entries(txn: &redb::ReadTransaction) -> Result<u64, TxnError> {
+    Ok(match open_or_empty!(txn, GOV_PUBLISHED) {
+        Some(t) => t.len()?,
+        None => 0,
+    })
+}
+
+/// The published state of state files written before it had a table of its
+/// own: a log of (digest, hash) changes and, apart, the names of the records
+/// that became published. Read once into [`GOV_PUBLISHED`], then dropped.
+const LEGACY_LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("gov_published_log");
+const LEGACY_NAMES: TableDefinition<u64, &[u8]> = TableDefinition::new("gov_published_names");
+const LEGACY_COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("gov_published_counters");
+const LEGACY_ENTRY_LEN: usize = 33;
+
+/// Moves a legacy published log into [`GOV_PUBLISHED`]; returns the entries
+/// moved, or `None` when there was no log. A digest cannot be turned back
+/// into its names, so only records named in the log's names (those sent a
+/// document) move; records only withheld from a target are not carried
+/// over, and a re-read after a configuration change treats them as never
+/// decided about.
+#[allow(clippy::result_large_err)]
+pub(super) fn migrate_legacy(txn: &WriteTransaction) -> Result<Option<u64>, redb::Error> {
+    let exists = txn.list_tables()?.any(|t| t.name() == LEGACY_LOG.name());
+    if !exists {
+        return Ok(None);
+    }
+    let mut live: SlotMap<[u8; 16], [u8; 16]> = SlotMap::default();
+    {
+        let log = txn.open_table(LEGACY_LOG)?;
+        for item in log.iter()? {
+            let (_, row) = item?;
+            for entry in row.value().chunks_exact(LEGACY_ENTRY_LEN) {
+                let mut digest = [0u8; 16];
+                digest.copy_from_slice(&entry[..16]);
+                if entry[16] == 1 {
+                    let mut hash = [0u8; 16];
+                    hash.copy_from_slice(&entry[17..]);
+                    live.insert(digest, hash);
+                } else {
+                    live.remove(&digest);
                 }
             }
         }
     }
-    Ok((keys, last))
-}
-
-/// The live state while the log is compacted: digest → hash, at most 36
-/// bytes an entry (a hash table takes 38 to 66, and more while it grows).
-type Live = SlotMap<[u8; 16], [u8; 16]>;
-
-/// Replaces the log by its live entries.
-#[allow(clippy::result_large_err)]
-fn compact(txn: &WriteTransaction) -> Result<(), redb::Error> {
-    let mut live = {
-        let mut log = txn.open_table(PUBLISHED_LOG)?;
-        let mut live = Live::default();
-        while let Some((_, row)) = log.pop_first()? {
-            fold(row.value(), &mut live);
+    let mut moved = 0;
+    {
+        let names = txn.open_table(LEGACY_NAMES)?;
+        let mut table = txn.open_table(GOV_PUBLISHED)?;
+        let mut key = Vec::new();
+        for item in names.iter()? {
+            let (_, bytes) = item?;
+            for [t, e, k] in legacy_names(bytes.value()) {
+                let digest = steward_core::state::published_digest(t, e, k);
+                // Taken out, so that a record named twice moves once.
+                if let Some(hash) = live.remove(&digest).filter(|h| *h != WITHHELD) {
+                    key.clear();
+                    published_store_key(t, e, k, &mut key);
+                    table.insert(key.as_slice(), hash)?;
+                    moved += 1;
+                }
+            }
         }
-        live
-    };
-    let n = live.len() as u64;
-    write_rows(txn, live.iter().map(|(d, h)| (d, Some(h))))?;
-    compact_names(txn, &mut live)?;
-    let mut counters = txn.open_table(LOG_COUNTERS)?;
-    counters.insert(LOG_ENTRIES, n)?;
-    counters.insert(LIVE_AT_COMPACTION, n)?;
-    Ok(())
-}
-
-/// Applies one row's changes to `live`. A torn last entry cannot happen
-/// (rows are written whole in a transaction); a short one is ignored.
-fn fold(row: &[u8], live: &mut Live) {
-    for (digest, hash) in changes(row) {
-        match hash {
-            Some(hash) => live.insert(digest, hash),
-            None => live.remove(&digest),
-        };
     }
+    txn.delete_table(LEGACY_LOG)?;
+    txn.delete_table(LEGACY_NAMES)?;
+    txn.delete_table(LEGACY_COUNTERS)?;
+    Ok(Some(moved))
 }
 
-/// The changes of one row of the log, in order.
-fn changes(row: &[u8]) -> impl Iterator<Item = PublishedChange> + '_ {
-    row.chunks_exact(ENTRY_LEN).map(|entry| {
-        let mut digest = [0u8; 16];
-        digest.copy_from_slice(&entry[..16]);
-        let hash = (entry[16] == 1).then(|| {
-            let mut hash = [0u8; 16];
-            hash.copy_from_slice(&entry[17..]);
-            hash
-        });
-        (digest, hash)
+/// The (target, entity, key) names of a legacy names row: each part a
+/// little-endian `u32` length and its bytes.
+fn legacy_names(bytes: &[u8]) -> impl Iterator<Item = [&str; 3]> + '_ {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        let mut parts = [""; 3];
+        for part in &mut parts {
+            let len = u32::from_le_bytes(bytes.get(at..at + 4)?.try_into().ok()?) as usize;
+            *part = std::str::from_utf8(bytes.get(at + 4..at + 4 + len)?).ok()?;
+            at += 4 + len;
+        }
+        Some(parts)
     })
 }
 
-/// Replays the log into `apply`, change by change in the order written:
-/// nothing but one row at a time is held here.
-pub(super) fn replay(
-    txn: &redb::ReadTransaction,
-    apply: &mut dyn FnMut(PublishedChange),
-) -> Result<(), TxnError> {
-    if let Some(t) = open_or_empty!(txn, PUBLISHED_LOG) {
-        for item in t.iter()? {
-            let (row, bytes) = item?;
-            let bytes = bytes.value();
-            if bytes.len() % ENTRY_LEN != 0 {
-                return Err(TxnError::Corrupt(format!(
-                    "gov_published_log row {} is {} bytes, not a multiple of {ENTRY_LEN}",
-                    row.value(),
-                    bytes.len()
-                )));
-            }
-            changes(bytes).for_each(&mut *apply);
+/// Writes a legacy log and names (for the migration's test).
+#[cfg(test)]
+pub(super) fn write_legacy(
+    txn: &WriteTransaction,
+    changes: &[([u8; 16], Option<[u8; 16]>)],
+    names: &[[&str; 3]],
+) -> Result<(), redb::Error> {
+    let mut row = Vec::new();
+    for (digest, hash) in changes {
+        row.extend_from_slice(digest);
+        row.push(u8::from(hash.is_some()));
+        row.extend_from_slice(&hash.unwrap_or_default());
+    }
+    txn.open_table(LEGACY_LOG)?.insert(1, row.as_slice())?;
+    let mut bytes = Vec::new();
+    for name in names {
+        for part in name {
+            bytes.extend_from_slice(&(part.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(part.as_bytes());
         }
     }
+    txn.open_table(LEGACY_NAMES)?.insert(1, bytes.as_slice())?;
+    txn.open_table(LEGACY_COUNTERS)?.insert("log_entries", 1)?;
     Ok(())
 }
 
-/// Rows in the log (for tests of compaction).
-#[cfg(test)]
-pub(super) fn log_entries(txn: &redb::ReadTransaction) -> Result<usize, TxnError> {
-    let mut n = 0;
-    if let Some(t) = open_or_empty!(txn, PUBLISHED_LOG) {
-        for item in t.iter()? {
-            n += item?.1.value().len() / ENTRY_LEN;
+/// The governance's view of [`GOV_PUBLISHED`]: one read transaction, renewed
+/// when the store has committed a newer generation of governance changes.
+pub(crate) struct Reader {
+    store: Store,
+    table: Option<ReadOnlyTable<&'static [u8], [u8; 16]>>,
+    /// The generation the open transaction shows.
+    generation: u64,
+    key: Mutex<Vec<u8>>,
+    error: Mutex<Option<String>>,
+}
+
+impl Reader {
+    pub(super) fn new(store: Store) -> Reader {
+        Reader {
+            store,
+            table: None,
+            generation: 0,
+            key: Mutex::new(Vec::new()),
+            error: Mutex::new(None),
         }
     }
-    Ok(n)
+
+    fn fail(&self, message: String) {
+        let mut error = self.error.lock().unwrap_or_else(PoisonError::into_inner);
+        error.get_or_insert(message);
+    }
+
+    /// Opens a read transaction on the current file.
+    fn open(&mut self) -> Result<(), String> {
+        self.table = None;
+        let path = self.store.path().display().to_string();
+        let guard = self
+            .store
+            .inner
+            .db
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(db) = guard.as_ref() else {
+            return Err(format!("{path}: the state file is being reopened"));
+        };
+        let opened = super::open::guarded(|| {
+            let txn = db.begin_read().map_err(|e| e.to_string())?;
+            match txn.open_table(GOV_PUBLISHED) {
+                Ok(table) => Ok(Some(table)),
+                Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+        match opened {
+            Ok(Ok(table)) => {
+                self.table = table;
+                Ok(())
+            }
+            Ok(Err(e)) | Err(e) => Err(format!("{path}: cannot read the published state: {e}")),
+        }
+    }
 }
+
+impl PublishedReader for Reader {
+    fn get(&self, target: &str, entity: &str, key: &str) -> Option<[u8; 16]> {
+        let table = self.table.as_ref()?;
+        if self.store.inner.needs_reopen.load(Ordering::Acquire) {
+            // A reopen waits for no reader: stop using the old file.
+            self.fail(format!(
+                "{}: the state file is being reopened",
+                self.store.path().display()
+            ));
+            return None;
+        }
+        let mut k = self.key.lock().unwrap_or_else(PoisonError::into_inner);
+        k.clear();
+        published_store_key(target, entity, key, &mut k);
+        match super::open::guarded(|| table.get(k.as_slice()).map(|v| v.map(|v| v.value()))) {
+            Ok(Ok(hash)) => hash,
+            Ok(Err(e)) => {
+                self.fail(format!(
+                    "{}: cannot read the published state: {e}",
+                    self.store.path().display()
+                ));
+                None
+            }
+            Err(panic) => {
+                self.store.inner.needs_reopen.store(true, Ordering::Release);
+                self.fail(format!(
+                    "{}: cannot read the published state: {panic}",
+                    self.store.path().display()
+                ));
+                None
+            }
+        }
+    }
+
+    fn refresh(&mut self) -> u64 {
+        let visible = self.store.inner.visible_generation.load(Ordering::Acquire);
+        if self.table.is_none() || visible != self.generation {
+            // Begun after reading `visible`: it shows every commit up to it.
+            if let Err(e) = self.open() {
+                self.fail(e);
+                return self.generation;
+            }
+            self.generation = visible;
+        }
+        self.generation
+    }
+
+    fn next_generation(&mut self) -> u64 {
+        self.store
+            .inner
+            .next_generation
+            .fetch_add(1, Ordering::AcqRel)
+            + 1
+    }
+
+    fn error(&mut self) -> Option<String> {
+        self.error
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    fn release(&mut self) {
+        self.table = None;
+    }
+}
+
+#[cfg(test)]
+pub(crate) use steward_core::state::published_digest;
 
 #[cfg(test)]
 mod tests {

@@ -102,11 +102,11 @@ pub struct SnapshotJob {
     /// A reconciliation that only counts and sends nothing.
     #[serde(default)]
     pub dry_run: bool,
-    /// A reconciliation past the table: the last row of the published
-    /// names (`store::published`) swept for keys gone from the source
-    /// (`Some(0)`: sweep not begun).
+    /// A reconciliation past the table: the last key the target was sent
+    /// (`Store::published_keys`) swept for keys gone from the source
+    /// (`None`: sweep not begun).
     #[serde(default)]
-    pub swept_to: Option<u64>,
+    pub swept_after: Option<String>,
     /// What a reconciliation found so far.
     #[serde(default)]
     pub counts: ReconcileCounts,
@@ -146,7 +146,7 @@ impl SnapshotJob {
             restore: false,
             reconcile: false,
             dry_run: false,
-            swept_to: None,
+            swept_after: None,
             deep: false,
             target_swept_to: None,
             target_swept: false,
@@ -259,18 +259,23 @@ impl Store {
         Ok(jobs)
     }
 
-    /// The keys of `entity` that `target` was sent (published since this
-    /// state file recorded names), from up to `rows` rows of names after row
-    /// `after`; a key may appear more than once. Returns the last row read,
-    /// `None` when there are no rows after `after`.
+    /// Up to `max` keys of `entity` that `target` was last sent a document
+    /// of (not withheld, not deleted), in the store's order, after `after`
+    /// (`None`: from the first).
     pub fn published_keys(
         &self,
         target: &str,
         entity: &str,
-        after: u64,
-        rows: usize,
-    ) -> Result<(Vec<String>, Option<u64>), StoreError> {
-        self.read(|txn| super::published::keys_after(txn, target, entity, after, rows))
+        after: Option<&str>,
+        max: usize,
+    ) -> Result<Vec<String>, StoreError> {
+        self.read(|txn| super::published::keys_after(txn, target, entity, after, max))
+    }
+
+    /// Entries of the published state (every target and record sent a
+    /// document or withheld from it).
+    pub fn published_entries(&self) -> Result<u64, StoreError> {
+        self.read(super::published::entries)
     }
 
     fn begin_jobs(

@@ -562,270 +562,173 @@ fn audit_prune_drops_whole_old_chunks_only() {
         .is_empty());
 }
 
-fn published_delta(changes: &[(u64, Option<u8>)]) -> governance::GovDelta {
-    governance::GovDelta {
-        ops: changes
-            .iter()
-            .map(|&(n, hash)| governance::GovOp::Published {
-                digest: published::published_digest("wms", "product", &n.to_string()),
-                hash: hash.map(|h| [h; 16]),
-            })
-            .collect(),
+fn published_delta(changes: &[(&str, Option<u8>)], generation: u64) -> governance::GovDelta {
+    let mut delta = governance::GovDelta {
+        generation,
         ..Default::default()
+    };
+    for &(key, hash) in changes {
+        steward_core::state::push_published_change(
+            &mut delta.published,
+            "wms",
+            "product",
+            key,
+            hash.map(|h| [h; 16]),
+        );
+    }
+    delta
+}
+
+fn all_published_keys(store: &Store, page: usize) -> Vec<String> {
+    let mut keys = Vec::new();
+    loop {
+        let next = store
+            .published_keys("wms", "product", keys.last().map(String::as_str), page)
+            .unwrap();
+        if next.is_empty() {
+            return keys;
+        }
+        keys.extend(next);
     }
 }
 
-fn published_state(store: &Store) -> std::collections::BTreeMap<[u8; 16], [u8; 16]> {
-    store
-        .load_governance()
-        .unwrap()
-        .published
-        .into_iter()
-        .collect()
-}
-
 #[test]
-fn published_hashes_replay_in_order_and_survive_reopen() {
+fn published_hashes_apply_in_order_list_in_key_order_and_survive_reopen() {
     let (_dir, path) = temp();
     {
         let store = Store::open(&path).unwrap();
-        // Set, overwrite, remove and set again, across commits and within one.
+        // Set, overwrite, remove and set again, across commits and within
+        // one; withheld (all zeros) is kept and not listed as sent.
         store
             .commit_governed(
                 Lsn(0x100),
                 &[],
-                &published_delta(&[(1, Some(1)), (2, Some(2))]),
+                &published_delta(&[("10", Some(1)), ("9", Some(2)), ("b", Some(3))], 1),
             )
             .unwrap();
         store
             .commit_governed(
                 Lsn(0x200),
                 &[],
-                &published_delta(&[
-                    (1, Some(3)),
-                    (2, None),
-                    (3, Some(4)),
-                    (3, None),
-                    (3, Some(5)),
-                ]),
+                &published_delta(
+                    &[
+                        ("9", None),
+                        ("10", Some(4)),
+                        ("9", Some(5)),
+                        ("a", Some(0)),
+                        ("007", Some(6)),
+                        ("b", None),
+                    ],
+                    2,
+                ),
             )
             .unwrap();
-    }
-    let store = Store::open(&path).unwrap();
-    let digest = |n: u64| published::published_digest("wms", "product", &n.to_string());
-    let expected: std::collections::BTreeMap<_, _> = [(digest(1), [3; 16]), (digest(3), [5; 16])]
-        .into_iter()
-        .collect();
-    assert_eq!(published_state(&store), expected);
-}
-
-#[test]
-fn the_published_log_is_compacted_and_keeps_the_live_state() {
-    let (_dir, path) = temp();
-    let store = Store::open(&path).unwrap();
-    // 50 records rewritten over and over: far more changes than live entries.
-    let rounds = (published::COMPACT_SLACK as usize / 50) * 3;
-    // 40 rounds a commit: compaction happens inside commits of many changes.
-    for (c, first) in (0..rounds).step_by(40).enumerate() {
-        let changes: Vec<(u64, Option<u8>)> = (first..(first + 40).min(rounds))
-            .flat_map(|round| {
-                (0..50u64).map(move |n| (n, (n % 7 != 0 || round % 2 == 0).then_some(round as u8)))
-            })
-            .collect();
-        store
-            .commit_governed(Lsn(0x100 + c as u64), &[], &published_delta(&changes))
-            .unwrap();
-    }
-    let entries = store.read(published::log_entries).unwrap();
-    let written = rounds * 50;
-    assert!(
-        entries <= published::COMPACT_SLACK as usize + 100,
-        "{entries} log entries after {written} changes: the log was not compacted"
-    );
-    let last = (rounds - 1) as u8;
-    let expected: std::collections::BTreeMap<_, _> = (0..50u64)
-        .filter(|n| n % 7 != 0 || (rounds - 1).is_multiple_of(2))
-        .map(|n| {
-            (
-                published::published_digest("wms", "product", &n.to_string()),
-                [last; 16],
-            )
-        })
-        .collect();
-    assert_eq!(published_state(&store), expected);
-    drop(store);
-    assert_eq!(published_state(&Store::open(&path).unwrap()), expected);
-}
-
-#[test]
-fn a_published_log_that_grows_with_its_live_set_is_not_compacted_until_changes_supersede() {
-    let (_dir, path) = temp();
-    let store = Store::open(&path).unwrap();
-    let n = published::COMPACT_SLACK * 3;
-    // An initial snapshot: every change a new record, the live count given.
-    for (c, first) in (0..n).step_by(10_000).enumerate() {
-        let mut delta = published_delta(
-            &(first..first + 10_000)
-                .map(|k| (k, Some(1)))
-                .collect::<Vec<_>>(),
+        // Another target's and entity's keys are not listed.
+        let mut other = governance::GovDelta::default();
+        steward_core::state::push_published_change(
+            &mut other.published,
+            "mes",
+            "product",
+            "1",
+            Some([9; 16]),
         );
-        for k in first..first + 10_000 {
-            steward_core::state::push_published_name(
-                &mut delta.published_names,
-                "wms",
-                "product",
-                &k.to_string(),
-            );
-        }
-        delta.published_live = first + 10_000;
+        steward_core::state::push_published_change(
+            &mut other.published,
+            "wms",
+            "productx",
+            "1",
+            Some([9; 16]),
+        );
+        store.commit_governed(Lsn(0x300), &[], &other).unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    // Numbers in numeric order, then other keys by their bytes.
+    assert_eq!(all_published_keys(&store, 1), ["9", "10", "007"]);
+    assert_eq!(all_published_keys(&store, 100), ["9", "10", "007"]);
+    assert_eq!(store.published_entries().unwrap(), 6);
+    let mut reader = store.published_reader();
+    reader.refresh();
+    assert_eq!(reader.get("wms", "product", "10"), Some([4; 16]));
+    assert_eq!(reader.get("wms", "product", "9"), Some([5; 16]));
+    assert_eq!(reader.get("wms", "product", "a"), Some([0; 16]));
+    assert_eq!(reader.get("wms", "product", "b"), None);
+    assert_eq!(reader.get("wms", "product", "7"), None, "007 is not 7");
+    assert_eq!(reader.get("mes", "product", "1"), Some([9; 16]));
+    assert_eq!(reader.error(), None);
+}
+
+#[test]
+fn the_reader_sees_a_generation_once_it_is_committed() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let mut reader = store.published_reader();
+    assert_eq!(reader.refresh(), 0);
+    let g1 = reader.next_generation();
+    let g2 = reader.next_generation();
+    assert!(g2 > g1 && g1 > 0);
+    assert_eq!(reader.get("wms", "product", "1"), None);
+    store
+        .commit_governed(Lsn(0x100), &[], &published_delta(&[("1", Some(1))], g1))
+        .unwrap();
+    // Not before a refresh: the governance still holds the change itself.
+    assert_eq!(reader.get("wms", "product", "1"), None);
+    assert_eq!(reader.refresh(), g1);
+    assert_eq!(reader.get("wms", "product", "1"), Some([1; 16]));
+    reader.release();
+    assert_eq!(
+        reader.get("wms", "product", "1"),
+        None,
+        "released: nothing read"
+    );
+    assert_eq!(reader.refresh(), g1);
+    assert_eq!(reader.get("wms", "product", "1"), Some([1; 16]));
+    // Another handle of the same file hands out later generations.
+    let mut second = store.published_reader();
+    assert!(second.next_generation() > g2);
+}
+
+#[test]
+fn a_legacy_published_log_moves_into_the_table() {
+    let (_dir, path) = temp();
+    let digest = |k: &str| published::published_digest("wms", "product", k);
+    {
+        let store = Store::open(&path).unwrap();
         store
-            .commit_governed(Lsn(0x100 + c as u64), &[], &delta)
+            .write(redb::Durability::Immediate, |txn| {
+                published::write_legacy(
+                    txn,
+                    &[
+                        (digest("1"), Some([1; 16])),
+                        (digest("2"), Some([2; 16])),
+                        (digest("3"), Some([0; 16])),
+                        (digest("2"), None),
+                        (digest("4"), Some([4; 16])),
+                        (digest("1"), Some([5; 16])),
+                    ],
+                    &[
+                        ["wms", "product", "1"],
+                        ["wms", "product", "2"],
+                        ["wms", "product", "4"],
+                        ["wms", "product", "1"],
+                    ],
+                )
+                .map_err(|e| TxnError::Redb(Box::new(e)))
+            })
             .unwrap();
     }
-    // A compaction rewrites the names after the last row: the first row
-    // of names is still row 1 only if none ran.
-    let first_row = |store: &Store| store.published_keys("wms", "product", 0, 1).unwrap().1;
-    assert_eq!(
-        first_row(&store),
-        Some(1),
-        "nothing superseded, nothing compacted"
-    );
-    assert_eq!(store.read(published::log_entries).unwrap() as u64, n);
-    // The same records changed again, twice over: now the log is compacted.
-    for round in 0..2u64 {
-        for (c, first) in (0..n).step_by(10_000).enumerate() {
-            let mut delta = published_delta(
-                &(first..first + 10_000)
-                    .map(|k| (k, Some(2 + round as u8)))
-                    .collect::<Vec<_>>(),
-            );
-            delta.published_live = n;
-            store
-                .commit_governed(Lsn(0x1000 + round * 0x100 + c as u64), &[], &delta)
-                .unwrap();
-        }
-    }
-    let entries = store.read(published::log_entries).unwrap() as u64;
-    assert!(
-        entries < 2 * n + published::COMPACT_SLACK + 10_000,
-        "{entries} entries for {n} records"
-    );
-    assert!(first_row(&store) > Some(1), "compacted");
-    let state = published_state(&store);
-    assert_eq!(state.len() as u64, n);
-    assert!(state.values().all(|h| *h == [3; 16]));
-}
-
-/// Every key named for (wms, product) after row 0, read page by page.
-fn all_published_keys(store: &Store) -> Vec<String> {
-    let mut keys = Vec::new();
-    let mut after = 0;
-    while let (page, Some(last)) = store.published_keys("wms", "product", after, 1).unwrap() {
-        keys.extend(page);
-        after = last;
-    }
-    keys.sort_by_key(|k| k.parse::<u64>().unwrap());
-    keys.dedup();
-    keys
-}
-
-#[test]
-fn published_names_list_the_keys_sent_and_compaction_keeps_only_published_ones() {
-    let (_dir, path) = temp();
     let store = Store::open(&path).unwrap();
-    let named = |changes: &[(u64, Option<u8>)]| {
-        let mut delta = published_delta(changes);
-        for (n, hash) in changes {
-            if hash.is_some() {
-                steward_core::state::push_published_name(
-                    &mut delta.published_names,
-                    "wms",
-                    "product",
-                    &n.to_string(),
-                );
-            }
-        }
-        // Another target's and entity's names are not listed.
-        steward_core::state::push_published_name(&mut delta.published_names, "mes", "product", "x");
-        steward_core::state::push_published_name(&mut delta.published_names, "wms", "partner", "y");
-        delta
-    };
-    let commit = |lsn: u64, delta: governance::GovDelta| {
-        store.commit_governed(Lsn(lsn), &[], &delta).unwrap();
-    };
-    commit(0x100, named(&[(1, Some(1)), (2, Some(2)), (3, Some(3))]));
-    // 2 is no longer published; 4 is new; 1 named again (published again).
-    commit(0x200, named(&[(2, None), (4, Some(4)), (1, Some(5))]));
-    assert_eq!(all_published_keys(&store), ["1", "2", "3", "4"]);
-    let rows_before = store
-        .published_keys("wms", "product", 0, usize::MAX)
-        .unwrap()
-        .1;
-
-    // Enough changes to compact the published log (and the names with it).
-    let churn: Vec<(u64, Option<u8>)> = (0..published::COMPACT_SLACK + 10)
-        .map(|i| (1_000_000 + i % 10, None))
-        .collect();
-    commit(0x300, published_delta(&churn));
-    assert_eq!(
-        all_published_keys(&store),
-        ["1", "3", "4"],
-        "names no longer published are dropped, each name kept once"
-    );
-    let (_, rows_after) = store
-        .published_keys("wms", "product", 0, usize::MAX)
-        .unwrap();
-    assert!(
-        rows_after > rows_before,
-        "rows are renumbered after the last one, never reused: {rows_before:?} {rows_after:?}"
-    );
+    assert_eq!(all_published_keys(&store, 10), ["1", "4"]);
+    let mut reader = store.published_reader();
+    reader.refresh();
+    assert_eq!(reader.get("wms", "product", "1"), Some([5; 16]));
+    assert_eq!(reader.get("wms", "product", "2"), None);
+    assert_eq!(reader.get("wms", "product", "4"), Some([4; 16]));
+    drop(reader);
     drop(store);
-    assert_eq!(
-        all_published_keys(&Store::open(&path).unwrap()),
-        ["1", "3", "4"]
-    );
-}
-
-#[test]
-fn compaction_keeps_each_published_name_once_across_many_rows_of_names() {
-    let (_dir, path) = temp();
+    // Moved once: opening again changes nothing.
     let store = Store::open(&path).unwrap();
-    let keys = 0..20_000u64;
-    let mut delta = published_delta(&keys.clone().map(|n| (n, Some(1))).collect::<Vec<_>>());
-    // Each key named twice: far more than one row of names.
-    for _ in 0..2 {
-        for n in keys.clone() {
-            steward_core::state::push_published_name(
-                &mut delta.published_names,
-                "wms",
-                "product",
-                &n.to_string(),
-            );
-        }
-    }
-    store.commit_governed(Lsn(0x100), &[], &delta).unwrap();
-    // Odd keys are no longer published; then enough churn to compact.
-    let odd: Vec<(u64, Option<u8>)> = keys
-        .clone()
-        .filter(|n| n % 2 == 1)
-        .map(|n| (n, None))
-        .collect();
-    store
-        .commit_governed(Lsn(0x200), &[], &published_delta(&odd))
-        .unwrap();
-    let churn: Vec<(u64, Option<u8>)> = (0..published::COMPACT_SLACK + 50_000)
-        .map(|i| (1_000_000 + i % 10, None))
-        .collect();
-    store
-        .commit_governed(Lsn(0x300), &[], &published_delta(&churn))
-        .unwrap();
-    let (mut names, _) = store
-        .published_keys("wms", "product", 0, usize::MAX)
-        .unwrap();
-    names.sort_by_key(|k| k.parse::<u64>().unwrap());
-    let even: Vec<String> = keys.filter(|n| n % 2 == 0).map(|n| n.to_string()).collect();
-    assert_eq!(names, even, "each published name once, no other");
-    assert_eq!(published_state(&store).len(), 10_000);
+    assert_eq!(all_published_keys(&store, 10), ["1", "4"]);
+    assert_eq!(store.published_entries().unwrap(), 2);
 }
 
 /// A state file with a few thousand events across several commits.

@@ -8,11 +8,14 @@
 //!                                                                        └──▶ delivered
 //! ```
 //!
-//! No I/O: state (tracked rows, published hashes, business-key index,
-//! quarantine) is held in memory, loaded from redb at start-up, and every
-//! change to it is queued as a [`GovDelta`] that the daemon writes in the
-//! same redb transaction as the outbox appends it belongs with. Every
-//! decision is also queued as an audit record.
+//! No I/O of its own: state (tracked rows, business-key index, quarantine)
+//! is held in memory, loaded from redb at start-up; what each target was
+//! last sent of each record (the published hashes, which grow with records
+//! × targets) is read from the store through a [`PublishedReader`], with
+//! only the changes not yet committed in memory. Every change to the state
+//! is queued as a [`GovDelta`] that the daemon writes in the same redb
+//! transaction as the outbox appends it belongs with. Every decision is
+//! also queued as an audit record.
 //!
 //! Within one source transaction, changes to one business object (a parent
 //! and its child rows) and re-emissions (records whose referenced record
@@ -26,17 +29,18 @@ use serde_json::{Map, Value};
 
 use super::assemble;
 use super::map::{Mapped, Unencodable, ENCODING_RULE};
+pub(crate) use super::published::short_hash;
+use super::published::{PublishedState, Sent};
 use super::redact;
 use super::reference::{self, Rows};
-use super::slot_map::SlotMap;
 use super::target_rows::{self, ActualRows, TargetRow};
 use crate::cel::CelInput;
 use crate::config::governance::{Check, ChildConfig, EntityGovernance, OnUnpublish, TargetPolicy};
 use crate::config::{Config, EntityConfig, EntityIndex, TargetIndex};
 use crate::model::{ChangeOp, Event, EventData, EventOp, Lsn, SourceChange};
-use crate::state::{published_digest, push_published_name};
+use crate::state::{published_digest, push_published_change, PublishedReader, WITHHELD};
 use crate::state::{
-    AuditRecord, GovDelta, GovLoader, GovOp, GovSnapshot, PublishedChange, QuarantineEntry,
+    AuditRecord, GovDelta, GovLoader, GovOp, GovSnapshot, MemoryPublished, QuarantineEntry,
     ReconcileCounts,
 };
 
@@ -61,16 +65,13 @@ pub struct Governance {
     rows: Rows,
     /// (child entity, parent key) → child keys.
     children: HashMap<(EntityIndex, String), BTreeSet<String>>,
-    /// Hash of the document last appended per (target, entity, key), both
-    /// shortened (see [`PublishedSlot`]).
-    published: SlotMap<[u8; 8]>,
-    /// (target, entity, key) steward decided NOT to deliver (gated, not
-    /// routed, quarantined, unpublished): a re-evaluation after a
+    /// Hash of the document last appended per (target, entity, key), or
+    /// that steward decided NOT to deliver it ([`Sent::Withheld`]: gated,
+    /// not routed, quarantined, unpublished; a re-evaluation after a
     /// configuration change sends newly publishable records among these,
-    /// but not records the target never had any decision about (no snapshot
-    /// of them, no change since). Stored in the published log with the
-    /// [`WITHHELD`] hash.
-    withheld: SlotMap<()>,
+    /// but not records the target never had any decision about). Read
+    /// from the store; only changes in flight are held here.
+    published: PublishedState,
     /// (entity, unique field index, normalised value) → holder key.
     unique: HashMap<(EntityIndex, usize, String), String>,
     claims: HashMap<(EntityIndex, String), Vec<(usize, String)>>,
@@ -638,8 +639,7 @@ impl Governance {
             referenced_by,
             rows: HashMap::new(),
             children: HashMap::new(),
-            published: SlotMap::default(),
-            withheld: SlotMap::default(),
+            published: PublishedState::new(Box::<MemoryPublished>::default()),
             unique: HashMap::new(),
             claims: HashMap::new(),
             quarantine: HashMap::new(),
@@ -732,9 +732,6 @@ impl Governance {
         for (entity, key, bytes) in snap.rows {
             GovLoader::row(self, &entity, &key, &bytes);
         }
-        for (digest, hash) in snap.published {
-            GovLoader::published(self, (digest, Some(hash)));
-        }
         for (entity, field, value, holder) in snap.unique {
             GovLoader::unique(self, &entity, &field, &value, &holder);
         }
@@ -767,7 +764,23 @@ impl Governance {
     pub fn release_buffers(&mut self) {
         if self.delta.ops.is_empty() {
             self.delta.ops = Vec::new();
+            self.delta.published = Vec::new();
         }
+        self.published.sync();
+        self.published.release();
+    }
+
+    /// Reads the published state from `reader` (the store's) from now on.
+    pub fn set_published_reader(&mut self, reader: Box<dyn PublishedReader>) {
+        self.published.set_reader(reader);
+        self.published.sync();
+    }
+
+    /// The first error reading the store's published state since the last
+    /// call: decisions taken since then read it as empty, and must not be
+    /// committed.
+    pub fn published_error(&mut self) -> Option<String> {
+        self.published.error()
     }
 
     /// The state changes and audit records queued since the last call.
@@ -775,11 +788,14 @@ impl Governance {
         // Sized like the last one: transactions tend to look alike, and
         // growing by doubling copies and touches fresh pages each time.
         let capacity = self.delta.ops.len();
-        GovDelta {
+        let published = self.delta.published.len();
+        let delta = GovDelta {
             ops: std::mem::replace(&mut self.delta.ops, Vec::with_capacity(capacity)),
-            published_names: std::mem::take(&mut self.delta.published_names),
-            published_live: (self.published.len() + self.withheld.len()) as u64,
-        }
+            published: std::mem::replace(&mut self.delta.published, Vec::with_capacity(published)),
+            generation: self.published.seal(),
+        };
+        self.published.sync();
+        delta
     }
 
     /// Records held in quarantine, for every entity (zeros included, so a
@@ -1163,10 +1179,7 @@ impl Governance {
                 let known: Vec<TargetIndex> = targets
                     .iter()
                     .copied()
-                    .filter(|&t| {
-                        let slot = self.published_key(t, e, &key).slot();
-                        self.published.contains_key(&slot) || self.withheld.contains_key(&slot)
-                    })
+                    .filter(|&t| self.sent(t, e, &key) != Sent::Nothing)
                     .collect();
                 if known.len() < targets.len() {
                     for (c, t) in counts.iter_mut().zip(targets) {
@@ -1287,21 +1300,7 @@ impl Governance {
 
     /// Marks (t, e, key) as sent a document equal to none (see [`Governance::forget_sent`]).
     fn forget_one(&mut self, t: TargetIndex, e: EntityIndex, key: &str) {
-        let pkey = self.published_key(t, e, key);
-        if self
-            .published
-            .insert(pkey.slot(), short_hash(&SENT_UNKNOWN))
-            .is_none()
-        {
-            push_published_name(
-                &mut self.delta.published_names,
-                &self.target_names[t],
-                &self.entities[e].name,
-                key,
-            );
-        }
-        self.withheld.remove(&pkey.slot());
-        self.queue_published(pkey, Some(SENT_UNKNOWN));
+        self.set_sent(t, e, key, Some(SENT_UNKNOWN));
     }
 
     /// Counts what a deep reconciliation found for one record against the
@@ -1437,8 +1436,10 @@ impl Governance {
         t: TargetIndex,
         deep: Option<Option<&TargetRow>>,
     ) -> Option<EventOp> {
-        let slot = self.published_key(t, e, key).slot();
-        let published = self.published.get(&slot);
+        let published = match self.sent(t, e, key) {
+            Sent::Hash(h) => Some(h),
+            Sent::Nothing | Sent::Withheld => None,
+        };
         let doc = match (row, self.tracked[e]) {
             (Some(r), true) => self.document(e, key, r),
             _ => fallback,
@@ -1526,9 +1527,7 @@ impl Governance {
         for m in mapped.drain(..) {
             let e = m.entity;
             let key = m.event.key.clone();
-            let published = self
-                .published
-                .contains_key(&self.published_key(t, e, &key).slot());
+            let published = self.sent(t, e, &key).is_published();
             let held = actual.as_deref().map(|a| a.row(&key));
             let present = held.flatten().is_some_and(TargetRow::present);
             if self.is_hidden(e)
@@ -1889,22 +1888,22 @@ impl Governance {
             self.release_from_quarantine(e, key, version, "the record was deleted");
             let data = EventData::from_map(&fallback);
             for t in targets {
-                let pkey = self.published_key(t, e, key);
-                let was = self.published.remove(&pkey.slot());
-                if self.withheld.remove(&pkey.slot()).is_some() && was.is_none() {
-                    self.queue_published(pkey, None);
+                let before = self.sent(t, e, key);
+                let was = before.is_published();
+                if before == Sent::Withheld {
+                    self.set_sent(t, e, key, None);
                 }
                 let send = match held(t) {
                     Some(row) => row.is_some_and(TargetRow::present),
-                    None => was.is_some() || !seen,
+                    None => was || !seen,
                 };
                 if held(t).is_some() && !send {
                     // The target does not hold it: nothing to delete there.
-                    if was.is_some() {
-                        self.queue_published(pkey, None);
+                    if was {
+                        self.set_sent(t, e, key, None);
                     }
                 } else if send {
-                    self.queue_published(pkey, None);
+                    self.set_sent(t, e, key, None);
                     if self.refused_by(held(t), t, e, key, EventOp::Delete, version, &trigger.id) {
                         continue;
                     }
@@ -1973,11 +1972,8 @@ impl Governance {
                 delivered,
             };
             for &t in &targets {
-                let pkey = self.published_key(t, e, key);
-                if !self.published.contains_key(&pkey.slot())
-                    && self.withheld.insert(pkey.slot(), ()).is_none()
-                {
-                    self.queue_published(pkey, Some(WITHHELD));
+                if self.sent(t, e, key) == Sent::Nothing {
+                    self.set_sent(t, e, key, Some(WITHHELD));
                 }
             }
             self.quarantine.insert((e, key.to_string()), entry.clone());
@@ -2013,35 +2009,21 @@ impl Governance {
                     .test(&input)
                     .map_err(|m| format!("route could not be evaluated: {m}")),
             };
-            let pkey = self.published_key(t, e, key);
+            let before = self.sent(t, e, key);
             if publishable && routed == Ok(true) {
                 let (data, notes) = redact::apply(&self.policies[t], &name, &doc);
                 let data = EventData::from_map(&data);
                 let hash = doc_hash(&data);
+                let sent_now = Sent::Hash(short_hash(&hash));
                 let same = match held(t) {
                     Some(row) => row.is_some_and(|r| r.holds(&data)),
-                    None => !force && self.published.get(&pkey.slot()) == Some(short_hash(&hash)),
+                    None => !force && before == sent_now,
                 };
                 if same {
-                    if held(t).is_some()
-                        && self.published.get(&pkey.slot()) != Some(short_hash(&hash))
-                    {
+                    if held(t).is_some() && before != sent_now {
                         // The target holds it: recorded as sent, so that an
                         // ordinary reconciliation agrees with this one.
-                        if self
-                            .published
-                            .insert(pkey.slot(), short_hash(&hash))
-                            .is_none()
-                        {
-                            push_published_name(
-                                &mut self.delta.published_names,
-                                &self.target_names[t],
-                                &name,
-                                key,
-                            );
-                        }
-                        self.withheld.remove(&pkey.slot());
-                        self.queue_published(pkey, Some(hash));
+                        self.set_sent(t, e, key, Some(hash));
                     }
                     if quiet {
                         continue;
@@ -2056,20 +2038,7 @@ impl Governance {
                     );
                     continue;
                 }
-                if self
-                    .published
-                    .insert(pkey.slot(), short_hash(&hash))
-                    .is_none()
-                {
-                    push_published_name(
-                        &mut self.delta.published_names,
-                        &self.target_names[t],
-                        &name,
-                        key,
-                    );
-                }
-                self.withheld.remove(&pkey.slot());
-                self.queue_published(pkey, Some(hash));
+                self.set_sent(t, e, key, Some(hash));
                 if self.refused_by(held(t), t, e, key, EventOp::Upsert, version, &trigger.id) {
                     continue;
                 }
@@ -2104,14 +2073,12 @@ impl Governance {
                             )),
                         })
                 }
-                None => self.published.contains_key(&pkey.slot()),
+                None => before.is_published(),
             };
             // A record first seen by an update may have been delivered before steward tracked it.
             let unknown = !seen && op == "update";
             if was || unknown {
-                self.published.remove(&pkey.slot());
-                self.withheld.insert(pkey.slot(), ());
-                self.queue_published(pkey, Some(WITHHELD));
+                self.set_sent(t, e, key, Some(WITHHELD));
                 let ev = match self.gov[e].on_unpublish {
                     OnUnpublish::Delete => {
                         let data = row
@@ -2132,9 +2099,8 @@ impl Governance {
                 self.audit(e, key, version, Some(t), "unpublished", reason);
             } else {
                 // (Deep: the target does not hold it, whatever was sent.)
-                let had = self.published.remove(&pkey.slot()).is_some();
-                if self.withheld.insert(pkey.slot(), ()).is_none() || had {
-                    self.queue_published(pkey, Some(WITHHELD));
+                if before != Sent::Withheld {
+                    self.set_sent(t, e, key, Some(WITHHELD));
                 } else if quiet {
                     continue;
                 }
@@ -2869,19 +2835,20 @@ impl Governance {
         touched
     }
 
-    fn queue_published(&mut self, key: PublishedKey, hash: Option<[u8; 16]>) {
-        self.delta.ops.push(GovOp::Published {
-            digest: key.0,
-            hash,
-        });
+    /// What target `t` was last sent of record (e, key).
+    pub(crate) fn sent(&self, t: TargetIndex, e: EntityIndex, key: &str) -> Sent {
+        let (target, entity) = (&self.target_names[t], &self.entities[e].name);
+        self.published
+            .get(&published_slot(target, entity, key), target, entity, key)
     }
 
-    fn published_key(&self, t: TargetIndex, e: EntityIndex, key: &str) -> PublishedKey {
-        PublishedKey(published_digest(
-            &self.target_names[t],
-            &self.entities[e].name,
-            key,
-        ))
+    /// Records what target `t` was sent of record (e, key) — a document's
+    /// hash, [`WITHHELD`], or `None` for nothing — and queues it for the store.
+    fn set_sent(&mut self, t: TargetIndex, e: EntityIndex, key: &str, hash: Option<[u8; 16]>) {
+        let (target, entity) = (&self.target_names[t], &self.entities[e].name);
+        let slot = published_slot(target, entity, key);
+        push_published_change(&mut self.delta.published, target, entity, key, hash);
+        self.published.set(slot, Sent::of(hash));
     }
 
     fn queue_unique(&mut self, e: EntityIndex, fi: usize, value: &str, holder: Option<&str>) {
@@ -2919,10 +2886,7 @@ impl Governance {
         let old = old.filter(|_| self.tracked[e])?;
         targets
             .iter()
-            .any(|&t| {
-                self.published
-                    .contains_key(&self.published_key(t, e, key).slot())
-            })
+            .any(|&t| self.sent(t, e, key).is_published())
             .then(|| Value::Object(self.document(e, key, old)))
     }
 
@@ -3056,16 +3020,12 @@ fn external_id_target(row: &Map<String, Value>) -> Option<(String, String)> {
     Some((model.to_string(), assemble::text(res_id)))
 }
 
-/// A (target, entity, key) as the 128-bit digest the store keeps.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct PublishedKey([u8; 16]);
-
-impl PublishedKey {
-    fn slot(&self) -> PublishedSlot {
-        let mut slot = [0u8; 12];
-        slot.copy_from_slice(&self.0[..12]);
-        slot
-    }
+/// The slot of (target, entity, key) among the published changes in memory.
+fn published_slot(target: &str, entity: &str, key: &str) -> PublishedSlot {
+    let digest = published_digest(target, entity, key);
+    let mut slot = [0u8; 12];
+    slot.copy_from_slice(&digest[..12]);
+    slot
 }
 
 /// Restores the state piece by piece as the store reads it; names no
@@ -3080,26 +3040,6 @@ impl GovLoader for Governance {
             self.index_external_id(e, key, None, Some(&row));
             self.index_refs(e, key, None, Some(&row));
             self.rows.insert((e, key.to_string()), Arc::new(row));
-        }
-    }
-
-    // Entries of targets or entities no longer configured stay: their
-    // digests never match a configured (target, entity, key).
-    fn published(&mut self, (digest, hash): PublishedChange) {
-        let slot = PublishedKey(digest).slot();
-        match hash {
-            Some(hash) if hash == WITHHELD => {
-                self.published.remove(&slot);
-                self.withheld.insert(slot, ());
-            }
-            Some(hash) => {
-                self.withheld.remove(&slot);
-                self.published.insert(slot, short_hash(&hash));
-            }
-            None => {
-                self.published.remove(&slot);
-                self.withheld.remove(&slot);
-            }
         }
     }
 
@@ -3125,29 +3065,18 @@ impl GovLoader for Governance {
     }
 }
 
-/// The key of [`Governance::published`]: the first 96 bits of the digest.
-/// The map holds an entry per record and target for the life of the daemon
-/// and is most of the memory of [`Governance`] for entities whose rows are
-/// not tracked; 12-byte keys and 8-byte document hashes (20 bytes an entry
-/// instead of 32), in a [`SlotMap`] rather than a hash table (about 22 bytes
-/// an entry instead of 44 to 66), keep it small. Two records
-/// share a slot with odds of about 1 in 10^17 for a million records; a changed
-/// document is taken for the one before with odds of 1 in 2^64 per change.
-/// The store keeps the full 16-byte digests and hashes.
+/// The key of the published changes held in memory until the store shows
+/// them: the first 96 bits of the (target, entity, key) digest. Two records
+/// in flight share a slot with odds of about 1 in 10^17 for a million; a
+/// changed document is taken for the one before with odds of 1 in 2^64 per
+/// change (8-byte document hashes compared). The store keeps the names and
+/// full 16-byte hashes.
 type PublishedSlot = super::slot_map::Slot;
 
-/// The published log's value for a record withheld from a target.
-const WITHHELD: [u8; 16] = [0u8; 16];
-/// The published log's value for a record whose last document sent never
+/// The published state's value for a record whose last document sent never
 /// reached the target (its dead letter was dropped): published, and equal
 /// to no document, so the next reconciliation sends it again.
 const SENT_UNKNOWN: [u8; 16] = [0xFF; 16];
-
-fn short_hash(hash: &[u8; 16]) -> [u8; 8] {
-    let mut short = [0u8; 8];
-    short.copy_from_slice(&hash[..8]);
-    short
-}
 
 /// The hasher of maps keyed by values that are already uniform digests
 /// ([`record_hash`], the published state's slots): a `u64` written is the

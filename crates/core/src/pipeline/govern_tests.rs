@@ -13,7 +13,10 @@ use crate::config::{Config, EntityIndex, TargetIndex};
 use crate::model::{Change, ChangeOp, Column, Event, Lsn, Relation, SourceChange, TupleValue};
 use crate::pipeline::large_txn::{LargeTxn, MemoryStage};
 use crate::pipeline::{snapshot_mapped, Mapped, Pipeline};
-use crate::state::{AuditRecord, GovOp, GovSnapshot, QuarantineEntry};
+use crate::state::{
+    published_changes, AuditRecord, GovDelta, GovOp, GovSnapshot, PublishedReader, QuarantineEntry,
+};
+use std::sync::{Arc as SyncArc, Mutex};
 
 const INT4: u32 = 23;
 const VARCHAR: u32 = 1043;
@@ -176,12 +179,57 @@ struct Harness {
 #[derive(Default)]
 struct Durable {
     rows: std::collections::BTreeMap<(String, String), Vec<u8>>,
-    published: HashMap<[u8; 16], [u8; 16]>,
+    published: SharedPublished,
     unique: HashMap<(String, String, String), String>,
     quarantine: std::collections::BTreeMap<(String, String), QuarantineEntry>,
 }
 
+/// The published state as the store would hold it, read by the governance
+/// as from the store: each delta's generation is visible once applied.
+#[derive(Clone, Default)]
+struct SharedPublished(SyncArc<Mutex<PublishedTable>>);
+
+#[derive(Default)]
+struct PublishedTable {
+    map: std::collections::BTreeMap<Vec<u8>, [u8; 16]>,
+    visible: u64,
+    next: u64,
+}
+
+impl PublishedReader for SharedPublished {
+    fn get(&self, target: &str, entity: &str, key: &str) -> Option<[u8; 16]> {
+        let mut k = Vec::new();
+        crate::state::published_store_key(target, entity, key, &mut k);
+        self.0.lock().unwrap().map.get(&k).copied()
+    }
+    fn refresh(&mut self) -> u64 {
+        self.0.lock().unwrap().visible
+    }
+    fn next_generation(&mut self) -> u64 {
+        let mut t = self.0.lock().unwrap();
+        t.next += 1;
+        t.next
+    }
+    fn error(&mut self) -> Option<String> {
+        None
+    }
+}
+
 impl Durable {
+    fn apply_delta(&mut self, delta: &GovDelta) {
+        for op in &delta.ops {
+            self.apply(op);
+        }
+        let mut t = self.published.0.lock().unwrap();
+        for (key, hash) in published_changes(&delta.published) {
+            match hash {
+                Some(h) => t.map.insert(key.to_vec(), h),
+                None => t.map.remove(key),
+            };
+        }
+        t.visible = t.visible.max(delta.generation);
+    }
+
     fn apply(&mut self, op: &GovOp) {
         match op {
             GovOp::Row { entity, key, row } => {
@@ -189,12 +237,6 @@ impl Durable {
                 match row {
                     Some(r) => self.rows.insert(slot, r.clone()),
                     None => self.rows.remove(&slot),
-                };
-            }
-            GovOp::Published { digest, hash } => {
-                match hash {
-                    Some(h) => self.published.insert(*digest, *h),
-                    None => self.published.remove(digest),
                 };
             }
             GovOp::Unique {
@@ -227,7 +269,6 @@ impl Durable {
                 .iter()
                 .map(|((e, k), r)| (e.clone(), k.clone(), r.clone()))
                 .collect(),
-            published: self.published.iter().map(|(d, h)| (*d, *h)).collect(),
             unique: self
                 .unique
                 .iter()
@@ -244,7 +285,9 @@ impl Harness {
     }
 
     fn from_config(config: Config) -> Harness {
-        let gov = Governance::new(&config);
+        let durable = Durable::default();
+        let mut gov = Governance::new(&config);
+        gov.set_published_reader(Box::new(durable.published.clone()));
         let mut pipeline = Pipeline::new(&config);
         for e in gov.tracked_entities().collect::<Vec<_>>() {
             pipeline.capture_rows(e);
@@ -260,7 +303,7 @@ impl Harness {
             lsn: 0x1000,
             audit: Vec::new(),
             large: None,
-            durable: Durable::default(),
+            durable,
         }
     }
 
@@ -268,6 +311,7 @@ impl Harness {
     fn restarted(&self) -> Governance {
         let mut gov = Governance::new(&self.config);
         gov.load(self.durable.snapshot());
+        gov.set_published_reader(Box::new(self.durable.published.clone()));
         gov
     }
 
@@ -414,11 +458,10 @@ impl Harness {
     }
 
     fn finish(&mut self, out: Vec<(TargetIndex, Event)>) -> Vec<Ev> {
-        let ops = self.gov.take_delta().ops;
-        for op in &ops {
-            self.durable.apply(op);
-        }
-        self.audit = ops
+        let delta = self.gov.take_delta();
+        self.durable.apply_delta(&delta);
+        self.audit = delta
+            .ops
             .into_iter()
             .filter_map(|op| match op {
                 GovOp::Audit(a) => Some(a),

@@ -9,6 +9,7 @@ mod assemble;
 pub mod govern;
 pub mod large_txn;
 mod map;
+mod published;
 mod redact;
 mod reference;
 pub mod slot_map;

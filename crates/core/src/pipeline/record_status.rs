@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::{
     doc_hash, record_hash, redact, short_hash, CelInput, Check, EntityIndex, EventData, Governance,
-    QuarantineEntry, ENCODING_RULE,
+    QuarantineEntry, Sent, ENCODING_RULE,
 };
 
 /// Where a record of a counted entity stands now; every record is in
@@ -417,11 +417,14 @@ impl Governance {
             .map(|r| self.document(e, key, r));
         let mut targets = Vec::new();
         for &t in &self.entity_targets[e] {
-            let slot = self.published_key(t, e, key).slot();
+            let sent = self.sent(t, e, key);
             let document = doc
                 .as_ref()
                 .map(|d| redact::apply(&self.policies[t], entity, d).0.into_owned());
-            let delivered = self.published.get(&slot);
+            let delivered = match sent {
+                Sent::Hash(h) => Some(h),
+                Sent::Nothing | Sent::Withheld => None,
+            };
             let up_to_date = match (delivered, &document) {
                 (Some(hash), Some(d)) => {
                     Some(short_hash(&doc_hash(&EventData::from_map(d))) == hash)
@@ -430,7 +433,7 @@ impl Governance {
             };
             let decision = if delivered.is_some() {
                 TargetDecision::Delivered
-            } else if self.withheld.contains_key(&slot) {
+            } else if sent == Sent::Withheld {
                 match state {
                     Some(RecordState::Quarantined | RecordState::Blocked) => {
                         TargetDecision::Quarantined
