@@ -93,8 +93,11 @@ struct Sweep<'a> {
 
 /// Rows per chunk (one store commit each) of a read for one target;
 /// `STEWARD_SNAPSHOT_CHUNK_ROWS` overrides it (smaller chunks: less work
-/// repeated after a crash, more commits).
-pub const CHUNK_ROWS: usize = 10_000;
+/// repeated after a crash, more commits). A 1,000,000-row snapshot into one
+/// target peaked at 63.6 MiB at 75,854 rows/s with 5,000 rows a chunk,
+/// 82.7–84.7 MiB at 66,462–68,968 rows/s with 10,000 (profiling build,
+/// `STEWARD_BENCH_TARGETS=1 cargo bench --bench snapshot -- SNAPSHOT`).
+pub const CHUNK_ROWS: usize = 5_000;
 /// The fewest rows per chunk of a read shared by many targets.
 const MIN_SHARED_CHUNK_ROWS: usize = 1_000;
 
@@ -102,9 +105,9 @@ const MIN_SHARED_CHUNK_ROWS: usize = 1_000;
 /// event and an audit record per target, and two chunks are in memory at
 /// once (one governed, the next read), so the chunk shrinks with the targets
 /// and the events in flight stay about the same: a 1,000,000-row snapshot
-/// into three targets peaked at 177.4 instead of 215.6 MiB at the same
-/// rate (`STEWARD_BENCH_TARGETS=3 cargo bench --bench snapshot -- SNAPSHOT`,
-/// 3,333 against 10,000 rows a chunk).
+/// into three targets peaked at 64.9 MiB at 30,612 rows/s with 1,666 rows
+/// a chunk, 78.6–82.0 MiB at 24,564–31,744 rows/s with 3,333
+/// (`STEWARD_BENCH_TARGETS=3 cargo bench --bench snapshot -- SNAPSHOT`).
 fn chunk_rows(targets: usize) -> usize {
     std::env::var("STEWARD_SNAPSHOT_CHUNK_ROWS")
         .ok()

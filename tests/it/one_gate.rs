@@ -1074,6 +1074,39 @@ async fn after_a_snapshot_unmapped_and_unrelated_writes_send_nothing() {
     daemon.stop().await.unwrap();
 }
 
+/// What a target was sent is read from the state file, and the daemon lets
+/// go of its read of it when idle: after a pause, an unmapped write is still
+/// suppressed and a record that stops being publishable is still
+/// unpublished (a delete), as they would be without the pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_idle_pause_what_was_sent_is_still_known() {
+    let db = TestDb::new("gate_idle");
+    db.sql(&plain_product(9010, "FURN_9010"));
+    let mes = Receiver::start().await.unwrap();
+    let dbz = Receiver::start().await.unwrap();
+    dbz.accept_any_json(true);
+    let config = odoo_write_config(&db, &mes, &dbz);
+    let daemon = InProcess::start(load(&config));
+    wait_streaming(&db).await;
+
+    db.sql(&plain_product(9601, "FURN_9601"));
+    db.sql(&plain_product(9602, "FURN_9602"));
+    barrier(&db, &[&mes, &dbz]).await;
+    let mark = mes.accepted_count();
+    // Longer than the idle time after which buffers and reads are released.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    db.sql("UPDATE product_template SET write_date = now(), sale_delay = 3 WHERE id = 9601");
+    db.sql("UPDATE product_template SET active = false WHERE id = 9602");
+    barrier(&db, &[&mes, &dbz]).await;
+    assert_eq!(
+        summary(&since(&mes, mark)),
+        ["product 9602 delete"],
+        "the unmapped write suppressed, the archived product unpublished"
+    );
+    daemon.stop().await.unwrap();
+}
+
 // ------------------------------------------------ B: Odoo's write pattern
 
 /// Products gated on `active`, with a rule the ORM's first INSERT breaks

@@ -210,23 +210,30 @@ pub(super) fn write_legacy(
 }
 
 /// The governance's view of [`GOV_PUBLISHED`]: one read transaction, renewed
-/// when the store has committed a newer generation of governance changes.
+/// when the store has committed a newer generation of governance changes,
+/// and opened again on the next read after [`PublishedReader::release`].
 pub(crate) struct Reader {
     store: Store,
+    open: Mutex<Open>,
+    error: Mutex<Option<String>>,
+}
+
+#[derive(Default)]
+struct Open {
+    /// Whether a transaction is open (`table` is `None` in it when the
+    /// table does not exist yet).
+    open: bool,
     table: Option<ReadOnlyTable<&'static [u8], [u8; 16]>>,
     /// The generation the open transaction shows.
     generation: u64,
-    key: Mutex<Vec<u8>>,
-    error: Mutex<Option<String>>,
+    key: Vec<u8>,
 }
 
 impl Reader {
     pub(super) fn new(store: Store) -> Reader {
         Reader {
             store,
-            table: None,
-            generation: 0,
-            key: Mutex::new(Vec::new()),
+            open: Mutex::new(Open::default()),
             error: Mutex::new(None),
         }
     }
@@ -236,9 +243,12 @@ impl Reader {
         error.get_or_insert(message);
     }
 
-    /// Opens a read transaction on the current file.
-    fn open(&mut self) -> Result<(), String> {
-        self.table = None;
+    /// Opens a read transaction on the current file, showing at least every
+    /// generation committed before it was called.
+    fn begin(&self, open: &mut Open) -> Result<(), String> {
+        let visible = self.store.inner.visible_generation.load(Ordering::Acquire);
+        open.open = false;
+        open.table = None;
         let path = self.store.path().display().to_string();
         let guard = self
             .store
@@ -259,7 +269,12 @@ impl Reader {
         });
         match opened {
             Ok(Ok(table)) => {
-                self.table = table;
+                *open = Open {
+                    open: true,
+                    table,
+                    generation: visible,
+                    key: std::mem::take(&mut open.key),
+                };
                 Ok(())
             }
             Ok(Err(e)) | Err(e) => Err(format!("{path}: cannot read the published state: {e}")),
@@ -269,7 +284,6 @@ impl Reader {
 
 impl PublishedReader for Reader {
     fn get(&self, target: &str, entity: &str, key: &str) -> Option<[u8; 16]> {
-        let table = self.table.as_ref()?;
         if self.store.inner.needs_reopen.load(Ordering::Acquire) {
             // A reopen waits for no reader: stop using the old file.
             self.fail(format!(
@@ -278,10 +292,19 @@ impl PublishedReader for Reader {
             ));
             return None;
         }
-        let mut k = self.key.lock().unwrap_or_else(PoisonError::into_inner);
-        k.clear();
-        published_store_key(target, entity, key, &mut k);
-        match super::open::guarded(|| table.get(k.as_slice()).map(|v| v.map(|v| v.value()))) {
+        let mut guard = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let open = &mut *guard;
+        if !open.open {
+            if let Err(e) = self.begin(open) {
+                self.fail(e);
+                return None;
+            }
+        }
+        let table = open.table.as_ref()?;
+        open.key.clear();
+        published_store_key(target, entity, key, &mut open.key);
+        let k = open.key.as_slice();
+        match super::open::guarded(|| table.get(k).map(|v| v.map(|v| v.value()))) {
             Ok(Ok(hash)) => hash,
             Ok(Err(e)) => {
                 self.fail(format!(
@@ -303,15 +326,18 @@ impl PublishedReader for Reader {
 
     fn refresh(&mut self) -> u64 {
         let visible = self.store.inner.visible_generation.load(Ordering::Acquire);
-        if self.table.is_none() || visible != self.generation {
-            // Begun after reading `visible`: it shows every commit up to it.
-            if let Err(e) = self.open() {
+        let open = self.open.get_mut().unwrap_or_else(PoisonError::into_inner);
+        if !open.open || visible != open.generation {
+            let mut taken = std::mem::take(open);
+            let result = self.begin(&mut taken);
+            let generation = taken.generation;
+            *self.open.get_mut().unwrap_or_else(PoisonError::into_inner) = taken;
+            if let Err(e) = result {
                 self.fail(e);
-                return self.generation;
             }
-            self.generation = visible;
+            return generation;
         }
-        self.generation
+        open.generation
     }
 
     fn next_generation(&mut self) -> u64 {
@@ -330,7 +356,9 @@ impl PublishedReader for Reader {
     }
 
     fn release(&mut self) {
-        self.table = None;
+        let open = self.open.get_mut().unwrap_or_else(PoisonError::into_inner);
+        open.open = false;
+        open.table = None;
     }
 }
 
