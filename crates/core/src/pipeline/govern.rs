@@ -1888,10 +1888,10 @@ impl Governance {
             self.release_from_quarantine(e, key, version, "the record was deleted");
             let data = EventData::from_map(&fallback);
             for t in targets {
-                let before = self.sent(t, e, key);
+                let (slot, before) = self.sent_at(t, e, key);
                 let was = before.is_published();
                 if before == Sent::Withheld {
-                    self.set_sent(t, e, key, None);
+                    self.set_sent_at(slot, t, e, key, None);
                 }
                 let send = match held(t) {
                     Some(row) => row.is_some_and(TargetRow::present),
@@ -1900,10 +1900,10 @@ impl Governance {
                 if held(t).is_some() && !send {
                     // The target does not hold it: nothing to delete there.
                     if was {
-                        self.set_sent(t, e, key, None);
+                        self.set_sent_at(slot, t, e, key, None);
                     }
                 } else if send {
-                    self.set_sent(t, e, key, None);
+                    self.set_sent_at(slot, t, e, key, None);
                     if self.refused_by(held(t), t, e, key, EventOp::Delete, version, &trigger.id) {
                         continue;
                     }
@@ -1972,8 +1972,8 @@ impl Governance {
                 delivered,
             };
             for &t in &targets {
-                if self.sent(t, e, key) == Sent::Nothing {
-                    self.set_sent(t, e, key, Some(WITHHELD));
+                if let (slot, Sent::Nothing) = self.sent_at(t, e, key) {
+                    self.set_sent_at(slot, t, e, key, Some(WITHHELD));
                 }
             }
             self.quarantine.insert((e, key.to_string()), entry.clone());
@@ -2009,7 +2009,7 @@ impl Governance {
                     .test(&input)
                     .map_err(|m| format!("route could not be evaluated: {m}")),
             };
-            let before = self.sent(t, e, key);
+            let (slot, before) = self.sent_at(t, e, key);
             if publishable && routed == Ok(true) {
                 let (data, notes) = redact::apply(&self.policies[t], &name, &doc);
                 let data = EventData::from_map(&data);
@@ -2023,7 +2023,7 @@ impl Governance {
                     if held(t).is_some() && before != sent_now {
                         // The target holds it: recorded as sent, so that an
                         // ordinary reconciliation agrees with this one.
-                        self.set_sent(t, e, key, Some(hash));
+                        self.set_sent_at(slot, t, e, key, Some(hash));
                     }
                     if quiet {
                         continue;
@@ -2038,7 +2038,7 @@ impl Governance {
                     );
                     continue;
                 }
-                self.set_sent(t, e, key, Some(hash));
+                self.set_sent_at(slot, t, e, key, Some(hash));
                 if self.refused_by(held(t), t, e, key, EventOp::Upsert, version, &trigger.id) {
                     continue;
                 }
@@ -2078,7 +2078,7 @@ impl Governance {
             // A record first seen by an update may have been delivered before steward tracked it.
             let unknown = !seen && op == "update";
             if was || unknown {
-                self.set_sent(t, e, key, Some(WITHHELD));
+                self.set_sent_at(slot, t, e, key, Some(WITHHELD));
                 let ev = match self.gov[e].on_unpublish {
                     OnUnpublish::Delete => {
                         let data = row
@@ -2100,7 +2100,7 @@ impl Governance {
             } else {
                 // (Deep: the target does not hold it, whatever was sent.)
                 if before != Sent::Withheld {
-                    self.set_sent(t, e, key, Some(WITHHELD));
+                    self.set_sent_at(slot, t, e, key, Some(WITHHELD));
                 } else if quiet {
                     continue;
                 }
@@ -2837,16 +2837,34 @@ impl Governance {
 
     /// What target `t` was last sent of record (e, key).
     pub(crate) fn sent(&self, t: TargetIndex, e: EntityIndex, key: &str) -> Sent {
+        self.sent_at(t, e, key).1
+    }
+
+    /// [`Governance::sent`], with the slot to change it by
+    /// ([`Governance::set_sent_at`]) without hashing the names again.
+    fn sent_at(&self, t: TargetIndex, e: EntityIndex, key: &str) -> (PublishedSlot, Sent) {
         let (target, entity) = (&self.target_names[t], &self.entities[e].name);
-        self.published
-            .get(&published_slot(target, entity, key), target, entity, key)
+        let slot = published_slot(target, entity, key);
+        (slot, self.published.get(&slot, target, entity, key))
     }
 
     /// Records what target `t` was sent of record (e, key) — a document's
     /// hash, [`WITHHELD`], or `None` for nothing — and queues it for the store.
     fn set_sent(&mut self, t: TargetIndex, e: EntityIndex, key: &str, hash: Option<[u8; 16]>) {
+        let slot = published_slot(&self.target_names[t], &self.entities[e].name, key);
+        self.set_sent_at(slot, t, e, key, hash);
+    }
+
+    /// [`Governance::set_sent`] for the slot [`Governance::sent_at`] gave.
+    fn set_sent_at(
+        &mut self,
+        slot: PublishedSlot,
+        t: TargetIndex,
+        e: EntityIndex,
+        key: &str,
+        hash: Option<[u8; 16]>,
+    ) {
         let (target, entity) = (&self.target_names[t], &self.entities[e].name);
-        let slot = published_slot(target, entity, key);
         push_published_change(&mut self.delta.published, target, entity, key, hash);
         self.published.set(slot, Sent::of(hash));
     }

@@ -12,11 +12,9 @@ use serde_json::{json, Value};
 use crate::config::{Config, EntityIndex, TargetIndex};
 use crate::model::{Change, ChangeOp, Column, Event, Lsn, Relation, SourceChange, TupleValue};
 use crate::pipeline::large_txn::{LargeTxn, MemoryStage};
+use crate::pipeline::published::TestStore;
 use crate::pipeline::{snapshot_mapped, Mapped, Pipeline};
-use crate::state::{
-    published_changes, AuditRecord, GovDelta, GovOp, GovSnapshot, PublishedReader, QuarantineEntry,
-};
-use std::sync::{Arc as SyncArc, Mutex};
+use crate::state::{AuditRecord, GovDelta, GovOp, GovSnapshot, QuarantineEntry};
 
 const INT4: u32 = 23;
 const VARCHAR: u32 = 1043;
@@ -179,40 +177,9 @@ struct Harness {
 #[derive(Default)]
 struct Durable {
     rows: std::collections::BTreeMap<(String, String), Vec<u8>>,
-    published: SharedPublished,
+    published: TestStore,
     unique: HashMap<(String, String, String), String>,
     quarantine: std::collections::BTreeMap<(String, String), QuarantineEntry>,
-}
-
-/// The published state as the store would hold it, read by the governance
-/// as from the store: each delta's generation is visible once applied.
-#[derive(Clone, Default)]
-struct SharedPublished(SyncArc<Mutex<PublishedTable>>);
-
-#[derive(Default)]
-struct PublishedTable {
-    map: std::collections::BTreeMap<Vec<u8>, [u8; 16]>,
-    visible: u64,
-    next: u64,
-}
-
-impl PublishedReader for SharedPublished {
-    fn get(&self, target: &str, entity: &str, key: &str) -> Option<[u8; 16]> {
-        let mut k = Vec::new();
-        crate::state::published_store_key(target, entity, key, &mut k);
-        self.0.lock().unwrap().map.get(&k).copied()
-    }
-    fn refresh(&mut self) -> u64 {
-        self.0.lock().unwrap().visible
-    }
-    fn next_generation(&mut self) -> u64 {
-        let mut t = self.0.lock().unwrap();
-        t.next += 1;
-        t.next
-    }
-    fn error(&mut self) -> Option<String> {
-        None
-    }
 }
 
 impl Durable {
@@ -220,14 +187,7 @@ impl Durable {
         for op in &delta.ops {
             self.apply(op);
         }
-        let mut t = self.published.0.lock().unwrap();
-        for (key, hash) in published_changes(&delta.published) {
-            match hash {
-                Some(h) => t.map.insert(key.to_vec(), h),
-                None => t.map.remove(key),
-            };
-        }
-        t.visible = t.visible.max(delta.generation);
+        self.published.commit(delta);
     }
 
     fn apply(&mut self, op: &GovOp) {

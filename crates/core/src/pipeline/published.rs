@@ -146,86 +146,86 @@ impl PublishedState {
     }
 }
 
+/// A store's published state for tests: a delta's changes are read, and its
+/// generation shown, once [`TestStore::commit`] applied it.
+#[cfg(test)]
+#[derive(Clone, Default)]
+pub(crate) struct TestStore(std::sync::Arc<std::sync::Mutex<TestTable>>);
+
+#[cfg(test)]
+#[derive(Default)]
+pub(crate) struct TestTable {
+    committed: crate::state::MemoryPublished,
+    pub(crate) visible: u64,
+    next: u64,
+}
+
+#[cfg(test)]
+impl TestStore {
+    pub(crate) fn commit(&self, delta: &crate::state::GovDelta) {
+        let mut t = self.table();
+        t.committed.apply(delta);
+        t.visible = t.visible.max(delta.generation);
+    }
+
+    pub(crate) fn table(&self) -> std::sync::MutexGuard<'_, TestTable> {
+        self.0.lock().unwrap()
+    }
+}
+
+#[cfg(test)]
+impl PublishedReader for TestStore {
+    fn get(&self, target: &str, entity: &str, key: &str) -> Option<[u8; 16]> {
+        self.table().committed.get(target, entity, key)
+    }
+    fn refresh(&mut self) -> u64 {
+        self.table().visible
+    }
+    fn next_generation(&mut self) -> u64 {
+        let mut t = self.table();
+        t.next += 1;
+        t.next
+    }
+    fn error(&mut self) -> Option<String> {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{published_changes, published_store_key, push_published_change};
-    use std::collections::BTreeMap;
-    use std::sync::{Arc, Mutex};
-
-    /// A store that commits when told to and shows commits after a refresh.
-    #[derive(Default)]
-    struct Shared {
-        committed: BTreeMap<Vec<u8>, [u8; 16]>,
-        visible_generation: u64,
-        next: u64,
-    }
-
-    struct Reader {
-        shared: Arc<Mutex<Shared>>,
-        seen: BTreeMap<Vec<u8>, [u8; 16]>,
-    }
-
-    impl PublishedReader for Reader {
-        fn get(&self, target: &str, entity: &str, key: &str) -> Option<[u8; 16]> {
-            let mut k = Vec::new();
-            published_store_key(target, entity, key, &mut k);
-            self.seen.get(&k).copied()
-        }
-        fn refresh(&mut self) -> u64 {
-            let shared = self.shared.lock().unwrap();
-            self.seen = shared.committed.clone();
-            shared.visible_generation
-        }
-        fn next_generation(&mut self) -> u64 {
-            let mut shared = self.shared.lock().unwrap();
-            shared.next += 1;
-            shared.next
-        }
-        fn error(&mut self) -> Option<String> {
-            None
-        }
-    }
-
-    fn commit(shared: &Arc<Mutex<Shared>>, changes: &[u8], generation: u64) {
-        let mut s = shared.lock().unwrap();
-        for (k, h) in published_changes(changes) {
-            match h {
-                Some(h) => s.committed.insert(k.to_vec(), h),
-                None => s.committed.remove(k),
-            };
-        }
-        s.visible_generation = s.visible_generation.max(generation);
-    }
+    use crate::state::{push_published_change, GovDelta};
 
     fn slot(n: u8) -> Slot {
         [n; 12]
     }
 
+    fn delta(hash: [u8; 16], generation: u64) -> GovDelta {
+        let mut delta = GovDelta {
+            generation,
+            ..GovDelta::default()
+        };
+        push_published_change(&mut delta.published, "t", "e", "1", Some(hash));
+        delta
+    }
+
     #[test]
     fn changes_stay_in_memory_until_the_store_shows_them() {
-        let shared = Arc::new(Mutex::new(Shared::default()));
-        let mut state = PublishedState::new(Box::new(Reader {
-            shared: shared.clone(),
-            seen: BTreeMap::new(),
-        }));
+        let store = TestStore::default();
+        let mut state = PublishedState::new(Box::new(store.clone()));
         let hash = [7u8; 16];
-        let mut delta = Vec::new();
         state.set(slot(1), Sent::of(Some(hash)));
-        push_published_change(&mut delta, "t", "e", "1", Some(hash));
         let g1 = state.seal();
         assert!(g1 > 0);
         assert_eq!(state.seal(), 0, "nothing changed since");
         // A later change of the same record, in the next generation.
         state.set(slot(1), Sent::Withheld);
-        let mut delta2 = Vec::new();
-        push_published_change(&mut delta2, "t", "e", "1", Some(WITHHELD));
         let g2 = state.seal();
         assert!(g2 > g1);
 
         state.sync();
         assert_eq!(state.get(&slot(1), "t", "e", "1"), Sent::Withheld);
-        commit(&shared, &delta, g1);
+        store.commit(&delta(hash, g1));
         state.sync();
         assert_eq!(
             state.get(&slot(1), "t", "e", "1"),
@@ -233,7 +233,7 @@ mod tests {
             "the later generation's change stays in memory"
         );
         assert_eq!(state.pending(), 1);
-        commit(&shared, &delta2, g2);
+        store.commit(&delta(WITHHELD, g2));
         state.sync();
         assert_eq!(state.pending(), 0);
         assert_eq!(state.get(&slot(1), "t", "e", "1"), Sent::Withheld);
@@ -242,14 +242,11 @@ mod tests {
 
     #[test]
     fn the_generation_being_written_is_never_dropped() {
-        let shared = Arc::new(Mutex::new(Shared::default()));
-        let mut state = PublishedState::new(Box::new(Reader {
-            shared: shared.clone(),
-            seen: BTreeMap::new(),
-        }));
+        let store = TestStore::default();
+        let mut state = PublishedState::new(Box::new(store.clone()));
         state.set(slot(1), Sent::Hash([1; 8]));
         // The store already shows a later generation (another governance's).
-        shared.lock().unwrap().visible_generation = 100;
+        store.table().visible = 100;
         state.sync();
         assert_eq!(state.get(&slot(1), "t", "e", "1"), Sent::Hash([1; 8]));
         let g = state.seal();
