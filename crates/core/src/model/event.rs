@@ -1,5 +1,7 @@
 //! The event contract every target receives, whatever its type.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 use super::Lsn;
@@ -75,9 +77,23 @@ pub struct Event {
 /// needs the bytes anyway); the store, the delivery driver and every sink
 /// then copy the text instead of parsing it into a tree and writing it back
 /// out, which costs an allocation per field and per event at each step.
-#[derive(Clone, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct EventData(Box<serde_json::value::RawValue>);
+/// Shared, not copied: the targets that receive the same document (those
+/// whose redaction leaves it as it is) hold one text between them until the
+/// store has it, so a commit batch for ten targets does not hold ten copies.
+#[derive(Clone)]
+pub struct EventData(Arc<serde_json::value::RawValue>);
+
+impl Serialize for EventData {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for EventData {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Box::<serde_json::value::RawValue>::deserialize(deserializer).map(EventData::from_raw)
+    }
+}
 
 impl EventData {
     pub(crate) fn from_map(map: &serde_json::Map<String, serde_json::Value>) -> EventData {
@@ -97,7 +113,7 @@ impl EventData {
         raw: Result<Box<serde_json::value::RawValue>, serde_json::Error>,
     ) -> EventData {
         match raw {
-            Ok(raw) => EventData(raw),
+            Ok(raw) => EventData::from_raw(raw),
             Err(e) => {
                 tracing::error!(error = %e, "cannot write an event's data as JSON; it is delivered as null");
                 EventData::null()
@@ -107,11 +123,11 @@ impl EventData {
 
     /// JSON text already checked, e.g. read back from the store.
     pub fn from_raw(raw: Box<serde_json::value::RawValue>) -> EventData {
-        EventData(raw)
+        EventData(Arc::from(raw))
     }
 
     pub(crate) fn null() -> EventData {
-        EventData(serde_json::value::RawValue::NULL.to_owned())
+        EventData::from_raw(serde_json::value::RawValue::NULL.to_owned())
     }
 
     /// The JSON text.

@@ -21,6 +21,7 @@
 //! and its child rows) and re-emissions (records whose referenced record
 //! changed) are evaluated once, after the transaction's last change.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
@@ -2002,6 +2003,9 @@ impl Governance {
             );
         }
 
+        // The document as every target without a redaction of this entity
+        // gets it: written and hashed once, shared by those targets.
+        let mut unredacted: Option<(EventData, [u8; 16])> = None;
         for t in targets {
             let routed = match &self.policies[t].route {
                 None => Ok(true),
@@ -2012,8 +2016,20 @@ impl Governance {
             let (slot, before) = self.sent_at(t, e, key);
             if publishable && routed == Ok(true) {
                 let (data, notes) = redact::apply(&self.policies[t], &name, &doc);
-                let data = EventData::from_map(&data);
-                let hash = doc_hash(&data);
+                let (data, hash) = match data {
+                    Cow::Borrowed(_) => unredacted
+                        .get_or_insert_with(|| {
+                            let data = EventData::from_map(&doc);
+                            let hash = doc_hash(&data);
+                            (data, hash)
+                        })
+                        .clone(),
+                    Cow::Owned(redacted) => {
+                        let data = EventData::from_map(&redacted);
+                        let hash = doc_hash(&data);
+                        (data, hash)
+                    }
+                };
                 let sent_now = Sent::Hash(short_hash(&hash));
                 let same = match held(t) {
                     Some(row) => row.is_some_and(|r| r.holds(&data)),

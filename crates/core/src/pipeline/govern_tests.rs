@@ -1817,6 +1817,64 @@ fn allow_list_mask_and_hash_per_target() {
     }
 }
 
+/// Targets without a redaction share one written document: the shared text
+/// never reaches the redacting target between them, and each target's own
+/// suppression still holds.
+#[test]
+fn targets_without_redaction_share_the_document_a_redacting_one_does_not() {
+    let mut h = Harness::new(
+        r#"
+[entities.partner]
+table = "res_partner"
+fields = { name = "name", email = "email" }
+[targets.a_plain]
+type = "http"
+url = "http://localhost:1/"
+entities = ["partner"]
+[targets.b_masked]
+type = "http"
+url = "http://localhost:1/"
+entities = ["partner"]
+mask = { "partner.email" = "full" }
+[targets.c_plain]
+type = "http"
+url = "http://localhost:1/"
+entities = ["partner"]
+"#,
+    );
+    let plain = |email: &str| json!({"name": "Acme", "email": email});
+    let masked = json!({"name": "Acme", "email": "***"});
+    let evs = h.txn(&[("res_partner", I, PARTNER_1)]);
+    assert_eq!(
+        brief(&evs),
+        vec![
+            up("a_plain", "partner", "1", plain("a@acme.example")),
+            up("b_masked", "partner", "1", masked.clone()),
+            up("c_plain", "partner", "1", plain("a@acme.example")),
+        ]
+    );
+    // Only the masked field changes: the masking target's document is the same.
+    let evs = h.txn(&[(
+        "res_partner",
+        U,
+        &[("id", Some("1")), ("email", Some("b@acme.example"))],
+    )]);
+    assert_eq!(
+        brief(&evs),
+        vec![
+            up("a_plain", "partner", "1", plain("b@acme.example")),
+            up("c_plain", "partner", "1", plain("b@acme.example")),
+        ]
+    );
+    // The same row again: nothing for anyone.
+    let evs = h.txn(&[(
+        "res_partner",
+        U,
+        &[("id", Some("1")), ("email", Some("b@acme.example"))],
+    )]);
+    assert_eq!(brief(&evs), vec![]);
+}
+
 #[test]
 fn routing_and_no_op_suppression_per_target() {
     let mut h = policy_harness(true);
