@@ -634,6 +634,9 @@ fn check_summary(path: &std::path::Path, config: &Config) -> String {
 }
 
 fn run_blocking(future: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    // Blocking-pool threads never park as workers do: the delivery drivers'
+    // store calls have them collect instead.
+    steward_sinks::driver::set_blocking_call_hook(crate::daemon::idle::thread_idle);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .on_thread_park(crate::daemon::idle::thread_idle)

@@ -8,6 +8,11 @@
 //! others emptied for as long as it stays idle. Each thread collects its
 //! heap as it goes idle, at most once a second so that a busy runtime,
 //! whose workers park thousands of times a second, does not pay for it.
+//! The blocking pool's threads read the delivery drivers' batches from the
+//! store, which are freed on the workers once sent; they collect after each
+//! such call (`steward_sinks::driver::set_blocking_call_hook`). Ten targets,
+//! `STEWARD_BENCH_SHAPES=10x1000 cargo bench --bench e2e -- SCALE`: peak
+//! RSS 190–196 MiB without, 125–128 MiB with; three targets 87.5 -> 63.8 MiB.
 
 use std::cell::Cell;
 use std::time::{Duration, Instant};

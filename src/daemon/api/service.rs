@@ -639,9 +639,13 @@ impl Control {
 pub(super) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(ApiError::internal)?
+    tokio::task::spawn_blocking(|| {
+        let result = f();
+        crate::daemon::idle::thread_idle();
+        result
+    })
+    .await
+    .map_err(ApiError::internal)?
 }
 
 async fn within<T>(what: &str, answer: oneshot::Receiver<T>) -> Result<T, ApiError> {

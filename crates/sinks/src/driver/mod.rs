@@ -291,6 +291,20 @@ impl<D: Deliver + 'static, O: Outbox> Driver<D, O> {
     }
 }
 
+/// Called on the blocking thread after each store call of a driver (the
+/// daemon collects the thread's allocator heap there, see
+/// [`set_blocking_call_hook`]).
+static BLOCKING_CALL_DONE: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets what runs on a blocking thread after each of the drivers' store
+/// calls: the batches read there are freed on other threads, and the
+/// thread's allocator takes their pages back only when it next allocates or
+/// collects, so the daemon has it collect (at most once a second). Set once;
+/// later calls are ignored.
+pub fn set_blocking_call_hook(hook: fn()) {
+    let _ = BLOCKING_CALL_DONE.set(hook);
+}
+
 /// Runs a blocking store call off the async threads. Transient failures (full
 /// disk, I/O) are retried with backoff until they clear; `Ok(None)` means
 /// shutdown was requested meanwhile.
@@ -308,7 +322,15 @@ where
     let mut attempt: u32 = 0;
     loop {
         let call = f.clone();
-        let result = match tokio::task::spawn_blocking(move || call()).await {
+        let result = match tokio::task::spawn_blocking(move || {
+            let result = call();
+            if let Some(hook) = BLOCKING_CALL_DONE.get() {
+                hook();
+            }
+            result
+        })
+        .await
+        {
             Ok(r) => r,
             Err(e) => Err(StoreError::Internal {
                 path: store.path().to_path_buf(),
@@ -556,5 +578,38 @@ mod tests {
         assert!(err.is_damage(), "{err}");
         assert!(fake.attempts.lock().unwrap().is_empty());
         assert_eq!(store.backlog("t").unwrap(), 10);
+    }
+
+    /// The blocking threads that read the batches are asked to collect
+    /// their heap after each store call (see `set_blocking_call_hook`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_blocking_call_hook_runs_after_the_store_calls() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static CALLS: AtomicUsize = AtomicUsize::new(0);
+        fn hook() {
+            CALLS.fetch_add(1, Ordering::SeqCst);
+        }
+        super::set_blocking_call_hook(hook);
+        let (_dir, store) = temp_store();
+        append(&store, &["t"], 1..11);
+        let (_handle, wake) = DriverHandle::new();
+        let (stop, shutdown) = watch::channel(false);
+        let fake = Fake::default();
+        let task = tokio::spawn(run_target(
+            target("t", 10, 0),
+            store.clone(),
+            vec![fake.clone()],
+            wake,
+            crate::requests::Inbox::default(),
+            shutdown,
+        ));
+        wait_until("settled", || store.backlog("t").unwrap() == 0).await;
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+        assert!(
+            CALLS.load(Ordering::SeqCst) >= 2,
+            "the read and the settlement: {}",
+            CALLS.load(Ordering::SeqCst)
+        );
     }
 }
