@@ -9,8 +9,10 @@
 //! heap as it goes idle, at most once a second so that a busy runtime,
 //! whose workers park thousands of times a second, does not pay for it.
 //! The blocking pool's threads read the delivery drivers' batches from the
-//! store, which are freed on the workers once sent; they collect after each
-//! such call (`steward_sinks::driver::set_blocking_call_hook`). Ten targets,
+//! store, which are freed on the workers once sent; such a thread never
+//! parks, so it goes through the same once-a-second collection after each
+//! of those calls instead (`steward_sinks::driver::set_blocking_call_hook`,
+//! and the control API's blocking calls). Ten targets,
 //! `STEWARD_BENCH_SHAPES=10x1000 cargo bench --bench e2e -- SCALE`: peak
 //! RSS 190–196 MiB without, 125–128 MiB with; three targets 87.5 -> 63.8 MiB.
 
