@@ -10,8 +10,14 @@
 //!    a different one is sent as an upsert, one no longer publishable is
 //!    unpublished (a delete, or an upsert with `on_unpublish = "upsert"`).
 //! 2. The keys the target was sent (the published state's keys, listed in
-//!    the store's order) are swept: those the snapshot does not have are
-//!    governed as deleted for the target.
+//!    the store's order) that the snapshot does not have are governed as
+//!    deleted for the target. For a table keyed by one integer column the
+//!    snapshot reads rows in the order the store lists their keys, so each
+//!    chunk is compared with the targets' keys in its range as it is read
+//!    (one range read of the store per target, no query to the source);
+//!    after the table, the keys above the last row read are gone, and only
+//!    the keys that are not such numbers are looked up in the source. For
+//!    other tables the keys are swept after the table, each looked up.
 //!
 //! Streaming goes on meanwhile; the job's window orders its events against
 //! streamed ones per key as for a snapshot, and records the stream changed

@@ -73,6 +73,7 @@ use steward_core::config::{Config, EntityIndex, TargetIndex};
 use steward_core::model::split_key;
 use steward_core::model::{Event, Lsn};
 use steward_core::pipeline::{absent_mapped, snapshot_mapped, Governance, Mapped, Pipeline};
+use steward_core::state::canonical_integer;
 use steward_source::snapshot::{self as source_snapshot, SnapshotReader, TableRead};
 use steward_store::{ReconcileCounts, SnapshotJob, SnapshotPhase, Store, VersionCheck};
 
@@ -89,7 +90,36 @@ struct Sweep<'a> {
     entity: EntityIndex,
     target: TargetIndex,
     time: &'a str,
+    /// The snapshot's consistent point: keys gone are deleted as of it.
+    consistent: Lsn,
 }
+
+impl Sweep<'_> {
+    /// The record of a key gone from the source (`parts`: its key columns'
+    /// texts at `key_positions`), mapped as deleted at the consistent point.
+    fn gone(&self, key_positions: &[usize], parts: &[String]) -> anyhow::Result<Option<Mapped>> {
+        let mut row = vec![None; self.relation.columns.len()];
+        for (part, &at) in parts.iter().zip(key_positions) {
+            row[at] = Some(part.clone());
+        }
+        Ok(absent_mapped(
+            self.pipeline,
+            self.relation.id,
+            self.entity,
+            &row,
+            self.consistent,
+            self.time,
+        )?)
+    }
+}
+
+/// Integer keys a target was sent read from the store at a time while
+/// comparing a chunk's range with them.
+const GONE_KEYS: usize = 20_000;
+
+/// PostgreSQL's integer types: a key column of one of them is read in the
+/// order [`steward_core::state::published_store_key`] stores its values.
+const INTEGER_TYPES: [u32; 3] = [20, 21, 23];
 
 /// Rows per chunk (one store commit each) of a read for one target;
 /// `STEWARD_SNAPSHOT_CHUNK_ROWS` overrides it (smaller chunks: less work
@@ -531,6 +561,19 @@ impl Worker {
             .iter()
             .filter_map(|k| relation.columns.iter().position(|c| &c.name == k))
             .collect();
+        // A reconciliation reading a table keyed by one integer column from
+        // its first row compares each chunk with the keys the targets were
+        // sent (see `SnapshotJob::swept_while_reading`). A group that read
+        // part of the table without comparing (an older steward) sweeps all
+        // of it after the table.
+        let integer_key = matches!(key_positions.as_slice(),
+            [at] if entity.key.len() == 1 && INTEGER_TYPES.contains(&relation.columns[*at].type_oid));
+        let sweeps_while_reading = first.reconcile
+            && !first.deep
+            && integer_key
+            && jobs
+                .iter()
+                .all(|j| j.last_key.is_none() || j.swept_while_reading);
 
         let consistent = reader.consistent;
         let estimate = if jobs.iter().any(|j| j.segments == 0 || j.rows_total == 0) {
@@ -544,6 +587,7 @@ impl Worker {
                 job.rows_total = estimate;
             }
             job.phase = SnapshotPhase::Running;
+            job.swept_while_reading = sweeps_while_reading;
             job.consistent_lsn = Some(consistent.0);
             job.window_until = job.window_until.max(consistent.0);
             job.segments += 1;
@@ -580,11 +624,13 @@ impl Worker {
             _ => ChunkKind::Govern,
         };
         // A chunk read and mapped: its rows, the key to read the next one
-        // after, and the mapped records.
+        // after, the mapped records, and when comparing while reading the
+        // rows' integer keys (ascending).
         struct Fetched {
             rows: usize,
             last_key: Option<Vec<String>>,
             mapped: Vec<Mapped>,
+            keys: Vec<u64>,
         }
         let fetch = |after: Option<Vec<String>>| {
             let (read, relation, pipeline) = (&read, &relation, &pipeline);
@@ -599,6 +645,14 @@ impl Worker {
                         .map(|&i| last.get(i).cloned().flatten().unwrap_or_default())
                         .collect()
                 });
+                let keys = match (sweeps_while_reading, key_positions.as_slice()) {
+                    (true, [at]) => rows
+                        .iter()
+                        .filter_map(|r| r.get(*at).and_then(Option::as_deref))
+                        .filter_map(canonical_integer)
+                        .collect(),
+                    _ => Vec::new(),
+                };
                 let mut mapped = Vec::with_capacity(rows.len());
                 for row in &rows {
                     if let Some(m) =
@@ -611,9 +665,26 @@ impl Worker {
                     rows: rows.len(),
                     last_key,
                     mapped,
+                    keys,
                 })
             }
         };
+        let gone_sweep = Sweep {
+            read: &read,
+            relation: &relation,
+            pipeline: &pipeline,
+            entity: entity_index,
+            target: target_indexes[0],
+            time: &time,
+            consistent,
+        };
+        // The greatest integer key read so far: the chunks compared cover
+        // the targets' integer keys up to it.
+        let mut compared_through = first
+            .last_key
+            .as_ref()
+            .and_then(|k| k.first())
+            .and_then(|k| canonical_integer(k));
         let mut fetched = fetch(first.last_key.clone()).await?;
         loop {
             if *self.shutdown.borrow() {
@@ -623,6 +694,7 @@ impl Worker {
                 rows: n,
                 last_key,
                 mapped,
+                keys,
             } = fetched;
             if n == 0 {
                 break;
@@ -658,10 +730,35 @@ impl Worker {
                     false => Ok(None),
                 }
             };
-            let (counts, next) = tokio::join!(self.govern(message), next);
+            let governed = async {
+                let Some(mut counts) = self.govern(message).await? else {
+                    return anyhow::Ok(None);
+                };
+                if sweeps_while_reading {
+                    let Some(gone) = self
+                        .govern_gone(
+                            &target_names,
+                            &target_indexes,
+                            &gone_sweep,
+                            first.dry_run,
+                            compared_through,
+                            &keys,
+                        )
+                        .await?
+                    else {
+                        return Ok(None);
+                    };
+                    counts.iter_mut().zip(gone).for_each(|(c, g)| c.add(g));
+                }
+                Ok(Some(counts))
+            };
+            let (counts, next) = tokio::join!(governed, next);
             let Some(counts) = counts? else {
                 return Ok(()); // the daemon loop is gone: shutting down
             };
+            if let Some(&last) = keys.last() {
+                compared_through = Some(last);
+            }
             rows_done += n as u64;
             for (job, found) in jobs.iter_mut().zip(counts) {
                 job.rows_read += n as u64;
@@ -690,6 +787,15 @@ impl Worker {
             }
         }
         for (job, &target) in jobs.iter_mut().zip(&target_indexes) {
+            if job.swept_while_reading && job.swept_after.is_none() {
+                // Every integer key up to the last one read was compared.
+                job.swept_after = job
+                    .last_key
+                    .as_ref()
+                    .and_then(|k| k.first())
+                    .filter(|k| canonical_integer(k).is_some())
+                    .cloned();
+            }
             if job.reconcile {
                 let sweep = Sweep {
                     read: &read,
@@ -698,6 +804,7 @@ impl Worker {
                     entity: entity_index,
                     target,
                     time: &time,
+                    consistent,
                 };
                 if let Some(d) = &mut deep {
                     if !self.sweep_target(reader, d, job, &sweep).await? {
@@ -743,6 +850,84 @@ impl Worker {
         }
     }
 
+    /// Deletes at the targets, through the governance, the integer keys
+    /// they were sent in (`after`, last of `keys`] that the chunk just
+    /// read (`keys`, ascending) does not have: gone from the source. Each
+    /// target deletes only what it was sent. Returns what each target
+    /// found (in the order of `targets`); `None` when shutting down.
+    async fn govern_gone(
+        &self,
+        target_names: &[String],
+        targets: &[TargetIndex],
+        sweep: &Sweep<'_>,
+        dry_run: bool,
+        after: Option<u64>,
+        keys: &[u64],
+    ) -> anyhow::Result<Option<Vec<ReconcileCounts>>> {
+        let mut counts = vec![ReconcileCounts::default(); targets.len()];
+        let Some(&through) = keys.last() else {
+            return Ok(Some(counts));
+        };
+        let entity = &self.config.entities[sweep.entity].name;
+        let key_positions: Vec<usize> = sweep
+            .read
+            .key
+            .iter()
+            .filter_map(|k| sweep.relation.columns.iter().position(|c| &c.name == k))
+            .collect();
+        let mut from = after;
+        loop {
+            // A piece of the range at a time: up to where the first target
+            // with more keys than one read takes stopped.
+            let mut upto = through;
+            let mut sent = Vec::new();
+            for target in target_names {
+                let piece = block(|| {
+                    self.store
+                        .published_integer_keys(target, entity, from, through, GONE_KEYS)
+                })?;
+                if piece.len() >= GONE_KEYS {
+                    upto = upto.min(piece.last().copied().unwrap_or(through));
+                }
+                sent.extend(piece);
+            }
+            sent.retain(|k| *k <= upto && keys.binary_search(k).is_err());
+            sent.sort_unstable();
+            sent.dedup();
+            for batch in sent.chunks(SWEEP_BATCH) {
+                let mut mapped = Vec::with_capacity(batch.len());
+                for key in batch {
+                    let parts = [key.to_string()];
+                    if let Some(m) = sweep.gone(&key_positions, &parts)? {
+                        mapped.push(m);
+                    }
+                }
+                if mapped.is_empty() {
+                    continue;
+                }
+                let chunk = SnapshotChunk {
+                    mapped,
+                    consistent: sweep.consistent,
+                    targets: targets.to_vec(),
+                    force: false,
+                    known_only: false,
+                    quiet: true,
+                    kind: ChunkKind::Absent { dry_run },
+                    actual: None,
+                    done: tokio::sync::oneshot::channel().0,
+                };
+                let Some(found) = self.govern(chunk).await? else {
+                    return Ok(None);
+                };
+                counts.iter_mut().zip(found).for_each(|(c, f)| c.add(f));
+            }
+            if upto >= through {
+                return Ok(Some(counts));
+            }
+            from = Some(upto);
+        }
+    }
+
     /// A reconciliation's second part: the keys the target was sent
     /// (`Store::published_keys`) that this snapshot does not have are
     /// deleted at the target, through the governance. After a deep job's
@@ -783,25 +968,23 @@ impl Worker {
             let mut counts = ReconcileCounts::default();
             for batch in keys.chunks(SWEEP_BATCH) {
                 let parts: Vec<Vec<String>> = batch.iter().map(|k| split_key(k)).collect();
+                // Swept while reading, the table had no integer key above
+                // the sweep's start (see `SnapshotJob::swept_while_reading`):
+                // only the other keys are looked up.
+                let known_gone = |p: &Vec<String>| {
+                    job.swept_while_reading
+                        && matches!(p.as_slice(), [k] if canonical_integer(k).is_some())
+                };
+                let lookup: Vec<Vec<String>> =
+                    parts.iter().filter(|p| !known_gone(p)).cloned().collect();
                 let present: HashSet<Vec<String>> = reader
-                    .present_keys(sweep.read, &parts)
+                    .present_keys(sweep.read, &lookup)
                     .await?
                     .into_iter()
                     .collect();
                 let mut mapped = Vec::new();
                 for key in parts.iter().filter(|p| !present.contains(*p)) {
-                    let mut row = vec![None; sweep.relation.columns.len()];
-                    for (part, &at) in key.iter().zip(&key_positions) {
-                        row[at] = Some(part.clone());
-                    }
-                    if let Some(m) = absent_mapped(
-                        sweep.pipeline,
-                        sweep.relation.id,
-                        sweep.entity,
-                        &row,
-                        consistent,
-                        sweep.time,
-                    )? {
+                    if let Some(m) = sweep.gone(&key_positions, key)? {
                         mapped.push(m);
                     }
                 }

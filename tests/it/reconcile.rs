@@ -252,6 +252,84 @@ async fn repair_of_two_targets_reads_the_table_once_and_counts_each_target() {
     );
 }
 
+/// Keys gone from the source are found wherever they were in the table:
+/// before the first row, across chunk boundaries, in a range wider than one
+/// read of the targets' keys, after the last row, and a key that is not a
+/// canonical number (looked up in the source); each target deletes only
+/// what it was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_gone_from_anywhere_in_the_table_are_deleted_at_each_target_that_had_them() {
+    let db = TestDb::new("rec_gone");
+    add_products(&db, 30_000);
+    db.sql(
+        "INSERT INTO product_template (id, categ_id, uom_id, uom_po_id, detailed_type, type, default_code, name, list_price, active, tracking, purchase_line_warn, sale_line_warn) \
+         VALUES (-7, 1, 1, 1, 'product', 'product', 'NEG', '{\"en_US\": \"Negative\"}', 1, true, 'none', 'no-message', 'no-message')",
+    );
+    let wms = Receiver::start().await.unwrap();
+    let mes = Receiver::start().await.unwrap();
+    // mes takes only the products under 600: another set of keys.
+    let text = format!(
+        "{}\n[targets.mes]\ntype = \"http\"\nurl = \"{}\"\nentities = [\"product\"]\ninitial = \"snapshot\"\nroute = \"row.list_price < 600.0\"\nbatch_max_events = 5000\nbatch_linger_ms = 5\nretry_initial_ms = 50\nretry_max_ms = 500\ntimeout_ms = 5000\n",
+        config_text(&db, &wms, ""),
+        mes.url()
+    );
+    let cfg = db.write_config(&text);
+    let cheap = |prices: &std::collections::BTreeMap<String, String>| {
+        prices
+            .iter()
+            .filter(|(_, p)| p.parse::<f64>().unwrap() < 600.0)
+            .map(|(k, p)| (k.clone(), p.clone()))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    let all = db_prices(&db);
+    let daemon = InProcess::start(steward_sinks::config::load(&cfg).unwrap());
+    wait_until("both initial snapshots arrive", WAIT, || {
+        wms.accepted_count() >= all.len() && mes.accepted_count() >= cheap(&all).len()
+    })
+    .await;
+    daemon.stop().await.unwrap();
+
+    drop_slot(&db);
+    db.sql(
+        "DELETE FROM product_template WHERE id BETWEEN 100001 AND 100003 \
+            OR id BETWEEN 100490 AND 100520 OR id BETWEEN 101001 AND 126000 \
+            OR id > 129995 OR id = -7",
+    );
+    steward(&["repair"], &cfg);
+    let before = (wms.accepted_count(), mes.accepted_count());
+    let log = db.dir.path().join("steward.log");
+    let child = Child::run_with_env(&cfg, &log, &[("STEWARD_SNAPSHOT_CHUNK_ROWS", "500")]);
+    let lines = reconciliations_done(&cfg, 2, WAIT).await;
+    let line = |target: &str| lines.iter().find(|l| l["target"] == target).unwrap();
+    let n = rows(&db) as u64;
+    assert_eq!(
+        counts(line("wms")),
+        [n, n, 0, 25_040],
+        "wms: 3 + 31 + 25,000 + 5 + 1 keys gone"
+    );
+    assert_eq!(
+        counts(line("mes")),
+        [n, n, 0, 35],
+        "mes had only 3 + 31 of the numbered ones, and -7"
+    );
+    let expected = db_prices(&db);
+    wait_until("each target holds what the source has", WAIT, || {
+        target_prices(&wms.accepted_events()) == expected
+            && target_prices(&mes.accepted_events()) == cheap(&expected)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    child.terminate();
+    assert_eq!(
+        (
+            wms.accepted_count() - before.0,
+            mes.accepted_count() - before.1
+        ),
+        (25_040, 35),
+        "one delete per key gone, nothing else"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dry_run_sends_and_changes_nothing_and_a_later_reconcile_repairs() {
     let db = TestDb::new("rec_dry");
@@ -370,7 +448,7 @@ async fn kill_9_mid_reconcile_resumes_and_finishes() {
     let [checked, _, resent, deleted] = counts(&line);
     assert!(checked >= n, "{line}");
     assert_eq!((resent, deleted), (12, 3), "{line}");
-    // Each gone key is deleted once, by the sweep after the table.
+    // Each gone key is deleted once, though its chunk was read twice.
     let gone = || {
         wms.accepted_log()
             .iter()

@@ -322,7 +322,7 @@ pub fn published_key_of(store_key: &[u8], prefix: &[u8]) -> Option<String> {
 
 /// `key` as an unsigned integer when it is one written canonically (no sign,
 /// no leading zero), so that writing the number back gives `key` again.
-fn canonical_integer(key: &str) -> Option<u64> {
+pub fn canonical_integer(key: &str) -> Option<u64> {
     let b = key.as_bytes();
     if b.is_empty() || b.len() > 20 || !b.iter().all(u8::is_ascii_digit) {
         return None;

@@ -97,6 +97,57 @@ pub(super) fn keys_after(
     Ok(keys)
 }
 
+/// Up to `max` integer keys ([`published_store_key`]'s canonical unsigned
+/// integers) of `entity` that `target` was sent (published, not withheld),
+/// ascending, greater than `after` (`None`: from 0) and at most `through`.
+pub(super) fn integer_keys_between(
+    txn: &redb::ReadTransaction,
+    target: &str,
+    entity: &str,
+    after: Option<u64>,
+    through: u64,
+    max: usize,
+) -> Result<Vec<u64>, TxnError> {
+    let first = match after {
+        Some(n) if n >= through => return Ok(Vec::new()),
+        Some(n) => n + 1,
+        None => 0,
+    };
+    let bound = |n: u64| {
+        let mut k = Vec::new();
+        published_store_prefix(target, entity, &mut k);
+        k.push(1);
+        k.extend_from_slice(&n.to_be_bytes());
+        k
+    };
+    let (start, end) = (bound(first), bound(through));
+    let mut keys = Vec::new();
+    if let Some(t) = open_or_empty!(txn, GOV_PUBLISHED) {
+        for item in t.range(start.as_slice()..=end.as_slice())? {
+            let (k, hash) = item?;
+            if hash.value() == WITHHELD {
+                continue;
+            }
+            let k = k.value();
+            let n = k[start.len() - 8..]
+                .try_into()
+                .ok()
+                .filter(|_| k.len() == start.len())
+                .map(u64::from_be_bytes)
+                .ok_or_else(|| {
+                    TxnError::Corrupt(format!(
+                        "gov_published holds a key steward does not write: {k:?}"
+                    ))
+                })?;
+            keys.push(n);
+            if keys.len() >= max {
+                break;
+            }
+        }
+    }
+    Ok(keys)
+}
+
 /// Entries of the table (for tests and figures).
 pub(super) fn entries(txn: &redb::ReadTransaction) -> Result<u64, TxnError> {
     Ok(match open_or_empty!(txn, GOV_PUBLISHED) {

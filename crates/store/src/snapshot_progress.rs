@@ -123,6 +123,14 @@ pub struct SnapshotJob {
     /// A deep reconciliation's sweep of the target's table is done.
     #[serde(default)]
     pub target_swept: bool,
+    /// A reconciliation of a table keyed by one integer column, read from
+    /// its first row on in key order: each chunk is compared with the
+    /// integer keys the target was sent in the chunk's range, so the keys
+    /// gone from the source are found while reading, and the sweep after
+    /// the table asks the source only about the others (`false`: the sweep
+    /// asks about every key).
+    #[serde(default)]
+    pub swept_while_reading: bool,
 }
 
 impl SnapshotJob {
@@ -150,6 +158,7 @@ impl SnapshotJob {
             deep: false,
             target_swept_to: None,
             target_swept: false,
+            swept_while_reading: false,
             counts: ReconcileCounts::default(),
         }
     }
@@ -270,6 +279,24 @@ impl Store {
         max: usize,
     ) -> Result<Vec<String>, StoreError> {
         self.read(|txn| super::published::keys_after(txn, target, entity, after, max))
+    }
+
+    /// Up to `max` integer keys of `entity` that `target` was sent (not
+    /// withheld), ascending, in (`after`, `through`] (`after` `None`: from
+    /// 0): the keys a reconciliation reading an integer-keyed table in key
+    /// order compares each chunk with. Keys that are not canonical unsigned
+    /// integers are not among them (see [`steward_core::state::published_store_key`]).
+    pub fn published_integer_keys(
+        &self,
+        target: &str,
+        entity: &str,
+        after: Option<u64>,
+        through: u64,
+        max: usize,
+    ) -> Result<Vec<u64>, StoreError> {
+        self.read(|txn| {
+            super::published::integer_keys_between(txn, target, entity, after, through, max)
+        })
     }
 
     /// Entries of the published state (every target and record sent a

@@ -658,6 +658,58 @@ fn published_hashes_apply_in_order_list_in_key_order_and_survive_reopen() {
 }
 
 #[test]
+fn published_integer_keys_list_one_range_of_numbers_only() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    // 0 (withheld), numbers across a byte boundary, the largest u64, and
+    // keys that are not canonical numbers.
+    let keys: Vec<(&str, Option<u8>)> = vec![
+        ("0", Some(0)),
+        ("1", Some(1)),
+        ("255", Some(1)),
+        ("256", Some(1)),
+        ("1000", Some(1)),
+        ("18446744073709551615", Some(1)),
+        ("007", Some(1)),
+        ("-5", Some(1)),
+        ("x", Some(1)),
+    ];
+    store
+        .commit_governed(Lsn(0x100), &[], &published_delta(&keys, 1))
+        .unwrap();
+    let mut other = governance::GovDelta::default();
+    steward_core::state::push_published_change(
+        &mut other.published,
+        "wms",
+        "productx",
+        "2",
+        Some([9; 16]),
+    );
+    store.commit_governed(Lsn(0x200), &[], &other).unwrap();
+    let between = |after, through, max| {
+        store
+            .published_integer_keys("wms", "product", after, through, max)
+            .unwrap()
+    };
+    assert_eq!(between(None, u64::MAX, 100), [1, 255, 256, 1000, u64::MAX]);
+    assert_eq!(
+        between(None, 256, 100),
+        [1, 255, 256],
+        "through is included"
+    );
+    assert_eq!(
+        between(Some(1), 1000, 100),
+        [255, 256, 1000],
+        "after is not"
+    );
+    assert_eq!(between(Some(255), 999, 100), [256]);
+    assert_eq!(between(None, u64::MAX, 2), [1, 255], "at most max");
+    assert_eq!(between(Some(1000), 1000, 100), Vec::<u64>::new());
+    assert_eq!(between(Some(u64::MAX), u64::MAX, 100), Vec::<u64>::new());
+    assert_eq!(between(Some(2000), 10, 100), Vec::<u64>::new());
+}
+
+#[test]
 fn the_reader_sees_a_generation_once_it_is_committed() {
     let (_dir, path) = temp();
     let store = Store::open(&path).unwrap();
