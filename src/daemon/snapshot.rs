@@ -96,10 +96,15 @@ struct Sweep<'a> {
 
 impl Sweep<'_> {
     /// The record of a key gone from the source (`parts`: its key columns'
-    /// texts at `key_positions`), mapped as deleted at the consistent point.
-    fn gone(&self, key_positions: &[usize], parts: &[String]) -> anyhow::Result<Option<Mapped>> {
+    /// texts, in key order), mapped as deleted at the consistent point.
+    fn gone(&self, parts: &[String]) -> anyhow::Result<Option<Mapped>> {
         let mut row = vec![None; self.relation.columns.len()];
-        for (part, &at) in parts.iter().zip(key_positions) {
+        let key_positions = self
+            .read
+            .key
+            .iter()
+            .filter_map(|k| self.relation.columns.iter().position(|c| &c.name == k));
+        for (part, at) in parts.iter().zip(key_positions) {
             row[at] = Some(part.clone());
         }
         Ok(absent_mapped(
@@ -869,12 +874,6 @@ impl Worker {
             return Ok(Some(counts));
         };
         let entity = &self.config.entities[sweep.entity].name;
-        let key_positions: Vec<usize> = sweep
-            .read
-            .key
-            .iter()
-            .filter_map(|k| sweep.relation.columns.iter().position(|c| &c.name == k))
-            .collect();
         let mut from = after;
         loop {
             // A piece of the range at a time: up to where the first target
@@ -898,7 +897,7 @@ impl Worker {
                 let mut mapped = Vec::with_capacity(batch.len());
                 for key in batch {
                     let parts = [key.to_string()];
-                    if let Some(m) = sweep.gone(&key_positions, &parts)? {
+                    if let Some(m) = sweep.gone(&parts)? {
                         mapped.push(m);
                     }
                 }
@@ -934,8 +933,11 @@ impl Worker {
     /// sweep of the target's table (`deep`), which deleted the rows the
     /// target holds of keys gone, the others are only forgotten: the
     /// target is taken to hold none of them (reading it again would find
-    /// the rows whose deletes are still on their way). Resumable: the job
-    /// records the last key swept. Ok(false) when shutting down.
+    /// the rows whose deletes are still on their way). A job that compared
+    /// its chunks while reading ([`Worker::govern_gone`]) starts after the
+    /// last integer key read and looks up only keys that are not such
+    /// numbers. Resumable: the job records the last key swept. Ok(false)
+    /// when shutting down.
     async fn sweep(
         &self,
         reader: &SnapshotReader,
@@ -944,12 +946,6 @@ impl Worker {
         deep: bool,
     ) -> anyhow::Result<bool> {
         let consistent = reader.consistent;
-        let key_positions: Vec<usize> = sweep
-            .read
-            .key
-            .iter()
-            .filter_map(|k| sweep.relation.columns.iter().position(|c| &c.name == k))
-            .collect();
         loop {
             if *self.shutdown.borrow() {
                 return Ok(false);
@@ -984,7 +980,7 @@ impl Worker {
                     .collect();
                 let mut mapped = Vec::new();
                 for key in parts.iter().filter(|p| !present.contains(*p)) {
-                    if let Some(m) = sweep.gone(&key_positions, key)? {
+                    if let Some(m) = sweep.gone(key)? {
                         mapped.push(m);
                     }
                 }
