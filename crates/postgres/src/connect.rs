@@ -502,13 +502,42 @@ impl<'a> HostAttempts<'a> {
 /// asks for. The connection task runs on tokio until the returned client is
 /// dropped.
 pub async fn connect_sql(cfg: &SourceConfig) -> Result<tokio_postgres::Client, WireError> {
+    first_fitting(
+        cfg,
+        async |at| connect_sql_one(at).await,
+        async |client: &mut tokio_postgres::Client, at| {
+            let row = client
+                .query_one(
+                    "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'",
+                    &[],
+                )
+                .await
+                .map_err(|e| map_pg_error(e, at))?;
+            Ok((row.get(0), row.get(1)))
+        },
+        async |_| {},
+    )
+    .await
+}
+
+/// The connection to the first of `cfg`'s hosts that connects in the role
+/// `target_session_attrs` asks for (with one host, to that one): `connect`
+/// opens a connection to one server, `role` asks it whether it is in
+/// recovery and whether its sessions are read-only, `release` lets one in
+/// the wrong role go.
+pub(crate) async fn first_fitting<C>(
+    cfg: &SourceConfig,
+    connect: impl AsyncFn(&SourceConfig) -> Result<C, WireError>,
+    role: impl AsyncFn(&mut C, &SourceConfig) -> Result<(bool, bool), WireError>,
+    release: impl AsyncFn(C),
+) -> Result<C, WireError> {
     if !cfg.needs_host_selection() {
-        return connect_sql_one(cfg).await;
+        return connect(cfg).await;
     }
     let mut attempts = HostAttempts::new(cfg);
     for host in cfg.hosts() {
         let at = cfg.at_host(&host);
-        let client = match connect_sql_one(&at).await {
+        let mut client = match connect(&at).await {
             Ok(c) => c,
             Err(e) => {
                 attempts.failed(&at, e);
@@ -518,21 +547,16 @@ pub async fn connect_sql(cfg: &SourceConfig) -> Result<tokio_postgres::Client, W
         if cfg.target_session_attrs == crate::TargetSessionAttrs::Any {
             return Ok(client);
         }
-        let row = client
-            .query_one(
-                "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'",
-                &[],
-            )
-            .await;
-        match row {
-            Ok(row) => {
-                let (in_recovery, read_only): (bool, bool) = (row.get(0), row.get(1));
+        match role(&mut client, &at).await {
+            Ok((in_recovery, read_only)) => {
                 if cfg.target_session_attrs.accepts(in_recovery, read_only) {
+                    tracing::debug!(host = %at.host, port = at.port, "server chosen");
                     return Ok(client);
                 }
                 attempts.wrong_role(&at, in_recovery);
+                release(client).await;
             }
-            Err(e) => attempts.failed(&at, map_pg_error(e, &at)),
+            Err(e) => attempts.failed(&at, e),
         }
     }
     Err(attempts.into_error())

@@ -139,35 +139,15 @@ impl ReplicationClient {
     /// With several hosts in `source.url`, they are tried in order and the
     /// first in the role `target_session_attrs` asks for is kept.
     pub async fn connect(cfg: &SourceConfig) -> Result<ReplicationClient, WireError> {
-        if !cfg.needs_host_selection() {
-            return Self::connect_one(cfg).await;
-        }
-        let mut attempts = connect::HostAttempts::new(cfg);
-        for host in cfg.hosts() {
-            let at = cfg.at_host(&host);
-            let mut client = match Self::connect_one(&at).await {
-                Ok(c) => c,
-                Err(e) => {
-                    attempts.failed(&at, e);
-                    continue;
-                }
-            };
-            if cfg.target_session_attrs == TargetSessionAttrs::Any {
-                return Ok(client);
-            }
-            match client.server_role().await {
-                Ok((in_recovery, read_only)) => {
-                    if cfg.target_session_attrs.accepts(in_recovery, read_only) {
-                        tracing::debug!(host = %at.host, port = at.port, "replication connection: server chosen");
-                        return Ok(client);
-                    }
-                    attempts.wrong_role(&at, in_recovery);
-                    let _ = client.close().await;
-                }
-                Err(e) => attempts.failed(&at, e),
-            }
-        }
-        Err(attempts.into_error())
+        connect::first_fitting(
+            cfg,
+            async |at| Self::connect_one(at).await,
+            async |client: &mut ReplicationClient, _| client.server_role().await,
+            async |client: ReplicationClient| {
+                let _ = client.close().await;
+            },
+        )
+        .await
     }
 
     /// Whether the server is in recovery (a standby) and whether its
