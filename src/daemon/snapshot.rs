@@ -88,7 +88,6 @@ struct Sweep<'a> {
     relation: &'a steward_core::model::Relation,
     pipeline: &'a Pipeline,
     entity: EntityIndex,
-    target: TargetIndex,
     time: &'a str,
     /// The snapshot's consistent point: keys gone are deleted as of it.
     consistent: Lsn,
@@ -152,6 +151,7 @@ fn chunk_rows(targets: usize) -> usize {
         .filter(|n| *n > 0)
         .unwrap_or_else(|| (CHUNK_ROWS / targets.max(1)).max(MIN_SHARED_CHUNK_ROWS))
 }
+
 /// The next chunk's rows of a reconciliation whose last chunk of `rows`
 /// rows found `counts` (one per target): targets a tenth of whose rows
 /// differed get events like a snapshot's, so the chunk shrinks as for a
@@ -695,12 +695,11 @@ impl Worker {
                 })
             }
         };
-        let gone_sweep = Sweep {
+        let sweep = Sweep {
             read: &read,
             relation: &relation,
             pipeline: &pipeline,
             entity: entity_index,
-            target: target_indexes[0],
             time: &time,
             consistent,
         };
@@ -766,7 +765,7 @@ impl Worker {
                         .govern_gone(
                             &target_names,
                             &target_indexes,
-                            &gone_sweep,
+                            &sweep,
                             first.dry_run,
                             compared_through,
                             &keys,
@@ -827,21 +826,15 @@ impl Worker {
                     .cloned();
             }
             if job.reconcile {
-                let sweep = Sweep {
-                    read: &read,
-                    relation: &relation,
-                    pipeline: &pipeline,
-                    entity: entity_index,
-                    target,
-                    time: &time,
-                    consistent,
-                };
                 if let Some(d) = &mut deep {
                     if !self.sweep_target(reader, d, job, &sweep).await? {
                         return Ok(());
                     }
                 }
-                if !self.sweep(reader, job, &sweep, deep.is_some()).await? {
+                if !self
+                    .sweep(reader, job, target, &sweep, deep.is_some())
+                    .await?
+                {
                     return Ok(());
                 }
             }
@@ -967,6 +960,7 @@ impl Worker {
         &self,
         reader: &SnapshotReader,
         job: &mut SnapshotJob,
+        target: TargetIndex,
         sweep: &Sweep<'_>,
         deep: bool,
     ) -> anyhow::Result<bool> {
@@ -1014,14 +1008,14 @@ impl Worker {
                 }
                 let actual = deep.then(|| {
                     std::sync::Arc::new(steward_core::pipeline::target_rows::ActualRows {
-                        target: sweep.target,
+                        target,
                         rows: Default::default(),
                     })
                 });
                 let chunk = SnapshotChunk {
                     mapped,
                     consistent,
-                    targets: vec![sweep.target],
+                    targets: vec![target],
                     force: false,
                     known_only: false,
                     quiet: true,

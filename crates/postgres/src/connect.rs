@@ -440,7 +440,7 @@ async fn authenticate(
 }
 
 /// Why servers of a multi-host URL were passed over, to report when none fits.
-pub(crate) struct HostAttempts<'a> {
+struct HostAttempts<'a> {
     cfg: &'a SourceConfig,
     tried: Vec<String>,
     first_error: Option<WireError>,
@@ -448,7 +448,7 @@ pub(crate) struct HostAttempts<'a> {
 }
 
 impl<'a> HostAttempts<'a> {
-    pub(crate) fn new(cfg: &'a SourceConfig) -> HostAttempts<'a> {
+    fn new(cfg: &'a SourceConfig) -> HostAttempts<'a> {
         HostAttempts {
             cfg,
             tried: Vec::new(),
@@ -458,7 +458,7 @@ impl<'a> HostAttempts<'a> {
     }
 
     /// The server could not be reached or refused the session.
-    pub(crate) fn failed(&mut self, at: &SourceConfig, e: WireError) {
+    fn failed(&mut self, at: &SourceConfig, e: WireError) {
         self.tried.push(format!("{}:{}: {e}", at.host, at.port));
         if e.is_transient() {
             self.all_refused = false;
@@ -467,7 +467,7 @@ impl<'a> HostAttempts<'a> {
     }
 
     /// The server is up but in the wrong role.
-    pub(crate) fn wrong_role(&mut self, at: &SourceConfig, in_recovery: bool) {
+    fn wrong_role(&mut self, at: &SourceConfig, in_recovery: bool) {
         self.all_refused = false;
         let role = if in_recovery {
             "a standby (in recovery)"
@@ -481,7 +481,7 @@ impl<'a> HostAttempts<'a> {
     /// The error when no server fits: the servers' own error when each
     /// refused alike (wrong password, bad TLS settings), so it is reported
     /// as what it is; otherwise a transient "none fits now".
-    pub(crate) fn into_error(self) -> WireError {
+    fn into_error(self) -> WireError {
         match self.first_error {
             Some(e) if self.all_refused => e,
             _ => WireError::NoSuitableHost {

@@ -209,7 +209,7 @@ impl Worker {
                 let chunk = SnapshotChunk {
                     mapped,
                     consistent,
-                    targets: vec![sweep.target],
+                    targets: vec![deep.target],
                     force: false,
                     known_only: false,
                     quiet: true,
