@@ -177,8 +177,21 @@ pub fn setup(
     for e in governance.tracked_entities().collect::<Vec<_>>() {
         pipeline.capture_rows(e);
     }
+    // Tracked rows, business keys and references are read from the store
+    // as needed, not loaded.
+    let columns = governance.ref_columns();
+    let started = std::time::Instant::now();
+    if let Some(entries) =
+        store.ensure_ref_index(&columns, &|entity, row| governance.ref_entries(entity, row))?
+    {
+        tracing::info!(
+            entries,
+            seconds = format!("{:.1}", started.elapsed().as_secs_f64()),
+            "indexed the references of the tracked rows"
+        );
+    }
+    governance.set_state_reader(store.state_reader());
     store.load_governance_into(&mut governance)?;
-    governance.set_published_reader(store.published_reader());
     governance.finish_load();
     prune_audit(config, store);
     Ok(governance)
@@ -315,7 +328,7 @@ pub async fn seed_state(
             Some(filter) => seed_filtered(config, governance, e, &filter).await,
             None => {
                 let keys = prune.then_some(&mut present);
-                seed_entity(config, &reader, governance, e, &time, keys).await
+                seed_entity(config, store, &reader, governance, e, &time, keys).await
             }
         };
         let rows = match read.with_context(context) {
@@ -343,7 +356,7 @@ pub async fn seed_state(
             events = deletes;
         }
         let delta = governance.take_delta();
-        if let Some(error) = governance.published_error() {
+        if let Some(error) = governance.state_error() {
             anyhow::bail!("{error}");
         }
         let appends: Vec<(&str, &Event)> = events
@@ -363,9 +376,11 @@ pub async fn seed_state(
     Ok(())
 }
 
-/// Reads a table in key order, a chunk at a time, into the governance.
+/// Reads a table in key order, a chunk at a time, into the governance,
+/// committing each chunk's state (the rows live in the store, not in memory).
 async fn seed_entity(
     config: &Config,
+    store: &Store,
     reader: &source_snapshot::SnapshotReader,
     governance: &mut Governance,
     e: EntityIndex,
@@ -420,6 +435,11 @@ async fn seed_entity(
             }
         }
         governance.seed_mapped(&mut mapped, time);
+        let delta = governance.take_delta();
+        if let Some(error) = governance.state_error() {
+            anyhow::bail!("{error}");
+        }
+        tokio::task::block_in_place(|| store.apply_governance(&[], &delta))?;
         total += rows.len();
         if rows.len() < chunk {
             break;
@@ -570,7 +590,7 @@ pub fn answer_offline(
     };
     let response = answer(store, &mut governance, version, req, &mut events);
     let mut delta: GovDelta = governance.take_delta();
-    if let Some(error) = governance.published_error() {
+    if let Some(error) = governance.state_error() {
         anyhow::bail!("{error}");
     }
     if let (Some((entity, key)), Some(_)) = (release, &response.message) {

@@ -862,7 +862,7 @@ fn fold_repeats(txn: &mut OpenTxn, from: usize) {
 /// fails the batch: its decisions read that state as empty.
 fn take_delta(governance: &mut Governance) -> anyhow::Result<GovDelta> {
     let delta = governance.take_delta();
-    if let Some(error) = governance.published_error() {
+    if let Some(error) = governance.state_error() {
         anyhow::bail!("{error}");
     }
     if delta

@@ -99,8 +99,10 @@ async fn a_damaged_state_file_is_refused_by_every_command_and_left_untouched() {
         (
             "a range zeroed",
             {
+                // To the end: a range in the middle may hold only free
+                // pages, which is no damage.
                 let mut b = original.clone();
-                b[len / 4..len / 2].fill(0);
+                b[len / 4..].fill(0);
                 b
             },
             "is damaged",

@@ -77,7 +77,7 @@ pub struct GovDelta {
     /// path allocates nothing per record and target.
     pub published: Vec<u8>,
     /// The governance's generation of these published changes (see
-    /// [`PublishedReader`]); 0 when there are none. Deltas appended
+    /// [`StateReader`]); 0 when there are none. Deltas appended
     /// together keep the latest.
     pub generation: u64,
 }
@@ -104,6 +104,21 @@ pub enum GovOp {
         value: String,
         /// The key of the record holding it; `None`: free again.
         holder: Option<String>,
+    },
+    /// A tracked record's column holding another record's id (a reference),
+    /// indexed or no longer: the index finds the records to re-emit when
+    /// the referenced one changes.
+    Ref {
+        /// The referencing entity's name.
+        entity: String,
+        /// Its column holding the id.
+        column: String,
+        /// The id, as text.
+        id: String,
+        /// The referencing record's key.
+        key: String,
+        /// `false`: the column no longer holds the id.
+        present: bool,
     },
     /// A record quarantined, or released.
     Quarantine {
@@ -157,12 +172,17 @@ pub struct GovSnapshot {
 /// Takes the governance state the store reads back at start, one piece at
 /// a time, so that none of it is in memory twice while it loads (the
 /// store's `load_governance_into`). The published state is not loaded: the
-/// governance reads it from the store as it needs it ([`PublishedReader`]).
+/// governance reads it from the store as it needs it ([`StateReader`]).
 pub trait GovLoader {
     /// A tracked row: its entity, key and JSON object as bytes.
     fn row(&mut self, entity: &str, key: &str, row: &[u8]);
     /// A claimed business-key value: entity, field, normalised value, holder key.
     fn unique(&mut self, entity: &str, field: &str, value: &str, holder: &str);
+    /// Whether to be handed the business-key values (a governance reads
+    /// them from the store as it needs them).
+    fn wants_unique(&self) -> bool {
+        true
+    }
     /// A record held in quarantine.
     fn quarantined(&mut self, entry: QuarantineEntry);
 }
@@ -212,19 +232,33 @@ pub fn published_digest(target: &str, entity: &str, key: &str) -> [u8; 16] {
 /// (gated, not routed, quarantined): a decision exists, nothing was sent.
 pub const WITHHELD: [u8; 16] = [0u8; 16];
 
-/// The published state as the store holds it, read by the governance for
-/// the records it decides about (what was last appended per target and
-/// record: a document hash, [`WITHHELD`], or nothing), so that none of it
-/// needs to be in memory. The governance keeps its own changes in memory
-/// until the store shows them: each delta's changes carry a generation
-/// ([`GovDelta::generation`], from [`PublishedReader::next_generation`]),
-/// and once the store has committed a generation, [`PublishedReader::refresh`]
-/// reports it and reading sees it.
-pub trait PublishedReader: Send {
+/// The governance state as the store holds it, read by the governance as it
+/// needs it, so that none of what grows with the records is in memory: the
+/// published state (what was last appended per target and record: a
+/// document hash, [`WITHHELD`], or nothing) and the tracked rows. The
+/// governance keeps its own changes in memory until the store shows them:
+/// each delta's changes carry a generation ([`GovDelta::generation`], from
+/// [`StateReader::next_generation`]), and once the store has committed a
+/// generation, [`StateReader::refresh`] reports it and reading sees it.
+pub trait StateReader: Send {
     /// The stored hash for (target, entity, key), as of the last refresh.
-    /// A read error is kept (see [`PublishedReader::error`]) and reads as
+    /// A read error is kept (see [`StateReader::error`]) and reads as
     /// nothing stored.
     fn get(&self, target: &str, entity: &str, key: &str) -> Option<[u8; 16]>;
+    /// The tracked row of (entity, key) as a JSON object's bytes, as of the
+    /// last refresh. A read error is kept, as for [`StateReader::get`].
+    fn row(&self, entity: &str, key: &str) -> Option<Vec<u8>>;
+    /// The keys of every tracked row of `entity`, as of the last refresh.
+    fn row_keys(&self, entity: &str) -> Vec<String>;
+    /// The key of the record holding normalised business-key `value` of
+    /// `field`, as of the last refresh.
+    fn unique_holder(&self, entity: &str, field: &str, value: &str) -> Option<String>;
+    /// The business-key values (field, normalised value) record `key`
+    /// holds, as of the last refresh.
+    fn claims(&self, entity: &str, key: &str) -> Vec<(String, String)>;
+    /// The keys of the tracked records of `entity` whose `column` holds
+    /// `id`, as of the last refresh.
+    fn referencing(&self, entity: &str, column: &str, id: &str) -> Vec<String>;
     /// Reads from now on see every commit of a generation up to the one
     /// returned (and of none the governance still needs in memory).
     fn refresh(&mut self) -> u64;
@@ -237,18 +271,23 @@ pub trait PublishedReader: Send {
     fn release(&mut self) {}
 }
 
-/// A [`PublishedReader`] over a map of store keys ([`published_store_key`])
-/// that never sees later commits: the published state of tests and tools,
-/// and an empty one for a governance without a store.
+/// A [`StateReader`] over maps that never see later commits: the state of
+/// tests and tools, and an empty one for a governance without a store.
 #[derive(Debug, Default)]
-pub struct MemoryPublished {
-    /// Store key → hash.
+pub struct MemoryState {
+    /// Store key ([`published_store_key`]) → hash.
     pub map: std::collections::BTreeMap<Vec<u8>, [u8; 16]>,
+    /// (entity, key) → tracked row as a JSON object's bytes.
+    pub rows: std::collections::BTreeMap<(String, String), Vec<u8>>,
+    /// (entity, field, normalised value) → holder key.
+    pub unique: std::collections::BTreeMap<(String, String, String), String>,
+    /// (entity, column, id, referencing key).
+    pub refs: std::collections::BTreeSet<(String, String, String, String)>,
     generation: u64,
 }
 
-impl MemoryPublished {
-    /// Applies the published changes of `delta`.
+impl MemoryState {
+    /// Applies the published changes and tracked rows of `delta`.
     pub fn apply(&mut self, delta: &GovDelta) {
         for (key, hash) in published_changes(&delta.published) {
             match hash {
@@ -256,14 +295,87 @@ impl MemoryPublished {
                 None => self.map.remove(key),
             };
         }
+        for op in &delta.ops {
+            match op {
+                GovOp::Row { entity, key, row } => {
+                    let slot = (entity.clone(), key.clone());
+                    match row {
+                        Some(bytes) => self.rows.insert(slot, bytes.clone()),
+                        None => self.rows.remove(&slot),
+                    };
+                }
+                GovOp::Unique {
+                    entity,
+                    field,
+                    value,
+                    holder,
+                } => {
+                    let slot = (entity.clone(), field.clone(), value.clone());
+                    match holder {
+                        Some(h) => self.unique.insert(slot, h.clone()),
+                        None => self.unique.remove(&slot),
+                    };
+                }
+                GovOp::Ref {
+                    entity,
+                    column,
+                    id,
+                    key,
+                    present,
+                } => {
+                    let entry = (entity.clone(), column.clone(), id.clone(), key.clone());
+                    if *present {
+                        self.refs.insert(entry);
+                    } else {
+                        self.refs.remove(&entry);
+                    }
+                }
+                _ => {}
+            }
+        }
     }
 }
 
-impl PublishedReader for MemoryPublished {
+impl StateReader for MemoryState {
     fn get(&self, target: &str, entity: &str, key: &str) -> Option<[u8; 16]> {
         let mut k = Vec::new();
         published_store_key(target, entity, key, &mut k);
         self.map.get(&k).copied()
+    }
+
+    fn row(&self, entity: &str, key: &str) -> Option<Vec<u8>> {
+        self.rows
+            .get(&(entity.to_string(), key.to_string()))
+            .cloned()
+    }
+
+    fn row_keys(&self, entity: &str) -> Vec<String> {
+        self.rows
+            .keys()
+            .filter(|(e, _)| e == entity)
+            .map(|(_, k)| k.clone())
+            .collect()
+    }
+
+    fn unique_holder(&self, entity: &str, field: &str, value: &str) -> Option<String> {
+        let slot = (entity.to_string(), field.to_string(), value.to_string());
+        self.unique.get(&slot).cloned()
+    }
+
+    fn claims(&self, entity: &str, key: &str) -> Vec<(String, String)> {
+        self.unique
+            .iter()
+            .filter(|((e, _, _), holder)| e == entity && *holder == key)
+            .map(|((_, field, value), _)| (field.clone(), value.clone()))
+            .collect()
+    }
+
+    fn referencing(&self, entity: &str, column: &str, id: &str) -> Vec<String> {
+        self.refs
+            .iter()
+            .filter(|(e, c, i, _)| e == entity && c == column && i == id)
+            .map(|(_, _, _, key)| key.clone())
+            .collect()
     }
 
     fn refresh(&mut self) -> u64 {

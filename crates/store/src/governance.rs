@@ -9,7 +9,7 @@
 //! same transaction as the outbox appends and the checkpoint: after a crash
 //! the state always matches what was appended.
 
-use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, TableDefinition, TableHandle, WriteTransaction};
 
 use super::tables::{join, open_or_empty};
 use super::{Store, StoreError};
@@ -22,6 +22,108 @@ pub use steward_core::state::{
 pub(crate) const GOV_ROWS: TableDefinition<&str, &[u8]> = TableDefinition::new("gov_rows");
 /// `entity \0 field \0 normalised value` → key of the record holding it.
 pub(crate) const GOV_UNIQUE: TableDefinition<&str, &str> = TableDefinition::new("gov_unique");
+/// `entity \0 holder key \0 field \0 normalised value` → nothing: the
+/// business-key values each record holds, [`GOV_UNIQUE`] the other way round.
+pub(crate) const GOV_CLAIMS: TableDefinition<&str, ()> = TableDefinition::new("gov_claims");
+
+/// `entity \0 column \0 id \0 key` → nothing: the tracked records whose
+/// column holds another record's id (references), for re-emission when the
+/// referenced record changes. Which columns it covers is [`REF_COLUMNS_META`].
+pub(crate) const GOV_REFS: TableDefinition<&str, ()> = TableDefinition::new("gov_refs");
+
+/// The meta key naming the columns [`GOV_REFS`] indexes (`entity.column`,
+/// sorted, one per line); the index is rebuilt when the configuration's differ.
+const REF_COLUMNS_META: &str = "gov_ref_columns";
+
+/// A tracked row's reference index entries, (column, id), from its entity
+/// and its bytes: the governance's `ref_entries`.
+pub type RefEntries<'a> = dyn Fn(&str, &[u8]) -> Vec<(String, String)> + 'a;
+
+/// Tracked rows read per transaction while the reference index is rebuilt.
+const REF_REBUILD_ROWS: usize = 20_000;
+
+impl Store {
+    /// Makes the reference index cover `columns` ((entity, column), from the
+    /// governance's `ref_columns`): when it covers others (a configuration
+    /// change, or a file written before it existed), it is rebuilt from the
+    /// tracked rows, `entries` giving a row's (column, id) entries.
+    /// Returns how many entries a rebuild wrote, `None` when none was needed.
+    pub fn ensure_ref_index(
+        &self,
+        columns: &[(String, String)],
+        entries: &RefEntries<'_>,
+    ) -> Result<Option<u64>, StoreError> {
+        let wanted: Vec<String> = columns.iter().map(|(e, c)| format!("{e}.{c}")).collect();
+        let wanted = wanted.join("\n");
+        if self.get_meta(REF_COLUMNS_META)?.as_deref() == Some(wanted.as_str()) {
+            return Ok(None);
+        }
+        // Cleared first and marked only at the end: a rebuild cut short
+        // starts again.
+        self.write(redb::Durability::Immediate, |txn| {
+            txn.open_table(super::META)?.remove(REF_COLUMNS_META)?;
+            txn.delete_table(GOV_REFS)?;
+            Ok(())
+        })?;
+        let indexed: std::collections::BTreeSet<&str> =
+            columns.iter().map(|(e, _)| e.as_str()).collect();
+        let mut after: Option<String> = None;
+        let mut written = 0u64;
+        loop {
+            let (last, n) = self.write(redb::Durability::None, |txn| {
+                let rows = txn.open_table(GOV_ROWS)?;
+                let mut refs = txn.open_table(GOV_REFS)?;
+                let from = after.as_deref().unwrap_or("");
+                // From the last key read on, without it.
+                let range = rows.range(from..)?.skip(usize::from(after.is_some()));
+                let (mut last, mut read, mut n) = (None, 0, 0u64);
+                for item in range.take(REF_REBUILD_ROWS) {
+                    let (k, v) = item?;
+                    let k = k.value();
+                    read += 1;
+                    last = Some(k.to_string());
+                    let [entity, key] = split(k)[..] else {
+                        continue;
+                    };
+                    if !indexed.contains(entity) {
+                        continue;
+                    }
+                    for (column, id) in entries(entity, v.value()) {
+                        refs.insert(join(&[entity, &column, &id, key]).as_str(), ())?;
+                        n += 1;
+                    }
+                }
+                Ok((last.filter(|_| read == REF_REBUILD_ROWS), n))
+            })?;
+            written += n;
+            match last {
+                Some(last) => after = Some(last),
+                None => break,
+            }
+        }
+        self.set_meta(REF_COLUMNS_META, &wanted)?;
+        Ok(Some(written))
+    }
+}
+
+/// Builds [`GOV_CLAIMS`] from [`GOV_UNIQUE`] in a state file written before
+/// it existed; returns how many claims it wrote, `None` when it existed.
+pub(super) fn build_claims(txn: &WriteTransaction) -> Result<Option<u64>, redb::Error> {
+    if txn.list_tables()?.any(|t| t.name() == GOV_CLAIMS.name()) {
+        return Ok(None);
+    }
+    let mut claims = txn.open_table(GOV_CLAIMS)?;
+    let unique = txn.open_table(GOV_UNIQUE)?;
+    let mut written = 0;
+    for item in unique.iter()? {
+        let (k, holder) = item?;
+        if let [entity, field, value] = split(k.value())[..] {
+            claims.insert(join(&[entity, holder.value(), field, value]).as_str(), ())?;
+            written += 1;
+        }
+    }
+    Ok(Some(written))
+}
 
 fn split(key: &str) -> Vec<&str> {
     key.split('\0').collect()
@@ -42,6 +144,8 @@ pub(super) fn apply(
     let mut seqs = AppendSeqs::new(appends, last);
     let mut rows = txn.open_table(GOV_ROWS)?;
     let mut unique = txn.open_table(GOV_UNIQUE)?;
+    let mut claims = txn.open_table(GOV_CLAIMS)?;
+    let mut refs = txn.open_table(GOV_REFS)?;
     let mut quarantine = txn.open_table(super::quarantine::QUARANTINE)?;
     let mut audit = Vec::new();
     for op in &delta.ops {
@@ -64,13 +168,30 @@ pub(super) fn apply(
                 holder,
             } => {
                 let k = join(&[entity, field, value]);
-                match holder {
-                    Some(h) => {
-                        unique.insert(k.as_str(), h.as_str())?;
-                    }
-                    None => {
-                        unique.remove(k.as_str())?;
-                    }
+                let was = match holder {
+                    Some(h) => unique.insert(k.as_str(), h.as_str())?,
+                    None => unique.remove(k.as_str())?,
+                }
+                .map(|h| h.value().to_string());
+                if let Some(was) = was.filter(|w| Some(w) != holder.as_ref()) {
+                    claims.remove(join(&[entity, &was, field, value]).as_str())?;
+                }
+                if let Some(h) = holder {
+                    claims.insert(join(&[entity, h, field, value]).as_str(), ())?;
+                }
+            }
+            GovOp::Ref {
+                entity,
+                column,
+                id,
+                key,
+                present,
+            } => {
+                let k = join(&[entity, column, id, key]);
+                if *present {
+                    refs.insert(k.as_str(), ())?;
+                } else {
+                    refs.remove(k.as_str())?;
                 }
             }
             GovOp::Quarantine { entity, key, entry } => {
@@ -96,7 +217,7 @@ pub(super) fn apply(
             }
         }
     }
-    drop((rows, unique, quarantine));
+    drop((rows, unique, claims, refs, quarantine));
     super::published::apply(txn, &delta.published)?;
     super::audit::append(txn, &audit)
 }
@@ -226,7 +347,7 @@ pub trait GovernanceState {
     }
 
     /// The published state as the governance reads it, record by record.
-    fn published_reader(&self) -> Box<dyn steward_core::state::PublishedReader>;
+    fn state_reader(&self) -> Box<dyn steward_core::state::StateReader>;
 
     /// Applies a governance delta outside a source commit (a quarantine
     /// release on a stopped daemon), together with the events it produced.
@@ -263,7 +384,9 @@ impl GovernanceState for Store {
                     }
                 }
             }
-            if let Some(t) = open_or_empty!(txn, GOV_UNIQUE) {
+            if !into.wants_unique() {
+                // Read from the store as needed instead.
+            } else if let Some(t) = open_or_empty!(txn, GOV_UNIQUE) {
                 for item in t.iter()? {
                     let (k, v) = item?;
                     if let [entity, field, value] = split(k.value())[..] {
@@ -287,7 +410,7 @@ impl GovernanceState for Store {
         self.commit_governed(checkpoint, appends, delta)
     }
 
-    fn published_reader(&self) -> Box<dyn steward_core::state::PublishedReader> {
+    fn state_reader(&self) -> Box<dyn steward_core::state::StateReader> {
         Box::new(super::published::Reader::new(self.clone()))
     }
 }

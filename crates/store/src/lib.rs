@@ -173,7 +173,7 @@ struct Inner {
     /// this has moved past its value at the lazy commit.
     durable_commits: AtomicU64,
     /// The latest generation of governance changes committed (see
-    /// [`steward_core::state::PublishedReader`]), and the last handed out.
+    /// [`steward_core::state::StateReader`]), and the last handed out.
     visible_generation: AtomicU64,
     next_generation: AtomicU64,
 }
@@ -239,8 +239,19 @@ impl Store {
             txn.open_table(TARGETS)?;
             txn.open_table(META)?;
             txn.open_table(COUNTERS)?;
-            published::migrate_legacy(txn).map_err(|e| TxnError::Redb(Box::new(e)))
+            let claims = governance::build_claims(txn).map_err(|e| TxnError::Redb(Box::new(e)))?;
+            let published =
+                published::migrate_legacy(txn).map_err(|e| TxnError::Redb(Box::new(e)))?;
+            Ok((published, claims))
         })?;
+        let (migrated, claims) = migrated;
+        if let Some(claims) = claims.filter(|n| *n > 0) {
+            tracing::info!(
+                path = %path.display(),
+                claims,
+                "indexed the business keys by the records holding them"
+            );
+        }
         if let Some(entries) = migrated {
             tracing::info!(
                 path = %path.display(),

@@ -18,8 +18,8 @@ use redb::{
 };
 use steward_core::pipeline::slot_map::SlotMap;
 use steward_core::state::{
-    published_changes, published_key_of, published_store_key, published_store_prefix,
-    PublishedReader, WITHHELD,
+    published_changes, published_key_of, published_store_key, published_store_prefix, StateReader,
+    WITHHELD,
 };
 
 use super::tables::open_or_empty;
@@ -260,9 +260,10 @@ pub(super) fn write_legacy(
     Ok(())
 }
 
-/// The governance's view of [`GOV_PUBLISHED`]: one read transaction, renewed
+/// The governance's view of [`GOV_PUBLISHED`] and the tracked rows
+/// (`gov_rows`): one read transaction, renewed
 /// when the store has committed a newer generation of governance changes,
-/// and opened again on the next read after [`PublishedReader::release`].
+/// and opened again on the next read after [`StateReader::release`].
 pub(crate) struct Reader {
     store: Store,
     open: Mutex<Open>,
@@ -275,6 +276,10 @@ struct Open {
     /// table does not exist yet).
     open: bool,
     table: Option<ReadOnlyTable<&'static [u8], [u8; 16]>>,
+    rows: Option<ReadOnlyTable<&'static str, &'static [u8]>>,
+    unique: Option<ReadOnlyTable<&'static str, &'static str>>,
+    claims: Option<ReadOnlyTable<&'static str, ()>>,
+    refs: Option<ReadOnlyTable<&'static str, ()>>,
     /// The generation the open transaction shows.
     generation: u64,
     key: Vec<u8>,
@@ -300,6 +305,10 @@ impl Reader {
         let visible = self.store.inner.visible_generation.load(Ordering::Acquire);
         open.open = false;
         open.table = None;
+        open.rows = None;
+        open.unique = None;
+        open.claims = None;
+        open.refs = None;
         let path = self.store.path().display().to_string();
         let guard = self
             .store
@@ -312,29 +321,47 @@ impl Reader {
         };
         let opened = super::open::guarded(|| {
             let txn = db.begin_read().map_err(|e| e.to_string())?;
-            match txn.open_table(GOV_PUBLISHED) {
-                Ok(table) => Ok(Some(table)),
-                Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
-                Err(e) => Err(e.to_string()),
+            macro_rules! table {
+                ($def:expr) => {
+                    match txn.open_table($def) {
+                        Ok(table) => Some(table),
+                        Err(redb::TableError::TableDoesNotExist(_)) => None,
+                        Err(e) => return Err(e.to_string()),
+                    }
+                };
             }
+            Ok(Open {
+                open: true,
+                table: table!(GOV_PUBLISHED),
+                rows: table!(super::governance::GOV_ROWS),
+                unique: table!(super::governance::GOV_UNIQUE),
+                claims: table!(super::governance::GOV_CLAIMS),
+                refs: table!(super::governance::GOV_REFS),
+                generation: visible,
+                key: Vec::new(),
+            })
         });
         match opened {
-            Ok(Ok(table)) => {
+            Ok(Ok(opened)) => {
                 *open = Open {
-                    open: true,
-                    table,
-                    generation: visible,
                     key: std::mem::take(&mut open.key),
+                    ..opened
                 };
                 Ok(())
             }
-            Ok(Err(e)) | Err(e) => Err(format!("{path}: cannot read the published state: {e}")),
+            Ok(Err(e)) | Err(e) => Err(format!("{path}: cannot read the governance state: {e}")),
         }
     }
 }
 
-impl PublishedReader for Reader {
-    fn get(&self, target: &str, entity: &str, key: &str) -> Option<[u8; 16]> {
+impl Reader {
+    /// Runs `read` on the open read transaction (opening one if needed);
+    /// an error is kept for [`StateReader::error`] and reads as nothing.
+    fn read<T>(
+        &self,
+        what: &str,
+        read: impl FnOnce(&mut Open) -> Result<Option<T>, redb::StorageError>,
+    ) -> Option<T> {
         if self.store.inner.needs_reopen.load(Ordering::Acquire) {
             // A reopen waits for no reader: stop using the old file.
             self.fail(format!(
@@ -351,15 +378,11 @@ impl PublishedReader for Reader {
                 return None;
             }
         }
-        let table = open.table.as_ref()?;
-        open.key.clear();
-        published_store_key(target, entity, key, &mut open.key);
-        let k = open.key.as_slice();
-        match super::open::guarded(|| table.get(k).map(|v| v.map(|v| v.value()))) {
-            Ok(Ok(hash)) => hash,
+        match super::open::guarded(|| read(open)) {
+            Ok(Ok(value)) => value,
             Ok(Err(e)) => {
                 self.fail(format!(
-                    "{}: cannot read the published state: {e}",
+                    "{}: cannot read the {what}: {e}",
                     self.store.path().display()
                 ));
                 None
@@ -367,12 +390,102 @@ impl PublishedReader for Reader {
             Err(panic) => {
                 self.store.inner.needs_reopen.store(true, Ordering::Release);
                 self.fail(format!(
-                    "{}: cannot read the published state: {panic}",
+                    "{}: cannot read the {what}: {panic}",
                     self.store.path().display()
                 ));
                 None
             }
         }
+    }
+}
+
+impl StateReader for Reader {
+    fn get(&self, target: &str, entity: &str, key: &str) -> Option<[u8; 16]> {
+        self.read("published state", |open| {
+            let Some(table) = open.table.as_ref() else {
+                return Ok(None);
+            };
+            open.key.clear();
+            published_store_key(target, entity, key, &mut open.key);
+            table.get(open.key.as_slice()).map(|v| v.map(|v| v.value()))
+        })
+    }
+
+    fn row(&self, entity: &str, key: &str) -> Option<Vec<u8>> {
+        self.read("tracked rows", |open| {
+            let Some(table) = open.rows.as_ref() else {
+                return Ok(None);
+            };
+            let k = super::tables::join(&[entity, key]);
+            table.get(k.as_str()).map(|v| v.map(|v| v.value().to_vec()))
+        })
+    }
+
+    fn unique_holder(&self, entity: &str, field: &str, value: &str) -> Option<String> {
+        self.read("business keys", |open| {
+            let Some(table) = open.unique.as_ref() else {
+                return Ok(None);
+            };
+            let k = super::tables::join(&[entity, field, value]);
+            table
+                .get(k.as_str())
+                .map(|v| v.map(|v| v.value().to_string()))
+        })
+    }
+
+    fn claims(&self, entity: &str, key: &str) -> Vec<(String, String)> {
+        self.read("business keys", |open| {
+            let Some(table) = open.claims.as_ref() else {
+                return Ok(None);
+            };
+            // `entity \0 key \0 field \0 value`: a record's claims sort together.
+            let from = format!("{entity}\0{key}\0");
+            let to = format!("{entity}\0{key}\u{1}");
+            let mut claims = Vec::new();
+            for entry in table.range(from.as_str()..to.as_str())? {
+                let (k, _) = entry?;
+                if let Some((field, value)) = k.value()[from.len()..].split_once('\0') {
+                    claims.push((field.to_string(), value.to_string()));
+                }
+            }
+            Ok(Some(claims))
+        })
+        .unwrap_or_default()
+    }
+
+    fn referencing(&self, entity: &str, column: &str, id: &str) -> Vec<String> {
+        self.read("reference index", |open| {
+            let Some(table) = open.refs.as_ref() else {
+                return Ok(None);
+            };
+            // `entity \0 column \0 id \0 key`: one id's records sort together.
+            let from = format!("{entity}\0{column}\0{id}\0");
+            let to = format!("{entity}\0{column}\0{id}\u{1}");
+            let mut keys = Vec::new();
+            for entry in table.range(from.as_str()..to.as_str())? {
+                let (k, _) = entry?;
+                keys.push(k.value()[from.len()..].to_string());
+            }
+            Ok(Some(keys))
+        })
+        .unwrap_or_default()
+    }
+
+    fn row_keys(&self, entity: &str) -> Vec<String> {
+        self.read("tracked rows", |open| {
+            let Some(table) = open.rows.as_ref() else {
+                return Ok(None);
+            };
+            // `entity \0 key`: every key of the entity sorts between these.
+            let (from, to) = (format!("{entity}\0"), format!("{entity}\u{1}"));
+            let mut keys = Vec::new();
+            for entry in table.range(from.as_str()..to.as_str())? {
+                let (k, _) = entry?;
+                keys.push(k.value()[from.len()..].to_string());
+            }
+            Ok(Some(keys))
+        })
+        .unwrap_or_default()
     }
 
     fn refresh(&mut self) -> u64 {
@@ -410,6 +523,10 @@ impl PublishedReader for Reader {
         let open = self.open.get_mut().unwrap_or_else(PoisonError::into_inner);
         open.open = false;
         open.table = None;
+        open.rows = None;
+        open.unique = None;
+        open.claims = None;
+        open.refs = None;
     }
 }
 

@@ -646,7 +646,7 @@ fn published_hashes_apply_in_order_list_in_key_order_and_survive_reopen() {
     assert_eq!(all_published_keys(&store, 1), ["9", "10", "007"]);
     assert_eq!(all_published_keys(&store, 100), ["9", "10", "007"]);
     assert_eq!(store.published_entries().unwrap(), 6);
-    let mut reader = store.published_reader();
+    let mut reader = store.state_reader();
     reader.refresh();
     assert_eq!(reader.get("wms", "product", "10"), Some([4; 16]));
     assert_eq!(reader.get("wms", "product", "9"), Some([5; 16]));
@@ -713,7 +713,7 @@ fn published_integer_keys_list_one_range_of_numbers_only() {
 fn the_reader_sees_a_generation_once_it_is_committed() {
     let (_dir, path) = temp();
     let store = Store::open(&path).unwrap();
-    let mut reader = store.published_reader();
+    let mut reader = store.state_reader();
     assert_eq!(reader.refresh(), 0);
     let g1 = reader.next_generation();
     let g2 = reader.next_generation();
@@ -733,7 +733,7 @@ fn the_reader_sees_a_generation_once_it_is_committed() {
     assert_eq!(reader.get("wms", "product", "1"), Some([1; 16]));
     assert_eq!(reader.error(), None);
     // Another handle of the same file hands out later generations.
-    let mut second = store.published_reader();
+    let mut second = store.state_reader();
     assert!(second.next_generation() > g2);
 }
 
@@ -768,7 +768,7 @@ fn a_legacy_published_log_moves_into_the_table() {
     }
     let store = Store::open(&path).unwrap();
     assert_eq!(all_published_keys(&store, 10), ["1", "4"]);
-    let mut reader = store.published_reader();
+    let mut reader = store.state_reader();
     reader.refresh();
     assert_eq!(reader.get("wms", "product", "1"), Some([5; 16]));
     assert_eq!(reader.get("wms", "product", "2"), None);
@@ -779,6 +779,134 @@ fn a_legacy_published_log_moves_into_the_table() {
     let store = Store::open(&path).unwrap();
     assert_eq!(all_published_keys(&store, 10), ["1", "4"]);
     assert_eq!(store.published_entries().unwrap(), 2);
+}
+
+fn unique_op(value: &str, holder: Option<&str>) -> governance::GovOp {
+    governance::GovOp::Unique {
+        entity: "product".into(),
+        field: "sku".into(),
+        value: value.into(),
+        holder: holder.map(str::to_string),
+    }
+}
+
+#[test]
+fn business_keys_are_read_both_ways_and_indexed_in_older_files() {
+    let (_dir, path) = temp();
+    let commit = |store: &Store, lsn, ops| {
+        let delta = governance::GovDelta {
+            ops,
+            ..Default::default()
+        };
+        store.commit_governed(Lsn(lsn), &[], &delta).unwrap();
+    };
+    {
+        let store = Store::open(&path).unwrap();
+        commit(
+            &store,
+            0x100,
+            vec![
+                unique_op("a_1", Some("1")),
+                unique_op("a_2", Some("1")),
+                unique_op("b_1", Some("2")),
+                unique_op("c_1", Some("12")),
+            ],
+        );
+        // "a_2" passes to record 2, "c_1" is let go.
+        commit(
+            &store,
+            0x200,
+            vec![unique_op("a_2", Some("2")), unique_op("c_1", None)],
+        );
+        let mut reader = store.state_reader();
+        reader.refresh();
+        let claims = |key| {
+            let mut c = reader.claims("product", key);
+            c.sort();
+            c
+        };
+        let sku = |v: &str| ("sku".to_string(), v.to_string());
+        assert_eq!(claims("1"), vec![sku("a_1")]);
+        assert_eq!(claims("2"), vec![sku("a_2"), sku("b_1")]);
+        assert_eq!(claims("12"), vec![], "not mixed up with record 1's");
+        assert_eq!(
+            reader.unique_holder("product", "sku", "a_2").as_deref(),
+            Some("2")
+        );
+        assert_eq!(reader.unique_holder("product", "sku", "c_1"), None);
+        assert_eq!(reader.error(), None);
+        drop(reader);
+        // As a file written before the claims were indexed.
+        store
+            .write(redb::Durability::Immediate, |txn| {
+                txn.delete_table(governance::GOV_CLAIMS)?;
+                Ok(())
+            })
+            .unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let reader = store.state_reader();
+    let mut claims = reader.claims("product", "2");
+    claims.sort();
+    assert_eq!(
+        claims,
+        vec![
+            ("sku".to_string(), "a_2".to_string()),
+            ("sku".to_string(), "b_1".to_string())
+        ]
+    );
+    assert_eq!(reader.claims("product", "1").len(), 1);
+}
+
+#[test]
+fn the_reference_index_is_rebuilt_from_the_rows_when_its_columns_change() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    let row = |key: &str, uom: u32| governance::GovOp::Row {
+        entity: "product".into(),
+        key: key.into(),
+        row: Some(format!(r#"{{"id":{key},"uom_id":{uom},"categ_id":7}}"#).into_bytes()),
+    };
+    // More rows than one rebuild transaction reads.
+    let ops: Vec<_> = (0..45_000u32).map(|i| row(&i.to_string(), i % 3)).collect();
+    let delta = governance::GovDelta {
+        ops,
+        ..Default::default()
+    };
+    store.commit_governed(Lsn(0x100), &[], &delta).unwrap();
+    let entries = |column: &'static str| {
+        move |_: &str, bytes: &[u8]| -> Vec<(String, String)> {
+            let row: serde_json::Value = serde_json::from_slice(bytes).unwrap();
+            vec![(column.to_string(), row[column].to_string())]
+        }
+    };
+    let uom = vec![("product".to_string(), "uom_id".to_string())];
+    assert_eq!(
+        store.ensure_ref_index(&uom, &entries("uom_id")).unwrap(),
+        Some(45_000)
+    );
+    assert_eq!(
+        store.ensure_ref_index(&uom, &entries("uom_id")).unwrap(),
+        None,
+        "covered"
+    );
+    let reader = store.state_reader();
+    let mut keys = reader.referencing("product", "uom_id", "2");
+    assert_eq!(keys.len(), 15_000);
+    keys.sort_by_key(|k| k.parse::<u32>().unwrap());
+    assert_eq!(&keys[..2], ["2", "5"]);
+    drop(reader);
+    // Another column: the old entries go, the new ones come.
+    let categ = vec![("product".to_string(), "categ_id".to_string())];
+    assert_eq!(
+        store
+            .ensure_ref_index(&categ, &entries("categ_id"))
+            .unwrap(),
+        Some(45_000)
+    );
+    let reader = store.state_reader();
+    assert!(reader.referencing("product", "uom_id", "2").is_empty());
+    assert_eq!(reader.referencing("product", "categ_id", "7").len(), 45_000);
 }
 
 /// A state file with a few thousand events across several commits.

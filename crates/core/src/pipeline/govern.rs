@@ -11,7 +11,7 @@
 //! No I/O of its own: state (tracked rows, business-key index, quarantine)
 //! is held in memory, loaded from redb at start-up; what each target was
 //! last sent of each record (the published hashes, which grow with records
-//! × targets) is read from the store through a [`PublishedReader`], with
+//! × targets) is read from the store through a [`StateReader`], with
 //! only the changes not yet committed in memory. Every change to the state
 //! is queued as a [`GovDelta`] that the daemon writes in the same redb
 //! transaction as the outbox appends it belongs with. Every decision is
@@ -30,18 +30,18 @@ use serde_json::{Map, Value};
 
 use super::assemble;
 use super::map::{Mapped, Unencodable, ENCODING_RULE};
-pub(crate) use super::published::short_hash;
-use super::published::{PublishedState, Sent};
 use super::redact;
-use super::reference::{self, Rows};
+use super::reference;
+pub(crate) use super::store_view::short_hash;
+use super::store_view::{Row, Sent, StoreView};
 use super::target_rows::{self, ActualRows, TargetRow};
 use crate::cel::CelInput;
 use crate::config::governance::{Check, ChildConfig, EntityGovernance, OnUnpublish, TargetPolicy};
 use crate::config::{Config, EntityConfig, EntityIndex, TargetIndex};
 use crate::model::{ChangeOp, Event, EventData, EventOp, Lsn, SourceChange};
-use crate::state::{published_digest, push_published_change, PublishedReader, WITHHELD};
+use crate::state::{published_digest, push_published_change, StateReader, WITHHELD};
 use crate::state::{
-    AuditRecord, GovDelta, GovLoader, GovOp, GovSnapshot, MemoryPublished, QuarantineEntry,
+    AuditRecord, GovDelta, GovLoader, GovOp, GovSnapshot, MemoryState, QuarantineEntry,
     ReconcileCounts,
 };
 
@@ -63,19 +63,16 @@ pub struct Governance {
     tracked: Vec<bool>,
     /// entity → (referencing entity, its many2one column).
     referenced_by: Vec<Vec<(EntityIndex, String)>>,
-    rows: Rows,
     /// (child entity, parent key) → child keys.
     children: HashMap<(EntityIndex, String), BTreeSet<String>>,
-    /// Hash of the document last appended per (target, entity, key), or
-    /// that steward decided NOT to deliver it ([`Sent::Withheld`]: gated,
-    /// not routed, quarantined, unpublished; a re-evaluation after a
-    /// configuration change sends newly publishable records among these,
-    /// but not records the target never had any decision about). Read
-    /// from the store; only changes in flight are held here.
-    published: PublishedState,
-    /// (entity, unique field index, normalised value) → holder key.
-    unique: HashMap<(EntityIndex, usize, String), String>,
-    claims: HashMap<(EntityIndex, String), Vec<(usize, String)>>,
+    /// Read from the store, with only changes in flight held here: the
+    /// tracked rows, and the hash of the document last appended per
+    /// (target, entity, key), or that steward decided NOT to deliver it
+    /// ([`Sent::Withheld`]: gated, not routed, quarantined, unpublished; a
+    /// re-evaluation after a configuration change sends newly publishable
+    /// records among these, but not records the target never had any
+    /// decision about).
+    view: StoreView,
     quarantine: HashMap<(EntityIndex, String), QuarantineEntry>,
     /// (Odoo model, record id) → `ir_model_data` id → external id `module.name`.
     /// A record may have several; the oldest (lowest id) is delivered.
@@ -92,10 +89,9 @@ pub struct Governance {
     /// (entity, key) → commit LSN of the last streamed change, for watched entities.
     touched: HashMap<(EntityIndex, String), u64>,
     /// entity → its columns that hold ids of other records (references,
-    /// reference rules, child references), indexed in `ref_index`.
+    /// reference rules, child references), indexed in the store
+    /// ([`Governance::referencing`]).
     ref_columns: Vec<Vec<String>>,
-    /// (entity, column, id) → keys of the tracked records whose column holds id.
-    ref_index: HashMap<(EntityIndex, String, String), BTreeSet<String>>,
     /// (commit LSN, next index) of the ids of events the governance makes
     /// itself, carried across the pieces of a large transaction.
     synthetic: (u64, u32),
@@ -638,11 +634,8 @@ impl Governance {
             entity_index,
             tracked,
             referenced_by,
-            rows: HashMap::new(),
             children: HashMap::new(),
-            published: PublishedState::new(Box::<MemoryPublished>::default()),
-            unique: HashMap::new(),
-            claims: HashMap::new(),
+            view: StoreView::new(Box::<MemoryState>::default()),
             quarantine: HashMap::new(),
             external_ids: HashMap::new(),
             delta: GovDelta::default(),
@@ -651,7 +644,6 @@ impl Governance {
             watched: vec![false; entity_count],
             touched: HashMap::new(),
             ref_columns,
-            ref_index: HashMap::new(),
             synthetic: (0, 0),
             counted: Vec::new(),
             row_counts: vec![0; entity_count],
@@ -713,7 +705,13 @@ impl Governance {
 
     #[cfg(test)]
     pub(crate) fn tracked_count(&self, entity: EntityIndex) -> usize {
-        self.rows.keys().filter(|(e, _)| *e == entity).count()
+        self.row_counts[entity] as usize
+    }
+
+    /// The tracked row of (`e`, `key`), if any (read from the store, or
+    /// the change in flight).
+    fn tracked_row(&self, e: EntityIndex, key: &str) -> Option<Row> {
+        self.view.row(e, &self.entities[e].name, key)
     }
 
     /// The configuration of `entity`.
@@ -727,8 +725,10 @@ impl Governance {
     }
 
     /// Restores the state written by earlier runs, held in one
-    /// [`GovSnapshot`]; names no longer configured are ignored. The daemon
-    /// streams it instead ([`GovLoader`], then [`Governance::finish_load`]).
+    /// [`GovSnapshot`]; names no longer configured are ignored. The reader
+    /// set with [`Governance::set_state_reader`] holds its rows (they are
+    /// read from there as needed). The daemon streams it instead
+    /// ([`GovLoader`], then [`Governance::finish_load`]).
     pub fn load(&mut self, snap: GovSnapshot) {
         for (entity, key, bytes) in snap.rows {
             GovLoader::row(self, &entity, &key, &bytes);
@@ -742,7 +742,8 @@ impl Governance {
         self.finish_load();
     }
 
-    /// Derives what is counted from the state loaded through [`GovLoader`].
+    /// Derives what is counted from the state loaded through [`GovLoader`]
+    /// (after [`Governance::set_state_reader`]: tracked rows are read from it).
     pub fn finish_load(&mut self) {
         self.derive_counts();
     }
@@ -756,7 +757,8 @@ impl Governance {
                 .map(|c| row.get(c).map(assemble::text).unwrap_or_default())
                 .collect();
             let key = crate::model::event::join_key(parts.iter().map(String::as_str));
-            self.set_row(entity, &key, Some(Arc::new(row)));
+            let prev = self.tracked_row(entity, &key);
+            self.set_row(entity, &key, prev, Some(Arc::new(row)));
         }
     }
 
@@ -767,21 +769,21 @@ impl Governance {
             self.delta.ops = Vec::new();
             self.delta.published = Vec::new();
         }
-        self.published.sync();
-        self.published.release();
+        self.view.sync();
+        self.view.release();
     }
 
     /// Reads the published state from `reader` (the store's) from now on.
-    pub fn set_published_reader(&mut self, reader: Box<dyn PublishedReader>) {
-        self.published.set_reader(reader);
-        self.published.sync();
+    pub fn set_state_reader(&mut self, reader: Box<dyn StateReader>) {
+        self.view.set_reader(reader);
+        self.view.sync();
     }
 
     /// The first error reading the store's published state since the last
     /// call: decisions taken since then read it as empty, and must not be
     /// committed.
-    pub fn published_error(&mut self) -> Option<String> {
-        self.published.error()
+    pub fn state_error(&mut self) -> Option<String> {
+        self.view.error()
     }
 
     /// The state changes and audit records queued since the last call.
@@ -793,9 +795,9 @@ impl Governance {
         let delta = GovDelta {
             ops: std::mem::replace(&mut self.delta.ops, Vec::with_capacity(capacity)),
             published: std::mem::replace(&mut self.delta.published, Vec::with_capacity(published)),
-            generation: self.published.seal(),
+            generation: self.view.seal(),
         };
-        self.published.sync();
+        self.view.sync();
         delta
     }
 
@@ -945,7 +947,7 @@ impl Governance {
         let key = m.event.key.clone();
         let delete = m.op == ChangeOp::Delete;
         if !self.gov[e].external_ids_of.is_empty() {
-            let prev = self.rows.get(&(e, key.clone())).cloned();
+            let prev = self.tracked_row(e, &key);
             let models = &self.gov[e].external_ids_of;
             let new = if delete { None } else { m.row.map(Arc::new) }.filter(|r| {
                 r.get("model")
@@ -967,29 +969,29 @@ impl Governance {
                     }
                 }
             }
-            self.set_row(e, &key, new);
+            self.set_row(e, &key, prev, new);
             return;
         }
         if let Some((parent, _)) = self.gov[e].child_of {
-            let prev = self.rows.get(&(e, key.clone())).cloned();
+            let prev = self.tracked_row(e, &key);
             let new = if delete { None } else { m.row.map(Arc::new) };
             let bad = if delete { None } else { m.unencodable.as_ref() };
             self.note_child_encoding(e, &key, bad, &m.data, m.event.version);
             for p in self.index_child(e, &key, prev.as_deref(), new.as_deref()) {
                 pending.defer(self.rank[parent], parent, p);
             }
-            self.set_row(e, &key, new);
+            self.set_row(e, &key, prev, new);
             return;
         }
         let tracked = self.tracked[e];
         let prev = if tracked {
-            self.rows.get(&(e, key.clone())).cloned()
+            self.tracked_row(e, &key)
         } else {
             None
         };
         let row = if delete { None } else { m.row.map(Arc::new) };
         if tracked {
-            self.set_row(e, &key, row.clone());
+            self.set_row(e, &key, prev.clone(), row.clone());
         }
         self.defer_dependents(e, &key, pending);
         let change = Staged {
@@ -1051,7 +1053,7 @@ impl Governance {
                         None
                     } else if self.tracked[e] {
                         // The final row: later changes of the transaction already replaced it.
-                        self.rows.get(&(e, key.clone())).cloned().or(s.row)
+                        self.tracked_row(e, &key).or(s.row)
                     } else {
                         s.row
                     };
@@ -1078,7 +1080,7 @@ impl Governance {
                     );
                 }
                 None => {
-                    let Some(row) = self.rows.get(&(e, key.clone())).cloned() else {
+                    let Some(row) = self.tracked_row(e, &key) else {
                         continue;
                     };
                     let trigger = Trigger {
@@ -1220,10 +1222,10 @@ impl Governance {
                 self.observe(e, &key, m.row);
                 continue;
             }
-            let prev = self.rows.get(&(e, key.clone())).cloned();
+            let prev = self.tracked_row(e, &key);
             let row = m.row.map(Arc::new);
             if self.tracked[e] {
-                self.set_row(e, &key, row.clone());
+                self.set_row(e, &key, prev.clone(), row.clone());
             }
             let trigger = Trigger {
                 id: m.event.id,
@@ -1445,7 +1447,7 @@ impl Governance {
             (Some(r), true) => self.document(e, key, r),
             _ => fallback,
         };
-        let old = self.rows.get(&(e, key.to_string())).cloned();
+        let old = self.tracked_row(e, key);
         let input = CelInput {
             row: row.map(AsRef::as_ref),
             old: old.as_deref(),
@@ -1551,9 +1553,9 @@ impl Governance {
                 }
                 continue;
             }
-            let prev = self.rows.get(&(e, key.clone())).cloned();
+            let prev = self.tracked_row(e, &key);
             if prev.is_some() {
-                self.set_row(e, &key, None);
+                self.set_row(e, &key, prev.clone(), None);
                 self.defer_dependents(e, &key, &mut pending);
             }
             let trigger = Trigger {
@@ -1618,9 +1620,9 @@ impl Governance {
                 self.observe(e, &key, m.row);
                 continue;
             }
-            let prev = self.rows.get(&(e, key.clone())).cloned();
+            let prev = self.tracked_row(e, &key);
             let row = m.row.map(Arc::new);
-            self.set_row(e, &key, row.clone());
+            self.set_row(e, &key, prev.clone(), row.clone());
             let trigger = Trigger {
                 id: String::new(),
                 version: 0,
@@ -1663,32 +1665,33 @@ impl Governance {
         version: Lsn,
         time: &str,
     ) -> (Vec<(TargetIndex, Event)>, usize) {
-        let gone: Vec<String> = self
-            .rows
-            .keys()
-            .filter(|(x, k)| *x == e && !present.contains(k))
-            .map(|(_, k)| k.clone())
+        let mut gone: Vec<String> = self
+            .view
+            .row_keys(e, &self.entities[e].name)
+            .into_iter()
+            .filter(|k| !present.contains(k))
             .collect();
+        gone.sort_by(|a, b| key_order(a, b));
         let mut out = Vec::new();
         let mut pending = Pending::default();
         let hidden = self.is_hidden(e);
         for (i, key) in gone.iter().enumerate() {
             if hidden {
+                let prev = self.tracked_row(e, key);
                 if let Some((parent, _)) = self.gov[e].child_of {
-                    let prev = self.rows.get(&(e, key.clone())).cloned();
                     for p in self.index_child(e, key, prev.as_deref(), None) {
                         pending.defer(self.rank[parent], parent, p);
                     }
                 }
-                self.set_row(e, key, None);
+                self.set_row(e, key, prev, None);
                 continue;
             }
-            let prev = self.rows.get(&(e, key.clone())).cloned();
+            let prev = self.tracked_row(e, key);
             let data = prev
                 .as_deref()
                 .map(|r| assemble::key_data(&self.entities[e], r))
                 .unwrap_or_default();
-            self.set_row(e, key, None);
+            self.set_row(e, key, prev.clone(), None);
             self.defer_dependents(e, key, &mut pending);
             let trigger = Trigger {
                 // Its own id space: never equal to a streamed or re-emitted event's id.
@@ -1735,11 +1738,11 @@ impl Governance {
                 return;
             }
         }
+        let prev = self.tracked_row(e, key);
         if self.gov[e].child_of.is_some() {
-            let prev = self.rows.get(&(e, key.to_string())).cloned();
             self.index_child(e, key, prev.as_deref(), row.as_deref());
         }
-        self.set_row(e, key, row);
+        self.set_row(e, key, prev, row);
     }
 
     /// Entities whose streamed changes are remembered per key (with their
@@ -1773,7 +1776,7 @@ impl Governance {
         if !self.quarantine.contains_key(&(e, key.to_string())) {
             return Err(format!("{entity} {key} is not quarantined"));
         }
-        let Some(row) = self.rows.get(&(e, key.to_string())).cloned() else {
+        let Some(row) = self.tracked_row(e, key) else {
             return Err(format!(
                 "{entity} {key} is quarantined but its row is not known; it is released by its next change"
             ));
@@ -2139,10 +2142,10 @@ impl Governance {
             let mut items: Vec<(String, Value)> = Vec::new();
             if let Some(keys) = self.children.get(&(c.entity, key.to_string())) {
                 for k in keys {
-                    if let Some(child) = self.rows.get(&(c.entity, k.clone())) {
-                        let mut d = assemble::document(&c.fields, child);
+                    if let Some(child) = self.tracked_row(c.entity, k) {
+                        let mut d = assemble::document(&c.fields, &child);
                         for r in &c.refs {
-                            d.insert(r.name.clone(), self.resolve_ref(r, child));
+                            d.insert(r.name.clone(), self.resolve_ref(r, &child));
                         }
                         let mut d = ordered(d, &c.field_order);
                         if !d.contains_key("id") {
@@ -2169,7 +2172,7 @@ impl Governance {
     ) -> Value {
         match self.entity_index.get(&r.entity) {
             Some(_) if r.external_id => self.external_id(&r.model, row.get(&r.column)),
-            Some(&t) => reference::resolve(r, t, &self.entities[t], row, &self.rows),
+            Some(&t) => reference::resolve(r, &self.entities[t], row, |id| self.tracked_row(t, id)),
             None => Value::Null,
         }
     }
@@ -2178,12 +2181,12 @@ impl Governance {
     /// records referencing it), or `None` when it is: it exists, passes its
     /// gate and is not quarantined.
     fn blocker(&self, t: EntityIndex, id: &str) -> Option<String> {
-        let Some(referenced) = self.rows.get(&(t, id.to_string())) else {
+        let Some(referenced) = self.tracked_row(t, id) else {
             return Some("it does not exist or steward has not read it".into());
         };
         if let Some(expr) = &self.gov[t].publish_when {
             let ok = expr.test(&CelInput {
-                row: Some(referenced),
+                row: Some(&referenced),
                 old: None,
                 op: "update",
             });
@@ -2206,9 +2209,12 @@ impl Governance {
         let mut out: Vec<String> = self
             .referencing(c, column, value)
             .into_iter()
-            .filter_map(|k| self.rows.get(&(c, k)))
-            .filter_map(|row| row.get(parent_column).filter(|v| !v.is_null()))
-            .map(assemble::text)
+            .filter_map(|k| self.tracked_row(c, &k))
+            .filter_map(|row| {
+                row.get(parent_column)
+                    .filter(|v| !v.is_null())
+                    .map(assemble::text)
+            })
             .collect();
         out.sort();
         out.dedup();
@@ -2236,12 +2242,10 @@ impl Governance {
                 if let Some(keys) = self.children.get(&(c.entity, key.to_string())) {
                     for k in keys {
                         if let Some(v) = self
-                            .rows
-                            .get(&(c.entity, k.clone()))
-                            .and_then(|r| r.get(&column))
-                            .filter(|v| !v.is_null())
+                            .tracked_row(c.entity, k)
+                            .and_then(|r| r.get(&column).filter(|v| !v.is_null()).cloned())
                         {
-                            ids.push(assemble::text(v));
+                            ids.push(assemble::text(&v));
                         }
                     }
                 }
@@ -2294,7 +2298,8 @@ impl Governance {
             if norm.is_empty() {
                 continue;
             }
-            if let Some(holder) = self.unique.get(&(e, fi, norm)) {
+            let entity = &self.entities[e].name;
+            if let Some(holder) = self.view.unique_holder(&(e, fi, norm), entity, field) {
                 if holder != key {
                     return Some((
                         format!("unique:{field}"),
@@ -2465,32 +2470,36 @@ impl Governance {
         if self.gov[e].unique.is_empty() {
             return;
         }
-        let old = self
-            .claims
-            .remove(&(e, key.to_string()))
-            .unwrap_or_default();
+        let entity = self.entities[e].name.clone();
+        let old = self.view.claims(e, &entity, key, &self.gov[e].unique);
+        if old.is_empty() && new.is_empty() {
+            return;
+        }
         let mut freed = false;
-        for (fi, value) in &old {
-            if new.contains(&(*fi, value.clone())) {
+        let mut held = Vec::with_capacity(new.len());
+        for (fi, value) in old {
+            if new.contains(&(fi, value.clone())) {
+                held.push((fi, value));
                 continue;
             }
-            let k = (e, *fi, value.clone());
-            if self.unique.get(&k).is_some_and(|h| h == key) {
-                self.unique.remove(&k);
-                self.queue_unique(e, *fi, value, None);
-                freed = true;
+            // A claim is the holder's own: let it go.
+            self.view.set_unique((e, fi, value.clone()), None);
+            self.queue_unique(e, fi, &value, None);
+            freed = true;
+        }
+        for (fi, value) in new {
+            if held.contains(&(fi, value.clone())) {
+                continue;
+            }
+            let field = &self.gov[e].unique[fi];
+            let slot = (e, fi, value);
+            if self.view.unique_holder(&slot, &entity, field).is_none() {
+                self.view.set_unique(slot.clone(), Some(key.to_string()));
+                self.queue_unique(e, fi, &slot.2, Some(key));
+                held.push((slot.1, slot.2));
             }
         }
-        for (fi, value) in &new {
-            let k = (e, *fi, value.clone());
-            if let std::collections::hash_map::Entry::Vacant(slot) = self.unique.entry(k) {
-                slot.insert(key.to_string());
-                self.queue_unique(e, *fi, value, Some(key));
-            }
-        }
-        if !new.is_empty() {
-            self.claims.insert((e, key.to_string()), new);
-        }
+        self.view.set_claims(e, key, held);
         if freed {
             let mut waiting: Vec<String> = self
                 .quarantine
@@ -2688,35 +2697,14 @@ impl Governance {
         }
     }
 
-    /// Rebuilds the counts from the loaded state: quarantine entries of
-    /// tracked records, then each tracked record's gate on its row.
+    /// Completes the counts once the state is loaded: the rows were
+    /// counted, and their gates evaluated, as they loaded; a quarantine
+    /// entry of a tracked record decides its state.
     fn derive_counts(&mut self) {
-        self.held.clear();
-        self.row_counts.iter_mut().for_each(|n| *n = 0);
-        self.held_counts.iter_mut().for_each(|n| *n = [0; 3]);
-        for (e, _) in self.rows.keys() {
-            self.row_counts[*e] += 1;
-        }
         let mut states = Vec::new();
         for ((e, key), q) in &self.quarantine {
-            if self.counted[*e] && self.rows.contains_key(&(*e, key.clone())) {
+            if self.counted[*e] && self.tracked_row(*e, key).is_some() {
                 states.push((*e, key.clone(), RecordState::of_entry(q)));
-            }
-        }
-        for ((e, key), row) in &self.rows {
-            let Some(expr) = self.gov[*e].publish_when.as_ref() else {
-                continue;
-            };
-            if !self.counted[*e] || self.quarantine.contains_key(&(*e, key.clone())) {
-                continue;
-            }
-            let input = CelInput {
-                row: Some(row),
-                old: None,
-                op: "update",
-            };
-            if expr.test(&input) != Ok(true) {
-                states.push((*e, key.clone(), RecordState::PendingApproval));
             }
         }
         for (e, key, state) in states {
@@ -2737,29 +2725,27 @@ impl Governance {
         }
     }
 
-    fn set_row(&mut self, e: EntityIndex, key: &str, row: Option<Arc<Map<String, Value>>>) {
+    /// Replaces the tracked row of (e, key), `prev` (what
+    /// [`Governance::tracked_row`] gives now), with `row`.
+    fn set_row(&mut self, e: EntityIndex, key: &str, prev: Option<Row>, row: Option<Row>) {
         if !self.gov[e].external_ids_of.is_empty() || !self.ref_columns[e].is_empty() {
-            // Only rows that feed an index pay for the lookup of the previous one.
-            let prev = self.rows.get(&(e, key.to_string())).cloned();
             self.index_external_id(e, key, prev.as_deref(), row.as_deref());
             self.index_refs(e, key, prev.as_deref(), row.as_deref());
         }
         let bytes = row.as_ref().and_then(|r| serde_json::to_vec(&**r).ok());
-        match row {
-            Some(r) => {
-                if self.rows.insert((e, key.to_string()), r).is_none() {
-                    self.row_counts[e] += 1;
-                    self.counts_changed |= self.counted[e];
-                }
+        match (&row, prev.is_some()) {
+            (Some(_), false) => {
+                self.row_counts[e] += 1;
+                self.counts_changed |= self.counted[e];
             }
-            None => {
-                if self.rows.remove(&(e, key.to_string())).is_some() {
-                    self.row_counts[e] -= 1;
-                    self.counts_changed |= self.counted[e];
-                    self.set_held(e, key, None);
-                }
+            (None, true) => {
+                self.row_counts[e] -= 1;
+                self.counts_changed |= self.counted[e];
+                self.set_held(e, key, None);
             }
+            _ => {}
         }
+        self.view.set_row(e, key, row);
         self.delta.ops.push(GovOp::Row {
             entity: self.entities[e].name.clone(),
             key: key.to_string(),
@@ -2785,31 +2771,65 @@ impl Governance {
             if before == after {
                 continue;
             }
-            if let Some(b) = before {
-                let slot = (e, column.clone(), b);
-                if let Some(keys) = self.ref_index.get_mut(&slot) {
-                    keys.remove(key);
-                    if keys.is_empty() {
-                        self.ref_index.remove(&slot);
-                    }
-                }
-            }
-            if let Some(a) = after {
-                self.ref_index
-                    .entry((e, column.clone(), a))
-                    .or_default()
-                    .insert(key.to_string());
+            for (id, present) in [(before, false), (after, true)] {
+                let Some(id) = id else {
+                    continue;
+                };
+                self.delta.ops.push(GovOp::Ref {
+                    entity: self.entities[e].name.clone(),
+                    column: column.clone(),
+                    id: id.clone(),
+                    key: key.to_string(),
+                    present,
+                });
+                self.view
+                    .set_ref((e, column.clone(), id, key.to_string()), present);
             }
         }
     }
 
+    /// (entity, column) of every column whose ids the store indexes for
+    /// this configuration, sorted: a store whose index covers other columns
+    /// rebuilds it from the tracked rows ([`Governance::ref_entries`]).
+    pub fn ref_columns(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = EntityIndex::enumerate(&self.ref_columns)
+            .flat_map(|(e, columns)| {
+                columns
+                    .iter()
+                    .map(move |c| (self.entities[e].name.clone(), c.clone()))
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The (column, id) index entries of a tracked row of `entity` (a JSON
+    /// object's bytes), as the governance writes them.
+    pub fn ref_entries(&self, entity: &str, row: &[u8]) -> Vec<(String, String)> {
+        let Some(&e) = self.entity_index.get(entity) else {
+            return Vec::new();
+        };
+        if self.ref_columns[e].is_empty() {
+            return Vec::new();
+        }
+        let Ok(Value::Object(row)) = serde_json::from_slice::<Value>(row) else {
+            return Vec::new();
+        };
+        self.ref_columns[e]
+            .iter()
+            .filter_map(|c| {
+                let id = row.get(c).filter(|v| !v.is_null())?;
+                Some((c.clone(), assemble::text(id)))
+            })
+            .collect()
+    }
+
     /// Keys of tracked records of `entity` whose `column` holds `id`, in key order.
     fn referencing(&self, entity: EntityIndex, column: &str, id: &str) -> Vec<String> {
-        let mut keys: Vec<String> = self
-            .ref_index
-            .get(&(entity, column.to_string(), id.to_string()))
-            .map(|keys| keys.iter().cloned().collect())
-            .unwrap_or_default();
+        let mut keys = self
+            .view
+            .referencing(entity, &self.entities[entity].name, column, id);
         keys.sort_by(|a, b| key_order(a, b));
         keys
     }
@@ -2861,7 +2881,7 @@ impl Governance {
     fn sent_at(&self, t: TargetIndex, e: EntityIndex, key: &str) -> (PublishedSlot, Sent) {
         let (target, entity) = (&self.target_names[t], &self.entities[e].name);
         let slot = published_slot(target, entity, key);
-        (slot, self.published.get(&slot, target, entity, key))
+        (slot, self.view.get(&slot, target, entity, key))
     }
 
     /// Records what target `t` was sent of record (e, key) — a document's
@@ -2882,7 +2902,7 @@ impl Governance {
     ) {
         let (target, entity) = (&self.target_names[t], &self.entities[e].name);
         push_published_change(&mut self.delta.published, target, entity, key, hash);
-        self.published.set(slot, Sent::of(hash));
+        self.view.set(slot, Sent::of(hash));
     }
 
     fn queue_unique(&mut self, e: EntityIndex, fi: usize, value: &str, holder: Option<&str>) {
@@ -3069,27 +3089,43 @@ impl GovLoader for Governance {
         let Some(&e) = self.entity_index.get(entity) else {
             return;
         };
-        if let Ok(Value::Object(row)) = serde_json::from_slice(bytes) {
+        self.row_counts[e] += 1;
+        let gate = self.gov[e]
+            .publish_when
+            .as_ref()
+            .filter(|_| self.counted[e]);
+        // The references are indexed in the store (`Governance::ref_columns`).
+        let indexed = self.gov[e].child_of.is_some() || !self.gov[e].external_ids_of.is_empty();
+        if gate.is_none() && !indexed {
+            return;
+        }
+        // The row itself stays in the store: only the indices and counts
+        // derived from it are held.
+        let Ok(Value::Object(row)) = serde_json::from_slice(bytes) else {
+            return;
+        };
+        if let Some(expr) = gate {
+            let input = CelInput {
+                row: Some(&row),
+                old: None,
+                op: "update",
+            };
+            if expr.test(&input) != Ok(true) {
+                self.set_held(e, key, Some(RecordState::PendingApproval));
+            }
+        }
+        if indexed {
             self.index_child(e, key, None, Some(&row));
             self.index_external_id(e, key, None, Some(&row));
-            self.index_refs(e, key, None, Some(&row));
-            self.rows.insert((e, key.to_string()), Arc::new(row));
         }
     }
 
-    fn unique(&mut self, entity: &str, field: &str, value: &str, holder: &str) {
-        let Some(&e) = self.entity_index.get(entity) else {
-            return;
-        };
-        let Some(fi) = self.gov[e].unique.iter().position(|f| f == field) else {
-            return;
-        };
-        self.claims
-            .entry((e, holder.to_string()))
-            .or_default()
-            .push((fi, value.to_string()));
-        self.unique
-            .insert((e, fi, value.to_string()), holder.to_string());
+    fn unique(&mut self, _entity: &str, _field: &str, _value: &str, _holder: &str) {
+        // Read from the store as needed (see `wants_unique`).
+    }
+
+    fn wants_unique(&self) -> bool {
+        false
     }
 
     fn quarantined(&mut self, q: QuarantineEntry) {

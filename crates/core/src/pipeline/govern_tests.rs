@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use crate::config::{Config, EntityIndex, TargetIndex};
 use crate::model::{Change, ChangeOp, Column, Event, Lsn, Relation, SourceChange, TupleValue};
 use crate::pipeline::large_txn::{LargeTxn, MemoryStage};
-use crate::pipeline::published::TestStore;
+use crate::pipeline::store_view::TestStore;
 use crate::pipeline::{snapshot_mapped, Mapped, Pipeline};
 use crate::state::{AuditRecord, GovDelta, GovOp, GovSnapshot, QuarantineEntry};
 
@@ -218,7 +218,7 @@ impl Durable {
                     None => self.quarantine.remove(&slot),
                 };
             }
-            GovOp::Audit(_) => {}
+            GovOp::Audit(_) | GovOp::Ref { .. } => {}
         }
     }
 
@@ -247,7 +247,7 @@ impl Harness {
     fn from_config(config: Config) -> Harness {
         let durable = Durable::default();
         let mut gov = Governance::new(&config);
-        gov.set_published_reader(Box::new(durable.published.clone()));
+        gov.set_state_reader(Box::new(durable.published.clone()));
         let mut pipeline = Pipeline::new(&config);
         for e in gov.tracked_entities().collect::<Vec<_>>() {
             pipeline.capture_rows(e);
@@ -270,8 +270,8 @@ impl Harness {
     /// A governance started from the durable state, as after a restart.
     fn restarted(&self) -> Governance {
         let mut gov = Governance::new(&self.config);
+        gov.set_state_reader(Box::new(self.durable.published.clone()));
         gov.load(self.durable.snapshot());
-        gov.set_published_reader(Box::new(self.durable.published.clone()));
         gov
     }
 
@@ -1434,6 +1434,74 @@ fn a_quarantined_referenced_record_holds_the_records_referencing_it() {
         ]
     );
     assert!(h.held().is_empty());
+}
+
+#[test]
+fn tracked_rows_leave_memory_once_stored_and_are_read_back_from_the_store() {
+    let mut h = Harness::new(CHAIN);
+    let evs = h.txn(&[("product_template", I, &product("1", "P_1", "approved"))]);
+    assert_eq!(brief(&evs).len(), 1);
+    // Once the store shows the commit (seen at the next sync), the row is
+    // not held; nor cached after an idle release: the BOM's reference reads
+    // the product's row, the rule its gate, from the store.
+    h.gov.release_buffers();
+    assert_eq!(h.gov.view.pending_rows(), 0, "committed rows are not held");
+    let evs = h.txn(&[("mrp_bom", I, BOM_10)]);
+    assert_eq!(
+        brief(&evs),
+        vec![up(
+            "wms",
+            "bom",
+            "10",
+            json!({"code": "B10", "product": "P_1"})
+        )]
+    );
+    // Odoo's create(): an insert and an update of the same record in one
+    // transaction; the update sees the insert's row before any commit.
+    let evs = h.txn(&[
+        ("product_template", I, &product("2", "P_2", "draft")),
+        (
+            "product_template",
+            U,
+            &[("id", Some("2")), ("state", Some("approved"))],
+        ),
+    ]);
+    assert_eq!(
+        brief(&evs),
+        vec![up(
+            "wms",
+            "product",
+            "2",
+            json!({"sku": "P_2", "name": "Desk"})
+        )]
+    );
+    assert_eq!(h.counts("product"), (2, 0, 0, 0));
+    // A restarted governance reads the same rows from the store.
+    let restarted = h.restarted();
+    let status = restarted.record_status("product", "2").unwrap();
+    assert_eq!(status.row.unwrap()["default_code"], json!("P_2"));
+    assert_eq!(restarted.view.pending_rows(), 0);
+    assert_eq!(
+        restarted
+            .records_in_state("product", RecordState::Published, 10)
+            .unwrap(),
+        (vec!["1".to_string(), "2".to_string()], 2)
+    );
+    // The BOM referencing product 1 is found in the store's reference
+    // index: renaming the product re-emits it.
+    h.gov = restarted;
+    let evs = h.txn(&[(
+        "product_template",
+        U,
+        &[("id", Some("1")), ("default_code", Some("P_9"))],
+    )]);
+    assert_eq!(
+        brief(&evs),
+        vec![
+            up("wms", "bom", "10", json!({"code": "B10", "product": "P_9"})),
+            up("wms", "product", "1", json!({"sku": "P_9", "name": "Desk"})),
+        ]
+    );
 }
 
 #[test]

@@ -9,11 +9,11 @@ mod assemble;
 pub mod govern;
 pub mod large_txn;
 mod map;
-mod published;
 mod redact;
 mod reference;
 pub mod slot_map;
 mod snapshot_row;
+mod store_view;
 pub mod target_rows;
 
 pub use govern::Governance;

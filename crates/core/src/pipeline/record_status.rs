@@ -365,7 +365,7 @@ impl Governance {
     /// holds no row of it or does not count its entity.
     fn record_state(&self, entity: EntityIndex, key: &str) -> Option<RecordState> {
         if !self.counted.get(entity.0).copied().unwrap_or(false)
-            || !self.rows.contains_key(&(entity, key.to_string()))
+            || self.tracked_row(entity, key).is_none()
         {
             return None;
         }
@@ -389,7 +389,8 @@ impl Governance {
                 "entity `{entity}` is part of other records (business-object lines or external ids); ask for the record it belongs to"
             ));
         }
-        let row = self.rows.get(&(e, key.to_string())).map(|r| &**r);
+        let tracked = self.tracked_row(e, key);
+        let row = tracked.as_deref();
         let state = self.record_state(e, key);
         let input = CelInput {
             row,
@@ -646,8 +647,8 @@ impl Governance {
 
     /// The keys of `entity`'s records in `state`, in key order (numbers
     /// by value), at most `limit` of them, and how many there are in all.
-    /// Costs one pass over the rows steward holds (the consume loop
-    /// answers it between transactions).
+    /// Costs one pass over the keys of the rows steward tracks, in the
+    /// store (the consume loop answers it between transactions).
     pub fn records_in_state(
         &self,
         entity: &str,
@@ -665,11 +666,14 @@ impl Governance {
                  or references use them)"
             ));
         }
-        let mut keys: Vec<&str> = self
-            .rows
-            .keys()
-            .filter(|(re, key)| *re == e && self.record_state(e, key) == Some(state))
-            .map(|(_, key)| key.as_str())
+        let mut keys: Vec<String> = self
+            .view
+            .row_keys(e, entity)
+            .into_iter()
+            .filter(|key| {
+                let held = self.held.get(&record_hash(e, key)).copied();
+                held.unwrap_or(RecordState::Published) == state
+            })
             .collect();
         let total = keys.len() as u64;
         keys.sort_by(|a, b| match (a.parse::<u64>(), b.parse::<u64>()) {
@@ -679,7 +683,7 @@ impl Governance {
             (Err(_), Err(_)) => a.cmp(b),
         });
         keys.truncate(limit);
-        Ok((keys.into_iter().map(str::to_string).collect(), total))
+        Ok((keys, total))
     }
 
     /// What the open exceptions hold back: blocked records grouped by
