@@ -191,10 +191,29 @@ pub fn setup(
         );
     }
     governance.set_state_reader(store.state_reader());
+    // Saved when steward last stopped, if nothing changed since: then only
+    // the rows the governance indexes are read, not every tracked row.
+    let summarised = match store.governance_summary()? {
+        Some(summary) => governance.restore_summary(&summary),
+        None => false,
+    };
     store.load_governance_into(&mut governance)?;
     governance.finish_load();
+    tracing::debug!(
+        summarised,
+        seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
+        "governance state loaded"
+    );
     prune_audit(config, store);
     Ok(governance)
+}
+
+/// Saves the governance's counts for the next start (see
+/// [`Governance::summary`]); a failure only makes that start slower.
+pub fn save_summary(store: &Store, governance: &Governance) {
+    if let Err(e) = store.save_governance_summary(&governance.summary()) {
+        tracing::warn!(error = %e, "cannot save the governance summary; the next start counts the records again");
+    }
 }
 
 /// Sets `steward_quarantined_records{entity}` from the governance state, one

@@ -417,6 +417,10 @@ async fn run_open(
     if let Some(h) = heartbeat_task {
         let _ = h.await;
     }
+    if result.is_ok() {
+        // Everything received is committed: the counts match the store.
+        govern::save_summary(&store, &governance);
+    }
     result
 }
 

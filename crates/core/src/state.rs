@@ -183,6 +183,11 @@ pub trait GovLoader {
     fn wants_unique(&self) -> bool {
         true
     }
+    /// Whether to be handed the tracked rows of `entity` (a governance that
+    /// restored its counts from a summary needs only those it indexes).
+    fn wants_rows(&self, _entity: &str) -> bool {
+        true
+    }
     /// A record held in quarantine.
     fn quarantined(&mut self, entry: QuarantineEntry);
 }

@@ -106,6 +106,49 @@ impl Store {
     }
 }
 
+/// The counter of commits that changed the governance state.
+const GOV_CHANGES: &str = "gov_changes";
+/// A summary the governance saved of the state (its counts) when it
+/// stopped: the value of [`GOV_CHANGES`] then (8 bytes, big-endian), and its bytes.
+const GOV_SUMMARY: TableDefinition<&str, &[u8]> = TableDefinition::new("gov_summary");
+
+impl Store {
+    /// Saves the governance's summary of the state as the store holds it now.
+    pub fn save_governance_summary(&self, summary: &[u8]) -> Result<(), StoreError> {
+        self.write(redb::Durability::Immediate, |txn| {
+            let changes = txn
+                .open_table(super::tables::COUNTERS)?
+                .get(GOV_CHANGES)?
+                .map_or(0, |v| v.value());
+            let mut bytes = Vec::with_capacity(8 + summary.len());
+            bytes.extend_from_slice(&changes.to_be_bytes());
+            bytes.extend_from_slice(summary);
+            txn.open_table(GOV_SUMMARY)?
+                .insert("summary", bytes.as_slice())?;
+            Ok(())
+        })
+    }
+
+    /// The summary saved by [`Store::save_governance_summary`], if the
+    /// governance state has not changed since.
+    pub fn governance_summary(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read(|txn| {
+            let changes = match open_or_empty!(txn, super::tables::COUNTERS) {
+                Some(t) => t.get(GOV_CHANGES)?.map_or(0, |v| v.value()),
+                None => 0,
+            };
+            let Some(t) = open_or_empty!(txn, GOV_SUMMARY) else {
+                return Ok(None);
+            };
+            let Some(v) = t.get("summary")? else {
+                return Ok(None);
+            };
+            let v = v.value();
+            Ok((v.len() >= 8 && v[..8] == changes.to_be_bytes()).then(|| v[8..].to_vec()))
+        })
+    }
+}
+
 /// Builds [`GOV_CLAIMS`] from [`GOV_UNIQUE`] in a state file written before
 /// it existed; returns how many claims it wrote, `None` when it existed.
 pub(super) fn build_claims(txn: &WriteTransaction) -> Result<Option<u64>, redb::Error> {
@@ -142,6 +185,11 @@ pub(super) fn apply(
         return Ok(());
     }
     let mut seqs = AppendSeqs::new(appends, last);
+    // Any change makes a saved summary of the state out of date.
+    let mut counters = txn.open_table(super::tables::COUNTERS)?;
+    let changes = counters.get(GOV_CHANGES)?.map_or(0, |v| v.value());
+    counters.insert(GOV_CHANGES, changes + 1)?;
+    drop(counters);
     let mut rows = txn.open_table(GOV_ROWS)?;
     let mut unique = txn.open_table(GOV_UNIQUE)?;
     let mut claims = txn.open_table(GOV_CLAIMS)?;
@@ -377,11 +425,26 @@ impl GovernanceState for Store {
     fn load_governance_into(&self, into: &mut dyn GovLoader) -> Result<(), StoreError> {
         self.read(|txn| {
             if let Some(t) = open_or_empty!(txn, GOV_ROWS) {
-                for item in t.iter()? {
-                    let (k, v) = item?;
-                    if let [entity, key] = split(k.value())[..] {
-                        into.row(entity, key, v.value());
+                // Entity by entity (`entity \0 key`): an entity not wanted
+                // is skipped in one seek.
+                let mut from = String::new();
+                'entities: loop {
+                    let mut entity: Option<String> = None;
+                    for item in t.range(from.as_str()..)? {
+                        let (k, v) = item?;
+                        let Some((e, key)) = k.value().split_once('\0') else {
+                            continue;
+                        };
+                        if entity.as_deref() != Some(e) {
+                            if !into.wants_rows(e) {
+                                from = format!("{e}\u{1}");
+                                continue 'entities;
+                            }
+                            entity = Some(e.to_string());
+                        }
+                        into.row(e, key, v.value());
                     }
+                    break;
                 }
             }
             if !into.wants_unique() {

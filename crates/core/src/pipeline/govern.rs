@@ -45,6 +45,12 @@ use crate::state::{
     ReconcileCounts,
 };
 
+/// The layout of [`Governance::summary`]: this byte, the fingerprint (16
+/// bytes), per entity its tracked rows and its records in each held state
+/// (4 × 8 bytes, big-endian), then per held record its hash (8 bytes) and
+/// state (1 byte: [`RecordState::held_index`] + 1).
+const SUMMARY_VERSION: u8 = 1;
+
 /// Index offset of events the governance makes itself (re-emissions, business
 /// objects): their ids never collide with those of source changes.
 const SYNTHETIC_INDEX: u32 = 0x8000_0000;
@@ -112,6 +118,9 @@ pub struct Governance {
     /// The event a deep reconciliation's target refused for the record just
     /// decided (see [`Governance::refused_by`]).
     deep_refused: Option<EventOp>,
+    /// The counts were restored from a summary ([`Governance::restore_summary`]):
+    /// the rows loaded at start feed only the indices.
+    summarised: bool,
 }
 
 /// What a snapshot or governed re-read decides for (see [`Governance::process_snapshot`]).
@@ -651,6 +660,7 @@ impl Governance {
             held_counts: vec![[0; 3]; entity_count],
             counts_changed: true,
             deep_refused: None,
+            summarised: false,
         }
         .with_counted()
     }
@@ -760,6 +770,82 @@ impl Governance {
             let prev = self.tracked_row(entity, &key);
             self.set_row(entity, &key, prev, Some(Arc::new(row)));
         }
+    }
+
+    /// The counts (tracked rows, records held back) as derived from the
+    /// state, for [`Governance::restore_summary`] at the next start: saved
+    /// when the daemon stops, it spares that start reading every tracked
+    /// row to count it and evaluate its gate.
+    pub fn summary(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + 32 * self.row_counts.len() + 9 * self.held.len());
+        out.push(SUMMARY_VERSION);
+        out.extend_from_slice(&self.summary_fingerprint());
+        for (rows, held) in self.row_counts.iter().zip(&self.held_counts) {
+            for n in std::iter::once(rows).chain(held) {
+                out.extend_from_slice(&n.to_be_bytes());
+            }
+        }
+        for (hash, state) in &self.held {
+            out.extend_from_slice(&hash.to_be_bytes());
+            out.push(state.held_index().map_or(0, |i| i as u8 + 1));
+        }
+        out
+    }
+
+    /// Takes the counts of a [`Governance::summary`] of the state the store
+    /// holds (before [`GovLoader`] loads it); false, taking nothing, when it
+    /// was made for another configuration or is not one.
+    pub fn restore_summary(&mut self, bytes: &[u8]) -> bool {
+        let number = |b: &[u8]| u64::from_be_bytes(b.try_into().expect("8 bytes"));
+        let entities = self.row_counts.len();
+        let header = 17 + 32 * entities;
+        if bytes.len() < header
+            || bytes[0] != SUMMARY_VERSION
+            || bytes[1..17] != self.summary_fingerprint()
+            || !(bytes.len() - header).is_multiple_of(9)
+        {
+            return false;
+        }
+        let mut held = HashKeyed::default();
+        for entry in bytes[header..].chunks_exact(9) {
+            let state = match entry[8] {
+                1 => RecordState::PendingApproval,
+                2 => RecordState::Quarantined,
+                3 => RecordState::Blocked,
+                _ => return false,
+            };
+            held.insert(number(&entry[..8]), state);
+        }
+        for (e, counts) in bytes[17..header].chunks_exact(32).enumerate() {
+            self.row_counts[e] = number(&counts[..8]);
+            for (i, n) in counts[8..].chunks_exact(8).enumerate() {
+                self.held_counts[e][i] = number(n);
+            }
+        }
+        self.held = held;
+        self.summarised = true;
+        self.counts_changed = true;
+        true
+    }
+
+    /// What a summary depends on: the entities in order (records are
+    /// counted by position), which are counted, and their gates.
+    fn summary_fingerprint(&self) -> [u8; 16] {
+        let mut h = blake3::Hasher::new();
+        for (e, entity) in EntityIndex::enumerate(&self.entities) {
+            let gate = self.gov[e]
+                .publish_when
+                .as_ref()
+                .map_or("", |g| g.source.as_str());
+            for part in [entity.name.as_str(), gate] {
+                h.update(&(part.len() as u64).to_le_bytes());
+                h.update(part.as_bytes());
+            }
+            h.update(&[u8::from(self.counted[e]), u8::from(self.tracked[e])]);
+        }
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        out
     }
 
     /// Frees the queue of state changes kept at the size of the largest
@@ -3089,11 +3175,13 @@ impl GovLoader for Governance {
         let Some(&e) = self.entity_index.get(entity) else {
             return;
         };
-        self.row_counts[e] += 1;
+        if !self.summarised {
+            self.row_counts[e] += 1;
+        }
         let gate = self.gov[e]
             .publish_when
             .as_ref()
-            .filter(|_| self.counted[e]);
+            .filter(|_| self.counted[e] && !self.summarised);
         // The references are indexed in the store (`Governance::ref_columns`).
         let indexed = self.gov[e].child_of.is_some() || !self.gov[e].external_ids_of.is_empty();
         if gate.is_none() && !indexed {
@@ -3126,6 +3214,15 @@ impl GovLoader for Governance {
 
     fn wants_unique(&self) -> bool {
         false
+    }
+
+    fn wants_rows(&self, entity: &str) -> bool {
+        let Some(&e) = self.entity_index.get(entity) else {
+            return false;
+        };
+        !self.summarised
+            || self.gov[e].child_of.is_some()
+            || !self.gov[e].external_ids_of.is_empty()
     }
 
     fn quarantined(&mut self, q: QuarantineEntry) {

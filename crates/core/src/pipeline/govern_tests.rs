@@ -291,7 +291,22 @@ impl Harness {
             counts,
             "{entity}: the counts derived at start-up differ from the counts kept"
         );
+        assert_eq!(
+            find(&self.restarted_from_summary()),
+            counts,
+            "{entity}: the counts restored from a summary differ from the counts kept"
+        );
         counts
+    }
+
+    /// A governance started from the durable state and the running one's
+    /// summary, as after a clean stop.
+    fn restarted_from_summary(&self) -> Governance {
+        let mut gov = Governance::new(&self.config);
+        gov.set_state_reader(Box::new(self.durable.published.clone()));
+        assert!(gov.restore_summary(&self.gov.summary()));
+        gov.load(self.durable.snapshot());
+        gov
     }
 
     /// A harness whose transactions are all governed as large ones.
@@ -2932,6 +2947,28 @@ fn decisions_of(status: &RecordStatus) -> Vec<(String, TargetDecision)> {
 
 fn targets(list: &[(&str, TargetDecision)]) -> Vec<(String, TargetDecision)> {
     list.iter().map(|(t, d)| ((*t).to_string(), *d)).collect()
+}
+
+#[test]
+fn a_summary_is_taken_only_by_the_configuration_it_was_made_for() {
+    let mut h = Harness::new(CHAIN);
+    h.txn(&[("product_template", I, &product("1", "P_1", "draft"))]);
+    let summary = h.gov.summary();
+    assert!(Governance::new(&h.config).restore_summary(&summary));
+    let other_gate = CHAIN.replace("row.state == 'approved'", "row.state != 'draft'");
+    assert!(!Governance::new(&config(&other_gate)).restore_summary(&summary));
+    assert!(!Governance::new(&h.config).restore_summary(&summary[..summary.len() - 1]));
+    assert!(!Governance::new(&h.config).restore_summary(b""));
+    // The restored counts stand without reading the rows that gave them.
+    let mut gov = Governance::new(&h.config);
+    assert!(gov.restore_summary(&summary));
+    assert!(!GovLoader::wants_rows(&gov, "product"));
+    let product = gov
+        .record_counts()
+        .into_iter()
+        .find(|c| c.entity == "product")
+        .unwrap();
+    assert_eq!((product.published, product.pending_approval), (0, 1));
 }
 
 #[test]
