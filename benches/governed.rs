@@ -295,11 +295,12 @@ fn wait_logged(child: &mut Child, log: &Path, line: &str) {
 fn wait_done(config: &Path, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(3600);
     loop {
-        assert!(
-            child.try_wait().ok().flatten().is_none(),
-            "steward exited; see the log beside {}",
-            config.display()
-        );
+        if child.try_wait().ok().flatten().is_some() {
+            let log =
+                std::fs::read_to_string(config.with_file_name("snapshot.log")).unwrap_or_default();
+            let tail = &log[log.len().saturating_sub(3000)..];
+            panic!("steward exited during the snapshot; the end of its log:\n{tail}");
+        }
         assert!(Instant::now() < deadline, "the snapshot did not finish");
         let out = Command::new(env!("CARGO_BIN_EXE_steward"))
             .args(["status", "--json", "-c"])

@@ -106,8 +106,11 @@ impl Store {
     }
 }
 
+/// Counters of the governance state, apart from the store's own (which a
+/// commit already has open when it applies a delta).
+const GOV_COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("gov_counters");
 /// The counter of commits that changed the governance state.
-const GOV_CHANGES: &str = "gov_changes";
+const GOV_CHANGES: &str = "changes";
 /// A summary the governance saved of the state (its counts) when it
 /// stopped: the value of [`GOV_CHANGES`] then (8 bytes, big-endian), and its bytes.
 const GOV_SUMMARY: TableDefinition<&str, &[u8]> = TableDefinition::new("gov_summary");
@@ -117,7 +120,7 @@ impl Store {
     pub fn save_governance_summary(&self, summary: &[u8]) -> Result<(), StoreError> {
         self.write(redb::Durability::Immediate, |txn| {
             let changes = txn
-                .open_table(super::tables::COUNTERS)?
+                .open_table(GOV_COUNTERS)?
                 .get(GOV_CHANGES)?
                 .map_or(0, |v| v.value());
             let mut bytes = Vec::with_capacity(8 + summary.len());
@@ -133,7 +136,7 @@ impl Store {
     /// governance state has not changed since.
     pub fn governance_summary(&self) -> Result<Option<Vec<u8>>, StoreError> {
         self.read(|txn| {
-            let changes = match open_or_empty!(txn, super::tables::COUNTERS) {
+            let changes = match open_or_empty!(txn, GOV_COUNTERS) {
                 Some(t) => t.get(GOV_CHANGES)?.map_or(0, |v| v.value()),
                 None => 0,
             };
@@ -186,7 +189,7 @@ pub(super) fn apply(
     }
     let mut seqs = AppendSeqs::new(appends, last);
     // Any change makes a saved summary of the state out of date.
-    let mut counters = txn.open_table(super::tables::COUNTERS)?;
+    let mut counters = txn.open_table(GOV_COUNTERS)?;
     let changes = counters.get(GOV_CHANGES)?.map_or(0, |v| v.value());
     counters.insert(GOV_CHANGES, changes + 1)?;
     drop(counters);

@@ -909,6 +909,42 @@ fn the_reference_index_is_rebuilt_from_the_rows_when_its_columns_change() {
     assert_eq!(reader.referencing("product", "categ_id", "7").len(), 45_000);
 }
 
+#[test]
+fn a_governance_summary_is_read_back_only_while_the_state_is_unchanged() {
+    let (_dir, path) = temp();
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.governance_summary().unwrap(), None);
+    let change = |lsn| {
+        let delta = governance::GovDelta {
+            ops: vec![unique_op("a_1", Some("1"))],
+            ..Default::default()
+        };
+        store.commit_governed(Lsn(lsn), &[], &delta).unwrap();
+    };
+    change(0x100);
+    store.save_governance_summary(b"counts").unwrap();
+    assert_eq!(
+        store.governance_summary().unwrap().as_deref(),
+        Some(&b"counts"[..])
+    );
+    // A commit without governance changes leaves it standing.
+    store
+        .commit_governed(Lsn(0x180), &[], &governance::GovDelta::default())
+        .unwrap();
+    drop(store);
+    let store = Store::open(&path).unwrap();
+    assert_eq!(
+        store.governance_summary().unwrap().as_deref(),
+        Some(&b"counts"[..])
+    );
+    let delta = governance::GovDelta {
+        ops: vec![unique_op("a_2", Some("2"))],
+        ..Default::default()
+    };
+    store.commit_governed(Lsn(0x200), &[], &delta).unwrap();
+    assert_eq!(store.governance_summary().unwrap(), None, "out of date");
+}
+
 /// A state file with a few thousand events across several commits.
 fn written_state() -> (tempfile::TempDir, PathBuf) {
     let (dir, path) = temp();
