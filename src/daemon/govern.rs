@@ -428,7 +428,7 @@ async fn seed_entity(
         .iter()
         .filter_map(|k| relation.columns.iter().position(|c| &c.name == k))
         .collect();
-    let chunk = super::snapshot::CHUNK_ROWS;
+    let chunk = super::snapshot::chunk_rows(1, read.columns.len());
     let mut last_key: Option<Vec<String>> = None;
     let mut total = 0;
     loop {
@@ -459,6 +459,8 @@ async fn seed_entity(
             anyhow::bail!("{error}");
         }
         tokio::task::block_in_place(|| store.apply_governance(&[], &delta))?;
+        // The chunk's rows are in the store now: let go of them.
+        governance.release_buffers();
         total += rows.len();
         if rows.len() < chunk {
             break;

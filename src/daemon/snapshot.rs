@@ -144,24 +144,41 @@ const MIN_SHARED_CHUNK_ROWS: usize = 1_000;
 /// (`STEWARD_BENCH_TARGETS=3 cargo bench --bench snapshot -- SNAPSHOT`).
 /// A reconciliation sends only what differs: its chunks are sized by the
 /// targets that its last chunk sent much to (see [`Worker::run_group`]).
-fn chunk_rows(targets: usize) -> usize {
+///
+/// Those figures are for a few mapped columns. A governed entity is read
+/// whole (its gate, rules and routes may use any column: an Odoo product
+/// has about 70), each row several kilobytes once mapped, so past
+/// [`NARROW_COLUMNS`] a chunk holds fewer rows, as many cells as a narrow one.
+pub(crate) fn chunk_rows(targets: usize, columns: usize) -> usize {
     std::env::var("STEWARD_SNAPSHOT_CHUNK_ROWS")
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
         .filter(|n| *n > 0)
-        .unwrap_or_else(|| (CHUNK_ROWS / targets.max(1)).max(MIN_SHARED_CHUNK_ROWS))
+        .unwrap_or_else(|| {
+            let rows = (CHUNK_ROWS / targets.max(1)).max(MIN_SHARED_CHUNK_ROWS);
+            if columns <= NARROW_COLUMNS {
+                rows
+            } else {
+                (rows * NARROW_COLUMNS / columns).max(MIN_WIDE_CHUNK_ROWS)
+            }
+        })
 }
+
+/// Columns up to which a read's chunks are sized by rows alone.
+const NARROW_COLUMNS: usize = 16;
+/// The fewest rows per chunk of a read of whole rows.
+const MIN_WIDE_CHUNK_ROWS: usize = 200;
 
 /// The next chunk's rows of a reconciliation whose last chunk of `rows`
 /// rows found `counts` (one per target): targets a tenth of whose rows
 /// differed get events like a snapshot's, so the chunk shrinks as for a
 /// snapshot into that many targets; with none, it is one target's.
-fn reconcile_chunk_rows(counts: &[ReconcileCounts], rows: usize) -> usize {
+fn reconcile_chunk_rows(counts: &[ReconcileCounts], rows: usize, columns: usize) -> usize {
     let sending = counts
         .iter()
         .filter(|c| c.checked.saturating_sub(c.equal) * 10 >= rows as u64)
         .count();
-    chunk_rows(sending.max(1))
+    chunk_rows(sending.max(1), columns)
 }
 
 /// Progress is logged at most this often per job.
@@ -642,7 +659,8 @@ impl Worker {
         // reconciliation of three targets, 1,000 rows changed: 199,292 /
         // 202,324 rows/s at 55.8 / 58.8 MiB with 5,000 rows a chunk,
         // 161,552 / 180,048 at 46.3 / 47.0 MiB with 1,666).
-        let mut chunk = chunk_rows(if first.reconcile { 1 } else { jobs.len() });
+        let columns = read.columns.len();
+        let mut chunk = chunk_rows(if first.reconcile { 1 } else { jobs.len() }, columns);
         let kind = match (first.reconcile, first.dry_run) {
             (true, true) => ChunkKind::Probe,
             _ => ChunkKind::Govern,
@@ -786,7 +804,7 @@ impl Worker {
                 compared_through = Some(last);
             }
             if first.reconcile {
-                chunk = reconcile_chunk_rows(&counts, n);
+                chunk = reconcile_chunk_rows(&counts, n, columns);
             }
             rows_done += n as u64;
             for (job, found) in jobs.iter_mut().zip(counts) {
@@ -1295,16 +1313,25 @@ mod tests {
             ..ReconcileCounts::default()
         };
         // Little drift: one target's chunk, however many targets.
-        assert_eq!(reconcile_chunk_rows(&[found(3); 3], 5_000), CHUNK_ROWS);
-        assert_eq!(reconcile_chunk_rows(&[], 5_000), CHUNK_ROWS);
+        assert_eq!(reconcile_chunk_rows(&[found(3); 3], 5_000, 6), CHUNK_ROWS);
+        assert_eq!(reconcile_chunk_rows(&[], 5_000, 6), CHUNK_ROWS);
         // A tenth of the rows differing for two of three targets: the chunk
         // of a snapshot into two.
         let counts = [found(500), found(499), found(5_000)];
-        assert_eq!(reconcile_chunk_rows(&counts, 5_000), CHUNK_ROWS / 2);
+        assert_eq!(reconcile_chunk_rows(&counts, 5_000, 6), CHUNK_ROWS / 2);
         assert_eq!(
-            reconcile_chunk_rows(&[found(5_000); 10], 5_000),
+            reconcile_chunk_rows(&[found(5_000); 10], 5_000, 6),
             MIN_SHARED_CHUNK_ROWS
         );
+    }
+
+    #[test]
+    fn whole_rows_are_read_in_chunks_of_as_many_cells_as_narrow_ones() {
+        assert_eq!(chunk_rows(1, NARROW_COLUMNS), CHUNK_ROWS);
+        // An Odoo product read whole: 70 columns.
+        assert_eq!(chunk_rows(1, 70), CHUNK_ROWS * NARROW_COLUMNS / 70);
+        assert_eq!(chunk_rows(3, 70), CHUNK_ROWS / 3 * NARROW_COLUMNS / 70);
+        assert_eq!(chunk_rows(10, 500), MIN_WIDE_CHUNK_ROWS);
     }
 
     #[test]
