@@ -399,6 +399,32 @@ impl Reader {
     }
 }
 
+impl Reader {
+    /// What follows `parts` (joined and ended by `\0`) in every key of the
+    /// table `table` picks that starts with them.
+    fn suffixes<V: redb::Value + 'static>(
+        &self,
+        what: &str,
+        table: impl FnOnce(&Open) -> Option<&ReadOnlyTable<&'static str, V>>,
+        parts: &[&str],
+    ) -> Vec<String> {
+        self.read(what, |open| {
+            let Some(table) = table(open) else {
+                return Ok(None);
+            };
+            let prefix = super::tables::join(parts);
+            let (from, to) = (format!("{prefix}\0"), format!("{prefix}\u{1}"));
+            let mut out = Vec::new();
+            for entry in table.range(from.as_str()..to.as_str())? {
+                let (k, _) = entry?;
+                out.push(k.value()[from.len()..].to_string());
+            }
+            Ok(Some(out))
+        })
+        .unwrap_or_default()
+    }
+}
+
 impl StateReader for Reader {
     fn get(&self, target: &str, entity: &str, key: &str) -> Option<[u8; 16]> {
         self.read("published state", |open| {
@@ -434,58 +460,28 @@ impl StateReader for Reader {
     }
 
     fn claims(&self, entity: &str, key: &str) -> Vec<(String, String)> {
-        self.read("business keys", |open| {
-            let Some(table) = open.claims.as_ref() else {
-                return Ok(None);
-            };
-            // `entity \0 key \0 field \0 value`: a record's claims sort together.
-            let from = format!("{entity}\0{key}\0");
-            let to = format!("{entity}\0{key}\u{1}");
-            let mut claims = Vec::new();
-            for entry in table.range(from.as_str()..to.as_str())? {
-                let (k, _) = entry?;
-                if let Some((field, value)) = k.value()[from.len()..].split_once('\0') {
-                    claims.push((field.to_string(), value.to_string()));
-                }
-            }
-            Ok(Some(claims))
-        })
-        .unwrap_or_default()
+        // `entity \0 key \0 field \0 value`: a record's claims sort together.
+        self.suffixes("business keys", |o| o.claims.as_ref(), &[entity, key])
+            .into_iter()
+            .filter_map(|rest| {
+                let (field, value) = rest.split_once('\0')?;
+                Some((field.to_string(), value.to_string()))
+            })
+            .collect()
     }
 
     fn referencing(&self, entity: &str, column: &str, id: &str) -> Vec<String> {
-        self.read("reference index", |open| {
-            let Some(table) = open.refs.as_ref() else {
-                return Ok(None);
-            };
-            // `entity \0 column \0 id \0 key`: one id's records sort together.
-            let from = format!("{entity}\0{column}\0{id}\0");
-            let to = format!("{entity}\0{column}\0{id}\u{1}");
-            let mut keys = Vec::new();
-            for entry in table.range(from.as_str()..to.as_str())? {
-                let (k, _) = entry?;
-                keys.push(k.value()[from.len()..].to_string());
-            }
-            Ok(Some(keys))
-        })
-        .unwrap_or_default()
+        // `entity \0 column \0 id \0 key`: one id's records sort together.
+        self.suffixes(
+            "reference index",
+            |o| o.refs.as_ref(),
+            &[entity, column, id],
+        )
     }
 
     fn row_keys(&self, entity: &str) -> Vec<String> {
-        self.read("tracked rows", |open| {
-            let Some(table) = open.rows.as_ref() else {
-                return Ok(None);
-            };
-            // `entity \0 key`: every key of the entity sorts between these.
-            let (from, to) = (format!("{entity}\0"), format!("{entity}\u{1}"));
-            let mut keys = Vec::new();
-            for entry in table.range(from.as_str()..to.as_str())? {
-                let (k, _) = entry?;
-                keys.push(k.value()[from.len()..].to_string());
-            }
-            Ok(Some(keys))
-        })
-        .unwrap_or_default()
+        // `entity \0 key`: every key of the entity sorts together.
+        self.suffixes("tracked rows", |o| o.rows.as_ref(), &[entity])
     }
 
     fn refresh(&mut self) -> u64 {

@@ -176,60 +176,35 @@ struct Harness {
 /// applies them, so that a test can restart the governance from it.
 #[derive(Default)]
 struct Durable {
-    rows: std::collections::BTreeMap<(String, String), Vec<u8>>,
+    /// Tracked rows, business keys, references and the published state.
     published: TestStore,
-    unique: HashMap<(String, String, String), String>,
     quarantine: std::collections::BTreeMap<(String, String), QuarantineEntry>,
 }
 
 impl Durable {
     fn apply_delta(&mut self, delta: &GovDelta) {
         for op in &delta.ops {
-            self.apply(op);
-        }
-        self.published.commit(delta);
-    }
-
-    fn apply(&mut self, op: &GovOp) {
-        match op {
-            GovOp::Row { entity, key, row } => {
-                let slot = (entity.clone(), key.clone());
-                match row {
-                    Some(r) => self.rows.insert(slot, r.clone()),
-                    None => self.rows.remove(&slot),
-                };
-            }
-            GovOp::Unique {
-                entity,
-                field,
-                value,
-                holder,
-            } => {
-                let slot = (entity.clone(), field.clone(), value.clone());
-                match holder {
-                    Some(h) => self.unique.insert(slot, h.clone()),
-                    None => self.unique.remove(&slot),
-                };
-            }
-            GovOp::Quarantine { entity, key, entry } => {
+            if let GovOp::Quarantine { entity, key, entry } = op {
                 let slot = (entity.clone(), key.clone());
                 match entry {
                     Some(q) => self.quarantine.insert(slot, (**q).clone()),
                     None => self.quarantine.remove(&slot),
                 };
             }
-            GovOp::Audit(_) | GovOp::Ref { .. } => {}
         }
+        self.published.commit(delta);
     }
 
     fn snapshot(&self) -> GovSnapshot {
+        let table = self.published.table();
+        let state = table.committed();
         GovSnapshot {
-            rows: self
+            rows: state
                 .rows
                 .iter()
                 .map(|((e, k), r)| (e.clone(), k.clone(), r.clone()))
                 .collect(),
-            unique: self
+            unique: state
                 .unique
                 .iter()
                 .map(|((e, f, v), h)| (e.clone(), f.clone(), v.clone(), h.clone()))

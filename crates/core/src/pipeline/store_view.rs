@@ -497,6 +497,14 @@ impl TestStore {
 }
 
 #[cfg(test)]
+impl TestTable {
+    /// What the store holds.
+    pub(crate) fn committed(&self) -> &crate::state::MemoryState {
+        &self.committed
+    }
+}
+
+#[cfg(test)]
 impl StateReader for TestStore {
     fn get(&self, target: &str, entity: &str, key: &str) -> Option<[u8; 16]> {
         self.table().committed.get(target, entity, key)
