@@ -1,13 +1,15 @@
 //! Governance state in the redb file: the last row seen per governed record
 //! (for `old.*`, references, business objects and quarantine release), the
 //! hash of the last document appended per target and key (no-op suppression
-//! and "was published" for lifecycle gates and routing), and the business-key
-//! index (duplicate detection).
+//! and "was published" for lifecycle gates and routing), the business-key
+//! index both ways (duplicate detection), the reference index (re-emission)
+//! and the quarantine.
 //!
-//! The governance keeps this state in memory and hands every change to the
-//! daemon as a [`GovDelta`], written by [`GovernanceState::commit_governed`] in the
-//! same transaction as the outbox appends and the checkpoint: after a crash
-//! the state always matches what was appended.
+//! The governance reads it back as it needs it (`Store::state_reader`) and
+//! hands every change to the daemon as a [`GovDelta`], written by
+//! [`GovernanceState::commit_governed`] in the same transaction as the
+//! outbox appends and the checkpoint: after a crash the state always
+//! matches what was appended.
 
 use redb::{ReadableTable, TableDefinition, TableHandle, WriteTransaction};
 

@@ -8,11 +8,12 @@
 //!                                                                        └──▶ delivered
 //! ```
 //!
-//! No I/O of its own: state (tracked rows, business-key index, quarantine)
-//! is held in memory, loaded from redb at start-up; what each target was
-//! last sent of each record (the published hashes, which grow with records
-//! × targets) is read from the store through a [`StateReader`], with
-//! only the changes not yet committed in memory. Every change to the state
+//! No I/O of its own: the state that grows with the records (tracked rows,
+//! business keys, references, and what each target was last sent of each
+//! record) is read from the store through a [`StateReader`], with only the
+//! changes not yet committed in memory; the quarantine, the counts and the
+//! indices of business-object lines and external ids are held in memory,
+//! loaded at start-up. Every change to the state
 //! is queued as a [`GovDelta`] that the daemon writes in the same redb
 //! transaction as the outbox appends it belongs with. Every decision is
 //! also queued as an audit record.
