@@ -23,12 +23,15 @@
 //! a command, as in the e2e bench.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use steward_devkit::cluster::{DevCluster, DevClusterOptions};
 use steward_devkit::receiver::Receiver;
+
+#[path = "support/steward.rs"]
+mod daemon;
+use daemon::{assert_running, spawn, stop, wait_done};
 
 const DB: &str = "bench_governed";
 /// Products whose id is a multiple of this are not for sale: gated.
@@ -169,7 +172,7 @@ message = "a partner needs an e-mail address"
     let started = Instant::now();
     let log = dir.path().join("snapshot.log");
     let mut child = spawn(&config, &log);
-    wait_done(&config, &mut child);
+    wait_done(&config, &mut child, &log, |_| true);
     let expected = publishable(size) as usize;
     for r in &receivers {
         r.wait_for_events(expected, Duration::from_secs(3600)).await;
@@ -219,11 +222,7 @@ message = "a partner needs an e-mail address"
         } else if settled.elapsed() > Duration::from_secs(3) {
             break;
         }
-        assert!(
-            child.try_wait().ok().flatten().is_none(),
-            "steward exited; see {}",
-            log.display()
-        );
+        assert_running(&mut child, &log);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let stream_rss = steward_devkit::peak_rss_kib(child.id());
@@ -257,64 +256,14 @@ fn reset_peak(pid: u32) {
     let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
 }
 
-/// `steward run`, under `STEWARD_BENCH_WRAPPER` if set (as in the e2e bench).
-fn spawn(config: &Path, log: &Path) -> Child {
-    steward_devkit::bench_command(env!("CARGO_BIN_EXE_steward"))
-        .args(["run", "-c"])
-        .arg(config)
-        .stderr(Stdio::from(std::fs::File::create(log).expect("log")))
-        .spawn()
-        .expect("spawn steward")
-}
-
-fn stop(mut child: Child) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = child.wait();
-}
-
 fn wait_logged(child: &mut Child, log: &Path, line: &str) {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        assert!(
-            child.try_wait().ok().flatten().is_none(),
-            "steward exited; see {}",
-            log.display()
-        );
+        assert_running(child, log);
         assert!(Instant::now() < deadline, "steward did not start");
         if std::fs::read_to_string(log).is_ok_and(|s| s.contains(line)) {
             return;
         }
         std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Waits until every snapshot job is done.
-fn wait_done(config: &Path, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(3600);
-    loop {
-        if child.try_wait().ok().flatten().is_some() {
-            let log =
-                std::fs::read_to_string(config.with_file_name("snapshot.log")).unwrap_or_default();
-            let tail = &log[log.len().saturating_sub(3000)..];
-            panic!("steward exited during the snapshot; the end of its log:\n{tail}");
-        }
-        assert!(Instant::now() < deadline, "the snapshot did not finish");
-        let out = Command::new(env!("CARGO_BIN_EXE_steward"))
-            .args(["status", "--json", "-c"])
-            .arg(config)
-            .env("STEWARD_LOG", "off")
-            .output()
-            .expect("steward status");
-        let status: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        if status["snapshots"]
-            .as_array()
-            .is_some_and(|a| !a.is_empty() && a.iter().all(|j| j["phase"] == "done"))
-        {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
     }
 }

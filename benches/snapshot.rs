@@ -19,13 +19,16 @@
 //!   and reconcile every target. Rows/s is table rows over the reconciliation's
 //!   time; each target should receive exactly the changed rows.
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use steward_devkit::cluster::{DevCluster, DevClusterOptions};
 use steward_devkit::receiver::Receiver;
+
+#[path = "support/steward.rs"]
+mod daemon;
+use daemon::{spawn, stop, wait_done};
 
 const DB: &str = "bench_snapshot";
 
@@ -126,8 +129,9 @@ fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom
 
     // The snapshot runs in any case: the reconciliation compares with it.
     let started = Instant::now();
-    let mut child = spawn(&config, &dir.path().join("snapshot.log"));
-    let jobs = wait_done(&config, &mut child, |j| {
+    let log = dir.path().join("snapshot.log");
+    let mut child = spawn(&config, &log);
+    let jobs = wait_done(&config, &mut child, &log, |j| {
         !j["reconcile"].as_bool().unwrap_or(false)
     });
     let outbox_rate = rows as f64 / span_secs(&jobs);
@@ -172,8 +176,9 @@ fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom
         .expect("steward repair");
     assert!(status.success(), "steward repair failed");
     let before: Vec<usize> = receivers.iter().map(Receiver::accepted_count).collect();
-    let mut child = spawn(&config, &dir.path().join("reconcile.log"));
-    let jobs = wait_done(&config, &mut child, |j| {
+    let log = dir.path().join("reconcile.log");
+    let mut child = spawn(&config, &log);
+    let jobs = wait_done(&config, &mut child, &log, |j| {
         j["reconcile"].as_bool().unwrap_or(false)
     });
     let rate = rows as f64 / span_secs(&jobs);
@@ -208,52 +213,6 @@ fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom
         )
         .expect("restore rows");
     let _ = cluster.psql(DB, &format!("SELECT pg_drop_replication_slot('{slot}')"));
-}
-
-/// `steward run`, under `STEWARD_BENCH_WRAPPER` if set (as in the e2e bench).
-fn spawn(config: &Path, log: &Path) -> Child {
-    steward_devkit::bench_command(env!("CARGO_BIN_EXE_steward"))
-        .args(["run", "-c"])
-        .arg(config)
-        .stderr(Stdio::from(std::fs::File::create(log).expect("log")))
-        .spawn()
-        .expect("spawn steward")
-}
-
-fn stop(mut child: Child) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = child.wait();
-}
-
-/// Waits until every snapshot line chosen by `which` is done; returns them.
-fn wait_done(config: &Path, child: &mut Child, which: impl Fn(&Value) -> bool) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(3600);
-    loop {
-        assert!(
-            child.try_wait().ok().flatten().is_none(),
-            "steward exited; see the log beside {}",
-            config.display()
-        );
-        assert!(Instant::now() < deadline, "the snapshot did not finish");
-        let out = Command::new(env!("CARGO_BIN_EXE_steward"))
-            .args(["status", "--json", "-c"])
-            .arg(config)
-            .env("STEWARD_LOG", "off")
-            .output()
-            .expect("steward status");
-        let status: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        let jobs: Vec<Value> = status["snapshots"]
-            .as_array()
-            .map(|a| a.iter().filter(|j| which(j)).cloned().collect())
-            .unwrap_or_default();
-        if !jobs.is_empty() && jobs.iter().all(|j| j["phase"] == "done") {
-            return jobs;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// Seconds from the first job's start to the last job's end.

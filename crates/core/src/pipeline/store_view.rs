@@ -1,13 +1,14 @@
 //! The governance state that grows with the records, as the governance sees
 //! it: the store's state ([`StateReader`]) under the changes the governance
-//! made that the store does not show yet. Two parts:
+//! made that the store does not show yet:
 //!
 //! - what was last appended per target and record (the published state: a
 //!   million partners into three targets are three million entries);
 //! - the tracked rows (the last row read of every governed record, all its
 //!   columns: kilobytes each);
 //! - the business keys: which record holds each value, and which values
-//!   each record holds.
+//!   each record holds;
+//! - the references: which records hold each id in each column.
 //!
 //! Held in memory they were most of steward's memory, growing with Odoo's
 //! tables. Here only the changes in flight are: each is kept, with the
@@ -315,22 +316,16 @@ impl StoreView {
         let mut dropped = 0;
         while dropped < closed && self.generations[0].number <= visible {
             let generation = self.generations.pop_front().expect("counted");
+            let number = generation.number;
+            // A later generation's change of the same thing stays.
             for slot in generation.slots {
-                // A later generation's change of the slot stays.
-                if self
-                    .pending
-                    .get(&slot)
-                    .is_some_and(|(_, g)| g == generation.number)
-                {
+                if self.pending.get(&slot).is_some_and(|(_, g)| g == number) {
                     self.pending.remove(&slot);
                 }
             }
             let cache = self.cache.get_mut();
             for slot in generation.rows {
-                if let Some((row, g)) = self.rows.get(&slot) {
-                    if *g != generation.number {
-                        continue;
-                    }
+                if let Some((row, _)) = self.rows.get(&slot).filter(|(_, g)| *g == number) {
                     // What the store now shows: a record changed lately is
                     // likely read again (Odoo writes one in several statements).
                     match row {
@@ -340,30 +335,10 @@ impl StoreView {
                     self.rows.remove(&slot);
                 }
             }
-            for slot in generation.unique {
-                if self
-                    .unique
-                    .get(&slot)
-                    .is_some_and(|(_, g)| *g == generation.number)
-                {
-                    self.unique.remove(&slot);
-                }
-            }
-            for slot in generation.claims {
-                if self
-                    .claims
-                    .get(&slot)
-                    .is_some_and(|(_, g)| *g == generation.number)
-                {
-                    self.claims.remove(&slot);
-                }
-            }
+            forget(&mut self.unique, generation.unique, number);
+            forget(&mut self.claims, generation.claims, number);
             for slot in generation.refs {
-                if self
-                    .refs
-                    .get(&slot)
-                    .is_some_and(|(_, g)| *g == generation.number)
-                {
+                if self.refs.get(&slot).is_some_and(|(_, g)| *g == number) {
                     self.refs.remove(&slot);
                 }
             }
@@ -400,6 +375,19 @@ impl StoreView {
     #[cfg(test)]
     pub(crate) fn pending_rows(&self) -> usize {
         self.rows.len()
+    }
+}
+
+/// Removes from `changes` those of `keys` still carrying generation `number`.
+fn forget<K: std::hash::Hash + Eq, V>(
+    changes: &mut HashMap<K, (V, u64)>,
+    keys: Vec<K>,
+    number: u64,
+) {
+    for key in keys {
+        if changes.get(&key).is_some_and(|(_, g)| *g == number) {
+            changes.remove(&key);
+        }
     }
 }
 
