@@ -32,7 +32,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
@@ -89,6 +89,11 @@ pub enum Behaviour {
 pub struct ReceivedRequest {
     /// Arrival time.
     pub at: Instant,
+    /// Arrival time on the wall clock, to compare with timestamps made
+    /// elsewhere (a commit time): the wall clock may be slewed against the
+    /// monotonic one (by 0.5% on a build machine), so `at` cannot be turned
+    /// into wall time through one anchor.
+    pub wall: SystemTime,
     /// Header names (lower case) and values, in arrival order.
     pub headers: Vec<(String, String)>,
     /// Empty for a receiver started with [`Receiver::start_counting`].
@@ -436,7 +441,13 @@ impl Shared {
         }
     }
 
-    fn record(&self, at: Instant, headers: &HeaderMap, body: &Bytes, status: u16) -> usize {
+    fn record(
+        &self,
+        (at, wall): (Instant, SystemTime),
+        headers: &HeaderMap,
+        body: &Bytes,
+        status: u16,
+    ) -> usize {
         let headers = headers
             .iter()
             .map(|(k, v)| {
@@ -454,6 +465,7 @@ impl Shared {
         let mut requests = lock(&self.requests);
         requests.push(ReceivedRequest {
             at,
+            wall,
             headers,
             body,
             status,
@@ -570,12 +582,13 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     let at = Instant::now();
+    let wall = SystemTime::now();
     let now = shared.active.fetch_add(1, Ordering::AcqRel) + 1;
     shared.max_active.fetch_max(now, Ordering::AcqRel);
     let _active = Active(&shared.active);
     let latency = *lock(&shared.latency);
     if method != Method::POST {
-        shared.record(at, &headers, &body, 405);
+        shared.record((at, wall), &headers, &body, 405);
         return (
             StatusCode::METHOD_NOT_ALLOWED,
             "steward receiver: only POST is accepted\n",
@@ -600,7 +613,7 @@ async fn handle(
         // Resolved above into Fail or Accept.
         Answer::FailKey(..) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
         Answer::Hang => {
-            let index = shared.record(at, &headers, &body, 0);
+            let index = shared.record((at, wall), &headers, &body, 0);
             let mut stop = shared.stop_gen.subscribe();
             let _ = stop.changed().await;
             // The connection is being killed; this answer is unlikely to reach anyone.
@@ -609,7 +622,7 @@ async fn handle(
         }
         Answer::Fail(status, retry_after) => {
             let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            shared.record(at, &headers, &body, code.as_u16());
+            shared.record((at, wall), &headers, &body, code.as_u16());
             let mut response = (
                 code,
                 format!(
@@ -643,7 +656,7 @@ async fn handle(
             let (log, events) = match parsed {
                 Ok(parsed) => parsed,
                 Err(problem) => {
-                    shared.record(at, &headers, &body, 400);
+                    shared.record((at, wall), &headers, &body, 400);
                     return (
                         StatusCode::BAD_REQUEST,
                         format!("steward receiver: {problem}\n"),
@@ -651,7 +664,7 @@ async fn handle(
                         .into_response();
                 }
             };
-            shared.record(at, &headers, &body, 204);
+            shared.record((at, wall), &headers, &body, 204);
             let n = log.len();
             lock(&shared.log).extend(log);
             if let Some(hook) = &hook {

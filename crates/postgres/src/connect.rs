@@ -60,7 +60,11 @@ impl Conn {
             if self.rbuf.capacity() - self.rbuf.len() < 4096 {
                 self.rbuf.reserve(8 * 1024);
             }
+            let room = self.rbuf.capacity() - self.rbuf.len();
             let n = self.io.read_buf(&mut self.rbuf).await?;
+            if n < room {
+                self.io.acknowledge_now();
+            }
             if n == 0 {
                 if self.rbuf.is_empty() {
                     return Ok(None);

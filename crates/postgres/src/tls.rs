@@ -190,6 +190,26 @@ impl Transport {
     pub(crate) fn is_tls(&self) -> bool {
         matches!(self, Transport::Tls(_))
     }
+
+    /// Acknowledges at once what the kernel has received so far, instead of
+    /// at the delayed-ACK timer. Called when a read has drained the socket,
+    /// the end of a burst from the server: the walsender sends a transaction
+    /// as one small segment per change, and a sender whose congestion
+    /// control paces by the acknowledgements it gets (BBR) held a
+    /// transaction's last changes back for the 5–15 ms the delayed ACK took
+    /// (README, commit → ack latency). Linux resets the option after it acts,
+    /// hence once per drained read. Best effort: a failure changes timing only.
+    pub(crate) fn acknowledge_now(&self) {
+        #[cfg(target_os = "linux")]
+        {
+            let tcp = match self {
+                Transport::Tcp(tcp) => tcp,
+                Transport::Tls(tls) => tls.get_ref().0,
+                _ => return,
+            };
+            let _ = socket2::SockRef::from(tcp).set_tcp_quickack(true);
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
