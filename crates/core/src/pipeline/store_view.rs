@@ -151,9 +151,7 @@ impl StoreView {
             // Written by steward as a JSON object: anything else is not a row.
             _ => return None,
         };
-        self.cache
-            .borrow_mut()
-            .insert(e, key, Arc::clone(&row), bytes.len());
+        self.cache.borrow_mut().insert(e, key, Arc::clone(&row));
         Some(row)
     }
 
@@ -329,7 +327,7 @@ impl StoreView {
                     // What the store now shows: a record changed lately is
                     // likely read again (Odoo writes one in several statements).
                     match row {
-                        Some(row) => cache.insert(slot.0, &slot.1, Arc::clone(row), 0),
+                        Some(row) => cache.insert(slot.0, &slot.1, Arc::clone(row)),
                         None => cache.remove(slot.0, &slot.1),
                     }
                     self.rows.remove(&slot);
@@ -391,8 +389,10 @@ fn forget<K: std::hash::Hash + Eq, V>(
     }
 }
 
-/// How many bytes of rows (as JSON) the cache keeps, about: decoded, a row
-/// takes a few times its JSON size.
+/// How many bytes the rows in the cache take in memory, about (see
+/// [`decoded_bytes`]). Counted as their JSON size instead, the cache held
+/// two to three times this (heaptrack, `STEWARD_BENCH_RECORDS=10000 cargo
+/// bench --bench governed`: 9.4 MB of rows read back during the snapshot).
 const ROW_CACHE_BYTES: usize = 4 << 20;
 
 /// Rows read lately, in two halves: a row is looked up in the newer, then
@@ -405,6 +405,27 @@ struct RowCache {
     newer: HashMap<(EntityIndex, String), (Row, usize)>,
     older: HashMap<(EntityIndex, String), (Row, usize)>,
     newer_bytes: usize,
+}
+
+/// What a decoded row takes on the heap, about: per field an `IndexMap`
+/// entry (hash, `String` and `Value` headers) and its slot in the index
+/// table, plus the text of the name and of the value.
+fn decoded_bytes(row: &serde_json::Map<String, Value>) -> usize {
+    fn value(v: &Value) -> usize {
+        match v {
+            Value::String(s) => s.len(),
+            // Kept as its text (arbitrary precision).
+            Value::Number(n) => n.as_str().len(),
+            Value::Array(items) => items.iter().map(|v| 32 + value(v)).sum(),
+            Value::Object(map) => decoded_bytes(map),
+            Value::Null | Value::Bool(_) => 0,
+        }
+    }
+    const PER_FIELD: usize = 72;
+    64 + row
+        .iter()
+        .map(|(k, v)| PER_FIELD + k.len() + value(v))
+        .sum::<usize>()
 }
 
 impl RowCache {
@@ -421,12 +442,11 @@ impl RowCache {
         Some(row)
     }
 
-    /// Adds a row read from the store; `bytes`: its JSON size (0: unknown,
-    /// then estimated).
-    fn insert(&mut self, e: EntityIndex, key: &str, row: Row, bytes: usize) {
+    /// Adds a row as the store has it.
+    fn insert(&mut self, e: EntityIndex, key: &str, row: Row) {
         let slot = (e, key.to_string());
         self.older.remove(&slot);
-        let bytes = if bytes == 0 { 32 * row.len() } else { bytes };
+        let bytes = decoded_bytes(&row);
         self.put(slot, row, bytes);
     }
 
@@ -659,10 +679,10 @@ mod tests {
         let mut cache = RowCache::default();
         let e = EntityIndex(0);
         let row = row_of(1);
-        let bytes = 1000;
+        let bytes = decoded_bytes(&row);
         let rows = 4 * ROW_CACHE_BYTES / bytes;
         for i in 0..rows {
-            cache.insert(e, &i.to_string(), Arc::clone(&row), bytes);
+            cache.insert(e, &i.to_string(), Arc::clone(&row));
         }
         let held = cache.newer.len() + cache.older.len();
         assert!(held <= ROW_CACHE_BYTES / bytes, "{held} rows held");
@@ -676,7 +696,7 @@ mod tests {
         let kept = (rows - held + 10).to_string();
         assert!(cache.get(e, &kept).is_some(), "among the older half");
         for i in rows..rows + ROW_CACHE_BYTES / bytes / 4 {
-            cache.insert(e, &i.to_string(), Arc::clone(&row), bytes);
+            cache.insert(e, &i.to_string(), Arc::clone(&row));
         }
         assert!(cache.get(e, &kept).is_some());
     }
