@@ -390,9 +390,10 @@ fn forget<K: std::hash::Hash + Eq, V>(
 }
 
 /// How many bytes the rows in the cache take in memory, about (see
-/// [`decoded_bytes`]). Counted as their JSON size instead, the cache held
-/// two to three times this (heaptrack, `STEWARD_BENCH_RECORDS=10000 cargo
-/// bench --bench governed`: 9.4 MB of rows read back during the snapshot).
+/// [`decoded_bytes`]). Not their JSON size: decoded, a row takes two to
+/// three times that, and a budget in JSON bytes let the cache hold 9.4 MB
+/// at a governed snapshot's peak (heaptrack, `STEWARD_BENCH_RECORDS=10000
+/// cargo bench --bench governed`).
 const ROW_CACHE_BYTES: usize = 4 << 20;
 
 /// Rows read lately, in two halves: a row is looked up in the newer, then
