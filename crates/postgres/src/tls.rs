@@ -195,8 +195,8 @@ impl Transport {
     /// at the delayed-ACK timer. Called when a read has drained the socket,
     /// the end of a burst from the server: the walsender sends a transaction
     /// as one small segment per change, and a sender whose congestion
-    /// control paces by the acknowledgements it gets (BBR) held a
-    /// transaction's last changes back for the 5–15 ms the delayed ACK took
+    /// control paces by the acknowledgements it gets (BBR) otherwise holds a
+    /// transaction's last changes back until the delayed ACK, 5–15 ms later
     /// (README, commit → ack latency). Linux resets the option after it acts,
     /// hence once per drained read. Best effort: a failure changes timing only.
     pub(crate) fn acknowledge_now(&self) {
