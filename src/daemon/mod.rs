@@ -722,7 +722,12 @@ async fn consume(
                         m.event.tx_id = Some(txn.xid);
                     }
                     fold_repeats(txn, before);
-                    if txn.mapped.len() >= committer.max_events {
+                    let stage_at = if large.is_active() {
+                        committer.large_piece()
+                    } else {
+                        committer.max_events
+                    };
+                    if txn.mapped.len() >= stage_at {
                         // A huge transaction (a mass price update, an import):
                         // stage its records on disk instead of holding them
                         // in memory, each folded into its staged entry.
@@ -761,7 +766,7 @@ async fn consume(
                     // and the stored pieces are re-sent with the same event
                     // ids, which targets de-duplicate.
                     let store = committer.store.clone();
-                    let max = committer.max_events;
+                    let max = committer.large_piece();
                     tokio::task::block_in_place(|| {
                         large.absorb(&store, governance, &mut txn.mapped)?;
                         large.govern(
