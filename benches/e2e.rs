@@ -420,6 +420,7 @@ async fn run_scale(cluster: &DevCluster, rows: u64) {
         (3, ROWS_PER_TXN, rows),
         (10, ROWS_PER_TXN, rows),
         (1, 1, rows / 10),
+        (1, 10_000, rows),
         (1, 100_000, rows.max(100_000)),
         (1, 1_000_000, 1_000_000),
     ];
