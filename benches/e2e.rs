@@ -226,11 +226,7 @@ initial = "none"
     let delivered = receiver
         .wait_for_events(total as usize, Duration::from_secs(120))
         .await;
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = child.wait();
+    steward_devkit::terminate(&mut child);
     let source = probe.stop();
     let mut latencies: Vec<f64> = Vec::with_capacity(delivered);
     // The slowest event of each source transaction (by commit time, in
@@ -252,10 +248,7 @@ initial = "none"
                 .as_str()
                 .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
             {
-                let ms = (arrival - time.with_timezone(&chrono::Utc))
-                    .num_microseconds()
-                    .unwrap_or(0) as f64
-                    / 1000.0;
+                let ms = ms_between(arrival, time.with_timezone(&chrono::Utc));
                 latencies.push(ms);
                 let slowest = per_txn.entry(time.timestamp_micros()).or_insert(ms);
                 *slowest = slowest.max(ms);
@@ -296,27 +289,39 @@ initial = "none"
         .filter_map(|(commit, ms)| Some(ms - source.get(commit)?))
         .collect();
     added.sort_by(|a, b| b.total_cmp(a));
-    // The value that a share `p` of `v` (sorted largest first) stays within.
-    let at = |v: &[f64], p: f64| {
-        v.get((v.len() as f64 * (1.0 - p)) as usize)
+    println!(
+        "PostgreSQL alone (pg_recvlogical, test_decoding, {} transactions): {}",
+        own.len(),
+        distribution(&own)
+    );
+    println!(
+        "steward's part (its arrival minus pg_recvlogical's, {} transactions): {}",
+        added.len(),
+        distribution(&added)
+    );
+    let _ = cluster.psql("postgres", &format!("DROP DATABASE {db} WITH (FORCE)"));
+}
+
+/// Milliseconds from `earlier` to `later`.
+fn ms_between(later: chrono::DateTime<chrono::Utc>, earlier: chrono::DateTime<chrono::Utc>) -> f64 {
+    (later - earlier).num_microseconds().unwrap_or(0) as f64 / 1000.0
+}
+
+/// p50, p99 and the largest values of `sorted` (largest first), in ms.
+fn distribution(sorted: &[f64]) -> String {
+    // The value that a share `p` of the values stays within.
+    let at = |p: f64| {
+        sorted
+            .get((sorted.len() as f64 * (1.0 - p)) as usize)
             .copied()
             .unwrap_or(f64::NAN)
     };
-    println!(
-        "PostgreSQL alone (pg_recvlogical, test_decoding, {} transactions): p50 {:.1} ms, p99 {:.1} ms; slowest {} ms",
-        own.len(),
-        at(&own, 0.50),
-        at(&own, 0.99),
-        listed(&own)
-    );
-    println!(
-        "steward's part (its arrival minus pg_recvlogical's, {} transactions): p50 {:.1} ms, p99 {:.1} ms; largest {} ms",
-        added.len(),
-        at(&added, 0.50),
-        at(&added, 0.99),
-        listed(&added)
-    );
-    let _ = cluster.psql("postgres", &format!("DROP DATABASE {db} WITH (FORCE)"));
+    format!(
+        "p50 {:.1} ms, p99 {:.1} ms; largest {} ms",
+        at(0.50),
+        at(0.99),
+        listed(sorted)
+    )
 }
 
 /// The eight largest of `sorted` (largest first), for a line of output.
@@ -370,10 +375,7 @@ impl LatencyProbe {
                 else {
                     continue;
                 };
-                let ms = (now - at.with_timezone(&chrono::Utc))
-                    .num_microseconds()
-                    .unwrap_or(0) as f64
-                    / 1000.0;
+                let ms = ms_between(now, at.with_timezone(&chrono::Utc));
                 arrivals.insert(at.timestamp_micros(), ms);
             }
             arrivals
@@ -384,11 +386,7 @@ impl LatencyProbe {
     /// Stops pg_recvlogical; the latency of each transaction it received,
     /// by commit time in microseconds.
     fn stop(mut self) -> HashMap<i64, f64> {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
+        steward_devkit::terminate(&mut self.child);
         self.reader.join().expect("probe reader")
     }
 }
@@ -738,11 +736,7 @@ fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom
         .unwrap_or(5);
     tokio::time::sleep(Duration::from_secs(idle_secs)).await;
     let idle_rss = steward_devkit::rss_kib(child.id());
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = child.wait();
+    steward_devkit::terminate(&mut child);
     assert!(
         delivered >= expected,
         "steward delivered {delivered} of {expected} events; see {}",

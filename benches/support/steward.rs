@@ -20,11 +20,7 @@ pub(crate) fn spawn(config: &Path, log: &Path) -> Child {
 
 /// Stops it as systemd would (SIGTERM) and waits for it.
 pub(crate) fn stop(mut child: Child) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = child.wait();
+    steward_devkit::terminate(&mut child);
 }
 
 /// Panics with the end of `log` if steward has exited.

@@ -36,6 +36,15 @@ fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Stops `child` as systemd would (SIGTERM) and waits for it to exit.
+pub fn terminate(child: &mut std::process::Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = child.wait();
+}
+
 /// A command that runs `binary`, under `STEWARD_BENCH_WRAPPER` if set (the
 /// benches): e.g. `valgrind --tool=callgrind` for instruction counts, which
 /// do not vary with the machine's load as times do, or a script that runs
