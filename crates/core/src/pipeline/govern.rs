@@ -34,7 +34,7 @@ use super::map::{Mapped, Unencodable, ENCODING_RULE};
 use super::redact;
 use super::reference;
 pub(crate) use super::store_view::short_hash;
-use super::store_view::{Row, Sent, StoreView};
+use super::store_view::{Prior, Row, Sent, StoreView};
 use super::target_rows::{self, ActualRows, TargetRow};
 use crate::cel::CelInput;
 use crate::config::governance::{Check, ChildConfig, EntityGovernance, OnUnpublish, TargetPolicy};
@@ -725,6 +725,19 @@ impl Governance {
         self.view.row(e, &self.entities[e].name, key)
     }
 
+    /// The tracked row of (e, key) before `row`, and whether it is `row`
+    /// already (nothing to index or store again).
+    fn prior_row(&self, e: EntityIndex, key: &str, row: Option<&Row>) -> (Option<Row>, bool) {
+        let Some(row) = row else {
+            return (self.tracked_row(e, key), false);
+        };
+        match self.view.prior_row(e, &self.entities[e].name, key, row) {
+            Prior::Absent => (None, false),
+            Prior::Same => (Some(Arc::clone(row)), true),
+            Prior::Other(prev) => (Some(prev), false),
+        }
+    }
+
     /// The configuration of `entity`.
     pub fn entity_config(&self, entity: EntityIndex) -> &EntityConfig {
         &self.entities[entity]
@@ -1309,9 +1322,9 @@ impl Governance {
                 self.observe(e, &key, m.row);
                 continue;
             }
-            let prev = self.tracked_row(e, &key);
             let row = m.row.map(Arc::new);
-            if self.tracked[e] {
+            let (prev, unchanged) = self.prior_row(e, &key, row.as_ref());
+            if self.tracked[e] && !unchanged {
                 self.set_row(e, &key, prev.clone(), row.clone());
             }
             let trigger = Trigger {
@@ -1825,7 +1838,10 @@ impl Governance {
                 return;
             }
         }
-        let prev = self.tracked_row(e, key);
+        let (prev, unchanged) = self.prior_row(e, key, row.as_ref());
+        if unchanged {
+            return;
+        }
         if self.gov[e].child_of.is_some() {
             self.index_child(e, key, prev.as_deref(), row.as_deref());
         }

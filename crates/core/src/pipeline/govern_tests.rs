@@ -170,6 +170,8 @@ struct Harness {
     large: Option<(usize, MemoryStage)>,
     /// The governance state as the store would hold it.
     durable: Durable,
+    /// Tracked rows (entity, key) the last call wrote to the store.
+    rows_written: Vec<(String, String)>,
 }
 
 /// The durable governance state, kept from the queued changes as the store
@@ -239,6 +241,7 @@ impl Harness {
             audit: Vec::new(),
             large: None,
             durable,
+            rows_written: Vec::new(),
         }
     }
 
@@ -410,6 +413,14 @@ impl Harness {
     fn finish(&mut self, out: Vec<(TargetIndex, Event)>) -> Vec<Ev> {
         let delta = self.gov.take_delta();
         self.durable.apply_delta(&delta);
+        self.rows_written = delta
+            .ops
+            .iter()
+            .filter_map(|op| match op {
+                GovOp::Row { entity, key, .. } => Some((entity.clone(), key.clone())),
+                _ => None,
+            })
+            .collect();
         self.audit = delta
             .ops
             .into_iter()
@@ -2122,6 +2133,45 @@ fn a_snapshot_row_delivers_the_same_bytes_as_a_streamed_insert() {
         snapped.iter().any(|s| s.raw.contains(r#""price":10.50"#)),
         "numerics keep their digits"
     );
+}
+
+#[test]
+fn a_snapshot_of_rows_steward_holds_already_sends_them_and_stores_none_again() {
+    let mut h = Harness::new(SNAP);
+    let p1 = priced("1", "P_1", "approved", "1");
+    let p2 = priced("2", "P_2", "approved", "1");
+    h.seed("product", &[&p1, &p2]);
+    assert_eq!(h.rows_written.len(), 2);
+    let consistent = Lsn(0x9000);
+    let evs = h.snapshot("product", &[&p1, &p2], consistent, &["wms", "crm"], false);
+    assert_eq!(evs.len(), 4, "every target gets every record: {evs:#?}");
+    assert!(
+        h.rows_written.is_empty(),
+        "unchanged rows are not written again: {:?}",
+        h.rows_written
+    );
+
+    // A row that changed since it was read (another company: not for crm
+    // any more) is stored and decided on as it is now; a re-read sends
+    // only what differs.
+    let moved = priced("2", "P_2", "approved", "2");
+    let evs = h.snapshot(
+        "product",
+        &[&p1, &moved],
+        Lsn(0x9100),
+        &["wms", "crm"],
+        false,
+    );
+    assert_eq!(
+        h.rows_written,
+        vec![("product".to_string(), "2".to_string())]
+    );
+    assert_eq!(
+        brief(&evs),
+        vec![del("crm", "product", "2", json!({"id": 2}))]
+    );
+    let status = h.restarted().record_status("product", "2").unwrap();
+    assert_eq!(status.row.unwrap()["company_id"], json!(2));
 }
 
 #[test]

@@ -155,6 +155,45 @@ impl StoreView {
         Some(row)
     }
 
+    /// The tracked row of (`e`, named `entity`, `key`) before `row`, and
+    /// whether it equals `row`. A snapshot or re-read mostly finds the row
+    /// it read before: the stored bytes are compared with `row` as it would
+    /// be written, without decoding them (decoding every tracked row was a
+    /// fifth of a governed snapshot's time).
+    pub(crate) fn prior_row(
+        &self,
+        e: EntityIndex,
+        entity: &str,
+        key: &str,
+        row: &Map<String, Value>,
+    ) -> Prior {
+        let known = |stored: Option<Row>| match stored {
+            None => Prior::Absent,
+            Some(stored) if *stored == *row => Prior::Same,
+            Some(stored) => Prior::Other(stored),
+        };
+        if !self.rows.is_empty() {
+            if let Some((stored, _)) = self.rows.get(&(e, key.to_string())) {
+                return known(stored.clone());
+            }
+        }
+        if let Some(stored) = self.cache.borrow_mut().get(e, key) {
+            return known(Some(stored));
+        }
+        let Some(bytes) = self.reader.row(entity, key) else {
+            return Prior::Absent;
+        };
+        if serializes_to(row, &bytes) {
+            return Prior::Same;
+        }
+        let stored = match serde_json::from_slice(&bytes) {
+            Ok(Value::Object(stored)) => Arc::new(stored),
+            _ => return Prior::Absent,
+        };
+        self.cache.borrow_mut().insert(e, key, Arc::clone(&stored));
+        known(Some(stored))
+    }
+
     /// The keys of every tracked row of (`e`, named `entity`).
     pub(crate) fn row_keys(&self, e: EntityIndex, entity: &str) -> Vec<String> {
         let mut keys: std::collections::BTreeSet<String> =
@@ -374,6 +413,38 @@ impl StoreView {
     pub(crate) fn pending_rows(&self) -> usize {
         self.rows.len()
     }
+}
+
+/// A tracked row as it stood before a new one was read.
+pub(crate) enum Prior {
+    /// None was tracked.
+    Absent,
+    /// The same row.
+    Same,
+    /// Another row.
+    Other(Row),
+}
+
+/// Whether `row` serializes to exactly `bytes` (as `serde_json::to_vec`
+/// writes it); stops at the first byte that differs and allocates nothing.
+fn serializes_to(row: &Map<String, Value>, bytes: &[u8]) -> bool {
+    struct Compare<'a>(&'a [u8]);
+    impl std::io::Write for Compare<'_> {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            match self.0.strip_prefix(buf) {
+                Some(rest) => {
+                    self.0 = rest;
+                    Ok(buf.len())
+                }
+                None => Err(std::io::ErrorKind::InvalidData.into()),
+            }
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut rest = Compare(bytes);
+    serde_json::to_writer(&mut rest, row).is_ok() && rest.0.is_empty()
 }
 
 /// Removes from `changes` those of `keys` still carrying generation `number`.
@@ -627,6 +698,55 @@ mod tests {
         m.insert("id".into(), Value::from(n));
         m.insert("name".into(), Value::from(format!("record {n}")));
         Arc::new(m)
+    }
+
+    #[test]
+    fn a_row_read_again_unchanged_is_compared_as_stored_without_decoding() {
+        let store = TestStore::default();
+        let view = StoreView::new(Box::new(store.clone()));
+        let e = EntityIndex(0);
+        store.commit(&row_delta("1", Some(&row_of(1)), 1));
+        assert!(matches!(
+            view.prior_row(e, "e", "1", &row_of(1)),
+            Prior::Same
+        ));
+        assert!(
+            view.cache.borrow().newer.is_empty(),
+            "equal bytes: nothing decoded into the cache"
+        );
+        match view.prior_row(e, "e", "1", &row_of(2)) {
+            Prior::Other(stored) => assert_eq!(stored, row_of(1)),
+            _ => panic!("a changed row is another row"),
+        }
+        assert!(matches!(
+            view.prior_row(e, "e", "2", &row_of(2)),
+            Prior::Absent
+        ));
+
+        // The same fields in another order: not the same bytes, the same row.
+        let mut reordered = Map::new();
+        reordered.insert("name".into(), Value::from("record 3"));
+        reordered.insert("id".into(), Value::from(3));
+        store.commit(&row_delta("3", Some(&Arc::new(reordered)), 2));
+        let view = StoreView::new(Box::new(store.clone()));
+        assert!(matches!(
+            view.prior_row(e, "e", "3", &row_of(3)),
+            Prior::Same
+        ));
+
+        // A row longer or shorter than the stored one differs.
+        let mut longer = (*row_of(1)).clone();
+        longer.insert("extra".into(), Value::Null);
+        assert!(matches!(
+            view.prior_row(e, "e", "1", &longer),
+            Prior::Other(_)
+        ));
+        let mut shorter = (*row_of(1)).clone();
+        shorter.shift_remove("name");
+        assert!(matches!(
+            view.prior_row(e, "e", "1", &shorter),
+            Prior::Other(_)
+        ));
     }
 
     #[test]
