@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use steward_core::config::{Config, TargetIndex};
 use steward_core::model::{Event, Lsn};
 use steward_core::pipeline::{Mapped, Pipeline};
+use steward_core::state::ReconcileCounts;
 use steward_store::governance::{GovDelta, GovOp};
 use steward_store::{GovernanceState, Store};
 
@@ -61,7 +62,21 @@ pub(super) struct Committer {
     delta: GovDelta,
     /// Entities stopped by a schema change (see `schema`).
     pub(super) schema: schema::SchemaGuard,
+    /// Snapshot chunks whose events the commit in flight carries, answered
+    /// with its outcome (see [`Committer::flush_chunk`]).
+    chunk_answers: Vec<ChunkAnswer>,
 }
+
+/// A snapshot chunk's answer (see `snapshot::SnapshotChunk::done`) and what
+/// it answers once the chunk's events are durable.
+type ChunkAnswer = (
+    tokio::sync::oneshot::Sender<Result<Vec<ReconcileCounts>, String>>,
+    Vec<ReconcileCounts>,
+);
+
+/// A chunk whose commit the store refused is read again.
+const CHUNK_REFUSED: &str =
+    "the state file does not accept writes; the snapshot chunk is read again";
 
 /// One batch handed to the commit thread.
 pub(super) struct CommitJob {
@@ -266,6 +281,7 @@ impl Committer {
             filtered: entity_counters(steward_core::metric::EVENTS_FILTERED),
             delta: GovDelta::default(),
             schema: schema::SchemaGuard::load(config, store),
+            chunk_answers: Vec::new(),
         }
     }
 
@@ -413,6 +429,39 @@ impl Committer {
         Ok(())
     }
 
+    /// Hands over the batch that carries a snapshot chunk's events without
+    /// waiting for it: the chunk's `done` is answered with `counts` once
+    /// they are durable (or with why not). The next chunk is governed
+    /// meanwhile, while this one is written.
+    pub(super) fn flush_chunk(
+        &mut self,
+        done: tokio::sync::oneshot::Sender<Result<Vec<ReconcileCounts>, String>>,
+        counts: Vec<ReconcileCounts>,
+    ) -> anyhow::Result<()> {
+        self.flush()?;
+        if self.in_flight.is_some() {
+            self.chunk_answers.push((done, counts));
+        } else {
+            // Nothing needed writing (or it already was): as durable as it gets.
+            let _ = done.send(match self.stalled {
+                true => Err(CHUNK_REFUSED.to_string()),
+                false => Ok(counts),
+            });
+        }
+        Ok(())
+    }
+
+    /// Answers the chunks the finished commit carried.
+    fn answer_chunks(&mut self, outcome: Result<(), &str>) {
+        for (done, counts) in self.chunk_answers.drain(..) {
+            // A dropped receiver: the snapshot stopped; nothing to tell.
+            let _ = done.send(match outcome {
+                Ok(()) => Ok(counts),
+                Err(e) => Err(e.to_string()),
+            });
+        }
+    }
+
     /// Hands over the batch and waits until everything handed over is committed.
     pub(super) fn flush_and_wait(&mut self) -> anyhow::Result<()> {
         self.flush()?;
@@ -457,6 +506,7 @@ impl Committer {
     pub(super) fn take_outcome(&mut self, outcome: CommitOutcome) -> anyhow::Result<()> {
         match outcome {
             CommitOutcome::Committed(spare) => {
+                self.answer_chunks(Ok(()));
                 self.spare = Some(spare);
                 if std::mem::take(&mut self.stalled) {
                     tracing::info!("the state file accepts writes again; resuming");
@@ -473,6 +523,7 @@ impl Committer {
                 Ok(())
             }
             CommitOutcome::Refused(job, e) => {
+                self.answer_chunks(Err(CHUNK_REFUSED));
                 if !self.stalled {
                     tracing::error!(
                         error = %e,
@@ -497,6 +548,7 @@ impl Committer {
                 Ok(())
             }
             CommitOutcome::Failed(e) => {
+                self.answer_chunks(Err(&format!("{e:#}")));
                 self.set_store_error(Some(format!("{e:#}")));
                 Err(e)
             }
@@ -897,6 +949,83 @@ entities = ["product"]
         assert_eq!(*durable.borrow(), Lsn(10));
         assert_eq!(state.durable_lsn.load(Ordering::Relaxed), 10);
         assert_eq!(store.checkpoint().unwrap(), Some(Lsn(10)));
+    }
+
+    /// A snapshot chunk's events, governed into the batch and handed over;
+    /// returns where the chunk's answer arrives.
+    fn chunk(
+        c: &mut Committer,
+        end: u64,
+        events: &[u64],
+    ) -> tokio::sync::oneshot::Receiver<Result<Vec<ReconcileCounts>, String>> {
+        c.batch
+            .extend(events.iter().map(|&n| (TargetIndex(0), event(n))));
+        c.add(true, audited(end), Lsn(end)).unwrap();
+        let (done, answer) = tokio::sync::oneshot::channel();
+        let counts = vec![ReconcileCounts {
+            checked: events.len() as u64,
+            ..ReconcileCounts::default()
+        }];
+        c.flush_chunk(done, counts).unwrap();
+        answer
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_chunk_is_answered_once_stored_while_the_next_is_governed() {
+        let Rig {
+            store,
+            gate,
+            mut committer,
+            ..
+        } = rig(20_000, Duration::from_secs(3600));
+        let c = &mut committer;
+        // A commit holds the gate until it is stored: holding it here keeps
+        // the first chunk's commit in flight.
+        let held = gate.lock();
+        let mut first = chunk(c, 10, &[1, 2]);
+        assert!(c.in_flight.is_some(), "handed over without waiting");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            first.try_recv().is_err(),
+            "not answered before its events are stored"
+        );
+        assert_eq!(outbox(&store), Vec::<u64>::new());
+        drop(held);
+        // The next chunk was governed meanwhile; handing it over waits for
+        // the first commit, which answers the first chunk.
+        let second = chunk(c, 20, &[3]);
+        let counts = first.await.unwrap().unwrap();
+        assert_eq!(counts[0].checked, 2);
+        assert_eq!(outbox(&store), vec![1, 2]);
+        c.flush_and_wait().unwrap();
+        assert_eq!(second.await.unwrap().unwrap()[0].checked, 1);
+        assert_eq!(outbox(&store), vec![1, 2, 3]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_chunk_whose_commit_is_refused_is_answered_with_an_error() {
+        let Rig {
+            store,
+            mut committer,
+            ..
+        } = rig(20_000, Duration::from_secs(3600));
+        let c = &mut committer;
+        c.batch.push((TargetIndex(0), event(1)));
+        c.add(true, audited(10), Lsn(10)).unwrap();
+        hand_over_refused(c);
+        let (done, answer) = tokio::sync::oneshot::channel();
+        c.chunk_answers
+            .push((done, vec![ReconcileCounts::default()]));
+        c.reap().unwrap();
+        assert_eq!(answer.await.unwrap().unwrap_err(), CHUNK_REFUSED);
+        assert!(c.stalled);
+        assert_eq!(outbox(&store), Vec::<u64>::new());
+        // The refused events are written with the next chunk's, which is
+        // answered once they are stored.
+        let next = chunk(c, 20, &[2]);
+        c.flush_and_wait().unwrap();
+        assert!(next.await.unwrap().is_ok());
+        assert_eq!(outbox(&store), vec![1, 2]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

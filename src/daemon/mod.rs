@@ -519,14 +519,7 @@ fn govern_parked_chunk(
     };
     let appended = committer.batch.len() > before;
     committer.add(appended, take_delta(governance)?, position)?;
-    committer.flush_and_wait()?;
-    let answer = if committer.stalled {
-        Err("the state file does not accept writes; the snapshot chunk is read again".to_string())
-    } else {
-        Ok(counts)
-    };
-    let _ = chunk.done.send(answer);
-    Ok(())
+    committer.flush_chunk(chunk.done, counts)
 }
 
 /// Tells the governance which entities have a snapshot window open, so that

@@ -61,7 +61,7 @@
 
 mod deep;
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -136,8 +136,9 @@ pub const CHUNK_ROWS: usize = 5_000;
 const MIN_SHARED_CHUNK_ROWS: usize = 1_000;
 
 /// Rows per chunk of a read feeding `targets` targets. Each row becomes an
-/// event and an audit record per target, and two chunks are in memory at
-/// once (one governed, the next read), so the chunk shrinks with the targets
+/// event and an audit record per target, and up to three chunks are in
+/// memory at once (one written, one governed, the next read; see
+/// [`Worker::run_group`]), so the chunk shrinks with the targets
 /// and the events in flight stay about the same: a 1,000,000-row snapshot
 /// into three targets peaked at 64.9 MiB at 30,612 rows/s with 1,666 rows
 /// a chunk, 78.6–82.0 MiB at 24,564–31,744 rows/s with 3,333
@@ -728,6 +729,16 @@ impl Worker {
             .as_ref()
             .and_then(|k| k.first())
             .and_then(|k| canonical_integer(k));
+        // Chunks handed to the daemon loop and not yet answered, oldest
+        // first. A snapshot keeps two: the loop governs one while the
+        // other is written, and the next is read and mapped meanwhile. A
+        // reconciliation's comparisons (deep, dry-run, or sweeping the
+        // targets' keys after each chunk) take one at a time.
+        let depth = match sweeps_while_reading || deep.is_some() || kind == ChunkKind::Probe {
+            true => 1,
+            false => 2,
+        };
+        let mut outstanding: VecDeque<Unanswered> = VecDeque::with_capacity(depth);
         let mut fetched = fetch(first.last_key.clone(), chunk).await?;
         loop {
             if *self.shutdown.borrow() {
@@ -740,85 +751,100 @@ impl Worker {
                 mapped,
                 keys,
             } = fetched;
-            if n == 0 {
-                break;
+            if n > 0 {
+                let actual = match &mut deep {
+                    Some(d) => Some(
+                        d.actual(mapped.iter().map(|m| m.event.key.as_str()))
+                            .await?,
+                    ),
+                    None => None,
+                };
+                let message = SnapshotChunk {
+                    mapped,
+                    consistent,
+                    targets: target_indexes.clone(),
+                    // A reconciliation sends only documents that differ.
+                    force: !first.reevaluate && !first.reconcile,
+                    known_only: first.reevaluate,
+                    quiet: first.reconcile,
+                    kind,
+                    actual,
+                    done: tokio::sync::oneshot::channel().0,
+                };
+                let Some(answer) = self.hand_over(message).await else {
+                    return Ok(()); // the daemon loop is gone: shutting down
+                };
+                outstanding.push_back(Unanswered {
+                    answer,
+                    rows: n,
+                    last_key: last_key.clone(),
+                    keys,
+                });
             }
-            let actual = match &mut deep {
-                Some(d) => Some(
-                    d.actual(mapped.iter().map(|m| m.event.key.as_str()))
-                        .await?,
-                ),
-                None => None,
-            };
-            let message = SnapshotChunk {
-                mapped,
-                consistent,
-                targets: target_indexes.clone(),
-                // A reconciliation sends only documents that differ.
-                force: !first.reevaluate && !first.reconcile,
-                known_only: first.reevaluate,
-                quiet: first.reconcile,
-                kind,
-                actual,
-                done: tokio::sync::oneshot::channel().0,
-            };
-            let more = n >= asked;
-            // The next chunk is read and mapped while this one is governed
-            // and committed, so the server's work, the mapping and the
-            // governance overlap. The snapshot's transaction sees the same
-            // rows whenever they are read; progress is recorded only for
-            // chunks committed.
+            let more = n > 0 && n >= asked;
+            // The next chunk is read and mapped while the loop governs and
+            // commits the ones handed over. The snapshot's transaction sees
+            // the same rows whenever they are read; progress is recorded
+            // only for chunks committed, in order.
             let next = async {
                 match more {
-                    true => fetch(last_key.clone(), chunk).await.map(Some),
+                    true => fetch(last_key, chunk).await.map(Some),
                     false => Ok(None),
                 }
             };
-            let governed = async {
-                let Some(mut counts) = self.govern(message).await? else {
-                    return anyhow::Ok(None);
-                };
-                if sweeps_while_reading {
-                    let Some(gone) = self
-                        .govern_gone(
-                            &target_names,
-                            &target_indexes,
-                            &sweep,
-                            first.dry_run,
-                            compared_through,
-                            &keys,
-                        )
-                        .await?
-                    else {
-                        return Ok(None);
+            let keep = if more { depth - 1 } else { 0 };
+            let settled = async {
+                let mut settled = Vec::new();
+                while outstanding.len() > keep {
+                    let done = outstanding.pop_front().expect("counted");
+                    let Some(mut counts) = answered(done.answer).await? else {
+                        return anyhow::Ok(None);
                     };
-                    counts.iter_mut().zip(gone).for_each(|(c, g)| c.add(g));
+                    if sweeps_while_reading {
+                        let Some(gone) = self
+                            .govern_gone(
+                                &target_names,
+                                &target_indexes,
+                                &sweep,
+                                first.dry_run,
+                                compared_through,
+                                &done.keys,
+                            )
+                            .await?
+                        else {
+                            return Ok(None);
+                        };
+                        counts.iter_mut().zip(gone).for_each(|(c, g)| c.add(g));
+                    }
+                    if let Some(&last) = done.keys.last() {
+                        compared_through = Some(last);
+                    }
+                    settled.push((done.rows, done.last_key, counts));
                 }
-                Ok(Some(counts))
+                Ok(Some(settled))
             };
-            let (counts, next) = tokio::join!(governed, next);
-            let Some(counts) = counts? else {
+            let (settled, next) = tokio::join!(settled, next);
+            let Some(settled) = settled? else {
                 return Ok(()); // the daemon loop is gone: shutting down
             };
-            if let Some(&last) = keys.last() {
-                compared_through = Some(last);
-            }
-            if first.reconcile {
-                chunk = reconcile_chunk_rows(&counts, n, columns);
-            }
-            rows_done += n as u64;
-            for (job, found) in jobs.iter_mut().zip(counts) {
-                job.rows_read += n as u64;
-                job.rows_done += n as u64;
-                job.counts.add(found);
-                job.last_key = last_key.clone();
-                if job.reconcile {
-                    super::reconcile::count(job, found);
+            for (n, last_key, counts) in settled {
+                if first.reconcile {
+                    chunk = reconcile_chunk_rows(&counts, n, columns);
                 }
-                metrics::counter!(steward_core::metric::SNAPSHOT_ROWS, "target" => job.target.clone())
-                    .increment(n as u64);
+                rows_done += n as u64;
+                for (job, found) in jobs.iter_mut().zip(counts) {
+                    job.rows_read += n as u64;
+                    job.rows_done += n as u64;
+                    job.counts.add(found);
+                    job.last_key = last_key.clone();
+                    if job.reconcile {
+                        super::reconcile::count(job, found);
+                    }
+                    metrics::counter!(steward_core::metric::SNAPSHOT_ROWS, "target" => job.target.clone())
+                        .increment(n as u64);
+                }
+                block(|| self.store.put_snapshot_jobs(&jobs))?;
             }
-            block(|| self.store.put_snapshot_jobs(&jobs))?;
             if last_log.elapsed() >= LOG_EVERY {
                 last_log = Instant::now();
                 let rate =
@@ -875,20 +901,20 @@ impl Worker {
 
     /// Hands a chunk to the daemon loop and waits until it is governed and
     /// committed; `None` when the loop is gone (shutting down).
-    async fn govern(
-        &self,
-        mut chunk: SnapshotChunk,
-    ) -> anyhow::Result<Option<Vec<ReconcileCounts>>> {
+    async fn govern(&self, chunk: SnapshotChunk) -> anyhow::Result<Option<Vec<ReconcileCounts>>> {
+        match self.hand_over(chunk).await {
+            Some(answer) => answered(answer).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Hands a chunk to the daemon loop; `None` when the loop is gone
+    /// (shutting down). Its answer comes once it is governed and committed.
+    async fn hand_over(&self, mut chunk: SnapshotChunk) -> Option<ChunkAnswer> {
         let (done, answer) = tokio::sync::oneshot::channel();
         chunk.done = done;
-        if self.chunks.send(chunk).await.is_err() {
-            return Ok(None);
-        }
-        match answer.await {
-            Ok(Ok(counts)) => Ok(Some(counts)),
-            Ok(Err(e)) => anyhow::bail!("{e}"),
-            Err(_) => anyhow::bail!("the daemon loop dropped a snapshot chunk (the source session ended); the snapshot resumes"),
-        }
+        self.chunks.send(chunk).await.ok()?;
+        Some(answer)
     }
 
     /// Deletes at the targets, through the governance, the integer keys
@@ -1098,6 +1124,28 @@ impl Worker {
             }
         };
         let _ = call.reply.send(answer);
+    }
+}
+
+/// Where the daemon loop answers a chunk handed over.
+type ChunkAnswer = tokio::sync::oneshot::Receiver<Result<Vec<ReconcileCounts>, String>>;
+
+/// A chunk handed to the daemon loop, not yet answered: its rows, the key
+/// the read goes on after, and its integer keys when sweeping while reading.
+struct Unanswered {
+    answer: ChunkAnswer,
+    rows: usize,
+    last_key: Option<Vec<String>>,
+    keys: Vec<u64>,
+}
+
+/// What each target found in a chunk, once the loop governed and committed
+/// it; `None` when the loop is gone (shutting down).
+async fn answered(answer: ChunkAnswer) -> anyhow::Result<Option<Vec<ReconcileCounts>>> {
+    match answer.await {
+        Ok(Ok(counts)) => Ok(Some(counts)),
+        Ok(Err(e)) => anyhow::bail!("{e}"),
+        Err(_) => anyhow::bail!("the daemon loop dropped a snapshot chunk (the source session ended); the snapshot resumes"),
     }
 }
 
