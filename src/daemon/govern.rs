@@ -429,41 +429,57 @@ async fn seed_entity(
         .filter_map(|k| relation.columns.iter().position(|c| &c.name == k))
         .collect();
     let chunk = super::snapshot::chunk_rows(1, read.columns.len());
-    let mut last_key: Option<Vec<String>> = None;
+    let fetch = |after: Option<Vec<String>>| {
+        let (read, relation) = (&read, &relation);
+        async move {
+            reader
+                .read_chunk(read, relation, after.as_deref(), chunk)
+                .await
+        }
+    };
     let mut total = 0;
-    loop {
-        let rows = reader
-            .read_chunk(&read, &relation, last_key.as_deref(), chunk)
-            .await?;
-        let Some(last) = rows.last() else {
-            break;
-        };
-        last_key = Some(
-            key_positions
-                .iter()
-                .map(|&i| last.get(i).cloned().flatten().unwrap_or_default())
-                .collect(),
-        );
-        let mut mapped = Vec::with_capacity(rows.len());
-        for row in &rows {
-            if let Some(m) = snapshot_mapped(&pipeline, relation.id, e, row, Lsn::ZERO, time)? {
-                if let Some(keys) = present.as_deref_mut() {
-                    keys.insert(m.event.key.clone());
-                }
-                mapped.push(m);
+    let mut rows = fetch(None).await?;
+    while let Some(last) = rows.last() {
+        let last_key: Vec<String> = key_positions
+            .iter()
+            .map(|&i| last.get(i).cloned().flatten().unwrap_or_default())
+            .collect();
+        let more = rows.len() >= chunk;
+        // The server reads the next chunk while this one is mapped,
+        // governed and written (first in the join: its query goes out
+        // before the mapping takes the thread).
+        let next = async {
+            match more {
+                true => fetch(Some(last_key)).await.map(Some),
+                false => Ok(None),
             }
-        }
-        governance.seed_mapped(&mut mapped, time);
-        let delta = governance.take_delta();
-        if let Some(error) = governance.state_error() {
-            anyhow::bail!("{error}");
-        }
-        tokio::task::block_in_place(|| store.apply_governance(&[], &delta))?;
-        // The chunk's rows are in the store now: let go of them.
-        governance.release_buffers();
-        total += rows.len();
-        if rows.len() < chunk {
-            break;
+        };
+        let this = async {
+            let mut mapped = Vec::with_capacity(rows.len());
+            for row in &rows {
+                if let Some(m) = snapshot_mapped(&pipeline, relation.id, e, row, Lsn::ZERO, time)? {
+                    if let Some(keys) = present.as_deref_mut() {
+                        keys.insert(m.event.key.clone());
+                    }
+                    mapped.push(m);
+                }
+            }
+            governance.seed_mapped(&mut mapped, time);
+            let delta = governance.take_delta();
+            if let Some(error) = governance.state_error() {
+                anyhow::bail!("{error}");
+            }
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.apply_governance(&[], &delta)).await??;
+            // The chunk's rows are in the store now: let go of them.
+            governance.release_buffers();
+            anyhow::Ok(rows.len())
+        };
+        let (next, this) = tokio::join!(next, this);
+        total += this?;
+        match next? {
+            Some(next) => rows = next,
+            None => break,
         }
     }
     Ok(total)
