@@ -748,9 +748,9 @@ async fn https_target_presents_its_client_certificate_to_a_server_requiring_one(
 
     let without = config_with(&db, &target(""));
     // Under TLS 1.3 the server's "certificate required" alert can race the
-    // request, and the client then only sees the connection close. Each
-    // failure is retried by the driver, so the operator sees the hint in the
-    // log within a few attempts: it must appear within five.
+    // request, and the client then only sees the connection close: either
+    // way the error names the setting (a conditional hint for the close).
+    // Each failure is retried by the driver; it must appear within five.
     let mut errors = Vec::new();
     for _ in 0..5 {
         let e = sink(&without)

@@ -73,6 +73,8 @@ pub(crate) struct HttpSink {
     header_names: Vec<String>,
     /// The 401 / 403 hint naming where the credentials come from.
     credentials: String,
+    /// Whether steward presents a client certificate (`client_cert_file`).
+    client_cert: bool,
     timeout: Duration,
     connect_timeout: Duration,
     /// Size of the previous body, to allocate the next one in one go.
@@ -141,6 +143,7 @@ impl HttpSink {
             target: name.clone(),
             header_names: http.headers.iter().map(|(n, _)| n.clone()).collect(),
             credentials,
+            client_cert: http.extra.client_identity.is_some(),
             timeout: http.timeout,
             connect_timeout: http.connect_timeout,
             body_size_hint: 0,
@@ -205,6 +208,7 @@ impl HttpSink {
             connect_timeout: self.connect_timeout,
             target: &self.target,
             credentials: &self.credentials,
+            client_cert: self.client_cert,
         };
         let outcome = service::finish(&endpoint, sent).await;
         let elapsed_ms = started.elapsed().as_millis() as u64;

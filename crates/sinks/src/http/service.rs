@@ -36,6 +36,8 @@ pub(super) struct Endpoint<'a> {
     /// What a 401 / 403 asks the operator to check: the configuration key
     /// the credentials came from (see `HttpSink::new`).
     pub(crate) credentials: &'a str,
+    /// Whether steward presents a client certificate.
+    pub(crate) client_cert: bool,
 }
 
 /// Turns the outcome of `send()` into `Ok` (2xx) or a classified failure.
@@ -142,7 +144,7 @@ pub(super) fn classify_error(endpoint: &Endpoint<'_>, e: &reqwest::Error) -> Htt
         } else {
             root_cause(e)
         };
-        let hint = tls_hint(endpoint.target, &cause);
+        let hint = tls_hint(endpoint, &cause);
         (true, format!("cannot connect to {url}: {cause}{hint}"))
     } else if e.is_timeout() {
         (
@@ -161,7 +163,7 @@ pub(super) fn classify_error(endpoint: &Endpoint<'_>, e: &reqwest::Error) -> Htt
     } else {
         // Reset connections, broken pipes, protocol errors: nothing about the batch.
         let cause = root_cause(e);
-        let hint = tls_hint(endpoint.target, &cause);
+        let hint = tls_hint(endpoint, &cause);
         (true, format!("request to {url} failed: {cause}{hint}"))
     };
     HttpDeliveryFailure {
@@ -173,7 +175,14 @@ pub(super) fn classify_error(endpoint: &Endpoint<'_>, e: &reqwest::Error) -> Htt
 }
 
 /// The fix for the TLS failures an operator can fix in the configuration.
-fn tls_hint(target: &str, cause: &str) -> String {
+fn tls_hint(endpoint: &Endpoint<'_>, cause: &str) -> String {
+    let target = endpoint.target;
+    // Under TLS 1.3 a server that requires a client certificate checks it
+    // after the client considers the handshake done: its alert can race the
+    // request, and the client then sees only the connection closing.
+    let closed = cause.contains("connection was not ready")
+        || cause.contains("connection closed")
+        || cause.contains("reset by peer");
     if cause.contains("UnknownIssuer") {
         format!(
             "; the target's certificate is not signed by a CA steward trusts: set \
@@ -188,6 +197,11 @@ fn tls_hint(target: &str, cause: &str) -> String {
         format!(
             "; the target refused the client certificate: check targets.{target}.client_cert_file \
              (is it signed by a CA the target trusts?)"
+        )
+    } else if closed && !endpoint.client_cert && endpoint.url_display.starts_with("https://") {
+        format!(
+            "; the target closed the connection: if it requires a client certificate, set \
+             targets.{target}.client_cert_file and targets.{target}.client_key_file"
         )
     } else {
         String::new()
@@ -251,6 +265,7 @@ mod tests {
             connect_timeout: Duration::from_millis(250),
             target: "wms",
             credentials: "check the credentials in targets.wms.headers.Authorization",
+            client_cert: false,
         }
     }
 
@@ -297,6 +312,38 @@ mod tests {
         assert_eq!(
             f.message,
             "HTTP 401 from https://wms.example/events (empty body) (check the credentials in targets.wms.headers.Authorization)"
+        );
+    }
+
+    #[test]
+    fn a_connection_closed_after_the_handshake_hints_at_a_missing_client_certificate() {
+        let closed = "connection was not ready";
+        let hint = tls_hint(&endpoint(), closed);
+        assert!(
+            hint.contains("if it requires a client certificate, set targets.wms.client_cert_file"),
+            "{hint}"
+        );
+        let with_cert = Endpoint {
+            client_cert: true,
+            ..endpoint()
+        };
+        assert_eq!(
+            tls_hint(&with_cert, closed),
+            "",
+            "a certificate is presented"
+        );
+        let plain = Endpoint {
+            url_display: "http://wms.example/events",
+            ..endpoint()
+        };
+        assert_eq!(tls_hint(&plain, closed), "", "no TLS");
+        assert!(
+            tls_hint(&endpoint(), "received fatal alert: CertificateRequired")
+                .contains("; the target requires a client certificate")
+        );
+        assert_eq!(
+            tls_hint(&endpoint(), "Connection refused (os error 111)"),
+            ""
         );
     }
 
