@@ -63,16 +63,9 @@ pub(super) struct Committer {
     /// Entities stopped by a schema change (see `schema`).
     pub(super) schema: schema::SchemaGuard,
     /// Snapshot chunks whose events the commit in flight carries, answered
-    /// with its outcome (see [`Committer::flush_chunk`]).
-    chunk_answers: Vec<ChunkAnswer>,
+    /// with its outcome and their counts (see [`Committer::flush_chunk`]).
+    chunk_answers: Vec<(snapshot::ChunkDone, Vec<ReconcileCounts>)>,
 }
-
-/// A snapshot chunk's answer (see `snapshot::SnapshotChunk::done`) and what
-/// it answers once the chunk's events are durable.
-type ChunkAnswer = (
-    tokio::sync::oneshot::Sender<Result<Vec<ReconcileCounts>, String>>,
-    Vec<ReconcileCounts>,
-);
 
 /// A chunk whose commit the store refused is read again.
 const CHUNK_REFUSED: &str =
@@ -435,7 +428,7 @@ impl Committer {
     /// meanwhile, while this one is written.
     pub(super) fn flush_chunk(
         &mut self,
-        done: tokio::sync::oneshot::Sender<Result<Vec<ReconcileCounts>, String>>,
+        done: snapshot::ChunkDone,
         counts: Vec<ReconcileCounts>,
     ) -> anyhow::Result<()> {
         self.flush()?;

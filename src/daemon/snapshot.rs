@@ -410,7 +410,7 @@ pub struct SnapshotChunk {
     pub actual: Option<std::sync::Arc<steward_core::pipeline::target_rows::ActualRows>>,
     /// Answered once the chunk is governed and committed, with what each
     /// target's reconciliation found in it (in the order of `targets`).
-    pub done: tokio::sync::oneshot::Sender<Result<Vec<ReconcileCounts>, String>>,
+    pub done: ChunkDone,
 }
 
 /// What the daemon loop does with a chunk's rows.
@@ -1127,8 +1127,12 @@ impl Worker {
     }
 }
 
-/// Where the daemon loop answers a chunk handed over.
-type ChunkAnswer = tokio::sync::oneshot::Receiver<Result<Vec<ReconcileCounts>, String>>;
+/// What each target found in a chunk, or why it was not committed.
+type ChunkResult = Result<Vec<ReconcileCounts>, String>;
+/// Where the daemon loop answers a chunk (see [`SnapshotChunk::done`]).
+pub type ChunkDone = tokio::sync::oneshot::Sender<ChunkResult>;
+/// Where the worker waits for that answer.
+type ChunkAnswer = tokio::sync::oneshot::Receiver<ChunkResult>;
 
 /// A chunk handed to the daemon loop, not yet answered: its rows, the key
 /// the read goes on after, and its integer keys when sweeping while reading.

@@ -136,17 +136,27 @@ impl StoreView {
 
     /// The tracked row of (`e`, named `entity`, `key`), if any.
     pub(crate) fn row(&self, e: EntityIndex, entity: &str, key: &str) -> Option<Row> {
+        match self.held_row(e, key) {
+            Some(row) => row,
+            None => self.decode_row(e, key, &self.reader.row(entity, key)?),
+        }
+    }
+
+    /// The row of (`e`, `key`) in flight or cached (`Some(None)`: in flight
+    /// as no longer tracked); `None` when only the store can tell.
+    fn held_row(&self, e: EntityIndex, key: &str) -> Option<Option<Row>> {
         // Nothing in flight almost always between bursts: skip the key.
         if !self.rows.is_empty() {
             if let Some((row, _)) = self.rows.get(&(e, key.to_string())) {
-                return row.clone();
+                return Some(row.clone());
             }
         }
-        if let Some(row) = self.cache.borrow_mut().get(e, key) {
-            return Some(row);
-        }
-        let bytes = self.reader.row(entity, key)?;
-        let row = match serde_json::from_slice(&bytes) {
+        self.cache.borrow_mut().get(e, key).map(Some)
+    }
+
+    /// A row as the store holds it (`bytes`), decoded into the cache.
+    fn decode_row(&self, e: EntityIndex, key: &str, bytes: &[u8]) -> Option<Row> {
+        let row = match serde_json::from_slice(bytes) {
             Ok(Value::Object(row)) => Arc::new(row),
             // Written by steward as a JSON object: anything else is not a row.
             _ => return None,
@@ -172,13 +182,8 @@ impl StoreView {
             Some(stored) if *stored == *row => Prior::Same,
             Some(stored) => Prior::Other(stored),
         };
-        if !self.rows.is_empty() {
-            if let Some((stored, _)) = self.rows.get(&(e, key.to_string())) {
-                return known(stored.clone());
-            }
-        }
-        if let Some(stored) = self.cache.borrow_mut().get(e, key) {
-            return known(Some(stored));
+        if let Some(stored) = self.held_row(e, key) {
+            return known(stored);
         }
         let Some(bytes) = self.reader.row(entity, key) else {
             return Prior::Absent;
@@ -186,12 +191,7 @@ impl StoreView {
         if serializes_to(row, &bytes) {
             return Prior::Same;
         }
-        let stored = match serde_json::from_slice(&bytes) {
-            Ok(Value::Object(stored)) => Arc::new(stored),
-            _ => return Prior::Absent,
-        };
-        self.cache.borrow_mut().insert(e, key, Arc::clone(&stored));
-        known(Some(stored))
+        known(self.decode_row(e, key, &bytes))
     }
 
     /// The keys of every tracked row of (`e`, named `entity`).
