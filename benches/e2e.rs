@@ -30,6 +30,8 @@ struct Workload {
     txn: fn(start: u64, n: u64) -> String,
     /// Events steward delivers per row written.
     master_share: f64,
+    /// The product id written last by the transaction `txn(start, n)`.
+    last_product: fn(start: u64, n: u64) -> u64,
 }
 
 const WORKLOADS: &[Workload] = &[
@@ -45,6 +47,7 @@ const WORKLOADS: &[Workload] = &[
             )
         },
         master_share: 1.0,
+        last_product: |start, n| 100000 + start + n - 1,
     },
     Workload {
         name: "W2",
@@ -56,6 +59,7 @@ const WORKLOADS: &[Workload] = &[
             )
         },
         master_share: 1.0,
+        last_product: |start, n| 100000 + start + n - 1,
     },
     Workload {
         name: "W3",
@@ -69,6 +73,7 @@ const WORKLOADS: &[Workload] = &[
             )
         },
         master_share: 0.5,
+        last_product: |start, n| 100000 + start + n / 2 - 1,
     },
 ];
 
@@ -520,6 +525,10 @@ async fn run_workload(
         .expect("an LSN")
         .to_string();
     let expected = (rows as f64 * w.master_share) as usize;
+    let last_product = starts
+        .last()
+        .map(|&start| (w.last_product)(start, shape.rows_per_txn.min(rows - start)))
+        .expect("at least one transaction");
 
     // pg_recvlogical: the same WAL, decoded by the same plugin, written to /dev/null.
     let started = Instant::now();
@@ -625,8 +634,10 @@ fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom
                     };
                     // The WAL is what is measured: no initial snapshot.
                     format!(
-                        "[targets.bench{}]\n{section}\nentities = [\"product\"]\nbatch_max_events = 1000\ninitial = \"none\"\n",
-                        if i == 0 { String::new() } else { i.to_string() }
+                        "[targets.bench{}]\n{section}\nentities = [\"product\"]\nbatch_max_events = 1000\ninitial = \"none\"\n{}\n",
+                        if i == 0 { String::new() } else { i.to_string() },
+                        // e.g. STEWARD_BENCH_TARGET="max_in_flight = 2" to try a setting.
+                        std::env::var("STEWARD_BENCH_TARGET").unwrap_or_default()
                     )
                 })
                 .collect::<String>(),
@@ -656,6 +667,8 @@ fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom
             );
         }
     };
+    // When the last event was seen, where the probe itself takes a while.
+    let mut arrived_at: Option<Instant> = None;
     let delivered = match target {
         TargetType::Http => loop {
             let mut n = usize::MAX;
@@ -671,16 +684,34 @@ fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom
             check_alive();
         },
         TargetType::Postgres => {
-            // Each row is written once per workload, so the row count is the progress.
+            // The last transaction's last product arriving ends the wait;
+            // then the rows are counted (again, while batches sent before
+            // it are still being written by other connections). One
+            // connection probing the key index: a psql process counting the
+            // whole table every 100 ms took part of a core from steward and
+            // the target.
+            let (client, conn) =
+                tokio_postgres::connect(&cluster.url(&target_db), tokio_postgres::NoTls)
+                    .await
+                    .expect("connect to the target database");
+            tokio::spawn(conn);
+            let key = last_product.to_string();
             let mut n = 0;
             while n < expected && Instant::now() < deadline {
                 check_alive();
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                n = cluster
-                    .psql(&target_db, "SELECT count(*) FROM public.product")
-                    .ok()
-                    .and_then(|o| o.lines().find_map(|l| l.trim().parse().ok()))
-                    .unwrap_or(0);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let arrived = client
+                    .query_opt("SELECT 1 FROM public.product WHERE _key = $1", &[&key])
+                    .await
+                    .is_ok_and(|row| row.is_some());
+                if arrived {
+                    n = client
+                        .query_one("SELECT count(*) FROM public.product", &[])
+                        .await
+                        .map(|row| row.get::<_, i64>(0) as usize)
+                        .unwrap_or(0);
+                    arrived_at = Some(Instant::now());
+                }
             }
             n
         }
@@ -728,7 +759,7 @@ fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom
             n
         }
     };
-    let elapsed = started.elapsed();
+    let elapsed = arrived_at.unwrap_or_else(Instant::now) - started;
     let peak_rss = steward_devkit::peak_rss_kib(child.id());
     let idle_secs: u64 = std::env::var("STEWARD_BENCH_IDLE_SECS")
         .ok()
