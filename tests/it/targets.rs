@@ -149,6 +149,12 @@ async fn postgres_rows_never_regress_under_reordering_and_replay() {
     );
     deliver(&mut pg, &[event("1", 6, EventOp::Upsert, "6")]).await;
     assert_eq!(row("1"), "6|f|6|SKU-1|NULL", "a newer upsert re-creates it");
+    assert_eq!(
+        db.sql("SELECT _updated_at = '2024-05-01T12:00:00Z' FROM mdm.product WHERE _key = '1'")
+            .trim(),
+        "t",
+        "the commit time lands in _updated_at"
+    );
 
     // Hard deletes keep a tombstone in <table>__deleted.
     let config = config_with(
@@ -174,9 +180,9 @@ async fn postgres_rows_never_regress_under_reordering_and_replay() {
         "a replayed stale upsert does not resurrect it"
     );
     assert_eq!(
-        db.sql("SELECT _version FROM hard.product__deleted WHERE _key = '5'")
+        db.sql("SELECT _version, _deleted_at = '2024-05-01T12:00:00Z' FROM hard.product__deleted WHERE _key = '5'")
             .trim(),
-        "4"
+        "4|t"
     );
     deliver(&mut hard, &[event("5", 5, EventOp::Upsert, "5")]).await;
     assert_eq!(count(), "1", "a newer upsert brings it back");

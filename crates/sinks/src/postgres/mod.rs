@@ -216,7 +216,8 @@ impl PostgresSink {
                 let versions = versions(&upserts, &self.target)?;
                 let deleted: Vec<bool> = upserts.iter().map(|e| e.op == EventOp::Delete).collect();
                 let ids: Vec<&str> = upserts.iter().map(|e| e.id.as_str()).collect();
-                let times: Vec<&str> = upserts.iter().map(|e| e.time.as_str()).collect();
+                let times: Vec<CommitTime<'_>> =
+                    upserts.iter().map(|e| CommitTime(&e.time)).collect();
                 let data: Vec<Option<RawJsonb<'_>>> = upserts
                     .iter()
                     .map(|e| match e.op {
@@ -232,7 +233,8 @@ impl PostgresSink {
                 let keys: Vec<&str> = deletes.iter().map(|e| e.key.as_str()).collect();
                 let versions = versions(&deletes, &self.target)?;
                 let ids: Vec<&str> = deletes.iter().map(|e| e.id.as_str()).collect();
-                let times: Vec<&str> = deletes.iter().map(|e| e.time.as_str()).collect();
+                let times: Vec<CommitTime<'_>> =
+                    deletes.iter().map(|e| CommitTime(&e.time)).collect();
                 tx.execute(stmt, &[&keys, &versions, &ids, &times])
                     .await
                     .map_err(|e| self.classify(e, &plan.name, "deleting from"))?;
@@ -434,6 +436,51 @@ impl tokio_postgres::types::ToSql for RawJsonb<'_> {
     tokio_postgres::types::to_sql_checked!();
 }
 
+/// An event's commit time bound as `timestamptz` in the binary format
+/// (microseconds since 2000-01-01 UTC), so the server does not parse text
+/// per row (a twentieth of its work per row, README Benchmarks). A time
+/// that is not RFC 3339 is written as NULL instead of failing the batch.
+#[derive(Debug)]
+struct CommitTime<'a>(&'a str);
+
+/// 2000-01-01T00:00:00Z in Unix microseconds.
+const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+
+impl CommitTime<'_> {
+    fn pg_micros(&self) -> Option<i64> {
+        match self.0 {
+            "infinity" => Some(i64::MAX),
+            "-infinity" => Some(i64::MIN),
+            text => chrono::DateTime::parse_from_rfc3339(text)
+                .ok()?
+                .timestamp_micros()
+                .checked_sub(PG_EPOCH_UNIX_MICROS),
+        }
+    }
+}
+
+impl tokio_postgres::types::ToSql for CommitTime<'_> {
+    fn to_sql(
+        &self,
+        _ty: &tokio_postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self.pg_micros() {
+            Some(micros) => {
+                out.extend_from_slice(&micros.to_be_bytes());
+                Ok(tokio_postgres::types::IsNull::No)
+            }
+            None => Ok(tokio_postgres::types::IsNull::Yes),
+        }
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        *ty == tokio_postgres::types::Type::TIMESTAMPTZ
+    }
+
+    tokio_postgres::types::to_sql_checked!();
+}
+
 fn versions(events: &[&Event], target: &str) -> Result<Vec<i64>, DeliveryError> {
     events
         .iter()
@@ -488,7 +535,7 @@ fn older(row: &str, new: &str, new_version: &str, new_id: &str) -> String {
 
 fn upsert_sql(plan: &TablePlan, mode: DeleteMode) -> String {
     let mut cols = String::from("_key, _version, _deleted, _event_id, _updated_at, data");
-    let mut vals = String::from("x.k, x.v, x.d, x.e, x.u::timestamptz, x.j");
+    let mut vals = String::from("x.k, x.v, x.d, x.e, x.u, x.j");
     let mut sets = String::from(
         "_version = EXCLUDED._version, _deleted = EXCLUDED._deleted, \
          _event_id = EXCLUDED._event_id, _updated_at = EXCLUDED._updated_at, \
@@ -515,7 +562,7 @@ fn upsert_sql(plan: &TablePlan, mode: DeleteMode) -> String {
     };
     format!(
         "INSERT INTO {table} AS t ({cols}) \
-         SELECT {vals} FROM unnest($1::text[], $2::int8[], $3::bool[], $4::text[], $5::text[], $6::jsonb[]) \
+         SELECT {vals} FROM unnest($1::text[], $2::int8[], $3::bool[], $4::text[], $5::timestamptz[], $6::jsonb[]) \
          AS x(k, v, d, e, u, j){tomb_guard} \
          ON CONFLICT (_key) DO UPDATE SET {sets} WHERE {guard}",
         table = plan.table,
@@ -525,9 +572,9 @@ fn upsert_sql(plan: &TablePlan, mode: DeleteMode) -> String {
 
 fn delete_sql(plan: &TablePlan) -> String {
     format!(
-        "WITH x AS (SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[]) AS x(k, v, e, u)), \
+        "WITH x AS (SELECT * FROM unnest($1::text[], $2::int8[], $3::text[], $4::timestamptz[]) AS x(k, v, e, u)), \
          tomb AS (INSERT INTO {tomb} AS z (_key, _version, _event_id, _deleted_at) \
-           SELECT k, v, e, u::timestamptz FROM x \
+           SELECT k, v, e, u FROM x \
            ON CONFLICT (_key) DO UPDATE SET _version = EXCLUDED._version, \
            _event_id = EXCLUDED._event_id, _deleted_at = EXCLUDED._deleted_at WHERE {tguard}) \
          DELETE FROM {table} AS t USING x WHERE t._key = x.k AND {guard}",
@@ -585,6 +632,27 @@ mod tests {
             time: String::new(),
             data: serde_json::Value::Null.into(),
         }
+    }
+
+    #[test]
+    fn commit_times_bind_as_microseconds_since_2000() {
+        let micros = |t: &str| CommitTime(t).pg_micros();
+        assert_eq!(micros("2000-01-01T00:00:00.000000Z"), Some(0));
+        assert_eq!(micros("1999-12-31T23:59:59.999999Z"), Some(-1));
+        assert_eq!(
+            micros(&steward_core::model::value::pg_micros_to_rfc3339(
+                767_880_000_123_456
+            )),
+            Some(767_880_000_123_456)
+        );
+        assert_eq!(
+            micros("2024-05-01T14:00:00+02:00"),
+            micros("2024-05-01T12:00:00Z")
+        );
+        assert_eq!(micros("infinity"), Some(i64::MAX));
+        assert_eq!(micros("-infinity"), Some(i64::MIN));
+        assert_eq!(micros(""), None);
+        assert_eq!(micros("yesterday"), None);
     }
 
     #[test]
