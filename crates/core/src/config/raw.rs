@@ -1331,7 +1331,7 @@ fn check_target(
         }
     };
 
-    let delivery = check_delivery(&r, entities.as_deref(), errs);
+    let delivery = check_delivery(&r, entities.as_deref(), declared, errs);
     if let (Some(d), Some(t)) = (&delivery, declared) {
         if d.reconcile_deep && t != "postgres" {
             errs.add(

@@ -28,11 +28,20 @@ const DAY_MS: u64 = 86_400_000;
 /// Upper bound of `max_in_flight`: each batch in flight has its own
 /// connection to the target and its events in memory.
 const MAX_IN_FLIGHT: u64 = 64;
+/// `max_in_flight` of a PostgreSQL target when unset: each batch is a
+/// transaction whose server-side work and WAL flush take longer than
+/// steward's part, so a second connection writes while the first waits,
+/// and batches in flight never share a key, so neither waits on the
+/// other's rows. More lanes were faster still but cost steward more memory
+/// than the 64 MiB goal allows (README, Benchmarks).
+const POSTGRES_MAX_IN_FLIGHT: u64 = 2;
 
-/// Reads the policy; `entities` are the target's entities when they are valid.
+/// Reads the policy; `entities` are the target's entities when they are
+/// valid, `target_type` its declared type.
 pub(super) fn check_delivery(
     r: &Reader,
     entities: Option<&[String]>,
+    target_type: Option<&str>,
     errs: &mut Errors,
 ) -> Option<DeliveryPolicy> {
     let max_attempts = r.int(
@@ -69,7 +78,11 @@ pub(super) fn check_delivery(
     );
     let max_in_flight = r.int(
         "max_in_flight",
-        1,
+        if target_type == Some("postgres") {
+            POSTGRES_MAX_IN_FLIGHT
+        } else {
+            1
+        },
         1,
         MAX_IN_FLIGHT,
         "batches in flight at once",

@@ -1196,8 +1196,19 @@ fn reconcile_schedules_are_checked() {
 }
 
 #[test]
-fn max_in_flight_is_1_by_default_and_at_most_64() {
+fn max_in_flight_is_1_by_default_2_for_postgres_and_at_most_64() {
     assert_eq!(ok(MINIMAL).targets[0].delivery.max_in_flight, 1);
+    let postgres = edit(
+        MINIMAL,
+        &[
+            ("targets.wms.type", Some("\"postgres\"")),
+            ("targets.wms.url", Some("\"postgres://steward@mes/mes\"")),
+            ("targets.wms.tables", Some("{ product = \"products\" }")),
+        ],
+    );
+    assert_eq!(ok(&postgres).targets[0].delivery.max_in_flight, 2);
+    let one = edit(&postgres, &[("targets.wms.max_in_flight", Some("1"))]);
+    assert_eq!(ok(&one).targets[0].delivery.max_in_flight, 1);
     assert_eq!(
         ok_with("targets.wms.max_in_flight", "8").targets[0]
             .delivery
