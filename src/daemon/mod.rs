@@ -730,6 +730,11 @@ async fn consume(
                         tokio::task::block_in_place(|| {
                             large.absorb(&store, governance, &mut txn.mapped)
                         })?;
+                        // From here on at most a piece is held at a time:
+                        // the room the first `commit_max_events` changes
+                        // took is given back now instead of being kept for
+                        // the rest of the transaction and after it.
+                        txn.mapped.shrink_to(committer.large_piece());
                     }
                 }
             }
