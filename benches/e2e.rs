@@ -194,14 +194,16 @@ initial = "none"
         ),
     )
     .expect("config");
-    let mut child = steward_command()
-        .args(["run", "-c"])
-        .arg(&config)
-        .stderr(Stdio::from(
-            std::fs::File::create(dir.path().join("steward.log")).expect("log"),
-        ))
-        .spawn()
-        .expect("spawn steward");
+    let mut child = steward_devkit::TerminateOnDrop(
+        steward_command()
+            .args(["run", "-c"])
+            .arg(&config)
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.path().join("steward.log")).expect("log"),
+            ))
+            .spawn()
+            .expect("spawn steward"),
+    );
     loop {
         let out = cluster
             .psql(db, "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' AND application_name = 'steward'")
@@ -231,7 +233,7 @@ initial = "none"
     let delivered = receiver
         .wait_for_events(total as usize, Duration::from_secs(120))
         .await;
-    steward_devkit::terminate(&mut child);
+    steward_devkit::terminate(&mut child.0);
     let source = probe.stop();
     let mut latencies: Vec<f64> = Vec::with_capacity(delivered);
     // The slowest event of each source transaction (by commit time, in
@@ -645,20 +647,22 @@ fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom
     )
     .expect("config");
     let started = Instant::now();
-    let mut child = steward_command()
-        .args(["run", "-c"])
-        .arg(&config)
-        .stderr(Stdio::from(
-            std::fs::File::create(dir.path().join("steward.log")).expect("log"),
-        ))
-        .spawn()
-        .expect("spawn steward");
+    let mut child = steward_devkit::TerminateOnDrop(
+        steward_command()
+            .args(["run", "-c"])
+            .arg(&config)
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.path().join("steward.log")).expect("log"),
+            ))
+            .spawn()
+            .expect("spawn steward"),
+    );
     let deadline = Instant::now() + Duration::from_secs(600);
     // A steward that exits (e.g. a port another process holds) fails the run
     // at once, with its log, instead of after the deadline.
     let log = dir.path().join("steward.log");
     let mut check_alive = || {
-        if let Ok(Some(status)) = child.try_wait() {
+        if let Ok(Some(status)) = child.0.try_wait() {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(20).collect();
             panic!(
@@ -760,14 +764,14 @@ fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom
         }
     };
     let elapsed = arrived_at.unwrap_or_else(Instant::now) - started;
-    let peak_rss = steward_devkit::peak_rss_kib(child.id());
+    let peak_rss = steward_devkit::peak_rss_kib(child.0.id());
     let idle_secs: u64 = std::env::var("STEWARD_BENCH_IDLE_SECS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
     tokio::time::sleep(Duration::from_secs(idle_secs)).await;
-    let idle_rss = steward_devkit::rss_kib(child.id());
-    steward_devkit::terminate(&mut child);
+    let idle_rss = steward_devkit::rss_kib(child.0.id());
+    steward_devkit::terminate(&mut child.0);
     assert!(
         delivered >= expected,
         "steward delivered {delivered} of {expected} events; see {}",

@@ -45,6 +45,18 @@ pub fn terminate(child: &mut std::process::Child) {
     let _ = child.wait();
 }
 
+/// A child process terminated (SIGTERM, then waited for) when dropped, so
+/// a bench that fails half-way does not leave a steward running.
+pub struct TerminateOnDrop(pub std::process::Child);
+
+impl Drop for TerminateOnDrop {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            terminate(&mut self.0);
+        }
+    }
+}
+
 /// A command that runs `binary`, under `STEWARD_BENCH_WRAPPER` if set (the
 /// benches): e.g. `valgrind --tool=callgrind` for instruction counts, which
 /// do not vary with the machine's load as times do, or a script that runs
