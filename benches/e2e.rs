@@ -689,11 +689,10 @@ fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom
         },
         TargetType::Postgres => {
             // The last transaction's last product arriving ends the wait;
-            // then the rows are counted (again, while batches sent before
-            // it are still being written by other connections). One
+            // the rows are then counted until all are there (with several
+            // batches in flight, earlier ones may still be committing). One
             // connection probing the key index: a psql process counting the
-            // whole table every 100 ms took part of a core from steward and
-            // the target.
+            // whole table every 100 ms took CPU from steward and the target.
             let (client, conn) =
                 tokio_postgres::connect(&cluster.url(&target_db), tokio_postgres::NoTls)
                     .await
