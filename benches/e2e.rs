@@ -4,7 +4,9 @@
 //!
 //! `cargo bench --bench e2e` (all workloads), or `cargo bench --bench e2e -- W2`.
 //! `STEWARD_BENCH_ROWS` overrides the 200,000 rows per workload;
-//! `STEWARD_BENCH_WRAPPER` runs steward under a wrapper command (valgrind).
+//! `STEWARD_BENCH_WRAPPER` runs steward under a wrapper command (valgrind);
+//! `STEWARD_BENCH_STATE` and `STEWARD_BENCH_TARGET` add lines to the
+//! `[state]` section and to each target (`"max_in_flight = 4"`).
 //! `--target http|postgres|nats|file` picks the target type (default http):
 //! postgres writes into a fresh database of the same cluster (create_tables),
 //! nats into a JetStream stream of a nats-server started here, file into a
