@@ -25,6 +25,11 @@ use std::time::{Duration, Instant};
 use steward_devkit::cluster::{DevCluster, DevClusterOptions};
 use steward_devkit::receiver::Receiver;
 
+// Shared with the snapshot and governed-state benches; this one only spawns.
+#[allow(dead_code)]
+#[path = "support/steward.rs"]
+mod daemon;
+
 struct Workload {
     name: &'static str,
     about: &'static str,
@@ -196,16 +201,8 @@ initial = "none"
         ),
     )
     .expect("config");
-    let mut child = steward_devkit::TerminateOnDrop(
-        steward_command()
-            .args(["run", "-c"])
-            .arg(&config)
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.path().join("steward.log")).expect("log"),
-            ))
-            .spawn()
-            .expect("spawn steward"),
-    );
+    let mut child =
+        steward_devkit::TerminateOnDrop(daemon::spawn(&config, &dir.path().join("steward.log")));
     loop {
         let out = cluster
             .psql(db, "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' AND application_name = 'steward'")
@@ -649,16 +646,8 @@ fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom
     )
     .expect("config");
     let started = Instant::now();
-    let mut child = steward_devkit::TerminateOnDrop(
-        steward_command()
-            .args(["run", "-c"])
-            .arg(&config)
-            .stderr(Stdio::from(
-                std::fs::File::create(dir.path().join("steward.log")).expect("log"),
-            ))
-            .spawn()
-            .expect("spawn steward"),
-    );
+    let mut child =
+        steward_devkit::TerminateOnDrop(daemon::spawn(&config, &dir.path().join("steward.log")));
     let deadline = Instant::now() + Duration::from_secs(600);
     // A steward that exits (e.g. a port another process holds) fails the run
     // at once, with its log, instead of after the deadline.
@@ -801,9 +790,4 @@ fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom
         eprintln!("kept {}", dir.keep().display());
     }
     measured
-}
-
-/// The steward binary, under `STEWARD_BENCH_WRAPPER` if set.
-fn steward_command() -> Command {
-    steward_devkit::bench_command(env!("CARGO_BIN_EXE_steward"))
 }

@@ -449,9 +449,10 @@ async fn seed_entity(
         // governed and written (first in the join: its query goes out
         // before the mapping takes the thread).
         let next = async {
-            match more {
-                true => fetch(Some(last_key)).await.map(Some),
-                false => Ok(None),
+            if more {
+                fetch(Some(last_key)).await.map(Some)
+            } else {
+                Ok(None)
             }
         };
         let this = async {
