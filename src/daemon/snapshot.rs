@@ -10,22 +10,29 @@
 //! `pipeline::snapshot_version`), so they are newer than everything they
 //! contain and older than every streamed transaction they do not contain.
 //!
-//! While a (target, entity) is being snapshotted its *window* is open: every
-//! append for it — streamed or snapshot — passes a per-key version map in the
-//! store (`store::snapshot_progress`) under one lock (the [`SnapshotGate`]),
-//! and an event older than the newest version already appended for its key
-//! is dropped:
+//! A snapshot chunk is governed only once the stream has passed C (see
+//! `daemon::govern_parked_chunk`), so every streamed change older than C is
+//! appended before the snapshot's rows and every change appended after them
+//! is newer than C − 1. What is left to order is a streamed change newer
+//! than C that went out before the chunk holding its key was governed.
+//! While a (target, entity) is being snapshotted its *window* is open: each
+//! streamed event for it records its version in a per-key map in the store
+//! (`store::snapshot_progress`), and each snapshot row is checked against
+//! the map under one lock (the [`SnapshotGate`]); a row older than the
+//! version recorded for its key is dropped. Rows are not recorded (nothing
+//! older can follow them), which keeps a snapshot into N targets from paying
+//! N map inserts per row:
 //!
 //! ```text
-//!  stream (commit order)  ── v=90 k=1 ── v=130 k=2 ──────────── v=95 k=3 ──▶
-//!                                 │            │                     │
-//!  snapshot at C=120 (v=119)  ────┼──── k=1 ───┼─ k=2 ── k=3 ────────┼──▶
-//!                                 ▼      ▼     ▼    ▼     ▼          ▼
-//!  version map / outbox:     k1:90 ✓  k1:119 ✓ k2:130 ✓ k2:119 ✗  k3:119 ✓  k3:95 ✗
+//!  stream (commit order)  ── v=90 k=1 ── v=95 k=3 ── v=130 k=2 ──┬──────────▶
+//!                                │           │           │        │ stream passes C
+//!  snapshot at C=120 (v=119)  ───┼───────────┼───────────┼────────┴ k=1 ─ k=2 ─ k=3 ─▶
+//!                                ▼           ▼           ▼            ▼     ▼     ▼
+//!  version map / outbox:     k1:90 ✓     k3:95 ✓    k2:130 ✓       k1 ✓  k2 ✗  k3 ✓
 //! ```
 //!
-//! - A streamed change older than C (already in the snapshot) is dropped if
-//!   the snapshot row went first, and superseded by it otherwise.
+//! - A streamed change older than C (already in the snapshot) is superseded
+//!   by the snapshot row that follows it.
 //! - A streamed change newer than C is kept; a snapshot row arriving after it
 //!   for the same key is dropped.
 //!
@@ -37,10 +44,9 @@
 //!
 //! The map update is written (not durably) before the append it admits and
 //! made durable by it. After a crash in between, the map may name a version
-//! whose event is missing: a streamed one is replayed by the server (its
-//! transaction was not confirmed) and passes again (equal versions pass); a
-//! snapshot chunk is read again from a newer snapshot, whose version is
-//! higher. So the map can only err towards admitting, never towards losing.
+//! whose event is missing: the server replays its transaction (it was not
+//! confirmed), and the event passes again (equal versions pass). So the map
+//! can only err towards admitting, never towards losing.
 //!
 //! ## Crashes mid-snapshot
 //!
@@ -48,9 +54,8 @@
 //! exported snapshot does not survive the exporting session, so a restarted
 //! job continues after that key in a NEW snapshot (a temporary slot at a
 //! later consistent point C2): rows already sent (version C − 1) are then
-//! brought up to date by the stream, which the window no longer drops for
-//! them (their map entry is C − 1 and the stream's changes since are newer),
-//! and rows read from C2 carry version C2 − 1.
+//! brought up to date by the stream (its changes since are newer than
+//! C − 1 and pass the window), and rows read from C2 carry version C2 − 1.
 //!
 //! ## Requests from `steward reset`
 //!
@@ -71,7 +76,7 @@ use tokio::sync::watch;
 
 use steward_core::config::{Config, EntityIndex, TargetIndex};
 use steward_core::model::split_key;
-use steward_core::model::{Event, Lsn};
+use steward_core::model::{Event, Lsn, SourceChange};
 use steward_core::pipeline::{absent_mapped, snapshot_mapped, Governance, Mapped, Pipeline};
 use steward_core::state::canonical_integer;
 use steward_source::snapshot::{self as source_snapshot, SnapshotReader, TableRead};
@@ -274,8 +279,16 @@ pub fn filter_batch(
     if windows.is_empty() {
         return Ok(batch);
     }
+    let open: Vec<(usize, &str)> = windows
+        .iter()
+        .filter_map(|(target, entity)| {
+            let t = target_names.iter().position(|n| n == target)?;
+            Some((t, entity.as_str()))
+        })
+        .collect();
     let windowed = |t: TargetIndex, e: &Event| {
-        windows.contains(&(target_names[t.0].clone(), e.entity.clone()))
+        open.iter()
+            .any(|&(o, entity)| o == t.0 && entity == e.entity)
     };
     let checks: Vec<VersionCheck<'_>> = batch
         .iter()
@@ -285,6 +298,7 @@ pub fn filter_batch(
             entity: &e.entity,
             key: &e.key,
             version: e.version,
+            record: e.change != Some(SourceChange::Snapshot),
         })
         .collect();
     if checks.is_empty() {

@@ -172,8 +172,15 @@ pub struct VersionCheck<'a> {
     pub entity: &'a str,
     /// The record's key.
     pub key: &'a str,
-    /// The record's version; admitted unless below the highest one appended.
+    /// The record's version; admitted unless below the highest one recorded.
     pub version: u64,
+    /// Whether an admitted version is recorded: yes for a streamed event, so
+    /// that a read row older than it is refused later. A read row (snapshot,
+    /// re-read) is only checked: rows are governed once the stream has passed
+    /// their consistent point, so every event streamed after one is newer,
+    /// and recording one version per row and target would cost a table
+    /// insert for each.
+    pub record: bool,
 }
 
 impl Store {
@@ -350,8 +357,8 @@ impl Store {
 
     /// The version filter of open windows: returns, for each item, whether
     /// it may be appended (its version is not below the highest version
-    /// already appended for its key), and records the versions of those that
-    /// may. Not durable on its own: the caller's next durable commit (the
+    /// recorded for its key), and records the versions of those that may and
+    /// ask for it. Not durable on its own: the caller's next durable commit (the
     /// append itself) persists it; see `daemon::snapshot` for why writing the
     /// map before the append is safe.
     pub fn admit_versions(&self, items: &[VersionCheck<'_>]) -> Result<Vec<bool>, StoreError> {
@@ -376,7 +383,7 @@ impl Store {
                     if highest.is_some_and(|h| item.version < h) {
                         continue;
                     }
-                    if highest != Some(item.version) {
+                    if item.record && highest != Some(item.version) {
                         table.insert(item.key, item.version)?;
                     }
                     out[i] = true;
@@ -535,6 +542,7 @@ mod tests {
             entity: "product",
             key,
             version,
+            record: true,
         };
         assert_eq!(
             store
@@ -546,6 +554,18 @@ mod tests {
         assert_eq!(
             store
                 .admit_versions(&[check("1", 49), check("2", 60), check("1", 50)])
+                .unwrap(),
+            [false, true, true]
+        );
+        // A read row is checked but not recorded: a streamed event older
+        // than it still passes (the stream is never behind a governed row).
+        let read = |key: &'static str, version: u64| VersionCheck {
+            record: false,
+            ..check(key, version)
+        };
+        assert_eq!(
+            store
+                .admit_versions(&[read("1", 49), read("3", 70), check("3", 65)])
                 .unwrap(),
             [false, true, true]
         );
