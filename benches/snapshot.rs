@@ -8,7 +8,10 @@
 //! `STEWARD_BENCH_ROWS` sets the table size (default 1,000,000),
 //! `STEWARD_BENCH_TARGETS` the target counts (default `1,3`),
 //! `STEWARD_BENCH_CHANGED` the rows changed while the slot is gone (default 1,000),
-//! `STEWARD_BENCH_WRAPPER` a command `steward run` runs under (see the e2e bench).
+//! `STEWARD_BENCH_WRAPPER` a command `steward run` runs under (see the e2e bench),
+//! `STEWARD_BENCH_TARGETS_DOWN=1` points every target at a port that refuses
+//! connections: the snapshot's own cost, with no delivery competing for the
+//! cores (SNAPSHOT only; nothing is delivered).
 //!
 //! - SNAPSHOT: the initial snapshot of a fresh state file. Rows/s is table
 //!   rows over the time from the first job's start to the last job's end
@@ -118,10 +121,17 @@ fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom
         url = cluster.url(DB),
         state = dir.path().join("steward.redb").display(),
     );
+    // Targets that refuse connections: the snapshot's own cost, without
+    // the deliveries competing for the machine's cores.
+    let down = std::env::var_os("STEWARD_BENCH_TARGETS_DOWN").is_some();
     for (i, r) in receivers.iter().enumerate() {
-        text.push_str(&format!(
-            "[targets.t{i}]\ntype = \"http\"\nurl = \"{}\"\nentities = [\"product\"]\ninitial = \"snapshot\"\nbatch_max_events = 5000\n",
+        let url = if down {
+            "http://127.0.0.1:9/".to_string()
+        } else {
             r.url()
+        };
+        text.push_str(&format!(
+            "[targets.t{i}]\ntype = \"http\"\nurl = \"{url}\"\nentities = [\"product\"]\ninitial = \"snapshot\"\nbatch_max_events = 5000\n"
         ));
     }
     let config = dir.path().join("steward.toml");
@@ -135,6 +145,16 @@ fields = {{ sku = "default_code", name = "name.en_US", price = "list_price", uom
         !j["reconcile"].as_bool().unwrap_or(false)
     });
     let outbox_rate = rows as f64 / span_secs(&jobs);
+    if down {
+        let rss = steward_devkit::peak_rss_kib(child.id());
+        stop(child);
+        println!(
+            "| SNAPSHOT, targets down | {targets} | {rows} | {outbox_rate:.0} | - | - | {:.1} MiB |",
+            rss as f64 / 1024.0
+        );
+        let _ = cluster.psql(DB, &format!("SELECT pg_drop_replication_slot('{slot}')"));
+        return;
+    }
     for r in &receivers {
         r.wait_for_events(rows as usize, Duration::from_secs(1800))
             .await;
