@@ -9,6 +9,7 @@
 //! share leaf pages, so a batch's inserts and reads touch few pages and a
 //! (target, entity) is one range to list.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Mutex, PoisonError};
 
@@ -283,6 +284,10 @@ struct Open {
     /// The generation the open transaction shows.
     generation: u64,
     key: Vec<u8>,
+    /// Per (target, entity) prefix looked up in this transaction, whether
+    /// the table holds any key under it: a snapshot into a target that was
+    /// never sent the entity then looks nothing up per record.
+    prefixes: HashMap<Vec<u8>, bool>,
 }
 
 impl Reader {
@@ -339,6 +344,7 @@ impl Reader {
                 refs: table!(super::governance::GOV_REFS),
                 generation: visible,
                 key: Vec::new(),
+                prefixes: HashMap::new(),
             })
         });
         match opened {
@@ -431,6 +437,23 @@ impl StateReader for Reader {
             let Some(table) = open.table.as_ref() else {
                 return Ok(None);
             };
+            open.key.clear();
+            published_store_prefix(target, entity, &mut open.key);
+            let prefix = open.key.as_slice();
+            let held = match open.prefixes.get(prefix) {
+                Some(&held) => held,
+                None => {
+                    let held = match table.range(prefix..)?.next() {
+                        Some(entry) => entry?.0.value().starts_with(prefix),
+                        None => false,
+                    };
+                    open.prefixes.insert(prefix.to_vec(), held);
+                    held
+                }
+            };
+            if !held {
+                return Ok(None);
+            }
             open.key.clear();
             published_store_key(target, entity, key, &mut open.key);
             table.get(open.key.as_slice()).map(|v| v.map(|v| v.value()))

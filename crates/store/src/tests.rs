@@ -731,6 +731,25 @@ fn the_reader_sees_a_generation_once_it_is_committed() {
     assert_eq!(reader.get("wms", "product", "1"), Some([1; 16]));
     assert_eq!(reader.refresh(), g1);
     assert_eq!(reader.get("wms", "product", "1"), Some([1; 16]));
+    // A target never sent the entity reads as nothing, and as sent once a
+    // generation that sends it is committed and seen.
+    assert_eq!(reader.get("mes", "product", "1"), None);
+    let mut mes = governance::GovDelta {
+        generation: g2,
+        ..Default::default()
+    };
+    steward_core::state::push_published_change(
+        &mut mes.published,
+        "mes",
+        "product",
+        "1",
+        Some([2; 16]),
+    );
+    store.commit_governed(Lsn(0x200), &[], &mes).unwrap();
+    assert_eq!(reader.get("mes", "product", "1"), None);
+    assert_eq!(reader.refresh(), g2);
+    assert_eq!(reader.get("mes", "product", "1"), Some([2; 16]));
+    assert_eq!(reader.get("mes", "product", "2"), None);
     assert_eq!(reader.error(), None);
     // Another handle of the same file hands out later generations.
     let mut second = store.state_reader();
