@@ -30,6 +30,12 @@ use super::{Store, TxnError};
 pub(crate) const GOV_PUBLISHED: TableDefinition<&[u8], [u8; 16]> =
     TableDefinition::new("gov_published");
 
+/// The length of [`published_store_prefix`]`(target, entity)`.
+fn published_prefix_len(target: &str, entity: &str) -> usize {
+    let part = |name: &str| 2 + name.len().min(u16::MAX as usize);
+    part(target) + part(entity)
+}
+
 /// Applies the published changes of a delta inside `txn`, in order.
 #[allow(clippy::result_large_err)] // redb's own error type, boxed by the caller
 pub(super) fn apply(txn: &WriteTransaction, changes: &[u8]) -> Result<(), redb::Error> {
@@ -284,10 +290,11 @@ struct Open {
     /// The generation the open transaction shows.
     generation: u64,
     key: Vec<u8>,
-    /// Per (target, entity) prefix looked up in this transaction, whether
-    /// the table holds any key under it: a snapshot into a target that was
-    /// never sent the entity then looks nothing up per record.
-    prefixes: HashMap<Vec<u8>, bool>,
+    /// Per (target, entity) prefix looked up in this transaction, the
+    /// greatest key the table holds under it (`None`: none). A key above it
+    /// is not in the table: a snapshot, which reads records in key order,
+    /// into a target not sent them yet then looks nothing up per record.
+    last_keys: HashMap<Vec<u8>, Option<Vec<u8>>>,
 }
 
 impl Reader {
@@ -344,7 +351,7 @@ impl Reader {
                 refs: table!(super::governance::GOV_REFS),
                 generation: visible,
                 key: Vec::new(),
-                prefixes: HashMap::new(),
+                last_keys: HashMap::new(),
             })
         });
         match opened {
@@ -438,24 +445,29 @@ impl StateReader for Reader {
                 return Ok(None);
             };
             open.key.clear();
-            published_store_prefix(target, entity, &mut open.key);
-            let prefix = open.key.as_slice();
-            let held = match open.prefixes.get(prefix) {
-                Some(&held) => held,
+            published_store_key(target, entity, key, &mut open.key);
+            let prefix_len = published_prefix_len(target, entity);
+            let prefix = &open.key[..prefix_len];
+            let last = match open.last_keys.get(prefix) {
+                Some(last) => last,
                 None => {
-                    let held = match table.range(prefix..)?.next() {
-                        Some(entry) => entry?.0.value().starts_with(prefix),
-                        None => false,
+                    // The greatest key under the prefix: the last one below
+                    // the prefix's end (every key under it is longer).
+                    let mut end = prefix.to_vec();
+                    end.push(u8::MAX);
+                    let last = match table.range(prefix..end.as_slice())?.next_back() {
+                        Some(entry) => Some(entry?.0.value().to_vec()),
+                        None => None,
                     };
-                    open.prefixes.insert(prefix.to_vec(), held);
-                    held
+                    open.last_keys.entry(prefix.to_vec()).or_insert(last)
                 }
             };
-            if !held {
+            if last
+                .as_deref()
+                .is_none_or(|last| open.key.as_slice() > last)
+            {
                 return Ok(None);
             }
-            open.key.clear();
-            published_store_key(target, entity, key, &mut open.key);
             table.get(open.key.as_slice()).map(|v| v.map(|v| v.value()))
         })
     }
@@ -554,7 +566,17 @@ pub(crate) use steward_core::state::published_digest;
 
 #[cfg(test)]
 mod tests {
-    use super::published_digest;
+    use super::{published_digest, published_prefix_len, published_store_prefix};
+
+    #[test]
+    fn the_prefix_length_is_that_of_the_written_prefix() {
+        let long = "t".repeat(70_000);
+        for (target, entity) in [("wms", "product"), ("", ""), (long.as_str(), "e")] {
+            let mut prefix = Vec::new();
+            published_store_prefix(target, entity, &mut prefix);
+            assert_eq!(published_prefix_len(target, entity), prefix.len());
+        }
+    }
 
     #[test]
     fn digests_are_unambiguous_and_long_keys_work() {

@@ -738,18 +738,26 @@ fn the_reader_sees_a_generation_once_it_is_committed() {
         generation: g2,
         ..Default::default()
     };
-    steward_core::state::push_published_change(
-        &mut mes.published,
-        "mes",
-        "product",
-        "1",
-        Some([2; 16]),
-    );
+    for key in ["1", "5"] {
+        steward_core::state::push_published_change(
+            &mut mes.published,
+            "mes",
+            "product",
+            key,
+            Some([2; 16]),
+        );
+    }
     store.commit_governed(Lsn(0x200), &[], &mes).unwrap();
     assert_eq!(reader.get("mes", "product", "1"), None);
     assert_eq!(reader.refresh(), g2);
+    // Keys below, at, between and above the greatest one sent.
+    assert_eq!(reader.get("mes", "product", "0"), None);
     assert_eq!(reader.get("mes", "product", "1"), Some([2; 16]));
-    assert_eq!(reader.get("mes", "product", "2"), None);
+    assert_eq!(reader.get("mes", "product", "3"), None);
+    assert_eq!(reader.get("mes", "product", "5"), Some([2; 16]));
+    assert_eq!(reader.get("mes", "product", "6"), None);
+    assert_eq!(reader.get("mes", "product", "a"), None);
+    assert_eq!(reader.get("wms", "product", "1"), Some([1; 16]));
     assert_eq!(reader.error(), None);
     // Another handle of the same file hands out later generations.
     let mut second = store.state_reader();
