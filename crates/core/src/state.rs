@@ -404,6 +404,11 @@ impl StateReader for MemoryState {
 /// its bytes. Every (target, entity) is one contiguous range.
 pub fn published_store_key(target: &str, entity: &str, key: &str, out: &mut Vec<u8>) {
     published_store_prefix(target, entity, out);
+    published_store_suffix(key, out);
+}
+
+/// What follows [`published_store_prefix`] in [`published_store_key`].
+pub fn published_store_suffix(key: &str, out: &mut Vec<u8>) {
     match canonical_integer(key) {
         Some(n) => {
             out.push(1);
