@@ -454,6 +454,62 @@ async fn nats_jetstream_deduplicates_redelivered_batches() {
     }
 }
 
+/// What JetStream answers besides an ack reaches the operator as a retryable
+/// error naming the event: no stream for the subject, a stream that refuses
+/// the message; and once the cause is fixed the same sink delivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_refusals_are_retryable_errors_that_name_the_event() {
+    let Some(nats) = start_nats().await else {
+        return;
+    };
+    let db = TestDb::new("nats_refusals");
+    let mut sink = sink(&config_with(
+        &db,
+        &format!(
+            "type = \"nats\"\nurl = \"{}\"\nentities = [\"product\"]\nsubject = \"mdm.{{entity}}\"\ntimeout_ms = 3000",
+            nats.url
+        ),
+    ));
+    let batch: Vec<Event> = (1..=3)
+        .map(|k| event(&k.to_string(), 20 + k, EventOp::Upsert, "1"))
+        .collect();
+
+    let e = sink.deliver(&batch).await.expect_err("no stream yet");
+    println!("no stream: {e}");
+    assert!(e.retryable, "{e}");
+    assert!(e.message.contains(&batch[0].id), "{e}");
+    assert!(e.message.contains("no JetStream stream captures"), "{e}");
+
+    // A stream that takes one message and refuses the rest.
+    let client = async_nats::connect(&nats.url).await.expect("connect");
+    let js = async_nats::jetstream::new(client);
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "MDM".into(),
+        subjects: vec!["mdm.>".into()],
+        max_messages: 1,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        ..Default::default()
+    })
+    .await
+    .expect("stream");
+    let e = sink.deliver(&batch).await.expect_err("stream full");
+    println!("stream full: {e}");
+    assert!(e.retryable, "{e}");
+    assert!(e.message.contains(&batch[1].id), "{e}");
+    assert!(e.message.contains("maximum messages"), "{e}");
+
+    let mut stream = js.get_stream("MDM").await.expect("stream");
+    let mut config = stream.info().await.expect("info").config.clone();
+    config.max_messages = -1;
+    js.update_stream(config).await.expect("room");
+    deliver(&mut sink, &batch).await;
+    assert_eq!(
+        stream.info().await.expect("info").state.messages,
+        3,
+        "the first message once, then the other two"
+    );
+}
+
 // ---------------------------------------------------------------------- file
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

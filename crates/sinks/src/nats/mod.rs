@@ -4,6 +4,12 @@
 //!
 //! Publishes are pipelined: the whole batch is sent, then the acks are
 //! awaited, so a batch costs about one round trip rather than one per event.
+//! Each message's reply subject is `<inbox>.<batch>.<index>` under one
+//! subscription per connection, and the batch waits for its acks on that
+//! subscription with one deadline. The JetStream context's own publish
+//! gives every message a response slot, a semaphore permit and a timer of
+//! its own (with its ack parsing, 10% of steward's instructions for W2 into
+//! NATS; README, Benchmarks).
 //! A re-delivered batch (after a crash, or a retry after a partial failure)
 //! carries the same message ids, which JetStream drops as duplicates within
 //! the stream's duplicate window; consumers therefore see each event once.
@@ -15,7 +21,9 @@ pub(crate) mod config;
 
 use std::fmt::Write as _;
 
-use async_nats::jetstream::{self, message::PublishMessage, stream};
+use async_nats::jetstream::{self, stream};
+use async_nats::{HeaderMap, StatusCode, Subscriber};
+use futures_util::StreamExt;
 
 pub(crate) use self::config::{NatsAuth, NatsTargetConfig};
 use crate::envelope::{write_one, Envelope, EnvelopeContext};
@@ -28,8 +36,31 @@ pub(crate) struct NatsSink {
     cfg: NatsTargetConfig,
     envelope: Envelope,
     ctx: EnvelopeContext,
-    max_inflight: usize,
-    js: Option<jetstream::Context>,
+    conn: Option<Connection>,
+}
+
+/// JetStream's reply to a publish: `{"stream":..,"seq":..}` (with
+/// `"duplicate":true` for a message id seen within the duplicate window)
+/// or `{"error":{..}}`. Read as one struct rather than as async-nats's
+/// untagged `Response<PublishAck>`, which buffers the reply and tries each
+/// variant: 3,400 instructions per message (callgrind, W2 into NATS).
+#[derive(serde::Deserialize)]
+struct AckReply {
+    #[serde(default)]
+    error: Option<jetstream::Error>,
+    #[serde(default)]
+    seq: Option<u64>,
+}
+
+/// A connection with the subscription its acks arrive on.
+struct Connection {
+    client: async_nats::Client,
+    acks: Subscriber,
+    /// The subscription's subject without the trailing `>`.
+    inbox: String,
+    /// Numbers the batches, so that a late ack of an earlier batch (one
+    /// that failed part-way) is not taken for one of the current batch.
+    batch: u64,
 }
 
 impl NatsSink {
@@ -43,8 +74,7 @@ impl NatsSink {
             cfg: cfg.clone(),
             envelope: cfg.envelope,
             ctx,
-            max_inflight: target.batch_max_events.max(1),
-            js: None,
+            conn: None,
         }
     }
 
@@ -52,7 +82,7 @@ impl NatsSink {
         self.cfg.servers.join(",")
     }
 
-    async fn connect(&self) -> Result<jetstream::Context, DeliveryError> {
+    async fn connect(&self) -> Result<Connection, DeliveryError> {
         let mut opts = async_nats::ConnectOptions::new()
             .name(format!("steward target {}", self.target))
             .connection_timeout(self.cfg.connect_timeout)
@@ -95,12 +125,10 @@ impl NatsSink {
                     status: None,
                 }
             })?;
-        let js = jetstream::ContextBuilder::new()
-            .timeout(self.cfg.timeout)
-            .ack_timeout(self.cfg.timeout)
-            .max_ack_inflight(self.max_inflight)
-            .build(client);
         if let (Some(name), true) = (&self.cfg.stream, self.cfg.create_stream) {
+            let js = jetstream::ContextBuilder::new()
+                .timeout(self.cfg.timeout)
+                .build(client.clone());
             js.get_or_create_stream(stream::Config {
                 name: name.clone(),
                 subjects: self.cfg.stream_subjects.clone(),
@@ -116,75 +144,170 @@ impl NatsSink {
                 ))
             })?;
         }
-        Ok(js)
+        let inbox = client.new_inbox();
+        let acks = client.subscribe(format!("{inbox}.>")).await.map_err(|e| {
+            DeliveryError::retryable(format!(
+                "cannot subscribe to {inbox}.> on NATS {} for JetStream's acks: {e}; may \
+                     this user subscribe to _INBOX.>?",
+                self.servers_display()
+            ))
+        })?;
+        Ok(Connection {
+            client,
+            acks,
+            inbox,
+            batch: 0,
+        })
     }
 
     pub(crate) async fn deliver(&mut self, events: &[Event]) -> Result<(), DeliveryError> {
         if events.is_empty() {
             return Ok(());
         }
-        let js = match &self.js {
-            Some(js) => js.clone(),
-            None => {
-                let js = self.connect().await?;
-                self.js = Some(js.clone());
-                js
-            }
+        let mut conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => self.connect().await?,
         };
-        let result = self.publish_all(&js, events).await;
-        if result.as_ref().is_err_and(|e| e.retryable) {
-            // The client reconnects by itself, but a fresh context also
-            // re-runs stream creation in case the stream was deleted.
-            self.js = None;
+        let result = self.publish_all(&mut conn, events).await;
+        // After a failure the client reconnects by itself, but a fresh
+        // connection also re-runs stream creation in case the stream was
+        // deleted, and leaves the failed batch's late acks behind.
+        if !result.as_ref().is_err_and(|e| e.retryable) {
+            self.conn = Some(conn);
         }
         result
     }
 
     async fn publish_all(
         &self,
-        js: &jetstream::Context,
+        conn: &mut Connection,
         events: &[Event],
     ) -> Result<(), DeliveryError> {
-        let mut acks = Vec::with_capacity(events.len());
-        let mut payload = Vec::with_capacity(512);
+        // One buffer for the batch's payloads, each message a slice of it.
+        let mut encoded = Vec::with_capacity(events.len() * 512);
+        let mut ends = Vec::with_capacity(events.len());
         for event in events {
-            payload.clear();
-            write_one(self.envelope, event, &self.ctx, &mut payload).map_err(|e| {
+            write_one(self.envelope, event, &self.ctx, &mut encoded).map_err(|e| {
                 DeliveryError::permanent(format!("cannot encode event {} as JSON: {e}", event.id))
             })?;
-            let subject = subject(&self.cfg.subject, event, &self.target);
-            let publish = PublishMessage::build()
-                .message_id(&event.id)
-                .payload(bytes::Bytes::copy_from_slice(&payload));
-            let ack = js
-                .send_publish(subject.clone(), publish)
-                .await
-                .map_err(|e| self.publish_error(&subject, &event.id, e))?;
-            acks.push((ack, subject, &event.id));
+            ends.push(encoded.len());
         }
-        for (ack, subject, id) in acks {
-            ack.await.map_err(|e| self.publish_error(&subject, id, e))?;
+        let encoded = bytes::Bytes::from(encoded);
+        conn.batch += 1;
+        let reply_prefix = format!("{}.{}.", conn.inbox, conn.batch);
+        let mut start = 0;
+        for (i, (event, &end)) in events.iter().zip(&ends).enumerate() {
+            let mut headers = HeaderMap::new();
+            headers.insert(async_nats::header::NATS_MESSAGE_ID, event.id.as_str());
+            conn.client
+                .publish_with_reply_and_headers(
+                    subject(&self.cfg.subject, event, &self.target),
+                    format!("{reply_prefix}{i}"),
+                    headers,
+                    encoded.slice(start..end),
+                )
+                .await
+                .map_err(|e| {
+                    DeliveryError::retryable(format!(
+                        "cannot publish event {} on subject {} to NATS {}: {e}",
+                        event.id,
+                        subject(&self.cfg.subject, event, &self.target),
+                        self.servers_display()
+                    ))
+                })?;
+            start = end;
+        }
+        self.await_acks(conn, events, &reply_prefix).await
+    }
+
+    /// Waits for JetStream's ack of every message of the batch, within one
+    /// `timeout` for all of them.
+    async fn await_acks(
+        &self,
+        conn: &mut Connection,
+        events: &[Event],
+        reply_prefix: &str,
+    ) -> Result<(), DeliveryError> {
+        let deadline = tokio::time::Instant::now() + self.cfg.timeout;
+        let mut acked = vec![false; events.len()];
+        let mut waiting = events.len();
+        while waiting > 0 {
+            let message = match tokio::time::timeout_at(deadline, conn.acks.next()).await {
+                Ok(Some(message)) => message,
+                Ok(None) => {
+                    return Err(DeliveryError::retryable(format!(
+                        "lost the connection to NATS {} before JetStream acknowledged {waiting} \
+                         of {} events",
+                        self.servers_display(),
+                        events.len()
+                    )))
+                }
+                Err(_) => {
+                    let first = acked.iter().position(|a| !a).unwrap_or(0);
+                    let event = &events[first];
+                    return Err(self.publish_error(
+                        &subject(&self.cfg.subject, event, &self.target),
+                        &event.id,
+                        &format!(
+                            "no acknowledgement for {waiting} of {} messages",
+                            events.len()
+                        ),
+                        "; the server did not acknowledge in time (timeout_ms)",
+                    ));
+                }
+            };
+            let Some(i) = message
+                .subject
+                .strip_prefix(reply_prefix)
+                .and_then(|i| i.parse::<usize>().ok())
+                .filter(|&i| i < events.len() && !acked[i])
+            else {
+                // An earlier batch's late ack.
+                continue;
+            };
+            let event = &events[i];
+            if message.status == Some(StatusCode::NO_RESPONDERS) {
+                return Err(self.publish_error(
+                    &subject(&self.cfg.subject, event, &self.target),
+                    &event.id,
+                    "no responders",
+                    "; no JetStream stream captures this subject: create one (e.g. nats stream \
+                     add STEWARD --subjects 'steward.>') or set stream and create_stream = true",
+                ));
+            }
+            match serde_json::from_slice::<AckReply>(&message.payload) {
+                Ok(AckReply {
+                    error: Some(error), ..
+                }) => {
+                    return Err(self.publish_error(
+                        &subject(&self.cfg.subject, event, &self.target),
+                        &event.id,
+                        &error.to_string(),
+                        "",
+                    ))
+                }
+                Ok(AckReply { seq: Some(_), .. }) => {}
+                Ok(AckReply { seq: None, .. }) | Err(_) => {
+                    return Err(self.publish_error(
+                        &subject(&self.cfg.subject, event, &self.target),
+                        &event.id,
+                        &format!(
+                            "unreadable acknowledgement {:?}",
+                            String::from_utf8_lossy(&message.payload)
+                        ),
+                        "",
+                    ))
+                }
+            }
+            acked[i] = true;
+            waiting -= 1;
         }
         Ok(())
     }
 
-    fn publish_error(
-        &self,
-        subject: &str,
-        id: &str,
-        e: async_nats::jetstream::context::PublishError,
-    ) -> DeliveryError {
-        use async_nats::jetstream::context::PublishErrorKind as K;
-        let hint = match e.kind() {
-            K::StreamNotFound => {
-                "; no JetStream stream captures this subject: create one (e.g. nats stream add \
-                 STEWARD --subjects 'steward.>') or set stream and create_stream = true"
-            }
-            K::TimedOut => "; the server did not acknowledge in time (timeout_ms)",
-            _ => "",
-        };
+    fn publish_error(&self, subject: &str, id: &str, error: &str, hint: &str) -> DeliveryError {
         DeliveryError::retryable(format!(
-            "JetStream did not accept event {id} on subject {subject} ({}): {e}{hint}",
+            "JetStream did not accept event {id} on subject {subject} ({}): {error}{hint}",
             self.servers_display()
         ))
     }
