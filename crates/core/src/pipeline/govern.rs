@@ -368,7 +368,15 @@ impl<'a> Pending<'a> {
             h = (h.rotate_left(5) ^ u64::from_le_bytes(word))
                 .wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
         }
-        h ^ key.len() as u64
+        // The low bits of a product depend only on the low bits of its
+        // factors, and the maps index buckets by the low bits: without this
+        // mix (MurmurHash3's finaliser) keys that share their first bytes
+        // ("100000" to "100999") share a bucket and each lookup walks all
+        // of them. Each step is a bijection, so no two short keys collide.
+        let mut h = h ^ key.len() as u64;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^ (h >> 33)
     }
 
     fn find(&self, h: u64, e: EntityIndex, key: &str) -> Option<u32> {
