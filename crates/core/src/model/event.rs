@@ -167,15 +167,17 @@ impl Event {
     /// bench --bench e2e -- W1`).
     pub fn source_id(commit_lsn: Lsn, index: u32) -> String {
         const HEX: &[u8; 16] = b"0123456789ABCDEF";
-        let mut out = [0u8; 25];
-        for (i, slot) in out[..16].iter_mut().enumerate() {
-            *slot = HEX[((commit_lsn.0 >> (60 - 4 * i)) & 0xF) as usize];
+        let mut out = String::with_capacity(25);
+        for shift in (0..16).rev() {
+            out.push(char::from(
+                HEX[((commit_lsn.0 >> (4 * shift)) & 0xF) as usize],
+            ));
         }
-        out[16] = b'-';
-        for (i, slot) in out[17..].iter_mut().enumerate() {
-            *slot = HEX[((index >> (28 - 4 * i)) & 0xF) as usize];
+        out.push('-');
+        for shift in (0..8).rev() {
+            out.push(char::from(HEX[((index >> (4 * shift)) & 0xF) as usize]));
         }
-        String::from_utf8_lossy(&out).into_owned()
+        out
     }
 }
 
