@@ -579,8 +579,11 @@ async fn consume(
         let store = committer.store.clone();
         tokio::task::block_in_place(|| large.reset(&store))?;
     }
-    // The last transaction's emptied change list, reused by the next.
+    // The last transaction's emptied change list and record index, reused
+    // by the next: a fresh index is regrown (rehashed) as each transaction's
+    // records arrive.
     let mut spare_mapped: Vec<Mapped> = Vec::new();
+    let mut spare_positions: HashKeyed<usize> = HashKeyed::default();
     let mut toast = toast::ToastFiller::default();
     // Proof of life for the systemd watchdog, even when no messages arrive.
     let mut alive = tokio::time::interval(Duration::from_secs(1));
@@ -626,6 +629,7 @@ async fn consume(
                 {
                     released = true;
                     spare_mapped = Vec::new();
+                    spare_positions = HashKeyed::default();
                     committer.release_buffers();
                     governance.release_buffers();
                     idle::collect();
@@ -687,7 +691,7 @@ async fn consume(
                     xid,
                     index: 0,
                     mapped: std::mem::take(&mut spare_mapped),
-                    positions: HashKeyed::default(),
+                    positions: std::mem::take(&mut spare_positions),
                 });
             }
             SourceEvent::Change(change) => {
@@ -788,6 +792,8 @@ async fn consume(
                     );
                 }
                 spare_mapped = txn.mapped;
+                txn.positions.clear();
+                spare_positions = txn.positions;
                 let appended = appended || committer.batch.len() > before;
                 committer.add(appended, take_delta(governance)?, end_lsn)?;
                 snapshots.position = snapshots.position.max(end_lsn);
