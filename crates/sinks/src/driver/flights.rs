@@ -4,12 +4,13 @@
 //! Kept apart from the loop that starts batches (`batch`) because this is
 //! where the ordering guarantee after a crash is decided.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 
 use futures_util::stream::FuturesUnordered;
 
+use super::batch::KeySet;
 use super::lane::{Isolated, Lane};
 use super::settle::Prepared;
 use super::{Deliver, Driver, Stop};
@@ -31,7 +32,7 @@ pub(super) type LaneFuture<D, O> = Pin<Box<dyn Future<Output = LaneDone<D, O>> +
 /// The outbox batches in flight, in outbox order, and their keys.
 pub(super) struct Flights<D, O> {
     pub(super) pending: VecDeque<InFlight>,
-    pub(super) busy: HashSet<u64>,
+    pub(super) busy: KeySet,
     pub(super) running: FuturesUnordered<LaneFuture<D, O>>,
     /// An operator request is waiting: no new batch starts, and what is not
     /// settled when the last lane is back is read again after the request.

@@ -81,6 +81,7 @@ use steward_core::config::TargetConfig;
 use steward_core::model::Event;
 use steward_store::{Outbox, StoreError};
 
+use batch::KeySet;
 use lane::Lane;
 use pacing::{backoff, Limits};
 use target_metrics::TargetMetrics;
@@ -211,7 +212,7 @@ pub async fn run_target<D: Deliver + 'static, O: Outbox>(
         shutdown,
         metrics,
         held: HashSet::new(),
-        acked_lazily: HashSet::new(),
+        acked_lazily: KeySet::default(),
         acked_lazily_at: 0,
         inbox,
         flush: false,
@@ -272,7 +273,7 @@ struct Driver<D, O> {
     /// Keys (`key_hash`) of batches acknowledged without fsync, and the
     /// store's durable commit count after the last of those
     /// acknowledgements (see [`Driver::settle_durably_before`]).
-    acked_lazily: HashSet<u64>,
+    acked_lazily: KeySet,
     acked_lazily_at: u64,
 }
 
