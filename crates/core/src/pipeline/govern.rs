@@ -368,15 +368,9 @@ impl<'a> Pending<'a> {
             h = (h.rotate_left(5) ^ u64::from_le_bytes(word))
                 .wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
         }
-        // The low bits of a product depend only on the low bits of its
-        // factors, and the maps index buckets by the low bits: without this
-        // mix (MurmurHash3's finaliser) keys that share their first bytes
-        // ("100000" to "100999") share a bucket and each lookup walks all
-        // of them. Each step is a bijection, so no two short keys collide.
-        let mut h = h ^ key.len() as u64;
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        h ^ (h >> 33)
+        // Its low bits depend on the key's first bytes only: the maps mix
+        // it ([`DigestHasher`]).
+        h ^ key.len() as u64
     }
 
     fn find(&self, h: u64, e: EntityIndex, key: &str) -> Option<u32> {
@@ -3270,9 +3264,14 @@ type PublishedSlot = super::slot_map::Slot;
 /// to no document, so the next reconciliation sends it again.
 const SENT_UNKNOWN: [u8; 16] = [0xFF; 16];
 
-/// The hasher of maps keyed by values that are already uniform digests
-/// ([`record_hash`], the published state's slots): a `u64` written is the
-/// hash as is; hashing it again would only cost time.
+/// The hasher of maps keyed by values that are hashes already
+/// ([`record_hash`], the published state's slots, the delivery driver's key
+/// hashes): a `u64` written gets one finalising mix (MurmurHash3's) instead
+/// of SipHash. The mix is needed: the low bits of a multiply-based hash
+/// depend only on a key's first bytes, and the maps pick the bucket by the
+/// low bits, so without it the keys "100000" to "100999" shared one bucket
+/// of 1,024 and each lookup walked them all. Each step of the mix is a
+/// bijection, so distinct hashes stay distinct.
 #[derive(Default)]
 pub struct DigestHasher(u64);
 
@@ -3288,7 +3287,10 @@ impl Hasher for DigestHasher {
     }
 
     fn finish(&self) -> u64 {
-        self.0
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^ (h >> 33)
     }
 }
 

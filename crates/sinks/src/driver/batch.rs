@@ -5,7 +5,7 @@
 //! in `flights` and `settle`; this file only decides what goes out next.
 
 use std::collections::{HashSet, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use super::flights::{Flights, InFlight};
 use super::{requests, shutdown_requested, sleep_until_opt, Deliver, Driver, Stop, TargetQueue};
 use steward_core::model::Event;
+use steward_core::pipeline::govern::DigestHasher;
 use steward_store::Outbox;
 
 /// How often an idle driver looks at its outbox when nobody can wake it any more
@@ -277,33 +278,10 @@ pub(super) fn key_hash(event: &Event) -> u64 {
     h
 }
 
-/// A set of [`key_hash`] values. They are hashes already, so the set mixes
-/// each once (MurmurHash3's finaliser: the multiply steps above leave the
-/// low bits, which pick the bucket, depending on a key's first bytes only)
-/// instead of running SipHash over it: four set operations per event.
-pub(super) type KeySet = HashSet<u64, BuildHasherDefault<KeyHashHasher>>;
-
-#[derive(Default)]
-pub(super) struct KeyHashHasher(u64);
-
-impl Hasher for KeyHashHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-
-    fn finish(&self) -> u64 {
-        let mut h = self.0;
-        h ^= h >> 33;
-        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        h ^ (h >> 33)
-    }
-}
+/// A set of [`key_hash`] values, which are hashes already: the set mixes
+/// each once instead of running SipHash over it (four set operations per
+/// event).
+pub(super) type KeySet = HashSet<u64, BuildHasherDefault<DigestHasher>>;
 
 #[cfg(test)]
 mod tests {
