@@ -456,8 +456,9 @@ async fn seed_entity(
             }
         };
         let this = async {
-            let mut mapped = Vec::with_capacity(rows.len());
-            for row in &rows {
+            let read = rows.len();
+            let mut mapped = Vec::with_capacity(read);
+            for row in rows {
                 if let Some(m) = snapshot_mapped(&pipeline, relation.id, e, row, Lsn::ZERO, time)? {
                     if let Some(keys) = present.as_deref_mut() {
                         keys.insert(m.event.key.clone());
@@ -474,7 +475,7 @@ async fn seed_entity(
             tokio::task::spawn_blocking(move || store.apply_governance(&[], &delta)).await??;
             // The chunk's rows are in the store now: let go of them.
             governance.release_buffers();
-            anyhow::Ok(rows.len())
+            anyhow::Ok(read)
         };
         let (next, this) = tokio::join!(next, this);
         total += this?;

@@ -84,7 +84,7 @@ async fn read_row(
         return Err(problem.to_string());
     }
     let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    let mapped = snapshot_mapped(&pipeline, relation.id, e, &row, Lsn::ZERO, &time)
+    let mapped = snapshot_mapped(&pipeline, relation.id, e, row, Lsn::ZERO, &time)
         .map_err(|e| e.to_string())?;
     Ok(mapped.and_then(|m| m.row().cloned()))
 }

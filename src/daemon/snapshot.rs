@@ -711,8 +711,9 @@ impl Worker {
                         .collect(),
                     _ => Vec::new(),
                 };
-                let mut mapped = Vec::with_capacity(rows.len());
-                for row in &rows {
+                let read = rows.len();
+                let mut mapped = Vec::with_capacity(read);
+                for row in rows {
                     if let Some(m) =
                         snapshot_mapped(pipeline, relation.id, entity_index, row, consistent, time)?
                     {
@@ -720,7 +721,7 @@ impl Worker {
                     }
                 }
                 anyhow::Ok(Fetched {
-                    rows: rows.len(),
+                    rows: read,
                     asked,
                     last_key,
                     mapped,

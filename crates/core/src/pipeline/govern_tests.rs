@@ -452,7 +452,7 @@ impl Harness {
         rows.iter()
             .filter_map(|cols| {
                 let (row, _) = self.write_row(&table, ChangeOp::Insert, cols);
-                snapshot_mapped(&self.pipeline, rel, e, &row, consistent, "snap-time").unwrap()
+                snapshot_mapped(&self.pipeline, rel, e, row, consistent, "snap-time").unwrap()
             })
             .collect()
     }

@@ -40,29 +40,42 @@ fn snapshot_event(
     consistent: Lsn,
     time: &str,
 ) -> Result<Option<Event>, PipelineError> {
-    Ok(
-        snapshot_mapped(pipeline, relation_id, entity, row, consistent, time)?.map(|m| {
-            let mut event = m.event;
-            event.data = EventData::from_map(&m.data);
-            event
-        }),
-    )
+    Ok(snapshot_mapped(
+        pipeline,
+        relation_id,
+        entity,
+        row.to_vec(),
+        consistent,
+        time,
+    )?
+    .map(|m| {
+        let mut event = m.event;
+        event.data = EventData::from_map(&m.data);
+        event
+    }))
 }
 
 /// Maps one snapshot row of the relation `relation_id` (which the pipeline
 /// must know, see [`Pipeline::on_relation`]) for entity `entity`, as
 /// the governance takes it: the mapped change (with
 /// the whole row for entities whose rows are captured), carrying the
-/// snapshot's id, version and `Snapshot` change kind.
+/// snapshot's id, version and `Snapshot` change kind. The row is taken:
+/// its column texts become the change's values without a copy.
 pub fn snapshot_mapped(
     pipeline: &Pipeline,
     relation_id: u32,
     entity: EntityIndex,
-    row: &[Option<String>],
+    row: Vec<Option<String>>,
     consistent: Lsn,
     time: &str,
 ) -> Result<Option<Mapped>, PipelineError> {
-    let tuple = tuple_of(row);
+    let tuple = row
+        .into_iter()
+        .map(|v| match v {
+            Some(text) => TupleValue::Text(Bytes::from(text)),
+            None => TupleValue::Null,
+        })
+        .collect();
     let change = Change {
         relation_id,
         op: ChangeOp::Insert,
