@@ -115,7 +115,7 @@ impl Sweep<'_> {
             self.pipeline,
             self.relation.id,
             self.entity,
-            &row,
+            row,
             self.consistent,
             self.time,
         )?)

@@ -190,7 +190,7 @@ impl Worker {
                     sweep.pipeline,
                     sweep.relation.id,
                     sweep.entity,
-                    &row,
+                    row,
                     consistent,
                     sweep.time,
                 ) {

@@ -3678,7 +3678,7 @@ fn a_deep_sweep_deletes_rows_only_where_the_target_holds_them() {
     let absent = |h: &Harness, key: &str| {
         let mut row = vec![None; width];
         row[id_at] = Some(key.to_string());
-        crate::pipeline::absent_mapped(&h.pipeline, rel, e, &row, consistent, "t")
+        crate::pipeline::absent_mapped(&h.pipeline, rel, e, row, consistent, "t")
             .unwrap()
             .unwrap()
     };

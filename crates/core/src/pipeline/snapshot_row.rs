@@ -69,13 +69,7 @@ pub fn snapshot_mapped(
     consistent: Lsn,
     time: &str,
 ) -> Result<Option<Mapped>, PipelineError> {
-    let tuple = row
-        .into_iter()
-        .map(|v| match v {
-            Some(text) => TupleValue::Text(Bytes::from(text)),
-            None => TupleValue::Null,
-        })
-        .collect();
+    let tuple = tuple_of(row);
     let change = Change {
         relation_id,
         op: ChangeOp::Insert,
@@ -92,11 +86,12 @@ pub fn snapshot_mapped(
     }))
 }
 
-/// A row's column texts as the tuple a decoded change carries.
-fn tuple_of(row: &[Option<String>]) -> Vec<TupleValue> {
-    row.iter()
+/// A row's column texts as the tuple a decoded change carries, each text
+/// kept as it is rather than copied.
+fn tuple_of(row: Vec<Option<String>>) -> Vec<TupleValue> {
+    row.into_iter()
         .map(|v| match v {
-            Some(text) => TupleValue::Text(Bytes::copy_from_slice(text.as_bytes())),
+            Some(text) => TupleValue::Text(Bytes::from(text)),
             None => TupleValue::Null,
         })
         .collect()
@@ -110,7 +105,7 @@ pub fn absent_mapped(
     pipeline: &Pipeline,
     relation_id: u32,
     entity: EntityIndex,
-    row: &[Option<String>],
+    row: Vec<Option<String>>,
     consistent: Lsn,
     time: &str,
 ) -> Result<Option<Mapped>, PipelineError> {

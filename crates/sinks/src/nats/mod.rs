@@ -246,8 +246,7 @@ impl NatsSink {
                     let first = acked.iter().position(|a| !a).unwrap_or(0);
                     let event = &events[first];
                     return Err(self.publish_error(
-                        &subject(&self.cfg.subject, event, &self.target),
-                        &event.id,
+                        event,
                         &format!(
                             "no acknowledgement for {waiting} of {} messages",
                             events.len()
@@ -268,8 +267,7 @@ impl NatsSink {
             let event = &events[i];
             if message.status == Some(StatusCode::NO_RESPONDERS) {
                 return Err(self.publish_error(
-                    &subject(&self.cfg.subject, event, &self.target),
-                    &event.id,
+                    event,
                     "no responders",
                     "; no JetStream stream captures this subject: create one (e.g. nats stream \
                      add STEWARD --subjects 'steward.>') or set stream and create_stream = true",
@@ -278,19 +276,11 @@ impl NatsSink {
             match serde_json::from_slice::<AckReply>(&message.payload) {
                 Ok(AckReply {
                     error: Some(error), ..
-                }) => {
-                    return Err(self.publish_error(
-                        &subject(&self.cfg.subject, event, &self.target),
-                        &event.id,
-                        &error.to_string(),
-                        "",
-                    ))
-                }
+                }) => return Err(self.publish_error(event, &error.to_string(), "")),
                 Ok(AckReply { seq: Some(_), .. }) => {}
                 Ok(AckReply { seq: None, .. }) | Err(_) => {
                     return Err(self.publish_error(
-                        &subject(&self.cfg.subject, event, &self.target),
-                        &event.id,
+                        event,
                         &format!(
                             "unreadable acknowledgement {:?}",
                             String::from_utf8_lossy(&message.payload)
@@ -305,9 +295,11 @@ impl NatsSink {
         Ok(())
     }
 
-    fn publish_error(&self, subject: &str, id: &str, error: &str, hint: &str) -> DeliveryError {
+    fn publish_error(&self, event: &Event, error: &str, hint: &str) -> DeliveryError {
         DeliveryError::retryable(format!(
-            "JetStream did not accept event {id} on subject {subject} ({}): {error}{hint}",
+            "JetStream did not accept event {} on subject {} ({}): {error}{hint}",
+            event.id,
+            subject(&self.cfg.subject, event, &self.target),
             self.servers_display()
         ))
     }
