@@ -10,6 +10,7 @@
 //! (target, entity) is one range to list.
 
 use std::collections::HashMap;
+use std::ops::Bound;
 use std::sync::atomic::Ordering;
 use std::sync::{Mutex, PoisonError};
 
@@ -30,24 +31,114 @@ use super::{Store, TxnError};
 pub(crate) const GOV_PUBLISHED: TableDefinition<&[u8], [u8; 16]> =
     TableDefinition::new("gov_published");
 
-/// Applies the published changes of a delta inside `txn`, in order.
+/// Applies the published changes of a delta inside `txn`: each key ends
+/// with its last change. Keys past the greatest one their (target, entity)
+/// holds — a snapshot into a target, new records — are spliced in as one run
+/// per (target, entity) instead of inserted one by one: redb builds the
+/// leaves once and fills them, where an insert per key rewrites a leaf per
+/// key and leaves appended pages half empty.
 #[allow(clippy::result_large_err)] // redb's own error type, boxed by the caller
 pub(super) fn apply(txn: &WriteTransaction, changes: &[u8]) -> Result<(), redb::Error> {
     if changes.is_empty() {
         return Ok(());
     }
     let mut table = txn.open_table(GOV_PUBLISHED)?;
-    for (key, hash) in published_changes(changes) {
-        match hash {
-            Some(hash) => {
-                table.insert(key, hash)?;
+    let mut end = Vec::new();
+    for (prefix, changes) in last_changes(changes) {
+        // Every key under the prefix sorts below the prefix and 0xff.
+        end.clear();
+        end.extend_from_slice(prefix);
+        end.push(u8::MAX);
+        let last = match table.range(prefix..end.as_slice())?.next_back() {
+            Some(entry) => Some(entry?.0.value().to_vec()),
+            None => None,
+        };
+        let new = match &last {
+            Some(last) => changes.partition_point(|(key, _)| *key <= last.as_slice()),
+            None => 0,
+        };
+        for (key, hash) in &changes[..new] {
+            match hash {
+                Some(hash) => {
+                    table.insert(*key, hash)?;
+                }
+                None => {
+                    table.remove(*key)?;
+                }
             }
-            None => {
-                table.remove(key)?;
+        }
+        let mut appended = changes[new..]
+            .iter()
+            .filter_map(|(key, hash)| Some((*key, (*hash)?)))
+            .peekable();
+        if let Some((first, _)) = appended.peek() {
+            let mut cursor = table.lower_bound_mut(Bound::Included(*first))?;
+            for (key, hash) in appended {
+                cursor.insert_before(key, hash)?;
             }
+            cursor.close()?;
         }
     }
     Ok(())
+}
+
+type Change<'a> = (&'a [u8], Option<[u8; 16]>);
+
+/// The changes per (target, entity) prefix, in key order, each key with its
+/// last change. A delta lists a record's targets one after another and its
+/// records mostly in key order: grouped first, each group is usually sorted
+/// already, and checking that is cheaper than sorting.
+fn last_changes(changes: &[u8]) -> Vec<(&[u8], Vec<Change<'_>>)> {
+    let mut groups: Vec<(&[u8], Vec<Change<'_>>)> = Vec::new();
+    let mut index: HashMap<&[u8], usize> = HashMap::new();
+    let mut last = 0;
+    for change in published_changes(changes) {
+        let prefix = store_prefix(change.0);
+        let next = (last + 1) % groups.len().max(1);
+        last = if groups.get(next).is_some_and(|g| g.0 == prefix) {
+            next
+        } else if groups.get(last).is_some_and(|g| g.0 == prefix) {
+            last
+        } else {
+            *index.entry(prefix).or_insert_with(|| {
+                groups.push((prefix, Vec::new()));
+                groups.len() - 1
+            })
+        };
+        groups[last].1.push(change);
+    }
+    for (_, changes) in &mut groups {
+        if changes.is_sorted_by(|a, b| a.0 < b.0) {
+            continue;
+        }
+        // Stable: a key's changes stay in the order they were made.
+        changes.sort_by(|a, b| a.0.cmp(b.0));
+        let mut kept = 0;
+        for i in 0..changes.len() {
+            if kept > 0 && changes[kept - 1].0 == changes[i].0 {
+                changes[kept - 1] = changes[i];
+            } else {
+                changes[kept] = changes[i];
+                kept += 1;
+            }
+        }
+        changes.truncate(kept);
+    }
+    groups
+}
+
+/// The (target, entity) part of a [`published_store_key`]: two names, each
+/// after its big-endian 16-bit length. The encoding is prefix-free: no
+/// other (target, entity)'s keys start with it.
+fn store_prefix(key: &[u8]) -> &[u8] {
+    let mut at = 0;
+    for _ in 0..2 {
+        let len = key
+            .get(at..at + 2)
+            .map_or(0, |l| u16::from_be_bytes([l[0], l[1]]) as usize);
+        at = (at + 2 + len).min(key.len());
+    }
+    &key[..at]
 }
 
 /// Up to `max` keys of `entity` that `target` was sent (published, not

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 
-use redb::{Durability, ReadableTable, TableDefinition, TableError};
+use redb::{Durability, ReadableTable, ReadableTableMetadata, TableDefinition, TableError};
 use serde::{Deserialize, Serialize};
 
 use super::tables::{
@@ -375,16 +375,23 @@ impl Store {
             let mut out = vec![false; items.len()];
             for ((target, entity), name) in &names {
                 let mut table = txn.open_table(versions_table(name))?;
+                // No streamed event recorded yet (a quiet source): nothing
+                // to look up for each snapshot row.
+                let mut empty = table.is_empty()?;
                 for (i, item) in items.iter().enumerate() {
                     if item.target != *target || item.entity != *entity {
                         continue;
                     }
-                    let highest = table.get(item.key)?.map(|g| g.value());
+                    let highest = match empty {
+                        true => None,
+                        false => table.get(item.key)?.map(|g| g.value()),
+                    };
                     if highest.is_some_and(|h| item.version < h) {
                         continue;
                     }
                     if item.record && highest != Some(item.version) {
                         table.insert(item.key, item.version)?;
+                        empty = false;
                     }
                     out[i] = true;
                 }
