@@ -11,14 +11,13 @@
 //! appended) exist only while the job's window is open; they are dropped when
 //! it closes, so steady-state streaming pays nothing for them.
 
-use std::collections::HashMap;
 
 use redb::{Durability, ReadableTable, ReadableTableMetadata, TableDefinition, TableError};
 use serde::{Deserialize, Serialize};
 
 use super::tables::{
-    chunk_events, chunk_len, encode_chunk, next_chunk, outbox_table, outbox_table_name,
-    CHECKPOINT_KEY, COUNTERS, TARGETS,
+    chunk_events, chunk_len, encode_chunk, next_chunk, open_or_empty, outbox_table,
+    outbox_table_name, CHECKPOINT_KEY, COUNTERS, TARGETS,
 };
 use super::{event_codec, load_state, Store, StoreError, TxnError};
 use steward_core::model::Lsn;
@@ -365,13 +364,39 @@ impl Store {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        self.write(Durability::None, |txn| {
-            let mut names: HashMap<(&str, &str), String> = HashMap::new();
-            for item in items {
-                names
-                    .entry((item.target, item.entity))
-                    .or_insert_with(|| versions_name(item.target, item.entity));
+        // A few (target, entity) pairs, most items in a row of the same.
+        let mut names: Vec<((&str, &str), String)> = Vec::new();
+        for item in items {
+            let pair = (item.target, item.entity);
+            if names.last().is_none_or(|(p, _)| *p != pair)
+                && !names.iter().any(|(p, _)| *p == pair)
+            {
+                names.push((pair, versions_name(item.target, item.entity)));
             }
+        }
+        if items.iter().all(|item| !item.record) {
+            // Read rows only (a snapshot's chunk): nothing to record, so
+            // no write transaction.
+            return self.read(|txn| {
+                let mut out = vec![true; items.len()];
+                for ((target, entity), name) in &names {
+                    let Some(table) = open_or_empty!(txn, versions_table(name)) else {
+                        continue;
+                    };
+                    if table.is_empty()? {
+                        continue;
+                    }
+                    for (i, item) in items.iter().enumerate() {
+                        if item.target == *target && item.entity == *entity {
+                            let highest = table.get(item.key)?.map(|g| g.value());
+                            out[i] = highest.is_none_or(|h| item.version >= h);
+                        }
+                    }
+                }
+                Ok(out)
+            });
+        }
+        self.write(Durability::None, |txn| {
             let mut out = vec![false; items.len()];
             for ((target, entity), name) in &names {
                 let mut table = txn.open_table(versions_table(name))?;

@@ -1343,4 +1343,15 @@ fn a_snapshot_window_refuses_rows_older_than_a_streamed_event() {
             .unwrap(),
         [false, true, false, true]
     );
+    // Read rows only (no write): checked against what was recorded.
+    assert_eq!(
+        store
+            .admit_versions(&[
+                check("3", 9, false),
+                check("3", 10, false),
+                check("5", 1, false)
+            ])
+            .unwrap(),
+        [false, true, true]
+    );
 }
