@@ -57,7 +57,7 @@ impl AuditFilter {
 
 /// Appends records (already JSON-encoded, in order) inside `txn`.
 #[allow(clippy::result_large_err)] // redb's own error type, boxed by the caller
-pub(super) fn append(txn: &WriteTransaction, records: &[Vec<u8>]) -> Result<(), redb::Error> {
+pub(super) fn append(txn: &WriteTransaction, records: &[&[u8]]) -> Result<(), redb::Error> {
     if records.is_empty() {
         return Ok(());
     }
@@ -68,9 +68,9 @@ pub(super) fn append(txn: &WriteTransaction, records: &[Vec<u8>]) -> Result<(), 
     };
     let mut rest = records;
     while !rest.is_empty() {
-        let (n, bytes) = next_chunk(rest.iter().map(Vec::len));
+        let (n, bytes) = next_chunk(rest.iter().map(|r| r.len()));
         let mut chunk = Vec::with_capacity(bytes);
-        encode_chunk(rest[..n].iter().map(Vec::as_slice), &mut chunk);
+        encode_chunk(rest[..n].iter().copied(), &mut chunk);
         log.insert(next, chunk.as_slice())?;
         next += n as u64;
         rest = &rest[n..];
@@ -168,6 +168,7 @@ impl Store {
             .iter()
             .map(super::governance::encode_audit_record)
             .collect();
+        let encoded: Vec<&[u8]> = encoded.iter().map(Vec::as_slice).collect();
         self.write(redb::Durability::Immediate, |txn| {
             append(txn, &encoded).map_err(|e| TxnError::Redb(Box::new(e)))
         })

@@ -200,7 +200,8 @@ pub(super) fn apply(
     let mut claims = txn.open_table(GOV_CLAIMS)?;
     let mut refs = txn.open_table(GOV_REFS)?;
     let mut quarantine = txn.open_table(super::quarantine::QUARANTINE)?;
-    let mut audit = Vec::new();
+    // Every record written into one buffer, each ending at its offset.
+    let (mut audit, mut audit_ends) = (Vec::new(), Vec::new());
     for op in &delta.ops {
         match op {
             GovOp::Row { entity, key, row } => {
@@ -264,15 +265,23 @@ pub(super) fn apply(
                 }
             }
             GovOp::Audit(record) => {
-                let mut bytes = Vec::with_capacity(160);
-                write_audit_record(record, seqs.of(record), &mut bytes);
-                audit.push(bytes);
+                write_audit_record(record, seqs.of(record), &mut audit);
+                audit_ends.push(audit.len());
             }
         }
     }
     drop((rows, unique, claims, refs, quarantine));
     super::published::apply(txn, &delta.published)?;
-    super::audit::append(txn, &audit)
+    let mut start = 0;
+    let records: Vec<&[u8]> = audit_ends
+        .iter()
+        .map(|&end| {
+            let record = &audit[start..end];
+            start = end;
+            record
+        })
+        .collect();
+    super::audit::append(txn, &records)
 }
 
 /// Finds the outbox sequence number of the event an audit record of a
@@ -344,33 +353,43 @@ pub(crate) fn encode_audit_record(r: &AuditRecord) -> Vec<u8> {
 
 /// `seq` (when given) stands for the record's own.
 fn write_audit_record(r: &AuditRecord, seq: Option<u64>, out: &mut Vec<u8>) {
-    out.push(b'{');
-    json::write_key(out, "time_micros", true);
+    // The keys with their punctuation as literals: one copy each.
+    out.reserve(
+        120 + r.entity.len()
+            + r.key.len()
+            + r.target.as_ref().map_or(0, String::len)
+            + r.decision.len()
+            + r.detail.len(),
+    );
+    out.extend_from_slice(b"{\"time_micros\":");
     json::write_int(out, r.time_micros);
-    json::write_key(out, "entity", false);
+    out.extend_from_slice(b",\"entity\":");
     json::write_str(out, &r.entity);
-    json::write_key(out, "key", false);
+    out.extend_from_slice(b",\"key\":");
     json::write_str(out, &r.key);
-    json::write_key(out, "version", false);
+    out.extend_from_slice(b",\"version\":");
     json::write_int(out, r.version);
-    json::write_key(out, "target", false);
+    out.extend_from_slice(b",\"target\":");
     match &r.target {
         Some(t) => json::write_str(out, t),
         None => out.extend_from_slice(b"null"),
     }
-    json::write_key(out, "decision", false);
+    out.extend_from_slice(b",\"decision\":");
     json::write_str(out, &r.decision);
-    json::write_key(out, "detail", false);
+    out.extend_from_slice(b",\"detail\":");
     json::write_str(out, &r.detail);
     // Left out when empty, as serde does (`skip_serializing_if`).
-    for (name, value) in [("user", &r.user), ("comment", &r.comment)] {
+    for (key, value) in [
+        (&b",\"user\":"[..], &r.user),
+        (b",\"comment\":", &r.comment),
+    ] {
         if let Some(v) = value {
-            json::write_key(out, name, false);
+            out.extend_from_slice(key);
             json::write_str(out, v);
         }
     }
     if let Some(seq) = seq.or(r.seq) {
-        json::write_key(out, "seq", false);
+        out.extend_from_slice(b",\"seq\":");
         json::write_int(out, seq);
     }
     out.push(b'}');

@@ -11,7 +11,6 @@
 //! appended) exist only while the job's window is open; they are dropped when
 //! it closes, so steady-state streaming pays nothing for them.
 
-
 use redb::{Durability, ReadableTable, ReadableTableMetadata, TableDefinition, TableError};
 use serde::{Deserialize, Serialize};
 
