@@ -25,7 +25,25 @@ pub(crate) fn snapshot_version(consistent: Lsn) -> u64 {
 /// Deterministic id of a snapshot row: the same snapshot re-read after a
 /// crash produces the same ids, so targets can de-duplicate.
 pub(crate) fn snapshot_id(consistent: Lsn, entity: &str, key: &str) -> String {
-    format!("snap-{:016X}-{entity}-{key}", consistent.0)
+    row_id("snap-", consistent, entity, key)
+}
+
+/// `{prefix}{consistent as 16 upper-case hex digits}-{entity}-{key}`,
+/// written by hand: once per row read, where `format!` cost ten times as much.
+fn row_id(prefix: &str, consistent: Lsn, entity: &str, key: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut id = String::with_capacity(prefix.len() + 18 + entity.len() + key.len());
+    id.push_str(prefix);
+    for shift in (0..16).rev() {
+        id.push(char::from(
+            HEX[(consistent.0 >> (shift * 4)) as usize & 0xF],
+        ));
+    }
+    id.push('-');
+    id.push_str(entity);
+    id.push('-');
+    id.push_str(key);
+    id
 }
 
 /// The event a snapshot row maps to before governance (its mapped fields as
@@ -119,10 +137,7 @@ pub fn absent_mapped(
     let mut out: Vec<Mapped> = Vec::with_capacity(1);
     pipeline.map_change(&change, consistent, 0, time, &mut out)?;
     Ok(out.into_iter().find(|m| m.entity == entity).map(|mut m| {
-        m.event.id = format!(
-            "gone-{:016X}-{}-{}",
-            consistent.0, m.event.entity, m.event.key
-        );
+        m.event.id = row_id("gone-", consistent, &m.event.entity, &m.event.key);
         m.event.version = snapshot_version(consistent);
         m.event.change = Some(SourceChange::Delete);
         m
@@ -134,6 +149,20 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::model::{Column, Relation};
+
+    #[test]
+    fn row_ids_read_as_the_formatted_position_entity_and_key() {
+        for lsn in [0, 0x100, 0x1A2B_3C4D_5E6F_7089, u64::MAX] {
+            assert_eq!(
+                snapshot_id(Lsn(lsn), "product", "7|a"),
+                format!("snap-{lsn:016X}-product-7|a")
+            );
+            assert_eq!(
+                row_id("gone-", Lsn(lsn), "uom", ""),
+                format!("gone-{lsn:016X}-uom-")
+            );
+        }
+    }
 
     #[test]
     fn a_snapshot_row_maps_like_a_streamed_insert_with_snapshot_version_and_id() {
