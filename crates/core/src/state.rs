@@ -430,6 +430,20 @@ pub fn published_store_prefix(target: &str, entity: &str, out: &mut Vec<u8>) {
     }
 }
 
+/// The [`published_store_prefix`] a [`published_store_key`] starts with:
+/// two names, each after its big-endian 16-bit length. The encoding is
+/// prefix-free: no other (target, entity)'s keys start with it.
+pub fn published_store_prefix_of(store_key: &[u8]) -> &[u8] {
+    let mut at = 0;
+    for _ in 0..2 {
+        let len = store_key
+            .get(at..at + 2)
+            .map_or(0, |l| u16::from_be_bytes([l[0], l[1]]) as usize);
+        at = (at + 2 + len).min(store_key.len());
+    }
+    &store_key[..at]
+}
+
 /// The record key of a store key that starts with `prefix`
 /// ([`published_store_prefix`]); `None` for another prefix or bytes that
 /// [`published_store_key`] does not write.

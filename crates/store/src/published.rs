@@ -21,7 +21,7 @@ use redb::{
 use steward_core::pipeline::slot_map::SlotMap;
 use steward_core::state::{
     published_changes, published_key_of, published_store_key, published_store_prefix,
-    published_store_suffix, StateReader, WITHHELD,
+    published_store_prefix_of, published_store_suffix, StateReader, WITHHELD,
 };
 
 use super::tables::open_or_empty;
@@ -93,7 +93,7 @@ fn last_changes(changes: &[u8]) -> Vec<(&[u8], Vec<Change<'_>>)> {
     let mut index: HashMap<&[u8], usize> = HashMap::new();
     let mut last = 0;
     for change in published_changes(changes) {
-        let prefix = store_prefix(change.0);
+        let prefix = published_store_prefix_of(change.0);
         let next = (last + 1) % groups.len().max(1);
         last = if groups.get(next).is_some_and(|g| g.0 == prefix) {
             next
@@ -125,20 +125,6 @@ fn last_changes(changes: &[u8]) -> Vec<(&[u8], Vec<Change<'_>>)> {
         changes.truncate(kept);
     }
     groups
-}
-
-/// The (target, entity) part of a [`published_store_key`]: two names, each
-/// after its big-endian 16-bit length. The encoding is prefix-free: no
-/// other (target, entity)'s keys start with it.
-fn store_prefix(key: &[u8]) -> &[u8] {
-    let mut at = 0;
-    for _ in 0..2 {
-        let len = key
-            .get(at..at + 2)
-            .map_or(0, |l| u16::from_be_bytes([l[0], l[1]]) as usize);
-        at = (at + 2 + len).min(key.len());
-    }
-    &key[..at]
 }
 
 /// Up to `max` keys of `entity` that `target` was sent (published, not

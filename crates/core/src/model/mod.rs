@@ -5,5 +5,6 @@ pub(crate) mod event;
 pub mod json;
 pub mod value;
 
+pub(crate) use event::push_hex;
 pub use event::{split_key, Event, EventData, EventOp, SourceChange};
 pub use steward_postgres::{Change, ChangeOp, Column, Lsn, Relation, TupleValue};

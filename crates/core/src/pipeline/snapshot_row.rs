@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use super::{Mapped, Pipeline, PipelineError};
 use crate::config::EntityIndex;
-use crate::model::{Change, ChangeOp, Lsn, SourceChange, TupleValue};
+use crate::model::{push_hex, Change, ChangeOp, Lsn, SourceChange, TupleValue};
 
 #[cfg(test)]
 use crate::model::{Event, EventData};
@@ -31,14 +31,9 @@ pub(crate) fn snapshot_id(consistent: Lsn, entity: &str, key: &str) -> String {
 /// `{prefix}{consistent as 16 upper-case hex digits}-{entity}-{key}`,
 /// written by hand: once per row read, where `format!` cost ten times as much.
 fn row_id(prefix: &str, consistent: Lsn, entity: &str, key: &str) -> String {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
     let mut id = String::with_capacity(prefix.len() + 18 + entity.len() + key.len());
     id.push_str(prefix);
-    for shift in (0..16).rev() {
-        id.push(char::from(
-            HEX[(consistent.0 >> (shift * 4)) as usize & 0xF],
-        ));
-    }
+    push_hex(&mut id, consistent.0, 16);
     id.push('-');
     id.push_str(entity);
     id.push('-');
