@@ -85,13 +85,21 @@ fn counts(line: &Value) -> [u64; 4] {
     ["checked", "equal", "resent", "deleted"].map(|k| c[k].as_u64().unwrap_or(u64::MAX))
 }
 
-/// Starts steward until the initial snapshot of `wms` has arrived; returns
-/// the daemon stopped again.
+/// Starts steward until the initial snapshot of `wms` has arrived and
+/// steward has recorded its acknowledgement; returns the daemon stopped
+/// again. (A stop while the last response is on its way abandons that
+/// request, and the next start sends its events again, as it must.)
 async fn initial_snapshot(db: &TestDb, cfg: &Path, wms: &Receiver) {
     let n = rows(db);
     let daemon = InProcess::start(steward_sinks::config::load(cfg).unwrap());
     wait_until("the initial snapshot arrives", WAIT, || {
         wms.accepted_count() >= n
+    })
+    .await;
+    wait_until("steward records the snapshot as acknowledged", WAIT, || {
+        daemon_status(cfg)["targets"]
+            .as_array()
+            .is_some_and(|targets| targets.iter().all(|t| t["backlog"] == 0))
     })
     .await;
     daemon.stop().await.unwrap();
